@@ -1,0 +1,37 @@
+"""JetStream key-value bucket definitions.
+
+State lives in these buckets. Updates that race use compare-and-swap on the revision.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+
+class BucketSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What a key-value bucket must look like."""
+
+    name: str
+    history: int = 1
+    ttl_seconds: float = 0.0
+    description: str = ""
+
+
+JOBS: Final = BucketSpec(name="VB_JOBS", history=5, description="Jobs by id.")
+CONFIG: Final = BucketSpec(
+    name="VB_CONFIG", history=10, description="The agent configuration (key 'agent')."
+)
+INVENTORY: Final = BucketSpec(name="VB_INVENTORY", description="VM cache per server.")
+SCHEDULES: Final = BucketSpec(name="VB_SCHEDULES", description="Schedules by id.")
+WEBHOOKS: Final = BucketSpec(name="VB_WEBHOOKS", description="Webhooks.")
+USERS: Final = BucketSpec(name="VB_USERS", description="Users and roles.")
+VAULT: Final = BucketSpec(name="VB_VAULT", description="Encrypted credentials.")
+WORKERS: Final = BucketSpec(
+    name="VB_WORKERS", ttl_seconds=30.0, description="Live workers; entries expire."
+)
+
+CONFIG_KEY: Final = "agent"
+
+ALL: Final = (JOBS, CONFIG, INVENTORY, SCHEDULES, WEBHOOKS, USERS, VAULT, WORKERS)

@@ -1,0 +1,61 @@
+"""JetStream stream definitions (declarative; the runtime turns them into streams)."""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+import msgspec
+
+from virtbackup.contracts import subjects
+
+DAY: Final = 24 * 3600.0
+
+
+class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What a stream must look like. Provisioning is idempotent: create, or update to this."""
+
+    name: str
+    subjects: tuple[str, ...]
+    retention: Literal["limits", "workqueue", "interest"]
+    max_age_seconds: float = 0.0
+    max_bytes: int = -1
+    duplicate_window_seconds: float = 120.0
+    description: str = ""
+
+
+class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A durable pull consumer: explicit ack, bounded redelivery."""
+
+    durable: str
+    stream: str
+    filter_subject: str
+    ack_wait_seconds: float
+    max_deliver: int
+    max_ack_pending: int = 1000
+
+
+EVENTS: Final = StreamSpec(
+    name="VB_EVENTS",
+    subjects=(subjects.EVENTS_ALL,),
+    retention="limits",
+    max_age_seconds=7 * DAY,
+    max_bytes=1 << 30,
+    description="Every VirtBackup event: history, SSE, WebSocket, webhooks.",
+)
+
+WORK: Final = StreamSpec(
+    name="VB_WORK",
+    subjects=(subjects.WORK_ALL,),
+    retention="workqueue",
+    description="Transfer units; a unit left unacked by a dead worker is redelivered.",
+)
+
+TRANSFER_CONSUMER: Final = ConsumerSpec(
+    durable="transfer-workers",
+    stream=WORK.name,
+    filter_subject=subjects.WORK_TRANSFER,
+    ack_wait_seconds=60.0,
+    max_deliver=5,
+)
+
+ALL: Final = (EVENTS, WORK)

@@ -1,0 +1,91 @@
+"""NATS subject names.
+
+Subjects read broad to narrow:
+
+* ``vb.cmd.<aggregate>.<verb>``: commands, answered with request/reply. Imperative.
+* ``vb.evt.<aggregate>.<event>[.<id>]``: events, stored in the ``VB_EVENTS`` stream.
+  Past-tense facts; the event ``type`` is ``<aggregate>.<event>``.
+* ``vb.work.transfer``: transfer units, in the ``VB_WORK`` work-queue stream.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+ROOT: Final = "vb"
+CMD_ROOT: Final = "vb.cmd"
+EVT_ROOT: Final = "vb.evt"
+WORK_ROOT: Final = "vb.work"
+
+EVENTS_ALL: Final = "vb.evt.>"
+WORK_ALL: Final = "vb.work.>"
+WORK_TRANSFER: Final = "vb.work.transfer"
+
+# The five services. Their names are also the NATS queue groups they answer commands in.
+GATEWAY: Final = "gateway"
+INVENTORY: Final = "inventory"
+JOB_ORCHESTRATOR: Final = "job-orchestrator"
+TRANSFER_WORKER: Final = "transfer-worker"
+NOTIFIER: Final = "notifier"
+SERVICES: Final = (GATEWAY, INVENTORY, JOB_ORCHESTRATOR, TRANSFER_WORKER, NOTIFIER)
+
+
+def command(aggregate: str, verb: str) -> str:
+    """Subject of a command: ``vb.cmd.<aggregate>.<verb>``."""
+    _check_token(aggregate)
+    _check_token(verb)
+    return f"{CMD_ROOT}.{aggregate}.{verb}"
+
+
+def ping(service: str) -> str:
+    """Subject every instance of ``service`` answers a liveness ping on."""
+    return command(service, "ping")
+
+
+def event(event_type: str, key: str | None = None) -> str:
+    """Subject of an event of ``event_type`` (``<aggregate>.<event>``), narrowed by ``key``."""
+    parts = event_type.split(".")
+    if len(parts) != 2:
+        raise ValueError(f"event type must be '<aggregate>.<event>', got {event_type!r}")
+    for part in parts:
+        _check_token(part)
+    subject = f"{EVT_ROOT}.{event_type}"
+    if key is not None:
+        _check_token(key)
+        subject = f"{subject}.{key}"
+    return subject
+
+
+def event_type_of(subject: str) -> str:
+    """The event type (``<aggregate>.<event>``) carried on an event subject."""
+    parts = subject.split(".")
+    if len(parts) < 4 or parts[0] != ROOT or parts[1] != "evt":
+        raise ValueError(f"not an event subject: {subject!r}")
+    return f"{parts[2]}.{parts[3]}"
+
+
+def _check_token(token: str) -> None:
+    if not token or any(c in token for c in " .*>\t\r\n"):
+        raise ValueError(f"invalid subject token {token!r}")
+
+
+class JobCmd:
+    """Commands answered by the job-orchestrator."""
+
+    LIST: Final = command("job", "list")
+    GET: Final = command("job", "get")
+    CANCEL: Final = command("job", "cancel")
+    SUBMIT: Final = command("job", "submit")
+
+
+class EventType:
+    """Event types (the ``type`` of an event envelope and the SSE ``event:`` name)."""
+
+    JOB_CREATED: Final = "job.created"
+    JOB_UPDATED: Final = "job.updated"
+    JOB_CANCELED: Final = "job.canceled"
+    JOB_FINISHED: Final = "job.finished"
+    JOB_FAILURE: Final = "agent.job_failure"
+    VM_LIFECYCLE: Final = "vm.lifecycle"
+    CONFIG_CHANGED: Final = "config.changed"
+    SERVICE_STARTED: Final = "service.started"

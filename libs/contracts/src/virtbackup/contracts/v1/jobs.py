@@ -1,0 +1,74 @@
+"""Jobs: the state the job-orchestrator keeps in ``VB_JOBS`` and its commands."""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+import msgspec
+
+from virtbackup.contracts.v1.common import Message
+
+JobType = Literal["backup", "restore", "sanity", "migration"]
+JobState = Literal["queued", "running", "success", "failure", "canceled"]
+
+TERMINAL_STATES: Final = frozenset({"success", "failure", "canceled"})
+
+
+class Job(Message, frozen=True, kw_only=True):
+    """A job as the agent API shows it, plus bookkeeping.
+
+    ``bytes_transferred`` counts bytes read from or written to the VM's disks;
+    ``physical_bytes`` counts bytes written to or read from the destination.
+    """
+
+    id: str
+    type: JobType
+    state: JobState
+    message: str = ""
+    total_units: int = 0
+    completed_units: int = 0
+    bytes_transferred: int = 0
+    speed_bytes_per_sec: float = 0.0
+    physical_bytes: int = 0
+    physical_speed_bytes_per_sec: float = 0.0
+    eta_seconds: float | None = None
+    writer_backlog: int = 0
+    server_id: str | None = None
+    vm_name: str | None = None
+    destination_id: str | None = None
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    created_at: str
+    updated_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class JobListRequest(Message, frozen=True, kw_only=True):
+    """List jobs, newest first, optionally filtered."""
+
+    state: JobState | None = None
+    type: JobType | None = None
+    limit: int = 1000
+
+
+class JobList(Message, frozen=True, kw_only=True):
+    jobs: list[Job]
+
+
+class JobGetRequest(Message, frozen=True, kw_only=True):
+    id: str
+
+
+class JobCancelRequest(Message, frozen=True, kw_only=True):
+    id: str
+    reason: str = "cancelled by user"
+
+
+class JobSubmitRequest(Message, frozen=True, kw_only=True):
+    """Create a job in state ``queued``; the orchestrator takes it from there."""
+
+    type: JobType
+    server_id: str | None = None
+    vm_name: str | None = None
+    destination_id: str | None = None
+    params: dict[str, Any] = msgspec.field(default_factory=dict)

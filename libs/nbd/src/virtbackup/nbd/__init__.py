@@ -1,0 +1,1 @@
+"""Asyncio NBD client."""

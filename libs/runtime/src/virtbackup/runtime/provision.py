@@ -1,0 +1,105 @@
+"""Idempotent provisioning of streams, consumers and key-value buckets at start."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+
+from virtbackup.contracts.buckets import BucketSpec
+from virtbackup.contracts.streams import ConsumerSpec, StreamSpec
+
+log = logging.getLogger(__name__)
+
+_RETENTION = {
+    "limits": RetentionPolicy.LIMITS,
+    "workqueue": RetentionPolicy.WORK_QUEUE,
+    "interest": RetentionPolicy.INTEREST,
+}
+
+
+def stream_config(spec: StreamSpec) -> StreamConfig:
+    return StreamConfig(
+        name=spec.name,
+        subjects=list(spec.subjects),
+        retention=_RETENTION[spec.retention],
+        storage=StorageType.FILE,
+        max_age=spec.max_age_seconds or None,
+        max_bytes=spec.max_bytes,
+        duplicate_window=spec.duplicate_window_seconds,
+        description=spec.description or None,
+    )
+
+
+async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
+    """Create the stream, or bring an existing one to ``spec``."""
+    config = stream_config(spec)
+    try:
+        await js.stream_info(spec.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+            log.info("stream created", extra={"stream": spec.name})
+            return
+        except BadRequestError:
+            # Another instance created it between our look-up and our add.
+            pass
+    await js.update_stream(config)
+
+
+async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
+    config = ConsumerConfig(
+        durable_name=spec.durable,
+        filter_subject=spec.filter_subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=spec.ack_wait_seconds,
+        max_deliver=spec.max_deliver,
+        max_ack_pending=spec.max_ack_pending,
+    )
+    await js.add_consumer(spec.stream, config)
+
+
+async def ensure_bucket(js: JetStreamContext, spec: BucketSpec) -> KeyValue:
+    """Create the bucket if it does not exist, and return it."""
+    try:
+        return await js.key_value(spec.name)
+    except (NotFoundError, Exception) as exc:  # nats-py raises BucketNotFoundError
+        if type(exc).__name__ not in {"BucketNotFoundError", "NotFoundError"}:
+            raise
+    config = KeyValueConfig(
+        bucket=spec.name,
+        history=spec.history,
+        ttl=spec.ttl_seconds or None,
+        description=spec.description or None,
+        storage=StorageType.FILE,
+    )
+    try:
+        return await js.create_key_value(config)
+    except BadRequestError:
+        return await js.key_value(spec.name)
+
+
+async def provision(
+    js: JetStreamContext,
+    *,
+    streams: Iterable[StreamSpec] = (),
+    consumers: Iterable[ConsumerSpec] = (),
+    buckets: Iterable[BucketSpec] = (),
+) -> dict[str, KeyValue]:
+    """Provision everything a service owns; returns its buckets by name."""
+    for stream in streams:
+        await ensure_stream(js, stream)
+    for consumer in consumers:
+        await ensure_consumer(js, consumer)
+    return {bucket.name: await ensure_bucket(js, bucket) for bucket in buckets}

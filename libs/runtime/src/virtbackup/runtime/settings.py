@@ -1,0 +1,66 @@
+"""Typed settings, read in one place.
+
+Precedence: environment variables prefixed ``VIRTBACKUP_``, then ``agent.yaml`` in the
+data directory (only ``listenAll`` affects the runtime), then defaults. On Kubernetes the
+environment comes from a ConfigMap and a Secret.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "virtbackup"
+
+
+class Settings(BaseSettings):
+    """Runtime settings of every service."""
+
+    model_config = SettingsConfigDict(env_prefix="VIRTBACKUP_", extra="ignore", frozen=True)
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    nats_url: str = "nats://127.0.0.1:4222"
+    token: SecretStr | None = None
+    agent_host: str | None = None
+    agent_port: int = 33551
+    hypersdk_host: str = "127.0.0.1"
+    hypersdk_port: int = 8080
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    otel_exporter: Literal["none", "console", "otlp"] = "none"
+    otel_endpoint: str | None = None
+    debug: bool = False
+    instance: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    request_timeout: float = 10.0
+    max_body_bytes: int = 1 << 20
+
+    @property
+    def agent_yaml(self) -> Path:
+        return self.data_dir / "agent.yaml"
+
+    def agent_yaml_values(self) -> dict[str, Any]:
+        """The raw ``agent.yaml`` mapping, or ``{}`` when there is none or it is unreadable."""
+        try:
+            loaded = yaml.safe_load(self.agent_yaml.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+
+    def agent_bind_host(self) -> str:
+        """Loopback unless ``VIRTBACKUP_AGENT_HOST`` or ``listenAll: true`` in agent.yaml."""
+        if self.agent_host:
+            return self.agent_host
+        return "0.0.0.0" if self.agent_yaml_values().get("listenAll") is True else "127.0.0.1"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

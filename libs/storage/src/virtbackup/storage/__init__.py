@@ -1,0 +1,1 @@
+"""Destination drivers behind one async protocol."""

@@ -1,0 +1,1 @@
+"""The job-orchestrator service: the job state machine, schedules, plans, retention."""

@@ -1,0 +1,1 @@
+"""The notifier service: webhooks (retries, HMAC), ntfy, alert channels."""
