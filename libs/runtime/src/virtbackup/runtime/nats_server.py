@@ -74,6 +74,8 @@ def start_nats_server(
     """Start nats-server with JetStream storing in ``store_dir``; wait until it accepts."""
     store_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port(host)
+    if log_file:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     process = subprocess.Popen(
         [nats_server_binary(), "-js", "-sd", str(store_dir), "-a", host, "-p", str(port)],

@@ -1,0 +1,160 @@
+"""``virtbackup up``: an embedded NATS server and every service as its own process.
+
+Everything is kept under the data directory (``VIRTBACKUP_DATA_DIR``): the NATS store,
+the token, the certificate, ``agent.yaml`` and the services' logs. Ctrl-C (or SIGTERM)
+stops the services, then NATS. A service that dies is started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from virtbackup.runtime.nats_server import NatsServer, free_port, start_nats_server
+from virtbackup.runtime.settings import load_settings
+
+MODULES = {
+    "inventory": "virtbackup.inventory",
+    "job-orchestrator": "virtbackup.job_orchestrator",
+    "transfer-worker": "virtbackup.transfer_worker",
+    "notifier": "virtbackup.notifier",
+    "gateway": "virtbackup.gateway",
+}
+DEFAULT_NATS_PORT = 4222
+
+
+@dataclass
+class Child:
+    name: str
+    module: str
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started: float = field(default=0.0)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module], env=env, stdout=log, stderr=log
+        )
+        self.started = time.monotonic()
+
+
+def _wait_health(url: str, token: str, timeout: float) -> bool:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, context=ctx, timeout=2) as resp:  # noqa: S310
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
+def up(workers: int) -> int:
+    settings = load_settings()
+    data = settings.data_dir.resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    logs = data / "logs"
+    env = dict(os.environ)
+    env["VIRTBACKUP_DATA_DIR"] = str(data)
+    nats: NatsServer | None = None
+    if "VIRTBACKUP_NATS_URL" not in os.environ:
+        port = DEFAULT_NATS_PORT
+        try:
+            nats = start_nats_server(data / "nats", port=port, log_file=logs / "nats.log")
+        except (RuntimeError, TimeoutError):
+            nats = start_nats_server(data / "nats", port=free_port(), log_file=logs / "nats.log")
+        env["VIRTBACKUP_NATS_URL"] = nats.url
+        print(f"NATS (JetStream) at {nats.url}, store {data / 'nats'}", flush=True)
+
+    children = [
+        Child(name, module, logs / f"{name}.log")
+        for name, module in MODULES.items()
+        if name != "transfer-worker"
+    ]
+    children += [
+        Child(f"transfer-worker-{i}", MODULES["transfer-worker"], logs / f"transfer-worker-{i}.log")
+        for i in range(1, workers + 1)
+    ]
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    for child in children:
+        child.start(env)
+
+    token_file = data / "agent-token"
+    url = f"https://127.0.0.1:{settings.agent_port}"
+    deadline = time.monotonic() + 60
+    while not token_file.exists() and not settings.token and time.monotonic() < deadline:
+        time.sleep(0.1)
+    token = settings.token.get_secret_value() if settings.token else token_file.read_text().strip()
+    if _wait_health(f"{url}/health", token, 60):
+        print(f"VirtBackup is up: {url}  (token: {token})", flush=True)
+        print(f"  token file {token_file}, logs {logs}, Ctrl-C to stop", flush=True)
+    else:
+        print(f"the gateway did not answer on {url}; see {logs}/gateway.log", flush=True)
+
+    try:
+        while not stopping:
+            for child in children:
+                assert child.process is not None
+                code = child.process.poll()
+                if code is not None and not stopping:
+                    delay = min(30.0, 2.0**child.restarts)
+                    print(f"{child.name} exited with {code}; restarting in {delay:.0f}s", flush=True)
+                    time.sleep(delay)
+                    child.restarts = child.restarts + 1 if time.monotonic() - child.started < 60 else 0
+                    child.start(env)
+            time.sleep(0.5)
+    finally:
+        print("stopping...", flush=True)
+        for child in children:
+            if child.process and child.process.poll() is None:
+                child.process.terminate()
+        for child in children:
+            if child.process:
+                try:
+                    child.process.wait(20)
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+        if nats:
+            nats.stop()
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="virtbackup", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up_parser = sub.add_parser("up", help="run NATS and every service on this machine")
+    up_parser.add_argument(
+        "--workers", type=int, default=int(os.environ.get("VIRTBACKUP_WORKERS", "2")),
+        help="number of transfer-worker processes (default 2)",
+    )
+    args = parser.parse_args()
+    if args.command == "up":
+        sys.exit(up(args.workers))
+
+
+if __name__ == "__main__":
+    main()

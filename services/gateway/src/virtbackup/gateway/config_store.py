@@ -1,0 +1,180 @@
+"""The agent configuration in the ``VB_CONFIG`` bucket, mirrored to ``agent.yaml``.
+
+On first start (no configuration in the bucket) ``agent.yaml`` is imported if present;
+after every change the configuration is exported back to ``agent.yaml`` (mode 0600:
+it holds secrets). Secrets are masked on the way out; posting a mask back keeps the
+stored secret, so a GET-edit-POST round trip never erases one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from virtbackup.contracts.buckets import CONFIG_KEY
+from virtbackup.contracts.v1.config import (
+    SECRET_KEYS,
+    SECRET_MASK,
+    AgentConfig,
+    ConfigError,
+    config_to_builtins,
+    decode_config,
+    encode_config,
+)
+from virtbackup.runtime.errors import BadRequest, Conflict
+
+log = logging.getLogger(__name__)
+
+
+class _NoTimestampLoader(yaml.SafeLoader):
+    """A safe loader that keeps ISO dates as strings (``expiresAt`` is a string)."""
+
+
+_NoTimestampLoader.yaml_implicit_resolvers = {
+    key: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoTimestampLoader)  # noqa: S506
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return loaded
+
+
+def mask_secrets(value: Any) -> Any:
+    """A copy of ``value`` with every non-empty secret replaced by ``SECRET_MASK``."""
+    if isinstance(value, dict):
+        return {
+            k: SECRET_MASK
+            if k in SECRET_KEYS and isinstance(v, str) and v
+            else mask_secrets(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [mask_secrets(v) for v in value]
+    return value
+
+
+def unmask_secrets(new: Any, old: Any, path: str = "$") -> Any:
+    """``new`` with every ``SECRET_MASK`` replaced by the secret stored at the same place.
+
+    List items are matched by their ``id`` when they have one, else by position.
+    """
+    if isinstance(new, dict):
+        old_map = old if isinstance(old, dict) else {}
+        out: dict[str, Any] = {}
+        for key, value in new.items():
+            where = f"{path}.{key}"
+            if key in SECRET_KEYS and value == SECRET_MASK:
+                stored = old_map.get(key)
+                if not isinstance(stored, str) or not stored:
+                    raise BadRequest(f"{key} is the secret mask but no secret is stored - at `{where}`")
+                out[key] = stored
+            else:
+                out[key] = unmask_secrets(value, old_map.get(key), where)
+        return out
+    if isinstance(new, list):
+        old_list = old if isinstance(old, list) else []
+        by_id = {o.get("id"): o for o in old_list if isinstance(o, dict) and "id" in o}
+        result = []
+        for i, item in enumerate(new):
+            if isinstance(item, dict) and "id" in item:
+                counterpart = by_id.get(item["id"])
+            else:
+                counterpart = old_list[i] if i < len(old_list) else None
+            result.append(unmask_secrets(item, counterpart, f"{path}[{i}]"))
+        return result
+    return new
+
+
+class ConfigStore:
+    def __init__(self, kv: KeyValue, yaml_path: Path) -> None:
+        self.kv = kv
+        self.yaml_path = yaml_path
+
+    async def load(self) -> tuple[AgentConfig, int]:
+        """The stored configuration and its revision (defaults and 0 when none is stored)."""
+        try:
+            entry = await self.kv.get(CONFIG_KEY)
+        except KeyNotFoundError:
+            return AgentConfig(), 0
+        if entry.value is None:
+            return AgentConfig(), 0
+        return decode_config(entry.value), entry.revision or 0
+
+    async def initialize(self) -> AgentConfig:
+        """Import ``agent.yaml`` when the bucket holds no configuration yet.
+
+        An invalid ``agent.yaml`` stops the start with a message naming the field.
+        """
+        cfg, revision = await self.load()
+        if revision:
+            if not self.yaml_path.exists():
+                self.export_yaml(cfg)
+            return cfg
+        if self.yaml_path.exists():
+            try:
+                cfg = decode_config(load_yaml(self.yaml_path))
+            except (msgspec.ValidationError, ConfigError) as exc:
+                raise SystemExit(f"invalid {self.yaml_path}: {exc}") from None
+            log.info("configuration imported", extra={"path": str(self.yaml_path)})
+        try:
+            await self.kv.create(CONFIG_KEY, encode_config(cfg))
+        except Exception as exc:  # another gateway replica won the race
+            if type(exc).__name__ != "KeyWrongLastSequenceError":
+                raise
+            cfg, _ = await self.load()
+        self.export_yaml(cfg)
+        return cfg
+
+    async def replace(self, body: bytes) -> int:
+        """Validate ``body`` (a whole configuration), keep masked secrets, and store it.
+
+        Nothing is stored unless the whole document is valid. Returns the new revision.
+        """
+        if not body.strip():
+            raise BadRequest("request body must be a JSON object (the whole configuration)")
+        try:
+            decode_config(body)
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"malformed JSON: {exc}") from None
+        except (msgspec.ValidationError, ConfigError) as exc:
+            raise BadRequest(str(exc)) from None
+        posted = msgspec.json.decode(body)
+        for _ in range(5):
+            current, revision = await self.load()
+            merged = unmask_secrets(posted, config_to_builtins(current))
+            cfg = decode_config(msgspec.json.encode(merged))
+            try:
+                if revision:
+                    new_revision = await self.kv.update(
+                        CONFIG_KEY, encode_config(cfg), last=revision
+                    )
+                else:
+                    new_revision = await self.kv.create(CONFIG_KEY, encode_config(cfg))
+            except KeyWrongLastSequenceError:
+                continue
+            self.export_yaml(cfg)
+            return new_revision
+        raise Conflict("the configuration is being changed concurrently; try again")
+
+    def export_yaml(self, cfg: AgentConfig) -> None:
+        """Write ``agent.yaml`` atomically, readable by the owner only."""
+        self.yaml_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.yaml_path.with_name(f".{self.yaml_path.name}.tmp")
+        text = yaml.safe_dump(config_to_builtins(cfg), sort_keys=False, allow_unicode=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        tmp.replace(self.yaml_path)

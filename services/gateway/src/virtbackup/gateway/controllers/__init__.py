@@ -1,0 +1,1 @@
+"""One controller per resource: HTTP in, a command on the bus, HTTP out."""

@@ -1,0 +1,39 @@
+"""Agent API: jobs, kept by the job-orchestrator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Controller, get, post
+
+from virtbackup.contracts.subjects import JobCmd
+from virtbackup.contracts.v1.jobs import Job, JobCancelRequest, JobGetRequest, JobList, JobListRequest
+from virtbackup.gateway.state import Gateway
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    out = msgspec.to_builtins(job)
+    assert isinstance(out, dict)
+    return out
+
+
+class JobsController(Controller):
+    path = "/jobs"
+
+    @get()
+    async def list_jobs(self, gw: Gateway) -> list[dict[str, Any]]:
+        """Every job, newest first."""
+        jobs = await gw.bus.request(JobCmd.LIST, JobListRequest(), JobList)
+        return [job_view(j) for j in jobs.jobs]
+
+    @get("/{job_id:str}")
+    async def get_job(self, gw: Gateway, job_id: str) -> dict[str, Any]:
+        """One job with its progress (404 for an unknown id)."""
+        return job_view(await gw.bus.request(JobCmd.GET, JobGetRequest(id=job_id), Job))
+
+    @post("/{job_id:str}/cancel", status_code=200)
+    async def cancel_job(self, gw: Gateway, job_id: str) -> dict[str, bool]:
+        """Cancel a queued or running job (409 if it has finished)."""
+        await gw.bus.request(JobCmd.CANCEL, JobCancelRequest(id=job_id), Job)
+        return {"success": True}

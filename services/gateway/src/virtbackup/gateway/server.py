@@ -1,0 +1,78 @@
+"""The gateway process: the bus, then the HTTPS agent listener."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Generator
+
+import uvicorn
+
+from virtbackup.contracts import buckets, streams, subjects
+from virtbackup.gateway.app import create_app
+from virtbackup.gateway.config_store import ConfigStore
+from virtbackup.gateway.credentials import ensure_certificate, ensure_token
+from virtbackup.gateway.state import Gateway
+from virtbackup.runtime.logging import setup_logging
+from virtbackup.runtime.service import ServiceSpec, start_service, stop_service
+from virtbackup.runtime.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+SPEC = ServiceSpec(
+    name=subjects.GATEWAY,
+    streams=(streams.EVENTS,),
+    buckets=(buckets.CONFIG,),
+)
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the gateway process."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+async def serve(settings: Settings | None = None) -> None:
+    """Run the gateway until SIGTERM or SIGINT."""
+    settings = settings or load_settings()
+    setup_logging(SPEC.name, settings.log_level, settings.log_format)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    token = ensure_token(settings)
+    cert, key = ensure_certificate(settings)
+    ctx = await start_service(SPEC, settings)
+    try:
+        store = ConfigStore(ctx.bucket(buckets.CONFIG), settings.agent_yaml)
+        await store.initialize()
+        gw = Gateway(settings=settings, bus=ctx.bus, config=store, token=token)
+        config = uvicorn.Config(
+            create_app(gw),
+            host=settings.agent_bind_host(),
+            port=settings.agent_port,
+            ssl_certfile=str(cert),
+            ssl_keyfile=str(key),
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+        server = _Server(config)
+        task = asyncio.create_task(server.serve())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        await task
+    finally:
+        await stop_service(SPEC, ctx)
+
+
+def main() -> None:
+    asyncio.run(serve())

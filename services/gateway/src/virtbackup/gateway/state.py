@@ -1,0 +1,17 @@
+"""What the gateway's handlers share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from virtbackup.gateway.config_store import ConfigStore
+from virtbackup.runtime.bus import Bus
+from virtbackup.runtime.settings import Settings
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    bus: Bus
+    config: ConfigStore
+    token: str
