@@ -55,7 +55,9 @@ def _wait_health(url: str, token: str, timeout: float) -> bool:
     ctx.verify_mode = ssl.CERT_NONE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        request = urllib.request.Request(  # noqa: S310
+            url, headers={"Authorization": f"Bearer {token}"}
+        )
         try:
             with urllib.request.urlopen(request, context=ctx, timeout=2) as resp:  # noqa: S310
                 if resp.status == 200:
@@ -122,9 +124,13 @@ def up(workers: int) -> int:
                 code = child.process.poll()
                 if code is not None and not stopping:
                     delay = min(30.0, 2.0**child.restarts)
-                    print(f"{child.name} exited with {code}; restarting in {delay:.0f}s", flush=True)
+                    print(
+                        f"{child.name} exited with {code}; restarting in {delay:.0f}s", flush=True
+                    )
                     time.sleep(delay)
-                    child.restarts = child.restarts + 1 if time.monotonic() - child.started < 60 else 0
+                    child.restarts = (
+                        child.restarts + 1 if time.monotonic() - child.started < 60 else 0
+                    )
                     child.start(env)
             time.sleep(0.5)
     finally:
@@ -148,7 +154,9 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     up_parser = sub.add_parser("up", help="run NATS and every service on this machine")
     up_parser.add_argument(
-        "--workers", type=int, default=int(os.environ.get("VIRTBACKUP_WORKERS", "2")),
+        "--workers",
+        type=int,
+        default=int(os.environ.get("VIRTBACKUP_WORKERS", "2")),
         help="number of transfer-worker processes (default 2)",
     )
     args = parser.parse_args()

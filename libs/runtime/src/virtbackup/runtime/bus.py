@@ -75,9 +75,9 @@ class Bus:
                 return await self._dispatch(fn, decoder, msg.body, subject)
 
             endpoint.__name__ = f"{fn.__name__}_endpoint"
-            self.broker.subscriber(
-                subject, queue=queue or self.service, max_workers=max_workers
-            )(endpoint)
+            self.broker.subscriber(subject, queue=queue or self.service, max_workers=max_workers)(
+                endpoint
+            )
             return fn
 
         return register

@@ -5,7 +5,6 @@ from __future__ import annotations
 from litestar import Litestar
 from litestar.config.app import AppConfig
 from litestar.di import Provide
-from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins import InitPluginProtocol
 
@@ -19,7 +18,13 @@ from virtbackup.gateway.errors import HANDLERS
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__
 
-CONTROLLERS = [HealthController, ConfigController, EventsController, JobsController, SystemController]
+CONTROLLERS = [
+    HealthController,
+    ConfigController,
+    EventsController,
+    JobsController,
+    SystemController,
+]
 
 
 class GatewayPlugin(InitPluginProtocol):
@@ -47,8 +52,13 @@ def create_app(gw: Gateway) -> Litestar:
     otel = OpenTelemetryConfig(tracer_provider=None)
     return Litestar(
         plugins=[GatewayPlugin(gw)],
-        middleware=[otel.middleware, DefineMiddleware(TokenAuth, token=gw.token)],
+        middleware=[otel.middleware],
         openapi_config=OpenAPIConfig(title="VirtBackup", version=__version__, path="/schema"),
         request_max_body_size=gw.settings.max_body_bytes,
         debug=False,
     )
+
+
+def create_asgi(gw: Gateway) -> TokenAuth:
+    """The application behind token authentication, which covers every path, known or not."""
+    return TokenAuth(create_app(gw), gw.token)  # type: ignore[arg-type]

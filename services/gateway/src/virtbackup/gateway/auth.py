@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
-from litestar.types import ASGIApp, Receive, Scope, Send
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UNAUTHORIZED = b'{"error":"unauthorized"}'
 

@@ -56,9 +56,7 @@ def mask_secrets(value: Any) -> Any:
     """A copy of ``value`` with every non-empty secret replaced by ``SECRET_MASK``."""
     if isinstance(value, dict):
         return {
-            k: SECRET_MASK
-            if k in SECRET_KEYS and isinstance(v, str) and v
-            else mask_secrets(v)
+            k: SECRET_MASK if k in SECRET_KEYS and isinstance(v, str) and v else mask_secrets(v)
             for k, v in value.items()
         }
     if isinstance(value, list):
@@ -79,7 +77,9 @@ def unmask_secrets(new: Any, old: Any, path: str = "$") -> Any:
             if key in SECRET_KEYS and value == SECRET_MASK:
                 stored = old_map.get(key)
                 if not isinstance(stored, str) or not stored:
-                    raise BadRequest(f"{key} is the secret mask but no secret is stored - at `{where}`")
+                    raise BadRequest(
+                        f"{key} is the secret mask but no secret is stored - at `{where}`"
+                    )
                 out[key] = stored
             else:
                 out[key] = unmask_secrets(value, old_map.get(key), where)

@@ -20,7 +20,7 @@ from virtbackup.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
-TOKEN_FILE = "agent-token"
+TOKEN_FILE = "agent-token"  # noqa: S105
 TLS_DIR = "tls"
 
 

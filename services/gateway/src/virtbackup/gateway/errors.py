@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
@@ -25,7 +26,7 @@ def _error(status: int, message: str) -> Response[dict[str, str]]:
     return Response({"error": message}, status_code=status)
 
 
-def service_error(_: Request[object, object, object], exc: ServiceError) -> Response[dict[str, str]]:
+def service_error(_: Request[Any, Any, Any], exc: ServiceError) -> Response[dict[str, str]]:
     status = STATUS_BY_CODE.get(exc.code, 500)
     if status >= 500:
         log.error("service error: %s", exc.message)
@@ -33,7 +34,7 @@ def service_error(_: Request[object, object, object], exc: ServiceError) -> Resp
 
 
 def validation_error(
-    request: Request[object, object, object], exc: ValidationException
+    request: Request[Any, Any, Any], exc: ValidationException
 ) -> Response[dict[str, str]]:
     details = []
     if isinstance(exc.extra, list):
@@ -46,11 +47,22 @@ def validation_error(
     return _error(400, f"invalid request: {message}")
 
 
-def http_error(_: Request[object, object, object], exc: HTTPException) -> Response[dict[str, str]]:
+def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, str]]:
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        return _error(404, f"not found: {where}")
+    if exc.status_code == 405:
+        return _error(405, f"method not allowed: {where}")
+    if exc.status_code == 413:
+        return _error(413, f"request body too large (limit {_limit(request)} bytes)")
     return _error(exc.status_code, exc.detail)
 
 
-def internal_error(request: Request[object, object, object], exc: Exception) -> Response[dict[str, str]]:
+def _limit(request: Request[Any, Any, Any]) -> object:
+    return getattr(request.app, "request_max_body_size", "?")
+
+
+def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _error(500, "internal error")
 

@@ -11,7 +11,7 @@ from collections.abc import Generator
 import uvicorn
 
 from virtbackup.contracts import buckets, streams, subjects
-from virtbackup.gateway.app import create_app
+from virtbackup.gateway.app import create_asgi
 from virtbackup.gateway.config_store import ConfigStore
 from virtbackup.gateway.credentials import ensure_certificate, ensure_token
 from virtbackup.gateway.state import Gateway
@@ -54,7 +54,7 @@ async def serve(settings: Settings | None = None) -> None:
         await store.initialize()
         gw = Gateway(settings=settings, bus=ctx.bus, config=store, token=token)
         config = uvicorn.Config(
-            create_app(gw),
+            create_asgi(gw),
             host=settings.agent_bind_host(),
             port=settings.agent_port,
             ssl_certfile=str(cert),

@@ -15,11 +15,11 @@ from virtbackup.contracts.v1.jobs import (
     JobListRequest,
     JobSubmitRequest,
 )
+from virtbackup.job_orchestrator.store import JobStore
 from virtbackup.runtime.bus import new_id
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import Conflict
 from virtbackup.runtime.service import ServiceContext, ServiceSpec
-from virtbackup.job_orchestrator.store import JobStore
 
 
 def job_event_payload(job: Job) -> dict[str, object]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from virtbackup.transfer_worker.service import SPEC
 from virtbackup.runtime.service import main as run
+from virtbackup.transfer_worker.service import SPEC
 
 
 def main() -> None:

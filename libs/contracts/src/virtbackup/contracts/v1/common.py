@@ -17,7 +17,9 @@ UNAVAILABLE: Final = "unavailable"
 INTERNAL: Final = "internal"
 
 
-class Message(msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=False):
+class Message(
+    msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=False
+):
     """Base of every bus message: frozen, keyword-only, camelCase on the wire."""
 
 

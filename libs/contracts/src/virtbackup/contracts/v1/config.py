@@ -27,7 +27,7 @@ SECRET_KEYS: Final = frozenset(
     }
 )
 #: What a non-empty secret reads as. Posting it back keeps the stored secret.
-SECRET_MASK: Final = "********"
+SECRET_MASK: Final = "********"  # noqa: S105
 
 
 class Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, rename="camel"):

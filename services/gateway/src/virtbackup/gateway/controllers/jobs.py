@@ -8,7 +8,13 @@ import msgspec
 from litestar import Controller, get, post
 
 from virtbackup.contracts.subjects import JobCmd
-from virtbackup.contracts.v1.jobs import Job, JobCancelRequest, JobGetRequest, JobList, JobListRequest
+from virtbackup.contracts.v1.jobs import (
+    Job,
+    JobCancelRequest,
+    JobGetRequest,
+    JobList,
+    JobListRequest,
+)
 from virtbackup.gateway.state import Gateway
 
 

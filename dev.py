@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""VirtBackup's two commands, for a fresh machine with only python3.
+
+    python3 dev.py up     # install what is needed, then run NATS and every service
+    python3 dev.py test   # install what is needed, then lint, type-check and run every test
+
+Both install what they need: as root, the Debian packages (libvirt, QEMU, OpenSSH, ...);
+then uv (from PyPI, into .tools/ if it is not on PATH) and every Python package into
+.venv from the lock file. Standard library only: this file runs before anything is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+TOOLS = ROOT / ".tools"
+
+#: Debian packages: libvirt and QEMU for the inventory and the data path, the headers to
+#: build libvirt-python, NBD tools, OpenSSH for remote hosts and SFTP, and the peer tool.
+DEBIAN_PACKAGES = [
+    "libvirt-daemon-system",
+    "libvirt-clients",
+    "qemu-system-x86",
+    "qemu-utils",
+    "libnbd-bin",
+    "dnsmasq-base",
+    "libvirt-dev",
+    "pkg-config",
+    "gcc",
+    "openssh-server",
+    "openssh-client",
+]
+
+
+def say(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def run(cmd: list[str], **kwargs: object) -> None:
+    subprocess.run(cmd, check=True, **kwargs)  # type: ignore[call-overload]
+
+
+def missing_debian_packages() -> list[str]:
+    if not shutil.which("dpkg-query"):
+        return []
+    missing = []
+    for package in DEBIAN_PACKAGES:
+        result = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True
+        )
+        if "install ok installed" not in result.stdout:
+            missing.append(package)
+    return missing
+
+
+def ensure_debian_packages() -> None:
+    missing = missing_debian_packages()
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        say(f"not root: cannot install Debian packages {' '.join(missing)}; install them first")
+        if "libvirt-dev" in missing or "pkg-config" in missing:
+            sys.exit("libvirt-python needs libvirt-dev and pkg-config to build")
+        return
+    say(f"installing Debian packages: {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run(["apt-get", "update", "-q"], env=env)
+    run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env)
+
+
+def uv_binary() -> str:
+    found = shutil.which("uv")
+    if found:
+        return found
+    tool_uv = TOOLS / "bin" / "uv"
+    if not tool_uv.exists():
+        say("installing uv into .tools/")
+        run([sys.executable, "-m", "venv", str(TOOLS)])
+        run([str(TOOLS / "bin" / "pip"), "install", "-q", "uv"])
+    return str(tool_uv)
+
+
+def ensure_python_env() -> None:
+    say("installing Python packages into .venv (uv sync --locked)")
+    env = dict(os.environ, UV_PYTHON_DOWNLOADS="never", UV_PROJECT_ENVIRONMENT=str(VENV))
+    run(
+        [uv_binary(), "sync", "--locked", "--all-packages", "--python", sys.executable],
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def ensure_libvirtd() -> None:
+    """Start virtlogd and libvirtd when root and they are not running (no systemd here)."""
+    if os.geteuid() != 0 or not shutil.which("libvirtd"):
+        return
+    for daemon in ("virtlogd", "libvirtd"):
+        if subprocess.run(["pgrep", "-x", daemon], capture_output=True).returncode != 0:
+            say(f"starting {daemon}")
+            run([daemon, "-d"])
+    sock = Path("/var/run/libvirt/libvirt-sock")
+    deadline = time.monotonic() + 20
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def bin_(name: str) -> str:
+    return str(VENV / "bin" / name)
+
+
+def cmd_up(args: list[str]) -> int:
+    ensure_debian_packages()
+    ensure_python_env()
+    ensure_libvirtd()
+    env = dict(os.environ)
+    env.setdefault("VIRTBACKUP_DATA_DIR", str(ROOT / ".data"))
+    return subprocess.call([bin_("virtbackup"), "up", *args], cwd=ROOT, env=env)
+
+
+def cmd_test(args: list[str]) -> int:
+    ensure_debian_packages()
+    ensure_python_env()
+    steps = [
+        ("ruff check", [bin_("ruff"), "check", "."]),
+        ("ruff format --check", [bin_("ruff"), "format", "--check", "."]),
+        ("mypy --strict", [bin_("mypy")]),
+    ]
+    for title, cmd in steps:
+        say(title)
+        if subprocess.call(cmd, cwd=ROOT) != 0:
+            say(f"{title} failed")
+            return 1
+    say("pytest")
+    code = subprocess.call([bin_("pytest"), *args], cwd=ROOT)
+    if code == 5:
+        say("pytest collected no tests")
+        return 1
+    return code
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in {"up", "test", "install"}:
+        print(__doc__)
+        return 2
+    command, rest = sys.argv[1], sys.argv[2:]
+    if command == "install":
+        ensure_debian_packages()
+        ensure_python_env()
+        return 0
+    return cmd_up(rest) if command == "up" else cmd_test(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""GET/POST /config: strict validation, masked secrets, all-or-nothing, agent.yaml."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import httpx
+import yaml
+from harness import System
+
+FULL_CONFIG: dict[str, Any] = {
+    "destinations": [
+        {
+            "id": "dest_filesystem_1739440000000000",
+            "name": "Local filesystem",
+            "driverId": "filesystem",
+            "enabled": True,
+            "params": {"path": "/var/backups/vb"},
+        },
+        {
+            "id": "dest_sftp_1739440000000001",
+            "name": "Remote SFTP",
+            "driverId": "sftp",
+            "enabled": True,
+            "params": {
+                "host": "sftp.example.com",
+                "port": 22,
+                "username": "backup",
+                "password": "sftp-secret",
+                "basePath": "/Backup",
+            },
+        },
+    ],
+    "backupDestinationId": "dest_filesystem_1739440000000000",
+    "restoreDestinationId": None,
+    "backup": {
+        "driverId": "filesystem",
+        "base_path": "/path/to/backups",
+        "gdrive": {
+            "scope": "https://www.googleapis.com/auth/drive.file",
+            "rootPath": "/",
+            "accessToken": "ya29.access",
+            "refreshToken": "1//refresh",
+            "accountEmail": "",
+            "expiresAt": "2026-02-06T12:00:00Z",
+        },
+        "sftp": {
+            "host": "sftp.example.com",
+            "port": 22,
+            "username": "backup",
+            "password": "",
+            "basePath": "/Backup",
+        },
+    },
+    "hashblocksLimitBufferMb": 1024,
+    "dummyDriverTmpWrites": False,
+    "ntfymeToken": "ntfy-secret",
+    "connectionVerified": False,
+    "selectedServerId": "server-id",
+    "listenAll": False,
+    "servers": [
+        {
+            "id": "local",
+            "name": "This host",
+            "host": "",
+            "port": 22,
+            "username": "",
+            "password": "",
+            "privateKey": "",
+            "uri": "",
+        },
+        {
+            "id": "remote1",
+            "name": "Remote",
+            "host": "10.0.0.5",
+            "port": 22,
+            "username": "root",
+            "password": "ssh-secret",
+            "privateKey": "",
+            "uri": "",
+        },
+    ],
+}
+
+SECRETS = ("sftp-secret", "ya29.access", "1//refresh", "ntfy-secret", "ssh-secret")
+
+
+async def _post(api: httpx.AsyncClient, body: Any) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return await api.post("/config", content=content, headers={"content-type": "application/json"})
+
+
+async def test_config_round_trip_masks_secrets_and_keeps_them(
+    api: httpx.AsyncClient, system: System
+) -> None:
+    resp = await _post(api, FULL_CONFIG)
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"success": True}
+
+    got = await api.get("/config")
+    assert got.status_code == 200
+    text = got.text
+    for secret in SECRETS:
+        assert secret not in text
+    body = got.json()
+    assert body["destinations"][1]["params"]["password"] == "********"
+    assert body["servers"][1]["password"] == "********"
+    assert body["servers"][0]["password"] == ""  # empty secrets stay empty
+    assert body["backup"]["base_path"] == "/path/to/backups"
+    assert body["backup"]["gdrive"]["expiresAt"] == "2026-02-06T12:00:00Z"
+
+    # Posting the masked document back (a GET-edit-POST round trip) keeps every secret.
+    body["servers"][1]["name"] = "Renamed"
+    assert (await _post(api, body)).status_code == 200
+    stored = yaml.safe_load((system.data_dir / "agent.yaml").read_text())
+    assert stored["servers"][1]["name"] == "Renamed"
+    assert stored["servers"][1]["password"] == "ssh-secret"
+    assert stored["destinations"][1]["params"]["password"] == "sftp-secret"
+    assert stored["ntfymeToken"] == "ntfy-secret"
+    mode = (system.data_dir / "agent.yaml").stat().st_mode & 0o777
+    assert mode == 0o600
+
+
+BAD_BODIES: list[tuple[bytes | dict[str, Any], str]] = []
+
+
+def _with(path: list[str | int], value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(FULL_CONFIG)
+    target: Any = doc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return doc
+
+
+def _bad_cases() -> list[tuple[bytes | dict[str, Any], str]]:
+    unknown = copy.deepcopy(FULL_CONFIG)
+    unknown["servers"][0]["colour"] = "blue"
+    return [
+        (b"{not json", "malformed JSON"),
+        (b"", "request body must be a JSON object"),
+        (b"[]", "Expected `object`, got `array`"),
+        ({**FULL_CONFIG, "surprise": 1}, "unknown field `surprise`"),
+        (unknown, "unknown field `colour` - at `$.servers[0]`"),
+        (
+            _with(["hashblocksLimitBufferMb"], "lots"),
+            "Expected `int`, got `str` - at `$.hashblocksLimitBufferMb`",
+        ),
+        (_with(["servers", 1, "port"], 70000), "at `$.servers[1].port`"),
+        (_with(["destinations", 0, "driverId"], "tape"), "unknown driverId 'tape'"),
+        (_with(["destinations", 1, "params", "port"], "22"), "at `$.destinations[1].params.port`"),
+        (
+            _with(["destinations", 0, "params"], {"path": "/x", "extra": 1}),
+            "unknown field `extra` - at `$.destinations[0].params`",
+        ),
+        (_with(["backupDestinationId"], "nope"), "backupDestinationId 'nope' names no destination"),
+        (_with(["servers", 1, "id"], "local"), "duplicate server id 'local'"),
+        (
+            _with(["servers", 1, "password"], "********")
+            | {"servers": [{"id": "new", "password": "********"}]},
+            "secret mask but no secret is stored",
+        ),
+    ]
+
+
+async def test_bad_config_is_a_400_naming_the_problem_and_changes_nothing(
+    api: httpx.AsyncClient, system: System
+) -> None:
+    assert (await _post(api, FULL_CONFIG)).status_code == 200
+    before = (await api.get("/config")).json()
+    yaml_before = (system.data_dir / "agent.yaml").read_text()
+    for body, message in _bad_cases():
+        resp = await _post(api, body)
+        assert resp.status_code == 400, (message, resp.text)
+        assert message in resp.json()["error"], (message, resp.json())
+    assert (await api.get("/config")).json() == before
+    assert (system.data_dir / "agent.yaml").read_text() == yaml_before
+
+
+async def test_oversized_body_is_413(api: httpx.AsyncClient) -> None:
+    before = (await api.get("/config")).json()
+    huge = json.dumps({**FULL_CONFIG, "ntfymeToken": "x" * (2 << 20)}).encode()
+    resp = await _post(api, huge)
+    assert resp.status_code == 413
+    assert "too large" in resp.json()["error"]
+    assert (await api.get("/config")).json() == before
+
+
+async def test_config_change_is_an_event(api: httpx.AsyncClient, system: System) -> None:
+    import nats
+
+    nc = await nats.connect(system.nats.url)
+    try:
+        js = nc.jetstream()
+        assert (await _post(api, FULL_CONFIG)).status_code == 200
+        msg = await js.get_last_msg("VB_EVENTS", "vb.evt.config.changed")
+        assert msg.data is not None
+        event = json.loads(msg.data)
+        assert event["type"] == "config.changed"
+        assert event["source"] == "gateway"
+        assert event["payload"]["revision"] > 0
+        for secret in SECRETS:
+            assert secret not in msg.data.decode()
+    finally:
+        await nc.drain()
