@@ -68,7 +68,7 @@ def _wait_health(url: str, token: str, timeout: float) -> bool:
     return False
 
 
-def up(workers: int) -> int:
+def up(workers: int, nats_port: int) -> int:
     settings = load_settings()
     data = settings.data_dir.resolve()
     data.mkdir(parents=True, exist_ok=True)
@@ -77,10 +77,11 @@ def up(workers: int) -> int:
     env["VIRTBACKUP_DATA_DIR"] = str(data)
     nats: NatsServer | None = None
     if "VIRTBACKUP_NATS_URL" not in os.environ:
-        port = DEFAULT_NATS_PORT
         try:
-            nats = start_nats_server(data / "nats", port=port, log_file=logs / "nats.log")
-        except (RuntimeError, TimeoutError):
+            nats = start_nats_server(
+                data / "nats", port=nats_port or free_port(), log_file=logs / "nats.log"
+            )
+        except (RuntimeError, TimeoutError):  # the port is taken: any free one will do
             nats = start_nats_server(data / "nats", port=free_port(), log_file=logs / "nats.log")
         env["VIRTBACKUP_NATS_URL"] = nats.url
         print(f"NATS (JetStream) at {nats.url}, store {data / 'nats'}", flush=True)
@@ -159,9 +160,15 @@ def main() -> None:
         default=int(os.environ.get("VIRTBACKUP_WORKERS", "2")),
         help="number of transfer-worker processes (default 2)",
     )
+    up_parser.add_argument(
+        "--nats-port",
+        type=int,
+        default=DEFAULT_NATS_PORT,
+        help=f"port of the embedded NATS server (default {DEFAULT_NATS_PORT}; 0: any free port)",
+    )
     args = parser.parse_args()
     if args.command == "up":
-        sys.exit(up(args.workers))
+        sys.exit(up(args.workers, args.nats_port))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,3 @@
+{{- define "virtbackup.secretName" -}}
+{{- if .Values.existingSecret }}{{ .Values.existingSecret }}{{ else }}{{ .Release.Name }}-virtbackup{{ end -}}
+{{- end -}}
