@@ -56,6 +56,7 @@ def create_app(gw: Gateway) -> Litestar:
         openapi_config=OpenAPIConfig(title="VirtBackup", version=__version__, path="/schema"),
         request_max_body_size=gw.settings.max_body_bytes,
         debug=False,
+        logging_config=None,
     )
 
 
