@@ -89,3 +89,21 @@ class EventType:
     VM_LIFECYCLE: Final = "vm.lifecycle"
     CONFIG_CHANGED: Final = "config.changed"
     SERVICE_STARTED: Final = "service.started"
+
+
+class InventoryCmd:
+    """Commands answered by the inventory service."""
+
+    SERVERS: Final = command("inventory", "servers")
+    VMS: Final = command("inventory", "vms")
+    REFRESH: Final = command("inventory", "refresh")
+    TEST_SSH: Final = command("inventory", "test-ssh")
+    ACTION: Final = command("inventory", "action")
+    CLEANUP: Final = command("inventory", "cleanup")
+    VM_INFO: Final = command("inventory", "vm-info")
+    REMOVE_CDROM: Final = command("inventory", "remove-cdrom")
+    DOMAIN_XML: Final = command("inventory", "domain-xml")
+    DISKS: Final = command("inventory", "disks")
+    CHECKPOINTS: Final = command("inventory", "checkpoints")
+    BACKUP_BEGIN: Final = command("inventory", "backup-begin")
+    BACKUP_END: Final = command("inventory", "backup-end")

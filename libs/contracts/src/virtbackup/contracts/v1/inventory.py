@@ -1,0 +1,155 @@
+"""Inventory: servers, their VMs, actions, and what the data path needs from a host."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from virtbackup.contracts.v1.common import Message
+
+PowerState = Literal["running", "shutoff", "paused", "shutdown", "crashed", "suspended", "unknown"]
+VmAction = Literal["start", "reboot", "shutdown", "forceReset", "forceOff"]
+
+
+class ServerRef(Message, frozen=True, kw_only=True):
+    server_id: str
+
+
+class VmRef(Message, frozen=True, kw_only=True):
+    server_id: str
+    vm_name: str
+
+
+class Vm(Message, frozen=True, kw_only=True):
+    id: str
+    name: str
+    power_state: PowerState
+
+
+class VmStatus(Message, frozen=True, kw_only=True):
+    """One line of ``GET /servers/{id}/vms``."""
+
+    vm: Vm
+    has_overlay: bool = False
+
+
+class ServerVms(Message, frozen=True, kw_only=True):
+    server_id: str
+    vms: list[VmStatus]
+    reachable: bool
+    error: str = ""
+    refreshed_at: str = ""
+
+
+class ServerState(Message, frozen=True, kw_only=True):
+    """A configured server as the inventory sees it."""
+
+    id: str
+    name: str
+    uri: str
+    reachable: bool
+    error: str = ""
+    vm_count: int = 0
+    refreshed_at: str = ""
+
+
+class ServerList(Message, frozen=True, kw_only=True):
+    servers: list[ServerState]
+
+
+class Ok(Message, frozen=True, kw_only=True):
+    success: bool = True
+    message: str = ""
+
+
+class VmActionRequest(Message, frozen=True, kw_only=True):
+    server_id: str
+    vm_name: str
+    action: VmAction
+
+
+class CleanupResult(Message, frozen=True, kw_only=True):
+    """What a cleanup did, one line per step (empty when there was nothing to clean)."""
+
+    success: bool = True
+    actions: list[str] = msgspec.field(default_factory=list)
+
+
+class DiskInfo(Message, frozen=True, kw_only=True):
+    target: str
+    path: str
+    format: str
+    capacity: int
+    device: str = "disk"
+
+
+class DiskList(Message, frozen=True, kw_only=True):
+    disks: list[DiskInfo]
+
+
+class VmInfo(Message, frozen=True, kw_only=True):
+    name: str
+    uuid: str
+    power_state: PowerState
+    vcpus: int
+    memory_mb: int
+    disks: list[DiskInfo]
+    cdroms: int = 0
+
+
+class DomainXml(Message, frozen=True, kw_only=True):
+    xml: str
+
+
+class Checkpoint(Message, frozen=True, kw_only=True):
+    name: str
+    parent: str | None = None
+    created_at: int = 0
+    disks: list[str] = msgspec.field(default_factory=list)
+
+
+class CheckpointList(Message, frozen=True, kw_only=True):
+    checkpoints: list[Checkpoint]
+    chain_intact: bool
+
+
+class BackupBeginRequest(Message, frozen=True, kw_only=True):
+    """Begin a pull-mode backup with a new checkpoint, incremental when possible.
+
+    ``full`` forces a full read. The NBD export listens on ``nbd_host`` (an address the
+    workers reach) on a free port chosen by the inventory.
+    """
+
+    server_id: str
+    vm_name: str
+    full: bool = False
+    nbd_host: str = "127.0.0.1"
+
+
+class DiskExport(Message, frozen=True, kw_only=True):
+    target: str
+    export_name: str
+    size: int
+    format: str
+    bitmap_context: str | None = None
+
+
+class BackupBegun(Message, frozen=True, kw_only=True):
+    server_id: str
+    vm_name: str
+    checkpoint: str
+    parent_checkpoint: str | None
+    incremental: bool
+    nbd_url: str
+    disks: list[DiskExport]
+    domain_xml: str
+
+
+class BackupEndRequest(Message, frozen=True, kw_only=True):
+    """End the backup job. ``success`` false also deletes the new checkpoint."""
+
+    server_id: str
+    vm_name: str
+    checkpoint: str | None = None
+    success: bool = True
