@@ -14,9 +14,7 @@ def _routes(system: System) -> list[tuple[str, str]]:
     routes = []
     for path, item in schema.json()["paths"].items():
         for method in item:
-            concrete = re.sub(
-                r"\{(\w+)\}", lambda m: m.group(1).replace("_", "-")[:-3] + "-x", path
-            )
+            concrete = re.sub(r"\{[^}]+\}", "x", path)
             routes.append((method.upper(), concrete))
     return routes
 
