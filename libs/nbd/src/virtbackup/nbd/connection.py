@@ -1,0 +1,520 @@
+"""The transmission phase of one NBD connection: pipelined requests, one reply parser.
+
+:class:`NbdConnection` is an :class:`asyncio.BufferedProtocol`. Requests are
+written to the transport as they are submitted, each with its own cookie, and
+any number may be in flight (bounded by ``max_in_flight``). Replies are parsed
+as the bytes arrive and complete the request's future; they may come in any
+order and, with structured replies, in several chunks per request.
+
+Read payloads are received straight into the caller's buffer: while the parser
+is inside a data chunk and holds no staged bytes, ``get_buffer`` hands the
+transport the caller's memoryview, so the kernel copies the data once, into its
+final place. Headers and small payloads go through a staging buffer that is
+parsed in bulk, so small replies cost no extra system calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TypeAlias, cast
+
+from . import protocol as p
+from .errors import NbdCommandError, NbdConnectionError, NbdError, NbdProtocolError
+from .export import ExportInfo
+from .extents import Extent
+
+#: Result of a request's future: extents by context id for BLOCK_STATUS, else None.
+BlockStatusResult: TypeAlias = dict[int, list[Extent]]
+RequestResult: TypeAlias = BlockStatusResult | None
+
+_HEADER = 0  # waiting for a reply header
+_PAYLOAD = 1  # waiting for ``_need`` bytes of a chunk payload in the staging buffer
+_DATA = 2  # delivering ``_remaining`` bytes of read data to ``_sink``
+
+_STAGE_SIZE = 256 * 1024
+_MIN_FREE = 4096
+#: A non-data chunk (block status, error) bigger than this is a protocol violation.
+_MAX_CHUNK = 64 * 1024 * 1024
+#: Payloads up to this size are sent in one write together with their header.
+_COALESCE = 64 * 1024
+_WRITE_HIGH_WATER = 16 * 1024 * 1024
+_WRITE_LOW_WATER = 4 * 1024 * 1024
+
+_ZEROES = memoryview(bytes(1 << 20))
+
+
+def _fill_zero(view: memoryview, start: int, length: int) -> None:
+    end = start + length
+    chunk = len(_ZEROES)
+    while start < end:
+        n = min(chunk, end - start)
+        view[start : start + n] = _ZEROES[:n]
+        start += n
+
+
+class _Request:
+    """One request in flight, until its final reply chunk."""
+
+    __slots__ = (
+        "buf",
+        "command",
+        "cookie",
+        "error",
+        "extents",
+        "future",
+        "length",
+        "offset",
+        "received",
+    )
+
+    def __init__(
+        self,
+        cookie: int,
+        command: p.Command,
+        offset: int,
+        length: int,
+        future: asyncio.Future[RequestResult],
+        buf: memoryview | None,
+    ) -> None:
+        self.cookie = cookie
+        self.command = command
+        self.offset = offset
+        self.length = length
+        self.future = future
+        self.buf = buf
+        self.received = 0
+        self.error: NbdError | None = None
+        self.extents: BlockStatusResult | None = {} if command == p.Command.BLOCK_STATUS else None
+
+
+class NbdConnection(asyncio.BufferedProtocol):
+    """Transmission phase of one negotiated connection.
+
+    Contract:
+    - :meth:`submit` writes the request before it returns and returns a future
+      that completes when the last reply chunk arrived: with None, with the
+      extents of a BLOCK_STATUS, or with :class:`NbdCommandError` (the
+      connection stays usable).
+    - Cancelling a request's future makes the parser discard the rest of its
+      data instead of writing into the caller's buffer.
+    - When the connection is lost or the server breaks the protocol, every
+      pending future fails with :class:`NbdConnectionError` and so does every
+      later :meth:`submit`.
+    """
+
+    def __init__(self, info: ExportInfo, *, max_in_flight: int = 64) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.info = info
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._pending: dict[int, _Request] = {}
+        self._next_cookie = 1
+        self.requests_sent = 0
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._lost: asyncio.Future[None] = self._loop.create_future()
+        self._error: NbdConnectionError | None = None
+        # reply parser
+        self._buf = bytearray(_STAGE_SIZE)
+        self._view = memoryview(self._buf)
+        self._rpos = 0
+        self._wpos = 0
+        self._state = _HEADER
+        self._cur: _Request | None = None
+        self._chunk_flags = 0
+        self._chunk_type = 0
+        self._need = 0
+        self._data_len = 0
+        self._sink: memoryview | None = None
+        self._sink_pos = 0
+        self._remaining = 0
+        self._done_after_data = False
+        self._direct = False
+
+    # --- state ---------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not yet fully answered."""
+        return len(self._pending)
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closing or lost; no request can be sent."""
+        return self._error is not None
+
+    # --- asyncio protocol callbacks ------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.set_write_buffer_limits(_WRITE_HIGH_WATER, _WRITE_LOW_WATER)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._error is None:
+            text = "NBD connection lost"
+            self._error = NbdConnectionError(f"{text}: {exc}" if exc else text)
+        self._fail_pending(self._error)
+        self._writable.set()
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost fails what is pending
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._state == _DATA and self._rpos == self._wpos and self._sink is not None:
+            cur = self._cur
+            if cur is not None and not cur.future.done():
+                self._direct = True
+                pos = self._sink_pos
+                return self._sink[pos : pos + self._remaining]
+            self._sink = None  # request cancelled: discard the rest of its data
+        self._direct = False
+        if self._rpos == self._wpos:
+            self._rpos = self._wpos = 0
+        elif len(self._buf) - self._wpos < _MIN_FREE:
+            self._compact()
+        return self._view[self._wpos :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._direct:
+            self._direct = False
+            self._sink_pos += nbytes
+            self._remaining -= nbytes
+            if self._remaining == 0:
+                self._data_done()
+            return
+        self._wpos += nbytes
+        try:
+            self._parse()
+        except NbdProtocolError as exc:
+            self._fail(exc)
+
+    # --- requests ------------------------------------------------------------------
+
+    async def submit(
+        self,
+        command: p.Command,
+        offset: int,
+        length: int,
+        *,
+        flags: int = 0,
+        payload: memoryview | None = None,
+        buf: memoryview | None = None,
+    ) -> asyncio.Future[RequestResult]:
+        """Send one request; return the future of its reply.
+
+        ``payload`` is the data of a WRITE (``len(payload) == length``); ``buf``
+        receives the data of a READ (``len(buf) == length``) and must stay alive
+        and untouched until the future is done. Waits for a free slot when
+        ``max_in_flight`` requests are pending and for the transport's buffer to
+        drain after writing a large payload.
+        """
+        self._check_open()
+        await self._slots.acquire()
+        if self._error is not None:
+            self._slots.release()
+            self._check_open()
+        transport = self._transport
+        assert transport is not None
+        cookie = self._next_cookie
+        self._next_cookie = (cookie + 1) & 0xFFFF_FFFF_FFFF_FFFF or 1
+        future: asyncio.Future[RequestResult] = self._loop.create_future()
+        self._pending[cookie] = _Request(cookie, command, offset, length, future, buf)
+        self._idle.clear()
+        self.requests_sent += 1
+        header = p.REQUEST.pack(p.REQUEST_MAGIC, flags, command, cookie, offset, length)
+        if payload is None:
+            transport.write(header)
+        elif len(payload) <= _COALESCE:
+            transport.write(header + payload)
+        else:
+            transport.write(header)
+            transport.write(payload)
+        if not self._writable.is_set():
+            try:
+                await self._writable.wait()
+            except BaseException:
+                future.cancel()
+                raise
+        return future
+
+    async def disconnect(self, timeout: float = 30.0) -> None:
+        """Wait (up to ``timeout``) for pending requests, send NBD_CMD_DISC and close.
+
+        Idempotent. Requests still pending after the timeout fail with
+        NbdConnectionError.
+        """
+        transport = self._transport
+        if transport is None:
+            return
+        if self._error is None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._idle.wait()
+            except TimeoutError:
+                pass
+        if self._error is None:
+            self._error = NbdConnectionError("NBD connection closed by the client")
+            transport.write(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Command.DISC, 0, 0, 0))
+        transport.close()
+        try:
+            async with asyncio.timeout(5.0):
+                await asyncio.shield(self._lost)
+        except TimeoutError:
+            transport.abort()
+
+    def abort(self) -> None:
+        """Drop the connection at once; pending requests fail with NbdConnectionError."""
+        if self._error is None:
+            self._error = NbdConnectionError("NBD connection aborted by the client")
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise NbdConnectionError(str(self._error))
+
+    # --- reply parser --------------------------------------------------------------
+
+    def _parse(self) -> None:
+        buf = self._buf
+        while True:
+            avail = self._wpos - self._rpos
+            state = self._state
+            if state == _DATA:
+                if not avail:
+                    break
+                n = min(avail, self._remaining)
+                sink = self._sink
+                if sink is not None:
+                    cur = self._cur
+                    if cur is None or cur.future.done():
+                        self._sink = None
+                    else:
+                        pos = self._sink_pos
+                        sink[pos : pos + n] = self._view[self._rpos : self._rpos + n]
+                        self._sink_pos = pos + n
+                self._rpos += n
+                self._remaining -= n
+                if self._remaining:
+                    break
+                self._data_done()
+            elif state == _HEADER:
+                if avail < p.SIMPLE_REPLY.size:
+                    break
+                rpos = self._rpos
+                (magic,) = p.U32.unpack_from(buf, rpos)
+                if magic == p.STRUCTURED_REPLY_MAGIC:
+                    if avail < p.STRUCTURED_REPLY.size:
+                        break
+                    _, flags, rtype, cookie, length = p.STRUCTURED_REPLY.unpack_from(buf, rpos)
+                    self._rpos = rpos + p.STRUCTURED_REPLY.size
+                    self._on_chunk_header(flags, rtype, cookie, length)
+                elif magic == p.SIMPLE_REPLY_MAGIC:
+                    _, error, cookie = p.SIMPLE_REPLY.unpack_from(buf, rpos)
+                    self._rpos = rpos + p.SIMPLE_REPLY.size
+                    self._on_simple_reply(error, cookie)
+                else:
+                    raise NbdProtocolError(f"bad reply magic {magic:#x}")
+            else:  # _PAYLOAD
+                need = self._need
+                if avail < need:
+                    self._reserve(need)
+                    break
+                start = self._rpos
+                self._rpos = start + need
+                self._on_payload(self._view[start : start + need])
+        if self._rpos == self._wpos:
+            self._rpos = self._wpos = 0
+
+    def _compact(self) -> None:
+        """Move unparsed bytes to the front of the staging buffer."""
+        data = bytes(self._view[self._rpos : self._wpos])
+        self._view[: len(data)] = data
+        self._rpos = 0
+        self._wpos = len(data)
+
+    def _reserve(self, need: int) -> None:
+        """Make room for ``need`` contiguous bytes from the read position."""
+        if len(self._buf) - self._rpos >= need:
+            return
+        if need <= len(self._buf):
+            self._compact()
+            return
+        # Grow: a new buffer (the old one may still be exported to the transport).
+        data = self._view[self._rpos : self._wpos]
+        self._buf = bytearray(max(need, 2 * len(self._buf)))
+        self._view = memoryview(self._buf)
+        self._view[: len(data)] = data
+        self._rpos = 0
+        self._wpos = len(data)
+
+    def _request(self, cookie: int) -> _Request:
+        req = self._pending.get(cookie)
+        if req is None:
+            raise NbdProtocolError(f"reply for unknown cookie {cookie}")
+        return req
+
+    def _on_simple_reply(self, error: int, cookie: int) -> None:
+        req = self._request(cookie)
+        if error:
+            req.error = NbdCommandError(req.command, req.offset, req.length, error)
+            self._complete(req)
+        elif req.command == p.Command.READ:
+            req.received = req.length
+            self._begin_data(req, 0, req.length, done=True)
+        else:
+            self._complete(req)
+
+    def _on_chunk_header(self, flags: int, rtype: int, cookie: int, length: int) -> None:
+        req = self._request(cookie)
+        self._cur = req
+        self._chunk_flags = flags
+        self._chunk_type = rtype
+        if rtype == p.ReplyType.OFFSET_DATA:
+            if req.command != p.Command.READ or length <= p.U64.size:
+                raise NbdProtocolError(f"bad OFFSET_DATA chunk (length {length})")
+            self._need = p.U64.size
+            self._data_len = length - p.U64.size
+            self._state = _PAYLOAD
+        elif rtype == p.ReplyType.NONE:
+            if length or not flags & p.REPLY_FLAG_DONE:
+                raise NbdProtocolError("NONE chunk with a payload or without DONE")
+            self._complete(req)
+        else:
+            if length > _MAX_CHUNK:
+                raise NbdProtocolError(f"reply chunk of {length} bytes is too long")
+            self._need = length
+            self._state = _PAYLOAD
+
+    def _on_payload(self, payload: memoryview) -> None:
+        req = self._cur
+        assert req is not None
+        rtype = self._chunk_type
+        if rtype == p.ReplyType.OFFSET_DATA:
+            (offset,) = p.U64.unpack_from(payload)
+            rel = offset - req.offset
+            n = self._data_len
+            if rel < 0 or rel + n > req.length:
+                raise NbdProtocolError(f"OFFSET_DATA at {offset}+{n} outside the request")
+            req.received += n
+            self._begin_data(req, rel, n, done=bool(self._chunk_flags & p.REPLY_FLAG_DONE))
+            return
+        self._state = _HEADER
+        if rtype == p.ReplyType.OFFSET_HOLE:
+            if req.command != p.Command.READ or len(payload) != p.OFFSET_HOLE.size:
+                raise NbdProtocolError("bad OFFSET_HOLE chunk")
+            offset, size = p.OFFSET_HOLE.unpack(payload)
+            rel = offset - req.offset
+            if rel < 0 or size == 0 or rel + size > req.length:
+                raise NbdProtocolError(f"OFFSET_HOLE at {offset}+{size} outside the request")
+            if req.buf is not None and not req.future.done():
+                _fill_zero(req.buf, rel, size)
+            req.received += size
+        elif rtype == p.ReplyType.BLOCK_STATUS:
+            self._on_block_status(req, payload)
+        elif rtype & p.REPLY_ERROR_BIT:
+            self._on_error_chunk(req, rtype, payload)
+        else:
+            raise NbdProtocolError(f"unknown reply chunk type {rtype}")
+        if self._chunk_flags & p.REPLY_FLAG_DONE:
+            self._complete(req)
+
+    def _on_block_status(self, req: _Request, payload: memoryview) -> None:
+        size = len(payload)
+        if req.extents is None or size < 12 or (size - 4) % p.BLOCK_DESCRIPTOR.size:
+            raise NbdProtocolError("bad BLOCK_STATUS chunk")
+        (context,) = p.U32.unpack_from(payload)
+        extents = req.extents.setdefault(context, [])
+        pos = req.offset
+        if extents:
+            pos = extents[-1].offset + extents[-1].length
+        for length, flags in p.BLOCK_DESCRIPTOR.iter_unpack(payload[4:]):
+            if length == 0:
+                raise NbdProtocolError("BLOCK_STATUS extent of length 0")
+            extents.append(Extent(pos, length, flags))
+            pos += length
+
+    def _on_error_chunk(self, req: _Request, rtype: int, payload: memoryview) -> None:
+        size = len(payload)
+        if size < p.ERROR_HEAD.size:
+            raise NbdProtocolError("short error chunk")
+        errno, msg_len = p.ERROR_HEAD.unpack_from(payload)
+        end = p.ERROR_HEAD.size + msg_len
+        if end > size:
+            raise NbdProtocolError("error chunk message longer than the chunk")
+        message = bytes(payload[p.ERROR_HEAD.size : end]).decode("utf-8", "replace")
+        error_offset: int | None = None
+        if rtype == p.ReplyType.ERROR_OFFSET:
+            if size != end + p.U64.size:
+                raise NbdProtocolError("bad ERROR_OFFSET chunk")
+            (error_offset,) = p.U64.unpack_from(payload, end)
+        if errno == 0:
+            raise NbdProtocolError("error chunk with error value 0")
+        if req.error is None:
+            req.error = NbdCommandError(
+                req.command, req.offset, req.length, errno, message, error_offset
+            )
+
+    def _begin_data(self, req: _Request, rel: int, length: int, *, done: bool) -> None:
+        self._cur = req
+        self._sink = req.buf if req.buf is not None and not req.future.done() else None
+        self._sink_pos = rel
+        self._remaining = length
+        self._done_after_data = done
+        self._state = _DATA
+
+    def _data_done(self) -> None:
+        self._state = _HEADER
+        self._sink = None
+        req = self._cur
+        if self._done_after_data and req is not None:
+            self._complete(req)
+
+    def _complete(self, req: _Request) -> None:
+        del self._pending[req.cookie]
+        self._slots.release()
+        if not self._pending:
+            self._idle.set()
+        self._cur = None
+        future = req.future
+        if future.done():
+            return
+        if req.error is not None:
+            future.set_exception(req.error)
+        elif req.command == p.Command.READ and req.received != req.length:
+            future.set_exception(
+                NbdProtocolError(
+                    f"read reply covered {req.received} of {req.length} bytes"
+                    f" at offset {req.offset}"
+                )
+            )
+        else:
+            future.set_result(req.extents)
+
+    def _fail_pending(self, error: NbdConnectionError) -> None:
+        pending = list(self._pending.values())
+        self._pending.clear()
+        self._idle.set()
+        for req in pending:
+            self._slots.release()
+            if not req.future.done():
+                req.future.set_exception(NbdConnectionError(str(error)))
+
+    def _fail(self, error: NbdConnectionError) -> None:
+        if self._error is None:
+            self._error = error
+        self._fail_pending(error)
+        if self._transport is not None:
+            self._transport.abort()
