@@ -1,0 +1,290 @@
+"""The filesystem driver: objects are files under a root directory.
+
+- ``put`` writes ``<dir>/.vbtmp-<random>-<name>``, fsyncs it, renames it over the key's
+  path and fsyncs the directory (and every directory it had to create, and their
+  parents), so that an object is durable once ``put`` returns and a reader never sees a
+  partial file.
+- The root's parent must exist; the root itself is created on the first write. This
+  keeps a backup from silently filling the wrong disk when a mount point is missing.
+- Blocking file I/O runs in the driver's own thread pool.
+- Symlinks inside the root are not followed when listing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import os
+import secrets
+import stat as stat_module
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Final, TypeVar
+
+from virtbackup.storage.base import DriverBase, check_range
+from virtbackup.storage.errors import (
+    InvalidKeyError,
+    NotFoundError,
+    PermanentError,
+    StorageError,
+    TransientError,
+)
+from virtbackup.storage.keys import TEMP_PREFIX, is_temp_name, validate_key, validate_prefix
+
+T = TypeVar("T")
+
+#: Names in one directory: (files, subdirectories).
+_Listing = tuple[list[str], list[str]]
+
+#: errno values a retry cannot fix: the configuration or the disk has to change.
+PERMANENT_ERRNOS: Final = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EFBIG,
+        errno.ENAMETOOLONG,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ELOOP,
+        errno.EINVAL,
+        errno.EEXIST,
+    }
+)
+
+
+def map_os_error(exc: OSError, what: str) -> StorageError:
+    """Translate an ``OSError`` raised while doing ``what`` into the storage hierarchy."""
+    message = f"{what}: {exc.strerror or exc}"
+    if exc.errno == errno.ENOENT:
+        return NotFoundError(what, message)
+    if exc.errno in PERMANENT_ERRNOS:
+        return PermanentError(message)
+    return TransientError(message)
+
+
+class FilesystemDriver(DriverBase):
+    """Objects as files under ``root`` (see the module docstring)."""
+
+    driver_id = "filesystem"
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True, threads: int = 16):
+        super().__init__()
+        self.root = Path(os.path.abspath(root))
+        self.fsync = fsync
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vb-fs")
+
+    def __repr__(self) -> str:
+        return f"FilesystemDriver({str(self.root)!r})"
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*validate_key(key).split("/"))
+
+    async def _run(self, func: Callable[[], T]) -> T:
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, func)
+
+    def _fsync_dir(self, path: Path) -> None:
+        if not self.fsync:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create ``directory`` (inside the root, or the root itself) durably."""
+        missing: list[Path] = []
+        probe = directory
+        while not probe.is_dir():
+            if probe == self.root:
+                if not self.root.parent.is_dir():
+                    raise PermanentError(
+                        f"destination directory {str(self.root.parent)!r} does not exist"
+                    )
+                missing.append(probe)
+                break
+            missing.append(probe)
+            probe = probe.parent
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                if not path.is_dir():
+                    raise
+            self._fsync_dir(path.parent)
+
+    # -- writes --------------------------------------------------------------------------
+
+    def _put_sync(self, key: str, path: Path, data: bytes) -> None:
+        tmp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(8)}-{path.name}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            try:
+                fd = os.open(tmp, flags, 0o666)
+            except FileNotFoundError:
+                self._make_dirs(path.parent)
+                fd = os.open(tmp, flags, 0o666)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            self._fsync_dir(path.parent)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(exc, OSError):
+                if exc.errno == errno.ENOENT:  # a directory vanished under us: try again
+                    raise TransientError(f"cannot write {key!r}: {exc}") from exc
+                raise map_os_error(exc, f"cannot write {key!r}") from exc
+            raise
+
+    async def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        await self._run(lambda: self._put_sync(key, path, data))
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def _read_sync(self, key: str, path: Path, offset: int, length: int | None) -> bytes:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise NotFoundError(key) from exc
+        except OSError as exc:
+            raise map_os_error(exc, f"cannot read {key!r}") from exc
+        try:
+            info = os.fstat(fd)
+            if not stat_module.S_ISREG(info.st_mode):
+                raise NotFoundError(key)
+            end = info.st_size if length is None else min(info.st_size, offset + length)
+            chunks: list[bytes] = []
+            position = offset
+            while position < end:
+                chunk = os.pread(fd, end - position, position)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                position += len(chunk)
+            return b"".join(chunks)
+        except OSError as exc:
+            raise map_os_error(exc, f"cannot read {key!r}") from exc
+        finally:
+            os.close(fd)
+
+    async def get(self, key: str) -> bytes:
+        path = self._path(key)
+        return await self._run(lambda: self._read_sync(key, path, 0, None))
+
+    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+        check_range(offset, length)
+        path = self._path(key)
+        return await self._run(lambda: self._read_sync(key, path, offset, length))
+
+    def _stat_sync(self, key: str, path: Path) -> int:
+        try:
+            info = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise NotFoundError(key) from exc
+        except OSError as exc:
+            raise map_os_error(exc, f"cannot stat {key!r}") from exc
+        if not stat_module.S_ISREG(info.st_mode):
+            raise NotFoundError(key)
+        return info.st_size
+
+    async def stat(self, key: str) -> int:
+        path = self._path(key)
+        return await self._run(lambda: self._stat_sync(key, path))
+
+    # -- listing -------------------------------------------------------------------------
+
+    def _scan_sync(self, relative: str) -> _Listing:
+        """Files (that may be keys) and subdirectories of one directory under the root."""
+        directory = self.root.joinpath(*relative.split("/")) if relative else self.root
+        files: list[str] = []
+        dirs: list[str] = []
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.is_symlink() or is_temp_name(entry.name):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        dirs.append(entry.name)
+                    elif entry.is_file(follow_symlinks=False):
+                        files.append(entry.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return [], []
+        except OSError as exc:
+            raise map_os_error(exc, f"cannot list {relative or '/'!r}") from exc
+        return sorted(files), sorted(dirs)
+
+    async def list(self, prefix: str = "") -> AsyncIterator[str]:
+        validate_prefix(prefix)
+        start = prefix.rpartition("/")[0]
+        pending = [start]
+        while pending:
+            relative = pending.pop()
+            files, dirs = await self._run(functools.partial(self._scan_sync, relative))
+            base = f"{relative}/" if relative else ""
+            for name in files:
+                key = base + name
+                if key.startswith(prefix) and _is_key(key):
+                    yield key
+            for name in reversed(dirs):
+                sub = base + name
+                if sub.startswith(prefix) or prefix.startswith(sub + "/"):
+                    pending.append(sub)
+
+    # -- deletes -------------------------------------------------------------------------
+
+    def _delete_sync(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            path = self.root.joinpath(*key.split("/"))
+            try:
+                os.unlink(path)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            except IsADirectoryError:
+                pass
+            except OSError as exc:
+                if exc.errno == errno.EPERM and path.is_dir():
+                    continue
+                raise map_os_error(exc, f"cannot delete {key!r}") from exc
+
+    async def delete(self, key: str) -> None:
+        validate_key(key)
+        await self._run(lambda: self._delete_sync([key]))
+
+    async def delete_many(self, keys: Iterable[str]) -> None:
+        """One thread hop for the whole batch: local unlinks are a native batch delete."""
+        todo = [validate_key(k) for k in keys]
+        if todo:
+            await self._run(lambda: self._delete_sync(todo))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+
+def _is_key(key: str) -> bool:
+    try:
+        validate_key(key)
+    except InvalidKeyError:
+        return False
+    return True

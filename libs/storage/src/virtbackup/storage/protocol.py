@@ -1,0 +1,100 @@
+"""The one protocol every destination driver implements (modelled on restic's backends).
+
+Contract, for every driver:
+
+Keys
+    Relative, slash-separated paths (``chunks/ab/ab12...``) under the driver's root,
+    checked by ``virtbackup.storage.keys.validate_key`` before any I/O: an invalid key
+    raises ``InvalidKeyError`` (a ``PermanentError``) and never touches the destination.
+    A driver never reads or writes outside its root.
+
+Writes
+    ``put`` is idempotent (putting the same key twice with the same data is the same as
+    once; with different data, the last completed put wins) and atomic in visibility:
+    a reader sees either no object or the whole object, never a partial one (temp file +
+    rename, or one object PUT). When ``put`` returns, the object is durable as far as the
+    destination can promise (fsync of file and directory on a filesystem). A ``put`` that
+    fails or is cancelled leaves no visible object under its key; a leftover temporary file
+    is never listed as a key.
+
+Reads
+    ``get`` returns the whole object; ``get_range`` a slice of it. Both raise
+    ``NotFoundError`` for a missing key. Where the destination has no native range read,
+    ``get_range`` reads the whole object and slices it, and the driver's registry entry
+    says ``supportsRangeRead: false``.
+
+Listing
+    ``list(prefix)`` yields every key that starts with ``prefix`` (a plain string
+    prefix, so ``"chunks/a"`` matches ``chunks/ab/...``), recursively, relative to the
+    root, in no promised order. Temporary files and directories are not keys.
+
+Deletes
+    ``delete`` and ``delete_many`` are idempotent: a missing key is not an error.
+
+Errors and retries
+    Drivers raise only ``StorageError`` subclasses (``virtbackup.storage.errors``):
+    ``NotFoundError``, ``PermanentError`` or ``TransientError``. Drivers do not retry
+    requests themselves (the SFTP driver reopens a dropped connection once); callers
+    retry ``TransientError`` with ``virtbackup.storage.retry``. Every operation is
+    idempotent, so a retry is always safe.
+
+Concurrency
+    Every method may be called concurrently from one event loop. Blocking clients run
+    in a thread pool owned by the driver. ``close`` releases connections and threads;
+    the driver must not be used after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """An open destination. See the module docstring for the full contract."""
+
+    @property
+    def driver_id(self) -> str:
+        """The registry id of this driver (``filesystem``, ``sftp``, ``s3``, ``dummy``)."""
+        ...
+
+    async def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key``: idempotent, atomic in visibility, durable on return."""
+        ...
+
+    async def get(self, key: str) -> bytes:
+        """The whole object. ``NotFoundError`` if there is none."""
+        ...
+
+    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset``; fewer if the object ends first, ``b""`` past its end.
+
+        ``offset >= 0`` and ``length >= 1``, else ``ValueError``. ``NotFoundError`` if
+        the object does not exist.
+        """
+        ...
+
+    async def exists(self, key: str) -> bool:
+        """Whether an object is stored under ``key``."""
+        ...
+
+    async def stat(self, key: str) -> int:
+        """The size of the object in bytes. ``NotFoundError`` if there is none."""
+        ...
+
+    def list(self, prefix: str = "") -> AsyncIterator[str]:
+        """Every key starting with ``prefix``, recursively, relative to the root."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Remove the object; a missing key is not an error."""
+        ...
+
+    async def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove every object named (all keys are validated first); missing keys are fine."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and threads. Idempotent."""
+        ...

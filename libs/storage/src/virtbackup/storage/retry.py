@@ -1,0 +1,162 @@
+"""Retrying transient storage errors with exponential backoff.
+
+Only ``TransientError`` is retried; ``NotFoundError`` and ``PermanentError`` propagate at
+once because a retry cannot help. Every driver operation is idempotent, so repeating one
+is always safe. Attempts are bounded (``RetryPolicy.attempts``) and so, optionally, is the
+total time (``RetryPolicy.deadline``); when both run out the last ``TransientError`` is
+raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+from virtbackup.storage.errors import TransientError
+from virtbackup.storage.protocol import Driver
+
+T = TypeVar("T")
+
+#: Called before each wait: (number of the failed attempt, its error, seconds to wait).
+RetryHook = Callable[[int, TransientError, float], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How often and how patiently to retry.
+
+    The wait before retry ``n`` (1-based) is ``initial_delay * multiplier**(n-1)``, capped at
+    ``max_delay``, then spread by +/- ``jitter`` (a fraction) so that many workers that
+    failed together do not retry in lockstep.
+    """
+
+    attempts: int = 5
+    initial_delay: float = 0.2
+    multiplier: float = 2.0
+    max_delay: float = 10.0
+    jitter: float = 0.2
+    #: Give up once this many seconds have passed since the first attempt (None: no limit).
+    deadline: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("attempts must be >= 1")
+        if self.initial_delay < 0 or self.max_delay < 0 or self.multiplier < 1:
+            raise ValueError("delays must be >= 0 and multiplier >= 1")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("jitter must be in [0, 1)")
+
+    def delays(self) -> Iterator[float]:
+        """The waits between attempts (``attempts - 1`` of them)."""
+        delay = self.initial_delay
+        for _ in range(self.attempts - 1):
+            capped = min(delay, self.max_delay)
+            spread = capped * self.jitter
+            yield max(0.0, capped + random.uniform(-spread, spread))  # noqa: S311
+            delay *= self.multiplier
+
+
+DEFAULT_POLICY = RetryPolicy()
+
+
+async def retry(
+    operation: Callable[[], Awaitable[T]],
+    policy: RetryPolicy = DEFAULT_POLICY,
+    *,
+    on_retry: RetryHook | None = None,
+) -> T:
+    """Run ``operation`` until it succeeds, retrying ``TransientError`` per ``policy``."""
+    started = time.monotonic()
+    delays = policy.delays()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await operation()
+        except TransientError as exc:
+            delay = next(delays, None)
+            if delay is None:
+                raise
+            if policy.deadline is not None:
+                left = policy.deadline - (time.monotonic() - started)
+                if left <= 0:
+                    raise
+                delay = min(delay, left)
+            if on_retry is not None:
+                on_retry(attempt, exc, delay)
+            await asyncio.sleep(delay)
+
+
+class RetryingDriver:
+    """A ``Driver`` that retries every operation of another one per a ``RetryPolicy``.
+
+    ``list`` is retried only until it has yielded its first key: after that a transient
+    error propagates, because restarting would yield keys twice.
+    """
+
+    def __init__(
+        self,
+        inner: Driver,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        *,
+        on_retry: RetryHook | None = None,
+    ) -> None:
+        self.inner = inner
+        self.policy = policy
+        self._on_retry = on_retry
+
+    @property
+    def driver_id(self) -> str:
+        return self.inner.driver_id
+
+    async def _retry(self, operation: Callable[[], Awaitable[T]]) -> T:
+        return await retry(operation, self.policy, on_retry=self._on_retry)
+
+    async def put(self, key: str, data: bytes) -> None:
+        await self._retry(lambda: self.inner.put(key, data))
+
+    async def get(self, key: str) -> bytes:
+        return await self._retry(lambda: self.inner.get(key))
+
+    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+        return await self._retry(lambda: self.inner.get_range(key, offset, length))
+
+    async def exists(self, key: str) -> bool:
+        return await self._retry(lambda: self.inner.exists(key))
+
+    async def stat(self, key: str) -> int:
+        return await self._retry(lambda: self.inner.stat(key))
+
+    async def list(self, prefix: str = "") -> AsyncIterator[str]:
+        async def first() -> tuple[AsyncIterator[str], str | None]:
+            iterator = aiter(self.inner.list(prefix))
+            try:
+                return iterator, await anext(iterator)
+            except StopAsyncIteration:
+                return iterator, None
+            except BaseException:
+                aclose = getattr(iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                raise
+
+        iterator, head = await self._retry(first)
+        if head is None:
+            return
+        yield head
+        async for key in iterator:
+            yield key
+
+    async def delete(self, key: str) -> None:
+        await self._retry(lambda: self.inner.delete(key))
+
+    async def delete_many(self, keys: Iterable[str]) -> None:
+        todo = tuple(keys)
+        await self._retry(lambda: self.inner.delete_many(todo))
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -1,0 +1,52 @@
+"""Fixtures: real sshd and SeaweedFS once per session, a fresh driver of each kind per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from virtbackup.storage.testing import (
+    DRIVER_KINDS,
+    DriverCase,
+    SeaweedServer,
+    SshdServer,
+    open_test_driver,
+)
+
+
+@pytest.fixture(scope="session")
+def sshd() -> Iterator[SshdServer]:
+    server = SshdServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[SeaweedServer]:
+    server = SeaweedServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(params=DRIVER_KINDS)
+async def case(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DriverCase]:
+    """A fresh, empty driver of each kind (servers are shared, roots are not)."""
+    kind: str = request.param
+    result = open_test_driver(
+        kind,
+        scratch=tmp_path,
+        sshd=request.getfixturevalue("sshd") if kind == "sftp" else None,
+        seaweed=request.getfixturevalue("seaweed") if kind == "s3" else None,
+    )
+    try:
+        yield result
+    finally:
+        await result.driver.close()
