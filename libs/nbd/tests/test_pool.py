@@ -24,8 +24,8 @@ async def test_pool_spreads_a_large_read(qemu: Any) -> None:
         buf = bytearray(len(data))
         await pool.readinto(0, buf)
         assert buf == data
-        # 64 MiB over four connections: one 16 MiB request on each.
-        assert [c.requests_sent for c in pool.clients] == [1, 1, 1, 1]
+        # 64 MiB as 32 requests of 2 MiB, eight on each connection.
+        assert [c.requests_sent for c in pool.clients] == [8, 8, 8, 8]
 
 
 async def test_pool_concurrent_requests_use_every_connection(qemu: Any) -> None:

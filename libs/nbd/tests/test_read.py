@@ -87,8 +87,9 @@ async def test_large_reads_are_split(qemu: Any) -> None:
     size = 72 * MiB
     data = content(size, [(0, 20 * MiB), (40 * MiB, 30 * MiB)])
     server = qemu.serve(qemu.image_from(data), read_only=True)
-    async with await NbdClient.connect_uri(server.uri) as nbd:
-        assert nbd.max_payload == 32 * MiB
+    async with await NbdClient.connect_uri(server.uri, request_size=64 * MiB) as nbd:
+        assert nbd.info.max_payload == 32 * MiB
+        assert nbd.request_size == 32 * MiB  # capped at the server's maximum
         # The server really refuses one request above its maximum...
         buf = memoryview(bytearray(33 * MiB))
         future = await nbd._conn.submit(p.Command.READ, 0, len(buf), buf=buf)
@@ -100,6 +101,13 @@ async def test_large_reads_are_split(qemu: Any) -> None:
         await nbd.readinto(1, out)
         assert nbd.requests_sent - before == 3
         assert out == data[1:]
+    # By default reads go out as 2 MiB requests.
+    async with await NbdClient.connect_uri(server.uri) as nbd:
+        assert nbd.request_size == 2 * MiB
+        out = bytearray(size)
+        await nbd.readinto(0, out)
+        assert nbd.requests_sent == 36
+        assert out == data
 
 
 async def test_many_pipelined_reads(disk: tuple[str, bytes]) -> None:

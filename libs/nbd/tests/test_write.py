@@ -34,10 +34,10 @@ async def test_large_write_is_split(qemu: Any) -> None:
     image = qemu.image(80 * MiB)
     server = qemu.serve(image)
     payload = os.urandom(70 * MiB)
-    async with await NbdClient.connect_uri(server.uri) as nbd:
+    async with await NbdClient.connect_uri(server.uri, request_size=40 * MiB) as nbd:
         before = nbd.requests_sent
         await nbd.write(5 * MiB, payload)
-        assert nbd.requests_sent - before == 3
+        assert nbd.requests_sent - before == 3  # 32 + 32 + 6 MiB
         await nbd.flush()
         assert await nbd.read(5 * MiB, len(payload)) == payload
 

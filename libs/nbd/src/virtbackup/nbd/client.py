@@ -1,8 +1,11 @@
 """NbdClient: one connection to one export, with the commands a backup needs.
 
-Offsets and lengths are in bytes. Requests larger than the export's maximum
-payload (at most 32 MiB) are split into several requests that are all sent at
-once and run in parallel on the connection. Requests should be aligned to
+Offsets and lengths are in bytes. Reads and writes are cut into requests of
+``request_size`` bytes (2 MiB by default, never above the export's maximum
+payload) that are all sent at once and run in parallel on the connection:
+against QEMU, a 32 MiB read as 16 pipelined 2 MiB requests is about twice as
+fast as one 32 MiB request, because the server works on several at a time.
+Callers should still ask for large ranges (4 MiB and more) at once. Requests should be aligned to
 :attr:`ExportInfo.min_block` (1 for QEMU unless the image needs direct I/O);
 the client does not do read-modify-write for unaligned requests.
 
@@ -24,6 +27,9 @@ from .export import ExportInfo
 from .extents import Extent, coalesce
 from .handshake import negotiate
 from .uri import NbdUri
+
+#: Default size of the requests reads and writes are cut into.
+DEFAULT_REQUEST_SIZE = 2 * 1024 * 1024
 
 #: Bytes-like objects accepted as write payloads.
 ReadableBuffer = bytes | bytearray | memoryview
@@ -74,7 +80,8 @@ async def wait_all(futures: Sequence[asyncio.Future[RequestResult]]) -> None:
             raise result
 
 
-def _check_range(offset: int, length: int) -> None:
+def check_range(offset: int, length: int) -> None:
+    """ValueError for a negative offset or length."""
     if offset < 0 or length < 0:
         raise ValueError(f"negative offset or length ({offset}, {length})")
 
@@ -89,8 +96,15 @@ class NbdClient:
     :class:`NbdUnsupportedError` when the export does not offer the operation.
     """
 
-    def __init__(self, connection: NbdConnection) -> None:
+    def __init__(
+        self, connection: NbdConnection, *, request_size: int = DEFAULT_REQUEST_SIZE
+    ) -> None:
+        if request_size < 1:
+            raise ValueError("request_size must be positive")
         self._conn = connection
+        info = connection.info
+        align = info.min_block
+        self._request_size = max(align, min(request_size, info.max_payload) // align * align)
 
     # --- opening -------------------------------------------------------------------
 
@@ -105,6 +119,7 @@ class NbdClient:
         meta_contexts: Sequence[str] = (),
         structured_replies: bool = True,
         max_in_flight: int = 64,
+        request_size: int = DEFAULT_REQUEST_SIZE,
         timeout: float | None = 30.0,
     ) -> NbdClient:
         """Connect over TCP (``host``, ``port``) or a Unix socket (``socket_path``).
@@ -113,13 +128,13 @@ class NbdClient:
         (for example ``"base:allocation"``, ``"qemu:dirty-bitmap:backup-vda"``);
         the ones the server grants are in ``info.meta_contexts``. ``timeout``
         bounds connecting plus the handshake. ``max_in_flight`` bounds the
-        requests pipelined on the connection.
+        requests pipelined on the connection; ``request_size`` is the size
+        reads and writes are cut into.
         """
         if (host is None) == (socket_path is None):
             raise ValueError("pass exactly one of host or socket_path")
         if meta_contexts and not structured_replies:
             raise ValueError("meta contexts need structured replies")
-        loop = asyncio.get_running_loop()
         where = socket_path if socket_path is not None else f"{host}:{port}"
         sock: socket.socket | None = None
         try:
@@ -135,11 +150,7 @@ class NbdClient:
                     structured_replies=structured_replies,
                     meta_contexts=meta_contexts,
                 )
-                conn = NbdConnection(info, max_in_flight=max_in_flight)
-                if socket_path is not None:
-                    await loop.create_unix_connection(lambda: conn, sock=sock)
-                else:
-                    await loop.create_connection(lambda: conn, sock=sock)
+                conn = NbdConnection(sock, info, max_in_flight=max_in_flight)
         except TimeoutError as exc:
             if sock is not None:
                 sock.close()
@@ -152,7 +163,7 @@ class NbdClient:
             if sock is not None:
                 sock.close()
             raise
-        return cls(conn)
+        return cls(conn, request_size=request_size)
 
     @classmethod
     async def connect_uri(
@@ -162,6 +173,7 @@ class NbdClient:
         meta_contexts: Sequence[str] = (),
         structured_replies: bool = True,
         max_in_flight: int = 64,
+        request_size: int = DEFAULT_REQUEST_SIZE,
         timeout: float | None = 30.0,
     ) -> NbdClient:
         """Connect to ``nbd://host:port/export`` or ``nbd+unix:///export?socket=PATH``."""
@@ -174,6 +186,7 @@ class NbdClient:
             meta_contexts=meta_contexts,
             structured_replies=structured_replies,
             max_in_flight=max_in_flight,
+            request_size=request_size,
             timeout=timeout,
         )
 
@@ -206,9 +219,9 @@ class NbdClient:
         return self._conn.info.meta_contexts
 
     @property
-    def max_payload(self) -> int:
-        """Largest read or write sent as one request; larger ones are split."""
-        return self._conn.info.max_payload
+    def request_size(self) -> int:
+        """Reads and writes are sent as requests of at most this many bytes."""
+        return self._request_size
 
     @property
     def in_flight(self) -> int:
@@ -244,18 +257,18 @@ class NbdClient:
         ``buf`` holds partial data.
         """
         view = writable_view(buf)
-        _check_range(offset, len(view))
-        futures = await self._start_reads(offset, view, self.max_payload)
+        check_range(offset, len(view))
+        futures = await self._start_reads(offset, view, self._request_size)
         await wait_all(futures)
 
     async def write(self, offset: int, data: ReadableBuffer, *, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; with ``fua`` the data is durable on return."""
         view = readable_view(data)
-        _check_range(offset, len(view))
+        check_range(offset, len(view))
         flags = self._write_flags(fua)
         futures: list[asyncio.Future[RequestResult]] = []
         try:
-            for start, n in split_range(0, len(view), self.max_payload):
+            for start, n in split_range(0, len(view), self._request_size):
                 futures.append(
                     await self._start_write(offset + start, view[start : start + n], flags)
                 )
@@ -278,7 +291,7 @@ class NbdClient:
         The server may punch a hole unless ``no_hole``; with ``fast_zero`` it fails
         (ENOTSUP) instead of falling back to a slow write of zeros.
         """
-        _check_range(offset, length)
+        check_range(offset, length)
         info = self.info
         if not info.can_write_zeroes:
             raise NbdUnsupportedError("the export does not support WRITE_ZEROES")
@@ -293,7 +306,7 @@ class NbdClient:
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         """Discard the range (advisory: it may or may not read as zeros afterwards)."""
-        _check_range(offset, length)
+        check_range(offset, length)
         if not self.info.can_trim:
             raise NbdUnsupportedError("the export does not support TRIM")
         await self._ranged(p.Command.TRIM, offset, length, self._write_flags(fua))
@@ -324,7 +337,7 @@ class NbdClient:
             raise NbdUnsupportedError(f"meta context {context!r} was not negotiated")
         if length is None:
             length = self.size - offset
-        _check_range(offset, length)
+        check_range(offset, length)
         flags = p.CommandFlag.REQ_ONE if req_one else 0
         end = offset + length
         out: list[Extent] = []

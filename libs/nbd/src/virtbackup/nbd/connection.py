@@ -1,22 +1,26 @@
 """The transmission phase of one NBD connection: pipelined requests, one reply parser.
 
-:class:`NbdConnection` is an :class:`asyncio.BufferedProtocol`. Requests are
-written to the transport as they are submitted, each with its own cookie, and
-any number may be in flight (bounded by ``max_in_flight``). Replies are parsed
-as the bytes arrive and complete the request's future; they may come in any
-order and, with structured replies, in several chunks per request.
+:class:`NbdConnection` owns the connected socket after the handshake. Requests
+are sent as they are submitted, each with its own cookie, and any number may be
+in flight (bounded by ``max_in_flight``). Replies are parsed as the bytes
+arrive and complete the request's future; they may come in any order and, with
+structured replies, in several chunks per request.
 
-Read payloads are received straight into the caller's buffer: while the parser
-is inside a data chunk and holds no staged bytes, ``get_buffer`` hands the
-transport the caller's memoryview, so the kernel copies the data once, into its
-final place. Headers and small payloads go through a staging buffer that is
-parsed in bulk, so small replies cost no extra system calls.
+No copies on the data path: read payloads are received straight into the
+caller's buffer (while the parser is inside a data chunk and holds no staged
+bytes, ``recv_into`` targets the caller's memoryview), and write payloads are
+sent from the caller's buffer with ``sendmsg``. Headers and small payloads go
+through a staging buffer that is parsed in bulk, so small replies cost no
+extra system calls.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TypeAlias, cast
+import itertools
+import socket
+from collections import deque
+from typing import TypeAlias
 
 from . import protocol as p
 from .errors import NbdCommandError, NbdConnectionError, NbdError, NbdProtocolError
@@ -32,11 +36,17 @@ _PAYLOAD = 1  # waiting for ``_need`` bytes of a chunk payload in the staging bu
 _DATA = 2  # delivering ``_remaining`` bytes of read data to ``_sink``
 
 _STAGE_SIZE = 256 * 1024
+#: At most this much is received into the staging buffer at once while between
+#: chunks, so that little of a following read payload is staged and copied.
+_STAGE_WINDOW = 64 * 1024
 _MIN_FREE = 4096
+#: Receive calls per readiness event before yielding to other callbacks.
+_RECV_PER_EVENT = 16
+#: Buffers per sendmsg call.
+_IOV_MAX = 64
+_TCP_QUICKACK: int = getattr(socket, "TCP_QUICKACK", 0)  # 0: not on this platform
 #: A non-data chunk (block status, error) bigger than this is a protocol violation.
 _MAX_CHUNK = 64 * 1024 * 1024
-#: Payloads up to this size are sent in one write together with their header.
-_COALESCE = 64 * 1024
 _WRITE_HIGH_WATER = 16 * 1024 * 1024
 _WRITE_LOW_WATER = 4 * 1024 * 1024
 
@@ -87,37 +97,50 @@ class _Request:
         self.extents: BlockStatusResult | None = {} if command == p.Command.BLOCK_STATUS else None
 
 
-class NbdConnection(asyncio.BufferedProtocol):
-    """Transmission phase of one negotiated connection.
+class NbdConnection:
+    """Transmission phase of one negotiated connection, on a non-blocking socket.
+
+    The connection drives the socket itself through the loop's reader and
+    writer callbacks (no asyncio transport): write payloads are sent from the
+    caller's buffer with ``sendmsg`` (header and data in one call, no copy), and
+    each readiness event receives as much as the socket holds.
 
     Contract:
-    - :meth:`submit` writes the request before it returns and returns a future
+    - :meth:`submit` queues the request before it returns and returns a future
       that completes when the last reply chunk arrived: with None, with the
       extents of a BLOCK_STATUS, or with :class:`NbdCommandError` (the
       connection stays usable).
     - Cancelling a request's future makes the parser discard the rest of its
-      data instead of writing into the caller's buffer.
+      data instead of writing into the caller's buffer. A write payload that
+      was queued is still sent in full (the protocol has no way to stop it):
+      after cancelling a write, the range's content is undefined.
     - When the connection is lost or the server breaks the protocol, every
       pending future fails with :class:`NbdConnectionError` and so does every
       later :meth:`submit`.
     """
 
-    def __init__(self, info: ExportInfo, *, max_in_flight: int = 64) -> None:
+    def __init__(self, sock: socket.socket, info: ExportInfo, *, max_in_flight: int = 64) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.info = info
         self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.Transport | None = None
+        self._sock: socket.socket | None = sock
+        self._fd = sock.fileno()
         self._pending: dict[int, _Request] = {}
         self._next_cookie = 1
         self.requests_sent = 0
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._writable = asyncio.Event()
-        self._writable.set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._lost: asyncio.Future[None] = self._loop.create_future()
         self._error: NbdConnectionError | None = None
+        # sending
+        self._out: deque[memoryview] = deque()
+        self._out_size = 0
+        self._writable = asyncio.Event()  # queued bytes below the high-water mark
+        self._writable.set()
+        self._drained = asyncio.Event()  # nothing queued
+        self._drained.set()
         # reply parser
         self._buf = bytearray(_STAGE_SIZE)
         self._view = memoryview(self._buf)
@@ -134,6 +157,12 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._remaining = 0
         self._done_after_data = False
         self._direct = False
+        self._quickack = _TCP_QUICKACK != 0 and sock.family in (
+            socket.AF_INET,
+            socket.AF_INET6,
+        )
+        sock.setblocking(False)
+        self._loop.add_reader(self._fd, self._on_readable)
 
     # --- state ---------------------------------------------------------------------
 
@@ -147,13 +176,114 @@ class NbdConnection(asyncio.BufferedProtocol):
         """True once the connection is closing or lost; no request can be sent."""
         return self._error is not None
 
-    # --- asyncio protocol callbacks ------------------------------------------------
+    # --- socket I/O ----------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._transport.set_write_buffer_limits(_WRITE_HIGH_WATER, _WRITE_LOW_WATER)
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is not None and self._quickack:
+            # Servers that leave Nagle on (QEMU does) hold back a small reply until
+            # the previous one is acknowledged, and Linux delays that ACK by up to
+            # 40 ms: acknowledge at once instead. Linux resets the mode, so re-arm
+            # it on every event.
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+        for _ in range(_RECV_PER_EVENT):
+            if sock is None or self._sock is None:
+                return
+            buf = self._get_buffer()
+            want = len(buf)
+            try:
+                n = sock.recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._connection_lost(exc)
+                return
+            del buf
+            if n == 0:
+                self._connection_lost(None)
+                return
+            self._buffer_updated(n)
+            if n < want:
+                return  # the socket is (most likely) empty: wait for the next event
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _write(self, header: bytes, payload: memoryview | None) -> None:
+        """Send ``header`` and ``payload`` now, queueing what the socket does not take."""
+        sock = self._sock
+        if sock is None:
+            return
+        chunks = [memoryview(header)] if payload is None else [memoryview(header), payload]
+        if not self._out:
+            try:
+                sent = sock.sendmsg(chunks) if payload is not None else sock.send(header)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._connection_lost(exc)
+                return
+            for chunk in chunks:
+                size = len(chunk)
+                if sent >= size:
+                    sent -= size
+                    continue
+                self._queue(chunk[sent:] if sent else chunk)
+                sent = 0
+            if self._out:
+                self._loop.add_writer(self._fd, self._on_writable)
+        else:
+            for chunk in chunks:
+                self._queue(chunk)
+
+    def _queue(self, chunk: memoryview) -> None:
+        self._out.append(chunk)
+        self._out_size += len(chunk)
+        self._drained.clear()
+        if self._out_size > _WRITE_HIGH_WATER:
+            self._writable.clear()
+
+    def _on_writable(self) -> None:
+        sock = self._sock
+        out = self._out
+        while sock is not None and out:
+            chunks = list(itertools.islice(out, _IOV_MAX))
+            try:
+                sent = sock.sendmsg(chunks)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._connection_lost(exc)
+                return
+            self._out_size -= sent
+            full = sent < sum(map(len, chunks))
+            while sent:
+                head = out[0]
+                if sent >= len(head):
+                    out.popleft()
+                    sent -= len(head)
+                else:
+                    out[0] = head[sent:]
+                    sent = 0
+            if full:
+                break  # the socket takes no more for now
+        if not out:
+            self._loop.remove_writer(self._fd)
+            self._drained.set()
+        if self._out_size <= _WRITE_LOW_WATER:
+            self._writable.set()
+
+    def _close_socket(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        self._sock = None
+        self._loop.remove_reader(self._fd)
+        self._loop.remove_writer(self._fd)
+        self._out.clear()
+        self._out_size = 0
+        self._drained.set()
+        sock.close()
+
+    def _connection_lost(self, exc: BaseException | None) -> None:
+        self._close_socket()
         if self._error is None:
             text = "NBD connection lost"
             self._error = NbdConnectionError(f"{text}: {exc}" if exc else text)
@@ -162,16 +292,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if not self._lost.done():
             self._lost.set_result(None)
 
-    def eof_received(self) -> bool | None:
-        return None  # close the transport; connection_lost fails what is pending
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
+    def _get_buffer(self) -> memoryview:
         if self._state == _DATA and self._rpos == self._wpos and self._sink is not None:
             cur = self._cur
             if cur is not None and not cur.future.done():
@@ -184,9 +305,11 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._rpos = self._wpos = 0
         elif len(self._buf) - self._wpos < _MIN_FREE:
             self._compact()
-        return self._view[self._wpos :]
+        if self._state == _PAYLOAD:
+            return self._view[self._wpos :]
+        return self._view[self._wpos : self._wpos + _STAGE_WINDOW]
 
-    def buffer_updated(self, nbytes: int) -> None:
+    def _buffer_updated(self, nbytes: int) -> None:
         if self._direct:
             self._direct = False
             self._sink_pos += nbytes
@@ -214,19 +337,18 @@ class NbdConnection(asyncio.BufferedProtocol):
     ) -> asyncio.Future[RequestResult]:
         """Send one request; return the future of its reply.
 
-        ``payload`` is the data of a WRITE (``len(payload) == length``); ``buf``
-        receives the data of a READ (``len(buf) == length``) and must stay alive
-        and untouched until the future is done. Waits for a free slot when
-        ``max_in_flight`` requests are pending and for the transport's buffer to
-        drain after writing a large payload.
+        ``payload`` is the data of a WRITE (``len(payload) == length``), sent
+        from that memory: it must stay unchanged until the future is done.
+        ``buf`` receives the data of a READ (``len(buf) == length``) and must
+        stay alive and unused until the future is done. Waits for a free slot
+        when ``max_in_flight`` requests are pending, and for the send queue to
+        drain when it holds more than 16 MiB.
         """
         self._check_open()
         await self._slots.acquire()
         if self._error is not None:
             self._slots.release()
             self._check_open()
-        transport = self._transport
-        assert transport is not None
         cookie = self._next_cookie
         self._next_cookie = (cookie + 1) & 0xFFFF_FFFF_FFFF_FFFF or 1
         future: asyncio.Future[RequestResult] = self._loop.create_future()
@@ -234,13 +356,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._idle.clear()
         self.requests_sent += 1
         header = p.REQUEST.pack(p.REQUEST_MAGIC, flags, command, cookie, offset, length)
-        if payload is None:
-            transport.write(header)
-        elif len(payload) <= _COALESCE:
-            transport.write(header + payload)
-        else:
-            transport.write(header)
-            transport.write(payload)
+        self._write(header, payload)
         if not self._writable.is_set():
             try:
                 await self._writable.wait()
@@ -255,9 +371,6 @@ class NbdConnection(asyncio.BufferedProtocol):
         Idempotent. Requests still pending after the timeout fail with
         NbdConnectionError.
         """
-        transport = self._transport
-        if transport is None:
-            return
         if self._error is None:
             try:
                 async with asyncio.timeout(timeout):
@@ -266,20 +379,19 @@ class NbdConnection(asyncio.BufferedProtocol):
                 pass
         if self._error is None:
             self._error = NbdConnectionError("NBD connection closed by the client")
-            transport.write(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Command.DISC, 0, 0, 0))
-        transport.close()
-        try:
-            async with asyncio.timeout(5.0):
-                await asyncio.shield(self._lost)
-        except TimeoutError:
-            transport.abort()
+            self._write(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Command.DISC, 0, 0, 0), None)
+            try:
+                async with asyncio.timeout(5.0):
+                    await self._drained.wait()
+            except TimeoutError:
+                pass
+        self._connection_lost(None)
 
     def abort(self) -> None:
         """Drop the connection at once; pending requests fail with NbdConnectionError."""
         if self._error is None:
             self._error = NbdConnectionError("NBD connection aborted by the client")
-        if self._transport is not None:
-            self._transport.abort()
+        self._connection_lost(None)
 
     def _check_open(self) -> None:
         if self._error is not None:
@@ -515,6 +627,4 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _fail(self, error: NbdConnectionError) -> None:
         if self._error is None:
             self._error = error
-        self._fail_pending(error)
-        if self._transport is not None:
-            self._transport.abort()
+        self._connection_lost(None)

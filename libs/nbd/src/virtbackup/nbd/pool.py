@@ -3,8 +3,9 @@
 QEMU's NBD server handles a bounded number of requests per connection at a time
 and one connection is served by one coroutine context on the server, so reading
 a disk over N connections goes faster than over one. The pool opens N clients,
-checks that they see the same export, and sends each request (or each piece of
-a large one) to the connection with the fewest requests in flight.
+checks that they see the same export, and cuts reads and writes into requests
+of ``request_size`` bytes, each sent to the connection with the fewest requests
+in flight.
 
 Consistency: with ``can_multi_conn`` (libvirt's backup export, read-only
 exports) every connection sees every completed write, and one flush covers the
@@ -22,9 +23,11 @@ from typing import Any
 
 from . import protocol as p
 from .client import (
+    DEFAULT_REQUEST_SIZE,
     NbdClient,
     ReadableBuffer,
     WritableBuffer,
+    check_range,
     readable_view,
     split_range,
     wait_all,
@@ -35,9 +38,6 @@ from .errors import NbdHandshakeError, NbdUnsupportedError
 from .export import ExportInfo
 from .extents import Extent
 from .uri import NbdUri
-
-#: A large read is split into pieces of at least this size to spread it across connections.
-_MIN_PIECE = 1024 * 1024
 
 
 class NbdPool:
@@ -75,6 +75,7 @@ class NbdPool:
         meta_contexts: Sequence[str] = (),
         structured_replies: bool = True,
         max_in_flight: int = 64,
+        request_size: int = DEFAULT_REQUEST_SIZE,
         timeout: float | None = 30.0,
     ) -> NbdPool:
         """Open ``connections`` clients concurrently (see :meth:`NbdClient.connect`).
@@ -93,6 +94,7 @@ class NbdPool:
                     meta_contexts=meta_contexts,
                     structured_replies=structured_replies,
                     max_in_flight=max_in_flight,
+                    request_size=request_size,
                     timeout=timeout,
                 )
                 for _ in range(connections)
@@ -118,6 +120,7 @@ class NbdPool:
         meta_contexts: Sequence[str] = (),
         structured_replies: bool = True,
         max_in_flight: int = 64,
+        request_size: int = DEFAULT_REQUEST_SIZE,
         timeout: float | None = 30.0,
     ) -> NbdPool:
         """Open ``connections`` clients to an ``nbd://`` or ``nbd+unix://`` URI."""
@@ -131,6 +134,7 @@ class NbdPool:
             meta_contexts=meta_contexts,
             structured_replies=structured_replies,
             max_in_flight=max_in_flight,
+            request_size=request_size,
             timeout=timeout,
         )
 
@@ -173,13 +177,6 @@ class NbdPool:
                 best = client
         return best
 
-    def _piece(self, length: int) -> int:
-        """Size of the pieces a ``length``-byte transfer is cut into."""
-        count = len(self._clients)
-        share = -(-length // count)
-        share = -(-share // _MIN_PIECE) * _MIN_PIECE
-        return min(self.info.max_payload, share)
-
     async def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (see :meth:`NbdClient.read`)."""
         buf = bytearray(length)
@@ -189,9 +186,10 @@ class NbdPool:
     async def readinto(self, offset: int, buf: WritableBuffer) -> None:
         """Fill ``buf`` from ``offset``; large reads are spread over the connections."""
         view = writable_view(buf)
+        check_range(offset, len(view))
         futures: list[asyncio.Future[RequestResult]] = []
         try:
-            for start, n in split_range(0, len(view), self._piece(len(view))):
+            for start, n in split_range(0, len(view), self._clients[0].request_size):
                 piece = view[start : start + n]
                 futures.append(await self.pick()._start_read(offset + start, piece))
         except BaseException:
@@ -203,10 +201,11 @@ class NbdPool:
     async def write(self, offset: int, data: ReadableBuffer, *, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; large writes are spread over the connections."""
         view = readable_view(data)
+        check_range(offset, len(view))
         flags = self._clients[0]._write_flags(fua)
         futures: list[asyncio.Future[RequestResult]] = []
         try:
-            for start, n in split_range(0, len(view), self._piece(len(view))):
+            for start, n in split_range(0, len(view), self._clients[0].request_size):
                 piece = view[start : start + n]
                 futures.append(await self.pick()._start_write(offset + start, piece, flags))
         except BaseException:
