@@ -47,7 +47,8 @@ Concurrency
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
-from typing import Protocol, runtime_checkable
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
 
 
 @runtime_checkable
@@ -98,3 +99,14 @@ class Driver(Protocol):
     async def close(self) -> None:
         """Release connections and threads. Idempotent."""
         ...
+
+    async def __aenter__(self) -> Self:
+        """``async with driver:`` closes the driver on exit."""
+        ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

@@ -1,0 +1,105 @@
+"""Filesystem driver specifics: durability plumbing, failures midway, confinement."""
+
+from __future__ import annotations
+
+import os
+import resource
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from virtbackup.storage import PermanentError, open_driver
+from virtbackup.storage.filesystem import FilesystemDriver
+from virtbackup.storage.keys import TEMP_PREFIX
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def small_file_limit() -> Iterator[int]:
+    """Limit this process's file size to 1 MiB (Python ignores SIGXFSZ: writes get EFBIG)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (MIB, hard))
+    try:
+        yield MIB
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+async def test_write_failing_midway_leaves_nothing(tmp_path: Path, small_file_limit: int) -> None:
+    async with FilesystemDriver(tmp_path / "VirtBackup") as driver:
+        await driver.put("d/ok", b"small")
+        with pytest.raises(PermanentError, match="cannot write 'd/big'"):
+            await driver.put("d/big", secrets.token_bytes(4 * small_file_limit))
+        assert await driver.exists("d/big") is False
+        assert [k async for k in driver.list()] == ["d/ok"]
+        # The partial temp file was removed, not just hidden.
+        assert sorted(os.listdir(tmp_path / "VirtBackup" / "d")) == ["ok"]
+
+
+async def test_failed_overwrite_keeps_the_old_object(tmp_path: Path) -> None:
+    async with FilesystemDriver(tmp_path / "VirtBackup") as driver:
+        old = secrets.token_bytes(1000)
+        await driver.put("k", old)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (MIB, hard))
+        try:
+            with pytest.raises(PermanentError):
+                await driver.put("k", secrets.token_bytes(2 * MIB))
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert await driver.get("k") == old
+
+
+async def test_base_directory_must_exist(tmp_path: Path) -> None:
+    async with open_driver("filesystem", {"path": str(tmp_path / "unmounted")}) as driver:
+        with pytest.raises(PermanentError, match="does not exist"):
+            await driver.put("k", b"x")
+        assert [k async for k in driver.list()] == []
+    assert not (tmp_path / "unmounted").exists()
+
+
+async def test_repository_folder_and_file_layout(tmp_path: Path) -> None:
+    async with open_driver("filesystem", {"path": str(tmp_path)}) as driver:
+        await driver.put("chunks/ab/abcd", b"chunk")
+    assert (tmp_path / "VirtBackup" / "chunks" / "ab" / "abcd").read_bytes() == b"chunk"
+    names = [p.name for p in sorted(tmp_path.rglob("*"))]  # noqa: ASYNC240 - test inspection
+    assert names == ["VirtBackup", "chunks", "ab", "abcd"]
+    assert not any(name.startswith(TEMP_PREFIX) for name in names)
+
+
+async def test_symlinks_are_not_listed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"s")
+    root = tmp_path / "VirtBackup"
+    async with FilesystemDriver(root) as driver:
+        await driver.put("real", b"r")
+        (root / "link-dir").symlink_to(outside)
+        (root / "link-file").symlink_to(outside / "secret")
+        assert [k async for k in driver.list()] == ["real"]
+
+
+async def test_a_directory_is_not_an_object(tmp_path: Path) -> None:
+    async with FilesystemDriver(tmp_path / "VirtBackup") as driver:
+        await driver.put("dir/k", b"x")
+        await driver.delete("dir")  # not an object: nothing to delete, no error
+        assert await driver.get("dir/k") == b"x"
+        with pytest.raises(Exception, match="not found"):
+            await driver.get("dir")
+
+
+async def test_without_fsync_still_atomic(tmp_path: Path) -> None:
+    async with FilesystemDriver(tmp_path / "VirtBackup", fsync=False) as driver:
+        await driver.put("k", b"v")
+        assert await driver.get("k") == b"v"
+        assert os.listdir(tmp_path / "VirtBackup") == ["k"]
+
+
+async def test_closed_driver_refuses_work(tmp_path: Path) -> None:
+    driver = FilesystemDriver(tmp_path / "VirtBackup")
+    await driver.close()
+    with pytest.raises(PermanentError, match="closed"):
+        await driver.put("k", b"v")
