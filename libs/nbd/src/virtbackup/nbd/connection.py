@@ -17,6 +17,7 @@ extra system calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 from collections import deque
@@ -132,7 +133,6 @@ class NbdConnection:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._idle = asyncio.Event()
         self._idle.set()
-        self._lost: asyncio.Future[None] = self._loop.create_future()
         self._error: NbdConnectionError | None = None
         # sending
         self._out: deque[memoryview] = deque()
@@ -185,7 +185,8 @@ class NbdConnection:
             # the previous one is acknowledged, and Linux delays that ACK by up to
             # 40 ms: acknowledge at once instead. Linux resets the mode, so re-arm
             # it on every event.
-            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         for _ in range(_RECV_PER_EVENT):
             if sock is None or self._sock is None:
                 return
@@ -289,8 +290,6 @@ class NbdConnection:
             self._error = NbdConnectionError(f"{text}: {exc}" if exc else text)
         self._fail_pending(self._error)
         self._writable.set()
-        if not self._lost.done():
-            self._lost.set_result(None)
 
     def _get_buffer(self) -> memoryview:
         if self._state == _DATA and self._rpos == self._wpos and self._sink is not None:
