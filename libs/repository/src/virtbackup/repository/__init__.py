@@ -1,0 +1,1 @@
+"""The repository format (see docs/repository-format.md), on top of any storage driver."""

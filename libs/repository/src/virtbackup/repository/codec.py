@@ -1,0 +1,64 @@
+"""Blobs: how a chunk, a manifest or the domain XML is stored.
+
+A blob is one codec byte then the payload: ``0`` stored as is, ``1`` zstd. In an
+encrypted repository the whole (codec byte + payload) is sealed with the data key,
+the object's identity (chunk id or key) as associated data. Compression is kept only
+when it saves space. The codec releases the GIL (zstd, AEAD), so blobs are encoded on
+worker threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Final
+
+import zstandard
+
+from virtbackup.repository.crypto import Sealer
+
+RAW: Final = 0
+ZSTD: Final = 1
+ZSTD_LEVEL: Final = 3
+
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    comp: zstandard.ZstdCompressor | None = getattr(_local, "comp", None)
+    if comp is None:
+        comp = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        _local.comp = comp
+    return comp
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dec: zstandard.ZstdDecompressor | None = getattr(_local, "dec", None)
+    if dec is None:
+        dec = zstandard.ZstdDecompressor()
+        _local.dec = dec
+    return dec
+
+
+class BlobError(Exception):
+    """A blob that cannot be decoded: corrupt, truncated, or of an unknown codec."""
+
+
+def encode_blob(data: bytes | memoryview, sealer: Sealer | None, aad: bytes) -> bytes:
+    compressed = _compressor().compress(data)
+    body = bytes([ZSTD]) + compressed if len(compressed) < len(data) else bytes([RAW]) + data
+    return sealer.seal(body, aad) if sealer else body
+
+
+def decode_blob(blob: bytes, sealer: Sealer | None, aad: bytes, size_hint: int = 0) -> bytes:
+    body = sealer.open(blob, aad) if sealer else blob
+    if not body:
+        raise BlobError("empty blob")
+    codec, payload = body[0], memoryview(body)[1:]
+    if codec == RAW:
+        return bytes(payload)
+    if codec == ZSTD:
+        try:
+            return _decompressor().decompress(payload, max_output_size=size_hint)
+        except zstandard.ZstdError as exc:
+            raise BlobError(f"corrupt zstd payload: {exc}") from None
+    raise BlobError(f"unknown codec {codec}")

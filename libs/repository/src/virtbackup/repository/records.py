@@ -1,0 +1,57 @@
+"""Manifests and restore point records."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class DiskManifest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """Every chunk of one disk, in order: a chunk id, or ``None`` for an all-zero chunk.
+
+    Chunk ``i`` covers bytes ``[i * chunk_size, min((i + 1) * chunk_size, size))``.
+    """
+
+    target: str
+    size: int
+    chunk_size: int
+    format: str
+    source_path: str
+    chunks: list[str | None]
+
+
+class DiskRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    target: str
+    basename: str
+    path: str
+    format: str
+    size: int
+    manifest: str
+    stored_chunks: int = 0
+    zero_chunks: int = 0
+
+
+class RestorePoint(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """``backup.json``: written last, so a restore point exists only once complete."""
+
+    format: int = 1
+    vm_name: str
+    timestamp: str
+    status: Literal["complete"] = "complete"
+    source_server_id: str
+    source_server_name: str
+    kind: Literal["full", "incremental"]
+    checkpoint: str | None = None
+    parent_checkpoint: str | None = None
+    parent_timestamp: str | None = None
+    disks: list[DiskRecord]
+    created_at: str
+    duration_seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    job_id: str | None = None
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    return (size + chunk_size - 1) // chunk_size

@@ -1,0 +1,238 @@
+"""A repository on one destination: create/open, chunks, manifests, restore points.
+
+Contract:
+* ``store_chunk`` is idempotent and safe to call from many workers at once: the id is
+  the (keyed) hash of the plaintext, the blob is written only if absent.
+* ``commit`` writes the manifests, the domain XML and finally ``backup.json``; callers
+  call it only after every chunk the manifests name has been stored (``put`` is durable
+  on return), so a listed restore point never names a missing chunk.
+* Reads verify: ``load_chunk`` checks the chunk's hash against its id.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import blake3
+import msgspec
+
+from virtbackup.repository import crypto
+from virtbackup.repository.codec import BlobError, decode_blob, encode_blob
+from virtbackup.repository.format import (
+    CONFIG_KEY,
+    DEFAULT_CHUNK_SIZE,
+    FORMAT_VERSION,
+    Encryption,
+    KdfParams,
+    RepositoryConfig,
+    check_id,
+    chunk_key,
+    domain_xml_key,
+    manifest_key,
+    parse_xml_key,
+    point_prefix,
+    record_key,
+)
+from virtbackup.repository.records import DiskManifest, RestorePoint
+from virtbackup.storage.errors import NotFoundError
+from virtbackup.storage.protocol import Driver
+
+SCRYPT_N = 1 << 15
+
+
+class RepositoryError(Exception):
+    """The repository is missing, of an unknown format, or locked by a passphrase."""
+
+
+class CorruptChunkError(RepositoryError):
+    def __init__(self, chunk_id: str, reason: str) -> None:
+        super().__init__(f"chunk {chunk_id}: {reason}")
+        self.chunk_id = chunk_id
+        self.reason = reason
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Repository:
+    driver: Driver
+    config: RepositoryConfig
+    sealer: crypto.Sealer | None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, driver: Driver, passphrase: str | None = None) -> Repository:
+        """Open the repository on ``driver``. ``RepositoryError`` if there is none."""
+        try:
+            raw = await driver.get(CONFIG_KEY)
+        except NotFoundError:
+            raise RepositoryError("no repository at this destination") from None
+        config = msgspec.json.decode(raw, type=RepositoryConfig)
+        if config.format != FORMAT_VERSION:
+            raise RepositoryError(f"unsupported repository format {config.format}")
+        return cls(driver, config, _sealer(config, passphrase))
+
+    @classmethod
+    async def open_or_create(
+        cls,
+        driver: Driver,
+        passphrase: str | None = None,
+        cipher: str = "aes-256-gcm",
+        chunk_size: int | None = None,
+    ) -> Repository:
+        """Open the repository, creating it on first use (encrypted if a passphrase is given)."""
+        try:
+            return await cls.open(driver, passphrase)
+        except RepositoryError as exc:
+            if "no repository" not in str(exc):
+                raise
+        encryption = None
+        if passphrase:
+            salt = os.urandom(16)
+            kek = crypto.derive_kek(passphrase, salt, SCRYPT_N, 8, 1)
+            data_key = os.urandom(32)
+            encryption = Encryption(
+                cipher=cipher,
+                kdf=KdfParams(salt=base64.b64encode(salt).decode(), n=SCRYPT_N, r=8, p=1),
+                wrapped_key=base64.b64encode(crypto.wrap_key(cipher, kek, data_key)).decode(),
+            )
+        config = RepositoryConfig(
+            id=uuid.uuid4().hex,
+            created_at=_now(),
+            hash="blake3-keyed" if encryption else "blake3",
+            encryption=encryption,
+            chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+        )
+        await driver.put(CONFIG_KEY, msgspec.json.encode(config))
+        # Another writer may have created one at the same time: the stored one wins.
+        return await cls.open(driver, passphrase)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
+
+    # -- chunks -----------------------------------------------------------------------
+
+    def chunk_id(self, data: bytes | memoryview) -> str:
+        """The id of a plaintext chunk (keyed when the repository is encrypted)."""
+        if self.sealer:
+            return blake3.blake3(data, key=self.sealer.id_key, max_threads=1).hexdigest()
+        return blake3.blake3(data, max_threads=1).hexdigest()
+
+    def encode_chunk(self, chunk_id: str, data: bytes | memoryview) -> bytes:
+        return encode_blob(data, self.sealer, chunk_id.encode())
+
+    async def has_chunk(self, chunk_id: str) -> bool:
+        return await self.driver.exists(chunk_key(chunk_id))
+
+    async def put_chunk_blob(self, chunk_id: str, blob: bytes) -> None:
+        await self.driver.put(chunk_key(chunk_id), blob)
+
+    async def load_chunk(self, chunk_id: str, verify: bool = True) -> bytes:
+        """The plaintext of a chunk, checked against its id."""
+        blob = await self.driver.get(chunk_key(chunk_id))
+        return self.decode_chunk(chunk_id, blob, verify)
+
+    def decode_chunk(self, chunk_id: str, blob: bytes, verify: bool = True) -> bytes:
+        try:
+            data = decode_blob(blob, self.sealer, chunk_id.encode())
+        except (BlobError, crypto.CryptoError) as exc:
+            raise CorruptChunkError(chunk_id, str(exc)) from None
+        if verify and self.chunk_id(data) != chunk_id:
+            raise CorruptChunkError(chunk_id, "content does not match its hash")
+        return data
+
+    async def all_chunk_ids(self) -> AsyncIterator[str]:
+        async for key in self.driver.list("chunks/"):
+            name = key.rsplit("/", 1)[-1]
+            try:
+                yield check_id(name)
+            except ValueError:
+                continue
+
+    # -- restore points ---------------------------------------------------------------
+
+    async def commit(
+        self, point: RestorePoint, manifests: list[DiskManifest], domain_xml: str
+    ) -> None:
+        """Write a restore point: manifests and domain XML, then ``backup.json`` last."""
+        vm, ts = point.vm_name, point.timestamp
+        for manifest in manifests:
+            key = manifest_key(vm, ts, manifest.target)
+            await self.driver.put(key, self._encode_object(key, msgspec.json.encode(manifest)))
+        xml_key = domain_xml_key(vm, ts)
+        await self.driver.put(xml_key, self._encode_object(xml_key, domain_xml.encode()))
+        await self.driver.put(record_key(vm, ts), msgspec.json.encode(point))
+
+    def _encode_object(self, key: str, data: bytes) -> bytes:
+        return encode_blob(data, self.sealer, key.encode())
+
+    async def _load_object(self, key: str) -> bytes:
+        blob = await self.driver.get(key)
+        try:
+            return decode_blob(blob, self.sealer, key.encode())
+        except (BlobError, crypto.CryptoError) as exc:
+            raise RepositoryError(f"{key}: {exc}") from None
+
+    async def restore_points(self, vm: str | None = None) -> list[RestorePoint]:
+        """Every complete restore point (those with a ``backup.json``), oldest first."""
+        prefix = f"vms/{vm}/" if vm else "vms/"
+        points = []
+        async for key in self.driver.list(prefix):
+            if key.endswith("/backup.json"):
+                try:
+                    raw = await self.driver.get(key)
+                    points.append(msgspec.json.decode(raw, type=RestorePoint))
+                except (NotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+                    continue
+        points.sort(key=lambda p: (p.vm_name, p.timestamp))
+        return points
+
+    async def restore_point(self, xml_path: str) -> RestorePoint:
+        """The restore point named by ``xmlPath``. ``ValueError`` for a path outside the
+        repository's layout, ``NotFoundError`` if it does not exist (or is incomplete)."""
+        vm, ts = parse_xml_key(xml_path)
+        raw = await self.driver.get(record_key(vm, ts))
+        return msgspec.json.decode(raw, type=RestorePoint)
+
+    async def manifest(self, point: RestorePoint, target: str) -> DiskManifest:
+        raw = await self._load_object(manifest_key(point.vm_name, point.timestamp, target))
+        return msgspec.json.decode(raw, type=DiskManifest)
+
+    async def domain_xml(self, point: RestorePoint) -> str:
+        return (await self._load_object(domain_xml_key(point.vm_name, point.timestamp))).decode()
+
+    async def delete_point(self, vm: str, timestamp: str) -> None:
+        """Remove a restore point's record first (so it stops being listed), then the rest."""
+        await self.driver.delete(record_key(vm, timestamp))
+        keys = [k async for k in self.driver.list(point_prefix(vm, timestamp) + "/")]
+        await self.driver.delete_many(keys)
+
+
+def _sealer(config: RepositoryConfig, passphrase: str | None) -> crypto.Sealer | None:
+    enc = config.encryption
+    if enc is None:
+        return None
+    if not passphrase:
+        raise RepositoryError("this repository is encrypted: a passphrase is required")
+    kek = crypto.derive_kek(
+        passphrase, base64.b64decode(enc.kdf.salt), enc.kdf.n, enc.kdf.r, enc.kdf.p
+    )
+    try:
+        data_key = crypto.unwrap_key(enc.cipher, kek, base64.b64decode(enc.wrapped_key))
+    except crypto.CryptoError as exc:
+        raise RepositoryError(str(exc)) from None
+    return crypto.Sealer(enc.cipher, data_key)
+
+
+def timestamp_now() -> str:
+    """A restore point timestamp like ``2026-01-30T12-00-00`` (UTC)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%S")
