@@ -6,8 +6,9 @@
   either way the object becomes visible whole, when the request completes.
 - ``get_range`` is a GET with a Range header (native).
 - ``delete_many`` uses DeleteObjects, up to 1000 keys per request.
-- The bucket must exist: it is checked on first use, and a missing bucket is a
-  ``PermanentError`` saying so (the driver never creates buckets).
+- The bucket must exist: it is checked on first use (HEAD bucket; skipped if the
+  credentials may not do that), and a missing bucket is a ``PermanentError`` saying so.
+  The driver never creates buckets.
 - HTTP requests are bounded by ``connect_timeout`` and ``read_timeout`` and retried by
   urllib3 at most twice on connection errors; 5xx, throttling and network errors are
   ``TransientError``, authentication and permission errors ``PermanentError``.
@@ -209,9 +210,18 @@ class S3Driver(DriverBase):
         async with self._bucket_lock:
             if self._bucket_checked:
                 return
-            exists = await self._blocking(
-                lambda: self._client.bucket_exists(self.bucket), "check bucket", self.bucket
-            )
+            try:
+                exists = await self._blocking(
+                    lambda: self._client.bucket_exists(self.bucket), "check bucket", self.bucket
+                )
+            except PermanentError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, S3Error) and cause.code in _AUTH_CODES:
+                    # Credentials limited to objects may not see the bucket itself: let the
+                    # requests speak for themselves (a bad secret still fails on each one).
+                    self._bucket_checked = True
+                    return
+                raise
             if not exists:
                 raise PermanentError(f"S3 bucket {self.bucket!r} does not exist at {self.endpoint}")
             self._bucket_checked = True

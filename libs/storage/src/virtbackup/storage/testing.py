@@ -33,6 +33,7 @@ import io
 import json
 import os
 import pwd
+import random
 import secrets
 import shutil
 import signal
@@ -65,22 +66,27 @@ class ServerError(RuntimeError):
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports that are free on 127.0.0.1 right now (below 50000)."""
-    sockets: list[socket.socket] = []
+    """``count`` distinct TCP ports free on 127.0.0.1, below the ephemeral range.
+
+    Ports from 20000 to 32767 are never handed out as the source port of an outgoing
+    connection (Linux's ephemeral range starts at 32768), so a server stopped mid-test can
+    bind its port again on restart.
+    """
+    rng = random.SystemRandom()
     ports: list[int] = []
-    try:
-        while len(ports) < count:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind((LOOPBACK, 0))
-            port = sock.getsockname()[1]
-            # SeaweedFS derives nothing from these, but keep clear of port + 10000 overflow.
-            if port < 50000 and port not in ports:
-                ports.append(port)
-    finally:
-        for sock in sockets:
-            sock.close()
-    return ports
+    for _ in range(10_000):
+        if len(ports) == count:
+            return ports
+        port = rng.randrange(20000, 32768)
+        if port in ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        ports.append(port)
+    raise ServerError(f"could not find {count} free ports on {LOOPBACK}")
 
 
 def port_open(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> bool:
