@@ -77,5 +77,6 @@ async def test_small_pipelined_replies_are_not_delayed(qemu: Any) -> None:
             await asyncio.gather(*(nbd.write((i * 4 + k) * len(data), data) for k in range(4)))
             latencies.append(asyncio.get_running_loop().time() - start)
         assert await nbd.read(0, len(data)) == data
-    stalled = [t for t in latencies if t > 0.02]
-    assert len(stalled) <= 3, f"{len(stalled)} of 40 batches took over 20 ms: {stalled}"
+    # Loaded machines hiccup now and then; the bug stalls a quarter to all of them.
+    stalled = [t for t in latencies if t > 0.03]
+    assert len(stalled) <= 5, f"{len(stalled)} of 40 batches took over 30 ms: {stalled}"

@@ -262,7 +262,12 @@ class NbdClient:
         await wait_all(futures)
 
     async def write(self, offset: int, data: ReadableBuffer, *, fua: bool = False) -> None:
-        """Write ``data`` at ``offset``; with ``fua`` the data is durable on return."""
+        """Write ``data`` at ``offset``; with ``fua`` the data is durable on return.
+
+        The data is sent from ``data`` itself (no copy): do not change it until
+        this returns. If the call is cancelled, requests already queued are still
+        sent from ``data`` and the range's content is undefined.
+        """
         view = readable_view(data)
         check_range(offset, len(view))
         flags = self._write_flags(fua)
