@@ -1,0 +1,416 @@
+"""Pull-mode backups: QEMU exports each disk over NBD while the guest keeps running.
+
+``virDomainBackupBegin`` with ``<domainbackup mode='pull'>`` freezes a point-in-time view
+of every chosen disk (copy-before-write into a per-disk *scratch* file) and serves it from
+QEMU's NBD server, one export per disk named after its target (``vda``). For an
+incremental backup the export also carries the dirty bitmap as the NBD meta context
+``qemu:dirty-bitmap:backup-<target>``; a full backup offers ``base:allocation`` only.
+The new checkpoint is created atomically with the job begin, so writes after the begin
+belong to the next incremental.
+
+The job lasts until :func:`end_backup` (``virDomainAbortJob``: for a pull backup that is
+the normal end, the checkpoint stays). Readers must be done by then. libvirt removes the
+scratch files it created when the job ends; :func:`end_backup` removes any that remain.
+Scratch files are named ``vb-<domain uuid>-<target>.scratch`` in the caller's scratch
+directory, so leftovers of a crashed run can be found per domain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import libvirt
+
+from virtbackup.virt import _xml
+from virtbackup.virt.checkpoints import build_checkpoint_xml
+from virtbackup.virt.connection import Connection
+from virtbackup.virt.disks import Disk, list_disks
+from virtbackup.virt.errors import Conflict, NotFound, VirtError, VirtTimeout
+from virtbackup.virt.host import Host, remove_files
+
+
+@dataclass(frozen=True, slots=True)
+class TcpServer:
+    """QEMU's NBD server on ``host:port`` of the hypervisor (must be reachable by the
+    readers; ``tls`` needs libvirt's ``backup_tls_x509_cert_dir`` configured)."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UnixServer:
+    """QEMU's NBD server on a Unix socket of the hypervisor host."""
+
+    socket: str
+
+
+NbdServer = TcpServer | UnixServer
+
+
+@dataclass(frozen=True, slots=True)
+class BackupExport:
+    """One disk served by a running backup job.
+
+    ``bitmap`` is the export's dirty bitmap (``backup-vda``) for an incremental read, or
+    ``None`` when the whole disk must be read (full backup, or a disk that cannot carry a
+    bitmap). ``mode`` is libvirt's ``backupmode`` (``full`` or ``incremental``).
+    """
+
+    target: str
+    export_name: str
+    bitmap: str | None
+    mode: str
+    capacity: int | None
+    scratch: str | None
+
+    @property
+    def meta_context(self) -> str | None:
+        """The NBD meta context to query for dirty extents, e.g.
+        ``qemu:dirty-bitmap:backup-vda``; ``None`` for a full read."""
+        return f"qemu:dirty-bitmap:{self.bitmap}" if self.bitmap else None
+
+
+@dataclass(frozen=True, slots=True)
+class BackupJob:
+    """A running pull-mode backup, as :func:`begin_backup` started it."""
+
+    domain: str
+    uuid: str
+    server: NbdServer
+    checkpoint: str | None
+    incremental: str | None
+    exports: tuple[BackupExport, ...]
+
+    def export(self, target: str) -> BackupExport:
+        """The export for disk ``target``; KeyError if the disk is not in the backup."""
+        for exp in self.exports:
+            if exp.target == target:
+                return exp
+        raise KeyError(target)
+
+    def uri(self, target: str) -> str:
+        """An NBD URI for disk ``target`` (``nbd://host:port/vda`` or ``nbd+unix:///vda``)."""
+        return nbd_uri(self.server, self.export(target).export_name)
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    """The domain's current job, from ``virDomainGetJobStats``.
+
+    ``type``: ``bounded``, ``unbounded`` (a pull backup), ``completed``, ``failed``,
+    ``cancelled``; ``operation``: ``backup``, ``migration-out``, ``snapshot``, ...
+    ``temp_used``/``temp_total``: bytes of scratch space used / reserved.
+    """
+
+    type: str
+    operation: str
+    elapsed_ms: int | None
+    temp_used: int | None
+    temp_total: int | None
+    stats: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def is_backup(self) -> bool:
+        """Whether the job is a backup job."""
+        return self.operation == "backup"
+
+
+_JOB_TYPES = {
+    libvirt.VIR_DOMAIN_JOB_NONE: "none",
+    libvirt.VIR_DOMAIN_JOB_BOUNDED: "bounded",
+    libvirt.VIR_DOMAIN_JOB_UNBOUNDED: "unbounded",
+    libvirt.VIR_DOMAIN_JOB_COMPLETED: "completed",
+    libvirt.VIR_DOMAIN_JOB_FAILED: "failed",
+    libvirt.VIR_DOMAIN_JOB_CANCELLED: "cancelled",
+}
+_JOB_OPERATIONS = {
+    libvirt.VIR_DOMAIN_JOB_OPERATION_UNKNOWN: "unknown",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_START: "start",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_SAVE: "save",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_RESTORE: "restore",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN: "migration-in",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT: "migration-out",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_SNAPSHOT: "snapshot",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_SNAPSHOT_REVERT: "snapshot-revert",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_DUMP: "dump",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP: "backup",
+}
+
+
+def nbd_uri(server: NbdServer, export_name: str) -> str:
+    """The NBD URI (libnbd syntax) of ``export_name`` on ``server``."""
+    name = quote(export_name, safe="")
+    if isinstance(server, UnixServer):
+        return f"nbd+unix:///{name}?" + urlencode({"socket": server.socket}, safe="/")
+    host = f"[{server.host}]" if ":" in server.host else server.host
+    scheme = "nbds" if server.tls else "nbd"
+    return f"{scheme}://{host}:{server.port}/{name}"
+
+
+def scratch_path(scratch_dir: str, uuid: str, target: str) -> str:
+    """Where the scratch file of disk ``target`` of domain ``uuid`` goes."""
+    return os.path.join(scratch_dir, f"vb-{uuid}-{target}.scratch")
+
+
+def scratch_pattern(uuid: str) -> str:
+    """A glob matching every scratch file of domain ``uuid`` (see :func:`scratch_path`)."""
+    return f"vb-{uuid}-*.scratch"
+
+
+def build_backup_xml(
+    *,
+    server: NbdServer,
+    disks: Sequence[Disk],
+    scratch_dir: str,
+    uuid: str,
+    incremental: str | None = None,
+    exclude: Sequence[str] = (),
+) -> str:
+    """``<domainbackup mode='pull'>`` XML exporting ``disks``.
+
+    ``incremental`` names the checkpoint to read changes since; disks that cannot carry a
+    bitmap (non-qcow2) are then read in full (``backupmode='full'``). Targets in
+    ``exclude`` are listed with ``backup='no'`` (libvirt would otherwise back up every
+    writable disk).
+    """
+    root = ET.Element("domainbackup", mode="pull")
+    if incremental:
+        ET.SubElement(root, "incremental").text = incremental
+    if isinstance(server, UnixServer):
+        ET.SubElement(root, "server", transport="unix", socket=server.socket)
+    else:
+        attrs = {"transport": "tcp", "name": server.host, "port": str(server.port)}
+        if server.tls:
+            attrs["tls"] = "yes"
+        ET.SubElement(root, "server", attrs)
+    elements = ET.SubElement(root, "disks")
+    for disk in disks:
+        attrs = {"name": disk.target, "backup": "yes", "type": "file"}
+        if incremental and not disk.supports_bitmaps:
+            attrs["backupmode"] = "full"
+        element = ET.SubElement(elements, "disk", attrs)
+        ET.SubElement(element, "scratch", file=scratch_path(scratch_dir, uuid, disk.target))
+    for target in exclude:
+        ET.SubElement(elements, "disk", name=target, backup="no")
+    return _xml.dump(root)
+
+
+def parse_backup_xml(xml: str) -> tuple[NbdServer, str | None, list[BackupExport]]:
+    """The server, incremental checkpoint and exports of a running job's XML
+    (``virDomainBackupGetXMLDesc``); capacities are unknown (``None``)."""
+    root = _xml.parse(xml)
+    srv = root.find("server")
+    if srv is None:
+        raise VirtError("backup job XML has no <server>: not a pull-mode backup")
+    server: NbdServer
+    if srv.get("transport") == "unix":
+        server = UnixServer(socket=srv.get("socket", ""))
+    else:
+        server = TcpServer(
+            host=srv.get("name", ""), port=int(srv.get("port", "0")), tls=srv.get("tls") == "yes"
+        )
+    incremental = root.findtext("incremental") or None
+    exports: list[BackupExport] = []
+    for disk in root.findall("./disks/disk"):
+        if disk.get("backup") != "yes":
+            continue
+        target = disk.get("name", "")
+        scratch = disk.find("scratch")
+        exports.append(
+            BackupExport(
+                target=target,
+                export_name=disk.get("exportname") or target,
+                bitmap=disk.get("exportbitmap") or None,
+                mode=disk.get("backupmode") or ("incremental" if incremental else "full"),
+                capacity=None,
+                scratch=(scratch.get("file") or scratch.get("dev"))
+                if scratch is not None
+                else None,
+            )
+        )
+    return server, incremental, exports
+
+
+def _scratch_file(scratch: ET.Element | None) -> str | None:
+    if scratch is None:
+        return None
+    return scratch.get("file") or scratch.get("dev")
+
+
+async def begin_backup(
+    conn: Connection,
+    name: str,
+    *,
+    server: NbdServer,
+    scratch_dir: str,
+    checkpoint: str | None,
+    incremental: str | None = None,
+    disks: Sequence[Disk] | None = None,
+    timeout: float = 60.0,
+) -> BackupJob:
+    """Start a pull-mode backup of the running domain ``name``.
+
+    ``checkpoint`` names the checkpoint created with the job (``None``: no change tracking
+    from here). ``incremental`` names the checkpoint to read changes since (``None``: full).
+    ``disks`` defaults to every backed-up disk; other writable disks are excluded.
+    ``scratch_dir`` must exist on the hypervisor host and be traversable by QEMU.
+
+    Raises Conflict when the domain is not running or already has a job,
+    CheckpointInconsistent when ``incremental``'s bitmaps are broken (take a full backup
+    instead), NotFound for an unknown domain or ``incremental`` checkpoint.
+    """
+    dom = await conn.lookup(name)
+    uuid = str(dom.UUIDString())
+    if not bool(await conn.call(dom.isActive)):
+        raise Conflict(f"domain {name} is not running: a pull-mode backup needs a running QEMU")
+    # libvirt would wait 30 s for the job lock before failing; fail at once instead.
+    running = await job_info(conn, name)
+    if running is not None:
+        raise Conflict(f"domain {name} already has a {running.operation} job")
+    every = await list_disks(conn, name)
+    chosen = list(disks) if disks is not None else every
+    wanted = {d.target for d in chosen}
+    backup_xml = build_backup_xml(
+        server=server,
+        disks=chosen,
+        scratch_dir=scratch_dir,
+        uuid=uuid,
+        incremental=incremental,
+        exclude=[d.target for d in every if d.target not in wanted],
+    )
+    checkpoint_xml = build_checkpoint_xml(checkpoint, chosen) if checkpoint else None
+    await conn.call(dom.backupBegin, backup_xml, checkpoint_xml, 0, timeout=timeout)
+    try:
+        desc = str(await conn.call(dom.backupGetXMLDesc, 0))
+    except VirtError:
+        with contextlib.suppress(VirtError):
+            await conn.call(dom.abortJob)
+        raise
+    srv, inc, exports = parse_backup_xml(desc)
+    capacities = {d.target: d.capacity for d in chosen}
+    return BackupJob(
+        domain=name,
+        uuid=uuid,
+        server=srv,
+        checkpoint=checkpoint,
+        incremental=inc,
+        exports=tuple(_with_capacity(e, capacities.get(e.target)) for e in exports),
+    )
+
+
+def _with_capacity(export: BackupExport, capacity: int | None) -> BackupExport:
+    return BackupExport(
+        target=export.target,
+        export_name=export.export_name,
+        bitmap=export.bitmap,
+        mode=export.mode,
+        capacity=capacity,
+        scratch=export.scratch,
+    )
+
+
+async def job_info(conn: Connection, name: str) -> JobInfo | None:
+    """The domain's active job, or ``None`` when it has none (or is not running)."""
+    dom = await conn.lookup(name)
+    try:
+        stats: dict[str, Any] = dict(await conn.call(dom.jobStats, 0))
+    except Conflict:  # "domain is not running": a stopped domain has no job
+        return None
+    kind = _JOB_TYPES.get(int(stats.get("type", 0)), "unknown")
+    if kind == "none":
+        return None
+    op = stats.get("operation")
+    return JobInfo(
+        type=kind,
+        operation=_JOB_OPERATIONS.get(int(op), "unknown") if op is not None else "unknown",
+        elapsed_ms=_opt_int(stats.get("time_elapsed")),
+        temp_used=_opt_int(stats.get("disk_temp_used")),
+        temp_total=_opt_int(stats.get("disk_temp_total")),
+        stats=stats,
+    )
+
+
+def _opt_int(value: Any) -> int | None:
+    return int(value) if value is not None else None
+
+
+async def current_backup(conn: Connection, name: str) -> BackupJob | None:
+    """Re-attach to the domain's running backup job (e.g. after a restart), or ``None``.
+
+    The new checkpoint's name is not part of libvirt's job XML: ``checkpoint`` is ``None``.
+    """
+    dom = await conn.lookup(name)
+    try:
+        desc = str(await conn.call(dom.backupGetXMLDesc, 0))
+    except NotFound:
+        return None
+    except VirtError as exc:
+        if exc.code in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN_BACKUP):
+            return None
+        raise
+    server, incremental, exports = parse_backup_xml(desc)
+    return BackupJob(
+        domain=name,
+        uuid=str(dom.UUIDString()),
+        server=server,
+        checkpoint=None,
+        incremental=incremental,
+        exports=tuple(exports),
+    )
+
+
+async def end_backup(
+    conn: Connection,
+    job: BackupJob | str,
+    *,
+    host: Host | None = None,
+    timeout: float = 30.0,
+) -> None:
+    """End the domain's backup job (``virDomainAbortJob``) and remove its scratch files.
+
+    Idempotent: with no backup job running only the scratch files are removed. Another
+    kind of job (e.g. a migration) is left alone. The checkpoint created at the begin is
+    kept. Scratch files are removed through ``host`` (default: the connection's host);
+    with neither, libvirt's own removal is relied on. Raises VirtTimeout if the job is
+    still there after ``timeout`` seconds.
+    """
+    name = job if isinstance(job, str) else job.domain
+    scratch = [] if isinstance(job, str) else [e.scratch for e in job.exports if e.scratch]
+    if isinstance(job, str):
+        running = await current_backup(conn, name)
+        if running is not None:
+            scratch = [e.scratch for e in running.exports if e.scratch]
+    dom = await conn.lookup(name)
+    info = await job_info(conn, name)
+    if info is not None and info.is_backup:
+        try:
+            await conn.call(dom.abortJob)
+        except VirtError as exc:
+            if exc.code != libvirt.VIR_ERR_OPERATION_INVALID:  # "no job is active"
+                raise
+    await wait_job_gone(conn, name, timeout=timeout)
+    runner = host if host is not None else conn.host
+    if runner is not None and scratch:
+        await remove_files(runner, scratch)
+
+
+async def wait_job_gone(conn: Connection, name: str, *, timeout: float = 30.0) -> None:
+    """Wait until the domain has no backup job; VirtTimeout after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        info = await job_info(conn, name)
+        if info is None or not info.is_backup:
+            return
+        if loop.time() >= deadline:
+            raise VirtTimeout(f"backup job of {name} still running after {timeout} s")
+        await asyncio.sleep(0.1)

@@ -1,0 +1,213 @@
+"""Pull-mode backups and checkpoint chains against the real libvirtd and QEMU."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from virtbackup.virt import (
+    CheckpointInconsistent,
+    Conflict,
+    Connection,
+    NotFound,
+    TcpServer,
+    UnixServer,
+    VirtError,
+    begin_backup,
+    check_chain,
+    create_checkpoint,
+    current_backup,
+    delete_checkpoint,
+    end_backup,
+    get_checkpoint,
+    job_info,
+    list_checkpoints,
+    perform_action,
+)
+from virtbackup.virt.host import LocalHost, path_exists
+from virtbackup.virt.testing import (
+    MiB,
+    SmallVm,
+    create_vm,
+    drop_bitmap,
+    free_port,
+    guest_write,
+    images_equal,
+    nbd_copy,
+    nbd_map,
+    remove_vm,
+)
+
+pytestmark = pytest.mark.libvirt
+
+
+@pytest.fixture(scope="module")
+async def vm(
+    conn: Connection, vm_dir: Path, vm_name: Callable[[str], str]
+) -> AsyncIterator[SmallVm]:
+    small = await create_vm(conn, vm_name("backup"), vm_dir, [32 * MiB, 16 * MiB])
+    try:
+        yield small
+    finally:
+        await remove_vm(conn, small.name)
+
+
+def tcp() -> TcpServer:
+    return TcpServer("127.0.0.1", free_port())
+
+
+async def test_full_backup_export_matches_the_idle_source(
+    conn: Connection, vm: SmallVm, vm_dir: Path
+) -> None:
+    await guest_write(conn, vm.name, "vda", 0, 4 * MiB, pattern=0xAB)
+    await guest_write(conn, vm.name, "vdb", 1 * MiB, 1 * MiB, pattern=0xCD)
+    job = await begin_backup(
+        conn, vm.name, server=tcp(), scratch_dir=str(vm_dir), checkpoint="full-1"
+    )
+    try:
+        assert [e.target for e in job.exports] == ["vda", "vdb"]
+        assert all(e.mode == "full" and e.meta_context is None for e in job.exports)
+        assert job.export("vda").capacity == 32 * MiB
+        assert job.uri("vda") == f"nbd://127.0.0.1:{job.server.port}/vda"  # type: ignore[union-attr]
+        info = await job_info(conn, vm.name)
+        assert info is not None
+        assert info.is_backup
+        assert info.type == "unbounded"
+        # The allocation map: data exactly where the guest wrote.
+        extents = nbd_map(job.uri("vda"))
+        data = [(e.offset, e.length) for e in extents if "data" in e.description]
+        assert data == [(0, 4 * MiB)]
+        assert sum(e.length for e in extents) == 32 * MiB
+        for disk, target in zip(vm.disks, ("vda", "vdb"), strict=True):
+            copy = nbd_copy(job.uri(target), vm_dir / f"full-{target}.raw")
+            assert images_equal(disk, copy)
+            copy.unlink()
+        scratch = [e.scratch for e in job.exports]
+        assert all(s is not None and s.startswith(str(vm_dir)) for s in scratch)
+    finally:
+        await end_backup(conn, job)
+    assert await job_info(conn, vm.name) is None
+    assert await current_backup(conn, vm.name) is None
+    assert not [s for s in scratch if s and await path_exists(LocalHost(), s)]
+    names = [cp.name for cp in await list_checkpoints(conn, vm.name)]
+    assert "full-1" in names
+    assert (await check_chain(conn, vm.name, "full-1")).intact
+
+
+async def test_incremental_bitmap_covers_exactly_the_written_range(
+    conn: Connection, vm: SmallVm, vm_dir: Path
+) -> None:
+    base = await begin_backup(
+        conn, vm.name, server=tcp(), scratch_dir=str(vm_dir), checkpoint="inc-0"
+    )
+    await end_backup(conn, base)
+    await guest_write(conn, vm.name, "vda", 8 * MiB, 2 * MiB, pattern=0xEF)
+    job = await begin_backup(
+        conn,
+        vm.name,
+        server=tcp(),
+        scratch_dir=str(vm_dir),
+        checkpoint="inc-1",
+        incremental="inc-0",
+    )
+    try:
+        vda = job.export("vda")
+        assert job.incremental == "inc-0"
+        assert vda.mode == "incremental"
+        assert vda.meta_context == "qemu:dirty-bitmap:backup-vda"
+        dirty = [
+            (e.offset, e.length)
+            for e in nbd_map(job.uri("vda"), vda.meta_context)
+            if e.description == "dirty"
+        ]
+        assert dirty == [(8 * MiB, 2 * MiB)]
+        vdb = job.export("vdb")
+        assert vdb.meta_context == "qemu:dirty-bitmap:backup-vdb"
+        assert all(e.description == "clean" for e in nbd_map(job.uri("vdb"), vdb.meta_context))
+        # The export still shows the whole disk as of the begin.
+        copy = nbd_copy(job.uri("vda"), vm_dir / "inc-vda.raw")
+        assert images_equal(vm.disks[0], copy)
+        copy.unlink()
+        # One backup job at a time.
+        with pytest.raises(Conflict):
+            await begin_backup(conn, vm.name, server=tcp(), scratch_dir=str(vm_dir), checkpoint="x")
+    finally:
+        await end_backup(conn, job)
+    cps = {cp.name: cp for cp in await list_checkpoints(conn, vm.name)}
+    assert cps["inc-1"].parent == "inc-0"
+    assert cps["inc-1"].bitmap_for("vda") == "inc-1"
+
+
+async def test_unix_socket_export(conn: Connection, vm: SmallVm, vm_dir: Path) -> None:
+    sock_dir = vm_dir / "sock"
+    sock_dir.mkdir()
+    qemu = pwd.getpwnam("libvirt-qemu")
+    os.chown(sock_dir, qemu.pw_uid, qemu.pw_gid)
+    server = UnixServer(str(sock_dir / "nbd.sock"))
+    job = await begin_backup(conn, vm.name, server=server, scratch_dir=str(vm_dir), checkpoint=None)
+    try:
+        assert job.uri("vdb") == f"nbd+unix:///vdb?socket={sock_dir}/nbd.sock"
+        extents = nbd_map(job.uri("vdb"))
+        assert sum(e.length for e in extents) == 16 * MiB
+    finally:
+        await end_backup(conn, job)
+
+
+async def test_deleted_checkpoint_is_a_broken_chain(conn: Connection, vm: SmallVm) -> None:
+    cp = await create_checkpoint(conn, vm.name, "manual-1")
+    assert [d.bitmap for d in cp.disks if d.target in ("vda", "vdb")] == ["manual-1", "manual-1"]
+    assert (await check_chain(conn, vm.name, "manual-1")).intact
+    await delete_checkpoint(conn, vm.name, "manual-1")
+    check = await check_chain(conn, vm.name, "manual-1")
+    assert not check.intact
+    assert "does not exist" in check.problems[0]
+    assert not (await check_chain(conn, vm.name, None)).intact
+    with pytest.raises(NotFound):
+        await delete_checkpoint(conn, vm.name, "manual-1")
+
+
+async def test_missing_bitmap_is_a_broken_chain_and_needs_metadata_only_delete(
+    conn: Connection, vm: SmallVm, vm_dir: Path
+) -> None:
+    await create_checkpoint(conn, vm.name, "manual-2")
+    await drop_bitmap(conn, vm.name, "vda", "manual-2")
+    check = await check_chain(conn, vm.name, "manual-2")
+    assert not check.intact
+    assert check.problems == ("bitmap manual-2 of disk vda is missing or broken",)
+    sized = await get_checkpoint(conn, vm.name, "manual-2", with_size=True)
+    assert [d.size for d in sized.disks if d.target == "vdb"] == [0]
+    with pytest.raises(CheckpointInconsistent):
+        await begin_backup(
+            conn,
+            vm.name,
+            server=tcp(),
+            scratch_dir=str(vm_dir),
+            checkpoint="never",
+            incremental="manual-2",
+        )
+    assert await job_info(conn, vm.name) is None
+    with pytest.raises(VirtError, match="not found"):
+        await delete_checkpoint(conn, vm.name, "manual-2")
+    await delete_checkpoint(conn, vm.name, "manual-2", metadata_only=True)
+    assert "manual-2" not in [cp.name for cp in await list_checkpoints(conn, vm.name)]
+
+
+async def test_stopped_domain_chain_checked_with_qemu_img(conn: Connection, vm: SmallVm) -> None:
+    await create_checkpoint(conn, vm.name, "offline-1")
+    await perform_action(conn, vm.name, "forceOff")
+    try:
+        assert (await check_chain(conn, vm.name, "offline-1")).intact
+        with pytest.raises(Conflict, match="not running"):
+            await begin_backup(
+                conn, vm.name, server=tcp(), scratch_dir="/var/tmp", checkpoint="never"
+            )
+        removal = ["qemu-img", "bitmap", "--remove", str(vm.disks[1]), "offline-1"]
+        (await LocalHost().run(removal)).check()
+        check = await check_chain(conn, vm.name, "offline-1")
+        assert check.problems == ("bitmap offline-1 of disk vdb is missing",)
+    finally:
+        await perform_action(conn, vm.name, "start")

@@ -1,0 +1,162 @@
+"""Leftovers of interrupted backups (``hasOverlay``) and their cleanup, on a real VM."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from virtbackup.virt import (
+    Connection,
+    TcpServer,
+    begin_backup,
+    check_chain,
+    cleanup_leftovers,
+    create_checkpoint,
+    define_domain,
+    domain_xml,
+    find_leftovers,
+    job_info,
+    list_checkpoints,
+    list_disks,
+    perform_action,
+)
+from virtbackup.virt.host import LocalHost, path_exists
+from virtbackup.virt.leftovers import Overlay
+from virtbackup.virt.testing import (
+    MiB,
+    SmallVm,
+    create_vm,
+    drop_bitmap,
+    free_port,
+    guest_write,
+    remove_vm,
+)
+
+pytestmark = pytest.mark.libvirt
+
+
+@pytest.fixture(scope="module")
+async def vm(
+    conn: Connection, vm_dir: Path, vm_name: Callable[[str], str]
+) -> AsyncIterator[SmallVm]:
+    small = await create_vm(conn, vm_name("leftovers"), vm_dir, [32 * MiB, 8 * MiB])
+    try:
+        yield small
+    finally:
+        await remove_vm(conn, small.name)
+
+
+async def pattern_at(image: Path, pattern: int, offset: int, length: int) -> bool:
+    """Whether ``image`` (not in use) holds ``pattern`` over the range."""
+    result = await LocalHost().run(
+        [
+            "qemu-io",
+            "-r",
+            "-f",
+            "qcow2",
+            "-c",
+            f"read -P 0x{pattern:02x} {offset} {length}",
+            str(image),
+        ]
+    )
+    return result.returncode == 0 and "verification failed" not in result.stdout
+
+
+async def test_a_clean_vm_has_no_leftovers(conn: Connection, vm: SmallVm, vm_dir: Path) -> None:
+    found = await find_leftovers(conn, vm.name, scratch_dir=str(vm_dir))
+    assert not found.has_overlay
+    assert found.backup_job is None
+    assert found.scratch_files == ()
+
+
+async def test_leftovers_of_a_running_vm_are_found_and_cleaned(
+    conn: Connection, vm: SmallVm, vm_dir: Path
+) -> None:
+    # A checkpoint whose bitmap vanished.
+    await create_checkpoint(conn, vm.name, "lo-stale")
+    await drop_bitmap(conn, vm.name, "vda", "lo-stale")
+    # An external snapshot overlay left on vda, with data written into it.
+    overlay_path = vm_dir / f"{vm.name}-vda.overlay-1.qcow2"
+    snapshot_xml = (
+        "<domainsnapshot><name>lo-snap</name><disks>"
+        f"<disk name='vda' snapshot='external'><source file='{overlay_path}'/></disk>"
+        "<disk name='vdb' snapshot='no'/></disks></domainsnapshot>"
+    )
+    dom = await conn.lookup(vm.name)
+    flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+    await conn.call(dom.snapshotCreateXML, snapshot_xml, flags)
+    await guest_write(conn, vm.name, "vda", 20 * MiB, 1 * MiB, pattern=0x5A)
+    # A backup that was never ended.
+    await begin_backup(
+        conn,
+        vm.name,
+        server=TcpServer("127.0.0.1", free_port()),
+        scratch_dir=str(vm_dir),
+        checkpoint="lo-1",
+    )
+
+    found = await find_leftovers(conn, vm.name, scratch_dir=str(vm_dir))
+    assert found.has_overlay
+    assert found.backup_job is not None
+    assert found.backup_job.operation == "backup"
+    assert [Path(p).name.split("-")[-1] for p in found.scratch_files] == [
+        "vda.scratch",
+        "vdb.scratch",
+    ]
+    assert found.stale_checkpoints == ("lo-stale",)
+    assert found.overlays == (Overlay("vda", str(overlay_path), str(vm.disks[0]), "qcow2"),)
+
+    report = await cleanup_leftovers(conn, vm.name, scratch_dir=str(vm_dir))
+    assert report.aborted_job
+    assert report.deleted_checkpoints == ("lo-stale",)
+    assert [o.path for o in report.committed_overlays] == [str(overlay_path)]
+    assert len(report.removed_files) == 2
+
+    again = await find_leftovers(conn, vm.name, scratch_dir=str(vm_dir))
+    assert not again.has_overlay, again
+    assert await job_info(conn, vm.name) is None
+    disks = await list_disks(conn, vm.name)
+    assert disks[0].source == str(vm.disks[0])
+    assert disks[0].backing == ()
+    assert not await path_exists(LocalHost(), str(overlay_path))
+    assert await conn.call(dom.listAllSnapshots, 0) == []
+    names = [cp.name for cp in await list_checkpoints(conn, vm.name)]
+    assert names == ["lo-1"]
+    # The checkpoint of the aborted backup survived the commit and is usable.
+    assert (await check_chain(conn, vm.name, "lo-1")).intact
+    # The data written into the overlay is in the base image now.
+    await perform_action(conn, vm.name, "forceOff")
+    assert await pattern_at(vm.disks[0], 0x5A, 20 * MiB, 1 * MiB)
+    assert not await pattern_at(vm.disks[0], 0x5A, 22 * MiB, 1 * MiB)
+
+
+async def test_overlay_of_a_stopped_vm_is_committed_offline(
+    conn: Connection, vm: SmallVm, vm_dir: Path
+) -> None:
+    host = LocalHost()
+    if (await conn.call((await conn.lookup(vm.name)).isActive)) == 1:
+        await perform_action(conn, vm.name, "forceOff")
+    overlay = vm_dir / f"{vm.name}-vdb.overlay-2.qcow2"
+    create = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(vm.disks[1])]
+    (await host.run([*create, str(overlay)])).check()
+    write = ["qemu-io", "-f", "qcow2", "-c", "write -P 0x77 1M 1M", str(overlay)]
+    (await host.run(write)).check()
+    xml = await domain_xml(conn, vm.name, inactive=True, secure=True)
+    await define_domain(conn, xml.replace(f"'{vm.disks[1]}'", f"'{overlay}'"))
+
+    found = await find_leftovers(conn, vm.name, scratch_dir=str(vm_dir))
+    assert found.overlays == (Overlay("vdb", str(overlay), str(vm.disks[1]), "qcow2"),)
+    assert found.stale_checkpoints == ()
+
+    report = await cleanup_leftovers(conn, vm.name, scratch_dir=str(vm_dir))
+    assert [o.target for o in report.committed_overlays] == ["vdb"]
+    assert not report.aborted_job
+    assert f"'{vm.disks[1]}'" in await domain_xml(conn, vm.name, inactive=True)
+    assert not await path_exists(host, str(overlay))
+    assert await pattern_at(vm.disks[1], 0x77, 1 * MiB, 1 * MiB)
+    assert not (await find_leftovers(conn, vm.name, scratch_dir=str(vm_dir))).has_overlay
+    # The domain still starts on its committed image.
+    assert (await perform_action(conn, vm.name, "start")).power_state == "running"
