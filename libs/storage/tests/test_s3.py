@@ -166,3 +166,28 @@ async def test_get_range_of_missing_key_past_end(seaweed: SeaweedServer) -> None
     async with s3(seaweed) as driver:
         with pytest.raises(NotFoundError):
             await driver.get_range("missing", 100, 10)
+
+
+async def test_hung_server_times_out_as_transient(seaweed: SeaweedServer) -> None:
+    params = seaweed.params()
+    async with S3Driver(
+        endpoint=params["endpoint"],
+        bucket=seaweed.bucket,
+        root=f"h-{secrets.token_hex(4)}/",
+        region=seaweed.region,
+        access_key=seaweed.access_key,
+        secret_key=seaweed.secret_key,
+        secure=False,
+        connect_timeout=1.0,
+        read_timeout=1.0,
+    ) as driver:
+        await driver.put("k", b"v")
+        seaweed.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(TransientError):
+                await driver.get("k")
+            assert time.monotonic() - started < 8
+        finally:
+            seaweed.resume()
+        assert await retry(lambda: driver.get("k"), RetryPolicy(attempts=10)) == b"v"

