@@ -53,8 +53,8 @@ WORK: Final = StreamSpec(
 TRANSFER_CONSUMER: Final = ConsumerSpec(
     durable="transfer-workers",
     stream=WORK.name,
-    filter_subject=subjects.WORK_TRANSFER,
-    ack_wait_seconds=60.0,
+    filter_subject=subjects.WORK_TRANSFER_ALL,
+    ack_wait_seconds=30.0,
     max_deliver=5,
 )
 

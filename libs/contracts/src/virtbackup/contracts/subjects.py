@@ -20,6 +20,14 @@ WORK_ROOT: Final = "vb.work"
 EVENTS_ALL: Final = "vb.evt.>"
 WORK_ALL: Final = "vb.work.>"
 WORK_TRANSFER: Final = "vb.work.transfer"
+WORK_TRANSFER_ALL: Final = "vb.work.transfer.>"
+
+
+def work_transfer(job_id: str) -> str:
+    """Subject of a job's transfer units (purged by job when a job is cancelled)."""
+    _check_token(job_id)
+    return f"{WORK_TRANSFER}.{job_id}"
+
 
 # The five services. Their names are also the NATS queue groups they answer commands in.
 GATEWAY: Final = "gateway"
@@ -88,6 +96,8 @@ class EventType:
     JOB_FAILURE: Final = "agent.job_failure"
     VM_LIFECYCLE: Final = "vm.lifecycle"
     CONFIG_CHANGED: Final = "config.changed"
+    UNIT_DONE: Final = "unit.done"
+    JOB_PROGRESS: Final = "job.progress"
     SERVICE_STARTED: Final = "service.started"
 
 

@@ -43,7 +43,7 @@ class BlobError(Exception):
     """A blob that cannot be decoded: corrupt, truncated, or of an unknown codec."""
 
 
-def encode_blob(data: bytes | memoryview, sealer: Sealer | None, aad: bytes) -> bytes:
+def encode_blob(data: bytes | bytearray | memoryview, sealer: Sealer | None, aad: bytes) -> bytes:
     compressed = _compressor().compress(data)
     body = bytes([ZSTD]) + compressed if len(compressed) < len(data) else bytes([RAW]) + data
     return sealer.seal(body, aad) if sealer else body

@@ -121,13 +121,13 @@ class Repository:
 
     # -- chunks -----------------------------------------------------------------------
 
-    def chunk_id(self, data: bytes | memoryview) -> str:
+    def chunk_id(self, data: bytes | bytearray | memoryview) -> str:
         """The id of a plaintext chunk (keyed when the repository is encrypted)."""
         if self.sealer:
             return blake3.blake3(data, key=self.sealer.id_key, max_threads=1).hexdigest()
         return blake3.blake3(data, max_threads=1).hexdigest()
 
-    def encode_chunk(self, chunk_id: str, data: bytes | memoryview) -> bytes:
+    def encode_chunk(self, chunk_id: str, data: bytes | bytearray | memoryview) -> bytes:
         return encode_blob(data, self.sealer, chunk_id.encode())
 
     async def has_chunk(self, chunk_id: str) -> bool:

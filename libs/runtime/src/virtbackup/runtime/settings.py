@@ -42,6 +42,14 @@ class Settings(BaseSettings):
     instance: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     request_timeout: float = 10.0
     max_body_bytes: int = 1 << 20
+    #: Seconds a transfer unit may go without a sign of life before it is redelivered.
+    work_ack_wait: float = 30.0
+    #: Units one transfer-worker process works on at once.
+    worker_units: int = 2
+    #: Threads for hashing, compression and encryption (default: one per core).
+    worker_threads: int = 0
+    #: Address the NBD exports listen on for the workers (the hypervisor's, as workers see it).
+    nbd_host: str = "127.0.0.1"
 
     @property
     def agent_yaml(self) -> Path:

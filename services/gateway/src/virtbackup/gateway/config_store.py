@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 import yaml
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from virtbackup.contracts.buckets import CONFIG_KEY
@@ -28,6 +28,7 @@ from virtbackup.contracts.v1.config import (
     decode_config,
     encode_config,
 )
+from virtbackup.runtime.agent_config import read_agent_config
 from virtbackup.runtime.errors import BadRequest, Conflict
 
 log = logging.getLogger(__name__)
@@ -105,13 +106,7 @@ class ConfigStore:
 
     async def load(self) -> tuple[AgentConfig, int]:
         """The stored configuration and its revision (defaults and 0 when none is stored)."""
-        try:
-            entry = await self.kv.get(CONFIG_KEY)
-        except KeyNotFoundError:
-            return AgentConfig(), 0
-        if entry.value is None:
-            return AgentConfig(), 0
-        return decode_config(entry.value), entry.revision or 0
+        return await read_agent_config(self.kv)
 
     async def initialize(self) -> AgentConfig:
         """Import ``agent.yaml`` when the bucket holds no configuration yet.

@@ -82,7 +82,6 @@ async def register(ctx: ServiceContext) -> None:
 SPEC = ServiceSpec(
     name=subjects.JOB_ORCHESTRATOR,
     streams=(streams.EVENTS, streams.WORK),
-    consumers=(streams.TRANSFER_CONSUMER,),
     buckets=(buckets.JOBS, buckets.SCHEDULES),
     register=register,
 )

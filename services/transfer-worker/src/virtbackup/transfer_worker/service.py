@@ -1,16 +1,21 @@
-"""The transfer-worker's definition: it announces itself in ``VB_WORKERS`` while alive."""
+"""The transfer-worker: pulls units from ``VB_WORK`` and announces itself in ``VB_WORKERS``."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 
 from virtbackup.contracts import buckets, streams, subjects
 from virtbackup.runtime import __version__
+from virtbackup.runtime.agent_config import read_agent_config
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.service import ServiceContext, ServiceSpec
+from virtbackup.transfer_worker.budget import ByteBudget
+from virtbackup.transfer_worker.consumer import Worker, job_events
+from virtbackup.transfer_worker.units import UnitContext
 
 HEARTBEAT_SECONDS = 10.0
 
@@ -44,7 +49,31 @@ def _key(ctx: ServiceContext) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in ctx.settings.instance)
 
 
+def transfer_consumer(ctx: ServiceContext) -> streams.ConsumerSpec:
+    return msgspec.structs.replace(
+        streams.TRANSFER_CONSUMER, ack_wait_seconds=ctx.settings.work_ack_wait
+    )
+
+
 async def start(ctx: ServiceContext) -> None:
+    from virtbackup.runtime.provision import ensure_consumer
+
+    await ensure_consumer(ctx.bus.js, transfer_consumer(ctx))
+    cfg, _ = await read_agent_config(ctx.bucket(buckets.CONFIG))
+    threads = ctx.settings.worker_threads or os.cpu_count() or 2
+    uctx = UnitContext(
+        worker=ctx.settings.instance,
+        executor=ThreadPoolExecutor(threads, thread_name_prefix="chunk"),
+        budget=ByteBudget(cfg.hashblocks_limit_buffer_mb << 20),
+    )
+    worker = Worker(ctx, uctx)
+
+    async def follow_jobs() -> None:
+        async for job_id, canceled in job_events(ctx):
+            await worker.on_job_finished(job_id, canceled)
+
+    ctx.spawn(follow_jobs(), "job-events")
+    ctx.spawn(worker.run(), "work-loop")
     ctx.spawn(_heartbeat(ctx), "heartbeat")
 
 
@@ -55,8 +84,7 @@ async def stop(ctx: ServiceContext) -> None:
 SPEC = ServiceSpec(
     name=subjects.TRANSFER_WORKER,
     streams=(streams.EVENTS, streams.WORK),
-    consumers=(streams.TRANSFER_CONSUMER,),
-    buckets=(buckets.WORKERS,),
+    buckets=(buckets.WORKERS, buckets.CONFIG),
     start=start,
     stop=stop,
 )

@@ -20,7 +20,6 @@ from virtbackup.contracts.v1.inventory import (
 from virtbackup.gateway.state import Gateway
 
 
-
 class ActionBody(msgspec.Struct, kw_only=True, rename="camel"):
     action: VmAction
     vm_name: str

@@ -1,0 +1,218 @@
+"""What a worker does with one unit: backup (read, hash, dedup, compress, write),
+restore (read, verify, write to NBD), verify (read and check).
+
+CPU work (zero detection, hashing, compression, encryption, decompression) runs on a
+thread pool: BLAKE3, zstd and the AEADs release the GIL, so one worker uses every core
+while the event loop keeps the NBD and destination I/O flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from virtbackup.contracts.v1.work import BadChunk, ChunkRef, TransferUnit, UnitResult
+from virtbackup.nbd import NbdClient
+from virtbackup.repository.repository import CorruptChunkError, Repository
+from virtbackup.storage.errors import NotFoundError
+from virtbackup.storage.retry import retry
+from virtbackup.transfer_worker.budget import ByteBudget
+
+T = TypeVar("T")
+
+#: Chunks of one unit in flight at once (reads pipeline on the NBD connection).
+CHUNKS_IN_FLIGHT = 8
+#: Beyond this many remembered ids (about 100 MiB), a worker forgets and asks again.
+KNOWN_CHUNKS_LIMIT = 1_000_000
+
+
+@dataclass
+class UnitContext:
+    """What a unit runs with; shared by the units of one worker process."""
+
+    worker: str
+    executor: ThreadPoolExecutor
+    budget: ByteBudget
+    #: Chunk ids known to be stored, per job (saves an ``exists`` per repeated chunk).
+    #: Scoped to a job so that nothing a later garbage collection removes is trusted.
+    known: dict[str, set[str]] = field(default_factory=dict)
+    #: Chunks being written right now, so that equal chunks in flight are written once.
+    writing: dict[str, asyncio.Future[None]] = field(default_factory=dict)
+
+    def known_chunks(self, job_id: str) -> set[str]:
+        known = self.known.setdefault(job_id, set())
+        if len(known) > KNOWN_CHUNKS_LIMIT:
+            known.clear()
+        return known
+
+    async def cpu(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+class _Zero:
+    """A shared buffer of zeros to compare chunks against (``memcmp`` speed)."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+
+    def is_zero(self, data: bytearray) -> bool:
+        if len(self.buf) < len(data):
+            self.buf = bytes(len(data))
+        return memoryview(self.buf)[: len(data)] == memoryview(data)
+
+
+_ZERO = _Zero()
+
+
+def _analyze(repo: Repository, data: bytearray) -> str | None:
+    """``None`` for an all-zero chunk, else its id."""
+    if _ZERO.is_zero(data):
+        return None
+    return repo.chunk_id(data)
+
+
+async def _bounded(items: list[T], fn: Callable[[T], Awaitable[None]]) -> None:
+    queue: asyncio.Queue[T] = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
+
+    async def runner() -> None:
+        while not queue.empty():
+            await fn(queue.get_nowait())
+
+    await asyncio.gather(*(runner() for _ in range(min(CHUNKS_IN_FLIGHT, len(items)))))
+
+
+async def backup_unit(
+    unit: TransferUnit, repo: Repository, nbd: NbdClient, uctx: UnitContext
+) -> UnitResult:
+    started = time.monotonic()
+    known = uctx.known_chunks(unit.job_id)
+    refs: dict[int, str | None] = {}
+    counters = {"read": 0, "written": 0, "stored": 0, "dedup": 0}
+
+    async def one(index: int) -> None:
+        offset = index * unit.chunk_size
+        length = min(unit.chunk_size, unit.disk_size - offset)
+        async with uctx.budget.hold(length):
+            buf = bytearray(length)
+            await nbd.readinto(offset, buf)
+            counters["read"] += length
+            chunk_id = await uctx.cpu(_analyze, repo, buf)
+            refs[index] = chunk_id
+            if chunk_id is None:
+                return
+            while (pending := uctx.writing.get(chunk_id)) is not None:
+                await asyncio.shield(pending)
+            if chunk_id in known:
+                counters["dedup"] += 1
+                return
+            # Registered before the first await: an equal chunk waits for this one.
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            uctx.writing[chunk_id] = done
+            try:
+                if await retry(lambda: repo.has_chunk(chunk_id)):
+                    counters["dedup"] += 1
+                else:
+                    blob = await uctx.cpu(repo.encode_chunk, chunk_id, buf)
+                    del buf
+                    await retry(lambda: repo.put_chunk_blob(chunk_id, blob))
+                    counters["written"] += len(blob)
+                    counters["stored"] += 1
+                known.add(chunk_id)
+            finally:
+                uctx.writing.pop(chunk_id, None)
+                done.set_result(None)
+
+    await _bounded(unit.indices, one)
+    return UnitResult(
+        job_id=unit.job_id,
+        unit=unit.unit,
+        kind="backup",
+        disk=unit.disk,
+        worker=uctx.worker,
+        ok=True,
+        chunks=[ChunkRef(index=i, id=refs[i]) for i in sorted(refs)],
+        bytes_read=counters["read"],
+        bytes_written=counters["written"],
+        chunks_stored=counters["stored"],
+        chunks_deduplicated=counters["dedup"],
+        seconds=time.monotonic() - started,
+    )
+
+
+async def restore_unit(
+    unit: TransferUnit, repo: Repository, nbd: NbdClient, uctx: UnitContext
+) -> UnitResult:
+    """Write every chunk of the unit at its offset; zero chunks are left as holes."""
+    started = time.monotonic()
+    counters = {"read": 0, "written": 0}
+
+    async def one(ref: ChunkRef) -> None:
+        if ref.id is None:
+            return
+        chunk_id = ref.id
+        offset = ref.index * unit.chunk_size
+        length = min(unit.chunk_size, unit.disk_size - offset)
+        async with uctx.budget.hold(length):
+            blob = await retry(lambda: repo.driver.get(f"chunks/{chunk_id[:2]}/{chunk_id}"))
+            counters["read"] += len(blob)
+            data = await uctx.cpu(repo.decode_chunk, chunk_id, blob)
+            if len(data) != length:
+                raise CorruptChunkError(chunk_id, f"is {len(data)} bytes, expected {length}")
+            await nbd.write(offset, data)
+            counters["written"] += length
+
+    await _bounded(unit.chunks, one)
+    await nbd.flush()
+    return UnitResult(
+        job_id=unit.job_id,
+        unit=unit.unit,
+        kind="restore",
+        disk=unit.disk,
+        worker=uctx.worker,
+        ok=True,
+        bytes_read=counters["read"],
+        bytes_written=counters["written"],
+        seconds=time.monotonic() - started,
+    )
+
+
+async def verify_unit(unit: TransferUnit, repo: Repository, uctx: UnitContext) -> UnitResult:
+    """Re-read every chunk and check it against its id; report what is missing or corrupt."""
+    started = time.monotonic()
+    bad: list[BadChunk] = []
+    counters = {"read": 0}
+
+    async def one(ref: ChunkRef) -> None:
+        if ref.id is None:
+            return
+        chunk_id = ref.id
+        async with uctx.budget.hold(unit.chunk_size or (4 << 20)):
+            try:
+                blob = await retry(lambda: repo.driver.get(f"chunks/{chunk_id[:2]}/{chunk_id}"))
+            except NotFoundError:
+                bad.append(BadChunk(id=chunk_id, problem="missing", detail="not found"))
+                return
+            counters["read"] += len(blob)
+            try:
+                await uctx.cpu(repo.decode_chunk, chunk_id, blob)
+            except CorruptChunkError as exc:
+                bad.append(BadChunk(id=chunk_id, problem="corrupt", detail=exc.reason))
+
+    await _bounded(unit.chunks, one)
+    return UnitResult(
+        job_id=unit.job_id,
+        unit=unit.unit,
+        kind="verify",
+        disk=unit.disk,
+        worker=uctx.worker,
+        ok=True,
+        bad=sorted(bad, key=lambda b: b.id),
+        bytes_read=counters["read"],
+        seconds=time.monotonic() - started,
+    )
