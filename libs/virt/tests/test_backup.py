@@ -142,14 +142,22 @@ async def test_incremental_bitmap_covers_exactly_the_written_range(
     assert cps["inc-1"].bitmap_for("vda") == "inc-1"
 
 
-async def test_unix_socket_export(conn: Connection, vm: SmallVm, vm_dir: Path) -> None:
+async def test_unix_socket_export_without_guest_agent(
+    conn: Connection, vm: SmallVm, vm_dir: Path
+) -> None:
     sock_dir = vm_dir / "sock"
     sock_dir.mkdir()
     qemu = pwd.getpwnam("libvirt-qemu")
     os.chown(sock_dir, qemu.pw_uid, qemu.pw_gid)
     server = UnixServer(str(sock_dir / "nbd.sock"))
-    job = await begin_backup(conn, vm.name, server=server, scratch_dir=str(vm_dir), checkpoint=None)
+    job = await begin_backup(
+        conn, vm.name, server=server, scratch_dir=str(vm_dir), checkpoint=None, quiesce=True
+    )
     try:
+        # No guest agent in an OS-less VM: the backup goes ahead crash-consistent.
+        assert not job.quiesced
+        assert job.quiesce_error is not None
+        assert "agent" in job.quiesce_error
         assert job.uri("vdb") == f"nbd+unix:///vdb?socket={sock_dir}/nbd.sock"
         extents = nbd_map(job.uri("vdb"))
         assert sum(e.length for e in extents) == 16 * MiB

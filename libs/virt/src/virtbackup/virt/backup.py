@@ -89,6 +89,11 @@ class BackupJob:
     checkpoint: str | None
     incremental: str | None
     exports: tuple[BackupExport, ...]
+    quiesced: bool = False
+    """Whether the guest file systems were frozen at the begin (application-consistent);
+    otherwise the backup is crash-consistent."""
+    quiesce_error: str | None = None
+    """Why a requested freeze did not happen (e.g. no guest agent)."""
 
     def export(self, target: str) -> BackupExport:
         """The export for disk ``target``; KeyError if the disk is not in the backup."""
@@ -255,6 +260,7 @@ async def begin_backup(
     checkpoint: str | None,
     incremental: str | None = None,
     disks: Sequence[Disk] | None = None,
+    quiesce: bool = False,
     timeout: float = 60.0,
 ) -> BackupJob:
     """Start a pull-mode backup of the running domain ``name``.
@@ -263,6 +269,10 @@ async def begin_backup(
     from here). ``incremental`` names the checkpoint to read changes since (``None``: full).
     ``disks`` defaults to every backed-up disk; other writable disks are excluded.
     ``scratch_dir`` must exist on the hypervisor host and be traversable by QEMU.
+    ``quiesce`` freezes the guest file systems through the QEMU guest agent around the
+    begin (``virDomainFSFreeze``, thawed in a ``finally``: the point in time is fixed at the
+    begin, so the guest is frozen for milliseconds); without a working agent the backup
+    proceeds crash-consistent and :attr:`BackupJob.quiesce_error` says why.
 
     Raises Conflict when the domain is not running or already has a job,
     CheckpointInconsistent when ``incremental``'s bitmaps are broken (take a full backup
@@ -288,7 +298,21 @@ async def begin_backup(
         exclude=[d.target for d in every if d.target not in wanted],
     )
     checkpoint_xml = build_checkpoint_xml(checkpoint, chosen) if checkpoint else None
-    await conn.call(dom.backupBegin, backup_xml, checkpoint_xml, 0, timeout=timeout)
+    quiesced = False
+    quiesce_error: str | None = None
+    if quiesce:
+        try:
+            quiesced = int(await conn.call(dom.fsFreeze, None, 0, timeout=timeout)) >= 0
+        except VirtError as exc:
+            quiesce_error = str(exc)
+    try:
+        await conn.call(dom.backupBegin, backup_xml, checkpoint_xml, 0, timeout=timeout)
+    finally:
+        if quiesce:
+            # Thaw even when the freeze call failed or timed out: the agent may still have
+            # frozen the guest, and thawing an unfrozen guest is harmless.
+            with contextlib.suppress(VirtError):
+                await conn.call(dom.fsThaw, None, 0, timeout=timeout)
     try:
         desc = str(await conn.call(dom.backupGetXMLDesc, 0))
     except VirtError:
@@ -304,6 +328,8 @@ async def begin_backup(
         checkpoint=checkpoint,
         incremental=inc,
         exports=tuple(_with_capacity(e, capacities.get(e.target)) for e in exports),
+        quiesced=quiesced,
+        quiesce_error=quiesce_error,
     )
 
 
