@@ -38,6 +38,7 @@ from virtbackup.virt.testing import (
     guest_write,
     images_equal,
     nbd_copy,
+    nbd_info,
     nbd_map,
     remove_vm,
 )
@@ -77,6 +78,11 @@ async def test_full_backup_export_matches_the_idle_source(
         assert info is not None
         assert info.is_backup
         assert info.type == "unbounded"
+        # Workers may read one export over several connections.
+        props = nbd_info(job.uri("vda"))
+        assert props["can_multi_conn"] is True
+        assert props["export-size"] == 32 * MiB
+        assert props["is_read_only"] is True
         # The allocation map: data exactly where the guest wrote.
         extents = nbd_map(job.uri("vda"))
         data = [(e.offset, e.length) for e in extents if "data" in e.description]

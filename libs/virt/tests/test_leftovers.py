@@ -42,7 +42,9 @@ pytestmark = pytest.mark.libvirt
 async def vm(
     conn: Connection, vm_dir: Path, vm_name: Callable[[str], str]
 ) -> AsyncIterator[SmallVm]:
-    small = await create_vm(conn, vm_name("leftovers"), vm_dir, [32 * MiB, 8 * MiB])
+    small = await create_vm(
+        conn, vm_name("leftovers"), vm_dir, [32 * MiB, 8 * MiB], user_aliases=True
+    )
     try:
         yield small
     finally:
@@ -66,6 +68,8 @@ async def pattern_at(image: Path, pattern: int, offset: int, length: int) -> boo
 
 
 async def test_a_clean_vm_has_no_leftovers(conn: Connection, vm: SmallVm, vm_dir: Path) -> None:
+    # (This VM's disks have user aliases: guest_write and drop_bitmap below go through them.)
+    assert [d.alias for d in await list_disks(conn, vm.name)] == ["ua-disk-vda", "ua-disk-vdb"]
     found = await find_leftovers(conn, vm.name, scratch_dir=str(vm_dir))
     assert not found.has_overlay
     assert found.backup_job is None

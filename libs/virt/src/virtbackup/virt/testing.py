@@ -207,9 +207,12 @@ def build_vm_xml(
     virt_type: str | None = None,
     cdrom: Path | None = None,
     formats: Sequence[str] | None = None,
+    user_aliases: bool = False,
 ) -> str:
     """Domain XML for a small OS-less VM: virtio disks ``vda``... on ``disks``, an optional
-    SATA CD-ROM ``sda`` with ``cdrom`` inserted, no network, graphics, USB or balloon."""
+    SATA CD-ROM ``sda`` with ``cdrom`` inserted, no network, graphics, USB or balloon.
+    ``user_aliases`` names the disk devices ``ua-disk-vda``... instead of libvirt's
+    ``virtio-disk0``..."""
     root = ET.Element("domain", type=virt_type or domain_type())
     ET.SubElement(root, "name").text = name
     ET.SubElement(root, "memory", unit="MiB").text = str(memory_mib)
@@ -226,6 +229,8 @@ def build_vm_xml(
         ET.SubElement(disk, "driver", name="qemu", type=fmt)
         ET.SubElement(disk, "source", file=str(path))
         ET.SubElement(disk, "target", dev=disk_target(index), bus="virtio")
+        if user_aliases:
+            ET.SubElement(disk, "alias", name=f"ua-disk-{disk_target(index)}")
     if cdrom is not None:
         drive = ET.SubElement(devices, "disk", type="file", device="cdrom")
         ET.SubElement(drive, "driver", name="qemu", type="raw")
@@ -246,11 +251,13 @@ async def create_vm(
     memory_mib: int = 64,
     start: bool = True,
     with_cdrom: bool = False,
+    user_aliases: bool = False,
 ) -> SmallVm:
     """Create qcow2 images ``<name>-vda.qcow2``... of ``disk_sizes`` bytes in
     ``directory``, define the VM (replacing a leftover of the same name) and start it.
 
-    ``with_cdrom`` also inserts a 1 MiB file as a CD-ROM medium (target ``sda``).
+    ``with_cdrom`` also inserts a 1 MiB file as a CD-ROM medium (target ``sda``);
+    ``user_aliases`` gives the disks ``ua-`` aliases (see :func:`build_vm_xml`).
     """
     await remove_vm(conn, name)
     paths = tuple(
@@ -263,7 +270,7 @@ async def create_vm(
         with cdrom.open("wb") as fh:
             fh.truncate(MiB)
         cdrom.chmod(0o644)
-    xml = build_vm_xml(name, paths, memory_mib=memory_mib, cdrom=cdrom)
+    xml = build_vm_xml(name, paths, memory_mib=memory_mib, cdrom=cdrom, user_aliases=user_aliases)
     dom = await conn.call(conn.raw.defineXML, xml)
     if start:
         await conn.call(dom.create, timeout=60)
@@ -535,6 +542,17 @@ def nbd_map(uri: str, context: str | None = None, *, timeout: float = 60.0) -> l
                 MapExtent(int(parts[0]), int(parts[1]), int(parts[2]), (parts[3:] or [""])[0])
             )
     return extents
+
+
+def nbd_info(uri: str, *, timeout: float = 60.0) -> dict[str, object]:
+    """``nbdinfo --json URI``: the export's properties (``export-size``,
+    ``can_multi_conn``, ``contexts``, ...)."""
+    out = subprocess.run(
+        ["nbdinfo", "--json", uri], check=True, capture_output=True, text=True, timeout=timeout
+    ).stdout
+    data = json.loads(out)
+    exports = data.get("exports") or [{}]
+    return dict(exports[0])
 
 
 def nbd_copy(uri: str, destination: Path, *, timeout: float = 120.0) -> Path:
