@@ -64,7 +64,9 @@ class Connection:
     """An open libvirt connection with bounded, non-blocking calls.
 
     Use :meth:`call` for every libvirt call (on the raw connection or on objects obtained
-    from it). Not reusable after :meth:`close`; after the peer went away
+    from it); only the identity a ``virDomain`` caches (``name()``, ``UUIDString()``,
+    ``ID()``) is read directly, since it never blocks. Not reusable after :meth:`close`;
+    after the peer went away
     (:attr:`closed_reason` set) every call raises :class:`Unreachable`: open a new one.
     """
 
