@@ -101,6 +101,11 @@ def ensure_libvirtd() -> None:
     """Start virtlogd and libvirtd when root and they are not running (no systemd here)."""
     if os.geteuid() != 0 or not shutil.which("libvirtd"):
         return
+    kvm = Path("/dev/kvm")
+    if kvm.exists():
+        # What Debian's udev rule does: without it libvirt re-probes QEMU on every lookup.
+        subprocess.run(["chgrp", "kvm", str(kvm)], check=False)
+        kvm.chmod(0o660)
     for daemon in ("virtlogd", "libvirtd"):
         if subprocess.run(["pgrep", "-x", daemon], capture_output=True).returncode != 0:
             say(f"starting {daemon}")

@@ -74,8 +74,8 @@ FULL_CONFIG: dict[str, Any] = {
         {
             "id": "remote1",
             "name": "Remote",
-            "host": "10.0.0.5",
-            "port": 22,
+            "host": "127.0.0.1",
+            "port": 2,
             "username": "root",
             "password": "ssh-secret",
             "privateKey": "",

@@ -17,7 +17,7 @@ CONFIG = {
         {"id": "fs1", "name": "Local", "driverId": "filesystem", "params": {"path": "/srv/vb"}}
     ],
     "backupDestinationId": "fs1",
-    "servers": [{"id": "s1", "name": "S1", "host": "h1", "password": "pw-1"}],
+    "servers": [{"id": "s1", "name": "S1", "host": "127.0.0.1", "port": 2, "password": "pw-1"}],
 }
 
 
@@ -107,7 +107,7 @@ def test_agent_yaml_is_imported_on_first_start(make_system: Callable[..., System
     with _client(system) as api:
         cfg = api.get("/config").json()
     assert cfg["backupDestinationId"] == "fs1"
-    assert cfg["servers"][0]["host"] == "h1"
+    assert cfg["servers"][0]["host"] == "127.0.0.1"
     assert cfg["servers"][0]["password"] == "********"
     assert cfg["backup"]["gdrive"]["expiresAt"] == "2026-02-06T12:00:00Z"
 

@@ -48,8 +48,12 @@ class Settings(BaseSettings):
     worker_units: int = 2
     #: Threads for hashing, compression and encryption (default: one per core).
     worker_threads: int = 0
-    #: Address the NBD exports listen on for the workers (the hypervisor's, as workers see it).
-    nbd_host: str = "127.0.0.1"
+    #: Seconds to connect to a hypervisor (SSH and libvirt) before it counts as unreachable.
+    server_timeout: float = 5.0
+    #: Seconds between full refreshes of every server's VM list (events keep it current).
+    refresh_interval: float = 300.0
+    #: Directory on each hypervisor for backup scratch files.
+    scratch_dir: str = "/var/lib/libvirt/images/virtbackup-scratch"
 
     @property
     def agent_yaml(self) -> Path:

@@ -1,12 +1,36 @@
-"""The inventory service's definition."""
+"""The inventory service: hypervisor servers, VMs, actions, lifecycle events, backup jobs."""
 
 from __future__ import annotations
 
 from virtbackup.contracts import buckets, streams, subjects
-from virtbackup.runtime.service import ServiceSpec
+from virtbackup.inventory.handlers import register as register_handlers
+from virtbackup.inventory.inventory import Inventory
+from virtbackup.runtime.service import ServiceContext, ServiceSpec
+
+_state: dict[str, Inventory] = {}
+
+
+async def register(ctx: ServiceContext) -> None:
+    inv = Inventory(ctx)
+    _state[ctx.name] = inv
+    register_handlers(ctx, inv)
+
+
+async def start(ctx: ServiceContext) -> None:
+    inv = _state[ctx.name]
+    await inv.sync_config()
+    ctx.spawn(inv.follow_config(), "follow-config")
+
+
+async def stop(ctx: ServiceContext) -> None:
+    await _state.pop(ctx.name).close()
+
 
 SPEC = ServiceSpec(
     name=subjects.INVENTORY,
     streams=(streams.EVENTS,),
     buckets=(buckets.INVENTORY, buckets.CONFIG),
+    register=register,
+    start=start,
+    stop=stop,
 )

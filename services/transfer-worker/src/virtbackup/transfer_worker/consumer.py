@@ -126,6 +126,9 @@ class Worker:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Unsubscribe now: a pending pull would hold the connection's drain.
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
             await self.res.close()
 
     async def on_job_finished(self, job_id: str, canceled: bool) -> None:

@@ -117,19 +117,22 @@ class CheckpointList(Message, frozen=True, kw_only=True):
 class BackupBeginRequest(Message, frozen=True, kw_only=True):
     """Begin a pull-mode backup with a new checkpoint, incremental when possible.
 
-    ``full`` forces a full read. The NBD export listens on ``nbd_host`` (an address the
-    workers reach) on a free port chosen by the inventory.
+    The NBD export listens on an address of the server that the workers reach, on a free
+    port chosen by the inventory.
     """
 
     server_id: str
     vm_name: str
-    full: bool = False
-    nbd_host: str = "127.0.0.1"
+    #: The checkpoint of the last complete restore point; ``None`` (or a broken chain)
+    #: means a full read.
+    incremental_from: str | None = None
+    quiesce: bool = True
 
 
 class DiskExport(Message, frozen=True, kw_only=True):
     target: str
-    export_name: str
+    path: str
+    nbd_url: str
     size: int
     format: str
     bitmap_context: str | None = None
@@ -141,9 +144,11 @@ class BackupBegun(Message, frozen=True, kw_only=True):
     checkpoint: str
     parent_checkpoint: str | None
     incremental: bool
-    nbd_url: str
+    #: Why a requested incremental became a full read (empty otherwise).
+    full_reason: str = ""
     disks: list[DiskExport]
     domain_xml: str
+    quiesced: bool = False
 
 
 class BackupEndRequest(Message, frozen=True, kw_only=True):

@@ -29,13 +29,20 @@ class VmBody(msgspec.Struct, kw_only=True, rename="camel"):
     vm_name: str
 
 
+#: Inventory commands may open a connection (bounded by the server timeout) and then make
+#: several libvirt calls.
+INVENTORY_TIMEOUT = 30.0
+
+
 class ServersController(Controller):
     path = "/servers/{server_id:str}"
 
     @get("/vms")
     async def vms(self, gw: Gateway, server_id: str) -> list[dict[str, Any]]:
         """The server's VMs from the cache, with ``hasOverlay`` for backup leftovers."""
-        result = await gw.bus.request(InventoryCmd.VMS, ServerRef(server_id=server_id), ServerVms)
+        result = await gw.bus.request(
+            InventoryCmd.VMS, ServerRef(server_id=server_id), ServerVms, timeout=INVENTORY_TIMEOUT
+        )
         out = msgspec.to_builtins(result.vms)
         assert isinstance(out, list)
         return out
@@ -43,13 +50,17 @@ class ServersController(Controller):
     @post("/refresh", status_code=200)
     async def refresh(self, gw: Gateway, server_id: str) -> dict[str, bool]:
         """Re-read the server's VMs now."""
-        await gw.bus.request(InventoryCmd.REFRESH, ServerRef(server_id=server_id), Ok)
+        await gw.bus.request(
+            InventoryCmd.REFRESH, ServerRef(server_id=server_id), Ok, timeout=INVENTORY_TIMEOUT
+        )
         return {"success": True}
 
     @post("/test", status_code=200)
     async def test_ssh(self, gw: Gateway, server_id: str) -> dict[str, Any]:
         """Test the SSH connection: ``success`` false with the reason when it fails."""
-        result = await gw.bus.request(InventoryCmd.TEST_SSH, ServerRef(server_id=server_id), Ok)
+        result = await gw.bus.request(
+            InventoryCmd.TEST_SSH, ServerRef(server_id=server_id), Ok, timeout=INVENTORY_TIMEOUT
+        )
         body: dict[str, Any] = {"success": result.success}
         if result.message:
             body["message"] = result.message

@@ -1,0 +1,201 @@
+"""The inventory's command handlers: bus in, libvirt, bus out."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from virtbackup.contracts.subjects import InventoryCmd
+from virtbackup.contracts.v1.inventory import (
+    BackupBeginRequest,
+    BackupBegun,
+    BackupEndRequest,
+    Checkpoint,
+    CheckpointList,
+    CleanupResult,
+    DiskInfo,
+    DiskList,
+    DomainXml,
+    Ok,
+    ServerList,
+    ServerRef,
+    ServerVms,
+    VmActionRequest,
+    VmInfo,
+    VmRef,
+)
+from virtbackup.inventory import backups
+from virtbackup.inventory.inventory import Inventory, _power
+from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, Unavailable
+from virtbackup.runtime.service import ServiceContext
+from virtbackup.virt import check_chain, get_domain, list_checkpoints, list_disks
+from virtbackup.virt.domains import DomainAction, domain_xml, eject_cdrom, perform_action
+from virtbackup.virt.errors import Conflict as VirtConflict
+from virtbackup.virt.errors import NotFound as VirtNotFound
+from virtbackup.virt.errors import VirtError
+from virtbackup.virt.leftovers import cleanup_leftovers
+
+ACTIONS = {
+    "start": DomainAction.START,
+    "reboot": DomainAction.REBOOT,
+    "shutdown": DomainAction.SHUTDOWN,
+    "forceReset": DomainAction.FORCE_RESET,
+    "forceOff": DomainAction.FORCE_OFF,
+}
+
+
+@contextlib.asynccontextmanager
+async def libvirt_errors(server_id: str, vm_name: str | None = None) -> AsyncIterator[None]:
+    """libvirt's errors as the bus's: unknown VM 404, forbidden by state 409, else 503."""
+    try:
+        yield
+    except VirtNotFound as exc:
+        what = f"vm {vm_name!r}" if vm_name else "object"
+        raise NotFound(f"{what} not found on server {server_id}: {exc}") from None
+    except VirtConflict as exc:
+        raise Conflict(str(exc)) from None
+    except VirtError as exc:
+        raise Unavailable(f"server {server_id}: {exc}") from None
+
+
+def register(ctx: ServiceContext, inv: Inventory) -> None:
+    bus = ctx.bus
+    scratch = ctx.settings.scratch_dir
+
+    @bus.handle(InventoryCmd.SERVERS, ServerRef)
+    async def servers(_: ServerRef) -> ServerList:
+        return ServerList(servers=inv.states())
+
+    @bus.handle(InventoryCmd.VMS, ServerRef)
+    async def vms(req: ServerRef) -> ServerVms:
+        return await inv.vms(req.server_id)
+
+    @bus.handle(InventoryCmd.REFRESH, ServerRef)
+    async def refresh(req: ServerRef) -> Ok:
+        await inv.refresh(req.server_id)
+        return Ok()
+
+    @bus.handle(InventoryCmd.TEST_SSH, ServerRef)
+    async def test_ssh(req: ServerRef) -> Ok:
+        entry = inv.entry(req.server_id)
+        try:
+            return Ok(message=await entry.host.test_ssh())
+        except Unavailable as exc:
+            return Ok(success=False, message=exc.message)
+
+    @bus.handle(InventoryCmd.ACTION, VmActionRequest)
+    async def action(req: VmActionRequest) -> Ok:
+        action = ACTIONS.get(req.action)
+        if action is None:
+            raise BadRequest(f"unknown action {req.action!r} (known: {', '.join(ACTIONS)})")
+        conn = await inv.entry(req.server_id).host.connection()
+        async with libvirt_errors(req.server_id, req.vm_name):
+            await perform_action(conn, req.vm_name, action)
+        with contextlib.suppress(Unavailable, VirtError):
+            await inv.refresh_vm(req.server_id, req.vm_name)
+        return Ok()
+
+    @bus.handle(InventoryCmd.CLEANUP, VmRef)
+    async def cleanup(req: VmRef) -> CleanupResult:
+        entry = inv.entry(req.server_id)
+        conn = await entry.host.connection()
+        async with libvirt_errors(req.server_id, req.vm_name):
+            await get_domain(conn, req.vm_name)
+            report = await cleanup_leftovers(
+                conn, req.vm_name, scratch_dir=scratch, host=await entry.host.host()
+            )
+        actions = []
+        if report.aborted_job:
+            actions.append("aborted the running backup job")
+        actions += [f"deleted checkpoint {c}" for c in report.deleted_checkpoints]
+        actions += [f"committed overlay {o.path}" for o in report.committed_overlays]
+        actions += [f"removed {f}" for f in report.removed_files]
+        with contextlib.suppress(Unavailable, VirtError):
+            await inv.refresh_vm(req.server_id, req.vm_name)
+        return CleanupResult(actions=actions)
+
+    @bus.handle(InventoryCmd.DOMAIN_XML, VmRef)
+    async def get_xml(req: VmRef) -> DomainXml:
+        conn = await inv.entry(req.server_id).host.connection()
+        async with libvirt_errors(req.server_id, req.vm_name):
+            return DomainXml(xml=await domain_xml(conn, req.vm_name, inactive=True, secure=True))
+
+    async def disk_infos(req: VmRef) -> list[DiskInfo]:
+        entry = inv.entry(req.server_id)
+        conn = await entry.host.connection()
+        async with libvirt_errors(req.server_id, req.vm_name):
+            disks = await list_disks(conn, req.vm_name, host=await entry.host.host())
+        return [
+            DiskInfo(
+                target=d.target,
+                path=d.source or "",
+                format=d.format,
+                capacity=d.capacity or 0,
+                device=d.device,
+            )
+            for d in disks
+        ]
+
+    @bus.handle(InventoryCmd.DISKS, VmRef)
+    async def disks(req: VmRef) -> DiskList:
+        return DiskList(disks=[d for d in await disk_infos(req) if d.device == "disk"])
+
+    @bus.handle(InventoryCmd.VM_INFO, VmRef)
+    async def vm_info(req: VmRef) -> VmInfo:
+        conn = await inv.entry(req.server_id).host.connection()
+        async with libvirt_errors(req.server_id, req.vm_name):
+            dom = await get_domain(conn, req.vm_name)
+            raw = await conn.lookup(req.vm_name)
+            info = await conn.call(raw.info)
+        every = await disk_infos(req)
+        return VmInfo(
+            name=dom.name,
+            uuid=dom.uuid,
+            power_state=_power(str(dom.power_state)),
+            vcpus=int(info[3]),
+            memory_mb=int(info[1]) // 1024,
+            disks=[d for d in every if d.device == "disk"],
+            cdroms=sum(1 for d in every if d.device == "cdrom"),
+        )
+
+    @bus.handle(InventoryCmd.REMOVE_CDROM, VmRef)
+    async def remove_cdrom(req: VmRef) -> Ok:
+        conn = await inv.entry(req.server_id).host.connection()
+        async with libvirt_errors(req.server_id, req.vm_name):
+            ejected = await eject_cdrom(conn, req.vm_name)
+        message = f"ejected {', '.join(ejected)}" if ejected else "no CD-ROM medium"
+        return Ok(message=message)
+
+    @bus.handle(InventoryCmd.CHECKPOINTS, VmRef)
+    async def checkpoints(req: VmRef) -> CheckpointList:
+        entry = inv.entry(req.server_id)
+        conn = await entry.host.connection()
+        async with libvirt_errors(req.server_id, req.vm_name):
+            found = await list_checkpoints(conn, req.vm_name)
+            latest = max(found, key=lambda c: c.creation_time).name if found else None
+            chain = await check_chain(conn, req.vm_name, latest, host=await entry.host.host())
+        return CheckpointList(
+            checkpoints=[
+                Checkpoint(
+                    name=c.name,
+                    parent=c.parent,
+                    created_at=c.creation_time,
+                    disks=[d.target for d in c.disks],
+                )
+                for c in found
+            ],
+            chain_intact=latest is not None and chain.intact,
+        )
+
+    @bus.handle(InventoryCmd.BACKUP_BEGIN, BackupBeginRequest)
+    async def backup_begin(req: BackupBeginRequest) -> BackupBegun:
+        entry = inv.entry(req.server_id)
+        async with libvirt_errors(req.server_id, req.vm_name):
+            return await backups.begin(entry.host, req, scratch)
+
+    @bus.handle(InventoryCmd.BACKUP_END, BackupEndRequest)
+    async def backup_end(req: BackupEndRequest) -> Ok:
+        entry = inv.entry(req.server_id)
+        async with libvirt_errors(req.server_id, req.vm_name):
+            await backups.end(entry.host, req, scratch)
+        return Ok()

@@ -1,0 +1,200 @@
+"""One configured hypervisor server: its SSH and libvirt connections, kept and re-opened.
+
+A server with an empty ``host`` is this machine's libvirt (``uri`` or ``qemu:///system``).
+Any other is reached over SSH with asyncssh (password or private key); libvirt then goes
+through a Unix socket forwarded over that SSH connection, unless ``uri`` names another
+transport (e.g. ``qemu+ssh://``, or ``qemu+tcp://``). Every connection attempt is bounded
+by the server timeout; a failure marks the server unreachable with the reason, and the
+next use tries again. Servers never wait for each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import asyncssh
+
+from virtbackup.contracts.v1.config import Server
+from virtbackup.runtime.errors import Unavailable
+from virtbackup.virt import Connection, open_connection, open_ssh_connection
+from virtbackup.virt.connection import LOCAL_SYSTEM_URI
+from virtbackup.virt.errors import VirtError
+from virtbackup.virt.host import Host, LocalHost, SshHost
+
+log = logging.getLogger(__name__)
+
+
+def ssh_options(server: Server, timeout: float) -> dict[str, object]:
+    """asyncssh options for ``server``: password and/or key, bounded connect time."""
+    options: dict[str, object] = {
+        "host": server.host,
+        "port": server.port,
+        "username": server.username or "root",
+        "known_hosts": None,
+        "connect_timeout": timeout,
+        "login_timeout": timeout,
+        "agent_path": None,
+        "keepalive_interval": 10,
+        "keepalive_count_max": 3,
+    }
+    if server.private_key:
+        options["client_keys"] = [asyncssh.import_private_key(server.private_key)]
+    else:
+        options["client_keys"] = None
+    if server.password:
+        options["password"] = server.password
+    return options
+
+
+async def ssh_connect(server: Server, timeout: float) -> asyncssh.SSHClientConnection:
+    """An authenticated SSH connection, or ``Unavailable`` with the reason."""
+    try:
+        return await asyncio.wait_for(
+            asyncssh.connect(**ssh_options(server, timeout)),
+            timeout,
+        )
+    except asyncssh.PermissionDenied:
+        raise Unavailable(
+            f"server {server.id}: SSH authentication failed for {server.username or 'root'}"
+        ) from None
+    except TimeoutError:
+        raise Unavailable(
+            f"server {server.id}: no SSH answer from {server.host}:{server.port} in {timeout:g}s"
+        ) from None
+    except (OSError, asyncssh.Error) as exc:
+        raise Unavailable(
+            f"server {server.id}: SSH to {server.host}:{server.port}: {exc}"
+        ) from None
+
+
+@dataclass
+class HostServer:
+    """A configured server and its open connections (opened on first use)."""
+
+    config: Server
+    timeout: float
+    conn: Connection | None = None
+    ssh: asyncssh.SSHClientConnection | None = None
+    reachable: bool = False
+    error: str = ""
+    failed_at: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    #: After a failed attempt, calls fail at once with its reason for this many seconds.
+    RETRY_AFTER = 5.0
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def is_local(self) -> bool:
+        return not self.config.host
+
+    @property
+    def uri(self) -> str:
+        if self.config.uri:
+            return self.config.uri
+        return LOCAL_SYSTEM_URI if self.is_local else f"ssh://{self.config.host}/system"
+
+    @property
+    def nbd_host(self) -> str:
+        """The address workers reach this server's NBD exports at."""
+        return "127.0.0.1" if self.is_local else self.config.host
+
+    async def connection(self) -> Connection:
+        """The libvirt connection, opened (or re-opened) if needed."""
+        if self.conn is not None and self.conn.closed_reason is None:
+            return self.conn
+        if self.failed_at and time.monotonic() - self.failed_at < self.RETRY_AFTER:
+            raise Unavailable(self.error)
+        async with self.lock:
+            if self.conn is not None and self.conn.closed_reason is None:
+                return self.conn
+            await self._close_locked()
+            try:
+                self.conn = await self._open()
+            except Unavailable as exc:
+                self._failed(exc.message)
+                raise
+            except VirtError as exc:
+                self._failed(f"server {self.id}: {exc}")
+                await self._close_locked()
+                raise Unavailable(self.error) from None
+            self.reachable, self.error, self.failed_at = True, "", 0.0
+            return self.conn
+
+    def _failed(self, reason: str) -> None:
+        self.reachable, self.error, self.failed_at = False, reason, time.monotonic()
+
+    async def open_new(self) -> Connection:
+        """A new, separate libvirt connection (for the lifecycle event watcher)."""
+        try:
+            conn = await self._open()
+        except VirtError as exc:
+            raise Unavailable(f"server {self.id}: {exc}") from None
+        self.reachable, self.error = True, ""
+        return conn
+
+    async def _open(self) -> Connection:
+        """Open libvirt; a tunnelling SSH connection is closed together with it."""
+        if self.is_local or self.config.uri:
+            host: Host | None = LocalHost() if self.is_local else None
+            return await open_connection(
+                self.uri, host=host, open_timeout=self.timeout, call_timeout=max(30, self.timeout)
+            )
+        ssh = await ssh_connect(self.config, self.timeout)
+        try:
+            conn = await open_ssh_connection(
+                ssh, open_timeout=self.timeout, call_timeout=max(30, self.timeout)
+            )
+        except BaseException:
+            ssh.close()
+            raise
+
+        async def close_ssh() -> None:
+            ssh.close()
+
+        conn.add_cleanup(close_ssh)
+        return conn
+
+    async def host(self) -> Host:
+        """Where ``qemu-img`` and friends run for this server."""
+        if self.is_local:
+            return LocalHost()
+        async with self.lock:
+            if self.ssh is None or self.ssh.is_closed():
+                self.ssh = await ssh_connect(self.config, self.timeout)
+            return SshHost(self.ssh)
+
+    async def test_ssh(self) -> str:
+        """Log in over SSH (``Unavailable`` with the reason if that fails), then check that
+        commands run, which backups need (``qemu-img`` on the host)."""
+        if self.is_local:
+            return "local server: no SSH needed"
+        ssh = await ssh_connect(self.config, self.timeout)
+        try:
+            result = await asyncio.wait_for(ssh.run("true", check=False), self.timeout)
+        except (TimeoutError, asyncssh.Error, OSError) as exc:
+            return f"SSH login OK, but running a command failed: {exc}"
+        finally:
+            ssh.close()
+        if result.exit_status != 0:
+            return f"SSH login OK, but commands cannot run (exit {result.exit_status})"
+        return "SSH connection successful"
+
+    async def _close_locked(self) -> None:
+        conn, ssh, self.conn, self.ssh = self.conn, self.ssh, None, None
+        if conn is not None:
+            with contextlib.suppress(VirtError, OSError):
+                await conn.close()
+        if ssh is not None:
+            ssh.close()
+
+    async def close(self) -> None:
+        async with self.lock:
+            await self._close_locked()

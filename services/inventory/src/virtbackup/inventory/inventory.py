@@ -1,0 +1,270 @@
+"""The inventory's state: servers from the configuration, their VM caches, their events.
+
+The VM cache of a server is filled by a refresh (on first use, on ``refresh``, and every
+``refresh_interval`` to repair drift) and kept current by libvirt lifecycle events, which
+are also published as ``vm.lifecycle``. Each server has its own watcher task, so an
+unreachable server never holds up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+from nats.js.kv import KeyValue
+
+from virtbackup.contracts import buckets
+from virtbackup.contracts.subjects import EventType
+from virtbackup.contracts.v1.config import Server
+from virtbackup.contracts.v1.events import VmLifecycle
+from virtbackup.contracts.v1.inventory import PowerState, ServerState, ServerVms, Vm, VmStatus
+from virtbackup.inventory.hosts import HostServer
+from virtbackup.runtime.agent_config import read_agent_config
+from virtbackup.runtime.clock import utcnow_iso
+from virtbackup.runtime.errors import NotFound, Unavailable
+from virtbackup.runtime.service import ServiceContext
+from virtbackup.virt import get_domain, list_domains
+from virtbackup.virt.errors import NotFound as VirtNotFound
+from virtbackup.virt.errors import VirtError
+from virtbackup.virt.events import ConnectionLost, LifecycleEvent, LifecycleKind, LifecycleWatcher
+from virtbackup.virt.leftovers import find_leftovers
+
+log = logging.getLogger(__name__)
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass
+class ServerEntry:
+    host: HostServer
+    vms: dict[str, VmStatus] = field(default_factory=dict)
+    refreshed_at: str = ""
+    refreshed: bool = False
+    watcher: asyncio.Task[None] | None = None
+    refresh_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Inventory:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.entries: dict[str, ServerEntry] = {}
+        self.timeout = ctx.settings.server_timeout
+
+    @property
+    def kv(self) -> KeyValue:
+        return self.ctx.bucket(buckets.INVENTORY)
+
+    # -- servers ---------------------------------------------------------------------
+
+    def entry(self, server_id: str) -> ServerEntry:
+        entry = self.entries.get(server_id)
+        if entry is None:
+            raise NotFound(f"server {server_id!r} not found")
+        return entry
+
+    async def sync_config(self) -> None:
+        """Bring the servers in line with the configuration (added, changed, removed)."""
+        cfg, _ = await read_agent_config(self.ctx.bucket(buckets.CONFIG))
+        wanted: dict[str, Server] = {s.id: s for s in cfg.servers}
+        for server_id in list(self.entries):
+            entry = self.entries[server_id]
+            if wanted.get(server_id) != entry.host.config:
+                await self._remove(server_id)
+        for server_id, server in wanted.items():
+            if server_id not in self.entries:
+                entry = ServerEntry(host=HostServer(config=server, timeout=self.timeout))
+                self.entries[server_id] = entry
+                entry.watcher = asyncio.create_task(self._watch(entry), name=f"watch-{server_id}")
+
+    async def _remove(self, server_id: str) -> None:
+        entry = self.entries.pop(server_id)
+        if entry.watcher:
+            entry.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await entry.watcher
+        await entry.host.close()
+        with contextlib.suppress(Exception):
+            await self.kv.delete(server_id)
+
+    async def follow_config(self) -> None:
+        """Re-sync whenever the configuration changes."""
+        watcher = await self.ctx.bucket(buckets.CONFIG).watch(buckets.CONFIG_KEY)
+        async for update in watcher:
+            if update is None:
+                continue
+            try:
+                await self.sync_config()
+            except Exception:
+                log.exception("applying the configuration failed")
+
+    async def close(self) -> None:
+        for server_id in list(self.entries):
+            await self._remove(server_id)
+
+    def states(self) -> list[ServerState]:
+        return [
+            ServerState(
+                id=e.host.id,
+                name=e.host.config.name,
+                uri=e.host.uri,
+                reachable=e.host.reachable,
+                error=e.host.error,
+                vm_count=len(e.vms),
+                refreshed_at=e.refreshed_at,
+            )
+            for e in self.entries.values()
+        ]
+
+    # -- VM cache --------------------------------------------------------------------
+
+    async def vms(self, server_id: str) -> ServerVms:
+        entry = self.entry(server_id)
+        if not entry.refreshed:
+            await self.refresh(server_id)
+        return self._snapshot(entry)
+
+    def _snapshot(self, entry: ServerEntry) -> ServerVms:
+        return ServerVms(
+            server_id=entry.host.id,
+            vms=sorted(entry.vms.values(), key=lambda v: v.vm.name),
+            reachable=entry.host.reachable,
+            error=entry.host.error,
+            refreshed_at=entry.refreshed_at,
+        )
+
+    async def refresh(self, server_id: str) -> ServerVms:
+        """Re-read every VM of the server (``Unavailable`` with the reason if unreachable)."""
+        entry = self.entry(server_id)
+        async with entry.refresh_lock:
+            conn = await entry.host.connection()
+            try:
+                domains = await list_domains(conn)
+                vms = {}
+                for dom in domains:
+                    vms[dom.name] = await self._status(
+                        entry, dom.name, dom.uuid, str(dom.power_state)
+                    )
+            except VirtError as exc:
+                entry.host.reachable, entry.host.error = False, f"server {server_id}: {exc}"
+                raise Unavailable(entry.host.error) from None
+            entry.vms = vms
+            entry.refreshed = True
+            entry.refreshed_at = utcnow_iso()
+            await self._store(entry)
+            return self._snapshot(entry)
+
+    async def _status(self, entry: ServerEntry, name: str, uuid: str, power: str) -> VmStatus:
+        conn = await entry.host.connection()
+        try:
+            leftovers = await find_leftovers(
+                conn, name, scratch_dir=self.ctx.settings.scratch_dir, host=await entry.host.host()
+            )
+            has_overlay = leftovers.has_overlay
+        except VirtNotFound:
+            raise
+        except VirtError as exc:
+            log.warning("leftover check of %s on %s failed: %s", name, entry.host.id, exc)
+            has_overlay = False
+        return VmStatus(
+            vm=Vm(id=uuid, name=name, power_state=_power(power)), has_overlay=has_overlay
+        )
+
+    async def refresh_vm(self, server_id: str, name: str) -> VmStatus | None:
+        """Re-read one VM (after an action or event); ``None`` once it is gone."""
+        entry = self.entry(server_id)
+        conn = await entry.host.connection()
+        try:
+            dom = await get_domain(conn, name)
+            status = await self._status(entry, name, dom.uuid, str(dom.power_state))
+        except VirtNotFound:
+            entry.vms.pop(name, None)
+            await self._store(entry)
+            return None
+        entry.vms[name] = status
+        await self._store(entry)
+        return status
+
+    async def _store(self, entry: ServerEntry) -> None:
+        with contextlib.suppress(Exception):
+            await self.kv.put(entry.host.id, _encoder.encode(self._snapshot(entry)))
+
+    # -- events ----------------------------------------------------------------------
+
+    async def _watch(self, entry: ServerEntry) -> None:
+        """Follow the server's lifecycle events for as long as it is configured."""
+        delay = 1.0
+        interval = self.ctx.settings.refresh_interval
+        while True:
+            watcher = LifecycleWatcher(entry.host.open_new)
+            try:
+                await watcher.start()
+            except (Unavailable, VirtError, OSError) as exc:
+                entry.host.reachable = False
+                entry.host.error = getattr(exc, "message", str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+                continue
+            delay = 1.0
+            try:
+                with contextlib.suppress(Unavailable, VirtError):
+                    await self.refresh(entry.host.id)
+                next_refresh = time.monotonic() + interval
+                while True:
+                    timeout = max(0.1, next_refresh - time.monotonic())
+                    try:
+                        item = await asyncio.wait_for(watcher.queue.get(), timeout)
+                    except TimeoutError:
+                        with contextlib.suppress(Unavailable, VirtError):
+                            await self.refresh(entry.host.id)
+                        next_refresh = time.monotonic() + interval
+                        continue
+                    if isinstance(item, LifecycleEvent):
+                        await self._on_event(entry, item)
+                    elif isinstance(item, ConnectionLost):
+                        entry.host.reachable = False
+                        entry.host.error = (
+                            f"server {entry.host.id}: connection lost ({item.reason})"
+                        )
+                    else:  # reconnected: events may have been missed
+                        with contextlib.suppress(Unavailable, VirtError):
+                            await self.refresh(entry.host.id)
+            finally:
+                with contextlib.suppress(Exception):
+                    await watcher.close()
+
+    async def _on_event(self, entry: ServerEntry, event: LifecycleEvent) -> None:
+        status: VmStatus | None = None
+        if event.event != LifecycleKind.UNDEFINED:
+            with contextlib.suppress(Unavailable, VirtError):
+                status = await self.refresh_vm(entry.host.id, event.domain)
+        else:
+            entry.vms.pop(event.domain, None)
+            await self._store(entry)
+        payload = VmLifecycle(
+            server_id=entry.host.id,
+            vm_name=event.domain,
+            vm_id=event.uuid,
+            event=str(event.event),
+            detail=event.detail,
+            power_state=status.vm.power_state if status else "unknown",
+        )
+        await self.ctx.bus.publish_event(EventType.VM_LIFECYCLE, payload, key=entry.host.id)
+
+
+_POWER: dict[str, PowerState] = {
+    "running": "running",
+    "blocked": "running",
+    "shutoff": "shutoff",
+    "paused": "paused",
+    "shutdown": "shutdown",
+    "crashed": "crashed",
+    "pmsuspended": "suspended",
+}
+
+
+def _power(value: str) -> PowerState:
+    """libvirt's state word as the API shows it."""
+    return _POWER.get(value, "unknown")
