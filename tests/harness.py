@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from virtbackup.runtime.nats_server import NatsServer, start_nats_server
+from virtbackup.runtime.nats_server import NatsServer, free_port, start_nats_server
 
 MODULES = {
     "gateway": "virtbackup.gateway",
@@ -31,9 +31,14 @@ class System:
     data_dir: Path
     nats: NatsServer
     agent_port: int
+    hypersdk_port: int = field(default_factory=free_port)
     token: str = "test-token-0123456789"
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def hypersdk_url(self) -> str:
+        return f"http://127.0.0.1:{self.hypersdk_port}"
 
     @property
     def url(self) -> str:
@@ -46,6 +51,7 @@ class System:
                 "VIRTBACKUP_DATA_DIR": str(self.data_dir),
                 "VIRTBACKUP_NATS_URL": self.nats.url,
                 "VIRTBACKUP_AGENT_PORT": str(self.agent_port),
+                "VIRTBACKUP_HYPERSDK_PORT": str(self.hypersdk_port),
                 "VIRTBACKUP_LOG_LEVEL": "INFO",
             }
         )

@@ -316,3 +316,46 @@ async def test_a_remote_server_over_ssh(
         assert (await api.post("/servers/remote/test", json={})).json()["success"] is True
     finally:
         remote.stop()
+
+
+async def test_hypersdk_vm_discovery(api: httpx.AsyncClient, vm: SmallVm, system: System) -> None:
+    await _configure(api, [LOCAL])
+    await _wait_state(api, vm.name, "running")
+    async with httpx.AsyncClient(
+        base_url=system.hypersdk_url, headers=system.auth(), timeout=30
+    ) as hs:
+        assert (await hs.get("/health")).json() == {"status": "ok"}
+        assert (await hs.get("/health", headers={"Authorization": "Bearer x"})).status_code == 401
+        listed = (await hs.get("/vms/list", params={"server_id": "local"})).json()
+        mine = [v for v in listed["vms"] if v["name"] == vm.name]
+        assert listed["total"] == len(listed["vms"])
+        assert mine[0]["path"] == f"local/{vm.name}"
+        assert mine[0]["power_state"] == "poweredOn"
+        assert mine[0]["memory_mb"] == 64
+        assert mine[0]["storage"] == 64 << 20
+        info = (await hs.get("/vms/info", params={"vm_path": f"local/{vm.name}"})).json()
+        assert info["hardware"]["num_virtual_disks"] == 1
+        assert info["disks"][0]["capacity_kb"] == 64 << 10
+        vsphere = await hs.get("/vms/list", params={"vcenter_url": "vc.example.com"})
+        assert vsphere.status_code == 400
+        assert "vSphere" in vsphere.json()["error"]
+        missing = await hs.get("/vms/info", params={"vm_path": "local/nope"})
+        assert missing.status_code == 404
+        cd = await hs.post("/vms/remove-cdrom", json={"vm_path": f"local/{vm.name}"})
+        assert cd.json() == {"message": "CD-ROM devices removed"}
+        off = await hs.post("/vms/poweroff", json={"vm_path": f"local/{vm.name}"})
+        assert off.json() == {"message": "VM powered off"}
+        await _wait_state(api, vm.name, "shutoff")
+        status = (await hs.get("/status")).json()
+        assert status["worker_count"] >= 1
+        assert set(status) == {
+            "total_jobs",
+            "running_jobs",
+            "completed_jobs",
+            "failed_jobs",
+            "worker_count",
+            "active_workers",
+        }
+    assert (
+        await api.post("/servers/local/actions", json={"action": "start", "vmName": vm.name})
+    ).status_code == 200

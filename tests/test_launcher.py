@@ -22,7 +22,13 @@ def _children(pid: int) -> list[str]:
 
 def _up(data: Path, port: int) -> tuple[subprocess.Popen[str], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTBACKUP_")}
-    env.update({"VIRTBACKUP_DATA_DIR": str(data), "VIRTBACKUP_AGENT_PORT": str(port)})
+    env.update(
+        {
+            "VIRTBACKUP_DATA_DIR": str(data),
+            "VIRTBACKUP_AGENT_PORT": str(port),
+            "VIRTBACKUP_HYPERSDK_PORT": str(free_port()),
+        }
+    )
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("virtbackup")), "up", "--nats-port", "0"],
         env=env,

@@ -14,6 +14,7 @@ from virtbackup.contracts import buckets, streams, subjects
 from virtbackup.gateway.app import create_asgi
 from virtbackup.gateway.config_store import ConfigStore
 from virtbackup.gateway.credentials import ensure_certificate, ensure_token
+from virtbackup.gateway.hypersdk import create_hypersdk_asgi
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.logging import setup_logging
 from virtbackup.runtime.service import ServiceSpec, start_service, stop_service
@@ -64,12 +65,23 @@ async def serve(settings: Settings | None = None) -> None:
             lifespan="on",
             timeout_graceful_shutdown=5,
         )
-        server = _Server(config)
-        task = asyncio.create_task(server.serve())
+        hypersdk = uvicorn.Config(
+            create_hypersdk_asgi(gw),
+            host=settings.hypersdk_host,
+            port=settings.hypersdk_port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+        servers = [_Server(config), _Server(hypersdk)]
+        tasks = {asyncio.create_task(s.serve()) for s in servers}
         stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        server.should_exit = True
-        await task
+        await asyncio.wait({*tasks, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        for server in servers:
+            server.should_exit = True
+        await asyncio.gather(*tasks)
+        stopped.cancel()
     finally:
         await stop_service(SPEC, ctx)
 

@@ -1,0 +1,198 @@
+"""The HyperSDK-style API (``hypersdk-api.md``), on its own listener.
+
+Served here: health, status and VM discovery against the inventory's libvirt servers.
+vSphere is not a source VirtBackup has: a request naming only ``vcenter_url`` is refused
+with a clear 400. A libvirt VM is addressed by ``server_id`` and its name, or by
+``vm_path`` written ``<server_id>/<vm name>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+from litestar import Controller, Litestar, get, post
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+
+from virtbackup.contracts import buckets
+from virtbackup.contracts.subjects import InventoryCmd, JobCmd
+from virtbackup.contracts.v1.inventory import Ok, ServerRef, ServerVms, VmInfo, VmRef
+from virtbackup.contracts.v1.jobs import JobList, JobListRequest
+from virtbackup.gateway.auth import TokenAuth
+from virtbackup.gateway.errors import HANDLERS
+from virtbackup.gateway.state import Gateway
+from virtbackup.runtime import __version__
+from virtbackup.runtime.errors import BadRequest
+
+INVENTORY_TIMEOUT = 30.0
+POWER = {"running": "poweredOn", "shutoff": "poweredOff", "paused": "suspended"}
+
+
+class VmRequest(msgspec.Struct, kw_only=True):
+    vm_path: str = ""
+    server_id: str = ""
+    vm_name: str = ""
+    vcenter_url: str = ""
+    username: str = ""
+    password: str = ""
+
+
+def server_of(server_id: str, vcenter_url: str) -> str:
+    """The libvirt server a request names; vSphere-only requests are refused."""
+    if server_id:
+        return server_id
+    if vcenter_url:
+        raise BadRequest("vSphere sources are not supported: name a libvirt server_id")
+    raise BadRequest("server_id is required")
+
+
+def vm_ref(req: VmRequest) -> VmRef:
+    """The libvirt VM a request names (``server_id`` + name, or ``vm_path``)."""
+    server, name = req.server_id, req.vm_name
+    if req.vm_path:
+        if "/" in req.vm_path and not server:
+            server, name = req.vm_path.split("/", 1)
+        else:
+            name = req.vm_path
+    if not server:
+        if req.vcenter_url:
+            raise BadRequest("vSphere sources are not supported: name a libvirt server_id")
+        raise BadRequest("server_id is required (or vm_path as '<server_id>/<vm name>')")
+    if not name:
+        raise BadRequest("vm_path (or vm_name) is required")
+    return VmRef(server_id=server, vm_name=name)
+
+
+def vm_view(info: VmInfo, server_id: str) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "path": f"{server_id}/{info.name}",
+        "uuid": info.uuid,
+        "power_state": POWER.get(info.power_state, info.power_state),
+        "num_cpu": info.vcpus,
+        "memory_mb": info.memory_mb,
+        "storage": sum(d.capacity for d in info.disks),
+    }
+
+
+class HyperSdkController(Controller):
+    @get("/health")
+    async def health(self, gw: Gateway) -> dict[str, str]:
+        """``ok`` while the bus is connected."""
+        return {"status": "ok" if gw.bus.nc.is_connected else "degraded"}
+
+    @get("/status")
+    async def status(self, gw: Gateway) -> dict[str, int]:
+        """Job counts by state and the live transfer workers."""
+        jobs = (await gw.bus.request(JobCmd.LIST, JobListRequest(), JobList)).jobs
+        kv = await gw.bus.js.key_value(buckets.WORKERS.name)
+        try:
+            workers = len(await kv.keys())
+        except Exception:  # no keys
+            workers = 0
+        running = sum(1 for j in jobs if j.state == "running")
+        return {
+            "total_jobs": len(jobs),
+            "running_jobs": running,
+            "completed_jobs": sum(1 for j in jobs if j.state == "success"),
+            "failed_jobs": sum(1 for j in jobs if j.state == "failure"),
+            "worker_count": workers,
+            "active_workers": min(workers, running),
+        }
+
+    @get("/vms/list")
+    async def list_vms(
+        self, gw: Gateway, server_id: str = "", vcenter_url: str = ""
+    ) -> dict[str, Any]:
+        """Every VM of a libvirt server, with CPUs, memory and disk size."""
+        server = server_of(server_id, vcenter_url)
+        vms = await gw.bus.request(
+            InventoryCmd.VMS,
+            ServerRef(server_id=server),
+            ServerVms,
+            timeout=INVENTORY_TIMEOUT,
+        )
+        infos = await asyncio.gather(
+            *(
+                gw.bus.request(
+                    InventoryCmd.VM_INFO,
+                    VmRef(server_id=server, vm_name=v.vm.name),
+                    VmInfo,
+                    timeout=INVENTORY_TIMEOUT,
+                )
+                for v in vms.vms
+            )
+        )
+        return {"vms": [vm_view(i, server) for i in infos], "total": len(infos)}
+
+    @get("/vms/info")
+    async def vm_info(
+        self, gw: Gateway, vm_path: str = "", server_id: str = "", vcenter_url: str = ""
+    ) -> dict[str, Any]:
+        """One VM in detail, with its disks."""
+        ref = vm_ref(VmRequest(vm_path=vm_path, server_id=server_id, vcenter_url=vcenter_url))
+        info = await gw.bus.request(InventoryCmd.VM_INFO, ref, VmInfo, timeout=INVENTORY_TIMEOUT)
+        view = vm_view(info, ref.server_id)
+        return {
+            "name": view["name"],
+            "path": view["path"],
+            "uuid": view["uuid"],
+            "power_state": view["power_state"],
+            "hardware": {
+                "num_cpu": info.vcpus,
+                "memory_mb": info.memory_mb,
+                "num_virtual_disks": len(info.disks),
+            },
+            "disks": [
+                {"label": d.target, "capacity_kb": d.capacity // 1024, "file_path": d.path}
+                for d in info.disks
+            ],
+        }
+
+    async def _action(self, gw: Gateway, data: VmRequest, action: str) -> None:
+        from virtbackup.contracts.v1.inventory import VmActionRequest
+
+        ref = vm_ref(data)
+        request = VmActionRequest(
+            server_id=ref.server_id,
+            vm_name=ref.vm_name,
+            action="shutdown" if action == "shutdown" else "forceOff",
+        )
+        await gw.bus.request(InventoryCmd.ACTION, request, Ok, timeout=60)
+
+    @post("/vms/shutdown", status_code=200)
+    async def shutdown(self, gw: Gateway, data: VmRequest) -> dict[str, str]:
+        """Ask the guest to shut down (ACPI)."""
+        await self._action(gw, data, "shutdown")
+        return {"message": "VM shutdown initiated"}
+
+    @post("/vms/poweroff", status_code=200)
+    async def poweroff(self, gw: Gateway, data: VmRequest) -> dict[str, str]:
+        """Power the VM off at once."""
+        await self._action(gw, data, "poweroff")
+        return {"message": "VM powered off"}
+
+    @post("/vms/remove-cdrom", status_code=200)
+    async def remove_cdrom(self, gw: Gateway, data: VmRequest) -> dict[str, str]:
+        """Eject the media of every CD-ROM drive."""
+        await gw.bus.request(InventoryCmd.REMOVE_CDROM, vm_ref(data), Ok, timeout=60)
+        return {"message": "CD-ROM devices removed"}
+
+
+def create_hypersdk_asgi(gw: Gateway) -> TokenAuth:
+    """The HyperSDK-style API behind the same token authentication as the agent API."""
+
+    def provide_gateway() -> Gateway:
+        return gw
+
+    app = Litestar(
+        route_handlers=[HyperSdkController],
+        dependencies={"gw": Provide(provide_gateway, sync_to_thread=False)},
+        exception_handlers=HANDLERS,
+        openapi_config=OpenAPIConfig(title="VirtBackup (HyperSDK API)", version=__version__),
+        request_max_body_size=gw.settings.max_body_bytes,
+        logging_config=None,
+    )
+    return TokenAuth(app, gw.token)  # type: ignore[arg-type]
