@@ -1,4 +1,5 @@
-"""Fixtures: real sshd and SeaweedFS once per session, a fresh driver of each kind per test."""
+"""Fixtures: real sshd and SeaweedFS once per session, a Google Drive stand-in per test, a
+fresh driver of each kind per test."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from virtbackup.storage.testing import (
     DRIVER_KINDS,
     DriverCase,
+    FakeGoogleDrive,
     SeaweedServer,
     SshdServer,
     open_test_driver,
@@ -36,6 +38,17 @@ def seaweed() -> Iterator[SeaweedServer]:
         server.close()
 
 
+@pytest.fixture
+def google() -> Iterator[FakeGoogleDrive]:
+    """The Google Drive stand-in (in memory, so one per test keeps memory flat)."""
+    server = FakeGoogleDrive()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture(params=DRIVER_KINDS)
 async def case(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DriverCase]:
     """A fresh, empty driver of each kind (servers are shared, roots are not)."""
@@ -45,6 +58,7 @@ async def case(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
         scratch=tmp_path,
         sshd=request.getfixturevalue("sshd") if kind == "sftp" else None,
         seaweed=request.getfixturevalue("seaweed") if kind == "s3" else None,
+        google=request.getfixturevalue("google") if kind == "gdrive" else None,
     )
     try:
         yield result

@@ -1,7 +1,9 @@
 """The conformance suite (restic's internal/backend/test): one set of tests, every driver.
 
 Each test gets ``case``: a fresh, empty driver of one kind (filesystem, SFTP against a real
-sshd, S3 against a real SeaweedFS, dummy with and without tmp writes).
+sshd, S3 against a real SeaweedFS, Google Drive against the in-memory stand-in of
+``virtbackup.storage.fake_gdrive`` (no real Google is reachable here), dummy with and
+without tmp writes).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from virtbackup.contracts.v1.config import DRIVER_PARAMS, SECRET_KEYS, Destination
+from virtbackup.contracts.v1.config import DRIVER_PARAMS, SECRET_KEYS, Destination, GdriveSettings
 from virtbackup.contracts.v1.drivers import DriverInfo
 from virtbackup.storage import (
     Driver,
@@ -18,6 +18,8 @@ from virtbackup.storage import (
     open_driver,
 )
 from virtbackup.storage.filesystem import FilesystemDriver
+from virtbackup.storage.gdrive import GdriveDriver
+from virtbackup.storage.google_auth import GoogleTokens
 from virtbackup.storage.s3 import S3Driver
 from virtbackup.storage.sftp import SftpDriver
 
@@ -25,13 +27,20 @@ MINIMAL = {
     "filesystem": {"path": "/srv/backups"},
     "sftp": {"host": "h", "username": "u", "password": "p"},
     "s3": {"endpoint": "h:9000", "bucket": "bucket"},
+    "gdrive": {},
     "dummy": {},
 }
+TOKENS = GoogleTokens(refresh_token="1//refresh")
 
 
 def test_every_implemented_driver_is_listed() -> None:
-    assert [d.id for d in available_drivers()] == ["filesystem", "sftp", "s3", "dummy"]
-    assert driver_info("gdrive") is None
+    assert [d.id for d in available_drivers()] == ["filesystem", "sftp", "s3", "gdrive", "dummy"]
+    assert driver_info("ftp") is None
+    gdrive = driver_info("gdrive")
+    assert gdrive is not None
+    assert gdrive.label == "Google Drive"
+    assert gdrive.capabilities.supports_range_read is True
+    assert gdrive.capabilities.supports_batch_delete is False
 
 
 @pytest.mark.parametrize("info", available_drivers(), ids=lambda d: d.id)
@@ -69,7 +78,7 @@ def test_wire_format_is_camel_case() -> None:
 
 @pytest.mark.parametrize("driver_id", list(MINIMAL))
 async def test_every_listed_driver_opens_with_minimal_params(driver_id: str) -> None:
-    driver = open_driver(driver_id, MINIMAL[driver_id])
+    driver = open_driver(driver_id, MINIMAL[driver_id], tokens=TOKENS)
     try:
         assert isinstance(driver, Driver)
         assert driver.driver_id == driver_id
@@ -83,6 +92,8 @@ async def test_roots_are_the_virtbackup_folder_of_the_base() -> None:
     sftp = open_driver("sftp", {**MINIMAL["sftp"], "basePath": "/Backup/"})
     s3 = open_driver("s3", {**MINIMAL["s3"], "prefix": "/team/a/"})
     s3_bare = open_driver("s3", MINIMAL["s3"])
+    gdrive = open_driver("gdrive", {"rootPath": "/Backups/Team/"}, tokens=TOKENS)
+    gdrive_bare = open_driver("gdrive", {}, tokens=GdriveSettings(refresh_token="r"))
     try:
         assert isinstance(fs, FilesystemDriver)
         assert fs.root == Path("/srv/backups/VirtBackup")
@@ -92,15 +103,22 @@ async def test_roots_are_the_virtbackup_folder_of_the_base() -> None:
         assert s3.root == "team/a/VirtBackup/"
         assert isinstance(s3_bare, S3Driver)
         assert s3_bare.root == "VirtBackup/"
+        assert isinstance(gdrive, GdriveDriver)
+        assert gdrive.root == ("Backups", "Team", "VirtBackup")
+        assert isinstance(gdrive_bare, GdriveDriver)
+        assert gdrive_bare.root == ("VirtBackup",)
     finally:
-        for driver in (fs, sftp, s3, s3_bare):
+        for driver in (fs, sftp, s3, s3_bare, gdrive, gdrive_bare):
             await driver.close()
 
 
 @pytest.mark.parametrize(
     ("driver_id", "params", "message"),
     [
-        ("gdrive", {}, "unknown or unavailable driver 'gdrive'"),
+        ("gdrive", {}, r"no Google account is connected"),
+        ("gdrive", {"rootPath": 1}, "rootPath"),
+        ("gdrive", {"rootPath": "/a/../b"}, "rootPath"),
+        ("gdrive", {"root_path": "/"}, "root_path"),
         ("ftp", {}, "unknown or unavailable driver 'ftp'"),
         ("filesystem", {}, "missing required field `path`"),
         ("filesystem", {"path": ""}, "path"),

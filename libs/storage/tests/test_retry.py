@@ -53,6 +53,21 @@ async def test_transient_errors_are_retried() -> None:
     assert [n for n, _ in seen] == [1, 2, 3]
 
 
+async def test_retry_after_is_honoured_up_to_a_cap() -> None:
+    waits: list[float] = []
+    operation = Flaky(1, TransientError("slow down", retry_after=0.05))
+    assert await retry(operation, FAST, on_retry=lambda n, exc, d: waits.append(d)) == "done"
+    assert waits == [0.05]  # longer than the 10 ms backoff
+    capped = RetryPolicy(attempts=2, initial_delay=0.01, jitter=0, max_retry_after=0.03)
+    waits.clear()
+    operation = Flaky(1, TransientError("slow down", retry_after=3600))
+    assert await retry(operation, capped, on_retry=lambda n, exc, d: waits.append(d)) == "done"
+    assert waits == [0.03]
+    assert TransientError("plain").retry_after is None
+    with pytest.raises(ValueError, match="max_retry_after"):
+        RetryPolicy(max_retry_after=-1)
+
+
 async def test_attempts_are_bounded() -> None:
     operation = Flaky(10, TransientError("still down"))
     with pytest.raises(TransientError, match="still down"):

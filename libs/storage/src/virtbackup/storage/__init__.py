@@ -8,8 +8,10 @@
         await retry(lambda: driver.put("chunks/ab/ab12", data))
 
 The contract is in ``protocol``; errors in ``errors``; key rules in ``keys``. The driver
-classes live in ``filesystem``, ``sftp``, ``s3`` and ``dummy`` (``sftp`` and ``s3`` are
-imported on first use); ``testing`` starts real sshd and SeaweedFS servers for tests.
+classes live in ``filesystem``, ``sftp``, ``s3``, ``gdrive`` and ``dummy`` (``sftp``,
+``s3`` and ``gdrive`` are imported on first use); Google OAuth tokens in ``google_auth``;
+``testing`` starts real sshd and SeaweedFS servers, and a stand-in for Google Drive
+(``fake_gdrive``), for tests.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ from virtbackup.storage.factory import (
     open_driver,
     validate_params,
 )
+from virtbackup.storage.google_auth import (
+    GoogleApi,
+    GoogleTokens,
+    format_expires_at,
+    parse_expires_at,
+)
 from virtbackup.storage.keys import validate_key, validate_prefix
 from virtbackup.storage.probe import test_connection
 from virtbackup.storage.protocol import Driver
@@ -38,6 +46,8 @@ __all__ = [
     "DEFAULT_POLICY",
     "REPOSITORY_DIR",
     "Driver",
+    "GoogleApi",
+    "GoogleTokens",
     "InvalidKeyError",
     "InvalidParamsError",
     "NotFoundError",
@@ -48,8 +58,10 @@ __all__ = [
     "TransientError",
     "available_drivers",
     "driver_info",
+    "format_expires_at",
     "open_destination",
     "open_driver",
+    "parse_expires_at",
     "retry",
     "test_connection",
     "validate_key",

@@ -9,8 +9,8 @@ Each class says whether a retry can help (``retryable``):
 - ``TransientError``: the request may succeed if repeated (timeout, dropped connection,
   server unavailable, 5xx). ``virtbackup.storage.retry`` retries exactly these.
 
-Driver-specific exceptions (``OSError``, asyncssh's, minio's, urllib3's) never leak out
-of a driver; the original is chained as ``__cause__``.
+Driver-specific exceptions (``OSError``, asyncssh's, minio's, urllib3's, httpx's) never
+leak out of a driver; the original is chained as ``__cause__``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ class InvalidParamsError(PermanentError, ValueError):
 
 
 class TransientError(StorageError):
-    """The operation failed for a reason that may go away: retrying can help."""
+    """The operation failed for a reason that may go away: retrying can help.
+
+    ``retry_after`` is how many seconds the server asked us to wait (an HTTP
+    ``Retry-After``), or None; ``virtbackup.storage.retry`` waits at least that long.
+    """
 
     retryable: ClassVar[bool] = True
+
+    def __init__(self, *args: object, retry_after: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_after = retry_after

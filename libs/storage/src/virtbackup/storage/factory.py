@@ -6,11 +6,23 @@ keys) and builds the driver. It does no I/O: connections are opened on first use
 use ``virtbackup.storage.probe.test_connection`` to check a destination.
 
 Every destination keeps the repository in a ``VirtBackup`` folder of its base (the
-filesystem ``path``, the SFTP ``basePath``, the S3 ``prefix``), so the driver's root, and
-every key, lives below ``<base>/VirtBackup/``.
+filesystem ``path``, the SFTP ``basePath``, the S3 ``prefix``, the Google Drive
+``rootPath``), so the driver's root, and every key, lives below ``<base>/VirtBackup/``.
 
-Adding a driver (Google Drive, say) means: a module with the driver class, an opener
-registered in ``_OPENERS`` here and an entry in ``registry``.
+Google Drive needs more than its params: the account's OAuth tokens (the config's
+``backup.gdrive``, as a ``GdriveSettings`` or a ``GoogleTokens``), passed by keyword::
+
+    open_driver("gdrive", {"rootPath": "/Backups"}, tokens=config.backup.gdrive,
+                on_refresh=store_new_tokens)
+
+``on_refresh(tokens)`` (sync or async) receives the ``GoogleTokens`` after every refresh of
+the access token, to be stored (``tokens.apply_to(settings)``). ``google_api`` sets the
+endpoints and OAuth client (default ``GoogleApi.from_env()``: Google's endpoints, client
+id and secret from ``VIRTBACKUP_GOOGLE_CLIENT_ID``/``VIRTBACKUP_GOOGLE_CLIENT_SECRET``).
+The other drivers ignore these keywords.
+
+Adding a driver means: a module with the driver class, an opener registered in
+``_OPENERS`` here and an entry in ``registry``.
 """
 
 from __future__ import annotations
@@ -18,7 +30,8 @@ from __future__ import annotations
 import os
 import posixpath
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
@@ -27,6 +40,8 @@ from virtbackup.contracts.v1.config import (
     Destination,
     DummyParams,
     FilesystemParams,
+    GdriveParams,
+    GdriveSettings,
     S3Params,
     SftpParams,
     Strict,
@@ -35,19 +50,33 @@ from virtbackup.storage.errors import InvalidKeyError, InvalidParamsError
 from virtbackup.storage.keys import validate_prefix
 from virtbackup.storage.protocol import Driver
 
+if TYPE_CHECKING:
+    from virtbackup.storage.google_auth import GoogleApi, GoogleTokens, OnRefresh
+
 #: The folder inside every destination's base that holds the repository.
 REPOSITORY_DIR: Final = "VirtBackup"
 
-Opener = Callable[[Any, bool], Driver]
+
+@dataclass(frozen=True)
+class _Options:
+    """The keyword arguments of ``open_driver`` besides ``params``."""
+
+    tmp_writes: bool = False
+    tokens: GoogleTokens | GdriveSettings | None = None
+    on_refresh: OnRefresh | None = None
+    google_api: GoogleApi | None = None
 
 
-def _open_filesystem(params: FilesystemParams, tmp_writes: bool) -> Driver:
+Opener = Callable[[Any, _Options], Driver]
+
+
+def _open_filesystem(params: FilesystemParams, options: _Options) -> Driver:
     from virtbackup.storage.filesystem import FilesystemDriver
 
     return FilesystemDriver(os.path.join(os.path.abspath(params.path), REPOSITORY_DIR))
 
 
-def _open_sftp(params: SftpParams, tmp_writes: bool) -> Driver:
+def _open_sftp(params: SftpParams, options: _Options) -> Driver:
     from virtbackup.storage.sftp import SftpDriver
 
     if not params.password and not params.private_key:
@@ -64,7 +93,7 @@ def _open_sftp(params: SftpParams, tmp_writes: bool) -> Driver:
     )
 
 
-def _open_s3(params: S3Params, tmp_writes: bool) -> Driver:
+def _open_s3(params: S3Params, options: _Options) -> Driver:
     from virtbackup.storage.s3 import S3Driver
 
     prefix = params.prefix.strip("/")
@@ -84,16 +113,38 @@ def _open_s3(params: S3Params, tmp_writes: bool) -> Driver:
     )
 
 
-def _open_dummy(params: DummyParams, tmp_writes: bool) -> Driver:
+def _open_gdrive(params: GdriveParams, options: _Options) -> Driver:
+    from virtbackup.storage.gdrive import GdriveDriver, root_segments
+    from virtbackup.storage.google_auth import GoogleTokens
+
+    root_segments(params.root_path)  # InvalidParamsError for a bad rootPath, before tokens
+    tokens = options.tokens
+    if isinstance(tokens, GdriveSettings):
+        tokens = GoogleTokens.from_settings(tokens)
+    if tokens is None or not (tokens.access_token or tokens.refresh_token):
+        raise InvalidParamsError(
+            "gdrive: no Google account is connected (no access or refresh token); "
+            "sign in with Google first (POST /oauth/google)"
+        )
+    return GdriveDriver(
+        tokens=tokens,
+        root_path=params.root_path,
+        api=options.google_api,
+        on_refresh=options.on_refresh,
+    )
+
+
+def _open_dummy(params: DummyParams, options: _Options) -> Driver:
     from virtbackup.storage.dummy import DummyDriver
 
-    return DummyDriver(tmp_writes=tmp_writes)
+    return DummyDriver(tmp_writes=options.tmp_writes)
 
 
 _OPENERS: Final[dict[str, Opener]] = {
     "filesystem": _open_filesystem,
     "sftp": _open_sftp,
     "s3": _open_s3,
+    "gdrive": _open_gdrive,
     "dummy": _open_dummy,
 }
 
@@ -110,12 +161,41 @@ def validate_params(driver_id: str, params: Mapping[str, Any]) -> Strict:
         raise InvalidParamsError(f"invalid {driver_id} params: {exc}") from None
 
 
-def open_driver(driver_id: str, params: Mapping[str, Any], *, tmp_writes: bool = False) -> Driver:
-    """Validate ``params`` and build the driver (no I/O). ``tmp_writes`` affects ``dummy``."""
+def open_driver(
+    driver_id: str,
+    params: Mapping[str, Any],
+    *,
+    tmp_writes: bool = False,
+    tokens: GoogleTokens | GdriveSettings | None = None,
+    on_refresh: OnRefresh | None = None,
+    google_api: GoogleApi | None = None,
+) -> Driver:
+    """Validate ``params`` and build the driver (no I/O).
+
+    ``tmp_writes`` affects ``dummy``; ``tokens``, ``on_refresh`` and ``google_api`` affect
+    ``gdrive`` (see the module docstring), which needs ``tokens``.
+    """
     typed = validate_params(driver_id, params)
-    return _OPENERS[driver_id](typed, tmp_writes)
+    options = _Options(
+        tmp_writes=tmp_writes, tokens=tokens, on_refresh=on_refresh, google_api=google_api
+    )
+    return _OPENERS[driver_id](typed, options)
 
 
-def open_destination(destination: Destination, *, tmp_writes: bool = False) -> Driver:
+def open_destination(
+    destination: Destination,
+    *,
+    tmp_writes: bool = False,
+    tokens: GoogleTokens | GdriveSettings | None = None,
+    on_refresh: OnRefresh | None = None,
+    google_api: GoogleApi | None = None,
+) -> Driver:
     """``open_driver`` for a configured destination."""
-    return open_driver(destination.driver_id, destination.params, tmp_writes=tmp_writes)
+    return open_driver(
+        destination.driver_id,
+        destination.params,
+        tmp_writes=tmp_writes,
+        tokens=tokens,
+        on_refresh=on_refresh,
+        google_api=google_api,
+    )

@@ -57,7 +57,8 @@ class Driver(Protocol):
 
     @property
     def driver_id(self) -> str:
-        """The registry id of this driver (``filesystem``, ``sftp``, ``s3``, ``dummy``)."""
+        """The registry id of this driver (``filesystem``, ``sftp``, ``s3``, ``gdrive``,
+        ``dummy``)."""
         ...
 
     async def put(self, key: str, data: bytes) -> None:

@@ -34,6 +34,8 @@ _DESCRIPTIONS: Final = {
     "secretKey": "Secret access key",
     "secure": "Use HTTPS",
     "prefix": "Key prefix inside the bucket; the repository lives under <prefix>/VirtBackup/",
+    "rootPath": "Folder in Google Drive (created if missing); the repository lives in its "
+    "VirtBackup folder. The account is the one signed in with POST /oauth/google",
 }
 
 
@@ -119,6 +121,17 @@ S3: Final = DriverInfo(
     ),
 )
 
+GDRIVE: Final = DriverInfo(
+    id="gdrive",
+    label="Google Drive",
+    uses_path=True,
+    # files.get with a Range header; one files.delete per file (no batch); files over
+    # 5 MiB go as resumable uploads in 8 MiB chunks. Drive throttles writes per user.
+    capabilities=_capabilities(
+        "gdrive", range_read=True, batch_delete=False, multipart=True, max_concurrent_writes=4
+    ),
+)
+
 DUMMY: Final = DriverInfo(
     id="dummy",
     label="Dummy",
@@ -129,7 +142,7 @@ DUMMY: Final = DriverInfo(
     ),
 )
 
-_DRIVERS: Final = (FILESYSTEM, SFTP, S3, DUMMY)
+_DRIVERS: Final = (FILESYSTEM, SFTP, S3, GDRIVE, DUMMY)
 
 
 def available_drivers() -> list[DriverInfo]:

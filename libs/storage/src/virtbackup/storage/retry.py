@@ -4,7 +4,8 @@ Only ``TransientError`` is retried; ``NotFoundError`` and ``PermanentError`` pro
 once because a retry cannot help. Every driver operation is idempotent, so repeating one
 is always safe. Attempts are bounded (``RetryPolicy.attempts``) and so, optionally, is the
 total time (``RetryPolicy.deadline``); when both run out the last ``TransientError`` is
-raised.
+raised. When the error carries a ``retry_after`` (a server's ``Retry-After``), the wait is
+at least that long (up to ``RetryPolicy.max_retry_after``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class RetryPolicy:
     jitter: float = 0.2
     #: Give up once this many seconds have passed since the first attempt (None: no limit).
     deadline: float | None = None
+    #: The longest server-requested wait (``TransientError.retry_after``) honoured as asked.
+    max_retry_after: float = 300.0
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -50,6 +53,8 @@ class RetryPolicy:
             raise ValueError("delays must be >= 0 and multiplier >= 1")
         if not 0 <= self.jitter < 1:
             raise ValueError("jitter must be in [0, 1)")
+        if self.max_retry_after < 0:
+            raise ValueError("max_retry_after must be >= 0")
 
     def delays(self) -> Iterator[float]:
         """The waits between attempts (``attempts - 1`` of them)."""
@@ -82,6 +87,8 @@ async def retry(
             delay = next(delays, None)
             if delay is None:
                 raise
+            if exc.retry_after is not None and exc.retry_after > 0:
+                delay = max(delay, min(exc.retry_after, policy.max_retry_after))
             if policy.deadline is not None:
                 left = policy.deadline - (time.monotonic() - started)
                 if left <= 0:

