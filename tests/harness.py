@@ -63,9 +63,11 @@ class System:
         return env
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
+        """Start service ``name`` (``transfer-worker-2`` etc. start more workers)."""
+        module = MODULES.get(name) or MODULES[name.rsplit("-", 1)[0]]
         log = open(self.data_dir / f"{name}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", MODULES[name]], env=self.env(), stdout=log, stderr=log
+            [sys.executable, "-m", module], env=self.env(), stdout=log, stderr=log
         )
         self.procs[name] = proc
         return proc

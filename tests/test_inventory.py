@@ -19,8 +19,10 @@ import httpx
 import pytest
 from harness import System
 
+from virtbackup.runtime.nats_server import free_port
+from virtbackup.runtime.settings import Settings
 from virtbackup.storage.testing import SshdServer
-from virtbackup.virt import Connection, open_connection
+from virtbackup.virt import Connection, TcpServer, begin_backup, open_connection
 from virtbackup.virt.testing import (
     SmallVm,
     create_vm,
@@ -182,27 +184,30 @@ async def test_lifecycle_event_on_sse_within_a_second(api: httpx.AsyncClient, vm
 
 
 async def test_cleanup_after_a_backup_job_left_running(
-    api: httpx.AsyncClient, vm: SmallVm, system: System
+    api: httpx.AsyncClient, vm: SmallVm, conn: Connection
 ) -> None:
-    import nats
-
     await _configure(api, [LOCAL])
     await _wait_state(api, vm.name, "running")
-    nc = await nats.connect(system.nats.url)
-    try:
-        body = json.dumps({"serverId": "local", "vmName": vm.name}).encode()
-        reply = json.loads((await nc.request("vb.cmd.inventory.backup-begin", body, 60)).data)
-        assert "result" in reply, reply
-        assert reply["result"]["disks"][0]["target"] == "vda"
-    finally:
-        await nc.drain()
+    # A backup job begun by a process that then died (not by this inventory).
+    scratch = Path(Settings().scratch_dir)
+    scratch.mkdir(parents=True, exist_ok=True)
+    job = await begin_backup(
+        conn,
+        vm.name,
+        server=TcpServer(host="127.0.0.1", port=free_port()),
+        scratch_dir=str(scratch),
+        checkpoint=None,
+    )
+    assert job.exports[0].target == "vda"
     # The job is left running: the VM has leftovers.
     assert (await api.post("/servers/local/refresh")).status_code == 200
     assert (await _vms(api))[vm.name]["hasOverlay"] is True
     cleaned = await api.post("/servers/local/cleanup", json={"vmName": vm.name})
     assert cleaned.status_code == 200
     assert cleaned.json()["success"] is True
-    assert "aborted the running backup job" in cleaned.json()["actions"]
+    actions = cleaned.json()["actions"]
+    assert "aborted the running backup job" in actions
+    assert any(a.startswith(f"removed {scratch}/") for a in actions), actions
     assert (await _vms(api))[vm.name]["hasOverlay"] is False
 
 

@@ -65,7 +65,7 @@ async def test_repository_folder_and_file_layout(tmp_path: Path) -> None:
     async with open_driver("filesystem", {"path": str(tmp_path)}) as driver:
         await driver.put("chunks/ab/abcd", b"chunk")
     assert (tmp_path / "VirtBackup" / "chunks" / "ab" / "abcd").read_bytes() == b"chunk"
-    names = [p.name for p in sorted(tmp_path.rglob("*"))]  # noqa: ASYNC240 - test inspection
+    names = [p.name for p in sorted(tmp_path.rglob("*"))]
     assert names == ["VirtBackup", "chunks", "ab", "abcd"]
     assert not any(name.startswith(TEMP_PREFIX) for name in names)
 

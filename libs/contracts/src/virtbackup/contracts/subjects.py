@@ -84,6 +84,11 @@ class JobCmd:
     GET: Final = command("job", "get")
     CANCEL: Final = command("job", "cancel")
     SUBMIT: Final = command("job", "submit")
+    BACKUP: Final = command("job", "backup")
+    RESTORE: Final = command("job", "restore")
+    SANITY: Final = command("job", "sanity")
+    RESTORE_ENTRIES: Final = command("job", "restore-entries")
+    RESTORE_PRECHECK: Final = command("job", "restore-precheck")
 
 
 class EventType:
@@ -117,3 +122,6 @@ class InventoryCmd:
     CHECKPOINTS: Final = command("inventory", "checkpoints")
     BACKUP_BEGIN: Final = command("inventory", "backup-begin")
     BACKUP_END: Final = command("inventory", "backup-end")
+    RESTORE_PRECHECK: Final = command("inventory", "restore-precheck")
+    RESTORE_PREPARE: Final = command("inventory", "restore-prepare")
+    RESTORE_FINISH: Final = command("inventory", "restore-finish")

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1 << 20
     #: Seconds a transfer unit may go without a sign of life before it is redelivered.
     work_ack_wait: float = 30.0
+    #: A job fails when no unit finishes for this many seconds (no worker, or all stuck).
+    job_stall_timeout: float = 600.0
     #: Units one transfer-worker process works on at once.
     worker_units: int = 2
     #: Threads for hashing, compression and encryption (default: one per core).

@@ -13,6 +13,7 @@ from virtbackup.gateway.controllers.agent import HealthController
 from virtbackup.gateway.controllers.config import ConfigController
 from virtbackup.gateway.controllers.events import EventsController
 from virtbackup.gateway.controllers.jobs import JobsController
+from virtbackup.gateway.controllers.restore import RestoreController
 from virtbackup.gateway.controllers.servers import ServersController
 from virtbackup.gateway.controllers.system import SystemController
 from virtbackup.gateway.errors import HANDLERS
@@ -25,6 +26,7 @@ CONTROLLERS = [
     EventsController,
     JobsController,
     ServersController,
+    RestoreController,
     SystemController,
 ]
 

@@ -17,6 +17,11 @@ from virtbackup.contracts.v1.inventory import (
     DiskList,
     DomainXml,
     Ok,
+    RestoreFinishRequest,
+    RestorePrecheckRequest,
+    RestorePrecheckResult,
+    RestorePrepared,
+    RestorePrepareRequest,
     ServerList,
     ServerRef,
     ServerVms,
@@ -24,7 +29,7 @@ from virtbackup.contracts.v1.inventory import (
     VmInfo,
     VmRef,
 )
-from virtbackup.inventory import backups
+from virtbackup.inventory import backups, restores
 from virtbackup.inventory.inventory import Inventory, _power
 from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, Unavailable
 from virtbackup.runtime.service import ServiceContext
@@ -191,11 +196,35 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
     async def backup_begin(req: BackupBeginRequest) -> BackupBegun:
         entry = inv.entry(req.server_id)
         async with libvirt_errors(req.server_id, req.vm_name):
-            return await backups.begin(entry.host, req, scratch)
+            begun = await backups.begin(entry.host, req, scratch)
+        inv.active_backups.add((req.server_id, req.vm_name))
+        return begun
+
+    @bus.handle(InventoryCmd.RESTORE_PRECHECK, RestorePrecheckRequest)
+    async def restore_precheck(req: RestorePrecheckRequest) -> RestorePrecheckResult:
+        entry = inv.entry(req.server_id)
+        async with libvirt_errors(req.server_id, req.vm_name):
+            return await restores.precheck(entry.host, req)
+
+    @bus.handle(InventoryCmd.RESTORE_PREPARE, RestorePrepareRequest)
+    async def restore_prepare(req: RestorePrepareRequest) -> RestorePrepared:
+        entry = inv.entry(req.server_id)
+        async with libvirt_errors(req.server_id):
+            return await restores.prepare(entry.host, req)
+
+    @bus.handle(InventoryCmd.RESTORE_FINISH, RestoreFinishRequest)
+    async def restore_finish(req: RestoreFinishRequest) -> Ok:
+        entry = inv.entry(req.server_id)
+        async with libvirt_errors(req.server_id, req.vm_name):
+            await restores.finish(entry.host, req)
+        with contextlib.suppress(Unavailable, VirtError):
+            await inv.refresh_vm(req.server_id, req.vm_name)
+        return Ok()
 
     @bus.handle(InventoryCmd.BACKUP_END, BackupEndRequest)
     async def backup_end(req: BackupEndRequest) -> Ok:
         entry = inv.entry(req.server_id)
         async with libvirt_errors(req.server_id, req.vm_name):
             await backups.end(entry.host, req, scratch)
+        inv.active_backups.discard((req.server_id, req.vm_name))
         return Ok()

@@ -51,6 +51,9 @@ class Inventory:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.entries: dict[str, ServerEntry] = {}
+        #: Backups this inventory began and has not ended: their job and scratch files
+        #: are not leftovers.
+        self.active_backups: set[tuple[str, str]] = set()
         self.timeout = ctx.settings.server_timeout
 
     @property
@@ -162,7 +165,10 @@ class Inventory:
             leftovers = await find_leftovers(
                 conn, name, scratch_dir=self.ctx.settings.scratch_dir, host=await entry.host.host()
             )
-            has_overlay = leftovers.has_overlay
+            if (entry.host.id, name) in self.active_backups:
+                has_overlay = bool(leftovers.overlays)
+            else:
+                has_overlay = leftovers.has_overlay
         except VirtNotFound:
             raise
         except VirtError as exc:

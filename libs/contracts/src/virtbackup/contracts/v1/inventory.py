@@ -158,3 +158,58 @@ class BackupEndRequest(Message, frozen=True, kw_only=True):
     vm_name: str
     checkpoint: str | None = None
     success: bool = True
+
+
+class RestoreDisk(Message, frozen=True, kw_only=True):
+    target: str
+    path: str
+    size: int
+    format: str = "qcow2"
+
+
+class RestorePrecheckRequest(Message, frozen=True, kw_only=True):
+    server_id: str
+    vm_name: str
+    disks: list[RestoreDisk]
+
+
+class RestorePrecheckResult(Message, frozen=True, kw_only=True):
+    """``vm_exists``: a domain of that name is defined; ``can_define_only``: every disk
+    exists at its path with the right size, so defining alone brings the VM back."""
+
+    vm_exists: bool
+    vm_running: bool
+    can_define_only: bool
+    problems: list[str] = msgspec.field(default_factory=list)
+
+
+class RestorePrepareRequest(Message, frozen=True, kw_only=True):
+    """Create a new thin qcow2 image per disk (beside its final path) and export each
+    over NBD for the workers to write."""
+
+    server_id: str
+    job_id: str
+    disks: list[RestoreDisk]
+
+
+class RestoreTarget(Message, frozen=True, kw_only=True):
+    target: str
+    path: str
+    temp_path: str
+    nbd_url: str
+
+
+class RestorePrepared(Message, frozen=True, kw_only=True):
+    disks: list[RestoreTarget]
+
+
+class RestoreFinishRequest(Message, frozen=True, kw_only=True):
+    """Stop the exports; on success move the images into place and define the domain
+    from ``domain_xml`` (replacing a shut-off domain of the same name); else remove them."""
+
+    server_id: str
+    job_id: str
+    vm_name: str
+    success: bool
+    domain_xml: str = ""
+    disks: list[RestoreTarget] = msgspec.field(default_factory=list)

@@ -12,6 +12,7 @@ JobType = Literal["backup", "restore", "sanity", "migration"]
 JobState = Literal["queued", "running", "success", "failure", "canceled"]
 
 TERMINAL_STATES: Final = frozenset({"success", "failure", "canceled"})
+ACTIVE_STATES: Final = frozenset({"queued", "running"})
 
 
 class Job(Message, frozen=True, kw_only=True):
@@ -37,6 +38,8 @@ class Job(Message, frozen=True, kw_only=True):
     vm_name: str | None = None
     destination_id: str | None = None
     params: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: What the job found or made (e.g. a sanity check's damaged chunks).
+    result: dict[str, Any] = msgspec.field(default_factory=dict)
     created_at: str
     updated_at: str
     started_at: str | None = None
@@ -72,3 +75,62 @@ class JobSubmitRequest(Message, frozen=True, kw_only=True):
     vm_name: str | None = None
     destination_id: str | None = None
     params: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class BackupRequest(Message, frozen=True, kw_only=True):
+    """``POST /servers/{id}/backup``: back up every disk of a VM."""
+
+    server_id: str
+    vm_name: str
+    destination_id: str | None = None
+    fresh: bool = False
+
+
+class RestoreRequest(Message, frozen=True, kw_only=True):
+    """``POST /servers/{id}/restore/start``."""
+
+    server_id: str
+    xml_path: str
+    decision: Literal["overwrite", "define"]
+    destination_id: str | None = None
+
+
+class SanityRequest(Message, frozen=True, kw_only=True):
+    """``POST /restore/sanity``: re-read a restore point's manifests and chunks."""
+
+    xml_path: str
+    timestamp: str | None = None
+    destination_id: str | None = None
+
+
+class RestoreEntriesRequest(Message, frozen=True, kw_only=True):
+    destination_id: str | None = None
+    driver_id: str | None = None
+
+
+class RestoreEntry(Message, frozen=True, kw_only=True):
+    xml_path: str
+    vm_name: str
+    timestamp: str
+    disk_basenames: list[str]
+    missing_disk_basenames: list[str]
+    source_server_id: str
+    source_server_name: str
+    kind: str = "full"
+    destination_id: str = ""
+
+
+class RestoreEntries(Message, frozen=True, kw_only=True):
+    entries: list[RestoreEntry]
+
+
+class PrecheckRequest(Message, frozen=True, kw_only=True):
+    server_id: str
+    xml_path: str
+    destination_id: str | None = None
+
+
+class PrecheckResult(Message, frozen=True, kw_only=True):
+    vm_exists: bool
+    can_define_only: bool
+    vm_running: bool = False

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from litestar import Controller, get, post
 
-from virtbackup.contracts.subjects import InventoryCmd
+from virtbackup.contracts.subjects import InventoryCmd, JobCmd
 from virtbackup.contracts.v1.inventory import (
     CleanupResult,
     Ok,
@@ -17,7 +17,26 @@ from virtbackup.contracts.v1.inventory import (
     VmActionRequest,
     VmRef,
 )
+from virtbackup.contracts.v1.jobs import (
+    BackupRequest,
+    Job,
+    PrecheckRequest,
+    PrecheckResult,
+    RestoreRequest,
+)
 from virtbackup.gateway.state import Gateway
+from virtbackup.runtime.errors import NotFound
+
+
+async def destination_of_driver(gw: Gateway, driver_id: str | None) -> str | None:
+    """The first destination of ``driver_id`` (the API's backward-compatible form)."""
+    if not driver_id:
+        return None
+    cfg, _ = await gw.config.load()
+    for dest in cfg.destinations:
+        if dest.driver_id == driver_id:
+            return dest.id
+    raise NotFound(f"no destination with driverId {driver_id!r}")
 
 
 class ActionBody(msgspec.Struct, kw_only=True, rename="camel"):
@@ -32,6 +51,27 @@ class VmBody(msgspec.Struct, kw_only=True, rename="camel"):
 #: Inventory commands may open a connection (bounded by the server timeout) and then make
 #: several libvirt calls.
 INVENTORY_TIMEOUT = 30.0
+
+
+class BackupBody(msgspec.Struct, kw_only=True, rename="camel"):
+    vm_name: str
+    destination_id: str | None = None
+    fresh: bool = False
+    #: Accepted for backward compatibility: a destination of this driver is used.
+    driver_id: str | None = None
+    driver_params: dict[str, Any] | None = None
+
+
+class PrecheckBody(msgspec.Struct, kw_only=True, rename="camel"):
+    xml_path: str
+    destination_id: str | None = None
+
+
+class RestoreBody(msgspec.Struct, kw_only=True, rename="camel"):
+    xml_path: str
+    decision: Literal["overwrite", "define"]
+    destination_id: str | None = None
+    driver_id: str | None = None
 
 
 class ServersController(Controller):
@@ -72,6 +112,43 @@ class ServersController(Controller):
         request = VmActionRequest(server_id=server_id, vm_name=data.vm_name, action=data.action)
         await gw.bus.request(InventoryCmd.ACTION, request, Ok, timeout=60)
         return {"success": True}
+
+    @post("/backup", status_code=200)
+    async def backup(self, gw: Gateway, server_id: str, data: BackupBody) -> dict[str, str]:
+        """Back up every disk of a VM (incremental when the checkpoint chain allows)."""
+        destination_id = data.destination_id or await destination_of_driver(gw, data.driver_id)
+        request = BackupRequest(
+            server_id=server_id,
+            vm_name=data.vm_name,
+            destination_id=destination_id,
+            fresh=data.fresh,
+        )
+        job = await gw.bus.request(JobCmd.BACKUP, request, Job, timeout=INVENTORY_TIMEOUT)
+        return {"jobId": job.id}
+
+    @post("/restore/precheck", status_code=200)
+    async def precheck(self, gw: Gateway, server_id: str, data: PrecheckBody) -> dict[str, bool]:
+        """Whether the VM exists, and whether defining alone would bring it back."""
+        request = PrecheckRequest(
+            server_id=server_id, xml_path=data.xml_path, destination_id=data.destination_id
+        )
+        result = await gw.bus.request(
+            JobCmd.RESTORE_PRECHECK, request, PrecheckResult, timeout=INVENTORY_TIMEOUT
+        )
+        return {"vmExists": result.vm_exists, "canDefineOnly": result.can_define_only}
+
+    @post("/restore/start", status_code=200)
+    async def restore(self, gw: Gateway, server_id: str, data: RestoreBody) -> dict[str, str]:
+        """Restore a point: ``overwrite`` writes new disks and defines, ``define`` defines."""
+        destination_id = data.destination_id or await destination_of_driver(gw, data.driver_id)
+        request = RestoreRequest(
+            server_id=server_id,
+            xml_path=data.xml_path,
+            decision=data.decision,
+            destination_id=destination_id,
+        )
+        job = await gw.bus.request(JobCmd.RESTORE, request, Job, timeout=INVENTORY_TIMEOUT)
+        return {"jobId": job.id}
 
     @post("/cleanup", status_code=200)
     async def cleanup(self, gw: Gateway, server_id: str, data: VmBody) -> dict[str, Any]:

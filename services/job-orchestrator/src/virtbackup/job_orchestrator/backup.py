@@ -1,0 +1,199 @@
+"""A backup job, from the libvirt job's begin to the committed restore point.
+
+1. Find the VM's latest restore point in the destination; ask the inventory to begin a
+   pull-mode backup, incremental from that point's checkpoint when the chain is intact.
+2. Per disk, read the allocation map (and the dirty bitmap), plan the chunks to read, and
+   publish them as units.
+3. Gather the unit results, then write the manifests, the domain XML and ``backup.json``
+   (only now is the restore point visible), and end the libvirt job, keeping its new
+   checkpoint. On any failure or cancel, the libvirt job ends, the new checkpoint is
+   dropped (so the next incremental still covers every change) and nothing is committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from typing import Literal
+
+from virtbackup.contracts.subjects import InventoryCmd
+from virtbackup.contracts.v1.inventory import BackupBeginRequest, BackupBegun, BackupEndRequest, Ok
+from virtbackup.contracts.v1.jobs import Job
+from virtbackup.contracts.v1.work import TransferUnit, UnitResult
+from virtbackup.job_orchestrator.jobctx import JobContext
+from virtbackup.job_orchestrator.planner import DiskPlan, build_manifest, group_units, plan_disk
+from virtbackup.nbd import BASE_ALLOCATION, NbdClient
+from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
+from virtbackup.repository.repository import Repository, timestamp_now
+from virtbackup.runtime.clock import utcnow_iso
+from virtbackup.runtime.errors import ServiceError
+from virtbackup.storage.errors import NotFoundError
+
+log = logging.getLogger(__name__)
+INVENTORY_TIMEOUT = 120.0
+
+
+async def latest_point(repo: Repository, vm: str, server_id: str) -> RestorePoint | None:
+    points = [p for p in await repo.restore_points(vm) if p.source_server_id == server_id]
+    return points[-1] if points else None
+
+
+async def plan(begun: BackupBegun, repo: Repository, parent: RestorePoint | None) -> list[DiskPlan]:
+    plans = []
+    for disk in begun.disks:
+        contexts = [BASE_ALLOCATION] + ([disk.bitmap_context] if disk.bitmap_context else [])
+        parent_manifest: DiskManifest | None = None
+        if begun.incremental and parent is not None and disk.bitmap_context:
+            with contextlib.suppress(NotFoundError):
+                parent_manifest = await repo.manifest(parent, disk.target)
+        async with await NbdClient.connect_uri(disk.nbd_url, meta_contexts=contexts) as nbd:
+            allocation = await nbd.block_status(context=BASE_ALLOCATION)
+            dirty = (
+                await nbd.block_status(context=disk.bitmap_context)
+                if parent_manifest is not None and disk.bitmap_context
+                else None
+            )
+            size = nbd.size
+        plans.append(
+            plan_disk(
+                target=disk.target,
+                path=disk.path,
+                fmt=disk.format,
+                size=size,
+                chunk_size=repo.chunk_size,
+                nbd_url=disk.nbd_url,
+                allocation=allocation,
+                dirty=dirty,
+                parent=parent_manifest,
+            )
+        )
+    return plans
+
+
+async def run_backup(jc: JobContext, job: Job) -> str:
+    """Run the backup; returns the success message (raises on failure or cancel)."""
+    assert job.server_id and job.vm_name and job.destination_id
+    started = time.monotonic()
+    cfg = await jc.config()
+    server = next(s for s in cfg.servers if s.id == job.server_id)
+    repo = await jc.repository(job.destination_id)
+    try:
+        fresh = bool(job.params.get("fresh"))
+        parent = None if fresh else await latest_point(repo, job.vm_name, job.server_id)
+        if fresh and jc.settings.debug:
+            await jc.message(job.id, "fresh: the next backup is a full read")
+        await jc.message(job.id, "beginning the libvirt backup job")
+        begun = await jc.bus.request(
+            InventoryCmd.BACKUP_BEGIN,
+            BackupBeginRequest(
+                server_id=job.server_id,
+                vm_name=job.vm_name,
+                incremental_from=parent.checkpoint if parent else None,
+            ),
+            BackupBegun,
+            timeout=INVENTORY_TIMEOUT,
+        )
+        success = False
+        try:
+            message = await _transfer(
+                jc, job, repo, begun, parent, server.name or server.id, started
+            )
+            success = True
+            return message
+        finally:
+            end = BackupEndRequest(
+                server_id=job.server_id,
+                vm_name=job.vm_name,
+                checkpoint=begun.checkpoint,
+                success=success,
+            )
+            try:
+                await jc.bus.request(InventoryCmd.BACKUP_END, end, Ok, timeout=INVENTORY_TIMEOUT)
+            except ServiceError as exc:
+                log.warning("ending the backup job of %s failed: %s", job.vm_name, exc)
+    finally:
+        await repo.driver.close()
+
+
+async def _transfer(
+    jc: JobContext,
+    job: Job,
+    repo: Repository,
+    begun: BackupBegun,
+    parent: RestorePoint | None,
+    server_name: str,
+    started: float,
+) -> str:
+    assert job.server_id and job.vm_name and job.destination_id
+    timestamp = timestamp_now()
+    plans = await plan(begun, repo, parent if begun.incremental else None)
+    units: list[TransferUnit] = []
+    for disk in plans:
+        for indices in group_units(disk.read):
+            units.append(
+                TransferUnit(
+                    job_id=job.id,
+                    unit=len(units),
+                    kind="backup",
+                    destination_id=job.destination_id,
+                    disk=disk.target,
+                    disk_size=disk.size,
+                    chunk_size=disk.chunk_size,
+                    nbd_url=disk.nbd_url,
+                    indices=indices,
+                )
+            )
+    kind: Literal["full", "incremental"] = (
+        "incremental" if begun.incremental and all(p.incremental for p in plans) else "full"
+    )
+    total_bytes = sum(min(len(p.read) * p.chunk_size, p.size) for p in plans)
+    results: dict[str, dict[int, str | None]] = {p.target: {} for p in plans}
+    stats = {"stored": 0, "dedup": 0}
+
+    def on_result(result: UnitResult) -> None:
+        for ref in result.chunks:
+            results[result.disk][ref.index] = ref.id
+        stats["stored"] += result.chunks_stored
+        stats["dedup"] += result.chunks_deduplicated
+
+    reason = f" ({begun.full_reason})" if kind == "full" and begun.full_reason else ""
+    await jc.message(job.id, f"{kind} backup{reason}: reading {len(units)} units")
+    progress = await jc.run_units(job.id, units, total_bytes, on_result)
+    manifests = [build_manifest(p, results[p.target]) for p in plans]
+    point = RestorePoint(
+        vm_name=job.vm_name,
+        timestamp=timestamp,
+        source_server_id=job.server_id,
+        source_server_name=server_name,
+        kind=kind,
+        checkpoint=begun.checkpoint,
+        parent_checkpoint=begun.parent_checkpoint,
+        parent_timestamp=parent.timestamp if parent and kind == "incremental" else None,
+        disks=[
+            DiskRecord(
+                target=p.target,
+                basename=os.path.basename(p.path) or p.target,
+                path=p.path,
+                format=p.format,
+                size=p.size,
+                manifest=f"vms/{job.vm_name}/{timestamp}/{p.target}.manifest",
+                stored_chunks=sum(1 for c in m.chunks if c is not None),
+                zero_chunks=sum(1 for c in m.chunks if c is None),
+            )
+            for p, m in zip(plans, manifests, strict=True)
+        ],
+        created_at=utcnow_iso(),
+        duration_seconds=round(time.monotonic() - started, 3),
+        bytes_read=progress.bytes_transferred,
+        bytes_written=progress.physical_bytes,
+        job_id=job.id,
+    )
+    await jc.message(job.id, "committing the restore point")
+    await repo.commit(point, manifests, begun.domain_xml)
+    read_chunks = sum(len(p.read) for p in plans)
+    return (
+        f"{kind} backup {timestamp}: {read_chunks} chunks read, {stats['stored']} stored, "
+        f"{stats['dedup']} already in the destination"
+    )

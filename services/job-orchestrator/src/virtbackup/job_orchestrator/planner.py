@@ -1,0 +1,144 @@
+"""From extents to chunks to units, and from unit results to manifests (pure functions)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from virtbackup.contracts.v1.work import ChunkRef
+from virtbackup.nbd import Extent
+from virtbackup.repository.records import DiskManifest, chunk_count
+
+#: NBD block status flags.
+STATE_HOLE = 1
+STATE_ZERO = 2
+STATE_DIRTY = 1
+
+#: Chunks per transfer unit (64 MiB at the default 4 MiB chunk size): big enough to keep
+#: a worker's pipeline full, small enough to spread a disk over many workers.
+UNIT_CHUNKS = 16
+
+
+def chunks_touched(extents: Iterable[Extent], chunk_size: int, wanted: int, mask: int) -> set[int]:
+    """Indices of the chunks overlapped by an extent whose ``flags & mask == wanted``."""
+    out: set[int] = set()
+    for ext in extents:
+        if ext.length <= 0 or (ext.flags & mask) != wanted:
+            continue
+        first = ext.offset // chunk_size
+        last = (ext.offset + ext.length - 1) // chunk_size
+        out.update(range(first, last + 1))
+    return out
+
+
+def allocated_chunks(extents: Iterable[Extent], chunk_size: int) -> set[int]:
+    """Chunks holding anything that does not read as zero (``base:allocation``)."""
+    return chunks_touched(extents, chunk_size, 0, STATE_ZERO)
+
+
+def dirty_chunks(extents: Iterable[Extent], chunk_size: int) -> set[int]:
+    """Chunks written since the checkpoint (``qemu:dirty-bitmap:...``)."""
+    return chunks_touched(extents, chunk_size, STATE_DIRTY, STATE_DIRTY)
+
+
+def group_units(indices: Iterable[int], per_unit: int = UNIT_CHUNKS) -> list[list[int]]:
+    """Sorted chunk indices cut into runs of at most ``per_unit`` (runs break at gaps)."""
+    units: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(indices):
+        if current and (len(current) >= per_unit or index != current[-1] + 1):
+            units.append(current)
+            current = []
+        current.append(index)
+    if current:
+        units.append(current)
+    return units
+
+
+def group_refs(refs: Sequence[ChunkRef], per_unit: int = UNIT_CHUNKS) -> list[list[ChunkRef]]:
+    """Non-zero chunk refs cut into units of at most ``per_unit``."""
+    stored = [r for r in refs if r.id is not None]
+    return [list(stored[i : i + per_unit]) for i in range(0, len(stored), per_unit)]
+
+
+@dataclass
+class DiskPlan:
+    """How one disk is read: the chunks to read, and where the others come from."""
+
+    target: str
+    path: str
+    format: str
+    size: int
+    chunk_size: int
+    nbd_url: str
+    read: list[int]
+    #: Chunks not read: taken from the parent manifest (incremental) or zero.
+    inherited: dict[int, str | None]
+    incremental: bool
+
+    @property
+    def count(self) -> int:
+        return chunk_count(self.size, self.chunk_size)
+
+
+def plan_disk(
+    *,
+    target: str,
+    path: str,
+    fmt: str,
+    size: int,
+    chunk_size: int,
+    nbd_url: str,
+    allocation: Sequence[Extent],
+    dirty: Sequence[Extent] | None,
+    parent: DiskManifest | None,
+) -> DiskPlan:
+    """Plan the read of one disk: incremental if a dirty map and a matching parent
+    manifest exist (same size and chunk size), else a full read of what is allocated."""
+    count = chunk_count(size, chunk_size)
+    usable_parent = (
+        parent is not None
+        and dirty is not None
+        and parent.size == size
+        and parent.chunk_size == chunk_size
+        and len(parent.chunks) == count
+    )
+    if usable_parent and parent is not None and dirty is not None:
+        read = dirty_chunks(dirty, chunk_size)
+        inherited = {i: parent.chunks[i] for i in range(count) if i not in read}
+        incremental = True
+    else:
+        read = allocated_chunks(allocation, chunk_size)
+        inherited = {i: None for i in range(count) if i not in read}
+        incremental = False
+    return DiskPlan(
+        target=target,
+        path=path,
+        format=fmt,
+        size=size,
+        chunk_size=chunk_size,
+        nbd_url=nbd_url,
+        read=sorted(i for i in read if i < count),
+        inherited=inherited,
+        incremental=incremental,
+    )
+
+
+def build_manifest(plan: DiskPlan, results: dict[int, str | None]) -> DiskManifest:
+    """The complete manifest of a disk; ``ValueError`` if a planned chunk has no result."""
+    chunks: list[str | None] = []
+    for index in range(plan.count):
+        if index in results:
+            chunks.append(results[index])
+        elif index in plan.inherited:
+            chunks.append(plan.inherited[index])
+        else:
+            raise ValueError(f"disk {plan.target}: chunk {index} was planned but never read")
+    return DiskManifest(
+        target=plan.target,
+        size=plan.size,
+        chunk_size=plan.chunk_size,
+        format=plan.format,
+        source_path=plan.path,
+        chunks=chunks,
+    )
