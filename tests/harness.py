@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -10,10 +11,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from virtbackup.runtime.nats_server import NatsServer, free_port, start_nats_server
+from virtbackup.virt.testing import SmallVm
 
 MODULES = {
     "gateway": "virtbackup.gateway",
@@ -131,3 +134,32 @@ class System:
             time.sleep(0.1)
         self.token = token_file.read_text().strip()
         self.wait_ready()
+
+
+async def wait_job(api: httpx.AsyncClient, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job: dict[str, Any] = (await api.get(f"/jobs/{job_id}")).json()
+        if job["state"] in {"success", "failure", "canceled"}:
+            return job
+        assert time.monotonic() < deadline, job
+        await asyncio.sleep(0.2)
+
+
+def snapshot(vm: SmallVm, dest: Path) -> list[Path]:
+    """Raw copies of the VM's disks as they are now (the guest is idle)."""
+    out = []
+    for disk in vm.disks:
+        copy = dest / f"{disk.stem}.raw"
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(disk), str(copy)], check=True)
+        out.append(copy)
+    return out
+
+
+def same(image: Path, raw: Path) -> bool:
+    result = subprocess.run(
+        ["qemu-img", "compare", "-U", "-F", "raw", str(image), str(raw)],
+        capture_output=True,
+        text=True,
+    )
+    return result.returncode == 0

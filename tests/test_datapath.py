@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import nats
 import pytest
-from harness import System
+from harness import System, same, snapshot, wait_job
 
 from virtbackup.repository.format import chunk_key
 from virtbackup.repository.repository import Repository
@@ -113,41 +113,12 @@ async def api(dp: System, repo_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def wait_job(api: httpx.AsyncClient, job_id: str, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        job: dict[str, Any] = (await api.get(f"/jobs/{job_id}")).json()
-        if job["state"] in {"success", "failure", "canceled"}:
-            return job
-        assert time.monotonic() < deadline, job
-        await asyncio.sleep(0.2)
-
-
 async def backup(api: httpx.AsyncClient, **extra: Any) -> dict[str, Any]:
     resp = await api.post("/servers/local/backup", json={"vmName": VM, **extra})
     assert resp.status_code == 200, resp.text
     job = await wait_job(api, resp.json()["jobId"])
     assert job["state"] == "success", job
     return job
-
-
-def snapshot(vm: SmallVm, dest: Path) -> list[Path]:
-    """Raw copies of the VM's disks as they are now (the guest is idle)."""
-    out = []
-    for disk in vm.disks:
-        copy = dest / f"{disk.stem}.raw"
-        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(disk), str(copy)], check=True)
-        out.append(copy)
-    return out
-
-
-def same(image: Path, raw: Path) -> bool:
-    result = subprocess.run(
-        ["qemu-img", "compare", "-U", "-F", "raw", str(image), str(raw)],
-        capture_output=True,
-        text=True,
-    )
-    return result.returncode == 0
 
 
 async def entries(api: httpx.AsyncClient) -> list[dict[str, Any]]:

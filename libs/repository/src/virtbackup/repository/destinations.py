@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
-from virtbackup.contracts.v1.config import Destination
+from virtbackup.contracts.v1.config import AgentConfig, Destination
 from virtbackup.repository.repository import Repository
 from virtbackup.storage.factory import open_destination
+from virtbackup.storage.google_auth import OnRefresh
 
 
 async def open_repository(
-    destination: Destination, *, tmp_writes: bool = False, create: bool = True
+    destination: Destination,
+    cfg: AgentConfig | None = None,
+    *,
+    create: bool = True,
+    locked: bool = False,
+    on_refresh: OnRefresh | None = None,
 ) -> Repository:
-    """The repository at ``destination``, created on first use when ``create``.
+    """The repository at ``destination``, created on first use when ``create`` (encrypted
+    when the destination has an ``encryption`` passphrase).
 
-    The caller owns the driver: ``await repo.driver.close()`` when done.
+    ``locked`` opens an encrypted repository without its key, for listing restore points.
+    ``cfg`` supplies what is configured outside the destination: the Google tokens and
+    ``dummyDriverTmpWrites``. The caller owns the driver: ``await repo.driver.close()``.
     """
-    driver = open_destination(destination, tmp_writes=tmp_writes)
+    driver = open_destination(
+        destination,
+        tmp_writes=cfg.dummy_driver_tmp_writes if cfg else False,
+        tokens=cfg.backup.gdrive if cfg and destination.driver_id == "gdrive" else None,
+        on_refresh=on_refresh,
+    )
+    enc = destination.encryption
+    passphrase = enc.passphrase if enc else None
     try:
         if create:
-            return await Repository.open_or_create(driver)
-        return await Repository.open(driver)
+            cipher = enc.cipher if enc else "aes-256-gcm"
+            return await Repository.open_or_create(driver, passphrase, cipher)
+        return await Repository.open(driver, passphrase, locked=locked)
     except BaseException:
         await driver.close()
         raise

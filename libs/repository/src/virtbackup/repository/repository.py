@@ -69,8 +69,14 @@ class Repository:
     # -- lifecycle ------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, driver: Driver, passphrase: str | None = None) -> Repository:
-        """Open the repository on ``driver``. ``RepositoryError`` if there is none."""
+    async def open(
+        cls, driver: Driver, passphrase: str | None = None, *, locked: bool = False
+    ) -> Repository:
+        """Open the repository on ``driver``. ``RepositoryError`` if there is none.
+
+        ``locked`` opens an encrypted repository without its key: restore points can be
+        listed (``backup.json`` is plaintext), nothing encrypted can be read.
+        """
         try:
             raw = await driver.get(CONFIG_KEY)
         except NotFoundError:
@@ -78,6 +84,8 @@ class Repository:
         config = msgspec.json.decode(raw, type=RepositoryConfig)
         if config.format != FORMAT_VERSION:
             raise RepositoryError(f"unsupported repository format {config.format}")
+        if locked:
+            return cls(driver, config, None)
         return cls(driver, config, _sealer(config, passphrase))
 
     @classmethod

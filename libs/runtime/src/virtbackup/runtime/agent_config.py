@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from nats.js.errors import KeyNotFoundError
+from collections.abc import Callable
+
+import msgspec
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from virtbackup.contracts.buckets import CONFIG_KEY
-from virtbackup.contracts.v1.config import AgentConfig, Destination, Server, decode_config
-from virtbackup.runtime.errors import NotFound
+from virtbackup.contracts.v1.config import (
+    AgentConfig,
+    Destination,
+    GdriveSettings,
+    Server,
+    decode_config,
+    encode_config,
+    validate_config,
+)
+from virtbackup.runtime.errors import Conflict, NotFound
 
 
 async def read_agent_config(kv: KeyValue) -> tuple[AgentConfig, int]:
@@ -37,3 +48,34 @@ def find_server(cfg: AgentConfig, server_id: str) -> Server:
         if server.id == server_id:
             return server
     raise NotFound(f"server {server_id!r} not found")
+
+
+async def update_agent_config(
+    kv: KeyValue, change: Callable[[AgentConfig], AgentConfig], *, attempts: int = 10
+) -> AgentConfig:
+    """Apply ``change`` to the stored configuration with compare-and-swap (retried)."""
+    for _ in range(attempts):
+        cfg, revision = await read_agent_config(kv)
+        updated = change(cfg)
+        validate_config(updated)
+        try:
+            if revision:
+                await kv.update(CONFIG_KEY, encode_config(updated), last=revision)
+            else:
+                await kv.create(CONFIG_KEY, encode_config(updated))
+        except KeyWrongLastSequenceError:
+            continue
+        return updated
+    raise Conflict("the configuration is being changed concurrently; try again")
+
+
+async def update_gdrive_settings(
+    kv: KeyValue, change: Callable[[GdriveSettings], GdriveSettings]
+) -> AgentConfig:
+    """Change the stored Google Drive settings (e.g. keep a refreshed access token)."""
+
+    def apply(cfg: AgentConfig) -> AgentConfig:
+        backup = msgspec.structs.replace(cfg.backup, gdrive=change(cfg.backup.gdrive))
+        return msgspec.structs.replace(cfg, backup=backup)
+
+    return await update_agent_config(kv, apply)

@@ -11,6 +11,7 @@ from litestar.plugins import InitPluginProtocol
 from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.controllers.agent import HealthController
 from virtbackup.gateway.controllers.config import ConfigController
+from virtbackup.gateway.controllers.destinations import DestinationsController
 from virtbackup.gateway.controllers.events import EventsController
 from virtbackup.gateway.controllers.jobs import JobsController
 from virtbackup.gateway.controllers.restore import RestoreController
@@ -27,6 +28,7 @@ CONTROLLERS = [
     JobsController,
     ServersController,
     RestoreController,
+    DestinationsController,
     SystemController,
 ]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from virtbackup.contracts.v1.config import (
     decode_config,
     encode_config,
 )
-from virtbackup.runtime.agent_config import read_agent_config
+from virtbackup.runtime.agent_config import read_agent_config, update_agent_config
 from virtbackup.runtime.errors import BadRequest, Conflict
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,12 @@ class ConfigStore:
             self.export_yaml(cfg)
             return new_revision
         raise Conflict("the configuration is being changed concurrently; try again")
+
+    async def change(self, fn: Callable[[AgentConfig], AgentConfig]) -> AgentConfig:
+        """Apply ``fn`` to the stored configuration (compare-and-swap) and export it."""
+        cfg = await update_agent_config(self.kv, fn)
+        self.export_yaml(cfg)
+        return cfg
 
     def export_yaml(self, cfg: AgentConfig) -> None:
         """Write ``agent.yaml`` atomically, readable by the owner only."""

@@ -15,10 +15,15 @@ from virtbackup.job_orchestrator.store import JobStore
 from virtbackup.job_orchestrator.tracker import UnitTracker
 from virtbackup.repository.destinations import open_repository
 from virtbackup.repository.repository import Repository
-from virtbackup.runtime.agent_config import find_destination, read_agent_config
+from virtbackup.runtime.agent_config import (
+    find_destination,
+    read_agent_config,
+    update_gdrive_settings,
+)
 from virtbackup.runtime.bus import Bus
 from virtbackup.runtime.service import ServiceContext
 from virtbackup.runtime.settings import Settings
+from virtbackup.storage.google_auth import GoogleTokens
 
 
 @dataclass
@@ -42,10 +47,22 @@ class JobContext:
     async def config(self) -> AgentConfig:
         return (await read_agent_config(self.ctx.bucket(buckets.CONFIG)))[0]
 
-    async def repository(self, destination_id: str, *, create: bool = True) -> Repository:
+    async def repository(
+        self, destination_id: str, *, create: bool = True, locked: bool = False
+    ) -> Repository:
         cfg = await self.config()
         dest = find_destination(cfg, destination_id)
-        return await open_repository(dest, tmp_writes=cfg.dummy_driver_tmp_writes, create=create)
+        return await open_repository(
+            dest,
+            cfg,
+            create=create,
+            locked=locked,
+            on_refresh=self.store_tokens,
+        )
+
+    async def store_tokens(self, tokens: GoogleTokens) -> None:
+        """Keep a refreshed Google access token in the configuration."""
+        await update_gdrive_settings(self.ctx.bucket(buckets.CONFIG), tokens.apply_to)
 
     async def message(self, job_id: str, text: str) -> None:
         await update_job(self.store, self.bus, job_id, {"message": text})

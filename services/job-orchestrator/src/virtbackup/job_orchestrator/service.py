@@ -231,7 +231,9 @@ async def register(ctx: ServiceContext) -> None:
         try:
             repo = await jc.repository(dest.id, create=False)
         except RepositoryError as exc:
-            raise NotFound(f"destination {dest.id}: {exc}") from None
+            if "no repository" in str(exc):
+                raise NotFound(f"destination {dest.id}: {exc}") from None
+            raise BadRequest(f"destination {dest.id}: {exc}") from None
         try:
             return dest.id, await repo.restore_point(xml_path), repo
         except NotFoundError:
@@ -318,7 +320,8 @@ async def register(ctx: ServiceContext) -> None:
         else:
             dest = find_destination(cfg, cfg.restore_destination_id or cfg.backup_destination_id)
         try:
-            repo = await jc.repository(dest.id, create=False)
+            # Listing needs no key: backup.json is plaintext.
+            repo = await jc.repository(dest.id, create=False, locked=True)
         except RepositoryError:
             return RestoreEntries(entries=[])
         try:

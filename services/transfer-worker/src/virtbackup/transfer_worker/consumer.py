@@ -30,9 +30,14 @@ from virtbackup.contracts.v1.work import TransferUnit, UnitResult
 from virtbackup.nbd import NbdClient, NbdError
 from virtbackup.repository.destinations import open_repository
 from virtbackup.repository.repository import CorruptChunkError, Repository, RepositoryError
-from virtbackup.runtime.agent_config import find_destination, read_agent_config
+from virtbackup.runtime.agent_config import (
+    find_destination,
+    read_agent_config,
+    update_gdrive_settings,
+)
 from virtbackup.runtime.service import ServiceContext
 from virtbackup.storage.errors import PermanentError, StorageError, TransientError
+from virtbackup.storage.google_auth import GoogleTokens
 from virtbackup.transfer_worker.units import UnitContext, backup_unit, restore_unit, verify_unit
 
 log = logging.getLogger(__name__)
@@ -58,9 +63,13 @@ class Resources:
             repo = self.repos.get(destination_id)
             if repo is None:
                 dest = find_destination(cfg, destination_id)
-                repo = await open_repository(dest, tmp_writes=cfg.dummy_driver_tmp_writes)
+                repo = await open_repository(dest, cfg, on_refresh=self.store_tokens)
                 self.repos[destination_id] = repo
             return repo
+
+    async def store_tokens(self, tokens: GoogleTokens) -> None:
+        """Keep a refreshed Google access token in the configuration."""
+        await update_gdrive_settings(self.ctx.bucket(buckets.CONFIG), tokens.apply_to)
 
     async def nbd_client(self, url: str) -> NbdClient:
         async with self.lock:

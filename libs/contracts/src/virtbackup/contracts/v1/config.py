@@ -6,7 +6,7 @@ the agent API (camelCase, and ``base_path`` where the API writes it so).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -76,12 +76,21 @@ DRIVER_PARAMS: Final[dict[str, type[Strict]]] = {
 }
 
 
+class DestinationEncryption(Strict, kw_only=True):
+    """Encryption at rest, chosen when the destination's repository is created: a random
+    data key wrapped by a key derived (scrypt) from ``passphrase``."""
+
+    cipher: Literal["aes-256-gcm", "chacha20-poly1305"] = "aes-256-gcm"
+    passphrase: Annotated[str, msgspec.Meta(min_length=8)]
+
+
 class Destination(Strict, kw_only=True):
     id: Id
     name: str = ""
     driver_id: str
     enabled: bool = True
     params: dict[str, Any] = msgspec.field(default_factory=dict)
+    encryption: DestinationEncryption | None = None
 
 
 class GdriveSettings(Strict, kw_only=True):

@@ -1,0 +1,108 @@
+"""Agent API: the SFTP connection test and the Google OAuth token store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, post
+
+from virtbackup.contracts.subjects import EventType
+from virtbackup.contracts.v1.config import SECRET_MASK, AgentConfig, SftpParams
+from virtbackup.gateway.state import Gateway
+from virtbackup.runtime.errors import BadRequest
+from virtbackup.storage.errors import InvalidParamsError, StorageError
+from virtbackup.storage.factory import open_driver
+from virtbackup.storage.google_auth import GoogleTokens
+from virtbackup.storage.probe import test_connection
+
+
+async def _json_object(
+    request: Request[Any, Any, Any], *, optional: bool = False
+) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        if optional:
+            return {}
+        raise BadRequest("request body must be a JSON object")
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def _stored_sftp_secret(cfg: AgentConfig, params: dict[str, Any], key: str) -> str:
+    """The stored secret of the configured SFTP destination this test names."""
+    for dest in cfg.destinations:
+        p = dest.params
+        if (
+            dest.driver_id == "sftp"
+            and p.get("host") == params.get("host")
+            and p.get("username") == params.get("username")
+        ):
+            value = p.get(key, "")
+            return value if isinstance(value, str) else ""
+    sftp = cfg.backup.sftp
+    if sftp.host == params.get("host") and sftp.username == params.get("username"):
+        return sftp.password if key == "password" else sftp.private_key
+    raise BadRequest(f"{key} is the secret mask but no such SFTP destination is configured")
+
+
+class DestinationsController(Controller):
+    @post("/sftp/test", status_code=200)
+    async def sftp_test(self, gw: Gateway, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Write, read back and delete a probe in ``<basePath>/VirtBackup`` over SFTP."""
+        params = await _json_object(request)
+        cfg, _ = await gw.config.load()
+        for key in ("password", "privateKey"):
+            if params.get(key) == SECRET_MASK:
+                params[key] = _stored_sftp_secret(cfg, params, key)
+        try:
+            msgspec.convert(params, SftpParams, strict=True)
+        except msgspec.ValidationError as exc:
+            raise BadRequest(f"invalid SFTP parameters: {exc}") from None
+        try:
+            driver = open_driver("sftp", params)
+        except InvalidParamsError as exc:
+            raise BadRequest(str(exc)) from None
+        try:
+            message = await test_connection(driver)
+        except StorageError as exc:
+            return {"success": False, "message": f"SFTP test failed: {exc}"}
+        finally:
+            await driver.close()
+        return {"success": True, "message": message}
+
+    @post("/oauth/google", status_code=200)
+    async def store_google(self, gw: Gateway, request: Request[Any, Any, Any]) -> dict[str, bool]:
+        """Keep the Google account's tokens (``expiresAt``: seconds, ms or ISO-8601)."""
+        try:
+            tokens = GoogleTokens.from_wire(await _json_object(request))
+        except InvalidParamsError as exc:
+            raise BadRequest(str(exc)) from None
+
+        def apply(cfg: AgentConfig) -> AgentConfig:
+            backup = msgspec.structs.replace(cfg.backup, gdrive=tokens.apply_to(cfg.backup.gdrive))
+            return msgspec.structs.replace(cfg, backup=backup)
+
+        await gw.config.change(apply)
+        await gw.bus.publish_event(EventType.CONFIG_CHANGED, {"section": "backup.gdrive"})
+        return {"success": True}
+
+    @post("/oauth/google/clear", status_code=200)
+    async def clear_google(self, gw: Gateway) -> dict[str, bool]:
+        """Forget the Google account's tokens."""
+
+        def apply(cfg: AgentConfig) -> AgentConfig:
+            gdrive = msgspec.structs.replace(
+                cfg.backup.gdrive, access_token="", refresh_token="", expires_at=None
+            )
+            backup = msgspec.structs.replace(cfg.backup, gdrive=gdrive)
+            return msgspec.structs.replace(cfg, backup=backup)
+
+        await gw.config.change(apply)
+        await gw.bus.publish_event(EventType.CONFIG_CHANGED, {"section": "backup.gdrive"})
+        return {"success": True}
