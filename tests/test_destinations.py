@@ -17,6 +17,7 @@ import pytest
 from harness import System, same, snapshot, wait_job
 
 from virtbackup.runtime.nats_server import free_port, start_nats_server
+from virtbackup.storage.fake_gdrive import FakeGoogleDrive
 from virtbackup.storage.testing import SeaweedServer, SshdServer
 from virtbackup.virt import Connection, open_connection
 from virtbackup.virt.testing import (
@@ -55,13 +56,29 @@ def seaweed() -> Iterator[SeaweedServer]:
 
 
 @pytest.fixture(scope="module")
-def ds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+def drive() -> Iterator[FakeGoogleDrive]:
+    """A stand-in for Google's Drive v3 and token endpoints (Google is not reachable)."""
+    with FakeGoogleDrive() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory: pytest.TempPathFactory, drive: FakeGoogleDrive) -> Iterator[System]:
     data = tmp_path_factory.mktemp("ds")
+    api = drive.api()
     system = System(
         data_dir=data,
         nats=start_nats_server(data / "nats"),
         agent_port=free_port(),
-        extra_env={"VIRTBACKUP_WORK_ACK_WAIT": "4", "VIRTBACKUP_JOB_STALL_TIMEOUT": "90"},
+        extra_env={
+            "VIRTBACKUP_WORK_ACK_WAIT": "4",
+            "VIRTBACKUP_JOB_STALL_TIMEOUT": "90",
+            "VIRTBACKUP_GDRIVE_API_BASE": api.api_base,
+            "VIRTBACKUP_GDRIVE_UPLOAD_BASE": api.upload_base,
+            "VIRTBACKUP_GOOGLE_TOKEN_URL": api.token_url,
+            "VIRTBACKUP_GOOGLE_CLIENT_ID": api.client_id,
+            "VIRTBACKUP_GOOGLE_CLIENT_SECRET": api.client_secret,
+        },
     )
     try:
         system.start_all()
@@ -110,6 +127,7 @@ async def api(
             "destinations": [
                 {"id": "sftp", "driverId": "sftp", "params": sshd.params(sshd.make_base("b"))},
                 {"id": "s3", "driverId": "s3", "params": seaweed.params(prefix="vb")},
+                {"id": "gd", "driverId": "gdrive", "params": {"rootPath": "/backups"}},
                 {
                     "id": "enc",
                     "driverId": "filesystem",
@@ -221,6 +239,32 @@ async def test_full_incremental_and_restore(
         assert same(vm.disks[0], snap[0])
 
 
+async def test_google_drive_backup_and_restore(
+    api: httpx.AsyncClient,
+    vm: SmallVm,
+    conn: Connection,
+    drive: FakeGoogleDrive,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # Sign-in tokens whose access token has already expired: the first use refreshes it.
+    tokens = drive.issue_tokens(expires_in=-10)
+    body = {
+        "accessToken": tokens.access_token,
+        "refreshToken": tokens.refresh_token,
+        "expiresAt": tokens.expires_at.isoformat() if tokens.expires_at else None,
+    }
+    assert (await api.post("/oauth/google", json=body)).status_code == 200
+    await guest_write(conn, VM, "vda", 48 * MiB, 2 * MiB, pattern=0x44)
+    job = await backup(api, "gd")
+    assert job["state"] == "success", job
+    assert drive.refreshes >= 1
+    snap = snapshot(vm, tmp_path_factory.mktemp("gd"))
+    point = (await points(api, "gd"))[-1]
+    restored = await restore(api, "gd", point["xmlPath"])
+    assert restored["state"] == "success", restored
+    assert same(vm.disks[0], snap[0])
+
+
 async def test_encrypted_repository(
     api: httpx.AsyncClient,
     vm: SmallVm,
@@ -243,7 +287,7 @@ async def test_encrypted_repository(
     assert same(vm.disks[0], snap[0])
 
     cfg = (await api.get("/config")).json()
-    cfg["destinations"][2]["encryption"]["passphrase"] = "a wrong passphrase"
+    cfg["destinations"][3]["encryption"]["passphrase"] = "a wrong passphrase"
     assert (await api.post("/config", json=cfg)).status_code == 200
     refused = await api.post(
         "/servers/local/restore/start",
