@@ -12,6 +12,8 @@ from harness import System
 from nats.aio.client import Client
 
 from virtbackup.runtime.nats_server import free_port, start_nats_server
+from virtbackup.virt import Connection, open_connection
+from virtbackup.virt.testing import ensure_libvirtd
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +67,14 @@ def make_system(tmp_path: pytest.TempPathFactory) -> Iterator[Callable[..., Syst
     for sys_ in made:
         sys_.stop_all()
         sys_.nats.stop()
+
+
+@pytest.fixture(scope="session")
+async def conn() -> AsyncIterator[Connection]:
+    """A connection to the local libvirtd (started if needed) for the tests' own setup."""
+    ensure_libvirtd()
+    connection = await open_connection()
+    try:
+        yield connection
+    finally:
+        await connection.close()

@@ -22,11 +22,10 @@ from harness import System, same, snapshot, wait_job
 from virtbackup.repository.format import chunk_key
 from virtbackup.repository.repository import Repository
 from virtbackup.storage.filesystem import FilesystemDriver
-from virtbackup.virt import Connection, open_connection
+from virtbackup.virt import Connection
 from virtbackup.virt.testing import (
     SmallVm,
     create_vm,
-    ensure_libvirtd,
     guest_write,
     remove_vm,
     vm_directory,
@@ -63,16 +62,6 @@ def dp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     finally:
         system.stop_all()
         system.nats.stop()
-
-
-@pytest.fixture(scope="module")
-async def conn() -> AsyncIterator[Connection]:
-    ensure_libvirtd()
-    connection = await open_connection()
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 @pytest.fixture(scope="module")

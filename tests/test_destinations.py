@@ -14,16 +14,16 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from harness import System, same, snapshot, wait_job
 
 from virtbackup.runtime.nats_server import free_port, start_nats_server
 from virtbackup.storage.fake_gdrive import FakeGoogleDrive
 from virtbackup.storage.testing import SeaweedServer, SshdServer
-from virtbackup.virt import Connection, open_connection
+from virtbackup.virt import Connection
 from virtbackup.virt.testing import (
     SmallVm,
     create_vm,
-    ensure_libvirtd,
     guest_write,
     remove_vm,
     vm_directory,
@@ -86,16 +86,6 @@ def ds(tmp_path_factory: pytest.TempPathFactory, drive: FakeGoogleDrive) -> Iter
     finally:
         system.stop_all()
         system.nats.stop()
-
-
-@pytest.fixture(scope="module")
-async def conn() -> AsyncIterator[Connection]:
-    ensure_libvirtd()
-    connection = await open_connection()
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +230,7 @@ async def test_full_incremental_and_restore(
 
 
 async def test_google_drive_backup_and_restore(
+    ds: System,
     api: httpx.AsyncClient,
     vm: SmallVm,
     conn: Connection,
@@ -258,6 +249,15 @@ async def test_google_drive_backup_and_restore(
     job = await backup(api, "gd")
     assert job["state"] == "success", job
     assert drive.refreshes >= 1
+    # The refreshed access token was kept, and agent.yaml follows the bucket.
+    deadline = time.monotonic() + 10
+    while True:
+        stored = yaml.safe_load((ds.data_dir / "agent.yaml").read_text())["backup"]["gdrive"]
+        if stored["accessToken"] != tokens.access_token:
+            break
+        assert time.monotonic() < deadline, stored
+        await asyncio.sleep(0.2)
+    assert stored["refreshToken"] == tokens.refresh_token
     snap = snapshot(vm, tmp_path_factory.mktemp("gd"))
     point = (await points(api, "gd"))[-1]
     restored = await restore(api, "gd", point["xmlPath"])

@@ -22,11 +22,10 @@ from harness import System
 from virtbackup.runtime.nats_server import free_port
 from virtbackup.runtime.settings import Settings
 from virtbackup.storage.testing import SshdServer
-from virtbackup.virt import Connection, TcpServer, begin_backup, open_connection
+from virtbackup.virt import Connection, TcpServer, begin_backup
 from virtbackup.virt.testing import (
     SmallVm,
     create_vm,
-    ensure_libvirtd,
     remove_vm,
     start_sshd,
     vm_directory,
@@ -35,16 +34,6 @@ from virtbackup.virt.testing import (
 pytestmark = pytest.mark.libvirt
 
 LOCAL = {"id": "local", "name": "This host", "host": ""}
-
-
-@pytest.fixture(scope="module")
-async def conn() -> AsyncIterator[Connection]:
-    ensure_libvirtd()
-    connection = await open_connection()
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 @pytest.fixture(scope="module")

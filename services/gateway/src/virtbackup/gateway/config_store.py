@@ -171,6 +171,18 @@ class ConfigStore:
         self.export_yaml(cfg)
         return cfg
 
+    async def follow(self) -> None:
+        """Export ``agent.yaml`` whenever another service changes the configuration (a
+        refreshed Google token, say), so the file always mirrors the bucket."""
+        watcher = await self.kv.watch(CONFIG_KEY)
+        async for entry in watcher:
+            if entry is None or entry.value is None:
+                continue
+            try:
+                self.export_yaml(decode_config(entry.value))
+            except (msgspec.ValidationError, ConfigError, OSError):
+                log.exception("exporting agent.yaml failed")
+
     def export_yaml(self, cfg: AgentConfig) -> None:
         """Write ``agent.yaml`` atomically, readable by the owner only."""
         self.yaml_path.parent.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,7 @@ async def serve(settings: Settings | None = None) -> None:
     try:
         store = ConfigStore(ctx.bucket(buckets.CONFIG), settings.agent_yaml)
         await store.initialize()
+        ctx.spawn(store.follow(), "export-agent-yaml")
         gw = Gateway(settings=settings, bus=ctx.bus, config=store, token=token)
         config = uvicorn.Config(
             create_asgi(gw),
