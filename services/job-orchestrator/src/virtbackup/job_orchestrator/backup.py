@@ -195,5 +195,5 @@ async def _transfer(
     read_chunks = sum(len(p.read) for p in plans)
     return (
         f"{kind} backup {timestamp}: {read_chunks} chunks read, {stats['stored']} stored, "
-        f"{stats['dedup']} already in the destination"
+        f"{stats['dedup']} deduplicated"
     )
