@@ -3,6 +3,7 @@
 
     python3 dev.py up     # install what is needed, then run NATS and every service
     python3 dev.py test   # install what is needed, then lint, type-check and run every test
+    python3 dev.py bench  # install what is needed, then the benchmark against virtnbdbackup
 
 Both install what they need: as root, the Debian packages (libvirt, QEMU, OpenSSH, ...);
 then uv (from PyPI, into .tools/ if it is not on PATH) and every Python package into
@@ -150,8 +151,15 @@ def cmd_test(args: list[str]) -> int:
     return code
 
 
+def cmd_bench(args: list[str]) -> int:
+    ensure_debian_packages()
+    ensure_python_env()
+    ensure_libvirtd()
+    return subprocess.call([bin_("python"), "bench/run.py", *args], cwd=ROOT)
+
+
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in {"up", "test", "install"}:
+    if len(sys.argv) < 2 or sys.argv[1] not in {"up", "test", "install", "bench"}:
         print(__doc__)
         return 2
     command, rest = sys.argv[1], sys.argv[2:]
@@ -159,6 +167,8 @@ def main() -> int:
         ensure_debian_packages()
         ensure_python_env()
         return 0
+    if command == "bench":
+        return cmd_bench(rest)
     return cmd_up(rest) if command == "up" else cmd_test(rest)
 
 
