@@ -220,7 +220,8 @@ async def register(ctx: ServiceContext) -> None:
 
     async def open_point(
         xml_path: str, destination_id: str | None, *, restore: bool
-    ) -> tuple[str, RestorePoint, Repository]:
+    ) -> tuple[str, RestorePoint]:
+        """The destination and restore point a request names (400, 404 otherwise)."""
         try:
             parse_xml_key(xml_path)
         except ValueError as exc:
@@ -235,13 +236,11 @@ async def register(ctx: ServiceContext) -> None:
                 raise NotFound(f"destination {dest.id}: {exc}") from None
             raise BadRequest(f"destination {dest.id}: {exc}") from None
         try:
-            return dest.id, await repo.restore_point(xml_path), repo
+            return dest.id, await repo.restore_point(xml_path)
         except NotFoundError:
-            await repo.driver.close()
             raise NotFound(f"no restore point {xml_path} in destination {dest.id}") from None
-        except BaseException:
+        finally:
             await repo.driver.close()
-            raise
 
     async def precheck_point(server_id: str, point: RestorePoint) -> RestorePrecheckResult:
         request = RestorePrecheckRequest(
@@ -256,8 +255,7 @@ async def register(ctx: ServiceContext) -> None:
     @ctx.bus.handle(JobCmd.RESTORE_PRECHECK, PrecheckRequest)
     async def restore_precheck(req: PrecheckRequest) -> PrecheckResult:
         find_server(await jc.config(), req.server_id)
-        _, point, repo = await open_point(req.xml_path, req.destination_id, restore=True)
-        await repo.driver.close()
+        _, point = await open_point(req.xml_path, req.destination_id, restore=True)
         result = await precheck_point(req.server_id, point)
         return PrecheckResult(
             vm_exists=result.vm_exists,
@@ -268,8 +266,7 @@ async def register(ctx: ServiceContext) -> None:
     @ctx.bus.handle(JobCmd.RESTORE, RestoreRequest)
     async def restore(req: RestoreRequest) -> Job:
         find_server(await jc.config(), req.server_id)
-        dest_id, point, repo = await open_point(req.xml_path, req.destination_id, restore=True)
-        await repo.driver.close()
+        dest_id, point = await open_point(req.xml_path, req.destination_id, restore=True)
         check = await precheck_point(req.server_id, point)
         if req.decision == "overwrite" and check.vm_running:
             raise Conflict(f"vm {point.vm_name} is running: shut it off before overwriting it")
@@ -293,8 +290,7 @@ async def register(ctx: ServiceContext) -> None:
 
     @ctx.bus.handle(JobCmd.SANITY, SanityRequest)
     async def sanity(req: SanityRequest) -> Job:
-        dest_id, point, repo = await open_point(req.xml_path, req.destination_id, restore=True)
-        await repo.driver.close()
+        dest_id, point = await open_point(req.xml_path, req.destination_id, restore=True)
         if req.timestamp and req.timestamp != point.timestamp:
             raise BadRequest(
                 f"timestamp {req.timestamp!r} does not match xmlPath ({point.timestamp})"

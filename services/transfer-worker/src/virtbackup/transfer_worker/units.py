@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from virtbackup.contracts.v1.work import BadChunk, ChunkRef, TransferUnit, UnitResult
 from virtbackup.nbd import NbdClient
+from virtbackup.repository.format import chunk_key
 from virtbackup.repository.repository import CorruptChunkError, Repository
 from virtbackup.storage.errors import NotFoundError
 from virtbackup.storage.retry import retry
@@ -163,7 +164,7 @@ async def restore_unit(
         offset = ref.index * unit.chunk_size
         length = min(unit.chunk_size, unit.disk_size - offset)
         async with uctx.budget.hold(length):
-            blob = await retry(lambda: repo.driver.get(f"chunks/{chunk_id[:2]}/{chunk_id}"))
+            blob = await retry(lambda: repo.driver.get(chunk_key(chunk_id)))
             counters["read"] += len(blob)
             data = await uctx.cpu(repo.decode_chunk, chunk_id, blob)
             if len(data) != length:
@@ -198,7 +199,7 @@ async def verify_unit(unit: TransferUnit, repo: Repository, uctx: UnitContext) -
         chunk_id = ref.id
         async with uctx.budget.hold(unit.chunk_size or (4 << 20)):
             try:
-                blob = await retry(lambda: repo.driver.get(f"chunks/{chunk_id[:2]}/{chunk_id}"))
+                blob = await retry(lambda: repo.driver.get(chunk_key(chunk_id)))
             except NotFoundError:
                 bad.append(BadChunk(id=chunk_id, problem="missing", detail="not found"))
                 return
