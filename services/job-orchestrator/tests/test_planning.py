@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from virtbackup.job_orchestrator.backup import free_timestamp
 from virtbackup.job_orchestrator.planner import build_manifest, group_units, plan_disk
 from virtbackup.nbd import Extent
 from virtbackup.repository.records import DiskManifest
@@ -93,8 +92,8 @@ def test_units_break_at_gaps_and_size() -> None:
 
 async def test_two_points_in_one_second_get_distinct_timestamps(tmp_path: Path) -> None:
     repo = await Repository.open_or_create(FilesystemDriver(tmp_path))
-    first = await free_timestamp(repo, "vm1")
+    first = await repo.new_timestamp("vm1")
     await repo.driver.put(f"vms/vm1/{first}/backup.json", b"{}")
-    second = await free_timestamp(repo, "vm1")
+    second = await repo.new_timestamp("vm1")
     assert second > first
-    assert await free_timestamp(repo, "other") <= second
+    assert await repo.new_timestamp("other") <= second

@@ -16,7 +16,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import blake3
 import msgspec
@@ -218,6 +218,21 @@ class Repository:
     async def domain_xml(self, point: RestorePoint) -> str:
         return (await self._load_object(domain_xml_key(point.vm_name, point.timestamp))).decode()
 
+    async def new_timestamp(self, vm: str) -> str:
+        """Now as a restore point timestamp (``2026-01-30T12-00-00``, UTC), a second later
+        while a point of ``vm`` already has it.
+
+        Timestamps have one-second resolution, and two points of a VM must not share one:
+        the second commit would replace the first point's record. The caller serialises
+        the backups of one VM, so nothing else takes the timestamp meanwhile.
+        """
+        moment = datetime.now(UTC).replace(microsecond=0)
+        while True:
+            timestamp = moment.strftime("%Y-%m-%dT%H-%M-%S")
+            if not await self.driver.exists(record_key(vm, timestamp)):
+                return timestamp
+            moment += timedelta(seconds=1)
+
     async def delete_point(self, vm: str, timestamp: str) -> None:
         """Remove a restore point's record first (so it stops being listed), then the rest."""
         await self.driver.delete(record_key(vm, timestamp))
@@ -239,8 +254,3 @@ def _sealer(config: RepositoryConfig, passphrase: str | None) -> crypto.Sealer |
     except crypto.CryptoError as exc:
         raise RepositoryError(str(exc)) from None
     return crypto.Sealer(enc.cipher, data_key)
-
-
-def timestamp_now() -> str:
-    """A restore point timestamp like ``2026-01-30T12-00-00`` (UTC)."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%S")

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import time
-from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from virtbackup.contracts.subjects import InventoryCmd
@@ -26,7 +25,6 @@ from virtbackup.contracts.v1.work import TransferUnit, UnitResult
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import DiskPlan, build_manifest, group_units, plan_disk
 from virtbackup.nbd import BASE_ALLOCATION, NbdClient
-from virtbackup.repository.format import record_key
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
 from virtbackup.repository.repository import Repository
 from virtbackup.runtime.clock import utcnow_iso
@@ -40,21 +38,6 @@ INVENTORY_TIMEOUT = 120.0
 async def latest_point(repo: Repository, vm: str, server_id: str) -> RestorePoint | None:
     points = [p for p in await repo.restore_points(vm) if p.source_server_id == server_id]
     return points[-1] if points else None
-
-
-async def free_timestamp(repo: Repository, vm: str) -> str:
-    """Now as a restore point timestamp, a second later while a point already has it.
-
-    Timestamps have one-second resolution, and two backups of a VM in the same second
-    must not share one: the second commit would replace the first point's record.
-    Backups of one VM are serialised, so nothing else takes the timestamp meanwhile.
-    """
-    moment = datetime.now(UTC).replace(microsecond=0)
-    while True:
-        timestamp = moment.strftime("%Y-%m-%dT%H-%M-%S")
-        if not await repo.driver.exists(record_key(vm, timestamp)):
-            return timestamp
-        moment += timedelta(seconds=1)
 
 
 async def plan(begun: BackupBegun, repo: Repository, parent: RestorePoint | None) -> list[DiskPlan]:
@@ -144,7 +127,7 @@ async def _transfer(
     started: float,
 ) -> str:
     assert job.server_id and job.vm_name and job.destination_id
-    timestamp = await free_timestamp(repo, job.vm_name)
+    timestamp = await repo.new_timestamp(job.vm_name)
     plans = await plan(begun, repo, parent if begun.incremental else None)
     units: list[TransferUnit] = []
     for disk in plans:
