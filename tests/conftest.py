@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
-from harness import System
+from harness import System, running_system
 from nats.aio.client import Client
 
 from virtbackup.runtime.nats_server import free_port, start_nats_server
@@ -18,17 +18,8 @@ from virtbackup.virt.testing import ensure_libvirtd
 
 @pytest.fixture(scope="session")
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    data = tmp_path_factory.mktemp("system")
-    server = start_nats_server(data / "nats")
-    sys_ = System(data_dir=data, nats=server, agent_port=free_port())
-    try:
-        sys_.start_all()
-        yield sys_
-    finally:
-        sys_.stop_all()
-        for proc in sys_.procs.values():
-            proc.kill()
-        sys_.nats.stop()
+    with running_system(tmp_path_factory.mktemp("system")) as system:
+        yield system
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,26 @@ def same(image: Path, raw: Path) -> bool:
         text=True,
     )
     return result.returncode == 0
+
+
+@contextlib.contextmanager
+def running_system(data: Path, *, workers: int = 1, **env: str) -> Iterator[System]:
+    """A started system of its own (NATS in ``data``, ``workers`` transfer workers, extra
+    ``VIRTBACKUP_*`` settings in ``env``), stopped on exit."""
+    system = System(
+        data_dir=data,
+        nats=start_nats_server(data / "nats"),
+        agent_port=free_port(),
+        extra_env=dict(env),
+    )
+    try:
+        system.start_all()
+        for index in range(2, workers + 1):
+            system.start(f"transfer-worker-{index}")
+        system.wait_ready()
+        yield system
+    finally:
+        system.stop_all()
+        for proc in system.procs.values():
+            proc.kill()
+        system.nats.stop()

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import nats
 import pytest
-from harness import System, same, snapshot, wait_job
+from harness import System, running_system, same, snapshot, wait_job
 
 from virtbackup.repository.format import chunk_key
 from virtbackup.repository.repository import Repository
@@ -40,28 +40,14 @@ VM = "vbt-data-1"
 @pytest.fixture(scope="module")
 def dp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     """A system of its own: two workers, short ack wait, debug mode (for ``fresh``)."""
-    from virtbackup.runtime.nats_server import free_port, start_nats_server
-
-    data = tmp_path_factory.mktemp("dp")
-    server = start_nats_server(data / "nats")
-    system = System(
-        data_dir=data,
-        nats=server,
-        agent_port=free_port(),
-        extra_env={
-            "VIRTBACKUP_WORK_ACK_WAIT": "4",
-            "VIRTBACKUP_WORKER_UNITS": "1",
-            "VIRTBACKUP_DEBUG": "true",
-        },
-    )
-    try:
-        system.start_all()
-        system.start("transfer-worker-2")
-        system.wait_ready()
+    with running_system(
+        tmp_path_factory.mktemp("dp"),
+        workers=2,
+        VIRTBACKUP_WORK_ACK_WAIT="4",
+        VIRTBACKUP_WORKER_UNITS="1",
+        VIRTBACKUP_DEBUG="true",
+    ) as system:
         yield system
-    finally:
-        system.stop_all()
-        system.nats.stop()
 
 
 @pytest.fixture(scope="module")

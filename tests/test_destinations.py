@@ -15,9 +15,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from harness import System, same, snapshot, wait_job
+from harness import System, running_system, same, snapshot, wait_job
 
-from virtbackup.runtime.nats_server import free_port, start_nats_server
 from virtbackup.storage.fake_gdrive import FakeGoogleDrive
 from virtbackup.storage.testing import SeaweedServer, SshdServer
 from virtbackup.virt import Connection
@@ -64,28 +63,18 @@ def drive() -> Iterator[FakeGoogleDrive]:
 
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory: pytest.TempPathFactory, drive: FakeGoogleDrive) -> Iterator[System]:
-    data = tmp_path_factory.mktemp("ds")
     api = drive.api()
-    system = System(
-        data_dir=data,
-        nats=start_nats_server(data / "nats"),
-        agent_port=free_port(),
-        extra_env={
-            "VIRTBACKUP_WORK_ACK_WAIT": "4",
-            "VIRTBACKUP_JOB_STALL_TIMEOUT": "90",
-            "VIRTBACKUP_GDRIVE_API_BASE": api.api_base,
-            "VIRTBACKUP_GDRIVE_UPLOAD_BASE": api.upload_base,
-            "VIRTBACKUP_GOOGLE_TOKEN_URL": api.token_url,
-            "VIRTBACKUP_GOOGLE_CLIENT_ID": api.client_id,
-            "VIRTBACKUP_GOOGLE_CLIENT_SECRET": api.client_secret,
-        },
-    )
-    try:
-        system.start_all()
+    with running_system(
+        tmp_path_factory.mktemp("ds"),
+        VIRTBACKUP_WORK_ACK_WAIT="4",
+        VIRTBACKUP_JOB_STALL_TIMEOUT="90",
+        VIRTBACKUP_GDRIVE_API_BASE=api.api_base,
+        VIRTBACKUP_GDRIVE_UPLOAD_BASE=api.upload_base,
+        VIRTBACKUP_GOOGLE_TOKEN_URL=api.token_url,
+        VIRTBACKUP_GOOGLE_CLIENT_ID=api.client_id,
+        VIRTBACKUP_GOOGLE_CLIENT_SECRET=api.client_secret,
+    ) as system:
         yield system
-    finally:
-        system.stop_all()
-        system.nats.stop()
 
 
 @pytest.fixture(scope="module")
