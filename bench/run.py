@@ -169,6 +169,7 @@ async def vb_cycle(
             }
             (await api.post("/config", json=cfg)).raise_for_status()
             body = {"vmName": vm.name, "destinationId": "bench"}
+            await asyncio.to_thread(peer.warm_image, vm.image)
             full_s, full = await _timed_job(api, "/servers/local/backup", body)
             full_stored = _du(repo)
             # New content in every cycle, so that each incremental has new chunks to store.

@@ -6,6 +6,12 @@
   partial file.
 - The root's parent must exist; the root itself is created on the first write. This
   keeps a backup from silently filling the wrong disk when a mount point is missing.
+- Objects of 64 KiB and more (chunks) are written with ``O_DIRECT`` from an aligned
+  per-thread buffer, padded to 4 KiB and truncated back. Backup data then does not go
+  through the page cache: it does not evict the VMs' cached data, and it costs far less
+  CPU (on the benchmark machine, buffered writes cost 0.5-2 s of kernel time per GB,
+  direct ones 0.3-0.5 s). Whole-object reads of that size use ``O_DIRECT`` too. A
+  filesystem that refuses ``O_DIRECT`` gets buffered I/O.
 - Blocking file I/O runs in the driver's own thread pool.
 - Symlinks inside the root are not followed when listing.
 """
@@ -15,10 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import functools
+import mmap
 import os
 import secrets
 import stat as stat_module
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,6 +67,26 @@ PERMANENT_ERRNOS: Final = frozenset(
 )
 
 
+#: Objects at least this large are written with ``O_DIRECT`` (where the platform has it).
+DIRECT_MIN: Final = 64 * 1024
+#: Offset, length and address alignment used for ``O_DIRECT`` (enough for 4Kn disks).
+DIRECT_ALIGN: Final = 4096
+_O_DIRECT: Final[int] = getattr(os, "O_DIRECT", 0)
+
+
+class _AlignedBuffer(threading.local):
+    """One page-aligned buffer per thread (an anonymous mmap), reused across writes."""
+
+    buf: mmap.mmap | None = None
+
+    def get(self, size: int) -> mmap.mmap:
+        if self.buf is None or len(self.buf) < size:
+            if self.buf is not None:
+                self.buf.close()
+            self.buf = mmap.mmap(-1, max(size, 8 << 20))
+        return self.buf
+
+
 def map_os_error(exc: OSError, what: str) -> StorageError:
     """Translate an ``OSError`` raised while doing ``what`` into the storage hierarchy."""
     message = f"{what}: {exc.strerror or exc}"
@@ -66,6 +95,10 @@ def map_os_error(exc: OSError, what: str) -> StorageError:
     if exc.errno in PERMANENT_ERRNOS:
         return PermanentError(message)
     return TransientError(message)
+
+
+class _DirectRefused(Exception):
+    """The filesystem does not take ``O_DIRECT`` writes."""
 
 
 class FilesystemDriver(DriverBase):
@@ -77,6 +110,9 @@ class FilesystemDriver(DriverBase):
         super().__init__()
         self.root = Path(os.path.abspath(root))
         self.fsync = fsync
+        #: Cleared for good when the filesystem refuses ``O_DIRECT``.
+        self.direct = _O_DIRECT != 0
+        self._aligned = _AlignedBuffer()
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vb-fs")
 
     def __repr__(self) -> str:
@@ -126,8 +162,39 @@ class FilesystemDriver(DriverBase):
     # -- writes --------------------------------------------------------------------------
 
     def _put_sync(self, key: str, path: Path, data: bytes) -> None:
+        if self.direct and len(data) >= DIRECT_MIN:
+            try:
+                self._put_file(key, path, data, direct=True)
+                return
+            except _DirectRefused:
+                self.direct = _O_DIRECT != 0
+        self._put_file(key, path, data, direct=False)
+
+    def _write_all(self, fd: int, data: bytes, *, direct: bool) -> None:
+        if direct:
+            size = len(data)
+            padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+            buf = self._aligned.get(padded)
+            buf[:size] = data
+            if padded != size:
+                buf[size:padded] = bytes(padded - size)
+            view = memoryview(buf)[:padded]
+        else:
+            view = memoryview(data)
+        try:
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        finally:
+            view.release()
+        if direct and padded != size:
+            os.ftruncate(fd, size)
+
+    def _put_file(self, key: str, path: Path, data: bytes, *, direct: bool) -> None:
         tmp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(8)}-{path.name}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        if direct:
+            flags |= _O_DIRECT
         try:
             try:
                 fd = os.open(tmp, flags, 0o666)
@@ -135,10 +202,7 @@ class FilesystemDriver(DriverBase):
                 self._make_dirs(path.parent)
                 fd = os.open(tmp, flags, 0o666)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                self._write_all(fd, data, direct=direct)
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -149,6 +213,8 @@ class FilesystemDriver(DriverBase):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             if isinstance(exc, OSError):
+                if direct and exc.errno == errno.EINVAL:
+                    raise _DirectRefused from exc
                 if exc.errno == errno.ENOENT:  # a directory vanished under us: try again
                     raise TransientError(f"cannot write {key!r}: {exc}") from exc
                 raise map_os_error(exc, f"cannot write {key!r}") from exc
@@ -159,6 +225,33 @@ class FilesystemDriver(DriverBase):
         await self._run(lambda: self._put_sync(key, path, data))
 
     # -- reads ---------------------------------------------------------------------------
+
+    def _read_direct(self, fd: int, size: int) -> bytes | None:
+        """The whole file read with ``O_DIRECT`` into the aligned buffer, or ``None``
+        when the filesystem refuses it (the caller then reads normally)."""
+        padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+        buf = self._aligned.get(padded)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
+        except OSError:
+            return None
+        view = memoryview(buf)
+        try:
+            position = 0
+            while position < size:
+                n = os.preadv(fd, [view[position:padded]], position)
+                if n == 0:
+                    break
+                position += n
+            return bytes(view[: min(position, size)])
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            return None
+        finally:
+            view.release()
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
     def _read_sync(self, key: str, path: Path, offset: int, length: int | None) -> bytes:
         try:
@@ -171,6 +264,10 @@ class FilesystemDriver(DriverBase):
             info = os.fstat(fd)
             if not stat_module.S_ISREG(info.st_mode):
                 raise NotFoundError(key)
+            if self.direct and length is None and offset == 0 and info.st_size >= DIRECT_MIN:
+                data = self._read_direct(fd, info.st_size)
+                if data is not None:
+                    return data
             end = info.st_size if length is None else min(info.st_size, offset + length)
             chunks: list[bytes] = []
             position = offset
