@@ -87,7 +87,8 @@ def test_a_resized_disk_is_read_in_full() -> None:
 
 
 def test_units_break_at_gaps_and_size() -> None:
-    assert group_units([5, 1, 2, 3, 9, 10], per_unit=2) == [[1, 2], [3], [5], [9, 10]]
+    assert group_units([5, 1, 2, 3, 9, 10], per_unit=2) == [[1, 2], [3, 5], [9, 10]]
+    assert group_units([40, 7, 1000, 3], per_unit=16) == [[3, 7, 40, 1000]]  # gaps do not split
 
 
 async def test_two_points_in_one_second_get_distinct_timestamps(tmp_path: Path) -> None:

@@ -42,17 +42,14 @@ def dirty_chunks(extents: Iterable[Extent], chunk_size: int) -> set[int]:
 
 
 def group_units(indices: Iterable[int], per_unit: int = UNIT_CHUNKS) -> list[list[int]]:
-    """Sorted chunk indices cut into runs of at most ``per_unit`` (runs break at gaps)."""
-    units: list[list[int]] = []
-    current: list[int] = []
-    for index in sorted(indices):
-        if current and (len(current) >= per_unit or index != current[-1] + 1):
-            units.append(current)
-            current = []
-        current.append(index)
-    if current:
-        units.append(current)
-    return units
+    """Sorted chunk indices cut into units of at most ``per_unit``.
+
+    A unit need not be contiguous: after scattered guest writes, runs broken at every
+    gap made units of one or two chunks, and a worker's few units in flight then held
+    a handful of chunk reads, not enough to keep QEMU busy (an incremental of 184
+    scattered chunks took 146 units and 1.8 s; packed, it takes 12 units)."""
+    ordered = sorted(indices)
+    return [ordered[i : i + per_unit] for i in range(0, len(ordered), per_unit)]
 
 
 def group_refs(refs: Sequence[ChunkRef], per_unit: int = UNIT_CHUNKS) -> list[list[ChunkRef]]:
