@@ -584,6 +584,13 @@ def warm_image(path: Path) -> None:
             pass
 
 
+def settle() -> None:
+    """Write back what earlier steps left dirty in the page cache (a reference copy, the
+    peer's buffered backup files) before a timed step, so that no step pays for the
+    write-back of the one before it."""
+    os.sync()
+
+
 async def peer_cycle(
     conn: Connection,
     vm: PreparedVm,
@@ -605,11 +612,14 @@ async def peer_cycle(
         shutil.rmtree(path, ignore_errors=True)
     try:
         await asyncio.to_thread(warm_image, vm.image)
+        await asyncio.to_thread(settle)
         full = await peer_backup(vm.name, backup, "full", compress=compress)
         writes = await guest_writes(
             conn, vm, write_bytes, size=write_size, offsets_seed=0, content_seed=rep + 1
         )
+        await asyncio.to_thread(settle)
         inc = await peer_backup(vm.name, backup, "inc", compress=compress)
+        await asyncio.to_thread(settle)
         restore = await peer_restore(backup, restored)
         if restore.image is None:
             raise PeerError(f"virtnbdrestore left no image in {restored}")

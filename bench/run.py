@@ -170,11 +170,13 @@ async def vb_cycle(
             (await api.post("/config", json=cfg)).raise_for_status()
             body = {"vmName": vm.name, "destinationId": "bench"}
             await asyncio.to_thread(peer.warm_image, vm.image)
+            await asyncio.to_thread(peer.settle)
             full_s, full = await _timed_job(api, "/servers/local/backup", body)
             full_stored = _du(repo)
             # New content in every cycle, so that each incremental has new chunks to store.
             seed = 1000 + 10 * rep + workers
             await peer.guest_writes(conn, vm, 200 * MiB, offsets_seed=0, content_seed=seed)
+            await asyncio.to_thread(peer.settle)
             inc_s, inc = await _timed_job(api, "/servers/local/backup", body)
             stored = _du(repo)
             reference = workdir / f"reference-{workers}-{rep}.qcow2"
@@ -189,6 +191,7 @@ async def vb_cycle(
             ).raise_for_status()
             entries = (await api.get("/restore/entries")).json()
             latest = max(entries, key=lambda e: e["timestamp"])
+            await asyncio.to_thread(peer.settle)
             restore_s, _ = await _timed_job(
                 api,
                 "/servers/local/restore/start",
