@@ -34,12 +34,17 @@ from virtbackup.virt.images import image_info
 
 #: Connections one qemu-nbd export accepts (the workers write in parallel).
 EXPORT_CONNECTIONS = 16
-#: How the export writes the image: direct I/O, so that a restore neither fills the
-#: host's page cache with data no one reads soon nor pays the kernel's copy into it
-#: (on the benchmark machine the restore took half the time: 3.4 s against 6.4 s).
-DIRECT_IO: tuple[str, ...] = ("--cache=none", "--aio=native")
-#: For a filesystem without ``O_DIRECT``.
-BUFFERED_IO: tuple[str, ...] = ("--cache=writeback",)
+#: How the export writes the image, best first. Direct I/O, so that a restore neither
+#: fills the host's page cache with data no one reads soon nor pays the kernel's copy
+#: into it; io_uring, because Linux native AIO blocks while ext4 allocates (writing
+#: 2 GiB into a new qcow2 image on the benchmark machine: io_uring 2.5 s, threads 2.8 s,
+#: native 4.3-8.4 s, buffered 4.4 s). A host whose kernel or QEMU lacks io_uring gets
+#: threads; a filesystem without O_DIRECT gets buffered writes.
+IO_MODES: tuple[tuple[str, ...], ...] = (
+    ("--cache=none", "--aio=io_uring"),
+    ("--cache=none", "--aio=threads"),
+    ("--cache=writeback",),
+)
 
 
 def temp_path(path: str, job_id: str) -> str:
@@ -102,9 +107,11 @@ async def _export(server: HostServer, host: Host, job_id: str, disk: RestoreDisk
     if created.returncode != 0:
         raise Conflict(f"cannot create {temp}: {created.stderr.strip()}")
     last = ""
-    io_mode = DIRECT_IO
-    for _ in range(5):
+    for attempt in range(5):
         port = _free_local_port() if server.is_local else random.choice(REMOTE_NBD_PORTS)  # noqa: S311
+        # A failure most likely means the host refused this I/O mode (a busy port is
+        # rare): the next attempt uses the next one; the last one works everywhere.
+        io_mode = IO_MODES[min(attempt, len(IO_MODES) - 1)]
         started = await host.run(
             [
                 "qemu-nbd", "--fork", "--persistent", "-e", str(EXPORT_CONNECTIONS),
@@ -118,9 +125,6 @@ async def _export(server: HostServer, host: Host, job_id: str, disk: RestoreDisk
             url = f"nbd://{server.nbd_host}:{port}/{disk.target}"
             return RestoreTarget(target=disk.target, path=disk.path, temp_path=temp, nbd_url=url)
         last = started.stderr.strip()
-        # Most likely the filesystem refused O_DIRECT (a busy port is rare): whatever it
-        # was, the next attempts use buffered I/O, which works everywhere.
-        io_mode = BUFFERED_IO
     await host.run(["rm", "-f", temp], timeout=30)
     raise Conflict(f"cannot export {temp} over NBD: {last}")
 

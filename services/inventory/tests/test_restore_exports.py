@@ -1,0 +1,116 @@
+"""The qemu-nbd exports restores write to: direct I/O, and the fallbacks when the host
+cannot do it. Real qemu-img and qemu-nbd on this machine."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from virtbackup.contracts.v1.config import Server
+from virtbackup.contracts.v1.inventory import (
+    RestoreDisk,
+    RestoreFinishRequest,
+    RestorePrepareRequest,
+    RestoreTarget,
+)
+from virtbackup.inventory import restores
+from virtbackup.inventory.hosts import HostServer
+from virtbackup.nbd import NbdClient
+
+MIB = 1 << 20
+IO_URING_SWITCH = Path("/proc/sys/kernel/io_uring_disabled")
+
+
+def _resident_pages(path: Path) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = path.stat().st_size
+    vec = ctypes.create_string_buffer(-(-size // mmap.PAGESIZE))
+    with path.open("r+b") as f, mmap.mmap(f.fileno(), size) as mapped:
+        anchor = ctypes.c_char.from_buffer(mapped)
+        try:
+            assert libc.mincore(ctypes.addressof(anchor), size, vec) == 0
+        finally:
+            del anchor
+    return sum(b & 1 for b in vec.raw)
+
+
+def _export_args(target: RestoreTarget, job_id: str) -> list[str]:
+    pid = int(Path(restores.pid_file(target.path, job_id)).read_text())
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+async def _write_and_check(target: RestoreTarget) -> bytes:
+    data = secrets.token_bytes(8 * MIB)
+    async with await NbdClient.connect_uri(target.nbd_url) as nbd:
+        await nbd.write(4 * MIB, data)
+        await nbd.flush()
+        assert await nbd.read(4 * MIB, len(data)) == data
+    return data
+
+
+@pytest.fixture
+def server() -> HostServer:
+    return HostServer(config=Server(id="local", name="This host", host=""), timeout=5)
+
+
+async def _prepare(server: HostServer, tmp_path: Path, job_id: str) -> RestoreTarget:
+    disk = RestoreDisk(target="vda", path=str(tmp_path / "vm" / "disk.qcow2"), size=64 * MIB)
+    req = RestorePrepareRequest(server_id="local", job_id=job_id, disks=[disk])
+    prepared = await restores.prepare(server, req)
+    return prepared.disks[0]
+
+
+async def _discard(server: HostServer, target: RestoreTarget, job_id: str) -> None:
+    req = RestoreFinishRequest(
+        server_id="local", job_id=job_id, vm_name="none", success=False, disks=[target]
+    )
+    await restores.finish(server, req)
+    assert not Path(target.temp_path).exists()
+    assert not Path(restores.pid_file(target.path, job_id)).exists()
+
+
+async def test_restores_write_with_direct_io(server: HostServer, tmp_path: Path) -> None:
+    """The image is written with O_DIRECT through io_uring: nothing lands in the page
+    cache, and a failed restore leaves no file behind."""
+    target = await _prepare(server, tmp_path, "job-direct")
+    try:
+        args = _export_args(target, "job-direct")
+        assert "--cache=none" in args and "--aio=io_uring" in args, args
+        cached = _resident_pages(Path(target.temp_path))  # qemu-img create's header
+        await _write_and_check(target)
+        assert _resident_pages(Path(target.temp_path)) <= cached < 64
+    finally:
+        await _discard(server, target, "job-direct")
+
+
+@pytest.fixture
+def io_uring_disabled() -> Iterator[None]:
+    """io_uring switched off for the whole machine (as some hardened hosts do)."""
+    before = IO_URING_SWITCH.read_text()
+    IO_URING_SWITCH.write_text("2")
+    try:
+        yield
+    finally:
+        IO_URING_SWITCH.write_text(before)
+
+
+async def test_without_io_uring_the_export_uses_threads(
+    server: HostServer, tmp_path: Path, io_uring_disabled: None
+) -> None:
+    target = await _prepare(server, tmp_path, "job-threads")
+    try:
+        args = _export_args(target, "job-threads")
+        assert "--cache=none" in args and "--aio=threads" in args, args
+        cached = _resident_pages(Path(target.temp_path))  # qemu-img create's header
+        await _write_and_check(target)
+        assert _resident_pages(Path(target.temp_path)) <= cached < 64
+    finally:
+        await _discard(server, target, "job-threads")
+    assert os.listdir(tmp_path / "vm") == []
