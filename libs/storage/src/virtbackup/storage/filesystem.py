@@ -167,7 +167,7 @@ class FilesystemDriver(DriverBase):
                 self._put_file(key, path, data, direct=True)
                 return
             except _DirectRefused:
-                self.direct = _O_DIRECT != 0
+                self.direct = False
         self._put_file(key, path, data, direct=False)
 
     def _write_all(self, fd: int, data: bytes, *, direct: bool) -> None:
