@@ -312,7 +312,14 @@ def bench_zstd(cfg: Config, report: Report) -> None:
             return decode_blob(blob, None, b"")
 
         _cpu_stage(
-            cfg, report, "zstd", "compress (encode_blob, zstd -3)", kind, enc, items, ratio=ratio
+            cfg,
+            report,
+            "zstd",
+            "compress (encode_blob, zstd level 1)",
+            kind,
+            enc,
+            items,
+            ratio=ratio,
         )
         _cpu_stage(cfg, report, "zstd", "decompress (decode_blob)", kind, dec, blobs, ratio=ratio)
     # For comparison: a faster level on the compressible kinds (one thread).
