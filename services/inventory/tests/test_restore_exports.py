@@ -3,6 +3,7 @@ cannot do it. Real qemu-img and qemu-nbd on this machine."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -76,41 +77,33 @@ async def _discard(server: HostServer, target: RestoreTarget, job_id: str) -> No
     assert not Path(restores.pid_file(target.path, job_id)).exists()
 
 
-async def test_restores_write_with_direct_io(server: HostServer, tmp_path: Path) -> None:
-    """The image is written with O_DIRECT through io_uring: nothing lands in the page
-    cache, and a failed restore leaves no file behind."""
-    target = await _prepare(server, tmp_path, "job-direct")
-    try:
-        args = _export_args(target, "job-direct")
-        assert "--cache=none" in args and "--aio=io_uring" in args, args
-        cached = _resident_pages(Path(target.temp_path))  # qemu-img create's header
-        await _write_and_check(target)
-        assert _resident_pages(Path(target.temp_path)) <= cached < 64
-    finally:
-        await _discard(server, target, "job-direct")
-
-
-@pytest.fixture
-def io_uring_disabled() -> Iterator[None]:
-    """io_uring switched off for the whole machine (as some hardened hosts do)."""
+@contextlib.contextmanager
+def _io_uring(enabled: bool) -> Iterator[None]:
+    """io_uring as it is, or switched off for the whole machine (as some hardened hosts do)."""
     before = IO_URING_SWITCH.read_text()
-    IO_URING_SWITCH.write_text("2")
+    if not enabled:
+        IO_URING_SWITCH.write_text("2")
     try:
         yield
     finally:
         IO_URING_SWITCH.write_text(before)
 
 
-async def test_without_io_uring_the_export_uses_threads(
-    server: HostServer, tmp_path: Path, io_uring_disabled: None
+@pytest.mark.parametrize(("io_uring", "aio"), [(True, "io_uring"), (False, "threads")])
+async def test_restores_write_with_direct_io(
+    server: HostServer, tmp_path: Path, io_uring: bool, aio: str
 ) -> None:
-    target = await _prepare(server, tmp_path, "job-threads")
+    """The image is written with O_DIRECT (through io_uring, or threads where the host has
+    no io_uring): nothing lands in the page cache, and a failed restore leaves nothing."""
+    job_id = f"job-{aio}"
+    with _io_uring(io_uring):
+        target = await _prepare(server, tmp_path, job_id)
     try:
-        args = _export_args(target, "job-threads")
-        assert "--cache=none" in args and "--aio=threads" in args, args
+        args = _export_args(target, job_id)
+        assert "--cache=none" in args and f"--aio={aio}" in args, args
         cached = _resident_pages(Path(target.temp_path))  # qemu-img create's header
         await _write_and_check(target)
         assert _resident_pages(Path(target.temp_path)) <= cached < 64
     finally:
-        await _discard(server, target, "job-threads")
+        await _discard(server, target, job_id)
     assert os.listdir(tmp_path / "vm") == []
