@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import mmap
 import os
 import resource
 import secrets
@@ -16,6 +14,7 @@ import pytest
 from virtbackup.storage import PermanentError, open_driver
 from virtbackup.storage.filesystem import DIRECT_MIN, FilesystemDriver
 from virtbackup.storage.keys import TEMP_PREFIX
+from virtbackup.storage.testing import resident_pages
 
 MIB = 1024 * 1024
 
@@ -108,23 +107,6 @@ async def test_closed_driver_refuses_work(tmp_path: Path) -> None:
         await driver.put("k", b"v")
 
 
-def _resident_pages(path: Path) -> int:
-    """Pages of ``path`` in the page cache (``mincore`` on a shared mapping of the file)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    size = path.stat().st_size
-    pages = -(-size // mmap.PAGESIZE)
-    vec = ctypes.create_string_buffer(pages)
-    with path.open("r+b") as f, mmap.mmap(f.fileno(), size) as mapped:
-        anchor = ctypes.c_char.from_buffer(mapped)
-        try:
-            if libc.mincore(ctypes.addressof(anchor), size, vec) != 0:
-                raise OSError(ctypes.get_errno(), "mincore")
-        finally:
-            del anchor
-    return sum(b & 1 for b in vec.raw)
-
-
 @pytest.mark.parametrize("size", [DIRECT_MIN, DIRECT_MIN + 1, 4 * MIB - 7, 4 * MIB + 4096])
 async def test_chunks_bypass_the_page_cache(tmp_path: Path, size: int) -> None:
     """Large objects are written with O_DIRECT: exact size on disk, nothing left cached."""
@@ -134,12 +116,12 @@ async def test_chunks_bypass_the_page_cache(tmp_path: Path, size: int) -> None:
         path = tmp_path / "VirtBackup" / "c" / "chunk"
         assert path.stat().st_size == size
         assert driver.direct is True
-        assert _resident_pages(path) == 0
+        assert resident_pages(path) == 0
         assert await driver.get("c/chunk") == data
         assert await driver.get_range("c/chunk", size - 5, 10) == data[-5:]
         # A small object (records, manifests) goes through the page cache as before.
         await driver.put("c/small", b"x" * 100)
-        assert _resident_pages(tmp_path / "VirtBackup" / "c" / "small") == 1
+        assert resident_pages(tmp_path / "VirtBackup" / "c" / "small") == 1
 
 
 async def test_filesystem_refusing_direct_io_gets_buffered_io(

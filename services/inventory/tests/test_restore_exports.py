@@ -4,8 +4,6 @@ cannot do it. Real qemu-img and qemu-nbd on this machine."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import mmap
 import os
 import secrets
 from collections.abc import Iterator
@@ -23,23 +21,10 @@ from virtbackup.contracts.v1.inventory import (
 from virtbackup.inventory import restores
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.nbd import NbdClient
+from virtbackup.storage.testing import resident_pages
 
 MIB = 1 << 20
 IO_URING_SWITCH = Path("/proc/sys/kernel/io_uring_disabled")
-
-
-def _resident_pages(path: Path) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    size = path.stat().st_size
-    vec = ctypes.create_string_buffer(-(-size // mmap.PAGESIZE))
-    with path.open("r+b") as f, mmap.mmap(f.fileno(), size) as mapped:
-        anchor = ctypes.c_char.from_buffer(mapped)
-        try:
-            assert libc.mincore(ctypes.addressof(anchor), size, vec) == 0
-        finally:
-            del anchor
-    return sum(b & 1 for b in vec.raw)
 
 
 def _export_args(target: RestoreTarget, job_id: str) -> list[str]:
@@ -101,9 +86,9 @@ async def test_restores_write_with_direct_io(
     try:
         args = _export_args(target, job_id)
         assert "--cache=none" in args and f"--aio={aio}" in args, args
-        cached = _resident_pages(Path(target.temp_path))  # qemu-img create's header
+        cached = resident_pages(Path(target.temp_path))  # qemu-img create's header
         await _write_and_check(target)
-        assert _resident_pages(Path(target.temp_path)) <= cached < 64
+        assert resident_pages(Path(target.temp_path)) <= cached < 64
     finally:
         await _discard(server, target, job_id)
     assert os.listdir(tmp_path / "vm") == []

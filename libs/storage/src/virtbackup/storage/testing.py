@@ -40,8 +40,10 @@ graceful shutdown takes 15 s; data that was acknowledged is already on disk) and
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
+import mmap
 import os
 import pwd
 import random
@@ -660,3 +662,20 @@ def open_test_driver(
     if kind == "dummy":
         return DriverCase(kind, open_driver("dummy", {}), False)
     raise ValueError(f"unknown driver kind {kind!r} (known: {', '.join(DRIVER_KINDS)})")
+
+
+def resident_pages(path: Path) -> int:
+    """Pages of ``path`` in the page cache (``mincore`` on a shared mapping of the file):
+    what tests use to see that data went past the cache."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = path.stat().st_size
+    vec = ctypes.create_string_buffer(-(-size // mmap.PAGESIZE))
+    with path.open("r+b") as f, mmap.mmap(f.fileno(), size) as mapped:
+        anchor = ctypes.c_char.from_buffer(mapped)
+        try:
+            if libc.mincore(ctypes.addressof(anchor), size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            del anchor
+    return sum(b & 1 for b in vec.raw)
