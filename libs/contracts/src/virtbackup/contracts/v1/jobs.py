@@ -10,6 +10,9 @@ from virtbackup.contracts.v1.common import Message
 
 JobType = Literal["backup", "restore", "sanity", "migration"]
 JobState = Literal["queued", "running", "success", "failure", "canceled"]
+#: Where a running job is. ``committing`` is the point of no return: from there on a
+#: cancel is refused (409) and the job ends in what its commit did.
+JobPhase = Literal["queued", "preparing", "transferring", "committing", "finished"]
 
 TERMINAL_STATES: Final = frozenset({"success", "failure", "canceled"})
 ACTIVE_STATES: Final = frozenset({"queued", "running"})
@@ -44,6 +47,11 @@ class Job(Message, frozen=True, kw_only=True):
     updated_at: str
     started_at: str | None = None
     finished_at: str | None = None
+    phase: JobPhase = "queued"
+    #: Set by a cancel; the job's runner stops at its next step and ends ``canceled``.
+    cancel_requested: bool = False
+    #: The orchestrator instance that runs the job (it holds the job's lease).
+    owner: str | None = None
 
 
 class JobListRequest(Message, frozen=True, kw_only=True):
