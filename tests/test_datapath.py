@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import time
@@ -34,7 +35,7 @@ from virtbackup.virt.testing import (
 pytestmark = pytest.mark.libvirt
 
 MiB = 1 << 20
-VM = "vbt-data-1"
+VM = f"vbt-data-{os.getpid()}"
 
 
 @pytest.fixture(scope="module")

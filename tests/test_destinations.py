@@ -6,6 +6,7 @@ the middle of a backup. The VM is a real libvirt/QEMU one; the tests build on ea
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -31,7 +32,7 @@ from virtbackup.virt.testing import (
 pytestmark = pytest.mark.libvirt
 
 MiB = 1 << 20
-VM = "vbt-dest-1"
+VM = f"vbt-dest-{os.getpid()}"
 
 
 @pytest.fixture(scope="module")

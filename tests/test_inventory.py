@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -39,7 +40,7 @@ LOCAL = {"id": "local", "name": "This host", "host": ""}
 @pytest.fixture(scope="module")
 async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
     directory = vm_directory()
-    small = await create_vm(conn, "vbt-inv-1", directory, [64 << 20])
+    small = await create_vm(conn, f"vbt-inv-{os.getpid()}-1", directory, [64 << 20])
     try:
         yield small
     finally:
@@ -83,7 +84,7 @@ async def test_list_refresh_and_every_action(
 
     # A domain defined behind the inventory's back appears after a refresh.
     directory = vm_directory()
-    other = await create_vm(conn, "vbt-inv-2", directory, [16 << 20], start=False)
+    other = await create_vm(conn, f"vbt-inv-{os.getpid()}-2", directory, [16 << 20], start=False)
     try:
         assert (await api.post("/servers/local/refresh")).json() == {"success": True}
         assert (await _vms(api))[other.name]["vm"]["powerState"] == "shutoff"
