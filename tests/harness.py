@@ -87,7 +87,7 @@ class System:
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 45.0) -> None:
-        """Until the gateway answers and every service answers its ping."""
+        """Until the gateway answers and every service started answers its ping."""
         deadline = time.monotonic() + timeout
         last: object = None
         while time.monotonic() < deadline:
@@ -100,7 +100,10 @@ class System:
                     f"{self.url}/api/v1/services", headers=self.auth(), verify=False, timeout=5
                 )
                 last = resp.text
-                if resp.status_code == 200 and all(s["ok"] for s in resp.json()):
+                started = {n if n in MODULES else n.rsplit("-", 1)[0] for n in self.procs}
+                if resp.status_code == 200 and all(
+                    s["ok"] for s in resp.json() if s["service"] in started
+                ):
                     return
             except httpx.HTTPError as exc:
                 last = exc
@@ -167,9 +170,12 @@ def same(image: Path, raw: Path) -> bool:
 
 
 @contextlib.contextmanager
-def running_system(data: Path, *, workers: int = 1, **env: str) -> Iterator[System]:
-    """A started system of its own (NATS in ``data``, ``workers`` transfer workers, extra
-    ``VIRTBACKUP_*`` settings in ``env``), stopped on exit."""
+def running_system(
+    data: Path, *, workers: int = 1, orchestrators: int = 2, **env: str
+) -> Iterator[System]:
+    """A started system of its own (NATS in ``data``, ``workers`` transfer workers,
+    ``orchestrators`` job-orchestrator replicas, extra ``VIRTBACKUP_*`` settings in
+    ``env``), stopped on exit."""
     system = System(
         data_dir=data,
         nats=start_nats_server(data / "nats"),
@@ -180,6 +186,8 @@ def running_system(data: Path, *, workers: int = 1, **env: str) -> Iterator[Syst
         system.start_all()
         for index in range(2, workers + 1):
             system.start(f"transfer-worker-{index}")
+        for index in range(2, orchestrators + 1):
+            system.start(f"job-orchestrator-{index}")
         system.wait_ready()
         yield system
     finally:

@@ -68,7 +68,7 @@ def _wait_health(url: str, token: str, timeout: float) -> bool:
     return False
 
 
-def up(workers: int, nats_port: int) -> int:
+def up(workers: int, nats_port: int, orchestrators: int = 2) -> int:
     settings = load_settings()
     data = settings.data_dir.resolve()
     data.mkdir(parents=True, exist_ok=True)
@@ -86,15 +86,13 @@ def up(workers: int, nats_port: int) -> int:
         env["VIRTBACKUP_NATS_URL"] = nats.url
         print(f"NATS (JetStream) at {nats.url}, store {data / 'nats'}", flush=True)
 
-    children = [
-        Child(name, module, logs / f"{name}.log")
-        for name, module in MODULES.items()
-        if name != "transfer-worker"
-    ]
-    children += [
-        Child(f"transfer-worker-{i}", MODULES["transfer-worker"], logs / f"transfer-worker-{i}.log")
-        for i in range(1, workers + 1)
-    ]
+    replicas = {"transfer-worker": workers, "job-orchestrator": orchestrators}
+    children = []
+    for name, module in MODULES.items():
+        count = replicas.get(name, 1)
+        for i in range(1, count + 1):
+            child = f"{name}-{i}" if name in replicas else name
+            children.append(Child(child, module, logs / f"{child}.log"))
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -161,6 +159,12 @@ def main() -> None:
         help="number of transfer-worker processes (default 2)",
     )
     up_parser.add_argument(
+        "--orchestrators",
+        type=int,
+        default=int(os.environ.get("VIRTBACKUP_ORCHESTRATORS", "2")),
+        help="number of job-orchestrator replicas (default 2; any of them can run any job)",
+    )
+    up_parser.add_argument(
         "--nats-port",
         type=int,
         default=DEFAULT_NATS_PORT,
@@ -168,7 +172,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.command == "up":
-        sys.exit(up(args.workers, args.nats_port))
+        sys.exit(up(args.workers, args.nats_port, args.orchestrators))
 
 
 if __name__ == "__main__":

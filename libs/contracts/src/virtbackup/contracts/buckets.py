@@ -32,6 +32,19 @@ WORKERS: Final = BucketSpec(
     name="VB_WORKERS", ttl_seconds=30.0, description="Live workers; entries expire."
 )
 
+#: Seconds a job's lease lives without renewal: when the orchestrator instance holding
+#: it dies, another takes the job over this long after its last renewal.
+LEASE_SECONDS: Final = 10.0
+LOCKS: Final = BucketSpec(
+    name="VB_LOCKS",
+    description="Per-VM locks: key vm.<server>.<vm>, value the id of the job holding it.",
+)
+LEASES: Final = BucketSpec(
+    name="VB_LEASES",
+    ttl_seconds=LEASE_SECONDS,
+    description="Job leases: key = job id, value = the holding orchestrator; entries expire.",
+)
+
 CONFIG_KEY: Final = "agent"
 
-ALL: Final = (JOBS, CONFIG, INVENTORY, SCHEDULES, WEBHOOKS, USERS, VAULT, WORKERS)
+ALL: Final = (JOBS, CONFIG, INVENTORY, SCHEDULES, WEBHOOKS, USERS, VAULT, WORKERS, LOCKS, LEASES)

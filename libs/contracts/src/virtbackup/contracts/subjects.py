@@ -83,7 +83,6 @@ class JobCmd:
     LIST: Final = command("job", "list")
     GET: Final = command("job", "get")
     CANCEL: Final = command("job", "cancel")
-    SUBMIT: Final = command("job", "submit")
     BACKUP: Final = command("job", "backup")
     RESTORE: Final = command("job", "restore")
     SANITY: Final = command("job", "sanity")

@@ -27,12 +27,12 @@ from virtbackup.job_orchestrator.planner import DiskPlan, build_manifest, group_
 from virtbackup.nbd import BASE_ALLOCATION, NbdClient
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
 from virtbackup.repository.repository import Repository
+from virtbackup.runtime import timeouts
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import ServiceError
 from virtbackup.storage.errors import NotFoundError
 
 log = logging.getLogger(__name__)
-INVENTORY_TIMEOUT = 120.0
 
 
 async def latest_point(repo: Repository, vm: str, server_id: str) -> RestorePoint | None:
@@ -85,6 +85,7 @@ async def run_backup(jc: JobContext, job: Job) -> str:
         if fresh and jc.settings.debug:
             await jc.message(job.id, "fresh: the next backup is a full read")
         await jc.message(job.id, "beginning the libvirt backup job")
+        jc.check_canceled(job.id)
         begun = await jc.bus.request(
             InventoryCmd.BACKUP_BEGIN,
             BackupBeginRequest(
@@ -93,7 +94,7 @@ async def run_backup(jc: JobContext, job: Job) -> str:
                 incremental_from=parent.checkpoint if parent else None,
             ),
             BackupBegun,
-            timeout=INVENTORY_TIMEOUT,
+            timeout=timeouts.INVENTORY_JOB_STEP,
         )
         success = False
         try:
@@ -110,7 +111,9 @@ async def run_backup(jc: JobContext, job: Job) -> str:
                 success=success,
             )
             try:
-                await jc.bus.request(InventoryCmd.BACKUP_END, end, Ok, timeout=INVENTORY_TIMEOUT)
+                await jc.bus.request(
+                    InventoryCmd.BACKUP_END, end, Ok, timeout=timeouts.INVENTORY_JOB_STEP
+                )
             except ServiceError as exc:
                 log.warning("ending the backup job of %s failed: %s", job.vm_name, exc)
     finally:
@@ -159,7 +162,12 @@ async def _transfer(
         stats["dedup"] += result.chunks_deduplicated
 
     reason = f" ({begun.full_reason})" if kind == "full" and begun.full_reason else ""
-    await jc.message(job.id, f"{kind} backup{reason}: reading {len(units)} units")
+    await jc.enter(
+        job.id,
+        "transferring",
+        message=f"{kind} backup{reason}: reading {len(units)} units",
+        result={"checkpoint": begun.checkpoint},
+    )
     progress = await jc.run_units(job.id, units, total_bytes, on_result)
     manifests = [build_manifest(p, results[p.target]) for p in plans]
     point = RestorePoint(
@@ -190,7 +198,14 @@ async def _transfer(
         bytes_written=progress.physical_bytes,
         job_id=job.id,
     )
-    await jc.message(job.id, "committing the restore point")
+    # The point of no return: from here a cancel is refused, and the job ends in what
+    # the commit does.
+    await jc.enter(
+        job.id,
+        "committing",
+        message="committing the restore point",
+        result={"checkpoint": begun.checkpoint, "timestamp": timestamp},
+    )
     await repo.commit(point, manifests, begun.domain_xml)
     read_chunks = sum(len(p.read) for p in plans)
     return (

@@ -1,17 +1,43 @@
-"""What every job runner needs: settings, the bus, the job store, config, repositories,
-cancel signals, and running units to completion with progress."""
+"""What one orchestrator instance runs jobs with, and the job's state machine.
+
+Every transition of a job is a compare-and-swap on its record in ``VB_JOBS``:
+
+* ``submit``: the VM's lock (``VB_LOCKS``), the job's lease (``VB_LEASES``), then the
+  record (``queued``, ``owner`` = this instance), then the run starts here.
+* ``enter(phase)``: refused with ``JobCanceled`` when a cancel was requested, and with
+  ``JobLost`` when another instance has taken the job over. ``committing`` is the point
+  of no return: the cancel command refuses (409) from then on, so exactly one of "the
+  commit happens" and "the job is cancelled" wins.
+* ``finish``: the final state, then the lock and the lease are released.
+
+Nothing here is kept only in process memory that another replica would need: the
+``runs`` map holds this instance's tasks and a cache of their cancel flags, both
+rebuilt from the bucket (the index's watch sets a run's flag when its record says
+``cancelRequested``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
 
 from virtbackup.contracts import buckets
+from virtbackup.contracts.subjects import EventType
 from virtbackup.contracts.v1.config import AgentConfig
+from virtbackup.contracts.v1.events import JobFailure
+from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job, JobPhase, JobState, JobType
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
+from virtbackup.job_orchestrator.errors import JobCanceled, JobLost
+from virtbackup.job_orchestrator.leases import JobLeases
+from virtbackup.job_orchestrator.locks import VmLocks, lookup_in
 from virtbackup.job_orchestrator.progress import Progress, update_job
-from virtbackup.job_orchestrator.store import JobStore
+from virtbackup.job_orchestrator.store import JobIndex, JobStore
 from virtbackup.job_orchestrator.tracker import UnitTracker
 from virtbackup.repository.destinations import open_repository
 from virtbackup.repository.repository import Repository
@@ -20,17 +46,42 @@ from virtbackup.runtime.agent_config import (
     read_agent_config,
     update_gdrive_settings,
 )
-from virtbackup.runtime.bus import Bus
+from virtbackup.runtime.bus import Bus, new_id
+from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.service import ServiceContext
 from virtbackup.runtime.settings import Settings
 from virtbackup.storage.google_auth import GoogleTokens
+
+log = logging.getLogger(__name__)
+
+
+def job_payload(job: Job) -> dict[str, Any]:
+    out = msgspec.to_builtins(job)
+    assert isinstance(out, dict)
+    return out
+
+
+@dataclass
+class LocalRun:
+    """A job this instance runs: its task and a cache of its cancel flag."""
+
+    task: asyncio.Task[None] | None = None
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
 class JobContext:
     ctx: ServiceContext
-    cancels: dict[str, asyncio.Event] = field(default_factory=dict)
-    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    #: This process's identity as a lease holder (an instance restarted under the same
+    #: name is a new holder: it must not think it still runs its predecessor's jobs).
+    holder: str = ""
+    runs: dict[str, LocalRun] = field(default_factory=dict)
+    index: JobIndex | None = None
+    leases: JobLeases = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.holder:
+            self.holder = f"{self.ctx.settings.instance}/{os.urandom(4).hex()}"
 
     @property
     def bus(self) -> Bus:
@@ -44,6 +95,47 @@ class JobContext:
     def store(self) -> JobStore:
         return JobStore(self.ctx.bucket(buckets.JOBS))
 
+    @property
+    def locks(self) -> VmLocks:
+        return VmLocks(self.ctx.bucket(buckets.LOCKS), lambda i: lookup_in(self.store.get, i))
+
+    @property
+    def jobs(self) -> JobIndex:
+        assert self.index is not None, "the job index starts with the service"
+        return self.index
+
+    async def open(self) -> None:
+        """Load the job index and follow it; called once the buckets exist."""
+        self.leases = JobLeases(self.ctx.bucket(buckets.LEASES), self.holder)
+        self.index = JobIndex(self.ctx.bucket(buckets.JOBS))
+        self.index.listeners.append(self._on_change)
+        await self.index.start()
+
+    async def close(self) -> None:
+        """Stop this instance's runs without ending their jobs, and give up their leases
+        so that another replica ends them now rather than when the leases expire."""
+        tasks = [r.task for r in self.runs.values() if r.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for job_id in list(self.leases.held):
+            await self.leases.release(job_id)
+        if self.index is not None:
+            await self.index.stop()
+
+    def _on_change(self, job: Job) -> None:
+        run = self.runs.get(job.id)
+        if run is not None and job.cancel_requested:
+            run.cancel.set()
+
+    def on_lease_lost(self, job_id: str) -> None:
+        """Another instance took the job over: stop working on it (it ends the job)."""
+        run = self.runs.get(job_id)
+        if run is not None and run.task is not None:
+            run.task.cancel()
+
+    # -- configuration and repositories ---------------------------------------------------
+
     async def config(self) -> AgentConfig:
         return (await read_agent_config(self.ctx.bucket(buckets.CONFIG)))[0]
 
@@ -53,22 +145,142 @@ class JobContext:
         cfg = await self.config()
         dest = find_destination(cfg, destination_id)
         return await open_repository(
-            dest,
-            cfg,
-            create=create,
-            locked=locked,
-            on_refresh=self.store_tokens,
+            dest, cfg, create=create, locked=locked, on_refresh=self.store_tokens
         )
 
     async def store_tokens(self, tokens: GoogleTokens) -> None:
         """Keep a refreshed Google access token in the configuration."""
         await update_gdrive_settings(self.ctx.bucket(buckets.CONFIG), tokens.apply_to)
 
+    # -- the state machine ------------------------------------------------------------
+
+    async def submit(
+        self,
+        job_type: JobType,
+        *,
+        server_id: str | None = None,
+        vm_name: str | None = None,
+        destination_id: str | None = None,
+        params: dict[str, Any] | None = None,
+        lock_vm: bool = False,
+        run: Callable[[JobContext, Job], Any] | None = None,
+    ) -> Job:
+        """Create a job and start running it here; ``Conflict`` when ``lock_vm`` and the
+        VM has an active backup or restore (the message names that job)."""
+        job_id = new_id()
+        if lock_vm:
+            assert server_id and vm_name
+            await self.locks.acquire(server_id, vm_name, job_id, job_type)
+        try:
+            if not await self.leases.take(job_id):
+                raise RuntimeError(f"job id {job_id} already leased")
+            now = utcnow_iso()
+            job = Job(
+                id=job_id,
+                type=job_type,
+                state="queued",
+                phase="queued",
+                owner=self.holder,
+                server_id=server_id,
+                vm_name=vm_name,
+                destination_id=destination_id,
+                params=params or {},
+                created_at=now,
+                updated_at=now,
+            )
+            await self.store.create(job)
+        except BaseException:
+            if lock_vm and server_id and vm_name:
+                await self.locks.release(server_id, vm_name, job_id)
+            await self.leases.release(job_id)
+            raise
+        await self.bus.publish_event(EventType.JOB_CREATED, job_payload(job), key=job.id)
+        if run is not None:
+            self.start_run(job, run)
+        return job
+
+    def start_run(self, job: Job, run: Callable[[JobContext, Job], Any]) -> None:
+        local = self.runs.setdefault(job.id, LocalRun())
+        if job.cancel_requested:
+            local.cancel.set()
+        local.task = asyncio.create_task(run(self, job), name=f"job-{job.id}")
+
+        def done(_: asyncio.Task[None]) -> None:
+            self.runs.pop(job.id, None)
+
+        local.task.add_done_callback(done)
+
+    async def enter(self, job_id: str, phase: JobPhase, **changes: Any) -> Job:
+        """Move the job to ``phase`` (and apply ``changes``) in one compare-and-swap.
+
+        Raises ``JobCanceled`` if a cancel came first, ``JobLost`` if this instance no
+        longer holds the job."""
+
+        def step(job: Job) -> Job:
+            if job.owner != self.holder or job_id not in self.leases.held:
+                raise JobLost(job_id)
+            if job.state in TERMINAL_STATES or job.cancel_requested:
+                raise JobCanceled(job_id)
+            return msgspec.structs.replace(
+                job, phase=phase, state="running", updated_at=utcnow_iso(), **changes
+            )
+
+        job = await self.store.update(job_id, step)
+        await self.bus.publish_event(EventType.JOB_UPDATED, job_payload(job), key=job_id)
+        return job
+
+    def check_canceled(self, job_id: str) -> None:
+        """``JobCanceled`` if a cancel of the job has been seen (between steps)."""
+        run = self.runs.get(job_id)
+        if run is not None and run.cancel.is_set():
+            raise JobCanceled(job_id)
+
+    async def finish(self, job_id: str, state: JobState, message: str) -> Job | None:
+        """Write the final state (only while this instance holds the job), publish
+        ``job.finished`` (and ``agent.job_failure``), release the VM lock and the lease.
+        ``None`` when the job was not ours to finish."""
+
+        def end(job: Job) -> Job:
+            if job.owner != self.holder:
+                raise JobLost(job_id)
+            if job.state in TERMINAL_STATES:
+                return job
+            now = utcnow_iso()
+            return msgspec.structs.replace(
+                job,
+                state=state,
+                phase="finished",
+                message=message,
+                finished_at=now,
+                updated_at=now,
+                writer_backlog=0,
+                eta_seconds=None,
+            )
+
+        try:
+            job = await self.store.update(job_id, end)
+        except JobLost:
+            log.warning("job %s was taken over by another instance; not finishing it", job_id)
+            return None
+        await self.bus.publish_event(EventType.JOB_FINISHED, job_payload(job), key=job_id)
+        if job.state == "canceled":
+            await self.bus.publish_event(EventType.JOB_CANCELED, job_payload(job), key=job_id)
+        if job.state == "failure":
+            failure = JobFailure(job_id=job.id, type=job.type, message=job.message)
+            await self.bus.publish_event(EventType.JOB_FAILURE, failure, key=job.id)
+        if job.server_id and job.vm_name and job.type in {"backup", "restore"}:
+            await self.locks.release(job.server_id, job.vm_name, job.id)
+        await self.leases.release(job_id)
+        return job
+
     async def message(self, job_id: str, text: str) -> None:
+        self.check_canceled(job_id)
         await update_job(self.store, self.bus, job_id, {"message": text})
 
+    # -- units ------------------------------------------------------------------------
+
     def cancel_event(self, job_id: str) -> asyncio.Event:
-        return self.cancels.setdefault(job_id, asyncio.Event())
+        return self.runs.setdefault(job_id, LocalRun()).cancel
 
     async def run_units(
         self,
@@ -105,3 +317,7 @@ class JobContext:
             raise
         finally:
             await tracker.close()
+
+    async def purge_units(self, job_id: str) -> None:
+        """Drop the job's queued units (a job taken over after its holder died)."""
+        await UnitTracker(self.bus, job_id, asyncio.Event()).purge()

@@ -6,6 +6,8 @@ import contextlib
 import logging
 from typing import Any
 
+import msgspec
+
 from virtbackup.contracts.subjects import InventoryCmd
 from virtbackup.contracts.v1.inventory import (
     Ok,
@@ -13,20 +15,29 @@ from virtbackup.contracts.v1.inventory import (
     RestoreFinishRequest,
     RestorePrepared,
     RestorePrepareRequest,
+    RestoreTarget,
 )
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.work import BadChunk, ChunkRef, TransferUnit, UnitResult
+from virtbackup.job_orchestrator.errors import SanityFailed
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import group_refs
 from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.repository.records import DiskManifest
 from virtbackup.repository.repository import RepositoryError
+from virtbackup.runtime import timeouts
 from virtbackup.runtime.errors import ServiceError
 from virtbackup.storage.errors import NotFoundError
 
 log = logging.getLogger(__name__)
-INVENTORY_TIMEOUT = 300.0
 VERIFY_CHUNKS_PER_UNIT = 64
+#: Where a restore job records its NBD targets (so that another instance can clean up).
+PREPARED = "prepared"
+
+
+def prepared_targets(job: Job) -> list[RestoreTarget]:
+    """The restore images a restore job has created (none before they exist)."""
+    return msgspec.convert(job.params.get(PREPARED) or [], list[RestoreTarget])
 
 
 async def run_restore(jc: JobContext, job: Job) -> str:
@@ -42,7 +53,10 @@ async def run_restore(jc: JobContext, job: Job) -> str:
                 server_id=job.server_id, job_id=job.id, vm_name=point.vm_name,
                 success=True, domain_xml=domain_xml,
             )  # fmt: skip
-            await jc.bus.request(InventoryCmd.RESTORE_FINISH, finish, Ok, timeout=INVENTORY_TIMEOUT)
+            await jc.enter(job.id, "committing", message="defining the domain")
+            await jc.bus.request(
+                InventoryCmd.RESTORE_FINISH, finish, Ok, timeout=timeouts.INVENTORY_JOB_STEP
+            )
             return f"defined {point.vm_name} from {point.timestamp} (disks left as they are)"
         manifests = [await repo.manifest(point, d.target) for d in point.disks]
         prepare = RestorePrepareRequest(
@@ -52,7 +66,10 @@ async def run_restore(jc: JobContext, job: Job) -> str:
         )
         await jc.message(job.id, "creating the disk images")
         prepared = await jc.bus.request(
-            InventoryCmd.RESTORE_PREPARE, prepare, RestorePrepared, timeout=INVENTORY_TIMEOUT
+            InventoryCmd.RESTORE_PREPARE,
+            prepare,
+            RestorePrepared,
+            timeout=timeouts.INVENTORY_JOB_STEP,
         )
         urls = {t.target: t.nbd_url for t in prepared.disks}
         success = False
@@ -64,8 +81,16 @@ async def run_restore(jc: JobContext, job: Job) -> str:
                 for r in _refs(m)
                 if r.id is not None
             )
-            await jc.message(job.id, f"writing {len(units)} units")
+            await jc.enter(
+                job.id,
+                "transferring",
+                message=f"writing {len(units)} units",
+                params={**job.params, PREPARED: msgspec.to_builtins(prepared.disks)},
+            )
             await jc.run_units(job.id, units, total, lambda _: None)
+            # The point of no return: from here a cancel is refused, and the job ends in
+            # what moving the images into place does.
+            await jc.enter(job.id, "committing", message="moving the restored disks into place")
             success = True
         finally:
             finish = RestoreFinishRequest(
@@ -78,7 +103,7 @@ async def run_restore(jc: JobContext, job: Job) -> str:
             )
             try:
                 await jc.bus.request(
-                    InventoryCmd.RESTORE_FINISH, finish, Ok, timeout=INVENTORY_TIMEOUT
+                    InventoryCmd.RESTORE_FINISH, finish, Ok, timeout=timeouts.INVENTORY_JOB_STEP
                 )
             except ServiceError:
                 if success:
@@ -156,7 +181,9 @@ async def run_sanity(jc: JobContext, job: Job) -> str:
         def collect(result: UnitResult) -> None:
             bad.extend(result.bad)
 
-        await jc.message(job.id, f"checking {len(ids)} chunks in {len(units)} units")
+        await jc.enter(
+            job.id, "transferring", message=f"checking {len(ids)} chunks in {len(units)} units"
+        )
         await jc.run_units(job.id, units, 0, collect)
         details: list[dict[str, Any]] = [
             {"id": b.id, "problem": b.problem, "detail": b.detail, "disks": sorted(owners[b.id])}
@@ -174,7 +201,3 @@ async def run_sanity(jc: JobContext, job: Job) -> str:
         return f"all {len(ids)} chunks of {point.vm_name} {point.timestamp} verified"
     finally:
         await repo.driver.close()
-
-
-class SanityFailed(Exception):
-    """The restore point has missing or corrupt parts (named in the message)."""

@@ -21,18 +21,11 @@ from virtbackup.contracts import streams, subjects
 from virtbackup.contracts.subjects import EventType
 from virtbackup.contracts.v1.events import Event
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
+from virtbackup.job_orchestrator.errors import JobCanceled, UnitFailed
 from virtbackup.runtime.bus import Bus
 
 _event_decoder = msgspec.json.Decoder(Event)
 _encoder = msgspec.json.Encoder()
-
-
-class JobCanceled(Exception):
-    """The job was cancelled while its units ran."""
-
-
-class UnitFailed(Exception):
-    """A unit failed permanently, or none made progress in time."""
 
 
 @dataclass

@@ -75,16 +75,6 @@ class JobCancelRequest(Message, frozen=True, kw_only=True):
     reason: str = "cancelled by user"
 
 
-class JobSubmitRequest(Message, frozen=True, kw_only=True):
-    """Create a job in state ``queued``; the orchestrator takes it from there."""
-
-    type: JobType
-    server_id: str | None = None
-    vm_name: str | None = None
-    destination_id: str | None = None
-    params: dict[str, Any] = msgspec.field(default_factory=dict)
-
-
 class BackupRequest(Message, frozen=True, kw_only=True):
     """``POST /servers/{id}/backup``: back up every disk of a VM."""
 

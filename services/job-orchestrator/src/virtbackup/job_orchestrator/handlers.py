@@ -1,0 +1,259 @@
+"""The job-orchestrator's commands (``vb.cmd.job.*``), one module-level function each.
+
+Every handler takes the instance's ``JobContext`` and a typed request, and returns a
+typed result or raises a ``virtbackup.runtime.errors.ServiceError`` (400/404/409/503 at
+the gateway). Any replica can answer any command: the state they read and change is in
+JetStream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from xml.etree import ElementTree as ET
+
+import msgspec
+
+from virtbackup.contracts.subjects import EventType, InventoryCmd, JobCmd
+from virtbackup.contracts.v1.inventory import (
+    RestoreDisk,
+    RestorePrecheckRequest,
+    RestorePrecheckResult,
+    VmInfo,
+    VmRef,
+)
+from virtbackup.contracts.v1.jobs import (
+    TERMINAL_STATES,
+    BackupRequest,
+    Job,
+    JobCancelRequest,
+    JobGetRequest,
+    JobList,
+    JobListRequest,
+    PrecheckRequest,
+    PrecheckResult,
+    RestoreEntries,
+    RestoreEntriesRequest,
+    RestoreEntry,
+    RestoreRequest,
+    SanityRequest,
+)
+from virtbackup.job_orchestrator.jobctx import JobContext, job_payload
+from virtbackup.job_orchestrator.runner import execute
+from virtbackup.repository.format import parse_xml_key
+from virtbackup.repository.records import RestorePoint
+from virtbackup.repository.repository import Repository, RepositoryError
+from virtbackup.runtime import timeouts
+from virtbackup.runtime.agent_config import find_destination, find_server
+from virtbackup.runtime.clock import utcnow_iso
+from virtbackup.runtime.commands import Commands
+from virtbackup.runtime.errors import BadRequest, Conflict, NotFound
+from virtbackup.storage.errors import NotFoundError
+
+log = logging.getLogger(__name__)
+commands: Commands[JobContext] = Commands()
+
+
+@commands.handler(JobCmd.LIST, JobListRequest)
+async def list_jobs(jc: JobContext, req: JobListRequest) -> JobList:
+    """Jobs newest first, from the in-memory index (no round trip per job)."""
+    return JobList(jobs=jc.jobs.list(state=req.state, type=req.type, limit=max(req.limit, 0)))
+
+
+@commands.handler(JobCmd.GET, JobGetRequest)
+async def get_job(jc: JobContext, req: JobGetRequest) -> Job:
+    return (await jc.store.get(req.id))[0]
+
+
+@commands.handler(JobCmd.CANCEL, JobCancelRequest)
+async def cancel_job(jc: JobContext, req: JobCancelRequest) -> Job:
+    """Ask a job to stop: its runner ends it ``canceled`` at its next step.
+
+    ``Conflict`` once the job has finished, or once it is committing (past the point of
+    no return it ends in what its commit does). Asking twice is harmless."""
+
+    def cancel(job: Job) -> Job:
+        if job.state in TERMINAL_STATES:
+            raise Conflict(f"job {job.id} has already finished ({job.state})")
+        if job.phase == "committing":
+            raise Conflict(
+                f"job {job.id} is committing: past the point of no return, it can no longer "
+                "be cancelled"
+            )
+        if job.cancel_requested:
+            return job
+        return msgspec.structs.replace(
+            job, cancel_requested=True, message="cancelling", updated_at=utcnow_iso()
+        )
+
+    job = await jc.store.update(req.id, cancel)
+    await jc.bus.publish_event(EventType.JOB_UPDATED, job_payload(job), key=job.id)
+    return job
+
+
+@commands.handler(JobCmd.BACKUP, BackupRequest)
+async def backup(jc: JobContext, req: BackupRequest) -> Job:
+    """Start a backup of every disk of a VM; ``Conflict`` naming the job if the VM
+    already has a backup or restore running (on any replica)."""
+    cfg = await jc.config()
+    find_server(cfg, req.server_id)
+    dest = find_destination(cfg, req.destination_id)
+    # The VM must exist (404 from the inventory otherwise).
+    await jc.bus.request(
+        InventoryCmd.VM_INFO,
+        VmRef(server_id=req.server_id, vm_name=req.vm_name),
+        VmInfo,
+        timeout=timeouts.INVENTORY_QUERY,
+    )
+    return await jc.submit(
+        "backup",
+        server_id=req.server_id,
+        vm_name=req.vm_name,
+        destination_id=dest.id,
+        params={"fresh": req.fresh and jc.settings.debug},
+        lock_vm=True,
+        run=execute,
+    )
+
+
+@commands.handler(JobCmd.RESTORE_PRECHECK, PrecheckRequest)
+async def restore_precheck(jc: JobContext, req: PrecheckRequest) -> PrecheckResult:
+    find_server(await jc.config(), req.server_id)
+    _, point = await open_point(jc, req.xml_path, req.destination_id)
+    result = await precheck_point(jc, req.server_id, point)
+    return PrecheckResult(
+        vm_exists=result.vm_exists,
+        can_define_only=result.can_define_only,
+        vm_running=result.vm_running,
+    )
+
+
+@commands.handler(JobCmd.RESTORE, RestoreRequest)
+async def restore(jc: JobContext, req: RestoreRequest) -> Job:
+    """Start a restore (``overwrite``: new disks, then define; ``define``: define only)."""
+    find_server(await jc.config(), req.server_id)
+    dest_id, point = await open_point(jc, req.xml_path, req.destination_id)
+    check = await precheck_point(jc, req.server_id, point)
+    if req.decision == "overwrite" and check.vm_running:
+        raise Conflict(f"vm {point.vm_name} is running: shut it off before overwriting it")
+    if req.decision == "define" and not check.can_define_only:
+        raise Conflict("cannot define only: " + "; ".join(check.problems or ["disks do not match"]))
+    return await jc.submit(
+        "restore",
+        server_id=req.server_id,
+        vm_name=point.vm_name,
+        destination_id=dest_id,
+        params={"xmlPath": req.xml_path, "decision": req.decision},
+        lock_vm=True,
+        run=execute,
+    )
+
+
+@commands.handler(JobCmd.SANITY, SanityRequest)
+async def sanity(jc: JobContext, req: SanityRequest) -> Job:
+    """Start a check of every manifest and chunk of a restore point."""
+    dest_id, point = await open_point(jc, req.xml_path, req.destination_id)
+    if req.timestamp and req.timestamp != point.timestamp:
+        raise BadRequest(f"timestamp {req.timestamp!r} does not match xmlPath ({point.timestamp})")
+    return await jc.submit(
+        "sanity",
+        server_id=point.source_server_id,
+        vm_name=point.vm_name,
+        destination_id=dest_id,
+        params={"xmlPath": req.xml_path, "timestamp": point.timestamp},
+        run=execute,
+    )
+
+
+@commands.handler(JobCmd.RESTORE_ENTRIES, RestoreEntriesRequest)
+async def restore_entries(jc: JobContext, req: RestoreEntriesRequest) -> RestoreEntries:
+    """Every restore point of a destination, newest first per VM."""
+    cfg = await jc.config()
+    if req.destination_id:
+        dest = find_destination(cfg, req.destination_id)
+    elif req.driver_id:
+        matching = [d for d in cfg.destinations if d.driver_id == req.driver_id]
+        if not matching:
+            raise NotFound(f"no destination with driverId {req.driver_id!r}")
+        dest = matching[0]
+    else:
+        dest = find_destination(cfg, cfg.restore_destination_id or cfg.backup_destination_id)
+    try:
+        # Listing needs no key: backup.json is plaintext.
+        repo = await jc.repository(dest.id, create=False, locked=True)
+    except RepositoryError:
+        return RestoreEntries(entries=[])
+    try:
+        entries = [await _entry(repo, point, dest.id) for point in await repo.restore_points()]
+        entries.sort(key=lambda e: (e.vm_name, e.timestamp), reverse=True)
+        return RestoreEntries(entries=entries)
+    finally:
+        await repo.driver.close()
+
+
+async def open_point(
+    jc: JobContext, xml_path: str, destination_id: str | None
+) -> tuple[str, RestorePoint]:
+    """The destination and restore point a request names (400, 404 otherwise)."""
+    try:
+        parse_xml_key(xml_path)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    cfg = await jc.config()
+    wanted = destination_id or cfg.restore_destination_id
+    dest = find_destination(cfg, wanted or cfg.backup_destination_id)
+    try:
+        repo = await jc.repository(dest.id, create=False)
+    except RepositoryError as exc:
+        if "no repository" in str(exc):
+            raise NotFound(f"destination {dest.id}: {exc}") from None
+        raise BadRequest(f"destination {dest.id}: {exc}") from None
+    try:
+        return dest.id, await repo.restore_point(xml_path)
+    except NotFoundError:
+        raise NotFound(f"no restore point {xml_path} in destination {dest.id}") from None
+    finally:
+        await repo.driver.close()
+
+
+async def precheck_point(
+    jc: JobContext, server_id: str, point: RestorePoint
+) -> RestorePrecheckResult:
+    request = RestorePrecheckRequest(
+        server_id=server_id,
+        vm_name=point.vm_name,
+        disks=[RestoreDisk(target=d.target, path=d.path, size=d.size) for d in point.disks],
+    )
+    return await jc.bus.request(
+        InventoryCmd.RESTORE_PRECHECK,
+        request,
+        RestorePrecheckResult,
+        timeout=timeouts.INVENTORY_QUERY,
+    )
+
+
+async def _entry(repo: Repository, point: RestorePoint, destination_id: str) -> RestoreEntry:
+    backed_up = {d.target for d in point.disks}
+    missing: list[str] = []
+    with contextlib.suppress(NotFoundError, RepositoryError, ET.ParseError):
+        root = ET.fromstring(await repo.domain_xml(point))  # noqa: S314 - our own backup
+        for disk in root.iter("disk"):
+            target = disk.find("target")
+            source = disk.find("source")
+            if disk.get("device", "disk") != "disk" or target is None:
+                continue
+            if target.get("dev") not in backed_up:
+                path = (source.get("file") or source.get("dev") or "") if source is not None else ""
+                missing.append(os.path.basename(path) or str(target.get("dev")))
+    return RestoreEntry(
+        xml_path=f"vms/{point.vm_name}/{point.timestamp}/domain.xml",
+        vm_name=point.vm_name,
+        timestamp=point.timestamp,
+        disk_basenames=[d.basename for d in point.disks],
+        missing_disk_basenames=missing,
+        source_server_id=point.source_server_id,
+        source_server_name=point.source_server_name,
+        kind=point.kind,
+        destination_id=destination_id,
+    )

@@ -1,0 +1,108 @@
+"""Per-VM locks in ``VB_LOCKS``: one backup or restore of a VM at a time, across replicas.
+
+A lock's value names the job holding it. The lock is valid exactly while that job is
+active, so a holder that dies never leaves a VM locked for good: once its job has
+ended (or been taken over and failed), the next ``acquire`` replaces the stale lock by
+compare-and-swap. Locks are taken before the job record is written; a lock naming a
+job that does not exist yet is honoured for ``ORPHAN_GRACE`` seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from virtbackup.contracts.v1.jobs import ACTIVE_STATES, Job
+from virtbackup.runtime.errors import Conflict, NotFound
+
+#: Seconds a lock whose job record is missing still counts (the record follows the lock).
+ORPHAN_GRACE = 30.0
+
+
+class LockRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    job_id: str
+    job_type: str
+    taken_at: float
+
+
+def lock_key(server_id: str, vm_name: str) -> str:
+    """``vm.<server>.<vm>``, each part base64url so that any VM name is a valid key."""
+
+    def enc(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=") or "_"
+
+    return f"vm.{enc(server_id)}.{enc(vm_name)}"
+
+
+JobLookup = Callable[[str], Awaitable[Job | None]]
+
+
+class VmLocks:
+    def __init__(self, kv: KeyValue, lookup: JobLookup) -> None:
+        self.kv = kv
+        self.lookup = lookup
+
+    async def acquire(self, server_id: str, vm_name: str, job_id: str, job_type: str) -> None:
+        """Take the VM's lock for ``job_id``; ``Conflict`` naming the job that holds it."""
+        key = lock_key(server_id, vm_name)
+        mine = msgspec.json.encode(
+            LockRecord(job_id=job_id, job_type=job_type, taken_at=time.time())
+        )
+        for _ in range(10):
+            try:
+                await self.kv.create(key, mine)
+                return
+            except KeyWrongLastSequenceError:
+                pass
+            try:
+                entry = await self.kv.get(key)
+            except KeyNotFoundError:
+                continue  # released meanwhile
+            if entry.value is None:
+                continue
+            holder = msgspec.json.decode(entry.value, type=LockRecord)
+            job = await self.lookup(holder.job_id)
+            if job is not None and job.state in ACTIVE_STATES:
+                raise Conflict(
+                    f"vm {vm_name} has a {job.type} job running ({job.id}): "
+                    "wait for it to end or cancel it"
+                )
+            if job is None and time.time() - holder.taken_at < ORPHAN_GRACE:
+                raise Conflict(
+                    f"vm {vm_name} has a {holder.job_type} job starting ({holder.job_id})"
+                )
+            try:
+                await self.kv.update(key, mine, last=entry.revision)
+                return
+            except KeyWrongLastSequenceError:
+                continue
+        raise Conflict(f"vm {vm_name}: too many jobs racing for it, try again")
+
+    async def release(self, server_id: str, vm_name: str, job_id: str) -> None:
+        """Drop the lock if ``job_id`` still holds it (a stale holder never drops another's)."""
+        key = lock_key(server_id, vm_name)
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            return
+        if entry.value is None:
+            return
+        if msgspec.json.decode(entry.value, type=LockRecord).job_id != job_id:
+            return
+        try:
+            await self.kv.delete(key, last=entry.revision)
+        except KeyWrongLastSequenceError:
+            return
+
+
+async def lookup_in(get: Callable[[str], Awaitable[tuple[Job, int]]], job_id: str) -> Job | None:
+    """Adapter: a ``JobStore.get`` that answers ``None`` for a missing job."""
+    try:
+        return (await get(job_id))[0]
+    except NotFound:
+        return None

@@ -1,0 +1,217 @@
+"""Running a job to its end, and ending the jobs of an instance that died.
+
+``execute`` runs a job this instance submitted. ``sweep`` runs in every instance: a job
+that is still active but whose lease has expired lost its holder (killed, or cut off
+from NATS for longer than ``LEASE_SECONDS``); the first instance to take the lease ends
+the job cleanly with ``recover``: queued units are purged, the libvirt backup job is
+ended (its new checkpoint dropped), restore images are removed, and the final state
+says what happened. A job that died while committing ends in what its commit did: a
+backup whose restore point is in the repository is a success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+from virtbackup.contracts.subjects import InventoryCmd
+from virtbackup.contracts.v1.inventory import (
+    BackupEndRequest,
+    Ok,
+    RestoreFinishRequest,
+    RestoreTarget,
+)
+from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job, JobState
+from virtbackup.job_orchestrator.backup import run_backup
+from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
+from virtbackup.job_orchestrator.jobctx import JobContext
+from virtbackup.job_orchestrator.restore import prepared_targets, run_restore, run_sanity
+from virtbackup.repository.format import domain_xml_key
+from virtbackup.repository.repository import RepositoryError
+from virtbackup.runtime import timeouts
+from virtbackup.runtime.clock import utcnow_iso
+from virtbackup.runtime.errors import ServiceError
+from virtbackup.storage.errors import NotFoundError, StorageError
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[JobContext, Job], Awaitable[str]]
+RUNNERS: dict[str, Runner] = {"backup": run_backup, "restore": run_restore, "sanity": run_sanity}
+#: Seconds between two looks for jobs whose holder died.
+SWEEP_SECONDS = 2.0
+#: Errors whose message is shown to the user as the job's reason; anything else is a bug.
+KNOWN_ERRORS = (JobFailed, ServiceError, StorageError, RepositoryError, OSError, ValueError)
+
+
+def failure_message(exc: BaseException) -> str:
+    if isinstance(exc, ServiceError):
+        return exc.message
+    if isinstance(exc, KNOWN_ERRORS | TimeoutError):
+        return str(exc) or type(exc).__name__
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
+async def execute(jc: JobContext, job: Job) -> None:
+    """Run ``job`` (held by this instance) to its final state."""
+    state: JobState = "success"
+    try:
+        job = await jc.enter(job.id, "preparing", started_at=utcnow_iso())
+        message = await RUNNERS[job.type](jc, job)
+    except JobLost:
+        return
+    except asyncio.CancelledError:
+        if jc.ctx.stopping.is_set() or job.id not in jc.leases.held:
+            raise  # shutting down or taken over: another instance ends the job
+        state, message = "failure", "internal error: the job's task was cancelled"
+    except JobCanceled:
+        state, message = "canceled", "cancelled by user"
+    except Exception as exc:
+        if not isinstance(exc, KNOWN_ERRORS | TimeoutError):
+            log.exception("job %s crashed", job.id)
+        state, message = "failure", failure_message(exc)
+    await jc.finish(job.id, state, message)
+
+
+async def sweep(jc: JobContext) -> None:
+    """Forever: take over and end active jobs whose lease has expired."""
+    while not jc.ctx.stopping.is_set():
+        try:
+            await sweep_once(jc)
+        except Exception:
+            log.exception("looking for orphaned jobs failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(jc.ctx.stopping.wait(), SWEEP_SECONDS)
+
+
+async def sweep_once(jc: JobContext) -> list[str]:
+    """One look; returns the ids of the jobs taken over."""
+    taken = []
+    for job in jc.jobs.active():
+        if job.id in jc.runs or await jc.leases.holder_of(job.id) is not None:
+            continue
+        if await jc.leases.take(job.id):
+            taken.append(job.id)
+            jc.start_run(job, recover)
+    return taken
+
+
+async def recover(jc: JobContext, job: Job) -> None:
+    """End a job whose holder died (this instance holds its lease now)."""
+    previous = job.owner or "unknown"
+
+    def adopt(current: Job) -> Job:
+        if current.state in TERMINAL_STATES:
+            return current
+        return msgspec.structs.replace(current, owner=jc.holder, updated_at=utcnow_iso())
+
+    job = await jc.store.update(job.id, adopt)
+    if job.state in TERMINAL_STATES:
+        await jc.leases.release(job.id)
+        return
+    log.warning("taking over job %s of %s (phase %s)", job.id, previous, job.phase)
+    lost = f"the job-orchestrator instance running it ({previous}) stopped"
+    state: JobState = "canceled" if job.cancel_requested else "failure"
+    message = "cancelled by user" if job.cancel_requested else f"{lost} while {job.phase}"
+    try:
+        if job.type == "backup":
+            state, message = await _recover_backup(jc, job, state, message)
+        elif job.type == "restore":
+            state, message = await _recover_restore(jc, job, state, message)
+        else:
+            await jc.purge_units(job.id)
+    except Exception as exc:
+        log.exception("cleaning up job %s failed", job.id)
+        state, message = "failure", f"{lost}; cleaning up failed: {failure_message(exc)}"
+    await jc.finish(job.id, state, message)
+
+
+async def _recover_backup(
+    jc: JobContext, job: Job, state: JobState, message: str
+) -> tuple[JobState, str]:
+    assert job.server_id and job.vm_name and job.destination_id
+    committed = False
+    timestamp = job.result.get("timestamp")
+    if job.phase == "committing" and isinstance(timestamp, str):
+        committed = await _point_committed(jc, job, timestamp)
+    if not committed:
+        await jc.purge_units(job.id)
+    checkpoint = job.result.get("checkpoint")
+    end = BackupEndRequest(
+        server_id=job.server_id,
+        vm_name=job.vm_name,
+        checkpoint=checkpoint if isinstance(checkpoint, str) else None,
+        success=committed,
+    )
+    with contextlib.suppress(ServiceError):
+        await jc.bus.request(InventoryCmd.BACKUP_END, end, Ok, timeout=timeouts.INVENTORY_JOB_STEP)
+    if committed:
+        return "success", f"backup {timestamp} committed before its orchestrator stopped"
+    return state, message
+
+
+async def _point_committed(jc: JobContext, job: Job, timestamp: str) -> bool:
+    """Whether the restore point this job was committing is in the repository."""
+    assert job.destination_id and job.vm_name
+    repo = await jc.repository(job.destination_id, create=False, locked=True)
+    try:
+        point = await repo.restore_point(domain_xml_key(job.vm_name, timestamp))
+    except NotFoundError:
+        return False
+    finally:
+        await repo.driver.close()
+    return point.job_id == job.id
+
+
+async def _finish_request(
+    jc: JobContext, job: Job, targets: list[RestoreTarget]
+) -> RestoreFinishRequest:
+    """The request that commits a restore: the images and the saved domain XML."""
+    assert job.server_id and job.vm_name and job.destination_id
+    repo = await jc.repository(job.destination_id, create=False)
+    try:
+        point = await repo.restore_point(job.params["xmlPath"])
+        domain_xml = await repo.domain_xml(point)
+    finally:
+        await repo.driver.close()
+    return RestoreFinishRequest(
+        server_id=job.server_id,
+        job_id=job.id,
+        vm_name=job.vm_name,
+        success=True,
+        domain_xml=domain_xml,
+        disks=targets,
+    )
+
+
+async def _recover_restore(
+    jc: JobContext, job: Job, state: JobState, message: str
+) -> tuple[JobState, str]:
+    assert job.server_id and job.vm_name
+    targets = prepared_targets(job)
+    if job.phase == "committing":
+        # The commit (move the images into place, define the domain) may have been cut
+        # short: do it again; what it answers is what happened.
+        await jc.bus.request(
+            InventoryCmd.RESTORE_FINISH,
+            await _finish_request(jc, job, targets),
+            Ok,
+            timeout=timeouts.INVENTORY_JOB_STEP,
+        )
+        return "success", "restore committed by another orchestrator instance"
+    await jc.purge_units(job.id)
+    if targets:
+        finish = RestoreFinishRequest(
+            server_id=job.server_id,
+            job_id=job.id,
+            vm_name=job.vm_name,
+            success=False,
+            disks=targets,
+        )
+        await jc.bus.request(
+            InventoryCmd.RESTORE_FINISH, finish, Ok, timeout=timeouts.INVENTORY_JOB_STEP
+        )
+    return state, message
