@@ -87,12 +87,11 @@ def up(workers: int, nats_port: int, orchestrators: int = 2) -> int:
         print(f"NATS (JetStream) at {nats.url}, store {data / 'nats'}", flush=True)
 
     replicas = {"transfer-worker": workers, "job-orchestrator": orchestrators}
-    children = []
+    children: list[Child] = []
     for name, module in MODULES.items():
-        count = replicas.get(name, 1)
-        for i in range(1, count + 1):
-            child = f"{name}-{i}" if name in replicas else name
-            children.append(Child(child, module, logs / f"{child}.log"))
+        for i in range(1, replicas.get(name, 1) + 1):
+            label = f"{name}-{i}" if name in replicas else name
+            children.append(Child(label, module, logs / f"{label}.log"))
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
