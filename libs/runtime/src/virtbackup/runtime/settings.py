@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     server_timeout: float = 5.0
     #: Seconds between full refreshes of every server's VM list (events keep it current).
     refresh_interval: float = 300.0
+    #: Fault injection for tests, honoured only with ``debug``: seconds a job waits
+    #: ``before:<phase>`` or ``after:<phase>`` is entered (e.g. ``{"before:committing": 5}``
+    #: holds a job whose units are all done), so a cancel can be aimed at that moment.
+    debug_holds: dict[str, float] = Field(default_factory=dict)
     #: Directory on each hypervisor for backup scratch files.
     scratch_dir: str = "/var/lib/libvirt/images/virtbackup-scratch"
 

@@ -215,6 +215,7 @@ class JobContext:
 
         Raises ``JobCanceled`` if a cancel came first, ``JobLost`` if this instance no
         longer holds the job."""
+        await self._hold(f"before:{phase}")
 
         def step(job: Job) -> Job:
             if job.owner != self.holder or job_id not in self.leases.held:
@@ -227,7 +228,13 @@ class JobContext:
 
         job = await self.store.update(job_id, step)
         await self.bus.publish_event(EventType.JOB_UPDATED, job_payload(job), key=job_id)
+        await self._hold(f"after:{phase}")
         return job
+
+    async def _hold(self, moment: str) -> None:
+        if self.settings.debug and (seconds := self.settings.debug_holds.get(moment)):
+            log.warning("debug hold: %s s %s", seconds, moment)
+            await asyncio.sleep(seconds)
 
     def check_canceled(self, job_id: str) -> None:
         """``JobCanceled`` if a cancel of the job has been seen (between steps)."""
@@ -280,7 +287,14 @@ class JobContext:
     # -- units ------------------------------------------------------------------------
 
     def cancel_event(self, job_id: str) -> asyncio.Event:
-        return self.runs.setdefault(job_id, LocalRun()).cancel
+        """Set once the job's record asks for a cancel (kept current by the index)."""
+        run = self.runs.get(job_id)
+        if run is None:
+            run = self.runs[job_id] = LocalRun()
+            known = self.index.jobs.get(job_id) if self.index is not None else None
+            if known is not None and known.cancel_requested:
+                run.cancel.set()
+        return run.cancel
 
     async def run_units(
         self,

@@ -12,6 +12,11 @@ from virtbackup.runtime.service import ServiceContext, ServiceSpec
 _contexts: dict[int, JobContext] = {}
 
 
+def job_context(ctx: ServiceContext) -> JobContext:
+    """The ``JobContext`` of a running orchestrator instance (tests drive it directly)."""
+    return _contexts[id(ctx)]
+
+
 async def register(ctx: ServiceContext) -> None:
     jc = JobContext(ctx)
     _contexts[id(ctx)] = jc
@@ -19,7 +24,7 @@ async def register(ctx: ServiceContext) -> None:
 
 
 async def start(ctx: ServiceContext) -> None:
-    jc = _contexts[id(ctx)]
+    jc = job_context(ctx)
     await jc.open()
     ctx.spawn(jc.leases.keep_alive(ctx.stopping, jc.on_lease_lost), "job-leases")
     ctx.spawn(sweep(jc), "job-sweep")

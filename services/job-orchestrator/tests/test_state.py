@@ -1,0 +1,197 @@
+"""The job state machine across two orchestrator instances, against a real nats-server.
+
+Both instances run in this process (``start_service``), so each test drives the
+handlers and the state machine directly and deterministically: no libvirt, no workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from virtbackup.contracts import buckets
+from virtbackup.contracts.v1.jobs import JobCancelRequest, JobListRequest
+from virtbackup.job_orchestrator import handlers
+from virtbackup.job_orchestrator.errors import JobCanceled, JobLost
+from virtbackup.job_orchestrator.jobctx import JobContext
+from virtbackup.job_orchestrator.locks import lock_key
+from virtbackup.job_orchestrator.runner import sweep_once
+from virtbackup.job_orchestrator.service import SPEC, job_context
+from virtbackup.runtime.errors import Conflict
+from virtbackup.runtime.nats_server import NatsServer, start_nats_server
+from virtbackup.runtime.service import ServiceContext, start_service, stop_service
+from virtbackup.runtime.settings import load_settings
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsServer]:
+    server = start_nats_server(tmp_path_factory.mktemp("nats"))
+    yield server  # type: ignore[misc]
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+async def replicas(nats_server: NatsServer) -> AsyncIterator[tuple[JobContext, JobContext]]:
+    contexts: list[ServiceContext] = []
+    for name in ("orch-a", "orch-b"):
+        settings = load_settings(nats_url=nats_server.url, instance=name)
+        contexts.append(await start_service(SPEC, settings))
+    try:
+        yield job_context(contexts[0]), job_context(contexts[1])
+    finally:
+        for ctx in contexts:
+            await stop_service(SPEC, ctx)
+
+
+async def until(predicate: object, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_cancel_before_the_commit_wins_and_the_commit_never_happens(
+    replicas: tuple[JobContext, JobContext],
+) -> None:
+    a, b = replicas
+    job = await a.submit("sanity", vm_name="vm-c1")
+    await a.enter(job.id, "transferring")
+    # The other replica answers the cancel: the record says so, and the holder sees it.
+    asked = await handlers.cancel_job(b, JobCancelRequest(id=job.id))
+    assert asked.cancel_requested and asked.state == "running"
+    await until(lambda: a.cancel_event(job.id).is_set())
+    with pytest.raises(JobCanceled):
+        await a.enter(job.id, "committing")
+    # Asking again is harmless; the job ends canceled.
+    await handlers.cancel_job(b, JobCancelRequest(id=job.id))
+    final = await a.finish(job.id, "canceled", "cancelled by user")
+    assert final is not None and final.state == "canceled" and final.phase == "finished"
+
+
+async def test_past_the_point_of_no_return_a_cancel_is_refused(
+    replicas: tuple[JobContext, JobContext],
+) -> None:
+    a, b = replicas
+    job = await a.submit("sanity", vm_name="vm-c2")
+    await a.enter(job.id, "committing")
+    with pytest.raises(Conflict, match="point of no return"):
+        await handlers.cancel_job(b, JobCancelRequest(id=job.id))
+    assert not (await a.store.get(job.id))[0].cancel_requested
+    final = await a.finish(job.id, "success", "done")
+    assert final is not None and final.state == "success"
+    with pytest.raises(Conflict, match="already finished"):
+        await handlers.cancel_job(b, JobCancelRequest(id=job.id))
+
+
+async def test_two_replicas_submitting_one_vm_at_once_run_one_job(
+    replicas: tuple[JobContext, JobContext],
+) -> None:
+    a, b = replicas
+    results = await asyncio.gather(
+        a.submit("backup", server_id="local", vm_name="vm odd/name", lock_vm=True),
+        b.submit("backup", server_id="local", vm_name="vm odd/name", lock_vm=True),
+        return_exceptions=True,
+    )
+    jobs = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, Conflict)]
+    assert len(jobs) == 1 and len(refused) == 1, results
+    assert jobs[0].id in str(refused[0])
+    # A third submit while it runs is refused too; once it ends, the VM is free.
+    with pytest.raises(Conflict, match=jobs[0].id):
+        await b.submit("restore", server_id="local", vm_name="vm odd/name", lock_vm=True)
+    winner = a if jobs[0].owner == a.holder else b
+    await winner.finish(jobs[0].id, "failure", "test")
+    again = await b.submit("backup", server_id="local", vm_name="vm odd/name", lock_vm=True)
+    await b.finish(again.id, "success", "test")
+
+
+async def test_a_stale_lock_of_an_ended_job_is_replaced(
+    replicas: tuple[JobContext, JobContext],
+) -> None:
+    a, b = replicas
+    job = await a.submit("backup", server_id="local", vm_name="vm-stale", lock_vm=True)
+
+    # The job ends without its lock being released (its holder died after the write).
+    def end(j: object) -> object:
+        import msgspec
+
+        return msgspec.structs.replace(j, state="failure", phase="finished")  # type: ignore[type-var]
+
+    await a.store.update(job.id, end)  # type: ignore[arg-type]
+    kv = a.ctx.bucket(buckets.LOCKS)
+    assert (await kv.get(lock_key("local", "vm-stale"))).value is not None
+    second = await b.submit("backup", server_id="local", vm_name="vm-stale", lock_vm=True)
+    assert second.id != job.id
+    await b.finish(second.id, "success", "test")
+
+
+async def test_the_job_of_a_dead_holder_is_taken_over_and_ended(
+    replicas: tuple[JobContext, JobContext],
+) -> None:
+    a, b = replicas
+    job = await a.submit("sanity", vm_name="vm-dead")
+    await a.enter(job.id, "transferring")
+    assert await sweep_once(b) == []  # a live holder keeps its job
+
+    # a dies: its lease is no longer renewed and expires (deleted here, not waited for).
+    a.leases.held.pop(job.id)
+    await a.ctx.bucket(buckets.LEASES).delete(job.id)
+
+    taken = await sweep_once(b)
+    assert taken == [job.id] or (await a.store.get(job.id))[0].owner != a.holder
+    await until(
+        lambda: b.jobs.jobs.get(job.id) is not None and b.jobs.jobs[job.id].state != "running"
+    )
+    final = (await b.store.get(job.id))[0]
+    assert final.state == "failure", final
+    assert "stopped while transferring" in final.message
+    assert final.owner != a.holder
+    # The old holder, should it wake up, can no longer move the job.
+    with pytest.raises((JobLost, JobCanceled)):
+        await a.enter(job.id, "committing")
+    assert await a.finish(job.id, "success", "too late") is None
+    assert (await b.store.get(job.id))[0].state == "failure"
+
+
+async def test_a_job_cancelled_before_its_holder_died_ends_canceled(
+    replicas: tuple[JobContext, JobContext],
+) -> None:
+    a, b = replicas
+    job = await a.submit("sanity", vm_name="vm-dead-2")
+    await handlers.cancel_job(b, JobCancelRequest(id=job.id))
+    a.leases.held.pop(job.id)
+    await a.ctx.bucket(buckets.LEASES).delete(job.id)
+    await sweep_once(b)
+    await until(lambda: b.jobs.jobs[job.id].state != "queued", timeout=10)
+    assert (await b.store.get(job.id))[0].state == "canceled"
+
+
+async def test_a_lease_renewal_finds_a_lost_lease(
+    replicas: tuple[JobContext, JobContext],
+) -> None:
+    a, _ = replicas
+    assert await a.leases.take("lease-test-1")
+    assert not await a.leases.take("lease-test-1")
+    assert await a.leases.renew_all() == []
+    await a.ctx.bucket(buckets.LEASES).delete("lease-test-1")
+    assert await a.leases.renew_all() == ["lease-test-1"]
+    assert "lease-test-1" not in a.leases.held
+
+
+async def test_list_answers_from_the_index_newest_first(
+    replicas: tuple[JobContext, JobContext],
+) -> None:
+    a, b = replicas
+    made = [await a.submit("sanity", vm_name=f"vm-list-{n}") for n in range(3)]
+    await a.finish(made[1].id, "success", "done")
+    await until(lambda: all(j.id in b.jobs.jobs for j in made))
+    await until(lambda: b.jobs.jobs[made[1].id].state == "success")
+    listed = await handlers.list_jobs(b, JobListRequest(type="sanity", limit=1000))
+    ids = [j.id for j in listed.jobs]
+    assert ids.index(made[2].id) < ids.index(made[1].id) < ids.index(made[0].id)
+    done = await handlers.list_jobs(b, JobListRequest(state="success"))
+    assert made[1].id in [j.id for j in done.jobs]
+    assert made[0].id not in [j.id for j in done.jobs]
+    assert len((await handlers.list_jobs(b, JobListRequest(limit=2))).jobs) == 2
