@@ -267,7 +267,7 @@ async def test_cancel_leaves_no_restore_point_and_the_next_backup_works(
             await asyncio.sleep(0.1)
         second = await api.post("/servers/local/backup", json={"vmName": VM})
         assert second.status_code == 409
-        assert "already being backed up" in second.json()["error"]
+        assert f"has a backup job running ({job_id})" in second.json()["error"]
         assert (await api.post(f"/jobs/{job_id}/cancel")).json() == {"success": True}
         job = await wait_job(api, job_id)
         assert job["state"] == "canceled"
