@@ -43,14 +43,15 @@ Runner = Callable[[JobContext, Job], Awaitable[str]]
 RUNNERS: dict[str, Runner] = {"backup": run_backup, "restore": run_restore, "sanity": run_sanity}
 #: Seconds between two looks for jobs whose holder died.
 SWEEP_SECONDS = 2.0
-#: Errors whose message is shown to the user as the job's reason; anything else is a bug.
+#: Errors whose message is shown to the user as the job's reason (TimeoutError is an
+#: OSError); anything else is a bug.
 KNOWN_ERRORS = (JobFailed, ServiceError, StorageError, RepositoryError, OSError, ValueError)
 
 
 def failure_message(exc: BaseException) -> str:
     if isinstance(exc, ServiceError):
         return exc.message
-    if isinstance(exc, KNOWN_ERRORS | TimeoutError):
+    if isinstance(exc, KNOWN_ERRORS):
         return str(exc) or type(exc).__name__
     return f"internal error: {type(exc).__name__}: {exc}"
 
@@ -70,7 +71,7 @@ async def execute(jc: JobContext, job: Job) -> None:
     except JobCanceled:
         state, message = "canceled", "cancelled by user"
     except Exception as exc:
-        if not isinstance(exc, KNOWN_ERRORS | TimeoutError):
+        if not isinstance(exc, KNOWN_ERRORS):
             log.exception("job %s crashed", job.id)
         state, message = "failure", failure_message(exc)
     await jc.finish(job.id, state, message)
