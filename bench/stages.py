@@ -64,6 +64,7 @@ from virtbackup.repository import crypto
 from virtbackup.repository.codec import decode_blob, encode_blob
 from virtbackup.repository.format import DEFAULT_CHUNK_SIZE, chunk_key
 from virtbackup.repository.repository import Repository
+from virtbackup.runtime.ports import free_port
 from virtbackup.storage.filesystem import FilesystemDriver
 from virtbackup.transfer_worker.units import CHUNKS_IN_FLIGHT, ZeroCheck
 
@@ -386,17 +387,11 @@ def bench_encode(cfg: Config, report: Report, scratch: Path) -> None:
 # --------------------------------------------------------------------------- NBD
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def qemu_nbd(image: Path, export: str = "bench") -> Iterator[tuple[int, int]]:
     """Serve ``image`` read-only with ``qemu-nbd`` on 127.0.0.1 (multi-conn); yields
     ``(port, pid)``."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             "qemu-nbd",
