@@ -60,7 +60,8 @@ if __package__ in (None, ""):
 
 from bench import content
 from bench.content import GiB, MiB
-from virtbackup.virt import testing
+from virtbackup.testing.libvirtd import ensure_libvirtd
+from virtbackup.testing.vms import create_vm, monitor_hmp, remove_vm, vm_directory
 from virtbackup.virt.connection import Connection, open_connection
 from virtbackup.virt.errors import NotFound
 
@@ -140,12 +141,10 @@ async def prepare_vm(
     same name is removed first.
     """
     started = time.monotonic()
-    await asyncio.to_thread(testing.ensure_libvirtd)
-    directory = testing.vm_directory(base, prefix=f"{name}-")
+    await asyncio.to_thread(ensure_libvirtd)
+    directory = vm_directory(base, prefix=f"{name}-")
     try:
-        vm = await testing.create_vm(
-            conn, name, directory, [disk_size], memory_mib=memory_mib, start=False
-        )
+        vm = await create_vm(conn, name, directory, [disk_size], memory_mib=memory_mib, start=False)
         image = vm.disks[0]
         segments = content.mixed_layout(disk_size, content_size, seed=seed)
         written = await asyncio.to_thread(
@@ -154,7 +153,7 @@ async def prepare_vm(
         dom = await conn.lookup(name)
         await conn.call(dom.create, timeout=60)
     except BaseException:
-        await testing.remove_vm(conn, name, delete_directory=directory)
+        await remove_vm(conn, name, delete_directory=directory)
         raise
     return PreparedVm(
         name=name,
@@ -169,7 +168,7 @@ async def prepare_vm(
 
 async def remove_prepared_vm(conn: Connection, vm: PreparedVm) -> None:
     """Destroy and undefine the VM (with its checkpoints) and delete its directory."""
-    await testing.remove_vm(conn, vm.name, delete_directory=vm.directory)
+    await remove_vm(conn, vm.name, delete_directory=vm.directory)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,11 +253,11 @@ async def guest_writes(
             source.write_bytes(data)
             source.chmod(0o644)
             command = f'qemu-io -d {device} "write -q -s {source} {offset} {size}"'
-            output = await testing.monitor_hmp(conn, vm.name, command)
+            output = await monitor_hmp(conn, vm.name, command)
             if output.strip():
                 raise RuntimeError(f"guest write at {offset} failed: {output.strip()}")
             extents.append((offset, size))
-        await testing.monitor_hmp(conn, vm.name, f'qemu-io -d {device} "flush"')
+        await monitor_hmp(conn, vm.name, f'qemu-io -d {device} "flush"')
     finally:
         source.unlink(missing_ok=True)
     return GuestWrites(

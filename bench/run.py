@@ -40,7 +40,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import peer
-from virtbackup.runtime.nats_server import free_port
+from virtbackup.runtime.ports import free_port
 from virtbackup.virt import Connection, open_connection
 
 MiB = 1 << 20

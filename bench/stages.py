@@ -7,7 +7,7 @@ alone, so that an end-to-end result can be compared with the slowest stage it ne
 
 Stages (``--only`` takes these group names):
 
-* ``zero``: zero detection as the transfer worker does it (``units._Zero.is_zero``), and
+* ``zero``: zero detection as the transfer worker does it (``units.ZeroCheck.is_zero``), and
   ``bytearray == bytes`` for comparison;
 * ``hash``: BLAKE3 as ``Repository.chunk_id`` (``max_threads=1``), SHA-256 for comparison;
 * ``zstd``: ``codec.encode_blob`` (zstd level 3) on random, text and binary chunks, and
@@ -64,8 +64,9 @@ from virtbackup.repository import crypto
 from virtbackup.repository.codec import decode_blob, encode_blob
 from virtbackup.repository.format import DEFAULT_CHUNK_SIZE, chunk_key
 from virtbackup.repository.repository import Repository
+from virtbackup.runtime.ports import free_port
 from virtbackup.storage.filesystem import FilesystemDriver
-from virtbackup.transfer_worker.units import CHUNKS_IN_FLIGHT, _Zero
+from virtbackup.transfer_worker.units import CHUNKS_IN_FLIGHT, ZeroCheck
 
 T = TypeVar("T")
 
@@ -266,12 +267,12 @@ def _chunks(kind: content.Kind, cfg: Config) -> list[bytearray]:
 
 
 def bench_zero(cfg: Config, report: Report) -> None:
-    zero = _Zero()
+    zero = ZeroCheck()
     zeros = [bytearray(cfg.chunk_size) for _ in range(2)]
     last = bytearray(cfg.chunk_size)
     last[-1] = 1
     data = _chunks("random", cfg)[:2]
-    stage = "zero check (worker _Zero.is_zero)"
+    stage = "zero check (worker ZeroCheck.is_zero)"
     _cpu_stage(cfg, report, "zero", stage, "zero", zero.is_zero, zeros)
     _cpu_stage(cfg, report, "zero", stage, "last byte set", zero.is_zero, [last], pool=False)
     _cpu_stage(cfg, report, "zero", stage, "random", zero.is_zero, data, pool=False)
@@ -279,7 +280,7 @@ def bench_zero(cfg: Config, report: Report) -> None:
 
     def equal(buf: bytearray) -> bool:
         # bytearray on the left: bytearray's comparison is one memcmp; memoryview's
-        # (what _Zero.is_zero uses) compares item by item.
+        # (what ZeroCheck.is_zero uses) compares item by item.
         return buf == reference[: len(buf)]
 
     stage = "zero check (bytearray == memoryview)"
@@ -386,17 +387,11 @@ def bench_encode(cfg: Config, report: Report, scratch: Path) -> None:
 # --------------------------------------------------------------------------- NBD
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def qemu_nbd(image: Path, export: str = "bench") -> Iterator[tuple[int, int]]:
     """Serve ``image`` read-only with ``qemu-nbd`` on 127.0.0.1 (multi-conn); yields
     ``(port, pid)``."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             "qemu-nbd",

@@ -11,9 +11,10 @@ import pytest
 from harness import System, running_system
 from nats.aio.client import Client
 
-from virtbackup.runtime.nats_server import free_port, start_nats_server
+from virtbackup.runtime.nats_server import start_nats_server
+from virtbackup.runtime.ports import free_port
+from virtbackup.testing.libvirtd import ensure_libvirtd
 from virtbackup.virt import Connection, open_connection
-from virtbackup.virt.testing import ensure_libvirtd
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,9 @@ from typing import Any
 
 import httpx
 
-from virtbackup.runtime.nats_server import NatsServer, free_port, start_nats_server
-from virtbackup.virt.testing import SmallVm
+from virtbackup.runtime.nats_server import NatsServer, start_nats_server
+from virtbackup.runtime.ports import free_port
+from virtbackup.testing.vms import SmallVm
 
 MODULES = {
     "gateway": "virtbackup.gateway",

@@ -23,14 +23,8 @@ from harness import System, running_system, same, snapshot, wait_job
 from virtbackup.repository.format import chunk_key
 from virtbackup.repository.repository import Repository
 from virtbackup.storage.filesystem import FilesystemDriver
+from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
 from virtbackup.virt import Connection
-from virtbackup.virt.testing import (
-    SmallVm,
-    create_vm,
-    guest_write,
-    remove_vm,
-    vm_directory,
-)
 
 pytestmark = pytest.mark.libvirt
 

@@ -18,16 +18,11 @@ import pytest
 import yaml
 from harness import System, running_system, same, snapshot, wait_job
 
-from virtbackup.storage.fake_gdrive import FakeGoogleDrive
-from virtbackup.storage.testing import SeaweedServer, SshdServer
+from virtbackup.testing.gdrive import FakeGoogleDrive
+from virtbackup.testing.seaweedfs import SeaweedServer
+from virtbackup.testing.sshd import SshdServer
+from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
 from virtbackup.virt import Connection
-from virtbackup.virt.testing import (
-    SmallVm,
-    create_vm,
-    guest_write,
-    remove_vm,
-    vm_directory,
-)
 
 pytestmark = pytest.mark.libvirt
 

@@ -20,17 +20,11 @@ import httpx
 import pytest
 from harness import System
 
-from virtbackup.runtime.nats_server import free_port
+from virtbackup.runtime.ports import free_port
 from virtbackup.runtime.settings import Settings
-from virtbackup.storage.testing import SshdServer
+from virtbackup.testing.sshd import SshdServer, sshd_server
+from virtbackup.testing.vms import SmallVm, create_vm, remove_vm, vm_directory
 from virtbackup.virt import Connection, TcpServer, begin_backup
-from virtbackup.virt.testing import (
-    SmallVm,
-    create_vm,
-    remove_vm,
-    start_sshd,
-    vm_directory,
-)
 
 pytestmark = pytest.mark.libvirt
 
@@ -291,26 +285,21 @@ async def test_an_unreachable_server_does_not_slow_the_others(
     assert dead_s < 15  # bounded by the server timeout, not a hang
 
 
-async def test_a_remote_server_over_ssh(
-    api: httpx.AsyncClient, vm: SmallVm, tmp_path: Path
-) -> None:
+async def test_a_remote_server_over_ssh(api: httpx.AsyncClient, vm: SmallVm) -> None:
     """An sshd on loopback reaching the same libvirt counts as a remote host."""
-    remote = start_sshd(tmp_path)
-    try:
+    with sshd_server(root=True) as remote:
         server = {
             "id": "remote",
             "name": "Remote",
             "host": remote.host,
             "port": remote.port,
-            "username": remote.user,
-            "privateKey": remote.client_key.read_text(),
+            "username": remote.username,
+            "privateKey": remote.private_key,
         }
         await _configure(api, [LOCAL, server])
         listed = await _vms(api, "remote")
         assert listed[vm.name]["vm"]["powerState"] in {"running", "shutoff"}
         assert (await api.post("/servers/remote/test", json={})).json()["success"] is True
-    finally:
-        remote.stop()
 
 
 async def test_hypersdk_vm_discovery(api: httpx.AsyncClient, vm: SmallVm, system: System) -> None:

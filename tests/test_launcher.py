@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from virtbackup.runtime.nats_server import free_port
+from virtbackup.runtime.ports import free_port
 
 
 def _children(pid: int) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -17,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from virtbackup.runtime.ports import free_port
 
 MiB = 1024 * 1024
 
@@ -141,7 +142,7 @@ class Qemu:
                 sock = str(self._name("nbd").with_suffix(".sock"))
                 args += ["-k", sock]
             else:
-                port = _free_port()
+                port = free_port()
                 args += ["-b", "127.0.0.1", "-p", str(port)]
             if read_only:
                 args.append("-r")
@@ -178,13 +179,6 @@ class Qemu:
             text=True,
         )
         return proc.returncode == 0 and "Pattern verification failed" not in proc.stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def nbdinfo_json(*args: str) -> object:

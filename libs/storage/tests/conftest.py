@@ -8,14 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from virtbackup.storage.testing import (
-    DRIVER_KINDS,
-    DriverCase,
-    FakeGoogleDrive,
-    SeaweedServer,
-    SshdServer,
-    open_test_driver,
-)
+from virtbackup.testing.drivers import DRIVER_KINDS, DriverCase, open_test_driver
+from virtbackup.testing.gdrive import FakeGoogleDrive
+from virtbackup.testing.seaweedfs import SeaweedServer
+from virtbackup.testing.sshd import SshdServer
 
 
 @pytest.fixture(scope="session")

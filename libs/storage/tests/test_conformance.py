@@ -2,7 +2,7 @@
 
 Each test gets ``case``: a fresh, empty driver of one kind (filesystem, SFTP against a real
 sshd, S3 against a real SeaweedFS, Google Drive against the in-memory stand-in of
-``virtbackup.storage.fake_gdrive`` (no real Google is reachable here), dummy with and
+``virtbackup.testing.gdrive`` (no real Google is reachable here), dummy with and
 without tmp writes).
 """
 
@@ -25,7 +25,7 @@ from virtbackup.storage import (
     test_connection,
 )
 from virtbackup.storage.keys import TEMP_PREFIX
-from virtbackup.storage.testing import DriverCase as Case
+from virtbackup.testing.drivers import DriverCase as Case
 
 MIB = 1024 * 1024
 BAD_KEYS = ["../x", "/abs", "a//b", "a\\b", "", "a/", ".", "a/../b", "a/./b", "x\x00y"]

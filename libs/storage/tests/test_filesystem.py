@@ -14,7 +14,7 @@ import pytest
 from virtbackup.storage import PermanentError, open_driver
 from virtbackup.storage.filesystem import DIRECT_MIN, FilesystemDriver
 from virtbackup.storage.keys import TEMP_PREFIX
-from virtbackup.storage.testing import resident_pages
+from virtbackup.testing.pagecache import resident_pages
 
 MIB = 1024 * 1024
 

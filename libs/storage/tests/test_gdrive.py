@@ -26,7 +26,6 @@ from virtbackup.storage import (
     retry,
     test_connection,
 )
-from virtbackup.storage.fake_gdrive import FOLDER_MIME, FakeGoogleDrive
 from virtbackup.storage.gdrive import GdriveDriver, quote
 from virtbackup.storage.google_auth import (
     GoogleApi,
@@ -36,7 +35,7 @@ from virtbackup.storage.google_auth import (
     parse_expires_at,
     parse_retry_after,
 )
-from virtbackup.storage.testing import google_driver
+from virtbackup.testing.gdrive import FOLDER_MIME, FakeGoogleDrive, google_driver
 
 MIB = 1024 * 1024
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from virtbackup.runtime.ports import free_port
 from virtbackup.storage import (
     InvalidParamsError,
     NotFoundError,
@@ -20,7 +21,7 @@ from virtbackup.storage import (
 )
 from virtbackup.storage import s3 as s3_module
 from virtbackup.storage.s3 import S3Driver, split_endpoint
-from virtbackup.storage.testing import SeaweedServer, free_ports
+from virtbackup.testing.seaweedfs import SeaweedServer
 
 MIB = 1024 * 1024
 
@@ -74,7 +75,7 @@ async def test_wrong_secret_is_permanent(seaweed: SeaweedServer) -> None:
 
 
 async def test_connection_refused_is_transient() -> None:
-    (port,) = free_ports(1)
+    port = free_port()
     async with S3Driver(endpoint=f"127.0.0.1:{port}", bucket="bucket", secure=False) as driver:
         started = time.monotonic()
         with pytest.raises(TransientError, match="unreachable"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from virtbackup.runtime.ports import free_port
 from virtbackup.storage import (
     InvalidParamsError,
     PermanentError,
@@ -24,7 +25,7 @@ from virtbackup.storage import (
 )
 from virtbackup.storage.keys import TEMP_PREFIX
 from virtbackup.storage.sftp import SftpDriver
-from virtbackup.storage.testing import SshdServer, free_ports
+from virtbackup.testing.sshd import SshdServer
 
 MIB = 1024 * 1024
 
@@ -111,7 +112,7 @@ async def test_permission_denied_is_permanent(sshd: SshdServer) -> None:
 
 
 async def test_connection_refused_is_transient(sshd: SshdServer) -> None:
-    (port,) = free_ports(1)
+    port = free_port()
     driver = SftpDriver(
         host="127.0.0.1", port=port, username="u", password="p", root="/tmp/x/VirtBackup"
     )

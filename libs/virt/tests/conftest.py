@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from virtbackup.testing.libvirtd import ensure_libvirtd
+from virtbackup.testing.vms import vm_directory
 from virtbackup.virt import Connection, open_connection
-from virtbackup.virt.testing import ensure_libvirtd, vm_directory
 
 
 @pytest.fixture(scope="session")

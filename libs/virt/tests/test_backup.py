@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from virtbackup.runtime.ports import free_port
+from virtbackup.testing.images import images_equal
+from virtbackup.testing.nbdtools import nbd_copy, nbd_info, nbd_map
+from virtbackup.testing.vms import MiB, SmallVm, create_vm, drop_bitmap, guest_write, remove_vm
 from virtbackup.virt import (
     CheckpointInconsistent,
     Conflict,
@@ -29,19 +33,6 @@ from virtbackup.virt import (
     perform_action,
 )
 from virtbackup.virt.host import LocalHost, path_exists
-from virtbackup.virt.testing import (
-    MiB,
-    SmallVm,
-    create_vm,
-    drop_bitmap,
-    free_port,
-    guest_write,
-    images_equal,
-    nbd_copy,
-    nbd_info,
-    nbd_map,
-    remove_vm,
-)
 
 pytestmark = pytest.mark.libvirt
 

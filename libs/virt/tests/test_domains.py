@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from virtbackup.testing.images import create_image
+from virtbackup.testing.vms import MiB, SmallVm, build_vm_xml, create_vm, remove_vm, wait_for_event
 from virtbackup.virt import (
     Conflict,
     Connection,
@@ -31,15 +33,6 @@ from virtbackup.virt import (
     perform_action,
     subscribe_lifecycle,
     undefine_domain,
-)
-from virtbackup.virt.testing import (
-    MiB,
-    SmallVm,
-    build_vm_xml,
-    create_image,
-    create_vm,
-    remove_vm,
-    wait_for_event,
 )
 
 pytestmark = pytest.mark.libvirt

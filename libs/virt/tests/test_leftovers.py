@@ -8,6 +8,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from virtbackup.runtime.ports import free_port
+from virtbackup.testing.vms import MiB, SmallVm, create_vm, drop_bitmap, guest_write, remove_vm
 from virtbackup.virt import (
     Connection,
     TcpServer,
@@ -25,15 +27,6 @@ from virtbackup.virt import (
 )
 from virtbackup.virt.host import LocalHost, path_exists
 from virtbackup.virt.leftovers import Overlay
-from virtbackup.virt.testing import (
-    MiB,
-    SmallVm,
-    create_vm,
-    drop_bitmap,
-    free_port,
-    guest_write,
-    remove_vm,
-)
 
 pytestmark = pytest.mark.libvirt
 

@@ -12,6 +12,10 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from virtbackup.runtime.ports import free_port
+from virtbackup.testing.nbdtools import nbd_map
+from virtbackup.testing.sshd import SshdServer, sshd_server
+from virtbackup.testing.vms import MiB, SmallVm, create_vm, remove_vm, wait_for_event
 from virtbackup.virt import (
     Connection,
     ConnectionLost,
@@ -36,28 +40,15 @@ from virtbackup.virt import (
     ssh_uri,
     subscribe_lifecycle,
 )
-from virtbackup.virt.testing import (
-    MiB,
-    SmallVm,
-    Sshd,
-    create_vm,
-    free_port,
-    nbd_map,
-    remove_vm,
-    start_sshd,
-    wait_for_event,
-)
 
 pytestmark = pytest.mark.libvirt
 
 
 @pytest.fixture(scope="module")
-def sshd(libvirtd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    server = start_sshd(tmp_path_factory.mktemp("sshd"))
-    try:
+def sshd(libvirtd: None) -> Iterator[SshdServer]:
+    """An sshd logging in root, in front of this machine's libvirtd: a remote hypervisor."""
+    with sshd_server(root=True) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +63,7 @@ async def vm(
 
 
 @pytest.fixture
-async def ssh(sshd: Sshd) -> AsyncIterator[asyncssh.SSHClientConnection]:
+async def ssh(sshd: SshdServer) -> AsyncIterator[asyncssh.SSHClientConnection]:
     client = await sshd.connect()
     try:
         yield client
@@ -115,7 +106,7 @@ async def test_forwarded_socket_reaches_libvirt_and_runs_host_commands(
 
 
 async def test_lifecycle_watcher_reconnects_after_the_tunnel_dies(
-    sshd: Sshd, vm: SmallVm, conn: Connection
+    sshd: SshdServer, vm: SmallVm, conn: Connection
 ) -> None:
     clients: list[asyncssh.SSHClientConnection] = []
 
@@ -152,11 +143,11 @@ async def _close_ssh(client: asyncssh.SSHClientConnection) -> None:
     await client.wait_closed()
 
 
-async def test_qemu_ssh_uri_with_keyfile(sshd: Sshd, vm: SmallVm) -> None:
+async def test_qemu_ssh_uri_with_keyfile(sshd: SshdServer, vm: SmallVm) -> None:
     """libvirt's own ssh transport (the ``ssh`` binary; ``no_verify`` because it only
     consults ``~/.ssh/known_hosts``, where it also records the loopback host key)."""
     uri = ssh_uri(
-        sshd.host, user=sshd.user, port=sshd.port, keyfile=str(sshd.client_key), no_verify=True
+        sshd.host, user=sshd.username, port=sshd.port, keyfile=str(sshd.client_key), no_verify=True
     )
     remote = await open_connection(uri, open_timeout=30)
     try:
@@ -166,10 +157,10 @@ async def test_qemu_ssh_uri_with_keyfile(sshd: Sshd, vm: SmallVm) -> None:
         await remote.close()
 
 
-async def test_qemu_libssh_uri_verifies_known_hosts(sshd: Sshd, vm: SmallVm) -> None:
+async def test_qemu_libssh_uri_verifies_known_hosts(sshd: SshdServer, vm: SmallVm) -> None:
     uri = ssh_uri(
         sshd.host,
-        user=sshd.user,
+        user=sshd.username,
         port=sshd.port,
         keyfile=str(sshd.client_key),
         known_hosts=str(sshd.known_hosts),
@@ -182,12 +173,12 @@ async def test_qemu_libssh_uri_verifies_known_hosts(sshd: Sshd, vm: SmallVm) -> 
         await remote.close()
 
 
-async def test_unknown_host_key_is_unreachable(sshd: Sshd, tmp_path: Path) -> None:
+async def test_unknown_host_key_is_unreachable(sshd: SshdServer, tmp_path: Path) -> None:
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     uri = ssh_uri(
         sshd.host,
-        user=sshd.user,
+        user=sshd.username,
         port=sshd.port,
         keyfile=str(sshd.client_key),
         known_hosts=str(empty),
@@ -207,31 +198,13 @@ async def test_closed_port_is_unreachable(libvirtd: None, tmp_path: Path) -> Non
     assert asyncio.get_running_loop().time() - started < 20
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-async def test_frozen_peer_is_detected_by_keepalive(sshd: Sshd, vm: SmallVm) -> None:
+async def test_frozen_peer_is_detected_by_keepalive(sshd: SshdServer, vm: SmallVm) -> None:
     """A hypervisor that stops answering (here: its sshd frozen with SIGSTOP) is noticed
     by libvirt's keepalive, reported as a loss, and calls fail instead of hanging."""
     client = await sshd.connect()
     remote = await open_ssh_connection(client, keepalive_interval=1, keepalive_count=1)
     queue: asyncio.Queue[WatchEvent] = asyncio.Queue()
-    frozen = _descendants(sshd.process.pid)
+    frozen = sshd.session_pids()
     assert frozen, "the ssh session has sshd processes"
     try:
         await subscribe_lifecycle(remote, queue)

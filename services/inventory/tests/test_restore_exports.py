@@ -21,7 +21,7 @@ from virtbackup.contracts.v1.inventory import (
 from virtbackup.inventory import restores
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.nbd import NbdClient
-from virtbackup.storage.testing import resident_pages
+from virtbackup.testing.pagecache import resident_pages
 
 MIB = 1 << 20
 IO_URING_SWITCH = Path("/proc/sys/kernel/io_uring_disabled")

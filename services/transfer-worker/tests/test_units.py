@@ -15,7 +15,7 @@ from virtbackup.contracts.v1.work import ChunkRef, TransferUnit
 from virtbackup.nbd import NbdClient
 from virtbackup.repository.format import chunk_key
 from virtbackup.repository.repository import Repository
-from virtbackup.runtime.nats_server import free_port
+from virtbackup.runtime.ports import free_port
 from virtbackup.storage.filesystem import FilesystemDriver
 from virtbackup.transfer_worker.budget import ByteBudget
 from virtbackup.transfer_worker.units import UnitContext, backup_unit, restore_unit, verify_unit

@@ -18,7 +18,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from virtbackup.runtime.nats_server import NatsServer, free_port, start_nats_server
+from virtbackup.runtime.nats_server import NatsServer, start_nats_server
+from virtbackup.runtime.ports import free_port
 from virtbackup.runtime.settings import load_settings
 
 MODULES = {

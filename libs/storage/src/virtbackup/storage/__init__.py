@@ -9,9 +9,9 @@
 
 The contract is in ``protocol``; errors in ``errors``; key rules in ``keys``. The driver
 classes live in ``filesystem``, ``sftp``, ``s3``, ``gdrive`` and ``dummy`` (``sftp``,
-``s3`` and ``gdrive`` are imported on first use); Google OAuth tokens in ``google_auth``;
-``testing`` starts real sshd and SeaweedFS servers, and a stand-in for Google Drive
-(``fake_gdrive``), for tests.
+``s3`` and ``gdrive`` are imported on first use); Google OAuth tokens in ``google_auth``.
+The test servers and the Google Drive stand-in live in the dev-only package
+``virtbackup.testing``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ are :class:`VirtError` subclasses. Modules: :mod:`.connection` (opening, ssh),
 :mod:`.domains` (list, XML, actions), :mod:`.disks`, :mod:`.checkpoints`,
 :mod:`.backup` (pull-mode NBD backups), :mod:`.leftovers` (``hasOverlay`` and cleanup),
 :mod:`.events` (lifecycle events), :mod:`.host` and :mod:`.images` (commands on the
-hypervisor host), :mod:`.testing` (helpers for tests against a real libvirtd).
+hypervisor host). Helpers for tests against a real libvirtd live in the dev-only package
+``virtbackup.testing``.
 """
 
 from __future__ import annotations

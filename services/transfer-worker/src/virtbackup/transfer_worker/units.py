@@ -81,8 +81,11 @@ class UnitContext:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
 
-class _Zero:
-    """A shared buffer of zeros to compare chunks against.
+class ZeroCheck:
+    """Tells all-zero chunks apart (they are not stored), comparing against one shared
+    buffer of zeros that grows to the largest chunk seen. Shared by the worker's threads: a
+    race while the buffer grows can at worst make a zero chunk look non-zero (it is then
+    stored like any other).
 
     ``bytearray == memoryview`` is one ``memcmp`` (tens of GB/s); ``memoryview ==
     memoryview`` compares item by item holding the GIL (about 1 GB/s).
@@ -92,12 +95,13 @@ class _Zero:
         self.buf = b""
 
     def is_zero(self, data: bytearray) -> bool:
+        """Whether every byte of ``data`` is zero."""
         if len(self.buf) < len(data):
             self.buf = bytes(len(data))
         return data == memoryview(self.buf)[: len(data)]
 
 
-_ZERO = _Zero()
+_ZERO = ZeroCheck()
 
 
 def _analyze(repo: Repository, data: bytearray) -> str | None:

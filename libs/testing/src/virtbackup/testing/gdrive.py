@@ -34,8 +34,7 @@ another client had created the same folder at the same moment) and ``race_upload
 completed just before). Everything lives in memory; ``close`` drops it.
 
     with fake_google_drive() as google:
-        driver = open_driver("gdrive", {"rootPath": "/t1"}, tokens=google.issue_tokens(),
-                             google_api=google.api())
+        driver = google_driver(google, root_path="/t1")   # open_driver("gdrive", ...) signed in
 """
 
 from __future__ import annotations
@@ -54,7 +53,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
-from virtbackup.storage.google_auth import GoogleApi, GoogleTokens
+from virtbackup.storage.factory import open_driver
+from virtbackup.storage.google_auth import GoogleApi, GoogleTokens, OnRefresh
+from virtbackup.storage.protocol import Driver
 
 FOLDER_MIME: Final = "application/vnd.google-apps.folder"
 TEST_CLIENT_ID: Final = "virtbackup-test.apps.googleusercontent.com"
@@ -860,3 +861,21 @@ def fake_google_drive(**kwargs: Any) -> Iterator[FakeGoogleDrive]:
         yield server
     finally:
         server.close()
+
+
+def google_driver(
+    google: FakeGoogleDrive,
+    *,
+    root_path: str = "/",
+    on_refresh: OnRefresh | None = None,
+    **params: Any,
+) -> Driver:
+    """A ``gdrive`` driver (through ``open_driver``) signed in to ``google`` with fresh
+    tokens, rooted at ``<root_path>/VirtBackup``; ``params`` are more destination params."""
+    return open_driver(
+        "gdrive",
+        {"rootPath": root_path, **params},
+        tokens=google.issue_tokens(),
+        on_refresh=on_refresh,
+        google_api=google.api(),
+    )
