@@ -344,7 +344,7 @@ async def _entry(repo: Repository, point: RestorePoint, destination_id: str) -> 
                 path = (source.get("file") or source.get("dev") or "") if source is not None else ""
                 missing.append(os.path.basename(path) or str(target.get("dev")))
     return RestoreEntry(
-        xml_path=f"vms/{point.vm_name}/{point.timestamp}/domain.xml",
+        xml_path=point.xml_path,
         vm_name=point.vm_name,
         timestamp=point.timestamp,
         disk_basenames=[d.basename for d in point.disks],
