@@ -16,16 +16,9 @@ from typing import Any
 
 import httpx
 
+from virtbackup.cli.services import MODULES as MODULES  # re-exported for the tests
 from virtbackup.runtime.nats_server import NatsServer, free_port, start_nats_server
 from virtbackup.virt.testing import SmallVm
-
-MODULES = {
-    "gateway": "virtbackup.gateway",
-    "inventory": "virtbackup.inventory",
-    "job-orchestrator": "virtbackup.job_orchestrator",
-    "transfer-worker": "virtbackup.transfer_worker",
-    "notifier": "virtbackup.notifier",
-}
 
 
 @dataclass

@@ -18,16 +18,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from virtbackup.cli.services import MODULES
+from virtbackup.contracts.subjects import TRANSFER_WORKER
 from virtbackup.runtime.nats_server import NatsServer, free_port, start_nats_server
 from virtbackup.runtime.settings import load_settings
 
-MODULES = {
-    "inventory": "virtbackup.inventory",
-    "job-orchestrator": "virtbackup.job_orchestrator",
-    "transfer-worker": "virtbackup.transfer_worker",
-    "notifier": "virtbackup.notifier",
-    "gateway": "virtbackup.gateway",
-}
 DEFAULT_NATS_PORT = 4222
 
 
@@ -89,10 +84,12 @@ def up(workers: int, nats_port: int) -> int:
     children = [
         Child(name, module, logs / f"{name}.log")
         for name, module in MODULES.items()
-        if name != "transfer-worker"
+        if name != TRANSFER_WORKER
     ]
     children += [
-        Child(f"transfer-worker-{i}", MODULES["transfer-worker"], logs / f"transfer-worker-{i}.log")
+        Child(
+            f"{TRANSFER_WORKER}-{i}", MODULES[TRANSFER_WORKER], logs / f"{TRANSFER_WORKER}-{i}.log"
+        )
         for i in range(1, workers + 1)
     ]
     stopping = False
