@@ -137,6 +137,7 @@ def cmd_test(args: list[str]) -> int:
         ("ruff check", [bin_("ruff"), "check", "."]),
         ("ruff format --check", [bin_("ruff"), "format", "--check", "."]),
         ("mypy --strict", [bin_("mypy")]),
+        ("lint-imports (the import contract in pyproject.toml)", [bin_("lint-imports")]),
     ]
     for title, cmd in steps:
         say(title)

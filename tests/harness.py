@@ -16,17 +16,10 @@ from typing import Any
 
 import httpx
 
+from virtbackup.cli.services import MODULES as MODULES  # re-exported for the tests
 from virtbackup.runtime.nats_server import NatsServer, start_nats_server
 from virtbackup.runtime.ports import free_port
 from virtbackup.testing.vms import SmallVm
-
-MODULES = {
-    "gateway": "virtbackup.gateway",
-    "inventory": "virtbackup.inventory",
-    "job-orchestrator": "virtbackup.job_orchestrator",
-    "transfer-worker": "virtbackup.transfer_worker",
-    "notifier": "virtbackup.notifier",
-}
 
 
 @dataclass

@@ -22,7 +22,8 @@ from nats.aio.client import Client
 
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
 from virtbackup.repository.repository import Repository
-from virtbackup.runtime.nats_server import free_port, start_nats_server
+from virtbackup.runtime.nats_server import start_nats_server
+from virtbackup.runtime.ports import free_port
 from virtbackup.storage.filesystem import FilesystemDriver
 
 MODULE_SERVICES = ("gateway", "inventory", "job-orchestrator", "job-orchestrator-2", "notifier")
@@ -35,7 +36,7 @@ async def write_point(base: Path, vm: str = "vm1", chunks: int = 3) -> str:
     for _ in range(chunks):
         data = os.urandom(64 << 10) * 16
         chunk_id = repo.chunk_id(data)
-        await repo.put_chunk_blob(chunk_id, repo.encode_chunk(chunk_id, data))
+        await repo.store_chunk(chunk_id, repo.encode_chunk(chunk_id, data))
         ids.append(chunk_id)
     ts = await repo.new_timestamp(vm)
     size = chunks * repo.chunk_size
@@ -52,7 +53,7 @@ async def write_point(base: Path, vm: str = "vm1", chunks: int = 3) -> str:
         )],
     )  # fmt: skip
     await repo.commit(point, [manifest], f"<domain><name>{vm}</name></domain>")
-    await repo.driver.close()
+    await repo.close()
     return f"vms/{vm}/{ts}/domain.xml"
 
 

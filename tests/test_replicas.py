@@ -24,8 +24,8 @@ import nats
 import pytest
 from harness import System, running_system, same, snapshot, wait_job
 
+from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
 from virtbackup.virt import Connection
-from virtbackup.virt.testing import SmallVm, create_vm, guest_write, remove_vm, vm_directory
 
 pytestmark = pytest.mark.libvirt
 

@@ -7,14 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from virtbackup.repository.format import chunk_key, parse_xml_key
+from virtbackup.repository.format import chunk_key, manifest_key, parse_xml_key, xml_path
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
-from virtbackup.repository.repository import CorruptChunkError, Repository, RepositoryError
+from virtbackup.repository.repository import (
+    CorruptChunkError,
+    NoRepositoryError,
+    Repository,
+    RepositoryError,
+)
 from virtbackup.storage.errors import NotFoundError
 from virtbackup.storage.filesystem import FilesystemDriver
 
 
-def _point(ts: str, manifest_key: str) -> RestorePoint:
+def _point(ts: str, manifest: str) -> RestorePoint:
     return RestorePoint(
         vm_name="vm1",
         timestamp=ts,
@@ -28,7 +33,7 @@ def _point(ts: str, manifest_key: str) -> RestorePoint:
                 path="/x/vda.qcow2",
                 format="qcow2",
                 size=8 << 20,
-                manifest=manifest_key,
+                manifest=manifest,
             )
         ],
         created_at="2026-01-30T12:00:00Z",
@@ -40,7 +45,7 @@ async def test_chunks_are_content_addressed_compressed_and_verified(tmp_path: Pa
     data = b"hello world " * 100_000
     chunk_id = repo.chunk_id(data)
     assert len(chunk_id) == 64
-    await repo.put_chunk_blob(chunk_id, repo.encode_chunk(chunk_id, data))
+    await repo.store_chunk(chunk_id, repo.encode_chunk(chunk_id, data))
     assert await repo.has_chunk(chunk_id)
     stored = (tmp_path / chunk_key(chunk_id)).stat().st_size
     assert stored < len(data) // 10  # zstd
@@ -49,7 +54,7 @@ async def test_chunks_are_content_addressed_compressed_and_verified(tmp_path: Pa
     # Incompressible data is stored as is (plus one codec byte).
     noise = os.urandom(1 << 20)
     noise_id = repo.chunk_id(noise)
-    await repo.put_chunk_blob(noise_id, repo.encode_chunk(noise_id, noise))
+    await repo.store_chunk(noise_id, repo.encode_chunk(noise_id, noise))
     assert (tmp_path / chunk_key(noise_id)).stat().st_size == len(noise) + 1
 
     # A flipped byte on disk is found.
@@ -59,6 +64,28 @@ async def test_chunks_are_content_addressed_compressed_and_verified(tmp_path: Pa
     path.write_bytes(bytes(raw))
     with pytest.raises(CorruptChunkError, match="does not match its hash"):
         await repo.load_chunk(noise_id)
+
+
+async def test_chunk_blobs_are_read_raw_and_decoded_apart(tmp_path: Path) -> None:
+    """Workers read a blob, then decode it on a thread pool: the two halves of load_chunk."""
+    repo = await Repository.open_or_create(FilesystemDriver(tmp_path), "pw")
+    data = b"chunk " * 50_000
+    chunk_id = repo.chunk_id(data)
+    blob = repo.encode_chunk(chunk_id, data)
+    await repo.store_chunk(chunk_id, blob)
+    await repo.store_chunk(chunk_id, repo.encode_chunk(chunk_id, data))  # again: harmless
+    raw = await repo.read_chunk(chunk_id)
+    assert raw != data and len(raw) < len(data)  # compressed and sealed, not plaintext
+    assert repo.decode_chunk(chunk_id, raw) == data
+    other = repo.chunk_id(b"other")
+    assert not await repo.has_chunk(other)
+    with pytest.raises(NotFoundError):
+        await repo.read_chunk(other)
+    with pytest.raises(ValueError, match="not a chunk id"):
+        await repo.read_chunk("../repository.json")
+    # A blob stored under another chunk's id is refused (the id is the associated data).
+    with pytest.raises(CorruptChunkError):
+        repo.decode_chunk(other, raw)
 
 
 async def test_a_point_is_listed_only_once_its_record_is_written(tmp_path: Path) -> None:
@@ -84,6 +111,30 @@ async def test_a_point_is_listed_only_once_its_record_is_written(tmp_path: Path)
     assert await repo.domain_xml(loaded) == "<domain/>"
     with pytest.raises(NotFoundError):
         await repo.restore_point("vms/vm1/2026-01-30T12-00-00/domain.xml")
+    assert [p.timestamp for p in await repo.restore_points("vm1")] == ["2026-01-30T12-00-01"]
+    assert await repo.restore_points("vm2") == []
+    assert await repo.restore_points("../vm1") == []  # no point can have such a name
+
+
+def test_keys_of_a_point() -> None:
+    point = _point("2026-01-30T12-00-01", "vms/vm1/2026-01-30T12-00-01/vda.manifest")
+    assert point.xml_path == "vms/vm1/2026-01-30T12-00-01/domain.xml"
+    assert point.xml_path == xml_path("vm1", "2026-01-30T12-00-01")
+    assert parse_xml_key(point.xml_path) == ("vm1", "2026-01-30T12-00-01")
+    assert manifest_key("vm1", point.timestamp, "vda") == point.disks[0].manifest
+    with pytest.raises(ValueError, match="invalid vm name"):
+        xml_path("../x", "2026-01-30T12-00-01")
+    with pytest.raises(ValueError, match="invalid disk target"):
+        manifest_key("vm1", "2026-01-30T12-00-01", "vd/a")
+
+
+async def test_opening_where_there_is_no_repository(tmp_path: Path) -> None:
+    with pytest.raises(NoRepositoryError, match="no repository"):
+        await Repository.open(FilesystemDriver(tmp_path))
+    driver = FilesystemDriver(tmp_path)
+    async with await Repository.open_or_create(driver) as created:
+        assert (await Repository.open(FilesystemDriver(tmp_path))).config == created.config
+    assert driver._closed  # leaving the block closed the driver
 
 
 @pytest.mark.parametrize(
@@ -111,7 +162,7 @@ async def test_encrypted_repository(tmp_path: Path, cipher: str) -> None:
     data = b"secret payload " * 1000
     chunk_id = repo.chunk_id(data)
     assert chunk_id != plain.chunk_id(data)  # keyed ids: equal content does not show
-    await repo.put_chunk_blob(chunk_id, repo.encode_chunk(chunk_id, data))
+    await repo.store_chunk(chunk_id, repo.encode_chunk(chunk_id, data))
     assert b"secret payload" not in (tmp_path / chunk_key(chunk_id)).read_bytes()
 
     again = await Repository.open(FilesystemDriver(tmp_path), "correct horse")

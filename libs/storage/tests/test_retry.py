@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -93,12 +94,38 @@ async def test_deadline_bounds_the_total_time() -> None:
     assert 3 <= operation.calls < 20
 
 
+async def test_waits_never_pass_the_deadline() -> None:
+    policy = RetryPolicy(attempts=100, initial_delay=0.2, max_delay=0.2, jitter=0, deadline=0.3)
+    waits: list[float] = []
+    with pytest.raises(TransientError):
+        await retry(
+            Flaky(1000, TransientError("down")), policy, on_retry=lambda n, e, d: waits.append(d)
+        )
+    assert waits[0] == pytest.approx(0.2)
+    assert 0 <= waits[-1] < 0.2  # cut to what was left of the deadline
+    assert sum(waits) <= 0.3 + 1e-6
+
+
+async def test_cancellation_is_not_retried() -> None:
+    calls = 0
+
+    async def cancelled() -> None:
+        nonlocal calls
+        calls += 1
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await retry(cancelled, FAST)
+    assert calls == 1
+
+
 def test_delays_grow_exponentially_and_are_capped() -> None:
     policy = RetryPolicy(attempts=6, initial_delay=1, multiplier=2, max_delay=5, jitter=0)
     assert list(policy.delays()) == [1, 2, 4, 5, 5]
     jittered = list(RetryPolicy(attempts=50, initial_delay=1, max_delay=1, jitter=0.5).delays())
     assert all(0.5 <= d <= 1.5 for d in jittered)
     assert len(set(jittered)) > 1
+    assert RetryPolicy(jitter=0, max_delay=7).backoff(100_000) == 7  # no overflow
 
 
 def test_policy_validation() -> None:

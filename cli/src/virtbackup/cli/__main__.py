@@ -18,17 +18,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from virtbackup.cli.services import MODULES
+from virtbackup.contracts.subjects import JOB_ORCHESTRATOR, TRANSFER_WORKER
 from virtbackup.runtime.nats_server import NatsServer, start_nats_server
 from virtbackup.runtime.ports import free_port
 from virtbackup.runtime.settings import load_settings
 
-MODULES = {
-    "inventory": "virtbackup.inventory",
-    "job-orchestrator": "virtbackup.job_orchestrator",
-    "transfer-worker": "virtbackup.transfer_worker",
-    "notifier": "virtbackup.notifier",
-    "gateway": "virtbackup.gateway",
-}
 DEFAULT_NATS_PORT = 4222
 
 
@@ -87,7 +82,7 @@ def up(workers: int, nats_port: int, orchestrators: int = 2) -> int:
         env["VIRTBACKUP_NATS_URL"] = nats.url
         print(f"NATS (JetStream) at {nats.url}, store {data / 'nats'}", flush=True)
 
-    replicas = {"transfer-worker": workers, "job-orchestrator": orchestrators}
+    replicas = {TRANSFER_WORKER: workers, JOB_ORCHESTRATOR: orchestrators}
     children: list[Child] = []
     for name, module in MODULES.items():
         for i in range(1, replicas.get(name, 1) + 1):

@@ -54,6 +54,7 @@ TRANSFER_CONSUMER: Final = ConsumerSpec(
     durable="transfer-workers",
     stream=WORK.name,
     filter_subject=subjects.WORK_TRANSFER_ALL,
+    # Workers signal progress every third of it; VIRTBACKUP_WORK_ACK_WAIT overrides it.
     ack_wait_seconds=30.0,
     max_deliver=5,
 )

@@ -21,7 +21,8 @@ async def open_repository(
 
     ``locked`` opens an encrypted repository without its key, for listing restore points.
     ``cfg`` supplies what is configured outside the destination: the Google tokens and
-    ``dummyDriverTmpWrites``. The caller owns the driver: ``await repo.driver.close()``.
+    ``dummyDriverTmpWrites``. The caller closes it: ``await repo.close()`` (or
+    ``async with``).
     """
     driver = open_destination(
         destination,

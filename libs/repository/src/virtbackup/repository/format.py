@@ -19,6 +19,8 @@ import msgspec
 FORMAT_VERSION: Final = 1
 DEFAULT_CHUNK_SIZE: Final = 4 << 20
 CONFIG_KEY: Final = "repository.json"
+CHUNKS_PREFIX: Final = "chunks/"
+POINTS_PREFIX: Final = "vms/"
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}$")
@@ -57,7 +59,7 @@ def check_id(chunk_id: str) -> str:
 
 def chunk_key(chunk_id: str) -> str:
     check_id(chunk_id)
-    return f"chunks/{chunk_id[:2]}/{chunk_id}"
+    return f"{CHUNKS_PREFIX}{chunk_id[:2]}/{chunk_id}"
 
 
 def check_name(kind: str, value: str) -> str:
@@ -73,15 +75,29 @@ def check_timestamp(value: str) -> str:
     return value
 
 
+def vm_prefix(vm: str) -> str:
+    """``vms/<vm>/``: the prefix of every key of ``vm``'s restore points."""
+    return f"{POINTS_PREFIX}{check_name('vm name', vm)}/"
+
+
 def point_prefix(vm: str, timestamp: str) -> str:
-    return f"vms/{check_name('vm name', vm)}/{check_timestamp(timestamp)}"
+    return f"{vm_prefix(vm)}{check_timestamp(timestamp)}"
 
 
-def domain_xml_key(vm: str, timestamp: str) -> str:
+def xml_path(vm: str, timestamp: str) -> str:
+    """``vms/<vm>/<timestamp>/domain.xml``: the key of a point's domain XML, which is also
+    the agent API's ``xmlPath`` naming the point (``parse_xml_key`` is the inverse).
+
+    ``ValueError`` for a VM name or timestamp that is not a safe path segment.
+    """
     return f"{point_prefix(vm, timestamp)}/domain.xml"
 
 
 def manifest_key(vm: str, timestamp: str, target: str) -> str:
+    """``vms/<vm>/<timestamp>/<target>.manifest``: the key of one disk's manifest.
+
+    ``ValueError`` for a name, timestamp or target that is not a safe path segment.
+    """
     return f"{point_prefix(vm, timestamp)}/{check_name('disk target', target)}.manifest"
 
 

@@ -6,6 +6,8 @@ from typing import Literal
 
 import msgspec
 
+from virtbackup.repository import format as layout
+
 
 class DiskManifest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """Every chunk of one disk, in order: a chunk id, or ``None`` for an all-zero chunk.
@@ -51,6 +53,11 @@ class RestorePoint(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     bytes_read: int = 0
     bytes_written: int = 0
     job_id: str | None = None
+
+    @property
+    def xml_path(self) -> str:
+        """The agent API's ``xmlPath`` of this point (``vms/<vm>/<timestamp>/domain.xml``)."""
+        return layout.xml_path(self.vm_name, self.timestamp)
 
 
 def chunk_count(size: int, chunk_size: int) -> int:

@@ -1,12 +1,20 @@
 """A repository on one destination: create/open, chunks, manifests, restore points.
 
+The repository is the only code that knows where things are on a destination (the keys
+of ``format``) and how they are encoded (``codec``, ``crypto``): services go through its
+methods, never through ``driver`` with a key of their own.
+
 Contract:
 * ``store_chunk`` is idempotent and safe to call from many workers at once: the id is
-  the (keyed) hash of the plaintext, the blob is written only if absent.
+  the (keyed) hash of the plaintext, so every blob stored under an id decodes to the same
+  bytes, and the driver's ``put`` replaces atomically. Callers ask ``has_chunk`` first to
+  save encoding and uploading a chunk that is already there.
 * ``commit`` writes the manifests, the domain XML and finally ``backup.json``; callers
   call it only after every chunk the manifests name has been stored (``put`` is durable
   on return), so a listed restore point never names a missing chunk.
-* Reads verify: ``load_chunk`` checks the chunk's hash against its id.
+* Reads verify: ``load_chunk`` and ``decode_chunk`` check the chunk's hash against its id.
+* Storage errors (``virtbackup.storage.errors``) pass through unchanged: the caller
+  decides whether to retry a ``TransientError``.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Self
 
 import blake3
 import msgspec
@@ -24,19 +33,21 @@ import msgspec
 from virtbackup.repository import crypto
 from virtbackup.repository.codec import BlobError, decode_blob, encode_blob
 from virtbackup.repository.format import (
+    CHUNKS_PREFIX,
     CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,
     FORMAT_VERSION,
+    POINTS_PREFIX,
     Encryption,
     KdfParams,
     RepositoryConfig,
     check_id,
     chunk_key,
-    domain_xml_key,
     manifest_key,
     parse_xml_key,
-    point_prefix,
     record_key,
+    vm_prefix,
+    xml_path,
 )
 from virtbackup.repository.records import DiskManifest, RestorePoint
 from virtbackup.storage.errors import NotFoundError
@@ -47,6 +58,10 @@ SCRYPT_N = 1 << 15
 
 class RepositoryError(Exception):
     """The repository is missing, of an unknown format, or locked by a passphrase."""
+
+
+class NoRepositoryError(RepositoryError):
+    """The destination holds no repository (no ``repository.json``)."""
 
 
 class CorruptChunkError(RepositoryError):
@@ -80,7 +95,7 @@ class Repository:
         try:
             raw = await driver.get(CONFIG_KEY)
         except NotFoundError:
-            raise RepositoryError("no repository at this destination") from None
+            raise NoRepositoryError("no repository at this destination") from None
         config = msgspec.json.decode(raw, type=RepositoryConfig)
         if config.format != FORMAT_VERSION:
             raise RepositoryError(f"unsupported repository format {config.format}")
@@ -99,9 +114,8 @@ class Repository:
         """Open the repository, creating it on first use (encrypted if a passphrase is given)."""
         try:
             return await cls.open(driver, passphrase)
-        except RepositoryError as exc:
-            if "no repository" not in str(exc):
-                raise
+        except NoRepositoryError:
+            pass
         encryption = None
         if passphrase:
             salt = os.urandom(16)
@@ -123,8 +137,19 @@ class Repository:
         # Another writer may have created one at the same time: the stored one wins.
         return await cls.open(driver, passphrase)
 
+    async def close(self) -> None:
+        """Close the driver (the repository owns it once opened). Idempotent."""
+        await self.driver.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     @property
     def chunk_size(self) -> int:
+        """Bytes of plaintext per chunk (the last chunk of a disk may be shorter)."""
         return self.config.chunk_size
 
     # -- chunks -----------------------------------------------------------------------
@@ -136,20 +161,41 @@ class Repository:
         return blake3.blake3(data, max_threads=1).hexdigest()
 
     def encode_chunk(self, chunk_id: str, data: bytes | bytearray | memoryview) -> bytes:
+        """The blob to store for a plaintext chunk (compressed, sealed when encrypted).
+
+        CPU-bound and thread-safe: workers call it on a thread pool.
+        """
         return encode_blob(data, self.sealer, chunk_id.encode())
 
     async def has_chunk(self, chunk_id: str) -> bool:
+        """Whether a chunk with this id is stored. ``ValueError`` for a malformed id."""
         return await self.driver.exists(chunk_key(chunk_id))
 
-    async def put_chunk_blob(self, chunk_id: str, blob: bytes) -> None:
+    async def store_chunk(self, chunk_id: str, blob: bytes) -> None:
+        """Store the blob of a chunk (from ``encode_chunk``) under its id.
+
+        Idempotent: storing an id again replaces the blob with one of the same plaintext.
+        Durable on return. ``ValueError`` for a malformed id.
+        """
         await self.driver.put(chunk_key(chunk_id), blob)
 
+    async def read_chunk(self, chunk_id: str) -> bytes:
+        """The stored blob of a chunk, undecoded (``decode_chunk`` turns it into the
+        plaintext, on a thread pool if the caller likes).
+
+        ``NotFoundError`` if there is no such chunk; ``ValueError`` for a malformed id.
+        """
+        return await self.driver.get(chunk_key(chunk_id))
+
     async def load_chunk(self, chunk_id: str, verify: bool = True) -> bytes:
-        """The plaintext of a chunk, checked against its id."""
-        blob = await self.driver.get(chunk_key(chunk_id))
-        return self.decode_chunk(chunk_id, blob, verify)
+        """The plaintext of a chunk, checked against its id (``read_chunk`` +
+        ``decode_chunk``). ``NotFoundError`` if missing, ``CorruptChunkError`` if bad."""
+        return self.decode_chunk(chunk_id, await self.read_chunk(chunk_id), verify)
 
     def decode_chunk(self, chunk_id: str, blob: bytes, verify: bool = True) -> bytes:
+        """The plaintext of a chunk's blob, checked against its id unless ``verify`` is
+        false. ``CorruptChunkError`` for a blob that does not decode (truncated, altered,
+        wrong key) or whose content does not hash to ``chunk_id``. Thread-safe."""
         try:
             data = decode_blob(blob, self.sealer, chunk_id.encode())
         except (BlobError, crypto.CryptoError) as exc:
@@ -159,7 +205,7 @@ class Repository:
         return data
 
     async def all_chunk_ids(self) -> AsyncIterator[str]:
-        async for key in self.driver.list("chunks/"):
+        async for key in self.driver.list(CHUNKS_PREFIX):
             name = key.rsplit("/", 1)[-1]
             try:
                 yield check_id(name)
@@ -176,7 +222,7 @@ class Repository:
         for manifest in manifests:
             key = manifest_key(vm, ts, manifest.target)
             await self.driver.put(key, self._encode_object(key, msgspec.json.encode(manifest)))
-        xml_key = domain_xml_key(vm, ts)
+        xml_key = xml_path(vm, ts)
         await self.driver.put(xml_key, self._encode_object(xml_key, domain_xml.encode()))
         await self.driver.put(record_key(vm, ts), msgspec.json.encode(point))
 
@@ -191,8 +237,12 @@ class Repository:
             raise RepositoryError(f"{key}: {exc}") from None
 
     async def restore_points(self, vm: str | None = None) -> list[RestorePoint]:
-        """Every complete restore point (those with a ``backup.json``), oldest first."""
-        prefix = f"vms/{vm}/" if vm else "vms/"
+        """Every complete restore point (those with a ``backup.json``), oldest first: of
+        ``vm`` only when given (none for a name no point can have)."""
+        try:
+            prefix = vm_prefix(vm) if vm else POINTS_PREFIX
+        except ValueError:
+            return []
         points = []
         async for key in self.driver.list(prefix):
             if key.endswith("/backup.json"):
@@ -216,7 +266,7 @@ class Repository:
         return msgspec.json.decode(raw, type=DiskManifest)
 
     async def domain_xml(self, point: RestorePoint) -> str:
-        return (await self._load_object(domain_xml_key(point.vm_name, point.timestamp))).decode()
+        return (await self._load_object(point.xml_path)).decode()
 
     async def new_timestamp(self, vm: str) -> str:
         """Now as a restore point timestamp (``2026-01-30T12-00-00``, UTC), a second later
@@ -232,12 +282,6 @@ class Repository:
             if not await self.driver.exists(record_key(vm, timestamp)):
                 return timestamp
             moment += timedelta(seconds=1)
-
-    async def delete_point(self, vm: str, timestamp: str) -> None:
-        """Remove a restore point's record first (so it stops being listed), then the rest."""
-        await self.driver.delete(record_key(vm, timestamp))
-        keys = [k async for k in self.driver.list(point_prefix(vm, timestamp) + "/")]
-        await self.driver.delete_many(keys)
 
 
 def _sealer(config: RepositoryConfig, passphrase: str | None) -> crypto.Sealer | None:

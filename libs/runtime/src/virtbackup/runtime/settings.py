@@ -16,6 +16,8 @@ import yaml
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from virtbackup.contracts import streams
+
 
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -42,8 +44,9 @@ class Settings(BaseSettings):
     instance: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     request_timeout: float = 10.0
     max_body_bytes: int = 1 << 20
-    #: Seconds a transfer unit may go without a sign of life before it is redelivered.
-    work_ack_wait: float = 30.0
+    #: Seconds a transfer unit may go without a sign of life before it is redelivered
+    #: (the transfer consumer's ack wait; its default is the consumer's definition).
+    work_ack_wait: float = streams.TRANSFER_CONSUMER.ack_wait_seconds
     #: A job fails when no unit finishes for this many seconds (no worker, or all stuck).
     job_stall_timeout: float = 600.0
     #: Units one transfer-worker process works on at once.

@@ -13,3 +13,7 @@ INVENTORY_QUERY: Final = 30.0
 #: Inventory steps of a job that touch disks (begin or end a libvirt backup, create or
 #: move restore images, define a domain): creating a large sparse image can take minutes.
 INVENTORY_JOB_STEP: Final = 300.0
+#: Orchestrator commands answered after asking inventory or reading a destination (submit
+#: a backup, restore or sanity check; restore precheck; restore entries): longer than an
+#: inventory query, so that the caller hears the orchestrator's answer, not a timeout.
+JOB_COMMAND: Final = 60.0

@@ -15,6 +15,13 @@ when it is about to expire or when Drive answered 401, one refresh at a time, an
 Errors: a refresh token Google refuses (``invalid_grant``: revoked, expired, password
 changed) or a refused client (``invalid_client``) is a ``PermanentError`` telling what to
 do; 429 and 5xx of the token endpoint, and network errors, are ``TransientError``.
+
+Why not google-auth or authlib: the refresh itself is one form POST (``_request``). What
+is left around it is ours either way (the config's token shapes, the single refresh for
+concurrent 401s, ``on_refresh``, and classifying an answer by status and ``Retry-After``,
+which google-auth's ``RefreshError`` and authlib's ``OAuthError`` do not carry). google-auth
+would add a synchronous transport and retries of its own under ours; authlib a second
+HTTP client. Neither removes code.
 """
 
 from __future__ import annotations

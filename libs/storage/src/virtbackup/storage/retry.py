@@ -1,22 +1,35 @@
-"""Retrying transient storage errors with exponential backoff.
+"""Retrying transient storage errors with exponential backoff, on tenacity.
 
 Only ``TransientError`` is retried; ``NotFoundError`` and ``PermanentError`` propagate at
 once because a retry cannot help. Every driver operation is idempotent, so repeating one
 is always safe. Attempts are bounded (``RetryPolicy.attempts``) and so, optionally, is the
 total time (``RetryPolicy.deadline``); when both run out the last ``TransientError`` is
-raised. When the error carries a ``retry_after`` (a server's ``Retry-After``), the wait is
-at least that long (up to ``RetryPolicy.max_retry_after``).
+raised (never tenacity's ``RetryError``). When the error carries a ``retry_after`` (a
+server's ``Retry-After``), the wait is at least that long (up to
+``RetryPolicy.max_retry_after``).
+
+Tenacity runs the loop (stop conditions, the retry predicate, re-raising, the hook before
+each wait); the waits are ``RetryPolicy``'s own, because they honour ``retry_after`` and
+spread symmetrically around the backoff.
 """
 
 from __future__ import annotations
 
-import asyncio
+import math
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self, TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+)
+from tenacity.stop import stop_base
 
 from virtbackup.storage.errors import TransientError
 from virtbackup.storage.protocol import Driver
@@ -56,14 +69,37 @@ class RetryPolicy:
         if self.max_retry_after < 0:
             raise ValueError("max_retry_after must be >= 0")
 
+    def backoff(self, retry: int) -> float:
+        """Seconds to wait before retry ``retry`` (1-based), jitter included."""
+        try:
+            delay = self.initial_delay * self.multiplier ** (retry - 1)
+        except OverflowError:
+            delay = math.inf
+        capped = min(delay, self.max_delay)
+        spread = capped * self.jitter
+        return max(0.0, capped + random.uniform(-spread, spread))  # noqa: S311
+
     def delays(self) -> Iterator[float]:
-        """The waits between attempts (``attempts - 1`` of them)."""
-        delay = self.initial_delay
-        for _ in range(self.attempts - 1):
-            capped = min(delay, self.max_delay)
-            spread = capped * self.jitter
-            yield max(0.0, capped + random.uniform(-spread, spread))  # noqa: S311
-            delay *= self.multiplier
+        """The waits between attempts (``attempts - 1`` of them), before ``retry_after``."""
+        return (self.backoff(n) for n in range(1, self.attempts))
+
+    def wait(self, state: RetryCallState) -> float:
+        """Tenacity's wait: the backoff, at least the server's ``retry_after`` (capped), at
+        most the time left before ``deadline``."""
+        delay = self.backoff(state.attempt_number)
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, TransientError) and exc.retry_after is not None and exc.retry_after > 0:
+            delay = max(delay, min(exc.retry_after, self.max_retry_after))
+        if self.deadline is not None:
+            delay = min(delay, max(0.0, self.deadline - (state.seconds_since_start or 0.0)))
+        return delay
+
+    def stop(self) -> stop_base:
+        """Tenacity's stop: out of attempts, or past the deadline."""
+        stop: stop_base = stop_after_attempt(self.attempts)
+        if self.deadline is not None:
+            stop = stop | stop_after_delay(self.deadline)
+        return stop
 
 
 DEFAULT_POLICY = RetryPolicy()
@@ -75,28 +111,28 @@ async def retry(
     *,
     on_retry: RetryHook | None = None,
 ) -> T:
-    """Run ``operation`` until it succeeds, retrying ``TransientError`` per ``policy``."""
-    started = time.monotonic()
-    delays = policy.delays()
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
+    """Run ``operation`` until it succeeds, retrying ``TransientError`` per ``policy``.
+
+    Returns what the operation returns; raises the last ``TransientError`` when attempts or
+    the deadline run out, any other exception at once.
+    """
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if on_retry is not None and isinstance(exc, TransientError):
+            on_retry(state.attempt_number, exc, state.upcoming_sleep)
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(TransientError),
+        stop=policy.stop(),
+        wait=policy.wait,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
             return await operation()
-        except TransientError as exc:
-            delay = next(delays, None)
-            if delay is None:
-                raise
-            if exc.retry_after is not None and exc.retry_after > 0:
-                delay = max(delay, min(exc.retry_after, policy.max_retry_after))
-            if policy.deadline is not None:
-                left = policy.deadline - (time.monotonic() - started)
-                if left <= 0:
-                    raise
-                delay = min(delay, left)
-            if on_retry is not None:
-                on_retry(attempt, exc, delay)
-            await asyncio.sleep(delay)
+    raise AssertionError("unreachable: tenacity returns or raises")  # pragma: no cover
 
 
 class RetryingDriver:

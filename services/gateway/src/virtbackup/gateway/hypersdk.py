@@ -23,10 +23,9 @@ from virtbackup.contracts.v1.jobs import JobList, JobListRequest
 from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.errors import HANDLERS
 from virtbackup.gateway.state import Gateway
-from virtbackup.runtime import __version__
+from virtbackup.runtime import __version__, timeouts
 from virtbackup.runtime.errors import BadRequest
 
-INVENTORY_TIMEOUT = 30.0
 POWER = {"running": "poweredOn", "shutoff": "poweredOff", "paused": "suspended"}
 
 
@@ -112,7 +111,7 @@ class HyperSdkController(Controller):
             InventoryCmd.VMS,
             ServerRef(server_id=server),
             ServerVms,
-            timeout=INVENTORY_TIMEOUT,
+            timeout=timeouts.INVENTORY_QUERY,
         )
         infos = await asyncio.gather(
             *(
@@ -120,7 +119,7 @@ class HyperSdkController(Controller):
                     InventoryCmd.VM_INFO,
                     VmRef(server_id=server, vm_name=v.vm.name),
                     VmInfo,
-                    timeout=INVENTORY_TIMEOUT,
+                    timeout=timeouts.INVENTORY_QUERY,
                 )
                 for v in vms.vms
             )
@@ -133,7 +132,9 @@ class HyperSdkController(Controller):
     ) -> dict[str, Any]:
         """One VM in detail, with its disks."""
         ref = vm_ref(VmRequest(vm_path=vm_path, server_id=server_id, vcenter_url=vcenter_url))
-        info = await gw.bus.request(InventoryCmd.VM_INFO, ref, VmInfo, timeout=INVENTORY_TIMEOUT)
+        info = await gw.bus.request(
+            InventoryCmd.VM_INFO, ref, VmInfo, timeout=timeouts.INVENTORY_QUERY
+        )
         view = vm_view(info, ref.server_id)
         return {
             "name": view["name"],
@@ -160,7 +161,7 @@ class HyperSdkController(Controller):
             vm_name=ref.vm_name,
             action="shutdown" if action == "shutdown" else "forceOff",
         )
-        await gw.bus.request(InventoryCmd.ACTION, request, Ok, timeout=60)
+        await gw.bus.request(InventoryCmd.ACTION, request, Ok, timeout=timeouts.INVENTORY_QUERY)
 
     @post("/vms/shutdown", status_code=200)
     async def shutdown(self, gw: Gateway, data: VmRequest) -> dict[str, str]:
@@ -177,7 +178,9 @@ class HyperSdkController(Controller):
     @post("/vms/remove-cdrom", status_code=200)
     async def remove_cdrom(self, gw: Gateway, data: VmRequest) -> dict[str, str]:
         """Eject the media of every CD-ROM drive."""
-        await gw.bus.request(InventoryCmd.REMOVE_CDROM, vm_ref(data), Ok, timeout=60)
+        await gw.bus.request(
+            InventoryCmd.REMOVE_CDROM, vm_ref(data), Ok, timeout=timeouts.INVENTORY_QUERY
+        )
         return {"message": "CD-ROM devices removed"}
 
 

@@ -25,6 +25,7 @@ from virtbackup.contracts.v1.work import TransferUnit, UnitResult
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import DiskPlan, build_manifest, group_units, plan_disk
 from virtbackup.nbd import BASE_ALLOCATION, NbdClient
+from virtbackup.repository.format import manifest_key
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
 from virtbackup.repository.repository import Repository
 from virtbackup.runtime import timeouts
@@ -117,7 +118,7 @@ async def run_backup(jc: JobContext, job: Job) -> str:
             except ServiceError as exc:
                 log.warning("ending the backup job of %s failed: %s", job.vm_name, exc)
     finally:
-        await repo.driver.close()
+        await repo.close()
 
 
 async def _transfer(
@@ -186,7 +187,7 @@ async def _transfer(
                 path=p.path,
                 format=p.format,
                 size=p.size,
-                manifest=f"vms/{job.vm_name}/{timestamp}/{p.target}.manifest",
+                manifest=manifest_key(job.vm_name, timestamp, p.target),
                 stored_chunks=sum(1 for c in m.chunks if c is not None),
                 zero_chunks=sum(1 for c in m.chunks if c is None),
             )

@@ -43,7 +43,7 @@ from virtbackup.job_orchestrator.jobctx import JobContext, job_payload
 from virtbackup.job_orchestrator.runner import execute
 from virtbackup.repository.format import parse_xml_key
 from virtbackup.repository.records import RestorePoint
-from virtbackup.repository.repository import Repository, RepositoryError
+from virtbackup.repository.repository import NoRepositoryError, Repository, RepositoryError
 from virtbackup.runtime import timeouts
 from virtbackup.runtime.agent_config import find_destination, find_server
 from virtbackup.runtime.clock import utcnow_iso
@@ -189,7 +189,7 @@ async def restore_entries(jc: JobContext, req: RestoreEntriesRequest) -> Restore
         entries.sort(key=lambda e: (e.vm_name, e.timestamp), reverse=True)
         return RestoreEntries(entries=entries)
     finally:
-        await repo.driver.close()
+        await repo.close()
 
 
 async def open_point(
@@ -205,16 +205,16 @@ async def open_point(
     dest = find_destination(cfg, wanted or cfg.backup_destination_id)
     try:
         repo = await jc.repository(dest.id, create=False)
+    except NoRepositoryError as exc:
+        raise NotFound(f"destination {dest.id}: {exc}") from None
     except RepositoryError as exc:
-        if "no repository" in str(exc):
-            raise NotFound(f"destination {dest.id}: {exc}") from None
         raise BadRequest(f"destination {dest.id}: {exc}") from None
     try:
         return dest.id, await repo.restore_point(xml_path)
     except NotFoundError:
         raise NotFound(f"no restore point {xml_path} in destination {dest.id}") from None
     finally:
-        await repo.driver.close()
+        await repo.close()
 
 
 async def precheck_point(
@@ -247,7 +247,7 @@ async def _entry(repo: Repository, point: RestorePoint, destination_id: str) -> 
                 path = (source.get("file") or source.get("dev") or "") if source is not None else ""
                 missing.append(os.path.basename(path) or str(target.get("dev")))
     return RestoreEntry(
-        xml_path=f"vms/{point.vm_name}/{point.timestamp}/domain.xml",
+        xml_path=point.xml_path,
         vm_name=point.vm_name,
         timestamp=point.timestamp,
         disk_basenames=[d.basename for d in point.disks],

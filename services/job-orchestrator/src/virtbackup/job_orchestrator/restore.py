@@ -112,7 +112,7 @@ async def run_restore(jc: JobContext, job: Job) -> str:
         disks = ", ".join(d.path for d in point.disks)
         return f"restored {point.vm_name} from {point.timestamp}: {disks}"
     finally:
-        await repo.driver.close()
+        await repo.close()
 
 
 def _refs(manifest: DiskManifest) -> list[ChunkRef]:
@@ -200,4 +200,4 @@ async def run_sanity(jc: JobContext, job: Job) -> str:
             )
         return f"all {len(ids)} chunks of {point.vm_name} {point.timestamp} verified"
     finally:
-        await repo.driver.close()
+        await repo.close()

@@ -30,7 +30,7 @@ from virtbackup.job_orchestrator.backup import run_backup
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.restore import prepared_targets, run_restore, run_sanity
-from virtbackup.repository.format import domain_xml_key
+from virtbackup.repository.format import xml_path
 from virtbackup.repository.repository import RepositoryError
 from virtbackup.runtime import timeouts
 from virtbackup.runtime.clock import utcnow_iso
@@ -159,11 +159,11 @@ async def _point_committed(jc: JobContext, job: Job, timestamp: str) -> bool:
     assert job.destination_id and job.vm_name
     repo = await jc.repository(job.destination_id, create=False, locked=True)
     try:
-        point = await repo.restore_point(domain_xml_key(job.vm_name, timestamp))
+        point = await repo.restore_point(xml_path(job.vm_name, timestamp))
     except NotFoundError:
         return False
     finally:
-        await repo.driver.close()
+        await repo.close()
     return point.job_id == job.id
 
 
@@ -177,7 +177,7 @@ async def _finish_request(
         point = await repo.restore_point(job.params["xmlPath"])
         domain_xml = await repo.domain_xml(point)
     finally:
-        await repo.driver.close()
+        await repo.close()
     return RestoreFinishRequest(
         server_id=job.server_id,
         job_id=job.id,

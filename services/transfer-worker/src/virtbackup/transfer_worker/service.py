@@ -17,7 +17,8 @@ from virtbackup.transfer_worker.budget import ByteBudget
 from virtbackup.transfer_worker.consumer import Worker, job_events
 from virtbackup.transfer_worker.units import UnitContext
 
-HEARTBEAT_SECONDS = 10.0
+#: A worker's entry in ``VB_WORKERS`` outlives two missed heartbeats.
+HEARTBEAT_SECONDS = buckets.WORKERS.ttl_seconds / 3
 
 
 class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

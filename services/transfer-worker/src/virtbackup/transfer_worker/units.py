@@ -17,7 +17,6 @@ from typing import TypeVar
 
 from virtbackup.contracts.v1.work import BadChunk, ChunkRef, TransferUnit, UnitResult
 from virtbackup.nbd import NbdClient
-from virtbackup.repository.format import chunk_key
 from virtbackup.repository.repository import CorruptChunkError, Repository
 from virtbackup.storage.errors import NotFoundError
 from virtbackup.storage.retry import retry
@@ -162,7 +161,7 @@ async def backup_unit(
                 counters["dedup"] += 1
             else:
                 blob = await uctx.cpu(repo.encode_chunk, chunk_id, buf)
-                await retry(lambda: repo.put_chunk_blob(chunk_id, blob))
+                await retry(lambda: repo.store_chunk(chunk_id, blob))
                 counters["written"] += len(blob)
                 counters["stored"] += 1
             known.add(chunk_id)
@@ -201,7 +200,7 @@ async def restore_unit(
         offset = ref.index * unit.chunk_size
         length = min(unit.chunk_size, unit.disk_size - offset)
         async with uctx.budget.hold(length):
-            blob = await retry(lambda: repo.driver.get(chunk_key(chunk_id)))
+            blob = await retry(lambda: repo.read_chunk(chunk_id))
             counters["read"] += len(blob)
             data = await uctx.cpu(repo.decode_chunk, chunk_id, blob)
             if len(data) != length:
@@ -234,9 +233,9 @@ async def verify_unit(unit: TransferUnit, repo: Repository, uctx: UnitContext) -
         if ref.id is None:
             return
         chunk_id = ref.id
-        async with uctx.budget.hold(unit.chunk_size or (4 << 20)):
+        async with uctx.budget.hold(unit.chunk_size or repo.chunk_size):
             try:
-                blob = await retry(lambda: repo.driver.get(chunk_key(chunk_id)))
+                blob = await retry(lambda: repo.read_chunk(chunk_id))
             except NotFoundError:
                 bad.append(BadChunk(id=chunk_id, problem="missing", detail="not found"))
                 return

@@ -16,8 +16,7 @@ from virtbackup.contracts.v1.jobs import (
     SanityRequest,
 )
 from virtbackup.gateway.state import Gateway
-
-TIMEOUT = 60.0
+from virtbackup.runtime import timeouts
 
 
 class SanityBody(msgspec.Struct, kw_only=True, rename="camel"):
@@ -39,7 +38,7 @@ class RestoreController(Controller):
         """Every restore point of a destination, newest first."""
         request = RestoreEntriesRequest(destination_id=destination_id, driver_id=driver_id)
         result = await gw.bus.request(
-            JobCmd.RESTORE_ENTRIES, request, RestoreEntries, timeout=TIMEOUT
+            JobCmd.RESTORE_ENTRIES, request, RestoreEntries, timeout=timeouts.JOB_COMMAND
         )
         out = msgspec.to_builtins(result.entries)
         assert isinstance(out, list)
@@ -51,5 +50,5 @@ class RestoreController(Controller):
         request = SanityRequest(
             xml_path=data.xml_path, timestamp=data.timestamp, destination_id=data.destination_id
         )
-        job = await gw.bus.request(JobCmd.SANITY, request, Job, timeout=TIMEOUT)
+        job = await gw.bus.request(JobCmd.SANITY, request, Job, timeout=timeouts.JOB_COMMAND)
         return {"jobId": job.id}

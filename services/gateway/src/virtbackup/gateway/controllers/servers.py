@@ -25,6 +25,7 @@ from virtbackup.contracts.v1.jobs import (
     RestoreRequest,
 )
 from virtbackup.gateway.state import Gateway
+from virtbackup.runtime import timeouts
 from virtbackup.runtime.errors import NotFound
 
 
@@ -46,11 +47,6 @@ class ActionBody(msgspec.Struct, kw_only=True, rename="camel"):
 
 class VmBody(msgspec.Struct, kw_only=True, rename="camel"):
     vm_name: str
-
-
-#: Inventory commands may open a connection (bounded by the server timeout) and then make
-#: several libvirt calls.
-INVENTORY_TIMEOUT = 30.0
 
 
 class BackupBody(msgspec.Struct, kw_only=True, rename="camel"):
@@ -81,7 +77,10 @@ class ServersController(Controller):
     async def vms(self, gw: Gateway, server_id: str) -> list[dict[str, Any]]:
         """The server's VMs from the cache, with ``hasOverlay`` for backup leftovers."""
         result = await gw.bus.request(
-            InventoryCmd.VMS, ServerRef(server_id=server_id), ServerVms, timeout=INVENTORY_TIMEOUT
+            InventoryCmd.VMS,
+            ServerRef(server_id=server_id),
+            ServerVms,
+            timeout=timeouts.INVENTORY_QUERY,
         )
         out = msgspec.to_builtins(result.vms)
         assert isinstance(out, list)
@@ -91,7 +90,10 @@ class ServersController(Controller):
     async def refresh(self, gw: Gateway, server_id: str) -> dict[str, bool]:
         """Re-read the server's VMs now."""
         await gw.bus.request(
-            InventoryCmd.REFRESH, ServerRef(server_id=server_id), Ok, timeout=INVENTORY_TIMEOUT
+            InventoryCmd.REFRESH,
+            ServerRef(server_id=server_id),
+            Ok,
+            timeout=timeouts.INVENTORY_QUERY,
         )
         return {"success": True}
 
@@ -99,7 +101,10 @@ class ServersController(Controller):
     async def test_ssh(self, gw: Gateway, server_id: str) -> dict[str, Any]:
         """Test the SSH connection: ``success`` false with the reason when it fails."""
         result = await gw.bus.request(
-            InventoryCmd.TEST_SSH, ServerRef(server_id=server_id), Ok, timeout=INVENTORY_TIMEOUT
+            InventoryCmd.TEST_SSH,
+            ServerRef(server_id=server_id),
+            Ok,
+            timeout=timeouts.INVENTORY_QUERY,
         )
         body: dict[str, Any] = {"success": result.success}
         if result.message:
@@ -110,7 +115,7 @@ class ServersController(Controller):
     async def action(self, gw: Gateway, server_id: str, data: ActionBody) -> dict[str, bool]:
         """start, reboot, shutdown, forceReset or forceOff a VM (409 if its state forbids)."""
         request = VmActionRequest(server_id=server_id, vm_name=data.vm_name, action=data.action)
-        await gw.bus.request(InventoryCmd.ACTION, request, Ok, timeout=60)
+        await gw.bus.request(InventoryCmd.ACTION, request, Ok, timeout=timeouts.INVENTORY_QUERY)
         return {"success": True}
 
     @post("/backup", status_code=200)
@@ -123,7 +128,7 @@ class ServersController(Controller):
             destination_id=destination_id,
             fresh=data.fresh,
         )
-        job = await gw.bus.request(JobCmd.BACKUP, request, Job, timeout=INVENTORY_TIMEOUT)
+        job = await gw.bus.request(JobCmd.BACKUP, request, Job, timeout=timeouts.JOB_COMMAND)
         return {"jobId": job.id}
 
     @post("/restore/precheck", status_code=200)
@@ -133,7 +138,7 @@ class ServersController(Controller):
             server_id=server_id, xml_path=data.xml_path, destination_id=data.destination_id
         )
         result = await gw.bus.request(
-            JobCmd.RESTORE_PRECHECK, request, PrecheckResult, timeout=INVENTORY_TIMEOUT
+            JobCmd.RESTORE_PRECHECK, request, PrecheckResult, timeout=timeouts.JOB_COMMAND
         )
         return {"vmExists": result.vm_exists, "canDefineOnly": result.can_define_only}
 
@@ -147,12 +152,14 @@ class ServersController(Controller):
             decision=data.decision,
             destination_id=destination_id,
         )
-        job = await gw.bus.request(JobCmd.RESTORE, request, Job, timeout=INVENTORY_TIMEOUT)
+        job = await gw.bus.request(JobCmd.RESTORE, request, Job, timeout=timeouts.JOB_COMMAND)
         return {"jobId": job.id}
 
     @post("/cleanup", status_code=200)
     async def cleanup(self, gw: Gateway, server_id: str, data: VmBody) -> dict[str, Any]:
         """Abort a stale backup job, drop stale checkpoints and scratch files, commit overlays."""
         request = VmRef(server_id=server_id, vm_name=data.vm_name)
-        result = await gw.bus.request(InventoryCmd.CLEANUP, request, CleanupResult, timeout=120)
+        result = await gw.bus.request(
+            InventoryCmd.CLEANUP, request, CleanupResult, timeout=timeouts.INVENTORY_JOB_STEP
+        )
         return {"success": result.success, "actions": result.actions}
