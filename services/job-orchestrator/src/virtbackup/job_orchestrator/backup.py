@@ -24,7 +24,6 @@ from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import DiskPlan, build_manifest, group_units, plan_disk
-from virtbackup.nbd import BASE_ALLOCATION, NbdClient
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
 from virtbackup.repository.repository import Repository
 from virtbackup.runtime.clock import utcnow_iso
@@ -41,31 +40,25 @@ async def latest_point(repo: Repository, vm: str, server_id: str) -> RestorePoin
 
 
 async def plan(begun: BackupBegun, repo: Repository, parent: RestorePoint | None) -> list[DiskPlan]:
+    """One plan per disk of ``begun``, from the extent maps the inventory read at the begin:
+    incremental where the disk has a dirty map and ``parent`` a manifest of it, else a
+    full read of what is allocated."""
     plans = []
     for disk in begun.disks:
-        contexts = [BASE_ALLOCATION] + ([disk.bitmap_context] if disk.bitmap_context else [])
         parent_manifest: DiskManifest | None = None
-        if begun.incremental and parent is not None and disk.bitmap_context:
+        if begun.incremental and parent is not None and disk.dirty is not None:
             with contextlib.suppress(NotFoundError):
                 parent_manifest = await repo.manifest(parent, disk.target)
-        async with await NbdClient.connect_uri(disk.nbd_url, meta_contexts=contexts) as nbd:
-            allocation = await nbd.block_status(context=BASE_ALLOCATION)
-            dirty = (
-                await nbd.block_status(context=disk.bitmap_context)
-                if parent_manifest is not None and disk.bitmap_context
-                else None
-            )
-            size = nbd.size
         plans.append(
             plan_disk(
                 target=disk.target,
                 path=disk.path,
                 fmt=disk.format,
-                size=size,
+                size=disk.size,
                 chunk_size=repo.chunk_size,
                 nbd_url=disk.nbd_url,
-                allocation=allocation,
-                dirty=dirty,
+                allocation=disk.allocation,
+                dirty=disk.dirty,
                 parent=parent_manifest,
             )
         )
