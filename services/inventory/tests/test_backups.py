@@ -27,8 +27,11 @@ from virtbackup.contracts.v1.inventory import (
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.inventory import backups, ownership
 from virtbackup.inventory.hosts import HostServer
+from virtbackup.inventory.inventory import Inventory, ServerEntry
 from virtbackup.runtime.nats_server import NatsServer, start_nats_server
 from virtbackup.runtime.provision import ensure_bucket
+from virtbackup.runtime.service import ServiceContext
+from virtbackup.runtime.settings import Settings
 from virtbackup.virt import Connection, TcpServer, begin_backup, current_backup, end_backup
 from virtbackup.virt.checkpoints import list_checkpoints
 from virtbackup.virt.testing import (
@@ -221,3 +224,37 @@ async def test_a_backup_job_is_in_progress_while_its_job_is_active(
         assert not await ownership.in_progress(conn, vm.name, jobs)
     finally:
         await end_backup(conn, foreign)
+
+
+async def test_has_overlay_follows_the_job_not_the_process(
+    server: HostServer, conn: Connection, vm: SmallVm, vm_dir: Path, jobs: KeyValue
+) -> None:
+    """A fresh ``Inventory`` (another replica, or this one after a restart) reports a
+    running backup as no leftover while its job runs, and as one once the job has ended
+    without ending it."""
+    ctx = ServiceContext(
+        name="inventory",
+        settings=Settings(scratch_dir=str(vm_dir)),
+        bus=None,  # type: ignore[arg-type]  # _status uses no bus
+        tracer_provider=None,  # type: ignore[arg-type]
+        buckets={buckets.JOBS.name: jobs},
+    )
+    inventory = Inventory(ctx)
+    entry = ServerEntry(host=server)
+    uuid = str((await conn.lookup(vm.name)).UUIDString())
+
+    async def has_overlay() -> bool:
+        return (await inventory._status(entry, vm.name, uuid, "running")).has_overlay
+
+    assert not await has_overlay()
+    job_id = f"job-{os.getpid()}-overlay"
+    await jobs.put(job_id, _job(job_id, "running"))
+    begun = await _begin(server, vm, vm_dir, job_id=job_id)
+    try:
+        assert not await has_overlay()
+        await jobs.put(job_id, _job(job_id, "failure"))
+        assert await has_overlay()
+    finally:
+        end = BackupEndRequest(server_id="local", vm_name=vm.name, checkpoint=begun.checkpoint)
+        await backups.end(server, end, str(vm_dir))
+    assert not await has_overlay()
