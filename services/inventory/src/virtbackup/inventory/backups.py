@@ -14,20 +14,34 @@ from virtbackup.contracts.v1.inventory import (
     BackupEndRequest,
     DiskExport,
 )
+from virtbackup.inventory import ownership
+from virtbackup.inventory.extents import fit, read_maps
 from virtbackup.inventory.hosts import HostServer
+from virtbackup.nbd import NbdError
 from virtbackup.runtime.clock import utcnow_iso
-from virtbackup.runtime.errors import Conflict, NotFound
-from virtbackup.virt import TcpServer, begin_backup, check_chain, current_backup, end_backup
+from virtbackup.runtime.errors import Conflict, NotFound, Unavailable
+from virtbackup.virt import (
+    BackupJob,
+    Connection,
+    TcpServer,
+    begin_backup,
+    check_chain,
+    current_backup,
+    end_backup,
+)
 from virtbackup.virt.checkpoints import delete_checkpoint
 from virtbackup.virt.domains import domain_xml
 from virtbackup.virt.errors import CheckpointInconsistent, VirtError
 from virtbackup.virt.errors import Conflict as VirtConflict
 from virtbackup.virt.errors import NotFound as VirtNotFound
+from virtbackup.virt.host import Host
 
 log = logging.getLogger(__name__)
 
 #: Ports tried for NBD exports on remote servers (local ones use any free port).
 REMOTE_NBD_PORTS = range(10809, 10909)
+#: Seconds to connect to a fresh export and read its maps' first reply.
+NBD_TIMEOUT = 30.0
 
 
 def _free_local_port() -> int:
@@ -44,7 +58,14 @@ def new_checkpoint_name() -> str:
 
 async def begin(server: HostServer, req: BackupBeginRequest, scratch_dir: str) -> BackupBegun:
     """Begin a backup with a new checkpoint; incremental when the chain from
-    ``incremental_from`` is intact, else a full read (and ``full_reason`` says why)."""
+    ``incremental_from`` is intact, else a full read (and ``full_reason`` says why).
+
+    Each disk comes with its NBD export, size and extent maps (see :mod:`.extents`). The
+    domain is tagged with ``req.job_id`` (see :mod:`.ownership`), so that no inventory
+    replica reports the running backup as a leftover while that job is active.
+    Raises NotFound (unknown VM), Conflict (not running, another job, no free port) or
+    Unavailable (the maps could not be read; the backup job is then ended and its
+    checkpoint deleted)."""
     conn = await server.connection()
     host = await server.host()
     await host.run(["mkdir", "-p", scratch_dir], timeout=30)
@@ -88,17 +109,19 @@ async def begin(server: HostServer, req: BackupBeginRequest, scratch_dir: str) -
                 raise
     else:
         raise Conflict(f"could not begin the backup of {req.vm_name}: {last_error}")
-    disks = [
-        DiskExport(
-            target=exp.target,
-            path=_disk_path(xml, exp.target),
-            nbd_url=job.uri(exp.target),
-            size=exp.capacity or 0,
-            format=_disk_format(xml, exp.target),
-            bitmap_context=exp.meta_context,
-        )
-        for exp in job.exports
-    ]
+    try:
+        await ownership.tag(conn, req.vm_name, req.job_id, checkpoint)
+        disks = await _exports(job, xml)
+    except BaseException as exc:
+        # Nobody will end a backup whose begin failed: end it here, and drop its checkpoint
+        # so that the next incremental still covers every change.
+        with contextlib.suppress(Exception):
+            await _abandon(conn, host, req.vm_name, checkpoint)
+        if isinstance(exc, NbdError | OSError):
+            raise Unavailable(
+                f"reading the extent maps of {req.vm_name} on server {server.id}: {exc}"
+            ) from None
+        raise
     return BackupBegun(
         server_id=server.id,
         vm_name=req.vm_name,
@@ -112,15 +135,60 @@ async def begin(server: HostServer, req: BackupBeginRequest, scratch_dir: str) -
     )
 
 
+async def _exports(job: BackupJob, xml: str) -> list[DiskExport]:
+    """Each exported disk with its size and extent maps, read over NBD (the maps of all
+    disks together fitted into one bus reply, see :mod:`.extents`)."""
+    read = [
+        (exp, await read_maps(job.uri(exp.target), exp.meta_context, timeout=NBD_TIMEOUT))
+        for exp in job.exports
+    ]
+    fit([m for _, maps in read for m in (maps.allocation, maps.dirty) if m is not None])
+    return [
+        DiskExport(
+            target=exp.target,
+            path=_disk_path(xml, exp.target),
+            nbd_url=job.uri(exp.target),
+            size=maps.size,
+            format=_disk_format(xml, exp.target),
+            bitmap_context=exp.meta_context,
+            allocation=maps.allocation.extents,
+            dirty=maps.dirty.extents if maps.dirty is not None else None,
+        )
+        for exp, maps in read
+    ]
+
+
+async def _abandon(conn: Connection, host: Host, vm_name: str, checkpoint: str) -> None:
+    with contextlib.suppress(VirtNotFound):
+        await end_backup(conn, vm_name, host=host)
+    await ownership.untag(conn, vm_name)
+    with contextlib.suppress(VirtNotFound):
+        await delete_checkpoint(conn, vm_name, checkpoint)
+
+
 async def end(server: HostServer, req: BackupEndRequest, scratch_dir: str) -> None:
-    """End the backup job; when it failed, drop its new checkpoint so the next
-    incremental starts from the previous one (libvirt merges the bitmaps)."""
+    """End the backup job and remove the domain's tag (:mod:`.ownership`); when it failed,
+    drop its new checkpoint so the next incremental starts from the previous one (libvirt
+    merges the bitmaps). Idempotent.
+
+    A backup job tagged with another checkpoint than ``req.checkpoint`` is another
+    backup's (a late or repeated end): it is left running."""
     conn = await server.connection()
     host = await server.host()
     with contextlib.suppress(VirtNotFound):
-        job = await current_backup(conn, req.vm_name)
-        if job is not None:
-            await end_backup(conn, job, host=host)
+        found = await ownership.read_tag(conn, req.vm_name)
+        if found is not None and req.checkpoint and found.checkpoint != req.checkpoint:
+            log.warning(
+                "not ending the backup job of %s: it is %s's, not %s's",
+                req.vm_name,
+                found.checkpoint,
+                req.checkpoint,
+            )
+        else:
+            job = await current_backup(conn, req.vm_name)
+            if job is not None:
+                await end_backup(conn, job, host=host)
+            await ownership.untag(conn, req.vm_name)
     if not req.success and req.checkpoint:
         with contextlib.suppress(VirtNotFound):
             await delete_checkpoint(conn, req.vm_name, req.checkpoint)

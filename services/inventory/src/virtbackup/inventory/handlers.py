@@ -29,7 +29,7 @@ from virtbackup.contracts.v1.inventory import (
     VmInfo,
     VmRef,
 )
-from virtbackup.inventory import backups, restores
+from virtbackup.inventory import backups, ownership, restores
 from virtbackup.inventory.inventory import Inventory, _power
 from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, Unavailable
 from virtbackup.runtime.service import ServiceContext
@@ -109,6 +109,7 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
             report = await cleanup_leftovers(
                 conn, req.vm_name, scratch_dir=scratch, host=await entry.host.host()
             )
+            await ownership.untag(conn, req.vm_name)
         actions = []
         if report.aborted_job:
             actions.append("aborted the running backup job")
@@ -196,9 +197,7 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
     async def backup_begin(req: BackupBeginRequest) -> BackupBegun:
         entry = inv.entry(req.server_id)
         async with libvirt_errors(req.server_id, req.vm_name):
-            begun = await backups.begin(entry.host, req, scratch)
-        inv.active_backups.add((req.server_id, req.vm_name))
-        return begun
+            return await backups.begin(entry.host, req, scratch)
 
     @bus.handle(InventoryCmd.RESTORE_PRECHECK, RestorePrecheckRequest)
     async def restore_precheck(req: RestorePrecheckRequest) -> RestorePrecheckResult:
@@ -226,5 +225,4 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
         entry = inv.entry(req.server_id)
         async with libvirt_errors(req.server_id, req.vm_name):
             await backups.end(entry.host, req, scratch)
-        inv.active_backups.discard((req.server_id, req.vm_name))
         return Ok()

@@ -22,6 +22,7 @@ from virtbackup.contracts.subjects import EventType
 from virtbackup.contracts.v1.config import Server
 from virtbackup.contracts.v1.events import VmLifecycle
 from virtbackup.contracts.v1.inventory import PowerState, ServerState, ServerVms, Vm, VmStatus
+from virtbackup.inventory import ownership
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.runtime.agent_config import read_agent_config
 from virtbackup.runtime.clock import utcnow_iso
@@ -51,9 +52,6 @@ class Inventory:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.entries: dict[str, ServerEntry] = {}
-        #: Backups this inventory began and has not ended: their job and scratch files
-        #: are not leftovers.
-        self.active_backups: set[tuple[str, str]] = set()
         self.timeout = ctx.settings.server_timeout
 
     @property
@@ -165,7 +163,10 @@ class Inventory:
             leftovers = await find_leftovers(
                 conn, name, scratch_dir=self.ctx.settings.scratch_dir, host=await entry.host.host()
             )
-            if (entry.host.id, name) in self.active_backups:
+            if leftovers.backup_job is not None and await ownership.in_progress(
+                conn, name, self.ctx.bucket(buckets.JOBS)
+            ):
+                # A backup in progress: its job and scratch files are not leftovers.
                 has_overlay = bool(leftovers.overlays)
             else:
                 has_overlay = leftovers.has_overlay

@@ -29,7 +29,8 @@ async def stop(ctx: ServiceContext) -> None:
 SPEC = ServiceSpec(
     name=subjects.INVENTORY,
     streams=(streams.EVENTS,),
-    buckets=(buckets.INVENTORY, buckets.CONFIG),
+    # VB_JOBS is read only: whether the job a running libvirt backup belongs to is active.
+    buckets=(buckets.INVENTORY, buckets.CONFIG, buckets.JOBS),
     register=register,
     start=start,
     stop=stop,

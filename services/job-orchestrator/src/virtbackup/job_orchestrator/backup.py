@@ -2,9 +2,11 @@
 
 1. Find the VM's latest restore point in the destination; ask the inventory to begin a
    pull-mode backup, incremental from that point's checkpoint when the chain is intact.
-2. Per disk, read the allocation map (and the dirty bitmap), plan the chunks to read, and
-   publish them as units.
-3. Gather the unit results, then write the manifests, the domain XML and ``backup.json``
+   The inventory answers with each disk's export and its allocation map (and dirty
+   bitmap): the orchestrator never touches NBD.
+2. Per disk, plan the chunks to read, and publish them as units (phase ``transferring``).
+3. Gather the unit results, enter ``committing`` (the point of no return: a cancel is
+   refused from here), then write the manifests, the domain XML and ``backup.json``
    (only now is the restore point visible), and end the libvirt job, keeping its new
    checkpoint. On any failure or cancel, the libvirt job ends, the new checkpoint is
    dropped (so the next incremental still covers every change) and nothing is committed.
@@ -24,7 +26,6 @@ from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import DiskPlan, build_manifest, group_units, plan_disk
-from virtbackup.nbd import BASE_ALLOCATION, NbdClient
 from virtbackup.repository.format import manifest_key
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
 from virtbackup.repository.repository import Repository
@@ -42,31 +43,25 @@ async def latest_point(repo: Repository, vm: str, server_id: str) -> RestorePoin
 
 
 async def plan(begun: BackupBegun, repo: Repository, parent: RestorePoint | None) -> list[DiskPlan]:
+    """One plan per disk of ``begun``, from the extent maps the inventory read at the begin:
+    incremental where the disk has a dirty map and ``parent`` a manifest of it, else a
+    full read of what is allocated."""
     plans = []
     for disk in begun.disks:
-        contexts = [BASE_ALLOCATION] + ([disk.bitmap_context] if disk.bitmap_context else [])
         parent_manifest: DiskManifest | None = None
-        if begun.incremental and parent is not None and disk.bitmap_context:
+        if begun.incremental and parent is not None and disk.dirty is not None:
             with contextlib.suppress(NotFoundError):
                 parent_manifest = await repo.manifest(parent, disk.target)
-        async with await NbdClient.connect_uri(disk.nbd_url, meta_contexts=contexts) as nbd:
-            allocation = await nbd.block_status(context=BASE_ALLOCATION)
-            dirty = (
-                await nbd.block_status(context=disk.bitmap_context)
-                if parent_manifest is not None and disk.bitmap_context
-                else None
-            )
-            size = nbd.size
         plans.append(
             plan_disk(
                 target=disk.target,
                 path=disk.path,
                 fmt=disk.format,
-                size=size,
+                size=disk.size,
                 chunk_size=repo.chunk_size,
                 nbd_url=disk.nbd_url,
-                allocation=allocation,
-                dirty=dirty,
+                allocation=disk.allocation,
+                dirty=disk.dirty,
                 parent=parent_manifest,
             )
         )
@@ -93,6 +88,7 @@ async def run_backup(jc: JobContext, job: Job) -> str:
                 server_id=job.server_id,
                 vm_name=job.vm_name,
                 incremental_from=parent.checkpoint if parent else None,
+                job_id=job.id,
             ),
             BackupBegun,
             timeout=timeouts.INVENTORY_JOB_STEP,

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
+from virtbackup.contracts.v1.inventory import STATE_DIRTY, STATE_ZERO
 from virtbackup.contracts.v1.work import ChunkRef
-from virtbackup.nbd import Extent
 from virtbackup.repository.records import DiskManifest, chunk_count
 
-#: NBD block status flags.
-STATE_HOLE = 1
-STATE_ZERO = 2
-STATE_DIRTY = 1
+
+class Extent(Protocol):
+    """A byte range with its block status flags: the contracts' ``Extent`` (what the
+    inventory returns in ``BackupBegun``) or the NBD client's."""
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def flags(self) -> int: ...
+
 
 #: Chunks per transfer unit (64 MiB at the default 4 MiB chunk size): big enough to keep
 #: a worker's pipeline full, small enough to spread a disk over many workers.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 import msgspec
 
@@ -127,15 +127,52 @@ class BackupBeginRequest(Message, frozen=True, kw_only=True):
     #: means a full read.
     incremental_from: str | None = None
     quiesce: bool = True
+    #: The job the backup belongs to. The inventory tags the libvirt backup job with it,
+    #: so that while this job is active (``VB_JOBS``) its backup job and scratch files are
+    #: not reported as leftovers (``hasOverlay``), by any inventory replica.
+    job_id: str | None = None
+
+
+#: ``Extent.flags`` bits, as NBD's block status reports them. ``base:allocation``:
+#: the range is not allocated (``STATE_HOLE``) and/or reads as zeros (``STATE_ZERO``).
+STATE_HOLE: Final = 1
+STATE_ZERO: Final = 2
+#: ``qemu:dirty-bitmap:*``: the range was written since the checkpoint.
+STATE_DIRTY: Final = 1
+
+
+class Extent(Message, frozen=True, kw_only=False, array_like=True):
+    """A byte range of a disk with one status: ``[offset, length, flags]`` on the wire.
+
+    Maps are lists of extents sorted by offset, neither overlapping nor leaving gaps,
+    covering the disk from 0 to its size; neighbours never have equal flags.
+    """
+
+    offset: int
+    length: int
+    flags: int = 0
 
 
 class DiskExport(Message, frozen=True, kw_only=True):
+    """One disk of a begun backup: its NBD export and what to read from it.
+
+    ``size`` is the export's size in bytes (from NBD). ``allocation`` is the
+    ``base:allocation`` map (flags ``STATE_HOLE | STATE_ZERO``); ``dirty`` the map of
+    the export's dirty bitmap (``STATE_DIRTY``), present only in an incremental backup
+    of a disk with a bitmap (``bitmap_context``). Both are exact, except on disks so
+    fragmented that the reply would grow too large for the bus: then ranges are widened
+    to whole aligned blocks (a block is dirty or holds data if any byte of it does), so a
+    plan from them may read more than needed but never less.
+    """
+
     target: str
     path: str
     nbd_url: str
     size: int
     format: str
     bitmap_context: str | None = None
+    allocation: list[Extent]
+    dirty: list[Extent] | None = None
 
 
 class BackupBegun(Message, frozen=True, kw_only=True):

@@ -1,0 +1,112 @@
+"""Which job a domain's libvirt backup job belongs to, and whether that job still runs.
+
+While a backup runs, its libvirt backup job and scratch files look exactly like what an
+interrupted backup leaves behind (:mod:`virtbackup.virt.leftovers`, the API's
+``hasOverlay``). They are not leftovers as long as the VirtBackup job that began them is
+active: an orchestrator still runs it and will end the libvirt job (and if its replica
+dies, another one takes the job over or fails it, and ends the libvirt job).
+
+The inventory holds none of this in process memory. :func:`tag` marks the domain, right
+after the begin, with live metadata (``virDomainSetMetadata`` with ``AFFECT_LIVE``: it is
+part of the running domain's state, survives a restart of the inventory or of libvirtd,
+and is gone once the domain stops)::
+
+    <backup xmlns="https://virtbackup.dev/xmlns/backup/1" job="<job id>" checkpoint="..."/>
+
+and the end removes it (:func:`untag`). :func:`in_progress` then derives the answer, in
+any inventory replica at any time, from libvirt (the domain has a backup job and a tag)
+and JetStream (the tagged job is queued or running in ``VB_JOBS``). A backup job with no
+tag (begun by someone else) or whose job has ended is a leftover.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import Final
+from xml.sax.saxutils import quoteattr
+
+import libvirt
+import msgspec
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from virtbackup.contracts.v1.jobs import ACTIVE_STATES, Job
+from virtbackup.virt import Connection
+from virtbackup.virt.errors import VirtError
+
+log = logging.getLogger(__name__)
+
+NAMESPACE: Final = "https://virtbackup.dev/xmlns/backup/1"
+_PREFIX: Final = "vb"
+_ELEMENT: Final = libvirt.VIR_DOMAIN_METADATA_ELEMENT
+_LIVE: Final = libvirt.VIR_DOMAIN_AFFECT_LIVE
+_job_decoder = msgspec.json.Decoder(Job)
+
+
+@dataclass(frozen=True, slots=True)
+class BackupTag:
+    """The tag of a running domain: the job that began its backup (``None`` when the
+    begin named no job) and the checkpoint created with it."""
+
+    job_id: str | None
+    checkpoint: str
+
+
+async def tag(conn: Connection, vm_name: str, job_id: str | None, checkpoint: str) -> None:
+    """Tag the running domain's backup job with ``job_id`` (replacing an older tag).
+
+    Raises VirtError (Conflict when the domain is not running)."""
+    dom = await conn.lookup(vm_name)
+    job = f" job={quoteattr(job_id)}" if job_id else ""
+    xml = f"<backup{job} checkpoint={quoteattr(checkpoint)}/>"
+    await conn.call(dom.setMetadata, _ELEMENT, xml, _PREFIX, NAMESPACE, _LIVE)
+
+
+async def untag(conn: Connection, vm_name: str) -> None:
+    """Remove the domain's tag; quiet when there is none or the domain is gone or stopped."""
+    with contextlib.suppress(VirtError):
+        dom = await conn.lookup(vm_name)
+        await conn.call(dom.setMetadata, _ELEMENT, None, None, NAMESPACE, _LIVE)
+
+
+async def read_tag(conn: Connection, vm_name: str) -> BackupTag | None:
+    """The domain's tag, or ``None`` (no tag, or the domain is not running).
+
+    Raises VirtError when libvirt cannot be asked (NotFound for an unknown domain)."""
+    dom = await conn.lookup(vm_name)
+    try:
+        xml = str(await conn.call(dom.metadata, _ELEMENT, NAMESPACE, _LIVE))
+    except VirtError as exc:
+        if exc.code in (libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_ERR_OPERATION_INVALID):
+            return None
+        raise
+    root = ET.fromstring(xml)  # noqa: S314 - from libvirtd, a trusted peer (as in virt._xml)
+    return BackupTag(job_id=root.get("job") or None, checkpoint=root.get("checkpoint", ""))
+
+
+async def in_progress(conn: Connection, vm_name: str, jobs: KeyValue) -> bool:
+    """Whether the domain's backup job (the caller saw one) belongs to a backup that is
+    still running: the domain is tagged, and the tagged job is queued or running in
+    ``jobs`` (``VB_JOBS``). A tag without a job counts as running while the libvirt job
+    lasts. Raises VirtError when libvirt cannot be asked; a job record that cannot be
+    read or decoded counts as not running (the backup job is then shown as a leftover)."""
+    found = await read_tag(conn, vm_name)
+    if found is None:
+        return False
+    if found.job_id is None:
+        return True
+    try:
+        entry = await jobs.get(found.job_id)
+    except KeyNotFoundError:
+        return False
+    if entry.value is None:
+        return False
+    try:
+        job = _job_decoder.decode(entry.value)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("job %s tagged on %s cannot be read: %s", found.job_id, vm_name, exc)
+        return False
+    return job.state in ACTIVE_STATES

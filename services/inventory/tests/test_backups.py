@@ -1,0 +1,260 @@
+"""Beginning and ending backups through the inventory: the extent maps it returns, and
+which backup jobs count as in progress. Real libvirtd, QEMU and nats-server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+from nats.js.kv import KeyValue
+
+from virtbackup.contracts import buckets
+from virtbackup.contracts.v1.config import Server
+from virtbackup.contracts.v1.inventory import (
+    STATE_DIRTY,
+    STATE_ZERO,
+    BackupBeginRequest,
+    BackupBegun,
+    BackupEndRequest,
+    DiskExport,
+    Extent,
+)
+from virtbackup.contracts.v1.jobs import Job
+from virtbackup.inventory import backups, ownership
+from virtbackup.inventory.hosts import HostServer
+from virtbackup.inventory.inventory import Inventory, ServerEntry
+from virtbackup.runtime.nats_server import NatsServer, start_nats_server
+from virtbackup.runtime.provision import ensure_bucket
+from virtbackup.runtime.service import ServiceContext
+from virtbackup.runtime.settings import Settings
+from virtbackup.virt import Connection, TcpServer, begin_backup, current_backup, end_backup
+from virtbackup.virt.checkpoints import list_checkpoints
+from virtbackup.virt.testing import (
+    MiB,
+    SmallVm,
+    create_vm,
+    ensure_libvirtd,
+    free_port,
+    guest_write,
+    remove_vm,
+    vm_directory,
+)
+
+pytestmark = pytest.mark.libvirt
+
+
+@pytest.fixture(scope="module")
+def vm_dir() -> Iterator[Path]:
+    path = vm_directory()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+async def server() -> AsyncIterator[HostServer]:
+    try:
+        ensure_libvirtd()
+    except (RuntimeError, OSError) as exc:
+        pytest.skip(f"no usable libvirtd: {exc}")
+    host = HostServer(config=Server(id="local", name="This host", host=""), timeout=5)
+    try:
+        yield host
+    finally:
+        await host.close()
+
+
+@pytest.fixture(scope="module")
+async def conn(server: HostServer) -> Connection:
+    return await server.connection()
+
+
+@pytest.fixture(scope="module")
+async def vm(conn: Connection, vm_dir: Path) -> AsyncIterator[SmallVm]:
+    small = await create_vm(conn, f"vbt-inv-{os.getpid()}-backup", vm_dir, [32 * MiB, 16 * MiB])
+    try:
+        yield small
+    finally:
+        await remove_vm(conn, small.name)
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = start_nats_server(tmp_path_factory.mktemp("nats"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def jobs(nats_server: NatsServer) -> AsyncIterator[KeyValue]:
+    client = await nats.connect(nats_server.url)
+    try:
+        yield await ensure_bucket(client.jetstream(), buckets.JOBS)
+    finally:
+        await client.drain()
+
+
+def _data(extents: list[Extent]) -> list[tuple[int, int]]:
+    return [(e.offset, e.length) for e in extents if not e.flags & STATE_ZERO]
+
+
+def _dirty(extents: list[Extent] | None) -> list[tuple[int, int]]:
+    assert extents is not None
+    return [(e.offset, e.length) for e in extents if e.flags & STATE_DIRTY]
+
+
+def _covers(extents: list[Extent], size: int) -> bool:
+    """A map: from 0 to ``size`` without gaps or overlaps."""
+    pos = 0
+    for ext in extents:
+        if ext.offset != pos or ext.length <= 0:
+            return False
+        pos += ext.length
+    return pos == size
+
+
+async def _begin(server: HostServer, vm: SmallVm, scratch: Path, **kw: object) -> BackupBegun:
+    req = BackupBeginRequest(server_id="local", vm_name=vm.name, quiesce=False, **kw)  # type: ignore[arg-type]
+    begun = await backups.begin(server, req, str(scratch))
+    # The reply crosses the bus: it must survive its own encoding.
+    wire = msgspec.json.encode(begun)
+    assert msgspec.json.decode(wire, type=BackupBegun) == begun
+    return begun
+
+
+def _disk(begun: BackupBegun, target: str) -> DiskExport:
+    return next(d for d in begun.disks if d.target == target)
+
+
+async def test_begin_returns_the_extent_maps_of_full_and_incremental_backups(
+    server: HostServer, conn: Connection, vm: SmallVm, vm_dir: Path
+) -> None:
+    await guest_write(conn, vm.name, "vda", 0, 4 * MiB, pattern=0xAB)
+    full = await _begin(server, vm, vm_dir, job_id="job-full")
+    try:
+        assert not full.incremental
+        vda, vdb = _disk(full, "vda"), _disk(full, "vdb")
+        assert (vda.size, vdb.size) == (32 * MiB, 16 * MiB)
+        assert _covers(vda.allocation, vda.size) and _covers(vdb.allocation, vdb.size)
+        assert _data(vda.allocation) == [(0, 4 * MiB)]
+        assert _data(vdb.allocation) == []
+        assert vda.dirty is None and vdb.dirty is None
+    finally:
+        await backups.end(
+            server,
+            BackupEndRequest(server_id="local", vm_name=vm.name, checkpoint=full.checkpoint),
+            str(vm_dir),
+        )
+    assert await current_backup(conn, vm.name) is None
+    assert await ownership.read_tag(conn, vm.name) is None
+
+    # A guest write after the full: the dirty map covers exactly the written range.
+    await guest_write(conn, vm.name, "vda", 8 * MiB + 64 * 1024, 1 * MiB, pattern=0xCD)
+    inc = await _begin(server, vm, vm_dir, job_id="job-inc", incremental_from=full.checkpoint)
+    try:
+        assert inc.incremental and inc.parent_checkpoint == full.checkpoint
+        vda, vdb = _disk(inc, "vda"), _disk(inc, "vdb")
+        assert vda.dirty is not None and _covers(vda.dirty, vda.size)
+        assert _dirty(vda.dirty) == [(8 * MiB + 64 * 1024, 1 * MiB)]
+        assert vdb.dirty is not None and _covers(vdb.dirty, vdb.size)
+        assert _dirty(vdb.dirty) == []
+        assert _data(vda.allocation) == [(0, 4 * MiB), (8 * MiB + 64 * 1024, 1 * MiB)]
+    finally:
+        await backups.end(
+            server,
+            BackupEndRequest(
+                server_id="local", vm_name=vm.name, checkpoint=inc.checkpoint, success=False
+            ),
+            str(vm_dir),
+        )
+    names = {c.name for c in await list_checkpoints(conn, vm.name)}
+    assert full.checkpoint in names and inc.checkpoint not in names
+
+
+def _job(job_id: str, state: str) -> bytes:
+    now = "2026-01-01T00:00:00Z"
+    job = Job(id=job_id, type="backup", state=state, created_at=now, updated_at=now)  # type: ignore[arg-type]
+    return msgspec.json.encode(job)
+
+
+async def test_a_backup_job_is_in_progress_while_its_job_is_active(
+    server: HostServer, conn: Connection, vm: SmallVm, vm_dir: Path, jobs: KeyValue
+) -> None:
+    """Derived from libvirt and JetStream alone: what any inventory replica, or one that
+    restarted since the begin, would answer."""
+    job_id = f"job-{os.getpid()}"
+    begun = await _begin(server, vm, vm_dir, job_id=job_id)
+    try:
+        assert await ownership.read_tag(conn, vm.name) == ownership.BackupTag(
+            job_id=job_id, checkpoint=begun.checkpoint
+        )
+        assert not await ownership.in_progress(conn, vm.name, jobs)  # no such job
+        await jobs.put(job_id, _job(job_id, "running"))
+        assert await ownership.in_progress(conn, vm.name, jobs)
+        # A late end of an earlier backup leaves this one running.
+        late = BackupEndRequest(server_id="local", vm_name=vm.name, checkpoint="vb-earlier")
+        await backups.end(server, late, str(vm_dir))
+        assert await current_backup(conn, vm.name) is not None
+        assert await ownership.in_progress(conn, vm.name, jobs)
+        # The job ended without ending its libvirt job (its orchestrator died): a leftover.
+        await jobs.put(job_id, _job(job_id, "failure"))
+        assert not await ownership.in_progress(conn, vm.name, jobs)
+    finally:
+        end = BackupEndRequest(server_id="local", vm_name=vm.name, checkpoint=begun.checkpoint)
+        await backups.end(server, end, str(vm_dir))
+    assert await current_backup(conn, vm.name) is None
+    assert await ownership.read_tag(conn, vm.name) is None
+    # A backup job begun by someone else carries no tag: a leftover.
+    foreign = await begin_backup(
+        conn,
+        vm.name,
+        server=TcpServer("127.0.0.1", free_port()),
+        scratch_dir=str(vm_dir),
+        checkpoint=None,
+    )
+    try:
+        assert not await ownership.in_progress(conn, vm.name, jobs)
+    finally:
+        await end_backup(conn, foreign)
+
+
+async def test_has_overlay_follows_the_job_not_the_process(
+    server: HostServer, conn: Connection, vm: SmallVm, vm_dir: Path, jobs: KeyValue
+) -> None:
+    """A fresh ``Inventory`` (another replica, or this one after a restart) reports a
+    running backup as no leftover while its job runs, and as one once the job has ended
+    without ending it."""
+    ctx = ServiceContext(
+        name="inventory",
+        settings=Settings(scratch_dir=str(vm_dir)),
+        bus=None,  # type: ignore[arg-type]  # _status uses no bus
+        tracer_provider=None,  # type: ignore[arg-type]
+        buckets={buckets.JOBS.name: jobs},
+    )
+    inventory = Inventory(ctx)
+    entry = ServerEntry(host=server)
+    uuid = str((await conn.lookup(vm.name)).UUIDString())
+
+    async def has_overlay() -> bool:
+        return (await inventory._status(entry, vm.name, uuid, "running")).has_overlay
+
+    assert not await has_overlay()
+    job_id = f"job-{os.getpid()}-overlay"
+    await jobs.put(job_id, _job(job_id, "running"))
+    begun = await _begin(server, vm, vm_dir, job_id=job_id)
+    try:
+        assert not await has_overlay()
+        await jobs.put(job_id, _job(job_id, "failure"))
+        assert await has_overlay()
+    finally:
+        end = BackupEndRequest(server_id="local", vm_name=vm.name, checkpoint=begun.checkpoint)
+        await backups.end(server, end, str(vm_dir))
+    assert not await has_overlay()
