@@ -42,8 +42,10 @@ class UnitTracker:
     canceled: asyncio.Event
     stall_seconds: float = 600.0
     done: dict[int, UnitResult] = field(default_factory=dict)
+    #: Distinct units published (a unit published twice counts once).
     published: int = 0
     _feed: EventFeed | None = None
+    _units: set[int] = field(default_factory=set)
 
     async def open(self) -> None:
         """Start following the job's unit results (before any unit is published)."""
@@ -62,7 +64,9 @@ class UnitTracker:
                 stream=streams.WORK,
                 msg_id=f"{self.job_id}-{unit.unit}",
             )
-            self.published += 1
+            if unit.unit not in self._units:
+                self._units.add(unit.unit)
+                self.published += 1
 
     async def results(self) -> AsyncIterator[UnitResult]:
         """Each unit's first result, until every published unit is done."""
