@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
+from faststream.exceptions import IncorrectState
 from faststream.nats import NatsBroker, NatsMessage
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
@@ -73,8 +74,11 @@ class Bus:
     def connected(self) -> bool:
         """True while the connection to NATS is up (false before connecting, while
         reconnecting, and after closing)."""
-        conn: Client | None = getattr(self.broker, "_connection", None)
-        return conn is not None and bool(conn.is_connected)
+        try:
+            conn: Client = self.broker.connection
+        except IncorrectState:  # never connected
+            return False
+        return bool(conn.is_connected)
 
     async def key_value(self, spec: BucketSpec) -> KeyValue:
         """The existing bucket ``spec`` names (a service that owns a bucket gets it from
