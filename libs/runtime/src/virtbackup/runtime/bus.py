@@ -1,9 +1,14 @@
-"""The bus as services use it: typed commands (request/reply) and events.
+"""The bus as services use it: typed commands (request/reply), events, buckets.
 
 A command handler takes a typed request and returns a typed result, or raises a
 ``ServiceError``; the reply on the wire is always ``Reply{result|error}`` so that the
 caller can tell "not found" from "the service is down". Malformed requests are answered
 with ``bad_request`` and never reach the handler.
+
+Every NATS call of the services goes through ``virtbackup.runtime``: this module, ``work``
+(work queues), ``events`` (following ``VB_EVENTS``) and ``kv`` (reading buckets). Each
+message stored in a stream carries the W3C trace context of its publisher in its headers
+(``traceparent``), so one trace spans the services that handle it.
 """
 
 from __future__ import annotations
@@ -15,19 +20,23 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
+from faststream.exceptions import IncorrectState
 from faststream.nats import NatsBroker, NatsMessage
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from opentelemetry import trace
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
+from opentelemetry import propagate, trace
 
 from virtbackup.contracts import subjects
-from virtbackup.contracts.streams import EVENTS
+from virtbackup.contracts.buckets import BucketSpec
+from virtbackup.contracts.streams import EVENTS, StreamSpec
 from virtbackup.contracts.v1.common import Fault, Reply
 from virtbackup.contracts.v1.events import Event
 from virtbackup.runtime.clock import utcnow_iso
-from virtbackup.runtime.errors import BadRequest, ServiceError, Unavailable
+from virtbackup.runtime.errors import BadRequest, NotFound, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("virtbackup.bus")
@@ -41,7 +50,11 @@ _encoder = msgspec.json.Encoder()
 
 
 class Bus:
-    """A service's view of NATS: FastStream for subscribers, nats-py for KV and streams."""
+    """A service's view of NATS: FastStream for subscribers, nats-py for KV and streams.
+
+    ``nc`` and ``js`` are for ``virtbackup.runtime`` itself; services use the typed
+    methods here and the functions of ``work``, ``events`` and ``kv``.
+    """
 
     def __init__(self, broker: NatsBroker, service: str, *, request_timeout: float = 10.0):
         self.broker = broker
@@ -56,6 +69,24 @@ class Bus:
     @property
     def js(self) -> JetStreamContext:
         return self.nc.jetstream()
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection to NATS is up (false before connecting, while
+        reconnecting, and after closing)."""
+        try:
+            conn: Client = self.broker.connection
+        except IncorrectState:  # never connected
+            return False
+        return bool(conn.is_connected)
+
+    async def key_value(self, spec: BucketSpec) -> KeyValue:
+        """The existing bucket ``spec`` names (a service that owns a bucket gets it from
+        ``ServiceContext.bucket`` instead). ``NotFound`` when nobody has created it yet."""
+        try:
+            return await self.js.key_value(spec.name)
+        except BucketNotFoundError:
+            raise NotFound(f"bucket {spec.name} does not exist") from None
 
     # -- commands ---------------------------------------------------------------------
 
@@ -148,13 +179,30 @@ class Bus:
             time=utcnow_iso(),
             source=self.service,
         )
-        await self.broker.publish(
-            _encoder.encode(event),
-            subjects.event(event_type, key),
-            stream=EVENTS.name,
-            headers={"Nats-Msg-Id": event.id},
+        await self.publish_stored(
+            subjects.event(event_type, key), _encoder.encode(event), stream=EVENTS, msg_id=event.id
         )
         return event
+
+    async def publish_stored(
+        self, subject: str, body: bytes, *, stream: StreamSpec, msg_id: str
+    ) -> bool:
+        """Store ``body`` on ``subject`` of ``stream``; returns False when JetStream already
+        had ``msg_id`` within the stream's duplicate window (then nothing was stored).
+
+        Waits for JetStream's acknowledgement (``Unavailable`` when none comes in time).
+        The headers carry ``Nats-Msg-Id: <msg_id>`` and the current W3C trace context
+        (``traceparent``; FastStream's telemetry middleware narrows it to its publish span).
+        """
+        headers = {"Nats-Msg-Id": msg_id}
+        propagate.inject(headers)
+        try:
+            ack = await self.broker.publish(
+                body, subject, stream=stream.name, headers=headers, timeout=self.request_timeout
+            )
+        except (NatsTimeoutError, TimeoutError, NoRespondersError):
+            raise Unavailable(f"stream {stream.name} did not acknowledge {subject}") from None
+        return not bool(getattr(ack, "duplicate", False))
 
 
 def new_id(prefix: str = "") -> str:

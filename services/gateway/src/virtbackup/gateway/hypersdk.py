@@ -24,7 +24,8 @@ from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.errors import HANDLERS
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__, timeouts
-from virtbackup.runtime.errors import BadRequest
+from virtbackup.runtime.errors import BadRequest, NotFound
+from virtbackup.runtime.kv import keys
 
 POWER = {"running": "poweredOn", "shutoff": "poweredOff", "paused": "suspended"}
 
@@ -80,16 +81,15 @@ class HyperSdkController(Controller):
     @get("/health")
     async def health(self, gw: Gateway) -> dict[str, str]:
         """``ok`` while the bus is connected."""
-        return {"status": "ok" if gw.bus.nc.is_connected else "degraded"}
+        return {"status": "ok" if gw.bus.connected else "degraded"}
 
     @get("/status")
     async def status(self, gw: Gateway) -> dict[str, int]:
         """Job counts by state and the live transfer workers."""
         jobs = (await gw.bus.request(JobCmd.LIST, JobListRequest(), JobList)).jobs
-        kv = await gw.bus.js.key_value(buckets.WORKERS.name)
         try:
-            workers = len(await kv.keys())
-        except Exception:  # no keys
+            workers = len(await keys(await gw.bus.key_value(buckets.WORKERS)))
+        except NotFound:  # no worker has ever started
             workers = 0
         running = sum(1 for j in jobs if j.state == "running")
         return {

@@ -9,7 +9,12 @@
 * Transient failures (destination or NBD hiccups) are negatively acknowledged with a
   delay and retried, up to the consumer's ``max_deliver``; permanent ones are reported
   as a failed unit, which fails the job.
-* Units of a cancelled job are dropped (``term``) without being worked on.
+* Units of a job that has ended or is being cancelled are dropped (``term``): the job's
+  record in ``VB_JOBS`` is read before a unit is worked on and again before its result
+  is published. Nothing that decides this lives in the worker's memory, so any worker
+  (a new one too) decides the same.
+* Each unit is worked on inside a span that continues the trace of the job that
+  published it.
 """
 
 from __future__ import annotations
@@ -17,15 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import msgspec
-from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
-
-from virtbackup.contracts import buckets, streams, subjects
+from virtbackup.contracts import buckets, subjects
 from virtbackup.contracts.subjects import EventType
+from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
 from virtbackup.nbd import NbdClient, NbdError
 from virtbackup.repository.destinations import open_repository
@@ -35,13 +36,18 @@ from virtbackup.runtime.agent_config import (
     read_agent_config,
     update_gdrive_settings,
 )
+from virtbackup.runtime.events import EventFeed, EventStart
+from virtbackup.runtime.kv import read_value
 from virtbackup.runtime.service import ServiceContext
+from virtbackup.runtime.work import WorkConsumer, WorkMessage
 from virtbackup.storage.errors import PermanentError, StorageError, TransientError
 from virtbackup.storage.google_auth import GoogleTokens
 from virtbackup.transfer_worker.units import UnitContext, backup_unit, restore_unit, verify_unit
 
 log = logging.getLogger(__name__)
-_unit_decoder = msgspec.json.Decoder(TransferUnit)
+
+#: Events after which a job's units are never worked on again.
+JOB_END_EVENTS = frozenset({EventType.JOB_FINISHED, EventType.JOB_CANCELED})
 
 
 @dataclass
@@ -98,94 +104,69 @@ class Resources:
 
 
 class Worker:
-    def __init__(self, ctx: ServiceContext, uctx: UnitContext) -> None:
+    """Works the units ``consumer`` hands out, ``worker_units`` at a time."""
+
+    def __init__(
+        self, ctx: ServiceContext, uctx: UnitContext, consumer: WorkConsumer[TransferUnit]
+    ) -> None:
         self.ctx = ctx
         self.uctx = uctx
+        self.consumer = consumer
         self.res = Resources(ctx)
-        self.canceled: set[str] = set()
+        #: NBD exports in use per job: a cache, dropped when the job ends.
         self.active: dict[str, set[str]] = {}
-        self.slots = asyncio.Semaphore(max(1, ctx.settings.worker_units))
 
     async def run(self) -> None:
-        js = self.ctx.bus.js
-        sub = await js.pull_subscribe_bind(
-            durable=streams.TRANSFER_CONSUMER.durable, stream=streams.WORK.name
-        )
-        tasks: set[asyncio.Task[None]] = set()
+        """Work units until the service stops."""
         try:
-            while not self.ctx.stopping.is_set():
-                await self.slots.acquire()
-                try:
-                    msgs = await sub.fetch(1, timeout=2)
-                except (NatsTimeoutError, TimeoutError):
-                    self.slots.release()
-                    continue
-                except Exception:
-                    self.slots.release()
-                    if self.ctx.stopping.is_set():
-                        break
-                    log.exception("fetching units failed")
-                    await asyncio.sleep(1)
-                    continue
-                for msg in msgs:
-                    task = asyncio.create_task(self._handle(msg))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+            await self.consumer.serve(
+                self.handle,
+                concurrency=self.ctx.settings.worker_units,
+                stopping=self.ctx.stopping,
+            )
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            # Unsubscribe now: a pending pull would hold the connection's drain.
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
             await self.res.close()
 
-    async def on_job_finished(self, job_id: str, canceled: bool) -> None:
-        if canceled:
-            self.canceled.add(job_id)
+    async def job_over(self, job_id: str) -> bool:
+        """Whether the job's units must not be worked on (or reported): its record in
+        ``VB_JOBS`` is gone, is in a terminal state, or asks for a cancel."""
+        job = await read_value(self.ctx.bucket(buckets.JOBS), job_id, Job)
+        return job is None or job.state in TERMINAL_STATES or job.cancel_requested
+
+    async def on_job_finished(self, job_id: str) -> None:
+        """Drop the job's caches: its known chunks and its NBD connections."""
         self.uctx.known.pop(job_id, None)
         for url in self.active.pop(job_id, set()):
             await self.res.drop_nbd(url)
 
-    async def _handle(self, msg: Msg) -> None:
-        try:
-            unit = _unit_decoder.decode(msg.data)
-        except msgspec.DecodeError:
-            log.error("undecodable unit on %s", msg.subject)
+    async def handle(self, msg: WorkMessage[TransferUnit]) -> None:
+        """Work one unit and settle its message (see the module docstring)."""
+        unit = msg.item
+        if await self.job_over(unit.job_id):
             await msg.term()
-            self.slots.release()
             return
-        keepalive = asyncio.create_task(self._keepalive(msg))
         try:
-            if unit.job_id in self.canceled:
-                await msg.term()
+            result = await self._process(unit)
+        except (TransientError, NbdError, OSError, TimeoutError) as exc:
+            retryable = getattr(exc, "retryable", True)
+            last = msg.num_delivered >= self.consumer.spec.max_deliver
+            if retryable and not last:
+                log.warning("unit %s/%s will be retried: %s", unit.job_id, unit.unit, exc)
+                if unit.nbd_url:
+                    await self.res.drop_nbd(unit.nbd_url)
+                await msg.nak(delay=2.0)
                 return
-            try:
-                result = await self._process(unit)
-            except (TransientError, NbdError, OSError, TimeoutError) as exc:
-                retryable = getattr(exc, "retryable", True)
-                meta = msg.metadata
-                last = meta.num_delivered >= streams.TRANSFER_CONSUMER.max_deliver
-                if retryable and not last:
-                    log.warning("unit %s/%s will be retried: %s", unit.job_id, unit.unit, exc)
-                    if unit.nbd_url:
-                        await self.res.drop_nbd(unit.nbd_url)
-                    await msg.nak(delay=2.0)
-                    return
-                result = self._failed(unit, f"{type(exc).__name__}: {exc}")
-            except (PermanentError, RepositoryError, CorruptChunkError) as exc:
-                result = self._failed(unit, str(exc))
-            except Exception as exc:
-                log.exception("unit %s/%s crashed", unit.job_id, unit.unit)
-                result = self._failed(unit, f"{type(exc).__name__}: {exc}")
-            if unit.job_id in self.canceled:
-                await msg.term()
-                return
-            await self.ctx.bus.publish_event(EventType.UNIT_DONE, result, key=unit.job_id)
-            await msg.ack_sync()
-        finally:
-            keepalive.cancel()
-            self.slots.release()
+            result = self._failed(unit, f"{type(exc).__name__}: {exc}")
+        except (PermanentError, RepositoryError, CorruptChunkError) as exc:
+            result = self._failed(unit, str(exc))
+        except Exception as exc:
+            log.exception("unit %s/%s crashed", unit.job_id, unit.unit)
+            result = self._failed(unit, f"{type(exc).__name__}: {exc}")
+        if await self.job_over(unit.job_id):
+            await msg.term()
+            return
+        await self.ctx.bus.publish_event(EventType.UNIT_DONE, result, key=unit.job_id)
+        await msg.ack()
 
     def _failed(self, unit: TransferUnit, error: str) -> UnitResult:
         return UnitResult(
@@ -208,21 +189,20 @@ class Worker:
             return await backup_unit(unit, repo, nbd, self.uctx)
         return await restore_unit(unit, repo, nbd, self.uctx)
 
-    async def _keepalive(self, msg: Msg) -> None:
-        interval = max(0.5, self.ctx.settings.work_ack_wait / 3)
-        while True:
-            await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
 
-
-async def job_events(ctx: ServiceContext) -> AsyncIterator[tuple[str, bool]]:
-    """(job id, canceled) for every job that finishes or is cancelled from now on."""
-    sub = await ctx.bus.nc.subscribe(f"{subjects.EVT_ROOT}.job.>")
-    try:
-        async for msg in sub.messages:
-            parts = msg.subject.split(".")
-            if len(parts) >= 5 and parts[3] in {"canceled", "finished"}:
-                yield parts[4], parts[3] == "canceled"
-    finally:
-        await sub.unsubscribe()
+async def follow_job_ends(ctx: ServiceContext, worker: Worker) -> None:
+    """Drop a job's caches when it finishes or is cancelled (from now on, for the life of
+    the service); a lost feed is opened again where it stopped."""
+    start: EventStart = "new"
+    while not ctx.stopping.is_set():
+        try:
+            async with EventFeed(ctx.bus, f"{subjects.EVT_ROOT}.job.>", start=start) as feed:
+                async for stored in feed:
+                    start = stored.sequence + 1
+                    if stored.event.type in JOB_END_EVENTS and stored.key:
+                        await worker.on_job_finished(stored.key)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("following job events failed; again in 1 s")
+            await asyncio.sleep(1.0)

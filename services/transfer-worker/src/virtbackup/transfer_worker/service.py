@@ -1,4 +1,8 @@
-"""The transfer-worker: pulls units from ``VB_WORK`` and announces itself in ``VB_WORKERS``."""
+"""The transfer-worker: pulls units from ``VB_WORK`` and announces itself in ``VB_WORKERS``.
+
+It reads ``VB_JOBS`` (never writes it) to drop the units of jobs that ended or are being
+cancelled.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 import msgspec
 
 from virtbackup.contracts import buckets, streams, subjects
+from virtbackup.contracts.v1.work import TransferUnit
 from virtbackup.runtime import __version__
 from virtbackup.runtime.agent_config import read_agent_config
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.service import ServiceContext, ServiceSpec
+from virtbackup.runtime.work import WorkConsumer
 from virtbackup.transfer_worker.budget import ByteBudget
-from virtbackup.transfer_worker.consumer import Worker, job_events
+from virtbackup.transfer_worker.consumer import Worker, follow_job_ends
 from virtbackup.transfer_worker.units import UnitContext
 
 #: A worker's entry in ``VB_WORKERS`` outlives two missed heartbeats.
@@ -57,9 +63,8 @@ def transfer_consumer(ctx: ServiceContext) -> streams.ConsumerSpec:
 
 
 async def start(ctx: ServiceContext) -> None:
-    from virtbackup.runtime.provision import ensure_consumer
-
-    await ensure_consumer(ctx.bus.js, transfer_consumer(ctx))
+    consumer = WorkConsumer(ctx.bus, transfer_consumer(ctx), TransferUnit)
+    await consumer.ensure()
     cfg, _ = await read_agent_config(ctx.bucket(buckets.CONFIG))
     threads = ctx.settings.worker_threads or os.cpu_count() or 2
     uctx = UnitContext(
@@ -67,13 +72,8 @@ async def start(ctx: ServiceContext) -> None:
         executor=ThreadPoolExecutor(threads, thread_name_prefix="chunk"),
         budget=ByteBudget(cfg.hashblocks_limit_buffer_mb << 20),
     )
-    worker = Worker(ctx, uctx)
-
-    async def follow_jobs() -> None:
-        async for job_id, canceled in job_events(ctx):
-            await worker.on_job_finished(job_id, canceled)
-
-    ctx.spawn(follow_jobs(), "job-events")
+    worker = Worker(ctx, uctx, consumer)
+    ctx.spawn(follow_job_ends(ctx, worker), "job-events")
     ctx.spawn(worker.run(), "work-loop")
     ctx.spawn(_heartbeat(ctx), "heartbeat")
 
@@ -85,7 +85,7 @@ async def stop(ctx: ServiceContext) -> None:
 SPEC = ServiceSpec(
     name=subjects.TRANSFER_WORKER,
     streams=(streams.EVENTS, streams.WORK),
-    buckets=(buckets.WORKERS, buckets.CONFIG),
+    buckets=(buckets.WORKERS, buckets.CONFIG, buckets.JOBS),
     start=start,
     stop=stop,
 )

@@ -16,7 +16,7 @@ class HealthController(Controller):
     @get("/health", sync_to_thread=False)
     def health(self, gw: Gateway) -> Response[dict[str, bool]]:
         """Liveness: ``ok`` is false (503) while the bus is disconnected."""
-        ok = gw.bus.nc.is_connected
+        ok = gw.bus.connected
         body = {"ok": ok, "nativeSftpAvailable": importlib.util.find_spec("asyncssh") is not None}
         return Response(body, status_code=200 if ok else 503)
 
