@@ -29,21 +29,21 @@ from virtbackup.inventory import backups, ownership
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.inventory.inventory import Inventory, ServerEntry
 from virtbackup.runtime.nats_server import NatsServer, start_nats_server
+from virtbackup.runtime.ports import free_port
 from virtbackup.runtime.provision import ensure_bucket
 from virtbackup.runtime.service import ServiceContext
 from virtbackup.runtime.settings import Settings
-from virtbackup.virt import Connection, TcpServer, begin_backup, current_backup, end_backup
-from virtbackup.virt.checkpoints import list_checkpoints
-from virtbackup.virt.testing import (
+from virtbackup.testing.libvirtd import ensure_libvirtd
+from virtbackup.testing.vms import (
     MiB,
     SmallVm,
     create_vm,
-    ensure_libvirtd,
-    free_port,
     guest_write,
     remove_vm,
     vm_directory,
 )
+from virtbackup.virt import Connection, TcpServer, begin_backup, current_backup, end_backup
+from virtbackup.virt.checkpoints import list_checkpoints
 
 pytestmark = pytest.mark.libvirt
 

@@ -74,7 +74,13 @@ async def execute(jc: JobContext, job: Job) -> None:
         if not isinstance(exc, KNOWN_ERRORS):
             log.exception("job %s crashed", job.id)
         state, message = "failure", failure_message(exc)
-    await jc.finish(job.id, state, message)
+    try:
+        await jc.finish(job.id, state, message)
+    except Exception:
+        # NATS unreachable for longer than its retries: stop renewing the lease, so that
+        # it lapses and the sweep of another instance (or of this one) ends the job.
+        jc.leases.held.pop(job.id, None)
+        log.exception("could not write the final state of job %s (%s)", job.id, state)
 
 
 async def sweep(jc: JobContext) -> None:
@@ -127,7 +133,11 @@ async def recover(jc: JobContext, job: Job) -> None:
     except Exception as exc:
         log.exception("cleaning up job %s failed", job.id)
         state, message = "failure", f"{lost}; cleaning up failed: {failure_message(exc)}"
-    await jc.finish(job.id, state, message)
+    try:
+        await jc.finish(job.id, state, message)
+    except Exception:
+        jc.leases.held.pop(job.id, None)
+        log.exception("could not write the final state of job %s (%s)", job.id, state)
 
 
 async def _recover_backup(
