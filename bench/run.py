@@ -77,6 +77,7 @@ class VirtBackup:
         self.workers = workers
         self.data = workdir / f"vb-data-{workers}"
         self.port = free_port()
+        self.nats_port = free_port()
         self.proc: subprocess.Popen[str] | None = None
         self.token = ""
 
@@ -90,7 +91,14 @@ class VirtBackup:
         )
         launcher = Path(sys.executable).with_name("virtbackup")
         self.proc = subprocess.Popen(
-            [str(launcher), "up", "--workers", str(self.workers), "--nats-port", "0"],
+            [
+                str(launcher),
+                "up",
+                "--workers",
+                str(self.workers),
+                "--nats-port",
+                str(self.nats_port),
+            ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -112,6 +120,10 @@ class VirtBackup:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGINT)
             self.proc.wait(60)
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats_port}"
 
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
