@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -36,10 +35,8 @@ if __package__ in (None, ""):
 
 from bench.run import VirtBackup, machine
 from virtbackup.contracts.v1.jobs import Job
-from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
-from virtbackup.repository.repository import Repository
 from virtbackup.runtime.bus import new_id
-from virtbackup.storage.filesystem import FilesystemDriver
+from virtbackup.testing.points import write_point
 
 
 async def write_history(url: str, count: int) -> float:
@@ -78,29 +75,6 @@ async def list_key_by_key(url: str) -> float:
         await nc.drain()
 
 
-async def small_point(base: Path) -> str:
-    repo = await Repository.open_or_create(FilesystemDriver(base / "VirtBackup"))
-    data = os.urandom(1 << 20)
-    chunk_id = repo.chunk_id(data)
-    await repo.store_chunk(chunk_id, repo.encode_chunk(chunk_id, data))
-    ts = await repo.new_timestamp("bench-vm")
-    manifest = DiskManifest(
-        target="vda", size=repo.chunk_size, chunk_size=repo.chunk_size, format="qcow2",
-        source_path="/x/vda.qcow2", chunks=[chunk_id],
-    )  # fmt: skip
-    point = RestorePoint(
-        vm_name="bench-vm", timestamp=ts, source_server_id="local", source_server_name="bench",
-        kind="full", created_at="2026-01-01T00:00:00Z",
-        disks=[DiskRecord(
-            target="vda", basename="vda.qcow2", path="/x/vda.qcow2", format="qcow2",
-            size=repo.chunk_size, manifest=f"vms/bench-vm/{ts}/vda.manifest",
-        )],
-    )  # fmt: skip
-    await repo.commit(point, [manifest], "<domain><name>bench-vm</name></domain>")
-    await repo.close()
-    return point.xml_path
-
-
 def summary(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     return {
@@ -126,7 +100,7 @@ async def amain(args: argparse.Namespace) -> int:
                     "backupDestinationId": "bench",
                 }
                 (await api.post("/config", json=cfg)).raise_for_status()
-                xml_path = await small_point(repo)
+                xml_path = await write_point(repo, "bench-vm", chunks=1)
                 # Until both replicas' indexes hold the history.
                 deadline = time.monotonic() + 60
                 while len((await api.get("/jobs")).json()) < min(args.jobs, 1000):

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,41 +18,11 @@ import pytest
 from harness import System, wait_job
 from nats.aio.client import Client
 
-from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
-from virtbackup.repository.repository import Repository
 from virtbackup.runtime.nats_server import start_nats_server
 from virtbackup.runtime.ports import free_port
-from virtbackup.storage.filesystem import FilesystemDriver
+from virtbackup.testing.points import write_point
 
 MODULE_SERVICES = ("gateway", "inventory", "job-orchestrator", "job-orchestrator-2", "notifier")
-
-
-async def write_point(base: Path, vm: str = "vm1", chunks: int = 3) -> str:
-    """A complete restore point of ``vm`` with ``chunks`` distinct chunks; its xmlPath."""
-    repo = await Repository.open_or_create(FilesystemDriver(base / "VirtBackup"))
-    ids: list[str | None] = []
-    for _ in range(chunks):
-        data = os.urandom(64 << 10) * 16
-        chunk_id = repo.chunk_id(data)
-        await repo.store_chunk(chunk_id, repo.encode_chunk(chunk_id, data))
-        ids.append(chunk_id)
-    ts = await repo.new_timestamp(vm)
-    size = chunks * repo.chunk_size
-    manifest = DiskManifest(
-        target="vda", size=size, chunk_size=repo.chunk_size, format="qcow2",
-        source_path="/x/vda.qcow2", chunks=ids,
-    )  # fmt: skip
-    point = RestorePoint(
-        vm_name=vm, timestamp=ts, source_server_id="local", source_server_name="Local",
-        kind="full", created_at="2026-01-30T12:00:00Z",
-        disks=[DiskRecord(
-            target="vda", basename="vda.qcow2", path="/x/vda.qcow2", format="qcow2",
-            size=size, manifest=f"vms/{vm}/{ts}/vda.manifest",
-        )],
-    )  # fmt: skip
-    await repo.commit(point, [manifest], f"<domain><name>{vm}</name></domain>")
-    await repo.close()
-    return f"vms/{vm}/{ts}/domain.xml"
 
 
 @pytest.fixture(scope="module")

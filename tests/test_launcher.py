@@ -64,6 +64,7 @@ def test_up_runs_nats_and_five_services_and_keeps_state(tmp_path: Path) -> None:
             "virtbackup.gateway",
             "virtbackup.inventory",
             "virtbackup.job_orchestrator",
+            "virtbackup.job_orchestrator",
             "virtbackup.notifier",
             "virtbackup.transfer_worker",
             "virtbackup.transfer_worker",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 import signal
 from collections.abc import Callable
@@ -11,6 +10,8 @@ import httpx
 import pytest
 import yaml
 from harness import MODULES, System
+
+from virtbackup.testing.points import write_point
 
 CONFIG = {
     "destinations": [
@@ -69,18 +70,20 @@ def test_jobs_token_and_certificate_survive_a_full_restart(
 
     import asyncio
 
-    import nats
-
-    async def submit() -> str:
-        nc = await nats.connect(system.nats.url)
-        reply = await nc.request(
-            "vb.cmd.job.submit", json.dumps({"type": "backup", "vmName": "keep"}).encode(), 10
-        )
-        await nc.drain()
-        job_id: str = json.loads(reply.data)["result"]["id"]
-        return job_id
-
-    job_id = asyncio.run(submit())
+    repo = system.data_dir / "repo"
+    repo.mkdir(mode=0o700)
+    point = asyncio.run(write_point(repo, "keep"))
+    cfg = {
+        "destinations": [
+            {"id": "fs", "name": "fs", "driverId": "filesystem", "params": {"path": str(repo)}}
+        ],
+        "backupDestinationId": "fs",
+    }
+    with _client(system) as api:
+        assert api.post("/config", json=cfg).status_code == 200
+        started = api.post("/restore/sanity", json={"xmlPath": point})
+        assert started.status_code == 200, started.text
+    job_id: str = started.json()["jobId"]
     system.stop_all()
     system.restart_nats()
     system.start_all_with_own_token()

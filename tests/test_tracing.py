@@ -17,54 +17,9 @@ import httpx
 import nats
 from harness import System
 
-from virtbackup.repository.format import xml_path
-from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
-from virtbackup.repository.repository import Repository
-from virtbackup.storage.filesystem import FilesystemDriver
+from virtbackup.testing.points import write_point
 
 VM = "traced-vm"
-TIMESTAMP = "2026-01-30T12-00-00"
-
-
-async def small_restore_point(root: Path) -> str:
-    """A restore point of one disk with two stored chunks; returns its ``xmlPath``."""
-    repo = await Repository.open_or_create(FilesystemDriver(root / "VirtBackup"))
-    chunks: list[str | None] = []
-    for fill in (b"\x11", b"\x22"):
-        data = fill * repo.chunk_size
-        chunk_id = repo.chunk_id(data)
-        await repo.store_chunk(chunk_id, repo.encode_chunk(chunk_id, data))
-        chunks.append(chunk_id)
-    size = 2 * repo.chunk_size
-    manifest = DiskManifest(
-        target="vda",
-        size=size,
-        chunk_size=repo.chunk_size,
-        format="qcow2",
-        source_path="/images/vda.qcow2",
-        chunks=chunks,
-    )
-    point = RestorePoint(
-        vm_name=VM,
-        timestamp=TIMESTAMP,
-        source_server_id="local",
-        source_server_name="This host",
-        kind="full",
-        disks=[
-            DiskRecord(
-                target="vda",
-                basename="vda.qcow2",
-                path="/images/vda.qcow2",
-                format="qcow2",
-                size=size,
-                manifest="vda.manifest",
-            )
-        ],
-        created_at="2026-01-30T12:00:00Z",
-    )
-    await repo.commit(point, [manifest], f"<domain><name>{VM}</name></domain>")
-    await repo.close()
-    return xml_path(VM, TIMESTAMP)
 
 
 def spans_in(log: Path) -> list[dict[str, Any]]:
@@ -90,7 +45,7 @@ async def test_a_trace_started_by_the_client_reaches_the_workers_and_back(
     system = make_system(VIRTBACKUP_OTEL_EXPORTER="console")
     repo_dir = tmp_path / "repo"
     repo_dir.mkdir()
-    xml_path = await small_restore_point(repo_dir)
+    xml_path = await write_point(repo_dir, VM, chunks=2)
     trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
     async with httpx.AsyncClient(
         base_url=system.url, headers=system.auth(), verify=False, timeout=30

@@ -79,7 +79,7 @@ async def chunk(tmp_path: Path) -> str:
     repo = await Repository.open_or_create(FilesystemDriver(tmp_path / "repo" / "VirtBackup"))
     data = b"\x5a" * 4096
     chunk_id = repo.chunk_id(data)
-    await repo.put_chunk_blob(chunk_id, repo.encode_chunk(chunk_id, data))
+    await repo.store_chunk(chunk_id, repo.encode_chunk(chunk_id, data))
     return chunk_id
 
 
