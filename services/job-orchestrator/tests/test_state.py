@@ -195,3 +195,47 @@ async def test_list_answers_from_the_index_newest_first(
     assert made[1].id in [j.id for j in done.jobs]
     assert made[0].id not in [j.id for j in done.jobs]
     assert len((await handlers.list_jobs(b, JobListRequest(limit=2))).jobs) == 2
+
+
+async def test_a_job_whose_run_died_without_ending_it_is_ended_by_the_sweep(
+    replicas: tuple[JobContext, JobContext],
+) -> None:
+    a, _ = replicas
+
+    async def dies(jc: JobContext, job: object) -> None:
+        return None  # ends without a final state, the lease still held here
+
+    job = await a.submit("sanity", vm_name="vm-died", run=dies)
+    await until(
+        lambda: a.jobs.jobs.get(job.id) is not None and a.jobs.jobs[job.id].state == "failure",
+        timeout=10,
+    )
+    assert job.id not in a.leases.held
+
+
+async def test_a_holder_that_could_not_renew_for_half_the_lease_stops(
+    replicas: tuple[JobContext, JobContext],
+) -> None:
+    a, _ = replicas
+    job = await a.submit("sanity", vm_name="vm-stalled")
+    a.leases.renewed[job.id] -= buckets.LEASE_SECONDS / 2  # as if NATS was unreachable
+    assert not a.holds(job.id)
+    with pytest.raises(JobLost):
+        await a.enter(job.id, "committing")
+    await a.leases.renew_all()
+    assert a.holds(job.id)
+    await a.finish(job.id, "canceled", "test")
+
+
+async def test_releasing_an_expired_lease_or_a_replaced_lock_is_quiet(
+    replicas: tuple[JobContext, JobContext],
+) -> None:
+    a, b = replicas
+    assert await a.leases.take("lease-test-2")
+    await a.ctx.bucket(buckets.LEASES).delete("lease-test-2")
+    assert await b.leases.take("lease-test-2")
+    await a.leases.release("lease-test-2")  # not ours any more: nothing happens
+    assert await b.leases.holder_of("lease-test-2") == b.holder
+    await b.leases.release("lease-test-2")
+    assert await b.leases.holder_of("lease-test-2") is None
+    assert (await handlers.list_jobs(b, JobListRequest(limit=0))).jobs == []

@@ -129,6 +129,12 @@ class Bus:
             return _encoder.encode(Reply[Any](result=result))
         except ServiceError as exc:
             return _encoder.encode(Reply[Any](error=exc.to_fault()))
+        except (NatsTimeoutError, TimeoutError, NoRespondersError, ConnectionError) as exc:
+            # NATS itself (a key-value read, a stream publish) did not answer in time:
+            # transient, a retry can help.
+            log.warning("command %s: NATS did not answer: %r", subject, exc)
+            fault = Fault(code="unavailable", message=f"{subject}: NATS did not answer in time")
+            return _encoder.encode(Reply[Any](error=fault))
         except Exception as exc:
             log.exception("command %s failed", subject)
             fault = Fault(code="internal", message=f"{type(exc).__name__}: {exc}")

@@ -141,7 +141,10 @@ async def _teardown(host: Host, job_id: str, targets: list[RestoreTarget], *, re
 
 
 async def finish(server: HostServer, req: RestoreFinishRequest) -> None:
-    """Stop the exports; on success move the images into place and define the domain."""
+    """Stop the exports; on success move the images into place and define the domain.
+
+    Idempotent: an image already moved into place (its temporary file gone, its final
+    path present) is left as it is, so a commit cut short can simply be repeated."""
     host = await server.host()
     await _teardown(host, req.job_id, req.disks, remove=not req.success)
     if not req.success:
@@ -154,6 +157,13 @@ async def finish(server: HostServer, req: RestoreFinishRequest) -> None:
                 await host.run(["rm", "-f", target.temp_path], timeout=30)
             raise Conflict(f"vm {req.vm_name} was started during the restore; nothing replaced")
     for target in req.disks:
+        present = await host.run(["test", "-e", target.temp_path], timeout=30)
+        if present.returncode != 0:
+            # Already moved by an earlier finish of this job that was cut short (its
+            # orchestrator died while committing): finishing again is idempotent.
+            there = await host.run(["test", "-e", target.path], timeout=30)
+            if there.returncode == 0:
+                continue
         moved = await host.run(["mv", "-f", target.temp_path, target.path], timeout=60)
         if moved.returncode != 0:
             raise Conflict(f"cannot move {target.temp_path} to {target.path}: {moved.stderr}")

@@ -26,6 +26,7 @@ from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import DiskPlan, build_manifest, group_units, plan_disk
+from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.repository.format import manifest_key
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
 from virtbackup.repository.repository import Repository
@@ -93,6 +94,8 @@ async def run_backup(jc: JobContext, job: Job) -> str:
             BackupBegun,
             timeout=timeouts.INVENTORY_JOB_STEP,
         )
+        # Recorded at once, so that whoever ends this job can drop the new checkpoint.
+        await update_job(jc.store, jc.bus, job.id, {"result": {"checkpoint": begun.checkpoint}})
         success = False
         try:
             message = await _transfer(
@@ -101,18 +104,21 @@ async def run_backup(jc: JobContext, job: Job) -> str:
             success = True
             return message
         finally:
-            end = BackupEndRequest(
-                server_id=job.server_id,
-                vm_name=job.vm_name,
-                checkpoint=begun.checkpoint,
-                success=success,
-            )
-            try:
-                await jc.bus.request(
-                    InventoryCmd.BACKUP_END, end, Ok, timeout=timeouts.INVENTORY_JOB_STEP
+            # A runner that no longer holds the job (cut off or stalled past its lease)
+            # leaves it alone: its new holder ends the libvirt job.
+            if success or jc.holds(job.id):
+                end = BackupEndRequest(
+                    server_id=job.server_id,
+                    vm_name=job.vm_name,
+                    checkpoint=begun.checkpoint,
+                    success=success,
                 )
-            except ServiceError as exc:
-                log.warning("ending the backup job of %s failed: %s", job.vm_name, exc)
+                try:
+                    await jc.bus.request(
+                        InventoryCmd.BACKUP_END, end, Ok, timeout=timeouts.INVENTORY_JOB_STEP
+                    )
+                except ServiceError as exc:
+                    log.warning("ending the backup job of %s failed: %s", job.vm_name, exc)
     finally:
         await repo.close()
 

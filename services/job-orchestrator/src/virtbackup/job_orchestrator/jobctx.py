@@ -48,6 +48,7 @@ from virtbackup.runtime.agent_config import (
 )
 from virtbackup.runtime.bus import Bus, new_id
 from virtbackup.runtime.clock import utcnow_iso
+from virtbackup.runtime.errors import Conflict, Unavailable
 from virtbackup.runtime.service import ServiceContext
 from virtbackup.runtime.settings import Settings
 from virtbackup.storage.google_auth import GoogleTokens
@@ -101,8 +102,15 @@ class JobContext:
 
     @property
     def jobs(self) -> JobIndex:
-        assert self.index is not None, "the job index starts with the service"
+        """The job index; ``Unavailable`` while the instance starts or stops."""
+        if self.index is None or self.ctx.stopping.is_set():
+            raise Unavailable("the job-orchestrator is starting or stopping; try again")
         return self.index
+
+    def holds(self, job_id: str) -> bool:
+        """Whether this instance surely still holds the job (see ``JobLeases.valid``).
+        A runner that does not must leave the job alone: its new holder cleans up."""
+        return self.leases.valid(job_id)
 
     async def open(self) -> None:
         """Load the job index and follow it; called once the buckets exist."""
@@ -167,10 +175,18 @@ class JobContext:
     ) -> Job:
         """Create a job and start running it here; ``Conflict`` when ``lock_vm`` and the
         VM has an active backup or restore (the message names that job)."""
+        self.jobs  # noqa: B018 - Unavailable until the index is loaded, and while stopping
         job_id = new_id()
-        if lock_vm:
-            assert server_id and vm_name
-            await self.locks.acquire(server_id, vm_name, job_id, job_type)
+        # Claimed here before the record exists, so that this instance's sweep never
+        # takes the new job for one whose run died.
+        self.runs[job_id] = LocalRun()
+        try:
+            if lock_vm:
+                assert server_id and vm_name
+                await self.locks.acquire(server_id, vm_name, job_id, job_type)
+        except BaseException:
+            self.runs.pop(job_id, None)
+            raise
         try:
             if not await self.leases.take(job_id):
                 raise RuntimeError(f"job id {job_id} already leased")
@@ -190,13 +206,28 @@ class JobContext:
             )
             await self.store.create(job)
         except BaseException:
+            self.runs.pop(job_id, None)
             if lock_vm and server_id and vm_name:
                 await self.locks.release(server_id, vm_name, job_id)
             await self.leases.release(job_id)
             raise
-        await self.bus.publish_event(EventType.JOB_CREATED, job_payload(job), key=job.id)
+        if (
+            lock_vm
+            and server_id
+            and vm_name
+            and not await self.locks.holds(server_id, vm_name, job_id)
+        ):
+            # Stalled past the lock's grace between the lock and the record: another
+            # job may have the VM now. Never run two.
+            await self.finish(job_id, "failure", "lost the VM's lock before starting")
+            self.runs.pop(job_id, None)
+            raise Conflict(f"vm {vm_name}: another job took it while this one was created")
         if run is not None:
             self.start_run(job, run)
+        try:
+            await self.bus.publish_event(EventType.JOB_CREATED, job_payload(job), key=job.id)
+        except Unavailable:
+            log.warning("job %s was created but its job.created event was not stored", job_id)
         return job
 
     def start_run(self, job: Job, run: Callable[[JobContext, Job], Any]) -> None:
@@ -218,7 +249,7 @@ class JobContext:
         await self._hold(f"before:{phase}")
 
         def step(job: Job) -> Job:
-            if job.owner != self.holder or job_id not in self.leases.held:
+            if job.owner != self.holder or not self.leases.valid(job_id):
                 raise JobLost(job_id)
             if job.state in TERMINAL_STATES or job.cancel_requested:
                 raise JobCanceled(job_id)

@@ -72,6 +72,13 @@ async def run_restore(jc: JobContext, job: Job) -> str:
             timeout=timeouts.INVENTORY_JOB_STEP,
         )
         urls = {t.target: t.nbd_url for t in prepared.disks}
+        # Recorded at once, so that whoever ends this job can remove the images.
+        await update_job(
+            jc.store,
+            jc.bus,
+            job.id,
+            {"params": {**job.params, PREPARED: msgspec.to_builtins(prepared.disks)}},
+        )
         success = False
         try:
             units = _restore_units(job, manifests, urls)
@@ -81,12 +88,7 @@ async def run_restore(jc: JobContext, job: Job) -> str:
                 for r in _refs(m)
                 if r.id is not None
             )
-            await jc.enter(
-                job.id,
-                "transferring",
-                message=f"writing {len(units)} units",
-                params={**job.params, PREPARED: msgspec.to_builtins(prepared.disks)},
-            )
+            await jc.enter(job.id, "transferring", message=f"writing {len(units)} units")
             await jc.run_units(job.id, units, total, lambda _: None)
             # The point of no return: from here a cancel is refused, and the job ends in
             # what moving the images into place does.
@@ -102,9 +104,15 @@ async def run_restore(jc: JobContext, job: Job) -> str:
                 disks=prepared.disks,
             )
             try:
-                await jc.bus.request(
-                    InventoryCmd.RESTORE_FINISH, finish, Ok, timeout=timeouts.INVENTORY_JOB_STEP
-                )
+                # A runner that no longer holds the job leaves the images to its new
+                # holder (which removes them, or commits them if it was committing).
+                if success or jc.holds(job.id):
+                    await jc.bus.request(
+                        InventoryCmd.RESTORE_FINISH,
+                        finish,
+                        Ok,
+                        timeout=timeouts.INVENTORY_JOB_STEP,
+                    )
             except ServiceError:
                 if success:
                     raise

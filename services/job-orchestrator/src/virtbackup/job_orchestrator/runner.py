@@ -65,7 +65,7 @@ async def execute(jc: JobContext, job: Job) -> None:
     except JobLost:
         return
     except asyncio.CancelledError:
-        if jc.ctx.stopping.is_set() or job.id not in jc.leases.held:
+        if jc.ctx.stopping.is_set() or not jc.holds(job.id):
             raise  # shutting down or taken over: another instance ends the job
         state, message = "failure", "internal error: the job's task was cancelled"
     except JobCanceled:
@@ -79,7 +79,7 @@ async def execute(jc: JobContext, job: Job) -> None:
     except Exception:
         # NATS unreachable for longer than its retries: stop renewing the lease, so that
         # it lapses and the sweep of another instance (or of this one) ends the job.
-        jc.leases.held.pop(job.id, None)
+        jc.leases.forget(job.id)
         log.exception("could not write the final state of job %s (%s)", job.id, state)
 
 
@@ -95,12 +95,18 @@ async def sweep(jc: JobContext) -> None:
 
 
 async def sweep_once(jc: JobContext) -> list[str]:
-    """One look; returns the ids of the jobs taken over."""
+    """One look; returns the ids of the jobs taken over. A job whose lease this very
+    instance holds but runs no task for (its run died before it could finish the job)
+    is ended too."""
     taken = []
     for job in jc.jobs.active():
-        if job.id in jc.runs or await jc.leases.holder_of(job.id) is not None:
+        if job.id in jc.runs:
             continue
-        if await jc.leases.take(job.id):
+        holder = await jc.leases.holder_of(job.id)
+        mine = holder == jc.holder and job.id in jc.leases.held
+        if holder is not None and not mine:
+            continue
+        if mine or await jc.leases.take(job.id):
             taken.append(job.id)
             jc.start_run(job, recover)
     return taken
@@ -115,7 +121,12 @@ async def recover(jc: JobContext, job: Job) -> None:
             return current
         return msgspec.structs.replace(current, owner=jc.holder, updated_at=utcnow_iso())
 
-    job = await jc.store.update(job.id, adopt)
+    try:
+        job = await jc.store.update(job.id, adopt)
+    except Exception:
+        jc.leases.forget(job.id)  # lapses; a later sweep tries again
+        log.exception("taking over job %s failed", job.id)
+        return
     if job.state in TERMINAL_STATES:
         await jc.leases.release(job.id)
         return
@@ -136,32 +147,46 @@ async def recover(jc: JobContext, job: Job) -> None:
     try:
         await jc.finish(job.id, state, message)
     except Exception:
-        jc.leases.held.pop(job.id, None)
+        jc.leases.forget(job.id)
         log.exception("could not write the final state of job %s (%s)", job.id, state)
 
 
 async def _recover_backup(
     jc: JobContext, job: Job, state: JobState, message: str
 ) -> tuple[JobState, str]:
+    """Each step runs even if one before it failed; what could not be done is named."""
     assert job.server_id and job.vm_name and job.destination_id
-    committed = False
+    problems: list[str] = []
+    committed: bool | None = False
     timestamp = job.result.get("timestamp")
     if job.phase == "committing" and isinstance(timestamp, str):
-        committed = await _point_committed(jc, job, timestamp)
+        try:
+            committed = await _point_committed(jc, job, timestamp)
+        except Exception as exc:
+            committed = None  # unknown: keep the checkpoint, it is harmless either way
+            problems.append(f"could not look for the restore point: {failure_message(exc)}")
     if not committed:
-        await jc.purge_units(job.id)
+        try:
+            await jc.purge_units(job.id)
+        except Exception as exc:
+            problems.append(f"could not purge its units: {failure_message(exc)}")
     checkpoint = job.result.get("checkpoint")
     end = BackupEndRequest(
         server_id=job.server_id,
         vm_name=job.vm_name,
         checkpoint=checkpoint if isinstance(checkpoint, str) else None,
-        success=committed,
+        success=committed is not False,
     )
-    with contextlib.suppress(ServiceError):
+    try:
         await jc.bus.request(InventoryCmd.BACKUP_END, end, Ok, timeout=timeouts.INVENTORY_JOB_STEP)
+    except ServiceError as exc:
+        problems.append(f"could not end the libvirt backup job: {exc.message}")
     if committed:
         return "success", f"backup {timestamp} committed before its orchestrator stopped"
-    return state, message
+    if committed is None:
+        state = "failure"
+        message = f"{message}; whether restore point {timestamp} was committed is unknown"
+    return state, "; ".join([message, *problems])
 
 
 async def _point_committed(jc: JobContext, job: Job, timestamp: str) -> bool:

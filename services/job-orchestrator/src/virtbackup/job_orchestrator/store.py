@@ -126,6 +126,8 @@ class JobIndex:
     ) -> list[Job]:
         """Jobs newest first (ids sort by creation time), filtered."""
         out: list[Job] = []
+        if limit <= 0:
+            return out
         for job_id in sorted(self.jobs, reverse=True):
             job = self.jobs[job_id]
             if (state is None or job.state == state) and (type is None or job.type == type):
