@@ -137,7 +137,13 @@ class System:
 async def wait_job(api: httpx.AsyncClient, job_id: str, timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        job: dict[str, Any] = (await api.get(f"/jobs/{job_id}")).json()
+        resp = await api.get(f"/jobs/{job_id}")
+        if resp.status_code == 503:  # e.g. a replica just died: retry, as a client would
+            assert time.monotonic() < deadline, resp.text
+            await asyncio.sleep(0.2)
+            continue
+        assert resp.status_code == 200, resp.text
+        job: dict[str, Any] = resp.json()
         if job["state"] in {"success", "failure", "canceled"}:
             return job
         assert time.monotonic() < deadline, job

@@ -91,7 +91,13 @@ async def until_job(
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        job: dict[str, Any] = (await api.get(f"/jobs/{job_id}")).json()
+        resp = await api.get(f"/jobs/{job_id}")
+        if resp.status_code == 503:  # a replica just died: retry, as a client would
+            assert time.monotonic() < deadline, resp.text
+            await asyncio.sleep(0.1)
+            continue
+        assert resp.status_code == 200, resp.text
+        job: dict[str, Any] = resp.json()
         if test(job):
             return job
         assert job["state"] in {"queued", "running"}, job
