@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -13,18 +12,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from virtbackup.contracts.streams import EVENTS, WORK
 from virtbackup.runtime.broker import make_broker
 from virtbackup.runtime.bus import Bus
-from virtbackup.runtime.nats_server import NatsServer, start_nats_server
+from virtbackup.runtime.nats_server import NatsServer
 from virtbackup.runtime.provision import provision
 from virtbackup.runtime.settings import load_settings
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = start_nats_server(tmp_path / "nats")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -4,8 +4,7 @@ back once each, and giving up on a failed unit, a cancel or a stall."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 from opentelemetry import trace
@@ -17,21 +16,12 @@ from virtbackup.contracts.v1.work import TransferUnit, UnitResult
 from virtbackup.job_orchestrator.tracker import JobCanceled, UnitFailed, UnitTracker
 from virtbackup.runtime.broker import make_broker
 from virtbackup.runtime.bus import Bus
-from virtbackup.runtime.nats_server import NatsServer, start_nats_server
+from virtbackup.runtime.nats_server import NatsServer
 from virtbackup.runtime.provision import provision
 from virtbackup.runtime.settings import load_settings
 from virtbackup.runtime.work import WorkConsumer, WorkMessage
 
 JOB = "job1"
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = start_nats_server(tmp_path / "nats")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from virtbackup.repository.repository import Repository
 from virtbackup.runtime.agent_config import update_agent_config
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.events import EventFeed
-from virtbackup.runtime.nats_server import NatsServer, start_nats_server
+from virtbackup.runtime.nats_server import NatsServer
 from virtbackup.runtime.service import ServiceContext, start_service, stop_service
 from virtbackup.runtime.settings import load_settings
 from virtbackup.runtime.work import WorkConsumer, publish_work
@@ -38,15 +38,6 @@ from virtbackup.transfer_worker.units import UnitContext
 
 #: The service as it runs, minus its background tasks (each test starts what it needs).
 SPEC = dataclasses.replace(service.SPEC, start=None, stop=None)
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = start_nats_server(tmp_path / "nats")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
