@@ -118,8 +118,12 @@ class System:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for name in list(self.procs):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.procs.pop(name).wait(15)
+            proc = self.procs.pop(name)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:  # never leave a process behind
+                proc.kill()
+                proc.wait(5)
 
     def start_all_with_own_token(self) -> None:
         """Start every service without ``VIRTBACKUP_TOKEN``: the gateway keeps its own."""

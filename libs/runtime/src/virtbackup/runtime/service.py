@@ -148,7 +148,17 @@ async def serve(spec: ServiceSpec, settings: Settings | None = None) -> None:
     try:
         await stop.wait()
     finally:
-        await stop_service(spec, ctx)
+        try:
+            await asyncio.wait_for(stop_service(spec, ctx), settings.stop_timeout)
+        except TimeoutError:
+            # A service must always exit when told to: name what hung, then go. Work it
+            # held is redelivered (units) or taken over (jobs) by the other instances.
+            for task in asyncio.all_tasks():
+                frames = [f"{f.f_code.co_filename}:{f.f_lineno}" for f in task.get_stack()]
+                log.error("still running at stop: %s %s", task.get_name(), frames)
+            log.error("did not stop within %s s; exiting", settings.stop_timeout)
+            logging.shutdown()
+            os._exit(1)
 
 
 def main(spec: ServiceSpec) -> None:

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     server_timeout: float = 5.0
     #: Seconds between full refreshes of every server's VM list (events keep it current).
     refresh_interval: float = 300.0
+    #: Seconds a service may take to stop on SIGTERM before it exits regardless, naming
+    #: what hung (Kubernetes sends SIGKILL 30 s after SIGTERM).
+    stop_timeout: float = 12.0
     #: Fault injection for tests, honoured only with ``debug``: seconds a job waits
     #: ``before:<phase>`` or ``after:<phase>`` is entered (e.g. ``{"before:committing": 5}``
     #: holds a job whose units are all done), so a cancel can be aimed at that moment.
