@@ -6,6 +6,9 @@ import errno
 import os
 import resource
 import secrets
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,3 +145,48 @@ async def test_filesystem_refusing_direct_io_gets_buffered_io(
         assert driver.direct is False
         assert await driver.get("c/chunk") == data
         assert [name for name in os.listdir(tmp_path / "VirtBackup" / "c")] == ["chunk"]
+
+
+def _nobody_can_read(path: Path) -> bool:
+    """Whether the unprivileged user ``nobody`` can read ``path`` (or list it, a directory)."""
+    command = ["ls", str(path)] if path.is_dir() else ["head", "-c1", str(path)]
+    done = subprocess.run(["runuser", "-u", "nobody", "--", *command], capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.fixture
+def open_base() -> Iterator[Path]:
+    """A destination base that every local user can traverse (0755 up to /), like a
+    /var/backups: only the driver's own modes can keep other users out of it."""
+    base = Path(tempfile.mkdtemp(prefix="vbtest-modes-", dir="/var/tmp"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a command as nobody")
+async def test_repository_is_readable_by_its_owner_only(open_base: Path) -> None:
+    chunk = secrets.token_bytes(DIRECT_MIN)  # large enough for the O_DIRECT path
+    async with open_driver("filesystem", {"path": str(open_base)}) as driver:
+        await driver.put("chunks/ab/abcdef", chunk)
+        await driver.put("config", b"small")
+    root = open_base / "VirtBackup"
+    for directory in (root, root / "chunks", root / "chunks" / "ab"):
+        assert directory.stat().st_mode & 0o777 == 0o700, directory
+    for file in (root / "chunks" / "ab" / "abcdef", root / "config"):
+        assert file.stat().st_mode & 0o777 == 0o600, file
+    assert _nobody_can_read(open_base)  # the test itself lets nobody in up to the base
+    assert not _nobody_can_read(root)
+    assert not _nobody_can_read(root / "chunks" / "ab" / "abcdef")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a command as nobody")
+async def test_a_root_left_open_by_an_older_version_is_narrowed(open_base: Path) -> None:
+    root = open_base / "VirtBackup"
+    root.mkdir(mode=0o755)
+    root.chmod(0o755)
+    async with open_driver("filesystem", {"path": str(open_base)}) as driver:
+        await driver.put("k", b"v")
+    assert root.stat().st_mode & 0o777 == 0o700

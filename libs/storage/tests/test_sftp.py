@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import secrets
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -275,3 +277,21 @@ async def test_closed_driver_refuses_work(sshd: SshdServer) -> None:
     await driver.close()
     with pytest.raises(PermanentError, match="closed"):
         await driver.get("k")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a command as nobody")
+async def test_repository_is_readable_by_the_ssh_user_only(sshd: SshdServer) -> None:
+    base = Path(sshd.make_base(f"m-{secrets.token_hex(4)}"))
+    async with sftp(sshd, base=str(base)) as driver:
+        await driver.put("chunks/ab/abcdef", secrets.token_bytes(4096))
+    root = base / "VirtBackup"
+    for directory in (root, root / "chunks", root / "chunks" / "ab"):
+        assert directory.stat().st_mode & 0o777 == 0o700, directory
+    chunk = root / "chunks" / "ab" / "abcdef"
+    assert chunk.stat().st_mode & 0o777 == 0o600
+    assert chunk.stat().st_uid == pwd.getpwnam(sshd.username).pw_uid
+    read = subprocess.run(
+        ["runuser", "-u", "nobody", "--", "head", "-c1", str(chunk)], capture_output=True
+    )
+    assert read.returncode != 0
+    assert b"Permission denied" in read.stderr

@@ -14,6 +14,9 @@
   filesystem that refuses ``O_DIRECT`` gets buffered I/O.
 - Blocking file I/O runs in the driver's own thread pool.
 - Symlinks inside the root are not followed when listing.
+- Only the owner can read the repository: directories are created 0700 and files 0600
+  (``DIR_MODE``, ``FILE_MODE``; a umask can only narrow them), and a root left wider by
+  an older version is narrowed to 0700 on the first write.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ from virtbackup.storage.errors import (
 from virtbackup.storage.keys import TEMP_PREFIX, is_temp_name, validate_key, validate_prefix
 
 T = TypeVar("T")
+
+#: Mode of the directories the driver creates (the root and below it): owner only.
+DIR_MODE: Final = 0o700
+#: Mode of the files the driver writes: owner only (chunks hold VM data).
+FILE_MODE: Final = 0o600
 
 #: Names in one directory: (files, subdirectories).
 _Listing = tuple[list[str], list[str]]
@@ -114,6 +122,7 @@ class FilesystemDriver(DriverBase):
         self.direct = _O_DIRECT != 0
         self._aligned = _AlignedBuffer()
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vb-fs")
+        self._root_narrowed = False
 
     def __repr__(self) -> str:
         return f"FilesystemDriver({str(self.root)!r})"
@@ -153,7 +162,7 @@ class FilesystemDriver(DriverBase):
             probe = probe.parent
         for path in reversed(missing):
             try:
-                path.mkdir()
+                path.mkdir(mode=DIR_MODE)
             except FileExistsError:
                 if not path.is_dir():
                     raise
@@ -161,7 +170,17 @@ class FilesystemDriver(DriverBase):
 
     # -- writes --------------------------------------------------------------------------
 
+    def _narrow_root(self) -> None:
+        """Make an existing root owner-only (once per driver; best effort)."""
+        self._root_narrowed = True
+        with contextlib.suppress(OSError):
+            st = os.stat(self.root, follow_symlinks=False)
+            if stat_module.S_ISDIR(st.st_mode) and st.st_mode & 0o077:
+                os.chmod(self.root, stat_module.S_IMODE(st.st_mode) & ~0o077)
+
     def _put_sync(self, key: str, path: Path, data: bytes) -> None:
+        if not self._root_narrowed:
+            self._narrow_root()
         if self.direct and len(data) >= DIRECT_MIN:
             try:
                 self._put_file(key, path, data, direct=True)
@@ -197,10 +216,10 @@ class FilesystemDriver(DriverBase):
             flags |= _O_DIRECT
         try:
             try:
-                fd = os.open(tmp, flags, 0o666)
+                fd = os.open(tmp, flags, FILE_MODE)
             except FileNotFoundError:
                 self._make_dirs(path.parent)
-                fd = os.open(tmp, flags, 0o666)
+                fd = os.open(tmp, flags, FILE_MODE)
             try:
                 self._write_all(fd, data, direct=direct)
                 if self.fsync:

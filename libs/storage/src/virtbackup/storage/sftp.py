@@ -27,7 +27,9 @@ Writes
     ``posix-rename@openssh.com`` (atomic replace). Without that extension it falls back
     to rename, removing an existing target first (a short window where the key is
     missing, never partial). Missing directories below the root are created; the root's
-    parent (the configured ``basePath``) must exist.
+    parent (the configured ``basePath``) must exist. Directories are created 0700 and
+    files 0600 (``DIR_MODE``, ``FILE_MODE``; the server's umask can only narrow them):
+    only the SSH user reads the repository.
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ T = TypeVar("T")
 _Listing = tuple[list[str], list[str]]
 
 MIB: Final = 1024 * 1024
+#: Mode of the directories the driver creates on the server: owner only.
+DIR_MODE: Final = 0o700
+#: Mode of the files the driver writes on the server: owner only (chunks hold VM data).
+FILE_MODE: Final = 0o600
 
 _NOT_FOUND: Final = (asyncssh.SFTPNoSuchFile, asyncssh.SFTPNoSuchPath)
 _PERMANENT: Final = (
@@ -332,7 +338,7 @@ class SftpDriver(DriverBase):
             if part is not None:
                 path = f"{path}/{part}"
             try:
-                await sftp.mkdir(path)
+                await sftp.mkdir(path, asyncssh.SFTPAttrs(permissions=DIR_MODE))
             except _NOT_FOUND as exc:
                 if path == self.root:
                     raise PermanentError(
@@ -348,11 +354,12 @@ class SftpDriver(DriverBase):
         directory, name = posixpath.split(path)
         tmp = f"{directory}/{TEMP_PREFIX}{secrets.token_hex(8)}-{name}"
         try:
+            attrs = asyncssh.SFTPAttrs(permissions=FILE_MODE)
             try:
-                file = await sftp.open(tmp, "wb")
+                file = await sftp.open(tmp, "wb", attrs)
             except _NOT_FOUND:
                 await self._ensure_dir(sftp, directory)
-                file = await sftp.open(tmp, "wb")
+                file = await sftp.open(tmp, "wb", attrs)
             try:
                 await file.write(data, 0)
                 if self.fsync and self._fsync_supported:
