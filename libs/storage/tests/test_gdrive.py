@@ -485,6 +485,8 @@ def test_parse_expires_at(value: object, expected: datetime | None) -> None:
         (-5, "not a valid Unix timestamp"),
         (float("nan"), "not a valid Unix timestamp"),
         (10**20, "out of range"),
+        (int("9" * 400), "400-digit number"),
+        ("9" * 400, "too long"),
         ([1], "number or a string"),
     ],
 )
@@ -554,3 +556,10 @@ async def test_folder_mime_is_drives(google: FakeGoogleDrive) -> None:
     folder = google.folder_id("m")
     assert folder is not None
     assert {f.mime_type for f in google.children(folder)} == {FOLDER_MIME}
+
+
+@pytest.mark.parametrize("field", ["accountEmail", "scope", "refreshToken"])
+def test_tokens_with_control_characters_are_refused(field: str) -> None:
+    wire = {"refreshToken": "1//r", field: "a\x00b"}
+    with pytest.raises(InvalidParamsError, match=f"{field} must not contain control"):
+        GoogleTokens.from_wire(wire)

@@ -66,6 +66,13 @@ EXPIRY_SKEW: Final = timedelta(seconds=60)
 #: The longest Retry-After we take from a server (seconds).
 MAX_RETRY_AFTER: Final = 3600.0
 
+#: The longest value ``from_wire`` takes per field (``accountEmail`` as in the config).
+_MAX_FIELD: Final = {
+    "accessToken": 8192,
+    "refreshToken": 8192,
+    "scope": 2048,
+    "accountEmail": 320,
+}
 _NUMBER: Final = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 #: Called with the new tokens after every successful refresh (may be async).
@@ -85,7 +92,13 @@ def parse_expires_at(value: object) -> datetime | None:
     if isinstance(value, bool):
         raise InvalidParamsError(f"expiresAt must be a timestamp, not a boolean ({value!r})")
     if isinstance(value, int | float):
-        return _from_number(float(value), value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int of hundreds of digits
+            digits = len(str(abs(int(value))))
+            message = f"expiresAt (a {digits}-digit number) is out of range"
+            raise InvalidParamsError(message) from None
+        return _from_number(number, value)
     if not isinstance(value, str):
         raise InvalidParamsError(
             f"expiresAt must be a number or a string, not {type(value).__name__}"
@@ -93,6 +106,8 @@ def parse_expires_at(value: object) -> datetime | None:
     text = value.strip()
     if not text:
         return None
+    if len(text) > 64:
+        raise InvalidParamsError(f"expiresAt is too long ({len(text)} characters)")
     if _NUMBER.match(text):
         return _from_number(float(text), value)
     try:
@@ -198,6 +213,10 @@ class GoogleTokens:
                 value = ""
             if not isinstance(value, str):
                 raise InvalidParamsError(f"{name} must be a string")
+            if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+                raise InvalidParamsError(f"{name} must not contain control characters")
+            if len(value) > _MAX_FIELD[name]:
+                raise InvalidParamsError(f"{name} is longer than {_MAX_FIELD[name]} characters")
             strings[name] = value.strip()
         if not strings["refreshToken"]:
             raise InvalidParamsError("refreshToken is required")

@@ -2,8 +2,10 @@
 
 A server with an empty ``host`` is this machine's libvirt (``uri`` or ``qemu:///system``).
 Any other is reached over SSH with asyncssh (password or private key); libvirt then goes
-through a Unix socket forwarded over that SSH connection, unless ``uri`` names another
-transport (e.g. ``qemu+ssh://``, or ``qemu+tcp://``). Every connection attempt is bounded
+through a Unix socket forwarded over that SSH connection, unless ``uri`` is a
+``qemu+tls://`` URI. A ``uri`` that ``check_libvirt_uri`` refuses (a transport or
+parameter that runs a program or names a socket) is never opened, even if it reached the
+stored configuration some other way than ``POST /config``. Every connection attempt is bounded
 by the server timeout; a failure marks the server unreachable with the reason, and the
 next use tries again. Servers never wait for each other.
 """
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 
 import asyncssh
 
-from virtbackup.contracts.v1.config import Server
+from virtbackup.contracts.v1.config import Server, check_libvirt_uri
 from virtbackup.runtime.errors import Unavailable
 from virtbackup.virt import Connection, open_connection, open_ssh_connection
 from virtbackup.virt.connection import LOCAL_SYSTEM_URI
@@ -142,6 +144,9 @@ class HostServer:
 
     async def _open(self) -> Connection:
         """Open libvirt; a tunnelling SSH connection is closed together with it."""
+        problem = check_libvirt_uri(self.config.uri)
+        if problem is not None:
+            raise Unavailable(f"server {self.id}: {problem}")
         if self.is_local or self.config.uri:
             host: Host | None = LocalHost() if self.is_local else None
             return await open_connection(

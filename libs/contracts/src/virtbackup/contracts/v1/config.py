@@ -6,12 +6,41 @@ the agent API (camelCase, and ``base_path`` where the API writes it so).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import posixpath
 from typing import Annotated, Any, Final, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+#: No NUL or other control character (a line of text).
+_PRINTABLE: Final = r"^[^\x00-\x1f\x7f]*$"
+#: A host name, IPv4 or IPv6 address (optionally bracketed); empty allowed; no leading '-'
+#: (an option to a program), no spaces, no control characters.
+_HOST: Final = r"^(?!-)[A-Za-z0-9_.:%\[\]-]*$"
+#: A display name: one printable line.
+Name = Annotated[str, msgspec.Meta(max_length=200, pattern=_PRINTABLE)]
+#: Where a server or SFTP destination is (empty: none).
+Host = Annotated[str, msgspec.Meta(max_length=253, pattern=_HOST)]
+#: An SSH or S3 user name: one printable line.
+UserName = Annotated[str, msgspec.Meta(max_length=256, pattern=_PRINTABLE)]
+#: A path: one printable line (no NUL).
+PathText = Annotated[str, msgspec.Meta(max_length=4096, pattern=_PRINTABLE)]
+#: A host key: an OpenSSH public key line or a ``SHA256:`` fingerprint (empty: not pinned).
+HostKey = Annotated[str, msgspec.Meta(max_length=16384, pattern=_PRINTABLE)]
+#: A Unix timestamp in seconds or milliseconds (up to the year 9999 in milliseconds).
+_MAX_TIMESTAMP: Final = 253_402_300_799_999
+Timestamp = (
+    Annotated[int, msgspec.Meta(ge=0, le=_MAX_TIMESTAMP)]
+    | Annotated[float, msgspec.Meta(ge=0, le=_MAX_TIMESTAMP)]
+    | Annotated[str, msgspec.Meta(max_length=64, pattern=_PRINTABLE)]
+    | None
+)
 
 #: Keys whose values are secrets: never returned in clear by the API.
 SECRET_KEYS: Final = frozenset(
@@ -35,31 +64,41 @@ class Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, rename="c
 
 
 class FilesystemParams(Strict, kw_only=True):
-    path: Annotated[str, msgspec.Meta(min_length=1)]
+    """An absolute directory on this machine, outside the system's own directories."""
+
+    path: Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=_PRINTABLE)]
 
 
 class SftpParams(Strict, kw_only=True):
-    host: Annotated[str, msgspec.Meta(min_length=1)]
+    """An SFTP server: a password or a private key is required; ``host_key`` pins the
+    server's host key (set on first use by the gateway when empty)."""
+
+    host: Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=_HOST)]
     port: Port = 22
-    username: Annotated[str, msgspec.Meta(min_length=1)]
+    username: Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=_PRINTABLE)]
     password: str = ""
     private_key: str = ""
-    base_path: str = "/"
-    host_key: str = ""
+    base_path: PathText = "/"
+    host_key: HostKey = ""
 
 
 class S3Params(Strict, kw_only=True):
-    endpoint: Annotated[str, msgspec.Meta(min_length=1)]
-    bucket: Annotated[str, msgspec.Meta(min_length=3, max_length=63)]
-    region: str = ""
-    access_key: str = ""
+    """An S3 bucket; ``endpoint`` is ``host[:port]`` without a scheme; ``prefix`` is a
+    relative key path without ``.`` or ``..`` segments."""
+
+    endpoint: Annotated[str, msgspec.Meta(min_length=1, max_length=260, pattern=_HOST)]
+    bucket: Annotated[
+        str, msgspec.Meta(min_length=3, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    ]
+    region: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_-]*$")] = ""
+    access_key: Annotated[str, msgspec.Meta(max_length=256, pattern=_PRINTABLE)] = ""
     secret_key: str = ""
     secure: bool = True
-    prefix: str = ""
+    prefix: PathText = ""
 
 
 class GdriveParams(Strict, kw_only=True):
-    root_path: str = "/"
+    root_path: PathText = "/"
 
 
 class DummyParams(Strict, kw_only=True):
@@ -86,7 +125,7 @@ class DestinationEncryption(Strict, kw_only=True):
 
 class Destination(Strict, kw_only=True):
     id: Id
-    name: str = ""
+    name: Name = ""
     driver_id: str
     enabled: bool = True
     params: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -95,40 +134,47 @@ class Destination(Strict, kw_only=True):
 
 class GdriveSettings(Strict, kw_only=True):
     scope: str = "https://www.googleapis.com/auth/drive.file"
-    root_path: str = "/"
+    root_path: PathText = "/"
     access_token: str = ""
     refresh_token: str = ""
-    account_email: str = ""
-    expires_at: str | int | float | None = None
+    account_email: Annotated[str, msgspec.Meta(max_length=320, pattern=_PRINTABLE)] = ""
+    expires_at: Timestamp = None
 
 
 class SftpSettings(Strict, kw_only=True):
-    host: str = ""
+    host: Host = ""
     port: Port = 22
-    username: str = ""
+    username: UserName = ""
     password: str = ""
     private_key: str = ""
-    base_path: str = "/"
+    base_path: PathText = "/"
 
 
 class BackupSettings(Strict, kw_only=True):
     driver_id: str = "filesystem"
-    base_path: str = msgspec.field(default="", name="base_path")
+    base_path: PathText = msgspec.field(default="", name="base_path")
     gdrive: GdriveSettings = msgspec.field(default_factory=GdriveSettings)
     sftp: SftpSettings = msgspec.field(default_factory=SftpSettings)
 
 
 class Server(Strict, kw_only=True):
-    """A hypervisor server. Empty ``host`` means the local libvirt (``qemu:///system``)."""
+    """A hypervisor server. Empty ``host`` means the local libvirt (``qemu:///system``).
+
+    A server with a ``host`` is reached over SSH (``password`` or ``private_key``), whose
+    host key ``host_key`` pins (set on first use by the gateway when empty); libvirt is
+    tunnelled through that connection unless ``uri`` is a ``qemu+tls://`` URI. ``uri``
+    may only name the transports ``check_libvirt_uri`` accepts.
+    """
 
     id: Id
-    name: str = ""
-    host: str = ""
+    name: Name = ""
+    host: Host = ""
     port: Port = 22
-    username: str = ""
+    username: UserName = ""
     password: str = ""
     private_key: str = ""
-    uri: str = ""
+    uri: Annotated[str, msgspec.Meta(max_length=2048, pattern=_PRINTABLE)] = ""
+    host_key: HostKey = ""
 
 
 class AgentConfig(Strict, kw_only=True):
@@ -166,7 +212,10 @@ def decode_config(data: bytes | dict[str, Any]) -> AgentConfig:
 
 
 def validate_config(cfg: AgentConfig) -> None:
-    """Cross-field checks: unique ids, known drivers, valid driver params, references."""
+    """Cross-field checks: unique ids, known drivers, valid driver params, references,
+    destinations that can only hurt (a system directory, a relative path, an S3 prefix
+    with ``..``, an SFTP login without a secret), libvirt URIs that run programs, and
+    host keys that cannot be read. Raises ``ConfigError`` naming the field."""
     seen: set[str] = set()
     for i, dest in enumerate(cfg.destinations):
         where = f"$.destinations[{i}]"
@@ -180,9 +229,10 @@ def validate_config(cfg: AgentConfig) -> None:
                 f"unknown driverId {dest.driver_id!r} (known: {known}) - at `{where}.driverId`"
             )
         try:
-            msgspec.convert(dest.params, type=schema, strict=True)
+            params = msgspec.convert(dest.params, type=schema, strict=True)
         except msgspec.ValidationError as exc:
             raise ConfigError(_rebase(str(exc), f"{where}.params")) from None
+        _check_params(params, f"{where}.params")
     for field, value in (
         ("backupDestinationId", cfg.backup_destination_id),
         ("restoreDestinationId", cfg.restore_destination_id),
@@ -191,9 +241,164 @@ def validate_config(cfg: AgentConfig) -> None:
             raise ConfigError(f"{field} {value!r} names no destination - at `$.{field}`")
     server_ids: set[str] = set()
     for i, server in enumerate(cfg.servers):
+        where = f"$.servers[{i}]"
         if server.id in server_ids:
-            raise ConfigError(f"duplicate server id {server.id!r} - at `$.servers[{i}].id`")
+            raise ConfigError(f"duplicate server id {server.id!r} - at `{where}.id`")
         server_ids.add(server.id)
+        _check_server(server, where)
+
+
+#: Directories of the operating system: a destination there (or ``/`` itself) could only
+#: damage the system or expose backups through it.
+SYSTEM_DIRECTORIES: Final = frozenset(
+    {
+        "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
+        "/run", "/sbin", "/sys", "/usr",
+    }
+)  # fmt: skip
+
+
+def _check_params(params: Strict, where: str) -> None:
+    if isinstance(params, FilesystemParams):
+        path = params.path
+        if not path.startswith("/"):
+            raise ConfigError(
+                f"path {path!r} must be absolute (a relative path depends on the directory "
+                f"a service runs in) - at `{where}.path`"
+            )
+        normal = posixpath.normpath(path)
+        normal = "/" + normal.lstrip("/")
+        top = "/" + normal.split("/")[1] if normal != "/" else "/"
+        if normal == "/" or top in SYSTEM_DIRECTORIES:
+            raise ConfigError(
+                f"path {path!r} is a system directory; choose a directory for backups "
+                f"(e.g. /var/backups/virtbackup) - at `{where}.path`"
+            )
+    elif isinstance(params, SftpParams):
+        if not params.password and not params.private_key:
+            raise ConfigError(f"give a password or a privateKey - at `{where}.password`")
+        _check_host_key(params.host_key, f"{where}.hostKey")
+    elif isinstance(params, S3Params):
+        for segment in params.prefix.strip("/").split("/"):
+            if segment in (".", "..") or (params.prefix.strip("/") and not segment):
+                raise ConfigError(
+                    f"prefix {params.prefix!r} must be a path inside the bucket, without "
+                    f"empty, '.' or '..' segments - at `{where}.prefix`"
+                )
+        if "\\" in params.prefix:
+            raise ConfigError(f"prefix must not contain a backslash - at `{where}.prefix`")
+    elif isinstance(params, GdriveParams) and ".." in params.root_path.split("/"):
+        raise ConfigError(f"rootPath must not contain '..' - at `{where}.rootPath`")
+
+
+def _check_server(server: Server, where: str) -> None:
+    problem = check_libvirt_uri(server.uri)
+    if problem is not None:
+        raise ConfigError(f"{problem} - at `{where}.uri`")
+    if server.host and server.uri in LOCAL_URIS:
+        raise ConfigError(
+            f"uri {server.uri!r} is this machine's libvirt but host {server.host!r} is set; "
+            f"leave uri empty to reach the host over SSH - at `{where}.uri`"
+        )
+    if server.host and not server.uri and not server.password and not server.private_key:
+        raise ConfigError(f"give a password or a privateKey - at `{where}.password`")
+    _check_host_key(server.host_key, f"{where}.hostKey")
+
+
+#: The local libvirt URIs a server may name.
+LOCAL_URIS: Final = frozenset({"qemu:///system", "qemu:///session"})
+
+
+def check_libvirt_uri(uri: str) -> str | None:
+    """Why ``uri`` may not be a server's libvirt URI, or None if it may (or is empty).
+
+    Accepted: this machine's ``qemu:///system`` or ``qemu:///session``, and
+    ``qemu+tls://host[:port]/system`` (or ``/session``) without parameters. Everything
+    else is refused: other transports (``qemu+ext`` runs a program, ``qemu+ssh`` runs
+    ``ssh``, ``qemu+tcp`` is unauthenticated, ``qemu+unix`` names a socket; a remote host
+    is reached over VirtBackup's own SSH tunnel: leave ``uri`` empty and set ``host``) and
+    every URI parameter (``command``, ``socket``, ``netcat``, ``keyfile``, ``pkipath``,
+    ``proxy``, ... name programs, sockets or files, ``no_verify`` turns checks off).
+    """
+    if not uri:
+        return None
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
+        return "uri must not contain control characters"
+    try:
+        parts = urlsplit(uri)
+        hostname = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        return f"uri {uri!r} cannot be parsed: {exc}"
+    if parts.query or parts.fragment:
+        names = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)]
+        named = ", ".join(repr(n) for n in names) or repr(parts.query or parts.fragment)
+        return (
+            f"uri {uri!r}: libvirt URI parameters are not accepted ({named}); they can "
+            "name programs, sockets or files"
+        )
+    scheme = parts.scheme.lower()
+    if scheme == "qemu":
+        if uri in LOCAL_URIS:
+            return None
+        return f"uri {uri!r}: this machine's libvirt is qemu:///system or qemu:///session"
+    if scheme == "qemu+tls":
+        if not hostname or parts.username or parts.password:
+            return f"uri {uri!r}: qemu+tls needs a host and no user (qemu+tls://host/system)"
+        if parts.path not in ("/system", "/session"):
+            return f"uri {uri!r}: the path must be /system or /session"
+        return None
+    return (
+        f"uri {uri!r}: transport {parts.scheme!r} is not supported; use qemu:///system, "
+        "qemu+tls://host/system, or leave uri empty and set host to reach libvirt over SSH"
+    )
+
+
+def _check_host_key(value: str, where: str) -> None:
+    if not value:
+        return
+    try:
+        host_key_fingerprint(value)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} - at `{where}`") from None
+
+
+def host_key_fingerprint(value: str) -> str:
+    """The ``SHA256:<base64>`` fingerprint of a host key given as an OpenSSH public key
+    line (``ssh-ed25519 AAAA... [comment]``, optionally preceded by host names as in
+    known_hosts) or as a fingerprint (returned as is). ValueError if it is neither."""
+    text = value.strip()
+    if text.upper().startswith("SHA256:"):
+        body = text[7:]
+        try:
+            raw = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError(f"host key fingerprint {text!r} is not a SHA256 fingerprint")
+        return "SHA256:" + body.rstrip("=")
+    return "SHA256:" + base64.b64encode(hashlib.sha256(_key_blob(text)).digest()).decode().rstrip(
+        "="
+    )
+
+
+def _key_blob(text: str) -> bytes:
+    words = text.split()
+    for start in range(min(2, len(words))):
+        if len(words) < start + 2:
+            break
+        algorithm, data = words[start], words[start + 1]
+        try:
+            blob = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        length = int.from_bytes(blob[:4], "big")
+        if blob[4 : 4 + length] == algorithm.encode():
+            return blob
+    raise ValueError(
+        "host key is neither an OpenSSH public key line (ssh-ed25519 AAAA...) nor a "
+        "SHA256: fingerprint"
+    )
 
 
 def destination_params(dest: Destination) -> Strict:
