@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 from harness import System
 
@@ -162,7 +163,38 @@ def _bad_cases() -> list[tuple[bytes | dict[str, Any], str]]:
             | {"servers": [{"id": "new", "password": "********"}]},
             "secret mask but no secret is stored",
         ),
+        # Configuration that can only hurt (issue 11, items 2, 6 and 7).
+        (
+            _with(["servers", 1, "uri"], "qemu+ext:///system?command=/tmp/evil.sh"),
+            "at `$.servers[1].uri`",
+        ),
+        (_with(["servers", 1, "uri"], "qemu+tcp://10.0.0.1/system"), "not supported"),
+        (_with(["servers", 1, "password"], ""), "give a password or a privateKey"),
+        (_with(["servers", 1, "host"], "kvm\x00evil"), "at `$.servers[1].host`"),
+        (_with(["destinations", 0, "params", "path"], "/"), "system directory"),
+        (_with(["destinations", 0, "params", "path"], "/etc"), "system directory"),
+        (_with(["destinations", 0, "params", "path"], "backups"), "must be absolute"),
+        (_with(["destinations", 0, "params", "path"], "/b\x00k"), ".params.path`"),
+        (
+            _with(["destinations", 1, "params", "username"], "backup\x00root"),
+            "at `$.destinations[1].params.username`",
+        ),
+        (
+            _with(["destinations", 1, "params", "password"], ""),
+            "password or a privateKey - at `$.destinations[1].params.password`",
+        ),
+        (
+            _with(["destinations", 0], {"id": "s3", "driverId": "s3", "params": S3_UP}),
+            "at `$.destinations[0].params.prefix`",
+        ),
+        (
+            _with(["backup", "gdrive", "expiresAt"], int("9" * 400)),
+            "at `$.backup.gdrive.expiresAt`",
+        ),
     ]
+
+
+S3_UP = {"endpoint": "s3.example.com", "bucket": "bkt", "prefix": "../other"}
 
 
 async def test_bad_config_is_a_400_naming_the_problem_and_changes_nothing(
@@ -175,6 +207,7 @@ async def test_bad_config_is_a_400_naming_the_problem_and_changes_nothing(
         resp = await _post(api, body)
         assert resp.status_code == 400, (message, resp.text)
         assert message in resp.json()["error"], (message, resp.json())
+        assert "Error" not in resp.json()["error"]  # no exception names
     assert (await api.get("/config")).json() == before
     assert (system.data_dir / "agent.yaml").read_text() == yaml_before
 
@@ -205,3 +238,48 @@ async def test_config_change_is_an_event(api: httpx.AsyncClient, system: System)
             assert secret not in msg.data.decode()
     finally:
         await nc.drain()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field", "changed"),
+    [
+        (["servers", 1, "host"], "10.9.9.9", "$.servers[1].password", "host"),
+        (["servers", 1, "port"], 2222, "$.servers[1].password", "port"),
+        (["servers", 1, "username"], "admin", "$.servers[1].password", "username"),
+        (["destinations", 1, "params", "host"], "evil.example", "params.password", "host"),
+        (["destinations", 1, "params", "port"], 2200, "$.destinations[1].params.password", "port"),
+        (["backup", "sftp", "host"], "evil.example", "$.backup.sftp.password", "host"),
+    ],
+)
+async def test_a_masked_secret_does_not_follow_a_changed_host(
+    api: httpx.AsyncClient,
+    system: System,
+    path: list[str | int],
+    value: Any,
+    field: str,
+    changed: str,
+) -> None:
+    doc = _with(["backup", "sftp", "password"], "legacy-secret")
+    assert (await _post(api, doc)).status_code == 200
+    masked = (await api.get("/config")).json()
+    target: Any = masked
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    resp = await _post(api, masked)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert f"the {changed} changed" in error
+    assert "give the password again" in error
+    assert f"{field}`" in error
+    stored = yaml.safe_load((system.data_dir / "agent.yaml").read_text())
+    assert stored["servers"][1]["host"] == "127.0.0.1"  # nothing changed
+    # Given again, the secret goes to the new place.
+    secret_at = [*path[:-1], "password"]
+    target["password"] = "new-secret"
+    assert (await _post(api, masked)).status_code == 200, secret_at
+    stored = yaml.safe_load((system.data_dir / "agent.yaml").read_text())
+    where: Any = stored
+    for key in secret_at:
+        where = where[key]
+    assert where == "new-secret"

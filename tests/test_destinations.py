@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import httpx
 import pytest
 import yaml
@@ -147,7 +148,11 @@ async def restore(api: httpx.AsyncClient, dest: str, xml_path: str) -> dict[str,
 async def test_sftp_test_endpoint(api: httpx.AsyncClient, sshd: SshdServer) -> None:
     params = sshd.params(sshd.make_base("probe"))
     ok = await api.post("/sftp/test", json=params)
-    assert ok.json() == {"success": True, "message": "SFTP connection successful (read/write OK)."}
+    assert ok.json() == {
+        "success": True,
+        "message": "SFTP connection successful (read/write OK).",
+        "hostKeyFingerprint": asyncssh.import_public_key(sshd.host_key).get_fingerprint(),
+    }
     # The masked password of a configured destination is looked up, not sent as is.
     masked = (await api.get("/config")).json()["destinations"][0]["params"]
     assert masked["password"] == "********"
@@ -159,6 +164,54 @@ async def test_sftp_test_endpoint(api: httpx.AsyncClient, sshd: SshdServer) -> N
     invalid = await api.post("/sftp/test", json={**params, "port": "22"})
     assert invalid.status_code == 400
     assert "port" in invalid.json()["error"]
+
+
+async def test_sftp_host_key_is_pinned_on_first_use_and_checked(
+    api: httpx.AsyncClient, sshd: SshdServer
+) -> None:
+    config = (await api.get("/config")).json()
+    first_use = sshd.params(sshd.make_base("tofu"), hostKey="")
+    config["destinations"].append({"id": "tofu", "driverId": "sftp", "params": first_use})
+    assert (await api.post("/config", json=config)).status_code == 200
+    config = (await api.get("/config")).json()
+    stored = config["destinations"][-1]["params"]
+    # Pinned when the configuration was saved: the key sshd really has, shown in GET /config.
+    assert asyncssh.import_public_key(stored["hostKey"]).public_data == (
+        asyncssh.import_public_key(sshd.host_key).public_data
+    )
+    pinned = asyncssh.import_public_key(sshd.host_key).get_fingerprint()
+    assert (await api.post("/sftp/test", json=stored)).json()["hostKeyFingerprint"] == pinned
+
+    # Another server with another host key answers at the same address (and would accept
+    # the same user and password): the stored password is not sent, both keys are named.
+    sshd.stop()
+    impostor = SshdServer(port=sshd.port)
+    try:
+        impostor.start()
+        presented = asyncssh.import_public_key(impostor.host_key).get_fingerprint()
+        assert presented != pinned
+        refused = (await api.post("/sftp/test", json=stored)).json()
+        assert refused["success"] is False
+        assert "does not match the pinned hostKey" in refused["message"]
+        assert f"pinned {pinned}" in refused["message"]
+        assert f"presented {presented}" in refused["message"]
+        assert "Accepted password" not in impostor.log_path.read_text()
+    finally:
+        impostor.close()
+        sshd.start()
+
+    # Moving the destination with its masked password is refused; nothing is stored.
+    moved = {**stored, "port": sshd.port + 1}
+    config["destinations"][-1]["params"] = moved
+    resp = await api.post("/config", json=config)
+    assert resp.status_code == 400
+    assert "give the password again: the port changed" in resp.json()["error"]
+    assert (
+        f"$.destinations[{len(config['destinations']) - 1}].params.password`"
+        in (resp.json()["error"])
+    )
+    config["destinations"].pop()
+    assert (await api.post("/config", json=config)).status_code == 200
 
 
 async def test_google_tokens_are_stored_masked_and_cleared(api: httpx.AsyncClient) -> None:

@@ -25,7 +25,7 @@ from virtbackup.storage.sftp import SftpDriver
 
 MINIMAL = {
     "filesystem": {"path": "/srv/backups"},
-    "sftp": {"host": "h", "username": "u", "password": "p"},
+    "sftp": {"host": "h", "username": "u", "password": "p", "hostKey": "SHA256:" + "A" * 43},
     "s3": {"endpoint": "h:9000", "bucket": "bucket"},
     "gdrive": {},
     "dummy": {},
@@ -126,6 +126,7 @@ async def test_roots_are_the_virtbackup_folder_of_the_base() -> None:
         ("sftp", {"host": "h", "username": "u", "password": "p", "port": "22"}, "port"),
         ("sftp", {"host": "h", "username": "u", "password": "p", "port": 70000}, "port"),
         ("sftp", {"host": "h", "username": "u"}, "password or a privateKey"),
+        ("sftp", {"host": "h", "username": "u", "password": "p"}, "host key of h:22 is not pinned"),
         ("sftp", {"host": "h", "username": "u", "base_path": "/x", "password": "p"}, "base_path"),
         ("s3", {"endpoint": "h:9000"}, "bucket"),
         ("s3", {"endpoint": "h:9000", "bucket": "b"}, "bucket"),

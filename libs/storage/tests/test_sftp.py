@@ -90,10 +90,19 @@ async def test_host_key_pinning(sshd: SshdServer) -> None:
         async with sftp(sshd, hostKey=pinned) as driver:
             await driver.put("k", b"pinned")
             assert await driver.get("k") == b"pinned"
-    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    other_key = asyncssh.generate_private_key("ssh-ed25519")
+    other = other_key.export_public_key().decode()
     async with sftp(sshd, hostKey=other) as driver:
-        with pytest.raises(PermanentError, match="host key"):
+        with pytest.raises(PermanentError, match="does not match the pinned hostKey") as info:
             await driver.put("k", b"x")
+    # Both fingerprints, so that an operator can tell a changed key from an attack.
+    assert f"pinned {other_key.get_fingerprint('sha256')}" in str(info.value)
+    assert f"presented {fingerprint}" in str(info.value)
+
+
+async def test_a_destination_without_a_pinned_host_key_is_refused(sshd: SshdServer) -> None:
+    with pytest.raises(InvalidParamsError, match="not pinned"):
+        open_driver("sftp", sshd.params("/tmp", hostKey=""))
 
 
 async def test_missing_base_path_is_permanent(sshd: SshdServer) -> None:

@@ -2,7 +2,9 @@
 
 ``open_driver`` validates ``params`` strictly with the schema of
 ``virtbackup.contracts.v1.config.DRIVER_PARAMS`` (camelCase keys, exact types, no unknown
-keys) and builds the driver. It does no I/O: connections are opened on first use, so
+keys) and builds the driver. An SFTP destination needs its ``hostKey`` (pinned by the
+gateway when the configuration is saved): without one it is refused, since its secret
+would go to whichever server answers. It does no I/O: connections are opened on first use, so
 use ``virtbackup.storage.probe.test_connection`` to check a destination.
 
 Every destination keeps the repository in a ``VirtBackup`` folder of its base (the
@@ -81,6 +83,12 @@ def _open_sftp(params: SftpParams, options: _Options) -> Driver:
 
     if not params.password and not params.private_key:
         raise InvalidParamsError("sftp: give a password or a privateKey")
+    if not params.host_key:
+        raise InvalidParamsError(
+            f"sftp: the host key of {params.host}:{params.port} is not pinned (hostKey), so "
+            "no secret is sent to it; save the configuration again while the server "
+            "answers (it pins the key), or give hostKey"
+        )
     base = posixpath.normpath(params.base_path or "/")
     return SftpDriver(
         host=params.host,

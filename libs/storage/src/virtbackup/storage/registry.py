@@ -26,7 +26,7 @@ _DESCRIPTIONS: Final = {
     "privateKey": "SSH private key, PEM or OpenSSH text",
     "basePath": "Existing directory on the server; the repository lives in its VirtBackup folder",
     "hostKey": "Expected server host key (OpenSSH public key line or SHA256: fingerprint); "
-    "empty accepts any key",
+    "when empty, the key the server presents when the configuration is saved is pinned",
     "endpoint": "S3 endpoint host:port (no scheme; see secure)",
     "bucket": "Existing bucket",
     "region": "Region (empty: ask the server)",

@@ -13,7 +13,9 @@ Authentication and host key
     Password and/or private key (PEM or OpenSSH text). No SSH agent, no ``~/.ssh``
     files are used. ``host_key`` pins the server's key (an OpenSSH public key line,
     optionally preceded by host names as in known_hosts, or a ``SHA256:`` fingerprint);
-    empty accepts any key. A refused login or a wrong host key is a ``PermanentError``.
+    empty accepts any key here, but ``open_driver`` refuses an SFTP destination without
+    one, so a configured destination always checks it. A refused login or a wrong host
+    key is a ``PermanentError`` (naming the pinned and the presented fingerprints).
 
 Timeouts
     ``connect_timeout`` bounds TCP connect, handshake and login together;
@@ -49,6 +51,7 @@ from typing import Final, TypeVar
 
 import asyncssh
 
+from virtbackup.contracts.v1.config import host_key_fingerprint
 from virtbackup.storage.base import DriverBase, check_range
 from virtbackup.storage.errors import (
     InvalidParamsError,
@@ -103,10 +106,13 @@ class _ClientHooks(asyncssh.SSHClient):
     def __init__(self, session: _Session | None, host_key: str) -> None:
         self.session = session
         self.host_key = host_key
+        #: The fingerprint of the key the server presented, once it has.
+        self.presented = ""
 
     def validate_host_public_key(
         self, host: str, addr: str, port: int, key: asyncssh.SSHKey
     ) -> bool:
+        self.presented = str(key.get_fingerprint("sha256"))
         return host_key_matches(key, self.host_key)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -116,17 +122,23 @@ class _ClientHooks(asyncssh.SSHClient):
 
 def host_key_matches(key: asyncssh.SSHKey, expected: str) -> bool:
     """Whether ``key`` is the one ``expected`` names (public key line or SHA256: fingerprint)."""
-    expected = expected.strip()
-    if expected.upper().startswith("SHA256:"):
-        return bool(key.get_fingerprint("sha256") == "SHA256:" + expected[7:])
+    try:
+        return bool(host_key_fingerprint(expected) == key.get_fingerprint("sha256"))
+    except ValueError:
+        return False
+
+
+def host_key_algorithms(expected: str) -> list[str] | None:
+    """The signature algorithms of a pinned public key line (so that the server presents
+    that key), or None for a fingerprint (any algorithm)."""
     words = expected.split()
     for start in range(min(2, len(words))):
         try:
-            wanted = asyncssh.import_public_key(" ".join(words[start:]))
+            key = asyncssh.import_public_key(" ".join(words[start:]))
         except (asyncssh.KeyImportError, ValueError):
             continue
-        return bool(wanted.public_data == key.public_data)
-    return False
+        return [alg.decode() for alg in key.sig_algorithms]
+    return None
 
 
 @dataclass(eq=False)
@@ -215,6 +227,7 @@ class SftpDriver(DriverBase):
                     password=self._password or None,
                     client_keys=self._client_keys,
                     known_hosts=([], [], []) if self._host_key else None,
+                    server_host_key_algs=host_key_algorithms(self._host_key) or (),
                     agent_path=None,
                     config=None,
                     preferred_auth=("publickey", "password", "keyboard-interactive"),
@@ -236,7 +249,10 @@ class SftpDriver(DriverBase):
             ) from exc
         except asyncssh.HostKeyNotVerifiable as exc:
             raise PermanentError(
-                f"SFTP host key of {self.host}:{self.port} does not match hostKey: {exc.reason}"
+                f"SFTP host key of {self.host}:{self.port} does not match the pinned hostKey: "
+                f"pinned {_fingerprint(self._host_key)}, presented {hooks.presented or '?'} "
+                "(if the server's key really changed, set hostKey to the new key or clear it "
+                "and save the configuration again)"
             ) from exc
         except socket.gaierror as exc:
             raise PermanentError(f"SFTP host {self.host!r} cannot be resolved: {exc}") from exc
@@ -506,6 +522,13 @@ class SftpDriver(DriverBase):
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
                     await session.conn.wait_closed()
+
+
+def _fingerprint(host_key: str) -> str:
+    try:
+        return host_key_fingerprint(host_key)
+    except ValueError:
+        return repr(host_key)
 
 
 def _is_key(key: str) -> bool:

@@ -192,12 +192,15 @@ class SshdServer:
 
     def params(self, base_path: str, *, key: bool = False, **extra: Any) -> dict[str, Any]:
         """SFTP destination params (wire names) logging in by password, or by key if ``key``
-        (``extra`` overrides any of them). ValueError for a password login to the root role."""
+        (``extra`` overrides any of them), with this server's ``hostKey`` pinned (pass
+        ``hostKey=""`` to leave it to pinning on first use). ValueError for a password
+        login to the root role."""
         params: dict[str, Any] = {
             "host": self.host,
             "port": self.port,
             "username": self.username,
             "basePath": base_path,
+            "hostKey": self.host_key,
         }
         if key:
             params["privateKey"] = self.private_key

@@ -3,7 +3,10 @@
 On first start (no configuration in the bucket) ``agent.yaml`` is imported if present;
 after every change the configuration is exported back to ``agent.yaml`` (mode 0600:
 it holds secrets). Secrets are masked on the way out; posting a mask back keeps the
-stored secret, so a GET-edit-POST round trip never erases one.
+stored secret, so a GET-edit-POST round trip never erases one, but only while the
+secret would still go where it went (``host_keys.check_masked_secrets``): a changed
+host, port, user or endpoint needs the secret again. Saving pins the SSH host keys of
+new endpoints (``host_keys.pin_host_keys``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from virtbackup.contracts.v1.config import (
     decode_config,
     encode_config,
 )
+from virtbackup.gateway.host_keys import check_masked_secrets, forget_moved_pins, pin_host_keys
 from virtbackup.runtime.agent_config import read_agent_config, update_agent_config
 from virtbackup.runtime.errors import BadRequest, Conflict
 
@@ -135,14 +139,17 @@ class ConfigStore:
         return cfg
 
     async def replace(self, body: bytes) -> int:
-        """Validate ``body`` (a whole configuration), keep masked secrets, and store it.
+        """Validate ``body`` (a whole configuration), keep masked secrets, pin new host
+        keys, and store it.
 
-        Nothing is stored unless the whole document is valid. Returns the new revision.
+        Nothing is stored unless the whole document is valid; ``BadRequest`` names the
+        field (also for a masked secret whose host, port, user or endpoint changed).
+        Returns the new revision.
         """
         if not body.strip():
             raise BadRequest("request body must be a JSON object (the whole configuration)")
         try:
-            decode_config(body)
+            posted_cfg = decode_config(body)
         except msgspec.DecodeError as exc:
             raise BadRequest(f"malformed JSON: {exc}") from None
         except (msgspec.ValidationError, ConfigError) as exc:
@@ -150,8 +157,10 @@ class ConfigStore:
         posted = msgspec.json.decode(body)
         for _ in range(5):
             current, revision = await self.load()
+            check_masked_secrets(posted_cfg, current)
             merged = unmask_secrets(posted, config_to_builtins(current))
-            cfg = decode_config(msgspec.json.encode(merged))
+            cfg = forget_moved_pins(decode_config(msgspec.json.encode(merged)), current)
+            cfg = await pin_host_keys(cfg)
             try:
                 if revision:
                     new_revision = await self.kv.update(

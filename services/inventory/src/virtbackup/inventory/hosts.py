@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import asyncssh
 
-from virtbackup.contracts.v1.config import Server, check_libvirt_uri
+from virtbackup.contracts.v1.config import Server, check_libvirt_uri, host_key_fingerprint
 from virtbackup.runtime.errors import Unavailable
 from virtbackup.virt import Connection, open_connection, open_ssh_connection
 from virtbackup.virt.connection import LOCAL_SYSTEM_URI
@@ -30,13 +30,45 @@ from virtbackup.virt.host import Host, LocalHost, SshHost
 log = logging.getLogger(__name__)
 
 
+class _PinnedHostKey(asyncssh.SSHClient):
+    """Accepts only the server's pinned host key, and remembers the one presented."""
+
+    def __init__(self, pinned: str) -> None:
+        self.pinned = pinned
+        self.presented = ""
+
+    def validate_host_public_key(
+        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
+    ) -> bool:
+        self.presented = str(key.get_fingerprint("sha256"))
+        try:
+            return host_key_fingerprint(self.pinned) == self.presented
+        except ValueError:
+            return False
+
+
+def _host_key_algorithms(pinned: str) -> list[str] | None:
+    """The signature algorithms of a pinned key line (None for a bare fingerprint)."""
+    words = pinned.split()
+    for start in range(min(2, len(words))):
+        try:
+            key = asyncssh.import_public_key(" ".join(words[start:]))
+        except (asyncssh.KeyImportError, ValueError):
+            continue
+        return [alg.decode() for alg in key.sig_algorithms]
+    return None
+
+
 def ssh_options(server: Server, timeout: float) -> dict[str, object]:
-    """asyncssh options for ``server``: password and/or key, bounded connect time."""
+    """asyncssh options for ``server``: password and/or key, bounded connect time, and
+    only its pinned host key trusted (the host key check itself is ``_PinnedHostKey``)."""
     options: dict[str, object] = {
         "host": server.host,
         "port": server.port,
         "username": server.username or "root",
-        "known_hosts": None,
+        "known_hosts": ([], [], []),
+        "server_host_key_algs": _host_key_algorithms(server.host_key) or (),
+        "config": None,
         "connect_timeout": timeout,
         "login_timeout": timeout,
         "agent_path": None,
@@ -53,24 +85,49 @@ def ssh_options(server: Server, timeout: float) -> dict[str, object]:
 
 
 async def ssh_connect(server: Server, timeout: float) -> asyncssh.SSHClientConnection:
-    """An authenticated SSH connection, or ``Unavailable`` with the reason."""
+    """An authenticated SSH connection, or ``Unavailable`` with the reason.
+
+    The server must present its pinned ``hostKey``: without one nothing is sent (the
+    gateway pins it when the configuration is saved); a different key is refused with
+    both fingerprints, before any secret is sent.
+    """
+    where = f"{server.host}:{server.port}"
+    if not server.host_key:
+        raise Unavailable(
+            f"server {server.id}: the SSH host key of {where} is not pinned (hostKey), so "
+            "no secret is sent to it; save the configuration again while the host answers "
+            "(it pins the key), or give hostKey"
+        )
+    client = _PinnedHostKey(server.host_key)
     try:
         return await asyncio.wait_for(
-            asyncssh.connect(**ssh_options(server, timeout)),
+            asyncssh.connect(client_factory=lambda: client, **ssh_options(server, timeout)),
             timeout,
         )
+    except asyncssh.HostKeyNotVerifiable:
+        raise Unavailable(
+            f"server {server.id}: the SSH host key of {where} does not match the pinned "
+            f"hostKey: pinned {_fingerprint(server.host_key)}, presented "
+            f"{client.presented or '?'} (if the host's key really changed, set hostKey to "
+            "the new key or clear it and save the configuration again)"
+        ) from None
     except asyncssh.PermissionDenied:
         raise Unavailable(
             f"server {server.id}: SSH authentication failed for {server.username or 'root'}"
         ) from None
     except TimeoutError:
         raise Unavailable(
-            f"server {server.id}: no SSH answer from {server.host}:{server.port} in {timeout:g}s"
+            f"server {server.id}: no SSH answer from {where} in {timeout:g}s"
         ) from None
     except (OSError, asyncssh.Error) as exc:
-        raise Unavailable(
-            f"server {server.id}: SSH to {server.host}:{server.port}: {exc}"
-        ) from None
+        raise Unavailable(f"server {server.id}: SSH to {where}: {exc}") from None
+
+
+def _fingerprint(host_key: str) -> str:
+    try:
+        return host_key_fingerprint(host_key)
+    except ValueError:
+        return repr(host_key)
 
 
 @dataclass

@@ -8,7 +8,13 @@ import msgspec
 from litestar import Controller, Request, post
 
 from virtbackup.contracts.subjects import EventType
-from virtbackup.contracts.v1.config import SECRET_MASK, AgentConfig, SftpParams
+from virtbackup.contracts.v1.config import (
+    SECRET_MASK,
+    AgentConfig,
+    SftpParams,
+    host_key_fingerprint,
+)
+from virtbackup.gateway.host_keys import HostKeyUnavailable, fetch_host_key
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.errors import BadRequest
 from virtbackup.storage.errors import InvalidParamsError, StorageError
@@ -34,36 +40,60 @@ async def _json_object(
     return body
 
 
-def _stored_sftp_secret(cfg: AgentConfig, params: dict[str, Any], key: str) -> str:
-    """The stored secret of the configured SFTP destination this test names."""
+def _configured_sftp(cfg: AgentConfig, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The params of the configured SFTP destination at the same host, port and user."""
+    port = params.get("port", 22)
     for dest in cfg.destinations:
         p = dest.params
         if (
             dest.driver_id == "sftp"
             and p.get("host") == params.get("host")
+            and p.get("port", 22) == port
             and p.get("username") == params.get("username")
         ):
-            value = p.get(key, "")
-            return value if isinstance(value, str) else ""
+            return p
     sftp = cfg.backup.sftp
-    if sftp.host == params.get("host") and sftp.username == params.get("username"):
-        return sftp.password if key == "password" else sftp.private_key
-    raise BadRequest(f"{key} is the secret mask but no such SFTP destination is configured")
+    if (sftp.host, sftp.port, sftp.username) == (params.get("host"), port, params.get("username")):
+        return {"password": sftp.password, "privateKey": sftp.private_key}
+    return None
 
 
 class DestinationsController(Controller):
     @post("/sftp/test", status_code=200)
     async def sftp_test(self, gw: Gateway, request: Request[Any, Any, Any]) -> dict[str, Any]:
-        """Write, read back and delete a probe in ``<basePath>/VirtBackup`` over SFTP."""
+        """Write, read back and delete a probe in ``<basePath>/VirtBackup`` over SFTP.
+
+        A masked secret is the one of the configured destination at the same host, port
+        and user (else 400). Without ``hostKey``, the configured destination's pinned key
+        is checked, or, for a server not configured yet, the key it presents now is used.
+        The answer carries ``hostKeyFingerprint``, the SHA256 fingerprint checked.
+        """
         params = await _json_object(request)
         cfg, _ = await gw.config.load()
+        configured = _configured_sftp(cfg, params)
         for key in ("password", "privateKey"):
             if params.get(key) == SECRET_MASK:
-                params[key] = _stored_sftp_secret(cfg, params, key)
+                stored = configured.get(key) if configured is not None else None
+                if not isinstance(stored, str) or not stored:
+                    raise BadRequest(
+                        f"{key} is the secret mask but no SFTP destination with this host, "
+                        "port and username is configured"
+                    )
+                params[key] = stored
         try:
-            msgspec.convert(params, SftpParams, strict=True)
+            typed = msgspec.convert(params, SftpParams, strict=True)
         except msgspec.ValidationError as exc:
             raise BadRequest(f"invalid SFTP parameters: {exc}") from None
+        if not typed.host_key:
+            pinned = configured.get("hostKey") if configured is not None else None
+            if isinstance(pinned, str) and pinned:
+                params["hostKey"] = pinned
+            else:
+                try:
+                    params["hostKey"] = await fetch_host_key(typed.host, typed.port)
+                except HostKeyUnavailable as exc:
+                    return {"success": False, "message": f"SFTP test failed: {exc}"}
+        fingerprint = host_key_fingerprint(params["hostKey"])
         try:
             driver = open_driver("sftp", params)
         except InvalidParamsError as exc:
@@ -71,10 +101,14 @@ class DestinationsController(Controller):
         try:
             message = await test_connection(driver)
         except StorageError as exc:
-            return {"success": False, "message": f"SFTP test failed: {exc}"}
+            return {
+                "success": False,
+                "message": f"SFTP test failed: {exc}",
+                "hostKeyFingerprint": fingerprint,
+            }
         finally:
             await driver.close()
-        return {"success": True, "message": message}
+        return {"success": True, "message": message, "hostKeyFingerprint": fingerprint}
 
     @post("/oauth/google", status_code=200)
     async def store_google(self, gw: Gateway, request: Request[Any, Any, Any]) -> dict[str, bool]:

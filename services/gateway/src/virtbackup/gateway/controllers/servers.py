@@ -8,6 +8,7 @@ import msgspec
 from litestar import Controller, get, post
 
 from virtbackup.contracts.subjects import InventoryCmd, JobCmd
+from virtbackup.contracts.v1.config import host_key_fingerprint
 from virtbackup.contracts.v1.inventory import (
     CleanupResult,
     Ok,
@@ -99,7 +100,9 @@ class ServersController(Controller):
 
     @post("/test", status_code=200)
     async def test_ssh(self, gw: Gateway, server_id: str) -> dict[str, Any]:
-        """Test the SSH connection: ``success`` false with the reason when it fails."""
+        """Test the SSH connection: ``success`` false with the reason when it fails;
+        ``hostKeyFingerprint`` is the pinned host key's SHA256 fingerprint (empty while
+        none is pinned)."""
         result = await gw.bus.request(
             InventoryCmd.TEST_SSH,
             ServerRef(server_id=server_id),
@@ -109,6 +112,12 @@ class ServersController(Controller):
         body: dict[str, Any] = {"success": result.success}
         if result.message:
             body["message"] = result.message
+        cfg, _ = await gw.config.load()
+        server = next((s for s in cfg.servers if s.id == server_id), None)
+        if server is not None and server.host:
+            body["hostKeyFingerprint"] = (
+                host_key_fingerprint(server.host_key) if server.host_key else ""
+            )
         return body
 
     @post("/actions", status_code=200)
