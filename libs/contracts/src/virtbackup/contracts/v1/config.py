@@ -83,10 +83,18 @@ class SftpParams(Strict, kw_only=True):
 
 
 class S3Params(Strict, kw_only=True):
-    """An S3 bucket; ``endpoint`` is ``host[:port]`` without a scheme; ``prefix`` is a
+    """An S3 bucket; ``endpoint`` is ``host[:port]`` (an ``http://`` or ``https://`` in
+    front overrides ``secure``); ``prefix`` is a
     relative key path without ``.`` or ``..`` segments."""
 
-    endpoint: Annotated[str, msgspec.Meta(min_length=1, max_length=260, pattern=_HOST)]
+    endpoint: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=270,
+            pattern=r"^(?:[Hh][Tt][Tt][Pp][Ss]?://)?(?!-)[A-Za-z0-9_.:%\[\]-]+/?$",
+        ),
+    ]
     bucket: Annotated[
         str, msgspec.Meta(min_length=3, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     ]
