@@ -164,6 +164,9 @@ async def test_sftp_test_endpoint(api: httpx.AsyncClient, sshd: SshdServer) -> N
     invalid = await api.post("/sftp/test", json={**params, "port": "22"})
     assert invalid.status_code == 400
     assert "port" in invalid.json()["error"]
+    nul = await api.post("/sftp/test", json={**params, "username": "vbtest\x00root"})
+    assert nul.status_code == 400
+    assert "at `$.username`" in nul.json()["error"]
 
 
 async def test_sftp_host_key_is_pinned_on_first_use_and_checked(
@@ -237,6 +240,13 @@ async def test_google_tokens_are_stored_masked_and_cleared(api: httpx.AsyncClien
     assert missing.status_code == 400
     assert "refreshToken is required" in missing.json()["error"]
     assert (await api.post("/oauth/google", json={**body, "expiresAt": "soon"})).status_code == 400
+    for absurd in (int("9" * 400), "9" * 400):
+        resp = await api.post("/oauth/google", json={**body, "expiresAt": absurd})
+        assert resp.status_code == 400, resp.text
+        assert "expiresAt" in resp.json()["error"]
+    resp = await api.post("/oauth/google", json={**body, "accountEmail": "u@x\x00"})
+    assert resp.status_code == 400
+    assert "accountEmail must not contain control characters" in resp.json()["error"]
     assert (await api.post("/oauth/google/clear")).json() == {"success": True}
     cleared = (await api.get("/config")).json()["backup"]["gdrive"]
     assert cleared["accessToken"] == cleared["refreshToken"] == ""
