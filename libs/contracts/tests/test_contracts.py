@@ -181,3 +181,17 @@ def test_host_key_fingerprints() -> None:
     assert host_key_fingerprint(fingerprint) == fingerprint
     with pytest.raises(ValueError, match="SHA256 fingerprint"):
         host_key_fingerprint("SHA256:short")
+
+
+def test_a_stored_config_that_breaks_a_newer_rule_still_loads() -> None:
+    from virtbackup.contracts.v1.config import ConfigError, decode_config, decode_stored_config
+
+    raw = (
+        b'{"servers": [{"id": "s1", "name": "old", "host": "",'
+        b' "uri": "qemu+ext:///system?command=/tmp/x"}]}'
+    )
+    cfg, problem = decode_stored_config(raw)
+    assert cfg.servers[0].id == "s1"
+    assert problem is not None and "servers[0].uri" in problem
+    with pytest.raises(ConfigError):
+        decode_config(raw)

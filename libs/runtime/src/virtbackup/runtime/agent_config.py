@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import msgspec
@@ -14,11 +15,13 @@ from virtbackup.contracts.v1.config import (
     Destination,
     GdriveSettings,
     Server,
-    decode_config,
+    decode_stored_config,
     encode_config,
     validate_config,
 )
 from virtbackup.runtime.errors import Conflict, NotFound
+
+log = logging.getLogger(__name__)
 
 
 async def read_agent_config(kv: KeyValue) -> tuple[AgentConfig, int]:
@@ -29,7 +32,12 @@ async def read_agent_config(kv: KeyValue) -> tuple[AgentConfig, int]:
         return AgentConfig(), 0
     if entry.value is None:
         return AgentConfig(), 0
-    return decode_config(entry.value), entry.revision or 0
+    cfg, problem = decode_stored_config(entry.value)
+    if problem:
+        log.warning(
+            "the stored configuration breaks a rule (fix it with POST /config): %s", problem
+        )
+    return cfg, entry.revision or 0
 
 
 def find_destination(cfg: AgentConfig, destination_id: str | None) -> Destination:

@@ -219,6 +219,19 @@ def decode_config(data: bytes | dict[str, Any]) -> AgentConfig:
     return cfg
 
 
+def decode_stored_config(data: bytes) -> tuple[AgentConfig, str | None]:
+    """Decode a configuration that was stored earlier: its shape is checked, and a rule
+    it breaks (one added since it was saved) is returned as a message instead of raised,
+    so that a stricter release never stops the services over a config they ran with.
+    Every use of a field the rules guard checks it again where it is used."""
+    cfg = msgspec.json.decode(data, type=AgentConfig)
+    try:
+        validate_config(cfg)
+    except ConfigError as exc:
+        return cfg, str(exc)
+    return cfg, None
+
+
 def validate_config(cfg: AgentConfig) -> None:
     """Cross-field checks: unique ids, known drivers, valid driver params, references,
     destinations that can only hurt (a system directory, a relative path, an S3 prefix
