@@ -41,6 +41,9 @@ from virtbackup.contracts.v1.common import SERVER_ID_PATTERN
 from virtbackup.runtime.ports import free_port
 from virtbackup.testing.libvirtd import ensure_libvirtd
 
+# The agent listener's certificate is self-signed: requests are made with verify=False.
+pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+
 #: Examples per operation and mode: enough to reach every field, small enough that both
 #: listeners take well under a minute on two cores.
 MAX_EXAMPLES = 10

@@ -115,9 +115,16 @@ def check_body(body: bytes) -> None:
             raise BadRequest(f"a string holds a NUL character - at `{where}`")
 
 
+_PARAM_TYPE = re.compile(r"\{(\w+):[^}]*\}")
+
+
 def _allowed_methods(request: Request[Any, Any, Any]) -> str:
+    # The scope's template is written ``{name}``; the router's ``{name:type}``.
     template = request.scope.get("path_template", "")
-    methods = set(request.app.route_handler_method_map.get(template, {}))
+    methods: set[str] = set()
+    for path, handlers in request.app.route_handler_method_map.items():
+        if _PARAM_TYPE.sub(r"{\1}", path) == template:
+            methods.update(handlers)
     methods.discard("asgi")
     methods.add("OPTIONS")
     return ", ".join(sorted(methods))
