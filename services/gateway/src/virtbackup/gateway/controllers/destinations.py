@@ -93,6 +93,8 @@ class DestinationsController(Controller):
     async def store_google(self, gw: Gateway, request: Request[Any, Any, Any]) -> dict[str, bool]:
         """Keep the Google account's tokens (``expiresAt``: seconds, ms or ISO-8601)."""
         body = await _json_object(request)
+        if not body.get("refreshToken"):
+            raise BadRequest("refreshToken is required")
         try:
             msgspec.convert(body, GoogleTokensBody, strict=True)
         except msgspec.ValidationError as exc:
