@@ -271,6 +271,10 @@ class SftpDriver(DriverBase):
             raise TransientError(
                 f"SFTP connection to {self.host}:{self.port} failed: {exc.reason}"
             ) from exc
+        except ValueError as exc:  # a host or username SSH cannot carry (SASLprep, IDNA)
+            raise InvalidParamsError(
+                f"SFTP parameters for {self.where} are unusable: {exc}"
+            ) from exc
         return session
 
     async def _current(self) -> tuple[_Session, bool]:

@@ -8,16 +8,19 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins import InitPluginProtocol
 
+from virtbackup.contracts.v1.config import AgentConfig, SftpParams
 from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.controllers.agent import HealthController
 from virtbackup.gateway.controllers.config import ConfigController
-from virtbackup.gateway.controllers.destinations import DestinationsController
+from virtbackup.gateway.controllers.destinations import DestinationsController, GoogleTokensBody
 from virtbackup.gateway.controllers.events import EventsController
 from virtbackup.gateway.controllers.jobs import JobsController
 from virtbackup.gateway.controllers.restore import RestoreController
 from virtbackup.gateway.controllers.servers import ServersController
 from virtbackup.gateway.controllers.system import SystemController
+from virtbackup.gateway.edge import check_request
 from virtbackup.gateway.errors import HANDLERS
+from virtbackup.gateway.openapi import finish_document
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__
 
@@ -33,8 +36,17 @@ CONTROLLERS = [
 ]
 
 
+#: Bodies that handlers decode themselves (masked secrets, ``expiresAt``'s three forms).
+RAW_BODIES = {
+    ("POST", "/config"): AgentConfig,
+    ("POST", "/sftp/test"): SftpParams,
+    ("POST", "/oauth/google"): GoogleTokensBody,
+}
+
+
 class GatewayPlugin(InitPluginProtocol):
-    """Registers the controllers, the ``gw`` dependency and the error translation."""
+    """Registers the controllers, the ``gw`` dependency, the request checks
+    (``edge.check_request``) and the error translation."""
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
@@ -48,15 +60,20 @@ class GatewayPlugin(InitPluginProtocol):
         app_config.route_handlers.extend(CONTROLLERS)
         app_config.dependencies["gw"] = Provide(provide_gateway, sync_to_thread=False)
         app_config.exception_handlers.update(HANDLERS)
+        app_config.before_request = check_request
         return app_config
 
 
 def create_app(gw: Gateway) -> Litestar:
-    """The agent API (served as written) plus the native API under ``/api/v1``."""
+    """The agent API (served as written) plus the native API under ``/api/v1``.
+
+    Its OpenAPI document (``/schema/openapi.json``) describes every body, success and
+    error response (``openapi.finish_document``).
+    """
     from litestar.contrib.opentelemetry import OpenTelemetryConfig
 
     otel = OpenTelemetryConfig(tracer_provider=None)
-    return Litestar(
+    app = Litestar(
         plugins=[GatewayPlugin(gw)],
         middleware=[otel.middleware],
         openapi_config=OpenAPIConfig(title="VirtBackup", version=__version__, path="/schema"),
@@ -64,6 +81,8 @@ def create_app(gw: Gateway) -> Litestar:
         debug=False,
         logging_config=None,
     )
+    finish_document(app, RAW_BODIES, {("POST", "/config"): (409,)})
+    return app
 
 
 def create_asgi(gw: Gateway) -> TokenAuth:

@@ -1,14 +1,25 @@
-"""Errors become ``{"error": "<message>"}`` with the right status, at the edge only."""
+"""Errors become ``{"error": "<message>"}`` with the right status, at the edge only.
+
+A message a client sees is written for it: a fault of kind ``internal`` (a bug, or an
+error nobody classified) and any unhandled exception are logged in full, with a request
+id, and answered ``{"error": "internal error (request id <id>)"}`` (the id also in the
+``x-request-id`` header), so no exception name or internal detail reaches a client.
+"""
 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
+import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import ResponseSpec
 from litestar.types import ExceptionHandlersMap
+from opentelemetry import trace
 
+from virtbackup.contracts.v1.common import NAME_MAX_LENGTH, SERVER_ID_PATTERN, VM_NAME_PATTERN
 from virtbackup.runtime.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -22,14 +33,83 @@ STATUS_BY_CODE = {
 }
 
 
-def _error(status: int, message: str) -> Response[dict[str, str]]:
-    return Response({"error": message}, status_code=status)
+#: What the name patterns mean, for messages a person reads.
+_PATTERNS = {
+    VM_NAME_PATTERN: f"a VM name (1 to {NAME_MAX_LENGTH} characters, no control character or '/')",
+    SERVER_ID_PATTERN: "a server id (letters, digits, '_', '.', ':' and '-')",
+}
 
 
-def service_error(_: Request[Any, Any, Any], exc: ServiceError) -> Response[dict[str, str]]:
+def readable(message: str) -> str:
+    """A msgspec validation message with the name patterns said in words."""
+    for pattern, meaning in _PATTERNS.items():
+        message = message.replace(f"`str` matching regex {pattern!r}", meaning)
+    return message
+
+
+class ErrorBody(msgspec.Struct):
+    """Every error response of both listeners: what went wrong, for a person to read."""
+
+    error: str
+
+
+DESCRIPTIONS = {
+    400: "Bad request: the message names the field or parameter",
+    401: "No or wrong token",
+    404: "Not found: the message names what",
+    409: "Conflict with the current state",
+    413: "Request body too large",
+    415: "The body is not declared as application/json",
+    500: "Internal error (logged with the request id the message gives)",
+    502: "A destination or server answered with an error: the message names it",
+    503: "A service, server or destination is unavailable: a retry can help",
+}
+
+
+def responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI responses ``{"error": str}`` for ``statuses`` (for a route decorator)."""
+    return {
+        status: ResponseSpec(data_container=ErrorBody, description=DESCRIPTIONS[status])
+        for status in statuses
+    }
+
+
+def _error(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> Response[dict[str, str]]:
+    return Response({"error": message}, status_code=status, headers=headers)
+
+
+def request_id() -> str:
+    """The current trace id when a trace is recorded (it finds every log line of the
+    request in every service), else a random one."""
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        return format(ctx.trace_id, "032x")
+    return uuid.uuid4().hex
+
+
+def _internal(
+    request: Request[Any, Any, Any], detail: str, exc: BaseException | None
+) -> Response[dict[str, str]]:
+    rid = request_id()
+    log.error(
+        "internal error on %s %s: %s",
+        request.method,
+        request.url.path,
+        detail,
+        exc_info=exc,
+        extra={"request_id": rid},
+    )
+    return _error(500, f"internal error (request id {rid})", {"x-request-id": rid})
+
+
+def service_error(request: Request[Any, Any, Any], exc: ServiceError) -> Response[dict[str, str]]:
     status = STATUS_BY_CODE.get(exc.code, 500)
+    if status == 500:
+        return _internal(request, f"fault {exc.code}: {exc.message}", None)
     if status >= 500:
-        log.error("service error: %s", exc.message)
+        log.warning("%s %s: %s", request.method, request.url.path, exc.message)
     return _error(status, exc.message)
 
 
@@ -44,7 +124,7 @@ def validation_error(
                 msg = item.get("message", "")
                 details.append(f"{msg} (at {key})" if key else str(msg))
     message = "; ".join(details) or exc.detail
-    return _error(400, f"invalid request: {message}")
+    return _error(400, readable(f"invalid request: {message}"))
 
 
 def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, str]]:
@@ -55,6 +135,8 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
         return _error(405, f"method not allowed: {where}")
     if exc.status_code == 413:
         return _error(413, f"request body too large (limit {_limit(request)} bytes)")
+    if exc.status_code == 500:
+        return _internal(request, f"{type(exc).__name__}: {exc.detail}", exc)
     return _error(exc.status_code, exc.detail)
 
 
@@ -63,8 +145,7 @@ def _limit(request: Request[Any, Any, Any]) -> object:
 
 
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _error(500, "internal error")
+    return _internal(request, "unhandled exception", exc)
 
 
 HANDLERS: ExceptionHandlersMap = {

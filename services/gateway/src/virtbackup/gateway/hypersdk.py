@@ -3,7 +3,9 @@
 Served here: health, status and VM discovery against the inventory's libvirt servers.
 vSphere is not a source VirtBackup has: a request naming only ``vcenter_url`` is refused
 with a clear 400. A libvirt VM is addressed by ``server_id`` and its name, or by
-``vm_path`` written ``<server_id>/<vm name>``.
+``vm_path`` written ``<server_id>/<vm name>``; a server id or VM name that no server
+could have (a control character, a ``/`` in a name, too long) is a 400 naming the field.
+Requests pass the same checks as the agent API's (``edge.check_request``).
 """
 
 from __future__ import annotations
@@ -12,16 +14,19 @@ import asyncio
 from typing import Any
 
 import msgspec
-from litestar import Controller, Litestar, get, post
+from litestar import Controller, Litestar, Response, get, post
 from litestar.di import Provide
-from litestar.openapi import OpenAPIConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 
 from virtbackup.contracts import buckets
 from virtbackup.contracts.subjects import InventoryCmd, JobCmd
+from virtbackup.contracts.v1.common import ServerId, VmName
 from virtbackup.contracts.v1.inventory import Ok, ServerRef, ServerVms, VmInfo, VmRef
 from virtbackup.contracts.v1.jobs import JobList, JobListRequest
 from virtbackup.gateway.auth import TokenAuth
-from virtbackup.gateway.errors import HANDLERS
+from virtbackup.gateway.edge import check_request
+from virtbackup.gateway.errors import HANDLERS, readable, responses
+from virtbackup.gateway.openapi import finish_document
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__, timeouts
 from virtbackup.runtime.errors import BadRequest, NotFound
@@ -39,10 +44,19 @@ class VmRequest(msgspec.Struct, kw_only=True):
     password: str = ""
 
 
+def _checked(value: str, kind: type[str], field: str) -> str:
+    """``value`` if it is a valid ``kind`` (``ServerId``, ``VmName``), else a 400 naming
+    ``field``."""
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(readable(f"invalid {field}: {exc}")) from None
+
+
 def server_of(server_id: str, vcenter_url: str) -> str:
     """The libvirt server a request names; vSphere-only requests are refused."""
     if server_id:
-        return server_id
+        return _checked(server_id, ServerId, "server_id")
     if vcenter_url:
         raise BadRequest("vSphere sources are not supported: name a libvirt server_id")
     raise BadRequest("server_id is required")
@@ -51,9 +65,12 @@ def server_of(server_id: str, vcenter_url: str) -> str:
 def vm_ref(req: VmRequest) -> VmRef:
     """The libvirt VM a request names (``server_id`` + name, or ``vm_path``)."""
     server, name = req.server_id, req.vm_name
+    server_field, name_field = "server_id", "vm_name"
     if req.vm_path:
+        name_field = "vm_path"
         if "/" in req.vm_path and not server:
             server, name = req.vm_path.split("/", 1)
+            server_field = "vm_path"
         else:
             name = req.vm_path
     if not server:
@@ -62,7 +79,10 @@ def vm_ref(req: VmRequest) -> VmRef:
         raise BadRequest("server_id is required (or vm_path as '<server_id>/<vm name>')")
     if not name:
         raise BadRequest("vm_path (or vm_name) is required")
-    return VmRef(server_id=server, vm_name=name)
+    return VmRef(
+        server_id=_checked(server, ServerId, server_field),
+        vm_name=_checked(name, VmName, name_field),
+    )
 
 
 def vm_view(info: VmInfo, server_id: str) -> dict[str, Any]:
@@ -77,11 +97,23 @@ def vm_view(info: VmInfo, server_id: str) -> dict[str, Any]:
     }
 
 
+class HealthStatus(msgspec.Struct):
+    status: str
+
+
 class HyperSdkController(Controller):
-    @get("/health")
-    async def health(self, gw: Gateway) -> dict[str, str]:
-        """``ok`` while the bus is connected."""
-        return {"status": "ok" if gw.bus.connected else "degraded"}
+    @get(
+        "/health",
+        responses={
+            503: ResponseSpec(HealthStatus, description="``degraded``: the bus is disconnected")
+        },
+    )
+    async def health(self, gw: Gateway) -> Response[HealthStatus]:
+        """200 ``ok`` while the bus is connected, else 503 ``degraded`` (so that a load
+        balancer sends no traffic to a gateway that cannot reach the services)."""
+        if gw.bus.connected:
+            return Response(HealthStatus("ok"))
+        return Response(HealthStatus("degraded"), status_code=503)
 
     @get("/status")
     async def status(self, gw: Gateway) -> dict[str, int]:
@@ -101,7 +133,7 @@ class HyperSdkController(Controller):
             "active_workers": min(workers, running),
         }
 
-    @get("/vms/list")
+    @get("/vms/list", responses=responses(404))
     async def list_vms(
         self, gw: Gateway, server_id: str = "", vcenter_url: str = ""
     ) -> dict[str, Any]:
@@ -126,7 +158,7 @@ class HyperSdkController(Controller):
         )
         return {"vms": [vm_view(i, server) for i in infos], "total": len(infos)}
 
-    @get("/vms/info")
+    @get("/vms/info", responses=responses(404))
     async def vm_info(
         self, gw: Gateway, vm_path: str = "", server_id: str = "", vcenter_url: str = ""
     ) -> dict[str, Any]:
@@ -163,19 +195,19 @@ class HyperSdkController(Controller):
         )
         await gw.bus.request(InventoryCmd.ACTION, request, Ok, timeout=timeouts.INVENTORY_QUERY)
 
-    @post("/vms/shutdown", status_code=200)
+    @post("/vms/shutdown", status_code=200, responses=responses(404, 409))
     async def shutdown(self, gw: Gateway, data: VmRequest) -> dict[str, str]:
         """Ask the guest to shut down (ACPI)."""
         await self._action(gw, data, "shutdown")
         return {"message": "VM shutdown initiated"}
 
-    @post("/vms/poweroff", status_code=200)
+    @post("/vms/poweroff", status_code=200, responses=responses(404, 409))
     async def poweroff(self, gw: Gateway, data: VmRequest) -> dict[str, str]:
         """Power the VM off at once."""
         await self._action(gw, data, "poweroff")
         return {"message": "VM powered off"}
 
-    @post("/vms/remove-cdrom", status_code=200)
+    @post("/vms/remove-cdrom", status_code=200, responses=responses(404, 409))
     async def remove_cdrom(self, gw: Gateway, data: VmRequest) -> dict[str, str]:
         """Eject the media of every CD-ROM drive."""
         await gw.bus.request(
@@ -194,8 +226,10 @@ def create_hypersdk_asgi(gw: Gateway) -> TokenAuth:
         route_handlers=[HyperSdkController],
         dependencies={"gw": Provide(provide_gateway, sync_to_thread=False)},
         exception_handlers=HANDLERS,
+        before_request=check_request,
         openapi_config=OpenAPIConfig(title="VirtBackup (HyperSDK API)", version=__version__),
         request_max_body_size=gw.settings.max_body_bytes,
         logging_config=None,
     )
+    finish_document(app, {})
     return TokenAuth(app, gw.token)  # type: ignore[arg-type]

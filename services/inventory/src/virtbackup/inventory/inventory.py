@@ -145,9 +145,12 @@ class Inventory:
                 domains = await list_domains(conn)
                 vms = {}
                 for dom in domains:
-                    vms[dom.name] = await self._status(
-                        entry, dom.name, dom.uuid, str(dom.power_state)
-                    )
+                    try:
+                        vms[dom.name] = await self._status(
+                            entry, dom.name, dom.uuid, str(dom.power_state)
+                        )
+                    except VirtNotFound:  # undefined while the list was read: it is gone
+                        continue
             except VirtError as exc:
                 entry.host.reachable, entry.host.error = False, f"server {server_id}: {exc}"
                 raise Unavailable(entry.host.error) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from xml.etree import ElementTree as ET
 
 import msgspec
@@ -48,8 +49,8 @@ from virtbackup.runtime import timeouts
 from virtbackup.runtime.agent_config import find_destination, find_server
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.commands import Commands
-from virtbackup.runtime.errors import BadRequest, Conflict, NotFound
-from virtbackup.storage.errors import NotFoundError
+from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, Unavailable
+from virtbackup.storage.errors import NotFoundError, StorageError
 
 log = logging.getLogger(__name__)
 commands: Commands[JobContext] = Commands()
@@ -166,6 +167,20 @@ async def sanity(jc: JobContext, req: SanityRequest) -> Job:
     )
 
 
+@contextlib.contextmanager
+def destination_faults(destination_id: str) -> Iterator[None]:
+    """A destination's storage errors as faults naming it: 503 (``Unavailable``) whether
+    it is unreachable or refuses (a wrong password, a missing bucket), 404 for a missing
+    object, instead of an internal error."""
+    try:
+        yield
+    except NotFoundError as exc:
+        raise NotFound(f"destination {destination_id!r}: {exc}") from None
+    except StorageError as exc:
+        state = "is unreachable" if exc.retryable else "cannot be used"
+        raise Unavailable(f"destination {destination_id!r} {state}: {exc}") from None
+
+
 @commands.handler(JobCmd.RESTORE_ENTRIES, RestoreEntriesRequest)
 async def restore_entries(jc: JobContext, req: RestoreEntriesRequest) -> RestoreEntries:
     """Every restore point of a destination, newest first per VM."""
@@ -179,17 +194,19 @@ async def restore_entries(jc: JobContext, req: RestoreEntriesRequest) -> Restore
         dest = matching[0]
     else:
         dest = find_destination(cfg, cfg.restore_destination_id or cfg.backup_destination_id)
-    try:
-        # Listing needs no key: backup.json is plaintext.
-        repo = await jc.repository(dest.id, create=False, locked=True)
-    except RepositoryError:
-        return RestoreEntries(entries=[])
-    try:
-        entries = [await _entry(repo, point, dest.id) for point in await repo.restore_points()]
-        entries.sort(key=lambda e: (e.vm_name, e.timestamp), reverse=True)
-        return RestoreEntries(entries=entries)
-    finally:
-        await repo.close()
+    with destination_faults(dest.id):
+        try:
+            # Listing needs no key: backup.json is plaintext.
+            repo = await jc.repository(dest.id, create=False, locked=True)
+        except RepositoryError:
+            return RestoreEntries(entries=[])
+        try:
+            points = await repo.restore_points()
+            entries = [await _entry(repo, point, dest.id) for point in points]
+            entries.sort(key=lambda e: (e.vm_name, e.timestamp), reverse=True)
+            return RestoreEntries(entries=entries)
+        finally:
+            await repo.close()
 
 
 async def open_point(
@@ -203,18 +220,19 @@ async def open_point(
     cfg = await jc.config()
     wanted = destination_id or cfg.restore_destination_id
     dest = find_destination(cfg, wanted or cfg.backup_destination_id)
-    try:
-        repo = await jc.repository(dest.id, create=False)
-    except NoRepositoryError as exc:
-        raise NotFound(f"destination {dest.id}: {exc}") from None
-    except RepositoryError as exc:
-        raise BadRequest(f"destination {dest.id}: {exc}") from None
-    try:
-        return dest.id, await repo.restore_point(xml_path)
-    except NotFoundError:
-        raise NotFound(f"no restore point {xml_path} in destination {dest.id}") from None
-    finally:
-        await repo.close()
+    with destination_faults(dest.id):
+        try:
+            repo = await jc.repository(dest.id, create=False)
+        except NoRepositoryError as exc:
+            raise NotFound(f"destination {dest.id}: {exc}") from None
+        except RepositoryError as exc:
+            raise BadRequest(f"destination {dest.id}: {exc}") from None
+        try:
+            return dest.id, await repo.restore_point(xml_path)
+        except NotFoundError:
+            raise NotFound(f"no restore point {xml_path} in destination {dest.id}") from None
+        finally:
+            await repo.close()
 
 
 async def precheck_point(

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Final, Generic, Literal, TypeVar
+from typing import Annotated, Final, Generic, Literal, TypeVar
 
 import msgspec
 
 T = TypeVar("T")
+
+#: What a server id may be: what ``AgentConfig.servers[].id`` allows (the gateway
+#: refuses anything else with a 400 naming the field, the services at their bus edge).
+#: ``(?![\s\S])`` is the end of the string (``$`` would allow a final newline).
+SERVER_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]+(?![\s\S])"
+#: A libvirt domain name as a request may name one: no control character (a NUL would
+#: reach libvirt's C API) and no ``/`` (libvirt refuses it in names).
+VM_NAME_PATTERN: Final = r"^[^\x00-\x1f\x7f/]+(?![\s\S])"
+NAME_MAX_LENGTH: Final = 200
+
+ServerId = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=NAME_MAX_LENGTH, pattern=SERVER_ID_PATTERN)
+]
+VmName = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=NAME_MAX_LENGTH, pattern=VM_NAME_PATTERN)
+]
 
 FaultCode = Literal["bad_request", "not_found", "conflict", "unavailable", "internal"]
 

@@ -6,19 +6,19 @@ from typing import Final, Literal
 
 import msgspec
 
-from virtbackup.contracts.v1.common import Message
+from virtbackup.contracts.v1.common import Message, ServerId, VmName
 
 PowerState = Literal["running", "shutoff", "paused", "shutdown", "crashed", "suspended", "unknown"]
 VmAction = Literal["start", "reboot", "shutdown", "forceReset", "forceOff"]
 
 
 class ServerRef(Message, frozen=True, kw_only=True):
-    server_id: str
+    server_id: ServerId
 
 
 class VmRef(Message, frozen=True, kw_only=True):
-    server_id: str
-    vm_name: str
+    server_id: ServerId
+    vm_name: VmName
 
 
 class Vm(Message, frozen=True, kw_only=True):
@@ -64,8 +64,8 @@ class Ok(Message, frozen=True, kw_only=True):
 
 
 class VmActionRequest(Message, frozen=True, kw_only=True):
-    server_id: str
-    vm_name: str
+    server_id: ServerId
+    vm_name: VmName
     action: VmAction
 
 

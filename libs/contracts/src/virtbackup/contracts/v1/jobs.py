@@ -6,7 +6,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from virtbackup.contracts.v1.common import Message
+from virtbackup.contracts.v1.common import Message, ServerId, VmName
 
 JobType = Literal["backup", "restore", "sanity", "migration"]
 JobState = Literal["queued", "running", "success", "failure", "canceled"]
@@ -78,8 +78,8 @@ class JobCancelRequest(Message, frozen=True, kw_only=True):
 class BackupRequest(Message, frozen=True, kw_only=True):
     """``POST /servers/{id}/backup``: back up every disk of a VM."""
 
-    server_id: str
-    vm_name: str
+    server_id: ServerId
+    vm_name: VmName
     destination_id: str | None = None
     fresh: bool = False
 
@@ -87,7 +87,7 @@ class BackupRequest(Message, frozen=True, kw_only=True):
 class RestoreRequest(Message, frozen=True, kw_only=True):
     """``POST /servers/{id}/restore/start``."""
 
-    server_id: str
+    server_id: ServerId
     xml_path: str
     decision: Literal["overwrite", "define"]
     destination_id: str | None = None
@@ -123,7 +123,7 @@ class RestoreEntries(Message, frozen=True, kw_only=True):
 
 
 class PrecheckRequest(Message, frozen=True, kw_only=True):
-    server_id: str
+    server_id: ServerId
     xml_path: str
     destination_id: str | None = None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, post
@@ -14,6 +14,7 @@ from virtbackup.contracts.v1.config import (
     SftpParams,
     host_key_fingerprint,
 )
+from virtbackup.gateway.errors import responses
 from virtbackup.gateway.host_keys import HostKeyUnavailable, fetch_host_key
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.errors import BadRequest
@@ -21,6 +22,18 @@ from virtbackup.storage.errors import InvalidParamsError, StorageError
 from virtbackup.storage.factory import open_driver
 from virtbackup.storage.google_auth import GoogleTokens
 from virtbackup.storage.probe import test_connection
+
+
+class GoogleTokensBody(msgspec.Struct, kw_only=True, rename="camel"):
+    """The body of ``POST /oauth/google``: its shape is checked with this type, then
+    ``GoogleTokens.from_wire`` reads it (``expiresAt`` in its three forms)."""
+
+    refresh_token: Annotated[str, msgspec.Meta(min_length=1)]
+    access_token: str | None = None
+    scope: str | None = None
+    account_email: str | None = None
+    #: Unix seconds, Unix milliseconds (up to 2**53), or an ISO-8601 time.
+    expires_at: Annotated[int, msgspec.Meta(ge=0, le=2**53)] | str | None = None
 
 
 async def _json_object(
@@ -110,11 +123,18 @@ class DestinationsController(Controller):
             await driver.close()
         return {"success": True, "message": message, "hostKeyFingerprint": fingerprint}
 
-    @post("/oauth/google", status_code=200)
+    @post("/oauth/google", status_code=200, responses=responses(409))
     async def store_google(self, gw: Gateway, request: Request[Any, Any, Any]) -> dict[str, bool]:
         """Keep the Google account's tokens (``expiresAt``: seconds, ms or ISO-8601)."""
+        body = await _json_object(request)
+        if not body.get("refreshToken"):
+            raise BadRequest("refreshToken is required")
         try:
-            tokens = GoogleTokens.from_wire(await _json_object(request))
+            msgspec.convert(body, GoogleTokensBody, strict=True)
+        except msgspec.ValidationError as exc:
+            raise BadRequest(f"invalid Google tokens: {exc}") from None
+        try:
+            tokens = GoogleTokens.from_wire(body)
         except InvalidParamsError as exc:
             raise BadRequest(str(exc)) from None
 
@@ -126,7 +146,7 @@ class DestinationsController(Controller):
         await gw.bus.publish_event(EventType.CONFIG_CHANGED, {"section": "backup.gdrive"})
         return {"success": True}
 
-    @post("/oauth/google/clear", status_code=200)
+    @post("/oauth/google/clear", status_code=200, responses=responses(409))
     async def clear_google(self, gw: Gateway) -> dict[str, bool]:
         """Forget the Google account's tokens."""
 

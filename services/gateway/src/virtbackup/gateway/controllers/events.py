@@ -14,6 +14,8 @@ from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.events import EventFeed, EventStart
 
 KEEPALIVE_SECONDS = 15.0
+#: The largest ``Last-Event-ID``: a stream sequence (JetStream's are unsigned 64-bit).
+MAX_EVENT_ID = 2**63 - 1
 _encoder = msgspec.json.Encoder()
 
 
@@ -22,12 +24,19 @@ class EventsController(Controller):
     async def events(
         self,
         gw: Gateway,
-        last_event_id: int | None = Parameter(header="Last-Event-ID", default=None, ge=0),
+        last_event_id: int | None = Parameter(
+            header="Last-Event-ID",
+            default=None,
+            ge=0,
+            le=MAX_EVENT_ID,
+            description="Resume after this event (its stream sequence)",
+        ),
     ) -> ServerSentEvent:
         """``ready``, then every event of ``VB_EVENTS`` as it happens.
 
         Each message's SSE id is its stream sequence: a client that reconnects with
-        ``Last-Event-ID`` resumes after it, within the stream's retention.
+        ``Last-Event-ID`` resumes after it, within the stream's retention. A
+        ``Last-Event-ID`` that is not an integer from 0 to ``MAX_EVENT_ID`` is a 400.
         """
         start: EventStart = "new" if last_event_id is None else last_event_id + 1
         # Open the feed before "ready" so that nothing published after "ready" is missed.

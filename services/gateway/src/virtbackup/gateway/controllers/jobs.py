@@ -15,6 +15,7 @@ from virtbackup.contracts.v1.jobs import (
     JobList,
     JobListRequest,
 )
+from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 
 
@@ -33,12 +34,12 @@ class JobsController(Controller):
         jobs = await gw.bus.request(JobCmd.LIST, JobListRequest(), JobList)
         return [job_view(j) for j in jobs.jobs]
 
-    @get("/{job_id:str}")
+    @get("/{job_id:str}", responses=responses(404))
     async def get_job(self, gw: Gateway, job_id: str) -> dict[str, Any]:
         """One job with its progress (404 for an unknown id)."""
         return job_view(await gw.bus.request(JobCmd.GET, JobGetRequest(id=job_id), Job))
 
-    @post("/{job_id:str}/cancel", status_code=200)
+    @post("/{job_id:str}/cancel", status_code=200, responses=responses(404, 409))
     async def cancel_job(self, gw: Gateway, job_id: str) -> dict[str, bool]:
         """Cancel a queued or running job (409 if it has finished)."""
         await gw.bus.request(JobCmd.CANCEL, JobCancelRequest(id=job_id), Job)

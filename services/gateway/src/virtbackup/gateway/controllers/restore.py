@@ -15,6 +15,7 @@ from virtbackup.contracts.v1.jobs import (
     RestoreEntriesRequest,
     SanityRequest,
 )
+from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
 
@@ -28,7 +29,7 @@ class SanityBody(msgspec.Struct, kw_only=True, rename="camel"):
 class RestoreController(Controller):
     path = "/restore"
 
-    @get("/entries")
+    @get("/entries", responses=responses(404))
     async def entries(
         self,
         gw: Gateway,
@@ -44,7 +45,7 @@ class RestoreController(Controller):
         assert isinstance(out, list)
         return out
 
-    @post("/sanity", status_code=200)
+    @post("/sanity", status_code=200, responses=responses(404, 409))
     async def sanity(self, gw: Gateway, data: SanityBody) -> dict[str, str]:
         """Start a job that re-reads a restore point and checks every chunk's hash."""
         request = SanityRequest(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, get, post
+from litestar.params import Parameter
 
 from virtbackup.contracts.subjects import InventoryCmd, JobCmd
+from virtbackup.contracts.v1.common import NAME_MAX_LENGTH, SERVER_ID_PATTERN, VmName
 from virtbackup.contracts.v1.config import host_key_fingerprint
 from virtbackup.contracts.v1.inventory import (
     CleanupResult,
@@ -25,9 +27,21 @@ from virtbackup.contracts.v1.jobs import (
     PrecheckResult,
     RestoreRequest,
 )
+from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
 from virtbackup.runtime.errors import NotFound
+
+#: A server id in a path: what a configured server's id may be (else 400 naming it).
+ServerIdParam = Annotated[
+    str,
+    Parameter(
+        description="A configured server's id",
+        min_length=1,
+        max_length=NAME_MAX_LENGTH,
+        pattern=SERVER_ID_PATTERN,
+    ),
+]
 
 
 async def destination_of_driver(gw: Gateway, driver_id: str | None) -> str | None:
@@ -43,15 +57,15 @@ async def destination_of_driver(gw: Gateway, driver_id: str | None) -> str | Non
 
 class ActionBody(msgspec.Struct, kw_only=True, rename="camel"):
     action: VmAction
-    vm_name: str
+    vm_name: VmName
 
 
 class VmBody(msgspec.Struct, kw_only=True, rename="camel"):
-    vm_name: str
+    vm_name: VmName
 
 
 class BackupBody(msgspec.Struct, kw_only=True, rename="camel"):
-    vm_name: str
+    vm_name: VmName
     destination_id: str | None = None
     fresh: bool = False
     #: Accepted for backward compatibility: a destination of this driver is used.
@@ -74,8 +88,8 @@ class RestoreBody(msgspec.Struct, kw_only=True, rename="camel"):
 class ServersController(Controller):
     path = "/servers/{server_id:str}"
 
-    @get("/vms")
-    async def vms(self, gw: Gateway, server_id: str) -> list[dict[str, Any]]:
+    @get("/vms", responses=responses(404))
+    async def vms(self, gw: Gateway, server_id: ServerIdParam) -> list[dict[str, Any]]:
         """The server's VMs from the cache, with ``hasOverlay`` for backup leftovers."""
         result = await gw.bus.request(
             InventoryCmd.VMS,
@@ -87,8 +101,8 @@ class ServersController(Controller):
         assert isinstance(out, list)
         return out
 
-    @post("/refresh", status_code=200)
-    async def refresh(self, gw: Gateway, server_id: str) -> dict[str, bool]:
+    @post("/refresh", status_code=200, responses=responses(404))
+    async def refresh(self, gw: Gateway, server_id: ServerIdParam) -> dict[str, bool]:
         """Re-read the server's VMs now."""
         await gw.bus.request(
             InventoryCmd.REFRESH,
@@ -98,8 +112,8 @@ class ServersController(Controller):
         )
         return {"success": True}
 
-    @post("/test", status_code=200)
-    async def test_ssh(self, gw: Gateway, server_id: str) -> dict[str, Any]:
+    @post("/test", status_code=200, responses=responses(404))
+    async def test_ssh(self, gw: Gateway, server_id: ServerIdParam) -> dict[str, Any]:
         """Test the SSH connection: ``success`` false with the reason when it fails;
         ``hostKeyFingerprint`` is the pinned host key's SHA256 fingerprint (empty while
         none is pinned)."""
@@ -120,15 +134,19 @@ class ServersController(Controller):
             )
         return body
 
-    @post("/actions", status_code=200)
-    async def action(self, gw: Gateway, server_id: str, data: ActionBody) -> dict[str, bool]:
+    @post("/actions", status_code=200, responses=responses(404, 409))
+    async def action(
+        self, gw: Gateway, server_id: ServerIdParam, data: ActionBody
+    ) -> dict[str, bool]:
         """start, reboot, shutdown, forceReset or forceOff a VM (409 if its state forbids)."""
         request = VmActionRequest(server_id=server_id, vm_name=data.vm_name, action=data.action)
         await gw.bus.request(InventoryCmd.ACTION, request, Ok, timeout=timeouts.INVENTORY_QUERY)
         return {"success": True}
 
-    @post("/backup", status_code=200)
-    async def backup(self, gw: Gateway, server_id: str, data: BackupBody) -> dict[str, str]:
+    @post("/backup", status_code=200, responses=responses(404, 409))
+    async def backup(
+        self, gw: Gateway, server_id: ServerIdParam, data: BackupBody
+    ) -> dict[str, str]:
         """Back up every disk of a VM (incremental when the checkpoint chain allows)."""
         destination_id = data.destination_id or await destination_of_driver(gw, data.driver_id)
         request = BackupRequest(
@@ -140,8 +158,10 @@ class ServersController(Controller):
         job = await gw.bus.request(JobCmd.BACKUP, request, Job, timeout=timeouts.JOB_COMMAND)
         return {"jobId": job.id}
 
-    @post("/restore/precheck", status_code=200)
-    async def precheck(self, gw: Gateway, server_id: str, data: PrecheckBody) -> dict[str, bool]:
+    @post("/restore/precheck", status_code=200, responses=responses(404))
+    async def precheck(
+        self, gw: Gateway, server_id: ServerIdParam, data: PrecheckBody
+    ) -> dict[str, bool]:
         """Whether the VM exists, and whether defining alone would bring it back."""
         request = PrecheckRequest(
             server_id=server_id, xml_path=data.xml_path, destination_id=data.destination_id
@@ -151,8 +171,10 @@ class ServersController(Controller):
         )
         return {"vmExists": result.vm_exists, "canDefineOnly": result.can_define_only}
 
-    @post("/restore/start", status_code=200)
-    async def restore(self, gw: Gateway, server_id: str, data: RestoreBody) -> dict[str, str]:
+    @post("/restore/start", status_code=200, responses=responses(404, 409))
+    async def restore(
+        self, gw: Gateway, server_id: ServerIdParam, data: RestoreBody
+    ) -> dict[str, str]:
         """Restore a point: ``overwrite`` writes new disks and defines, ``define`` defines."""
         destination_id = data.destination_id or await destination_of_driver(gw, data.driver_id)
         request = RestoreRequest(
@@ -164,8 +186,8 @@ class ServersController(Controller):
         job = await gw.bus.request(JobCmd.RESTORE, request, Job, timeout=timeouts.JOB_COMMAND)
         return {"jobId": job.id}
 
-    @post("/cleanup", status_code=200)
-    async def cleanup(self, gw: Gateway, server_id: str, data: VmBody) -> dict[str, Any]:
+    @post("/cleanup", status_code=200, responses=responses(404, 409))
+    async def cleanup(self, gw: Gateway, server_id: ServerIdParam, data: VmBody) -> dict[str, Any]:
         """Abort a stale backup job, drop stale checkpoints and scratch files, commit overlays."""
         request = VmRef(server_id=server_id, vm_name=data.vm_name)
         result = await gw.bus.request(

@@ -1,0 +1,157 @@
+"""What every request must be before a handler sees it (both listeners).
+
+``check_request`` runs before Litestar decodes anything (an app-level ``before_request``
+hook), so no handler, and no command it sends, ever sees:
+
+- a body that is not declared JSON: 415 (``application/json`` or ``application/*+json``;
+  no route takes another type). A JSON body sent as ``text/plain`` needs no CORS
+  preflight from a browser, so it must not be accepted as JSON;
+- a body that is not UTF-8, nests deeper than ``MAX_JSON_DEPTH`` or holds a NUL
+  character in a string: 400 naming the place (``at `$.vmName```). msgspec has no depth
+  limit of its own: a 50,000-deep document would raise ``RecursionError`` in the decoder;
+- a NUL character in a path or query parameter: 400 naming the parameter.
+
+It also answers ``OPTIONS`` itself with every method of the path: Litestar's own answer
+lists only the methods of the handler registered first when a path has several.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
+from virtbackup.runtime.errors import BadRequest
+
+#: How deeply a JSON body may nest objects and arrays (the configuration needs 5).
+MAX_JSON_DEPTH = 64
+
+_JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$", re.ASCII)
+#: A JSON string literal (escapes included), matched without backtracking.
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
+#: Every byte but the four brackets, to be deleted.
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+#: An escaped NUL: ``\u0000`` after an even number of backslashes.
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000", re.IGNORECASE)
+
+
+class UnsupportedMediaType(HTTPException):
+    """415: the request has a body that is not declared JSON."""
+
+    status_code = 415
+
+
+def is_json(content_type: str) -> bool:
+    """Whether a ``Content-Type`` value names JSON (parameters such as charset ignored)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return bool(_JSON_TYPE.match(media))
+
+
+def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON text ``body`` nests objects/arrays more than ``limit`` deep.
+
+    Brackets inside strings do not count. Runs in C-speed passes (at most ``limit`` of
+    them, each over the brackets only), so a 10 MB body costs milliseconds. A body that
+    is not well-formed may be answered either way; the decoder refuses it next.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    opening = brackets.translate(bytes.maketrans(b"{}", b"[]"))
+    run = b"[" * (limit + 1)
+    # Each pass removes the innermost level; anything left after ``limit`` is deeper.
+    for _ in range(limit):
+        if run in opening:
+            return True
+        shorter = _INNERMOST.sub(b"", brackets)
+        if shorter == brackets:  # nothing left, or not balanced: the decoder decides
+            return False
+        brackets = shorter
+        opening = brackets.translate(bytes.maketrans(b"{}", b"[]"))
+    return bool(brackets)
+
+
+def nul_path(value: Any, path: str = "$") -> str | None:
+    """The JSON path of the first string (or object key) in ``value`` holding a NUL."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}".replace("\x00", "\\u0000")
+            if "\x00" in key:
+                return where
+            found = nul_path(item, where)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = nul_path(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def check_body(body: bytes) -> None:
+    """Refuse a JSON body that is not UTF-8, too deep, or has a NUL in a string.
+
+    Raises ``BadRequest`` (400) whose message names the byte or the JSON path.
+    """
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"request body is not valid UTF-8 (at byte {exc.start})") from None
+    if json_too_deep(body):
+        raise BadRequest(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+    if _NUL_ESCAPE.search(body):
+        try:
+            where = nul_path(msgspec.json.decode(body))
+        except msgspec.DecodeError:
+            return  # malformed: the handler's decoder says where
+        if where:
+            raise BadRequest(f"a string holds a NUL character - at `{where}`")
+
+
+_PARAM_TYPE = re.compile(r"\{(\w+):[^}]*\}")
+
+
+def _allowed_methods(request: Request[Any, Any, Any]) -> str:
+    # The scope's template is written ``{name}``; the router's ``{name:type}``.
+    template = request.scope.get("path_template", "")
+    methods: set[str] = set()
+    for path, handlers in request.app.route_handler_method_map.items():
+        if _PARAM_TYPE.sub(r"{\1}", path) == template:
+            methods.update(handlers)
+    methods.discard("asgi")
+    methods.add("OPTIONS")
+    return ", ".join(sorted(methods))
+
+
+async def check_request(request: Request[Any, Any, Any]) -> Response[None] | None:
+    """The app-level ``before_request`` hook: see the module docstring.
+
+    Returns the answer to ``OPTIONS``; raises ``UnsupportedMediaType`` (415) or
+    ``BadRequest`` (400) for a request no handler may see; else returns None.
+    """
+    if request.method == "OPTIONS":
+        return Response(None, status_code=204, headers={"Allow": _allowed_methods(request)})
+    for kind, params in (("path", request.path_params), ("query", request.query_params)):
+        for name, value in params.items():
+            if isinstance(value, str) and "\x00" in value:
+                raise BadRequest(f"{kind} parameter {name} holds a NUL character")
+    headers = request.headers
+    declared = headers.get("content-length", "0").strip() not in ("", "0")
+    if declared or "transfer-encoding" in headers:
+        content_type = headers.get("content-type", "")
+        if not is_json(content_type):
+            got = content_type.split(";", 1)[0].strip() or "none"
+            raise UnsupportedMediaType(
+                detail=f"unsupported content type {got!r}: send the body as application/json"
+            )
+        body = await request.body()
+        if body:
+            check_body(body)
+    return None

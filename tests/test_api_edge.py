@@ -1,0 +1,268 @@
+"""Bad input at both listeners: 400 naming the field, 415 for bodies not declared JSON,
+503 naming an unusable destination; never a 500 or an exception name in a body.
+
+The module has a system of its own: a test replaces the configuration, and the last two
+stop a service and NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import msgspec
+import nats
+import pytest
+from harness import System, running_system
+from nats.aio.msg import Msg
+
+from virtbackup.contracts.subjects import InventoryCmd, JobCmd
+from virtbackup.runtime.ports import free_port
+from virtbackup.testing.libvirtd import ensure_libvirtd
+
+#: What a Python exception's name looks like in a message.
+EXCEPTION_NAME = re.compile(r"\b\w*(?:Error|Exception)\b|Traceback")
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    ensure_libvirtd()
+    data = tmp_path_factory.mktemp("edge")
+    repo = data / "repo"
+    repo.mkdir(mode=0o700)
+    with running_system(data, orchestrators=1) as system:
+        closed = free_port()
+        cfg = {
+            "servers": [{"id": "local", "name": "This host", "host": ""}],
+            "destinations": [
+                {"id": "fs", "name": "fs", "driverId": "filesystem", "params": {"path": str(repo)}},
+                {"id": "dead-sftp", "name": "dead", "driverId": "sftp",
+                 "params": {"host": "127.0.0.1", "port": closed, "username": "u",
+                            "password": "p", "basePath": "/b"}},
+                {"id": "dead-s3", "name": "dead", "driverId": "s3",
+                 "params": {"endpoint": f"127.0.0.1:{closed}", "bucket": "bucket",
+                            "accessKey": "a", "secretKey": "s", "secure": False}},
+            ],
+            "backupDestinationId": "fs",
+        }  # fmt: skip
+        resp = httpx.post(
+            f"{system.url}/config", json=cfg, headers=system.auth(), verify=False, timeout=15
+        )
+        assert resp.status_code == 200, resp.text
+        yield system
+
+
+@pytest.fixture
+async def agent(edge: System) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=edge.url, headers=edge.auth(), verify=False, timeout=30
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+async def hypersdk(edge: System) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=edge.hypersdk_url, headers=edge.auth(), timeout=30
+    ) as client:
+        yield client
+
+
+def refused(resp: httpx.Response, status: int, *words: str) -> None:
+    """``resp`` is ``status`` with ``{"error": ...}`` naming ``words``, no exception name."""
+    assert resp.status_code == status, resp.text
+    message = resp.json()["error"]
+    assert not EXCEPTION_NAME.search(message), message
+    for word in words:
+        assert word in message, (word, message)
+
+
+async def test_bad_vm_names_are_400_naming_the_field(
+    agent: httpx.AsyncClient, hypersdk: httpx.AsyncClient
+) -> None:
+    for name in ("a\x00b", "a\nb", "a/b", "", "x" * 201):
+        for route, extra in (("cleanup", {}), ("actions", {"action": "start"}), ("backup", {})):
+            resp = await agent.post(f"/servers/local/{route}", json={"vmName": name, **extra})
+            refused(resp, 400, "vmName")
+        for route in ("shutdown", "poweroff", "remove-cdrom"):
+            refused(await hypersdk.post(f"/vms/{route}", json={"vm_path": f"local/{name}"}), 400)
+    refused(await agent.post("/servers/local/cleanup", json={"vmName": "a\x00b"}), 400, "NUL")
+    refused(await hypersdk.get("/vms/info", params={"vm_path": "local/a\x00b"}), 400, "vm_path")
+    refused(await hypersdk.get("/vms/info", params={"vm_path": "local/a\x01b"}), 400, "vm_path")
+    refused(await hypersdk.get("/vms/info", params={"server_id": "lo cal", "vm_path": "a"}), 400)
+    refused(await agent.get("/servers/bad%20id/vms"), 400, "server_id")
+    # A well-formed name of no VM: 404, on both listeners.
+    refused(await agent.post("/servers/local/cleanup", json={"vmName": "no-such-vm"}), 404)
+    refused(await hypersdk.post("/vms/poweroff", json={"vm_path": "local/no-such-vm"}), 404)
+
+
+async def test_services_refuse_bad_names_at_their_bus_edge(edge: System) -> None:
+    nc = await nats.connect(edge.nats.url)
+    try:
+        for subject in (InventoryCmd.CLEANUP, InventoryCmd.VM_INFO):
+            body = json.dumps({"serverId": "local", "vmName": "a\x00b"}).encode()
+            reply = json.loads((await nc.request(subject, body, timeout=10)).data)
+            assert reply["error"]["code"] == "bad_request", reply
+            assert "vmName" in reply["error"]["message"]
+        body = json.dumps({"serverId": "local", "vmName": "a\nb"}).encode()
+        reply = json.loads((await nc.request(JobCmd.BACKUP, body, timeout=10)).data)
+        assert reply["error"]["code"] == "bad_request", reply
+    finally:
+        await nc.drain()
+
+
+async def test_deep_json_and_invalid_utf8_are_400(
+    agent: httpx.AsyncClient, hypersdk: httpx.AsyncClient
+) -> None:
+    before = (await agent.get("/config")).json()
+    deep = b"[" * 50_000 + b"]" * 50_000
+    deep_object = b'{"vmName":' * 65 + b'"x"' + b"}" * 65
+    json_type = {"content-type": "application/json"}
+    for body in (deep, deep_object):
+        for route in ("/config", "/servers/local/backup", "/sftp/test"):
+            refused(await agent.post(route, content=body, headers=json_type), 400, "deeper")
+        refused(await hypersdk.post("/vms/shutdown", content=body, headers=json_type), 400)
+    bad_utf8 = b'{"vmName":"a\xff\xfeb"}'
+    refused(
+        await agent.post("/servers/local/cleanup", content=bad_utf8, headers=json_type),
+        400,
+        "UTF-8",
+    )
+    refused(await hypersdk.post("/vms/poweroff", content=bad_utf8, headers=json_type), 400)
+    assert (await agent.get("/config")).json() == before
+    # 64 levels are fine (an object, then 63 arrays): the handler gets the request.
+    ok_depth = b'{"vmName":"no-such-vm","x":' + b"[" * 63 + b"]" * 63 + b"}"
+    resp = await agent.post("/servers/local/cleanup", content=ok_depth, headers=json_type)
+    refused(resp, 404)
+
+
+async def test_last_event_id_out_of_range_is_400(agent: httpx.AsyncClient) -> None:
+    for value in ("99999999999999999999999999", "-1", "abc"):
+        refused(await agent.get("/events", headers={"Last-Event-ID": value}), 400, "last_event_id")
+
+
+async def test_unusable_destination_is_503_naming_it(agent: httpx.AsyncClient) -> None:
+    started = time.monotonic()
+    for dest in ("dead-sftp", "dead-s3"):
+        resp = await agent.get("/restore/entries", params={"destinationId": dest})
+        refused(resp, 503, dest)
+    assert time.monotonic() - started < 60
+    assert (await agent.get("/restore/entries", params={"destinationId": "fs"})).json() == []
+    refused(await agent.get("/restore/entries", params={"destinationId": "nope"}), 404, "nope")
+
+
+async def test_bodies_must_be_declared_json(
+    agent: httpx.AsyncClient, hypersdk: httpx.AsyncClient
+) -> None:
+    before = (await agent.get("/config")).json()
+    replacement = json.dumps({"servers": []})
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "text/yaml", None):
+        headers = {"content-type": content_type} if content_type else {}
+        resp = await agent.post("/config", content=replacement, headers=headers)
+        refused(resp, 415, "application/json")
+        backup = json.dumps({"vmName": "web1"})
+        resp = await agent.post("/servers/local/backup", content=backup, headers=headers)
+        refused(resp, 415)
+        resp = await hypersdk.post(
+            "/vms/shutdown", content='{"vm_path":"local/x"}', headers=headers
+        )
+        refused(resp, 415)
+    assert (await agent.get("/config")).json() == before
+    assert (await agent.get("/jobs")).json() == []
+    # JSON by any of its names is decoded; a POST without a body needs no type.
+    for content_type in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        resp = await agent.post(
+            "/servers/local/cleanup",
+            content='{"vmName":"no-such-vm"}',
+            headers={"content-type": content_type},
+        )
+        refused(resp, 404)
+    assert (await agent.post("/servers/local/refresh")).status_code == 200
+
+
+async def test_options_lists_every_method_of_a_path(agent: httpx.AsyncClient) -> None:
+    resp = await agent.options("/config")
+    assert resp.status_code == 204
+    assert resp.headers["allow"] == "GET, OPTIONS, POST"
+    resp = await agent.options("/servers/local/backup")
+    assert resp.headers["allow"] == "OPTIONS, POST"
+
+
+async def test_documents_describe_bodies_and_errors(
+    agent: httpx.AsyncClient, hypersdk: httpx.AsyncClient
+) -> None:
+    doc = (await agent.get("/schema/openapi.json")).json()
+    for path, schema in (
+        ("/config", "AgentConfig"),
+        ("/sftp/test", "SftpParams"),
+        ("/oauth/google", "GoogleTokensBody"),
+    ):
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        assert body["schema"] == {"$ref": f"#/components/schemas/{schema}"}
+    assert "refreshToken" in doc["components"]["schemas"]["GoogleTokensBody"]["required"]
+    assert "servers" in doc["components"]["schemas"]["AgentConfig"]["properties"]
+    error_body = {"$ref": "#/components/schemas/ErrorBody"}
+    for document in (doc, (await hypersdk.get("/schema/openapi.json")).json()):
+        assert document["components"]["schemas"]["ErrorBody"]["required"] == ["error"]
+        for path, item in document["paths"].items():
+            for method, operation in item.items():
+                responses = operation["responses"]
+                assert {"400", "401", "500", "503"} <= set(responses)
+                if method == "post":
+                    assert {"413", "415"} <= set(responses)
+                for status, response in responses.items():
+                    if status >= "400" and not (status == "503" and path == "/health"):
+                        content = response["content"]["application/json"]
+                        assert content["schema"] == error_body, (status, operation)
+    hs = (await hypersdk.get("/schema/openapi.json")).json()
+    assert "503" in hs["paths"]["/health"]["get"]["responses"]
+
+
+async def test_internal_faults_are_logged_not_echoed(
+    edge: System, agent: httpx.AsyncClient
+) -> None:
+    """A command answered ``internal`` (here by a stand-in for the orchestrator): the
+    client gets a generic message with a request id; the log has the detail."""
+    edge.stop("job-orchestrator")
+    nc = await nats.connect(edge.nats.url)
+    try:
+        fault = {"error": {"code": "internal", "message": "KeyError: 'secret-detail'"}}
+
+        async def answer(msg: Msg) -> None:
+            await msg.respond(msgspec.json.encode(fault))
+
+        await nc.subscribe(JobCmd.GET, cb=answer)
+        await nc.flush()
+        resp = await agent.get("/jobs/some-job")
+        assert resp.status_code == 500
+        message = resp.json()["error"]
+        assert "secret-detail" not in message and not EXCEPTION_NAME.search(message)
+        request_id = resp.headers["x-request-id"]
+        assert message == f"internal error (request id {request_id})"
+        log = edge.data_dir / "gateway.log"
+        deadline = time.monotonic() + 10
+        while request_id not in log.read_text():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        line = next(x for x in log.read_text().splitlines() if request_id in x)
+        assert "secret-detail" in line
+    finally:
+        await nc.drain()
+
+
+async def test_hypersdk_health_is_503_while_the_bus_is_down(
+    edge: System, agent: httpx.AsyncClient, hypersdk: httpx.AsyncClient
+) -> None:
+    resp = await hypersdk.get("/health")
+    assert resp.status_code == 200 and resp.json() == {"status": "ok"}
+    edge.nats.stop()
+    deadline = time.monotonic() + 20
+    while (resp := await hypersdk.get("/health")).status_code != 503:
+        assert time.monotonic() < deadline, resp.text
+        await asyncio.sleep(0.2)
+    assert resp.json() == {"status": "degraded"}
+    assert (await agent.get("/health")).status_code == 503
