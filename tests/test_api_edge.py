@@ -155,6 +155,13 @@ async def test_unusable_destination_is_503_naming_it(agent: httpx.AsyncClient) -
     refused(await agent.get("/restore/entries", params={"destinationId": "nope"}), 404, "nope")
 
 
+async def test_an_unreadable_host_key_is_400_naming_it(agent: httpx.AsyncClient) -> None:
+    body = {"host": "127.0.0.1", "port": 1, "username": "u", "password": "p", "hostKey": "junk"}
+    resp = await agent.post("/sftp/test", json=body)
+    assert resp.status_code == 400, resp.text
+    assert "hostKey" in resp.json()["error"]
+
+
 async def test_bodies_must_be_declared_json(
     agent: httpx.AsyncClient, hypersdk: httpx.AsyncClient
 ) -> None:

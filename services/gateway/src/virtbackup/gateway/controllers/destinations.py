@@ -106,7 +106,10 @@ class DestinationsController(Controller):
                     params["hostKey"] = await fetch_host_key(typed.host, typed.port)
                 except HostKeyUnavailable as exc:
                     return {"success": False, "message": f"SFTP test failed: {exc}"}
-        fingerprint = host_key_fingerprint(params["hostKey"])
+        try:
+            fingerprint = host_key_fingerprint(params["hostKey"])
+        except ValueError as exc:
+            raise BadRequest(f"hostKey: {exc}") from None
         try:
             driver = open_driver("sftp", params)
         except InvalidParamsError as exc:
