@@ -10,7 +10,8 @@ then NATS. A service that dies is started again; so is nats-server, on the same 
 and store (the services reconnect).
 
 ``virtbackup nats-auth`` prints the nats-server ``authorization`` block for a deployment
-(passwords from the environment), as kept in ``deploy/nats/auth.conf``.
+(passwords from the environment), as kept in ``deploy/k8s/nats/auth.conf``;
+``virtbackup new-secrets`` prints fresh passwords, a secret key and a token for one.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from secrets import token_urlsafe
 
 from virtbackup.cli.services import MODULES
 from virtbackup.contracts.subjects import JOB_ORCHESTRATOR, TRANSFER_WORKER
-from virtbackup.runtime.nats_auth import NatsAuth, deploy_authorization
+from virtbackup.runtime.nats_auth import NatsAuth, deploy_authorization, deploy_secrets
 from virtbackup.runtime.nats_server import NatsServer, start_nats_server
 from virtbackup.runtime.ports import free_port
 from virtbackup.runtime.sealing import load_or_create_key_file
@@ -230,7 +232,15 @@ def main() -> None:
         "nats-auth",
         help="print the nats-server authorization block for a deployment (deploy/nats/auth.conf)",
     )
+    sub.add_parser(
+        "new-secrets",
+        help="print fresh secrets for a deployment as KEY=value lines (compose .env, "
+        "kubectl create secret --from-env-file)",
+    )
     args = parser.parse_args()
+    if args.command == "new-secrets":
+        values = {**deploy_secrets(), "VIRTBACKUP_TOKEN": token_urlsafe(32)}
+        print("".join(f"{key}={value}\n" for key, value in values.items()), end="")
     if args.command == "up":
         sys.exit(up(args.workers, args.nats_port, args.orchestrators))
     if args.command == "nats-auth":
