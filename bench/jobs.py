@@ -39,9 +39,9 @@ from virtbackup.runtime.bus import new_id
 from virtbackup.testing.points import write_point
 
 
-async def write_history(url: str, count: int) -> float:
+async def write_history(options: dict[str, str], count: int) -> float:
     """``count`` finished backup jobs in ``VB_JOBS``; returns the seconds it took."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(**options)
     try:
         kv = await nc.jetstream().key_value("VB_JOBS")
         started = time.monotonic()
@@ -62,9 +62,9 @@ async def write_history(url: str, count: int) -> float:
         await nc.drain()
 
 
-async def list_key_by_key(url: str) -> float:
+async def list_key_by_key(options: dict[str, str]) -> float:
     """What ``JobStore.list()`` did before the index: every key, one get each."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(**options)
     try:
         kv = await nc.jetstream().key_value("VB_JOBS")
         started = time.monotonic()
@@ -90,7 +90,7 @@ async def amain(args: argparse.Namespace) -> int:
         repo = work / "repo"
         repo.mkdir()
         with VirtBackup(1, work) as vb:
-            written = await write_history(vb.nats_url, args.jobs)
+            written = await write_history(vb.nats_options(), args.jobs)
             async with vb.client() as api:
                 cfg = {
                     "servers": [{"id": "local", "name": "bench", "host": ""}],
@@ -118,7 +118,7 @@ async def amain(args: argparse.Namespace) -> int:
                     resp = await api.post("/restore/sanity", json={"xmlPath": xml_path})
                     submits.append(time.monotonic() - started)
                     resp.raise_for_status()
-            old = await list_key_by_key(vb.nats_url)
+            old = await list_key_by_key(vb.nats_options())
     result: dict[str, Any] = {
         "machine": machine(),
         "jobs": args.jobs,

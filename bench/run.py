@@ -125,6 +125,11 @@ class VirtBackup:
     def nats_url(self) -> str:
         return f"nats://127.0.0.1:{self.nats_port}"
 
+    def nats_options(self) -> dict[str, str]:
+        """``nats.connect`` arguments: its NATS as ``admin`` (the launcher's credentials)."""
+        users = json.loads((self.data / "secrets" / "nats-users.json").read_text())
+        return {"servers": self.nats_url, "user": "admin", "password": users["admin"]}
+
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             base_url=f"https://127.0.0.1:{self.port}",

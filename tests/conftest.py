@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
-import nats
 import pytest
 from harness import System, running_system
 from nats.aio.client import Client
@@ -14,6 +13,7 @@ from nats.aio.client import Client
 from virtbackup.runtime.nats_server import start_nats_server
 from virtbackup.runtime.ports import free_port
 from virtbackup.testing.libvirtd import ensure_libvirtd
+from virtbackup.testing.nats import connect
 from virtbackup.virt import Connection, open_connection
 
 
@@ -33,7 +33,7 @@ async def api(system: System) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 async def nc(system: System) -> AsyncIterator[Client]:
-    client = await nats.connect(system.nats.url)
+    client = await connect(system.nats)
     try:
         yield client
     finally:
@@ -48,7 +48,7 @@ def make_system(tmp_path: pytest.TempPathFactory) -> Iterator[Callable[..., Syst
     def make(start: bool = True, **env: str) -> System:
         data = Path(str(tmp_path)) / f"system{len(made)}"
         data.mkdir()
-        server = start_nats_server(data / "nats")
+        server = start_nats_server(data / "nats", auth=True)
         sys_ = System(data_dir=data, nats=server, agent_port=free_port(), extra_env=env)
         made.append(sys_)
         if start:

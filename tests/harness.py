@@ -42,7 +42,8 @@ class System:
     def url(self) -> str:
         return f"https://127.0.0.1:{self.agent_port}"
 
-    def env(self) -> dict[str, str]:
+    def env(self, service: str | None = None) -> dict[str, str]:
+        """The environment of a process of ``service`` (its own NATS credentials)."""
         env = dict(os.environ)
         env.update(
             {
@@ -53,6 +54,9 @@ class System:
                 "VIRTBACKUP_LOG_LEVEL": "INFO",
             }
         )
+        creds = self.nats.credentials(service) if service else None
+        if creds:
+            env.update(creds.env())
         if self.token:
             env["VIRTBACKUP_TOKEN"] = self.token
         else:
@@ -62,10 +66,11 @@ class System:
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
         """Start service ``name`` (``transfer-worker-2`` etc. start more workers)."""
-        module = MODULES.get(name) or MODULES[name.rsplit("-", 1)[0]]
+        service = name if name in MODULES else name.rsplit("-", 1)[0]
+        module = MODULES[service]
         log = open(self.data_dir / f"{name}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", module], env=self.env(), stdout=log, stderr=log
+            [sys.executable, "-m", module], env=self.env(service), stdout=log, stderr=log
         )
         self.procs[name] = proc
         return proc
@@ -105,9 +110,7 @@ class System:
         raise TimeoutError(f"system not ready: {last}")
 
     def restart_nats(self) -> None:
-        port, store = self.nats.port, self.nats.store_dir
-        self.nats.stop()
-        self.nats = start_nats_server(store, port=port)
+        self.nats.restart()
 
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
@@ -182,7 +185,7 @@ def running_system(
     ``env``), stopped on exit."""
     system = System(
         data_dir=data,
-        nats=start_nats_server(data / "nats"),
+        nats=start_nats_server(data / "nats", auth=True),
         agent_port=free_port(),
         extra_env=dict(env),
     )

@@ -11,6 +11,8 @@ import pytest
 import yaml
 from harness import System
 
+from virtbackup.testing.nats import connect
+
 FULL_CONFIG: dict[str, Any] = {
     "destinations": [
         {
@@ -222,9 +224,7 @@ async def test_oversized_body_is_413(api: httpx.AsyncClient) -> None:
 
 
 async def test_config_change_is_an_event(api: httpx.AsyncClient, system: System) -> None:
-    import nats
-
-    nc = await nats.connect(system.nats.url)
+    nc = await connect(system.nats)
     try:
         js = nc.jetstream()
         assert (await _post(api, FULL_CONFIG)).status_code == 200

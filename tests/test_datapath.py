@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 import pytest
 from harness import System, running_system, same, snapshot, wait_job
 
 from virtbackup.repository.format import chunk_key
 from virtbackup.repository.repository import Repository
 from virtbackup.storage.filesystem import FilesystemDriver
+from virtbackup.testing.nats import connect
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
 from virtbackup.virt import Connection
 
@@ -172,7 +172,7 @@ async def test_units_are_shared_by_the_workers_and_survive_a_killed_worker(
         await guest_write(
             conn, VM, "vda", 16 * MiB * i + 8 * MiB, 16 * MiB, pattern=0x30 + i, flush=i == 23
         )
-    nc = await nats.connect(dp.nats.url)
+    nc = await connect(dp.nats)
     try:
         resp = await api.post("/servers/local/backup", json={"vmName": VM, "fresh": True})
         assert resp.status_code == 200, resp.text

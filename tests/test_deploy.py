@@ -22,3 +22,31 @@ def test_the_orchestrator_runs_as_two_replicas_in_compose_k8s_and_helm() -> None
 
     values = yaml.safe_load((ROOT / "helm/virtbackup/values.yaml").read_text())
     assert values["replicas"]["jobOrchestrator"] >= 2
+
+
+def test_each_service_logs_in_to_nats_as_itself_with_only_its_own_password() -> None:
+    from virtbackup.contracts.subjects import SERVICES
+    from virtbackup.runtime.nats_auth import password_variable
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for service in SERVICES:
+        env = compose["services"][service]["environment"]
+        assert env["VIRTBACKUP_NATS_USER"] == service
+        assert env["VIRTBACKUP_NATS_PASSWORD"] == f"${{{password_variable(service)}}}"
+        assert not any(k.startswith("VIRTBACKUP_NATS_PASSWORD_") for k in env)
+        assert env["VIRTBACKUP_SECRET_KEY"].startswith("${VIRTBACKUP_SECRET_KEY")
+    assert "/etc/nats/nats.conf" in compose["services"]["nats"]["command"]
+
+    docs: list[Any] = []
+    for name in ("gateway.yaml", "services.yaml"):
+        docs += [d for d in yaml.safe_load_all((ROOT / "deploy/k8s" / name).read_text()) if d]
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert set(deployments) == set(SERVICES)
+    for service, deployment in deployments.items():
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["VIRTBACKUP_NATS_USER"]["value"] == service
+        ref = env["VIRTBACKUP_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "virtbackup-nats", "key": password_variable(service)}
+        # The secret of every NATS password is not handed to the services whole.
+        assert {"secretRef": {"name": "virtbackup-nats"}} not in container["envFrom"]

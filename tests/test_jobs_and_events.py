@@ -13,13 +13,13 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
-import nats
 import pytest
 from harness import System, wait_job
 from nats.aio.client import Client
 
 from virtbackup.runtime.nats_server import start_nats_server
 from virtbackup.runtime.ports import free_port
+from virtbackup.testing.nats import connect
 from virtbackup.testing.points import write_point
 
 MODULE_SERVICES = ("gateway", "inventory", "job-orchestrator", "job-orchestrator-2", "notifier")
@@ -29,7 +29,9 @@ MODULE_SERVICES = ("gateway", "inventory", "job-orchestrator", "job-orchestrator
 def idle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     """Gateway, inventory, notifier and two orchestrators; no transfer worker."""
     data = tmp_path_factory.mktemp("idle")
-    system = System(data_dir=data, nats=start_nats_server(data / "nats"), agent_port=free_port())
+    system = System(
+        data_dir=data, nats=start_nats_server(data / "nats", auth=True), agent_port=free_port()
+    )
     try:
         for name in MODULE_SERVICES:
             system.start(name)
@@ -62,7 +64,7 @@ async def api(idle: System) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 async def nc(idle: System) -> AsyncIterator[Client]:
-    client = await nats.connect(idle.nats.url)
+    client = await connect(idle.nats)
     try:
         yield client
     finally:

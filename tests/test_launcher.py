@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import nats
+import pytest
 
 from virtbackup.runtime.ports import free_port
 
@@ -93,5 +98,57 @@ def test_up_runs_nats_and_five_services_and_keeps_state(tmp_path: Path) -> None:
             f"https://127.0.0.1:{port}/config", headers={"x-agent-token": token}, verify=False
         )
         assert got.json()["servers"][0]["id"] == "kept"
+    finally:
+        _stop(proc)
+
+
+def _nats_pid(launcher: int) -> int:
+    out = subprocess.run(["pgrep", "-P", str(launcher), "nats-server"], capture_output=True)
+    return int(out.stdout.split()[0])
+
+
+def test_up_secures_the_bus_and_brings_nats_back_after_a_kill(tmp_path: Path) -> None:
+    port = free_port()
+    proc, token = _up(tmp_path, port)
+    try:
+        # Generated at first start, readable by the owner only.
+        secrets = tmp_path / "secrets"
+        assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
+        for name in ("nats-users.json", "nats-server.conf", "secret-key"):
+            assert stat.S_IMODE((secrets / name).stat().st_mode) == 0o600, name
+        conf = json.loads((secrets / "nats-server.conf").read_text())
+        nats_url = f"nats://127.0.0.1:{conf['port']}"
+
+        async def anonymous() -> None:
+            await nats.connect(nats_url, allow_reconnect=False, max_reconnect_attempts=0)
+
+        with pytest.raises(Exception, match=r"(?i)authorization violation"):
+            asyncio.run(anonymous())
+
+        # nats-server killed: the launcher starts it again, the services reconnect.
+        url = f"https://127.0.0.1:{port}"
+        headers = {"x-agent-token": token}
+        assert httpx.get(f"{url}/jobs", headers=headers, verify=False).status_code == 200
+        first = _nats_pid(proc.pid)
+        os.kill(first, signal.SIGKILL)
+        killed = time.monotonic()
+        while True:
+            assert time.monotonic() - killed < 45, "the system did not recover from a NATS kill"
+            try:
+                resp = httpx.get(f"{url}/jobs", headers=headers, verify=False, timeout=5)
+                if resp.status_code == 200 and _nats_pid(proc.pid) != first:
+                    break
+            except (httpx.HTTPError, IndexError):
+                pass
+            time.sleep(0.5)
+        # Every service answers its ping again.
+        services = httpx.get(f"{url}/api/v1/services", headers=headers, verify=False, timeout=10)
+        deadline = time.monotonic() + 30
+        while not all(s["ok"] for s in services.json()):
+            assert time.monotonic() < deadline, services.text
+            time.sleep(0.5)
+            services = httpx.get(
+                f"{url}/api/v1/services", headers=headers, verify=False, timeout=10
+            )
     finally:
         _stop(proc)

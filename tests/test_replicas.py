@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 import pytest
 from harness import System, running_system, same, snapshot, wait_job
 
+from virtbackup.testing.nats import connect
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
 from virtbackup.virt import Connection
 
@@ -237,7 +237,7 @@ async def test_a_replica_killed_mid_backup_leaves_no_point_and_the_next_backup_w
         assert final["owner"] != job["owner"]
         assert took < 30, f"the job was ended {took:.1f} s after its replica died"
         # Its queued units were purged: a worker starting now finds nothing of it.
-        nc = await nats.connect(two.nats.url)
+        nc = await connect(two.nats)
         try:
             info = await nc.jetstream().stream_info(
                 "VB_WORK", subjects_filter=f"vb.work.transfer.{job_id}"

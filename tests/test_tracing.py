@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 from harness import System
 
+from virtbackup.testing.nats import connect
 from virtbackup.testing.points import write_point
 
 VM = "traced-vm"
@@ -84,7 +84,7 @@ async def test_a_trace_started_by_the_client_reaches_the_workers_and_back(
     assert {s["parent_id"] for s in process} <= published
 
     # The unit's result goes back in the same trace.
-    nc = await nats.connect(system.nats.url)
+    nc = await connect(system.nats)
     try:
         msg = await nc.jetstream().get_last_msg("VB_EVENTS", f"vb.evt.unit.done.{job_id}")
     finally:

@@ -1,3 +1,7 @@
 {{- define "virtbackup.secretName" -}}
 {{- if .Values.existingSecret }}{{ .Values.existingSecret }}{{ else }}{{ .Release.Name }}-virtbackup{{ end -}}
 {{- end -}}
+
+{{- define "virtbackup.natsSecretName" -}}
+{{- if .Values.nats.credentials.existingSecret }}{{ .Values.nats.credentials.existingSecret }}{{ else }}{{ .Release.Name }}-nats{{ end -}}
+{{- end -}}

@@ -35,7 +35,7 @@ def provider(spans: InMemorySpanExporter) -> TracerProvider:
 async def bus(nats_server: NatsServer, provider: TracerProvider) -> AsyncIterator[Bus]:
     """A connected bus (FastStream broker with the telemetry middleware), with
     ``VB_EVENTS`` and ``VB_WORK`` provisioned."""
-    settings = load_settings(nats_url=nats_server.url, request_timeout=5.0)
+    settings = load_settings(**nats_server.client_settings(), request_timeout=5.0)
     broker = make_broker(settings, "test", provider)
     the_bus = Bus(broker, "test", request_timeout=5.0)
     await broker.connect()

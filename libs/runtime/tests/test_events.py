@@ -8,6 +8,7 @@ import json
 import msgspec
 import pytest
 from faststream.nats import NatsBroker
+from faststream.nats.security import NatsUserPassword
 from opentelemetry.sdk.trace import TracerProvider
 
 from virtbackup.contracts import buckets, subjects
@@ -18,6 +19,12 @@ from virtbackup.runtime.events import EventFeed
 from virtbackup.runtime.kv import keys, read_value
 from virtbackup.runtime.nats_server import NatsServer
 from virtbackup.runtime.provision import ensure_bucket
+
+
+def admin(server: NatsServer) -> dict[str, NatsUserPassword]:
+    creds = server.credentials()
+    assert creds is not None
+    return {"security": NatsUserPassword(creds.user, creds.password)}
 
 
 def traceparent_trace_id(header: str) -> int:
@@ -44,7 +51,7 @@ async def test_a_stored_event_carries_the_publishers_trace(
 async def test_the_trace_goes_along_without_faststreams_middleware_too(
     nats_server: NatsServer, provider: TracerProvider
 ) -> None:
-    broker = NatsBroker(nats_server.url)  # no telemetry middleware
+    broker = NatsBroker(nats_server.url, **admin(nats_server))  # no telemetry middleware
     plain = Bus(broker, "plain")
     await broker.connect()
     try:
@@ -117,7 +124,7 @@ async def test_a_feed_skips_what_is_not_an_event_and_iterates(bus: Bus) -> None:
 
 
 async def test_connected_follows_the_connection(nats_server: NatsServer) -> None:
-    broker = NatsBroker(nats_server.url)
+    broker = NatsBroker(nats_server.url, **admin(nats_server))
     plain = Bus(broker, "plain")
     assert not plain.connected
     await broker.connect()

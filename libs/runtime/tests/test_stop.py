@@ -30,6 +30,7 @@ def test_a_service_whose_stop_hangs_exits_and_names_what_hung(
 ) -> None:
     env = {
         "VIRTBACKUP_NATS_URL": nats_server.url,
+        **nats_server.credentials().env(),  # type: ignore[union-attr]
         "VIRTBACKUP_STOP_TIMEOUT": "1.5",
         "VIRTBACKUP_LOG_FORMAT": "text",
         "VIRTBACKUP_DATA_DIR": str(tmp_path),

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import msgspec
-import nats
 import pytest
 from nats.js.kv import KeyValue
 
@@ -34,6 +33,7 @@ from virtbackup.runtime.provision import ensure_bucket
 from virtbackup.runtime.service import ServiceContext
 from virtbackup.runtime.settings import Settings
 from virtbackup.testing.libvirtd import ensure_libvirtd
+from virtbackup.testing.nats import connect
 from virtbackup.testing.vms import (
     MiB,
     SmallVm,
@@ -86,7 +86,7 @@ async def vm(conn: Connection, vm_dir: Path) -> AsyncIterator[SmallVm]:
 
 @pytest.fixture(scope="module")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    server = start_nats_server(tmp_path_factory.mktemp("nats"))
+    server = start_nats_server(tmp_path_factory.mktemp("nats"), auth=True)
     try:
         yield server
     finally:
@@ -95,7 +95,7 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 
 @pytest.fixture
 async def jobs(nats_server: NatsServer) -> AsyncIterator[KeyValue]:
-    client = await nats.connect(nats_server.url)
+    client = await connect(nats_server)
     try:
         yield await ensure_bucket(client.jetstream(), buckets.JOBS)
     finally:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from virtbackup.contracts import buckets
+from virtbackup.contracts.subjects import JOB_ORCHESTRATOR
 from virtbackup.contracts.v1.jobs import JobCancelRequest, JobListRequest
 from virtbackup.job_orchestrator import handlers
 from virtbackup.job_orchestrator.errors import JobCanceled, JobLost
@@ -27,7 +28,7 @@ from virtbackup.runtime.settings import load_settings
 
 @pytest.fixture(scope="module")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsServer]:
-    server = start_nats_server(tmp_path_factory.mktemp("nats"))
+    server = start_nats_server(tmp_path_factory.mktemp("nats"), auth=True)
     yield server  # type: ignore[misc]
     server.stop()
 
@@ -36,7 +37,7 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsS
 async def replicas(nats_server: NatsServer) -> AsyncIterator[tuple[JobContext, JobContext]]:
     contexts: list[ServiceContext] = []
     for name in ("orch-a", "orch-b"):
-        settings = load_settings(nats_url=nats_server.url, instance=name)
+        settings = load_settings(**nats_server.client_settings(JOB_ORCHESTRATOR), instance=name)
         contexts.append(await start_service(SPEC, settings))
     try:
         yield job_context(contexts[0]), job_context(contexts[1])

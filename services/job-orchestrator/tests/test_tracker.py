@@ -31,7 +31,7 @@ def provider() -> TracerProvider:
 
 @pytest.fixture
 async def bus(nats_server: NatsServer, provider: TracerProvider) -> AsyncIterator[Bus]:
-    settings = load_settings(nats_url=nats_server.url)
+    settings = load_settings(**nats_server.client_settings())  # admin: it sets up a worker too
     broker = make_broker(settings, "job-orchestrator", provider)
     the_bus = Bus(broker, "job-orchestrator", request_timeout=5.0)
     await broker.connect()

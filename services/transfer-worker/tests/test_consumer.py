@@ -44,7 +44,7 @@ SPEC = dataclasses.replace(service.SPEC, start=None, stop=None)
 async def ctx(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[ServiceContext]:
     """A started transfer-worker context with a filesystem destination ``fs``."""
     settings = load_settings(
-        nats_url=nats_server.url,
+        **nats_server.client_settings(),  # admin: the test writes VB_JOBS as the orchestrator
         data_dir=tmp_path / "data",
         instance="worker-test",
         work_ack_wait=2.0,

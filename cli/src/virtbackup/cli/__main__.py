@@ -1,13 +1,23 @@
 """``virtbackup up``: an embedded NATS server and every service as its own process.
 
 Everything is kept under the data directory (``VIRTBACKUP_DATA_DIR``): the NATS store,
-the token, the certificate, ``agent.yaml`` and the services' logs. Ctrl-C (or SIGTERM)
-stops the services, then NATS. A service that dies is started again.
+the token, the certificate, ``agent.yaml``, the services' logs, and in ``secrets/``
+(0700) the NATS users' passwords, the nats-server configuration and the key that seals
+secrets on the bus (files 0600, generated at first start). NATS requires a login: each
+service gets its own user and password in its environment, with only the permissions
+it needs (``virtbackup.runtime.nats_auth``). Ctrl-C (or SIGTERM) stops the services,
+then NATS. A service that dies is started again; so is nats-server, on the same port
+and store (the services reconnect).
+
+``virtbackup nats-auth`` prints the nats-server ``authorization`` block for a deployment
+(passwords from the environment), as kept in ``deploy/k8s/nats/auth.conf``;
+``virtbackup new-secrets`` prints fresh passwords, a secret key and a token for one.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import ssl
@@ -17,11 +27,14 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from secrets import token_urlsafe
 
 from virtbackup.cli.services import MODULES
 from virtbackup.contracts.subjects import JOB_ORCHESTRATOR, TRANSFER_WORKER
+from virtbackup.runtime.nats_auth import NatsAuth, deploy_authorization, deploy_secrets
 from virtbackup.runtime.nats_server import NatsServer, start_nats_server
 from virtbackup.runtime.ports import free_port
+from virtbackup.runtime.sealing import load_or_create_key_file
 from virtbackup.runtime.settings import load_settings
 
 DEFAULT_NATS_PORT = 4222
@@ -32,17 +45,48 @@ class Child:
     name: str
     module: str
     log_path: Path
+    #: The environment it runs with (its own NATS credentials among it).
+    env: dict[str, str] = field(default_factory=dict, repr=False)
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started: float = field(default=0.0)
+    #: When a child that exited is started again (0: it is running).
+    restart_at: float = 0.0
 
-    def start(self, env: dict[str, str]) -> None:
+    def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module], env=env, stdout=log, stderr=log
-        )
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module], env=self.env, stdout=log, stderr=log
+            )
         self.started = time.monotonic()
+        self.restart_at = 0.0
+
+
+@dataclass
+class NatsSupervisor:
+    """Keeps the embedded nats-server running: started again (same port, store, users)
+    when it exits, at once and then with a growing delay while it keeps failing."""
+
+    server: NatsServer
+    restarts: int = 0
+    next_try: float = 0.0
+
+    def check(self) -> None:
+        if self.server.alive or time.monotonic() < self.next_try:
+            return
+        code = self.server.process.returncode
+        print(f"nats-server exited with {code}; restarting it", flush=True)
+        try:
+            self.server.restart()
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            self.restarts += 1
+            delay = min(30.0, 2.0**self.restarts)
+            print(f"nats-server did not start again ({exc}); next try in {delay:.0f}s", flush=True)
+            self.next_try = time.monotonic() + delay
+            return
+        self.restarts = 0
+        print(f"nats-server is back at {self.server.url}", flush=True)
 
 
 def _wait_health(url: str, token: str, timeout: float) -> bool:
@@ -69,25 +113,40 @@ def up(workers: int, nats_port: int, orchestrators: int = 2) -> int:
     data = settings.data_dir.resolve()
     data.mkdir(parents=True, exist_ok=True)
     logs = data / "logs"
+    secrets = data / "secrets"
+    secrets.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(secrets, 0o700)
     env = dict(os.environ)
     env["VIRTBACKUP_DATA_DIR"] = str(data)
+    if not settings.secret_key:
+        load_or_create_key_file(settings.secret_key_file)  # before any service reads it
     nats: NatsServer | None = None
+    auth: NatsAuth | None = None
     if "VIRTBACKUP_NATS_URL" not in os.environ:
+        auth = NatsAuth.load_or_create(secrets / "nats-users.json")
+        start = functools.partial(
+            start_nats_server,
+            data / "nats",
+            log_file=logs / "nats.log",
+            auth=auth,
+            config_path=secrets / "nats-server.conf",
+        )
         try:
-            nats = start_nats_server(
-                data / "nats", port=nats_port or free_port(), log_file=logs / "nats.log"
-            )
+            nats = start(port=nats_port or free_port())
         except (RuntimeError, TimeoutError):  # the port is taken: any free one will do
-            nats = start_nats_server(data / "nats", port=free_port(), log_file=logs / "nats.log")
+            nats = start(port=free_port())
         env["VIRTBACKUP_NATS_URL"] = nats.url
         print(f"NATS (JetStream) at {nats.url}, store {data / 'nats'}", flush=True)
+        print(f"  its users' passwords: {secrets / 'nats-users.json'}", flush=True)
 
     replicas = {TRANSFER_WORKER: workers, JOB_ORCHESTRATOR: orchestrators}
     children: list[Child] = []
     for name, module in MODULES.items():
+        child_env = env | auth.credentials(name).env() if auth else env
         for i in range(1, replicas.get(name, 1) + 1):
             label = f"{name}-{i}" if name in replicas else name
-            children.append(Child(label, module, logs / f"{label}.log"))
+            children.append(Child(label, module, logs / f"{label}.log", child_env))
+    supervisor = NatsSupervisor(nats) if nats else None
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -97,7 +156,7 @@ def up(workers: int, nats_port: int, orchestrators: int = 2) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     for child in children:
-        child.start(env)
+        child.start()
 
     token_file = data / "agent-token"
     url = f"https://127.0.0.1:{settings.agent_port}"
@@ -113,19 +172,23 @@ def up(workers: int, nats_port: int, orchestrators: int = 2) -> int:
 
     try:
         while not stopping:
+            if supervisor:
+                supervisor.check()
             for child in children:
                 assert child.process is not None
                 code = child.process.poll()
-                if code is not None and not stopping:
+                if code is None or stopping:
+                    continue
+                now = time.monotonic()
+                if not child.restart_at:  # it has just exited: start it again after a delay
                     delay = min(30.0, 2.0**child.restarts)
                     print(
                         f"{child.name} exited with {code}; restarting in {delay:.0f}s", flush=True
                     )
-                    time.sleep(delay)
-                    child.restarts = (
-                        child.restarts + 1 if time.monotonic() - child.started < 60 else 0
-                    )
-                    child.start(env)
+                    child.restart_at = now + delay
+                    child.restarts = child.restarts + 1 if now - child.started < 60 else 0
+                elif now >= child.restart_at:
+                    child.start()
             time.sleep(0.5)
     finally:
         print("stopping...", flush=True)
@@ -165,9 +228,23 @@ def main() -> None:
         default=DEFAULT_NATS_PORT,
         help=f"port of the embedded NATS server (default {DEFAULT_NATS_PORT}; 0: any free port)",
     )
+    sub.add_parser(
+        "nats-auth",
+        help="print the nats-server authorization block for a deployment (deploy/nats/auth.conf)",
+    )
+    sub.add_parser(
+        "new-secrets",
+        help="print fresh secrets for a deployment as KEY=value lines (compose .env, "
+        "kubectl create secret --from-env-file)",
+    )
     args = parser.parse_args()
+    if args.command == "new-secrets":
+        values = {**deploy_secrets(), "VIRTBACKUP_TOKEN": token_urlsafe(32)}
+        print("".join(f"{key}={value}\n" for key, value in values.items()), end="")
     if args.command == "up":
         sys.exit(up(args.workers, args.nats_port, args.orchestrators))
+    if args.command == "nats-auth":
+        print(deploy_authorization(), end="")
 
 
 if __name__ == "__main__":

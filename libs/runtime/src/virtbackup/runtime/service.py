@@ -20,7 +20,7 @@ from nats.js.kv import KeyValue
 from opentelemetry.sdk.trace import TracerProvider
 
 from virtbackup.contracts import subjects
-from virtbackup.contracts.buckets import BucketSpec
+from virtbackup.contracts.buckets import CONFIG, BucketSpec
 from virtbackup.contracts.streams import EVENTS, ConsumerSpec, StreamSpec
 from virtbackup.contracts.v1.ping import Ping, Pong
 from virtbackup.runtime import __version__
@@ -29,6 +29,7 @@ from virtbackup.runtime.bus import Bus
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.logging import setup_logging
 from virtbackup.runtime.provision import provision
+from virtbackup.runtime.sealing import SealedConfigBucket, SecretBox
 from virtbackup.runtime.settings import Settings, load_settings
 from virtbackup.runtime.telemetry import current_trace_id, setup_tracing
 
@@ -115,6 +116,9 @@ async def start_service(spec: ServiceSpec, settings: Settings) -> ServiceContext
     ctx.buckets = await provision(
         ctx.bus.js, streams=spec.streams, consumers=spec.consumers, buckets=spec.buckets
     )
+    if CONFIG.name in ctx.buckets:  # its secrets are sealed at rest (runtime.sealing)
+        box = SecretBox.from_settings(settings)
+        ctx.buckets[CONFIG.name] = SealedConfigBucket(ctx.buckets[CONFIG.name], box)
     await broker.start()
     if spec.start:
         await spec.start(ctx)

@@ -31,6 +31,21 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default_factory=_default_data_dir)
     nats_url: str = "nats://127.0.0.1:4222"
+    #: The NATS user this process logs in as (its service's name; see ``nats_auth``) and
+    #: its password. Without a user, it connects anonymously (a server without auth).
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    #: TLS to NATS (used when set, or when ``nats_url`` is ``tls://``): the CA that signed
+    #: the server's certificate (PEM), and a client certificate and key when the server
+    #: asks for one.
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+    #: The key that encrypts secrets stored on the bus (base64 of 32 bytes). Without it,
+    #: ``secret_key_file`` is read (created at first use, mode 0600).
+    secret_key: SecretStr | None = None
+    #: Earlier keys, comma-separated, still accepted for decrypting during a rotation.
+    secret_key_previous: SecretStr | None = None
     token: SecretStr | None = None
     agent_host: str | None = None
     agent_port: int = 33551
@@ -66,6 +81,10 @@ class Settings(BaseSettings):
     debug_holds: dict[str, float] = Field(default_factory=dict)
     #: Directory on each hypervisor for backup scratch files.
     scratch_dir: str = "/var/lib/libvirt/images/virtbackup-scratch"
+
+    @property
+    def secret_key_file(self) -> Path:
+        return self.data_dir / "secrets" / "secret-key"
 
     @property
     def agent_yaml(self) -> Path:

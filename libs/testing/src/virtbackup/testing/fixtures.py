@@ -12,8 +12,9 @@ from virtbackup.runtime.nats_server import NatsServer, start_nats_server
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    """A real nats-server with JetStream for one test, storing under ``tmp_path``."""
-    server = start_nats_server(tmp_path / "nats")
+    """A real nats-server with JetStream for one test, storing under ``tmp_path``; clients
+    must log in (``server.client_settings()``, ``virtbackup.testing.nats.connect``)."""
+    server = start_nats_server(tmp_path / "nats", auth=True)
     try:
         yield server
     finally:
