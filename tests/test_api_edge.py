@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import msgspec
-import nats
 import pytest
 from harness import System, running_system
 from nats.aio.msg import Msg
@@ -23,6 +22,7 @@ from nats.aio.msg import Msg
 from virtbackup.contracts.subjects import InventoryCmd, JobCmd
 from virtbackup.runtime.ports import free_port
 from virtbackup.testing.libvirtd import ensure_libvirtd
+from virtbackup.testing.nats import connect
 
 #: What a Python exception's name looks like in a message.
 EXCEPTION_NAME = re.compile(r"\b\w*(?:Error|Exception)\b|Traceback")
@@ -101,7 +101,7 @@ async def test_bad_vm_names_are_400_naming_the_field(
 
 
 async def test_services_refuse_bad_names_at_their_bus_edge(edge: System) -> None:
-    nc = await nats.connect(edge.nats.url)
+    nc = await connect(edge.nats)
     try:
         for subject in (InventoryCmd.CLEANUP, InventoryCmd.VM_INFO):
             body = json.dumps({"serverId": "local", "vmName": "a\x00b"}).encode()
@@ -235,7 +235,7 @@ async def test_internal_faults_are_logged_not_echoed(
     """A command answered ``internal`` (here by a stand-in for the orchestrator): the
     client gets a generic message with a request id; the log has the detail."""
     edge.stop("job-orchestrator")
-    nc = await nats.connect(edge.nats.url)
+    nc = await connect(edge.nats)
     try:
         fault = {"error": {"code": "internal", "message": "KeyError: 'secret-detail'"}}
 
