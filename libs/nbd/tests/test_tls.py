@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
 import subprocess
 from typing import Any
@@ -89,3 +90,16 @@ async def test_server_of_another_name_is_refused(qemu: Any, pki: Any) -> None:
 def test_tls_uri_needs_a_context() -> None:
     with pytest.raises(ValueError, match="TLS"):
         asyncio.run(NbdClient.connect_uri("nbds://127.0.0.1:1/x"))
+
+
+async def test_a_tls_connection_outlives_a_garbage_collection(qemu: Any, pki: Any) -> None:
+    """The handshake's stream writer closes its transport when it is collected: the
+    connection must keep it (this lost every TLS connection after the first GC)."""
+    server = qemu.serve(qemu.image(8 * MiB), tls_dir=pki.server_dir)
+    async with await NbdClient.connect_uri(
+        tls_uri(server), tls=client_context_from_dir(pki.client_dir)
+    ) as nbd:
+        gc.collect()
+        await asyncio.sleep(0.1)
+        await nbd.write(0, b"\x11" * MiB)
+        assert await nbd.read(0, MiB) == b"\x11" * MiB

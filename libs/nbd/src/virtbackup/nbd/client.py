@@ -169,7 +169,7 @@ class NbdClient:
                     conn = NbdConnection(sock, info, max_in_flight=max_in_flight)
                 else:
                     assert hostname is not None
-                    info, transport = await negotiate_tls(
+                    info, writer = await negotiate_tls(
                         sock,
                         export,
                         tls=tls,
@@ -178,7 +178,7 @@ class NbdClient:
                         meta_contexts=meta_contexts,
                     )
                     sock = None  # the transport's now
-                    conn = TlsNbdConnection(transport, info, max_in_flight=max_in_flight)
+                    conn = TlsNbdConnection(writer, info, max_in_flight=max_in_flight)
         except TimeoutError as exc:
             if sock is not None:
                 sock.close()

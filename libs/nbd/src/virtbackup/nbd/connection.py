@@ -648,9 +648,14 @@ class TlsNbdConnection(NbdConnection):
     """
 
     def __init__(
-        self, transport: asyncio.Transport, info: ExportInfo, *, max_in_flight: int = 64
+        self, writer: asyncio.StreamWriter, info: ExportInfo, *, max_in_flight: int = 64
     ) -> None:
+        """Take over the TLS transport of ``writer`` (the handshake's stream). The writer
+        is kept: one that is garbage-collected closes its transport."""
         self._setup(info, max_in_flight)
+        self._writer = writer
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)
         self._transport: asyncio.Transport | None = transport
         self._aborting = False
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)

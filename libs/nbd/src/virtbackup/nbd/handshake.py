@@ -236,9 +236,11 @@ async def negotiate_tls(
     server_hostname: str,
     structured_replies: bool = True,
     meta_contexts: Sequence[str] = (),
-) -> tuple[ExportInfo, asyncio.Transport]:
+) -> tuple[ExportInfo, asyncio.StreamWriter]:
     """Run the handshake on ``sock`` with NBD_OPT_STARTTLS first; return what was
-    negotiated and the TLS transport (in the transmission phase, nothing buffered).
+    negotiated and the stream writer of the TLS transport (in the transmission phase,
+    nothing buffered). Keep the writer as long as the transport: a writer that is
+    garbage-collected closes its transport.
 
     ``tls`` is a client context (see :func:`virtbackup.nbd.tls.client_context`): the
     server's certificate is checked against its CA and ``server_hostname``, and the
@@ -270,9 +272,7 @@ async def negotiate_tls(
     except BaseException:
         writer.transport.abort()
         raise
-    transport = writer.transport
-    assert isinstance(transport, asyncio.Transport)
-    return info, transport
+    return info, writer
 
 
 async def _greet(io: _IO) -> bool:
