@@ -248,7 +248,7 @@ async def test_has_overlay_follows_the_job_not_the_process(
     without ending it."""
     ctx = ServiceContext(
         name="inventory",
-        settings=Settings(scratch_dir=str(vm_dir)),
+        settings=Settings(scratch_dir=str(vm_dir), pki_dir=shared_pki_dir()),
         bus=None,  # type: ignore[arg-type]  # _status uses no bus
         tracer_provider=None,  # type: ignore[arg-type]
         buckets={buckets.JOBS.name: jobs},
