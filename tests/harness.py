@@ -19,6 +19,7 @@ import httpx
 from virtbackup.cli.services import MODULES as MODULES  # re-exported for the tests
 from virtbackup.runtime.nats_server import NatsServer, start_nats_server
 from virtbackup.runtime.ports import free_port
+from virtbackup.testing.pki import shared_pki_dir
 from virtbackup.testing.vms import SmallVm
 
 
@@ -52,6 +53,8 @@ class System:
                 "VIRTBACKUP_AGENT_PORT": str(self.agent_port),
                 "VIRTBACKUP_HYPERSDK_PORT": str(self.hypersdk_port),
                 "VIRTBACKUP_LOG_LEVEL": "INFO",
+                # One NBD CA for every test system: see virtbackup.testing.pki.
+                "VIRTBACKUP_PKI_DIR": str(shared_pki_dir()),
             }
         )
         creds = self.nats.credentials(service) if service else None

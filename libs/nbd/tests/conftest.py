@@ -121,8 +121,11 @@ class Qemu:
         unix: bool = False,
         export: str = "export",
         shared: int = 8,
+        tls_dir: Path | None = None,
     ) -> Server:
-        """Start ``qemu-nbd --fork --persistent`` on a free loopback port or a Unix socket."""
+        """Start ``qemu-nbd --fork --persistent`` on a free loopback port or a Unix socket;
+        with ``tls_dir`` (``ca-cert.pem``, ``server-cert.pem``, ``server-key.pem``) it
+        requires TLS and a client certificate signed by that CA."""
         for _attempt in range(5):
             pid_file = self._name("pid")
             args = [
@@ -148,6 +151,13 @@ class Qemu:
                 args.append("-r")
             if bitmap is not None:
                 args += ["-B", bitmap]
+            if tls_dir is not None:
+                args += [
+                    "--object",
+                    f"tls-creds-x509,id=tls0,dir={tls_dir},endpoint=server,verify-peer=on",
+                    "--tls-creds",
+                    "tls0",
+                ]
             args.append(str(image))
             proc = subprocess.run(args, capture_output=True, text=True, timeout=30)
             if proc.returncode == 0:
@@ -193,6 +203,46 @@ def qemu(tmp_path: Path) -> Iterator[Qemu]:
         yield q
     finally:
         q.stop_all()
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A CA, a server directory (certificate for 127.0.0.1 and localhost) and a client
+    directory it signed, and a client directory signed by another CA."""
+
+    server_dir: Path
+    client_dir: Path
+    foreign_client_dir: Path
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    from virtbackup.virt.pki import (
+        CA_CERT,
+        SERVER_CERT,
+        SERVER_KEY,
+        Authority,
+        ensure_client_credentials,
+        load_or_create_authority,
+        write_file,
+    )
+
+    base = tmp_path_factory.mktemp("pki")
+    authority = load_or_create_authority(base / "ours")
+    server_dir = base / "server"
+    issued = authority.issue_server(["127.0.0.1", "localhost"])
+    write_file(server_dir / CA_CERT, authority.cert_pem, 0o644)
+    write_file(server_dir / SERVER_CERT, issued.cert_pem, 0o644)
+    write_file(server_dir / SERVER_KEY, issued.key_pem, 0o600)
+    client_dir = ensure_client_credentials(base / "ours", authority)
+    # Another CA's client, trusting our CA for the server: the server must refuse it.
+    other = Authority.create("Someone else's CA")
+    foreign = base / "foreign"
+    theirs = other.issue_client()
+    write_file(foreign / CA_CERT, authority.cert_pem, 0o644)
+    write_file(foreign / "client-cert.pem", theirs.cert_pem, 0o644)
+    write_file(foreign / "client-key.pem", theirs.key_pem, 0o600)
+    return Pki(server_dir=server_dir, client_dir=client_dir, foreign_client_dir=foreign)
 
 
 @pytest.fixture

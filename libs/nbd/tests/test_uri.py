@@ -21,6 +21,11 @@ from virtbackup.nbd import NbdUri
             NbdUri(export="backup-vda", socket="/run/libvirt/nbd.sock"),
         ),
         ("nbd+unix://?socket=/tmp/s", NbdUri(export="", socket="/tmp/s")),
+        ("nbds://10.0.0.5:10810/vda", NbdUri(export="vda", host="10.0.0.5", port=10810, tls=True)),
+        (
+            "nbds+unix:///vda?socket=/s&tls-hostname=kvm1",
+            NbdUri(export="vda", socket="/s", tls=True, tls_hostname="kvm1"),
+        ),
     ],
 )
 def test_parse(uri: str, expected: NbdUri) -> None:
@@ -30,7 +35,8 @@ def test_parse(uri: str, expected: NbdUri) -> None:
 @pytest.mark.parametrize(
     "uri",
     [
-        "nbds://host/x",
+        "nbds://host/x?tls-hostname=a",
+        "nbd+unix:///x?socket=/s&tls-hostname=a",
         "http://host/x",
         "nbd:///x",
         "nbd+unix:///x",
@@ -53,6 +59,8 @@ def test_parse_rejects(uri: str) -> None:
         "nbd://[::1]:1234/a%20b",
         "nbd+unix:///backup-vda?socket=/run/x.sock",
         "nbd+unix:///?socket=/tmp/s",
+        "nbds://127.0.0.1:10809/vda",
+        "nbds+unix:///vda?socket=/s&tls-hostname=kvm1",
     ],
 )
 def test_round_trip(uri: str) -> None:

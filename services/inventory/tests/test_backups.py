@@ -25,8 +25,12 @@ from virtbackup.contracts.v1.inventory import (
 )
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.inventory import backups, ownership
+from virtbackup.inventory.credentials import ExportCredentials
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.inventory.inventory import Inventory, ServerEntry
+from virtbackup.inventory.reconcile import reconcile
+from virtbackup.nbd import BASE_ALLOCATION, NbdClient, NbdError
+from virtbackup.nbd.tls import client_context_from_dir
 from virtbackup.runtime.nats_server import NatsServer, start_nats_server
 from virtbackup.runtime.ports import free_port
 from virtbackup.runtime.provision import ensure_bucket
@@ -34,6 +38,7 @@ from virtbackup.runtime.service import ServiceContext
 from virtbackup.runtime.settings import Settings
 from virtbackup.testing.libvirtd import ensure_libvirtd
 from virtbackup.testing.nats import connect
+from virtbackup.testing.pki import shared_pki_dir
 from virtbackup.testing.vms import (
     MiB,
     SmallVm,
@@ -44,8 +49,16 @@ from virtbackup.testing.vms import (
 )
 from virtbackup.virt import Connection, TcpServer, begin_backup, current_backup, end_backup
 from virtbackup.virt.checkpoints import list_checkpoints
+from virtbackup.virt.pki import Authority, write_file
 
 pytestmark = pytest.mark.libvirt
+
+INSTALLATION = f"test-{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def creds() -> ExportCredentials:
+    return ExportCredentials.load(shared_pki_dir())
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +136,8 @@ def _covers(extents: list[Extent], size: int) -> bool:
 
 async def _begin(server: HostServer, vm: SmallVm, scratch: Path, **kw: object) -> BackupBegun:
     req = BackupBeginRequest(server_id="local", vm_name=vm.name, quiesce=False, **kw)  # type: ignore[arg-type]
-    begun = await backups.begin(server, req, str(scratch))
+    creds = ExportCredentials.load(shared_pki_dir())
+    begun = await backups.begin(server, req, str(scratch), creds, INSTALLATION)
     # The reply crosses the bus: it must survive its own encoding.
     wire = msgspec.json.encode(begun)
     assert msgspec.json.decode(wire, type=BackupBegun) == begun
@@ -194,7 +208,7 @@ async def test_a_backup_job_is_in_progress_while_its_job_is_active(
     begun = await _begin(server, vm, vm_dir, job_id=job_id)
     try:
         assert await ownership.read_tag(conn, vm.name) == ownership.BackupTag(
-            job_id=job_id, checkpoint=begun.checkpoint
+            job_id=job_id, checkpoint=begun.checkpoint, installation=INSTALLATION
         )
         assert not await ownership.in_progress(conn, vm.name, jobs)  # no such job
         await jobs.put(job_id, _job(job_id, "running"))
@@ -234,7 +248,7 @@ async def test_has_overlay_follows_the_job_not_the_process(
     without ending it."""
     ctx = ServiceContext(
         name="inventory",
-        settings=Settings(scratch_dir=str(vm_dir)),
+        settings=Settings(scratch_dir=str(vm_dir), pki_dir=shared_pki_dir()),
         bus=None,  # type: ignore[arg-type]  # _status uses no bus
         tracer_provider=None,  # type: ignore[arg-type]
         buckets={buckets.JOBS.name: jobs},
@@ -258,3 +272,102 @@ async def test_has_overlay_follows_the_job_not_the_process(
         end = BackupEndRequest(server_id="local", vm_name=vm.name, checkpoint=begun.checkpoint)
         await backups.end(server, end, str(vm_dir))
     assert not await has_overlay()
+
+
+async def test_a_backup_export_serves_only_the_workers_certificate(
+    server: HostServer, conn: Connection, vm: SmallVm, vm_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 11, item 4: any local user could read a VM's disk through its export."""
+    await guest_write(conn, vm.name, "vda", 0, MiB, pattern=0x42)
+    begun = await _begin(server, vm, vm_dir, job_id=f"job-{os.getpid()}-tls")
+    try:
+        url = _disk(begun, "vda").nbd_url
+        assert url.startswith("nbds://127.0.0.1:"), url
+        with pytest.raises(NbdError, match="TLS"):
+            await NbdClient.connect_uri(url.replace("nbds://", "nbd://", 1), timeout=10)
+        ours = ExportCredentials.load(shared_pki_dir())
+        theirs = Authority.create("not VirtBackup").issue_client()
+        foreign = tmp_path / "foreign"
+        write_file(foreign / "ca-cert.pem", ours.authority.cert_pem, 0o644)
+        write_file(foreign / "client-cert.pem", theirs.cert_pem, 0o644)
+        write_file(foreign / "client-key.pem", theirs.key_pem, 0o600)
+        with pytest.raises(NbdError):
+            await NbdClient.connect_uri(url, tls=client_context_from_dir(foreign), timeout=10)
+        async with await NbdClient.connect_uri(
+            url, tls=ours.client, meta_contexts=[BASE_ALLOCATION]
+        ) as nbd:
+            assert await nbd.read(0, 4) == b"\x42" * 4
+    finally:
+        end = BackupEndRequest(server_id="local", vm_name=vm.name, checkpoint=begun.checkpoint)
+        await backups.end(server, end, str(vm_dir))
+
+
+async def test_an_inventory_that_starts_ends_the_backup_jobs_nobody_will_end(
+    server: HostServer, conn: Connection, vm: SmallVm, vm_dir: Path, jobs: KeyValue
+) -> None:
+    """Issue 11, item 4: after the inventory was killed mid-backup, the libvirt job and
+    its export stayed up and every later backup failed."""
+    job_id = f"job-{os.getpid()}-orphan"
+    before = {c.name for c in await list_checkpoints(conn, vm.name)}
+
+    async def run() -> list[str]:
+        return await reconcile(server, jobs, INSTALLATION, str(vm_dir), grace=0.5)
+
+    # Active job: left to its orchestrator.
+    await jobs.put(job_id, _job(job_id, "running"))
+    begun = await _begin(server, vm, vm_dir, job_id=job_id)
+    assert await run() == []
+    assert await current_backup(conn, vm.name) is not None
+    # Another installation's backup (same job id, by chance): not ours to end.
+    await ownership.tag(conn, vm.name, job_id, begun.checkpoint, "someone-else")
+    await jobs.put(job_id, _job(job_id, "failure"))
+    assert await run() == []
+    assert await current_backup(conn, vm.name) is not None
+    # Ours, and its job failed: ended, its checkpoint dropped, the export gone.
+    await ownership.tag(conn, vm.name, job_id, begun.checkpoint, INSTALLATION)
+    done = await run()
+    assert len(done) == 1 and "dropped" in done[0], done
+    assert await current_backup(conn, vm.name) is None
+    assert await ownership.read_tag(conn, vm.name) is None
+    assert {c.name for c in await list_checkpoints(conn, vm.name)} == before
+    with pytest.raises(NbdError):
+        await NbdClient.connect_uri(
+            _disk(begun, "vda").nbd_url, tls=ExportCredentials.load(shared_pki_dir()).client
+        )
+
+    # Ours, and its job succeeded (the orchestrator could not end it): the checkpoint of
+    # the committed restore point stays.
+    job_ok = f"{job_id}-ok"
+    begun = await _begin(server, vm, vm_dir, job_id=job_ok)
+    await jobs.put(job_ok, _job(job_ok, "success"))
+    done = await run()
+    assert len(done) == 1 and "kept" in done[0], done
+    assert await current_backup(conn, vm.name) is None
+    assert begun.checkpoint in {c.name for c in await list_checkpoints(conn, vm.name)}
+
+    # A job VB_JOBS does not know, and an untagged job with VirtBackup's scratch files
+    # (the inventory died between the begin and the tag): both ended.
+    begun = await _begin(server, vm, vm_dir, job_id=f"{job_id}-unknown")
+    assert len(await run()) == 1
+    assert await current_backup(conn, vm.name) is None
+    begun = await _begin(server, vm, vm_dir, job_id=f"{job_id}-untagged")
+    await ownership.untag(conn, vm.name)
+    done = await run()
+    assert done == [f"{vm.name}: ended an untagged backup job of VirtBackup's"], done
+    assert await current_backup(conn, vm.name) is None
+    # Someone else's untagged backup (scratch files elsewhere) is left alone.
+    elsewhere = vm_dir / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    elsewhere.chmod(0o777)
+    foreign = await begin_backup(
+        conn,
+        vm.name,
+        server=TcpServer("127.0.0.1", free_port()),
+        scratch_dir=str(elsewhere),
+        checkpoint=None,
+    )
+    try:
+        assert await run() == []
+        assert await current_backup(conn, vm.name) is not None
+    finally:
+        await end_backup(conn, foreign)

@@ -19,9 +19,13 @@ from virtbackup.contracts.v1.inventory import (
     RestoreTarget,
 )
 from virtbackup.inventory import restores
+from virtbackup.inventory.credentials import ExportCredentials
 from virtbackup.inventory.hosts import HostServer
-from virtbackup.nbd import NbdClient
+from virtbackup.nbd import NbdClient, NbdError
+from virtbackup.nbd.tls import client_context_from_dir
 from virtbackup.testing.pagecache import resident_pages
+from virtbackup.testing.pki import shared_pki_dir
+from virtbackup.virt.pki import Authority, write_file
 
 MIB = 1 << 20
 IO_URING_SWITCH = Path("/proc/sys/kernel/io_uring_disabled")
@@ -34,7 +38,8 @@ def _export_args(target: RestoreTarget, job_id: str) -> list[str]:
 
 async def _write_and_check(target: RestoreTarget) -> bytes:
     data = secrets.token_bytes(8 * MIB)
-    async with await NbdClient.connect_uri(target.nbd_url) as nbd:
+    tls = ExportCredentials.load(shared_pki_dir()).client
+    async with await NbdClient.connect_uri(target.nbd_url, tls=tls) as nbd:
         await nbd.write(4 * MIB, data)
         await nbd.flush()
         assert await nbd.read(4 * MIB, len(data)) == data
@@ -49,7 +54,7 @@ def server() -> HostServer:
 async def _prepare(server: HostServer, tmp_path: Path, job_id: str) -> RestoreTarget:
     disk = RestoreDisk(target="vda", path=str(tmp_path / "vm" / "disk.qcow2"), size=64 * MIB)
     req = RestorePrepareRequest(server_id="local", job_id=job_id, disks=[disk])
-    prepared = await restores.prepare(server, req)
+    prepared = await restores.prepare(server, req, ExportCredentials.load(shared_pki_dir()))
     return prepared.disks[0]
 
 
@@ -92,3 +97,32 @@ async def test_restores_write_with_direct_io(
     finally:
         await _discard(server, target, job_id)
     assert os.listdir(tmp_path / "vm") == []
+
+
+async def test_restore_exports_refuse_clients_without_the_workers_certificate(
+    server: HostServer, tmp_path: Path
+) -> None:
+    """Nobody but a holder of the workers' certificate can write into an image being
+    restored: not a plain NBD client, not a TLS client with another CA's certificate."""
+    job_id = "job-tls"
+    target = await _prepare(server, tmp_path, job_id)
+    try:
+        assert target.nbd_url.startswith("nbds://127.0.0.1:")
+        plain = target.nbd_url.replace("nbds://", "nbd://", 1)
+        with pytest.raises(NbdError, match="TLS"):
+            await NbdClient.connect_uri(plain, timeout=10)
+        other = Authority.create("not VirtBackup")
+        theirs = other.issue_client()
+        ours = ExportCredentials.load(shared_pki_dir())
+        foreign = tmp_path / "foreign"
+        write_file(foreign / "ca-cert.pem", ours.authority.cert_pem, 0o644)
+        write_file(foreign / "client-cert.pem", theirs.cert_pem, 0o644)
+        write_file(foreign / "client-key.pem", theirs.key_pem, 0o600)
+        with pytest.raises(NbdError):
+            await NbdClient.connect_uri(
+                target.nbd_url, tls=client_context_from_dir(foreign), timeout=10
+            )
+        # The workers' certificate is served.
+        await _write_and_check(target)
+    finally:
+        await _discard(server, target, job_id)

@@ -233,3 +233,46 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None
     while not condition():
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["event", "record"])
+async def test_a_unit_in_progress_is_abandoned_when_its_job_ends(
+    ctx: ServiceContext, chunk: str, how: str
+) -> None:
+    """Issue 11, item 11: after an orchestrator died and another failed its job, workers
+    kept working on the units in their hands to the end. Now the unit stops at the job's
+    end event, or (the event missed) at the next look at its record."""
+    started = asyncio.Event()
+    finished: list[int] = []
+
+    class Slow(Worker):
+        async def _process(self, unit: TransferUnit) -> UnitResult:
+            started.set()
+            await asyncio.sleep(60)  # a unit reading a large disk
+            finished.append(unit.unit)
+            return await super()._process(unit)
+
+    await put_job(ctx, "j3")
+    worker = make_worker(ctx, Slow)
+    follower = asyncio.create_task(follow_job_ends(ctx, worker)) if how == "event" else None
+    async with EventFeed(ctx.bus, subjects.event(EventType.UNIT_DONE, "j3")) as feed:
+        await publish(ctx, verify_unit("j3", [chunk]))
+        task = await running(worker)
+        try:
+            await asyncio.wait_for(started.wait(), 10)
+            t0 = time.monotonic()
+            await put_job(ctx, "j3", state="failure")  # failed by another replica
+            if how == "event":
+                await asyncio.sleep(0.3)  # the feed is open
+                await ctx.bus.publish_event(EventType.JOB_FINISHED, {"id": "j3"}, key="j3")
+            await wait_for(lambda: not worker.running, timeout=10)
+            await settled(ctx)
+            elapsed = time.monotonic() - t0
+            assert await feed.next(timeout=0.5) is None
+        finally:
+            await stop(ctx, task)
+            if follower is not None:
+                follower.cancel()
+                await asyncio.gather(follower, return_exceptions=True)
+    assert finished == []
+    assert elapsed < (2.0 if how == "event" else 5.0), elapsed

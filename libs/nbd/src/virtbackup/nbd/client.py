@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 
 from . import protocol as p
-from .connection import NbdConnection, RequestResult
+from .connection import NbdConnection, RequestResult, TlsNbdConnection
 from .errors import NbdConnectionError, NbdProtocolError, NbdUnsupportedError
 from .export import ExportInfo
 from .extents import Extent, coalesce
-from .handshake import negotiate
+from .handshake import negotiate, negotiate_tls
 from .uri import NbdUri
 
 #: Default size of the requests reads and writes are cut into.
@@ -121,6 +122,8 @@ class NbdClient:
         max_in_flight: int = 64,
         request_size: int = DEFAULT_REQUEST_SIZE,
         timeout: float | None = 30.0,
+        tls: ssl.SSLContext | None = None,
+        tls_hostname: str | None = None,
     ) -> NbdClient:
         """Connect over TCP (``host``, ``port``) or a Unix socket (``socket_path``).
 
@@ -130,13 +133,25 @@ class NbdClient:
         bounds connecting plus the handshake. ``max_in_flight`` bounds the
         requests pipelined on the connection; ``request_size`` is the size
         reads and writes are cut into.
+
+        With ``tls`` (a client context, :func:`virtbackup.nbd.tls.client_context`)
+        the client asks for TLS before anything else (NBD_OPT_STARTTLS) and presents
+        the context's certificate; the server's certificate must be signed by the
+        context's CA and name ``tls_hostname`` (default: ``host``; required for a
+        Unix socket). A server without TLS is refused with NbdHandshakeError, a TLS
+        handshake that fails (either side refuses a certificate) raises
+        NbdConnectionError.
         """
         if (host is None) == (socket_path is None):
             raise ValueError("pass exactly one of host or socket_path")
         if meta_contexts and not structured_replies:
             raise ValueError("meta contexts need structured replies")
         where = socket_path if socket_path is not None else f"{host}:{port}"
+        hostname = tls_hostname or host
+        if tls is not None and not hostname:
+            raise ValueError("TLS over a Unix socket needs tls_hostname")
         sock: socket.socket | None = None
+        conn: NbdConnection
         try:
             async with asyncio.timeout(timeout):
                 if socket_path is not None:
@@ -144,13 +159,26 @@ class NbdClient:
                 else:
                     assert host is not None
                     sock = await _connect_tcp(host, port)
-                info = await negotiate(
-                    sock,
-                    export,
-                    structured_replies=structured_replies,
-                    meta_contexts=meta_contexts,
-                )
-                conn = NbdConnection(sock, info, max_in_flight=max_in_flight)
+                if tls is None:
+                    info = await negotiate(
+                        sock,
+                        export,
+                        structured_replies=structured_replies,
+                        meta_contexts=meta_contexts,
+                    )
+                    conn = NbdConnection(sock, info, max_in_flight=max_in_flight)
+                else:
+                    assert hostname is not None
+                    info, writer = await negotiate_tls(
+                        sock,
+                        export,
+                        tls=tls,
+                        server_hostname=hostname,
+                        structured_replies=structured_replies,
+                        meta_contexts=meta_contexts,
+                    )
+                    sock = None  # the transport's now
+                    conn = TlsNbdConnection(writer, info, max_in_flight=max_in_flight)
         except TimeoutError as exc:
             if sock is not None:
                 sock.close()
@@ -175,9 +203,14 @@ class NbdClient:
         max_in_flight: int = 64,
         request_size: int = DEFAULT_REQUEST_SIZE,
         timeout: float | None = 30.0,
+        tls: ssl.SSLContext | None = None,
     ) -> NbdClient:
-        """Connect to ``nbd://host:port/export`` or ``nbd+unix:///export?socket=PATH``."""
+        """Connect to ``nbd://host:port/export`` or ``nbd+unix:///export?socket=PATH``,
+        or with TLS to ``nbds://`` and ``nbds+unix://`` (these need ``tls``, else
+        ValueError; ``tls`` with a plain ``nbd://`` URI uses TLS too). See :meth:`connect`."""
         target = uri if isinstance(uri, NbdUri) else NbdUri.parse(uri)
+        if target.tls and tls is None:
+            raise ValueError(f"{target} needs TLS: pass a client context (tls=...)")
         return await cls.connect(
             host=target.host,
             port=target.port,
@@ -188,6 +221,8 @@ class NbdClient:
             max_in_flight=max_in_flight,
             request_size=request_size,
             timeout=timeout,
+            tls=tls,
+            tls_hostname=target.tls_hostname,
         )
 
     async def __aenter__(self) -> NbdClient:

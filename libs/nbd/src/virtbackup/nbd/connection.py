@@ -120,13 +120,26 @@ class NbdConnection:
       later :meth:`submit`.
     """
 
+    _sock: socket.socket | None
+
     def __init__(self, sock: socket.socket, info: ExportInfo, *, max_in_flight: int = 64) -> None:
+        self._setup(info, max_in_flight)
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._quickack = _TCP_QUICKACK != 0 and sock.family in (
+            socket.AF_INET,
+            socket.AF_INET6,
+        )
+        sock.setblocking(False)
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    def _setup(self, info: ExportInfo, max_in_flight: int) -> None:
+        """The state every connection has, whatever carries its bytes."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.info = info
         self._loop = asyncio.get_running_loop()
-        self._sock: socket.socket | None = sock
-        self._fd = sock.fileno()
+        self._sock = None
         self._pending: dict[int, _Request] = {}
         self._next_cookie = 1
         self.requests_sent = 0
@@ -157,12 +170,6 @@ class NbdConnection:
         self._remaining = 0
         self._done_after_data = False
         self._direct = False
-        self._quickack = _TCP_QUICKACK != 0 and sock.family in (
-            socket.AF_INET,
-            socket.AF_INET6,
-        )
-        sock.setblocking(False)
-        self._loop.add_reader(self._fd, self._on_readable)
 
     # --- state ---------------------------------------------------------------------
 
@@ -627,3 +634,92 @@ class NbdConnection:
         if self._error is None:
             self._error = error
         self._connection_lost(None)
+
+
+class TlsNbdConnection(NbdConnection):
+    """The transmission phase over a TLS transport (see :func:`.handshake.negotiate_tls`).
+
+    Same contract as :class:`NbdConnection`; only the bytes travel differently: the
+    transport decrypts replies straight into the parser's buffers (read data into the
+    caller's buffer, as on a plain socket) and encrypts each request as it is written,
+    so a write payload is not referenced after :meth:`submit` returns. The plain
+    connection keeps its own socket path (``sendmsg``, ``recv_into``): TLS costs nothing
+    where it is not used.
+    """
+
+    def __init__(
+        self, writer: asyncio.StreamWriter, info: ExportInfo, *, max_in_flight: int = 64
+    ) -> None:
+        """Take over the TLS transport of ``writer`` (the handshake's stream). The writer
+        is kept: one that is garbage-collected closes its transport."""
+        self._setup(info, max_in_flight)
+        self._writer = writer
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)
+        self._transport: asyncio.Transport | None = transport
+        self._aborting = False
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)
+        raw = transport.get_extra_info("socket")
+        self._quickack = (
+            _TCP_QUICKACK != 0
+            and raw is not None
+            and raw.family in (socket.AF_INET, socket.AF_INET6)
+        )
+        self._raw = raw
+        transport.set_protocol(_TlsProtocol(self))
+        if transport.is_closing():
+            self._connection_lost(None)
+
+    def _write(self, header: bytes, payload: memoryview | None) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(header)
+        if payload is not None:
+            transport.write(payload)
+
+    def _close_socket(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        self._transport = None
+        self._drained.set()
+        if self._aborting:
+            transport.abort()
+        else:
+            transport.close()  # sends what is queued (a DISC) and TLS's close_notify
+
+    def abort(self) -> None:
+        self._aborting = True
+        super().abort()
+
+
+class _TlsProtocol(asyncio.BufferedProtocol):
+    """Hands the TLS transport's events to its :class:`TlsNbdConnection`."""
+
+    def __init__(self, conn: TlsNbdConnection) -> None:
+        self._conn = conn
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        conn = self._conn
+        if conn._quickack and conn._raw is not None:
+            # As on a plain socket (see NbdConnection._on_readable): QEMU leaves Nagle
+            # on, so acknowledge at once rather than let Linux delay the ACK.
+            with contextlib.suppress(OSError):
+                conn._raw.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+        return conn._get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._conn._buffer_updated(nbytes)
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._conn._connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._conn._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._conn._writable.set()

@@ -5,6 +5,9 @@ unread bytes when the handshake returns and can be handed to a transport):
 
 1. server greeting: ``NBDMAGIC``, ``IHAVEOPT``, handshake flags; the client
    answers with FIXED_NEWSTYLE (and NO_ZEROES when offered);
+   with TLS (:func:`negotiate_tls`), NBD_OPT_STARTTLS, then a TLS handshake on the
+   socket (client certificate, server certificate checked against the CA and the
+   host name); every later option runs inside TLS;
 2. NBD_OPT_STRUCTURED_REPLY when asked for (a refusal falls back to simple replies);
 3. NBD_OPT_SET_META_CONTEXT for the requested contexts (needs structured replies);
    contexts the server does not grant are simply absent from the result;
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Sequence
+from typing import Protocol
 
 from . import protocol as p
 from .errors import NbdConnectionError, NbdHandshakeError, NbdProtocolError
@@ -25,6 +30,12 @@ from .export import BlockSize, ExportInfo
 
 #: Option replies longer than this are treated as a protocol violation.
 _MAX_OPTION_REPLY = 16 * 1024 * 1024
+
+
+class _IO(Protocol):
+    async def recv_exactly(self, n: int) -> bytes: ...
+
+    async def send(self, data: bytes) -> None: ...
 
 
 class _SocketIO:
@@ -49,6 +60,24 @@ class _SocketIO:
         await self._loop.sock_sendall(self._sock, data)
 
 
+class _StreamIO:
+    """Exact-length reads and writes on asyncio streams (the handshake after STARTTLS)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def recv_exactly(self, n: int) -> bytes:
+        try:
+            return await self._reader.readexactly(n)
+        except asyncio.IncompleteReadError:
+            raise NbdConnectionError("server closed the connection during the handshake") from None
+
+    async def send(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+
 def _reply_name(reply: int) -> str:
     try:
         return p.OptionReply(reply).name
@@ -57,7 +86,11 @@ def _reply_name(reply: int) -> str:
 
 
 class _Negotiator:
-    def __init__(self, io: _SocketIO) -> None:
+    def __init__(self, io: _IO) -> None:
+        self._io = io
+
+    def use(self, io: _IO) -> None:
+        """Continue on ``io`` (the TLS stream after STARTTLS)."""
         self._io = io
 
     async def send_option(self, option: p.Option, data: bytes = b"") -> None:
@@ -84,6 +117,13 @@ class _Negotiator:
         if text:
             message += f": {text}"
         return NbdHandshakeError(message, option=option, reply=reply)
+
+    async def starttls(self) -> None:
+        """NBD_OPT_STARTTLS; NbdHandshakeError when the server does not offer TLS."""
+        await self.send_option(p.Option.STARTTLS)
+        reply, data = await self.read_reply(p.Option.STARTTLS)
+        if reply != p.OptionReply.ACK:
+            raise self.refused(p.Option.STARTTLS, reply, data, "(no TLS on this server)")
 
     async def structured_replies(self) -> bool:
         await self.send_option(p.Option.STRUCTURED_REPLY)
@@ -183,7 +223,60 @@ async def negotiate(
     if meta_contexts and not structured_replies:
         raise ValueError("meta contexts need structured replies")
     io = _SocketIO(sock)
+    no_zeroes = await _greet(io)
     neg = _Negotiator(io)
+    return await _options(neg, export, no_zeroes, structured_replies, meta_contexts)
+
+
+async def negotiate_tls(
+    sock: socket.socket,
+    export: str,
+    *,
+    tls: ssl.SSLContext,
+    server_hostname: str,
+    structured_replies: bool = True,
+    meta_contexts: Sequence[str] = (),
+) -> tuple[ExportInfo, asyncio.StreamWriter]:
+    """Run the handshake on ``sock`` with NBD_OPT_STARTTLS first; return what was
+    negotiated and the stream writer of the TLS transport (in the transmission phase,
+    nothing buffered). Keep the writer as long as the transport: a writer that is
+    garbage-collected closes its transport.
+
+    ``tls`` is a client context (see :func:`virtbackup.nbd.tls.client_context`): the
+    server's certificate is checked against its CA and ``server_hostname``, and the
+    client presents the context's certificate. The socket belongs to the transport
+    from the STARTTLS on. Raises NbdHandshakeError when the server offers no TLS,
+    NbdConnectionError when the TLS handshake fails (a certificate the server or the
+    client refuses) or the connection breaks, NbdProtocolError when the server
+    misbehaves.
+    """
+    if meta_contexts and not structured_replies:
+        raise ValueError("meta contexts need structured replies")
+    plain = _SocketIO(sock)
+    no_zeroes = await _greet(plain)
+    neg = _Negotiator(plain)
+    await neg.starttls()
+    try:
+        reader, writer = await asyncio.open_connection(sock=sock)
+    except OSError as exc:
+        raise NbdConnectionError(f"cannot set up TLS: {exc}") from exc
+    try:
+        try:
+            await writer.start_tls(tls, server_hostname=server_hostname)
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            raise NbdConnectionError(f"TLS handshake failed: {exc}") from exc
+        except (OSError, EOFError) as exc:
+            raise NbdConnectionError(f"TLS handshake failed: {exc}") from exc
+        neg.use(_StreamIO(reader, writer))
+        info = await _options(neg, export, no_zeroes, structured_replies, meta_contexts)
+    except BaseException:
+        writer.transport.abort()
+        raise
+    return info, writer
+
+
+async def _greet(io: _IO) -> bool:
+    """Read the greeting and answer it; whether NO_ZEROES was agreed."""
     magic, second, hs_flags = _unpack_greeting(await io.recv_exactly(18))
     if magic != p.NBD_MAGIC:
         raise NbdProtocolError(f"not an NBD server (magic {magic:#x})")
@@ -196,7 +289,16 @@ async def negotiate(
     no_zeroes = bool(hs_flags & p.HandshakeFlag.NO_ZEROES)
     client_flags = p.ClientFlag.FIXED_NEWSTYLE | (p.ClientFlag.NO_ZEROES if no_zeroes else 0)
     await io.send(p.U32.pack(client_flags))
+    return no_zeroes
 
+
+async def _options(
+    neg: _Negotiator,
+    export: str,
+    no_zeroes: bool,
+    structured_replies: bool,
+    meta_contexts: Sequence[str],
+) -> ExportInfo:
     name = export.encode()
     structured = await neg.structured_replies() if structured_replies else False
     contexts: dict[str, int] = {}

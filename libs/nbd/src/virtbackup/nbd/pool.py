@@ -17,6 +17,7 @@ write to it is in flight, as with any NBD client.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Coroutine, Sequence
 from types import TracebackType
 from typing import Any
@@ -77,6 +78,8 @@ class NbdPool:
         max_in_flight: int = 64,
         request_size: int = DEFAULT_REQUEST_SIZE,
         timeout: float | None = 30.0,
+        tls: ssl.SSLContext | None = None,
+        tls_hostname: str | None = None,
     ) -> NbdPool:
         """Open ``connections`` clients concurrently (see :meth:`NbdClient.connect`).
 
@@ -96,6 +99,8 @@ class NbdPool:
                     max_in_flight=max_in_flight,
                     request_size=request_size,
                     timeout=timeout,
+                    tls=tls,
+                    tls_hostname=tls_hostname,
                 )
                 for _ in range(connections)
             ),
@@ -122,9 +127,13 @@ class NbdPool:
         max_in_flight: int = 64,
         request_size: int = DEFAULT_REQUEST_SIZE,
         timeout: float | None = 30.0,
+        tls: ssl.SSLContext | None = None,
     ) -> NbdPool:
-        """Open ``connections`` clients to an ``nbd://`` or ``nbd+unix://`` URI."""
+        """Open ``connections`` clients to an ``nbd[s]://`` or ``nbd[s]+unix://`` URI
+        (TLS as in :meth:`NbdClient.connect_uri`)."""
         target = uri if isinstance(uri, NbdUri) else NbdUri.parse(uri)
+        if target.tls and tls is None:
+            raise ValueError(f"{target} needs TLS: pass a client context (tls=...)")
         return await cls.connect(
             connections,
             host=target.host,
@@ -136,6 +145,8 @@ class NbdPool:
             max_in_flight=max_in_flight,
             request_size=request_size,
             timeout=timeout,
+            tls=tls,
+            tls_hostname=target.tls_hostname,
         )
 
     async def __aenter__(self) -> NbdPool:

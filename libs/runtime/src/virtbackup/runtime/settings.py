@@ -81,6 +81,14 @@ class Settings(BaseSettings):
     debug_holds: dict[str, float] = Field(default_factory=dict)
     #: Directory on each hypervisor for backup scratch files.
     scratch_dir: str = "/var/lib/libvirt/images/virtbackup-scratch"
+    #: The certificate authority of the NBD exports and the workers' client certificate
+    #: (``ca/``, ``nbd-client/``; see ``virtbackup.virt.pki``); default ``<data_dir>/pki``.
+    pki_dir: Path | None = None
+
+    @property
+    def nbd_pki_dir(self) -> Path:
+        """Where the NBD exports' CA and the client certificate are kept."""
+        return self.pki_dir if self.pki_dir is not None else self.data_dir / "pki"
 
     @property
     def secret_key_file(self) -> Path:

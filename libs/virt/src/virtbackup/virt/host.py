@@ -41,24 +41,31 @@ class CommandResult:
 class Host(Protocol):
     """Where libvirtd runs; runs a command there and returns its result (never raises on
     a non-zero exit, raises :class:`VirtTimeout` past ``timeout`` and
-    :class:`Unreachable` when the host cannot be reached)."""
+    :class:`Unreachable` when the host cannot be reached). ``input`` is written to the
+    command's standard input (else it reads nothing): the way to hand a command a secret
+    without putting it in an argument list that every local user can see."""
 
-    async def run(self, argv: Sequence[str], *, timeout: float = 60.0) -> CommandResult: ...
+    async def run(
+        self, argv: Sequence[str], *, timeout: float = 60.0, input: str | None = None
+    ) -> CommandResult: ...
 
 
 class LocalHost:
     """This machine: commands run as subprocesses of the current process."""
 
-    async def run(self, argv: Sequence[str], *, timeout: float = 60.0) -> CommandResult:
+    async def run(
+        self, argv: Sequence[str], *, timeout: float = 60.0, input: str | None = None
+    ) -> CommandResult:
         args = tuple(argv)
         proc = await asyncio.create_subprocess_exec(
             *args,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.DEVNULL if input is None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            data = input.encode() if input is not None else None
+            out, err = await asyncio.wait_for(proc.communicate(data), timeout)
         except TimeoutError:
             proc.kill()
             await proc.wait()
@@ -80,10 +87,14 @@ class SshHost:
     def __init__(self, connection: asyncssh.SSHClientConnection) -> None:
         self.connection = connection
 
-    async def run(self, argv: Sequence[str], *, timeout: float = 60.0) -> CommandResult:
+    async def run(
+        self, argv: Sequence[str], *, timeout: float = 60.0, input: str | None = None
+    ) -> CommandResult:
         args = tuple(argv)
         try:
-            result = await self.connection.run(shlex.join(args), check=False, timeout=timeout)
+            result = await self.connection.run(
+                shlex.join(args), check=False, timeout=timeout, input=input
+            )
         except asyncssh.TimeoutError:
             raise VirtTimeout(f"{shlex.join(args)} did not finish in {timeout} s") from None
         except (OSError, asyncssh.Error) as exc:

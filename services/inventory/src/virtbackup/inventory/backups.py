@@ -15,6 +15,7 @@ from virtbackup.contracts.v1.inventory import (
     DiskExport,
 )
 from virtbackup.inventory import ownership
+from virtbackup.inventory.credentials import ExportCredentials
 from virtbackup.inventory.extents import fit, read_maps
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.nbd import NbdError
@@ -56,18 +57,28 @@ def new_checkpoint_name() -> str:
     return f"vb-{stamp}-{os.urandom(3).hex()}"
 
 
-async def begin(server: HostServer, req: BackupBeginRequest, scratch_dir: str) -> BackupBegun:
+async def begin(
+    server: HostServer,
+    req: BackupBeginRequest,
+    scratch_dir: str,
+    creds: ExportCredentials,
+    installation: str,
+) -> BackupBegun:
     """Begin a backup with a new checkpoint; incremental when the chain from
     ``incremental_from`` is intact, else a full read (and ``full_reason`` says why).
 
-    Each disk comes with its NBD export, size and extent maps (see :mod:`.extents`). The
-    domain is tagged with ``req.job_id`` (see :mod:`.ownership`), so that no inventory
-    replica reports the running backup as a leftover while that job is active.
-    Raises NotFound (unknown VM), Conflict (not running, another job, no free port) or
-    Unavailable (the maps could not be read; the backup job is then ended and its
-    checkpoint deleted)."""
+    Each disk comes with its NBD export (``nbds://``: TLS, and only clients with the
+    certificate of ``creds`` are served), size and extent maps (see :mod:`.extents`).
+    The domain is tagged with ``req.job_id`` and ``installation`` (see
+    :mod:`.ownership`), so that no inventory replica reports the running backup as a
+    leftover while that job is active, and an inventory that starts can tell its own
+    backups that nobody will end from another installation's.
+    Raises NotFound (unknown VM), Conflict (not running, another job, no free port,
+    a server whose libvirt cannot require client certificates) or Unavailable (the maps
+    could not be read; the backup job is then ended and its checkpoint deleted)."""
     conn = await server.connection()
     host = await server.host()
+    await creds.install(server)
     await host.run(["mkdir", "-p", scratch_dir], timeout=30)
     incremental: str | None = None
     full_reason = "" if req.incremental_from else "no earlier restore point"
@@ -89,7 +100,7 @@ async def begin(server: HostServer, req: BackupBeginRequest, scratch_dir: str) -
             job = await begin_backup(
                 conn,
                 req.vm_name,
-                server=TcpServer(host=server.nbd_host, port=port),
+                server=TcpServer(host=server.nbd_host, port=port, tls=True),
                 scratch_dir=scratch_dir,
                 checkpoint=checkpoint,
                 incremental=incremental,
@@ -110,8 +121,8 @@ async def begin(server: HostServer, req: BackupBeginRequest, scratch_dir: str) -
     else:
         raise Conflict(f"could not begin the backup of {req.vm_name}: {last_error}")
     try:
-        await ownership.tag(conn, req.vm_name, req.job_id, checkpoint)
-        disks = await _exports(job, xml)
+        await ownership.tag(conn, req.vm_name, req.job_id, checkpoint, installation)
+        disks = await _exports(job, xml, creds)
     except BaseException as exc:
         # Nobody will end a backup whose begin failed: end it here, and drop its checkpoint
         # so that the next incremental still covers every change.
@@ -135,11 +146,16 @@ async def begin(server: HostServer, req: BackupBeginRequest, scratch_dir: str) -
     )
 
 
-async def _exports(job: BackupJob, xml: str) -> list[DiskExport]:
+async def _exports(job: BackupJob, xml: str, creds: ExportCredentials) -> list[DiskExport]:
     """Each exported disk with its size and extent maps, read over NBD (the maps of all
     disks together fitted into one bus reply, see :mod:`.extents`)."""
     read = [
-        (exp, await read_maps(job.uri(exp.target), exp.meta_context, timeout=NBD_TIMEOUT))
+        (
+            exp,
+            await read_maps(
+                job.uri(exp.target), exp.meta_context, timeout=NBD_TIMEOUT, tls=creds.client
+            ),
+        )
         for exp in job.exports
     ]
     fit([m for _, maps in read for m in (maps.allocation, maps.dirty) if m is not None])

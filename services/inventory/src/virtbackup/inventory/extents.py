@@ -17,6 +17,7 @@ but never misses a change. While the block size is at most the repository's chun
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -61,14 +62,23 @@ def from_nbd(extents: Iterable[NbdExtent]) -> list[Extent]:
     return out
 
 
-async def read_maps(nbd_url: str, bitmap_context: str | None, *, timeout: float) -> DiskMaps:
+async def read_maps(
+    nbd_url: str,
+    bitmap_context: str | None,
+    *,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
+) -> DiskMaps:
     """Read the size and maps of the export at ``nbd_url``: ``base:allocation``, and
-    ``bitmap_context`` (e.g. ``qemu:dirty-bitmap:backup-vda``) when given.
+    ``bitmap_context`` (e.g. ``qemu:dirty-bitmap:backup-vda``) when given; ``tls`` is
+    the client context for an ``nbds://`` export.
 
     Raises ``virtbackup.nbd.NbdError`` when the export cannot be reached (within
     ``timeout`` seconds for the connection) or does not offer a context."""
     contexts = [BASE_ALLOCATION] + ([bitmap_context] if bitmap_context else [])
-    async with await NbdClient.connect_uri(nbd_url, meta_contexts=contexts, timeout=timeout) as nbd:
+    async with await NbdClient.connect_uri(
+        nbd_url, meta_contexts=contexts, timeout=timeout, tls=tls
+    ) as nbd:
         allocation = from_nbd(await nbd.block_status(context=BASE_ALLOCATION))
         dirty = from_nbd(await nbd.block_status(context=bitmap_context)) if bitmap_context else None
         return DiskMaps(

@@ -197,7 +197,7 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
     async def backup_begin(req: BackupBeginRequest) -> BackupBegun:
         entry = inv.entry(req.server_id)
         async with libvirt_errors(req.server_id, req.vm_name):
-            return await backups.begin(entry.host, req, scratch)
+            return await backups.begin(entry.host, req, scratch, inv.creds, inv.installation)
 
     @bus.handle(InventoryCmd.RESTORE_PRECHECK, RestorePrecheckRequest)
     async def restore_precheck(req: RestorePrecheckRequest) -> RestorePrecheckResult:
@@ -209,7 +209,7 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
     async def restore_prepare(req: RestorePrepareRequest) -> RestorePrepared:
         entry = inv.entry(req.server_id)
         async with libvirt_errors(req.server_id):
-            return await restores.prepare(entry.host, req)
+            return await restores.prepare(entry.host, req, inv.creds)
 
     @bus.handle(InventoryCmd.RESTORE_FINISH, RestoreFinishRequest)
     async def restore_finish(req: RestoreFinishRequest) -> Ok:

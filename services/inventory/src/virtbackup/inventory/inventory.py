@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 
 import msgspec
+from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from virtbackup.contracts import buckets
@@ -23,7 +25,9 @@ from virtbackup.contracts.v1.config import Server
 from virtbackup.contracts.v1.events import VmLifecycle
 from virtbackup.contracts.v1.inventory import PowerState, ServerState, ServerVms, Vm, VmStatus
 from virtbackup.inventory import ownership
+from virtbackup.inventory.credentials import ExportCredentials
 from virtbackup.inventory.hosts import HostServer
+from virtbackup.inventory.reconcile import reconcile
 from virtbackup.runtime.agent_config import read_agent_config
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import NotFound, Unavailable
@@ -37,6 +41,9 @@ from virtbackup.virt.leftovers import find_leftovers
 log = logging.getLogger(__name__)
 _encoder = msgspec.json.Encoder()
 
+#: The key in ``VB_INVENTORY`` naming this installation (see :mod:`.ownership`).
+INSTALLATION_KEY = "_installation"
+
 
 @dataclass
 class ServerEntry:
@@ -46,6 +53,7 @@ class ServerEntry:
     refreshed: bool = False
     watcher: asyncio.Task[None] | None = None
     refresh_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    reconciler: asyncio.Task[list[str]] | None = None
 
 
 class Inventory:
@@ -53,10 +61,27 @@ class Inventory:
         self.ctx = ctx
         self.entries: dict[str, ServerEntry] = {}
         self.timeout = ctx.settings.server_timeout
+        #: The CA and client certificate of the NBD exports (made at first start).
+        self.creds = ExportCredentials.load(ctx.settings.nbd_pki_dir)
+        #: This installation's id, set by :meth:`load_installation`.
+        self.installation = ""
 
     @property
     def kv(self) -> KeyValue:
         return self.ctx.bucket(buckets.INVENTORY)
+
+    async def load_installation(self) -> str:
+        """This installation's id: kept in ``VB_INVENTORY``, made by the first inventory
+        that starts (a create: concurrent replicas agree)."""
+        kv = self.kv
+        while True:
+            with contextlib.suppress(KeyNotFoundError):
+                entry = await kv.get(INSTALLATION_KEY)
+                if entry.value:
+                    self.installation = entry.value.decode()
+                    return self.installation
+            with contextlib.suppress(KeyWrongLastSequenceError, BadRequestError):
+                await kv.create(INSTALLATION_KEY, secrets.token_hex(8).encode())
 
     # -- servers ---------------------------------------------------------------------
 
@@ -82,10 +107,11 @@ class Inventory:
 
     async def _remove(self, server_id: str) -> None:
         entry = self.entries.pop(server_id)
-        if entry.watcher:
-            entry.watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await entry.watcher
+        for task in (entry.watcher, entry.reconciler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         await entry.host.close()
         with contextlib.suppress(Exception):
             await self.kv.delete(server_id)
@@ -218,6 +244,18 @@ class Inventory:
                 delay = min(delay * 2, 60.0)
                 continue
             delay = 1.0
+            if entry.reconciler is None or (
+                entry.reconciler.done() and entry.reconciler.exception() is not None
+            ):
+                entry.reconciler = asyncio.create_task(
+                    reconcile(
+                        entry.host,
+                        self.ctx.bucket(buckets.JOBS),
+                        self.installation,
+                        self.ctx.settings.scratch_dir,
+                    ),
+                    name=f"reconcile-{entry.host.id}",
+                )
             try:
                 with contextlib.suppress(Unavailable, VirtError):
                     await self.refresh(entry.host.id)

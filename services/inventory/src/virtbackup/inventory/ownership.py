@@ -11,10 +11,13 @@ after the begin, with live metadata (``virDomainSetMetadata`` with ``AFFECT_LIVE
 part of the running domain's state, survives a restart of the inventory or of libvirtd,
 and is gone once the domain stops)::
 
-    <backup xmlns="https://virtbackup.dev/xmlns/backup/1" job="<job id>" checkpoint="..."/>
+    <backup xmlns="https://virtbackup.dev/xmlns/backup/1" job="<job id>" checkpoint="..."
+            installation="<installation id>"/>
 
-and the end removes it (:func:`untag`). :func:`in_progress` then derives the answer, in
-any inventory replica at any time, from libvirt (the domain has a backup job and a tag)
+(the installation tells one VirtBackup's backups from another's on a shared hypervisor:
+job ids mean something only in their own ``VB_JOBS``), and the end removes it
+(:func:`untag`). :func:`in_progress` then derives the answer, in any inventory replica
+at any time, from libvirt (the domain has a backup job and a tag)
 and JetStream (the tagged job is queued or running in ``VB_JOBS``). A backup job with no
 tag (begun by someone else) or whose job has ended is a leftover.
 """
@@ -49,19 +52,28 @@ _job_decoder = msgspec.json.Decoder(Job)
 @dataclass(frozen=True, slots=True)
 class BackupTag:
     """The tag of a running domain: the job that began its backup (``None`` when the
-    begin named no job) and the checkpoint created with it."""
+    begin named no job), the checkpoint created with it, and the installation whose
+    inventory began it (``None`` in tags written before installations were named)."""
 
     job_id: str | None
     checkpoint: str
+    installation: str | None = None
 
 
-async def tag(conn: Connection, vm_name: str, job_id: str | None, checkpoint: str) -> None:
+async def tag(
+    conn: Connection,
+    vm_name: str,
+    job_id: str | None,
+    checkpoint: str,
+    installation: str | None = None,
+) -> None:
     """Tag the running domain's backup job with ``job_id`` (replacing an older tag).
 
     Raises VirtError (Conflict when the domain is not running)."""
     dom = await conn.lookup(vm_name)
     job = f" job={quoteattr(job_id)}" if job_id else ""
-    xml = f"<backup{job} checkpoint={quoteattr(checkpoint)}/>"
+    owner = f" installation={quoteattr(installation)}" if installation else ""
+    xml = f"<backup{job} checkpoint={quoteattr(checkpoint)}{owner}/>"
     await conn.call(dom.setMetadata, _ELEMENT, xml, _PREFIX, NAMESPACE, _LIVE)
 
 
@@ -84,7 +96,27 @@ async def read_tag(conn: Connection, vm_name: str) -> BackupTag | None:
             return None
         raise
     root = ET.fromstring(xml)  # noqa: S314 - from libvirtd, a trusted peer (as in virt._xml)
-    return BackupTag(job_id=root.get("job") or None, checkpoint=root.get("checkpoint", ""))
+    return BackupTag(
+        job_id=root.get("job") or None,
+        checkpoint=root.get("checkpoint", ""),
+        installation=root.get("installation") or None,
+    )
+
+
+async def job_state(jobs: KeyValue, job_id: str) -> str | None:
+    """The state of job ``job_id`` in ``jobs`` (``VB_JOBS``); ``None`` when it has no
+    record (or one that cannot be read)."""
+    try:
+        entry = await jobs.get(job_id)
+    except KeyNotFoundError:
+        return None
+    if entry.value is None:
+        return None
+    try:
+        return _job_decoder.decode(entry.value).state
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("job %s cannot be read: %s", job_id, exc)
+        return None
 
 
 async def in_progress(conn: Connection, vm_name: str, jobs: KeyValue) -> bool:

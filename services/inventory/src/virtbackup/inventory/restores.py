@@ -3,7 +3,9 @@
 Images are written beside their final path (``<path>.vbrestore-<job>``) through a
 ``qemu-nbd`` export the workers write to, and moved over the final path only when every
 chunk is written; a failed or cancelled restore removes them and leaves the original
-disks and domain untouched.
+disks and domain untouched. The exports require TLS and a client certificate signed by
+VirtBackup's CA (the server's certificate is the one backups use, see
+:mod:`.credentials`): nobody else can write into an image being restored.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from virtbackup.contracts.v1.inventory import (
     RestoreTarget,
 )
 from virtbackup.inventory.backups import REMOTE_NBD_PORTS, _free_local_port
+from virtbackup.inventory.credentials import ExportCredentials
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.runtime.errors import BadRequest, Conflict
 from virtbackup.virt import get_domain
@@ -84,20 +87,29 @@ async def precheck(server: HostServer, req: RestorePrecheckRequest) -> RestorePr
     )
 
 
-async def prepare(server: HostServer, req: RestorePrepareRequest) -> RestorePrepared:
+async def prepare(
+    server: HostServer, req: RestorePrepareRequest, creds: ExportCredentials
+) -> RestorePrepared:
+    """Create each disk's temporary image and export it (``nbds://``, see the module
+    docstring). Raises BadRequest (a path that is not absolute), Conflict (an image or
+    export that cannot be made, or a server that cannot require client certificates);
+    nothing is left behind on failure."""
     host = await server.host()
+    tls_dir = await creds.install(server)
     targets: list[RestoreTarget] = []
     try:
         for disk in req.disks:
             _check_path(disk)
-            targets.append(await _export(server, host, req.job_id, disk))
+            targets.append(await _export(server, host, req.job_id, disk, tls_dir))
     except BaseException:
         await _teardown(host, req.job_id, targets, remove=True)
         raise
     return RestorePrepared(disks=targets)
 
 
-async def _export(server: HostServer, host: Host, job_id: str, disk: RestoreDisk) -> RestoreTarget:
+async def _export(
+    server: HostServer, host: Host, job_id: str, disk: RestoreDisk, tls_dir: str
+) -> RestoreTarget:
     temp = temp_path(disk.path, job_id)
     parent = disk.path.rsplit("/", 1)[0] or "/"
     await host.run(["mkdir", "-p", parent], timeout=30)
@@ -117,12 +129,17 @@ async def _export(server: HostServer, host: Host, job_id: str, disk: RestoreDisk
                 "qemu-nbd", "--fork", "--persistent", "-e", str(EXPORT_CONNECTIONS),
                 "-f", "qcow2", *io_mode, "--discard=unmap",
                 "-b", server.nbd_host, "-p", str(port), "-x", disk.target,
+                "--object",
+                f"tls-creds-x509,id=vbtls,dir={tls_dir.replace(',', ',,')},"
+                "endpoint=server,verify-peer=on",
+                "--tls-creds", "vbtls",
                 "--pid-file", pid_file(disk.path, job_id), temp,
             ],
             timeout=60,
         )  # fmt: skip
         if started.returncode == 0:
-            url = f"nbd://{server.nbd_host}:{port}/{disk.target}"
+            host_part = f"[{server.nbd_host}]" if ":" in server.nbd_host else server.nbd_host
+            url = f"nbds://{host_part}:{port}/{disk.target}"
             return RestoreTarget(target=disk.target, path=disk.path, temp_path=temp, nbd_url=url)
         last = started.stderr.strip()
     await host.run(["rm", "-f", temp], timeout=30)

@@ -18,6 +18,7 @@ async def register(ctx: ServiceContext) -> None:
 
 async def start(ctx: ServiceContext) -> None:
     inv = _state[ctx.name]
+    await inv.load_installation()
     await inv.sync_config()
     ctx.spawn(inv.follow_config(), "follow-config")
 

@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Literal
 
 from virtbackup.contracts.subjects import InventoryCmd
@@ -32,10 +34,43 @@ from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
 from virtbackup.repository.repository import Repository
 from virtbackup.runtime import timeouts
 from virtbackup.runtime.clock import utcnow_iso
-from virtbackup.runtime.errors import ServiceError
+from virtbackup.runtime.errors import ServiceError, Unavailable
 from virtbackup.storage.errors import NotFoundError
 
 log = logging.getLogger(__name__)
+
+#: Seconds the end of a libvirt backup job is asked for again while no inventory answers.
+END_PATIENCE = 120.0
+#: Seconds between two asks, and the longest one ask may wait for its answer (ending a
+#: job waits up to 30 s for libvirt).
+END_RETRY_DELAY = 1.0
+END_TIMEOUT = 60.0
+
+
+async def end_libvirt_job(
+    jc: JobContext,
+    end: BackupEndRequest,
+    *,
+    patience: float = END_PATIENCE,
+    keep_going: Callable[[], bool] = lambda: True,
+) -> None:
+    """Ask the inventory to end the backup job (``BACKUP_END``), again every second while
+    no inventory answers (killed, restarting, or NATS away) for up to ``patience``
+    seconds and as long as ``keep_going()``: a libvirt job left up blocks every later
+    backup of the VM. Raises the error the inventory answered with, or Unavailable when
+    it never answered (the inventory then ends the job when it starts, see its
+    ``reconcile``)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    while True:
+        try:
+            await jc.bus.request(InventoryCmd.BACKUP_END, end, Ok, timeout=END_TIMEOUT)
+            return
+        except Unavailable as exc:
+            if loop.time() + END_RETRY_DELAY >= deadline or not keep_going():
+                raise
+            log.info("ending the backup job of %s: %s; asking again", end.vm_name, exc.message)
+            await asyncio.sleep(END_RETRY_DELAY)
 
 
 async def latest_point(repo: Repository, vm: str, server_id: str) -> RestorePoint | None:
@@ -114,9 +149,7 @@ async def run_backup(jc: JobContext, job: Job) -> str:
                     success=success,
                 )
                 try:
-                    await jc.bus.request(
-                        InventoryCmd.BACKUP_END, end, Ok, timeout=timeouts.INVENTORY_JOB_STEP
-                    )
+                    await end_libvirt_job(jc, end, keep_going=lambda: jc.holds(job.id))
                 except ServiceError as exc:
                     log.warning("ending the backup job of %s failed: %s", job.vm_name, exc)
     finally:

@@ -26,7 +26,7 @@ from virtbackup.contracts.v1.inventory import (
     RestoreTarget,
 )
 from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job, JobState
-from virtbackup.job_orchestrator.backup import run_backup
+from virtbackup.job_orchestrator.backup import end_libvirt_job, run_backup
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.restore import prepared_targets, run_restore, run_sanity
@@ -178,7 +178,7 @@ async def _recover_backup(
         success=committed is not False,
     )
     try:
-        await jc.bus.request(InventoryCmd.BACKUP_END, end, Ok, timeout=timeouts.INVENTORY_JOB_STEP)
+        await end_libvirt_job(jc, end, keep_going=lambda: jc.holds(job.id))
     except ServiceError as exc:
         problems.append(f"could not end the libvirt backup job: {exc.message}")
     if committed:

@@ -13,6 +13,12 @@
   record in ``VB_JOBS`` is read before a unit is worked on and again before its result
   is published. Nothing that decides this lives in the worker's memory, so any worker
   (a new one too) decides the same.
+* A unit in progress is abandoned (its task cancelled, the message ``term``-ed) as soon as
+  its job ends: at the job's ``job.finished``/``job.canceled`` event, or at the latest
+  ``JOB_CHECK_SECONDS`` later, when a look at its record finds it over (one read per
+  running unit, so a lost event feed delays, never prevents). Without this, a job failed
+  by another orchestrator replica kept workers reading its disks until every unit in
+  their hands was done.
 * Each unit is worked on inside a span that continues the trace of the job that
   published it.
 """
@@ -22,13 +28,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from dataclasses import dataclass, field
 
 from virtbackup.contracts import buckets, subjects
 from virtbackup.contracts.subjects import EventType
 from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
-from virtbackup.nbd import NbdClient, NbdError
+from virtbackup.nbd import NbdClient, NbdError, NbdUri
+from virtbackup.nbd.tls import CLIENT_CERT, client_context_from_dir
 from virtbackup.repository.destinations import open_repository
 from virtbackup.repository.repository import CorruptChunkError, Repository, RepositoryError
 from virtbackup.runtime.agent_config import (
@@ -48,6 +56,12 @@ log = logging.getLogger(__name__)
 
 #: Events after which a job's units are never worked on again.
 JOB_END_EVENTS = frozenset({EventType.JOB_FINISHED, EventType.JOB_CANCELED})
+#: Seconds between two looks at the job of a unit in progress.
+JOB_CHECK_SECONDS = 2.0
+
+
+class UnitAbandoned(Exception):
+    """The unit's job ended while the unit ran: its work was stopped."""
 
 
 @dataclass
@@ -59,6 +73,9 @@ class Resources:
     nbd: dict[str, NbdClient] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     config_revision: int = 0
+    #: The TLS client context for ``nbds://`` exports, and the client certificate's
+    #: modification time it was loaded at (a renewed certificate is loaded again).
+    tls: tuple[float, ssl.SSLContext] | None = None
 
     async def repository(self, destination_id: str) -> Repository:
         async with self.lock:
@@ -77,11 +94,24 @@ class Resources:
         """Keep a refreshed Google access token in the configuration."""
         await update_gdrive_settings(self.ctx.bucket(buckets.CONFIG), tokens.apply_to)
 
+    def tls_context(self) -> ssl.SSLContext:
+        """The client certificate the inventory made for the workers
+        (``<pki_dir>/nbd-client``, see ``virtbackup.virt.pki``). Raises OSError or
+        ssl.SSLError when it cannot be read (a unit is then retried)."""
+        directory = self.ctx.settings.nbd_pki_dir / "nbd-client"
+        mtime = (directory / CLIENT_CERT).stat().st_mtime
+        if self.tls is None or self.tls[0] != mtime:
+            self.tls = (mtime, client_context_from_dir(directory))
+        return self.tls[1]
+
     async def nbd_client(self, url: str) -> NbdClient:
+        """A connection to the export at ``url`` (kept for the job's later units);
+        ``nbds://`` exports are reached with TLS and the workers' client certificate."""
         async with self.lock:
             client = self.nbd.get(url)
             if client is None or client.closed:
-                client = await NbdClient.connect_uri(url)
+                tls = self.tls_context() if NbdUri.parse(url).tls else None
+                client = await NbdClient.connect_uri(url, tls=tls)
                 self.nbd[url] = client
             return client
 
@@ -115,6 +145,8 @@ class Worker:
         self.res = Resources(ctx)
         #: NBD exports in use per job: a cache, dropped when the job ends.
         self.active: dict[str, set[str]] = {}
+        #: The tasks of the units in progress, per job (cancelled when the job ends).
+        self.running: dict[str, set[asyncio.Task[UnitResult]]] = {}
 
     async def run(self) -> None:
         """Work units until the service stops."""
@@ -134,7 +166,10 @@ class Worker:
         return job is None or job.state in TERMINAL_STATES or job.cancel_requested
 
     async def on_job_finished(self, job_id: str) -> None:
-        """Drop the job's caches: its known chunks and its NBD connections."""
+        """Abandon the job's units in progress; drop its caches: its known chunks and its
+        NBD connections."""
+        for task in self.running.get(job_id, ()):
+            task.cancel()
         self.uctx.known.pop(job_id, None)
         for url in self.active.pop(job_id, set()):
             await self.res.drop_nbd(url)
@@ -146,7 +181,11 @@ class Worker:
             await msg.term()
             return
         try:
-            result = await self._process(unit)
+            result = await self._run(unit)
+        except UnitAbandoned:
+            log.info("unit %s/%s abandoned: its job is over", unit.job_id, unit.unit)
+            await msg.term()
+            return
         except (TransientError, NbdError, OSError, TimeoutError) as exc:
             retryable = getattr(exc, "retryable", True)
             last = msg.num_delivered >= self.consumer.spec.max_deliver
@@ -167,6 +206,39 @@ class Worker:
             return
         await self.ctx.bus.publish_event(EventType.UNIT_DONE, result, key=unit.job_id)
         await msg.ack()
+
+    async def _run(self, unit: TransferUnit) -> UnitResult:
+        """:meth:`_process` in a task of its own, cancelled when the job ends (see the
+        module docstring); raises UnitAbandoned then, and whatever the unit raised."""
+        task = asyncio.create_task(self._process(unit), name=f"unit-{unit.job_id}-{unit.unit}")
+        tasks = self.running.setdefault(unit.job_id, set())
+        tasks.add(task)
+        watch = asyncio.create_task(self._watch_job(unit.job_id, task))
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the service stops: not the job's end
+            raise UnitAbandoned(unit.job_id) from None
+        finally:
+            watch.cancel()
+            tasks.discard(task)
+            if not tasks:
+                self.running.pop(unit.job_id, None)
+
+    async def _watch_job(self, job_id: str, task: asyncio.Task[UnitResult]) -> None:
+        """Cancel ``task`` once a look at the job's record finds the job over."""
+        while not task.done():
+            await asyncio.sleep(JOB_CHECK_SECONDS)
+            try:
+                over = await self.job_over(job_id)
+            except Exception as exc:  # NATS away: the event or a later look decides
+                log.debug("looking at job %s failed: %s", job_id, exc)
+                continue
+            if over:
+                task.cancel()
+                return
 
     def _failed(self, unit: TransferUnit, error: str) -> UnitResult:
         return UnitResult(

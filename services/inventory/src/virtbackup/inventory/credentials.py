@@ -1,0 +1,57 @@
+"""The credentials of the NBD exports the inventory starts: TLS with client certificates.
+
+The inventory keeps VirtBackup's CA (made at first start, see
+:mod:`virtbackup.virt.pki`) and the client certificate the transfer workers present
+(``<pki>/nbd-client``, read by the workers from the same place). Before an export is
+started on a server, that server's libvirt TLS folder is given a server certificate for
+the address the workers dial (:mod:`virtbackup.virt.nbd_tls`); exports then refuse any
+client without a certificate the CA signed.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from virtbackup.inventory.hosts import HostServer
+from virtbackup.nbd.tls import client_context_from_dir
+from virtbackup.runtime.errors import Conflict
+from virtbackup.virt.nbd_tls import TlsSetupError, install_server_credentials
+from virtbackup.virt.pki import (
+    Authority,
+    ensure_client_credentials,
+    load_or_create_authority,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportCredentials:
+    """The CA that signs the servers' certificates, and the client context the inventory
+    reads new exports with."""
+
+    authority: Authority
+    client: ssl.SSLContext
+    client_dir: Path
+
+    @classmethod
+    def load(cls, pki_dir: Path) -> ExportCredentials:
+        """The CA and client certificate in ``pki_dir``, made there on first use. Raises
+        OSError or ValueError when the folder cannot be written or read."""
+        authority = load_or_create_authority(pki_dir)
+        client_dir = ensure_client_credentials(pki_dir, authority)
+        return cls(
+            authority=authority, client=client_context_from_dir(client_dir), client_dir=client_dir
+        )
+
+    async def install(self, server: HostServer) -> str:
+        """Make ``server`` ready to serve exports with TLS; returns its TLS folder.
+
+        Raises Conflict (with what to change on the host) when its libvirt cannot require
+        client certificates, Unavailable or VirtError when it cannot be reached."""
+        host = await server.host()
+        try:
+            config = await install_server_credentials(host, self.authority, [server.nbd_host])
+        except TlsSetupError as exc:
+            raise Conflict(f"server {server.id}: NBD exports cannot use TLS: {exc}") from None
+        return config.directory

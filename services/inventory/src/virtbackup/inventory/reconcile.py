@@ -1,0 +1,125 @@
+"""Ending the libvirt backup jobs nobody will end, when the inventory starts.
+
+An inventory killed mid-backup (or an orchestrator that could not reach it to end a
+backup) leaves the domain's libvirt backup job, its NBD export and its scratch files
+behind, and every later backup of the VM fails ("already has a backup job"). When the
+inventory connects to a server it looks at every domain with a backup job:
+
+* tagged by this installation (:mod:`.ownership`) for a job that ``VB_JOBS`` lists as
+  queued or running: left alone, the orchestrator running the job ends it;
+* tagged by this installation for a job that ended or that ``VB_JOBS`` does not know:
+  ended, and its new checkpoint dropped unless the job succeeded (a restore point was
+  committed with it, so the next incremental starts from it);
+* tagged by another installation, or by an inventory from before installations were
+  named: left alone (job ids mean something only in their own ``VB_JOBS``);
+* untagged, with scratch files of VirtBackup's in this inventory's scratch folder (the
+  inventory died between the begin and the tag): ended if it is still untagged after
+  ``grace`` seconds (a begin in progress tags its job within milliseconds). Other
+  untagged jobs were begun by someone else: they show as leftovers (``hasOverlay``) and
+  ``cleanup`` removes them on request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+from nats.js.kv import KeyValue
+
+from virtbackup.contracts.v1.inventory import BackupEndRequest
+from virtbackup.contracts.v1.jobs import ACTIVE_STATES
+from virtbackup.inventory import backups, ownership
+from virtbackup.inventory.hosts import HostServer
+from virtbackup.virt import Connection, current_backup, end_backup, job_info, list_domains
+from virtbackup.virt.errors import NotFound as VirtNotFound
+
+log = logging.getLogger(__name__)
+
+#: Seconds an untagged backup job of ours must stay untagged before it is ended.
+UNTAGGED_GRACE = 10.0
+
+
+async def _backup_job_running(conn: Connection, name: str) -> bool:
+    info = await job_info(conn, name)
+    return info is not None and info.is_backup
+
+
+async def _ours_untagged(conn: Connection, name: str, scratch_dir: str) -> bool:
+    """Whether the domain's backup job is untagged and keeps its scratch files in
+    ``scratch_dir`` under VirtBackup's names."""
+    if await ownership.read_tag(conn, name) is not None:
+        return False
+    job = await current_backup(conn, name)
+    if job is None:
+        return False
+    prefix = os.path.join(scratch_dir, "vb-")
+    scratch = [e.scratch for e in job.exports]
+    return bool(scratch) and all(s is not None and s.startswith(prefix) for s in scratch)
+
+
+async def reconcile(
+    server: HostServer,
+    jobs: KeyValue,
+    installation: str,
+    scratch_dir: str,
+    *,
+    grace: float = UNTAGGED_GRACE,
+) -> list[str]:
+    """End the backup jobs on ``server`` that nobody will end (see the module docstring);
+    returns what was done, one line per domain. A domain that fails is logged and
+    skipped. Raises Unavailable or VirtError when the server cannot be reached."""
+    conn = await server.connection()
+    done: list[str] = []
+    suspects: list[str] = []
+    for dom in await list_domains(conn):
+        name = dom.name
+        try:
+            if not await _backup_job_running(conn, name):
+                continue
+            found = await ownership.read_tag(conn, name)
+            if found is None:
+                if await _ours_untagged(conn, name, scratch_dir):
+                    suspects.append(name)
+                continue
+            if found.installation != installation:
+                continue
+            state = await ownership.job_state(jobs, found.job_id) if found.job_id else None
+            if state in ACTIVE_STATES:
+                continue
+            success = state == "success"
+            await backups.end(
+                server,
+                BackupEndRequest(
+                    server_id=server.id,
+                    vm_name=name,
+                    checkpoint=found.checkpoint or None,
+                    success=success,
+                ),
+                scratch_dir,
+            )
+            kept = "kept" if success else "dropped"
+            what = f"job {found.job_id} ({state or 'unknown'})" if found.job_id else "no job"
+            done.append(
+                f"{name}: ended the backup job of {what}; checkpoint {found.checkpoint} {kept}"
+            )
+        except VirtNotFound:
+            continue
+        except Exception:
+            log.exception("reconciling the backup job of %s on %s failed", name, server.id)
+    if suspects:
+        await asyncio.sleep(grace)
+        host = await server.host()
+        for name in suspects:
+            try:
+                if not await _ours_untagged(conn, name, scratch_dir):
+                    continue
+                with contextlib.suppress(VirtNotFound):
+                    await end_backup(conn, name, host=host)
+                done.append(f"{name}: ended an untagged backup job of VirtBackup's")
+            except Exception:
+                log.exception("ending the untagged backup job of %s on %s failed", name, server.id)
+    for line in done:
+        log.warning("server %s: %s", server.id, line)
+    return done
