@@ -144,6 +144,18 @@ class System:
         self.wait_ready()
 
 
+def local_config(repo: Path) -> dict[str, Any]:
+    """The configuration most tests post: this host as server ``local`` and a filesystem
+    destination ``fs`` at ``repo`` (which must exist) as the backup destination."""
+    return {
+        "servers": [{"id": "local", "name": "This host", "host": ""}],
+        "destinations": [
+            {"id": "fs", "name": "Local", "driverId": "filesystem", "params": {"path": str(repo)}}
+        ],
+        "backupDestinationId": "fs",
+    }
+
+
 async def wait_job(api: httpx.AsyncClient, job_id: str, timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import System, running_system, same, snapshot, wait_job
+from harness import System, local_config, running_system, same, snapshot, wait_job
 
 from virtbackup.repository.format import chunk_key
 from virtbackup.repository.repository import Repository
@@ -67,18 +67,7 @@ async def api(dp: System, repo_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(
         base_url=dp.url, headers=dp.auth(), verify=False, timeout=60
     ) as client:
-        cfg = {
-            "servers": [{"id": "local", "name": "This host", "host": ""}],
-            "destinations": [
-                {
-                    "id": "fs",
-                    "name": "Local",
-                    "driverId": "filesystem",
-                    "params": {"path": str(repo_dir)},
-                },
-            ],
-            "backupDestinationId": "fs",
-        }
+        cfg = local_config(repo_dir)
         assert (await client.post("/config", json=cfg)).status_code == 200
         yield client
 

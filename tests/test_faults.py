@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import System, running_system, same, snapshot
+from harness import System, local_config, running_system, same, snapshot
 
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
 from virtbackup.virt import Connection
@@ -134,18 +134,7 @@ class Api:
 @pytest.fixture(scope="module")
 async def api(fs: System, repo_dir: Path, vm: SmallVm) -> AsyncIterator[Api]:
     client = Api(fs)
-    cfg = {
-        "servers": [{"id": "local", "name": "This host", "host": ""}],
-        "destinations": [
-            {
-                "id": "fs",
-                "name": "Local",
-                "driverId": "filesystem",
-                "params": {"path": str(repo_dir)},
-            }
-        ],
-        "backupDestinationId": "fs",
-    }
+    cfg = local_config(repo_dir)
     resp = await client.call("POST", "/config", json=cfg)
     assert resp.status_code == 200, resp.text
     try:

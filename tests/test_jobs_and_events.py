@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import System, wait_job
+from harness import System, local_config, wait_job
 from nats.aio.client import Client
 
 from virtbackup.runtime.nats_server import start_nats_server
@@ -49,14 +49,7 @@ async def api(idle: System) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(
         base_url=idle.url, headers=idle.auth(), verify=False, timeout=30
     ) as client:
-        cfg = {
-            "servers": [{"id": "local", "name": "This host", "host": ""}],
-            "destinations": [
-                {"id": "fs", "name": "Local", "driverId": "filesystem",
-                 "params": {"path": str(repo)}},
-            ],
-            "backupDestinationId": "fs",
-        }  # fmt: skip
+        cfg = local_config(repo)
         assert (await client.post("/config", json=cfg)).status_code == 200
         client.headers["x-test-xml-path"] = await write_point(repo)
         yield client

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import System, running_system, same, snapshot, wait_job
+from harness import System, local_config, running_system, same, snapshot, wait_job
 
 from virtbackup.testing.nats import connect
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
@@ -63,14 +63,7 @@ async def api(two: System) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(
         base_url=two.url, headers=two.auth(), verify=False, timeout=60
     ) as client:
-        cfg = {
-            "servers": [{"id": "local", "name": "This host", "host": ""}],
-            "destinations": [
-                {"id": "fs", "name": "Local", "driverId": "filesystem",
-                 "params": {"path": str(repo)}},
-            ],
-            "backupDestinationId": "fs",
-        }  # fmt: skip
+        cfg = local_config(repo)
         assert (await client.post("/config", json=cfg)).status_code == 200
         yield client
 
