@@ -50,3 +50,26 @@ def test_each_service_logs_in_to_nats_as_itself_with_only_its_own_password() -> 
         assert ref == {"name": "virtbackup-nats", "key": password_variable(service)}
         # The secret of every NATS password is not handed to the services whole.
         assert {"secretRef": {"name": "virtbackup-nats"}} not in container["envFrom"]
+
+
+def test_the_inventory_and_the_workers_share_the_exports_pki() -> None:
+    """Workers present the client certificate the inventory's CA issued: both must see
+    one PKI folder, the workers read-only (compose and k8s)."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for name, suffix in (("inventory", ""), ("transfer-worker", ":ro")):
+        assert compose[name]["environment"]["VIRTBACKUP_PKI_DIR"] == "/pki"
+        assert f"pki:/pki{suffix}" in compose[name]["volumes"]
+
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy/k8s/services.yaml").read_text()) if d]
+    by_name = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs}
+    for name, read_only in (("inventory", False), ("transfer-worker", True)):
+        pod = by_name[name]
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+        container = pod["containers"][0]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "pki")
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert claims["pki"] == "virtbackup-pki"
+        assert env["VIRTBACKUP_PKI_DIR"] == mount["mountPath"]
+        assert mount.get("readOnly", False) is read_only
+    kustomization = yaml.safe_load((ROOT / "deploy/k8s/kustomization.yaml").read_text())
+    assert "pki.yaml" in kustomization["resources"]
