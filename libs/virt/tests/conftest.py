@@ -7,14 +7,11 @@ root). VM names carry the pid so that parallel runs on one libvirtd do not colli
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from virtbackup.testing.libvirtd import ensure_libvirtd
-from virtbackup.testing.vms import vm_directory
 from virtbackup.virt import Connection, open_connection
 
 
@@ -35,16 +32,6 @@ async def conn(libvirtd: None) -> AsyncIterator[Connection]:
         yield connection
     finally:
         await connection.close()
-
-
-@pytest.fixture(scope="module")
-def vm_dir() -> Iterator[Path]:
-    """A QEMU-traversable directory for a module's images and scratch files."""
-    path = vm_directory()
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ which backup jobs count as in progress. Real libvirtd, QEMU and nats-server."""
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -45,7 +44,6 @@ from virtbackup.testing.vms import (
     create_vm,
     guest_write,
     remove_vm,
-    vm_directory,
 )
 from virtbackup.virt import Connection, TcpServer, begin_backup, current_backup, end_backup
 from virtbackup.virt.checkpoints import list_checkpoints
@@ -59,15 +57,6 @@ INSTALLATION = f"test-{os.getpid()}"
 @pytest.fixture(scope="session")
 def creds() -> ExportCredentials:
     return ExportCredentials.load(shared_pki_dir())
-
-
-@pytest.fixture(scope="module")
-def vm_dir() -> Iterator[Path]:
-    path = vm_directory()
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

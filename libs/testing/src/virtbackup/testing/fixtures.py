@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from virtbackup.runtime.nats_server import NatsServer, start_nats_server
+from virtbackup.testing.vms import vm_directory
 
 
 @pytest.fixture
@@ -19,3 +21,13 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def vm_dir() -> Iterator[Path]:
+    """A QEMU-traversable directory for a module's images and scratch files."""
+    path = vm_directory()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
