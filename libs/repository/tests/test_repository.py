@@ -113,7 +113,7 @@ async def test_a_point_is_listed_only_once_its_record_is_written(tmp_path: Path)
         await repo.restore_point("vms/vm1/2026-01-30T12-00-00/domain.xml")
     assert [p.timestamp for p in await repo.restore_points("vm1")] == ["2026-01-30T12-00-01"]
     assert await repo.restore_points("vm2") == []
-    assert await repo.restore_points("../vm1") == []  # no point can have such a name
+    assert await repo.restore_points("../vm1") == []
 
 
 def test_keys_of_a_point() -> None:
@@ -122,8 +122,10 @@ def test_keys_of_a_point() -> None:
     assert point.xml_path == xml_path("vm1", "2026-01-30T12-00-01")
     assert parse_xml_key(point.xml_path) == ("vm1", "2026-01-30T12-00-01")
     assert manifest_key("vm1", point.timestamp, "vda") == point.disks[0].manifest
+    # Any name is one safe segment (see test_vm_names.py); an empty one is none.
+    assert xml_path("../x", "2026-01-30T12-00-01") == "vms/%2E.%2Fx/2026-01-30T12-00-01/domain.xml"
     with pytest.raises(ValueError, match="invalid vm name"):
-        xml_path("../x", "2026-01-30T12-00-01")
+        xml_path("", "2026-01-30T12-00-01")
     with pytest.raises(ValueError, match="invalid disk target"):
         manifest_key("vm1", "2026-01-30T12-00-01", "vd/a")
 
@@ -147,6 +149,10 @@ async def test_opening_where_there_is_no_repository(tmp_path: Path) -> None:
         "vms/vm1/2026-01-30T12-00-00/../../x/domain.xml",
         "vms/vm1/2026-01-30T12-00-00/backup.json",
         "vms/vm 1/2026-01-30T12-00-00/domain.xml",
+        "vms/%41/2026-01-30T12-00-00/domain.xml",  # not canonical: "A" is "A"
+        "vms/%2e%2e/2026-01-30T12-00-00/domain.xml",
+        "vms/.x/2026-01-30T12-00-00/domain.xml",
+        "vms/%C3/2026-01-30T12-00-00/domain.xml",  # not UTF-8
         "vms/vm1/not-a-time/domain.xml",
     ],
 )

@@ -238,7 +238,13 @@ class Repository:
 
     async def restore_points(self, vm: str | None = None) -> list[RestorePoint]:
         """Every complete restore point (those with a ``backup.json``), oldest first: of
-        ``vm`` only when given (none for a name no point can have)."""
+        ``vm`` only when given (none for a name no point can have).
+
+        A record counts only where its own ``vmName`` and ``timestamp`` put it (ASCII case
+        aside: a case-insensitive destination may list ``vms/web1/`` for ``Web1``'s
+        folder), so that every listed point's ``xml_path`` names that same record, and
+        the points of ``Web1`` and ``web1`` sharing one folder stay apart.
+        """
         try:
             prefix = vm_prefix(vm) if vm else POINTS_PREFIX
         except ValueError:
@@ -248,18 +254,31 @@ class Repository:
             if key.endswith("/backup.json"):
                 try:
                     raw = await self.driver.get(key)
-                    points.append(msgspec.json.decode(raw, type=RestorePoint))
-                except (NotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+                    point = msgspec.json.decode(raw, type=RestorePoint)
+                    if record_key(point.vm_name, point.timestamp).lower() != key.lower():
+                        continue
+                except (NotFoundError, msgspec.DecodeError, msgspec.ValidationError, ValueError):
                     continue
+                if vm is None or point.vm_name == vm:
+                    points.append(point)
         points.sort(key=lambda p: (p.vm_name, p.timestamp))
         return points
 
     async def restore_point(self, xml_path: str) -> RestorePoint:
         """The restore point named by ``xmlPath``. ``ValueError`` for a path outside the
-        repository's layout, ``NotFoundError`` if it does not exist (or is incomplete)."""
+        repository's layout, ``NotFoundError`` if it does not exist (or is incomplete, or
+        its record names another VM or time: ``vms/web1/...`` read on a case-insensitive
+        destination may find ``Web1``'s record)."""
         vm, ts = parse_xml_key(xml_path)
-        raw = await self.driver.get(record_key(vm, ts))
-        return msgspec.json.decode(raw, type=RestorePoint)
+        key = record_key(vm, ts)
+        raw = await self.driver.get(key)
+        try:
+            point = msgspec.json.decode(raw, type=RestorePoint)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise RepositoryError(f"{key}: {exc}") from None
+        if (point.vm_name, point.timestamp) != (vm, ts):
+            raise NotFoundError(key, f"no restore point {xml_path!r}")
+        return point
 
     async def manifest(self, point: RestorePoint, target: str) -> DiskManifest:
         raw = await self._load_object(manifest_key(point.vm_name, point.timestamp, target))
