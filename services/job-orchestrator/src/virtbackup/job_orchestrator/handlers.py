@@ -8,6 +8,7 @@ JetStream.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -42,7 +43,7 @@ from virtbackup.contracts.v1.jobs import (
 )
 from virtbackup.job_orchestrator.jobctx import JobContext, job_payload
 from virtbackup.job_orchestrator.runner import execute
-from virtbackup.repository.format import parse_xml_key
+from virtbackup.repository.format import parse_xml_key, vm_segment
 from virtbackup.repository.records import RestorePoint
 from virtbackup.repository.repository import NoRepositoryError, Repository, RepositoryError
 from virtbackup.runtime import timeouts
@@ -96,7 +97,13 @@ async def cancel_job(jc: JobContext, req: JobCancelRequest) -> Job:
 @commands.handler(JobCmd.BACKUP, BackupRequest)
 async def backup(jc: JobContext, req: BackupRequest) -> Job:
     """Start a backup of every disk of a VM; ``Conflict`` naming the job if the VM
-    already has a backup or restore running (on any replica)."""
+    already has a backup or restore running (on any replica). ``BadRequest`` naming
+    ``vmName`` for a name the repository cannot hold (too long once encoded), before any
+    job exists."""
+    try:
+        vm_segment(req.vm_name)
+    except ValueError as exc:
+        raise BadRequest(f"vmName: {exc}") from None
     cfg = await jc.config()
     find_server(cfg, req.server_id)
     dest = find_destination(cfg, req.destination_id)
@@ -212,25 +219,71 @@ async def restore_entries(jc: JobContext, req: RestoreEntriesRequest) -> Restore
 async def open_point(
     jc: JobContext, xml_path: str, destination_id: str | None
 ) -> tuple[str, RestorePoint]:
-    """The destination and restore point a request names (400, 404 otherwise)."""
+    """The destination and restore point an ``xmlPath`` names: in ``destination_id`` when
+    given; else the first destination that has it, in this order: ``restoreDestinationId``,
+    ``backupDestinationId``, then every other enabled destination as configured. So an
+    ``xmlPath`` from any listing resolves wherever it came from.
+
+    ``BadRequest`` (400) for an ``xmlPath`` outside the repository layout. ``NotFound``
+    (404) for an unknown ``destination_id``, or when no destination has the point (naming
+    where it looked, and every destination that could not be read and why). With
+    ``destination_id``, that destination's own faults: 503 unreachable, 400 a repository
+    it cannot open (a wrong passphrase).
+    """
     try:
         parse_xml_key(xml_path)
     except ValueError as exc:
-        raise BadRequest(str(exc)) from None
+        raise BadRequest(f"xmlPath: {exc}") from None
     cfg = await jc.config()
-    wanted = destination_id or cfg.restore_destination_id
-    dest = find_destination(cfg, wanted or cfg.backup_destination_id)
-    with destination_faults(dest.id):
+    if destination_id:
+        dest = find_destination(cfg, destination_id)
+        return dest.id, await _point_in(jc, dest.id, xml_path)
+    order = [cfg.restore_destination_id, cfg.backup_destination_id]
+    order += [d.id for d in cfg.destinations if d.enabled]
+    known = {d.id for d in cfg.destinations}
+    candidates = [d for d in dict.fromkeys(order) if d and d in known]
+    if not candidates:
+        raise NotFound("no destination is configured to look for the restore point in")
+    # Asked at once, answered in order: a destination that is slow to fail delays the
+    # answer only when every one before it lacks the point.
+    lookups = [asyncio.ensure_future(_point_in(jc, dest_id, xml_path)) for dest_id in candidates]
+    unreadable: list[str] = []
+    try:
+        for dest_id, lookup in zip(candidates, lookups, strict=True):
+            try:
+                return dest_id, await lookup
+            except NotFound:
+                continue
+            except (BadRequest, Unavailable) as exc:
+                unreadable.append(f"{exc}")
+    finally:
+        for lookup in lookups:
+            lookup.cancel()
+        await asyncio.gather(*lookups, return_exceptions=True)
+    message = f"no restore point {xml_path} in destinations {', '.join(candidates)}"
+    if unreadable:
+        message += "; not searched: " + "; ".join(unreadable)
+    raise NotFound(message)
+
+
+async def _point_in(jc: JobContext, destination_id: str, xml_path: str) -> RestorePoint:
+    """The restore point ``xml_path`` of one destination: ``NotFound`` when it has no
+    repository or no such point, ``Unavailable`` when it cannot be reached, ``BadRequest``
+    when its repository cannot be opened (unknown format, wrong passphrase) or the
+    record cannot be read."""
+    with destination_faults(destination_id):
         try:
-            repo = await jc.repository(dest.id, create=False)
+            repo = await jc.repository(destination_id, create=False)
         except NoRepositoryError as exc:
-            raise NotFound(f"destination {dest.id}: {exc}") from None
+            raise NotFound(f"destination {destination_id}: {exc}") from None
         except RepositoryError as exc:
-            raise BadRequest(f"destination {dest.id}: {exc}") from None
+            raise BadRequest(f"destination {destination_id}: {exc}") from None
         try:
-            return dest.id, await repo.restore_point(xml_path)
+            return await repo.restore_point(xml_path)
         except NotFoundError:
-            raise NotFound(f"no restore point {xml_path} in destination {dest.id}") from None
+            raise NotFound(f"no restore point {xml_path} in destination {destination_id}") from None
+        except RepositoryError as exc:
+            raise BadRequest(f"destination {destination_id}: {exc}") from None
         finally:
             await repo.close()
 

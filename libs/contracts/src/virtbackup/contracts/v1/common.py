@@ -13,7 +13,11 @@ T = TypeVar("T")
 #: ``(?![\s\S])`` is the end of the string (``$`` would allow a final newline).
 SERVER_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]+(?![\s\S])"
 #: A libvirt domain name as a request may name one: no control character (a NUL would
-#: reach libvirt's C API) and no ``/`` (libvirt refuses it in names).
+#: reach libvirt's C API; libvirt itself refuses a newline) and no ``/`` (libvirt refuses
+#: it in names). Anything else (spaces, ``%``, ``\``, any Unicode letter) is a valid name:
+#: it is never used as a path as it is (the repository percent-encodes it, KV keys
+#: base64url-encode it). A backup also refuses a name too long for a repository key
+#: (over 200 characters once percent-encoded), before its job exists.
 VM_NAME_PATTERN: Final = r"^[^\x00-\x1f\x7f/]+(?![\s\S])"
 NAME_MAX_LENGTH: Final = 200
 
