@@ -22,7 +22,7 @@ SAVED = """
   <os>
     <type arch='x86_64' machine='q35'>hvm</type>
     <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>
-    <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>/var/lib/libvirt/qemu/nvram/web1_VARS.fd</nvram>
+    <nvram template='/usr/share/OVMF/VARS.fd'>/var/lib/libvirt/qemu/nvram/web1_VARS.fd</nvram>
   </os>
   <sysinfo type='smbios'>
     <system><entry name='uuid'>0b6f6a3e-8f2c-4d55-9c5e-2a1b0c9d8e7f</entry>
@@ -59,7 +59,7 @@ SAVED = """
 
 
 def _parse(xml: str) -> ET.Element:
-    return ET.fromstring(xml)  # noqa: S314 - the test's own document
+    return ET.fromstring(xml)
 
 
 def _disk(root: ET.Element, target: str) -> ET.Element:
@@ -101,7 +101,7 @@ def test_a_new_name_gets_a_new_identity_and_its_own_files() -> None:
     assert all(m.startswith("52:54:00:") for m in macs)
     assert out.findtext("./os/nvram") == "/var/lib/libvirt/qemu/nvram/web2_VARS.fd"
     nvram = out.find("./os/nvram")
-    assert nvram is not None and nvram.get("template") == "/usr/share/OVMF/OVMF_VARS_4M.fd"
+    assert nvram is not None and nvram.get("template") == "/usr/share/OVMF/VARS.fd"
     # The block device became a raw file; the CD-ROM is untouched.
     vdb = _disk(out, "vdb")
     assert vdb.get("type") == "file"
@@ -115,7 +115,7 @@ def test_a_new_name_gets_a_new_identity_and_its_own_files() -> None:
 
 def test_nvram_in_source_form_is_renamed_too() -> None:
     saved = SAVED.replace(
-        "<nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>"
+        "<nvram template='/usr/share/OVMF/VARS.fd'>"
         "/var/lib/libvirt/qemu/nvram/web1_VARS.fd</nvram>",
         "<nvram type='file'><source file='/nv/vars-of-web1.fd'/></nvram>",
     )
