@@ -127,6 +127,11 @@ def test_nvram_in_source_form_is_renamed_too() -> None:
 def test_file_names_follow_the_new_name() -> None:
     assert renamed_file("web1-vda.qcow2", "web1", "web2") == "web2-vda.qcow2"
     assert renamed_file("disk0.img", "web1", "web2") == "web2-disk0.img"
+    # Only as a word, and once: a short name inside other words is not it.
+    assert renamed_file("data-a.img", "a", "b") == "data-b.img"
+    assert renamed_file("data.img", "a", "b") == "b-data.img"
+    assert renamed_file("db-x-db.img", "db", "c") == "c-x-db.img"
+    assert renamed_file("web1_VARS.fd", "web1", "we b\\2") == "we b\\2_VARS.fd"
     assert renamed_file("web1-vda.qcow2", "web1", "web1") == "web1-vda.qcow2"
     assert device_file("web2", "vdb", "raw") == "web2-vdb.img"
     assert device_file("web2", "vdb", "qcow2") == "web2-vdb.qcow2"

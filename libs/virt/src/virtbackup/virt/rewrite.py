@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import posixpath
 import random
+import re
 import secrets
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
@@ -58,13 +59,15 @@ def domain_name(xml: str) -> str:
 
 def renamed_file(basename: str, old_name: str, new_name: str) -> str:
     """A disk's file name for the VM's copy ``new_name``: the old name replaced where the
-    file name contains it (``web1-vda.qcow2`` -> ``web2-vda.qcow2``), else the new name
-    put in front (``disk0.img`` -> ``web2-disk0.img``). Never ``basename`` itself when
-    the names differ, so a copy's disk never lands on the original's file."""
+    file name contains it as a word (``web1-vda.qcow2`` -> ``web2-vda.qcow2``, once),
+    else the new name put in front (``disk0.img`` -> ``web2-disk0.img``). Never
+    ``basename`` itself when the names differ, so a copy's disk never lands on the
+    original's file."""
     if old_name == new_name:
         return basename
-    if old_name and old_name in basename:
-        return basename.replace(old_name, new_name)
+    word = re.compile(rf"(?<![A-Za-z0-9]){re.escape(old_name)}(?![A-Za-z0-9])")
+    if old_name and word.search(basename):
+        return word.sub(lambda _: new_name, basename, count=1)
     return f"{new_name}-{basename}"
 
 
