@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from virtbackup.contracts.v1.work import ChunkRef, TransferUnit
@@ -127,20 +128,34 @@ async def test_backup_restore_verify_round_trip(
     assert again.chunks == result.chunks
 
     refs = [ChunkRef(index=i, id=ids[i]) for i in sorted(ids)]
+    restore = TransferUnit(
+        job_id="j2",
+        unit=0,
+        kind="restore",
+        destination_id="d",
+        disk="vda",
+        disk_size=SIZE,
+        chunk_size=CHUNK,
+        nbd_url=dst_url,
+        # Into a fresh image the orchestrator sends no zero chunks: they stay holes.
+        chunks=[r for r in refs if r.id is not None],
+    )
     async with await NbdClient.connect_uri(dst_url) as nbd:
-        restore = TransferUnit(
-            job_id="j2",
-            unit=0,
-            kind="restore",
-            destination_id="d",
-            disk="vda",
-            disk_size=SIZE,
-            chunk_size=CHUNK,
-            nbd_url=dst_url,
-            chunks=refs,
-        )
         done = await restore_unit(restore, repo, nbd, uctx)
-    assert done.bytes_written == 4 * CHUNK + 2 * CHUNK  # zero chunks are left as holes
+    assert done.bytes_written == 4 * CHUNK + 2 * CHUNK
+    compare = subprocess.run(
+        ["qemu-img", "compare", "-U", str(src), str(dst)], capture_output=True, text=True
+    )
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+
+    # Into a target holding old data (a device written in place) it sends them all, and
+    # the zero chunks are written as zeros over the stale bytes.
+    async with await NbdClient.connect_uri(dst_url) as nbd:
+        await nbd.write(0, b"\xee" * SIZE)
+        await nbd.flush()
+        overwrite = msgspec.structs.replace(restore, job_id="j2b", chunks=refs)
+        done = await restore_unit(overwrite, repo, nbd, uctx)
+    assert done.bytes_written == SIZE
     compare = subprocess.run(
         ["qemu-img", "compare", "-U", str(src), str(dst)], capture_output=True, text=True
     )

@@ -47,6 +47,9 @@ class ImageInfo:
     backing_filename: str | None
     backing_format: str | None
     bitmaps: tuple[Bitmap, ...]
+    #: qcow2 only: the cluster size in bytes and the ``compat`` level (``1.1``).
+    cluster_size: int | None = None
+    compat: str | None = None
 
 
 def parse_image_info(data: Mapping[str, Any]) -> ImageInfo:
@@ -73,6 +76,10 @@ def parse_image_info(data: Mapping[str, Any]) -> ImageInfo:
         if data.get("backing-filename-format")
         else None,
         bitmaps=bitmaps,
+        cluster_size=int(data["cluster-size"]) if data.get("cluster-size") else None,
+        compat=str(specific["data"]["compat"])
+        if isinstance(specific.get("data"), dict) and specific["data"].get("compat")
+        else None,
     )
 
 

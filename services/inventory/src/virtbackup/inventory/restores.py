@@ -1,21 +1,41 @@
-"""Restores on a hypervisor: precheck, fresh images exported over NBD, then define.
+"""Restores on a hypervisor: planning, images exported over NBD, then define.
 
-Images are written beside their final path (``<path>.vbrestore-<job>``) through a
+Planning (:func:`precheck` given the saved domain XML) decides where each disk goes and
+as what: the format (``raw``, ``qcow2``) and kind (a file, or a block device) that the
+XML declares; under a new VM name disk files are renamed after it; into a target
+directory or a storage pool they become files there (a block device too, as an image
+of its declared format). It changes nothing, and refuses what it would not write: a
+directory outside the server's ``restoreDirectories``, an unknown or unusable pool, a
+missing or too small block device, a device or directory where a file is due, and
+(when the disks go somewhere new) a file that is not a disk of the VM being replaced.
+
+File disks are written beside their final path (``<path>.vbrestore-<job>``) through a
 ``qemu-nbd`` export the workers write to, and moved over the final path only when every
 chunk is written; a failed or cancelled restore removes them and leaves the original
-disks and domain untouched. The exports require TLS and a client certificate signed by
-VirtBackup's CA (the server's certificate is the one backups use, see
-:mod:`.credentials`): nobody else can write into an image being restored.
+disks and domain untouched. A block disk restored in place is written into the device
+itself (a restore never replaces a device node with a file): the device is checked
+again before, the domain must be shut off, and since a device is not a fresh image
+every zero chunk is written as zeros (``RestoreTarget.fresh`` false). A failed restore
+into a device leaves it partly written: there is nowhere else to put the data.
+
+The exports require TLS and a client certificate signed by VirtBackup's CA (the
+server's certificate is the one backups use, see :mod:`.credentials`): nobody else can
+write into an image being restored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import posixpath
 import random
 import shlex
 import xml.etree.ElementTree as ET
 
+import msgspec
+
+from virtbackup.contracts.v1.config import DEFAULT_RESTORE_DIRECTORY
 from virtbackup.contracts.v1.inventory import (
+    DiskKind,
     RestoreDisk,
     RestoreFinishRequest,
     RestorePrecheckRequest,
@@ -28,12 +48,26 @@ from virtbackup.inventory.backups import REMOTE_NBD_PORTS, _free_local_port
 from virtbackup.inventory.credentials import ExportCredentials
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.runtime.errors import BadRequest, Conflict
-from virtbackup.virt import get_domain
-from virtbackup.virt.domains import PowerState, define_domain, undefine_domain
+from virtbackup.virt import get_domain, parse_disks
+from virtbackup.virt.connection import Connection
+from virtbackup.virt.domains import PowerState, define_domain, domain_xml, undefine_domain
 from virtbackup.virt.errors import CommandFailed, VirtError
 from virtbackup.virt.errors import NotFound as VirtNotFound
 from virtbackup.virt.host import Host
 from virtbackup.virt.images import image_info
+from virtbackup.virt.pools import (
+    DIRECTORY_POOL_TYPES,
+    get_pool,
+    list_pools,
+    refresh_pools_holding,
+)
+from virtbackup.virt.rewrite import (
+    DiskPlacement,
+    device_file,
+    domain_name,
+    renamed_file,
+    rewrite_domain,
+)
 
 #: Connections one qemu-nbd export accepts (the workers write in parallel).
 EXPORT_CONNECTIONS = 16
@@ -48,6 +82,12 @@ IO_MODES: tuple[tuple[str, ...], ...] = (
     ("--cache=none", "--aio=threads"),
     ("--cache=writeback",),
 )
+#: What ``stat -L -c %F`` says, as the kinds a plan cares about.
+_FILE_TYPES = {
+    "regular file": "file",
+    "regular empty file": "file",
+    "block special file": "block",
+}
 
 
 def temp_path(path: str, job_id: str) -> str:
@@ -63,7 +103,12 @@ def _check_path(disk: RestoreDisk) -> None:
         raise BadRequest(f"disk {disk.target}: path {disk.path!r} is not an absolute path")
 
 
+# -- planning --------------------------------------------------------------------------
+
+
 async def precheck(server: HostServer, req: RestorePrecheckRequest) -> RestorePrecheckResult:
+    """Whether the VM exists and runs, whether defining alone would do, and (given the
+    saved XML) the plan: see :class:`RestorePrecheckRequest` for what it raises."""
     conn = await server.connection()
     host = await server.host()
     try:
@@ -71,29 +116,201 @@ async def precheck(server: HostServer, req: RestorePrecheckRequest) -> RestorePr
         exists, running = True, dom.power_state != PowerState.SHUTOFF
     except VirtNotFound:
         exists, running = False, False
+    plan = await _plan(server, conn, host, req, exists) if req.domain_xml else list(req.disks)
     problems = []
-    for disk in req.disks:
+    for disk in plan:
         try:
             info = await image_info(host, disk.path)
         except (CommandFailed, VirtError):
             problems.append(f"{disk.target}: {disk.path} does not exist")
             continue
-        if info.virtual_size != disk.size:
+        # A device may be larger than the disk it holds.
+        if info.virtual_size != disk.size and not (
+            disk.kind == "block" and info.virtual_size >= disk.size
+        ):
             problems.append(
                 f"{disk.target}: {disk.path} is {info.virtual_size} bytes, expected {disk.size}"
             )
     return RestorePrecheckResult(
-        vm_exists=exists, vm_running=running, can_define_only=not problems, problems=problems
+        vm_exists=exists,
+        vm_running=running,
+        can_define_only=not problems,
+        problems=problems,
+        disks=plan if req.domain_xml else [],
     )
+
+
+async def _plan(
+    server: HostServer, conn: Connection, host: Host, req: RestorePrecheckRequest, exists: bool
+) -> list[RestoreDisk]:
+    saved = {d.target: d for d in parse_disks(req.domain_xml)}
+    old_name = domain_name(req.domain_xml)
+    renamed = req.vm_name != old_name
+    directory = await _target_directory(server, conn, host, req)
+    plan: list[RestoreDisk] = []
+    for disk in req.disks:
+        _check_path(disk)
+        declared = saved.get(disk.target)
+        fmt = declared.format if declared is not None else disk.format
+        if declared is not None and declared.type == "block":
+            if directory is None:
+                if renamed:
+                    raise BadRequest(
+                        f"disk {disk.target} is the block device {disk.path}: restoring it "
+                        f"under another name needs targetDirectory or storagePool (the "
+                        f"device belongs to {old_name})"
+                    )
+                plan.append(_placed(disk, disk.path, fmt, "block"))
+                continue
+            base = device_file(req.vm_name, disk.target, fmt)
+        else:
+            base = renamed_file(posixpath.basename(disk.path), old_name, req.vm_name)
+        path = posixpath.join(directory or posixpath.dirname(disk.path), base)
+        plan.append(_placed(disk, path, fmt, "file"))
+    seen: dict[str, str] = {}
+    for disk in plan:
+        if disk.path in seen:
+            raise BadRequest(
+                f"disks {seen[disk.path]} and {disk.target} would both be restored to {disk.path}"
+            )
+        seen[disk.path] = disk.target
+    if req.decision == "overwrite":
+        # Disks that go somewhere new may only replace files of the VM they replace.
+        careful = renamed or directory is not None
+        ours = await _disk_paths(conn, req.vm_name) if careful and exists else set()
+        for disk in plan:
+            await _check_writable(server, host, disk, req.vm_name, ours if careful else None)
+    return plan
+
+
+def _placed(disk: RestoreDisk, path: str, fmt: str, kind: DiskKind) -> RestoreDisk:
+    return RestoreDisk(target=disk.target, path=path, size=disk.size, format=fmt, kind=kind)
+
+
+async def _target_directory(
+    server: HostServer, conn: Connection, host: Host, req: RestorePrecheckRequest
+) -> str | None:
+    """The directory every disk goes into (``None``: each to its own place)."""
+    if req.storage_pool and req.target_directory:
+        raise BadRequest("give targetDirectory or storagePool, not both")
+    if req.storage_pool:
+        try:
+            pool = await get_pool(conn, req.storage_pool)
+        except VirtNotFound:
+            raise BadRequest(
+                f"storagePool {req.storage_pool!r}: server {server.id} has no storage pool "
+                "of that name"
+            ) from None
+        if not pool.holds_files:
+            kinds = ", ".join(sorted(DIRECTORY_POOL_TYPES))
+            raise BadRequest(
+                f"storagePool {req.storage_pool!r} is a {pool.type!r} pool; restores write "
+                f"into pools whose volumes are files ({kinds})"
+            )
+        if not pool.active:
+            raise BadRequest(f"storagePool {req.storage_pool!r} is not active: start it first")
+        return posixpath.normpath(pool.path)
+    if not req.target_directory:
+        return None
+    wanted = req.target_directory
+    if not wanted.startswith("/") or ".." in wanted.split("/"):
+        raise BadRequest(f"targetDirectory {wanted!r} must be an absolute path without '..'")
+    wanted = posixpath.normpath(wanted)
+    allowed = await _allowed_directories(server, conn)
+    resolved = await _realpaths(host, [wanted, *allowed])
+    if not any(_inside(resolved[0], a) for a in resolved[1:]):
+        raise BadRequest(
+            f"targetDirectory {wanted!r} is outside the directories restores may write to on "
+            f"server {server.id} ({', '.join(allowed)}); add it to the server's "
+            "restoreDirectories"
+        )
+    kind = await _file_type(host, wanted)
+    if kind not in ("absent", "directory"):
+        raise BadRequest(f"targetDirectory {wanted!r} is a {kind}, not a directory")
+    return wanted
+
+
+async def _allowed_directories(server: HostServer, conn: Connection) -> list[str]:
+    """The server's ``restoreDirectories``, or its file pools plus libvirt's default."""
+    if server.config.restore_directories is not None:
+        return [posixpath.normpath(d) for d in server.config.restore_directories]
+    pools = [posixpath.normpath(p.path) for p in await list_pools(conn) if p.holds_files]
+    return sorted({*pools, DEFAULT_RESTORE_DIRECTORY})
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+async def _realpaths(host: Host, paths: list[str]) -> list[str]:
+    """``paths`` with every symbolic link resolved on the host (``realpath -m``)."""
+    result = await host.run(["realpath", "-m", "--", *paths], timeout=30)
+    lines = result.stdout.splitlines()
+    if result.returncode != 0 or len(lines) != len(paths):
+        return paths
+    return lines
+
+
+async def _file_type(host: Host, path: str) -> str:
+    """``absent``, ``file``, ``block``, ``directory``, or what else ``stat`` says."""
+    result = await host.run(["stat", "-L", "-c", "%F", "--", path], timeout=30)
+    if result.returncode != 0:
+        return "absent"
+    text = result.stdout.strip()
+    return _FILE_TYPES.get(text, text)
+
+
+async def _device_size(host: Host, path: str) -> int:
+    result = await host.run(["blockdev", "--getsize64", path], timeout=30)
+    try:
+        return int(result.stdout.strip()) if result.returncode == 0 else -1
+    except ValueError:
+        return -1
+
+
+async def _disk_paths(conn: Connection, vm_name: str) -> set[str]:
+    """The disk paths of the defined domain ``vm_name``."""
+    xml = await domain_xml(conn, vm_name, inactive=True)
+    return {d.source for d in parse_disks(xml) if d.source}
+
+
+async def _check_writable(
+    server: HostServer, host: Host, disk: RestoreDisk, vm_name: str, ours: set[str] | None
+) -> None:
+    """Conflict unless ``disk`` can be written at its path. ``ours``: the only existing
+    files it may replace (``None``: any file)."""
+    kind = await _file_type(host, disk.path)
+    where = f"disk {disk.target}: {disk.path} on server {server.id}"
+    if disk.kind == "block":
+        if kind != "block":
+            state = "does not exist" if kind == "absent" else f"is a {kind}"
+            raise Conflict(f"{where} {state}; the saved XML declares a block device there")
+        size = await _device_size(host, disk.path)
+        if size < disk.size:
+            raise Conflict(f"{where} holds {size} bytes; the disk needs {disk.size}")
+        return
+    if kind == "absent":
+        return
+    if kind != "file":
+        raise Conflict(f"{where} is a {kind}; a restore never replaces it with a file")
+    if ours is not None and disk.path not in ours:
+        raise Conflict(
+            f"{where} exists and is not a disk of {vm_name}; remove it, or restore under "
+            "another vmName or into another targetDirectory"
+        )
+
+
+# -- writing ---------------------------------------------------------------------------
 
 
 async def prepare(
     server: HostServer, req: RestorePrepareRequest, creds: ExportCredentials
 ) -> RestorePrepared:
-    """Create each disk's temporary image and export it (``nbds://``, see the module
-    docstring). Raises BadRequest (a path that is not absolute), Conflict (an image or
-    export that cannot be made, or a server that cannot require client certificates);
-    nothing is left behind on failure."""
+    """Create each file disk's temporary image, open each block disk in place, and
+    export each (``nbds://``, see the module docstring). Raises BadRequest (a path that
+    is not absolute), Conflict (an image or export that cannot be made, a device that is
+    missing or too small, or a server that cannot require client certificates); nothing
+    is left behind on failure."""
     host = await server.host()
     tls_dir = await creds.install(server)
     targets: list[RestoreTarget] = []
@@ -110,14 +327,62 @@ async def prepare(
 async def _export(
     server: HostServer, host: Host, job_id: str, disk: RestoreDisk, tls_dir: str
 ) -> RestoreTarget:
-    temp = temp_path(disk.path, job_id)
-    parent = disk.path.rsplit("/", 1)[0] or "/"
+    if disk.kind == "block":
+        await _check_writable(server, host, disk, "", None)
+        made = await host.run(["mktemp", "-d", "-t", "vbrestore.XXXXXXXX"], timeout=30)
+        if made.returncode != 0:
+            raise Conflict(f"cannot make a directory for the export of {disk.path}: {made.stderr}")
+        pid = made.stdout.strip() + "/qemu-nbd.pid"
+        image, fresh = disk.path, False
+    else:
+        image, fresh, pid = temp_path(disk.path, job_id), True, pid_file(disk.path, job_id)
+    target = RestoreTarget(
+        target=disk.target, path=disk.path, temp_path=image, nbd_url="",
+        format=disk.format, kind=disk.kind, fresh=fresh,
+        pid_file=pid if disk.kind == "block" else "",
+    )  # fmt: skip
+    try:
+        if disk.kind == "file":
+            await _create_image(host, disk, image)
+        elif disk.format != "raw":
+            # A new image on the device: it reads as zeros, like a new file.
+            argv = ["qemu-img", "create", "-q", "-f", disk.format, image, str(disk.size)]
+            await _run_or_conflict(host, argv, f"cannot format {image}")
+            target = msgspec.structs.replace(target, fresh=True)
+        url = await _serve(server, host, disk, image, pid, tls_dir)
+    except BaseException:
+        await _remove_temp(host, target)
+        await _drop_pid_dir(host, target)
+        raise
+    return msgspec.structs.replace(target, nbd_url=url)
+
+
+async def _run_or_conflict(host: Host, argv: list[str], what: str) -> None:
+    result = await host.run(argv, timeout=60)
+    if result.returncode != 0:
+        raise Conflict(f"{what}: {result.stderr.strip()}")
+
+
+async def _create_image(host: Host, disk: RestoreDisk, temp: str) -> None:
+    """A new thin image of the disk's format at ``temp``; a qcow2 image keeps the cluster
+    size and compat level of the image it replaces."""
+    parent = posixpath.dirname(disk.path) or "/"
     await host.run(["mkdir", "-p", parent], timeout=30)
-    created = await host.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", temp, str(disk.size)], timeout=60
-    )
-    if created.returncode != 0:
-        raise Conflict(f"cannot create {temp}: {created.stderr.strip()}")
+    options: list[str] = []
+    if disk.format == "qcow2" and await _file_type(host, disk.path) == "file":
+        with contextlib.suppress(CommandFailed, VirtError):
+            old = await image_info(host, disk.path)
+            keep = [f"cluster_size={old.cluster_size}"] if old.cluster_size else []
+            keep += [f"compat={old.compat}"] if old.compat else []
+            if old.format == "qcow2" and keep:
+                options = ["-o", ",".join(keep)]
+    argv = ["qemu-img", "create", "-q", "-f", disk.format, *options, temp, str(disk.size)]
+    await _run_or_conflict(host, argv, f"cannot create {temp}")
+
+
+async def _serve(
+    server: HostServer, host: Host, disk: RestoreDisk, image: str, pid: str, tls_dir: str
+) -> str:
     last = ""
     for attempt in range(5):
         port = _free_local_port() if server.is_local else random.choice(REMOTE_NBD_PORTS)  # noqa: S311
@@ -127,38 +392,61 @@ async def _export(
         started = await host.run(
             [
                 "qemu-nbd", "--fork", "--persistent", "-e", str(EXPORT_CONNECTIONS),
-                "-f", "qcow2", *io_mode, "--discard=unmap",
+                "-f", disk.format, *io_mode, "--discard=unmap",
                 "-b", server.nbd_host, "-p", str(port), "-x", disk.target,
                 "--object",
                 f"tls-creds-x509,id=vbtls,dir={tls_dir.replace(',', ',,')},"
                 "endpoint=server,verify-peer=on",
                 "--tls-creds", "vbtls",
-                "--pid-file", pid_file(disk.path, job_id), temp,
+                "--pid-file", pid, image,
             ],
             timeout=60,
         )  # fmt: skip
         if started.returncode == 0:
             host_part = f"[{server.nbd_host}]" if ":" in server.nbd_host else server.nbd_host
-            url = f"nbds://{host_part}:{port}/{disk.target}"
-            return RestoreTarget(target=disk.target, path=disk.path, temp_path=temp, nbd_url=url)
+            return f"nbds://{host_part}:{port}/{disk.target}"
         last = started.stderr.strip()
-    await host.run(["rm", "-f", temp], timeout=30)
-    raise Conflict(f"cannot export {temp} over NBD: {last}")
+    raise Conflict(f"cannot export {image} over NBD: {last}")
+
+
+async def _remove_temp(host: Host, target: RestoreTarget) -> None:
+    """Remove a file disk's temporary image; never a device, never the final path."""
+    if target.kind != "file" or target.temp_path in ("", target.path):
+        return
+    with contextlib.suppress(CommandFailed, VirtError, OSError):
+        await host.run(["rm", "-f", "--", target.temp_path], timeout=30)
+
+
+async def _drop_pid_dir(host: Host, target: RestoreTarget) -> None:
+    if target.pid_file:
+        with contextlib.suppress(CommandFailed, VirtError, OSError):
+            pid = target.pid_file
+            await host.run(["rm", "-f", "--", pid], timeout=30)
+            await host.run(["rmdir", "--", posixpath.dirname(pid)], timeout=30)
 
 
 async def _teardown(host: Host, job_id: str, targets: list[RestoreTarget], *, remove: bool) -> None:
+    """Stop each export and wait (up to 10 s) until its process has gone, so that the
+    image is free for QEMU; with ``remove``, remove the temporary images."""
     for target in targets:
-        pid = shlex.quote(pid_file(target.path, job_id))
-        script = f"test -f {pid} && kill $(cat {pid}); rm -f {pid}"
-        with contextlib.suppress(CommandFailed, VirtError, OSError):
-            await host.run(["sh", "-c", script], timeout=30)
-        if remove:
+        if target.nbd_url:
+            pid = shlex.quote(target.pid_file or pid_file(target.path, job_id))
+            script = (
+                f"if test -f {pid}; then p=$(cat {pid}); kill $p; "
+                "for i in $(seq 100); do kill -0 $p 2>/dev/null || break; sleep 0.1; done; "
+                f"fi; rm -f {pid}"
+            )
             with contextlib.suppress(CommandFailed, VirtError, OSError):
-                await host.run(["rm", "-f", target.temp_path], timeout=30)
+                await host.run(["sh", "-c", script], timeout=30)
+            await _drop_pid_dir(host, target)
+        if remove:
+            await _remove_temp(host, target)
 
 
 async def finish(server: HostServer, req: RestoreFinishRequest) -> None:
-    """Stop the exports; on success move the images into place and define the domain.
+    """Stop the exports; on success move the images into place and define the domain
+    (the saved XML rewritten for ``vm_name`` and where the disks are, see
+    :mod:`virtbackup.virt.rewrite`), then refresh the storage pools holding them.
 
     Idempotent: an image already moved into place (its temporary file gone, its final
     path present) is left as it is, so a commit cut short can simply be repeated."""
@@ -171,26 +459,47 @@ async def finish(server: HostServer, req: RestoreFinishRequest) -> None:
         dom = await get_domain(conn, req.vm_name)
         if dom.power_state != PowerState.SHUTOFF:
             for target in req.disks:
-                await host.run(["rm", "-f", target.temp_path], timeout=30)
+                await _remove_temp(host, target)
             raise Conflict(f"vm {req.vm_name} was started during the restore; nothing replaced")
     for target in req.disks:
-        present = await host.run(["test", "-e", target.temp_path], timeout=30)
-        if present.returncode != 0:
-            # Already moved by an earlier finish of this job that was cut short (its
-            # orchestrator died while committing): finishing again is idempotent.
-            there = await host.run(["test", "-e", target.path], timeout=30)
-            if there.returncode == 0:
-                continue
-        moved = await host.run(["mv", "-f", target.temp_path, target.path], timeout=60)
-        if moved.returncode != 0:
-            raise Conflict(f"cannot move {target.temp_path} to {target.path}: {moved.stderr}")
+        await _move_into_place(host, target)
     if req.domain_xml:
-        await define(server, req.vm_name, req.domain_xml)
+        placements = [DiskPlacement(t.target, t.path, t.kind, t.format) for t in req.disks]
+        xml = rewrite_domain(req.domain_xml, name=req.vm_name, disks=placements)
+        await define(server, req.vm_name, xml)
+    directories = {posixpath.dirname(t.path) for t in req.disks if t.kind == "file"}
+    with contextlib.suppress(VirtError):
+        await refresh_pools_holding(conn, directories)
+
+
+async def _move_into_place(host: Host, target: RestoreTarget) -> None:
+    if target.kind != "file" or target.temp_path in ("", target.path):
+        return  # a device written in place, or a disk used as it is
+    present = await host.run(["test", "-e", target.temp_path], timeout=30)
+    if present.returncode != 0:
+        # Already moved by an earlier finish of this job that was cut short (its
+        # orchestrator died while committing): finishing again is idempotent.
+        there = await host.run(["test", "-e", target.path], timeout=30)
+        if there.returncode == 0:
+            return
+    kind = await _file_type(host, target.path)
+    if kind not in ("absent", "file"):
+        await _remove_temp(host, target)
+        raise Conflict(f"{target.path} is a {kind}; a restore never replaces it with a file")
+    if kind == "file":
+        # The restored image takes the owner and mode of the one it replaces.
+        for tool in ("chown", "chmod"):
+            with contextlib.suppress(CommandFailed, VirtError, OSError):
+                await host.run([tool, f"--reference={target.path}", target.temp_path])
+    moved = await host.run(["mv", "-f", "--", target.temp_path, target.path], timeout=60)
+    if moved.returncode != 0:
+        raise Conflict(f"cannot move {target.temp_path} to {target.path}: {moved.stderr}")
 
 
 async def define(server: HostServer, vm_name: str, domain_xml: str) -> None:
-    """Define the domain from the saved XML, replacing a shut-off one of that name (its
-    checkpoints go with it: they describe disks that were just replaced)."""
+    """Define the domain from ``domain_xml`` (which must name ``vm_name``), replacing a
+    shut-off one of that name (its checkpoints go with it: they describe disks that
+    were just replaced)."""
     name = ET.fromstring(domain_xml).findtext("name")  # noqa: S314 - XML from our backup
     if name != vm_name:
         raise BadRequest(f"the saved XML defines {name!r}, not {vm_name!r}")

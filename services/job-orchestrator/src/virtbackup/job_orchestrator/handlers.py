@@ -42,6 +42,7 @@ from virtbackup.contracts.v1.jobs import (
     SanityRequest,
 )
 from virtbackup.job_orchestrator.jobctx import JobContext, job_payload
+from virtbackup.job_orchestrator.restore import plan_restore, restore_params, target_name
 from virtbackup.job_orchestrator.runner import execute
 from virtbackup.repository.format import parse_xml_key, vm_segment
 from virtbackup.repository.records import RestorePoint
@@ -139,20 +140,19 @@ async def restore_precheck(jc: JobContext, req: PrecheckRequest) -> PrecheckResu
 
 @commands.handler(JobCmd.RESTORE, RestoreRequest)
 async def restore(jc: JobContext, req: RestoreRequest) -> Job:
-    """Start a restore (``overwrite``: new disks, then define; ``define``: define only)."""
+    """Start a restore (``overwrite``: new disks, then define; ``define``: define only),
+    planned and checked by the target server first (see ``restore.plan_restore``)."""
     find_server(await jc.config(), req.server_id)
     dest_id, point = await open_point(jc, req.xml_path, req.destination_id)
-    check = await precheck_point(jc, req.server_id, point)
-    if req.decision == "overwrite" and check.vm_running:
-        raise Conflict(f"vm {point.vm_name} is running: shut it off before overwriting it")
-    if req.decision == "define" and not check.can_define_only:
-        raise Conflict("cannot define only: " + "; ".join(check.problems or ["disks do not match"]))
+    params = restore_params(req)
+    with destination_faults(dest_id):
+        await plan_restore(jc, req.server_id, dest_id, point, params)
     return await jc.submit(
         "restore",
         server_id=req.server_id,
-        vm_name=point.vm_name,
+        vm_name=target_name(point, params),
         destination_id=dest_id,
-        params={"xmlPath": req.xml_path, "decision": req.decision},
+        params=params,
         lock_vm=True,
         run=execute,
     )

@@ -189,16 +189,21 @@ async def backup_unit(
 async def restore_unit(
     unit: TransferUnit, repo: Repository, nbd: NbdClient, uctx: UnitContext
 ) -> UnitResult:
-    """Write every chunk of the unit at its offset; zero chunks are left as holes."""
+    """Write every chunk of the unit at its offset. A zero chunk (``id`` ``None``) is
+    written as zeros (NBD ``WRITE_ZEROES``, or a buffer of zeros where the export cannot
+    do that): the orchestrator sends zero chunks only for a target that is not a fresh
+    image (a device written in place), and leaves them out, as holes, otherwise."""
     started = time.monotonic()
     counters = {"read": 0, "written": 0}
 
     async def one(ref: ChunkRef) -> None:
-        if ref.id is None:
-            return
-        chunk_id = ref.id
         offset = ref.index * unit.chunk_size
         length = min(unit.chunk_size, unit.disk_size - offset)
+        if ref.id is None:
+            await _write_zeroes(nbd, offset, length)
+            counters["written"] += length
+            return
+        chunk_id = ref.id
         async with uctx.budget.hold(length):
             blob = await retry(lambda: repo.read_chunk(chunk_id))
             counters["read"] += len(blob)
@@ -221,6 +226,16 @@ async def restore_unit(
         bytes_written=counters["written"],
         seconds=time.monotonic() - started,
     )
+
+
+async def _write_zeroes(nbd: NbdClient, offset: int, length: int) -> None:
+    """Make ``length`` bytes at ``offset`` read as zeros."""
+    if nbd.info.can_write_zeroes:
+        await nbd.write_zeroes(offset, length)
+        return
+    if len(_ZERO.buf) < length:
+        _ZERO.buf = bytes(length)
+    await nbd.write(offset, memoryview(_ZERO.buf)[:length])
 
 
 async def verify_unit(unit: TransferUnit, repo: Repository, uctx: UnitContext) -> UnitResult:

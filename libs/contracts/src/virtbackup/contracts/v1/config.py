@@ -172,6 +172,11 @@ class Server(Strict, kw_only=True):
     host key ``host_key`` pins (set on first use by the gateway when empty); libvirt is
     tunnelled through that connection unless ``uri`` is a ``qemu+tls://`` URI. ``uri``
     may only name the transports ``check_libvirt_uri`` accepts.
+
+    ``restore_directories``: the directories (absolute, and their subdirectories) a
+    restore may write disks into when it names a ``targetDirectory``; ``None`` (the
+    default) means the target paths of the server's libvirt storage pools plus
+    ``/var/lib/libvirt/images`` (:data:`DEFAULT_RESTORE_DIRECTORY`).
     """
 
     id: Id
@@ -183,6 +188,7 @@ class Server(Strict, kw_only=True):
     private_key: str = ""
     uri: Annotated[str, msgspec.Meta(max_length=2048, pattern=_PRINTABLE)] = ""
     host_key: HostKey = ""
+    restore_directories: list[PathText] | None = None
 
 
 class AgentConfig(Strict, kw_only=True):
@@ -312,7 +318,28 @@ def _check_params(params: Strict, where: str) -> None:
         raise ConfigError(f"rootPath must not contain '..' - at `{where}.rootPath`")
 
 
+#: Where restores may write disks on a server without ``restoreDirectories`` (besides
+#: its storage pools): libvirt's default image directory.
+DEFAULT_RESTORE_DIRECTORY: Final = "/var/lib/libvirt/images"
+
+
+def _check_restore_directories(server: Server, where: str) -> None:
+    for i, path in enumerate(server.restore_directories or []):
+        at = f"{where}.restoreDirectories[{i}]"
+        if not path.startswith("/"):
+            raise ConfigError(f"restore directory {path!r} must be absolute - at `{at}`")
+        normal = posixpath.normpath(path)
+        top = "/" + normal.lstrip("/").split("/")[0]
+        if ".." in path.split("/") or normal == "/" or top in SYSTEM_DIRECTORIES:
+            raise ConfigError(
+                f"restore directory {path!r} is a system directory or leaves one with '..'; "
+                f"name a directory for disk images (e.g. {DEFAULT_RESTORE_DIRECTORY}) - at "
+                f"`{at}`"
+            )
+
+
 def _check_server(server: Server, where: str) -> None:
+    _check_restore_directories(server, where)
     problem = check_libvirt_uri(server.uri)
     if problem is not None:
         raise ConfigError(f"{problem} - at `{where}.uri`")

@@ -197,32 +197,64 @@ class BackupEndRequest(Message, frozen=True, kw_only=True):
     success: bool = True
 
 
+#: What a restored disk is on the host: an image file, or a block device (an LVM volume,
+#: a partition, a loop device) written in place.
+DiskKind = Literal["file", "block"]
+
+
 class RestoreDisk(Message, frozen=True, kw_only=True):
+    """One disk of a restore: ``size`` bytes (the guest's view) restored to ``path`` as
+    an image of ``format`` (``raw``, ``qcow2``) that is a ``kind``."""
+
     target: str
     path: str
     size: int
     format: str = "qcow2"
+    kind: DiskKind = "file"
 
 
 class RestorePrecheckRequest(Message, frozen=True, kw_only=True):
+    """Whether restoring ``disks`` as domain ``vm_name`` can work, and where each disk goes.
+
+    With ``domain_xml`` (the XML saved with the point) the inventory also plans the
+    restore (``RestorePrecheckResult.disks``): each disk keeps the format and kind the
+    XML declares; under a name other than the XML's, disk files are renamed after it;
+    with ``target_directory`` or ``storage_pool`` (a pool whose volumes are files)
+    they are files there. Planning changes nothing on the host. It raises
+    ``BadRequest`` naming ``targetDirectory`` (outside the server's
+    ``restoreDirectories``) or ``storagePool`` (no such pool, or not a directory pool),
+    and ``Conflict`` for a disk it would not write: a block device that is missing or
+    too small, a path that is a device or a directory where a file is due, or (for an
+    ``overwrite`` under a new name or into another directory) a file that exists and
+    is not a disk of domain ``vm_name``.
+    """
+
     server_id: str
     vm_name: str
     disks: list[RestoreDisk]
+    domain_xml: str = ""
+    decision: Literal["overwrite", "define"] = "overwrite"
+    target_directory: str = ""
+    storage_pool: str = ""
 
 
 class RestorePrecheckResult(Message, frozen=True, kw_only=True):
     """``vm_exists``: a domain of that name is defined; ``can_define_only``: every disk
-    exists at its path with the right size, so defining alone brings the VM back."""
+    exists at its path with the right size, so defining alone brings the VM back.
+    ``disks``: where each disk is restored (planned only when the request gave
+    ``domain_xml``; else empty)."""
 
     vm_exists: bool
     vm_running: bool
     can_define_only: bool
     problems: list[str] = msgspec.field(default_factory=list)
+    disks: list[RestoreDisk] = msgspec.field(default_factory=list)
 
 
 class RestorePrepareRequest(Message, frozen=True, kw_only=True):
-    """Create a new thin qcow2 image per disk (beside its final path) and export each
-    over NBD for the workers to write."""
+    """Create a new thin image of each disk's format beside its final path (a file
+    disk), or open a block device in place (a block disk), and export each over NBD for
+    the workers to write."""
 
     server_id: str
     job_id: str
@@ -230,10 +262,22 @@ class RestorePrepareRequest(Message, frozen=True, kw_only=True):
 
 
 class RestoreTarget(Message, frozen=True, kw_only=True):
+    """A disk being restored: written through ``nbd_url`` into ``temp_path``, which the
+    finish moves to ``path``. A block device is written in place (``temp_path`` is
+    ``path``, nothing is moved or removed). ``fresh``: the image reads as zeros before
+    the workers write it (a new file), so zero chunks need no write; false for a device
+    written in place, where every zero chunk must be written as zeros. A target without
+    ``nbd_url`` has nothing to write (``define``: the disk is used as it is).
+    ``pid_file``: where the export's process id is, when not beside ``temp_path``."""
+
     target: str
     path: str
     temp_path: str
     nbd_url: str
+    format: str = "qcow2"
+    kind: DiskKind = "file"
+    fresh: bool = True
+    pid_file: str = ""
 
 
 class RestorePrepared(Message, frozen=True, kw_only=True):
@@ -242,7 +286,10 @@ class RestorePrepared(Message, frozen=True, kw_only=True):
 
 class RestoreFinishRequest(Message, frozen=True, kw_only=True):
     """Stop the exports; on success move the images into place and define the domain
-    from ``domain_xml`` (replacing a shut-off domain of the same name); else remove them."""
+    from ``domain_xml`` (replacing a shut-off domain of the same name); else remove them.
+
+    ``domain_xml`` is the saved XML: the inventory rewrites it for ``vm_name`` (a new
+    name gets a new UUID and new MAC addresses) and for where ``disks`` are."""
 
     server_id: str
     job_id: str

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from virtbackup.contracts.v1.common import Message, ServerId, VmName
+from virtbackup.contracts.v1.common import (
+    NAME_MAX_LENGTH,
+    VM_NAME_PATTERN,
+    Message,
+    ServerId,
+    VmName,
+)
 
 JobType = Literal["backup", "restore", "sanity", "migration"]
 JobState = Literal["queued", "running", "success", "failure", "canceled"]
@@ -84,13 +90,37 @@ class BackupRequest(Message, frozen=True, kw_only=True):
     fresh: bool = False
 
 
+#: An absolute path on a server: one printable line.
+AbsolutePath = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=4096, pattern=r"^/[^\x00-\x1f\x7f]*(?![\s\S])")
+]
+#: A libvirt storage pool name (libvirt's rules for names are those of domains).
+PoolName = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=NAME_MAX_LENGTH, pattern=VM_NAME_PATTERN)
+]
+
+
 class RestoreRequest(Message, frozen=True, kw_only=True):
-    """``POST /servers/{id}/restore/start``."""
+    """``POST /servers/{id}/restore/start``: restore a point onto server ``server_id``.
+
+    Without the optional fields every disk goes back to the path the saved XML names,
+    as the format and kind (file, block device) it declares, and the domain keeps its
+    name. ``vm_name``: restore as a new VM of that name (new UUID and MAC addresses,
+    disk files renamed after it); if a VM of that name exists, only ``overwrite``
+    replaces it, and only while it is shut off. ``target_directory``: the disks are
+    files in that directory (one of the server's ``restoreDirectories``);
+    ``storage_pool``: files in that libvirt pool (a directory pool). ``start``: start
+    the VM once it is defined.
+    """
 
     server_id: ServerId
     xml_path: str
     decision: Literal["overwrite", "define"]
     destination_id: str | None = None
+    vm_name: VmName | None = None
+    target_directory: AbsolutePath | None = None
+    storage_pool: PoolName | None = None
+    start: bool = False
 
 
 class SanityRequest(Message, frozen=True, kw_only=True):

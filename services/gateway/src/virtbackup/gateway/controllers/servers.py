@@ -21,8 +21,10 @@ from virtbackup.contracts.v1.inventory import (
     VmRef,
 )
 from virtbackup.contracts.v1.jobs import (
+    AbsolutePath,
     BackupRequest,
     Job,
+    PoolName,
     PrecheckRequest,
     PrecheckResult,
     RestoreRequest,
@@ -79,10 +81,17 @@ class PrecheckBody(msgspec.Struct, kw_only=True, rename="camel"):
 
 
 class RestoreBody(msgspec.Struct, kw_only=True, rename="camel"):
+    """The agent API's fields, plus where and as what to restore (all optional): see
+    ``RestoreRequest``."""
+
     xml_path: str
     decision: Literal["overwrite", "define"]
     destination_id: str | None = None
     driver_id: str | None = None
+    vm_name: VmName | None = None
+    target_directory: AbsolutePath | None = None
+    storage_pool: PoolName | None = None
+    start: bool = False
 
 
 class ServersController(Controller):
@@ -175,13 +184,18 @@ class ServersController(Controller):
     async def restore(
         self, gw: Gateway, server_id: ServerIdParam, data: RestoreBody
     ) -> dict[str, str]:
-        """Restore a point: ``overwrite`` writes new disks and defines, ``define`` defines."""
+        """Restore a point: ``overwrite`` writes new disks and defines, ``define`` defines;
+        optionally as another VM, into a directory or pool, and started."""
         destination_id = data.destination_id or await destination_of_driver(gw, data.driver_id)
         request = RestoreRequest(
             server_id=server_id,
             xml_path=data.xml_path,
             decision=data.decision,
             destination_id=destination_id,
+            vm_name=data.vm_name,
+            target_directory=data.target_directory,
+            storage_pool=data.storage_pool,
+            start=data.start,
         )
         job = await gw.bus.request(JobCmd.RESTORE, request, Job, timeout=timeouts.JOB_COMMAND)
         return {"jobId": job.id}
