@@ -7,6 +7,7 @@ in order (one VM, one repository).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import time
@@ -15,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import libvirt
 import pytest
 from harness import System, local_config, running_system, same, snapshot, wait_job
 
+from virtbackup.testing.images import create_image
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
 from virtbackup.virt import Connection, LocalHost, get_domain, list_checkpoints
 from virtbackup.virt.domains import PowerState
@@ -180,4 +183,113 @@ async def test_offline_full_and_incremental_then_online_restore_bit_identical(
     assert len(points) == 3
     for point, snap in zip(points, (snap1, snap2, snap3), strict=True):
         await restore_and_compare(api, conn, point, list(vm.disks), snap)
+    assert (await action(api, "start")).status_code == 200
+
+
+async def test_a_new_disk_and_a_grown_disk_alone_are_read_in_full(
+    api: httpx.AsyncClient, vm: SmallVm, conn: Connection, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    if await power(conn) != PowerState.RUNNING:
+        assert (await action(api, "start")).status_code == 200
+    await backup(api)  # the restores started a new chain: a point to be incremental from
+    vdc = create_image(vm.directory / f"{VM}-vdc.qcow2", 32 * MiB)
+    disk = (
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{vdc}'/><target dev='vdc' bus='virtio'/></disk>"
+    )
+    dom = await conn.lookup(VM)
+    both = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    await conn.call(dom.attachDeviceFlags, disk, both)
+    await conn.call(dom.blockResize, "vdb", 96 * MiB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+    await guest_write(conn, VM, "vda", 48 * MiB, 1 * MiB, pattern=0x61)
+    await guest_write(conn, VM, "vdb", 80 * MiB, 1 * MiB, pattern=0x62)
+    await guest_write(conn, VM, "vdc", 0, 1 * MiB, pattern=0x63)
+    grown = dataclasses.replace(vm, disks=(*vm.disks, vdc))
+    snap = snapshot(grown, tmp_path_factory.mktemp("grown"))
+
+    job = await backup(api)
+    message = job["message"]
+    assert message.startswith("incremental backup"), message
+    assert message.endswith(
+        f"; read in full: vdb: grown from {64 * MiB} to {96 * MiB} bytes; vdc: new disk"
+    ), message
+    # vda stayed incremental: its one dirty chunk; vdb and vdc: every chunk with data
+    # (vdb: chunks 0, 2 and 20; vdc: chunk 0).
+    assert job["bytesTransferred"] == (1 + 3 + 1) * 4 * MiB, job
+
+    point = (await entries(api))[-1]
+    await restore_and_compare(api, conn, point, list(grown.disks), snap)
+    assert (await action(api, "start")).status_code == 200
+    STATE["disks"] = list(grown.disks)
+
+
+async def test_a_vm_stopped_mid_backup_says_so_and_leaves_no_checkpoint(
+    api: httpx.AsyncClient,
+    vm: SmallVm,
+    conn: Connection,
+    system: System,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    disks: list[Path] = STATE.get("disks", list(vm.disks))
+    if await power(conn) != PowerState.RUNNING:
+        assert (await action(api, "start")).status_code == 200
+    await backup(api)
+    await guest_write(conn, VM, "vda", 8 * MiB, 1 * MiB, pattern=0x71)
+    workers = [n for n in list(system.procs) if n.startswith("transfer-worker")]
+    for name in workers:  # no worker takes the units: the job waits in transferring
+        system.stop(name)
+    try:
+        job_id = await submit(api)
+        checkpoint = (await wait_transferring(api, job_id))["result"]["checkpoint"]
+        await conn.call((await conn.lookup(VM)).destroy)
+    finally:
+        for name in workers:
+            system.start(name)
+        system.wait_ready()
+    job = await wait_job(api, job_id)
+    assert job["state"] == "failure", job
+    assert job["message"].startswith("the VM stopped during the backup"), job["message"]
+    # The failed backup's checkpoint is gone from libvirt and from the images.
+    assert checkpoint not in [c.name for c in await list_checkpoints(conn, VM)]
+    for disk in disks:
+        assert checkpoint not in [
+            b.name for b in (await image_info(LocalHost(), str(disk))).bitmaps
+        ]
+    vms = {v["vm"]["name"]: v for v in (await api.get("/servers/local/vms")).json()}
+    assert not vms[VM]["hasOverlay"], vms[VM]
+
+    # The next backup (offline: the VM is shut off) works, from the previous checkpoint:
+    # it has the write made before the failed one.
+    snap = snapshot(dataclasses.replace(vm, disks=tuple(disks)), tmp_path_factory.mktemp("stop"))
+    after = await backup(api)
+    assert after["message"].startswith("incremental backup"), after["message"]
+    assert OFFLINE in after["message"], after["message"]
+    point = (await entries(api))[-1]
+    await restore_and_compare(api, conn, point, disks, snap)
+
+
+async def test_vm_actions_are_refused_while_an_offline_backup_holds_the_vm(
+    api: httpx.AsyncClient, vm: SmallVm, conn: Connection, system: System
+) -> None:
+    await shut_off(api, conn)
+    workers = [n for n in list(system.procs) if n.startswith("transfer-worker")]
+    for name in workers:
+        system.stop(name)
+    try:
+        job_id = await submit(api)
+        await wait_transferring(api, job_id)
+        assert await power(conn) == PowerState.PAUSED
+        for verb in ("start", "forceOff", "reboot"):
+            resp = await action(api, verb)
+            assert resp.status_code == 409, (verb, resp.text)
+            assert f"{VM} is held by an offline backup (job {job_id})" in resp.json()["error"]
+        assert await power(conn) == PowerState.PAUSED
+    finally:
+        for name in workers:
+            system.start(name)
+        system.wait_ready()
+    job = await wait_job(api, job_id)
+    assert job["state"] == "success", job
+    assert OFFLINE in job["message"], job["message"]
+    assert await power(conn) == PowerState.SHUTOFF
     assert (await action(api, "start")).status_code == 200

@@ -31,7 +31,7 @@ from virtbackup.contracts.v1.inventory import (
 )
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
-from virtbackup.job_orchestrator.errors import JobFailed, JobStopped
+from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import DiskPlan, build_manifest, group_units, plan_disk
 from virtbackup.job_orchestrator.progress import update_job
@@ -193,7 +193,7 @@ async def run_backup(jc: JobContext, job: Job) -> str:
             )
             success = True
             return message
-        except JobStopped:
+        except (JobCanceled, JobLost):
             raise
         except Exception as exc:
             answer, ended = await end_job(), True
