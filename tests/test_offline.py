@@ -11,6 +11,7 @@ import dataclasses
 import os
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,14 @@ import pytest
 from harness import System, local_config, running_system, same, snapshot, wait_job
 
 from virtbackup.testing.images import create_image
-from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
+from virtbackup.testing.vms import (
+    SmallVm,
+    build_vm_xml,
+    create_vm,
+    guest_write,
+    remove_vm,
+    vm_directory,
+)
 from virtbackup.virt import Connection, LocalHost, get_domain, list_checkpoints
 from virtbackup.virt.domains import PowerState
 from virtbackup.virt.images import image_info
@@ -293,3 +301,26 @@ async def test_vm_actions_are_refused_while_an_offline_backup_holds_the_vm(
     assert OFFLINE in job["message"], job["message"]
     assert await power(conn) == PowerState.SHUTOFF
     assert (await action(api, "start")).status_code == 200
+
+
+async def test_a_shut_off_vm_that_cannot_start_fails_naming_why(
+    api: httpx.AsyncClient, vm: SmallVm, conn: Connection
+) -> None:
+    name = f"{VM}-nonet"
+    image = create_image(vm.directory / f"{name}-vda.qcow2", 16 * MiB)
+    root = ET.fromstring(build_vm_xml(name, [image]))
+    devices = root.find("devices")
+    assert devices is not None
+    interface = ET.SubElement(devices, "interface", type="network")
+    ET.SubElement(interface, "source", network=f"vbt-missing-{os.getpid()}")
+    await conn.call(conn.raw.defineXML, ET.tostring(root, encoding="unicode"))
+    try:
+        resp = await api.post("/servers/local/backup", json={"vmName": name})
+        assert resp.status_code == 200, resp.text
+        job = await wait_job(api, resp.json()["jobId"])
+        assert job["state"] == "failure", job
+        assert "is shut off and could not be started paused" in job["message"], job
+        assert f"vbt-missing-{os.getpid()}" in job["message"], job
+        assert (await get_domain(conn, name)).power_state == PowerState.SHUTOFF
+    finally:
+        await remove_vm(conn, name)

@@ -3,13 +3,17 @@
 1. Find the VM's latest restore point in the destination; ask the inventory to begin a
    pull-mode backup, incremental from that point's checkpoint when the chain is intact.
    The inventory answers with each disk's export and its allocation map (and dirty
-   bitmap): the orchestrator never touches NBD.
+   bitmap): the orchestrator never touches NBD. A shut-off VM is backed up offline (the
+   inventory starts it paused and shuts it off again at the end; the message says so).
 2. Per disk, plan the chunks to read, and publish them as units (phase ``transferring``).
+   In an incremental backup a disk that is new, resized, or has no usable bitmap is read
+   in full alone; the message names each such disk and why.
 3. Gather the unit results, enter ``committing`` (the point of no return: a cancel is
    refused from here), then write the manifests, the domain XML and ``backup.json``
    (only now is the restore point visible), and end the libvirt job, keeping its new
    checkpoint. On any failure or cancel, the libvirt job ends, the new checkpoint is
-   dropped (so the next incremental still covers every change) and nothing is committed.
+   dropped (so the next incremental still covers every change) and nothing is committed;
+   when the VM stopped during the backup, the job's message says so.
 """
 
 from __future__ import annotations
