@@ -3,6 +3,7 @@ which backup jobs count as in progress. Real libvirtd, QEMU and nats-server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from virtbackup.inventory.inventory import Inventory, ServerEntry
 from virtbackup.inventory.reconcile import reconcile
 from virtbackup.nbd import BASE_ALLOCATION, NbdClient, NbdError
 from virtbackup.nbd.tls import client_context_from_dir
+from virtbackup.runtime.errors import Conflict
 from virtbackup.runtime.nats_server import NatsServer, start_nats_server
 from virtbackup.runtime.ports import free_port
 from virtbackup.runtime.provision import ensure_bucket
@@ -45,8 +47,17 @@ from virtbackup.testing.vms import (
     guest_write,
     remove_vm,
 )
-from virtbackup.virt import Connection, TcpServer, begin_backup, current_backup, end_backup
+from virtbackup.virt import (
+    Connection,
+    TcpServer,
+    VirtError,
+    begin_backup,
+    current_backup,
+    end_backup,
+    get_domain,
+)
 from virtbackup.virt.checkpoints import list_checkpoints
+from virtbackup.virt.domains import PowerState
 from virtbackup.virt.pki import Authority, write_file
 
 pytestmark = pytest.mark.libvirt
@@ -360,3 +371,60 @@ async def test_an_inventory_that_starts_ends_the_backup_jobs_nobody_will_end(
         assert await current_backup(conn, vm.name) is not None
     finally:
         await end_backup(conn, foreign)
+
+
+async def test_an_offline_backup_nobody_will_end_is_shut_off_again(
+    server: HostServer, conn: Connection, vm: SmallVm, vm_dir: Path, jobs: KeyValue
+) -> None:
+    """Issue 12, item 4: a shut-off VM is started paused for its backup; when its
+    inventory dies mid-backup, the VM must not stay running paused."""
+    job_id = f"job-{os.getpid()}-offline"
+    before = {c.name for c in await list_checkpoints(conn, vm.name)}
+
+    async def run() -> list[str]:
+        return await reconcile(server, jobs, INSTALLATION, str(vm_dir), grace=0.5)
+
+    async def power() -> PowerState:
+        return (await get_domain(conn, vm.name)).power_state
+
+    await conn.call((await conn.lookup(vm.name)).destroy)
+    try:
+        await jobs.put(job_id, _job(job_id, "running"))
+        begun = await _begin(server, vm, vm_dir, job_id=job_id)
+        assert begun.offline
+        assert await power() == PowerState.PAUSED
+        tag = await ownership.read_tag(conn, vm.name)
+        assert tag is not None and tag.offline and tag.job_id == job_id
+        # Active: left to its orchestrator; VM actions are refused meanwhile.
+        assert await run() == []
+        with pytest.raises(Conflict, match="held by an offline backup"):
+            await backups.check_offline_hold(server, vm.name, jobs, INSTALLATION, str(vm_dir))
+        assert await power() == PowerState.PAUSED
+        # Its job failed while the inventory was dead: the backup ends, its checkpoint is
+        # dropped and the VM is shut off again.
+        await jobs.put(job_id, _job(job_id, "failure"))
+        done = await run()
+        assert len(done) == 1 and "dropped" in done[0] and "shut off again" in done[0], done
+        assert await power() == PowerState.SHUTOFF
+        assert {c.name for c in await list_checkpoints(conn, vm.name)} == before
+
+        # Died after ending the libvirt job, before the destroy: paused, tagged, no job.
+        ok = f"{job_id}-ok"
+        await jobs.put(ok, _job(ok, "success"))
+        begun = await _begin(server, vm, vm_dir, job_id=ok)
+        await end_backup(conn, vm.name)
+        done = await run()
+        assert len(done) == 1 and "kept" in done[0], done
+        assert await power() == PowerState.SHUTOFF
+        assert begun.checkpoint in {c.name for c in await list_checkpoints(conn, vm.name)}
+
+        # A VM action finds such a VM (job unknown to VB_JOBS) and shuts it off first.
+        begun = await _begin(server, vm, vm_dir, job_id=f"{job_id}-unknown")
+        await backups.check_offline_hold(server, vm.name, jobs, INSTALLATION, str(vm_dir))
+        assert await power() == PowerState.SHUTOFF
+        assert begun.checkpoint not in {c.name for c in await list_checkpoints(conn, vm.name)}
+    finally:
+        if await power() != PowerState.RUNNING:
+            with contextlib.suppress(VirtError):
+                await conn.call((await conn.lookup(vm.name)).destroy)
+            await conn.call((await conn.lookup(vm.name)).create)

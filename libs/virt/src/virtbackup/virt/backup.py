@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -179,11 +179,13 @@ def build_backup_xml(
     uuid: str,
     incremental: str | None = None,
     exclude: Sequence[str] = (),
+    full: Collection[str] = (),
 ) -> str:
     """``<domainbackup mode='pull'>`` XML exporting ``disks``.
 
     ``incremental`` names the checkpoint to read changes since; disks that cannot carry a
-    bitmap (non-qcow2) are then read in full (``backupmode='full'``). Targets in
+    bitmap (non-qcow2) and the targets in ``full`` (e.g. a disk added after that
+    checkpoint) are then read in full (``backupmode='full'``). Targets in
     ``exclude`` are listed with ``backup='no'`` (libvirt would otherwise back up every
     writable disk).
     """
@@ -200,7 +202,7 @@ def build_backup_xml(
     elements = ET.SubElement(root, "disks")
     for disk in disks:
         attrs = {"name": disk.target, "backup": "yes", "type": "file"}
-        if incremental and not disk.supports_bitmaps:
+        if incremental and (not disk.supports_bitmaps or disk.target in full):
             attrs["backupmode"] = "full"
         element = ET.SubElement(elements, "disk", attrs)
         ET.SubElement(element, "scratch", file=scratch_path(scratch_dir, uuid, disk.target))
@@ -262,11 +264,14 @@ async def begin_backup(
     disks: Sequence[Disk] | None = None,
     quiesce: bool = False,
     timeout: float = 60.0,
+    full: Collection[str] = (),
 ) -> BackupJob:
     """Start a pull-mode backup of the running domain ``name``.
 
     ``checkpoint`` names the checkpoint created with the job (``None``: no change tracking
-    from here). ``incremental`` names the checkpoint to read changes since (``None``: full).
+    from here). ``incremental`` names the checkpoint to read changes since (``None``: full);
+    the targets in ``full`` are read in full even then (disks the checkpoint does not cover
+    or whose bitmap is broken).
     ``disks`` defaults to every backed-up disk; other writable disks are excluded.
     ``scratch_dir`` must exist on the hypervisor host and be traversable by QEMU.
     ``quiesce`` freezes the guest file systems through the QEMU guest agent around the
@@ -296,6 +301,7 @@ async def begin_backup(
         uuid=uuid,
         incremental=incremental,
         exclude=[d.target for d in every if d.target not in wanted],
+        full=full,
     )
     checkpoint_xml = build_checkpoint_xml(checkpoint, chosen) if checkpoint else None
     quiesced = False

@@ -12,23 +12,26 @@ recording, so an incremental from checkpoint ``C`` needs ``C``'s bitmaps only (t
    reports no size for a missing or broken bitmap); for a stopped one ``qemu-img info -U``
    over the disk's backing chain (the bitmap must exist without the ``in-use`` flag).
 
-Anything else means the next backup must be a full read (which, with content-addressed
-chunks, still uploads only new data), and the stale checkpoint should be deleted with
-``metadata_only=True`` because libvirt cannot delete a bitmap that is gone.
+A chain-wide problem (1) means the next backup must be a full read of every disk;
+a problem of one disk (2, 3) means a full read of that disk only, the others staying
+incremental (libvirt's per-disk ``backupmode='full'``). A full read, with
+content-addressed chunks, still uploads only new data. A stale checkpoint should be
+deleted with ``metadata_only=True`` because libvirt cannot delete a bitmap that is gone;
+a checkpoint of a stopped domain is deleted by :func:`discard_checkpoint`.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import libvirt
 
 from virtbackup.virt import _xml
 from virtbackup.virt.connection import Connection
-from virtbackup.virt.disks import Disk, list_disks
+from virtbackup.virt.disks import Disk, list_disks, parse_disks
 from virtbackup.virt.errors import VirtError
 from virtbackup.virt.host import Host
 from virtbackup.virt.images import image_chain
@@ -68,16 +71,36 @@ class Checkpoint:
 
 @dataclass(frozen=True, slots=True)
 class ChainCheck:
-    """Whether an incremental backup may start from ``checkpoint``; ``problems`` says why
-    not (empty when intact)."""
+    """Whether an incremental backup may start from ``checkpoint``.
+
+    ``chain_problems`` concern the whole chain (no checkpoint, unknown to libvirt): the
+    next backup is a full read of every disk. ``disk_problems`` concern one disk each
+    (target -> why): that disk alone is read in full (libvirt's per-disk
+    ``backupmode='full'``) while the others stay incremental. ``new_disks`` are the
+    targets of ``disk_problems`` that the checkpoint does not cover at all (disks added
+    since)."""
 
     checkpoint: str | None
-    problems: tuple[str, ...]
+    chain_problems: tuple[str, ...] = ()
+    disk_problems: Mapping[str, str] = field(default_factory=dict)
+    new_disks: tuple[str, ...] = ()
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """Every problem, the chain's first (empty when intact)."""
+        return self.chain_problems + tuple(self.disk_problems.values())
 
     @property
     def intact(self) -> bool:
-        """True when the next backup may be incremental from :attr:`checkpoint`."""
+        """True when the next backup may be incremental from :attr:`checkpoint` for every
+        disk."""
         return not self.problems
+
+    @property
+    def usable(self) -> bool:
+        """True when the next backup may be incremental from :attr:`checkpoint` for the
+        disks outside :attr:`disk_problems` (which are read in full)."""
+        return self.checkpoint is not None and not self.chain_problems
 
 
 def parse_checkpoint(xml: str) -> Checkpoint:
@@ -198,41 +221,93 @@ async def bitmap_problems(
 
     Only disks that the checkpoint covers with a bitmap are checked.
     """
+    return list((await disk_bitmap_problems(conn, name, checkpoint, disks, host=host)).values())
+
+
+async def disk_bitmap_problems(
+    conn: Connection,
+    name: str,
+    checkpoint: Checkpoint,
+    disks: Sequence[Disk],
+    *,
+    host: Host | None = None,
+) -> dict[str, str]:
+    """As :func:`bitmap_problems`, by disk target (only the disks with a problem)."""
     covered = [d for d in disks if checkpoint.bitmap_for(d.target)]
     if not covered:
-        return []
+        return {}
     dom = await conn.lookup(name)
     if bool(await conn.call(dom.isActive)):
         try:
             sized = await get_checkpoint(conn, name, checkpoint.name, with_size=True)
         except VirtError as exc:
-            return [f"libvirt cannot size checkpoint {checkpoint.name}: {exc}"]
+            why = f"libvirt cannot size checkpoint {checkpoint.name}: {exc}"
+            return {d.target: why for d in covered}
         sizes = {d.target: d.size for d in sized.disks}
-        return [
-            f"bitmap {checkpoint.bitmap_for(d.target)} of disk {d.target} is missing or broken"
+        return {
+            d.target: (
+                f"bitmap {checkpoint.bitmap_for(d.target)} of disk {d.target} is missing or broken"
+            )
             for d in covered
             if sizes.get(d.target) is None
-        ]
+        }
     runner = host if host is not None else conn.host
     if runner is None:
-        return [f"cannot inspect bitmaps of stopped domain {name} without host access"]
-    problems: list[str] = []
+        why = f"cannot inspect bitmaps of stopped domain {name} without host access"
+        return {d.target: why for d in covered}
+    problems: dict[str, str] = {}
     for disk in covered:
         bitmap = checkpoint.bitmap_for(disk.target)
         if disk.type != "file" or not disk.source:
-            problems.append(f"cannot inspect bitmaps of {disk.type} disk {disk.target}")
+            problems[disk.target] = f"cannot inspect bitmaps of {disk.type} disk {disk.target}"
             continue
         try:
             chain = await image_chain(runner, disk.source)
         except VirtError as exc:
-            problems.append(f"cannot read image of disk {disk.target}: {exc}")
+            problems[disk.target] = f"cannot read image of disk {disk.target}: {exc}"
             continue
         found = [b for image in chain for b in image.bitmaps if b.name == bitmap]
         if not found:
-            problems.append(f"bitmap {bitmap} of disk {disk.target} is missing")
+            problems[disk.target] = f"bitmap {bitmap} of disk {disk.target} is missing"
         elif any(b.in_use for b in found):
-            problems.append(f"bitmap {bitmap} of disk {disk.target} is inconsistent (in-use)")
+            problems[disk.target] = (
+                f"bitmap {bitmap} of disk {disk.target} is inconsistent (in-use)"
+            )
     return problems
+
+
+async def discard_checkpoint(
+    conn: Connection, name: str, checkpoint: str, *, host: Host | None = None
+) -> None:
+    """Delete checkpoint ``checkpoint`` and its bitmaps, whether the domain runs or not.
+
+    A running domain: libvirt's delete. A stopped one (libvirt refuses: "cannot remove
+    checkpoint from inactive domain"): each bitmap is removed from the image of the
+    disk's backing chain that holds it (``qemu-img bitmap --remove`` on ``host``, default
+    the connection's host), then libvirt forgets the checkpoint (metadata only). This is
+    what libvirt's own delete does: every checkpoint's bitmap records every write since
+    its checkpoint, so the parent's bitmap already covers what the dropped one recorded
+    and nothing needs merging. Raises NotFound when libvirt does not know the checkpoint,
+    CommandFailed when an image cannot be changed (e.g. the domain was started meanwhile;
+    the checkpoint then stays, whole)."""
+    dom = await conn.lookup(name)
+    if bool(await conn.call(dom.isActive)):
+        await delete_checkpoint(conn, name, checkpoint)
+        return
+    cp = await get_checkpoint(conn, name, checkpoint)
+    runner = host if host is not None else conn.host
+    if runner is None:
+        raise VirtError(f"removing the bitmaps of stopped domain {name} needs host access")
+    flags = libvirt.VIR_DOMAIN_XML_INACTIVE
+    for disk in parse_disks(str(await conn.call(dom.XMLDesc, flags))):
+        bitmap = cp.bitmap_for(disk.target)
+        if not bitmap or disk.type != "file" or not disk.source:
+            continue
+        for image in await image_chain(runner, disk.source):
+            if any(b.name == bitmap for b in image.bitmaps):
+                removal = ["qemu-img", "bitmap", "--remove", image.filename, bitmap]
+                (await runner.run(removal, timeout=60)).check()
+    await delete_checkpoint(conn, name, checkpoint, metadata_only=True)
 
 
 async def check_chain(
@@ -242,7 +317,8 @@ async def check_chain(
     *,
     host: Host | None = None,
 ) -> ChainCheck:
-    """Whether the next backup of ``name`` may be incremental from ``checkpoint``.
+    """Whether the next backup of ``name`` may be incremental from ``checkpoint``, and for
+    which disks (see :class:`ChainCheck`).
 
     ``checkpoint`` is the one the last successful backup created (``None``: there is none).
     See the module docstring for the rules. Never raises for a broken chain; raises
@@ -255,10 +331,7 @@ async def check_chain(
     if cp is None:
         return ChainCheck(checkpoint, (f"checkpoint {checkpoint} does not exist in libvirt",))
     disks = [d for d in await list_disks(conn, name, host=host) if d.supports_bitmaps]
-    problems = [
-        f"disk {d.target} is not part of checkpoint {checkpoint}"
-        for d in disks
-        if not cp.bitmap_for(d.target)
-    ]
-    problems += await bitmap_problems(conn, name, cp, disks, host=host)
-    return ChainCheck(checkpoint, tuple(problems))
+    new = tuple(d.target for d in disks if not cp.bitmap_for(d.target))
+    problems = {t: f"disk {t} is not part of checkpoint {checkpoint}" for t in new}
+    problems.update(await disk_bitmap_problems(conn, name, cp, disks, host=host))
+    return ChainCheck(checkpoint, disk_problems=problems, new_disks=new)

@@ -1,4 +1,5 @@
-"""Domains: listing with power state, XML, define/undefine, power actions, CD-ROM eject.
+"""Domains: listing with power state, XML, define/undefine, power actions, CD-ROM eject,
+and starting a shut-off domain paused to read its disks (offline backups).
 
 Domains are addressed by name, as the agent API does (``vmName``). Power states and
 actions are strings on the wire: :class:`PowerState` uses libvirt's state names
@@ -17,7 +18,7 @@ import libvirt
 
 from virtbackup.virt import _xml
 from virtbackup.virt.connection import Connection
-from virtbackup.virt.errors import NotFound
+from virtbackup.virt.errors import Conflict, NotFound
 
 
 class PowerState(StrEnum):
@@ -168,6 +169,45 @@ async def perform_action(conn: Connection, name: str, action: DomainAction | str
         await conn.call(dom.destroy)
     state, _reason = await conn.call(dom.state, 0)
     return _info(dom, int(state))
+
+
+async def start_paused(conn: Connection, name: str) -> DomainInfo:
+    """Start the shut-off domain ``name`` with its vCPUs paused (``virDomainCreateWithFlags``
+    with ``VIR_DOMAIN_START_PAUSED``): QEMU opens the disks, the guest runs no instruction.
+
+    Used to read a shut-off VM's disks through the same pull-mode backup as a running one.
+    Raises Conflict when the domain is already running, or has a managed save image
+    (starting would restore, then consume, the saved memory state: a later destroy would
+    lose it), VirtError with libvirt's reason when QEMU cannot start (e.g. a missing
+    network or host device), NotFound for an unknown domain.
+    """
+    dom = await conn.lookup(name)
+    if bool(await conn.call(dom.isActive)):
+        raise Conflict(f"domain {name} is already running")
+    if bool(await conn.call(dom.hasManagedSaveImage, 0)):
+        raise Conflict(
+            f"domain {name} has a managed save image: starting it would consume its saved state"
+        )
+    await conn.call(dom.createWithFlags, libvirt.VIR_DOMAIN_START_PAUSED, timeout=120)
+    state, _reason = await conn.call(dom.state, 0)
+    return _info(dom, int(state))
+
+
+async def destroy_if_paused(conn: Connection, name: str) -> bool:
+    """Power off the domain (``virDomainDestroy``) only if it is paused; returns whether it
+    was. A domain that someone resumed (or that stopped) is left as it is. Quiet for an
+    unknown domain (returns False)."""
+    try:
+        dom = await conn.lookup(name)
+        state, _reason = await conn.call(dom.state, 0)
+        if int(state) != libvirt.VIR_DOMAIN_PAUSED:
+            return False
+        await conn.call(dom.destroy, timeout=60)
+    except NotFound:
+        return False
+    except Conflict:  # stopped between the look and the destroy
+        return False
+    return True
 
 
 async def eject_cdrom(conn: Connection, name: str, target: str | None = None) -> list[str]:

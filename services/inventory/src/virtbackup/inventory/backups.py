@@ -1,4 +1,5 @@
-"""Beginning and ending libvirt pull-mode backups for the orchestrator."""
+"""Beginning and ending libvirt pull-mode backups for the orchestrator, of running VMs
+and (started paused) of shut-off ones."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import os
 import random
 import socket
 
+from nats.js.kv import KeyValue
+
 from virtbackup.contracts.v1.inventory import (
     BackupBeginRequest,
     BackupBegun,
     BackupEndRequest,
     DiskExport,
 )
+from virtbackup.contracts.v1.jobs import ACTIVE_STATES
 from virtbackup.inventory import ownership
 from virtbackup.inventory.credentials import ExportCredentials
 from virtbackup.inventory.extents import fit, read_maps
@@ -29,13 +33,15 @@ from virtbackup.virt import (
     check_chain,
     current_backup,
     end_backup,
+    get_domain,
 )
-from virtbackup.virt.checkpoints import delete_checkpoint
-from virtbackup.virt.domains import domain_xml
+from virtbackup.virt.backup import BackupExport, scratch_pattern
+from virtbackup.virt.checkpoints import discard_checkpoint
+from virtbackup.virt.domains import destroy_if_paused, domain_xml, start_paused
 from virtbackup.virt.errors import CheckpointInconsistent, VirtError
 from virtbackup.virt.errors import Conflict as VirtConflict
 from virtbackup.virt.errors import NotFound as VirtNotFound
-from virtbackup.virt.host import Host
+from virtbackup.virt.host import Host, list_files, remove_files
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +71,15 @@ async def begin(
     installation: str,
 ) -> BackupBegun:
     """Begin a backup with a new checkpoint; incremental when the chain from
-    ``incremental_from`` is intact, else a full read (and ``full_reason`` says why).
+    ``incremental_from`` is usable, else a full read (and ``full_reason`` says why). In an
+    incremental backup, a disk the checkpoint cannot serve (added since, broken bitmap,
+    raw image) is read in full alone, its ``full_reason`` saying why.
+
+    A shut-off VM is backed up *offline*: the domain is started paused (the guest runs
+    no instruction; ``offline`` in the answer), tagged as started by this backup (see
+    :mod:`.ownership`), and read by the same pull-mode backup with its checkpoint, so
+    the checkpoints and the images' persistent bitmaps stay one chain whatever the VM's
+    state at each backup. :func:`end` shuts it off again if it is still paused.
 
     Each disk comes with its NBD export (``nbds://``: TLS, and only clients with the
     certificate of ``creds`` are served), size and extent maps (see :mod:`.extents`).
@@ -73,26 +87,84 @@ async def begin(
     :mod:`.ownership`), so that no inventory replica reports the running backup as a
     leftover while that job is active, and an inventory that starts can tell its own
     backups that nobody will end from another installation's.
-    Raises NotFound (unknown VM), Conflict (not running, another job, no free port,
-    a server whose libvirt cannot require client certificates) or Unavailable (the maps
-    could not be read; the backup job is then ended and its checkpoint deleted)."""
+    Raises NotFound (unknown VM), Conflict (another job, no free port, a server whose
+    libvirt cannot require client certificates, a shut-off VM that cannot be started
+    paused: the message names libvirt's reason) or Unavailable (the maps could not be
+    read; the backup job is then ended, its checkpoint deleted and an offline VM shut
+    off again)."""
     conn = await server.connection()
     host = await server.host()
     await creds.install(server)
     await host.run(["mkdir", "-p", scratch_dir], timeout=30)
+    checkpoint = new_checkpoint_name()
+    offline = await _start_if_shut_off(conn, req, checkpoint, installation, server.id)
+    try:
+        return await _begin(
+            server, conn, host, req, scratch_dir, creds, installation, checkpoint, offline
+        )
+    except BaseException:
+        if offline:
+            with contextlib.suppress(Exception):
+                await destroy_if_paused(conn, req.vm_name)
+        raise
+
+
+async def _start_if_shut_off(
+    conn: Connection, req: BackupBeginRequest, checkpoint: str, installation: str, server_id: str
+) -> bool:
+    """Start the VM paused and tag it if it is shut off (see :func:`begin`); whether it was."""
+    try:
+        dom = await get_domain(conn, req.vm_name)
+    except VirtNotFound as exc:
+        raise NotFound(f"vm {req.vm_name!r} not found on server {server_id}: {exc}") from None
+    if dom.id is not None:
+        return False
+    try:
+        await start_paused(conn, req.vm_name)
+    except VirtNotFound as exc:
+        raise NotFound(f"vm {req.vm_name!r} not found on server {server_id}: {exc}") from None
+    except VirtError as exc:
+        if (await get_domain(conn, req.vm_name)).id is not None:
+            return False  # started by someone else meanwhile: an online backup
+        raise Conflict(
+            f"vm {req.vm_name} is shut off and could not be started paused for an offline "
+            f"backup: {exc}"
+        ) from None
+    try:
+        await ownership.tag(conn, req.vm_name, req.job_id, checkpoint, installation, offline=True)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await destroy_if_paused(conn, req.vm_name)
+        raise
+    log.info("vm %s was shut off: started paused for an offline backup", req.vm_name)
+    return True
+
+
+async def _begin(
+    server: HostServer,
+    conn: Connection,
+    host: Host,
+    req: BackupBeginRequest,
+    scratch_dir: str,
+    creds: ExportCredentials,
+    installation: str,
+    checkpoint: str,
+    offline: bool,
+) -> BackupBegun:
     incremental: str | None = None
     full_reason = "" if req.incremental_from else "no earlier restore point"
+    full_disks: dict[str, str] = {}
     if req.incremental_from:
         try:
             chain = await check_chain(conn, req.vm_name, req.incremental_from, host=host)
         except VirtNotFound as exc:
             raise NotFound(f"vm {req.vm_name!r} not found on server {server.id}: {exc}") from None
-        if chain.intact:
+        if chain.usable:
             incremental = req.incremental_from
+            full_disks = dict(chain.disk_problems)
         else:
             full_reason = "; ".join(chain.problems)
     xml = await domain_xml(conn, req.vm_name, inactive=True, secure=True)
-    checkpoint = new_checkpoint_name()
     last_error: Exception | None = None
     for _ in range(5):
         port = _free_local_port() if server.is_local else random.choice(REMOTE_NBD_PORTS)  # noqa: S311
@@ -104,11 +176,13 @@ async def begin(
                 scratch_dir=scratch_dir,
                 checkpoint=checkpoint,
                 incremental=incremental,
-                quiesce=req.quiesce,
+                # A guest that runs no instruction has nothing to freeze.
+                quiesce=req.quiesce and not offline,
+                full=list(full_disks),
             )
             break
         except CheckpointInconsistent as exc:
-            incremental, full_reason = None, str(exc)
+            incremental, full_reason, full_disks = None, str(exc), {}
             last_error = exc
         except VirtNotFound as exc:
             raise NotFound(f"vm {req.vm_name!r} not found on server {server.id}: {exc}") from None
@@ -121,8 +195,10 @@ async def begin(
     else:
         raise Conflict(f"could not begin the backup of {req.vm_name}: {last_error}")
     try:
-        await ownership.tag(conn, req.vm_name, req.job_id, checkpoint, installation)
-        disks = await _exports(job, xml, creds)
+        await ownership.tag(
+            conn, req.vm_name, req.job_id, checkpoint, installation, offline=offline
+        )
+        disks = await _exports(job, xml, creds, full_disks if incremental else None)
     except BaseException as exc:
         # Nobody will end a backup whose begin failed: end it here, and drop its checkpoint
         # so that the next incremental still covers every change.
@@ -143,12 +219,16 @@ async def begin(
         disks=disks,
         domain_xml=xml,
         quiesced=job.quiesced,
+        offline=offline,
     )
 
 
-async def _exports(job: BackupJob, xml: str, creds: ExportCredentials) -> list[DiskExport]:
+async def _exports(
+    job: BackupJob, xml: str, creds: ExportCredentials, full_disks: dict[str, str] | None
+) -> list[DiskExport]:
     """Each exported disk with its size and extent maps, read over NBD (the maps of all
-    disks together fitted into one bus reply, see :mod:`.extents`)."""
+    disks together fitted into one bus reply, see :mod:`.extents`). ``full_disks``
+    (``None`` for a full backup) says why a disk of an incremental backup has no bitmap."""
     read = [
         (
             exp,
@@ -169,9 +249,21 @@ async def _exports(job: BackupJob, xml: str, creds: ExportCredentials) -> list[D
             bitmap_context=exp.meta_context,
             allocation=maps.allocation.extents,
             dirty=maps.dirty.extents if maps.dirty is not None else None,
+            full_reason=_full_reason(exp, xml, full_disks),
         )
         for exp, maps in read
     ]
+
+
+def _full_reason(exp: BackupExport, xml: str, full_disks: dict[str, str] | None) -> str:
+    if full_disks is None or exp.bitmap is not None:
+        return ""
+    if exp.target in full_disks:
+        return full_disks[exp.target]
+    fmt = _disk_format(xml, exp.target)
+    if fmt != "qcow2":
+        return f"{fmt} image: no dirty bitmap"
+    return "no dirty bitmap"
 
 
 async def _abandon(conn: Connection, host: Host, vm_name: str, checkpoint: str) -> None:
@@ -179,18 +271,25 @@ async def _abandon(conn: Connection, host: Host, vm_name: str, checkpoint: str) 
         await end_backup(conn, vm_name, host=host)
     await ownership.untag(conn, vm_name)
     with contextlib.suppress(VirtNotFound):
-        await delete_checkpoint(conn, vm_name, checkpoint)
+        await discard_checkpoint(conn, vm_name, checkpoint, host=host)
 
 
-async def end(server: HostServer, req: BackupEndRequest, scratch_dir: str) -> None:
+async def end(server: HostServer, req: BackupEndRequest, scratch_dir: str) -> bool:
     """End the backup job and remove the domain's tag (:mod:`.ownership`); when it failed,
-    drop its new checkpoint so the next incremental starts from the previous one (libvirt
-    merges the bitmaps). Idempotent.
+    drop its new checkpoint so the next incremental starts from the previous one, even if
+    the domain has stopped meanwhile (:func:`discard_checkpoint`). A domain that an
+    offline backup started (its tag says so) is shut off again if it is still paused
+    (one that someone resumed keeps running). Idempotent.
+
+    Returns whether the VM stopped during the backup: the tag (live metadata, gone with
+    the QEMU process) and the backup job are both gone.
 
     A backup job tagged with another checkpoint than ``req.checkpoint`` is another
     backup's (a late or repeated end): it is left running."""
     conn = await server.connection()
     host = await server.host()
+    stopped = False
+    offline = False
     with contextlib.suppress(VirtNotFound):
         found = await ownership.read_tag(conn, req.vm_name)
         if found is not None and req.checkpoint and found.checkpoint != req.checkpoint:
@@ -204,10 +303,61 @@ async def end(server: HostServer, req: BackupEndRequest, scratch_dir: str) -> No
             job = await current_backup(conn, req.vm_name)
             if job is not None:
                 await end_backup(conn, job, host=host)
-            await ownership.untag(conn, req.vm_name)
+            else:
+                stopped = found is None
+                await _remove_scratch(conn, host, req.vm_name, scratch_dir)
+            offline = found is not None and found.offline
+            if not offline:
+                await ownership.untag(conn, req.vm_name)
     if not req.success and req.checkpoint:
         with contextlib.suppress(VirtNotFound):
-            await delete_checkpoint(conn, req.vm_name, req.checkpoint)
+            await discard_checkpoint(conn, req.vm_name, req.checkpoint, host=host)
+    if offline:
+        if await destroy_if_paused(conn, req.vm_name):
+            log.info("vm %s: shut off again after its offline backup", req.vm_name)
+        else:
+            await ownership.untag(conn, req.vm_name)
+    return stopped
+
+
+async def check_offline_hold(
+    server: HostServer, vm_name: str, jobs: KeyValue, installation: str, scratch_dir: str
+) -> None:
+    """Refuse (Conflict) a VM action while an offline backup holds the VM: it was shut off
+    and is running paused only to be read, and is shut off again at the end. A VM left
+    paused by an offline backup whose job has ended (its inventory died before the end)
+    is first returned to shut off (see :func:`end`), so the action applies to the VM as
+    its user left it. Raises VirtError when libvirt cannot be asked."""
+    conn = await server.connection()
+    found = await ownership.read_tag(conn, vm_name)
+    if found is None or not found.offline:
+        return
+    state = await ownership.job_state(jobs, found.job_id) if found.job_id else None
+    if found.installation != installation or found.job_id is None or state in ACTIVE_STATES:
+        raise Conflict(
+            f"vm {vm_name} is held by an offline backup (job {found.job_id or 'unknown'}): "
+            "it was shut off and runs paused only to be read; it is shut off again when "
+            "the backup ends, try again then"
+        )
+    await end(
+        server,
+        BackupEndRequest(
+            server_id=server.id,
+            vm_name=vm_name,
+            checkpoint=found.checkpoint or None,
+            success=state == "success",
+        ),
+        scratch_dir,
+    )
+
+
+async def _remove_scratch(conn: Connection, host: Host, vm_name: str, scratch_dir: str) -> None:
+    """Remove the domain's scratch files when no backup job holds them (a job that ended
+    with its domain may leave them)."""
+    with contextlib.suppress(VirtError):
+        dom = await conn.lookup(vm_name)
+        files = await list_files(host, scratch_dir, scratch_pattern(str(dom.UUIDString())))
+        await remove_files(host, files)
 
 
 def _disk_element(xml: str, target: str) -> dict[str, str]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+from virtbackup.contracts import buckets
 from virtbackup.contracts.subjects import InventoryCmd
 from virtbackup.contracts.v1.inventory import (
     BackupBeginRequest,
     BackupBegun,
+    BackupEnded,
     BackupEndRequest,
     Checkpoint,
     CheckpointList,
@@ -93,8 +95,12 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
         action = ACTIONS.get(req.action)
         if action is None:
             raise BadRequest(f"unknown action {req.action!r} (known: {', '.join(ACTIONS)})")
-        conn = await inv.entry(req.server_id).host.connection()
+        entry = inv.entry(req.server_id)
+        conn = await entry.host.connection()
         async with libvirt_errors(req.server_id, req.vm_name):
+            await backups.check_offline_hold(
+                entry.host, req.vm_name, ctx.bucket(buckets.JOBS), inv.installation, scratch
+            )
             await perform_action(conn, req.vm_name, action)
         with contextlib.suppress(Unavailable, VirtError):
             await inv.refresh_vm(req.server_id, req.vm_name)
@@ -221,8 +227,8 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
         return Ok()
 
     @bus.handle(InventoryCmd.BACKUP_END, BackupEndRequest)
-    async def backup_end(req: BackupEndRequest) -> Ok:
+    async def backup_end(req: BackupEndRequest) -> BackupEnded:
         entry = inv.entry(req.server_id)
         async with libvirt_errors(req.server_id, req.vm_name):
-            await backups.end(entry.host, req, scratch)
-        return Ok()
+            stopped = await backups.end(entry.host, req, scratch)
+        return BackupEnded(vm_stopped=stopped)

@@ -12,10 +12,14 @@ part of the running domain's state, survives a restart of the inventory or of li
 and is gone once the domain stops)::
 
     <backup xmlns="https://virtbackup.dev/xmlns/backup/1" job="<job id>" checkpoint="..."
-            installation="<installation id>"/>
+            installation="<installation id>" offline="yes"/>
 
 (the installation tells one VirtBackup's backups from another's on a shared hypervisor:
-job ids mean something only in their own ``VB_JOBS``), and the end removes it
+job ids mean something only in their own ``VB_JOBS``; ``offline="yes"`` says that the
+domain was shut off and the inventory started it paused to read it, so that whoever ends
+the backup - the inventory at the job's end, or :mod:`.reconcile` after an inventory
+died mid-backup - returns it to shut off; an offline backup tags the domain right after
+starting it, before the backup job begins), and the end removes it
 (:func:`untag`). :func:`in_progress` then derives the answer, in any inventory replica
 at any time, from libvirt (the domain has a backup job and a tag)
 and JetStream (the tagged job is queued or running in ``VB_JOBS``). A backup job with no
@@ -52,12 +56,15 @@ _job_decoder = msgspec.json.Decoder(Job)
 @dataclass(frozen=True, slots=True)
 class BackupTag:
     """The tag of a running domain: the job that began its backup (``None`` when the
-    begin named no job), the checkpoint created with it, and the installation whose
-    inventory began it (``None`` in tags written before installations were named)."""
+    begin named no job), the checkpoint created with it, the installation whose
+    inventory began it (``None`` in tags written before installations were named), and
+    whether the domain was shut off and started paused by that backup (``offline``: it
+    is to be destroyed again at the end if it is still paused)."""
 
     job_id: str | None
     checkpoint: str
     installation: str | None = None
+    offline: bool = False
 
 
 async def tag(
@@ -66,14 +73,18 @@ async def tag(
     job_id: str | None,
     checkpoint: str,
     installation: str | None = None,
+    *,
+    offline: bool = False,
 ) -> None:
-    """Tag the running domain's backup job with ``job_id`` (replacing an older tag).
+    """Tag the running domain's backup job with ``job_id`` (replacing an older tag);
+    ``offline`` when the backup started the shut-off domain paused.
 
     Raises VirtError (Conflict when the domain is not running)."""
     dom = await conn.lookup(vm_name)
     job = f" job={quoteattr(job_id)}" if job_id else ""
     owner = f" installation={quoteattr(installation)}" if installation else ""
-    xml = f"<backup{job} checkpoint={quoteattr(checkpoint)}{owner}/>"
+    started = ' offline="yes"' if offline else ""
+    xml = f"<backup{job} checkpoint={quoteattr(checkpoint)}{owner}{started}/>"
     await conn.call(dom.setMetadata, _ELEMENT, xml, _PREFIX, NAMESPACE, _LIVE)
 
 
@@ -100,6 +111,7 @@ async def read_tag(conn: Connection, vm_name: str) -> BackupTag | None:
         job_id=root.get("job") or None,
         checkpoint=root.get("checkpoint", ""),
         installation=root.get("installation") or None,
+        offline=root.get("offline") == "yes",
     )
 
 

@@ -2,14 +2,17 @@
 
 An inventory killed mid-backup (or an orchestrator that could not reach it to end a
 backup) leaves the domain's libvirt backup job, its NBD export and its scratch files
-behind, and every later backup of the VM fails ("already has a backup job"). When the
-inventory connects to a server it looks at every domain with a backup job:
+behind, and every later backup of the VM fails ("already has a backup job"); an offline
+backup (:mod:`.backups`) also leaves its shut-off VM running paused. When the inventory
+connects to a server it looks at every domain with a backup job, and at every paused
+domain tagged as started by an offline backup:
 
 * tagged by this installation (:mod:`.ownership`) for a job that ``VB_JOBS`` lists as
   queued or running: left alone, the orchestrator running the job ends it;
 * tagged by this installation for a job that ended or that ``VB_JOBS`` does not know:
   ended, and its new checkpoint dropped unless the job succeeded (a restore point was
-  committed with it, so the next incremental starts from it);
+  committed with it, so the next incremental starts from it); a domain an offline
+  backup started is shut off again if it is still paused;
 * tagged by another installation, or by an inventory from before installations were
   named: left alone (job ids mean something only in their own ``VB_JOBS``);
 * untagged, with scratch files of VirtBackup's in this inventory's scratch folder (the
@@ -33,6 +36,7 @@ from virtbackup.contracts.v1.jobs import ACTIVE_STATES
 from virtbackup.inventory import backups, ownership
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.virt import Connection, current_backup, end_backup, job_info, list_domains
+from virtbackup.virt.domains import PowerState
 from virtbackup.virt.errors import NotFound as VirtNotFound
 
 log = logging.getLogger(__name__)
@@ -76,14 +80,15 @@ async def reconcile(
     for dom in await list_domains(conn):
         name = dom.name
         try:
-            if not await _backup_job_running(conn, name):
+            job_running = await _backup_job_running(conn, name)
+            if not job_running and dom.power_state != PowerState.PAUSED:
                 continue
             found = await ownership.read_tag(conn, name)
             if found is None:
-                if await _ours_untagged(conn, name, scratch_dir):
+                if job_running and await _ours_untagged(conn, name, scratch_dir):
                     suspects.append(name)
                 continue
-            if found.installation != installation:
+            if found.installation != installation or not (job_running or found.offline):
                 continue
             state = await ownership.job_state(jobs, found.job_id) if found.job_id else None
             if state in ACTIVE_STATES:
@@ -101,9 +106,9 @@ async def reconcile(
             )
             kept = "kept" if success else "dropped"
             what = f"job {found.job_id} ({state or 'unknown'})" if found.job_id else "no job"
-            done.append(
-                f"{name}: ended the backup job of {what}; checkpoint {found.checkpoint} {kept}"
-            )
+            ended = "ended the backup job" if job_running else "ended the offline backup"
+            off = "; shut off again if still paused" if found.offline else ""
+            done.append(f"{name}: {ended} of {what}; checkpoint {found.checkpoint} {kept}{off}")
         except VirtNotFound:
             continue
         except Exception:

@@ -3,13 +3,17 @@
 1. Find the VM's latest restore point in the destination; ask the inventory to begin a
    pull-mode backup, incremental from that point's checkpoint when the chain is intact.
    The inventory answers with each disk's export and its allocation map (and dirty
-   bitmap): the orchestrator never touches NBD.
+   bitmap): the orchestrator never touches NBD. A shut-off VM is backed up offline (the
+   inventory starts it paused and shuts it off again at the end; the message says so).
 2. Per disk, plan the chunks to read, and publish them as units (phase ``transferring``).
+   In an incremental backup a disk that is new, resized, or has no usable bitmap is read
+   in full alone; the message names each such disk and why.
 3. Gather the unit results, enter ``committing`` (the point of no return: a cancel is
    refused from here), then write the manifests, the domain XML and ``backup.json``
    (only now is the restore point visible), and end the libvirt job, keeping its new
    checkpoint. On any failure or cancel, the libvirt job ends, the new checkpoint is
-   dropped (so the next incremental still covers every change) and nothing is committed.
+   dropped (so the next incremental still covers every change) and nothing is committed;
+   when the VM stopped during the backup, the job's message says so.
 """
 
 from __future__ import annotations
@@ -23,9 +27,15 @@ from collections.abc import Callable
 from typing import Literal
 
 from virtbackup.contracts.subjects import InventoryCmd
-from virtbackup.contracts.v1.inventory import BackupBeginRequest, BackupBegun, BackupEndRequest, Ok
+from virtbackup.contracts.v1.inventory import (
+    BackupBeginRequest,
+    BackupBegun,
+    BackupEnded,
+    BackupEndRequest,
+)
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
+from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import DiskPlan, build_manifest, group_units, plan_disk
 from virtbackup.job_orchestrator.progress import update_job
@@ -53,19 +63,20 @@ async def end_libvirt_job(
     *,
     patience: float = END_PATIENCE,
     keep_going: Callable[[], bool] = lambda: True,
-) -> None:
+) -> BackupEnded:
     """Ask the inventory to end the backup job (``BACKUP_END``), again every second while
     no inventory answers (killed, restarting, or NATS away) for up to ``patience``
     seconds and as long as ``keep_going()``: a libvirt job left up blocks every later
-    backup of the VM. Raises the error the inventory answered with, or Unavailable when
-    it never answered (the inventory then ends the job when it starts, see its
-    ``reconcile``)."""
+    backup of the VM. Returns the inventory's answer (whether the VM stopped during the
+    backup). Raises the error the inventory answered with, or Unavailable when it never
+    answered (the inventory then ends the job when it starts, see its ``reconcile``)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + patience
     while True:
         try:
-            await jc.bus.request(InventoryCmd.BACKUP_END, end, Ok, timeout=END_TIMEOUT)
-            return
+            return await jc.bus.request(
+                InventoryCmd.BACKUP_END, end, BackupEnded, timeout=END_TIMEOUT
+            )
         except Unavailable as exc:
             if loop.time() + END_RETRY_DELAY >= deadline or not keep_going():
                 raise
@@ -104,6 +115,36 @@ async def plan(begun: BackupBegun, repo: Repository, parent: RestorePoint | None
     return plans
 
 
+def full_reasons(
+    begun: BackupBegun, parent: RestorePoint | None, plans: list[DiskPlan]
+) -> dict[str, str]:
+    """Why each disk of an incremental backup is read in full (target -> reason, in disk
+    order): a disk not in ``parent`` is new, one whose size changed was grown or shrunk,
+    else the inventory's reason (a raw image, a broken bitmap). Empty for a full backup:
+    ``begun.full_reason`` says why the whole backup is one."""
+    if not begun.incremental or parent is None:
+        return {}
+    exports = {d.target: d for d in begun.disks}
+    previous = {d.target: d for d in parent.disks}
+    reasons: dict[str, str] = {}
+    for p in plans:
+        if p.incremental:
+            continue
+        old, export = previous.get(p.target), exports[p.target]
+        if old is None:
+            reasons[p.target] = "new disk"
+        elif old.size != p.size:
+            change = "grown" if p.size > old.size else "shrunk"
+            reasons[p.target] = f"{change} from {old.size} to {p.size} bytes"
+        elif export.full_reason:
+            reasons[p.target] = export.full_reason
+        elif export.dirty is None:
+            reasons[p.target] = "no dirty bitmap"
+        else:
+            reasons[p.target] = "its manifest in the previous restore point does not match"
+    return reasons
+
+
 async def run_backup(jc: JobContext, job: Job) -> str:
     """Run the backup; returns the success message (raises on failure or cancel)."""
     assert job.server_id and job.vm_name and job.destination_id
@@ -131,27 +172,45 @@ async def run_backup(jc: JobContext, job: Job) -> str:
         )
         # Recorded at once, so that whoever ends this job can drop the new checkpoint.
         await update_job(jc.store, jc.bus, job.id, {"result": {"checkpoint": begun.checkpoint}})
-        success = False
+        success = ended = False
+
+        async def end_job() -> BackupEnded | None:
+            # A runner that no longer holds the job (cut off or stalled past its lease)
+            # leaves it alone: its new holder ends the libvirt job.
+            if not (success or jc.holds(job.id)):
+                return None
+            end = BackupEndRequest(
+                server_id=job.server_id or "",
+                vm_name=job.vm_name or "",
+                checkpoint=begun.checkpoint,
+                success=success,
+            )
+            try:
+                return await end_libvirt_job(jc, end, keep_going=lambda: jc.holds(job.id))
+            except ServiceError as exc:
+                log.warning("ending the backup job of %s failed: %s", job.vm_name, exc)
+                return None
+
         try:
             message = await _transfer(
                 jc, job, repo, begun, parent, server.name or server.id, started
             )
             success = True
             return message
+        except (JobCanceled, JobLost):
+            raise
+        except Exception as exc:
+            answer, ended = await end_job(), True
+            if answer is not None and answer.vm_stopped:
+                detail = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+                raise JobFailed(
+                    "the VM stopped during the backup: no restore point was made, and the "
+                    f"next backup reads every change since the previous one ({detail})"
+                ) from exc
+            raise
         finally:
-            # A runner that no longer holds the job (cut off or stalled past its lease)
-            # leaves it alone: its new holder ends the libvirt job.
-            if success or jc.holds(job.id):
-                end = BackupEndRequest(
-                    server_id=job.server_id,
-                    vm_name=job.vm_name,
-                    checkpoint=begun.checkpoint,
-                    success=success,
-                )
-                try:
-                    await end_libvirt_job(jc, end, keep_going=lambda: jc.holds(job.id))
-                except ServiceError as exc:
-                    log.warning("ending the backup job of %s failed: %s", job.vm_name, exc)
+            if not ended:
+                await end_job()
     finally:
         await repo.close()
 
@@ -185,8 +244,14 @@ async def _transfer(
                 )
             )
     kind: Literal["full", "incremental"] = (
-        "incremental" if begun.incremental and all(p.incremental for p in plans) else "full"
+        "incremental" if begun.incremental and any(p.incremental for p in plans) else "full"
     )
+    reasons = full_reasons(begun, parent, plans)
+    if kind == "full":
+        read_in_full = begun.full_reason or "; ".join(f"{t}: {r}" for t, r in reasons.items())
+    else:
+        read_in_full = "; ".join(f"{t}: {r}" for t, r in reasons.items())
+    offline = " (offline: the VM was shut off)" if begun.offline else ""
     total_bytes = sum(min(len(p.read) * p.chunk_size, p.size) for p in plans)
     results: dict[str, dict[int, str | None]] = {p.target: {} for p in plans}
     stats = {"stored": 0, "dedup": 0}
@@ -197,11 +262,11 @@ async def _transfer(
         stats["stored"] += result.chunks_stored
         stats["dedup"] += result.chunks_deduplicated
 
-    reason = f" ({begun.full_reason})" if kind == "full" and begun.full_reason else ""
+    reason = f" (read in full: {read_in_full})" if read_in_full else ""
     await jc.enter(
         job.id,
         "transferring",
-        message=f"{kind} backup{reason}: reading {len(units)} units",
+        message=f"{kind} backup{offline}{reason}: reading {len(units)} units",
         result={"checkpoint": begun.checkpoint},
     )
     progress = await jc.run_units(job.id, units, total_bytes, on_result)
@@ -244,7 +309,8 @@ async def _transfer(
     )
     await repo.commit(point, manifests, begun.domain_xml)
     read_chunks = sum(len(p.read) for p in plans)
-    return (
-        f"{kind} backup {timestamp}: {read_chunks} chunks read, {stats['stored']} stored, "
-        f"{stats['dedup']} deduplicated"
+    summary = (
+        f"{kind} backup {timestamp}{offline}: {read_chunks} chunks read, "
+        f"{stats['stored']} stored, {stats['dedup']} deduplicated"
     )
+    return f"{summary}; read in full: {read_in_full}" if read_in_full else summary

@@ -173,6 +173,11 @@ class DiskExport(Message, frozen=True, kw_only=True):
     bitmap_context: str | None = None
     allocation: list[Extent]
     dirty: list[Extent] | None = None
+    #: Why this disk is read in full in an incremental backup (``dirty`` is ``None``):
+    #: e.g. "raw image: no dirty bitmap", "disk vdb is not part of checkpoint ...".
+    #: Empty when the disk is read incrementally or the whole backup is a full read
+    #: (``BackupBegun.full_reason``).
+    full_reason: str = ""
 
 
 class BackupBegun(Message, frozen=True, kw_only=True):
@@ -186,6 +191,9 @@ class BackupBegun(Message, frozen=True, kw_only=True):
     disks: list[DiskExport]
     domain_xml: str
     quiesced: bool = False
+    #: The VM was shut off: the inventory started it paused (the guest runs no
+    #: instruction) to read it, and shuts it off again when the backup ends.
+    offline: bool = False
 
 
 class BackupEndRequest(Message, frozen=True, kw_only=True):
@@ -200,6 +208,14 @@ class BackupEndRequest(Message, frozen=True, kw_only=True):
 #: What a restored disk is on the host: an image file, or a block device (an LVM volume,
 #: a partition, a loop device) written in place.
 DiskKind = Literal["file", "block"]
+
+
+class BackupEnded(Ok, frozen=True, kw_only=True):
+    """The answer to ``BackupEndRequest`` (an ``Ok``). ``vm_stopped``: the domain stopped
+    while the backup ran (its QEMU, and with it the NBD exports, went away); set only
+    when the backup's tag was gone and no backup job was left."""
+
+    vm_stopped: bool = False
 
 
 class RestoreDisk(Message, frozen=True, kw_only=True):
