@@ -24,6 +24,7 @@ from virtbackup.contracts.v1.inventory import (
     RestorePrepareRequest,
     RestoreTarget,
 )
+from virtbackup.inventory import state_files
 from virtbackup.inventory.backups import REMOTE_NBD_PORTS, _free_local_port
 from virtbackup.inventory.credentials import ExportCredentials
 from virtbackup.inventory.hosts import HostServer
@@ -165,13 +166,16 @@ async def finish(server: HostServer, req: RestoreFinishRequest) -> None:
     host = await server.host()
     await _teardown(host, req.job_id, req.disks, remove=not req.success)
     if not req.success:
+        await state_files.discard(host, req.state, req.job_id)
         return
+    state = await state_files.staged_for(server, req.job_id, req.domain_xml, req.state)
     conn = await server.connection()
     with contextlib.suppress(VirtNotFound):
         dom = await get_domain(conn, req.vm_name)
         if dom.power_state != PowerState.SHUTOFF:
             for target in req.disks:
                 await host.run(["rm", "-f", target.temp_path], timeout=30)
+            await state_files.discard(host, state, req.job_id)
             raise Conflict(f"vm {req.vm_name} was started during the restore; nothing replaced")
     for target in req.disks:
         present = await host.run(["test", "-e", target.temp_path], timeout=30)
@@ -184,13 +188,15 @@ async def finish(server: HostServer, req: RestoreFinishRequest) -> None:
         moved = await host.run(["mv", "-f", target.temp_path, target.path], timeout=60)
         if moved.returncode != 0:
             raise Conflict(f"cannot move {target.temp_path} to {target.path}: {moved.stderr}")
+    await state_files.commit(host, req.job_id, state)
     if req.domain_xml:
         await define(server, req.vm_name, req.domain_xml)
 
 
 async def define(server: HostServer, vm_name: str, domain_xml: str) -> None:
     """Define the domain from the saved XML, replacing a shut-off one of that name (its
-    checkpoints go with it: they describe disks that were just replaced)."""
+    checkpoints go with it: they describe disks that were just replaced; its NVRAM and
+    TPM state stay: a restore has just put them back, or has none to put back)."""
     name = ET.fromstring(domain_xml).findtext("name")  # noqa: S314 - XML from our backup
     if name != vm_name:
         raise BadRequest(f"the saved XML defines {name!r}, not {vm_name!r}")
@@ -202,5 +208,5 @@ async def define(server: HostServer, vm_name: str, domain_xml: str) -> None:
     if dom is not None:
         if dom.power_state != PowerState.SHUTOFF:
             raise Conflict(f"vm {vm_name} is {dom.power_state}: shut it off to restore it")
-        await undefine_domain(conn, vm_name)
+        await undefine_domain(conn, vm_name, keep_nvram=True, keep_tpm=True)
     await define_domain(conn, domain_xml)

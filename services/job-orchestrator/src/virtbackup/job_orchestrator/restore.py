@@ -18,11 +18,13 @@ from virtbackup.contracts.v1.inventory import (
     RestoreTarget,
 )
 from virtbackup.contracts.v1.jobs import Job
+from virtbackup.contracts.v1.state import StagedState
 from virtbackup.contracts.v1.work import BadChunk, ChunkRef, TransferUnit, UnitResult
 from virtbackup.job_orchestrator.errors import SanityFailed
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import group_refs
 from virtbackup.job_orchestrator.progress import update_job
+from virtbackup.job_orchestrator.state_files import stage
 from virtbackup.repository.records import DiskManifest
 from virtbackup.repository.repository import RepositoryError
 from virtbackup.runtime import timeouts
@@ -80,7 +82,9 @@ async def run_restore(jc: JobContext, job: Job) -> str:
             {"params": {**job.params, PREPARED: msgspec.to_builtins(prepared.disks)}},
         )
         success = False
+        state: list[StagedState] = []  # NVRAM, TPM state: staged, moved at the finish
         try:
+            await stage(jc, job, repo, point, domain_xml, into=state)
             units = _restore_units(job, manifests, urls)
             total = sum(
                 min(m.chunk_size, m.size - r.index * m.chunk_size)
@@ -102,6 +106,7 @@ async def run_restore(jc: JobContext, job: Job) -> str:
                 success=success,
                 domain_xml=domain_xml if success else "",
                 disks=prepared.disks,
+                state=state,
             )
             try:
                 # A runner that no longer holds the job leaves the images to its new
