@@ -222,3 +222,26 @@ async def test_a_point_without_state_files_restores_and_keeps_the_state_there(
     assert state_of(vm, uuid) == before
     await power(api, "start")
     await wait_running(conn)
+
+
+async def test_sanity_checks_the_state_files_chunks(api: httpx.AsyncClient, repo_dir: Path) -> None:
+    if not STATE:
+        pytest.skip("needs the point of the first test")
+    xml_path = STATE["entry"]["xmlPath"]
+    record = json.loads((STATE["point_dir"] / "backup.json").read_text())
+    [nvram] = [f for f in record["files"] if f["role"] == "nvram"]
+    chunk = repo_dir / "VirtBackup" / chunk_key(nvram["chunks"][0])
+    saved = chunk.read_bytes()
+    chunk.unlink()
+    try:
+        resp = await api.post("/restore/sanity", json={"xmlPath": xml_path})
+        assert resp.status_code == 200, resp.text
+        job = await wait_job(api, resp.json()["jobId"])
+        assert job["state"] == "failure", job
+        [damaged] = job["result"]["damaged"]
+        assert (damaged["id"], damaged["disks"]) == (chunk.name, ["nvram"])
+    finally:
+        chunk.write_bytes(saved)
+    resp = await api.post("/restore/sanity", json={"xmlPath": xml_path})
+    job = await wait_job(api, resp.json()["jobId"])
+    assert job["state"] == "success", job

@@ -24,7 +24,7 @@ from virtbackup.job_orchestrator.errors import SanityFailed
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import group_refs
 from virtbackup.job_orchestrator.progress import update_job
-from virtbackup.job_orchestrator.state_files import stage
+from virtbackup.job_orchestrator.state_files import chunk_owners, stage
 from virtbackup.repository.records import DiskManifest
 from virtbackup.repository.repository import RepositoryError
 from virtbackup.runtime import timeouts
@@ -173,6 +173,8 @@ async def run_sanity(jc: JobContext, job: Job) -> str:
             for chunk_id in manifest.chunks:
                 if chunk_id is not None:
                     owners.setdefault(chunk_id, set()).add(disk.target)
+        for chunk_id, owner in chunk_owners(point):  # NVRAM, TPM state
+            owners.setdefault(chunk_id, set()).add(owner)
         with contextlib.suppress(NotFoundError, RepositoryError):
             await repo.domain_xml(point)
         ids = sorted(owners)

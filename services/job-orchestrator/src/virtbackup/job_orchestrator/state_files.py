@@ -151,6 +151,16 @@ async def stage(
             )
 
 
+def chunk_owners(point: RestorePoint) -> list[tuple[str, str]]:
+    """``(chunk id, what it belongs to)`` for every chunk of the point's state files
+    (``nvram``, ``tpm:tpm2/tpm2-00.permall``...), for a check of the point."""
+    return [
+        (chunk, f"{r.role}:{r.relative}" if r.relative else r.role)
+        for r in point.files
+        for chunk in r.chunks
+    ]
+
+
 def _wire(record: StateFileRecord) -> StateFile:
     return StateFile(
         role=record.role,
