@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from virtbackup.virt.host import LocalHost
+from virtbackup.testing.sshd import SshdServer, sshd_server
+from virtbackup.virt.host import LocalHost, SshHost
 from virtbackup.virt.state import (
     StateEntry,
     StateError,
@@ -18,6 +20,7 @@ from virtbackup.virt.state import (
     commit,
     connection_kind,
     discard,
+    home_directory,
     list_entries,
     locate_state,
     read_piece,
@@ -214,3 +217,35 @@ async def test_staging_refuses_what_does_not_fit(tmp_path: Path) -> None:
     assert not (tmp_path / "t").exists()  # a failed stage leaves nothing
     with pytest.raises(StateError, match="not a regular file"):
         await read_piece(host, str(tmp_path), 0, 10)
+
+
+@pytest.fixture(scope="module")
+def sshd() -> Iterator[SshdServer]:
+    """An sshd logging in root on this machine: a remote hypervisor's host."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (an sshd logging in root)")
+    with sshd_server(root=True) as server:
+        yield server
+
+
+async def test_the_same_over_ssh(sshd: SshdServer, tmp_path: Path) -> None:
+    client = await sshd.connect()
+    try:
+        host = SshHost(client)
+        assert await home_directory(host) == pwd.getpwuid(0).pw_dir
+        nvram = tmp_path / "vars.fd"
+        data = os.urandom(200_000)
+        nvram.write_bytes(data)
+        location = StateLocation("nvram", str(nvram), "file")
+        [entry] = await snapshot(host, location, str(tmp_path / "snap"))
+        assert await read_piece(host, str(tmp_path / "snap"), 1000, 150_000) == data[1000:151_000]
+        nvram.write_bytes(b"lost")
+        temp = f"{nvram}.vbrestore-j3"
+        await stage(host, location, [entry], temp)
+        await write_piece(host, temp, 0, data[:100_000])
+        await write_piece(host, temp, 100_000, data[100_000:])
+        assert await commit(host, location, temp, f"{nvram}.vbold-j3")
+        assert nvram.read_bytes() == data
+    finally:
+        client.close()
+        await client.wait_closed()

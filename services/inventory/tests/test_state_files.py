@@ -5,12 +5,14 @@ The local libvirtd (its URI says system or session) and real tools on this machi
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from virtbackup.contracts.v1.config import Server
+from virtbackup.contracts.v1.inventory import RestoreFinishRequest
 from virtbackup.contracts.v1.state import (
     StagedState,
     StateFile,
@@ -18,7 +20,7 @@ from virtbackup.contracts.v1.state import (
     StateReadRequest,
     StateWriteRequest,
 )
-from virtbackup.inventory import state_files
+from virtbackup.inventory import restores, state_files
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.runtime.errors import BadRequest, Conflict
 from virtbackup.testing.libvirtd import ensure_libvirtd
@@ -144,3 +146,28 @@ async def test_a_failed_prepare_leaves_nothing(server: HostServer, tmp_path: Pat
     req = StatePrepareRequest(server_id="local", job_id="j2", domain_xml=xml, files=[bad])
     with pytest.raises(BadRequest, match="relative"):
         await state_files.prepare(server, req)
+
+
+async def test_a_failed_restore_without_its_list_removes_what_it_staged(
+    server: HostServer,
+) -> None:
+    """A restore ended by another orchestrator replica (which has no list of the state
+    the dead one staged) still removes it from libvirt's own state directories."""
+    job = f"jf{os.getpid()}"
+    nvram = Path(f"/var/lib/libvirt/qemu/nvram/vbt-st-{os.getpid()}_VARS.fd.vbrestore-{job}")
+    tpm = Path(f"/var/lib/libvirt/swtpm/00000000-0000-0000-0000-{os.getpid():012d}.vbrestore-{job}")
+    keep = Path(f"/var/lib/libvirt/qemu/nvram/vbt-st-{os.getpid()}_VARS.fd")
+    nvram.parent.mkdir(parents=True, exist_ok=True)
+    tpm.parent.mkdir(parents=True, exist_ok=True)
+    nvram.write_bytes(b"staged")
+    keep.write_bytes(b"in place")
+    (tpm / "tpm2").mkdir(parents=True)
+    try:
+        req = RestoreFinishRequest(server_id="local", job_id=job, vm_name="none", success=False)
+        await restores.finish(server, req)
+        assert not nvram.exists() and not tpm.exists()
+        assert keep.read_bytes() == b"in place"
+    finally:
+        keep.unlink()
+        nvram.unlink(missing_ok=True)
+        shutil.rmtree(tpm, ignore_errors=True)

@@ -166,7 +166,8 @@ async def finish(server: HostServer, req: RestoreFinishRequest) -> None:
     host = await server.host()
     await _teardown(host, req.job_id, req.disks, remove=not req.success)
     if not req.success:
-        await state_files.discard(host, req.state, req.job_id)
+        left = await state_files.staged_for(server, req.job_id, "", req.state)
+        await state_files.discard(host, left, req.job_id)
         return
     state = await state_files.staged_for(server, req.job_id, req.domain_xml, req.state)
     conn = await server.connection()

@@ -33,7 +33,7 @@ from virtbackup.contracts.v1.state import (
     StateWriteRequest,
 )
 from virtbackup.inventory.hosts import HostServer
-from virtbackup.runtime.errors import BadRequest, Conflict
+from virtbackup.runtime.errors import BadRequest, Conflict, Unavailable
 from virtbackup.virt import get_domain
 from virtbackup.virt.connection import Connection
 from virtbackup.virt.domains import domain_xml
@@ -51,6 +51,7 @@ from virtbackup.virt.state import (
     read_piece,
     snapshot,
     stage,
+    state_dirs,
     write_piece,
 )
 from virtbackup.virt.state import commit as commit_location
@@ -227,13 +228,50 @@ async def write(server: HostServer, req: StateWriteRequest) -> None:
         raise Conflict(str(exc)) from None
 
 
+async def _left_in_libvirt_dirs(server: HostServer, job_id: str) -> list[StagedState]:
+    """What the job staged in libvirt's own NVRAM and swtpm directories (found by the
+    temporary names; where a restore that died without its list left them)."""
+    conn = await server.connection()
+    host = await server.host()
+    kind = connection_kind(str(await conn.call(conn.raw.getURI)))
+    home = await home_directory(host) if kind == "session" else None
+    suffix = f".vbrestore-{job_id}"
+    found = []
+    for directory in state_dirs(kind, home):
+        result = await host.run(
+            ["find", directory, "-mindepth", "1", "-maxdepth", "1", "-name", f"*{suffix}",
+             "-printf", "%y\\t%p\\0"],
+            timeout=30,
+        )  # fmt: skip
+        for record in result.stdout.split("\0") if result.returncode == 0 else []:
+            if "\t" in record:
+                kind_char, temp = record.split("\t", 1)
+                found.append(
+                    StagedState(
+                        role="found",
+                        path=temp.removesuffix(suffix),
+                        temp_path=temp,
+                        kind="dir" if kind_char == "d" else "file",
+                    )
+                )
+    return found
+
+
 async def staged_for(
     server: HostServer, job_id: str, xml: str, listed: Sequence[StagedState]
 ) -> list[StagedState]:
     """``listed`` and the state the job staged for the roles ``xml`` references (found
-    by their temporary names: a commit repeated without the list)."""
+    by their temporary names: a commit repeated without the list). Without ``xml``,
+    what the job staged in libvirt's own state directories (for a cleanup; errors
+    finding it leave it out)."""
     out = {s.temp_path: s for s in listed}
-    if xml:
+    if not xml:
+        try:
+            for s in await _left_in_libvirt_dirs(server, job_id):
+                out.setdefault(s.temp_path, s)
+        except (VirtError, StateError, Unavailable) as exc:
+            log.warning("looking for the state staged by job %s: %s", job_id, exc)
+    else:
         conn = await server.connection()
         host = await server.host()
         try:
