@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import msgspec
@@ -18,12 +19,15 @@ from virtbackup.contracts.v1.state import (
     StateFile,
     StatePrepareRequest,
     StateReadRequest,
+    StateReleaseRequest,
+    StateSnapshotRequest,
     StateWriteRequest,
 )
 from virtbackup.inventory import restores, state_files
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.runtime.errors import BadRequest, Conflict
 from virtbackup.testing.libvirtd import ensure_libvirtd
+from virtbackup.testing.vms import MiB, create_vm, remove_vm, vm_directory
 from virtbackup.virt.host import LocalHost
 
 pytestmark = pytest.mark.libvirt
@@ -171,3 +175,30 @@ async def test_a_failed_restore_without_its_list_removes_what_it_staged(
         keep.unlink()
         nvram.unlink(missing_ok=True)
         shutil.rmtree(tpm, ignore_errors=True)
+
+
+async def test_a_snapshot_of_a_vm_without_state_and_abandoned_copies(
+    server: HostServer, tmp_path: Path
+) -> None:
+    scratch = tmp_path / "scratch"
+    stale, fresh = scratch / "vbstate-old", scratch / "vbstate-running"
+    for path in (stale, fresh):
+        (path / "0").mkdir(parents=True)
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(stale, (two_days_ago, two_days_ago))
+    name = f"vbt-st-{os.getpid()}"
+    directory = vm_directory()
+    conn = await server.connection()
+    try:
+        await create_vm(conn, name, directory, [MiB], start=False)
+        req = StateSnapshotRequest(server_id="local", vm_name=name, job_id="j5")
+        snap = await state_files.take_snapshot(server, req, str(scratch))
+        assert snap.files == []  # SeaBIOS, no TPM: nothing but disks
+        assert sorted(p.name for p in scratch.iterdir()) == ["vbstate-j5", "vbstate-running"]
+        release = StateReleaseRequest(server_id="local", job_id="j5")
+        await state_files.release(server, release, str(scratch))
+        await state_files.release(server, release, str(scratch))  # idempotent
+        assert sorted(p.name for p in scratch.iterdir()) == ["vbstate-running"]
+    finally:
+        await remove_vm(conn, name, delete_directory=directory)
+        await server.close()

@@ -4,7 +4,8 @@ and restores; the commands of :mod:`virtbackup.contracts.v1.state`.
 Backup: the state the domain references (:func:`virtbackup.virt.state.locate_state`) is
 copied with owners and modes into ``<scratch>/vbstate-<job>/<n>`` in one step (so what is
 read is the state of one moment, however slowly it is read), then read in pieces, then
-the copies are removed.
+the copies are removed (copies a killed orchestrator never released are removed by a
+later snapshot, a day on).
 
 Restore: each role's state is built beside the place the domain XML being defined keeps
 it, as ``<path>.vbrestore-<job>`` (owners and modes set, files filled in pieces), and
@@ -58,6 +59,10 @@ from virtbackup.virt.state import commit as commit_location
 from virtbackup.virt.state import discard as discard_tree
 
 log = logging.getLogger(__name__)
+
+#: Minutes after which a snapshot's copies are taken as abandoned (a backup reads them
+#: within seconds of making them) and removed by the next snapshot on the host.
+STALE_MINUTES = 24 * 60
 
 
 def snapshot_dir(scratch_dir: str, job_id: str) -> str:
@@ -117,6 +122,12 @@ async def take_snapshot(
     files: list[StateFile] = []
     try:
         await _run(host, ["rm", "-rf", "--", base], "remove an earlier snapshot")
+        # Copies a backup never released (its orchestrator was killed while reading).
+        await host.run(
+            ["find", scratch_dir, "-mindepth", "1", "-maxdepth", "1", "-type", "d",
+             "-name", "vbstate-*", "-mmin", f"+{STALE_MINUTES}", "-exec", "rm", "-rf", "{}", "+"],
+            timeout=60,
+        )  # fmt: skip
         await _run(host, ["mkdir", "-p", "-m", "0700", "--", base], "make the snapshot folder")
         for index, location in enumerate(found):
             dest = posixpath.join(base, str(index))
