@@ -24,7 +24,8 @@ VENV = ROOT / ".venv"
 TOOLS = ROOT / ".tools"
 
 #: Debian packages: libvirt and QEMU for the inventory and the data path, the headers to
-#: build libvirt-python, NBD tools, OpenSSH for remote hosts and SFTP, and the peer tool.
+#: build libvirt-python, NBD tools, OpenSSH for remote hosts and SFTP, the peer tool, and
+#: UEFI firmware and the TPM emulator for UEFI VMs with an emulated TPM.
 DEBIAN_PACKAGES = [
     "libvirt-daemon-system",
     "libvirt-clients",
@@ -37,6 +38,9 @@ DEBIAN_PACKAGES = [
     "gcc",
     "openssh-server",
     "openssh-client",
+    "ovmf",
+    "swtpm",
+    "swtpm-tools",
 ]
 
 

@@ -5,10 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from virtbackup.repository.format import chunk_key, manifest_key, parse_xml_key, xml_path
-from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
+from virtbackup.repository.records import (
+    DiskManifest,
+    DiskRecord,
+    RestorePoint,
+    StateFileRecord,
+)
 from virtbackup.repository.repository import (
     CorruptChunkError,
     NoRepositoryError,
@@ -177,3 +183,49 @@ async def test_encrypted_repository(tmp_path: Path, cipher: str) -> None:
         await Repository.open(FilesystemDriver(tmp_path), "wrong")
     with pytest.raises(RepositoryError, match="passphrase is required"):
         await Repository.open(FilesystemDriver(tmp_path))
+
+
+async def test_state_files_are_stored_as_chunks_and_come_back(tmp_path: Path) -> None:
+    repo = await Repository.open_or_create(FilesystemDriver(tmp_path), "pw", chunk_size=64 * 1024)
+    nvram = os.urandom(150_000)  # three chunks, the last one short
+    ids = await repo.store_bytes(nvram)
+    assert len(ids) == 3 and all([await repo.has_chunk(i) for i in ids])
+    assert b"".join([await repo.load_chunk(i) for i in ids]) == nvram
+    assert await repo.load_bytes(ids, len(nvram)) == nvram
+    assert await repo.store_bytes(b"") == []
+    assert await repo.load_bytes([], 0) == b""
+    with pytest.raises(CorruptChunkError, match="expected 150001"):
+        await repo.load_bytes(ids, len(nvram) + 1)
+
+    record = StateFileRecord(
+        role="nvram", path="/var/lib/libvirt/qemu/nvram/vm1_VARS.fd", size=len(nvram),
+        mode="0600", owner="libvirt-qemu", group="libvirt-qemu", chunks=ids,
+    )  # fmt: skip
+    manifest = "vms/vm1/2026-01-30T12-00-01/vda.manifest"
+    point = msgspec.structs.replace(_point("2026-01-30T12-00-01", manifest), files=[record])
+    await repo.commit(point, [], "<domain/>")
+    loaded = await repo.restore_point(point.xml_path)
+    assert loaded.files == [record]
+    raw = msgspec.json.decode((tmp_path / "vms/vm1/2026-01-30T12-00-01/backup.json").read_bytes())
+    assert raw["files"][0]["mode"] == "0600" and raw["files"][0]["chunks"] == ids
+
+
+async def test_a_point_from_before_state_files_still_loads(tmp_path: Path) -> None:
+    """backup.json written before the ``files`` list existed: it loads, with no files."""
+    repo = await Repository.open_or_create(FilesystemDriver(tmp_path))
+    old = {
+        "format": 1, "vmName": "vm1", "timestamp": "2026-01-30T12-00-00",
+        "status": "complete", "sourceServerId": "local", "sourceServerName": "Local",
+        "kind": "full", "checkpoint": "vb-1", "disks": [], "createdAt": "2026-01-30T12:00:41Z",
+    }  # fmt: skip
+    await repo.driver.put("vms/vm1/2026-01-30T12-00-00/backup.json", msgspec.json.encode(old))
+    [point] = await repo.restore_points("vm1")
+    assert point.files == []
+    assert await repo.restore_point(point.xml_path) == point
+
+
+def test_a_state_file_mode_is_four_octal_digits() -> None:
+    good = b'{"role":"tpm","path":"/x","mode":"0711","owner":"root","group":"root"}'
+    assert msgspec.json.decode(good, type=StateFileRecord).kind == "file"
+    with pytest.raises(msgspec.ValidationError, match="mode"):
+        msgspec.json.decode(good.replace(b"0711", b"0o711"), type=StateFileRecord)

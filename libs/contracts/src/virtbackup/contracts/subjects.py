@@ -124,3 +124,9 @@ class InventoryCmd:
     RESTORE_PRECHECK: Final = command("inventory", "restore-precheck")
     RESTORE_PREPARE: Final = command("inventory", "restore-prepare")
     RESTORE_FINISH: Final = command("inventory", "restore-finish")
+    # Per-VM state files (NVRAM, TPM state): see ``v1.state``.
+    STATE_SNAPSHOT: Final = command("inventory", "state-snapshot")
+    STATE_READ: Final = command("inventory", "state-read")
+    STATE_RELEASE: Final = command("inventory", "state-release")
+    STATE_PREPARE: Final = command("inventory", "state-prepare")
+    STATE_WRITE: Final = command("inventory", "state-write")

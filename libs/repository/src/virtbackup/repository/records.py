@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -34,6 +34,29 @@ class DiskRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     zero_chunks: int = 0
 
 
+class StateFileRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """One file or directory of the VM's state that is not a disk (UEFI NVRAM, a writable
+    loader, the TPM emulator's state), as it was when the backup began.
+
+    ``role`` names the kind of state (``nvram``, ``loader``, ``tpm``): a restore puts it
+    where the restored domain XML keeps that role, ``relative`` below it (``""`` for the
+    location itself). ``path`` is where it was. ``mode`` is the permission bits as four
+    octal digits (``"0600"``); ``owner`` and ``group`` are names (or numbers where the
+    host had no name). A file's content is ``chunks`` (repository chunks, in order,
+    ``size`` bytes together; every chunk is ``chunkSize`` bytes but the last).
+    """
+
+    role: str
+    path: str
+    relative: str = ""
+    kind: Literal["file", "dir"] = "file"
+    size: int = 0
+    mode: Annotated[str, msgspec.Meta(pattern=r"^[0-7]{4}$")]
+    owner: str
+    group: str
+    chunks: list[str] = msgspec.field(default_factory=list)
+
+
 class RestorePoint(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """``backup.json``: written last, so a restore point exists only once complete."""
 
@@ -53,6 +76,8 @@ class RestorePoint(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     bytes_read: int = 0
     bytes_written: int = 0
     job_id: str | None = None
+    #: The VM's state files (absent in points made before they were backed up).
+    files: list[StateFileRecord] = msgspec.field(default_factory=list)
 
     @property
     def xml_path(self) -> str:

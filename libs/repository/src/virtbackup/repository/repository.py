@@ -204,6 +204,31 @@ class Repository:
             raise CorruptChunkError(chunk_id, "content does not match its hash")
         return data
 
+    async def store_bytes(self, data: bytes | bytearray | memoryview) -> list[str]:
+        """Store ``data`` as chunks of ``chunk_size`` bytes (the last may be shorter; none
+        for empty data) and return their ids in order. Chunks already stored are not
+        written again; each is durable on return. For small files (a VM's state files);
+        disks go through the workers."""
+        view = memoryview(data)
+        ids = []
+        for start in range(0, len(view), self.chunk_size):
+            piece = view[start : start + self.chunk_size]
+            chunk_id = self.chunk_id(piece)
+            if not await self.has_chunk(chunk_id):
+                await self.store_chunk(chunk_id, self.encode_chunk(chunk_id, piece))
+            ids.append(chunk_id)
+        return ids
+
+    async def load_bytes(self, chunk_ids: list[str], size: int) -> bytes:
+        """The bytes :meth:`store_bytes` stored as ``chunk_ids``, each chunk checked
+        against its id. ``NotFoundError`` for a missing chunk, ``CorruptChunkError`` for a
+        bad one or when they do not add up to ``size`` bytes."""
+        data = b"".join([await self.load_chunk(chunk_id) for chunk_id in chunk_ids])
+        if len(data) != size:
+            last = chunk_ids[-1] if chunk_ids else "(none)"
+            raise CorruptChunkError(last, f"{len(data)} bytes in all, expected {size}")
+        return data
+
     async def all_chunk_ids(self) -> AsyncIterator[str]:
         async for key in self.driver.list(CHUNKS_PREFIX):
             name = key.rsplit("/", 1)[-1]
@@ -217,7 +242,9 @@ class Repository:
     async def commit(
         self, point: RestorePoint, manifests: list[DiskManifest], domain_xml: str
     ) -> None:
-        """Write a restore point: manifests and domain XML, then ``backup.json`` last."""
+        """Write a restore point: manifests and domain XML, then ``backup.json`` last.
+
+        The chunks of ``point.files`` (:meth:`store_bytes`) must be stored before."""
         vm, ts = point.vm_name, point.timestamp
         for manifest in manifests:
             key = manifest_key(vm, ts, manifest.target)

@@ -41,7 +41,9 @@ from virtbackup.virt import Conflict, Connection, NotFound, VirtError, WatchEven
 __all__ = [
     "MiB",
     "SmallVm",
+    "build_uefi_vm_xml",
     "build_vm_xml",
+    "create_uefi_vm",
     "create_vm",
     "disk_target",
     "drop_bitmap",
@@ -83,6 +85,8 @@ class SmallVm:
     disks: tuple[Path, ...]
     cdrom: Path | None = None
     targets: tuple[str, ...] = field(default=())
+    #: The UEFI variable store of a VM from :func:`create_uefi_vm`.
+    nvram: Path | None = None
 
 
 def disk_target(index: int) -> str:
@@ -176,7 +180,8 @@ async def create_vm(
 
 async def remove_vm(conn: Connection, name: str, *, delete_directory: Path | None = None) -> None:
     """Destroy (if running) and undefine ``name`` with its checkpoint and snapshot
-    metadata; quiet when it does not exist. ``delete_directory`` is removed afterwards."""
+    metadata, NVRAM file and TPM state; quiet when it does not exist.
+    ``delete_directory`` is removed afterwards."""
     try:
         dom = await conn.lookup(name)
     except NotFound:
@@ -191,10 +196,85 @@ async def remove_vm(conn: Connection, name: str, *, delete_directory: Path | Non
                 dom.undefineFlags,
                 libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
                 | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE,
+                | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                | libvirt.VIR_DOMAIN_UNDEFINE_TPM,
             )
     if delete_directory is not None:
         shutil.rmtree(delete_directory, ignore_errors=True)
+
+
+#: Debian's OVMF (package ``ovmf``): firmware code (read-only, shared) and the template
+#: each VM's variable store starts from.
+OVMF_CODE: Final = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS: Final = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+NVRAM_DIR: Final = Path("/var/lib/libvirt/qemu/nvram")
+
+
+def build_uefi_vm_xml(
+    name: str,
+    disks: Sequence[Path],
+    *,
+    nvram: Path,
+    memory_mib: int = 256,
+    virt_type: str = "qemu",
+    tpm: bool = True,
+) -> str:
+    """Domain XML for an OS-less UEFI VM: q35, OVMF as a read-only pflash loader with
+    its variable store at ``nvram`` (made from :data:`OVMF_VARS` on the first start),
+    an emulated TPM 2.0 (``tpm-crb``, state kept by swtpm) unless ``tpm`` is false, and
+    virtio disks ``vda``... on ``disks`` (qcow2). ``virt_type`` is ``qemu`` (TCG) by
+    default: nested KVM may stop OVMF with an internal error."""
+    root = _live_xml(build_vm_xml(name, disks, memory_mib=memory_mib, virt_type=virt_type))
+    os_el = root.find("os")
+    assert os_el is not None
+    os_type = os_el.find("type")
+    assert os_type is not None
+    os_type.set("machine", "q35")
+    loader = ET.Element("loader", readonly="yes", type="pflash")
+    loader.text = str(OVMF_CODE)
+    nvram_el = ET.Element("nvram", template=str(OVMF_VARS))
+    nvram_el.text = str(nvram)
+    os_el.insert(1, loader)
+    os_el.insert(2, nvram_el)
+    devices = root.find("devices")
+    assert devices is not None
+    if tpm:
+        tpm_el = ET.SubElement(devices, "tpm", model="tpm-crb")
+        ET.SubElement(tpm_el, "backend", type="emulator", version="2.0")
+    return ET.tostring(root, encoding="unicode")
+
+
+async def create_uefi_vm(
+    conn: Connection,
+    name: str,
+    directory: Path,
+    disk_sizes: Sequence[int],
+    *,
+    start: bool = True,
+    tpm: bool = True,
+) -> SmallVm:
+    """Like :func:`create_vm`, for a UEFI VM (:func:`build_uefi_vm_xml`) whose variable
+    store is ``/var/lib/libvirt/qemu/nvram/<name>_VARS.fd`` (``SmallVm.nvram``); its TPM
+    state is libvirt's, ``/var/lib/libvirt/swtpm/<uuid>``. Needs Debian's ``ovmf`` and
+    ``swtpm-tools``."""
+    await remove_vm(conn, name)
+    paths = tuple(
+        create_image(directory / f"{name}-{disk_target(i)}.qcow2", size)
+        for i, size in enumerate(disk_sizes)
+    )
+    nvram = NVRAM_DIR / f"{name}_VARS.fd"
+    xml = build_uefi_vm_xml(name, paths, nvram=nvram, tpm=tpm)
+    dom = await conn.call(conn.raw.defineXML, xml)
+    if start:
+        await conn.call(dom.create, timeout=60)
+    return SmallVm(
+        name=name,
+        directory=directory,
+        disks=paths,
+        targets=tuple(disk_target(i) for i in range(len(paths))),
+        nvram=nvram,
+    )
 
 
 async def monitor_hmp(conn: Connection, name: str, command: str) -> str:

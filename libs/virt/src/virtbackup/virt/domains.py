@@ -129,9 +129,13 @@ async def define_domain(conn: Connection, xml: str) -> DomainInfo:
     return _info(dom, int(state))
 
 
-async def undefine_domain(conn: Connection, name: str, *, keep_nvram: bool = False) -> None:
+async def undefine_domain(
+    conn: Connection, name: str, *, keep_nvram: bool = False, keep_tpm: bool = False
+) -> None:
     """Remove the persistent definition with its checkpoint, snapshot and managed-save
     metadata (the disk images stay). A running domain keeps running, as a transient one.
+    Its NVRAM file and emulated TPM's state are removed unless ``keep_nvram`` and
+    ``keep_tpm`` (libvirt's own default for the TPM state applies otherwise).
     """
     dom = await conn.lookup(name)
     flags = (
@@ -143,6 +147,7 @@ async def undefine_domain(conn: Connection, name: str, *, keep_nvram: bool = Fal
             if keep_nvram
             else libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
         )
+        | (libvirt.VIR_DOMAIN_UNDEFINE_KEEP_TPM if keep_tpm else 0)
     )
     await conn.call(dom.undefineFlags, flags)
 

@@ -5,8 +5,8 @@ in place it needs no change; restored somewhere else it does, and this module ma
 exactly the changes libvirt needs and no others:
 
 * a new name (:func:`rewrite_domain` with ``name`` other than the saved one): ``<name>``
-  set, ``<uuid>`` dropped (libvirt makes a new one; an SMBIOS ``uuid`` entry of
-  ``<sysinfo>`` that would contradict it goes too), every interface's ``<mac>``
+  set, ``<uuid>`` replaced by the one given (or dropped: libvirt makes one; an SMBIOS
+  ``uuid`` entry of ``<sysinfo>`` that would contradict it goes too), every interface's ``<mac>``
   replaced by a new random locally administered address (QEMU's ``52:54:00`` prefix),
   and the ``<nvram>`` file renamed after the new name, so that the copy and the
   original never share a file;
@@ -24,6 +24,7 @@ import posixpath
 import random
 import re
 import secrets
+import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -88,18 +89,20 @@ def rewrite_domain(
     name: str,
     disks: Iterable[DiskPlacement] = (),
     rng: random.Random | None = None,
+    uuid: str | None = None,
 ) -> str:
     """``xml`` defining domain ``name`` with its disks at ``disks`` (see the module
     docstring). With the saved name and the saved disk locations the domain is
-    unchanged. ``rng`` makes the new MAC addresses reproducible (tests); by default
-    they come from :mod:`secrets`. Raises ``ValueError`` for an XML without a name."""
+    unchanged. ``rng`` makes the new MAC addresses reproducible; by default they come
+    from :mod:`secrets`. ``uuid`` is a renamed domain's new UUID (``None``: libvirt
+    makes one). Raises ``ValueError`` for an XML without a name."""
     root = _xml.parse(xml)
     name_el = root.find("name")
     if name_el is None or not (name_el.text or "").strip():
         raise ValueError("the domain XML has no <name>")
     old_name = (name_el.text or "").strip()
     if name != old_name:
-        _rename(root, old_name, name, rng)
+        _rename(root, old_name, name, rng, uuid)
     by_target = {d.target: d for d in disks}
     for disk in root.findall("./devices/disk"):
         target = disk.find("target")
@@ -109,12 +112,24 @@ def rewrite_domain(
     return _xml.dump(root)
 
 
-def _rename(root: ET.Element, old_name: str, new_name: str, rng: random.Random | None) -> None:
+def _rename(
+    root: ET.Element,
+    old_name: str,
+    new_name: str,
+    rng: random.Random | None,
+    new_uuid: str | None,
+) -> None:
     name_el = root.find("name")
     assert name_el is not None
     name_el.text = new_name
-    for uuid in root.findall("uuid"):
-        root.remove(uuid)
+    for old in root.findall("uuid"):
+        root.remove(old)
+    if new_uuid is not None:
+        # Right after <name>, where libvirt writes it.
+        uuid_el = ET.Element("uuid")
+        uuid_el.text = new_uuid
+        uuid_el.tail = name_el.tail
+        root.insert(list(root).index(name_el) + 1, uuid_el)
     for system in root.findall("./sysinfo/system"):
         for entry in system.findall("entry"):
             if entry.get("name") == "uuid":
@@ -132,6 +147,19 @@ def _rename(root: ET.Element, old_name: str, new_name: str, rng: random.Random |
     nvram = root.find("./os/nvram")
     if nvram is not None:
         _rename_nvram(nvram, old_name, new_name)
+
+
+def restored_domain(
+    xml: str, *, name: str, job_id: str, disks: Iterable[DiskPlacement] = ()
+) -> str:
+    """:func:`rewrite_domain` for restore job ``job_id``: the same XML every time it is
+    asked for the same job (a renamed domain's UUID and MAC addresses are derived from the
+    job id), so that the state files staged early in the job (the TPM state lives under
+    the UUID, the NVRAM under the name) land where the domain defined at its commit, or
+    at a commit repeated by another orchestrator replica, looks for them."""
+    identity = uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"virtbackup:restore:{job_id}")
+    rng = random.Random(identity.int)  # noqa: S311 - MAC addresses are no secret
+    return rewrite_domain(xml, name=name, disks=disks, rng=rng, uuid=str(identity))
 
 
 def _rename_nvram(nvram: ET.Element, old_name: str, new_name: str) -> None:

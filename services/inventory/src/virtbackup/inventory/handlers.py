@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from virtbackup.contracts import buckets
 from virtbackup.contracts.subjects import InventoryCmd
+from virtbackup.contracts.v1 import state as st
 from virtbackup.contracts.v1.inventory import (
     BackupBeginRequest,
     BackupBegun,
@@ -31,7 +32,7 @@ from virtbackup.contracts.v1.inventory import (
     VmInfo,
     VmRef,
 )
-from virtbackup.inventory import backups, ownership, restores
+from virtbackup.inventory import backups, ownership, restores, state_files
 from virtbackup.inventory.inventory import Inventory, _power
 from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, Unavailable
 from virtbackup.runtime.service import ServiceContext
@@ -226,9 +227,44 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
             await inv.refresh_vm(req.server_id, req.vm_name)
         return Ok()
 
+    register_state(ctx, inv)
+
     @bus.handle(InventoryCmd.BACKUP_END, BackupEndRequest)
     async def backup_end(req: BackupEndRequest) -> BackupEnded:
         entry = inv.entry(req.server_id)
         async with libvirt_errors(req.server_id, req.vm_name):
             stopped = await backups.end(entry.host, req, scratch)
         return BackupEnded(vm_stopped=stopped)
+
+
+def register_state(ctx: ServiceContext, inv: Inventory) -> None:
+    """The state-file commands (:mod:`.state_files`)."""
+    bus = ctx.bus
+    scratch = ctx.settings.scratch_dir
+
+    @bus.handle(InventoryCmd.STATE_SNAPSHOT, st.StateSnapshotRequest)
+    async def state_snapshot(req: st.StateSnapshotRequest) -> st.StateSnapshot:
+        async with libvirt_errors(req.server_id, req.vm_name):
+            return await state_files.take_snapshot(inv.entry(req.server_id).host, req, scratch)
+
+    @bus.handle(InventoryCmd.STATE_READ, st.StateReadRequest)
+    async def state_read(req: st.StateReadRequest) -> st.StatePiece:
+        async with libvirt_errors(req.server_id):
+            return await state_files.read(inv.entry(req.server_id).host, req, scratch)
+
+    @bus.handle(InventoryCmd.STATE_RELEASE, st.StateReleaseRequest)
+    async def state_release(req: st.StateReleaseRequest) -> Ok:
+        async with libvirt_errors(req.server_id):
+            await state_files.release(inv.entry(req.server_id).host, req, scratch)
+        return Ok()
+
+    @bus.handle(InventoryCmd.STATE_PREPARE, st.StatePrepareRequest)
+    async def state_prepare(req: st.StatePrepareRequest) -> st.StatePrepared:
+        async with libvirt_errors(req.server_id):
+            return await state_files.prepare(inv.entry(req.server_id).host, req)
+
+    @bus.handle(InventoryCmd.STATE_WRITE, st.StateWriteRequest)
+    async def state_write(req: st.StateWriteRequest) -> Ok:
+        async with libvirt_errors(req.server_id):
+            await state_files.write(inv.entry(req.server_id).host, req)
+        return Ok()

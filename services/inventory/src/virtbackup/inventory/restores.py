@@ -44,6 +44,7 @@ from virtbackup.contracts.v1.inventory import (
     RestorePrepareRequest,
     RestoreTarget,
 )
+from virtbackup.inventory import state_files
 from virtbackup.inventory.backups import REMOTE_NBD_PORTS, _free_local_port
 from virtbackup.inventory.credentials import ExportCredentials
 from virtbackup.inventory.hosts import HostServer
@@ -66,7 +67,7 @@ from virtbackup.virt.rewrite import (
     device_file,
     domain_name,
     renamed_file,
-    rewrite_domain,
+    restored_domain,
 )
 
 #: Connections one qemu-nbd export accepts (the workers write in parallel).
@@ -453,20 +454,29 @@ async def finish(server: HostServer, req: RestoreFinishRequest) -> None:
     host = await server.host()
     await _teardown(host, req.job_id, req.disks, remove=not req.success)
     if not req.success:
+        left = await state_files.staged_for(server, req.job_id, "", req.state)
+        await state_files.discard(host, left, req.job_id)
         return
+    placements = [DiskPlacement(t.target, t.path, t.kind, t.format) for t in req.disks]
+    final = (
+        restored_domain(req.domain_xml, name=req.vm_name, job_id=req.job_id, disks=placements)
+        if req.domain_xml
+        else ""
+    )
+    state = await state_files.staged_for(server, req.job_id, final, req.state)
     conn = await server.connection()
     with contextlib.suppress(VirtNotFound):
         dom = await get_domain(conn, req.vm_name)
         if dom.power_state != PowerState.SHUTOFF:
             for target in req.disks:
                 await _remove_temp(host, target)
+            await state_files.discard(host, state, req.job_id)
             raise Conflict(f"vm {req.vm_name} was started during the restore; nothing replaced")
     for target in req.disks:
         await _move_into_place(host, target)
+    await state_files.commit(host, req.job_id, state)
     if req.domain_xml:
-        placements = [DiskPlacement(t.target, t.path, t.kind, t.format) for t in req.disks]
-        xml = rewrite_domain(req.domain_xml, name=req.vm_name, disks=placements)
-        await define(server, req.vm_name, xml)
+        await define(server, req.vm_name, final)
     directories = {posixpath.dirname(t.path) for t in req.disks if t.kind == "file"}
     with contextlib.suppress(VirtError):
         await refresh_pools_holding(conn, directories)
@@ -499,7 +509,8 @@ async def _move_into_place(host: Host, target: RestoreTarget) -> None:
 async def define(server: HostServer, vm_name: str, domain_xml: str) -> None:
     """Define the domain from ``domain_xml`` (which must name ``vm_name``), replacing a
     shut-off one of that name (its checkpoints go with it: they describe disks that
-    were just replaced)."""
+    were just replaced; its NVRAM and TPM state stay: a restore has just put them back,
+    or has none to put back)."""
     name = ET.fromstring(domain_xml).findtext("name")  # noqa: S314 - XML from our backup
     if name != vm_name:
         raise BadRequest(f"the saved XML defines {name!r}, not {vm_name!r}")
@@ -511,5 +522,5 @@ async def define(server: HostServer, vm_name: str, domain_xml: str) -> None:
     if dom is not None:
         if dom.power_state != PowerState.SHUTOFF:
             raise Conflict(f"vm {vm_name} is {dom.power_state}: shut it off to restore it")
-        await undefine_domain(conn, vm_name)
+        await undefine_domain(conn, vm_name, keep_nvram=True, keep_tpm=True)
     await define_domain(conn, domain_xml)

@@ -39,6 +39,7 @@ from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import DiskPlan, build_manifest, group_units, plan_disk
 from virtbackup.job_orchestrator.progress import update_job
+from virtbackup.job_orchestrator.state_files import capture
 from virtbackup.repository.format import manifest_key
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
 from virtbackup.repository.repository import Repository
@@ -225,6 +226,7 @@ async def _transfer(
     started: float,
 ) -> str:
     assert job.server_id and job.vm_name and job.destination_id
+    files = await capture(jc, job, repo)  # NVRAM, TPM state: as at the backup's begin
     timestamp = await repo.new_timestamp(job.vm_name)
     plans = await plan(begun, repo, parent if begun.incremental else None)
     units: list[TransferUnit] = []
@@ -298,6 +300,7 @@ async def _transfer(
         bytes_read=progress.bytes_transferred,
         bytes_written=progress.physical_bytes,
         job_id=job.id,
+        files=files,
     )
     # The point of no return: from here a cancel is refused, and the job ends in what
     # the commit does.

@@ -28,11 +28,13 @@ from virtbackup.contracts.v1.inventory import (
     VmActionRequest,
 )
 from virtbackup.contracts.v1.jobs import Job, RestoreRequest
+from virtbackup.contracts.v1.state import StagedState
 from virtbackup.contracts.v1.work import BadChunk, ChunkRef, TransferUnit, UnitResult
 from virtbackup.job_orchestrator.errors import JobFailed, SanityFailed
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import UNIT_CHUNKS
 from virtbackup.job_orchestrator.progress import update_job
+from virtbackup.job_orchestrator.state_files import chunk_owners, stage
 from virtbackup.repository.records import DiskManifest, RestorePoint
 from virtbackup.repository.repository import RepositoryError
 from virtbackup.runtime import timeouts
@@ -174,7 +176,9 @@ async def run_restore(jc: JobContext, job: Job) -> str:
         # Recorded at once, so that whoever ends this job can remove the images.
         await _record_targets(jc, job, prepared.disks)
         success = False
+        state: list[StagedState] = []  # NVRAM, TPM state: staged, moved at the finish
         try:
+            await stage(jc, job, repo, point, domain_xml, into=state, vm_name=name)
             units = _restore_units(job, manifests, prepared.disks)
             total = sum(
                 min(unit.chunk_size, unit.disk_size - r.index * unit.chunk_size)
@@ -195,6 +199,7 @@ async def run_restore(jc: JobContext, job: Job) -> str:
                 success=success,
                 domain_xml=domain_xml if success else "",
                 disks=prepared.disks,
+                state=state,
             )
             try:
                 # A runner that no longer holds the job leaves the images to its new
@@ -288,6 +293,8 @@ async def run_sanity(jc: JobContext, job: Job) -> str:
             for chunk_id in manifest.chunks:
                 if chunk_id is not None:
                     owners.setdefault(chunk_id, set()).add(disk.target)
+        for chunk_id, owner in chunk_owners(point):  # NVRAM, TPM state
+            owners.setdefault(chunk_id, set()).add(owner)
         with contextlib.suppress(NotFoundError, RepositoryError):
             await repo.domain_xml(point)
         ids = sorted(owners)

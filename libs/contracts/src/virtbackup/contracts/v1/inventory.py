@@ -7,6 +7,7 @@ from typing import Final, Literal
 import msgspec
 
 from virtbackup.contracts.v1.common import Message, ServerId, VmName
+from virtbackup.contracts.v1.state import StagedState
 
 PowerState = Literal["running", "shutoff", "paused", "shutdown", "crashed", "suspended", "unknown"]
 VmAction = Literal["start", "reboot", "shutdown", "forceReset", "forceOff"]
@@ -305,7 +306,12 @@ class RestoreFinishRequest(Message, frozen=True, kw_only=True):
     from ``domain_xml`` (replacing a shut-off domain of the same name); else remove them.
 
     ``domain_xml`` is the saved XML: the inventory rewrites it for ``vm_name`` (a new
-    name gets a new UUID and new MAC addresses) and for where ``disks`` are."""
+    name gets a new UUID and new MAC addresses) and for where ``disks`` are.
+
+    ``state`` are the job's staged state files (``STATE_PREPARE``): moved into place with
+    the images, before the domain is defined, or removed. On success, state files the
+    job staged for the roles ``domain_xml`` references are found without being listed
+    (a commit repeated by another orchestrator replica)."""
 
     server_id: str
     job_id: str
@@ -313,3 +319,4 @@ class RestoreFinishRequest(Message, frozen=True, kw_only=True):
     success: bool
     domain_xml: str = ""
     disks: list[RestoreTarget] = msgspec.field(default_factory=list)
+    state: list[StagedState] = msgspec.field(default_factory=list)

@@ -1,0 +1,176 @@
+"""A VM's state files (UEFI NVRAM, writable loaders, TPM state) in backups and restores.
+
+Backup (:func:`capture`, right after the libvirt backup job began): the inventory copies
+the state the domain references aside on the host, the copies are read in pieces over
+the bus and stored as repository chunks (content-addressed, compressed, encrypted like a
+disk's), and the point's ``files`` list names them; the chunks are durable before the
+point's ``backup.json`` is written, so a listed point holds its state.
+
+Restore (:func:`stage`): the inventory builds each saved role's state beside where the
+domain XML being defined keeps it, under a temporary name, and the chunks are written
+into it; the restore's ``RESTORE_FINISH`` moves it into place with the disks, before the
+domain is defined (or removes it). A point without ``files`` (made before they were
+backed up) restores as before, and leaves the state on the host as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from virtbackup.contracts.subjects import InventoryCmd
+from virtbackup.contracts.v1.inventory import Ok
+from virtbackup.contracts.v1.jobs import Job
+from virtbackup.contracts.v1.state import (
+    MAX_PIECE,
+    StagedState,
+    StateFile,
+    StatePiece,
+    StatePrepared,
+    StatePrepareRequest,
+    StateReadRequest,
+    StateReleaseRequest,
+    StateSnapshot,
+    StateSnapshotRequest,
+    StateWriteRequest,
+)
+from virtbackup.job_orchestrator.jobctx import JobContext
+from virtbackup.repository.records import RestorePoint, StateFileRecord
+from virtbackup.repository.repository import Repository
+from virtbackup.runtime import timeouts
+from virtbackup.runtime.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+
+async def capture(jc: JobContext, job: Job, repo: Repository) -> list[StateFileRecord]:
+    """The VM's state files as they are now, stored in ``repo``; empty for a VM without
+    any. Raises what the inventory answers (the backup then fails: a point must not
+    silently lack the state) or the repository's errors."""
+    assert job.server_id and job.vm_name
+    snap = await jc.bus.request(
+        InventoryCmd.STATE_SNAPSHOT,
+        StateSnapshotRequest(server_id=job.server_id, vm_name=job.vm_name, job_id=job.id),
+        StateSnapshot,
+        timeout=timeouts.INVENTORY_JOB_STEP,
+    )
+    try:
+        if snap.files:
+            await jc.message(job.id, f"saving {_roles(snap.files)}")
+        return [await _store(jc, job, repo, f) for f in snap.files]
+    finally:
+        release = StateReleaseRequest(server_id=job.server_id, job_id=job.id)
+        try:
+            await jc.bus.request(
+                InventoryCmd.STATE_RELEASE, release, Ok, timeout=timeouts.INVENTORY_QUERY
+            )
+        except ServiceError as exc:
+            log.warning("removing the state copies of job %s: %s", job.id, exc)
+
+
+def _roles(files: list[StateFile]) -> str:
+    names = {"nvram": "the UEFI variable store", "loader": "the writable firmware"}
+    roles = dict.fromkeys(f.role for f in files)
+    return ", ".join(names.get(r, "the TPM state" if r.startswith("tpm") else r) for r in roles)
+
+
+async def _store(jc: JobContext, job: Job, repo: Repository, f: StateFile) -> StateFileRecord:
+    assert job.server_id
+    data = bytearray()
+    while f.kind == "file" and len(data) < f.size:
+        want = min(MAX_PIECE, f.size - len(data))
+        piece = await jc.bus.request(
+            InventoryCmd.STATE_READ,
+            StateReadRequest(
+                server_id=job.server_id, job_id=job.id, path=f.source, offset=len(data),
+                length=want,
+            ),
+            StatePiece,
+            timeout=timeouts.INVENTORY_QUERY,
+        )  # fmt: skip
+        if len(piece.data) != want:
+            raise ServiceError(f"{f.path}: read {len(piece.data)} bytes at {len(data)}, not {want}")
+        data += piece.data
+    return StateFileRecord(
+        role=f.role,
+        path=f.path,
+        relative=f.relative,
+        kind=f.kind,
+        size=len(data),
+        mode=f"{f.mode & 0o7777:04o}",
+        owner=f.owner,
+        group=f.group,
+        chunks=await repo.store_bytes(data) if f.kind == "file" else [],
+    )
+
+
+async def stage(
+    jc: JobContext,
+    job: Job,
+    repo: Repository,
+    point: RestorePoint,
+    domain_xml: str,
+    into: list[StagedState],
+    vm_name: str = "",
+) -> None:
+    """Build the point's state files where ``domain_xml`` (the saved XML, as the restore
+    defines it under ``vm_name``) keeps each role, under temporary names, and append what
+    was built to ``into`` (as soon as it exists, so that the caller's finish removes it
+    whatever fails later). A point without files does nothing."""
+    assert job.server_id
+    if not point.files:
+        return
+    prepared = await jc.bus.request(
+        InventoryCmd.STATE_PREPARE,
+        StatePrepareRequest(
+            server_id=job.server_id,
+            job_id=job.id,
+            domain_xml=domain_xml,
+            files=[_wire(r) for r in point.files],
+            vm_name=vm_name,
+        ),
+        StatePrepared,
+        timeout=timeouts.INVENTORY_JOB_STEP,
+    )
+    into.extend(prepared.staged)
+    if prepared.skipped:
+        skipped = ", ".join(prepared.skipped)
+        await jc.message(job.id, f"not restored (the domain has no place for it): {skipped}")
+    temps = {s.role: s.temp_path for s in prepared.staged}
+    await jc.message(job.id, "writing the VM's state files")
+    for record in point.files:
+        if record.kind != "file" or record.role not in temps:
+            continue
+        base = temps[record.role]
+        path = f"{base}/{record.relative}" if record.relative else base
+        data = await repo.load_bytes(record.chunks, record.size)
+        for offset in range(0, len(data), MAX_PIECE):
+            write = StateWriteRequest(
+                server_id=job.server_id, job_id=job.id, path=path, offset=offset,
+                data=data[offset : offset + MAX_PIECE],
+            )  # fmt: skip
+            await jc.bus.request(
+                InventoryCmd.STATE_WRITE, write, Ok, timeout=timeouts.INVENTORY_QUERY
+            )
+
+
+def chunk_owners(point: RestorePoint) -> list[tuple[str, str]]:
+    """``(chunk id, what it belongs to)`` for every chunk of the point's state files
+    (``nvram``, ``tpm:tpm2/tpm2-00.permall``...), for a check of the point."""
+    return [
+        (chunk, f"{r.role}:{r.relative}" if r.relative else r.role)
+        for r in point.files
+        for chunk in r.chunks
+    ]
+
+
+def _wire(record: StateFileRecord) -> StateFile:
+    return StateFile(
+        role=record.role,
+        path=record.path,
+        relative=record.relative,
+        kind=record.kind,
+        size=record.size,
+        mode=int(record.mode, 8),
+        owner=record.owner,
+        group=record.group,
+    )

@@ -1,0 +1,247 @@
+"""A UEFI VM's firmware and TPM state through backup, destroy and restore (agent API, real
+libvirtd, QEMU with OVMF under TCG, swtpm). The tests in this module build on each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import libvirt
+import pytest
+from harness import System, local_config, running_system, wait_job
+
+from virtbackup.repository.format import chunk_key
+from virtbackup.testing.vms import (
+    OVMF_VARS,
+    SmallVm,
+    create_uefi_vm,
+    remove_vm,
+    vm_directory,
+)
+from virtbackup.virt import Connection
+
+pytestmark = pytest.mark.libvirt
+
+MiB = 1 << 20
+VM = f"vbt-fw-{os.getpid()}"
+SWTPM_DIR = Path("/var/lib/libvirt/swtpm")
+
+State = dict[str, tuple[str, str, str, str]]
+
+
+def _needs_firmware() -> None:
+    if not Path("/usr/share/OVMF/OVMF_CODE_4M.fd").exists() or not shutil.which("swtpm_setup"):
+        pytest.skip("needs Debian's ovmf and swtpm-tools (dev.py installs them)")
+
+
+@pytest.fixture(scope="module")
+def fw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    _needs_firmware()
+    with running_system(tmp_path_factory.mktemp("fw"), workers=1, orchestrators=1) as system:
+        yield system
+
+
+@pytest.fixture(scope="module")
+async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
+    _needs_firmware()
+    directory = vm_directory()
+    small = await create_uefi_vm(conn, VM, directory, [64 * MiB])
+    try:
+        yield small
+    finally:
+        await remove_vm(conn, VM, delete_directory=directory)
+
+
+@pytest.fixture(scope="module")
+def repo_dir() -> Iterator[Path]:
+    path = vm_directory(prefix="vbtest-repo-")
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+@pytest.fixture(scope="module")
+async def api(fw: System, repo_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=fw.url, headers=fw.auth(), verify=False, timeout=60
+    ) as client:
+        assert (await client.post("/config", json=local_config(repo_dir))).status_code == 200
+        yield client
+
+
+async def _uuid(conn: Connection) -> str:
+    dom = await conn.lookup(VM)
+    return str(await conn.call(dom.UUIDString))
+
+
+def _entry(path: Path) -> tuple[str, str, str, str]:
+    st = path.lstat()
+    digest = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return digest, f"{st.st_mode & 0o7777:04o}", path.owner(), path.group()
+
+
+def state_of(vm: SmallVm, uuid: str) -> State:
+    """The NVRAM file and every entry of the TPM state directory: content hash (or
+    ``dir``), mode, owner and group."""
+    assert vm.nvram is not None
+    out: State = {}
+    if vm.nvram.exists():
+        out["nvram"] = _entry(vm.nvram)
+    tpm = SWTPM_DIR / uuid
+    if tpm.exists():
+        for path in [tpm, *sorted(tpm.rglob("*"))]:
+            out[f"tpm/{path.relative_to(tpm)}"] = _entry(path)
+    return out
+
+
+async def settled_state(vm: SmallVm, uuid: str, timeout: float = 180) -> State:
+    """The state once OVMF has written its variables (the store is no longer the
+    template) and the TPM its first state: then the same for 8 s in a row."""
+    template = hashlib.sha256(OVMF_VARS.read_bytes()).hexdigest()
+    deadline = time.monotonic() + timeout
+    last: State = {}
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        now = state_of(vm, uuid)
+        written = now.get("nvram", (template,))[0] != template
+        if now != last or not written or "tpm/tpm2/tpm2-00.permall" not in now:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= 8:
+            return now
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"the firmware state did not settle: {last}")
+
+
+async def power(api: httpx.AsyncClient, action: str) -> None:
+    resp = await api.post("/servers/local/actions", json={"action": action, "vmName": VM})
+    assert resp.status_code == 200, resp.text
+
+
+async def restore(api: httpx.AsyncClient, xml_path: str) -> dict[str, Any]:
+    resp = await api.post(
+        "/servers/local/restore/start",
+        json={"xmlPath": xml_path, "decision": "overwrite", "destinationId": "fs"},
+    )
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, resp.json()["jobId"], timeout=180)
+    assert job["state"] == "success", job
+    return job
+
+
+async def wait_running(conn: Connection, seconds: float = 5) -> None:
+    """The VM runs, and is still running (not paused by an error) ``seconds`` later."""
+    await asyncio.sleep(seconds)
+    dom = await conn.lookup(VM)
+    state, _ = await conn.call(dom.state, 0)
+    assert state == libvirt.VIR_DOMAIN_RUNNING
+
+
+STATE: dict[str, Any] = {}
+
+
+@pytest.mark.timeout(600)
+async def test_nvram_and_tpm_state_come_back_byte_for_byte(
+    api: httpx.AsyncClient, vm: SmallVm, conn: Connection, repo_dir: Path
+) -> None:
+    uuid = await _uuid(conn)
+    at_begin = await settled_state(vm, uuid)
+    resp = await api.post("/servers/local/backup", json={"vmName": VM})
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, resp.json()["jobId"], timeout=180)
+    assert job["state"] == "success", job
+    # The firmware was idle: what the backup read at its begin is what is there now.
+    assert state_of(vm, uuid) == at_begin
+
+    [entry] = [e for e in (await api.get("/restore/entries")).json() if e["vmName"] == VM]
+    point_dir = repo_dir / "VirtBackup" / Path(entry["xmlPath"]).parent
+    record = json.loads((point_dir / "backup.json").read_text())
+    files = {(f["role"], f["relative"]): f for f in record["files"]}
+    assert vm.nvram is not None
+    assert files[("nvram", "")]["path"] == str(vm.nvram)
+    assert files[("nvram", "")]["size"] == vm.nvram.stat().st_size
+    assert files[("tpm", "")]["path"] == str(SWTPM_DIR / uuid)
+    assert files[("tpm", "tpm2/tpm2-00.permall")]["owner"] == "tss"
+    for f in record["files"]:
+        for chunk in f["chunks"]:
+            assert (repo_dir / "VirtBackup" / chunk_key(chunk)).exists()
+
+    # Destroy the VM and everything of it but the disks: definition, NVRAM, TPM state.
+    await power(api, "forceOff")
+    dom = await conn.lookup(VM)
+    await conn.call(
+        dom.undefineFlags,
+        libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_TPM,
+    )
+    vm.nvram.unlink()
+    shutil.rmtree(SWTPM_DIR / uuid)
+    assert state_of(vm, uuid) == {}
+
+    job = await restore(api, entry["xmlPath"])
+    assert await _uuid(conn) == uuid
+    assert state_of(vm, uuid) == at_begin, job["message"]
+    assert not list(vm.nvram.parent.glob(f"{vm.nvram.name}.vb*"))  # no temporary left
+    assert not list(SWTPM_DIR.glob(f"{uuid}.vb*"))
+
+    await power(api, "start")
+    await wait_running(conn)
+    STATE.update(uuid=uuid, entry=entry, point_dir=point_dir)
+
+
+@pytest.mark.timeout(300)
+async def test_a_point_without_state_files_restores_and_keeps_the_state_there(
+    api: httpx.AsyncClient, vm: SmallVm, conn: Connection, repo_dir: Path
+) -> None:
+    """A point made before state files were backed up (no ``files`` in backup.json)
+    restores its disks and domain, and leaves the VM's NVRAM and TPM state as they are:
+    a restore never deletes state it cannot put back."""
+    if not STATE:
+        pytest.skip("needs the point of the test before")
+    uuid, point_dir = STATE["uuid"], STATE["point_dir"]
+    old_dir = point_dir.parent / "2020-01-01T00-00-00"
+    shutil.copytree(point_dir, old_dir)
+    record = json.loads((old_dir / "backup.json").read_text())
+    del record["files"]
+    record["timestamp"] = old_dir.name
+    for disk in record["disks"]:
+        disk["manifest"] = disk["manifest"].replace(point_dir.name, old_dir.name)
+    (old_dir / "backup.json").write_text(json.dumps(record))
+
+    await power(api, "forceOff")
+    before = state_of(vm, uuid)
+    assert "nvram" in before and "tpm/tpm2/tpm2-00.permall" in before
+    await restore(api, f"vms/{VM}/{old_dir.name}/domain.xml")
+    assert state_of(vm, uuid) == before
+    await power(api, "start")
+    await wait_running(conn)
+
+
+async def test_sanity_checks_the_state_files_chunks(api: httpx.AsyncClient, repo_dir: Path) -> None:
+    if not STATE:
+        pytest.skip("needs the point of the first test")
+    xml_path = STATE["entry"]["xmlPath"]
+    record = json.loads((STATE["point_dir"] / "backup.json").read_text())
+    [nvram] = [f for f in record["files"] if f["role"] == "nvram"]
+    chunk = repo_dir / "VirtBackup" / chunk_key(nvram["chunks"][0])
+    saved = chunk.read_bytes()
+    chunk.unlink()
+    try:
+        resp = await api.post("/restore/sanity", json={"xmlPath": xml_path})
+        assert resp.status_code == 200, resp.text
+        job = await wait_job(api, resp.json()["jobId"])
+        assert job["state"] == "failure", job
+        [damaged] = job["result"]["damaged"]
+        assert (damaged["id"], damaged["disks"]) == (chunk.name, ["nvram"])
+    finally:
+        chunk.write_bytes(saved)
+    resp = await api.post("/restore/sanity", json={"xmlPath": xml_path})
+    job = await wait_job(api, resp.json()["jobId"])
+    assert job["state"] == "success", job
