@@ -5,6 +5,7 @@ libvirtd, QEMU with OVMF under TCG, swtpm). The tests in this module build on ea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -193,7 +194,7 @@ async def test_nvram_and_tpm_state_come_back_byte_for_byte(
 
     await power(api, "start")
     await wait_running(conn)
-    STATE.update(uuid=uuid, entry=entry, point_dir=point_dir)
+    STATE.update(uuid=uuid, entry=entry, point_dir=point_dir, at_begin=at_begin)
 
 
 @pytest.mark.timeout(300)
@@ -245,3 +246,47 @@ async def test_sanity_checks_the_state_files_chunks(api: httpx.AsyncClient, repo
     resp = await api.post("/restore/sanity", json={"xmlPath": xml_path})
     job = await wait_job(api, resp.json()["jobId"])
     assert job["state"] == "success", job
+
+
+@pytest.mark.timeout(400)
+async def test_a_copy_under_a_new_name_gets_its_own_state_and_the_original_keeps_its(
+    api: httpx.AsyncClient, vm: SmallVm, conn: Connection
+) -> None:
+    """A restore beside the original (``vmName``) puts the point's NVRAM and TPM state
+    where the copy's domain keeps them (its renamed NVRAM file, the swtpm directory of its
+    new UUID), and never touches the original's."""
+    if not STATE:
+        pytest.skip("needs the point of the first test")
+    uuid, entry = STATE["uuid"], STATE["entry"]
+    await power(api, "forceOff")
+    original = state_of(vm, uuid)
+    at_begin = STATE["at_begin"]
+    copy = f"{VM}-copy"
+    resp = await api.post(
+        "/servers/local/restore/start",
+        json={"xmlPath": entry["xmlPath"], "decision": "overwrite", "destinationId": "fs",
+              "vmName": copy},
+    )  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    try:
+        job = await wait_job(api, resp.json()["jobId"], timeout=240)
+        assert job["state"] == "success", job
+        dom = await conn.lookup(copy)
+        copy_uuid = str(await conn.call(dom.UUIDString))
+        assert copy_uuid != uuid
+        assert vm.nvram is not None
+        copy_nvram = vm.nvram.parent / vm.nvram.name.replace(VM, copy, 1)
+        assert copy_nvram != vm.nvram
+        copied = state_of(SmallVm(copy, vm.directory, (), nvram=copy_nvram), copy_uuid)
+        assert copied == at_begin  # the point's state, byte for byte, owner and mode
+        assert state_of(vm, uuid) == original  # the original's untouched
+        resp = await api.post("/servers/local/actions", json={"action": "start", "vmName": copy})
+        assert resp.status_code == 200, resp.text
+        await asyncio.sleep(5)
+        state, _ = await conn.call(dom.state, 0)
+        assert state == libvirt.VIR_DOMAIN_RUNNING
+    finally:
+        with contextlib.suppress(Exception):
+            await remove_vm(conn, copy)
+        for leftover in vm.directory.glob(f"*{copy}*"):
+            leftover.unlink(missing_ok=True)
