@@ -108,6 +108,33 @@ async def test_two_replicas_submitting_one_vm_at_once_run_one_job(
     await b.finish(again.id, "success", "test")
 
 
+async def test_backups_of_one_vm_name_from_two_servers_to_one_destination_take_turns(
+    replicas: tuple[JobContext, JobContext],
+) -> None:
+    """Both would pick the same free timestamp in the VM's folder, and the second commit
+    would replace the first point's record: the folder is locked per destination (case
+    folded, as a case-insensitive destination keeps ``Web1`` and ``web1`` together)."""
+    a, b = replicas
+    first = await a.submit(
+        "backup", server_id="kvm1", vm_name="Web1", destination_id="d1", lock_vm=True
+    )
+    with pytest.raises(Conflict, match=f"folder of vm web1 in destination d1.*{first.id}"):
+        await b.submit(
+            "backup", server_id="kvm2", vm_name="web1", destination_id="d1", lock_vm=True
+        )
+    # Another destination, or a restore, is not held up; and the refused backup left no
+    # lock on its own VM behind.
+    other = await b.submit(
+        "backup", server_id="kvm2", vm_name="web1", destination_id="d2", lock_vm=True
+    )
+    await b.finish(other.id, "success", "test")
+    await a.finish(first.id, "success", "test")
+    again = await b.submit(
+        "backup", server_id="kvm2", vm_name="web1", destination_id="d1", lock_vm=True
+    )
+    await b.finish(again.id, "success", "test")
+
+
 async def test_a_stale_lock_of_an_ended_job_is_replaced(
     replicas: tuple[JobContext, JobContext],
 ) -> None:

@@ -35,7 +35,7 @@ from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job, JobPhase, JobStat
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
 from virtbackup.job_orchestrator.errors import JobCanceled, JobLost
 from virtbackup.job_orchestrator.leases import JobLeases
-from virtbackup.job_orchestrator.locks import VmLocks, lookup_in
+from virtbackup.job_orchestrator.locks import VmLocks, lookup_in, point_folder_lock
 from virtbackup.job_orchestrator.progress import Progress, update_job
 from virtbackup.job_orchestrator.store import JobIndex, JobStore
 from virtbackup.job_orchestrator.tracker import UnitTracker
@@ -180,10 +180,19 @@ class JobContext:
         # Claimed here before the record exists, so that this instance's sweep never
         # takes the new job for one whose run died.
         self.runs[job_id] = LocalRun()
+        folder = point_folder_lock(job_type, destination_id, vm_name) if lock_vm else None
         try:
             if lock_vm:
                 assert server_id and vm_name
                 await self.locks.acquire(server_id, vm_name, job_id, job_type)
+            if folder is not None:
+                try:
+                    what = f"the folder of vm {vm_name} in destination {destination_id}"
+                    await self.locks.acquire(*folder, job_id, job_type, what=what)
+                except BaseException:
+                    assert server_id and vm_name
+                    await self.locks.release(server_id, vm_name, job_id)
+                    raise
         except BaseException:
             self.runs.pop(job_id, None)
             raise
@@ -209,6 +218,8 @@ class JobContext:
             self.runs.pop(job_id, None)
             if lock_vm and server_id and vm_name:
                 await self.locks.release(server_id, vm_name, job_id)
+            if folder is not None:
+                await self.locks.release(*folder, job_id)
             await self.leases.release(job_id)
             raise
         if (
@@ -308,6 +319,9 @@ class JobContext:
             await self.bus.publish_event(EventType.JOB_FAILURE, failure, key=job.id)
         if job.server_id and job.vm_name and job.type in {"backup", "restore"}:
             await self.locks.release(job.server_id, job.vm_name, job.id)
+            folder = point_folder_lock(job.type, job.destination_id, job.vm_name)
+            if folder is not None:
+                await self.locks.release(*folder, job.id)
         await self.leases.release(job_id)
         return job
 

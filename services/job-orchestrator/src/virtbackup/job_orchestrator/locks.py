@@ -19,6 +19,7 @@ from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from virtbackup.contracts.v1.jobs import ACTIVE_STATES, Job
+from virtbackup.repository.format import vm_segment
 from virtbackup.runtime.errors import Conflict, NotFound
 
 #: Seconds a lock whose job record is missing still counts (the record follows the lock).
@@ -40,6 +41,26 @@ def lock_key(server_id: str, vm_name: str) -> str:
     return f"vm.{enc(server_id)}.{enc(vm_name)}"
 
 
+def point_folder_lock(
+    job_type: str, destination_id: str | None, vm_name: str | None
+) -> tuple[str, str] | None:
+    """The second lock a backup takes: its VM's folder in the destination
+    (``("@<destination>", <folder, case-folded>)``, in the same bucket as the VM locks),
+    or ``None`` for other jobs.
+
+    Two servers may each have a VM of one name, and a case-insensitive destination keeps
+    ``Web1`` and ``web1`` in one folder: backups of such VMs to one destination would
+    each pick the same free timestamp (``Repository.new_timestamp``), and the second
+    commit would replace the first point's record. They take turns instead (409 naming
+    the running job, like a second backup of one VM)."""
+    if job_type != "backup" or not destination_id or not vm_name:
+        return None
+    try:
+        return f"@{destination_id}", vm_segment(vm_name).casefold()
+    except ValueError:  # a name no repository key can hold: refused before any job
+        return None
+
+
 JobLookup = Callable[[str], Awaitable[Job | None]]
 
 
@@ -48,8 +69,12 @@ class VmLocks:
         self.kv = kv
         self.lookup = lookup
 
-    async def acquire(self, server_id: str, vm_name: str, job_id: str, job_type: str) -> None:
-        """Take the VM's lock for ``job_id``; ``Conflict`` naming the job that holds it."""
+    async def acquire(
+        self, server_id: str, vm_name: str, job_id: str, job_type: str, *, what: str = ""
+    ) -> None:
+        """Take the VM's lock for ``job_id``; ``Conflict`` naming the job that holds it
+        (and ``what`` is locked, default ``vm <vm_name>``)."""
+        what = what or f"vm {vm_name}"
         key = lock_key(server_id, vm_name)
         mine = msgspec.json.encode(
             LockRecord(job_id=job_id, job_type=job_type, taken_at=time.time())
@@ -70,19 +95,17 @@ class VmLocks:
             job = await self.lookup(holder.job_id)
             if job is not None and job.state in ACTIVE_STATES:
                 raise Conflict(
-                    f"vm {vm_name} has a {job.type} job running ({job.id}): "
+                    f"{what} has a {job.type} job running ({job.id}): "
                     "wait for it to end or cancel it"
                 )
             if job is None and time.time() - holder.taken_at < ORPHAN_GRACE:
-                raise Conflict(
-                    f"vm {vm_name} has a {holder.job_type} job starting ({holder.job_id})"
-                )
+                raise Conflict(f"{what} has a {holder.job_type} job starting ({holder.job_id})")
             try:
                 await self.kv.update(key, mine, last=entry.revision)
                 return
             except KeyWrongLastSequenceError:
                 continue
-        raise Conflict(f"vm {vm_name}: too many jobs racing for it, try again")
+        raise Conflict(f"{what}: too many jobs racing for it, try again")
 
     async def release(self, server_id: str, vm_name: str, job_id: str) -> None:
         """Drop the lock if ``job_id`` still holds it (a stale holder never drops another's)."""
