@@ -97,24 +97,41 @@ class Inventory:
         wanted: dict[str, Server] = {s.id: s for s in cfg.servers}
         for server_id in list(self.entries):
             entry = self.entries[server_id]
-            if wanted.get(server_id) != entry.host.config:
+            server = wanted.get(server_id)
+            if server is None:
                 await self._remove(server_id)
+            elif _connection(server) == _connection(entry.host.config):
+                # A new name or new restore directories: the connection stays.
+                entry.host.config = server
+            else:
+                # Another host, user or key: a new connection. The new entry answers
+                # from now on (no request sees "server not found" meanwhile); the old
+                # one is closed behind it.
+                self._add(server)
+                await self._close(entry)
         for server_id, server in wanted.items():
             if server_id not in self.entries:
-                entry = ServerEntry(host=HostServer(config=server, timeout=self.timeout))
-                self.entries[server_id] = entry
-                entry.watcher = asyncio.create_task(self._watch(entry), name=f"watch-{server_id}")
+                self._add(server)
+
+    def _add(self, server: Server) -> None:
+        entry = ServerEntry(host=HostServer(config=server, timeout=self.timeout))
+        self.entries[server.id] = entry
+        entry.watcher = asyncio.create_task(self._watch(entry), name=f"watch-{server.id}")
 
     async def _remove(self, server_id: str) -> None:
         entry = self.entries.pop(server_id)
+        await self._close(entry)
+        with contextlib.suppress(Exception):
+            await self.kv.delete(server_id)
+
+    @staticmethod
+    async def _close(entry: ServerEntry) -> None:
         for task in (entry.watcher, entry.reconciler):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         await entry.host.close()
-        with contextlib.suppress(Exception):
-            await self.kv.delete(server_id)
 
     async def follow_config(self) -> None:
         """Re-sync whenever the configuration changes."""
@@ -311,6 +328,12 @@ _POWER: dict[str, PowerState] = {
     "crashed": "crashed",
     "pmsuspended": "suspended",
 }
+
+
+def _connection(server: Server) -> Server:
+    """What of a server's configuration its connection depends on (all but its display
+    name and the restore directories)."""
+    return msgspec.structs.replace(server, name="", restore_directories=None)
 
 
 def _power(value: str) -> PowerState:
