@@ -1,9 +1,11 @@
 """The job-orchestrator service: its commands, its job index, its leases and the sweep
-that ends the jobs of instances that died. Runs as any number of replicas."""
+that ends the jobs of instances that died, and the instant-access exports' commands
+(``exports``). Runs as any number of replicas."""
 
 from __future__ import annotations
 
 from virtbackup.contracts import buckets, streams, subjects
+from virtbackup.job_orchestrator.exports import export_commands
 from virtbackup.job_orchestrator.handlers import commands
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.runner import sweep
@@ -21,6 +23,7 @@ async def register(ctx: ServiceContext) -> None:
     jc = JobContext(ctx)
     _contexts[id(ctx)] = jc
     commands.attach(ctx.bus, jc)
+    export_commands.attach(ctx.bus, jc)
 
 
 async def start(ctx: ServiceContext) -> None:
@@ -40,7 +43,14 @@ async def stop(ctx: ServiceContext) -> None:
 SPEC = ServiceSpec(
     name=subjects.JOB_ORCHESTRATOR,
     streams=(streams.EVENTS, streams.WORK),
-    buckets=(buckets.JOBS, buckets.SCHEDULES, buckets.CONFIG, buckets.LOCKS, buckets.LEASES),
+    buckets=(
+        buckets.JOBS,
+        buckets.SCHEDULES,
+        buckets.CONFIG,
+        buckets.LOCKS,
+        buckets.LEASES,
+        buckets.EXPORTS,
+    ),
     register=register,
     start=start,
     stop=stop,
