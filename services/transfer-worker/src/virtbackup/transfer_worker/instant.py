@@ -341,7 +341,7 @@ class InstantExports:
                 client_ca_pem=creds.ca_cert_pem,
             )
             fingerprint = creds.client_fingerprint
-            server = NbdServer([export], tls=tls, allow_peer=_only(fingerprint))
+            server = NbdServer([export], tls=tls, allow_peer=only_certificate(fingerprint))
             port = await self._listen(server)
             served = Served(record.id, server, repo, cache)
             url = f"nbds://{_url_host(host)}:{port}/{quote(record.disk, safe='')}"
@@ -536,7 +536,10 @@ class InstantExports:
                 )
 
 
-def _only(fingerprint: str) -> Callable[[bytes], bool]:
+def only_certificate(fingerprint: str) -> Callable[[bytes], bool]:
+    """A peer check that lets in the one certificate whose SHA-256 (of its DER form, hex)
+    is ``fingerprint``."""
+
     def allowed(der: bytes) -> bool:
         return hmac.compare_digest(hashlib.sha256(der).hexdigest(), fingerprint)
 
