@@ -488,7 +488,11 @@ class NbdServer:
                 if not conn.allocation or length == 0 or offset + length > size:
                     self._simple(conn, cookie, p.EINVAL)
                 else:
-                    self._block_status(conn, export, cookie, offset, length, flags)
+                    try:
+                        self._block_status(conn, export, cookie, offset, length, flags)
+                    except Exception:  # a bug in the source: fail this request only
+                        log.exception("NBD block status at %s (+%s) failed", offset, length)
+                        self._simple(conn, cookie, p.EIO)
             elif kind == p.Command.FLUSH:
                 self._simple(conn, cookie, 0)
             elif kind in _READ_ONLY_COMMANDS:
@@ -531,6 +535,10 @@ class NbdServer:
         except SourceError as exc:
             log.warning("NBD read at %s (+%s) failed: %s", offset, length, exc)
             self._read_error(conn, cookie, p.EIO, str(exc))
+            return
+        except Exception:  # a bug in the source: fail the request, keep the connection
+            log.exception("NBD read at %s (+%s) failed", offset, length)
+            self._read_error(conn, cookie, p.EIO, "internal error")
             return
         if not conn.structured:
             parts = [s.data if s.data is not None else bytes(s.length) for s in segments]

@@ -26,7 +26,9 @@ any command, and nothing that decides the outcome lives in one process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -56,8 +58,7 @@ from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.runtime.bus import new_id
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.commands import Commands
-from virtbackup.runtime.errors import BadRequest, NotFound, ServiceError
-from virtbackup.runtime.kv import keys
+from virtbackup.runtime.errors import BadRequest, NotFound, ServiceError, Unavailable
 
 #: How long the orchestrator waits for a worker to start serving an export.
 SERVE_TIMEOUT_SECONDS: Final = 60.0
@@ -67,6 +68,7 @@ START_GRACE_SECONDS: Final = SERVE_TIMEOUT_SECONDS + 30.0
 STOP_WAIT_SECONDS: Final = 10.0
 MAX_CAS_ATTEMPTS: Final = 50
 
+log = logging.getLogger(__name__)
 _VALID_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _decoder = msgspec.json.Decoder(InstantExport)
 _encoder = msgspec.json.Encoder()
@@ -112,12 +114,77 @@ def current(record: InstantExport, now: dt.datetime, worker_alive: bool) -> Inst
     return None
 
 
+class ExportIndex:
+    """Every record of ``VB_EXPORTS`` in memory, kept current by a watch of the bucket
+    (as the job index is): a list needs no round trip per record. (nats-py's
+    ``KeyValue.keys`` cannot be trusted for this: its watch may report the end of the
+    initial values before they arrive, and it then answers an empty list.)"""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+        self.records: dict[str, InstantExport] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._loaded = asyncio.Event()
+
+    async def start(self) -> None:
+        """Load the bucket; returns once its content is in memory."""
+        watcher = await self.kv.watchall()
+        self._task = asyncio.create_task(self._follow(watcher), name="export-index")
+        await self._loaded.wait()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        try:
+            while True:
+                entry = await watcher.updates(timeout=None)  # type: ignore[no-untyped-call]
+                if entry is None:  # the initial values are all delivered
+                    self._loaded.set()
+                    continue
+                if entry.operation in {"DEL", "PURGE"} or entry.value is None:
+                    self.records.pop(entry.key, None)
+                    continue
+                try:
+                    self.records[entry.key] = _decoder.decode(entry.value)
+                except msgspec.DecodeError:
+                    log.warning("undecodable export record %s", entry.key)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+_indexes: dict[int, ExportIndex] = {}
+
+
+async def open_exports(jc: JobContext) -> None:
+    """Load the export index of this orchestrator instance (at start)."""
+    index = ExportIndex(jc.ctx.bucket(buckets.EXPORTS))
+    await index.start()
+    _indexes[id(jc.ctx)] = index
+
+
+async def close_exports(jc: JobContext) -> None:
+    index = _indexes.pop(id(jc.ctx), None)
+    if index is not None:
+        await index.stop()
+
+
 class ExportStore:
     """``VB_EXPORTS``: key = export id, value = the ``InstantExport`` as JSON."""
 
-    def __init__(self, kv: KeyValue, workers: Callable[[], Awaitable[KeyValue | None]]) -> None:
+    def __init__(
+        self,
+        kv: KeyValue,
+        workers: Callable[[], Awaitable[KeyValue | None]],
+        index: ExportIndex | None = None,
+    ) -> None:
         self.kv = kv
         self._workers = workers
+        self.index = index
 
     async def get(self, export_id: str) -> tuple[InstantExport, int]:
         """The record and its revision; NotFound for an unknown or malformed id."""
@@ -185,15 +252,11 @@ class ExportStore:
 
         return await self.change(record.id, now_is)
 
-    async def all(self) -> list[InstantExport]:
-        out = []
-        for key in await keys(self.kv):
-            try:
-                record, _ = await self.get(key)
-            except NotFound:
-                continue
-            out.append(record)
-        return out
+    def all(self) -> list[InstantExport]:
+        """Every record, from the index (``Unavailable`` while the instance starts)."""
+        if self.index is None:
+            raise Unavailable("the job-orchestrator is starting or stopping; try again")
+        return list(self.index.records.values())
 
 
 def store(jc: JobContext) -> ExportStore:
@@ -203,7 +266,7 @@ def store(jc: JobContext) -> ExportStore:
         except NotFound:
             return None
 
-    return ExportStore(jc.ctx.bucket(buckets.EXPORTS), workers)
+    return ExportStore(jc.ctx.bucket(buckets.EXPORTS), workers, _indexes.get(id(jc.ctx)))
 
 
 @export_commands.handler(ExportCmd.CREATE, ExportCreateRequest)
@@ -261,7 +324,7 @@ async def create_export(jc: JobContext, req: ExportCreateRequest) -> ExportCreat
 async def list_exports(jc: JobContext, req: ExportListRequest) -> ExportList:
     """Every export newest first, each as it is now (see the module docstring)."""
     exports = store(jc)
-    records = [await exports.refresh(r) for r in await exports.all()]
+    records = [await exports.refresh(r) for r in exports.all()]
     if req.live_only:
         records = [r for r in records if r.state in LIVE_EXPORT_STATES]
     records.sort(key=lambda r: (r.created_at, r.id), reverse=True)

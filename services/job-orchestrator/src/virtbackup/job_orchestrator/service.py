@@ -5,7 +5,7 @@ that ends the jobs of instances that died, and the instant-access exports' comma
 from __future__ import annotations
 
 from virtbackup.contracts import buckets, streams, subjects
-from virtbackup.job_orchestrator.exports import export_commands
+from virtbackup.job_orchestrator.exports import close_exports, export_commands, open_exports
 from virtbackup.job_orchestrator.handlers import commands
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.runner import sweep
@@ -29,6 +29,7 @@ async def register(ctx: ServiceContext) -> None:
 async def start(ctx: ServiceContext) -> None:
     jc = job_context(ctx)
     await jc.open()
+    await open_exports(jc)
     ctx.spawn(jc.leases.keep_alive(ctx.stopping, jc.on_lease_lost), "job-leases")
     ctx.spawn(sweep(jc), "job-sweep")
 
@@ -37,6 +38,7 @@ async def stop(ctx: ServiceContext) -> None:
     """Stop running jobs here without ending them: their leases expire and another
     replica (or this one, restarted) ends them cleanly."""
     jc = _contexts.pop(id(ctx))
+    await close_exports(jc)
     await jc.close()
 
 
