@@ -39,7 +39,7 @@ async def admin(nats_server: NatsServer) -> AsyncIterator[Client]:
         js,
         streams=(streams.EVENTS, streams.WORK),
         consumers=(streams.TRANSFER_CONSUMER,),
-        buckets=(buckets.CONFIG, buckets.JOBS, buckets.WORKERS),
+        buckets=(buckets.CONFIG, buckets.JOBS, buckets.WORKERS, buckets.EXPORTS),
     )
     config = await js.key_value(buckets.CONFIG.name)
     await config.put(CONFIG_KEY, b'{"servers": []}')
@@ -89,6 +89,15 @@ async def _write_job(nc: Client) -> Any:
     return await js.publish(f"$KV.{buckets.JOBS.name}.j1", b'{"state": "success"}')
 
 
+async def _write_export(nc: Client) -> Any:
+    js = nc.jetstream(timeout=REFUSED_WITHIN)
+    return await js.publish(f"$KV.{buckets.EXPORTS.name}.e1", b'{"state": "active"}')
+
+
+async def _serve_export(nc: Client) -> Any:
+    return await nc.request("vb.cmd.worker.serve-export", b"{}", timeout=REFUSED_WITHIN)
+
+
 async def _purge_work(nc: Client) -> Any:
     return await nc.jetstream(timeout=REFUSED_WITHIN).purge_stream(streams.WORK.name)
 
@@ -119,6 +128,11 @@ DENIED: list[tuple[str, str, Attempt]] = [
     ("transfer-worker", "send an inventory command", _inventory_command),
     ("notifier", "send an inventory command", _inventory_command),
     ("transfer-worker", "publish a job event", _job_event),
+    ("gateway", "write an instant-access export's record", _write_export),
+    ("inventory", "write an instant-access export's record", _write_export),
+    ("notifier", "write an instant-access export's record", _write_export),
+    ("inventory", "ask a worker to serve an export", _serve_export),
+    ("notifier", "ask a worker to serve an export", _serve_export),
 ]
 
 
@@ -160,6 +174,8 @@ async def test_each_service_may_do_what_it_does(nats_server: NatsServer, admin: 
         assert (await _write_job(orchestrator)).seq > 0
         assert (await _publish_work(orchestrator)).seq > 0
         assert (await _write_config(gateway)).seq > 0
+        assert (await _write_export(orchestrator)).seq > 0
+        assert (await _write_export(worker)).seq > 0
         await _purge_work(orchestrator)
         assert (await admin.jetstream().stream_info(streams.WORK.name)).state.messages == 0
     finally:

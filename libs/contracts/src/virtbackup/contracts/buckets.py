@@ -45,6 +45,27 @@ LEASES: Final = BucketSpec(
     description="Job leases: key = job id, value = the holding orchestrator; entries expire.",
 )
 
+#: Seconds a record of ``VB_EXPORTS`` is kept after its last change: longer than any
+#: export lives (24 h), so an export's record outlives it, and ended ones go by themselves.
+EXPORT_RECORD_SECONDS: Final = 2 * 24 * 3600.0
+EXPORTS: Final = BucketSpec(
+    name="VB_EXPORTS",
+    ttl_seconds=EXPORT_RECORD_SECONDS,
+    description="Instant-access exports of restore points: key = export id.",
+)
+
 CONFIG_KEY: Final = "agent"
 
-ALL: Final = (JOBS, CONFIG, INVENTORY, SCHEDULES, WEBHOOKS, USERS, VAULT, WORKERS, LOCKS, LEASES)
+ALL: Final = (
+    JOBS,
+    CONFIG,
+    INVENTORY,
+    SCHEDULES,
+    WEBHOOKS,
+    USERS,
+    VAULT,
+    WORKERS,
+    LOCKS,
+    LEASES,
+    EXPORTS,
+)

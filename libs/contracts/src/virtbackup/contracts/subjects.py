@@ -90,6 +90,20 @@ class JobCmd:
     RESTORE_PRECHECK: Final = command("job", "restore-precheck")
 
 
+class ExportCmd:
+    """Instant-access exports of restore points, answered by the job-orchestrator."""
+
+    CREATE: Final = command("export", "create")
+    LIST: Final = command("export", "list")
+    STOP: Final = command("export", "stop")
+
+
+class WorkerCmd:
+    """Commands answered by one transfer worker (any, in the ``transfer-worker`` queue)."""
+
+    SERVE_EXPORT: Final = command("worker", "serve-export")
+
+
 class EventType:
     """Event types (the ``type`` of an event envelope and the SSE ``event:`` name)."""
 

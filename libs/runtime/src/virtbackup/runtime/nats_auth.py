@@ -183,10 +183,14 @@ def _inventory() -> _Grants:
 def _job_orchestrator() -> _Grants:
     g = _base(subjects.JOB_ORCHESTRATOR)
     g.answers(f"{subjects.CMD_ROOT}.job.>")
+    g.answers(f"{subjects.CMD_ROOT}.export.>")  # instant-access exports
     g.sends(f"{subjects.CMD_ROOT}.inventory.>")
+    g.sends(subjects.WorkerCmd.SERVE_EXPORT)
     g.events("job", "agent")
     g.follows_events()  # unit.done
     g.owns(buckets.JOBS, buckets.SCHEDULES, buckets.CONFIG, buckets.LOCKS, buckets.LEASES)
+    g.owns(buckets.EXPORTS)
+    g.reads(buckets.WORKERS, create=False)  # is the worker serving an export alive?
     g.publish += _provision_stream(streams.WORK)
     g.sends(subjects.WORK_TRANSFER_ALL, f"{API}.STREAM.PURGE.{streams.WORK.name}")
     return g
@@ -199,6 +203,9 @@ def _transfer_worker() -> _Grants:
     # VB_CONFIG: destinations' credentials, and a refreshed Google Drive token is kept.
     g.owns(buckets.WORKERS, buckets.CONFIG)
     g.reads(buckets.JOBS)
+    # Instant access: serve an export, activate and end its record.
+    g.answers(subjects.WorkerCmd.SERVE_EXPORT)
+    g.owns(buckets.EXPORTS)
     work, durable = streams.WORK.name, streams.TRANSFER_CONSUMER.durable
     g.publish += _provision_stream(streams.WORK)
     g.sends(

@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     #: The certificate authority of the NBD exports and the workers' client certificate
     #: (``ca/``, ``nbd-client/``; see ``virtbackup.virt.pki``); default ``<data_dir>/pki``.
     pki_dir: Path | None = None
+    #: Instant access to restore points (a transfer worker's read-only NBD server): the
+    #: address it listens on, the host name or address clients are told to dial (its
+    #: certificate names it; default: the bind address, or this host's name when binding
+    #: every address), and the ports it may take (``first-last``; empty: any free port).
+    instant_bind: str = "127.0.0.1"
+    instant_host: str | None = None
+    instant_ports: str = ""
 
     @property
     def nbd_pki_dir(self) -> Path:

@@ -14,6 +14,7 @@ from virtbackup.gateway.controllers.agent import HealthController
 from virtbackup.gateway.controllers.config import ConfigController
 from virtbackup.gateway.controllers.destinations import DestinationsController, GoogleTokensBody
 from virtbackup.gateway.controllers.events import EventsController
+from virtbackup.gateway.controllers.exports import ExportsController
 from virtbackup.gateway.controllers.jobs import JobsController
 from virtbackup.gateway.controllers.restore import RestoreController
 from virtbackup.gateway.controllers.servers import ServersController
@@ -31,6 +32,7 @@ CONTROLLERS = [
     JobsController,
     ServersController,
     RestoreController,
+    ExportsController,
     DestinationsController,
     SystemController,
 ]

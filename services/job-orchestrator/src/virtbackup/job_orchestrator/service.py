@@ -1,9 +1,11 @@
 """The job-orchestrator service: its commands, its job index, its leases and the sweep
-that ends the jobs of instances that died. Runs as any number of replicas."""
+that ends the jobs of instances that died, and the instant-access exports' commands
+(``exports``). Runs as any number of replicas."""
 
 from __future__ import annotations
 
 from virtbackup.contracts import buckets, streams, subjects
+from virtbackup.job_orchestrator.exports import close_exports, export_commands, open_exports
 from virtbackup.job_orchestrator.handlers import commands
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.runner import sweep
@@ -21,11 +23,13 @@ async def register(ctx: ServiceContext) -> None:
     jc = JobContext(ctx)
     _contexts[id(ctx)] = jc
     commands.attach(ctx.bus, jc)
+    export_commands.attach(ctx.bus, jc)
 
 
 async def start(ctx: ServiceContext) -> None:
     jc = job_context(ctx)
     await jc.open()
+    await open_exports(jc)
     ctx.spawn(jc.leases.keep_alive(ctx.stopping, jc.on_lease_lost), "job-leases")
     ctx.spawn(sweep(jc), "job-sweep")
 
@@ -34,13 +38,21 @@ async def stop(ctx: ServiceContext) -> None:
     """Stop running jobs here without ending them: their leases expire and another
     replica (or this one, restarted) ends them cleanly."""
     jc = _contexts.pop(id(ctx))
+    await close_exports(jc)
     await jc.close()
 
 
 SPEC = ServiceSpec(
     name=subjects.JOB_ORCHESTRATOR,
     streams=(streams.EVENTS, streams.WORK),
-    buckets=(buckets.JOBS, buckets.SCHEDULES, buckets.CONFIG, buckets.LOCKS, buckets.LEASES),
+    buckets=(
+        buckets.JOBS,
+        buckets.SCHEDULES,
+        buckets.CONFIG,
+        buckets.LOCKS,
+        buckets.LEASES,
+        buckets.EXPORTS,
+    ),
     register=register,
     start=start,
     stop=stop,

@@ -1,7 +1,8 @@
 """The transfer-worker: pulls units from ``VB_WORK`` and announces itself in ``VB_WORKERS``.
 
 It reads ``VB_JOBS`` (never writes it) to drop the units of jobs that ended or are being
-cancelled.
+cancelled. It also serves instant-access exports of restore points
+(``vb.cmd.worker.serve-export``, records in ``VB_EXPORTS``; see ``instant``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from virtbackup.runtime.service import ServiceContext, ServiceSpec
 from virtbackup.runtime.work import WorkConsumer
 from virtbackup.transfer_worker.budget import ByteBudget
 from virtbackup.transfer_worker.consumer import Worker, follow_job_ends
+from virtbackup.transfer_worker.instant import InstantExports
+from virtbackup.transfer_worker.instant import commands as instant_commands
 from virtbackup.transfer_worker.units import UnitContext
 
 #: A worker's entry in ``VB_WORKERS`` outlives two missed heartbeats.
@@ -56,6 +59,15 @@ def _key(ctx: ServiceContext) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in ctx.settings.instance)
 
 
+_exports: dict[int, InstantExports] = {}
+
+
+async def register(ctx: ServiceContext) -> None:
+    ix = InstantExports(ctx, worker=_key(ctx))
+    _exports[id(ctx)] = ix
+    instant_commands.attach(ctx.bus, ix)
+
+
 def transfer_consumer(ctx: ServiceContext) -> streams.ConsumerSpec:
     return msgspec.structs.replace(
         streams.TRANSFER_CONSUMER, ack_wait_seconds=ctx.settings.work_ack_wait
@@ -73,19 +85,26 @@ async def start(ctx: ServiceContext) -> None:
         budget=ByteBudget(cfg.hashblocks_limit_buffer_mb << 20),
     )
     worker = Worker(ctx, uctx, consumer)
+    ix = _exports[id(ctx)]
+    ix.executor = uctx.executor
+    ctx.spawn(ix.follow(), "instant-exports")
     ctx.spawn(follow_job_ends(ctx, worker), "job-events")
     ctx.spawn(worker.run(), "work-loop")
     ctx.spawn(_heartbeat(ctx), "heartbeat")
 
 
 async def stop(ctx: ServiceContext) -> None:
+    ix = _exports.pop(id(ctx), None)
+    if ix is not None:
+        await ix.close_all()
     await ctx.bucket(buckets.WORKERS).delete(_key(ctx))
 
 
 SPEC = ServiceSpec(
     name=subjects.TRANSFER_WORKER,
     streams=(streams.EVENTS, streams.WORK),
-    buckets=(buckets.WORKERS, buckets.CONFIG, buckets.JOBS),
+    buckets=(buckets.WORKERS, buckets.CONFIG, buckets.JOBS, buckets.EXPORTS),
+    register=register,
     start=start,
     stop=stop,
 )
