@@ -3,6 +3,7 @@ feeds from each start point, connection state, buckets."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import msgspec
@@ -141,6 +142,21 @@ async def test_key_value_finds_existing_buckets_only(bus: Bus) -> None:
     assert await keys(kv) == []
     await kv.put("w1", b'{"a": 1}')
     assert await keys(kv) == ["w1"]
+
+
+async def test_keys_lists_every_live_key_at_once(bus: Bus) -> None:
+    """Right after the writes, every time: nats-py's own ``keys()`` sometimes answered
+    too few (its watch could end before the entries already stored arrived)."""
+    await ensure_bucket(bus.js, buckets.EXPORTS)
+    kv = await bus.key_value(buckets.EXPORTS)
+    for round_ in range(20):
+        names = [f"k{round_}-{n}" for n in range(12)]
+        await asyncio.gather(*(kv.put(name, b"{}") for name in names))
+        await kv.delete(names[0])
+        await kv.purge(names[1])
+        found = await keys(kv)
+        assert set(names[2:]) <= set(found), (round_, found)
+        assert names[0] not in found and names[1] not in found
 
 
 class Value(msgspec.Struct):

@@ -7,10 +7,11 @@ and ``[]``, so callers need no ``nats`` imports.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TypeVar
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 T = TypeVar("T")
@@ -30,9 +31,25 @@ async def read_value(kv: KeyValue, key: str, value_type: type[T]) -> T | None:
 
 
 async def keys(kv: KeyValue) -> list[str]:
-    """Every live key of the bucket (``[]`` for an empty bucket)."""
-    try:
-        found: list[str] = await kv.keys()
-    except NoKeysError:
-        return []
-    return found
+    """Every live key of the bucket (``[]`` for an empty bucket), sorted.
+
+    Not nats-py's ``KeyValue.keys()``: its watch can announce "no more entries" before
+    the ones already in the stream arrive, and then answers too few keys or none
+    (nats-py issue #842, nats-py 2.x). Instead the bucket's stream lists its subjects
+    (``STREAM.INFO`` with a subjects filter: one request), and each key is kept when its
+    latest entry is a value, not a delete or purge marker (a get per key: for the small
+    buckets this is used on). NATS errors pass through."""
+    stream = kv._stream
+    prefix = kv._pre
+    info = await kv._js.stream_info(stream, subjects_filter=f"{prefix}>")
+    names = [s[len(prefix) :] for s in (info.state.subjects or {}) if s.startswith(prefix)]
+
+    async def live(key: str) -> bool:
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:  # also KeyDeletedError: a delete or purge marker
+            return False
+        return entry.value is not None
+
+    alive = await asyncio.gather(*(live(k) for k in names))
+    return sorted(k for k, ok in zip(names, alive, strict=True) if ok)
