@@ -12,6 +12,7 @@ from virtbackup.virt.rewrite import (
     device_file,
     domain_name,
     renamed_file,
+    restored_domain,
     rewrite_domain,
 )
 
@@ -140,3 +141,23 @@ def test_file_names_follow_the_new_name() -> None:
 def test_an_xml_without_a_name_is_refused() -> None:
     with pytest.raises(ValueError, match="no <name>"):
         rewrite_domain("<domain/>", name="x")
+
+
+def test_a_restore_keeps_the_uuid_of_the_domain_it_replaces() -> None:
+    """The same job and ``uuid`` always give the same XML (state staged early in a job and
+    the domain defined at its commit agree); a replaced domain keeps its UUID, whether the
+    name is the saved one or a new one; a new domain gets the job's."""
+    kept = "11111111-2222-3333-4444-555555555555"
+    for name in ("web1", "web2"):
+        xml = restored_domain(SAVED, name=name, job_id="j1", uuid=kept)
+        assert xml == restored_domain(SAVED, name=name, job_id="j1", uuid=kept)
+        out = _parse(xml)
+        assert out.findtext("uuid") == kept
+        assert [e.get("name") for e in out.iter("entry")] == ["serial"]  # no contradiction
+    new = _parse(restored_domain(SAVED, name="web2", job_id="j1"))
+    assert new.findtext("uuid") == _parse(
+        restored_domain(SAVED, name="web2", job_id="j1")
+    ).findtext("uuid")
+    assert new.findtext("uuid") not in (kept, "0b6f6a3e-8f2c-4d55-9c5e-2a1b0c9d8e7f")
+    same = _parse(restored_domain(SAVED, name="web1", job_id="j1"))
+    assert same.findtext("uuid") == "0b6f6a3e-8f2c-4d55-9c5e-2a1b0c9d8e7f"

@@ -57,7 +57,7 @@ def _saved(size: int) -> list[StateFile]:
     def f(role: str, relative: str, kind: str, size: int, mode: int) -> StateFile:
         return msgspec.convert(
             {"role": role, "path": "/elsewhere", "relative": relative, "kind": kind,
-             "size": size, "mode": mode, "owner": "nobody", "group": "nogroup"},
+             "size": size, "mode": mode, "owner": "tss", "group": "tss"},
             StateFile,
         )  # fmt: skip
 
@@ -108,8 +108,66 @@ async def test_staged_by_role_written_then_moved_into_place(
     for path, mode in (("new/vm1_VARS.fd", 0o600), ("tpm", 0o711), ("tpm/tpm2", 0o700)):
         st = (tmp_path / path).stat()
         assert st.st_mode & 0o7777 == mode
-        assert (tmp_path / path).owner() == "nobody"
+        assert (tmp_path / path).owner() == "tss"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "tpm"]  # no temporaries
+
+
+async def test_owners_and_modes_of_an_unauthenticated_record_are_clamped(
+    server: HostServer, tmp_path: Path
+) -> None:
+    """backup.json is plaintext: an owner libvirt and swtpm never use becomes the host's
+    account (root), and setuid, setgid, sticky and write-by-others bits are dropped."""
+    forged = [
+        StateFile(role="nvram", path="/x", mode=0o6777, owner="nobody", group="nogroup", size=1),
+        StateFile(role="tpm", path="/y", kind="dir", mode=0o1777, owner="daemon", group="kvm"),
+    ]
+    req = StatePrepareRequest(
+        server_id="local", job_id="j3", domain_xml=_xml(tmp_path), files=forged
+    )
+    prepared = await state_files.prepare(server, req)
+    staged = {s.role: Path(s.temp_path) for s in prepared.staged}
+    nvram, tpm = staged["nvram"].stat(), staged["tpm"].stat()
+    assert (nvram.st_mode & 0o7777, staged["nvram"].owner(), staged["nvram"].group()) == (
+        0o775, "root", "root")  # fmt: skip
+    assert (tpm.st_mode & 0o7777, staged["tpm"].owner(), staged["tpm"].group()) == (
+        0o775, "root", "kvm")  # fmt: skip
+    await state_files.discard(LocalHost(), prepared.staged, "j3")
+
+
+async def test_a_place_of_the_wrong_kind_is_never_replaced(
+    server: HostServer, tmp_path: Path
+) -> None:
+    """The NVRAM is a file: a directory where the restored domain keeps it is refused
+    (409), like a directory where a disk file is due; nothing is staged."""
+    (tmp_path / "new" / "vm1_VARS.fd").mkdir(parents=True)
+    req = StatePrepareRequest(
+        server_id="local", job_id="j4", domain_xml=_xml(tmp_path), files=_saved(3)
+    )
+    with pytest.raises(Conflict, match="is a dir"):
+        await state_files.prepare(server, req)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]
+
+
+async def test_only_missing_state_is_put_back(server: HostServer, tmp_path: Path) -> None:
+    """``only_missing`` (a restore that only defines): a role whose place holds state is
+    kept as it is (named in ``kept``); a missing one is staged, and committed without
+    replacing anything that appeared meanwhile."""
+    (tmp_path / "tpm").mkdir()
+    (tmp_path / "tpm" / "mine").write_bytes(b"keep")
+    req = StatePrepareRequest(
+        server_id="local", job_id="j5", domain_xml=_xml(tmp_path), files=_saved(3),
+        only_missing=True,
+    )  # fmt: skip
+    prepared = await state_files.prepare(server, req)
+    assert prepared.kept == ["tpm"]
+    assert [(s.role, s.replace) for s in prepared.staged] == [("nvram", False)]
+    await state_files.commit(LocalHost(), "j5", prepared.staged)
+    assert (tmp_path / "new" / "vm1_VARS.fd").stat().st_size == 0
+    assert (tmp_path / "tpm" / "mine").read_bytes() == b"keep"
+    # Committed again after the place was filled: what is there stays.
+    (tmp_path / "new" / "vm1_VARS.fd").write_bytes(b"new state")
+    prepared = await state_files.prepare(server, req)
+    assert prepared.kept == ["nvram", "tpm"] and not prepared.staged
 
 
 async def test_nothing_outside_a_jobs_own_trees(server: HostServer, tmp_path: Path) -> None:
@@ -136,12 +194,12 @@ async def test_nothing_outside_a_jobs_own_trees(server: HostServer, tmp_path: Pa
 
 async def test_a_failed_prepare_leaves_nothing(server: HostServer, tmp_path: Path) -> None:
     files = _saved(3)
-    files[1] = StateFile(
-        role="tpm", path="/u", kind="dir", mode=0o711, owner="nobody-here", group="root"
-    )
+    # Two roots for the TPM directory: the saved entries do not make a tree.
+    files.insert(2, StateFile(role="tpm", path="/u", kind="dir", mode=0o711, owner="root",
+                              group="root"))  # fmt: skip
     xml = _xml(tmp_path)
     req = StatePrepareRequest(server_id="local", job_id="j2", domain_xml=xml, files=files)
-    with pytest.raises(Conflict, match="nobody-here"):
+    with pytest.raises(BadRequest, match="not a dir"):
         await state_files.prepare(server, req)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["new"]  # only the made parent
     bad = StateFile(

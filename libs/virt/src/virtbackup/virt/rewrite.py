@@ -6,7 +6,8 @@ exactly the changes libvirt needs and no others:
 
 * a new name (:func:`rewrite_domain` with ``name`` other than the saved one): ``<name>``
   set, ``<uuid>`` replaced by the one given (or dropped: libvirt makes one; an SMBIOS
-  ``uuid`` entry of ``<sysinfo>`` that would contradict it goes too), every interface's ``<mac>``
+  ``uuid`` entry of ``<sysinfo>`` that would contradict it goes too; a restore keeps
+  the UUID of a domain it replaces, see :func:`restored_domain`), every interface's ``<mac>``
   replaced by a new random locally administered address (QEMU's ``52:54:00`` prefix),
   and the ``<nvram>`` file renamed after the new name, so that the copy and the
   original never share a file;
@@ -122,18 +123,7 @@ def _rename(
     name_el = root.find("name")
     assert name_el is not None
     name_el.text = new_name
-    for old in root.findall("uuid"):
-        root.remove(old)
-    if new_uuid is not None:
-        # Right after <name>, where libvirt writes it.
-        uuid_el = ET.Element("uuid")
-        uuid_el.text = new_uuid
-        uuid_el.tail = name_el.tail
-        root.insert(list(root).index(name_el) + 1, uuid_el)
-    for system in root.findall("./sysinfo/system"):
-        for entry in system.findall("entry"):
-            if entry.get("name") == "uuid":
-                system.remove(entry)
+    _set_uuid(root, new_uuid)
     used = {m.get("address", "").lower() for m in root.findall("./devices/interface/mac")}
     for interface in root.findall("./devices/interface"):
         mac = interface.find("mac")
@@ -150,16 +140,62 @@ def _rename(
 
 
 def restored_domain(
-    xml: str, *, name: str, job_id: str, disks: Iterable[DiskPlacement] = ()
+    xml: str,
+    *,
+    name: str,
+    job_id: str,
+    disks: Iterable[DiskPlacement] = (),
+    uuid: str | None = None,
 ) -> str:
     """:func:`rewrite_domain` for restore job ``job_id``: the same XML every time it is
-    asked for the same job (a renamed domain's UUID and MAC addresses are derived from the
-    job id), so that the state files staged early in the job (the TPM state lives under
-    the UUID, the NVRAM under the name) land where the domain defined at its commit, or
-    at a commit repeated by another orchestrator replica, looks for them."""
+    asked for the same job and ``uuid``, so that the state files staged early in the job
+    (the TPM state lives under the UUID, the NVRAM under the name) land where the domain
+    defined at its commit, or at a commit repeated by another orchestrator replica, looks
+    for them.
+
+    The UUID: ``uuid`` when given (the domain the restore replaces keeps its own, so that
+    its TPM state is the one replaced), else the saved one under the saved name, else
+    one derived from the job id (a new domain). MAC addresses of a renamed domain are
+    derived from the job id. Raises ``ValueError`` for an XML without a name or a
+    malformed ``uuid``."""
     identity = uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"virtbackup:restore:{job_id}")
     rng = random.Random(identity.int)  # noqa: S311 - MAC addresses are no secret
-    return rewrite_domain(xml, name=name, disks=disks, rng=rng, uuid=str(identity))
+    new_uuid = str(uuidlib.UUID(uuid)) if uuid else str(identity)
+    out = rewrite_domain(xml, name=name, disks=disks, rng=rng, uuid=new_uuid)
+    if uuid and domain_uuid(out) != new_uuid:
+        # The saved name, but the domain of that name on the host has another UUID.
+        root = _xml.parse(out)
+        _set_uuid(root, new_uuid)
+        out = _xml.dump(root)
+    return out
+
+
+def domain_uuid(xml: str) -> str:
+    """The ``<uuid>`` of a domain XML, normalised (empty if it has none)."""
+    text = (_xml.parse(xml).findtext("uuid") or "").strip()
+    try:
+        return str(uuidlib.UUID(text)) if text else ""
+    except ValueError:
+        return text
+
+
+def _set_uuid(root: ET.Element, new_uuid: str | None) -> None:
+    """Replace the domain's ``<uuid>`` (``None``: drop it, libvirt makes one) and drop an
+    SMBIOS ``uuid`` entry of ``<sysinfo>`` that would contradict it."""
+    name_el = root.find("name")
+    assert name_el is not None
+    for old in root.findall("uuid"):
+        root.remove(old)
+    if new_uuid is not None:
+        # Right after <name>, where libvirt writes it.
+        uuid_el = ET.Element("uuid")
+        uuid_el.text = new_uuid
+        uuid_el.tail = name_el.tail
+        root.insert(list(root).index(name_el) + 1, uuid_el)
+    for system in root.findall("./sysinfo/system"):
+        for entry in system.findall("entry"):
+            if entry.get("name") == "uuid":
+                system.remove(entry)
 
 
 def _rename_nvram(nvram: ET.Element, old_name: str, new_name: str) -> None:

@@ -30,6 +30,7 @@ message, :func:`stage` builds a location's tree under a temporary name, and
 from __future__ import annotations
 
 import base64
+import contextlib
 import posixpath
 import shlex
 import xml.etree.ElementTree as ET
@@ -58,6 +59,9 @@ SESSION_SWTPM_DIR: Final = ".config/libvirt/qemu/swtpm"
 
 #: Bytes ``dd`` moves per block when reading or writing a piece.
 _DD_BLOCK: Final = 65536
+#: The permission bits a restore gives what it stages: a restore point's record is not
+#: authenticated, so never setuid, setgid or sticky, and never writable by others.
+SAFE_MODE_BITS: Final = 0o775
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +152,25 @@ def locate_state(
         swtpm_dir = state_dirs(connection, home)[1]
         found.append(StateLocation(role, posixpath.join(swtpm_dir, uuid), "dir"))
     return found
+
+
+def referenced_paths(
+    xml: str, connection: ConnectionKind = "system", *, home: str | None = None
+) -> list[str]:
+    """Every host path the domain XML uses for its data: every disk's file or device
+    (CD-ROMs, read-only disks and backing files named in the XML too: a restore must not
+    write over any of them) and its state locations (:func:`locate_state`; left out when
+    their place cannot be told)."""
+    root = _xml.parse(xml)
+    paths: list[str] = []
+    for source in root.iterfind("./devices/disk//source"):
+        path = source.get("file") or source.get("dev")
+        if path:
+            paths.append(path)
+    # A defined domain always has a uuid; a session without home names no state.
+    with contextlib.suppress(ValueError):
+        paths += [loc.path for loc in locate_state(xml, connection, home=home)]
+    return paths
 
 
 def _nvram_path(os_el: ET.Element) -> str | None:
@@ -286,8 +309,9 @@ async def stage(
     host: Host, location: StateLocation, entries: Sequence[StateEntry], temp: str
 ) -> None:
     """Build ``location``'s tree at ``temp``: directories made, files created empty (to be
-    filled by :func:`write_piece`), each with its owner, group and mode. A leftover at
-    ``temp`` is replaced; the location's parent directory is made if missing.
+    filled by :func:`write_piece`), each with its owner, group and mode (the bits of
+    :data:`SAFE_MODE_BITS` only: never setuid, setgid, sticky or writable by others). A
+    leftover at ``temp`` is replaced; the location's parent directory is made if missing.
 
     ValueError when ``entries`` do not describe a ``location.kind`` (the root entry, with
     relative path ``""``, must be present and of that kind) or hold an unsafe path;
@@ -311,19 +335,30 @@ async def stage(
         target = shlex.quote(_join(temp, entry.relative))
         owner = shlex.quote(f"{entry.owner}:{entry.group}")
         lines.append(f"chown -h -- {owner} {target}")
-        lines.append(f"chmod -- {entry.mode & 0o7777:04o} {target}")
+        lines.append(f"chmod -- {entry.mode & SAFE_MODE_BITS:04o} {target}")
     result = await host.run(["sh", "-c", "\n".join(lines)], timeout=120)
     if result.returncode != 0:
         await discard(host, temp)
         raise StateError(f"cannot stage {location.path}: {result.stderr.strip()}")
 
 
-async def commit(host: Host, location: StateLocation, temp: str, old: str) -> bool:
+async def commit(
+    host: Host, location: StateLocation, temp: str, old: str, *, replace: bool = True
+) -> bool:
     """Move the staged tree at ``temp`` to ``location.path``; a directory already there is
     first renamed to ``old`` and removed once the new one is in place, a file is replaced
-    in one rename. Idempotent: without ``temp`` (already moved) only a leftover ``old`` is
-    removed. Returns whether something was moved."""
+    in one rename. Without ``replace``, state already at ``location.path`` stays and the
+    staged tree is removed instead. Idempotent: without ``temp`` (already moved) only a
+    leftover ``old`` is removed. Returns whether something was moved."""
     t, final, o = (shlex.quote(p) for p in (temp, location.path, old))
+    if not replace:
+        there = f"[ -e {final} ] || [ -L {final} ]"
+        move = f"if {there}; then rm -rf -- {t}; else mv -T -- {t} {final}; echo moved; fi"
+        script = f"set -e\nif [ -e {t} ]; then {move}; fi\nrm -rf -- {o}"
+        result = await host.run(["sh", "-c", script], timeout=120)
+        if result.returncode != 0:
+            raise StateError(f"cannot move {temp} to {location.path}: {result.stderr.strip()}")
+        return "moved" in result.stdout
     if location.kind == "dir":
         aside = f"if [ -e {final} ]; then rm -rf -- {o}; mv -T -- {final} {o}; fi"
         move = f"{aside}; mv -T -- {t} {final}"

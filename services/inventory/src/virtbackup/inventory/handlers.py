@@ -98,9 +98,11 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
             raise BadRequest(f"unknown action {req.action!r} (known: {', '.join(ACTIONS)})")
         entry = inv.entry(req.server_id)
         conn = await entry.host.connection()
+        jobs = ctx.bucket(buckets.JOBS)
         async with libvirt_errors(req.server_id, req.vm_name):
+            await ownership.check_restore_hold(conn, req.vm_name, jobs)
             await backups.check_offline_hold(
-                entry.host, req.vm_name, ctx.bucket(buckets.JOBS), inv.installation, scratch
+                entry.host, req.vm_name, jobs, inv.installation, scratch
             )
             await perform_action(conn, req.vm_name, action)
         with contextlib.suppress(Unavailable, VirtError):

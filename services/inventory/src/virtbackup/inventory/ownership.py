@@ -24,6 +24,9 @@ starting it, before the backup job begins), and the end removes it
 at any time, from libvirt (the domain has a backup job and a tag)
 and JetStream (the tagged job is queued or running in ``VB_JOBS``). A backup job with no
 tag (begun by someone else) or whose job has ended is a leftover.
+
+Restores hold the shut-off domain they replace in the same way, with persistent metadata
+(:func:`hold_for_restore`, :func:`check_restore_hold`, below).
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from virtbackup.contracts.v1.jobs import ACTIVE_STATES, Job
+from virtbackup.runtime.errors import Conflict
 from virtbackup.virt import Connection
+from virtbackup.virt.errors import NotFound as VirtNotFound
 from virtbackup.virt.errors import VirtError
 
 log = logging.getLogger(__name__)
@@ -154,3 +159,72 @@ async def in_progress(conn: Connection, vm_name: str, jobs: KeyValue) -> bool:
         log.warning("job %s tagged on %s cannot be read: %s", found.job_id, vm_name, exc)
         return False
     return job.state in ACTIVE_STATES
+
+
+# -- restores -----------------------------------------------------------------------------
+#
+# A restore holds the shut-off domain it replaces with persistent metadata
+# (``AFFECT_CONFIG``: a shut-off domain has no live state), from its job's own plan until
+# the restore defines the domain (the new definition has no hold) or ends::
+#
+#     <restore xmlns="https://virtbackup.dev/xmlns/restore/1" job="<job id>"/>
+#
+# A hold counts while its job is queued or running in ``VB_JOBS``: one left by a job that
+# ended (an inventory that died before removing it), or by another installation (whose
+# job ids are not in this ``VB_JOBS``), is ignored; the restore's own finish still
+# refuses to replace a domain started meanwhile.
+
+RESTORE_NAMESPACE: Final = "https://virtbackup.dev/xmlns/restore/1"
+_RESTORE_PREFIX: Final = "vbr"
+_CONFIG: Final = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+
+
+async def hold_for_restore(conn: Connection, vm_name: str, job_id: str) -> bool:
+    """Hold the defined domain ``vm_name`` for restore job ``job_id`` (replacing an older
+    hold). False when there is no such defined domain (nothing to hold: a new one is
+    defined at the restore's end; a transient one has no definition to mark, and a
+    restore refuses to replace a running domain). Raises VirtError when libvirt
+    refuses."""
+    try:
+        dom = await conn.lookup(vm_name)
+    except VirtNotFound:
+        return False
+    if not await conn.call(dom.isPersistent):
+        return False
+    xml = f"<restore job={quoteattr(job_id)}/>"
+    await conn.call(dom.setMetadata, _ELEMENT, xml, _RESTORE_PREFIX, RESTORE_NAMESPACE, _CONFIG)
+    return True
+
+
+async def restore_hold(conn: Connection, vm_name: str) -> str | None:
+    """The id of the restore job holding the domain, or ``None``. Raises VirtError when
+    libvirt cannot be asked (NotFound for an unknown domain)."""
+    dom = await conn.lookup(vm_name)
+    try:
+        xml = str(await conn.call(dom.metadata, _ELEMENT, RESTORE_NAMESPACE, _CONFIG))
+    except VirtError as exc:
+        if exc.code in (libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_ERR_OPERATION_INVALID):
+            return None
+        raise
+    root = ET.fromstring(xml)  # noqa: S314 - from libvirtd, a trusted peer (as in virt._xml)
+    return root.get("job") or None
+
+
+async def release_restore_hold(conn: Connection, vm_name: str, job_id: str) -> None:
+    """Remove the domain's hold if job ``job_id`` holds it; quiet when the domain is gone
+    or holds nothing of this job."""
+    with contextlib.suppress(VirtError):
+        if await restore_hold(conn, vm_name) == job_id:
+            dom = await conn.lookup(vm_name)
+            await conn.call(dom.setMetadata, _ELEMENT, None, None, RESTORE_NAMESPACE, _CONFIG)
+
+
+async def check_restore_hold(conn: Connection, vm_name: str, jobs: KeyValue) -> None:
+    """Refuse (Conflict naming the job) a VM action while a restore job holds the domain
+    (see above). Raises VirtError when libvirt cannot be asked."""
+    job_id = await restore_hold(conn, vm_name)
+    if job_id is not None and await job_state(jobs, job_id) in ACTIVE_STATES:
+        raise Conflict(
+            f"vm {vm_name} is being restored by job {job_id}: it cannot be started or "
+            "changed until the restore ends"
+        )

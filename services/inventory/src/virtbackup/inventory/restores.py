@@ -44,7 +44,7 @@ from virtbackup.contracts.v1.inventory import (
     RestorePrepareRequest,
     RestoreTarget,
 )
-from virtbackup.inventory import state_files
+from virtbackup.inventory import ownership, state_files
 from virtbackup.inventory.backups import REMOTE_NBD_PORTS, _free_local_port
 from virtbackup.inventory.credentials import ExportCredentials
 from virtbackup.inventory.hosts import HostServer
@@ -69,6 +69,7 @@ from virtbackup.virt.rewrite import (
     renamed_file,
     restored_domain,
 )
+from virtbackup.virt.state import StateError
 
 #: Connections one qemu-nbd export accepts (the workers write in parallel).
 EXPORT_CONNECTIONS = 16
@@ -109,15 +110,20 @@ def _check_path(disk: RestoreDisk) -> None:
 
 async def precheck(server: HostServer, req: RestorePrecheckRequest) -> RestorePrecheckResult:
     """Whether the VM exists and runs, whether defining alone would do, and (given the
-    saved XML) the plan: see :class:`RestorePrecheckRequest` for what it raises."""
+    saved XML) the plan: see :class:`RestorePrecheckRequest` for what it raises. With
+    ``job_id`` the existing domain is held for the job first (see
+    :func:`.ownership.hold_for_restore`), so that nothing starts it unseen after this
+    look at it."""
     conn = await server.connection()
     host = await server.host()
+    if req.job_id:
+        await ownership.hold_for_restore(conn, req.vm_name, req.job_id)
     try:
         dom = await get_domain(conn, req.vm_name)
-        exists, running = True, dom.power_state != PowerState.SHUTOFF
+        exists, running, uuid = True, dom.power_state != PowerState.SHUTOFF, dom.uuid
     except VirtNotFound:
-        exists, running = False, False
-    plan = await _plan(server, conn, host, req, exists) if req.domain_xml else list(req.disks)
+        exists, running, uuid = False, False, ""
+    plan = await _plan(server, conn, host, req, exists, uuid) if req.domain_xml else list(req.disks)
     problems = []
     for disk in plan:
         try:
@@ -138,11 +144,17 @@ async def precheck(server: HostServer, req: RestorePrecheckRequest) -> RestorePr
         can_define_only=not problems,
         problems=problems,
         disks=plan if req.domain_xml else [],
+        vm_uuid=uuid,
     )
 
 
 async def _plan(
-    server: HostServer, conn: Connection, host: Host, req: RestorePrecheckRequest, exists: bool
+    server: HostServer,
+    conn: Connection,
+    host: Host,
+    req: RestorePrecheckRequest,
+    exists: bool,
+    uuid: str,
 ) -> list[RestoreDisk]:
     saved = {d.target: d for d in parse_disks(req.domain_xml)}
     old_name = domain_name(req.domain_xml)
@@ -152,7 +164,16 @@ async def _plan(
     for disk in req.disks:
         _check_path(disk)
         declared = saved.get(disk.target)
-        fmt = declared.format if declared is not None else disk.format
+        if declared is None or declared.source != disk.path:
+            # Where a disk was comes from the saved XML (sealed with the repository's key
+            # when it is encrypted), never from the plaintext record alone.
+            said = "no such disk" if declared is None else f"{declared.source}"
+            raise Conflict(
+                f"disk {disk.target}: the restore point's record says {disk.path}, its saved "
+                f"domain XML {said}: the point is inconsistent (its record was changed); "
+                "nothing restored"
+            )
+        fmt = declared.format
         if declared is not None and declared.type == "block":
             if directory is None:
                 if renamed:
@@ -181,7 +202,43 @@ async def _plan(
         ours = await _disk_paths(conn, req.vm_name) if careful and exists else set()
         for disk in plan:
             await _check_writable(server, host, disk, req.vm_name, ours if careful else None)
+        try:
+            elsewhere = await state_files.used_elsewhere(server, conn, host, req.vm_name)
+        except StateError as exc:
+            raise Conflict(f"server {server.id}: {exc}") from None
+        resolved = await state_files.resolve(host, [d.path for d in plan])
+        for disk in plan:
+            user = elsewhere.get(resolved[disk.path])
+            if user is not None:
+                raise Conflict(
+                    f"disk {disk.target}: {disk.path} on server {server.id} is used by vm "
+                    f"{user}; a restore never writes over another VM's disk or state"
+                )
+        await _check_state_places(server, conn, host, req, uuid, elsewhere, renamed, exists)
     return plan
+
+
+async def _check_state_places(
+    server: HostServer,
+    conn: Connection,
+    host: Host,
+    req: RestorePrecheckRequest,
+    uuid: str,
+    elsewhere: dict[str, str],
+    renamed: bool,
+    exists: bool,
+) -> None:
+    """The places where the restored domain keeps the state roles the point holds, checked
+    as disk paths are (:func:`.state_files.check_places`): under a new name, only state
+    of the domain being replaced may be there."""
+    if not req.state_roles:
+        return
+    xml = state_files.restored_xml(req.domain_xml, req.vm_name, req.job_id, uuid or None)
+    places = [
+        loc for loc in await state_files.locations(server, conn, xml) if loc.role in req.state_roles
+    ]
+    ours = await state_files.own_places(server, conn, req.vm_name) if renamed else None
+    await state_files.check_places(server, host, places, req.vm_name, elsewhere, ours)
 
 
 def _placed(disk: RestoreDisk, path: str, fmt: str, kind: DiskKind) -> RestoreDisk:
@@ -378,7 +435,11 @@ async def _create_image(host: Host, disk: RestoreDisk, temp: str) -> None:
             if old.format == "qcow2" and keep:
                 options = ["-o", ",".join(keep)]
     argv = ["qemu-img", "create", "-q", "-f", disk.format, *options, temp, str(disk.size)]
-    await _run_or_conflict(host, argv, f"cannot create {temp}")
+    # Readable by its owner (root) only while written, and after it is moved into place
+    # unless it replaces a file (whose owner and mode it takes): libvirt's dynamic
+    # ownership gives QEMU access when the domain starts.
+    private = ["sh", "-c", 'umask 077 && exec "$@"', "sh", *argv]
+    await _run_or_conflict(host, private, f"cannot create {temp}")
 
 
 async def _serve(
@@ -452,19 +513,26 @@ async def finish(server: HostServer, req: RestoreFinishRequest) -> None:
     Idempotent: an image already moved into place (its temporary file gone, its final
     path present) is left as it is, so a commit cut short can simply be repeated."""
     host = await server.host()
+    conn = await server.connection()
     await _teardown(host, req.job_id, req.disks, remove=not req.success)
     if not req.success:
         left = await state_files.staged_for(server, req.job_id, "", req.state)
         await state_files.discard(host, left, req.job_id)
+        await ownership.release_restore_hold(conn, req.vm_name, req.job_id)
         return
     placements = [DiskPlacement(t.target, t.path, t.kind, t.format) for t in req.disks]
+    uuid = await state_files.target_uuid(conn, req.vm_name, req.uuid)
     final = (
-        restored_domain(req.domain_xml, name=req.vm_name, job_id=req.job_id, disks=placements)
+        restored_domain(
+            req.domain_xml, name=req.vm_name, job_id=req.job_id, disks=placements, uuid=uuid
+        )
         if req.domain_xml
         else ""
     )
     state = await state_files.staged_for(server, req.job_id, final, req.state)
-    conn = await server.connection()
+    if req.disks and all(not t.temp_path for t in req.disks):
+        # Only defining (no disk written): state found on the host is never replaced.
+        state = [msgspec.structs.replace(s, replace=False) for s in state]
     with contextlib.suppress(VirtNotFound):
         dom = await get_domain(conn, req.vm_name)
         if dom.power_state != PowerState.SHUTOFF:

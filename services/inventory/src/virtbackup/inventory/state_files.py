@@ -20,6 +20,7 @@ import contextlib
 import logging
 import posixpath
 from collections.abc import Sequence
+from typing import Final
 
 from virtbackup.contracts.v1.state import (
     StagedState,
@@ -37,11 +38,13 @@ from virtbackup.inventory.hosts import HostServer
 from virtbackup.runtime.errors import BadRequest, Conflict, Unavailable
 from virtbackup.virt import get_domain
 from virtbackup.virt.connection import Connection
-from virtbackup.virt.domains import domain_xml
+from virtbackup.virt.domains import PowerState, domain_xml, list_domains
+from virtbackup.virt.errors import NotFound as VirtNotFound
 from virtbackup.virt.errors import VirtError
 from virtbackup.virt.host import Host
-from virtbackup.virt.rewrite import restored_domain
+from virtbackup.virt.rewrite import domain_name, restored_domain
 from virtbackup.virt.state import (
+    SAFE_MODE_BITS,
     StateEntry,
     StateError,
     StateLocation,
@@ -51,6 +54,7 @@ from virtbackup.virt.state import (
     list_entries,
     locate_state,
     read_piece,
+    referenced_paths,
     snapshot,
     stage,
     state_dirs,
@@ -64,6 +68,12 @@ log = logging.getLogger(__name__)
 #: Minutes after which a snapshot's copies are taken as abandoned (a backup reads them
 #: within seconds of making them) and removed by the next snapshot on the host.
 STALE_MINUTES = 24 * 60
+#: The accounts restored state may belong to: root and those libvirt runs QEMU and swtpm
+#: as (Debian's ``libvirt-qemu``/``kvm`` and ``tss``, Fedora's ``qemu`` and ``tss``). A
+#: restore point's record is not authenticated (``backup.json`` is plaintext), so the
+#: owners it names are taken only from these and the account the host's commands run as
+#: (a session connection's user); any other becomes that account (see :func:`clamp`).
+STATE_ACCOUNTS: Final = frozenset({"root", "libvirt-qemu", "qemu", "kvm", "tss", "swtpm"})
 
 
 def snapshot_dir(scratch_dir: str, job_id: str) -> str:
@@ -173,50 +183,209 @@ async def release(server: HostServer, req: StateReleaseRequest, scratch_dir: str
         raise Conflict(str(exc)) from None
 
 
-def _entries(files: Sequence[StateFile]) -> list[StateEntry]:
+def _entries(files: Sequence[StateFile], account: tuple[str, str]) -> list[StateEntry]:
     out = []
     for f in files:
         try:
             check_relative(f.relative)
         except ValueError as exc:
             raise BadRequest(f"files: {f.role}: {exc}") from None
-        out.append(StateEntry(f.relative, f.kind, f.size, f.mode, f.owner, f.group))
+        out.append(clamp(StateEntry(f.relative, f.kind, f.size, f.mode, f.owner, f.group), account))
     return out
 
 
+def clamp(entry: StateEntry, account: tuple[str, str]) -> StateEntry:
+    """``entry`` with an owner and group among :data:`STATE_ACCOUNTS` and ``account``
+    (the user and group the host's commands run as), else those of ``account``, and
+    without setuid, setgid, sticky or write-by-others bits. The record a restore reads
+    them from is not authenticated: this bounds what a forged one can make."""
+    allowed = STATE_ACCOUNTS | set(account)
+    owner = entry.owner if entry.owner in allowed else account[0]
+    group = entry.group if entry.group in allowed else account[1]
+    return StateEntry(
+        entry.relative, entry.kind, entry.size, entry.mode & SAFE_MODE_BITS, owner, group
+    )
+
+
+async def host_account(host: Host) -> tuple[str, str]:
+    """The user and group commands run as on ``host`` (``root``, ``root`` for a system
+    connection)."""
+    result = await host.run(["sh", "-c", "id -un; id -gn"], timeout=30)
+    lines = result.stdout.split()
+    if result.returncode != 0 or len(lines) != 2:
+        raise StateError(f"cannot tell the account on the host: {result.stderr.strip()}")
+    return lines[0], lines[1]
+
+
+async def target_uuid(conn: Connection, vm_name: str, given: str = "") -> str | None:
+    """The UUID a restored domain ``vm_name`` gets: ``given``, else that of the domain of
+    this name defined now (a restore keeps the UUID of the domain it replaces), else
+    ``None`` (:func:`virtbackup.virt.rewrite.restored_domain` decides)."""
+    if given:
+        return given
+    try:
+        return (await get_domain(conn, vm_name)).uuid
+    except VirtNotFound:
+        return None
+
+
+def restored_xml(xml: str, vm_name: str, job_id: str, uuid: str | None) -> str:
+    """The saved ``xml`` as the restore defines it under ``vm_name`` (``""``: the saved
+    name), without its disk placements (state locations do not depend on them).
+    BadRequest for an XML that cannot be rewritten."""
+    try:
+        return restored_domain(xml, name=vm_name or domain_name(xml), job_id=job_id, uuid=uuid)
+    except (ValueError, SyntaxError) as exc:
+        raise BadRequest(f"domain XML: {exc}") from None
+
+
+async def resolve(host: Host, paths: Sequence[str]) -> dict[str, str]:
+    """Each path with every symbolic link resolved on the host (``realpath -m``; a path
+    that cannot be resolved stays as it is)."""
+    unique = list(dict.fromkeys(paths))
+    out = {p: posixpath.normpath(p) for p in unique}
+    if not unique:
+        return out
+    result = await host.run(["realpath", "-m", "-z", "--", *unique], timeout=60)
+    found = result.stdout.split("\0")
+    if result.returncode == 0 and len(found) >= len(unique):
+        out.update(zip(unique, found[: len(unique)], strict=True))
+    return out
+
+
+async def used_elsewhere(
+    server: HostServer, conn: Connection, host: Host, vm_name: str
+) -> dict[str, str]:
+    """Every path (symbolic links resolved) that a domain other than ``vm_name`` on this
+    server uses for its data (disks, backing files, CD-ROMs, NVRAM, loaders, TPM state:
+    :func:`virtbackup.virt.state.referenced_paths`), with that domain's name; a running
+    domain's live XML counts too. A restore writes over none of them."""
+    uri = str(await conn.call(conn.raw.getURI))
+    kind = connection_kind(uri)
+    home = await home_directory(host) if kind == "session" else None
+    users: dict[str, str] = {}
+    for dom in await list_domains(conn):
+        if dom.name == vm_name:
+            continue
+        try:
+            xmls = [await domain_xml(conn, dom.name, inactive=True)]
+            if dom.power_state != PowerState.SHUTOFF:
+                xmls.append(await domain_xml(conn, dom.name))
+        except VirtNotFound:
+            continue  # undefined meanwhile
+        for xml in xmls:
+            for path in referenced_paths(xml, kind, home=home):
+                users.setdefault(path, dom.name)
+    resolved = await resolve(host, list(users))
+    return {resolved[path]: name for path, name in users.items()}
+
+
+async def _kind(host: Host, path: str) -> str:
+    """``absent``, ``file``, ``dir``, or what else ``stat`` says (a symbolic link is not
+    followed)."""
+    result = await host.run(["stat", "-c", "%F", "--", path], timeout=30)
+    if result.returncode != 0:
+        return "absent"
+    text = result.stdout.strip()
+    return {"regular file": "file", "regular empty file": "file", "directory": "dir"}.get(
+        text, text
+    )
+
+
+async def check_places(
+    server: HostServer,
+    host: Host,
+    places: Sequence[StateLocation],
+    vm_name: str,
+    elsewhere: dict[str, str],
+    ours: set[str] | None,
+) -> dict[str, str]:
+    """Conflict unless each state location can be written as a disk path can: what is
+    there is of the location's kind (a file, a directory: nothing else is ever
+    replaced), no other domain on the server uses it (``elsewhere``, from
+    :func:`used_elsewhere`), and, when ``ours`` is given (a restore under a new name),
+    what exists there is state of domain ``vm_name`` (``ours``: its locations).
+    Returns each location's kind on the host (``absent``, ``file``, ``dir``)."""
+    resolved = await resolve(host, [p.path for p in places])
+    kinds: dict[str, str] = {}
+    for place in places:
+        kind = await _kind(host, place.path)
+        where = f"{place.role} state {place.path} on server {server.id}"
+        if kind not in ("absent", place.kind):
+            want = "directory" if place.kind == "dir" else "file"
+            raise Conflict(f"{where} is a {kind}; a restore puts a {want} there and never "
+                           f"replaces a {kind} with it")  # fmt: skip
+        user = elsewhere.get(resolved[place.path])
+        if user is not None:
+            raise Conflict(
+                f"{where} is used by vm {user}; a restore never writes over another VM's "
+                "state (restore under another vmName, or change that VM)"
+            )
+        if ours is not None and kind != "absent" and place.path not in ours:
+            raise Conflict(
+                f"{where} exists and is not state of {vm_name}; remove it, or restore under "
+                "another vmName"
+            )
+        kinds[place.path] = kind
+    return kinds
+
+
+async def own_places(server: HostServer, conn: Connection, vm_name: str) -> set[str]:
+    """The state locations of the defined domain ``vm_name`` (empty when there is none)."""
+    try:
+        xml = await domain_xml(conn, vm_name, inactive=True)
+    except VirtNotFound:
+        return set()
+    try:
+        return {loc.path for loc in await locations(server, conn, xml)}
+    except BadRequest:
+        return set()
+
+
 async def prepare(server: HostServer, req: StatePrepareRequest) -> StatePrepared:
-    """Build each saved role's state beside where ``req.domain_xml`` keeps it (see the
-    module docstring). Roles the XML does not reference are skipped (and named in the
-    reply). Raises BadRequest (an XML that cannot say where, saved entries that do not
-    make a tree), Conflict (the host refuses, e.g. an owner it does not know); nothing is
-    left behind on failure."""
+    """Build each saved role's state beside where the restored domain keeps it (the XML as
+    the restore defines it: ``req.vm_name`` and the UUID of :func:`target_uuid`; see the
+    module docstring). Roles the XML does not reference are skipped, and with
+    ``only_missing`` roles whose place holds state are left as they are (each named in
+    the reply). Owners and modes are clamped (:func:`clamp`).
+
+    Raises BadRequest (an XML that cannot say where, saved entries that do not make a
+    tree), Conflict (a place that is not of its role's kind or that another domain uses,
+    see :func:`check_places`; the host refuses); nothing is left behind on failure."""
     conn = await server.connection()
     host = await server.host()
-    xml = req.domain_xml
-    if req.vm_name:
-        try:
-            xml = restored_domain(xml, name=req.vm_name, job_id=req.job_id)
-        except (ValueError, SyntaxError) as exc:
-            raise BadRequest(f"domain XML: {exc}") from None
+    name = req.vm_name or domain_name(req.domain_xml)
+    uuid = await target_uuid(conn, name, req.uuid)
+    xml = restored_xml(req.domain_xml, req.vm_name, req.job_id, uuid)
     by_role = {loc.role: loc for loc in await locations(server, conn, xml)}
     roles: dict[str, list[StateFile]] = {}
     for f in req.files:
         roles.setdefault(f.role, []).append(f)
-    staged: list[StagedState] = []
     skipped = sorted(r for r in roles if r not in by_role)
+    places = [by_role[r] for r in roles if r in by_role]
     try:
-        for role, files in roles.items():
-            location = by_role.get(role)
-            if location is None:
+        account = await host_account(host)
+        elsewhere = await used_elsewhere(server, conn, host, name)
+    except StateError as exc:
+        raise Conflict(str(exc)) from None
+    kinds = await check_places(server, host, places, name, elsewhere, None)
+    kept = sorted(p.role for p in places if req.only_missing and kinds[p.path] != "absent")
+    staged: list[StagedState] = []
+    try:
+        for location in places:
+            if location.role in kept:
                 continue
             temp = temp_path(location.path, req.job_id)
             try:
-                await stage(host, location, _entries(files), temp)
+                await stage(host, location, _entries(roles[location.role], account), temp)
             except ValueError as exc:
                 raise BadRequest(f"files: {exc}") from None
             staged.append(
-                StagedState(role=role, path=location.path, temp_path=temp, kind=location.kind)
-            )
+                StagedState(
+                    role=location.role, path=location.path, temp_path=temp,
+                    kind=location.kind, replace=not req.only_missing,
+                )
+            )  # fmt: skip
     except BaseException as exc:
         await discard(host, staged)
         if isinstance(exc, StateError):
@@ -224,7 +393,7 @@ async def prepare(server: HostServer, req: StatePrepareRequest) -> StatePrepared
         raise
     if skipped:
         log.info("restore %s: the domain XML has no place for %s", req.job_id, skipped)
-    return StatePrepared(staged=staged, skipped=skipped)
+    return StatePrepared(staged=staged, skipped=skipped, kept=kept)
 
 
 def _in_staged_tree(path: str, job_id: str) -> bool:
@@ -324,7 +493,9 @@ async def commit(host: Host, job_id: str, staged: Sequence[StagedState]) -> None
     for s in staged:
         location = StateLocation(s.role, s.path, s.kind)
         try:
-            await commit_location(host, location, s.temp_path, old_path(s.path, job_id))
+            await commit_location(
+                host, location, s.temp_path, old_path(s.path, job_id), replace=s.replace
+            )
         except StateError as exc:
             raise Conflict(str(exc)) from None
 

@@ -13,18 +13,13 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any
 from xml.etree import ElementTree as ET
 
 import msgspec
 
 from virtbackup.contracts.subjects import EventType, InventoryCmd, JobCmd
-from virtbackup.contracts.v1.inventory import (
-    RestoreDisk,
-    RestorePrecheckRequest,
-    RestorePrecheckResult,
-    VmInfo,
-    VmRef,
-)
+from virtbackup.contracts.v1.inventory import VmInfo, VmRef
 from virtbackup.contracts.v1.jobs import (
     TERMINAL_STATES,
     BackupRequest,
@@ -42,7 +37,12 @@ from virtbackup.contracts.v1.jobs import (
     SanityRequest,
 )
 from virtbackup.job_orchestrator.jobctx import JobContext, job_payload
-from virtbackup.job_orchestrator.restore import plan_restore, restore_params, target_name
+from virtbackup.job_orchestrator.restore import (
+    plan_restore,
+    request_plan,
+    restore_params,
+    target_name,
+)
 from virtbackup.job_orchestrator.runner import execute
 from virtbackup.repository.format import parse_xml_key, vm_segment
 from virtbackup.repository.records import RestorePoint
@@ -128,13 +128,27 @@ async def backup(jc: JobContext, req: BackupRequest) -> Job:
 
 @commands.handler(JobCmd.RESTORE_PRECHECK, PrecheckRequest)
 async def restore_precheck(jc: JobContext, req: PrecheckRequest) -> PrecheckResult:
+    """What a restore of the point onto the server would find, for the VM it would define
+    (``vm_name``, else the saved name) with its disks where it would put them. The
+    placement fields are checked as ``restore`` checks them (400 naming
+    ``targetDirectory`` or ``storagePool``; 409 for a record that disagrees with the
+    point's sealed data); nothing changes on the server."""
     find_server(await jc.config(), req.server_id)
-    _, point = await open_point(jc, req.xml_path, req.destination_id)
-    result = await precheck_point(jc, req.server_id, point)
+    dest_id, point = await open_point(jc, req.xml_path, req.destination_id)
+    params: dict[str, Any] = {"decision": "define"}  # plans placements, writes nothing
+    if req.vm_name:
+        params["vmName"] = req.vm_name
+    if req.target_directory:
+        params["targetDirectory"] = req.target_directory
+    if req.storage_pool:
+        params["storagePool"] = req.storage_pool
+    with destination_faults(dest_id):
+        result = await request_plan(jc, req.server_id, dest_id, point, params)
     return PrecheckResult(
         vm_exists=result.vm_exists,
         can_define_only=result.can_define_only,
         vm_running=result.vm_running,
+        problems=result.problems,
     )
 
 
@@ -286,22 +300,6 @@ async def _point_in(jc: JobContext, destination_id: str, xml_path: str) -> Resto
             raise BadRequest(f"destination {destination_id}: {exc}") from None
         finally:
             await repo.close()
-
-
-async def precheck_point(
-    jc: JobContext, server_id: str, point: RestorePoint
-) -> RestorePrecheckResult:
-    request = RestorePrecheckRequest(
-        server_id=server_id,
-        vm_name=point.vm_name,
-        disks=[RestoreDisk(target=d.target, path=d.path, size=d.size) for d in point.disks],
-    )
-    return await jc.bus.request(
-        InventoryCmd.RESTORE_PRECHECK,
-        request,
-        RestorePrecheckResult,
-        timeout=timeouts.INVENTORY_QUERY,
-    )
 
 
 async def _entry(repo: Repository, point: RestorePoint, destination_id: str) -> RestoreEntry:

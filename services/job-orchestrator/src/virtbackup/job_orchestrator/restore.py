@@ -4,13 +4,16 @@ A restore is planned by the inventory of the target server (where each disk goes
 what format and kind, and whether that can be done: see ``RestorePrecheckRequest``)
 twice: when it is asked for, so that bad input is refused before a job exists, and
 again when the job starts, so that a host that changed in between fails the job before
-anything is touched.
+anything is touched. Where each disk was comes from the point's sealed data (its domain
+XML and manifests), never from the plaintext record alone (:func:`restore_disks`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -34,9 +37,9 @@ from virtbackup.job_orchestrator.errors import JobFailed, SanityFailed
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import UNIT_CHUNKS
 from virtbackup.job_orchestrator.progress import update_job
-from virtbackup.job_orchestrator.state_files import chunk_owners, stage
+from virtbackup.job_orchestrator.state_files import chunk_owners, stage, state_summary
 from virtbackup.repository.records import DiskManifest, RestorePoint
-from virtbackup.repository.repository import RepositoryError
+from virtbackup.repository.repository import Repository, RepositoryError
 from virtbackup.runtime import timeouts
 from virtbackup.runtime.errors import Conflict, ServiceError
 from virtbackup.storage.errors import NotFoundError
@@ -73,6 +76,106 @@ def target_name(point: RestorePoint, params: dict[str, Any]) -> str:
     return name
 
 
+def restore_disks(
+    point: RestorePoint, domain_xml: str, manifests: Sequence[DiskManifest] = ()
+) -> list[RestoreDisk]:
+    """Each disk of ``point`` where its saved domain XML says it was, with the size and
+    format of its manifest when ``manifests`` are given (else of the record).
+
+    The XML and the manifests are sealed with the repository's key (as associated data,
+    their keys) when the destination is encrypted; ``backup.json`` is plaintext, a
+    listing aid: it only says which disks the point holds, and must agree. Conflict when
+    it does not (a record changed on the destination), naming the disk."""
+    sources = _disk_sources(domain_xml)
+    by_target = {m.target: m for m in manifests}
+    disks = []
+    for record in point.disks:
+        path = sources.get(record.target)
+        manifest = by_target.get(record.target)
+        problem = ""
+        if path is None:
+            problem = "its saved domain XML has no such disk"
+        elif path != record.path:
+            problem = f"its saved domain XML says {path}"
+        elif manifest is not None and manifest.source_path != path:
+            problem = f"its manifest says {manifest.source_path}"
+        elif manifest is not None and manifest.size != record.size:
+            problem = f"its manifest says {manifest.size} bytes, the record {record.size}"
+        if problem:
+            raise Conflict(
+                f"restore point {point.xml_path}: the record puts disk {record.target} at "
+                f"{record.path}, but {problem}: the record was changed; nothing restored"
+            )
+        assert path is not None
+        disks.append(
+            RestoreDisk(
+                target=record.target,
+                path=path,
+                size=manifest.size if manifest is not None else record.size,
+                format=manifest.format if manifest is not None else record.format,
+            )
+        )
+    return disks
+
+
+def _disk_sources(domain_xml: str) -> dict[str, str]:
+    """target -> the file or device of each disk of a domain XML."""
+    try:
+        root = ET.fromstring(domain_xml)  # noqa: S314 - our own backup, authenticated when sealed
+    except ET.ParseError:
+        return {}
+    out: dict[str, str] = {}
+    for disk in root.findall("./devices/disk"):
+        target, source = disk.find("target"), disk.find("source")
+        if target is None or source is None or not target.get("dev"):
+            continue
+        path = source.get("file") or source.get("dev") or source.get("name") or ""
+        path = path or source.get("volume") or ""
+        out.setdefault(target.get("dev", ""), path)
+    return out
+
+
+async def request_plan(
+    jc: JobContext,
+    server_id: str,
+    destination_id: str,
+    point: RestorePoint,
+    params: dict[str, Any],
+    domain_xml: str | None = None,
+    *,
+    manifests: Sequence[DiskManifest] = (),
+    job_id: str = "",
+) -> RestorePrecheckResult:
+    """The target server's plan for restoring ``point`` with ``params`` (``vmName``,
+    ``targetDirectory``, ``storagePool``, ``decision``): see ``RestorePrecheckRequest``
+    for what it raises; ``Conflict`` also for a record that disagrees with the point's
+    sealed data (:func:`restore_disks`). With ``job_id`` (the job's own plan) the
+    inventory holds the existing domain for the job."""
+    if domain_xml is None:
+        repo = await jc.repository(destination_id, create=False)
+        try:
+            domain_xml = await repo.domain_xml(point)
+        finally:
+            await repo.close()
+    request = RestorePrecheckRequest(
+        server_id=server_id,
+        vm_name=target_name(point, params),
+        disks=restore_disks(point, domain_xml, manifests),
+        domain_xml=domain_xml,
+        decision=params["decision"],
+        target_directory=params.get("targetDirectory") or "",
+        storage_pool=params.get("storagePool") or "",
+        state_roles=sorted({f.role for f in point.files}),
+        job_id=job_id,
+    )
+    return await jc.bus.request(
+        InventoryCmd.RESTORE_PRECHECK,
+        request,
+        RestorePrecheckResult,
+        timeout=timeouts.INVENTORY_QUERY,
+    )
+
+
 async def plan_restore(
     jc: JobContext,
     server_id: str,
@@ -80,39 +183,22 @@ async def plan_restore(
     point: RestorePoint,
     params: dict[str, Any],
     domain_xml: str | None = None,
+    *,
+    manifests: Sequence[DiskManifest] = (),
+    job_id: str = "",
 ) -> RestorePrecheckResult:
     """Ask the target server's inventory where each disk goes, and check the answer.
 
-    Raises what the inventory raises (``BadRequest`` naming ``targetDirectory`` or
-    ``storagePool``, ``Conflict`` for disks it would not write), and ``Conflict`` when
-    the VM is running (``overwrite``), when a ``vmName`` exists and the decision is not
-    ``overwrite``, or when ``define`` would not find the disks."""
-    if domain_xml is None:
-        repo = await jc.repository(destination_id, create=False)
-        try:
-            domain_xml = await repo.domain_xml(point)
-        finally:
-            await repo.close()
+    Raises what :func:`request_plan` raises (``BadRequest`` naming ``targetDirectory``
+    or ``storagePool``, ``Conflict`` for disks or state it would not write), and
+    ``Conflict`` when the VM is running (``overwrite``), when a ``vmName`` exists and the
+    decision is not ``overwrite``, or when ``define`` would not find the disks."""
     name = target_name(point, params)
     decision = params["decision"]
-    request = RestorePrecheckRequest(
-        server_id=server_id,
-        vm_name=name,
-        disks=[
-            RestoreDisk(target=d.target, path=d.path, size=d.size, format=d.format)
-            for d in point.disks
-        ],
-        domain_xml=domain_xml,
-        decision=decision,
-        target_directory=params.get("targetDirectory") or "",
-        storage_pool=params.get("storagePool") or "",
-    )
-    plan = await jc.bus.request(
-        InventoryCmd.RESTORE_PRECHECK,
-        request,
-        RestorePrecheckResult,
-        timeout=timeouts.INVENTORY_QUERY,
-    )
+    plan = await request_plan(
+        jc, server_id, destination_id, point, params, domain_xml,
+        manifests=manifests, job_id=job_id,
+    )  # fmt: skip
     if params.get("vmName") and plan.vm_exists and decision != "overwrite":
         raise Conflict(
             f"vm {name} already exists on server {server_id}: restore with decision "
@@ -134,37 +220,15 @@ async def run_restore(jc: JobContext, job: Job) -> str:
         point = await repo.restore_point(xml_path)
         domain_xml = await repo.domain_xml(point)
         name = target_name(point, job.params)
+        manifests = [await repo.manifest(point, d.target) for d in point.disks]
         plan = await plan_restore(
-            jc, job.server_id, job.destination_id, point, job.params, domain_xml
-        )
+            jc, job.server_id, job.destination_id, point, job.params, domain_xml,
+            manifests=manifests, job_id=job.id,
+        )  # fmt: skip
         as_name = f" as {name}" if name != point.vm_name else ""
         if decision == "define":
-            targets = [
-                RestoreTarget(
-                    target=d.target,
-                    path=d.path,
-                    temp_path="",
-                    nbd_url="",
-                    format=d.format,
-                    kind=d.kind,
-                )
-                for d in plan.disks
-            ]
-            # Recorded, so that whoever commits this job again defines the same disks.
-            await _record_targets(jc, job, targets)
-            finish = RestoreFinishRequest(
-                server_id=job.server_id, job_id=job.id, vm_name=name,
-                success=True, domain_xml=domain_xml, disks=targets,
-            )  # fmt: skip
-            await jc.enter(job.id, "committing", message="defining the domain")
-            await jc.bus.request(
-                InventoryCmd.RESTORE_FINISH, finish, Ok, timeout=timeouts.INVENTORY_JOB_STEP
-            )
-            done = (
-                f"defined {point.vm_name}{as_name} from {point.timestamp} (disks left as they are)"
-            )
+            done = await _define_only(jc, job, repo, point, domain_xml, plan, name)
             return await _start_if_asked(jc, job, name, done)
-        manifests = [await repo.manifest(point, d.target) for d in point.disks]
         prepare = RestorePrepareRequest(server_id=job.server_id, job_id=job.id, disks=plan.disks)
         await jc.message(job.id, "creating the disk images")
         prepared = await jc.bus.request(
@@ -178,7 +242,9 @@ async def run_restore(jc: JobContext, job: Job) -> str:
         success = False
         state: list[StagedState] = []  # NVRAM, TPM state: staged, moved at the finish
         try:
-            await stage(jc, job, repo, point, domain_xml, into=state, vm_name=name)
+            put_back = await stage(
+                jc, job, repo, point, domain_xml, into=state, vm_name=name, uuid=plan.vm_uuid
+            )
             units = _restore_units(job, manifests, prepared.disks)
             total = sum(
                 min(unit.chunk_size, unit.disk_size - r.index * unit.chunk_size)
@@ -200,6 +266,7 @@ async def run_restore(jc: JobContext, job: Job) -> str:
                 domain_xml=domain_xml if success else "",
                 disks=prepared.disks,
                 state=state,
+                uuid=plan.vm_uuid,
             )
             try:
                 # A runner that no longer holds the job leaves the images to its new
@@ -217,9 +284,62 @@ async def run_restore(jc: JobContext, job: Job) -> str:
                 log.exception("cleaning up the failed restore of %s", point.vm_name)
         disks = ", ".join(d.path for d in plan.disks)
         done = f"restored {point.vm_name}{as_name} from {point.timestamp}: {disks}"
+        if summary := state_summary(put_back):
+            done = f"{done}; {summary}"
         return await _start_if_asked(jc, job, name, done)
     finally:
         await repo.close()
+
+
+async def _define_only(
+    jc: JobContext,
+    job: Job,
+    repo: Repository,
+    point: RestorePoint,
+    domain_xml: str,
+    plan: RestorePrecheckResult,
+    name: str,
+) -> str:
+    """``define``: the disks are used as they are; the point's state files are put back
+    only where the host has none (never replacing state that is there); then the domain
+    is defined. Returns the job's message, which says what state was put back or left."""
+    assert job.server_id
+    targets = [
+        RestoreTarget(
+            target=d.target, path=d.path, temp_path="", nbd_url="", format=d.format, kind=d.kind
+        )
+        for d in plan.disks
+    ]
+    # Recorded, so that whoever commits this job again defines the same disks.
+    await _record_targets(jc, job, targets)
+    state: list[StagedState] = []
+    success = False
+    try:
+        prepared = await stage(
+            jc, job, repo, point, domain_xml, into=state, vm_name=name,
+            uuid=plan.vm_uuid, only_missing=True,
+        )  # fmt: skip
+        await jc.enter(job.id, "committing", message="defining the domain")
+        success = True
+    finally:
+        finish = RestoreFinishRequest(
+            server_id=job.server_id, job_id=job.id, vm_name=name, success=success,
+            domain_xml=domain_xml if success else "", disks=targets, state=state,
+            uuid=plan.vm_uuid,
+        )  # fmt: skip
+        try:
+            if success or jc.holds(job.id):
+                await jc.bus.request(
+                    InventoryCmd.RESTORE_FINISH, finish, Ok, timeout=timeouts.INVENTORY_JOB_STEP
+                )
+        except ServiceError:
+            if success:
+                raise
+            log.exception("cleaning up the failed define of %s", point.vm_name)
+    as_name = f" as {name}" if name != point.vm_name else ""
+    done = f"defined {point.vm_name}{as_name} from {point.timestamp} (disks left as they are)"
+    summary = state_summary(prepared)
+    return f"{done}; {summary}" if summary else done
 
 
 async def _record_targets(jc: JobContext, job: Job, targets: list[RestoreTarget]) -> None:

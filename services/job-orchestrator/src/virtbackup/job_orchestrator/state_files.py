@@ -68,9 +68,7 @@ async def capture(jc: JobContext, job: Job, repo: Repository) -> list[StateFileR
 
 
 def _roles(files: list[StateFile]) -> str:
-    names = {"nvram": "the UEFI variable store", "loader": "the writable firmware"}
-    roles = dict.fromkeys(f.role for f in files)
-    return ", ".join(names.get(r, "the TPM state" if r.startswith("tpm") else r) for r in roles)
+    return _names([f.role for f in files])
 
 
 async def _store(jc: JobContext, job: Job, repo: Repository, f: StateFile) -> StateFileRecord:
@@ -111,14 +109,20 @@ async def stage(
     domain_xml: str,
     into: list[StagedState],
     vm_name: str = "",
-) -> None:
+    *,
+    uuid: str = "",
+    only_missing: bool = False,
+) -> StatePrepared | None:
     """Build the point's state files where ``domain_xml`` (the saved XML, as the restore
-    defines it under ``vm_name``) keeps each role, under temporary names, and append what
-    was built to ``into`` (as soon as it exists, so that the caller's finish removes it
-    whatever fails later). A point without files does nothing."""
+    defines it under ``vm_name`` with ``uuid``: see ``StatePrepareRequest``) keeps each
+    role, under temporary names, and append what was built to ``into`` (as soon as it
+    exists, so that the caller's finish removes it whatever fails later). With
+    ``only_missing``, roles whose place holds state are left as they are. Returns the
+    inventory's answer (what was built, skipped and kept); ``None`` for a point without
+    files (nothing done)."""
     assert job.server_id
     if not point.files:
-        return
+        return None
     prepared = await jc.bus.request(
         InventoryCmd.STATE_PREPARE,
         StatePrepareRequest(
@@ -127,6 +131,8 @@ async def stage(
             domain_xml=domain_xml,
             files=[_wire(r) for r in point.files],
             vm_name=vm_name,
+            uuid=uuid,
+            only_missing=only_missing,
         ),
         StatePrepared,
         timeout=timeouts.INVENTORY_JOB_STEP,
@@ -136,7 +142,8 @@ async def stage(
         skipped = ", ".join(prepared.skipped)
         await jc.message(job.id, f"not restored (the domain has no place for it): {skipped}")
     temps = {s.role: s.temp_path for s in prepared.staged}
-    await jc.message(job.id, "writing the VM's state files")
+    if temps:
+        await jc.message(job.id, "writing the VM's state files")
     for record in point.files:
         if record.kind != "file" or record.role not in temps:
             continue
@@ -151,6 +158,29 @@ async def stage(
             await jc.bus.request(
                 InventoryCmd.STATE_WRITE, write, Ok, timeout=timeouts.INVENTORY_QUERY
             )
+    return prepared
+
+
+def state_summary(prepared: StatePrepared | None) -> str:
+    """What a restore did with the point's state files, for the job's message (``""``
+    when the point holds none): ``state put back: the UEFI variable store; left as it
+    was: the TPM state``."""
+    if prepared is None:
+        return ""
+    parts = []
+    if prepared.staged:
+        parts.append("state put back: " + _names([s.role for s in prepared.staged]))
+    if prepared.kept:
+        parts.append("left as it was (already there): " + _names(prepared.kept))
+    if prepared.skipped:
+        parts.append("not put back (the domain has no place for it): " + _names(prepared.skipped))
+    return "; ".join(parts)
+
+
+def _names(roles: list[str]) -> str:
+    names = {"nvram": "the UEFI variable store", "loader": "the writable firmware"}
+    unique = dict.fromkeys(roles)
+    return ", ".join(names.get(r, "the TPM state" if r.startswith("tpm") else r) for r in unique)
 
 
 def chunk_owners(point: RestorePoint) -> list[tuple[str, str]]:

@@ -253,6 +253,15 @@ class RestorePrecheckRequest(Message, frozen=True, kw_only=True):
     decision: Literal["overwrite", "define"] = "overwrite"
     target_directory: str = ""
     storage_pool: str = ""
+    #: The roles of state (``nvram``, ``tpm``...) the point holds: with ``domain_xml``
+    #: and ``overwrite``, each place the restored domain keeps one is checked as a disk
+    #: path is (a file where a file is due, a directory where a directory is; under a
+    #: new name, not another VM's state).
+    state_roles: list[str] = msgspec.field(default_factory=list)
+    #: The restore job planning (empty before a job exists). With it the existing domain
+    #: ``vm_name`` is held for the job: VM actions on it answer 409 naming the job until
+    #: the restore defines it or ends.
+    job_id: str = ""
 
 
 class RestorePrecheckResult(Message, frozen=True, kw_only=True):
@@ -266,6 +275,9 @@ class RestorePrecheckResult(Message, frozen=True, kw_only=True):
     can_define_only: bool
     problems: list[str] = msgspec.field(default_factory=list)
     disks: list[RestoreDisk] = msgspec.field(default_factory=list)
+    #: The UUID of the existing domain ``vm_name`` (empty when there is none): a restore
+    #: that replaces it keeps it.
+    vm_uuid: str = ""
 
 
 class RestorePrepareRequest(Message, frozen=True, kw_only=True):
@@ -320,3 +332,8 @@ class RestoreFinishRequest(Message, frozen=True, kw_only=True):
     domain_xml: str = ""
     disks: list[RestoreTarget] = msgspec.field(default_factory=list)
     state: list[StagedState] = msgspec.field(default_factory=list)
+    #: The UUID the restored domain gets: the replaced domain's (``RestorePrecheckResult.
+    #: vm_uuid``), as the job's state files were staged for. Empty: the UUID of the domain
+    #: ``vm_name`` defined now, else the saved one (same name) or one derived from the
+    #: job id (a new name).
+    uuid: str = ""

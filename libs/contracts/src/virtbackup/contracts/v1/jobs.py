@@ -153,12 +153,26 @@ class RestoreEntries(Message, frozen=True, kw_only=True):
 
 
 class PrecheckRequest(Message, frozen=True, kw_only=True):
+    """``POST /servers/{id}/restore/precheck``: what restoring a point onto server
+    ``server_id`` would find. ``vm_name``, ``target_directory`` and ``storage_pool`` are
+    those of ``RestoreRequest`` and checked as it checks them (400 naming the field); the
+    answer is for the VM the restore would define (``vm_name``, else the saved name) and
+    its disks where the restore would put them."""
+
     server_id: ServerId
     xml_path: str
     destination_id: str | None = None
+    vm_name: VmName | None = None
+    target_directory: AbsolutePath | None = None
+    storage_pool: PoolName | None = None
 
 
 class PrecheckResult(Message, frozen=True, kw_only=True):
+    """``vm_exists``: a domain of the target name is defined (``vm_running``: and runs);
+    ``can_define_only``: every disk is at its planned path with the right size
+    (``problems`` says what is not)."""
+
     vm_exists: bool
     can_define_only: bool
     vm_running: bool = False
+    problems: list[str] = msgspec.field(default_factory=list)

@@ -109,6 +109,13 @@ class StatePrepareRequest(Message, frozen=True, kw_only=True):
     domain_xml: str
     files: list[StateFile]
     vm_name: str = ""
+    #: The UUID the restored domain gets (``RestoreFinishRequest.uuid``; empty: as
+    #: the finish derives it).
+    uuid: str = ""
+    #: Build only roles whose place is empty (a restore that only defines the domain
+    #: puts back missing state, never replaces state that is there); the others are
+    #: named in ``StatePrepared.kept``.
+    only_missing: bool = False
 
 
 class StagedState(Message, frozen=True, kw_only=True):
@@ -119,12 +126,17 @@ class StagedState(Message, frozen=True, kw_only=True):
     path: str
     temp_path: str
     kind: Literal["file", "dir"] = "file"
+    #: Whether the commit replaces state found at ``path`` (false: it moves the staged
+    #: tree there only while nothing is there, else removes it).
+    replace: bool = True
 
 
 class StatePrepared(Message, frozen=True, kw_only=True):
     staged: list[StagedState] = msgspec.field(default_factory=list)
     #: Roles of the saved state that the domain XML does not reference (not restored).
     skipped: list[str] = msgspec.field(default_factory=list)
+    #: Roles left as they are on the host (``only_missing``: their place holds state).
+    kept: list[str] = msgspec.field(default_factory=list)
 
 
 class StateWriteRequest(Message, frozen=True, kw_only=True):

@@ -76,8 +76,14 @@ class BackupBody(msgspec.Struct, kw_only=True, rename="camel"):
 
 
 class PrecheckBody(msgspec.Struct, kw_only=True, rename="camel"):
+    """The agent API's fields, plus where and as what the restore would go (optional,
+    checked as ``restore/start`` checks them): see ``PrecheckRequest``."""
+
     xml_path: str
     destination_id: str | None = None
+    vm_name: VmName | None = None
+    target_directory: AbsolutePath | None = None
+    storage_pool: PoolName | None = None
 
 
 class RestoreBody(msgspec.Struct, kw_only=True, rename="camel"):
@@ -167,13 +173,18 @@ class ServersController(Controller):
         job = await gw.bus.request(JobCmd.BACKUP, request, Job, timeout=timeouts.JOB_COMMAND)
         return {"jobId": job.id}
 
-    @post("/restore/precheck", status_code=200, responses=responses(404))
+    @post("/restore/precheck", status_code=200, responses=responses(404, 409))
     async def precheck(
         self, gw: Gateway, server_id: ServerIdParam, data: PrecheckBody
     ) -> dict[str, bool]:
         """Whether the VM exists, and whether defining alone would bring it back."""
         request = PrecheckRequest(
-            server_id=server_id, xml_path=data.xml_path, destination_id=data.destination_id
+            server_id=server_id,
+            xml_path=data.xml_path,
+            destination_id=data.destination_id,
+            vm_name=data.vm_name,
+            target_directory=data.target_directory,
+            storage_pool=data.storage_pool,
         )
         result = await gw.bus.request(
             JobCmd.RESTORE_PRECHECK, request, PrecheckResult, timeout=timeouts.JOB_COMMAND
