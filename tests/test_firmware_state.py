@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import time
+import uuid as uuidlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,12 @@ from virtbackup.repository.format import chunk_key
 from virtbackup.testing.vms import (
     OVMF_VARS,
     SmallVm,
+    build_uefi_vm_xml,
     create_uefi_vm,
     remove_vm,
     vm_directory,
 )
-from virtbackup.virt import Connection
+from virtbackup.virt import Connection, NotFound
 
 pytestmark = pytest.mark.libvirt
 
@@ -285,8 +287,98 @@ async def test_a_copy_under_a_new_name_gets_its_own_state_and_the_original_keeps
         await asyncio.sleep(5)
         state, _ = await conn.call(dom.state, 0)
         assert state == libvirt.VIR_DOMAIN_RUNNING
+
+        # Restored over by name, the copy keeps its UUID: its own TPM state is the one
+        # replaced by the point's (none left behind under another UUID).
+        resp = await api.post("/servers/local/actions", json={"action": "forceOff", "vmName": copy})
+        assert resp.status_code == 200, resp.text
+        resp = await api.post(
+            "/servers/local/restore/start",
+            json={"xmlPath": entry["xmlPath"], "decision": "overwrite", "vmName": copy},
+        )
+        assert resp.status_code == 200, resp.text
+        job = await wait_job(api, resp.json()["jobId"], timeout=240)
+        assert job["state"] == "success", job
+        assert str(await conn.call((await conn.lookup(copy)).UUIDString)) == copy_uuid
+        assert state_of(SmallVm(copy, vm.directory, (), nvram=copy_nvram), copy_uuid) == at_begin
+        job_uuid = uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"virtbackup:restore:{job['id']}")
+        assert not (SWTPM_DIR / str(job_uuid)).exists()
+        assert not list(SWTPM_DIR.glob(f"{copy_uuid}.vb*"))
+        assert "state put back" in job["message"], job["message"]
     finally:
         with contextlib.suppress(Exception):
             await remove_vm(conn, copy)
         for leftover in vm.directory.glob(f"*{copy}*"):
             leftover.unlink(missing_ok=True)
+
+
+async def test_a_copy_never_writes_over_another_vms_nvram(
+    api: httpx.AsyncClient, vm: SmallVm, conn: Connection
+) -> None:
+    """The NVRAM file a copy would get is another VM's (or a file no VM claims): 409
+    before a job exists, naming that VM (or the file), and the file is untouched, as
+    for disk files."""
+    if not STATE:
+        pytest.skip("needs the point of the first test")
+    copy, victim = f"{VM}-shared", f"{VM}-nvvictim"
+    assert vm.nvram is not None
+    shared = vm.nvram.parent / vm.nvram.name.replace(VM, copy, 1)
+    xml = build_uefi_vm_xml(victim, [], nvram=shared, tpm=False)
+    await conn.call(conn.raw.defineXML, xml)
+    shared.write_bytes(b"the victim's variables")
+    body = {"xmlPath": STATE["entry"]["xmlPath"], "decision": "overwrite", "vmName": copy}
+    try:
+        resp = await api.post("/servers/local/restore/start", json=body)
+        assert resp.status_code == 409, resp.text
+        assert victim in resp.json()["error"] and str(shared) in resp.json()["error"]
+        await remove_vm(conn, victim)
+        shared.write_bytes(b"nobody's variables")
+        resp = await api.post("/servers/local/restore/start", json=body)
+        assert resp.status_code == 409, resp.text
+        assert "not state of" in resp.json()["error"], resp.text
+        assert shared.read_bytes() == b"nobody's variables"
+    finally:
+        await remove_vm(conn, victim)
+        shared.unlink(missing_ok=True)
+    with pytest.raises(NotFound):
+        await conn.lookup(copy)
+
+
+@pytest.mark.timeout(300)
+async def test_define_puts_back_missing_state_and_never_replaces_state(
+    api: httpx.AsyncClient, vm: SmallVm, conn: Connection
+) -> None:
+    """``define`` after the VM was undefined with its NVRAM and TPM state: the point's
+    state comes back where it is missing, and the job says so; defined again, the state
+    that is there is left as it is, and the job says that."""
+    if not STATE:
+        pytest.skip("needs the point of the first test")
+    uuid, xml_path = STATE["uuid"], STATE["entry"]["xmlPath"]
+    resp = await api.post("/servers/local/actions", json={"action": "forceOff", "vmName": VM})
+    assert resp.status_code in {200, 409}, resp.text
+    dom = await conn.lookup(VM)
+    await conn.call(
+        dom.undefineFlags,
+        libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+        | libvirt.VIR_DOMAIN_UNDEFINE_TPM
+        | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA,
+    )
+    assert state_of(vm, uuid) == {}
+    body = {"xmlPath": xml_path, "decision": "define"}
+    resp = await api.post("/servers/local/restore/start", json=body)
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, resp.json()["jobId"], timeout=120)
+    assert job["state"] == "success", job
+    assert "state put back: the UEFI variable store, the TPM state" in job["message"], job
+    assert await _uuid(conn) == uuid
+    assert state_of(vm, uuid) == STATE["at_begin"]
+
+    assert vm.nvram is not None
+    vm.nvram.write_bytes(vm.nvram.read_bytes()[::-1])  # changed since the point
+    changed = state_of(vm, uuid)
+    resp = await api.post("/servers/local/restore/start", json=body)
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, resp.json()["jobId"], timeout=120)
+    assert job["state"] == "success", job
+    assert "left as it was" in job["message"], job["message"]
+    assert state_of(vm, uuid) == changed

@@ -126,6 +126,29 @@ async def test_the_point(
     await _off(api, VM)
 
 
+async def test_precheck_answers_for_the_name_and_place_the_restore_would_use(
+    api: httpx.AsyncClient,
+) -> None:
+    """precheck takes vmName, targetDirectory and storagePool, checks them as
+    restore/start does, and answers for the VM the restore would define."""
+
+    async def precheck(body: dict[str, Any]) -> httpx.Response:
+        return await api.post(
+            "/servers/local/restore/precheck", json={"xmlPath": STATE["point"], **body}
+        )
+
+    resp = await precheck({})
+    assert resp.json() == {"vmExists": True, "canDefineOnly": True}, resp.text
+    resp = await precheck({"vmName": COPY})
+    assert resp.json() == {"vmExists": False, "canDefineOnly": False}, resp.text
+    resp = await precheck({"targetDirectory": "/etc/vbt"})
+    assert resp.status_code == 400 and "targetDirectory" in resp.text, resp.text
+    resp = await precheck({"storagePool": f"no-such-pool-{PID}"})
+    assert resp.status_code == 400 and "storagePool" in resp.text, resp.text
+    resp = await precheck({"vmName": "a/b"})
+    assert resp.status_code == 400 and "vmName" in resp.text, resp.text
+
+
 async def test_a_changed_record_cannot_choose_where_a_restore_writes(
     api: httpx.AsyncClient, disk: Path, vm_dir: Path, repo_dir: Path
 ) -> None:
