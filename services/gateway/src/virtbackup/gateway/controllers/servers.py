@@ -29,6 +29,7 @@ from virtbackup.contracts.v1.jobs import (
     PrecheckResult,
     RestoreRequest,
 )
+from virtbackup.gateway.bodies import Body, NoBody
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
@@ -57,16 +58,16 @@ async def destination_of_driver(gw: Gateway, driver_id: str | None) -> str | Non
     raise NotFound(f"no destination with driverId {driver_id!r}")
 
 
-class ActionBody(msgspec.Struct, kw_only=True, rename="camel"):
+class ActionBody(Body, kw_only=True):
     action: VmAction
     vm_name: VmName
 
 
-class VmBody(msgspec.Struct, kw_only=True, rename="camel"):
+class VmBody(Body, kw_only=True):
     vm_name: VmName
 
 
-class BackupBody(msgspec.Struct, kw_only=True, rename="camel"):
+class BackupBody(Body, kw_only=True):
     vm_name: VmName
     destination_id: str | None = None
     fresh: bool = False
@@ -75,12 +76,12 @@ class BackupBody(msgspec.Struct, kw_only=True, rename="camel"):
     driver_params: dict[str, Any] | None = None
 
 
-class PrecheckBody(msgspec.Struct, kw_only=True, rename="camel"):
+class PrecheckBody(Body, kw_only=True):
     xml_path: str
     destination_id: str | None = None
 
 
-class RestoreBody(msgspec.Struct, kw_only=True, rename="camel"):
+class RestoreBody(Body, kw_only=True):
     """The agent API's fields, plus where and as what to restore (all optional): see
     ``RestoreRequest``."""
 
@@ -111,8 +112,10 @@ class ServersController(Controller):
         return out
 
     @post("/refresh", status_code=200, responses=responses(404))
-    async def refresh(self, gw: Gateway, server_id: ServerIdParam) -> dict[str, bool]:
-        """Re-read the server's VMs now."""
+    async def refresh(
+        self, gw: Gateway, server_id: ServerIdParam, data: NoBody | None = None
+    ) -> dict[str, bool]:
+        """Re-read the server's VMs now (no body, or ``{}``)."""
         await gw.bus.request(
             InventoryCmd.REFRESH,
             ServerRef(server_id=server_id),
@@ -122,10 +125,12 @@ class ServersController(Controller):
         return {"success": True}
 
     @post("/test", status_code=200, responses=responses(404))
-    async def test_ssh(self, gw: Gateway, server_id: ServerIdParam) -> dict[str, Any]:
-        """Test the SSH connection: ``success`` false with the reason when it fails;
-        ``hostKeyFingerprint`` is the pinned host key's SHA256 fingerprint (empty while
-        none is pinned)."""
+    async def test_ssh(
+        self, gw: Gateway, server_id: ServerIdParam, data: NoBody | None = None
+    ) -> dict[str, Any]:
+        """Test the SSH connection (body ``{}`` or none): ``success`` false with the
+        reason when it fails; ``hostKeyFingerprint`` is the pinned host key's SHA256
+        fingerprint (empty while none is pinned)."""
         result = await gw.bus.request(
             InventoryCmd.TEST_SSH,
             ServerRef(server_id=server_id),
