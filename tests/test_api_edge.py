@@ -84,7 +84,7 @@ def refused(resp: httpx.Response, status: int, *words: str) -> None:
 async def test_bad_vm_names_are_400_naming_the_field(
     agent: httpx.AsyncClient, hypersdk: httpx.AsyncClient
 ) -> None:
-    for name in ("a\x00b", "a\nb", "a/b", "", "x" * 201):
+    for name in ("a\x00b", "a\nb", "a/b", "", "x" * 248):
         for route, extra in (("cleanup", {}), ("actions", {"action": "start"}), ("backup", {})):
             resp = await agent.post(f"/servers/local/{route}", json={"vmName": name, **extra})
             refused(resp, 400, "vmName")
@@ -169,6 +169,45 @@ async def test_every_body_refuses_unknown_fields(
         assert (await agent.get("/config")).json() == config_before
     jobs_after = (await agent.get("/jobs")).json()
     assert len(jobs_after) == len(jobs_before)
+
+
+async def test_errors_quote_a_clients_value_only_so_far(
+    agent: httpx.AsyncClient, hypersdk: httpx.AsyncClient
+) -> None:
+    """Wherever an error quotes what the client sent, it quotes at most 200 characters
+    and ``...``: a 500 KB value never makes a 500 KB answer."""
+    huge = "vms/" + "a" * 500_000 + "/2026-01-30T12-00-00/domain.xml"
+    long_id = "d" * 100_000
+    point = {"xmlPath": XML}
+    for path, body in (
+        ("/servers/local/restore/precheck", {"xmlPath": huge}),
+        ("/servers/local/restore/start", {"xmlPath": huge, "decision": "define"}),
+        ("/restore/sanity", {"xmlPath": huge}),
+        ("/restore/exports", {"xmlPath": huge, "disk": "vda"}),
+        ("/restore/sanity", {**point, "destinationId": long_id}),
+        ("/servers/local/backup", {"vmName": "x", "destinationId": long_id}),
+        ("/servers/local/backup", {"vmName": "x", "driverId": long_id}),
+        ("/servers/local/restore/start", {**point, "decision": "define", "driverId": long_id}),
+    ):
+        resp = await agent.post(path, json=body)
+        assert 400 <= resp.status_code < 500, (path, resp.status_code)
+        assert len(resp.content) < 2000, (path, resp.text[:300])
+        assert "..." in resp.json()["error"], (path, resp.text[:300])
+    for resp in (
+        await agent.get("/jobs/" + "j" * 50_000),
+        await agent.delete("/restore/exports/" + "e" * 50_000),
+        await agent.get("/no/such/" + "p" * 50_000),
+        await hypersdk.get("/no/such/" + "p" * 50_000),
+    ):
+        assert 400 <= resp.status_code < 500, resp.status_code
+        assert len(resp.content) < 2000, resp.text[:300]
+    # No destination named: the message does not speak of "this destination".
+    resp = await agent.post("/restore/sanity", json={"xmlPath": "vms/x/not-a-time/domain.xml"})
+    refused(resp, 400, "xmlPath", "timestamp")
+    assert "this destination" not in resp.json()["error"]
+    resp = await agent.post("/restore/sanity", json={"xmlPath": "/etc/passwd"})
+    refused(resp, 400, "xmlPath", "vms/<vm>/<timestamp>/domain.xml")
+    assert "this destination" not in resp.json()["error"]
 
 
 async def test_services_refuse_bad_names_at_their_bus_edge(edge: System) -> None:

@@ -9,7 +9,14 @@ from litestar import Controller, get, post
 from litestar.params import Parameter
 
 from virtbackup.contracts.subjects import InventoryCmd, JobCmd
-from virtbackup.contracts.v1.common import NAME_MAX_LENGTH, SERVER_ID_PATTERN, VmName
+from virtbackup.contracts.v1.common import (
+    NAME_MAX_LENGTH,
+    SERVER_ID_PATTERN,
+    VM_NAME_MAX_BYTES,
+    VmName,
+    shown,
+    vm_name_fits,
+)
 from virtbackup.contracts.v1.config import host_key_fingerprint
 from virtbackup.contracts.v1.inventory import (
     CleanupResult,
@@ -33,7 +40,7 @@ from virtbackup.gateway.bodies import Body, NoBody
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
-from virtbackup.runtime.errors import NotFound
+from virtbackup.runtime.errors import BadRequest, NotFound
 
 #: A server id in a path: what a configured server's id may be (else 400 naming it).
 ServerIdParam = Annotated[
@@ -55,7 +62,7 @@ async def destination_of_driver(gw: Gateway, driver_id: str | None) -> str | Non
     for dest in cfg.destinations:
         if dest.driver_id == driver_id:
             return dest.id
-    raise NotFound(f"no destination with driverId {driver_id!r}")
+    raise NotFound(f"no destination with driverId {shown(driver_id)}")
 
 
 class ActionBody(Body, kw_only=True):
@@ -190,7 +197,15 @@ class ServersController(Controller):
         self, gw: Gateway, server_id: ServerIdParam, data: RestoreBody
     ) -> dict[str, str]:
         """Restore a point: ``overwrite`` writes new disks and defines, ``define`` defines;
-        optionally as another VM, into a directory or pool, and started."""
+        optionally as another VM, into a directory or pool, and started.
+
+        A new ``vmName`` longer than libvirt can define (``VM_NAME_MAX_BYTES`` of
+        UTF-8) is a 400 naming it."""
+        if data.vm_name is not None and not vm_name_fits(data.vm_name):
+            raise BadRequest(
+                f"vmName: {len(data.vm_name.encode())} bytes of UTF-8; libvirt defines "
+                f"domains of names up to {VM_NAME_MAX_BYTES} bytes"
+            )
         destination_id = data.destination_id or await destination_of_driver(gw, data.driver_id)
         request = RestoreRequest(
             server_id=server_id,
