@@ -84,7 +84,7 @@ def refused(resp: httpx.Response, status: int, *words: str) -> None:
 async def test_bad_vm_names_are_400_naming_the_field(
     agent: httpx.AsyncClient, hypersdk: httpx.AsyncClient
 ) -> None:
-    for name in ("a\x00b", "a\nb", "a/b", "", "x" * 201):
+    for name in ("a\x00b", "a\nb", "a/b", "", "x" * 248):
         for route, extra in (("cleanup", {}), ("actions", {"action": "start"}), ("backup", {})):
             resp = await agent.post(f"/servers/local/{route}", json={"vmName": name, **extra})
             refused(resp, 400, "vmName")
@@ -98,6 +98,116 @@ async def test_bad_vm_names_are_400_naming_the_field(
     # A well-formed name of no VM: 404, on both listeners.
     refused(await agent.post("/servers/local/cleanup", json={"vmName": "no-such-vm"}), 404)
     refused(await hypersdk.post("/vms/poweroff", json={"vm_path": "local/no-such-vm"}), 404)
+
+
+#: Every POST route of both listeners with a body it accepts (its API document's fields),
+#: for ``test_every_body_refuses_unknown_fields``. A new POST route must be added here.
+XML = "vms/web1/2026-01-30T12-00-00/domain.xml"
+AGENT_POSTS: dict[str, dict[str, object]] = {
+    "/sftp/test": {"host": "127.0.0.1", "port": 1, "username": "u", "password": "p",
+                   "basePath": "/b"},
+    "/oauth/google": {"refreshToken": "r", "accessToken": "a", "scope": "s",
+                      "accountEmail": "a@example.com", "expiresAt": 1775707200000},
+    "/oauth/google/clear": {},
+    "/servers/{server_id}/refresh": {},
+    "/servers/{server_id}/test": {},
+    "/servers/{server_id}/actions": {"action": "start", "vmName": "no-such-vm"},
+    "/servers/{server_id}/cleanup": {"vmName": "no-such-vm"},
+    "/servers/{server_id}/backup": {"vmName": "no-such-vm", "destinationId": "fs",
+                                    "fresh": False, "driverId": "filesystem",
+                                    "driverParams": {}},
+    "/servers/{server_id}/restore/precheck": {"xmlPath": XML, "destinationId": "fs"},
+    "/servers/{server_id}/restore/start": {"xmlPath": XML, "decision": "define",
+                                           "destinationId": "fs", "driverId": "filesystem"},
+    "/restore/sanity": {"xmlPath": XML, "timestamp": "2026-01-30T12-00-00",
+                        "destinationId": "fs"},
+    "/restore/exports": {"xmlPath": XML, "disk": "vda", "destinationId": "fs",
+                         "ttlSeconds": 60},
+    "/jobs/{job_id}/cancel": {},
+}  # fmt: skip
+HYPERSDK_POSTS: dict[str, dict[str, object]] = {
+    f"/vms/{route}": {"vcenter_url": "", "username": "u", "password": "p",
+                      "vm_path": "local/no-such-vm"}
+    for route in ("shutdown", "poweroff", "remove-cdrom")
+}  # fmt: skip
+
+
+async def test_every_post_route_is_walked(
+    agent: httpx.AsyncClient, hypersdk: httpx.AsyncClient
+) -> None:
+    for client, table in ((agent, {**AGENT_POSTS, "/config": {}}), (hypersdk, HYPERSDK_POSTS)):
+        doc = (await client.get("/schema/openapi.json")).json()
+        posts = {path for path, item in doc["paths"].items() if "post" in item}
+        assert posts == set(table), posts ^ set(table)
+
+
+def _concrete(path: str) -> str:
+    return path.replace("{server_id}", "local").replace("{job_id}", "no-such-job")
+
+
+@pytest.mark.parametrize("listener", ["agent", "hypersdk"])
+async def test_every_body_refuses_unknown_fields(
+    listener: str, agent: httpx.AsyncClient, hypersdk: httpx.AsyncClient
+) -> None:
+    """Every documented field is accepted (the answer is never a 400 naming it); one
+    unknown field more is a 400 naming it, and nothing happens."""
+    client, table = (agent, AGENT_POSTS) if listener == "agent" else (hypersdk, HYPERSDK_POSTS)
+    jobs_before = (await agent.get("/jobs")).json()
+    for path, body in table.items():
+        resp = await client.post(_concrete(path), json=body)
+        assert resp.status_code < 500, (path, resp.text)
+        if resp.status_code == 400:
+            message = resp.json()["error"]
+            assert not any(f"`{field}`" in message for field in body), (path, message)
+        for typo in ("bogusField", "vmname", "target_directory"):
+            resp = await client.post(_concrete(path), json={**body, typo: "x"})
+            refused(resp, 400, typo)
+    if listener == "agent":
+        config_before = (await agent.get("/config")).json()
+        resp = await agent.post("/config", json={**config_before, "bogusField": 1})
+        refused(resp, 400, "bogusField")
+        assert (await agent.get("/config")).json() == config_before
+    jobs_after = (await agent.get("/jobs")).json()
+    assert len(jobs_after) == len(jobs_before)
+
+
+async def test_errors_quote_a_clients_value_only_so_far(
+    agent: httpx.AsyncClient, hypersdk: httpx.AsyncClient
+) -> None:
+    """Wherever an error quotes what the client sent, it quotes at most 200 characters
+    and ``...``: a 500 KB value never makes a 500 KB answer."""
+    huge = "vms/" + "a" * 500_000 + "/2026-01-30T12-00-00/domain.xml"
+    long_id = "d" * 100_000
+    point = {"xmlPath": XML}
+    for path, body in (
+        ("/servers/local/restore/precheck", {"xmlPath": huge}),
+        ("/servers/local/restore/start", {"xmlPath": huge, "decision": "define"}),
+        ("/restore/sanity", {"xmlPath": huge}),
+        ("/restore/exports", {"xmlPath": huge, "disk": "vda"}),
+        ("/restore/sanity", {**point, "destinationId": long_id}),
+        ("/servers/local/backup", {"vmName": "x", "destinationId": long_id}),
+        ("/servers/local/backup", {"vmName": "x", "driverId": long_id}),
+        ("/servers/local/restore/start", {**point, "decision": "define", "driverId": long_id}),
+    ):
+        resp = await agent.post(path, json=body)
+        assert 400 <= resp.status_code < 500, (path, resp.status_code)
+        assert len(resp.content) < 2000, (path, resp.text[:300])
+        assert "..." in resp.json()["error"], (path, resp.text[:300])
+    for resp in (
+        await agent.get("/jobs/" + "j" * 50_000),
+        await agent.delete("/restore/exports/" + "e" * 50_000),
+        await agent.get("/no/such/" + "p" * 50_000),
+        await hypersdk.get("/no/such/" + "p" * 50_000),
+    ):
+        assert 400 <= resp.status_code < 500, resp.status_code
+        assert len(resp.content) < 2000, resp.text[:300]
+    # No destination named: the message does not speak of "this destination".
+    resp = await agent.post("/restore/sanity", json={"xmlPath": "vms/x/not-a-time/domain.xml"})
+    refused(resp, 400, "xmlPath", "timestamp")
+    assert "this destination" not in resp.json()["error"]
+    resp = await agent.post("/restore/sanity", json={"xmlPath": "/etc/passwd"})
+    refused(resp, 400, "xmlPath", "vms/<vm>/<timestamp>/domain.xml")
+    assert "this destination" not in resp.json()["error"]
 
 
 async def test_services_refuse_bad_names_at_their_bus_edge(edge: System) -> None:
@@ -134,9 +244,9 @@ async def test_deep_json_and_invalid_utf8_are_400(
     )
     refused(await hypersdk.post("/vms/poweroff", content=bad_utf8, headers=json_type), 400)
     assert (await agent.get("/config")).json() == before
-    # 64 levels are fine (an object, then 63 arrays): the handler gets the request.
-    ok_depth = b'{"vmName":"no-such-vm","x":' + b"[" * 63 + b"]" * 63 + b"}"
-    resp = await agent.post("/servers/local/cleanup", content=ok_depth, headers=json_type)
+    # 64 levels are fine (two objects, then 62 arrays): the handler gets the request.
+    ok_depth = b'{"vmName":"no-such-vm","driverParams":{"x":' + b"[" * 62 + b"]" * 62 + b"}}"
+    resp = await agent.post("/servers/local/backup", content=ok_depth, headers=json_type)
     refused(resp, 404)
 
 

@@ -25,7 +25,7 @@ from virtbackup.nbd import (
 )
 from virtbackup.nbd import protocol as p
 from virtbackup.nbd.extents import Extent
-from virtbackup.nbd.server import Export, NbdServer, Segment, SourceError
+from virtbackup.nbd.server import TLS_REQUIRED, Export, NbdServer, Segment, SourceError
 from virtbackup.nbd.tls import client_context_from_dir, server_context
 
 KiB = 1024
@@ -412,4 +412,19 @@ async def test_before_tls_only_starttls_and_abort_are_answered(running: Running)
         assert old.closed()
 
     await asyncio.to_thread(talk)
+    assert running.source.reads == 0
+
+
+async def test_a_plain_client_is_told_tls_is_required(running: Running) -> None:
+    """Real clients without TLS: each option is answered NBD_REP_ERR_TLS_REQD (libnbd
+    reports its errno for it, "Operation not supported", and logs the server's message;
+    qemu names it), and no byte of the export is read."""
+    plain = f"nbd://127.0.0.1:{running.port}/disk"
+    for args in (["nbdinfo", plain], ["nbdinfo", "--list", f"nbd://127.0.0.1:{running.port}"]):
+        done = await run("env", "LIBNBD_DEBUG=1", *args)
+        assert done.returncode != 0
+        assert f"server error message: {TLS_REQUIRED}" in done.stderr, done.stderr[-2000:]
+    done = await run("qemu-img", "info", plain)
+    assert done.returncode != 0
+    assert "TLS negotiation required" in done.stderr and TLS_REQUIRED in done.stderr
     assert running.source.reads == 0

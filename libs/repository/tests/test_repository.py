@@ -163,7 +163,7 @@ async def test_opening_where_there_is_no_repository(tmp_path: Path) -> None:
     ],
 )
 def test_xml_paths_outside_the_layout_are_refused(xml_path: str) -> None:
-    with pytest.raises(ValueError, match=r"invalid|not a restore point"):
+    with pytest.raises(ValueError, match=r"invalid|not the key of a restore point"):
         parse_xml_key(xml_path)
 
 

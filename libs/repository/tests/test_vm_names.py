@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from virtbackup.repository.format import (
+    HASHED_PREFIX,
     MAX_VM_SEGMENT,
     manifest_key,
     parse_vm_segment,
@@ -56,6 +57,19 @@ HOSTILE = [
     "x" * MAX_VM_SEGMENT,
     "ü" * 33,
 ]
+#: Names libvirt accepts whose encoding is longer than a segment: hashed segments.
+LONG = [
+    "x" * (MAX_VM_SEGMENT + 1),
+    "x" * 240,
+    "X" * 240,
+    "x" * 239 + "y",
+    "fc-" + "ü" * 34,
+    "日" * 24,
+    "日" * 82,
+    "a" * 179 + "日" * 10,
+    "a b" * 80,
+    "~" * 70,
+]
 
 
 @pytest.mark.parametrize("name", HOSTILE)
@@ -69,7 +83,31 @@ def test_any_name_is_one_safe_reversible_segment(name: str) -> None:
     # Every key of the point is a valid driver key inside vms/<segment>/.
     for key in (xml_path(name, TS), manifest_key(name, TS, "vda"), record_key(name, TS)):
         assert validate_key(key).split("/")[:2] == ["vms", segment]
-    assert parse_xml_key(xml_path(name, TS)) == (name, TS)
+    assert parse_xml_key(xml_path(name, TS)) == (segment, TS)
+
+
+@pytest.mark.parametrize("name", LONG)
+def test_a_long_name_has_a_hashed_segment(name: str) -> None:
+    segment = vm_segment(name)
+    prefix, _, digest = segment.rpartition("~")
+    assert len(segment) <= MAX_VM_SEGMENT and len(prefix) <= HASHED_PREFIX
+    assert segment.isascii() and segment.isprintable() and segment[0] not in ".-"
+    assert len(digest) == 16 and digest == digest.lower()
+    # The prefix is the encoding of the name's first whole characters.
+    decoded = parse_vm_segment(prefix)
+    assert decoded is not None and name.startswith(decoded)
+    assert parse_vm_segment(segment) is None  # the name is only in backup.json
+    assert vm_segment(name) == segment  # stable
+    for key in (xml_path(name, TS), manifest_key(name, TS, "vda"), record_key(name, TS)):
+        assert validate_key(key).split("/")[:2] == ["vms", segment]
+    assert parse_xml_key(xml_path(name, TS)) == (segment, TS)
+
+
+def test_long_names_sharing_a_prefix_get_other_segments() -> None:
+    segments = {vm_segment(name) for name in LONG}
+    assert len(segments) == len(LONG)
+    assert len({s.lower() for s in segments}) == len(LONG)  # even without case
+    assert not segments & {vm_segment(name) for name in HOSTILE}
 
 
 def test_segments_are_one_to_one_and_differ_beyond_case_unless_the_names_do() -> None:
@@ -94,13 +132,7 @@ def test_names_that_were_safe_keep_their_keys(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "why"),
-    [
-        ("", "empty"),
-        ("x" * (MAX_VM_SEGMENT + 1), "too long"),
-        ("fc-" + "ü" * 33, "too long"),
-        ("日" * 23, "too long"),
-        ("bad \ud800 surrogate", "not valid Unicode"),
-    ],
+    [("", "empty"), ("bad \ud800 surrogate", "not valid Unicode")],
 )
 def test_names_no_segment_can_hold_are_refused(name: str, why: str) -> None:
     with pytest.raises(ValueError, match=f"invalid vm name.*{why}"):
@@ -109,7 +141,12 @@ def test_names_no_segment_can_hold_are_refused(name: str, why: str) -> None:
 
 @pytest.mark.parametrize(
     "segment",
-    ["", "%41", "%2e", "%2E%2e", "..", ".", ".x", "-x", "a b", "a/b", "%C3", "%FF", "%", "%4", "ü"],
+    [
+        *("", "%41", "%2e", "%2E%2e", "..", ".", ".x", "-x", "a b", "a/b", "%C3", "%FF", "%"),
+        *("%4", "ü", "x" * (MAX_VM_SEGMENT + 1), "~" + "0" * 16, "x~0123456789ABCDEF"),
+        *("x~0123", "%41~0123456789abcdef", "x" * (HASHED_PREFIX + 1) + "~0123456789abcdef"),
+        *("x~0123456789abcdef~0123456789abcdef", ".x~0123456789abcdef"),
+    ],
 )
 def test_only_canonical_segments_are_read(segment: str) -> None:
     with pytest.raises(ValueError, match="invalid vm name segment"):
@@ -145,15 +182,15 @@ async def test_points_of_hostile_names_stay_inside_the_repository(tmp_path: Path
     root = tmp_path / "repo"
     root.mkdir()
     repo = await Repository.open_or_create(FilesystemDriver(root), "pw")
-    for name in HOSTILE:
+    for name in HOSTILE + LONG:
         point, manifest = _point(name, TS)
         await repo.commit(point, [manifest], f"<domain>{name!r}</domain>")
     assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # nothing written beside it
     folders = sorted(p.name for p in (root / "vms").iterdir())
-    assert folders == sorted(vm_segment(name) for name in HOSTILE)
+    assert folders == sorted(vm_segment(name) for name in HOSTILE + LONG)
 
     listed = await repo.restore_points()
-    assert sorted(p.vm_name for p in listed) == sorted(HOSTILE)
+    assert sorted(p.vm_name for p in listed) == sorted(HOSTILE + LONG)
     for point in listed:
         loaded = await repo.restore_point(point.xml_path)
         assert loaded == point
@@ -184,6 +221,25 @@ async def test_names_sharing_a_folder_on_a_case_insensitive_destination(tmp_path
     with pytest.raises(NotFoundError):
         await repo.restore_point("vms/web1/2026-01-30T12-00-01/domain.xml")
     assert (await repo.restore_point(mine.xml_path)) == mine
+
+
+async def test_a_hashed_folder_holds_only_its_own_names_points(tmp_path: Path) -> None:
+    """A record put in a long name's folder that names another VM is not that folder's
+    point: ``xmlPath`` cannot reach it, and the listing leaves it out."""
+    repo = await Repository.open_or_create(FilesystemDriver(tmp_path))
+    long_name = "x" * 240
+    mine, manifest = _point(long_name, TS)
+    await repo.commit(mine, [manifest], "<domain/>")
+    other, manifest = _point("x" * 241, "2026-01-30T12-00-01")
+    await repo.commit(other, [manifest], "<domain/>")
+    folder = vm_segment(long_name)
+    (tmp_path / "vms" / vm_segment("x" * 241) / other.timestamp).rename(
+        tmp_path / "vms" / folder / other.timestamp
+    )
+    assert [(p.vm_name, p.timestamp) for p in await repo.restore_points()] == [(long_name, TS)]
+    assert await repo.restore_point(mine.xml_path) == mine
+    with pytest.raises(NotFoundError):
+        await repo.restore_point(f"vms/{folder}/{other.timestamp}/domain.xml")
 
 
 @pytest.mark.parametrize(
@@ -260,18 +316,18 @@ async def test_points_of_hostile_names_on_every_remote_destination(
     )
     repo = await Repository.open_or_create(case.driver)
     try:
-        for name in HOSTILE:
+        for name in HOSTILE + LONG:
             point, manifest = _point(name, TS)
             await repo.commit(point, [manifest], f"<domain>{name!r}</domain>")
         listed = await repo.restore_points()
-        assert sorted(p.vm_name for p in listed) == sorted(HOSTILE)
+        assert sorted(p.vm_name for p in listed) == sorted(HOSTILE + LONG)
         for point in listed:
             assert await repo.restore_point(point.xml_path) == point
             assert await repo.domain_xml(point) == f"<domain>{point.vm_name!r}</domain>"
         assert [p.vm_name for p in await repo.restore_points("fc-ü")] == ["fc-ü"]
         if case.local_root is not None:  # SFTP: the folders, seen from behind its back
             folders = {p.name for p in (case.local_root / "vms").iterdir()}
-            assert folders == {vm_segment(name) for name in HOSTILE}
+            assert folders == {vm_segment(name) for name in HOSTILE + LONG}
     finally:
         await repo.close()
 

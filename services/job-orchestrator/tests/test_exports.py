@@ -56,3 +56,33 @@ def test_an_ended_export_never_changes() -> None:
     for state in ("stopped", "expired", "failed"):
         gone = record(state=state, expires_at="2026-11-30T11:00:00.000Z")
         assert current(gone, NOW, worker_alive=False) is None
+
+
+def test_an_ended_export_leaves_the_list_when_the_bucket_drops_it() -> None:
+    """``VB_EXPORTS`` keeps a record 2 days after its last change; the index's watch is
+    not told when one ages out, so the list drops it by the same rule."""
+    from virtbackup.contracts.buckets import EXPORT_RECORD_SECONDS
+    from virtbackup.job_orchestrator.exports import ExportIndex, ExportStore, expired_from_bucket
+
+    def ago(seconds: float) -> str:
+        return (NOW - dt.timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
+
+    day = 24 * 3600.0
+    ended_recently = record(state="stopped", ended_at=ago(EXPORT_RECORD_SECONDS - 60))
+    ended_long_ago = record(state="stopped", ended_at=ago(EXPORT_RECORD_SECONDS + 60))
+    assert not expired_from_bucket(ended_recently, NOW)
+    assert expired_from_bucket(ended_long_ago, NOW)
+    # A record that never ended changed last at the latest when its life ended.
+    assert not expired_from_bucket(record(created_at=ago(EXPORT_RECORD_SECONDS)), NOW)
+    assert expired_from_bucket(record(created_at=ago(EXPORT_RECORD_SECONDS + day + 60)), NOW)
+
+    index = ExportIndex.__new__(ExportIndex)
+    now = dt.datetime.now(dt.UTC)
+    old = (now - dt.timedelta(seconds=EXPORT_RECORD_SECONDS + 60)).isoformat()
+    index.records = {
+        "old": record(id="old", state="expired", ended_at=old.replace("+00:00", "Z")),
+        "new": record(id="new", state="expired", ended_at=now.isoformat().replace("+00:00", "Z")),
+    }
+    store = ExportStore(None, None, index)  # type: ignore[arg-type]
+    assert [r.id for r in store.all()] == ["new"]
+    assert list(index.records) == ["new"]

@@ -9,7 +9,10 @@ Handshake (FORCEDTLS mode):
     the server greets with FIXED_NEWSTYLE and NO_ZEROES; a client that does not answer
     FIXED_NEWSTYLE, or sets unknown flags, is dropped. Until TLS is up every option but
     ``NBD_OPT_STARTTLS`` and ``NBD_OPT_ABORT`` is answered ``NBD_REP_ERR_TLS_REQD``, and
-    ``NBD_OPT_EXPORT_NAME`` (which cannot be refused) closes the connection. The TLS
+    ``NBD_OPT_EXPORT_NAME`` (which cannot be refused) closes the connection (proto.md,
+    "TLS support": FORCEDTLS). libnbd shows ``NBD_REP_ERR_TLS_REQD`` to a plain client as
+    "Operation not supported" (its errno for it), with :data:`TLS_REQUIRED` in its debug
+    log; qemu says "TLS negotiation required". The TLS
     handshake requires a client certificate the context's CA signed; ``allow_peer`` then
     sees the certificate (DER) and may refuse it (e.g. every certificate but one). After
     TLS: ``NBD_OPT_LIST``, ``NBD_OPT_INFO``/``NBD_OPT_GO`` (``NBD_INFO_EXPORT`` always;
@@ -59,6 +62,9 @@ MAX_OPTION_DATA: Final = 64 * 1024
 MAX_OPTIONS: Final = 256
 #: Seconds from accepting a connection to the end of its handshake.
 HANDSHAKE_TIMEOUT: Final = 30.0
+#: The message of ``NBD_REP_ERR_TLS_REQD``, the answer to every option but STARTTLS and
+#: ABORT before TLS.
+TLS_REQUIRED: Final = "TLS is required: connect with nbds:// and the export's certificates"
 #: The largest read or write payload a client may ask for (also what
 #: ``NBD_INFO_BLOCK_SIZE`` states as the maximum).
 MAX_PAYLOAD: Final = p.DEFAULT_MAX_PAYLOAD
@@ -314,7 +320,7 @@ class NbdServer:
                 return False
             if option == p.Option.EXPORT_NAME:
                 raise _Close("NBD_OPT_EXPORT_NAME before TLS")
-            await self._error(conn, option, p.OptionReply.ERR_TLS_REQD, "TLS is required")
+            await self._error(conn, option, p.OptionReply.ERR_TLS_REQD, TLS_REQUIRED)
             return False
         if option == p.Option.STARTTLS:
             await self._error(conn, option, p.OptionReply.ERR_INVALID, "TLS is already on")

@@ -8,15 +8,17 @@ Keys (relative to the destination's ``VirtBackup`` folder)::
     vms/<vm>/<timestamp>/<target>.manifest       one manifest blob per disk
     vms/<vm>/<timestamp>/backup.json             the restore point record, written last
 
-``<vm>`` is the VM's name encoded by ``vm_segment`` (``parse_vm_segment`` is the
-inverse): any name libvirt accepts becomes one safe, ASCII-only path segment, and a name
-made only of letters, digits and ``_ . + -`` (starting with a letter or digit) is its own
-segment, as it was before names were encoded. The real name is ``vmName`` in
-``backup.json``.
+``<vm>`` is the VM's name encoded by ``vm_segment``: any name libvirt accepts becomes one
+safe, ASCII-only path segment, and a name made only of letters, digits and ``_ . + -``
+(starting with a letter or digit) is its own segment, as it was before names were
+encoded. A name whose encoding is longer than a segment may be gets a *hashed* segment
+(a prefix of the encoding, ``~`` and a hash of the name). The real name is ``vmName`` in
+``backup.json``; ``parse_vm_segment`` recovers it from a segment that is not hashed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import string
 from typing import Final, Literal
@@ -42,6 +44,13 @@ _SEGMENT = re.compile(r"^(?:[A-Za-z0-9_.+-]|%[0-9A-F]{2})+(?![\s\S])")
 #: The longest encoded VM name: the storage drivers' segment limit, which is within
 #: NAME_MAX (255 bytes) of every file system a destination may sit on.
 MAX_VM_SEGMENT: Final = MAX_SEGMENT_BYTES
+#: A longer encoding is cut to at most this many characters (whole characters of the
+#: name), then ``~`` and :data:`HASH_DIGITS` hex digits of the SHA-256 of the name's
+#: UTF-8 bytes follow: 197 characters at most.
+HASHED_PREFIX: Final = 180
+HASH_DIGITS: Final = 16
+#: A hashed segment: ``~`` is never part of an encoding (a ``~`` in a name is ``%7E``).
+_HASHED = re.compile(r"^((?:[A-Za-z0-9_.+-]|%[0-9A-F]{2})+)~([0-9a-f]{16})(?![\s\S])")
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:\.\d{1,6})?$")
 
 
@@ -88,6 +97,16 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
+def _encoded(name: str) -> list[str]:
+    """Each character of ``name`` as it is written in a segment (see ``vm_segment``)."""
+    return [
+        char
+        if char in _SAFE_FIRST or (index and char in _SAFE)
+        else "".join(f"%{byte:02X}" for byte in char.encode("utf-8"))
+        for index, char in enumerate(name)
+    ]
+
+
 def vm_segment(name: str) -> str:
     """The path segment of VM ``name`` in the repository's keys (``vms/<segment>/``).
 
@@ -102,58 +121,87 @@ def vm_segment(name: str) -> str:
       holds only ASCII: no Unicode normalisation (macOS, some SMB servers) can change it;
     * the encoding is one-to-one and ``parse_vm_segment`` recovers the name exactly.
 
+    An encoding longer than ``MAX_VM_SEGMENT`` (200) characters (a name of more than 200
+    safe characters, 34 letters of two bytes such as ``ü``, 23 of three such as ``日``)
+    is *hashed*: the encoding of the name's first characters, at most ``HASHED_PREFIX``
+    (180) characters of it, then ``~`` and the first ``HASH_DIGITS`` (16) hex digits of
+    the SHA-256 of the whole name in UTF-8 (e.g. ``xxx...x~3f2c9a0b1d4e5f60``). The name
+    is then only in ``backup.json``: the repository checks that a record's ``vmName``
+    has the segment it was found under. Names that fit keep their segments.
+
     Names differing only in the case of ASCII letters (``Web1``, ``web1``) have segments
     differing the same way, which a case-insensitive destination stores in one folder;
     the repository tells their points apart by ``vmName`` in ``backup.json``.
 
-    ``ValueError`` (naming the VM name) for an empty name, one that is not encodable as
-    UTF-8 (a lone surrogate), or one whose segment is longer than ``MAX_VM_SEGMENT``
-    characters (200: 200 safe characters, 33 letters of two bytes such as ``ü``, 22 of three).
+    ``ValueError`` for an empty name or one that is not encodable as UTF-8 (a lone
+    surrogate).
     """
     if not name:
         raise ValueError("invalid vm name: empty")
     try:
-        name.encode("utf-8")
+        raw = name.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"invalid vm name {name!r}: not valid Unicode text") from None
-    segment = "".join(
-        char
-        if char in _SAFE_FIRST or (index and char in _SAFE)
-        else "".join(f"%{byte:02X}" for byte in char.encode("utf-8"))
-        for index, char in enumerate(name)
-    )
-    if len(segment) > MAX_VM_SEGMENT:
-        raise ValueError(
-            f"invalid vm name {name!r}: too long for a repository key ({len(segment)} "
-            f"characters once encoded, at most {MAX_VM_SEGMENT}: each byte of a character "
-            "other than a letter, digit or _ . + - takes three)"
-        )
-    return segment
+        raise ValueError("invalid vm name: not valid Unicode text") from None
+    parts = _encoded(name)
+    segment = "".join(parts)
+    if len(segment) <= MAX_VM_SEGMENT:
+        return segment
+    prefix, size = [], 0
+    for part in parts:
+        if size + len(part) > HASHED_PREFIX:
+            break
+        prefix.append(part)
+        size += len(part)
+    digest = hashlib.sha256(raw).hexdigest()[:HASH_DIGITS]
+    return f"{''.join(prefix)}~{digest}"
 
 
-def parse_vm_segment(segment: str) -> str:
-    """The VM name whose ``vm_segment`` is ``segment``.
+def parse_vm_segment(segment: str) -> str | None:
+    """The VM name whose ``vm_segment`` is ``segment``; ``None`` for a hashed segment (a
+    long name's: the name is only in the points' ``backup.json``).
 
     ``ValueError`` for anything ``vm_segment`` never makes: other characters, a ``%``
-    without two upper-case hex digits, bytes that are not UTF-8, or a non-canonical form
-    (``%41`` for ``A``, ``%2e`` for ``.``), so that one name has exactly one segment.
+    without two upper-case hex digits, bytes that are not UTF-8, a non-canonical form
+    (``%41`` for ``A``, ``%2e`` for ``.``), so that one name has exactly one segment, or
+    a hashed segment whose prefix is not the canonical encoding of up to
+    ``HASHED_PREFIX`` characters. The message does not quote the segment.
     """
-    if not _SEGMENT.match(segment):
-        raise ValueError(f"invalid vm name segment {segment!r}")
+    hashed = _HASHED.match(segment)
+    encoded = hashed.group(1) if hashed else segment
+    if not _SEGMENT.match(encoded):
+        raise ValueError("invalid vm name segment: not an encoded VM name")
     try:
-        name = unquote_to_bytes(segment).decode("utf-8")
-        canonical = vm_segment(name)
-    except (UnicodeDecodeError, ValueError):
-        raise ValueError(f"invalid vm name segment {segment!r}") from None
-    if canonical != segment:
-        raise ValueError(f"invalid vm name segment {segment!r} (not canonical: {canonical!r})")
+        name = unquote_to_bytes(encoded).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("invalid vm name segment: not UTF-8 once decoded") from None
+    canonical = "".join(_encoded(name))
+    if canonical != encoded:
+        raise ValueError("invalid vm name segment: not the canonical encoding of a name")
+    if hashed:
+        if len(encoded) > HASHED_PREFIX:
+            raise ValueError("invalid vm name segment: hashed with too long a prefix")
+        return None
+    if len(segment) > MAX_VM_SEGMENT:
+        raise ValueError("invalid vm name segment: too long (a long name's segment is hashed)")
     return name
+
+
+def check_vm_segment(segment: str) -> str:
+    """``segment`` if ``vm_segment`` could have made it (see ``parse_vm_segment``), else
+    ``ValueError``."""
+    parse_vm_segment(segment)
+    return segment
 
 
 def check_timestamp(value: str) -> str:
     if not _TIMESTAMP.match(value):
         raise ValueError(f"invalid timestamp {value!r} (expected YYYY-MM-DDTHH-MM-SS)")
     return value
+
+
+def segment_record_key(segment: str, timestamp: str) -> str:
+    """``vms/<segment>/<timestamp>/backup.json`` for a checked segment (``parse_xml_key``)."""
+    return f"{POINTS_PREFIX}{check_vm_segment(segment)}/{check_timestamp(timestamp)}/backup.json"
 
 
 def vm_prefix(vm: str) -> str:
@@ -189,16 +237,23 @@ def record_key(vm: str, timestamp: str) -> str:
 
 
 def parse_xml_key(xml_path: str) -> tuple[str, str]:
-    """``vms/<segment>/<timestamp>/domain.xml`` -> (VM name, timestamp), the name decoded
-    (``parse_vm_segment``); ``ValueError`` otherwise.
+    """``vms/<segment>/<timestamp>/domain.xml`` -> (segment, timestamp), the segment one
+    ``vm_segment`` could have made (``parse_vm_segment`` decodes it, unless it is hashed:
+    the VM's name is then in the point's ``backup.json``); ``ValueError`` otherwise.
 
     This is how a request's ``xmlPath`` is confined to the repository: anything that is
     not exactly such a key (``..``, absolute paths, other files, a segment that is not
-    the canonical encoding of a name) is refused.
+    the canonical encoding of a name) is refused. Messages do not quote ``xml_path``
+    (the caller quotes as much of it as it wants to show).
     """
     parts = xml_path.split("/")
     if len(parts) != 4 or parts[0] != "vms" or parts[3] != "domain.xml":
-        raise ValueError(f"xmlPath {xml_path!r} is not a restore point of this destination")
-    vm = parse_vm_segment(parts[1])
-    timestamp = check_timestamp(parts[2])
-    return vm, timestamp
+        raise ValueError(
+            "not the key of a restore point's domain XML (vms/<vm>/<timestamp>/domain.xml)"
+        )
+    segment = check_vm_segment(parts[1])
+    try:
+        timestamp = check_timestamp(parts[2])
+    except ValueError:
+        raise ValueError("invalid timestamp (expected YYYY-MM-DDTHH-MM-SS)") from None
+    return segment, timestamp

@@ -46,7 +46,9 @@ from virtbackup.repository.format import (
     manifest_key,
     parse_xml_key,
     record_key,
+    segment_record_key,
     vm_prefix,
+    vm_segment,
     xml_path,
 )
 from virtbackup.repository.records import DiskManifest, RestorePoint
@@ -295,16 +297,21 @@ class Repository:
         """The restore point named by ``xmlPath``. ``ValueError`` for a path outside the
         repository's layout, ``NotFoundError`` if it does not exist (or is incomplete, or
         its record names another VM or time: ``vms/web1/...`` read on a case-insensitive
-        destination may find ``Web1``'s record)."""
-        vm, ts = parse_xml_key(xml_path)
-        key = record_key(vm, ts)
+        destination may find ``Web1``'s record, and a hashed folder (a long name's) holds
+        only the points of the names whose segment it is)."""
+        segment, ts = parse_xml_key(xml_path)
+        key = segment_record_key(segment, ts)
         raw = await self.driver.get(key)
         try:
             point = msgspec.json.decode(raw, type=RestorePoint)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise RepositoryError(f"{key}: {exc}") from None
-        if (point.vm_name, point.timestamp) != (vm, ts):
-            raise NotFoundError(key, f"no restore point {xml_path!r}")
+        try:
+            found = (vm_segment(point.vm_name), point.timestamp)
+        except ValueError:
+            found = None
+        if found != (segment, ts):
+            raise NotFoundError(key, f"no restore point {xml_path}")
         return point
 
     async def manifest(self, point: RestorePoint, target: str) -> DiskManifest:

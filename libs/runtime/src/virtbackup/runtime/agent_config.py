@@ -10,6 +10,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from virtbackup.contracts.buckets import CONFIG_KEY
+from virtbackup.contracts.v1.common import shown
 from virtbackup.contracts.v1.config import (
     AgentConfig,
     Destination,
@@ -48,14 +49,14 @@ def find_destination(cfg: AgentConfig, destination_id: str | None) -> Destinatio
     for dest in cfg.destinations:
         if dest.id == wanted:
             return dest
-    raise NotFound(f"destination {wanted!r} not found")
+    raise NotFound(f"destination {shown(wanted)} not found")
 
 
 def find_server(cfg: AgentConfig, server_id: str) -> Server:
     for server in cfg.servers:
         if server.id == server_id:
             return server
-    raise NotFound(f"server {server_id!r} not found")
+    raise NotFound(f"server {shown(server_id)} not found")
 
 
 async def update_agent_config(

@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     instant_bind: str = "127.0.0.1"
     instant_host: str | None = None
     instant_ports: str = ""
+    #: How many instant-access exports may be active at once: in all
+    #: (``VIRTBACKUP_INSTANT_MAX_EXPORTS``, checked by the job-orchestrator) and on one
+    #: transfer worker (``VIRTBACKUP_INSTANT_MAX_PER_WORKER``: each has its own listener,
+    #: connections and chunk cache). A create beyond either is a 409 naming the cap.
+    instant_max_exports: int = Field(default=32, ge=1)
+    instant_max_per_worker: int = Field(default=8, ge=1)
 
     @property
     def nbd_pki_dir(self) -> Path:

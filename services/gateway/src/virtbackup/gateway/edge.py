@@ -24,6 +24,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
+from virtbackup.contracts.v1.common import shown
 from virtbackup.runtime.errors import BadRequest
 
 #: How deeply a JSON body may nest objects and arrays (the configuration needs 5).
@@ -149,7 +150,7 @@ async def check_request(request: Request[Any, Any, Any]) -> Response[None] | Non
         if not is_json(content_type):
             got = content_type.split(";", 1)[0].strip() or "none"
             raise UnsupportedMediaType(
-                detail=f"unsupported content type {got!r}: send the body as application/json"
+                detail=f"unsupported content type {shown(got)}: send the body as application/json"
             )
         body = await request.body()
         if body:

@@ -19,7 +19,12 @@ from litestar.openapi import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 from opentelemetry import trace
 
-from virtbackup.contracts.v1.common import NAME_MAX_LENGTH, SERVER_ID_PATTERN, VM_NAME_PATTERN
+from virtbackup.contracts.v1.common import (
+    SERVER_ID_PATTERN,
+    VM_NAME_MAX_LENGTH,
+    VM_NAME_PATTERN,
+    shown,
+)
 from virtbackup.runtime.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -35,7 +40,9 @@ STATUS_BY_CODE = {
 
 #: What the name patterns mean, for messages a person reads.
 _PATTERNS = {
-    VM_NAME_PATTERN: f"a VM name (1 to {NAME_MAX_LENGTH} characters, no control character or '/')",
+    VM_NAME_PATTERN: (
+        f"a VM name (1 to {VM_NAME_MAX_LENGTH} characters, no control character or '/')"
+    ),
     SERVER_ID_PATTERN: "a server id (letters, digits, '_', '.', ':' and '-')",
 }
 
@@ -74,9 +81,17 @@ def responses(*statuses: int) -> dict[int, ResponseSpec]:
     }
 
 
+#: The longest message an error answer carries. Messages quote a client's values through
+#: ``contracts.v1.common.shown`` (at most ``ECHO_LIMIT`` characters each); this is the
+#: last bound, should a message quote something at length anyway.
+MAX_MESSAGE_CHARS = 4000
+
+
 def _error(
     status: int, message: str, headers: dict[str, str] | None = None
 ) -> Response[dict[str, str]]:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "... (message cut)"
     return Response({"error": message}, status_code=status, headers=headers)
 
 
@@ -128,7 +143,7 @@ def validation_error(
 
 
 def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, str]]:
-    where = f"{request.method} {request.url.path}"
+    where = f"{request.method} {shown(request.url.path)}"
     if exc.status_code == 404:
         return _error(404, f"not found: {where}")
     if exc.status_code == 405:

@@ -24,6 +24,7 @@ from typing import Any, Final
 import asyncssh
 import msgspec
 
+from virtbackup.contracts.v1.common import shown
 from virtbackup.contracts.v1.config import (
     SECRET_KEYS,
     SECRET_MASK,
@@ -218,7 +219,7 @@ def _refuse_moved(
     changed = _moved(new, old, keys)
     if changed is not None:
         raise BadRequest(
-            f"give the {masked} again: the {changed} changed ({old.get(changed)!r} -> "
-            f"{new.get(changed)!r}), and a masked secret is only kept for the same "
+            f"give the {masked} again: the {changed} changed ({shown(old.get(changed))} -> "
+            f"{shown(new.get(changed))}), and a masked secret is only kept for the same "
             f"{'/'.join(keys)} - at `{where}.{masked}`"
         )

@@ -24,6 +24,7 @@ from virtbackup.contracts.v1.common import ServerId, VmName
 from virtbackup.contracts.v1.inventory import Ok, ServerRef, ServerVms, VmInfo, VmRef
 from virtbackup.contracts.v1.jobs import JobList, JobListRequest
 from virtbackup.gateway.auth import TokenAuth
+from virtbackup.gateway.bodies import SnakeBody
 from virtbackup.gateway.edge import check_request
 from virtbackup.gateway.errors import HANDLERS, readable, responses
 from virtbackup.gateway.openapi import finish_document
@@ -35,7 +36,11 @@ from virtbackup.runtime.kv import keys
 POWER = {"running": "poweredOn", "shutoff": "poweredOff", "paused": "suspended"}
 
 
-class VmRequest(msgspec.Struct, kw_only=True):
+class VmRequest(SnakeBody, kw_only=True):
+    """The body of ``/vms/shutdown``, ``/vms/poweroff`` and ``/vms/remove-cdrom``: the
+    document's fields (``vcenter_url``, ``username`` and ``password`` are accepted and
+    unused: vSphere is no source here); any other field is a 400 naming it."""
+
     vm_path: str = ""
     server_id: str = ""
     vm_name: str = ""

@@ -46,6 +46,7 @@ from virtbackup.contracts.v1.inventory import (
 )
 from virtbackup.inventory import ownership, state_files
 from virtbackup.inventory.backups import REMOTE_NBD_PORTS, _free_local_port
+from virtbackup.inventory.beside import beside
 from virtbackup.inventory.credentials import ExportCredentials
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.runtime.errors import BadRequest, Conflict
@@ -93,7 +94,8 @@ _FILE_TYPES = {
 
 
 def temp_path(path: str, job_id: str) -> str:
-    return f"{path}.vbrestore-{job_id}"
+    """``<path>.vbrestore-<job>``, shortened for a name too long for it (see ``beside``)."""
+    return beside(path, f".vbrestore-{job_id}", reserve=len(".pid"))
 
 
 def pid_file(path: str, job_id: str) -> str:

@@ -34,6 +34,7 @@ from virtbackup.contracts.v1.state import (
     StateSnapshotRequest,
     StateWriteRequest,
 )
+from virtbackup.inventory.beside import beside
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.runtime.errors import BadRequest, Conflict, Unavailable
 from virtbackup.virt import get_domain
@@ -82,8 +83,9 @@ def snapshot_dir(scratch_dir: str, job_id: str) -> str:
 
 
 def temp_path(path: str, job_id: str) -> str:
-    """Where a restore job builds the state that goes to ``path``."""
-    return f"{path}.vbrestore-{job_id}"
+    """Where a restore job builds the state that goes to ``path`` (``<path>.vbrestore-<job>``,
+    shortened for a name too long for it: see ``beside``)."""
+    return beside(path, f".vbrestore-{job_id}")
 
 
 def old_path(path: str, job_id: str) -> str:

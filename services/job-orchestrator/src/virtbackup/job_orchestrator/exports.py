@@ -17,7 +17,12 @@ any command, and nothing that decides the outcome lives in one process.
   over is ``expired``, one whose worker is gone (its ``VB_WORKERS`` heartbeat expired, or
   belongs to a later process of that name) or that no worker took within
   :data:`START_GRACE_SECONDS` is ``failed``. What is found is written back, so the
-  record never turns live again.
+  record never turns live again. An ended export is listed for 2 days after it ended:
+  ``VB_EXPORTS`` has a TTL (``buckets.EXPORT_RECORD_SECONDS``) and drops a record that
+  long after its last change; the index drops it then too.
+* caps: at most ``VIRTBACKUP_INSTANT_MAX_EXPORTS`` (default 32) live exports in all, and
+  ``VIRTBACKUP_INSTANT_MAX_PER_WORKER`` (default 8) on one worker; a create beyond either
+  is a 409 naming the cap.
 * stop: ``stopping`` by compare-and-swap, then wait (up to :data:`STOP_WAIT_SECONDS`) for
   the worker to close the export and write ``stopped``; a worker that is gone cannot, and
   the record is ``stopped`` at once. Stopping an ended export changes nothing.
@@ -39,6 +44,7 @@ from nats.js.kv import KeyValue
 
 from virtbackup.contracts import buckets
 from virtbackup.contracts.subjects import ExportCmd, WorkerCmd
+from virtbackup.contracts.v1.common import shown
 from virtbackup.contracts.v1.exports import (
     DEFAULT_TTL_SECONDS,
     LIVE_EXPORT_STATES,
@@ -58,7 +64,8 @@ from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.runtime.bus import new_id
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.commands import Commands
-from virtbackup.runtime.errors import BadRequest, NotFound, ServiceError, Unavailable
+from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, ServiceError, Unavailable
+from virtbackup.runtime.kv import keys
 
 #: How long the orchestrator waits for a worker to start serving an export.
 SERVE_TIMEOUT_SECONDS: Final = 60.0
@@ -67,6 +74,8 @@ START_GRACE_SECONDS: Final = SERVE_TIMEOUT_SECONDS + 30.0
 #: How long a stop waits for the worker to close the export.
 STOP_WAIT_SECONDS: Final = 10.0
 MAX_CAS_ATTEMPTS: Final = 50
+#: Workers asked at least, when the ones asked serve their cap.
+SERVE_ATTEMPTS: Final = 3
 
 log = logging.getLogger(__name__)
 _VALID_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -112,6 +121,16 @@ def current(record: InstantExport, now: dt.datetime, worker_alive: bool) -> Inst
     if not worker_alive:
         return ended(record, "failed", f"the transfer worker {record.worker} is gone")
     return None
+
+
+def expired_from_bucket(record: InstantExport, now: dt.datetime) -> bool:
+    """Whether ``VB_EXPORTS`` has dropped ``record`` by now: the bucket keeps a record
+    ``buckets.EXPORT_RECORD_SECONDS`` (2 days) after its last change, which is its end
+    (``ended_at``) or, for one that never ended, at the latest its creation plus its
+    longest life. So an ended export is listed for 2 days, then it is gone."""
+    last = record.ended_at or record.created_at
+    age = (now - _parse_time(last)).total_seconds()
+    return age > buckets.EXPORT_RECORD_SECONDS + (0 if record.ended_at else MAX_TTL_SECONDS)
 
 
 class ExportIndex:
@@ -189,13 +208,13 @@ class ExportStore:
     async def get(self, export_id: str) -> tuple[InstantExport, int]:
         """The record and its revision; NotFound for an unknown or malformed id."""
         if not _VALID_ID.match(export_id):
-            raise NotFound(f"export {export_id!r} not found")
+            raise NotFound(f"export {shown(export_id)} not found")
         try:
             entry = await self.kv.get(export_id)
         except KeyNotFoundError:
-            raise NotFound(f"export {export_id!r} not found") from None
+            raise NotFound(f"export {shown(export_id)} not found") from None
         if entry.value is None:
-            raise NotFound(f"export {export_id!r} not found")
+            raise NotFound(f"export {shown(export_id)} not found")
         return _decoder.decode(entry.value), entry.revision or 0
 
     async def create(self, record: InstantExport) -> None:
@@ -252,11 +271,32 @@ class ExportStore:
 
         return await self.change(record.id, now_is)
 
+    async def worker_count(self) -> int:
+        """How many transfer workers are live (their ``VB_WORKERS`` heartbeats)."""
+        workers = await self._workers()
+        return len(await keys(workers)) if workers is not None else 0
+
     def all(self) -> list[InstantExport]:
-        """Every record, from the index (``Unavailable`` while the instance starts)."""
+        """Every record, from the index (``Unavailable`` while the instance starts),
+        but those the bucket's TTL has removed (see :func:`expired_from_bucket`): a
+        watch is told of deletes, not of records that age out."""
         if self.index is None:
             raise Unavailable("the job-orchestrator is starting or stopping; try again")
-        return list(self.index.records.values())
+        now = dt.datetime.now(dt.UTC)
+        records = self.index.records
+        for gone in [k for k, r in records.items() if expired_from_bucket(r, now)]:
+            records.pop(gone, None)
+        return list(records.values())
+
+    async def current(self, record: InstantExport) -> InstantExport | None:
+        """:meth:`refresh`, or None when the record is gone from the bucket (dropped
+        from the index too)."""
+        try:
+            return await self.refresh(record)
+        except NotFound:
+            if self.index is not None:
+                self.index.records.pop(record.id, None)
+            return None
 
 
 def store(jc: JobContext) -> ExportStore:
@@ -274,8 +314,14 @@ async def create_export(jc: JobContext, req: ExportCreateRequest) -> ExportCreat
     """Export one disk of a restore point; see the module docstring.
 
     BadRequest: ``ttlSeconds`` out of range, a malformed ``xmlPath``, no ``disk``.
-    NotFound: no such destination, point or disk (the message names it). Unavailable:
-    no worker answered, or the destination cannot be read."""
+    NotFound: no such destination, point or disk (the message names it). Conflict:
+    ``instant_max_exports`` exports are live already, or every worker asked serves its
+    ``instant_max_per_worker`` (the message names the cap). Unavailable: no worker
+    answered, or the destination cannot be read.
+
+    The total is counted from this replica's index: two replicas creating the last free
+    export at the same moment may both succeed (the cap is exceeded by one for a while);
+    the per-worker cap is exact (each worker counts what it serves)."""
     ttl = DEFAULT_TTL_SECONDS if req.ttl_seconds is None else req.ttl_seconds
     if not MIN_TTL_SECONDS <= ttl <= MAX_TTL_SECONDS:
         raise BadRequest(
@@ -283,12 +329,22 @@ async def create_export(jc: JobContext, req: ExportCreateRequest) -> ExportCreat
         )
     if not req.disk:
         raise BadRequest("disk: give the target of a disk of the restore point (e.g. vda)")
+    exports = store(jc)
+    cap = jc.settings.instant_max_exports
+    now_seen = [await exports.current(r) for r in exports.all()]
+    live = [r for r in now_seen if r is not None and r.state in LIVE_EXPORT_STATES]
+    if len(live) >= cap:
+        raise Conflict(
+            f"{len(live)} instant-access exports are live, the cap "
+            f"(VIRTBACKUP_INSTANT_MAX_EXPORTS={cap}): stop one, or wait for one to expire"
+        )
     dest_id, point = await open_point(jc, req.xml_path, req.destination_id)
     disk = next((d for d in point.disks if d.target == req.disk), None)
     if disk is None:
         targets = ", ".join(d.target for d in point.disks) or "none"
         raise NotFound(
-            f"disk {req.disk!r} is not in restore point {point.xml_path} (its disks: {targets})"
+            f"disk {shown(req.disk)} is not in restore point {point.xml_path} "
+            f"(its disks: {targets})"
         )
     now = dt.datetime.now(dt.UTC)
     record = InstantExport(
@@ -303,15 +359,9 @@ async def create_export(jc: JobContext, req: ExportCreateRequest) -> ExportCreat
         created_at=_iso(now),
         expires_at=_iso(now + dt.timedelta(seconds=ttl)),
     )
-    exports = store(jc)
     await exports.create(record)
     try:
-        return await jc.bus.request(
-            WorkerCmd.SERVE_EXPORT,
-            ExportServeRequest(id=record.id, client_public_key=req.client_public_key),
-            ExportCreated,
-            timeout=SERVE_TIMEOUT_SECONDS,
-        )
+        return await _serve(jc, exports, record, req.client_public_key)
     except ServiceError as exc:
         reason = f"not started: {exc.message}"
         await exports.change(
@@ -320,11 +370,35 @@ async def create_export(jc: JobContext, req: ExportCreateRequest) -> ExportCreat
         raise
 
 
+async def _serve(
+    jc: JobContext, exports: ExportStore, record: InstantExport, client_public_key: str
+) -> ExportCreated:
+    """Ask a worker (the queue group picks one) to serve ``record``. A worker at its cap
+    refuses (Conflict) and leaves the record ``starting``: then another is asked, up to
+    once per live worker (and at least :data:`SERVE_ATTEMPTS` times); any other answer
+    (the record stopped or expired meanwhile, a bad key, ...) is final."""
+    attempts = max(SERVE_ATTEMPTS, await exports.worker_count() + 1)
+    for attempt in range(attempts):
+        try:
+            return await jc.bus.request(
+                WorkerCmd.SERVE_EXPORT,
+                ExportServeRequest(id=record.id, client_public_key=client_public_key),
+                ExportCreated,
+                timeout=SERVE_TIMEOUT_SECONDS,
+            )
+        except Conflict:
+            now, _ = await exports.get(record.id)
+            expired = _parse_time(now.expires_at) <= dt.datetime.now(dt.UTC)
+            if now.state != "starting" or expired or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 @export_commands.handler(ExportCmd.LIST, ExportListRequest)
 async def list_exports(jc: JobContext, req: ExportListRequest) -> ExportList:
     """Every export newest first, each as it is now (see the module docstring)."""
     exports = store(jc)
-    records = [await exports.refresh(r) for r in exports.all()]
+    records = [r for r in [await exports.current(r) for r in exports.all()] if r is not None]
     if req.live_only:
         records = [r for r in records if r.state in LIVE_EXPORT_STATES]
     records.sort(key=lambda r: (r.created_at, r.id), reverse=True)

@@ -19,7 +19,11 @@ from xml.etree import ElementTree as ET
 import msgspec
 
 from virtbackup.contracts.subjects import EventType, InventoryCmd, JobCmd
-from virtbackup.contracts.v1.inventory import VmInfo, VmRef
+from virtbackup.contracts.v1.common import shown
+from virtbackup.contracts.v1.inventory import (
+    VmInfo,
+    VmRef,
+)
 from virtbackup.contracts.v1.jobs import (
     TERMINAL_STATES,
     BackupRequest,
@@ -98,9 +102,9 @@ async def cancel_job(jc: JobContext, req: JobCancelRequest) -> Job:
 @commands.handler(JobCmd.BACKUP, BackupRequest)
 async def backup(jc: JobContext, req: BackupRequest) -> Job:
     """Start a backup of every disk of a VM; ``Conflict`` naming the job if the VM
-    already has a backup or restore running (on any replica). ``BadRequest`` naming
-    ``vmName`` for a name the repository cannot hold (too long once encoded), before any
-    job exists."""
+    already has a backup or restore running (on any replica). Any name libvirt accepts
+    has a folder in the repository (``repository.format.vm_segment``; a long one's is
+    hashed); ``BadRequest`` naming ``vmName`` only for text no name can be."""
     try:
         vm_segment(req.vm_name)
     except ValueError as exc:
@@ -177,7 +181,9 @@ async def sanity(jc: JobContext, req: SanityRequest) -> Job:
     """Start a check of every manifest and chunk of a restore point."""
     dest_id, point = await open_point(jc, req.xml_path, req.destination_id)
     if req.timestamp and req.timestamp != point.timestamp:
-        raise BadRequest(f"timestamp {req.timestamp!r} does not match xmlPath ({point.timestamp})")
+        raise BadRequest(
+            f"timestamp {shown(req.timestamp)} does not match xmlPath ({point.timestamp})"
+        )
     return await jc.submit(
         "sanity",
         server_id=point.source_server_id,
@@ -196,10 +202,10 @@ def destination_faults(destination_id: str) -> Iterator[None]:
     try:
         yield
     except NotFoundError as exc:
-        raise NotFound(f"destination {destination_id!r}: {exc}") from None
+        raise NotFound(f"destination {shown(destination_id)}: {exc}") from None
     except StorageError as exc:
         state = "is unreachable" if exc.retryable else "cannot be used"
-        raise Unavailable(f"destination {destination_id!r} {state}: {exc}") from None
+        raise Unavailable(f"destination {shown(destination_id)} {state}: {exc}") from None
 
 
 @commands.handler(JobCmd.RESTORE_ENTRIES, RestoreEntriesRequest)
@@ -211,7 +217,7 @@ async def restore_entries(jc: JobContext, req: RestoreEntriesRequest) -> Restore
     elif req.driver_id:
         matching = [d for d in cfg.destinations if d.driver_id == req.driver_id]
         if not matching:
-            raise NotFound(f"no destination with driverId {req.driver_id!r}")
+            raise NotFound(f"no destination with driverId {shown(req.driver_id)}")
         dest = matching[0]
     else:
         dest = find_destination(cfg, cfg.restore_destination_id or cfg.backup_destination_id)
@@ -247,7 +253,7 @@ async def open_point(
     try:
         parse_xml_key(xml_path)
     except ValueError as exc:
-        raise BadRequest(f"xmlPath: {exc}") from None
+        raise BadRequest(f"xmlPath {shown(xml_path)}: {exc}") from None
     cfg = await jc.config()
     if destination_id:
         dest = find_destination(cfg, destination_id)
@@ -274,7 +280,7 @@ async def open_point(
         for lookup in lookups:
             lookup.cancel()
         await asyncio.gather(*lookups, return_exceptions=True)
-    message = f"no restore point {xml_path} in destinations {', '.join(candidates)}"
+    message = f"no restore point {shown(xml_path)} in destinations {', '.join(candidates)}"
     if unreadable:
         message += "; not searched: " + "; ".join(unreadable)
     raise NotFound(message)
@@ -295,7 +301,9 @@ async def _point_in(jc: JobContext, destination_id: str, xml_path: str) -> Resto
         try:
             return await repo.restore_point(xml_path)
         except NotFoundError:
-            raise NotFound(f"no restore point {xml_path} in destination {destination_id}") from None
+            raise NotFound(
+                f"no restore point {shown(xml_path)} in destination {destination_id}"
+            ) from None
         except RepositoryError as exc:
             raise BadRequest(f"destination {destination_id}: {exc}") from None
         finally:

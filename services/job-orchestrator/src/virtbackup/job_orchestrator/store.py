@@ -20,6 +20,7 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from virtbackup.contracts.v1.common import shown
 from virtbackup.contracts.v1.jobs import Job, JobState, JobType
 from virtbackup.runtime.errors import NotFound
 
@@ -45,13 +46,13 @@ class JobStore:
     async def get(self, job_id: str) -> tuple[Job, int]:
         """The job and its revision; ``NotFound`` for an unknown or malformed id."""
         if not _VALID_ID.match(job_id):
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"job {shown(job_id)} not found")
         try:
             entry = await self.kv.get(job_id)
         except KeyNotFoundError:
-            raise NotFound(f"job {job_id!r} not found") from None
+            raise NotFound(f"job {shown(job_id)} not found") from None
         if entry.value is None:
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"job {shown(job_id)} not found")
         return _decoder.decode(entry.value), entry.revision or 0
 
     async def update(self, job_id: str, change: Callable[[Job], Job]) -> Job:

@@ -288,6 +288,8 @@ class InstantExports:
     worker: str
     executor: Executor | None = None
     served: dict[str, Served] = field(default_factory=dict)
+    #: Exports being started now (each holds a slot of ``instant_max_per_worker``).
+    starting: int = 0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -300,9 +302,27 @@ class InstantExports:
         """Serve the ``starting`` export ``req.id``; see the module docstring.
 
         NotFound: no such record, or its point or disk is gone from the destination.
-        Conflict: the record is not ``starting`` (stopped meanwhile) or has expired.
-        BadRequest: the client public key is unusable. Unavailable: the destination or
-        the listening address cannot be used now."""
+        Conflict: the record is not ``starting`` (stopped meanwhile) or has expired, or
+        this worker serves (or starts) ``instant_max_per_worker`` exports already (the
+        record stays ``starting``: another worker may take it). BadRequest: the client
+        public key is unusable. Unavailable: the destination or the listening address
+        cannot be used now."""
+        cap = self.ctx.settings.instant_max_per_worker
+        async with self._lock:
+            if len(self.served) + self.starting >= cap:
+                raise Conflict(
+                    f"transfer worker {self.worker} serves its cap of {cap} instant-access "
+                    "exports (VIRTBACKUP_INSTANT_MAX_PER_WORKER): stop one, or wait for one "
+                    "to expire"
+                )
+            self.starting += 1
+        try:
+            return await self._serve(req)
+        finally:
+            async with self._lock:
+                self.starting -= 1
+
+    async def _serve(self, req: ExportServeRequest) -> ExportCreated:
         found = await read_record(self.kv, req.id)
         if found is None:
             raise NotFound(f"export {req.id} not found")

@@ -15,18 +15,50 @@ SERVER_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]+(?![\s\S])"
 #: A libvirt domain name as a request may name one: no control character (a NUL would
 #: reach libvirt's C API; libvirt itself refuses a newline) and no ``/`` (libvirt refuses
 #: it in names). Anything else (spaces, ``%``, ``\``, any Unicode letter) is a valid name:
-#: it is never used as a path as it is (the repository percent-encodes it, KV keys
-#: base64url-encode it). A backup also refuses a name too long for a repository key
-#: (over 200 characters once percent-encoded), before its job exists.
+#: it is never used as a path as it is (the repository percent-encodes it, hashing a long
+#: one; KV keys base64url-encode it).
 VM_NAME_PATTERN: Final = r"^[^\x00-\x1f\x7f/]+(?![\s\S])"
+#: The longest server id (and other short identifiers).
 NAME_MAX_LENGTH: Final = 200
+#: The longest domain name libvirt's QEMU driver accepts, in bytes of UTF-8: libvirt
+#: itself sets no limit, but it keeps a persistent domain's definition in
+#: ``<name>.xml`` (written as ``<name>.xml.new`` first, in ``/etc/libvirt/qemu``), so a
+#: longer name exceeds NAME_MAX (255 bytes) and ``virsh define`` fails ("File name too
+#: long"). A name of 247 ASCII characters is accepted, one of 248 is not.
+VM_NAME_MAX_BYTES: Final = 247
+#: ``VmName``'s limit in characters (msgspec counts characters): no name of more can be
+#: a domain's. A name within it but over :data:`VM_NAME_MAX_BYTES` in UTF-8 is a name no
+#: domain has (404), or refused where a new domain would get it (``vm_name_fits``).
+VM_NAME_MAX_LENGTH: Final = VM_NAME_MAX_BYTES
 
 ServerId = Annotated[
     str, msgspec.Meta(min_length=1, max_length=NAME_MAX_LENGTH, pattern=SERVER_ID_PATTERN)
 ]
 VmName = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=NAME_MAX_LENGTH, pattern=VM_NAME_PATTERN)
+    str, msgspec.Meta(min_length=1, max_length=VM_NAME_MAX_LENGTH, pattern=VM_NAME_PATTERN)
 ]
+
+
+def vm_name_fits(name: str) -> bool:
+    """Whether libvirt can define a domain named ``name`` (its UTF-8 is at most
+    :data:`VM_NAME_MAX_BYTES` bytes)."""
+    return len(name.encode("utf-8", "surrogatepass")) <= VM_NAME_MAX_BYTES
+
+
+#: How many characters of a client's value an error message quotes (``shown``).
+ECHO_LIMIT: Final = 200
+
+
+def shown(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``value`` as an error message quotes what a client sent: ``repr`` of at most
+    ``limit`` characters of it, then ``...`` (and how long it was) when it is longer, so
+    that an error never echoes a client's value at any length (a 500 KB ``xmlPath``
+    must not make a 500 KB answer)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
 
 FaultCode = Literal["bad_request", "not_found", "conflict", "unavailable", "internal"]
 

@@ -15,6 +15,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 
+from virtbackup.contracts.v1.common import shown
+
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
@@ -423,7 +425,7 @@ def host_key_fingerprint(value: str) -> str:
         except (binascii.Error, ValueError):
             raw = b""
         if len(raw) != 32:
-            raise ValueError(f"host key fingerprint {text!r} is not a SHA256 fingerprint")
+            raise ValueError(f"host key fingerprint {shown(text)} is not a SHA256 fingerprint")
         return "SHA256:" + body.rstrip("=")
     return "SHA256:" + base64.b64encode(hashlib.sha256(_key_blob(text)).digest()).decode().rstrip(
         "="

@@ -14,6 +14,7 @@ from virtbackup.contracts.v1.config import (
     SftpParams,
     host_key_fingerprint,
 )
+from virtbackup.gateway.bodies import Body, NoBody
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.host_keys import HostKeyUnavailable, fetch_host_key
 from virtbackup.gateway.state import Gateway
@@ -24,7 +25,7 @@ from virtbackup.storage.google_auth import GoogleTokens
 from virtbackup.storage.probe import test_connection
 
 
-class GoogleTokensBody(msgspec.Struct, kw_only=True, rename="camel"):
+class GoogleTokensBody(Body, kw_only=True):
     """The body of ``POST /oauth/google``: its shape is checked with this type, then
     ``GoogleTokens.from_wire`` reads it (``expiresAt`` in its three forms)."""
 
@@ -150,8 +151,8 @@ class DestinationsController(Controller):
         return {"success": True}
 
     @post("/oauth/google/clear", status_code=200, responses=responses(409))
-    async def clear_google(self, gw: Gateway) -> dict[str, bool]:
-        """Forget the Google account's tokens."""
+    async def clear_google(self, gw: Gateway, data: NoBody | None = None) -> dict[str, bool]:
+        """Forget the Google account's tokens (no body, or ``{}``)."""
 
         def apply(cfg: AgentConfig) -> AgentConfig:
             gdrive = msgspec.structs.replace(

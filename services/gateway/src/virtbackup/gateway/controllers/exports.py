@@ -27,6 +27,7 @@ from virtbackup.contracts.v1.exports import (
     ExportStopRequest,
     InstantExport,
 )
+from virtbackup.gateway.bodies import Body
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
@@ -34,7 +35,7 @@ from virtbackup.runtime import timeouts
 TtlSeconds = Annotated[int, msgspec.Meta(ge=MIN_TTL_SECONDS, le=MAX_TTL_SECONDS)]
 
 
-class ExportBody(msgspec.Struct, kw_only=True, rename="camel"):
+class ExportBody(Body, kw_only=True):
     """Export ``disk`` (a target of the point, e.g. ``vda``) of the restore point
     ``xmlPath`` names (from ``GET /restore/entries``) for ``ttlSeconds`` (default 3600)."""
 

@@ -15,6 +15,7 @@ from virtbackup.contracts.v1.jobs import (
     JobList,
     JobListRequest,
 )
+from virtbackup.gateway.bodies import NoBody
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 
@@ -40,7 +41,9 @@ class JobsController(Controller):
         return job_view(await gw.bus.request(JobCmd.GET, JobGetRequest(id=job_id), Job))
 
     @post("/{job_id:str}/cancel", status_code=200, responses=responses(404, 409))
-    async def cancel_job(self, gw: Gateway, job_id: str) -> dict[str, bool]:
-        """Cancel a queued or running job (409 if it has finished)."""
+    async def cancel_job(
+        self, gw: Gateway, job_id: str, data: NoBody | None = None
+    ) -> dict[str, bool]:
+        """Cancel a queued or running job (409 if it has finished; no body, or ``{}``)."""
         await gw.bus.request(JobCmd.CANCEL, JobCancelRequest(id=job_id), Job)
         return {"success": True}

@@ -15,12 +15,13 @@ from virtbackup.contracts.v1.jobs import (
     RestoreEntriesRequest,
     SanityRequest,
 )
+from virtbackup.gateway.bodies import Body
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
 
 
-class SanityBody(msgspec.Struct, kw_only=True, rename="camel"):
+class SanityBody(Body, kw_only=True):
     xml_path: str
     timestamp: str | None = None
     destination_id: str | None = None

@@ -9,7 +9,14 @@ from litestar import Controller, get, post
 from litestar.params import Parameter
 
 from virtbackup.contracts.subjects import InventoryCmd, JobCmd
-from virtbackup.contracts.v1.common import NAME_MAX_LENGTH, SERVER_ID_PATTERN, VmName
+from virtbackup.contracts.v1.common import (
+    NAME_MAX_LENGTH,
+    SERVER_ID_PATTERN,
+    VM_NAME_MAX_BYTES,
+    VmName,
+    shown,
+    vm_name_fits,
+)
 from virtbackup.contracts.v1.config import host_key_fingerprint
 from virtbackup.contracts.v1.inventory import (
     CleanupResult,
@@ -29,10 +36,11 @@ from virtbackup.contracts.v1.jobs import (
     PrecheckResult,
     RestoreRequest,
 )
+from virtbackup.gateway.bodies import Body, NoBody
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
-from virtbackup.runtime.errors import NotFound
+from virtbackup.runtime.errors import BadRequest, NotFound
 
 #: A server id in a path: what a configured server's id may be (else 400 naming it).
 ServerIdParam = Annotated[
@@ -54,19 +62,19 @@ async def destination_of_driver(gw: Gateway, driver_id: str | None) -> str | Non
     for dest in cfg.destinations:
         if dest.driver_id == driver_id:
             return dest.id
-    raise NotFound(f"no destination with driverId {driver_id!r}")
+    raise NotFound(f"no destination with driverId {shown(driver_id)}")
 
 
-class ActionBody(msgspec.Struct, kw_only=True, rename="camel"):
+class ActionBody(Body, kw_only=True):
     action: VmAction
     vm_name: VmName
 
 
-class VmBody(msgspec.Struct, kw_only=True, rename="camel"):
+class VmBody(Body, kw_only=True):
     vm_name: VmName
 
 
-class BackupBody(msgspec.Struct, kw_only=True, rename="camel"):
+class BackupBody(Body, kw_only=True):
     vm_name: VmName
     destination_id: str | None = None
     fresh: bool = False
@@ -75,7 +83,7 @@ class BackupBody(msgspec.Struct, kw_only=True, rename="camel"):
     driver_params: dict[str, Any] | None = None
 
 
-class PrecheckBody(msgspec.Struct, kw_only=True, rename="camel"):
+class PrecheckBody(Body, kw_only=True):
     """The agent API's fields, plus where and as what the restore would go (optional,
     checked as ``restore/start`` checks them): see ``PrecheckRequest``."""
 
@@ -86,7 +94,7 @@ class PrecheckBody(msgspec.Struct, kw_only=True, rename="camel"):
     storage_pool: PoolName | None = None
 
 
-class RestoreBody(msgspec.Struct, kw_only=True, rename="camel"):
+class RestoreBody(Body, kw_only=True):
     """The agent API's fields, plus where and as what to restore (all optional): see
     ``RestoreRequest``."""
 
@@ -117,8 +125,10 @@ class ServersController(Controller):
         return out
 
     @post("/refresh", status_code=200, responses=responses(404))
-    async def refresh(self, gw: Gateway, server_id: ServerIdParam) -> dict[str, bool]:
-        """Re-read the server's VMs now."""
+    async def refresh(
+        self, gw: Gateway, server_id: ServerIdParam, data: NoBody | None = None
+    ) -> dict[str, bool]:
+        """Re-read the server's VMs now (no body, or ``{}``)."""
         await gw.bus.request(
             InventoryCmd.REFRESH,
             ServerRef(server_id=server_id),
@@ -128,10 +138,12 @@ class ServersController(Controller):
         return {"success": True}
 
     @post("/test", status_code=200, responses=responses(404))
-    async def test_ssh(self, gw: Gateway, server_id: ServerIdParam) -> dict[str, Any]:
-        """Test the SSH connection: ``success`` false with the reason when it fails;
-        ``hostKeyFingerprint`` is the pinned host key's SHA256 fingerprint (empty while
-        none is pinned)."""
+    async def test_ssh(
+        self, gw: Gateway, server_id: ServerIdParam, data: NoBody | None = None
+    ) -> dict[str, Any]:
+        """Test the SSH connection (body ``{}`` or none): ``success`` false with the
+        reason when it fails; ``hostKeyFingerprint`` is the pinned host key's SHA256
+        fingerprint (empty while none is pinned)."""
         result = await gw.bus.request(
             InventoryCmd.TEST_SSH,
             ServerRef(server_id=server_id),
@@ -196,7 +208,15 @@ class ServersController(Controller):
         self, gw: Gateway, server_id: ServerIdParam, data: RestoreBody
     ) -> dict[str, str]:
         """Restore a point: ``overwrite`` writes new disks and defines, ``define`` defines;
-        optionally as another VM, into a directory or pool, and started."""
+        optionally as another VM, into a directory or pool, and started.
+
+        A new ``vmName`` longer than libvirt can define (``VM_NAME_MAX_BYTES`` of
+        UTF-8) is a 400 naming it."""
+        if data.vm_name is not None and not vm_name_fits(data.vm_name):
+            raise BadRequest(
+                f"vmName: {len(data.vm_name.encode())} bytes of UTF-8; libvirt defines "
+                f"domains of names up to {VM_NAME_MAX_BYTES} bytes"
+            )
         destination_id = data.destination_id or await destination_of_driver(gw, data.driver_id)
         request = RestoreRequest(
             server_id=server_id,
