@@ -291,6 +291,10 @@ async def test_vm_actions_are_refused_while_an_offline_backup_holds_the_vm(
             resp = await action(api, verb)
             assert resp.status_code == 409, (verb, resp.text)
             assert f"{VM} is held by an offline backup (job {job_id})" in resp.json()["error"]
+        # Cleanup is for leftovers: it neither aborts the backup nor releases the VM.
+        resp = await api.post("/servers/local/cleanup", json={"vmName": VM})
+        assert resp.status_code == 409, resp.text
+        assert job_id in resp.json()["error"]
         assert await power(conn) == PowerState.PAUSED
     finally:
         for name in workers:

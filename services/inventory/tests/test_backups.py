@@ -428,3 +428,123 @@ async def test_an_offline_backup_nobody_will_end_is_shut_off_again(
             with contextlib.suppress(VirtError):
                 await conn.call((await conn.lookup(vm.name)).destroy)
             await conn.call((await conn.lookup(vm.name)).create)
+
+
+async def test_end_says_the_vm_stopped_only_when_it_did(
+    server: HostServer, conn: Connection, vm: SmallVm, vm_dir: Path
+) -> None:
+    """Issue 12 (trial, item 4): the answer came from a missing tag, so a tag removed by
+    someone else, or an end asked twice, read as "the VM stopped". Now libvirt says: the
+    domain is not running, or runs as another process than the begin's."""
+
+    def end_of(begun: BackupBegun, **kw: object) -> BackupEndRequest:
+        return BackupEndRequest(
+            server_id="local",
+            vm_name=vm.name,
+            checkpoint=begun.checkpoint,
+            domain_id=begun.domain_id,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    begun = await _begin(server, vm, vm_dir, job_id=f"job-{os.getpid()}-stop")
+    assert begun.domain_id is not None and not begun.offline
+    # The tag and the libvirt job are gone, the VM runs on as the same process.
+    await ownership.untag(conn, vm.name)
+    await end_backup(conn, vm.name)
+    assert not await backups.end(server, end_of(begun, success=False), str(vm_dir))
+    # An end asked again (its first answer was lost) says the same.
+    assert not await backups.end(server, end_of(begun, success=False), str(vm_dir))
+
+    begun = await _begin(server, vm, vm_dir, job_id=f"job-{os.getpid()}-stop2")
+    dom = await conn.lookup(vm.name)
+    await conn.call(dom.destroy)
+    await conn.call(dom.create)  # stopped, and started again: another process
+    assert await backups.end(server, end_of(begun, success=False), str(vm_dir))
+
+    begun = await _begin(server, vm, vm_dir, job_id=f"job-{os.getpid()}-stop3")
+    await conn.call((await conn.lookup(vm.name)).destroy)
+    try:
+        assert await backups.end(server, end_of(begun, success=False), str(vm_dir))
+    finally:
+        await conn.call((await conn.lookup(vm.name)).create)
+
+
+async def test_an_offline_backup_whose_tag_is_gone_is_shut_off_again(
+    server: HostServer, conn: Connection, vm: SmallVm, vm_dir: Path
+) -> None:
+    """The end knows from the begin's answer that it started the VM paused: the VM is shut
+    off again even when the tag that said so is gone."""
+
+    async def power() -> PowerState:
+        return (await get_domain(conn, vm.name)).power_state
+
+    await conn.call((await conn.lookup(vm.name)).destroy)
+    try:
+        begun = await _begin(server, vm, vm_dir, job_id=f"job-{os.getpid()}-off")
+        assert begun.offline and await power() == PowerState.PAUSED
+        await ownership.untag(conn, vm.name)
+        end = BackupEndRequest(
+            server_id="local",
+            vm_name=vm.name,
+            checkpoint=begun.checkpoint,
+            success=False,
+            domain_id=begun.domain_id,
+            offline=True,
+        )
+        assert not await backups.end(server, end, str(vm_dir))
+        assert await power() == PowerState.SHUTOFF
+        assert await current_backup(conn, vm.name) is None
+        # A VM its user started since is not ours to shut off.
+        await conn.call((await conn.lookup(vm.name)).create)
+        await backups.end(server, end, str(vm_dir))
+        assert await power() == PowerState.RUNNING
+    finally:
+        if await power() != PowerState.RUNNING:
+            with contextlib.suppress(VirtError):
+                await conn.call((await conn.lookup(vm.name)).destroy)
+            await conn.call((await conn.lookup(vm.name)).create)
+
+
+async def test_cleanup_refuses_a_vm_a_job_holds(
+    server: HostServer,
+    conn: Connection,
+    vm: SmallVm,
+    vm_dir: Path,
+    jobs: KeyValue,
+    nats_server: NatsServer,
+) -> None:
+    """Cleanup is for leftovers: while a job of this installation holds the VM (its
+    backup's tag, or its lock in VB_LOCKS: a restore) it is a 409 naming the job."""
+    from virtbackup.contracts.buckets import vm_lock_key
+    from virtbackup.inventory.reconcile import check_no_job_holds
+
+    client = await connect(nats_server)
+    locks = await ensure_bucket(client.jetstream(), buckets.LOCKS)
+    job_id = f"job-{os.getpid()}-held"
+
+    async def check() -> None:
+        await check_no_job_holds(server, vm.name, jobs, locks, INSTALLATION)
+
+    try:
+        await check()  # nothing holds it
+        await jobs.put(job_id, _job(job_id, "running"))
+        begun = await _begin(server, vm, vm_dir, job_id=job_id)
+        try:
+            with pytest.raises(Conflict, match=job_id):
+                await check()
+            await jobs.put(job_id, _job(job_id, "failure"))
+            await check()  # its job ended: a leftover
+        finally:
+            end = BackupEndRequest(server_id="local", vm_name=vm.name, checkpoint=begun.checkpoint)
+            await backups.end(server, end, str(vm_dir))
+        restore = f"{job_id}-restore"
+        lock = {"jobId": restore, "jobType": "restore", "takenAt": 0.0}
+        await locks.put(vm_lock_key("local", vm.name), msgspec.json.encode(lock))
+        await check()  # a lock whose job is long gone
+        await jobs.put(restore, _job(restore, "running"))
+        with pytest.raises(Conflict, match=f"restore job running \\({restore}\\)"):
+            await check()
+        await jobs.put(restore, _job(restore, "success"))
+        await check()
+    finally:
+        await client.drain()

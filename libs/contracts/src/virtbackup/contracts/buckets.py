@@ -5,6 +5,7 @@ State lives in these buckets. Updates that race use compare-and-swap on the revi
 
 from __future__ import annotations
 
+import base64
 from typing import Final
 
 import msgspec
@@ -39,6 +40,20 @@ LOCKS: Final = BucketSpec(
     name="VB_LOCKS",
     description="Per-VM locks: key vm.<server>.<vm>, value the id of the job holding it.",
 )
+
+
+def vm_lock_key(server_id: str, vm_name: str) -> str:
+    """``vm.<server>.<vm>``: the key of a VM's lock in ``VB_LOCKS``, each part base64url
+    (no padding) so that any VM name is a valid key. The value is JSON naming the job
+    that holds it (``{"jobId": ..., "jobType": ..., "takenAt": ...}``); the lock counts
+    while that job is active in ``VB_JOBS``."""
+
+    def enc(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=") or "_"
+
+    return f"vm.{enc(server_id)}.{enc(vm_name)}"
+
+
 LEASES: Final = BucketSpec(
     name="VB_LEASES",
     ttl_seconds=LEASE_SECONDS,

@@ -176,7 +176,8 @@ def _inventory() -> _Grants:
     g.answers(f"{subjects.CMD_ROOT}.inventory.>")
     g.events("vm")
     g.owns(buckets.INVENTORY)
-    g.reads(buckets.CONFIG, buckets.JOBS)
+    # VB_LOCKS: cleanup refuses a VM that a backup or restore holds.
+    g.reads(buckets.CONFIG, buckets.JOBS, buckets.LOCKS)
     return g
 
 

@@ -151,6 +151,10 @@ async def _begin(
     checkpoint: str,
     offline: bool,
 ) -> BackupBegun:
+    try:
+        domain_id = (await get_domain(conn, req.vm_name)).id
+    except VirtNotFound as exc:
+        raise NotFound(f"vm {req.vm_name!r} not found on server {server.id}: {exc}") from None
     incremental: str | None = None
     full_reason = "" if req.incremental_from else "no earlier restore point"
     full_disks: dict[str, str] = {}
@@ -220,6 +224,7 @@ async def _begin(
         domain_xml=xml,
         quiesced=job.quiesced,
         offline=offline,
+        domain_id=domain_id,
     )
 
 
@@ -277,47 +282,94 @@ async def _abandon(conn: Connection, host: Host, vm_name: str, checkpoint: str) 
 async def end(server: HostServer, req: BackupEndRequest, scratch_dir: str) -> bool:
     """End the backup job and remove the domain's tag (:mod:`.ownership`); when it failed,
     drop its new checkpoint so the next incremental starts from the previous one, even if
-    the domain has stopped meanwhile (:func:`discard_checkpoint`). A domain that an
-    offline backup started (its tag says so) is shut off again if it is still paused
-    (one that someone resumed keeps running). Idempotent.
+    the domain has stopped meanwhile (:func:`discard_checkpoint`). Idempotent.
 
-    Returns whether the VM stopped during the backup: the tag (live metadata, gone with
-    the QEMU process) and the backup job are both gone.
+    A domain that an offline backup started (its tag says so, or ``req.offline`` with
+    the begin's ``req.domain_id``: the same QEMU process) is shut off again if it is
+    still paused (one that someone resumed keeps running), whatever else fails here: a
+    libvirt error ending the job or dropping the checkpoint is raised after it.
+
+    Returns whether the VM stopped during the backup: with ``req.domain_id``, from
+    libvirt (no backup job is left, and the domain is not running, or runs as another
+    process); without it, inferred from the tag (live metadata, gone with the QEMU
+    process) and the backup job being both gone.
 
     A backup job tagged with another checkpoint than ``req.checkpoint`` is another
-    backup's (a late or repeated end): it is left running."""
+    backup's (a late or repeated end): it is left running, and its domain as it is."""
     conn = await server.connection()
     host = await server.host()
     stopped = False
-    offline = False
-    with contextlib.suppress(VirtNotFound):
-        found = await ownership.read_tag(conn, req.vm_name)
-        if found is not None and req.checkpoint and found.checkpoint != req.checkpoint:
-            log.warning(
-                "not ending the backup job of %s: it is %s's, not %s's",
-                req.vm_name,
-                found.checkpoint,
-                req.checkpoint,
-            )
-        else:
-            job = await current_backup(conn, req.vm_name)
-            if job is not None:
-                await end_backup(conn, job, host=host)
-            else:
-                stopped = found is None
-                await _remove_scratch(conn, host, req.vm_name, scratch_dir)
-            offline = found is not None and found.offline
-            if not offline:
-                await ownership.untag(conn, req.vm_name)
-    if not req.success and req.checkpoint:
+    found: ownership.BackupTag | None = None
+    offline = req.offline
+    try:
+        job_left = False
+        theirs = False
         with contextlib.suppress(VirtNotFound):
-            await discard_checkpoint(conn, req.vm_name, req.checkpoint, host=host)
-    if offline:
+            found = await ownership.read_tag(conn, req.vm_name)
+            if found is not None and req.checkpoint and found.checkpoint != req.checkpoint:
+                theirs = True
+                log.warning(
+                    "not ending the backup job of %s: it is %s's, not %s's",
+                    req.vm_name,
+                    found.checkpoint,
+                    req.checkpoint,
+                )
+                offline = False
+            else:
+                offline = offline or (found is not None and found.offline)
+                job = await current_backup(conn, req.vm_name)
+                if job is not None:
+                    job_left = True
+                    await end_backup(conn, job, host=host)
+                else:
+                    await _remove_scratch(conn, host, req.vm_name, scratch_dir)
+                if not offline:
+                    await ownership.untag(conn, req.vm_name)
+        if not theirs and not job_left:
+            stopped = await _stopped(conn, req, found)
+        if not req.success and req.checkpoint:
+            with contextlib.suppress(VirtNotFound):
+                await discard_checkpoint(conn, req.vm_name, req.checkpoint, host=host)
+    finally:
+        if offline:
+            await _shut_off_again(conn, req, found)
+    return stopped
+
+
+async def _stopped(
+    conn: Connection, req: BackupEndRequest, found: ownership.BackupTag | None
+) -> bool:
+    """Whether the domain stopped during the backup (see :func:`end`; no job is left)."""
+    if req.domain_id is None:
+        return found is None
+    try:
+        now = await get_domain(conn, req.vm_name)
+    except VirtNotFound:
+        return True  # a transient domain that stopped is gone
+    return now.id != req.domain_id
+
+
+async def _shut_off_again(
+    conn: Connection, req: BackupEndRequest, found: ownership.BackupTag | None
+) -> None:
+    """Shut off the domain the offline backup started, if it is still paused; a domain
+    whose tag is gone counts as that one only while it runs as the begin's process."""
+    try:
+        if found is None or not found.offline:
+            if req.domain_id is None:
+                return
+            try:
+                if (await get_domain(conn, req.vm_name)).id != req.domain_id:
+                    return
+            except VirtNotFound:
+                return
         if await destroy_if_paused(conn, req.vm_name):
             log.info("vm %s: shut off again after its offline backup", req.vm_name)
         else:
             await ownership.untag(conn, req.vm_name)
-    return stopped
+    except VirtError as exc:
+        # The inventory's reconcile (at start) and the action check try again.
+        log.warning("vm %s: could not shut it off after its offline backup: %s", req.vm_name, exc)
 
 
 async def check_offline_hold(

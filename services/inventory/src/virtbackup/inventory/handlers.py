@@ -32,7 +32,7 @@ from virtbackup.contracts.v1.inventory import (
     VmInfo,
     VmRef,
 )
-from virtbackup.inventory import backups, ownership, restores, state_files
+from virtbackup.inventory import backups, ownership, reconcile, restores, state_files
 from virtbackup.inventory.inventory import Inventory, _power
 from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, Unavailable
 from virtbackup.runtime.service import ServiceContext
@@ -111,10 +111,21 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
 
     @bus.handle(InventoryCmd.CLEANUP, VmRef)
     async def cleanup(req: VmRef) -> CleanupResult:
+        """Remove what interrupted backups left (backup job, checkpoints, scratch files,
+        overlays). Conflict naming the job while a job of this installation holds the VM
+        (a live or offline backup, a restore): cleanup is for leftovers. A VM an offline
+        backup whose job has ended left paused is shut off again first."""
         entry = inv.entry(req.server_id)
         conn = await entry.host.connection()
         async with libvirt_errors(req.server_id, req.vm_name):
             await get_domain(conn, req.vm_name)
+            jobs = ctx.bucket(buckets.JOBS)
+            await backups.check_offline_hold(
+                entry.host, req.vm_name, jobs, inv.installation, scratch
+            )
+            await reconcile.check_no_job_holds(
+                entry.host, req.vm_name, jobs, ctx.bucket(buckets.LOCKS), inv.installation
+            )
             report = await cleanup_leftovers(
                 conn, req.vm_name, scratch_dir=scratch, host=await entry.host.host()
             )

@@ -28,13 +28,18 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 
+import msgspec
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from virtbackup.contracts.buckets import vm_lock_key
 from virtbackup.contracts.v1.inventory import BackupEndRequest
 from virtbackup.contracts.v1.jobs import ACTIVE_STATES
 from virtbackup.inventory import backups, ownership
 from virtbackup.inventory.hosts import HostServer
+from virtbackup.runtime.errors import Conflict
 from virtbackup.virt import Connection, current_backup, end_backup, job_info, list_domains
 from virtbackup.virt.domains import PowerState
 from virtbackup.virt.errors import NotFound as VirtNotFound
@@ -43,6 +48,64 @@ log = logging.getLogger(__name__)
 
 #: Seconds an untagged backup job of ours must stay untagged before it is ended.
 UNTAGGED_GRACE = 10.0
+#: Seconds a VM lock whose job has no record yet counts (the orchestrator's
+#: ``locks.ORPHAN_GRACE``: the lock is taken before the job record is written).
+LOCK_ORPHAN_GRACE = 30.0
+
+
+class _Lock(msgspec.Struct, rename="camel"):
+    """What a ``VB_LOCKS`` entry says (``buckets.vm_lock_key``)."""
+
+    job_id: str
+    job_type: str = "backup"
+    taken_at: float = 0.0
+
+
+_LEFTOVERS = "cleanup is for what ended jobs leave behind: cancel the job or wait for it to end"
+
+
+async def check_no_job_holds(
+    server: HostServer,
+    vm_name: str,
+    jobs: KeyValue,
+    locks: KeyValue,
+    installation: str,
+) -> None:
+    """Refuse (Conflict naming the job) to clean up a VM that a job of this installation
+    holds now: its backup (live or offline: the domain's tag names a job that ``VB_JOBS``
+    lists as queued or running) or its restore or backup in any phase (the VM's lock in
+    ``VB_LOCKS`` names such a job, or one that is being created). What a backup of
+    another installation, or a job that ended, left behind is a leftover: not refused.
+    Raises VirtError when libvirt cannot be asked (NotFound for an unknown VM)."""
+    conn = await server.connection()
+    found = await ownership.read_tag(conn, vm_name)
+    if found is not None and found.job_id and found.installation == installation:
+        state = await ownership.job_state(jobs, found.job_id)
+        if state in ACTIVE_STATES:
+            kind = "an offline backup" if found.offline else "a backup"
+            raise Conflict(
+                f"vm {vm_name} is held by {kind} running (job {found.job_id}): {_LEFTOVERS}"
+            )
+    try:
+        entry = await locks.get(vm_lock_key(server.id, vm_name))
+    except KeyNotFoundError:
+        return
+    if entry.value is None:
+        return
+    try:
+        lock = msgspec.json.decode(entry.value, type=_Lock)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        log.warning("the lock of vm %s on %s cannot be read", vm_name, server.id)
+        return
+    state = await ownership.job_state(jobs, lock.job_id)
+    if state in ACTIVE_STATES:
+        raise Conflict(
+            f"vm {vm_name} has a {lock.job_type} job running ({lock.job_id}): {_LEFTOVERS}"
+        )
+    if state is None and time.time() - lock.taken_at < LOCK_ORPHAN_GRACE:
+        raise Conflict(
+            f"vm {vm_name} has a {lock.job_type} job starting ({lock.job_id}): {_LEFTOVERS}"
+        )
 
 
 async def _backup_job_running(conn: Connection, name: str) -> bool:

@@ -30,8 +30,9 @@ async def stop(ctx: ServiceContext) -> None:
 SPEC = ServiceSpec(
     name=subjects.INVENTORY,
     streams=(streams.EVENTS,),
-    # VB_JOBS is read only: whether the job a running libvirt backup belongs to is active.
-    buckets=(buckets.INVENTORY, buckets.CONFIG, buckets.JOBS),
+    # VB_JOBS and VB_LOCKS are read only: whether the job a running libvirt backup
+    # belongs to is active, and whether a backup or restore holds a VM (cleanup).
+    buckets=(buckets.INVENTORY, buckets.CONFIG, buckets.JOBS, buckets.LOCKS),
     register=register,
     start=start,
     stop=stop,

@@ -185,6 +185,8 @@ async def run_backup(jc: JobContext, job: Job) -> str:
                 vm_name=job.vm_name or "",
                 checkpoint=begun.checkpoint,
                 success=success,
+                domain_id=begun.domain_id,
+                offline=begun.offline,
             )
             try:
                 return await end_libvirt_job(jc, end, keep_going=lambda: jc.holds(job.id))

@@ -9,7 +9,6 @@ job that does not exist yet is honoured for ``ORPHAN_GRACE`` seconds.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ import msgspec
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from virtbackup.contracts.buckets import vm_lock_key
 from virtbackup.contracts.v1.jobs import ACTIVE_STATES, Job
 from virtbackup.repository.format import vm_segment
 from virtbackup.runtime.errors import Conflict, NotFound
@@ -33,12 +33,9 @@ class LockRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 
 
 def lock_key(server_id: str, vm_name: str) -> str:
-    """``vm.<server>.<vm>``, each part base64url so that any VM name is a valid key."""
-
-    def enc(text: str) -> str:
-        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=") or "_"
-
-    return f"vm.{enc(server_id)}.{enc(vm_name)}"
+    """``vm.<server>.<vm>``, each part base64url so that any VM name is a valid key
+    (``buckets.vm_lock_key``: the inventory reads the locks too)."""
+    return vm_lock_key(server_id, vm_name)
 
 
 def point_folder_lock(

@@ -195,15 +195,25 @@ class BackupBegun(Message, frozen=True, kw_only=True):
     #: The VM was shut off: the inventory started it paused (the guest runs no
     #: instruction) to read it, and shuts it off again when the backup ends.
     offline: bool = False
+    #: libvirt's id of the running domain (its QEMU process) the backup reads: a new
+    #: process (the VM stopped, and maybe started again) has another.
+    domain_id: int | None = None
 
 
 class BackupEndRequest(Message, frozen=True, kw_only=True):
-    """End the backup job. ``success`` false also deletes the new checkpoint."""
+    """End the backup job. ``success`` false also deletes the new checkpoint.
+
+    ``domain_id`` and ``offline`` are the begin's answer (``BackupBegun``): with them the
+    inventory tells whether the VM stopped during the backup from libvirt itself, and
+    shuts a domain the offline backup started paused off again even if its tag is gone.
+    """
 
     server_id: str
     vm_name: str
     checkpoint: str | None = None
     success: bool = True
+    domain_id: int | None = None
+    offline: bool = False
 
 
 #: What a restored disk is on the host: an image file, or a block device (an LVM volume,
@@ -213,8 +223,10 @@ DiskKind = Literal["file", "block"]
 
 class BackupEnded(Ok, frozen=True, kw_only=True):
     """The answer to ``BackupEndRequest`` (an ``Ok``). ``vm_stopped``: the domain stopped
-    while the backup ran (its QEMU, and with it the NBD exports, went away); set only
-    when the backup's tag was gone and no backup job was left."""
+    while the backup ran (its QEMU, and with it the NBD exports, went away): it is not
+    running now, or runs as another process than the begin's (``domain_id``). Without a
+    ``domain_id`` (a request from before it existed) it is inferred as it was: the
+    backup's tag is gone and no backup job is left."""
 
     vm_stopped: bool = False
 
