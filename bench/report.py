@@ -240,7 +240,8 @@ def _render(lines: list[Row], cpu: list[Row], info: dict[str, Any], cache: str) 
         f"{m['cpus']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']};"
         f" load {s['load_before']} -> {m['load']}",
         f"virtnbdbackup {info['versions'].get('virtnbdbackup')};"
-        f" chunk size {s['chunk_size'] // 1024} KiB; {s['workers']} worker(s);"
+        f" chunk size {s['chunk_size'] // 1024} KiB;"
+        f" {','.join(map(str, s['workers']))} transfer worker(s);"
         f" median of {s['reps']} rep(s); {s['seconds']:.0f} s in all",
     ]  # fmt: skip
     if vm:
@@ -252,7 +253,7 @@ def _render(lines: list[Row], cpu: list[Row], info: dict[str, Any], cache: str) 
     if w:
         head.append(
             f"guest writes: {w['count']} x {s['write_size'] // 1024} KiB at"
-            f" {s['write_align'] // 1024} KiB-aligned offsets; touch {w['chunks_touched']} chunks, "
+            f" {s['write_align'] // 1024} KiB-aligned offsets; touch chunks {w['chunks_touched']}, "
             f"{w['granules_touched_64k']} granules of 64 KiB"
         )
     widths = (44, 12, 22, 8, 9, 7, 24)
