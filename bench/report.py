@@ -196,6 +196,12 @@ def table(rows: list[Row], info: dict[str, Any], cache: str) -> tuple[str, dict[
 
     cpu_lines = _cpu_lines(steps, target_workers)
     text = _render(lines, cpu_lines, info, cache)
+    retried = sum(r.get("tls_retries") or 0 for r in rows)
+    if retried:
+        text += (
+            f"\n{retried} VirtBackup job(s) run again after a failed TLS handshake (another"
+            " VirtBackup on this machine rewrote /etc/pki/qemu)"
+        )
     return text, {"lines": lines, "cpu": cpu_lines}
 
 

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -59,6 +59,8 @@ T = TypeVar("T")
 STEPS: Final = ("full", "clone", "incremental", "zero", "restore", "parallel")
 #: ``virtbackup up``'s number of transfer workers (``--workers`` there).
 DEFAULT_WORKERS: Final = 2
+#: How often a VirtBackup job that failed on a TLS handshake is run again.
+TLS_RETRIES: Final = 2
 VB: Final = "virtbackup"
 PEER: Final = "virtnbdbackup"
 PEER_Z: Final = "virtnbdbackup -z"
@@ -198,6 +200,29 @@ class Bench:
             raise
         return result, window.end()
 
+    async def vb_timed(
+        self,
+        cache: str,
+        job: Callable[[], Awaitable[T]],
+        qemu: tuple[int | None, ...] = (),
+        images: tuple[Path, ...] = (),
+    ) -> tuple[T, Usage, int]:
+        """:meth:`before`, then a timed VirtBackup job: (its result, usage, retries). A job
+        that failed on the NBD export's TLS handshake (:attr:`vb.JobFailed.tls`: another
+        VirtBackup installation on this machine rewrote the host's certificates) is
+        run again, at most :data:`TLS_RETRIES` times; the retries are recorded."""
+        for attempt in range(TLS_RETRIES + 1):
+            await self.before(cache, images)
+            try:
+                result, usage = await self.timed(job(), qemu)
+            except vb.JobFailed as exc:
+                if not exc.tls or attempt == TLS_RETRIES:
+                    raise
+                print(f"  retrying after a TLS failure: {exc}", flush=True)
+                continue
+            return result, usage, attempt
+        raise AssertionError("unreachable")
+
     def record(self, result: StepResult) -> None:
         self.results.append(result)
         u = result.usage
@@ -292,8 +317,10 @@ class Bench:
         qemu = (peer.qemu_pid(vm.name),)
 
         def result(step: str, seconds: float, usage: Usage, data: int, stored: int | None,
-                   job: dict[str, Any] | None) -> StepResult:  # fmt: skip
+                   job: dict[str, Any] | None, retries: int) -> StepResult:  # fmt: skip
             extra = {"bytes_read": job.get("bytesTransferred")} if job else {}
+            if retries:
+                extra["tls_retries"] = retries
             return StepResult(
                 tool=VB, step=step, rep=rep, cache=cache, workers=workers, seconds=seconds,
                 data_bytes=data, stored_bytes=stored, usage=usage, extra=extra,
@@ -304,29 +331,32 @@ class Bench:
                 async with system.client() as api:
                     await vb.configure(api, {"bench": repo})
                     stored = peer.stored_bytes(repo)
-                    await self.before(cache, (vm.image,))
-                    (seconds, job), usage = await self.timed(vb.backup(api, vm.name, "bench"), qemu)
+
+                    def backup() -> Awaitable[tuple[float, dict[str, Any]]]:
+                        return vb.backup(api, vm.name, "bench")
+
+                    (seconds, job), usage, retries = await self.vb_timed(
+                        cache, backup, qemu, (vm.image,)
+                    )
                     full_stored = peer.stored_bytes(repo) - stored
-                    self.record(result("full", seconds, usage, vm.content_bytes, full_stored, job))
+                    self.record(
+                        result("full", seconds, usage, vm.content_bytes, full_stored, job, retries)
+                    )
                     if self.wants("clone"):
                         await self.clone(rep, cache, workers, api, repo, full_stored)
                     if self.wants("incremental"):
                         writes = await self.guest_writes(vm, content_seed=100 * rep + 10 + workers)
                         stored = peer.stored_bytes(repo)
-                        await self.before(cache)
-                        (seconds, job), usage = await self.timed(
-                            vb.backup(api, vm.name, "bench"), qemu
-                        )
+                        (seconds, job), usage, retries = await self.vb_timed(cache, backup, qemu)
                         added = peer.stored_bytes(repo) - stored
-                        self.record(result("incremental", seconds, usage, writes.bytes, added, job))
+                        self.record(
+                            result("incremental", seconds, usage, writes.bytes, added, job, retries)
+                        )
                     if self.wants("zero"):
                         stored = peer.stored_bytes(repo)
-                        await self.before(cache)
-                        (seconds, job), usage = await self.timed(
-                            vb.backup(api, vm.name, "bench"), qemu
-                        )
+                        (seconds, job), usage, retries = await self.vb_timed(cache, backup, qemu)
                         added = peer.stored_bytes(repo) - stored
-                        self.record(result("zero", seconds, usage, 0, added, job))
+                        self.record(result("zero", seconds, usage, 0, added, job, retries))
                     if self.wants("restore"):
                         await self.vb_restore(rep, cache, workers, api, result)
         finally:
@@ -345,12 +375,13 @@ class Bench:
         try:
             await vb.vm_action(api, vm.name, "forceOff")
             entry = await vb.latest_point(api, vm.name, "bench")
-            await self.before(cache)
-            (seconds, job), usage = await self.timed(vb.restore(api, entry, "bench"))
+            (seconds, job), usage, retries = await self.vb_timed(
+                cache, lambda: vb.restore(api, entry, "bench")
+            )
             same, said = await asyncio.to_thread(peer.compare_images, reference, vm.image)
         finally:
             reference.unlink(missing_ok=True)
-        step: StepResult = result("restore", seconds, usage, vm.content_bytes, None, job)
+        step: StepResult = result("restore", seconds, usage, vm.content_bytes, None, job, retries)
         step.identical = same
         step.extra["compare"] = said
         self.record(step)
@@ -367,9 +398,11 @@ class Bench:
         twin = await peer.clone_vm(self.conn, self.vm, name, base=self.workdir)
         try:
             stored = peer.stored_bytes(repo)
-            await self.before(cache, (twin.image,))
-            (seconds, job), usage = await self.timed(
-                vb.backup(api, twin.name, "bench"), (peer.qemu_pid(twin.name),)
+            (seconds, job), usage, retries = await self.vb_timed(
+                cache,
+                lambda: vb.backup(api, twin.name, "bench"),
+                (peer.qemu_pid(twin.name),),
+                (twin.image,),
             )
             added = peer.stored_bytes(repo) - stored
         finally:
@@ -378,7 +411,8 @@ class Bench:
             tool=VB, step="clone", rep=rep, cache=cache, workers=workers, seconds=seconds,
             data_bytes=twin.content_bytes, stored_bytes=added, usage=usage,
             extra={"bytes_read": job.get("bytesTransferred"), "first_vm_stored": first_stored,
-                   "new_fraction": added / first_stored if first_stored else None},
+                   "new_fraction": added / first_stored if first_stored else None,
+                   "tls_retries": retries},
         ))  # fmt: skip
 
     # ---------------------------------------------------------------- several VMs at once
@@ -422,37 +456,51 @@ class Bench:
             for name in names:
                 await peer.remove_checkpoints(self.conn, name)
         # VirtBackup: one VM alone into one repository, then all at once into another.
-        solo = self.workdir / f"vb-par-{cache}-{rep}-solo"
-        multi = self.workdir / f"vb-par-{cache}-{rep}-multi"
+        repos = {"solo": self.workdir / f"vb-par-{cache}-{rep}-solo"}
         try:
-            for repo in (solo, multi):
-                await vb.create_repository(repo, self.args.chunk_size)
+            await vb.create_repository(repos["solo"], self.args.chunk_size)
             with vb.VirtBackup(workers, self.workdir) as system:
                 async with system.client() as api:
-                    await vb.configure(api, {"solo": solo, "multi": multi})
-                    await self.before(cache, (vms[0].image,))
-                    (seconds, _), usage = await self.timed(
-                        vb.backup(api, names[0], "solo"), qemus[:1]
+                    await vb.configure(api, repos)
+                    (seconds, _), usage, retries = await self.vb_timed(
+                        cache, lambda: vb.backup(api, names[0], "solo"), qemus[:1], (vms[0].image,)
                     )
                     self.record(StepResult(
                         tool=VB, step="parallel-1", rep=rep, cache=cache, workers=workers,
                         seconds=seconds, data_bytes=vms[0].content_bytes,
-                        stored_bytes=peer.stored_bytes(solo), usage=usage,
+                        stored_bytes=peer.stored_bytes(repos["solo"]), usage=usage,
+                        extra={"tls_retries": retries},
                     ))  # fmt: skip
-                    # Its checkpoint would make the next backup of it an incremental.
-                    await peer.remove_checkpoints(self.conn, names[0])
-                    await self.before(cache, tuple(v.image for v in vms))
-                    started = time.monotonic()
-                    per_vm, usage = await self.timed(vb.backups_at_once(api, names, "multi"), qemus)
+                    for attempt in range(TLS_RETRIES + 1):
+                        # Each attempt: no checkpoint (all full backups), a new repository.
+                        for name in names:
+                            await peer.remove_checkpoints(self.conn, name)
+                        multi = self.workdir / f"vb-par-{cache}-{rep}-multi-{attempt}"
+                        repos["multi"] = multi
+                        await vb.create_repository(multi, self.args.chunk_size)
+                        await vb.configure(api, repos)
+                        await self.before(cache, tuple(v.image for v in vms))
+                        started = time.monotonic()
+                        try:
+                            per_vm, usage = await self.timed(
+                                vb.backups_at_once(api, names, "multi"), qemus
+                            )
+                        except vb.JobFailed as exc:
+                            if not exc.tls or attempt == TLS_RETRIES:
+                                raise
+                            print(f"  retrying after a TLS failure: {exc}", flush=True)
+                            continue
+                        break
                     self.record(StepResult(
                         tool=VB, step=f"parallel-{len(vms)}", rep=rep, cache=cache,
                         workers=workers, seconds=time.monotonic() - started, data_bytes=content,
                         stored_bytes=peer.stored_bytes(multi), usage=usage,
-                        extra={"per_vm_seconds": [round(s, 3) for s in per_vm]},
+                        extra={"per_vm_seconds": [round(s, 3) for s in per_vm],
+                               "tls_retries": attempt},
                     ))  # fmt: skip
         finally:
-            shutil.rmtree(solo, ignore_errors=True)
-            shutil.rmtree(multi, ignore_errors=True)
+            for path in self.workdir.glob(f"vb-par-{cache}-{rep}-*"):
+                shutil.rmtree(path, ignore_errors=True)
             for name in names:
                 await peer.remove_checkpoints(self.conn, name)
 

@@ -26,6 +26,23 @@ from virtbackup.storage.filesystem import FilesystemDriver
 REPOSITORY_FOLDER = "VirtBackup"
 
 
+class JobFailed(RuntimeError):
+    """A VirtBackup job ended in ``failure`` or ``canceled``; the message is the job's."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        super().__init__(f"job {job['id']} {job['state']}: {job['message']}")
+        self.job = job
+
+    @property
+    def tls(self) -> bool:
+        """Whether it failed on the NBD export's TLS handshake. On a machine where other
+        VirtBackup installations run too (other engineers' tests), each rewrites the host's
+        one NBD certificate folder (``/etc/pki/qemu``) with its own CA, so a backup can
+        meet another installation's server certificate: a retry is fair."""
+        text = str(self.job.get("message", ""))
+        return "TLS handshake" in text or "CERTIFICATE_VERIFY_FAILED" in text
+
+
 class VirtBackup:
     """``virtbackup up --workers N`` in a temporary data directory, driven over its API."""
 
@@ -130,12 +147,13 @@ async def configure(api: httpx.AsyncClient, repositories: dict[str, Path]) -> No
 
 
 async def wait_job(api: httpx.AsyncClient, job_id: str, poll: float = 0.05) -> dict[str, Any]:
-    """Poll ``GET /jobs/{id}`` until it ends; the job, or RuntimeError unless ``success``."""
+    """Poll ``GET /jobs/{id}`` until it ends; the job, or :class:`JobFailed` unless it
+    succeeded."""
     while True:
         job: dict[str, Any] = (await api.get(f"/jobs/{job_id}")).json()
         if job["state"] in {"success", "failure", "canceled"}:
             if job["state"] != "success":
-                raise RuntimeError(f"job {job_id} {job['state']}: {job['message']}")
+                raise JobFailed(job)
             return job
         await asyncio.sleep(poll)
 
@@ -161,9 +179,17 @@ async def backup(api: httpx.AsyncClient, vm: str, destination: str) -> tuple[flo
 async def backups_at_once(
     api: httpx.AsyncClient, vms: Sequence[str], destination: str
 ) -> list[float]:
-    """Back up ``vms`` at once (submitted together); each job's seconds, in order."""
-    results = await asyncio.gather(*(backup(api, vm, destination) for vm in vms))
-    return [seconds for seconds, _ in results]
+    """Back up ``vms`` at once (submitted together); each job's seconds, in order. Waits
+    for every job, then raises the first failure if any."""
+    results = await asyncio.gather(
+        *(backup(api, vm, destination) for vm in vms), return_exceptions=True
+    )
+    seconds = []
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        seconds.append(result[0])
+    return seconds
 
 
 async def vm_action(api: httpx.AsyncClient, vm: str, action: str) -> None:
