@@ -35,12 +35,17 @@ class JobFailed(RuntimeError):
 
     @property
     def tls(self) -> bool:
-        """Whether it failed on the NBD export's TLS handshake. On a machine where other
-        VirtBackup installations run too (other engineers' tests), each rewrites the host's
-        one NBD certificate folder (``/etc/pki/qemu``) with its own CA, so a backup can
-        meet another installation's server certificate: a retry is fair."""
+        """Whether it failed on the NBD export's TLS: its handshake, or writing the
+        certificates. On a machine where other VirtBackup installations run too (other
+        engineers' tests), each rewrites the host's one NBD certificate folder
+        (``/etc/pki/qemu``) with its own CA, so a backup can meet another installation's
+        server certificate; and jobs that start at once all rewrite the folder then, racing
+        on the same temporary file names (``nbd_tls._write``). A retry is fair."""
         text = str(self.job.get("message", ""))
-        return "TLS handshake" in text or "CERTIFICATE_VERIFY_FAILED" in text
+        return any(
+            sign in text
+            for sign in ("TLS handshake", "CERTIFICATE_VERIFY_FAILED", "NBD exports cannot use TLS")
+        )
 
 
 class VirtBackup:
