@@ -318,7 +318,12 @@ class Bench:
 
         def result(step: str, seconds: float, usage: Usage, data: int, stored: int | None,
                    job: dict[str, Any] | None, retries: int) -> StepResult:  # fmt: skip
-            extra = {"bytes_read": job.get("bytesTransferred")} if job else {}
+            extra = {}
+            if job:
+                extra = {
+                    "bytes_read": job.get("bytesTransferred"),
+                    "seen_seconds": job.get("seenSeconds"),
+                }
             if retries:
                 extra["tls_retries"] = retries
             return StepResult(
