@@ -545,11 +545,21 @@ class Bench:
             print("warm-up copies done", flush=True)
 
     async def cleanup(self) -> None:
+        """Remove the VMs, on a new connection if libvirtd was restarted meanwhile (another
+        user of this machine); a VM that cannot be removed is named, the others still go."""
         self.monitor.close()
-        for small in self.small:
-            await peer.remove_prepared_vm(self.conn, small)
-        if self.vm is not None:
-            await peer.remove_prepared_vm(self.conn, self.vm)
+        conn = self.conn
+        if conn.closed_reason is not None:
+            conn = await open_connection()
+        try:
+            for vm in [*self.small, *([self.vm] if self.vm else [])]:
+                try:
+                    await peer.remove_prepared_vm(conn, vm)
+                except Exception as exc:  # report it, and remove the others
+                    print(f"could not remove VM {vm.name}: {exc}", file=sys.stderr)
+        finally:
+            if conn is not self.conn:
+                await conn.close()
 
     async def run(self) -> None:
         args = self.args
@@ -608,9 +618,11 @@ async def amain(args: argparse.Namespace) -> int:
         await bench.prepare()
         await bench.run()
     finally:
-        await bench.cleanup()
-        await conn.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            await bench.cleanup()
+            await conn.close()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
     settings = {
         "steps": list(args.steps), "reps": args.reps, "cache": list(args.cache_modes),
         "workers": list(args.workers), "target_workers": bench.target_workers,
