@@ -4,6 +4,7 @@
     python3 dev.py up     # install what is needed, then run NATS and every service
     python3 dev.py test   # install what is needed, then lint, type-check and run every test
     python3 dev.py bench  # install what is needed, then the benchmark against virtnbdbackup
+                          # (options: --reps 1 --steps full,incremental --warm ...; bench/README.md)
 
 Both install what they need: as root, the Debian packages (libvirt, QEMU, OpenSSH, ...);
 then uv (from PyPI, into .tools/ if it is not on PATH) and every Python package into

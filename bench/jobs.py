@@ -33,7 +33,8 @@ import nats
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.run import VirtBackup, machine
+from bench.run import machine
+from bench.vb import VirtBackup
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.runtime.bus import new_id
 from virtbackup.testing.points import write_point

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -69,9 +70,14 @@ Level = Literal["full", "inc", "diff", "copy"]
 
 #: Name of the benchmark VM unless told otherwise.
 DEFAULT_VM: Final = "vb-bench"
-#: Size of one scattered guest write and the alignment of their offsets (qcow2 cluster).
+#: Size of one scattered guest write and the alignment of their offsets: a page, like a
+#: guest file system's writes, so that the writes are aligned to no chunk size (and not
+#: to the 64 KiB granules of a dirty bitmap either).
 WRITE_SIZE: Final = 1 * MiB
-WRITE_ALIGN: Final = 64 * 1024
+WRITE_ALIGN: Final = 4 * 1024
+#: The benchmark VMs' disks are opened like on production hosts: ``cache='none'``
+#: (``O_DIRECT``; the host's page cache holds none of the image).
+DISK_CACHE: Final = "none"
 #: virtnbdbackup's checkpoints are named ``virtnbdbackup.<n>``.
 PEER_CHECKPOINT_PREFIX: Final = "virtnbdbackup"
 
@@ -131,6 +137,8 @@ async def prepare_vm(
     seed: int = 0,
     base: Path = Path("/var/tmp"),
     memory_mib: int = 64,
+    cache: str | None = DISK_CACHE,
+    variant: int = 0,
 ) -> PreparedVm:
     """Make a VM with a ``disk_size`` qcow2 disk holding ``content_size`` bytes of mixed
     content (:func:`content.mixed_layout`: binaries, text, random data, written zeros, in
@@ -138,7 +146,10 @@ async def prepare_vm(
 
     The image is filled with ``qemu-io`` before the VM starts (much faster than through the
     monitor, same content). Starts ``virtlogd``/``libvirtd`` if needed. A leftover VM of the
-    same name is removed first.
+    same name is removed first. ``cache`` is the disk's ``<driver cache=...>`` (None:
+    libvirt's default, ``writeback``). ``variant`` ``n > 0`` takes the text and binary
+    content from further into their corpora (not chunk-aligned), so that several VMs
+    made with the same ``seed`` and different variants share no chunk.
     """
     started = time.monotonic()
     await asyncio.to_thread(ensure_libvirtd)
@@ -146,10 +157,18 @@ async def prepare_vm(
     try:
         vm = await create_vm(conn, name, directory, [disk_size], memory_mib=memory_mib, start=False)
         image = vm.disks[0]
-        segments = content.mixed_layout(disk_size, content_size, seed=seed)
+        segments = content.mixed_layout(disk_size, content_size, seed=seed + variant)
+        if variant:
+            shift = variant * (content_size + 1_000_003)
+            segments = [
+                dataclasses.replace(s, skip=s.skip + shift) if s.kind in ("text", "binary") else s
+                for s in segments
+            ]
         written = await asyncio.to_thread(
-            content.fill_image, image, segments, seed=seed, scratch=directory
+            content.fill_image, image, segments, seed=seed + variant, scratch=directory
         )
+        if cache is not None:
+            await set_disk_cache(conn, name, cache)
         dom = await conn.lookup(name)
         await conn.call(dom.create, timeout=60)
     except BaseException:
@@ -163,6 +182,45 @@ async def prepare_vm(
         segments=tuple(segments),
         content_bytes=written,
         seconds=time.monotonic() - started,
+    )
+
+
+async def set_disk_cache(conn: Connection, name: str, cache: str) -> None:
+    """Redefine the (stopped) domain with ``<driver cache=CACHE>`` on every disk."""
+    dom = await conn.lookup(name)
+    xml = await conn.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
+    root = ET.fromstring(str(xml))  # noqa: S314 - libvirt's XML
+    for driver in root.findall("./devices/disk/driver"):
+        driver.set("cache", cache)
+    await conn.call(conn.raw.defineXML, ET.tostring(root, encoding="unicode"))
+
+
+async def clone_vm(
+    conn: Connection, vm: PreparedVm, name: str, *, base: Path, cache: str | None = DISK_CACHE
+) -> PreparedVm:
+    """A second VM from the same template: a qcow2 copy of ``vm``'s image (``qemu-img
+    convert -U``, taken while ``vm`` idles), defined and started as ``name``."""
+    started = time.monotonic()
+    directory = vm_directory(base, prefix=f"{name}-")
+    try:
+        made = await create_vm(conn, name, directory, [vm.disk_size], start=False)
+        image = made.disks[0]
+        await asyncio.to_thread(
+            subprocess.run,
+            ["qemu-img", "convert", "-U", "-O", "qcow2", str(vm.image), str(image)],
+            check=True,
+            timeout=1800,
+        )
+        image.chmod(0o644)
+        if cache is not None:
+            await set_disk_cache(conn, name, cache)
+        dom = await conn.lookup(name)
+        await conn.call(dom.create, timeout=60)
+    except BaseException:
+        await remove_vm(conn, name, delete_directory=directory)
+        raise
+    return dataclasses.replace(
+        vm, name=name, directory=directory, image=image, seconds=time.monotonic() - started
     )
 
 
@@ -204,15 +262,17 @@ def write_offsets(
 ) -> list[int]:
     """``total // size`` offsets (sorted, multiples of :data:`WRITE_ALIGN`) for writes of
     ``size`` bytes that do not overlap, drawn at random (``seed``) over the disk: the disk
-    is cut into slots of ``2 * size`` and each write starts in the first half of its slot.
+    is cut into slots of ``2 * size`` and each write starts in the first half of its slot,
+    never at its start: with ``size`` 1 MiB, no offset is a multiple of 1 MiB (aligned to
+    no chunk size of 1 MiB or more).
     """
     rng = random.Random(seed)  # noqa: S311 - a reproducible layout, not a secret
     slot_size = 2 * size
     slots = disk_size // slot_size
     count = min(slots, max(1, total // size))
-    starts = max(1, size // WRITE_ALIGN)
+    starts = max(2, size // WRITE_ALIGN)
     return [
-        slot * slot_size + rng.randrange(starts) * WRITE_ALIGN
+        slot * slot_size + rng.randrange(1, starts) * WRITE_ALIGN
         for slot in sorted(rng.sample(range(slots), count))
     ]
 
