@@ -548,3 +548,34 @@ async def test_cleanup_refuses_a_vm_a_job_holds(
         await check()
     finally:
         await client.drain()
+
+
+async def test_backups_beginning_together_install_one_matching_server_key_and_certificate(
+    tmp_path: Path,
+) -> None:
+    """Each install that finds the TLS folder wanting writes a new server key and
+    certificate: begins at the same moment used to leave the key of one with the
+    certificate of another (every handshake then failed), or failed on each other's
+    temporary files."""
+    import asyncio
+    import ssl
+
+    from virtbackup.virt.nbd_tls import read_backup_tls_config
+    from virtbackup.virt.pki import SERVER_CERT, SERVER_KEY
+
+    creds = ExportCredentials.load(shared_pki_dir())
+    server = HostServer(config=Server(id="local", name="local"), timeout=30)
+    try:
+        host = await server.host()
+        directory = (await read_backup_tls_config(host)).directory
+        cert = Path(directory) / SERVER_CERT
+        for _ in range(3):
+            cert.unlink(missing_ok=True)  # the folder wants a new certificate again
+            dirs = await asyncio.gather(*(creds.install(server) for _ in range(6)))
+            assert set(dirs) == {directory}
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            # Raises "key values mismatch" when the key is not the certificate's.
+            context.load_cert_chain(cert, Path(directory) / SERVER_KEY)
+            assert not list(Path(directory).glob("*.vbtmp*"))
+    finally:
+        await server.close()

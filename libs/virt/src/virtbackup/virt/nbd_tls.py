@@ -19,6 +19,7 @@ migration TLS in the shared default folder) is refused with what to change.
 from __future__ import annotations
 
 import re
+import secrets
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,7 +111,9 @@ async def _read(host: Host, path: str) -> bytes | None:
 async def _write(host: Host, path: str, data: bytes, mode: str, owner: str | None) -> None:
     """Write ``data`` through standard input (a key never appears in an argument list),
     to a temporary file moved over ``path``."""
-    tmp = f"{path}.vbtmp"
+    # A name of its own: two writers (two installations, or two inventories) must not
+    # move each other's half-written file into place.
+    tmp = f"{path}.vbtmp-{secrets.token_hex(4)}"
     steps = [f"umask 077 && cat > {shlex.quote(tmp)}", f"chmod {mode} {shlex.quote(tmp)}"]
     if owner:
         steps.append(f"chown {shlex.quote(owner)} {shlex.quote(tmp)}")

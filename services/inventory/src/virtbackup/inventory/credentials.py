@@ -10,6 +10,7 @@ client without a certificate the CA signed.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +51,16 @@ class ExportCredentials:
         Raises Conflict (with what to change on the host) when its libvirt cannot require
         client certificates, Unavailable or VirtError when it cannot be reached."""
         host = await server.host()
-        try:
-            config = await install_server_credentials(host, self.authority, [server.nbd_host])
-        except TlsSetupError as exc:
-            raise Conflict(f"server {server.id}: NBD exports cannot use TLS: {exc}") from None
+        # One at a time per server: backups that begin together would each issue a new
+        # server key and certificate and write them over each other (the key of one with
+        # the certificate of another: every TLS handshake then fails).
+        async with _installing.setdefault(server.id, asyncio.Lock()):
+            try:
+                config = await install_server_credentials(host, self.authority, [server.nbd_host])
+            except TlsSetupError as exc:
+                raise Conflict(f"server {server.id}: NBD exports cannot use TLS: {exc}") from None
         return config.directory
+
+
+#: The lock of each server's TLS folder (by server id), see ``ExportCredentials.install``.
+_installing: dict[str, asyncio.Lock] = {}
