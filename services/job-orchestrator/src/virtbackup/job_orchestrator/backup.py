@@ -116,6 +116,29 @@ async def plan(begun: BackupBegun, repo: Repository, parent: RestorePoint | None
     return plans
 
 
+def backup_units(job_id: str, destination_id: str, plans: list[DiskPlan]) -> list[TransferUnit]:
+    """The units of a backup, numbered from 0 across its disks: each disk's chunks to
+    read, :func:`group_units` at a time, with those that may be read in part."""
+    units: list[TransferUnit] = []
+    for disk in plans:
+        for indices in group_units(disk.read):
+            units.append(
+                TransferUnit(
+                    job_id=job_id,
+                    unit=len(units),
+                    kind="backup",
+                    destination_id=destination_id,
+                    disk=disk.target,
+                    disk_size=disk.size,
+                    chunk_size=disk.chunk_size,
+                    nbd_url=disk.nbd_url,
+                    indices=indices,
+                    partial=disk.partial_of(indices),
+                )
+            )
+    return units
+
+
 def full_reasons(
     begun: BackupBegun, parent: RestorePoint | None, plans: list[DiskPlan]
 ) -> dict[str, str]:
@@ -229,22 +252,7 @@ async def _transfer(
     files = await capture(jc, job, repo)  # NVRAM, TPM state: as at the backup's begin
     timestamp = await repo.new_timestamp(job.vm_name)
     plans = await plan(begun, repo, parent if begun.incremental else None)
-    units: list[TransferUnit] = []
-    for disk in plans:
-        for indices in group_units(disk.read):
-            units.append(
-                TransferUnit(
-                    job_id=job.id,
-                    unit=len(units),
-                    kind="backup",
-                    destination_id=job.destination_id,
-                    disk=disk.target,
-                    disk_size=disk.size,
-                    chunk_size=disk.chunk_size,
-                    nbd_url=disk.nbd_url,
-                    indices=indices,
-                )
-            )
+    units = backup_units(job.id, job.destination_id, plans)
     kind: Literal["full", "incremental"] = (
         "incremental" if begun.incremental and any(p.incremental for p in plans) else "full"
     )
@@ -254,15 +262,16 @@ async def _transfer(
     else:
         read_in_full = "; ".join(f"{t}: {r}" for t, r in reasons.items())
     offline = " (offline: the VM was shut off)" if begun.offline else ""
-    total_bytes = sum(min(len(p.read) * p.chunk_size, p.size) for p in plans)
+    total_bytes = sum(p.read_bytes for p in plans)
     results: dict[str, dict[int, str | None]] = {p.target: {} for p in plans}
-    stats = {"stored": 0, "dedup": 0}
+    stats = {"stored": 0, "dedup": 0, "fallbacks": 0}
 
     def on_result(result: UnitResult) -> None:
         for ref in result.chunks:
             results[result.disk][ref.index] = ref.id
         stats["stored"] += result.chunks_stored
         stats["dedup"] += result.chunks_deduplicated
+        stats["fallbacks"] += result.partial_fallbacks
 
     reason = f" (read in full: {read_in_full})" if read_in_full else ""
     await jc.enter(
@@ -312,8 +321,17 @@ async def _transfer(
     )
     await repo.commit(point, manifests, begun.domain_xml)
     read_chunks = sum(len(p.read) for p in plans)
+    in_part = sum(len(p.partial) for p in plans)
+    part = f" ({in_part} in part)" if in_part else ""
     summary = (
-        f"{kind} backup {timestamp}{offline}: {read_chunks} chunks read, "
+        f"{kind} backup {timestamp}{offline}: {read_chunks} chunks read{part}, "
         f"{stats['stored']} stored, {stats['dedup']} deduplicated"
     )
+    if stats["fallbacks"]:
+        # The new point is whole (those chunks were read whole), older ones may not be.
+        summary += (
+            f"; {stats['fallbacks']} chunks of the previous restore point were missing or "
+            "damaged in the repository (read whole instead): check older points with a "
+            "sanity check"
+        )
     return f"{summary}; read in full: {read_in_full}" if read_in_full else summary
