@@ -11,7 +11,12 @@ import msgspec
 from virtbackup.contracts.v1.inventory import Extent
 from virtbackup.contracts.v1.work import PartialChunk, TransferUnit
 from virtbackup.job_orchestrator.backup import backup_units
-from virtbackup.job_orchestrator.planner import build_manifest, dirty_ranges, plan_disk
+from virtbackup.job_orchestrator.planner import (
+    build_manifest,
+    dirty_ranges,
+    partial_max_fraction,
+    plan_disk,
+)
 from virtbackup.repository.records import DiskManifest
 
 KiB = 1 << 10
@@ -115,9 +120,12 @@ def test_an_incremental_reads_lightly_dirty_chunks_in_part() -> None:
 
 
 def test_the_threshold_decides_between_part_and_whole() -> None:
-    size = 8 * MiB
-    parent = _parent(size, ["a" * 64, "b" * 64])
-    dirty = _map(size, [(0, 1 * MiB), (CHUNK, 3 * MiB)])  # a quarter, three quarters
+    size = 16 * MiB
+    parent = _parent(size, ["a" * 64, "b" * 64, None, None])
+    # A quarter, three quarters; over zero parent chunks: three quarters, all.
+    dirty = _map(
+        size, [(0, 1 * MiB), (CHUNK, 3 * MiB), (2 * CHUNK + 1, 3 * MiB), (3 * CHUNK, CHUNK)]
+    )
 
     def partial(fraction: float) -> list[int]:
         plan = plan_disk(
@@ -132,13 +140,23 @@ def test_the_threshold_decides_between_part_and_whole() -> None:
             parent=parent,
             partial_max_fraction=fraction,
         )
-        assert plan.read == [0, 1]
+        assert plan.read == [0, 1, 2, 3]
         return sorted(plan.partial)
 
-    assert partial(0.0) == []
-    assert partial(0.25) == [0]
-    assert partial(0.75) == [0, 1]
-    assert partial(1.0) == [0, 1]
+    # A zero parent costs nothing to fetch: read in part whatever the threshold, unless
+    # the chunk is dirty all through (then it is one whole read anyway).
+    assert partial(0.0) == [2]
+    assert partial(0.25) == [0, 2]
+    assert partial(0.75) == [0, 1, 2]
+    assert partial(1.0) == [0, 1, 2]
+
+
+def test_the_threshold_is_the_destinations() -> None:
+    assert partial_max_fraction("filesystem") == 0.5
+    assert partial_max_fraction("s3") == 0.25
+    # Slower, not measured, or nothing to read back: a stored parent means a whole read.
+    for driver in ("sftp", "gdrive", "dummy"):
+        assert partial_max_fraction(driver) == 0.0
 
 
 def test_a_full_read_has_nothing_in_part() -> None:
@@ -174,6 +192,7 @@ def test_units_carry_the_partial_chunks_of_their_indices() -> None:
         allocation=[],
         dirty=_map(size, writes),
         parent=parent,
+        partial_max_fraction=0.5,
     )
     units = backup_units("job", "dest", [plan])
     assert [len(u.indices) for u in units] == [16, 5]

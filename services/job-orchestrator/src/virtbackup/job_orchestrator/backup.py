@@ -37,13 +37,21 @@ from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.jobctx import JobContext
-from virtbackup.job_orchestrator.planner import DiskPlan, build_manifest, group_units, plan_disk
+from virtbackup.job_orchestrator.planner import (
+    DEFAULT_PARTIAL_MAX_FRACTION,
+    DiskPlan,
+    build_manifest,
+    group_units,
+    partial_max_fraction,
+    plan_disk,
+)
 from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.job_orchestrator.state_files import capture
 from virtbackup.repository.format import manifest_key
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
 from virtbackup.repository.repository import Repository
 from virtbackup.runtime import timeouts
+from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import ServiceError, Unavailable
 from virtbackup.storage.errors import NotFoundError
@@ -90,10 +98,15 @@ async def latest_point(repo: Repository, vm: str, server_id: str) -> RestorePoin
     return points[-1] if points else None
 
 
-async def plan(begun: BackupBegun, repo: Repository, parent: RestorePoint | None) -> list[DiskPlan]:
+async def plan(
+    begun: BackupBegun,
+    repo: Repository,
+    parent: RestorePoint | None,
+    partial_max_fraction: float = DEFAULT_PARTIAL_MAX_FRACTION,
+) -> list[DiskPlan]:
     """One plan per disk of ``begun``, from the extent maps the inventory read at the begin:
     incremental where the disk has a dirty map and ``parent`` a manifest of it, else a
-    full read of what is allocated."""
+    full read of what is allocated (``partial_max_fraction``: see ``plan_disk``)."""
     plans = []
     for disk in begun.disks:
         parent_manifest: DiskManifest | None = None
@@ -111,6 +124,7 @@ async def plan(begun: BackupBegun, repo: Repository, parent: RestorePoint | None
                 allocation=disk.allocation,
                 dirty=disk.dirty,
                 parent=parent_manifest,
+                partial_max_fraction=partial_max_fraction,
             )
         )
     return plans
@@ -175,6 +189,7 @@ async def run_backup(jc: JobContext, job: Job) -> str:
     started = time.monotonic()
     cfg = await jc.config()
     server = next(s for s in cfg.servers if s.id == job.server_id)
+    fraction = partial_max_fraction(find_destination(cfg, job.destination_id).driver_id)
     repo = await jc.repository(job.destination_id)
     try:
         fresh = bool(job.params.get("fresh"))
@@ -217,7 +232,14 @@ async def run_backup(jc: JobContext, job: Job) -> str:
 
         try:
             message = await _transfer(
-                jc, job, repo, begun, parent, server.name or server.id, started
+                jc,
+                job,
+                repo,
+                begun,
+                parent,
+                server.name or server.id,
+                started,
+                fraction,
             )
             success = True
             return message
@@ -247,11 +269,12 @@ async def _transfer(
     parent: RestorePoint | None,
     server_name: str,
     started: float,
+    fraction: float,
 ) -> str:
     assert job.server_id and job.vm_name and job.destination_id
     files = await capture(jc, job, repo)  # NVRAM, TPM state: as at the backup's begin
     timestamp = await repo.new_timestamp(job.vm_name)
-    plans = await plan(begun, repo, parent if begun.incremental else None)
+    plans = await plan(begun, repo, parent if begun.incremental else None, fraction)
     units = backup_units(job.id, job.destination_id, plans)
     kind: Literal["full", "incremental"] = (
         "incremental" if begun.incremental and any(p.incremental for p in plans) else "full"
