@@ -37,13 +37,21 @@ from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.jobctx import JobContext
-from virtbackup.job_orchestrator.planner import DiskPlan, build_manifest, group_units, plan_disk
+from virtbackup.job_orchestrator.planner import (
+    DEFAULT_PARTIAL_MAX_FRACTION,
+    DiskPlan,
+    build_manifest,
+    group_units,
+    partial_max_fraction,
+    plan_disk,
+)
 from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.job_orchestrator.state_files import capture
 from virtbackup.repository.format import manifest_key
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
 from virtbackup.repository.repository import Repository
 from virtbackup.runtime import timeouts
+from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import ServiceError, Unavailable
 from virtbackup.storage.errors import NotFoundError
@@ -90,10 +98,15 @@ async def latest_point(repo: Repository, vm: str, server_id: str) -> RestorePoin
     return points[-1] if points else None
 
 
-async def plan(begun: BackupBegun, repo: Repository, parent: RestorePoint | None) -> list[DiskPlan]:
+async def plan(
+    begun: BackupBegun,
+    repo: Repository,
+    parent: RestorePoint | None,
+    partial_max_fraction: float = DEFAULT_PARTIAL_MAX_FRACTION,
+) -> list[DiskPlan]:
     """One plan per disk of ``begun``, from the extent maps the inventory read at the begin:
     incremental where the disk has a dirty map and ``parent`` a manifest of it, else a
-    full read of what is allocated."""
+    full read of what is allocated (``partial_max_fraction``: see ``plan_disk``)."""
     plans = []
     for disk in begun.disks:
         parent_manifest: DiskManifest | None = None
@@ -111,9 +124,33 @@ async def plan(begun: BackupBegun, repo: Repository, parent: RestorePoint | None
                 allocation=disk.allocation,
                 dirty=disk.dirty,
                 parent=parent_manifest,
+                partial_max_fraction=partial_max_fraction,
             )
         )
     return plans
+
+
+def backup_units(job_id: str, destination_id: str, plans: list[DiskPlan]) -> list[TransferUnit]:
+    """The units of a backup, numbered from 0 across its disks: each disk's chunks to
+    read, :func:`group_units` at a time, with those that may be read in part."""
+    units: list[TransferUnit] = []
+    for disk in plans:
+        for indices in group_units(disk.read):
+            units.append(
+                TransferUnit(
+                    job_id=job_id,
+                    unit=len(units),
+                    kind="backup",
+                    destination_id=destination_id,
+                    disk=disk.target,
+                    disk_size=disk.size,
+                    chunk_size=disk.chunk_size,
+                    nbd_url=disk.nbd_url,
+                    indices=indices,
+                    partial=disk.partial_of(indices),
+                )
+            )
+    return units
 
 
 def full_reasons(
@@ -152,6 +189,7 @@ async def run_backup(jc: JobContext, job: Job) -> str:
     started = time.monotonic()
     cfg = await jc.config()
     server = next(s for s in cfg.servers if s.id == job.server_id)
+    fraction = partial_max_fraction(find_destination(cfg, job.destination_id).driver_id)
     repo = await jc.repository(job.destination_id)
     try:
         fresh = bool(job.params.get("fresh"))
@@ -196,7 +234,14 @@ async def run_backup(jc: JobContext, job: Job) -> str:
 
         try:
             message = await _transfer(
-                jc, job, repo, begun, parent, server.name or server.id, started
+                jc,
+                job,
+                repo,
+                begun,
+                parent,
+                server.name or server.id,
+                started,
+                fraction,
             )
             success = True
             return message
@@ -226,27 +271,13 @@ async def _transfer(
     parent: RestorePoint | None,
     server_name: str,
     started: float,
+    fraction: float,
 ) -> str:
     assert job.server_id and job.vm_name and job.destination_id
     files = await capture(jc, job, repo)  # NVRAM, TPM state: as at the backup's begin
     timestamp = await repo.new_timestamp(job.vm_name)
-    plans = await plan(begun, repo, parent if begun.incremental else None)
-    units: list[TransferUnit] = []
-    for disk in plans:
-        for indices in group_units(disk.read):
-            units.append(
-                TransferUnit(
-                    job_id=job.id,
-                    unit=len(units),
-                    kind="backup",
-                    destination_id=job.destination_id,
-                    disk=disk.target,
-                    disk_size=disk.size,
-                    chunk_size=disk.chunk_size,
-                    nbd_url=disk.nbd_url,
-                    indices=indices,
-                )
-            )
+    plans = await plan(begun, repo, parent if begun.incremental else None, fraction)
+    units = backup_units(job.id, job.destination_id, plans)
     kind: Literal["full", "incremental"] = (
         "incremental" if begun.incremental and any(p.incremental for p in plans) else "full"
     )
@@ -256,15 +287,16 @@ async def _transfer(
     else:
         read_in_full = "; ".join(f"{t}: {r}" for t, r in reasons.items())
     offline = " (offline: the VM was shut off)" if begun.offline else ""
-    total_bytes = sum(min(len(p.read) * p.chunk_size, p.size) for p in plans)
+    total_bytes = sum(p.read_bytes for p in plans)
     results: dict[str, dict[int, str | None]] = {p.target: {} for p in plans}
-    stats = {"stored": 0, "dedup": 0}
+    stats = {"stored": 0, "dedup": 0, "fallbacks": 0}
 
     def on_result(result: UnitResult) -> None:
         for ref in result.chunks:
             results[result.disk][ref.index] = ref.id
         stats["stored"] += result.chunks_stored
         stats["dedup"] += result.chunks_deduplicated
+        stats["fallbacks"] += result.partial_fallbacks
 
     reason = f" (read in full: {read_in_full})" if read_in_full else ""
     await jc.enter(
@@ -314,8 +346,17 @@ async def _transfer(
     )
     await repo.commit(point, manifests, begun.domain_xml)
     read_chunks = sum(len(p.read) for p in plans)
+    in_part = sum(len(p.partial) for p in plans)
+    part = f" ({in_part} in part)" if in_part else ""
     summary = (
-        f"{kind} backup {timestamp}{offline}: {read_chunks} chunks read, "
+        f"{kind} backup {timestamp}{offline}: {read_chunks} chunks read{part}, "
         f"{stats['stored']} stored, {stats['dedup']} deduplicated"
     )
+    if stats["fallbacks"]:
+        # The new point is whole (those chunks were read whole), older ones may not be.
+        summary += (
+            f"; {stats['fallbacks']} chunks of the previous restore point were missing or "
+            "damaged in the repository (read whole instead): check older points with a "
+            "sanity check"
+        )
     return f"{summary}; read in full: {read_in_full}" if read_in_full else summary

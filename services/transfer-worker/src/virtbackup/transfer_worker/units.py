@@ -1,6 +1,12 @@
 """What a worker does with one unit: backup (read, hash, dedup, compress, write),
 restore (read, verify, write to NBD), verify (read and check).
 
+A chunk of an incremental backup may come read in part (``TransferUnit.partial``): its
+dirty ranges are read from the export while its parent chunk is read from the
+repository and checked against its id, and the chunk is the parent with the ranges laid
+over it. A missing or damaged parent makes it a whole read instead: the chunk stored is
+the one a whole read gives, whatever the repository holds.
+
 CPU work (zero detection, hashing, compression, encryption, decompression) runs on a
 thread pool: BLAKE3, zstd and the AEADs release the GIL, so one worker uses every core
 while the event loop keeps the NBD and destination I/O flowing.
@@ -9,13 +15,20 @@ while the event loop keeps the NBD and destination I/O flowing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from virtbackup.contracts.v1.work import BadChunk, ChunkRef, TransferUnit, UnitResult
+from virtbackup.contracts.v1.work import (
+    BadChunk,
+    ChunkRef,
+    PartialChunk,
+    TransferUnit,
+    UnitResult,
+)
 from virtbackup.nbd import NbdClient
 from virtbackup.repository.repository import CorruptChunkError, Repository
 from virtbackup.storage.errors import NotFoundError
@@ -23,6 +36,8 @@ from virtbackup.storage.retry import retry
 from virtbackup.transfer_worker.budget import ByteBudget
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 #: Chunks of one unit in flight at once (reads pipeline on the NBD connection).
 CHUNKS_IN_FLIGHT = 8
@@ -122,28 +137,159 @@ async def _bounded(items: list[T], fn: Callable[[T], Awaitable[None]]) -> None:
     await asyncio.gather(*(runner() for _ in range(min(CHUNKS_IN_FLIGHT, len(items)))))
 
 
+def check_ranges(ranges: list[tuple[int, int]], length: int) -> None:
+    """ValueError unless ``ranges`` are sorted, non-empty, apart from each other and
+    within ``[0, length)`` (what ``PartialChunk.ranges`` promises)."""
+    end = -1
+    for start, n in ranges:
+        if n <= 0 or start <= end or start + n > length:
+            raise ValueError(f"bad dirty ranges {ranges} for a chunk of {length} bytes")
+        end = start + n
+
+
+def gaps(ranges: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """The ``(start, end)`` spans of ``[0, length)`` outside ``ranges`` (checked ones)."""
+    out, pos = [], 0
+    for start, n in ranges:
+        if start > pos:
+            out.append((pos, start))
+        pos = start + n
+    if pos < length:
+        out.append((pos, length))
+    return out
+
+
+def _fill_gaps(view: memoryview, parent: bytes | None, ranges: list[tuple[int, int]]) -> None:
+    """Copy the parent's bytes (zeros for ``None``) into ``view`` outside ``ranges``."""
+    if parent is None:
+        if len(_ZERO.buf) < len(view):
+            _ZERO.buf = bytes(len(view))
+        source = memoryview(_ZERO.buf)
+    else:
+        source = memoryview(parent)
+    for start, end in gaps(ranges, len(view)):
+        view[start:end] = source[start:end]
+
+
+async def _read_ranges(
+    nbd: NbdClient, offset: int, view: memoryview, ranges: list[tuple[int, int]]
+) -> None:
+    """Read each range of the chunk at ``offset`` from the export into ``view``, all at
+    once; raises the first failure, and returns (or raises) only when no read writes
+    into ``view`` any more."""
+    reads = [
+        asyncio.ensure_future(nbd.readinto(offset + start, view[start : start + n]))
+        for start, n in ranges
+    ]
+    try:
+        results = await asyncio.gather(*reads, return_exceptions=True)
+    except asyncio.CancelledError:
+        for read in reads:
+            read.cancel()
+        await asyncio.wait(reads)
+        raise
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+async def parent_chunk(
+    repo: Repository, uctx: UnitContext, chunk_id: str, length: int
+) -> bytes | None:
+    """The plaintext of a parent chunk, checked against its id; ``None`` (logged) when it
+    is missing, damaged or not ``length`` bytes long. Other storage errors (after the
+    retries of transient ones) are raised."""
+    try:
+        blob = await retry(lambda: repo.read_chunk(chunk_id))
+        data = await uctx.cpu(repo.decode_chunk, chunk_id, blob)
+    except (NotFoundError, CorruptChunkError, ValueError) as exc:
+        log.warning("parent chunk %s cannot be used (%s): reading the chunk whole", chunk_id, exc)
+        return None
+    if len(data) != length:
+        log.warning(
+            "parent chunk %s is %d bytes, expected %d: reading the chunk whole",
+            chunk_id,
+            len(data),
+            length,
+        )
+        return None
+    return data
+
+
+async def read_in_part(
+    part: PartialChunk,
+    offset: int,
+    buf: bytearray,
+    repo: Repository,
+    nbd: NbdClient,
+    uctx: UnitContext,
+) -> int | None:
+    """Fill ``buf`` with the chunk at ``offset`` as the export holds it now: the dirty
+    ranges of ``part`` from the export, the rest from the parent chunk, both read at once.
+    Returns the bytes read from the export, or ``None`` when the parent chunk could not
+    be used and the chunk was read whole instead (``len(buf)`` bytes).
+
+    ValueError for ranges that are not within the chunk (a bad unit)."""
+    check_ranges(part.ranges, len(buf))
+    view = memoryview(buf)
+    parent_id = part.parent
+    fetch = (
+        asyncio.ensure_future(parent_chunk(repo, uctx, parent_id, len(buf)))
+        if parent_id is not None
+        else None
+    )
+    try:
+        await _read_ranges(nbd, offset, view, part.ranges)
+        parent = await fetch if fetch is not None else None
+    except BaseException:
+        if fetch is not None:
+            fetch.cancel()
+        raise
+    if fetch is not None and parent is None:
+        await nbd.readinto(offset, buf)
+        return None
+    await uctx.cpu(_fill_gaps, view, parent, part.ranges)
+    return sum(n for _, n in part.ranges)
+
+
 async def backup_unit(
     unit: TransferUnit, repo: Repository, nbd: NbdClient, uctx: UnitContext
 ) -> UnitResult:
+    """Read, hash and store every chunk of ``unit.indices`` (those in ``unit.partial``
+    in part, see :func:`read_in_part`); the result names each chunk's id by index."""
     started = time.monotonic()
     known = uctx.known_chunks(unit.job_id)
     refs: dict[int, str | None] = {}
-    counters = {"read": 0, "written": 0, "stored": 0, "dedup": 0}
+    partial = {p.index: p for p in unit.partial}
+    counters = {"read": 0, "written": 0, "stored": 0, "dedup": 0, "partial": 0, "fallback": 0}
 
     async def one(index: int) -> None:
         offset = index * unit.chunk_size
         length = min(unit.chunk_size, unit.disk_size - offset)
-        async with uctx.budget.hold(length):
+        part = partial.get(index)
+        # A chunk read in part holds its parent's plaintext for a while too.
+        held = 2 * length if part is not None and part.parent is not None else length
+        async with uctx.budget.hold(held):
             buf = uctx.buffers.take(length)
             try:
+                await read(offset, buf, part)
                 await store(index, buf)
             finally:
                 uctx.buffers.give(buf)
 
+    async def read(offset: int, buf: bytearray, part: PartialChunk | None) -> None:
+        if part is None:
+            await nbd.readinto(offset, buf)
+            counters["read"] += len(buf)
+            return
+        read = await read_in_part(part, offset, buf, repo, nbd, uctx)
+        counters["partial"] += 1
+        if read is None:
+            counters["fallback"] += 1
+            read = len(buf)
+        counters["read"] += read
+
     async def store(index: int, buf: bytearray) -> None:
-        offset = index * unit.chunk_size
-        await nbd.readinto(offset, buf)
-        counters["read"] += len(buf)
         chunk_id = await uctx.cpu(_analyze, repo, buf)
         refs[index] = chunk_id
         if chunk_id is None:
@@ -183,6 +329,8 @@ async def backup_unit(
         chunks_stored=counters["stored"],
         chunks_deduplicated=counters["dedup"],
         seconds=time.monotonic() - started,
+        chunks_partial=counters["partial"],
+        partial_fallbacks=counters["fallback"],
     )
 
 

@@ -1,7 +1,8 @@
 """Transfer units (``vb.work.transfer.<job>``) and their results (``unit.done`` events).
 
 A unit is a run of whole chunks of one disk. Backup units name chunk indices to read
-from the NBD export; restore units name chunk ids to write at their indices; verify
+from the NBD export (and, in an incremental backup, which of them may be read in part:
+``partial``); restore units name chunk ids to write at their indices; verify
 units name chunk ids to re-read and check. A unit is idempotent: a redelivered unit (its
 worker died) is simply done again.
 """
@@ -24,6 +25,25 @@ class ChunkRef(Message, frozen=True, kw_only=True, array_like=True):
     id: str | None
 
 
+class PartialChunk(Message, frozen=True, kw_only=True, array_like=True):
+    """A chunk of an incremental backup unit that may be read in part.
+
+    Only ``ranges`` changed since the parent restore point: ``[start, length]`` pairs in
+    bytes from the chunk's first byte, sorted, neither overlapping nor touching, within
+    the chunk. The rest of the chunk is the parent point's chunk ``parent`` (its id;
+    ``None``: all zero). A worker reads the ranges from the export and takes the rest
+    from the parent chunk (checked against its id), or reads the whole chunk when the
+    parent cannot be had (missing, damaged, of another size): the chunk it stores is the
+    same either way.
+
+    ``[index, parent, [[start, length], ...]]`` on the wire.
+    """
+
+    index: int
+    parent: str | None
+    ranges: list[tuple[int, int]]
+
+
 class TransferUnit(Message, frozen=True, kw_only=True):
     job_id: str
     unit: int
@@ -35,6 +55,10 @@ class TransferUnit(Message, frozen=True, kw_only=True):
     nbd_url: str = ""
     #: backup: chunk indices to read.
     indices: list[int] = msgspec.field(default_factory=list)
+    #: backup: those of ``indices`` that may be read in part (see PartialChunk), in the
+    #: order of ``indices``; the others are read whole. Workers that predate the field
+    #: ignore it and read every chunk whole, which gives the same chunks.
+    partial: list[PartialChunk] = msgspec.field(default_factory=list)
     #: restore and verify: chunks to write or check.
     chunks: list[ChunkRef] = msgspec.field(default_factory=list)
 
@@ -57,9 +81,15 @@ class UnitResult(Message, frozen=True, kw_only=True):
     error: str = ""
     #: backup: every chunk the unit read, with its id (``None`` when all zero).
     chunks: list[ChunkRef] = msgspec.field(default_factory=list)
+    #: backup: bytes read from the export (only the ranges of a chunk read in part).
     bytes_read: int = 0
     bytes_written: int = 0
     chunks_stored: int = 0
     chunks_deduplicated: int = 0
     bad: list[BadChunk] = msgspec.field(default_factory=list)
     seconds: float = 0.0
+    #: backup: chunks read in part (their unchanged bytes taken from the parent chunk),
+    #: and those of them read whole instead because the parent chunk was missing or
+    #: damaged in the repository.
+    chunks_partial: int = 0
+    partial_fallbacks: int = 0
