@@ -123,6 +123,10 @@ async def test_restores_write_with_direct_io(
     try:
         args = _export_args(target, job_id)
         assert "--cache=none" in args and f"--aio={aio}" in args, args
+        # Request buffers stay in qemu-nbd's heap (see restores.EXPORT_MALLOC).
+        pid = int(_pid_file(target, job_id).read_text())
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert {setting.encode() for setting in restores.EXPORT_MALLOC} <= set(environ)
         cached = resident_pages(Path(target.temp_path))  # qemu-img create's header
         await _write_and_check(target)
         assert resident_pages(Path(target.temp_path)) <= cached < 64

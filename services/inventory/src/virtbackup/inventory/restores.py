@@ -93,6 +93,16 @@ IO_MODES: tuple[tuple[str, ...], ...] = (
     ("--cache=none", "--aio=threads"),
     ("--cache=writeback",),
 )
+#: glibc's allocator settings for the export (environment variables other C libraries
+#: ignore; not ``GLIBC_TUNABLES``, whose second setting glibc 2.36 drops). qemu-nbd takes
+#: a new buffer for every request's payload and frees it after the write; with glibc's
+#: defaults each buffer of 2 MiB is a fresh mmap (or heap the next free gives back), so
+#: every request paid page faults, zeroing and unmapping: half of qemu-nbd's CPU.
+#: Buffers up to the largest request (32 MiB) from the heap, kept when freed, cost none
+#: after the first: qemu-nbd's CPU per GB written fell from 0.6 s to 0.2-0.3 s on the
+#: benchmark machine, and its throughput doubled. The heap then holds what the requests
+#: in flight held at most (16 per connection), until the export stops.
+EXPORT_MALLOC = ("MALLOC_MMAP_THRESHOLD_=33554432", "MALLOC_TRIM_THRESHOLD_=1073741824")
 #: In a local export's private directory: qemu-nbd's pid file and its socket.
 EXPORT_PID = "qemu-nbd.pid"
 EXPORT_SOCKET = "nbd.sock"
@@ -428,6 +438,7 @@ async def _serve(
         io_mode = IO_MODES[min(attempt, len(IO_MODES) - 1)]
         started = await host.run(
             [
+                "env", *EXPORT_MALLOC,
                 "qemu-nbd", "--fork", "--persistent", "-e", str(EXPORT_CONNECTIONS),
                 "-f", disk.format, *io_mode, "--discard=unmap", *listen, "-x", disk.target,
                 "--pid-file", pid, image,
