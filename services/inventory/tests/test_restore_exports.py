@@ -5,6 +5,7 @@ this machine."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -239,3 +240,43 @@ async def test_a_stopped_export_counts_as_gone_once_it_has_exited(
     assert bystander.poll() is None
     assert not (tmp_path / "export.pid").exists()
     assert not (tmp_path / "stale.pid").exists()
+
+
+def _links_after(fd: int, seconds: float) -> int:
+    """The names of the file open as ``fd`` once they are 0, or after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while os.fstat(fd).st_nlink and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return os.fstat(fd).st_nlink
+
+
+async def test_a_committed_image_replaces_the_old_one_which_is_then_removed(
+    server: HostServer, tmp_path: Path
+) -> None:
+    """The finish renames the restored image over the disk (owner and mode kept); the
+    image it replaced is removed after the rename, in the background, leaving nothing
+    beside the disk."""
+    job_id = "job-commit"
+    disk = tmp_path / "vm" / "disk.qcow2"
+    disk.parent.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    disk.chmod(0o640)
+    os.chown(disk, 0, 65534)
+    with disk.open("rb") as old:
+        target = await _prepare(server, tmp_path, job_id)
+        data = await _write_and_check(target)
+        req = RestoreFinishRequest(
+            server_id="local", job_id=job_id, vm_name=f"none-{os.getpid()}", success=True,
+            disks=[target],
+        )  # fmt: skip
+        await restores.finish(server, req)
+        read = subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-c", f"read -v {4 * MIB} 16", str(disk)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert data[:16].hex(" ") in read.stdout.replace("  ", " ")
+        info = disk.stat()
+        assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (0o640, 0, 65534)
+        # The old image is gone for good (its last name removed in the background).
+        assert await asyncio.to_thread(_links_after, old.fileno(), 10) == 0
+    assert os.listdir(disk.parent) == ["disk.qcow2"]
