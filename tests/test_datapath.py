@@ -298,6 +298,37 @@ async def test_sanity_finds_a_flipped_chunk(api: httpx.AsyncClient, repo_dir: Pa
     assert job["result"]["damaged"][0]["id"] == chunk.name
 
 
+async def test_a_restore_with_a_corrupt_chunk_fails_naming_it_and_changes_nothing(
+    api: httpx.AsyncClient,
+    vm: SmallVm,
+    repo_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The chunk flipped by the test before fails its check on restore (BLAKE3 of the
+    plaintext against its id, see docs/repository-format.md): the job fails naming
+    it, and the disks and the folder beside them are as they were."""
+    point = (await entries(api))[-1]
+    repo = await Repository.open(FilesystemDriver(repo_dir / "VirtBackup"))
+    record = await repo.restore_point(point["xmlPath"])
+    flipped = next(c for c in (await repo.manifest(record, "vda")).chunks if c is not None)
+    off = await api.post("/servers/local/actions", json={"action": "forceOff", "vmName": VM})
+    assert off.status_code in {200, 409}
+    before = snapshot(vm, tmp_path_factory.mktemp("untouched"))
+    beside = sorted(os.listdir(vm.disks[0].parent))
+    resp = await api.post(
+        "/servers/local/restore/start",
+        json={"xmlPath": point["xmlPath"], "decision": "overwrite", "destinationId": "fs"},
+    )
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, resp.json()["jobId"])
+    assert job["state"] == "failure", job
+    assert f"chunk {flipped}" in job["message"], job["message"]
+    for disk, raw in zip(vm.disks, before, strict=True):
+        assert same(disk, raw)
+    assert sorted(os.listdir(vm.disks[0].parent)) == beside
+    await start_vm(api)
+
+
 async def test_bad_input(api: httpx.AsyncClient) -> None:
     point = (await entries(api))[-1]
     cases: list[tuple[str, str, dict[str, Any], int, str]] = [

@@ -1,11 +1,17 @@
 """The qemu-nbd exports restores write to: direct I/O, and the fallbacks when the host
-cannot do it. Real qemu-img and qemu-nbd on this machine."""
+cannot do it; who may connect (a local server's private Unix socket, a remote server's
+TLS with the workers' certificate); stopping them. Real qemu-img, qemu-nbd and sshd on
+this machine."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
+import stat
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,20 +31,27 @@ from virtbackup.nbd import NbdClient, NbdError
 from virtbackup.nbd.tls import client_context_from_dir
 from virtbackup.testing.pagecache import resident_pages
 from virtbackup.testing.pki import shared_pki_dir
+from virtbackup.testing.sshd import SshdServer, sshd_server
 from virtbackup.virt.pki import Authority, write_file
 
 MIB = 1 << 20
 IO_URING_SWITCH = Path("/proc/sys/kernel/io_uring_disabled")
 
 
+def _pid_file(target: RestoreTarget, job_id: str) -> Path:
+    return Path(target.pid_file or restores.pid_file(target.path, job_id))
+
+
 def _export_args(target: RestoreTarget, job_id: str) -> list[str]:
-    pid = int(Path(restores.pid_file(target.path, job_id)).read_text())
+    pid = int(_pid_file(target, job_id).read_text())
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
 async def _write_and_check(target: RestoreTarget) -> bytes:
     data = secrets.token_bytes(8 * MIB)
-    tls = ExportCredentials.load(shared_pki_dir()).client
+    tls = None
+    if target.nbd_url.startswith("nbds://"):
+        tls = ExportCredentials.load(shared_pki_dir()).client
     async with await NbdClient.connect_uri(target.nbd_url, tls=tls) as nbd:
         await nbd.write(4 * MIB, data)
         await nbd.flush()
@@ -49,6 +62,24 @@ async def _write_and_check(target: RestoreTarget) -> bytes:
 @pytest.fixture
 def server() -> HostServer:
     return HostServer(config=Server(id="local", name="This host", host=""), timeout=5)
+
+
+@pytest.fixture(scope="module")
+def remote() -> Iterator[HostServer]:
+    """This machine reached over SSH: a remote server to the inventory."""
+    with sshd_server(root=True) as sshd:
+        yield HostServer(config=_remote_config(sshd), timeout=10)
+
+
+def _remote_config(sshd: SshdServer) -> Server:
+    return Server(
+        id="remote",
+        host=sshd.host,
+        port=sshd.port,
+        username=sshd.username,
+        private_key=sshd.private_key,
+        host_key=sshd.host_key,
+    )
 
 
 async def _prepare(server: HostServer, tmp_path: Path, job_id: str) -> RestoreTarget:
@@ -64,7 +95,9 @@ async def _discard(server: HostServer, target: RestoreTarget, job_id: str) -> No
     )
     await restores.finish(server, req)
     assert not Path(target.temp_path).exists()
-    assert not Path(restores.pid_file(target.path, job_id)).exists()
+    assert not _pid_file(target, job_id).exists()
+    if target.pid_file:  # the export's private directory, with its socket
+        assert not Path(target.pid_file).parent.exists()
 
 
 @contextlib.contextmanager
@@ -91,6 +124,10 @@ async def test_restores_write_with_direct_io(
     try:
         args = _export_args(target, job_id)
         assert "--cache=none" in args and f"--aio={aio}" in args, args
+        # Request buffers stay in qemu-nbd's heap (see restores.EXPORT_MALLOC).
+        pid = int(_pid_file(target, job_id).read_text())
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert {setting.encode() for setting in restores.EXPORT_MALLOC} <= set(environ)
         cached = resident_pages(Path(target.temp_path))  # qemu-img create's header
         await _write_and_check(target)
         assert resident_pages(Path(target.temp_path)) <= cached < 64
@@ -99,13 +136,42 @@ async def test_restores_write_with_direct_io(
     assert os.listdir(tmp_path / "vm") == []
 
 
-async def test_restore_exports_refuse_clients_without_the_workers_certificate(
-    server: HostServer, tmp_path: Path
-) -> None:
-    """Nobody but a holder of the workers' certificate can write into an image being
-    restored: not a plain NBD client, not a TLS client with another CA's certificate."""
-    job_id = "job-tls"
+async def test_a_local_export_is_a_private_unix_socket(server: HostServer, tmp_path: Path) -> None:
+    """A local server's export listens on a Unix socket in a directory only the
+    inventory's user can enter, not on TCP: another user of the host cannot connect,
+    and the workers (the same user) write without TLS."""
+    job_id = "job-local"
     target = await _prepare(server, tmp_path, job_id)
+    try:
+        assert target.nbd_url.startswith("nbd+unix:///vda?socket=")
+        socket_path = Path(target.nbd_url.split("socket=", 1)[1])
+        private = socket_path.parent
+        assert private == Path(target.pid_file).parent
+        info = private.stat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (os.getuid(), 0o700)
+        args = _export_args(target, job_id)
+        assert args[args.index("-k") + 1] == str(socket_path)
+        assert "-p" not in args and "--tls-creds" not in args
+        someone_else = subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+             "nbdinfo", target.nbd_url],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert someone_else.returncode != 0
+        assert "Permission denied" in someone_else.stderr, someone_else.stderr
+        await _write_and_check(target)
+    finally:
+        await _discard(server, target, job_id)
+
+
+async def test_remote_exports_refuse_clients_without_the_workers_certificate(
+    remote: HostServer, tmp_path: Path
+) -> None:
+    """A remote server's export is on TCP with TLS: nobody but a holder of the workers'
+    certificate can write into an image being restored, not a plain NBD client, not a
+    TLS client with another CA's certificate."""
+    job_id = "job-tls"
+    target = await _prepare(remote, tmp_path, job_id)
     try:
         assert target.nbd_url.startswith("nbds://127.0.0.1:")
         plain = target.nbd_url.replace("nbds://", "nbd://", 1)
@@ -125,4 +191,92 @@ async def test_restore_exports_refuse_clients_without_the_workers_certificate(
         # The workers' certificate is served.
         await _write_and_check(target)
     finally:
-        await _discard(server, target, job_id)
+        await _discard(remote, target, job_id)
+
+
+@pytest.fixture
+def children(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]]:
+    """A qemu-nbd export and a bystander, both children of this process that nothing
+    reaps until the test ends (so the export stays a zombie once it exits)."""
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
+    served = subprocess.Popen(
+        ["qemu-nbd", "-k", str(tmp_path / "nbd.sock"), "-f", "qcow2", str(image)]
+    )
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "nbd.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield served, bystander
+    finally:
+        for proc in (served, bystander):
+            proc.kill()
+            proc.wait()
+
+
+async def test_a_stopped_export_counts_as_gone_once_it_has_exited(
+    server: HostServer,
+    tmp_path: Path,
+    children: tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]],
+) -> None:
+    """Stopping an export waits until its qemu-nbd has exited, not until its parent has
+    reaped it (an init that reaps late kept every restore waiting), and never signals a
+    process that is not a qemu-nbd (a pid file outliving its export)."""
+    served, bystander = children
+    (tmp_path / "export.pid").write_text(f"{served.pid}\n")
+    (tmp_path / "stale.pid").write_text(f"{bystander.pid}\n")
+    targets = [
+        RestoreTarget(target=name, path=str(tmp_path / name), temp_path="",
+                      nbd_url="nbd+unix:///x?socket=/nowhere", pid_file=str(tmp_path / pid))
+        for name, pid in (("vda", "export.pid"), ("vdb", "stale.pid"))
+    ]  # fmt: skip
+    started = time.monotonic()
+    await restores._teardown(await server.host(), "job-stop", targets, remove=False)
+    # The old wait (``kill -0``) saw the zombie for its whole 10 s.
+    assert time.monotonic() - started < 5
+    state = Path(f"/proc/{served.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    assert state == "Z"
+    assert bystander.poll() is None
+    assert not (tmp_path / "export.pid").exists()
+    assert not (tmp_path / "stale.pid").exists()
+
+
+def _links_after(fd: int, seconds: float) -> int:
+    """The names of the file open as ``fd`` once they are 0, or after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while os.fstat(fd).st_nlink and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return os.fstat(fd).st_nlink
+
+
+async def test_a_committed_image_replaces_the_old_one_which_is_then_removed(
+    server: HostServer, tmp_path: Path
+) -> None:
+    """The finish renames the restored image over the disk (owner and mode kept); the
+    image it replaced is removed after the rename, in the background, leaving nothing
+    beside the disk."""
+    job_id = "job-commit"
+    disk = tmp_path / "vm" / "disk.qcow2"
+    disk.parent.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    disk.chmod(0o640)
+    os.chown(disk, 0, 65534)
+    with disk.open("rb") as old:
+        target = await _prepare(server, tmp_path, job_id)
+        data = await _write_and_check(target)
+        req = RestoreFinishRequest(
+            server_id="local", job_id=job_id, vm_name=f"none-{os.getpid()}", success=True,
+            disks=[target],
+        )  # fmt: skip
+        await restores.finish(server, req)
+        read = subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-c", f"read -v {4 * MIB} 16", str(disk)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert data[:16].hex(" ") in read.stdout.replace("  ", " ")
+        info = disk.stat()
+        assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (0o640, 0, 65534)
+        # The old image is gone for good (its last name removed in the background).
+        assert await asyncio.to_thread(_links_after, old.fileno(), 10) == 0
+    assert os.listdir(disk.parent) == ["disk.qcow2"]

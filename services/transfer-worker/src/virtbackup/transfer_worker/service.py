@@ -20,6 +20,7 @@ from virtbackup.runtime.agent_config import read_agent_config
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.service import ServiceContext, ServiceSpec
 from virtbackup.runtime.work import WorkConsumer
+from virtbackup.transfer_worker.allocator import keep_large_buffers
 from virtbackup.transfer_worker.budget import ByteBudget
 from virtbackup.transfer_worker.consumer import Worker, follow_job_ends
 from virtbackup.transfer_worker.instant import InstantExports
@@ -75,6 +76,7 @@ def transfer_consumer(ctx: ServiceContext) -> streams.ConsumerSpec:
 
 
 async def start(ctx: ServiceContext) -> None:
+    keep_large_buffers()
     consumer = WorkConsumer(ctx.bus, transfer_consumer(ctx), TransferUnit)
     await consumer.ensure()
     cfg, _ = await read_agent_config(ctx.bucket(buckets.CONFIG))
