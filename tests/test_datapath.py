@@ -347,14 +347,14 @@ async def test_bad_input(api: httpx.AsyncClient) -> None:
             "/servers/local/restore/start",
             {"xmlPath": "../../etc/passwd", "decision": "overwrite"},
             400,
-            "not a restore point",
+            "not the key of a restore point",
         ),
         (
             "post",
             "/servers/local/restore/start",
             {"xmlPath": "/etc/domain.xml", "decision": "overwrite"},
             400,
-            "not a restore point",
+            "not the key of a restore point",
         ),
         (
             "post",

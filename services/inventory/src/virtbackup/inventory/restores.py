@@ -582,8 +582,9 @@ async def finish(server: HostServer, req: RestoreFinishRequest) -> None:
     Idempotent: an image already moved into place (its temporary file gone, its final
     path present) is left as it is, so a commit cut short can simply be repeated."""
     host = await server.host()
-    conn = await server.connection()
+    # The exports stop and failed images go first, whatever the libvirt connection does.
     await _teardown(host, req.job_id, req.disks, remove=not req.success)
+    conn = await server.connection()
     if not req.success:
         left = await state_files.staged_for(server, req.job_id, "", req.state)
         await state_files.discard(host, left, req.job_id)
