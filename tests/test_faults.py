@@ -57,13 +57,6 @@ def fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
 
 
 @pytest.fixture(scope="module")
-def repo_dir() -> Iterator[Path]:
-    path = vm_directory(prefix="vbtest-faults-repo-")
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
-
-
-@pytest.fixture(scope="module")
 async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
     directory = vm_directory()
     small = await create_vm(conn, VM, directory, [DISK_SIZE])

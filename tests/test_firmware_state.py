@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Iterator
@@ -63,13 +62,6 @@ async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
         yield small
     finally:
         await remove_vm(conn, VM, delete_directory=directory)
-
-
-@pytest.fixture(scope="module")
-def repo_dir() -> Iterator[Path]:
-    path = vm_directory(prefix="vbtest-repo-")
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 @pytest.fixture(scope="module")

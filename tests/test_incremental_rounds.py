@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,13 +50,6 @@ async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
         yield small
     finally:
         await remove_vm(conn, VM, delete_directory=directory)
-
-
-@pytest.fixture(scope="module")
-def repo_dir() -> Iterator[Path]:
-    path = vm_directory(prefix="vbtest-incr-repo-")
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 @pytest.fixture(scope="module")

@@ -52,13 +52,6 @@ async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
 
 
 @pytest.fixture(scope="module")
-def repo_dir() -> Iterator[Path]:
-    path = vm_directory(prefix="vbtest-ia-repo-")
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
-
-
-@pytest.fixture(scope="module")
 async def api(ia: System, repo_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(
         base_url=ia.url, headers=ia.auth(), verify=False, timeout=90

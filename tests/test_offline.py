@@ -58,13 +58,6 @@ async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
 
 
 @pytest.fixture(scope="module")
-def repo_dir() -> Iterator[Path]:
-    path = vm_directory(prefix="vbtest-repo-")
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
-
-
-@pytest.fixture(scope="module")
 async def api(system: System, repo_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(
         base_url=system.url, headers=system.auth(), verify=False, timeout=60

@@ -52,13 +52,6 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
 
 
 @pytest.fixture(scope="module")
-def repo_dir() -> Iterator[Path]:
-    path = vm_directory(prefix="vbtest-repo-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
 def vm_dir() -> Iterator[Path]:
     path = vm_directory()
     yield path

@@ -31,3 +31,14 @@ def vm_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def repo_dir() -> Iterator[Path]:
+    """A module's filesystem repository folder (a destination's ``path``), removed at
+    the end (root owns what the services wrote there)."""
+    path = vm_directory(prefix="vbtest-repo-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
