@@ -109,7 +109,7 @@ class BackupJob:
 
 @dataclass(frozen=True, slots=True)
 class JobInfo:
-    """The domain's current job, from ``virDomainGetJobStats``.
+    """The domain's current job (see :func:`job_info`).
 
     ``type``: ``bounded``, ``unbounded`` (a pull backup), ``completed``, ``failed``,
     ``cancelled``; ``operation``: ``backup``, ``migration-out``, ``snapshot``, ...
@@ -351,7 +351,15 @@ def _with_capacity(export: BackupExport, capacity: int | None) -> BackupExport:
 
 
 async def job_info(conn: Connection, name: str) -> JobInfo | None:
-    """The domain's active job, or ``None`` when it has none (or is not running)."""
+    """The domain's active job, or ``None`` when it has none (or is not running).
+
+    A backup job is found with :func:`backup_running` and described without libvirt's job
+    statistics (``type`` ``unbounded``, no figures): those are unsafe while the backup
+    ends (see :func:`backup_running`). Other jobs come from ``virDomainGetJobStats``."""
+    if await backup_running(conn, name):
+        return JobInfo(
+            type="unbounded", operation="backup", elapsed_ms=None, temp_used=None, temp_total=None
+        )
     dom = await conn.lookup(name)
     try:
         stats: dict[str, Any] = dict(await conn.call(dom.jobStats, 0))
@@ -373,6 +381,29 @@ async def job_info(conn: Connection, name: str) -> JobInfo | None:
 
 def _opt_int(value: Any) -> int | None:
     return int(value) if value is not None else None
+
+
+async def backup_running(conn: Connection, name: str) -> bool:
+    """Whether the domain has a backup job (``virDomainBackupGetXMLDesc`` answers).
+
+    Use this, not :func:`job_info`, to ask about a backup job that may be ending: libvirt
+    9.0's job statistics of a backup query QEMU with the domain unlocked, and a backup
+    that terminates meanwhile (its block jobs cancelled, the domain destroyed) frees what
+    they then read; libvirtd was seen to crash (SIGSEGV in an RPC worker) while
+    :func:`wait_job_gone` polled them after ``virDomainAbortJob``. The backup XML is
+    read under the domain's lock alone, and libvirt clears it in the same locked step
+    that ends the backup's job.
+    """
+    dom = await conn.lookup(name)
+    try:
+        await conn.call(dom.backupGetXMLDesc, 0)
+    except NotFound:
+        return False
+    except VirtError as exc:
+        if exc.code in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN_BACKUP):
+            return False
+        raise
+    return True
 
 
 async def current_backup(conn: Connection, name: str) -> BackupJob | None:
@@ -422,8 +453,7 @@ async def end_backup(
         if running is not None:
             scratch = [e.scratch for e in running.exports if e.scratch]
     dom = await conn.lookup(name)
-    info = await job_info(conn, name)
-    if info is not None and info.is_backup:
+    if await backup_running(conn, name):
         try:
             await conn.call(dom.abortJob)
         except VirtError as exc:
@@ -436,12 +466,13 @@ async def end_backup(
 
 
 async def wait_job_gone(conn: Connection, name: str, *, timeout: float = 30.0) -> None:
-    """Wait until the domain has no backup job; VirtTimeout after ``timeout`` seconds."""
+    """Wait until the domain has no backup job; VirtTimeout after ``timeout`` seconds.
+
+    Polls :func:`backup_running` (never the job statistics: see there)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        info = await job_info(conn, name)
-        if info is None or not info.is_backup:
+        if not await backup_running(conn, name):
             return
         if loop.time() >= deadline:
             raise VirtTimeout(f"backup job of {name} still running after {timeout} s")
