@@ -88,6 +88,13 @@ class JobCmd:
     SANITY: Final = command("job", "sanity")
     RESTORE_ENTRIES: Final = command("job", "restore-entries")
     RESTORE_PRECHECK: Final = command("job", "restore-precheck")
+    # Restore points as resources, and prune (``v1.points``).
+    POINTS: Final = command("job", "points")
+    POINT_GET: Final = command("job", "point-get")
+    POINT_UPDATE: Final = command("job", "point-update")
+    POINT_DELETE: Final = command("job", "point-delete")
+    PRUNE: Final = command("job", "prune")
+    PRUNE_PLAN: Final = command("job", "prune-plan")
 
 
 class ExportCmd:

@@ -45,6 +45,7 @@ from virtbackup.repository.format import (
     chunk_key,
     manifest_key,
     parse_xml_key,
+    point_prefix,
     record_key,
     segment_record_key,
     vm_prefix,
@@ -320,6 +321,33 @@ class Repository:
 
     async def domain_xml(self, point: RestorePoint) -> str:
         return (await self._load_object(point.xml_path)).decode()
+
+    async def delete_point(self, point: RestorePoint) -> list[str]:
+        """Delete a restore point; returns the keys removed, in the order they were.
+
+        ``backup.json`` goes first, so the point disappears from every listing at once
+        (a point exists exactly while its record does); then its manifests, its
+        ``domain.xml``, its sidecars (``point.json``, ``verify.json``) and whatever else
+        is left in its folder. Chunks are never deleted here (other points share them;
+        only garbage collection removes chunks). Idempotent: a step cut short is finished
+        by deleting again (the folder's objects are found by listing it); a point whose
+        record is already gone is cleaned up the same way. Checking that nothing needs
+        the point (protected, in use) is the caller's job. ``ValueError`` for a name or
+        timestamp no key can hold; storage errors pass through.
+        """
+        vm, ts = point.vm_name, point.timestamp
+        record = record_key(vm, ts)
+        await self.driver.delete(record)
+        keys = [manifest_key(vm, ts, disk.target) for disk in point.disks]
+        keys.append(xml_path(vm, ts))
+        keys += [f"{point_prefix(vm, ts)}/{name}" for name in ("point.json", "verify.json")]
+        for key in keys:
+            await self.driver.delete(key)
+        folder = f"{point_prefix(vm, ts)}/"
+        rest = [key async for key in self.driver.list(folder) if key not in keys]
+        if rest:
+            await self.driver.delete_many(rest)
+        return [record, *keys, *rest]
 
     async def new_timestamp(self, vm: str) -> str:
         """Now as a restore point timestamp (``2026-01-30T12-00-00``, UTC), a second later

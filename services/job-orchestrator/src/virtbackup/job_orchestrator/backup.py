@@ -94,8 +94,18 @@ async def end_libvirt_job(
 
 
 async def latest_point(repo: Repository, vm: str, server_id: str) -> RestorePoint | None:
+    """The point the next backup of ``vm`` (from ``server_id``) builds on: its newest
+    restore point that exists now (a deleted point is no parent: its record is gone
+    first), or ``None``. Its checkpoint is where the incremental starts; the inventory
+    checks that libvirt still has it (else a full read)."""
     points = [p for p in await repo.restore_points(vm) if p.source_server_id == server_id]
     return points[-1] if points else None
+
+
+def _parent_result(parent: RestorePoint | None) -> dict[str, str | None]:
+    """What a backup job's ``result`` says of its parent point (``points.remove_point``
+    reads it): its timestamp, ``None`` for a full read."""
+    return {"parentTimestamp": parent.timestamp if parent else None}
 
 
 async def plan(
@@ -194,6 +204,11 @@ async def run_backup(jc: JobContext, job: Job) -> str:
     try:
         fresh = bool(job.params.get("fresh"))
         parent = None if fresh else await latest_point(repo, job.vm_name, job.server_id)
+        # Recorded before anything builds on it: from now on a delete of the parent point
+        # is refused (409), and before, while this job holds the VM folder's lock, too
+        # (``points.remove_point``). So the incremental below is relative to a checkpoint
+        # whose point exists, and stays so until this job ends.
+        await update_job(jc.store, jc.bus, job.id, {"result": _parent_result(parent)})
         if fresh and jc.settings.debug:
             await jc.message(job.id, "fresh: the next backup is a full read")
         await jc.message(job.id, "beginning the libvirt backup job")
@@ -210,7 +225,12 @@ async def run_backup(jc: JobContext, job: Job) -> str:
             timeout=timeouts.INVENTORY_JOB_STEP,
         )
         # Recorded at once, so that whoever ends this job can drop the new checkpoint.
-        await update_job(jc.store, jc.bus, job.id, {"result": {"checkpoint": begun.checkpoint}})
+        await update_job(
+            jc.store,
+            jc.bus,
+            job.id,
+            {"result": {**_parent_result(parent), "checkpoint": begun.checkpoint}},
+        )
         success = ended = False
 
         async def end_job() -> BackupEnded | None:
@@ -303,7 +323,7 @@ async def _transfer(
         job.id,
         "transferring",
         message=f"{kind} backup{offline}{reason}: reading {len(units)} units",
-        result={"checkpoint": begun.checkpoint},
+        result={**_parent_result(parent), "checkpoint": begun.checkpoint},
     )
     progress = await jc.run_units(job.id, units, total_bytes, on_result)
     manifests = [build_manifest(p, results[p.target]) for p in plans]
@@ -342,7 +362,7 @@ async def _transfer(
         job.id,
         "committing",
         message="committing the restore point",
-        result={"checkpoint": begun.checkpoint, "timestamp": timestamp},
+        result={**_parent_result(parent), "checkpoint": begun.checkpoint, "timestamp": timestamp},
     )
     await repo.commit(point, manifests, begun.domain_xml)
     read_chunks = sum(len(p.read) for p in plans)

@@ -29,6 +29,7 @@ from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job, JobState
 from virtbackup.job_orchestrator.backup import end_libvirt_job, run_backup
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.jobctx import JobContext
+from virtbackup.job_orchestrator.points import auto_prune, run_prune
 from virtbackup.job_orchestrator.restore import prepared_targets, run_restore, run_sanity
 from virtbackup.repository.format import xml_path
 from virtbackup.repository.repository import RepositoryError
@@ -40,7 +41,12 @@ from virtbackup.storage.errors import NotFoundError, StorageError
 log = logging.getLogger(__name__)
 
 Runner = Callable[[JobContext, Job], Awaitable[str]]
-RUNNERS: dict[str, Runner] = {"backup": run_backup, "restore": run_restore, "sanity": run_sanity}
+RUNNERS: dict[str, Runner] = {
+    "backup": run_backup,
+    "restore": run_restore,
+    "sanity": run_sanity,
+    "prune": run_prune,
+}
 #: Seconds between two looks for jobs whose holder died.
 SWEEP_SECONDS = 2.0
 #: Errors whose message is shown to the user as the job's reason (TimeoutError is an
@@ -81,6 +87,13 @@ async def execute(jc: JobContext, job: Job) -> None:
         # it lapses and the sweep of another instance (or of this one) ends the job.
         jc.leases.forget(job.id)
         log.exception("could not write the final state of job %s (%s)", job.id, state)
+        return
+    if job.type == "backup" and state == "success":
+        # Retention: a prune job of its own once the backup has ended (points.auto_prune).
+        try:
+            await auto_prune(jc, job, execute)
+        except Exception:
+            log.exception("could not start the prune after backup %s", job.id)
 
 
 async def sweep(jc: JobContext) -> None:

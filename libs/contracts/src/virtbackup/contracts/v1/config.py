@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 
-from virtbackup.contracts.v1.common import shown
+from virtbackup.contracts.v1.common import VmName, shown
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")]
@@ -133,13 +133,83 @@ class DestinationEncryption(Strict, kw_only=True):
     passphrase: Annotated[str, msgspec.Meta(min_length=8)]
 
 
+#: A retention rule's count: how many buckets (points, hours, days, ...) it keeps.
+KeepCount = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+#: The keep rules of a policy, in the order a prune runs them (PBS's).
+KEEP_RULES: Final = (
+    "keepLast", "keepHourly", "keepDaily", "keepWeekly", "keepMonthly", "keepYearly",
+)  # fmt: skip
+
+
+class RetentionPolicy(Strict, kw_only=True):
+    """Which restore points a prune keeps, in the sense of Proxmox Backup Server's prune
+    (``virtbackup.repository.retention`` has the rules): each ``keep*`` is a count (an
+    integer >= 0; absent: the rule is not used).
+
+    A policy must keep something: at least one rule above 0. A policy that keeps nothing
+    (every unprotected point is removed) is accepted only with ``keepAll: false``, an
+    explicit acknowledgement. ``keepAll: true`` (without rules) keeps every point: a
+    per-VM override that exempts a VM from its destination's policy.
+    """
+
+    keep_last: KeepCount | None = None
+    keep_hourly: KeepCount | None = None
+    keep_daily: KeepCount | None = None
+    keep_weekly: KeepCount | None = None
+    keep_monthly: KeepCount | None = None
+    keep_yearly: KeepCount | None = None
+    keep_all: bool | None = None
+
+    def counts(self) -> dict[str, int | None]:
+        """The keep rules by their wire name (``keepLast`` ...), ``None`` when unused."""
+        return {
+            "keepLast": self.keep_last,
+            "keepHourly": self.keep_hourly,
+            "keepDaily": self.keep_daily,
+            "keepWeekly": self.keep_weekly,
+            "keepMonthly": self.keep_monthly,
+            "keepYearly": self.keep_yearly,
+        }
+
+
+def check_retention(policy: RetentionPolicy, where: str) -> None:
+    """``ConfigError`` naming the field for a policy that keeps nothing without
+    ``keepAll: false``, or that sets ``keepAll: true`` together with keep rules."""
+    counts = policy.counts()
+    if policy.keep_all is True:
+        given = [name for name, count in counts.items() if count is not None]
+        if given:
+            raise ConfigError(
+                f"keepAll: true keeps every point; it cannot be combined with {given[0]} "
+                f"- at `{where}.keepAll`"
+            )
+        return
+    if not any((count or 0) > 0 for count in counts.values()) and policy.keep_all is not False:
+        raise ConfigError(
+            "this retention policy keeps nothing (a prune would remove every point that "
+            "is not protected): give at least one keep rule above 0 (keepLast, keepHourly, "
+            "keepDaily, keepWeekly, keepMonthly, keepYearly), or acknowledge with "
+            f"keepAll: false - at `{where}`"
+        )
+
+
 class Destination(Strict, kw_only=True):
+    """A destination. ``retention``: the retention policy of its VMs' restore points
+    (none: points are kept until deleted); ``vmRetention``: per-VM policies that replace
+    it for the VMs named (a VM's name, as libvirt has it)."""
+
     id: Id
     name: Name = ""
     driver_id: str
     enabled: bool = True
     params: dict[str, Any] = msgspec.field(default_factory=dict)
     encryption: DestinationEncryption | None = None
+    retention: RetentionPolicy | None = None
+    vm_retention: dict[VmName, RetentionPolicy] = msgspec.field(default_factory=dict)
+
+    def retention_for(self, vm_name: str) -> RetentionPolicy | None:
+        """The policy for ``vm_name``'s points: its override, else the destination's."""
+        return self.vm_retention.get(vm_name, self.retention)
 
 
 class GdriveSettings(Strict, kw_only=True):
@@ -262,6 +332,10 @@ def validate_config(cfg: AgentConfig) -> None:
         except msgspec.ValidationError as exc:
             raise ConfigError(_rebase(str(exc), f"{where}.params")) from None
         _check_params(params, f"{where}.params")
+        if dest.retention is not None:
+            check_retention(dest.retention, f"{where}.retention")
+        for vm_name, policy in dest.vm_retention.items():
+            check_retention(policy, f"{where}.vmRetention[{vm_name!r}]")
     for field, value in (
         ("backupDestinationId", cfg.backup_destination_id),
         ("restoreDestinationId", cfg.restore_destination_id),

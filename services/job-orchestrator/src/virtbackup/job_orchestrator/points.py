@@ -1,0 +1,588 @@
+"""Restore points as resources (list, get, protect, notes, delete) and prune jobs.
+
+Deleting a point (``DELETE /api/v1/restore-points/{id}``, and each removal of a prune)
+is refused (409) while the point is protected or a job uses it:
+
+* a restore or sanity check reading it, a verify of its destination (and VM), an
+  instant-access export serving one of its disks;
+* a backup of its VM into that destination building on it: a backup records the point
+  it builds on (``result.parentTimestamp``) before the libvirt job begins, and holds its
+  VM folder's lock (``locks.point_folder_lock``) from its submit to its end. A delete
+  takes that lock for the moment it deletes, so no backup can start and pick the point
+  as its parent meanwhile; while a backup holds it, the delete goes ahead only if the
+  backup has recorded another parent (and 409 before it has recorded one).
+
+A delete also takes a second lock, ``(@<destination>, points:<folder>)``, that ``PATCH``
+takes too: a point cannot be protected between the delete's look at ``point.json`` and
+its removal. Both locks name the operation, not a job: they lapse
+``locks.ORPHAN_GRACE`` seconds after an instance died holding them.
+
+A prune after every successful backup of a VM with a policy is a job of its own
+(``type: prune``, ``params.automatic``), submitted when the backup has finished: the
+backup's outcome stays the backup's, a prune that fails or is cancelled shows as such,
+and the same code runs it as an on-demand prune (locks, in-use checks, progress, result).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import msgspec
+
+from virtbackup.contracts.subjects import JobCmd
+from virtbackup.contracts.v1.common import shown
+from virtbackup.contracts.v1.config import (
+    ConfigError,
+    Destination,
+    RetentionPolicy,
+    check_retention,
+)
+from virtbackup.contracts.v1.exports import LIVE_EXPORT_STATES
+from virtbackup.contracts.v1.jobs import Job
+from virtbackup.contracts.v1.points import (
+    PointDeleted,
+    PointDisk,
+    PointInfo,
+    PointList,
+    PointListRequest,
+    PointRef,
+    PointUpdateRequest,
+    PointVerification,
+    PruneDecision,
+    PrunePlan,
+    PruneRequest,
+    parse_point_id,
+    point_id,
+)
+from virtbackup.job_orchestrator import exports
+from virtbackup.job_orchestrator.errors import JobFailed
+from virtbackup.job_orchestrator.jobctx import JobContext
+from virtbackup.job_orchestrator.locks import point_folder_lock
+from virtbackup.job_orchestrator.progress import update_job
+from virtbackup.repository import retention
+from virtbackup.repository.format import xml_path
+from virtbackup.repository.lifecycle import (
+    PointMeta,
+    SidecarError,
+    read_point_meta,
+    read_verification,
+    write_point_meta,
+)
+from virtbackup.repository.records import RestorePoint
+from virtbackup.repository.repository import NoRepositoryError, Repository, RepositoryError
+from virtbackup.runtime.agent_config import find_destination
+from virtbackup.runtime.bus import new_id
+from virtbackup.runtime.commands import Commands
+from virtbackup.runtime.errors import BadRequest, Conflict, NotFound
+from virtbackup.storage.errors import NotFoundError
+
+log = logging.getLogger(__name__)
+point_commands: Commands[JobContext] = Commands()
+
+#: Job types that read restore points of their destination (``verify`` is added by the
+#: verify jobs; ``gc`` runs exclude prunes).
+READERS: Final = frozenset({"restore", "sanity", "verify"})
+GC_TYPE: Final = "gc"
+
+
+# -- reading ----------------------------------------------------------------------------
+
+
+async def point_info(repo: Repository, destination_id: str, point: RestorePoint) -> PointInfo:
+    """A point as the API shows it, with its sidecars (defaults when absent)."""
+    meta = await read_point_meta(repo, point.vm_name, point.timestamp)
+    verified = await read_verification(repo, point.vm_name, point.timestamp)
+    parent = (
+        point_id(destination_id, point.vm_name, point.parent_timestamp)
+        if point.parent_timestamp and point.kind == "incremental"
+        else None
+    )
+    return PointInfo(
+        id=point_id(destination_id, point.vm_name, point.timestamp),
+        destination_id=destination_id,
+        vm_name=point.vm_name,
+        server_id=point.source_server_id,
+        server_name=point.source_server_name,
+        timestamp=point.timestamp,
+        created_at=point.created_at,
+        kind=point.kind,
+        parent=parent,
+        parent_timestamp=point.parent_timestamp if parent else None,
+        xml_path=point.xml_path,
+        disks=[
+            PointDisk(target=d.target, basename=d.basename, format=d.format, size=d.size)
+            for d in point.disks
+        ],
+        logical_bytes=sum(d.size for d in point.disks),
+        stored_bytes=point.bytes_written,
+        protected=meta.protected,
+        notes=meta.notes,
+        verification=PointVerification(
+            state=verified.state or "none",
+            verified_at=verified.verified_at,
+            mode=verified.mode,
+            chunks_checked=verified.chunks_checked,
+            damaged_chunks=len(verified.damaged_chunks),
+        ),
+    )
+
+
+@asynccontextmanager
+async def opened(
+    jc: JobContext, destination_id: str, *, locked: bool = True
+) -> AsyncIterator[Repository | None]:
+    """The destination's repository (``None`` when it has none), closed on exit; its
+    storage faults as 404/503 naming it."""
+    # Imported here: the handlers import the runner, which imports this module.
+    from virtbackup.job_orchestrator.handlers import destination_faults
+
+    with destination_faults(destination_id):
+        try:
+            repo = await jc.repository(destination_id, create=False, locked=locked)
+        except NoRepositoryError:
+            yield None
+            return
+        except RepositoryError as exc:
+            raise BadRequest(f"destination {destination_id}: {exc}") from None
+        try:
+            yield repo
+        finally:
+            await repo.close()
+
+
+def _parse(value: str) -> tuple[str, str, str]:
+    try:
+        return parse_point_id(value)
+    except ValueError as exc:
+        raise BadRequest(f"id {shown(value)}: {exc}") from None
+
+
+async def _find(repo: Repository | None, dest: str, vm: str, ts: str, pid: str) -> RestorePoint:
+    if repo is None:
+        raise NotFound(f"restore point {shown(pid)} not found (destination {dest} is empty)")
+    try:
+        return await repo.restore_point(xml_path(vm, ts))
+    except (NotFoundError, ValueError):
+        raise NotFound(f"restore point {shown(pid)} not found") from None
+
+
+@point_commands.handler(JobCmd.POINTS, PointListRequest)
+async def list_points(jc: JobContext, req: PointListRequest) -> PointList:
+    """Points newest first (then by VM name), of ``destination_id`` (404 if unknown) or of
+    every enabled destination (one that cannot be read is named in ``unreadable``)."""
+    cfg = await jc.config()
+    if req.destination_id is not None:
+        dests = [find_destination(cfg, req.destination_id)]
+    else:
+        dests = [d for d in cfg.destinations if d.enabled]
+    found: list[PointInfo] = []
+    unreadable: list[str] = []
+    for dest in dests:
+        try:
+            async with opened(jc, dest.id) as repo:
+                if repo is None:
+                    continue
+                for point in await repo.restore_points(req.vm_name):
+                    if req.server_id is not None and point.source_server_id != req.server_id:
+                        continue
+                    found.append(await point_info(repo, dest.id, point))
+        except (BadRequest, NotFound, Conflict) as exc:
+            if req.destination_id is not None:
+                raise
+            unreadable.append(f"{dest.id}: {exc.message}")
+        except Exception as exc:  # Unavailable and storage faults of one destination
+            if req.destination_id is not None:
+                raise
+            unreadable.append(f"{dest.id}: {getattr(exc, 'message', None) or exc}")
+    found.sort(key=lambda p: (p.vm_name, p.destination_id))
+    found.sort(key=lambda p: p.timestamp, reverse=True)
+    return PointList(points=found, unreadable=unreadable)
+
+
+@point_commands.handler(JobCmd.POINT_GET, PointRef)
+async def get_point(jc: JobContext, req: PointRef) -> PointInfo:
+    """One point; 400 naming ``id`` for a malformed id, 404 if it does not exist."""
+    dest_id, vm, ts = _parse(req.id)
+    find_destination(await jc.config(), dest_id)
+    async with opened(jc, dest_id) as repo:
+        point = await _find(repo, dest_id, vm, ts, req.id)
+        assert repo is not None
+        return await point_info(repo, dest_id, point)
+
+
+@point_commands.handler(JobCmd.POINT_UPDATE, PointUpdateRequest)
+async def update_point(jc: JobContext, req: PointUpdateRequest) -> PointInfo:
+    """Set ``protected`` and/or ``notes`` in the point's ``point.json``."""
+    dest_id, vm, ts = _parse(req.id)
+    find_destination(await jc.config(), dest_id)
+    async with opened(jc, dest_id) as repo, _meta_lock(jc, dest_id, vm):
+        point = await _find(repo, dest_id, vm, ts, req.id)
+        assert repo is not None
+        try:
+            meta = await read_point_meta(repo, vm, ts, strict=True)
+        except SidecarError:
+            meta = PointMeta(protected=True)  # unreadable: keep it safe, rewrite it whole
+        changes: dict[str, Any] = {}
+        if req.protected is not None:
+            changes["protected"] = req.protected
+        if req.notes is not None:
+            changes["notes"] = req.notes
+        updated = msgspec.structs.replace(meta, **changes)
+        if updated != meta or req.protected is not None:
+            await write_point_meta(repo, vm, ts, updated)
+        return await point_info(repo, dest_id, point)
+
+
+@point_commands.handler(JobCmd.POINT_DELETE, PointRef)
+async def delete_point(jc: JobContext, req: PointRef) -> PointDeleted:
+    """Delete a point (``Repository.delete_point``); 409 while it is protected or a job
+    uses it (the message names why), 404 if it does not exist."""
+    dest_id, vm, ts = _parse(req.id)
+    find_destination(await jc.config(), dest_id)
+    async with opened(jc, dest_id) as repo:
+        point = await _find(repo, dest_id, vm, ts, req.id)
+        assert repo is not None
+        info = await point_info(repo, dest_id, point)
+        await remove_point(jc, repo, dest_id, point)
+        return PointDeleted(point=info)
+
+
+# -- deleting ---------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _lock(jc: JobContext, key: tuple[str, str], what: str) -> AsyncIterator[None]:
+    op = new_id()
+    await jc.locks.acquire(*key, op, "delete", what=what)
+    try:
+        yield
+    finally:
+        await jc.locks.release(*key, op)
+
+
+def _meta_lock(jc: JobContext, dest_id: str, vm: str) -> Any:
+    folder = point_folder_lock("backup", dest_id, vm)
+    assert folder is not None
+    key = (folder[0], f"points:{folder[1]}")
+    return _lock(jc, key, f"the restore points of vm {vm} in destination {dest_id}")
+
+
+def users(jc: JobContext, dest_id: str, point: RestorePoint) -> list[str]:
+    """What uses ``point`` now (each as a reason), from the job index and the exports."""
+    found = []
+    for job in jc.jobs.active():
+        if job.destination_id != dest_id or job.type not in READERS:
+            continue
+        wanted = job.params.get("xmlPath")
+        if str(job.type) == "verify":
+            vm = job.params.get("vmName") or job.vm_name
+            if vm in (None, point.vm_name):
+                found.append(f"verify job {job.id} reads the points of this destination")
+        elif wanted == point.xml_path:
+            found.append(f"{job.type} job {job.id} reads it")
+    try:
+        records = exports.store(jc).all()
+    except Exception:  # the export index is loading: say so rather than guess
+        records = []
+    for record in records:
+        if (
+            record.state in LIVE_EXPORT_STATES
+            and record.destination_id == dest_id
+            and record.vm_name == point.vm_name
+            and record.timestamp == point.timestamp
+        ):
+            found.append(f"instant-access export {record.id} serves it")
+    return found
+
+
+async def _backup_holding(jc: JobContext, dest_id: str, point: RestorePoint) -> Job | None:
+    """The active backup that holds the point's VM folder lock, if any."""
+    folder = point_folder_lock("backup", dest_id, point.vm_name)
+    assert folder is not None
+    for job in jc.jobs.active():
+        if job.type != "backup" or job.destination_id != dest_id:
+            continue
+        other = point_folder_lock("backup", dest_id, job.vm_name)
+        if other == folder:
+            return job
+    return None
+
+
+async def remove_point(jc: JobContext, repo: Repository, dest_id: str, point: RestorePoint) -> None:
+    """Delete ``point`` unless it is protected or in use (``Conflict`` saying why); see
+    the module docstring for the locks that make the checks hold until it is gone."""
+    vm = point.vm_name
+    folder = point_folder_lock("backup", dest_id, vm)
+    assert folder is not None
+    what = f"the folder of vm {vm} in destination {dest_id}"
+    async with _meta_lock(jc, dest_id, vm):
+        try:
+            meta = await read_point_meta(repo, vm, point.timestamp, strict=True)
+        except SidecarError as exc:
+            raise Conflict(f"restore point {point.timestamp} of {vm}: {exc}") from None
+        if meta.protected:
+            raise Conflict(
+                f"restore point {point.timestamp} of vm {vm} is protected: unprotect it "
+                "first (PATCH with protected: false)"
+            )
+        used = users(jc, dest_id, point)
+        if used:
+            raise Conflict(
+                f"restore point {point.timestamp} of vm {vm} is in use: {'; '.join(used)}"
+            )
+        try:
+            async with _lock(jc, folder, what):
+                await repo.delete_point(point)
+                return
+        except Conflict as busy:
+            backup = await _backup_holding(jc, dest_id, point)
+            if backup is None or "parentTimestamp" not in backup.result:
+                raise Conflict(
+                    f"restore point {point.timestamp} of vm {vm}: the VM's folder is busy, "
+                    f"a backup may be starting on it ({busy.message})"
+                ) from None
+            if backup.result["parentTimestamp"] == point.timestamp:
+                raise Conflict(
+                    f"restore point {point.timestamp} of vm {vm} is in use: backup job "
+                    f"{backup.id} builds on it"
+                ) from None
+        # A backup runs and builds on another point: it will not pick this one.
+        await repo.delete_point(point)
+
+
+# -- prune ------------------------------------------------------------------------------
+
+
+def _request_policy(req: PruneRequest) -> RetentionPolicy | None:
+    given = {
+        "keep_last": req.keep_last,
+        "keep_hourly": req.keep_hourly,
+        "keep_daily": req.keep_daily,
+        "keep_weekly": req.keep_weekly,
+        "keep_monthly": req.keep_monthly,
+        "keep_yearly": req.keep_yearly,
+    }
+    if all(v is None for v in given.values()) and req.keep_all is None:
+        return None
+    policy = RetentionPolicy(**given, keep_all=req.keep_all)
+    try:
+        check_retention(policy, "$")
+    except ConfigError as exc:
+        raise BadRequest(str(exc)) from None
+    return policy
+
+
+def _keep(policy: RetentionPolicy) -> retention.Keep:
+    return retention.Keep(
+        keep_last=policy.keep_last,
+        keep_hourly=policy.keep_hourly,
+        keep_daily=policy.keep_daily,
+        keep_weekly=policy.keep_weekly,
+        keep_monthly=policy.keep_monthly,
+        keep_yearly=policy.keep_yearly,
+    )
+
+
+def _policy_wire(policy: RetentionPolicy) -> dict[str, int | bool | None]:
+    out: dict[str, int | bool | None] = {k: v for k, v in policy.counts().items() if v is not None}
+    if policy.keep_all is not None:
+        out["keepAll"] = policy.keep_all
+    return out
+
+
+async def plan_prune(
+    jc: JobContext, repo: Repository | None, dest: Destination, req: PruneRequest
+) -> tuple[PrunePlan, list[RestorePoint]]:
+    """What the prune does, and the points it removes (newest first). ``BadRequest``
+    naming ``vmName`` when a VM it is asked for has no policy and the request gives none."""
+    given = _request_policy(req)
+    if given is None and req.vm_name is not None and dest.retention_for(req.vm_name) is None:
+        raise BadRequest(
+            f"vmName: vm {shown(req.vm_name)} has no retention policy in destination "
+            f"{dest.id}: give keep rules (keepLast, keepDaily, ...) or configure one "
+            "(retention or vmRetention of the destination)"
+        )
+    plan = PrunePlan(destination_id=dest.id, dry_run=req.dry_run)
+    doomed: list[RestorePoint] = []
+    if repo is None:
+        return plan, doomed
+    # One group per VM of one source server (two servers' VMs of one name are two VMs).
+    groups: dict[tuple[str, str], list[RestorePoint]] = {}
+    for point in await repo.restore_points(req.vm_name):
+        if req.server_id is not None and point.source_server_id != req.server_id:
+            continue
+        groups.setdefault((point.vm_name, point.source_server_id), []).append(point)
+    for (vm, _server), points in sorted(groups.items()):
+        policy = given or dest.retention_for(vm)
+        if policy is None or policy.keep_all is True:
+            continue
+        plan.policies[vm] = _policy_wire(policy)
+        candidates = []
+        for point in points:
+            try:
+                meta = await read_point_meta(repo, vm, point.timestamp, strict=True)
+                protected = meta.protected
+            except SidecarError:
+                protected = True  # unreadable: never removed by a prune
+            candidates.append(
+                retention.Candidate(
+                    key=point.timestamp, timestamp=point.timestamp, protected=protected
+                )
+            )
+        by_ts = {p.timestamp: p for p in points}
+        for decision in retention.select(candidates, _keep(policy)):
+            ts = decision.candidate.key
+            entry = PruneDecision(
+                id=point_id(dest.id, vm, ts),
+                vm_name=vm,
+                timestamp=ts,
+                keep=decision.keep,
+                reason=decision.reason,
+            )
+            (plan.keep if decision.keep else plan.remove).append(entry)
+            if not decision.keep:
+                doomed.append(by_ts[ts])
+    return plan, doomed
+
+
+def gc_running(jc: JobContext, dest_id: str) -> Job | None:
+    """The active GC job of the destination, if one runs."""
+    for job in jc.jobs.active():
+        if str(job.type) == GC_TYPE and job.destination_id == dest_id:
+            return job
+    return None
+
+
+def _refuse_during_gc(jc: JobContext, dest_id: str) -> None:
+    gc = gc_running(jc, dest_id)
+    if gc is not None:
+        raise Conflict(
+            f"destination {dest_id} has a garbage collection running ({gc.id}): prune when "
+            "it has ended"
+        )
+
+
+@point_commands.handler(JobCmd.PRUNE_PLAN, PruneRequest)
+async def prune_plan(jc: JobContext, req: PruneRequest) -> PrunePlan:
+    """A dry run: which points the prune would keep (and by which rule) and remove."""
+    dest = find_destination(await jc.config(), req.destination_id)
+    async with opened(jc, dest.id) as repo:
+        plan, _ = await plan_prune(jc, repo, dest, req)
+    return msgspec.structs.replace(plan, dry_run=True)
+
+
+@point_commands.handler(JobCmd.PRUNE, PruneRequest)
+async def prune(jc: JobContext, req: PruneRequest) -> Job:
+    """Start a prune job (409 while a GC of the destination runs; 400 as ``prune_plan``)."""
+    from virtbackup.job_orchestrator.runner import execute
+
+    dest = find_destination(await jc.config(), req.destination_id)
+    _refuse_during_gc(jc, dest.id)
+    async with opened(jc, dest.id) as repo:
+        await plan_prune(jc, repo, dest, req)  # bad input is a 400 now, not a failed job
+    return await submit_prune(jc, req, execute)
+
+
+async def submit_prune(
+    jc: JobContext, req: PruneRequest, run: Callable[[JobContext, Job], Awaitable[None]]
+) -> Job:
+    params = msgspec.to_builtins(msgspec.structs.replace(req, dry_run=False))
+    assert isinstance(params, dict)
+    params = {k: v for k, v in params.items() if v is not None and k != "destinationId"}
+    return await jc.submit(
+        "prune",
+        server_id=req.server_id,
+        vm_name=req.vm_name,
+        destination_id=req.destination_id,
+        params=params,
+        run=run,
+    )
+
+
+async def run_prune(jc: JobContext, job: Job) -> str:
+    """Remove what the policy does not keep, one point at a time (each removal atomic:
+    its record goes first), checking for a cancel between two. A point that is protected
+    or in use by then is skipped and named. The result lists what was removed."""
+    assert job.destination_id
+    req = msgspec.convert({**job.params, "destinationId": job.destination_id}, PruneRequest)
+    dest = find_destination(await jc.config(), job.destination_id)
+    _refuse_during_gc(jc, dest.id)
+    async with opened(jc, dest.id) as repo:
+        plan, doomed = await plan_prune(jc, repo, dest, req)
+        removed: list[dict[str, str]] = []
+        skipped: list[dict[str, str]] = []
+
+        def result() -> dict[str, Any]:
+            return {
+                "removed": removed,
+                "skipped": skipped,
+                "kept": [
+                    {"id": d.id, "vmName": d.vm_name, "timestamp": d.timestamp, "reason": d.reason}
+                    for d in plan.keep
+                ],
+                "policies": plan.policies,
+            }
+
+        await jc.enter(
+            job.id,
+            "transferring",
+            message=f"removing {len(doomed)} of {len(doomed) + len(plan.keep)} restore points",
+            total_units=len(doomed),
+            result=result(),
+        )
+        for index, point in enumerate(doomed):
+            jc.check_canceled(job.id)
+            if gc_running(jc, dest.id) is not None:
+                raise JobFailed("a garbage collection of the destination started: prune stopped")
+            entry = {
+                "id": point_id(dest.id, point.vm_name, point.timestamp),
+                "vmName": point.vm_name,
+                "timestamp": point.timestamp,
+            }
+            assert repo is not None
+            try:
+                await remove_point(jc, repo, dest.id, point)
+                removed.append(entry)
+            except Conflict as exc:
+                skipped.append({**entry, "reason": exc.message})
+            await update_job(
+                jc.store,
+                jc.bus,
+                job.id,
+                {"completed_units": index + 1, "result": result()},
+            )
+    summary = f"prune: {len(removed)} restore points removed, {len(plan.keep)} kept"
+    if skipped:
+        summary += f", {len(skipped)} skipped (protected or in use)"
+    return summary
+
+
+async def auto_prune(
+    jc: JobContext, backup: Job, run: Callable[[JobContext, Job], Awaitable[None]]
+) -> Job | None:
+    """After a successful backup: a prune job of the VM's points in the destination, if
+    the VM has a retention policy there; ``None`` when it has none, or when a GC of the
+    destination runs (the next backup prunes then). Never raises for a refusal."""
+    if not (backup.destination_id and backup.vm_name and backup.server_id):
+        return None
+    cfg = await jc.config()
+    try:
+        dest = find_destination(cfg, backup.destination_id)
+    except NotFound:
+        return None
+    policy = dest.retention_for(backup.vm_name)
+    if policy is None or policy.keep_all is True:
+        return None
+    if gc_running(jc, dest.id) is not None:
+        log.info("not pruning %s after its backup: a GC of %s runs", backup.vm_name, dest.id)
+        return None
+    req = PruneRequest(
+        destination_id=dest.id,
+        vm_name=backup.vm_name,
+        server_id=None,
+        automatic=True,
+    )
+    return await submit_prune(jc, req, run)
