@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from litestar import Litestar
 from litestar.config.app import AppConfig
 from litestar.di import Provide
@@ -16,7 +18,10 @@ from virtbackup.gateway.controllers.destinations import DestinationsController, 
 from virtbackup.gateway.controllers.events import EventsController
 from virtbackup.gateway.controllers.exports import ExportsController
 from virtbackup.gateway.controllers.jobs import JobsController
-from virtbackup.gateway.controllers.lifecycle_points import RestorePointsController
+from virtbackup.gateway.controllers.lifecycle_points import (
+    POINT_BODIES,
+    RestorePointsController,
+)
 from virtbackup.gateway.controllers.restore import RestoreController
 from virtbackup.gateway.controllers.servers import ServersController
 from virtbackup.gateway.controllers.system import SystemController
@@ -41,10 +46,11 @@ CONTROLLERS = [
 
 
 #: Bodies that handlers decode themselves (masked secrets, ``expiresAt``'s three forms).
-RAW_BODIES = {
+RAW_BODIES: dict[tuple[str, str], type[Any]] = {
     ("POST", "/config"): AgentConfig,
     ("POST", "/sftp/test"): SftpParams,
     ("POST", "/oauth/google"): GoogleTokensBody,
+    **POINT_BODIES,
 }
 
 

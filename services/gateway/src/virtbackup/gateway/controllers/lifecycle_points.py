@@ -14,10 +14,10 @@ The commands are answered by the job-orchestrator (``vb.cmd.job.point*``,
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
-from litestar import Controller, delete, get, patch, post
+from litestar import Controller, Request, delete, get, patch, post
 from litestar.params import Parameter
 
 from virtbackup.contracts.subjects import JobCmd
@@ -35,7 +35,7 @@ from virtbackup.contracts.v1.points import (
     PruneRequest,
 )
 from virtbackup.gateway.bodies import Body
-from virtbackup.gateway.errors import responses
+from virtbackup.gateway.errors import readable, responses
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
 from virtbackup.runtime.errors import BadRequest
@@ -72,6 +72,26 @@ class PruneBody(Body, kw_only=True):
     dry_run: bool = False
 
 
+B = TypeVar("B", bound=Body)
+
+
+async def strict_body(request: Request[Any, Any, Any], kind: type[B], *, optional: bool) -> B:
+    """The JSON body decoded strictly as ``kind`` (``"2"`` is no integer, ``"yes"`` no
+    boolean): ``BadRequest`` naming the field otherwise. An absent body is ``kind()``
+    when ``optional``."""
+    raw = await request.body()
+    if not raw.strip():
+        if optional:
+            return kind()
+        raise BadRequest("request body must be a JSON object")
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(readable(f"invalid request: {exc}")) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
 class RestorePointsController(Controller):
     path = "/api/v1"
 
@@ -99,12 +119,13 @@ class RestorePointsController(Controller):
 
     @patch("/restore-points/{point_id:str}", responses=responses(400, 404, 409))
     async def update_point(
-        self, gw: Gateway, point_id: PointIdParam, data: PointPatchBody
+        self, gw: Gateway, point_id: PointIdParam, request: Request[Any, Any, Any]
     ) -> PointInfo:
         """Protect or unprotect a point, or set its notes."""
-        request = PointUpdateRequest(id=point_id, protected=data.protected, notes=data.notes)
+        data = await strict_body(request, PointPatchBody, optional=False)
+        command = PointUpdateRequest(id=point_id, protected=data.protected, notes=data.notes)
         return await gw.bus.request(
-            JobCmd.POINT_UPDATE, request, PointInfo, timeout=timeouts.JOB_COMMAND
+            JobCmd.POINT_UPDATE, command, PointInfo, timeout=timeouts.JOB_COMMAND
         )
 
     @delete("/restore-points/{point_id:str}", status_code=200, responses=responses(400, 404, 409))
@@ -123,18 +144,25 @@ class RestorePointsController(Controller):
         self,
         gw: Gateway,
         destination_id: Annotated[str, Parameter(description="A destination's id")],
-        data: PruneBody | None = None,
+        request: Request[Any, Any, Any],
     ) -> dict[str, Any]:
         """Prune by retention: a dry run's plan, or ``{"jobId"}`` of a prune job."""
-        body = data or PruneBody()
+        body = await strict_body(request, PruneBody, optional=True)
         fields = msgspec.structs.asdict(body)
         if len(destination_id) > 200:
             raise BadRequest("destinationId: longer than 200 characters")
-        request = PruneRequest(destination_id=destination_id, **fields)
+        command = PruneRequest(destination_id=destination_id, **fields)
         if body.dry_run:
-            plan = await gw.bus.request(JobCmd.PRUNE_PLAN, request, PrunePlan, timeout=LIST_TIMEOUT)
+            plan = await gw.bus.request(JobCmd.PRUNE_PLAN, command, PrunePlan, timeout=LIST_TIMEOUT)
             out = msgspec.to_builtins(plan)
             assert isinstance(out, dict)
             return out
-        job = await gw.bus.request(JobCmd.PRUNE, request, Job, timeout=LIST_TIMEOUT)
+        job = await gw.bus.request(JobCmd.PRUNE, command, Job, timeout=LIST_TIMEOUT)
         return {"jobId": job.id}
+
+
+#: Bodies the handlers decode themselves (for the OpenAPI document: ``app.RAW_BODIES``).
+POINT_BODIES: dict[tuple[str, str], type[Any]] = {
+    ("PATCH", "/api/v1/restore-points/{point_id}"): PointPatchBody,
+    ("POST", "/api/v1/destinations/{destination_id}/prune"): PruneBody,
+}
