@@ -1,0 +1,125 @@
+"""Deleting the newest restore point does not poison the chain, and a retention policy
+prunes after each backup: a real VM (libvirtd/QEMU) through the API, a filesystem
+destination.
+
+full P1, writes, incremental P2; P2 deleted; writes, backup P3 (incremental from P1's
+checkpoint, whose point exists), writes, backup P4; the prune after P4 (keepLast 2)
+removes P1; P3 restores bit-identical to the disk as it was when P3 was made.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from harness import System, local_config, running_system, same, snapshot, wait_job
+
+from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
+from virtbackup.virt import Connection
+
+pytestmark = pytest.mark.libvirt
+
+MiB = 1 << 20
+VM = f"vbt-chain-{os.getpid()}"
+
+
+@pytest.fixture(scope="module")
+def sysm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    with running_system(tmp_path_factory.mktemp("chain"), workers=1, orchestrators=1) as system:
+        yield system
+
+
+@pytest.fixture(scope="module")
+async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
+    directory = vm_directory()
+    small = await create_vm(conn, VM, directory, [64 * MiB])
+    try:
+        yield small
+    finally:
+        await remove_vm(conn, VM, delete_directory=directory)
+
+
+@pytest.fixture(scope="module")
+async def api(sysm: System, repo_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=sysm.url, headers=sysm.auth(), verify=False, timeout=60
+    ) as client:
+        cfg = local_config(repo_dir)
+        cfg["destinations"][0]["retention"] = {"keepLast": 2}
+        assert (await client.post("/config", json=cfg)).status_code == 200
+        yield client
+
+
+async def backup(api: httpx.AsyncClient) -> dict[str, Any]:
+    """Back up the VM; wait for it and for the prune that follows it."""
+    resp = await api.post("/servers/local/backup", json={"vmName": VM})
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, resp.json()["jobId"])
+    assert job["state"] == "success", job
+    prunes = [
+        j
+        for j in (await api.get("/jobs")).json()
+        if j["type"] == "prune" and j["vmName"] == VM and j["createdAt"] >= job["finishedAt"]
+    ]
+    assert len(prunes) == 1, prunes
+    prune = await wait_job(api, prunes[0]["id"])
+    assert prune["state"] == "success", prune
+    assert prune["params"]["automatic"] is True
+    return job
+
+
+async def points(api: httpx.AsyncClient) -> list[dict[str, Any]]:
+    resp = await api.get("/api/v1/restore-points", params={"vmName": VM, "destinationId": "fs"})
+    assert resp.status_code == 200, resp.text
+    return sorted(resp.json(), key=lambda p: p["timestamp"])
+
+
+async def test_deleting_the_newest_point_keeps_the_chain_whole(
+    api: httpx.AsyncClient, vm: SmallVm, conn: Connection, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    for index in range(4):
+        await guest_write(conn, VM, "vda", index * 16 * MiB + 4096, MiB, pattern=index + 1)
+    full = await backup(api)
+    assert full["message"].startswith("full backup"), full["message"]
+    await guest_write(conn, VM, "vda", 5 * MiB + 512, 3 * MiB, pattern=0x51)
+    second = await backup(api)
+    assert second["message"].startswith("incremental backup"), second["message"]
+    p1, p2 = await points(api)
+    assert p2["parent"] == p1["id"]
+
+    resp = await api.delete(f"/api/v1/restore-points/{p2['id']}")
+    assert resp.status_code == 200, resp.text
+    assert [p["id"] for p in await points(api)] == [p1["id"]]
+
+    # The writes since P1 (P2's included) must all be in P3: built on P1's checkpoint.
+    await guest_write(conn, VM, "vda", 40 * MiB + 1000, 2 * MiB, pattern=0x52)
+    snap = snapshot(vm, tmp_path_factory.mktemp("p3"))[0]
+    third = await backup(api)
+    assert third["message"].startswith("incremental backup"), third["message"]
+    assert third["result"]["parentTimestamp"] == p1["timestamp"]
+    listed = await points(api)
+    assert [p["id"] for p in listed[:1]] == [p1["id"]]
+    p3 = listed[1]
+    assert (p3["kind"], p3["parent"]) == ("incremental", p1["id"])
+
+    # keepLast 2: the prune after P4 removes P1, P3's parent.
+    await guest_write(conn, VM, "vda", 60 * MiB, MiB, pattern=0x53)
+    await backup(api)
+    listed = await points(api)
+    assert listed[0]["timestamp"] == p3["timestamp"]
+    assert len(listed) == 2
+
+    off = await api.post("/servers/local/actions", json={"action": "forceOff", "vmName": VM})
+    assert off.status_code in {200, 409}
+    resp = await api.post(
+        "/servers/local/restore/start",
+        json={"xmlPath": p3["xmlPath"], "decision": "overwrite", "destinationId": "fs"},
+    )
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, resp.json()["jobId"])
+    assert job["state"] == "success", job
+    assert same(vm.disks[0], snap)
