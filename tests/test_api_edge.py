@@ -124,6 +124,10 @@ AGENT_POSTS: dict[str, dict[str, object]] = {
     "/restore/exports": {"xmlPath": XML, "disk": "vda", "destinationId": "fs",
                          "ttlSeconds": 60},
     "/jobs/{job_id}/cancel": {},
+    "/api/v1/destinations/{destination_id}/prune": {
+        "vmName": "no-such-vm", "serverId": "local", "keepLast": 1, "keepHourly": 1,
+        "keepDaily": 1, "keepWeekly": 1, "keepMonthly": 1, "keepYearly": 1, "keepAll": False,
+        "dryRun": True},
 }  # fmt: skip
 HYPERSDK_POSTS: dict[str, dict[str, object]] = {
     f"/vms/{route}": {"vcenter_url": "", "username": "u", "password": "p",
@@ -142,7 +146,8 @@ async def test_every_post_route_is_walked(
 
 
 def _concrete(path: str) -> str:
-    return path.replace("{server_id}", "local").replace("{job_id}", "no-such-job")
+    path = path.replace("{server_id}", "local").replace("{job_id}", "no-such-job")
+    return path.replace("{destination_id}", "fs")
 
 
 @pytest.mark.parametrize("listener", ["agent", "hypersdk"])
