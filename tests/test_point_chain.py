@@ -4,11 +4,15 @@ destination.
 
 full P1, writes, incremental P2; P2 deleted; writes, backup P3 (incremental from P1's
 checkpoint, whose point exists), writes, backup P4; the prune after P4 (keepLast 2)
-removes P1; P3 restores bit-identical to the disk as it was when P3 was made.
+removes P1; P3 restores bit-identical to the disk as it was when P3 was made. While P3's
+backup runs, its parent P1 cannot be deleted (409 naming the backup): every backup waits
+``HOLD`` seconds before it commits (``VIRTBACKUP_DEBUG_HOLDS``) to leave the time to try.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,11 +29,19 @@ pytestmark = pytest.mark.libvirt
 
 MiB = 1 << 20
 VM = f"vbt-chain-{os.getpid()}"
+HOLD = 2.0
 
 
 @pytest.fixture(scope="module")
 def sysm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    with running_system(tmp_path_factory.mktemp("chain"), workers=1, orchestrators=1) as system:
+    holds = json.dumps({"before:committing": HOLD})
+    with running_system(
+        tmp_path_factory.mktemp("chain"),
+        workers=1,
+        orchestrators=1,
+        VIRTBACKUP_DEBUG="1",
+        VIRTBACKUP_DEBUG_HOLDS=holds,
+    ) as system:
         yield system
 
 
@@ -54,11 +66,16 @@ async def api(sysm: System, repo_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def backup(api: httpx.AsyncClient) -> dict[str, Any]:
-    """Back up the VM; wait for it and for the prune that follows it."""
+async def start_backup(api: httpx.AsyncClient) -> str:
     resp = await api.post("/servers/local/backup", json={"vmName": VM})
     assert resp.status_code == 200, resp.text
-    job = await wait_job(api, resp.json()["jobId"])
+    job_id: str = resp.json()["jobId"]
+    return job_id
+
+
+async def backup(api: httpx.AsyncClient, job_id: str | None = None) -> dict[str, Any]:
+    """Back up the VM (or wait for backup ``job_id``), and for the prune that follows it."""
+    job = await wait_job(api, job_id or await start_backup(api))
     assert job["state"] == "success", job
     prunes = [
         j
@@ -98,7 +115,18 @@ async def test_deleting_the_newest_point_keeps_the_chain_whole(
     # The writes since P1 (P2's included) must all be in P3: built on P1's checkpoint.
     await guest_write(conn, VM, "vda", 40 * MiB + 1000, 2 * MiB, pattern=0x52)
     snap = snapshot(vm, tmp_path_factory.mktemp("p3"))[0]
-    third = await backup(api)
+    job_id = await start_backup(api)
+    for _ in range(200):
+        job = (await api.get(f"/jobs/{job_id}")).json()
+        if job["phase"] in {"transferring", "committing", "finished"}:
+            break
+        await asyncio.sleep(0.05)
+    assert job["phase"] == "transferring", job
+    # P1 is what this backup builds on: it cannot be deleted now.
+    resp = await api.delete(f"/api/v1/restore-points/{p1['id']}")
+    assert resp.status_code == 409, resp.text
+    assert job_id in resp.json()["error"]
+    third = await backup(api, job_id)
     assert third["message"].startswith("incremental backup"), third["message"]
     assert third["result"]["parentTimestamp"] == p1["timestamp"]
     listed = await points(api)
