@@ -1,6 +1,7 @@
-"""Restore points as resources and prune, through the API, on a filesystem and an SFTP
-destination: the points are written straight into each repository with known timestamps
-(real chunks, manifests, records), so that a prune's outcome can be checked exactly."""
+"""Restore points as resources and prune, through the API, on a filesystem, an SFTP and
+an S3 (SeaweedFS) destination: the points are written straight into each repository with
+known timestamps (real chunks, manifests, records), so that a prune's outcome can be
+checked exactly."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from virtbackup.repository.format import manifest_key, record_key
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
 from virtbackup.repository.repository import Repository
 from virtbackup.storage.factory import open_driver
+from virtbackup.testing.seaweedfs import SeaweedServer
 from virtbackup.testing.sshd import SshdServer
 
 VM = f"vbt-rp-{os.getpid()}"
@@ -49,10 +51,23 @@ def sshd() -> Iterator[SshdServer]:
 
 
 @pytest.fixture(scope="module")
-def destinations(repo_dir: Path, sshd: SshdServer) -> dict[str, tuple[str, dict[str, Any]]]:
+def seaweed() -> Iterator[SeaweedServer]:
+    server = SeaweedServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def destinations(
+    repo_dir: Path, sshd: SshdServer, seaweed: SeaweedServer
+) -> dict[str, tuple[str, dict[str, Any]]]:
     return {
         "fs": ("filesystem", {"path": str(repo_dir)}),
         "sftp": ("sftp", sshd.params(sshd.make_base(f"rp-{os.getpid()}"))),
+        "s3": ("s3", seaweed.params(prefix=f"rp-{os.getpid()}")),
     }
 
 
@@ -125,7 +140,7 @@ async def listed(api: httpx.AsyncClient, dest: str, vm: str) -> list[str]:
     return sorted(p["timestamp"] for p in resp.json())
 
 
-@pytest.mark.parametrize("dest", ["fs", "sftp"])
+@pytest.mark.parametrize("dest", ["fs", "sftp", "s3"])
 async def test_prune_keeps_exactly_what_the_policy_keeps(
     api: httpx.AsyncClient, destinations: dict[str, tuple[str, dict[str, Any]]], dest: str
 ) -> None:
@@ -250,6 +265,19 @@ async def test_bad_input_is_a_4xx_naming_the_field(
     says(await api.get("/api/v1/restore-points", params={"destinationId": "nowhere"}), 404)
     # Nothing changed by the refused requests.
     assert (await api.get(url)).json() == point
+    # A verification (verify.json, written by verify jobs) shows in the listing.
+    driver = open_driver(kind, params)
+    verified = b'{"state":"damaged","verifiedAt":"2026-11-30T10:00:00Z","mode":"full",'
+    verified += b'"chunksChecked":2,"damagedChunks":["ab"]}'
+    await driver.put(
+        record_key(vm, "2026-01-30T12-00-00").replace("backup.json", "verify.json"), verified
+    )
+    await driver.close()
+    point = (await api.get(url)).json()
+    assert point["verification"] == {
+        "state": "damaged", "verifiedAt": "2026-11-30T10:00:00Z", "mode": "full",
+        "chunksChecked": 2, "damagedChunks": 1,
+    }  # fmt: skip
 
     prune = "/api/v1/destinations/fs/prune"
     says(await api.post(prune, json={"keepDaily": -1}), 400, "keepDaily")
