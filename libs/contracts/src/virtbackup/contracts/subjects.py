@@ -88,6 +88,9 @@ class JobCmd:
     SANITY: Final = command("job", "sanity")
     RESTORE_ENTRIES: Final = command("job", "restore-entries")
     RESTORE_PRECHECK: Final = command("job", "restore-precheck")
+    GC: Final = command("job", "gc")
+    VERIFY: Final = command("job", "verify")
+    STATS: Final = command("job", "stats")
 
 
 class ExportCmd:

@@ -29,6 +29,7 @@ from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job, JobState
 from virtbackup.job_orchestrator.backup import end_libvirt_job, run_backup
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.jobctx import JobContext
+from virtbackup.job_orchestrator.lifecycle_gc import admitted, run_gc, run_verify
 from virtbackup.job_orchestrator.restore import prepared_targets, run_restore, run_sanity
 from virtbackup.repository.format import xml_path
 from virtbackup.repository.repository import RepositoryError
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 Runner = Callable[[JobContext, Job], Awaitable[str]]
 RUNNERS: dict[str, Runner] = {"backup": run_backup, "restore": run_restore, "sanity": run_sanity}
+RUNNERS.update(gc=run_gc, verify=run_verify)
 #: Seconds between two looks for jobs whose holder died.
 SWEEP_SECONDS = 2.0
 #: Errors whose message is shown to the user as the job's reason (TimeoutError is an
@@ -60,8 +62,9 @@ async def execute(jc: JobContext, job: Job) -> None:
     """Run ``job`` (held by this instance) to its final state."""
     state: JobState = "success"
     try:
-        job = await jc.enter(job.id, "preparing", started_at=utcnow_iso())
-        message = await RUNNERS[job.type](jc, job)
+        async with admitted(jc, job):  # a backup waits here while a GC sweeps
+            job = await jc.enter(job.id, "preparing", started_at=utcnow_iso())
+            message = await RUNNERS[job.type](jc, job)
     except JobLost:
         return
     except asyncio.CancelledError:

@@ -8,6 +8,7 @@ from virtbackup.contracts import buckets, streams, subjects
 from virtbackup.job_orchestrator.exports import close_exports, export_commands, open_exports
 from virtbackup.job_orchestrator.handlers import commands
 from virtbackup.job_orchestrator.jobctx import JobContext
+from virtbackup.job_orchestrator.lifecycle_gc_commands import lifecycle_commands
 from virtbackup.job_orchestrator.runner import sweep
 from virtbackup.runtime.service import ServiceContext, ServiceSpec
 
@@ -24,6 +25,7 @@ async def register(ctx: ServiceContext) -> None:
     _contexts[id(ctx)] = jc
     commands.attach(ctx.bus, jc)
     export_commands.attach(ctx.bus, jc)
+    lifecycle_commands.attach(ctx.bus, jc)
 
 
 async def start(ctx: ServiceContext) -> None:
