@@ -312,3 +312,26 @@ async def test_stats_per_destination_and_vm(api: httpx.AsyncClient) -> None:
     by_vm = {v["vmName"]: v for v in stats["vms"]}
     assert set(by_vm) == {VM, OTHER} and by_vm[VM]["points"] == 6
     assert by_vm[VM]["logicalBytes"] + by_vm[OTHER]["logicalBytes"] == stats["logicalBytes"]
+
+
+async def test_a_cancelled_gc_releases_the_destination(
+    api: httpx.AsyncClient, vms: tuple[SmallVm, SmallVm], repo_dir: Path
+) -> None:
+    """Last: it adds points. The VM runs again after the restores."""
+    start_vm = await api.post("/servers/local/actions", json={"action": "start", "vmName": VM})
+    assert start_vm.status_code == 200, start_vm.text
+    backup_id = await start_backup(api, VM)
+    gc_id = await start(api, "gc", {"graceSeconds": 0})
+    await wait_message(api, gc_id, "waiting for 1 running backup")
+    assert (await api.post(f"/jobs/{gc_id}/cancel")).status_code == 200
+    gc = await wait_job(api, gc_id)
+    assert gc["state"] == "canceled", gc
+    repo = await open_repo(repo_dir)
+    try:
+        assert [i.key async for i in repo.driver.list_info("locks/gc-")] == []
+    finally:
+        await repo.close()
+    await succeeded(api, backup_id)
+    # The gate is open again: a backup runs without waiting for anything.
+    backup = await succeeded(api, await start_backup(api, VM))
+    assert "waiting for garbage collection" not in str(backup)

@@ -1,5 +1,6 @@
 """Garbage collection, repository locks, statistics and ``verify.json`` on the filesystem,
-SFTP (a real sshd) and S3 (a real SeaweedFS) drivers."""
+SFTP (a real sshd), S3 (a real SeaweedFS) and Google Drive (the local stand-in of its
+API) drivers."""
 
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ from virtbackup.repository.verification import (
     write_verification,
 )
 from virtbackup.testing.drivers import open_test_driver
+from virtbackup.testing.gdrive import FakeGoogleDrive
 from virtbackup.testing.seaweedfs import SeaweedServer
 from virtbackup.testing.sshd import SshdServer
 
 CHUNK = 64 * 1024
-KINDS = ["filesystem", "sftp", "s3"]
+KINDS = ["filesystem", "sftp", "s3", "gdrive"]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,16 @@ def seaweed() -> Iterator[SeaweedServer]:
         server.close()
 
 
+@pytest.fixture
+def google() -> Iterator[FakeGoogleDrive]:
+    server = FakeGoogleDrive()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture(params=KINDS)
 async def repo(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Repository]:
     kind: str = request.param
@@ -63,6 +75,7 @@ async def repo(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
         scratch=tmp_path,
         sshd=request.getfixturevalue("sshd") if kind == "sftp" else None,
         seaweed=request.getfixturevalue("seaweed") if kind == "s3" else None,
+        google=request.getfixturevalue("google") if kind == "gdrive" else None,
     )
     repository = await Repository.open_or_create(case.driver, chunk_size=CHUNK)
     try:
@@ -219,6 +232,18 @@ async def test_a_second_gc_and_another_installations_backup_are_detected(
     await repo.driver.delete(other)
     await second.begin()
     await second.end()
+    # A GC lock that one of our own jobs left when it died does not block the next GC.
+    dead = await write_lock(repo, LockRecord(kind="gc", installation="inst1", job_id="dead"))
+    with pytest.raises(RepositoryLocked):
+        await collection(repo, 0).begin()
+
+    async def ended(lock: LockRecord) -> bool:
+        return lock.installation == "inst1" and lock.job_id in {"dead", "b1"}
+
+    third = collection(repo, 0, ended=ended)
+    await third.begin()
+    assert not await repo.driver.exists(dead)
+    await third.end()
 
 
 async def test_an_unreadable_point_makes_gc_remove_nothing(repo: Repository) -> None:

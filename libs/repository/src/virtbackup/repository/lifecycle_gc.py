@@ -51,6 +51,8 @@ DEFAULT_GRACE_SECONDS = 24 * 3600 + 300
 DELETE_BATCH = 500
 
 Progress = Callable[[str], Awaitable[None]]
+#: Whether a lock's holder is known to have ended (its lock is a leftover).
+Ended = Callable[["LockRecord"], Awaitable[bool]]
 
 
 class RepositoryLocked(RepositoryError):
@@ -179,12 +181,18 @@ async def _noop(_: str) -> None:
     return None
 
 
+async def _never(_: LockRecord) -> bool:
+    return False
+
+
 @dataclass
 class GarbageCollection:
     """One collection of ``repo`` (see the module docstring for the protocol).
 
     ``progress`` is awaited with a message between steps and batches; it may raise to
     cancel (the caller then awaits ``end``). Nothing is removed before ``sweep``.
+    ``ended`` says which locks are leftovers of holders that are known to have ended
+    (the caller's own jobs that died): they are removed and do not count.
     """
 
     repo: Repository
@@ -194,6 +202,9 @@ class GarbageCollection:
     dry_run: bool = False
     host: str = ""
     progress: Progress = _noop
+    #: Tells which live-looking locks are leftovers of holders known to have ended (the
+    #: caller's own installation's jobs): they are removed instead of refusing.
+    ended: Ended = _never
     started: float = 0.0
     lock: str | None = None
     marked_points: set[str] = field(default_factory=set)
@@ -233,6 +244,9 @@ class GarbageCollection:
             if lock.key == self.lock:
                 continue
             record = lock.record
+            if await self.ended(record):
+                await remove_lock(self.repo, lock.key)
+                continue
             if record.kind == "backup" and record.installation == self.installation:
                 continue  # ours: the caller keeps them from running during the sweep
             if record.kind == "backup" and during == "start":

@@ -322,9 +322,15 @@ async def run_gc(jc: JobContext, job: Job) -> str:
             async def progress(text: str) -> None:
                 await jc.message(job.id, text)
 
+            installation = await installation_id(jc)
+
+            async def ended(lock: LockRecord) -> bool:
+                return lock.installation == installation and not await _active(jc, lock.job_id)
+
             gc = GarbageCollection(
                 repo,
-                installation=await installation_id(jc),
+                installation=installation,
+                ended=ended,
                 job_id=job.id,
                 grace_seconds=_grace(job),
                 dry_run=dry_run,
