@@ -68,6 +68,7 @@ from virtbackup.repository.verification import (
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import Conflict
 from virtbackup.storage.errors import NotFoundError
+from virtbackup.storage.retry import RetryingDriver
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,12 @@ def gate_key(destination_id: str) -> str:
     """``gc.<destination id, base64url without padding>`` in ``VB_LOCKS``."""
     encoded = base64.urlsafe_b64encode(destination_id.encode()).decode().rstrip("=")
     return f"gc.{encoded}"
+
+
+def retrying(repo: Repository) -> Repository:
+    """The same repository, its requests retried on transient errors (a collection or a
+    verify makes many; one hiccup should not end it). Close the original, not this."""
+    return Repository(RetryingDriver(repo.driver), repo.config, repo.sealer)
 
 
 async def installation_id(jc: JobContext) -> str:
@@ -129,11 +136,15 @@ async def _write_gate(kv: KeyValue, key: str, record: GateRecord, revision: int 
     return True
 
 
-async def _active(jc: JobContext, job_id: str | None) -> bool:
+async def _active(jc: JobContext, job_id: str | None, *, missing: bool = False) -> bool:
+    """Whether the job is queued or running; ``missing`` is the answer for a job whose
+    record is not there (yet: a read may lag a write to another bucket)."""
     if not job_id:
         return False
     job = await lookup_in(jc.store.get, job_id)
-    return job is not None and job.state in ACTIVE_STATES
+    if job is None:
+        return missing
+    return job.state in ACTIVE_STATES
 
 
 async def _change_gate(
@@ -160,7 +171,8 @@ async def backup_gate(jc: JobContext, job: Job) -> AsyncIterator[None]:
     while True:
         jc.check_canceled(job.id)
         record, revision = await _read_gate(kv, key)
-        if record.sweeping and await _active(jc, record.gc_job):
+        # A GC's record is written before it claims the gate: one not found yet is alive.
+        if record.sweeping and await _active(jc, record.gc_job, missing=True):
             if not announced:
                 announced = True
                 await jc.message(
@@ -192,7 +204,8 @@ async def _repository_lock(jc: JobContext, job: Job, kind: str) -> AsyncIterator
     """A lock object in the repository for the job's duration, rewritten every
     ``LOCK_REFRESH_SECONDS`` (so that another installation's GC sees it is alive)."""
     assert job.destination_id
-    repo = await jc.repository(job.destination_id)
+    opened = await jc.repository(job.destination_id)
+    repo = retrying(opened)
     try:
         record = LockRecord(
             kind=kind,
@@ -223,7 +236,7 @@ async def _repository_lock(jc: JobContext, job: Job, kind: str) -> AsyncIterator
             except Exception as exc:  # it lapses on its own
                 log.warning("removing lock %s failed: %s", lock, exc)
     finally:
-        await repo.close()
+        await opened.close()
 
 
 def admitted(jc: JobContext, job: Job) -> contextlib.AbstractAsyncContextManager[None]:
@@ -267,12 +280,17 @@ async def _claim(jc: JobContext, job: Job) -> None:
 
 
 async def _release(jc: JobContext, job: Job) -> None:
+    """Open the gate again, dropping writers whose jobs ended without leaving it (their
+    orchestrator died)."""
     assert job.destination_id
+    seen, _ = await _read_gate(jc.ctx.bucket(buckets.LOCKS), gate_key(job.destination_id))
+    ended = {w for w in seen.writers if not await _active(jc, w, missing=True)}
 
     def release(r: GateRecord) -> GateRecord:
+        writers = [w for w in r.writers if w not in ended]
         if r.gc_job != job.id:
-            return r
-        return GateRecord(writers=r.writers)
+            return msgspec.structs.replace(r, writers=writers)
+        return GateRecord(writers=writers)
 
     await _change_gate(jc, job.destination_id, release)
 
@@ -286,12 +304,13 @@ async def _exclusive(jc: JobContext, job: Job) -> None:
             raise JobFailed("lost the destination's gate (another gc took it over)")
         return msgspec.structs.replace(r, sweeping=True)
 
-    await _change_gate(jc, job.destination_id, sweep)
-    kv = jc.ctx.bucket(buckets.LOCKS)
+    # The writers of the record this compare-and-swap replaced are exactly those that
+    # passed the gate before it closed: no backup can add itself to a sweeping record.
+    closed = await _change_gate(jc, job.destination_id, sweep)
+    running = list(closed.writers)
     said = -1
     while True:
-        record, _ = await _read_gate(kv, gate_key(job.destination_id))
-        running = [w for w in record.writers if await _active(jc, w)]
+        running = [w for w in running if await _active(jc, w, missing=True)]
         if not running:
             return
         if len(running) != said:
@@ -316,7 +335,8 @@ async def run_gc(jc: JobContext, job: Job) -> str:
     dry_run = bool(job.params.get("dryRun"))
     await _claim(jc, job)
     try:
-        repo = await jc.repository(job.destination_id, create=False)
+        opened = await jc.repository(job.destination_id, create=False)
+        repo = retrying(opened)
         try:
 
             async def progress(text: str) -> None:
@@ -347,7 +367,7 @@ async def run_gc(jc: JobContext, job: Job) -> str:
             finally:
                 await gc.end()
         finally:
-            await repo.close()
+            await opened.close()
     finally:
         await _release(jc, job)
     figures = await _stats_figures(jc, job.destination_id)
@@ -414,7 +434,8 @@ async def run_verify(jc: JobContext, job: Job) -> str:
     percent = int(params.get("samplePercent") or 100)
     days = params.get("outdatedAfterDays")
     now = datetime.now(UTC)
-    repo = await jc.repository(job.destination_id, create=False)
+    opened = await jc.repository(job.destination_id, create=False)
+    repo = retrying(opened)
     try:
         chosen: dict[str, tuple[RestorePoint, list[str], str | None]] = {}
         skipped = 0
@@ -505,7 +526,7 @@ async def run_verify(jc: JobContext, job: Job) -> str:
             "points": outcomes,
         }
     finally:
-        await repo.close()
+        await opened.close()
     result["stats"] = await _stats_figures(jc, job.destination_id)
     await update_job(jc.store, jc.bus, job.id, {"result": result})
     if damaged_points:
