@@ -124,6 +124,10 @@ AGENT_POSTS: dict[str, dict[str, object]] = {
     "/restore/exports": {"xmlPath": XML, "disk": "vda", "destinationId": "fs",
                          "ttlSeconds": 60},
     "/jobs/{job_id}/cancel": {},
+    "/api/v1/destinations/{destination_id}/gc": {"graceSeconds": 0, "dryRun": True},
+    "/api/v1/destinations/{destination_id}/verify": {"mode": "sample", "samplePercent": 5,
+                                                     "outdatedAfterDays": 1, "serverId": "local",
+                                                     "vmName": "no-such-vm"},
 }  # fmt: skip
 HYPERSDK_POSTS: dict[str, dict[str, object]] = {
     f"/vms/{route}": {"vcenter_url": "", "username": "u", "password": "p",
@@ -142,6 +146,7 @@ async def test_every_post_route_is_walked(
 
 
 def _concrete(path: str) -> str:
+    path = path.replace("{destination_id}", "no-such-destination")
     return path.replace("{server_id}", "local").replace("{job_id}", "no-such-job")
 
 
