@@ -113,6 +113,14 @@ async def open_repo(repo_dir: Path) -> Repository:
     return await Repository.open(FilesystemDriver(repo_dir / "VirtBackup"))
 
 
+async def store_garbage(repo: Repository) -> str:
+    """A chunk no point names (as a failed backup leaves them)."""
+    garbage = os.urandom(CHUNK)
+    garbage_id = repo.chunk_id(garbage)
+    await repo.store_chunk(garbage_id, repo.encode_chunk(garbage_id, garbage))
+    return garbage_id
+
+
 async def test_bad_input_gets_4xx_naming_the_field(api: httpx.AsyncClient) -> None:
     cases: list[tuple[str, Any, int, str]] = [
         ("gc", {"graceSeconds": -1}, 400, "graceSeconds"),
@@ -155,6 +163,26 @@ async def test_backups_deduplicating_against_old_chunks_run_during_gc(
     await succeeded(api, await start_backup(api, VM))
     STATE["snaps"][0] = snapshot(vm, tmp_path_factory.mktemp("p0"))[0]
 
+    # The default grace period (no body) keeps young garbage; a dry run removes nothing.
+    repo = await open_repo(repo_dir)
+    try:
+        young = await store_garbage(repo)
+    finally:
+        await repo.close()
+    resp = await api.post("/api/v1/destinations/fs/gc")
+    assert resp.status_code == 202, resp.text
+    result = (await succeeded(api, resp.json()["id"]))["result"]
+    assert (result["graceSeconds"], result["chunksRemoved"]) == (86700, 0), result
+    assert result["chunksTooYoung"] == 1, result
+    dry = await succeeded(api, await start(api, "gc", {"graceSeconds": 0, "dryRun": True}))
+    assert (dry["result"]["chunksRemoved"], dry["result"]["dryRun"]) == (1, True)
+    assert "would remove 1 chunks" in dry["message"]
+    repo = await open_repo(repo_dir)
+    try:
+        assert await repo.has_chunk(young)
+    finally:
+        await repo.close()
+
     # Each round: chunks a failed backup left behind (old, unreferenced), which the next
     # backup deduplicates against, and pure garbage; a GC at grace 0 starts `delay`
     # seconds after the backup, which holds HOLD seconds before its commit.
@@ -165,9 +193,7 @@ async def test_backups_deduplicating_against_old_chunks_run_during_gc(
         repo = await open_repo(repo_dir)
         try:
             await repo.store_chunk(reused_id, repo.encode_chunk(reused_id, reused))
-            garbage = os.urandom(CHUNK)
-            garbage_id = repo.chunk_id(garbage)
-            await repo.store_chunk(garbage_id, repo.encode_chunk(garbage_id, garbage))
+            garbage_id = await store_garbage(repo)
         finally:
             await repo.close()
         index = (round_ * 5) % (SIZE // CHUNK)
