@@ -40,7 +40,7 @@ CHUNK = 4 * MiB  # the repository's default
 VM = f"vbt-gc-{os.getpid()}"
 OTHER = f"vbt-gc2-{os.getpid()}"
 #: Every backup holds this long with its chunks stored, before it commits.
-HOLD = 2.0
+HOLD = 3.0
 STATE: dict[str, Any] = {"snaps": {}}
 
 

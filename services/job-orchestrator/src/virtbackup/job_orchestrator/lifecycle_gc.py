@@ -47,6 +47,7 @@ from virtbackup.job_orchestrator.errors import JobFailed
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.locks import lookup_in
 from virtbackup.job_orchestrator.progress import update_job
+from virtbackup.repository.format import record_key
 from virtbackup.repository.lifecycle_gc import (
     DEFAULT_GRACE_SECONDS,
     LOCK_REFRESH_SECONDS,
@@ -442,9 +443,11 @@ async def run_verify(jc: JobContext, job: Job) -> str:
         for point in await repo.restore_points():
             if not _selected(point, params):
                 continue
-            if _recent(await read_verification(repo, point.vm_name, point.timestamp), days, now):
-                skipped += 1
-                continue
+            if days is not None:
+                last = await read_verification(repo, point.vm_name, point.timestamp)
+                if _recent(last, days, now):
+                    skipped += 1
+                    continue
             ids, problem = await _choose(repo, point, mode, percent)
             chosen[point.xml_path] = (point, ids, problem)
         every = sorted({chunk_id for _, ids, _ in chosen.values() for chunk_id in ids})
@@ -479,6 +482,8 @@ async def run_verify(jc: JobContext, job: Job) -> str:
         outcomes: list[dict[str, Any]] = []
         damaged_points: list[str] = []
         for xml_path, (point, ids, problem) in chosen.items():
+            if not await repo.driver.exists(record_key(point.vm_name, point.timestamp)):
+                continue  # deleted meanwhile: no sidecar without its point, no alarm
             damaged = [chunk_id for chunk_id in ids if chunk_id in bad]
             state: VerifyState = "damaged" if damaged or problem else "ok"
             await write_verification(
@@ -517,7 +522,7 @@ async def run_verify(jc: JobContext, job: Job) -> str:
         result = {
             "mode": mode,
             "samplePercent": percent if mode == "sample" else 100,
-            "pointsChecked": len(chosen),
+            "pointsChecked": len(outcomes),
             "pointsSkipped": skipped,
             "pointsDamaged": len(damaged_points),
             "chunksChecked": len(every),
@@ -531,10 +536,10 @@ async def run_verify(jc: JobContext, job: Job) -> str:
     await update_job(jc.store, jc.bus, job.id, {"result": result})
     if damaged_points:
         raise JobFailed(
-            f"{len(damaged_points)} of {len(chosen)} restore points damaged: "
+            f"{len(damaged_points)} of {len(outcomes)} restore points damaged: "
             + "; ".join(damaged_points)
         )
     return (
-        f"{mode} verify: {len(chosen)} restore points ok ({len(every)} chunks checked, "
+        f"{mode} verify: {len(outcomes)} restore points ok ({len(every)} chunks checked, "
         f"{skipped} skipped as verified recently)"
     )
