@@ -164,6 +164,17 @@ async def _change_gate(
 async def backup_gate(jc: JobContext, job: Job) -> AsyncIterator[None]:
     """Hold a backup back while a GC sweeps its destination, then register it as a
     writer (in the gate, and as a lock object in the repository) until it ends."""
+    await enter_gate(jc, job)
+    try:
+        async with _repository_lock(jc, job, "backup"):
+            yield
+    finally:
+        await leave_gate(jc, job)
+
+
+async def enter_gate(jc: JobContext, job: Job) -> None:
+    """Wait while a live GC sweeps the job's destination (the job's message says so;
+    ``JobCanceled`` on a cancel), then add the job to the gate's writers."""
     assert job.destination_id
     dest = job.destination_id
     kv = jc.ctx.bucket(buckets.LOCKS)
@@ -188,16 +199,17 @@ async def backup_gate(jc: JobContext, job: Job) -> AsyncIterator[None]:
             record = GateRecord(writers=record.writers)
         updated = msgspec.structs.replace(record, writers=writers)
         if await _write_gate(kv, key, updated, revision):
-            break
-    try:
-        async with _repository_lock(jc, job, "backup"):
-            yield
-    finally:
-        await _change_gate(
-            jc,
-            dest,
-            lambda r: msgspec.structs.replace(r, writers=[w for w in r.writers if w != job.id]),
-        )
+            return
+
+
+async def leave_gate(jc: JobContext, job: Job) -> None:
+    """Remove the job from its destination's writers."""
+    assert job.destination_id
+    await _change_gate(
+        jc,
+        job.destination_id,
+        lambda r: msgspec.structs.replace(r, writers=[w for w in r.writers if w != job.id]),
+    )
 
 
 @contextlib.asynccontextmanager
@@ -260,7 +272,7 @@ def exclusive_job(jc: JobContext, destination_id: str, *, besides: str = "") -> 
     return None
 
 
-async def _claim(jc: JobContext, job: Job) -> None:
+async def claim_gate(jc: JobContext, job: Job) -> None:
     """Take the destination's gate for this GC; ``Conflict`` while another GC (or a
     prune) of the destination is active."""
     assert job.destination_id
@@ -280,7 +292,7 @@ async def _claim(jc: JobContext, job: Job) -> None:
             return
 
 
-async def _release(jc: JobContext, job: Job) -> None:
+async def release_gate(jc: JobContext, job: Job) -> None:
     """Open the gate again, dropping writers whose jobs ended without leaving it (their
     orchestrator died)."""
     assert job.destination_id
@@ -296,7 +308,7 @@ async def _release(jc: JobContext, job: Job) -> None:
     await _change_gate(jc, job.destination_id, release)
 
 
-async def _exclusive(jc: JobContext, job: Job) -> None:
+async def close_gate(jc: JobContext, job: Job) -> None:
     """Set ``sweeping`` and wait until no backup of the destination is running."""
     assert job.destination_id
 
@@ -334,7 +346,7 @@ async def run_gc(jc: JobContext, job: Job) -> str:
     """Collect the garbage of the job's destination (see the module docstring)."""
     assert job.destination_id
     dry_run = bool(job.params.get("dryRun"))
-    await _claim(jc, job)
+    await claim_gate(jc, job)
     try:
         opened = await jc.repository(job.destination_id, create=False)
         repo = retrying(opened)
@@ -346,7 +358,9 @@ async def run_gc(jc: JobContext, job: Job) -> str:
             installation = await installation_id(jc)
 
             async def ended(lock: LockRecord) -> bool:
-                return lock.installation == installation and not await _active(jc, lock.job_id)
+                # Job records are never deleted: one not found is a read that lags.
+                mine = lock.installation == installation
+                return mine and not await _active(jc, lock.job_id, missing=True)
 
             gc = GarbageCollection(
                 repo,
@@ -362,7 +376,7 @@ async def run_gc(jc: JobContext, job: Job) -> str:
             try:
                 await jc.message(job.id, "marking: reading every restore point")
                 await gc.mark()
-                await _exclusive(jc, job)
+                await close_gate(jc, job)
                 await jc.enter(job.id, "transferring", message="sweeping")
                 result = await gc.sweep()
             finally:
@@ -370,7 +384,7 @@ async def run_gc(jc: JobContext, job: Job) -> str:
         finally:
             await opened.close()
     finally:
-        await _release(jc, job)
+        await release_gate(jc, job)
     figures = await _stats_figures(jc, job.destination_id)
     await update_job(jc.store, jc.bus, job.id, {"result": {**result.as_dict(), "stats": figures}})
     verb = "would remove" if dry_run else "removed"
