@@ -128,6 +128,10 @@ AGENT_POSTS: dict[str, dict[str, object]] = {
         "vmName": "no-such-vm", "serverId": "local", "keepLast": 1, "keepHourly": 1,
         "keepDaily": 1, "keepWeekly": 1, "keepMonthly": 1, "keepYearly": 1, "keepAll": False,
         "dryRun": True},
+    "/api/v1/destinations/{destination_id}/gc": {"graceSeconds": 0, "dryRun": True},
+    "/api/v1/destinations/{destination_id}/verify": {"mode": "sample", "samplePercent": 5,
+                                                     "outdatedAfterDays": 1, "serverId": "local",
+                                                     "vmName": "no-such-vm"},
 }  # fmt: skip
 HYPERSDK_POSTS: dict[str, dict[str, object]] = {
     f"/vms/{route}": {"vcenter_url": "", "username": "u", "password": "p",
@@ -146,8 +150,8 @@ async def test_every_post_route_is_walked(
 
 
 def _concrete(path: str) -> str:
-    path = path.replace("{server_id}", "local").replace("{job_id}", "no-such-job")
-    return path.replace("{destination_id}", "fs")
+    path = path.replace("{destination_id}", "no-such-destination")
+    return path.replace("{server_id}", "local").replace("{job_id}", "no-such-job")
 
 
 @pytest.mark.parametrize("listener", ["agent", "hypersdk"])

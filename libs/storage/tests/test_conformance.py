@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import secrets
+import time
 
 import pytest
 
@@ -145,6 +146,40 @@ async def test_list_with_prefixes(case: Case) -> None:
     assert await listed(case, "nope/") == []
     assert await listed(case, "nope") == []
     assert await listed(case, "chunks/00/k1/") == []
+
+
+async def test_list_info_gives_sizes_and_ages_on_the_destinations_clock(case: Case) -> None:
+    """``list_info`` lists what ``list`` lists, with sizes, and ages that order writes
+    (S3 and SFTP have whole seconds: the writes are more than a second apart)."""
+    assert [i async for i in case.driver.list_info()] == []
+    before = time.time()
+    await case.driver.put("ages/old", b"o" * 1000)
+    await case.driver.put("ages/sub/deep", b"")
+    await case.driver.put("other", b"x")
+    await asyncio.sleep(1.1)
+    await case.driver.put("ages/new", b"n" * 10)
+    infos = {i.key: i async for i in case.driver.list_info("ages/")}
+    assert sorted(infos) == await listed(case, "ages/") == ["ages/new", "ages/old", "ages/sub/deep"]
+    assert (infos["ages/old"].size, infos["ages/new"].size, infos["ages/sub/deep"].size) == (
+        1000,
+        10,
+        0,
+    )
+    assert infos["ages/old"].modified < infos["ages/new"].modified
+    # The test servers run on this machine: their clock is ours (to a second's rounding).
+    for info in infos.values():
+        assert before - 2 <= info.modified <= time.time() + 2
+    retried = RetryingDriver(case.driver, RetryPolicy(attempts=2, initial_delay=0))
+    assert sorted([i async for i in retried.list_info("ages/n")]) == [infos["ages/new"]]
+    await asyncio.sleep(1.1)
+    await case.driver.put("ages/old", b"o" * 1000)  # rewritten: younger now
+    again = {i.key: i async for i in case.driver.list_info("ages/o")}
+    assert list(again) == ["ages/old"]
+    assert again["ages/old"].modified > infos["ages/new"].modified
+    await case.driver.delete("ages/new")
+    assert [i.key async for i in case.driver.list_info("ages/n")] == []
+    with pytest.raises(InvalidKeyError):
+        _ = [i async for i in case.driver.list_info("/abs")]
 
 
 async def test_delete_is_idempotent(case: Case) -> None:

@@ -95,6 +95,9 @@ class JobCmd:
     POINT_DELETE: Final = command("job", "point-delete")
     PRUNE: Final = command("job", "prune")
     PRUNE_PLAN: Final = command("job", "prune-plan")
+    GC: Final = command("job", "gc")
+    VERIFY: Final = command("job", "verify")
+    STATS: Final = command("job", "stats")
 
 
 class ExportCmd:

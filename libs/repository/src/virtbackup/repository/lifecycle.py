@@ -19,18 +19,23 @@ not decode reads as the defaults too (it holds no data a restore needs), except 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Final
 
 import msgspec
 
 from virtbackup.repository.format import point_prefix
+from virtbackup.repository.verification import (
+    VERIFY_NAME,
+    Verification,
+    read_verification,
+    verification_key,
+)
 from virtbackup.storage.errors import NotFoundError
 
 if TYPE_CHECKING:
     from virtbackup.repository.repository import Repository
 
 POINT_META_NAME: Final = "point.json"
-VERIFY_NAME: Final = "verify.json"
 #: The longest ``notes`` (characters).
 NOTES_MAX_LENGTH: Final = 1024
 
@@ -44,25 +49,9 @@ class PointMeta(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     notes: Notes = ""
 
 
-class Verification(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    """``verify.json``: the last verification of a point. ``state`` is ``None`` (and
-    every other field empty) when the point was never verified."""
-
-    state: Literal["ok", "damaged"] | None = None
-    verified_at: str | None = None
-    mode: str | None = None
-    chunks_checked: int = 0
-    damaged_chunks: list[str] = msgspec.field(default_factory=list)
-
-
 def point_meta_key(vm: str, timestamp: str) -> str:
     """``vms/<vm>/<timestamp>/point.json`` (``ValueError`` as ``format.point_prefix``)."""
     return f"{point_prefix(vm, timestamp)}/{POINT_META_NAME}"
-
-
-def verify_key(vm: str, timestamp: str) -> str:
-    """``vms/<vm>/<timestamp>/verify.json`` (``ValueError`` as ``format.point_prefix``)."""
-    return f"{point_prefix(vm, timestamp)}/{VERIFY_NAME}"
 
 
 class SidecarError(Exception):
@@ -91,14 +80,19 @@ async def write_point_meta(repo: Repository, vm: str, timestamp: str, meta: Poin
     await repo.driver.put(point_meta_key(vm, timestamp), msgspec.json.encode(meta))
 
 
-async def read_verification(repo: Repository, vm: str, timestamp: str) -> Verification:
-    """The point's ``verify.json``, or the defaults (never verified) when it is absent or
-    does not decode."""
-    try:
-        raw = await repo.driver.get(verify_key(vm, timestamp))
-    except NotFoundError:
-        return Verification()
-    try:
-        return msgspec.json.decode(raw, type=Verification)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return Verification()
+#: ``verify.json``'s key (see :mod:`virtbackup.repository.verification`, its owner).
+verify_key = verification_key
+
+__all__ = [
+    "NOTES_MAX_LENGTH",
+    "POINT_META_NAME",
+    "VERIFY_NAME",
+    "PointMeta",
+    "SidecarError",
+    "Verification",
+    "point_meta_key",
+    "read_point_meta",
+    "read_verification",
+    "verify_key",
+    "write_point_meta",
+]

@@ -38,7 +38,7 @@ from virtbackup.storage.google_auth import (
 )
 from virtbackup.storage.keys import validate_key, validate_prefix
 from virtbackup.storage.probe import test_connection
-from virtbackup.storage.protocol import Driver
+from virtbackup.storage.protocol import Driver, ObjectInfo
 from virtbackup.storage.registry import available_drivers, driver_info
 from virtbackup.storage.retry import DEFAULT_POLICY, RetryingDriver, RetryPolicy, retry
 
@@ -51,6 +51,7 @@ __all__ = [
     "InvalidKeyError",
     "InvalidParamsError",
     "NotFoundError",
+    "ObjectInfo",
     "PermanentError",
     "RetryPolicy",
     "RetryingDriver",

@@ -14,6 +14,7 @@ from typing import Self
 
 from virtbackup.storage.errors import NotFoundError, PermanentError
 from virtbackup.storage.keys import validate_key
+from virtbackup.storage.protocol import ObjectInfo
 
 
 def check_range(offset: int, length: int) -> None:
@@ -60,6 +61,9 @@ class DriverBase(abc.ABC):
 
     @abc.abstractmethod
     def list(self, prefix: str = "") -> AsyncIterator[str]: ...
+
+    @abc.abstractmethod
+    def list_info(self, prefix: str = "") -> AsyncIterator[ObjectInfo]: ...
 
     @abc.abstractmethod
     async def delete(self, key: str) -> None: ...

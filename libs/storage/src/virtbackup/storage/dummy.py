@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from virtbackup.storage.base import DriverBase
 from virtbackup.storage.errors import NotFoundError, PermanentError
 from virtbackup.storage.filesystem import FilesystemDriver
 from virtbackup.storage.keys import validate_key, validate_prefix
+from virtbackup.storage.protocol import ObjectInfo
 
 
 class DummyDriver(DriverBase):
@@ -32,6 +34,7 @@ class DummyDriver(DriverBase):
     def __init__(self, *, tmp_writes: bool = False) -> None:
         super().__init__()
         self._sizes: dict[str, int] = {}
+        self._times: dict[str, float] = {}
         self.tmp_dir: Path | None = None
         self._files: FilesystemDriver | None = None
         if tmp_writes:
@@ -51,6 +54,7 @@ class DummyDriver(DriverBase):
         if self._files is not None:
             await self._files.put(key, data)
         self._sizes[key] = len(data)
+        self._times[key] = time.time()
 
     async def get(self, key: str) -> bytes:
         validate_key(key)
@@ -80,10 +84,18 @@ class DummyDriver(DriverBase):
             if key in self._sizes:
                 yield key
 
+    async def list_info(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Sizes and the local time of each ``put`` (the dummy's "destination clock")."""
+        async for key in self.list(prefix):
+            size, modified = self._sizes.get(key), self._times.get(key)
+            if size is not None and modified is not None:
+                yield ObjectInfo(key, size, modified)
+
     async def delete(self, key: str) -> None:
         validate_key(key)
         self._check_open()
         self._sizes.pop(key, None)
+        self._times.pop(key, None)
         if self._files is not None:
             await self._files.delete(key)
 
@@ -92,6 +104,7 @@ class DummyDriver(DriverBase):
         self._check_open()
         for key in todo:
             self._sizes.pop(key, None)
+            self._times.pop(key, None)
         if self._files is not None:
             await self._files.delete_many(todo)
 
@@ -100,6 +113,7 @@ class DummyDriver(DriverBase):
             return
         self._closed = True
         self._sizes.clear()
+        self._times.clear()
         if self._files is not None:
             await self._files.close()
         if self.tmp_dir is not None:

@@ -45,6 +45,7 @@ from virtbackup.storage.errors import (
     TransientError,
 )
 from virtbackup.storage.keys import TEMP_PREFIX, is_temp_name, validate_key, validate_prefix
+from virtbackup.storage.protocol import ObjectInfo
 
 T = TypeVar("T")
 
@@ -53,8 +54,8 @@ DIR_MODE: Final = 0o700
 #: Mode of the files the driver writes: owner only (chunks hold VM data).
 FILE_MODE: Final = 0o600
 
-#: Names in one directory: (files, subdirectories).
-_Listing = tuple[list[str], list[str]]
+#: One directory: (files as (name, size, mtime), subdirectories).
+_Listing = tuple[list[tuple[str, int, float]], list[str]]
 
 #: errno values a retry cannot fix: the configuration or the disk has to change.
 PERMANENT_ERRNOS: Final = frozenset(
@@ -328,10 +329,11 @@ class FilesystemDriver(DriverBase):
 
     # -- listing -------------------------------------------------------------------------
 
-    def _scan_sync(self, relative: str) -> _Listing:
-        """Files (that may be keys) and subdirectories of one directory under the root."""
+    def _scan_sync(self, relative: str, with_info: bool) -> _Listing:
+        """Files (that may be keys) and subdirectories of one directory under the root;
+        each file's size and mtime when ``with_info`` (else 0)."""
         directory = self.root.joinpath(*relative.split("/")) if relative else self.root
-        files: list[str] = []
+        files: list[tuple[str, int, float]] = []
         dirs: list[str] = []
         try:
             with os.scandir(directory) as entries:
@@ -341,29 +343,45 @@ class FilesystemDriver(DriverBase):
                     if entry.is_dir(follow_symlinks=False):
                         dirs.append(entry.name)
                     elif entry.is_file(follow_symlinks=False):
-                        files.append(entry.name)
+                        if not with_info:
+                            files.append((entry.name, 0, 0.0))
+                            continue
+                        try:
+                            info = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue  # deleted meanwhile
+                        files.append((entry.name, info.st_size, info.st_mtime))
         except (FileNotFoundError, NotADirectoryError):
             return [], []
         except OSError as exc:
             raise map_os_error(exc, f"cannot list {relative or '/'!r}") from exc
         return sorted(files), sorted(dirs)
 
-    async def list(self, prefix: str = "") -> AsyncIterator[str]:
+    async def _walk(self, prefix: str, with_info: bool) -> AsyncIterator[ObjectInfo]:
         validate_prefix(prefix)
         start = prefix.rpartition("/")[0]
         pending = [start]
         while pending:
             relative = pending.pop()
-            files, dirs = await self._run(functools.partial(self._scan_sync, relative))
+            files, dirs = await self._run(functools.partial(self._scan_sync, relative, with_info))
             base = f"{relative}/" if relative else ""
-            for name in files:
+            for name, size, mtime in files:
                 key = base + name
                 if key.startswith(prefix) and _is_key(key):
-                    yield key
+                    yield ObjectInfo(key, size, mtime)
             for name in reversed(dirs):
                 sub = base + name
                 if sub.startswith(prefix) or prefix.startswith(sub + "/"):
                     pending.append(sub)
+
+    async def list(self, prefix: str = "") -> AsyncIterator[str]:
+        async for info in self._walk(prefix, False):
+            yield info.key
+
+    async def list_info(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Keys with size and mtime (one ``stat`` per file, in the driver's threads)."""
+        async for info in self._walk(prefix, True):
+            yield info
 
     # -- deletes -------------------------------------------------------------------------
 

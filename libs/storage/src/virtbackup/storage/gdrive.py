@@ -63,6 +63,7 @@ from virtbackup.storage.google_auth import (
     parse_retry_after,
 )
 from virtbackup.storage.keys import validate_key, validate_prefix
+from virtbackup.storage.protocol import ObjectInfo
 
 log = logging.getLogger(__name__)
 
@@ -568,6 +569,12 @@ class GdriveDriver(DriverBase):
         return (await self._newest(key, what="stat")).size
 
     async def list(self, prefix: str = "") -> AsyncIterator[str]:
+        async for info in self.list_info(prefix):
+            yield info.key
+
+    async def list_info(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Size and ``createdTime`` (Drive's clock) of the newest file of each key: a
+        ``put`` uploads a new file, so that is when the key's content was stored."""
         validate_prefix(prefix)
         self._check_open()
         base, _, rest = prefix.rpartition("/")
@@ -575,34 +582,36 @@ class GdriveDriver(DriverBase):
         folder = await self._folder((*self.root, *dirs), create=False)
         if folder is None:
             return
-        async for key in self._walk(folder, dirs, rest):
-            yield key
+        async for info in self._walk(folder, dirs, rest):
+            yield info
 
     async def _walk(
         self, folder: str, dirs: tuple[str, ...], name_prefix: str
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[ObjectInfo]:
         where = "/".join(dirs) or "/"
         entries = await self._children(folder, name=None, what="list", key=where)
-        names: set[str] = set()
+        newest: dict[str, _Entry] = {}
         subfolders: dict[str, _Entry] = {}
         for entry in entries:
             if not entry.name.startswith(name_prefix):
                 continue
             if not entry.folder:
-                names.add(entry.name)
+                if entry.name not in newest or entry.order > newest[entry.name].order:
+                    newest[entry.name] = entry
             elif entry.name not in subfolders or entry.order < subfolders[entry.name].order:
                 subfolders[entry.name] = entry  # of twin folders, the oldest is the real one
-        for name in sorted(names):
+        for name in sorted(newest):
             key = "/".join((*dirs, name))
             if _is_key(key):
-                yield key
+                file = newest[name]
+                yield ObjectInfo(key, file.size, file.created.timestamp())
         for name in sorted(subfolders):
             path = (*dirs, name)
             if not _is_key("/".join(path)):
                 continue
             self._folders.setdefault((*self.root, *path), subfolders[name].id)
-            async for key in self._walk(subfolders[name].id, path, ""):
-                yield key
+            async for info in self._walk(subfolders[name].id, path, ""):
+                yield info
 
     async def delete(self, key: str) -> None:
         for entry in await self._files(key, what="delete"):

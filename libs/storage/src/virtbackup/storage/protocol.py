@@ -27,6 +27,19 @@ Listing
     ``list(prefix)`` yields every key that starts with ``prefix`` (a plain string
     prefix, so ``"chunks/a"`` matches ``chunks/ab/...``), recursively, relative to the
     root, in no promised order. Temporary files and directories are not keys.
+    ``list_info(prefix)`` yields the same keys as ``ObjectInfo`` (key, size in bytes,
+    last-modified time) in one listing pass, without a request per key.
+
+Object ages
+    ``ObjectInfo.modified`` is the time the object's current content was stored, in
+    seconds since the epoch, *as the destination's clock has it* (never the caller's):
+    the file's mtime on a filesystem and over SFTP (whole seconds there), ``Last-Modified``
+    on S3 (whole seconds), the ``createdTime`` of the newest file of the key on Google
+    Drive (every ``put`` uploads a new file, so it is when that content was stored; the
+    dummy driver keeps the local time of the ``put``). A ``put`` of the same key again
+    (an idempotent rewrite) makes the object younger. Nothing reads access times: S3 and
+    Drive have none. Compare ages only with other ages read from the same destination
+    (garbage collection measures its cutoff against a marker object it writes itself).
 
 Deletes
     ``delete`` and ``delete_many`` are idempotent: a missing key is not an error.
@@ -48,7 +61,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import NamedTuple, Protocol, Self, runtime_checkable
+
+
+class ObjectInfo(NamedTuple):
+    """One listed object: its key, its size in bytes and when its content was stored
+    (seconds since the epoch on the destination's clock; see "Object ages" above)."""
+
+    key: str
+    size: int
+    modified: float
 
 
 @runtime_checkable
@@ -87,6 +109,10 @@ class Driver(Protocol):
 
     def list(self, prefix: str = "") -> AsyncIterator[str]:
         """Every key starting with ``prefix``, recursively, relative to the root."""
+        ...
+
+    def list_info(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Every key ``list(prefix)`` yields, with its size and last-modified time."""
         ...
 
     async def delete(self, key: str) -> None:

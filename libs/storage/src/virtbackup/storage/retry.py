@@ -32,7 +32,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from virtbackup.storage.errors import TransientError
-from virtbackup.storage.protocol import Driver
+from virtbackup.storage.protocol import Driver, ObjectInfo
 
 T = TypeVar("T")
 
@@ -176,8 +176,19 @@ class RetryingDriver:
         return await self._retry(lambda: self.inner.stat(key))
 
     async def list(self, prefix: str = "") -> AsyncIterator[str]:
-        async def first() -> tuple[AsyncIterator[str], str | None]:
-            iterator = aiter(self.inner.list(prefix))
+        async for key in self._listing(self.inner.list, prefix):
+            yield key
+
+    async def list_info(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Retried as ``list`` is: only until the first entry."""
+        async for info in self._listing(self.inner.list_info, prefix):
+            yield info
+
+    async def _listing(
+        self, listing: Callable[[str], AsyncIterator[T]], prefix: str
+    ) -> AsyncIterator[T]:
+        async def first() -> tuple[AsyncIterator[T], T | None]:
+            iterator = aiter(listing(prefix))
             try:
                 return iterator, await anext(iterator)
             except StopAsyncIteration:

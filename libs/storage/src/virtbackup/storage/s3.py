@@ -39,6 +39,7 @@ from virtbackup.storage.errors import (
     TransientError,
 )
 from virtbackup.storage.keys import validate_key, validate_prefix
+from virtbackup.storage.protocol import ObjectInfo
 
 T = TypeVar("T")
 
@@ -274,29 +275,36 @@ class S3Driver(DriverBase):
         return int(info.size or 0)
 
     async def list(self, prefix: str = "") -> AsyncIterator[str]:
+        async for info in self.list_info(prefix):
+            yield info.key
+
+    async def list_info(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Sizes and ``Last-Modified`` (whole seconds, the server's clock) from the
+        ``ListObjectsV2`` pages themselves."""
         validate_prefix(prefix)
         await self._ensure_bucket()
         objects: Iterator[Object] = iter(
             self._client.list_objects(self.bucket, prefix=self.root + prefix, recursive=True)
         )
 
-        def batch() -> _Names:
-            out: _Names = []
+        def batch() -> list[ObjectInfo]:
+            out: list[ObjectInfo] = []
             for obj in objects:
                 name = obj.object_name or ""
                 if not obj.is_dir and name.startswith(self.root):
-                    out.append(name[len(self.root) :])
+                    modified = obj.last_modified.timestamp() if obj.last_modified else 0.0
+                    out.append(ObjectInfo(name[len(self.root) :], obj.size or 0, modified))
                 if len(out) >= LIST_BATCH:
                     break
             return out
 
         while True:
-            names = await self._blocking(batch, "list", prefix or "/")
-            if not names:
+            infos = await self._blocking(batch, "list", prefix or "/")
+            if not infos:
                 return
-            for key in names:
-                if _is_key(key):
-                    yield key
+            for info in infos:
+                if _is_key(info.key):
+                    yield info
 
     async def delete(self, key: str) -> None:
         name = self._name(key)

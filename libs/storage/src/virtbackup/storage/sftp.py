@@ -61,11 +61,12 @@ from virtbackup.storage.errors import (
     TransientError,
 )
 from virtbackup.storage.keys import TEMP_PREFIX, is_temp_name, validate_key, validate_prefix
+from virtbackup.storage.protocol import ObjectInfo
 
 T = TypeVar("T")
 
 #: Names in one directory: (files, subdirectories).
-_Listing = tuple[list[str], list[str]]
+_Listing = tuple[list[tuple[str, int, float]], list[str]]
 
 MIB: Final = 1024 * 1024
 #: Mode of the directories the driver creates on the server: owner only.
@@ -462,7 +463,7 @@ class SftpDriver(DriverBase):
 
     async def _scan(self, sftp: asyncssh.SFTPClient, relative: str) -> _Listing:
         directory = f"{self.root}/{relative}" if relative else self.root
-        files: list[str] = []
+        files: list[tuple[str, int, float]] = []
         dirs: list[str] = []
         try:
             async for entry in sftp.scandir(directory):
@@ -473,7 +474,7 @@ class SftpDriver(DriverBase):
                 if stat_module.S_ISDIR(mode):
                     dirs.append(name)
                 elif stat_module.S_ISREG(mode):
-                    files.append(name)
+                    files.append((name, int(entry.attrs.size or 0), float(entry.attrs.mtime or 0)))
         except (*_NOT_FOUND, asyncssh.SFTPNotADirectory):
             return [], []
         except asyncssh.SFTPFailure:
@@ -482,7 +483,7 @@ class SftpDriver(DriverBase):
             return [], []
         return sorted(files), sorted(dirs)
 
-    async def list(self, prefix: str = "") -> AsyncIterator[str]:
+    async def _walk(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         validate_prefix(prefix)
         pending = [prefix.rpartition("/")[0]]
         while pending:
@@ -491,14 +492,24 @@ class SftpDriver(DriverBase):
                 "list", relative or "/", functools.partial(self._scan, relative=relative)
             )
             base = f"{relative}/" if relative else ""
-            for name in files:
+            for name, size, mtime in files:
                 key = base + name
                 if key.startswith(prefix) and _is_key(key):
-                    yield key
+                    yield ObjectInfo(key, size, mtime)
             for name in reversed(dirs):
                 sub = base + name
                 if sub.startswith(prefix) or prefix.startswith(sub + "/"):
                     pending.append(sub)
+
+    async def list(self, prefix: str = "") -> AsyncIterator[str]:
+        async for info in self._walk(prefix):
+            yield info.key
+
+    async def list_info(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Sizes and mtimes (whole seconds, the server's clock) from the directory
+        listings themselves (``READDIR`` answers carry the attributes)."""
+        async for info in self._walk(prefix):
+            yield info
 
     # -- deletes -------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from virtbackup.job_orchestrator.backup import end_libvirt_job, run_backup
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.points import auto_prune, run_prune
+from virtbackup.job_orchestrator.lifecycle_gc import admitted, run_gc, run_verify
 from virtbackup.job_orchestrator.restore import prepared_targets, run_restore, run_sanity
 from virtbackup.repository.format import xml_path
 from virtbackup.repository.repository import RepositoryError
@@ -46,6 +47,8 @@ RUNNERS: dict[str, Runner] = {
     "restore": run_restore,
     "sanity": run_sanity,
     "prune": run_prune,
+    "gc": run_gc,
+    "verify": run_verify,
 }
 #: Seconds between two looks for jobs whose holder died.
 SWEEP_SECONDS = 2.0
@@ -66,8 +69,9 @@ async def execute(jc: JobContext, job: Job) -> None:
     """Run ``job`` (held by this instance) to its final state."""
     state: JobState = "success"
     try:
-        job = await jc.enter(job.id, "preparing", started_at=utcnow_iso())
-        message = await RUNNERS[job.type](jc, job)
+        async with admitted(jc, job):  # a backup waits here while a GC sweeps
+            job = await jc.enter(job.id, "preparing", started_at=utcnow_iso())
+            message = await RUNNERS[job.type](jc, job)
     except JobLost:
         return
     except asyncio.CancelledError:

@@ -9,6 +9,7 @@ from virtbackup.job_orchestrator.exports import close_exports, export_commands, 
 from virtbackup.job_orchestrator.handlers import commands
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.points import point_commands
+from virtbackup.job_orchestrator.lifecycle_gc_commands import lifecycle_commands
 from virtbackup.job_orchestrator.runner import sweep
 from virtbackup.runtime.service import ServiceContext, ServiceSpec
 
@@ -26,6 +27,7 @@ async def register(ctx: ServiceContext) -> None:
     commands.attach(ctx.bus, jc)
     export_commands.attach(ctx.bus, jc)
     point_commands.attach(ctx.bus, jc)
+    lifecycle_commands.attach(ctx.bus, jc)
 
 
 async def start(ctx: ServiceContext) -> None:

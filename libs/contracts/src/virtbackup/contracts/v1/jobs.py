@@ -14,7 +14,7 @@ from virtbackup.contracts.v1.common import (
     VmName,
 )
 
-JobType = Literal["backup", "restore", "sanity", "migration", "prune"]
+JobType = Literal["backup", "restore", "sanity", "migration", "prune", "gc", "verify"]
 JobState = Literal["queued", "running", "success", "failure", "canceled"]
 #: Where a running job is. ``committing`` is the point of no return: from there on a
 #: cancel is refused (409) and the job ends in what its commit did.
