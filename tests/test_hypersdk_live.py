@@ -27,6 +27,7 @@ from websockets.exceptions import InvalidStatus
 from virtbackup.gateway.hypersdk_ws import Client, Hub, message
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__
+from virtbackup.runtime.ports import free_port
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
 from virtbackup.virt import Connection
 
@@ -303,17 +304,28 @@ async def test_metrics_enabled_and_port_are_honoured(
     api: httpx.AsyncClient, hyper: httpx.AsyncClient, system: System
 ) -> None:
     cfg = (await api.get("/config")).json()
+    port = free_port()
     try:
         off = {**cfg, "metrics": {"enabled": False}}
         assert (await api.post("/config", json=off)).status_code == 200, off
         resp = await hyper.get("/metrics")
         assert resp.status_code == 503 and "metrics.enabled" in resp.json()["error"]
-        elsewhere = {**cfg, "metrics": {"enabled": True, "port": system.hypersdk_port + 1}}
-        assert (await api.post("/config", json=elsewhere)).status_code == 200
-        resp = await hyper.get("/metrics")
-        assert resp.status_code == 404 and str(system.hypersdk_port + 1) in resp.json()["error"]
         bad = await api.post("/config", json={**cfg, "metrics": {"port": 0}})
         assert bad.status_code == 400 and "metrics" in bad.text, bad.text
+        elsewhere = {**cfg, "metrics": {"enabled": True, "port": port}}
+        assert (await api.post("/config", json=elsewhere)).status_code == 200
+        resp = await hyper.get("/metrics")
+        assert resp.status_code == 404 and str(port) in resp.json()["error"]
+        # The port is taken at the gateway's start: restart it, then /metrics is there,
+        # behind the same token.
+        system.stop("gateway")
+        system.start("gateway")
+        system.wait_ready()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as own:
+            assert (await own.get("/metrics")).status_code == 401
+            resp = await own.get("/metrics", headers=system.auth())
+            assert resp.status_code == 200, resp.text
+            assert value(families(resp.text), "hypersdk_jobs_total", status="completed") >= 1
     finally:
         assert (await api.post("/config", json=cfg)).status_code == 200
     assert (await hyper.get("/metrics")).status_code == 200

@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.gateway.auth import ASGIApp, Message, Receive, Scope, Send
+from virtbackup.gateway.errors import responses
 from virtbackup.gateway.hypersdk_status import STATUS_OF, WorkerCounts, all_jobs, worker_counts
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__
@@ -192,7 +193,7 @@ async def metrics_response(gw: Gateway, *, dedicated: bool) -> Response[bytes]:
 
 
 class MetricsController(Controller):
-    @get("/metrics", media_type=CONTENT_TYPE)
+    @get("/metrics", media_type=CONTENT_TYPE, responses=responses(404, 503))
     async def metrics(self, gw: Gateway) -> Response[bytes]:
         """Prometheus text format (see the module docstring for the metrics); 503
         ``{"error": ...}`` when ``metrics.enabled`` is false or the job store does not
@@ -201,7 +202,7 @@ class MetricsController(Controller):
 
 
 class DedicatedMetricsController(Controller):
-    @get("/metrics", media_type=CONTENT_TYPE)
+    @get("/metrics", media_type=CONTENT_TYPE, responses=responses(503))
     async def metrics(self, gw: Gateway) -> Response[bytes]:
         """The same metrics on the listener of ``metrics.port``."""
         return await metrics_response(gw, dedicated=True)

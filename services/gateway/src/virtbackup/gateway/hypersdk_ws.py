@@ -138,10 +138,14 @@ class Hub:
             self.clients.add(client)
             if self.tasks:
                 return
-            feeds = [
-                await EventFeed(self.gw.bus, JOB_SUBJECT).open(),
-                await EventFeed(self.gw.bus, SCHEDULE_SUBJECT).open(),
-            ]
+            feeds = [EventFeed(self.gw.bus, JOB_SUBJECT), EventFeed(self.gw.bus, SCHEDULE_SUBJECT)]
+            try:
+                for feed in feeds:
+                    await feed.open()
+            except BaseException:
+                for feed in feeds:
+                    await feed.close()
+                raise
             self.tasks = [
                 asyncio.create_task(self._pump(feeds[0]), name="ws-jobs"),
                 asyncio.create_task(self._pump(feeds[1]), name="ws-schedules"),
@@ -224,8 +228,8 @@ async def ws(socket: WebSocket[Any, Any, Any], gw: Gateway) -> None:
     await socket.accept(subprotocols=SUBPROTOCOL if SUBPROTOCOL in offered else None)
     hub = hub_of(gw)
     client = Client()
-    await hub.join(client)
     try:
+        await hub.join(client)
         jobs = await all_jobs(gw)
         await socket.send_text(message("jobs", {"jobs": [job_view(j) for j in jobs]}).decode())
         await _serve(socket, client)
