@@ -103,3 +103,14 @@ def test_each_pod_serves_its_metrics_on_the_pod_network() -> None:
     text = (CHART / "templates" / "deployments.yaml").read_text()
     assert "VIRTBACKUP_METRICS_HOST, value: 0.0.0.0" in text
     assert "{name: metrics, containerPort: {{ $.Values.metrics.port }}}" in text
+
+
+def test_the_plain_manifests_give_every_pod_its_metrics_port() -> None:
+    root = CHART.parents[1]
+    config = next(
+        d
+        for d in yaml.safe_load_all((root / "deploy" / "k8s" / "config.yaml").read_text())
+        if d and d["kind"] == "ConfigMap"
+    )
+    assert config["data"]["VIRTBACKUP_METRICS_HOST"] == "0.0.0.0"
+    assert 0 < int(config["data"]["VIRTBACKUP_METRICS_PORT"]) < 65536

@@ -7,8 +7,9 @@ durations, the transfer worker's bytes read, stored and deduplicated, ...) at
 off unless ``VIRTBACKUP_METRICS_PORT`` is set (``0``: off), and binds loopback unless
 ``VIRTBACKUP_METRICS_HOST`` says otherwise: it has no authentication of its own, so it
 must never be on a public listener. On Kubernetes it binds the pod's address, reached by
-Prometheus over the pod network only (the chart's ServiceMonitor, and its NetworkPolicy
-when enabled); no secret and no VM data are in it, only counts, sizes and VM names.
+Prometheus over the pod network only (a headless Service and the chart's ServiceMonitor;
+no Ingress or LoadBalancer exposes it); no secret is in it, only counts, sizes and
+durations.
 """
 
 from __future__ import annotations
