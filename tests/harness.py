@@ -34,6 +34,9 @@ class System:
     token: str = "test-token-0123456789"
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Each process's own metrics port, by process name: with ``VIRTBACKUP_METRICS_PORT``
+    #: ``auto`` in ``extra_env``, every process started gets a free one.
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def hypersdk_url(self) -> str:
@@ -72,9 +75,11 @@ class System:
         service = name if name in MODULES else name.rsplit("-", 1)[0]
         module = MODULES[service]
         log = open(self.data_dir / f"{name}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module], env=self.env(service), stdout=log, stderr=log
-        )
+        env = self.env(service)
+        if env.get("VIRTBACKUP_METRICS_PORT") == "auto":
+            port = self.metrics_ports.setdefault(name, free_port())
+            env["VIRTBACKUP_METRICS_PORT"] = str(port)
+        proc = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=log)
         self.procs[name] = proc
         return proc
 
@@ -197,7 +202,8 @@ def running_system(
 ) -> Iterator[System]:
     """A started system of its own (NATS in ``data``, ``workers`` transfer workers,
     ``orchestrators`` job-orchestrator replicas, extra ``VIRTBACKUP_*`` settings in
-    ``env``), stopped on exit."""
+    ``env``; ``VIRTBACKUP_METRICS_PORT="auto"`` gives each process a metrics port of its
+    own, ``System.metrics_ports``), stopped on exit."""
     system = System(
         data_dir=data,
         nats=start_nats_server(data / "nats", auth=True),

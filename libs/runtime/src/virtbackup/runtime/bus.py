@@ -106,9 +106,14 @@ class Bus:
                 return await self._dispatch(fn, decoder, msg.body, subject)
 
             endpoint.__name__ = f"{fn.__name__}_endpoint"
-            self.broker.subscriber(subject, queue=queue or self.service, max_workers=max_workers)(
-                endpoint
-            )
+            self.broker.subscriber(
+                subject,
+                queue=queue or self.service,
+                max_workers=max_workers,
+                title=f"{subject}:{self.service}",
+                description=f"Command answered by {self.service}: a {request_type.__name__} "
+                "(JSON), answered with Reply{result|error}.",
+            )(endpoint)
             return fn
 
         return register

@@ -28,6 +28,7 @@ from virtbackup.runtime.broker import make_broker
 from virtbackup.runtime.bus import Bus
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.logging import setup_logging
+from virtbackup.runtime.metrics import MetricsListener, start_metrics_listener
 from virtbackup.runtime.provision import provision
 from virtbackup.runtime.sealing import SealedConfigBucket, SecretBox
 from virtbackup.runtime.settings import Settings, load_settings
@@ -48,6 +49,7 @@ class ServiceContext:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     started_at: str = field(default_factory=utcnow_iso)
+    metrics: MetricsListener | None = None
 
     def bucket(self, spec: BucketSpec) -> KeyValue:
         return self.buckets[spec.name]
@@ -120,6 +122,7 @@ async def start_service(spec: ServiceSpec, settings: Settings) -> ServiceContext
         box = SecretBox.from_settings(settings)
         ctx.buckets[CONFIG.name] = SealedConfigBucket(ctx.buckets[CONFIG.name], box)
     await broker.start()
+    ctx.metrics = start_metrics_listener(settings.metrics_host, settings.metrics_port)
     if spec.start:
         await spec.start(ctx)
     log.info("service started", extra={"nats": settings.nats_url, "version": __version__})
@@ -136,6 +139,8 @@ async def stop_service(spec: ServiceSpec, ctx: ServiceContext) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await ctx.bus.broker.stop()
+    if ctx.metrics is not None:
+        ctx.metrics.close()
     ctx.tracer_provider.shutdown()
     log.info("service stopped")
 

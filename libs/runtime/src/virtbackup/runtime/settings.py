@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     agent_port: int = 33551
     hypersdk_host: str = "127.0.0.1"
     hypersdk_port: int = 8080
+    #: This process's own Prometheus endpoint (``runtime.metrics``): 0 is off. It has no
+    #: authentication, so it binds loopback unless told otherwise (the pod's address on
+    #: Kubernetes). Each process of a host needs a port of its own.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=0, ge=0, le=65535)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     otel_exporter: Literal["none", "console", "otlp"] = "none"

@@ -15,9 +15,16 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 UNAUTHORIZED = b'{"error":"unauthorized"}'
 
 
+#: A WebSocket client that cannot set headers (a browser) offers its token as the
+#: subprotocol ``virtbackup.bearer.<token>`` (the server never selects it, so the token
+#: is not echoed); see ``hypersdk_ws``.
+TOKEN_SUBPROTOCOL = "virtbackup.bearer."  # noqa: S105 (a prefix, not a secret)
+
+
 def _presented_token(scope: Scope) -> str | None:
     bearer: str | None = None
     agent: str | None = None
+    protocol: str | None = None
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
             text = value.decode("latin-1")
@@ -25,13 +32,20 @@ def _presented_token(scope: Scope) -> str | None:
                 bearer = text[7:].strip()
         elif name == b"x-agent-token":
             agent = value.decode("latin-1").strip()
-    return bearer or agent
+        elif name == b"sec-websocket-protocol" and scope["type"] == "websocket":
+            for offered in value.decode("latin-1").split(","):
+                offered = offered.strip()
+                if offered.startswith(TOKEN_SUBPROTOCOL):
+                    protocol = offered[len(TOKEN_SUBPROTOCOL) :]
+    return bearer or agent or protocol
 
 
 class TokenAuth:
-    """ASGI middleware: ``Authorization: Bearer <token>`` or ``x-agent-token: <token>``.
+    """ASGI middleware: ``Authorization: Bearer <token>`` or ``x-agent-token: <token>``
+    (and, on a WebSocket upgrade, the subprotocol ``virtbackup.bearer.<token>``).
 
-    Anything else gets 401 ``{"error":"unauthorized"}`` (WebSockets are closed with 4401).
+    Anything else gets 401 ``{"error":"unauthorized"}``; a WebSocket upgrade is refused
+    before it is accepted (the server answers the upgrade with 403).
     """
 
     def __init__(self, app: ASGIApp, token: str) -> None:

@@ -1,6 +1,7 @@
 """The HyperSDK-style API (``hypersdk-api.md``), on its own listener.
 
-Served here: health, status and VM discovery against the inventory's libvirt servers.
+Served here: health, status (``hypersdk_status``), ``/metrics`` (``hypersdk_metrics``),
+``WS /ws`` (``hypersdk_ws``) and VM discovery against the inventory's libvirt servers.
 vSphere is not a source VirtBackup has: a request naming only ``vcenter_url`` is refused
 with a clear 400. A libvirt VM is addressed by ``server_id`` and its name, or by
 ``vm_path`` written ``<server_id>/<vm name>``; a server id or VM name that no server
@@ -18,20 +19,24 @@ from litestar import Controller, Litestar, Response, get, post
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 
-from virtbackup.contracts import buckets
-from virtbackup.contracts.subjects import InventoryCmd, JobCmd
+from virtbackup.contracts.subjects import InventoryCmd
 from virtbackup.contracts.v1.common import ServerId, VmName
 from virtbackup.contracts.v1.inventory import Ok, ServerRef, ServerVms, VmInfo, VmRef
-from virtbackup.contracts.v1.jobs import JobList, JobListRequest
 from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.bodies import SnakeBody
 from virtbackup.gateway.edge import check_request
 from virtbackup.gateway.errors import HANDLERS, readable, responses
+from virtbackup.gateway.hypersdk_metrics import (
+    DedicatedMetricsController,
+    MetricsController,
+    RequestMetrics,
+)
+from virtbackup.gateway.hypersdk_status import current_status
+from virtbackup.gateway.hypersdk_ws import ws
 from virtbackup.gateway.openapi import finish_document
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__, timeouts
-from virtbackup.runtime.errors import BadRequest, NotFound
-from virtbackup.runtime.kv import keys
+from virtbackup.runtime.errors import BadRequest
 
 POWER = {"running": "poweredOn", "shutoff": "poweredOff", "paused": "suspended"}
 
@@ -122,21 +127,9 @@ class HyperSdkController(Controller):
 
     @get("/status")
     async def status(self, gw: Gateway) -> dict[str, int]:
-        """Job counts by state and the live transfer workers."""
-        jobs = (await gw.bus.request(JobCmd.LIST, JobListRequest(), JobList)).jobs
-        try:
-            workers = len(await keys(await gw.bus.key_value(buckets.WORKERS)))
-        except NotFound:  # no worker has ever started
-            workers = 0
-        running = sum(1 for j in jobs if j.state == "running")
-        return {
-            "total_jobs": len(jobs),
-            "running_jobs": running,
-            "completed_jobs": sum(1 for j in jobs if j.state == "success"),
-            "failed_jobs": sum(1 for j in jobs if j.state == "failure"),
-            "worker_count": workers,
-            "active_workers": min(workers, running),
-        }
+        """Job counts by state from the job store; ``worker_count``: live transfer
+        workers, ``active_workers``: those working on a unit (``hypersdk_status``)."""
+        return await current_status(gw)
 
     @get("/vms/list", responses=responses(404))
     async def list_vms(
@@ -221,14 +214,14 @@ class HyperSdkController(Controller):
         return {"message": "CD-ROM devices removed"}
 
 
-def create_hypersdk_asgi(gw: Gateway) -> TokenAuth:
+def create_hypersdk_asgi(gw: Gateway) -> RequestMetrics:
     """The HyperSDK-style API behind the same token authentication as the agent API."""
 
     def provide_gateway() -> Gateway:
         return gw
 
     app = Litestar(
-        route_handlers=[HyperSdkController],
+        route_handlers=[HyperSdkController, MetricsController, ws],
         dependencies={"gw": Provide(provide_gateway, sync_to_thread=False)},
         exception_handlers=HANDLERS,
         before_request=check_request,
@@ -237,4 +230,20 @@ def create_hypersdk_asgi(gw: Gateway) -> TokenAuth:
         logging_config=None,
     )
     finish_document(app, {})
-    return TokenAuth(app, gw.token)  # type: ignore[arg-type]
+    return RequestMetrics(TokenAuth(app, gw.token))  # type: ignore[arg-type]
+
+
+def create_metrics_asgi(gw: Gateway) -> RequestMetrics:
+    """``/metrics`` alone, for the listener of ``metrics.port`` (same token)."""
+
+    def provide_gateway() -> Gateway:
+        return gw
+
+    app = Litestar(
+        route_handlers=[DedicatedMetricsController],
+        dependencies={"gw": Provide(provide_gateway, sync_to_thread=False)},
+        exception_handlers=HANDLERS,
+        openapi_config=None,
+        logging_config=None,
+    )
+    return RequestMetrics(TokenAuth(app, gw.token))  # type: ignore[arg-type]

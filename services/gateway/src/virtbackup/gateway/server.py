@@ -14,7 +14,8 @@ from virtbackup.contracts import buckets, streams, subjects
 from virtbackup.gateway.app import create_asgi
 from virtbackup.gateway.config_store import ConfigStore
 from virtbackup.gateway.credentials import ensure_certificate, ensure_token
-from virtbackup.gateway.hypersdk import create_hypersdk_asgi
+from virtbackup.gateway.hypersdk import create_hypersdk_asgi, create_metrics_asgi
+from virtbackup.gateway.hypersdk_metrics import dedicated_port
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.logging import setup_logging
 from virtbackup.runtime.service import ServiceSpec, start_service, stop_service
@@ -74,8 +75,23 @@ async def serve(settings: Settings | None = None) -> None:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=5,
+            ws_ping_interval=54.0,  # the document's heartbeat
+            ws_ping_timeout=20.0,
         )
         servers = [_Server(config), _Server(hypersdk)]
+        cfg, _ = await store.load()
+        metrics_port = dedicated_port(gw, cfg.metrics.port)
+        if metrics_port is not None:  # ``metrics.port`` (read at start)
+            metrics = uvicorn.Config(
+                create_metrics_asgi(gw),
+                host=settings.hypersdk_host,
+                port=metrics_port,
+                log_config=None,
+                access_log=False,
+                lifespan="on",
+                timeout_graceful_shutdown=5,
+            )
+            servers.append(_Server(metrics))
         tasks = {asyncio.create_task(s.serve()) for s in servers}
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({*tasks, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -36,6 +36,7 @@ from virtbackup.contracts.v1.work import TransferUnit, UnitResult
 from virtbackup.job_orchestrator.errors import JobCanceled, JobLost
 from virtbackup.job_orchestrator.leases import JobLeases
 from virtbackup.job_orchestrator.locks import VmLocks, lookup_in, point_folder_lock
+from virtbackup.job_orchestrator.metrics import job_finished
 from virtbackup.job_orchestrator.progress import Progress, update_job
 from virtbackup.job_orchestrator.store import JobIndex, JobStore
 from virtbackup.job_orchestrator.tracker import UnitTracker
@@ -312,6 +313,7 @@ class JobContext:
             log.warning("job %s was taken over by another instance; not finishing it", job_id)
             return None
         await self.bus.publish_event(EventType.JOB_FINISHED, job_payload(job), key=job_id)
+        job_finished(job)
         if job.state == "canceled":
             await self.bus.publish_event(EventType.JOB_CANCELED, job_payload(job), key=job_id)
         if job.state == "failure":

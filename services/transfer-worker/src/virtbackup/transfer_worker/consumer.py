@@ -50,6 +50,7 @@ from virtbackup.runtime.service import ServiceContext
 from virtbackup.runtime.work import WorkConsumer, WorkMessage
 from virtbackup.storage.errors import PermanentError, StorageError, TransientError
 from virtbackup.storage.google_auth import GoogleTokens
+from virtbackup.transfer_worker.metrics import unit_done
 from virtbackup.transfer_worker.units import UnitContext, backup_unit, restore_unit, verify_unit
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,13 @@ class Worker:
         self.active: dict[str, set[str]] = {}
         #: The tasks of the units in progress, per job (cancelled when the job ends).
         self.running: dict[str, set[asyncio.Task[UnitResult]]] = {}
+        #: Set whenever a unit starts or ends (the heartbeat reports ``busy_units`` then).
+        self.changed = asyncio.Event()
+
+    @property
+    def busy_units(self) -> int:
+        """Units this worker is working on now."""
+        return sum(len(tasks) for tasks in self.running.values())
 
     async def run(self) -> None:
         """Work units until the service stops."""
@@ -206,6 +214,7 @@ class Worker:
             return
         await self.ctx.bus.publish_event(EventType.UNIT_DONE, result, key=unit.job_id)
         await msg.ack()
+        unit_done(result)
 
     async def _run(self, unit: TransferUnit) -> UnitResult:
         """:meth:`_process` in a task of its own, cancelled when the job ends (see the
@@ -213,6 +222,7 @@ class Worker:
         task = asyncio.create_task(self._process(unit), name=f"unit-{unit.job_id}-{unit.unit}")
         tasks = self.running.setdefault(unit.job_id, set())
         tasks.add(task)
+        self.changed.set()
         watch = asyncio.create_task(self._watch_job(unit.job_id, task))
         try:
             return await task
@@ -226,6 +236,7 @@ class Worker:
             tasks.discard(task)
             if not tasks:
                 self.running.pop(unit.job_id, None)
+            self.changed.set()
 
     async def _watch_job(self, job_id: str, task: asyncio.Task[UnitResult]) -> None:
         """Cancel ``task`` once a look at the job's record finds the job over."""

@@ -31,27 +31,38 @@ from virtbackup.transfer_worker.units import UnitContext
 HEARTBEAT_SECONDS = buckets.WORKERS.ttl_seconds / 3
 
 
+#: At most this often a unit starting or ending rewrites the heartbeat before it is due.
+BUSY_UPDATE_SECONDS = 0.5
+
+
 class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """A worker's entry in ``VB_WORKERS``; ``busy_units`` is how many transfer units it
+    is working on (``/status``'s ``active_workers`` counts workers with at least one)."""
+
     instance: str
     pid: int
     version: str
     started_at: str
     seen_at: str
+    busy_units: int = 0
 
 
-async def _heartbeat(ctx: ServiceContext) -> None:
+async def _heartbeat(ctx: ServiceContext, worker: Worker) -> None:
     kv = ctx.bucket(buckets.WORKERS)
     while not ctx.stopping.is_set():
+        worker.changed.clear()
         beat = WorkerHeartbeat(
             instance=ctx.settings.instance,
             pid=os.getpid(),
             version=__version__,
             started_at=ctx.started_at,
             seen_at=utcnow_iso(),
+            busy_units=worker.busy_units,
         )
         await kv.put(_key(ctx), msgspec.json.encode(beat))
-        try:
-            await asyncio.wait_for(ctx.stopping.wait(), HEARTBEAT_SECONDS)
+        try:  # beat again when due, or soon after a unit starts or ends
+            await asyncio.wait_for(worker.changed.wait(), HEARTBEAT_SECONDS)
+            await asyncio.wait_for(ctx.stopping.wait(), BUSY_UPDATE_SECONDS)
         except TimeoutError:
             continue
 
@@ -92,7 +103,7 @@ async def start(ctx: ServiceContext) -> None:
     ctx.spawn(ix.follow(), "instant-exports")
     ctx.spawn(follow_job_ends(ctx, worker), "job-events")
     ctx.spawn(worker.run(), "work-loop")
-    ctx.spawn(_heartbeat(ctx), "heartbeat")
+    ctx.spawn(_heartbeat(ctx, worker), "heartbeat")
 
 
 async def stop(ctx: ServiceContext) -> None:

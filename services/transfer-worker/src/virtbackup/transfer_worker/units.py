@@ -34,6 +34,7 @@ from virtbackup.repository.repository import CorruptChunkError, Repository
 from virtbackup.storage.errors import NotFoundError
 from virtbackup.storage.retry import retry
 from virtbackup.transfer_worker.budget import ByteBudget
+from virtbackup.transfer_worker.metrics import BYTES_DEDUPLICATED
 
 T = TypeVar("T")
 
@@ -306,6 +307,7 @@ async def backup_unit(
             await asyncio.shield(pending)
         if chunk_id in known:
             counters["dedup"] += 1
+            BYTES_DEDUPLICATED.inc(len(buf))
             return
         # Registered before the first await: an equal chunk waits for this one.
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -313,6 +315,7 @@ async def backup_unit(
         try:
             if await retry(lambda: repo.has_chunk(chunk_id)):
                 counters["dedup"] += 1
+                BYTES_DEDUPLICATED.inc(len(buf))
             else:
                 blob = await uctx.cpu(repo.encode_chunk, chunk_id, buf)
                 await retry(lambda: repo.store_chunk(chunk_id, blob))

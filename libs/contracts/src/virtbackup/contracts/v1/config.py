@@ -263,6 +263,18 @@ class Server(Strict, kw_only=True):
     restore_directories: list[PathText] | None = None
 
 
+class MetricsSettings(Strict, kw_only=True):
+    """``metrics`` of the HyperSDK document: whether the gateway serves ``GET /metrics``
+    (when false it answers 503 ``{"error": ...}``) and on which port: unset, or the
+    HyperSDK listener's own port, serves it on that listener; another port serves it on a
+    listener of its own (same host, same token) from the gateway's next start, and the
+    HyperSDK listener's ``/metrics`` then answers 404 naming that port. Each service's
+    own metrics endpoint is set by ``VIRTBACKUP_METRICS_PORT`` instead."""
+
+    enabled: bool = True
+    port: Port | None = None
+
+
 class AgentConfig(Strict, kw_only=True):
     """The whole agent configuration."""
 
@@ -276,6 +288,7 @@ class AgentConfig(Strict, kw_only=True):
     connection_verified: bool = False
     selected_server_id: str | None = None
     listen_all: bool = False
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     servers: list[Server] = msgspec.field(default_factory=list)
 
 

@@ -1,0 +1,276 @@
+"""``WS /ws`` of the HyperSDK API: live jobs, status and schedule events.
+
+Messages are JSON text frames ``{"type", "timestamp", "data"}``:
+
+* ``jobs`` once, first: ``{"jobs": [<job>...]}`` (the job store's list, newest first);
+* ``status`` every 2 s: ``/status``'s counts;
+* ``job_update`` for each ``job.created``, ``job.updated``, ``job.progress`` and
+  ``job.finished`` event of the bus: ``<job>``;
+* ``schedule_event`` for each ``schedule.<event>`` event: ``{"schedule_id", "event",
+  "name", "job_ids", "skipped", "message"}`` (``event`` is ``triggered``, ``completed``
+  or ``failed``);
+* ``pong`` in answer to a client's ``{"type": "ping"}`` (the server also sends WebSocket
+  ping frames every 54 s, and closes a connection whose pong does not come).
+
+A ``<job>`` is the document's job view: ``{"definition": {"id", "vm_path", "type"},
+"status", "progress": {"stage", "percent_complete", "current_bytes", "total_bytes"},
+"started_at", "completed_at", "error"}``.
+
+Authentication: like every route, the API token; a browser cannot set headers on a
+WebSocket, so the token may come as the subprotocol ``virtbackup.bearer.<token>``,
+offered together with ``virtbackup.v1`` (``new WebSocket(url, ["virtbackup.v1",
+"virtbackup.bearer." + token])``); the server selects ``virtbackup.v1``, never echoing
+the token. Non-browser clients may send ``Authorization: Bearer`` instead. A token in the
+URL is not accepted (URLs end up in logs). An upgrade without a valid token is refused
+before it is accepted (HTTP 403).
+
+Each client has a bounded queue (``QUEUE_SIZE`` messages); a client that falls that far
+behind is closed with 1013 ("try again later") and never slows the others. The feeds on
+the bus run only while at least one client is connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import msgspec
+from litestar import WebSocket, websocket
+from litestar.exceptions import WebSocketDisconnect
+
+from virtbackup.contracts.v1.jobs import Job
+from virtbackup.gateway.hypersdk_status import STATUS_OF, all_jobs, current_status
+from virtbackup.gateway.state import Gateway
+from virtbackup.runtime.clock import utcnow_iso
+from virtbackup.runtime.errors import ServiceError
+from virtbackup.runtime.events import EventFeed, StoredEvent
+
+log = logging.getLogger(__name__)
+
+SUBPROTOCOL = "virtbackup.v1"
+STATUS_SECONDS = 2.0
+QUEUE_SIZE = 256
+#: Job events that become a ``job_update`` (``job.canceled`` follows ``job.finished``).
+JOB_EVENTS = frozenset({"job.created", "job.updated", "job.progress", "job.finished"})
+JOB_SUBJECT = "vb.evt.job.>"
+SCHEDULE_SUBJECT = "vb.evt.schedule.>"
+#: Close code for a client that cannot keep up.
+TOO_SLOW = 1013
+
+_encoder = msgspec.json.Encoder()
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    """The HyperSDK document's view of a job (see the module docstring)."""
+    percent = 0
+    if job.state == "success":
+        percent = 100
+    elif job.total_units:
+        percent = int(100 * job.completed_units / job.total_units)
+    return {
+        "definition": {
+            "id": job.id,
+            "vm_path": f"{job.server_id}/{job.vm_name}" if job.server_id and job.vm_name else "",
+            "type": job.type,
+        },
+        "status": STATUS_OF[job.state],
+        "progress": {
+            "stage": job.phase,
+            "percent_complete": percent,
+            "current_bytes": job.bytes_transferred,
+            "total_bytes": int(job.params.get("total_bytes", 0) or 0),
+        },
+        "started_at": job.started_at,
+        "completed_at": job.finished_at,
+        "error": job.message if job.state == "failure" else None,
+    }
+
+
+def message(kind: str, data: dict[str, Any]) -> bytes:
+    return _encoder.encode({"type": kind, "timestamp": utcnow_iso(), "data": data})
+
+
+def schedule_data(stored: StoredEvent) -> dict[str, Any]:
+    """``schedule_event``'s data from a ``schedule.<event>`` event."""
+    payload = stored.event.payload
+    return {
+        "schedule_id": payload.get("schedule_id", stored.key or ""),
+        "event": stored.event.type.split(".", 1)[1],
+        "name": payload.get("name", ""),
+        "job_ids": payload.get("job_ids", []),
+        "skipped": payload.get("skipped", False),
+        "message": payload.get("message", ""),
+    }
+
+
+class Client:
+    """One connection's outgoing queue; ``too_slow`` is set when it overflowed."""
+
+    def __init__(self, size: int = QUEUE_SIZE) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(size)
+        self.too_slow = asyncio.Event()
+
+    def offer(self, data: bytes) -> None:
+        """Queue ``data`` without ever waiting; a full queue marks the client too slow."""
+        if self.too_slow.is_set():
+            return
+        try:
+            self.queue.put_nowait(data)
+        except asyncio.QueueFull:
+            self.too_slow.set()
+
+
+class Hub:
+    """Fans the bus's job and schedule events and the periodic status out to clients."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.clients: set[Client] = set()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.lock = asyncio.Lock()
+
+    async def join(self, client: Client) -> None:
+        """Add ``client``; the first one starts the feeds (open when this returns, so no
+        event stored after it is missed)."""
+        async with self.lock:
+            self.clients.add(client)
+            if self.tasks:
+                return
+            feeds = [EventFeed(self.gw.bus, JOB_SUBJECT), EventFeed(self.gw.bus, SCHEDULE_SUBJECT)]
+            try:
+                for feed in feeds:
+                    await feed.open()
+            except BaseException:
+                for feed in feeds:
+                    await feed.close()
+                raise
+            self.tasks = [
+                asyncio.create_task(self._pump(feeds[0]), name="ws-jobs"),
+                asyncio.create_task(self._pump(feeds[1]), name="ws-schedules"),
+                asyncio.create_task(self._status(), name="ws-status"),
+            ]
+
+    async def leave(self, client: Client) -> None:
+        """Remove ``client``; the last one stops the feeds."""
+        async with self.lock:
+            self.clients.discard(client)
+            if self.clients or not self.tasks:
+                return
+            tasks, self.tasks = self.tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def broadcast(self, data: bytes) -> None:
+        for client in list(self.clients):
+            client.offer(data)
+
+    async def _pump(self, feed: EventFeed) -> None:
+        try:
+            while True:
+                stored = await feed.next(timeout=30.0)
+                if stored is None:
+                    continue
+                try:
+                    data = self._translate(stored)
+                except (msgspec.ValidationError, KeyError) as exc:
+                    log.warning("event %s not sent on /ws: %s", stored.event.type, exc)
+                    continue
+                if data is not None:
+                    self.broadcast(data)
+        finally:
+            await feed.close()
+
+    @staticmethod
+    def _translate(stored: StoredEvent) -> bytes | None:
+        kind = stored.event.type
+        if kind in JOB_EVENTS:
+            job = msgspec.convert(stored.event.payload, Job)
+            return message("job_update", job_view(job))
+        if kind.startswith("schedule."):
+            return message("schedule_event", schedule_data(stored))
+        return None
+
+    async def _status(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_SECONDS)
+            try:
+                status = await current_status(self.gw)
+            except ServiceError as exc:  # e.g. no orchestrator answers: skip this tick
+                log.warning("/ws status: %s", exc)
+                continue
+            self.broadcast(message("status", status))
+
+
+_hubs: dict[int, Hub] = {}
+
+
+def hub_of(gw: Gateway) -> Hub:
+    hub = _hubs.get(id(gw))
+    if hub is None:
+        hub = _hubs[id(gw)] = Hub(gw)
+    return hub
+
+
+def offered_subprotocols(socket: WebSocket[Any, Any, Any]) -> list[str]:
+    raw = socket.headers.get("sec-websocket-protocol", "")
+    return [p.strip() for p in raw.split(",") if p.strip()]
+
+
+@websocket("/ws")
+async def ws(socket: WebSocket[Any, Any, Any], gw: Gateway) -> None:
+    """Live jobs, status and schedule events (see the module docstring)."""
+    offered = offered_subprotocols(socket)
+    await socket.accept(subprotocols=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+    hub = hub_of(gw)
+    client = Client()
+    try:
+        await hub.join(client)
+        jobs = await all_jobs(gw)
+        await socket.send_text(message("jobs", {"jobs": [job_view(j) for j in jobs]}).decode())
+        await _serve(socket, client)
+    except (WebSocketDisconnect, ServiceError) as exc:
+        log.debug("/ws client gone: %r", exc)
+    finally:
+        await hub.leave(client)
+
+
+async def _serve(socket: WebSocket[Any, Any, Any], client: Client) -> None:
+    async def send() -> None:
+        while True:
+            data = await client.queue.get()
+            await socket.send_text(data.decode())
+
+    async def receive() -> None:
+        while True:
+            text = await socket.receive_text()
+            with contextlib.suppress(msgspec.DecodeError):
+                if msgspec.json.decode(text) == {"type": "ping"}:
+                    client.offer(message("pong", {}))
+
+    tasks = {
+        asyncio.create_task(send()),
+        asyncio.create_task(receive()),
+        asyncio.create_task(client.too_slow.wait()),
+    }
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, Exception):
+                await task
+    if client.too_slow.is_set():
+        log.warning("/ws client too slow: dropped")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(socket.close(code=TOO_SLOW, reason="too slow"), 1.0)
+        return
+    for task in done:
+        exc = task.exception()
+        if exc is not None:
+            raise exc
