@@ -430,6 +430,26 @@ async def test_a_local_backup_export_is_a_socket_only_root_and_qemu_can_reach(
     assert _socket_dirs(vm_dir) == []
 
 
+async def test_a_scratch_directory_too_long_for_a_socket_gets_tls(
+    server: HostServer, conn: Connection, vm: SmallVm, vm_dir: Path
+) -> None:
+    """A Unix socket's path has at most 107 bytes: past that, TCP with TLS as remote."""
+    scratch = vm_dir / ("s" * 60)
+    scratch.mkdir(mode=0o755, exist_ok=True)
+    begun = await _begin(server, vm, scratch, job_id=f"job-{os.getpid()}-long")
+    try:
+        url = _disk(begun, "vda").nbd_url
+        assert url.startswith("nbds://127.0.0.1:"), url
+        assert _socket_dirs(scratch) == []
+        tls = ExportCredentials.load(shared_pki_dir()).client
+        async with await NbdClient.connect_uri(url, tls=tls) as nbd:
+            assert nbd.size == 32 * MiB
+    finally:
+        end = BackupEndRequest(server_id="local", vm_name=vm.name, checkpoint=begun.checkpoint)
+        await backups.end(server, end, str(scratch))
+    assert await current_backup(conn, vm.name) is None
+
+
 async def test_an_inventory_that_starts_ends_the_backup_jobs_nobody_will_end(
     server: HostServer, conn: Connection, vm: SmallVm, vm_dir: Path, jobs: KeyValue
 ) -> None:
