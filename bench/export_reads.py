@@ -225,7 +225,7 @@ async def _one(
     server: NbdServer
     if transport == "unix":
         dom = await conn.lookup(vm.name)
-        owner = await qemu_owner(conn, vm.name)
+        owner = await qemu_owner(conn, vm.name) or "0:0"
         sockets = await make_socket_dir(host, str(work), str(dom.UUIDString()), owner)
         server = UnixServer(f"{sockets}/{SOCKET_NAME}")
     else:

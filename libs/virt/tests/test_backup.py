@@ -186,7 +186,7 @@ async def test_a_socket_directory_of_its_own_is_qemus_and_goes_with_the_job(
 ) -> None:
     uuid = str((await conn.lookup(vm.name)).UUIDString())
     owner = await qemu_owner(conn, vm.name)
-    assert owner == _qemu_ids(vm.name) and not owner.startswith("0:")
+    assert owner is not None and owner == _qemu_ids(vm.name) and not owner.startswith("0:")
     directory = Path(await make_socket_dir(LocalHost(), str(vm_dir), uuid, owner))
     info = directory.stat()
     assert directory.parent == vm_dir and directory.match(socket_dir_pattern(uuid))

@@ -90,6 +90,7 @@ async def test_leftovers_of_a_running_vm_are_found_and_cleaned(
     # socket directory of an earlier one whose QEMU died.
     uuid = str(dom.UUIDString())
     owner = await qemu_owner(conn, vm.name)
+    assert owner is not None
     sockets = await make_socket_dir(LocalHost(), str(vm_dir), uuid, owner)
     stray = await make_socket_dir(LocalHost(), str(vm_dir), uuid, owner)
     await begin_backup(

@@ -198,10 +198,11 @@ def socket_path_fits(scratch_dir: str, uuid: str) -> bool:
     return len(os.path.join(probe, SOCKET_NAME).encode()) <= MAX_SOCKET_PATH
 
 
-async def qemu_owner(conn: Connection, name: str) -> str:
+async def qemu_owner(conn: Connection, name: str) -> str | None:
     """``uid:gid`` of the running domain's QEMU process, from its live XML's DAC label
-    (``<seclabel model='dac'><label>+64055:+64055</label>``); ``0:0`` when the domain
-    has none (QEMU runs as root). Raises NotFound for an unknown domain."""
+    (``<seclabel model='dac'><label>+64055:+64055</label>``; ``0:0`` for a QEMU that
+    runs as root); ``None`` when the XML has no such label. Raises NotFound for an
+    unknown domain."""
     dom = await conn.lookup(name)
     root = _xml.parse(str(await conn.call(dom.XMLDesc, 0)))
     for label in root.findall("./seclabel"):
@@ -211,7 +212,7 @@ async def qemu_owner(conn: Connection, name: str) -> str:
         if ":" in text:
             uid, gid = text.split(":", 1)
             return f"{uid.lstrip('+')}:{gid.lstrip('+')}"
-    return "0:0"
+    return None
 
 
 async def make_socket_dir(host: Host, scratch_dir: str, uuid: str, owner: str) -> str:

@@ -28,7 +28,8 @@ workers.
   ends (:func:`end`, also after a failed or cancelled job), when its begin fails, and
   in the inventory's reconcile and leftover cleanup (``vb-<uuid>-*.nbd`` of a domain
   without a backup job). A scratch directory whose path is too long for a socket in it
-  (107 bytes) gets TCP with TLS, as a remote server does.
+  (107 bytes), or a domain whose live XML names no user for QEMU, gets TCP with TLS,
+  as a remote server does.
 """
 
 from __future__ import annotations
@@ -132,9 +133,8 @@ async def begin(
     Raises NotFound (unknown VM), Conflict (another job, no free port, a server whose
     libvirt cannot require client certificates, a socket directory that cannot be
     made, a shut-off VM that cannot be started paused: the message names libvirt's
-    reason) or Unavailable (the maps could not be
-    read; the backup job is then ended, its checkpoint deleted and an offline VM shut
-    off again)."""
+    reason) or Unavailable (the maps could not be read; the backup job is then ended,
+    its checkpoint deleted and an offline VM shut off again)."""
     conn = await server.connection()
     host = await server.host()
     await host.run(["mkdir", "-p", scratch_dir], timeout=30)
@@ -244,6 +244,13 @@ async def _socket_dir(
         return None
     try:
         owner = await qemu_owner(conn, vm_name)
+        if owner is None:
+            log.warning(
+                "vm %s: its live XML names no user for QEMU (no DAC label): the backup is "
+                "exported over TCP with TLS",
+                vm_name,
+            )
+            return None
         return await make_socket_dir(host, scratch_dir, uuid, owner)
     except VirtNotFound as exc:
         raise NotFound(f"vm {vm_name!r} not found on server {server.id}: {exc}") from None
