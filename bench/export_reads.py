@@ -275,14 +275,19 @@ async def _main(args: argparse.Namespace) -> list[Run]:
     await install_server_credentials(LocalHost(), authority, ["127.0.0.1"])
     tls = client_context_from_dir(client_dir)
     name = f"vb-export-reads-{os.getpid()}"
-    vm = await peer.prepare_vm(
-        conn,
-        name,
-        disk_size=args.disk_mib * MiB,
-        content_size=args.content_mib * MiB,
-        base=work,
-        cache="none",
-    )
+    try:
+        vm = await peer.prepare_vm(
+            conn,
+            name,
+            disk_size=args.disk_mib * MiB,
+            content_size=args.content_mib * MiB,
+            base=work,
+            cache="none",
+        )
+    except BaseException:
+        await conn.close()
+        subprocess.run(["rm", "-rf", "--", str(work)], check=False)
+        raise
     runs: list[Run] = []
     try:
         # One untimed read: a new VM's first read costs its QEMU more (PEER.md, pitfall 5).
@@ -318,6 +323,7 @@ async def _main(args: argparse.Namespace) -> list[Run]:
     finally:
         await remove_vm(conn, name, delete_directory=vm.directory)
         await conn.close()
+        subprocess.run(["rm", "-rf", "--", str(work)], check=False)
     return runs
 
 
