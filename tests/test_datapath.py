@@ -6,6 +6,7 @@ filesystem destination. The tests in this module build on each other, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -24,7 +25,8 @@ from virtbackup.repository.repository import Repository
 from virtbackup.storage.filesystem import FilesystemDriver
 from virtbackup.testing.nats import connect
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
-from virtbackup.virt import Connection
+from virtbackup.virt import Connection, VirtError
+from virtbackup.virt.backup import UnixServer, parse_backup_xml
 
 pytestmark = pytest.mark.libvirt
 
@@ -97,6 +99,33 @@ async def start_vm(api: httpx.AsyncClient) -> None:
     assert resp.status_code in {200, 409}, resp.text
 
 
+@contextlib.asynccontextmanager
+async def exports_seen(conn: Connection) -> AsyncIterator[set[str]]:
+    """The NBD servers (``unix:<socket>``, ``tcp:<host>:<port>:tls``) of the VM's backup
+    jobs while the block runs: libvirt's job XML, read every 10 ms."""
+    seen: set[str] = set()
+    dom = await conn.lookup(VM)
+
+    async def watch() -> None:
+        while True:
+            with contextlib.suppress(VirtError):
+                server, _, _ = parse_backup_xml(str(await conn.call(dom.backupGetXMLDesc, 0)))
+                seen.add(
+                    f"unix:{server.socket}"
+                    if isinstance(server, UnixServer)
+                    else f"tcp:{server.host}:{server.port}:{'tls' if server.tls else ''}"
+                )
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(watch())
+    try:
+        yield seen
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 STATE: dict[str, Any] = {}
 
 
@@ -106,7 +135,10 @@ async def test_full_then_incremental_then_restore_each_point(
     await guest_write(conn, VM, "vda", 0, 4 * MiB, pattern=0xAB)
     await guest_write(conn, VM, "vda", 100 * MiB, 40 * MiB, pattern=0x5A)
     await guest_write(conn, VM, "vdb", 8 * MiB, 2 * MiB, pattern=0xCD)
-    full = await backup(api)
+    async with exports_seen(conn) as seen:
+        full = await backup(api)
+    # A local server: the disks are read over a Unix socket, without TLS (issue 13).
+    assert len(seen) == 1 and next(iter(seen)).startswith("unix:"), seen
     assert full["totalUnits"] >= 2
     assert full["completedUnits"] == full["totalUnits"]
     assert full["bytesTransferred"] >= 46 * MiB
@@ -115,7 +147,9 @@ async def test_full_then_incremental_then_restore_each_point(
 
     await guest_write(conn, VM, "vda", 300 * MiB, 1 * MiB, pattern=0x11)
     await guest_write(conn, VM, "vdb", 0, 64 * 1024, pattern=0x22)
-    inc = await backup(api)
+    async with exports_seen(conn) as seen:
+        inc = await backup(api)
+    assert len(seen) == 1 and next(iter(seen)).startswith("unix:"), seen
     assert inc["message"].startswith("incremental backup"), inc["message"]
     # Only the two dirty chunks (one per disk) were read, and of them only what was
     # written: the rest of each comes from the parent point's chunk.

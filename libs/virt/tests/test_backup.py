@@ -32,6 +32,13 @@ from virtbackup.virt import (
     list_checkpoints,
     perform_action,
 )
+from virtbackup.virt.backup import (
+    SOCKET_NAME,
+    make_socket_dir,
+    qemu_owner,
+    socket_dir_pattern,
+    socket_path_fits,
+)
 from virtbackup.virt.host import LocalHost, path_exists
 
 pytestmark = pytest.mark.libvirt
@@ -160,6 +167,45 @@ async def test_unix_socket_export_without_guest_agent(
         assert sum(e.length for e in extents) == 16 * MiB
     finally:
         await end_backup(conn, job)
+    assert sock_dir.is_dir()  # a directory make_socket_dir did not make stays
+
+
+def _qemu_ids(name: str) -> str:
+    """``uid:gid`` of the running domain's QEMU process (real ids, from ``/proc``)."""
+    pid = Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip()
+    ids = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("Uid", "Gid"):
+            ids[key] = rest.split()[0]
+    return f"{ids['Uid']}:{ids['Gid']}"
+
+
+async def test_a_socket_directory_of_its_own_is_qemus_and_goes_with_the_job(
+    conn: Connection, vm: SmallVm, vm_dir: Path
+) -> None:
+    uuid = str((await conn.lookup(vm.name)).UUIDString())
+    owner = await qemu_owner(conn, vm.name)
+    assert owner is not None and owner == _qemu_ids(vm.name) and not owner.startswith("0:")
+    directory = Path(await make_socket_dir(LocalHost(), str(vm_dir), uuid, owner))
+    info = directory.stat()
+    assert directory.parent == vm_dir and directory.match(socket_dir_pattern(uuid))
+    assert (info.st_mode & 0o777, f"{info.st_uid}:{info.st_gid}") == (0o700, owner)
+    job = await begin_backup(
+        conn,
+        vm.name,
+        server=UnixServer(str(directory / SOCKET_NAME)),
+        scratch_dir=str(vm_dir),
+        checkpoint=None,
+    )
+    try:
+        assert sum(e.length for e in nbd_map(job.uri("vdb"))) == 16 * MiB
+    finally:
+        await end_backup(conn, job)
+    assert not directory.exists()
+    # A scratch directory too long a path for a socket in it is told apart.
+    assert socket_path_fits("/var/lib/libvirt/images/virtbackup-scratch", uuid)
+    assert not socket_path_fits("/var/lib/libvirt/images/" + "s" * 30, uuid)
 
 
 async def test_deleted_checkpoint_is_a_broken_chain(conn: Connection, vm: SmallVm) -> None:

@@ -8,11 +8,10 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from virtbackup.runtime.ports import free_port
 from virtbackup.testing.vms import MiB, SmallVm, create_vm, drop_bitmap, guest_write, remove_vm
 from virtbackup.virt import (
     Connection,
-    TcpServer,
+    UnixServer,
     begin_backup,
     check_chain,
     cleanup_leftovers,
@@ -25,6 +24,7 @@ from virtbackup.virt import (
     list_disks,
     perform_action,
 )
+from virtbackup.virt.backup import SOCKET_NAME, make_socket_dir, qemu_owner
 from virtbackup.virt.host import LocalHost, path_exists
 from virtbackup.virt.leftovers import Overlay
 
@@ -86,11 +86,17 @@ async def test_leftovers_of_a_running_vm_are_found_and_cleaned(
     flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
     await conn.call(dom.snapshotCreateXML, snapshot_xml, flags)
     await guest_write(conn, vm.name, "vda", 20 * MiB, 1 * MiB, pattern=0x5A)
-    # A backup that was never ended.
+    # A backup that was never ended, on a socket in a directory of its own, and the
+    # socket directory of an earlier one whose QEMU died.
+    uuid = str(dom.UUIDString())
+    owner = await qemu_owner(conn, vm.name)
+    assert owner is not None
+    sockets = await make_socket_dir(LocalHost(), str(vm_dir), uuid, owner)
+    stray = await make_socket_dir(LocalHost(), str(vm_dir), uuid, owner)
     await begin_backup(
         conn,
         vm.name,
-        server=TcpServer("127.0.0.1", free_port()),
+        server=UnixServer(f"{sockets}/{SOCKET_NAME}"),
         scratch_dir=str(vm_dir),
         checkpoint="lo-1",
     )
@@ -110,7 +116,8 @@ async def test_leftovers_of_a_running_vm_are_found_and_cleaned(
     assert report.aborted_job
     assert report.deleted_checkpoints == ("lo-stale",)
     assert [o.path for o in report.committed_overlays] == [str(overlay_path)]
-    assert len(report.removed_files) == 2
+    assert len(report.removed_files) == 3 and stray in report.removed_files
+    assert not Path(sockets).exists() and not Path(stray).exists()
 
     again = await find_leftovers(conn, vm.name, scratch_dir=str(vm_dir))
     assert not again.has_overlay, again

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
+import stat
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -40,6 +43,7 @@ from virtbackup.runtime.settings import Settings
 from virtbackup.testing.libvirtd import ensure_libvirtd
 from virtbackup.testing.nats import connect
 from virtbackup.testing.pki import shared_pki_dir
+from virtbackup.testing.sshd import sshd_server
 from virtbackup.testing.vms import (
     MiB,
     SmallVm,
@@ -56,6 +60,7 @@ from virtbackup.virt import (
     end_backup,
     get_domain,
 )
+from virtbackup.virt.backup import SOCKET_NAME
 from virtbackup.virt.checkpoints import list_checkpoints
 from virtbackup.virt.domains import PowerState
 from virtbackup.virt.pki import Authority, write_file
@@ -81,6 +86,25 @@ async def server() -> AsyncIterator[HostServer]:
         yield host
     finally:
         await host.close()
+
+
+@pytest.fixture(scope="module")
+async def remote(server: HostServer) -> AsyncIterator[HostServer]:
+    """This machine reached over SSH: a remote server to the inventory."""
+    with sshd_server(root=True) as sshd:
+        config = Server(
+            id="remote",
+            host=sshd.host,
+            port=sshd.port,
+            username=sshd.username,
+            private_key=sshd.private_key,
+            host_key=sshd.host_key,
+        )
+        host = HostServer(config=config, timeout=10)
+        try:
+            yield host
+        finally:
+            await host.close()
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +170,50 @@ async def _begin(server: HostServer, vm: SmallVm, scratch: Path, **kw: object) -
 
 def _disk(begun: BackupBegun, target: str) -> DiskExport:
     return next(d for d in begun.disks if d.target == target)
+
+
+def _socket_dirs(scratch: Path) -> list[Path]:
+    """The backups' socket directories in ``scratch`` (``vb-<uuid>-*.nbd``)."""
+    return sorted(scratch.glob("vb-*.nbd"))
+
+
+def _qemu_uid(vm_name: str) -> int:
+    """The real user id of the domain's QEMU process."""
+    pid = Path(f"/run/libvirt/qemu/{vm_name}.pid").read_text().strip()
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for QEMU process {pid}")
+
+
+#: Connects to the Unix socket given as the argument; prints what the kernel answered.
+_CONNECT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+    s.settimeout(10)
+    print("connected", s.recv(8))
+except OSError as exc:
+    print(type(exc).__name__, exc.errno)
+"""
+
+
+def _connect_as(user: str, path: str) -> str:
+    """What connecting to the socket ``path`` as ``user`` (no supplementary groups)
+    gives: ``connected <NBD greeting>`` or the error's name and errno."""
+    gid = pwd.getpwnam(user).pw_gid
+    argv = ["setpriv", f"--reuid={user}", f"--regid={gid}", "--clear-groups"]
+    if user == "root":
+        argv = []
+    result = subprocess.run(
+        [*argv, "/usr/bin/python3", "-c", _CONNECT, path],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return result.stdout.strip()
 
 
 async def test_begin_returns_the_extent_maps_of_full_and_incremental_backups(
@@ -274,15 +342,22 @@ async def test_has_overlay_follows_the_job_not_the_process(
     assert not await has_overlay()
 
 
-async def test_a_backup_export_serves_only_the_workers_certificate(
-    server: HostServer, conn: Connection, vm: SmallVm, vm_dir: Path, tmp_path: Path
+async def test_a_remote_backup_export_serves_only_the_workers_certificate(
+    remote: HostServer, conn: Connection, vm: SmallVm, vm_dir: Path, tmp_path: Path
 ) -> None:
-    """Issue 11, item 4: any local user could read a VM's disk through its export."""
+    """Issue 11, item 4: any local user could read a VM's disk through its export. A
+    remote server's export listens on TCP with TLS and client certificates."""
     await guest_write(conn, vm.name, "vda", 0, MiB, pattern=0x42)
-    begun = await _begin(server, vm, vm_dir, job_id=f"job-{os.getpid()}-tls")
+    req = BackupBeginRequest(
+        server_id="remote", vm_name=vm.name, quiesce=False, job_id=f"job-{os.getpid()}-tls"
+    )
+    begun = await backups.begin(
+        remote, req, str(vm_dir), ExportCredentials.load(shared_pki_dir()), INSTALLATION
+    )
     try:
         url = _disk(begun, "vda").nbd_url
-        assert url.startswith("nbds://127.0.0.1:"), url
+        assert url.startswith(f"nbds://{remote.nbd_host}:"), url
+        assert not _socket_dirs(vm_dir)
         with pytest.raises(NbdError, match="TLS"):
             await NbdClient.connect_uri(url.replace("nbds://", "nbd://", 1), timeout=10)
         ours = ExportCredentials.load(shared_pki_dir())
@@ -298,8 +373,81 @@ async def test_a_backup_export_serves_only_the_workers_certificate(
         ) as nbd:
             assert await nbd.read(0, 4) == b"\x42" * 4
     finally:
+        end = BackupEndRequest(server_id="remote", vm_name=vm.name, checkpoint=begun.checkpoint)
+        await backups.end(remote, end, str(vm_dir))
+    assert await current_backup(conn, vm.name) is None
+
+
+async def test_a_local_backup_export_is_a_socket_only_root_and_qemu_can_reach(
+    server: HostServer, conn: Connection, vm: SmallVm, vm_dir: Path
+) -> None:
+    """Issue 13: a local server's export listens on a Unix socket, without TLS, in a
+    directory (0700) of the user QEMU runs as: root (the workers) reads, nobody else
+    even reaches the socket. It goes when the backup ends, fails or was left behind."""
+    await guest_write(conn, vm.name, "vda", 0, MiB, pattern=0x42)
+    uuid = str((await conn.lookup(vm.name)).UUIDString())
+    begun = await _begin(server, vm, vm_dir, job_id=f"job-{os.getpid()}-unix")
+    try:
+        url = _disk(begun, "vda").nbd_url
+        assert url.startswith("nbd+unix:///vda?socket="), url
+        socket_path = url.split("socket=", 1)[1]
+        directory = Path(socket_path).parent
+        assert _socket_dirs(vm_dir) == [directory]
+        assert directory.name.startswith(f"vb-{uuid}-") and Path(socket_path).name == SOCKET_NAME
+        info = directory.stat()
+        assert stat.S_IMODE(info.st_mode) == 0o700
+        assert info.st_uid == _qemu_uid(vm.name) != 0
+        assert _connect_as("nobody", socket_path) == "PermissionError 13"
+        assert _connect_as("root", socket_path).startswith("connected b'NBDMAGIC'")
+        async with await NbdClient.connect_uri(url, meta_contexts=[BASE_ALLOCATION]) as nbd:
+            assert await nbd.read(0, 4) == b"\x42" * 4
+    finally:
         end = BackupEndRequest(server_id="local", vm_name=vm.name, checkpoint=begun.checkpoint)
         await backups.end(server, end, str(vm_dir))
+    assert not directory.exists() and _socket_dirs(vm_dir) == []
+
+    # A begin that fails (the VM has someone else's backup job) leaves no directory.
+    foreign = await begin_backup(
+        conn,
+        vm.name,
+        server=TcpServer("127.0.0.1", free_port()),
+        scratch_dir=str(vm_dir),
+        checkpoint=None,
+    )
+    try:
+        with pytest.raises(Conflict, match="already has a backup job"):
+            await _begin(server, vm, vm_dir, job_id=f"job-{os.getpid()}-unix2")
+        assert _socket_dirs(vm_dir) == []
+    finally:
+        await end_backup(conn, foreign)
+
+    # A directory its job left (QEMU killed, the inventory gone) goes at the next end.
+    left = vm_dir / f"vb-{uuid}-AbCdEf.nbd"
+    left.mkdir(mode=0o700)
+    (left / SOCKET_NAME).touch()
+    end = BackupEndRequest(server_id="local", vm_name=vm.name, checkpoint=begun.checkpoint)
+    await backups.end(server, end, str(vm_dir))
+    assert _socket_dirs(vm_dir) == []
+
+
+async def test_a_scratch_directory_too_long_for_a_socket_gets_tls(
+    server: HostServer, conn: Connection, vm: SmallVm, vm_dir: Path
+) -> None:
+    """A Unix socket's path has at most 107 bytes: past that, TCP with TLS as remote."""
+    scratch = vm_dir / ("s" * 60)
+    scratch.mkdir(mode=0o755, exist_ok=True)
+    begun = await _begin(server, vm, scratch, job_id=f"job-{os.getpid()}-long")
+    try:
+        url = _disk(begun, "vda").nbd_url
+        assert url.startswith("nbds://127.0.0.1:"), url
+        assert _socket_dirs(scratch) == []
+        tls = ExportCredentials.load(shared_pki_dir()).client
+        async with await NbdClient.connect_uri(url, tls=tls) as nbd:
+            assert nbd.size == 32 * MiB
+    finally:
+        end = BackupEndRequest(server_id="local", vm_name=vm.name, checkpoint=begun.checkpoint)
+        await backups.end(server, end, str(scratch))
+    assert await current_backup(conn, vm.name) is None
 
 
 async def test_an_inventory_that_starts_ends_the_backup_jobs_nobody_will_end(
@@ -329,11 +477,10 @@ async def test_an_inventory_that_starts_ends_the_backup_jobs_nobody_will_end(
     assert len(done) == 1 and "dropped" in done[0], done
     assert await current_backup(conn, vm.name) is None
     assert await ownership.read_tag(conn, vm.name) is None
+    assert _socket_dirs(vm_dir) == []
     assert {c.name for c in await list_checkpoints(conn, vm.name)} == before
     with pytest.raises(NbdError):
-        await NbdClient.connect_uri(
-            _disk(begun, "vda").nbd_url, tls=ExportCredentials.load(shared_pki_dir()).client
-        )
+        await NbdClient.connect_uri(_disk(begun, "vda").nbd_url)
 
     # Ours, and its job succeeded (the orchestrator could not end it): the checkpoint of
     # the committed restore point stays.
@@ -355,6 +502,7 @@ async def test_an_inventory_that_starts_ends_the_backup_jobs_nobody_will_end(
     done = await run()
     assert done == [f"{vm.name}: ended an untagged backup job of VirtBackup's"], done
     assert await current_backup(conn, vm.name) is None
+    assert _socket_dirs(vm_dir) == []
     # Someone else's untagged backup (scratch files elsewhere) is left alone.
     elsewhere = vm_dir / "elsewhere"
     elsewhere.mkdir(exist_ok=True)
@@ -459,7 +607,9 @@ async def test_end_says_the_vm_stopped_only_when_it_did(
     dom = await conn.lookup(vm.name)
     await conn.call(dom.destroy)
     await conn.call(dom.create)  # stopped, and started again: another process
+    assert _socket_dirs(vm_dir)  # QEMU died with its job: its socket's directory stayed
     assert await backups.end(server, end_of(begun, success=False), str(vm_dir))
+    assert _socket_dirs(vm_dir) == []
 
     begun = await _begin(server, vm, vm_dir, job_id=f"job-{os.getpid()}-stop3")
     await conn.call((await conn.lookup(vm.name)).destroy)

@@ -13,6 +13,15 @@ the normal end, the checkpoint stays). Readers must be done by then. libvirt rem
 scratch files it created when the job ends; :func:`end_backup` removes any that remain.
 Scratch files are named ``vb-<domain uuid>-<target>.scratch`` in the caller's scratch
 directory, so leftovers of a crashed run can be found per domain.
+
+A server on a Unix socket (:class:`UnixServer`) is made in a directory of its own in the
+scratch directory, ``vb-<domain uuid>-<random>.nbd`` (:func:`make_socket_dir`), that
+only root and the user QEMU runs as may enter. libvirt labels nothing for a backup's
+socket: QEMU itself creates it (mode 0775 under libvirt's umask), so the directory must
+be QEMU's to write in (a root-owned 0700 one fails: ``nbd-server-start``: "Failed to
+unlink socket ...: Permission denied"). QEMU removes the socket when the job ends;
+:func:`end_backup` removes the directory, and :func:`remove_socket_dirs` what a job
+that ended otherwise left.
 """
 
 from __future__ import annotations
@@ -169,6 +178,92 @@ def scratch_path(scratch_dir: str, uuid: str, target: str) -> str:
 def scratch_pattern(uuid: str) -> str:
     """A glob matching every scratch file of domain ``uuid`` (see :func:`scratch_path`)."""
     return f"vb-{uuid}-*.scratch"
+
+
+#: The socket's name in a directory made by :func:`make_socket_dir`.
+SOCKET_NAME = "nbd.sock"
+#: The longest path a Unix socket may have on Linux (``sun_path`` holds 108 bytes).
+MAX_SOCKET_PATH = 107
+
+
+def socket_dir_pattern(uuid: str) -> str:
+    """A glob matching every socket directory of domain ``uuid`` (:func:`make_socket_dir`)."""
+    return f"vb-{uuid}-*.nbd"
+
+
+def socket_path_fits(scratch_dir: str, uuid: str) -> bool:
+    """Whether a socket in a directory :func:`make_socket_dir` would make in
+    ``scratch_dir`` has a path short enough for a Unix socket."""
+    probe = os.path.join(scratch_dir, socket_dir_pattern(uuid).replace("*", "XXXXXX"))
+    return len(os.path.join(probe, SOCKET_NAME).encode()) <= MAX_SOCKET_PATH
+
+
+async def qemu_owner(conn: Connection, name: str) -> str | None:
+    """``uid:gid`` of the running domain's QEMU process, from its live XML's DAC label
+    (``<seclabel model='dac'><label>+64055:+64055</label>``; ``0:0`` for a QEMU that
+    runs as root); ``None`` when the XML has no such label. Raises NotFound for an
+    unknown domain."""
+    dom = await conn.lookup(name)
+    root = _xml.parse(str(await conn.call(dom.XMLDesc, 0)))
+    for label in root.findall("./seclabel"):
+        if label.get("model") != "dac":
+            continue
+        text = (label.findtext("label") or "").strip()
+        if ":" in text:
+            uid, gid = text.split(":", 1)
+            return f"{uid.lstrip('+')}:{gid.lstrip('+')}"
+    return None
+
+
+async def make_socket_dir(host: Host, scratch_dir: str, uuid: str, owner: str) -> str:
+    """A new directory ``<scratch_dir>/vb-<uuid>-<random>.nbd``, mode 0700, owned by
+    ``owner`` (``uid:gid``, see :func:`qemu_owner`): only root and QEMU may enter, and
+    QEMU may create its socket there. Returns its path. Raises CommandFailed when it
+    cannot be made (a half-made one is removed)."""
+    template = os.path.join(scratch_dir, socket_dir_pattern(uuid).replace("*", "XXXXXX"))
+    made = await host.run(["mktemp", "-d", template], timeout=30)
+    made.check()
+    path = made.stdout.strip()
+    owned = await host.run(["chown", owner, "--", path], timeout=30)
+    if owned.returncode != 0:
+        await host.run(["rmdir", "--", path], timeout=30)
+        owned.check()
+    return path
+
+
+async def remove_socket_dirs(host: Host, scratch_dir: str, uuid: str) -> list[str]:
+    """Remove the socket directories of domain ``uuid`` in ``scratch_dir`` (their socket,
+    then themselves); returns the paths removed. Call it only while the domain has no
+    backup job: a running job's socket goes with them. Idempotent."""
+    found = await host.run(
+        [
+            "find", scratch_dir, "-mindepth", "1", "-maxdepth", "1", "-type", "d",
+            "-name", socket_dir_pattern(uuid), "-print0",
+        ],
+        timeout=30,
+    )  # fmt: skip
+    paths = sorted(p for p in found.stdout.split("\0") if p) if found.returncode == 0 else []
+    for path in paths:
+        await _remove_socket_dir(host, path)
+    return paths
+
+
+async def _remove_socket_dir(host: Host, path: str) -> None:
+    # QEMU may leave its socket (a symbolic link put there is removed, never followed).
+    (await host.run(["rm", "-rf", "--", path], timeout=30)).check()
+
+
+def _own_socket_dir(server: NbdServer, uuid: str) -> str | None:
+    """The directory of ``server``'s socket when :func:`make_socket_dir` made it for
+    domain ``uuid``, else ``None`` (a socket someone else chose is never removed)."""
+    if not isinstance(server, UnixServer):
+        return None
+    directory = os.path.dirname(server.socket)
+    prefix, suffix = socket_dir_pattern(uuid).split("*")
+    name = os.path.basename(directory)
+    if os.path.basename(server.socket) != SOCKET_NAME:
+        return None
+    return directory if name.startswith(prefix) and name.endswith(suffix) else None
 
 
 def build_backup_xml(
@@ -442,16 +537,16 @@ async def end_backup(
 
     Idempotent: with no backup job running only the scratch files are removed. Another
     kind of job (e.g. a migration) is left alone. The checkpoint created at the begin is
-    kept. Scratch files are removed through ``host`` (default: the connection's host);
-    with neither, libvirt's own removal is relied on. Raises VirtTimeout if the job is
-    still there after ``timeout`` seconds.
+    kept. Scratch files, and the socket's directory when :func:`make_socket_dir` made it,
+    are removed through ``host`` (default: the connection's host); with neither,
+    libvirt's own removal is relied on. Raises VirtTimeout if the job is still there
+    after ``timeout`` seconds, CommandFailed when the socket's directory cannot be
+    removed.
     """
     name = job if isinstance(job, str) else job.domain
-    scratch = [] if isinstance(job, str) else [e.scratch for e in job.exports if e.scratch]
-    if isinstance(job, str):
-        running = await current_backup(conn, name)
-        if running is not None:
-            scratch = [e.scratch for e in running.exports if e.scratch]
+    running = await current_backup(conn, name) if isinstance(job, str) else job
+    scratch = [e.scratch for e in running.exports if e.scratch] if running is not None else []
+    sockets = _own_socket_dir(running.server, running.uuid) if running is not None else None
     dom = await conn.lookup(name)
     if await backup_running(conn, name):
         try:
@@ -463,6 +558,8 @@ async def end_backup(
     runner = host if host is not None else conn.host
     if runner is not None and scratch:
         await remove_files(runner, scratch)
+    if runner is not None and sockets is not None:
+        await _remove_socket_dir(runner, sockets)
 
 
 async def wait_job_gone(conn: Connection, name: str, *, timeout: float = 30.0) -> None:

@@ -27,7 +27,8 @@ Detected (:func:`find_leftovers`):
    ``PIVOT``); for a stopped one ``qemu-img commit`` on the host and a redefinition of
    the domain with the backing image as the disk source. libvirt snapshot metadata that
    points at the overlay is deleted (metadata only) and the overlay file removed;
-4. removes the scratch files that remain.
+4. removes the scratch files that remain, and the directories of backups' Unix sockets
+   (``vb-<uuid>-*.nbd``, see :func:`virtbackup.virt.backup.make_socket_dir`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ from typing import Any
 import libvirt
 
 from virtbackup.virt import _xml
-from virtbackup.virt.backup import JobInfo, end_backup, job_info, scratch_pattern
+from virtbackup.virt.backup import (
+    JobInfo,
+    end_backup,
+    job_info,
+    remove_socket_dirs,
+    scratch_pattern,
+)
 from virtbackup.virt.checkpoints import bitmap_problems, delete_checkpoint, list_checkpoints
 from virtbackup.virt.connection import Connection
 from virtbackup.virt.disks import Disk, parse_disks
@@ -198,8 +205,11 @@ async def cleanup_leftovers(
     removed: list[str] = []
     if scratch_dir is not None and runner is not None:
         dom = await conn.lookup(name)
-        removed = await list_files(runner, scratch_dir, scratch_pattern(str(dom.UUIDString())))
+        uuid = str(dom.UUIDString())
+        removed = await list_files(runner, scratch_dir, scratch_pattern(uuid))
         await remove_files(runner, removed)
+        # The directories of backups' Unix sockets (no backup job runs any more).
+        removed += await remove_socket_dirs(runner, scratch_dir, uuid)
     return CleanupReport(
         aborted_job=aborted,
         deleted_checkpoints=tuple(deleted),

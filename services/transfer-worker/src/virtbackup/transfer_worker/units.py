@@ -40,7 +40,21 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-#: Chunks of one unit in flight at once (reads pipeline on the NBD connection).
+#: Chunks of one backup or verify unit in flight at once (reads pipeline on the NBD
+#: connection). Each holds a chunk buffer (4 MiB), then its blob until stored; a chunk
+#: read in part also its parent's plaintext. A worker works ``worker_units`` (2) units
+#: at once on one connection per disk: up to 16 chunk reads, 32 NBD requests of 2 MiB,
+#: of which QEMU's NBD server serves 16 at once on a connection (32 across the default
+#: two workers). The benchmark machine's disk reads ~600 MB/s with one 1-4 MiB
+#: ``O_DIRECT`` read in flight and ~1300 MB/s with 4-8 (through a backup export, one
+#: chunk read at a time: 335-560 MB/s; four: 718-1380), so this is enough: through the
+#: export (``bench/export_reads.py --units``: one worker's ``backup_unit``, Unix
+#: socket, cold ``cache='none'`` qcow2, 1611 MB) 8 kept 6.2-10.4 chunk reads in flight
+#: on average (12-20 requests), 4 kept 2.1-4.4; reading waited on hashing and
+#: compressing (2.7-2.9 CPU s), not on the disk. 4 would hold half the buffers (a full
+#: backup's worker peaked at 170-182 MiB against 212-249 MiB with 8) but was slower end
+#: to end: whole full backups through the services, two workers, nine interleaved
+#: pairs, median 6.6 s against 5.7 s, slower in six.
 CHUNKS_IN_FLIGHT = 8
 #: Chunks of one restore unit in flight at once. Each holds its blob and its plaintext
 #: until the export has written it. On the benchmark restore (2 workers, 2 units each)
