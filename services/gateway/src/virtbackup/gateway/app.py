@@ -18,11 +18,11 @@ from virtbackup.gateway.controllers.destinations import DestinationsController, 
 from virtbackup.gateway.controllers.events import EventsController
 from virtbackup.gateway.controllers.exports import ExportsController
 from virtbackup.gateway.controllers.jobs import JobsController
+from virtbackup.gateway.controllers.lifecycle_gc import LifecycleGcController
 from virtbackup.gateway.controllers.lifecycle_points import (
     POINT_BODIES,
     RestorePointsController,
 )
-from virtbackup.gateway.controllers.lifecycle_gc import LifecycleGcController
 from virtbackup.gateway.controllers.restore import RestoreController
 from virtbackup.gateway.controllers.servers import ServersController
 from virtbackup.gateway.controllers.system import SystemController

@@ -29,8 +29,8 @@ from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job, JobState
 from virtbackup.job_orchestrator.backup import end_libvirt_job, run_backup
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.jobctx import JobContext
-from virtbackup.job_orchestrator.points import auto_prune, run_prune
 from virtbackup.job_orchestrator.lifecycle_gc import admitted, run_gc, run_verify
+from virtbackup.job_orchestrator.points import auto_prune, run_prune
 from virtbackup.job_orchestrator.restore import prepared_targets, run_restore, run_sanity
 from virtbackup.repository.format import xml_path
 from virtbackup.repository.repository import RepositoryError

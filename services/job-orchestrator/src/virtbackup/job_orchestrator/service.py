@@ -8,8 +8,8 @@ from virtbackup.contracts import buckets, streams, subjects
 from virtbackup.job_orchestrator.exports import close_exports, export_commands, open_exports
 from virtbackup.job_orchestrator.handlers import commands
 from virtbackup.job_orchestrator.jobctx import JobContext
-from virtbackup.job_orchestrator.points import point_commands
 from virtbackup.job_orchestrator.lifecycle_gc_commands import lifecycle_commands
+from virtbackup.job_orchestrator.points import point_commands
 from virtbackup.job_orchestrator.runner import sweep
 from virtbackup.runtime.service import ServiceContext, ServiceSpec
 
