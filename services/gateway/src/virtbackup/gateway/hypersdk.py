@@ -1,6 +1,7 @@
 """The HyperSDK-style API (``hypersdk-api.md``), on its own listener.
 
-Served here: health, status and VM discovery against the inventory's libvirt servers.
+Served here: health, status and VM discovery against the inventory's libvirt servers;
+jobs and schedules (``hypersdk_jobs``).
 vSphere is not a source VirtBackup has: a request naming only ``vcenter_url`` is refused
 with a clear 400. A libvirt VM is addressed by ``server_id`` and its name, or by
 ``vm_path`` written ``<server_id>/<vm name>``; a server id or VM name that no server
@@ -27,6 +28,7 @@ from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.bodies import SnakeBody
 from virtbackup.gateway.edge import check_request
 from virtbackup.gateway.errors import HANDLERS, readable, responses
+from virtbackup.gateway.hypersdk_jobs import HyperSdkJobsController
 from virtbackup.gateway.openapi import finish_document
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__, timeouts
@@ -228,7 +230,7 @@ def create_hypersdk_asgi(gw: Gateway) -> TokenAuth:
         return gw
 
     app = Litestar(
-        route_handlers=[HyperSdkController],
+        route_handlers=[HyperSdkController, HyperSdkJobsController],
         dependencies={"gw": Provide(provide_gateway, sync_to_thread=False)},
         exception_handlers=HANDLERS,
         before_request=check_request,
