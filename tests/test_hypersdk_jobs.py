@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ HOLD = 3.0
 PREFIX = f"vbt-hsj-{os.getpid()}"
 WEB = [f"{PREFIX}-web-1", f"{PREFIX}-web-2"]
 DB = f"{PREFIX}-db"
+#: Longer than a scheduler tick (1 s) on every replica.
+TICK_WAIT = 2.5
 
 
 @pytest.fixture(scope="module")
@@ -390,3 +393,65 @@ async def test_a_due_run_fires_once_with_two_replicas(
     mine = [e["type"] for e in events if e["payload"]["schedule_id"] == schedule_id]
     assert mine == ["schedule.triggered", "schedule.completed"], mine
     await hs.delete(f"/schedules/{schedule_id}")
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def test_a_run_missed_while_down_is_caught_up_once(
+    hs: httpx.AsyncClient, hs_system: System
+) -> None:
+    """Both orchestrators stop; two daily schedules come due meanwhile, one 3 minutes
+    ago (within the 12 h catch-up window: it runs once at start) and one 13 hours ago
+    (outside it: counted as missed, not run)."""
+    now = datetime.now(UTC)
+    runs = {
+        f"recent-{os.getpid()}": (now - timedelta(minutes=3)).replace(second=0, microsecond=0),
+        f"stale-{os.getpid()}": (now - timedelta(hours=13)).replace(second=0, microsecond=0),
+    }
+    for schedule_id, at in runs.items():
+        created = await hs.post(
+            "/schedules",
+            json={
+                "id": schedule_id,
+                "schedule": f"{at.minute} {at.hour} * * *",
+                "enabled": False,
+                "job_template": definition(f"local/{DB}"),
+            },
+        )
+        assert created.status_code == 201, created.text
+    jobs_before = await job_count(hs)
+    hs_system.stop("job-orchestrator")
+    hs_system.stop("job-orchestrator-2")
+    # What the records would say had the orchestrators stopped before these times.
+    nc = await connect(hs_system.nats)
+    try:
+        kv = await nc.jetstream().key_value("VB_SCHEDULES")
+        for schedule_id, at in runs.items():
+            entry = await kv.get(schedule_id)
+            assert entry.value is not None
+            record = {**json.loads(entry.value), "enabled": True, "next_run": iso(at)}
+            await kv.put(schedule_id, json.dumps(record).encode())
+    finally:
+        await nc.drain()
+    hs_system.start("job-orchestrator")
+    hs_system.start("job-orchestrator-2")
+    hs_system.wait_ready()
+
+    recent_id, stale_id = runs
+    caught = await wait_schedule(
+        hs, recent_id, lambda s: s["last_status"] in {"success", "failure"}
+    )
+    assert caught["last_status"] == "success", caught
+    assert caught["run_count"] == 1 and caught["missed_runs"] == 0
+    assert caught["next_run"] == iso(runs[recent_id] + timedelta(days=1))
+    stale = await wait_schedule(hs, stale_id, lambda s: s["missed_runs"] == 1)
+    assert stale["run_count"] == 0 and stale["last_run"] is None
+    assert stale["next_run"] == iso(runs[stale_id] + timedelta(days=1))
+    assert "not caught up" in stale["last_message"]
+    await asyncio.sleep(TICK_WAIT)
+    assert await job_count(hs) == jobs_before + 1
+    assert (await hs.get(f"/schedules/{recent_id}")).json()["run_count"] == 1
+    for schedule_id in runs:
+        assert (await hs.delete(f"/schedules/{schedule_id}")).status_code == 200
