@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -491,12 +492,17 @@ async def tick(jc: JobContext) -> None:
 
 
 async def run_scheduler(jc: JobContext) -> None:
-    """The scheduler of this replica: ``tick`` every ``TICK_SECONDS`` until it stops."""
+    """The scheduler of this replica: ``tick`` at every whole ``TICK_SECONDS`` of the
+    clock until it stops. Every replica ticks at the same moments, so a run due at a
+    whole second starts within milliseconds of it, and replicas that race for it do
+    race (the claim's compare-and-set decides)."""
     stopping = jc.ctx.stopping
     while not stopping.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), TICK_SECONDS - time.time() % TICK_SECONDS)
+        if stopping.is_set():
+            return
         try:
             await tick(jc)
         except Exception:
             log.exception("scheduler tick failed")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), TICK_SECONDS)
