@@ -6,6 +6,7 @@ and every glob expanded against the configuration and the inventory before the f
 job is created, so that bad input (a vSphere source, a ``kvm`` destination, an unknown
 server or destination, a glob that matches no VM) changes nothing. Each VM's job is
 then the agent API's backup (``handlers.backup``): the same jobs, locks and events.
+``JobCmd.SUBMIT`` is ``definition_commands``' (attached by ``service``).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from virtbackup.contracts.v1.schedules import (
     JobSubmitResult,
     JobTarget,
 )
-from virtbackup.job_orchestrator.handlers import backup, commands
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.runtime import timeouts
 from virtbackup.runtime.agent_config import find_destination
+from virtbackup.runtime.commands import Commands
 from virtbackup.runtime.errors import BadRequest, NotFound, ServiceError, Unavailable
 
+definition_commands: Commands[JobContext] = Commands()
 GLOB_CHARS = frozenset("*?[")
 SOURCE_FIELDS = frozenset({"type", "server_id"})
 VSPHERE_FIELDS = frozenset({"vcenter_url", "username", "password", "datacenter"})
@@ -179,6 +181,10 @@ async def submit(jc: JobContext, definition: JobDefinition) -> JobSubmitResult:
     refused before anything is created). For a single VM an error creating its job is
     raised (409 when it has a backup running); for a glob such errors are listed in
     ``errors`` and raised only when no job could be created."""
+    # Imported here: ``handlers`` is in an import cycle (handlers -> runner -> points ->
+    # exports -> handlers) that only an import of ``exports`` first resolves.
+    from virtbackup.job_orchestrator.handlers import backup
+
     requests, glob = await expand(jc, definition)
     job_ids: list[str] = []
     errors: list[str] = []
@@ -197,13 +203,7 @@ async def submit(jc: JobContext, definition: JobDefinition) -> JobSubmitResult:
     return JobSubmitResult(job_ids=job_ids, targets=targets, errors=errors)
 
 
-@commands.handler(JobCmd.SUBMIT, JobSubmitRequest)
+@definition_commands.handler(JobCmd.SUBMIT, JobSubmitRequest)
 async def submit_definition(jc: JobContext, req: JobSubmitRequest) -> JobSubmitResult:
-    """``POST /jobs/submit``: check and expand a definition, then (unless ``dry_run``)
-    create its jobs."""
-    if req.dry_run:
-        requests, _ = await expand(jc, req.definition)
-        return JobSubmitResult(
-            targets=[JobTarget(server_id=r.server_id, vm_name=r.vm_name) for r in requests]
-        )
+    """``POST /jobs/submit``: check and expand a definition, then create its jobs."""
     return await submit(jc, req.definition)

@@ -5,6 +5,7 @@ that ends the jobs of instances that died, and the instant-access exports' comma
 from __future__ import annotations
 
 from virtbackup.contracts import buckets, streams, subjects
+from virtbackup.job_orchestrator.definitions import definition_commands
 from virtbackup.job_orchestrator.exports import close_exports, export_commands, open_exports
 from virtbackup.job_orchestrator.handlers import commands
 from virtbackup.job_orchestrator.jobctx import JobContext
@@ -22,14 +23,13 @@ def job_context(ctx: ServiceContext) -> JobContext:
 
 
 async def register(ctx: ServiceContext) -> None:
-    """Subscribe the commands (``schedules`` imports ``definitions``, whose
-    ``JobCmd.SUBMIT`` handler is on ``commands``)."""
     jc = JobContext(ctx)
     _contexts[id(ctx)] = jc
     commands.attach(ctx.bus, jc)
     export_commands.attach(ctx.bus, jc)
     point_commands.attach(ctx.bus, jc)
     schedule_commands.attach(ctx.bus, jc)
+    definition_commands.attach(ctx.bus, jc)
 
 
 async def start(ctx: ServiceContext) -> None:

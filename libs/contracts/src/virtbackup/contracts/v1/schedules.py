@@ -45,11 +45,9 @@ class JobDefinition(Snake, frozen=True, kw_only=True):
 
 
 class JobSubmitRequest(Snake, frozen=True, kw_only=True):
-    """Submit one backup job per VM the definition names. ``dry_run``: check and expand
-    only (what a schedule's creation does), nothing is created."""
+    """Submit one backup job per VM the definition names."""
 
     definition: JobDefinition
-    dry_run: bool = False
 
 
 class JobTarget(Snake, frozen=True, kw_only=True):
