@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 import msgspec
-from litestar import Controller, Response, delete, get, post, put
+from litestar import Controller, delete, get, post, put
 
 from virtbackup.contracts.subjects import JobCmd, ScheduleCmd
 from virtbackup.contracts.v1.common import Empty, shown
@@ -40,7 +40,7 @@ from virtbackup.contracts.v1.schedules import (
     ScheduleStats,
     ScheduleUpdate,
 )
-from virtbackup.gateway.bodies import SnakeBody
+from virtbackup.gateway.bodies import NoBody, SnakeBody
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
@@ -324,21 +324,28 @@ class HyperSdkJobsController(Controller):
         return {"message": "schedule deleted successfully"}
 
     @post("/schedules/{schedule_id:str}/enable", status_code=200, responses=responses(404))
-    async def enable(self, gw: Gateway, schedule_id: str) -> dict[str, str]:
+    async def enable(
+        self, gw: Gateway, schedule_id: str, data: NoBody | None = None
+    ) -> dict[str, str]:
         """Enable a schedule (its next run is planned from now)."""
         await self._update(gw, ScheduleUpdate(id=schedule_id, enabled=True))
         return {"message": "schedule enabled successfully"}
 
     @post("/schedules/{schedule_id:str}/disable", status_code=200, responses=responses(404))
-    async def disable(self, gw: Gateway, schedule_id: str) -> dict[str, str]:
+    async def disable(
+        self, gw: Gateway, schedule_id: str, data: NoBody | None = None
+    ) -> dict[str, str]:
         """Disable a schedule (a run already going goes on)."""
         await self._update(gw, ScheduleUpdate(id=schedule_id, enabled=False))
         return {"message": "schedule disabled successfully"}
 
     @post("/schedules/{schedule_id:str}/trigger", status_code=200, responses=responses(404, 409))
-    async def trigger(self, gw: Gateway, schedule_id: str) -> Response[dict[str, Any]]:
-        """Run the schedule now; ``skipped: true`` when its previous run is still going
-        (the skipped run is counted and reported as the scheduler's are)."""
+    async def trigger(
+        self, gw: Gateway, schedule_id: str, data: NoBody | None = None
+    ) -> dict[str, Any]:
+        """Run the schedule now (no body, or ``{}``); ``skipped: true`` when its previous
+        run is still going (the skipped run is counted and reported as the scheduler's
+        are)."""
         run = await gw.bus.request(
             ScheduleCmd.TRIGGER,
             ScheduleRef(id=schedule_id),
@@ -346,5 +353,4 @@ class HyperSdkJobsController(Controller):
             timeout=timeouts.JOB_COMMAND,
         )
         message = run.message if run.skipped else "schedule triggered successfully"
-        body = {"message": message, "job_ids": run.job_ids, "skipped": run.skipped}
-        return Response(body)
+        return {"message": message, "job_ids": run.job_ids, "skipped": run.skipped}
