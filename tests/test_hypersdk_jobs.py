@@ -455,3 +455,35 @@ async def test_a_run_missed_while_down_is_caught_up_once(
     assert (await hs.get(f"/schedules/{recent_id}")).json()["run_count"] == 1
     for schedule_id in runs:
         assert (await hs.delete(f"/schedules/{schedule_id}")).status_code == 200
+
+
+async def test_a_run_that_cannot_start_is_failed_and_reported(
+    hs: httpx.AsyncClient, conn: Connection, events: list[dict[str, Any]]
+) -> None:
+    """The VM of a schedule is gone by its run: the run fails (``schedule.failed``,
+    ``failed_runs``) and the trigger answers 404 naming the VM."""
+    directory = vm_directory()
+    gone = f"{PREFIX}-gone"
+    await create_vm(conn, gone, directory, [16 * MiB], start=False)
+    schedule_id = f"gone-{os.getpid()}"
+    try:
+        created = await hs.post(
+            "/schedules",
+            json={"id": schedule_id, "schedule": "@daily", "job_template": definition(gone)},
+        )
+        assert created.status_code == 201, created.text
+    finally:
+        await remove_vm(conn, gone, delete_directory=directory)
+    resp = await hs.post(f"/schedules/{schedule_id}/trigger")
+    assert resp.status_code == 404 and gone in resp.json()["error"], resp.text
+    failed = (await hs.get(f"/schedules/{schedule_id}")).json()
+    assert failed["last_status"] == "failure" and failed["failed_runs"] == 1, failed
+    assert failed["run_count"] == 1 and gone in failed["last_message"]
+    for _ in range(50):
+        if any(e["type"] == "schedule.failed" for e in events):
+            break
+        await asyncio.sleep(0.1)
+    mine = [e for e in events if e["payload"]["schedule_id"] == schedule_id]
+    assert [e["type"] for e in mine] == ["schedule.failed"]
+    assert gone in mine[0]["payload"]["message"]
+    assert (await hs.delete(f"/schedules/{schedule_id}")).status_code == 200

@@ -19,7 +19,7 @@ import msgspec
 
 from virtbackup.contracts.subjects import InventoryCmd, JobCmd
 from virtbackup.contracts.v1.common import ServerId, VmName, shown
-from virtbackup.contracts.v1.inventory import ServerRef, ServerVms
+from virtbackup.contracts.v1.inventory import ServerRef, ServerVms, VmInfo, VmRef
 from virtbackup.contracts.v1.jobs import BackupRequest
 from virtbackup.contracts.v1.schedules import (
     JobDefinition,
@@ -134,7 +134,18 @@ def split_path(vm_path: str, server_id: str | None) -> tuple[str, str]:
     return server_pat, vm_pat
 
 
-async def _vms_of(jc: JobContext, server_id: str) -> list[str]:
+async def _vms_of(jc: JobContext, server_id: str, vm_pat: str) -> list[str]:
+    """The VMs of the server ``vm_pat`` matches: a glob against the inventory's list, a
+    plain name asked of the server itself (a VM defined a moment ago is found)."""
+    if not is_glob(vm_pat):
+        ref = VmRef(server_id=server_id, vm_name=vm_pat)
+        try:
+            await jc.bus.request(
+                InventoryCmd.VM_INFO, ref, VmInfo, timeout=timeouts.INVENTORY_QUERY
+            )
+        except NotFound:
+            return []
+        return [vm_pat]
     vms = await jc.bus.request(
         InventoryCmd.VMS,
         ServerRef(server_id=server_id),
@@ -161,7 +172,7 @@ async def expand(jc: JobContext, definition: JobDefinition) -> tuple[list[Backup
         if is_glob(server_pat):
             raise NotFound(f"vm_path: no configured server matches {shown(server_pat)}")
         raise NotFound(f"server {shown(server_pat)} not found")
-    listed = await asyncio.gather(*(_vms_of(jc, s) for s in servers))
+    listed = await asyncio.gather(*(_vms_of(jc, s, vm_pat) for s in servers))
     requests = [
         BackupRequest(server_id=server, vm_name=name, destination_id=dest.id, fresh=fresh)
         for server, names in zip(servers, listed, strict=True)
