@@ -133,10 +133,22 @@ AGENT_POSTS: dict[str, dict[str, object]] = {
                                                      "outdatedAfterDays": 1, "serverId": "local",
                                                      "vmName": "no-such-vm"},
 }  # fmt: skip
+HYPERSDK_JOB: dict[str, object] = {
+    "vm_path": "local/no-such-vm",
+    "source": {"type": "libvirt"},
+    "destination": {"type": "backup", "destination_id": "fs"},
+    "options": {},
+}
 HYPERSDK_POSTS: dict[str, dict[str, object]] = {
-    f"/vms/{route}": {"vcenter_url": "", "username": "u", "password": "p",
-                      "vm_path": "local/no-such-vm"}
-    for route in ("shutdown", "poweroff", "remove-cdrom")
+    **{f"/vms/{route}": {"vcenter_url": "", "username": "u", "password": "p",
+                         "vm_path": "local/no-such-vm"}
+       for route in ("shutdown", "poweroff", "remove-cdrom")},
+    "/jobs/submit": HYPERSDK_JOB,
+    "/jobs/query": {"all": True, "job_ids": [], "status": "running", "limit": 1},
+    "/jobs/cancel": {"job_ids": ["no-such-job"], "status": "running"},
+    "/schedules": {"id": "edge", "name": "n", "description": "d", "schedule": "0 2 * * *",
+                   "timezone": "UTC", "enabled": False, "job_template": HYPERSDK_JOB},
+    **{f"/schedules/{{schedule_id}}/{verb}": {} for verb in ("enable", "disable", "trigger")},
 }  # fmt: skip
 
 
@@ -150,8 +162,9 @@ async def test_every_post_route_is_walked(
 
 
 def _concrete(path: str) -> str:
-    path = path.replace("{destination_id}", "no-such-destination")
-    return path.replace("{server_id}", "local").replace("{job_id}", "no-such-job")
+    path = path.replace("{server_id}", "local").replace("{job_id}", "no-such-job")
+    path = path.replace("{schedule_id}", "no-such-schedule")
+    return path.replace("{destination_id}", "no-such-destination")
 
 
 @pytest.mark.parametrize("listener", ["agent", "hypersdk"])

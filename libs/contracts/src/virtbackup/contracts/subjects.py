@@ -98,6 +98,20 @@ class JobCmd:
     GC: Final = command("job", "gc")
     VERIFY: Final = command("job", "verify")
     STATS: Final = command("job", "stats")
+    # The HyperSDK API's job definitions (``v1.schedules.JobSubmitRequest``).
+    SUBMIT: Final = command("job", "submit")
+
+
+class ScheduleCmd:
+    """Schedules (``v1.schedules``), answered by the job-orchestrator."""
+
+    LIST: Final = command("schedule", "list")
+    GET: Final = command("schedule", "get")
+    CREATE: Final = command("schedule", "create")
+    UPDATE: Final = command("schedule", "update")
+    DELETE: Final = command("schedule", "delete")
+    TRIGGER: Final = command("schedule", "trigger")
+    STATS: Final = command("schedule", "stats")
 
 
 class ExportCmd:
@@ -127,6 +141,9 @@ class EventType:
     UNIT_DONE: Final = "unit.done"
     JOB_PROGRESS: Final = "job.progress"
     SERVICE_STARTED: Final = "service.started"
+    SCHEDULE_TRIGGERED: Final = "schedule.triggered"
+    SCHEDULE_COMPLETED: Final = "schedule.completed"
+    SCHEDULE_FAILED: Final = "schedule.failed"
 
 
 class InventoryCmd:

@@ -185,9 +185,10 @@ def _job_orchestrator() -> _Grants:
     g = _base(subjects.JOB_ORCHESTRATOR)
     g.answers(f"{subjects.CMD_ROOT}.job.>")
     g.answers(f"{subjects.CMD_ROOT}.export.>")  # instant-access exports
+    g.answers(f"{subjects.CMD_ROOT}.schedule.>")  # schedules (the scheduler runs here)
     g.sends(f"{subjects.CMD_ROOT}.inventory.>")
     g.sends(subjects.WorkerCmd.SERVE_EXPORT)
-    g.events("job", "agent")
+    g.events("job", "agent", "schedule")
     g.follows_events()  # unit.done
     g.owns(buckets.JOBS, buckets.SCHEDULES, buckets.CONFIG, buckets.LOCKS, buckets.LEASES)
     g.owns(buckets.EXPORTS)

@@ -1,7 +1,8 @@
 """The HyperSDK-style API (``hypersdk-api.md``), on its own listener.
 
 Served here: health, status (``hypersdk_status``), ``/metrics`` (``hypersdk_metrics``),
-``WS /ws`` (``hypersdk_ws``) and VM discovery against the inventory's libvirt servers.
+``WS /ws`` (``hypersdk_ws``), VM discovery against the inventory's libvirt servers, and
+jobs and schedules (``hypersdk_jobs``).
 vSphere is not a source VirtBackup has: a request naming only ``vcenter_url`` is refused
 with a clear 400. A libvirt VM is addressed by ``server_id`` and its name, or by
 ``vm_path`` written ``<server_id>/<vm name>``; a server id or VM name that no server
@@ -26,6 +27,7 @@ from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.bodies import SnakeBody
 from virtbackup.gateway.edge import check_request
 from virtbackup.gateway.errors import HANDLERS, readable, responses
+from virtbackup.gateway.hypersdk_jobs import HyperSdkJobsController
 from virtbackup.gateway.hypersdk_metrics import (
     DedicatedMetricsController,
     MetricsController,
@@ -221,7 +223,7 @@ def create_hypersdk_asgi(gw: Gateway) -> RequestMetrics:
         return gw
 
     app = Litestar(
-        route_handlers=[HyperSdkController, MetricsController, ws],
+        route_handlers=[HyperSdkController, HyperSdkJobsController, MetricsController, ws],
         dependencies={"gw": Provide(provide_gateway, sync_to_thread=False)},
         exception_handlers=HANDLERS,
         before_request=check_request,

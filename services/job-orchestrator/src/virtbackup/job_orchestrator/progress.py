@@ -52,6 +52,7 @@ class Progress:
             "total_units": self.total_units,
             "completed_units": self.completed_units,
             "bytes_transferred": self.bytes_transferred,
+            "total_bytes": self.total_bytes,
             "speed_bytes_per_sec": round(speed, 1),
             "physical_bytes": self.physical_bytes,
             "physical_speed_bytes_per_sec": round(self.physical_bytes / elapsed, 1),

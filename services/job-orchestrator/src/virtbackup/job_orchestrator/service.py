@@ -1,16 +1,18 @@
 """The job-orchestrator service: its commands, its job index, its leases and the sweep
 that ends the jobs of instances that died, and the instant-access exports' commands
-(``exports``). Runs as any number of replicas."""
+(``exports``), and the scheduler (``schedules``). Runs as any number of replicas."""
 
 from __future__ import annotations
 
 from virtbackup.contracts import buckets, streams, subjects
+from virtbackup.job_orchestrator.definitions import definition_commands
 from virtbackup.job_orchestrator.exports import close_exports, export_commands, open_exports
 from virtbackup.job_orchestrator.handlers import commands
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc_commands import lifecycle_commands
 from virtbackup.job_orchestrator.points import point_commands
 from virtbackup.job_orchestrator.runner import sweep
+from virtbackup.job_orchestrator.schedules import run_scheduler, schedule_commands
 from virtbackup.runtime.service import ServiceContext, ServiceSpec
 
 _contexts: dict[int, JobContext] = {}
@@ -28,6 +30,8 @@ async def register(ctx: ServiceContext) -> None:
     export_commands.attach(ctx.bus, jc)
     point_commands.attach(ctx.bus, jc)
     lifecycle_commands.attach(ctx.bus, jc)
+    schedule_commands.attach(ctx.bus, jc)
+    definition_commands.attach(ctx.bus, jc)
 
 
 async def start(ctx: ServiceContext) -> None:
@@ -36,6 +40,7 @@ async def start(ctx: ServiceContext) -> None:
     await open_exports(jc)
     ctx.spawn(jc.leases.keep_alive(ctx.stopping, jc.on_lease_lost), "job-leases")
     ctx.spawn(sweep(jc), "job-sweep")
+    ctx.spawn(run_scheduler(jc), "scheduler")
 
 
 async def stop(ctx: ServiceContext) -> None:

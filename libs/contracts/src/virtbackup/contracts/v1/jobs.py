@@ -38,6 +38,8 @@ class Job(Message, frozen=True, kw_only=True):
     total_units: int = 0
     completed_units: int = 0
     bytes_transferred: int = 0
+    #: Bytes of the VM's disks the job reads or writes in all (0 until it knows).
+    total_bytes: int = 0
     speed_bytes_per_sec: float = 0.0
     physical_bytes: int = 0
     physical_speed_bytes_per_sec: float = 0.0
