@@ -222,8 +222,31 @@ def _transfer_worker() -> _Grants:
 
 def _notifier() -> _Grants:
     g = _base(subjects.NOTIFIER)
+    g.answers(f"{subjects.CMD_ROOT}.notify.>")  # webhooks, ntfy test
+    g.events("notify")  # deliveries given up
     g.follows_events()
     g.owns(buckets.WEBHOOKS)
+    g.reads(buckets.CONFIG)  # ntfy's server, topic, matchers and token
+    # Its durable cursor over VB_EVENTS, and VB_NOTIFY: a consumer per webhook.
+    events, durable = streams.EVENTS.name, streams.NOTIFIER_EVENTS_CONSUMER.durable
+    notify = streams.NOTIFY.name
+    g.publish += _provision_stream(streams.NOTIFY)
+    g.sends(
+        f"{API}.CONSUMER.CREATE.{events}.{durable}",
+        f"{API}.CONSUMER.CREATE.{events}.{durable}.>",
+        f"{API}.CONSUMER.DURABLE.CREATE.{events}.{durable}",
+        f"{API}.CONSUMER.INFO.{events}.{durable}",
+        f"{API}.CONSUMER.MSG.NEXT.{events}.{durable}",
+        f"$JS.ACK.{events}.{durable}.>",
+        f"{API}.CONSUMER.CREATE.{notify}.>",
+        f"{API}.CONSUMER.DURABLE.CREATE.{notify}.>",
+        f"{API}.CONSUMER.INFO.{notify}.>",
+        f"{API}.CONSUMER.DELETE.{notify}.>",
+        f"{API}.CONSUMER.MSG.NEXT.{notify}.>",
+        f"$JS.ACK.{notify}.>",
+        f"{API}.STREAM.PURGE.{notify}",
+        subjects.NOTIFY_ALL,
+    )
     return g
 
 

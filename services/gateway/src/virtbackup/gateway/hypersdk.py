@@ -27,6 +27,7 @@ from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.bodies import SnakeBody
 from virtbackup.gateway.edge import check_request
 from virtbackup.gateway.errors import HANDLERS, readable, responses
+from virtbackup.gateway.hypersdk_hooks import WebhooksController
 from virtbackup.gateway.openapi import finish_document
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__, timeouts
@@ -228,7 +229,7 @@ def create_hypersdk_asgi(gw: Gateway) -> TokenAuth:
         return gw
 
     app = Litestar(
-        route_handlers=[HyperSdkController],
+        route_handlers=[HyperSdkController, WebhooksController],
         dependencies={"gw": Provide(provide_gateway, sync_to_thread=False)},
         exception_handlers=HANDLERS,
         before_request=check_request,
