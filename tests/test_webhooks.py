@@ -19,9 +19,12 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from harness import System, local_config, wait_job
 
+from virtbackup.contracts.v1.events import Event
+from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.nats_server import start_nats_server
 from virtbackup.runtime.ports import free_port
 from virtbackup.testing.nats import connect
@@ -280,6 +283,14 @@ async def test_ntfy_test_and_a_failed_job_notification(
         resp = await api.post("/ntfyme/test", json={"token": "tk_other"})
         assert resp.status_code == 200
         assert rx.to("/ntfy/")[-1].headers["authorization"] == "Bearer tk_other"
+        rx.script("/ntfy/", 403)
+        try:
+            resp = await api.post("/ntfyme/test")
+        finally:
+            rx.script("/ntfy/", 200)
+        assert resp.status_code == 200
+        assert resp.json()["success"] is False and resp.json()["statusCode"] == 403
+        assert "ntfy answered 403" in resp.json()["error"]
         # The token is a secret of the configuration: never shown.
         assert NTFY_TOKEN not in (await api.get("/config")).text
 
@@ -385,3 +396,55 @@ async def test_bad_indexes_tests_and_settings(
         assert resp.status_code == 400 and "serverUrl" in resp.json()["error"]
         stored = (await api.get("/config")).json()
         assert stored["ntfy"]["matchers"] == []
+
+
+async def test_schedule_events_reach_webhooks_and_a_failed_run_notifies(
+    hooks_system: System, sdk: httpx.AsyncClient, rx: Receiver, points: dict[str, Any]
+) -> None:
+    """The schedule events as the orchestrator publishes them (``vb.evt.schedule.<event>
+    .<schedule id>``, a snake_case payload), stored here by the admin user."""
+    await add_hook(
+        sdk,
+        rx,
+        "/schedules",
+        events=["schedule.triggered", "schedule.completed", "schedule.failed"],
+    )
+    sent = len(rx.to("/ntfy/"))
+    nc = await connect(hooks_system.nats)
+    try:
+        js = nc.jetstream()
+        for kind, message in (
+            ("triggered", ""),
+            ("completed", "1 job completed"),
+            ("failed", "1 of 2 jobs failed"),
+        ):
+            event = Event(
+                type=f"schedule.{kind}",
+                payload={
+                    "schedule_id": "s1",
+                    "name": "nightly",
+                    "job_ids": ["j1", "j2"],
+                    "skipped": False,
+                    "message": message,
+                },
+                id=f"sched-{kind}-{time.time_ns()}",
+                time=utcnow_iso(),
+                source="job-orchestrator",
+            )
+            await js.publish(
+                f"vb.evt.schedule.{kind}.s1", msgspec.json.encode(event), stream="VB_EVENTS"
+            )
+    finally:
+        await nc.drain()
+    got = await rx.wait_for("/schedules", 3, timeout=15)
+    assert [r.json()["event"] for r in got] == [
+        "schedule.triggered",
+        "schedule.completed",
+        "schedule.failed",
+    ]
+    assert got[2].json()["data"]["job_ids"] == ["j1", "j2"]
+    notes = await rx.wait_for("/ntfy/", sent + 1, timeout=15)
+    await asyncio.sleep(1.5)
+    assert len(rx.to("/ntfy/")) == sent + 1  # only the failed run (severity error)
+    assert "nightly" in notes[sent].json()["title"] and "failed" in notes[sent].json()["title"]
+    assert notes[sent].json()["message"] == "1 of 2 jobs failed"

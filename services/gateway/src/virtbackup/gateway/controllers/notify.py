@@ -20,13 +20,14 @@ class NtfyTestBody(Body, kw_only=True):
 
 
 class NotifyController(Controller):
-    @post("/ntfyme/test", status_code=200, responses=responses(400, 502))
+    @post("/ntfyme/test", status_code=200, responses=responses(400))
     async def ntfy_test(
         self, gw: Gateway, data: NtfyTestBody | None = None
     ) -> Response[dict[str, Any]]:
-        """Publish a test notification to the configured ntfy server and topic; 200 with
-        ``success: true`` and ntfy's status code, else 502 with ``success: false`` and
-        what went wrong (ntfy's answer, no answer, no topic configured)."""
+        """Publish a test notification to the configured ntfy server and topic: 200 with
+        ``success: true`` and ntfy's status code, or (as ``/sftp/test`` answers a failed
+        test) 200 with ``success: false``, ntfy's status code if it answered, and
+        ``error``: what went wrong (ntfy's answer, no answer, no topic configured)."""
         token = data.token if data is not None else None
         result = await gw.bus.request(
             NotifyCmd.NTFY_TEST, NtfyTest(token=token), TestResult, timeout=15.0
@@ -44,4 +45,4 @@ class NotifyController(Controller):
             "statusCode": result.status_code,
             "error": result.error,
         }
-        return Response(body, status_code=502)
+        return Response(body, status_code=200)
