@@ -291,8 +291,17 @@ async def test_ntfy_test_and_a_failed_job_notification(
         assert resp.status_code == 200
         assert resp.json()["success"] is False and resp.json()["statusCode"] == 403
         assert "ntfy answered 403" in resp.json()["error"]
-        # The token is a secret of the configuration: never shown.
+        # The token is a secret of the configuration: never shown, sealed at rest also
+        # in the gateway's copy for the notifier (which may not read VB_CONFIG).
         assert NTFY_TOKEN not in (await api.get("/config")).text
+    nc = await connect(hooks_system.nats)
+    try:
+        kv = await nc.jetstream().key_value("VB_WEBHOOKS")
+        raw = (await kv.get("ntfy")).value or b""
+    finally:
+        await nc.drain()
+    assert b'"ntfymeToken":"vbsec:v1:' in raw and NTFY_TOKEN.encode() not in raw
+    assert b'"topic":"vb-alerts"' in raw
 
     sent = len(rx.to("/ntfy/"))
     ok = await run_sanity(hooks_system, points["good"])

@@ -42,6 +42,7 @@ from typing import Any, Final
 from virtbackup.contracts import buckets, streams, subjects
 from virtbackup.contracts.buckets import BucketSpec
 from virtbackup.contracts.streams import StreamSpec
+from virtbackup.contracts.v1 import webhooks
 from virtbackup.runtime.sealing import new_key
 
 #: The identity that may do anything (tests, operators); no service runs as it.
@@ -168,6 +169,9 @@ def _gateway() -> _Grants:
     g.follows_events()  # SSE, WebSocket
     g.owns(buckets.CONFIG)
     g.reads(buckets.WORKERS, create=False)
+    # The notifier's share of the configuration (ntfy settings): that key only.
+    g.reads(buckets.WEBHOOKS)
+    g.sends(f"$KV.{buckets.WEBHOOKS.name}.{webhooks.NTFY_KEY}")
     return g
 
 
@@ -226,7 +230,7 @@ def _notifier() -> _Grants:
     g.events("notify")  # deliveries given up
     g.follows_events()
     g.owns(buckets.WEBHOOKS)
-    g.reads(buckets.CONFIG)  # ntfy's server, topic, matchers and token
+    # Not VB_CONFIG: the gateway copies the ntfy settings to VB_WEBHOOKS (key "ntfy").
     # Its durable cursor over VB_EVENTS, and VB_NOTIFY: a consumer per webhook.
     events, durable = streams.EVENTS.name, streams.NOTIFIER_EVENTS_CONSUMER.durable
     notify = streams.NOTIFY.name

@@ -36,14 +36,12 @@ from nats.js.errors import NotFoundError
 from virtbackup.contracts import streams, subjects
 from virtbackup.contracts.streams import ConsumerSpec
 from virtbackup.contracts.subjects import EventType
-from virtbackup.contracts.v1.config import AgentConfig
 from virtbackup.contracts.v1.events import Event
-from virtbackup.contracts.v1.webhooks import DeliveryStatus, Notification
+from virtbackup.contracts.v1.webhooks import DeliveryStatus, Notification, NtfyProjection
 from virtbackup.notifier import delivery as hooks
 from virtbackup.notifier import ntfy
 from virtbackup.notifier.derive import Deriver, notification
 from virtbackup.notifier.store import WebhookStore
-from virtbackup.runtime.agent_config import read_agent_config
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.service import ServiceContext
 from virtbackup.runtime.work import WorkConsumer, WorkMessage, publish_work
@@ -98,11 +96,9 @@ class Pipeline:
     def ack_wait(self) -> float:
         return self.ctx.settings.notifier_ack_wait
 
-    async def config(self) -> AgentConfig:
-        from virtbackup.contracts import buckets
-
-        cfg, _ = await read_agent_config(self.ctx.bucket(buckets.CONFIG))
-        return cfg
+    async def config(self) -> NtfyProjection:
+        """The ntfy settings and token (the gateway's copy, ``NtfyProjection``)."""
+        return await self.store.ntfy()
 
     # -- stage 1 ------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ async def stop(ctx: ServiceContext) -> None:
 SPEC = ServiceSpec(
     name=subjects.NOTIFIER,
     streams=(streams.EVENTS, streams.NOTIFY),
-    buckets=(buckets.WEBHOOKS, buckets.CONFIG),
+    buckets=(buckets.WEBHOOKS,),
     register=register,
     start=start,
     stop=stop,

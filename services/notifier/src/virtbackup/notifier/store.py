@@ -18,9 +18,11 @@ from nats.js.kv import KeyValue
 from virtbackup.contracts.v1.webhooks import (
     MAX_HEADERS,
     MAX_WEBHOOKS,
+    NTFY_KEY,
     RESERVED_HEADERS,
     WEBHOOKS_KEY,
     DeliveryStatus,
+    NtfyProjection,
     Webhook,
     WebhookAdd,
     is_credential_header,
@@ -159,6 +161,16 @@ class WebhookStore:
         await self._change(drop)
         await self.kv.delete(f"status.{removed[0].id}")
         return self._open(removed[0])
+
+    async def ntfy(self) -> NtfyProjection:
+        """The ntfy settings the gateway keeps here (defaults: none), token opened."""
+        try:
+            entry = await self.kv.get(NTFY_KEY)
+        except KeyNotFoundError:
+            return NtfyProjection()
+        if entry.value is None:
+            return NtfyProjection()
+        return msgspec.json.decode(self.box.open_json(entry.value), type=NtfyProjection)
 
     async def status(self, webhook_id: str) -> DeliveryStatus | None:
         return await read_value(self.kv, f"status.{webhook_id}", DeliveryStatus)

@@ -12,11 +12,11 @@ in clear: replies carry :data:`SECRET_MASK` instead.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Final, Literal
 
 import msgspec
 
-from virtbackup.contracts.v1.config import SECRET_MASK
+from virtbackup.contracts.v1.config import SECRET_MASK, NtfySettings
 
 #: The webhook events of the HyperSDK document, plus ``schedule.failed`` (a scheduled
 #: run that failed, which the document has no name for).
@@ -41,6 +41,8 @@ WebhookEvent = Literal[
     "schedule.failed",
 ]
 WEBHOOKS_KEY: Final = "webhooks"
+#: The key of :class:`NtfyProjection` in ``VB_WEBHOOKS``.
+NTFY_KEY: Final = "ntfy"
 MAX_WEBHOOKS: Final = 100
 MAX_HEADERS: Final = 32
 #: Headers the notifier sets itself; a webhook's ``headers`` may not name them.
@@ -201,7 +203,11 @@ class Notification(msgspec.Struct, frozen=True, kw_only=True):
     tags: list[str] = msgspec.field(default_factory=list)
 
 
-def payload_dict(value: Any) -> dict[str, Any]:
-    out = msgspec.to_builtins(value)
-    assert isinstance(out, dict)
-    return out
+class NtfyProjection(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """What the notifier needs of the agent configuration, kept by the gateway in
+    ``VB_WEBHOOKS`` under :data:`NTFY_KEY` whenever the configuration changes: the
+    notifier may not read ``VB_CONFIG`` (it holds every server's and destination's
+    secrets). ``ntfymeToken`` is sealed at rest as in ``VB_CONFIG``."""
+
+    ntfy: NtfySettings = msgspec.field(default_factory=NtfySettings)
+    ntfyme_token: str = ""

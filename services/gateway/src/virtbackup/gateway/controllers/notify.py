@@ -29,6 +29,8 @@ class NotifyController(Controller):
         test) 200 with ``success: false``, ntfy's status code if it answered, and
         ``error``: what went wrong (ntfy's answer, no answer, no topic configured)."""
         token = data.token if data is not None else None
+        if gw.ntfy is not None:  # the settings just posted, not those of a moment ago
+            await gw.ntfy.sync()
         result = await gw.bus.request(
             NotifyCmd.NTFY_TEST, NtfyTest(token=token), TestResult, timeout=15.0
         )
