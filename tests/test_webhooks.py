@@ -457,3 +457,21 @@ async def test_schedule_events_reach_webhooks_and_a_failed_run_notifies(
     assert len(rx.to("/ntfy/")) == sent + 1  # only the failed run (severity error)
     assert "nightly" in notes[sent].json()["title"] and "failed" in notes[sent].json()["title"]
     assert notes[sent].json()["message"] == "1 of 2 jobs failed"
+
+
+async def test_an_ntfy_server_that_fails_is_tried_three_times_then_given_up(
+    hooks_system: System, rx: Receiver, points: dict[str, Any]
+) -> None:
+    sent = len(rx.to("/ntfy/"))
+    rx.script("/ntfy/", *([200] * sent), 500)
+    try:
+        failed = await run_sanity(hooks_system, points["bad"], destination="broken")
+        assert failed["state"] == "failure"
+        got = await rx.wait_for("/ntfy/", sent + 3, timeout=15)
+        await asyncio.sleep(2.5)
+        assert len(rx.to("/ntfy/")) == sent + 3
+        assert len({r.body for r in got[sent:]}) == 1  # the same notification each time
+    finally:
+        rx.script("/ntfy/", 200)
+    log = (hooks_system.data_dir / "notifier.log").read_text()
+    assert "ntfy notification given up after 3 attempts" in log

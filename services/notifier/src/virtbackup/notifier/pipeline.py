@@ -241,7 +241,8 @@ class Pipeline:
                 return
             except ntfy.NtfyError as exc:
                 error = str(exc)
-                await asyncio.sleep(self.backoff_initial * 2**attempt)
+                if attempt + 1 < NTFY_ATTEMPTS:
+                    await asyncio.sleep(self.backoff_initial * 2**attempt)
         log.error("ntfy notification given up after %d attempts: %s", NTFY_ATTEMPTS, error)
         with contextlib.suppress(Exception):
             await self.ctx.bus.publish_event(
