@@ -134,7 +134,8 @@ HYPERSDK_POSTS: dict[str, dict[str, object]] = {
     f"/vms/{route}": {"vcenter_url": "", "username": "u", "password": "p",
                       "vm_path": "local/no-such-vm"}
     for route in ("shutdown", "poweroff", "remove-cdrom")
-} | {
+}  # fmt: skip
+HYPERSDK_POSTS |= {
     "/webhooks": {"url": "http://127.0.0.1:1/hook", "events": ["job.failed"], "enabled": False,
                   "timeout": 5, "retry_count": 0, "headers": {"X-A": "b"}, "secret": "s"},
     "/webhooks/test": {"url": "http://127.0.0.1:1/hook", "event": "test"},

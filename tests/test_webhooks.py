@@ -126,6 +126,14 @@ def signed(req: Any) -> bool:
 async def test_job_completed_reaches_the_webhook_signed(
     hooks_system: System, sdk: httpx.AsyncClient, rx: Receiver, points: dict[str, Any]
 ) -> None:
+    spy = await connect(hooks_system.nats)  # what crosses the bus (admin may listen)
+    seen: list[bytes] = []
+
+    async def keep(msg: Any) -> None:
+        seen.append(msg.data)
+
+    await spy.subscribe("vb.cmd.notify.webhooks-add", cb=keep)
+    await spy.flush()
     hook = await add_hook(
         sdk,
         rx,
@@ -137,6 +145,9 @@ async def test_job_completed_reaches_the_webhook_signed(
         timeout=10,
     )
     assert hook["headers"] == {"Authorization": "********", "X-Team": "ops"}
+    await spy.drain()
+    assert seen and all(SECRET.encode() not in m and b"hook-token" not in m for m in seen)
+    assert b"vbsec:v1:" in seen[0]
     assert hook["has_secret"] is True and "secret" not in hook
 
     job = await run_sanity(hooks_system, points["good"])

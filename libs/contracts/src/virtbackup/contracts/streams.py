@@ -68,13 +68,16 @@ NOTIFY: Final = StreamSpec(
 )
 
 #: The notifier's durable cursor over ``VB_EVENTS``: each event it derives deliveries
-#: from is acknowledged only once they are stored in ``VB_NOTIFY``.
+#: from is acknowledged only once they are stored in ``VB_NOTIFY``. The notifier's
+#: consumers hold one message at a time (``max_ack_pending=1``): order is kept, also
+#: when a notifier dies with a message in hand (the next waits for its redelivery).
 NOTIFIER_EVENTS_CONSUMER: Final = ConsumerSpec(
     durable="notifier-events",
     stream=EVENTS.name,
     filter_subject=subjects.EVENTS_ALL,
     ack_wait_seconds=30.0,
     max_deliver=20,
+    max_ack_pending=1,
 )
 
 
@@ -86,6 +89,7 @@ def webhook_consumer(webhook_id: str, ack_wait_seconds: float = 30.0) -> Consume
         filter_subject=subjects.notify_webhook(webhook_id),
         ack_wait_seconds=ack_wait_seconds,
         max_deliver=20,
+        max_ack_pending=1,
     )
 
 
@@ -97,6 +101,7 @@ def ntfy_consumer(ack_wait_seconds: float = 30.0) -> ConsumerSpec:
         filter_subject=subjects.NOTIFY_NTFY,
         ack_wait_seconds=ack_wait_seconds,
         max_deliver=20,
+        max_ack_pending=1,
     )
 
 

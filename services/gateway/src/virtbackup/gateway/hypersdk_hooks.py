@@ -18,12 +18,14 @@ from virtbackup.contracts.subjects import NotifyCmd
 from virtbackup.contracts.v1.common import Empty
 from virtbackup.contracts.v1.webhooks import (
     TestResult,
+    Webhook,
     WebhookAdd,
     WebhookAdded,
     WebhookIndex,
     WebhookList,
     WebhookTest,
     WebhookView,
+    is_credential_header,
 )
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
@@ -57,7 +59,24 @@ class WebhooksController(Controller):
     async def add_webhook(self, gw: Gateway, data: WebhookAdd) -> dict[str, Any]:
         """Add a webhook (201); a URL that is not http(s), an unknown event or a header
         VirtBackup sets itself is a 400 naming the field, and nothing is added."""
-        added = await gw.bus.request(NotifyCmd.WEBHOOKS_ADD, data, WebhookAdded)
+        box = gw.secrets
+
+        def sealed(value: str) -> str:  # nothing goes on the bus in clear
+            return box.seal(value) if box is not None and value else value
+
+        hook = Webhook(
+            id="",
+            url=data.url,
+            events=list(data.events),
+            enabled=data.enabled,
+            timeout=data.timeout,
+            retry_count=data.retry_count,
+            headers={
+                k: sealed(v) if is_credential_header(k) else v for k, v in data.headers.items()
+            },
+            secret=sealed(data.secret),
+        )
+        added = await gw.bus.request(NotifyCmd.WEBHOOKS_ADD, hook, WebhookAdded)
         return {"message": "webhook added successfully", "webhook": _view(added.webhook)}
 
     @delete("/{index:str}", status_code=200, responses=responses(400, 404))

@@ -59,7 +59,9 @@ async def serve(settings: Settings | None = None) -> None:
         box = SecretBox.from_settings(settings)
         mirror = NtfyMirror(store.kv, ctx.bucket(buckets.WEBHOOKS), box)
         ctx.spawn(mirror.follow(), "ntfy-settings-for-the-notifier")
-        gw = Gateway(settings=settings, bus=ctx.bus, config=store, token=token, ntfy=mirror)
+        gw = Gateway(
+            settings=settings, bus=ctx.bus, config=store, token=token, ntfy=mirror, secrets=box
+        )
         config = uvicorn.Config(
             create_asgi(gw),
             host=settings.agent_bind_host(),

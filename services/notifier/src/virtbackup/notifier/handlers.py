@@ -14,7 +14,6 @@ from virtbackup.contracts.v1.webhooks import (
     NtfyTest,
     TestResult,
     Webhook,
-    WebhookAdd,
     WebhookAdded,
     WebhookIndex,
     WebhookList,
@@ -45,8 +44,8 @@ def register_commands(pipeline: Pipeline) -> None:
             webhooks=[webhook_view(h, s) for h, s in zip(found, statuses, strict=True)]
         )
 
-    @bus.handle(NotifyCmd.WEBHOOKS_ADD, WebhookAdd)
-    async def add_webhook(add: WebhookAdd) -> WebhookAdded:
+    @bus.handle(NotifyCmd.WEBHOOKS_ADD, Webhook)
+    async def add_webhook(add: Webhook) -> WebhookAdded:
         hook = await store.add(add)
         await pipeline.reconcile()  # its consumer exists before the reply
         return WebhookAdded(webhook=webhook_view(hook, None))
@@ -82,7 +81,7 @@ def register_commands(pipeline: Pipeline) -> None:
     @bus.handle(NotifyCmd.NTFY_TEST, NtfyTest)
     async def test_ntfy(req: NtfyTest) -> TestResult:
         cfg = await pipeline.config()
-        token = cfg.ntfyme_token if req.token is None else req.token
+        token = cfg.ntfyme_token if req.token is None else store.box.open(req.token)
         note = Notification(
             severity="info",
             fields={"event": "test"},

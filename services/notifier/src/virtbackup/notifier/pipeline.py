@@ -10,8 +10,9 @@ ack wait (``VIRTBACKUP_NOTIFIER_ACK_WAIT``, 30 s by default), to the next notifi
    ``vb.notify.ntfy`` when a matcher matches), with the delivery id as ``Nats-Msg-Id``,
    so an event read twice owes each delivery once. Only then is the event acknowledged.
 2. Each webhook has a durable consumer of its own (``webhook-<id>``), served one item at
-   a time, in order: a receiver that hangs or fails delays only its own deliveries,
-   never another webhook's. An item is retried as its webhook says (``delivery``), then
+   a time, in order (``max_ack_pending=1``: also across a restart, and across replicas):
+   a receiver that hangs or fails delays only its own deliveries, never another
+   webhook's. An item is retried as its webhook says (``delivery``), then
    acknowledged: delivered, or given up (logged, ``last_status`` in ``GET /webhooks``
    and a ``notify.gave_up`` event). ntfy has one consumer too (3 attempts).
 

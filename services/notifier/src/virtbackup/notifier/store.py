@@ -47,7 +47,7 @@ def check_url(url: str, field: str = "url") -> str:
     return url
 
 
-def check_add(add: WebhookAdd) -> None:
+def check_add(add: Webhook | WebhookAdd) -> None:
     """``BadRequest`` naming the field for what the schema cannot say."""
     check_url(add.url)
     if len(add.headers) > MAX_HEADERS:
@@ -73,15 +73,19 @@ class WebhookStore:
         return self._bucket()
 
     def _seal(self, hook: Webhook) -> Webhook:
-        box = self.box
         return msgspec.structs.replace(
             hook,
-            secret=box.seal(hook.secret) if hook.secret else "",
+            secret=self._sealed(hook.secret),
             headers={
-                k: box.seal(v) if is_credential_header(k) and v else v
+                k: self._sealed(v) if is_credential_header(k) else v
                 for k, v in hook.headers.items()
             },
         )
+
+    def _sealed(self, value: str) -> str:
+        if not value or self.box.is_sealed(value):
+            return value
+        return self.box.seal(value)
 
     def _open(self, hook: Webhook) -> Webhook:
         box = self.box
@@ -123,20 +127,15 @@ class WebhookStore:
             return
         raise Conflict("the webhooks are being changed concurrently; try again")
 
-    async def add(self, add: WebhookAdd) -> Webhook:
-        """Validate and append a webhook; returns it (secrets in clear). ``BadRequest``
+    async def add(self, add: Webhook) -> Webhook:
+        """Validate and append a webhook (its ``secret`` and header values sealed or in
+        clear) under a new id; returns it (secrets opened). ``BadRequest``
         naming the field; nothing is stored unless it is valid."""
         check_add(add)
-        hook = Webhook(
-            id=uuid.uuid4().hex,
-            url=add.url,
-            events=list(add.events),
-            enabled=add.enabled,
-            timeout=add.timeout,
-            retry_count=add.retry_count,
-            headers=dict(add.headers),
-            secret=add.secret,
-            created_at=utcnow_iso(),
+        if not add.events:
+            raise BadRequest("events: name at least one event")
+        hook = self._open(
+            msgspec.structs.replace(add, id=uuid.uuid4().hex, created_at=utcnow_iso())
         )
 
         def append(hooks: list[Webhook]) -> list[Webhook]:

@@ -67,7 +67,10 @@ _CREDENTIAL_NAME: Final = re.compile(
 HeaderName = Annotated[
     str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 ]
-HeaderValue = Annotated[str, msgspec.Meta(max_length=4096, pattern=r"^[^\x00-\x1f\x7f]*$")]
+#: A header value as a client gives it (one printable line).
+HeaderValue = Annotated[str, msgspec.Meta(max_length=2048, pattern=r"^[^\x00-\x1f\x7f]*$")]
+#: A header value on the bus and at rest: room for a sealed value (``vbsec:v1:...``).
+StoredHeaderValue = Annotated[str, msgspec.Meta(max_length=4096, pattern=r"^[^\x00-\x1f\x7f]*$")]
 WebhookUrl = Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
 
 
@@ -79,7 +82,9 @@ def is_credential_header(name: str) -> bool:
 
 
 class Webhook(msgspec.Struct, frozen=True, kw_only=True):
-    """A webhook as stored (secrets in clear inside the notifier only).
+    """A webhook as stored (secrets in clear inside the notifier only), and the request
+    of ``vb.cmd.notify.webhooks-add`` (``id`` empty; the gateway seals ``secret`` and the
+    credential header values before they go on the bus).
 
     ``timeout``: seconds one attempt may take (1-300); ``retry_count``: attempts after
     the first (0-10), with exponential backoff between them.
@@ -91,8 +96,8 @@ class Webhook(msgspec.Struct, frozen=True, kw_only=True):
     enabled: bool = True
     timeout: Annotated[int, msgspec.Meta(ge=1, le=300)] = 30
     retry_count: Annotated[int, msgspec.Meta(ge=0, le=10)] = 3
-    headers: dict[HeaderName, HeaderValue] = msgspec.field(default_factory=dict)
-    secret: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+    headers: dict[HeaderName, StoredHeaderValue] = msgspec.field(default_factory=dict)
+    secret: Annotated[str, msgspec.Meta(max_length=4096)] = ""
     created_at: str = ""
 
 

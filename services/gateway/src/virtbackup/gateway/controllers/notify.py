@@ -29,6 +29,8 @@ class NotifyController(Controller):
         test) 200 with ``success: false``, ntfy's status code if it answered, and
         ``error``: what went wrong (ntfy's answer, no answer, no topic configured)."""
         token = data.token if data is not None else None
+        if token and gw.secrets is not None:  # nothing goes on the bus in clear
+            token = gw.secrets.seal(token)
         if gw.ntfy is not None:  # the settings just posted, not those of a moment ago
             await gw.ntfy.sync()
         result = await gw.bus.request(
