@@ -15,6 +15,7 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from virtbackup.contracts.v1.common import shown
 from virtbackup.contracts.v1.webhooks import (
     MAX_HEADERS,
     MAX_WEBHOOKS,
@@ -39,9 +40,9 @@ def check_url(url: str, field: str = "url") -> str:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
-        raise BadRequest(f"{field}: {url[:200]!r} is not a URL: {exc}") from None
+        raise BadRequest(f"{field}: {shown(url)} is not a URL: {exc}") from None
     if parts.scheme.lower() not in {"http", "https"} or not parts.hostname:
-        raise BadRequest(f"{field}: {url[:200]!r} must be an http:// or https:// URL with a host")
+        raise BadRequest(f"{field}: {shown(url)} must be an http:// or https:// URL with a host")
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
         raise BadRequest(f"{field}: must not contain spaces or control characters")
     return url
