@@ -84,6 +84,11 @@ async def _write_config(nc: Client) -> Any:
     return await js.publish(f"$KV.{buckets.CONFIG.name}.{CONFIG_KEY}", b'{"servers": "evil"}')
 
 
+async def _write_webhooks(nc: Client) -> Any:
+    js = nc.jetstream(timeout=REFUSED_WITHIN)
+    return await js.publish(f"$KV.{buckets.WEBHOOKS.name}.webhooks", b"[]")
+
+
 async def _write_job(nc: Client) -> Any:
     js = nc.jetstream(timeout=REFUSED_WITHIN)
     return await js.publish(f"$KV.{buckets.JOBS.name}.j1", b'{"state": "success"}')
@@ -120,6 +125,8 @@ DENIED: list[tuple[str, str, Attempt]] = [
     ("notifier", "read the configuration through the direct-get API", _read_config_directly),
     ("inventory", "write the configuration", _write_config),
     ("notifier", "write the configuration", _write_config),
+    # The gateway writes only the notifier's ntfy settings there (key ntfy).
+    ("gateway", "write the webhooks", _write_webhooks),
     ("gateway", "purge the work queue", _purge_work),
     ("transfer-worker", "purge the work queue", _purge_work),
     ("gateway", "publish transfer units", _publish_work),

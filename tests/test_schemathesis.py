@@ -88,7 +88,7 @@ def _schema(system: System, base: str) -> schemathesis.schemas.BaseSchema:
 def _aim(closed_port: int) -> Callable[[Case[Any], int], None]:
     """Point generated requests where the answer does not depend on the network: half
     of the server routes at the configured ``local`` server (else nearly every id is
-    unknown), the SFTP test at a closed local port. Only valid values are replaced, so
+    unknown), the SFTP test and webhooks at a closed local port. Only valid values are replaced, so
     an invalid case stays invalid."""
 
     def aim(case: Case[Any], index: int) -> None:
@@ -104,6 +104,12 @@ def _aim(closed_port: int) -> Callable[[Case[Any], int], None]:
             port = body.get("port")
             if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
                 body["port"] = closed_port
+        if case.operation.label in {"POST /webhooks", "POST /webhooks/test"} and isinstance(
+            body, dict
+        ):
+            url = body.get("url")
+            if isinstance(url, str) and url.lower().startswith(("http://", "https://")):
+                body["url"] = f"http://127.0.0.1:{closed_port}/hook"
 
     return aim
 

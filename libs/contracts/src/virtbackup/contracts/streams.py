@@ -59,4 +59,50 @@ TRANSFER_CONSUMER: Final = ConsumerSpec(
     max_deliver=5,
 )
 
-ALL: Final = (EVENTS, WORK)
+NOTIFY: Final = StreamSpec(
+    name="VB_NOTIFY",
+    subjects=(subjects.NOTIFY_ALL,),
+    retention="workqueue",
+    max_age_seconds=7 * DAY,
+    description="Webhook deliveries and notifications the notifier owes, one subject each.",
+)
+
+#: The notifier's durable cursor over ``VB_EVENTS``: each event it derives deliveries
+#: from is acknowledged only once they are stored in ``VB_NOTIFY``. The notifier's
+#: consumers hold one message at a time (``max_ack_pending=1``): order is kept, also
+#: when a notifier dies with a message in hand (the next waits for its redelivery).
+NOTIFIER_EVENTS_CONSUMER: Final = ConsumerSpec(
+    durable="notifier-events",
+    stream=EVENTS.name,
+    filter_subject=subjects.EVENTS_ALL,
+    ack_wait_seconds=30.0,
+    max_deliver=20,
+    max_ack_pending=1,
+)
+
+
+def webhook_consumer(webhook_id: str, ack_wait_seconds: float = 30.0) -> ConsumerSpec:
+    """The durable consumer of one webhook's deliveries (``vb.notify.webhook.<id>``)."""
+    return ConsumerSpec(
+        durable=f"webhook-{webhook_id}",
+        stream=NOTIFY.name,
+        filter_subject=subjects.notify_webhook(webhook_id),
+        ack_wait_seconds=ack_wait_seconds,
+        max_deliver=20,
+        max_ack_pending=1,
+    )
+
+
+def ntfy_consumer(ack_wait_seconds: float = 30.0) -> ConsumerSpec:
+    """The durable consumer of ntfy notifications (``vb.notify.ntfy``)."""
+    return ConsumerSpec(
+        durable="ntfy",
+        stream=NOTIFY.name,
+        filter_subject=subjects.NOTIFY_NTFY,
+        ack_wait_seconds=ack_wait_seconds,
+        max_deliver=20,
+        max_ack_pending=1,
+    )
+
+
+ALL: Final = (EVENTS, WORK, NOTIFY)

@@ -21,6 +21,16 @@ EVENTS_ALL: Final = "vb.evt.>"
 WORK_ALL: Final = "vb.work.>"
 WORK_TRANSFER: Final = "vb.work.transfer"
 WORK_TRANSFER_ALL: Final = "vb.work.transfer.>"
+#: Deliveries the notifier owes (``VB_NOTIFY``): one subject per webhook, one for ntfy.
+NOTIFY_ROOT: Final = "vb.notify"
+NOTIFY_ALL: Final = "vb.notify.>"
+NOTIFY_NTFY: Final = "vb.notify.ntfy"
+
+
+def notify_webhook(webhook_id: str) -> str:
+    """Subject of the deliveries owed to one webhook."""
+    _check_token(webhook_id)
+    return f"{NOTIFY_ROOT}.webhook.{webhook_id}"
 
 
 def work_transfer(job_id: str) -> str:
@@ -144,6 +154,18 @@ class EventType:
     SCHEDULE_TRIGGERED: Final = "schedule.triggered"
     SCHEDULE_COMPLETED: Final = "schedule.completed"
     SCHEDULE_FAILED: Final = "schedule.failed"
+    #: A webhook delivery or notification the notifier gave up on (``notify`` aggregate).
+    NOTIFY_GAVE_UP: Final = "notify.gave_up"
+
+
+class NotifyCmd:
+    """Webhooks and notifications, answered by the notifier (``v1.webhooks``)."""
+
+    WEBHOOKS_LIST: Final = command("notify", "webhooks-list")
+    WEBHOOKS_ADD: Final = command("notify", "webhooks-add")
+    WEBHOOKS_DELETE: Final = command("notify", "webhooks-delete")
+    WEBHOOKS_TEST: Final = command("notify", "webhooks-test")
+    NTFY_TEST: Final = command("notify", "ntfy-test")
 
 
 class InventoryCmd:

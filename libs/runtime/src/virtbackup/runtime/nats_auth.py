@@ -42,6 +42,7 @@ from typing import Any, Final
 from virtbackup.contracts import buckets, streams, subjects
 from virtbackup.contracts.buckets import BucketSpec
 from virtbackup.contracts.streams import StreamSpec
+from virtbackup.contracts.v1 import webhooks
 from virtbackup.runtime.sealing import new_key
 
 #: The identity that may do anything (tests, operators); no service runs as it.
@@ -168,6 +169,9 @@ def _gateway() -> _Grants:
     g.follows_events()  # SSE, WebSocket
     g.owns(buckets.CONFIG)
     g.reads(buckets.WORKERS, create=False)
+    # The notifier's share of the configuration (ntfy settings): that key only.
+    g.reads(buckets.WEBHOOKS)
+    g.sends(f"$KV.{buckets.WEBHOOKS.name}.{webhooks.NTFY_KEY}")
     return g
 
 
@@ -223,8 +227,31 @@ def _transfer_worker() -> _Grants:
 
 def _notifier() -> _Grants:
     g = _base(subjects.NOTIFIER)
+    g.answers(f"{subjects.CMD_ROOT}.notify.>")  # webhooks, ntfy test
+    g.events("notify")  # deliveries given up
     g.follows_events()
     g.owns(buckets.WEBHOOKS)
+    # Not VB_CONFIG: the gateway copies the ntfy settings to VB_WEBHOOKS (key "ntfy").
+    # Its durable cursor over VB_EVENTS, and VB_NOTIFY: a consumer per webhook.
+    events, durable = streams.EVENTS.name, streams.NOTIFIER_EVENTS_CONSUMER.durable
+    notify = streams.NOTIFY.name
+    g.publish += _provision_stream(streams.NOTIFY)
+    g.sends(
+        f"{API}.CONSUMER.CREATE.{events}.{durable}",
+        f"{API}.CONSUMER.CREATE.{events}.{durable}.>",
+        f"{API}.CONSUMER.DURABLE.CREATE.{events}.{durable}",
+        f"{API}.CONSUMER.INFO.{events}.{durable}",
+        f"{API}.CONSUMER.MSG.NEXT.{events}.{durable}",
+        f"$JS.ACK.{events}.{durable}.>",
+        f"{API}.CONSUMER.CREATE.{notify}.>",
+        f"{API}.CONSUMER.DURABLE.CREATE.{notify}.>",
+        f"{API}.CONSUMER.INFO.{notify}.>",
+        f"{API}.CONSUMER.DELETE.{notify}.>",
+        f"{API}.CONSUMER.MSG.NEXT.{notify}.>",
+        f"$JS.ACK.{notify}.>",
+        f"{API}.STREAM.PURGE.{notify}",
+        subjects.NOTIFY_ALL,
+    )
     return g
 
 

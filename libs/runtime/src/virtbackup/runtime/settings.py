@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     #: Seconds a transfer unit may go without a sign of life before it is redelivered
     #: (the transfer consumer's ack wait; its default is the consumer's definition).
     work_ack_wait: float = streams.TRANSFER_CONSUMER.ack_wait_seconds
+    #: Seconds a delivery the notifier holds may go without a sign of life before it is
+    #: redelivered (to a restarted notifier): the ack wait of its consumers.
+    notifier_ack_wait: float = streams.NOTIFIER_EVENTS_CONSUMER.ack_wait_seconds
     #: A job fails when no unit finishes for this many seconds (no worker, or all stuck).
     job_stall_timeout: float = 600.0
     #: Units one transfer-worker process works on at once.

@@ -23,6 +23,7 @@ from virtbackup.gateway.controllers.lifecycle_points import (
     POINT_BODIES,
     RestorePointsController,
 )
+from virtbackup.gateway.controllers.notify import NotifyController
 from virtbackup.gateway.controllers.restore import RestoreController
 from virtbackup.gateway.controllers.servers import ServersController
 from virtbackup.gateway.controllers.system import SystemController
@@ -44,6 +45,7 @@ CONTROLLERS = [
     SystemController,
     RestorePointsController,
     LifecycleGcController,
+    NotifyController,
 ]
 
 

@@ -27,6 +27,7 @@ from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.bodies import SnakeBody
 from virtbackup.gateway.edge import check_request
 from virtbackup.gateway.errors import HANDLERS, readable, responses
+from virtbackup.gateway.hypersdk_hooks import WebhooksController
 from virtbackup.gateway.hypersdk_jobs import HyperSdkJobsController
 from virtbackup.gateway.hypersdk_metrics import (
     DedicatedMetricsController,
@@ -223,7 +224,13 @@ def create_hypersdk_asgi(gw: Gateway) -> RequestMetrics:
         return gw
 
     app = Litestar(
-        route_handlers=[HyperSdkController, HyperSdkJobsController, MetricsController, ws],
+        route_handlers=[
+            HyperSdkController,
+            HyperSdkJobsController,
+            WebhooksController,
+            MetricsController,
+            ws,
+        ],
         dependencies={"gw": Provide(provide_gateway, sync_to_thread=False)},
         exception_handlers=HANDLERS,
         before_request=check_request,

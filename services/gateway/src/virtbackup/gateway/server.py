@@ -16,8 +16,10 @@ from virtbackup.gateway.config_store import ConfigStore
 from virtbackup.gateway.credentials import ensure_certificate, ensure_token
 from virtbackup.gateway.hypersdk import create_hypersdk_asgi, create_metrics_asgi
 from virtbackup.gateway.hypersdk_metrics import dedicated_port
+from virtbackup.gateway.ntfy_mirror import NtfyMirror
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.logging import setup_logging
+from virtbackup.runtime.sealing import SecretBox
 from virtbackup.runtime.service import ServiceSpec, start_service, stop_service
 from virtbackup.runtime.settings import Settings, load_settings
 
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 SPEC = ServiceSpec(
     name=subjects.GATEWAY,
     streams=(streams.EVENTS,),
-    buckets=(buckets.CONFIG,),
+    buckets=(buckets.CONFIG, buckets.WEBHOOKS),
 )
 
 
@@ -55,7 +57,12 @@ async def serve(settings: Settings | None = None) -> None:
         store = ConfigStore(ctx.bucket(buckets.CONFIG), settings.agent_yaml)
         await store.initialize()
         ctx.spawn(store.follow(), "export-agent-yaml")
-        gw = Gateway(settings=settings, bus=ctx.bus, config=store, token=token)
+        box = SecretBox.from_settings(settings)
+        mirror = NtfyMirror(store.kv, ctx.bucket(buckets.WEBHOOKS), box)
+        ctx.spawn(mirror.follow(), "ntfy-settings-for-the-notifier")
+        gw = Gateway(
+            settings=settings, bus=ctx.bus, config=store, token=token, ntfy=mirror, secrets=box
+        )
         config = uvicorn.Config(
             create_asgi(gw),
             host=settings.agent_bind_host(),

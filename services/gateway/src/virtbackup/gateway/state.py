@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from virtbackup.gateway.config_store import ConfigStore
+from virtbackup.gateway.ntfy_mirror import NtfyMirror
 from virtbackup.runtime.bus import Bus
+from virtbackup.runtime.sealing import SecretBox
 from virtbackup.runtime.settings import Settings
 
 
@@ -15,3 +17,7 @@ class Gateway:
     bus: Bus
     config: ConfigStore
     token: str
+    #: Keeps the notifier's ntfy settings current (None in tests without a notifier).
+    ntfy: NtfyMirror | None = None
+    #: Seals secrets a handler sends to a service (None: sent as they are).
+    secrets: SecretBox | None = None

@@ -10,6 +10,7 @@ import base64
 import binascii
 import hashlib
 import posixpath
+import re
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import parse_qsl, urlsplit
 
@@ -275,6 +276,51 @@ class MetricsSettings(Strict, kw_only=True):
     port: Port | None = None
 
 
+#: Severities of notifications, lowest first (PBS's: info, notice, warning, error).
+SEVERITIES: Final = ("info", "notice", "warning", "error")
+#: The fields a matcher's ``matchField`` may name (every notification carries them;
+#: empty when they do not apply): ``event`` (``job.failed``, ``schedule.failed``, ...),
+#: ``type`` (the job type, or ``schedule``), ``server_id``, ``vm_name``,
+#: ``destination_id``, ``schedule`` (the schedule's name).
+MATCH_FIELDS: Final = ("event", "type", "server_id", "vm_name", "destination_id", "schedule")
+#: ``exact:<field>=<value>[,<value>...]`` or ``regex:<field>=<python regex>``.
+_MATCH_FIELD: Final = r"^(exact|regex):[a-z_]+=[^\x00-\x1f\x7f]*$"
+
+
+class NotificationMatcher(Strict, kw_only=True):
+    """Which notifications are sent, in the manner of a Proxmox Backup Server matcher.
+
+    ``matchSeverity``: the severities it matches (any of them; empty: every severity);
+    ``matchField``: field matches (``exact:type=backup,restore``, ``regex:vm_name=^web-``);
+    ``mode``: ``all`` (every given match must hold, the default) or ``any`` (one is
+    enough); ``invertMatch`` negates the result. A notification is sent when any
+    matcher matches; with no matcher, every ``error`` notification (a failed job, a
+    failed schedule run) is sent.
+    """
+
+    name: Id
+    mode: Literal["all", "any"] = "all"
+    match_severity: list[Literal["info", "notice", "warning", "error"]] = msgspec.field(
+        default_factory=list
+    )
+    match_field: list[Annotated[str, msgspec.Meta(max_length=1024, pattern=_MATCH_FIELD)]] = (
+        msgspec.field(default_factory=list)
+    )
+    invert_match: bool = False
+
+
+class NtfySettings(Strict, kw_only=True):
+    """Notifications through ntfy's publish API: ``POST <serverUrl>/<topic>`` with
+    ``ntfymeToken`` (top level of the configuration) as the bearer access token when
+    set. An empty ``topic`` turns notifications off."""
+
+    server_url: Annotated[
+        str, msgspec.Meta(max_length=2048, pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s]+$")
+    ] = "https://ntfy.sh"
+    topic: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_-]*$")] = ""
+    matchers: list[NotificationMatcher] = msgspec.field(default_factory=list)
+
+
 class AgentConfig(Strict, kw_only=True):
     """The whole agent configuration."""
 
@@ -285,6 +331,7 @@ class AgentConfig(Strict, kw_only=True):
     hashblocks_limit_buffer_mb: Annotated[int, msgspec.Meta(ge=16, le=65536)] = 1024
     dummy_driver_tmp_writes: bool = False
     ntfyme_token: str = ""
+    ntfy: NtfySettings = msgspec.field(default_factory=NtfySettings)
     connection_verified: bool = False
     selected_server_id: str | None = None
     listen_all: bool = False
@@ -362,6 +409,30 @@ def validate_config(cfg: AgentConfig) -> None:
             raise ConfigError(f"duplicate server id {server.id!r} - at `{where}.id`")
         server_ids.add(server.id)
         _check_server(server, where)
+    _check_ntfy(cfg.ntfy)
+
+
+def _check_ntfy(ntfy: NtfySettings) -> None:
+    """``ConfigError`` for a duplicate matcher name, an unknown field or a regex that
+    does not compile in a ``matchField``."""
+    names: set[str] = set()
+    for i, matcher in enumerate(ntfy.matchers):
+        where = f"$.ntfy.matchers[{i}]"
+        if matcher.name in names:
+            raise ConfigError(f"duplicate matcher name {matcher.name!r} - at `{where}.name`")
+        names.add(matcher.name)
+        for j, text in enumerate(matcher.match_field):
+            kind, _, rest = text.partition(":")
+            field, _, value = rest.partition("=")
+            at = f"{where}.matchField[{j}]"
+            if field not in MATCH_FIELDS:
+                known = ", ".join(MATCH_FIELDS)
+                raise ConfigError(f"unknown field {field!r} (known: {known}) - at `{at}`")
+            if kind == "regex":
+                try:
+                    re.compile(value)
+                except re.error as exc:
+                    raise ConfigError(f"invalid regex {value!r}: {exc} - at `{at}`") from None
 
 
 #: Directories of the operating system: a destination there (or ``/`` itself) could only

@@ -1,0 +1,207 @@
+"""From bus events to webhook events and notifications.
+
+The HyperSDK document's webhook events are derived from the job-orchestrator's job events
+and the schedule events, without renaming either:
+
+==========================  ==============================================================
+webhook event               source event
+==========================  ==============================================================
+``job.submitted``           ``job.created``
+``job.started``             ``job.updated`` entering phase ``preparing`` (once per job)
+``job.progress``            ``job.updated`` of a running job past ``preparing``; at most
+                            one per job every :data:`PROGRESS_INTERVAL` seconds
+``job.completed``           ``job.finished`` with state ``success``
+``job.failed``              ``job.finished`` with state ``failure``
+``schedule.triggered``      ``schedule.triggered``
+``schedule.completed``      ``schedule.completed``
+``schedule.failed``         ``schedule.failed``
+==========================  ==============================================================
+
+Notifications (ntfy) come from ``job.finished`` (``error`` for a failure, ``warning`` for
+a cancel, ``info`` for a success) and the schedule events (``error`` for a failed run).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from virtbackup.contracts.subjects import EventType
+from virtbackup.contracts.v1.events import Event
+from virtbackup.contracts.v1.webhooks import Notification
+
+#: Seconds between two ``job.progress`` deliveries of one job (to every webhook).
+PROGRESS_INTERVAL: Final = 5.0
+#: ``job.progress`` events older than this (seconds) when the notifier reads them (after
+#: a long outage) are not delivered: they describe a past state.
+PROGRESS_MAX_AGE: Final = 60.0
+
+SCHEDULE_EVENTS: Final = ("schedule.triggered", "schedule.completed", "schedule.failed")
+_STATUS: Final = {
+    "queued": "pending",
+    "running": "running",
+    "success": "completed",
+    "failure": "failed",
+    "canceled": "cancelled",
+}
+
+
+@dataclass(frozen=True)
+class Derived:
+    """One webhook event: its name, the ``data`` of its body, and ``key``: what makes it
+    unique (the job id for once-per-job events, the source event id otherwise), from
+    which each webhook's delivery id is made."""
+
+    name: str
+    data: dict[str, Any]
+    key: str
+
+
+def job_view(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as the HyperSDK document shows one (snake_case), from a job event's payload
+    (camelCase: ``contracts.v1.jobs.Job``)."""
+    total = int(job.get("totalUnits") or 0)
+    done = int(job.get("completedUnits") or 0)
+    server, vm = job.get("serverId"), job.get("vmName")
+    state = str(job.get("state", ""))
+    return {
+        "definition": {
+            "id": job.get("id"),
+            "type": job.get("type"),
+            "vm_path": f"{server}/{vm}" if server and vm else None,
+            "destination_id": job.get("destinationId"),
+        },
+        "status": _STATUS.get(state, state),
+        "progress": {
+            "stage": job.get("phase"),
+            "percent_complete": round(100 * done / total) if total else 0,
+            "current_bytes": job.get("bytesTransferred", 0),
+            "total_bytes": None,
+        },
+        "message": job.get("message", ""),
+        "created_at": job.get("createdAt"),
+        "started_at": job.get("startedAt"),
+        "completed_at": job.get("finishedAt"),
+        "error": job.get("message") if state == "failure" else None,
+    }
+
+
+@dataclass
+class Deriver:
+    """Turns events into webhook events; remembers (in memory, bounded) which jobs have
+    started and when each job's progress was last sent."""
+
+    started: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    progress_sent: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    remember: int = 10_000
+
+    def _mark(self, memory: OrderedDict[str, Any], key: str, value: Any) -> None:
+        memory[key] = value
+        memory.move_to_end(key)
+        while len(memory) > self.remember:
+            memory.popitem(last=False)
+
+    def webhook_events(self, event: Event, *, age: float = 0.0) -> list[Derived]:
+        """The webhook events ``event`` stands for (usually none or one). ``age``: seconds
+        since the event was stored."""
+        payload = event.payload
+        if event.type in SCHEDULE_EVENTS:
+            return [Derived(event.type, dict(payload), event.id)]
+        job_id = str(payload.get("id", ""))
+        if not job_id:
+            return []
+        data = {"job": job_view(payload)}
+        if event.type == EventType.JOB_CREATED:
+            return [Derived("job.submitted", data, job_id)]
+        if event.type == EventType.JOB_FINISHED:
+            self.progress_sent.pop(job_id, None)
+            state = payload.get("state")
+            if state == "success":
+                return [Derived("job.completed", data, job_id)]
+            if state == "failure":
+                return [Derived("job.failed", data, job_id)]
+            return []
+        if event.type != EventType.JOB_UPDATED or payload.get("state") != "running":
+            return []
+        if payload.get("phase") == "preparing":
+            if job_id in self.started:
+                return []
+            self._mark(self.started, job_id, None)
+            return [Derived("job.started", data, job_id)]
+        if age > PROGRESS_MAX_AGE:
+            return []
+        now = time.monotonic()
+        last = self.progress_sent.get(job_id)
+        if last is not None and now - last < PROGRESS_INTERVAL:
+            return []
+        self._mark(self.progress_sent, job_id, now)
+        return [Derived("job.progress", data, event.id)]
+
+
+def notification(event: Event) -> Notification | None:
+    """The notification ``event`` stands for, if any (matchers then decide if it is
+    sent): a job's end, or a schedule run's trigger, end or failure."""
+    payload = event.payload
+    if event.type == EventType.JOB_FINISHED:
+        state = payload.get("state")
+        job_type = str(payload.get("type", "job"))
+        vm = payload.get("vmName") or ""
+        what = f"{job_type} of {vm}" if vm else f"{job_type} job {payload.get('id', '')}"
+        fields = {
+            "type": job_type,
+            "server_id": str(payload.get("serverId") or ""),
+            "vm_name": str(vm),
+            "destination_id": str(payload.get("destinationId") or ""),
+            "schedule": "",
+        }
+        message = str(payload.get("message") or "")
+        if state == "failure":
+            return Notification(
+                severity="error",
+                fields={"event": "job.failed", **fields},
+                title=f"VirtBackup: {what} failed",
+                message=message or "the job failed",
+                tags=["rotating_light"],
+            )
+        if state == "canceled":
+            return Notification(
+                severity="warning",
+                fields={"event": "job.canceled", **fields},
+                title=f"VirtBackup: {what} cancelled",
+                message=message or "cancelled",
+                tags=["warning"],
+            )
+        if state == "success":
+            return Notification(
+                severity="info",
+                fields={"event": "job.completed", **fields},
+                title=f"VirtBackup: {what} completed",
+                message=message or "completed",
+                tags=["white_check_mark"],
+            )
+        return None
+    if event.type in SCHEDULE_EVENTS:
+        name = str(payload.get("name") or payload.get("schedule_id") or "")
+        verb = event.type.split(".", 1)[1]
+        fields = {
+            "event": event.type,
+            "type": "schedule",
+            "server_id": "",
+            "vm_name": "",
+            "destination_id": "",
+            "schedule": name,
+        }
+        message = str(payload.get("message") or "")
+        jobs = payload.get("job_ids") or []
+        if not message:
+            message = f"jobs: {', '.join(map(str, jobs))}" if jobs else verb
+        return Notification(
+            severity="error" if event.type == "schedule.failed" else "info",
+            fields=fields,
+            title=f"VirtBackup: schedule {name} {verb}",
+            message=message,
+            tags=["rotating_light"] if event.type == "schedule.failed" else [],
+        )
+    return None
