@@ -62,6 +62,9 @@ EVENTS: dict[str, tuple[tuple[str, str], ...]] = {
     subjects.TRANSFER_WORKER: (
         (EventType.UNIT_DONE, "A transfer unit ended; payload: UnitResult."),
     ),
+    subjects.NOTIFIER: (
+        (EventType.NOTIFY_GAVE_UP, "A webhook delivery or notification was given up."),
+    ),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 
@@ -9,6 +10,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    DeliverPolicy,
     KeyValueConfig,
     RetentionPolicy,
     StorageType,
@@ -58,7 +60,20 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
     await js.update_stream(config)
 
 
-async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
+async def ensure_consumer(
+    js: JetStreamContext, spec: ConsumerSpec, *, keep_existing: bool = False, new_only: bool = False
+) -> None:
+    """Create (or update) the durable consumer ``spec``.
+
+    ``keep_existing``: a consumer that exists is left exactly as it is (its position and
+    settings). ``new_only``: a consumer created now starts at the next message stored in
+    the stream rather than at its first."""
+    if keep_existing:
+        try:
+            await js.consumer_info(spec.stream, spec.durable)
+            return
+        except NotFoundError:
+            pass
     config = ConsumerConfig(
         durable_name=spec.durable,
         filter_subject=spec.filter_subject,
@@ -66,8 +81,15 @@ async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
         ack_wait=spec.ack_wait_seconds,
         max_deliver=spec.max_deliver,
         max_ack_pending=spec.max_ack_pending,
+        deliver_policy=DeliverPolicy.NEW if new_only else DeliverPolicy.ALL,
     )
     await js.add_consumer(spec.stream, config)
+
+
+async def delete_consumer(js: JetStreamContext, stream: str, durable: str) -> None:
+    """Delete the durable consumer; one that does not exist is not an error."""
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer(stream, durable)
 
 
 async def ensure_bucket(js: JetStreamContext, spec: BucketSpec) -> KeyValue:

@@ -32,7 +32,7 @@ from opentelemetry.context import Context
 
 from virtbackup.contracts.streams import ConsumerSpec, StreamSpec
 from virtbackup.runtime.bus import Bus
-from virtbackup.runtime.provision import ensure_consumer
+from virtbackup.runtime.provision import delete_consumer, ensure_consumer
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,19 @@ async def purge_subject(bus: Bus, stream: StreamSpec, subject: str) -> None:
     has acknowledged yet. Messages already handed to a worker are dropped too: their
     acknowledgement then changes nothing."""
     await bus.js.purge_stream(stream.name, subject=subject)
+
+
+async def ensure_work_consumer(
+    bus: Bus, spec: ConsumerSpec, *, keep_existing: bool = False, new_only: bool = False
+) -> None:
+    """Create the durable consumer ``spec`` (see ``provision.ensure_consumer`` for
+    ``keep_existing`` and ``new_only``)."""
+    await ensure_consumer(bus.js, spec, keep_existing=keep_existing, new_only=new_only)
+
+
+async def drop_work_consumer(bus: Bus, stream: StreamSpec, durable: str) -> None:
+    """Delete the durable consumer ``durable`` of ``stream`` (missing: not an error)."""
+    await delete_consumer(bus.js, stream.name, durable)
 
 
 @dataclass

@@ -31,8 +31,6 @@ from typing import Any, Final
 
 import httpx
 import msgspec
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 
 from virtbackup.contracts import streams, subjects
 from virtbackup.contracts.streams import ConsumerSpec
@@ -45,7 +43,14 @@ from virtbackup.notifier.derive import Deriver, notification
 from virtbackup.notifier.store import WebhookStore
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.service import ServiceContext
-from virtbackup.runtime.work import WorkConsumer, WorkMessage, publish_work
+from virtbackup.runtime.work import (
+    WorkConsumer,
+    WorkMessage,
+    drop_work_consumer,
+    ensure_work_consumer,
+    publish_work,
+    purge_subject,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,24 +111,7 @@ class Pipeline:
     async def ensure_consumer(self, spec: ConsumerSpec, *, new_only: bool = False) -> None:
         """Create the durable consumer ``spec`` unless it exists (an existing one keeps
         its position). ``new_only``: a new one starts at the next message stored."""
-        js = self.ctx.bus.js
-        try:
-            await js.consumer_info(spec.stream, spec.durable)
-            return
-        except NotFoundError:
-            pass
-        await js.add_consumer(
-            spec.stream,
-            ConsumerConfig(
-                durable_name=spec.durable,
-                filter_subject=spec.filter_subject,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=spec.ack_wait_seconds,
-                max_deliver=spec.max_deliver,
-                max_ack_pending=spec.max_ack_pending,
-                deliver_policy=DeliverPolicy.NEW if new_only else DeliverPolicy.ALL,
-            ),
-        )
+        await ensure_work_consumer(self.ctx.bus, spec, keep_existing=True, new_only=new_only)
 
     async def fan_out(self, message: WorkMessage[Event]) -> None:
         """Stage 1 for one event: store what it owes, then acknowledge it."""
@@ -294,10 +282,8 @@ class Pipeline:
 
     async def forget(self, webhook_id: str) -> None:
         """Delete a webhook's consumer and what it was still owed."""
-        js = self.ctx.bus.js
-        with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(streams.NOTIFY.name, f"webhook-{webhook_id}")
-        await js.purge_stream(streams.NOTIFY.name, subject=subjects.notify_webhook(webhook_id))
+        await drop_work_consumer(self.ctx.bus, streams.NOTIFY, f"webhook-{webhook_id}")
+        await purge_subject(self.ctx.bus, streams.NOTIFY, subjects.notify_webhook(webhook_id))
 
     async def run(self) -> None:
         """Both stages, until the service stops."""
