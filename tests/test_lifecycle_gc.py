@@ -208,6 +208,12 @@ async def test_backups_deduplicating_against_old_chunks_run_during_gc(
             second = await api.post("/api/v1/destinations/fs/gc", json={})
             assert second.status_code == 409, second.text
             assert gc_id in second.text
+            # A prune would delete points the GC has marked: refused while it runs too.
+            prune = await api.post(
+                "/api/v1/destinations/fs/prune", json={"vmName": VM, "keepLast": 100}
+            )
+            assert prune.status_code == 409, prune.text
+            assert gc_id in prune.text
             await guest_write(conn, OTHER, "vda", 3 * CHUNK + 5, 3 * MiB, pattern=0x77)
             other_id = await start_backup(api, OTHER)
             waiting = await wait_message(api, other_id, "waiting for garbage collection")
