@@ -116,6 +116,14 @@ def test_up_secures_the_bus_and_brings_nats_back_after_a_kill(tmp_path: Path) ->
         assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
         for name in ("nats-users.json", "nats-server.conf", "secret-key"):
             assert stat.S_IMODE((secrets / name).stat().st_mode) == 0o600, name
+        # The data directory and the logs are the owner's only, and no log holds the token.
+        assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o700
+        assert stat.S_IMODE((tmp_path / "logs").stat().st_mode) == 0o700
+        logs = sorted((tmp_path / "logs").glob("*.log"))
+        assert {p.name for p in logs} >= {"gateway.log", "inventory.log"}, logs
+        for log in logs:
+            assert stat.S_IMODE(log.stat().st_mode) == 0o600, log
+            assert token not in log.read_text(errors="replace"), f"{log} holds the token"
         conf = json.loads((secrets / "nats-server.conf").read_text())
         nats_url = f"nats://127.0.0.1:{conf['port']}"
 

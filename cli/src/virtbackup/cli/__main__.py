@@ -28,6 +28,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from secrets import token_urlsafe
+from typing import BinaryIO
 
 from virtbackup.cli.services import MODULES
 from virtbackup.contracts.subjects import JOB_ORCHESTRATOR, TRANSFER_WORKER
@@ -54,13 +55,20 @@ class Child:
     restart_at: float = 0.0
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
+        self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with private_log(self.log_path) as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", self.module], env=self.env, stdout=log, stderr=log
             )
         self.started = time.monotonic()
         self.restart_at = 0.0
+
+
+def private_log(path: Path) -> BinaryIO:
+    """``path`` opened for appending, created 0600 (an older, wider one is narrowed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
 
 
 @dataclass
@@ -111,8 +119,13 @@ def _wait_health(url: str, token: str, timeout: float) -> bool:
 def up(workers: int, nats_port: int, orchestrators: int = 2) -> int:
     settings = load_settings()
     data = settings.data_dir.resolve()
-    data.mkdir(parents=True, exist_ok=True)
+    # The token, the configuration (secrets sealed), the NATS store and the logs (job
+    # messages name VMs and paths): the owner's only, whatever the umask.
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(data, 0o700)
     logs = data / "logs"
+    logs.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(logs, 0o700)
     secrets = data / "secrets"
     secrets.mkdir(mode=0o700, exist_ok=True)
     os.chmod(secrets, 0o700)

@@ -7,6 +7,7 @@ users of ``virtbackup.runtime.nats_auth``, each with its service's permissions.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from virtbackup.runtime.nats_auth import (
     ADMIN,
@@ -141,7 +143,7 @@ def start_nats_server(
     config_path = config_path or store_dir.with_name(f"{store_dir.name}.conf")
     config_path.parent.mkdir(parents=True, exist_ok=True)
     write_private(config_path, server_config(host=host, port=port, store_dir=store_dir, auth=auth))
-    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    out = _private_append(log_file) if log_file else subprocess.DEVNULL
     try:
         process = subprocess.Popen(
             [nats_server_binary(), "-c", str(config_path)], stdout=out, stderr=out
@@ -168,3 +170,11 @@ def start_nats_server(
             time.sleep(0.05)
     process.kill()
     raise TimeoutError(f"nats-server did not listen on {host}:{port} within {wait}s")
+
+
+def _private_append(path: Path) -> BinaryIO:
+    """``path`` opened for appending, created 0600 (an older, wider one is narrowed):
+    the server's log names its clients and subjects."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")

@@ -43,8 +43,9 @@ def token_path(settings: Settings) -> Path:
 def ensure_token(settings: Settings) -> str:
     """The agent token: ``VIRTBACKUP_TOKEN`` if set, else the kept one, else a new one.
 
-    A new token is printed once on stderr and kept (mode 0600) in the data directory,
-    where the operator can read it again.
+    A new token is kept (mode 0600) in the data directory, where the operator reads it;
+    stderr only says where (it is often a log file others can read: the token is never
+    written there).
     """
     if settings.token is not None and settings.token.get_secret_value():
         return settings.token.get_secret_value()
@@ -55,7 +56,7 @@ def ensure_token(settings: Settings) -> str:
             return token
     token = secrets.token_urlsafe(32)
     _write_private(path, token.encode() + b"\n")
-    print(f"VirtBackup agent token (kept in {path}): {token}", file=sys.stderr, flush=True)
+    print(f"VirtBackup agent token made, kept in {path} (mode 0600)", file=sys.stderr, flush=True)
     return token
 
 
