@@ -308,6 +308,20 @@ async def _begin_job(
             raise Conflict(str(exc)) from None
         except VirtError as exc:
             last_error = exc
+            if socket_dir is not None:
+                # QEMU could not listen in the socket's directory (a host whose sVirt
+                # profile, AppArmor or SELinux, does not let QEMU write there): the
+                # export listens on TCP with TLS instead, as a remote server's does. The
+                # directory is removed with the others when the backup ends.
+                log.warning(
+                    "vm %s: the backup export cannot listen on a Unix socket (%s): "
+                    "using TCP with TLS",
+                    req.vm_name,
+                    exc,
+                )
+                socket_dir = None
+                await creds.install(server)
+                continue
             if "address" not in str(exc).lower() and "port" not in str(exc).lower():
                 raise
     else:
