@@ -47,7 +47,7 @@ from virtbackup.job_orchestrator.errors import JobFailed
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.locks import lookup_in
 from virtbackup.job_orchestrator.progress import update_job
-from virtbackup.repository.format import record_key
+from virtbackup.repository.format import record_key, vm_prefix
 from virtbackup.repository.lifecycle_gc import (
     DEFAULT_GRACE_SECONDS,
     LOCK_REFRESH_SECONDS,
@@ -393,6 +393,12 @@ async def run_gc(jc: JobContext, job: Job) -> str:
         f"({result.bytes_removed} bytes), kept {result.chunks_kept} "
         f"({result.chunks_too_young} unreferenced but younger than the grace period) "
         f"in {result.duration_seconds:.1f} s"
+        + (
+            f"; quarantined chunks: {verb} {result.quarantined_removed}, "
+            f"kept {result.quarantined_kept}"
+            if result.quarantined_removed or result.quarantined_kept
+            else ""
+        )
     )
 
 
@@ -404,6 +410,34 @@ async def _stats_figures(jc: JobContext, destination_id: str) -> dict[str, Any]:
         await repo.close()
     figures.pop("vms", None)
     return figures
+
+
+def _in_selection(record: str, params: dict[str, Any]) -> bool:
+    """Whether an unreadable record may belong to the selection (its VM and server are
+    unknown: only a ``vmName`` whose folder it is not in rules it out)."""
+    vm = params.get("vmName")
+    if vm is None:
+        return True
+    try:
+        return record.lower().startswith(vm_prefix(str(vm)).lower())
+    except ValueError:
+        return False
+
+
+async def _quarantine(repo: Repository, bad: dict[str, BadChunk]) -> set[str]:
+    """Quarantine the chunks the workers found corrupt (``Repository.quarantine_chunk``
+    reads each again and moves it only if it still fails to decode); never a missing
+    one. A chunk that cannot be moved now stays where it was (logged)."""
+    quarantined: set[str] = set()
+    for chunk_id in sorted(bad):
+        if bad[chunk_id].problem != "corrupt":
+            continue
+        try:
+            if await repo.quarantine_chunk(chunk_id):
+                quarantined.add(chunk_id)
+        except Exception as exc:
+            log.warning("could not quarantine damaged chunk %s: %s", chunk_id, exc)
+    return quarantined
 
 
 def _selected(point: RestorePoint, params: dict[str, Any]) -> bool:
@@ -441,8 +475,11 @@ async def _choose(
 async def run_verify(jc: JobContext, job: Job) -> str:
     """Check the selected points' chunks (every one, or a sample per point) as a restore
     does (hash against id; the AEAD first when encrypted), store each point's outcome in
-    its ``verify.json`` and raise ``agent.job_failure`` for each damaged point. The job
-    fails when a point is damaged."""
+    its ``verify.json`` and raise ``agent.job_failure`` for each damaged point. A chunk
+    proven corrupt (not a missing one) is quarantined (``Repository.quarantine_chunk``),
+    so the next backup with its data stores it again. The job fails when a point is
+    damaged or a record in the selection cannot be read (named in the message and in
+    ``result.unreadablePoints``)."""
     assert job.destination_id
     params = job.params
     mode = str(params.get("mode") or "full")
@@ -454,7 +491,9 @@ async def run_verify(jc: JobContext, job: Job) -> str:
     try:
         chosen: dict[str, tuple[RestorePoint, list[str], str | None]] = {}
         skipped = 0
-        for point in await repo.restore_points():
+        scan = await repo.scan_points()
+        unreadable = [str(u) for u in scan.unreadable if _in_selection(u.key, params)]
+        for point in scan.points:
             if not _selected(point, params):
                 continue
             if days is not None:
@@ -493,6 +532,7 @@ async def run_verify(jc: JobContext, job: Job) -> str:
         )
         started = time.monotonic()
         await jc.run_units(job.id, units, 0, collect)
+        quarantined = await _quarantine(repo, bad)
         outcomes: list[dict[str, Any]] = []
         damaged_points: list[str] = []
         for xml_path, (point, ids, problem) in chosen.items():
@@ -519,7 +559,13 @@ async def run_verify(jc: JobContext, job: Job) -> str:
                 "state": state,
                 "chunksChecked": len(ids),
                 "damagedChunks": [
-                    {"id": c, "problem": bad[c].problem, "detail": bad[c].detail} for c in damaged
+                    {
+                        "id": c,
+                        "problem": bad[c].problem,
+                        "detail": bad[c].detail,
+                        "quarantined": c in quarantined,
+                    }
+                    for c in damaged
                 ],
             }
             if problem:
@@ -541,6 +587,8 @@ async def run_verify(jc: JobContext, job: Job) -> str:
             "pointsDamaged": len(damaged_points),
             "chunksChecked": len(every),
             "chunksDamaged": len(bad),
+            "chunksQuarantined": sorted(quarantined),
+            "unreadablePoints": unreadable,
             "durationSeconds": round(time.monotonic() - started, 3),
             "points": outcomes,
         }
@@ -548,11 +596,23 @@ async def run_verify(jc: JobContext, job: Job) -> str:
         await opened.close()
     result["stats"] = await _stats_figures(jc, job.destination_id)
     await update_job(jc.store, jc.bus, job.id, {"result": result})
-    if damaged_points:
-        raise JobFailed(
-            f"{len(damaged_points)} of {len(outcomes)} restore points damaged: "
-            + "; ".join(damaged_points)
-        )
+    if damaged_points or unreadable:
+        parts = []
+        if damaged_points:
+            parts.append(
+                f"{len(damaged_points)} of {len(outcomes)} restore points damaged: "
+                + "; ".join(damaged_points)
+            )
+        if quarantined:
+            parts.append(
+                f"{len(quarantined)} damaged chunks quarantined (chunks/<id>.bad): the next "
+                "backup that has their data stores them again, which heals these points"
+            )
+        if unreadable:
+            parts.append(
+                f"{len(unreadable)} restore point records cannot be read: " + "; ".join(unreadable)
+            )
+        raise JobFailed("; ".join(parts))
     return (
         f"{mode} verify: {len(outcomes)} restore points ok ({len(every)} chunks checked, "
         f"{skipped} skipped as verified recently)"

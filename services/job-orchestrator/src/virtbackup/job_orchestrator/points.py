@@ -188,7 +188,9 @@ async def _find(repo: Repository | None, dest: str, vm: str, ts: str, pid: str) 
 @point_commands.handler(JobCmd.POINTS, PointListRequest)
 async def list_points(jc: JobContext, req: PointListRequest) -> PointList:
     """Points newest first (then by VM name), of ``destination_id`` (404 if unknown) or of
-    every enabled destination (one that cannot be read is named in ``unreadable``)."""
+    every enabled destination (one that cannot be read is named in ``unreadable``, and so
+    is every point record that exists but cannot be read: ``<destination>: <key>:
+    <reason>``)."""
     cfg = await jc.config()
     if req.destination_id is not None:
         dests = [find_destination(cfg, req.destination_id)]
@@ -201,9 +203,12 @@ async def list_points(jc: JobContext, req: PointListRequest) -> PointList:
             async with opened(jc, dest.id) as repo:
                 if repo is None:
                     continue
+                scan = await repo.scan_points(req.vm_name)
+                # A record that exists but cannot be read: its point is unknown, not absent.
+                unreadable += [f"{dest.id}: {u}" for u in scan.unreadable]
                 points = [
                     p
-                    for p in await repo.restore_points(req.vm_name)
+                    for p in scan.points
                     if req.server_id is None or p.source_server_id == req.server_id
                 ]
                 found += await _infos(repo, dest.id, points)
