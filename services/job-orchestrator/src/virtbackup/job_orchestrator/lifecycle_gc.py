@@ -66,6 +66,7 @@ from virtbackup.repository.verification import (
     read_verification,
     write_verification,
 )
+from virtbackup.runtime.bus import new_id
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import Conflict
 from virtbackup.storage.errors import NotFoundError
@@ -272,6 +273,122 @@ def exclusive_job(jc: JobContext, destination_id: str, *, besides: str = "") -> 
     return None
 
 
+class ClaimRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """``VB_LOCKS`` ``excl.<destination, base64url>``: the jobs that hold the destination:
+    one ``gc`` job, or any number of ``prune`` jobs (never both). Each with the time it
+    was claimed (seconds since the epoch), so that a claim whose job record never
+    appeared lapses."""
+
+    gc: dict[str, float] = msgspec.field(default_factory=dict)
+    prune: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+#: A claim whose job has no record this long after it was made does not count (its
+#: submit died between the claim and the record).
+CLAIM_UNBORN_SECONDS = 60.0
+
+
+def claim_key(destination_id: str) -> str:
+    """``excl.<destination id, base64url without padding>`` in ``VB_LOCKS``."""
+    return "excl." + gate_key(destination_id).removeprefix("gc.")
+
+
+async def _live_claims(jc: JobContext, claims: dict[str, float]) -> dict[str, float]:
+    now = time.time()
+    return {
+        job_id: at
+        for job_id, at in claims.items()
+        if await _active(jc, job_id, missing=now - at < CLAIM_UNBORN_SECONDS)
+    }
+
+
+async def _read_claim(kv: KeyValue, key: str) -> tuple[ClaimRecord, int | None]:
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError:
+        return ClaimRecord(), None
+    try:
+        return msgspec.json.decode(entry.value or b"{}", type=ClaimRecord), entry.revision
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ClaimRecord(), entry.revision
+
+
+async def claim_destination(
+    jc: JobContext, destination_id: str, job_type: str, job_id: str
+) -> None:
+    """Make ``job_id`` (a ``gc`` or ``prune`` job, submitted next or running) hold the
+    destination, in one compare-and-swap made before its job is submitted: a GC holds it
+    alone, prunes together (each removes points one at a time, the GC would mark points
+    they remove). So a GC and a prune of one destination never both pass, whether the
+    other is queued or running and however the job index lags. Idempotent for a holder.
+    ``Conflict`` (409) naming the other job while it is active."""
+    kv = jc.ctx.bucket(buckets.LOCKS)
+    key = claim_key(destination_id)
+    while True:
+        record, revision = await _read_claim(kv, key)
+        if job_id in (record.gc if job_type == "gc" else record.prune):
+            return
+        gcs = await _live_claims(jc, record.gc)
+        prunes = await _live_claims(jc, record.prune)
+        others = list(gcs) + (list(prunes) if job_type == "gc" else [])
+        if others:
+            kind = "gc" if others[0] in gcs else "prune"
+            raise Conflict(f"destination {destination_id} has a {kind} job running ({others[0]})")
+        other = exclusive_job(jc, destination_id, besides=job_id)
+        if other is not None and (job_type == "gc" or other.type == "gc"):
+            raise Conflict(
+                f"destination {destination_id} has a {other.type} job running ({other.id})"
+            )
+        if job_type == "gc":
+            mine = ClaimRecord(gc={job_id: time.time()}, prune={})
+        else:
+            mine = ClaimRecord(gc={}, prune={**prunes, job_id: time.time()})
+        if await _write_claim(kv, key, mine, revision):
+            return
+
+
+async def _write_claim(kv: KeyValue, key: str, record: ClaimRecord, revision: int | None) -> bool:
+    value = msgspec.json.encode(record)
+    try:
+        if revision is None:
+            await kv.create(key, value)
+        else:
+            await kv.update(key, value, last=revision)
+    except KeyWrongLastSequenceError:
+        return False
+    return True
+
+
+async def release_destination(jc: JobContext, destination_id: str, job_id: str) -> None:
+    """Give up ``job_id``'s hold on the destination (idempotent)."""
+    kv = jc.ctx.bucket(buckets.LOCKS)
+    key = claim_key(destination_id)
+    while True:
+        record, revision = await _read_claim(kv, key)
+        if revision is None or (job_id not in record.gc and job_id not in record.prune):
+            return
+        rest = ClaimRecord(
+            gc={k: v for k, v in record.gc.items() if k != job_id},
+            prune={k: v for k, v in record.prune.items() if k != job_id},
+        )
+        if await _write_claim(kv, key, rest, revision):
+            return
+
+
+@contextlib.asynccontextmanager
+async def claimed(jc: JobContext, destination_id: str, job_type: str) -> AsyncIterator[str]:
+    """Claim the destination for a job about to be submitted: yields its id (pass it to
+    ``jc.submit``); released again when the block raises (nothing was submitted).
+    ``Conflict`` as ``claim_destination``."""
+    job_id = new_id()
+    await claim_destination(jc, destination_id, job_type, job_id)
+    try:
+        yield job_id
+    except BaseException:
+        await release_destination(jc, destination_id, job_id)
+        raise
+
+
 async def claim_gate(jc: JobContext, job: Job) -> None:
     """Take the destination's gate for this GC; ``Conflict`` while another GC (or a
     prune) of the destination is active."""
@@ -346,7 +463,12 @@ async def run_gc(jc: JobContext, job: Job) -> str:
     """Collect the garbage of the job's destination (see the module docstring)."""
     assert job.destination_id
     dry_run = bool(job.params.get("dryRun"))
-    await claim_gate(jc, job)
+    try:
+        await claim_destination(jc, job.destination_id, "gc", job.id)
+        await claim_gate(jc, job)
+    except BaseException:
+        await release_destination(jc, job.destination_id, job.id)
+        raise
     try:
         opened = await jc.repository(job.destination_id, create=False)
         repo = retrying(opened)
@@ -385,6 +507,7 @@ async def run_gc(jc: JobContext, job: Job) -> str:
             await opened.close()
     finally:
         await release_gate(jc, job)
+        await release_destination(jc, job.destination_id, job.id)
     figures = await _stats_figures(jc, job.destination_id)
     await update_job(jc.store, jc.bus, job.id, {"result": {**result.as_dict(), "stats": figures}})
     verb = "would remove" if dry_run else "removed"
