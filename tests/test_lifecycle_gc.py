@@ -25,6 +25,7 @@ import httpx
 import pytest
 from harness import System, local_config, running_system, same, snapshot, wait_job
 
+from virtbackup.contracts.v1.points import point_id
 from virtbackup.repository.format import chunk_key, quarantine_key, record_key
 from virtbackup.repository.repository import Repository
 from virtbackup.repository.verification import read_verification
@@ -425,6 +426,8 @@ async def test_a_record_that_cannot_be_read_stops_gc_and_is_named(
         assert point.xml_path in stats["unreadablePoints"], stats
         listed = await api.get("/api/v1/restore-points", params={"destinationId": "fs"})
         assert listed.status_code == 200, listed.text
+        one = await api.get(f"/api/v1/restore-points/{point_id('fs', OTHER, point.timestamp)}")
+        assert one.status_code == 409 and "cannot be read" in one.text, one.text
         repo = await open_repo(repo_dir)
         try:
             assert {c async for c in repo.all_chunk_ids()} >= kept

@@ -189,6 +189,8 @@ async def _find(repo: Repository | None, dest: str, vm: str, ts: str, pid: str) 
         return await repo.restore_point(xml_path(vm, ts))
     except (NotFoundError, ValueError):
         raise NotFound(f"restore point {shown(pid)} not found") from None
+    except RepositoryError as exc:  # its backup.json exists but does not decode
+        raise Conflict(f"restore point {shown(pid)} cannot be read: {exc}") from None
 
 
 @point_commands.handler(JobCmd.POINTS, PointListRequest)
@@ -495,7 +497,8 @@ async def prune_plan(jc: JobContext, req: PruneRequest) -> PrunePlan:
 
 @point_commands.handler(JobCmd.PRUNE, PruneRequest)
 async def prune(jc: JobContext, req: PruneRequest) -> Job:
-    """Start a prune job (409 while a GC of the destination runs; 400 as ``prune_plan``)."""
+    """Start a prune job (409 while a GC of the destination is queued or running; 400 as
+    ``prune_plan``)."""
     from virtbackup.job_orchestrator.runner import execute
 
     dest = find_destination(await jc.config(), req.destination_id)
