@@ -25,7 +25,8 @@ import httpx
 import pytest
 from harness import System, local_config, running_system, same, snapshot, wait_job
 
-from virtbackup.repository.format import chunk_key
+from virtbackup.contracts.v1.points import point_id
+from virtbackup.repository.format import chunk_key, quarantine_key, record_key
 from virtbackup.repository.repository import Repository
 from virtbackup.repository.verification import read_verification
 from virtbackup.storage.filesystem import FilesystemDriver
@@ -332,17 +333,54 @@ async def test_verify_finds_and_names_a_corrupted_chunk(
     # Points verified less than a day ago are skipped.
     skipped = await succeeded(api, await start(api, "verify", {"outdatedAfterDays": 1}))
     assert skipped["result"]["pointsChecked"] == 0 and skipped["result"]["pointsSkipped"] == 7
+    STATE["victim"] = (victim, latest.timestamp)
+
+
+async def test_a_quarantined_chunk_is_stored_again_and_heals_the_point(
+    api: httpx.AsyncClient, repo_dir: Path
+) -> None:
+    """Verify moved the corrupt chunk aside (``.bad``): the next backup with its data (the
+    VM's disk is the damaged point's, restored last) stores it again instead of
+    deduplicating against it, and the old point verifies ok again."""
+    victim, timestamp = STATE["victim"]
+    repo = await open_repo(repo_dir)
+    try:
+        assert not await repo.has_chunk(victim)
+        assert await repo.driver.exists(quarantine_key(victim))
+    finally:
+        await repo.close()
+    backup = await succeeded(api, await start_backup(api, VM))
+    stored = re.search(r"(\d+) stored", backup["message"])
+    assert stored and int(stored.group(1)) >= 1, backup["message"]
+    repo = await open_repo(repo_dir)
+    try:
+        await repo.load_chunk(victim)  # stored again, and good
+    finally:
+        await repo.close()
+    verify = await succeeded(api, await start(api, "verify", {"mode": "full", "vmName": VM}))
+    healed = [p for p in verify["result"]["points"] if p["timestamp"] == timestamp]
+    assert healed and healed[0]["state"] == "ok", verify["result"]
+    assert verify["result"]["pointsDamaged"] == 0
+    # The next GC removes the quarantined copy: its chunk is stored again.
+    gc = await succeeded(api, await start(api, "gc", {"graceSeconds": 0}))
+    assert gc["result"]["quarantinedRemoved"] == 1, gc["result"]
+    repo = await open_repo(repo_dir)
+    try:
+        assert not await repo.driver.exists(quarantine_key(victim))
+        assert await repo.has_chunk(victim)
+    finally:
+        await repo.close()
 
 
 async def test_stats_per_destination_and_vm(api: httpx.AsyncClient) -> None:
     resp = await api.get("/api/v1/destinations/fs/stats")
     assert resp.status_code == 200, resp.text
     stats = resp.json()
-    assert stats["points"] == 7 and stats["chunkCount"] > 0
+    assert stats["points"] == 8 and stats["chunkCount"] > 0
     assert stats["logicalBytes"] > stats["storedBytes"] > 0  # points share chunks
     assert stats["dedupFactor"] == round(stats["logicalBytes"] / stats["storedBytes"], 3)
     by_vm = {v["vmName"]: v for v in stats["vms"]}
-    assert set(by_vm) == {VM, OTHER} and by_vm[VM]["points"] == 6
+    assert set(by_vm) == {VM, OTHER} and by_vm[VM]["points"] == 7
     assert by_vm[VM]["logicalBytes"] + by_vm[OTHER]["logicalBytes"] == stats["logicalBytes"]
 
 
@@ -367,3 +405,79 @@ async def test_a_cancelled_gc_releases_the_destination(
     # The gate is open again: a backup runs without waiting for anything.
     backup = await succeeded(api, await start_backup(api, VM))
     assert "waiting for garbage collection" not in str(backup)
+
+
+async def test_a_record_that_cannot_be_read_stops_gc_and_is_named(
+    api: httpx.AsyncClient, repo_dir: Path
+) -> None:
+    repo = await open_repo(repo_dir)
+    try:
+        point = (await repo.restore_points(OTHER))[-1]
+        key = record_key(point.vm_name, point.timestamp)
+        record = await repo.driver.get(key)
+        await repo.driver.put(key, b'{"x":')
+        kept = {c async for c in repo.all_chunk_ids()}
+    finally:
+        await repo.close()
+    try:
+        gc = await wait_job(api, await start(api, "gc", {"graceSeconds": 0}))
+        assert gc["state"] == "failure" and key in gc["message"], gc
+        stats = (await api.get("/api/v1/destinations/fs/stats")).json()
+        assert point.xml_path in stats["unreadablePoints"], stats
+        listed = await api.get("/api/v1/restore-points", params={"destinationId": "fs"})
+        assert listed.status_code == 200, listed.text
+        one = await api.get(f"/api/v1/restore-points/{point_id('fs', OTHER, point.timestamp)}")
+        assert one.status_code == 409 and "cannot be read" in one.text, one.text
+        repo = await open_repo(repo_dir)
+        try:
+            assert {c async for c in repo.all_chunk_ids()} >= kept
+        finally:
+            await repo.close()
+    finally:
+        repo = await open_repo(repo_dir)
+        try:
+            await repo.driver.put(key, record)
+        finally:
+            await repo.close()
+
+
+async def test_gc_and_prune_claim_the_destination_and_a_skipped_prune_is_shown(
+    api: httpx.AsyncClient, repo_dir: Path
+) -> None:
+    """A GC and a prune submitted together: one runs, the other gets 409 naming it
+    (never a prune job that fails). An automatic prune skipped because a GC holds the
+    destination says so in the backup job's message."""
+    for _ in range(3):
+        gc_resp, prune_resp = await asyncio.gather(
+            api.post("/api/v1/destinations/fs/gc", json={"dryRun": True}),
+            api.post("/api/v1/destinations/fs/prune", json={"vmName": VM, "keepLast": 100}),
+        )
+        codes = (gc_resp.status_code, prune_resp.status_code)
+        assert codes in {(202, 409), (409, 200)}, (gc_resp.text, prune_resp.text)
+        if codes == (202, 409):
+            winner = str(gc_resp.json()["id"])
+            assert winner in prune_resp.text
+        else:
+            winner = str(prune_resp.json()["jobId"])
+            assert winner in gc_resp.text
+        await succeeded(api, winner)
+    cfg = local_config(repo_dir)
+    cfg["destinations"][0]["retention"] = {"keepLast": 100}
+    assert (await api.post("/config", json=cfg)).status_code == 200
+    try:
+        backup_id = await start_backup(api, VM)
+        await asyncio.sleep(0.5)
+        gc_id = await start(api, "gc", {"graceSeconds": 0})
+        await wait_message(api, gc_id, "waiting for 1 running backup")
+        # Queued or running, the GC holds the destination: a manual prune gets 409.
+        prune = await api.post(
+            "/api/v1/destinations/fs/prune", json={"vmName": VM, "keepLast": 100}
+        )
+        assert prune.status_code == 409 and gc_id in prune.text, prune.text
+        await succeeded(api, backup_id)
+        await succeeded(api, gc_id)
+        backup = (await api.get(f"/jobs/{backup_id}")).json()
+        assert "retention prune skipped" in backup["message"], backup
+        assert gc_id in backup["message"], backup
+    finally:
+        assert (await api.post("/config", json=local_config(repo_dir))).status_code == 200

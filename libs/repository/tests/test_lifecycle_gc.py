@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from virtbackup.repository.format import chunk_key, manifest_key, record_key, xml_path
+from virtbackup.repository.format import (
+    chunk_key,
+    manifest_key,
+    quarantine_key,
+    record_key,
+    xml_path,
+)
 from virtbackup.repository.lifecycle_gc import (
     GarbageCollection,
     LockRecord,
@@ -21,7 +27,7 @@ from virtbackup.repository.lifecycle_gc import (
     write_lock,
 )
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint, StateFileRecord
-from virtbackup.repository.repository import Repository
+from virtbackup.repository.repository import CorruptChunkError, Repository
 from virtbackup.repository.verification import (
     Verification,
     read_verification,
@@ -257,6 +263,117 @@ async def test_an_unreadable_point_makes_gc_remove_nothing(repo: Repository) -> 
         await gc.mark()
     await gc.end()
     assert await chunk_ids(repo) == {good, orphan}
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        b'{"x":',  # cut short
+        b'{"vmName": "vm1"}',  # not a record
+        b'{"vmName":"vm2","timestamp":"2026-01-01T00-00-00","sourceServerId":"l",'
+        b'"sourceServerName":"L","kind":"full","disks":[],"createdAt":"x"}',  # elsewhere
+    ],
+)
+async def test_a_record_that_cannot_be_read_makes_gc_remove_nothing(
+    repo: Repository, record: bytes
+) -> None:
+    """A ``backup.json`` that exists but does not decode is an unreadable point, not a
+    missing one: its manifests may name any chunk (a later repair must find them)."""
+    good, nvram = await store(repo, block(1)), await store(repo, block(2))
+    orphan = await store(repo, block(3))
+    ts = "2026-01-01T00-00-00"
+    await commit(repo, ts, [good], files=[nvram])
+    await repo.driver.put(record_key("vm1", ts), record)
+    await asyncio.sleep(1.1)
+    scan = await repo.scan_points()
+    assert scan.points == [] and [u.key for u in scan.unreadable] == [record_key("vm1", ts)]
+    assert [u.key for u in (await repo.scan_points("vm1")).unreadable] == [record_key("vm1", ts)]
+    for dry_run in (True, False):
+        gc = collection(repo, 0, dry_run=dry_run)
+        await gc.begin()
+        with pytest.raises(UnreadablePoint, match=record_key("vm1", ts)):
+            await gc.mark()
+        with pytest.raises(UnreadablePoint, match=record_key("vm1", ts)):
+            await gc.sweep()
+        await gc.end()
+    assert await chunk_ids(repo) == {good, nvram, orphan}
+    stats = await repository_stats(repo)
+    assert stats.unreadable_points == [xml_path("vm1", ts)]
+    assert stats.as_dict()["unreadablePoints"] == [xml_path("vm1", ts)]
+    # Once the folder is gone (the point deleted, or never committed), GC proceeds.
+    await repo.driver.delete(record_key("vm1", ts))
+    gc = collection(repo, 0)
+    await gc.begin()
+    await gc.mark()
+    result = await gc.sweep()
+    await gc.end()
+    assert result.chunks_removed == 3 and await chunk_ids(repo) == set()
+
+
+async def test_a_manifest_that_is_not_a_manifest_makes_gc_remove_nothing(
+    repo: Repository,
+) -> None:
+    """A manifest that decrypts and decompresses but is not a manifest (valid JSON)."""
+    good = await store(repo, block(1))
+    point = await commit(repo, "2026-01-01T00-00-00", [good])
+    key = manifest_key("vm1", point.timestamp, "vda")
+    await repo.driver.put(key, repo._encode_object(key, b'{"target": 1}'))
+    gc = collection(repo, 0)
+    await gc.begin()
+    with pytest.raises(UnreadablePoint, match=point.timestamp):
+        await gc.mark()
+    await gc.end()
+    stats = await repository_stats(repo)
+    assert stats.unreadable_points == [point.xml_path]
+    assert await chunk_ids(repo) == {good}
+
+
+async def test_a_damaged_chunk_is_quarantined_then_stored_again(repo: Repository) -> None:
+    data, other = block(1), block(2)
+    victim, fine = await store(repo, data), await store(repo, other)
+    point = await commit(repo, "2026-01-01T00-00-00", [victim, fine])
+    blob = bytearray(await repo.read_chunk(victim))
+    blob[len(blob) // 2] ^= 0xFF
+    await repo.driver.put(chunk_key(victim), bytes(blob))
+    with pytest.raises(CorruptChunkError):
+        await repo.load_chunk(victim)
+    # A good chunk and a missing one are never moved.
+    assert not await repo.quarantine_chunk(fine)
+    assert not await repo.quarantine_chunk("ab" * 32)
+    assert await repo.has_chunk(fine)
+    assert await repo.quarantine_chunk(victim)
+    assert not await repo.has_chunk(victim)
+    assert await repo.driver.get(quarantine_key(victim)) == bytes(blob)
+    assert victim not in await chunk_ids(repo)  # a quarantined object is no chunk
+    stats = await repository_stats(repo)
+    assert (stats.chunk_count, stats.unreferenced_chunks) == (1, 0)
+    # GC keeps the quarantined copy while a point names the chunk and it is not healed.
+    await asyncio.sleep(1.1)
+    gc = collection(repo, 0)
+    await gc.begin()
+    await gc.mark()
+    result = await gc.sweep()
+    await gc.end()
+    assert (result.quarantined_kept, result.quarantined_removed, result.chunks_removed) == (
+        1,
+        0,
+        0,
+    )
+    assert await repo.driver.exists(quarantine_key(victim))
+    # The next backup with the data stores it again (no longer deduplicated): healed.
+    assert await repo.store_bytes(data) == [victim]
+    manifest = await repo.manifest(point, "vda")
+    for chunk_id in manifest.chunks:
+        assert chunk_id is not None
+        await repo.load_chunk(chunk_id)
+    gc = collection(repo, 0)
+    await gc.begin()
+    await gc.mark()
+    result = await gc.sweep()
+    await gc.end()
+    assert (result.quarantined_kept, result.quarantined_removed) == (0, 1)
+    assert not await repo.driver.exists(quarantine_key(victim))
+    assert await chunk_ids(repo) == {victim, fine}
 
 
 async def test_stats_count_logical_and_stored_bytes(repo: Repository) -> None:

@@ -13,10 +13,13 @@ from virtbackup.contracts.subjects import JOB_ORCHESTRATOR
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc import (
+    claim_destination,
     claim_gate,
+    claimed,
     close_gate,
     enter_gate,
     leave_gate,
+    release_destination,
     release_gate,
 )
 from virtbackup.job_orchestrator.service import SPEC, job_context
@@ -112,3 +115,36 @@ async def test_a_gc_that_died_sweeping_holds_nothing_back(
     await asyncio.wait_for(close_gate(a, later), 5)
     await release_gate(a, later)
     await a.finish(later.id, "success", "done")
+
+
+async def test_a_gc_and_a_prune_never_both_hold_a_destination(
+    replicas: tuple[JobContext, JobContext],
+) -> None:
+    """The claim is made before the job is submitted, and read from the bucket, not the
+    job index: at once, on another replica, whether the holder is queued or running."""
+    a, b = replicas
+
+    async def submit(jc: JobContext, kind: str) -> Job:
+        async with claimed(jc, "d4", kind) as job_id:
+            return await jc.submit(kind, destination_id="d4", job_id=job_id)  # type: ignore[arg-type]
+
+    gc = await submit(a, "gc")
+    assert gc.state == "queued"
+    for jc, kind in ((b, "prune"), (b, "gc"), (a, "prune")):
+        with pytest.raises(Conflict, match=gc.id):
+            await submit(jc, kind)
+    await claim_destination(a, "d4", "gc", gc.id)  # its run claims again: idempotent
+    await a.finish(gc.id, "success", "done")  # ended: holds nothing back, even unreleased
+    first = await submit(b, "prune")
+    second = await submit(a, "prune")  # prunes share the destination
+    with pytest.raises(Conflict, match=first.id):
+        await submit(a, "gc")
+    await release_destination(b, "d4", first.id)
+    await b.finish(first.id, "success", "done")
+    with pytest.raises(Conflict, match=second.id):
+        await submit(b, "gc")
+    await release_destination(a, "d4", second.id)
+    await a.finish(second.id, "success", "done")
+    later = await submit(b, "gc")
+    await b.finish(later.id, "success", "done")
+    await release_destination(b, "d4", later.id)

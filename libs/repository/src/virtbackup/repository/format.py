@@ -89,6 +89,23 @@ def chunk_key(chunk_id: str) -> str:
     return f"{CHUNKS_PREFIX}{chunk_id[:2]}/{chunk_id}"
 
 
+#: Suffix of a quarantined chunk's key (``chunks/ab/<id>.bad``).
+QUARANTINE_SUFFIX: Final = ".bad"
+
+
+def quarantine_key(chunk_id: str) -> str:
+    """``chunks/<id[:2]>/<id>.bad``: where verify moves a chunk it proved damaged."""
+    return chunk_key(chunk_id) + QUARANTINE_SUFFIX
+
+
+def quarantined_id(name: str) -> str | None:
+    """The chunk id of a quarantined object's last key segment (``<id>.bad``), else None."""
+    if not name.endswith(QUARANTINE_SUFFIX):
+        return None
+    chunk_id = name[: -len(QUARANTINE_SUFFIX)]
+    return chunk_id if _ID.match(chunk_id) else None
+
+
 def check_name(kind: str, value: str) -> str:
     """Disk targets (``vda``, ``sdb``...) are path segments as they are: only letters,
     digits and ``_ . + -``, starting with a letter or digit. ``ValueError`` otherwise."""

@@ -17,9 +17,14 @@ The protocol, in the order a collection runs it (``GarbageCollection``):
    that no point names and whose last-modified time is before the cutoff.
 5. ``end``: remove the lock object.
 
-A point whose manifests cannot be read makes the collection fail before anything is
-removed (its chunks could not be counted as referenced), unless its ``backup.json`` has
-disappeared meanwhile (it was being deleted).
+A point that cannot be read makes the collection fail before anything is removed (its
+chunks could not be counted as referenced): a ``backup.json`` that exists but does not
+decode (or names another folder's point), or a readable one whose manifests are missing
+or do not decode, unless that ``backup.json`` has disappeared meanwhile (it was being
+deleted). A folder without ``backup.json`` is no point (not committed yet, or being
+deleted). Quarantined chunks (``<chunk key>.bad``, see ``Repository.quarantine_chunk``)
+are not chunks: the sweep removes one only once a good copy of its chunk is stored again
+or no point names the chunk any more and it is older than the cutoff.
 
 Lock objects are plaintext JSON (``LockRecord``) and count as *live* while their
 last-modified time is less than ``LOCK_STALE_SECONDS`` before the newest lock read in
@@ -35,7 +40,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from virtbackup.repository.format import CHUNKS_PREFIX, check_id, record_key
+from virtbackup.repository.format import CHUNKS_PREFIX, check_id, quarantined_id, record_key
 from virtbackup.repository.records import RestorePoint
 from virtbackup.repository.repository import Repository, RepositoryError
 from virtbackup.storage.errors import NotFoundError
@@ -155,6 +160,10 @@ class GcResult:
     bytes_kept: int = 0
     #: Unreferenced chunks kept because they are younger than the cutoff.
     chunks_too_young: int = 0
+    #: Quarantined chunks (``<id>.bad``) removed (counted in ``chunks_removed`` too).
+    quarantined_removed: int = 0
+    #: Quarantined chunks kept: their chunk is not stored again and a point names it.
+    quarantined_kept: int = 0
     points: int = 0
     duration_seconds: float = 0.0
     dry_run: bool = False
@@ -169,6 +178,8 @@ class GcResult:
             "chunksKept": self.chunks_kept,
             "bytesKept": self.bytes_kept,
             "chunksTooYoung": self.chunks_too_young,
+            "quarantinedRemoved": self.quarantined_removed,
+            "quarantinedKept": self.quarantined_kept,
             "points": self.points,
             "durationSeconds": round(self.duration_seconds, 3),
             "dryRun": self.dry_run,
@@ -270,7 +281,16 @@ class GarbageCollection:
 
     async def _mark_points(self) -> int:
         """Mark every point not marked yet; returns how many points exist now."""
-        points = await self.repo.restore_points()
+        scan = await self.repo.scan_points()
+        unreadable = [u for u in scan.unreadable if await self.repo.driver.exists(u.key)]
+        if unreadable:
+            raise UnreadablePoint(
+                "restore point records that cannot be read: "
+                + "; ".join(str(u) for u in unreadable)
+                + "; nothing was removed (a record that cannot be read may name any chunk: "
+                "repair it, or delete its folder if the point is lost)"
+            )
+        points = scan.points
         for point in points:
             key = record_key(point.vm_name, point.timestamp)
             if key in self.marked_points:
@@ -305,12 +325,19 @@ class GarbageCollection:
         )
         result.points = await self._mark_points()
         doomed: list[tuple[str, int]] = []
+        present: set[str] = set()
+        quarantined: list[tuple[str, str, int, float]] = []
         async for info in self.repo.driver.list_info(CHUNKS_PREFIX):
             name = info.key.rsplit("/", 1)[-1]
+            bad_id = quarantined_id(name)
+            if bad_id is not None:
+                quarantined.append((bad_id, info.key, info.size, info.modified))
+                continue
             try:
                 check_id(name)
             except ValueError:
                 continue  # not a chunk: never ours to remove
+            present.add(name)
             if name in self.referenced:
                 result.chunks_kept += 1
                 result.bytes_kept += info.size
@@ -320,6 +347,14 @@ class GarbageCollection:
                 result.bytes_kept += info.size
             else:
                 doomed.append((info.key, info.size))
+        for bad_id, key, size, modified in quarantined:
+            # Healed (stored again since), or named by no point and past the grace: the
+            # damaged copy has served its purpose. Else kept, for inspection.
+            if bad_id in present or (bad_id not in self.referenced and modified < self.cutoff):
+                doomed.append((key, size))
+                result.quarantined_removed += 1
+            else:
+                result.quarantined_kept += 1
         await self.progress(
             f"{len(doomed)} unreferenced chunks older than the cutoff "
             f"({result.chunks_kept} kept, {result.chunks_too_young} of them too young)"
@@ -394,6 +429,14 @@ def dedup_factor(logical: int, stored: int) -> float | None:
     return round(logical / stored, 3) if stored else None
 
 
+def _is_chunk(name: str) -> bool:
+    try:
+        check_id(name)
+    except ValueError:
+        return False
+    return True
+
+
 async def repository_stats(repo: Repository) -> RepositoryStats:
     """Figures of the repository:
 
@@ -405,17 +448,23 @@ async def repository_stats(repo: Repository) -> RepositoryStats:
     - ``unreferenced_*``: chunk objects no point names (what GC removes past the grace);
     - per VM the same, over that VM's points (a chunk shared by two VMs counts in both).
 
-    Points whose manifests cannot be read are named in ``unreadable_points`` and counted
-    without their chunks. Needs the repository's key (manifests are sealed).
+    Points whose manifests cannot be read are named in ``unreadable_points`` (by
+    ``xmlPath``) and counted without their chunks; so are records that exist but cannot
+    be read (``Repository.scan_points``), which are not counted as points (their chunks
+    count as unreferenced here, but garbage collection refuses to run while they exist).
+    Needs the repository's key (manifests are sealed).
     """
     sizes = {
-        info.key.rsplit("/", 1)[-1]: info.size
+        name: info.size
         async for info in repo.driver.list_info(CHUNKS_PREFIX)
+        if _is_chunk(name := info.key.rsplit("/", 1)[-1])
     }
     stats = RepositoryStats()
     per_vm: dict[str, tuple[VmStats, set[str]]] = {}
     referenced: set[str] = set()
-    for point in await repo.restore_points():
+    scan = await repo.scan_points()
+    stats.unreadable_points += [u.xml_path for u in scan.unreadable]
+    for point in scan.points:
         vm, vm_chunks = per_vm.setdefault(point.vm_name, (VmStats(point.vm_name), set()))
         vm.points += 1
         stats.points += 1

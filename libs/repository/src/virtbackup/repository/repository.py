@@ -20,10 +20,11 @@ Contract:
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Self
 
@@ -46,6 +47,7 @@ from virtbackup.repository.format import (
     manifest_key,
     parse_xml_key,
     point_prefix,
+    quarantine_key,
     record_key,
     segment_record_key,
     vm_prefix,
@@ -72,6 +74,31 @@ class CorruptChunkError(RepositoryError):
         super().__init__(f"chunk {chunk_id}: {reason}")
         self.chunk_id = chunk_id
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class UnreadableRecord:
+    """A restore point record (``backup.json``) that exists but cannot be read."""
+
+    #: Its key (``vms/<segment>/<timestamp>/backup.json``).
+    key: str
+    reason: str
+
+    @property
+    def xml_path(self) -> str:
+        """The ``xmlPath`` its point would have (``.../domain.xml`` beside the record)."""
+        return self.key.rsplit("/", 1)[0] + "/domain.xml"
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.reason}"
+
+
+@dataclass
+class PointScan:
+    """What ``Repository.scan_points`` found."""
+
+    points: list[RestorePoint] = field(default_factory=list)
+    unreadable: list[UnreadableRecord] = field(default_factory=list)
 
 
 def _now() -> str:
@@ -207,6 +234,49 @@ class Repository:
             raise CorruptChunkError(chunk_id, "content does not match its hash")
         return data
 
+    async def quarantine_chunk(self, chunk_id: str) -> bool:
+        """Move a chunk that is proven damaged out of the way, to ``quarantine_key``
+        (``chunks/ab/<id>.bad``), so that ``has_chunk`` is false and the next backup
+        that has its data stores it again (which heals every point naming it: content
+        addressing). Returns whether it did.
+
+        Proof: the chunk is read again here and must fail ``decode_chunk``
+        (``CorruptChunkError``); a chunk that is missing, or that reads back good (a
+        backup stored it again meanwhile, or the first read was bad on the way), is left
+        alone (``False``). Drivers have no rename: the blob is copied to the quarantine
+        key and read back equal before the chunk's own key is deleted, so a failure at
+        any step leaves at least one copy (never none). Storage errors propagate (a
+        ``TransientError`` before the delete leaves the chunk where it was).
+        ``ValueError`` for a malformed id.
+        """
+        key = chunk_key(chunk_id)
+        try:
+            blob = await self.driver.get(key)
+        except NotFoundError:
+            return False
+        try:
+            self.decode_chunk(chunk_id, blob)
+            return False
+        except CorruptChunkError:
+            pass
+        bad = quarantine_key(chunk_id)
+        await self.driver.put(bad, blob)
+        if await self.driver.get(bad) != blob:
+            raise RepositoryError(f"{bad}: the quarantined copy does not read back equal")
+        try:
+            current = await self.driver.get(key)
+        except NotFoundError:
+            return True
+        if current != blob:  # replaced meanwhile (store_chunk): keep a good copy
+            try:
+                self.decode_chunk(chunk_id, current)
+                return False
+            except CorruptChunkError:
+                pass
+        with contextlib.suppress(NotFoundError):
+            await self.driver.delete(key)
+        return True
+
     async def store_bytes(self, data: bytes | bytearray | memoryview) -> list[str]:
         """Store ``data`` as chunks of ``chunk_size`` bytes (the last may be shorter; none
         for empty data) and return their ids in order. Chunks already stored are not
@@ -267,32 +337,63 @@ class Repository:
             raise RepositoryError(f"{key}: {exc}") from None
 
     async def restore_points(self, vm: str | None = None) -> list[RestorePoint]:
-        """Every complete restore point (those with a ``backup.json``), oldest first: of
-        ``vm`` only when given (none for a name no point can have).
+        """Every complete, readable restore point, oldest first (``scan_points(vm).points``).
+
+        Records that exist but cannot be read are left out here: code that decides what
+        is referenced (garbage collection, statistics, listings) calls ``scan_points`` and
+        handles ``unreadable`` itself."""
+        return (await self.scan_points(vm)).points
+
+    async def scan_points(self, vm: str | None = None) -> PointScan:
+        """Every restore point record (``backup.json``) under ``vms/`` (of ``vm`` only when
+        given: none for a name no point can have), split into ``points`` (read, sorted by
+        VM name then timestamp) and ``unreadable`` (records that exist but do not decode,
+        or name a VM or time whose folder is not the one they are in).
+
+        A missing record (a point not committed yet, or one being deleted: its record
+        goes first) is no point at all; a record that exists but cannot be read is one
+        whose content is unknown, so callers must assume it names any chunk.
 
         A record counts only where its own ``vmName`` and ``timestamp`` put it (ASCII case
         aside: a case-insensitive destination may list ``vms/web1/`` for ``Web1``'s
         folder), so that every listed point's ``xml_path`` names that same record, and
-        the points of ``Web1`` and ``web1`` sharing one folder stay apart.
+        the points of ``Web1`` and ``web1`` sharing one folder stay apart. Storage errors
+        other than ``NotFoundError`` propagate.
         """
+        scan = PointScan()
         try:
             prefix = vm_prefix(vm) if vm else POINTS_PREFIX
         except ValueError:
-            return []
-        points = []
+            return scan
         async for key in self.driver.list(prefix):
-            if key.endswith("/backup.json"):
-                try:
-                    raw = await self.driver.get(key)
-                    point = msgspec.json.decode(raw, type=RestorePoint)
-                    if record_key(point.vm_name, point.timestamp).lower() != key.lower():
-                        continue
-                except (NotFoundError, msgspec.DecodeError, msgspec.ValidationError, ValueError):
-                    continue
-                if vm is None or point.vm_name == vm:
-                    points.append(point)
-        points.sort(key=lambda p: (p.vm_name, p.timestamp))
-        return points
+            if not key.endswith("/backup.json"):
+                continue
+            try:
+                raw = await self.driver.get(key)
+            except NotFoundError:
+                continue
+            try:
+                point = msgspec.json.decode(raw, type=RestorePoint)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                scan.unreadable.append(UnreadableRecord(key, f"does not decode: {exc}"))
+                continue
+            try:
+                home = record_key(point.vm_name, point.timestamp)
+            except ValueError as exc:
+                scan.unreadable.append(UnreadableRecord(key, f"names no valid point: {exc}"))
+                continue
+            if home.lower() != key.lower():
+                scan.unreadable.append(
+                    UnreadableRecord(
+                        key, f"names {point.vm_name} {point.timestamp}, whose record is {home}"
+                    )
+                )
+                continue
+            if vm is None or point.vm_name == vm:
+                scan.points.append(point)
+        scan.points.sort(key=lambda p: (p.vm_name, p.timestamp))
+        scan.unreadable.sort(key=lambda u: u.key)
+        return scan
 
     async def restore_point(self, xml_path: str) -> RestorePoint:
         """The restore point named by ``xmlPath``. ``ValueError`` for a path outside the
@@ -316,8 +417,14 @@ class Repository:
         return point
 
     async def manifest(self, point: RestorePoint, target: str) -> DiskManifest:
-        raw = await self._load_object(manifest_key(point.vm_name, point.timestamp, target))
-        return msgspec.json.decode(raw, type=DiskManifest)
+        """The manifest of the point's disk ``target``. ``NotFoundError`` if missing,
+        ``RepositoryError`` if it does not decode (or is not a manifest)."""
+        key = manifest_key(point.vm_name, point.timestamp, target)
+        raw = await self._load_object(key)
+        try:
+            return msgspec.json.decode(raw, type=DiskManifest)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise RepositoryError(f"{key}: {exc}") from None
 
     async def domain_xml(self, point: RestorePoint) -> str:
         return (await self._load_object(point.xml_path)).decode()

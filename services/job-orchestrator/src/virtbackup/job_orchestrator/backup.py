@@ -50,6 +50,7 @@ from virtbackup.job_orchestrator.state_files import capture
 from virtbackup.repository.format import manifest_key
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
 from virtbackup.repository.repository import Repository
+from virtbackup.repository.verification import read_verification
 from virtbackup.runtime import timeouts
 from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.clock import utcnow_iso
@@ -204,6 +205,18 @@ async def run_backup(jc: JobContext, job: Job) -> str:
     try:
         fresh = bool(job.params.get("fresh"))
         parent = None if fresh else await latest_point(repo, job.vm_name, job.server_id)
+        if (
+            parent is not None
+            and (await read_verification(repo, parent.vm_name, parent.timestamp)).state == "damaged"
+        ):
+            # An incremental would name the parent's chunks it does not read, damaged
+            # (quarantined) ones included: a full read stores them again instead.
+            await jc.message(
+                job.id,
+                f"the newest point {parent.timestamp} failed verify: a full read, "
+                "storing its damaged chunks again",
+            )
+            parent = None
         # Recorded before anything builds on it: from now on a delete of the parent point
         # is refused (409), and before, while this job holds the VM folder's lock, too
         # (``points.remove_point``). So the incremental below is relative to a checkpoint

@@ -173,11 +173,14 @@ class JobContext:
         params: dict[str, Any] | None = None,
         lock_vm: bool = False,
         run: Callable[[JobContext, Job], Any] | None = None,
+        job_id: str | None = None,
     ) -> Job:
         """Create a job and start running it here; ``Conflict`` when ``lock_vm`` and the
-        VM has an active backup or restore (the message names that job)."""
+        VM has an active backup or restore (the message names that job). ``job_id``: an
+        id from ``new_id`` the caller made beforehand (to claim something in its name),
+        else a new one."""
         self.jobs  # noqa: B018 - Unavailable until the index is loaded, and while stopping
-        job_id = new_id()
+        job_id = job_id or new_id()
         # Claimed here before the record exists, so that this instance's sweep never
         # takes the new job for one whose run died.
         self.runs[job_id] = LocalRun()

@@ -47,7 +47,7 @@ from virtbackup.job_orchestrator.errors import JobFailed
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.locks import lookup_in
 from virtbackup.job_orchestrator.progress import update_job
-from virtbackup.repository.format import record_key
+from virtbackup.repository.format import record_key, vm_prefix
 from virtbackup.repository.lifecycle_gc import (
     DEFAULT_GRACE_SECONDS,
     LOCK_REFRESH_SECONDS,
@@ -66,6 +66,7 @@ from virtbackup.repository.verification import (
     read_verification,
     write_verification,
 )
+from virtbackup.runtime.bus import new_id
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import Conflict
 from virtbackup.storage.errors import NotFoundError
@@ -272,6 +273,122 @@ def exclusive_job(jc: JobContext, destination_id: str, *, besides: str = "") -> 
     return None
 
 
+class ClaimRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """``VB_LOCKS`` ``excl.<destination, base64url>``: the jobs that hold the destination:
+    one ``gc`` job, or any number of ``prune`` jobs (never both). Each with the time it
+    was claimed (seconds since the epoch), so that a claim whose job record never
+    appeared lapses."""
+
+    gc: dict[str, float] = msgspec.field(default_factory=dict)
+    prune: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+#: A claim whose job has no record this long after it was made does not count (its
+#: submit died between the claim and the record).
+CLAIM_UNBORN_SECONDS = 60.0
+
+
+def claim_key(destination_id: str) -> str:
+    """``excl.<destination id, base64url without padding>`` in ``VB_LOCKS``."""
+    return "excl." + gate_key(destination_id).removeprefix("gc.")
+
+
+async def _live_claims(jc: JobContext, claims: dict[str, float]) -> dict[str, float]:
+    now = time.time()
+    return {
+        job_id: at
+        for job_id, at in claims.items()
+        if await _active(jc, job_id, missing=now - at < CLAIM_UNBORN_SECONDS)
+    }
+
+
+async def _read_claim(kv: KeyValue, key: str) -> tuple[ClaimRecord, int | None]:
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError:
+        return ClaimRecord(), None
+    try:
+        return msgspec.json.decode(entry.value or b"{}", type=ClaimRecord), entry.revision
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ClaimRecord(), entry.revision
+
+
+async def claim_destination(
+    jc: JobContext, destination_id: str, job_type: str, job_id: str
+) -> None:
+    """Make ``job_id`` (a ``gc`` or ``prune`` job, submitted next or running) hold the
+    destination, in one compare-and-swap made before its job is submitted: a GC holds it
+    alone, prunes together (each removes points one at a time, the GC would mark points
+    they remove). So a GC and a prune of one destination never both pass, whether the
+    other is queued or running and however the job index lags. Idempotent for a holder.
+    ``Conflict`` (409) naming the other job while it is active."""
+    kv = jc.ctx.bucket(buckets.LOCKS)
+    key = claim_key(destination_id)
+    while True:
+        record, revision = await _read_claim(kv, key)
+        if job_id in (record.gc if job_type == "gc" else record.prune):
+            return
+        gcs = await _live_claims(jc, record.gc)
+        prunes = await _live_claims(jc, record.prune)
+        others = list(gcs) + (list(prunes) if job_type == "gc" else [])
+        if others:
+            kind = "gc" if others[0] in gcs else "prune"
+            raise Conflict(f"destination {destination_id} has a {kind} job running ({others[0]})")
+        other = exclusive_job(jc, destination_id, besides=job_id)
+        if other is not None and (job_type == "gc" or other.type == "gc"):
+            raise Conflict(
+                f"destination {destination_id} has a {other.type} job running ({other.id})"
+            )
+        if job_type == "gc":
+            mine = ClaimRecord(gc={job_id: time.time()}, prune={})
+        else:
+            mine = ClaimRecord(gc={}, prune={**prunes, job_id: time.time()})
+        if await _write_claim(kv, key, mine, revision):
+            return
+
+
+async def _write_claim(kv: KeyValue, key: str, record: ClaimRecord, revision: int | None) -> bool:
+    value = msgspec.json.encode(record)
+    try:
+        if revision is None:
+            await kv.create(key, value)
+        else:
+            await kv.update(key, value, last=revision)
+    except KeyWrongLastSequenceError:
+        return False
+    return True
+
+
+async def release_destination(jc: JobContext, destination_id: str, job_id: str) -> None:
+    """Give up ``job_id``'s hold on the destination (idempotent)."""
+    kv = jc.ctx.bucket(buckets.LOCKS)
+    key = claim_key(destination_id)
+    while True:
+        record, revision = await _read_claim(kv, key)
+        if revision is None or (job_id not in record.gc and job_id not in record.prune):
+            return
+        rest = ClaimRecord(
+            gc={k: v for k, v in record.gc.items() if k != job_id},
+            prune={k: v for k, v in record.prune.items() if k != job_id},
+        )
+        if await _write_claim(kv, key, rest, revision):
+            return
+
+
+@contextlib.asynccontextmanager
+async def claimed(jc: JobContext, destination_id: str, job_type: str) -> AsyncIterator[str]:
+    """Claim the destination for a job about to be submitted: yields its id (pass it to
+    ``jc.submit``); released again when the block raises (nothing was submitted).
+    ``Conflict`` as ``claim_destination``."""
+    job_id = new_id()
+    await claim_destination(jc, destination_id, job_type, job_id)
+    try:
+        yield job_id
+    except BaseException:
+        await release_destination(jc, destination_id, job_id)
+        raise
+
+
 async def claim_gate(jc: JobContext, job: Job) -> None:
     """Take the destination's gate for this GC; ``Conflict`` while another GC (or a
     prune) of the destination is active."""
@@ -346,7 +463,12 @@ async def run_gc(jc: JobContext, job: Job) -> str:
     """Collect the garbage of the job's destination (see the module docstring)."""
     assert job.destination_id
     dry_run = bool(job.params.get("dryRun"))
-    await claim_gate(jc, job)
+    try:
+        await claim_destination(jc, job.destination_id, "gc", job.id)
+        await claim_gate(jc, job)
+    except BaseException:
+        await release_destination(jc, job.destination_id, job.id)
+        raise
     try:
         opened = await jc.repository(job.destination_id, create=False)
         repo = retrying(opened)
@@ -385,6 +507,7 @@ async def run_gc(jc: JobContext, job: Job) -> str:
             await opened.close()
     finally:
         await release_gate(jc, job)
+        await release_destination(jc, job.destination_id, job.id)
     figures = await _stats_figures(jc, job.destination_id)
     await update_job(jc.store, jc.bus, job.id, {"result": {**result.as_dict(), "stats": figures}})
     verb = "would remove" if dry_run else "removed"
@@ -393,6 +516,12 @@ async def run_gc(jc: JobContext, job: Job) -> str:
         f"({result.bytes_removed} bytes), kept {result.chunks_kept} "
         f"({result.chunks_too_young} unreferenced but younger than the grace period) "
         f"in {result.duration_seconds:.1f} s"
+        + (
+            f"; quarantined chunks: {verb} {result.quarantined_removed}, "
+            f"kept {result.quarantined_kept}"
+            if result.quarantined_removed or result.quarantined_kept
+            else ""
+        )
     )
 
 
@@ -404,6 +533,34 @@ async def _stats_figures(jc: JobContext, destination_id: str) -> dict[str, Any]:
         await repo.close()
     figures.pop("vms", None)
     return figures
+
+
+def _in_selection(record: str, params: dict[str, Any]) -> bool:
+    """Whether an unreadable record may belong to the selection (its VM and server are
+    unknown: only a ``vmName`` whose folder it is not in rules it out)."""
+    vm = params.get("vmName")
+    if vm is None:
+        return True
+    try:
+        return record.lower().startswith(vm_prefix(str(vm)).lower())
+    except ValueError:
+        return False
+
+
+async def _quarantine(repo: Repository, bad: dict[str, BadChunk]) -> set[str]:
+    """Quarantine the chunks the workers found corrupt (``Repository.quarantine_chunk``
+    reads each again and moves it only if it still fails to decode); never a missing
+    one. A chunk that cannot be moved now stays where it was (logged)."""
+    quarantined: set[str] = set()
+    for chunk_id in sorted(bad):
+        if bad[chunk_id].problem != "corrupt":
+            continue
+        try:
+            if await repo.quarantine_chunk(chunk_id):
+                quarantined.add(chunk_id)
+        except Exception as exc:
+            log.warning("could not quarantine damaged chunk %s: %s", chunk_id, exc)
+    return quarantined
 
 
 def _selected(point: RestorePoint, params: dict[str, Any]) -> bool:
@@ -441,8 +598,11 @@ async def _choose(
 async def run_verify(jc: JobContext, job: Job) -> str:
     """Check the selected points' chunks (every one, or a sample per point) as a restore
     does (hash against id; the AEAD first when encrypted), store each point's outcome in
-    its ``verify.json`` and raise ``agent.job_failure`` for each damaged point. The job
-    fails when a point is damaged."""
+    its ``verify.json`` and raise ``agent.job_failure`` for each damaged point. A chunk
+    proven corrupt (not a missing one) is quarantined (``Repository.quarantine_chunk``),
+    so the next backup with its data stores it again. The job fails when a point is
+    damaged or a record in the selection cannot be read (named in the message and in
+    ``result.unreadablePoints``)."""
     assert job.destination_id
     params = job.params
     mode = str(params.get("mode") or "full")
@@ -454,7 +614,9 @@ async def run_verify(jc: JobContext, job: Job) -> str:
     try:
         chosen: dict[str, tuple[RestorePoint, list[str], str | None]] = {}
         skipped = 0
-        for point in await repo.restore_points():
+        scan = await repo.scan_points()
+        unreadable = [str(u) for u in scan.unreadable if _in_selection(u.key, params)]
+        for point in scan.points:
             if not _selected(point, params):
                 continue
             if days is not None:
@@ -493,6 +655,7 @@ async def run_verify(jc: JobContext, job: Job) -> str:
         )
         started = time.monotonic()
         await jc.run_units(job.id, units, 0, collect)
+        quarantined = await _quarantine(repo, bad)
         outcomes: list[dict[str, Any]] = []
         damaged_points: list[str] = []
         for xml_path, (point, ids, problem) in chosen.items():
@@ -519,7 +682,13 @@ async def run_verify(jc: JobContext, job: Job) -> str:
                 "state": state,
                 "chunksChecked": len(ids),
                 "damagedChunks": [
-                    {"id": c, "problem": bad[c].problem, "detail": bad[c].detail} for c in damaged
+                    {
+                        "id": c,
+                        "problem": bad[c].problem,
+                        "detail": bad[c].detail,
+                        "quarantined": c in quarantined,
+                    }
+                    for c in damaged
                 ],
             }
             if problem:
@@ -541,6 +710,8 @@ async def run_verify(jc: JobContext, job: Job) -> str:
             "pointsDamaged": len(damaged_points),
             "chunksChecked": len(every),
             "chunksDamaged": len(bad),
+            "chunksQuarantined": sorted(quarantined),
+            "unreadablePoints": unreadable,
             "durationSeconds": round(time.monotonic() - started, 3),
             "points": outcomes,
         }
@@ -548,11 +719,23 @@ async def run_verify(jc: JobContext, job: Job) -> str:
         await opened.close()
     result["stats"] = await _stats_figures(jc, job.destination_id)
     await update_job(jc.store, jc.bus, job.id, {"result": result})
-    if damaged_points:
-        raise JobFailed(
-            f"{len(damaged_points)} of {len(outcomes)} restore points damaged: "
-            + "; ".join(damaged_points)
-        )
+    if damaged_points or unreadable:
+        parts = []
+        if damaged_points:
+            parts.append(
+                f"{len(damaged_points)} of {len(outcomes)} restore points damaged: "
+                + "; ".join(damaged_points)
+            )
+        if quarantined:
+            parts.append(
+                f"{len(quarantined)} damaged chunks quarantined (chunks/<id>.bad): the next "
+                "backup that has their data stores them again, which heals these points"
+            )
+        if unreadable:
+            parts.append(
+                f"{len(unreadable)} restore point records cannot be read: " + "; ".join(unreadable)
+            )
+        raise JobFailed("; ".join(parts))
     return (
         f"{mode} verify: {len(outcomes)} restore points ok ({len(every)} chunks checked, "
         f"{skipped} skipped as verified recently)"

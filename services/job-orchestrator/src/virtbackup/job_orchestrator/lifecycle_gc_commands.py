@@ -17,13 +17,13 @@ from virtbackup.contracts.v1.lifecycle_gc import (
 )
 from virtbackup.job_orchestrator.handlers import destination_faults
 from virtbackup.job_orchestrator.jobctx import JobContext
-from virtbackup.job_orchestrator.lifecycle_gc import exclusive_job
+from virtbackup.job_orchestrator.lifecycle_gc import claimed
 from virtbackup.job_orchestrator.runner import execute
 from virtbackup.repository.lifecycle_gc import dedup_factor, repository_stats
 from virtbackup.repository.repository import NoRepositoryError, RepositoryError
 from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.commands import Commands
-from virtbackup.runtime.errors import BadRequest, Conflict, NotFound
+from virtbackup.runtime.errors import BadRequest, NotFound
 
 lifecycle_commands: Commands[JobContext] = Commands()
 
@@ -41,13 +41,11 @@ async def _destination(jc: JobContext, destination_id: str) -> str:
 async def gc(jc: JobContext, req: GcRequest) -> Job:
     """Start a ``gc`` job; ``Conflict`` (409) while a GC or prune of the destination runs."""
     dest = await _destination(jc, req.destination_id)
-    other = exclusive_job(jc, dest)
-    if other is not None:
-        raise Conflict(f"destination {dest} has a {other.type} job running ({other.id})")
     params: dict[str, Any] = {"dryRun": req.dry_run}
     if req.grace_seconds is not None:
         params["graceSeconds"] = req.grace_seconds
-    return await jc.submit("gc", destination_id=dest, params=params, run=execute)
+    async with claimed(jc, dest, "gc") as job_id:
+        return await jc.submit("gc", destination_id=dest, params=params, run=execute, job_id=job_id)
 
 
 @lifecycle_commands.handler(JobCmd.VERIFY, VerifyRequest)

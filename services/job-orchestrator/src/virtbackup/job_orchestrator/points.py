@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import msgspec
 
-from virtbackup.contracts.subjects import JobCmd
+from virtbackup.contracts.subjects import EventType, JobCmd
 from virtbackup.contracts.v1.common import shown
 from virtbackup.contracts.v1.config import (
     ConfigError,
@@ -61,6 +61,11 @@ from virtbackup.contracts.v1.points import (
 from virtbackup.job_orchestrator import exports
 from virtbackup.job_orchestrator.errors import JobFailed
 from virtbackup.job_orchestrator.jobctx import JobContext
+from virtbackup.job_orchestrator.lifecycle_gc import (
+    claim_destination,
+    claimed,
+    release_destination,
+)
 from virtbackup.job_orchestrator.locks import point_folder_lock
 from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.repository import retention
@@ -76,6 +81,7 @@ from virtbackup.repository.records import RestorePoint
 from virtbackup.repository.repository import NoRepositoryError, Repository, RepositoryError
 from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.bus import new_id
+from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.commands import Commands
 from virtbackup.runtime.errors import BadRequest, Conflict, NotFound
 from virtbackup.storage.errors import NotFoundError
@@ -183,12 +189,16 @@ async def _find(repo: Repository | None, dest: str, vm: str, ts: str, pid: str) 
         return await repo.restore_point(xml_path(vm, ts))
     except (NotFoundError, ValueError):
         raise NotFound(f"restore point {shown(pid)} not found") from None
+    except RepositoryError as exc:  # its backup.json exists but does not decode
+        raise Conflict(f"restore point {shown(pid)} cannot be read: {exc}") from None
 
 
 @point_commands.handler(JobCmd.POINTS, PointListRequest)
 async def list_points(jc: JobContext, req: PointListRequest) -> PointList:
     """Points newest first (then by VM name), of ``destination_id`` (404 if unknown) or of
-    every enabled destination (one that cannot be read is named in ``unreadable``)."""
+    every enabled destination (one that cannot be read is named in ``unreadable``, and so
+    is every point record that exists but cannot be read: ``<destination>: <key>:
+    <reason>``)."""
     cfg = await jc.config()
     if req.destination_id is not None:
         dests = [find_destination(cfg, req.destination_id)]
@@ -201,9 +211,12 @@ async def list_points(jc: JobContext, req: PointListRequest) -> PointList:
             async with opened(jc, dest.id) as repo:
                 if repo is None:
                     continue
+                scan = await repo.scan_points(req.vm_name)
+                # A record that exists but cannot be read: its point is unknown, not absent.
+                unreadable += [f"{dest.id}: {u}" for u in scan.unreadable]
                 points = [
                     p
-                    for p in await repo.restore_points(req.vm_name)
+                    for p in scan.points
                     if req.server_id is None or p.source_server_id == req.server_id
                 ]
                 found += await _infos(repo, dest.id, points)
@@ -473,15 +486,6 @@ def gc_running(jc: JobContext, dest_id: str) -> Job | None:
     return None
 
 
-def _refuse_during_gc(jc: JobContext, dest_id: str) -> None:
-    gc = gc_running(jc, dest_id)
-    if gc is not None:
-        raise Conflict(
-            f"destination {dest_id} has a garbage collection running ({gc.id}): prune when "
-            "it has ended"
-        )
-
-
 @point_commands.handler(JobCmd.PRUNE_PLAN, PruneRequest)
 async def prune_plan(jc: JobContext, req: PruneRequest) -> PrunePlan:
     """A dry run: which points the prune would keep (and by which rule) and remove."""
@@ -493,19 +497,26 @@ async def prune_plan(jc: JobContext, req: PruneRequest) -> PrunePlan:
 
 @point_commands.handler(JobCmd.PRUNE, PruneRequest)
 async def prune(jc: JobContext, req: PruneRequest) -> Job:
-    """Start a prune job (409 while a GC of the destination runs; 400 as ``prune_plan``)."""
+    """Start a prune job (409 while a GC of the destination is queued or running; 400 as
+    ``prune_plan``)."""
     from virtbackup.job_orchestrator.runner import execute
 
     dest = find_destination(await jc.config(), req.destination_id)
-    _refuse_during_gc(jc, dest.id)
-    async with opened(jc, dest.id) as repo:
-        await plan_prune(jc, repo, dest, req)  # bad input is a 400 now, not a failed job
-    return await submit_prune(jc, req, execute)
+    # Claimed first, in one compare-and-swap with any GC's claim: 409 whether that GC is
+    # queued or running, never a job that fails at once.
+    async with claimed(jc, dest.id, "prune") as job_id:
+        async with opened(jc, dest.id) as repo:
+            await plan_prune(jc, repo, dest, req)  # bad input is a 400 now, not a failed job
+        return await submit_prune(jc, req, execute, job_id)
 
 
 async def submit_prune(
-    jc: JobContext, req: PruneRequest, run: Callable[[JobContext, Job], Awaitable[None]]
+    jc: JobContext,
+    req: PruneRequest,
+    run: Callable[[JobContext, Job], Awaitable[None]],
+    job_id: str,
 ) -> Job:
+    """Submit the prune job ``job_id`` (the id the destination was claimed for)."""
     params = msgspec.to_builtins(msgspec.structs.replace(req, dry_run=False))
     assert isinstance(params, dict)
     params = {k: v for k, v in params.items() if v is not None and k != "destinationId"}
@@ -516,6 +527,7 @@ async def submit_prune(
         destination_id=req.destination_id,
         params=params,
         run=run,
+        job_id=job_id,
     )
 
 
@@ -526,7 +538,14 @@ async def run_prune(jc: JobContext, job: Job) -> str:
     assert job.destination_id
     req = msgspec.convert({**job.params, "destinationId": job.destination_id}, PruneRequest)
     dest = find_destination(await jc.config(), job.destination_id)
-    _refuse_during_gc(jc, dest.id)
+    await claim_destination(jc, dest.id, "prune", job.id)  # held since its submit
+    try:
+        return await _prune(jc, job, req, dest)
+    finally:
+        await release_destination(jc, dest.id, job.id)
+
+
+async def _prune(jc: JobContext, job: Job, req: PruneRequest, dest: Destination) -> str:
     async with opened(jc, dest.id) as repo:
         plan, doomed = await plan_prune(jc, repo, dest, req)
         removed: list[dict[str, str]] = []
@@ -581,8 +600,10 @@ async def auto_prune(
     jc: JobContext, backup: Job, run: Callable[[JobContext, Job], Awaitable[None]]
 ) -> Job | None:
     """After a successful backup: a prune job of the VM's points in the destination, if
-    the VM has a retention policy there; ``None`` when it has none, or when a GC of the
-    destination runs (the next backup prunes then). Never raises for a refusal."""
+    the VM has a retention policy there; ``None`` when it has none, or when a GC (or
+    another prune) holds the destination: the next backup prunes then, and the backup
+    job's message says so (``retention prune skipped: ...``). Never raises for a
+    refusal."""
     if not (backup.destination_id and backup.vm_name and backup.server_id):
         return None
     cfg = await jc.config()
@@ -593,13 +614,34 @@ async def auto_prune(
     policy = dest.retention_for(backup.vm_name)
     if policy is None or policy.keep_all is True:
         return None
-    if gc_running(jc, dest.id) is not None:
-        log.info("not pruning %s after its backup: a GC of %s runs", backup.vm_name, dest.id)
-        return None
     req = PruneRequest(
         destination_id=dest.id,
         vm_name=backup.vm_name,
         server_id=None,
         automatic=True,
     )
-    return await submit_prune(jc, req, run)
+    try:
+        async with claimed(jc, dest.id, "prune") as job_id:
+            return await submit_prune(jc, req, run, job_id)
+    except Conflict as busy:
+        log.info("not pruning %s after backup %s: %s", backup.vm_name, backup.id, busy.message)
+        await _note_skipped_prune(jc, backup, busy.message)
+        return None
+
+
+async def _note_skipped_prune(jc: JobContext, backup: Job, why: str) -> None:
+    """Append to the (finished) backup job's message that its prune was skipped, and
+    publish ``job.updated`` with it, so that it is seen where the backup is."""
+    line = f"retention prune skipped: {why}; the next backup of the VM prunes"
+
+    def note(job: Job) -> Job:
+        if line in job.message:
+            return job
+        message = f"{job.message}; {line}" if job.message else line
+        return msgspec.structs.replace(job, message=message, updated_at=utcnow_iso())
+
+    try:
+        job = await jc.store.update(backup.id, note)
+        await jc.bus.publish_event(EventType.JOB_UPDATED, msgspec.to_builtins(job), key=job.id)
+    except Exception as exc:
+        log.warning("could not note the skipped prune on job %s: %s", backup.id, exc)

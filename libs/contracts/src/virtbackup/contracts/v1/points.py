@@ -128,7 +128,8 @@ class PointListRequest(Message, frozen=True, kw_only=True):
 
 class PointList(Message, frozen=True, kw_only=True):
     """Points newest first; ``unreadable`` names destinations that could not be listed
-    (and why) when the request named none."""
+    (and why) when the request named none, and point records that exist but cannot be
+    read (``<destination>: <key>: <reason>``)."""
 
     points: list[PointInfo]
     unreadable: list[str] = msgspec.field(default_factory=list)

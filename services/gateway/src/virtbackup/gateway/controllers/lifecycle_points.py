@@ -110,7 +110,7 @@ class RestorePointsController(Controller):
         found = await gw.bus.request(JobCmd.POINTS, request, PointList, timeout=LIST_TIMEOUT)
         return found.points
 
-    @get("/restore-points/{point_id:str}", responses=responses(400, 404))
+    @get("/restore-points/{point_id:str}", responses=responses(400, 404, 409))
     async def get_point(self, gw: Gateway, point_id: PointIdParam) -> PointInfo:
         """One restore point."""
         return await gw.bus.request(
