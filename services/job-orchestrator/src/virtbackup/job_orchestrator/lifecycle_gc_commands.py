@@ -18,23 +18,19 @@ from virtbackup.contracts.v1.lifecycle_gc import (
 from virtbackup.job_orchestrator.handlers import destination_faults
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc import exclusive_job
+from virtbackup.job_orchestrator.points import destination, unusable
 from virtbackup.job_orchestrator.runner import execute
 from virtbackup.repository.lifecycle_gc import dedup_factor, repository_stats
 from virtbackup.repository.repository import NoRepositoryError, RepositoryError
-from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.commands import Commands
-from virtbackup.runtime.errors import BadRequest, Conflict, NotFound
+from virtbackup.runtime.errors import BadRequest, Conflict
 
 lifecycle_commands: Commands[JobContext] = Commands()
 
 
 async def _destination(jc: JobContext, destination_id: str) -> str:
     """The configured destination's id (``NotFound`` naming ``destinationId``)."""
-    cfg = await jc.config()
-    try:
-        return find_destination(cfg, destination_id).id
-    except NotFound as exc:
-        raise NotFound(f"destinationId: {exc.message}") from None
+    return destination(await jc.config(), destination_id).id
 
 
 @lifecycle_commands.handler(JobCmd.GC, GcRequest)
@@ -80,7 +76,9 @@ async def verify(jc: JobContext, req: VerifyRequest) -> Job:
 
 @lifecycle_commands.handler(JobCmd.STATS, StatsRequest)
 async def stats(jc: JobContext, req: StatsRequest) -> DestinationStats:
-    """The repository's figures (all zero for a destination without a repository)."""
+    """The repository's figures (all zero for a destination without a repository yet);
+    503 naming the destination when it cannot be read (an unreadable ``repository.json``,
+    a filesystem destination's missing directory)."""
     dest = await _destination(jc, req.destination_id)
     with destination_faults(dest):
         try:
@@ -97,7 +95,7 @@ async def stats(jc: JobContext, req: StatsRequest) -> DestinationStats:
                 unreferenced_bytes=0,
             )
         except RepositoryError as exc:
-            raise BadRequest(f"destination {dest}: {exc}") from None
+            raise unusable(dest, exc) from None
         try:
             figures = await repository_stats(repo)
         finally:

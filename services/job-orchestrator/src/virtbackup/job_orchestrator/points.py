@@ -36,6 +36,7 @@ import msgspec
 from virtbackup.contracts.subjects import JobCmd
 from virtbackup.contracts.v1.common import shown
 from virtbackup.contracts.v1.config import (
+    AgentConfig,
     ConfigError,
     Destination,
     RetentionPolicy,
@@ -61,7 +62,7 @@ from virtbackup.contracts.v1.points import (
 from virtbackup.job_orchestrator import exports
 from virtbackup.job_orchestrator.errors import JobFailed
 from virtbackup.job_orchestrator.jobctx import JobContext
-from virtbackup.job_orchestrator.locks import point_folder_lock
+from virtbackup.job_orchestrator.locks import Busy, point_folder_lock
 from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.repository import retention
 from virtbackup.repository.format import xml_path
@@ -77,7 +78,7 @@ from virtbackup.repository.repository import NoRepositoryError, Repository, Repo
 from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.bus import new_id
 from virtbackup.runtime.commands import Commands
-from virtbackup.runtime.errors import BadRequest, Conflict, NotFound
+from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, Unavailable
 from virtbackup.storage.errors import NotFoundError
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,8 @@ async def opened(
     jc: JobContext, destination_id: str, *, locked: bool = True
 ) -> AsyncIterator[Repository | None]:
     """The destination's repository (``None`` when it has none), closed on exit; its
-    storage faults as 404/503 naming it."""
+    storage faults as 404/503 naming it, and an unreadable repository (``unusable``) as
+    503 naming it."""
     # Imported here: the handlers import the runner, which imports this module.
     from virtbackup.job_orchestrator.handlers import destination_faults
 
@@ -162,11 +164,27 @@ async def opened(
             yield None
             return
         except RepositoryError as exc:
-            raise BadRequest(f"destination {destination_id}: {exc}") from None
+            raise unusable(destination_id, exc) from None
         try:
             yield repo
         finally:
             await repo.close()
+
+
+def unusable(destination_id: str, exc: RepositoryError) -> Unavailable:
+    """503 for a destination whose repository cannot be opened (an unreadable
+    ``repository.json``, another format): the same status and form as a destination
+    whose storage cannot be used (``handlers.destination_faults``)."""
+    return Unavailable(f"destination {shown(destination_id)} cannot be used: {exc}")
+
+
+def destination(cfg: AgentConfig, destination_id: str) -> Destination:
+    """The configured destination ``destination_id``; ``NotFound`` naming the field:
+    ``destinationId: destination 'x' not found`` (every lifecycle command says it so)."""
+    try:
+        return find_destination(cfg, destination_id)
+    except NotFound as exc:
+        raise NotFound(f"destinationId: {exc.message}") from None
 
 
 def _parse(value: str) -> tuple[str, str, str]:
@@ -191,11 +209,12 @@ async def list_points(jc: JobContext, req: PointListRequest) -> PointList:
     every enabled destination (one that cannot be read is named in ``unreadable``)."""
     cfg = await jc.config()
     if req.destination_id is not None:
-        dests = [find_destination(cfg, req.destination_id)]
+        dests = [destination(cfg, req.destination_id)]
     else:
         dests = [d for d in cfg.destinations if d.enabled]
     found: list[PointInfo] = []
     unreadable: list[str] = []
+    unreadable_ids: list[str] = []
     for dest in dests:
         try:
             async with opened(jc, dest.id) as repo:
@@ -211,13 +230,15 @@ async def list_points(jc: JobContext, req: PointListRequest) -> PointList:
             if req.destination_id is not None:
                 raise
             unreadable.append(f"{dest.id}: {exc.message}")
+            unreadable_ids.append(dest.id)
         except Exception as exc:  # Unavailable and storage faults of one destination
             if req.destination_id is not None:
                 raise
             unreadable.append(f"{dest.id}: {getattr(exc, 'message', None) or exc}")
+            unreadable_ids.append(dest.id)
     found.sort(key=lambda p: (p.vm_name, p.destination_id))
     found.sort(key=lambda p: p.timestamp, reverse=True)
-    return PointList(points=found, unreadable=unreadable)
+    return PointList(points=found, unreadable=unreadable, unreadable_destinations=unreadable_ids)
 
 
 @point_commands.handler(JobCmd.POINT_GET, PointRef)
@@ -236,7 +257,7 @@ async def update_point(jc: JobContext, req: PointUpdateRequest) -> PointInfo:
     """Set ``protected`` and/or ``notes`` in the point's ``point.json``."""
     dest_id, vm, ts = _parse(req.id)
     find_destination(await jc.config(), dest_id)
-    async with opened(jc, dest_id) as repo, _meta_lock(jc, dest_id, vm):
+    async with opened(jc, dest_id) as repo, _meta_lock(jc, dest_id, vm, "update"):
         point = await _find(repo, dest_id, vm, ts, req.id)
         assert repo is not None
         try:
@@ -272,20 +293,44 @@ async def delete_point(jc: JobContext, req: PointRef) -> PointDeleted:
 
 
 @asynccontextmanager
-async def _lock(jc: JobContext, key: tuple[str, str], what: str) -> AsyncIterator[None]:
+async def _lock(
+    jc: JobContext, key: tuple[str, str], what: str, op_type: str, *, wait: float = 0.0
+) -> AsyncIterator[None]:
+    """Hold lock ``key`` for an operation (no job) of ``op_type``. While another
+    operation holds it (``locks.Busy``), try again for up to ``wait`` seconds, then
+    raise the ``Busy`` (409: another change is in progress, retry); a job holding it is
+    a ``Conflict`` at once."""
     op = new_id()
-    await jc.locks.acquire(*key, op, "delete", what=what)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    pause = 0.02
+    while True:
+        try:
+            await jc.locks.acquire(*key, op, op_type, what=what, operation=True)
+            break
+        except Busy:
+            if loop.time() + pause > deadline:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
     try:
         yield
     finally:
         await jc.locks.release(*key, op)
 
 
-def _meta_lock(jc: JobContext, dest_id: str, vm: str) -> Any:
+#: Seconds a change of a VM's points waits for another one to end (each takes moments).
+META_LOCK_WAIT: Final = 10.0
+
+
+def _meta_lock(jc: JobContext, dest_id: str, vm: str, op_type: str) -> Any:
+    """The lock of the ``point.json`` files of ``vm``'s points in ``dest_id``: changes
+    (``PATCH``, delete) take turns, waiting ``META_LOCK_WAIT`` seconds at most."""
     folder = point_folder_lock("backup", dest_id, vm)
     assert folder is not None
     key = (folder[0], f"points:{folder[1]}")
-    return _lock(jc, key, f"the restore points of vm {vm} in destination {dest_id}")
+    what = f"the restore points of vm {vm} in destination {dest_id}"
+    return _lock(jc, key, what, op_type, wait=META_LOCK_WAIT)
 
 
 def users(jc: JobContext, dest_id: str, point: RestorePoint) -> list[str]:
@@ -333,7 +378,7 @@ async def remove_point(jc: JobContext, repo: Repository, dest_id: str, point: Re
     folder = point_folder_lock("backup", dest_id, vm)
     assert folder is not None
     what = f"the folder of vm {vm} in destination {dest_id}"
-    async with _meta_lock(jc, dest_id, vm):
+    async with _meta_lock(jc, dest_id, vm, "delete"):
         try:
             meta = await read_point_meta(repo, vm, point.timestamp, strict=True)
         except SidecarError as exc:
@@ -349,7 +394,7 @@ async def remove_point(jc: JobContext, repo: Repository, dest_id: str, point: Re
                 f"restore point {point.timestamp} of vm {vm} is in use: {'; '.join(used)}"
             )
         try:
-            async with _lock(jc, folder, what):
+            async with _lock(jc, folder, what, "delete"):
                 await repo.delete_point(point)
                 return
         except Conflict as busy:
@@ -485,7 +530,7 @@ def _refuse_during_gc(jc: JobContext, dest_id: str) -> None:
 @point_commands.handler(JobCmd.PRUNE_PLAN, PruneRequest)
 async def prune_plan(jc: JobContext, req: PruneRequest) -> PrunePlan:
     """A dry run: which points the prune would keep (and by which rule) and remove."""
-    dest = find_destination(await jc.config(), req.destination_id)
+    dest = destination(await jc.config(), req.destination_id)
     async with opened(jc, dest.id) as repo:
         plan, _ = await plan_prune(jc, repo, dest, req)
     return msgspec.structs.replace(plan, dry_run=True)
@@ -496,7 +541,7 @@ async def prune(jc: JobContext, req: PruneRequest) -> Job:
     """Start a prune job (409 while a GC of the destination runs; 400 as ``prune_plan``)."""
     from virtbackup.job_orchestrator.runner import execute
 
-    dest = find_destination(await jc.config(), req.destination_id)
+    dest = destination(await jc.config(), req.destination_id)
     _refuse_during_gc(jc, dest.id)
     async with opened(jc, dest.id) as repo:
         await plan_prune(jc, repo, dest, req)  # bad input is a 400 now, not a failed job
