@@ -147,6 +147,9 @@ async def test_error_texts_have_one_form(api: httpx.AsyncClient) -> None:
     )
     assert "truncated" not in message
     refused(await api.get(f"/api/v1/restore-points/{'x' * 800}"), 400, "- at `pointId`")
+    refused(await api.get("/api/v1/restore-points/nonsense"), 400, "- at `pointId`")
+    refused(await api.post("/api/v1/destinations/good/verify", json={"mode": "sample"}), 400,
+            "- at `$.samplePercent`")  # fmt: skip
     refused(
         await api.post(f"/api/v1/destinations/{'d' * 300}/gc", json={}),
         400,
@@ -157,7 +160,7 @@ async def test_error_texts_have_one_form(api: httpx.AsyncClient) -> None:
         400,
         "- at `destinationId`",
     )
-    not_found = "destinationId: destination 'nope' not found"
+    not_found = "destination 'nope' not found - at `destinationId`"
     refused(
         await api.post("/api/v1/destinations/nope/prune", json={"dryRun": True}), 404, not_found
     )

@@ -51,9 +51,9 @@ async def verify(jc: JobContext, req: VerifyRequest) -> Job:
     """Start a ``verify`` job. ``BadRequest`` naming ``samplePercent`` when it is missing
     for ``sample`` or given for ``full``."""
     if req.mode == "sample" and req.sample_percent is None:
-        raise BadRequest("samplePercent: required with mode sample (1-100)")
+        raise BadRequest("required with mode sample (1-100) - at `$.samplePercent`")
     if req.mode == "full" and req.sample_percent is not None:
-        raise BadRequest("samplePercent: only with mode sample")
+        raise BadRequest("only with mode sample - at `$.samplePercent`")
     dest = await _destination(jc, req.destination_id)
     params: dict[str, Any] = {"mode": req.mode}
     for name, value in (

@@ -179,19 +179,20 @@ def unusable(destination_id: str, exc: RepositoryError) -> Unavailable:
 
 
 def destination(cfg: AgentConfig, destination_id: str) -> Destination:
-    """The configured destination ``destination_id``; ``NotFound`` naming the field:
-    ``destinationId: destination 'x' not found`` (every lifecycle command says it so)."""
+    """The configured destination ``destination_id``; ``NotFound`` naming the field as
+    every field error does: ``destination 'x' not found - at `destinationId``` (every
+    lifecycle command says it so)."""
     try:
         return find_destination(cfg, destination_id)
     except NotFound as exc:
-        raise NotFound(f"destinationId: {exc.message}") from None
+        raise NotFound(f"{exc.message} - at `destinationId`") from None
 
 
 def _parse(value: str) -> tuple[str, str, str]:
     try:
         return parse_point_id(value)
     except ValueError as exc:
-        raise BadRequest(f"id {shown(value)}: {exc}") from None
+        raise BadRequest(f"restore point id {shown(value)}: {exc} - at `pointId`") from None
 
 
 async def _find(repo: Repository | None, dest: str, vm: str, ts: str, pid: str) -> RestorePoint:
@@ -461,9 +462,9 @@ async def plan_prune(
     given = _request_policy(req)
     if given is None and req.vm_name is not None and dest.retention_for(req.vm_name) is None:
         raise BadRequest(
-            f"vmName: vm {shown(req.vm_name)} has no retention policy in destination "
+            f"vm {shown(req.vm_name)} has no retention policy in destination "
             f"{dest.id}: give keep rules (keepLast, keepDaily, ...) or configure one "
-            "(retention or vmRetention of the destination)"
+            "(retention or vmRetention of the destination) - at `$.vmName`"
         )
     plan = PrunePlan(destination_id=dest.id, dry_run=req.dry_run)
     doomed: list[RestorePoint] = []
