@@ -178,12 +178,15 @@ async def test_unreadable_destinations_are_503_naming_them(api: httpx.AsyncClien
         await api.post("/api/v1/destinations/bad/prune", json={"dryRun": True, "keepLast": 1}),
         await api.get(f"/api/v1/restore-points/{bad_point}"),
         await api.delete(f"/api/v1/restore-points/{bad_point}"),
+        await api.post("/api/v1/destinations/bad/gc", json={"dryRun": True}),
+        await api.post("/api/v1/destinations/bad/verify", json={}),
     ):
         refused(resp, 503, "destination 'bad' cannot be used", "repository.json is unreadable")
     for resp in (
         await api.get("/api/v1/restore-points", params={"destinationId": "gone"}),
         await api.get("/api/v1/destinations/gone/stats"),
         await api.post("/api/v1/destinations/gone/prune", json={"dryRun": True, "keepLast": 1}),
+        await api.post("/api/v1/destinations/gone/gc", json={"dryRun": True}),
     ):
         refused(resp, 503, "destination 'gone' cannot be used", "does not exist")
     every = await api.get("/api/v1/restore-points")

@@ -18,7 +18,7 @@ from virtbackup.contracts.v1.lifecycle_gc import (
 from virtbackup.job_orchestrator.handlers import destination_faults
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc import exclusive_job
-from virtbackup.job_orchestrator.points import destination, unusable
+from virtbackup.job_orchestrator.points import destination, opened, unusable
 from virtbackup.job_orchestrator.runner import execute
 from virtbackup.repository.lifecycle_gc import dedup_factor, repository_stats
 from virtbackup.repository.repository import NoRepositoryError, RepositoryError
@@ -33,13 +33,22 @@ async def _destination(jc: JobContext, destination_id: str) -> str:
     return destination(await jc.config(), destination_id).id
 
 
+async def _readable(jc: JobContext, destination_id: str) -> None:
+    """503 naming the destination, before any job starts, when its repository cannot be
+    read (as ``points.opened``); a destination without one yet is fine."""
+    async with opened(jc, destination_id):
+        pass
+
+
 @lifecycle_commands.handler(JobCmd.GC, GcRequest)
 async def gc(jc: JobContext, req: GcRequest) -> Job:
-    """Start a ``gc`` job; ``Conflict`` (409) while a GC or prune of the destination runs."""
+    """Start a ``gc`` job; ``Conflict`` (409) while a GC or prune of the destination runs,
+    ``Unavailable`` (503) naming it when it cannot be read."""
     dest = await _destination(jc, req.destination_id)
     other = exclusive_job(jc, dest)
     if other is not None:
         raise Conflict(f"destination {dest} has a {other.type} job running ({other.id})")
+    await _readable(jc, dest)
     params: dict[str, Any] = {"dryRun": req.dry_run}
     if req.grace_seconds is not None:
         params["graceSeconds"] = req.grace_seconds
@@ -49,12 +58,14 @@ async def gc(jc: JobContext, req: GcRequest) -> Job:
 @lifecycle_commands.handler(JobCmd.VERIFY, VerifyRequest)
 async def verify(jc: JobContext, req: VerifyRequest) -> Job:
     """Start a ``verify`` job. ``BadRequest`` naming ``samplePercent`` when it is missing
-    for ``sample`` or given for ``full``."""
+    for ``sample`` or given for ``full``; ``Unavailable`` (503) naming the destination when
+    it cannot be read."""
     if req.mode == "sample" and req.sample_percent is None:
         raise BadRequest("required with mode sample (1-100) - at `$.samplePercent`")
     if req.mode == "full" and req.sample_percent is not None:
         raise BadRequest("only with mode sample - at `$.samplePercent`")
     dest = await _destination(jc, req.destination_id)
+    await _readable(jc, dest)
     params: dict[str, Any] = {"mode": req.mode}
     for name, value in (
         ("samplePercent", req.sample_percent),
