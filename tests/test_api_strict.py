@@ -148,6 +148,8 @@ async def test_error_texts_have_one_form(api: httpx.AsyncClient) -> None:
     assert "truncated" not in message
     refused(await api.get(f"/api/v1/restore-points/{'x' * 800}"), 400, "- at `pointId`")
     refused(await api.get("/api/v1/restore-points/nonsense"), 400, "- at `pointId`")
+    refused(await api.get("/servers/a%00b/vms"), 400, "NUL", "- at `serverId`")
+    refused(await api.get("/api/v1/restore-points?vmName=a%00b"), 400, "- at `vmName`")
     refused(await api.post("/api/v1/destinations/good/verify", json={"mode": "sample"}), 400,
             "- at `$.samplePercent`")  # fmt: skip
     refused(

@@ -33,6 +33,7 @@ from litestar.exceptions import HTTPException
 
 from virtbackup.contracts.v1.common import shown
 from virtbackup.gateway.bodies import decode_body
+from virtbackup.gateway.errors import client_name
 from virtbackup.runtime.errors import BadRequest
 
 #: How deeply a JSON body may nest objects and arrays (the configuration needs 5).
@@ -201,7 +202,8 @@ async def check_request(request: Request[Any, Any, Any]) -> Response[None] | Non
     for kind, params in (("path", request.path_params), ("query", request.query_params)):
         for name, value in params.items():
             if isinstance(value, str) and "\x00" in value:
-                raise BadRequest(f"{kind} parameter {name} holds a NUL character")
+                where = client_name(request, name)
+                raise BadRequest(f"a {kind} parameter holds a NUL character - at `{where}`")
     headers = request.headers
     declared = headers.get("content-length", "0").strip() not in ("", "0")
     if declared or "transfer-encoding" in headers:
