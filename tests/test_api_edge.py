@@ -94,7 +94,7 @@ async def test_bad_vm_names_are_400_naming_the_field(
     refused(await hypersdk.get("/vms/info", params={"vm_path": "local/a\x00b"}), 400, "vm_path")
     refused(await hypersdk.get("/vms/info", params={"vm_path": "local/a\x01b"}), 400, "vm_path")
     refused(await hypersdk.get("/vms/info", params={"server_id": "lo cal", "vm_path": "a"}), 400)
-    refused(await agent.get("/servers/bad%20id/vms"), 400, "server_id")
+    refused(await agent.get("/servers/bad%20id/vms"), 400, "serverId")
     # A well-formed name of no VM: 404, on both listeners.
     refused(await agent.post("/servers/local/cleanup", json={"vmName": "no-such-vm"}), 404)
     refused(await hypersdk.post("/vms/poweroff", json={"vm_path": "local/no-such-vm"}), 404)
@@ -284,7 +284,7 @@ async def test_deep_json_and_invalid_utf8_are_400(
 
 async def test_last_event_id_out_of_range_is_400(agent: httpx.AsyncClient) -> None:
     for value in ("99999999999999999999999999", "-1", "abc"):
-        refused(await agent.get("/events", headers={"Last-Event-ID": value}), 400, "last_event_id")
+        refused(await agent.get("/events", headers={"Last-Event-ID": value}), 400, "Last-Event-ID")
 
 
 async def test_unusable_destination_is_503_naming_it(agent: httpx.AsyncClient) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from virtbackup.storage import PermanentError, open_driver
+from virtbackup.storage.errors import NotFoundError
 from virtbackup.storage.filesystem import DIRECT_MIN, FilesystemDriver
 from virtbackup.storage.keys import TEMP_PREFIX
 from virtbackup.testing.pagecache import resident_pages
@@ -62,8 +63,21 @@ async def test_base_directory_must_exist(tmp_path: Path) -> None:
     async with open_driver("filesystem", {"path": str(tmp_path / "unmounted")}) as driver:
         with pytest.raises(PermanentError, match="does not exist"):
             await driver.put("k", b"x")
-        assert [k async for k in driver.list()] == []
+        # Reads refuse too: an unmounted disk is no empty repository.
+        with pytest.raises(PermanentError, match="does not exist"):
+            [k async for k in driver.list()]
+        with pytest.raises(PermanentError, match="does not exist"):
+            await driver.get("repository.json")
+        with pytest.raises(PermanentError, match="does not exist"):
+            await driver.stat("k")
     assert not (tmp_path / "unmounted").exists()
+
+
+async def test_a_missing_object_under_an_existing_base_is_not_found(tmp_path: Path) -> None:
+    async with open_driver("filesystem", {"path": str(tmp_path)}) as driver:
+        assert [k async for k in driver.list()] == []
+        with pytest.raises(NotFoundError):
+            await driver.get("repository.json")
 
 
 async def test_repository_folder_and_file_layout(tmp_path: Path) -> None:

@@ -117,7 +117,8 @@ class Repository:
     async def open(
         cls, driver: Driver, passphrase: str | None = None, *, locked: bool = False
     ) -> Repository:
-        """Open the repository on ``driver``. ``RepositoryError`` if there is none.
+        """Open the repository on ``driver``. ``NoRepositoryError`` if there is none,
+        ``RepositoryError`` if its ``repository.json`` is unreadable or of another format.
 
         ``locked`` opens an encrypted repository without its key: restore points can be
         listed (``backup.json`` is plaintext), nothing encrypted can be read.
@@ -126,7 +127,10 @@ class Repository:
             raw = await driver.get(CONFIG_KEY)
         except NotFoundError:
             raise NoRepositoryError("no repository at this destination") from None
-        config = msgspec.json.decode(raw, type=RepositoryConfig)
+        try:
+            config = msgspec.json.decode(raw, type=RepositoryConfig)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise RepositoryError(f"its {CONFIG_KEY} is unreadable ({exc})") from None
         if config.format != FORMAT_VERSION:
             raise RepositoryError(f"unsupported repository format {config.format}")
         if locked:

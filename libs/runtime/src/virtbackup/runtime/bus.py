@@ -129,7 +129,8 @@ class Bus:
             try:
                 request = decoder.decode(body or b"{}")
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                raise BadRequest(f"invalid {subject} request: {exc}") from None
+                # The subject is no client's business: a gateway passes this on.
+                raise BadRequest(f"invalid request: {exc}") from None
             result = await fn(request)
             return _encoder.encode(Reply[Any](result=result))
         except ServiceError as exc:

@@ -6,6 +6,9 @@
   partial file.
 - The root's parent must exist; the root itself is created on the first write. This
   keeps a backup from silently filling the wrong disk when a mount point is missing.
+  Reads refuse the same way: a missing object or directory whose root's parent is
+  missing too is a ``PermanentError`` naming that directory (an unmounted disk), not an
+  empty repository.
 - Objects of 64 KiB and more (chunks) are written with ``O_DIRECT`` from an aligned
   per-thread buffer, padded to 4 KiB and truncated back. Backup data then does not go
   through the page cache: it does not evict the VMs' cached data, and it costs far less
@@ -147,6 +150,17 @@ class FilesystemDriver(DriverBase):
         finally:
             os.close(fd)
 
+    def _base_missing(self) -> PermanentError | None:
+        """The error to raise instead of "not found" when the root's parent is missing."""
+        if self.root.parent.is_dir():
+            return None
+        return PermanentError(
+            f"destination directory {str(self.root.parent)!r} does not exist (is its disk mounted?)"
+        )
+
+    def _not_found(self, key: str) -> StorageError:
+        return self._base_missing() or NotFoundError(key)
+
     def _make_dirs(self, directory: Path) -> None:
         """Create ``directory`` (inside the root, or the root itself) durably."""
         missing: list[Path] = []
@@ -277,7 +291,7 @@ class FilesystemDriver(DriverBase):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
-            raise NotFoundError(key) from exc
+            raise self._not_found(key) from exc
         except OSError as exc:
             raise map_os_error(exc, f"cannot read {key!r}") from exc
         try:
@@ -316,7 +330,7 @@ class FilesystemDriver(DriverBase):
         try:
             info = os.stat(path)
         except (FileNotFoundError, NotADirectoryError) as exc:
-            raise NotFoundError(key) from exc
+            raise self._not_found(key) from exc
         except OSError as exc:
             raise map_os_error(exc, f"cannot stat {key!r}") from exc
         if not stat_module.S_ISREG(info.st_mode):
@@ -352,6 +366,9 @@ class FilesystemDriver(DriverBase):
                             continue  # deleted meanwhile
                         files.append((entry.name, info.st_size, info.st_mtime))
         except (FileNotFoundError, NotADirectoryError):
+            missing = self._base_missing()
+            if missing is not None:
+                raise missing from None
             return [], []
         except OSError as exc:
             raise map_os_error(exc, f"cannot list {relative or '/'!r}") from exc

@@ -5,11 +5,26 @@ A body names exactly the fields its API document gives it: an unknown or mistype
 the field, never silently ignored, so that a typo cannot turn a restore under a new name
 into one over the original VM, or send a backup to the default destination. The
 configuration (``POST /config``) is strict the same way (``contracts.v1.config.Strict``).
+
+Every body is decoded *strictly* (``decode_body``): ``"60"`` is no integer and ``"true"``
+no boolean, on every listener. ``edge.check_request`` decodes each route's ``data``
+parameter this way before Litestar's own (lax) decoding runs; handlers that read the raw
+body call ``decode_body`` themselves.
 """
 
 from __future__ import annotations
 
+import re
+from typing import Any, TypeVar
+
 import msgspec
+from litestar import Request
+
+from virtbackup.gateway.errors import readable
+from virtbackup.runtime.errors import BadRequest
+
+T = TypeVar("T")
+_AT = re.compile(r" - at `[^`]*`$")
 
 
 class Body(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fields=True):
@@ -23,3 +38,35 @@ class SnakeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class NoBody(Body, kw_only=True):
     """The body of a route that takes none: absent, or ``{}`` (the agent API documents
     ``{}`` for some); any field is refused."""
+
+
+def located(message: str) -> str:
+    """A msgspec validation message, ending ``- at `$...``` (``$`` for the whole body)
+    as every message about a body's field does."""
+    return message if _AT.search(message) else f"{message} - at `$`"
+
+
+def decode_body(raw: bytes, kind: type[T]) -> T:
+    """``raw`` (JSON) decoded strictly as ``kind`` (no string-to-number or -boolean
+    coercion). Raises ``BadRequest`` (400): ``invalid request: <what> - at `$.field```
+    (the field as the client named it), or ``malformed JSON: ...``."""
+    try:
+        return msgspec.json.decode(raw, type=kind, strict=True)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(readable(f"invalid request: {located(str(exc))}")) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+B = TypeVar("B", bound=msgspec.Struct)
+
+
+async def strict_body(request: Request[Any, Any, Any], kind: type[B], *, optional: bool) -> B:
+    """The request's JSON body decoded strictly as ``kind`` (``decode_body``); an absent
+    body is ``kind()`` when ``optional``, else a 400."""
+    raw = await request.body()
+    if not raw.strip():
+        if optional:
+            return kind()
+        raise BadRequest("request body must be a JSON object")
+    return decode_body(raw, kind)

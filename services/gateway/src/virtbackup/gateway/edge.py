@@ -6,9 +6,16 @@ hook), so no handler, and no command it sends, ever sees:
 - a body that is not declared JSON: 415 (``application/json`` or ``application/*+json``;
   no route takes another type). A JSON body sent as ``text/plain`` needs no CORS
   preflight from a browser, so it must not be accepted as JSON;
-- a body that is not UTF-8, nests deeper than ``MAX_JSON_DEPTH`` or holds a NUL
-  character in a string: 400 naming the place (``at `$.vmName```). msgspec has no depth
-  limit of its own: a 50,000-deep document would raise ``RecursionError`` in the decoder;
+- a body that is not UTF-8, nests deeper than ``MAX_JSON_DEPTH``, holds a NUL character
+  or a lone UTF-16 surrogate (``"\\ud800"``, no character at all) in a string, or an object
+  with a key twice (``{"dryRun": true, "dryRun": false}``: msgspec would keep the last
+  silently): 400 naming the place (``- at `$.vmName```). msgspec has no depth limit of
+  its own: a 50,000-deep document would raise ``RecursionError`` in the decoder;
+- a body that its route's ``data`` type does not take *strictly* (``bodies.decode_body``:
+  ``"60"`` is no integer, ``"true"`` no boolean): 400 naming the field. Litestar's own
+  decoding of ``data`` is lax (``strict=False``), so every listener's bodies are decoded
+  here first, the one strict path; handlers that take the raw body decode it with
+  ``bodies.decode_body`` too;
 - a NUL character in a path or query parameter: 400 naming the parameter.
 
 It also answers ``OPTIONS`` itself with every method of the path: Litestar's own answer
@@ -17,14 +24,16 @@ lists only the methods of the handler registered first when a path has several.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
-import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
 from virtbackup.contracts.v1.common import shown
+from virtbackup.gateway.bodies import decode_body
+from virtbackup.gateway.errors import client_name
 from virtbackup.runtime.errors import BadRequest
 
 #: How deeply a JSON body may nest objects and arrays (the configuration needs 5).
@@ -76,44 +85,95 @@ def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     return bool(brackets)
 
 
-def nul_path(value: Any, path: str = "$") -> str | None:
-    """The JSON path of the first string (or object key) in ``value`` holding a NUL."""
+#: An escaped UTF-16 surrogate (``\\ud800``-``\\udfff``), paired or not.
+_SURROGATE_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u[dD][89a-fA-F]", re.IGNORECASE)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object as its key/value pairs in order (duplicates kept)."""
+
+
+def _string_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "a string holds a NUL character"
+    if _LONE_SURROGATE.search(text):
+        return (
+            "a string holds a lone UTF-16 surrogate (an escape such as \\ud800 that is not "
+            "half of a pair), which is no character"
+        )
+    return None
+
+
+def _shown_key(key: str) -> str:
+    return _LONE_SURROGATE.sub("?", key).replace("\x00", "\\u0000")
+
+
+def body_problem(value: Any, path: str = "$") -> tuple[str, str] | None:
+    """The first problem (a NUL or a lone surrogate in a string or key, a key given
+    twice) of a document decoded with ``_Pairs`` objects, and its JSON path."""
     if isinstance(value, str):
-        return path if "\x00" in value else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            where = f"{path}.{key}".replace("\x00", "\\u0000")
-            if "\x00" in key:
-                return where
-            found = nul_path(item, where)
+        problem = _string_problem(value)
+        return (problem, path) if problem else None
+    if isinstance(value, _Pairs):
+        seen: set[str] = set()
+        for key, item in value:
+            where = f"{path}.{_shown_key(key)}"
+            problem = _string_problem(key)
+            if problem:
+                return problem.replace("a string", "a key"), where
+            if key in seen:
+                return f"the key {shown(key)} is given twice in one object", where
+            seen.add(key)
+            found = body_problem(item, where)
             if found:
                 return found
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            found = nul_path(item, f"{path}[{i}]")
+            found = body_problem(item, f"{path}[{i}]")
             if found:
                 return found
     return None
 
 
-def check_body(body: bytes) -> None:
-    """Refuse a JSON body that is not UTF-8, too deep, or has a NUL in a string.
+def _has_duplicate(pairs: list[tuple[str, Any]]) -> bool:
+    return len({key for key, _ in pairs}) != len(pairs)
 
-    Raises ``BadRequest`` (400) whose message names the byte or the JSON path.
+
+def check_body(body: bytes) -> None:
+    """Refuse a JSON body that is not UTF-8 or too deep, has a NUL or a lone surrogate in
+    a string, or an object with a key given twice.
+
+    Raises ``BadRequest`` (400) whose message names the byte or the JSON path. A body
+    that is not JSON at all passes: the strict decoder (``bodies.decode_body``) says
+    where it is malformed.
     """
     try:
-        body.decode("utf-8")
+        text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadRequest(f"request body is not valid UTF-8 (at byte {exc.start})") from None
     if json_too_deep(body):
         raise BadRequest(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
-    if _NUL_ESCAPE.search(body):
-        try:
-            where = nul_path(msgspec.json.decode(body))
-        except msgspec.DecodeError:
-            return  # malformed: the handler's decoder says where
-        if where:
-            raise BadRequest(f"a string holds a NUL character - at `{where}`")
+    duplicate = False
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal duplicate
+        duplicate = duplicate or _has_duplicate(items)
+        return {}  # only whether there is one matters in this pass
+
+    suspicious = _NUL_ESCAPE.search(body) or _SURROGATE_ESCAPE.search(body)
+    try:
+        # The standard library's decoder sees what msgspec's hides: every key of an
+        # object, and lone surrogates (msgspec refuses those as "truncated" input).
+        json.loads(text, object_pairs_hook=pairs)
+        if not (duplicate or suspicious):
+            return
+        found = body_problem(json.loads(text, object_pairs_hook=_Pairs))
+    except (ValueError, RecursionError):
+        return  # malformed: the strict decoder says where
+    if found:
+        problem, where = found
+        raise BadRequest(f"{problem} - at `{where}`")
 
 
 _PARAM_TYPE = re.compile(r"\{(\w+):[^}]*\}")
@@ -142,7 +202,8 @@ async def check_request(request: Request[Any, Any, Any]) -> Response[None] | Non
     for kind, params in (("path", request.path_params), ("query", request.query_params)):
         for name, value in params.items():
             if isinstance(value, str) and "\x00" in value:
-                raise BadRequest(f"{kind} parameter {name} holds a NUL character")
+                where = client_name(request, name)
+                raise BadRequest(f"a {kind} parameter holds a NUL character - at `{where}`")
     headers = request.headers
     declared = headers.get("content-length", "0").strip() not in ("", "0")
     if declared or "transfer-encoding" in headers:
@@ -155,4 +216,23 @@ async def check_request(request: Request[Any, Any, Any]) -> Response[None] | Non
         body = await request.body()
         if body:
             check_body(body)
+        strictly_decoded(request, body)
     return None
+
+
+def strictly_decoded(request: Request[Any, Any, Any], body: bytes) -> None:
+    """Decode ``body`` strictly as the route's ``data`` parameter (if it has one), so that
+    Litestar's lax decoding that follows only ever sees a body the strict one took.
+
+    Raises ``BadRequest`` (400) naming the field; a missing body is a 400 when ``data``
+    is required (an optional ``data`` is ``None`` then).
+    """
+    handler = request.scope.get("route_handler")
+    field = getattr(handler, "parsed_data_field", None)
+    if field is None:
+        return  # no data parameter: the handler reads the raw body (or none) itself
+    if not body.strip():
+        if not field.is_optional:
+            raise BadRequest("request body must be a JSON object")
+        return
+    decode_body(body, field.annotation)

@@ -128,16 +128,44 @@ def service_error(request: Request[Any, Any, Any], exc: ServiceError) -> Respons
     return _error(status, exc.message)
 
 
+#: ``app.state`` key: the listener names its fields in snake_case (the HyperSDK API).
+SNAKE_CASE = "snake_case_fields"
+
+
+def client_name(request: Request[Any, Any, Any], key: str) -> str:
+    """A parameter as the client names it: its header, query or cookie name, else (a
+    path parameter) in the listener's case (camelCase but on the HyperSDK listener)."""
+    param = request.route_handler.parsed_fn_signature.parameters.get(key)
+    kwarg = getattr(param, "kwarg_definition", None)
+    for alias in ("header", "query", "cookie"):
+        named = getattr(kwarg, alias, None)
+        if isinstance(named, str) and named:
+            return named
+    if key in request.query_params or request.app.state.get(SNAKE_CASE):
+        return key
+    head, *rest = key.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
 def validation_error(
     request: Request[Any, Any, Any], exc: ValidationException
 ) -> Response[dict[str, str]]:
+    """Litestar's parameter validation, in the form of every field error:
+    ``invalid request: <what> - at `<name>``` (a body's fields are ``$.name``: bodies are
+    decoded by ``bodies.decode_body`` before Litestar sees them)."""
     details = []
     if isinstance(exc.extra, list):
         for item in exc.extra:
             if isinstance(item, dict):
                 key = item.get("key")
                 msg = item.get("message", "")
-                details.append(f"{msg} (at {key})" if key else str(msg))
+                if key == "data" or (key and item.get("source") == "body"):
+                    where = "$" if key == "data" else f"$.{key}"
+                    details.append(f"{msg} - at `{where}`")
+                elif key:
+                    details.append(f"{msg} - at `{client_name(request, str(key))}`")
+                else:
+                    details.append(str(msg))
     message = "; ".join(details) or exc.detail
     return _error(400, readable(f"invalid request: {message}"))
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 from litestar import Controller, Litestar, Response, get, post
+from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 
@@ -26,7 +27,7 @@ from virtbackup.contracts.v1.inventory import Ok, ServerRef, ServerVms, VmInfo, 
 from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.bodies import SnakeBody
 from virtbackup.gateway.edge import check_request
-from virtbackup.gateway.errors import HANDLERS, readable, responses
+from virtbackup.gateway.errors import HANDLERS, SNAKE_CASE, readable, responses
 from virtbackup.gateway.hypersdk_hooks import WebhooksController
 from virtbackup.gateway.hypersdk_jobs import HyperSdkJobsController
 from virtbackup.gateway.hypersdk_metrics import (
@@ -234,6 +235,7 @@ def create_hypersdk_asgi(gw: Gateway) -> RequestMetrics:
         dependencies={"gw": Provide(provide_gateway, sync_to_thread=False)},
         exception_handlers=HANDLERS,
         before_request=check_request,
+        state=State({SNAKE_CASE: True}),
         openapi_config=OpenAPIConfig(title="VirtBackup (HyperSDK API)", version=__version__),
         request_max_body_size=gw.settings.max_body_bytes,
         logging_config=None,

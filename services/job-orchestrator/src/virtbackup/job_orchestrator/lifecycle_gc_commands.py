@@ -18,29 +18,34 @@ from virtbackup.contracts.v1.lifecycle_gc import (
 from virtbackup.job_orchestrator.handlers import destination_faults
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc import claimed
+from virtbackup.job_orchestrator.points import destination, opened, unusable
 from virtbackup.job_orchestrator.runner import execute
 from virtbackup.repository.lifecycle_gc import dedup_factor, repository_stats
 from virtbackup.repository.repository import NoRepositoryError, RepositoryError
-from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.commands import Commands
-from virtbackup.runtime.errors import BadRequest, NotFound
+from virtbackup.runtime.errors import BadRequest
 
 lifecycle_commands: Commands[JobContext] = Commands()
 
 
 async def _destination(jc: JobContext, destination_id: str) -> str:
     """The configured destination's id (``NotFound`` naming ``destinationId``)."""
-    cfg = await jc.config()
-    try:
-        return find_destination(cfg, destination_id).id
-    except NotFound as exc:
-        raise NotFound(f"destinationId: {exc.message}") from None
+    return destination(await jc.config(), destination_id).id
+
+
+async def _readable(jc: JobContext, destination_id: str) -> None:
+    """503 naming the destination, before any job starts, when its repository cannot be
+    read (as ``points.opened``); a destination without one yet is fine."""
+    async with opened(jc, destination_id):
+        pass
 
 
 @lifecycle_commands.handler(JobCmd.GC, GcRequest)
 async def gc(jc: JobContext, req: GcRequest) -> Job:
-    """Start a ``gc`` job; ``Conflict`` (409) while a GC or prune of the destination runs."""
+    """Start a ``gc`` job; ``Conflict`` (409) while a GC or prune of the destination runs,
+    ``Unavailable`` (503) naming it when it cannot be read."""
     dest = await _destination(jc, req.destination_id)
+    await _readable(jc, dest)
     params: dict[str, Any] = {"dryRun": req.dry_run}
     if req.grace_seconds is not None:
         params["graceSeconds"] = req.grace_seconds
@@ -51,12 +56,14 @@ async def gc(jc: JobContext, req: GcRequest) -> Job:
 @lifecycle_commands.handler(JobCmd.VERIFY, VerifyRequest)
 async def verify(jc: JobContext, req: VerifyRequest) -> Job:
     """Start a ``verify`` job. ``BadRequest`` naming ``samplePercent`` when it is missing
-    for ``sample`` or given for ``full``."""
+    for ``sample`` or given for ``full``; ``Unavailable`` (503) naming the destination when
+    it cannot be read."""
     if req.mode == "sample" and req.sample_percent is None:
-        raise BadRequest("samplePercent: required with mode sample (1-100)")
+        raise BadRequest("required with mode sample (1-100) - at `$.samplePercent`")
     if req.mode == "full" and req.sample_percent is not None:
-        raise BadRequest("samplePercent: only with mode sample")
+        raise BadRequest("only with mode sample - at `$.samplePercent`")
     dest = await _destination(jc, req.destination_id)
+    await _readable(jc, dest)
     params: dict[str, Any] = {"mode": req.mode}
     for name, value in (
         ("samplePercent", req.sample_percent),
@@ -78,7 +85,9 @@ async def verify(jc: JobContext, req: VerifyRequest) -> Job:
 
 @lifecycle_commands.handler(JobCmd.STATS, StatsRequest)
 async def stats(jc: JobContext, req: StatsRequest) -> DestinationStats:
-    """The repository's figures (all zero for a destination without a repository)."""
+    """The repository's figures (all zero for a destination without a repository yet);
+    503 naming the destination when it cannot be read (an unreadable ``repository.json``,
+    a filesystem destination's missing directory)."""
     dest = await _destination(jc, req.destination_id)
     with destination_faults(dest):
         try:
@@ -95,7 +104,7 @@ async def stats(jc: JobContext, req: StatsRequest) -> DestinationStats:
                 unreferenced_bytes=0,
             )
         except RepositoryError as exc:
-            raise BadRequest(f"destination {dest}: {exc}") from None
+            raise unusable(dest, exc) from None
         try:
             figures = await repository_stats(repo)
         finally:

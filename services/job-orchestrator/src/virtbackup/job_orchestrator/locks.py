@@ -5,6 +5,10 @@ active, so a holder that dies never leaves a VM locked for good: once its job ha
 ended (or been taken over and failed), the next ``acquire`` replaces the stale lock by
 compare-and-swap. Locks are taken before the job record is written; a lock naming a
 job that does not exist yet is honoured for ``ORPHAN_GRACE`` seconds.
+
+A lock may also be held by a short *operation* that is no job (a restore point's
+``PATCH`` or delete, ``operation=True``): a refusal then says that another change is in
+progress (``Busy``), never naming the operation's id as if it were a job's.
 """
 
 from __future__ import annotations
@@ -26,10 +30,17 @@ from virtbackup.runtime.errors import Conflict, NotFound
 ORPHAN_GRACE = 30.0
 
 
-class LockRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+class LockRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
     job_id: str
     job_type: str
     taken_at: float
+    #: Held by an operation that is no job (``job_id`` is then no job's id).
+    operation: bool = False
+
+
+class Busy(Conflict):
+    """409: an operation that is no job (a change of restore points) holds the lock;
+    it ends within moments, so a retry helps."""
 
 
 def lock_key(server_id: str, vm_name: str) -> str:
@@ -67,14 +78,22 @@ class VmLocks:
         self.lookup = lookup
 
     async def acquire(
-        self, server_id: str, vm_name: str, job_id: str, job_type: str, *, what: str = ""
+        self,
+        server_id: str,
+        vm_name: str,
+        job_id: str,
+        job_type: str,
+        *,
+        what: str = "",
+        operation: bool = False,
     ) -> None:
-        """Take the VM's lock for ``job_id``; ``Conflict`` naming the job that holds it
-        (and ``what`` is locked, default ``vm <vm_name>``)."""
+        """Take the VM's lock for ``job_id`` (an operation's id when ``operation``);
+        ``Conflict`` naming the job that holds it (and ``what`` is locked, default
+        ``vm <vm_name>``), ``Busy`` when an operation holds it."""
         what = what or f"vm {vm_name}"
         key = lock_key(server_id, vm_name)
         mine = msgspec.json.encode(
-            LockRecord(job_id=job_id, job_type=job_type, taken_at=time.time())
+            LockRecord(job_id=job_id, job_type=job_type, taken_at=time.time(), operation=operation)
         )
         for _ in range(10):
             try:
@@ -89,6 +108,14 @@ class VmLocks:
             if entry.value is None:
                 continue
             holder = msgspec.json.decode(entry.value, type=LockRecord)
+            if holder.operation:
+                if time.time() - holder.taken_at < ORPHAN_GRACE:
+                    raise Busy(f"another change to {what} is in progress: retry in a moment")
+                try:  # its instance died holding it
+                    await self.kv.update(key, mine, last=entry.revision)
+                    return
+                except KeyWrongLastSequenceError:
+                    continue
             job = await self.lookup(holder.job_id)
             if job is not None and job.state in ACTIVE_STATES:
                 raise Conflict(

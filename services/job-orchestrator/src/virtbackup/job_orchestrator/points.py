@@ -36,6 +36,7 @@ import msgspec
 from virtbackup.contracts.subjects import EventType, JobCmd
 from virtbackup.contracts.v1.common import shown
 from virtbackup.contracts.v1.config import (
+    AgentConfig,
     ConfigError,
     Destination,
     RetentionPolicy,
@@ -66,7 +67,7 @@ from virtbackup.job_orchestrator.lifecycle_gc import (
     claimed,
     release_destination,
 )
-from virtbackup.job_orchestrator.locks import point_folder_lock
+from virtbackup.job_orchestrator.locks import Busy, point_folder_lock
 from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.repository import retention
 from virtbackup.repository.format import xml_path
@@ -83,7 +84,7 @@ from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.bus import new_id
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.commands import Commands
-from virtbackup.runtime.errors import BadRequest, Conflict, NotFound
+from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, Unavailable
 from virtbackup.storage.errors import NotFoundError
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,8 @@ async def opened(
     jc: JobContext, destination_id: str, *, locked: bool = True
 ) -> AsyncIterator[Repository | None]:
     """The destination's repository (``None`` when it has none), closed on exit; its
-    storage faults as 404/503 naming it."""
+    storage faults as 404/503 naming it, and an unreadable repository (``unusable``) as
+    503 naming it."""
     # Imported here: the handlers import the runner, which imports this module.
     from virtbackup.job_orchestrator.handlers import destination_faults
 
@@ -168,18 +170,35 @@ async def opened(
             yield None
             return
         except RepositoryError as exc:
-            raise BadRequest(f"destination {destination_id}: {exc}") from None
+            raise unusable(destination_id, exc) from None
         try:
             yield repo
         finally:
             await repo.close()
 
 
+def unusable(destination_id: str, exc: RepositoryError) -> Unavailable:
+    """503 for a destination whose repository cannot be opened (an unreadable
+    ``repository.json``, another format): the same status and form as a destination
+    whose storage cannot be used (``handlers.destination_faults``)."""
+    return Unavailable(f"destination {shown(destination_id)} cannot be used: {exc}")
+
+
+def destination(cfg: AgentConfig, destination_id: str) -> Destination:
+    """The configured destination ``destination_id``; ``NotFound`` naming the field as
+    every field error does: ``destination 'x' not found - at `destinationId``` (every
+    lifecycle command says it so)."""
+    try:
+        return find_destination(cfg, destination_id)
+    except NotFound as exc:
+        raise NotFound(f"{exc.message} - at `destinationId`") from None
+
+
 def _parse(value: str) -> tuple[str, str, str]:
     try:
         return parse_point_id(value)
     except ValueError as exc:
-        raise BadRequest(f"id {shown(value)}: {exc}") from None
+        raise BadRequest(f"restore point id {shown(value)}: {exc} - at `pointId`") from None
 
 
 async def _find(repo: Repository | None, dest: str, vm: str, ts: str, pid: str) -> RestorePoint:
@@ -201,11 +220,12 @@ async def list_points(jc: JobContext, req: PointListRequest) -> PointList:
     <reason>``)."""
     cfg = await jc.config()
     if req.destination_id is not None:
-        dests = [find_destination(cfg, req.destination_id)]
+        dests = [destination(cfg, req.destination_id)]
     else:
         dests = [d for d in cfg.destinations if d.enabled]
     found: list[PointInfo] = []
     unreadable: list[str] = []
+    unreadable_ids: list[str] = []
     for dest in dests:
         try:
             async with opened(jc, dest.id) as repo:
@@ -224,13 +244,15 @@ async def list_points(jc: JobContext, req: PointListRequest) -> PointList:
             if req.destination_id is not None:
                 raise
             unreadable.append(f"{dest.id}: {exc.message}")
+            unreadable_ids.append(dest.id)
         except Exception as exc:  # Unavailable and storage faults of one destination
             if req.destination_id is not None:
                 raise
             unreadable.append(f"{dest.id}: {getattr(exc, 'message', None) or exc}")
+            unreadable_ids.append(dest.id)
     found.sort(key=lambda p: (p.vm_name, p.destination_id))
     found.sort(key=lambda p: p.timestamp, reverse=True)
-    return PointList(points=found, unreadable=unreadable)
+    return PointList(points=found, unreadable=unreadable, unreadable_destinations=unreadable_ids)
 
 
 @point_commands.handler(JobCmd.POINT_GET, PointRef)
@@ -249,7 +271,7 @@ async def update_point(jc: JobContext, req: PointUpdateRequest) -> PointInfo:
     """Set ``protected`` and/or ``notes`` in the point's ``point.json``."""
     dest_id, vm, ts = _parse(req.id)
     find_destination(await jc.config(), dest_id)
-    async with opened(jc, dest_id) as repo, _meta_lock(jc, dest_id, vm):
+    async with opened(jc, dest_id) as repo, _meta_lock(jc, dest_id, vm, "update"):
         point = await _find(repo, dest_id, vm, ts, req.id)
         assert repo is not None
         try:
@@ -285,20 +307,44 @@ async def delete_point(jc: JobContext, req: PointRef) -> PointDeleted:
 
 
 @asynccontextmanager
-async def _lock(jc: JobContext, key: tuple[str, str], what: str) -> AsyncIterator[None]:
+async def _lock(
+    jc: JobContext, key: tuple[str, str], what: str, op_type: str, *, wait: float = 0.0
+) -> AsyncIterator[None]:
+    """Hold lock ``key`` for an operation (no job) of ``op_type``. While another
+    operation holds it (``locks.Busy``), try again for up to ``wait`` seconds, then
+    raise the ``Busy`` (409: another change is in progress, retry); a job holding it is
+    a ``Conflict`` at once."""
     op = new_id()
-    await jc.locks.acquire(*key, op, "delete", what=what)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    pause = 0.02
+    while True:
+        try:
+            await jc.locks.acquire(*key, op, op_type, what=what, operation=True)
+            break
+        except Busy:
+            if loop.time() + pause > deadline:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
     try:
         yield
     finally:
         await jc.locks.release(*key, op)
 
 
-def _meta_lock(jc: JobContext, dest_id: str, vm: str) -> Any:
+#: Seconds a change of a VM's points waits for another one to end (each takes moments).
+META_LOCK_WAIT: Final = 10.0
+
+
+def _meta_lock(jc: JobContext, dest_id: str, vm: str, op_type: str) -> Any:
+    """The lock of the ``point.json`` files of ``vm``'s points in ``dest_id``: changes
+    (``PATCH``, delete) take turns, waiting ``META_LOCK_WAIT`` seconds at most."""
     folder = point_folder_lock("backup", dest_id, vm)
     assert folder is not None
     key = (folder[0], f"points:{folder[1]}")
-    return _lock(jc, key, f"the restore points of vm {vm} in destination {dest_id}")
+    what = f"the restore points of vm {vm} in destination {dest_id}"
+    return _lock(jc, key, what, op_type, wait=META_LOCK_WAIT)
 
 
 def users(jc: JobContext, dest_id: str, point: RestorePoint) -> list[str]:
@@ -346,7 +392,7 @@ async def remove_point(jc: JobContext, repo: Repository, dest_id: str, point: Re
     folder = point_folder_lock("backup", dest_id, vm)
     assert folder is not None
     what = f"the folder of vm {vm} in destination {dest_id}"
-    async with _meta_lock(jc, dest_id, vm):
+    async with _meta_lock(jc, dest_id, vm, "delete"):
         try:
             meta = await read_point_meta(repo, vm, point.timestamp, strict=True)
         except SidecarError as exc:
@@ -362,7 +408,7 @@ async def remove_point(jc: JobContext, repo: Repository, dest_id: str, point: Re
                 f"restore point {point.timestamp} of vm {vm} is in use: {'; '.join(used)}"
             )
         try:
-            async with _lock(jc, folder, what):
+            async with _lock(jc, folder, what, "delete"):
                 await repo.delete_point(point)
                 return
         except Conflict as busy:
@@ -429,9 +475,9 @@ async def plan_prune(
     given = _request_policy(req)
     if given is None and req.vm_name is not None and dest.retention_for(req.vm_name) is None:
         raise BadRequest(
-            f"vmName: vm {shown(req.vm_name)} has no retention policy in destination "
+            f"vm {shown(req.vm_name)} has no retention policy in destination "
             f"{dest.id}: give keep rules (keepLast, keepDaily, ...) or configure one "
-            "(retention or vmRetention of the destination)"
+            "(retention or vmRetention of the destination) - at `$.vmName`"
         )
     plan = PrunePlan(destination_id=dest.id, dry_run=req.dry_run)
     doomed: list[RestorePoint] = []
@@ -489,7 +535,7 @@ def gc_running(jc: JobContext, dest_id: str) -> Job | None:
 @point_commands.handler(JobCmd.PRUNE_PLAN, PruneRequest)
 async def prune_plan(jc: JobContext, req: PruneRequest) -> PrunePlan:
     """A dry run: which points the prune would keep (and by which rule) and remove."""
-    dest = find_destination(await jc.config(), req.destination_id)
+    dest = destination(await jc.config(), req.destination_id)
     async with opened(jc, dest.id) as repo:
         plan, _ = await plan_prune(jc, repo, dest, req)
     return msgspec.structs.replace(plan, dry_run=True)
@@ -501,7 +547,7 @@ async def prune(jc: JobContext, req: PruneRequest) -> Job:
     ``prune_plan``)."""
     from virtbackup.job_orchestrator.runner import execute
 
-    dest = find_destination(await jc.config(), req.destination_id)
+    dest = destination(await jc.config(), req.destination_id)
     # Claimed first, in one compare-and-swap with any GC's claim: 409 whether that GC is
     # queued or running, never a job that fails at once.
     async with claimed(jc, dest.id, "prune") as job_id:

@@ -33,7 +33,9 @@ _B64 = re.compile(r"^[A-Za-z0-9_-]{2,400}$")
 _TS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:\.\d{1,6})?$")
 
 #: A point id as the API takes it (its parts are checked by :func:`parse_point_id`).
-PointId = Annotated[str, msgspec.Meta(min_length=1, max_length=700)]
+#: The longest restore point id.
+POINT_ID_MAX_LENGTH: Final = 700
+PointId = Annotated[str, msgspec.Meta(min_length=1, max_length=POINT_ID_MAX_LENGTH)]
 
 
 def point_id(destination_id: str, vm_name: str, timestamp: str) -> str:
@@ -128,11 +130,13 @@ class PointListRequest(Message, frozen=True, kw_only=True):
 
 class PointList(Message, frozen=True, kw_only=True):
     """Points newest first; ``unreadable`` names destinations that could not be listed
-    (and why) when the request named none, and point records that exist but cannot be
-    read (``<destination>: <key>: <reason>``)."""
+    (``"<id>: <why>"``) when the request named none, and point records that exist but
+    cannot be read (``<destination>: <key>: <reason>``); ``unreadable_destinations`` the
+    ids of those destinations alone."""
 
     points: list[PointInfo]
     unreadable: list[str] = msgspec.field(default_factory=list)
+    unreadable_destinations: list[str] = msgspec.field(default_factory=list)
 
 
 class PointRef(Message, frozen=True, kw_only=True):

@@ -87,7 +87,7 @@ class LifecycleGcController(Controller):
         job = await gw.bus.request(JobCmd.VERIFY, request, Job, timeout=timeouts.JOB_COMMAND)
         return job_view(job)
 
-    @get("/{destination_id:str}/stats", responses=responses(404))
+    @get("/{destination_id:str}/stats", responses=responses(404, 503))
     async def stats(self, gw: Gateway, destination_id: DestinationParam) -> DestinationStats:
         """Logical and stored bytes, chunks and deduplication factor, in all and per VM."""
         return await gw.bus.request(

@@ -14,10 +14,11 @@ The commands are answered by the job-orchestrator (``vb.cmd.job.point*``,
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Request, delete, get, patch, post
+from litestar import Controller, Request, Response, delete, get, patch, post
+from litestar.datastructures import ResponseHeader
 from litestar.params import Parameter
 
 from virtbackup.contracts.subjects import JobCmd
@@ -25,6 +26,7 @@ from virtbackup.contracts.v1.common import ServerId, VmName
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.points import (
     NOTES_MAX_LENGTH,
+    POINT_ID_MAX_LENGTH,
     PointDeleted,
     PointInfo,
     PointList,
@@ -34,15 +36,24 @@ from virtbackup.contracts.v1.points import (
     PrunePlan,
     PruneRequest,
 )
-from virtbackup.gateway.bodies import Body
-from virtbackup.gateway.errors import readable, responses
+from virtbackup.gateway.bodies import Body, strict_body
+from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
-from virtbackup.runtime.errors import BadRequest
 
 PointIdParam = Annotated[
-    str, Parameter(description="A restore point's id (see GET /api/v1/restore-points)")
+    str,
+    Parameter(
+        description="A restore point's id (see GET /api/v1/restore-points)",
+        min_length=1,
+        max_length=POINT_ID_MAX_LENGTH,
+    ),
 ]
+DestinationParam = Annotated[
+    str, Parameter(description="A configured destination's id", min_length=1, max_length=200)
+]
+#: The header naming the destinations a listing of all could not read.
+UNREADABLE_HEADER = "X-Unreadable-Destinations"
 Keep = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
 #: Listing and pruning read every record of a destination: they may take a while.
 LIST_TIMEOUT = timeouts.JOB_COMMAND + 60
@@ -72,45 +83,46 @@ class PruneBody(Body, kw_only=True):
     dry_run: bool = False
 
 
-B = TypeVar("B", bound=Body)
-
-
-async def strict_body(request: Request[Any, Any, Any], kind: type[B], *, optional: bool) -> B:
-    """The JSON body decoded strictly as ``kind`` (``"2"`` is no integer, ``"yes"`` no
-    boolean): ``BadRequest`` naming the field otherwise. An absent body is ``kind()``
-    when ``optional``."""
-    raw = await request.body()
-    if not raw.strip():
-        if optional:
-            return kind()
-        raise BadRequest("request body must be a JSON object")
-    try:
-        return msgspec.json.decode(raw, type=kind)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(readable(f"invalid request: {exc}")) from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from None
-
-
 class RestorePointsController(Controller):
     path = "/api/v1"
 
-    @get("/restore-points", responses=responses(404))
+    @get(
+        "/restore-points",
+        responses=responses(404, 503),
+        response_headers=[
+            ResponseHeader(
+                name=UNREADABLE_HEADER,
+                required=False,
+                documentation_only=True,
+                description="Without destinationId: the ids of the enabled destinations "
+                "that could not be read (comma-separated; their points are missing from "
+                "the list). GET with destinationId=<id> says why (503).",
+            )
+        ],
+    )
     async def list_points(
         self,
         gw: Gateway,
         destination_id: str | None = Parameter(query="destinationId", default=None),
         server_id: str | None = Parameter(query="serverId", default=None),
         vm_name: str | None = Parameter(query="vmName", default=None),
-    ) -> list[PointInfo]:
-        """Every restore point (of one destination, server or VM), newest first."""
+    ) -> Response[list[PointInfo]]:
+        """Every restore point (of one destination, server or VM), newest first.
+
+        With ``destinationId``: 404 if it is not configured, 503 naming it when it cannot
+        be read (its ``repository.json`` unreadable, its directory missing, its storage
+        unreachable). Without: the points of every enabled destination that could be
+        read, and the header ``X-Unreadable-Destinations`` naming the others."""
         request = PointListRequest(
             destination_id=destination_id, server_id=server_id, vm_name=vm_name
         )
         found = await gw.bus.request(JobCmd.POINTS, request, PointList, timeout=LIST_TIMEOUT)
-        return found.points
+        headers = {}
+        if found.unreadable_destinations:
+            headers[UNREADABLE_HEADER] = ",".join(found.unreadable_destinations)
+        return Response(found.points, headers=headers)
 
-    @get("/restore-points/{point_id:str}", responses=responses(400, 404, 409))
+    @get("/restore-points/{point_id:str}", responses=responses(400, 404, 409, 503))
     async def get_point(self, gw: Gateway, point_id: PointIdParam) -> PointInfo:
         """One restore point."""
         return await gw.bus.request(
@@ -128,7 +140,11 @@ class RestorePointsController(Controller):
             JobCmd.POINT_UPDATE, command, PointInfo, timeout=timeouts.JOB_COMMAND
         )
 
-    @delete("/restore-points/{point_id:str}", status_code=200, responses=responses(400, 404, 409))
+    @delete(
+        "/restore-points/{point_id:str}",
+        status_code=200,
+        responses=responses(400, 404, 409, 503),
+    )
     async def delete_point(self, gw: Gateway, point_id: PointIdParam) -> PointDeleted:
         """Delete a restore point (never its chunks: garbage collection frees those)."""
         return await gw.bus.request(
@@ -138,19 +154,17 @@ class RestorePointsController(Controller):
     @post(
         "/destinations/{destination_id:str}/prune",
         status_code=200,
-        responses=responses(400, 404, 409),
+        responses=responses(400, 404, 409, 503),
     )
     async def prune(
         self,
         gw: Gateway,
-        destination_id: Annotated[str, Parameter(description="A destination's id")],
+        destination_id: DestinationParam,
         request: Request[Any, Any, Any],
     ) -> dict[str, Any]:
         """Prune by retention: a dry run's plan, or ``{"jobId"}`` of a prune job."""
         body = await strict_body(request, PruneBody, optional=True)
         fields = msgspec.structs.asdict(body)
-        if len(destination_id) > 200:
-            raise BadRequest("destinationId: longer than 200 characters")
         command = PruneRequest(destination_id=destination_id, **fields)
         if body.dry_run:
             plan = await gw.bus.request(JobCmd.PRUNE_PLAN, command, PrunePlan, timeout=LIST_TIMEOUT)
