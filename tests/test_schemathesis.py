@@ -38,6 +38,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from virtbackup.contracts.v1.common import SERVER_ID_PATTERN
+from virtbackup.contracts.v1.config import HOST_PATTERN
 from virtbackup.runtime.ports import free_port
 from virtbackup.testing.libvirtd import ensure_libvirtd
 
@@ -98,7 +99,9 @@ def _aim(closed_port: int) -> Callable[[Case[Any], int], None]:
             params["server_id"] = "local"
         body = case.body
         if case.operation.label == "POST /sftp/test" and isinstance(body, dict):
-            if isinstance(body.get("host"), str) and body["host"]:
+            host = body.get("host")
+            # Only a valid host is replaced: an invalid one must stay for a negative case.
+            if isinstance(host, str) and 1 <= len(host) <= 253 and re.search(HOST_PATTERN, host):
                 body["host"] = "127.0.0.1"
                 body.setdefault("port", closed_port)
             port = body.get("port")

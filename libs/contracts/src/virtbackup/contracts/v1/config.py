@@ -25,7 +25,9 @@ Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-
 _PRINTABLE: Final = r"^[^\x00-\x1f\x7f]*$"
 #: A host name, IPv4 or IPv6 address (optionally bracketed); empty allowed; no leading '-'
 #: (an option to a program), no spaces, no control characters.
-_HOST: Final = r"^(?!-)[A-Za-z0-9_.:%\[\]-]*$"
+#: A host name or address (never starting with ``-``: it would read as an option).
+HOST_PATTERN: Final = r"^(?!-)[A-Za-z0-9_.:%\[\]-]*$"
+_HOST: Final = HOST_PATTERN
 #: A display name: one printable line.
 Name = Annotated[str, msgspec.Meta(max_length=200, pattern=_PRINTABLE)]
 #: Where a server or SFTP destination is (empty: none).
