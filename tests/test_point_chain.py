@@ -23,7 +23,7 @@ import pytest
 from harness import System, local_config, running_system, same, snapshot, wait_job
 
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
-from virtbackup.virt import Connection
+from virtbackup.virt import Connection, list_checkpoints
 
 pytestmark = pytest.mark.libvirt
 
@@ -111,6 +111,10 @@ async def test_deleting_the_newest_point_keeps_the_chain_whole(
     resp = await api.delete(f"/api/v1/restore-points/{p2['id']}")
     assert resp.status_code == 200, resp.text
     assert [p["id"] for p in await points(api)] == [p1["id"]]
+    # P2's checkpoint (a bitmap QEMU updates on every write) went with it; P1's stays.
+    names = {c.name for c in await list_checkpoints(conn, VM)}
+    assert second["result"]["checkpoint"] not in names, names
+    assert full["result"]["checkpoint"] in names, names
 
     # The writes since P1 (P2's included) must all be in P3: built on P1's checkpoint.
     await guest_write(conn, VM, "vda", 40 * MiB + 1000, 2 * MiB, pattern=0x52)
@@ -140,6 +144,10 @@ async def test_deleting_the_newest_point_keeps_the_chain_whole(
     listed = await points(api)
     assert listed[0]["timestamp"] == p3["timestamp"]
     assert len(listed) == 2
+    # The prune deleted P1 and its checkpoint: the VM keeps only its points' checkpoints.
+    names = {c.name for c in await list_checkpoints(conn, VM)}
+    assert full["result"]["checkpoint"] not in names, names
+    assert third["result"]["checkpoint"] in names, names
 
     off = await api.post("/servers/local/actions", json={"action": "forceOff", "vmName": VM})
     assert off.status_code in {200, 409}

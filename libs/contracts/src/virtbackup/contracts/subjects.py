@@ -182,6 +182,7 @@ class InventoryCmd:
     DOMAIN_XML: Final = command("inventory", "domain-xml")
     DISKS: Final = command("inventory", "disks")
     CHECKPOINTS: Final = command("inventory", "checkpoints")
+    CHECKPOINT_FORGET: Final = command("inventory", "checkpoint-forget")
     BACKUP_BEGIN: Final = command("inventory", "backup-begin")
     BACKUP_END: Final = command("inventory", "backup-end")
     RESTORE_PRECHECK: Final = command("inventory", "restore-precheck")

@@ -14,6 +14,7 @@ from virtbackup.contracts.v1.inventory import (
     BackupEnded,
     BackupEndRequest,
     Checkpoint,
+    CheckpointForgetRequest,
     CheckpointList,
     CleanupResult,
     DiskInfo,
@@ -36,7 +37,14 @@ from virtbackup.inventory import backups, ownership, reconcile, restores, state_
 from virtbackup.inventory.inventory import Inventory, _power
 from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, Unavailable
 from virtbackup.runtime.service import ServiceContext
-from virtbackup.virt import check_chain, get_domain, list_checkpoints, list_disks
+from virtbackup.virt import (
+    backup_running,
+    check_chain,
+    get_domain,
+    list_checkpoints,
+    list_disks,
+)
+from virtbackup.virt.checkpoints import discard_checkpoint
 from virtbackup.virt.domains import DomainAction, domain_xml, eject_cdrom, perform_action
 from virtbackup.virt.errors import Conflict as VirtConflict
 from virtbackup.virt.errors import NotFound as VirtNotFound
@@ -212,6 +220,41 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
             ],
             chain_intact=latest is not None and chain.intact,
         )
+
+    @bus.handle(InventoryCmd.CHECKPOINT_FORGET, CheckpointForgetRequest)
+    async def checkpoint_forget(req: CheckpointForgetRequest) -> Ok:
+        """Delete the checkpoint of a deleted restore point (its bitmaps: QEMU updates
+        every one on every write). libvirt merges a running domain's bitmap into the
+        parent's, so later incrementals stay whole; a stopped domain's bitmaps record
+        every write since their checkpoint and are removed (``discard_checkpoint``). Left,
+        with the reason, while a backup job runs on the VM or a job of this installation
+        holds it; a VM or checkpoint that is gone already is success."""
+        entry = inv.entry(req.server_id)
+        conn = await entry.host.connection()
+        async with libvirt_errors(req.server_id, req.vm_name):
+            try:
+                await get_domain(conn, req.vm_name)
+            except VirtNotFound:
+                return Ok(message=f"vm {req.vm_name} is not on server {req.server_id}")
+            if await backup_running(conn, req.vm_name):
+                return Ok(success=False, message="a backup job runs on the VM")
+            jobs = ctx.bucket(buckets.JOBS)
+            try:
+                await backups.check_offline_hold(
+                    entry.host, req.vm_name, jobs, inv.installation, scratch
+                )
+                await reconcile.check_no_job_holds(
+                    entry.host, req.vm_name, jobs, ctx.bucket(buckets.LOCKS), inv.installation
+                )
+            except Conflict as held:
+                return Ok(success=False, message=held.message)
+            try:
+                await discard_checkpoint(
+                    conn, req.vm_name, req.checkpoint, host=await entry.host.host()
+                )
+            except VirtNotFound:
+                return Ok(message=f"checkpoint {req.checkpoint} is gone already")
+        return Ok(message=f"deleted checkpoint {req.checkpoint} of vm {req.vm_name}")
 
     @bus.handle(InventoryCmd.BACKUP_BEGIN, BackupBeginRequest)
     async def backup_begin(req: BackupBeginRequest) -> BackupBegun:

@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import msgspec
 
-from virtbackup.contracts.subjects import EventType, JobCmd
+from virtbackup.contracts.subjects import EventType, InventoryCmd, JobCmd
 from virtbackup.contracts.v1.common import shown
 from virtbackup.contracts.v1.config import (
     AgentConfig,
@@ -43,6 +43,7 @@ from virtbackup.contracts.v1.config import (
     check_retention,
 )
 from virtbackup.contracts.v1.exports import LIVE_EXPORT_STATES
+from virtbackup.contracts.v1.inventory import CheckpointForgetRequest, Ok
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.points import (
     PointDeleted,
@@ -84,7 +85,7 @@ from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.bus import new_id
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.commands import Commands
-from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, Unavailable
+from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, ServiceError, Unavailable
 from virtbackup.storage.errors import NotFoundError
 
 log = logging.getLogger(__name__)
@@ -410,7 +411,8 @@ async def remove_point(jc: JobContext, repo: Repository, dest_id: str, point: Re
         try:
             async with _lock(jc, folder, what, "delete"):
                 await repo.delete_point(point)
-                return
+            await forget_checkpoint(jc, point)
+            return
         except Conflict as busy:
             backup = await _backup_holding(jc, dest_id, point)
             if backup is None or "parentTimestamp" not in backup.result:
@@ -425,6 +427,49 @@ async def remove_point(jc: JobContext, repo: Repository, dest_id: str, point: Re
                 ) from None
         # A backup runs and builds on another point: it will not pick this one.
         await repo.delete_point(point)
+        await forget_checkpoint(jc, point)
+
+
+#: How long a deletion waits for the inventory to drop the point's checkpoint (seconds).
+FORGET_TIMEOUT: Final = 30.0
+
+
+async def forget_checkpoint(jc: JobContext, point: RestorePoint) -> None:
+    """Ask the point's server to delete the libvirt checkpoint the point marked: each
+    checkpoint is a dirty bitmap QEMU updates on every write, and no other point uses it
+    (every backup makes its own). Best effort: a server that is not configured, cannot
+    be reached or keeps it (a backup runs on the VM) leaves it, logged; the next cleanup
+    of the VM removes it. Never fails the deletion: the point is gone already."""
+    if not point.checkpoint or not point.source_server_id:
+        return
+    request = CheckpointForgetRequest(
+        server_id=point.source_server_id, vm_name=point.vm_name, checkpoint=point.checkpoint
+    )
+    try:
+        answer = await jc.bus.request(
+            InventoryCmd.CHECKPOINT_FORGET, request, Ok, timeout=FORGET_TIMEOUT
+        )
+    except ServiceError as exc:
+        log.warning(
+            "restore point %s of %s deleted; its checkpoint %s is left: %s",
+            point.timestamp,
+            point.vm_name,
+            point.checkpoint,
+            exc.message,
+        )
+        return
+    if answer.success:
+        log.info(
+            "restore point %s of %s deleted: %s", point.timestamp, point.vm_name, answer.message
+        )
+    else:
+        log.info(
+            "restore point %s of %s deleted; its checkpoint %s is left: %s",
+            point.timestamp,
+            point.vm_name,
+            point.checkpoint,
+            answer.message,
+        )
 
 
 # -- prune ------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -198,6 +198,17 @@ class BackupBegun(Message, frozen=True, kw_only=True):
     #: libvirt's id of the running domain (its QEMU process) the backup reads: a new
     #: process (the VM stopped, and maybe started again) has another.
     domain_id: int | None = None
+
+
+class CheckpointForgetRequest(Message, frozen=True, kw_only=True):
+    """Delete checkpoint ``checkpoint`` of the VM (its dirty bitmaps): the restore point
+    that it marked was deleted. Answered with ``Ok``: ``success`` false, with the reason
+    in ``message``, when it was left (a backup job runs on the VM, or the VM is held);
+    a checkpoint or VM that is gone already is success."""
+
+    server_id: ServerId
+    vm_name: VmName
+    checkpoint: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
 class BackupEndRequest(Message, frozen=True, kw_only=True):
