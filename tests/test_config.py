@@ -283,3 +283,29 @@ async def test_a_masked_secret_does_not_follow_a_changed_host(
     for key in secret_at:
         where = where[key]
     assert where == "new-secret"
+
+
+async def test_a_masked_ntfy_token_does_not_follow_a_changed_server(
+    api: httpx.AsyncClient, system: System
+) -> None:
+    """A tester moved ``ntfy.serverUrl`` to another host with the masked token posted
+    back: the stored token went to that host. It is kept only for the same server."""
+    doc = _with(["ntfymeToken"], "tk_only_for_ntfy")
+    doc["ntfy"] = {"serverUrl": "https://ntfy.example.com", "topic": "vb"}
+    assert (await _post(api, doc)).status_code == 200
+    masked = (await api.get("/config")).json()
+    assert masked["ntfymeToken"] == "********"
+    masked["ntfy"]["serverUrl"] = "http://127.0.0.1:9"
+    resp = await _post(api, masked)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert "give the ntfymeToken again: the serverUrl changed" in error
+    assert "$.ntfymeToken`" in error
+    stored = yaml.safe_load((system.data_dir / "agent.yaml").read_text())
+    assert stored["ntfy"]["serverUrl"] == "https://ntfy.example.com"  # nothing changed
+    # The same server keeps the token; a token given again goes to the new one.
+    masked["ntfy"]["serverUrl"] = "https://ntfy.example.com"
+    assert (await _post(api, masked)).status_code == 200
+    masked["ntfy"]["serverUrl"] = "http://127.0.0.1:9"
+    masked["ntfymeToken"] = "tk_for_the_new_server"
+    assert (await _post(api, masked)).status_code == 200

@@ -173,7 +173,8 @@ def check_masked_secrets(posted: AgentConfig, stored: AgentConfig) -> None:
     ``********`` stands for the stored secret only while everything that says where it is
     sent is unchanged: a server's ``host``/``port``/``username``, an SFTP destination's
     ``host``/``port``/``username``, an S3 destination's ``endpoint``/``secure``, a
-    destination's ``driverId``, ``backup.sftp``'s ``host``/``port``/``username``.
+    destination's ``driverId``, ``backup.sftp``'s ``host``/``port``/``username``, and for
+    ``ntfymeToken`` the ntfy ``serverUrl``.
     Otherwise the stored secret would go to another machine than the one it was given for.
     """
     old_servers = {s.id: s for s in stored.servers}
@@ -198,6 +199,12 @@ def check_masked_secrets(posted: AgentConfig, stored: AgentConfig) -> None:
         old_params = _wire(destination_params(old_dest))
         _refuse_moved(new_params, old_params, keys, f"{where}.params")
     _refuse_moved(_wire(posted.backup.sftp), _wire(stored.backup.sftp), SFTP_WHERE, "$.backup.sftp")
+    _refuse_moved(
+        {"ntfymeToken": posted.ntfyme_token, "serverUrl": posted.ntfy.server_url},
+        {"ntfymeToken": stored.ntfyme_token, "serverUrl": stored.ntfy.server_url},
+        ("serverUrl",),
+        "$",
+    )
 
 
 def _wire(value: msgspec.Struct) -> dict[str, Any]:
