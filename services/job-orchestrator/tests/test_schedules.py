@@ -37,6 +37,8 @@ def test_cron_expressions_accepted(expr: str) -> None:
         ("0 2 * * * * 2030", "has 7 fields"),
         ("", "has 0 fields"),
         ("a b c d e", "not a valid cron expression"),
+        ("0 0 30 2 *", "never matches a date"),
+        ("0 0 31 4 *", "never matches a date"),
     ],
 )
 def test_bad_cron_expressions_name_the_field(expr: str, needle: str) -> None:

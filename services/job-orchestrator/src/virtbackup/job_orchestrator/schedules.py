@@ -98,7 +98,8 @@ def zone(name: str) -> ZoneInfo:
 
 def check_cron(expr: str) -> None:
     """``BadRequest`` naming ``schedule`` unless ``expr`` is a cron expression of 5
-    fields (minute hour day month weekday), 6 (seconds last) or a macro (``@daily``)."""
+    fields (minute hour day month weekday), 6 (seconds last) or a macro (``@daily``)
+    that matches some date (``0 0 30 2 *`` never does)."""
     fields = expr.split()
     if not expr.startswith("@") and len(fields) not in {5, 6}:
         raise BadRequest(
@@ -109,6 +110,10 @@ def check_cron(expr: str) -> None:
         croniter(expr)
     except (ValueError, KeyError) as exc:
         raise BadRequest(f"schedule: {shown(expr)} is not a valid cron expression: {exc}") from None
+    try:  # valid, but a date that never comes (30 February) would fail every next run
+        croniter(expr, datetime.now(UTC)).get_next(datetime)
+    except (ValueError, KeyError):
+        raise BadRequest(f"schedule: {shown(expr)} never matches a date") from None
 
 
 def next_after(expr: str, tz: str, moment: datetime) -> datetime:
