@@ -126,10 +126,22 @@ async def test_an_upgrade_without_the_token_is_refused(system: System) -> None:
             async with websockets.connect(url, open_timeout=10, **kwargs):
                 pass
         assert refused.value.response.status_code == 403
-    # A token in the URL (which logs keep) is no way in either.
+    # A token in the URL (which logs keep) is no way in either, not even beside a good
+    # one, and the log does not keep it.
     with pytest.raises(InvalidStatus):
         async with websockets.connect(f"{url}?token={system.token}", open_timeout=10):
             pass
+    good = ["virtbackup.v1", f"virtbackup.bearer.{system.token}"]
+    with pytest.raises(InvalidStatus) as refused:
+        async with websockets.connect(
+            f"{url}?access_token={system.token}", subprotocols=good, open_timeout=10
+        ):
+            pass
+    assert refused.value.response.status_code == 403
+    async with websockets.connect(url, subprotocols=good, open_timeout=10):
+        pass  # the same offer without the URL's token is let in
+    log = (system.data_dir / "gateway.log").read_text(errors="replace")
+    assert system.token not in log
 
 
 async def test_ws_jobs_then_status_then_job_update(

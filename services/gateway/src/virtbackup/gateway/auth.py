@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -40,6 +41,18 @@ def _presented_token(scope: Scope) -> str | None:
     return bearer or agent or protocol
 
 
+#: Query parameters that carry a credential: a WebSocket URL with one is refused.
+_URL_CREDENTIALS = frozenset({"token", "access_token", "api_key", "apikey", "key", "bearer"})
+
+
+def _credential_in_url(scope: Scope) -> bool:
+    query = scope.get("query_string", b"")
+    if not query:
+        return False
+    names = {n.lower() for n, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True)}
+    return bool(names & _URL_CREDENTIALS)
+
+
 class TokenAuth:
     """ASGI middleware: ``Authorization: Bearer <token>`` or ``x-agent-token: <token>``
     (and, on a WebSocket upgrade, the subprotocol ``virtbackup.bearer.<token>``).
@@ -57,6 +70,8 @@ class TokenAuth:
             await self.app(scope, receive, send)
             return
         presented = _presented_token(scope)
+        if scope["type"] == "websocket" and _credential_in_url(scope):
+            presented = None  # a token in a URL ends up in logs: refused even beside a good one
         if presented is not None and hmac.compare_digest(presented.encode(), self.token):
             await self.app(scope, receive, send)
             return

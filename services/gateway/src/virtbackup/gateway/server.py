@@ -32,6 +32,23 @@ SPEC = ServiceSpec(
 )
 
 
+class _NoQueryInLog(logging.Filter):
+    """uvicorn logs every WebSocket handshake with its full path (``"WebSocket
+    /ws?token=..." 403``) on its error logger, whatever ``access_log`` says: the query
+    string, which may carry what a client should not have put there, is cut off."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and "WebSocket" in str(record.msg):
+            record.args = tuple(
+                a.split("?", 1)[0] + "?..." if isinstance(a, str) and "?" in a else a
+                for a in record.args
+            )
+        return True
+
+
+logging.getLogger("uvicorn.error").addFilter(_NoQueryInLog())
+
+
 class _Server(uvicorn.Server):
     """A uvicorn server that leaves signal handling to the gateway process."""
 
