@@ -131,7 +131,7 @@ async def test_an_upgrade_without_the_token_is_refused(system: System) -> None:
     with pytest.raises(InvalidStatus):
         async with websockets.connect(f"{url}?token={system.token}", open_timeout=10):
             pass
-    good = ["virtbackup.v1", f"virtbackup.bearer.{system.token}"]
+    good = browser_protocols(system.token)
     with pytest.raises(InvalidStatus) as refused:
         async with websockets.connect(
             f"{url}?access_token={system.token}", subprotocols=good, open_timeout=10
