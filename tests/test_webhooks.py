@@ -356,6 +356,8 @@ async def test_a_matcher_chooses_what_notifies(
         ({"url": "ftp://example.com/x", "events": ["job.failed"]}, "http:// or https://"),
         ({"url": "file:///etc/passwd", "events": ["job.failed"]}, "http:// or https://"),
         ({"url": "http://", "events": ["job.failed"]}, "with a host"),
+        ({"url": "http://alice:pw@h/x", "events": ["job.failed"]}, "user or password"),
+        ({"url": "https://token@h/x", "events": ["job.failed"]}, "user or password"),
         ({"url": "http://h/x", "events": ["job.exploded"]}, "events"),
         ({"url": "http://h/x", "events": []}, "events"),
         ({"url": "http://h/x", "events": ["job.failed"], "retry_count": 99}, "retry_count"),

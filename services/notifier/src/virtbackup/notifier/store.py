@@ -35,7 +35,8 @@ from virtbackup.runtime.sealing import SecretBox
 
 
 def check_url(url: str, field: str = "url") -> str:
-    """``url`` if it is an absolute http(s) URL with a host; else ``BadRequest``."""
+    """``url`` if it is an absolute http(s) URL with a host and no user or password in
+    it; else ``BadRequest`` naming ``field``."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
@@ -45,6 +46,13 @@ def check_url(url: str, field: str = "url") -> str:
         raise BadRequest(f"{field}: {shown(url)} must be an http:// or https:// URL with a host")
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
         raise BadRequest(f"{field}: must not contain spaces or control characters")
+    if parts.username is not None or parts.password is not None:
+        # A URL is listed and logged as it is: a credential in it would be shown to anyone
+        # who lists the webhooks. Headers and the secret are masked and sealed instead.
+        raise BadRequest(
+            f"{field}: must not carry a user or password (user:password@host): put a "
+            "credential in headers (e.g. Authorization), which are masked and sealed"
+        )
     return url
 
 
