@@ -39,7 +39,7 @@ import libvirt
 from virtbackup.virt import _xml
 from virtbackup.virt.checkpoints import build_checkpoint_xml
 from virtbackup.virt.connection import Connection
-from virtbackup.virt.disks import Disk, list_disks
+from virtbackup.virt.disks import Disk, list_disks, parse_disks
 from virtbackup.virt.errors import Conflict, NotFound, VirtError, VirtTimeout
 from virtbackup.virt.host import Host, remove_files
 
@@ -517,7 +517,32 @@ async def wait_job_gone(conn: Connection, name: str, *, timeout: float = 30.0) -
     deadline = loop.time() + timeout
     while True:
         if not await backup_running(conn, name):
+            await _block_jobs_settled(conn, name, deadline=min(deadline, loop.time() + 5.0))
             return
         if loop.time() >= deadline:
             raise VirtTimeout(f"backup job of {name} still running after {timeout} s")
         await asyncio.sleep(0.1)
+
+
+async def _block_jobs_settled(conn: Connection, name: str, *, deadline: float) -> None:
+    """Wait (until ``deadline``, loop time) for the disks' block jobs of a backup that
+    ended to be gone as well, then a moment more: QEMU 7.2 aborted
+    (``qcow2_get_specific_info: Assertion 'false'``) when the next backup began while the
+    last one's scratch nodes were still being torn down. Errors end the wait."""
+    loop = asyncio.get_running_loop()
+    try:
+        dom = await conn.lookup(name)
+        xml = str(await conn.call(dom.XMLDesc, 0))
+        targets = [d.target for d in parse_disks(xml)]
+        while loop.time() < deadline:
+            busy = False
+            for target in targets:
+                if await conn.call(dom.blockJobInfo, target, 0):
+                    busy = True
+                    break
+            if not busy:
+                break
+            await asyncio.sleep(0.1)
+    except VirtError:
+        return
+    await asyncio.sleep(0.5)
