@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import pwd
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +32,7 @@ from virtbackup.virt import (
     get_checkpoint,
     job_info,
     list_checkpoints,
+    open_connection,
     perform_action,
 )
 from virtbackup.virt.backup import (
@@ -262,3 +265,45 @@ async def test_stopped_domain_chain_checked_with_qemu_img(conn: Connection, vm: 
         assert check.problems == ("bitmap offline-1 of disk vdb is missing",)
     finally:
         await perform_action(conn, vm.name, "start")
+
+
+async def test_a_begin_survives_another_client_querying_the_block_nodes(
+    conn: Connection, vm: SmallVm, vm_dir: Path
+) -> None:
+    """QEMU 7.2 aborts (``qcow2_get_specific_info: Assertion 'false'``) when a client asks
+    for the block nodes (``virDomainGetBlockInfo``, a checkpoint's size, block domstats:
+    all ``query-named-block-nodes``) while libvirt creates a backup's scratch image with
+    ``blockdev-create``, whose job runs with the monitor free and a half-opened qcow2 node
+    in the graph. Monitoring tools ask that every few seconds; so did our inventory's
+    refresh. Begins must not open that window: the VM survives a begin hammered by block
+    queries from another connection, again and again."""
+    other = await open_connection()
+    stop = asyncio.Event()
+    queries = 0
+
+    async def hammer() -> None:
+        nonlocal queries
+        dom = await other.lookup(vm.name)
+        while not stop.is_set():
+            with contextlib.suppress(VirtError):
+                await other.call(dom.blockInfo, "vda", 0)
+                queries += 1
+
+    task = asyncio.create_task(hammer())
+    try:
+        for round_ in range(12):
+            job = await begin_backup(
+                conn, vm.name, server=tcp(), scratch_dir=str(vm_dir), checkpoint=None
+            )
+            scratch = [e.scratch for e in job.exports if e.scratch]
+            # The scratch images hold the guest's old data: readable by QEMU's user only.
+            assert scratch and all(os.stat(s).st_mode & 0o777 == 0o600 for s in scratch)
+            await end_backup(conn, job)
+            assert not [s for s in scratch if os.path.exists(s)]
+            dom = await conn.lookup(vm.name)
+            assert bool(await conn.call(dom.isActive)), f"QEMU died in round {round_}"
+    finally:
+        stop.set()
+        await task
+        await other.close()
+    assert queries > 12

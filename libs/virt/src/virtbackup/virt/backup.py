@@ -39,7 +39,7 @@ import libvirt
 from virtbackup.virt import _xml
 from virtbackup.virt.checkpoints import build_checkpoint_xml
 from virtbackup.virt.connection import Connection
-from virtbackup.virt.disks import Disk, list_disks, parse_disks
+from virtbackup.virt.disks import Disk, list_disks
 from virtbackup.virt.errors import Conflict, NotFound, VirtError, VirtTimeout
 from virtbackup.virt.host import Host, remove_files
 
@@ -270,6 +270,7 @@ def build_backup_xml(
             attrs["backupmode"] = "full"
         element = ET.SubElement(elements, "disk", attrs)
         ET.SubElement(element, "scratch", file=scratch_path(scratch_dir, uuid, disk.target))
+        ET.SubElement(element, "driver", type="qcow2")
     for target in exclude:
         ET.SubElement(elements, "disk", name=target, backup="no")
     return _xml.dump(root)
@@ -374,8 +375,18 @@ async def begin_backup(
             quiesced = int(await conn.call(dom.fsFreeze, None, 0, timeout=timeout)) >= 0
         except VirtError as exc:
             quiesce_error = str(exc)
+    flags = 0
+    created: list[str] = []
     try:
-        await conn.call(dom.backupBegin, backup_xml, checkpoint_xml, 0, timeout=timeout)
+        created = await _create_scratch(conn.host, chosen, scratch_dir, uuid)
+        if created:
+            flags |= libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL
+        await conn.call(dom.backupBegin, backup_xml, checkpoint_xml, flags, timeout=timeout)
+    except BaseException:
+        if created and conn.host is not None:
+            with contextlib.suppress(VirtError):
+                await remove_files(conn.host, created)
+        raise
     finally:
         if quiesce:
             # Thaw even when the freeze call failed or timed out: the agent may still have
@@ -400,6 +411,43 @@ async def begin_backup(
         quiesced=quiesced,
         quiesce_error=quiesce_error,
     )
+
+
+async def _create_scratch(
+    host: Host | None, disks: Sequence[Disk], scratch_dir: str, uuid: str
+) -> list[str]:
+    """Create the scratch images of a begin ourselves (``qemu-img create``, 0600, the
+    disks' exact virtual sizes) so that libvirt only attaches them
+    (``VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL``); returns their paths, or ``[]`` when it
+    cannot (no host to run commands on, a capacity unknown): libvirt then creates them.
+
+    Why: when libvirt creates a scratch image it runs QEMU's ``blockdev-create`` job,
+    which leaves the monitor free while a half-opened qcow2 node sits in the block graph.
+    QEMU 7.2 aborts (``block/qcow2.c:5222: qcow2_get_specific_info: Assertion 'false'``)
+    if any client asks for the block nodes meanwhile (``virDomainGetBlockInfo``, a
+    checkpoint's size, block domstats: ``query-named-block-nodes``), and monitoring tools
+    ask every few seconds. An attach (``blockdev-add``) opens the node within one monitor
+    command, so no query can see it half open. libvirt neither labels differently nor
+    removes reused images: :func:`end_backup` removes scratch files as before.
+    Raises CommandFailed when ``qemu-img`` cannot create an image (none is left behind).
+    """
+    if host is None or any(not d.capacity for d in disks):
+        return []
+    made: list[str] = []
+    try:
+        for disk in disks:
+            path = scratch_path(scratch_dir, uuid, disk.target)
+            made.append(path)
+            result = await host.run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", path, str(disk.capacity)]
+            )
+            result.check()
+            (await host.run(["chmod", "0600", path])).check()
+    except BaseException:
+        with contextlib.suppress(VirtError):
+            await remove_files(host, made)
+        raise
+    return made
 
 
 def _with_capacity(export: BackupExport, capacity: int | None) -> BackupExport:
@@ -517,32 +565,7 @@ async def wait_job_gone(conn: Connection, name: str, *, timeout: float = 30.0) -
     deadline = loop.time() + timeout
     while True:
         if not await backup_running(conn, name):
-            await _block_jobs_settled(conn, name, deadline=min(deadline, loop.time() + 5.0))
             return
         if loop.time() >= deadline:
             raise VirtTimeout(f"backup job of {name} still running after {timeout} s")
         await asyncio.sleep(0.1)
-
-
-async def _block_jobs_settled(conn: Connection, name: str, *, deadline: float) -> None:
-    """Wait (until ``deadline``, loop time) for the disks' block jobs of a backup that
-    ended to be gone as well, then a moment more: QEMU 7.2 aborted
-    (``qcow2_get_specific_info: Assertion 'false'``) when the next backup began while the
-    last one's scratch nodes were still being torn down. Errors end the wait."""
-    loop = asyncio.get_running_loop()
-    try:
-        dom = await conn.lookup(name)
-        xml = str(await conn.call(dom.XMLDesc, 0))
-        targets = [d.target for d in parse_disks(xml)]
-        while loop.time() < deadline:
-            busy = False
-            for target in targets:
-                if await conn.call(dom.blockJobInfo, target, 0):
-                    busy = True
-                    break
-            if not busy:
-                break
-            await asyncio.sleep(0.1)
-    except VirtError:
-        return
-    await asyncio.sleep(0.5)
