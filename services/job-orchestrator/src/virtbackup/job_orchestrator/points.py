@@ -39,7 +39,6 @@ from virtbackup.contracts.v1.config import (
     AgentConfig,
     ConfigError,
     Destination,
-    RetentionPolicy,
     check_retention,
 )
 from virtbackup.contracts.v1.exports import LIVE_EXPORT_STATES
@@ -60,6 +59,7 @@ from virtbackup.contracts.v1.points import (
     parse_point_id,
     point_id,
 )
+from virtbackup.contracts.v1.retention import KeepRules
 from virtbackup.job_orchestrator import exports
 from virtbackup.job_orchestrator.errors import JobFailed
 from virtbackup.job_orchestrator.jobctx import JobContext
@@ -475,41 +475,16 @@ async def forget_checkpoint(jc: JobContext, point: RestorePoint) -> None:
 # -- prune ------------------------------------------------------------------------------
 
 
-def _request_policy(req: PruneRequest) -> RetentionPolicy | None:
-    given = {
-        "keep_last": req.keep_last,
-        "keep_hourly": req.keep_hourly,
-        "keep_daily": req.keep_daily,
-        "keep_weekly": req.keep_weekly,
-        "keep_monthly": req.keep_monthly,
-        "keep_yearly": req.keep_yearly,
-    }
-    if all(v is None for v in given.values()) and req.keep_all is None:
+def _request_policy(req: PruneRequest) -> KeepRules | None:
+    """The keep rules the request gives, ``None`` when it gives none (each VM's
+    configured policy applies); 400 naming the field for a set that keeps nothing."""
+    if not req.given():
         return None
-    policy = RetentionPolicy(**given, keep_all=req.keep_all)
     try:
-        check_retention(policy, "$")
+        check_retention(req, "$")
     except ConfigError as exc:
         raise BadRequest(str(exc)) from None
-    return policy
-
-
-def _keep(policy: RetentionPolicy) -> retention.Keep:
-    return retention.Keep(
-        keep_last=policy.keep_last,
-        keep_hourly=policy.keep_hourly,
-        keep_daily=policy.keep_daily,
-        keep_weekly=policy.keep_weekly,
-        keep_monthly=policy.keep_monthly,
-        keep_yearly=policy.keep_yearly,
-    )
-
-
-def _policy_wire(policy: RetentionPolicy) -> dict[str, int | bool | None]:
-    out: dict[str, int | bool | None] = {k: v for k, v in policy.counts().items() if v is not None}
-    if policy.keep_all is not None:
-        out["keepAll"] = policy.keep_all
-    return out
+    return req.rules()
 
 
 async def plan_prune(
@@ -539,10 +514,10 @@ async def plan_prune(
         policy = given or dest.retention_for(vm)
         if policy is None or policy.keep_all is True:
             continue
-        plan.policies[vm] = _policy_wire(policy)
+        plan.policies[vm] = policy.wire()
         candidates = list(await asyncio.gather(*(_candidate(repo, gate, p) for p in points)))
         by_ts = {p.timestamp: p for p in points}
-        for decision in retention.select(candidates, _keep(policy)):
+        for decision in retention.select(candidates, policy):
             ts = decision.candidate.key
             entry = PruneDecision(
                 id=point_id(dest.id, vm, ts),

@@ -25,6 +25,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 
 from virtbackup.contracts.v1.common import Message, ServerId, VmName
+from virtbackup.contracts.v1.retention import KeepRules
 
 #: The longest ``notes`` of a point (characters); the same limit as the repository's.
 NOTES_MAX_LENGTH: Final = 1024
@@ -157,25 +158,16 @@ class PointDeleted(Message, frozen=True, kw_only=True):
     point: PointInfo
 
 
-Keep = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
-
-
-class PruneRequest(Message, frozen=True, kw_only=True):
+class PruneRequest(KeepRules, Message, frozen=True, kw_only=True):
     """``POST /api/v1/destinations/{id}/prune``: prune the points of ``vm_name`` (else of
-    every VM in the destination) by the keep rules given (else each VM's configured
-    policy). ``dry_run``: answer at once what would be kept and removed, change nothing.
-    ``server_id`` limits it to the points backed up from that server."""
+    every VM in the destination) by the keep rules given (``KeepRules``' fields; none:
+    each VM's configured policy). ``dry_run``: answer at once what would be kept and
+    removed, change nothing. ``server_id`` limits it to the points backed up from that
+    server."""
 
     destination_id: str
     vm_name: VmName | None = None
     server_id: ServerId | None = None
-    keep_last: Keep | None = None
-    keep_hourly: Keep | None = None
-    keep_daily: Keep | None = None
-    keep_weekly: Keep | None = None
-    keep_monthly: Keep | None = None
-    keep_yearly: Keep | None = None
-    keep_all: bool | None = None
     dry_run: bool = False
     #: Set by the orchestrator for the prune that follows a backup.
     automatic: bool = False
