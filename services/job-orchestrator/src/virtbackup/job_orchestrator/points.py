@@ -71,7 +71,7 @@ from virtbackup.job_orchestrator.lifecycle_gc import (
 from virtbackup.job_orchestrator.locks import Busy, point_folder_lock
 from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.repository import retention
-from virtbackup.repository.format import xml_path
+from virtbackup.repository.format import parse_vm_segment, xml_path
 from virtbackup.repository.lifecycle import (
     PointMeta,
     SidecarError,
@@ -80,7 +80,12 @@ from virtbackup.repository.lifecycle import (
     write_point_meta,
 )
 from virtbackup.repository.records import RestorePoint
-from virtbackup.repository.repository import NoRepositoryError, Repository, RepositoryError
+from virtbackup.repository.repository import (
+    NoRepositoryError,
+    Repository,
+    RepositoryError,
+    UnreadableRecord,
+)
 from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.bus import new_id
 from virtbackup.runtime.clock import utcnow_iso
@@ -138,6 +143,33 @@ async def point_info(repo: Repository, destination_id: str, point: RestorePoint)
             chunks_checked=verified.chunks_checked,
             damaged_chunks=len(verified.damaged_chunks),
         ),
+    )
+
+
+def unreadable_info(destination_id: str, record: UnreadableRecord) -> PointInfo:
+    """A point whose record exists but cannot be read, as far as its key tells:
+    ``state: unreadable``, ``reason``, the VM (its folder's name) and timestamp."""
+    parts = record.key.split("/")
+    segment, timestamp = parts[1], parts[2]
+    try:
+        vm = parse_vm_segment(segment) or segment
+    except ValueError:
+        vm = segment
+    return PointInfo(
+        id=point_id(destination_id, vm, timestamp),
+        destination_id=destination_id,
+        vm_name=vm,
+        server_id="",
+        server_name="",
+        timestamp=timestamp,
+        created_at="",
+        kind="unknown",
+        xml_path=record.xml_path,
+        disks=[],
+        logical_bytes=0,
+        stored_bytes=0,
+        state="unreadable",
+        reason=f"its record {record.key} cannot be read: {record.reason}",
     )
 
 
@@ -233,8 +265,10 @@ async def list_points(jc: JobContext, req: PointListRequest) -> PointList:
                 if repo is None:
                     continue
                 scan = await repo.scan_points(req.vm_name)
-                # A record that exists but cannot be read: its point is unknown, not absent.
+                # A record that exists but cannot be read: its point is unknown, not
+                # absent. It is listed whatever serverId asks for: its server is unknown.
                 unreadable += [f"{dest.id}: {u}" for u in scan.unreadable]
+                found += [unreadable_info(dest.id, u) for u in scan.unreadable]
                 points = [
                     p
                     for p in scan.points
