@@ -203,8 +203,8 @@ async def test_prune_keeps_exactly_what_the_policy_keeps(
     if dest != "s3":  # nor are their (empty) folders, where a destination has folders
         base = Path(params.get("path") or params["basePath"]) / "VirtBackup"
         for ts in SIMPLE2[2:5]:
-            folder = base / record_key(vm, ts).rsplit("/", 1)[0]
-            assert not folder.exists(), folder
+            gone = base / record_key(vm, ts).rsplit("/", 1)[0]
+            assert not gone.exists(), gone
     # The agent API's listing shows the same points.
     entries = await api.get("/restore/entries", params={"destinationId": dest})
     assert sorted(e["timestamp"] for e in entries.json() if e["vmName"] == vm) == await listed(
