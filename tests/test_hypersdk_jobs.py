@@ -46,6 +46,8 @@ def hs_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
         orchestrators=2,
         VIRTBACKUP_DEBUG="1",
         VIRTBACKUP_DEBUG_HOLDS=json.dumps({"before:committing": HOLD}),
+        # Schedules firing every 5 s run within a test; the default minimum is 5 minutes.
+        VIRTBACKUP_SCHEDULE_MIN_INTERVAL="5",
     ) as system:
         yield system
 
@@ -265,7 +267,10 @@ async def test_bad_input_creates_nothing(hs: httpx.AsyncClient) -> None:
             **over,
         }
 
-    await refused("/schedules", sched(schedule="61 * * * *"), 400, "schedule")
+    await refused("/schedules", sched(schedule="61 * * * *"), 400, "minute field '61'")
+    # More often than the minimum interval (5 s here, 5 minutes by default): refused.
+    await refused("/schedules", sched(schedule="* * * * * */2"), 400, "at least 5 seconds apart")
+    await refused("/schedules", sched(schedule="* * * * * 0,1"), 400, "1 second apart")
     await refused("/schedules", sched(schedule="* * *"), 400, "3 fields")
     await refused("/schedules", sched(timezone="Mars/Olympus"), 400, "timezone")
     await refused(
@@ -353,6 +358,8 @@ async def test_a_triggered_schedule_runs_a_backup_and_skips_while_running(
     assert (
         await hs.put(f"/schedules/{schedule_id}", json={"schedule": "0 2 * *"})
     ).status_code == 400
+    too_often = await hs.put(f"/schedules/{schedule_id}", json={"schedule": "* * * * * */3"})
+    assert too_often.status_code == 400 and "schedule" in too_often.json()["error"]
     assert (await hs.post(f"/schedules/{schedule_id}/disable")).json() == {
         "message": "schedule disabled successfully"
     }

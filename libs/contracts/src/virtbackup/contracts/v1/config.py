@@ -17,17 +17,22 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from virtbackup.contracts.v1.common import VmName, shown
+from virtbackup.contracts.v1.readable import described
 from virtbackup.contracts.v1.retention import KeepRules
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")]
+_ID: Final = described(r"^[A-Za-z0-9_.:-]+$", "an id (letters, digits, '_', '.', ':' and '-')")
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=_ID)]
 
 #: No NUL or other control character (a line of text).
-_PRINTABLE: Final = r"^[^\x00-\x1f\x7f]*$"
+_PRINTABLE: Final = described(r"^[^\x00-\x1f\x7f]*$", "one line of text (no control character)")
 #: A host name, IPv4 or IPv6 address (optionally bracketed); empty allowed; no leading '-'
 #: (an option to a program), no spaces, no control characters.
 #: A host name or address (never starting with ``-``: it would read as an option).
-HOST_PATTERN: Final = r"^(?!-)[A-Za-z0-9_.:%\[\]-]*$"
+HOST_PATTERN: Final = described(
+    r"^(?!-)[A-Za-z0-9_.:%\[\]-]*$",
+    "a host name or IP address (letters, digits, '.', '-', ':', '[', ']'; not starting with '-')",
+)
 _HOST: Final = HOST_PATTERN
 #: A display name: one printable line.
 Name = Annotated[str, msgspec.Meta(max_length=200, pattern=_PRINTABLE)]
@@ -98,13 +103,24 @@ class S3Params(Strict, kw_only=True):
         msgspec.Meta(
             min_length=1,
             max_length=270,
-            pattern=r"^(?:[Hh][Tt][Tt][Pp][Ss]?://)?(?!-)[A-Za-z0-9_.:%\[\]-]+/?$",
+            pattern=described(
+                r"^(?:[Hh][Tt][Tt][Pp][Ss]?://)?(?!-)[A-Za-z0-9_.:%\[\]-]+/?$",
+                "a host[:port], optionally after http:// or https://, without a path",
+            ),
         ),
     ]
     bucket: Annotated[
-        str, msgspec.Meta(min_length=3, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+        str,
+        msgspec.Meta(
+            min_length=3,
+            max_length=63,
+            pattern=described(
+                r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                "a bucket name (letters, digits, '.', '_', '-'; first a letter or digit)",
+            ),
+        ),
     ]
-    region: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_-]*$")] = ""
+    region: Annotated[str, msgspec.Meta(max_length=64, pattern=_WORD)] = ""
     access_key: Annotated[str, msgspec.Meta(max_length=256, pattern=_PRINTABLE)] = ""
     secret_key: str = ""
     secure: bool = True
@@ -250,7 +266,13 @@ SEVERITIES: Final = ("info", "notice", "warning", "error")
 #: ``destination_id``, ``schedule`` (the schedule's name).
 MATCH_FIELDS: Final = ("event", "type", "server_id", "vm_name", "destination_id", "schedule")
 #: ``exact:<field>=<value>[,<value>...]`` or ``regex:<field>=<python regex>``.
-_MATCH_FIELD: Final = r"^(exact|regex):[a-z_]+=[^\x00-\x1f\x7f]*$"
+_MATCH_FIELD: Final = described(
+    r"^(exact|regex):[a-z_]+=[^\x00-\x1f\x7f]*$",
+    "a field match: exact:<field>=<value>[,<value>...] or regex:<field>=<regex>",
+)
+_HTTP_URL: Final = described(r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s]+$", "an http:// or https:// URL")
+#: Letters, digits, '_' and '-' (empty allowed).
+_WORD: Final = described(r"^[A-Za-z0-9_-]*$", "letters, digits, '_' and '-' only")
 
 
 class NotificationMatcher(Strict, kw_only=True):
@@ -281,9 +303,13 @@ class NtfySettings(Strict, kw_only=True):
     set. An empty ``topic`` turns notifications off."""
 
     server_url: Annotated[
-        str, msgspec.Meta(max_length=2048, pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s]+$")
+        str,
+        msgspec.Meta(
+            max_length=2048,
+            pattern=described(r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s]+$", "an http:// or https:// URL"),
+        ),
     ] = "https://ntfy.sh"
-    topic: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_-]*$")] = ""
+    topic: Annotated[str, msgspec.Meta(max_length=64, pattern=_WORD)] = ""
     matchers: list[NotificationMatcher] = msgspec.field(default_factory=list)
 
 
