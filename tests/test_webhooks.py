@@ -520,3 +520,20 @@ async def test_an_ntfy_server_that_fails_is_tried_three_times_then_given_up(
         rx.script("/ntfy/", 200)
     log = (hooks_system.data_dir / "notifier.log").read_text()
     assert "ntfy notification given up after 3 attempts" in log
+
+
+async def test_every_service_logs_json_lines_only(
+    hooks_system: System, sdk: httpx.AsyncClient, rx: Receiver, points: dict[str, Any]
+) -> None:
+    """FastStream's own lines (a subscriber waiting, a message received) used to come out
+    as colourised plain text between the JSON lines; now everything is one JSON object a
+    line, through the same formatter."""
+    await add_hook(sdk, rx, "/log-check", events=["job.completed"])
+    assert (await run_sanity(hooks_system, points["good"]))["state"] == "success"
+    await rx.wait_for("/log-check", 1, timeout=15)
+    for name in SERVICES:
+        lines = (hooks_system.data_dir / f"{name}.log").read_text().splitlines()
+        assert lines, name
+        for line in lines:
+            record = json.loads(line)  # fails on a plain-text line
+            assert record["service"] and record["msg"] is not None, (name, line)
