@@ -24,6 +24,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from virtbackup.testing.nats import connect
+from virtbackup.testing.receiver import Receiver
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
 from virtbackup.virt import Connection
 
@@ -46,6 +47,8 @@ def hs_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
         orchestrators=2,
         VIRTBACKUP_DEBUG="1",
         VIRTBACKUP_DEBUG_HOLDS=json.dumps({"before:committing": HOLD}),
+        # Schedules firing every 5 s run within a test; the default minimum is 5 minutes.
+        VIRTBACKUP_SCHEDULE_MIN_INTERVAL="5",
     ) as system:
         yield system
 
@@ -265,7 +268,10 @@ async def test_bad_input_creates_nothing(hs: httpx.AsyncClient) -> None:
             **over,
         }
 
-    await refused("/schedules", sched(schedule="61 * * * *"), 400, "schedule")
+    await refused("/schedules", sched(schedule="61 * * * *"), 400, "minute field '61'")
+    # More often than the minimum interval (5 s here, 5 minutes by default): refused.
+    await refused("/schedules", sched(schedule="* * * * * */2"), 400, "at least 5 seconds apart")
+    await refused("/schedules", sched(schedule="* * * * * 0,1"), 400, "1 second apart")
     await refused("/schedules", sched(schedule="* * *"), 400, "3 fields")
     await refused("/schedules", sched(timezone="Mars/Olympus"), 400, "timezone")
     await refused(
@@ -353,6 +359,8 @@ async def test_a_triggered_schedule_runs_a_backup_and_skips_while_running(
     assert (
         await hs.put(f"/schedules/{schedule_id}", json={"schedule": "0 2 * *"})
     ).status_code == 400
+    too_often = await hs.put(f"/schedules/{schedule_id}", json={"schedule": "* * * * * */3"})
+    assert too_often.status_code == 400 and "schedule" in too_often.json()["error"]
     assert (await hs.post(f"/schedules/{schedule_id}/disable")).json() == {
         "message": "schedule disabled successfully"
     }
@@ -487,3 +495,71 @@ async def test_a_run_that_cannot_start_is_failed_and_reported(
     assert [e["type"] for e in mine] == ["schedule.failed"]
     assert gone in mine[0]["payload"]["message"]
     assert (await hs.delete(f"/schedules/{schedule_id}")).status_code == 200
+
+
+async def test_a_scheduled_backup_that_fails_fails_the_run_and_notifies(
+    hs: httpx.AsyncClient,
+    hs_system: System,
+    events: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """The run's job is created and runs, but the backup itself fails (its destination's
+    disk is not mounted): the run ends ``failure`` (``failed_runs``, ``last_job_ids``,
+    ``last_message``), ``schedule.failed`` names the job, and ntfy (the local stand-in)
+    gets a notification of the failed job and one of the failed run."""
+    schedule_id = f"failing-{os.getpid()}"
+    async with (
+        Receiver() as rx,
+        httpx.AsyncClient(
+            base_url=hs_system.url, headers=hs_system.auth(), verify=False, timeout=30
+        ) as api,
+    ):
+        original = (await api.get("/config")).json()
+        cfg = json.loads(json.dumps(original))
+        unmounted = tmp_path / "not-mounted" / "backups"  # its parent does not exist
+        cfg["destinations"].append(
+            {"id": "unmounted", "driverId": "filesystem", "params": {"path": str(unmounted)}}
+        )
+        cfg["ntfy"] = {"serverUrl": f"{rx.url}/ntfy", "topic": "vb-sched"}
+        assert (await api.post("/config", json=cfg)).status_code == 200
+        try:
+            created = await hs.post(
+                "/schedules",
+                json={
+                    "id": schedule_id,
+                    "name": "to nowhere",
+                    "schedule": "@daily",
+                    "job_template": definition(
+                        f"local/{WEB[0]}",
+                        destination={"type": "backup", "destination_id": "unmounted"},
+                    ),
+                },
+            )
+            assert created.status_code == 201, created.text
+            assert (await hs.post(f"/schedules/{schedule_id}/trigger")).status_code == 200
+            done = await wait_schedule(
+                hs, schedule_id, lambda s: s["last_status"] not in (None, "running")
+            )
+            assert done["last_status"] == "failure", done
+            assert (done["run_count"], done["failed_runs"], done["successful_runs"]) == (1, 1, 0)
+            (job_id,) = done["last_job_ids"]
+            job = (await hs.get(f"/jobs/{job_id}")).json()
+            assert job["status"] == "failed" and "does not exist" in job["error"], job
+            assert "1 of 1" in done["last_message"] or "failed" in done["last_message"], done
+            stats = (await hs.get("/schedules/stats")).json()
+            assert stats["failed_runs"] >= 1
+            for _ in range(50):
+                if any(e["type"] == "schedule.failed" for e in events):
+                    break
+                await asyncio.sleep(0.1)
+            mine = [e for e in events if e["payload"]["schedule_id"] == schedule_id]
+            assert [e["type"] for e in mine] == ["schedule.triggered", "schedule.failed"]
+            assert mine[1]["payload"]["job_ids"] == [job_id]
+            notes = [r.json() for r in await rx.wait_for("/ntfy/", 2, timeout=20)]
+            titles = [n["title"] for n in notes]
+            assert any("schedule to nowhere failed" in t for t in titles), titles
+            assert any(WEB[0] in t and "failed" in t for t in titles), titles
+            assert all(n["topic"] == "vb-sched" and n["priority"] == 4 for n in notes), notes
+        finally:
+            await hs.delete(f"/schedules/{schedule_id}")
+            assert (await api.post("/config", json=original)).status_code == 200

@@ -302,7 +302,9 @@ async def test_a_remote_server_over_ssh(api: httpx.AsyncClient, vm: SmallVm) -> 
         assert (await api.post("/servers/remote/test", json={})).json()["success"] is True
 
 
-async def test_hypersdk_vm_discovery(api: httpx.AsyncClient, vm: SmallVm, system: System) -> None:
+async def test_hypersdk_vm_discovery(
+    api: httpx.AsyncClient, vm: SmallVm, system: System, conn: Connection
+) -> None:
     await _configure(api, [LOCAL])
     await _wait_state(api, vm.name, "running")
     async with httpx.AsyncClient(
@@ -325,8 +327,26 @@ async def test_hypersdk_vm_discovery(api: httpx.AsyncClient, vm: SmallVm, system
         assert "vSphere" in vsphere.json()["error"]
         missing = await hs.get("/vms/info", params={"vm_path": "local/nope"})
         assert missing.status_code == 404
+        # A VM without a CD-ROM: 200 (the document's only status) saying nothing was removed.
         cd = await hs.post("/vms/remove-cdrom", json={"vm_path": f"local/{vm.name}"})
-        assert cd.json() == {"message": "CD-ROM devices removed"}
+        assert cd.status_code == 200, cd.text
+        assert cd.json()["removed"] is False and cd.json()["ejected"] == []
+        assert "no CD-ROM" in cd.json()["message"]
+        directory = vm_directory()
+        with_cd = await create_vm(
+            conn, f"vbt-inv-{os.getpid()}-cd", directory, [16 << 20], start=False, with_cdrom=True
+        )
+        try:
+            path = {"vm_path": f"local/{with_cd.name}"}
+            cd = await hs.post("/vms/remove-cdrom", json=path)
+            assert cd.json() == {
+                "message": "CD-ROM devices removed",
+                "removed": True,
+                "ejected": ["sda"],
+            }
+            assert (await hs.post("/vms/remove-cdrom", json=path)).json()["removed"] is False
+        finally:
+            await remove_vm(conn, with_cd.name, delete_directory=directory)
         off = await hs.post("/vms/poweroff", json={"vm_path": f"local/{vm.name}"})
         assert off.json() == {"message": "VM powered off"}
         await _wait_state(api, vm.name, "shutoff")

@@ -200,6 +200,11 @@ async def test_prune_keeps_exactly_what_the_policy_keeps(
         folder = record_key(vm, ts).rsplit("/", 1)[0] + "/"
         assert await keys(kind, params, folder) == []
     assert len(await keys(kind, params, "chunks/")) == 1 + len(SIMPLE2) + 1 + 3
+    if dest != "s3":  # nor are their (empty) folders, where a destination has folders
+        base = Path(params.get("path") or params["basePath"]) / "VirtBackup"
+        for ts in SIMPLE2[2:5]:
+            gone = base / record_key(vm, ts).rsplit("/", 1)[0]
+            assert not gone.exists(), gone
     # The agent API's listing shows the same points.
     entries = await api.get("/restore/entries", params={"destinationId": dest})
     assert sorted(e["timestamp"] for e in entries.json() if e["vmName"] == vm) == await listed(
@@ -348,3 +353,61 @@ async def test_a_point_a_job_reads_is_not_deleted(
         system.start("transfer-worker")
     resp = await api.delete(f"/api/v1/restore-points/{pid}")
     assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.parametrize("dest", ["fs", "sftp", "s3"])
+async def test_a_point_whose_record_cannot_be_read_is_listed_as_unreadable(
+    api: httpx.AsyncClient, destinations: dict[str, tuple[str, dict[str, Any]]], dest: str
+) -> None:
+    kind, params = destinations[dest]
+    vm = f"{VM}-unreadable-{dest}"
+    good, bad = "2026-01-31T12-00-00", "2026-01-30T12-00-00"
+    await write_points(kind, params, vm, [bad, good])
+    key = record_key(vm, bad)
+    driver = open_driver(kind, params)
+    try:
+        record = await driver.get(key)
+        await driver.put(key, b'{"vmName":')
+        resp = await api.get("/api/v1/restore-points", params={"destinationId": dest, "vmName": vm})
+        assert resp.status_code == 200, resp.text
+        points = {p["timestamp"]: p for p in resp.json()}
+        assert sorted(points) == [bad, good]
+        assert (points[good]["state"], points[good]["reason"]) == ("ok", None)
+        shown = points[bad]
+        assert shown["state"] == "unreadable", shown
+        assert key in shown["reason"] and "cannot be read" in shown["reason"], shown
+        assert (shown["id"], shown["vmName"], shown["kind"]) == (
+            point_id(dest, vm, bad),
+            vm,
+            "unknown",
+        )
+        # The listing of every destination shows it too, and GET says why it is unusable.
+        every = await api.get("/api/v1/restore-points", params={"vmName": vm})
+        assert [p["state"] for p in every.json() if p["id"] == shown["id"]] == ["unreadable"]
+        one = await api.get(f"/api/v1/restore-points/{shown['id']}")
+        assert one.status_code == 409 and "cannot be read" in one.json()["error"], one.text
+    finally:
+        await driver.put(key, record)
+        await driver.close()
+
+
+async def test_an_sftp_destination_whose_base_path_is_missing_is_unavailable(
+    api: httpx.AsyncClient, destinations: dict[str, tuple[str, dict[str, Any]]], sshd: SshdServer
+) -> None:
+    """As a filesystem destination whose disk is not mounted: 503 naming it and saying
+    the path is missing, never an empty repository."""
+    missing = str(sshd.data_dir / f"unmounted-{os.getpid()}")
+    with_gone = {**destinations, "gone": ("sftp", sshd.params(missing))}
+    assert (await api.post("/config", json=config(with_gone))).status_code == 200
+    try:
+        for url in ("/api/v1/restore-points?destinationId=gone", "/api/v1/destinations/gone/stats"):
+            resp = await api.get(url)
+            assert resp.status_code == 503, (url, resp.text)
+            error = resp.json()["error"]
+            assert "gone" in error and "does not exist" in error and missing in error, error
+        resp = await api.get("/api/v1/restore-points")
+        assert resp.status_code == 200, resp.text
+        assert "gone" in resp.headers["X-Unreadable-Destinations"].split(",")
+    finally:
+        assert (await api.post("/config", json=config(destinations))).status_code == 200
+    assert not os.path.exists(missing)

@@ -383,6 +383,21 @@ async def test_bad_webhooks_are_refused_and_change_nothing(
     assert (await sdk.get("/webhooks")).json()["total"] == before
 
 
+async def test_job_failed_carries_the_job_as_get_jobs_shows_it(
+    hooks_system: System, sdk: httpx.AsyncClient, rx: Receiver, points: dict[str, Any]
+) -> None:
+    await add_hook(sdk, rx, "/failed-shape", events=["job.failed", "job.submitted"])
+    failed = await run_sanity(hooks_system, points["bad"], destination="broken")
+    assert failed["state"] == "failure", failed
+    got = await rx.wait_for("/failed-shape", 2, timeout=15)
+    by_event = {r.json()["event"]: r.json() for r in got}
+    shown = (await sdk.get(f"/jobs/{failed['id']}")).json()
+    # One shape: the webhook's data.job is GET /jobs/{id}, key for key.
+    assert by_event["job.failed"]["data"]["job"] == shown
+    assert set(by_event["job.submitted"]["data"]["job"]) == set(shown)
+    assert shown["status"] == "failed" and shown["error"] == failed["message"]
+
+
 async def test_bad_indexes_tests_and_settings(
     hooks_system: System, sdk: httpx.AsyncClient, rx: Receiver, points: dict[str, Any]
 ) -> None:
@@ -394,6 +409,23 @@ async def test_bad_indexes_tests_and_settings(
     assert (await sdk.get("/webhooks")).json()["total"] == 1
     resp = await sdk.post("/webhooks/test", json={"url": "gopher://h/"})
     assert resp.status_code == 400 and "url" in resp.json()["error"]
+    # Only the document's events (and "test"): anything else is a 400 naming the event,
+    # and nothing is sent.
+    for event in ("job.exploded", "JOB.FAILED", "x" * 64):
+        resp = await sdk.post("/webhooks/test", json={"url": f"{rx.url}/ev", "event": event})
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error.startswith("event:") and "job.failed" in error, error
+    assert rx.to("/ev") == []
+    resp = await sdk.post("/webhooks/test", json={"url": f"{rx.url}/ev", "event": "job.failed"})
+    assert resp.status_code == 200, resp.text
+    assert [r.headers["x-virtbackup-event"] for r in rx.to("/ev")] == ["job.failed"]
+    # A header name that is not one: said in words, not as a regex.
+    resp = await sdk.post(
+        "/webhooks", json={"url": f"{rx.url}/h", "events": ["job.failed"], "headers": {"A B": "x"}}
+    )
+    assert resp.status_code == 400 and "a header name" in resp.json()["error"], resp.text
+    assert "regex" not in resp.json()["error"]
     async with httpx.AsyncClient(base_url=hooks_system.hypersdk_url) as anonymous:
         assert (await anonymous.get("/webhooks")).status_code == 401
         assert (await anonymous.post("/webhooks", json={})).status_code == 401
@@ -488,3 +520,20 @@ async def test_an_ntfy_server_that_fails_is_tried_three_times_then_given_up(
         rx.script("/ntfy/", 200)
     log = (hooks_system.data_dir / "notifier.log").read_text()
     assert "ntfy notification given up after 3 attempts" in log
+
+
+async def test_every_service_logs_json_lines_only(
+    hooks_system: System, sdk: httpx.AsyncClient, rx: Receiver, points: dict[str, Any]
+) -> None:
+    """FastStream's own lines (a subscriber waiting, a message received) used to come out
+    as colourised plain text between the JSON lines; now everything is one JSON object a
+    line, through the same formatter."""
+    await add_hook(sdk, rx, "/log-check", events=["job.completed"])
+    assert (await run_sanity(hooks_system, points["good"]))["state"] == "success"
+    await rx.wait_for("/log-check", 1, timeout=15)
+    for name in SERVICES:
+        lines = (hooks_system.data_dir / f"{name}.log").read_text().splitlines()
+        assert lines, name
+        for line in lines:
+            record = json.loads(line)  # fails on a plain-text line
+            assert record["service"] and record["msg"] is not None, (name, line)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -34,55 +34,15 @@ from virtbackup.repository.verification import (
     verification_key,
     write_verification,
 )
-from virtbackup.testing.drivers import open_test_driver
-from virtbackup.testing.gdrive import FakeGoogleDrive
-from virtbackup.testing.seaweedfs import SeaweedServer
-from virtbackup.testing.sshd import SshdServer
+from virtbackup.testing.fixtures import driver_case
 
 CHUNK = 64 * 1024
 KINDS = ["filesystem", "sftp", "s3", "gdrive"]
 
 
-@pytest.fixture(scope="module")
-def sshd() -> Iterator[SshdServer]:
-    server = SshdServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
-def seaweed() -> Iterator[SeaweedServer]:
-    server = SeaweedServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-def google() -> Iterator[FakeGoogleDrive]:
-    server = FakeGoogleDrive()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
-
-
 @pytest.fixture(params=KINDS)
 async def repo(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Repository]:
-    kind: str = request.param
-    case = open_test_driver(
-        kind,
-        scratch=tmp_path,
-        sshd=request.getfixturevalue("sshd") if kind == "sftp" else None,
-        seaweed=request.getfixturevalue("seaweed") if kind == "s3" else None,
-        google=request.getfixturevalue("google") if kind == "gdrive" else None,
-    )
+    case = driver_case(request, request.param, tmp_path)
     repository = await Repository.open_or_create(case.driver, chunk_size=CHUNK)
     try:
         yield repository

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from virtbackup.repository.retention import Candidate, Keep, parse_timestamp, select
+from virtbackup.contracts.v1.retention import KeepRules as Keep
+from virtbackup.repository.retention import Candidate, parse_timestamp, select
 
 HOURLY = [
     "2019-11-15T09-39-15",

@@ -4,7 +4,6 @@ were safe before keep their keys, so repositories written before still read."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,10 +23,7 @@ from virtbackup.repository.repository import Repository
 from virtbackup.storage.errors import NotFoundError
 from virtbackup.storage.filesystem import FilesystemDriver
 from virtbackup.storage.keys import validate_key
-from virtbackup.testing.drivers import open_test_driver
-from virtbackup.testing.gdrive import FakeGoogleDrive
-from virtbackup.testing.seaweedfs import SeaweedServer
-from virtbackup.testing.sshd import SshdServer
+from virtbackup.testing.fixtures import driver_case
 
 TS = "2026-01-30T12-00-00"
 LEGACY = Path(__file__).parent / "data" / "legacy-v1"
@@ -277,43 +273,11 @@ async def test_a_repository_written_before_names_were_encoded_still_reads(
     assert len(await repo.restore_points("vm1")) == 3
 
 
-@pytest.fixture(scope="module")
-def sshd() -> Iterator[SshdServer]:
-    server = SshdServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
-def seaweed() -> Iterator[SeaweedServer]:
-    server = SeaweedServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
-def google() -> Iterator[FakeGoogleDrive]:
-    with FakeGoogleDrive() as server:
-        yield server
-
-
 @pytest.mark.parametrize("kind", ["sftp", "s3", "gdrive"])
 async def test_points_of_hostile_names_on_every_remote_destination(
     request: pytest.FixtureRequest, tmp_path: Path, kind: str
 ) -> None:
-    case = open_test_driver(
-        kind,
-        scratch=tmp_path,
-        sshd=request.getfixturevalue("sshd") if kind == "sftp" else None,
-        seaweed=request.getfixturevalue("seaweed") if kind == "s3" else None,
-        google=request.getfixturevalue("google") if kind == "gdrive" else None,
-    )
+    case = driver_case(request, kind, tmp_path)
     repo = await Repository.open_or_create(case.driver)
     try:
         for name in HOSTILE + LONG:

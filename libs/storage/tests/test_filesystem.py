@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import resource
@@ -204,3 +205,66 @@ async def test_a_root_left_open_by_an_older_version_is_narrowed(open_base: Path)
     async with open_driver("filesystem", {"path": str(open_base)}) as driver:
         await driver.put("k", b"v")
     assert root.stat().st_mode & 0o777 == 0o700
+
+
+async def test_deleting_the_last_objects_removes_their_empty_folders(tmp_path: Path) -> None:
+    root = tmp_path / "VirtBackup"
+    async with FilesystemDriver(root) as driver:
+        await driver.put("vms/web1/t1/backup.json", b"r")
+        await driver.put("vms/web1/t1/vda.manifest", b"m")
+        await driver.put("vms/web1/t2/backup.json", b"r")
+        await driver.put("chunks/ab/abcd", b"c")
+        await driver.delete("vms/web1/t1/backup.json")
+        assert (root / "vms" / "web1" / "t1").is_dir()  # still holds the manifest
+        await driver.delete("vms/web1/t1/vda.manifest")
+        assert not (root / "vms" / "web1" / "t1").exists()
+        assert (root / "vms" / "web1" / "t2").is_dir()
+        await driver.delete_many(["vms/web1/t2/backup.json", "chunks/ab/abcd"])
+        # Every folder left empty went, up to the root, which stays.
+        assert sorted(os.listdir(root)) == []
+        assert [k async for k in driver.list()] == []
+        await driver.put("vms/web1/t3/backup.json", b"r")  # and folders come back on a put
+        assert [k async for k in driver.list("vms/")] == ["vms/web1/t3/backup.json"]
+
+
+class _RacedDriver(FilesystemDriver):
+    """Removes each folder it has just made, as a concurrent delete that emptied the VM's
+    folder would between a put's ``mkdir`` and its ``open`` (the first ``races`` times)."""
+
+    def __init__(self, root: Path, races: int) -> None:
+        super().__init__(root)
+        self.races = races
+
+    def _make_dirs(self, directory: Path) -> None:
+        super()._make_dirs(directory)
+        if self.races > 0:
+            self.races -= 1
+            self._remove_empty_dirs(directory)
+
+
+async def test_a_put_outlasts_a_delete_removing_its_folder_meanwhile(tmp_path: Path) -> None:
+    root = tmp_path / "VirtBackup"
+    async with _RacedDriver(root, races=3) as driver:
+        await driver.put("vms/web1/t1/backup.json", b"r")
+        await driver.put("vms/web1/t2/big", secrets.token_bytes(128 * 1024))  # O_DIRECT path
+        assert driver.races == 0
+        assert await driver.get("vms/web1/t1/backup.json") == b"r"
+        assert sorted([k async for k in driver.list("vms/")]) == [
+            "vms/web1/t1/backup.json",
+            "vms/web1/t2/big",
+        ]
+
+
+async def test_concurrent_deletes_and_puts_in_one_vm_folder_lose_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "VirtBackup"
+    async with FilesystemDriver(root, fsync=False) as driver:
+        for i in range(60):
+            await driver.put(f"vms/web1/old{i}/backup.json", b"o")
+            # The delete empties vms/web1 while the put makes vms/web1/new<i>.
+            await asyncio.gather(
+                driver.delete(f"vms/web1/old{i}/backup.json"),
+                driver.put(f"vms/web1/new{i}/backup.json", b"n"),
+            )
+            assert await driver.get(f"vms/web1/new{i}/backup.json") == b"n"
+            await driver.delete(f"vms/web1/new{i}/backup.json")
+        assert not (root / "vms").exists()

@@ -18,6 +18,7 @@ import pytest
 from virtbackup.runtime.ports import free_port
 from virtbackup.storage import (
     InvalidParamsError,
+    NotFoundError,
     PermanentError,
     RetryPolicy,
     TransientError,
@@ -110,8 +111,37 @@ async def test_missing_base_path_is_permanent(sshd: SshdServer) -> None:
     async with sftp(sshd, base=missing) as driver:
         with pytest.raises(PermanentError, match="does not exist"):
             await driver.put("k", b"x")
-        assert [k async for k in driver.list()] == []
+        # Reads say so too, as the filesystem driver's do: an unmounted disk on the
+        # server is no empty repository.
+        with pytest.raises(PermanentError, match=r"does not exist .*is its disk mounted"):
+            [k async for k in driver.list()]
+        with pytest.raises(PermanentError, match="does not exist"):
+            await driver.get("repository.json")
+        with pytest.raises(PermanentError, match="does not exist"):
+            await driver.stat("k")
     assert not await asyncio.to_thread(os.path.exists, missing)
+
+
+async def test_a_missing_object_under_an_existing_base_is_not_found(sshd: SshdServer) -> None:
+    async with sftp(sshd) as driver:
+        assert [k async for k in driver.list()] == []
+        with pytest.raises(NotFoundError):
+            await driver.get("repository.json")
+
+
+async def test_deleting_the_last_objects_removes_their_empty_folders(sshd: SshdServer) -> None:
+    base = sshd.make_base(f"rm-{secrets.token_hex(4)}")
+    root = Path(base) / "VirtBackup"
+    async with sftp(sshd, base=base) as driver:
+        await driver.put("vms/web1/t1/backup.json", b"r")
+        await driver.put("vms/web1/t2/backup.json", b"r")
+        await driver.delete("vms/web1/t1/backup.json")
+        assert not (root / "vms" / "web1" / "t1").exists()
+        assert (root / "vms" / "web1" / "t2").is_dir()
+        await driver.delete_many(["vms/web1/t2/backup.json"])
+        assert os.listdir(root) == []  # every folder left empty went; the root stays
+        await driver.put("vms/web1/t3/backup.json", b"r")
+        assert [k async for k in driver.list("vms/")] == ["vms/web1/t3/backup.json"]
 
 
 async def test_permission_denied_is_permanent(sshd: SshdServer) -> None:

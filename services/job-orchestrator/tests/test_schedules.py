@@ -15,6 +15,7 @@ from virtbackup.job_orchestrator.definitions import (
 )
 from virtbackup.job_orchestrator.schedules import (
     check_cron,
+    check_interval,
     latest_at_or_before,
     next_after,
     zone,
@@ -32,11 +33,16 @@ def test_cron_expressions_accepted(expr: str) -> None:
 @pytest.mark.parametrize(
     ("expr", "needle"),
     [
-        ("61 * * * *", "not a valid cron expression"),
+        ("61 * * * *", "its minute field '61' is not valid: expected 0-59"),
         ("* * *", "has 3 fields"),
         ("0 2 * * * * 2030", "has 7 fields"),
         ("", "has 0 fields"),
-        ("a b c d e", "not a valid cron expression"),
+        ("a b c d e", "its minute field 'a' is not valid"),
+        ("0 25 * * *", "its hour field '25' is not valid: expected 0-23"),
+        ("0 0 1 13 *", "its month field '13' is not valid: expected 1-12 or jan-dec"),
+        ("0 0 * * 9", "its day of week field '9' is not valid"),
+        ("* * * * * 61", "its second field '61' is not valid"),
+        ("@sometimes", "no known macro: use @yearly"),
         ("0 0 30 2 *", "never matches a date"),
         ("0 0 31 4 *", "never matches a date"),
     ],
@@ -44,7 +50,41 @@ def test_cron_expressions_accepted(expr: str) -> None:
 def test_bad_cron_expressions_name_the_field(expr: str, needle: str) -> None:
     with pytest.raises(BadRequest, match=needle) as caught:
         check_cron(expr)
-    assert str(caught.value).startswith("schedule:")
+    message = str(caught.value)
+    assert message.startswith("schedule:")
+    # Plain words, not croniter's ("[61 * * * *] is not acceptable, out of range").
+    assert "acceptable" not in message and "[" not in message, message
+
+
+@pytest.mark.parametrize(
+    ("expr", "minimum", "refused"),
+    [
+        ("*/15 * * * *", 300, False),
+        ("0 2 * * *", 300, False),
+        ("*/5 * * * *", 300, False),
+        ("* * * * *", 300, True),
+        ("*/2 * * * *", 300, True),
+        ("0,1 2 * * *", 300, True),  # two runs a minute apart once a day
+        ("59 23 * * *", 300, False),
+        ("0,59 0,23 * * *", 300, True),  # 23:59 then 00:00 the next day
+        ("* * * * * */30", 300, True),
+        ("* * * * * */30", 0, False),  # 0 allows any interval
+        ("* * * * *", 60, False),
+    ],
+)
+def test_schedules_firing_more_often_than_the_minimum_are_refused(
+    expr: str, minimum: float, refused: bool
+) -> None:
+    start = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
+    if not refused:
+        check_interval(expr, "UTC", minimum, start)
+        # Across both DST changes of a year (the autumn night has 02:00 twice, an hour
+        # apart in real time): still allowed.
+        check_interval(expr, "Europe/Berlin", minimum, start)
+        return
+    with pytest.raises(BadRequest, match=r"^schedule: .* apart .*at least") as caught:
+        check_interval(expr, "Europe/Berlin", minimum, start)
+    assert "VIRTBACKUP_SCHEDULE_MIN_INTERVAL" in str(caught.value)
 
 
 def test_unknown_time_zone_is_a_bad_request() -> None:

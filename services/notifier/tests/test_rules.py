@@ -11,6 +11,8 @@ import pytest
 
 from virtbackup.contracts.v1.config import ConfigError, NtfySettings, decode_config
 from virtbackup.contracts.v1.events import Event
+from virtbackup.contracts.v1.hypersdk_jobs import job_view
+from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.webhooks import Webhook, webhook_view
 from virtbackup.notifier import derive
 from virtbackup.notifier.delivery import delivery_id, request_headers, signature
@@ -18,7 +20,10 @@ from virtbackup.notifier.ntfy import should_notify
 
 
 def job_event(kind: str, **job: Any) -> Event:
-    payload = {"id": "j1", "type": "backup", "state": "running", "phase": "preparing", **job}
+    payload = {
+        "id": "j1", "type": "backup", "state": "running", "phase": "preparing",
+        "createdAt": "2026-11-30T10:00:00Z", "updatedAt": "2026-11-30T10:00:01Z", **job,
+    }  # fmt: skip
     return Event(type=kind, payload=payload, id=f"e-{kind}-{job}", time="t", source="test")
 
 
@@ -35,6 +40,14 @@ def test_job_events_map_to_the_documents_names() -> None:
     failed = job_event("job.finished", state="failure", message="boom")
     (item,) = d.webhook_events(failed)
     assert item.name == "job.failed" and item.data["job"]["error"] == "boom"
+    # data.job is the job exactly as GET /jobs/{id} of the HyperSDK API shows it.
+    assert item.data == {"job": job_view(msgspec.convert(failed.payload, Job))}
+    assert set(item.data["job"]) == {
+        "definition", "status", "progress", "message", "created_at", "started_at",
+        "completed_at", "error",
+    }  # fmt: skip
+    assert item.data["job"]["definition"]["source"] == {"type": "libvirt", "server_id": None}
+    assert d.webhook_events(job_event("job.finished", state="failure", id=None)) == []
     assert d.webhook_events(job_event("job.finished", state="canceled")) == []
     assert d.webhook_events(job_event("unit.done")) == []
 

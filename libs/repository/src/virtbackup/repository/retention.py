@@ -36,44 +36,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Literal
 
-Rule = Literal["keepLast", "keepHourly", "keepDaily", "keepWeekly", "keepMonthly", "keepYearly"]
-#: The rules in the order they run.
-RULES: Final[tuple[Rule, ...]] = (
-    "keepLast",
-    "keepHourly",
-    "keepDaily",
-    "keepWeekly",
-    "keepMonthly",
-    "keepYearly",
-)
+from virtbackup.contracts.v1.retention import KEEP_RULES, KeepRules, Rule
+
+#: The rules in the order they run (``contracts.v1.retention.KEEP_RULES``).
+RULES: Final[tuple[Rule, ...]] = KEEP_RULES
 #: Why a point is kept: the rule that kept it, or ``protected``.
 Reason = Rule | Literal["protected"]
-
-
-@dataclass(frozen=True, slots=True)
-class Keep:
-    """Counts per rule (``None``: the rule is not used)."""
-
-    keep_last: int | None = None
-    keep_hourly: int | None = None
-    keep_daily: int | None = None
-    keep_weekly: int | None = None
-    keep_monthly: int | None = None
-    keep_yearly: int | None = None
-
-    def count(self, rule: Rule) -> int | None:
-        return {
-            "keepLast": self.keep_last,
-            "keepHourly": self.keep_hourly,
-            "keepDaily": self.keep_daily,
-            "keepWeekly": self.keep_weekly,
-            "keepMonthly": self.keep_monthly,
-            "keepYearly": self.keep_yearly,
-        }[rule]
-
-    def keeps_something(self) -> bool:
-        """Whether any rule keeps at least one point (PBS's ``keeps_something``)."""
-        return any((self.count(rule) or 0) > 0 for rule in RULES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +85,10 @@ def _bucket(rule: Rule) -> Callable[[Candidate], str]:
     return lambda c: parse_timestamp(c.timestamp).strftime(pattern)
 
 
-def select(points: Sequence[Candidate], keep: Keep) -> list[Decision]:
-    """Decide for every point of one VM (rules in the module docstring); the decisions
-    come newest first. ``ValueError`` for a malformed timestamp."""
+def select(points: Sequence[Candidate], keep: KeepRules) -> list[Decision]:
+    """Decide for every point of one VM by ``keep``'s counts (``keep_all`` is the
+    caller's: it is not looked at; rules in the module docstring); the decisions come
+    newest first. ``ValueError`` for a malformed timestamp."""
     ordered = sorted(points, key=lambda c: parse_timestamp(c.timestamp), reverse=True)
     marks: dict[str, tuple[bool, Reason | None]] = {}
     for rule in RULES:

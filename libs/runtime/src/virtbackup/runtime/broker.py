@@ -55,6 +55,10 @@ async def _on_error(exc: Exception) -> None:
         log.warning("NATS: %r", exc)
 
 
+#: The logger of every broker's per-message lines (FastStream's name for them).
+BROKER_LOGGER = "faststream.access.nats"
+
+
 def make_broker(settings: Settings, service: str, tracer_provider: TracerProvider) -> NatsBroker:
     """A broker that (de)serialises with msgspec and carries W3C trace context in headers.
 
@@ -73,4 +77,7 @@ def make_broker(settings: Settings, service: str, tracer_provider: TracerProvide
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         connect_timeout=5,
+        # A plain logger that propagates to the root's JSON handler; by default FastStream
+        # makes one with its own colourised plain-text handler on stdout.
+        logger=logging.getLogger(BROKER_LOGGER),
     )

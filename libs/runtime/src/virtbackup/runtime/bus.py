@@ -35,6 +35,7 @@ from virtbackup.contracts.buckets import BucketSpec
 from virtbackup.contracts.streams import EVENTS, StreamSpec
 from virtbackup.contracts.v1.common import Fault, Reply
 from virtbackup.contracts.v1.events import Event
+from virtbackup.contracts.v1.readable import readable
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import BadRequest, NotFound, ServiceError, Unavailable
 
@@ -130,7 +131,7 @@ class Bus:
                 request = decoder.decode(body or b"{}")
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 # The subject is no client's business: a gateway passes this on.
-                raise BadRequest(f"invalid request: {exc}") from None
+                raise BadRequest(readable(f"invalid request: {exc}")) from None
             result = await fn(request)
             return _encoder.encode(Reply[Any](result=result))
         except ServiceError as exc:

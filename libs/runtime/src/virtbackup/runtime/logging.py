@@ -48,5 +48,27 @@ def setup_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    adopt_library_loggers()
     for noisy in ("nats", "faststream", "uvicorn.access", "asyncssh"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+#: Libraries that give their loggers a console handler of their own (and stop them
+#: propagating): FastStream's ``faststream`` (app and broker messages, a colourised
+#: plain-text line on stderr) and ``faststream.access.*`` (per-message lines on stdout).
+OWN_HANDLER_LOGGERS = ("faststream",)
+
+
+def adopt_library_loggers() -> None:
+    """Make the loggers of ``OWN_HANDLER_LOGGERS`` (and those below them) write through
+    the root logger's handler, so a service's log is one format (JSON lines) throughout:
+    their own console handlers are removed and they propagate again. Loggers such a
+    library creates later are covered by passing it a logger (``broker.make_broker``)."""
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if not isinstance(logger, logging.Logger):
+            continue
+        if not any(name == top or name.startswith(top + ".") for top in OWN_HANDLER_LOGGERS):
+            continue
+        for own in [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]:
+            logger.removeHandler(own)
+        logger.propagate = True

@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     #: Seconds a delivery the notifier holds may go without a sign of life before it is
     #: redelivered (to a restarted notifier): the ack wait of its consumers.
     notifier_ack_wait: float = streams.NOTIFIER_EVENTS_CONSUMER.ack_wait_seconds
+    #: Whether webhooks may point at loopback, private and link-local addresses (the
+    #: notifier's ``targets``): allowed by default (a receiver on the same host or network
+    #: is a common set-up, and every token holder is an administrator); ``false`` refuses
+    #: them when a webhook is added or tested and at every delivery.
+    webhooks_allow_private: bool = True
+    #: The shortest time between two runs of a schedule, in seconds: a cron expression
+    #: that fires more often is refused (400 naming ``schedule``). 0 allows any.
+    schedule_min_interval: float = Field(default=300.0, ge=0)
     #: A job fails when no unit finishes for this many seconds (no worker, or all stuck).
     job_stall_timeout: float = 600.0
     #: Units one transfer-worker process works on at once.

@@ -17,6 +17,11 @@
   filesystem that refuses ``O_DIRECT`` gets buffered I/O.
 - Blocking file I/O runs in the driver's own thread pool.
 - Symlinks inside the root are not followed when listing.
+- Directories are only a means: deleting the last object of a directory removes it, and
+  every parent left empty, up to (not including) the root. ``rmdir`` removes only an
+  empty directory, and a ``put`` creates its temporary file in the key's directory, so a
+  writer's directory is never removed under a file it writes; a directory removed between
+  a writer's ``mkdir`` and its ``open`` is made again (``PUT_DIR_ATTEMPTS``).
 - Only the owner can read the repository: directories are created 0700 and files 0600
   (``DIR_MODE``, ``FILE_MODE``; a umask can only narrow them), and a root left wider by
   an older version is narrowed to 0700 on the first write.
@@ -81,6 +86,8 @@ PERMANENT_ERRNOS: Final = frozenset(
 
 #: Objects at least this large are written with ``O_DIRECT`` (where the platform has it).
 DIRECT_MIN: Final = 64 * 1024
+#: How often a ``put`` makes its directory again when a delete removed it meanwhile.
+PUT_DIR_ATTEMPTS: Final = 8
 #: Offset, length and address alignment used for ``O_DIRECT`` (enough for 4Kn disks).
 DIRECT_ALIGN: Final = 4096
 _O_DIRECT: Final[int] = getattr(os, "O_DIRECT", 0)
@@ -224,17 +231,29 @@ class FilesystemDriver(DriverBase):
         if direct and padded != size:
             os.ftruncate(fd, size)
 
+    def _open_new(self, tmp: Path, flags: int) -> int:
+        """Create ``tmp``, making its directory when missing. A delete removing that
+        directory (left empty) between our ``mkdir`` and ``open`` is outwaited by trying
+        again: once the file exists the directory is not empty and stays."""
+        for attempt in range(PUT_DIR_ATTEMPTS):
+            try:
+                return os.open(tmp, flags, FILE_MODE)
+            except FileNotFoundError:
+                if attempt == PUT_DIR_ATTEMPTS - 1:
+                    raise
+            try:
+                self._make_dirs(tmp.parent)
+            except FileNotFoundError:  # a parent went meanwhile: start from the root again
+                continue
+        raise AssertionError("unreachable")
+
     def _put_file(self, key: str, path: Path, data: bytes, *, direct: bool) -> None:
         tmp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(8)}-{path.name}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         if direct:
             flags |= _O_DIRECT
         try:
-            try:
-                fd = os.open(tmp, flags, FILE_MODE)
-            except FileNotFoundError:
-                self._make_dirs(path.parent)
-                fd = os.open(tmp, flags, FILE_MODE)
+            fd = self._open_new(tmp, flags)
             try:
                 self._write_all(fd, data, direct=direct)
                 if self.fsync:
@@ -403,6 +422,7 @@ class FilesystemDriver(DriverBase):
     # -- deletes -------------------------------------------------------------------------
 
     def _delete_sync(self, keys: Sequence[str]) -> None:
+        emptied: set[Path] = set()
         for key in keys:
             path = self.root.joinpath(*key.split("/"))
             try:
@@ -410,11 +430,28 @@ class FilesystemDriver(DriverBase):
             except (FileNotFoundError, NotADirectoryError):
                 pass
             except IsADirectoryError:
-                pass
+                continue
             except OSError as exc:
                 if exc.errno == errno.EPERM and path.is_dir():
                     continue
                 raise map_os_error(exc, f"cannot delete {key!r}") from exc
+            emptied.add(path.parent)
+        # Deepest first, so that a folder emptied by removing its last subfolder goes too.
+        for directory in sorted(emptied, key=lambda d: len(d.parts), reverse=True):
+            self._remove_empty_dirs(directory)
+
+    def _remove_empty_dirs(self, directory: Path) -> None:
+        """Remove ``directory`` and its parents while they are empty, never the root.
+        ``rmdir`` refuses a directory that holds anything (a writer's temporary file
+        included), so this cannot remove what another writer puts there."""
+        while directory != self.root and self.root in directory.parents:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (or gone, or not ours to remove): stop here
+                return
+            with contextlib.suppress(OSError):
+                self._fsync_dir(directory.parent)
+            directory = directory.parent
 
     async def delete(self, key: str) -> None:
         validate_key(key)

@@ -31,7 +31,14 @@ Writes
     missing, never partial). Missing directories below the root are created; the root's
     parent (the configured ``basePath``) must exist. Directories are created 0700 and
     files 0600 (``DIR_MODE``, ``FILE_MODE``; the server's umask can only narrow them):
-    only the SSH user reads the repository.
+    only the SSH user reads the repository. Deleting the last object of a directory
+    removes it and every parent left empty (never the root); a ``put`` whose directory
+    a delete removed between its ``mkdir`` and its ``open`` makes it again.
+
+Missing base path
+    Reads of a destination whose ``basePath`` does not exist (an unmounted disk on the
+    server) raise a ``PermanentError`` saying so, as the filesystem driver does, rather
+    than "not found" or an empty listing: an unmounted disk is no empty repository.
 """
 
 from __future__ import annotations
@@ -69,6 +76,8 @@ T = TypeVar("T")
 _Listing = tuple[list[tuple[str, int, float]], list[str]]
 
 MIB: Final = 1024 * 1024
+#: How often a ``put`` makes its directory again when a delete removed it meanwhile.
+PUT_DIR_ATTEMPTS: Final = 8
 #: Mode of the directories the driver creates on the server: owner only.
 DIR_MODE: Final = 0o700
 #: Mode of the files the driver writes on the server: owner only (chunks hold VM data).
@@ -324,7 +333,7 @@ class SftpDriver(DriverBase):
                 raise
             except _NOT_FOUND as exc:
                 session.last_progress = time.monotonic()
-                raise NotFoundError(key) from exc
+                raise await self._not_found(session.client(), key) from exc
             except _PERMANENT as exc:
                 session.last_progress = time.monotonic()
                 raise PermanentError(f"SFTP {what} {key!r} on {self.where}: {exc.reason}") from exc
@@ -347,6 +356,27 @@ class SftpDriver(DriverBase):
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{validate_key(key)}"
+
+    def _base_missing_error(self) -> PermanentError:
+        return PermanentError(
+            f"SFTP base path {posixpath.dirname(self.root)!r} does not exist on "
+            f"{self.where} (is its disk mounted?)"
+        )
+
+    async def _base_exists(self, sftp: asyncssh.SFTPClient) -> bool:
+        """Whether the root's parent (the configured ``basePath``) is a directory; true
+        when that cannot be told (the caller's own error then stands)."""
+        try:
+            async with asyncio.timeout(self.op_timeout):
+                return bool(await sftp.isdir(posixpath.dirname(self.root)))
+        except (asyncssh.Error, OSError, TimeoutError):
+            return True
+
+    async def _not_found(self, sftp: asyncssh.SFTPClient, key: str) -> StorageError:
+        """``NotFoundError(key)``, or the missing base path's ``PermanentError``."""
+        if await self._base_exists(sftp):
+            return NotFoundError(key)
+        return self._base_missing_error()
 
     # -- writes --------------------------------------------------------------------------
 
@@ -375,12 +405,7 @@ class SftpDriver(DriverBase):
         directory, name = posixpath.split(path)
         tmp = f"{directory}/{TEMP_PREFIX}{secrets.token_hex(8)}-{name}"
         try:
-            attrs = asyncssh.SFTPAttrs(permissions=FILE_MODE)
-            try:
-                file = await sftp.open(tmp, "wb", attrs)
-            except _NOT_FOUND:
-                await self._ensure_dir(sftp, directory)
-                file = await sftp.open(tmp, "wb", attrs)
+            file = await self._open_new(sftp, directory, tmp)
             try:
                 await file.write(data, 0)
                 if self.fsync and self._fsync_supported:
@@ -394,6 +419,24 @@ class SftpDriver(DriverBase):
         except BaseException:
             self._cleanup_later(sftp, tmp)
             raise
+
+    async def _open_new(
+        self, sftp: asyncssh.SFTPClient, directory: str, tmp: str
+    ) -> asyncssh.SFTPClientFile:
+        """Create ``tmp`` in ``directory``, making the directory when missing; again when
+        a delete removed it (left empty) between our ``mkdir`` and ``open``."""
+        attrs = asyncssh.SFTPAttrs(permissions=FILE_MODE)
+        for attempt in range(PUT_DIR_ATTEMPTS):
+            try:
+                return await sftp.open(tmp, "wb", attrs)
+            except _NOT_FOUND:
+                if attempt == PUT_DIR_ATTEMPTS - 1:
+                    raise
+            try:
+                await self._ensure_dir(sftp, directory)
+            except _NOT_FOUND:  # a parent went meanwhile: start from the root again
+                continue
+        raise AssertionError("unreachable")
 
     async def _rename(self, sftp: asyncssh.SFTPClient, source: str, target: str) -> None:
         if self._posix_rename:
@@ -476,10 +519,14 @@ class SftpDriver(DriverBase):
                 elif stat_module.S_ISREG(mode):
                     files.append((name, int(entry.attrs.size or 0), float(entry.attrs.mtime or 0)))
         except (*_NOT_FOUND, asyncssh.SFTPNotADirectory):
+            if not await self._base_exists(sftp):
+                raise self._base_missing_error() from None
             return [], []
         except asyncssh.SFTPFailure:
             if await sftp.exists(directory):
                 raise
+            if not await self._base_exists(sftp):
+                raise self._base_missing_error() from None
             return [], []
         return sorted(files), sorted(dirs)
 
@@ -514,8 +561,19 @@ class SftpDriver(DriverBase):
     # -- deletes -------------------------------------------------------------------------
 
     async def _remove(self, sftp: asyncssh.SFTPClient, path: str) -> None:
-        with contextlib.suppress(*_NOT_FOUND):
+        try:
             await sftp.remove(path)
+        except _NOT_FOUND:
+            return
+        # Remove the folders left empty, deepest first, never the root: the server's
+        # rmdir refuses a folder that holds anything (a writer's temporary file too).
+        directory = posixpath.dirname(path)
+        while directory != self.root and directory.startswith(self.root + "/"):
+            try:
+                await sftp.rmdir(directory)
+            except asyncssh.SFTPError:
+                return
+            directory = posixpath.dirname(directory)
 
     async def delete(self, key: str) -> None:
         path = self._path(key)

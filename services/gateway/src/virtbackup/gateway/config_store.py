@@ -32,6 +32,7 @@ from virtbackup.contracts.v1.config import (
     decode_config,
     encode_config,
 )
+from virtbackup.contracts.v1.readable import readable
 from virtbackup.gateway.host_keys import check_masked_secrets, forget_moved_pins, pin_host_keys
 from virtbackup.runtime.agent_config import read_agent_config, update_agent_config
 from virtbackup.runtime.errors import BadRequest, Conflict
@@ -153,7 +154,7 @@ class ConfigStore:
         except msgspec.DecodeError as exc:
             raise BadRequest(f"malformed JSON: {exc}") from None
         except (msgspec.ValidationError, ConfigError) as exc:
-            raise BadRequest(str(exc)) from None
+            raise BadRequest(readable(str(exc))) from None
         posted = msgspec.json.decode(body)
         for _ in range(5):
             current, revision = await self.load()

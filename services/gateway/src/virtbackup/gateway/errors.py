@@ -19,12 +19,8 @@ from litestar.openapi import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 from opentelemetry import trace
 
-from virtbackup.contracts.v1.common import (
-    SERVER_ID_PATTERN,
-    VM_NAME_MAX_LENGTH,
-    VM_NAME_PATTERN,
-    shown,
-)
+from virtbackup.contracts.v1.common import shown
+from virtbackup.contracts.v1.readable import readable as contracts_readable
 from virtbackup.runtime.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -38,20 +34,10 @@ STATUS_BY_CODE = {
 }
 
 
-#: What the name patterns mean, for messages a person reads.
-_PATTERNS = {
-    VM_NAME_PATTERN: (
-        f"a VM name (1 to {VM_NAME_MAX_LENGTH} characters, no control character or '/')"
-    ),
-    SERVER_ID_PATTERN: "a server id (letters, digits, '_', '.', ':' and '-')",
-}
-
-
 def readable(message: str) -> str:
-    """A msgspec validation message with the name patterns said in words."""
-    for pattern, meaning in _PATTERNS.items():
-        message = message.replace(f"`str` matching regex {pattern!r}", meaning)
-    return message
+    """A msgspec validation message with the patterns said in words
+    (``contracts.v1.readable``)."""
+    return contracts_readable(message)
 
 
 class ErrorBody(msgspec.Struct):

@@ -23,7 +23,7 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 
 from virtbackup.contracts.subjects import InventoryCmd
 from virtbackup.contracts.v1.common import ServerId, VmName
-from virtbackup.contracts.v1.inventory import Ok, ServerRef, ServerVms, VmInfo, VmRef
+from virtbackup.contracts.v1.inventory import CdromRemoved, Ok, ServerRef, ServerVms, VmInfo, VmRef
 from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.bodies import SnakeBody
 from virtbackup.gateway.edge import check_request
@@ -210,12 +210,20 @@ class HyperSdkController(Controller):
         return {"message": "VM powered off"}
 
     @post("/vms/remove-cdrom", status_code=200, responses=responses(404, 409))
-    async def remove_cdrom(self, gw: Gateway, data: VmRequest) -> dict[str, str]:
-        """Eject the media of every CD-ROM drive."""
-        await gw.bus.request(
-            InventoryCmd.REMOVE_CDROM, vm_ref(data), Ok, timeout=timeouts.INVENTORY_QUERY
+    async def remove_cdrom(self, gw: Gateway, data: VmRequest) -> dict[str, Any]:
+        """Eject the media of every CD-ROM drive. 200 either way (the document has no
+        other status for it): ``removed`` says whether there was a medium to remove,
+        ``ejected`` the drives that had one."""
+        done = await gw.bus.request(
+            InventoryCmd.REMOVE_CDROM, vm_ref(data), CdromRemoved, timeout=timeouts.INVENTORY_QUERY
         )
-        return {"message": "CD-ROM devices removed"}
+        if not done.ejected:
+            return {
+                "message": "no CD-ROM device to remove: the VM has no CD-ROM drive with a medium",
+                "removed": False,
+                "ejected": [],
+            }
+        return {"message": "CD-ROM devices removed", "removed": True, "ejected": done.ejected}
 
 
 def create_hypersdk_asgi(gw: Gateway) -> RequestMetrics:

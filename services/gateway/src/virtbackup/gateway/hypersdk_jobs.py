@@ -19,6 +19,7 @@ from litestar import Controller, delete, get, post, put
 
 from virtbackup.contracts.subjects import JobCmd, ScheduleCmd
 from virtbackup.contracts.v1.common import Empty, shown
+from virtbackup.contracts.v1.hypersdk_jobs import STATUS, job_view
 from virtbackup.contracts.v1.jobs import (
     ACTIVE_STATES,
     Job,
@@ -47,14 +48,6 @@ from virtbackup.runtime import timeouts
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import BadRequest, Conflict
 
-#: The document's job statuses by the orchestrator's states.
-STATUS: Final[dict[JobState, str]] = {
-    "queued": "pending",
-    "running": "running",
-    "success": "completed",
-    "failure": "failed",
-    "canceled": "cancelled",
-}
 STATE_OF: Final[dict[str, JobState]] = {
     **{status: state for state, status in STATUS.items()},
     **{state: state for state in STATUS},  # the agent API's names are accepted too
@@ -69,43 +62,6 @@ def state_of(status: str, field: str = "status") -> JobState:
         raise BadRequest(
             f"{field}: {shown(status)} is not a job status ({', '.join(STATUS.values())})"
         ) from None
-
-
-def job_view(job: Job) -> dict[str, Any]:
-    """A job as the HyperSDK document shows it."""
-    vm_path = f"{job.server_id}/{job.vm_name}" if job.server_id and job.vm_name else ""
-    destination: dict[str, Any] = {"destination_id": job.destination_id}
-    if job.type == "backup":
-        destination = {"type": "backup", **destination}
-    if job.state == "success":
-        percent = 100
-    elif job.total_bytes:
-        percent = min(99, job.bytes_transferred * 100 // job.total_bytes)
-    elif job.total_units:
-        percent = min(99, job.completed_units * 100 // job.total_units)
-    else:
-        percent = 0
-    return {
-        "definition": {
-            "id": job.id,
-            "type": job.type,
-            "vm_path": vm_path,
-            "source": {"type": "libvirt", "server_id": job.server_id},
-            "destination": destination,
-        },
-        "status": STATUS[job.state],
-        "progress": {
-            "stage": job.phase,
-            "percent_complete": percent,
-            "current_bytes": job.bytes_transferred,
-            "total_bytes": job.total_bytes,
-        },
-        "message": job.message,
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "completed_at": job.finished_at,
-        "error": job.message if job.state == "failure" else None,
-    }
 
 
 class SubmitBody(SnakeBody, kw_only=True):

@@ -14,19 +14,14 @@ import msgspec
 
 from virtbackup.contracts import buckets
 from virtbackup.contracts.subjects import JobCmd
+from virtbackup.contracts.v1.hypersdk_jobs import STATUS
 from virtbackup.contracts.v1.jobs import Job, JobList, JobListRequest
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.errors import NotFound
 from virtbackup.runtime.kv import keys, read_value
 
 #: The HyperSDK document's job status for each VirtBackup job state.
-STATUS_OF = {
-    "queued": "pending",
-    "running": "running",
-    "success": "completed",
-    "failure": "failed",
-    "canceled": "cancelled",
-}
+STATUS_OF = STATUS
 
 
 class _Beat(msgspec.Struct, rename="camel"):

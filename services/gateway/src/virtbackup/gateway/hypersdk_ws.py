@@ -12,9 +12,9 @@ Messages are JSON text frames ``{"type", "timestamp", "data"}``:
 * ``pong`` in answer to a client's ``{"type": "ping"}`` (the server also sends WebSocket
   ping frames every 54 s, and closes a connection whose pong does not come).
 
-A ``<job>`` is the document's job view: ``{"definition": {"id", "vm_path", "type"},
-"status", "progress": {"stage", "percent_complete", "current_bytes", "total_bytes"},
-"started_at", "completed_at", "error"}``.
+A ``<job>`` is the job exactly as ``GET /jobs/{id}`` shows it
+(``contracts.v1.hypersdk_jobs.job_view``: ``definition``, ``status``, ``progress``, times,
+``error``).
 
 Authentication: like every route, the API token; a browser cannot set headers on a
 WebSocket, so the token may come as the subprotocol ``virtbackup.bearer.<token>``,
@@ -40,8 +40,9 @@ import msgspec
 from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 
+from virtbackup.contracts.v1.hypersdk_jobs import job_view
 from virtbackup.contracts.v1.jobs import Job
-from virtbackup.gateway.hypersdk_status import STATUS_OF, all_jobs, current_status
+from virtbackup.gateway.hypersdk_status import all_jobs, current_status
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import ServiceError
@@ -60,32 +61,6 @@ SCHEDULE_SUBJECT = "vb.evt.schedule.>"
 TOO_SLOW = 1013
 
 _encoder = msgspec.json.Encoder()
-
-
-def job_view(job: Job) -> dict[str, Any]:
-    """The HyperSDK document's view of a job (see the module docstring)."""
-    percent = 0
-    if job.state == "success":
-        percent = 100
-    elif job.total_units:
-        percent = int(100 * job.completed_units / job.total_units)
-    return {
-        "definition": {
-            "id": job.id,
-            "vm_path": f"{job.server_id}/{job.vm_name}" if job.server_id and job.vm_name else "",
-            "type": job.type,
-        },
-        "status": STATUS_OF[job.state],
-        "progress": {
-            "stage": job.phase,
-            "percent_complete": percent,
-            "current_bytes": job.bytes_transferred,
-            "total_bytes": int(job.params.get("total_bytes", 0) or 0),
-        },
-        "started_at": job.started_at,
-        "completed_at": job.finished_at,
-        "error": job.message if job.state == "failure" else None,
-    }
 
 
 def message(kind: str, data: dict[str, Any]) -> bytes:

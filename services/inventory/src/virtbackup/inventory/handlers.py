@@ -13,6 +13,7 @@ from virtbackup.contracts.v1.inventory import (
     BackupBegun,
     BackupEnded,
     BackupEndRequest,
+    CdromRemoved,
     Checkpoint,
     CheckpointForgetRequest,
     CheckpointList,
@@ -193,12 +194,12 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
         )
 
     @bus.handle(InventoryCmd.REMOVE_CDROM, VmRef)
-    async def remove_cdrom(req: VmRef) -> Ok:
+    async def remove_cdrom(req: VmRef) -> CdromRemoved:
         conn = await inv.entry(req.server_id).host.connection()
         async with libvirt_errors(req.server_id, req.vm_name):
             ejected = await eject_cdrom(conn, req.vm_name)
         message = f"ejected {', '.join(ejected)}" if ejected else "no CD-ROM medium"
-        return Ok(message=message)
+        return CdromRemoved(message=message, ejected=ejected)
 
     @bus.handle(InventoryCmd.CHECKPOINTS, VmRef)
     async def checkpoints(req: VmRef) -> CheckpointList:

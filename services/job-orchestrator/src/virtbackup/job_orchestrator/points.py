@@ -39,7 +39,6 @@ from virtbackup.contracts.v1.config import (
     AgentConfig,
     ConfigError,
     Destination,
-    RetentionPolicy,
     check_retention,
 )
 from virtbackup.contracts.v1.exports import LIVE_EXPORT_STATES
@@ -60,6 +59,7 @@ from virtbackup.contracts.v1.points import (
     parse_point_id,
     point_id,
 )
+from virtbackup.contracts.v1.retention import KeepRules
 from virtbackup.job_orchestrator import exports
 from virtbackup.job_orchestrator.errors import JobFailed
 from virtbackup.job_orchestrator.jobctx import JobContext
@@ -71,7 +71,7 @@ from virtbackup.job_orchestrator.lifecycle_gc import (
 from virtbackup.job_orchestrator.locks import Busy, point_folder_lock
 from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.repository import retention
-from virtbackup.repository.format import xml_path
+from virtbackup.repository.format import parse_vm_segment, xml_path
 from virtbackup.repository.lifecycle import (
     PointMeta,
     SidecarError,
@@ -80,7 +80,12 @@ from virtbackup.repository.lifecycle import (
     write_point_meta,
 )
 from virtbackup.repository.records import RestorePoint
-from virtbackup.repository.repository import NoRepositoryError, Repository, RepositoryError
+from virtbackup.repository.repository import (
+    NoRepositoryError,
+    Repository,
+    RepositoryError,
+    UnreadableRecord,
+)
 from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.bus import new_id
 from virtbackup.runtime.clock import utcnow_iso
@@ -138,6 +143,33 @@ async def point_info(repo: Repository, destination_id: str, point: RestorePoint)
             chunks_checked=verified.chunks_checked,
             damaged_chunks=len(verified.damaged_chunks),
         ),
+    )
+
+
+def unreadable_info(destination_id: str, record: UnreadableRecord) -> PointInfo:
+    """A point whose record exists but cannot be read, as far as its key tells:
+    ``state: unreadable``, ``reason``, the VM (its folder's name) and timestamp."""
+    parts = record.key.split("/")
+    segment, timestamp = parts[1], parts[2]
+    try:
+        vm = parse_vm_segment(segment) or segment
+    except ValueError:
+        vm = segment
+    return PointInfo(
+        id=point_id(destination_id, vm, timestamp),
+        destination_id=destination_id,
+        vm_name=vm,
+        server_id="",
+        server_name="",
+        timestamp=timestamp,
+        created_at="",
+        kind="unknown",
+        xml_path=record.xml_path,
+        disks=[],
+        logical_bytes=0,
+        stored_bytes=0,
+        state="unreadable",
+        reason=f"its record {record.key} cannot be read: {record.reason}",
     )
 
 
@@ -233,8 +265,10 @@ async def list_points(jc: JobContext, req: PointListRequest) -> PointList:
                 if repo is None:
                     continue
                 scan = await repo.scan_points(req.vm_name)
-                # A record that exists but cannot be read: its point is unknown, not absent.
+                # A record that exists but cannot be read: its point is unknown, not
+                # absent. It is listed whatever serverId asks for: its server is unknown.
                 unreadable += [f"{dest.id}: {u}" for u in scan.unreadable]
+                found += [unreadable_info(dest.id, u) for u in scan.unreadable]
                 points = [
                     p
                     for p in scan.points
@@ -475,41 +509,16 @@ async def forget_checkpoint(jc: JobContext, point: RestorePoint) -> None:
 # -- prune ------------------------------------------------------------------------------
 
 
-def _request_policy(req: PruneRequest) -> RetentionPolicy | None:
-    given = {
-        "keep_last": req.keep_last,
-        "keep_hourly": req.keep_hourly,
-        "keep_daily": req.keep_daily,
-        "keep_weekly": req.keep_weekly,
-        "keep_monthly": req.keep_monthly,
-        "keep_yearly": req.keep_yearly,
-    }
-    if all(v is None for v in given.values()) and req.keep_all is None:
+def _request_policy(req: PruneRequest) -> KeepRules | None:
+    """The keep rules the request gives, ``None`` when it gives none (each VM's
+    configured policy applies); 400 naming the field for a set that keeps nothing."""
+    if not req.given():
         return None
-    policy = RetentionPolicy(**given, keep_all=req.keep_all)
     try:
-        check_retention(policy, "$")
+        check_retention(req, "$")
     except ConfigError as exc:
         raise BadRequest(str(exc)) from None
-    return policy
-
-
-def _keep(policy: RetentionPolicy) -> retention.Keep:
-    return retention.Keep(
-        keep_last=policy.keep_last,
-        keep_hourly=policy.keep_hourly,
-        keep_daily=policy.keep_daily,
-        keep_weekly=policy.keep_weekly,
-        keep_monthly=policy.keep_monthly,
-        keep_yearly=policy.keep_yearly,
-    )
-
-
-def _policy_wire(policy: RetentionPolicy) -> dict[str, int | bool | None]:
-    out: dict[str, int | bool | None] = {k: v for k, v in policy.counts().items() if v is not None}
-    if policy.keep_all is not None:
-        out["keepAll"] = policy.keep_all
-    return out
+    return req.rules()
 
 
 async def plan_prune(
@@ -539,10 +548,10 @@ async def plan_prune(
         policy = given or dest.retention_for(vm)
         if policy is None or policy.keep_all is True:
             continue
-        plan.policies[vm] = _policy_wire(policy)
+        plan.policies[vm] = policy.wire()
         candidates = list(await asyncio.gather(*(_candidate(repo, gate, p) for p in points)))
         by_ts = {p.timestamp: p for p in points}
-        for decision in retention.select(candidates, _keep(policy)):
+        for decision in retention.select(candidates, policy):
             ts = decision.candidate.key
             entry = PruneDecision(
                 id=point_id(dest.id, vm, ts),

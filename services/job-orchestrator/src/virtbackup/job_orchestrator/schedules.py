@@ -96,10 +96,39 @@ def zone(name: str) -> ZoneInfo:
         raise BadRequest(f"timezone: {shown(name)} is not an IANA time zone") from None
 
 
+#: What each field of a cron expression holds, in order (croniter's, seconds last).
+CRON_FIELDS: Final = (
+    ("minute", "0-59"),
+    ("hour", "0-23"),
+    ("day of month", "1-31"),
+    ("month", "1-12 or jan-dec"),
+    ("day of week", "0-6 (0 is Sunday) or sun-sat"),
+    ("second", "0-59"),
+)
+_FIELD_FORMS: Final = "a value, a range (1-5), a list (1,15), a step (*/15, 1-30/5) or *"
+
+
+def _bad_field(fields: list[str]) -> str | None:
+    """The first field of an expression croniter refuses, in words; ``None`` when each
+    field alone is fine (then their combination is what is wrong)."""
+    for index, (name, values) in enumerate(CRON_FIELDS[: len(fields)]):
+        probe = ["*"] * len(fields)
+        probe[index] = fields[index]
+        try:
+            croniter(" ".join(probe))
+        except (ValueError, KeyError):
+            return (
+                f"its {name} field {shown(fields[index])} is not valid: expected {values}, "
+                f"as {_FIELD_FORMS}"
+            )
+    return None
+
+
 def check_cron(expr: str) -> None:
     """``BadRequest`` naming ``schedule`` unless ``expr`` is a cron expression of 5
     fields (minute hour day month weekday), 6 (seconds last) or a macro (``@daily``)
-    that matches some date (``0 0 30 2 *`` never does)."""
+    that matches some date (``0 0 30 2 *`` never does). The message says which field is
+    wrong and what it may hold, never croniter's own wording."""
     fields = expr.split()
     if not expr.startswith("@") and len(fields) not in {5, 6}:
         raise BadRequest(
@@ -108,12 +137,54 @@ def check_cron(expr: str) -> None:
         )
     try:
         croniter(expr)
-    except (ValueError, KeyError) as exc:
-        raise BadRequest(f"schedule: {shown(expr)} is not a valid cron expression: {exc}") from None
+    except (ValueError, KeyError):
+        if expr.startswith("@"):
+            why = "it is no known macro: use @yearly, @monthly, @weekly, @daily or @hourly"
+        else:
+            why = _bad_field(fields) or "its fields do not combine into a schedule"
+        raise BadRequest(f"schedule: {shown(expr)} is not a valid cron expression: {why}") from None
     try:  # valid, but a date that never comes (30 February) would fail every next run
         croniter(expr, datetime.now(UTC)).get_next(datetime)
     except (ValueError, KeyError):
-        raise BadRequest(f"schedule: {shown(expr)} never matches a date") from None
+        raise BadRequest(
+            f"schedule: {shown(expr)} never matches a date (such as 30 February): "
+            "choose a day that exists in the months given"
+        ) from None
+
+
+#: How many runs ahead ``check_interval`` looks (enough to see every gap of a pattern
+#: that repeats within a year: cron fields repeat per day, month and year).
+INTERVAL_LOOKAHEAD: Final = 1000
+
+
+def check_interval(expr: str, tz: str, minimum: float, start: datetime | None = None) -> None:
+    """``BadRequest`` naming ``schedule`` when two runs of ``expr`` (a valid expression,
+    read in ``tz``) come less than ``minimum`` seconds apart; 0 allows any interval. The
+    next ``INTERVAL_LOOKAHEAD`` runs from ``start`` (default now) are looked at."""
+    if minimum <= 0:
+        return
+    it = croniter(expr, (start or datetime.now(UTC)).astimezone(zone(tz)))
+    # In UTC: aware times of one zone subtract as wall-clock times (a DST change would
+    # make the two 02:00 runs of an autumn night 0 s apart instead of an hour).
+    previous = it.get_next(datetime).astimezone(UTC)
+    for _ in range(INTERVAL_LOOKAHEAD):
+        current = it.get_next(datetime).astimezone(UTC)
+        gap = (current - previous).total_seconds()
+        if gap < minimum:
+            raise BadRequest(
+                f"schedule: {shown(expr)} runs {_duration(gap)} apart (e.g. at "
+                f"{iso(previous)} and {iso(current)}); runs must be at least "
+                f"{_duration(minimum)} apart (VIRTBACKUP_SCHEDULE_MIN_INTERVAL)"
+            )
+        previous = current
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 60 and seconds % 60 == 0:
+        minutes = int(seconds // 60)
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    whole = int(seconds)
+    return f"{whole} second{'s' if whole != 1 else ''}"
 
 
 def next_after(expr: str, tz: str, moment: datetime) -> datetime:
@@ -234,6 +305,7 @@ async def create_schedule(jc: JobContext, req: ScheduleCreate) -> Schedule:
         raise BadRequest(f"id: {shown(schedule_id)}: 1 to 64 letters, digits, '_' or '-'")
     check_cron(req.schedule)
     zone(req.timezone)
+    check_interval(req.schedule, req.timezone, jc.settings.schedule_min_interval)
     await check_template(jc, req.job_template)
     now = now_utc()
     schedule = Schedule(
@@ -260,6 +332,9 @@ async def update_schedule(jc: JobContext, req: ScheduleUpdate) -> Schedule:
         check_cron(req.schedule)
     if req.timezone is not None:
         zone(req.timezone)
+    if req.schedule is not None:
+        tz = req.timezone or "UTC"
+        check_interval(req.schedule, tz, jc.settings.schedule_min_interval)
     if req.job_template is not None:
         await check_template(jc, req.job_template)
     await store_of(jc).get(req.id)  # 404 before anything else

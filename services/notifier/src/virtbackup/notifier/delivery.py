@@ -37,6 +37,7 @@ import httpx
 from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_exponential
 
 from virtbackup.contracts.v1.webhooks import Webhook
+from virtbackup.notifier import targets
 
 USER_AGENT: Final = "VirtBackup-Webhook/1"
 BACKOFF_INITIAL: Final = 1.0
@@ -89,9 +90,22 @@ def request_headers(hook: Webhook, event: str, delivery: str, body: bytes) -> di
 
 
 async def attempt(
-    client: httpx.AsyncClient, hook: Webhook, event: str, delivery: str, body: bytes
+    client: httpx.AsyncClient,
+    hook: Webhook,
+    event: str,
+    delivery: str,
+    body: bytes,
+    *,
+    allow_private: bool = True,
 ) -> int:
-    """One POST; returns the 2xx status, else raises ``AttemptFailed``."""
+    """One POST; returns the 2xx status, else raises ``AttemptFailed`` (also, unless
+    ``allow_private``, when the URL's host resolves to an address that is not public:
+    ``targets``)."""
+    if not allow_private:
+        try:
+            await targets.check_public(hook.url)
+        except targets.PrivateTarget as exc:
+            raise AttemptFailed(f"not sent: {exc}") from None
     try:
         resp = await client.post(
             hook.url,
@@ -116,9 +130,11 @@ async def deliver(
     body: bytes,
     *,
     backoff_initial: float = BACKOFF_INITIAL,
+    allow_private: bool = True,
 ) -> Outcome:
     """Deliver ``body`` with up to ``1 + hook.retry_count`` attempts (exponential
-    backoff). Never raises for the receiver's behaviour: the outcome says how it went."""
+    backoff; ``allow_private`` as ``attempt``'s). Never raises for the receiver's
+    behaviour: the outcome says how it went."""
     attempts = 0
     try:
         async for round_ in AsyncRetrying(
@@ -128,7 +144,9 @@ async def deliver(
         ):
             with round_:
                 attempts += 1
-                status = await attempt(client, hook, event, delivery, body)
+                status = await attempt(
+                    client, hook, event, delivery, body, allow_private=allow_private
+                )
                 return Outcome(ok=True, attempts=attempts, status_code=status, error="")
     except RetryError as exc:
         last = exc.last_attempt.exception()

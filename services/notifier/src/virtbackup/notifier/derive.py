@@ -28,8 +28,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import msgspec
+
 from virtbackup.contracts.subjects import EventType
 from virtbackup.contracts.v1.events import Event
+from virtbackup.contracts.v1.hypersdk_jobs import job_view
+from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.webhooks import Notification
 
 #: Seconds between two ``job.progress`` deliveries of one job (to every webhook).
@@ -39,13 +43,6 @@ PROGRESS_INTERVAL: Final = 5.0
 PROGRESS_MAX_AGE: Final = 60.0
 
 SCHEDULE_EVENTS: Final = ("schedule.triggered", "schedule.completed", "schedule.failed")
-_STATUS: Final = {
-    "queued": "pending",
-    "running": "running",
-    "success": "completed",
-    "failure": "failed",
-    "canceled": "cancelled",
-}
 
 
 @dataclass(frozen=True)
@@ -59,33 +56,16 @@ class Derived:
     key: str
 
 
-def job_view(job: dict[str, Any]) -> dict[str, Any]:
-    """A job as the HyperSDK document shows one (snake_case), from a job event's payload
-    (camelCase: ``contracts.v1.jobs.Job``)."""
-    total = int(job.get("totalUnits") or 0)
-    done = int(job.get("completedUnits") or 0)
-    server, vm = job.get("serverId"), job.get("vmName")
-    state = str(job.get("state", ""))
-    return {
-        "definition": {
-            "id": job.get("id"),
-            "type": job.get("type"),
-            "vm_path": f"{server}/{vm}" if server and vm else None,
-            "destination_id": job.get("destinationId"),
-        },
-        "status": _STATUS.get(state, state),
-        "progress": {
-            "stage": job.get("phase"),
-            "percent_complete": round(100 * done / total) if total else 0,
-            "current_bytes": job.get("bytesTransferred", 0),
-            "total_bytes": None,
-        },
-        "message": job.get("message", ""),
-        "created_at": job.get("createdAt"),
-        "started_at": job.get("startedAt"),
-        "completed_at": job.get("finishedAt"),
-        "error": job.get("message") if state == "failure" else None,
-    }
+def job_data(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """``data`` of a ``job.*`` webhook: ``{"job": <view>}``, the job exactly as ``GET
+    /jobs/{id}`` of the HyperSDK API shows it (``contracts.v1.hypersdk_jobs.job_view``),
+    from a job event's payload (a ``contracts.v1.jobs.Job``); ``None`` for a payload
+    that is no job."""
+    try:
+        job = msgspec.convert(payload, Job)
+    except msgspec.ValidationError:
+        return None
+    return {"job": job_view(job)}
 
 
 @dataclass
@@ -112,7 +92,9 @@ class Deriver:
         job_id = str(payload.get("id", ""))
         if not job_id:
             return []
-        data = {"job": job_view(payload)}
+        data = job_data(payload)
+        if data is None:
+            return []
         if event.type == EventType.JOB_CREATED:
             return [Derived("job.submitted", data, job_id)]
         if event.type == EventType.JOB_FINISHED:

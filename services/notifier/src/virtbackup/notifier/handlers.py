@@ -8,8 +8,9 @@ import uuid
 import msgspec
 
 from virtbackup.contracts.subjects import NotifyCmd
-from virtbackup.contracts.v1.common import Empty
+from virtbackup.contracts.v1.common import Empty, shown
 from virtbackup.contracts.v1.webhooks import (
+    TEST_EVENTS,
     Notification,
     NtfyTest,
     TestResult,
@@ -22,10 +23,11 @@ from virtbackup.contracts.v1.webhooks import (
     webhook_view,
 )
 from virtbackup.notifier import delivery as hooks
-from virtbackup.notifier import ntfy
+from virtbackup.notifier import ntfy, targets
 from virtbackup.notifier.pipeline import Pipeline
 from virtbackup.notifier.store import check_url
 from virtbackup.runtime.clock import utcnow_iso
+from virtbackup.runtime.errors import BadRequest
 
 #: Seconds a test delivery (webhook or ntfy) may take.
 TEST_TIMEOUT = 10.0
@@ -44,8 +46,20 @@ def register_commands(pipeline: Pipeline) -> None:
             webhooks=[webhook_view(h, s) for h, s in zip(found, statuses, strict=True)]
         )
 
+    allow_private = pipeline.ctx.settings.webhooks_allow_private
+
+    async def check_target(url: str) -> None:
+        """400 naming ``url`` for a target refused by ``targets`` (when set so)."""
+        check_url(url)
+        if not allow_private:
+            try:
+                await targets.check_public(url)
+            except targets.PrivateTarget as exc:
+                raise BadRequest(f"url: {exc}") from None
+
     @bus.handle(NotifyCmd.WEBHOOKS_ADD, Webhook)
     async def add_webhook(add: Webhook) -> WebhookAdded:
+        await check_target(add.url)
         hook = await store.add(add)
         await pipeline.reconcile()  # its consumer exists before the reply
         return WebhookAdded(webhook=webhook_view(hook, None))
@@ -58,7 +72,12 @@ def register_commands(pipeline: Pipeline) -> None:
 
     @bus.handle(NotifyCmd.WEBHOOKS_TEST, WebhookTest)
     async def test_webhook(req: WebhookTest) -> TestResult:
-        check_url(req.url)
+        if req.event not in TEST_EVENTS:
+            raise BadRequest(
+                f"event: {shown(req.event)} is not a webhook event; expected one of "
+                f"{', '.join(TEST_EVENTS)}"
+            )
+        await check_target(req.url)
         configured = next((h for h in await store.all() if h.url == req.url), None)
         hook = configured or Webhook(id="test", url=req.url, events=[])
         hook = msgspec.structs.replace(
@@ -73,7 +92,9 @@ def register_commands(pipeline: Pipeline) -> None:
                 "data": {"message": "test webhook from VirtBackup"},
             }
         )
-        outcome = await hooks.deliver(pipeline.client, hook, req.event, ident, body)
+        outcome = await hooks.deliver(
+            pipeline.client, hook, req.event, ident, body, allow_private=allow_private
+        )
         return TestResult(
             ok=outcome.ok, status_code=outcome.status_code, error=outcome.error, delivery_id=ident
         )

@@ -177,6 +177,7 @@ class Pipeline:
             owed.delivery_id,
             owed.body.encode(),
             backoff_initial=self.backoff_initial,
+            allow_private=self.ctx.settings.webhooks_allow_private,
         )
         status = DeliveryStatus(
             delivery_id=owed.delivery_id,

@@ -6,18 +6,24 @@ from typing import Annotated, Final, Generic, Literal, TypeVar
 
 import msgspec
 
+from virtbackup.contracts.v1.readable import described
+
 T = TypeVar("T")
 
 #: What a server id may be: what ``AgentConfig.servers[].id`` allows (the gateway
 #: refuses anything else with a 400 naming the field, the services at their bus edge).
 #: ``(?![\s\S])`` is the end of the string (``$`` would allow a final newline).
-SERVER_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]+(?![\s\S])"
+SERVER_ID_PATTERN: Final = described(
+    r"^[A-Za-z0-9_.:-]+(?![\s\S])", "a server id (letters, digits, '_', '.', ':' and '-')"
+)
 #: A libvirt domain name as a request may name one: no control character (a NUL would
 #: reach libvirt's C API; libvirt itself refuses a newline) and no ``/`` (libvirt refuses
 #: it in names). Anything else (spaces, ``%``, ``\``, any Unicode letter) is a valid name:
 #: it is never used as a path as it is (the repository percent-encodes it, hashing a long
 #: one; KV keys base64url-encode it).
-VM_NAME_PATTERN: Final = r"^[^\x00-\x1f\x7f/]+(?![\s\S])"
+VM_NAME_PATTERN: Final = described(
+    r"^[^\x00-\x1f\x7f/]+(?![\s\S])", "a VM name (1 to 247 characters, no control character or '/')"
+)
 #: The longest server id (and other short identifiers).
 NAME_MAX_LENGTH: Final = 200
 #: The longest domain name libvirt's QEMU driver accepts, in bytes of UTF-8: libvirt

@@ -17,16 +17,22 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from virtbackup.contracts.v1.common import VmName, shown
+from virtbackup.contracts.v1.readable import described
+from virtbackup.contracts.v1.retention import KeepRules
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")]
+_ID: Final = described(r"^[A-Za-z0-9_.:-]+$", "an id (letters, digits, '_', '.', ':' and '-')")
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=_ID)]
 
 #: No NUL or other control character (a line of text).
-_PRINTABLE: Final = r"^[^\x00-\x1f\x7f]*$"
+_PRINTABLE: Final = described(r"^[^\x00-\x1f\x7f]*$", "one line of text (no control character)")
 #: A host name, IPv4 or IPv6 address (optionally bracketed); empty allowed; no leading '-'
 #: (an option to a program), no spaces, no control characters.
 #: A host name or address (never starting with ``-``: it would read as an option).
-HOST_PATTERN: Final = r"^(?!-)[A-Za-z0-9_.:%\[\]-]*$"
+HOST_PATTERN: Final = described(
+    r"^(?!-)[A-Za-z0-9_.:%\[\]-]*$",
+    "a host name or IP address (letters, digits, '.', '-', ':', '[', ']'; not starting with '-')",
+)
 _HOST: Final = HOST_PATTERN
 #: A display name: one printable line.
 Name = Annotated[str, msgspec.Meta(max_length=200, pattern=_PRINTABLE)]
@@ -97,13 +103,24 @@ class S3Params(Strict, kw_only=True):
         msgspec.Meta(
             min_length=1,
             max_length=270,
-            pattern=r"^(?:[Hh][Tt][Tt][Pp][Ss]?://)?(?!-)[A-Za-z0-9_.:%\[\]-]+/?$",
+            pattern=described(
+                r"^(?:[Hh][Tt][Tt][Pp][Ss]?://)?(?!-)[A-Za-z0-9_.:%\[\]-]+/?$",
+                "a host[:port], optionally after http:// or https://, without a path",
+            ),
         ),
     ]
     bucket: Annotated[
-        str, msgspec.Meta(min_length=3, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+        str,
+        msgspec.Meta(
+            min_length=3,
+            max_length=63,
+            pattern=described(
+                r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                "a bucket name (letters, digits, '.', '_', '-'; first a letter or digit)",
+            ),
+        ),
     ]
-    region: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_-]*$")] = ""
+    region: Annotated[str, msgspec.Meta(max_length=64, pattern=_WORD)] = ""
     access_key: Annotated[str, msgspec.Meta(max_length=256, pattern=_PRINTABLE)] = ""
     secret_key: str = ""
     secure: bool = True
@@ -136,18 +153,11 @@ class DestinationEncryption(Strict, kw_only=True):
     passphrase: Annotated[str, msgspec.Meta(min_length=8)]
 
 
-#: A retention rule's count: how many buckets (points, hours, days, ...) it keeps.
-KeepCount = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
-#: The keep rules of a policy, in the order a prune runs them (PBS's).
-KEEP_RULES: Final = (
-    "keepLast", "keepHourly", "keepDaily", "keepWeekly", "keepMonthly", "keepYearly",
-)  # fmt: skip
-
-
-class RetentionPolicy(Strict, kw_only=True):
+class RetentionPolicy(KeepRules, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Which restore points a prune keeps, in the sense of Proxmox Backup Server's prune
-    (``virtbackup.repository.retention`` has the rules): each ``keep*`` is a count (an
-    integer >= 0; absent: the rule is not used).
+    (``virtbackup.repository.retention`` has the rules; the fields are
+    ``contracts.v1.retention.KeepRules``'): each ``keep*`` is a count (an integer >= 0;
+    absent: the rule is not used).
 
     A policy must keep something: at least one rule above 0. A policy that keeps nothing
     (every unprotected point is removed) is accepted only with ``keepAll: false``, an
@@ -155,45 +165,15 @@ class RetentionPolicy(Strict, kw_only=True):
     per-VM override that exempts a VM from its destination's policy.
     """
 
-    keep_last: KeepCount | None = None
-    keep_hourly: KeepCount | None = None
-    keep_daily: KeepCount | None = None
-    keep_weekly: KeepCount | None = None
-    keep_monthly: KeepCount | None = None
-    keep_yearly: KeepCount | None = None
-    keep_all: bool | None = None
 
-    def counts(self) -> dict[str, int | None]:
-        """The keep rules by their wire name (``keepLast`` ...), ``None`` when unused."""
-        return {
-            "keepLast": self.keep_last,
-            "keepHourly": self.keep_hourly,
-            "keepDaily": self.keep_daily,
-            "keepWeekly": self.keep_weekly,
-            "keepMonthly": self.keep_monthly,
-            "keepYearly": self.keep_yearly,
-        }
-
-
-def check_retention(policy: RetentionPolicy, where: str) -> None:
-    """``ConfigError`` naming the field for a policy that keeps nothing without
+def check_retention(policy: KeepRules, where: str) -> None:
+    """``ConfigError`` naming the field (``where`` is the policy's location, e.g.
+    ``$.destinations[0].retention``) for a policy that keeps nothing without
     ``keepAll: false``, or that sets ``keepAll: true`` together with keep rules."""
-    counts = policy.counts()
-    if policy.keep_all is True:
-        given = [name for name, count in counts.items() if count is not None]
-        if given:
-            raise ConfigError(
-                f"keepAll: true keeps every point; it cannot be combined with {given[0]} "
-                f"- at `{where}.keepAll`"
-            )
-        return
-    if not any((count or 0) > 0 for count in counts.values()) and policy.keep_all is not False:
-        raise ConfigError(
-            "this retention policy keeps nothing (a prune would remove every point that "
-            "is not protected): give at least one keep rule above 0 (keepLast, keepHourly, "
-            "keepDaily, keepWeekly, keepMonthly, keepYearly), or acknowledge with "
-            f"keepAll: false - at `{where}`"
-        )
+    problem = policy.problem()
+    if problem is not None:
+        message, field = problem
+        raise ConfigError(f"{message} - at `{where}{'.' + field if field else ''}`")
 
 
 class Destination(Strict, kw_only=True):
@@ -286,7 +266,13 @@ SEVERITIES: Final = ("info", "notice", "warning", "error")
 #: ``destination_id``, ``schedule`` (the schedule's name).
 MATCH_FIELDS: Final = ("event", "type", "server_id", "vm_name", "destination_id", "schedule")
 #: ``exact:<field>=<value>[,<value>...]`` or ``regex:<field>=<python regex>``.
-_MATCH_FIELD: Final = r"^(exact|regex):[a-z_]+=[^\x00-\x1f\x7f]*$"
+_MATCH_FIELD: Final = described(
+    r"^(exact|regex):[a-z_]+=[^\x00-\x1f\x7f]*$",
+    "a field match: exact:<field>=<value>[,<value>...] or regex:<field>=<regex>",
+)
+_HTTP_URL: Final = described(r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s]+$", "an http:// or https:// URL")
+#: Letters, digits, '_' and '-' (empty allowed).
+_WORD: Final = described(r"^[A-Za-z0-9_-]*$", "letters, digits, '_' and '-' only")
 
 
 class NotificationMatcher(Strict, kw_only=True):
@@ -317,9 +303,13 @@ class NtfySettings(Strict, kw_only=True):
     set. An empty ``topic`` turns notifications off."""
 
     server_url: Annotated[
-        str, msgspec.Meta(max_length=2048, pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s]+$")
+        str,
+        msgspec.Meta(
+            max_length=2048,
+            pattern=described(r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s]+$", "an http:// or https:// URL"),
+        ),
     ] = "https://ntfy.sh"
-    topic: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_-]*$")] = ""
+    topic: Annotated[str, msgspec.Meta(max_length=64, pattern=_WORD)] = ""
     matchers: list[NotificationMatcher] = msgspec.field(default_factory=list)
 
 

@@ -64,6 +64,13 @@ class Ok(Message, frozen=True, kw_only=True):
     message: str = ""
 
 
+class CdromRemoved(Ok, frozen=True, kw_only=True):
+    """The reply of ``remove-cdrom``: the targets of the CD-ROM drives whose medium was
+    removed (empty: the VM had no CD-ROM drive with a medium; nothing changed)."""
+
+    ejected: list[str] = msgspec.field(default_factory=list)
+
+
 class VmActionRequest(Message, frozen=True, kw_only=True):
     server_id: ServerId
     vm_name: VmName

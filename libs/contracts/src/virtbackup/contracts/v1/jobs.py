@@ -13,6 +13,7 @@ from virtbackup.contracts.v1.common import (
     ServerId,
     VmName,
 )
+from virtbackup.contracts.v1.readable import described
 
 JobType = Literal["backup", "restore", "sanity", "migration", "prune", "gc", "verify"]
 JobState = Literal["queued", "running", "success", "failure", "canceled"]
@@ -93,9 +94,10 @@ class BackupRequest(Message, frozen=True, kw_only=True):
 
 
 #: An absolute path on a server: one printable line.
-AbsolutePath = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=4096, pattern=r"^/[^\x00-\x1f\x7f]*(?![\s\S])")
-]
+_ABSOLUTE_PATH: Final = described(
+    r"^/[^\x00-\x1f\x7f]*(?![\s\S])", "an absolute path (starting with '/', one line)"
+)
+AbsolutePath = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=_ABSOLUTE_PATH)]
 #: A libvirt storage pool name (libvirt's rules for names are those of domains).
 PoolName = Annotated[
     str, msgspec.Meta(min_length=1, max_length=NAME_MAX_LENGTH, pattern=VM_NAME_PATTERN)

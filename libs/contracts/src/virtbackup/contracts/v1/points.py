@@ -25,6 +25,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 
 from virtbackup.contracts.v1.common import Message, ServerId, VmName
+from virtbackup.contracts.v1.retention import KeepRules
 
 #: The longest ``notes`` of a point (characters); the same limit as the repository's.
 NOTES_MAX_LENGTH: Final = 1024
@@ -90,6 +91,14 @@ class PointVerification(Message, frozen=True, kw_only=True):
 class PointInfo(Message, frozen=True, kw_only=True):
     """A restore point as ``/api/v1/restore-points`` shows it.
 
+    ``state`` is ``ok``, or ``unreadable`` for a point whose record (``backup.json``)
+    exists but cannot be read (``reason`` says why): its VM name and timestamp are those
+    of its folder (a long name's hashed folder gives the folder's name), and what only
+    the record holds is unknown (``kind`` ``unknown``, no server, no disks, sizes 0).
+    Such a point is listed rather than left out (it may hold data; garbage collection
+    refuses to run while there is one); ``GET`` and ``DELETE`` of it answer 409 saying
+    why.
+
     ``parent`` is the id of the point an incremental was built on (``None`` for a full
     one; that point may have been deleted since: every point's manifests are complete,
     so a point never needs its parent). ``logicalBytes`` is the sum of its disks' sizes.
@@ -106,7 +115,7 @@ class PointInfo(Message, frozen=True, kw_only=True):
     server_name: str
     timestamp: str
     created_at: str
-    kind: Literal["full", "incremental"]
+    kind: Literal["full", "incremental", "unknown"]
     parent: str | None = None
     parent_timestamp: str | None = None
     xml_path: str
@@ -117,6 +126,8 @@ class PointInfo(Message, frozen=True, kw_only=True):
     protected: bool = False
     notes: str = ""
     verification: PointVerification = msgspec.field(default_factory=PointVerification)
+    state: Literal["ok", "unreadable"] = "ok"
+    reason: str | None = None
 
 
 class PointListRequest(Message, frozen=True, kw_only=True):
@@ -129,7 +140,8 @@ class PointListRequest(Message, frozen=True, kw_only=True):
 
 
 class PointList(Message, frozen=True, kw_only=True):
-    """Points newest first; ``unreadable`` names destinations that could not be listed
+    """Points newest first (those whose record cannot be read among them, ``state``
+    ``unreadable``); ``unreadable`` names destinations that could not be listed
     (``"<id>: <why>"``) when the request named none, and point records that exist but
     cannot be read (``<destination>: <key>: <reason>``); ``unreadable_destinations`` the
     ids of those destinations alone."""
@@ -157,25 +169,16 @@ class PointDeleted(Message, frozen=True, kw_only=True):
     point: PointInfo
 
 
-Keep = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
-
-
-class PruneRequest(Message, frozen=True, kw_only=True):
+class PruneRequest(KeepRules, Message, frozen=True, kw_only=True):
     """``POST /api/v1/destinations/{id}/prune``: prune the points of ``vm_name`` (else of
-    every VM in the destination) by the keep rules given (else each VM's configured
-    policy). ``dry_run``: answer at once what would be kept and removed, change nothing.
-    ``server_id`` limits it to the points backed up from that server."""
+    every VM in the destination) by the keep rules given (``KeepRules``' fields; none:
+    each VM's configured policy). ``dry_run``: answer at once what would be kept and
+    removed, change nothing. ``server_id`` limits it to the points backed up from that
+    server."""
 
     destination_id: str
     vm_name: VmName | None = None
     server_id: ServerId | None = None
-    keep_last: Keep | None = None
-    keep_hourly: Keep | None = None
-    keep_daily: Keep | None = None
-    keep_weekly: Keep | None = None
-    keep_monthly: Keep | None = None
-    keep_yearly: Keep | None = None
-    keep_all: bool | None = None
     dry_run: bool = False
     #: Set by the orchestrator for the prune that follows a backup.
     automatic: bool = False

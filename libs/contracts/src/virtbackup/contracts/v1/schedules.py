@@ -14,9 +14,12 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 from virtbackup.contracts.v1.common import Message
+from virtbackup.contracts.v1.readable import described
 
 #: A schedule id: a KV key and a subject token (``vb.evt.schedule.<event>.<id>``).
-SCHEDULE_ID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}(?![\s\S])"
+SCHEDULE_ID_PATTERN: Final = described(
+    r"^[A-Za-z0-9_-]{1,64}(?![\s\S])", "a schedule id (1 to 64 letters, digits, '_' or '-')"
+)
 ScheduleId = Annotated[str, msgspec.Meta(pattern=SCHEDULE_ID_PATTERN)]
 
 #: What a schedule's last run did: ``running`` until all its jobs have finished.

@@ -19,6 +19,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 
 from virtbackup.contracts.v1.common import Message, ServerId, VmName
+from virtbackup.contracts.v1.readable import described
 
 #: The most bytes one ``STATE_READ`` or ``STATE_WRITE`` carries. On the wire they are
 #: base64 in JSON (4/3 of the size): about 342 KiB, well under NATS' default maximum
@@ -26,13 +27,22 @@ from virtbackup.contracts.v1.common import Message, ServerId, VmName
 MAX_PIECE: Final = 256 * 1024
 
 #: A job id as it may appear in a path on a host.
-JOB_ID_PATTERN: Final = r"^[A-Za-z0-9_-]+(?![\s\S])"
+JOB_ID_PATTERN: Final = described(
+    r"^[A-Za-z0-9_-]+(?![\s\S])", "a job id (letters, digits, '_' and '-')"
+)
 JobId = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=JOB_ID_PATTERN)]
 Offset = Annotated[int, msgspec.Meta(ge=0)]
 PieceLength = Annotated[int, msgspec.Meta(ge=0, le=MAX_PIECE)]
 Piece = Annotated[bytes, msgspec.Meta(max_length=MAX_PIECE)]
 Mode = Annotated[int, msgspec.Meta(ge=0, le=0o7777)]
-Path = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=r"^/")]
+Path = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=4096,
+        pattern=described(r"^/", "an absolute path (starting with '/')"),
+    ),
+]
 
 
 class StateSnapshotRequest(Message, frozen=True, kw_only=True):

@@ -17,6 +17,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 
 from virtbackup.contracts.v1.config import SECRET_MASK, NtfySettings
+from virtbackup.contracts.v1.readable import described
 
 #: The webhook events of the HyperSDK document, plus ``schedule.failed`` (a scheduled
 #: run that failed, which the document has no name for).
@@ -30,6 +31,9 @@ WEBHOOK_EVENTS: Final = (
     "schedule.completed",
     "schedule.failed",
 )
+#: The events ``POST /webhooks/test`` may name: ``test`` (the document's example and
+#: the default) and the webhook events.
+TEST_EVENTS: Final = ("test", *WEBHOOK_EVENTS)
 WebhookEvent = Literal[
     "job.submitted",
     "job.started",
@@ -64,13 +68,15 @@ _CREDENTIAL_NAME: Final = re.compile(
     r"auth|token|secret|key|password|passwd|cookie|signature|credential|session", re.I
 )
 
-HeaderName = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-]
+_HEADER_NAME: Final = described(
+    r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", "a header name (letters, digits and !#$%&'*+.^_`|~-)"
+)
+_LINE: Final = described(r"^[^\x00-\x1f\x7f]*$", "one line of text (no control character)")
+HeaderName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=_HEADER_NAME)]
 #: A header value as a client gives it (one printable line).
-HeaderValue = Annotated[str, msgspec.Meta(max_length=2048, pattern=r"^[^\x00-\x1f\x7f]*$")]
+HeaderValue = Annotated[str, msgspec.Meta(max_length=2048, pattern=_LINE)]
 #: A header value on the bus and at rest: room for a sealed value (``vbsec:v1:...``).
-StoredHeaderValue = Annotated[str, msgspec.Meta(max_length=4096, pattern=r"^[^\x00-\x1f\x7f]*$")]
+StoredHeaderValue = Annotated[str, msgspec.Meta(max_length=4096, pattern=_LINE)]
 WebhookUrl = Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
 
 
@@ -176,11 +182,12 @@ class WebhookIndex(msgspec.Struct, frozen=True, kw_only=True):
 
 class WebhookTest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The body of ``POST /webhooks/test``: one delivery of a ``test`` event (or the
-    event named) to ``url``, signed and with the headers of the configured webhook of
-    that URL if there is one; no retry."""
+    event named: one of :data:`TEST_EVENTS`, else a 400 naming ``event``) to ``url``,
+    signed and with the headers of the configured webhook of that URL if there is one;
+    no retry."""
 
     url: WebhookUrl
-    event: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[a-z_.]+$")] = "test"
+    event: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "test"
 
 
 class TestResult(msgspec.Struct, frozen=True, kw_only=True):

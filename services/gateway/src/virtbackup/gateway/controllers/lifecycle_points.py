@@ -36,6 +36,7 @@ from virtbackup.contracts.v1.points import (
     PrunePlan,
     PruneRequest,
 )
+from virtbackup.contracts.v1.retention import KeepRules
 from virtbackup.gateway.bodies import Body, strict_body
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
@@ -54,7 +55,6 @@ DestinationParam = Annotated[
 ]
 #: The header naming the destinations a listing of all could not read.
 UNREADABLE_HEADER = "X-Unreadable-Destinations"
-Keep = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
 #: Listing and pruning read every record of a destination: they may take a while.
 LIST_TIMEOUT = timeouts.JOB_COMMAND + 60
 
@@ -66,20 +66,14 @@ class PointPatchBody(Body, kw_only=True):
     notes: Annotated[str, msgspec.Meta(max_length=NOTES_MAX_LENGTH)] | None = None
 
 
-class PruneBody(Body, kw_only=True):
-    """``vmName``: prune that VM's points only (else every VM's); the keep rules (else
-    each VM's configured policy; a set that keeps nothing needs ``keepAll: false``);
-    ``dryRun``: answer what would be kept and removed, change nothing."""
+class PruneBody(KeepRules, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``vmName``: prune that VM's points only (else every VM's); the keep rules
+    (``KeepRules``; else each VM's configured policy; a set that keeps nothing needs
+    ``keepAll: false``); ``dryRun``: answer what would be kept and removed, change
+    nothing."""
 
     vm_name: VmName | None = None
     server_id: ServerId | None = None
-    keep_last: Keep | None = None
-    keep_hourly: Keep | None = None
-    keep_daily: Keep | None = None
-    keep_weekly: Keep | None = None
-    keep_monthly: Keep | None = None
-    keep_yearly: Keep | None = None
-    keep_all: bool | None = None
     dry_run: bool = False
 
 
