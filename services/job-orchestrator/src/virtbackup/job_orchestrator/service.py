@@ -10,6 +10,7 @@ from virtbackup.job_orchestrator.exports import close_exports, export_commands, 
 from virtbackup.job_orchestrator.handlers import commands
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc_commands import lifecycle_commands
+from virtbackup.job_orchestrator.plans import plan_commands, run_plan_runs
 from virtbackup.job_orchestrator.points import point_commands
 from virtbackup.job_orchestrator.runner import sweep
 from virtbackup.job_orchestrator.schedules import run_scheduler, schedule_commands
@@ -32,6 +33,7 @@ async def register(ctx: ServiceContext) -> None:
     lifecycle_commands.attach(ctx.bus, jc)
     schedule_commands.attach(ctx.bus, jc)
     definition_commands.attach(ctx.bus, jc)
+    plan_commands.attach(ctx.bus, jc)
 
 
 async def start(ctx: ServiceContext) -> None:
@@ -41,6 +43,7 @@ async def start(ctx: ServiceContext) -> None:
     ctx.spawn(jc.leases.keep_alive(ctx.stopping, jc.on_lease_lost), "job-leases")
     ctx.spawn(sweep(jc), "job-sweep")
     ctx.spawn(run_scheduler(jc), "scheduler")
+    ctx.spawn(run_plan_runs(jc), "plan-runs")
 
 
 async def stop(ctx: ServiceContext) -> None:
@@ -61,6 +64,7 @@ SPEC = ServiceSpec(
         buckets.LOCKS,
         buckets.LEASES,
         buckets.EXPORTS,
+        buckets.PLANS,
     ),
     register=register,
     start=start,
