@@ -29,7 +29,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -881,7 +881,7 @@ async def _submit_backup(
 async def _step_jobs(jc: JobContext, run: PlanRun, index: int) -> tuple[list[str], list[str]]:
     """Create the jobs of step ``index``: ``(job ids, one line per VM whose job could not
     be created)``."""
-    plan, dest, extra = await _run_plan(jc, run)
+    _, dest, extra = await _run_plan(jc, run)
     chain_step = await _chain_step(jc, run, index)
     targets = [t.split("/", 1) for t in run.targets]
     job_ids: list[str] = []
@@ -899,30 +899,6 @@ async def _step_jobs(jc: JobContext, run: PlanRun, index: int) -> tuple[list[str
 
     if step.type == "backup":
         await each(lambda s, v: _submit_backup(jc, run, s, v, dest, extra))
-    elif step.type == "prune":
-        assert plan.retention is not None
-        keep = plan.retention
-
-        async def prune_one(server: str, vm: str) -> Job:
-            from virtbackup.job_orchestrator.points import prune
-
-            return await prune(
-                jc,
-                PruneRequest(
-                    destination_id=dest,
-                    vm_name=vm,
-                    server_id=server,
-                    keep_last=keep.keep_last,
-                    keep_hourly=keep.keep_hourly,
-                    keep_daily=keep.keep_daily,
-                    keep_weekly=keep.keep_weekly,
-                    keep_monthly=keep.keep_monthly,
-                    keep_yearly=keep.keep_yearly,
-                    keep_all=keep.keep_all,
-                ),
-            )
-
-        await each(prune_one)
     elif step.type == "verify":
         assert isinstance(chain_step, VerifyStep)
         verify_dest = chain_step.destination or dest
@@ -983,11 +959,18 @@ async def _chain_step(jc: JobContext, run: PlanRun, index: int) -> Any:
     return chain.steps[index] if index < len(chain.steps) else None
 
 
+def step_type(step: BackupStep | VerifyStep | CopyStep) -> Literal["backup", "verify", "copy"]:
+    """A chain step's ``type`` (its tag in the YAML)."""
+    if isinstance(step, BackupStep):
+        return "backup"
+    return "verify" if isinstance(step, VerifyStep) else "copy"
+
+
 def _steps(plan: PipelineSpec, chain: Any) -> list[StepRun]:
     if chain is None:
         steps = [StepRun(type="backup")]
     else:
-        steps = [StepRun(type=s.type) for s in chain.steps]
+        steps = [StepRun(type=step_type(s)) for s in chain.steps]
     if plan.retention is not None and plan.retention.keep_all is not True and chain is None:
         steps.append(StepRun(type="prune"))
     return steps
@@ -1075,6 +1058,9 @@ async def advance(jc: JobContext, run_id: str) -> None:
         await update_run(jc, run_id, finish)
         return
     step = run.steps[index]
+    if step.type == "prune":
+        await _advance_prune(jc, run, index)
+        return
     if step.state == "running":
         if not step.job_ids:
             age = _age_seconds(run.claimed_at or run.updated_at) or 0.0
@@ -1119,6 +1105,79 @@ async def advance(jc: JobContext, run_id: str) -> None:
         return
     await update_run(
         jc, run_id, lambda r: _set_step(r, index, job_ids=job_ids, message="; ".join(errors))
+    )
+
+
+async def _prune(jc: JobContext, plan: PipelineSpec, dest: str, server: str, vm: str) -> Job:
+    """A prune job of the VM's points from ``server`` by the plan's keep rules."""
+    from virtbackup.job_orchestrator.points import prune
+
+    keep = plan.retention
+    assert keep is not None
+    return await prune(
+        jc,
+        PruneRequest(
+            destination_id=dest,
+            vm_name=vm,
+            server_id=server,
+            keep_last=keep.keep_last,
+            keep_hourly=keep.keep_hourly,
+            keep_daily=keep.keep_daily,
+            keep_weekly=keep.keep_weekly,
+            keep_monthly=keep.keep_monthly,
+            keep_yearly=keep.keep_yearly,
+            keep_all=keep.keep_all,
+        ),
+    )
+
+
+async def _advance_prune(jc: JobContext, run: PlanRun, index: int) -> None:
+    """The prune step: one VM at a time (two prunes of one destination exclude each
+    other), each claimed by compare-and-swap on ``done``. A prune refused because the
+    destination is busy (a GC) is noted and skipped: the next run prunes. The step fails
+    when a prune job fails."""
+    step = run.steps[index]
+    if step.job_ids and (await _job_states(jc, step.job_ids[-1:]))[0] not in TERMINAL_STATES:
+        return
+    if step.done >= len(run.targets):
+        states = await _job_states(jc, step.job_ids)
+        if all(s == "success" for s in states):
+            await update_run(
+                jc,
+                run.id,
+                lambda r: (
+                    _set_step(r, index, state="success") if r.steps[index].done == step.done else r
+                ),
+            )
+        else:
+            await update_run(jc, run.id, lambda r: _fail_from(r, index, "a prune job failed"))
+        return
+    token = f"{jc.holder}/{new_id()}"
+
+    def claim(r: PlanRun) -> PlanRun:
+        if r.steps[index].done != step.done or r.steps[index].state not in {"pending", "running"}:
+            return r
+        changed = _set_step(r, index, state="running", done=step.done + 1)
+        return msgspec.structs.replace(changed, claimed_at=utcnow_iso(), claimed_by=token)
+
+    after = await update_run(jc, run.id, claim)
+    if after.claimed_by != token:
+        return
+    server, vm = run.targets[step.done].split("/", 1)
+    plan, dest, _ = await _run_plan(jc, run)
+    try:
+        job = await _prune(jc, plan, dest, server, vm)
+    except ServiceError as exc:
+        note = f"{server}/{vm}: prune skipped: {exc.message}"
+
+        def noted(r: PlanRun) -> PlanRun:
+            old = r.steps[index].message
+            return _set_step(r, index, message=f"{old}; {note}" if old else note)
+
+        await update_run(jc, run.id, noted)
+        return
+    await update_run(
+        jc, run.id, lambda r: _set_step(r, index, job_ids=[*r.steps[index].job_ids, job.id])
     )
 
 

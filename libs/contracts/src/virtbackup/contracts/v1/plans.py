@@ -300,6 +300,8 @@ class StepRun(Snake, frozen=True, kw_only=True):
     state: StepState = "pending"
     job_ids: list[str] = msgspec.field(default_factory=list)
     message: str = ""
+    #: A prune step's VMs handled so far (it prunes one VM at a time).
+    done: int = 0
 
 
 class PlanRun(Snake, frozen=True, kw_only=True):
