@@ -27,6 +27,7 @@ import contextlib
 import fnmatch
 import hashlib
 import logging
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -50,6 +51,7 @@ from virtbackup.contracts.v1.inventory import (
 from virtbackup.contracts.v1.jobs import TERMINAL_STATES, BackupRequest, Job
 from virtbackup.contracts.v1.lifecycle_gc import VerifyRequest
 from virtbackup.contracts.v1.plans import (
+    PLAN_ID_PATTERN,
     BackupStep,
     CheckpointSize,
     CheckpointSizeRequest,
@@ -112,6 +114,7 @@ FULL_REF: Final = "full"
 #: reads the new points, not every point again).
 VERIFY_OUTDATED_AFTER_DAYS: Final = 1
 
+_ID = re.compile(PLAN_ID_PATTERN)
 _project = msgspec.json.Decoder(Project)
 _run = msgspec.json.Decoder(PlanRun)
 _enc = msgspec.json.Encoder()
@@ -125,7 +128,9 @@ def _kv(jc: JobContext) -> KeyValue:
 
 
 async def get_project(jc: JobContext, project_id: str) -> tuple[Project, int]:
-    """The project and its revision; ``NotFound`` for an unknown id."""
+    """The project and its revision; ``NotFound`` for an unknown or malformed id."""
+    if not _ID.match(project_id):
+        raise NotFound(f"project {shown(project_id)} not found")
     try:
         entry = await _kv(jc).get(PROJECT_PREFIX + project_id)
     except (KeyNotFoundError, ValueError):
@@ -136,6 +141,9 @@ async def get_project(jc: JobContext, project_id: str) -> tuple[Project, int]:
 
 
 async def get_run(jc: JobContext, run_id: str) -> tuple[PlanRun, int]:
+    """The run and its revision; ``NotFound`` for an unknown or malformed id."""
+    if not _ID.match(run_id):
+        raise NotFound(f"plan run {shown(run_id)} not found")
     try:
         entry = await _kv(jc).get(RUN_PREFIX + run_id)
     except (KeyNotFoundError, ValueError):
