@@ -61,8 +61,15 @@ chains:
 
 
 @pytest.fixture(scope="module")
-def sysm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    with running_system(tmp_path_factory.mktemp("plans"), workers=1, orchestrators=1) as system:
+def projects_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("projects")
+
+
+@pytest.fixture(scope="module")
+def sysm(tmp_path_factory: pytest.TempPathFactory, projects_dir: Path) -> Iterator[System]:
+    data = tmp_path_factory.mktemp("plans")
+    env = {"VIRTBACKUP_PROJECTS_DIR": str(projects_dir)}
+    with running_system(data, workers=1, orchestrators=1, **env) as system:
         yield system
 
 
@@ -328,3 +335,27 @@ async def test_delete_removes_the_project(api: httpx.AsyncClient) -> None:
     assert (await api.get(f"/api/v1/projects/{PROJECT}")).status_code == 404
     assert (await api.post(f"/api/v1/pipelines/{PLAN}/dry-run-preview", json={})).status_code == 404
     assert (await api.get("/api/v1/projects")).json() == []
+
+
+async def test_a_project_file_is_imported_and_reloaded(
+    api: httpx.AsyncClient, projects_dir: Path
+) -> None:
+    """A ``path`` project is read from the projects directory; ``reload`` reads the file
+    again, and a file that became bad is a 400 naming its line that changes nothing."""
+    text = YAML.replace(f"id: {PROJECT}", f"id: {PROJECT}-file")
+    source = projects_dir / "nightly.yaml"
+    source.write_text(text)
+    resp = await api.post("/api/v1/projects/import", json={"path": "nightly.yaml"})
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["source"] == {"kind": "path", "path": "nightly.yaml"}
+    source.write_text(text.replace("keepLast: 5", "keepLast: 9"))
+    reloaded = await api.post(f"/api/v1/projects/{PROJECT}-file/reload")
+    assert reloaded.status_code == 200, reloaded.text
+    assert reloaded.json()["pipelines"][0]["retention"]["keepLast"] == 9
+    source.write_text(text.replace("keepLast: 5", "keepLast: 9\n    bogus: 1"))
+    bad = await api.post(f"/api/v1/projects/{PROJECT}-file/reload")
+    assert bad.status_code == 400
+    assert bad.json()["error"].startswith("line 14: unknown key 'bogus'")
+    kept = (await api.get(f"/api/v1/projects/{PROJECT}-file")).json()
+    assert kept["pipelines"][0]["retention"]["keepLast"] == 9
+    assert (await api.delete(f"/api/v1/projects/{PROJECT}-file")).status_code == 200

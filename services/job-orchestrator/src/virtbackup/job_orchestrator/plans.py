@@ -999,7 +999,12 @@ async def run_plan(jc: JobContext, req: PlanRunRequest) -> PlanRunResult:
     options = req.options
     if options.dry_run:
         return PlanRunResult(dry_run=True, preview=await preview(jc, req))
-    plan, dest, _ = await _plan_of(jc, req)
+    plan, dest, extra = await _plan_of(jc, req)
+    if extra and "also_destination_ids" not in BackupRequest.__struct_fields__:
+        raise BadRequest(
+            "this chain backs up to several destinations at once, which needs the fan-out "
+            "backup (BackupRequest.also_destination_ids) that this build lacks"
+        )
     chain = None
     if req.chain_db_id is not None:
         _, chain = await find_chain(jc, req.chain_db_id)
