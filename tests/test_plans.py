@@ -219,6 +219,8 @@ async def test_preview_says_full_then_incremental_within_ten_percent(
         assert vm["mode"] == "full"
         assert vm["parent_timestamp"] is None
         assert vm["disks"][0]["reason"] == "no restore point yet"
+    # Nothing to build on yet: no VM can be resolved from the cache alone.
+    assert await preview(api, execution_mode="offline_cached", offline_cached_only=True) == {}
     dry = await api.post(f"/api/v1/pipelines/{PLAN}/run-selection", json={"dry_run": True})
     assert dry.status_code == 200
     assert dry.json()["dry_run"] is True and dry.json()["job_ids"] == []

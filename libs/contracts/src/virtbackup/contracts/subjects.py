@@ -210,3 +210,4 @@ class PlanCmd:
     SOURCE_REFS: Final = command("plan", "source-refs")
     ELIGIBLE_AGENTS: Final = command("plan", "eligible-agents")
     RUN_GET: Final = command("plan", "run-get")
+    TARGETS: Final = command("plan", "targets")

@@ -63,6 +63,7 @@ from virtbackup.contracts.v1.plans import (
     PlanRunRef,
     PlanRunRequest,
     PlanRunResult,
+    PlanTargets,
     PointRefInfo,
     Preview,
     PreviewDisk,
@@ -108,6 +109,8 @@ TICK_SECONDS: Final = 1.0
 #: between) fails its run, in seconds.
 STUCK_STEP_SECONDS: Final = 120.0
 MAX_CAS_ATTEMPTS: Final = 50
+#: Seconds the record of an ended run is kept (``GET /api/v1/plan-runs/{id}``).
+RUN_KEEP_SECONDS: Final = 14 * 86400.0
 #: ``source_ref`` that forces a full read.
 FULL_REF: Final = "full"
 #: A chain's verify step skips points verified less than this many days ago (so it
@@ -730,6 +733,13 @@ async def preview(jc: JobContext, req: PlanRunRequest) -> Preview:
     )
 
 
+@plan_commands.handler(PlanCmd.TARGETS, PlanRunRequest)
+async def targets(jc: JobContext, req: PlanRunRequest) -> PlanTargets:
+    """The VMs the plan's (or the chain's backup step's) selectors match now."""
+    plan, _, _ = await _plan_of(jc, req)
+    return PlanTargets(vms=[f"{s}/{v}" for s, v in await resolve_targets(jc, plan, req.options)])
+
+
 @plan_commands.handler(PlanCmd.SOURCE_REFS, PlanRunRequest)
 async def source_refs(jc: JobContext, req: PlanRunRequest) -> SourceRefs:
     """Per VM: its restore points in the destination and libvirt's checkpoints of it
@@ -1177,7 +1187,12 @@ async def _advance_prune(jc: JobContext, run: PlanRun, index: int) -> None:
     if after.claimed_by != token:
         return
     server, vm = run.targets[step.done].split("/", 1)
-    plan, dest, _ = await _run_plan(jc, run)
+    try:
+        plan, dest, _ = await _run_plan(jc, run)
+    except NotFound as exc:  # the project was deleted or no longer has the plan
+        why = exc.message
+        await update_run(jc, run.id, lambda r: _fail_from(r, index, why))
+        return
     try:
         job = await _prune(jc, plan, dest, server, vm)
     except ServiceError as exc:
@@ -1210,14 +1225,31 @@ def _fail_from(run: PlanRun, index: int, why: str) -> PlanRun:
     )
 
 
+async def forget_old_run(jc: JobContext, run: PlanRun) -> None:
+    """Delete the record of a run that ended more than ``RUN_KEEP_SECONDS`` ago."""
+    age = _age_seconds(run.updated_at)
+    if age is not None and age > RUN_KEEP_SECONDS:
+        with contextlib.suppress(KeyNotFoundError):
+            await _kv(jc).delete(RUN_PREFIX + run.id)
+
+
 async def run_plan_runs(jc: JobContext) -> None:
-    """Every replica: advance every running plan run once a second."""
+    """Every replica: advance every running plan run once a second. A run that has ended
+    never changes again, so each replica remembers it (only to read it no more) and
+    deletes its record once it is ``RUN_KEEP_SECONDS`` old."""
     stopping = jc.ctx.stopping
+    ended: dict[str, PlanRun] = {}
     while not stopping.is_set():
         try:
             for run_id in await _all(jc, RUN_PREFIX):
                 try:
+                    if run_id in ended:
+                        await forget_old_run(jc, ended[run_id])
+                        continue
                     await advance(jc, run_id)
+                    run, _ = await get_run(jc, run_id)
+                    if run.state != "running":
+                        ended[run_id] = run
                 except (ServiceError, msgspec.DecodeError) as exc:
                     log.warning("plan run %s: %s", run_id, exc)
         except Exception:

@@ -210,6 +210,12 @@ class PlanRunRequest(Snake, frozen=True, kw_only=True):
     options: RunOptions = msgspec.field(default_factory=RunOptions)
 
 
+class PlanTargets(Snake, frozen=True, kw_only=True):
+    """The VMs a run would back up now (``<server>/<vm>``, sorted)."""
+
+    vms: list[str] = msgspec.field(default_factory=list)
+
+
 class PreviewDisk(Snake, frozen=True, kw_only=True):
     """One disk: ``mode`` full or incremental; ``estimated_bytes`` what the run would read
     (incremental: the checkpoint's dirty size as libvirt reports it; full: the disk's

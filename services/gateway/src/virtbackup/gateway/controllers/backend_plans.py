@@ -30,6 +30,7 @@ from virtbackup.contracts.v1.plans import (
     PlanRunRef,
     PlanRunRequest,
     PlanRunResult,
+    PlanTargets,
     Preview,
     Project,
     ProjectImportRequest,
@@ -228,13 +229,13 @@ class ProjectsController(Controller):
 
 async def _preview_sse(gw: Gateway, db_id: str, options: RunOptions) -> ServerSentEvent:
     # The targets first (404 / 400 before the stream starts), then one preview per VM.
-    refs = await gw.bus.request(
-        PlanCmd.SOURCE_REFS,
+    found_targets = await gw.bus.request(
+        PlanCmd.TARGETS,
         PlanRunRequest(pipeline_db_id=db_id, options=options),
-        SourceRefs,
+        PlanTargets,
         timeout=PLAN_TIMEOUT,
     )
-    targets = [f"{v.server_id}/{v.vm_name}" for v in refs.vms]
+    targets = found_targets.vms
 
     async def stream() -> AsyncGenerator[ServerSentEventMessage, None]:
         total: int | None = 0
