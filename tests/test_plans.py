@@ -69,7 +69,8 @@ def projects_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sysm(tmp_path_factory: pytest.TempPathFactory, projects_dir: Path) -> Iterator[System]:
     data = tmp_path_factory.mktemp("plans")
     env = {"VIRTBACKUP_PROJECTS_DIR": str(projects_dir)}
-    with running_system(data, workers=1, orchestrators=1, **env) as system:
+    # Two orchestrator replicas: both advance the runs, compare-and-swap decides.
+    with running_system(data, workers=1, orchestrators=2, **env) as system:
         yield system
 
 
@@ -163,7 +164,9 @@ async def test_a_body_names_yaml_or_path(api: httpx.AsyncClient) -> None:
     assert typo.status_code == 400
 
 
-async def test_import_a_project_with_a_plan_and_a_chain(api: httpx.AsyncClient) -> None:
+async def test_import_a_project_with_a_plan_and_a_chain(
+    api: httpx.AsyncClient, sysm: System
+) -> None:
     resp = await import_yaml(api, YAML)
     assert resp.status_code == 201, resp.text
     project = resp.json()
@@ -180,6 +183,13 @@ async def test_import_a_project_with_a_plan_and_a_chain(api: httpx.AsyncClient) 
     assert icon.headers["content-type"].startswith("image/svg+xml")
     assert icon.content.startswith(b"<svg")
     assert "sandbox" in icon.headers["content-security-policy"]
+    # The plan's schedule is one of the scheduler's (exactly once across replicas).
+    (sid,) = project["schedule_ids"]
+    async with httpx.AsyncClient(base_url=sysm.hypersdk_url, headers=sysm.auth()) as hyper:
+        schedule = await hyper.get(f"/schedules/{sid}")
+        assert schedule.status_code == 200, schedule.text
+        assert schedule.text.count("0 3 1 1 *") == 1 and "Europe/Berlin" in schedule.text
+        assert f"local/{GLOB}" in schedule.text
     reload = await api.post(f"/api/v1/projects/{PROJECT}/reload")
     assert reload.status_code == 200, reload.text
     assert reload.json()["schedule_ids"] == project["schedule_ids"]
@@ -292,6 +302,9 @@ async def test_chain_backs_up_then_verifies(api: httpx.AsyncClient) -> None:
     for job_id in verify["job_ids"]:
         job = (await api.get(f"/jobs/{job_id}")).json()
         assert job["type"] == "verify" and job["state"] == "success", job
+    # Each step ran once, though both replicas advance the run.
+    every = (await api.get("/jobs")).json()
+    assert sorted(j["id"] for j in every if j["type"] == "verify") == sorted(verify["job_ids"])
 
 
 async def test_version_resolve_streams_each_vm(api: httpx.AsyncClient) -> None:
@@ -332,8 +345,11 @@ async def test_offline_cached_resolves_from_the_cache_or_refuses_an_old_one(
     assert (await api.delete(f"/api/v1/projects/{PROJECT}-old")).status_code == 200
 
 
-async def test_delete_removes_the_project(api: httpx.AsyncClient) -> None:
+async def test_delete_removes_the_project(api: httpx.AsyncClient, sysm: System) -> None:
+    sid = (await api.get(f"/api/v1/projects/{PROJECT}")).json()["schedule_ids"][0]
     assert (await api.delete(f"/api/v1/projects/{PROJECT}")).status_code == 200
+    async with httpx.AsyncClient(base_url=sysm.hypersdk_url, headers=sysm.auth()) as hyper:
+        assert (await hyper.get(f"/schedules/{sid}")).status_code == 404
     assert (await api.get(f"/api/v1/projects/{PROJECT}")).status_code == 404
     assert (await api.post(f"/api/v1/pipelines/{PLAN}/dry-run-preview", json={})).status_code == 404
     assert (await api.get("/api/v1/projects")).json() == []
