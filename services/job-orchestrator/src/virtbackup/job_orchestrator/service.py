@@ -10,7 +10,11 @@ from virtbackup.job_orchestrator.exports import close_exports, export_commands, 
 from virtbackup.job_orchestrator.handlers import commands
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc_commands import lifecycle_commands
-from virtbackup.job_orchestrator.plans import plan_commands, run_plan_runs
+
+# Importing plan_runs registers every plan command (it imports plan_preview, which
+# imports plan_projects) on plan_commands.
+from virtbackup.job_orchestrator.plan_runs import run_plan_runs
+from virtbackup.job_orchestrator.plan_store import plan_commands
 from virtbackup.job_orchestrator.points import point_commands
 from virtbackup.job_orchestrator.runner import sweep
 from virtbackup.job_orchestrator.schedules import run_scheduler, schedule_commands
