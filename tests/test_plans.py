@@ -138,6 +138,11 @@ BAD = [
     ("unknown plan in a chain", YAML.replace("pipeline: both", "pipeline: other"), 18),
     ("bad cron", YAML.replace("0 3 1 1 *", "0 3 30 2 *"), 10),
     ("bad time zone", YAML.replace("Europe/Berlin", "Mars/Olympus"), 11),
+    (
+        "destination twice",
+        YAML.replace("pipeline: both", "pipeline: both\n        destinations: [fs, fs]"),
+        19,
+    ),
 ]
 
 
@@ -280,9 +285,12 @@ async def test_run_on_a_named_point_and_full(api: httpx.AsyncClient) -> None:
     out = await run_ok(api, {"vms": [f"local/{VM_A}"], "source_ref": oldest})
     job = (await api.get(f"/jobs/{out['job_ids'][0]}")).json()
     assert job["result"]["parentTimestamp"] == oldest
-    out = await run_ok(api, {"vms": [f"local/{VM_A}"], "source_ref": "full"})
+    agents = await api.post(f"/api/v1/pipelines/{PLAN}/eligible-agents")
+    agent_id = agents.json()["agents"][0]["id"]
+    out = await run_ok(api, {"vms": [f"local/{VM_A}"], "source_ref": "full", "agent_id": agent_id})
     job = (await api.get(f"/jobs/{out['job_ids'][0]}")).json()
     assert job["result"]["parentTimestamp"] is None
+    assert job["params"]["agentId"] == agent_id
 
 
 async def test_chain_backs_up_then_verifies(api: httpx.AsyncClient) -> None:

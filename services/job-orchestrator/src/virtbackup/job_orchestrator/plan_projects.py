@@ -193,6 +193,10 @@ async def check_project(jc: JobContext, spec: ProjectSpec, lines: dict[str, int]
                         raise at.bad(
                             f"{sw}.destinations[{k}]", f"destination {shown(dest)} not found"
                         )
+                    if dest in step.destinations[:k]:
+                        raise at.bad(
+                            f"{sw}.destinations[{k}]", f"destination {shown(dest)} is named twice"
+                        )
             elif isinstance(step, VerifyStep):
                 if step.mode == "sample" and step.sample_percent is None:
                     raise at.bad(f"{sw}.samplePercent", "required with mode sample (1-100)")

@@ -64,13 +64,19 @@ class ImportBody(SnakeBody, kw_only=True):
     gateway's projects directory, ``VIRTBACKUP_PROJECTS_DIR``)."""
 
     yaml: Annotated[str, msgspec.Meta(max_length=MAX_YAML_CHARS)] | None = None
-    path: str | None = None
+    path: Annotated[str, msgspec.Meta(max_length=256)] | None = None
 
 
 class RunBody(SnakeBody, kw_only=True):
     """backend-api.md's run payload (``v1.plans.RunOptions`` says what each field does)."""
 
-    vms: list[str] | None = None
+    vms: (
+        Annotated[
+            list[Annotated[str, msgspec.Meta(min_length=3, max_length=512)]],
+            msgspec.Meta(max_length=10000),
+        ]
+        | None
+    ) = None
     source_ref: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
     agent_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
     dry_run: bool = False
