@@ -63,7 +63,9 @@ class ImportBody(SnakeBody, kw_only=True):
     """Exactly one of ``yaml`` (the project document) and ``path`` (a file name in the
     gateway's projects directory, ``VIRTBACKUP_PROJECTS_DIR``)."""
 
-    yaml: Annotated[str, msgspec.Meta(max_length=MAX_YAML_CHARS)] | None = None
+    #: At most ``MAX_YAML_CHARS`` (checked by ``parse_project``, a 400; the gateway's
+    #: body limit, a 413, comes first for a larger body).
+    yaml: str | None = None
     path: Annotated[str, msgspec.Meta(max_length=256)] | None = None
 
 
