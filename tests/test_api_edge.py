@@ -134,6 +134,19 @@ AGENT_POSTS: dict[str, dict[str, object]] = {
                                                      "vmName": "no-such-vm"},
     "/ntfyme/test": {"token": "tk_none"},
 }  # fmt: skip
+#: Backup plans (backend-api.md's projects, pipelines, pipeline chains).
+PLAN_RUN: dict[str, object] = {
+    "vms": ["local/no-such-vm"], "source_ref": "full", "agent_id": "a", "dry_run": True,
+    "execution_mode": "online", "offline_cached_only": False,
+}  # fmt: skip
+AGENT_POSTS |= {
+    "/api/v1/projects/import": {"path": "no-such-project.yaml"},
+    "/api/v1/projects/{project_id}/reload": {},
+    **{f"/api/v1/pipelines/{{pipeline_db_id}}/{verb}": PLAN_RUN
+       for verb in ("run-selection", "dry-run-preview", "eligible-agents")},
+    **{f"/api/v1/pipeline-chains/{{chain_db_id}}/{verb}": PLAN_RUN
+       for verb in ("run", "dry-run-preview", "eligible-agents")},
+}  # fmt: skip
 HYPERSDK_JOB: dict[str, object] = {
     "vm_path": "local/no-such-vm",
     "source": {"type": "libvirt"},
@@ -170,6 +183,8 @@ async def test_every_post_route_is_walked(
 def _concrete(path: str) -> str:
     path = path.replace("{server_id}", "local").replace("{job_id}", "no-such-job")
     path = path.replace("{schedule_id}", "no-such-schedule")
+    path = path.replace("{project_id}", "no-such-project")
+    path = path.replace("{pipeline_db_id}", "no.such").replace("{chain_db_id}", "no.such")
     return path.replace("{destination_id}", "no-such-destination")
 
 

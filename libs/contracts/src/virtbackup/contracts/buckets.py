@@ -69,6 +69,11 @@ EXPORTS: Final = BucketSpec(
     description="Instant-access exports of restore points: key = export id.",
 )
 
+PLANS: Final = BucketSpec(
+    name="VB_PLANS",
+    description="Backup plans: project.<id> (a project's plans and chains), run.<id> (runs).",
+)
+
 CONFIG_KEY: Final = "agent"
 
 ALL: Final = (
@@ -83,4 +88,5 @@ ALL: Final = (
     LOCKS,
     LEASES,
     EXPORTS,
+    PLANS,
 )

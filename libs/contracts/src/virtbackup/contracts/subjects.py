@@ -194,3 +194,20 @@ class InventoryCmd:
     STATE_RELEASE: Final = command("inventory", "state-release")
     STATE_PREPARE: Final = command("inventory", "state-prepare")
     STATE_WRITE: Final = command("inventory", "state-write")
+    # A checkpoint's dirty size per disk, without reading data (``v1.plans``).
+    CHECKPOINT_SIZE: Final = command("inventory", "checkpoint-size")
+
+
+class PlanCmd:
+    """Backup plans and plan chains (``v1.plans``), answered by the job-orchestrator."""
+
+    IMPORT: Final = command("plan", "import")
+    LIST: Final = command("plan", "list")
+    GET: Final = command("plan", "get")
+    DELETE: Final = command("plan", "delete")
+    RUN: Final = command("plan", "run")
+    PREVIEW: Final = command("plan", "preview")
+    SOURCE_REFS: Final = command("plan", "source-refs")
+    ELIGIBLE_AGENTS: Final = command("plan", "eligible-agents")
+    RUN_GET: Final = command("plan", "run-get")
+    TARGETS: Final = command("plan", "targets")

@@ -196,6 +196,8 @@ def _job_orchestrator() -> _Grants:
     g.follows_events()  # unit.done
     g.owns(buckets.JOBS, buckets.SCHEDULES, buckets.CONFIG, buckets.LOCKS, buckets.LEASES)
     g.owns(buckets.EXPORTS)
+    g.answers(f"{subjects.CMD_ROOT}.plan.>")  # backup plans and chains
+    g.owns(buckets.PLANS)
     g.reads(buckets.WORKERS, create=False)  # is the worker serving an export alive?
     g.publish += _provision_stream(streams.WORK)
     g.sends(subjects.WORK_TRANSFER_ALL, f"{API}.STREAM.PURGE.{streams.WORK.name}")

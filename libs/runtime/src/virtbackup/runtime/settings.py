@@ -113,11 +113,19 @@ class Settings(BaseSettings):
     #: connections and chunk cache). A create beyond either is a 409 naming the cap.
     instant_max_exports: int = Field(default=32, ge=1)
     instant_max_per_worker: int = Field(default=8, ge=1)
+    #: Backup plans: the directory ``POST /api/v1/projects/import`` with ``path`` reads
+    #: project YAML files from (names relative to it; default ``<data_dir>/projects``).
+    projects_dir: Path | None = None
 
     @property
     def nbd_pki_dir(self) -> Path:
         """Where the NBD exports' CA and the client certificate are kept."""
         return self.pki_dir if self.pki_dir is not None else self.data_dir / "pki"
+
+    @property
+    def plan_projects_dir(self) -> Path:
+        """Where project YAML files named by ``path`` on import are read from."""
+        return self.projects_dir if self.projects_dir is not None else self.data_dir / "projects"
 
     @property
     def secret_key_file(self) -> Path:

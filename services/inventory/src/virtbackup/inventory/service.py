@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from virtbackup.contracts import buckets, streams, subjects
+from virtbackup.inventory.checkpoint_size import register_checkpoint_size
 from virtbackup.inventory.handlers import register as register_handlers
 from virtbackup.inventory.inventory import Inventory
 from virtbackup.runtime.service import ServiceContext, ServiceSpec
@@ -14,6 +15,7 @@ async def register(ctx: ServiceContext) -> None:
     inv = Inventory(ctx)
     _state[ctx.name] = inv
     register_handlers(ctx, inv)
+    register_checkpoint_size(ctx, inv)
 
 
 async def start(ctx: ServiceContext) -> None:

@@ -103,6 +103,23 @@ async def latest_point(repo: Repository, vm: str, server_id: str) -> RestorePoin
     return points[-1] if points else None
 
 
+async def parent_point(repo: Repository, job: Job) -> RestorePoint | None:
+    """The point this backup builds on: the newest (``latest_point``), or the one its
+    ``params.sourceRef`` names (a backup plan's ``source_ref``: a timestamp of one of the
+    VM's points from its server, or ``full`` for none). ``JobFailed`` when the named point
+    is gone (deleted since the run was asked for)."""
+    assert job.vm_name and job.server_id
+    ref = job.params.get("sourceRef")
+    if ref is None:
+        return await latest_point(repo, job.vm_name, job.server_id)
+    if ref == "full":
+        return None
+    for point in await repo.restore_points(job.vm_name):
+        if point.timestamp == ref and point.source_server_id == job.server_id:
+            return point
+    raise JobFailed(f"source_ref {ref}: no such restore point of the VM any more")
+
+
 def _parent_result(parent: RestorePoint | None) -> dict[str, str | None]:
     """What a backup job's ``result`` says of its parent point (``points.remove_point``
     reads it): its timestamp, ``None`` for a full read."""
@@ -204,7 +221,7 @@ async def run_backup(jc: JobContext, job: Job) -> str:
     repo = await jc.repository(job.destination_id)
     try:
         fresh = bool(job.params.get("fresh"))
-        parent = None if fresh else await latest_point(repo, job.vm_name, job.server_id)
+        parent = None if fresh else await parent_point(repo, job)
         if (
             parent is not None
             and (await read_verification(repo, parent.vm_name, parent.timestamp)).state == "damaged"

@@ -10,6 +10,11 @@ from virtbackup.job_orchestrator.exports import close_exports, export_commands, 
 from virtbackup.job_orchestrator.handlers import commands
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc_commands import lifecycle_commands
+
+# Importing plan_runs registers every plan command (it imports plan_preview, which
+# imports plan_projects) on plan_commands.
+from virtbackup.job_orchestrator.plan_runs import run_plan_runs
+from virtbackup.job_orchestrator.plan_store import plan_commands
 from virtbackup.job_orchestrator.points import point_commands
 from virtbackup.job_orchestrator.runner import sweep
 from virtbackup.job_orchestrator.schedules import run_scheduler, schedule_commands
@@ -32,6 +37,7 @@ async def register(ctx: ServiceContext) -> None:
     lifecycle_commands.attach(ctx.bus, jc)
     schedule_commands.attach(ctx.bus, jc)
     definition_commands.attach(ctx.bus, jc)
+    plan_commands.attach(ctx.bus, jc)
 
 
 async def start(ctx: ServiceContext) -> None:
@@ -41,6 +47,7 @@ async def start(ctx: ServiceContext) -> None:
     ctx.spawn(jc.leases.keep_alive(ctx.stopping, jc.on_lease_lost), "job-leases")
     ctx.spawn(sweep(jc), "job-sweep")
     ctx.spawn(run_scheduler(jc), "scheduler")
+    ctx.spawn(run_plan_runs(jc), "plan-runs")
 
 
 async def stop(ctx: ServiceContext) -> None:
@@ -61,6 +68,7 @@ SPEC = ServiceSpec(
         buckets.LOCKS,
         buckets.LEASES,
         buckets.EXPORTS,
+        buckets.PLANS,
     ),
     register=register,
     start=start,

@@ -1,0 +1,424 @@
+"""What a run of a plan would do (``vb.cmd.plan.preview|targets|source-refs|
+eligible-agents``): the VMs its selectors match, per VM and disk full or incremental,
+the parent point and checkpoint, the bytes it would read (libvirt's dirty sizes, no data
+read), and the agents that could run it."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from nats.js.errors import KeyNotFoundError
+
+from virtbackup.contracts import buckets
+from virtbackup.contracts.subjects import InventoryCmd, PlanCmd
+from virtbackup.contracts.v1.common import shown
+from virtbackup.contracts.v1.inventory import (
+    CheckpointList,
+    ServerRef,
+    ServerVms,
+    VmInfo,
+    VmRef,
+)
+from virtbackup.contracts.v1.plans import (
+    BackupStep,
+    CheckpointSize,
+    CheckpointSizeRequest,
+    EligibleAgent,
+    EligibleAgents,
+    PipelineSpec,
+    PlanRunRequest,
+    PlanTargets,
+    PointRefInfo,
+    Preview,
+    PreviewDisk,
+    PreviewVm,
+    RunOptions,
+    SourceRefs,
+    VmSourceRefs,
+)
+from virtbackup.job_orchestrator.jobctx import JobContext
+from virtbackup.job_orchestrator.plan_projects import matching_vms
+from virtbackup.job_orchestrator.plan_store import (
+    FULL_REF,
+    find_chain,
+    find_pipeline,
+    plan_commands,
+)
+from virtbackup.repository.records import RestorePoint
+from virtbackup.repository.repository import NoRepositoryError, RepositoryError
+from virtbackup.runtime import timeouts
+from virtbackup.runtime.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    ServiceError,
+    Unavailable,
+)
+from virtbackup.runtime.kv import keys
+
+# -- resolving what a run would do --------------------------------------------------------
+
+
+def age_seconds(stamp: str) -> float | None:
+    try:
+        moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - moment).total_seconds()
+
+
+async def resolve_targets(
+    jc: JobContext, plan: PipelineSpec, options: RunOptions
+) -> list[tuple[str, str]]:
+    """``(server, vm)`` of every VM the plan's selectors match now (sorted), narrowed to
+    ``options.vms``. ``offline_cached``: from the inventory's cache, refused (400) when a
+    server's cache is older than the plan's ``cacheMaxAgeSeconds``."""
+    targets: set[tuple[str, str]] = set()
+    if options.execution_mode == "offline_cached":
+        limit = plan.options.cache_max_age_seconds
+        caches: dict[str, ServerVms] = {}
+        for sel in plan.vms:
+            if sel.server not in caches:
+                cache = await jc.bus.request(
+                    InventoryCmd.VMS,
+                    ServerRef(server_id=sel.server),
+                    ServerVms,
+                    timeout=timeouts.INVENTORY_QUERY,
+                )
+                age = age_seconds(cache.refreshed_at) if cache.refreshed_at else None
+                if age is None or age > limit:
+                    shown_age = "unknown" if age is None else f"{age:.0f} s"
+                    raise BadRequest(
+                        f"execution_mode: offline_cached refused: the inventory cache of "
+                        f"server {shown(sel.server)} is {shown_age} old (limit {limit} s, the "
+                        "plan's options.cacheMaxAgeSeconds); refresh the server or run online"
+                    )
+                caches[sel.server] = cache
+            names = [v.vm.name for v in caches[sel.server].vms]
+            targets.update((sel.server, n) for n in names if fnmatch.fnmatchcase(n, sel.vm))
+    else:
+        found = await asyncio.gather(*(matching_vms(jc, s.server, s.vm) for s in plan.vms))
+        for sel, names in zip(plan.vms, found, strict=True):
+            targets.update((sel.server, n) for n in names)
+    ordered = sorted(targets)
+    if options.vms is not None:
+        known = {f"{s}/{v}" for s, v in ordered}
+        for i, wanted in enumerate(options.vms):
+            if wanted not in known:
+                raise BadRequest(
+                    f"{shown(wanted)} is not a VM of the plan (write <server>/<vm>; the plan "
+                    f"has {', '.join(sorted(known)) or 'none'}) - at `$.vms[{i}]`"
+                )
+        ordered = [t for t in ordered if f"{t[0]}/{t[1]}" in set(options.vms)]
+    if not ordered:
+        raise BadRequest("the plan matches no VM now - at `$.vms`")
+    return ordered
+
+
+async def points_of(
+    jc: JobContext, destination_id: str, vm: str, server: str
+) -> list[RestorePoint]:
+    """The VM's points from ``server`` in the destination, oldest first (none when the
+    destination has no repository yet)."""
+    try:
+        repo = await jc.repository(destination_id, create=False, locked=True)
+    except NoRepositoryError:
+        return []
+    except RepositoryError as exc:
+        raise Unavailable(f"destination {shown(destination_id)}: {exc}") from None
+    try:
+        return [p for p in await repo.restore_points(vm) if p.source_server_id == server]
+    finally:
+        await repo.close()
+
+
+def parent_for(
+    points: list[RestorePoint], source_ref: str | None, server: str, vm: str
+) -> RestorePoint | None:
+    """The point a backup builds on: ``source_ref``'s (400 if the VM has none of that
+    timestamp from that server), none for ``full``, else the newest."""
+    if source_ref == FULL_REF:
+        return None
+    if source_ref is not None:
+        for p in points:
+            if p.timestamp == source_ref:
+                return p
+        raise BadRequest(
+            f"{shown(source_ref)} is not a restore point of vm {shown(vm)} from server "
+            f"{shown(server)} (use a timestamp from source-refs, or 'full') - at `$.source_ref`"
+        )
+    return points[-1] if points else None
+
+
+async def preview_vm(
+    jc: JobContext, server: str, vm: str, destination_id: str, options: RunOptions
+) -> PreviewVm:
+    """What a backup of the VM would read, from the dirty sizes libvirt reports (no data is
+    read); offline: from its points and known checkpoints only (sizes unknown)."""
+    points = await points_of(jc, destination_id, vm, server)
+    parent = parent_for(points, options.source_ref, server, vm)
+    base: dict[str, Any] = {"server_id": server, "vm_name": vm, "destination_id": destination_id}
+    if options.execution_mode == "offline_cached":
+        if parent is None or parent.checkpoint is None:
+            return PreviewVm(
+                **base,
+                mode="full",
+                cached=True,
+                disks=[
+                    PreviewDisk(target=d.target, mode="full", capacity=d.size, reason="no parent")
+                    for d in (parent.disks if parent else [])
+                ],
+                problems=[]
+                if parent
+                else ["no restore point: the disks' sizes are unknown offline"],
+            )
+        return PreviewVm(
+            **base,
+            mode="incremental",
+            parent_timestamp=parent.timestamp,
+            parent_checkpoint=parent.checkpoint,
+            cached=True,
+            disks=[
+                PreviewDisk(target=d.target, mode="incremental", capacity=d.size)
+                for d in parent.disks
+            ],
+        )
+    ref = VmRef(server_id=server, vm_name=vm)
+    info = await jc.bus.request(InventoryCmd.VM_INFO, ref, VmInfo, timeout=timeouts.INVENTORY_QUERY)
+    full_reason = ""
+    sizes: dict[str, int | None] = {}
+    problems: list[str] = []
+    if parent is None:
+        full_reason = (
+            "source_ref full" if options.source_ref == FULL_REF else "no restore point yet"
+        )
+    elif parent.checkpoint is None:
+        full_reason = f"point {parent.timestamp} has no checkpoint"
+    else:
+        known = await jc.bus.request(
+            InventoryCmd.CHECKPOINTS, ref, CheckpointList, timeout=timeouts.INVENTORY_QUERY
+        )
+        if parent.checkpoint not in {c.name for c in known.checkpoints}:
+            full_reason = f"checkpoint {parent.checkpoint} is gone from libvirt"
+        else:
+            try:
+                size = await jc.bus.request(
+                    InventoryCmd.CHECKPOINT_SIZE,
+                    CheckpointSizeRequest(
+                        server_id=server, vm_name=vm, checkpoint=parent.checkpoint
+                    ),
+                    CheckpointSize,
+                    timeout=timeouts.INVENTORY_QUERY,
+                )
+                sizes = {d.target: d.size for d in size.disks}
+            except Conflict as exc:
+                problems.append(
+                    f"dirty sizes unknown ({exc.message}): libvirt reports them for "
+                    "running VMs only"
+                )
+    previous = {d.target: d.size for d in parent.disks} if parent else {}
+    disks: list[PreviewDisk] = []
+    for disk in info.disks:
+        if full_reason:
+            disks.append(
+                PreviewDisk(
+                    target=disk.target,
+                    mode="full",
+                    capacity=disk.capacity,
+                    estimated_bytes=disk.capacity,
+                    reason=full_reason,
+                )
+            )
+            continue
+        reason = ""
+        if disk.target not in previous:
+            reason = "new disk"
+        elif previous[disk.target] != disk.capacity:
+            reason = f"resized from {previous[disk.target]} to {disk.capacity} bytes"
+        elif sizes and sizes.get(disk.target) is None:
+            reason = "no usable dirty bitmap"
+        if reason:
+            disks.append(
+                PreviewDisk(
+                    target=disk.target,
+                    mode="full",
+                    capacity=disk.capacity,
+                    estimated_bytes=disk.capacity,
+                    reason=reason,
+                )
+            )
+        else:
+            disks.append(
+                PreviewDisk(
+                    target=disk.target,
+                    mode="incremental",
+                    capacity=disk.capacity,
+                    estimated_bytes=sizes.get(disk.target),
+                )
+            )
+    estimates = [d.estimated_bytes for d in disks]
+    incremental = not full_reason and parent is not None
+    return PreviewVm(
+        **base,
+        mode="incremental" if incremental else "full",
+        parent_timestamp=parent.timestamp if incremental and parent else None,
+        parent_checkpoint=parent.checkpoint if incremental and parent else None,
+        disks=disks,
+        estimated_bytes=None
+        if any(e is None for e in estimates)
+        else sum(e or 0 for e in estimates),
+        problems=problems,
+    )
+
+
+def _total(vms: list[PreviewVm]) -> int | None:
+    if any(v.estimated_bytes is None for v in vms):
+        return None
+    return sum(v.estimated_bytes or 0 for v in vms)
+
+
+async def plan_of(jc: JobContext, req: PlanRunRequest) -> tuple[PipelineSpec, str, list[str]]:
+    """The plan a request is about (a chain's first backup step's), the destination its
+    backups go to, and the chain's extra destinations."""
+    if (req.pipeline_db_id is None) == (req.chain_db_id is None):
+        raise BadRequest("give exactly one of pipeline_db_id and chain_db_id")
+    if req.pipeline_db_id is not None:
+        _, plan = await find_pipeline(jc, req.pipeline_db_id)
+        return plan, plan.destination, []
+    assert req.chain_db_id is not None
+    project, chain = await find_chain(jc, req.chain_db_id)
+    step = chain.steps[0]
+    assert isinstance(step, BackupStep)
+    plan = next(p for p in project.spec.pipelines if p.id == step.pipeline)
+    dests = step.destinations or [plan.destination]
+    return plan, dests[0], dests[1:]
+
+
+@plan_commands.handler(PlanCmd.PREVIEW, PlanRunRequest)
+async def preview(jc: JobContext, req: PlanRunRequest) -> Preview:
+    """Per VM and disk: full or incremental, the parent point and checkpoint, the bytes the
+    run would read. ``offline_cached_only`` keeps the VMs resolvable from the cache."""
+    plan, dest, _ = await plan_of(jc, req)
+    targets = await resolve_targets(jc, plan, req.options)
+    vms = list(await asyncio.gather(*(preview_vm(jc, s, v, dest, req.options) for s, v in targets)))
+    if req.options.offline_cached_only:
+        vms = [v for v in vms if v.cached and v.mode == "incremental"]
+    return Preview(
+        pipeline_db_id=req.pipeline_db_id,
+        chain_db_id=req.chain_db_id,
+        execution_mode=req.options.execution_mode,
+        vms=vms,
+        estimated_bytes=_total(vms),
+    )
+
+
+@plan_commands.handler(PlanCmd.TARGETS, PlanRunRequest)
+async def targets(jc: JobContext, req: PlanRunRequest) -> PlanTargets:
+    """The VMs the plan's (or the chain's backup step's) selectors match now."""
+    plan, _, _ = await plan_of(jc, req)
+    return PlanTargets(vms=[f"{s}/{v}" for s, v in await resolve_targets(jc, plan, req.options)])
+
+
+@plan_commands.handler(PlanCmd.SOURCE_REFS, PlanRunRequest)
+async def source_refs(jc: JobContext, req: PlanRunRequest) -> SourceRefs:
+    """Per VM: its restore points in the destination and libvirt's checkpoints of it
+    (online; the checkpoints are left out with ``offline_cached``)."""
+    plan, dest, _ = await plan_of(jc, req)
+    targets = await resolve_targets(jc, plan, req.options)
+
+    async def one(server: str, vm: str) -> VmSourceRefs:
+        points = await points_of(jc, dest, vm, server)
+        names: list[str] = []
+        intact = False
+        problems: list[str] = []
+        if req.options.execution_mode != "offline_cached":
+            try:
+                known = await jc.bus.request(
+                    InventoryCmd.CHECKPOINTS,
+                    VmRef(server_id=server, vm_name=vm),
+                    CheckpointList,
+                    timeout=timeouts.INVENTORY_QUERY,
+                )
+                names, intact = [c.name for c in known.checkpoints], known.chain_intact
+            except ServiceError as exc:
+                problems.append(f"checkpoints: {exc.message}")
+        return VmSourceRefs(
+            server_id=server,
+            vm_name=vm,
+            destination_id=dest,
+            points=[
+                PointRefInfo(timestamp=p.timestamp, checkpoint=p.checkpoint, kind=p.kind)
+                for p in points
+            ],
+            latest=points[-1].timestamp if points else None,
+            checkpoints=names,
+            chain_intact=intact,
+            problems=problems,
+        )
+
+    return SourceRefs(vms=list(await asyncio.gather(*(one(s, v) for s, v in targets))))
+
+
+# -- agents -------------------------------------------------------------------------------
+
+
+class _Beat(msgspec.Struct, kw_only=True, rename="camel"):
+    version: str = ""
+    seen_at: str = ""
+    busy_units: int = 0
+
+
+async def list_agents(jc: JobContext) -> list[EligibleAgent]:
+    """The agents that can run a plan: the live transfer workers (``VB_WORKERS``). Remote
+    agents (registered with a ``bak_`` key) join this list where they exist."""
+    try:
+        kv = await jc.bus.key_value(buckets.WORKERS)
+    except NotFound:
+        return []
+    out = []
+    for key in await keys(kv):
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            continue
+        if entry.value is None:
+            continue
+        try:
+            beat = msgspec.json.decode(entry.value, type=_Beat)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            beat = _Beat()
+        out.append(
+            EligibleAgent(
+                id=key,
+                kind="transfer-worker",
+                version=beat.version,
+                last_seen=beat.seen_at,
+                busy_units=beat.busy_units,
+            )
+        )
+    return sorted(out, key=lambda a: a.id)
+
+
+@plan_commands.handler(PlanCmd.ELIGIBLE_AGENTS, PlanRunRequest)
+async def eligible_agents(jc: JobContext, req: PlanRunRequest) -> EligibleAgents:
+    """The agents that could run the plan or chain (404 for an unknown one)."""
+    await plan_of(jc, req)
+    return EligibleAgents(agents=await list_agents(jc))
+
+
+async def check_agent(jc: JobContext, agent_id: str | None) -> None:
+    if agent_id is None:
+        return
+    agents = {a.id: a for a in await list_agents(jc)}
+    agent = agents.get(agent_id)
+    if agent is None or not agent.eligible:
+        raise BadRequest(
+            f"agent {shown(agent_id)} is not eligible (eligible: "
+            f"{', '.join(sorted(agents)) or 'none'}) - at `$.agent_id`"
+        )
