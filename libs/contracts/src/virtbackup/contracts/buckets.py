@@ -69,6 +69,11 @@ EXPORTS: Final = BucketSpec(
     description="Instant-access exports of restore points: key = export id.",
 )
 
+#: Remote agents (``virtbackup agent``): key ``agent.<id>`` (the record, its API key
+#: only as SHA-256), ``key.<sha256 hex>`` (the agent id a key belongs to) and
+#: ``regtoken.<sha256 hex>`` (a one-time registration token). Owned by the gateway.
+AGENTS: Final = BucketSpec(name="VB_AGENTS", history=1, description="Remote agents.")
+
 CONFIG_KEY: Final = "agent"
 
 ALL: Final = (
@@ -83,4 +88,5 @@ ALL: Final = (
     LOCKS,
     LEASES,
     EXPORTS,
+    AGENTS,
 )
