@@ -25,7 +25,9 @@ from typing import Any
 import httpx
 import pytest
 from harness import System, running_system, same, snapshot, wait_job
+from nats.aio.msg import Msg
 
+from virtbackup.testing.nats import connect
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
 from virtbackup.virt import Connection, backup_running, list_checkpoints
 
@@ -220,7 +222,16 @@ async def wait_agent_seen(api: httpx.AsyncClient, agent_id: str) -> dict[str, An
         await asyncio.sleep(0.3)
 
 
+async def agent_backup(api: httpx.AsyncClient, agent: dict[str, Any]) -> dict[str, Any]:
+    resp = await api.post("/servers/remote/backup", json={"vmName": VM})
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, resp.json()["jobId"])
+    assert job["state"] == "success", (job["message"], agent["log"].read_text()[-3000:])
+    return job
+
+
 async def test_agent_backs_up_through_lease_and_status(
+    sysm: System,
     api: httpx.AsyncClient,
     agent: dict[str, Any],
     vm: SmallVm,
@@ -244,18 +255,39 @@ async def test_agent_backs_up_through_lease_and_status(
 
     await guest_write(conn, VM, "vda", 4096, 3 * MiB, pattern=0x5A)
     await guest_write(conn, VM, "vda", 40 * MiB, MiB, pattern=0x6B)
-    snap = snapshot(vm, tmp_path_factory.mktemp("agent-snap"))[0]
-    resp = await api.post("/servers/remote/backup", json={"vmName": VM})
-    assert resp.status_code == 200, resp.text
-    job = await wait_job(api, resp.json()["jobId"])
-    assert job["state"] == "success", (job["message"], agent["log"].read_text()[-3000:])
-    assert job["message"].startswith("full backup") and "by agent" in job["message"], job
-    assert job["params"]["agentId"] == agent["agentId"]
-    assert job["result"]["agent"]["outcome"] == "completed"
-    assert job["bytesTransferred"] > 0 and job["physicalBytes"] > 0
-    timestamp = job["result"]["timestamp"]
+    full = await agent_backup(api, agent)
+    assert full["message"].startswith("full backup") and "by agent" in full["message"], full
+    assert full["params"]["agentId"] == agent["agentId"]
+    assert full["result"]["agent"]["outcome"] == "completed"
+    assert full["bytesTransferred"] > 0 and full["physicalBytes"] > 0
     names = {c.name for c in await list_checkpoints(conn, VM)}
-    assert job["result"]["checkpoint"] in names
+    assert full["result"]["checkpoint"] in names
+
+    # The next one reads only what changed since (libvirt's checkpoint of the first).
+    await guest_write(conn, VM, "vda", 20 * MiB + 512, 2 * MiB, pattern=0x7C)
+    snap = snapshot(vm, tmp_path_factory.mktemp("agent-snap"))[0]
+    nc = await connect(sysm.nats)
+    lines: list[tuple[str, dict[str, Any]]] = []
+
+    async def on_line(msg: Msg) -> None:
+        lines.append((msg.subject, json.loads(msg.data)))
+
+    await nc.subscribe("vb.log.job.>", cb=on_line)
+    try:
+        inc = await agent_backup(api, agent)
+    finally:
+        await nc.drain()
+    # Its output lines went to the job's log, in the shared shape.
+    mine = [line for subject, line in lines if subject == f"vb.log.job.{inc['id']}"]
+    assert any("incremental backup" in line["line"] for line in mine), lines
+    assert all(
+        line["line"].startswith(f"[agent {agent['agentId']}] ") and line["level"] == "info"
+        for line in mine
+    ), mine
+    assert inc["message"].startswith("incremental backup"), inc["message"]
+    assert inc["result"]["parentTimestamp"] == full["result"]["timestamp"]
+    assert inc["bytesTransferred"] < full["bytesTransferred"], (inc, full)
+    timestamp = inc["result"]["timestamp"]
 
     # The point restores bit-identical (through the inventory and the transfer worker).
     off = await api.post("/servers/local/actions", json={"action": "forceOff", "vmName": VM})
