@@ -196,6 +196,15 @@ async def test_registration_tokens_are_one_time_and_expire(
         assert resp.status_code == 401
         resp = await anon.post("/api/v1/agent/lease", json={}, headers=key)
         assert resp.status_code == 200 and resp.json()["assigned"] is False, resp.text
+        resp = await anon.post("/api/v1/heartbeat", json={"status": "online"}, headers=key)
+        assert resp.status_code == 200 and resp.json()["state"] == "active", resp.text
+        # A job not leased to this agent is none of its business.
+        jobs = (await api.get("/jobs")).json()
+        for job_id in [j["id"] for j in jobs[:1]] + ["no-such-job"]:
+            resp = await anon.post(
+                f"/api/v1/jobs/{job_id}/status", json={"status": "failed"}, headers=key
+            )
+            assert resp.status_code == 404, resp.text
         # An unknown key, and a revoked one, are 401.
         unknown = key_headers("bak_" + "x" * 43)
         resp = await anon.post("/api/v1/agent/lease", json={}, headers=unknown)

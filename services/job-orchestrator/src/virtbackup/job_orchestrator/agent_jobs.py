@@ -100,7 +100,7 @@ async def run_agent_backup(jc: JobContext, job: Job) -> str:
             return str(agent.get("message") or "backup committed by agent")
         if agent.get("outcome") == "failed":
             raise JobFailed(f"agent {agent_id}: {agent.get('error') or 'failed'}")
-        reported = agent.get("reportedMono")
+        reported = agent.get("reportedEpoch")
         silent = isinstance(reported, float) and time.time() - reported > SILENCE_SECONDS
         if agent.get("leasedAt") and silent:
             raise JobFailed(
@@ -141,7 +141,7 @@ async def agent_lease(jc: JobContext, req: AgentLeaseRequest) -> AgentLease:
                 return current
             taken = True
             now = utcnow_iso()
-            agent.update(leasedAt=now, reportedAt=now, reportedMono=time.time(), stage="leased")
+            agent.update(leasedAt=now, reportedAt=now, reportedEpoch=time.time(), stage="leased")
             return msgspec.structs.replace(
                 current,
                 result={**current.result, "agent": agent},
@@ -184,7 +184,7 @@ async def agent_status(jc: JobContext, req: AgentStatusRequest) -> AgentStatusRe
         if agent.get("outcome"):
             return current
         now = utcnow_iso()
-        agent.update(reportedAt=now, reportedMono=time.time(), stage=req.stage)
+        agent.update(reportedAt=now, reportedEpoch=time.time(), stage=req.stage)
         changes: dict[str, Any] = {"updated_at": now}
         result = dict(current.result)
         for key, text in (

@@ -9,6 +9,7 @@ shows both kinds of agent: the transfer workers (from their heartbeats in
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -306,8 +307,6 @@ async def assignment_hash(gw: Gateway, agent_id: str) -> str:
     """A hash of what the configuration gives the agent (its servers and the
     destinations it may write to): an agent that heartbeats another hash is told
     ``configChanged``."""
-    import hashlib
-
     cfg, _ = await gw.config.load()
     mine = sorted(
         (s.id, sorted(s.agent_destination_ids)) for s in cfg.servers if s.agent_id == agent_id
