@@ -189,7 +189,13 @@ async def test_registration_tokens_are_one_time_and_expire(
 
         key = key_headers(first["apiKey"])
         # The key opens the agent routes only.
-        for method, path in [("GET", "/config"), ("GET", "/api/v1/agents"), ("GET", "/jobs")]:
+        for method, path in [
+            ("GET", "/config"),
+            ("GET", "/api/v1/agents"),
+            ("GET", "/jobs"),
+            ("GET", "/api/v1/jobs/no-such-job/artifacts"),
+            ("GET", "/api/v1/agent/lease"),
+        ]:
             resp = await anon.request(method, path, headers=key)
             assert resp.status_code == 401, (path, resp.text)
         resp = await anon.post("/api/v1/agent/registration-tokens", json={}, headers=key)

@@ -3,10 +3,12 @@
 * ``POST /api/v1/agent/register`` takes no header: its body's one-time registration
   token is its credential (checked by the handler).
 * An ``Authorization: Bearer bak_...`` key opens only the agent routes
-  (:data:`AGENT_ROUTES`: heartbeat, lease, and the status/artifacts/tests of a job),
+  (:data:`AGENT_ROUTES`: ``POST`` of the heartbeats, the lease and a job's status),
   and only while the key belongs to a registered agent; the agent's id is put in the
-  ASGI scope (:data:`AGENT_SCOPE_KEY`) for the handler. Anywhere else, or unknown or
-  revoked, it is a 401 like any wrong token.
+  ASGI scope (:data:`AGENT_SCOPE_KEY`) for the handler, which acts for that agent only
+  (``backend_agents.calling_agent``). Anywhere else, or unknown or revoked, it is a 401
+  like any wrong token. A route added here must check the agent itself: a job's
+  artifacts and tests join once their handlers do.
 * Every other request goes to the installation's token check (``auth.TokenAuth``).
 """
 
@@ -22,7 +24,7 @@ from virtbackup.gateway.auth import UNAUTHORIZED, ASGIApp, Receive, Scope, Send
 AGENT_SCOPE_KEY: Final = "virtbackup.agent_id"
 REGISTER_PATH: Final = "/api/v1/agent/register"
 AGENT_ROUTES: Final = re.compile(
-    r"^/api/v1/(heartbeat|agent/heartbeat|agent/lease|jobs/[^/]+/(status|artifacts|tests))$"
+    r"^/api/v1/(heartbeat|agent/heartbeat|agent/lease|jobs/[^/]+/status)$"
 )
 
 
@@ -70,7 +72,8 @@ class AgentKeyAuth:
         if presented is None or not presented.startswith(KEY_PREFIX):
             await self.token_auth(scope, receive, send)
             return
-        agent = await self.store.authenticate(presented) if AGENT_ROUTES.match(path) else None
+        agent_route = scope.get("method") == "POST" and AGENT_ROUTES.match(path)
+        agent = await self.store.authenticate(presented) if agent_route else None
         if agent is None:
             await _unauthorized(send)
             return
