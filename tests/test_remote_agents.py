@@ -262,6 +262,10 @@ async def test_agent_backs_up_through_lease_and_status(
     assert kinds == {"worker", "remote"}, listed
     assert all("apiKey" not in a and "keySha256" not in a for a in listed)
 
+    # The inventory does not reach an agent's host: it says whose host it is.
+    resp = await api.get("/servers/remote/vms")
+    assert resp.status_code == 409 and agent["agentId"] in resp.json()["error"], resp.text
+
     # A destination the admin did not allow for the agent: the job fails, nothing leased.
     resp = await api.post("/servers/remote/backup", json={"vmName": VM, "destinationId": "other"})
     assert resp.status_code == 200, resp.text
