@@ -278,6 +278,7 @@ async def test_agent_backs_up_through_lease_and_status(
     assert full["message"].startswith("full backup") and "by agent" in full["message"], full
     assert full["params"]["agentId"] == agent["agentId"]
     assert full["result"]["agent"]["outcome"] == "completed"
+    assert full["result"]["parentTimestamp"] is None
     assert full["bytesTransferred"] > 0 and full["physicalBytes"] > 0
     names = {c.name for c in await list_checkpoints(conn, VM)}
     assert full["result"]["checkpoint"] in names

@@ -148,7 +148,16 @@ async def run_backup(
     conn = await open_connection(uri)
     try:
         parent = None if job.get("fresh") else await latest_point(repo, vm, server_id)
-        await send(report, {"status": "snapshotting", "message": "beginning the libvirt backup"})
+        # The parent is recorded before anything builds on it: from now on deleting that
+        # point is refused while this job runs (as for a backup on the bus).
+        await send(
+            report,
+            {
+                "status": "snapshotting",
+                "message": "beginning the libvirt backup",
+                "parentTimestamp": parent.timestamp if parent else "",
+            },
+        )
         bj, incremental_from = await _begin(conn, vm, parent, scratch_dir)
         committed = False
         try:
@@ -299,7 +308,7 @@ async def _transfer(
     point_ids = {
         "timestamp": timestamp,
         "checkpoint": bj.checkpoint,
-        "parentTimestamp": parent.timestamp if parent and kind == "incremental" else None,
+        "parentTimestamp": parent.timestamp if parent and kind == "incremental" else "",
     }
     await send(
         report,
@@ -323,7 +332,7 @@ async def _transfer(
         kind="incremental" if kind == "incremental" else "full",
         checkpoint=bj.checkpoint,
         parent_checkpoint=bj.incremental,
-        parent_timestamp=point_ids["parentTimestamp"],
+        parent_timestamp=point_ids["parentTimestamp"] or None,
         disks=[
             DiskRecord(
                 target=p.target,

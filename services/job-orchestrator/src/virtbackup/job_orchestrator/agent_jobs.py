@@ -193,7 +193,7 @@ async def agent_status(jc: JobContext, req: AgentStatusRequest) -> AgentStatusRe
             ("parentTimestamp", req.parent_timestamp),
         ):
             if text is not None:
-                result[key] = text
+                result[key] = text or None  # "": none (a full read has no parent)
         if "parentTimestamp" not in result:
             result["parentTimestamp"] = None
         if req.stage == "committing":

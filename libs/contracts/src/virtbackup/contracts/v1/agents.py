@@ -60,7 +60,8 @@ class AgentStatusRequest(Message, frozen=True, kw_only=True):
     ``failed`` end the job (``error`` says why it failed). Sizes are bytes:
     ``bytes_read`` from the VM's disks, ``bytes_written`` to the destination,
     ``total_bytes`` to read in all. ``timestamp``/``checkpoint``/``parent_timestamp``:
-    the restore point being made, as a backup job's ``result`` records them."""
+    the restore point being made, as a backup job's ``result`` records them (``None``:
+    unchanged; ``""``: none, e.g. the parent of a full read)."""
 
     agent_id: str
     job_id: str
