@@ -37,6 +37,8 @@ MiB = 1 << 20
 VM = f"vbt-agent-{os.getpid()}"
 #: Seconds the agent waits before it asks to commit (``VIRTBACKUP_AGENT_DEBUG_HOLDS``).
 HOLD = 3.0
+#: The destination's passphrase: the agent gets it in its lease, and no log holds it.
+PASSPHRASE = f"agent-pass-{os.getpid()}-7f3a"
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +125,8 @@ async def agent(
         assert keys["apiKey"].startswith("bak_")
         assert key_file.stat().st_mode & 0o777 == 0o600
         assert key_file.parent.stat().st_mode & 0o777 == 0o700
+        other = home / "other"
+        other.mkdir()
         cfg = {
             "servers": [
                 {"id": "local", "name": "This host", "host": ""},
@@ -135,8 +139,13 @@ async def agent(
                 },
             ],
             "destinations": [
-                {"id": "fs", "driverId": "filesystem", "params": {"path": str(repo_dir)}},
-                {"id": "other", "driverId": "filesystem", "params": {"path": str(repo_dir)}},
+                {
+                    "id": "fs",
+                    "driverId": "filesystem",
+                    "params": {"path": str(repo_dir)},
+                    "encryption": {"cipher": "aes-256-gcm", "passphrase": PASSPHRASE},
+                },
+                {"id": "other", "driverId": "filesystem", "params": {"path": str(other)}},
             ],
             "backupDestinationId": "fs",
         }
@@ -251,6 +260,7 @@ async def test_agent_backs_up_through_lease_and_status(
     agent: dict[str, Any],
     vm: SmallVm,
     conn: Connection,
+    repo_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     assert not any(k.startswith("VIRTBACKUP_NATS") for k in agent["env"])
@@ -282,6 +292,9 @@ async def test_agent_backs_up_through_lease_and_status(
     assert full["bytesTransferred"] > 0 and full["physicalBytes"] > 0
     names = {c.name for c in await list_checkpoints(conn, VM)}
     assert full["result"]["checkpoint"] in names
+    # The agent made the repository, encrypted with the passphrase its lease carried.
+    made = json.loads((repo_dir / "VirtBackup" / "repository.json").read_text())
+    assert made["encryption"] and made["hash"] == "blake3-keyed", made
 
     # The next one reads only what changed since (libvirt's checkpoint of the first).
     await guest_write(conn, VM, "vda", 20 * MiB + 512, 2 * MiB, pattern=0x7C)
@@ -324,6 +337,10 @@ async def test_agent_backs_up_through_lease_and_status(
     restored = await wait_job(api, resp.json()["jobId"])
     assert restored["state"] == "success", restored
     assert same(vm.disks[0], snap)
+    logs = [*sysm.data_dir.glob("*.log"), agent["log"]]
+    assert len(logs) > 5
+    for log in logs:
+        assert PASSPHRASE not in log.read_text(errors="replace"), log
     on = await api.post("/servers/local/actions", json={"action": "start", "vmName": VM})
     assert on.status_code == 200, on.text
 
