@@ -107,13 +107,14 @@ async def agent(
         sys.executable, "-m", "virtbackup.cli", "agent",
         "--gateway", sysm.url,
         "--ca-file", str(sysm.data_dir / "tls" / "agent.crt"),
-        "--registration-token", await new_token(api),
         "--key-file", str(key_file),
         "--scratch-dir", str(scratch),
         "--poll-seconds", "0.3",
         "--heartbeat-seconds", "1",
     ]  # fmt: skip
-    proc = start_process(cmd, env, home / "agent.log")
+    token = await new_token(api)
+    proc = start_process([*cmd, "--registration-token", token], env, home / "agent.log")
+    procs = [proc]
     try:
         deadline = time.monotonic() + 30
         while not key_file.exists():
@@ -151,14 +152,15 @@ async def agent(
         }
         resp = await api.post("/config", json=cfg)
         assert resp.status_code == 200, resp.text
-        yield {**keys, "process": proc, "log": home / "agent.log", "env": env}
+        yield {**keys, "procs": procs, "cmd": cmd, "log": home / "agent.log", "env": env}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        for each in procs:
+            each.send_signal(signal.SIGTERM)
+            try:
+                each.wait(15)
+            except subprocess.TimeoutExpired:
+                each.kill()
+                each.wait(5)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -390,3 +392,32 @@ async def test_deactivating_mid_job_cancels_it(
     resp = await api.post(f"/api/v1/agents/{agent['agentId']}/actions", json={"action": "activate"})
     assert resp.status_code == 200 and resp.json()["state"] == "active", resp.text
     assert (await api.get("/api/v1/agents/nope")).status_code == 404
+
+
+async def test_an_agent_killed_mid_job_cleans_up_when_it_starts_again(
+    api: httpx.AsyncClient, agent: dict[str, Any], vm: SmallVm, conn: Connection
+) -> None:
+    before = {c.name for c in await list_checkpoints(conn, VM)}
+    resp = await api.post("/servers/remote/backup", json={"vmName": VM})
+    assert resp.status_code == 200, resp.text
+    job_id = resp.json()["jobId"]
+    deadline = time.monotonic() + 60
+    while (await api.get(f"/jobs/{job_id}")).json()["phase"] != "transferring":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    killed = agent["procs"][-1]
+    killed.kill()  # SIGKILL: no cleanup of its own
+    killed.wait(10)
+    assert await backup_running(conn, VM)  # left behind
+
+    again = start_process(agent["cmd"], agent["env"], agent["log"])  # reads its key file
+    agent["procs"].append(again)
+    job = await wait_job(api, job_id, timeout=60)
+    assert job["state"] == "failure", job
+    assert "the agent stopped during the backup" in job["message"], job
+    assert not await backup_running(conn, VM)
+    assert {c.name for c in await list_checkpoints(conn, VM)} == before
+    # And it works on: the next backup succeeds (a full read since the restore above
+    # redefined the domain, storing nothing new).
+    job = await agent_backup(api, agent)
+    assert "by agent" in job["message"], job["message"]

@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from virtbackup.cli.agent.inflight import InFlight
 from virtbackup.contracts.v1.config import Destination
 from virtbackup.nbd import BASE_ALLOCATION, NbdClient
 from virtbackup.repository.destinations import open_repository
@@ -135,11 +136,17 @@ def new_checkpoint_name() -> str:
 
 
 async def run_backup(
-    job: dict[str, Any], destination: Destination, report: Report, *, scratch_dir: str
+    job: dict[str, Any],
+    destination: Destination,
+    report: Report,
+    *,
+    scratch_dir: str,
+    inflight: InFlight | None = None,
 ) -> str:
     """Run the leased backup ``job`` (the lease's ``job``) into ``destination``; returns
     the success message. Raises ``Cancelled`` when told to stop, anything else on failure
-    (the libvirt job is ended and its checkpoint dropped either way)."""
+    (the libvirt job is ended and its checkpoint dropped either way). ``inflight`` names
+    the running libvirt job meanwhile, for an agent started again after dying mid-job."""
     started = time.monotonic()
     vm = str(job["vmName"])
     server_id = str(job["serverId"])
@@ -161,8 +168,19 @@ async def run_backup(
         bj, incremental_from = await _begin(conn, vm, parent, scratch_dir)
         committed = False
         try:
+            if inflight is not None:
+                await inflight.record(
+                    jobId=str(job["id"]), vm=vm, checkpoint=bj.checkpoint, uri=uri
+                )
             message = await _transfer(
-                conn, repo, job, bj, parent if incremental_from else None, report, started
+                conn,
+                repo,
+                job,
+                bj,
+                parent if incremental_from else None,
+                report,
+                started,
+                inflight,
             )
             committed = True
             return message
@@ -172,6 +190,8 @@ async def run_backup(
             if not committed and bj.checkpoint:
                 with contextlib.suppress(Exception):
                     await discard_checkpoint(conn, vm, bj.checkpoint, host=LocalHost())
+            if inflight is not None:
+                await inflight.clear()
     finally:
         await conn.close()
         await repo.close()
@@ -295,6 +315,7 @@ async def _transfer(
     parent: RestorePoint | None,
     report: Report,
     started: float,
+    inflight: InFlight | None,
 ) -> str:
     vm, server_id = str(job["vmName"]), str(job["serverId"])
     xml = await domain_xml(conn, vm, inactive=True, secure=True)
@@ -357,6 +378,8 @@ async def _transfer(
     if not answer.get("commit"):
         raise Cancelled("commit refused")
     await repo.commit(point, manifests, xml)
+    if inflight is not None:
+        await inflight.record(committed=True)
     return (
         f"{kind} backup {timestamp} by agent: {counters.chunks_total} chunks read, "
         f"{counters.stored} stored, {counters.dedup} deduplicated"

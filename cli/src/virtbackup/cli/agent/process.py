@@ -9,7 +9,8 @@ from there (or ``--api-key`` / ``VIRTBACKUP_AGENT_KEY``).
 Then, until SIGTERM or SIGINT: a heartbeat every ``--heartbeat-seconds`` with the
 host's VMs (name, UUID, state, disks) and load, and a lease every ``--poll-seconds``;
 a leased backup runs here (``agent.backup``), reporting its stages and progress
-(``POST /api/v1/jobs/{id}/status``) and stopping when an answer says ``cancel``.
+(``POST /api/v1/jobs/{id}/status``) and stopping when an answer says ``cancel``. At
+start it first ends a backup a previous run left behind (``agent.inflight``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import httpx
 import msgspec
 
 from virtbackup.cli.agent.backup import Cancelled, run_backup
+from virtbackup.cli.agent.inflight import InFlight, recover
 from virtbackup.contracts.v1.config import Destination
 from virtbackup.runtime import __version__
 from virtbackup.runtime.clock import utcnow_iso
@@ -137,6 +139,15 @@ class Agent:
         self.client = client
         self.args = args
         self.stop = asyncio.Event()
+        self.inflight = InFlight(Path(args.key_file).with_name("inflight.json"))
+
+    async def recover(self) -> None:
+        """End what a previous run left mid-backup (``agent.inflight``)."""
+
+        async def report(job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+            return await self.client.post(f"/api/v1/jobs/{job_id}/status", body)
+
+        await recover(self.inflight, report)
 
     async def heartbeat(self) -> None:
         while not self.stop.is_set():
@@ -183,7 +194,13 @@ class Agent:
 
         log.info("job %s: backup of %s leased", job_id, job.get("vmName"))
         try:
-            message = await run_backup(job, destination, report, scratch_dir=self.args.scratch_dir)
+            message = await run_backup(
+                job,
+                destination,
+                report,
+                scratch_dir=self.args.scratch_dir,
+                inflight=self.inflight,
+            )
         except Cancelled:
             log.info("job %s: stopped (cancelled or ended by the server)", job_id)
             return
@@ -225,6 +242,7 @@ async def serve(args: argparse.Namespace, api_key: str | None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop.set)
     try:
+        await agent.recover()
         await asyncio.gather(agent.heartbeat(), agent.leases())
     finally:
         await client.close()
