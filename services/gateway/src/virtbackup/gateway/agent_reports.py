@@ -104,5 +104,5 @@ async def report_status(
             "level": line.level,
             "line": f"[agent {agent_id}] {line.line}",
         }
-        await gw.bus.nc.publish(f"{JOB_LOG_ROOT}.{job_id}", msgspec.json.encode(record))
+        await gw.bus.publish_core(f"{JOB_LOG_ROOT}.{job_id}", msgspec.json.encode(record))
     return {"success": True, "cancel": reply.cancel, "commit": reply.commit, "state": reply.state}
