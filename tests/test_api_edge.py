@@ -133,6 +133,17 @@ AGENT_POSTS: dict[str, dict[str, object]] = {
                                                      "outdatedAfterDays": 1, "serverId": "local",
                                                      "vmName": "no-such-vm"},
     "/ntfyme/test": {"token": "tk_none"},
+    # Remote agents (backend_agents): the agent routes answer the admin's token 403.
+    "/api/v1/agent/registration-tokens": {"expiresInSeconds": 60},
+    "/api/v1/agent/register": {"registrationToken": "vbreg_none", "hostname": "h", "os": "linux",
+                               "arch": "amd64", "agentVersion": "1"},
+    "/api/v1/heartbeat": {"status": "online", "agentVersion": "1", "configHash": "",
+                          "load": [0.1], "discoveredDomains": []},
+    "/api/v1/agent/heartbeat": {"status": "online"},
+    "/api/v1/agent/lease": {},
+    "/api/v1/jobs/{job_id}/status": {"status": "reading", "message": "m", "bytesRead": 1,
+                                     "output": [{"line": "l", "level": "info"}]},
+    "/api/v1/agents/{agent_id}/actions": {"action": "activate"},
 }  # fmt: skip
 #: Backup plans (backend-api.md's projects, pipelines, pipeline chains).
 PLAN_RUN: dict[str, object] = {
@@ -185,6 +196,7 @@ def _concrete(path: str) -> str:
     path = path.replace("{schedule_id}", "no-such-schedule")
     path = path.replace("{project_id}", "no-such-project")
     path = path.replace("{pipeline_db_id}", "no.such").replace("{chain_db_id}", "no.such")
+    path = path.replace("{agent_id}", "no-agent")
     return path.replace("{destination_id}", "no-such-destination")
 
 

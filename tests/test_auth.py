@@ -33,6 +33,9 @@ def test_every_route_requires_the_token(system: System) -> None:
         ("POST", "/jobs/x/cancel"),
     ]:
         assert expected in routes
+    # An agent registers with a one-time registration token in its body, not a header
+    # (backupagent-api.md): that route alone takes no token; an unknown token is a 401.
+    routes.remove(("POST", "/api/v1/agent/register"))
     routes += [("GET", "/schema/openapi.json"), ("GET", "/no-such-route")]
     bad_headers: list[dict[str, str]] = [
         {},
@@ -47,6 +50,10 @@ def test_every_route_requires_the_token(system: System) -> None:
                 resp = client.request(method, path, headers=headers)
                 assert resp.status_code == 401, (method, path, headers)
                 assert resp.json() == {"error": "unauthorized"}
+        register = {"registrationToken": "vbreg_wrong", "hostname": "h", "os": "linux",
+                    "arch": "amd64", "agentVersion": "1"}  # fmt: skip
+        resp = client.post("/api/v1/agent/register", json=register)
+        assert resp.status_code == 401, resp.text
 
 
 def test_both_token_headers_are_accepted(system: System) -> None:

@@ -12,6 +12,7 @@ and store (the services reconnect).
 ``virtbackup nats-auth`` prints the nats-server ``authorization`` block for a deployment
 (passwords from the environment), as kept in ``deploy/k8s/nats/auth.conf``;
 ``virtbackup new-secrets`` prints fresh passwords, a secret key and a token for one.
+``virtbackup agent`` runs a remote agent on a hypervisor host (``cli.agent``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pathlib import Path
 from secrets import token_urlsafe
 from typing import BinaryIO
 
+from virtbackup.cli.agent.process import add_parser as add_agent_parser
+from virtbackup.cli.agent.process import main as agent_main
 from virtbackup.cli.services import MODULES
 from virtbackup.contracts.subjects import JOB_ORCHESTRATOR, TRANSFER_WORKER
 from virtbackup.runtime.nats_auth import NatsAuth, deploy_authorization, deploy_secrets
@@ -250,7 +253,10 @@ def main() -> None:
         help="print fresh secrets for a deployment as KEY=value lines (compose .env, "
         "kubectl create secret --from-env-file)",
     )
+    add_agent_parser(sub)
     args = parser.parse_args()
+    if args.command == "agent":
+        sys.exit(agent_main(args))
     if args.command == "new-secrets":
         values = {**deploy_secrets(), "VIRTBACKUP_TOKEN": token_urlsafe(32)}
         print("".join(f"{key}={value}\n" for key, value in values.items()), end="")

@@ -73,6 +73,10 @@ PLANS: Final = BucketSpec(
     name="VB_PLANS",
     description="Backup plans: project.<id> (a project's plans and chains), run.<id> (runs).",
 )
+#: Remote agents (``virtbackup agent``): key ``agent.<id>`` (the record, its API key
+#: only as SHA-256), ``key.<sha256 hex>`` (the agent id a key belongs to) and
+#: ``regtoken.<sha256 hex>`` (a one-time registration token). Owned by the gateway.
+AGENTS: Final = BucketSpec(name="VB_AGENTS", history=1, description="Remote agents.")
 
 CONFIG_KEY: Final = "agent"
 
@@ -89,4 +93,5 @@ ALL: Final = (
     LEASES,
     EXPORTS,
     PLANS,
+    AGENTS,
 )

@@ -110,6 +110,10 @@ class JobCmd:
     STATS: Final = command("job", "stats")
     # The HyperSDK API's job definitions (``v1.schedules.JobSubmitRequest``).
     SUBMIT: Final = command("job", "submit")
+    # Remote agents (``v1.agents``): the gateway leases a queued backup to an agent and
+    # passes on what the agent reports about it.
+    AGENT_LEASE: Final = command("job", "agent-lease")
+    AGENT_STATUS: Final = command("job", "agent-status")
 
 
 class ScheduleCmd:

@@ -197,6 +197,11 @@ class Bus:
         )
         return event
 
+    async def publish_core(self, subject: str, body: bytes) -> None:
+        """Publish ``body`` on ``subject`` with core NATS (no acknowledgement: a stream
+        whose subjects include it keeps it, e.g. the jobs' output logs ``vb.log.job.*``)."""
+        await self.nc.publish(subject, body)
+
     async def publish_stored(
         self, subject: str, body: bytes, *, stream: StreamSpec, msg_id: str
     ) -> bool:

@@ -168,6 +168,8 @@ def _gateway() -> _Grants:
     g.events("config")
     g.follows_events()  # SSE, WebSocket
     g.owns(buckets.CONFIG)
+    g.owns(buckets.AGENTS)  # remote agents and their keys' hashes
+    g.sends("vb.log.job.>")  # remote agents' output lines, to their jobs' logs
     g.reads(buckets.WORKERS, create=False)
     # The notifier's share of the configuration (ntfy settings): that key only.
     g.reads(buckets.WEBHOOKS)

@@ -11,8 +11,10 @@ from litestar.openapi import OpenAPIConfig
 from litestar.plugins import InitPluginProtocol
 
 from virtbackup.contracts.v1.config import AgentConfig, SftpParams
+from virtbackup.gateway.agent_auth import AgentKeyAuth
 from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.controllers.agent import HealthController
+from virtbackup.gateway.controllers.backend_agents import BackendAgentsController
 from virtbackup.gateway.controllers.backend_plans import PLAN_CONTROLLERS
 from virtbackup.gateway.controllers.config import ConfigController
 from virtbackup.gateway.controllers.destinations import DestinationsController, GoogleTokensBody
@@ -48,6 +50,7 @@ CONTROLLERS = [
     LifecycleGcController,
     NotifyController,
     *PLAN_CONTROLLERS,
+    BackendAgentsController,
 ]
 
 
@@ -101,6 +104,8 @@ def create_app(gw: Gateway) -> Litestar:
     return app
 
 
-def create_asgi(gw: Gateway) -> TokenAuth:
-    """The application behind token authentication, which covers every path, known or not."""
-    return TokenAuth(create_app(gw), gw.token)  # type: ignore[arg-type]
+def create_asgi(gw: Gateway) -> AgentKeyAuth:
+    """The application behind token authentication, which covers every path, known or not
+    (remote agents' ``bak_`` keys open their own routes only: ``agent_auth``)."""
+    app = create_app(gw)
+    return AgentKeyAuth(app, TokenAuth(app, gw.token), gw.agents)  # type: ignore[arg-type]

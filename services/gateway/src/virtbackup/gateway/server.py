@@ -11,6 +11,7 @@ from collections.abc import Generator
 import uvicorn
 
 from virtbackup.contracts import buckets, streams, subjects
+from virtbackup.gateway.agents_store import AgentStore
 from virtbackup.gateway.app import create_asgi
 from virtbackup.gateway.config_store import ConfigStore
 from virtbackup.gateway.credentials import ensure_certificate, ensure_token
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 SPEC = ServiceSpec(
     name=subjects.GATEWAY,
     streams=(streams.EVENTS,),
-    buckets=(buckets.CONFIG, buckets.WEBHOOKS),
+    buckets=(buckets.CONFIG, buckets.WEBHOOKS, buckets.AGENTS),
 )
 
 
@@ -80,6 +81,7 @@ async def serve(settings: Settings | None = None) -> None:
         gw = Gateway(
             settings=settings, bus=ctx.bus, config=store, token=token, ntfy=mirror, secrets=box
         )
+        gw.agents = AgentStore(ctx.bucket(buckets.AGENTS))
         config = uvicorn.Config(
             create_asgi(gw),
             host=settings.agent_bind_host(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from virtbackup.gateway.agents_store import AgentStore
 from virtbackup.gateway.config_store import ConfigStore
 from virtbackup.gateway.ntfy_mirror import NtfyMirror
 from virtbackup.runtime.bus import Bus
@@ -21,3 +22,5 @@ class Gateway:
     ntfy: NtfyMirror | None = None
     #: Seals secrets a handler sends to a service (None: sent as they are).
     secrets: SecretBox | None = None
+    #: Remote agents and their keys (``VB_AGENTS``; None: no agent routes).
+    agents: AgentStore | None = None

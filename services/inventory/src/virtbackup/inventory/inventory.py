@@ -30,7 +30,7 @@ from virtbackup.inventory.hosts import HostServer
 from virtbackup.inventory.reconcile import reconcile
 from virtbackup.runtime.agent_config import read_agent_config
 from virtbackup.runtime.clock import utcnow_iso
-from virtbackup.runtime.errors import NotFound, Unavailable
+from virtbackup.runtime.errors import Conflict, NotFound, Unavailable
 from virtbackup.runtime.service import ServiceContext
 from virtbackup.virt import get_domain, list_domains
 from virtbackup.virt.errors import NotFound as VirtNotFound
@@ -60,6 +60,8 @@ class Inventory:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.entries: dict[str, ServerEntry] = {}
+        #: Servers a remote agent backs up (``agentId``): not reached from here.
+        self.agent_servers: dict[str, str] = {}
         self.timeout = ctx.settings.server_timeout
         #: The CA and client certificate of the NBD exports (made at first start).
         self.creds = ExportCredentials.load(ctx.settings.nbd_pki_dir)
@@ -87,6 +89,11 @@ class Inventory:
 
     def entry(self, server_id: str) -> ServerEntry:
         entry = self.entries.get(server_id)
+        if entry is None and server_id in self.agent_servers:
+            raise Conflict(
+                f"server {server_id!r} is served by remote agent "
+                f"{self.agent_servers[server_id]}: the inventory does not reach its host"
+            )
         if entry is None:
             raise NotFound(f"server {server_id!r} not found")
         return entry
@@ -94,7 +101,9 @@ class Inventory:
     async def sync_config(self) -> None:
         """Bring the servers in line with the configuration (added, changed, removed)."""
         cfg, _ = await read_agent_config(self.ctx.bucket(buckets.CONFIG))
-        wanted: dict[str, Server] = {s.id: s for s in cfg.servers}
+        # A server a remote agent backs up is that agent's to reach (``virtbackup agent``).
+        self.agent_servers = {s.id: s.agent_id for s in cfg.servers if s.agent_id}
+        wanted: dict[str, Server] = {s.id: s for s in cfg.servers if not s.agent_id}
         for server_id in list(self.entries):
             entry = self.entries[server_id]
             server = wanted.get(server_id)

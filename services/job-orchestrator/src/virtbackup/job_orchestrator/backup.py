@@ -35,6 +35,7 @@ from virtbackup.contracts.v1.inventory import (
 )
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
+from virtbackup.job_orchestrator.agent_jobs import run_agent_backup
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import (
@@ -217,6 +218,8 @@ async def run_backup(jc: JobContext, job: Job) -> str:
     started = time.monotonic()
     cfg = await jc.config()
     server = next(s for s in cfg.servers if s.id == job.server_id)
+    if job.params.get("agentId"):
+        return await run_agent_backup(jc, job)  # its agent reads and writes (agent_jobs)
     fraction = partial_max_fraction(find_destination(cfg, job.destination_id).driver_id)
     repo = await jc.repository(job.destination_id)
     try:

@@ -40,6 +40,7 @@ from virtbackup.contracts.v1.jobs import (
     RestoreRequest,
     SanityRequest,
 )
+from virtbackup.job_orchestrator.agent_jobs import agent_of
 from virtbackup.job_orchestrator.jobctx import JobContext, job_payload
 from virtbackup.job_orchestrator.restore import (
     plan_restore,
@@ -112,19 +113,25 @@ async def backup(jc: JobContext, req: BackupRequest) -> Job:
     cfg = await jc.config()
     find_server(cfg, req.server_id)
     dest = find_destination(cfg, req.destination_id)
-    # The VM must exist (404 from the inventory otherwise).
-    await jc.bus.request(
-        InventoryCmd.VM_INFO,
-        VmRef(server_id=req.server_id, vm_name=req.vm_name),
-        VmInfo,
-        timeout=timeouts.INVENTORY_QUERY,
-    )
+    agent_id = agent_of(cfg, req.server_id)
+    if agent_id is None:
+        # The VM must exist (404 from the inventory otherwise); a remote agent's host is
+        # not the inventory's to reach: its agent fails the job if the VM is unknown.
+        await jc.bus.request(
+            InventoryCmd.VM_INFO,
+            VmRef(server_id=req.server_id, vm_name=req.vm_name),
+            VmInfo,
+            timeout=timeouts.INVENTORY_QUERY,
+        )
+    params: dict[str, Any] = {"fresh": req.fresh and jc.settings.debug}
+    if agent_id is not None:
+        params["agentId"] = agent_id
     return await jc.submit(
         "backup",
         server_id=req.server_id,
         vm_name=req.vm_name,
         destination_id=dest.id,
-        params={"fresh": req.fresh and jc.settings.debug},
+        params=params,
         lock_vm=True,
         run=execute,
     )

@@ -152,7 +152,9 @@ async def recover(jc: JobContext, job: Job) -> None:
     state: JobState = "canceled" if job.cancel_requested else "failure"
     message = "cancelled by user" if job.cancel_requested else f"{lost} while {job.phase}"
     try:
-        if job.type == "backup":
+        if job.type == "backup" and job.params.get("agentId"):
+            pass  # its agent ends its libvirt job when its next report is answered `cancel`
+        elif job.type == "backup":
             state, message = await _recover_backup(jc, job, state, message)
         elif job.type == "restore":
             state, message = await _recover_restore(jc, job, state, message)

@@ -5,6 +5,7 @@ that ends the jobs of instances that died, and the instant-access exports' comma
 from __future__ import annotations
 
 from virtbackup.contracts import buckets, streams, subjects
+from virtbackup.job_orchestrator.agent_jobs import agent_commands
 from virtbackup.job_orchestrator.definitions import definition_commands
 from virtbackup.job_orchestrator.exports import close_exports, export_commands, open_exports
 from virtbackup.job_orchestrator.handlers import commands
@@ -38,6 +39,7 @@ async def register(ctx: ServiceContext) -> None:
     schedule_commands.attach(ctx.bus, jc)
     definition_commands.attach(ctx.bus, jc)
     plan_commands.attach(ctx.bus, jc)
+    agent_commands.attach(ctx.bus, jc)
 
 
 async def start(ctx: ServiceContext) -> None:

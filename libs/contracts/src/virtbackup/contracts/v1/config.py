@@ -244,6 +244,12 @@ class Server(Strict, kw_only=True):
     uri: Annotated[str, msgspec.Meta(max_length=2048, pattern=_PRINTABLE)] = ""
     host_key: HostKey = ""
     restore_directories: list[PathText] | None = None
+    #: A remote agent (``virtbackup agent``) on this server's host backs up its VMs: a
+    #: backup of one is queued for that agent's lease instead of the bus.
+    agent_id: Id | None = None
+    #: The destinations whose parameters (credentials included) that agent may receive
+    #: in a lease; a backup of this server to any other destination fails.
+    agent_destination_ids: list[Id] = msgspec.field(default_factory=list)
 
 
 class MetricsSettings(Strict, kw_only=True):
@@ -401,6 +407,12 @@ def validate_config(cfg: AgentConfig) -> None:
             raise ConfigError(f"duplicate server id {server.id!r} - at `{where}.id`")
         server_ids.add(server.id)
         _check_server(server, where)
+        for j, dest_id in enumerate(server.agent_destination_ids):
+            if dest_id not in seen:
+                raise ConfigError(
+                    f"agentDestinationIds names no destination {dest_id!r} - at "
+                    f"`{where}.agentDestinationIds[{j}]`"
+                )
     _check_ntfy(cfg.ntfy)
 
 

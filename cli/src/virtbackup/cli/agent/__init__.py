@@ -1,0 +1,1 @@
+"""The remote agent (``virtbackup agent``): see ``process``."""

@@ -1,0 +1,97 @@
+"""What the agent must clean up if it dies mid-backup: one small file beside its key.
+
+While a libvirt backup job of the agent runs, ``inflight.json`` (0600) names it: the
+job id, the VM, the new checkpoint, the libvirt URI, and whether the restore point was
+committed. An agent killed then (SIGKILL, a crash, a reboot of the service) finds it
+when it starts again (:func:`recover`): it ends the libvirt job, drops the checkpoint
+unless the point was committed, and reports the job's end, so that the next backup of
+that VM neither finds a job in its way nor misses a change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from virtbackup.virt import end_backup, open_connection
+from virtbackup.virt.checkpoints import discard_checkpoint
+from virtbackup.virt.host import LocalHost
+
+log = logging.getLogger(__name__)
+
+
+class InFlight:
+    """The record of the backup in progress, at ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(record, out)
+        os.replace(tmp, self.path)
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            value = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    async def record(self, **fields: Any) -> None:
+        """Merge ``fields`` into the record (written atomically)."""
+        current = await asyncio.to_thread(self._read) or {}
+        await asyncio.to_thread(self._write, {**current, **fields})
+
+    async def read(self) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self._read)
+
+    async def clear(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(self.path.unlink)
+
+
+Report = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+async def recover(inflight: InFlight, report: Report) -> str | None:
+    """End what a previous run of the agent left (see the module); the id of the job it
+    concerned, or ``None`` when nothing was left. ``report(job_id, body)`` sends a
+    status report."""
+    record = await inflight.read()
+    if not record:
+        return None
+    job_id, vm = str(record.get("jobId", "")), str(record.get("vm", ""))
+    checkpoint, committed = record.get("checkpoint"), bool(record.get("committed"))
+    conn = await open_connection(str(record.get("uri") or "qemu:///system"))
+    try:
+        with contextlib.suppress(Exception):
+            await end_backup(conn, vm, host=LocalHost())
+        if isinstance(checkpoint, str) and checkpoint and not committed:
+            with contextlib.suppress(Exception):
+                await discard_checkpoint(conn, vm, checkpoint, host=LocalHost())
+    finally:
+        await conn.close()
+    line = "the agent stopped during the backup: its libvirt job was ended when it started"
+    body: dict[str, Any] = (
+        {"status": "completed", "message": f"backup committed; {line}"}
+        if committed
+        else {"status": "failed", "errorMessage": line}
+    )
+    body["output"] = [{"level": "warn", "line": line}]
+    try:
+        await report(job_id, body)
+    except Exception as exc:  # the job may have ended and gone meanwhile
+        log.info("job %s: reporting its end after a restart failed: %s", job_id, exc)
+    await inflight.clear()
+    log.warning("job %s: %s", job_id, line)
+    return job_id

@@ -1,0 +1,81 @@
+"""Authentication of remote agents (``bak_`` keys) in front of the token check.
+
+* ``POST /api/v1/agent/register`` takes no header: its body's one-time registration
+  token is its credential (checked by the handler).
+* An ``Authorization: Bearer bak_...`` key opens only the agent routes
+  (:data:`AGENT_ROUTES`: ``POST`` of the heartbeats, the lease and a job's status),
+  and only while the key belongs to a registered agent; the agent's id is put in the
+  ASGI scope (:data:`AGENT_SCOPE_KEY`) for the handler, which acts for that agent only
+  (``backend_agents.calling_agent``). Anywhere else, or unknown or revoked, it is a 401
+  like any wrong token. A route added here must check the agent itself: a job's
+  artifacts and tests join once their handlers do.
+* Every other request goes to the installation's token check (``auth.TokenAuth``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from virtbackup.gateway.agents_store import KEY_PREFIX, AgentStore
+from virtbackup.gateway.auth import UNAUTHORIZED, ASGIApp, Receive, Scope, Send
+
+#: Where the handlers find the id of the agent whose key authenticated the request.
+AGENT_SCOPE_KEY: Final = "virtbackup.agent_id"
+REGISTER_PATH: Final = "/api/v1/agent/register"
+AGENT_ROUTES: Final = re.compile(
+    r"^/api/v1/(heartbeat|agent/heartbeat|agent/lease|jobs/[^/]+/status)$"
+)
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            text: str = value.decode("latin-1")
+            if text[:7].lower() == "bearer ":
+                return text[7:].strip()
+    return None
+
+
+async def _unauthorized(send: Send) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(UNAUTHORIZED)).encode()),
+                (b"www-authenticate", b"Bearer"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": UNAUTHORIZED})
+
+
+class AgentKeyAuth:
+    """ASGI middleware: agent keys and registration before ``token_auth`` (see module)."""
+
+    def __init__(self, app: ASGIApp, token_auth: ASGIApp, store: AgentStore | None) -> None:
+        self.app = app
+        self.token_auth = token_auth
+        self.store = store
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.store is None:
+            await self.token_auth(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if path == REGISTER_PATH and scope.get("method") == "POST":
+            await self.app(scope, receive, send)
+            return
+        presented = _bearer(scope)
+        if presented is None or not presented.startswith(KEY_PREFIX):
+            await self.token_auth(scope, receive, send)
+            return
+        agent_route = scope.get("method") == "POST" and AGENT_ROUTES.match(path)
+        agent = await self.store.authenticate(presented) if agent_route else None
+        if agent is None:
+            await _unauthorized(send)
+            return
+        scope[AGENT_SCOPE_KEY] = agent.id
+        await self.app(scope, receive, send)

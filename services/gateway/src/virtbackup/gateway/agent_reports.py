@@ -1,0 +1,108 @@
+"""The gateway's side of a remote agent's lease and reports (see ``agent_jobs`` in the
+job-orchestrator for the job's side).
+
+A lease answer carries the one destination the job writes to, with its parameters and
+encryption passphrase in clear: the agent writes the repository itself. It is added
+here, from the configuration, only to the authenticated HTTPS answer of the agent the
+job is leased to, and only when the server's ``agentDestinationIds`` allow that
+destination; it is never on the bus and never logged.
+
+A report's output lines go to the job's output log, ``vb.log.job.<job id>``
+(``{"ts", "level", "line"}``, prefixed ``[agent <id>]``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from virtbackup.contracts.subjects import JobCmd
+from virtbackup.contracts.v1.agents import (
+    AgentLease,
+    AgentStatusReply,
+    AgentStatusRequest,
+)
+from virtbackup.gateway.state import Gateway
+from virtbackup.runtime.clock import utcnow_iso
+
+if TYPE_CHECKING:
+    from virtbackup.gateway.controllers.backend_agents import JobStatusBody
+
+#: The subject root of the jobs' output logs (shared decision of issue 16).
+JOB_LOG_ROOT = "vb.log.job"
+
+
+async def lease_answer(gw: Gateway, agent_id: str, lease: AgentLease) -> dict[str, Any]:
+    """What ``POST /api/v1/agent/lease`` answers for the orchestrator's ``lease``."""
+    if not lease.assigned or lease.job_id is None:
+        return {"assigned": False, "message": lease.message or "no job waits for this agent"}
+    cfg, _ = await gw.config.load()
+    server = next((s for s in cfg.servers if s.id == lease.server_id), None)
+    dest = next((d for d in cfg.destinations if d.id == lease.destination_id), None)
+    if (
+        server is None
+        or dest is None
+        or server.agent_id != agent_id
+        or dest.id not in server.agent_destination_ids
+    ):
+        # The configuration changed since the job was queued: the job fails, and the
+        # destination's credentials stay here.
+        await gw.bus.request(
+            JobCmd.AGENT_STATUS,
+            AgentStatusRequest(
+                agent_id=agent_id,
+                job_id=lease.job_id,
+                stage="failed",
+                error=f"destination {lease.destination_id} is no longer allowed for this agent",
+            ),
+            AgentStatusReply,
+        )
+        return {"assigned": False, "message": "the leased job's destination is not allowed"}
+    return {
+        "assigned": True,
+        "message": f"backup of {lease.vm_name} leased",
+        "job": {
+            "id": lease.job_id,
+            "type": lease.job_type,
+            "serverId": lease.server_id,
+            "vmName": lease.vm_name,
+            "destinationId": lease.destination_id,
+            "fresh": lease.fresh,
+        },
+        "destination": msgspec.to_builtins(dest),
+    }
+
+
+async def report_status(
+    gw: Gateway, agent_id: str, job_id: str, body: JobStatusBody
+) -> dict[str, Any]:
+    """Pass an agent's report on (``JobCmd.AGENT_STATUS``: 404 for a job not leased to
+    it) and its output lines to the job's log; the answer has ``cancel``/``commit``."""
+    reply = await gw.bus.request(
+        JobCmd.AGENT_STATUS,
+        AgentStatusRequest(
+            agent_id=agent_id,
+            job_id=job_id,
+            stage=body.status,
+            message=body.message,
+            error=body.error_message + (f" ({body.error_code})" if body.error_code else ""),
+            bytes_read=body.bytes_read,
+            bytes_written=body.bytes_written,
+            total_bytes=body.total_bytes,
+            chunks_done=body.chunks_done,
+            chunks_total=body.chunks_total,
+            timestamp=body.timestamp,
+            checkpoint=body.checkpoint,
+            parent_timestamp=body.parent_timestamp,
+        ),
+        AgentStatusReply,
+    )
+    for line in body.output:
+        record = {
+            "ts": line.ts or utcnow_iso(),
+            "level": line.level,
+            "line": f"[agent {agent_id}] {line.line}",
+        }
+        await gw.bus.publish_core(f"{JOB_LOG_ROOT}.{job_id}", msgspec.json.encode(record))
+    return {"success": True, "cancel": reply.cancel, "commit": reply.commit, "state": reply.state}

@@ -1,0 +1,423 @@
+"""Remote agents (backend-api.md, backupagent-api.md): registration, keys, lease, status,
+deactivation, against the real system (NATS, every service, gateway over HTTPS) and a
+real VM (libvirtd/QEMU), a filesystem destination.
+
+The agent is ``virtbackup agent`` as its own process, started without any NATS setting
+or credential: it reaches only the gateway. Server ``remote`` names it (``agentId``), so
+its VMs' backups are leased to it; server ``local`` is the same libvirt seen by the
+inventory, used to restore and compare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from harness import System, running_system, same, snapshot, wait_job
+from nats.aio.msg import Msg
+
+from virtbackup.testing.nats import connect
+from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
+from virtbackup.virt import Connection, backup_running, list_checkpoints
+
+pytestmark = pytest.mark.libvirt
+
+MiB = 1 << 20
+VM = f"vbt-agent-{os.getpid()}"
+#: Seconds the agent waits before it asks to commit (``VIRTBACKUP_AGENT_DEBUG_HOLDS``).
+HOLD = 3.0
+#: The destination's passphrase: the agent gets it in its lease, and no log holds it.
+PASSPHRASE = f"agent-pass-{os.getpid()}-7f3a"
+
+
+@pytest.fixture(scope="module")
+def sysm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    with running_system(tmp_path_factory.mktemp("agents"), workers=1, orchestrators=1) as system:
+        yield system
+
+
+@pytest.fixture(scope="module")
+async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
+    directory = vm_directory()
+    small = await create_vm(conn, VM, directory, [64 * MiB])
+    try:
+        yield small
+    finally:
+        await remove_vm(conn, VM, delete_directory=directory)
+
+
+@pytest.fixture(scope="module")
+async def api(sysm: System) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=sysm.url, headers=sysm.auth(), verify=False, timeout=60
+    ) as client:
+        yield client
+
+
+async def new_token(api: httpx.AsyncClient, seconds: int = 600) -> str:
+    resp = await api.post("/api/v1/agent/registration-tokens", json={"expiresInSeconds": seconds})
+    assert resp.status_code == 201, resp.text
+    body = resp.json()
+    assert body["token"] and body["expiresAt"].endswith("Z")
+    token: str = body["token"]
+    return token
+
+
+def register_body(token: str) -> dict[str, str]:
+    return {
+        "registrationToken": token,
+        "hostname": "kvm-test",
+        "os": "linux",
+        "arch": "amd64",
+        "agentVersion": "0.1.0",
+    }
+
+
+def start_process(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+
+
+@pytest.fixture(scope="module")
+async def agent(
+    sysm: System, api: httpx.AsyncClient, repo_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[dict[str, Any]]:
+    """The agent process, registered with a one-time token, and the configuration that
+    gives it server ``remote`` and destination ``fs``."""
+    home = tmp_path_factory.mktemp("agent-home")
+    scratch = vm_directory(prefix="vbtest-agent-scratch-")  # QEMU must traverse it
+    key_file = home / "keys" / "agent.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTBACKUP_")}
+    env.update(
+        VIRTBACKUP_DEBUG="1",
+        VIRTBACKUP_AGENT_DEBUG_HOLDS=json.dumps({"before:committing": HOLD}),
+    )
+    cmd = [
+        sys.executable, "-m", "virtbackup.cli", "agent",
+        "--gateway", sysm.url,
+        "--ca-file", str(sysm.data_dir / "tls" / "agent.crt"),
+        "--key-file", str(key_file),
+        "--scratch-dir", str(scratch),
+        "--poll-seconds", "0.3",
+        "--heartbeat-seconds", "1",
+    ]  # fmt: skip
+    token = await new_token(api)
+    proc = start_process([*cmd, "--registration-token", token], env, home / "agent.log")
+    procs = [proc]
+    try:
+        deadline = time.monotonic() + 30
+        while not key_file.exists():
+            assert proc.poll() is None, (home / "agent.log").read_text()
+            assert time.monotonic() < deadline, "the agent did not register"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.2)
+        keys = json.loads(key_file.read_text())
+        assert keys["apiKey"].startswith("bak_")
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert key_file.parent.stat().st_mode & 0o777 == 0o700
+        other = home / "other"
+        other.mkdir()
+        cfg = {
+            "servers": [
+                {"id": "local", "name": "This host", "host": ""},
+                {
+                    "id": "remote",
+                    "name": "Remote site",
+                    "host": "",
+                    "agentId": keys["agentId"],
+                    "agentDestinationIds": ["fs"],
+                },
+            ],
+            "destinations": [
+                {
+                    "id": "fs",
+                    "driverId": "filesystem",
+                    "params": {"path": str(repo_dir)},
+                    "encryption": {"cipher": "aes-256-gcm", "passphrase": PASSPHRASE},
+                },
+                {"id": "other", "driverId": "filesystem", "params": {"path": str(other)}},
+            ],
+            "backupDestinationId": "fs",
+        }
+        resp = await api.post("/config", json=cfg)
+        assert resp.status_code == 200, resp.text
+        yield {**keys, "procs": procs, "cmd": cmd, "log": home / "agent.log", "env": env}
+    finally:
+        for each in procs:
+            each.send_signal(signal.SIGTERM)
+            try:
+                each.wait(15)
+            except subprocess.TimeoutExpired:
+                each.kill()
+                each.wait(5)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def key_headers(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_registration_tokens_are_one_time_and_expire(
+    sysm: System, api: httpx.AsyncClient
+) -> None:
+    async with httpx.AsyncClient(base_url=sysm.url, verify=False, timeout=30) as anon:
+        # Making tokens is the admin's: no token, or an agent's key, is 401.
+        resp = await anon.post("/api/v1/agent/registration-tokens", json={})
+        assert resp.status_code == 401
+        token = await new_token(api)
+        resp = await anon.post("/api/v1/agent/register", json=register_body(token))
+        assert resp.status_code == 201, resp.text
+        first = resp.json()
+        assert first["apiKey"].startswith("bak_") and first["agentId"]
+        again = await anon.post("/api/v1/agent/register", json=register_body(token))
+        assert again.status_code == 401, again.text
+        assert "used or expired" in again.json()["error"]
+
+        expiring = await new_token(api, seconds=1)
+        await asyncio.sleep(1.5)
+        resp = await anon.post("/api/v1/agent/register", json=register_body(expiring))
+        assert resp.status_code == 401, resp.text
+
+        # A body with an unknown field changes nothing (400 naming it).
+        fresh = await new_token(api)
+        resp = await anon.post(
+            "/api/v1/agent/register", json={**register_body(fresh), "hostName": "x"}
+        )
+        assert resp.status_code == 400 and "hostName" in resp.json()["error"], resp.text
+        resp = await anon.post("/api/v1/agent/register", json=register_body(fresh))
+        assert resp.status_code == 201, resp.text
+
+        key = key_headers(first["apiKey"])
+        # The key opens the agent routes only.
+        for method, path in [
+            ("GET", "/config"),
+            ("GET", "/api/v1/agents"),
+            ("GET", "/jobs"),
+            ("GET", "/api/v1/jobs/no-such-job/artifacts"),
+            ("GET", "/api/v1/agent/lease"),
+        ]:
+            resp = await anon.request(method, path, headers=key)
+            assert resp.status_code == 401, (path, resp.text)
+        resp = await anon.post("/api/v1/agent/registration-tokens", json={}, headers=key)
+        assert resp.status_code == 401
+        resp = await anon.post("/api/v1/agent/lease", json={}, headers=key)
+        assert resp.status_code == 200 and resp.json()["assigned"] is False, resp.text
+        resp = await anon.post("/api/v1/heartbeat", json={"status": "online"}, headers=key)
+        assert resp.status_code == 200 and resp.json()["state"] == "active", resp.text
+        # A job not leased to this agent is none of its business.
+        jobs = (await api.get("/jobs")).json()
+        for job_id in [j["id"] for j in jobs[:1]] + ["no-such-job"]:
+            resp = await anon.post(
+                f"/api/v1/jobs/{job_id}/status", json={"status": "failed"}, headers=key
+            )
+            assert resp.status_code == 404, resp.text
+        # An unknown key, and a revoked one, are 401.
+        unknown = key_headers("bak_" + "x" * 43)
+        resp = await anon.post("/api/v1/agent/lease", json={}, headers=unknown)
+        assert resp.status_code == 401
+        resp = await api.delete(f"/api/v1/agents/{first['agentId']}")
+        assert resp.status_code == 200, resp.text
+        for path in ("/api/v1/agent/lease", "/api/v1/heartbeat"):
+            resp = await anon.post(path, json={}, headers=key)
+            assert resp.status_code == 401, (path, resp.text)
+        # The admin's token is no agent: the agent routes want a key.
+        resp = await api.post("/api/v1/agent/lease", json={})
+        assert resp.status_code == 403, resp.text
+
+
+async def wait_agent_seen(api: httpx.AsyncClient, agent_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        resp = await api.get(f"/api/v1/agents/{agent_id}")
+        assert resp.status_code == 200, resp.text
+        view: dict[str, Any] = resp.json()
+        if view["lastHeartbeat"] and any(d["name"] == VM for d in view["discoveredDomains"]):
+            return view
+        assert time.monotonic() < deadline, view
+        await asyncio.sleep(0.3)
+
+
+async def agent_backup(api: httpx.AsyncClient, agent: dict[str, Any]) -> dict[str, Any]:
+    resp = await api.post("/servers/remote/backup", json={"vmName": VM})
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, resp.json()["jobId"])
+    assert job["state"] == "success", (job["message"], agent["log"].read_text()[-3000:])
+    return job
+
+
+async def test_agent_backs_up_through_lease_and_status(
+    sysm: System,
+    api: httpx.AsyncClient,
+    agent: dict[str, Any],
+    vm: SmallVm,
+    conn: Connection,
+    repo_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    assert not any(k.startswith("VIRTBACKUP_NATS") for k in agent["env"])
+    view = await wait_agent_seen(api, agent["agentId"])
+    assert (view["kind"], view["state"], view["version"]) == ("remote", "active", "0.1.0")
+    assert len(view["load"]["loadAverage"]) == 3
+    listed = (await api.get("/api/v1/agents")).json()
+    kinds = {a["kind"] for a in listed}
+    assert kinds == {"worker", "remote"}, listed
+    assert all("apiKey" not in a and "keySha256" not in a for a in listed)
+
+    # The inventory does not reach an agent's host: it says whose host it is.
+    resp = await api.get("/servers/remote/vms")
+    assert resp.status_code == 409 and agent["agentId"] in resp.json()["error"], resp.text
+
+    # A destination the admin did not allow for the agent: the job fails, nothing leased.
+    resp = await api.post("/servers/remote/backup", json={"vmName": VM, "destinationId": "other"})
+    assert resp.status_code == 200, resp.text
+    refused = await wait_job(api, resp.json()["jobId"])
+    assert refused["state"] == "failure" and "not allowed" in refused["message"], refused
+
+    await guest_write(conn, VM, "vda", 4096, 3 * MiB, pattern=0x5A)
+    await guest_write(conn, VM, "vda", 40 * MiB, MiB, pattern=0x6B)
+    full = await agent_backup(api, agent)
+    assert full["message"].startswith("full backup") and "by agent" in full["message"], full
+    assert full["params"]["agentId"] == agent["agentId"]
+    assert full["result"]["agent"]["outcome"] == "completed"
+    assert full["result"]["parentTimestamp"] is None
+    assert full["bytesTransferred"] > 0 and full["physicalBytes"] > 0
+    names = {c.name for c in await list_checkpoints(conn, VM)}
+    assert full["result"]["checkpoint"] in names
+    # The agent made the repository, encrypted with the passphrase its lease carried.
+    made = json.loads((repo_dir / "VirtBackup" / "repository.json").read_text())
+    assert made["encryption"] and made["hash"] == "blake3-keyed", made
+
+    # The next one reads only what changed since (libvirt's checkpoint of the first).
+    await guest_write(conn, VM, "vda", 20 * MiB + 512, 2 * MiB, pattern=0x7C)
+    snap = snapshot(vm, tmp_path_factory.mktemp("agent-snap"))[0]
+    nc = await connect(sysm.nats)
+    lines: list[tuple[str, dict[str, Any]]] = []
+
+    async def on_line(msg: Msg) -> None:
+        lines.append((msg.subject, json.loads(msg.data)))
+
+    await nc.subscribe("vb.log.job.>", cb=on_line)
+    try:
+        inc = await agent_backup(api, agent)
+    finally:
+        await nc.drain()
+    # Its output lines went to the job's log, in the shared shape.
+    mine = [line for subject, line in lines if subject == f"vb.log.job.{inc['id']}"]
+    assert any("incremental backup" in line["line"] for line in mine), lines
+    assert all(
+        line["line"].startswith(f"[agent {agent['agentId']}] ") and line["level"] == "info"
+        for line in mine
+    ), mine
+    assert inc["message"].startswith("incremental backup"), inc["message"]
+    assert inc["result"]["parentTimestamp"] == full["result"]["timestamp"]
+    assert inc["bytesTransferred"] < full["bytesTransferred"], (inc, full)
+    timestamp = inc["result"]["timestamp"]
+
+    # The point restores bit-identical (through the inventory and the transfer worker).
+    off = await api.post("/servers/local/actions", json={"action": "forceOff", "vmName": VM})
+    assert off.status_code == 200, off.text
+    resp = await api.post(
+        "/servers/local/restore/start",
+        json={
+            "xmlPath": f"vms/{VM}/{timestamp}/domain.xml",
+            "decision": "overwrite",
+            "destinationId": "fs",
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    restored = await wait_job(api, resp.json()["jobId"])
+    assert restored["state"] == "success", restored
+    assert same(vm.disks[0], snap)
+    logs = [*sysm.data_dir.glob("*.log"), agent["log"]]
+    assert len(logs) > 5
+    for log in logs:
+        assert PASSPHRASE not in log.read_text(errors="replace"), log
+    on = await api.post("/servers/local/actions", json={"action": "start", "vmName": VM})
+    assert on.status_code == 200, on.text
+
+
+async def test_deactivating_mid_job_cancels_it(
+    sysm: System, api: httpx.AsyncClient, agent: dict[str, Any], vm: SmallVm, conn: Connection
+) -> None:
+    before = {c.name for c in await list_checkpoints(conn, VM)}
+    resp = await api.post("/servers/remote/backup", json={"vmName": VM})
+    assert resp.status_code == 200, resp.text
+    job_id = resp.json()["jobId"]
+    deadline = time.monotonic() + 60
+    while True:  # leased, reading (the agent holds HOLD seconds before it commits)
+        job = (await api.get(f"/jobs/{job_id}")).json()
+        if job["phase"] == "transferring":
+            break
+        assert job["state"] in {"queued", "running"} and time.monotonic() < deadline, job
+        await asyncio.sleep(0.1)
+    resp = await api.post(
+        f"/api/v1/agents/{agent['agentId']}/actions", json={"action": "deactivate"}
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["state"] == "deactivated"
+    assert resp.json()["cancelledJobIds"] == [job_id]
+    job = await wait_job(api, job_id)
+    # The cancel request's terminal mutation (backend-api's view: status=failed,
+    # error="cancelled by user").
+    assert (job["state"], job["message"]) == ("canceled", "cancelled by user"), job
+
+    async with httpx.AsyncClient(base_url=sysm.url, verify=False, timeout=30) as anon:
+        resp = await anon.post("/api/v1/agent/lease", json={}, headers=key_headers(agent["apiKey"]))
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"assigned": False, "message": "agent is deactivated"}
+    # The agent saw the cancel: its libvirt job ended, its new checkpoint dropped.
+    deadline = time.monotonic() + 30
+    while (
+        await backup_running(conn, VM)
+        or {c.name for c in await list_checkpoints(conn, VM)} != before
+    ):
+        assert time.monotonic() < deadline, agent["log"].read_text()[-3000:]
+        await asyncio.sleep(0.2)
+    view = (await api.get(f"/api/v1/agents/{agent['agentId']}")).json()
+    assert view["state"] == "deactivated"
+
+    resp = await api.post(f"/api/v1/agents/{agent['agentId']}/actions", json={"action": "wake"})
+    assert resp.status_code == 400, resp.text
+    resp = await api.post(f"/api/v1/agents/{agent['agentId']}/actions", json={"action": "activate"})
+    assert resp.status_code == 200 and resp.json()["state"] == "active", resp.text
+    assert (await api.get("/api/v1/agents/nope")).status_code == 404
+
+
+async def test_an_agent_killed_mid_job_cleans_up_when_it_starts_again(
+    api: httpx.AsyncClient, agent: dict[str, Any], vm: SmallVm, conn: Connection
+) -> None:
+    before = {c.name for c in await list_checkpoints(conn, VM)}
+    resp = await api.post("/servers/remote/backup", json={"vmName": VM})
+    assert resp.status_code == 200, resp.text
+    job_id = resp.json()["jobId"]
+    deadline = time.monotonic() + 60
+    while (await api.get(f"/jobs/{job_id}")).json()["phase"] != "transferring":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    killed = agent["procs"][-1]
+    killed.kill()  # SIGKILL: no cleanup of its own
+    killed.wait(10)
+    assert await backup_running(conn, VM)  # left behind
+
+    again = start_process(agent["cmd"], agent["env"], agent["log"])  # reads its key file
+    agent["procs"].append(again)
+    job = await wait_job(api, job_id, timeout=60)
+    assert job["state"] == "failure", job
+    assert "the agent stopped during the backup" in job["message"], job
+    assert not await backup_running(conn, VM)
+    assert {c.name for c in await list_checkpoints(conn, VM)} == before
+    # And it works on: the next backup succeeds (a full read since the restore above
+    # redefined the domain, storing nothing new).
+    job = await agent_backup(api, agent)
+    assert "by agent" in job["message"], job["message"]
