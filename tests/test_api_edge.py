@@ -133,6 +133,11 @@ AGENT_POSTS: dict[str, dict[str, object]] = {
                                                      "outdatedAfterDays": 1, "serverId": "local",
                                                      "vmName": "no-such-vm"},
     "/ntfyme/test": {"token": "tk_none"},
+    "/api/v1/vault/connections": {"id": "edge", "name": "n", "kind": "sftp",
+                                  "host": "127.0.0.1", "port": 1, "username": "u",
+                                  "password": "p", "privateKey": "", "hostKey": "",
+                                  "basePath": "/b", "saveOnFailure": False},
+    "/api/v1/vault/connections/{connection_id}/test": {},
 }  # fmt: skip
 HYPERSDK_JOB: dict[str, object] = {
     "vm_path": "local/no-such-vm",
@@ -170,6 +175,7 @@ async def test_every_post_route_is_walked(
 def _concrete(path: str) -> str:
     path = path.replace("{server_id}", "local").replace("{job_id}", "no-such-job")
     path = path.replace("{schedule_id}", "no-such-schedule")
+    path = path.replace("{connection_id}", "no-such-connection")
     return path.replace("{destination_id}", "no-such-destination")
 
 

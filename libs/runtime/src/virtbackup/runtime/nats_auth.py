@@ -168,6 +168,10 @@ def _gateway() -> _Grants:
     g.events("config")
     g.follows_events()  # SSE, WebSocket
     g.owns(buckets.CONFIG)
+    # The vault: its connections (sealed under the vault key, which only the gateway
+    # holds), and the services' requests for the credentials they use (runtime.vault).
+    g.owns(buckets.VAULT)
+    g.answers(f"{subjects.CMD_ROOT}.vault.>")
     g.reads(buckets.WORKERS, create=False)
     # The notifier's share of the configuration (ntfy settings): that key only.
     g.reads(buckets.WEBHOOKS)
@@ -182,6 +186,7 @@ def _inventory() -> _Grants:
     g.owns(buckets.INVENTORY)
     # VB_LOCKS: cleanup refuses a VM that a backup or restore holds.
     g.reads(buckets.CONFIG, buckets.JOBS, buckets.LOCKS)
+    g.sends(subjects.VaultCmd.OPEN_SSH)  # servers' SSH logins kept in the vault
     return g
 
 
@@ -192,6 +197,7 @@ def _job_orchestrator() -> _Grants:
     g.answers(f"{subjects.CMD_ROOT}.schedule.>")  # schedules (the scheduler runs here)
     g.sends(f"{subjects.CMD_ROOT}.inventory.>")
     g.sends(subjects.WorkerCmd.SERVE_EXPORT)
+    g.sends(subjects.VaultCmd.OPEN_DESTINATION)  # destinations' credentials in the vault
     g.events("job", "agent", "schedule")
     g.follows_events()  # unit.done
     g.owns(buckets.JOBS, buckets.SCHEDULES, buckets.CONFIG, buckets.LOCKS, buckets.LEASES)
@@ -209,6 +215,7 @@ def _transfer_worker() -> _Grants:
     # VB_CONFIG: destinations' credentials, and a refreshed Google Drive token is kept.
     g.owns(buckets.WORKERS, buckets.CONFIG)
     g.reads(buckets.JOBS)
+    g.sends(subjects.VaultCmd.OPEN_DESTINATION)  # destinations' credentials in the vault
     # Instant access: serve an export, activate and end its record.
     g.answers(subjects.WorkerCmd.SERVE_EXPORT)
     g.owns(buckets.EXPORTS)

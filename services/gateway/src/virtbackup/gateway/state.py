@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from virtbackup.gateway.config_store import ConfigStore
 from virtbackup.gateway.ntfy_mirror import NtfyMirror
+from virtbackup.gateway.vault_store import VaultStore
 from virtbackup.runtime.bus import Bus
 from virtbackup.runtime.sealing import SecretBox
 from virtbackup.runtime.settings import Settings
@@ -21,3 +22,5 @@ class Gateway:
     ntfy: NtfyMirror | None = None
     #: Seals secrets a handler sends to a service (None: sent as they are).
     secrets: SecretBox | None = None
+    #: The vault's connections (``vault_store``; None in tests without one).
+    vault: VaultStore | None = None
