@@ -312,9 +312,11 @@ def deploy_authorization() -> str:
 
 def deploy_secrets() -> dict[str, str]:
     """Fresh values for a deployment's secrets, by environment variable: every NATS
-    user's password (:func:`password_variable`) and ``VIRTBACKUP_SECRET_KEY``."""
+    user's password (:func:`password_variable`), ``VIRTBACKUP_SECRET_KEY`` and
+    ``VIRTBACKUP_VAULT_KEY`` (the vault's key: for the gateway only, ``runtime.vault``)."""
     out = {password_variable(user): pw for user, pw in NatsAuth.generate().passwords.items()}
     out["VIRTBACKUP_SECRET_KEY"] = new_key()
+    out["VIRTBACKUP_VAULT_KEY"] = new_key()
     return out
 
 
