@@ -11,9 +11,12 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from harness import System, running_system, same, snapshot, wait_job
 
+from virtbackup.contracts.subjects import VaultCmd
+from virtbackup.testing.nats import connect
 from virtbackup.testing.seaweedfs import SeaweedServer
 from virtbackup.testing.sshd import SshdServer, sshd_server
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
@@ -296,3 +299,30 @@ async def test_a_server_logs_in_with_a_vault_connection(
         assert VM in vms.text
         stored = (await api.get("/config")).json()["servers"][-1]
         assert stored["password"] == stored["privateKey"] == ""
+
+
+async def test_a_service_gets_only_what_the_configuration_gives_it_and_only_sealed(
+    system: System, sshd: SshdServer
+) -> None:
+    """On the bus, as the transfer workers log in: the SFTP destination's credentials
+    come sealed (no password in the reply's bytes); a connection no destination names
+    (the server's SSH login) and an unknown one are refused."""
+    assert sshd.password
+    worker = await connect(system.nats, "transfer-worker")
+    try:
+
+        async def ask(connection_id: str) -> dict[str, Any]:
+            body = msgspec.json.encode({"connectionId": connection_id})
+            reply = await worker.request(VaultCmd.OPEN_DESTINATION, body, timeout=10)
+            assert sshd.password and sshd.password.encode() not in reply.data
+            decoded: dict[str, Any] = msgspec.json.decode(reply.data)
+            return decoded
+
+        given = (await ask("sftp-login"))["result"]
+        assert given["kind"] == "sftp"
+        assert given["fields"]["username"] == sshd.username
+        assert given["fields"]["password"].startswith("vbsec:v1:")
+        for refused in ("root-login", "nope"):
+            assert (await ask(refused))["error"]["code"] == "not_found"
+    finally:
+        await worker.close()
