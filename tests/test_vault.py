@@ -16,6 +16,7 @@ import pytest
 from harness import System, running_system, same, snapshot, wait_job
 
 from virtbackup.contracts.subjects import VaultCmd
+from virtbackup.testing.gdrive import FakeGoogleDrive
 from virtbackup.testing.nats import connect
 from virtbackup.testing.seaweedfs import SeaweedServer
 from virtbackup.testing.sshd import SshdServer, sshd_server
@@ -50,8 +51,23 @@ def seaweed() -> Iterator[SeaweedServer]:
 
 
 @pytest.fixture(scope="module")
-def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    with running_system(tmp_path_factory.mktemp("vault"), orchestrators=1) as running:
+def drive() -> Iterator[FakeGoogleDrive]:
+    """A stand-in for Google's Drive v3 and token endpoints (Google is not reachable)."""
+    with FakeGoogleDrive() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory, drive: FakeGoogleDrive) -> Iterator[System]:
+    # Google's endpoints are the stand-in's; its OAuth client is given only in the vault.
+    api = drive.api()
+    with running_system(
+        tmp_path_factory.mktemp("vault"),
+        orchestrators=1,
+        VIRTBACKUP_GDRIVE_API_BASE=api.api_base,
+        VIRTBACKUP_GDRIVE_UPLOAD_BASE=api.upload_base,
+        VIRTBACKUP_GOOGLE_TOKEN_URL=api.token_url,
+    ) as running:
         yield running
 
 
@@ -326,3 +342,37 @@ async def test_a_service_gets_only_what_the_configuration_gives_it_and_only_seal
             assert (await ask(refused))["error"]["code"] == "not_found"
     finally:
         await worker.close()
+
+
+async def test_google_drive_client_and_refresh_token_in_the_vault(
+    api: httpx.AsyncClient, system: System, drive: FakeGoogleDrive
+) -> None:
+    tokens = drive.issue_tokens()
+    body = {
+        "id": "google",
+        "kind": "gdrive",
+        "clientId": drive.client_id,
+        "clientSecret": drive.client_secret,
+        "refreshToken": tokens.refresh_token,
+    }
+    refused = await api.post(CONNECTIONS, json={**body, "clientSecret": "wrong"})
+    assert refused.status_code == 400, refused.text
+    assert "Google refused" in refused.json()["error"]
+    resp = await api.post(CONNECTIONS, json=body)
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["clientSecret"] == resp.json()["refreshToken"] == "********"
+    cfg = (await api.get("/config")).json()
+    gd = {"id": "gd", "driverId": "gdrive", "params": {"rootPath": "/vault"}}
+    cfg["destinations"].append({**gd, "vaultConnectionId": "google"})
+    assert (await api.post("/config", json=cfg)).status_code == 200
+    refreshes = drive.refreshes
+    resp = await api.post("/servers/local/backup", json={"vmName": VM, "destinationId": "gd"})
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, resp.json()["jobId"])
+    assert job["state"] == "success", job
+    assert drive.refreshes > refreshes  # with the vault's client: none is configured
+    gdrive = (await api.get("/config")).json()["backup"]["gdrive"]
+    assert gdrive["accessToken"] == gdrive["refreshToken"] == ""  # nothing stored there
+    for secret in (drive.client_secret, tokens.refresh_token):
+        raw = secret.encode()
+        assert not [p for p in system.data_dir.rglob("*") if p.is_file() and raw in p.read_bytes()]

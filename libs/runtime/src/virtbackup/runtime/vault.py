@@ -180,12 +180,20 @@ _DESTINATION_FIELDS: Final = {
 }
 
 
-async def resolve_destination(bus: Bus, box: SecretBox, dest: Destination) -> Destination:
-    """``dest`` with the credentials of its vault connection in its params (only where
-    the params leave them empty); ``dest`` itself when it names none. ``Unavailable``
-    when the gateway does not answer or refuses."""
+#: What a Google Drive destination's connection gives (wire names).
+GOOGLE_FIELDS: Final = ("clientId", "clientSecret", "refreshToken")
+
+
+async def resolve_destination(
+    bus: Bus, box: SecretBox, dest: Destination
+) -> tuple[Destination, dict[str, str]]:
+    """``dest`` with the credentials of its vault connection in its params (SFTP, S3;
+    only where the params leave them empty), and for Google Drive the OAuth client and
+    refresh token (``clientId``, ``clientSecret``, ``refreshToken``; else ``{}``), for
+    ``repository.destinations.open_repository(..., google=...)``. ``(dest, {})`` when it
+    names no connection. ``Unavailable`` when the gateway does not answer or refuses."""
     if dest.vault_connection_id is None:
-        return dest
+        return dest, {}
     try:
         creds = await _credentials(
             bus, subjects.VaultCmd.OPEN_DESTINATION, dest.vault_connection_id
@@ -197,9 +205,11 @@ async def resolve_destination(bus: Bus, box: SecretBox, dest: Destination) -> De
             f"destination {dest.id}: vault connection {dest.vault_connection_id!r}: {exc}"
         ) from None
     fields = _opened(box, creds)
+    if dest.driver_id == "gdrive":
+        return dest, {key: str(fields.get(key, "")) for key in GOOGLE_FIELDS}
     params = dict(dest.params)
     for key in _DESTINATION_FIELDS.get(dest.driver_id, ()):
         value = fields.get(key)
         if value and not params.get(key):
             params[key] = value
-    return msgspec.structs.replace(dest, params=params)
+    return msgspec.structs.replace(dest, params=params), {}

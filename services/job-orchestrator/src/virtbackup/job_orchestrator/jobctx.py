@@ -154,9 +154,9 @@ class JobContext:
     ) -> Repository:
         cfg = await self.config()
         dest = find_destination(cfg, destination_id)
-        dest = await resolve_destination(self.ctx.bus, service_box(self.ctx), dest)
+        dest, google = await resolve_destination(self.ctx.bus, service_box(self.ctx), dest)
         return await open_repository(
-            dest, cfg, create=create, locked=locked, on_refresh=self.store_tokens
+            dest, cfg, create=create, locked=locked, on_refresh=self.store_tokens, google=google
         )
 
     async def store_tokens(self, tokens: GoogleTokens) -> None:

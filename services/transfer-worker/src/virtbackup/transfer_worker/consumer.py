@@ -88,8 +88,9 @@ class Resources:
             repo = self.repos.get(destination_id)
             if repo is None:
                 dest = find_destination(cfg, destination_id)
-                dest = await resolve_destination(self.ctx.bus, service_box(self.ctx), dest)
-                repo = await open_repository(dest, cfg, on_refresh=self.store_tokens)
+                box = service_box(self.ctx)
+                dest, google = await resolve_destination(self.ctx.bus, box, dest)
+                repo = await open_repository(dest, cfg, on_refresh=self.store_tokens, google=google)
                 self.repos[destination_id] = repo
             return repo
 

@@ -421,9 +421,11 @@ class InstantExports:
         cfg, _ = await read_agent_config(self.ctx.bucket(buckets.CONFIG))
         dest = find_destination(cfg, record.destination_id)
         where = f"destination {dest.id!r}"
-        dest = await resolve_destination(self.ctx.bus, service_box(self.ctx), dest)
+        dest, google = await resolve_destination(self.ctx.bus, service_box(self.ctx), dest)
         try:
-            repo = await open_repository(dest, cfg, create=False, on_refresh=self._store_tokens)
+            repo = await open_repository(
+                dest, cfg, create=False, on_refresh=self._store_tokens, google=google
+            )
         except (StorageError, RepositoryError) as exc:
             raise Unavailable(f"{where} cannot be read: {exc}") from None
         try:

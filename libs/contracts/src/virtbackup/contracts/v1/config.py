@@ -447,9 +447,10 @@ def _check_ntfy(ntfy: NtfySettings) -> None:
 
 
 #: The params of each driver that a vault connection holds instead (wire names).
-VAULT_PARAM_SECRETS: Final = {
+VAULT_PARAM_SECRETS: Final[dict[str, tuple[str, ...]]] = {
     "sftp": ("password", "privateKey"),
     "s3": ("secretKey",),
+    "gdrive": (),
 }
 
 
@@ -459,7 +460,7 @@ def _check_vault_params(dest: Destination, where: str) -> None:
     secrets = VAULT_PARAM_SECRETS.get(dest.driver_id)
     if secrets is None:
         raise ConfigError(
-            f"driver {dest.driver_id!r} takes no vault connection (sftp and s3 do) - at "
+            f"driver {dest.driver_id!r} takes no vault connection (sftp, s3 and gdrive do) - at "
             f"`{where[: -len('.params')]}.vaultConnectionId`"
         )
     for key in secrets:
