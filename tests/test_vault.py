@@ -272,6 +272,14 @@ async def test_s3_keys_in_the_vault_back_up(
     assert resp.status_code == 400
     assert "needs a s3 one" in resp.json()["error"]
     assert "$.destinations[1].vaultConnectionId" in resp.json()["error"]
+    # Tested over plain HTTP (SeaweedFS here): a destination must say the same.
+    tls = {
+        **cfg,
+        "destinations": [*cfg["destinations"], {**s3, "params": {**s3_params, "secure": True}}],
+    }
+    resp = await api.post("/config", json=tls)
+    assert resp.status_code == 400
+    assert "secure" in resp.json()["error"]
     cfg["destinations"].append(s3)
     assert (await api.post("/config", json=cfg)).status_code == 200
     resp = await api.post("/servers/local/backup", json={"vmName": VM, "destinationId": "s3v"})
@@ -315,6 +323,8 @@ async def test_a_server_logs_in_with_a_vault_connection(
         assert VM in vms.text
         stored = (await api.get("/config")).json()["servers"][-1]
         assert stored["password"] == stored["privateKey"] == ""
+        # The host key the connection pinned (and tested) when it was saved.
+        assert stored["hostKey"] == (await listed(api))["root-login"]["hostKey"]
 
 
 async def test_a_service_gets_only_what_the_configuration_gives_it_and_only_sealed(

@@ -109,7 +109,8 @@ class ConfigStore:
         self.kv = kv
         self.yaml_path = yaml_path
         #: Checks a posted configuration's references to the vault (``BadRequest``).
-        self.check: Callable[[AgentConfig], Awaitable[None]] | None = None
+        #: Returns it with the host keys of the vault connections it names filled in.
+        self.check: Callable[[AgentConfig], Awaitable[AgentConfig]] | None = None
 
     async def load(self) -> tuple[AgentConfig, int]:
         """The stored configuration and its revision (defaults and 0 when none is stored)."""
@@ -163,7 +164,7 @@ class ConfigStore:
             merged = unmask_secrets(posted, config_to_builtins(current))
             cfg = forget_moved_pins(decode_config(msgspec.json.encode(merged)), current)
             if self.check is not None:
-                await self.check(cfg)
+                cfg = await self.check(cfg)
             cfg = await pin_host_keys(cfg)
             try:
                 if revision:

@@ -17,6 +17,7 @@ secret is never sent to another host than the one it was given for (as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from typing import Any, Final
@@ -253,9 +254,14 @@ class VaultStore:
         return record, ok
 
     async def test(self, connection_id: str) -> tuple[_Record, bool]:
-        """Test a stored connection and record the outcome (``status``)."""
+        """Test a stored connection and record the outcome (``status``); an SSH or SFTP
+        connection saved while its host did not answer gets its host key pinned now."""
         for _ in range(5):
             record, revision = await self._get(connection_id)
+            if record.kind in ("ssh", "sftp") and not record.fields.get("hostKey"):
+                with contextlib.suppress(HostKeyUnavailable):
+                    host, port = record.fields["host"], record.fields["port"]
+                    record.fields["hostKey"] = await fetch_host_key(host, port)
             ok, message = await run_test(record.kind, self.credentials(record))
             record.status, record.message, record.tested_at = (
                 "ok" if ok else "failing",
@@ -283,10 +289,15 @@ class VaultStore:
 
     # -- the configuration's references ---------------------------------------------
 
-    async def check_config(self, cfg: AgentConfig) -> None:
-        """``BadRequest`` naming the field for a server or destination that refers to a
-        connection that does not exist, is of another kind, or is for another address."""
+    async def check_config(self, cfg: AgentConfig) -> AgentConfig:
+        """``cfg`` with the host key of each connection that a server or SFTP destination
+        without a ``hostKey`` refers to (the key pinned and tested when the connection was
+        saved, rather than one fetched now). ``BadRequest`` naming the field for a
+        reference to a connection that does not exist, is of another kind, or is for
+        another address, user or scheme."""
+        servers = []
         for i, server in enumerate(cfg.servers):
+            servers.append(server)
             if server.vault_connection_id is None:
                 continue
             where = f"$.servers[{i}].vaultConnectionId"
@@ -299,7 +310,11 @@ class VaultStore:
             self._same_address(
                 record, server.host, server.port, server.username, f"server {server.id}", where
             )
+            if not server.host_key and record.fields.get("hostKey"):
+                servers[-1] = msgspec.structs.replace(server, host_key=record.fields["hostKey"])
+        destinations = []
         for i, dest in enumerate(cfg.destinations):
+            destinations.append(dest)
             if dest.vault_connection_id is None:
                 continue
             where = f"$.destinations[{i}].vaultConnectionId"
@@ -320,6 +335,9 @@ class VaultStore:
                     f"destination {dest.id}",
                     where,
                 )
+                if not params.host_key and record.fields.get("hostKey"):
+                    pinned = {**dest.params, "hostKey": record.fields["hostKey"]}
+                    destinations[-1] = msgspec.structs.replace(dest, params=pinned)
             elif isinstance(params, S3Params):
                 endpoint = record.fields.get("endpoint", "")
                 if params.endpoint.rstrip("/").lower() != str(endpoint).rstrip("/").lower():
@@ -327,6 +345,15 @@ class VaultStore:
                         f"vault connection {record.id!r} is for endpoint {endpoint!r}, not "
                         f"{params.endpoint!r}: its secrets go only there - at `{where}`"
                     )
+                # Tested as the connection says (S3's default: TLS): never sent in clear
+                # to where it was tested with TLS.
+                if params.secure != record.fields.get("secure", True):
+                    raise BadRequest(
+                        f"vault connection {record.id!r} has secure "
+                        f"{record.fields.get('secure', True)}, this destination {params.secure}"
+                        f" - at `{where}`"
+                    )
+        return msgspec.structs.replace(cfg, servers=servers, destinations=destinations)
 
     async def _referred(self, connection_id: str, where: str) -> _Record:
         try:
