@@ -157,6 +157,10 @@ async def test_bad_input_saves_nothing(api: httpx.AsyncClient, sshd: SshdServer)
     assert (await api.delete(f"{CONNECTIONS}/wrong")).status_code == 204
     assert (await api.delete(f"{CONNECTIONS}/wrong")).status_code == 404
     assert (await api.post(f"{CONNECTIONS}/nope/test")).status_code == 404
+    for bad_id in ("a%20b", "a%00b", "x" * 201):
+        resp = await api.delete(f"{CONNECTIONS}/{bad_id}")
+        assert resp.status_code == 400, (bad_id, resp.text)
+        assert "connectionId" in resp.json()["error"] or "connection_id" in resp.json()["error"]
     assert "wrong" not in await listed(api)
 
 
