@@ -3,10 +3,11 @@ vault key), their tests, the configuration's references to them, and the service
 requests for their credentials.
 
 A record (key = connection id) is JSON: ``id``, ``name``, ``kind``, ``fields`` (the
-non-secret fields: host, port, username, hostKey, endpoint, ...), ``sealed`` (the secret
-fields, sealed by ``runtime.vault.VaultCipher`` with the id as associated data),
-``status`` (``ok`` or ``failing``), ``message`` (the last test's), ``testedAt`` and
-``createdAt``. Nothing in it is a secret in clear.
+non-secret fields: host, port, username, hostKey, endpoint, ...), ``secrets`` (the names
+of its secret fields), ``sealed`` (the secret fields, sealed by
+``runtime.vault.VaultCipher`` with the id as associated data), ``status`` (``ok`` or
+``failing``), ``message`` (the last test's), ``testedAt`` and ``createdAt``. Nothing in
+it is a secret in clear.
 
 A connection says where its secrets may go (``host``/``port`` or ``endpoint``): a
 server or destination may refer to it only at that address (a 400 otherwise), so a
@@ -66,6 +67,8 @@ class _Record(msgspec.Struct, kw_only=True, rename="camel"):
     name: str = ""
     kind: str
     fields: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: The names of the secret fields it holds (shown masked).
+    secrets: list[str] = msgspec.field(default_factory=list)
     sealed: str = ""
     status: str = "ok"
     message: str = ""
@@ -185,9 +188,8 @@ class VaultStore:
         """The record as the API shows it: secrets masked, never in clear."""
         body: dict[str, Any] = {"id": record.id, "name": record.name, "kind": record.kind}
         body.update(record.fields)
-        for key in record.fields.get("_secrets", []):
+        for key in record.secrets:
             body[key] = SECRET_MASK
-        body.pop("_secrets", None)
         body.update(
             {
                 "status": record.status,
@@ -205,8 +207,7 @@ class VaultStore:
             secret = self.cipher.open(record.id, record.sealed)
         except SecretKeyError as exc:
             raise Conflict(str(exc)) from None
-        fields = {k: v for k, v in record.fields.items() if k != "_secrets"}
-        return {**fields, **secret}
+        return {**record.fields, **secret}
 
     # -- create, test, delete ---------------------------------------------------------
 
@@ -230,12 +231,12 @@ class VaultStore:
             except HostKeyUnavailable as exc:
                 if not body.save_on_failure:
                     raise BadRequest(f"connection test failed: {exc}") from None
-        public["_secrets"] = sorted(secret)
         record = _Record(
             id=connection_id,
             name=body.name,
             kind=body.kind,
             fields=public,
+            secrets=sorted(secret),
             sealed=self.cipher.seal(connection_id, secret),
             created_at=utcnow_iso(),
         )
