@@ -57,3 +57,14 @@ def test_the_vault_key_comes_from_the_environment_a_secret_file_or_is_made(
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     again = VaultCipher.from_settings(load_settings(data_dir=data))
     assert again.open("c", made.seal("c", SECRETS)) == SECRETS
+
+
+def test_a_rotated_out_key_still_opens_what_it_sealed() -> None:
+    old, new = new_key(), new_key()
+    sealed = VaultCipher.from_settings(load_settings(vault_key=old)).seal("c", SECRETS)
+    rotating = VaultCipher.from_settings(load_settings(vault_key=new, vault_key_previous=old))
+    assert rotating.open("c", sealed) == SECRETS
+    assert not rotating.is_current(sealed)
+    assert rotating.is_current(rotating.seal("c", SECRETS))
+    with pytest.raises(SecretKeyError, match="VIRTBACKUP_VAULT_KEY_PREVIOUS"):
+        VaultCipher.from_settings(load_settings(vault_key=new)).open("c", sealed)

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     #: ``<data_dir>/secrets/vault-key`` (created at first use, mode 0600).
     vault_key: SecretStr | None = None
     vault_key_file: Path | None = None
+    #: Earlier vault keys, comma-separated, still opened during a rotation (the gateway
+    #: seals every connection again under the current key when it starts).
+    vault_key_previous: SecretStr | None = None
     token: SecretStr | None = None
     agent_host: str | None = None
     agent_port: int = 33551

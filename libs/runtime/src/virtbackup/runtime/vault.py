@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+from collections.abc import Iterable
 from typing import Any, Final
 
 import msgspec
@@ -62,29 +63,44 @@ def _decode(text: str, where: str) -> bytes:
 
 
 class VaultCipher:
-    """Seals and opens the secret fields of vault connections under the vault key."""
+    """Seals and opens the secret fields of vault connections under the vault key (and
+    opens what earlier keys sealed, during a rotation)."""
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, previous: Iterable[bytes] = ()) -> None:
         if len(key) != KEY_BYTES:
             raise SecretKeyError(f"the vault key has {len(key)} bytes, expected {KEY_BYTES}")
         self._aead = AESGCM(key)
         self.key_id = hashlib.sha256(key).hexdigest()[:8]
+        self._keys = {hashlib.sha256(k).hexdigest()[:8]: AESGCM(k) for k in (*previous, key)}
+
+    def is_current(self, value: str) -> bool:
+        """Whether ``value`` is sealed under the current key (else it is to be sealed
+        again: see ``gateway.vault_store.VaultStore.reseal``)."""
+        return value.startswith(f"{PREFIX}{self.key_id}:")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VaultCipher:
         """The cipher of ``VIRTBACKUP_VAULT_KEY``, else of ``VIRTBACKUP_VAULT_KEY_FILE``
         (which must exist), else of ``<data dir>/secrets/vault-key`` (made if missing).
-        ``SecretKeyError`` for a malformed or missing key."""
+        ``VIRTBACKUP_VAULT_KEY_PREVIOUS`` (comma-separated) still opens. ``SecretKeyError``
+        for a malformed or missing key."""
+        previous = []
+        if settings.vault_key_previous is not None:
+            for part in settings.vault_key_previous.get_secret_value().split(","):
+                if part.strip():
+                    previous.append(_decode(part, "VIRTBACKUP_VAULT_KEY_PREVIOUS"))
         if settings.vault_key is not None:
-            return cls(_decode(settings.vault_key.get_secret_value(), "VIRTBACKUP_VAULT_KEY"))
-        if settings.vault_key_file is not None:
+            key = _decode(settings.vault_key.get_secret_value(), "VIRTBACKUP_VAULT_KEY")
+        elif settings.vault_key_file is not None:
             path = settings.vault_key_file
             try:
                 text = path.read_text(encoding="utf-8")
             except OSError as exc:
                 raise SecretKeyError(f"VIRTBACKUP_VAULT_KEY_FILE {path}: {exc}") from None
-            return cls(_decode(text, str(path)))
-        return cls(load_or_create_key_file(settings.vault_key_path))
+            key = _decode(text, str(path))
+        else:
+            key = load_or_create_key_file(settings.vault_key_path)
+        return cls(key, previous)
 
     def seal(self, connection_id: str, fields: dict[str, str]) -> str:
         """``fields`` (the secret fields of connection ``connection_id``) sealed."""
@@ -100,14 +116,15 @@ class VaultCipher:
         if not value.startswith(PREFIX):
             raise SecretKeyError(f"vault connection {connection_id!r}: not a sealed value")
         key_id, _, body = value[len(PREFIX) :].partition(":")
-        if key_id != self.key_id:
+        aead = self._keys.get(key_id)
+        if aead is None:
             raise SecretKeyError(
-                f"vault connection {connection_id!r} is sealed under key {key_id}, not the "
-                f"configured vault key {self.key_id} (VIRTBACKUP_VAULT_KEY)"
+                f"vault connection {connection_id!r} is sealed under key {key_id}, which is "
+                "not configured (VIRTBACKUP_VAULT_KEY / VIRTBACKUP_VAULT_KEY_PREVIOUS)"
             )
         try:
             raw = base64.urlsafe_b64decode(body)
-            plain = self._aead.decrypt(raw[:12], raw[12:], _AAD + connection_id.encode())
+            plain = aead.decrypt(raw[:12], raw[12:], _AAD + connection_id.encode())
             fields = msgspec.json.decode(plain, type=dict[str, str])
         except (ValueError, InvalidTag, msgspec.DecodeError):
             raise SecretKeyError(

@@ -61,6 +61,12 @@ class _Server(uvicorn.Server):
         yield
 
 
+async def _reseal(vault: VaultStore) -> None:
+    count = await vault.reseal()
+    if count:
+        log.info("vault connections sealed again under the current key", extra={"count": count})
+
+
 async def serve(settings: Settings | None = None) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
     settings = settings or load_settings()
@@ -83,6 +89,7 @@ async def serve(settings: Settings | None = None) -> None:
         ctx.spawn(mirror.follow(), "ntfy-settings-for-the-notifier")
         vault = VaultStore(ctx.bucket(buckets.VAULT), VaultCipher.from_settings(settings), box)
         store.check = vault.check_config  # references to the vault (vaultConnectionId)
+        ctx.spawn(_reseal(vault), "vault-reseal")  # after a rotation of the vault key
         gw = Gateway(
             settings=settings,
             bus=ctx.bus,

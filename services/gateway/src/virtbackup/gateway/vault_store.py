@@ -276,6 +276,33 @@ class VaultStore:
             return record, ok
         raise Conflict(f"vault connection {connection_id!r} is being changed; try again")
 
+    async def reseal(self) -> int:
+        """Seal every connection sealed under an earlier vault key again under the
+        current one (compare-and-swap per record; run at the gateway's start, so that a
+        rotated-out key can be dropped once it ran). Returns how many were sealed again;
+        a record that does not open is logged and left as it is."""
+        count = 0
+        for record in await self.records():
+            if self.cipher.is_current(record.sealed):
+                continue
+            for _ in range(5):
+                current, revision = await self._get(record.id)
+                if self.cipher.is_current(current.sealed):
+                    break
+                try:
+                    opened = self.cipher.open(current.id, current.sealed)
+                except SecretKeyError as exc:
+                    log.error("vault connection not sealed again: %s", exc)
+                    break
+                current.sealed = self.cipher.seal(current.id, opened)
+                try:
+                    await self.kv.update(current.id, msgspec.json.encode(current), last=revision)
+                except KeyWrongLastSequenceError:
+                    continue
+                count += 1
+                break
+        return count
+
     async def delete(self, connection_id: str, cfg: AgentConfig) -> None:
         """Remove a connection; ``Conflict`` naming the servers and destinations that
         refer to it, ``NotFound`` when there is none."""
