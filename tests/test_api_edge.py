@@ -157,6 +157,11 @@ AGENT_POSTS |= {
        for verb in ("run-selection", "dry-run-preview", "eligible-agents")},
     **{f"/api/v1/pipeline-chains/{{chain_db_id}}/{verb}": PLAN_RUN
        for verb in ("run", "dry-run-preview", "eligible-agents")},
+    "/api/v1/vault/connections": {"id": "edge", "name": "n", "kind": "sftp",
+                                  "host": "127.0.0.1", "port": 1, "username": "u",
+                                  "password": "p", "privateKey": "", "hostKey": "",
+                                  "basePath": "/b", "saveOnFailure": False},
+    "/api/v1/vault/connections/{connection_id}/test": {},
 }  # fmt: skip
 HYPERSDK_JOB: dict[str, object] = {
     "vm_path": "local/no-such-vm",
@@ -197,6 +202,7 @@ def _concrete(path: str) -> str:
     path = path.replace("{project_id}", "no-such-project")
     path = path.replace("{pipeline_db_id}", "no.such").replace("{chain_db_id}", "no.such")
     path = path.replace("{agent_id}", "no-agent")
+    path = path.replace("{connection_id}", "no-such-connection")
     return path.replace("{destination_id}", "no-such-destination")
 
 

@@ -120,6 +120,18 @@ async def _job_event(nc: Client) -> Any:
     return await js.publish("vb.evt.job.finished.j1", b'{"type": "job.finished"}')
 
 
+async def _vault_ssh(nc: Client) -> Any:
+    return await nc.request("vb.cmd.vault.open-ssh", b"{}", timeout=REFUSED_WITHIN)
+
+
+async def _vault_destination(nc: Client) -> Any:
+    return await nc.request("vb.cmd.vault.open-destination", b"{}", timeout=REFUSED_WITHIN)
+
+
+async def _read_vault(nc: Client) -> Any:
+    return await nc.request("$JS.API.DIRECT.GET.KV_VB_VAULT", b"{}", timeout=REFUSED_WITHIN)
+
+
 DENIED: list[tuple[str, str, Attempt]] = [
     ("notifier", "read the configuration", _read_config),
     ("notifier", "read the configuration through the direct-get API", _read_config_directly),
@@ -140,6 +152,16 @@ DENIED: list[tuple[str, str, Attempt]] = [
     ("notifier", "write an instant-access export's record", _write_export),
     ("inventory", "ask a worker to serve an export", _serve_export),
     ("notifier", "ask a worker to serve an export", _serve_export),
+    # The vault: only the gateway reads its bucket; the inventory may ask for SSH logins
+    # only, the orchestrator and the workers for destinations' credentials only.
+    ("inventory", "ask the vault for a destination's credentials", _vault_destination),
+    ("transfer-worker", "ask the vault for an SSH login", _vault_ssh),
+    ("job-orchestrator", "ask the vault for an SSH login", _vault_ssh),
+    ("notifier", "ask the vault for an SSH login", _vault_ssh),
+    ("notifier", "ask the vault for a destination's credentials", _vault_destination),
+    ("inventory", "read the vault's bucket", _read_vault),
+    ("transfer-worker", "read the vault's bucket", _read_vault),
+    ("job-orchestrator", "read the vault's bucket", _read_vault),
 ]
 
 

@@ -73,3 +73,29 @@ def test_the_inventory_and_the_workers_share_the_exports_pki() -> None:
         assert mount.get("readOnly", False) is read_only
     kustomization = yaml.safe_load((ROOT / "deploy/k8s/kustomization.yaml").read_text())
     assert "pki.yaml" in kustomization["resources"]
+
+
+def test_only_the_gateway_gets_the_vault_key() -> None:
+    """The vault's key opens every vault connection: compose, k8s and Helm give it to the
+    gateway alone (runtime.vault), and ``virtbackup new-secrets`` makes one."""
+    from virtbackup.contracts.subjects import GATEWAY, SERVICES
+    from virtbackup.runtime.nats_auth import deploy_secrets
+
+    assert len(deploy_secrets()["VIRTBACKUP_VAULT_KEY"]) == 44  # base64 of 32 bytes
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for service in SERVICES:
+        has = "VIRTBACKUP_VAULT_KEY" in compose[service]["environment"]
+        assert has == (service == GATEWAY), service
+    docs: list[Any] = []
+    for name in ("gateway.yaml", "services.yaml"):
+        docs += [d for d in yaml.safe_load_all((ROOT / "deploy/k8s" / name).read_text()) if d]
+    for deployment in (d for d in docs if d["kind"] == "Deployment"):
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        has = "VIRTBACKUP_VAULT_KEY" in env
+        assert has == (deployment["metadata"]["name"] == GATEWAY), deployment["metadata"]
+        assert {"secretRef": {"name": "virtbackup-vault"}} not in container["envFrom"]
+    helm = (ROOT / "helm/virtbackup/templates/deployments.yaml").read_text()
+    gateway_only = helm.split('{{- if eq $name "gateway" }}')
+    assert helm.count("VIRTBACKUP_VAULT_KEY") == 2
+    assert "VIRTBACKUP_VAULT_KEY" in gateway_only[1]

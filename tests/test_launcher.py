@@ -114,7 +114,7 @@ def test_up_secures_the_bus_and_brings_nats_back_after_a_kill(tmp_path: Path) ->
         # Generated at first start, readable by the owner only.
         secrets = tmp_path / "secrets"
         assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
-        for name in ("nats-users.json", "nats-server.conf", "secret-key"):
+        for name in ("nats-users.json", "nats-server.conf", "secret-key", "vault-key"):
             assert stat.S_IMODE((secrets / name).stat().st_mode) == 0o600, name
         # The data directory and the logs are the owner's only, and no log holds the token.
         assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o700

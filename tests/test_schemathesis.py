@@ -98,7 +98,13 @@ def _aim(closed_port: int) -> Callable[[Case[Any], int], None]:
         if isinstance(server_id, str) and re.search(SERVER_ID_PATTERN, server_id) and index % 2:
             params["server_id"] = "local"
         body = case.body
-        if case.operation.label == "POST /sftp/test" and isinstance(body, dict):
+        vault = case.operation.label == "POST /api/v1/vault/connections"
+        endpoint = body.get("endpoint") if vault and isinstance(body, dict) else None
+        # A valid endpoint only is replaced (as the host below).
+        if isinstance(endpoint, str) and re.search(HOST_PATTERN, endpoint) and endpoint:
+            assert isinstance(body, dict)
+            body["endpoint"] = f"127.0.0.1:{closed_port}"
+        if (case.operation.label == "POST /sftp/test" or vault) and isinstance(body, dict):
             host = body.get("host")
             # Only a valid host is replaced: an invalid one must stay for a negative case.
             if isinstance(host, str) and 1 <= len(host) <= 253 and re.search(HOST_PATTERN, host):

@@ -2,8 +2,9 @@
 
 Everything is kept under the data directory (``VIRTBACKUP_DATA_DIR``): the NATS store,
 the token, the certificate, ``agent.yaml``, the services' logs, and in ``secrets/``
-(0700) the NATS users' passwords, the nats-server configuration and the key that seals
-secrets on the bus (files 0600, generated at first start). NATS requires a login: each
+(0700) the NATS users' passwords, the nats-server configuration, the key that seals
+secrets on the bus and the vault's key (read by the gateway only) (files 0600,
+generated at first start). NATS requires a login: each
 service gets its own user and password in its environment, with only the permissions
 it needs (``virtbackup.runtime.nats_auth``). Ctrl-C (or SIGTERM) stops the services,
 then NATS. A service that dies is started again; so is nats-server, on the same port

@@ -142,6 +142,16 @@ class WorkerCmd:
     SERVE_EXPORT: Final = command("worker", "serve-export")
 
 
+class VaultCmd:
+    """The vault's credentials for the services that use them, answered by the gateway
+    (the only holder of the vault key). One subject per use, so that the NATS
+    permissions decide who may ask for what: the inventory asks for SSH logins only,
+    the job-orchestrator and the transfer workers for destinations only."""
+
+    OPEN_SSH: Final = command("vault", "open-ssh")
+    OPEN_DESTINATION: Final = command("vault", "open-destination")
+
+
 class EventType:
     """Event types (the ``type`` of an event envelope and the SSE ``event:`` name)."""
 

@@ -170,6 +170,10 @@ def _gateway() -> _Grants:
     g.owns(buckets.CONFIG)
     g.owns(buckets.AGENTS)  # remote agents and their keys' hashes
     g.sends("vb.log.job.>")  # remote agents' output lines, to their jobs' logs
+    # The vault: its connections (sealed under the vault key, which only the gateway
+    # holds), and the services' requests for the credentials they use (runtime.vault).
+    g.owns(buckets.VAULT)
+    g.answers(f"{subjects.CMD_ROOT}.vault.>")
     g.reads(buckets.WORKERS, create=False)
     # The notifier's share of the configuration (ntfy settings): that key only.
     g.reads(buckets.WEBHOOKS)
@@ -184,6 +188,7 @@ def _inventory() -> _Grants:
     g.owns(buckets.INVENTORY)
     # VB_LOCKS: cleanup refuses a VM that a backup or restore holds.
     g.reads(buckets.CONFIG, buckets.JOBS, buckets.LOCKS)
+    g.sends(subjects.VaultCmd.OPEN_SSH)  # servers' SSH logins kept in the vault
     return g
 
 
@@ -194,6 +199,7 @@ def _job_orchestrator() -> _Grants:
     g.answers(f"{subjects.CMD_ROOT}.schedule.>")  # schedules (the scheduler runs here)
     g.sends(f"{subjects.CMD_ROOT}.inventory.>")
     g.sends(subjects.WorkerCmd.SERVE_EXPORT)
+    g.sends(subjects.VaultCmd.OPEN_DESTINATION)  # destinations' credentials in the vault
     g.events("job", "agent", "schedule")
     g.follows_events()  # unit.done
     g.owns(buckets.JOBS, buckets.SCHEDULES, buckets.CONFIG, buckets.LOCKS, buckets.LEASES)
@@ -213,6 +219,7 @@ def _transfer_worker() -> _Grants:
     # VB_CONFIG: destinations' credentials, and a refreshed Google Drive token is kept.
     g.owns(buckets.WORKERS, buckets.CONFIG)
     g.reads(buckets.JOBS)
+    g.sends(subjects.VaultCmd.OPEN_DESTINATION)  # destinations' credentials in the vault
     # Instant access: serve an export, activate and end its record.
     g.answers(subjects.WorkerCmd.SERVE_EXPORT)
     g.owns(buckets.EXPORTS)
@@ -309,9 +316,11 @@ def deploy_authorization() -> str:
 
 def deploy_secrets() -> dict[str, str]:
     """Fresh values for a deployment's secrets, by environment variable: every NATS
-    user's password (:func:`password_variable`) and ``VIRTBACKUP_SECRET_KEY``."""
+    user's password (:func:`password_variable`), ``VIRTBACKUP_SECRET_KEY`` and
+    ``VIRTBACKUP_VAULT_KEY`` (the vault's key: for the gateway only, ``runtime.vault``)."""
     out = {password_variable(user): pw for user, pw in NatsAuth.generate().passwords.items()}
     out["VIRTBACKUP_SECRET_KEY"] = new_key()
+    out["VIRTBACKUP_VAULT_KEY"] = new_key()
     return out
 
 

@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None
     #: Earlier keys, comma-separated, still accepted for decrypting during a rotation.
     secret_key_previous: SecretStr | None = None
+    #: The vault's key (base64 of 32 bytes; ``runtime.vault``), held by the gateway only.
+    #: Without it, ``vault_key_file`` is read (a Kubernetes Secret mounted as a file), else
+    #: ``<data_dir>/secrets/vault-key`` (created at first use, mode 0600).
+    vault_key: SecretStr | None = None
+    vault_key_file: Path | None = None
+    #: Earlier vault keys, comma-separated, still opened during a rotation (the gateway
+    #: seals every connection again under the current key when it starts).
+    vault_key_previous: SecretStr | None = None
     token: SecretStr | None = None
     agent_host: str | None = None
     agent_port: int = 33551
@@ -130,6 +138,13 @@ class Settings(BaseSettings):
     @property
     def secret_key_file(self) -> Path:
         return self.data_dir / "secrets" / "secret-key"
+
+    @property
+    def vault_key_path(self) -> Path:
+        """Where the vault key is read from (and made, when it is the default path)."""
+        if self.vault_key_file is not None:
+            return self.vault_key_file
+        return self.data_dir / "secrets" / "vault-key"
 
     @property
     def agent_yaml(self) -> Path:

@@ -16,6 +16,7 @@ from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.controllers.agent import HealthController
 from virtbackup.gateway.controllers.backend_agents import BackendAgentsController
 from virtbackup.gateway.controllers.backend_plans import PLAN_CONTROLLERS
+from virtbackup.gateway.controllers.backend_vault import VaultController
 from virtbackup.gateway.controllers.config import ConfigController
 from virtbackup.gateway.controllers.destinations import DestinationsController, GoogleTokensBody
 from virtbackup.gateway.controllers.events import EventsController
@@ -51,6 +52,7 @@ CONTROLLERS = [
     NotifyController,
     *PLAN_CONTROLLERS,
     BackendAgentsController,
+    VaultController,
 ]
 
 

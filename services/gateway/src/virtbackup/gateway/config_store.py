@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,9 @@ class ConfigStore:
     def __init__(self, kv: KeyValue, yaml_path: Path) -> None:
         self.kv = kv
         self.yaml_path = yaml_path
+        #: Checks a posted configuration's references to the vault (``BadRequest``).
+        #: Returns it with the host keys of the vault connections it names filled in.
+        self.check: Callable[[AgentConfig], Awaitable[AgentConfig]] | None = None
 
     async def load(self) -> tuple[AgentConfig, int]:
         """The stored configuration and its revision (defaults and 0 when none is stored)."""
@@ -161,6 +164,8 @@ class ConfigStore:
             check_masked_secrets(posted_cfg, current)
             merged = unmask_secrets(posted, config_to_builtins(current))
             cfg = forget_moved_pins(decode_config(msgspec.json.encode(merged)), current)
+            if self.check is not None:
+                cfg = await self.check(cfg)
             cfg = await pin_host_keys(cfg)
             try:
                 if revision:

@@ -14,22 +14,26 @@ from virtbackup.contracts import buckets, streams, subjects
 from virtbackup.gateway.agents_store import AgentStore
 from virtbackup.gateway.app import create_asgi
 from virtbackup.gateway.config_store import ConfigStore
+from virtbackup.gateway.controllers.backend_vault import register_vault_commands
 from virtbackup.gateway.credentials import ensure_certificate, ensure_token
 from virtbackup.gateway.hypersdk import create_hypersdk_asgi, create_metrics_asgi
 from virtbackup.gateway.hypersdk_metrics import dedicated_port
 from virtbackup.gateway.ntfy_mirror import NtfyMirror
 from virtbackup.gateway.state import Gateway
+from virtbackup.gateway.vault_store import VaultStore
 from virtbackup.runtime.logging import setup_logging
 from virtbackup.runtime.sealing import SecretBox
 from virtbackup.runtime.service import ServiceSpec, start_service, stop_service
 from virtbackup.runtime.settings import Settings, load_settings
+from virtbackup.runtime.vault import VaultCipher
 
 log = logging.getLogger(__name__)
 
 SPEC = ServiceSpec(
     name=subjects.GATEWAY,
     streams=(streams.EVENTS,),
-    buckets=(buckets.CONFIG, buckets.WEBHOOKS, buckets.AGENTS),
+    buckets=(buckets.CONFIG, buckets.WEBHOOKS, buckets.AGENTS, buckets.VAULT),
+    register=register_vault_commands,
 )
 
 
@@ -58,6 +62,12 @@ class _Server(uvicorn.Server):
         yield
 
 
+async def _reseal(vault: VaultStore) -> None:
+    count = await vault.reseal()
+    if count:
+        log.info("vault connections sealed again under the current key", extra={"count": count})
+
+
 async def serve(settings: Settings | None = None) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
     settings = settings or load_settings()
@@ -78,8 +88,17 @@ async def serve(settings: Settings | None = None) -> None:
         box = SecretBox.from_settings(settings)
         mirror = NtfyMirror(store.kv, ctx.bucket(buckets.WEBHOOKS), box)
         ctx.spawn(mirror.follow(), "ntfy-settings-for-the-notifier")
+        vault = VaultStore(ctx.bucket(buckets.VAULT), VaultCipher.from_settings(settings), box)
+        store.check = vault.check_config  # references to the vault (vaultConnectionId)
+        ctx.spawn(_reseal(vault), "vault-reseal")  # after a rotation of the vault key
         gw = Gateway(
-            settings=settings, bus=ctx.bus, config=store, token=token, ntfy=mirror, secrets=box
+            settings=settings,
+            bus=ctx.bus,
+            config=store,
+            token=token,
+            ntfy=mirror,
+            secrets=box,
+            vault=vault,
         )
         gw.agents = AgentStore(ctx.bucket(buckets.AGENTS))
         config = uvicorn.Config(

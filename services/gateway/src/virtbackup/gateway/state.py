@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from virtbackup.gateway.agents_store import AgentStore
 from virtbackup.gateway.config_store import ConfigStore
 from virtbackup.gateway.ntfy_mirror import NtfyMirror
+from virtbackup.gateway.vault_store import VaultStore
 from virtbackup.runtime.bus import Bus
 from virtbackup.runtime.sealing import SecretBox
 from virtbackup.runtime.settings import Settings
@@ -24,3 +25,5 @@ class Gateway:
     secrets: SecretBox | None = None
     #: Remote agents and their keys (``VB_AGENTS``; None: no agent routes).
     agents: AgentStore | None = None
+    #: The vault's connections (``vault_store``; None in tests without one).
+    vault: VaultStore | None = None

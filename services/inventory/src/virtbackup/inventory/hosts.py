@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import asyncssh
@@ -142,6 +143,9 @@ class HostServer:
     error: str = ""
     failed_at: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Fills in the login of a server whose credentials are in the vault
+    #: (``runtime.vault.resolve_server``), at each login; None: the config holds them.
+    resolve: Callable[[Server], Awaitable[Server]] | None = None
 
     #: After a failed attempt, calls fail at once with its reason for this many seconds.
     RETRY_AFTER = 5.0
@@ -209,7 +213,7 @@ class HostServer:
             return await open_connection(
                 self.uri, host=host, open_timeout=self.timeout, call_timeout=max(30, self.timeout)
             )
-        ssh = await ssh_connect(self.config, self.timeout)
+        ssh = await ssh_connect(await self.login(), self.timeout)
         try:
             conn = await open_ssh_connection(
                 ssh, open_timeout=self.timeout, call_timeout=max(30, self.timeout)
@@ -230,7 +234,7 @@ class HostServer:
             return LocalHost()
         async with self.lock:
             if self.ssh is None or self.ssh.is_closed():
-                self.ssh = await ssh_connect(self.config, self.timeout)
+                self.ssh = await ssh_connect(await self.login(), self.timeout)
             return SshHost(self.ssh)
 
     async def test_ssh(self) -> str:
@@ -238,7 +242,7 @@ class HostServer:
         commands run, which backups need (``qemu-img`` on the host)."""
         if self.is_local:
             return "local server: no SSH needed"
-        ssh = await ssh_connect(self.config, self.timeout)
+        ssh = await ssh_connect(await self.login(), self.timeout)
         try:
             result = await asyncio.wait_for(ssh.run("true", check=False), self.timeout)
         except (TimeoutError, asyncssh.Error, OSError) as exc:
@@ -248,6 +252,13 @@ class HostServer:
         if result.exit_status != 0:
             return f"SSH login OK, but commands cannot run (exit {result.exit_status})"
         return "SSH connection successful"
+
+    async def login(self) -> Server:
+        """The configuration with its login filled in from the vault (when it names a
+        vault connection): asked at each login, kept only by the connection made."""
+        if self.resolve is None or self.config.vault_connection_id is None:
+            return self.config
+        return await self.resolve(self.config)
 
     async def _close_locked(self) -> None:
         conn, ssh, self.conn, self.ssh = self.conn, self.ssh, None, None

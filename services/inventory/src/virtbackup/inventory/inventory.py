@@ -32,6 +32,7 @@ from virtbackup.runtime.agent_config import read_agent_config
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import Conflict, NotFound, Unavailable
 from virtbackup.runtime.service import ServiceContext
+from virtbackup.runtime.vault import resolve_server, service_box
 from virtbackup.virt import get_domain, list_domains
 from virtbackup.virt.errors import NotFound as VirtNotFound
 from virtbackup.virt.errors import VirtError
@@ -122,8 +123,13 @@ class Inventory:
             if server_id not in self.entries:
                 self._add(server)
 
+    async def _resolve(self, server: Server) -> Server:
+        return await resolve_server(self.ctx.bus, service_box(self.ctx), server)
+
     def _add(self, server: Server) -> None:
-        entry = ServerEntry(host=HostServer(config=server, timeout=self.timeout))
+        entry = ServerEntry(
+            host=HostServer(config=server, timeout=self.timeout, resolve=self._resolve)
+        )
         self.entries[server.id] = entry
         entry.watcher = asyncio.create_task(self._watch(entry), name=f"watch-{server.id}")
 

@@ -52,6 +52,7 @@ from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import Conflict, Unavailable
 from virtbackup.runtime.service import ServiceContext
 from virtbackup.runtime.settings import Settings
+from virtbackup.runtime.vault import resolve_destination, service_box
 from virtbackup.storage.google_auth import GoogleTokens
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,9 @@ class JobContext:
     ) -> Repository:
         cfg = await self.config()
         dest = find_destination(cfg, destination_id)
+        dest, google = await resolve_destination(self.ctx.bus, service_box(self.ctx), dest)
         return await open_repository(
-            dest, cfg, create=create, locked=locked, on_refresh=self.store_tokens
+            dest, cfg, create=create, locked=locked, on_refresh=self.store_tokens, google=google
         )
 
     async def store_tokens(self, tokens: GoogleTokens) -> None:

@@ -47,6 +47,7 @@ from virtbackup.runtime.agent_config import (
 from virtbackup.runtime.events import EventFeed, EventStart
 from virtbackup.runtime.kv import read_value
 from virtbackup.runtime.service import ServiceContext
+from virtbackup.runtime.vault import resolve_destination, service_box
 from virtbackup.runtime.work import WorkConsumer, WorkMessage
 from virtbackup.storage.errors import PermanentError, StorageError, TransientError
 from virtbackup.storage.google_auth import GoogleTokens
@@ -87,7 +88,9 @@ class Resources:
             repo = self.repos.get(destination_id)
             if repo is None:
                 dest = find_destination(cfg, destination_id)
-                repo = await open_repository(dest, cfg, on_refresh=self.store_tokens)
+                box = service_box(self.ctx)
+                dest, google = await resolve_destination(self.ctx.bus, box, dest)
+                repo = await open_repository(dest, cfg, on_refresh=self.store_tokens, google=google)
                 self.repos[destination_id] = repo
             return repo
 

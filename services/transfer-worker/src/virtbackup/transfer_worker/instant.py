@@ -72,6 +72,7 @@ from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.commands import Commands
 from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, Unavailable
 from virtbackup.runtime.service import ServiceContext
+from virtbackup.runtime.vault import resolve_destination, service_box
 from virtbackup.storage.errors import NotFoundError, StorageError
 from virtbackup.storage.google_auth import GoogleTokens
 from virtbackup.transfer_worker.instant_pki import ClientKeyError, issue_export_credentials
@@ -420,8 +421,11 @@ class InstantExports:
         cfg, _ = await read_agent_config(self.ctx.bucket(buckets.CONFIG))
         dest = find_destination(cfg, record.destination_id)
         where = f"destination {dest.id!r}"
+        dest, google = await resolve_destination(self.ctx.bus, service_box(self.ctx), dest)
         try:
-            repo = await open_repository(dest, cfg, create=False, on_refresh=self._store_tokens)
+            repo = await open_repository(
+                dest, cfg, create=False, on_refresh=self._store_tokens, google=google
+            )
         except (StorageError, RepositoryError) as exc:
             raise Unavailable(f"{where} cannot be read: {exc}") from None
         try:

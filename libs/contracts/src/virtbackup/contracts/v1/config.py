@@ -188,6 +188,9 @@ class Destination(Strict, kw_only=True):
     params: dict[str, Any] = msgspec.field(default_factory=dict)
     encryption: DestinationEncryption | None = None
     retention: RetentionPolicy | None = None
+    #: A vault connection holding this destination's credentials (its params then hold
+    #: no secret); see ``contracts.v1.vault``.
+    vault_connection_id: Id | None = None
     vm_retention: dict[VmName, RetentionPolicy] = msgspec.field(default_factory=dict)
 
     def retention_for(self, vm_name: str) -> RetentionPolicy | None:
@@ -250,6 +253,9 @@ class Server(Strict, kw_only=True):
     #: The destinations whose parameters (credentials included) that agent may receive
     #: in a lease; a backup of this server to any other destination fails.
     agent_destination_ids: list[Id] = msgspec.field(default_factory=list)
+    #: A vault connection (kind ``ssh``, same host and port) holding the login instead
+    #: of ``password``/``private_key``; see ``contracts.v1.vault``.
+    vault_connection_id: Id | None = None
 
 
 class MetricsSettings(Strict, kw_only=True):
@@ -389,7 +395,10 @@ def validate_config(cfg: AgentConfig) -> None:
             params = msgspec.convert(dest.params, type=schema, strict=True)
         except msgspec.ValidationError as exc:
             raise ConfigError(_rebase(str(exc), f"{where}.params")) from None
-        _check_params(params, f"{where}.params")
+        if dest.vault_connection_id is not None:
+            _check_vault_params(dest, f"{where}.params")
+        else:
+            _check_params(params, f"{where}.params")
         if dest.retention is not None:
             check_retention(dest.retention, f"{where}.retention")
         for vm_name, policy in dest.vm_retention.items():
@@ -437,6 +446,36 @@ def _check_ntfy(ntfy: NtfySettings) -> None:
                     re.compile(value)
                 except re.error as exc:
                     raise ConfigError(f"invalid regex {value!r}: {exc} - at `{at}`") from None
+
+
+#: The params of each driver that a vault connection holds instead (wire names).
+VAULT_PARAM_SECRETS: Final[dict[str, tuple[str, ...]]] = {
+    "sftp": ("password", "privateKey"),
+    "s3": ("secretKey",),
+    "gdrive": (),
+}
+
+
+def _check_vault_params(dest: Destination, where: str) -> None:
+    """A destination with ``vaultConnectionId``: a driver whose secrets the vault can
+    hold, and no secret in its params (the connection holds them)."""
+    secrets = VAULT_PARAM_SECRETS.get(dest.driver_id)
+    if secrets is None:
+        raise ConfigError(
+            f"driver {dest.driver_id!r} takes no vault connection (sftp, s3 and gdrive do) - at "
+            f"`{where[: -len('.params')]}.vaultConnectionId`"
+        )
+    for key in secrets:
+        if dest.params.get(key):
+            raise ConfigError(
+                f"{key} is held by the vault connection {dest.vault_connection_id!r}: leave "
+                f"it empty here - at `{where}.{key}`"
+            )
+    params = destination_params(dest)
+    if isinstance(params, SftpParams):
+        _check_host_key(params.host_key, f"{where}.hostKey")
+    else:
+        _check_params(params, where)
 
 
 #: Directories of the operating system: a destination there (or ``/`` itself) could only
@@ -512,7 +551,19 @@ def _check_server(server: Server, where: str) -> None:
             f"uri {server.uri!r} is this machine's libvirt but host {server.host!r} is set; "
             f"leave uri empty to reach the host over SSH - at `{where}.uri`"
         )
-    if server.host and not server.uri and not server.password and not server.private_key:
+    if server.vault_connection_id is not None:
+        if not server.host or server.uri:
+            raise ConfigError(
+                "a vault connection is an SSH login: only a server reached over SSH (a "
+                f"host, no uri) takes one - at `{where}.vaultConnectionId`"
+            )
+        for key, value in (("password", server.password), ("privateKey", server.private_key)):
+            if value:
+                raise ConfigError(
+                    f"{key} is held by the vault connection {server.vault_connection_id!r}: "
+                    f"leave it empty here - at `{where}.{key}`"
+                )
+    elif server.host and not server.uri and not server.password and not server.private_key:
         raise ConfigError(f"give a password or a privateKey - at `{where}.password`")
     _check_host_key(server.host_key, f"{where}.hostKey")
 
