@@ -110,6 +110,12 @@ class JobCmd:
     STATS: Final = command("job", "stats")
     # The HyperSDK API's job definitions (``v1.schedules.JobSubmitRequest``).
     SUBMIT: Final = command("job", "submit")
+    #: Copy a restore point to another destination (``v1.jobs.CopyRequest``).
+    COPY: Final = command("job", "copy")
+
+
+#: The copy job's request subject (``JobCmd.COPY``), by the name plan chains use.
+JOB_COPY: Final = JobCmd.COPY
 
 
 class ScheduleCmd:

@@ -13,6 +13,7 @@ from litestar.plugins import InitPluginProtocol
 from virtbackup.contracts.v1.config import AgentConfig, SftpParams
 from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.controllers.agent import HealthController
+from virtbackup.gateway.controllers.backend_copy import CopyController
 from virtbackup.gateway.controllers.config import ConfigController
 from virtbackup.gateway.controllers.destinations import DestinationsController, GoogleTokensBody
 from virtbackup.gateway.controllers.events import EventsController
@@ -45,6 +46,7 @@ CONTROLLERS = [
     SystemController,
     RestorePointsController,
     LifecycleGcController,
+    CopyController,
     NotifyController,
 ]
 
