@@ -20,6 +20,7 @@ from virtbackup.contracts.v1.work import ChunkRef, TransferUnit
 from virtbackup.nbd import NbdClient
 from virtbackup.repository.repository import Repository
 from virtbackup.runtime.ports import free_port
+from virtbackup.storage.errors import StorageError
 from virtbackup.storage.filesystem import FilesystemDriver
 from virtbackup.transfer_worker.budget import ByteBudget
 from virtbackup.transfer_worker.units import UnitContext, backup_unit, copy_unit
@@ -143,11 +144,18 @@ async def test_a_failing_destination_is_left_out_and_named(
         if chunk_id is not None:
             assert await good.has_chunk(chunk_id)
 
-    # Every destination failing fails the unit (as a backup to one destination does).
+    # A unit of a backup to one destination fails as before.
     bad_unit = msgspec.structs.replace(_unit(url, []), destination_id="b")
-    with pytest.raises(Exception, match="chunks"):
+    with pytest.raises(StorageError, match="chunks"):
         async with await NbdClient.connect_uri(url) as nbd:
             await backup_unit(bad_unit, bad, nbd, _uctx())
+    # A unit of a fan-out backup whose only destination fails reports it (and stops
+    # reading): the job goes on with its other destinations.
+    fanned = msgspec.structs.replace(bad_unit, fan_out=True)
+    async with await NbdClient.connect_uri(url) as nbd:
+        alone = await backup_unit(fanned, bad, nbd, _uctx())
+    assert alone.ok and alone.chunks == []
+    assert [(d.destination_id, d.ok) for d in alone.destinations] == [("b", False)]
 
 
 async def test_copy_units_translate_ids_and_deduplicate(

@@ -399,12 +399,13 @@ async def _transfer(
         stats["fallbacks"] += result.partial_fallbacks
 
     reason = f" (read in full: {read_in_full})" if read_in_full else ""
-    also = ""
+    also = full_note = ""
     if fanned:
         full_ones = [d for d in order[1:] if kinds[d] == "full" and kind == "incremental"]
         also = f", written to {len(order)} destinations"
         if full_ones:
-            also += f" ({', '.join(full_ones)} in full: no point of this checkpoint there)"
+            full_note = f"{', '.join(full_ones)} in full: no point of this checkpoint there"
+            also += f" ({full_note})"
     stamps = {d: (p.timestamp if p else None) for d, p in parents.items()}
     await jc.enter(
         job.id,
@@ -493,6 +494,8 @@ async def _transfer(
     )
     if fanned:
         summary_text += "; " + summary(order, committed, fan.failed)
+        if full_note:
+            summary_text += f" ({full_note})"
         await update_job(
             jc.store,
             jc.bus,

@@ -141,6 +141,7 @@ class FanOut:
                 indices=indices,
                 partial=partial,
                 also_destination_ids=dests[1:],
+                fan_out=len(self.order) > 1,
             )
         )
         self.unit_destinations[number] = dests

@@ -340,13 +340,14 @@ async def backup_unit(
 
     ``also``: the repositories of ``unit.also_destination_ids`` (in that order). Each
     chunk is read once and stored in ``repo`` and in each of them (its own id there).
-    A destination that fails (after the retries of transient errors) is dropped for the
-    rest of the unit and reported in ``UnitResult.destinations``; the unit raises only
-    when every destination failed (the first destination's error)."""
+    With ``unit.fan_out`` (or ``also``), a destination that fails (after the retries of
+    transient errors) is dropped for the rest of the unit and reported in
+    ``UnitResult.destinations``, and the unit stops reading once every destination
+    failed; otherwise a failure raises (as before), failing the unit."""
     started = time.monotonic()
     targets = [_Target(unit.destination_id, repo)]
     targets += [_Target(dest, r) for dest, r in also or []]
-    fan_out = len(targets) > 1
+    fan_out = unit.fan_out or len(targets) > 1
     partial = {p.index: p for p in unit.partial}
     counters = {"read": 0, "partial": 0, "fallback": 0}
 
@@ -356,6 +357,8 @@ async def backup_unit(
         part = partial.get(index)
         # A chunk read in part holds its parent's plaintext for a while too.
         held = 2 * length if part is not None and part.parent is not None else length
+        if all(t.error for t in targets):
+            return  # nowhere left to store it
         async with uctx.budget.hold(held):
             buf = uctx.buffers.take(length)
             try:
@@ -393,8 +396,6 @@ async def backup_unit(
                 exc,
             )
             target.error = f"{type(exc).__name__}: {exc}"
-            if all(t.error for t in targets):
-                raise
 
     await _bounded(unit.indices, one)
     own = targets[0]

@@ -66,6 +66,11 @@ class TransferUnit(Message, frozen=True, kw_only=True):
     #: destination's own repository: its ids, compression, encryption). A failure of
     #: one of them is reported in ``UnitResult.destinations``, not a failed unit.
     also_destination_ids: list[str] = msgspec.field(default_factory=list)
+    #: backup: the job writes several destinations (not all of them need be this
+    #: unit's): every destination's outcome is reported in ``UnitResult.destinations``,
+    #: and a unit whose destinations all failed is still ``ok`` (the job goes on with
+    #: its other destinations).
+    fan_out: bool = False
     #: copy: the destination the chunks are copied to.
     target_destination_id: str = ""
 
