@@ -27,6 +27,8 @@ import httpx
 import pytest
 from harness import System, running_system, same, snapshot, wait_job
 
+from virtbackup.repository.repository import Repository
+from virtbackup.storage.filesystem import FilesystemDriver
 from virtbackup.testing.seaweedfs import SeaweedServer
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
 from virtbackup.virt import Connection
@@ -62,6 +64,20 @@ def second_dir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
+async def odd_dir() -> AsyncIterator[Path]:
+    """A filesystem destination whose repository has 1 MiB chunks (the others 4 MiB)."""
+    path = vm_directory(prefix="vbtest-repo3-")
+    repo = await Repository.open_or_create(
+        FilesystemDriver(path / "VirtBackup"), chunk_size=1 * MiB
+    )
+    await repo.close()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
 def sysm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     with running_system(
         tmp_path_factory.mktemp("fanout"),
@@ -84,7 +100,7 @@ async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
 
 @pytest.fixture(scope="module")
 async def api(
-    sysm: System, repo_dir: Path, second_dir: Path, seaweed: SeaweedServer
+    sysm: System, repo_dir: Path, second_dir: Path, odd_dir: Path, seaweed: SeaweedServer
 ) -> AsyncIterator[httpx.AsyncClient]:
     config = {
         "servers": [{"id": "local", "name": "This host", "host": ""}],
@@ -102,6 +118,12 @@ async def api(
                 "name": "fs2",
                 "driverId": "filesystem",
                 "params": {"path": str(second_dir)},
+            },
+            {
+                "id": "odd",
+                "name": "odd",
+                "driverId": "filesystem",
+                "params": {"path": str(odd_dir)},
             },
         ],
         "backupDestinationId": "fs",
@@ -309,6 +331,17 @@ async def test_a_failing_destination_leaves_the_other_committed(
     fs = (await points(api, "fs"))[-1]
     assert fs["timestamp"] == outcome["fs"]["timestamp"]
     STATE["points"][5] = {"fs": fs}
+
+    # A repository of another chunk size fails at once; the backup goes on without it.
+    job = await backup(api, ["odd"])
+    assert job["state"] == "failure", job
+    assert job["message"].startswith("partial failure: committed in fs ("), job["message"]
+    assert "chunk size" in job["result"]["destinations"]["odd"]["error"], job["result"]
+    assert await points(api, "odd") == []
+    assert (await points(api, "fs"))[-1]["timestamp"] == job["result"]["destinations"]["fs"][
+        "timestamp"
+    ]
+    STATE["points"][5] = {"fs": (await points(api, "fs"))[-1]}
 
 
 async def test_every_destination_restores_bit_identical(

@@ -105,12 +105,20 @@ async def test_one_read_is_stored_in_every_repository(
     sealed = await Repository.open_or_create(
         FilesystemDriver(tmp_path / "b"), passphrase="pw", chunk_size=CHUNK
     )
+    other = await Repository.open_or_create(FilesystemDriver(tmp_path / "c"), chunk_size=CHUNK)
     async with await NbdClient.connect_uri(url) as nbd:
-        result = await backup_unit(_unit(url, ["b"]), plain, nbd, _uctx(), [("b", sealed)])
+        result = await backup_unit(
+            _unit(url, ["b", "c"]), plain, nbd, _uctx(), [("b", sealed), ("c", other)]
+        )
     assert result.ok
     assert result.bytes_read == SIZE  # read once, not once per destination
     by_dest = {d.destination_id: d for d in result.destinations}
-    assert [d.destination_id for d in result.destinations] == ["a", "b"]
+    assert [d.destination_id for d in result.destinations] == ["a", "b", "c"]
+    # Two plain repositories: the same ids, each holding every chunk (blobs alike).
+    assert by_dest["c"].chunks == by_dest["a"].chunks
+    for ref in by_dest["c"].chunks:
+        if ref.id is not None:
+            assert await other.read_chunk(ref.id) == await plain.read_chunk(ref.id)
     assert all(d.ok for d in result.destinations)
     ids_a = {r.index: r.id for r in by_dest["a"].chunks}
     ids_b = {r.index: r.id for r in by_dest["b"].chunks}

@@ -36,13 +36,7 @@ from virtbackup.contracts.v1.inventory import (
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
-from virtbackup.job_orchestrator.fanout import (
-    FanOut,
-    also_destinations,
-    check_chunk_sizes,
-    outcome,
-    summary,
-)
+from virtbackup.job_orchestrator.fanout import FanOut, also_destinations, outcome, summary
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import (
     DEFAULT_PARTIAL_MAX_FRACTION,
@@ -231,14 +225,35 @@ async def run_backup(jc: JobContext, job: Job) -> str:
     fraction = partial_max_fraction(find_destination(cfg, job.destination_id).driver_id)
     order = [job.destination_id, *also_destinations(job)]
     repos: dict[str, Repository] = {}
+    #: Extra destinations that failed before anything was read (they commit nothing).
+    early: dict[str, str] = {}
     try:
-        for dest in order:
-            repos[dest] = await jc.repository(dest)
-        check_chunk_sizes({d: r.chunk_size for d, r in repos.items()})
+        repos[job.destination_id] = await jc.repository(job.destination_id)
+        for dest in order[1:]:
+            try:
+                repos[dest] = await jc.repository(dest)
+            except (StorageError, RepositoryError, ServiceError) as exc:
+                early[dest] = f"opening its repository: {getattr(exc, 'message', None) or exc}"
+                continue
+            if repos[dest].chunk_size != repos[job.destination_id].chunk_size:
+                early[dest] = (
+                    f"its repository has chunks of {repos[dest].chunk_size} bytes, "
+                    f"{job.destination_id} of {repos[job.destination_id].chunk_size}: one read "
+                    "serves only repositories of one chunk size"
+                )
+                await repos.pop(dest).close()
         fresh = bool(job.params.get("fresh"))
         parents: dict[str, RestorePoint | None] = {}
-        for dest in order:
-            parents[dest], damaged = await _parent(repos[dest], job.vm_name, job.server_id, fresh)
+        for dest in list(repos):
+            try:
+                found, damaged = await _parent(repos[dest], job.vm_name, job.server_id, fresh)
+            except (StorageError, RepositoryError) as exc:
+                if dest == job.destination_id:
+                    raise
+                early[dest] = f"listing its restore points: {exc}"
+                await repos.pop(dest).close()
+                continue
+            parents[dest] = found
             if damaged:
                 await jc.message(
                     job.id,
@@ -248,12 +263,12 @@ async def run_backup(jc: JobContext, job: Job) -> str:
         parent = parents[job.destination_id]
         # Extra destinations build on their own newest point only when it marks the
         # checkpoint the libvirt job starts from; else they get a full read.
-        for dest in order[1:]:
+        for dest in list(parents)[1:]:
             own = parents[dest]
             if own is not None and (parent is None or own.checkpoint != parent.checkpoint):
                 parents[dest] = None
         fanned = len(order) > 1
-        recorded = _recorded(parents, order) if fanned else {}
+        recorded = _recorded(parents, order, early) if fanned else {}
         # Recorded before anything builds on it: from now on a delete of the parent point
         # is refused (409), and before, while this job holds the VM folder's lock, too
         # (``points.remove_point``). So the incremental below is relative to a checkpoint
@@ -309,6 +324,8 @@ async def run_backup(jc: JobContext, job: Job) -> str:
             message, partial = await _transfer(
                 jc,
                 job,
+                order,
+                early,
                 repos,
                 begun,
                 parents,
@@ -339,15 +356,20 @@ async def run_backup(jc: JobContext, job: Job) -> str:
             await opened.close()
 
 
-def _recorded(parents: dict[str, RestorePoint | None], order: list[str]) -> dict[str, Any]:
-    """``result.destinations`` before the commit: each destination's parent."""
+def _recorded(
+    parents: dict[str, RestorePoint | None], order: list[str], failed: dict[str, str]
+) -> dict[str, Any]:
+    """``result.destinations`` before the commit: each destination's parent (and those
+    that failed already)."""
     stamps = {d: (p.timestamp if p else None) for d, p in parents.items()}
-    return {"destinations": outcome(order, {}, {}, stamps)}
+    return {"destinations": outcome(order, {}, failed, stamps)}
 
 
 async def _transfer(
     jc: JobContext,
     job: Job,
+    order: list[str],
+    early: dict[str, str],
     repos: dict[str, Repository],
     begun: BackupBegun,
     parents: dict[str, RestorePoint | None],
@@ -355,22 +377,24 @@ async def _transfer(
     started: float,
     fraction: float,
 ) -> tuple[str, str | None]:
-    """Read once, store in every destination, commit in each that did not fail. Returns
-    the success message and, when some destination failed but not all, the partial
-    failure's message (``None`` otherwise); raises when every destination failed."""
+    """Read once, store in every destination of ``repos`` (those of ``order`` that did
+    not fail ``early``), commit in each that did not fail. Returns the success message
+    and, when some destination failed but not all, the partial failure's message
+    (``None`` otherwise); raises when every destination failed."""
     assert job.server_id and job.vm_name and job.destination_id
-    order = list(repos)
+    live = list(repos)
     repo = repos[job.destination_id]
     parent = parents[job.destination_id]
     fanned = len(order) > 1
-    failed: dict[str, str] = {}
+    failed: dict[str, str] = dict(early)
     files_by: dict[str, list[StateFileRecord]] = {}
     if fanned:
         # NVRAM, TPM state: as at the backup's begin, read once, stored in each.
-        files_by, failed = await capture_into(jc, job, repos)
+        files_by, failing = await capture_into(jc, job, repos)
+        failed.update(failing)
     else:
         files_by[job.destination_id] = await capture(jc, job, repo)
-    timestamps = {d: await repos[d].new_timestamp(job.vm_name) for d in order}
+    timestamps = {d: await repos[d].new_timestamp(job.vm_name) for d in live}
     timestamp = timestamps[job.destination_id]
     plans_by = {
         d: await plan(
@@ -379,12 +403,12 @@ async def _transfer(
             parents[d] if begun.incremental else None,
             fraction if d == job.destination_id else 0.0,
         )
-        for d in order
+        for d in live
     }
     plans = plans_by[job.destination_id]
-    fan = FanOut(job.id, order, plans_by)
+    fan = FanOut(job.id, live, plans_by)
     fan.failed.update(failed)
-    kinds = {d: _kind(begun, plans_by[d]) for d in order}
+    kinds = {d: _kind(begun, plans_by[d]) for d in live}
     kind = kinds[job.destination_id]
     reasons = full_reasons(begun, parent, plans)
     if kind == "full":
@@ -401,7 +425,7 @@ async def _transfer(
     reason = f" (read in full: {read_in_full})" if read_in_full else ""
     also = full_note = ""
     if fanned:
-        full_ones = [d for d in order[1:] if kinds[d] == "full" and kind == "incremental"]
+        full_ones = [d for d in live[1:] if kinds[d] == "full" and kind == "incremental"]
         also = f", written to {len(order)} destinations"
         if full_ones:
             full_note = f"{', '.join(full_ones)} in full: no point of this checkpoint there"
@@ -432,7 +456,11 @@ async def _transfer(
             source_server_name=server_name,
             kind=dest_kind,
             checkpoint=begun.checkpoint,
-            parent_checkpoint=begun.parent_checkpoint if dest_kind == "incremental" else None,
+            parent_checkpoint=(
+                begun.parent_checkpoint
+                if dest_kind == "incremental" or dest == job.destination_id
+                else None
+            ),
             parent_timestamp=own.timestamp if own and dest_kind == "incremental" else None,
             disks=[
                 DiskRecord(

@@ -31,7 +31,6 @@ from typing import Any
 
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.work import PartialChunk, TransferUnit, UnitResult
-from virtbackup.job_orchestrator.errors import JobFailed
 from virtbackup.job_orchestrator.planner import DiskPlan, group_units
 
 #: ``Job.params`` key of the extra destinations, in request order.
@@ -68,17 +67,6 @@ def parent_of(job: Job, destination_id: str) -> tuple[bool, str | None]:
         return False, None
     parent = entry["parentTimestamp"]
     return True, parent if isinstance(parent, str) else None
-
-
-def check_chunk_sizes(sizes: dict[str, int]) -> None:
-    """``JobFailed`` unless every destination's repository cuts disks alike: a unit names
-    chunk indices, so one read serves only repositories of one chunk size."""
-    if len(set(sizes.values())) > 1:
-        listed = ", ".join(f"{d}: {s}" for d, s in sizes.items())
-        raise JobFailed(
-            f"the destinations' repositories have different chunk sizes ({listed}): "
-            "one read can only be written to repositories of one chunk size"
-        )
 
 
 @dataclass

@@ -31,6 +31,7 @@ from virtbackup.contracts.v1.work import (
     UnitResult,
 )
 from virtbackup.nbd import NbdClient
+from virtbackup.repository.codec import compress_body
 from virtbackup.repository.repository import CorruptChunkError, Repository, RepositoryError
 from virtbackup.storage.errors import NotFoundError, StorageError
 from virtbackup.storage.retry import retry
@@ -289,14 +290,48 @@ class _Target:
     error: str = ""
 
 
+class SharedChunk:
+    """One chunk being stored in several repositories: its id per ``id_key`` and its
+    compressed body, each computed once (on the worker's threads) when first needed."""
+
+    def __init__(self, uctx: UnitContext, buf: bytearray) -> None:
+        self.uctx = uctx
+        self.buf = buf
+        self._ids: dict[bytes, asyncio.Future[str | None]] = {}
+        self._body: asyncio.Future[bytes] | None = None
+
+    async def chunk_id(self, repo: Repository) -> str | None:
+        """The chunk's id in ``repo`` (``None``: all zero)."""
+        found = self._ids.get(repo.id_key)
+        if found is None:
+            found = asyncio.ensure_future(self.uctx.cpu(_analyze, repo, self.buf))
+            self._ids[repo.id_key] = found
+        return await asyncio.shield(found)
+
+    async def body(self) -> bytes:
+        """The unsealed blob (``codec.compress_body``)."""
+        if self._body is None:
+            self._body = asyncio.ensure_future(self.uctx.cpu(compress_body, self.buf))
+        return await asyncio.shield(self._body)
+
+
 async def store_in(
-    uctx: UnitContext, job_id: str, target: _Target, index: int, buf: bytearray
+    uctx: UnitContext,
+    job_id: str,
+    target: _Target,
+    index: int,
+    buf: bytearray,
+    shared: SharedChunk | None = None,
 ) -> None:
     """Hash ``buf`` (chunk ``index``) for ``target``'s repository and store it there
-    unless it is all zero or already there (``has_chunk``: deduplicated). Raises the
-    repository's errors (transient ones after their retries)."""
+    unless it is all zero or already there (``has_chunk``: deduplicated). ``shared``:
+    the chunk goes to several repositories; its id and compression are reused across
+    them. Raises the repository's errors (transient ones after their retries)."""
     repo = target.repo
-    chunk_id = await uctx.cpu(_analyze, repo, buf)
+    if shared is not None:
+        chunk_id = await shared.chunk_id(repo)
+    else:
+        chunk_id = await uctx.cpu(_analyze, repo, buf)
     target.refs[index] = chunk_id
     if chunk_id is None:
         return
@@ -318,7 +353,11 @@ async def store_in(
             target.dedup += 1
             BYTES_DEDUPLICATED.inc(len(buf))
         else:
-            blob = await uctx.cpu(repo.encode_chunk, chunk_id, buf)
+            if shared is not None:
+                body = await shared.body()
+                blob = await uctx.cpu(repo.seal_chunk, chunk_id, body) if repo.sealer else body
+            else:
+                blob = await uctx.cpu(repo.encode_chunk, chunk_id, buf)
             await retry(lambda: repo.store_chunk(chunk_id, blob))
             target.written += len(blob)
             target.stored += 1
@@ -363,9 +402,12 @@ async def backup_unit(
             buf = uctx.buffers.take(length)
             try:
                 await read(offset, buf, part)
-                for target in targets:
-                    if not target.error:
-                        await store(target, index, buf)
+                live = [t for t in targets if not t.error]
+                if len(live) == 1:
+                    await store(live[0], index, buf, None)
+                else:  # hashed once per id key, compressed once, stored at once
+                    shared = SharedChunk(uctx, buf)
+                    await asyncio.gather(*(store(t, index, buf, shared) for t in live))
             finally:
                 uctx.buffers.give(buf)
 
@@ -381,12 +423,14 @@ async def backup_unit(
             read = len(buf)
         counters["read"] += read
 
-    async def store(target: _Target, index: int, buf: bytearray) -> None:
+    async def store(
+        target: _Target, index: int, buf: bytearray, shared: SharedChunk | None
+    ) -> None:
         if not fan_out:
-            await store_in(uctx, unit.job_id, target, index, buf)
+            await store_in(uctx, unit.job_id, target, index, buf, shared)
             return
         try:
-            await store_in(uctx, unit.job_id, target, index, buf)
+            await store_in(uctx, unit.job_id, target, index, buf, shared)
         except (StorageError, RepositoryError) as exc:
             log.warning(
                 "unit %s/%s: destination %s failed: %s",
