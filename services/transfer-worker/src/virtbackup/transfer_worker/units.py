@@ -394,8 +394,10 @@ async def backup_unit(
         offset = index * unit.chunk_size
         length = min(unit.chunk_size, unit.disk_size - offset)
         part = partial.get(index)
-        # A chunk read in part holds its parent's plaintext for a while too.
+        # A chunk read in part holds its parent's plaintext for a while too; one stored
+        # in several repositories a blob for each (its compressed body, then sealed).
         held = 2 * length if part is not None and part.parent is not None else length
+        held += (len(targets) - 1) * length
         if all(t.error for t in targets):
             return  # nowhere left to store it
         async with uctx.budget.hold(held):
