@@ -114,6 +114,12 @@ class JobCmd:
     # passes on what the agent reports about it.
     AGENT_LEASE: Final = command("job", "agent-lease")
     AGENT_STATUS: Final = command("job", "agent-status")
+    #: Copy a restore point to another destination (``v1.jobs.CopyRequest``).
+    COPY: Final = command("job", "copy")
+
+
+#: The copy job's request subject (``JobCmd.COPY``), by the name plan chains use.
+JOB_COPY: Final = JobCmd.COPY
 
 
 class ScheduleCmd:

@@ -44,9 +44,15 @@ class BlobError(Exception):
     """A blob that cannot be decoded: corrupt, truncated, or of an unknown codec."""
 
 
-def encode_blob(data: bytes | bytearray | memoryview, sealer: Sealer | None, aad: bytes) -> bytes:
+def compress_body(data: bytes | bytearray | memoryview) -> bytes:
+    """The unsealed blob of ``data``: codec byte + payload (zstd when smaller). The same
+    for every repository, so a chunk stored in several is compressed once."""
     compressed = _compressor().compress(data)
-    body = bytes([ZSTD]) + compressed if len(compressed) < len(data) else bytes([RAW]) + data
+    return bytes([ZSTD]) + compressed if len(compressed) < len(data) else bytes([RAW]) + data
+
+
+def encode_blob(data: bytes | bytearray | memoryview, sealer: Sealer | None, aad: bytes) -> bytes:
+    body = compress_body(data)
     return sealer.seal(body, aad) if sealer else body
 
 

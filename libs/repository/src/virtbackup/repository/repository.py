@@ -201,6 +201,18 @@ class Repository:
         """
         return encode_blob(data, self.sealer, chunk_id.encode())
 
+    def seal_chunk(self, chunk_id: str, body: bytes) -> bytes:
+        """The blob to store for a chunk given its unsealed body (``codec.compress_body``
+        of its plaintext): ``encode_chunk`` without the compression, for a chunk stored
+        in several repositories. Thread-safe."""
+        return self.sealer.seal(body, chunk_id.encode()) if self.sealer else body
+
+    @property
+    def id_key(self) -> bytes:
+        """What chunk ids depend on besides the content: the keyed hash's key when
+        encrypted, else ``b""`` (repositories with equal ``id_key`` name chunks alike)."""
+        return self.sealer.id_key if self.sealer else b""
+
     async def has_chunk(self, chunk_id: str) -> bool:
         """Whether a chunk with this id is stored. ``ValueError`` for a malformed id."""
         return await self.driver.exists(chunk_key(chunk_id))

@@ -15,6 +15,7 @@ from virtbackup.gateway.agent_auth import AgentKeyAuth
 from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.controllers.agent import HealthController
 from virtbackup.gateway.controllers.backend_agents import BackendAgentsController
+from virtbackup.gateway.controllers.backend_copy import CopyController
 from virtbackup.gateway.controllers.backend_plans import PLAN_CONTROLLERS
 from virtbackup.gateway.controllers.backend_vault import VaultController
 from virtbackup.gateway.controllers.config import ConfigController
@@ -49,6 +50,7 @@ CONTROLLERS = [
     SystemController,
     RestorePointsController,
     LifecycleGcController,
+    CopyController,
     NotifyController,
     *PLAN_CONTROLLERS,
     BackendAgentsController,

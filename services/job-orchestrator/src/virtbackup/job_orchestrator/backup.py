@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from virtbackup.contracts.subjects import InventoryCmd
 from virtbackup.contracts.v1.inventory import (
@@ -37,6 +37,7 @@ from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
 from virtbackup.job_orchestrator.agent_jobs import run_agent_backup
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
+from virtbackup.job_orchestrator.fanout import FanOut, also_destinations, outcome, summary
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import (
     DEFAULT_PARTIAL_MAX_FRACTION,
@@ -47,16 +48,16 @@ from virtbackup.job_orchestrator.planner import (
     plan_disk,
 )
 from virtbackup.job_orchestrator.progress import update_job
-from virtbackup.job_orchestrator.state_files import capture
+from virtbackup.job_orchestrator.state_files import capture, capture_into
 from virtbackup.repository.format import manifest_key
-from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
-from virtbackup.repository.repository import Repository
+from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint, StateFileRecord
+from virtbackup.repository.repository import Repository, RepositoryError
 from virtbackup.repository.verification import read_verification
 from virtbackup.runtime import timeouts
 from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import ServiceError, Unavailable
-from virtbackup.storage.errors import NotFoundError
+from virtbackup.storage.errors import NotFoundError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +213,37 @@ def full_reasons(
     return reasons
 
 
+async def _parent(
+    repo: Repository, job: Job, fresh: bool, *, primary: bool
+) -> tuple[RestorePoint | None, bool]:
+    """The point a backup into ``repo`` builds on (``parent_point`` in the job's own
+    destination, which honours a plan's ``source_ref``; the newest point in an extra
+    one), and whether it was left out because its last verify found it damaged."""
+    assert job.vm_name and job.server_id
+    parent: RestorePoint | None
+    if fresh:
+        parent = None
+    elif primary:
+        parent = await parent_point(repo, job)
+    else:
+        parent = await latest_point(repo, job.vm_name, job.server_id)
+    if (
+        parent is not None
+        and (await read_verification(repo, parent.vm_name, parent.timestamp)).state == "damaged"
+    ):
+        # An incremental would name the parent's chunks it does not read, damaged
+        # (quarantined) ones included: a full read stores them again instead.
+        return None, True
+    return parent, False
+
+
 async def run_backup(jc: JobContext, job: Job) -> str:
-    """Run the backup; returns the success message (raises on failure or cancel)."""
+    """Run the backup; returns the success message (raises on failure or cancel).
+
+    With ``params.alsoDestinationIds`` the same read is written to those destinations
+    too (``fanout``): a destination that fails is left out and the others commit; the
+    job then fails with a message starting ``partial failure`` (after the libvirt job
+    ended keeping its checkpoint, which the committed points name)."""
     assert job.server_id and job.vm_name and job.destination_id
     started = time.monotonic()
     cfg = await jc.config()
@@ -221,27 +251,61 @@ async def run_backup(jc: JobContext, job: Job) -> str:
     if job.params.get("agentId"):
         return await run_agent_backup(jc, job)  # its agent reads and writes (agent_jobs)
     fraction = partial_max_fraction(find_destination(cfg, job.destination_id).driver_id)
-    repo = await jc.repository(job.destination_id)
+    order = [job.destination_id, *also_destinations(job)]
+    repos: dict[str, Repository] = {}
+    #: Extra destinations that failed before anything was read (they commit nothing).
+    early: dict[str, str] = {}
     try:
+        repos[job.destination_id] = await jc.repository(job.destination_id)
+        for dest in order[1:]:
+            try:
+                repos[dest] = await jc.repository(dest)
+            except (StorageError, RepositoryError, ServiceError) as exc:
+                early[dest] = f"opening its repository: {getattr(exc, 'message', None) or exc}"
+                continue
+            if repos[dest].chunk_size != repos[job.destination_id].chunk_size:
+                early[dest] = (
+                    f"its repository has chunks of {repos[dest].chunk_size} bytes, "
+                    f"{job.destination_id} of {repos[job.destination_id].chunk_size}: one read "
+                    "serves only repositories of one chunk size"
+                )
+                await repos.pop(dest).close()
         fresh = bool(job.params.get("fresh"))
-        parent = None if fresh else await parent_point(repo, job)
-        if (
-            parent is not None
-            and (await read_verification(repo, parent.vm_name, parent.timestamp)).state == "damaged"
-        ):
-            # An incremental would name the parent's chunks it does not read, damaged
-            # (quarantined) ones included: a full read stores them again instead.
-            await jc.message(
-                job.id,
-                f"the newest point {parent.timestamp} failed verify: a full read, "
-                "storing its damaged chunks again",
-            )
-            parent = None
+        parents: dict[str, RestorePoint | None] = {}
+        for dest in list(repos):
+            try:
+                found, damaged = await _parent(
+                    repos[dest], job, fresh, primary=dest == job.destination_id
+                )
+            except (StorageError, RepositoryError) as exc:
+                if dest == job.destination_id:
+                    raise
+                early[dest] = f"listing its restore points: {exc}"
+                await repos.pop(dest).close()
+                continue
+            parents[dest] = found
+            if damaged:
+                await jc.message(
+                    job.id,
+                    f"the newest point in destination {dest} failed verify: a full read, "
+                    "storing its damaged chunks again",
+                )
+        parent = parents[job.destination_id]
+        # Extra destinations build on their own newest point only when it marks the
+        # checkpoint the libvirt job starts from; else they get a full read.
+        for dest in list(parents)[1:]:
+            own = parents[dest]
+            if own is not None and (parent is None or own.checkpoint != parent.checkpoint):
+                parents[dest] = None
+        fanned = len(order) > 1
+        recorded = _recorded(parents, order, early) if fanned else {}
         # Recorded before anything builds on it: from now on a delete of the parent point
         # is refused (409), and before, while this job holds the VM folder's lock, too
         # (``points.remove_point``). So the incremental below is relative to a checkpoint
         # whose point exists, and stays so until this job ends.
-        await update_job(jc.store, jc.bus, job.id, {"result": _parent_result(parent)})
+        await update_job(
+            jc.store, jc.bus, job.id, {"result": {**_parent_result(parent), **recorded}}
+        )
         if fresh and jc.settings.debug:
             await jc.message(job.id, "fresh: the next backup is a full read")
         await jc.message(job.id, "beginning the libvirt backup job")
@@ -262,9 +326,10 @@ async def run_backup(jc: JobContext, job: Job) -> str:
             jc.store,
             jc.bus,
             job.id,
-            {"result": {**_parent_result(parent), "checkpoint": begun.checkpoint}},
+            {"result": {**_parent_result(parent), "checkpoint": begun.checkpoint, **recorded}},
         )
         success = ended = False
+        partial: str | None = None
 
         async def end_job() -> BackupEnded | None:
             # A runner that no longer holds the job (cut off or stalled past its lease)
@@ -286,18 +351,19 @@ async def run_backup(jc: JobContext, job: Job) -> str:
                 return None
 
         try:
-            message = await _transfer(
+            message, partial = await _transfer(
                 jc,
                 job,
-                repo,
+                order,
+                early,
+                repos,
                 begun,
-                parent,
+                parents,
                 server.name or server.id,
                 started,
                 fraction,
             )
             success = True
-            return message
         except (JobCanceled, JobLost):
             raise
         except Exception as exc:
@@ -312,104 +378,206 @@ async def run_backup(jc: JobContext, job: Job) -> str:
         finally:
             if not ended:
                 await end_job()
+        if partial is not None:
+            raise JobFailed(partial)
+        return message
     finally:
-        await repo.close()
+        for opened in repos.values():
+            await opened.close()
+
+
+def _recorded(
+    parents: dict[str, RestorePoint | None], order: list[str], failed: dict[str, str]
+) -> dict[str, Any]:
+    """``result.destinations`` before the commit: each destination's parent (and those
+    that failed already)."""
+    stamps = {d: (p.timestamp if p else None) for d, p in parents.items()}
+    return {"destinations": outcome(order, {}, failed, stamps)}
 
 
 async def _transfer(
     jc: JobContext,
     job: Job,
-    repo: Repository,
+    order: list[str],
+    early: dict[str, str],
+    repos: dict[str, Repository],
     begun: BackupBegun,
-    parent: RestorePoint | None,
+    parents: dict[str, RestorePoint | None],
     server_name: str,
     started: float,
     fraction: float,
-) -> str:
+) -> tuple[str, str | None]:
+    """Read once, store in every destination of ``repos`` (those of ``order`` that did
+    not fail ``early``), commit in each that did not fail. Returns the success message
+    and, when some destination failed but not all, the partial failure's message
+    (``None`` otherwise); raises when every destination failed."""
     assert job.server_id and job.vm_name and job.destination_id
-    files = await capture(jc, job, repo)  # NVRAM, TPM state: as at the backup's begin
-    timestamp = await repo.new_timestamp(job.vm_name)
-    plans = await plan(begun, repo, parent if begun.incremental else None, fraction)
-    units = backup_units(job.id, job.destination_id, plans)
-    kind: Literal["full", "incremental"] = (
-        "incremental" if begun.incremental and any(p.incremental for p in plans) else "full"
-    )
+    live = list(repos)
+    repo = repos[job.destination_id]
+    parent = parents[job.destination_id]
+    fanned = len(order) > 1
+    failed: dict[str, str] = dict(early)
+    files_by: dict[str, list[StateFileRecord]] = {}
+    if fanned:
+        # NVRAM, TPM state: as at the backup's begin, read once, stored in each.
+        files_by, failing = await capture_into(jc, job, repos)
+        failed.update(failing)
+    else:
+        files_by[job.destination_id] = await capture(jc, job, repo)
+    timestamps = {d: await repos[d].new_timestamp(job.vm_name) for d in live}
+    timestamp = timestamps[job.destination_id]
+    plans_by = {
+        d: await plan(
+            begun,
+            repos[d],
+            parents[d] if begun.incremental else None,
+            fraction if d == job.destination_id else 0.0,
+        )
+        for d in live
+    }
+    plans = plans_by[job.destination_id]
+    fan = FanOut(job.id, live, plans_by)
+    fan.failed.update(failed)
+    kinds = {d: _kind(begun, plans_by[d]) for d in live}
+    kind = kinds[job.destination_id]
     reasons = full_reasons(begun, parent, plans)
     if kind == "full":
         read_in_full = begun.full_reason or "; ".join(f"{t}: {r}" for t, r in reasons.items())
     else:
         read_in_full = "; ".join(f"{t}: {r}" for t, r in reasons.items())
     offline = " (offline: the VM was shut off)" if begun.offline else ""
-    total_bytes = sum(p.read_bytes for p in plans)
-    results: dict[str, dict[int, str | None]] = {p.target: {} for p in plans}
-    stats = {"stored": 0, "dedup": 0, "fallbacks": 0}
+    stats = {"fallbacks": 0}
 
     def on_result(result: UnitResult) -> None:
-        for ref in result.chunks:
-            results[result.disk][ref.index] = ref.id
-        stats["stored"] += result.chunks_stored
-        stats["dedup"] += result.chunks_deduplicated
+        fan.on_result(result)
         stats["fallbacks"] += result.partial_fallbacks
 
     reason = f" (read in full: {read_in_full})" if read_in_full else ""
+    also = full_note = ""
+    if fanned:
+        full_ones = [d for d in live[1:] if kinds[d] == "full" and kind == "incremental"]
+        also = f", written to {len(order)} destinations"
+        if full_ones:
+            full_note = f"{', '.join(full_ones)} in full: no point of this checkpoint there"
+            also += f" ({full_note})"
+    stamps = {d: (p.timestamp if p else None) for d, p in parents.items()}
     await jc.enter(
         job.id,
         "transferring",
-        message=f"{kind} backup{offline}{reason}: reading {len(units)} units",
-        result={**_parent_result(parent), "checkpoint": begun.checkpoint},
+        message=f"{kind} backup{offline}{reason}{also}: reading {len(fan.units)} units",
+        result={
+            **_parent_result(parent),
+            "checkpoint": begun.checkpoint,
+            **({"destinations": outcome(order, {}, fan.failed, stamps)} if fanned else {}),
+        },
     )
-    progress = await jc.run_units(job.id, units, total_bytes, on_result)
-    manifests = [build_manifest(p, results[p.target]) for p in plans]
-    point = RestorePoint(
-        vm_name=job.vm_name,
-        timestamp=timestamp,
-        source_server_id=job.server_id,
-        source_server_name=server_name,
-        kind=kind,
-        checkpoint=begun.checkpoint,
-        parent_checkpoint=begun.parent_checkpoint,
-        parent_timestamp=parent.timestamp if parent and kind == "incremental" else None,
-        disks=[
-            DiskRecord(
-                target=p.target,
-                basename=os.path.basename(p.path) or p.target,
-                path=p.path,
-                format=p.format,
-                size=p.size,
-                manifest=manifest_key(job.vm_name, timestamp, p.target),
-                stored_chunks=sum(1 for c in m.chunks if c is not None),
-                zero_chunks=sum(1 for c in m.chunks if c is None),
-            )
-            for p, m in zip(plans, manifests, strict=True)
-        ],
-        created_at=utcnow_iso(),
-        duration_seconds=round(time.monotonic() - started, 3),
-        bytes_read=progress.bytes_transferred,
-        bytes_written=progress.physical_bytes,
-        job_id=job.id,
-        files=files,
-    )
+    progress = await jc.run_units(job.id, fan.units, fan.total_bytes, on_result)
+    if not fan.alive():
+        raise JobFailed("every destination failed: " + summary(order, {}, fan.failed))
+
+    def point_for(dest: str) -> tuple[RestorePoint, list[DiskManifest]]:
+        ts = timestamps[dest]
+        manifests = [build_manifest(p, fan.results[dest][p.target]) for p in plans_by[dest]]
+        dest_kind, own = kinds[dest], parents[dest]
+        point = RestorePoint(
+            vm_name=job.vm_name or "",
+            timestamp=ts,
+            source_server_id=job.server_id or "",
+            source_server_name=server_name,
+            kind=dest_kind,
+            checkpoint=begun.checkpoint,
+            parent_checkpoint=(
+                begun.parent_checkpoint
+                if dest_kind == "incremental" or dest == job.destination_id
+                else None
+            ),
+            parent_timestamp=own.timestamp if own and dest_kind == "incremental" else None,
+            disks=[
+                DiskRecord(
+                    target=p.target,
+                    basename=os.path.basename(p.path) or p.target,
+                    path=p.path,
+                    format=p.format,
+                    size=p.size,
+                    manifest=manifest_key(job.vm_name or "", ts, p.target),
+                    stored_chunks=sum(1 for c in m.chunks if c is not None),
+                    zero_chunks=sum(1 for c in m.chunks if c is None),
+                )
+                for p, m in zip(plans_by[dest], manifests, strict=True)
+            ],
+            created_at=utcnow_iso(),
+            duration_seconds=round(time.monotonic() - started, 3),
+            bytes_read=progress.bytes_transferred,
+            bytes_written=progress.physical_bytes,
+            job_id=job.id,
+            files=files_by.get(dest, []),
+        )
+        return point, manifests
+
     # The point of no return: from here a cancel is refused, and the job ends in what
     # the commit does.
     await jc.enter(
         job.id,
         "committing",
         message="committing the restore point",
-        result={**_parent_result(parent), "checkpoint": begun.checkpoint, "timestamp": timestamp},
+        result={
+            **_parent_result(parent),
+            "checkpoint": begun.checkpoint,
+            "timestamp": timestamp,
+            **({"destinations": outcome(order, {}, fan.failed, stamps)} if fanned else {}),
+        },
     )
-    await repo.commit(point, manifests, begun.domain_xml)
-    read_chunks = sum(len(p.read) for p in plans)
-    in_part = sum(len(p.partial) for p in plans)
+    committed: dict[str, dict[str, Any]] = {}
+    for dest in fan.alive():
+        point, manifests = point_for(dest)
+        if not fanned:
+            await repos[dest].commit(point, manifests, begun.domain_xml)
+        else:
+            try:
+                await repos[dest].commit(point, manifests, begun.domain_xml)
+            except (StorageError, RepositoryError, OSError) as exc:
+                fan.failed[dest] = f"committing: {type(exc).__name__}: {exc}"
+                continue
+        committed[dest] = {"timestamp": point.timestamp, "kind": point.kind}
+    if not committed:
+        raise JobFailed("every destination failed: " + summary(order, {}, fan.failed))
+    read_chunks = fan.chunks_read
+    in_part = sum(len(u.partial) for u in fan.units)
     part = f" ({in_part} in part)" if in_part else ""
-    summary = (
+    stored = sum(s["stored"] for s in fan.stats.values())
+    dedup = sum(s["dedup"] for s in fan.stats.values())
+    summary_text = (
         f"{kind} backup {timestamp}{offline}: {read_chunks} chunks read{part}, "
-        f"{stats['stored']} stored, {stats['dedup']} deduplicated"
+        f"{stored} stored, {dedup} deduplicated"
     )
+    if fanned:
+        summary_text += "; " + summary(order, committed, fan.failed)
+        if full_note:
+            summary_text += f" ({full_note})"
+        await update_job(
+            jc.store,
+            jc.bus,
+            job.id,
+            {
+                "result": {
+                    **_parent_result(parent),
+                    "checkpoint": begun.checkpoint,
+                    "timestamp": timestamp,
+                    "destinations": outcome(order, committed, fan.failed, stamps),
+                }
+            },
+        )
     if stats["fallbacks"]:
         # The new point is whole (those chunks were read whole), older ones may not be.
-        summary += (
+        summary_text += (
             f"; {stats['fallbacks']} chunks of the previous restore point were missing or "
             "damaged in the repository (read whole instead): check older points with a "
             "sanity check"
         )
-    return f"{summary}; read in full: {read_in_full}" if read_in_full else summary
+    message = f"{summary_text}; read in full: {read_in_full}" if read_in_full else summary_text
+    partial = f"partial failure: {summary(order, committed, fan.failed)}" if fan.failed else None
+    return message, partial
+
+
+def _kind(begun: BackupBegun, plans: list[DiskPlan]) -> Literal["full", "incremental"]:
+    return "incremental" if begun.incremental and any(p.incremental for p in plans) else "full"

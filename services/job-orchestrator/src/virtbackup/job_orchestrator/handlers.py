@@ -27,6 +27,7 @@ from virtbackup.contracts.v1.inventory import (
 from virtbackup.contracts.v1.jobs import (
     TERMINAL_STATES,
     BackupRequest,
+    CopyRequest,
     Job,
     JobCancelRequest,
     JobGetRequest,
@@ -41,7 +42,10 @@ from virtbackup.contracts.v1.jobs import (
     SanityRequest,
 )
 from virtbackup.job_orchestrator.agent_jobs import agent_of
+from virtbackup.job_orchestrator.fanout import PARAM as ALSO_PARAM
+from virtbackup.job_orchestrator.fanout_submit import also_folders, check_also_destinations
 from virtbackup.job_orchestrator.jobctx import JobContext, job_payload
+from virtbackup.job_orchestrator.point_copy import submit_copy
 from virtbackup.job_orchestrator.restore import (
     plan_restore,
     request_plan,
@@ -114,6 +118,12 @@ async def backup(jc: JobContext, req: BackupRequest) -> Job:
     find_server(cfg, req.server_id)
     dest = find_destination(cfg, req.destination_id)
     agent_id = agent_of(cfg, req.server_id)
+    also = check_also_destinations(cfg, dest.id, req.also_destination_ids)
+    if agent_id is not None and also:
+        raise BadRequest(
+            f"alsoDestinationIds: server {req.server_id} is backed up by remote agent "
+            f"{agent_id}, which writes one destination per backup"
+        )
     if agent_id is None:
         # The VM must exist (404 from the inventory otherwise); a remote agent's host is
         # not the inventory's to reach: its agent fails the job if the VM is unknown.
@@ -126,15 +136,35 @@ async def backup(jc: JobContext, req: BackupRequest) -> Job:
     params: dict[str, Any] = {"fresh": req.fresh and jc.settings.debug}
     if agent_id is not None:
         params["agentId"] = agent_id
-    return await jc.submit(
-        "backup",
-        server_id=req.server_id,
-        vm_name=req.vm_name,
-        destination_id=dest.id,
-        params=params,
-        lock_vm=True,
-        run=execute,
-    )
+    if not also:
+        return await jc.submit(
+            "backup",
+            server_id=req.server_id,
+            vm_name=req.vm_name,
+            destination_id=dest.id,
+            params=params,
+            lock_vm=True,
+            run=execute,
+        )
+    async with also_folders(jc, req.vm_name, also) as job_id:
+        return await jc.submit(
+            "backup",
+            server_id=req.server_id,
+            vm_name=req.vm_name,
+            destination_id=dest.id,
+            params={**params, ALSO_PARAM: also},
+            lock_vm=True,
+            run=execute,
+            job_id=job_id,
+        )
+
+
+@commands.handler(JobCmd.COPY, CopyRequest)
+async def copy_point(jc: JobContext, req: CopyRequest) -> Job:
+    """Start a copy of a restore point to another destination (``point_copy``): 404 for
+    an unknown source destination or point, 400 naming ``targetDestinationId`` or
+    ``vmName``, 409 while the VM's folder in the target is being written."""
+    return await submit_copy(jc, req, execute)
 
 
 @commands.handler(JobCmd.RESTORE_PRECHECK, PrecheckRequest)

@@ -34,6 +34,7 @@ from virtbackup.contracts.v1.events import JobFailure
 from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job, JobPhase, JobState, JobType
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
 from virtbackup.job_orchestrator.errors import JobCanceled, JobLost
+from virtbackup.job_orchestrator.fanout import written_destinations
 from virtbackup.job_orchestrator.leases import JobLeases
 from virtbackup.job_orchestrator.locks import VmLocks, lookup_in, point_folder_lock
 from virtbackup.job_orchestrator.metrics import job_finished
@@ -329,8 +330,21 @@ class JobContext:
             folder = point_folder_lock(job.type, job.destination_id, job.vm_name)
             if folder is not None:
                 await self.locks.release(*folder, job.id)
+        await self._release_written_folders(job)
         await self.leases.release(job_id)
         return job
+
+    async def _release_written_folders(self, job: Job) -> None:
+        """The VM folder locks of the other destinations a backup (``alsoDestinationIds``)
+        or a copy (its target) writes, taken before its submit."""
+        if job.type not in {"backup", "copy"} or not job.vm_name:
+            return
+        for dest in written_destinations(job):
+            if dest == job.destination_id and job.type == "backup":
+                continue
+            folder = point_folder_lock("backup", dest, job.vm_name)
+            if folder is not None:
+                await self.locks.release(*folder, job.id)
 
     async def message(self, job_id: str, text: str) -> None:
         self.check_canceled(job_id)

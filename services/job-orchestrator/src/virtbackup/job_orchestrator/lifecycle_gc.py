@@ -44,6 +44,7 @@ from virtbackup.contracts.v1.events import JobFailure
 from virtbackup.contracts.v1.jobs import ACTIVE_STATES, Job
 from virtbackup.contracts.v1.work import BadChunk, ChunkRef, TransferUnit, UnitResult
 from virtbackup.job_orchestrator.errors import JobFailed
+from virtbackup.job_orchestrator.fanout import written_destinations
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.locks import lookup_in
 from virtbackup.job_orchestrator.progress import update_job
@@ -162,22 +163,26 @@ async def _change_gate(
 
 
 @contextlib.asynccontextmanager
-async def backup_gate(jc: JobContext, job: Job) -> AsyncIterator[None]:
-    """Hold a backup back while a GC sweeps its destination, then register it as a
-    writer (in the gate, and as a lock object in the repository) until it ends."""
-    await enter_gate(jc, job)
+async def backup_gate(
+    jc: JobContext, job: Job, destination_id: str | None = None
+) -> AsyncIterator[None]:
+    """Hold a backup back while a GC sweeps its destination (``destination_id``, else
+    the job's), then register it as a writer (in the gate, and as a lock object in the
+    repository) until it ends. A copy job is a writer of its target the same way."""
+    await enter_gate(jc, job, destination_id)
     try:
-        async with _repository_lock(jc, job, "backup"):
+        async with _repository_lock(jc, job, "backup", destination_id):
             yield
     finally:
-        await leave_gate(jc, job)
+        await leave_gate(jc, job, destination_id)
 
 
-async def enter_gate(jc: JobContext, job: Job) -> None:
-    """Wait while a live GC sweeps the job's destination (the job's message says so;
-    ``JobCanceled`` on a cancel), then add the job to the gate's writers."""
-    assert job.destination_id
-    dest = job.destination_id
+async def enter_gate(jc: JobContext, job: Job, destination_id: str | None = None) -> None:
+    """Wait while a live GC sweeps the destination (``destination_id``, else the job's;
+    the job's message says so; ``JobCanceled`` on a cancel), then add the job to the
+    gate's writers."""
+    dest = destination_id or job.destination_id
+    assert dest
     kv = jc.ctx.bucket(buckets.LOCKS)
     key = gate_key(dest)
     announced = False
@@ -203,22 +208,26 @@ async def enter_gate(jc: JobContext, job: Job) -> None:
             return
 
 
-async def leave_gate(jc: JobContext, job: Job) -> None:
-    """Remove the job from its destination's writers."""
-    assert job.destination_id
+async def leave_gate(jc: JobContext, job: Job, destination_id: str | None = None) -> None:
+    """Remove the job from the writers of its destination (or ``destination_id``)."""
+    dest = destination_id or job.destination_id
+    assert dest
     await _change_gate(
         jc,
-        job.destination_id,
+        dest,
         lambda r: msgspec.structs.replace(r, writers=[w for w in r.writers if w != job.id]),
     )
 
 
 @contextlib.asynccontextmanager
-async def _repository_lock(jc: JobContext, job: Job, kind: str) -> AsyncIterator[None]:
+async def _repository_lock(
+    jc: JobContext, job: Job, kind: str, destination_id: str | None = None
+) -> AsyncIterator[None]:
     """A lock object in the repository for the job's duration, rewritten every
     ``LOCK_REFRESH_SECONDS`` (so that another installation's GC sees it is alive)."""
-    assert job.destination_id
-    opened = await jc.repository(job.destination_id)
+    dest = destination_id or job.destination_id
+    assert dest
+    opened = await jc.repository(dest)
     repo = retrying(opened)
     try:
         record = LockRecord(
@@ -254,11 +263,22 @@ async def _repository_lock(jc: JobContext, job: Job, kind: str) -> AsyncIterator
 
 
 def admitted(jc: JobContext, job: Job) -> contextlib.AbstractAsyncContextManager[None]:
-    """What a job passes before its first step: the destination's gate for a backup
-    (``backup_gate``), nothing for other jobs."""
-    if job.type == "backup" and job.destination_id:
-        return backup_gate(jc, job)
+    """What a job passes before its first step: the gate of every destination a backup
+    writes (its own and its ``alsoDestinationIds``) or a copy writes (its target):
+    ``backup_gate``; nothing for other jobs."""
+    if job.type in {"backup", "copy"} and job.destination_id:
+        return _gates(jc, job, written_destinations(job))
     return contextlib.nullcontext()
+
+
+@contextlib.asynccontextmanager
+async def _gates(jc: JobContext, job: Job, destinations: list[str]) -> AsyncIterator[None]:
+    """``backup_gate`` of each destination, in order (a gate only ever waits for a GC's
+    sweep, and a sweep never waits for a job that is not yet its writer: no cycle)."""
+    async with contextlib.AsyncExitStack() as stack:
+        for dest in destinations:
+            await stack.enter_async_context(backup_gate(jc, job, dest))
+        yield
 
 
 def exclusive_job(jc: JobContext, destination_id: str, *, besides: str = "") -> Job | None:

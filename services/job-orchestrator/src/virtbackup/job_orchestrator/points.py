@@ -62,6 +62,7 @@ from virtbackup.contracts.v1.points import (
 from virtbackup.contracts.v1.retention import KeepRules
 from virtbackup.job_orchestrator import exports
 from virtbackup.job_orchestrator.errors import JobFailed
+from virtbackup.job_orchestrator.fanout import parent_of, written_destinations
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc import (
     claim_destination,
@@ -98,7 +99,7 @@ point_commands: Commands[JobContext] = Commands()
 
 #: Job types that read restore points of their destination (``verify`` is added by the
 #: verify jobs; ``gc`` runs exclude prunes).
-READERS: Final = frozenset({"restore", "sanity", "verify"})
+READERS: Final = frozenset({"restore", "sanity", "verify", "copy"})
 GC_TYPE: Final = "gc"
 #: Points whose sidecars a listing reads at once.
 READ_AHEAD: Final = 16
@@ -412,7 +413,7 @@ async def _backup_holding(jc: JobContext, dest_id: str, point: RestorePoint) -> 
     folder = point_folder_lock("backup", dest_id, point.vm_name)
     assert folder is not None
     for job in jc.jobs.active():
-        if job.type != "backup" or job.destination_id != dest_id:
+        if job.type != "backup" or dest_id not in written_destinations(job):
             continue
         other = point_folder_lock("backup", dest_id, job.vm_name)
         if other == folder:
@@ -449,12 +450,13 @@ async def remove_point(jc: JobContext, repo: Repository, dest_id: str, point: Re
             return
         except Conflict as busy:
             backup = await _backup_holding(jc, dest_id, point)
-            if backup is None or "parentTimestamp" not in backup.result:
+            known, parent = parent_of(backup, dest_id) if backup else (False, None)
+            if backup is None or not known:
                 raise Conflict(
                     f"restore point {point.timestamp} of vm {vm}: the VM's folder is busy, "
                     f"a backup may be starting on it ({busy.message})"
                 ) from None
-            if backup.result["parentTimestamp"] == point.timestamp:
+            if parent == point.timestamp:
                 raise Conflict(
                     f"restore point {point.timestamp} of vm {vm} is in use: backup job "
                     f"{backup.id} builds on it"

@@ -28,8 +28,10 @@ from virtbackup.contracts.v1.inventory import (
 from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job, JobState
 from virtbackup.job_orchestrator.backup import end_libvirt_job, run_backup
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
+from virtbackup.job_orchestrator.fanout import also_destinations
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc import admitted, run_gc, run_verify
+from virtbackup.job_orchestrator.point_copy import run_copy
 from virtbackup.job_orchestrator.points import auto_prune, run_prune
 from virtbackup.job_orchestrator.restore import prepared_targets, run_restore, run_sanity
 from virtbackup.repository.format import xml_path
@@ -49,6 +51,7 @@ RUNNERS: dict[str, Runner] = {
     "prune": run_prune,
     "gc": run_gc,
     "verify": run_verify,
+    "copy": run_copy,
 }
 #: Seconds between two looks for jobs whose holder died.
 SWEEP_SECONDS = 2.0
@@ -93,11 +96,13 @@ async def execute(jc: JobContext, job: Job) -> None:
         log.exception("could not write the final state of job %s (%s)", job.id, state)
         return
     if job.type == "backup" and state == "success":
-        # Retention: a prune job of its own once the backup has ended (points.auto_prune).
-        try:
-            await auto_prune(jc, job, execute)
-        except Exception:
-            log.exception("could not start the prune after backup %s", job.id)
+        # Retention: a prune job of its own once the backup has ended (points.auto_prune),
+        # in each destination it wrote.
+        for dest in [job.destination_id, *also_destinations(job)]:
+            try:
+                await auto_prune(jc, msgspec.structs.replace(job, destination_id=dest), execute)
+            except Exception:
+                log.exception("could not start the prune after backup %s in %s", job.id, dest)
 
 
 async def sweep(jc: JobContext) -> None:

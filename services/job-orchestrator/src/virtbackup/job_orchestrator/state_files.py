@@ -35,9 +35,10 @@ from virtbackup.contracts.v1.state import (
 )
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.repository.records import RestorePoint, StateFileRecord
-from virtbackup.repository.repository import Repository
+from virtbackup.repository.repository import Repository, RepositoryError
 from virtbackup.runtime import timeouts
 from virtbackup.runtime.errors import ServiceError
+from virtbackup.storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,55 @@ async def capture(jc: JobContext, job: Job, repo: Repository) -> list[StateFileR
             log.warning("removing the state copies of job %s: %s", job.id, exc)
 
 
+async def capture_into(
+    jc: JobContext, job: Job, repos: dict[str, Repository]
+) -> tuple[dict[str, list[StateFileRecord]], dict[str, str]]:
+    """:func:`capture` for a backup to several destinations: the state files are read
+    from the host once and stored in each repository. Returns each destination's
+    records, and the destinations whose repository failed (destination -> error: they
+    commit nothing); raises what the inventory answers."""
+    assert job.server_id and job.vm_name
+    snap = await jc.bus.request(
+        InventoryCmd.STATE_SNAPSHOT,
+        StateSnapshotRequest(server_id=job.server_id, vm_name=job.vm_name, job_id=job.id),
+        StateSnapshot,
+        timeout=timeouts.INVENTORY_JOB_STEP,
+    )
+    records: dict[str, list[StateFileRecord]] = {d: [] for d in repos}
+    failed: dict[str, str] = {}
+    try:
+        if snap.files:
+            await jc.message(job.id, f"saving {_roles(snap.files)}")
+        for f in snap.files:
+            data = await _read(jc, job, f)
+            for dest, repo in repos.items():
+                if dest in failed:
+                    continue
+                try:
+                    records[dest].append(await _record(repo, f, data))
+                except (StorageError, RepositoryError) as exc:
+                    failed[dest] = f"storing the VM's state files: {exc}"
+        return records, failed
+    finally:
+        release = StateReleaseRequest(server_id=job.server_id, job_id=job.id)
+        try:
+            await jc.bus.request(
+                InventoryCmd.STATE_RELEASE, release, Ok, timeout=timeouts.INVENTORY_QUERY
+            )
+        except ServiceError as exc:
+            log.warning("removing the state copies of job %s: %s", job.id, exc)
+
+
 def _roles(files: list[StateFile]) -> str:
     return _names([f.role for f in files])
 
 
 async def _store(jc: JobContext, job: Job, repo: Repository, f: StateFile) -> StateFileRecord:
+    return await _record(repo, f, await _read(jc, job, f))
+
+
+async def _read(jc: JobContext, job: Job, f: StateFile) -> bytearray:
+    """The content of state file ``f`` (empty for a directory), read over the bus."""
     assert job.server_id
     data = bytearray()
     while f.kind == "file" and len(data) < f.size:
@@ -88,6 +133,11 @@ async def _store(jc: JobContext, job: Job, repo: Repository, f: StateFile) -> St
         if len(piece.data) != want:
             raise ServiceError(f"{f.path}: read {len(piece.data)} bytes at {len(data)}, not {want}")
         data += piece.data
+    return data
+
+
+async def _record(repo: Repository, f: StateFile, data: bytearray) -> StateFileRecord:
+    """``f`` with ``data`` stored as chunks of ``repo``."""
     return StateFileRecord(
         role=f.role,
         path=f.path,

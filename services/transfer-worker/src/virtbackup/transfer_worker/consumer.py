@@ -52,7 +52,13 @@ from virtbackup.runtime.work import WorkConsumer, WorkMessage
 from virtbackup.storage.errors import PermanentError, StorageError, TransientError
 from virtbackup.storage.google_auth import GoogleTokens
 from virtbackup.transfer_worker.metrics import unit_done
-from virtbackup.transfer_worker.units import UnitContext, backup_unit, restore_unit, verify_unit
+from virtbackup.transfer_worker.units import (
+    UnitContext,
+    backup_unit,
+    copy_unit,
+    restore_unit,
+    verify_unit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -265,14 +271,27 @@ class Worker:
             error=error,
         )
 
+    async def _also(self, unit: TransferUnit) -> list[tuple[str, Repository]]:
+        """The repositories of a backup unit's ``also_destination_ids``, in that order.
+        Raises as for the unit's own destination when one cannot be opened (the
+        orchestrator opened each of them before it published the units)."""
+        also: list[tuple[str, Repository]] = []
+        for dest in unit.also_destination_ids:
+            also.append((dest, await self.res.repository(dest)))
+        return also
+
     async def _process(self, unit: TransferUnit) -> UnitResult:
         repo = await self.res.repository(unit.destination_id)
         if unit.kind == "verify":
             return await verify_unit(unit, repo, self.uctx)
+        if unit.kind == "copy":
+            target = await self.res.repository(unit.target_destination_id)
+            return await copy_unit(unit, repo, target, self.uctx)
         self.active.setdefault(unit.job_id, set()).add(unit.nbd_url)
         nbd = await self.res.nbd_client(unit.nbd_url)
         if unit.kind == "backup":
-            return await backup_unit(unit, repo, nbd, self.uctx)
+            also = await self._also(unit)
+            return await backup_unit(unit, repo, nbd, self.uctx, also)
         return await restore_unit(unit, repo, nbd, self.uctx)
 
 

@@ -25,13 +25,15 @@ from typing import TypeVar
 from virtbackup.contracts.v1.work import (
     BadChunk,
     ChunkRef,
+    DestinationResult,
     PartialChunk,
     TransferUnit,
     UnitResult,
 )
 from virtbackup.nbd import NbdClient
-from virtbackup.repository.repository import CorruptChunkError, Repository
-from virtbackup.storage.errors import NotFoundError
+from virtbackup.repository.codec import compress_body
+from virtbackup.repository.repository import CorruptChunkError, Repository, RepositoryError
+from virtbackup.storage.errors import NotFoundError, StorageError
 from virtbackup.storage.retry import retry
 from virtbackup.transfer_worker.budget import ByteBudget
 from virtbackup.transfer_worker.metrics import BYTES_DEDUPLICATED
@@ -275,28 +277,139 @@ async def read_in_part(
     return sum(n for _, n in part.ranges)
 
 
+@dataclass
+class _Target:
+    """One destination a backup unit stores its chunks in, and what it did there."""
+
+    destination_id: str
+    repo: Repository
+    refs: dict[int, str | None] = field(default_factory=dict)
+    written: int = 0
+    stored: int = 0
+    dedup: int = 0
+    error: str = ""
+
+
+class SharedChunk:
+    """One chunk being stored in several repositories: its id per ``id_key`` and its
+    compressed body, each computed once (on the worker's threads) when first needed."""
+
+    def __init__(self, uctx: UnitContext, buf: bytearray) -> None:
+        self.uctx = uctx
+        self.buf = buf
+        self._ids: dict[bytes, asyncio.Future[str | None]] = {}
+        self._body: asyncio.Future[bytes] | None = None
+
+    async def chunk_id(self, repo: Repository) -> str | None:
+        """The chunk's id in ``repo`` (``None``: all zero)."""
+        found = self._ids.get(repo.id_key)
+        if found is None:
+            found = asyncio.ensure_future(self.uctx.cpu(_analyze, repo, self.buf))
+            self._ids[repo.id_key] = found
+        return await asyncio.shield(found)
+
+    async def body(self) -> bytes:
+        """The unsealed blob (``codec.compress_body``)."""
+        if self._body is None:
+            self._body = asyncio.ensure_future(self.uctx.cpu(compress_body, self.buf))
+        return await asyncio.shield(self._body)
+
+
+async def store_in(
+    uctx: UnitContext,
+    job_id: str,
+    target: _Target,
+    index: int,
+    buf: bytearray,
+    shared: SharedChunk | None = None,
+) -> None:
+    """Hash ``buf`` (chunk ``index``) for ``target``'s repository and store it there
+    unless it is all zero or already there (``has_chunk``: deduplicated). ``shared``:
+    the chunk goes to several repositories; its id and compression are reused across
+    them. Raises the repository's errors (transient ones after their retries)."""
+    repo = target.repo
+    if shared is not None:
+        chunk_id = await shared.chunk_id(repo)
+    else:
+        chunk_id = await uctx.cpu(_analyze, repo, buf)
+    target.refs[index] = chunk_id
+    if chunk_id is None:
+        return
+    # Scoped by destination: two repositories may hold different chunks of one id.
+    scope = f"{job_id}@{target.destination_id}"
+    known = uctx.known_chunks(scope)
+    flight = f"{target.destination_id}/{chunk_id}"
+    while (pending := uctx.writing.get(flight)) is not None:
+        await asyncio.shield(pending)
+    if chunk_id in known:
+        target.dedup += 1
+        BYTES_DEDUPLICATED.inc(len(buf))
+        return
+    # Registered before the first await: an equal chunk waits for this one.
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    uctx.writing[flight] = done
+    try:
+        if await retry(lambda: repo.has_chunk(chunk_id)):
+            target.dedup += 1
+            BYTES_DEDUPLICATED.inc(len(buf))
+        else:
+            if shared is not None:
+                body = await shared.body()
+                blob = await uctx.cpu(repo.seal_chunk, chunk_id, body) if repo.sealer else body
+            else:
+                blob = await uctx.cpu(repo.encode_chunk, chunk_id, buf)
+            await retry(lambda: repo.store_chunk(chunk_id, blob))
+            target.written += len(blob)
+            target.stored += 1
+        known.add(chunk_id)
+    finally:
+        uctx.writing.pop(flight, None)
+        done.set_result(None)
+
+
 async def backup_unit(
-    unit: TransferUnit, repo: Repository, nbd: NbdClient, uctx: UnitContext
+    unit: TransferUnit,
+    repo: Repository,
+    nbd: NbdClient,
+    uctx: UnitContext,
+    also: list[tuple[str, Repository]] | None = None,
 ) -> UnitResult:
     """Read, hash and store every chunk of ``unit.indices`` (those in ``unit.partial``
-    in part, see :func:`read_in_part`); the result names each chunk's id by index."""
+    in part, see :func:`read_in_part`); the result names each chunk's id by index.
+
+    ``also``: the repositories of ``unit.also_destination_ids`` (in that order). Each
+    chunk is read once and stored in ``repo`` and in each of them (its own id there).
+    With ``unit.fan_out`` (or ``also``), a destination that fails (after the retries of
+    transient errors) is dropped for the rest of the unit and reported in
+    ``UnitResult.destinations``, and the unit stops reading once every destination
+    failed; otherwise a failure raises (as before), failing the unit."""
     started = time.monotonic()
-    known = uctx.known_chunks(unit.job_id)
-    refs: dict[int, str | None] = {}
+    targets = [_Target(unit.destination_id, repo)]
+    targets += [_Target(dest, r) for dest, r in also or []]
+    fan_out = unit.fan_out or len(targets) > 1
     partial = {p.index: p for p in unit.partial}
-    counters = {"read": 0, "written": 0, "stored": 0, "dedup": 0, "partial": 0, "fallback": 0}
+    counters = {"read": 0, "partial": 0, "fallback": 0}
 
     async def one(index: int) -> None:
         offset = index * unit.chunk_size
         length = min(unit.chunk_size, unit.disk_size - offset)
         part = partial.get(index)
-        # A chunk read in part holds its parent's plaintext for a while too.
+        # A chunk read in part holds its parent's plaintext for a while too; one stored
+        # in several repositories a blob for each (its compressed body, then sealed).
         held = 2 * length if part is not None and part.parent is not None else length
+        held += (len(targets) - 1) * length
+        if all(t.error for t in targets):
+            return  # nowhere left to store it
         async with uctx.budget.hold(held):
             buf = uctx.buffers.take(length)
             try:
                 await read(offset, buf, part)
-                await store(index, buf)
+                live = [t for t in targets if not t.error]
+                if len(live) == 1:
+                    await store(live[0], index, buf, None)
+                else:  # hashed once per id key, compressed once, stored at once
+                    shared = SharedChunk(uctx, buf)
+                    await asyncio.gather(*(store(t, index, buf, shared) for t in live))
             finally:
                 uctx.buffers.give(buf)
 
@@ -312,39 +425,106 @@ async def backup_unit(
             read = len(buf)
         counters["read"] += read
 
-    async def store(index: int, buf: bytearray) -> None:
-        chunk_id = await uctx.cpu(_analyze, repo, buf)
-        refs[index] = chunk_id
-        if chunk_id is None:
+    async def store(
+        target: _Target, index: int, buf: bytearray, shared: SharedChunk | None
+    ) -> None:
+        if not fan_out:
+            await store_in(uctx, unit.job_id, target, index, buf, shared)
             return
-        while (pending := uctx.writing.get(chunk_id)) is not None:
-            await asyncio.shield(pending)
-        if chunk_id in known:
-            counters["dedup"] += 1
-            BYTES_DEDUPLICATED.inc(len(buf))
-            return
-        # Registered before the first await: an equal chunk waits for this one.
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        uctx.writing[chunk_id] = done
         try:
-            if await retry(lambda: repo.has_chunk(chunk_id)):
-                counters["dedup"] += 1
-                BYTES_DEDUPLICATED.inc(len(buf))
-            else:
-                blob = await uctx.cpu(repo.encode_chunk, chunk_id, buf)
-                await retry(lambda: repo.store_chunk(chunk_id, blob))
-                counters["written"] += len(blob)
-                counters["stored"] += 1
-            known.add(chunk_id)
-        finally:
-            uctx.writing.pop(chunk_id, None)
-            done.set_result(None)
+            await store_in(uctx, unit.job_id, target, index, buf, shared)
+        except (StorageError, RepositoryError) as exc:
+            log.warning(
+                "unit %s/%s: destination %s failed: %s",
+                unit.job_id,
+                unit.unit,
+                target.destination_id,
+                exc,
+            )
+            target.error = f"{type(exc).__name__}: {exc}"
 
     await _bounded(unit.indices, one)
+    own = targets[0]
     return UnitResult(
         job_id=unit.job_id,
         unit=unit.unit,
         kind="backup",
+        disk=unit.disk,
+        worker=uctx.worker,
+        ok=True,
+        chunks=[] if own.error else [ChunkRef(index=i, id=own.refs[i]) for i in sorted(own.refs)],
+        bytes_read=counters["read"],
+        bytes_written=sum(t.written for t in targets),
+        chunks_stored=sum(t.stored for t in targets),
+        chunks_deduplicated=sum(t.dedup for t in targets),
+        seconds=time.monotonic() - started,
+        chunks_partial=counters["partial"],
+        partial_fallbacks=counters["fallback"],
+        destinations=[_destination_result(t) for t in targets] if fan_out else [],
+    )
+
+
+def _destination_result(target: _Target) -> DestinationResult:
+    if target.error:
+        return DestinationResult(destination_id=target.destination_id, ok=False, error=target.error)
+    return DestinationResult(
+        destination_id=target.destination_id,
+        ok=True,
+        chunks=[ChunkRef(index=i, id=target.refs[i]) for i in sorted(target.refs)],
+        bytes_written=target.written,
+        chunks_stored=target.stored,
+        chunks_deduplicated=target.dedup,
+    )
+
+
+async def copy_unit(
+    unit: TransferUnit, source: Repository, target: Repository, uctx: UnitContext
+) -> UnitResult:
+    """Copy every chunk of ``unit.chunks`` (ids in ``source``) into ``target``: read and
+    decode it from ``source`` (checked against its id: a damaged chunk fails the unit,
+    naming it, rather than being copied), take its id in ``target`` (another one when
+    either repository is encrypted), and store it there (compressed and sealed as
+    ``target`` does) unless ``target`` has it. When both repositories name chunks alike
+    (plain BLAKE3, no key), a chunk ``target`` has already is not even read. The result's
+    ``chunks`` are the ids in ``target`` by the unit's ``index``."""
+    started = time.monotonic()
+    same_ids = source.sealer is None and target.sealer is None
+    scope = f"{unit.job_id}@{unit.target_destination_id}"
+    known = uctx.known_chunks(scope)
+    refs: dict[int, str] = {}
+    counters = {"read": 0, "written": 0, "stored": 0, "dedup": 0}
+
+    async def one(ref: ChunkRef) -> None:
+        if ref.id is None:
+            return
+        source_id = ref.id
+        if same_ids and (source_id in known or await retry(lambda: target.has_chunk(source_id))):
+            known.add(source_id)
+            refs[ref.index] = source_id
+            counters["dedup"] += 1
+            return
+        async with uctx.budget.hold(unit.chunk_size or source.chunk_size):
+            blob = await retry(lambda: source.read_chunk(source_id))
+            counters["read"] += len(blob)
+            data = await uctx.cpu(source.decode_chunk, source_id, blob)
+            into = _Target(unit.target_destination_id, target)
+            await store_in(uctx, unit.job_id, into, ref.index, bytearray(data))
+            chunk_id = into.refs[ref.index]
+            if chunk_id is None:  # an all-zero chunk stored by another tool: keep it
+                chunk_id = target.chunk_id(data)
+                if not await retry(lambda: target.has_chunk(chunk_id)):
+                    encoded = await uctx.cpu(target.encode_chunk, chunk_id, data)
+                    await retry(lambda: target.store_chunk(chunk_id, encoded))
+            refs[ref.index] = chunk_id
+            counters["written"] += into.written
+            counters["stored"] += into.stored
+            counters["dedup"] += into.dedup
+
+    await _bounded(unit.chunks, one)
+    return UnitResult(
+        job_id=unit.job_id,
+        unit=unit.unit,
+        kind="copy",
         disk=unit.disk,
         worker=uctx.worker,
         ok=True,
@@ -354,8 +534,6 @@ async def backup_unit(
         chunks_stored=counters["stored"],
         chunks_deduplicated=counters["dedup"],
         seconds=time.monotonic() - started,
-        chunks_partial=counters["partial"],
-        partial_fallbacks=counters["fallback"],
     )
 
 

@@ -15,7 +15,7 @@ from virtbackup.contracts.v1.common import (
 )
 from virtbackup.contracts.v1.readable import described
 
-JobType = Literal["backup", "restore", "sanity", "migration", "prune", "gc", "verify"]
+JobType = Literal["backup", "restore", "sanity", "migration", "prune", "gc", "verify", "copy"]
 JobState = Literal["queued", "running", "success", "failure", "canceled"]
 #: Where a running job is. ``committing`` is the point of no return: from there on a
 #: cancel is refused (409) and the job ends in what its commit did.
@@ -84,13 +84,51 @@ class JobCancelRequest(Message, frozen=True, kw_only=True):
     reason: str = "cancelled by user"
 
 
+#: The most destinations one backup writes besides its own (``also_destination_ids``).
+ALSO_DESTINATIONS_MAX: Final = 8
+
+
 class BackupRequest(Message, frozen=True, kw_only=True):
-    """``POST /servers/{id}/backup``: back up every disk of a VM."""
+    """``POST /servers/{id}/backup``: back up every disk of a VM.
+
+    ``also_destination_ids``: more destinations written from the same read (the VM's
+    disks are read once, each chunk is stored in every destination's own repository);
+    the restore point is committed in each destination only once every chunk it names
+    is durable there. Unknown ids, duplicates and ``destination_id`` itself are a 400
+    naming ``alsoDestinationIds``. See docs/repository-format.md, "One read, several
+    destinations", for what a failure of one destination does.
+    """
 
     server_id: ServerId
     vm_name: VmName
     destination_id: str | None = None
     fresh: bool = False
+    also_destination_ids: Annotated[list[str], msgspec.Meta(max_length=ALSO_DESTINATIONS_MAX)] = (
+        msgspec.field(default_factory=list)
+    )
+
+
+#: A restore point's timestamp (UTC, ``YYYY-MM-DDTHH-MM-SS``, the agent API's form).
+PointTimestamp = Annotated[
+    str, msgspec.Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}-[0-9]{2}-[0-9]{2}$")
+]
+
+
+class CopyRequest(Message, frozen=True, kw_only=True):
+    """``vb.cmd.job.copy`` (``POST /api/v1/destinations/{id}/copy``): copy one restore
+    point of ``vm_name`` from destination ``destination_id`` to
+    ``target_destination_id``: its manifests, domain XML and record, and every chunk it
+    names that the target does not hold (re-compressed and re-encrypted as the target
+    repository is). ``server_id``: only points backed up from that server;
+    ``timestamp``: that point, else the newest one. Answers the copy job; the point is
+    visible in the target only once every chunk it names is durable there.
+    """
+
+    destination_id: str
+    target_destination_id: str
+    vm_name: VmName
+    server_id: ServerId | None = None
+    timestamp: PointTimestamp | None = None
 
 
 #: An absolute path on a server: one printable line.

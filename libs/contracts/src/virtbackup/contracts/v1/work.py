@@ -15,7 +15,7 @@ import msgspec
 
 from virtbackup.contracts.v1.common import Message
 
-UnitKind = Literal["backup", "restore", "verify"]
+UnitKind = Literal["backup", "restore", "verify", "copy"]
 
 
 class ChunkRef(Message, frozen=True, kw_only=True, array_like=True):
@@ -59,14 +59,40 @@ class TransferUnit(Message, frozen=True, kw_only=True):
     #: order of ``indices``; the others are read whole. Workers that predate the field
     #: ignore it and read every chunk whole, which gives the same chunks.
     partial: list[PartialChunk] = msgspec.field(default_factory=list)
-    #: restore and verify: chunks to write or check.
+    #: restore and verify: chunks to write or check; copy: chunks to copy (``index``
+    #: numbers them within the job, ``id`` is the chunk's id in ``destination_id``).
     chunks: list[ChunkRef] = msgspec.field(default_factory=list)
+    #: backup: more destinations every chunk of the unit is stored in (one read, each
+    #: destination's own repository: its ids, compression, encryption). A failure of
+    #: one of them is reported in ``UnitResult.destinations``, not a failed unit.
+    also_destination_ids: list[str] = msgspec.field(default_factory=list)
+    #: backup: the job writes several destinations (not all of them need be this
+    #: unit's): every destination's outcome is reported in ``UnitResult.destinations``,
+    #: and a unit whose destinations all failed is still ``ok`` (the job goes on with
+    #: its other destinations).
+    fan_out: bool = False
+    #: copy: the destination the chunks are copied to.
+    target_destination_id: str = ""
 
 
 class BadChunk(Message, frozen=True, kw_only=True, array_like=True):
     id: str
     problem: Literal["missing", "corrupt"]
     detail: str
+
+
+class DestinationResult(Message, frozen=True, kw_only=True):
+    """What a backup unit with ``also_destination_ids`` did in one of its destinations:
+    the chunks' ids there (they differ between encrypted repositories), what was
+    stored, or why that destination failed (``error``; then ``chunks`` is empty)."""
+
+    destination_id: str
+    ok: bool
+    error: str = ""
+    chunks: list[ChunkRef] = msgspec.field(default_factory=list)
+    bytes_written: int = 0
+    chunks_stored: int = 0
+    chunks_deduplicated: int = 0
 
 
 class UnitResult(Message, frozen=True, kw_only=True):
@@ -93,3 +119,7 @@ class UnitResult(Message, frozen=True, kw_only=True):
     #: damaged in the repository.
     chunks_partial: int = 0
     partial_fallbacks: int = 0
+    #: backup with ``also_destination_ids``: one entry per destination of the unit (its
+    #: own first); the unit is ``ok`` when at least one destination stored every chunk.
+    #: copy: ``chunks`` are the copied chunks' ids in the target, by ``index``.
+    destinations: list[DestinationResult] = msgspec.field(default_factory=list)

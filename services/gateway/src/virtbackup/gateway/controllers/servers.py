@@ -28,6 +28,7 @@ from virtbackup.contracts.v1.inventory import (
     VmRef,
 )
 from virtbackup.contracts.v1.jobs import (
+    ALSO_DESTINATIONS_MAX,
     AbsolutePath,
     BackupRequest,
     Job,
@@ -81,6 +82,10 @@ class BackupBody(Body, kw_only=True):
     #: Accepted for backward compatibility: a destination of this driver is used.
     driver_id: str | None = None
     driver_params: dict[str, Any] | None = None
+    #: More destinations written from the same read (see ``BackupRequest``).
+    also_destination_ids: Annotated[list[str], msgspec.Meta(max_length=ALSO_DESTINATIONS_MAX)] = (
+        msgspec.field(default_factory=list)
+    )
 
 
 class PrecheckBody(Body, kw_only=True):
@@ -181,6 +186,7 @@ class ServersController(Controller):
             vm_name=data.vm_name,
             destination_id=destination_id,
             fresh=data.fresh,
+            also_destination_ids=data.also_destination_ids,
         )
         job = await gw.bus.request(JobCmd.BACKUP, request, Job, timeout=timeouts.JOB_COMMAND)
         return {"jobId": job.id}
