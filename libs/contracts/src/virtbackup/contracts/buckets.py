@@ -69,6 +69,13 @@ EXPORTS: Final = BucketSpec(
     description="Instant-access exports of restore points: key = export id.",
 )
 
+#: What jobs produced beyond their record: artifacts agents posted (``art.<job>.<name>``)
+#: and verification results they reported (``checks.<job>``); gone with the job.
+JOB_FILES: Final = BucketSpec(
+    name="VB_JOB_FILES",
+    description="Job artifacts and test results posted by agents: art.<job>.<name>, checks.<job>.",
+)
+
 CONFIG_KEY: Final = "agent"
 
 ALL: Final = (
@@ -83,4 +90,5 @@ ALL: Final = (
     LOCKS,
     LEASES,
     EXPORTS,
+    JOB_FILES,
 )

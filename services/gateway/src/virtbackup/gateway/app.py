@@ -13,6 +13,8 @@ from litestar.plugins import InitPluginProtocol
 from virtbackup.contracts.v1.config import AgentConfig, SftpParams
 from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.controllers.agent import HealthController
+from virtbackup.gateway.controllers.backend_jobs import BackendJobsController
+from virtbackup.gateway.controllers.backend_system import BackendSystemController
 from virtbackup.gateway.controllers.config import ConfigController
 from virtbackup.gateway.controllers.destinations import DestinationsController, GoogleTokensBody
 from virtbackup.gateway.controllers.events import EventsController
@@ -46,6 +48,8 @@ CONTROLLERS = [
     RestorePointsController,
     LifecycleGcController,
     NotifyController,
+    BackendJobsController,
+    BackendSystemController,
 ]
 
 

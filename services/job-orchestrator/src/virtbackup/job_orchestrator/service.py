@@ -8,6 +8,7 @@ from virtbackup.contracts import buckets, streams, subjects
 from virtbackup.job_orchestrator.definitions import definition_commands
 from virtbackup.job_orchestrator.exports import close_exports, export_commands, open_exports
 from virtbackup.job_orchestrator.handlers import commands
+from virtbackup.job_orchestrator.jobctl import jobctl_commands
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc_commands import lifecycle_commands
 from virtbackup.job_orchestrator.points import point_commands
@@ -32,6 +33,7 @@ async def register(ctx: ServiceContext) -> None:
     lifecycle_commands.attach(ctx.bus, jc)
     schedule_commands.attach(ctx.bus, jc)
     definition_commands.attach(ctx.bus, jc)
+    jobctl_commands.attach(ctx.bus, jc)
 
 
 async def start(ctx: ServiceContext) -> None:
@@ -53,7 +55,7 @@ async def stop(ctx: ServiceContext) -> None:
 
 SPEC = ServiceSpec(
     name=subjects.JOB_ORCHESTRATOR,
-    streams=(streams.EVENTS, streams.WORK),
+    streams=(streams.EVENTS, streams.WORK, streams.JOB_LOGS),
     buckets=(
         buckets.JOBS,
         buckets.SCHEDULES,
@@ -61,6 +63,7 @@ SPEC = ServiceSpec(
         buckets.LOCKS,
         buckets.LEASES,
         buckets.EXPORTS,
+        buckets.JOB_FILES,
     ),
     register=register,
     start=start,
