@@ -28,10 +28,12 @@ from typing import Any
 import httpx
 import msgspec
 from litestar import Controller, Response, get, post
+from litestar.exceptions import HTTPException
 
 from virtbackup.contracts import buckets, streams, subjects
 from virtbackup.contracts.v1.ping import Ping, Pong
 from virtbackup.gateway.bodies import NoBody
+from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__
 from virtbackup.runtime.errors import NotFound
@@ -150,14 +152,18 @@ async def update_view(gw: Gateway) -> dict[str, Any]:
     return out
 
 
-def _not_here(what: str) -> Response[dict[str, str]]:
-    return Response(
-        {
-            "error": f"{what} is not done by VirtBackup: it is the deployment's job. With Helm: "
-            "helm upgrade (or helm rollback) vb helm/virtbackup --set image.tag=<version>; "
-            "with compose: set the image tag, then docker compose pull && docker compose up -d"
-        },
-        status_code=501,
+class NotDoneHere(HTTPException):
+    """501: what was asked is the deployment's job, not VirtBackup's (the message says
+    what does it); answered as ``{"error": ...}`` like every error."""
+
+    status_code = 501
+
+
+def _not_here(what: str) -> NotDoneHere:
+    return NotDoneHere(
+        detail=f"{what} is not done by VirtBackup: it is the deployment's job. With Helm: "
+        "helm upgrade (or helm rollback) vb helm/virtbackup --set image.tag=<version>; "
+        "with compose: set the image tag, then docker compose pull && docker compose up -d"
     )
 
 
@@ -171,7 +177,11 @@ class BackendSystemController(Controller):
         services = {s: len(answered.get(s, [])) for s in subjects.SERVICES}
         ok = nats and all(services.values())
         missing = [s for s, n in services.items() if not n]
-        body = {"ok": ok, "nats": nats, "services": services, "missing": missing}
+        body: dict[str, Any] = {"ok": ok, "nats": nats, "services": services, "missing": missing}
+        if not ok:
+            body["error"] = "not healthy: " + (
+                "NATS is not connected" if not nats else f"no answer from {', '.join(missing)}"
+            )
         return Response(body, status_code=200 if ok else 503)
 
     @get("/api/v1/runtime-state")
@@ -244,29 +254,26 @@ class BackendSystemController(Controller):
             "consistent": len(versions) <= 1,
         }
 
-    @post("/api/v1/update/apply", status_code=501)
-    async def update_apply(self, data: NoBody | None = None) -> Response[dict[str, str]]:
+    @post("/api/v1/update/apply", status_code=202, responses=responses(501))
+    async def update_apply(self, data: NoBody | None = None) -> dict[str, Any]:
         """501: applying an update is the deployment's job (Helm or compose)."""
-        return _not_here("applying an update")
+        raise _not_here("applying an update")
 
-    @post("/api/v1/update/rollback", status_code=501)
-    async def update_rollback(self, data: NoBody | None = None) -> Response[dict[str, str]]:
+    @post("/api/v1/update/rollback", status_code=202, responses=responses(501))
+    async def update_rollback(self, data: NoBody | None = None) -> dict[str, Any]:
         """501: rolling back is the deployment's job (Helm or compose)."""
-        return _not_here("rolling back an update")
+        raise _not_here("rolling back an update")
 
-    @post("/api/v1/server/restart", status_code=202)
-    async def restart(self, gw: Gateway, data: NoBody | None = None) -> Response[dict[str, Any]]:
+    @post("/api/v1/server/restart", status_code=202, responses=responses(501))
+    async def restart(self, gw: Gateway, data: NoBody | None = None) -> dict[str, Any]:
         """Single-machine mode: the launcher restarts every service (202, the gateway
         included: reconnect in a few seconds). Elsewhere 501 naming what to do."""
         pid = _launcher(gw)
         if not pid:
-            return Response(
-                {
-                    "error": "restart is available only in the single-machine mode "
-                    "(virtbackup up); on Kubernetes use kubectl rollout restart (or "
-                    "helm upgrade), with compose docker compose restart"
-                },
-                status_code=501,
+            raise NotDoneHere(
+                detail="restart is available only in the single-machine mode "
+                "(virtbackup up); on Kubernetes use kubectl rollout restart (or "
+                "helm upgrade), with compose docker compose restart"
             )
 
         async def signal_later() -> None:
@@ -276,7 +283,7 @@ class BackendSystemController(Controller):
 
         _pending.add(task := asyncio.create_task(signal_later()))
         task.add_done_callback(_pending.discard)
-        return Response({"restarting": True, "services": list(subjects.SERVICES)}, status_code=202)
+        return {"restarting": True, "services": list(subjects.SERVICES)}
 
 
 _pending: set[asyncio.Task[None]] = set()
