@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +29,8 @@ from virtbackup.contracts.streams import JOB_LOGS
 from virtbackup.runtime import __version__
 from virtbackup.testing.nats import connect
 from virtbackup.testing.points import write_point
+from virtbackup.testing.vms import create_vm, remove_vm, vm_directory
+from virtbackup.virt import Connection
 
 HOLD = 3.0
 FEED = {
@@ -360,7 +363,7 @@ async def test_log_lines_are_streamed_on_events(system: System, api: httpx.Async
 async def test_system_routes(api: httpx.AsyncClient, feed_url: str) -> None:
     health = await api.get("/healthz")
     assert health.status_code == 200, health.text
-    assert health.json()["ok"] is True and health.json()["services"]["job-orchestrator"] == 1
+    assert health.json()["ok"] is True and health.json()["services"]["job-orchestrator"] is True
     async with httpx.AsyncClient(base_url=str(api.base_url), verify=False) as anonymous:
         assert (await anonymous.get("/healthz")).status_code == 401
         assert (await anonymous.get("/api/v1/runtime-state")).status_code == 401
@@ -393,3 +396,34 @@ async def test_system_routes(api: httpx.AsyncClient, feed_url: str) -> None:
         assert "compose" in resp.json()["error"]
     restart = await api.post("/api/v1/server/restart")
     assert restart.status_code == 501 and "virtbackup up" in restart.json()["error"]
+
+
+@pytest.mark.libvirt
+async def test_a_backups_log_names_each_disk_and_its_rerun_builds_on_it(
+    api: httpx.AsyncClient, conn: Connection
+) -> None:
+    name = f"vbt-bkj-{os.getpid()}"
+    directory = vm_directory()
+    await create_vm(conn, name, directory, [64 << 20])
+    try:
+        resp = await api.post("/servers/local/backup", json={"vmName": name})
+        assert resp.status_code == 200, resp.text
+        first = resp.json()["jobId"]
+        assert (await until(api, first, "succeeded", "failed", timeout=120))[
+            "status"
+        ] == "succeeded"
+        log = (await artifact(api, first, "output.log")).text
+        assert f"disk vda ({directory}/{name}-vda.qcow2, qcow2, {64 << 20} bytes): full" in log
+        listed = {a["name"] for a in (await api.get(f"/api/v1/jobs/{first}/artifacts")).json()[
+            "artifacts"]}  # fmt: skip
+        assert {"domain.xml", "backup.json", "manifest-vda.json"} <= listed
+        assert f"<name>{name}</name>" in (await artifact(api, first, "domain.xml")).text
+
+        rerun = await api.post(f"/api/v1/jobs/{first}/rerun")
+        assert rerun.status_code == 202, rerun.text
+        second = await until(api, rerun.json()["jobId"], "succeeded", "failed", timeout=120)
+        assert second["status"] == "succeeded" and second["message"].startswith("incremental")
+        assert (second["vmName"], second["serverId"]) == (name, "local")
+        assert "disk vda" in (await artifact(api, second["id"], "output.log")).text
+    finally:
+        await remove_vm(conn, name, delete_directory=directory)

@@ -51,7 +51,7 @@ from virtbackup.repository.format import manifest_key
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
 from virtbackup.repository.repository import Repository
 from virtbackup.repository.verification import read_verification
-from virtbackup.runtime import timeouts
+from virtbackup.runtime import joblog, timeouts
 from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import ServiceError, Unavailable
@@ -332,6 +332,15 @@ async def _transfer(
         stats["fallbacks"] += result.partial_fallbacks
 
     reason = f" (read in full: {read_in_full})" if read_in_full else ""
+    for p in plans:  # the job's output log: one line per disk
+        why = reasons.get(p.target) or begun.full_reason
+        how = "incremental" if p.incremental else f"full ({why})" if why else "full"
+        await joblog.try_append(
+            jc.bus,
+            job.id,
+            f"disk {p.target} ({p.path}, {p.format}, {p.size} bytes): {how}, "
+            f"{len(p.read)} of {p.count} chunks to read, {len(p.partial)} in part",
+        )
     await jc.enter(
         job.id,
         "transferring",

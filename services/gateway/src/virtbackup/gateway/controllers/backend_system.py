@@ -36,12 +36,15 @@ from virtbackup.gateway.bodies import NoBody
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__
-from virtbackup.runtime.errors import NotFound
+from virtbackup.runtime.errors import NotFound, ServiceError
 from virtbackup.runtime.introspect import account_state, request_all, server_state, stream_state
 from virtbackup.runtime.kv import keys, read_value
 
-#: Seconds every instance has to answer a ping.
-PING_WAIT = 0.7
+#: Seconds every instance has to answer a ping (on loopback or a cluster network they
+#: answer within milliseconds).
+PING_WAIT = 0.3
+#: Seconds ``/healthz`` waits for the first instance of each service.
+HEALTH_WAIT = 2.0
 FEED_TIMEOUT = 5.0
 FEED_MAX_BYTES = 1 << 20
 #: Seconds between the restart's answer and the launcher's signal.
@@ -170,11 +173,20 @@ def _not_here(what: str) -> NotDoneHere:
 class BackendSystemController(Controller):
     @get("/healthz")
     async def healthz(self, gw: Gateway) -> Response[dict[str, Any]]:
-        """200 when NATS is connected and every service answers; else 503 naming what
-        does not."""
+        """200 when NATS is connected and every service answers its ping (``services``:
+        name -> answered); else 503 naming what does not."""
         nats = gw.bus.connected
-        answered = await replicas(gw) if nats else {}
-        services = {s: len(answered.get(s, [])) for s in subjects.SERVICES}
+
+        async def alive(service: str) -> bool:
+            try:
+                await gw.bus.request(subjects.ping(service), Ping(), Pong, timeout=HEALTH_WAIT)
+            except ServiceError:
+                return False
+            return True
+
+        answers = await asyncio.gather(*(alive(s) for s in subjects.SERVICES)) if nats else []
+        services = dict(zip(subjects.SERVICES, answers, strict=False))
+        services.update({s: False for s in subjects.SERVICES if s not in services})
         ok = nats and all(services.values())
         missing = [s for s, n in services.items() if not n]
         body: dict[str, Any] = {"ok": ok, "nats": nats, "services": services, "missing": missing}
