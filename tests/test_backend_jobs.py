@@ -32,7 +32,7 @@ from virtbackup.testing.points import write_point
 from virtbackup.testing.vms import create_vm, remove_vm, vm_directory
 from virtbackup.virt import Connection
 
-HOLD = 3.0
+HOLD = 2.0
 FEED = {
     "releases": [
         {"version": "0.0.1", "tag": "v0.0.1", "publishedAt": "2026-01-01T00:00:00Z"},
@@ -153,6 +153,23 @@ async def test_a_job_keeps_its_log_artifacts_and_tests(api: httpx.AsyncClient) -
 
     tests = (await api.get(f"/api/v1/jobs/{job_id}/tests")).json()["tests"]
     assert [(t["check"], t["disk"], t["status"]) for t in tests] == [("sanity", "vda", "passed")]
+
+
+async def test_a_verify_jobs_tests_are_per_point_and_it_reruns(api: httpx.AsyncClient) -> None:
+    resp = await api.post("/api/v1/destinations/fs/verify", json={"vmName": "bk1"})
+    assert resp.status_code == 202, resp.text
+    first = resp.json()["id"]
+    assert (await until(api, first, "succeeded", "failed"))["status"] == "succeeded"
+    tests = (await api.get(f"/api/v1/jobs/{first}/tests")).json()["tests"]
+    assert [(t["check"], t["point"], t["status"]) for t in tests] == [
+        ("verify", api.headers["x-test-xml-path"], "passed")
+    ]
+    assert tests[0]["data"]["chunksChecked"] == 3
+    rerun = (await api.post(f"/api/v1/jobs/{first}/rerun")).json()
+    again = await until(api, rerun["jobId"], "succeeded", "failed")
+    assert (again["type"], again["params"], again["status"]) == (
+        "verify", {"mode": "full", "vmName": "bk1"}, "succeeded"
+    )  # fmt: skip
 
 
 async def test_cancel_is_the_documented_terminal_mutation(api: httpx.AsyncClient) -> None:
