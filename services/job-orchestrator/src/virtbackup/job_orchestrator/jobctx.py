@@ -311,11 +311,15 @@ class JobContext:
         ``job.finished`` (and ``agent.job_failure``), release the VM lock and the lease.
         ``None`` when the job was not ours to finish."""
 
+        ended = False
+
         def end(job: Job) -> Job:
+            nonlocal ended
             if job.owner != self.holder:
                 raise JobLost(job_id)
             if job.state in TERMINAL_STATES:
                 return job
+            ended = True
             now = utcnow_iso()
             return msgspec.structs.replace(
                 job,
@@ -333,8 +337,9 @@ class JobContext:
         except JobLost:
             log.warning("job %s was taken over by another instance; not finishing it", job_id)
             return None
-        level: LogLevel = "info" if job.state == "success" else "error"
-        await joblog.try_append(self.bus, job_id, f"{job.state}: {job.message}", level)
+        if ended:  # the job's last line, once
+            level: LogLevel = "info" if job.state == "success" else "error"
+            await joblog.try_append(self.bus, job_id, f"{job.state}: {job.message}", level)
         await self.bus.publish_event(EventType.JOB_FINISHED, job_payload(job), key=job_id)
         job_finished(job)
         if job.state == "canceled":
