@@ -416,7 +416,7 @@ async def test_system_routes(api: httpx.AsyncClient, feed_url: str) -> None:
 
 
 @pytest.mark.libvirt
-async def test_a_backups_log_names_each_disk_and_its_rerun_builds_on_it(
+async def test_backup_and_restore_logs_name_each_disk_and_a_rerun_builds_on_it(
     api: httpx.AsyncClient, conn: Connection
 ) -> None:
     name = f"vbt-bkj-{os.getpid()}"
@@ -435,6 +435,8 @@ async def test_a_backups_log_names_each_disk_and_its_rerun_builds_on_it(
             "artifacts"]}  # fmt: skip
         assert {"domain.xml", "backup.json", "manifest-vda.json"} <= listed
         assert f"<name>{name}</name>" in (await artifact(api, first, "domain.xml")).text
+        first_point = (await artifact(api, first, "backup.json")).json()
+        first_point = f"vms/{name}/{first_point['timestamp']}/domain.xml"
 
         rerun = await api.post(f"/api/v1/jobs/{first}/rerun")
         assert rerun.status_code == 202, rerun.text
@@ -442,5 +444,15 @@ async def test_a_backups_log_names_each_disk_and_its_rerun_builds_on_it(
         assert second["status"] == "succeeded" and second["message"].startswith("incremental")
         assert (second["vmName"], second["serverId"]) == (name, "local")
         assert "disk vda" in (await artifact(api, second["id"], "output.log")).text
+
+        restore = {"xmlPath": first_point, "decision": "overwrite",
+                   "vmName": f"{name}-r"}  # fmt: skip
+        resp = await api.post("/servers/local/restore/start", json=restore)
+        assert resp.status_code == 200, resp.text
+        restored = await until(api, resp.json()["jobId"], "succeeded", "failed", timeout=120)
+        assert restored["status"] == "succeeded", restored
+        log = (await artifact(api, restored["id"], "output.log")).text
+        assert f"disk vda: {directory}/{name}-r-vda.qcow2 written to " in log, log
     finally:
+        await remove_vm(conn, f"{name}-r")
         await remove_vm(conn, name, delete_directory=directory)
