@@ -343,6 +343,23 @@ async def test_status_reports_artifacts_and_tests_from_an_agent(api: httpx.Async
     assert late.status_code == 409 and "finished" in late.json()["error"]
 
 
+async def test_a_log_larger_than_one_bus_message_downloads_whole(api: httpx.AsyncClient) -> None:
+    job_id = await start(api)
+    for batch in range(2):  # 200 lines of 4000 characters: 800 kB, more than a piece
+        lines = [f"{batch:01d}{n:03d}" + "x" * 3996 for n in range(100)]
+        resp = await api.post(f"/api/v1/jobs/{job_id}/status", json={"output": lines})
+        assert resp.status_code == 200, resp.text
+    await until(api, job_id, "succeeded")
+    listed = (await api.get(f"/api/v1/jobs/{job_id}/artifacts")).json()["artifacts"]
+    size = next(a["size"] for a in listed if a["name"] == "output.log")
+    assert size > 800_000
+    log = await artifact(api, job_id, "output.log")
+    assert len(log.content) == size == int(log.headers["content-length"])
+    body = log.text.splitlines()
+    assert sum(line.endswith("x" * 3996) for line in body) == 200
+    assert "INFO  success: all 3 chunks" in body[-1], body[-1]
+
+
 async def test_log_lines_are_streamed_on_events(system: System, api: httpx.AsyncClient) -> None:
     seen: list[dict[str, Any]] = []
     job_id = ""

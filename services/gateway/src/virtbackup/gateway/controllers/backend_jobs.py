@@ -345,13 +345,16 @@ class BackendJobsController(Controller):
         first = await _piece(gw, job_id, name, 0)
 
         async def body() -> AsyncGenerator[bytes, None]:
-            piece = first
-            yield piece.data
-            offset = piece.offset + len(piece.data)
-            while offset < piece.size and piece.data:
+            # Exactly ``first.size`` bytes: a log that grows meanwhile is cut where it was
+            # when the download began (the pieces of an append-only file agree).
+            piece, offset = first, 0
+            while True:
+                data = piece.data[: first.size - offset]
+                yield data
+                offset += len(data)
+                if offset >= first.size or not data:
+                    return
                 piece = await _piece(gw, job_id, name, offset)
-                yield piece.data
-                offset += len(piece.data)
 
         return Stream(
             body(),
