@@ -55,8 +55,15 @@ POSITIVE_CHECKS = [
     response_schema_conformance,
 ]
 NEGATIVE_CHECKS = [*POSITIVE_CHECKS, negative_data_rejection]
-#: An endless stream (SSE): its checks are in test_api_edge.
-SKIPPED = {"GET /events"}
+#: An endless stream (SSE): its checks are in test_api_edge. The routes that answer 501
+#: by design (backend-api.md: updating and restarting are the deployment's job) are
+#: checked in test_api_edge and test_backend_jobs.
+SKIPPED = {
+    "GET /events",
+    "POST /api/v1/update/apply",
+    "POST /api/v1/update/rollback",
+    "POST /api/v1/server/restart",
+}
 LAST = "POST /config"
 
 
@@ -185,6 +192,10 @@ def _fuzz(system: System, base: str, labels: Callable[[str], bool]) -> tuple[int
     return calls, failures
 
 
+#: The agent listener has 70-odd operations (backend-api.md's job and system routes
+#: added 19): generating and calling valid and invalid cases for each takes longer than
+#: the default per-test limit on two shared cores.
+@pytest.mark.timeout(240)
 def test_agent_api_answers_as_documented(fuzzed: System) -> None:
     started = time.monotonic()
     calls, failures = _fuzz(fuzzed, fuzzed.url, lambda label: label != LAST)

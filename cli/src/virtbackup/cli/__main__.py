@@ -101,6 +101,24 @@ class NatsSupervisor:
         print(f"nats-server is back at {self.server.url}", flush=True)
 
 
+def restart_children(children: list[Child]) -> None:
+    """Stop every service (SIGTERM, then SIGKILL after 20 s) and start each again at
+    once: ``POST /api/v1/server/restart`` (the gateway sends the launcher SIGHUP)."""
+    print("restart requested: restarting every service", flush=True)
+    for child in children:
+        if child.process and child.process.poll() is None:
+            child.process.terminate()
+    for child in children:
+        if child.process:
+            try:
+                child.process.wait(20)
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait(5)
+        child.restarts = 0
+        child.start()
+
+
 def _wait_health(url: str, token: str, timeout: float) -> bool:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
@@ -135,6 +153,8 @@ def up(workers: int, nats_port: int, orchestrators: int = 2) -> int:
     os.chmod(secrets, 0o700)
     env = dict(os.environ)
     env["VIRTBACKUP_DATA_DIR"] = str(data)
+    # POST /api/v1/server/restart: the gateway sends this launcher SIGHUP.
+    env["VIRTBACKUP_LAUNCHER_PID"] = str(os.getpid())
     if not settings.secret_key:
         load_or_create_key_file(settings.secret_key_file)  # before any service reads it
     nats: NatsServer | None = None
@@ -170,8 +190,15 @@ def up(workers: int, nats_port: int, orchestrators: int = 2) -> int:
         nonlocal stopping
         stopping = True
 
+    restart_requested = False
+
+    def on_hangup(signum: int, _frame: object) -> None:
+        nonlocal restart_requested
+        restart_requested = True
+
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     for child in children:
         child.start()
 
@@ -189,6 +216,9 @@ def up(workers: int, nats_port: int, orchestrators: int = 2) -> int:
 
     try:
         while not stopping:
+            if restart_requested:
+                restart_requested = False
+                restart_children(children)
             if supervisor:
                 supervisor.check()
             for child in children:

@@ -77,6 +77,12 @@ PLANS: Final = BucketSpec(
 #: only as SHA-256), ``key.<sha256 hex>`` (the agent id a key belongs to) and
 #: ``regtoken.<sha256 hex>`` (a one-time registration token). Owned by the gateway.
 AGENTS: Final = BucketSpec(name="VB_AGENTS", history=1, description="Remote agents.")
+#: What jobs produced beyond their record: artifacts agents posted (``art.<job>.<name>``)
+#: and verification results they reported (``checks.<job>``); gone with the job.
+JOB_FILES: Final = BucketSpec(
+    name="VB_JOB_FILES",
+    description="Job artifacts and test results posted by agents: art.<job>.<name>, checks.<job>.",
+)
 
 CONFIG_KEY: Final = "agent"
 
@@ -94,4 +100,5 @@ ALL: Final = (
     EXPORTS,
     PLANS,
     AGENTS,
+    JOB_FILES,
 )

@@ -105,4 +105,15 @@ def ntfy_consumer(ack_wait_seconds: float = 30.0) -> ConsumerSpec:
     )
 
 
-ALL: Final = (EVENTS, WORK, NOTIFY)
+#: Job output logs (PBS task logs): ``vb.log.job.<id>``, kept 90 days, 2 GiB at most
+#: (the oldest lines go first). A job's lines are purged when the job is deleted.
+JOB_LOGS: Final = StreamSpec(
+    name="VB_JOB_LOGS",
+    subjects=(subjects.JOB_LOGS_ALL,),
+    retention="limits",
+    max_age_seconds=90 * DAY,
+    max_bytes=2 << 30,
+    description="Every job's output log, one line per message.",
+)
+
+ALL: Final = (EVENTS, WORK, NOTIFY, JOB_LOGS)

@@ -25,12 +25,21 @@ WORK_TRANSFER_ALL: Final = "vb.work.transfer.>"
 NOTIFY_ROOT: Final = "vb.notify"
 NOTIFY_ALL: Final = "vb.notify.>"
 NOTIFY_NTFY: Final = "vb.notify.ntfy"
+#: Job output logs (``VB_JOB_LOGS``): one ``v1.jobctl.LogLine`` per message.
+LOG_ROOT: Final = "vb.log"
+JOB_LOGS_ALL: Final = "vb.log.job.>"
 
 
 def notify_webhook(webhook_id: str) -> str:
     """Subject of the deliveries owed to one webhook."""
     _check_token(webhook_id)
     return f"{NOTIFY_ROOT}.webhook.{webhook_id}"
+
+
+def job_log(job_id: str) -> str:
+    """Subject of a job's output lines (``vb.log.job.<job id>``)."""
+    _check_token(job_id)
+    return f"{LOG_ROOT}.job.{job_id}"
 
 
 def work_transfer(job_id: str) -> str:
@@ -122,6 +131,22 @@ class JobCmd:
 JOB_COPY: Final = JobCmd.COPY
 
 
+class JobCtlCmd:
+    """Job control (backend-api.md; ``v1.jobctl``), answered by the job-orchestrator."""
+
+    QUERY: Final = command("job", "query")
+    DELETE: Final = command("job", "delete")
+    CLEAR_QUEUE: Final = command("job", "clear-queue")
+    FLUSH: Final = command("job", "flush-history")
+    RERUN: Final = command("job", "rerun")
+    REPORT: Final = command("job", "report")
+    ARTIFACTS: Final = command("job", "artifacts")
+    ARTIFACT_GET: Final = command("job", "artifact-get")
+    ARTIFACT_PUT: Final = command("job", "artifact-put")
+    CHECKS: Final = command("job", "checks")
+    CHECKS_PUT: Final = command("job", "checks-put")
+
+
 class ScheduleCmd:
     """Schedules (``v1.schedules``), answered by the job-orchestrator."""
 
@@ -165,6 +190,9 @@ class EventType:
     JOB_UPDATED: Final = "job.updated"
     JOB_CANCELED: Final = "job.canceled"
     JOB_FINISHED: Final = "job.finished"
+    #: A line of a job's output log, as ``/events`` sends it (from ``VB_JOB_LOGS``, not
+    #: stored in ``VB_EVENTS``).
+    JOB_LOG: Final = "job.log"
     JOB_FAILURE: Final = "agent.job_failure"
     VM_LIFECYCLE: Final = "vm.lifecycle"
     CONFIG_CHANGED: Final = "config.changed"

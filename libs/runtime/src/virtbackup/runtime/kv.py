@@ -30,8 +30,9 @@ async def read_value(kv: KeyValue, key: str, value_type: type[T]) -> T | None:
     return msgspec.json.decode(entry.value, type=value_type)
 
 
-async def keys(kv: KeyValue) -> list[str]:
-    """Every live key of the bucket (``[]`` for an empty bucket), sorted.
+async def keys(kv: KeyValue, under: str = "") -> list[str]:
+    """Every live key of the bucket (``[]`` for an empty bucket), sorted; with ``under``
+    (a key prefix ending with ``.``), only the keys below it.
 
     Not nats-py's ``KeyValue.keys()``: its watch can announce "no more entries" before
     the ones already in the stream arrive, and then answers too few keys or none
@@ -41,7 +42,7 @@ async def keys(kv: KeyValue) -> list[str]:
     buckets this is used on). NATS errors pass through."""
     stream = kv._stream
     prefix = kv._pre
-    info = await kv._js.stream_info(stream, subjects_filter=f"{prefix}>")
+    info = await kv._js.stream_info(stream, subjects_filter=f"{prefix}{under}>")
     names = [s[len(prefix) :] for s in (info.state.subjects or {}) if s.startswith(prefix)]
 
     async def live(key: str) -> bool:

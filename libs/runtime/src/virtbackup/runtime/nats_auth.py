@@ -175,6 +175,12 @@ def _gateway() -> _Grants:
     g.owns(buckets.VAULT)
     g.answers(f"{subjects.CMD_ROOT}.vault.>")
     g.reads(buckets.WORKERS, create=False)
+    # Job output logs: followed for /events (``job.log``).
+    g.publish += [f"{API}.STREAM.INFO.{streams.JOB_LOGS.name}"]
+    g.publish += _consume_stream(streams.JOB_LOGS.name)
+    # /api/v1/runtime-state: the work queue's depth.
+    work, durable = streams.WORK.name, streams.TRANSFER_CONSUMER.durable
+    g.sends(f"{API}.STREAM.INFO.{work}", f"{API}.CONSUMER.INFO.{work}.{durable}")
     # The notifier's share of the configuration (ntfy settings): that key only.
     g.reads(buckets.WEBHOOKS)
     g.sends(f"$KV.{buckets.WEBHOOKS.name}.{webhooks.NTFY_KEY}")
@@ -209,6 +215,11 @@ def _job_orchestrator() -> _Grants:
     g.reads(buckets.WORKERS, create=False)  # is the worker serving an export alive?
     g.publish += _provision_stream(streams.WORK)
     g.sends(subjects.WORK_TRANSFER_ALL, f"{API}.STREAM.PURGE.{streams.WORK.name}")
+    # Job output logs: written, read (artifacts) and purged with their job; job files.
+    logs = streams.JOB_LOGS.name
+    g.publish += _provision_stream(streams.JOB_LOGS) + _consume_stream(logs)
+    g.sends(subjects.JOB_LOGS_ALL, f"{API}.STREAM.PURGE.{logs}")
+    g.owns(buckets.JOB_FILES)
     return g
 
 

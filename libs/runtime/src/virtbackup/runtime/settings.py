@@ -124,6 +124,16 @@ class Settings(BaseSettings):
     #: Backup plans: the directory ``POST /api/v1/projects/import`` with ``path`` reads
     #: project YAML files from (names relative to it; default ``<data_dir>/projects``).
     projects_dir: Path | None = None
+    #: Where ``/api/v1/update/*`` reads the available releases: an HTTP(S) URL answering
+    #: JSON ``{"releases": [{"version", "tag", "publishedAt", "notes", "url"}]}``
+    #: (empty: no feed; checks answer that none is configured).
+    release_feed_url: str = ""
+    #: This build's identity (set by the image build; shown by ``/api/v1/server-info``).
+    build_commit: str = ""
+    build_date: str = ""
+    #: Set by ``virtbackup up`` for its children: the launcher's pid, which restarts every
+    #: service on SIGHUP (``POST /api/v1/server/restart``). Unset elsewhere.
+    launcher_pid: int = 0
 
     @property
     def nbd_pki_dir(self) -> Path:

@@ -16,7 +16,9 @@ from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.controllers.agent import HealthController
 from virtbackup.gateway.controllers.backend_agents import BackendAgentsController
 from virtbackup.gateway.controllers.backend_copy import CopyController
+from virtbackup.gateway.controllers.backend_jobs import BackendJobsController
 from virtbackup.gateway.controllers.backend_plans import PLAN_CONTROLLERS
+from virtbackup.gateway.controllers.backend_system import BackendSystemController
 from virtbackup.gateway.controllers.backend_vault import VaultController
 from virtbackup.gateway.controllers.config import ConfigController
 from virtbackup.gateway.controllers.destinations import DestinationsController, GoogleTokensBody
@@ -55,6 +57,8 @@ CONTROLLERS = [
     *PLAN_CONTROLLERS,
     BackendAgentsController,
     VaultController,
+    BackendJobsController,
+    BackendSystemController,
 ]
 
 

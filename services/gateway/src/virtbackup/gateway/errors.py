@@ -56,6 +56,7 @@ DESCRIPTIONS = {
     500: "Internal error (logged with the request id the message gives)",
     502: "A destination or server answered with an error: the message names it",
     503: "A service, server or destination is unavailable: a retry can help",
+    501: "Not done by VirtBackup here: the message names what does it",
 }
 
 

@@ -53,7 +53,7 @@ from virtbackup.repository.format import manifest_key
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint, StateFileRecord
 from virtbackup.repository.repository import Repository, RepositoryError
 from virtbackup.repository.verification import read_verification
-from virtbackup.runtime import timeouts
+from virtbackup.runtime import joblog, timeouts
 from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import ServiceError, Unavailable
@@ -461,6 +461,15 @@ async def _transfer(
             full_note = f"{', '.join(full_ones)} in full: no point of this checkpoint there"
             also += f" ({full_note})"
     stamps = {d: (p.timestamp if p else None) for d, p in parents.items()}
+    for p in plans:  # the job's output log: one line per disk
+        why = reasons.get(p.target) or begun.full_reason
+        how = "incremental" if p.incremental else f"full ({why})" if why else "full"
+        await joblog.try_append(
+            jc.bus,
+            job.id,
+            f"disk {p.target} ({p.path}, {p.format}, {p.size} bytes): {how}, "
+            f"{len(p.read)} of {p.count} chunks to read, {len(p.partial)} in part",
+        )
     await jc.enter(
         job.id,
         "transferring",

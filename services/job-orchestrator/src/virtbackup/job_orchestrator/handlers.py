@@ -24,6 +24,7 @@ from virtbackup.contracts.v1.inventory import (
     VmInfo,
     VmRef,
 )
+from virtbackup.contracts.v1.jobctl import CANCEL_LINE
 from virtbackup.contracts.v1.jobs import (
     TERMINAL_STATES,
     BackupRequest,
@@ -56,7 +57,7 @@ from virtbackup.job_orchestrator.runner import execute
 from virtbackup.repository.format import parse_xml_key, vm_segment
 from virtbackup.repository.records import RestorePoint
 from virtbackup.repository.repository import NoRepositoryError, Repository, RepositoryError
-from virtbackup.runtime import timeouts
+from virtbackup.runtime import joblog, timeouts
 from virtbackup.runtime.agent_config import find_destination, find_server
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.commands import Commands
@@ -83,9 +84,13 @@ async def cancel_job(jc: JobContext, req: JobCancelRequest) -> Job:
     """Ask a job to stop: its runner ends it ``canceled`` at its next step.
 
     ``Conflict`` once the job has finished, or once it is committing (past the point of
-    no return it ends in what its commit does). Asking twice is harmless."""
+    no return it ends in what its commit does). Asking twice is harmless. The first ask
+    adds ``[control] job cancelled by user`` to the job's output log (backend-api.md);
+    the job then ends ``canceled`` with the message ``cancelled by user``."""
+    newly = False
 
     def cancel(job: Job) -> Job:
+        nonlocal newly
         if job.state in TERMINAL_STATES:
             raise Conflict(f"job {job.id} has already finished ({job.state})")
         if job.phase == "committing":
@@ -95,11 +100,14 @@ async def cancel_job(jc: JobContext, req: JobCancelRequest) -> Job:
             )
         if job.cancel_requested:
             return job
+        newly = True
         return msgspec.structs.replace(
             job, cancel_requested=True, message="cancelling", updated_at=utcnow_iso()
         )
 
     job = await jc.store.update(req.id, cancel)
+    if newly:
+        await joblog.try_append(jc.bus, job.id, CANCEL_LINE, "warn")
     await jc.bus.publish_event(EventType.JOB_UPDATED, job_payload(job), key=job.id)
     return job
 

@@ -31,6 +31,7 @@ from virtbackup.contracts import buckets
 from virtbackup.contracts.subjects import EventType
 from virtbackup.contracts.v1.config import AgentConfig
 from virtbackup.contracts.v1.events import JobFailure
+from virtbackup.contracts.v1.jobctl import LogLevel
 from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job, JobPhase, JobState, JobType
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
 from virtbackup.job_orchestrator.errors import JobCanceled, JobLost
@@ -43,6 +44,7 @@ from virtbackup.job_orchestrator.store import JobIndex, JobStore
 from virtbackup.job_orchestrator.tracker import UnitTracker
 from virtbackup.repository.destinations import open_repository
 from virtbackup.repository.repository import Repository
+from virtbackup.runtime import joblog
 from virtbackup.runtime.agent_config import (
     find_destination,
     read_agent_config,
@@ -63,6 +65,18 @@ def job_payload(job: Job) -> dict[str, Any]:
     out = msgspec.to_builtins(job)
     assert isinstance(out, dict)
     return out
+
+
+def queued_line(job: Job) -> str:
+    """The first line of a job's output log: what it is and what it works on."""
+    parts = [f"queued: {job.type} job {job.id}"]
+    if job.vm_name:
+        parts.append(f"vm {job.vm_name}")
+    if job.server_id:
+        parts.append(f"on server {job.server_id}")
+    if job.destination_id:
+        parts.append(f"destination {job.destination_id}")
+    return " ".join(parts)
 
 
 @dataclass
@@ -240,6 +254,7 @@ class JobContext:
             await self.finish(job_id, "failure", "lost the VM's lock before starting")
             self.runs.pop(job_id, None)
             raise Conflict(f"vm {vm_name}: another job took it while this one was created")
+        await joblog.try_append(self.bus, job.id, queued_line(job))
         if run is not None:
             self.start_run(job, run)
         try:
@@ -276,6 +291,9 @@ class JobContext:
             )
 
         job = await self.store.update(job_id, step)
+        await joblog.try_append(
+            self.bus, job_id, f"{phase}: {job.message}" if "message" in changes else phase
+        )
         await self.bus.publish_event(EventType.JOB_UPDATED, job_payload(job), key=job_id)
         await self._hold(f"after:{phase}")
         return job
@@ -296,11 +314,15 @@ class JobContext:
         ``job.finished`` (and ``agent.job_failure``), release the VM lock and the lease.
         ``None`` when the job was not ours to finish."""
 
+        ended = False
+
         def end(job: Job) -> Job:
+            nonlocal ended
             if job.owner != self.holder:
                 raise JobLost(job_id)
             if job.state in TERMINAL_STATES:
                 return job
+            ended = True
             now = utcnow_iso()
             return msgspec.structs.replace(
                 job,
@@ -318,6 +340,9 @@ class JobContext:
         except JobLost:
             log.warning("job %s was taken over by another instance; not finishing it", job_id)
             return None
+        if ended:  # the job's last line, once
+            level: LogLevel = "info" if job.state == "success" else "error"
+            await joblog.try_append(self.bus, job_id, f"{job.state}: {job.message}", level)
         await self.bus.publish_event(EventType.JOB_FINISHED, job_payload(job), key=job_id)
         job_finished(job)
         if job.state == "canceled":

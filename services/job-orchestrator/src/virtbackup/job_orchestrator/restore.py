@@ -40,7 +40,7 @@ from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.job_orchestrator.state_files import chunk_owners, stage, state_summary
 from virtbackup.repository.records import DiskManifest, RestorePoint
 from virtbackup.repository.repository import Repository, RepositoryError
-from virtbackup.runtime import timeouts
+from virtbackup.runtime import joblog, timeouts
 from virtbackup.runtime.errors import Conflict, ServiceError
 from virtbackup.storage.errors import NotFoundError
 
@@ -246,6 +246,14 @@ async def run_restore(jc: JobContext, job: Job) -> str:
                 jc, job, repo, point, domain_xml, into=state, vm_name=name, uuid=plan.vm_uuid
             )
             units = _restore_units(job, manifests, prepared.disks)
+            for disk in prepared.disks:  # the job's output log: one line per disk
+                if not disk.nbd_url:
+                    how = "kept as it is"
+                elif disk.temp_path == disk.path:
+                    how = "written in place"
+                else:
+                    how = f"written to {disk.temp_path}, moved into place at the commit"
+                await joblog.try_append(jc.bus, job.id, f"disk {disk.target}: {disk.path} {how}")
             total = sum(
                 min(unit.chunk_size, unit.disk_size - r.index * unit.chunk_size)
                 for unit in units

@@ -9,6 +9,7 @@ from virtbackup.job_orchestrator.agent_jobs import agent_commands
 from virtbackup.job_orchestrator.definitions import definition_commands
 from virtbackup.job_orchestrator.exports import close_exports, export_commands, open_exports
 from virtbackup.job_orchestrator.handlers import commands
+from virtbackup.job_orchestrator.jobctl import jobctl_commands
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc_commands import lifecycle_commands
 
@@ -40,6 +41,7 @@ async def register(ctx: ServiceContext) -> None:
     definition_commands.attach(ctx.bus, jc)
     plan_commands.attach(ctx.bus, jc)
     agent_commands.attach(ctx.bus, jc)
+    jobctl_commands.attach(ctx.bus, jc)
 
 
 async def start(ctx: ServiceContext) -> None:
@@ -62,7 +64,7 @@ async def stop(ctx: ServiceContext) -> None:
 
 SPEC = ServiceSpec(
     name=subjects.JOB_ORCHESTRATOR,
-    streams=(streams.EVENTS, streams.WORK),
+    streams=(streams.EVENTS, streams.WORK, streams.JOB_LOGS),
     buckets=(
         buckets.JOBS,
         buckets.SCHEDULES,
@@ -71,6 +73,7 @@ SPEC = ServiceSpec(
         buckets.LEASES,
         buckets.EXPORTS,
         buckets.PLANS,
+        buckets.JOB_FILES,
     ),
     register=register,
     start=start,

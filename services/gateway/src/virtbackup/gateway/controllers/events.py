@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 
 import msgspec
@@ -10,13 +12,59 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from virtbackup.contracts import subjects
+from virtbackup.contracts.subjects import EventType
+from virtbackup.contracts.v1.jobctl import LogLine
 from virtbackup.gateway.state import Gateway
-from virtbackup.runtime.events import EventFeed, EventStart
+from virtbackup.runtime.events import EventFeed, EventStart, StoredEvent
+from virtbackup.runtime.joblog import LogFeed
 
 KEEPALIVE_SECONDS = 15.0
 #: The largest ``Last-Event-ID``: a stream sequence (JetStream's are unsigned 64-bit).
 MAX_EVENT_ID = 2**63 - 1
 _encoder = msgspec.json.Encoder()
+
+
+async def merged(feed: EventFeed, logs: LogFeed) -> AsyncGenerator[ServerSentEventMessage, None]:
+    """Events and log lines as they come, and a keep-alive comment after
+    ``KEEPALIVE_SECONDS`` of silence."""
+    event_next: asyncio.Task[StoredEvent | None] | None = None
+    log_next: asyncio.Task[tuple[str, LogLine] | None] | None = None
+    try:
+        while True:
+            if event_next is None:
+                event_next = asyncio.ensure_future(feed.next(timeout=KEEPALIVE_SECONDS))
+            if log_next is None:
+                log_next = asyncio.ensure_future(logs.next(timeout=KEEPALIVE_SECONDS))
+            done, _ = await asyncio.wait(
+                {event_next, log_next}, return_when=asyncio.FIRST_COMPLETED
+            )
+            quiet = True
+            if event_next in done:
+                stored, event_next = event_next.result(), None
+                if stored is not None:
+                    quiet = False
+                    event = stored.event
+                    data = _encoder.encode({"type": event.type, "payload": event.payload})
+                    yield ServerSentEventMessage(
+                        event=event.type, data=data.decode(), id=stored.sequence
+                    )
+            if log_next in done:
+                line, log_next = log_next.result(), None
+                if line is not None:
+                    quiet = False
+                    job_id, entry = line
+                    payload = {"jobId": job_id, "ts": entry.ts, "level": entry.level,
+                               "line": entry.line}  # fmt: skip
+                    data = _encoder.encode({"type": EventType.JOB_LOG, "payload": payload})
+                    yield ServerSentEventMessage(event=EventType.JOB_LOG, data=data.decode())
+            if quiet and event_next is None:
+                yield ServerSentEventMessage(comment="keep-alive")
+    finally:
+        for task in (event_next, log_next):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
 
 class EventsController(Controller):
@@ -37,25 +85,24 @@ class EventsController(Controller):
         Each message's SSE id is its stream sequence: a client that reconnects with
         ``Last-Event-ID`` resumes after it, within the stream's retention. A
         ``Last-Event-ID`` that is not an integer from 0 to ``MAX_EVENT_ID`` is a 400.
+
+        Lines of jobs' output logs (``VB_JOB_LOGS``) come as ``job.log`` events, data
+        ``{"type": "job.log", "payload": {"jobId", "ts", "level", "line"}}``, without an
+        id (they are not in ``VB_EVENTS``: a resumed stream does not replay them; the
+        whole log is the job's ``output.log`` artifact).
         """
         start: EventStart = "new" if last_event_id is None else last_event_id + 1
-        # Open the feed before "ready" so that nothing published after "ready" is missed.
+        # Open the feeds before "ready" so that nothing published after "ready" is missed.
         feed = await EventFeed(gw.bus, subjects.EVENTS_ALL, start=start).open()
+        logs = await LogFeed(gw.bus).open()
 
         async def stream() -> AsyncGenerator[ServerSentEventMessage, None]:
             try:
                 yield ServerSentEventMessage(event="ready", data="ok")
-                while True:
-                    stored = await feed.next(timeout=KEEPALIVE_SECONDS)
-                    if stored is None:
-                        yield ServerSentEventMessage(comment="keep-alive")
-                        continue
-                    event = stored.event
-                    data = _encoder.encode({"type": event.type, "payload": event.payload})
-                    yield ServerSentEventMessage(
-                        event=event.type, data=data.decode(), id=stored.sequence
-                    )
+                async for message in merged(feed, logs):
+                    yield message
             finally:
                 await feed.close()
+                await logs.close()
 
         return ServerSentEvent(stream())

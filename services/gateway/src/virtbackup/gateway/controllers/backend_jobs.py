@@ -1,0 +1,388 @@
+"""Native API (``/api/v1/jobs``): job control as backend-api.md describes it.
+
+Jobs are those of the job-orchestrator (``VB_JOBS``), shown in the backend's vocabulary
+(``backend_view``): ``status`` is ``queued``, ``running``, ``succeeded`` or ``failed``;
+a cancelled job is ``failed`` with ``error: "cancelled by user"`` and the line
+``[control] job cancelled by user`` in its output log (backend-api.md's terminal
+mutation). The agent API (``/jobs``) and the HyperSDK API keep their own views of the
+same records (``state: canceled``, ``status: cancelled``).
+
+Lists are paginated by offset (``limit`` 1-1000, default 100; ``offset``); the answer
+says ``total`` and the ``nextOffset`` (``null`` on the last page).
+
+``POST /api/v1/jobs/{id}/status``, ``/artifacts`` and ``/tests`` are the agent's side:
+today the agent token may post them for any active job (``reporter_of``); remote agents
+(``bak_`` keys) plug in there, limited to the jobs leased to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from collections.abc import AsyncGenerator
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.params import Parameter
+from litestar.response import Stream
+
+from virtbackup.contracts.subjects import JobCmd, JobCtlCmd
+from virtbackup.contracts.v1.common import ServerId, VmName, shown
+from virtbackup.contracts.v1.jobctl import (
+    ARTIFACT_MAX_BYTES,
+    ARTIFACT_NAME_PATTERN,
+    CANCEL_ERROR,
+    LINES_PER_REPORT,
+    ArtifactGetRequest,
+    ArtifactInfo,
+    ArtifactList,
+    ArtifactName,
+    ArtifactPiece,
+    ArtifactPutRequest,
+    BackendStatus,
+    CheckList,
+    CheckOutcome,
+    ChecksPutRequest,
+    ClearedQueue,
+    ClearQueueRequest,
+    Flushed,
+    FlushRequest,
+    JobPage,
+    JobQuery,
+    JobRef,
+    Line,
+    LogLevel,
+    MediaType,
+    Rerun,
+)
+from virtbackup.contracts.v1.jobs import (
+    TERMINAL_STATES,
+    Job,
+    JobCancelRequest,
+    JobGetRequest,
+    JobState,
+    JobType,
+)
+from virtbackup.gateway.bodies import Body, NoBody
+from virtbackup.gateway.controllers.jobs import job_view
+from virtbackup.gateway.errors import responses
+from virtbackup.gateway.state import Gateway
+from virtbackup.runtime import timeouts
+from virtbackup.runtime.errors import BadRequest
+
+#: Seconds ``POST /api/v1/jobs/{id}/cancel`` waits for the job to end before it answers
+#: 202 with the job still stopping.
+CANCEL_WAIT_SECONDS = 20.0
+
+
+def backend_view(job: Job) -> dict[str, Any]:
+    """The agent API's job view plus backend-api.md's fields: ``status``, ``error``
+    (``null`` unless failed), ``stage`` (an agent's reported stage, else the phase) and
+    ``progress`` (0-100: an agent's report, else completed units of all)."""
+    out = job_view(job)
+    status: BackendStatus
+    error: str | None = None
+    if job.state == "canceled":
+        status, error = "failed", CANCEL_ERROR
+    elif job.state == "failure":
+        status, error = "failed", job.message
+    elif job.state == "success":
+        status = "succeeded"
+    else:
+        status = job.state
+    reported = job.result.get("agentStatus") if isinstance(job.result, dict) else None
+    reported = reported if isinstance(reported, dict) else {}
+    progress = reported.get("progress")
+    if progress is None:
+        if job.state == "success":
+            progress = 100.0
+        elif job.total_units:
+            progress = round(100.0 * job.completed_units / job.total_units, 1)
+        else:
+            progress = 0.0
+    out.update(
+        status=status, error=error, stage=reported.get("stage") or job.phase, progress=progress
+    )
+    return out
+
+
+def reporter_of(request: Request[Any, Any, Any]) -> str:
+    """Who posts an agent's report: ``admin`` for the agent token. Hook for remote
+    agents: an authentication layer that accepts a ``bak_`` key sets
+    ``scope["virtbackup.agent_id"]``; the orchestrator then accepts the report only for
+    a job whose ``owner`` is ``agent:<that id>``."""
+    agent_id = request.scope.get("virtbackup.agent_id")
+    return f"agent:{agent_id}" if isinstance(agent_id, str) and agent_id else "admin"
+
+
+def parsed_when(value: str | None, name: str) -> str | None:
+    """``value`` checked as an ISO-8601 date or time: 400 naming ``name`` otherwise."""
+    if value is None:
+        return None
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        raise BadRequest(f"not an ISO-8601 date or time: {shown(value)} - at `{name}`") from None
+    return value
+
+
+class FlushBody(Body, kw_only=True):
+    """``olderThan`` (ISO-8601): only jobs that finished before it."""
+
+    older_than: str | None = None
+
+
+class StatusBody(Body, kw_only=True):
+    """An agent's report on a job it runs: ``stage`` (free text, e.g. ``reading``),
+    ``progress`` (0-100), ``message``, ``bytesTransferred``/``totalBytes``, and
+    ``output`` lines (at most 100) appended to the job's log at ``level``."""
+
+    stage: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    progress: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
+    message: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    bytes_transferred: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    total_bytes: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    level: LogLevel = "info"
+    output: Annotated[list[Line], msgspec.Meta(max_length=LINES_PER_REPORT)] = msgspec.field(
+        default_factory=list
+    )
+
+
+class ArtifactBody(Body, kw_only=True):
+    """An artifact: ``name`` (letters, digits, ``._-``), ``mediaType``, and its bytes as
+    ``content`` (text, stored as UTF-8) or ``contentBase64``: exactly one of them; at
+    most 256 KiB."""
+
+    name: ArtifactName
+    media_type: MediaType = "application/octet-stream"
+    content: str | None = None
+    content_base64: str | None = None
+
+
+class CheckBody(Body, kw_only=True):
+    """One verification result: ``check`` (its name), ``status`` (``passed``,
+    ``failed``, ``skipped``), optionally ``disk``, ``point``, ``detail`` and ``data``."""
+
+    check: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    status: Literal["passed", "failed", "skipped"]
+    disk: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    point: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
+    detail: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ChecksBody(Body, kw_only=True):
+    tests: Annotated[list[CheckBody], msgspec.Meta(min_length=1, max_length=100)]
+
+
+JobIdParam = Annotated[str, Parameter(description="A job's id", min_length=1, max_length=128)]
+
+
+class BackendJobsController(Controller):
+    path = "/api/v1/jobs"
+
+    @get()
+    async def list_jobs(
+        self,
+        gw: Gateway,
+        status: BackendStatus | None = Parameter(query="status", default=None),  # noqa: B008
+        state_: JobState | None = Parameter(query="state", default=None),  # noqa: B008
+        type_: JobType | None = Parameter(query="type", default=None),  # noqa: B008
+        server_id: ServerId | None = Parameter(query="serverId", default=None),  # noqa: B008
+        vm_name: VmName | None = Parameter(query="vmName", default=None),  # noqa: B008
+        destination_id: str | None = Parameter(query="destinationId", default=None),
+        since: str | None = Parameter(query="since", default=None),
+        until: str | None = Parameter(query="until", default=None),
+        limit: int = Parameter(query="limit", default=100, ge=1, le=1000),
+        offset: int = Parameter(query="offset", default=0, ge=0),
+    ) -> dict[str, Any]:
+        """Jobs newest first, filtered, one page (``limit``/``offset``): ``{"jobs",
+        "total", "limit", "offset", "nextOffset"}``; a malformed date is a 400 naming it."""
+        query = JobQuery(
+            status=status,
+            state=state_,
+            type=type_,
+            server_id=server_id,
+            vm_name=vm_name,
+            destination_id=destination_id,
+            since=parsed_when(since, "since"),
+            until=parsed_when(until, "until"),
+            limit=limit,
+            offset=offset,
+        )
+        page = await gw.bus.request(JobCtlCmd.QUERY, query, JobPage)
+        after = page.offset + len(page.jobs)
+        return {
+            "jobs": [backend_view(j) for j in page.jobs],
+            "total": page.total,
+            "limit": page.limit,
+            "offset": page.offset,
+            "nextOffset": after if after < page.total else None,
+        }
+
+    @post("/clear-queue", status_code=200)
+    async def clear_queue(self, gw: Gateway, data: NoBody | None = None) -> dict[str, Any]:
+        """Cancel every queued job (running ones go on): ``{"cancelled": [ids], "count"}``."""
+        cleared = await gw.bus.request(JobCtlCmd.CLEAR_QUEUE, ClearQueueRequest(), ClearedQueue)
+        return {"cancelled": cleared.cancelled, "count": len(cleared.cancelled)}
+
+    @post("/flush-history", status_code=200)
+    async def flush_history(self, gw: Gateway, data: FlushBody | None = None) -> dict[str, Any]:
+        """Remove finished jobs (with their logs and artifacts), those that finished
+        before ``olderThan`` when given: ``{"removed": n, "ids": [...]}``."""
+        body = data or FlushBody()
+        request = FlushRequest(older_than=parsed_when(body.older_than, "$.olderThan"))
+        flushed = await gw.bus.request(
+            JobCtlCmd.FLUSH, request, Flushed, timeout=timeouts.JOB_COMMAND
+        )
+        return {"removed": flushed.removed, "ids": flushed.ids}
+
+    @get("/{job_id:str}", responses=responses(404))
+    async def get_job(self, gw: Gateway, job_id: JobIdParam) -> dict[str, Any]:
+        """One job (404 for an unknown id)."""
+        return backend_view(await gw.bus.request(JobCmd.GET, JobGetRequest(id=job_id), Job))
+
+    @delete("/{job_id:str}", status_code=200, responses=responses(404, 409))
+    async def delete_job(self, gw: Gateway, job_id: JobIdParam) -> dict[str, Any]:
+        """Delete a finished job with its log and artifacts (409 while it is active)."""
+        job = await gw.bus.request(JobCtlCmd.DELETE, JobRef(id=job_id), Job)
+        return {"deleted": job.id}
+
+    @post("/{job_id:str}/cancel", status_code=200, responses=responses(404, 409))
+    async def cancel_job(
+        self, gw: Gateway, job_id: JobIdParam, data: NoBody | None = None
+    ) -> Response[dict[str, Any]]:
+        """Cancel a queued or running job and wait (up to 20 s) for it to end: 200 with
+        ``status: failed``, ``error: "cancelled by user"``; 202 if it is still stopping.
+        409 once it has finished or while it commits."""
+        await gw.bus.request(JobCmd.CANCEL, JobCancelRequest(id=job_id), Job)
+        deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+        while True:
+            job = await gw.bus.request(JobCmd.GET, JobGetRequest(id=job_id), Job)
+            if job.state in TERMINAL_STATES:
+                return Response(backend_view(job), status_code=200)
+            if time.monotonic() >= deadline:
+                return Response(backend_view(job), status_code=202)
+            await asyncio.sleep(0.2)
+
+    @post("/{job_id:str}/rerun", status_code=202, responses=responses(404, 409))
+    async def rerun_job(
+        self, gw: Gateway, job_id: JobIdParam, data: NoBody | None = None
+    ) -> dict[str, Any]:
+        """Start a new job from this job's definition (checked as a new request would be):
+        ``{"jobId", "rerunOf", "job"}``."""
+        rerun = await gw.bus.request(
+            JobCtlCmd.RERUN, JobRef(id=job_id), Rerun, timeout=timeouts.JOB_COMMAND
+        )
+        return {"jobId": rerun.job.id, "rerunOf": rerun.rerun_of, "job": backend_view(rerun.job)}
+
+    @get("/{job_id:str}/artifacts", responses=responses(404))
+    async def list_artifacts(self, gw: Gateway, job_id: JobIdParam) -> dict[str, Any]:
+        """What the job produced: ``{"artifacts": [{"name", "size", "mediaType",
+        "source", "url"}]}`` (sizes in bytes)."""
+        listed = await gw.bus.request(
+            JobCtlCmd.ARTIFACTS, JobRef(id=job_id), ArtifactList, timeout=timeouts.JOB_COMMAND
+        )
+        return {
+            "artifacts": [
+                {**_info(a), "url": f"/api/v1/jobs/{job_id}/artifacts/{a.name}"}
+                for a in listed.artifacts
+            ]
+        }
+
+    @post("/{job_id:str}/artifacts", status_code=201, responses=responses(404, 409))
+    async def post_artifact(
+        self, gw: Gateway, job_id: JobIdParam, data: ArtifactBody
+    ) -> dict[str, Any]:
+        """Keep an artifact an agent made (at most 256 KiB; VirtBackup's own names are
+        409)."""
+        if (data.content is None) == (data.content_base64 is None):
+            raise BadRequest("give exactly one of content and contentBase64 - at `$.content`")
+        if data.content is not None:
+            raw = data.content.encode()
+        else:
+            try:
+                raw = base64.b64decode(data.content_base64 or "", validate=True)
+            except (binascii.Error, ValueError):
+                raise BadRequest("not base64 - at `$.contentBase64`") from None
+        if len(raw) > ARTIFACT_MAX_BYTES:
+            raise BadRequest(f"an artifact is at most {ARTIFACT_MAX_BYTES} bytes - at `$.content`")
+        put = ArtifactPutRequest(id=job_id, name=data.name, media_type=data.media_type, data=raw)
+        return _info(await gw.bus.request(JobCtlCmd.ARTIFACT_PUT, put, ArtifactInfo))
+
+    @get("/{job_id:str}/artifacts/{name:str}", responses=responses(404))
+    async def download_artifact(
+        self,
+        gw: Gateway,
+        job_id: JobIdParam,
+        name: Annotated[str, Parameter(pattern=ARTIFACT_NAME_PATTERN)],
+    ) -> Stream:
+        """The artifact's bytes, with its media type (404 naming an unknown one)."""
+        first = await _piece(gw, job_id, name, 0)
+
+        async def body() -> AsyncGenerator[bytes, None]:
+            # Exactly ``first.size`` bytes: a log that grows meanwhile is cut where it was
+            # when the download began (the pieces of an append-only file agree).
+            piece, offset = first, 0
+            while True:
+                data = piece.data[: first.size - offset]
+                yield data
+                offset += len(data)
+                if offset >= first.size or not data:
+                    return
+                piece = await _piece(gw, job_id, name, offset)
+
+        return Stream(
+            body(),
+            media_type=first.media_type,
+            headers={
+                "content-length": str(first.size),
+                "content-disposition": f'attachment; filename="{name}"',
+                "x-content-type-options": "nosniff",
+            },
+        )
+
+    @get("/{job_id:str}/tests", responses=responses(404))
+    async def list_tests(self, gw: Gateway, job_id: JobIdParam) -> dict[str, Any]:
+        """Verification results: sanity per disk, verify per restore point, then what
+        agents posted: ``{"tests": [{"check", "status", "disk", "point", ...}]}``."""
+        checks = await gw.bus.request(
+            JobCtlCmd.CHECKS, JobRef(id=job_id), CheckList, timeout=timeouts.JOB_COMMAND
+        )
+        return {"tests": [_builtins(t) for t in checks.tests]}
+
+    @post("/{job_id:str}/tests", status_code=201, responses=responses(404))
+    async def post_tests(self, gw: Gateway, job_id: JobIdParam, data: ChecksBody) -> dict[str, Any]:
+        """Add an agent's verification results (1-100 per post): answers them all."""
+        tests = [
+            CheckOutcome(
+                check=t.check, status=t.status, disk=t.disk, point=t.point, detail=t.detail,
+                data=t.data,
+            )
+            for t in data.tests
+        ]  # fmt: skip
+        checks = await gw.bus.request(
+            JobCtlCmd.CHECKS_PUT, ChecksPutRequest(id=job_id, tests=tests), CheckList
+        )
+        return {"tests": [_builtins(t) for t in checks.tests]}
+
+
+async def _piece(gw: Gateway, job_id: str, name: str, offset: int) -> ArtifactPiece:
+    request = ArtifactGetRequest(id=job_id, name=name, offset=offset)
+    return await gw.bus.request(
+        JobCtlCmd.ARTIFACT_GET, request, ArtifactPiece, timeout=timeouts.JOB_COMMAND
+    )
+
+
+def _builtins(value: msgspec.Struct) -> dict[str, Any]:
+    out = msgspec.to_builtins(value)
+    assert isinstance(out, dict)
+    return out
+
+
+def _info(info: ArtifactInfo) -> dict[str, Any]:
+    return _builtins(info)
