@@ -290,7 +290,7 @@ async def test_run_on_a_named_point_and_full(api: httpx.AsyncClient) -> None:
     out = await run_ok(api, {"vms": [f"local/{VM_A}"], "source_ref": "full", "agent_id": agent_id})
     job = (await api.get(f"/jobs/{out['job_ids'][0]}")).json()
     assert job["result"]["parentTimestamp"] is None
-    assert job["params"]["agentId"] == agent_id
+    assert job["params"]["pinnedAgentId"] == agent_id
 
 
 async def test_chain_backs_up_then_verifies(api: httpx.AsyncClient) -> None:

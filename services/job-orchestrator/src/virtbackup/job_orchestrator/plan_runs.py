@@ -42,6 +42,7 @@ from virtbackup.contracts.v1.plans import (
     VerifyStep,
 )
 from virtbackup.contracts.v1.points import PruneRequest
+from virtbackup.job_orchestrator.agent_jobs import agent_of
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.plan_preview import (
     age_seconds,
@@ -121,17 +122,25 @@ async def _submit_backup(
     if run.options.source_ref is not None:
         params["sourceRef"] = run.options.source_ref
     if run.options.agent_id is not None:
-        params["agentId"] = run.options.agent_id
+        # Pinned by the run (``agent_id``): recorded, not to be confused with
+        # ``agentId``, which makes a backup a remote agent's job (agent_jobs).
+        params["pinnedAgentId"] = run.options.agent_id
     if run.pipeline_db_id:
         params["pipelineDbId"] = run.pipeline_db_id
     if run.chain_db_id:
         params["chainDbId"] = run.chain_db_id
-    await jc.bus.request(
-        InventoryCmd.VM_INFO,
-        VmRef(server_id=server, vm_name=vm),
-        VmInfo,
-        timeout=timeouts.INVENTORY_QUERY,
-    )
+    remote = agent_of(await jc.config(), server)
+    if remote is not None:
+        # The server's VMs are backed up by its remote agent (handlers.backup does the
+        # same); the inventory does not reach that host.
+        params["agentId"] = remote
+    else:
+        await jc.bus.request(
+            InventoryCmd.VM_INFO,
+            VmRef(server_id=server, vm_name=vm),
+            VmInfo,
+            timeout=timeouts.INVENTORY_QUERY,
+        )
     return await jc.submit(
         "backup",
         server_id=server,
