@@ -375,13 +375,23 @@ class _Beat(msgspec.Struct, kw_only=True, rename="camel"):
 
 
 async def list_agents(jc: JobContext) -> list[EligibleAgent]:
-    """The agents that can run a plan: the live transfer workers (``VB_WORKERS``). Remote
-    agents (registered with a ``bak_`` key) join this list where they exist."""
+    """The agents that can run a plan: the live transfer workers (``VB_WORKERS``; id
+    ``worker:<name>``, as ``GET /api/v1/agents`` names them) and the remote agents that
+    the configuration's servers name (``agentId``: they back up those servers' VMs)."""
     try:
         kv = await jc.bus.key_value(buckets.WORKERS)
     except NotFound:
         return []
-    out = []
+    cfg = await jc.config()
+    out = [
+        EligibleAgent(
+            id=agent,
+            kind="remote",
+            reason="backs up the VMs of server(s) "
+            + ", ".join(s.id for s in cfg.servers if s.agent_id == agent),
+        )
+        for agent in sorted({s.agent_id for s in cfg.servers if s.agent_id})
+    ]
     for key in await keys(kv):
         try:
             entry = await kv.get(key)
@@ -395,7 +405,7 @@ async def list_agents(jc: JobContext) -> list[EligibleAgent]:
             beat = _Beat()
         out.append(
             EligibleAgent(
-                id=key,
+                id=f"worker:{key}",
                 kind="transfer-worker",
                 version=beat.version,
                 last_seen=beat.seen_at,
