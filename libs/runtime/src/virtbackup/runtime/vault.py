@@ -28,7 +28,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import msgspec
@@ -221,7 +221,14 @@ async def resolve_destination(
         raise Unavailable(
             f"destination {dest.id}: vault connection {dest.vault_connection_id!r}: {exc}"
         ) from None
-    fields = _opened(box, creds)
+    return with_destination_fields(dest, _opened(box, creds))
+
+
+def with_destination_fields(
+    dest: Destination, fields: Mapping[str, object]
+) -> tuple[Destination, dict[str, str]]:
+    """``dest`` with a vault connection's opened ``fields`` merged into its params, as
+    :func:`resolve_destination` answers (Google Drive: the OAuth fields apart)."""
     if dest.driver_id == "gdrive":
         return dest, {key: str(fields.get(key, "")) for key in GOOGLE_FIELDS}
     params = dict(dest.params)

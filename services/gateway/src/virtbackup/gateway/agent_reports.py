@@ -25,6 +25,8 @@ from virtbackup.contracts.v1.agents import (
 )
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.clock import utcnow_iso
+from virtbackup.runtime.errors import Conflict, NotFound
+from virtbackup.runtime.vault import with_destination_fields
 
 if TYPE_CHECKING:
     from virtbackup.gateway.controllers.backend_agents import JobStatusBody
@@ -59,6 +61,33 @@ async def lease_answer(gw: Gateway, agent_id: str, lease: AgentLease) -> dict[st
             AgentStatusReply,
         )
         return {"assigned": False, "message": "the leased job's destination is not allowed"}
+    if dest.vault_connection_id is not None:
+        # The destination's credentials live in the vault: opened here, for this lease's
+        # answer to this agent only (as the configuration's own secrets are).
+        refusal = ""
+        if dest.driver_id == "gdrive":
+            refusal = "a remote agent cannot write to a Google Drive destination"
+        elif gw.vault is None:
+            refusal = "this gateway has no vault"
+        else:
+            try:
+                fields = await gw.vault.destination_fields(dest.vault_connection_id, cfg)
+            except (NotFound, Conflict) as exc:
+                refusal = str(exc)
+            else:
+                dest, _ = with_destination_fields(dest, fields)
+        if refusal:
+            await gw.bus.request(
+                JobCmd.AGENT_STATUS,
+                AgentStatusRequest(
+                    agent_id=agent_id,
+                    job_id=lease.job_id,
+                    stage="failed",
+                    error=f"destination {dest.id}: {refusal}",
+                ),
+                AgentStatusReply,
+            )
+            return {"assigned": False, "message": f"destination {dest.id}: {refusal}"}
     return {
         "assigned": True,
         "message": f"backup of {lease.vm_name} leased",

@@ -410,6 +410,19 @@ class VaultStore:
 
     # -- the services' requests ------------------------------------------------------
 
+    async def destination_fields(self, connection_id: str, cfg: AgentConfig) -> dict[str, Any]:
+        """The opened fields of a destination's connection, for a remote agent's lease
+        (the gateway hands them over HTTPS to the agent the job is leased to); only for
+        a connection a destination of ``cfg`` refers to (``NotFound`` otherwise)."""
+        if not any(d.vault_connection_id == connection_id for d in cfg.destinations):
+            raise NotFound(
+                f"no destination of the configuration uses vault connection {connection_id!r}"
+            )
+        record, _ = await self._get(connection_id)
+        if record.kind == "ssh":
+            raise NotFound(f"vault connection {connection_id!r} is no destination connection")
+        return self.credentials(record)
+
     async def sealed_credentials(
         self, connection_id: str, cfg: AgentConfig, *, servers: bool
     ) -> VaultCredentials:
