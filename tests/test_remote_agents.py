@@ -372,6 +372,12 @@ async def test_deactivating_mid_job_cancels_it(
     # The cancel request's terminal mutation (backend-api's view: status=failed,
     # error="cancelled by user").
     assert (job["state"], job["message"]) == ("canceled", "cancelled by user"), job
+    # backend-api.md's view of the same job: exactly the documented mutation.
+    view = (await api.get(f"/api/v1/jobs/{job_id}")).json()
+    assert (view["status"], view["error"]) == ("failed", "cancelled by user"), view
+    log = await api.get(f"/api/v1/jobs/{job_id}/artifacts/output.log")
+    assert log.status_code == 200, log.text
+    assert "[control] job cancelled by user" in log.text, log.text
 
     async with httpx.AsyncClient(base_url=sysm.url, verify=False, timeout=30) as anon:
         resp = await anon.post("/api/v1/agent/lease", json={}, headers=key_headers(agent["apiKey"]))
