@@ -267,7 +267,7 @@ async def run_plan(jc: JobContext, req: PlanRunRequest) -> PlanRunResult:
     chain = None
     if req.chain_db_id is not None:
         _, chain = await find_chain(jc, req.chain_db_id)
-    await check_agent(jc, options.agent_id)
+    await check_agent(jc, options.agent_id, plan)
     targets = await resolve_targets(jc, plan, options)
     if options.source_ref is not None and options.source_ref != FULL_REF:
         for server, vm in targets:
