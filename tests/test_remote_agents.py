@@ -535,7 +535,7 @@ pipelines:
 
 
 async def test_plans_pin_only_the_agent_of_their_servers(
-    api: httpx.AsyncClient, agent: dict[str, Any]
+    api: httpx.AsyncClient, agent: dict[str, Any], vm: SmallVm
 ) -> None:
     """``eligible-agents`` names the workers ``worker:<name>`` and the remote agents the
     servers name, each eligible only for a plan of servers it backs up; pinning another
@@ -546,6 +546,13 @@ async def test_plans_pin_only_the_agent_of_their_servers(
     resp = await api.post("/api/v1/projects/import", json={"yaml": glob})
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"].startswith("line 6:") and "remote agent" in resp.text
+    # A remote agent writes one destination per backup: a chain of two is refused.
+    chain = PLANS + "chains:\n  - id: two\n    steps:\n      - type: backup\n"
+    chain += "        pipeline: remote\n        destinations: [fs, other]\n"
+    resp = await api.post("/api/v1/projects/import", json={"yaml": chain})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"].startswith("line 18:") and "one destination" in resp.text
+    assert (await api.get(f"/api/v1/projects/{project}")).status_code == 404
     resp = await api.post("/api/v1/projects/import", json={"yaml": PLANS})
     assert resp.status_code == 201, resp.text
 

@@ -201,6 +201,14 @@ async def check_project(jc: JobContext, spec: ProjectSpec, lines: dict[str, int]
                     raise at.bad(
                         f"{sw}.pipeline", f"pipeline {shown(step.pipeline)} is not in the project"
                     )
+                plan = next(p for p in spec.pipelines if p.id == step.pipeline)
+                agents = {agent_of(cfg, sel.server) for sel in plan.vms} - {None}
+                if len(step.destinations) > 1 and agents:
+                    raise at.bad(
+                        f"{sw}.destinations",
+                        f"pipeline {shown(step.pipeline)} backs up VMs of a remote agent's "
+                        "server, which writes one destination per backup",
+                    )
                 for k, dest in enumerate(step.destinations):
                     if dest not in destinations:
                         raise at.bad(
