@@ -28,6 +28,7 @@ from harness import System, running_system, same, snapshot, wait_job
 from nats.aio.msg import Msg
 
 from virtbackup.testing.nats import connect
+from virtbackup.testing.sshd import SshdServer
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
 from virtbackup.virt import Connection, backup_running, list_checkpoints
 
@@ -39,6 +40,16 @@ VM = f"vbt-agent-{os.getpid()}"
 HOLD = 3.0
 #: The destination's passphrase: the agent gets it in its lease, and no log holds it.
 PASSPHRASE = f"agent-pass-{os.getpid()}-7f3a"
+
+
+@pytest.fixture(scope="module")
+def sshd() -> Iterator[SshdServer]:
+    server = SshdServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="module")
@@ -314,12 +325,13 @@ async def test_agent_backs_up_through_lease_and_status(
         await nc.drain()
     # Its output lines went to the job's log, in the shared shape.
     mine = [line for subject, line in lines if subject == f"vb.log.job.{inc['id']}"]
-    prefix = f"[agent {agent['agentId']}] "
-    said = [line for line in mine if line["line"].startswith(prefix)]
-    assert any("incremental backup" in line["line"] for line in said), lines
-    assert all(line["level"] == "info" for line in said), said
-    # The orchestrator's own lines (queued, the result) are in the same log.
-    assert any(line["line"].startswith("queued") for line in mine), mine
+    # The agent's own lines, marked as its, between the orchestrator's (queued first,
+    # the result last: the job log's shared lines).
+    theirs = [line for line in mine if line["line"].startswith(f"[agent {agent['agentId']}] ")]
+    assert theirs and all(line["level"] == "info" for line in theirs), mine
+    assert any("incremental" in line["line"] for line in theirs), mine
+    assert mine[0]["line"].startswith("queued: ") and mine[0] not in theirs, mine
+    assert mine[-1]["line"].startswith("success: incremental backup"), mine
     assert inc["message"].startswith("incremental backup"), inc["message"]
     assert inc["result"]["parentTimestamp"] == full["result"]["timestamp"]
     assert inc["bytesTransferred"] < full["bytesTransferred"], (inc, full)
@@ -428,3 +440,173 @@ async def test_an_agent_killed_mid_job_cleans_up_when_it_starts_again(
     # redefined the domain, storing nothing new).
     job = await agent_backup(api, agent)
     assert "by agent" in job["message"], job["message"]
+
+
+async def test_an_sftp_destination_whose_password_is_in_the_vault(
+    sysm: System,
+    api: httpx.AsyncClient,
+    agent: dict[str, Any],
+    vm: SmallVm,
+    conn: Connection,
+    sshd: SshdServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The agent's lease carries the vault's password opened (for that agent only): it
+    backs up, the point restores bit-identical, and the password is in no log, neither
+    in ``GET /config`` nor in ``agent.yaml``, nor anywhere in the data directory or the
+    agent's home."""
+    assert sshd.password
+    password = sshd.password.encode()
+    connection = {
+        "id": "agent-sftp",
+        "kind": "sftp",
+        "host": sshd.host,
+        "port": sshd.port,
+        "username": sshd.username,
+        "password": sshd.password,
+        "hostKey": "",
+    }
+    resp = await api.post("/api/v1/vault/connections", json=connection)
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["status"] == "ok" and resp.json()["password"] == "********"
+    params = sshd.params(sshd.make_base("agent-vault"))
+    del params["password"]
+    cfg = (await api.get("/config")).json()
+    cfg["destinations"].append(
+        {"id": "sftpv", "driverId": "sftp", "params": params, "vaultConnectionId": "agent-sftp"}
+    )
+    remote = next(s for s in cfg["servers"] if s["id"] == "remote")
+    remote["agentDestinationIds"] = ["fs", "sftpv"]
+    resp = await api.post("/config", json=cfg)
+    assert resp.status_code == 200, resp.text
+
+    await guest_write(conn, VM, "vda", 8 * MiB, 2 * MiB, pattern=0x3C)
+    snap = snapshot(vm, tmp_path_factory.mktemp("agent-vault-snap"))[0]
+    resp = await api.post("/servers/remote/backup", json={"vmName": VM, "destinationId": "sftpv"})
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, resp.json()["jobId"])
+    assert job["state"] == "success", (job["message"], agent["log"].read_text()[-3000:])
+    assert "by agent" in job["message"] and job["destinationId"] == "sftpv", job
+    timestamp = job["result"]["timestamp"]
+
+    off = await api.post("/servers/local/actions", json={"action": "forceOff", "vmName": VM})
+    assert off.status_code == 200, off.text
+    resp = await api.post(
+        "/servers/local/restore/start",
+        json={
+            "xmlPath": f"vms/{VM}/{timestamp}/domain.xml",
+            "decision": "overwrite",
+            "destinationId": "sftpv",
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    restored = await wait_job(api, resp.json()["jobId"])
+    assert restored["state"] == "success", restored
+    assert same(vm.disks[0], snap)
+    on = await api.post("/servers/local/actions", json={"action": "start", "vmName": VM})
+    assert on.status_code == 200, on.text
+
+    assert password not in (await api.get("/config")).content
+    assert (await api.get("/config")).json()["destinations"][-1]["vaultConnectionId"] == (
+        "agent-sftp"
+    )
+    agent_yaml = sysm.data_dir / "agent.yaml"
+    assert agent_yaml.exists() and "agent-sftp" in agent_yaml.read_text()
+    logs = [*sysm.data_dir.glob("*.log"), agent["log"]]
+    assert len(logs) > 5
+    home = agent["log"].parent
+    seen = [
+        path
+        for root in (sysm.data_dir, home)
+        for path in root.rglob("*")
+        if path.is_file() and password in path.read_bytes()
+    ]
+    assert seen == []
+
+
+PLANS = f"""\
+id: agents{os.getpid()}
+pipelines:
+  - id: remote
+    vms:
+      - server: remote
+        vm: {VM}
+    destination: fs
+  - id: local
+    vms:
+      - server: local
+        vm: {VM}
+    destination: fs
+"""
+
+
+async def test_plans_pin_only_the_agent_of_their_servers(
+    api: httpx.AsyncClient, agent: dict[str, Any], vm: SmallVm
+) -> None:
+    """``eligible-agents`` names the workers ``worker:<name>`` and the remote agents the
+    servers name, each eligible only for a plan of servers it backs up; pinning another
+    is a 400 naming ``agent_id`` that creates nothing, and a plan of the agent's server
+    pinned to it is backed up by it."""
+    project = f"agents{os.getpid()}"
+    glob = PLANS.replace(f"vm: {VM}", 'vm: "vbt-*"', 1)
+    resp = await api.post("/api/v1/projects/import", json={"yaml": glob})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"].startswith("line 6:") and "remote agent" in resp.text
+    # A remote agent writes one destination per backup: a chain of two is refused.
+    chain = PLANS + "chains:\n  - id: two\n    steps:\n      - type: backup\n"
+    chain += "        pipeline: remote\n        destinations: [fs, other]\n"
+    resp = await api.post("/api/v1/projects/import", json={"yaml": chain})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"].startswith("line 18:") and "one destination" in resp.text
+    assert (await api.get(f"/api/v1/projects/{project}")).status_code == 404
+    resp = await api.post("/api/v1/projects/import", json={"yaml": PLANS})
+    assert resp.status_code == 201, resp.text
+
+    async def eligible(plan: str) -> dict[str, dict[str, Any]]:
+        resp = await api.post(f"/api/v1/pipelines/{project}.{plan}/eligible-agents")
+        assert resp.status_code == 200, resp.text
+        return {a["id"]: a for a in resp.json()["agents"]}
+
+    on_remote, on_local = await eligible("remote"), await eligible("local")
+    assert set(on_remote) == set(on_local)
+    workers = [a for a in on_local if a.startswith("worker:")]
+    assert workers and all(on_local[w]["kind"] == "transfer-worker" for w in workers)
+    assert on_remote[agent["agentId"]]["kind"] == "remote"
+    assert on_remote[agent["agentId"]]["eligible"] is True
+    assert on_local[agent["agentId"]]["eligible"] is False
+    assert "local" in on_local[agent["agentId"]]["reason"]
+    assert all(on_local[w]["eligible"] for w in workers)
+    assert not any(on_remote[w]["eligible"] for w in workers)
+
+    # The preview of the agent's server asks nothing of the inventory: from the VM's
+    # points in the destination, sizes unknown, saying whose host it is.
+    pre = await api.post(f"/api/v1/pipelines/{project}.remote/dry-run-preview", json={})
+    assert pre.status_code == 200, pre.text
+    (vm_view,) = pre.json()["vms"]
+    assert vm_view["estimated_bytes"] is None and not vm_view["cached"], vm_view
+    query = {"destinationId": "fs", "vmName": VM, "serverId": "remote"}
+    mine = sorted(
+        p["timestamp"] for p in (await api.get("/api/v1/restore-points", params=query)).json()
+    )
+    assert vm_view["parent_timestamp"] == (mine[-1] if mine else None), (vm_view, mine)
+    assert agent["agentId"] in vm_view["problems"][0], vm_view
+
+    before = len((await api.get("/jobs")).json())
+    for plan, agent_id in (("local", agent["agentId"]), ("remote", workers[0])):
+        refused = await api.post(
+            f"/api/v1/pipelines/{project}.{plan}/run-selection", json={"agent_id": agent_id}
+        )
+        assert refused.status_code == 400, refused.text
+        assert "$.agent_id" in refused.json()["error"], refused.text
+    assert len((await api.get("/jobs")).json()) == before  # nothing created
+
+    resp = await api.post(
+        f"/api/v1/pipelines/{project}.remote/run-selection", json={"agent_id": agent["agentId"]}
+    )
+    assert resp.status_code == 200, resp.text
+    (job_id,) = resp.json()["job_ids"]
+    job = await wait_job(api, job_id)
+    assert job["state"] == "success", (job["message"], agent["log"].read_text()[-3000:])
+    assert job["params"]["agentId"] == job["params"]["pinnedAgentId"] == agent["agentId"]
+    assert "by agent" in job["message"], job["message"]
+    assert (await api.delete(f"/api/v1/projects/{project}")).status_code == 200

@@ -40,6 +40,7 @@ from virtbackup.contracts.v1.plans import (
     SourceRefs,
     VmSourceRefs,
 )
+from virtbackup.job_orchestrator.agent_jobs import agent_of
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.plan_projects import matching_vms
 from virtbackup.job_orchestrator.plan_store import (
@@ -160,34 +161,43 @@ async def preview_vm(
     jc: JobContext, server: str, vm: str, destination_id: str, options: RunOptions
 ) -> PreviewVm:
     """What a backup of the VM would read, from the dirty sizes libvirt reports (no data is
-    read); offline: from its points and known checkpoints only (sizes unknown)."""
+    read); offline, or for a server backed up by a remote agent (the inventory does not
+    reach its host): from its points and known checkpoints only (sizes unknown; such a
+    VM has ``cached`` false and a ``problems`` line naming the agent)."""
     points = await points_of(jc, destination_id, vm, server)
     parent = parent_for(points, options.source_ref, server, vm)
     base: dict[str, Any] = {"server_id": server, "vm_name": vm, "destination_id": destination_id}
-    if options.execution_mode == "offline_cached":
+    offline = options.execution_mode == "offline_cached"
+    remote = None if offline else agent_of(await jc.config(), server)
+    if offline or remote is not None:
+        notes = (
+            [f"server {server} is backed up by remote agent {remote}: sizes are unknown here"]
+            if remote is not None
+            else []
+        )
         if parent is None or parent.checkpoint is None:
             return PreviewVm(
                 **base,
                 mode="full",
-                cached=True,
+                cached=offline,
                 disks=[
                     PreviewDisk(target=d.target, mode="full", capacity=d.size, reason="no parent")
                     for d in (parent.disks if parent else [])
                 ],
-                problems=[]
-                if parent
-                else ["no restore point: the disks' sizes are unknown offline"],
+                problems=notes
+                + ([] if parent else ["no restore point: the disks' sizes are unknown offline"]),
             )
         return PreviewVm(
             **base,
             mode="incremental",
             parent_timestamp=parent.timestamp,
             parent_checkpoint=parent.checkpoint,
-            cached=True,
+            cached=offline,
             disks=[
                 PreviewDisk(target=d.target, mode="incremental", capacity=d.size)
                 for d in parent.disks
             ],
+            problems=notes,
         )
     ref = VmRef(server_id=server, vm_name=vm)
     info = await jc.bus.request(InventoryCmd.VM_INFO, ref, VmInfo, timeout=timeouts.INVENTORY_QUERY)
@@ -374,24 +384,45 @@ class _Beat(msgspec.Struct, kw_only=True, rename="camel"):
     busy_units: int = 0
 
 
-async def list_agents(jc: JobContext) -> list[EligibleAgent]:
+async def list_agents(jc: JobContext, plan: PipelineSpec | None = None) -> list[EligibleAgent]:
     """The agents that can run a plan: the live transfer workers (``VB_WORKERS``; id
     ``worker:<name>``, as ``GET /api/v1/agents`` names them) and the remote agents that
-    the configuration's servers name (``agentId``: they back up those servers' VMs)."""
+    the configuration's servers name (``agentId``: they back up those servers' VMs).
+
+    With ``plan``, each says whether it can run that plan's backups (``eligible``, and
+    ``reason`` when not): a remote agent only if it backs up every server the plan's VM
+    selectors name (it reaches no other host); the workers only if at least one of those
+    servers is not a remote agent's (those are read by the inventory and the workers)."""
+    cfg = await jc.config()
+    wanted = sorted({sel.server for sel in plan.vms}) if plan is not None else []
+    served_by = {s.id: s.agent_id for s in cfg.servers}
+    out: list[EligibleAgent] = []
+    for agent in sorted({s.agent_id for s in cfg.servers if s.agent_id}):
+        served = [s.id for s in cfg.servers if s.agent_id == agent]
+        others = [s for s in wanted if served_by.get(s) != agent]
+        out.append(
+            EligibleAgent(
+                id=agent,
+                kind="remote",
+                eligible=not others,
+                reason=f"backs up the VMs of server(s) {', '.join(served)}"
+                + (
+                    f"; the plan's VMs on server(s) {', '.join(others)} are not its to reach"
+                    if others
+                    else ""
+                ),
+            )
+        )
+    local = [s for s in wanted if not served_by.get(s)]
+    worker_reason = (
+        ""
+        if not wanted or local
+        else "the plan's servers are backed up by their remote agents, not by the workers"
+    )
     try:
         kv = await jc.bus.key_value(buckets.WORKERS)
     except NotFound:
-        return []
-    cfg = await jc.config()
-    out = [
-        EligibleAgent(
-            id=agent,
-            kind="remote",
-            reason="backs up the VMs of server(s) "
-            + ", ".join(s.id for s in cfg.servers if s.agent_id == agent),
-        )
-        for agent in sorted({s.agent_id for s in cfg.servers if s.agent_id})
-    ]
+        return out
     for key in await keys(kv):
         try:
             entry = await kv.get(key)
@@ -410,6 +441,8 @@ async def list_agents(jc: JobContext) -> list[EligibleAgent]:
                 version=beat.version,
                 last_seen=beat.seen_at,
                 busy_units=beat.busy_units,
+                eligible=not worker_reason,
+                reason=worker_reason,
             )
         )
     return sorted(out, key=lambda a: a.id)
@@ -417,18 +450,25 @@ async def list_agents(jc: JobContext) -> list[EligibleAgent]:
 
 @plan_commands.handler(PlanCmd.ELIGIBLE_AGENTS, PlanRunRequest)
 async def eligible_agents(jc: JobContext, req: PlanRunRequest) -> EligibleAgents:
-    """The agents that could run the plan or chain (404 for an unknown one)."""
-    await plan_of(jc, req)
-    return EligibleAgents(agents=await list_agents(jc))
+    """The agents that could run the plan or chain, each with ``eligible`` for this one
+    (``list_agents``; 404 for an unknown plan or chain)."""
+    plan, _, _ = await plan_of(jc, req)
+    return EligibleAgents(agents=await list_agents(jc, plan))
 
 
-async def check_agent(jc: JobContext, agent_id: str | None) -> None:
+async def check_agent(jc: JobContext, agent_id: str | None, plan: PipelineSpec) -> None:
+    """``BadRequest`` naming ``$.agent_id`` unless ``agent_id`` (if given) is one of the
+    agents ``list_agents`` finds eligible for ``plan``: unknown, or a remote agent of
+    another server than the plan's VMs are on, or a worker for a plan all of whose
+    servers are remote agents'."""
     if agent_id is None:
         return
-    agents = {a.id: a for a in await list_agents(jc)}
-    agent = agents.get(agent_id)
+    agents = await list_agents(jc, plan)
+    agent = next((a for a in agents if a.id == agent_id), None)
+    eligible = sorted(a.id for a in agents if a.eligible)
     if agent is None or not agent.eligible:
+        why = f": {agent.reason}" if agent is not None and agent.reason else ""
         raise BadRequest(
-            f"agent {shown(agent_id)} is not eligible (eligible: "
-            f"{', '.join(sorted(agents)) or 'none'}) - at `$.agent_id`"
+            f"agent {shown(agent_id)} is not eligible for this plan{why} (eligible: "
+            f"{', '.join(eligible) or 'none'}) - at `$.agent_id`"
         )

@@ -39,6 +39,7 @@ from virtbackup.contracts.v1.plans import (
     VerifyStep,
 )
 from virtbackup.contracts.v1.schedules import JobDefinition, ScheduleCreate, ScheduleRef
+from virtbackup.job_orchestrator.agent_jobs import agent_of
 from virtbackup.job_orchestrator.definitions import is_glob
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.plan_store import (
@@ -97,7 +98,12 @@ async def server_vms(jc: JobContext, server_id: str) -> ServerVms:
 
 async def matching_vms(jc: JobContext, server_id: str, pattern: str) -> list[str]:
     """The VMs of the server ``pattern`` (a name or a glob) names, asking the server for a
-    plain name (a VM defined a moment ago is found)."""
+    plain name (a VM defined a moment ago is found). A server backed up by a remote agent
+    (``agentId``) is not the inventory's to ask: a plain name is taken as given (its
+    agent fails the job if the host has no such VM, as for ``POST /servers/{id}/backup``)
+    and a glob matches nothing."""
+    if agent_of(await jc.config(), server_id) is not None:
+        return [] if is_glob(pattern) else [pattern]
     if not is_glob(pattern):
         try:
             await jc.bus.request(
@@ -159,6 +165,13 @@ async def check_project(jc: JobContext, spec: ProjectSpec, lines: dict[str, int]
         for j, sel in enumerate(plan.vms):
             if sel.server not in servers:
                 raise at.bad(f"{where}.vms[{j}].server", f"server {shown(sel.server)} not found")
+            remote = agent_of(cfg, sel.server)
+            if remote is not None and is_glob(sel.vm):
+                raise at.bad(
+                    f"{where}.vms[{j}].vm",
+                    f"server {shown(sel.server)} is backed up by remote agent {shown(remote)}, "
+                    "which the inventory does not reach: name its VMs one by one, not by a glob",
+                )
             lookups.append((f"{where}.vms[{j}].vm", sel.server, sel.vm))
         if plan.schedule is not None:
             try:
@@ -187,6 +200,14 @@ async def check_project(jc: JobContext, spec: ProjectSpec, lines: dict[str, int]
                 if step.pipeline not in plan_ids:
                     raise at.bad(
                         f"{sw}.pipeline", f"pipeline {shown(step.pipeline)} is not in the project"
+                    )
+                plan = next(p for p in spec.pipelines if p.id == step.pipeline)
+                agents = {agent_of(cfg, sel.server) for sel in plan.vms} - {None}
+                if len(step.destinations) > 1 and agents:
+                    raise at.bad(
+                        f"{sw}.destinations",
+                        f"pipeline {shown(step.pipeline)} backs up VMs of a remote agent's "
+                        "server, which writes one destination per backup",
                     )
                 for k, dest in enumerate(step.destinations):
                     if dest not in destinations:

@@ -21,14 +21,12 @@ from typing import Any, Final, Literal
 import msgspec
 from nats.js.errors import KeyNotFoundError
 
-from virtbackup.contracts import subjects
 from virtbackup.contracts.subjects import InventoryCmd, PlanCmd
-from virtbackup.contracts.v1 import jobs as v1jobs
 from virtbackup.contracts.v1.inventory import (
     VmInfo,
     VmRef,
 )
-from virtbackup.contracts.v1.jobs import TERMINAL_STATES, BackupRequest, Job
+from virtbackup.contracts.v1.jobs import TERMINAL_STATES, CopyRequest, Job
 from virtbackup.contracts.v1.lifecycle_gc import VerifyRequest
 from virtbackup.contracts.v1.plans import (
     BackupStep,
@@ -98,26 +96,15 @@ async def _submit_backup(
     destination_id: str,
     extra: list[str],
 ) -> Job:
+    """A backup job of one VM of the run, its params naming the run (``planRunId``,
+    ``pipelineDbId``/``chainDbId``, ``sourceRef``, ``pinnedAgentId``). ``extra``: more
+    destinations written from the same read (the fan-out backup, as
+    ``BackupRequest.also_destination_ids``: checked and their VM folders locked the same
+    way, 400 naming ``alsoDestinationIds``)."""
+    from virtbackup.job_orchestrator.fanout import PARAM as ALSO_PARAM
+    from virtbackup.job_orchestrator.fanout_submit import also_folders, check_also_destinations
     from virtbackup.job_orchestrator.runner import execute
 
-    if extra:
-        if "also_destination_ids" not in BackupRequest.__struct_fields__:
-            raise BadRequest(
-                "writing one read to several destinations needs the fan-out data path "
-                "(BackupRequest.also_destination_ids), which this build lacks"
-            )
-        from virtbackup.job_orchestrator.handlers import backup
-
-        req = msgspec.convert(
-            {
-                "serverId": server,
-                "vmName": vm,
-                "destinationId": destination_id,
-                "alsoDestinationIds": extra,
-            },
-            BackupRequest,
-        )
-        return await backup(jc, req)
     params: dict[str, Any] = {"fresh": False, "planRunId": run.id}
     if run.options.source_ref is not None:
         params["sourceRef"] = run.options.source_ref
@@ -129,8 +116,15 @@ async def _submit_backup(
         params["pipelineDbId"] = run.pipeline_db_id
     if run.chain_db_id:
         params["chainDbId"] = run.chain_db_id
-    remote = agent_of(await jc.config(), server)
+    cfg = await jc.config()
+    remote = agent_of(cfg, server)
+    also = check_also_destinations(cfg, destination_id, extra)
     if remote is not None:
+        if also:
+            raise BadRequest(
+                f"alsoDestinationIds: server {server} is backed up by remote agent {remote}, "
+                "which writes one destination per backup"
+            )
         # The server's VMs are backed up by its remote agent (handlers.backup does the
         # same); the inventory does not reach that host.
         params["agentId"] = remote
@@ -141,15 +135,27 @@ async def _submit_backup(
             VmInfo,
             timeout=timeouts.INVENTORY_QUERY,
         )
-    return await jc.submit(
-        "backup",
-        server_id=server,
-        vm_name=vm,
-        destination_id=destination_id,
-        params=params,
-        lock_vm=True,
-        run=execute,
-    )
+    if not also:
+        return await jc.submit(
+            "backup",
+            server_id=server,
+            vm_name=vm,
+            destination_id=destination_id,
+            params=params,
+            lock_vm=True,
+            run=execute,
+        )
+    async with also_folders(jc, vm, also) as job_id:
+        return await jc.submit(
+            "backup",
+            server_id=server,
+            vm_name=vm,
+            destination_id=destination_id,
+            params={**params, ALSO_PARAM: also},
+            lock_vm=True,
+            run=execute,
+            job_id=job_id,
+        )
 
 
 async def _step_jobs(jc: JobContext, run: PlanRun, index: int) -> tuple[list[str], list[str]]:
@@ -195,28 +201,20 @@ async def _step_jobs(jc: JobContext, run: PlanRun, index: int) -> tuple[list[str
         await each(verify_one)
     elif step.type == "copy":
         assert isinstance(chain_step, CopyStep)
-        subject = getattr(subjects, "JOB_COPY", None) or getattr(subjects.JobCmd, "COPY", None)
-        kind = getattr(v1jobs, "CopyRequest", None)
-        if subject is None or kind is None:
-            errors.append("copy: the copy job (CopyRequest, JOB_COPY) is not in this build")
-        else:
 
-            async def copy_one(server: str, vm: str) -> Job:
-                req = msgspec.convert(
-                    {
-                        "destination_id": chain_step.destination,
-                        "target_destination_id": chain_step.target,
-                        "vm_name": vm,
-                        "server_id": server,
-                        "timestamp": None,
-                    },
-                    kind,
-                    from_attributes=False,
-                    str_keys=True,
-                )
-                return await jc.bus.request(subject, req, Job)
+        async def copy_one(server: str, vm: str) -> Job:
+            from virtbackup.job_orchestrator.point_copy import submit_copy
+            from virtbackup.job_orchestrator.runner import execute
 
-            await each(copy_one)
+            req = CopyRequest(
+                destination_id=chain_step.destination,
+                target_destination_id=chain_step.target,
+                vm_name=vm,
+                server_id=server,
+            )
+            return await submit_copy(jc, req, execute)
+
+        await each(copy_one)
     return job_ids, errors
 
 
@@ -265,16 +263,11 @@ async def run_plan(jc: JobContext, req: PlanRunRequest) -> PlanRunResult:
     options = req.options
     if options.dry_run:
         return PlanRunResult(dry_run=True, preview=await preview(jc, req))
-    plan, dest, extra = await plan_of(jc, req)
-    if extra and "also_destination_ids" not in BackupRequest.__struct_fields__:
-        raise BadRequest(
-            "this chain backs up to several destinations at once, which needs the fan-out "
-            "backup (BackupRequest.also_destination_ids) that this build lacks"
-        )
+    plan, dest, _ = await plan_of(jc, req)
     chain = None
     if req.chain_db_id is not None:
         _, chain = await find_chain(jc, req.chain_db_id)
-    await check_agent(jc, options.agent_id)
+    await check_agent(jc, options.agent_id, plan)
     targets = await resolve_targets(jc, plan, options)
     if options.source_ref is not None and options.source_ref != FULL_REF:
         for server, vm in targets:
