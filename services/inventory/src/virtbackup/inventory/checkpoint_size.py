@@ -22,7 +22,10 @@ def register_checkpoint_size(ctx: ServiceContext, inv: Inventory) -> None:
     async def checkpoint_size(req: CheckpointSizeRequest) -> CheckpointSize:
         """404 for an unknown VM or checkpoint, 409 when the domain is not running."""
         conn = await inv.entry(req.server_id).host.connection()
-        async with libvirt_errors(req.server_id, req.vm_name):
+        async with (
+            inv.vm_lock(req.server_id, req.vm_name),
+            libvirt_errors(req.server_id, req.vm_name),
+        ):
             found = await get_checkpoint(conn, req.vm_name, req.checkpoint, with_size=True)
         return CheckpointSize(
             checkpoint=found.name,

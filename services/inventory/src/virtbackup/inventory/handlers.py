@@ -126,7 +126,10 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
         backup whose job has ended left paused is shut off again first."""
         entry = inv.entry(req.server_id)
         conn = await entry.host.connection()
-        async with libvirt_errors(req.server_id, req.vm_name):
+        async with (
+            inv.vm_lock(req.server_id, req.vm_name),
+            libvirt_errors(req.server_id, req.vm_name),
+        ):
             await get_domain(conn, req.vm_name)
             jobs = ctx.bucket(buckets.JOBS)
             await backups.check_offline_hold(
@@ -232,7 +235,10 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
         holds it; a VM or checkpoint that is gone already is success."""
         entry = inv.entry(req.server_id)
         conn = await entry.host.connection()
-        async with libvirt_errors(req.server_id, req.vm_name):
+        async with (
+            inv.vm_lock(req.server_id, req.vm_name),
+            libvirt_errors(req.server_id, req.vm_name),
+        ):
             try:
                 await get_domain(conn, req.vm_name)
             except VirtNotFound:
@@ -260,7 +266,10 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
     @bus.handle(InventoryCmd.BACKUP_BEGIN, BackupBeginRequest)
     async def backup_begin(req: BackupBeginRequest) -> BackupBegun:
         entry = inv.entry(req.server_id)
-        async with libvirt_errors(req.server_id, req.vm_name):
+        async with (
+            inv.vm_lock(req.server_id, req.vm_name),
+            libvirt_errors(req.server_id, req.vm_name),
+        ):
             return await backups.begin(entry.host, req, scratch, inv.creds, inv.installation)
 
     @bus.handle(InventoryCmd.RESTORE_PRECHECK, RestorePrecheckRequest)
@@ -289,7 +298,10 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
     @bus.handle(InventoryCmd.BACKUP_END, BackupEndRequest)
     async def backup_end(req: BackupEndRequest) -> BackupEnded:
         entry = inv.entry(req.server_id)
-        async with libvirt_errors(req.server_id, req.vm_name):
+        async with (
+            inv.vm_lock(req.server_id, req.vm_name),
+            libvirt_errors(req.server_id, req.vm_name),
+        ):
             stopped = await backups.end(entry.host, req, scratch)
         return BackupEnded(vm_stopped=stopped)
 

@@ -68,6 +68,18 @@ class Inventory:
         self.creds = ExportCredentials.load(ctx.settings.nbd_pki_dir)
         #: This installation's id, set by :meth:`load_installation`.
         self.installation = ""
+        self._vm_locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def vm_lock(self, server_id: str, vm_name: str) -> asyncio.Lock:
+        """The lock that serialises, per VM, what creates, deletes or sizes its
+        checkpoints here (backup begin and end, checkpoint forget, cleanup, a checkpoint's
+        size): libvirt 9.0 reads a freed checkpoint when its size is asked while another
+        call deletes it (see ``virt.leftovers.find_leftovers``), and libvirtd dies."""
+        key = (server_id, vm_name)
+        lock = self._vm_locks.get(key)
+        if lock is None:
+            lock = self._vm_locks[key] = asyncio.Lock()
+        return lock
 
     @property
     def kv(self) -> KeyValue:
