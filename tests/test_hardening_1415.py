@@ -4,16 +4,21 @@ API), each a test that failed before its fix. One system for the module, no VM.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from harness import System, running_system
+from harness import System, running_system, wait_job
 
+from virtbackup.contracts.v1.points import point_id
+from virtbackup.repository.format import point_prefix, record_key
 from virtbackup.testing.libvirtd import ensure_libvirtd
+from virtbackup.testing.points import write_point
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +28,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     repo = data / "repo"
     repo.mkdir(mode=0o700)
     with running_system(data, orchestrators=1) as system:
+        system.extra_env["TEST_REPO"] = str(repo)
         cfg = {
             "servers": [{"id": "local", "name": "This host", "host": ""}],
             "destinations": [
@@ -131,3 +137,113 @@ async def test_a_metrics_port_that_cannot_bind_never_stops_the_gateway(
         taken.close()
         assert (await api.post("/config", json=cfg)).status_code == 200
     assert (await hyper.get("/metrics")).status_code == 200
+
+
+def _repo(system: System) -> Path:
+    return Path(system.extra_env["TEST_REPO"])
+
+
+async def test_prune_and_verify_of_an_unknown_vm_or_server_are_404(
+    api: httpx.AsyncClient, system: System
+) -> None:
+    vm = f"vbt-hard-known-{os.getpid()}"
+    await write_point(_repo(system), vm)
+    jobs_before = len((await api.get("/jobs")).json())
+    prune = "/api/v1/destinations/fs/prune"
+    verify = "/api/v1/destinations/fs/verify"
+    for url, body, field in (
+        (prune, {"vmName": "nope", "keepLast": 1, "dryRun": True}, "vmName"),
+        (prune, {"vmName": "nope", "keepLast": 1}, "vmName"),
+        (prune, {"serverId": "nope", "keepLast": 1, "dryRun": True}, "serverId"),
+        (verify, {"vmName": "nope"}, "vmName"),
+        (verify, {"serverId": "nope"}, "serverId"),
+        (verify, {"serverId": "local", "vmName": "nope"}, "vmName"),
+    ):
+        refused(await api.post(url, json=body), 404, f"`$.{field}`", "nope")
+    assert len((await api.get("/jobs")).json()) == jobs_before
+    # A VM with points and a configured server are found.
+    plan = await api.post(prune, json={"vmName": vm, "keepLast": 1, "dryRun": True})
+    assert plan.status_code == 200 and len(plan.json()["keep"]) == 1, plan.text
+    resp = await api.post(verify, json={"serverId": "local", "vmName": vm})
+    assert resp.status_code == 202, resp.text
+    assert (await wait_job(api, resp.json()["id"]))["state"] == "success"
+    # The HyperSDK view of these jobs names the VM their params select.
+    async with httpx.AsyncClient(
+        base_url=system.hypersdk_url, headers=system.auth(), timeout=30
+    ) as hyper:
+        view = (await hyper.get(f"/jobs/{resp.json()['id']}")).json()["definition"]
+        assert (view["vm_path"], view["source"]["server_id"]) == (f"local/{vm}", "local")
+        pruned = await api.post(prune, json={"vmName": vm, "keepLast": 1})
+        assert pruned.status_code == 200, pruned.text
+        view = (await hyper.get(f"/jobs/{pruned.json()['jobId']}")).json()["definition"]
+        assert (view["vm_path"], view["source"]["server_id"]) == (f"*/{vm}", None)
+        await wait_job(api, pruned.json()["jobId"])
+
+
+async def test_the_prune_dry_run_says_a_point_in_use_is_skipped(
+    api: httpx.AsyncClient, system: System
+) -> None:
+    """A verify job of the VM that waits (no transfer worker) uses every point of it:
+    the dry run lists the point the rules drop under ``skipped`` with the reason, and
+    the prune then does exactly that."""
+    vm = f"vbt-hard-inuse-{os.getpid()}"
+    old = await write_point(_repo(system), vm)
+    await write_point(_repo(system), vm)
+    old_id = point_id("fs", vm, old.split("/")[2])
+    system.stop("transfer-worker")
+    verify_id = None
+    try:
+        resp = await api.post("/api/v1/destinations/fs/verify", json={"vmName": vm})
+        assert resp.status_code == 202, resp.text
+        verify_id = resp.json()["id"]
+        body = {"vmName": vm, "keepLast": 1}
+        plan = await api.post("/api/v1/destinations/fs/prune", json={**body, "dryRun": True})
+        assert plan.status_code == 200, plan.text
+        shown = plan.json()
+        assert shown["remove"] == [], shown
+        [skipped] = shown["skipped"]
+        assert skipped["id"] == old_id and verify_id in skipped["reason"], skipped
+        assert skipped["reason"].startswith("in use:"), skipped
+        resp = await api.post("/api/v1/destinations/fs/prune", json=body)
+        assert resp.status_code == 200, resp.text
+        job = await wait_job(api, resp.json()["jobId"])
+        assert job["state"] == "success", job
+        assert job["result"]["removed"] == [], job
+        assert [s["id"] for s in job["result"]["skipped"]] == [old_id], job
+    finally:
+        if verify_id:
+            await api.post(f"/jobs/{verify_id}/cancel")
+        system.start("transfer-worker")
+        system.wait_ready()
+    got = await api.get(f"/api/v1/restore-points/{old_id}")
+    assert got.status_code == 200, got.text
+
+
+async def test_an_unreadable_point_is_deleted_only_with_force(
+    api: httpx.AsyncClient, system: System
+) -> None:
+    vm = f"vbt-hard-unreadable-{os.getpid()}"
+    repo = _repo(system)
+    xml = await write_point(repo, vm)
+    ts = xml.split("/")[2]
+    pid = point_id("fs", vm, ts)
+    record = repo / "VirtBackup" / record_key(vm, ts)
+    record.write_bytes(b'{"vmName":')
+    chunks_before = sorted((repo / "VirtBackup" / "chunks").rglob("*"))
+    resp = await api.delete(f"/api/v1/restore-points/{pid}")
+    refused(resp, 409, "cannot be read", "force=true")
+    assert record.exists()
+    resp = await api.post("/api/v1/destinations/fs/gc", json={"graceSeconds": 0, "dryRun": True})
+    assert resp.status_code == 202, resp.text
+    assert (await wait_job(api, resp.json()["id"]))["state"] == "failure"
+    resp = await api.delete(f"/api/v1/restore-points/{pid}", params={"force": "true"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["point"]["state"] == "unreadable"
+    assert not (repo / "VirtBackup" / point_prefix(vm, ts)).exists() or not any(
+        (repo / "VirtBackup" / point_prefix(vm, ts)).iterdir()
+    )
+    # Its chunks are left to garbage collection, which can run again.
+    assert sorted((repo / "VirtBackup" / "chunks").rglob("*")) == chunks_before
+    resp = await api.post("/api/v1/destinations/fs/gc", json={"graceSeconds": 0, "dryRun": True})
+    assert (await wait_job(api, resp.json()["id"]))["state"] == "success"
+    refused(await api.delete(f"/api/v1/restore-points/{pid}", params={"force": "true"}), 404)
