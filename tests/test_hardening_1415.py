@@ -19,6 +19,12 @@ from virtbackup.contracts.v1.points import point_id
 from virtbackup.repository.format import point_prefix, record_key
 from virtbackup.testing.libvirtd import ensure_libvirtd
 from virtbackup.testing.points import write_point
+from virtbackup.testing.vms import create_vm, remove_vm, vm_directory
+from virtbackup.virt import Connection
+
+pytestmark = pytest.mark.libvirt
+
+MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +253,69 @@ async def test_an_unreadable_point_is_deleted_only_with_force(
     resp = await api.post("/api/v1/destinations/fs/gc", json={"graceSeconds": 0, "dryRun": True})
     assert (await wait_job(api, resp.json()["id"]))["state"] == "success"
     refused(await api.delete(f"/api/v1/restore-points/{pid}", params={"force": "true"}), 404)
+
+
+def _template(vm_path: str, **options: Any) -> dict[str, Any]:
+    return {
+        "vm_path": vm_path,
+        "source": {"type": "libvirt", "server_id": "local"},
+        "destination": {"type": "backup", "destination_id": "fs"},
+        "options": options,
+    }
+
+
+async def test_schedule_fields_and_trigger_of_a_disabled_schedule(
+    api: httpx.AsyncClient, hyper: httpx.AsyncClient, conn: Connection
+) -> None:
+    vm = f"vbt-hard-sched-{os.getpid()}"
+    directory = vm_directory()
+    await create_vm(conn, vm, directory, [16 * MiB], start=False)
+    try:
+        base = {"name": "n", "schedule": "0 2 * * *", "job_template": _template(f"local/{vm}")}
+        for field, value, words in (
+            ("schedule", "0 2 * * *\n", ("schedule", "whitespace")),
+            ("timezone", "utc", ("timezone", "'UTC'")),
+            ("timezone", "localtime", ("timezone",)),
+            ("timezone", "right/UTC", ("timezone",)),
+        ):
+            resp = await hyper.post("/schedules", json={**base, field: value})
+            refused(resp, 400, *words)
+        assert (await hyper.get("/schedules")).json()["schedules"] == []
+        sid = f"hard-{os.getpid()}"
+        created = await hyper.post(
+            "/schedules",
+            json={**base, "id": sid, "schedule": "0 2 * * 7", "timezone": "UTC", "enabled": False},
+        )
+        assert created.status_code == 201, created.text
+        jobs_before = len((await api.get("/jobs")).json())
+        refused(await hyper.post(f"/schedules/{sid}/trigger"), 409, "disabled", "enable")
+        shown = (await hyper.get(f"/schedules/{sid}")).json()
+        assert shown["run_count"] == 0 and shown["last_run"] is None, shown
+        assert len((await api.get("/jobs")).json()) == jobs_before
+        assert (await hyper.delete(f"/schedules/{sid}")).status_code == 200
+    finally:
+        await remove_vm(conn, vm, delete_directory=directory)
+
+
+async def test_cancel_by_status_says_what_happened(hyper: httpx.AsyncClient) -> None:
+    resp = await hyper.post("/jobs/cancel", json={"status": "running"})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["count"] == 0 and body["message"] == "no job matched: nothing cancelled", body
+
+
+async def test_fresh_outside_debug_mode_is_refused(
+    api: httpx.AsyncClient, hyper: httpx.AsyncClient
+) -> None:
+    jobs_before = len((await api.get("/jobs")).json())
+    resp = await hyper.post("/jobs/submit", json=_template("local/anything", fresh=True))
+    refused(resp, 400, "options.fresh", "debug")
+    assert len((await api.get("/jobs")).json()) == jobs_before
+
+
+async def test_an_ntfy_url_with_credentials_is_refused(api: httpx.AsyncClient) -> None:
+    cfg = (await api.get("/config")).json()
+    bad = {**cfg, "ntfy": {"serverUrl": "https://user:secret@ntfy.example.com", "topic": "t"}}
+    body = refused(await api.post("/config", json=bad), 400, "ntfy.serverUrl", "ntfymeToken")
+    assert "secret" not in body["error"]
+    assert (await api.get("/config")).json() == cfg
