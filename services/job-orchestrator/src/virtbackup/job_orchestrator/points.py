@@ -612,6 +612,9 @@ async def plan_prune(
             # What the removal would refuse (remove_point checks again when it runs):
             # the plan, dry run included, says what the prune does.
             used = users(jc, dest.id, by_ts[ts])
+            backup = await _backup_holding(jc, dest.id, by_ts[ts])
+            if backup is not None and parent_of(backup, dest.id) == (True, ts):
+                used.append(f"backup job {backup.id} builds on it")
             if used:
                 reason = f"in use: {'; '.join(used)}"
                 plan.skipped.append(msgspec.structs.replace(entry, reason=reason))
