@@ -150,6 +150,16 @@ async def serve(settings: Settings | None = None) -> None:
         optional: _Server | None = None
         cfg, _ = await store.load()
         metrics_port = dedicated_port(gw, cfg.metrics.port)
+        if metrics_port in store.reserved_ports:  # stored before this was refused
+            assert metrics_port is not None
+            gw.metrics_failed_port = metrics_port
+            gw.metrics_failure = (
+                f"the metrics listener on port {metrics_port} (metrics.port) was not started:"
+                f" it is the gateway's {store.reserved_ports[metrics_port]}; set another"
+                " metrics.port and restart the gateway"
+            )
+            log.error(gw.metrics_failure)
+            metrics_port = None
         if metrics_port is not None:  # ``metrics.port`` (read at start)
             metrics = uvicorn.Config(
                 create_metrics_asgi(gw),
