@@ -350,6 +350,9 @@ async def test_a_quarantined_chunk_is_stored_again_and_heals_the_point(
     finally:
         await repo.close()
     backup = await succeeded(api, await start_backup(api, VM))
+    # The real reason of the full read: the newest point failed verify.
+    assert "read in full: the newest restore point" in backup["message"], backup["message"]
+    assert "failed verify" in backup["message"], backup["message"]
     stored = re.search(r"(\d+) stored", backup["message"])
     assert stored and int(stored.group(1)) >= 1, backup["message"]
     repo = await open_repo(repo_dir)

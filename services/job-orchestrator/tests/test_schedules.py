@@ -24,7 +24,7 @@ from virtbackup.runtime.errors import BadRequest
 
 
 @pytest.mark.parametrize(
-    "expr", ["0 2 * * *", "*/15 * * * *", "0 0 * * 0", "* * * * * */5", "@daily"]
+    "expr", ["0 2 * * *", "*/15 * * * *", "0 0 * * 0", "0 0 * * 7", "* * * * * */5", "@daily"]
 )
 def test_cron_expressions_accepted(expr: str) -> None:
     check_cron(expr)
@@ -45,6 +45,10 @@ def test_cron_expressions_accepted(expr: str) -> None:
         ("@sometimes", "no known macro: use @yearly"),
         ("0 0 30 2 *", "never matches a date"),
         ("0 0 31 4 *", "never matches a date"),
+        ("0 2 * * *\n", "leading or trailing whitespace"),
+        (" 0 2 * * *", "leading or trailing whitespace"),
+        ("0\t2 * * *", "a tab or line break"),
+        ("0 0 * * 8", r"expected 0-7 \(0 and 7 are Sunday\)"),
     ],
 )
 def test_bad_cron_expressions_name_the_field(expr: str, needle: str) -> None:
@@ -121,9 +125,14 @@ def test_sources_destinations_and_options() -> None:
     assert check_destination({}) is None
     with pytest.raises(BadRequest, match="not built"):
         check_destination({"type": "kvm", "libvirt_uri": "qemu+ssh://h/system"})
-    assert check_options({}) is False
+    assert check_options({}, debug=False) is False
     with pytest.raises(BadRequest, match=r"options\.conversion_method"):
-        check_options({"conversion_method": "vddk"})
+        check_options({"conversion_method": "vddk"}, debug=False)
+    # fresh: honoured in debug mode, refused (never silently ignored) otherwise.
+    assert check_options({"fresh": True}, debug=True) is True
+    assert check_options({"fresh": False}, debug=False) is False
+    with pytest.raises(BadRequest, match=r"options\.fresh: true is honoured in debug mode"):
+        check_options({"fresh": True}, debug=False)
 
 
 def test_vm_paths() -> None:
@@ -139,3 +148,28 @@ def test_vm_paths() -> None:
         split_path("", "local")
     with pytest.raises(BadRequest, match="invalid VM name"):
         split_path("local/a\nb", None)
+
+
+@pytest.mark.parametrize("name", ["UTC", "Europe/Berlin", "America/Argentina/Buenos_Aires"])
+def test_canonical_time_zones_are_accepted(name: str) -> None:
+    assert zone(name).key == name
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("utc", "did you mean 'UTC'"),
+        ("europe/berlin", "did you mean 'Europe/Berlin'"),
+        ("localtime", ""),
+        ("posixrules", ""),
+        ("Factory", ""),
+        ("right/UTC", ""),
+        ("posix/UTC", ""),
+        ("../etc/passwd", ""),
+        ("Mars/Olympus", ""),
+    ],
+)
+def test_only_canonical_time_zone_names_are_accepted(name: str, hint: str) -> None:
+    with pytest.raises(BadRequest, match=r"timezone: .* is not an IANA time zone name") as caught:
+        zone(name)
+    assert hint in str(caught.value)

@@ -28,6 +28,17 @@ from virtbackup.testing.receiver import Receiver
         ("224.0.0.1", False),
         ("8.8.8.8", True),
         ("2001:4860:4860::8888", True),
+        # IPv6 addresses that carry an IPv4 address: public only when that one is.
+        ("64:ff9b::7f00:1", False),  # NAT64 of 127.0.0.1
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64 of 169.254.169.254
+        ("64:ff9b::808:808", True),  # NAT64 of 8.8.8.8
+        ("64:ff9b:1::a00:1", False),  # local-use NAT64
+        ("2002:7f00:1::1", False),  # 6to4 of 127.0.0.1
+        ("2002:c0a8:101::1", False),  # 6to4 of 192.168.1.1
+        ("::127.0.0.1", False),  # IPv4-compatible
+        ("::10.0.0.1", False),
+        ("::ffff:8.8.8.8", True),
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo
     ],
 )
 def test_which_addresses_are_public(address: str, public: bool) -> None:

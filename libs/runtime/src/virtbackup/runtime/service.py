@@ -122,7 +122,16 @@ async def start_service(spec: ServiceSpec, settings: Settings) -> ServiceContext
         box = SecretBox.from_settings(settings)
         ctx.buckets[CONFIG.name] = SealedConfigBucket(ctx.buckets[CONFIG.name], box)
     await broker.start()
-    ctx.metrics = start_metrics_listener(settings.metrics_host, settings.metrics_port)
+    try:
+        ctx.metrics = start_metrics_listener(settings.metrics_host, settings.metrics_port)
+    except OSError as exc:  # a metrics endpoint that cannot bind never stops the service
+        log.error(
+            "metrics endpoint not started: %s:%s cannot be bound (%s);"
+            " set another VIRTBACKUP_METRICS_PORT",
+            settings.metrics_host,
+            settings.metrics_port,
+            exc,
+        )
     if spec.start:
         await spec.start(ctx)
     log.info("service started", extra={"nats": settings.nats_url, "version": __version__})

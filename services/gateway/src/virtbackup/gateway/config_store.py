@@ -112,6 +112,9 @@ class ConfigStore:
         #: Checks a posted configuration's references to the vault (``BadRequest``).
         #: Returns it with the host keys of the vault connections it names filled in.
         self.check: Callable[[AgentConfig], Awaitable[AgentConfig]] | None = None
+        #: The gateway's own listeners that ``metrics.port`` may not name, port -> what
+        #: listens there (the HyperSDK listener's port is allowed: it serves /metrics).
+        self.reserved_ports: dict[int, str] = {}
 
     async def load(self) -> tuple[AgentConfig, int]:
         """The stored configuration and its revision (defaults and 0 when none is stored)."""
@@ -158,6 +161,13 @@ class ConfigStore:
             raise BadRequest(f"malformed JSON: {exc}") from None
         except (msgspec.ValidationError, ConfigError) as exc:
             raise BadRequest(readable(str(exc))) from None
+        port = posted_cfg.metrics.port
+        if port is not None and port in self.reserved_ports:
+            raise BadRequest(
+                f"metrics.port: {port} is the gateway's {self.reserved_ports[port]}; a"
+                " listener of its own needs a free port (or the HyperSDK API's port, or"
+                " none, to serve /metrics there)"
+            )
         posted = msgspec.json.decode(body)
         for _ in range(5):
             current, revision = await self.load()

@@ -16,7 +16,11 @@ hook), so no handler, and no command it sends, ever sees:
   decoding of ``data`` is lax (``strict=False``), so every listener's bodies are decoded
   here first, the one strict path; handlers that take the raw body decode it with
   ``bodies.decode_body`` too;
-- a NUL character in a path or query parameter: 400 naming the parameter.
+- a NUL character in a path or query parameter: 400 naming the parameter;
+- on ``GET``/``DELETE`` of the native API (``/api/v1``) and of the HyperSDK listener,
+  a query parameter its route does not declare (``?vmname=`` for ``?vmName=``): 400
+  naming it and the ones the route takes. A misspelled filter must never widen a
+  listing (or what a script deletes next) to everything.
 
 It also answers ``OPTIONS`` itself with every method of the path: Litestar's own answer
 lists only the methods of the handler registered first when a path has several.
@@ -29,11 +33,12 @@ import re
 from typing import Any
 
 from litestar import Request, Response
+from litestar.constants import RESERVED_KWARGS
 from litestar.exceptions import HTTPException
 
 from virtbackup.contracts.v1.common import shown
 from virtbackup.gateway.bodies import decode_body
-from virtbackup.gateway.errors import client_name
+from virtbackup.gateway.errors import SNAKE_CASE, client_name
 from virtbackup.runtime.errors import BadRequest
 
 #: How deeply a JSON body may nest objects and arrays (the configuration needs 5).
@@ -191,6 +196,51 @@ def _allowed_methods(request: Request[Any, Any, Any]) -> str:
     return ", ".join(sorted(methods))
 
 
+#: Methods whose query parameters are checked against the route's declared ones.
+_STRICT_QUERY_METHODS = frozenset({"GET", "HEAD", "DELETE"})
+
+
+def declared_query(request: Request[Any, Any, Any]) -> set[str] | None:
+    """The query parameters the route of ``request`` declares, as the client writes
+    them (``Parameter(query=...)`` aliases), or None when it takes any (``query``)."""
+    handler = request.scope.get("route_handler")
+    signature = getattr(handler, "parsed_fn_signature", None)
+    if handler is None or signature is None:
+        return None
+    if "query" in signature.parameters:
+        return None
+    dependencies = set(handler.resolve_dependencies())
+    names: set[str] = set()
+    for name, field in signature.parameters.items():
+        if name in RESERVED_KWARGS or name in dependencies or name in request.path_params:
+            continue
+        kwarg = getattr(field, "kwarg_definition", None)
+        if getattr(kwarg, "header", None) or getattr(kwarg, "cookie", None):
+            continue
+        if type(kwarg).__name__ == "DependencyKwarg":
+            continue
+        names.add(getattr(kwarg, "query", None) or name)
+    return names
+
+
+def check_query_names(request: Request[Any, Any, Any]) -> None:
+    """400 naming the first query parameter the route does not declare (see the module
+    docstring for where this applies)."""
+    if request.method not in _STRICT_QUERY_METHODS or not request.query_params:
+        return
+    if not (request.url.path.startswith("/api/v1/") or request.app.state.get(SNAKE_CASE)):
+        return
+    allowed = declared_query(request)
+    if allowed is None:
+        return
+    for name in request.query_params:
+        if name not in allowed:
+            takes = ", ".join(sorted(allowed)) if allowed else "none"
+            raise BadRequest(
+                f"unknown query parameter {shown(name)} (this route takes: {takes}) - at `{name}`"
+            )
+
+
 async def check_request(request: Request[Any, Any, Any]) -> Response[None] | None:
     """The app-level ``before_request`` hook: see the module docstring.
 
@@ -204,6 +254,7 @@ async def check_request(request: Request[Any, Any, Any]) -> Response[None] | Non
             if isinstance(value, str) and "\x00" in value:
                 where = client_name(request, name)
                 raise BadRequest(f"a {kind} parameter holds a NUL character - at `{where}`")
+    check_query_names(request)
     headers = request.headers
     declared = headers.get("content-length", "0").strip() not in ("", "0")
     if declared or "transfer-encoding" in headers:

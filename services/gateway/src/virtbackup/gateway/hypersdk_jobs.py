@@ -64,6 +64,21 @@ def state_of(status: str, field: str = "status") -> JobState:
         ) from None
 
 
+def _cancel_message(matched: int, cancelled: list[str], refused: list[dict[str, str]]) -> str:
+    """What a cancel did, in words: "jobs cancelled successfully" only when it cancelled
+    every job it matched (at least one)."""
+    if not matched:
+        return "no job matched: nothing cancelled"
+    if not refused:
+        return "jobs cancelled successfully"  # the document's words
+    if not cancelled:
+        return f"no job cancelled: {len(refused)} could not be (see not_cancelled)"
+    return (
+        f"{len(cancelled)} of {matched} jobs cancelled; {len(refused)} could not be"
+        " (see not_cancelled)"
+    )
+
+
 class SubmitBody(SnakeBody, kw_only=True):
     """``POST /jobs/submit`` and a schedule's ``job_template`` (``JobDefinition``)."""
 
@@ -198,7 +213,7 @@ class HyperSdkJobsController(Controller):
             else:
                 cancelled.append(job.id)
         return {
-            "message": "jobs cancelled successfully",
+            "message": _cancel_message(len(jobs), cancelled, refused),
             "count": len(cancelled),
             "job_ids": cancelled,
             "not_cancelled": refused,
@@ -299,9 +314,9 @@ class HyperSdkJobsController(Controller):
     async def trigger(
         self, gw: Gateway, schedule_id: str, data: NoBody | None = None
     ) -> dict[str, Any]:
-        """Run the schedule now (no body, or ``{}``); ``skipped: true`` when its previous
-        run is still going (the skipped run is counted and reported as the scheduler's
-        are)."""
+        """Run the schedule now (no body, or ``{}``; 409 while it is disabled); ``skipped:
+        true`` when its previous run is still going (the skipped run is counted and
+        reported as the scheduler's are)."""
         run = await gw.bus.request(
             ScheduleCmd.TRIGGER,
             ScheduleRef(id=schedule_id),

@@ -177,12 +177,15 @@ def _error(status: int, message: str) -> Response[bytes]:
 
 async def metrics_response(gw: Gateway, *, dedicated: bool) -> Response[bytes]:
     """``/metrics`` as the configuration says: 503 when ``metrics.enabled`` is false,
-    404 on the HyperSDK listener when ``metrics.port`` names another port."""
+    404 on the HyperSDK listener when ``metrics.port`` names another port, 503 there
+    naming the port and the reason when that port's listener could not start."""
     cfg, _ = await gw.config.load()
     if not cfg.metrics.enabled:
         return _error(503, "metrics are not enabled (metrics.enabled is false)")
     port = cfg.metrics.port
     elsewhere = port is not None and port != gw.settings.hypersdk_port
+    if elsewhere and not dedicated and gw.metrics_failure and port == gw.metrics_failed_port:
+        return _error(503, gw.metrics_failure)
     if elsewhere and not dedicated:
         return _error(404, f"metrics are served on port {port} (metrics.port)")
     try:

@@ -68,6 +68,24 @@ async def _reseal(vault: VaultStore) -> None:
         log.info("vault connections sealed again under the current key", extra={"count": count})
 
 
+async def _serve_metrics(gw: Gateway, server: _Server, port: int) -> None:
+    """Serve the listener of ``metrics.port``; one that cannot start (the port is taken)
+    never stops the gateway: the error is logged and the HyperSDK listener's ``/metrics``
+    answers 503 naming the port until ``metrics.port`` is changed and the gateway
+    restarted."""
+    try:
+        await server.serve()
+    except (SystemExit, OSError) as exc:  # uvicorn exits when it cannot bind
+        reason = (
+            f"the metrics listener on port {port} (metrics.port) could not start"
+            f" (address in use or not allowed: {exc!r}); set another metrics.port and"
+            " restart the gateway"
+        )
+        log.error(reason)
+        gw.metrics_failed_port = port
+        gw.metrics_failure = reason
+
+
 async def serve(settings: Settings | None = None) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
     settings = settings or load_settings()
@@ -89,6 +107,11 @@ async def serve(settings: Settings | None = None) -> None:
         mirror = NtfyMirror(store.kv, ctx.bucket(buckets.WEBHOOKS), box)
         ctx.spawn(mirror.follow(), "ntfy-settings-for-the-notifier")
         vault = VaultStore(ctx.bucket(buckets.VAULT), VaultCipher.from_settings(settings), box)
+        store.reserved_ports = {settings.agent_port: "agent API (VIRTBACKUP_AGENT_PORT)"}
+        if settings.metrics_port:
+            store.reserved_ports[settings.metrics_port] = (
+                "own metrics endpoint (VIRTBACKUP_METRICS_PORT)"
+            )
         store.check = vault.check_config  # references to the vault (vaultConnectionId)
         ctx.spawn(_reseal(vault), "vault-reseal")  # after a rotation of the vault key
         gw = Gateway(
@@ -124,8 +147,19 @@ async def serve(settings: Settings | None = None) -> None:
             ws_ping_timeout=20.0,
         )
         servers = [_Server(config), _Server(hypersdk)]
+        optional: _Server | None = None
         cfg, _ = await store.load()
         metrics_port = dedicated_port(gw, cfg.metrics.port)
+        if metrics_port in store.reserved_ports:  # stored before this was refused
+            assert metrics_port is not None
+            gw.metrics_failed_port = metrics_port
+            gw.metrics_failure = (
+                f"the metrics listener on port {metrics_port} (metrics.port) was not started:"
+                f" it is the gateway's {store.reserved_ports[metrics_port]}; set another"
+                " metrics.port and restart the gateway"
+            )
+            log.error(gw.metrics_failure)
+            metrics_port = None
         if metrics_port is not None:  # ``metrics.port`` (read at start)
             metrics = uvicorn.Config(
                 create_metrics_asgi(gw),
@@ -136,8 +170,11 @@ async def serve(settings: Settings | None = None) -> None:
                 lifespan="on",
                 timeout_graceful_shutdown=5,
             )
-            servers.append(_Server(metrics))
+            optional = _Server(metrics)
         tasks = {asyncio.create_task(s.serve()) for s in servers}
+        if optional is not None and metrics_port is not None:
+            ctx.spawn(_serve_metrics(gw, optional, metrics_port), "metrics-listener")
+            servers.append(optional)
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({*tasks, stopped}, return_when=asyncio.FIRST_COMPLETED)
         for server in servers:

@@ -27,3 +27,7 @@ class Gateway:
     agents: AgentStore | None = None
     #: The vault's connections (``vault_store``; None in tests without one).
     vault: VaultStore | None = None
+    #: Why the listener of ``metrics.port`` could not start (None: it runs, or there is
+    #: none); the HyperSDK listener's ``/metrics`` then answers 503 saying so.
+    metrics_failure: str | None = None
+    metrics_failed_port: int | None = None

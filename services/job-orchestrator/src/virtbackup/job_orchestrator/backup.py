@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
+import msgspec
+
 from virtbackup.contracts.subjects import InventoryCmd
 from virtbackup.contracts.v1.inventory import (
     BackupBeginRequest,
@@ -272,6 +274,9 @@ async def run_backup(jc: JobContext, job: Job) -> str:
                 await repos.pop(dest).close()
         fresh = bool(job.params.get("fresh"))
         parents: dict[str, RestorePoint | None] = {}
+        #: Why the backup has no parent when there are points it could have built on
+        #: (the inventory only knows that it was given none).
+        no_parent_reason = "fresh: a full read was asked for" if fresh else ""
         for dest in list(repos):
             try:
                 found, damaged = await _parent(
@@ -284,6 +289,11 @@ async def run_backup(jc: JobContext, job: Job) -> str:
                 await repos.pop(dest).close()
                 continue
             parents[dest] = found
+            if damaged and dest == job.destination_id:
+                no_parent_reason = (
+                    f"the newest restore point in destination {dest} failed verify"
+                    " (damaged): its damaged chunks are stored again"
+                )
             if damaged:
                 await jc.message(
                     job.id,
@@ -321,6 +331,8 @@ async def run_backup(jc: JobContext, job: Job) -> str:
             BackupBegun,
             timeout=timeouts.INVENTORY_JOB_STEP,
         )
+        if parent is None and no_parent_reason:
+            begun = msgspec.structs.replace(begun, full_reason=no_parent_reason)
         # Recorded at once, so that whoever ends this job can drop the new checkpoint.
         await update_job(
             jc.store,

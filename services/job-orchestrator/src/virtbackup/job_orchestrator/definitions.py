@@ -97,12 +97,20 @@ def check_destination(destination: dict[str, Any]) -> str | None:
     return _text(destination["destination_id"], "destination.destination_id") or None
 
 
-def check_options(options: dict[str, Any]) -> bool:
-    """``fresh`` (a full backup; honoured in debug mode only, as the agent API's)."""
+def check_options(options: dict[str, Any], *, debug: bool) -> bool:
+    """``fresh`` (a full backup): a debug mode's option, as the agent API's; outside
+    debug mode ``fresh: true`` is a ``BadRequest`` naming ``options.fresh`` rather than
+    an option silently ignored (a backup builds on the chain it finds; a full read is
+    what a missing or inconsistent checkpoint gives anyway)."""
     _unknown(options, OPTION_FIELDS, "options")
     fresh = options.get("fresh", False)
     if not isinstance(fresh, bool):
         raise BadRequest(f"options.fresh: expected a boolean, got {shown(fresh)}")
+    if fresh and not debug:
+        raise BadRequest(
+            "options.fresh: true is honoured in debug mode only (VIRTBACKUP_DEBUG):"
+            " leave it out or false"
+        )
     return fresh
 
 
@@ -163,7 +171,7 @@ async def expand(jc: JobContext, definition: JobDefinition) -> tuple[list[Backup
     or destination, a VM that does not exist, or a glob that matches no VM."""
     server_id = check_source(definition.source)
     destination_id = check_destination(definition.destination)
-    fresh = check_options(definition.options)
+    fresh = check_options(definition.options, debug=jc.settings.debug)
     server_pat, vm_pat = split_path(definition.vm_path, server_id)
     cfg = await jc.config()
     dest = find_destination(cfg, destination_id)

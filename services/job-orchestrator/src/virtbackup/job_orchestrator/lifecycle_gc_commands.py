@@ -18,7 +18,7 @@ from virtbackup.contracts.v1.lifecycle_gc import (
 from virtbackup.job_orchestrator.handlers import destination_faults
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc import claimed
-from virtbackup.job_orchestrator.points import destination, opened, unusable
+from virtbackup.job_orchestrator.points import check_selection, destination, opened, unusable
 from virtbackup.job_orchestrator.runner import execute
 from virtbackup.repository.lifecycle_gc import dedup_factor, repository_stats
 from virtbackup.repository.repository import NoRepositoryError, RepositoryError
@@ -57,13 +57,15 @@ async def gc(jc: JobContext, req: GcRequest) -> Job:
 async def verify(jc: JobContext, req: VerifyRequest) -> Job:
     """Start a ``verify`` job. ``BadRequest`` naming ``samplePercent`` when it is missing
     for ``sample`` or given for ``full``; ``Unavailable`` (503) naming the destination when
-    it cannot be read."""
+    it cannot be read; ``NotFound`` (404) naming ``serverId``/``vmName`` for a server or VM
+    without a point there (``points.check_selection``): nothing is created then."""
     if req.mode == "sample" and req.sample_percent is None:
         raise BadRequest("required with mode sample (1-100) - at `$.samplePercent`")
     if req.mode == "full" and req.sample_percent is not None:
         raise BadRequest("only with mode sample - at `$.samplePercent`")
     dest = await _destination(jc, req.destination_id)
-    await _readable(jc, dest)
+    async with opened(jc, dest) as repo:  # 503 naming it when it cannot be read
+        await check_selection(jc, repo, dest, req.server_id, req.vm_name)
     params: dict[str, Any] = {"mode": req.mode}
     for name, value in (
         ("samplePercent", req.sample_percent),

@@ -46,6 +46,7 @@ from virtbackup.contracts.v1.inventory import CheckpointForgetRequest, Ok
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.points import (
     PointDeleted,
+    PointDeleteRequest,
     PointDisk,
     PointInfo,
     PointList,
@@ -72,7 +73,7 @@ from virtbackup.job_orchestrator.lifecycle_gc import (
 from virtbackup.job_orchestrator.locks import Busy, point_folder_lock
 from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.repository import retention
-from virtbackup.repository.format import parse_vm_segment, xml_path
+from virtbackup.repository.format import parse_vm_segment, record_key, xml_path
 from virtbackup.repository.lifecycle import (
     PointMeta,
     SidecarError,
@@ -325,18 +326,50 @@ async def update_point(jc: JobContext, req: PointUpdateRequest) -> PointInfo:
         return await point_info(repo, dest_id, point)
 
 
-@point_commands.handler(JobCmd.POINT_DELETE, PointRef)
-async def delete_point(jc: JobContext, req: PointRef) -> PointDeleted:
+@point_commands.handler(JobCmd.POINT_DELETE, PointDeleteRequest)
+async def delete_point(jc: JobContext, req: PointDeleteRequest) -> PointDeleted:
     """Delete a point (``Repository.delete_point``); 409 while it is protected or a job
-    uses it (the message names why), 404 if it does not exist."""
+    uses it (the message names why), 404 if it does not exist. A point whose record
+    cannot be read is a 409 saying so, unless ``force`` (``_remove_unreadable``)."""
     dest_id, vm, ts = _parse(req.id)
     find_destination(await jc.config(), dest_id)
     async with opened(jc, dest_id) as repo:
-        point = await _find(repo, dest_id, vm, ts, req.id)
+        try:
+            point = await _find(repo, dest_id, vm, ts, req.id)
+        except Conflict as exc:
+            if not req.force:
+                raise Conflict(
+                    f"{exc.message}; delete it with force=true to remove its folder (its"
+                    " chunks stay for garbage collection)"
+                ) from None
+            assert repo is not None
+            return await _remove_unreadable(jc, repo, dest_id, vm, ts, exc.message)
         assert repo is not None
         info = await point_info(repo, dest_id, point)
         await remove_point(jc, repo, dest_id, point)
         return PointDeleted(point=info)
+
+
+async def _remove_unreadable(
+    jc: JobContext, repo: Repository, dest_id: str, vm: str, ts: str, why: str
+) -> PointDeleted:
+    """Delete the folder of a point whose record cannot be read (record first), with the
+    checks of any deletion (protected per a readable ``point.json``, jobs and exports
+    using its ``xmlPath``). Its chunks stay: garbage collection, which refused to run
+    while the record existed, decides about them."""
+    stand_in = RestorePoint(
+        vm_name=vm,
+        timestamp=ts,
+        source_server_id="",
+        source_server_name="",
+        kind="full",
+        disks=[],  # every object left in its folder is deleted by listing it
+        created_at="",
+    )
+    record = UnreadableRecord(key=record_key(vm, ts), reason=why)
+    info = unreadable_info(dest_id, record)
+    await remove_point(jc, repo, dest_id, stand_in, unreadable=True)
+    return PointDeleted(point=info)
 
 
 # -- deleting ---------------------------------------------------------------------------
@@ -421,9 +454,18 @@ async def _backup_holding(jc: JobContext, dest_id: str, point: RestorePoint) -> 
     return None
 
 
-async def remove_point(jc: JobContext, repo: Repository, dest_id: str, point: RestorePoint) -> None:
+async def remove_point(
+    jc: JobContext,
+    repo: Repository,
+    dest_id: str,
+    point: RestorePoint,
+    *,
+    unreadable: bool = False,
+) -> None:
     """Delete ``point`` unless it is protected or in use (``Conflict`` saying why); see
-    the module docstring for the locks that make the checks hold until it is gone."""
+    the module docstring for the locks that make the checks hold until it is gone.
+    ``unreadable``: its record cannot be read (a forced delete), and neither may its
+    ``point.json`` be (then nothing says it is protected)."""
     vm = point.vm_name
     folder = point_folder_lock("backup", dest_id, vm)
     assert folder is not None
@@ -432,7 +474,9 @@ async def remove_point(jc: JobContext, repo: Repository, dest_id: str, point: Re
         try:
             meta = await read_point_meta(repo, vm, point.timestamp, strict=True)
         except SidecarError as exc:
-            raise Conflict(f"restore point {point.timestamp} of {vm}: {exc}") from None
+            if not unreadable:
+                raise Conflict(f"restore point {point.timestamp} of {vm}: {exc}") from None
+            meta = PointMeta()
         if meta.protected:
             raise Conflict(
                 f"restore point {point.timestamp} of vm {vm} is protected: unprotect it "
@@ -562,9 +606,21 @@ async def plan_prune(
                 keep=decision.keep,
                 reason=decision.reason,
             )
-            (plan.keep if decision.keep else plan.remove).append(entry)
-            if not decision.keep:
-                doomed.append(by_ts[ts])
+            if decision.keep:
+                plan.keep.append(entry)
+                continue
+            # What the removal would refuse (remove_point checks again when it runs):
+            # the plan, dry run included, says what the prune does.
+            used = users(jc, dest.id, by_ts[ts])
+            backup = await _backup_holding(jc, dest.id, by_ts[ts])
+            if backup is not None and parent_of(backup, dest.id) == (True, ts):
+                used.append(f"backup job {backup.id} builds on it")
+            if used:
+                reason = f"in use: {'; '.join(used)}"
+                plan.skipped.append(msgspec.structs.replace(entry, reason=reason))
+                continue
+            plan.remove.append(entry)
+            doomed.append(by_ts[ts])
     return plan, doomed
 
 
@@ -588,19 +644,55 @@ def gc_running(jc: JobContext, dest_id: str) -> Job | None:
     return None
 
 
+async def check_selection(
+    jc: JobContext,
+    repo: Repository | None,
+    dest_id: str,
+    server_id: str | None,
+    vm_name: str | None,
+) -> None:
+    """Refuse a selection (of a prune or a verify) that names nothing: ``NotFound``
+    (404) naming ``$.serverId`` for a server that is not configured and has no restore
+    point in the destination, ``$.vmName`` for a VM without one (of that server, when
+    given). A record that cannot be read may be of any VM and server: with one, only a
+    VM (or server) that none of the readable points and no record can be is refused."""
+    if server_id is None and vm_name is None:
+        return
+    scan = await repo.scan_points(vm_name) if repo is not None else None
+    points = scan.points if scan is not None else []
+    if server_id is not None:
+        configured = any(s.id == server_id for s in (await jc.config()).servers)
+        unknown = not configured and not any(p.source_server_id == server_id for p in points)
+        if unknown and not (scan and scan.unreadable):
+            raise NotFound(
+                f"server {shown(server_id)} is not configured and has no restore point"
+                f" in destination {dest_id} - at `$.serverId`"
+            )
+    if vm_name is not None:
+        mine = [p for p in points if server_id is None or p.source_server_id == server_id]
+        if not mine and not (scan and scan.unreadable):
+            of = f" of server {server_id}" if server_id is not None else ""
+            raise NotFound(
+                f"vm {shown(vm_name)}{of} has no restore point in destination {dest_id}"
+                " - at `$.vmName`"
+            )
+
+
 @point_commands.handler(JobCmd.PRUNE_PLAN, PruneRequest)
 async def prune_plan(jc: JobContext, req: PruneRequest) -> PrunePlan:
-    """A dry run: which points the prune would keep (and by which rule) and remove."""
+    """A dry run: which points the prune would keep (and by which rule) and remove.
+    ``NotFound`` as ``check_selection`` for a VM or server without points."""
     dest = destination(await jc.config(), req.destination_id)
     async with opened(jc, dest.id) as repo:
+        await check_selection(jc, repo, dest.id, req.server_id, req.vm_name)
         plan, _ = await plan_prune(jc, repo, dest, req)
     return msgspec.structs.replace(plan, dry_run=True)
 
 
 @point_commands.handler(JobCmd.PRUNE, PruneRequest)
 async def prune(jc: JobContext, req: PruneRequest) -> Job:
-    """Start a prune job (409 while a GC of the destination is queued or running; 400 as
-    ``prune_plan``)."""
+    """Start a prune job (409 while a GC of the destination is queued or running; 400 and
+    404 as ``prune_plan``)."""
     from virtbackup.job_orchestrator.runner import execute
 
     dest = destination(await jc.config(), req.destination_id)
@@ -608,6 +700,7 @@ async def prune(jc: JobContext, req: PruneRequest) -> Job:
     # queued or running, never a job that fails at once.
     async with claimed(jc, dest.id, "prune") as job_id:
         async with opened(jc, dest.id) as repo:
+            await check_selection(jc, repo, dest.id, req.server_id, req.vm_name)
             await plan_prune(jc, repo, dest, req)  # bad input is a 400 now, not a failed job
         return await submit_prune(jc, req, execute, job_id)
 
@@ -651,7 +744,10 @@ async def _prune(jc: JobContext, job: Job, req: PruneRequest, dest: Destination)
     async with opened(jc, dest.id) as repo:
         plan, doomed = await plan_prune(jc, repo, dest, req)
         removed: list[dict[str, str]] = []
-        skipped: list[dict[str, str]] = []
+        skipped: list[dict[str, str]] = [
+            {"id": d.id, "vmName": d.vm_name, "timestamp": d.timestamp, "reason": d.reason or ""}
+            for d in plan.skipped
+        ]
 
         def result() -> dict[str, Any]:
             return {
@@ -667,7 +763,10 @@ async def _prune(jc: JobContext, job: Job, req: PruneRequest, dest: Destination)
         await jc.enter(
             job.id,
             "transferring",
-            message=f"removing {len(doomed)} of {len(doomed) + len(plan.keep)} restore points",
+            message=(
+                f"removing {len(doomed)} of"
+                f" {len(doomed) + len(plan.keep) + len(plan.skipped)} restore points"
+            ),
             total_units=len(doomed),
             result=result(),
         )

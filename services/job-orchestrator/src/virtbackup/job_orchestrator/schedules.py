@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Final
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import msgspec
 from croniter import croniter
@@ -88,8 +89,26 @@ def parse_iso(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+#: Names in the time zone database that are no place's zone: the host's own zone under
+#: another name, tzcode's rule template and placeholder.
+_NOT_ZONES: Final = frozenset({"localtime", "posixrules", "Factory"})
+
+
+@functools.cache
+def _zones() -> frozenset[str]:
+    return frozenset(available_timezones()) - _NOT_ZONES
+
+
 def zone(name: str) -> ZoneInfo:
-    """The IANA time zone ``name``; ``BadRequest`` naming ``timezone`` when unknown."""
+    """The IANA time zone ``name``, written exactly as the database does (``UTC``,
+    ``Europe/Berlin``: case matters, as in the database's file names); ``BadRequest``
+    naming ``timezone`` for any other name (``utc``, ``localtime``, ``right/UTC``,
+    a path), suggesting the canonical spelling when only the case differs."""
+    zones = _zones()
+    if name not in zones:
+        same = sorted(z for z in zones if z.lower() == name.lower())
+        hint = f" (did you mean {shown(same[0])}?)" if same else ""
+        raise BadRequest(f"timezone: {shown(name)} is not an IANA time zone name{hint}")
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
@@ -102,7 +121,7 @@ CRON_FIELDS: Final = (
     ("hour", "0-23"),
     ("day of month", "1-31"),
     ("month", "1-12 or jan-dec"),
-    ("day of week", "0-6 (0 is Sunday) or sun-sat"),
+    ("day of week", "0-7 (0 and 7 are Sunday) or sun-sat"),
     ("second", "0-59"),
 )
 _FIELD_FORMS: Final = "a value, a range (1-5), a list (1,15), a step (*/15, 1-30/5) or *"
@@ -126,9 +145,15 @@ def _bad_field(fields: list[str]) -> str | None:
 
 def check_cron(expr: str) -> None:
     """``BadRequest`` naming ``schedule`` unless ``expr`` is a cron expression of 5
-    fields (minute hour day month weekday), 6 (seconds last) or a macro (``@daily``)
-    that matches some date (``0 0 30 2 *`` never does). The message says which field is
+    fields (minute hour day month weekday, 0-7: 0 and 7 are Sunday), 6 (seconds last) or
+    a macro (``@daily``), separated by spaces, with no whitespace around it, that matches
+    some date (``0 0 30 2 *`` never does). The message says which field is
     wrong and what it may hold, never croniter's own wording."""
+    if expr != expr.strip() or any(c in expr for c in "\t\r\n\v\f"):
+        raise BadRequest(
+            f"schedule: {shown(expr)} has leading or trailing whitespace or a tab or line"
+            " break: write its fields separated by spaces only"
+        )
     fields = expr.split()
     if not expr.startswith("@") and len(fields) not in {5, 6}:
         raise BadRequest(
@@ -386,7 +411,8 @@ async def schedule_stats(jc: JobContext, _: Empty) -> ScheduleStats:
 
 @schedule_commands.handler(ScheduleCmd.TRIGGER, ScheduleRef)
 async def trigger_schedule(jc: JobContext, req: ScheduleRef) -> ScheduleRun:
-    """Run the schedule now (enabled or not; its ``next_run`` stays). Skipped when its
+    """Run the schedule now (its ``next_run`` stays). ``Conflict`` (409) naming the state
+    when it is disabled: a disabled schedule runs nothing until enabled. Skipped when its
     previous run is still going; the error of a run whose jobs cannot be created (e.g.
     its VMs are gone) is raised after the run is recorded as failed."""
     run = await fire(jc, req.id, manual=True)
@@ -458,6 +484,11 @@ async def fire(jc: JobContext, schedule_id: str, *, manual: bool) -> ScheduleRun
         if schedule.last_status == "running" and await settle(jc, schedule, revision, now):
             continue  # the previous run just ended: read again
         next_run = schedule.next_run
+        if manual and not schedule.enabled:
+            raise Conflict(
+                f"schedule {shown(schedule_id)} is disabled (enabled: false): enable it"
+                f" first (POST /schedules/{schedule_id}/enable), then trigger it"
+            )
         if not manual:
             if not (schedule.enabled and next_run and parse_iso(next_run) <= now):
                 return None

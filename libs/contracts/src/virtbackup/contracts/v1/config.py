@@ -426,8 +426,22 @@ def validate_config(cfg: AgentConfig) -> None:
 
 
 def _check_ntfy(ntfy: NtfySettings) -> None:
-    """``ConfigError`` for a duplicate matcher name, an unknown field or a regex that
-    does not compile in a ``matchField``."""
+    """``ConfigError`` for a ``serverUrl`` with a user or password in it (the URL is
+    shown by ``GET /config``: the access token goes in ``ntfymeToken``, which is masked
+    and sealed) or without a host, a duplicate matcher name, an unknown field or a regex
+    that does not compile in a ``matchField``."""
+    try:
+        url = urlsplit(ntfy.server_url)
+        hostname = url.hostname
+    except ValueError as exc:
+        raise ConfigError(f"not a URL: {exc} - at `$.ntfy.serverUrl`") from None
+    if url.username is not None or url.password is not None:
+        raise ConfigError(
+            "must not carry a user or password (user:password@host): put ntfy's access"
+            " token in ntfymeToken, which is masked and sealed - at `$.ntfy.serverUrl`"
+        )
+    if not hostname:
+        raise ConfigError("an http:// or https:// URL needs a host - at `$.ntfy.serverUrl`")
     names: set[str] = set()
     for i, matcher in enumerate(ntfy.matchers):
         where = f"$.ntfy.matchers[{i}]"

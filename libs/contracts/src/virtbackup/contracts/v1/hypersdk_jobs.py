@@ -16,6 +16,11 @@ The view (snake_case, as the document writes it)::
 bytes when the total is known, else from units; bytes are of the VM's disks read so far
 and in all (``total_bytes`` 0 until known); times are ISO 8601 UTC or ``None``;
 ``error`` is the message of a failed job, else ``None``.
+
+``vm_path`` is ``<server>/<vm>``; a job of a selection of restore points (prune,
+verify) that names only one of them has ``*`` for the other (``*/web1``: that VM's
+points of every server); a job of no VM (garbage collection) has ``""`` and
+``server_id`` ``None``.
 """
 
 from __future__ import annotations
@@ -34,9 +39,21 @@ STATUS: Final[dict[JobState, str]] = {
 }
 
 
+def _selection(job: Job) -> tuple[str | None, str | None]:
+    """The server and VM a job is of: its own fields, else (prune, verify: a selection of
+    a destination's points) the ``serverId``/``vmName`` of its params."""
+    server = job.server_id or job.params.get("serverId")
+    vm = job.vm_name or job.params.get("vmName")
+    return (
+        server if isinstance(server, str) and server else None,
+        vm if isinstance(vm, str) and vm else None,
+    )
+
+
 def job_view(job: Job) -> dict[str, Any]:
     """``job`` in the HyperSDK shape (see the module docstring)."""
-    vm_path = f"{job.server_id}/{job.vm_name}" if job.server_id and job.vm_name else ""
+    server_id, vm_name = _selection(job)
+    vm_path = f"{server_id or '*'}/{vm_name or '*'}" if server_id or vm_name else ""
     destination: dict[str, Any] = {"destination_id": job.destination_id}
     if job.type == "backup":
         destination = {"type": "backup", **destination}
@@ -53,7 +70,7 @@ def job_view(job: Job) -> dict[str, Any]:
             "id": job.id,
             "type": job.type,
             "vm_path": vm_path,
-            "source": {"type": "libvirt", "server_id": job.server_id},
+            "source": {"type": "libvirt", "server_id": server_id},
             "destination": destination,
         },
         "status": STATUS[job.state],

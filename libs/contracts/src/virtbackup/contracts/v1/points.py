@@ -155,6 +155,15 @@ class PointRef(Message, frozen=True, kw_only=True):
     id: PointId
 
 
+class PointDeleteRequest(PointRef, frozen=True, kw_only=True):
+    """Delete a point. ``force``: a point whose record (``backup.json``) cannot be read
+    is deleted too (its folder: record first, never a chunk); without it that is a 409.
+    ``force`` never overrides ``protected`` (when its ``point.json`` can be read) or a
+    job or export using the point."""
+
+    force: bool = False
+
+
 class PointUpdateRequest(Message, frozen=True, kw_only=True):
     """Change ``protected`` and/or ``notes`` (``None``: unchanged)."""
 
@@ -197,10 +206,13 @@ class PruneDecision(Message, frozen=True, kw_only=True):
 class PrunePlan(Message, frozen=True, kw_only=True):
     """What a prune does (a dry run's answer): per VM the policy applied (its rules by
     wire name) and every point's decision, newest first; ``keep`` and ``remove`` list the
-    same decisions split."""
+    same decisions split. ``skipped``: points the rules do not keep that the prune leaves
+    all the same because something uses them now (``reason``: ``in use: ...``, naming the
+    job or the instant-access export); they are in neither ``keep`` nor ``remove``."""
 
     destination_id: str
     dry_run: bool = True
     policies: dict[str, dict[str, int | bool | None]] = msgspec.field(default_factory=dict)
     keep: list[PruneDecision] = msgspec.field(default_factory=list)
     remove: list[PruneDecision] = msgspec.field(default_factory=list)
+    skipped: list[PruneDecision] = msgspec.field(default_factory=list)

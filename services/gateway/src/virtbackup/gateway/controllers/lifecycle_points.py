@@ -28,6 +28,7 @@ from virtbackup.contracts.v1.points import (
     NOTES_MAX_LENGTH,
     POINT_ID_MAX_LENGTH,
     PointDeleted,
+    PointDeleteRequest,
     PointInfo,
     PointList,
     PointListRequest,
@@ -139,10 +140,21 @@ class RestorePointsController(Controller):
         status_code=200,
         responses=responses(400, 404, 409, 503),
     )
-    async def delete_point(self, gw: Gateway, point_id: PointIdParam) -> PointDeleted:
+    async def delete_point(
+        self,
+        gw: Gateway,
+        point_id: PointIdParam,
+        force: bool = Parameter(
+            query="force",
+            default=False,
+            description="Also delete a point whose record cannot be read (its folder;"
+            " never its chunks, nor a protected or used point)",
+        ),
+    ) -> PointDeleted:
         """Delete a restore point (never its chunks: garbage collection frees those)."""
+        command = PointDeleteRequest(id=point_id, force=force)
         return await gw.bus.request(
-            JobCmd.POINT_DELETE, PointRef(id=point_id), PointDeleted, timeout=LIST_TIMEOUT
+            JobCmd.POINT_DELETE, command, PointDeleted, timeout=LIST_TIMEOUT
         )
 
     @post(
