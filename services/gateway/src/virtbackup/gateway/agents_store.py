@@ -17,6 +17,7 @@ answer that made it.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import uuid
 from collections.abc import Callable
@@ -35,6 +36,8 @@ KEY_PREFIX: Final = "bak_"
 TOKEN_PREFIX: Final = "vbreg_"  # noqa: S105 (a prefix, not a secret)
 #: Compare-and-swap attempts before a busy record is given up on (409).
 CAS_ATTEMPTS: Final = 20
+#: What an agent id can be (a NATS KV key segment; ids are made by ``register``).
+_AGENT_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 AgentState = Literal["active", "deactivated"]
 
@@ -158,7 +161,8 @@ class AgentStore:
         return agent
 
     async def get(self, agent_id: str) -> AgentRecord | None:
-        if not agent_id or any(c in agent_id for c in " .*>"):
+        """The agent, or ``None`` (also for an id that cannot be one: not a KV key)."""
+        if not _AGENT_ID.fullmatch(agent_id):
             return None
         try:
             entry = await self.kv.get(f"agent.{agent_id}")
@@ -182,6 +186,8 @@ class AgentStore:
     ) -> AgentRecord:
         """Apply ``change`` to the agent in a compare-and-swap (again on a race).
         ``NotFound`` for an unknown agent."""
+        if not _AGENT_ID.fullmatch(agent_id):
+            raise NotFound(f"agent {agent_id[:128]} not found")
         for _ in range(CAS_ATTEMPTS):
             try:
                 entry = await self.kv.get(f"agent.{agent_id}")

@@ -49,6 +49,7 @@ class ErrorBody(msgspec.Struct):
 DESCRIPTIONS = {
     400: "Bad request: the message names the field or parameter",
     401: "No or wrong token",
+    403: "The credential is valid but not for this route: the message says which it takes",
     404: "Not found: the message names what",
     409: "Conflict with the current state",
     413: "Request body too large",

@@ -303,6 +303,11 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
             libvirt_errors(req.server_id, req.vm_name),
         ):
             stopped = await backups.end(entry.host, req, scratch)
+        # What the end removed (scratch files of a VM that stopped meanwhile, which
+        # libvirt leaves: VirtBackup made them) was seen as leftovers by the refresh
+        # the VM's stop caused.
+        with contextlib.suppress(Unavailable, VirtError):
+            await inv.refresh_vm(req.server_id, req.vm_name)
         return BackupEnded(vm_stopped=stopped)
 
 

@@ -13,6 +13,7 @@ import msgspec
 
 from virtbackup.contracts.v1.common import Message
 from virtbackup.contracts.v1.jobs import Job, JobState, JobType
+from virtbackup.contracts.v1.readable import described
 
 #: The backend API's job status vocabulary. A cancelled job is ``failed`` with the error
 #: ``cancelled by user`` (backend-api.md's terminal mutation).
@@ -34,10 +35,20 @@ ARTIFACT_MAX_BYTES: Final = 256 * 1024
 #: at most 1 MiB; base64 grows it by a third).
 ARTIFACT_PIECE_BYTES: Final = 512 * 1024
 #: What an artifact name may be: one path segment of letters, digits, ``._-``.
-ARTIFACT_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(?![\s\S])"
+ARTIFACT_NAME_PATTERN: Final = described(
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(?![\s\S])",
+    "an artifact name (1 to 128 letters, digits, '.', '_', '-', starting with a letter or digit)",
+)
 ArtifactName = Annotated[str, msgspec.Meta(pattern=ARTIFACT_NAME_PATTERN)]
 MediaType = Annotated[
-    str, msgspec.Meta(max_length=127, pattern=r"^[a-z0-9][a-z0-9.+-]*/[a-z0-9][a-z0-9.+-]*$")
+    str,
+    msgspec.Meta(
+        max_length=127,
+        pattern=described(
+            r"^[a-z0-9][a-z0-9.+-]*/[a-z0-9][a-z0-9.+-]*$",
+            "a media type in lower case (type/subtype, e.g. text/plain)",
+        ),
+    ),
 ]
 Line = Annotated[str, msgspec.Meta(max_length=LINE_MAX)]
 

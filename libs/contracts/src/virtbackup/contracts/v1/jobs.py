@@ -110,7 +110,13 @@ class BackupRequest(Message, frozen=True, kw_only=True):
 
 #: A restore point's timestamp (UTC, ``YYYY-MM-DDTHH-MM-SS``, the agent API's form).
 PointTimestamp = Annotated[
-    str, msgspec.Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}-[0-9]{2}-[0-9]{2}$")
+    str,
+    msgspec.Meta(
+        pattern=described(
+            r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}-[0-9]{2}-[0-9]{2}$",
+            "a restore point timestamp (UTC, YYYY-MM-DDTHH-MM-SS)",
+        )
+    ),
 ]
 
 

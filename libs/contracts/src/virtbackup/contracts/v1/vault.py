@@ -24,6 +24,7 @@ from virtbackup.contracts.v1.config import (
     Port,
     UserName,
 )
+from virtbackup.contracts.v1.readable import described
 
 #: What a connection is for: a server's SSH login, or a destination's driver.
 VaultKind = Literal["ssh", "sftp", "s3", "gdrive"]
@@ -78,11 +79,22 @@ class VaultConnectionBody(
         str,
         msgspec.Meta(
             max_length=270,
-            pattern=r"^((?:[Hh][Tt][Tt][Pp][Ss]?://)?(?!-)[A-Za-z0-9_.:%\[\]-]+/?)?$",
+            pattern=described(
+                r"^((?:[Hh][Tt][Tt][Pp][Ss]?://)?(?!-)[A-Za-z0-9_.:%\[\]-]+/?)?$",
+                "a host[:port], optionally after http:// or https://, without a path (or empty)",
+            ),
         ),
     ] = ""
     bucket: Annotated[
-        str, msgspec.Meta(max_length=63, pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]*)?$")
+        str,
+        msgspec.Meta(
+            max_length=63,
+            pattern=described(
+                r"^([A-Za-z0-9][A-Za-z0-9._-]*)?$",
+                "a bucket name (letters, digits, '.', '_', '-', starting with a letter or digit;"
+                " or empty)",
+            ),
+        ),
     ] = ""
     region: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_-]*$")] = ""
     secure: bool | None = None

@@ -198,21 +198,21 @@ class BackendAgentsController(Controller):
             raise HTTPException(status_code=401, detail=str(exc)) from None
         return {"agentId": agent_id, "apiKey": api_key}
 
-    @post("/heartbeat", status_code=200, responses=responses(400, 401))
+    @post("/heartbeat", status_code=200, responses=responses(400, 401, 403))
     async def heartbeat(
         self, gw: Gateway, request: Request[Any, Any, Any], data: HeartbeatBody | None = None
     ) -> dict[str, Any]:
         """An agent's heartbeat (backend-api.md); answers ``configChanged`` and ``state``."""
         return await _beat(gw, calling_agent(request), data or HeartbeatBody())
 
-    @post("/agent/heartbeat", status_code=200, responses=responses(400, 401))
+    @post("/agent/heartbeat", status_code=200, responses=responses(400, 401, 403))
     async def agent_heartbeat(
         self, gw: Gateway, request: Request[Any, Any, Any], data: HeartbeatBody | None = None
     ) -> dict[str, Any]:
         """The same heartbeat in backupagent-api.md's place."""
         return await _beat(gw, calling_agent(request), data or HeartbeatBody())
 
-    @post("/agent/lease", status_code=200, responses=responses(400, 401))
+    @post("/agent/lease", status_code=200, responses=responses(400, 401, 403))
     async def lease(
         self, gw: Gateway, request: Request[Any, Any, Any], data: LeaseBody | None = None
     ) -> dict[str, Any]:
@@ -229,7 +229,7 @@ class BackendAgentsController(Controller):
         )
         return await lease_answer(gw, agent_id, lease)
 
-    @post("/jobs/{job_id:str}/status", status_code=200, responses=responses(400, 401, 404))
+    @post("/jobs/{job_id:str}/status", status_code=200, responses=responses(400, 401, 403, 404))
     async def job_status(
         self, gw: Gateway, request: Request[Any, Any, Any], job_id: str, data: JobStatusBody
     ) -> dict[str, Any]:
