@@ -134,6 +134,8 @@ async def test_bad_input_saves_nothing(api: httpx.AsyncClient, sshd: SshdServer)
         (sftp_connection(sshd, password="********"), "$.password"),
         (sftp_connection(sshd, username="a\x00b"), "$.username"),
         (sftp_connection(sshd, id="a/b"), "$.id"),
+        (sftp_connection(sshd, id="a:b"), "id"),  # an id the vault's KV cannot key
+        (sftp_connection(sshd, id="ends."), "id"),
         (sftp_connection(sshd, privateKey="not a key", password=""), "$.privateKey"),
         ({"kind": "s3", "endpoint": "127.0.0.1:1", "bucket": "bkt"}, "$.accessKey"),
     ]
@@ -161,6 +163,7 @@ async def test_bad_input_saves_nothing(api: httpx.AsyncClient, sshd: SshdServer)
     assert (await api.delete(f"{CONNECTIONS}/wrong")).status_code == 204
     assert (await api.delete(f"{CONNECTIONS}/wrong")).status_code == 404
     assert (await api.post(f"{CONNECTIONS}/nope/test")).status_code == 404
+    assert (await api.post(f"{CONNECTIONS}/ends./test")).status_code == 404  # was a 500
     for bad_id in ("a%20b", "a%00b", "x" * 201):
         resp = await api.delete(f"{CONNECTIONS}/{bad_id}")
         assert resp.status_code == 400, (bad_id, resp.text)

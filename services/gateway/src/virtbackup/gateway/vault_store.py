@@ -25,7 +25,7 @@ from typing import Any, Final
 import asyncssh
 import httpx
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import InvalidKeyError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from virtbackup.contracts.v1.config import (
@@ -161,7 +161,7 @@ class VaultStore:
     async def _get(self, connection_id: str) -> tuple[_Record, int]:
         try:
             entry = await self.kv.get(connection_id)
-        except (KeyNotFoundError, ValueError):
+        except (KeyNotFoundError, InvalidKeyError, ValueError):
             raise NotFound(f"vault connection {connection_id!r} not found") from None
         if entry.value is None:
             raise NotFound(f"vault connection {connection_id!r} not found")
@@ -222,6 +222,11 @@ class VaultStore:
             await self.kv.get(connection_id)
         except KeyNotFoundError:
             pass
+        except InvalidKeyError:
+            raise BadRequest(
+                f"id: {connection_id[:200]!r} cannot name a vault connection (letters, "
+                "digits, '_', '-' and inner '.' only)"
+            ) from None
         else:
             raise Conflict(f"vault connection {connection_id!r} exists; delete it first")
         if body.kind in ("ssh", "sftp") and not public.get("hostKey"):
