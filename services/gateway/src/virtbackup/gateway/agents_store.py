@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from virtbackup.runtime.clock import utcnow_iso
@@ -87,6 +87,10 @@ def _iso(when: datetime) -> str:
     return when.isoformat().replace("+00:00", "Z")
 
 
+#: JetStream's error code for a write whose expected last sequence is not the subject's.
+_WRONG_LAST_SEQUENCE: Final = 10071
+
+
 class AgentStore:
     """Agents and registration tokens in ``kv`` (``VB_AGENTS``)."""
 
@@ -122,6 +126,13 @@ class AgentStore:
             # Consumed whether it is still valid or not: exactly one caller gets past here.
             await self.kv.delete(key, last=entry.revision)
         except KeyWrongLastSequenceError:
+            raise PermissionError("registration token is unknown, used or expired") from None
+        except APIError as exc:
+            # A conditional delete that lost the race is refused by JetStream as a bad
+            # request (error code 10071, ``wrong last sequence``): another registration
+            # consumed the token first. Anything else is an outage, not a refusal.
+            if exc.err_code != _WRONG_LAST_SEQUENCE:
+                raise
             raise PermissionError("registration token is unknown, used or expired") from None
         if datetime.fromisoformat(record.expires_at.replace("Z", "+00:00")) <= _now():
             raise PermissionError("registration token is unknown, used or expired")

@@ -1,0 +1,86 @@
+"""backend-api.md routes under hostile or racing input: each answer is a 4xx naming what
+was wrong, never a 500 (a stack exhausted by nesting, a bus message over NATS's payload
+limit, a lost compare-and-swap), against a real system of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from harness import System, running_system
+
+from virtbackup.gateway.plans_yaml import MAX_PIPELINES, MAX_PROJECT_BYTES, MAX_YAML_DEPTH
+
+
+@pytest.fixture(scope="module")
+def sysm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    with running_system(tmp_path_factory.mktemp("limits"), workers=1, orchestrators=1) as system:
+        yield system
+
+
+@pytest.fixture
+async def api(sysm: System) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=sysm.url, headers=sysm.auth(), verify=False, timeout=60
+    ) as client:
+        yield client
+
+
+def _pipeline(index: int) -> str:
+    return (
+        f"  - id: p{index}\n"
+        "    vms:\n"
+        "      - server: local\n"
+        f"        vm: vm-{index}\n"
+        "    destination: fs\n"
+    )
+
+
+async def test_hostile_projects_are_400_naming_the_limit(api: httpx.AsyncClient) -> None:
+    # ~2 KB nested 1000 deep: was a RecursionError (500).
+    deep = "id: deep\nx: " + "[" * 1000 + "]" * 1000 + "\n"
+    resp = await api.post("/api/v1/projects/import", json={"yaml": deep})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"].startswith("line 2:")
+    assert f"deeper than {MAX_YAML_DEPTH}" in resp.json()["error"]
+
+    # 3000 pipelines (~250 KB, under the body limit): was NATS's MaxPayloadError (500).
+    many = "id: many\npipelines:\n" + "".join(_pipeline(i) for i in range(3000))
+    resp = await api.post("/api/v1/projects/import", json={"yaml": many})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert "3000 pipelines" in error and str(MAX_PIPELINES) in error and "$.pipelines" in error
+
+    # Few pipelines but a large parsed form: the message would not fit the bus either.
+    big = "id: big\ndescription: " + "d" * 400_000 + "\npipelines:\n" + _pipeline(0)
+    resp = await api.post("/api/v1/projects/import", json={"yaml": big})
+    assert resp.status_code == 400, resp.text
+    assert str(MAX_PROJECT_BYTES) in resp.json()["error"]
+
+    resp = await api.get("/api/v1/projects")
+    assert resp.status_code == 200, resp.text
+    assert not any(p["id"] in {"deep", "many", "big"} for p in resp.json())
+
+
+async def test_racing_registrations_with_one_token_lose_with_401(
+    sysm: System, api: httpx.AsyncClient
+) -> None:
+    body = {"hostname": "kvm-race", "os": "linux", "arch": "amd64", "agentVersion": "0.1.0"}
+    async with httpx.AsyncClient(base_url=sysm.url, verify=False, timeout=60) as anon:
+        for _ in range(3):
+            resp = await api.post(
+                "/api/v1/agent/registration-tokens", json={"expiresInSeconds": 600}
+            )
+            assert resp.status_code == 201, resp.text
+            token = resp.json()["token"]
+            answers = await asyncio.gather(
+                *(
+                    anon.post("/api/v1/agent/register", json={**body, "registrationToken": token})
+                    for _ in range(10)
+                )
+            )
+            codes = sorted(a.status_code for a in answers)
+            assert codes == [201] + [401] * 9, [a.text for a in answers]
