@@ -303,6 +303,14 @@ async def test_agent_backs_up_through_lease_and_status(
     assert full["result"]["agent"]["outcome"] == "completed"
     assert full["result"]["parentTimestamp"] is None
     assert full["bytesTransferred"] > 0 and full["physicalBytes"] > 0
+    # The job has ended: a late report of its agent is a 409 naming the state.
+    async with httpx.AsyncClient(base_url=sysm.url, verify=False, timeout=30) as anon:
+        late = await anon.post(
+            f"/api/v1/jobs/{full['id']}/status",
+            json={"status": "reading", "output": [{"line": "late", "level": "info"}]},
+            headers=key_headers(agent["apiKey"]),
+        )
+    assert late.status_code == 409 and "has ended (success)" in late.json()["error"], late.text
     names = {c.name for c in await list_checkpoints(conn, VM)}
     assert full["result"]["checkpoint"] in names
     # The agent made the repository, encrypted with the passphrase its lease carried.

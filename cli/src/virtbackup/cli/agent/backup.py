@@ -32,6 +32,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import httpx
+
 from virtbackup.cli.agent.inflight import InFlight
 from virtbackup.contracts.v1.config import Destination
 from virtbackup.nbd import BASE_ALLOCATION, NbdClient
@@ -97,8 +99,14 @@ class Counters:
 
 
 async def send(report: Report, body: dict[str, Any]) -> dict[str, Any]:
-    """Report, and raise ``Cancelled`` when the answer says to stop."""
-    answer = await report(body)
+    """Report, and raise ``Cancelled`` when the answer says to stop, or is a 409 (the job
+    has ended: the gateway takes no more reports for it)."""
+    try:
+        answer = await report(body)
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code == 409:
+            raise Cancelled(str(exc)) from None
+        raise
     if answer.get("cancel"):
         raise Cancelled(str(answer.get("state", "")))
     return answer

@@ -45,7 +45,7 @@ from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed
 from virtbackup.job_orchestrator.jobctx import JobContext, job_payload
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.commands import Commands
-from virtbackup.runtime.errors import NotFound
+from virtbackup.runtime.errors import Conflict, NotFound
 
 agent_commands: Commands[JobContext] = Commands()
 
@@ -168,7 +168,8 @@ async def agent_lease(jc: JobContext, req: AgentLeaseRequest) -> AgentLease:
 @agent_commands.handler(JobCmd.AGENT_STATUS, AgentStatusRequest)
 async def agent_status(jc: JobContext, req: AgentStatusRequest) -> AgentStatusReply:
     """Record what the agent reports about a job leased to it; ``NotFound`` for a job
-    that is not (unknown, another agent's, or never leased). The answer says whether to
+    that is not (unknown, another agent's, or never leased), ``Conflict`` naming the
+    state for one that has ended. The answer says whether to
     stop (``cancel``) and, to a ``committing`` report, whether to commit."""
     commit = False
 
@@ -178,7 +179,9 @@ async def agent_status(jc: JobContext, req: AgentStatusRequest) -> AgentStatusRe
         if current.params.get("agentId") != req.agent_id or not agent.get("leasedAt"):
             raise NotFound(f"job {req.job_id} not found")
         if current.state in TERMINAL_STATES:
-            return current
+            raise Conflict(
+                f"job {req.job_id} has ended ({current.state}): it takes no more reports"
+            )
         if current.cancel_requested and current.phase != "committing":
             return current
         if agent.get("outcome"):

@@ -10,9 +10,10 @@ same records (``state: canceled``, ``status: cancelled``).
 Lists are paginated by offset (``limit`` 1-1000, default 100; ``offset``); the answer
 says ``total`` and the ``nextOffset`` (``null`` on the last page).
 
-``POST /api/v1/jobs/{id}/status``, ``/artifacts`` and ``/tests`` are the agent's side:
-today the agent token may post them for any active job (``reporter_of``); remote agents
-(``bak_`` keys) plug in there, limited to the jobs leased to them.
+``POST /api/v1/jobs/{id}/artifacts`` and ``/tests`` are the reporting side (the
+installation's token): a 409 naming the state once the job has ended, and for an
+artifact name posted already. A job's ``status`` report is the remote agents' route
+(``bak_`` keys, ``backend_agents.job_status``).
 """
 
 from __future__ import annotations
@@ -355,7 +356,7 @@ class BackendJobsController(Controller):
         )
         return {"tests": [_builtins(t) for t in checks.tests]}
 
-    @post("/{job_id:str}/tests", status_code=201, responses=responses(404))
+    @post("/{job_id:str}/tests", status_code=201, responses=responses(404, 409))
     async def post_tests(self, gw: Gateway, job_id: JobIdParam, data: ChecksBody) -> dict[str, Any]:
         """Add an agent's verification results (1-100 per post): answers them all."""
         tests = [
