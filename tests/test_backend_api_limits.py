@@ -6,18 +6,27 @@ limit, a lost compare-and-swap), against a real system of its own.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from harness import System, running_system
+from harness import System, running_system, wait_job
 
 from virtbackup.gateway.plans_yaml import MAX_PIPELINES, MAX_PROJECT_BYTES, MAX_YAML_DEPTH
+
+#: Seconds a backup waits for its agent's lease before it fails (``agent_lease_wait``).
+LEASE_WAIT = 3
 
 
 @pytest.fixture(scope="module")
 def sysm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    with running_system(tmp_path_factory.mktemp("limits"), workers=1, orchestrators=1) as system:
+    with running_system(
+        tmp_path_factory.mktemp("limits"),
+        workers=1,
+        orchestrators=1,
+        VIRTBACKUP_AGENT_LEASE_WAIT=str(LEASE_WAIT),
+    ) as system:
         yield system
 
 
@@ -84,3 +93,75 @@ async def test_racing_registrations_with_one_token_lose_with_401(
             )
             codes = sorted(a.status_code for a in answers)
             assert codes == [201] + [401] * 9, [a.text for a in answers]
+
+
+async def _register(sysm: System, api: httpx.AsyncClient) -> str:
+    resp = await api.post("/api/v1/agent/registration-tokens", json={"expiresInSeconds": 600})
+    assert resp.status_code == 201, resp.text
+    body = {
+        "registrationToken": resp.json()["token"],
+        "hostname": "kvm-refs",
+        "os": "linux",
+        "arch": "amd64",
+        "agentVersion": "0.1.0",
+    }
+    async with httpx.AsyncClient(base_url=sysm.url, verify=False, timeout=60) as anon:
+        resp = await anon.post("/api/v1/agent/register", json=body)
+    assert resp.status_code == 201, resp.text
+    agent_id: str = resp.json()["agentId"]
+    return agent_id
+
+
+def _config(sysm: System, agent_id: str | None) -> dict[str, object]:
+    repo = sysm.data_dir / "refs-repo"
+    repo.mkdir(mode=0o700, exist_ok=True)
+    remote: dict[str, object] = {"id": "site2", "name": "Site 2", "host": ""}
+    if agent_id is not None:
+        remote |= {"agentId": agent_id, "agentDestinationIds": ["fs"]}
+    return {
+        "servers": [{"id": "local", "name": "This host", "host": ""}, remote],
+        "destinations": [{"id": "fs", "driverId": "filesystem", "params": {"path": str(repo)}}],
+        "backupDestinationId": "fs",
+    }
+
+
+async def test_servers_name_only_registered_agents(sysm: System, api: httpx.AsyncClient) -> None:
+    agent_id = await _register(sysm, api)
+    # An agent that does not exist: its backups would wait forever for a lease.
+    resp = await api.post("/config", json=_config(sysm, "no-such-agent"))
+    assert resp.status_code == 400, resp.text
+    assert "$.servers[1].agentId" in resp.json()["error"]
+    assert not any(s.get("agentId") for s in (await api.get("/config")).json()["servers"])
+
+    resp = await api.post("/config", json=_config(sysm, agent_id))
+    assert resp.status_code == 200, resp.text
+    # Named by a server: not removed (409 naming the server), still there.
+    resp = await api.delete(f"/api/v1/agents/{agent_id}")
+    assert resp.status_code == 409 and "site2" in resp.json()["error"], resp.text
+    assert (await api.get(f"/api/v1/agents/{agent_id}")).status_code == 200
+
+    resp = await api.post("/config", json=_config(sysm, None))
+    assert resp.status_code == 200, resp.text
+    assert (await api.delete(f"/api/v1/agents/{agent_id}")).status_code == 200
+    # Removed: naming it again is refused.
+    resp = await api.post("/config", json=_config(sysm, agent_id))
+    assert resp.status_code == 400 and "agentId" in resp.json()["error"], resp.text
+
+
+async def test_a_backup_no_agent_leases_fails_naming_it(
+    sysm: System, api: httpx.AsyncClient
+) -> None:
+    # A registered agent that never asks for work (stopped, or cut off).
+    agent_id = await _register(sysm, api)
+    resp = await api.post("/config", json=_config(sysm, agent_id))
+    assert resp.status_code == 200, resp.text
+    vm = f"vbt-nolease-{os.getpid()}"
+    resp = await api.post("/servers/site2/backup", json={"vmName": vm, "destinationId": "fs"})
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, resp.json()["jobId"], timeout=LEASE_WAIT + 30)
+    assert job["state"] == "failure", job
+    assert agent_id in job["message"] and "did not lease" in job["message"], job
+    # The VM is free again: its next backup is accepted (not a 409 for a held lock).
+    resp = await api.post("/servers/site2/backup", json={"vmName": vm, "destinationId": "fs"})
+    assert resp.status_code == 200, resp.text
+    await wait_job(api, resp.json()["jobId"], timeout=LEASE_WAIT + 30)

@@ -21,6 +21,7 @@ from virtbackup.contracts.subjects import JobCmd
 from virtbackup.contracts.v1.agents import AgentLease, AgentLeaseRequest, AgentStage
 from virtbackup.contracts.v1.jobs import Job, JobCancelRequest, JobList, JobListRequest
 from virtbackup.gateway.agent_auth import AGENT_SCOPE_KEY
+from virtbackup.gateway.agent_refs import refuse_if_named
 from virtbackup.gateway.agent_reports import lease_answer, report_status
 from virtbackup.gateway.agents_store import (
     AgentRecord,
@@ -229,7 +230,7 @@ class BackendAgentsController(Controller):
         )
         return await lease_answer(gw, agent_id, lease)
 
-    @post("/jobs/{job_id:str}/status", status_code=200, responses=responses(400, 401, 404))
+    @post("/jobs/{job_id:str}/status", status_code=200, responses=responses(400, 401, 404, 409))
     async def job_status(
         self, gw: Gateway, request: Request[Any, Any, Any], job_id: str, data: JobStatusBody
     ) -> dict[str, Any]:
@@ -273,11 +274,14 @@ class BackendAgentsController(Controller):
         cancelled = await _cancel_leased(gw, agent_id) if state == "deactivated" else []
         return {**_remote_view(agent), "cancelledJobIds": cancelled}
 
-    @delete("/agents/{agent_id:str}", status_code=200, responses=responses(404))
+    @delete("/agents/{agent_id:str}", status_code=200, responses=responses(404, 409))
     async def remove_agent(self, gw: Gateway, agent_id: str) -> dict[str, bool]:
-        """Forget a remote agent and revoke its key (401 for it from then on)."""
+        """Forget a remote agent and revoke its key (401 for it from then on); 409 naming
+        the servers whose ``agentId`` it still is."""
         if agent_id.startswith(WORKER_PREFIX):
             raise Conflict("a transfer worker is not removed here: scale it instead")
+        cfg, _ = await gw.config.load()
+        refuse_if_named(cfg, agent_id)
         await _cancel_leased(gw, agent_id)
         await _store(gw).remove(agent_id)
         return {"success": True}
