@@ -165,3 +165,23 @@ async def test_a_backup_no_agent_leases_fails_naming_it(
     resp = await api.post("/servers/site2/backup", json={"vmName": vm, "destinationId": "fs"})
     assert resp.status_code == 200, resp.text
     await wait_job(api, resp.json()["jobId"], timeout=LEASE_WAIT + 30)
+
+
+async def test_deactivating_cancels_jobs_queued_for_the_agent(
+    sysm: System, api: httpx.AsyncClient
+) -> None:
+    agent_id = await _register(sysm, api)
+    resp = await api.post("/config", json=_config(sysm, agent_id))
+    assert resp.status_code == 200, resp.text
+    vm = f"vbt-queued-{os.getpid()}"
+    resp = await api.post("/servers/site2/backup", json={"vmName": vm, "destinationId": "fs"})
+    assert resp.status_code == 200, resp.text
+    job_id = resp.json()["jobId"]
+    # Not leased yet (the agent never asks): deactivation cancels it all the same.
+    resp = await api.post(f"/api/v1/agents/{agent_id}/actions", json={"action": "deactivate"})
+    assert resp.status_code == 200, resp.text
+    assert job_id in resp.json()["cancelledJobIds"], resp.json()
+    job = await wait_job(api, job_id, timeout=30)
+    assert job["state"] == "canceled", job
+    view = (await api.get(f"/api/v1/jobs/{job_id}")).json()
+    assert view["status"] == "failed" and view["error"] == "cancelled by user", view

@@ -319,15 +319,19 @@ async def assignment_hash(gw: Gateway, agent_id: str) -> str:
 
 
 async def _cancel_leased(gw: Gateway, agent_id: str) -> list[str]:
-    """Cancel (the orchestrator's cancel request) each active job leased to the agent;
-    the ids of those cancelled. A job already committing cannot be and is left to end."""
-    jobs = await gw.bus.request(JobCmd.LIST, JobListRequest(state="running"), JobList)
+    """Cancel (the orchestrator's cancel request) each active job of the agent: leased
+    or running, and queued for it but not leased yet (else it would run once the agent is
+    activated again); the ids of those cancelled. A job already committing cannot be and
+    is left to end."""
+    active: list[Job] = []
+    for state in ("queued", "running"):
+        listed = await gw.bus.request(
+            JobCmd.LIST, JobListRequest(state=state, type="backup"), JobList
+        )
+        active.extend(listed.jobs)
     cancelled = []
-    for job in jobs.jobs:
-        agent = job.result.get("agent")
-        if job.params.get("agentId") != agent_id or not isinstance(agent, dict):
-            continue
-        if not agent.get("leasedAt"):
+    for job in active:
+        if job.params.get("agentId") != agent_id:
             continue
         try:
             await gw.bus.request(JobCmd.CANCEL, JobCancelRequest(id=job.id), Job)
