@@ -161,8 +161,16 @@ async def run_backup(
     uri = str(job.get("libvirtUri") or "qemu:///system")
     repo = await open_repository(destination)
     conn = await open_connection(uri)
+    checkpoint = new_checkpoint_name()
     try:
         parent = None if job.get("fresh") else await latest_point(repo, vm, server_id)
+        if inflight is not None:
+            # Written before the libvirt backup begins, with the checkpoint it will make:
+            # an agent killed between the begin and a later write would leave a backup
+            # job and a checkpoint that no restart knew of (every later backup of the VM
+            # would then fail). A restart ends any backup job of the VM and drops that
+            # checkpoint if it exists.
+            await inflight.record(jobId=str(job["id"]), vm=vm, checkpoint=checkpoint, uri=uri)
         # The parent is recorded before anything builds on it: from now on deleting that
         # point is refused while this job runs (as for a backup on the bus).
         await send(
@@ -173,13 +181,9 @@ async def run_backup(
                 "parentTimestamp": parent.timestamp if parent else "",
             },
         )
-        bj, incremental_from = await _begin(conn, vm, parent, scratch_dir)
+        bj, incremental_from = await _begin(conn, vm, parent, scratch_dir, checkpoint)
         committed = False
         try:
-            if inflight is not None:
-                await inflight.record(
-                    jobId=str(job["id"]), vm=vm, checkpoint=bj.checkpoint, uri=uri
-                )
             message = await _transfer(
                 conn,
                 repo,
@@ -200,13 +204,21 @@ async def run_backup(
                     await discard_checkpoint(conn, vm, bj.checkpoint, host=LocalHost())
             if inflight is not None:
                 await inflight.clear()
+    except BaseException:
+        # Failed or stopped before (or while) the libvirt backup began: nothing of ours
+        # runs, but the checkpoint may have been made.
+        with contextlib.suppress(Exception):
+            await discard_checkpoint(conn, vm, checkpoint, host=LocalHost())
+        if inflight is not None:
+            await inflight.clear()
+        raise
     finally:
         await conn.close()
         await repo.close()
 
 
 async def _begin(
-    conn: Connection, vm: str, parent: RestorePoint | None, scratch_dir: str
+    conn: Connection, vm: str, parent: RestorePoint | None, scratch_dir: str, checkpoint: str
 ) -> tuple[BackupJob, str | None]:
     dom = await get_domain(conn, vm)
     if dom.id is None:
@@ -230,7 +242,7 @@ async def _begin(
             vm,
             server=UnixServer(socket=f"{socket_dir}/{SOCKET_NAME}"),
             scratch_dir=scratch_dir,
-            checkpoint=new_checkpoint_name(),
+            checkpoint=checkpoint,
             incremental=incremental,
             full=full,
         )
