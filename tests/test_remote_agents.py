@@ -303,6 +303,8 @@ async def test_agent_backs_up_through_lease_and_status(
     assert full["result"]["agent"]["outcome"] == "completed"
     assert full["result"]["parentTimestamp"] is None
     assert full["bytesTransferred"] > 0 and full["physicalBytes"] > 0
+    # The agent's final counters, whatever the read's length: all its chunks.
+    assert full["completedUnits"] == full["totalUnits"] > 0, full
     # The job has ended: a late report of its agent is a 409 naming the state.
     async with httpx.AsyncClient(base_url=sysm.url, verify=False, timeout=30) as anon:
         late = await anon.post(
@@ -343,6 +345,7 @@ async def test_agent_backs_up_through_lease_and_status(
     assert inc["message"].startswith("incremental backup"), inc["message"]
     assert inc["result"]["parentTimestamp"] == full["result"]["timestamp"]
     assert inc["bytesTransferred"] < full["bytesTransferred"], (inc, full)
+    assert inc["bytesTransferred"] > 0 and inc["completedUnits"] == inc["totalUnits"] > 0, inc
     timestamp = inc["result"]["timestamp"]
 
     # The point restores bit-identical (through the inventory and the transfer worker).

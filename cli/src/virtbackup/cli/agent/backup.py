@@ -394,7 +394,11 @@ async def _transfer(
         job_id=str(job["id"]),
     )
     await _debug_hold("before:committing", report, counters)
-    answer = await send(report, {"status": "committing", "message": "committing the restore point"})
+    # The final counters go with it: a read shorter than REPORT_EVERY sent none before.
+    answer = await send(
+        report,
+        {"status": "committing", "message": "committing the restore point", **counters.fields()},
+    )
     if not answer.get("commit"):
         raise Cancelled("commit refused")
     await repo.commit(point, manifests, xml)
