@@ -185,3 +185,15 @@ async def test_deactivating_cancels_jobs_queued_for_the_agent(
     assert job["state"] == "canceled", job
     view = (await api.get(f"/api/v1/jobs/{job_id}")).json()
     assert view["status"] == "failed" and view["error"] == "cancelled by user", view
+
+
+async def test_not_found_quotes_a_long_id_only_so_far(api: httpx.AsyncClient) -> None:
+    long_id = "a" * 5000
+    for path in (
+        f"/api/v1/agents/{long_id}",
+        f"/api/v1/plan-runs/{long_id}",
+        f"/api/v1/projects/{long_id}",
+    ):
+        resp = await api.get(path)
+        assert resp.status_code in (400, 404), (path, resp.text)
+        assert len(resp.text) < 600 and long_id not in resp.text, (path, resp.text[:300])

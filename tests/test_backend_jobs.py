@@ -334,6 +334,17 @@ async def test_artifacts_and_tests_from_an_agent(system: System, api: httpx.Asyn
     assert listed["agent-notes.txt"]["source"] == "agent"
     assert (await artifact(api, job_id, "agent-notes.txt")).text == "héllo"
     assert (await artifact(api, job_id, "blob.bin")).content == b"\x00\x01\x02"
+    # A declared type that a browser would run is served as bytes, sandboxed.
+    page = {"name": "page.html", "mediaType": "text/html", "content": "<script>1</script>"}
+    assert (await api.post(f"/api/v1/jobs/{job_id}/artifacts", json=page)).status_code == 201
+    served = await artifact(api, job_id, "page.html")
+    assert served.headers["content-type"] == "application/octet-stream", served.headers
+    assert "sandbox" in served.headers["content-security-policy"]
+    assert (
+        (await artifact(api, job_id, "agent-notes.txt"))
+        .headers["content-type"]
+        .startswith("text/plain")
+    )
 
     # A name posted once is never replaced silently.
     again = {"name": "agent-notes.txt", "content": "replaced"}

@@ -27,6 +27,7 @@ import msgspec
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from virtbackup.contracts.v1.common import shown
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import Conflict, NotFound
 from virtbackup.runtime.kv import keys
@@ -197,9 +198,9 @@ class AgentStore:
             try:
                 entry = await self.kv.get(f"agent.{agent_id}")
             except KeyNotFoundError:
-                raise NotFound(f"agent {agent_id} not found") from None
+                raise NotFound(f"agent {shown(agent_id)} not found") from None
             if entry.value is None or entry.revision is None:
-                raise NotFound(f"agent {agent_id} not found")
+                raise NotFound(f"agent {shown(agent_id)} not found")
             agent = change(msgspec.json.decode(entry.value, type=AgentRecord))
             try:
                 await self.kv.update(
@@ -214,7 +215,7 @@ class AgentStore:
         """Forget the agent and revoke its key; ``NotFound`` for an unknown agent."""
         agent = await self.get(agent_id)
         if agent is None:
-            raise NotFound(f"agent {agent_id} not found")
+            raise NotFound(f"agent {shown(agent_id)} not found")
         await self.kv.delete(f"key.{agent.key_sha256}")
         await self.kv.delete(f"agent.{agent_id}")
 

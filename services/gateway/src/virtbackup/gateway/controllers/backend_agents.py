@@ -19,6 +19,7 @@ from litestar.exceptions import HTTPException
 from virtbackup.contracts import buckets
 from virtbackup.contracts.subjects import JobCmd
 from virtbackup.contracts.v1.agents import AgentLease, AgentLeaseRequest, AgentStage
+from virtbackup.contracts.v1.common import shown
 from virtbackup.contracts.v1.jobs import Job, JobCancelRequest, JobList, JobListRequest
 from virtbackup.gateway.agent_auth import AGENT_SCOPE_KEY
 from virtbackup.gateway.agent_refs import refuse_if_named
@@ -251,10 +252,10 @@ class BackendAgentsController(Controller):
             for worker in await _workers(gw):
                 if worker["id"] == agent_id:
                     return worker
-            raise NotFound(f"agent {agent_id} not found")
+            raise NotFound(f"agent {shown(agent_id)} not found")
         agent = await _store(gw).get(agent_id)
         if agent is None:
-            raise NotFound(f"agent {agent_id} not found")
+            raise NotFound(f"agent {shown(agent_id)} not found")
         return _remote_view(agent)
 
     @post("/agents/{agent_id:str}/actions", status_code=200, responses=responses(400, 404))

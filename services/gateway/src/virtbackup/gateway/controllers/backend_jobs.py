@@ -78,6 +78,19 @@ from virtbackup.runtime.errors import BadRequest
 #: Seconds ``POST /api/v1/jobs/{id}/cancel`` waits for the job to end before it answers
 #: 202 with the job still stopping.
 CANCEL_WAIT_SECONDS = 20.0
+#: Media types an artifact is served with as declared; any other is served as
+#: ``application/octet-stream``.
+INERT_MEDIA_TYPES = frozenset(
+    {
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "application/json",
+        "application/xml",
+        "text/xml",
+        "application/x-ndjson",
+    }
+)
+OCTET_STREAM = "application/octet-stream"
 
 
 def backend_view(job: Job) -> dict[str, Any]:
@@ -337,13 +350,18 @@ class BackendJobsController(Controller):
                     return
                 piece = await _piece(gw, job_id, name, offset)
 
+        # An agent declares its artifacts' types: only inert ones are served as declared,
+        # anything else (text/html, image/svg+xml, ...) as bytes, and nothing served
+        # here may run in a browser.
+        media = first.media_type if first.media_type in INERT_MEDIA_TYPES else OCTET_STREAM
         return Stream(
             body(),
-            media_type=first.media_type,
+            media_type=media,
             headers={
                 "content-length": str(first.size),
                 "content-disposition": f'attachment; filename="{name}"',
                 "x-content-type-options": "nosniff",
+                "content-security-policy": "default-src 'none'; sandbox",
             },
         )
 
