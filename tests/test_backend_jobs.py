@@ -227,11 +227,11 @@ async def test_delete_removes_a_finished_job_with_its_log(
     job_id = await start(api)
     busy = await api.delete(f"/api/v1/jobs/{job_id}")
     assert busy.status_code == 409 and "cancel it first" in busy.json()["error"]
-    await until(api, job_id, "succeeded")
     posted = await api.post(
         f"/api/v1/jobs/{job_id}/artifacts", json={"name": "note.txt", "content": "x"}
     )
     assert posted.status_code == 201, posted.text
+    await until(api, job_id, "succeeded")
     resp = await api.delete(f"/api/v1/jobs/{job_id}")
     assert resp.status_code == 200 and resp.json() == {"deleted": job_id}
     for path in ("", "/artifacts", "/tests"):
@@ -334,11 +334,34 @@ async def test_artifacts_and_tests_from_an_agent(system: System, api: httpx.Asyn
     assert listed["agent-notes.txt"]["source"] == "agent"
     assert (await artifact(api, job_id, "agent-notes.txt")).text == "héllo"
     assert (await artifact(api, job_id, "blob.bin")).content == b"\x00\x01\x02"
+    # A declared type that a browser would run is served as bytes, sandboxed.
+    page = {"name": "page.html", "mediaType": "text/html", "content": "<script>1</script>"}
+    assert (await api.post(f"/api/v1/jobs/{job_id}/artifacts", json=page)).status_code == 201
+    served = await artifact(api, job_id, "page.html")
+    assert served.headers["content-type"] == "application/octet-stream", served.headers
+    assert "sandbox" in served.headers["content-security-policy"]
+    assert (
+        (await artifact(api, job_id, "agent-notes.txt"))
+        .headers["content-type"]
+        .startswith("text/plain")
+    )
+
+    # A name posted once is never replaced silently.
+    again = {"name": "agent-notes.txt", "content": "replaced"}
+    resp = await api.post(f"/api/v1/jobs/{job_id}/artifacts", json=again)
+    assert resp.status_code == 409 and "already" in resp.json()["error"], resp.text
+    assert (await artifact(api, job_id, "agent-notes.txt")).text == "héllo"
 
     check = {"check": "boot", "status": "passed", "disk": "vda", "detail": "booted to login"}
     resp = await api.post(f"/api/v1/jobs/{job_id}/tests", json={"tests": [check]})
     assert resp.status_code == 201, resp.text
     await until(api, job_id, "succeeded")
+    # A job that has ended takes no more reports: 409 naming its state.
+    late = {"name": "late.txt", "content": "late"}
+    resp = await api.post(f"/api/v1/jobs/{job_id}/artifacts", json=late)
+    assert resp.status_code == 409 and "has ended (success)" in resp.json()["error"], resp.text
+    resp = await api.post(f"/api/v1/jobs/{job_id}/tests", json={"tests": [check]})
+    assert resp.status_code == 409 and "has ended (success)" in resp.json()["error"], resp.text
     tests = (await api.get(f"/api/v1/jobs/{job_id}/tests")).json()["tests"]
     assert [(t["check"], t["source"]) for t in tests] == [("sanity", "job"), ("boot", "agent")]
     log = (await artifact(api, job_id, "output.log")).text

@@ -181,7 +181,8 @@ async def test_a_chain_backs_up_to_two_destinations_at_once_verifies_and_copies(
     ], run
     backup, verify, copy = run["steps"]
     for step in run["steps"]:
-        assert len(step["job_ids"]) == 2, step  # one job per VM
+        # One job per VM, and the verify step's per VM and destination written.
+        assert len(step["job_ids"]) == (4 if step["type"] == "verify" else 2), step
         assert step["message"] == "", step
 
     # Every step ran exactly once, though both replicas advance the run.
@@ -206,14 +207,15 @@ async def test_a_chain_backs_up_to_two_destinations_at_once_verifies_and_copies(
         by_vm[job["vmName"]] = outcome
     assert set(by_vm) == {VM_A, VM_B}
 
-    # The verify step read the new points of the backup's first destination: all intact.
-    checked = 0
+    # The verify step read the new points of every destination the backup wrote.
+    checked: dict[str, int] = {}
     for job_id in verify["job_ids"]:
         job = (await api.get(f"/jobs/{job_id}")).json()
-        assert (job["type"], job["state"], job["destinationId"]) == ("verify", "success", "fs")
+        assert (job["type"], job["state"]) == ("verify", "success"), job
         assert job["result"]["pointsDamaged"] == 0, job
-        checked += job["result"]["pointsChecked"]
-    assert checked == 2
+        dest = job["destinationId"]
+        checked[dest] = checked.get(dest, 0) + job["result"]["pointsChecked"]
+    assert checked == {"fs": 2, "s3": 2}, checked
 
     # The copy step: each VM's newest S3 point is in fs2 under the same timestamp.
     for job_id in copy["job_ids"]:
@@ -230,6 +232,34 @@ async def test_a_chain_backs_up_to_two_destinations_at_once_verifies_and_copies(
         assert found["fs2"][0]["timestamp"] == found["s3"][0]["timestamp"]
         points_by[name] = {dest: listed[0] for dest, listed in found.items()}
     STATE["points"] = points_by
+
+
+async def test_the_chain_preview_names_every_destination_and_the_real_read(
+    api: httpx.AsyncClient, vms: dict[str, SmallVm]
+) -> None:
+    # After the chain's run both destinations' newest points share a checkpoint: the
+    # preview is incremental for both.
+    resp = await api.post(f"/api/v1/pipeline-chains/{CHAIN}/dry-run-preview", json={})
+    assert resp.status_code == 200, resp.text
+    shown_vms = {v["vm_name"]: v for v in resp.json()["vms"]}
+    both = shown_vms[VM_A]
+    assert [(d["destination_id"], d["mode"]) for d in both["destinations"]] == [
+        ("fs", "incremental"),
+        ("s3", "incremental"),
+    ], both
+    # A backup of VM_A to fs alone: its newest point there has a checkpoint s3 lacks, so
+    # the next chain run reads VM_A in full for s3, and so reads it in full.
+    resp = await api.post("/servers/local/backup", json={"vmName": VM_A, "destinationId": "fs"})
+    assert resp.status_code == 200, resp.text
+    assert (await wait_job(api, resp.json()["jobId"]))["state"] == "success"
+    resp = await api.post(f"/api/v1/pipeline-chains/{CHAIN}/dry-run-preview", json={})
+    assert resp.status_code == 200, resp.text
+    vm = {v["vm_name"]: v for v in resp.json()["vms"]}[VM_A]
+    dests = {d["destination_id"]: d for d in vm["destinations"]}
+    assert dests["fs"]["mode"] == "incremental", vm
+    assert dests["s3"]["mode"] == "full" and dests["s3"]["reason"], vm
+    assert dests["s3"]["estimated_bytes"] == 64 * MiB, vm
+    assert vm["estimated_bytes"] == 64 * MiB, vm
 
 
 async def test_every_destination_restores_bit_identical(

@@ -303,6 +303,16 @@ async def test_agent_backs_up_through_lease_and_status(
     assert full["result"]["agent"]["outcome"] == "completed"
     assert full["result"]["parentTimestamp"] is None
     assert full["bytesTransferred"] > 0 and full["physicalBytes"] > 0
+    # The agent's final counters, whatever the read's length: all its chunks.
+    assert full["completedUnits"] == full["totalUnits"] > 0, full
+    # The job has ended: a late report of its agent is a 409 naming the state.
+    async with httpx.AsyncClient(base_url=sysm.url, verify=False, timeout=30) as anon:
+        late = await anon.post(
+            f"/api/v1/jobs/{full['id']}/status",
+            json={"status": "reading", "output": [{"line": "late", "level": "info"}]},
+            headers=key_headers(agent["apiKey"]),
+        )
+    assert late.status_code == 409 and "has ended (success)" in late.json()["error"], late.text
     names = {c.name for c in await list_checkpoints(conn, VM)}
     assert full["result"]["checkpoint"] in names
     # The agent made the repository, encrypted with the passphrase its lease carried.
@@ -335,6 +345,7 @@ async def test_agent_backs_up_through_lease_and_status(
     assert inc["message"].startswith("incremental backup"), inc["message"]
     assert inc["result"]["parentTimestamp"] == full["result"]["timestamp"]
     assert inc["bytesTransferred"] < full["bytesTransferred"], (inc, full)
+    assert inc["bytesTransferred"] > 0 and inc["completedUnits"] == inc["totalUnits"] > 0, inc
     timestamp = inc["result"]["timestamp"]
 
     # The point restores bit-identical (through the inventory and the transfer worker).
@@ -610,3 +621,63 @@ async def test_plans_pin_only_the_agent_of_their_servers(
     assert job["params"]["agentId"] == job["params"]["pinnedAgentId"] == agent["agentId"]
     assert "by agent" in job["message"], job["message"]
     assert (await api.delete(f"/api/v1/projects/{project}")).status_code == 200
+
+
+async def test_the_in_flight_record_is_written_before_the_backup_begins(
+    vm: SmallVm, conn: Connection, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """An agent killed between libvirt's backup begin and its next write must find the
+    backup job and its checkpoint named at restart: the record comes first."""
+    from virtbackup.cli.agent import backup as agent_backup_mod
+    from virtbackup.cli.agent.inflight import InFlight, recover
+    from virtbackup.contracts.v1.config import Destination
+
+    home = tmp_path_factory.mktemp("inflight")
+    home.chmod(0o700)
+    (home / "r").mkdir(mode=0o700)
+    scratch = vm_directory(prefix="vbtest-inflight-scratch-")  # QEMU must traverse it
+    inflight = InFlight(home / "inflight.json")
+    dest = Destination(id="inflight", driver_id="filesystem", params={"path": str(home / "r")})
+    seen: list[dict[str, Any] | None] = []
+    before = {c.name for c in await list_checkpoints(conn, VM)}
+
+    async def report(body: dict[str, Any]) -> dict[str, Any]:
+        if body["status"] == "snapshotting":
+            # The last word before the begin: the record must name it already.
+            seen.append(await inflight.read())
+            return {"cancel": True, "state": "canceled"}
+        return {"cancel": False}
+
+    job = {"id": f"inflight-{os.getpid()}", "vmName": VM, "serverId": "remote", "fresh": True}
+    with pytest.raises(agent_backup_mod.Cancelled):
+        await agent_backup_mod.run_backup(
+            job, dest, report, scratch_dir=str(scratch), inflight=inflight
+        )
+    assert seen and seen[0] is not None, seen
+    assert seen[0]["jobId"] == job["id"] and seen[0]["vm"] == VM
+    assert str(seen[0]["checkpoint"]).startswith("vb-")
+    assert await inflight.read() is None  # stopped cleanly: nothing left to recover
+
+    # The restart path: a record written before a begin that then happened (the agent
+    # died right after it) ends the job and drops the checkpoint it names.
+    checkpoint = agent_backup_mod.new_checkpoint_name()
+    await inflight.record(jobId=job["id"], vm=VM, checkpoint=checkpoint, uri="qemu:///system")
+    try:
+        await agent_backup_mod._begin(conn, VM, None, str(scratch), checkpoint)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    assert await backup_running(conn, VM)
+    assert checkpoint in {c.name for c in await list_checkpoints(conn, VM)}
+    reports: list[tuple[str, dict[str, Any]]] = []
+
+    async def restarted(job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        reports.append((job_id, body))
+        return {"cancel": True}
+
+    assert await recover(inflight, restarted) == job["id"]
+    assert not await backup_running(conn, VM)
+    assert {c.name for c in await list_checkpoints(conn, VM)} == before
+    assert reports and reports[0][1]["status"] == "failed"
+    assert await inflight.read() is None
+    shutil.rmtree(scratch, ignore_errors=True)

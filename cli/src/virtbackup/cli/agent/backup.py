@@ -32,6 +32,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import httpx
+
 from virtbackup.cli.agent.inflight import InFlight
 from virtbackup.contracts.v1.config import Destination
 from virtbackup.nbd import BASE_ALLOCATION, NbdClient
@@ -97,8 +99,14 @@ class Counters:
 
 
 async def send(report: Report, body: dict[str, Any]) -> dict[str, Any]:
-    """Report, and raise ``Cancelled`` when the answer says to stop."""
-    answer = await report(body)
+    """Report, and raise ``Cancelled`` when the answer says to stop, or is a 409 (the job
+    has ended: the gateway takes no more reports for it)."""
+    try:
+        answer = await report(body)
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code == 409:
+            raise Cancelled(str(exc)) from None
+        raise
     if answer.get("cancel"):
         raise Cancelled(str(answer.get("state", "")))
     return answer
@@ -153,8 +161,16 @@ async def run_backup(
     uri = str(job.get("libvirtUri") or "qemu:///system")
     repo = await open_repository(destination)
     conn = await open_connection(uri)
+    checkpoint = new_checkpoint_name()
     try:
         parent = None if job.get("fresh") else await latest_point(repo, vm, server_id)
+        if inflight is not None:
+            # Written before the libvirt backup begins, with the checkpoint it will make:
+            # an agent killed between the begin and a later write would leave a backup
+            # job and a checkpoint that no restart knew of (every later backup of the VM
+            # would then fail). A restart ends any backup job of the VM and drops that
+            # checkpoint if it exists.
+            await inflight.record(jobId=str(job["id"]), vm=vm, checkpoint=checkpoint, uri=uri)
         # The parent is recorded before anything builds on it: from now on deleting that
         # point is refused while this job runs (as for a backup on the bus).
         await send(
@@ -165,13 +181,9 @@ async def run_backup(
                 "parentTimestamp": parent.timestamp if parent else "",
             },
         )
-        bj, incremental_from = await _begin(conn, vm, parent, scratch_dir)
+        bj, incremental_from = await _begin(conn, vm, parent, scratch_dir, checkpoint)
         committed = False
         try:
-            if inflight is not None:
-                await inflight.record(
-                    jobId=str(job["id"]), vm=vm, checkpoint=bj.checkpoint, uri=uri
-                )
             message = await _transfer(
                 conn,
                 repo,
@@ -192,13 +204,21 @@ async def run_backup(
                     await discard_checkpoint(conn, vm, bj.checkpoint, host=LocalHost())
             if inflight is not None:
                 await inflight.clear()
+    except BaseException:
+        # Failed or stopped before (or while) the libvirt backup began: nothing of ours
+        # runs, but the checkpoint may have been made.
+        with contextlib.suppress(Exception):
+            await discard_checkpoint(conn, vm, checkpoint, host=LocalHost())
+        if inflight is not None:
+            await inflight.clear()
+        raise
     finally:
         await conn.close()
         await repo.close()
 
 
 async def _begin(
-    conn: Connection, vm: str, parent: RestorePoint | None, scratch_dir: str
+    conn: Connection, vm: str, parent: RestorePoint | None, scratch_dir: str, checkpoint: str
 ) -> tuple[BackupJob, str | None]:
     dom = await get_domain(conn, vm)
     if dom.id is None:
@@ -222,7 +242,7 @@ async def _begin(
             vm,
             server=UnixServer(socket=f"{socket_dir}/{SOCKET_NAME}"),
             scratch_dir=scratch_dir,
-            checkpoint=new_checkpoint_name(),
+            checkpoint=checkpoint,
             incremental=incremental,
             full=full,
         )
@@ -374,7 +394,11 @@ async def _transfer(
         job_id=str(job["id"]),
     )
     await _debug_hold("before:committing", report, counters)
-    answer = await send(report, {"status": "committing", "message": "committing the restore point"})
+    # The final counters go with it: a read shorter than REPORT_EVERY sent none before.
+    answer = await send(
+        report,
+        {"status": "committing", "message": "committing the restore point", **counters.fields()},
+    )
     if not answer.get("commit"):
         raise Cancelled("commit refused")
     await repo.commit(point, manifests, xml)

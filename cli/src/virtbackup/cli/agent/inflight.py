@@ -1,11 +1,13 @@
 """What the agent must clean up if it dies mid-backup: one small file beside its key.
 
-While a libvirt backup job of the agent runs, ``inflight.json`` (0600) names it: the
-job id, the VM, the new checkpoint, the libvirt URI, and whether the restore point was
-committed. An agent killed then (SIGKILL, a crash, a reboot of the service) finds it
-when it starts again (:func:`recover`): it ends the libvirt job, drops the checkpoint
-unless the point was committed, and reports the job's end, so that the next backup of
-that VM neither finds a job in its way nor misses a change.
+From just before the agent begins a libvirt backup job until it has ended it,
+``inflight.json`` (0600) names it: the job id, the VM, the checkpoint the begin makes
+(written first, so a kill right after the begin leaves nothing unnamed), the libvirt
+URI, and whether the restore point was committed. An agent killed then (SIGKILL, a
+crash, a reboot of the service) finds it when it starts again (:func:`recover`): it
+ends any backup job of the VM, drops the checkpoint (if it exists) unless the point was
+committed, and reports the job's end, so that the next backup of that VM neither finds
+a job in its way nor misses a change.
 """
 
 from __future__ import annotations

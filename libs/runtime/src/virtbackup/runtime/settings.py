@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     schedule_min_interval: float = Field(default=300.0, ge=0)
     #: A job fails when no unit finishes for this many seconds (no worker, or all stuck).
     job_stall_timeout: float = 600.0
+    #: A backup queued for a remote agent fails when the agent has not leased it within
+    #: this many seconds (stopped, deactivated or cut off): it would hold the VM's lock.
+    agent_lease_wait: float = Field(default=900.0, gt=0)
     #: Units one transfer-worker process works on at once.
     worker_units: int = 2
     #: Threads for hashing, compression and encryption (default: one per core).

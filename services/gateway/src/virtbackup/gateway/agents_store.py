@@ -25,9 +25,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from virtbackup.contracts.v1.common import shown
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import Conflict, NotFound
 from virtbackup.runtime.kv import keys
@@ -90,6 +91,10 @@ def _iso(when: datetime) -> str:
     return when.isoformat().replace("+00:00", "Z")
 
 
+#: JetStream's error code for a write whose expected last sequence is not the subject's.
+_WRONG_LAST_SEQUENCE: Final = 10071
+
+
 class AgentStore:
     """Agents and registration tokens in ``kv`` (``VB_AGENTS``)."""
 
@@ -125,6 +130,13 @@ class AgentStore:
             # Consumed whether it is still valid or not: exactly one caller gets past here.
             await self.kv.delete(key, last=entry.revision)
         except KeyWrongLastSequenceError:
+            raise PermissionError("registration token is unknown, used or expired") from None
+        except APIError as exc:
+            # A conditional delete that lost the race is refused by JetStream as a bad
+            # request (error code 10071, ``wrong last sequence``): another registration
+            # consumed the token first. Anything else is an outage, not a refusal.
+            if exc.err_code != _WRONG_LAST_SEQUENCE:
+                raise
             raise PermissionError("registration token is unknown, used or expired") from None
         if datetime.fromisoformat(record.expires_at.replace("Z", "+00:00")) <= _now():
             raise PermissionError("registration token is unknown, used or expired")
@@ -192,9 +204,9 @@ class AgentStore:
             try:
                 entry = await self.kv.get(f"agent.{agent_id}")
             except KeyNotFoundError:
-                raise NotFound(f"agent {agent_id} not found") from None
+                raise NotFound(f"agent {shown(agent_id)} not found") from None
             if entry.value is None or entry.revision is None:
-                raise NotFound(f"agent {agent_id} not found")
+                raise NotFound(f"agent {shown(agent_id)} not found")
             agent = change(msgspec.json.decode(entry.value, type=AgentRecord))
             try:
                 await self.kv.update(
@@ -209,7 +221,7 @@ class AgentStore:
         """Forget the agent and revoke its key; ``NotFound`` for an unknown agent."""
         agent = await self.get(agent_id)
         if agent is None:
-            raise NotFound(f"agent {agent_id} not found")
+            raise NotFound(f"agent {shown(agent_id)} not found")
         await self.kv.delete(f"key.{agent.key_sha256}")
         await self.kv.delete(f"agent.{agent_id}")
 

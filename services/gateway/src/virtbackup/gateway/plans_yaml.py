@@ -9,6 +9,11 @@ key and list item:
 - anchors and aliases (a node used twice): a project is small, and aliases are how a
   document of a few lines expands to gigabytes;
 - a top level that is not a mapping; a key that is not a string;
+- mappings and lists nested deeper than ``MAX_YAML_DEPTH`` (checked on the parser's
+  events before anything is built: deep nesting would exhaust the stack);
+- more than ``MAX_PIPELINES`` pipelines or ``MAX_CHAINS`` chains (a project is stored as
+  one record in ``VB_PLANS`` and sent as one bus message; see also
+  ``MAX_PROJECT_BYTES``);
 - anything ``ProjectSpec`` does not take *strictly*: an unknown key, a wrong type
   (``"60"`` is no integer, ``yes`` no string), a missing field.
 
@@ -29,6 +34,17 @@ from virtbackup.runtime.errors import BadRequest
 
 #: The most characters a project document may have (the gateway's body limit is larger).
 MAX_YAML_CHARS = 512 * 1024
+#: The deepest nesting of mappings and lists a project may have (a project needs about
+#: six); deeper documents are refused before they are built, so nothing recurses on them.
+MAX_YAML_DEPTH = 32
+#: The most pipelines and chains a project may have: a project is one record of
+#: ``VB_PLANS`` and one message on the bus, both bounded by NATS's payload limit (1 MiB).
+MAX_PIPELINES = 500
+MAX_CHAINS = 200
+#: The most bytes a project's import message (its parsed form, its source and the line
+#: of every key, as JSON) may take; the stored record is smaller than that message but
+#: for the schedules' ids, which this leaves room for under NATS's 1 MiB.
+MAX_PROJECT_BYTES = 640 * 1024
 _AT = re.compile(r" - at `(\$[^`]*)`$")
 _UNKNOWN = re.compile(r"unknown field `([^`]*)`")
 
@@ -87,6 +103,24 @@ class _Builder:
         return self.loader.construct_object(node, deep=True)
 
 
+def _check_depth(text: str) -> None:
+    """Refuse (``BadRequest``, naming the line) mappings and lists nested deeper than
+    :data:`MAX_YAML_DEPTH`. Reads the parser's events, which are produced without
+    recursion, so a hostile document cannot exhaust the stack here either."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                line = int(event.start_mark.line) + 1 if event.start_mark is not None else 1
+                raise BadRequest(
+                    f"line {line}: mappings and lists are nested deeper than {MAX_YAML_DEPTH}"
+                    " levels"
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def line_of(lines: dict[str, int], path: str) -> int | None:
     """The line of ``path`` (a msgspec path such as ``$.pipelines[0].vms``), or of the
     nearest enclosing node that has one."""
@@ -114,6 +148,7 @@ def parse_project(text: str) -> tuple[ProjectSpec, dict[str, int]]:
             raise BadRequest(f"line {number}: a tab character; indent YAML with spaces")
     loader = _Loader(text)
     try:
+        _check_depth(text)
         root = loader.get_single_node()
         if root is None:
             raise BadRequest("line 1: the project is empty")
@@ -142,4 +177,13 @@ def parse_project(text: str) -> tuple[ProjectSpec, dict[str, int]]:
         elif not found:
             message = f"{message} - at `$`"
         raise BadRequest(f"line {line_of(builder.lines, path)}: {message}") from None
+    for field, count, limit in (
+        ("pipelines", len(spec.pipelines), MAX_PIPELINES),
+        ("chains", len(spec.chains), MAX_CHAINS),
+    ):
+        if count > limit:
+            raise BadRequest(
+                f"line {builder.lines.get(f'$.{field}', 1)}: {count} {field}, more than the"
+                f" {limit} a project may have - at `$.{field}`"
+            )
     return spec, builder.lines

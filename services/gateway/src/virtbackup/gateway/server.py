@@ -11,6 +11,7 @@ from collections.abc import Generator
 import uvicorn
 
 from virtbackup.contracts import buckets, streams, subjects
+from virtbackup.gateway.agent_refs import with_agent_check
 from virtbackup.gateway.agents_store import AgentStore
 from virtbackup.gateway.app import create_asgi
 from virtbackup.gateway.config_store import ConfigStore
@@ -124,6 +125,8 @@ async def serve(settings: Settings | None = None) -> None:
             vault=vault,
         )
         gw.agents = AgentStore(ctx.bucket(buckets.AGENTS))
+        # A server may name only a registered agent (``agent_refs``).
+        store.check = with_agent_check(store.check, lambda: gw.agents)
         config = uvicorn.Config(
             create_asgi(gw),
             host=settings.agent_bind_host(),

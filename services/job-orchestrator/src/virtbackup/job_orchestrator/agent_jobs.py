@@ -19,7 +19,8 @@ What the job's record holds, in ``result["agent"]`` (every change a compare-and-
 ``committing`` is entered by the agent's report in the same compare-and-swap that checks
 for a cancel, so exactly one of "cancelled" and "committed" wins, as for every backup.
 A job whose agent has leased it and then says nothing for :data:`SILENCE_SECONDS` fails
-naming the agent; one never leased waits as long as it is not cancelled.
+naming the agent; one never leased fails after ``VIRTBACKUP_AGENT_LEASE_WAIT`` seconds
+(default 900), naming the agent, so a stopped agent does not hold the VM's lock forever.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed
 from virtbackup.job_orchestrator.jobctx import JobContext, job_payload
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.commands import Commands
-from virtbackup.runtime.errors import NotFound
+from virtbackup.runtime.errors import Conflict, NotFound
 
 agent_commands: Commands[JobContext] = Commands()
 
@@ -69,7 +70,8 @@ def _agent(job: Job) -> dict[str, Any]:
 async def run_agent_backup(jc: JobContext, job: Job) -> str:
     """Wait for the agent to lease, run and report the backup; returns its success
     message. Raises ``JobFailed`` (a destination the agent may not write to, the
-    agent's error, its silence) or ``JobCanceled``."""
+    agent's error, its silence, no lease within ``settings.agent_lease_wait``) or
+    ``JobCanceled``."""
     assert job.server_id and job.destination_id
     cfg = await jc.config()
     server = next(s for s in cfg.servers if s.id == job.server_id)
@@ -90,6 +92,8 @@ async def run_agent_backup(jc: JobContext, job: Job) -> str:
         )
 
     await _publish(jc, await jc.store.update(job.id, start))
+    waiting_since = time.monotonic()
+    lease_wait = jc.settings.agent_lease_wait
     while True:
         jc.check_canceled(job.id)
         current = jc.jobs.jobs.get(job.id) or (await jc.store.get(job.id))[0]
@@ -100,6 +104,11 @@ async def run_agent_backup(jc: JobContext, job: Job) -> str:
             return str(agent.get("message") or "backup committed by agent")
         if agent.get("outcome") == "failed":
             raise JobFailed(f"agent {agent_id}: {agent.get('error') or 'failed'}")
+        if not agent.get("leasedAt") and time.monotonic() - waiting_since > lease_wait:
+            raise JobFailed(
+                f"agent {agent_id} did not lease the job within {lease_wait:.0f} s (is it"
+                " running, active and able to reach the gateway?)"
+            )
         reported = agent.get("reportedEpoch")
         silent = isinstance(reported, float) and time.time() - reported > SILENCE_SECONDS
         if agent.get("leasedAt") and silent:
@@ -168,7 +177,8 @@ async def agent_lease(jc: JobContext, req: AgentLeaseRequest) -> AgentLease:
 @agent_commands.handler(JobCmd.AGENT_STATUS, AgentStatusRequest)
 async def agent_status(jc: JobContext, req: AgentStatusRequest) -> AgentStatusReply:
     """Record what the agent reports about a job leased to it; ``NotFound`` for a job
-    that is not (unknown, another agent's, or never leased). The answer says whether to
+    that is not (unknown, another agent's, or never leased), ``Conflict`` naming the
+    state for one that has ended. The answer says whether to
     stop (``cancel``) and, to a ``committing`` report, whether to commit."""
     commit = False
 
@@ -178,7 +188,9 @@ async def agent_status(jc: JobContext, req: AgentStatusRequest) -> AgentStatusRe
         if current.params.get("agentId") != req.agent_id or not agent.get("leasedAt"):
             raise NotFound(f"job {req.job_id} not found")
         if current.state in TERMINAL_STATES:
-            return current
+            raise Conflict(
+                f"job {req.job_id} has ended ({current.state}): it takes no more reports"
+            )
         if current.cancel_requested and current.phase != "committing":
             return current
         if agent.get("outcome"):

@@ -430,18 +430,30 @@ async def artifact_get(jc: JobContext, req: ArtifactGetRequest) -> ArtifactPiece
     )
 
 
+def _refuse_ended(job: Job) -> None:
+    """Reports (artifacts, test results) belong to a running job: ``Conflict`` naming
+    the state of one that has ended."""
+    if job.state in TERMINAL_STATES:
+        raise Conflict(f"job {job.id} has ended ({job.state}): it takes no more reports")
+
+
 @jobctl_commands.handler(JobCtlCmd.ARTIFACT_PUT, ArtifactPutRequest)
 async def artifact_put(jc: JobContext, req: ArtifactPutRequest) -> ArtifactInfo:
     """Keep an artifact an agent posted (at most ``ARTIFACT_MAX_BYTES``; a name
-    VirtBackup makes itself is a 409; posting a name again replaces it)."""
-    await jc.store.get(req.id)  # 404 for an unknown job
+    VirtBackup makes itself, a name posted already, or a job that has ended is a 409)."""
+    job, _ = await jc.store.get(req.id)  # 404 for an unknown job
+    _refuse_ended(job)
     if len(req.data) > ARTIFACT_MAX_BYTES:
         raise BadRequest(f"an artifact is at most {ARTIFACT_MAX_BYTES} bytes - at `$.data`")
     if req.name in RESERVED or req.name.startswith("manifest-"):
         raise Conflict(f"artifact {req.name} is made by VirtBackup and cannot be posted")
     files = jc.ctx.bucket(buckets.JOB_FILES)
     value = _Posted(media_type=req.media_type, data=req.data, posted_at=utcnow_iso())
-    await files.put(f"art.{req.id}.{req.name}", _encoder.encode(value))
+    try:
+        # A create: what was posted once is never replaced silently.
+        await files.create(f"art.{req.id}.{req.name}", _encoder.encode(value))
+    except KeyWrongLastSequenceError:
+        raise Conflict(f"job {req.id} has an artifact {req.name} already") from None
     return ArtifactInfo(
         name=req.name, size=len(req.data), media_type=req.media_type, source="agent"
     )
@@ -532,8 +544,10 @@ async def checks(jc: JobContext, req: JobRef) -> CheckList:
 
 @jobctl_commands.handler(JobCtlCmd.CHECKS_PUT, ChecksPutRequest)
 async def checks_put(jc: JobContext, req: ChecksPutRequest) -> CheckList:
-    """Add an agent's verification results to the job's (at most 1000 in all)."""
-    await jc.store.get(req.id)
+    """Add an agent's verification results to the job's (at most 1000 in all); a
+    ``Conflict`` naming the state for a job that has ended."""
+    job, _ = await jc.store.get(req.id)
+    _refuse_ended(job)
     files = jc.ctx.bucket(buckets.JOB_FILES)
     key = f"checks.{req.id}"
     now = utcnow_iso()

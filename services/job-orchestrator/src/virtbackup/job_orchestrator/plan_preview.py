@@ -34,6 +34,7 @@ from virtbackup.contracts.v1.plans import (
     PlanTargets,
     PointRefInfo,
     Preview,
+    PreviewDestination,
     PreviewDisk,
     PreviewVm,
     RunOptions,
@@ -287,6 +288,59 @@ async def preview_vm(
     )
 
 
+async def with_destinations(jc: JobContext, vm: PreviewVm, extra: list[str]) -> PreviewVm:
+    """``vm`` (its first destination's preview) with every destination of a fan-out
+    backup (``fanout``): the read is incremental from the first one's parent checkpoint;
+    another destination builds on its newest point only when that point has the very
+    same checkpoint, else it is sent a full read, and then the read is full (every
+    disk's capacity, an upper bound)."""
+    capacity: int | None = sum(d.capacity or 0 for d in vm.disks)
+    if not vm.disks or any(d.capacity is None for d in vm.disks):
+        capacity = None
+    entries = [
+        PreviewDestination(
+            destination_id=vm.destination_id,
+            mode=vm.mode,
+            parent_timestamp=vm.parent_timestamp,
+            estimated_bytes=vm.estimated_bytes,
+        )
+    ]
+    for dest in extra:
+        points = await points_of(jc, dest, vm.vm_name, vm.server_id)
+        newest = points[-1] if points else None
+        if (
+            vm.mode == "incremental"
+            and newest is not None
+            and newest.checkpoint is not None
+            and newest.checkpoint == vm.parent_checkpoint
+        ):
+            entries.append(
+                PreviewDestination(
+                    destination_id=dest,
+                    mode="incremental",
+                    parent_timestamp=newest.timestamp,
+                    estimated_bytes=vm.estimated_bytes,
+                )
+            )
+            continue
+        reason = (
+            "the run reads in full"
+            if vm.mode == "full"
+            else "no restore point yet"
+            if newest is None
+            else f"its newest point {newest.timestamp} is not of checkpoint {vm.parent_checkpoint}"
+        )
+        entries.append(
+            PreviewDestination(
+                destination_id=dest, mode="full", estimated_bytes=capacity, reason=reason
+            )
+        )
+    read = vm.estimated_bytes
+    if vm.mode == "incremental" and any(e.mode == "full" for e in entries):
+        read = capacity
+    return msgspec.structs.replace(vm, destinations=entries, estimated_bytes=read)
+
+
 def _total(vms: list[PreviewVm]) -> int | None:
     if any(v.estimated_bytes is None for v in vms):
         return None
@@ -314,9 +368,11 @@ async def plan_of(jc: JobContext, req: PlanRunRequest) -> tuple[PipelineSpec, st
 async def preview(jc: JobContext, req: PlanRunRequest) -> Preview:
     """Per VM and disk: full or incremental, the parent point and checkpoint, the bytes the
     run would read. ``offline_cached_only`` keeps the VMs resolvable from the cache."""
-    plan, dest, _ = await plan_of(jc, req)
+    plan, dest, extra = await plan_of(jc, req)
     targets = await resolve_targets(jc, plan, req.options)
     vms = list(await asyncio.gather(*(preview_vm(jc, s, v, dest, req.options) for s, v in targets)))
+    if extra:
+        vms = list(await asyncio.gather(*(with_destinations(jc, v, extra) for v in vms)))
     if req.options.offline_cached_only:
         vms = [v for v in vms if v.cached and v.mode == "incremental"]
     return Preview(

@@ -181,24 +181,29 @@ async def _step_jobs(jc: JobContext, run: PlanRun, index: int) -> tuple[list[str
         await each(lambda s, v: _submit_backup(jc, run, s, v, dest, extra))
     elif step.type == "verify":
         assert isinstance(chain_step, VerifyStep)
-        verify_dest = chain_step.destination or dest
+        # Every destination the backup step wrote, unless the step names one.
+        verify_dests = [chain_step.destination] if chain_step.destination else [dest, *extra]
 
-        async def verify_one(server: str, vm: str) -> Job:
-            from virtbackup.job_orchestrator.lifecycle_gc_commands import verify
+        def verify_in(verify_dest: str) -> Callable[[str, str], Any]:
+            async def verify_one(server: str, vm: str) -> Job:
+                from virtbackup.job_orchestrator.lifecycle_gc_commands import verify
 
-            return await verify(
-                jc,
-                VerifyRequest(
-                    destination_id=verify_dest,
-                    mode=chain_step.mode,
-                    sample_percent=chain_step.sample_percent,
-                    outdated_after_days=VERIFY_OUTDATED_AFTER_DAYS,
-                    server_id=server,
-                    vm_name=vm,
-                ),
-            )
+                return await verify(
+                    jc,
+                    VerifyRequest(
+                        destination_id=verify_dest,
+                        mode=chain_step.mode,
+                        sample_percent=chain_step.sample_percent,
+                        outdated_after_days=VERIFY_OUTDATED_AFTER_DAYS,
+                        server_id=server,
+                        vm_name=vm,
+                    ),
+                )
 
-        await each(verify_one)
+            return verify_one
+
+        for verify_dest in verify_dests:
+            await each(verify_in(verify_dest))
     elif step.type == "copy":
         assert isinstance(chain_step, CopyStep)
 

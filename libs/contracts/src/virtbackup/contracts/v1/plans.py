@@ -94,7 +94,7 @@ class BackupStep(Strict, kw_only=True, tag="backup", tag_field="type"):
 
 class VerifyStep(Strict, kw_only=True, tag="verify", tag_field="type"):
     """Verify the points the chain's backup step made (issue 14's verify job), in
-    ``destination`` (default: the backup step's first destination)."""
+    ``destination`` (default: every destination the backup step wrote)."""
 
     mode: Literal["full", "sample"] = "full"
     sample_percent: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
@@ -228,6 +228,18 @@ class PreviewDisk(Snake, frozen=True, kw_only=True):
     reason: str = ""
 
 
+class PreviewDestination(Snake, frozen=True, kw_only=True):
+    """What one destination of a backup writing to several would get: ``incremental`` on
+    its newest point (``parent_timestamp``) when that point has the checkpoint the read
+    starts from, else ``full``; ``estimated_bytes`` what it is sent (``None`` unknown)."""
+
+    destination_id: str
+    mode: Literal["full", "incremental"]
+    parent_timestamp: str | None = None
+    estimated_bytes: int | None = None
+    reason: str = ""
+
+
 class PreviewVm(Snake, frozen=True, kw_only=True):
     """What a run would do for one VM: ``parent_timestamp`` / ``parent_checkpoint`` the
     restore point and libvirt checkpoint it builds on (``None`` for a full);
@@ -244,6 +256,10 @@ class PreviewVm(Snake, frozen=True, kw_only=True):
     estimated_bytes: int | None = None
     cached: bool = False
     problems: list[str] = msgspec.field(default_factory=list)
+    #: A chain's backup step writing to several destinations: each one (the first is
+    #: ``destination_id``). ``estimated_bytes`` above is then what the one read takes:
+    #: every disk's capacity when one destination needs a full read.
+    destinations: list[PreviewDestination] = msgspec.field(default_factory=list)
 
 
 class Preview(Snake, frozen=True, kw_only=True):

@@ -19,8 +19,10 @@ from litestar.exceptions import HTTPException
 from virtbackup.contracts import buckets
 from virtbackup.contracts.subjects import JobCmd
 from virtbackup.contracts.v1.agents import AgentLease, AgentLeaseRequest, AgentStage
+from virtbackup.contracts.v1.common import shown
 from virtbackup.contracts.v1.jobs import Job, JobCancelRequest, JobList, JobListRequest
 from virtbackup.gateway.agent_auth import AGENT_SCOPE_KEY
+from virtbackup.gateway.agent_refs import refuse_if_named
 from virtbackup.gateway.agent_reports import lease_answer, report_status
 from virtbackup.gateway.agents_store import (
     AgentRecord,
@@ -229,7 +231,9 @@ class BackendAgentsController(Controller):
         )
         return await lease_answer(gw, agent_id, lease)
 
-    @post("/jobs/{job_id:str}/status", status_code=200, responses=responses(400, 401, 403, 404))
+    @post(
+        "/jobs/{job_id:str}/status", status_code=200, responses=responses(400, 401, 403, 404, 409)
+    )
     async def job_status(
         self, gw: Gateway, request: Request[Any, Any, Any], job_id: str, data: JobStatusBody
     ) -> dict[str, Any]:
@@ -250,10 +254,10 @@ class BackendAgentsController(Controller):
             for worker in await _workers(gw):
                 if worker["id"] == agent_id:
                     return worker
-            raise NotFound(f"agent {agent_id} not found")
+            raise NotFound(f"agent {shown(agent_id)} not found")
         agent = await _store(gw).get(agent_id)
         if agent is None:
-            raise NotFound(f"agent {agent_id} not found")
+            raise NotFound(f"agent {shown(agent_id)} not found")
         return _remote_view(agent)
 
     @post("/agents/{agent_id:str}/actions", status_code=200, responses=responses(400, 404))
@@ -273,11 +277,14 @@ class BackendAgentsController(Controller):
         cancelled = await _cancel_leased(gw, agent_id) if state == "deactivated" else []
         return {**_remote_view(agent), "cancelledJobIds": cancelled}
 
-    @delete("/agents/{agent_id:str}", status_code=200, responses=responses(404))
+    @delete("/agents/{agent_id:str}", status_code=200, responses=responses(404, 409))
     async def remove_agent(self, gw: Gateway, agent_id: str) -> dict[str, bool]:
-        """Forget a remote agent and revoke its key (401 for it from then on)."""
+        """Forget a remote agent and revoke its key (401 for it from then on); 409 naming
+        the servers whose ``agentId`` it still is."""
         if agent_id.startswith(WORKER_PREFIX):
             raise Conflict("a transfer worker is not removed here: scale it instead")
+        cfg, _ = await gw.config.load()
+        refuse_if_named(cfg, agent_id)
         await _cancel_leased(gw, agent_id)
         await _store(gw).remove(agent_id)
         return {"success": True}
@@ -315,15 +322,19 @@ async def assignment_hash(gw: Gateway, agent_id: str) -> str:
 
 
 async def _cancel_leased(gw: Gateway, agent_id: str) -> list[str]:
-    """Cancel (the orchestrator's cancel request) each active job leased to the agent;
-    the ids of those cancelled. A job already committing cannot be and is left to end."""
-    jobs = await gw.bus.request(JobCmd.LIST, JobListRequest(state="running"), JobList)
+    """Cancel (the orchestrator's cancel request) each active job of the agent: leased
+    or running, and queued for it but not leased yet (else it would run once the agent is
+    activated again); the ids of those cancelled. A job already committing cannot be and
+    is left to end."""
+    active: list[Job] = []
+    for state in ("queued", "running"):
+        listed = await gw.bus.request(
+            JobCmd.LIST, JobListRequest(state=state, type="backup"), JobList
+        )
+        active.extend(listed.jobs)
     cancelled = []
-    for job in jobs.jobs:
-        agent = job.result.get("agent")
-        if job.params.get("agentId") != agent_id or not isinstance(agent, dict):
-            continue
-        if not agent.get("leasedAt"):
+    for job in active:
+        if job.params.get("agentId") != agent_id:
             continue
         try:
             await gw.bus.request(JobCmd.CANCEL, JobCancelRequest(id=job.id), Job)

@@ -10,9 +10,10 @@ same records (``state: canceled``, ``status: cancelled``).
 Lists are paginated by offset (``limit`` 1-1000, default 100; ``offset``); the answer
 says ``total`` and the ``nextOffset`` (``null`` on the last page).
 
-``POST /api/v1/jobs/{id}/status``, ``/artifacts`` and ``/tests`` are the agent's side:
-today the agent token may post them for any active job (``reporter_of``); remote agents
-(``bak_`` keys) plug in there, limited to the jobs leased to them.
+``POST /api/v1/jobs/{id}/artifacts`` and ``/tests`` are the reporting side (the
+installation's token): a 409 naming the state once the job has ended, and for an
+artifact name posted already. A job's ``status`` report is the remote agents' route
+(``bak_`` keys, ``backend_agents.job_status``).
 """
 
 from __future__ import annotations
@@ -77,6 +78,19 @@ from virtbackup.runtime.errors import BadRequest
 #: Seconds ``POST /api/v1/jobs/{id}/cancel`` waits for the job to end before it answers
 #: 202 with the job still stopping.
 CANCEL_WAIT_SECONDS = 20.0
+#: Media types an artifact is served with as declared; any other is served as
+#: ``application/octet-stream``.
+INERT_MEDIA_TYPES = frozenset(
+    {
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "application/json",
+        "application/xml",
+        "text/xml",
+        "application/x-ndjson",
+    }
+)
+OCTET_STREAM = "application/octet-stream"
 
 
 def backend_view(job: Job) -> dict[str, Any]:
@@ -336,13 +350,18 @@ class BackendJobsController(Controller):
                     return
                 piece = await _piece(gw, job_id, name, offset)
 
+        # An agent declares its artifacts' types: only inert ones are served as declared,
+        # anything else (text/html, image/svg+xml, ...) as bytes, and nothing served
+        # here may run in a browser.
+        media = first.media_type if first.media_type in INERT_MEDIA_TYPES else OCTET_STREAM
         return Stream(
             body(),
-            media_type=first.media_type,
+            media_type=media,
             headers={
                 "content-length": str(first.size),
                 "content-disposition": f'attachment; filename="{name}"',
                 "x-content-type-options": "nosniff",
+                "content-security-policy": "default-src 'none'; sandbox",
             },
         )
 
@@ -355,7 +374,7 @@ class BackendJobsController(Controller):
         )
         return {"tests": [_builtins(t) for t in checks.tests]}
 
-    @post("/{job_id:str}/tests", status_code=201, responses=responses(404))
+    @post("/{job_id:str}/tests", status_code=201, responses=responses(404, 409))
     async def post_tests(self, gw: Gateway, job_id: JobIdParam, data: ChecksBody) -> dict[str, Any]:
         """Add an agent's verification results (1-100 per post): answers them all."""
         tests = [

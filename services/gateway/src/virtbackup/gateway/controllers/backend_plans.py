@@ -42,7 +42,7 @@ from virtbackup.contracts.v1.plans import (
 )
 from virtbackup.gateway.bodies import NoBody, SnakeBody
 from virtbackup.gateway.errors import responses
-from virtbackup.gateway.plans_yaml import MAX_YAML_CHARS, parse_project
+from virtbackup.gateway.plans_yaml import MAX_PROJECT_BYTES, MAX_YAML_CHARS, parse_project
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.errors import BadRequest, ServiceError
 
@@ -143,6 +143,14 @@ def read_source(gw: Gateway, name: str) -> str:
 async def _import(gw: Gateway, source: ProjectSource, *, replace: bool) -> Project:
     spec, lines = parse_project(source.yaml)
     req = ProjectImportRequest(spec=spec, source=source, lines=lines, replace=replace)
+    size = len(_encoder.encode(req))
+    if size > MAX_PROJECT_BYTES:
+        # One bus message and one VB_PLANS record carry the project: refuse what they
+        # cannot, rather than fail on NATS's payload limit.
+        raise BadRequest(
+            f"the project takes {size} bytes once parsed, more than the {MAX_PROJECT_BYTES}"
+            " a project may take; split it into several projects - at `$.yaml`"
+        )
     return await gw.bus.request(PlanCmd.IMPORT, req, Project, timeout=PLAN_TIMEOUT)
 
 
