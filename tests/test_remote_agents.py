@@ -385,6 +385,28 @@ async def test_deactivating_mid_job_cancels_it(
             break
         assert job["state"] in {"queued", "running"} and time.monotonic() < deadline, job
         await asyncio.sleep(0.1)
+    # The agent reports artifacts and tests of its job over HTTPS with its own key, and
+    # of no other job (backend-api.md: agent runtime routes).
+    gc = await api.post("/api/v1/destinations/other/gc", json={"graceSeconds": 86400})
+    assert gc.status_code in (200, 201, 202), gc.text
+    foreign = gc.json()["id"]  # a job of no agent
+    async with httpx.AsyncClient(base_url=sysm.url, verify=False, timeout=30) as as_agent:
+        headers = key_headers(agent["apiKey"])
+        note = {"name": "agent-note.txt", "content": "from the agent"}
+        resp = await as_agent.post(f"/api/v1/jobs/{job_id}/artifacts", json=note, headers=headers)
+        assert resp.status_code == 201, resp.text
+        check = {"tests": [{"check": "boot", "status": "passed", "disk": "vda"}]}
+        resp = await as_agent.post(f"/api/v1/jobs/{job_id}/tests", json=check, headers=headers)
+        assert resp.status_code == 201, resp.text
+        for path in ("artifacts", "tests"):
+            body = note if path == "artifacts" else check
+            resp = await as_agent.post(f"/api/v1/jobs/{foreign}/{path}", json=body, headers=headers)
+            assert resp.status_code == 404, resp.text
+        # Reading stays the admin's.
+        resp = await as_agent.get(f"/api/v1/jobs/{job_id}/artifacts", headers=headers)
+        assert resp.status_code == 401, resp.text
+    listed = (await api.get(f"/api/v1/jobs/{job_id}/artifacts")).json()["artifacts"]
+    assert "agent-note.txt" in [a["name"] for a in listed]
     resp = await api.post(
         f"/api/v1/agents/{agent['agentId']}/actions", json={"action": "deactivate"}
     )

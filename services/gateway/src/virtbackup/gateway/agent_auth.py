@@ -3,7 +3,8 @@
 * ``POST /api/v1/agent/register`` takes no header: its body's one-time registration
   token is its credential (checked by the handler).
 * An ``Authorization: Bearer bak_...`` key opens only the agent routes
-  (:data:`AGENT_ROUTES`: ``POST`` of the heartbeats, the lease and a job's status),
+  (:data:`AGENT_ROUTES`: ``POST`` of the heartbeats, the lease and a job's status,
+  artifacts and tests),
   and only while the key belongs to a registered agent; the agent's id is put in the
   ASGI scope (:data:`AGENT_SCOPE_KEY`) for the handler, which acts for that agent only
   (``backend_agents.calling_agent``). Anywhere else, or unknown or revoked, it is a 401
@@ -24,7 +25,7 @@ from virtbackup.gateway.auth import UNAUTHORIZED, ASGIApp, Receive, Scope, Send
 AGENT_SCOPE_KEY: Final = "virtbackup.agent_id"
 REGISTER_PATH: Final = "/api/v1/agent/register"
 AGENT_ROUTES: Final = re.compile(
-    r"^/api/v1/(heartbeat|agent/heartbeat|agent/lease|jobs/[^/]+/status)$"
+    r"^/api/v1/(heartbeat|agent/heartbeat|agent/lease|jobs/[^/]+/(status|artifacts|tests))$"
 )
 
 

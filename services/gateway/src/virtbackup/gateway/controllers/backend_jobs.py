@@ -68,12 +68,13 @@ from virtbackup.contracts.v1.jobs import (
     JobState,
     JobType,
 )
+from virtbackup.gateway.agent_auth import AGENT_SCOPE_KEY
 from virtbackup.gateway.bodies import Body, NoBody
 from virtbackup.gateway.controllers.jobs import job_view
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
-from virtbackup.runtime.errors import BadRequest
+from virtbackup.runtime.errors import BadRequest, NotFound
 
 #: Seconds ``POST /api/v1/jobs/{id}/cancel`` waits for the job to end before it answers
 #: 202 with the job still stopping.
@@ -310,10 +311,12 @@ class BackendJobsController(Controller):
 
     @post("/{job_id:str}/artifacts", status_code=201, responses=responses(404, 409))
     async def post_artifact(
-        self, gw: Gateway, job_id: JobIdParam, data: ArtifactBody
+        self, request: Request[Any, Any, Any], gw: Gateway, job_id: JobIdParam, data: ArtifactBody
     ) -> dict[str, Any]:
         """Keep an artifact an agent made (at most 256 KiB; VirtBackup's own names are
-        409)."""
+        409). A remote agent's ``bak_`` key may post only to the job leased to it (404
+        otherwise)."""
+        await _leased_to_caller(request, gw, job_id)
         if (data.content is None) == (data.content_base64 is None):
             raise BadRequest("give exactly one of content and contentBase64 - at `$.content`")
         if data.content is not None:
@@ -375,8 +378,12 @@ class BackendJobsController(Controller):
         return {"tests": [_builtins(t) for t in checks.tests]}
 
     @post("/{job_id:str}/tests", status_code=201, responses=responses(404, 409))
-    async def post_tests(self, gw: Gateway, job_id: JobIdParam, data: ChecksBody) -> dict[str, Any]:
-        """Add an agent's verification results (1-100 per post): answers them all."""
+    async def post_tests(
+        self, request: Request[Any, Any, Any], gw: Gateway, job_id: JobIdParam, data: ChecksBody
+    ) -> dict[str, Any]:
+        """Add an agent's verification results (1-100 per post): answers them all. A
+        remote agent's ``bak_`` key may post only to the job leased to it (404 otherwise)."""
+        await _leased_to_caller(request, gw, job_id)
         tests = [
             CheckOutcome(
                 check=t.check, status=t.status, disk=t.disk, point=t.point, detail=t.detail,
@@ -388,6 +395,18 @@ class BackendJobsController(Controller):
             JobCtlCmd.CHECKS_PUT, ChecksPutRequest(id=job_id, tests=tests), CheckList
         )
         return {"tests": [_builtins(t) for t in checks.tests]}
+
+
+async def _leased_to_caller(request: Request[Any, Any, Any], gw: Gateway, job_id: str) -> None:
+    """For a request authenticated by a remote agent's key (``agent_auth`` put its id in
+    the scope): ``NotFound`` unless the job is that agent's (``params.agentId``, set when
+    the job was queued for it), as its status reports are. The agent token passes."""
+    agent_id = request.scope.get(AGENT_SCOPE_KEY)
+    if not isinstance(agent_id, str) or not agent_id:
+        return
+    job = await gw.bus.request(JobCmd.GET, JobGetRequest(id=job_id), Job)
+    if job.params.get("agentId") != agent_id:
+        raise NotFound(f"job {shown(job_id)} is not leased to this agent")
 
 
 async def _piece(gw: Gateway, job_id: str, name: str, offset: int) -> ArtifactPiece:
