@@ -139,7 +139,6 @@ class JobCtlCmd:
     CLEAR_QUEUE: Final = command("job", "clear-queue")
     FLUSH: Final = command("job", "flush-history")
     RERUN: Final = command("job", "rerun")
-    REPORT: Final = command("job", "report")
     ARTIFACTS: Final = command("job", "artifacts")
     ARTIFACT_GET: Final = command("job", "artifact-get")
     ARTIFACT_PUT: Final = command("job", "artifact-put")

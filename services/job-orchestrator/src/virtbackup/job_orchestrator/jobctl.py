@@ -31,7 +31,6 @@ from virtbackup.contracts.v1.jobctl import (
     ARTIFACT_MAX_BYTES,
     ARTIFACT_PIECE_BYTES,
     CANCEL_LINE,
-    LINES_PER_REPORT,
     ArtifactGetRequest,
     ArtifactInfo,
     ArtifactList,
@@ -47,7 +46,6 @@ from virtbackup.contracts.v1.jobctl import (
     JobPage,
     JobQuery,
     JobRef,
-    ReportRequest,
     Rerun,
 )
 from virtbackup.contracts.v1.jobs import (
@@ -284,50 +282,6 @@ async def rerun(jc: JobContext, req: JobRef) -> Rerun:
     new: Job = await submitters[kind](jc, request)
     await joblog.try_append(jc.bus, new.id, f"[control] rerun of job {job.id}")
     return Rerun(job=new, rerun_of=job.id)
-
-
-def agent_holds(job: Job, reporter: str) -> bool:
-    """Whether ``reporter`` may report on ``job``: the agent token (``admin``) may on any
-    job; an agent (``agent:<id>``) only on the job leased to it (its ``owner``)."""
-    return reporter == "admin" or (reporter.startswith("agent:") and job.owner == reporter)
-
-
-@jobctl_commands.handler(JobCtlCmd.REPORT, ReportRequest)
-async def report(jc: JobContext, req: ReportRequest) -> Job:
-    """Record an agent's report: ``stage`` and ``progress`` in ``result.agentStatus``,
-    ``message`` and the byte counters on the job, ``output`` lines in its log. 409 once
-    the job has finished, 403-like ``Conflict`` when the reporter does not hold it."""
-    if len(req.output) > LINES_PER_REPORT:
-        raise BadRequest(f"at most {LINES_PER_REPORT} lines per report - at `$.output`")
-    if req.progress is not None and not 0 <= req.progress <= 100:
-        raise BadRequest("a percentage from 0 to 100 - at `$.progress`")
-
-    def change(job: Job) -> Job:
-        if job.state in TERMINAL_STATES:
-            raise Conflict(f"job {job.id} has already finished ({job.state})")
-        if not agent_holds(job, req.reporter):
-            raise Conflict(f"job {job.id} is not leased to {req.reporter}")
-        status = dict(job.result.get("agentStatus") or {})
-        if req.stage is not None:
-            status["stage"] = req.stage
-        if req.progress is not None:
-            status["progress"] = req.progress
-        status["reportedAt"] = utcnow_iso()
-        status["reporter"] = req.reporter
-        changes: dict[str, Any] = {"result": {**job.result, "agentStatus": status}}
-        if req.message is not None:
-            changes["message"] = req.message
-        if req.bytes_transferred is not None:
-            changes["bytes_transferred"] = req.bytes_transferred
-        if req.total_bytes is not None:
-            changes["total_bytes"] = req.total_bytes
-        return msgspec.structs.replace(job, updated_at=utcnow_iso(), **changes)
-
-    job = await jc.store.update(req.id, change)
-    for line in req.output:
-        await joblog.append(jc.bus, req.id, line, req.level)
-    await jc.bus.publish_event(EventType.JOB_UPDATED, job_payload(job), key=job.id)
-    return job
 
 
 # -- artifacts ------------------------------------------------------------------------

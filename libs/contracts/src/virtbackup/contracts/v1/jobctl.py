@@ -120,22 +120,6 @@ class Rerun(Message, frozen=True, kw_only=True):
     rerun_of: str
 
 
-class ReportRequest(Message, frozen=True, kw_only=True):
-    """An agent's report on a job it runs: stage, progress (0-100), a message, counters,
-    and output lines (at most ``LINES_PER_REPORT``) appended to the job's log."""
-
-    id: str
-    stage: str | None = None
-    progress: float | None = None
-    message: str | None = None
-    bytes_transferred: int | None = None
-    total_bytes: int | None = None
-    level: LogLevel = "info"
-    output: list[str] = msgspec.field(default_factory=list)
-    #: Who reports (``admin`` for the agent token; agents16: ``agent:<id>``).
-    reporter: str = "admin"
-
-
 class ArtifactInfo(Message, frozen=True, kw_only=True):
     name: str
     size: int

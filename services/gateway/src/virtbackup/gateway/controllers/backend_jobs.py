@@ -37,7 +37,6 @@ from virtbackup.contracts.v1.jobctl import (
     ARTIFACT_MAX_BYTES,
     ARTIFACT_NAME_PATTERN,
     CANCEL_ERROR,
-    LINES_PER_REPORT,
     ArtifactGetRequest,
     ArtifactInfo,
     ArtifactList,
@@ -55,8 +54,6 @@ from virtbackup.contracts.v1.jobctl import (
     JobPage,
     JobQuery,
     JobRef,
-    Line,
-    LogLevel,
     MediaType,
     Rerun,
 )
@@ -125,15 +122,6 @@ def backend_view(job: Job) -> dict[str, Any]:
     return out
 
 
-def reporter_of(request: Request[Any, Any, Any]) -> str:
-    """Who posts an agent's report: ``admin`` for the agent token. Hook for remote
-    agents: an authentication layer that accepts a ``bak_`` key sets
-    ``scope["virtbackup.agent_id"]``; the orchestrator then accepts the report only for
-    a job whose ``owner`` is ``agent:<that id>``."""
-    agent_id = request.scope.get("virtbackup.agent_id")
-    return f"agent:{agent_id}" if isinstance(agent_id, str) and agent_id else "admin"
-
-
 def parsed_when(value: str | None, name: str) -> str | None:
     """``value`` checked as an ISO-8601 date or time: 400 naming ``name`` otherwise."""
     if value is None:
@@ -149,22 +137,6 @@ class FlushBody(Body, kw_only=True):
     """``olderThan`` (ISO-8601): only jobs that finished before it."""
 
     older_than: str | None = None
-
-
-class StatusBody(Body, kw_only=True):
-    """An agent's report on a job it runs: ``stage`` (free text, e.g. ``reading``),
-    ``progress`` (0-100), ``message``, ``bytesTransferred``/``totalBytes``, and
-    ``output`` lines (at most 100) appended to the job's log at ``level``."""
-
-    stage: Annotated[str, msgspec.Meta(max_length=64)] | None = None
-    progress: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
-    message: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
-    bytes_transferred: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    total_bytes: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    level: LogLevel = "info"
-    output: Annotated[list[Line], msgspec.Meta(max_length=LINES_PER_REPORT)] = msgspec.field(
-        default_factory=list
-    )
 
 
 class ArtifactBody(Body, kw_only=True):
