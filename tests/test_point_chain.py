@@ -77,12 +77,19 @@ async def backup(api: httpx.AsyncClient, job_id: str | None = None) -> dict[str,
     """Back up the VM (or wait for backup ``job_id``), and for the prune that follows it."""
     job = await wait_job(api, job_id or await start_backup(api))
     assert job["state"] == "success", job
-    prunes = [
-        j
-        for j in (await api.get("/jobs")).json()
-        if j["type"] == "prune" and j["vmName"] == VM and j["createdAt"] >= job["finishedAt"]
-    ]
-    assert len(prunes) == 1, prunes
+    # The prune is submitted just after the backup's final state is written (runner.run
+    # ends the job, then calls points.auto_prune): poll for it, bounded.
+    prunes: list[dict[str, Any]] = []
+    for _ in range(100):
+        prunes = [
+            j
+            for j in (await api.get("/jobs")).json()
+            if j["type"] == "prune" and j["vmName"] == VM and j["createdAt"] >= job["finishedAt"]
+        ]
+        if prunes:
+            break
+        await asyncio.sleep(0.1)
+    assert len(prunes) == 1, (prunes, job["message"])
     prune = await wait_job(api, prunes[0]["id"])
     assert prune["state"] == "success", prune
     assert prune["params"]["automatic"] is True
