@@ -633,6 +633,23 @@ async def test_plans_pin_only_the_agent_of_their_servers(
         assert "$.agent_id" in refused.json()["error"], refused.text
     assert len((await api.get("/jobs")).json()) == before  # nothing created
 
+    # Deactivated, the agent leases nothing: listed as not eligible, and pinning it is
+    # refused (the orchestrator cannot see VB_AGENTS; the gateway says so).
+    actions = f"/api/v1/agents/{agent['agentId']}/actions"
+    assert (await api.post(actions, json={"action": "deactivate"})).status_code == 200
+    try:
+        off = (await eligible("remote"))[agent["agentId"]]
+        assert off["eligible"] is False and "agent is deactivated" in off["reason"], off
+        refused = await api.post(
+            f"/api/v1/pipelines/{project}.remote/run-selection", json={"agent_id": agent["agentId"]}
+        )
+        assert refused.status_code == 400, refused.text
+        assert "deactivated" in refused.text and "$.agent_id" in refused.text
+        assert len((await api.get("/jobs")).json()) == before
+    finally:
+        assert (await api.post(actions, json={"action": "activate"})).status_code == 200
+    assert (await eligible("remote"))[agent["agentId"]]["eligible"] is True
+
     resp = await api.post(
         f"/api/v1/pipelines/{project}.remote/run-selection", json={"agent_id": agent["agentId"]}
     )
