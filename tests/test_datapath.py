@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -421,3 +422,60 @@ async def test_bad_input(api: httpx.AsyncClient) -> None:
             resp = await api.get(path)
         assert resp.status_code == status, (path, body, resp.text)
         assert message in resp.json()["error"], (path, body, resp.json())
+
+
+async def test_a_plan_run_pinned_to_a_worker_is_read_by_that_worker_only(
+    api: httpx.AsyncClient, dp: System, vm: SmallVm, conn: Connection
+) -> None:
+    """backend-api.md's ``agent_id`` pins a run to one eligible agent: pinned to
+    ``worker:<name>``, every unit of the backup is read by that worker (its own
+    consumer of ``vb.work.pinned.<name>.>``), for each of the two workers in turn, while
+    an unpinned backup spreads over both (test above). A worker that is not running
+    cannot be pinned (400 naming ``$.agent_id``)."""
+    project = f"pin{os.getpid()}"
+    plan_yaml = (
+        f"id: {project}\npipelines:\n  - id: one\n    vms:\n      - server: local\n"
+        f"        vm: {VM}\n    destination: fs\n"
+    )
+    resp = await api.post("/api/v1/projects/import", json={"yaml": plan_yaml})
+    assert resp.status_code == 201, resp.text
+    agents = (await api.post(f"/api/v1/pipelines/{project}.one/eligible-agents")).json()
+    # The worker killed above keeps its record until VB_WORKERS' TTL (30 s) ends it:
+    # the live ones are those that beat within a heartbeat period (10 s) of the newest.
+    beats = {
+        a["id"]: datetime.fromisoformat(a["last_seen"])
+        for a in agents["agents"]
+        if a["kind"] == "transfer-worker"
+    }
+    newest = max(beats.values())
+    workers = sorted(w for w, seen in beats.items() if (newest - seen).total_seconds() < 12)
+    assert len(workers) == 2, agents
+    refused = await api.post(
+        f"/api/v1/pipelines/{project}.one/run-selection", json={"agent_id": "worker:gone-1"}
+    )
+    assert refused.status_code == 400 and "$.agent_id" in refused.text, refused.text
+    nc = await connect(dp.nats)
+    try:
+        js = nc.jetstream()
+        for pinned in workers:
+            resp = await api.post(
+                f"/api/v1/pipelines/{project}.one/run-selection",
+                json={"agent_id": pinned, "source_ref": "full"},
+            )
+            assert resp.status_code == 200, resp.text
+            (job_id,) = resp.json()["job_ids"]
+            job = await wait_job(api, job_id)
+            assert job["state"] == "success", job
+            assert job["params"]["pinnedAgentId"] == pinned
+            assert job["totalUnits"] >= 2, job
+            sub = await js.subscribe(f"vb.evt.unit.done.{job_id}", ordered_consumer=True)
+            readers = set()
+            for _ in range(job["totalUnits"]):
+                msg = await sub.next_msg(timeout=5)
+                name = json.loads(msg.data)["payload"]["worker"]
+                readers.add("".join(c if c.isalnum() or c in "-_" else "_" for c in name))
+            await sub.unsubscribe()
+            assert readers == {pinned.removeprefix("worker:")}, (pinned, readers)
+    finally:
+        await nc.drain()
+        assert (await api.delete(f"/api/v1/projects/{project}")).status_code == 200

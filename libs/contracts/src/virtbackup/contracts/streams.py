@@ -32,6 +32,8 @@ class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True):
     ack_wait_seconds: float
     max_deliver: int
     max_ack_pending: int = 1000
+    #: Seconds without a pull after which the server deletes the consumer (None: never).
+    inactive_threshold_seconds: float | None = None
 
 
 EVENTS: Final = StreamSpec(
@@ -58,6 +60,24 @@ TRANSFER_CONSUMER: Final = ConsumerSpec(
     ack_wait_seconds=30.0,
     max_deliver=5,
 )
+
+
+def pinned_consumer(worker: str) -> ConsumerSpec:
+    """The consumer of the units pinned to the transfer worker ``worker`` (its
+    ``VB_WORKERS`` key, a single subject token): durable ``pinned-<worker>``, filter
+    ``vb.work.pinned.<worker>.>`` (apart from the shared consumer's, as a work-queue
+    stream requires); the same delivery settings as :data:`TRANSFER_CONSUMER`."""
+    return ConsumerSpec(
+        durable=f"pinned-{worker}",
+        stream=WORK.name,
+        filter_subject=f"{subjects.WORK_PINNED}.{worker}.>",
+        ack_wait_seconds=TRANSFER_CONSUMER.ack_wait_seconds,
+        max_deliver=TRANSFER_CONSUMER.max_deliver,
+        # A worker's name carries its pid: the consumer of one that died without
+        # deleting it (``stop``) is removed by the server after an hour unused.
+        inactive_threshold_seconds=3600.0,
+    )
+
 
 NOTIFY: Final = StreamSpec(
     name="VB_NOTIFY",

@@ -21,6 +21,10 @@ EVENTS_ALL: Final = "vb.evt.>"
 WORK_ALL: Final = "vb.work.>"
 WORK_TRANSFER: Final = "vb.work.transfer"
 WORK_TRANSFER_ALL: Final = "vb.work.transfer.>"
+#: Units of a job pinned to one transfer worker (a plan run's ``agent_id``):
+#: ``vb.work.pinned.<worker>.<job>``, read by that worker's own consumer only.
+WORK_PINNED: Final = "vb.work.pinned"
+WORK_PINNED_ALL: Final = "vb.work.pinned.>"
 #: Deliveries the notifier owes (``VB_NOTIFY``): one subject per webhook, one for ntfy.
 NOTIFY_ROOT: Final = "vb.notify"
 NOTIFY_ALL: Final = "vb.notify.>"
@@ -46,6 +50,16 @@ def work_transfer(job_id: str) -> str:
     """Subject of a job's transfer units (purged by job when a job is cancelled)."""
     _check_token(job_id)
     return f"{WORK_TRANSFER}.{job_id}"
+
+
+def work_pinned(worker: str, job_id: str) -> str:
+    """Subject of a job's transfer units pinned to the transfer worker ``worker`` (its
+    ``VB_WORKERS`` key); ``worker`` ``*`` gives the filter of the job's pinned units on
+    any worker (to purge them)."""
+    if worker != "*":
+        _check_token(worker)
+    _check_token(job_id)
+    return f"{WORK_PINNED}.{worker}.{job_id}"
 
 
 # The five services. Their names are also the NATS queue groups they answer commands in.

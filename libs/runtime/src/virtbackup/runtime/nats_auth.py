@@ -215,6 +215,7 @@ def _job_orchestrator() -> _Grants:
     g.reads(buckets.WORKERS, create=False)  # is the worker serving an export alive?
     g.publish += _provision_stream(streams.WORK)
     g.sends(subjects.WORK_TRANSFER_ALL, f"{API}.STREAM.PURGE.{streams.WORK.name}")
+    g.sends(subjects.WORK_PINNED_ALL)  # units pinned to one worker (a plan's agent_id)
     # Job output logs: written, read (artifacts) and purged with their job; job files.
     logs = streams.JOB_LOGS.name
     g.publish += _provision_stream(streams.JOB_LOGS) + _consume_stream(logs)
@@ -243,6 +244,18 @@ def _transfer_worker() -> _Grants:
         f"{API}.CONSUMER.INFO.{work}.{durable}",
         f"{API}.CONSUMER.MSG.NEXT.{work}.{durable}",
         f"$JS.ACK.{work}.{durable}.>",  # ack, nak, term and every in_progress
+    )
+    # Its own consumer of the units pinned to it, ``pinned-<worker name>``: a durable
+    # name is one subject token, so the grant covers any consumer name of VB_WORK (all
+    # workers share one NATS user, so NATS could not tell them apart anyway).
+    g.sends(
+        f"{API}.CONSUMER.CREATE.{work}.*",
+        f"{API}.CONSUMER.CREATE.{work}.*.>",
+        f"{API}.CONSUMER.DURABLE.CREATE.{work}.*",
+        f"{API}.CONSUMER.INFO.{work}.*",
+        f"{API}.CONSUMER.MSG.NEXT.{work}.*",
+        f"{API}.CONSUMER.DELETE.{work}.*",
+        f"$JS.ACK.{work}.*.>",
     )
     return g
 

@@ -82,6 +82,7 @@ async def ensure_consumer(
         max_deliver=spec.max_deliver,
         max_ack_pending=spec.max_ack_pending,
         deliver_policy=DeliverPolicy.NEW if new_only else DeliverPolicy.ALL,
+        inactive_threshold=spec.inactive_threshold_seconds,
     )
     await js.add_consumer(spec.stream, config)
 

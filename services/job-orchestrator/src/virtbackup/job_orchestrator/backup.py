@@ -27,7 +27,9 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import msgspec
+from nats.js.errors import InvalidKeyError, KeyNotFoundError
 
+from virtbackup.contracts import buckets
 from virtbackup.contracts.subjects import InventoryCmd
 from virtbackup.contracts.v1.inventory import (
     BackupBeginRequest,
@@ -58,7 +60,7 @@ from virtbackup.repository.verification import read_verification
 from virtbackup.runtime import joblog, timeouts
 from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.clock import utcnow_iso
-from virtbackup.runtime.errors import ServiceError, Unavailable
+from virtbackup.runtime.errors import NotFound, ServiceError, Unavailable
 from virtbackup.storage.errors import NotFoundError, StorageError
 
 log = logging.getLogger(__name__)
@@ -239,6 +241,32 @@ async def _parent(
     return parent, False
 
 
+#: How a plan run pins a backup to one transfer worker: ``params.pinnedAgentId`` is
+#: ``worker:<its VB_WORKERS key>`` (as ``eligible-agents`` lists it).
+WORKER_PIN_PREFIX = "worker:"
+
+
+async def pinned_worker(jc: JobContext, job: Job) -> str | None:
+    """The ``VB_WORKERS`` key of the transfer worker the job is pinned to, or ``None``
+    when it is not pinned to a worker. Raises ``JobFailed`` when that worker is not
+    running (no heartbeat record): its units would wait for it until the job stalls."""
+    pin = job.params.get("pinnedAgentId")
+    if not isinstance(pin, str) or not pin.startswith(WORKER_PIN_PREFIX):
+        return None
+    key = pin[len(WORKER_PIN_PREFIX) :]
+    try:
+        entry = await (await jc.bus.key_value(buckets.WORKERS)).get(key)
+        alive = entry.value is not None
+    except (NotFound, KeyNotFoundError, InvalidKeyError):
+        alive = False
+    if not alive:
+        raise JobFailed(
+            f"the run is pinned to transfer worker {key!r}, which is not running "
+            "(GET /api/v1/agents lists the live ones)"
+        )
+    return key
+
+
 async def run_backup(jc: JobContext, job: Job) -> str:
     """Run the backup; returns the success message (raises on failure or cancel).
 
@@ -252,6 +280,7 @@ async def run_backup(jc: JobContext, job: Job) -> str:
     server = next(s for s in cfg.servers if s.id == job.server_id)
     if job.params.get("agentId"):
         return await run_agent_backup(jc, job)  # its agent reads and writes (agent_jobs)
+    await pinned_worker(jc, job)  # checked before the begin: nothing to undo if gone
     fraction = partial_max_fraction(find_destination(cfg, job.destination_id).driver_id)
     order = [job.destination_id, *also_destinations(job)]
     repos: dict[str, Repository] = {}
@@ -492,7 +521,9 @@ async def _transfer(
             **({"destinations": outcome(order, {}, fan.failed, stamps)} if fanned else {}),
         },
     )
-    progress = await jc.run_units(job.id, fan.units, fan.total_bytes, on_result)
+    progress = await jc.run_units(
+        job.id, fan.units, fan.total_bytes, on_result, pinned_worker=await pinned_worker(jc, job)
+    )
     if not fan.alive():
         raise JobFailed("every destination failed: " + summary(order, {}, fan.failed))
 

@@ -393,8 +393,11 @@ class JobContext:
         units: Sequence[TransferUnit],
         total_bytes: int,
         on_result: Callable[[UnitResult], None],
+        *,
+        pinned_worker: str | None = None,
     ) -> Progress:
-        """Publish ``units`` and wait for all of them, updating the job's progress.
+        """Publish ``units`` and wait for all of them, updating the job's progress;
+        ``pinned_worker``: the only transfer worker (its ``VB_WORKERS`` key) to read them.
 
         Raises ``JobCanceled`` or ``UnitFailed``; the job's queued units are purged then.
         """
@@ -403,6 +406,7 @@ class JobContext:
             job_id,
             self.cancel_event(job_id),
             stall_seconds=self.settings.job_stall_timeout,
+            pinned_worker=pinned_worker,
         )
         progress = Progress(
             self.store, self.bus, job_id, total_units=len(units), total_bytes=total_bytes

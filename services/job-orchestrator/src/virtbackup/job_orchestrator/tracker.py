@@ -34,6 +34,8 @@ class UnitTracker:
     job_id: str
     canceled: asyncio.Event
     stall_seconds: float = 600.0
+    #: The transfer worker (``VB_WORKERS`` key) the units go to, or any worker (None).
+    pinned_worker: str | None = None
     done: dict[int, UnitResult] = field(default_factory=dict)
     #: Distinct units published (a unit published twice counts once).
     published: int = 0
@@ -46,9 +48,14 @@ class UnitTracker:
         self._feed = await EventFeed(self.bus, subject, start="new").open()
 
     async def publish(self, units: Sequence[TransferUnit]) -> None:
-        """Queue ``units`` on ``vb.work.transfer.<job>``; a unit published twice (same job
-        and unit number, within the stream's duplicate window) is queued once."""
-        subject = subjects.work_transfer(self.job_id)
+        """Queue ``units`` on ``vb.work.transfer.<job>`` (``vb.work.pinned.<worker>.<job>``
+        when pinned); a unit published twice (same job and unit number, within the
+        stream's duplicate window) is queued once."""
+        subject = (
+            subjects.work_pinned(self.pinned_worker, self.job_id)
+            if self.pinned_worker
+            else subjects.work_transfer(self.job_id)
+        )
         for unit in units:
             await publish_work(
                 self.bus,
@@ -86,8 +93,9 @@ class UnitTracker:
             yield result
 
     async def purge(self) -> None:
-        """Drop the job's units still queued (after a cancel or a failure)."""
+        """Drop the job's units still queued (after a cancel or a failure), pinned or not."""
         await purge_subject(self.bus, streams.WORK, subjects.work_transfer(self.job_id))
+        await purge_subject(self.bus, streams.WORK, subjects.work_pinned("*", self.job_id))
 
     async def close(self) -> None:
         """Stop following results (idempotent)."""

@@ -144,14 +144,21 @@ class Resources:
 
 
 class Worker:
-    """Works the units ``consumer`` hands out, ``worker_units`` at a time."""
+    """Works the units ``consumer`` hands out, ``worker_units`` at a time, and those of
+    ``pinned`` (this worker's own consumer of the units pinned to it, if given), as many
+    again: both share the byte budget, the caches and the job-end handling."""
 
     def __init__(
-        self, ctx: ServiceContext, uctx: UnitContext, consumer: WorkConsumer[TransferUnit]
+        self,
+        ctx: ServiceContext,
+        uctx: UnitContext,
+        consumer: WorkConsumer[TransferUnit],
+        pinned: WorkConsumer[TransferUnit] | None = None,
     ) -> None:
         self.ctx = ctx
         self.uctx = uctx
         self.consumer = consumer
+        self.pinned = pinned
         self.res = Resources(ctx)
         #: NBD exports in use per job: a cache, dropped when the job ends.
         self.active: dict[str, set[str]] = {}
@@ -167,11 +174,17 @@ class Worker:
 
     async def run(self) -> None:
         """Work units until the service stops."""
+        consumers = [self.consumer, *([self.pinned] if self.pinned else [])]
         try:
-            await self.consumer.serve(
-                self.handle,
-                concurrency=self.ctx.settings.worker_units,
-                stopping=self.ctx.stopping,
+            await asyncio.gather(
+                *(
+                    c.serve(
+                        self.handle,
+                        concurrency=self.ctx.settings.worker_units,
+                        stopping=self.ctx.stopping,
+                    )
+                    for c in consumers
+                )
             )
         finally:
             await self.res.close()

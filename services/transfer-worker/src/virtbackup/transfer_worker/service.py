@@ -19,7 +19,7 @@ from virtbackup.runtime import __version__
 from virtbackup.runtime.agent_config import read_agent_config
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.service import ServiceContext, ServiceSpec
-from virtbackup.runtime.work import WorkConsumer
+from virtbackup.runtime.work import WorkConsumer, drop_work_consumer
 from virtbackup.transfer_worker.allocator import keep_large_buffers
 from virtbackup.transfer_worker.budget import ByteBudget
 from virtbackup.transfer_worker.consumer import Worker, follow_job_ends
@@ -86,10 +86,19 @@ def transfer_consumer(ctx: ServiceContext) -> streams.ConsumerSpec:
     )
 
 
+def pinned_consumer(ctx: ServiceContext) -> streams.ConsumerSpec:
+    return msgspec.structs.replace(
+        streams.pinned_consumer(_key(ctx)), ack_wait_seconds=ctx.settings.work_ack_wait
+    )
+
+
 async def start(ctx: ServiceContext) -> None:
     keep_large_buffers()
     consumer = WorkConsumer(ctx.bus, transfer_consumer(ctx), TransferUnit)
     await consumer.ensure()
+    # The units a plan run pins to this worker (``agent_id: worker:<key>``).
+    pinned = WorkConsumer(ctx.bus, pinned_consumer(ctx), TransferUnit)
+    await pinned.ensure()
     cfg, _ = await read_agent_config(ctx.bucket(buckets.CONFIG))
     threads = ctx.settings.worker_threads or os.cpu_count() or 2
     uctx = UnitContext(
@@ -97,7 +106,7 @@ async def start(ctx: ServiceContext) -> None:
         executor=ThreadPoolExecutor(threads, thread_name_prefix="chunk"),
         budget=ByteBudget(cfg.hashblocks_limit_buffer_mb << 20),
     )
-    worker = Worker(ctx, uctx, consumer)
+    worker = Worker(ctx, uctx, consumer, pinned)
     ix = _exports[id(ctx)]
     ix.executor = uctx.executor
     ctx.spawn(ix.follow(), "instant-exports")
@@ -111,6 +120,9 @@ async def stop(ctx: ServiceContext) -> None:
     if ix is not None:
         await ix.close_all()
     await ctx.bucket(buckets.WORKERS).delete(_key(ctx))
+    # Units still pinned here stay queued (and fail their job when it stalls): the
+    # consumer goes, the stream keeps them.
+    await drop_work_consumer(ctx.bus, streams.WORK, pinned_consumer(ctx).durable)
 
 
 SPEC = ServiceSpec(
