@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 from xml.etree import ElementTree as ET
 
@@ -114,10 +114,22 @@ async def cancel_job(jc: JobContext, req: JobCancelRequest) -> Job:
 
 @commands.handler(JobCmd.BACKUP, BackupRequest)
 async def backup(jc: JobContext, req: BackupRequest) -> Job:
-    """Start a backup of every disk of a VM; ``Conflict`` naming the job if the VM
-    already has a backup or restore running (on any replica). Any name libvirt accepts
-    has a folder in the repository (``repository.format.vm_segment``; a long one's is
-    hashed); ``BadRequest`` naming ``vmName`` only for text no name can be."""
+    """Start a backup of every disk of a VM (``submit_backup``)."""
+    return await submit_backup(jc, req)
+
+
+async def submit_backup(
+    jc: JobContext, req: BackupRequest, params: Mapping[str, Any] | None = None
+) -> Job:
+    """Start a backup of every disk of a VM, with ``params`` added to the job's (a plan
+    run's ``planRunId`` and the like); ``Conflict`` naming the job if the VM already has
+    a backup or restore running (on any replica). Any name libvirt accepts has a folder
+    in the repository (``repository.format.vm_segment``; a long one's is hashed);
+    ``BadRequest`` naming ``vmName`` only for text no name can be, ``alsoDestinationIds``
+    for extra destinations that are unknown or that a remote agent's server cannot have;
+    ``NotFound`` for an unknown server, destination or (on a server the inventory
+    reaches) VM. A server whose ``agentId`` names a remote agent is backed up by that
+    agent (``params.agentId``)."""
     try:
         vm_segment(req.vm_name)
     except ValueError as exc:
@@ -141,7 +153,7 @@ async def backup(jc: JobContext, req: BackupRequest) -> Job:
             VmInfo,
             timeout=timeouts.INVENTORY_QUERY,
         )
-    params: dict[str, Any] = {"fresh": req.fresh and jc.settings.debug}
+    params = {"fresh": req.fresh and jc.settings.debug, **(params or {})}
     if agent_id is not None:
         params["agentId"] = agent_id
     if not also:

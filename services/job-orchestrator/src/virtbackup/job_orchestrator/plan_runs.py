@@ -21,12 +21,8 @@ from typing import Any, Final, Literal
 import msgspec
 from nats.js.errors import KeyNotFoundError
 
-from virtbackup.contracts.subjects import InventoryCmd, PlanCmd
-from virtbackup.contracts.v1.inventory import (
-    VmInfo,
-    VmRef,
-)
-from virtbackup.contracts.v1.jobs import TERMINAL_STATES, CopyRequest, Job
+from virtbackup.contracts.subjects import PlanCmd
+from virtbackup.contracts.v1.jobs import TERMINAL_STATES, BackupRequest, CopyRequest, Job
 from virtbackup.contracts.v1.lifecycle_gc import VerifyRequest
 from virtbackup.contracts.v1.plans import (
     BackupStep,
@@ -40,7 +36,6 @@ from virtbackup.contracts.v1.plans import (
     VerifyStep,
 )
 from virtbackup.contracts.v1.points import PruneRequest
-from virtbackup.job_orchestrator.agent_jobs import agent_of
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.plan_preview import (
     age_seconds,
@@ -62,11 +57,9 @@ from virtbackup.job_orchestrator.plan_store import (
     plans_kv,
     update_run,
 )
-from virtbackup.runtime import timeouts
 from virtbackup.runtime.bus import new_id
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import (
-    BadRequest,
     Conflict,
     NotFound,
     ServiceError,
@@ -96,66 +89,27 @@ async def _submit_backup(
     destination_id: str,
     extra: list[str],
 ) -> Job:
-    """A backup job of one VM of the run, its params naming the run (``planRunId``,
-    ``pipelineDbId``/``chainDbId``, ``sourceRef``, ``pinnedAgentId``). ``extra``: more
-    destinations written from the same read (the fan-out backup, as
-    ``BackupRequest.also_destination_ids``: checked and their VM folders locked the same
-    way, 400 naming ``alsoDestinationIds``)."""
-    from virtbackup.job_orchestrator.fanout import PARAM as ALSO_PARAM
-    from virtbackup.job_orchestrator.fanout_submit import also_folders, check_also_destinations
-    from virtbackup.job_orchestrator.runner import execute
+    """A backup job of one VM of the run (``handlers.submit_backup``, with the plan's
+    extra destinations ``extra`` as ``alsoDestinationIds``), its params naming the run
+    (``planRunId``, ``pipelineDbId``/``chainDbId``, ``sourceRef``, ``pinnedAgentId``)."""
+    from virtbackup.job_orchestrator.handlers import submit_backup
 
-    params: dict[str, Any] = {"fresh": False, "planRunId": run.id}
+    params: dict[str, Any] = {"planRunId": run.id}
     if run.options.source_ref is not None:
         params["sourceRef"] = run.options.source_ref
     if run.options.agent_id is not None:
-        # Pinned by the run (``agent_id``): recorded, not to be confused with
-        # ``agentId``, which makes a backup a remote agent's job (agent_jobs).
+        # Pinned by the run (``agent_id``): a worker reads all its units
+        # (``backup.pinned_worker``); not to be confused with ``agentId``, which makes a
+        # backup a remote agent's job (agent_jobs).
         params["pinnedAgentId"] = run.options.agent_id
     if run.pipeline_db_id:
         params["pipelineDbId"] = run.pipeline_db_id
     if run.chain_db_id:
         params["chainDbId"] = run.chain_db_id
-    cfg = await jc.config()
-    remote = agent_of(cfg, server)
-    also = check_also_destinations(cfg, destination_id, extra)
-    if remote is not None:
-        if also:
-            raise BadRequest(
-                f"alsoDestinationIds: server {server} is backed up by remote agent {remote}, "
-                "which writes one destination per backup"
-            )
-        # The server's VMs are backed up by its remote agent (handlers.backup does the
-        # same); the inventory does not reach that host.
-        params["agentId"] = remote
-    else:
-        await jc.bus.request(
-            InventoryCmd.VM_INFO,
-            VmRef(server_id=server, vm_name=vm),
-            VmInfo,
-            timeout=timeouts.INVENTORY_QUERY,
-        )
-    if not also:
-        return await jc.submit(
-            "backup",
-            server_id=server,
-            vm_name=vm,
-            destination_id=destination_id,
-            params=params,
-            lock_vm=True,
-            run=execute,
-        )
-    async with also_folders(jc, vm, also) as job_id:
-        return await jc.submit(
-            "backup",
-            server_id=server,
-            vm_name=vm,
-            destination_id=destination_id,
-            params={**params, ALSO_PARAM: also},
-            lock_vm=True,
-            run=execute,
-            job_id=job_id,
-        )
+    req = BackupRequest(
+        server_id=server, vm_name=vm, destination_id=destination_id, also_destination_ids=extra
+    )
+    return await submit_backup(jc, req, params)
 
 
 async def _step_jobs(jc: JobContext, run: PlanRun, index: int) -> tuple[list[str], list[str]]:
