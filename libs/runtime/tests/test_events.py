@@ -17,7 +17,7 @@ from virtbackup.contracts.streams import EVENTS
 from virtbackup.runtime.bus import Bus
 from virtbackup.runtime.errors import NotFound
 from virtbackup.runtime.events import EventFeed
-from virtbackup.runtime.kv import keys, read_value
+from virtbackup.runtime.kv import keys, read_value, valid_key
 from virtbackup.runtime.nats_server import NatsServer
 from virtbackup.runtime.provision import ensure_bucket
 
@@ -173,3 +173,9 @@ async def test_read_value_decodes_or_says_none(bus: Bus) -> None:
     await kv.put("bad", b'{"a": "x"}')
     with pytest.raises(msgspec.ValidationError):
         await read_value(kv, "bad", Value)
+    # A key no bucket can hold is simply not there (nats-py would raise InvalidKeyError,
+    # and let "k\n" through its own check).
+    for key in ("", ".k", "k.", "k\n", "a b", "a*", "a>", "x" * 1025):
+        assert not valid_key(key), key
+        assert await read_value(kv, key, Value) is None
+    assert valid_key("vc-1.a/b=c_d") and valid_key("x" * 1024)

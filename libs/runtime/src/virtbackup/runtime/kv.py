@@ -8,7 +8,8 @@ and ``[]``, so callers need no ``nats`` imports.
 from __future__ import annotations
 
 import asyncio
-from typing import TypeVar
+import re
+from typing import Final, TypeVar
 
 import msgspec
 from nats.js.errors import KeyNotFoundError
@@ -16,11 +17,25 @@ from nats.js.kv import KeyValue
 
 T = TypeVar("T")
 
+#: A key of a NATS KV bucket (ADR-8, as nats-py checks it): letters, digits and
+#: ``-/_=.``, neither starting nor ending with a dot; at most 1024 characters here.
+_KEY: Final = re.compile(r"[-/_=.A-Za-z0-9]{1,1024}")
+
+
+def valid_key(key: str) -> bool:
+    """Whether ``key`` can be a key of a bucket: a user-given id that cannot is unknown
+    (a 404) or refused (a 400 naming the field), never passed to nats-py, which raises
+    ``InvalidKeyError`` (and lets a trailing newline through its own ``$`` check)."""
+    return bool(_KEY.fullmatch(key)) and key[0] != "." and key[-1] != "."
+
 
 async def read_value(kv: KeyValue, key: str, value_type: type[T]) -> T | None:
     """The value of ``key`` decoded from JSON as ``value_type``; None when the key does not
-    exist or was deleted. ``msgspec.ValidationError``/``DecodeError`` when it does not
-    decode; NATS errors (e.g. a timeout) pass through."""
+    exist or was deleted, or cannot be a key (``valid_key``).
+    ``msgspec.ValidationError``/``DecodeError`` when it does not decode; NATS errors
+    (e.g. a timeout) pass through."""
+    if not valid_key(key):
+        return None
     try:
         entry = await kv.get(key)
     except KeyNotFoundError:  # also KeyDeletedError

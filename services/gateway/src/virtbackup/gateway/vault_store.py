@@ -25,7 +25,7 @@ from typing import Any, Final
 import asyncssh
 import httpx
 import msgspec
-from nats.js.errors import InvalidKeyError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from virtbackup.contracts.v1.config import (
@@ -46,6 +46,7 @@ from virtbackup.contracts.v1.vault import (
 from virtbackup.gateway.host_keys import HostKeyUnavailable, fetch_host_key
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import BadRequest, Conflict, NotFound
+from virtbackup.runtime.kv import valid_key
 from virtbackup.runtime.sealing import SecretBox, SecretKeyError
 from virtbackup.runtime.vault import VaultCipher
 from virtbackup.storage.errors import InvalidParamsError, StorageError
@@ -159,9 +160,11 @@ class VaultStore:
     # -- records -------------------------------------------------------------------
 
     async def _get(self, connection_id: str) -> tuple[_Record, int]:
+        if not valid_key(connection_id):
+            raise NotFound(f"vault connection {connection_id[:200]!r} not found")
         try:
             entry = await self.kv.get(connection_id)
-        except (KeyNotFoundError, InvalidKeyError, ValueError):
+        except KeyNotFoundError:
             raise NotFound(f"vault connection {connection_id!r} not found") from None
         if entry.value is None:
             raise NotFound(f"vault connection {connection_id!r} not found")
@@ -218,15 +221,15 @@ class VaultStore:
         and whether the test passed. ``Conflict`` when the id is taken."""
         public, secret = _split(body)
         connection_id = body.id or f"vc-{secrets.token_hex(6)}"
+        if not valid_key(connection_id):
+            raise BadRequest(
+                f"id: {connection_id[:200]!r} cannot name a vault connection (letters, "
+                "digits, '_', '-', '/', '=' and inner '.' only)"
+            )
         try:
             await self.kv.get(connection_id)
         except KeyNotFoundError:
             pass
-        except InvalidKeyError:
-            raise BadRequest(
-                f"id: {connection_id[:200]!r} cannot name a vault connection (letters, "
-                "digits, '_', '-' and inner '.' only)"
-            ) from None
         else:
             raise Conflict(f"vault connection {connection_id!r} exists; delete it first")
         if body.kind in ("ssh", "sftp") and not public.get("hostKey"):
