@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from virtbackup.testing.nats import connect
 from virtbackup.testing.sshd import SshdServer
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
-from virtbackup.virt import Connection, backup_running, list_checkpoints
+from virtbackup.virt import Connection, backup_running, get_domain, list_checkpoints
 
 pytestmark = pytest.mark.libvirt
 
@@ -367,6 +367,16 @@ async def test_agent_backs_up_through_lease_and_status(
     assert len(logs) > 5
     for log in logs:
         assert PASSPHRASE not in log.read_text(errors="replace"), log
+
+    # Shut off, the VM is backed up offline by its agent: started paused for the read,
+    # shut off again after it (as on the bus path).
+    resp = await api.post("/servers/remote/backup", json={"vmName": VM})
+    assert resp.status_code == 200, resp.text
+    offline = await wait_job(api, resp.json()["jobId"])
+    assert offline["state"] == "success", (offline["message"], agent["log"].read_text()[-3000:])
+    assert "by agent (offline: the VM was shut off)" in offline["message"], offline["message"]
+    assert offline["result"]["timestamp"] > timestamp
+    assert (await get_domain(conn, VM)).id is None  # shut off again
     on = await api.post("/servers/local/actions", json={"action": "start", "vmName": VM})
     assert on.status_code == 200, on.text
 

@@ -15,6 +15,9 @@ workers do for a server, without NATS.
    its checkpoint is kept. On a cancel or any failure the libvirt job ends and the new
    checkpoint is dropped, so the next incremental still covers every change.
 
+A shut-off VM is backed up offline, as on the bus path: started paused for the read,
+shut off again after it.
+
 Reading in part (a dirty chunk's ranges laid over its parent chunk) and the VM's
 firmware state files are the bus path's only: an agent reads dirty chunks whole and its
 points carry the disks and the domain XML.
@@ -48,6 +51,7 @@ from virtbackup.virt import (
     BackupJob,
     Connection,
     UnixServer,
+    VirtError,
     begin_backup,
     check_chain,
     end_backup,
@@ -57,7 +61,7 @@ from virtbackup.virt import (
 )
 from virtbackup.virt.backup import SOCKET_NAME, make_socket_dir, qemu_owner
 from virtbackup.virt.checkpoints import discard_checkpoint
-from virtbackup.virt.domains import domain_xml
+from virtbackup.virt.domains import destroy_if_paused, domain_xml, start_paused
 from virtbackup.virt.host import LocalHost
 
 log = logging.getLogger(__name__)
@@ -181,7 +185,14 @@ async def run_backup(
                 "parentTimestamp": parent.timestamp if parent else "",
             },
         )
-        bj, incremental_from = await _begin(conn, vm, parent, scratch_dir, checkpoint)
+        offline = await _start_if_shut_off(conn, vm, inflight)
+        try:
+            bj, incremental_from = await _begin(conn, vm, parent, scratch_dir, checkpoint)
+        except BaseException:
+            if offline:
+                with contextlib.suppress(Exception):
+                    await destroy_if_paused(conn, vm)
+            raise
         committed = False
         try:
             message = await _transfer(
@@ -195,10 +206,16 @@ async def run_backup(
                 inflight,
             )
             committed = True
+            if offline:
+                kind, _, rest = message.partition(" by agent")
+                message = f"{kind} by agent (offline: the VM was shut off){rest}"
             return message
         finally:
             with contextlib.suppress(Exception):
                 await end_backup(conn, bj, host=LocalHost())
+            if offline:  # shut off again, unless someone resumed it meanwhile
+                with contextlib.suppress(Exception):
+                    await destroy_if_paused(conn, vm)
             if not committed and bj.checkpoint:
                 with contextlib.suppress(Exception):
                     await discard_checkpoint(conn, vm, bj.checkpoint, host=LocalHost())
@@ -217,12 +234,34 @@ async def run_backup(
         await repo.close()
 
 
+async def _start_if_shut_off(conn: Connection, vm: str, inflight: InFlight | None) -> bool:
+    """Start the VM paused if it is shut off, for an *offline* backup read by the same
+    pull-mode backup as a running one (as the inventory does: the guest runs no
+    instruction, and the checkpoints stay one chain whatever the VM's state at each
+    backup); whether it did. The in-flight record says so first, so that an agent
+    killed meanwhile shuts it off again when it starts (``inflight.recover``). Raises
+    ``RuntimeError`` with libvirt's reason when it cannot be started paused."""
+    dom = await get_domain(conn, vm)
+    if dom.id is not None:
+        return False
+    if inflight is not None:
+        await inflight.record(offline=True)
+    try:
+        await start_paused(conn, vm)
+    except VirtError as exc:
+        if (await get_domain(conn, vm)).id is not None:
+            return False  # started by someone else meanwhile: an online backup
+        raise RuntimeError(
+            f"vm {vm} is shut off and could not be started paused for an offline backup: {exc}"
+        ) from None
+    log.info("vm %s was shut off: started paused for an offline backup", vm)
+    return True
+
+
 async def _begin(
     conn: Connection, vm: str, parent: RestorePoint | None, scratch_dir: str, checkpoint: str
 ) -> tuple[BackupJob, str | None]:
     dom = await get_domain(conn, vm)
-    if dom.id is None:
-        raise RuntimeError(f"vm {vm} is shut off: a remote agent backs up running VMs only")
     incremental: str | None = None
     full: list[str] = []
     if parent is not None and parent.checkpoint:

@@ -3,7 +3,8 @@
 From just before the agent begins a libvirt backup job until it has ended it,
 ``inflight.json`` (0600) names it: the job id, the VM, the checkpoint the begin makes
 (written first, so a kill right after the begin leaves nothing unnamed), the libvirt
-URI, and whether the restore point was committed. An agent killed then (SIGKILL, a
+URI, whether the VM was started paused for an offline backup, and whether the restore
+point was committed. An agent killed then (SIGKILL, a
 crash, a reboot of the service) finds it when it starts again (:func:`recover`): it
 ends any backup job of the VM, drops the checkpoint (if it exists) unless the point was
 committed, and reports the job's end, so that the next backup of that VM neither finds
@@ -23,6 +24,7 @@ from typing import Any
 
 from virtbackup.virt import end_backup, open_connection
 from virtbackup.virt.checkpoints import discard_checkpoint
+from virtbackup.virt.domains import destroy_if_paused
 from virtbackup.virt.host import LocalHost
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,9 @@ async def recover(inflight: InFlight, report: Report) -> str | None:
         if isinstance(checkpoint, str) and checkpoint and not committed:
             with contextlib.suppress(Exception):
                 await discard_checkpoint(conn, vm, checkpoint, host=LocalHost())
+        if record.get("offline"):  # started paused for an offline backup: off again
+            with contextlib.suppress(Exception):
+                await destroy_if_paused(conn, vm)
     finally:
         await conn.close()
     line = "the agent stopped during the backup: its libvirt job was ended when it started"
