@@ -374,3 +374,48 @@ async def test_define_puts_back_missing_state_and_never_replaces_state(
     assert job["state"] == "success", job
     assert "left as it was" in job["message"], job["message"]
     assert state_of(vm, uuid) == changed
+
+
+@pytest.mark.timeout(300)
+async def test_a_remote_agents_backup_saves_the_state_files_too(
+    vm: SmallVm, conn: Connection, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A remote agent (``virtbackup agent``, here its backup run without the process)
+    saves the VM's NVRAM and TPM state with the point, as the bus path does: the same
+    records, and bytes that are the files' as they were."""
+    from virtbackup.cli.agent.backup import run_backup
+    from virtbackup.contracts.v1.config import Destination
+    from virtbackup.repository.destinations import open_repository
+
+    uuid = await _uuid(conn)
+    at_begin = await settled_state(vm, uuid)
+    home = tmp_path_factory.mktemp("agent-fw")
+    home.chmod(0o700)
+    (home / "r").mkdir(mode=0o700)
+    dest = Destination(id="agentfw", driver_id="filesystem", params={"path": str(home / "r")})
+    scratch = vm_directory(prefix="vbtest-agentfw-scratch-")  # QEMU must traverse it
+
+    async def report(body: dict[str, Any]) -> dict[str, Any]:
+        return {"cancel": False, "commit": body["status"] == "committing"}
+
+    job = {"id": f"agentfw-{os.getpid()}", "vmName": VM, "serverId": "remote", "fresh": True}
+    try:
+        message = await run_backup(job, dest, report, scratch_dir=str(scratch))
+        assert message.startswith("full backup"), message
+        assert not list(scratch.glob("vbstate-*"))  # the copies are removed
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    async with await open_repository(dest) as repo:
+        [point] = await repo.restore_points(VM)
+        files = {(f.role, f.relative): f for f in point.files}
+        assert vm.nvram is not None
+        nvram = files[("nvram", "")]
+        assert nvram.path == str(vm.nvram) and nvram.kind == "file"
+        data = await repo.load_bytes(nvram.chunks, nvram.size)
+        assert hashlib.sha256(data).hexdigest() == at_begin["nvram"][0]
+        assert nvram.mode == at_begin["nvram"][1]
+        assert files[("tpm", "")].path == str(SWTPM_DIR / uuid)
+        permall = files[("tpm", "tpm2/tpm2-00.permall")]
+        assert permall.owner == "tss"
+        data = await repo.load_bytes(permall.chunks, permall.size)
+        assert hashlib.sha256(data).hexdigest() == at_begin["tpm/tpm2/tpm2-00.permall"][0]

@@ -18,9 +18,9 @@ workers do for a server, without NATS.
 A shut-off VM is backed up offline, as on the bus path: started paused for the read,
 shut off again after it.
 
-Reading in part (a dirty chunk's ranges laid over its parent chunk) and the VM's
-firmware state files are the bus path's only: an agent reads dirty chunks whole and its
-points carry the disks and the domain XML.
+The VM's state files (UEFI NVRAM, TPM state) are saved with the point as on the bus
+path (``agent.state``). Reading in part (a dirty chunk's ranges laid over its parent
+chunk) is the bus path's only: an agent reads dirty chunks whole.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from typing import Any, Final
 import httpx
 
 from virtbackup.cli.agent.inflight import InFlight
+from virtbackup.cli.agent.state import capture_state
 from virtbackup.contracts.v1.config import Destination
 from virtbackup.nbd import BASE_ALLOCATION, NbdClient
 from virtbackup.repository.destinations import open_repository
@@ -204,6 +205,7 @@ async def run_backup(
                 report,
                 started,
                 inflight,
+                scratch_dir,
             )
             committed = True
             if offline:
@@ -375,6 +377,7 @@ async def _transfer(
     report: Report,
     started: float,
     inflight: InFlight | None,
+    scratch_dir: str,
 ) -> str:
     vm, server_id = str(job["vmName"]), str(job["serverId"])
     xml = await domain_xml(conn, vm, inactive=True, secure=True)
@@ -400,6 +403,7 @@ async def _transfer(
             "output": [{"level": "info", "line": f"{kind} backup {timestamp} of {vm} begun"}],
         },
     )
+    files = await capture_state(conn, vm, repo, scratch_dir, str(job["id"]))
     manifests = []
     for plan in plans:
         refs = await _read_disk(plan, repo, counters, report)
@@ -431,6 +435,7 @@ async def _transfer(
         bytes_read=counters.bytes_read,
         bytes_written=counters.bytes_written,
         job_id=str(job["id"]),
+        files=files,
     )
     await _debug_hold("before:committing", report, counters)
     # The final counters go with it: a read shorter than REPORT_EVERY sent none before.
