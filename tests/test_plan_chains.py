@@ -64,16 +64,6 @@ chains:
 
 
 @pytest.fixture(scope="module")
-def seaweed() -> Iterator[SeaweedServer]:
-    server = SeaweedServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
 def second_dir() -> Iterator[Path]:
     path = vm_directory(prefix="vbtest-repo2-")
     try:

@@ -43,16 +43,6 @@ PASSPHRASE = f"agent-pass-{os.getpid()}-7f3a"
 
 
 @pytest.fixture(scope="module")
-def sshd() -> Iterator[SshdServer]:
-    server = SshdServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
 def sysm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     with running_system(tmp_path_factory.mktemp("agents"), workers=1, orchestrators=1) as system:
         yield system

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -38,26 +38,6 @@ SIMPLE2 = [
     "2019-12-03T11-59-15",
     "2019-12-04T11-59-15",
 ]
-
-
-@pytest.fixture(scope="module")
-def sshd() -> Iterator[SshdServer]:
-    server = SshdServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
-def seaweed() -> Iterator[SeaweedServer]:
-    server = SeaweedServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="module")

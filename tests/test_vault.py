@@ -35,26 +35,6 @@ CONNECTIONS = "/api/v1/vault/connections"
 
 
 @pytest.fixture(scope="module")
-def sshd() -> Iterator[SshdServer]:
-    server = SshdServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
-def seaweed() -> Iterator[SeaweedServer]:
-    server = SeaweedServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
 def drive() -> Iterator[FakeGoogleDrive]:
     """A stand-in for Google's Drive v3 and token endpoints (Google is not reachable)."""
     with FakeGoogleDrive() as fake:
