@@ -135,6 +135,49 @@ async def test_a_mutation_on_each_listener_is_logged_and_gets_are_not(
     assert all(i["method"] in {"POST", "PUT", "PATCH", "DELETE"} for i in items)
 
 
+async def test_actors_registration_agents_and_no_credential(
+    audit_system: System, api: httpx.AsyncClient
+) -> None:
+    """A remote agent's key is ``agent:<id>``; a successful registration (its credential
+    is in the body) is ``registration-token``; a request refused by authentication, or
+    a registration refused, is not an operation."""
+    token = (await api.post("/api/v1/agent/registration-tokens", json={})).json()["token"]
+    registering = rid("register")
+    body = {"registrationToken": token, "hostname": "h", "os": "linux", "arch": "amd64",
+            "agentVersion": "1"}  # fmt: skip
+    async with httpx.AsyncClient(base_url=audit_system.url, verify=False, timeout=30) as bare:
+        resp = await bare.post(
+            "/api/v1/agent/register", json=body, headers={"x-request-id": registering}
+        )
+        assert resp.status_code == 201, resp.text
+        agent_id, key = resp.json()["agentId"], resp.json()["apiKey"]
+        beating = rid("beat")
+        resp = await bare.post(
+            "/api/v1/agent/heartbeat",
+            json={"status": "online"},
+            headers={"Authorization": f"Bearer {key}", "x-request-id": beating},
+        )
+        assert resp.status_code == 200, resp.text
+        refused = [rid("reused"), rid("wrong-token"), rid("no-token")]
+        reused = await bare.post(
+            "/api/v1/agent/register", json=body, headers={"x-request-id": refused[0]}
+        )
+        assert reused.status_code == 401
+        wrong = {"Authorization": "Bearer wrong", "x-request-id": refused[1]}
+        assert (await bare.post("/servers/local/refresh", headers=wrong)).status_code == 401
+        none = {"x-request-id": refused[2]}
+        assert (await bare.delete(f"{LOGS}/1", headers=none)).status_code == 401
+    assert (await entry(api, registering))["actor"] == "registration-token"
+    beat = await entry(api, beating)
+    assert beat["actor"] == f"agent:{agent_id}" and beat["route"] == "/api/v1/agent/heartbeat"
+    last = rid("after-refused")
+    await api.post("/servers/local/refresh", headers={"x-request-id": last})
+    await entry(api, last)
+    items = (await api.get(LOGS, params={"limit": 1000})).json()["items"]
+    assert not {i["requestId"] for i in items} & set(refused)
+    assert key not in json.dumps(items) and token not in json.dumps(items)
+
+
 async def test_a_request_id_is_made_when_the_clients_is_unusable(api: httpx.AsyncClient) -> None:
     for sent in ("has space", "x" * 200, "a;b"):
         resp = await api.post("/servers/local/refresh", headers={"x-request-id": sent})

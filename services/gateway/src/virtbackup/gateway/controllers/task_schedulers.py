@@ -165,7 +165,7 @@ class TaskSchedulersController(Controller):
         )
         return task_view(await self._send(gw, ScheduleCmd.CREATE, request))
 
-    @put("/{schedule_id:str}", responses=responses(404))
+    @put("/{schedule_id:str}", responses=responses(404, 409))
     async def update_task(self, gw: Gateway, schedule_id: str, data: TaskChange) -> dict[str, Any]:
         """Change the fields given (checked as on create)."""
         template = data.job_template.definition() if data.job_template else None
