@@ -1,9 +1,13 @@
-"""Errors become ``{"error": "<message>"}`` with the right status, at the edge only.
+"""Errors become ``{"error": "<message>"}`` with the right status, at the edge only
+(``{"detail": "<message>", "code": "<CODE>"}`` on agents-backend-api.md's families,
+``/api/v1/admin`` and ``/api/v1/task``: :func:`error_body`).
 
 A message a client sees is written for it: a fault of kind ``internal`` (a bug, or an
-error nobody classified) and any unhandled exception are logged in full, with a request
-id, and answered ``{"error": "internal error (request id <id>)"}`` (the id also in the
-``x-request-id`` header), so no exception name or internal detail reaches a client.
+error nobody classified) and any unhandled exception are logged in full, with the
+request's id (``audit_log``: the client's ``x-request-id`` or a new one; the log line
+carries the trace id too), and answered ``{"error": "internal error (request id <id>)"}``
+(the id also in the ``x-request-id`` header), so no exception name or internal detail
+reaches a client.
 """
 
 from __future__ import annotations
@@ -142,7 +146,7 @@ def _internal(
         request.url.path,
         detail,
         exc_info=exc,
-        extra={"request_id": rid},
+        extra={"request_id": rid},  # the log line has the trace id too (runtime.logging)
     )
     return _error(request, 500, f"internal error (request id {rid})", {"x-request-id": rid})
 
