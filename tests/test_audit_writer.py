@@ -15,11 +15,11 @@ from prometheus_client import REGISTRY
 
 from virtbackup.contracts.streams import AUDIT, DAY
 from virtbackup.contracts.v1.audit import OperaRecord
-from virtbackup.gateway.audit_log import AuditTrail, OperaFilter, audit_stream
+from virtbackup.gateway.audit_log import AuditTrail, OperaFilter
+from virtbackup.runtime.audit import provision_audit
 from virtbackup.runtime.broker import make_broker
 from virtbackup.runtime.bus import Bus
 from virtbackup.runtime.nats_server import NatsServer
-from virtbackup.runtime.provision import ensure_stream
 from virtbackup.runtime.settings import load_settings
 
 
@@ -71,7 +71,7 @@ async def test_records_that_cannot_be_stored_are_logged_and_counted(
         assert lost() == before + 2
         assert "queued-1" in caplog.text and "JetStream did not store it" in caplog.text
         # Once the stream exists, records are stored in order and listed newest first.
-        await ensure_stream(bus.js, audit_stream(30))
+        await provision_audit(bus, 30)
         for index in range(3):
             trail.submit(record(f"stored-{index}"))
             await asyncio.wait_for(trail.queue.join(), 20)

@@ -50,23 +50,17 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Final
 
-import msgspec
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 from prometheus_client import Counter
 from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
 
-from virtbackup.contracts import subjects
-from virtbackup.contracts.streams import AUDIT, DAY, StreamSpec
 from virtbackup.contracts.v1.audit import PATH_MAX, OperaRecord
 from virtbackup.gateway.agent_auth import AGENT_SCOPE_KEY, REGISTER_PATH
 from virtbackup.gateway.auth import ASGIApp, Message, Receive, Scope, Send
 from virtbackup.gateway.errors import REQUEST_ID_KEY
+from virtbackup.runtime.audit import append_opera, delete_opera, read_opera
 from virtbackup.runtime.bus import Bus
-from virtbackup.runtime.errors import NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +85,6 @@ LOST = Counter(
 QUEUE_MAX = 10_000
 #: Seconds a listing may read the stream before it gives up (503).
 SCAN_TIMEOUT = 20.0
-
-
-def audit_stream(retention_days: float) -> StreamSpec:
-    """``VB_AUDIT`` keeping entries ``retention_days`` (``VIRTBACKUP_AUDIT_RETENTION_DAYS``)."""
-    return msgspec.structs.replace(AUDIT, max_age_seconds=retention_days * DAY)
 
 
 def request_id_of(scope: Scope) -> str:
@@ -229,10 +218,6 @@ class OperaFilter:
         )
 
 
-_encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(OperaRecord)
-
-
 def _record_time(record: OperaRecord) -> datetime:
     try:
         return datetime.fromisoformat(record.time)
@@ -272,7 +257,6 @@ class AuditTrail:
     async def store(self, record: OperaRecord) -> None:
         """Store one record (JetStream acknowledges it; retried, one message id for all
         attempts so a retry never stores it twice). ``Unavailable`` when it could not."""
-        body = _encoder.encode(record)
         msg_id = uuid.uuid4().hex
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(5),
@@ -280,9 +264,7 @@ class AuditTrail:
             reraise=True,
         ):
             with attempt:
-                await self.bus.publish_stored(
-                    subjects.AUDIT_OPERA, body, stream=AUDIT, msg_id=msg_id
-                )
+                await append_opera(self.bus, record, msg_id)
         RECORDED.inc()
 
     async def run(self) -> None:
@@ -314,58 +296,15 @@ class AuditTrail:
         of them from ``offset`` on, each with its id (stream sequence). Reads the stream
         from ``where.since`` on (all of it without); ``Unavailable`` when that takes more
         than ``SCAN_TIMEOUT`` seconds."""
-        try:
-            info = await self.bus.js.stream_info(AUDIT.name, subjects_filter=subjects.AUDIT_OPERA)
-        except NotFoundError:
-            return 0, []
-        if not (info.state.subjects or {}).get(subjects.AUDIT_OPERA):
-            return 0, []
-        if where.since is not None:
-            config = ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_TIME,
-                opt_start_time=where.since.astimezone(UTC),
-            )
-        else:
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-        sub: Any = await self.bus.js.subscribe(
-            subjects.AUDIT_OPERA, stream=AUDIT.name, ordered_consumer=True, config=config
-        )
-        found: list[tuple[int, OperaRecord]] = []
-        deadline = time.monotonic() + SCAN_TIMEOUT
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise Unavailable("reading the operation log took too long: narrow it")
-                try:
-                    msg = await sub.next_msg(timeout=min(remaining, 2.0))
-                except (NatsTimeoutError, TimeoutError):
-                    break  # nothing (more) from ``since`` on
-                try:
-                    record = _decoder.decode(msg.data)
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    log.warning("undecodable operation log entry %s", msg.metadata.sequence.stream)
-                else:
-                    if where.keeps(record, _record_time(record)):
-                        found.append((msg.metadata.sequence.stream, record))
-                if msg.metadata.num_pending == 0:
-                    break
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        found = [
+            (seq, record)
+            async for seq, record in read_opera(self.bus, since=where.since, timeout=SCAN_TIMEOUT)
+            if where.keeps(record, _record_time(record))
+        ]
         found.reverse()
         return len(found), found[offset : offset + limit]
 
     async def delete(self, seq: int) -> None:
         """Delete the operation log entry ``seq``; ``NotFound`` when there is none (also
         when ``seq`` is another kind of audit entry, such as a login attempt's)."""
-        try:
-            stored = await self.bus.js.get_msg(AUDIT.name, seq)
-        except NotFoundError:
-            raise NotFound(f"no operation log entry {seq}") from None
-        if stored.subject != subjects.AUDIT_OPERA:
-            raise NotFound(f"no operation log entry {seq}")
-        try:
-            await self.bus.js.delete_msg(AUDIT.name, seq)
-        except NotFoundError:
-            raise NotFound(f"no operation log entry {seq}") from None
+        await delete_opera(self.bus, seq)

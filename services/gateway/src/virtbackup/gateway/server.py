@@ -14,7 +14,7 @@ from virtbackup.contracts import buckets, streams, subjects
 from virtbackup.gateway.agent_refs import with_agent_check
 from virtbackup.gateway.agents_store import AgentStore
 from virtbackup.gateway.app import create_asgi
-from virtbackup.gateway.audit_log import AuditTrail, audit_stream
+from virtbackup.gateway.audit_log import AuditTrail
 from virtbackup.gateway.config_store import ConfigStore
 from virtbackup.gateway.controllers.backend_vault import register_vault_commands
 from virtbackup.gateway.credentials import ensure_certificate, ensure_token
@@ -23,8 +23,8 @@ from virtbackup.gateway.hypersdk_metrics import dedicated_port
 from virtbackup.gateway.ntfy_mirror import NtfyMirror
 from virtbackup.gateway.state import Gateway
 from virtbackup.gateway.vault_store import VaultStore
+from virtbackup.runtime.audit import provision_audit
 from virtbackup.runtime.logging import setup_logging
-from virtbackup.runtime.provision import ensure_stream
 from virtbackup.runtime.sealing import SecretBox
 from virtbackup.runtime.service import ServiceSpec, start_service, stop_service
 from virtbackup.runtime.settings import Settings, load_settings
@@ -131,7 +131,7 @@ async def serve(settings: Settings | None = None) -> None:
         )
         gw.agents = AgentStore(ctx.bucket(buckets.AGENTS))
         # The audit trail (VB_AUDIT), its retention from VIRTBACKUP_AUDIT_RETENTION_DAYS.
-        await ensure_stream(ctx.bus.js, audit_stream(settings.audit_retention_days))
+        await provision_audit(ctx.bus, settings.audit_retention_days)
         gw.audit = AuditTrail(ctx.bus)
         ctx.spawn(gw.audit.run(), "operation-log-writer")
         # A server may name only a registered agent (``agent_refs``).
