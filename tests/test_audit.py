@@ -329,6 +329,7 @@ async def test_the_monitor_has_numbers_for_every_service_and_nats(
     nats = body["nats"]
     assert nats["connected"] is True and nats["version"].count(".") == 2
     assert nats["connections"] >= len(subjects.SERVICES)
+    assert nats["connectionsSource"] == "instances" and nats["server"] is None  # no URL
     assert nats["jetstream"]["enabled"] is True
     assert nats["jetstream"]["account"]["streams"] >= 4
     assert nats["jetstream"]["account"]["storage"] > 0

@@ -1,14 +1,18 @@
 """The operation log's writer against a real nats-server: a record that cannot be stored
 is never dropped silently (an error naming it, and ``virtbackup_audit_records_lost``),
 records are stored in order once ``VB_AUDIT`` exists, and the stream is made with the
-retention setting and no purge."""
+retention setting and no purge. And the monitor's reading of nats-server's own
+monitoring endpoint."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
 
+import nats
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY
@@ -16,10 +20,12 @@ from prometheus_client import REGISTRY
 from virtbackup.contracts.streams import AUDIT, DAY
 from virtbackup.contracts.v1.audit import OperaRecord
 from virtbackup.gateway.audit_log import AuditTrail, OperaFilter
+from virtbackup.gateway.controllers.admin_monitor import read_varz
 from virtbackup.runtime.audit import provision_audit
 from virtbackup.runtime.broker import make_broker
 from virtbackup.runtime.bus import Bus
-from virtbackup.runtime.nats_server import NatsServer
+from virtbackup.runtime.nats_server import NatsServer, nats_server_binary
+from virtbackup.runtime.ports import free_port
 from virtbackup.runtime.settings import load_settings
 
 
@@ -87,3 +93,43 @@ async def test_records_that_cannot_be_stored_are_logged_and_counted(
     trail.submit(record("at-stop"))
     await trail.drain(0.1)
     assert lost() == before + 3 and "at-stop" in caplog.text
+
+
+@pytest.fixture
+def monitored_nats() -> Iterator[tuple[int, int]]:
+    """A nats-server of its own with its monitoring port: (client port, monitoring port)."""
+    port, monitor = free_port(), free_port()
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield port, monitor
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_the_monitor_reads_nats_own_view_from_its_monitoring_endpoint(
+    monitored_nats: tuple[int, int],
+) -> None:
+    """``read_varz`` against a real nats-server started with its monitoring port: the
+    server's own connection count (one client here); a closed port is an error named,
+    not an exception."""
+    port, monitor = monitored_nats
+    url = f"http://127.0.0.1:{monitor}"
+    deadline = time.monotonic() + 15
+    while "error" in (await read_varz(url)):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    client = await nats.connect(f"nats://127.0.0.1:{port}")
+    try:
+        await client.flush()
+        varz = await read_varz(url)
+    finally:
+        await client.close()
+    assert varz["connections"] == 1 and varz["totalConnections"] >= 1, varz
+    assert varz["memoryBytes"] > 0 and varz["uptime"], varz
+    closed = await read_varz(f"http://127.0.0.1:{free_port()}")
+    assert set(closed) == {"error"} and "could not be read" in closed["error"]
