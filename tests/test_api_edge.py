@@ -72,10 +72,20 @@ async def hypersdk(edge: System) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+def message_of(resp: httpx.Response) -> str:
+    """An error's message: ``{"error": ...}``, or ``{"detail": ..., "code": ...}`` on the
+    admin families (``/api/v1/admin``, ``/api/v1/task``: ``errors.error_body``)."""
+    body = resp.json()
+    if resp.request.url.path.startswith(("/api/v1/admin/", "/api/v1/task/")):
+        assert set(body) == {"detail", "code"}, body
+        return str(body["detail"])
+    return str(body["error"])
+
+
 def refused(resp: httpx.Response, status: int, *words: str) -> None:
     """``resp`` is ``status`` with ``{"error": ...}`` naming ``words``, no exception name."""
     assert resp.status_code == status, resp.text
-    message = resp.json()["error"]
+    message = message_of(resp)
     assert not EXCEPTION_NAME.search(message), message
     for word in words:
         assert word in message, (word, message)
@@ -178,6 +188,16 @@ AGENT_POSTS |= {
     "/api/v1/update/apply": {},
     "/api/v1/update/rollback": {},
     "/api/v1/server/restart": {},
+    # agents-backend-api.md's scheduled tasks (controllers/task_schedulers.py)
+    "/api/v1/task/schedulers": {"id": "edge-task", "name": "n", "description": "d",
+                                "schedule": "0 2 * * *", "timezone": "UTC", "enabled": False,
+                                "jobTemplate": {"vmPath": "local/no-such-vm",
+                                                "source": {"type": "libvirt",
+                                                           "serverId": "local"},
+                                                "destination": {"type": "backup",
+                                                                "destinationId": "fs"},
+                                                "options": {"fresh": False}}},
+    "/api/v1/task/schedulers/{schedule_id}/run": {},
 }  # fmt: skip
 #: POST routes whose answer is 501 by design (the deployment's job, backend-api.md).
 NOT_IMPLEMENTED = {"/api/v1/update/apply", "/api/v1/update/rollback", "/api/v1/server/restart"}
@@ -241,7 +261,7 @@ async def test_every_body_refuses_unknown_fields(
             or (path in NOT_IMPLEMENTED and resp.status_code == 501)
         ), (path, resp.text)
         if resp.status_code == 400:
-            message = resp.json()["error"]
+            message = message_of(resp)
             assert not any(f"`{field}`" in message for field in body), (path, message)
         for typo in ("bogusField", "vmname", "target_directory"):
             resp = await client.post(_concrete(path), json={**body, typo: "x"})
@@ -407,6 +427,7 @@ async def test_documents_describe_bodies_and_errors(
     assert "refreshToken" in doc["components"]["schemas"]["GoogleTokensBody"]["required"]
     assert "servers" in doc["components"]["schemas"]["AgentConfig"]["properties"]
     error_body = {"$ref": "#/components/schemas/ErrorBody"}
+    detail_body = {"$ref": "#/components/schemas/DetailErrorBody"}  # the admin families
     for document in (doc, (await hypersdk.get("/schema/openapi.json")).json()):
         assert document["components"]["schemas"]["ErrorBody"]["required"] == ["error"]
         for path, item in document["paths"].items():
@@ -418,7 +439,9 @@ async def test_documents_describe_bodies_and_errors(
                 for status, response in responses.items():
                     if status >= "400" and not (status == "503" and path == "/health"):
                         content = response["content"]["application/json"]
-                        assert content["schema"] == error_body, (status, operation)
+                        admin = path.startswith(("/api/v1/admin/", "/api/v1/task/"))
+                        expected = detail_body if admin else error_body
+                        assert content["schema"] == expected, (status, operation)
     hs = (await hypersdk.get("/schema/openapi.json")).json()
     assert "503" in hs["paths"]["/health"]["get"]["responses"]
 

@@ -37,7 +37,7 @@ async def admin(nats_server: NatsServer) -> AsyncIterator[Client]:
     js = client.jetstream()
     await provision(
         js,
-        streams=(streams.EVENTS, streams.WORK),
+        streams=(streams.EVENTS, streams.WORK, streams.AUDIT),
         consumers=(streams.TRANSFER_CONSUMER,),
         buckets=(buckets.CONFIG, buckets.JOBS, buckets.WORKERS, buckets.EXPORTS),
     )
@@ -132,6 +132,19 @@ async def _read_vault(nc: Client) -> Any:
     return await nc.request("$JS.API.DIRECT.GET.KV_VB_VAULT", b"{}", timeout=REFUSED_WITHIN)
 
 
+async def _write_audit(nc: Client) -> Any:
+    js = nc.jetstream(timeout=REFUSED_WITHIN)
+    return await js.publish("vb.audit.opera", b'{"actor": "forged"}')
+
+
+async def _delete_audit_entry(nc: Client) -> Any:
+    return await nc.jetstream(timeout=REFUSED_WITHIN).delete_msg(streams.AUDIT.name, 1)
+
+
+async def _purge_audit(nc: Client) -> Any:
+    return await nc.jetstream(timeout=REFUSED_WITHIN).purge_stream(streams.AUDIT.name)
+
+
 DENIED: list[tuple[str, str, Attempt]] = [
     ("notifier", "read the configuration", _read_config),
     ("notifier", "read the configuration through the direct-get API", _read_config_directly),
@@ -162,6 +175,12 @@ DENIED: list[tuple[str, str, Attempt]] = [
     ("inventory", "read the vault's bucket", _read_vault),
     ("transfer-worker", "read the vault's bucket", _read_vault),
     ("job-orchestrator", "read the vault's bucket", _read_vault),
+    # The audit trail: the gateway alone writes it and deletes single entries; nobody
+    # purges it.
+    ("job-orchestrator", "write the audit trail", _write_audit),
+    ("notifier", "write the audit trail", _write_audit),
+    ("inventory", "delete an audit entry", _delete_audit_entry),
+    ("gateway", "purge the audit trail", _purge_audit),
 ]
 
 
@@ -207,6 +226,8 @@ async def test_each_service_may_do_what_it_does(nats_server: NatsServer, admin: 
         assert (await _write_export(worker)).seq > 0
         await _purge_work(orchestrator)
         assert (await admin.jetstream().stream_info(streams.WORK.name)).state.messages == 0
+        written = await _write_audit(gateway)
+        assert await gateway.jetstream().delete_msg(streams.AUDIT.name, written.seq)
     finally:
         for client in (inventory, worker, gateway, orchestrator):
             await client.close()

@@ -77,6 +77,13 @@ def _declare_publishers(service: str, broker: NatsBroker) -> None:
             description=f"Event envelope {{type: {event_type!r}, payload, id, time, source}} "
             f"stored in VB_EVENTS. {description}",
         )
+    if service == subjects.GATEWAY:
+        broker.publisher(
+            subjects.AUDIT_OPERA,
+            title=f"{subjects.AUDIT_OPERA}:{service}",
+            description="An OperaRecord (one mutating API request: actor, route, target, "
+            "status, request id) stored in VB_AUDIT.",
+        )
     if service == subjects.JOB_ORCHESTRATOR:
         subject = f"{subjects.WORK_TRANSFER}.{{job_id}}"
         broker.publisher(

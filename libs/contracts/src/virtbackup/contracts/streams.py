@@ -21,6 +21,9 @@ class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_bytes: int = -1
     duplicate_window_seconds: float = 120.0
     description: str = ""
+    #: JetStream refuses deleting single messages / purging the stream (for no one).
+    deny_delete: bool = False
+    deny_purge: bool = False
 
 
 class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -136,4 +139,20 @@ JOB_LOGS: Final = StreamSpec(
     description="Every job's output log, one line per message.",
 )
 
-ALL: Final = (EVENTS, WORK, NOTIFY, JOB_LOGS)
+#: The audit trail: the operation log (``vb.audit.opera``) and login attempts
+#: (``vb.audit.login``), kept ``VIRTBACKUP_AUDIT_RETENTION_DAYS`` (the gateway provisions
+#: it with that ``max_age``; 365 days here). Append-only for everyone but the gateway:
+#: no purge (``deny_purge``); single entries can be deleted, since deleting one is a
+#: documented route (``DELETE /api/v1/admin/log/opera-logs/{id}``), and only the gateway
+#: may (NATS permissions: it alone publishes ``vb.audit.>`` and calls
+#: ``$JS.API.STREAM.MSG.DELETE.VB_AUDIT``); each deletion is itself an entry.
+AUDIT: Final = StreamSpec(
+    name="VB_AUDIT",
+    subjects=(subjects.AUDIT_ALL,),
+    retention="limits",
+    max_age_seconds=365 * DAY,
+    deny_purge=True,
+    description="The audit trail: every mutating API request, every login attempt.",
+)
+
+ALL: Final = (EVENTS, WORK, NOTIFY, JOB_LOGS, AUDIT)

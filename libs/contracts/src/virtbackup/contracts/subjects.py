@@ -32,6 +32,13 @@ NOTIFY_NTFY: Final = "vb.notify.ntfy"
 #: Job output logs (``VB_JOB_LOGS``): one ``v1.jobctl.LogLine`` per message.
 LOG_ROOT: Final = "vb.log"
 JOB_LOGS_ALL: Final = "vb.log.job.>"
+#: The audit trail (``VB_AUDIT``), written by the gateway only: ``vb.audit.opera`` the
+#: operation log (``v1.audit.OperaRecord``, one per mutating request), ``vb.audit.login``
+#: login attempts.
+AUDIT_ROOT: Final = "vb.audit"
+AUDIT_ALL: Final = "vb.audit.>"
+AUDIT_OPERA: Final = "vb.audit.opera"
+AUDIT_LOGIN: Final = "vb.audit.login"
 
 
 def notify_webhook(webhook_id: str) -> str:

@@ -184,6 +184,16 @@ def _gateway() -> _Grants:
     # The notifier's share of the configuration (ntfy settings): that key only.
     g.reads(buckets.WEBHOOKS)
     g.sends(f"$KV.{buckets.WEBHOOKS.name}.{webhooks.NTFY_KEY}")
+    # The audit trail (VB_AUDIT): the gateway alone writes it (every mutating request,
+    # login attempts), reads it (the log routes) and deletes single entries from it
+    # (``DELETE /api/v1/admin/log/opera-logs/{id}``); nobody may purge it.
+    audit = streams.AUDIT.name
+    g.publish += _provision_stream(streams.AUDIT) + _consume_stream(audit)
+    g.sends(
+        subjects.AUDIT_ALL,
+        f"{API}.STREAM.MSG.GET.{audit}",
+        f"{API}.STREAM.MSG.DELETE.{audit}",
+    )
     return g
 
 

@@ -41,6 +41,8 @@ def stream_config(spec: StreamSpec) -> StreamConfig:
         max_bytes=spec.max_bytes,
         duplicate_window=spec.duplicate_window_seconds,
         description=spec.description or None,
+        deny_delete=spec.deny_delete,
+        deny_purge=spec.deny_purge,
     )
 
 

@@ -27,6 +27,7 @@ from virtbackup.runtime import __version__
 from virtbackup.runtime.broker import make_broker
 from virtbackup.runtime.bus import Bus
 from virtbackup.runtime.clock import utcnow_iso
+from virtbackup.runtime.hoststats import host_stats
 from virtbackup.runtime.logging import setup_logging
 from virtbackup.runtime.metrics import MetricsListener, start_metrics_listener
 from virtbackup.runtime.provision import provision
@@ -90,7 +91,8 @@ class ServiceSpec:
 
 def register_ping(ctx: ServiceContext) -> None:
     @ctx.bus.handle(subjects.ping(ctx.name), Ping, queue=f"{ctx.name}-ping-{ctx.settings.instance}")
-    async def ping(_: Ping) -> Pong:
+    async def ping(request: Ping) -> Pong:
+        host = host_stats(ctx.settings.data_dir) if request.host else None
         return Pong(
             service=ctx.name,
             instance=ctx.settings.instance,
@@ -98,6 +100,7 @@ def register_ping(ctx: ServiceContext) -> None:
             pid=os.getpid(),
             started_at=ctx.started_at,
             trace_id=current_trace_id(),
+            host=host,
         )
 
 

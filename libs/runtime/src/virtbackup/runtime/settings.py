@@ -99,6 +99,14 @@ class Settings(BaseSettings):
     server_timeout: float = 5.0
     #: Seconds between full refreshes of every server's VM list (events keep it current).
     refresh_interval: float = 300.0
+    #: The NATS server's monitoring endpoint (``http://nats:8222``: its ``http_port``),
+    #: read by ``GET /api/v1/admin/monitor/server`` for the server's own connection count,
+    #: CPU and memory (``/varz``). Empty: not read (the monitor counts VirtBackup's own
+    #: connections instead). It has no authentication: reach it over the cluster network.
+    nats_monitor_url: str = ""
+    #: Days the audit trail (``VB_AUDIT``: the operation log, login attempts) keeps an
+    #: entry; older ones are dropped by JetStream (the stream's ``max_age``).
+    audit_retention_days: float = Field(default=365.0, gt=0)
     #: Seconds a service may take to stop on SIGTERM before it exits regardless, naming
     #: what hung (Kubernetes sends SIGKILL 30 s after SIGTERM).
     stop_timeout: float = 12.0

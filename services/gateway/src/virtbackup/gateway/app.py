@@ -12,7 +12,10 @@ from litestar.plugins import InitPluginProtocol
 
 from virtbackup.contracts.v1.config import AgentConfig, SftpParams
 from virtbackup.gateway.agent_auth import AgentKeyAuth
+from virtbackup.gateway.audit_log import OperationLog
 from virtbackup.gateway.auth import TokenAuth
+from virtbackup.gateway.controllers.admin_logs import OperaLogsController
+from virtbackup.gateway.controllers.admin_monitor import AdminMonitorController
 from virtbackup.gateway.controllers.agent import HealthController
 from virtbackup.gateway.controllers.backend_agents import BackendAgentsController
 from virtbackup.gateway.controllers.backend_copy import CopyController
@@ -34,6 +37,7 @@ from virtbackup.gateway.controllers.notify import NotifyController
 from virtbackup.gateway.controllers.restore import RestoreController
 from virtbackup.gateway.controllers.servers import ServersController
 from virtbackup.gateway.controllers.system import SystemController
+from virtbackup.gateway.controllers.task_schedulers import TaskSchedulersController
 from virtbackup.gateway.edge import check_request
 from virtbackup.gateway.errors import HANDLERS
 from virtbackup.gateway.openapi import finish_document
@@ -59,6 +63,9 @@ CONTROLLERS = [
     VaultController,
     BackendJobsController,
     BackendSystemController,
+    OperaLogsController,
+    AdminMonitorController,
+    TaskSchedulersController,
 ]
 
 
@@ -116,4 +123,7 @@ def create_asgi(gw: Gateway) -> AgentKeyAuth:
     """The application behind token authentication, which covers every path, known or not
     (remote agents' ``bak_`` keys open their own routes only: ``agent_auth``)."""
     app = create_app(gw)
-    return AgentKeyAuth(app, TokenAuth(app, gw.token), gw.agents)  # type: ignore[arg-type]
+    # The operation log sits inside authentication: it sees authenticated requests only.
+    by_token = OperationLog(app, lambda: gw.audit, listener="api", default_actor="token")  # type: ignore[arg-type]
+    by_agent = OperationLog(app, lambda: gw.audit, listener="api", default_actor=None)  # type: ignore[arg-type]
+    return AgentKeyAuth(by_agent, TokenAuth(by_token, gw.token), gw.agents)

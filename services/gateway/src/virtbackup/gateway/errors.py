@@ -1,9 +1,13 @@
-"""Errors become ``{"error": "<message>"}`` with the right status, at the edge only.
+"""Errors become ``{"error": "<message>"}`` with the right status, at the edge only
+(``{"detail": "<message>", "code": "<CODE>"}`` on agents-backend-api.md's families,
+``/api/v1/admin`` and ``/api/v1/task``: :func:`error_body`).
 
 A message a client sees is written for it: a fault of kind ``internal`` (a bug, or an
-error nobody classified) and any unhandled exception are logged in full, with a request
-id, and answered ``{"error": "internal error (request id <id>)"}`` (the id also in the
-``x-request-id`` header), so no exception name or internal detail reaches a client.
+error nobody classified) and any unhandled exception are logged in full, with the
+request's id (``audit_log``: the client's ``x-request-id`` or a new one; the log line
+carries the trace id too), and answered ``{"error": "internal error (request id <id>)"}``
+(the id also in the ``x-request-id`` header), so no exception name or internal detail
+reaches a client.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from virtbackup.contracts.v1.readable import readable as contracts_readable
 from virtbackup.runtime.errors import ServiceError
 
 log = logging.getLogger(__name__)
+
+#: The ASGI scope's request id (``audit_log.OperationLog`` sets it: the client's
+#: ``x-request-id`` or a new one), quoted by an internal error.
+REQUEST_ID_KEY = "virtbackup.request_id"
 
 STATUS_BY_CODE = {
     "bad_request": 400,
@@ -75,12 +83,48 @@ def responses(*statuses: int) -> dict[int, ResponseSpec]:
 MAX_MESSAGE_CHARS = 4000
 
 
+#: Route families whose errors are ``{"detail": ..., "code": ...}`` (agents-backend-api.md's
+#: format: ``/api/v1/admin/...`` and ``/api/v1/task/...``); every other route answers
+#: ``{"error": ...}``.
+DETAIL_FAMILIES = ("/api/v1/admin/", "/api/v1/task/")
+#: ``code`` of a ``{"detail", "code"}`` error, by HTTP status.
+CODE_BY_STATUS = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    429: "TOO_MANY_REQUESTS",
+    500: "INTERNAL_ERROR",
+    501: "NOT_IMPLEMENTED",
+    502: "BAD_GATEWAY",
+    503: "SERVICE_UNAVAILABLE",
+}
+
+
+def error_body(path: str, status: int, message: str) -> dict[str, str]:
+    """An error answer's body for a request to ``path``, in its route family's format:
+    ``{"detail": message, "code": "NOT_FOUND"}`` (``CODE_BY_STATUS``) under
+    ``DETAIL_FAMILIES``, else ``{"error": message}``. Every error of every listener is
+    shaped here (ASGI middleware answering by itself can call it too)."""
+    if path.startswith(DETAIL_FAMILIES):
+        return {"detail": message, "code": CODE_BY_STATUS.get(status, f"HTTP_{status}")}
+    return {"error": message}
+
+
 def _error(
-    status: int, message: str, headers: dict[str, str] | None = None
+    request: Request[Any, Any, Any],
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
 ) -> Response[dict[str, str]]:
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[:MAX_MESSAGE_CHARS] + "... (message cut)"
-    return Response({"error": message}, status_code=status, headers=headers)
+    body = error_body(request.scope.get("path", ""), status, message)
+    return Response(body, status_code=status, headers=headers)
 
 
 def request_id() -> str:
@@ -95,16 +139,16 @@ def request_id() -> str:
 def _internal(
     request: Request[Any, Any, Any], detail: str, exc: BaseException | None
 ) -> Response[dict[str, str]]:
-    rid = request_id()
+    rid = str(request.scope.get(REQUEST_ID_KEY) or request_id())
     log.error(
         "internal error on %s %s: %s",
         request.method,
         request.url.path,
         detail,
         exc_info=exc,
-        extra={"request_id": rid},
+        extra={"request_id": rid},  # the log line has the trace id too (runtime.logging)
     )
-    return _error(500, f"internal error (request id {rid})", {"x-request-id": rid})
+    return _error(request, 500, f"internal error (request id {rid})", {"x-request-id": rid})
 
 
 def service_error(request: Request[Any, Any, Any], exc: ServiceError) -> Response[dict[str, str]]:
@@ -113,7 +157,7 @@ def service_error(request: Request[Any, Any, Any], exc: ServiceError) -> Respons
         return _internal(request, f"fault {exc.code}: {exc.message}", None)
     if status >= 500:
         log.warning("%s %s: %s", request.method, request.url.path, exc.message)
-    return _error(status, exc.message)
+    return _error(request, status, exc.message)
 
 
 #: ``app.state`` key: the listener names its fields in snake_case (the HyperSDK API).
@@ -155,20 +199,20 @@ def validation_error(
                 else:
                     details.append(str(msg))
     message = "; ".join(details) or exc.detail
-    return _error(400, readable(f"invalid request: {message}"))
+    return _error(request, 400, readable(f"invalid request: {message}"))
 
 
 def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, str]]:
     where = f"{request.method} {shown(request.url.path)}"
     if exc.status_code == 404:
-        return _error(404, f"not found: {where}")
+        return _error(request, 404, f"not found: {where}")
     if exc.status_code == 405:
-        return _error(405, f"method not allowed: {where}")
+        return _error(request, 405, f"method not allowed: {where}")
     if exc.status_code == 413:
-        return _error(413, f"request body too large (limit {_limit(request)} bytes)")
+        return _error(request, 413, f"request body too large (limit {_limit(request)} bytes)")
     if exc.status_code == 500:
         return _internal(request, f"{type(exc).__name__}: {exc.detail}", exc)
-    return _error(exc.status_code, exc.detail)
+    return _error(request, exc.status_code, exc.detail)
 
 
 def _limit(request: Request[Any, Any, Any]) -> object:

@@ -24,6 +24,7 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 from virtbackup.contracts.subjects import InventoryCmd
 from virtbackup.contracts.v1.common import ServerId, VmName
 from virtbackup.contracts.v1.inventory import CdromRemoved, Ok, ServerRef, ServerVms, VmInfo, VmRef
+from virtbackup.gateway.audit_log import OperationLog
 from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.bodies import SnakeBody
 from virtbackup.gateway.edge import check_request
@@ -249,7 +250,9 @@ def create_hypersdk_asgi(gw: Gateway) -> RequestMetrics:
         logging_config=None,
     )
     finish_document(app, {})
-    return RequestMetrics(TokenAuth(app, gw.token))  # type: ignore[arg-type]
+    # The operation log sits inside authentication: it sees authenticated requests only.
+    audited = OperationLog(app, lambda: gw.audit, listener="hypersdk", default_actor="token")  # type: ignore[arg-type]
+    return RequestMetrics(TokenAuth(audited, gw.token))
 
 
 def create_metrics_asgi(gw: Gateway) -> RequestMetrics:

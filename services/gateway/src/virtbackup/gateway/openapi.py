@@ -16,7 +16,7 @@ import msgspec
 from litestar import Litestar
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, RequestBody
 
-from virtbackup.gateway.errors import DESCRIPTIONS
+from virtbackup.gateway.errors import DESCRIPTIONS, DETAIL_FAMILIES
 
 _METHODS = ("get", "put", "post", "delete", "patch")
 _WITH_BODY = frozenset({"put", "post", "patch"})
@@ -29,10 +29,20 @@ _ERROR_SCHEMA = {
 }
 
 
-def _error_response(status: int) -> OpenAPIResponse:
+_DETAIL_ERROR_REF = "#/components/schemas/DetailErrorBody"
+_DETAIL_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {"detail": {"type": "string"}, "code": {"type": "string"}},
+    "required": ["detail", "code"],
+    "title": "DetailErrorBody",
+}
+
+
+def _error_response(status: int, path: str = "") -> OpenAPIResponse:
+    ref = _DETAIL_ERROR_REF if path.startswith(DETAIL_FAMILIES) else _ERROR_REF
     return OpenAPIResponse(
         description=DESCRIPTIONS[status],
-        content={"application/json": OpenAPIMediaType(schema={"$ref": _ERROR_REF})},  # type: ignore[arg-type]
+        content={"application/json": OpenAPIMediaType(schema={"$ref": ref})},  # type: ignore[arg-type]
     )
 
 
@@ -53,6 +63,7 @@ def finish_document(
     components = document.components
     schemas: dict[str, Any] = components.schemas if components else {}
     schemas["ErrorBody"] = _ERROR_SCHEMA
+    schemas["DetailErrorBody"] = _DETAIL_ERROR_SCHEMA  # errors.error_body's other format
     types = list(bodies.values())
     refs, extra = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     for name, schema in extra.items():
@@ -65,13 +76,17 @@ def finish_document(
                 continue
             responses: dict[str, Any] = operation.responses or {}
             operation.responses = responses
-            responses["400"] = _error_response(400)
+            responses["400"] = _error_response(400, path)
             statuses = [401, 500, 503, *(errors or {}).get((method.upper(), path), ())]
             if method in _WITH_BODY:
                 statuses += [413, 415]
             for status in statuses:
                 if str(status) not in responses:
-                    responses[str(status)] = _error_response(status)
+                    responses[str(status)] = _error_response(status, path)
+            if path.startswith(DETAIL_FAMILIES):  # declared with ``responses()``: ErrorBody
+                for code in list(responses):
+                    if code.isdigit() and int(code) >= 400:
+                        responses[code] = _error_response(int(code), path)
             schema = body_schema.get((method.upper(), path))
             if schema is not None:
                 operation.request_body = RequestBody(

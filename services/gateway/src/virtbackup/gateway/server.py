@@ -14,6 +14,7 @@ from virtbackup.contracts import buckets, streams, subjects
 from virtbackup.gateway.agent_refs import with_agent_check
 from virtbackup.gateway.agents_store import AgentStore
 from virtbackup.gateway.app import create_asgi
+from virtbackup.gateway.audit_log import AuditTrail
 from virtbackup.gateway.config_store import ConfigStore
 from virtbackup.gateway.controllers.backend_vault import register_vault_commands
 from virtbackup.gateway.credentials import ensure_certificate, ensure_token
@@ -22,6 +23,7 @@ from virtbackup.gateway.hypersdk_metrics import dedicated_port
 from virtbackup.gateway.ntfy_mirror import NtfyMirror
 from virtbackup.gateway.state import Gateway
 from virtbackup.gateway.vault_store import VaultStore
+from virtbackup.runtime.audit import provision_audit
 from virtbackup.runtime.logging import setup_logging
 from virtbackup.runtime.sealing import SecretBox
 from virtbackup.runtime.service import ServiceSpec, start_service, stop_service
@@ -29,6 +31,9 @@ from virtbackup.runtime.settings import Settings, load_settings
 from virtbackup.runtime.vault import VaultCipher
 
 log = logging.getLogger(__name__)
+
+#: Seconds a stopping gateway waits for queued operation log records to be stored.
+AUDIT_DRAIN_SECONDS = 3.0
 
 SPEC = ServiceSpec(
     name=subjects.GATEWAY,
@@ -125,6 +130,10 @@ async def serve(settings: Settings | None = None) -> None:
             vault=vault,
         )
         gw.agents = AgentStore(ctx.bucket(buckets.AGENTS))
+        # The audit trail (VB_AUDIT), its retention from VIRTBACKUP_AUDIT_RETENTION_DAYS.
+        await provision_audit(ctx.bus, settings.audit_retention_days)
+        gw.audit = AuditTrail(ctx.bus)
+        ctx.spawn(gw.audit.run(), "operation-log-writer")
         # A server may name only a registered agent (``agent_refs``).
         store.check = with_agent_check(store.check, lambda: gw.agents)
         config = uvicorn.Config(
@@ -184,6 +193,8 @@ async def serve(settings: Settings | None = None) -> None:
             server.should_exit = True
         await asyncio.gather(*tasks)
         stopped.cancel()
+        if gw.audit is not None:  # the last requests' records, before the bus closes
+            await gw.audit.drain(AUDIT_DRAIN_SECONDS)
     finally:
         await stop_service(SPEC, ctx)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from virtbackup.gateway.agents_store import AgentStore
+from virtbackup.gateway.audit_log import AuditTrail
 from virtbackup.gateway.config_store import ConfigStore
 from virtbackup.gateway.ntfy_mirror import NtfyMirror
 from virtbackup.gateway.vault_store import VaultStore
@@ -31,3 +32,6 @@ class Gateway:
     #: none); the HyperSDK listener's ``/metrics`` then answers 503 saying so.
     metrics_failure: str | None = None
     metrics_failed_port: int | None = None
+    #: The operation log (``audit_log``; None: requests are not recorded, e.g. in tests
+    #: without a bus).
+    audit: AuditTrail | None = None
