@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 SPEC = ServiceSpec(
     name=subjects.GATEWAY,
     streams=(streams.EVENTS,),
-    buckets=(buckets.CONFIG, buckets.WEBHOOKS, buckets.AGENTS, buckets.VAULT),
+    buckets=(buckets.CONFIG, buckets.WEBHOOKS, buckets.AGENTS, buckets.VAULT, buckets.ANOMALIES),
     register=register_vault_commands,
 )
 
