@@ -8,11 +8,8 @@ heartbeat discovered, the destinations ``agentDestinationIds`` allow it, and the
 queued for it (``params.agentId``); anything else is a 404 (or 400 naming the field),
 and nothing changes.
 
-The configuration document (:func:`agent_config`) is hashed as
-``sha256(canonical JSON)``: the JSON of the answer without ``configHash``, keys sorted,
-no whitespace (``separators=(",", ":")``), non-ASCII kept as UTF-8, hex digest
-(:func:`config_hash`). A heartbeat whose ``configHash`` is not that hash is answered
-``configChanged: true``.
+The configuration document and the hash a heartbeat's ``configHash`` is compared with
+are ``agent_config_doc``'s.
 """
 
 from __future__ import annotations
@@ -94,7 +91,7 @@ class AgentStatusBody(Body, kw_only=True):
     """backupagent-api.md's status report: VirtBackup's stages; sizes in bytes as
     ``readSize``/``storedSize`` (or the document's ``dumpSize``/``compressedSize``, or
     ``bytesRead``/``bytesWritten``); ``durationMs``: how long the stage being left took
-    (with ``completed``/``failed``: the whole backup); ``uploadPath``; on failure
+    (the one reported before); ``uploadPath``; on failure
     ``errorMessage`` and ``errorCode``. Also the progress fields of
     ``POST /api/v1/jobs/{id}/status`` (``totalBytes``, ``chunksDone``, ``timestamp``...)."""
 
@@ -324,7 +321,7 @@ class BackupAgentController(Controller):
             timestamp=data.timestamp,
             checkpoint=data.checkpoint,
             parent_timestamp=data.parent_timestamp,
-            output=[OutputLine(line=line), *data.output][:100],
+            output=[OutputLine(line=line), *data.output],
         )
         return await report_status(gw, agent_id, job_id, body)
 
