@@ -32,6 +32,7 @@ from virtbackup.repository.records import RestorePoint
 from virtbackup.runtime import anomalies
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.kv import read_value
+from virtbackup.storage.errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,10 @@ async def _check_definition(jc: JobContext, job: Job) -> None:
     key = anomalies.definition_key(job.server_id, job.vm_name)
     repo = await jc.repository(job.destination_id, create=False)
     try:
-        point = await repo.restore_point(xml_path(job.vm_name, timestamp))
+        try:
+            point = await repo.restore_point(xml_path(job.vm_name, timestamp))
+        except NotFoundError:  # a destination that keeps nothing (dummy), or pruned already
+            return
         new = _definition(point, await repo.domain_xml(point))
         earlier = [
             p
