@@ -157,6 +157,22 @@ AGENT_POSTS: dict[str, dict[str, object]] = {
     "/api/v1/jobs/{job_id}/status": {"status": "reading", "message": "m", "bytesRead": 1,
                                      "output": [{"line": "l", "level": "info"}]},
     "/api/v1/agents/{agent_id}/actions": {"action": "activate"},
+    # backupagent-api.md (controllers/backupagent.py): bak_ keys only, the token is 403.
+    "/api/v1/agent/jobs/start": {"vmName": "no-such-vm", "serverId": "local", "targetId": "fs",
+                                 "scheduleId": "s"},
+    "/api/v1/agent/jobs/{job_id}/status": {
+        "status": "reading", "readSize": 1, "storedSize": 1, "dumpSize": 1, "compressedSize": 1,
+        "uploadPath": "p", "durationMs": 1, "errorMessage": "e", "errorCode": "E"},
+    "/api/v1/agent/jobs/{job_id}/verification": {
+        "status": "passed", "containerId": "c", "restoreDurationMs": 1,
+        "checks": [{"checkType": "boot", "checkName": "n", "status": "passed",
+                    "expectedValue": "1", "actualValue": "1", "deltaPct": 0.0}]},
+    "/api/v1/agent/jobs/{job_id}/logs": {"logs": [{"level": "info", "message": "m",
+                                                   "timestamp": "2026-04-09T02:00:01.000Z"}]},
+    "/api/v1/agent/schema-snapshot": {"vmName": "no-such-vm", "serverId": "local",
+                                      "snapshot": "<domain/>"},
+    "/api/v1/agent/anomaly": {"type": "size_anomaly", "severity": "info", "title": "t",
+                              "description": "d"},
 }  # fmt: skip
 #: Backup plans (backend-api.md's projects, pipelines, pipeline chains).
 PLAN_RUN: dict[str, object] = {

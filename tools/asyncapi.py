@@ -45,8 +45,13 @@ SPECS = {
 SCHEDULE_EVENTS = ("schedule.triggered", "schedule.completed", "schedule.failed")
 
 #: Events each service stores in ``VB_EVENTS`` (subject ``vb.evt.<type>.<key>``).
+ANOMALY_EVENTS = (
+    (EventType.ANOMALY_RAISED, "An anomaly was recorded; payload: Anomaly; key: its id."),
+    (EventType.VM_DEFINITION_DRIFT, "A VM's definition changed since its last backup; "
+     "payload: the schema_drift Anomaly (changes); key: its id."),
+)  # fmt: skip
 EVENTS: dict[str, tuple[tuple[str, str], ...]] = {
-    subjects.GATEWAY: ((EventType.CONFIG_CHANGED, "The configuration changed."),),
+    subjects.GATEWAY: ((EventType.CONFIG_CHANGED, "The configuration changed."), *ANOMALY_EVENTS),
     subjects.INVENTORY: ((EventType.VM_LIFECYCLE, "A libvirt domain event; key: server id."),),
     subjects.JOB_ORCHESTRATOR: (
         (EventType.JOB_CREATED, "A job was created; payload: the Job; key: job id."),
@@ -58,6 +63,7 @@ EVENTS: dict[str, tuple[tuple[str, str], ...]] = {
             (event, "A schedule run: {schedule_id, name, job_ids, skipped, message}.")
             for event in SCHEDULE_EVENTS
         ),
+        *ANOMALY_EVENTS,
     ),
     subjects.TRANSFER_WORKER: (
         (EventType.UNIT_DONE, "A transfer unit ended; payload: UnitResult."),

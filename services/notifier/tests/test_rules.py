@@ -90,6 +90,26 @@ def test_matchers_in_the_manner_of_pbs() -> None:
     assert not should_notify(inverted, failed) and should_notify(inverted, ok)
 
 
+def test_anomalies_are_notifications_matchers_can_pick() -> None:
+    def anomaly(severity: str, kind: str) -> Event:
+        payload = {
+            "id": "a1", "type": kind, "severity": severity, "title": "Backup small",
+            "description": "45% of usual", "vmName": "web-1", "serverId": "local",
+        }  # fmt: skip
+        return Event(type="anomaly.raised", payload=payload, id="e", time="t", source="test")
+
+    critical = derive.notification(anomaly("critical", "restore_failure"))
+    small = derive.notification(anomaly("warning", "size_anomaly"))
+    assert critical is not None and small is not None
+    assert (critical.severity, small.severity) == ("error", "warning")
+    assert small.fields["type"] == "size_anomaly" and small.fields["vm_name"] == "web-1"
+    assert small.message == "45% of usual"
+    # Without matchers only errors go out; a matcher can take size anomalies.
+    assert should_notify(ntfy(), critical) and not should_notify(ntfy(), small)
+    sizes = ntfy(matchers=[{"name": "s", "matchField": ["exact:type=size_anomaly"]}])
+    assert should_notify(sizes, small) and not should_notify(sizes, critical)
+
+
 @pytest.mark.parametrize(
     ("matcher", "needle"),
     [

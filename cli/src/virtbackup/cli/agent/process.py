@@ -7,10 +7,16 @@ keeps them in ``--key-file`` (0600, in a 0700 directory); later starts read the 
 from there (or ``--api-key`` / ``VIRTBACKUP_AGENT_KEY``).
 
 Then, until SIGTERM or SIGINT: a heartbeat every ``--heartbeat-seconds`` with the
-host's VMs (name, UUID, state, disks) and load, and a lease every ``--poll-seconds``;
-a leased backup runs here (``agent.backup``), reporting its stages and progress
-(``POST /api/v1/jobs/{id}/status``) and stopping when an answer says ``cancel``. At
-start it first ends a backup a previous run left behind (``agent.inflight``).
+host's VMs (name, UUID, state, disks), its load and the hash of the configuration it
+holds; when the answer says ``configChanged`` it pulls ``GET /api/v1/agent/config``
+(kept in ``config.json`` beside the key file, 0600) and sends each VM's domain
+definition once it differs from what it sent last (``POST /api/v1/agent/schema-snapshot``:
+the gateway compares it with the VM's last backup). A lease every ``--poll-seconds``;
+a leased backup runs here (``agent.backup``), reporting its stages, progress and each
+stage's duration (``POST /api/v1/agent/jobs/{id}/status``) and stopping when an answer
+says ``cancel``. ``--backup VM[@TARGET]`` starts backups itself at start
+(``POST /api/v1/agent/jobs/start``), which it then leases and runs. At start it first
+ends a backup a previous run left behind (``agent.inflight``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +33,7 @@ import signal
 import socket
 import ssl
 import sys
+import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -38,6 +46,7 @@ from virtbackup.contracts.v1.config import Destination
 from virtbackup.runtime import __version__
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.virt import list_disks, list_domains, open_connection
+from virtbackup.virt.domains import domain_xml
 
 log = logging.getLogger("virtbackup.agent")
 
@@ -77,6 +86,22 @@ class AgentClient:
         answer = res.json()
         assert isinstance(answer, dict)
         return answer
+
+    async def get(self, path: str) -> dict[str, Any]:
+        """GET ``path``; the answer's JSON (``httpx.HTTPStatusError`` on a 4xx/5xx)."""
+        res = await self.http.get(path)
+        res.raise_for_status()
+        answer = res.json()
+        assert isinstance(answer, dict)
+        return answer
+
+
+def config_hash(doc: dict[str, Any]) -> str:
+    """The gateway's hash of a configuration document: SHA-256 of its canonical JSON
+    (without ``configHash``, keys sorted, no whitespace, UTF-8)."""
+    body = {k: v for k, v in doc.items() if k != "configHash"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_key_file(path: Path, agent_id: str, api_key: str) -> None:
@@ -140,6 +165,11 @@ class Agent:
         self.args = args
         self.stop = asyncio.Event()
         self.inflight = InFlight(Path(args.key_file).with_name("inflight.json"))
+        self.config_file = Path(args.key_file).with_name("config.json")
+        self.config: dict[str, Any] = {}
+        self.config_hash = ""
+        #: SHA-256 of each VM's domain XML as last sent to schema-snapshot.
+        self.sent_definitions: dict[str, str] = {}
 
     async def recover(self) -> None:
         """End what a previous run left mid-backup (``agent.inflight``)."""
@@ -157,19 +187,83 @@ class Agent:
                 log.warning("listing the host's VMs failed: %s", exc)
                 domains = []
             try:
-                await self.client.post(
+                answer = await self.client.post(
                     "/api/v1/heartbeat",
                     {
                         "status": "online",
                         "agentVersion": __version__,
+                        "configHash": self.config_hash,
                         "load": list(os.getloadavg()),
                         "discoveredDomains": domains,
                     },
                 )
+                if answer.get("configChanged"):
+                    await self.pull_config()
+                await self.send_definitions(domains)
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), self.args.heartbeat_seconds)
+
+    async def pull_config(self) -> None:
+        """Fetch the configuration (schedules, targets, alert channels) and keep it."""
+        doc = await self.client.get("/api/v1/agent/config")
+        digest = config_hash(doc)
+        if doc.get("configHash") not in (None, digest):
+            log.warning("the configuration's hash is not what it says (%s)", doc["configHash"])
+        self.config, self.config_hash = doc, digest
+        fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(doc, out)
+        log.info(
+            "configuration %s: %d schedules, %d targets, %d alert channels",
+            digest[:12],
+            len(doc.get("schedules", [])),
+            len(doc.get("targets", [])),
+            len(doc.get("alertChannels", [])),
+        )
+
+    async def send_definitions(self, domains: list[dict[str, Any]]) -> None:
+        """Post each VM's domain definition when it changed since it was last sent (the
+        gateway compares it with the definition of the VM's last backup)."""
+        servers = self.config.get("servers") or []
+        if len(servers) != 1:
+            return  # which server a VM is on is not for this agent to guess
+        conn = await open_connection(self.args.libvirt_uri)
+        try:
+            for dom in domains:
+                name = str(dom["name"])
+                try:
+                    xml = await domain_xml(conn, name, inactive=True)
+                except Exception as exc:  # gone meanwhile
+                    log.debug("no definition of %s: %s", name, exc)
+                    continue
+                digest = hashlib.sha256(xml.encode()).hexdigest()
+                if self.sent_definitions.get(name) == digest:
+                    continue
+                answer = await self.client.post(
+                    "/api/v1/agent/schema-snapshot",
+                    {"vmName": name, "serverId": servers[0]["id"], "snapshot": xml},
+                )
+                self.sent_definitions[name] = digest
+                if answer.get("drift"):
+                    log.warning("%s: definition drift: %s", name, "; ".join(answer["changes"]))
+        finally:
+            await conn.close()
+
+    async def start_backups(self) -> None:
+        """``--backup VM[@TARGET]``: start those backups (queued for this agent)."""
+        for spec in self.args.backup or []:
+            vm, _, target = spec.partition("@")
+            body: dict[str, Any] = {"vmName": vm}
+            if target:
+                body["targetId"] = target
+            try:
+                answer = await self.client.post("/api/v1/agent/jobs/start", body)
+            except Exception as exc:
+                log.warning("starting a backup of %s failed: %s", vm, exc)
+                continue
+            log.info("started backup job %s of %s", answer["jobId"], vm)
 
     async def leases(self) -> None:
         while not self.stop.is_set():
@@ -189,8 +283,16 @@ class Agent:
         job_id = str(job["id"])
         destination = msgspec.convert(lease["destination"], Destination)
 
+        stage: dict[str, Any] = {"name": "", "since": time.monotonic()}
+
         async def report(body: dict[str, Any]) -> dict[str, Any]:
-            return await self.client.post(f"/api/v1/jobs/{job_id}/status", body)
+            if body.get("status") != stage["name"]:
+                # Entering a new stage: how long the one being left took.
+                now = time.monotonic()
+                if stage["name"]:
+                    body = {**body, "durationMs": round(1000 * (now - float(stage["since"])))}
+                stage.update(name=str(body.get("status")), since=now)
+            return await self.client.post(f"/api/v1/agent/jobs/{job_id}/status", body)
 
         log.info("job %s: backup of %s leased", job_id, job.get("vmName"))
         try:
@@ -243,6 +345,9 @@ async def serve(args: argparse.Namespace, api_key: str | None) -> int:
         loop.add_signal_handler(sig, agent.stop.set)
     try:
         await agent.recover()
+        with contextlib.suppress(Exception):
+            await agent.pull_config()
+        await agent.start_backups()
         await asyncio.gather(agent.heartbeat(), agent.leases())
     finally:
         await client.close()
@@ -261,6 +366,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--scratch-dir", default=DEFAULT_SCRATCH, help="backup scratch files")
     p.add_argument("--poll-seconds", type=float, default=2.0, help="between two leases")
     p.add_argument("--heartbeat-seconds", type=float, default=10.0, help="between heartbeats")
+    p.add_argument(
+        "--backup",
+        action="append",
+        metavar="VM[@TARGET]",
+        help="start a backup of VM (into destination TARGET) at start; repeatable",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -84,6 +84,16 @@ JOB_FILES: Final = BucketSpec(
     description="Job artifacts and test results posted by agents: art.<job>.<name>, checks.<job>.",
 )
 
+#: Anomalies and domain definitions (backupagent-api.md's anomaly and schema-snapshot):
+#: ``anomaly.<id>`` (an :class:`~virtbackup.contracts.v1.anomalies.Anomaly`),
+#: ``def.<server>.<vm>`` (base64url parts: the definition of the VM's last backup, a
+#: ``DefinitionRecord``) and ``snap.<id>`` (a definition an agent posted). Written by the
+#: gateway (agents' reports) and the job-orchestrator (checks after each backup).
+ANOMALIES: Final = BucketSpec(
+    name="VB_ANOMALIES",
+    description="Anomalies (anomaly.<id>), backed-up definitions (def.<server>.<vm>), snapshots.",
+)
+
 CONFIG_KEY: Final = "agent"
 
 ALL: Final = (
@@ -101,4 +111,5 @@ ALL: Final = (
     PLANS,
     AGENTS,
     JOB_FILES,
+    ANOMALIES,
 )

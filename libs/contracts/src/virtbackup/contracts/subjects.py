@@ -224,6 +224,12 @@ class EventType:
     SCHEDULE_FAILED: Final = "schedule.failed"
     #: A webhook delivery or notification the notifier gave up on (``notify`` aggregate).
     NOTIFY_GAVE_UP: Final = "notify.gave_up"
+    #: An anomaly was recorded in ``VB_ANOMALIES`` (posted by a remote agent, or raised by
+    #: VirtBackup: a backup's size far from its history, a definition drift); key = its id.
+    ANOMALY_RAISED: Final = "anomaly.raised"
+    #: A VM's domain definition differs from the one of its last backup (disks added,
+    #: removed or resized, memory or vCPUs changed); key = the anomaly's id.
+    VM_DEFINITION_DRIFT: Final = "vm.definition_drift"
 
 
 class NotifyCmd:

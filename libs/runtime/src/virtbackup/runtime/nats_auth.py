@@ -162,6 +162,13 @@ def _base(service: str) -> _Grants:
     )
 
 
+def _anomalies(g: _Grants) -> None:
+    """Record anomalies (``VB_ANOMALIES``) and announce them and definition drifts."""
+    g.owns(buckets.ANOMALIES)
+    g.events("anomaly")
+    g.sends(subjects.event(subjects.EventType.VM_DEFINITION_DRIFT) + ".>")
+
+
 def _gateway() -> _Grants:
     g = _base(subjects.GATEWAY)
     g.sends(f"{subjects.CMD_ROOT}.>")  # the edge: every command, every ping
@@ -170,6 +177,7 @@ def _gateway() -> _Grants:
     g.owns(buckets.CONFIG)
     g.owns(buckets.AGENTS)  # remote agents and their keys' hashes
     g.sends("vb.log.job.>")  # remote agents' output lines, to their jobs' logs
+    _anomalies(g)  # remote agents' anomalies and definition snapshots
     # The vault: its connections (sealed under the vault key, which only the gateway
     # holds), and the services' requests for the credentials they use (runtime.vault).
     g.owns(buckets.VAULT)
@@ -231,6 +239,7 @@ def _job_orchestrator() -> _Grants:
     g.publish += _provision_stream(streams.JOB_LOGS) + _consume_stream(logs)
     g.sends(subjects.JOB_LOGS_ALL, f"{API}.STREAM.PURGE.{logs}")
     g.owns(buckets.JOB_FILES)
+    _anomalies(g)  # the checks after each backup: definition drift, size anomalies
     return g
 
 

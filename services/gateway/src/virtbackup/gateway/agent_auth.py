@@ -4,7 +4,9 @@
   token is its credential (checked by the handler).
 * An ``Authorization: Bearer bak_...`` key opens only the agent routes
   (:data:`AGENT_ROUTES`: ``POST`` of the heartbeats, the lease and a job's status,
-  artifacts and tests),
+  artifacts and tests, and backupagent-api.md's jobs/start, a job's status,
+  verification and logs, schema-snapshot and anomaly; :data:`AGENT_GET_ROUTES`:
+  ``GET /api/v1/agent/config``),
   and only while the key belongs to a registered agent; the agent's id is put in the
   ASGI scope (:data:`AGENT_SCOPE_KEY`) for the handler, which acts for that agent only
   (``backend_agents.calling_agent``). Anywhere else, or unknown or revoked, it is a 401
@@ -25,8 +27,12 @@ from virtbackup.gateway.auth import UNAUTHORIZED, ASGIApp, Receive, Scope, Send
 AGENT_SCOPE_KEY: Final = "virtbackup.agent_id"
 REGISTER_PATH: Final = "/api/v1/agent/register"
 AGENT_ROUTES: Final = re.compile(
-    r"^/api/v1/(heartbeat|agent/heartbeat|agent/lease|jobs/[^/]+/(status|artifacts|tests))$"
+    r"^/api/v1/(heartbeat|agent/heartbeat|agent/lease|jobs/[^/]+/(status|artifacts|tests)"
+    r"|agent/jobs/start|agent/jobs/[^/]+/(status|verification|logs)"
+    r"|agent/schema-snapshot|agent/anomaly)$"
 )
+#: The agent routes read with ``GET`` (every other one is a ``POST``).
+AGENT_GET_ROUTES: Final = frozenset({"/api/v1/agent/config"})
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -73,7 +79,10 @@ class AgentKeyAuth:
         if presented is None or not presented.startswith(KEY_PREFIX):
             await self.token_auth(scope, receive, send)
             return
-        agent_route = scope.get("method") == "POST" and AGENT_ROUTES.match(path)
+        method = scope.get("method")
+        agent_route = (method == "POST" and AGENT_ROUTES.match(path)) or (
+            method == "GET" and path in AGENT_GET_ROUTES
+        )
         agent = await self.store.authenticate(presented) if agent_route else None
         if agent is None:
             await _unauthorized(send)

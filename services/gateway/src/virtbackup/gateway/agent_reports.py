@@ -124,6 +124,8 @@ async def report_status(
             timestamp=body.timestamp,
             checkpoint=body.checkpoint,
             parent_timestamp=body.parent_timestamp,
+            duration_ms=body.duration_ms,
+            upload_path=body.upload_path,
         ),
         AgentStatusReply,
     )

@@ -240,5 +240,6 @@ def agent_view(agent: AgentRecord) -> dict[str, Any]:
         "lastHeartbeat": agent.last_heartbeat,
         "load": agent.load,
         "registeredAt": agent.registered_at,
+        "configHash": agent.config_hash,
         "discoveredDomains": msgspec.to_builtins(agent.discovered_domains),
     }

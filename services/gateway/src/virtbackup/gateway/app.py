@@ -23,6 +23,7 @@ from virtbackup.gateway.controllers.backend_jobs import BackendJobsController
 from virtbackup.gateway.controllers.backend_plans import PLAN_CONTROLLERS
 from virtbackup.gateway.controllers.backend_system import BackendSystemController
 from virtbackup.gateway.controllers.backend_vault import VaultController
+from virtbackup.gateway.controllers.backupagent import BackupAgentController
 from virtbackup.gateway.controllers.config import ConfigController
 from virtbackup.gateway.controllers.destinations import DestinationsController, GoogleTokensBody
 from virtbackup.gateway.controllers.events import EventsController
@@ -60,6 +61,7 @@ CONTROLLERS = [
     NotifyController,
     *PLAN_CONTROLLERS,
     BackendAgentsController,
+    BackupAgentController,
     VaultController,
     BackendJobsController,
     BackendSystemController,

@@ -38,7 +38,7 @@ AUDIT_DRAIN_SECONDS = 3.0
 SPEC = ServiceSpec(
     name=subjects.GATEWAY,
     streams=(streams.EVENTS,),
-    buckets=(buckets.CONFIG, buckets.WEBHOOKS, buckets.AGENTS, buckets.VAULT),
+    buckets=(buckets.CONFIG, buckets.WEBHOOKS, buckets.AGENTS, buckets.VAULT, buckets.ANOMALIES),
     register=register_vault_commands,
 )
 

@@ -15,9 +15,14 @@ What the job's record holds, in ``result["agent"]`` (every change a compare-and-
 | ``reportedAt`` | ``AGENT_STATUS`` | the agent's last report |
 | ``stage`` | ``AGENT_STATUS`` | its last stage |
 | ``outcome``, ``error`` | ``AGENT_STATUS`` | ``completed`` (with ``message``) or ``failed`` |
+| ``stages`` | ``AGENT_STATUS`` | each stage entered: ``{"stage", "startedAt", "durationMs"}`` |
+| ``uploadPath`` | ``AGENT_STATUS`` | where the agent says the point went |
 
 ``committing`` is entered by the agent's report in the same compare-and-swap that checks
 for a cancel, so exactly one of "cancelled" and "committed" wins, as for every backup.
+A stage's ``durationMs`` is set when the next stage begins: the agent's ``durationMs`` if
+its report gave one, else the time between the two reports.
+
 A job whose agent has leased it and then says nothing for :data:`SILENCE_SECONDS` fails
 naming the agent; one never leased fails after ``VIRTBACKUP_AGENT_LEASE_WAIT`` seconds
 (default 900), naming the agent, so a stopped agent does not hold the VM's lock forever.
@@ -151,6 +156,7 @@ async def agent_lease(jc: JobContext, req: AgentLeaseRequest) -> AgentLease:
             taken = True
             now = utcnow_iso()
             agent.update(leasedAt=now, reportedAt=now, reportedEpoch=time.time(), stage="leased")
+            agent["stages"] = [{"stage": "leased", "startedAt": now, "epoch": time.time()}]
             return msgspec.structs.replace(
                 current,
                 result={**current.result, "agent": agent},
@@ -196,7 +202,10 @@ async def agent_status(jc: JobContext, req: AgentStatusRequest) -> AgentStatusRe
         if agent.get("outcome"):
             return current
         now = utcnow_iso()
+        _record_stage(agent, req, now)
         agent.update(reportedAt=now, reportedEpoch=time.time(), stage=req.stage)
+        if req.upload_path is not None:
+            agent["uploadPath"] = req.upload_path
         changes: dict[str, Any] = {"updated_at": now}
         result = dict(current.result)
         for key, text in (
@@ -244,6 +253,30 @@ async def agent_status(jc: JobContext, req: AgentStatusRequest) -> AgentStatusRe
     if stop:
         commit = False
     return AgentStatusReply(cancel=stop, commit=commit, state=job.state)
+
+
+def _record_stage(agent: dict[str, Any], req: AgentStatusRequest, now: str) -> None:
+    """Add ``req.stage`` to ``agent["stages"]`` when it is a new stage, ending the
+    previous one (its ``durationMs``); a report of the same stage changes nothing."""
+    raw = agent.get("stages")
+    stages: list[dict[str, Any]] = [dict(s) for s in raw] if isinstance(raw, list) else []
+    if stages and stages[-1].get("stage") == req.stage:
+        if req.duration_ms is not None:
+            stages[-1]["durationMs"] = req.duration_ms
+        agent["stages"] = stages
+        return
+    if stages:
+        last = stages[-1]
+        if req.duration_ms is not None:
+            last["durationMs"] = req.duration_ms
+        else:
+            last["durationMs"] = max(
+                0, round(1000 * (time.time() - last.get("epoch", time.time())))
+            )
+    stages.append({"stage": req.stage, "startedAt": now, "epoch": time.time()})
+    if req.stage in FINAL_STAGES:
+        stages[-1]["durationMs"] = 0
+    agent["stages"] = stages
 
 
 def _seconds_since(iso: str) -> float:

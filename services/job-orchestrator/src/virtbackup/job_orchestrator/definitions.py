@@ -27,6 +27,7 @@ from virtbackup.contracts.v1.schedules import (
     JobSubmitResult,
     JobTarget,
 )
+from virtbackup.job_orchestrator.agent_jobs import agent_of
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.runtime import timeouts
 from virtbackup.runtime.agent_config import find_destination
@@ -144,7 +145,11 @@ def split_path(vm_path: str, server_id: str | None) -> tuple[str, str]:
 
 async def _vms_of(jc: JobContext, server_id: str, vm_pat: str) -> list[str]:
     """The VMs of the server ``vm_pat`` matches: a glob against the inventory's list, a
-    plain name asked of the server itself (a VM defined a moment ago is found)."""
+    plain name asked of the server itself (a VM defined a moment ago is found). A plain
+    name on a remote agent's server is taken as it is: the inventory does not reach that
+    host, and the agent fails the job if the VM is not there."""
+    if not is_glob(vm_pat) and agent_of(await jc.config(), server_id) is not None:
+        return [vm_pat]
     if not is_glob(vm_pat):
         ref = VmRef(server_id=server_id, vm_name=vm_pat)
         try:

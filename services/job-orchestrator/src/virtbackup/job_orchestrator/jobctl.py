@@ -499,9 +499,11 @@ async def checks(jc: JobContext, req: JobRef) -> CheckList:
 @jobctl_commands.handler(JobCtlCmd.CHECKS_PUT, ChecksPutRequest)
 async def checks_put(jc: JobContext, req: ChecksPutRequest) -> CheckList:
     """Add an agent's verification results to the job's (at most 1000 in all); a
-    ``Conflict`` naming the state for a job that has ended."""
+    ``Conflict`` naming the state for a job that has ended (but a verification of a
+    backup that succeeded)."""
     job, _ = await jc.store.get(req.id)
-    _refuse_ended(job)
+    if not (req.verification and job.state == "success"):
+        _refuse_ended(job)
     files = jc.ctx.bucket(buckets.JOB_FILES)
     key = f"checks.{req.id}"
     now = utcnow_iso()

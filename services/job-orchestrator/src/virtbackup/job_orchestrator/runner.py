@@ -27,6 +27,7 @@ from virtbackup.contracts.v1.inventory import (
 )
 from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job, JobState
 from virtbackup.job_orchestrator.backup import end_libvirt_job, run_backup
+from virtbackup.job_orchestrator.backup_checks import after_backup
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.fanout import also_destinations
 from virtbackup.job_orchestrator.jobctx import JobContext
@@ -88,7 +89,7 @@ async def execute(jc: JobContext, job: Job) -> None:
             log.exception("job %s crashed", job.id)
         state, message = "failure", failure_message(exc)
     try:
-        await jc.finish(job.id, state, message)
+        ended = await jc.finish(job.id, state, message)
     except Exception:
         # NATS unreachable for longer than its retries: stop renewing the lease, so that
         # it lapses and the sweep of another instance (or of this one) ends the job.
@@ -96,6 +97,7 @@ async def execute(jc: JobContext, job: Job) -> None:
         log.exception("could not write the final state of job %s (%s)", job.id, state)
         return
     if job.type == "backup" and state == "success":
+        await after_backup(jc, ended or job)  # definition drift, size anomaly (never raises)
         # Retention: a prune job of its own once the backup has ended (points.auto_prune),
         # in each destination it wrote.
         for dest in [job.destination_id, *also_destinations(job)]:

@@ -74,6 +74,7 @@ SPEC = ServiceSpec(
         buckets.EXPORTS,
         buckets.PLANS,
         buckets.JOB_FILES,
+        buckets.ANOMALIES,
     ),
     register=register,
     start=start,

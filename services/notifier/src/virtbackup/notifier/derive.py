@@ -18,7 +18,10 @@ webhook event               source event
 ==========================  ==============================================================
 
 Notifications (ntfy) come from ``job.finished`` (``error`` for a failure, ``warning`` for
-a cancel, ``info`` for a success) and the schedule events (``error`` for a failed run).
+a cancel, ``info`` for a success), the schedule events (``error`` for a failed run) and
+``anomaly.raised`` (severity ``critical`` is ``error``, ``warning`` and ``info`` as they
+are; field ``type`` is the anomaly's: ``size_anomaly``, ``schema_drift``,
+``restore_failure``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -122,10 +125,33 @@ class Deriver:
         return [Derived("job.progress", data, event.id)]
 
 
+_ANOMALY_SEVERITY: Final[dict[str, Literal["info", "warning", "error"]]] = {
+    "info": "info",
+    "warning": "warning",
+    "critical": "error",
+}
+
+
 def notification(event: Event) -> Notification | None:
     """The notification ``event`` stands for, if any (matchers then decide if it is
-    sent): a job's end, or a schedule run's trigger, end or failure."""
+    sent): a job's end, a schedule run's trigger, end or failure, or an anomaly."""
     payload = event.payload
+    if event.type == EventType.ANOMALY_RAISED:
+        vm = str(payload.get("vmName") or "")
+        return Notification(
+            severity=_ANOMALY_SEVERITY.get(str(payload.get("severity")), "warning"),
+            fields={
+                "event": event.type,
+                "type": str(payload.get("type") or ""),
+                "server_id": str(payload.get("serverId") or ""),
+                "vm_name": vm,
+                "destination_id": str(payload.get("destinationId") or ""),
+                "schedule": "",
+            },
+            title=f"VirtBackup: {payload.get('title') or 'anomaly'}",
+            message=str(payload.get("description") or payload.get("title") or ""),
+            tags=["warning"],
+        )
     if event.type == EventType.JOB_FINISHED:
         state = payload.get("state")
         job_type = str(payload.get("type", "job"))

@@ -76,6 +76,11 @@ class AgentStatusRequest(Message, frozen=True, kw_only=True):
     timestamp: str | None = None
     checkpoint: str | None = None
     parent_timestamp: str | None = None
+    #: How long the stage being left took, as the agent measured it (backupagent-api's
+    #: ``durationMs``; ``None``: the orchestrator's clock decides).
+    duration_ms: int | None = None
+    #: Where the restore point went (backupagent-api's ``uploadPath``).
+    upload_path: str | None = None
 
 
 class AgentStatusReply(Message, frozen=True, kw_only=True):

@@ -175,5 +175,9 @@ class CheckList(Message, frozen=True, kw_only=True):
 
 
 class ChecksPutRequest(Message, frozen=True, kw_only=True):
+    """``verification``: a restore verification of a backup (backupagent-api.md), which
+    comes after the backup ended: taken for a job that ended in success too."""
+
     id: str
     tests: list[CheckOutcome]
+    verification: bool = False

@@ -9,7 +9,6 @@ shows both kinds of agent: the transfer workers (from their heartbeats in
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -22,6 +21,7 @@ from virtbackup.contracts.v1.agents import AgentLease, AgentLeaseRequest, AgentS
 from virtbackup.contracts.v1.common import shown
 from virtbackup.contracts.v1.jobs import Job, JobCancelRequest, JobList, JobListRequest
 from virtbackup.gateway.agent_auth import AGENT_SCOPE_KEY
+from virtbackup.gateway.agent_config_doc import agent_config
 from virtbackup.gateway.agent_refs import refuse_if_named
 from virtbackup.gateway.agent_reports import lease_answer, report_status
 from virtbackup.gateway.agents_store import (
@@ -101,6 +101,7 @@ class JobStatusBody(Body, kw_only=True):
     chunks_done: Annotated[int, msgspec.Meta(ge=0)] | None = None
     chunks_total: Annotated[int, msgspec.Meta(ge=0)] | None = None
     duration_ms: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    upload_path: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
     timestamp: Short | None = None
     checkpoint: Short | None = None
     parent_timestamp: Short | None = None
@@ -303,22 +304,12 @@ async def _beat(gw: Gateway, agent_id: str, body: HeartbeatBody) -> dict[str, An
         )
 
     agent = await _store(gw).update(agent_id, change)
-    expected = await assignment_hash(gw, agent_id)
-    return {
-        "configChanged": bool(body.config_hash) and body.config_hash != expected,
-        "state": agent.state,
-    }
-
-
-async def assignment_hash(gw: Gateway, agent_id: str) -> str:
-    """A hash of what the configuration gives the agent (its servers and the
-    destinations it may write to): an agent that heartbeats another hash is told
-    ``configChanged``."""
-    cfg, _ = await gw.config.load()
-    mine = sorted(
-        (s.id, sorted(s.agent_destination_ids)) for s in cfg.servers if s.agent_id == agent_id
-    )
-    return hashlib.sha256(msgspec.json.encode(mine)).hexdigest()[:16]
+    # The hash of GET /api/v1/agent/config's document (its module says how to compute it).
+    try:
+        expected = (await agent_config(gw, agent_id))["configHash"]
+    except ServiceError:  # the schedules or webhooks cannot be read now: ask again later
+        expected = body.config_hash
+    return {"configChanged": body.config_hash != expected, "state": agent.state}
 
 
 async def _cancel_leased(gw: Gateway, agent_id: str) -> list[str]:

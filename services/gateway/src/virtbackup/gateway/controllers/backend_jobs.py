@@ -107,6 +107,8 @@ def backend_view(job: Job) -> dict[str, Any]:
     else:
         status = job.state
     reported = job.result.get("agentStatus") if isinstance(job.result, dict) else None
+    if not isinstance(reported, dict):  # a remote agent's last stage (agent_jobs)
+        reported = job.result.get("agent") if isinstance(job.result, dict) else None
     reported = reported if isinstance(reported, dict) else {}
     progress = reported.get("progress")
     if progress is None:
