@@ -94,6 +94,35 @@ async def test_chunk_blobs_are_read_raw_and_decoded_apart(tmp_path: Path) -> Non
         repo.decode_chunk(other, raw)
 
 
+@pytest.mark.parametrize("password", [None, "pw"])
+async def test_a_chunk_decodes_into_a_reused_buffer(tmp_path: Path, password: str | None) -> None:
+    """A restoring worker decodes into buffers of its pool (``decode_chunk_into``): the
+    same plaintext as ``decode_chunk``, for compressed and stored-as-is chunks, sealed or
+    not, at the start of a buffer that held something else; a plaintext longer than the
+    buffer, a blob of another chunk or a damaged one are ``CorruptChunkError``."""
+    repo = await Repository.open_or_create(FilesystemDriver(tmp_path), password)
+    buf = bytearray(b"\xee" * (1 << 20))
+    for data in (b"text " * 100_000, os.urandom(300_000), os.urandom(1 << 20)):
+        chunk_id = repo.chunk_id(data)
+        blob = repo.encode_chunk(chunk_id, data)
+        size = repo.decode_chunk_into(chunk_id, blob, buf)
+        assert size == len(data) and bytes(buf[:size]) == data
+    small = bytearray(1000)
+    for data in (b"text " * 100_000, os.urandom(300_000)):
+        chunk_id = repo.chunk_id(data)
+        with pytest.raises(CorruptChunkError):
+            repo.decode_chunk_into(chunk_id, repo.encode_chunk(chunk_id, data), small)
+    data = b"text " * 100_000
+    chunk_id = repo.chunk_id(data)
+    blob = repo.encode_chunk(chunk_id, data)
+    with pytest.raises(CorruptChunkError):
+        repo.decode_chunk_into(repo.chunk_id(b"other"), blob, buf)
+    damaged = bytearray(blob)
+    damaged[len(blob) // 2] ^= 0xFF
+    with pytest.raises(CorruptChunkError):
+        repo.decode_chunk_into(chunk_id, bytes(damaged), buf)
+
+
 async def test_a_point_is_listed_only_once_its_record_is_written(tmp_path: Path) -> None:
     repo = await Repository.open_or_create(FilesystemDriver(tmp_path))
     manifest = DiskManifest(

@@ -69,3 +69,35 @@ def decode_blob(blob: bytes, sealer: Sealer | None, aad: bytes, size_hint: int =
         except zstandard.ZstdError as exc:
             raise BlobError(f"corrupt zstd payload: {exc}") from None
     raise BlobError(f"unknown codec {codec}")
+
+
+def decode_blob_into(blob: bytes, sealer: Sealer | None, aad: bytes, out: bytearray) -> int:
+    """:func:`decode_blob` into ``out`` (a reused buffer): the plaintext is written at its
+    start and its length returned, so a caller that keeps its buffers (a transfer
+    worker's pool) holds no second copy of every chunk. ``BlobError`` for a blob that
+    does not decode or whose plaintext is longer than ``out``."""
+    body = sealer.open(blob, aad) if sealer else blob
+    if not body:
+        raise BlobError("empty blob")
+    codec, payload = body[0], memoryview(body)[1:]
+    view = memoryview(out)
+    if codec == RAW:
+        if len(payload) > len(view):
+            raise BlobError(f"plaintext of {len(payload)} bytes, more than {len(view)}")
+        view[: len(payload)] = payload
+        return len(payload)
+    if codec != ZSTD:
+        raise BlobError(f"unknown codec {codec}")
+    size = 0
+    try:
+        with _decompressor().stream_reader(payload, read_across_frames=True) as reader:
+            while size < len(view):
+                got = reader.readinto(view[size:])
+                if not got:
+                    return size
+                size += got
+            if reader.read(1):
+                raise BlobError(f"plaintext longer than {len(view)} bytes")
+    except zstandard.ZstdError as exc:
+        raise BlobError(f"corrupt zstd payload: {exc}") from None
+    return size

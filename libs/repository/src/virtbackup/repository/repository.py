@@ -32,7 +32,7 @@ import blake3
 import msgspec
 
 from virtbackup.repository import crypto
-from virtbackup.repository.codec import BlobError, decode_blob, encode_blob
+from virtbackup.repository.codec import BlobError, decode_blob, decode_blob_into, encode_blob
 from virtbackup.repository.format import (
     CHUNKS_PREFIX,
     CONFIG_KEY,
@@ -249,6 +249,20 @@ class Repository:
         if verify and self.chunk_id(data) != chunk_id:
             raise CorruptChunkError(chunk_id, "content does not match its hash")
         return data
+
+    def decode_chunk_into(
+        self, chunk_id: str, blob: bytes, out: bytearray, verify: bool = True
+    ) -> int:
+        """:meth:`decode_chunk` into the buffer ``out`` (its start): the plaintext's length
+        (``codec.decode_blob_into``). ``CorruptChunkError`` as :meth:`decode_chunk`, and
+        for a plaintext longer than ``out``. Thread-safe."""
+        try:
+            size = decode_blob_into(blob, self.sealer, chunk_id.encode(), out)
+        except (BlobError, crypto.CryptoError) as exc:
+            raise CorruptChunkError(chunk_id, str(exc)) from None
+        if verify and self.chunk_id(memoryview(out)[:size]) != chunk_id:
+            raise CorruptChunkError(chunk_id, "content does not match its hash")
+        return size
 
     async def quarantine_chunk(self, chunk_id: str) -> bool:
         """Move a chunk that is proven damaged out of the way, to ``quarantine_key``

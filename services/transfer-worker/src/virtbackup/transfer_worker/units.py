@@ -558,10 +558,18 @@ async def restore_unit(
         async with uctx.budget.hold(length):
             blob = await retry(lambda: repo.read_chunk(chunk_id))
             counters["read"] += len(blob)
-            data = await uctx.cpu(repo.decode_chunk, chunk_id, blob)
-            if len(data) != length:
-                raise CorruptChunkError(chunk_id, f"is {len(data)} bytes, expected {length}")
-            await nbd.write(offset, data)
+            # Decoded into a buffer of the worker's pool (the one its backups read into),
+            # so a worker's restores and backups share their chunk buffers, and the blob
+            # is let go before the write.
+            buf = uctx.buffers.take(unit.chunk_size)
+            try:
+                size = await uctx.cpu(repo.decode_chunk_into, chunk_id, blob, buf)
+                del blob
+                if size != length:
+                    raise CorruptChunkError(chunk_id, f"is {size} bytes, expected {length}")
+                await nbd.write(offset, memoryview(buf)[:length])
+            finally:
+                uctx.buffers.give(buf)
             counters["written"] += length
 
     await _bounded(unit.chunks, one, RESTORE_CHUNKS_IN_FLIGHT)
