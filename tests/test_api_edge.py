@@ -72,10 +72,18 @@ async def hypersdk(edge: System) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+def error_message(resp: httpx.Response) -> str:
+    """An error's message: ``error``, or ``detail`` on the routes of agents-backend-api.md
+    (``{"detail", "code"}``)."""
+    body = resp.json()
+    message: str = body["detail"] if set(body) == {"detail", "code"} else body["error"]
+    return message
+
+
 def refused(resp: httpx.Response, status: int, *words: str) -> None:
     """``resp`` is ``status`` with ``{"error": ...}`` naming ``words``, no exception name."""
     assert resp.status_code == status, resp.text
-    message = resp.json()["error"]
+    message = error_message(resp)
     assert not EXCEPTION_NAME.search(message), message
     for word in words:
         assert word in message, (word, message)
@@ -178,6 +186,17 @@ AGENT_POSTS |= {
     "/api/v1/update/apply": {},
     "/api/v1/update/rollback": {},
     "/api/v1/server/restart": {},
+    # agents-backend-api.md: sessions, users, roles, API tokens (test_identity.py)
+    "/api/v1/admin/auth/login": {"username": "nobody", "password": "wrong password",
+                                 "captcha_id": "", "captcha_code": ""},
+    "/api/v1/admin/auth/token/refresh": {"refresh_token": "not-a-token"},
+    "/api/v1/admin/auth/logout": {},
+    "/api/v1/admin/sys/users": {"username": "edge", "password": "x", "nickname": "n",
+                                "email": "e", "roles": ["no-such-role"], "enabled": True},
+    "/api/v1/admin/sys/users/{user_id}/tokens": {"name": "t", "permissions": ["jobs:read"],
+                                                 "expires_in_seconds": 60},
+    "/api/v1/admin/sys/roles": {"name": "edge", "description": "d",
+                                "permissions": ["no-such-permission"]},
 }  # fmt: skip
 #: POST routes whose answer is 501 by design (the deployment's job, backend-api.md).
 NOT_IMPLEMENTED = {"/api/v1/update/apply", "/api/v1/update/rollback", "/api/v1/server/restart"}
@@ -220,7 +239,7 @@ def _concrete(path: str) -> str:
     path = path.replace("{project_id}", "no-such-project")
     path = path.replace("{pipeline_db_id}", "no.such").replace("{chain_db_id}", "no.such")
     path = path.replace("{agent_id}", "no-agent")
-    path = path.replace("{connection_id}", "no-such-connection")
+    path = path.replace("{connection_id}", "no-such-connection").replace("{user_id}", "999999")
     return path.replace("{destination_id}", "no-such-destination")
 
 
@@ -241,7 +260,7 @@ async def test_every_body_refuses_unknown_fields(
             or (path in NOT_IMPLEMENTED and resp.status_code == 501)
         ), (path, resp.text)
         if resp.status_code == 400:
-            message = resp.json()["error"]
+            message = error_message(resp)
             assert not any(f"`{field}`" in message for field in body), (path, message)
         for typo in ("bogusField", "vmname", "target_directory"):
             resp = await client.post(_concrete(path), json={**body, typo: "x"})

@@ -116,4 +116,16 @@ JOB_LOGS: Final = StreamSpec(
     description="Every job's output log, one line per message.",
 )
 
-ALL: Final = (EVENTS, WORK, NOTIFY, JOB_LOGS)
+#: The audit trail (agents-backend-api.md's login and operation logs), written and read
+#: by the gateway only: ``vb.audit.login`` and ``vb.audit.opera``, one record each; a
+#: record's id is its stream sequence. Kept ``VIRTBACKUP_AUDIT_RETENTION_DAYS`` (the
+#: gateway sets the max age from it when it provisions the stream; 365 days here).
+AUDIT: Final = StreamSpec(
+    name="VB_AUDIT",
+    subjects=(subjects.AUDIT_ALL,),
+    retention="limits",
+    max_age_seconds=365 * DAY,
+    description="Login attempts and operations: the audit trail.",
+)
+
+ALL: Final = (EVENTS, WORK, NOTIFY, JOB_LOGS, AUDIT)

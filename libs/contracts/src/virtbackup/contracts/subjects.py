@@ -28,6 +28,11 @@ NOTIFY_NTFY: Final = "vb.notify.ntfy"
 #: Job output logs (``VB_JOB_LOGS``): one ``v1.jobctl.LogLine`` per message.
 LOG_ROOT: Final = "vb.log"
 JOB_LOGS_ALL: Final = "vb.log.job.>"
+#: The audit trail (``VB_AUDIT``, the gateway's): login attempts (``vb.audit.login``)
+#: and operations (``vb.audit.opera``), one JSON record per message.
+AUDIT_ALL: Final = "vb.audit.>"
+AUDIT_LOGIN: Final = "vb.audit.login"
+AUDIT_OPERA: Final = "vb.audit.opera"
 
 
 def notify_webhook(webhook_id: str) -> str:

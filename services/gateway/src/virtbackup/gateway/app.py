@@ -12,7 +12,9 @@ from litestar.plugins import InitPluginProtocol
 
 from virtbackup.contracts.v1.config import AgentConfig, SftpParams
 from virtbackup.gateway.agent_auth import AgentKeyAuth
-from virtbackup.gateway.auth import TokenAuth
+from virtbackup.gateway.controllers.admin_auth import AdminAuthController
+from virtbackup.gateway.controllers.admin_login_logs import LoginLogsController
+from virtbackup.gateway.controllers.admin_sys import AdminSysController
 from virtbackup.gateway.controllers.agent import HealthController
 from virtbackup.gateway.controllers.backend_agents import BackendAgentsController
 from virtbackup.gateway.controllers.backend_copy import CopyController
@@ -36,6 +38,7 @@ from virtbackup.gateway.controllers.servers import ServersController
 from virtbackup.gateway.controllers.system import SystemController
 from virtbackup.gateway.edge import check_request
 from virtbackup.gateway.errors import HANDLERS
+from virtbackup.gateway.identity_auth import IdentityAuth
 from virtbackup.gateway.openapi import finish_document
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__
@@ -59,6 +62,10 @@ CONTROLLERS = [
     VaultController,
     BackendJobsController,
     BackendSystemController,
+    # agents-backend-api.md: sessions, users, roles, API tokens, login log
+    AdminAuthController,
+    AdminSysController,
+    LoginLogsController,
 ]
 
 
@@ -113,7 +120,9 @@ def create_app(gw: Gateway) -> Litestar:
 
 
 def create_asgi(gw: Gateway) -> AgentKeyAuth:
-    """The application behind token authentication, which covers every path, known or not
-    (remote agents' ``bak_`` keys open their own routes only: ``agent_auth``)."""
+    """The application behind authentication and authorisation, which cover every path,
+    known or not (``identity_auth``; remote agents' ``bak_`` keys open their own routes
+    only: ``agent_auth``)."""
     app = create_app(gw)
-    return AgentKeyAuth(app, TokenAuth(app, gw.token), gw.agents)  # type: ignore[arg-type]
+    auth = IdentityAuth(app, gw.token, gw.identity, "agent")  # type: ignore[arg-type]
+    return AgentKeyAuth(app, auth, gw.agents)  # type: ignore[arg-type]

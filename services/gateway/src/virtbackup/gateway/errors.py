@@ -179,9 +179,66 @@ def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
     return _internal(request, "unhandled exception", exc)
 
 
+#: Route families whose API document answers errors ``{"detail": ..., "code": ...}``
+#: (agents-backend-api.md); every other route answers ``{"error": ...}``.
+DETAIL_CODE_PREFIXES = ("/api/v1/admin/", "/api/v1/task/")
+#: ``code`` by status, for those routes.
+DETAIL_CODES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    429: "TOO_MANY_REQUESTS",
+    500: "INTERNAL_ERROR",
+    501: "NOT_IMPLEMENTED",
+    502: "BAD_GATEWAY",
+    503: "SERVICE_UNAVAILABLE",
+}
+
+
+def detail_code_family(path: str) -> bool:
+    """Whether errors on ``path`` are ``{"detail", "code"}``."""
+    return path.startswith(DETAIL_CODE_PREFIXES)
+
+
+def problem(
+    status: int, detail: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> Response[dict[str, str]]:
+    """An error of the ``{"detail", "code"}`` family (``code`` from the status unless
+    given)."""
+    body = {"detail": detail[:MAX_MESSAGE_CHARS], "code": code or DETAIL_CODES.get(status, "ERROR")}
+    return Response(body, status_code=status, headers=headers)
+
+
+def _by_family(handler: Any) -> Any:
+    """``handler``, whose ``{"error": message}`` becomes ``{"detail", "code"}`` on the
+    routes of :data:`DETAIL_CODE_PREFIXES`."""
+
+    def shaped(request: Request[Any, Any, Any], exc: Any) -> Response[Any]:
+        response: Response[Any] = handler(request, exc)
+        content = response.content
+        if (
+            detail_code_family(request.url.path)
+            and isinstance(content, dict)
+            and "error" in content
+        ):
+            status = response.status_code or 500
+            response.content = {
+                "detail": content["error"],
+                "code": DETAIL_CODES.get(status, "ERROR"),
+            }
+        return response
+
+    return shaped
+
+
 HANDLERS: ExceptionHandlersMap = {
-    ServiceError: service_error,
-    ValidationException: validation_error,
-    HTTPException: http_error,
-    Exception: internal_error,
+    ServiceError: _by_family(service_error),
+    ValidationException: _by_family(validation_error),
+    HTTPException: _by_family(http_error),
+    Exception: _by_family(internal_error),
 }

@@ -24,7 +24,6 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 from virtbackup.contracts.subjects import InventoryCmd
 from virtbackup.contracts.v1.common import ServerId, VmName
 from virtbackup.contracts.v1.inventory import CdromRemoved, Ok, ServerRef, ServerVms, VmInfo, VmRef
-from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.bodies import SnakeBody
 from virtbackup.gateway.edge import check_request
 from virtbackup.gateway.errors import HANDLERS, SNAKE_CASE, readable, responses
@@ -37,6 +36,7 @@ from virtbackup.gateway.hypersdk_metrics import (
 )
 from virtbackup.gateway.hypersdk_status import current_status
 from virtbackup.gateway.hypersdk_ws import ws
+from virtbackup.gateway.identity_auth import IdentityAuth
 from virtbackup.gateway.openapi import finish_document
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__, timeouts
@@ -227,7 +227,8 @@ class HyperSdkController(Controller):
 
 
 def create_hypersdk_asgi(gw: Gateway) -> RequestMetrics:
-    """The HyperSDK-style API behind the same token authentication as the agent API."""
+    """The HyperSDK-style API behind the same authentication and roles as the agent API
+    (``identity_auth``)."""
 
     def provide_gateway() -> Gateway:
         return gw
@@ -249,11 +250,12 @@ def create_hypersdk_asgi(gw: Gateway) -> RequestMetrics:
         logging_config=None,
     )
     finish_document(app, {})
-    return RequestMetrics(TokenAuth(app, gw.token))  # type: ignore[arg-type]
+    return RequestMetrics(IdentityAuth(app, gw.token, gw.identity, "hypersdk"))  # type: ignore[arg-type]
 
 
 def create_metrics_asgi(gw: Gateway) -> RequestMetrics:
-    """``/metrics`` alone, for the listener of ``metrics.port`` (same token)."""
+    """``/metrics`` alone, for the listener of ``metrics.port`` (same credentials;
+    ``system:read``)."""
 
     def provide_gateway() -> Gateway:
         return gw
@@ -265,4 +267,4 @@ def create_metrics_asgi(gw: Gateway) -> RequestMetrics:
         openapi_config=None,
         logging_config=None,
     )
-    return RequestMetrics(TokenAuth(app, gw.token))  # type: ignore[arg-type]
+    return RequestMetrics(IdentityAuth(app, gw.token, gw.identity, "hypersdk"))  # type: ignore[arg-type]

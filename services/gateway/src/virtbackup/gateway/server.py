@@ -19,10 +19,13 @@ from virtbackup.gateway.controllers.backend_vault import register_vault_commands
 from virtbackup.gateway.credentials import ensure_certificate, ensure_token
 from virtbackup.gateway.hypersdk import create_hypersdk_asgi, create_metrics_asgi
 from virtbackup.gateway.hypersdk_metrics import dedicated_port
+from virtbackup.gateway.identity_store import IdentityStore
+from virtbackup.gateway.login_log import LoginLog, audit_stream
 from virtbackup.gateway.ntfy_mirror import NtfyMirror
 from virtbackup.gateway.state import Gateway
 from virtbackup.gateway.vault_store import VaultStore
 from virtbackup.runtime.logging import setup_logging
+from virtbackup.runtime.provision import ensure_stream
 from virtbackup.runtime.sealing import SecretBox
 from virtbackup.runtime.service import ServiceSpec, start_service, stop_service
 from virtbackup.runtime.settings import Settings, load_settings
@@ -32,8 +35,8 @@ log = logging.getLogger(__name__)
 
 SPEC = ServiceSpec(
     name=subjects.GATEWAY,
-    streams=(streams.EVENTS,),
-    buckets=(buckets.CONFIG, buckets.WEBHOOKS, buckets.AGENTS, buckets.VAULT),
+    streams=(streams.EVENTS, streams.AUDIT),
+    buckets=(buckets.CONFIG, buckets.WEBHOOKS, buckets.AGENTS, buckets.VAULT, buckets.USERS),
     register=register_vault_commands,
 )
 
@@ -125,6 +128,11 @@ async def serve(settings: Settings | None = None) -> None:
             vault=vault,
         )
         gw.agents = AgentStore(ctx.bucket(buckets.AGENTS))
+        # Users, sessions, API tokens; the login log (with the retention of the settings).
+        await ensure_stream(ctx.bus.js, audit_stream(settings))
+        gw.identity = IdentityStore(ctx.bucket(buckets.USERS), box)
+        await gw.identity.jwt_key()  # made at first start
+        gw.login_log = LoginLog(ctx.bus)
         # A server may name only a registered agent (``agent_refs``).
         store.check = with_agent_check(store.check, lambda: gw.agents)
         config = uvicorn.Config(

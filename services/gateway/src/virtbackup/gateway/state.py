@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from virtbackup.gateway.agents_store import AgentStore
 from virtbackup.gateway.config_store import ConfigStore
+from virtbackup.gateway.identity_store import IdentityStore
+from virtbackup.gateway.login_log import LoginLog
 from virtbackup.gateway.ntfy_mirror import NtfyMirror
 from virtbackup.gateway.vault_store import VaultStore
 from virtbackup.runtime.bus import Bus
@@ -31,3 +33,7 @@ class Gateway:
     #: none); the HyperSDK listener's ``/metrics`` then answers 503 saying so.
     metrics_failure: str | None = None
     metrics_failed_port: int | None = None
+    #: Users, roles, sessions and API tokens (``VB_USERS``; None: the agent token only).
+    identity: IdentityStore | None = None
+    #: The login log (``VB_AUDIT``; None in tests without one).
+    login_log: LoginLog | None = None
