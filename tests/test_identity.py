@@ -365,10 +365,28 @@ async def test_login_refresh_rotation_reuse_and_logout(
         # The installation token is no session.
         resp = await client.post("/api/v1/admin/auth/logout", headers=ident.auth())
         assert resp.status_code == 400 and resp.json()["code"] == "BAD_REQUEST"
+        # Ended sessions are tidied away (any replica, every hour); live ones stay.
+        live = (await login(ident.url, name)).json()
+        assert await tidy(ident) >= 2  # the reused family's and the logged-out one
+        assert (await client.get("/jobs", headers=bearer(live["access_token"]))).status_code == 200
+        assert (await client.get("/jobs", headers=bearer(third["access_token"]))).status_code == 401
         # The captcha is not served.
         assert (
             await client.get("/api/v1/admin/auth/captcha", headers=ident.auth())
         ).status_code == 404
+
+
+async def tidy(system: System) -> int:
+    """What ``IdentityStore.tidy`` removes from the system's ``VB_USERS`` now."""
+    from virtbackup.gateway.identity_store import IdentityStore
+    from virtbackup.testing.nats import connect
+
+    nc = await connect(system.nats)
+    try:
+        kv = await nc.jetstream().key_value("VB_USERS")
+        return await IdentityStore(kv, None).tidy(60.0)
+    finally:
+        await nc.drain()
 
 
 def _forged(claims: dict[str, Any], header: dict[str, Any]) -> str:

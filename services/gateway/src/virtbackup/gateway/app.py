@@ -115,7 +115,11 @@ def create_app(gw: Gateway) -> Litestar:
         debug=False,
         logging_config=None,
     )
-    finish_document(app, RAW_BODIES, {("POST", "/config"): (409,)})
+    finish_document(
+        app,
+        RAW_BODIES,
+        {("POST", "/config"): (409,), ("POST", "/api/v1/admin/auth/login"): (429,)},
+    )
     return app
 
 

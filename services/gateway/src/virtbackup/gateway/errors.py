@@ -54,6 +54,7 @@ DESCRIPTIONS = {
     409: "Conflict with the current state",
     413: "Request body too large",
     415: "The body is not declared as application/json",
+    429: "Too many failed logins: try again after the seconds ``Retry-After`` gives",
     500: "Internal error (logged with the request id the message gives)",
     502: "A destination or server answered with an error: the message names it",
     503: "A service, server or destination is unavailable: a retry can help",

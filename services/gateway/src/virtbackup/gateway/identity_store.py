@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import re
 import secrets
 import time
@@ -42,6 +43,8 @@ from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import BadRequest, Conflict, NotFound
 from virtbackup.runtime.kv import keys
 from virtbackup.runtime.sealing import SecretBox
+
+log = logging.getLogger(__name__)
 
 API_TOKEN_PREFIX: Final = "vbt_"  # noqa: S105 (a prefix, not a secret)
 CAS_ATTEMPTS: Final = 20
@@ -565,3 +568,37 @@ class IdentityStore:
 
     async def clear_failures(self, kind: str, subject: str) -> None:
         await self.kv.delete(f"fail.{kind}.{sha256_hex(subject)}")
+
+    # --- housekeeping ---------------------------------------------------------------
+
+    async def tidy(self, window: float) -> int:
+        """Remove sessions that ended (expired or revoked: their tokens are refused either
+        way) and failed-login records older than ``window``; returns how many went."""
+        now = time.time()
+        gone = 0
+        for key in await keys(self.kv, "session."):
+            found = await self._get(key, SessionRecord)
+            if found is not None and (found[0].revoked or found[0].expires_at <= now):
+                await self.kv.delete(key)
+                gone += 1
+        for key in await keys(self.kv, "fail."):
+            failures = await self._get(key, Failures)
+            if failures is not None and all(t <= now - window for t in failures[0].times):
+                await self.kv.delete(key)
+                gone += 1
+        return gone
+
+
+#: Seconds between two tidy-ups of ``VB_USERS`` (:func:`tidy_forever`).
+TIDY_EVERY: Final = 3600.0
+
+
+async def tidy_forever(store: IdentityStore, window: float) -> None:
+    """Tidy the bucket up every :data:`TIDY_EVERY` seconds (any replica may: deletes are
+    idempotent)."""
+    while True:
+        await asyncio.sleep(TIDY_EVERY)
+        try:
+            await store.tidy(window)
+        except Exception as exc:  # the bus may be away for a while: next round
+            log.warning("could not tidy up sessions: %r", exc)

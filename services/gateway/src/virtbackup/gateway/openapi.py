@@ -1,7 +1,9 @@
 """Make a listener's OpenAPI document describe what the listener answers.
 
 Litestar documents errors as its own ``{status_code, detail, extra}``; both listeners
-answer every error as ``{"error": "<message>"}`` (``errors.ErrorBody``). Routes that read
+answer every error as ``{"error": "<message>"}`` (``errors.ErrorBody``), but the routes
+of agents-backend-api.md (``/api/v1/admin``, ``/api/v1/task``) as ``{"detail", "code"}``
+(``DetailCodeBody``). Routes that read
 their body themselves (to keep masked secrets, to accept several forms of a field) have
 no ``data`` parameter, so Litestar documents no body for them: ``finish_document`` adds
 the schema each names.
@@ -16,7 +18,7 @@ import msgspec
 from litestar import Litestar
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, RequestBody
 
-from virtbackup.gateway.errors import DESCRIPTIONS
+from virtbackup.gateway.errors import DESCRIPTIONS, detail_code_family
 
 _METHODS = ("get", "put", "post", "delete", "patch")
 _WITH_BODY = frozenset({"put", "post", "patch"})
@@ -27,12 +29,19 @@ _ERROR_SCHEMA = {
     "required": ["error"],
     "title": "ErrorBody",
 }
+_DETAIL_REF = "#/components/schemas/DetailCodeBody"
+_DETAIL_SCHEMA = {
+    "type": "object",
+    "properties": {"detail": {"type": "string"}, "code": {"type": "string"}},
+    "required": ["detail", "code"],
+    "title": "DetailCodeBody",
+}
 
 
-def _error_response(status: int) -> OpenAPIResponse:
+def _error_response(status: int, ref: str = _ERROR_REF) -> OpenAPIResponse:
     return OpenAPIResponse(
         description=DESCRIPTIONS[status],
-        content={"application/json": OpenAPIMediaType(schema={"$ref": _ERROR_REF})},  # type: ignore[arg-type]
+        content={"application/json": OpenAPIMediaType(schema={"$ref": ref})},  # type: ignore[arg-type]
     )
 
 
@@ -43,10 +52,12 @@ def finish_document(
 ) -> None:
     """Rewrite ``app``'s OpenAPI document in place (before it is first served).
 
-    Every operation: 400 (always, replacing Litestar's schema), 401, 500 and 503 as
-    ``ErrorBody`` unless the route documents its own; those taking a body also 413 and
-    415. ``bodies`` maps ``(METHOD, path)`` to the msgspec type of a JSON request body
-    the handler decodes itself; ``errors`` adds statuses to routes whose module does not
+    Every operation: 400 (always, replacing Litestar's schema), 401, 403 (a role
+    without the route's permission), 500 and 503 as ``ErrorBody`` (``DetailCodeBody``
+    on ``/api/v1/admin`` and ``/api/v1/task``, which also get 404 and 409) unless the
+    route documents its own; those taking a body also 413 and 415. ``bodies`` maps
+    ``(METHOD, path)`` to the msgspec type of a JSON request body the handler decodes
+    itself; ``errors`` adds statuses to routes whose module does not
     declare them.
     """
     document = app.openapi_schema
@@ -65,13 +76,19 @@ def finish_document(
                 continue
             responses: dict[str, Any] = operation.responses or {}
             operation.responses = responses
-            responses["400"] = _error_response(400)
-            statuses = [401, 500, 503, *(errors or {}).get((method.upper(), path), ())]
+            detail = detail_code_family(path)
+            ref = _DETAIL_REF if detail else _ERROR_REF
+            if detail:
+                schemas["DetailCodeBody"] = _DETAIL_SCHEMA
+            responses["400"] = _error_response(400, ref)
+            statuses = [401, 403, 500, 503, *(errors or {}).get((method.upper(), path), ())]
+            if detail:
+                statuses += [404, 409]
             if method in _WITH_BODY:
                 statuses += [413, 415]
             for status in statuses:
                 if str(status) not in responses:
-                    responses[str(status)] = _error_response(status)
+                    responses[str(status)] = _error_response(status, ref)
             schema = body_schema.get((method.upper(), path))
             if schema is not None:
                 operation.request_body = RequestBody(

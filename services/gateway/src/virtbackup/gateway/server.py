@@ -19,7 +19,7 @@ from virtbackup.gateway.controllers.backend_vault import register_vault_commands
 from virtbackup.gateway.credentials import ensure_certificate, ensure_token
 from virtbackup.gateway.hypersdk import create_hypersdk_asgi, create_metrics_asgi
 from virtbackup.gateway.hypersdk_metrics import dedicated_port
-from virtbackup.gateway.identity_store import IdentityStore
+from virtbackup.gateway.identity_store import IdentityStore, tidy_forever
 from virtbackup.gateway.login_log import LoginLog, audit_stream
 from virtbackup.gateway.ntfy_mirror import NtfyMirror
 from virtbackup.gateway.state import Gateway
@@ -132,6 +132,7 @@ async def serve(settings: Settings | None = None) -> None:
         await ensure_stream(ctx.bus.js, audit_stream(settings))
         gw.identity = IdentityStore(ctx.bucket(buckets.USERS), box)
         await gw.identity.jwt_key()  # made at first start
+        ctx.spawn(tidy_forever(gw.identity, settings.login_failure_window), "identity-tidy")
         gw.login_log = LoginLog(ctx.bus)
         # A server may name only a registered agent (``agent_refs``).
         store.check = with_agent_check(store.check, lambda: gw.agents)
