@@ -42,8 +42,8 @@ from virtbackup.gateway.auth import (
     Receive,
     Scope,
     Send,
-    _credential_in_url,
-    _presented_token,
+    credential_in_url,
+    presented_credential,
 )
 from virtbackup.gateway.errors import detail_code_family
 from virtbackup.gateway.identity_perms import (
@@ -226,8 +226,8 @@ class IdentityAuth:
             self._carry(scope, ANONYMOUS)
             await self.app(scope, receive, send)
             return
-        presented = _presented_token(scope)
-        if scope["type"] == "websocket" and _credential_in_url(scope):
+        presented = presented_credential(scope)
+        if scope["type"] == "websocket" and credential_in_url(scope):
             presented = None  # a token in a URL ends up in logs: refused even beside a good one
         identity = await self.identify(presented)
         if identity is None:
