@@ -665,3 +665,21 @@ async def test_api_tokens_are_shown_once_scoped_and_revocable(
             assert PASSWORD.encode() not in (entry.value or b""), key
     finally:
         await nc.drain()
+
+
+async def test_users_get_503_not_500_while_the_bus_is_down(
+    ident: System, people: dict[str, dict[str, Any]]
+) -> None:
+    """Last in the module: it stops NATS. A user's token cannot be checked without the
+    bucket: 503 (retry), never a 500 or a 401 that would log the user out."""
+    ident.nats.stop()
+    viewer = bearer(people["viewer"]["access_token"])
+    async with httpx.AsyncClient(base_url=ident.url, verify=False, timeout=30) as client:
+        deadline = time.monotonic() + 30
+        while (resp := await client.get("/config", headers=viewer)).status_code != 503:
+            assert resp.status_code == 200, resp.text
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.5)
+        assert "try again" in resp.json()["error"]
+        resp = await client.get("/api/v1/admin/sys/roles", headers=viewer)
+        assert resp.status_code == 503 and resp.json()["code"] == "SERVICE_UNAVAILABLE"

@@ -29,6 +29,8 @@ What passes on carries the identity in the ASGI scope: :data:`ACTOR_KEY` (str),
 from __future__ import annotations
 
 import hmac
+import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -45,7 +47,7 @@ from virtbackup.gateway.auth import (
     credential_in_url,
     presented_credential,
 )
-from virtbackup.gateway.errors import detail_code_family
+from virtbackup.gateway.errors import DETAIL_CODES, detail_code_family
 from virtbackup.gateway.identity_perms import (
     ALL_PERMISSIONS,
     Listener,
@@ -57,6 +59,8 @@ from virtbackup.gateway.identity_store import (
     IdentityStore,
     UserRecord,
 )
+
+log = logging.getLogger(__name__)
 
 ACTOR_KEY: Final = "virtbackup.actor"
 PERMISSIONS_KEY: Final = "virtbackup.permissions"
@@ -146,8 +150,6 @@ async def _answer(send: Send, status: int, body: bytes, extra: list[tuple[bytes,
 
 
 def _json(value: dict[str, str]) -> bytes:
-    import json
-
     return json.dumps(value, separators=(",", ":")).encode()
 
 
@@ -229,7 +231,14 @@ class IdentityAuth:
         presented = presented_credential(scope)
         if scope["type"] == "websocket" and credential_in_url(scope):
             presented = None  # a token in a URL ends up in logs: refused even beside a good one
-        identity = await self.identify(presented)
+        try:
+            identity = await self.identify(presented)
+        except Exception as exc:  # the bucket cannot be read (the bus is away)
+            log.warning("could not authenticate a request: %r", exc)
+            await self._refuse(
+                scope, send, 503, "authentication is unavailable (the bus); try again"
+            )
+            return
         if identity is None:
             await self._refuse(scope, send, 401, "unauthorized")
             return
@@ -250,13 +259,12 @@ class IdentityAuth:
     @staticmethod
     async def _refuse(scope: Scope, send: Send, status: int, message: str) -> None:
         if scope["type"] == "websocket":
-            close = 4401 if status == 401 else 4403
+            close = {401: 4401, 403: 4403}.get(status, 1013)  # 1013: try again later
             await send({"type": "websocket.close", "code": close, "reason": message[:120]})
             return
         extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
         if detail_code_family(scope.get("path", "")):
-            code = "UNAUTHORIZED" if status == 401 else "FORBIDDEN"
-            body = _json({"detail": message, "code": code})
+            body = _json({"detail": message, "code": DETAIL_CODES[status]})
         else:
             body = UNAUTHORIZED if status == 401 else _json({"error": message})
         await _answer(send, status, body, extra)
