@@ -34,6 +34,7 @@ from virtbackup.gateway.identity_perms import (
 )
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.settings import Settings
+from virtbackup.testing.oauth2 import FakeOAuthProvider, fake_oauth_provider
 
 PASSWORD = "correct horse battery"
 PID = os.getpid()
@@ -42,13 +43,27 @@ MAX_FAILURES = 3
 
 
 @pytest.fixture(scope="module")
-def ident(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+def provider() -> Iterator[FakeOAuthProvider]:
+    """A stand-in for GitHub's and Google's OAuth2 endpoints (the real ones cannot be
+    reached from here): ``virtbackup.testing.oauth2``."""
+    with fake_oauth_provider("vb-client", "vb-client-secret") as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def ident(
+    tmp_path_factory: pytest.TempPathFactory, provider: FakeOAuthProvider
+) -> Iterator[System]:
     data = tmp_path_factory.mktemp("ident")
     env = {
         "VIRTBACKUP_LOGIN_MAX_FAILURES": str(MAX_FAILURES),
         "VIRTBACKUP_LOGIN_ADDRESS_MAX_FAILURES": "1000",
         "VIRTBACKUP_LOGIN_FAILURE_WINDOW": "60",
     }
+    for name in ("GITHUB", "GOOGLE"):
+        env[f"VIRTBACKUP_OAUTH2_{name}_CLIENT_ID"] = provider.client_id
+        env[f"VIRTBACKUP_OAUTH2_{name}_CLIENT_SECRET"] = provider.client_secret
+        env[f"VIRTBACKUP_OAUTH2_{name}_BASE_URL"] = provider.base_url
     with running_system(data, orchestrators=1, **env) as system:  # type: ignore[arg-type]
         yield system
 
@@ -160,6 +175,8 @@ PUBLIC = {
     ("POST", "/api/v1/admin/auth/login"),
     ("POST", "/api/v1/admin/auth/token/refresh"),
     ("POST", "/api/v1/agent/register"),
+    ("GET", "/api/v1/admin/oauth2/{provider:str}/authorize"),
+    ("GET", "/api/v1/admin/oauth2/{provider:str}/callback"),
 }
 
 
@@ -665,6 +682,78 @@ async def test_api_tokens_are_shown_once_scoped_and_revocable(
             assert PASSWORD.encode() not in (entry.value or b""), key
     finally:
         await nc.drain()
+
+
+async def oauth_login(system: System, provider: str) -> httpx.Response:
+    """The browser's way through: authorize, the provider's consent, the callback."""
+    async with httpx.AsyncClient(verify=False, timeout=30) as browser:
+        start = await browser.get(f"{system.url}/api/v1/admin/oauth2/{provider}/authorize")
+        assert start.status_code == 302, start.text
+        consent = await browser.get(start.headers["location"])
+        assert consent.status_code == 302, consent.text
+        callback = consent.headers["location"]
+        assert callback.startswith(f"{system.url}/api/v1/admin/oauth2/{provider}/callback?")
+        return await browser.get(callback)
+
+
+async def test_oauth2_login_against_a_stand_in_provider(
+    ident: System,
+    root: httpx.AsyncClient,
+    provider: FakeOAuthProvider,
+    people: dict[str, dict[str, Any]],
+) -> None:
+    """GitHub and Google cannot be reached from here: ``provider`` stands in for both."""
+    name = f"oauth-{PID}"
+    resp = await root.post(
+        "/api/v1/admin/sys/users",
+        json={"username": name, "password": PASSWORD, "roles": ["viewer"],
+              "email": f"{name}@example.com"},
+    )  # fmt: skip
+    assert resp.status_code == 201, resp.text
+    for which in ("github", "google"):
+        provider.account = {"email": f"{name.upper()}@example.com", "verified": True,
+                            "login": name}  # fmt: skip
+        async with httpx.AsyncClient(verify=False, timeout=30) as browser:
+            start = await browser.get(f"{ident.url}/api/v1/admin/oauth2/{which}/authorize")
+            assert start.status_code == 302
+            assert start.headers["location"].startswith(provider.base_url)
+            consent = await browser.get(start.headers["location"])
+            callback = consent.headers["location"]
+            resp = await browser.get(callback)
+            assert resp.status_code == 200, resp.text
+            tokens = resp.json()
+            assert tokens["user"]["username"] == name and tokens["token_type"] == "Bearer"
+            me = await browser.get(f"{ident.url}/jobs", headers=bearer(tokens["access_token"]))
+            assert me.status_code == 200
+            # The state is good once.
+            again = await browser.get(callback)
+            assert again.status_code == 401 and "state" in again.json()["detail"]
+    # An unverified address, or one no user has, logs nobody in.
+    provider.account = {"email": f"{name}@example.com", "verified": False, "login": name}
+    resp = await oauth_login(ident, "google")
+    assert resp.status_code == 401 and "verified" in resp.json()["detail"]
+    provider.account = {"email": f"stranger-{PID}@example.com", "verified": True, "login": "x"}
+    resp = await oauth_login(ident, "github")
+    assert resp.status_code == 401 and resp.json()["code"] == "UNAUTHORIZED"
+    # A provider that is not configured is not there.
+    async with httpx.AsyncClient(verify=False, timeout=30) as browser:
+        resp = await browser.get(f"{ident.url}/api/v1/admin/oauth2/gitlab/authorize")
+        assert resp.status_code == 404 and resp.json()["code"] == "NOT_FOUND"
+        resp = await browser.get(
+            f"{ident.url}/api/v1/admin/oauth2/github/callback",
+            params={"code": "forged", "state": "forged"},
+        )
+        assert resp.status_code == 401
+    # Each attempt is in the login log.
+    auditor = bearer(people["auditor"]["access_token"])
+    async with httpx.AsyncClient(base_url=ident.url, verify=False, timeout=30) as client:
+        page = (
+            await client.get("/api/v1/admin/log/login-logs", params={"size": 50}, headers=auditor)
+        ).json()
+    reasons = [i["reason"] for i in page["items"] if i["reason"].startswith("oauth2")]
+    assert "oauth2 github" in reasons and "oauth2 google" in reasons
+    assert any("no enabled user" in r for r in reasons)
+    assert provider.exchanges >= 4
 
 
 async def test_users_get_503_not_500_while_the_bus_is_down(

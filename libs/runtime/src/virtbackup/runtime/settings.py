@@ -104,6 +104,17 @@ class Settings(BaseSettings):
     login_failure_window: float = Field(default=900.0, gt=0)
     #: Days the audit trail (``VB_AUDIT``: login and operation logs) keeps a record.
     audit_retention_days: int = Field(default=365, ge=1)
+    #: OAuth2 login (``/api/v1/admin/oauth2/<provider>``): a provider is offered when its
+    #: client id and secret are set. ``*_base_url`` replaces the provider's endpoints by
+    #: one base URL serving the same paths (the tests' stand-in); ``oauth2_redirect_base``
+    #: is the gateway's public URL the callback is under (default: the request's own).
+    oauth2_github_client_id: str = ""
+    oauth2_github_client_secret: SecretStr | None = None
+    oauth2_github_base_url: str = ""
+    oauth2_google_client_id: str = ""
+    oauth2_google_client_secret: SecretStr | None = None
+    oauth2_google_base_url: str = ""
+    oauth2_redirect_base: str = ""
     #: Units one transfer-worker process works on at once.
     worker_units: int = 2
     #: Threads for hashing, compression and encryption (default: one per core).

@@ -14,6 +14,7 @@ from virtbackup.contracts.v1.config import AgentConfig, SftpParams
 from virtbackup.gateway.agent_auth import AgentKeyAuth
 from virtbackup.gateway.controllers.admin_auth import AdminAuthController
 from virtbackup.gateway.controllers.admin_login_logs import LoginLogsController
+from virtbackup.gateway.controllers.admin_oauth2 import OAuth2Controller
 from virtbackup.gateway.controllers.admin_sys import AdminSysController
 from virtbackup.gateway.controllers.agent import HealthController
 from virtbackup.gateway.controllers.backend_agents import BackendAgentsController
@@ -66,6 +67,7 @@ CONTROLLERS = [
     AdminAuthController,
     AdminSysController,
     LoginLogsController,
+    OAuth2Controller,
 ]
 
 
@@ -118,7 +120,11 @@ def create_app(gw: Gateway) -> Litestar:
     finish_document(
         app,
         RAW_BODIES,
-        {("POST", "/config"): (409,), ("POST", "/api/v1/admin/auth/login"): (429,)},
+        {
+            ("POST", "/config"): (409,),
+            ("POST", "/api/v1/admin/auth/login"): (429,),
+            ("GET", "/api/v1/admin/oauth2/{provider}/callback"): (502,),
+        },
     )
     return app
 

@@ -19,7 +19,8 @@ without a valid credential (``{"detail", "code"}`` under ``/api/v1/admin`` and
 ``/api/v1/task``), 403 naming the permission wanted for a known identity without it.
 A WebSocket is closed before it is accepted (4401, 4403). ``POST`` of
 ``/api/v1/admin/auth/login`` and ``/token/refresh`` take no header: their body is the
-credential (checked by the handlers, which log every attempt).
+credential (checked by the handlers, which log every attempt); nor do ``GET`` of
+``/api/v1/admin/oauth2/<provider>/authorize`` and ``/callback`` (a browser's redirects).
 
 What passes on carries the identity in the ASGI scope: :data:`ACTOR_KEY` (str),
 :data:`PERMISSIONS_KEY` (frozenset of permission names) and :data:`IDENTITY_KEY`
@@ -31,6 +32,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -69,6 +71,8 @@ IDENTITY_KEY: Final = "virtbackup.identity"
 PUBLIC: Final = frozenset(
     {("POST", "/api/v1/admin/auth/login"), ("POST", "/api/v1/admin/auth/token/refresh")}
 )
+#: OAuth2 login: the browser comes without a credential (``oauth2_login``).
+PUBLIC_GET: Final = re.compile(r"^/api/v1/admin/oauth2/[^/]+/(authorize|callback)$")
 ISSUER: Final = "virtbackup"
 ALGORITHM: Final = "HS256"
 
@@ -224,7 +228,9 @@ class IdentityAuth:
             return
         path: str = scope.get("path", "")
         method: str = scope.get("method", "GET") if scope["type"] == "http" else "GET"
-        if scope["type"] == "http" and (method, path) in PUBLIC:
+        if scope["type"] == "http" and (
+            (method, path) in PUBLIC or (method == "GET" and PUBLIC_GET.match(path))
+        ):
             self._carry(scope, ANONYMOUS)
             await self.app(scope, receive, send)
             return
