@@ -14,6 +14,7 @@ that only one writer wins, so gateway replicas can race):
   as its hash (shown once, when made);
 * ``fail.user.<sha256>`` / ``fail.addr.<sha256>``: recent failed logins of a user name
   or a client address (:class:`Failures`), for the lockout;
+* ``oauth.<sha256 of a state>``: an OAuth2 login under way (``oauth2_login``);
 * ``jwt-key``: the HS256 key of access and refresh tokens, made at first start, sealed
   under the services' secret key (``runtime.sealing``).
 """
@@ -573,12 +574,18 @@ class IdentityStore:
 
     async def tidy(self, window: float) -> int:
         """Remove sessions that ended (expired or revoked: their tokens are refused either
-        way) and failed-login records older than ``window``; returns how many went."""
+        way), OAuth2 states that expired, and failed-login records older than ``window``;
+        returns how many went."""
         now = time.time()
         gone = 0
         for key in await keys(self.kv, "session."):
             found = await self._get(key, SessionRecord)
             if found is not None and (found[0].revoked or found[0].expires_at <= now):
+                await self.kv.delete(key)
+                gone += 1
+        for key in await keys(self.kv, "oauth."):  # OAuth2 states never called back
+            found_state = await self._get(key, dict[str, Any])
+            if found_state is not None and found_state[0].get("expires_at", 0) <= now:
                 await self.kv.delete(key)
                 gone += 1
         for key in await keys(self.kv, "fail."):

@@ -342,8 +342,6 @@ class AdminSysController(Controller):
         user = await _user(store, user_id)
         held = await store.permissions_of(user)
         wanted = held if data.permissions is None else check_permissions(data.permissions)
-        if ADMIN in held and data.permissions is None:
-            wanted = held
         missing = sorted(wanted - held)
         if missing:
             raise Forbidden(f"a token can have only your permissions; not {', '.join(missing)}")
