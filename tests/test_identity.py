@@ -125,6 +125,21 @@ def people(ident: System) -> dict[str, dict[str, Any]]:
             )
         assert resp.status_code == 201, resp.text
         out["api-token"] = {"access_token": resp.json()["token"], "permissions": ["jobs:read"]}
+        # A registered remote agent's bak_ key.
+        async with httpx.AsyncClient(base_url=ident.url, verify=False, timeout=30) as client:
+            resp = await client.post(
+                "/api/v1/agent/registration-tokens",
+                json={"expiresInSeconds": 600},
+                headers=ident.auth(),
+            )
+            assert resp.status_code in (200, 201), resp.text
+            resp = await client.post(
+                "/api/v1/agent/register",
+                json={"registrationToken": resp.json()["token"], "hostname": f"h-{PID}",
+                      "os": "linux", "arch": "amd64", "agentVersion": "1"},
+            )  # fmt: skip
+            assert resp.status_code in (200, 201), resp.text
+        out["agent"] = {"access_token": resp.json()["apiKey"]}
         return out
 
     return asyncio.run(setup())
@@ -201,6 +216,7 @@ async def test_every_route_answers_as_the_rule_table_says(
         bearer(token["access_token"]),
         frozenset(token["permissions"]),
     )
+    agent_key = bearer(people["agent"]["access_token"])
     checked = 0
     async with httpx.AsyncClient(base_url=base, verify=False, timeout=30) as client:
         for method, template in route_table(listener):
@@ -208,6 +224,11 @@ async def test_every_route_answers_as_the_rule_table_says(
                 continue
             path = concrete(template)
             wanted = required_permission(listener, method, path)
+            # A remote agent's bak_ key opens its own routes (agent_auth) and nothing else.
+            async with client.stream(method, path, headers=agent_key) as resp:
+                own = listener == "agent" and method == "POST" and AGENT_ROUTES.match(path)
+                assert (resp.status_code == 401) != bool(own), (path, resp.status_code)
+                checked += 1
             for who, (headers, perms) in identities.items():
                 if perms is not None and (method, template) in NOT_CALLED:
                     continue
