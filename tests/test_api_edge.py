@@ -214,6 +214,17 @@ AGENT_POSTS |= {
                                                                 "destinationId": "fs"},
                                                 "options": {"fresh": False}}},
     "/api/v1/task/schedulers/{schedule_id}/run": {},
+    # agents-backend-api.md: sessions, users, roles, API tokens (test_identity.py)
+    "/api/v1/admin/auth/login": {"username": "nobody", "password": "wrong password",
+                                 "captcha_id": "", "captcha_code": ""},
+    "/api/v1/admin/auth/token/refresh": {"refresh_token": "not-a-token"},
+    "/api/v1/admin/auth/logout": {},
+    "/api/v1/admin/sys/users": {"username": "edge", "password": "x", "nickname": "n",
+                                "email": "e", "roles": ["no-such-role"], "enabled": True},
+    "/api/v1/admin/sys/users/{user_id}/tokens": {"name": "t", "permissions": ["jobs:read"],
+                                                 "expires_in_seconds": 60},
+    "/api/v1/admin/sys/roles": {"name": "edge", "description": "d",
+                                "permissions": ["no-such-permission"]},
 }  # fmt: skip
 #: POST routes whose answer is 501 by design (the deployment's job, backend-api.md).
 NOT_IMPLEMENTED = {"/api/v1/update/apply", "/api/v1/update/rollback", "/api/v1/server/restart"}
@@ -256,7 +267,7 @@ def _concrete(path: str) -> str:
     path = path.replace("{project_id}", "no-such-project")
     path = path.replace("{pipeline_db_id}", "no.such").replace("{chain_db_id}", "no.such")
     path = path.replace("{agent_id}", "no-agent")
-    path = path.replace("{connection_id}", "no-such-connection")
+    path = path.replace("{connection_id}", "no-such-connection").replace("{user_id}", "999999")
     return path.replace("{destination_id}", "no-such-destination")
 
 
@@ -443,7 +454,6 @@ async def test_documents_describe_bodies_and_errors(
     assert "refreshToken" in doc["components"]["schemas"]["GoogleTokensBody"]["required"]
     assert "servers" in doc["components"]["schemas"]["AgentConfig"]["properties"]
     error_body = {"$ref": "#/components/schemas/ErrorBody"}
-    detail_body = {"$ref": "#/components/schemas/DetailErrorBody"}  # the admin families
     for document in (doc, (await hypersdk.get("/schema/openapi.json")).json()):
         assert document["components"]["schemas"]["ErrorBody"]["required"] == ["error"]
         for path, item in document["paths"].items():
@@ -452,12 +462,15 @@ async def test_documents_describe_bodies_and_errors(
                 assert {"400", "401", "500", "503"} <= set(responses)
                 if method == "post":
                     assert {"413", "415"} <= set(responses)
+                assert "403" in responses  # a role without the route's permission
+                # agents-backend-api.md's routes answer {"detail", "code"}
+                wanted = error_body
+                if path.startswith(("/api/v1/admin/", "/api/v1/task/")):
+                    wanted = {"$ref": "#/components/schemas/DetailCodeBody"}
                 for status, response in responses.items():
                     if status >= "400" and not (status == "503" and path == "/health"):
                         content = response["content"]["application/json"]
-                        admin = path.startswith(("/api/v1/admin/", "/api/v1/task/"))
-                        expected = detail_body if admin else error_body
-                        assert content["schema"] == expected, (status, operation)
+                        assert content["schema"] == wanted, (status, operation)
     hs = (await hypersdk.get("/schema/openapi.json")).json()
     assert "503" in hs["paths"]["/health"]["get"]["responses"]
 

@@ -461,7 +461,7 @@ async def test_the_admin_routes_are_documented_with_their_error_format(
     api: httpx.AsyncClient,
 ) -> None:
     doc = (await api.get("/schema/openapi.json")).json()
-    detail = {"$ref": "#/components/schemas/DetailErrorBody"}
+    detail = {"$ref": "#/components/schemas/DetailCodeBody"}
     for path in (LOGS, f"{LOGS}/{{log_id}}", "/api/v1/admin/monitor/server", TASKS):
         for operation in doc["paths"][path].values():
             for status, response in operation["responses"].items():

@@ -27,6 +27,8 @@ CONFIG: Final = BucketSpec(
 INVENTORY: Final = BucketSpec(name="VB_INVENTORY", description="VM cache per server.")
 SCHEDULES: Final = BucketSpec(name="VB_SCHEDULES", description="Schedules by id.")
 WEBHOOKS: Final = BucketSpec(name="VB_WEBHOOKS", description="Webhooks.")
+#: Users, roles, API tokens' SHA-256, sessions, login lockouts and the sealed JWT
+#: signing key (``gateway.identity_store``). Owned by the gateway.
 USERS: Final = BucketSpec(name="VB_USERS", description="Users and roles.")
 VAULT: Final = BucketSpec(name="VB_VAULT", description="Encrypted credentials.")
 WORKERS: Final = BucketSpec(

@@ -183,6 +183,16 @@ def _gateway() -> _Grants:
     g.owns(buckets.VAULT)
     g.answers(f"{subjects.CMD_ROOT}.vault.>")
     g.reads(buckets.WORKERS, create=False)
+    # Users, roles, sessions, API tokens' hashes, the JWT key (sealed).
+    g.owns(buckets.USERS)
+    # The audit trail (VB_AUDIT): written, read and pruned (single records) by it alone.
+    audit = streams.AUDIT.name
+    g.publish += _provision_stream(streams.AUDIT) + _consume_stream(audit)
+    g.sends(
+        subjects.AUDIT_ALL,
+        f"{API}.STREAM.MSG.GET.{audit}",
+        f"{API}.STREAM.MSG.DELETE.{audit}",
+    )
     # Job output logs: followed for /events (``job.log``).
     g.publish += [f"{API}.STREAM.INFO.{streams.JOB_LOGS.name}"]
     g.publish += _consume_stream(streams.JOB_LOGS.name)

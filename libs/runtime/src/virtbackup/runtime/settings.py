@@ -91,6 +91,28 @@ class Settings(BaseSettings):
     #: A backup queued for a remote agent fails when the agent has not leased it within
     #: this many seconds (stopped, deactivated or cut off): it would hold the VM's lock.
     agent_lease_wait: float = Field(default=900.0, gt=0)
+    #: Sessions of users (``/api/v1/admin/auth``): seconds an access token (a JWT) and a
+    #: refresh token live.
+    access_token_seconds: int = Field(default=900, ge=30, le=86400)
+    refresh_token_seconds: int = Field(default=7 * 86400, ge=60)
+    #: Login lockout: this many failed logins of one user name (or
+    #: ``login_address_max_failures`` from one client address) within
+    #: ``login_failure_window`` seconds refuse further logins (429 with ``Retry-After``)
+    #: until the oldest of them is that old.
+    login_max_failures: int = Field(default=5, ge=1)
+    login_address_max_failures: int = Field(default=20, ge=1)
+    login_failure_window: float = Field(default=900.0, gt=0)
+    #: OAuth2 login (``/api/v1/admin/oauth2/<provider>``): a provider is offered when its
+    #: client id and secret are set. ``*_base_url`` replaces the provider's endpoints by
+    #: one base URL serving the same paths (the tests' stand-in); ``oauth2_redirect_base``
+    #: is the gateway's public URL the callback is under (default: the request's own).
+    oauth2_github_client_id: str = ""
+    oauth2_github_client_secret: SecretStr | None = None
+    oauth2_github_base_url: str = ""
+    oauth2_google_client_id: str = ""
+    oauth2_google_client_secret: SecretStr | None = None
+    oauth2_google_base_url: str = ""
+    oauth2_redirect_base: str = ""
     #: Units one transfer-worker process works on at once.
     worker_units: int = 2
     #: Threads for hashing, compression and encryption (default: one per core).

@@ -12,7 +12,8 @@
   (``backend_agents.calling_agent``). Anywhere else, or unknown or revoked, it is a 401
   like any wrong token. A route added here must check the agent itself: a job's
   artifacts and tests join once their handlers do.
-* Every other request goes to the installation's token check (``auth.TokenAuth``).
+* Every other request goes to ``identity_auth.IdentityAuth`` (the agent token, users'
+  access tokens, API tokens; roles).
 """
 
 from __future__ import annotations

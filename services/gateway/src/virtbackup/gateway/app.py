@@ -13,9 +13,12 @@ from litestar.plugins import InitPluginProtocol
 from virtbackup.contracts.v1.config import AgentConfig, SftpParams
 from virtbackup.gateway.agent_auth import AgentKeyAuth
 from virtbackup.gateway.audit_log import OperationLog
-from virtbackup.gateway.auth import TokenAuth
+from virtbackup.gateway.controllers.admin_auth import AdminAuthController
+from virtbackup.gateway.controllers.admin_login_logs import LoginLogsController
 from virtbackup.gateway.controllers.admin_logs import OperaLogsController
 from virtbackup.gateway.controllers.admin_monitor import AdminMonitorController
+from virtbackup.gateway.controllers.admin_oauth2 import OAuth2Controller
+from virtbackup.gateway.controllers.admin_sys import AdminSysController
 from virtbackup.gateway.controllers.agent import HealthController
 from virtbackup.gateway.controllers.backend_agents import BackendAgentsController
 from virtbackup.gateway.controllers.backend_copy import CopyController
@@ -41,6 +44,7 @@ from virtbackup.gateway.controllers.system import SystemController
 from virtbackup.gateway.controllers.task_schedulers import TaskSchedulersController
 from virtbackup.gateway.edge import check_request
 from virtbackup.gateway.errors import HANDLERS
+from virtbackup.gateway.identity_auth import IdentityAuth
 from virtbackup.gateway.openapi import finish_document
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__
@@ -68,6 +72,11 @@ CONTROLLERS = [
     OperaLogsController,
     AdminMonitorController,
     TaskSchedulersController,
+    # agents-backend-api.md: sessions, users, roles, API tokens, login log
+    AdminAuthController,
+    AdminSysController,
+    LoginLogsController,
+    OAuth2Controller,
 ]
 
 
@@ -117,15 +126,26 @@ def create_app(gw: Gateway) -> Litestar:
         debug=False,
         logging_config=None,
     )
-    finish_document(app, RAW_BODIES, {("POST", "/config"): (409,)})
+    finish_document(
+        app,
+        RAW_BODIES,
+        {
+            ("POST", "/config"): (409,),
+            ("POST", "/api/v1/admin/auth/login"): (429,),
+            ("GET", "/api/v1/admin/oauth2/{provider}/callback"): (502,),
+        },
+    )
     return app
 
 
 def create_asgi(gw: Gateway) -> AgentKeyAuth:
-    """The application behind token authentication, which covers every path, known or not
-    (remote agents' ``bak_`` keys open their own routes only: ``agent_auth``)."""
+    """The application behind authentication and authorisation, which cover every path,
+    known or not (``identity_auth``; remote agents' ``bak_`` keys open their own routes
+    only: ``agent_auth``)."""
     app = create_app(gw)
-    # The operation log sits inside authentication: it sees authenticated requests only.
-    by_token = OperationLog(app, lambda: gw.audit, listener="api", default_actor="token")  # type: ignore[arg-type]
+    # The operation log sits inside authentication: it sees authenticated requests only,
+    # with the actor the authentication put in the scope.
+    by_user = OperationLog(app, lambda: gw.audit, listener="api", default_actor="token")  # type: ignore[arg-type]
     by_agent = OperationLog(app, lambda: gw.audit, listener="api", default_actor=None)  # type: ignore[arg-type]
-    return AgentKeyAuth(by_agent, TokenAuth(by_token, gw.token), gw.agents)
+    auth = IdentityAuth(by_user, gw.token, gw.identity, "agent")
+    return AgentKeyAuth(by_agent, auth, gw.agents)

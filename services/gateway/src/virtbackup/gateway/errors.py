@@ -62,6 +62,7 @@ DESCRIPTIONS = {
     409: "Conflict with the current state",
     413: "Request body too large",
     415: "The body is not declared as application/json",
+    429: "Too many failed logins: try again after the seconds ``Retry-After`` gives",
     500: "Internal error (logged with the request id the message gives)",
     502: "A destination or server answered with an error: the message names it",
     503: "A service, server or destination is unavailable: a retry can help",
@@ -221,6 +222,23 @@ def _limit(request: Request[Any, Any, Any]) -> object:
 
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
     return _internal(request, "unhandled exception", exc)
+
+
+def detail_code_family(path: str) -> bool:
+    """Whether errors on ``path`` are ``{"detail", "code"}`` (:data:`DETAIL_FAMILIES`)."""
+    return path.startswith(DETAIL_FAMILIES)
+
+
+def problem(
+    status: int, detail: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> Response[dict[str, str]]:
+    """An error of the ``{"detail", "code"}`` family (``code`` from the status unless
+    given)."""
+    body = {
+        "detail": detail[:MAX_MESSAGE_CHARS],
+        "code": code or CODE_BY_STATUS.get(status, f"HTTP_{status}"),
+    }
+    return Response(body, status_code=status, headers=headers)
 
 
 HANDLERS: ExceptionHandlersMap = {

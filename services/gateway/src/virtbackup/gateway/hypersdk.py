@@ -25,7 +25,6 @@ from virtbackup.contracts.subjects import InventoryCmd
 from virtbackup.contracts.v1.common import ServerId, VmName
 from virtbackup.contracts.v1.inventory import CdromRemoved, Ok, ServerRef, ServerVms, VmInfo, VmRef
 from virtbackup.gateway.audit_log import OperationLog
-from virtbackup.gateway.auth import TokenAuth
 from virtbackup.gateway.bodies import SnakeBody
 from virtbackup.gateway.edge import check_request
 from virtbackup.gateway.errors import HANDLERS, SNAKE_CASE, readable, responses
@@ -38,6 +37,7 @@ from virtbackup.gateway.hypersdk_metrics import (
 )
 from virtbackup.gateway.hypersdk_status import current_status
 from virtbackup.gateway.hypersdk_ws import ws
+from virtbackup.gateway.identity_auth import IdentityAuth
 from virtbackup.gateway.openapi import finish_document
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__, timeouts
@@ -228,7 +228,8 @@ class HyperSdkController(Controller):
 
 
 def create_hypersdk_asgi(gw: Gateway) -> RequestMetrics:
-    """The HyperSDK-style API behind the same token authentication as the agent API."""
+    """The HyperSDK-style API behind the same authentication and roles as the agent API
+    (``identity_auth``)."""
 
     def provide_gateway() -> Gateway:
         return gw
@@ -252,11 +253,12 @@ def create_hypersdk_asgi(gw: Gateway) -> RequestMetrics:
     finish_document(app, {})
     # The operation log sits inside authentication: it sees authenticated requests only.
     audited = OperationLog(app, lambda: gw.audit, listener="hypersdk", default_actor="token")  # type: ignore[arg-type]
-    return RequestMetrics(TokenAuth(audited, gw.token))
+    return RequestMetrics(IdentityAuth(audited, gw.token, gw.identity, "hypersdk"))
 
 
 def create_metrics_asgi(gw: Gateway) -> RequestMetrics:
-    """``/metrics`` alone, for the listener of ``metrics.port`` (same token)."""
+    """``/metrics`` alone, for the listener of ``metrics.port`` (same credentials;
+    ``system:read``)."""
 
     def provide_gateway() -> Gateway:
         return gw
@@ -268,4 +270,4 @@ def create_metrics_asgi(gw: Gateway) -> RequestMetrics:
         openapi_config=None,
         logging_config=None,
     )
-    return RequestMetrics(TokenAuth(app, gw.token))  # type: ignore[arg-type]
+    return RequestMetrics(IdentityAuth(app, gw.token, gw.identity, "hypersdk"))  # type: ignore[arg-type]

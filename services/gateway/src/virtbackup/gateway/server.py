@@ -20,6 +20,8 @@ from virtbackup.gateway.controllers.backend_vault import register_vault_commands
 from virtbackup.gateway.credentials import ensure_certificate, ensure_token
 from virtbackup.gateway.hypersdk import create_hypersdk_asgi, create_metrics_asgi
 from virtbackup.gateway.hypersdk_metrics import dedicated_port
+from virtbackup.gateway.identity_store import IdentityStore, tidy_forever
+from virtbackup.gateway.login_log import LoginLog
 from virtbackup.gateway.ntfy_mirror import NtfyMirror
 from virtbackup.gateway.state import Gateway
 from virtbackup.gateway.vault_store import VaultStore
@@ -37,8 +39,15 @@ AUDIT_DRAIN_SECONDS = 3.0
 
 SPEC = ServiceSpec(
     name=subjects.GATEWAY,
-    streams=(streams.EVENTS,),
-    buckets=(buckets.CONFIG, buckets.WEBHOOKS, buckets.AGENTS, buckets.VAULT, buckets.ANOMALIES),
+    streams=(streams.EVENTS,),  # VB_AUDIT: provisioned in serve, with its retention
+    buckets=(
+        buckets.CONFIG,
+        buckets.WEBHOOKS,
+        buckets.AGENTS,
+        buckets.VAULT,
+        buckets.ANOMALIES,
+        buckets.USERS,
+    ),
     register=register_vault_commands,
 )
 
@@ -134,6 +143,10 @@ async def serve(settings: Settings | None = None) -> None:
         await provision_audit(ctx.bus, settings.audit_retention_days)
         gw.audit = AuditTrail(ctx.bus)
         ctx.spawn(gw.audit.run(), "operation-log-writer")
+        gw.identity = IdentityStore(ctx.bucket(buckets.USERS), box)
+        await gw.identity.jwt_key()  # made at first start
+        ctx.spawn(tidy_forever(gw.identity, settings.login_failure_window), "identity-tidy")
+        gw.login_log = LoginLog(ctx.bus)
         # A server may name only a registered agent (``agent_refs``).
         store.check = with_agent_check(store.check, lambda: gw.agents)
         config = uvicorn.Config(

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from virtbackup.gateway.agents_store import AgentStore
 from virtbackup.gateway.audit_log import AuditTrail
 from virtbackup.gateway.config_store import ConfigStore
+from virtbackup.gateway.identity_store import IdentityStore
+from virtbackup.gateway.login_log import LoginLog
 from virtbackup.gateway.ntfy_mirror import NtfyMirror
 from virtbackup.gateway.vault_store import VaultStore
 from virtbackup.runtime.bus import Bus
@@ -35,3 +37,7 @@ class Gateway:
     #: The operation log (``audit_log``; None: requests are not recorded, e.g. in tests
     #: without a bus).
     audit: AuditTrail | None = None
+    #: Users, roles, sessions and API tokens (``VB_USERS``; None: the agent token only).
+    identity: IdentityStore | None = None
+    #: The login log (``VB_AUDIT``; None in tests without one).
+    login_log: LoginLog | None = None
