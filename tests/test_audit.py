@@ -79,7 +79,7 @@ async def entry(api: httpx.AsyncClient, request_id: str, timeout: float = 15) ->
     """The operation log entry of ``request_id`` (written asynchronously: waited for)."""
     deadline = time.monotonic() + timeout
     while True:
-        resp = await api.get(LOGS, params={"limit": 1000})
+        resp = await api.get(LOGS, params={"size": 1000})
         assert resp.status_code == 200, resp.text
         found: list[dict[str, Any]] = [
             i for i in resp.json()["items"] if i["requestId"] == request_id
@@ -130,7 +130,7 @@ async def test_a_mutation_on_each_listener_is_logged_and_gets_are_not(
     assert failed["target"] == {"schedule_id": missing}
     assert failed["status"] == 404 and failed["success"] is False
     # Records are stored in order: the GET, made before the POSTs were read back, has none.
-    items = (await api.get(LOGS, params={"limit": 1000})).json()["items"]
+    items = (await api.get(LOGS, params={"size": 1000})).json()["items"]
     assert all(i["requestId"] != read for i in items)
     assert all(i["method"] in {"POST", "PUT", "PATCH", "DELETE"} for i in items)
 
@@ -173,7 +173,7 @@ async def test_actors_registration_agents_and_no_credential(
     last = rid("after-refused")
     await api.post("/servers/local/refresh", headers={"x-request-id": last})
     await entry(api, last)
-    items = (await api.get(LOGS, params={"limit": 1000})).json()["items"]
+    items = (await api.get(LOGS, params={"size": 1000})).json()["items"]
     assert not {i["requestId"] for i in items} & set(refused)
     assert key not in json.dumps(items) and token not in json.dumps(items)
 
@@ -204,7 +204,7 @@ async def test_no_body_query_or_header_reaches_the_log(
     logged = await entry(api, request_id)
     assert logged["path"] == "/vms/shutdown" and logged["status"] == 404
     # Neither the listing nor anything stored in VB_AUDIT holds the secrets.
-    listing = (await api.get(LOGS, params={"limit": 1000})).text
+    listing = (await api.get(LOGS, params={"size": 1000})).text
     assert secret not in listing and in_query not in listing
     nc = await connect(audit_system.nats)
     try:
@@ -238,7 +238,7 @@ async def test_deleting_an_entry_works_and_is_itself_logged(
     record = await entry(api, deleting)
     assert record["method"] == "DELETE" and record["route"] == f"{LOGS}/{{log_id}}"
     assert record["target"] == {"log_id": str(victim["id"])} and record["status"] == 200
-    items = (await api.get(LOGS, params={"limit": 1000})).json()["items"]
+    items = (await api.get(LOGS, params={"size": 1000})).json()["items"]
     assert all(i["id"] != victim["id"] for i in items)
     # Gone already; not an id; another kind of audit entry (a login attempt's).
     detail_error(await api.delete(f"{LOGS}/{victim['id']}"), 404, "NOT_FOUND", str(victim["id"]))
@@ -266,14 +266,15 @@ async def test_pages_and_filters(api: httpx.AsyncClient, hs: httpx.AsyncClient) 
     await entry(api, bad_ids[-1])
 
     window = (await api.get(LOGS, params={"since": since})).json()
-    assert window["total"] == 5 and window["nextOffset"] is None, window
+    assert window["total"] == 5 and window["total_pages"] == 1, window
     assert [i["requestId"] for i in window["items"]] == [*ok_ids, *bad_ids][::-1]
     seqs = [i["id"] for i in window["items"]]
     assert seqs == sorted(seqs, reverse=True)
-    first = (await api.get(LOGS, params={"since": since, "limit": 2})).json()
-    second = (await api.get(LOGS, params={"since": since, "limit": 2, "offset": 2})).json()
-    last = (await api.get(LOGS, params={"since": since, "limit": 2, "offset": 4})).json()
-    assert (first["nextOffset"], second["nextOffset"], last["nextOffset"]) == (2, 4, None)
+    first = (await api.get(LOGS, params={"since": since, "size": 2})).json()
+    second = (await api.get(LOGS, params={"since": since, "size": 2, "page": 2})).json()
+    last = (await api.get(LOGS, params={"since": since, "size": 2, "page": 3})).json()
+    assert [p["page"] for p in (first, second, last)] == [1, 2, 3]
+    assert first["total_pages"] == 3 and len(last["items"]) == 1
     paged = [i["id"] for page in (first, second, last) for i in page["items"]]
     assert paged == seqs and first["total"] == 5
 
@@ -289,14 +290,14 @@ async def test_pages_and_filters(api: httpx.AsyncClient, hs: httpx.AsyncClient) 
     by_method = await api.get(LOGS, params={"since": since, "method": "post"})
     assert len(ids(by_method)) == 5
     assert ids(await api.get(LOGS, params={"since": since, "actor": "someone-else"})) == []
-    until = (await api.get(LOGS, params={"until": since, "limit": 1000})).json()["items"]
+    until = (await api.get(LOGS, params={"until": since, "size": 1000})).json()["items"]
     assert not {i["requestId"] for i in until} & {*ok_ids, *bad_ids}
 
     for params, field in (
         ({"method": "GET"}, "method"),
-        ({"limit": 0}, "limit"),
-        ({"limit": 1001}, "limit"),
-        ({"offset": -1}, "offset"),
+        ({"size": 0}, "size"),
+        ({"size": 1001}, "size"),
+        ({"page": 0}, "page"),
         ({"since": "yesterday"}, "since"),
         ({"outcome": "maybe"}, "outcome"),
         ({"status": "abc"}, "status"),
@@ -341,7 +342,7 @@ async def test_the_monitor_has_numbers_for_every_service_and_nats(
     later = rid("after-monitor")
     await api.post("/servers/local/refresh", headers={"x-request-id": later})
     await entry(api, later)
-    items = (await api.get(LOGS, params={"limit": 1000})).json()["items"]
+    items = (await api.get(LOGS, params={"size": 1000})).json()["items"]
     assert all(i["requestId"] != read for i in items)
 
 
@@ -411,7 +412,7 @@ async def test_scheduled_tasks_are_the_hypersdk_schedules(
     # Every change above is in the operation log under its route template.
     routes = {
         (i["method"], i["route"], i["status"])
-        for i in (await api.get(LOGS, params={"limit": 1000})).json()["items"]
+        for i in (await api.get(LOGS, params={"size": 1000})).json()["items"]
         if i["target"].get("schedule_id") == task_id or i["path"] == TASKS
     }
     assert {

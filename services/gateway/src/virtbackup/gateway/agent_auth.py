@@ -36,6 +36,14 @@ AGENT_ROUTES: Final = re.compile(
 AGENT_GET_ROUTES: Final = frozenset({"/api/v1/agent/config"})
 
 
+def is_agent_route(method: str, path: str) -> bool:
+    """Whether a ``bak_`` key may call ``method`` ``path`` (:data:`AGENT_ROUTES`,
+    :data:`AGENT_GET_ROUTES`)."""
+    if method == "GET":
+        return path in AGENT_GET_ROUTES
+    return method == "POST" and bool(AGENT_ROUTES.match(path))
+
+
 def _bearer(scope: Scope) -> str | None:
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
@@ -80,10 +88,7 @@ class AgentKeyAuth:
         if presented is None or not presented.startswith(KEY_PREFIX):
             await self.token_auth(scope, receive, send)
             return
-        method = scope.get("method")
-        agent_route = (method == "POST" and AGENT_ROUTES.match(path)) or (
-            method == "GET" and path in AGENT_GET_ROUTES
-        )
+        agent_route = is_agent_route(str(scope.get("method", "")), path)
         agent = await self.store.authenticate(presented) if agent_route else None
         if agent is None:
             await _unauthorized(send)

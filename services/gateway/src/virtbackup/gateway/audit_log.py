@@ -293,20 +293,17 @@ class AuditTrail:
         while not self.queue.empty():
             self._lost(self.queue.get_nowait(), "the gateway stopped")
 
-    async def list(
-        self, where: OperaFilter, *, limit: int, offset: int
-    ) -> tuple[int, list[tuple[int, OperaRecord]]]:
-        """The records ``where`` keeps, newest first: how many in all, and the ``limit``
-        of them from ``offset`` on, each with its id (stream sequence). Reads the stream
-        from ``where.since`` on (all of it without); ``Unavailable`` when that takes more
-        than ``SCAN_TIMEOUT`` seconds."""
+    async def list(self, where: OperaFilter) -> list[tuple[int, OperaRecord]]:
+        """The records ``where`` keeps, newest first, each with its id (stream sequence).
+        Reads the stream from ``where.since`` on (all of it without); ``Unavailable`` when
+        that takes more than ``SCAN_TIMEOUT`` seconds."""
         found = [
             (seq, record)
             async for seq, record in read_opera(self.bus, since=where.since, timeout=SCAN_TIMEOUT)
             if where.keeps(record, _record_time(record))
         ]
         found.reverse()
-        return len(found), found[offset : offset + limit]
+        return found
 
     async def delete(self, seq: int) -> None:
         """Delete the operation log entry ``seq``; ``NotFound`` when there is none (also

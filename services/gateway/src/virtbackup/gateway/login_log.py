@@ -9,53 +9,31 @@ records for ``DELETE /api/v1/admin/log/login-logs/{id}`` (that deletion is itsel
 operation, in the operation log). Records older than ``VIRTBACKUP_AUDIT_RETENTION_DAYS``
 go by the stream's max age.
 
-Listing reads the subject's records through an ordered consumer (the newest
+Listing reads the subject's records (``runtime.audit.read_logins``: the newest
 :data:`READ_MAX` at most), filters them in the gateway and pages them.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from collections import deque
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import msgspec
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 
-from virtbackup.contracts import streams, subjects
-from virtbackup.contracts.streams import StreamSpec
+from virtbackup.contracts.v1.audit import LoginRecord, LoginStatus
+from virtbackup.runtime.audit import append_login, delete_login, read_logins
 from virtbackup.runtime.bus import Bus
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import BadRequest, NotFound, Unavailable
-from virtbackup.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
 #: The most records a listing reads (the newest).
 READ_MAX: Final = 50_000
-
-LoginStatus = Literal["success", "failure"]
-
-
-class LoginRecord(msgspec.Struct, kw_only=True):
-    username: str
-    address: str
-    status: LoginStatus
-    reason: str
-    time: str
-    user_agent: str = ""
-    #: ``login`` or ``refresh``.
-    kind: str = "login"
-
-
-def audit_stream(settings: Settings) -> StreamSpec:
-    """``VB_AUDIT`` with the max age ``VIRTBACKUP_AUDIT_RETENTION_DAYS`` sets."""
-    return msgspec.structs.replace(
-        streams.AUDIT, max_age_seconds=settings.audit_retention_days * streams.DAY
-    )
+#: Seconds a listing may take to read the log.
+READ_TIMEOUT: Final = 10.0
 
 
 class LoginLog:
@@ -85,54 +63,16 @@ class LoginLog:
             kind=kind,
         )
         try:
-            await self.bus.js.publish(
-                subjects.AUDIT_LOGIN, msgspec.json.encode(entry), stream=streams.AUDIT.name
-            )
+            await append_login(self.bus, entry)
         except Exception as exc:
             log.error("a login attempt could not be logged: %r", exc)
             raise Unavailable("the login log cannot be written; try again") from None
 
-    async def _read(self, timeout: float = 10.0) -> list[tuple[int, LoginRecord]]:
-        try:
-            info = await self.bus.js.stream_info(
-                streams.AUDIT.name, subjects_filter=subjects.AUDIT_LOGIN
-            )
-        except NotFoundError:
-            return []
-        total = int((info.state.subjects or {}).get(subjects.AUDIT_LOGIN, 0))
-        if total == 0:
-            return []
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-        sub: Any = await self.bus.js.subscribe(
-            subjects.AUDIT_LOGIN, stream=streams.AUDIT.name, ordered_consumer=True, config=config
-        )
-        out: list[tuple[int, LoginRecord]] = []
-        deadline = time.monotonic() + timeout
-        try:
-            while (remaining := deadline - time.monotonic()) > 0:
-                try:
-                    msg = await sub.next_msg(timeout=remaining)
-                except (NatsTimeoutError, TimeoutError):
-                    break
-                try:
-                    out.append(
-                        (
-                            msg.metadata.sequence.stream,
-                            msgspec.json.decode(msg.data, type=LoginRecord),
-                        )
-                    )
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    log.warning("undecodable login record %s", msg.metadata.sequence.stream)
-                if len(out) > READ_MAX:
-                    out.pop(0)
-                if msg.metadata.num_pending == 0:
-                    break
-        finally:
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:
-                log.debug("closing a login log reader: %s", exc)
-        return out
+    async def _read(self) -> list[tuple[int, LoginRecord]]:
+        newest: deque[tuple[int, LoginRecord]] = deque(maxlen=READ_MAX)
+        async for item in read_logins(self.bus, since=None, timeout=READ_TIMEOUT):
+            newest.append(item)
+        return list(newest)
 
     async def query(
         self,
@@ -170,12 +110,9 @@ class LoginLog:
     async def delete(self, record_id: int) -> None:
         """Remove one login record; ``NotFound`` when the id is no login record."""
         try:
-            msg = await self.bus.js.get_msg(streams.AUDIT.name, record_id)
-        except NotFoundError:
+            await delete_login(self.bus, record_id)
+        except NotFound:
             raise NotFound(f"login log {record_id} not found") from None
-        if msg.subject != subjects.AUDIT_LOGIN:
-            raise NotFound(f"login log {record_id} not found")
-        await self.bus.js.delete_msg(streams.AUDIT.name, record_id)
 
 
 def _instant(text: str, field: str) -> datetime | None:

@@ -4,11 +4,13 @@
 ``PATCH``, ``DELETE``) that passed authentication, on every listener of the gateway.
 A record never holds a request's body, its query string or its headers: only who, what
 route, which ids, and how it ended. Its id is its stream sequence.
+
+``vb.audit.login``: one ``LoginRecord`` per login or refresh attempt.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Literal
 
 import msgspec
 
@@ -44,3 +46,20 @@ class OperaRecord(Message, frozen=True, kw_only=True):
     request_id: str
     client_address: str = ""
     duration_ms: float = 0.0
+
+
+LoginStatus = Literal["success", "failure"]
+
+
+class LoginRecord(msgspec.Struct, kw_only=True):
+    """One login (or refresh) attempt: the user name given, the client's address,
+    ``success`` or ``failure`` and why, when (UTC ISO-8601), the client's user agent, and
+    ``kind`` ``login`` or ``refresh``. Never a password or a token."""
+
+    username: str
+    address: str
+    status: LoginStatus
+    reason: str
+    time: str
+    user_agent: str = ""
+    kind: str = "login"

@@ -3,10 +3,10 @@
 * ``GET /api/v1/admin/log/opera-logs``: entries newest first, filtered by ``actor``,
   ``method``, ``route`` (a prefix of the route template or of the path), ``status``,
   ``outcome`` (``success``: status below 400, ``failure``), ``since`` and ``until``
-  (ISO-8601; a time without a zone is UTC), one page at a time (``limit`` 1-1000,
-  default 50, and ``offset``): ``{"items", "total", "limit", "offset", "nextOffset"}``
-  (``nextOffset`` null on the last page). Each item is an ``OperaRecord`` with its
-  ``id`` (the entry's sequence in ``VB_AUDIT``).
+  (ISO-8601; a time without a zone is UTC), one page at a time as every list of
+  ``/api/v1/admin`` (``page`` from 1, ``size`` 1-1000, default 20): ``{"items", "total",
+  "page", "size", "total_pages"}``. Each item is an ``OperaRecord`` with its ``id`` (the
+  entry's sequence in ``VB_AUDIT``).
 * ``DELETE /api/v1/admin/log/opera-logs/{id}``: deletes that entry (404 when there is
   none); the deletion is itself recorded, as every mutating request is.
 
@@ -26,6 +26,7 @@ from litestar.params import Parameter
 from virtbackup.contracts.v1.common import shown
 from virtbackup.gateway.audit_log import MUTATING, AuditTrail, OperaFilter
 from virtbackup.gateway.errors import responses
+from virtbackup.gateway.login_log import paged
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.errors import BadRequest, Unavailable
 
@@ -62,8 +63,8 @@ class OperaLogsController(Controller):
         outcome: Literal["success", "failure"] | None = Parameter(query="outcome", default=None),
         since: str | None = Parameter(query="since", default=None),
         until: str | None = Parameter(query="until", default=None),
-        limit: int = Parameter(query="limit", default=50, ge=1, le=1000),
-        offset: int = Parameter(query="offset", default=0, ge=0),
+        page: int = Parameter(query="page", default=1, ge=1, le=100_000),
+        size: int = Parameter(query="size", default=20, ge=1, le=1000),
     ) -> dict[str, Any]:
         """Operation log entries newest first, filtered, one page (see the module)."""
         if method is not None and method.upper() not in MUTATING:
@@ -80,15 +81,10 @@ class OperaLogsController(Controller):
             since=_when(since, "since"),
             until=_when(until, "until"),
         )
-        total, page = await trail_of(gw).list(where, limit=limit, offset=offset)
-        after = offset + len(page)
-        return {
-            "items": [{"id": seq, **msgspec.to_builtins(record)} for seq, record in page],
-            "total": total,
-            "limit": limit,
-            "offset": offset,
-            "nextOffset": after if after < total else None,
-        }
+        found = await trail_of(gw).list(where)
+        return paged(
+            [{"id": seq, **msgspec.to_builtins(record)} for seq, record in found], page, size
+        )
 
     @delete("/{log_id:str}", status_code=200, responses=responses(404, 503))
     async def delete_opera_log(self, gw: Gateway, log_id: str) -> dict[str, Any]:
