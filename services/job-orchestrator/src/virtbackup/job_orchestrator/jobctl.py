@@ -237,6 +237,8 @@ def _request_of(job: Job) -> tuple[str, msgspec.Struct]:
                 vm_name=job.vm_name or "",
                 destination_id=job.destination_id,
                 fresh=bool(p.get("fresh", False)),
+                # A fan-out backup writes the same destinations again (checked as then).
+                also_destination_ids=[str(d) for d in p.get("alsoDestinationIds") or []],
             )
         if job.type == "restore":
             return "restore", msgspec.convert(
