@@ -42,6 +42,7 @@ from virtbackup.contracts.v1.plans import (
 )
 from virtbackup.gateway.bodies import NoBody, SnakeBody
 from virtbackup.gateway.errors import responses
+from virtbackup.gateway.plan_agents import eligible_view, refuse_deactivated
 from virtbackup.gateway.plans_yaml import MAX_PROJECT_BYTES, MAX_YAML_CHARS, parse_project
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.errors import BadRequest, ServiceError
@@ -90,6 +91,13 @@ def _options(body: RunBody | None) -> RunOptions:
     if body is None:
         return RunOptions()
     return msgspec.convert(msgspec.to_builtins(body), RunOptions)
+
+
+async def _checked(gw: Gateway, body: RunBody | None) -> RunOptions:
+    """The run payload's options, refused (400) when pinned to a deactivated agent."""
+    options = _options(body)
+    await refuse_deactivated(gw, options)
+    return options
 
 
 def _out(value: msgspec.Struct) -> dict[str, Any]:
@@ -310,7 +318,7 @@ class PipelinesController(Controller):
     ) -> dict[str, Any]:
         """Run the plan for ``vms`` (default: all of them): ``run_id`` and ``job_ids``
         (``dry_run``: the preview instead, nothing created)."""
-        req = PlanRunRequest(pipeline_db_id=pipeline_db_id, options=_options(data))
+        req = PlanRunRequest(pipeline_db_id=pipeline_db_id, options=await _checked(gw, data))
         return _out(await gw.bus.request(PlanCmd.RUN, req, PlanRunResult, timeout=PLAN_TIMEOUT))
 
     @post("/{pipeline_db_id:str}/dry-run-preview", status_code=200, responses=responses(400, 404))
@@ -319,7 +327,7 @@ class PipelinesController(Controller):
     ) -> dict[str, Any]:
         """Per VM and disk: full or incremental, the parent point and checkpoint, the bytes
         the run would read (libvirt's dirty sizes; nothing is read)."""
-        req = PlanRunRequest(pipeline_db_id=pipeline_db_id, options=_options(data))
+        req = PlanRunRequest(pipeline_db_id=pipeline_db_id, options=await _checked(gw, data))
         return _out(await gw.bus.request(PlanCmd.PREVIEW, req, Preview, timeout=PLAN_TIMEOUT))
 
     @get("/{pipeline_db_id:str}/source-refs", responses=responses(400, 404))
@@ -344,7 +352,9 @@ class PipelinesController(Controller):
     ) -> dict[str, Any]:
         """The agents that can run the plan (live transfer workers, remote agents)."""
         req = PlanRunRequest(pipeline_db_id=pipeline_db_id, options=_options(data))
-        return _out(await gw.bus.request(PlanCmd.ELIGIBLE_AGENTS, req, EligibleAgents))
+        return await eligible_view(
+            gw, await gw.bus.request(PlanCmd.ELIGIBLE_AGENTS, req, EligibleAgents)
+        )
 
     @get("/{pipeline_db_id:str}/version-resolve", responses=responses(400, 404))
     async def version_resolve(
@@ -370,7 +380,7 @@ class PipelineChainsController(Controller):
     ) -> dict[str, Any]:
         """Run the chain: its backup step's jobs now, the next steps as each one succeeds
         (``GET /api/v1/plan-runs/{run_id}`` shows the steps and their jobs)."""
-        req = PlanRunRequest(chain_db_id=chain_db_id, options=_options(data))
+        req = PlanRunRequest(chain_db_id=chain_db_id, options=await _checked(gw, data))
         return _out(await gw.bus.request(PlanCmd.RUN, req, PlanRunResult, timeout=PLAN_TIMEOUT))
 
     @post("/{chain_db_id:str}/dry-run-preview", status_code=200, responses=responses(400, 404))
@@ -378,7 +388,7 @@ class PipelineChainsController(Controller):
         self, gw: Gateway, chain_db_id: ChainId, data: RunBody | None = None
     ) -> dict[str, Any]:
         """The preview of the chain's backup step (as a plan's)."""
-        req = PlanRunRequest(chain_db_id=chain_db_id, options=_options(data))
+        req = PlanRunRequest(chain_db_id=chain_db_id, options=await _checked(gw, data))
         return _out(await gw.bus.request(PlanCmd.PREVIEW, req, Preview, timeout=PLAN_TIMEOUT))
 
     @get("/{chain_db_id:str}/source-refs", responses=responses(400, 404))
@@ -399,7 +409,9 @@ class PipelineChainsController(Controller):
     ) -> dict[str, Any]:
         """The agents that can run the chain."""
         req = PlanRunRequest(chain_db_id=chain_db_id, options=_options(data))
-        return _out(await gw.bus.request(PlanCmd.ELIGIBLE_AGENTS, req, EligibleAgents))
+        return await eligible_view(
+            gw, await gw.bus.request(PlanCmd.ELIGIBLE_AGENTS, req, EligibleAgents)
+        )
 
 
 class PlanRunsController(Controller):

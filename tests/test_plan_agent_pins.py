@@ -1,0 +1,113 @@
+"""A plan's remote agent as ``eligible-agents`` shows it, and a run pinned to it
+(backend-api.md: a deactivated agent leases nothing), against the real system: NATS,
+every service, the gateway over HTTPS. The agent is registered over the API and
+heartbeats with its key; no agent process and no VM are needed (a remote agent's VMs
+are named, not looked up, and nothing here is leased)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from harness import System, running_system
+
+VM = f"vbt-pin-{os.getpid()}"
+PLAN = f"""\
+id: pins
+pipelines:
+  - id: site2
+    vms:
+      - {{server: site2, vm: {VM}}}
+    destination: fs
+"""
+
+
+@pytest.fixture(scope="module")
+def sysm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    with running_system(tmp_path_factory.mktemp("pins"), workers=1, orchestrators=1) as system:
+        yield system
+
+
+@pytest.fixture(scope="module")
+async def setup(sysm: System, repo_dir: Path) -> AsyncIterator[dict[str, Any]]:
+    """The admin's client, the agent (id, key) named by server ``site2``, the plan."""
+    async with httpx.AsyncClient(
+        base_url=sysm.url, headers=sysm.auth(), verify=False, timeout=60
+    ) as api:
+        resp = await api.post("/api/v1/agent/registration-tokens", json={})
+        assert resp.status_code == 201, resp.text
+        body = {
+            "registrationToken": resp.json()["token"],
+            "hostname": "kvm-site2",
+            "os": "linux",
+            "arch": "amd64",
+            "agentVersion": "0.1.0",
+        }
+        resp = await api.post("/api/v1/agent/register", json=body, headers={"Authorization": ""})
+        assert resp.status_code == 201, resp.text
+        agent = resp.json()
+        key = {"Authorization": f"Bearer {agent['apiKey']}"}
+        beat = await api.post("/api/v1/heartbeat", json={"agentVersion": "0.1.7"}, headers=key)
+        assert beat.status_code == 200, beat.text
+        cfg = {
+            "servers": [
+                {"id": "local", "name": "This host", "host": ""},
+                {"id": "site2", "name": "Site 2", "host": "", "agentId": agent["agentId"],
+                 "agentDestinationIds": ["fs"]},
+            ],
+            "destinations": [
+                {"id": "fs", "driverId": "filesystem", "params": {"path": str(repo_dir)}}
+            ],
+            "backupDestinationId": "fs",
+        }  # fmt: skip
+        resp = await api.post("/config", json=cfg)
+        assert resp.status_code == 200, resp.text
+        resp = await api.post("/api/v1/projects/import", json={"yaml": PLAN})
+        assert resp.status_code == 201, resp.text
+        yield {"api": api, "agent": agent["agentId"]}
+
+
+async def remote_of(api: httpx.AsyncClient, agent_id: str) -> dict[str, Any]:
+    resp = await api.post("/api/v1/pipelines/pins.site2/eligible-agents")
+    assert resp.status_code == 200, resp.text
+    found: dict[str, Any] = {a["id"]: a for a in resp.json()["agents"]}[agent_id]
+    return found
+
+
+async def test_a_deactivated_agent_is_not_eligible_and_no_run_is_pinned_to_it(
+    setup: dict[str, Any],
+) -> None:
+    api, agent_id = setup["api"], setup["agent"]
+    shown = await remote_of(api, agent_id)
+    # The gateway's record of the agent: its version and last heartbeat, not blanks.
+    assert shown["eligible"] is True and shown["state"] == "active", shown
+    assert shown["version"] == "0.1.7" and shown["last_seen"].endswith("Z"), shown
+
+    resp = await api.post(f"/api/v1/agents/{agent_id}/actions", json={"action": "deactivate"})
+    assert resp.status_code == 200, resp.text
+    shown = await remote_of(api, agent_id)
+    assert shown["eligible"] is False and shown["state"] == "deactivated", shown
+    assert "deactivated" in shown["reason"], shown
+    pinned = {"agent_id": agent_id}
+    for path in (
+        "/api/v1/pipelines/pins.site2/run-selection",
+        "/api/v1/pipelines/pins.site2/dry-run-preview",
+    ):
+        resp = await api.post(path, json=pinned)
+        assert resp.status_code == 400, (path, resp.text)
+        assert "deactivated" in resp.text and "$.agent_id" in resp.text, (path, resp.text)
+    jobs = (await api.get("/api/v1/jobs")).json()
+    assert jobs["total"] == 0, jobs  # nothing was created for it
+
+    resp = await api.post(f"/api/v1/agents/{agent_id}/actions", json={"action": "activate"})
+    assert resp.status_code == 200, resp.text
+    assert (await remote_of(api, agent_id))["eligible"] is True
+    resp = await api.post(
+        "/api/v1/pipelines/pins.site2/run-selection", json={**pinned, "dry_run": True}
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["dry_run"] is True and resp.json()["job_ids"] == []
