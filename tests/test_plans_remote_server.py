@@ -1,8 +1,9 @@
-"""A plan's remote agent as ``eligible-agents`` shows it, and a run pinned to it
-(backend-api.md: a deactivated agent leases nothing), against the real system: NATS,
-every service, the gateway over HTTPS. The agent is registered over the API and
-heartbeats with its key; no agent process and no VM are needed (a remote agent's VMs
-are named, not looked up, and nothing here is leased)."""
+"""Plans of a remote agent's server, against the real system (NATS, every service, the
+gateway over HTTPS): the agent as ``eligible-agents`` shows it and a run pinned to it
+(backend-api.md: a deactivated agent leases nothing), and a plan's schedule across a
+refused reload. The agent is registered over the API and heartbeats with its key; no
+agent process and no VM are needed (a remote agent's VMs are named, not looked up, and
+nothing here is leased)."""
 
 from __future__ import annotations
 
@@ -111,3 +112,32 @@ async def test_a_deactivated_agent_is_not_eligible_and_no_run_is_pinned_to_it(
     )
     assert resp.status_code == 200, resp.text
     assert resp.json()["dry_run"] is True and resp.json()["job_ids"] == []
+
+
+async def test_a_scheduled_plan_of_an_agents_server_imports(
+    setup: dict[str, Any], sysm: System
+) -> None:
+    """A plan's schedule is a schedule of the HyperSDK API's kind; for a server of a
+    remote agent its VMs are named, not looked up in the inventory (which does not reach
+    that host), and a VM glob there is a 400 naming the agent."""
+    api = setup["api"]
+    timed = PLAN.replace("id: pins", "id: nightly2") + "    schedule: {cron: '0 3 * * *'}\n"
+    resp = await api.post("/api/v1/projects/import", json={"yaml": timed})
+    assert resp.status_code == 201, resp.text
+    (sid,) = resp.json()["schedule_ids"]
+    async with httpx.AsyncClient(base_url=sysm.hypersdk_url, headers=sysm.auth()) as hyper:
+        schedule = await hyper.get(f"/schedules/{sid}")
+        assert schedule.status_code == 200, schedule.text
+        assert schedule.json()["job_template"]["vm_path"] == f"site2/{VM}", schedule.text
+        body = {
+            "name": "glob",
+            "schedule": "0 4 * * *",
+            "job_template": {
+                "vm_path": "site2/vbt-*",
+                "source": {"type": "libvirt", "server_id": "site2"},
+                "destination": {"type": "backup", "destination_id": "fs"},
+            },
+        }
+        resp = await hyper.post("/schedules", json=body)
+        assert resp.status_code == 400, resp.text
+        assert "remote agent" in resp.text and "not by a glob" in resp.text, resp.text
