@@ -141,3 +141,35 @@ async def test_a_scheduled_plan_of_an_agents_server_imports(
         resp = await hyper.post("/schedules", json=body)
         assert resp.status_code == 400, resp.text
         assert "remote agent" in resp.text and "not by a glob" in resp.text, resp.text
+
+
+async def test_a_refused_reload_keeps_the_plans_schedule(
+    setup: dict[str, Any], sysm: System
+) -> None:
+    """A schedule whose runs come too close is a 400 naming its line on import and on
+    reload, and a refused reload changes nothing: the plan's schedule still runs."""
+    api = setup["api"]
+    source = sysm.data_dir / "projects" / "timed.yaml"
+    source.parent.mkdir(mode=0o700, exist_ok=True)
+    good = PLAN.replace("id: pins", "id: timed") + "    schedule: {cron: '0 3 * * *'}\n"
+    source.write_text(good)
+    resp = await api.post("/api/v1/projects/import", json={"path": "timed.yaml"})
+    assert resp.status_code == 201, resp.text
+    (sid,) = resp.json()["schedule_ids"]
+    source.write_text(good.replace("0 3 * * *", "*/2 * * * *"))
+    expected = "line 7: schedule: '*/2 * * * *' runs 2 minutes apart"
+    resp = await api.post("/api/v1/projects/timed/reload")
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"].startswith(expected), resp.text
+    assert resp.json()["error"].endswith("- at `$.pipelines[0].schedule.cron`"), resp.text
+    async with httpx.AsyncClient(base_url=sysm.hypersdk_url, headers=sysm.auth()) as hyper:
+        schedule = await hyper.get(f"/schedules/{sid}")
+        assert schedule.status_code == 200, schedule.text
+        assert "0 3 * * *" in schedule.text
+    project = (await api.get("/api/v1/projects/timed")).json()
+    assert project["schedule_ids"] == [sid], project
+    resp = await api.post(
+        "/api/v1/projects/import", json={"yaml": source.read_text().replace("timed", "fast")}
+    )
+    assert resp.status_code == 400 and resp.json()["error"].startswith(expected), resp.text
+    assert (await api.get("/api/v1/projects/fast")).status_code == 404

@@ -143,7 +143,7 @@ def _check_icon(icon: str, at: Lines) -> None:
 async def check_project(jc: JobContext, spec: ProjectSpec, lines: dict[str, int]) -> None:
     """``BadRequest`` naming the line for anything in ``spec`` that the system cannot run
     (see the module docstring); ``Unavailable`` when a server cannot be asked."""
-    from virtbackup.job_orchestrator.schedules import check_cron, zone
+    from virtbackup.job_orchestrator.schedules import check_cron, check_interval, zone
 
     at = Lines(lines)
     cfg = await jc.config()
@@ -182,6 +182,12 @@ async def check_project(jc: JobContext, spec: ProjectSpec, lines: dict[str, int]
                 zone(plan.schedule.timezone)
             except BadRequest as exc:
                 raise at.bad(f"{where}.schedule.timezone", exc.message) from None
+            try:  # here, not first when its schedule is made: a reload drops the old ones
+                check_interval(
+                    plan.schedule.cron, plan.schedule.timezone, jc.settings.schedule_min_interval
+                )
+            except BadRequest as exc:
+                raise at.bad(f"{where}.schedule.cron", exc.message) from None
         if plan.retention is not None:
             try:
                 check_retention(plan.retention, f"{where}.retention")
