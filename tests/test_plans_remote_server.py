@@ -173,3 +173,24 @@ async def test_a_refused_reload_keeps_the_plans_schedule(
     )
     assert resp.status_code == 400 and resp.json()["error"].startswith(expected), resp.text
     assert (await api.get("/api/v1/projects/fast")).status_code == 404
+
+
+async def test_version_resolve_refuses_a_source_ref_before_it_streams(
+    setup: dict[str, Any],
+) -> None:
+    """A ``source_ref`` that is no point of the plan's VM is a 400 naming it, as the
+    preview's is, not a stream of errors; ``full`` streams."""
+    api = setup["api"]
+    url = "/api/v1/pipelines/pins.site2/version-resolve"
+    resp = await api.get(url, params={"source_ref": "2020-01-01T00-00-00"})
+    assert resp.status_code == 400, resp.text
+    assert "is not a restore point" in resp.text and "$.source_ref" in resp.text, resp.text
+    preview = await api.post(
+        "/api/v1/pipelines/pins.site2/dry-run-preview", json={"source_ref": "2020-01-01T00-00-00"}
+    )
+    assert preview.status_code == 400 and preview.json() == resp.json(), preview.text
+    async with api.stream("GET", url, params={"source_ref": "full"}) as stream:
+        assert stream.status_code == 200
+        text = (await stream.aread()).decode()
+    assert "event: resolve.vm" in text and "event: resolve.done" in text, text
+    assert "resolve.error" not in text, text
