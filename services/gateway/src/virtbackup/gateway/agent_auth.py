@@ -4,7 +4,8 @@
   token is its credential (checked by the handler).
 * An ``Authorization: Bearer bak_...`` key opens only the agent routes
   (:data:`AGENT_ROUTES`: ``POST`` of the heartbeats, the lease and a job's status,
-  artifacts and tests),
+  artifacts and tests; :data:`AGENT_READS`: ``GET`` of a job, its artifact list and an
+  artifact, which backend-api.md shares between the agent and the frontend),
   and only while the key belongs to a registered agent; the agent's id is put in the
   ASGI scope (:data:`AGENT_SCOPE_KEY`) for the handler, which acts for that agent only
   (``backend_agents.calling_agent``). Anywhere else, or unknown or revoked, it is a 401
@@ -27,6 +28,7 @@ REGISTER_PATH: Final = "/api/v1/agent/register"
 AGENT_ROUTES: Final = re.compile(
     r"^/api/v1/(heartbeat|agent/heartbeat|agent/lease|jobs/[^/]+/(status|artifacts|tests))$"
 )
+AGENT_READS: Final = re.compile(r"^/api/v1/jobs/[^/]+(/artifacts(/[^/]+)?)?$")
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -73,7 +75,10 @@ class AgentKeyAuth:
         if presented is None or not presented.startswith(KEY_PREFIX):
             await self.token_auth(scope, receive, send)
             return
-        agent_route = scope.get("method") == "POST" and AGENT_ROUTES.match(path)
+        method = scope.get("method")
+        agent_route = (method == "POST" and AGENT_ROUTES.match(path)) or (
+            method == "GET" and AGENT_READS.match(path)
+        )
         agent = await self.store.authenticate(presented) if agent_route else None
         if agent is None:
             await _unauthorized(send)
