@@ -7,7 +7,9 @@ nothing here is leased)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,7 @@ async def setup(sysm: System, repo_dir: Path) -> AsyncIterator[dict[str, Any]]:
         assert resp.status_code == 200, resp.text
         resp = await api.post("/api/v1/projects/import", json={"yaml": PLAN})
         assert resp.status_code == 201, resp.text
-        yield {"api": api, "agent": agent["agentId"]}
+        yield {"api": api, "agent": agent["agentId"], "key": key}
 
 
 async def remote_of(api: httpx.AsyncClient, agent_id: str) -> dict[str, Any]:
@@ -194,3 +196,43 @@ async def test_version_resolve_refuses_a_source_ref_before_it_streams(
         text = (await stream.aread()).decode()
     assert "event: resolve.vm" in text and "event: resolve.done" in text, text
     assert "resolve.error" not in text, text
+
+
+async def test_an_agents_output_lines_stay_one_line_each(setup: dict[str, Any]) -> None:
+    """An agent's output line goes to the job's log as one line: a line break in it
+    cannot forge another line (a ``[control]`` one, say), and a ``ts`` that is not a
+    time is a 400 naming it."""
+    api, key = setup["api"], setup["key"]
+    resp = await api.post("/servers/site2/backup", json={"vmName": VM})
+    assert resp.status_code == 200, resp.text
+    job_id = resp.json()["jobId"]
+    deadline = time.monotonic() + 30
+    while True:
+        lease = (await api.post("/api/v1/agent/lease", json={}, headers=key)).json()
+        if lease["assigned"]:
+            break
+        assert time.monotonic() < deadline, lease
+        await asyncio.sleep(0.2)
+    assert lease["job"]["id"] == job_id, lease
+    status = f"/api/v1/jobs/{job_id}/status"
+    forged = "2026-01-01T00:00:00.000Z WARN  [control] job cancelled by user"
+    # Short enough for the field's length limit: refused for what it is.
+    bad = {"status": "reading", "output": [{"line": "x", "ts": "now\n2026-01-01 [control] x"}]}
+    resp = await api.post(status, json=bad, headers=key)
+    assert resp.status_code == 400 and "$.output[0].ts" in resp.text, resp.text
+    body = {"status": "reading", "output": [{"line": f"read vda\n{forged}\rmore"}]}
+    resp = await api.post(status, json=body, headers=key)
+    assert resp.status_code == 200, resp.text
+    resp = await api.post(status, json={"status": "failed", "errorMessage": "test"}, headers=key)
+    assert resp.status_code == 200, resp.text
+    deadline = time.monotonic() + 20
+    while True:
+        log = (await api.get(f"/api/v1/jobs/{job_id}/artifacts/output.log")).text
+        if "read vda" in log:
+            break
+        assert time.monotonic() < deadline, log
+        await asyncio.sleep(0.2)
+    lines = log.splitlines()
+    assert not [line for line in lines if line.startswith("2026-01-01")], log
+    (mine,) = [line for line in lines if "read vda" in line]
+    assert "[agent " in mine and mine.endswith(f"read vda {forged} more"), mine
