@@ -236,3 +236,22 @@ async def test_an_agents_output_lines_stay_one_line_each(setup: dict[str, Any]) 
     assert not [line for line in lines if line.startswith("2026-01-01")], log
     (mine,) = [line for line in lines if "read vda" in line]
     assert "[agent " in mine and mine.endswith(f"read vda {forged} more"), mine
+
+
+async def test_a_chain_copying_a_destination_onto_itself_is_refused(
+    setup: dict[str, Any],
+) -> None:
+    """A copy step's target must be another destination than its source: a 400 naming
+    the line at import, not a chain whose copy step fails at every run."""
+    chain = PLAN.replace("id: pins", "id: selfcopy") + (
+        "chains:\n"
+        "  - id: c\n"
+        "    steps:\n"
+        "      - {type: backup, pipeline: site2}\n"
+        "      - {type: copy, destination: fs, target: fs}\n"
+    )
+    resp = await setup["api"].post("/api/v1/projects/import", json={"yaml": chain})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"].startswith("line 11: destination 'fs' is the copy's source")
+    assert resp.json()["error"].endswith("- at `$.chains[0].steps[1].target`"), resp.text
+    assert (await setup["api"].get("/api/v1/projects/selfcopy")).status_code == 404

@@ -238,6 +238,11 @@ async def check_project(jc: JobContext, spec: ProjectSpec, lines: dict[str, int]
                     dest = getattr(step, name)
                     if dest not in destinations:
                         raise at.bad(f"{sw}.{name}", f"destination {shown(dest)} not found")
+                if step.target == step.destination:
+                    raise at.bad(
+                        f"{sw}.target",
+                        f"destination {shown(step.target)} is the copy's source itself",
+                    )
     found = await asyncio.gather(*(matching_vms(jc, server, vm) for _, server, vm in lookups))
     for (path, server, vm), names in zip(lookups, found, strict=True):
         if not names:
