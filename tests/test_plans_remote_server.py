@@ -1,9 +1,10 @@
 """Plans of a remote agent's server, against the real system (NATS, every service, the
 gateway over HTTPS): the agent as ``eligible-agents`` shows it and a run pinned to it
-(backend-api.md: a deactivated agent leases nothing), and a plan's schedule across a
-refused reload. The agent is registered over the API and heartbeats with its key; no
-agent process and no VM are needed (a remote agent's VMs are named, not looked up, and
-nothing here is leased)."""
+(backend-api.md: a deactivated agent leases nothing); a scheduled plan of its server,
+and that schedule across a refused reload; ``version-resolve`` of a bad ``source_ref``;
+a chain copying a destination onto itself; the agent's output lines in the job's log.
+The agent is registered over the API and speaks with its key (heartbeat, lease, status);
+no agent process and no VM are needed (a remote agent's VMs are named, not looked up)."""
 
 from __future__ import annotations
 
