@@ -256,3 +256,32 @@ async def test_a_chain_copying_a_destination_onto_itself_is_refused(
     assert resp.json()["error"].startswith("line 11: destination 'fs' is the copy's source")
     assert resp.json()["error"].endswith("- at `$.chains[0].steps[1].target`"), resp.text
     assert (await setup["api"].get("/api/v1/projects/selfcopy")).status_code == 404
+
+
+async def test_an_agent_completes_only_after_its_commit(setup: dict[str, Any]) -> None:
+    """``completed`` before the ``committing`` report was answered ``commit`` is a 409
+    that changes nothing (a cancel may win until then); after it, the job succeeds."""
+    api, key = setup["api"], setup["key"]
+    resp = await api.post("/servers/site2/backup", json={"vmName": VM})
+    assert resp.status_code == 200, resp.text
+    job_id = resp.json()["jobId"]
+    deadline = time.monotonic() + 30
+    while not (await api.post("/api/v1/agent/lease", json={}, headers=key)).json()["assigned"]:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+    status = f"/api/v1/jobs/{job_id}/status"
+    done = {"status": "completed", "message": "committed", "timestamp": "2026-11-30T01-02-03"}
+    resp = await api.post(status, json=done, headers=key)
+    assert resp.status_code == 409 and "committing" in resp.text, resp.text
+    await asyncio.sleep(1)  # the runner polls: it must not have taken the report
+    job = (await api.get(f"/api/v1/jobs/{job_id}")).json()
+    assert job["status"] == "running", job
+    resp = await api.post(status, json={"status": "committing"}, headers=key)
+    assert resp.status_code == 200 and resp.json()["commit"] is True, resp.text
+    resp = await api.post(status, json=done, headers=key)
+    assert resp.status_code == 200, resp.text
+    deadline = time.monotonic() + 20
+    while (job := (await api.get(f"/api/v1/jobs/{job_id}")).json())["status"] == "running":
+        assert time.monotonic() < deadline, job
+        await asyncio.sleep(0.2)
+    assert job["status"] == "succeeded", job
