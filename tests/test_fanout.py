@@ -355,3 +355,26 @@ async def test_every_destination_restores_bit_identical(
         done = await wait_job(api, resp.json()["jobId"])
         assert done["state"] == "success", done
         assert same(vm.disks[0], snap), f"point {number} from {dest} differs"
+
+
+async def test_a_rerun_writes_every_destination_again(api: httpx.AsyncClient, vm: SmallVm) -> None:
+    """backend-api.md's rerun starts the same definition: a fan-out backup's rerun reads
+    once and commits in each of its destinations again, not in the first one alone."""
+    first = await backup(api, ["fs2"])
+    assert first["state"] == "success", first
+    resp = await api.post(f"/api/v1/jobs/{first['id']}/rerun")
+    assert resp.status_code == 202, resp.text
+    again = await wait_job(api, resp.json()["jobId"])
+    assert again["state"] == "success", again
+    assert again["params"].get("alsoDestinationIds") == ["fs2"], again["params"]
+    outcome = again["result"].get("destinations", {})
+    assert {d: o["state"] for d, o in outcome.items()} == {"fs": "committed", "fs2": "committed"}
+    assert (await points(api, "fs2"))[-1]["timestamp"] == outcome["fs2"]["timestamp"]
+    # A copy job reruns as the same copy: that point, to that target.
+    copied = await wait_job(api, await copy(api, "fs", {"vmName": VM, "targetDestinationId": "s3"}))
+    assert copied["state"] == "success", copied
+    resp = await api.post(f"/api/v1/jobs/{copied['id']}/rerun")
+    assert resp.status_code == 202, resp.text
+    recopied = await wait_job(api, resp.json()["jobId"])
+    assert recopied["state"] == "success" and recopied["type"] == "copy", recopied
+    assert recopied["params"] == copied["params"], (recopied["params"], copied["params"])

@@ -79,6 +79,11 @@ def test_a_good_project_parses_with_the_line_of_every_field() -> None:
             GOOD.replace('vm: "web-*"', 'vm: &a "x"\n      - server: *a\n        vm: y'),
             "line 8: aliases (*name) are not allowed",
         ),
+        (
+            "alias in a list, a line below its anchor",
+            GOOD.replace("keepLast: 3", "keepLast: &n 3\n      keepDaily: [*n]"),
+            "line 13: aliases (*name) are not allowed - at `$.pipelines[0].retention.keepDaily[0]`",
+        ),
         ("syntax", GOOD.replace("name: Nightly", "name: [Nightly"), "line 3: not valid YAML"),
         (
             "missing field",

@@ -205,7 +205,9 @@ async def test_registration_tokens_are_one_time_and_expire(
             ("GET", "/config"),
             ("GET", "/api/v1/agents"),
             ("GET", "/jobs"),
-            ("GET", "/api/v1/jobs/no-such-job/artifacts"),
+            ("GET", "/api/v1/jobs"),
+            ("GET", "/api/v1/jobs/no-such-job/tests"),
+            ("DELETE", "/api/v1/jobs/no-such-job"),
             ("GET", "/api/v1/agent/lease"),
         ]:
             resp = await anon.request(method, path, headers=key)
@@ -402,9 +404,22 @@ async def test_deactivating_mid_job_cancels_it(
             body = note if path == "artifacts" else check
             resp = await as_agent.post(f"/api/v1/jobs/{foreign}/{path}", json=body, headers=headers)
             assert resp.status_code == 404, resp.text
-        # Reading stays the admin's.
+        # backend-api.md shares reading a job and its artifacts with the agent: its own
+        # job's, and no other's (404, as for a job that does not exist).
+        resp = await as_agent.get(f"/api/v1/jobs/{job_id}", headers=headers)
+        assert resp.status_code == 200 and resp.json()["id"] == job_id, resp.text
         resp = await as_agent.get(f"/api/v1/jobs/{job_id}/artifacts", headers=headers)
-        assert resp.status_code == 401, resp.text
+        assert resp.status_code == 200, resp.text
+        assert "agent-note.txt" in [a["name"] for a in resp.json()["artifacts"]]
+        resp = await as_agent.get(
+            f"/api/v1/jobs/{job_id}/artifacts/agent-note.txt", headers=headers
+        )
+        assert resp.status_code == 200 and resp.text == "from the agent", resp.text
+        for path in ("", "/artifacts", "/artifacts/output.log"):
+            resp = await as_agent.get(f"/api/v1/jobs/{foreign}{path}", headers=headers)
+            assert resp.status_code == 404, (path, resp.text)
+        resp = await as_agent.get(f"/api/v1/jobs/{job_id}/tests", headers=headers)
+        assert resp.status_code == 401, resp.text  # not among the agent's routes
     listed = (await api.get(f"/api/v1/jobs/{job_id}/artifacts")).json()["artifacts"]
     assert "agent-note.txt" in [a["name"] for a in listed]
     resp = await api.post(
@@ -639,7 +654,7 @@ async def test_plans_pin_only_the_agent_of_their_servers(
     assert (await api.post(actions, json={"action": "deactivate"})).status_code == 200
     try:
         off = (await eligible("remote"))[agent["agentId"]]
-        assert off["eligible"] is False and "agent is deactivated" in off["reason"], off
+        assert off["eligible"] is False and "deactivated" in off["reason"], off
         refused = await api.post(
             f"/api/v1/pipelines/{project}.remote/run-selection", json={"agent_id": agent["agentId"]}
         )

@@ -5,8 +5,10 @@
 * An ``Authorization: Bearer bak_...`` key opens only the agent routes
   (:data:`AGENT_ROUTES`: ``POST`` of the heartbeats, the lease and a job's status,
   artifacts and tests, and backupagent-api.md's jobs/start, a job's status,
-  verification and logs, schema-snapshot and anomaly; :data:`AGENT_GET_ROUTES`:
-  ``GET /api/v1/agent/config``),
+  verification and logs, schema-snapshot and anomaly; ``GET`` of
+  :data:`AGENT_GET_ROUTES` (``/api/v1/agent/config``) and :data:`AGENT_READS` (a job,
+  its artifact list and an artifact, which backend-api.md shares between the agent and
+  the frontend: the agent's own jobs only)),
   and only while the key belongs to a registered agent; the agent's id is put in the
   ASGI scope (:data:`AGENT_SCOPE_KEY`) for the handler, which acts for that agent only
   (``backend_agents.calling_agent``). Anywhere else, or unknown or revoked, it is a 401
@@ -34,13 +36,14 @@ AGENT_ROUTES: Final = re.compile(
 )
 #: The agent routes read with ``GET`` (every other one is a ``POST``).
 AGENT_GET_ROUTES: Final = frozenset({"/api/v1/agent/config"})
+AGENT_READS: Final = re.compile(r"^/api/v1/jobs/[^/]+(/artifacts(/[^/]+)?)?$")
 
 
 def is_agent_route(method: str, path: str) -> bool:
     """Whether a ``bak_`` key may call ``method`` ``path`` (:data:`AGENT_ROUTES`,
-    :data:`AGENT_GET_ROUTES`)."""
+    :data:`AGENT_GET_ROUTES`, :data:`AGENT_READS`)."""
     if method == "GET":
-        return path in AGENT_GET_ROUTES
+        return path in AGENT_GET_ROUTES or bool(AGENT_READS.match(path))
     return method == "POST" and bool(AGENT_ROUTES.match(path))
 
 

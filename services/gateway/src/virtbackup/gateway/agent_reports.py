@@ -13,6 +13,7 @@ A report's output lines go to the job's output log, ``vb.log.job.<job id>``
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -23,9 +24,11 @@ from virtbackup.contracts.v1.agents import (
     AgentStatusReply,
     AgentStatusRequest,
 )
+from virtbackup.contracts.v1.common import shown
 from virtbackup.gateway.state import Gateway
+from virtbackup.runtime import joblog
 from virtbackup.runtime.clock import utcnow_iso
-from virtbackup.runtime.errors import Conflict, NotFound
+from virtbackup.runtime.errors import BadRequest, Conflict, NotFound
 from virtbackup.runtime.vault import with_destination_fields
 
 if TYPE_CHECKING:
@@ -107,7 +110,13 @@ async def report_status(
     gw: Gateway, agent_id: str, job_id: str, body: JobStatusBody
 ) -> dict[str, Any]:
     """Pass an agent's report on (``JobCmd.AGENT_STATUS``: 404 for a job not leased to
-    it) and its output lines to the job's log; the answer has ``cancel``/``commit``."""
+    it) and its output lines to the job's log; the answer has ``cancel``/``commit``.
+
+    Each line is stored as the system's own are (``joblog.clip``: a line break or other
+    control character becomes a space, so an agent writes one line of the log per
+    line and cannot forge others); a ``ts`` that is not ISO-8601 is a ``BadRequest``
+    naming it, before anything is passed on."""
+    stamps = [_stamp(line.ts, index) for index, line in enumerate(body.output)]
     reply = await gw.bus.request(
         JobCmd.AGENT_STATUS,
         AgentStatusRequest(
@@ -129,11 +138,22 @@ async def report_status(
         ),
         AgentStatusReply,
     )
-    for line in body.output:
+    for line, stamp in zip(body.output, stamps, strict=True):
         record = {
-            "ts": line.ts or utcnow_iso(),
+            "ts": stamp,
             "level": line.level,
-            "line": f"[agent {agent_id}] {line.line}",
+            "line": joblog.clip(f"[agent {agent_id}] {line.line}"),
         }
         await gw.bus.publish_core(f"{JOB_LOG_ROOT}.{job_id}", msgspec.json.encode(record))
     return {"success": True, "cancel": reply.cancel, "commit": reply.commit, "state": reply.state}
+
+
+def _stamp(ts: str | None, index: int) -> str:
+    """An output line's time: the agent's (ISO-8601), else now."""
+    if ts is None:
+        return utcnow_iso()
+    try:
+        datetime.fromisoformat(ts)
+    except ValueError:
+        raise BadRequest(f"not an ISO-8601 time: {shown(ts)} - at `$.output[{index}].ts`") from None
+    return ts

@@ -25,8 +25,9 @@ TLS_DIR = "tls"
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` readable by the owner only, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` readable by the owner only, atomically (a directory it makes is
+    the owner's only, too)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
@@ -64,6 +65,8 @@ def ensure_certificate(settings: Settings) -> tuple[Path, Path]:
     """A self-signed certificate for the agent listener: (certificate, key) paths."""
     tls = settings.data_dir / TLS_DIR
     cert_path, key_path = tls / "agent.crt", tls / "agent.key"
+    tls.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tls.chmod(0o700)  # also one an earlier version made 0755: the key is in it
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
     key = ec.generate_private_key(ec.SECP256R1())

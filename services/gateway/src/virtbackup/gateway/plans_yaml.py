@@ -71,7 +71,9 @@ class _Builder:
 
     def build(self, node: yaml.Node, path: str) -> Any:
         if id(node) in self.seen:
-            line = self.lines.get(path, _line(node))
+            # The node is the anchored one (its mark is the anchor's): name the line of
+            # the key that holds the alias, or of the nearest one enclosing it.
+            line = line_of(self.lines, path) or _line(node)
             raise BadRequest(f"line {line}: aliases (*name) are not allowed - at `{path}`")
         self.seen.add(id(node))
         self.lines.setdefault(path, _line(node))

@@ -110,7 +110,7 @@ async def serve(settings: Settings | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     token = ensure_token(settings)
     cert, key = ensure_certificate(settings)
     ctx = await start_service(SPEC, settings)

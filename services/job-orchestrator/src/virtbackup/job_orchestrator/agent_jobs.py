@@ -184,7 +184,8 @@ async def agent_lease(jc: JobContext, req: AgentLeaseRequest) -> AgentLease:
 async def agent_status(jc: JobContext, req: AgentStatusRequest) -> AgentStatusReply:
     """Record what the agent reports about a job leased to it; ``NotFound`` for a job
     that is not (unknown, another agent's, or never leased), ``Conflict`` naming the
-    state for one that has ended. The answer says whether to
+    state for one that has ended, and for ``completed`` before the job is committing
+    (the agent commits only once told ``commit``). The answer says whether to
     stop (``cancel``) and, to a ``committing`` report, whether to commit."""
     commit = False
 
@@ -220,6 +221,12 @@ async def agent_status(jc: JobContext, req: AgentStatusRequest) -> AgentStatusRe
         if req.stage == "committing":
             commit = True
             changes["phase"] = "committing"
+        elif req.stage == "completed" and current.phase != "committing":
+            # Committed without the commit answer: a cancel could have won meanwhile.
+            raise Conflict(
+                f"job {req.job_id} is {current.phase}: it completes only once its "
+                "committing report was answered commit"
+            )
         elif req.stage in FINAL_STAGES:
             agent["outcome"] = req.stage
             agent["message"] = req.message

@@ -173,7 +173,11 @@ async def _vms_of(jc: JobContext, server_id: str, vm_pat: str) -> list[str]:
 async def expand(jc: JobContext, definition: JobDefinition) -> tuple[list[BackupRequest], bool]:
     """The backups a definition asks for (one per VM, sorted) and whether ``vm_path`` is
     a glob. ``BadRequest`` for a field that is wrong, ``NotFound`` for an unknown server
-    or destination, a VM that does not exist, or a glob that matches no VM."""
+    or destination, a VM that does not exist, or a glob that matches no VM.
+
+    A server backed up by a remote agent (``agentId``) is not the inventory's: named
+    exactly, its VM is taken by name without a look-up (a VM glob there is a
+    ``BadRequest``); a server glob leaves such servers out."""
     server_id = check_source(definition.source)
     destination_id = check_destination(definition.destination)
     fresh = check_options(definition.options, debug=jc.settings.debug)
@@ -185,6 +189,27 @@ async def expand(jc: JobContext, definition: JobDefinition) -> tuple[list[Backup
         if is_glob(server_pat):
             raise NotFound(f"vm_path: no configured server matches {shown(server_pat)}")
         raise NotFound(f"server {shown(server_pat)} not found")
+    agents = {s.id: s.agent_id for s in cfg.servers if s.agent_id}
+    if is_glob(server_pat):
+        servers = [s for s in servers if s not in agents]  # their VMs cannot be listed
+        if not servers:
+            raise NotFound(
+                f"vm_path: {shown(server_pat)} matches only servers of remote agents: "
+                "name the server"
+            )
+    elif server_pat in agents:
+        # The agent's host is not the inventory's to reach: its VMs are taken by name
+        # (as a plan's), and a VM the host lacks fails its job.
+        if is_glob(vm_pat):
+            raise BadRequest(
+                f"vm_path: server {shown(server_pat)} is backed up by remote agent "
+                f"{shown(agents[server_pat])}, which the inventory does not reach: name "
+                "its VMs one by one, not by a glob"
+            )
+        request = BackupRequest(
+            server_id=server_pat, vm_name=vm_pat, destination_id=dest.id, fresh=fresh
+        )
+        return [request], False
     listed = await asyncio.gather(*(_vms_of(jc, s, vm_pat) for s in servers))
     requests = [
         BackupRequest(server_id=server, vm_name=name, destination_id=dest.id, fresh=fresh)

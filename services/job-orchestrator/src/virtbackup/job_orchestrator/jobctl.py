@@ -51,6 +51,7 @@ from virtbackup.contracts.v1.jobctl import (
 from virtbackup.contracts.v1.jobs import (
     TERMINAL_STATES,
     BackupRequest,
+    CopyRequest,
     Job,
     RestoreRequest,
     SanityRequest,
@@ -237,6 +238,8 @@ def _request_of(job: Job) -> tuple[str, msgspec.Struct]:
                 vm_name=job.vm_name or "",
                 destination_id=job.destination_id,
                 fresh=bool(p.get("fresh", False)),
+                # A fan-out backup writes the same destinations again (checked as then).
+                also_destination_ids=[str(d) for d in p.get("alsoDestinationIds") or []],
             )
         if job.type == "restore":
             return "restore", msgspec.convert(
@@ -246,6 +249,17 @@ def _request_of(job: Job) -> tuple[str, msgspec.Struct]:
         if job.type == "sanity":
             return "sanity", msgspec.convert(
                 {**p, "destinationId": job.destination_id}, SanityRequest
+            )
+        if job.type == "copy":  # the same point again (a no-op once it is in the target)
+            return "copy", msgspec.convert(
+                {
+                    "destinationId": job.destination_id,
+                    "targetDestinationId": p.get("targetDestinationId"),
+                    "vmName": job.vm_name,
+                    "serverId": job.server_id,
+                    "timestamp": p.get("timestamp"),
+                },
+                CopyRequest,
             )
         if job.type == "gc":
             return "gc", msgspec.convert({**p, "destinationId": job.destination_id}, GcRequest)
@@ -273,6 +287,7 @@ async def rerun(jc: JobContext, req: JobRef) -> Rerun:
     kind, request = _request_of(job)
     submitters: dict[str, Callable[[JobContext, Any], Any]] = {
         "backup": handlers.backup,
+        "copy": handlers.copy_point,
         "restore": handlers.restore,
         "sanity": handlers.sanity,
         "gc": lifecycle_gc_commands.gc,

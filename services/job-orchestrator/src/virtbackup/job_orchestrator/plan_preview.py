@@ -386,9 +386,19 @@ async def preview(jc: JobContext, req: PlanRunRequest) -> Preview:
 
 @plan_commands.handler(PlanCmd.TARGETS, PlanRunRequest)
 async def targets(jc: JobContext, req: PlanRunRequest) -> PlanTargets:
-    """The VMs the plan's (or the chain's backup step's) selectors match now."""
-    plan, _, _ = await plan_of(jc, req)
-    return PlanTargets(vms=[f"{s}/{v}" for s, v in await resolve_targets(jc, plan, req.options)])
+    """The VMs the plan's (or the chain's backup step's) selectors match now.
+    ``BadRequest`` naming ``$.source_ref`` when a VM has no such point, as the preview
+    (so that ``version-resolve`` refuses it before its stream starts)."""
+    plan, dest, _ = await plan_of(jc, req)
+    found = await resolve_targets(jc, plan, req.options)
+    source_ref = req.options.source_ref
+    if source_ref is not None:
+
+        async def check(server: str, vm: str) -> None:
+            parent_for(await points_of(jc, dest, vm, server), source_ref, server, vm)
+
+        await asyncio.gather(*(check(s, v) for s, v in found))
+    return PlanTargets(vms=[f"{s}/{v}" for s, v in found])
 
 
 @plan_commands.handler(PlanCmd.SOURCE_REFS, PlanRunRequest)

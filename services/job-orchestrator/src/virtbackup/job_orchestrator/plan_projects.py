@@ -143,7 +143,7 @@ def _check_icon(icon: str, at: Lines) -> None:
 async def check_project(jc: JobContext, spec: ProjectSpec, lines: dict[str, int]) -> None:
     """``BadRequest`` naming the line for anything in ``spec`` that the system cannot run
     (see the module docstring); ``Unavailable`` when a server cannot be asked."""
-    from virtbackup.job_orchestrator.schedules import check_cron, zone
+    from virtbackup.job_orchestrator.schedules import check_cron, check_interval, zone
 
     at = Lines(lines)
     cfg = await jc.config()
@@ -182,6 +182,12 @@ async def check_project(jc: JobContext, spec: ProjectSpec, lines: dict[str, int]
                 zone(plan.schedule.timezone)
             except BadRequest as exc:
                 raise at.bad(f"{where}.schedule.timezone", exc.message) from None
+            try:  # here, not first when its schedule is made: a reload drops the old ones
+                check_interval(
+                    plan.schedule.cron, plan.schedule.timezone, jc.settings.schedule_min_interval
+                )
+            except BadRequest as exc:
+                raise at.bad(f"{where}.schedule.cron", exc.message) from None
         if plan.retention is not None:
             try:
                 check_retention(plan.retention, f"{where}.retention")
@@ -232,6 +238,11 @@ async def check_project(jc: JobContext, spec: ProjectSpec, lines: dict[str, int]
                     dest = getattr(step, name)
                     if dest not in destinations:
                         raise at.bad(f"{sw}.{name}", f"destination {shown(dest)} not found")
+                if step.target == step.destination:
+                    raise at.bad(
+                        f"{sw}.target",
+                        f"destination {shown(step.target)} is the copy's source itself",
+                    )
     found = await asyncio.gather(*(matching_vms(jc, server, vm) for _, server, vm in lookups))
     for (path, server, vm), names in zip(lookups, found, strict=True):
         if not names:

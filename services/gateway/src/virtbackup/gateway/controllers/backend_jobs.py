@@ -231,9 +231,14 @@ class BackendJobsController(Controller):
         return {"removed": flushed.removed, "ids": flushed.ids}
 
     @get("/{job_id:str}", responses=responses(404))
-    async def get_job(self, gw: Gateway, job_id: JobIdParam) -> dict[str, Any]:
-        """One job (404 for an unknown id)."""
-        return backend_view(await gw.bus.request(JobCmd.GET, JobGetRequest(id=job_id), Job))
+    async def get_job(
+        self, request: Request[Any, Any, Any], gw: Gateway, job_id: JobIdParam
+    ) -> dict[str, Any]:
+        """One job (404 for an unknown id; for a remote agent's key, for any job not
+        leased to that agent)."""
+        job = await gw.bus.request(JobCmd.GET, JobGetRequest(id=job_id), Job)
+        _refuse_other_agents(request, job)
+        return backend_view(job)
 
     @delete("/{job_id:str}", status_code=200, responses=responses(404, 409))
     async def delete_job(self, gw: Gateway, job_id: JobIdParam) -> dict[str, Any]:
@@ -270,9 +275,13 @@ class BackendJobsController(Controller):
         return {"jobId": rerun.job.id, "rerunOf": rerun.rerun_of, "job": backend_view(rerun.job)}
 
     @get("/{job_id:str}/artifacts", responses=responses(404))
-    async def list_artifacts(self, gw: Gateway, job_id: JobIdParam) -> dict[str, Any]:
+    async def list_artifacts(
+        self, request: Request[Any, Any, Any], gw: Gateway, job_id: JobIdParam
+    ) -> dict[str, Any]:
         """What the job produced: ``{"artifacts": [{"name", "size", "mediaType",
-        "source", "url"}]}`` (sizes in bytes)."""
+        "source", "url"}]}`` (sizes in bytes). A remote agent's key reads only the job
+        leased to it (404 otherwise)."""
+        await _leased_to_caller(request, gw, job_id)
         listed = await gw.bus.request(
             JobCtlCmd.ARTIFACTS, JobRef(id=job_id), ArtifactList, timeout=timeouts.JOB_COMMAND
         )
@@ -308,11 +317,14 @@ class BackendJobsController(Controller):
     @get("/{job_id:str}/artifacts/{name:str}", responses=responses(404))
     async def download_artifact(
         self,
+        request: Request[Any, Any, Any],
         gw: Gateway,
         job_id: JobIdParam,
         name: Annotated[str, Parameter(pattern=ARTIFACT_NAME_PATTERN)],
     ) -> Stream:
-        """The artifact's bytes, with its media type (404 naming an unknown one)."""
+        """The artifact's bytes, with its media type (404 naming an unknown one; for a
+        remote agent's key, 404 for a job not leased to it)."""
+        await _leased_to_caller(request, gw, job_id)
         first = await _piece(gw, job_id, name, 0)
 
         async def body() -> AsyncGenerator[bytes, None]:
@@ -378,9 +390,14 @@ async def _leased_to_caller(request: Request[Any, Any, Any], gw: Gateway, job_id
     agent_id = request.scope.get(AGENT_SCOPE_KEY)
     if not isinstance(agent_id, str) or not agent_id:
         return
-    job = await gw.bus.request(JobCmd.GET, JobGetRequest(id=job_id), Job)
-    if job.params.get("agentId") != agent_id:
-        raise NotFound(f"job {shown(job_id)} is not leased to this agent")
+    _refuse_other_agents(request, await gw.bus.request(JobCmd.GET, JobGetRequest(id=job_id), Job))
+
+
+def _refuse_other_agents(request: Request[Any, Any, Any], job: Job) -> None:
+    """``NotFound`` when a remote agent's key asks for a job that is not its own."""
+    agent_id = request.scope.get(AGENT_SCOPE_KEY)
+    if isinstance(agent_id, str) and agent_id and job.params.get("agentId") != agent_id:
+        raise NotFound(f"job {shown(job.id)} is not leased to this agent")
 
 
 async def _piece(gw: Gateway, job_id: str, name: str, offset: int) -> ArtifactPiece:

@@ -22,9 +22,8 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from virtbackup.contracts.subjects import PlanCmd
-from virtbackup.contracts.v1.common import Empty, shown
+from virtbackup.contracts.v1.common import Empty
 from virtbackup.contracts.v1.plans import (
-    EligibleAgent,
     EligibleAgents,
     ExecutionMode,
     PlanRun,
@@ -43,6 +42,7 @@ from virtbackup.contracts.v1.plans import (
 )
 from virtbackup.gateway.bodies import NoBody, SnakeBody
 from virtbackup.gateway.errors import responses
+from virtbackup.gateway.plan_agents import eligible_view, refuse_deactivated
 from virtbackup.gateway.plans_yaml import MAX_PROJECT_BYTES, MAX_YAML_CHARS, parse_project
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.errors import BadRequest, ServiceError
@@ -93,48 +93,11 @@ def _options(body: RunBody | None) -> RunOptions:
     return msgspec.convert(msgspec.to_builtins(body), RunOptions)
 
 
-async def with_agent_states(gw: Gateway, found: EligibleAgents) -> EligibleAgents:
-    """``found`` (the orchestrator's answer, which knows the configuration and the live
-    workers but not ``VB_AGENTS``, the gateway's) with each remote agent that is
-    deactivated or not registered made ineligible, saying why: it would lease nothing
-    (backend-api.md: a deactivated agent's lease answers ``agent is deactivated``)."""
-    agents: list[EligibleAgent] = []
-    for agent in found.agents:
-        if agent.kind == "remote":
-            record = await gw.agents.get(agent.id) if gw.agents is not None else None
-            why = (
-                "no agent of this id is registered"
-                if record is None
-                else "agent is deactivated"
-                if record.state == "deactivated"
-                else ""
-            )
-            if why:
-                reason = f"{why}; {agent.reason}" if agent.reason else why
-                agent = msgspec.structs.replace(agent, eligible=False, reason=reason)
-        agents.append(agent)
-    return EligibleAgents(agents=agents)
-
-
-async def _check_pin(gw: Gateway, req: PlanRunRequest) -> None:
-    """``BadRequest`` naming ``$.agent_id`` when the run pins a remote agent that cannot
-    lease (deactivated or unregistered); the orchestrator checks the rest
-    (``plan_preview.check_agent``: unknown ids, agents of other servers)."""
-    agent_id = req.options.agent_id
-    if agent_id is None or agent_id.startswith("worker:"):
-        return
-    found = EligibleAgents(agents=[EligibleAgent(id=agent_id, kind="remote")])
-    (agent,) = (await with_agent_states(gw, found)).agents
-    if not agent.eligible:
-        raise BadRequest(
-            f"agent {shown(agent_id)} is not eligible for this plan: {agent.reason} "
-            "- at `$.agent_id`"
-        )
-
-
-async def _eligible(gw: Gateway, req: PlanRunRequest) -> dict[str, Any]:
-    found = await gw.bus.request(PlanCmd.ELIGIBLE_AGENTS, req, EligibleAgents)
-    return _out(await with_agent_states(gw, found))
+async def _checked(gw: Gateway, body: RunBody | None) -> RunOptions:
+    """The run payload's options, refused (400) when pinned to a deactivated agent."""
+    options = _options(body)
+    await refuse_deactivated(gw, options)
+    return options
 
 
 def _out(value: msgspec.Struct) -> dict[str, Any]:
@@ -355,8 +318,7 @@ class PipelinesController(Controller):
     ) -> dict[str, Any]:
         """Run the plan for ``vms`` (default: all of them): ``run_id`` and ``job_ids``
         (``dry_run``: the preview instead, nothing created)."""
-        req = PlanRunRequest(pipeline_db_id=pipeline_db_id, options=_options(data))
-        await _check_pin(gw, req)
+        req = PlanRunRequest(pipeline_db_id=pipeline_db_id, options=await _checked(gw, data))
         return _out(await gw.bus.request(PlanCmd.RUN, req, PlanRunResult, timeout=PLAN_TIMEOUT))
 
     @post("/{pipeline_db_id:str}/dry-run-preview", status_code=200, responses=responses(400, 404))
@@ -365,8 +327,7 @@ class PipelinesController(Controller):
     ) -> dict[str, Any]:
         """Per VM and disk: full or incremental, the parent point and checkpoint, the bytes
         the run would read (libvirt's dirty sizes; nothing is read)."""
-        req = PlanRunRequest(pipeline_db_id=pipeline_db_id, options=_options(data))
-        await _check_pin(gw, req)
+        req = PlanRunRequest(pipeline_db_id=pipeline_db_id, options=await _checked(gw, data))
         return _out(await gw.bus.request(PlanCmd.PREVIEW, req, Preview, timeout=PLAN_TIMEOUT))
 
     @get("/{pipeline_db_id:str}/source-refs", responses=responses(400, 404))
@@ -391,7 +352,9 @@ class PipelinesController(Controller):
     ) -> dict[str, Any]:
         """The agents that can run the plan (live transfer workers, remote agents)."""
         req = PlanRunRequest(pipeline_db_id=pipeline_db_id, options=_options(data))
-        return await _eligible(gw, req)
+        return await eligible_view(
+            gw, await gw.bus.request(PlanCmd.ELIGIBLE_AGENTS, req, EligibleAgents)
+        )
 
     @get("/{pipeline_db_id:str}/version-resolve", responses=responses(400, 404))
     async def version_resolve(
@@ -417,8 +380,7 @@ class PipelineChainsController(Controller):
     ) -> dict[str, Any]:
         """Run the chain: its backup step's jobs now, the next steps as each one succeeds
         (``GET /api/v1/plan-runs/{run_id}`` shows the steps and their jobs)."""
-        req = PlanRunRequest(chain_db_id=chain_db_id, options=_options(data))
-        await _check_pin(gw, req)
+        req = PlanRunRequest(chain_db_id=chain_db_id, options=await _checked(gw, data))
         return _out(await gw.bus.request(PlanCmd.RUN, req, PlanRunResult, timeout=PLAN_TIMEOUT))
 
     @post("/{chain_db_id:str}/dry-run-preview", status_code=200, responses=responses(400, 404))
@@ -426,8 +388,7 @@ class PipelineChainsController(Controller):
         self, gw: Gateway, chain_db_id: ChainId, data: RunBody | None = None
     ) -> dict[str, Any]:
         """The preview of the chain's backup step (as a plan's)."""
-        req = PlanRunRequest(chain_db_id=chain_db_id, options=_options(data))
-        await _check_pin(gw, req)
+        req = PlanRunRequest(chain_db_id=chain_db_id, options=await _checked(gw, data))
         return _out(await gw.bus.request(PlanCmd.PREVIEW, req, Preview, timeout=PLAN_TIMEOUT))
 
     @get("/{chain_db_id:str}/source-refs", responses=responses(400, 404))
@@ -448,7 +409,9 @@ class PipelineChainsController(Controller):
     ) -> dict[str, Any]:
         """The agents that can run the chain."""
         req = PlanRunRequest(chain_db_id=chain_db_id, options=_options(data))
-        return await _eligible(gw, req)
+        return await eligible_view(
+            gw, await gw.bus.request(PlanCmd.ELIGIBLE_AGENTS, req, EligibleAgents)
+        )
 
 
 class PlanRunsController(Controller):

@@ -91,9 +91,11 @@ async def workers(gw: Gateway) -> list[dict[str, Any]]:
 
 async def read_feed(url: str) -> list[Release]:
     """The releases the feed lists, newest version first; ``ValueError`` naming why it
-    could not be read."""
+    could not be read (also when it takes more than ``FEED_TIMEOUT`` seconds in all: httpx's
+    timeout is per read, and a feed may send a byte at a time)."""
     try:
         async with (
+            asyncio.timeout(FEED_TIMEOUT),
             httpx.AsyncClient(timeout=FEED_TIMEOUT, follow_redirects=False) as client,
             client.stream("GET", url, headers={"accept": "application/json"}) as resp,
         ):
@@ -104,6 +106,8 @@ async def read_feed(url: str) -> list[Release]:
                 body += part
                 if len(body) > FEED_MAX_BYTES:
                     raise ValueError(f"the release feed is larger than {FEED_MAX_BYTES} bytes")
+    except TimeoutError:
+        raise ValueError(f"the release feed did not answer within {FEED_TIMEOUT:.0f} s") from None
     except httpx.HTTPError as exc:
         raise ValueError(f"the release feed could not be read: {type(exc).__name__}") from None
     try:
