@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import System, running_system
+from harness import System, running_system, wait_job
 
 VM = f"vbt-pin-{os.getpid()}"
 PLAN = f"""\
@@ -226,6 +226,8 @@ async def test_an_agents_output_lines_stay_one_line_each(setup: dict[str, Any]) 
     assert resp.status_code == 200, resp.text
     resp = await api.post(status, json={"status": "failed", "errorMessage": "test"}, headers=key)
     assert resp.status_code == 200, resp.text
+    ended = await wait_job(api, job_id)
+    assert ended["state"] == "failure", ended
     deadline = time.monotonic() + 20
     while True:
         log = (await api.get(f"/api/v1/jobs/{job_id}/artifacts/output.log")).text
