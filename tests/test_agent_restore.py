@@ -1,0 +1,174 @@
+"""Restores onto a remote agent's host: the point of a backup made by the agent is
+restored by the same agent (leased as its backups are), under a new name into a
+directory of the server's ``restoreDirectories``, bit-identical; a directory outside
+them is a 400 naming ``targetDirectory`` that creates nothing; a cancelled restore
+leaves nothing behind. Real nats-server, services, libvirt/QEMU and the agent process
+(the fixtures of ``test_remote_agents``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from harness import same, snapshot, wait_job
+from test_remote_agents import (  # noqa: F401 - fixtures, used by name
+    VM,
+    agent,
+    agent_backup,
+    api,
+    sysm,
+    vm,
+    wait_agent_seen,
+)
+
+from virtbackup.testing.vms import SmallVm, vm_directory
+from virtbackup.virt import Connection, get_domain
+from virtbackup.virt.domains import domain_xml, undefine_domain
+from virtbackup.virt.errors import NotFound as VirtNotFound
+
+pytestmark = pytest.mark.libvirt
+
+COPY = f"{VM}-copy"
+CANCELLED = f"{VM}-gone"
+
+
+@pytest.fixture(scope="module")
+def restore_dir() -> Iterator[Path]:
+    path = vm_directory(prefix="vbtest-agent-restore-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+async def allow(client: httpx.AsyncClient, directory: Path) -> None:
+    """Server ``remote`` may restore into ``directory`` only."""
+    cfg = (await client.get("/config")).json()
+    for server in cfg["servers"]:
+        if server["id"] == "remote":
+            server["restoreDirectories"] = [str(directory)]
+    resp = await client.post("/config", json=cfg)
+    assert resp.status_code == 200, resp.text
+
+
+async def undefine(conn: Connection, name: str) -> None:
+    with contextlib.suppress(VirtNotFound):
+        await undefine_domain(conn, name)
+
+
+async def test_a_copy_restored_by_the_agent_is_bit_identical(
+    api: httpx.AsyncClient,  # noqa: F811
+    agent: dict[str, Any],  # noqa: F811
+    vm: SmallVm,  # noqa: F811
+    conn: Connection,
+    restore_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    await wait_agent_seen(api, agent["agentId"])
+    await allow(api, restore_dir)
+    job = await agent_backup(api, agent)
+    snap = snapshot(vm, tmp_path_factory.mktemp("agent-restore"))[0]
+    xml_path = f"vms/{VM}/{job['result']['timestamp']}/domain.xml"
+
+    # Outside restoreDirectories: a 400 naming the field; no job, nothing written.
+    outside = vm_directory(prefix="vbtest-agent-outside-")
+    try:
+        before = (await api.get("/jobs")).json()
+        resp = await api.post(
+            "/servers/remote/restore/start",
+            json={"xmlPath": xml_path, "decision": "overwrite", "vmName": COPY,
+                  "targetDirectory": str(outside), "destinationId": "fs"},
+        )  # fmt: skip
+        assert resp.status_code == 400, resp.text
+        assert "targetDirectory" in resp.json()["error"], resp.text
+        assert "restoreDirectories" in resp.json()["error"], resp.text
+        assert (await api.get("/jobs")).json() == before
+        assert os.listdir(outside) == []
+        with pytest.raises(VirtNotFound):
+            await get_domain(conn, COPY)
+        # The precheck refuses the same; what only the host can tell, its agent checks.
+        resp = await api.post(
+            "/servers/remote/restore/precheck",
+            json={"xmlPath": xml_path, "vmName": COPY, "targetDirectory": str(outside),
+                  "destinationId": "fs"},
+        )  # fmt: skip
+        assert resp.status_code == 400 and "targetDirectory" in resp.json()["error"], resp.text
+        resp = await api.post(
+            "/servers/remote/restore/precheck",
+            json={"xmlPath": xml_path, "vmName": COPY, "targetDirectory": str(restore_dir),
+                  "destinationId": "fs"},
+        )  # fmt: skip
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"vmExists": False, "canDefineOnly": False}, resp.text
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
+
+    # A copy under a new name, into the allowed directory, through the agent.
+    resp = await api.post(
+        "/servers/remote/restore/start",
+        json={"xmlPath": xml_path, "decision": "overwrite", "vmName": COPY,
+              "targetDirectory": str(restore_dir), "destinationId": "fs"},
+    )  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    try:
+        restored = await wait_job(api, resp.json()["jobId"])
+        assert restored["state"] == "success", (
+            restored["message"],
+            agent["log"].read_text()[-3000:],
+        )
+        assert restored["params"]["agentId"] == agent["agentId"]
+        assert "by agent" in restored["message"] and f"as {COPY}" in restored["message"]
+        stages = [s["stage"] for s in restored["result"]["agent"]["stages"]]
+        assert stages[:1] == ["leased"] and "writing" in stages and "committing" in stages, stages
+        files = sorted(os.listdir(restore_dir))
+        assert len(files) == 1 and COPY in files[0], files  # no temporary left
+        image = restore_dir / files[0]
+        assert image.stat().st_mode & 0o077 == 0, oct(image.stat().st_mode)
+        assert same(image, snap)
+        # The copy is defined with its disk there, a new name, UUID and MAC address.
+        copy = await get_domain(conn, COPY)
+        original = await get_domain(conn, VM)
+        assert copy.uuid != original.uuid
+        copy_xml = await domain_xml(conn, COPY, inactive=True)
+        assert str(image) in copy_xml and str(vm.disks[0]) not in copy_xml
+        original_xml = await domain_xml(conn, VM, inactive=True)
+        macs = {line.strip() for line in original_xml.splitlines() if "<mac " in line}
+        assert not any(mac in copy_xml for mac in macs)
+        assert same(vm.disks[0], snap)  # the original is as it was
+    finally:
+        await undefine(conn, COPY)
+        for name in os.listdir(restore_dir):
+            os.unlink(restore_dir / name)
+
+    # A cancelled restore (mid-write: the agent holds before it commits) leaves nothing.
+    resp = await api.post(
+        "/servers/remote/restore/start",
+        json={"xmlPath": xml_path, "decision": "overwrite", "vmName": CANCELLED,
+              "targetDirectory": str(restore_dir), "destinationId": "fs"},
+    )  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    job_id = resp.json()["jobId"]
+    deadline = time.monotonic() + 60
+    while not os.listdir(restore_dir):  # the agent writes beside the final path
+        assert time.monotonic() < deadline, agent["log"].read_text()[-3000:]
+        await asyncio.sleep(0.1)
+    assert all(".vbrestore-" in name for name in os.listdir(restore_dir))
+    resp = await api.post(f"/jobs/{job_id}/cancel", json={})
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, job_id)
+    assert job["state"] == "canceled", job
+    deadline = time.monotonic() + 30
+    while os.listdir(restore_dir):
+        assert time.monotonic() < deadline, os.listdir(restore_dir)
+        await asyncio.sleep(0.2)
+    with pytest.raises(VirtNotFound):
+        await get_domain(conn, CANCELLED)
