@@ -25,6 +25,7 @@ from test_remote_agents import (  # noqa: F401 - fixtures, used by name
     agent,
     agent_backup,
     api,
+    start_process,
     sysm,
     vm,
     wait_agent_seen,
@@ -170,5 +171,54 @@ async def test_a_copy_restored_by_the_agent_is_bit_identical(
     while os.listdir(restore_dir):
         assert time.monotonic() < deadline, os.listdir(restore_dir)
         await asyncio.sleep(0.2)
+    with pytest.raises(VirtNotFound):
+        await get_domain(conn, CANCELLED)
+
+
+async def test_a_running_vm_is_not_overwritten_and_a_killed_restore_is_cleaned_up(
+    api: httpx.AsyncClient,  # noqa: F811
+    agent: dict[str, Any],  # noqa: F811
+    vm: SmallVm,  # noqa: F811
+    conn: Connection,
+    restore_dir: Path,
+) -> None:
+    await allow(api, restore_dir)
+    points = (await api.get("/restore/entries", params={"destinationId": "fs"})).json()
+    xml_path = next(p["xmlPath"] for p in points if p["vmName"] == VM)
+    assert (await get_domain(conn, VM)).id is not None  # running
+
+    # Over the running VM itself: its agent refuses, and nothing is written.
+    before = sorted(os.listdir(vm.disks[0].parent))
+    resp = await api.post(
+        "/servers/remote/restore/start",
+        json={"xmlPath": xml_path, "decision": "overwrite", "destinationId": "fs"},
+    )
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, resp.json()["jobId"])
+    assert job["state"] == "failure" and f"vm {VM} is running" in job["message"], job
+    assert sorted(os.listdir(vm.disks[0].parent)) == before
+
+    # Killed mid-restore: what it created is removed when it starts again.
+    resp = await api.post(
+        "/servers/remote/restore/start",
+        json={"xmlPath": xml_path, "decision": "overwrite", "vmName": CANCELLED,
+              "targetDirectory": str(restore_dir), "destinationId": "fs"},
+    )  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    job_id = resp.json()["jobId"]
+    deadline = time.monotonic() + 60
+    while not os.listdir(restore_dir):
+        assert time.monotonic() < deadline, agent["log"].read_text()[-3000:]
+        await asyncio.sleep(0.1)
+    killed = agent["procs"][-1]
+    killed.kill()  # SIGKILL: no cleanup of its own
+    killed.wait(10)
+    assert os.listdir(restore_dir)  # left behind
+    again = start_process(agent["cmd"], agent["env"], agent["log"])  # reads its key file
+    agent["procs"].append(again)
+    job = await wait_job(api, job_id, timeout=60)
+    assert job["state"] == "failure", job
+    assert "the agent stopped during the restore" in job["message"], job
+    assert os.listdir(restore_dir) == []
     with pytest.raises(VirtNotFound):
         await get_domain(conn, CANCELLED)
