@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,13 @@ from test_remote_agents import (  # noqa: F401 - fixtures, used by name
     wait_agent_seen,
 )
 
-from virtbackup.testing.vms import SmallVm, vm_directory
+from virtbackup.testing.vms import (
+    NVRAM_DIR,
+    SmallVm,
+    create_uefi_vm,
+    remove_vm,
+    vm_directory,
+)
 from virtbackup.virt import Connection, get_domain
 from virtbackup.virt.domains import domain_xml, undefine_domain
 from virtbackup.virt.errors import NotFound as VirtNotFound
@@ -40,14 +47,21 @@ pytestmark = pytest.mark.libvirt
 
 COPY = f"{VM}-copy"
 CANCELLED = f"{VM}-gone"
+FW = f"vbt-agent-fw-{os.getpid()}"
+FW_COPY = f"{FW}-copy"
+SWTPM_DIR = Path("/var/lib/libvirt/swtpm")
 
 
 @pytest.fixture(scope="module")
-def restore_dir() -> Iterator[Path]:
+async def restore_dir(conn: Connection) -> AsyncIterator[Path]:
+    """A directory to restore into; emptied, and the copies undefined, at the end
+    (whatever a failed test left)."""
     path = vm_directory(prefix="vbtest-agent-restore-")
     try:
         yield path
     finally:
+        for name in (COPY, CANCELLED, FW_COPY):
+            await remove_vm(conn, name)
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -222,3 +236,68 @@ async def test_a_running_vm_is_not_overwritten_and_a_killed_restore_is_cleaned_u
     assert os.listdir(restore_dir) == []
     with pytest.raises(VirtNotFound):
         await get_domain(conn, CANCELLED)
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Each entry below ``root``: its content's hash (``dir`` for a directory) and mode."""
+    out = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        digest = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        out[str(path.relative_to(root))] = f"{digest} {path.stat().st_mode & 0o7777:04o}"
+    return out
+
+
+async def test_a_copy_gets_the_points_nvram_and_tpm_state(
+    api: httpx.AsyncClient,  # noqa: F811
+    agent: dict[str, Any],  # noqa: F811
+    conn: Connection,
+    restore_dir: Path,
+) -> None:
+    if not Path("/usr/share/OVMF/OVMF_CODE_4M.fd").exists() or not shutil.which("swtpm_setup"):
+        pytest.skip("needs Debian's ovmf and swtpm-tools (dev.py installs them)")
+    await allow(api, restore_dir)
+    directory = vm_directory()
+    # Shut off: the agent backs it up offline (started paused: libvirt makes its NVRAM
+    # from the template and swtpm its state), with the state files.
+    fw = await create_uefi_vm(conn, FW, directory, [16 << 20], start=False)
+    try:
+        resp = await api.post("/servers/remote/backup", json={"vmName": FW})
+        assert resp.status_code == 200, resp.text
+        job = await wait_job(api, resp.json()["jobId"])
+        assert job["state"] == "success", (job["message"], agent["log"].read_text()[-3000:])
+        assert fw.nvram is not None and fw.nvram.exists()
+        uuid = (await get_domain(conn, FW)).uuid
+        nvram = hashlib.sha256(fw.nvram.read_bytes()).hexdigest()
+        tpm = _tree(SWTPM_DIR / uuid)
+        assert any(name.endswith(".permall") for name in tpm), tpm
+
+        resp = await api.post(
+            "/servers/remote/restore/start",
+            json={"xmlPath": f"vms/{FW}/{job['result']['timestamp']}/domain.xml",
+                  "decision": "overwrite", "vmName": FW_COPY,
+                  "targetDirectory": str(restore_dir), "destinationId": "fs"},
+        )  # fmt: skip
+        assert resp.status_code == 200, resp.text
+        restored = await wait_job(api, resp.json()["jobId"])
+        assert restored["state"] == "success", (
+            restored["message"],
+            agent["log"].read_text()[-3000:],
+        )
+        assert "state put back" in restored["message"], restored["message"]
+        copy_uuid = (await get_domain(conn, FW_COPY)).uuid
+        assert copy_uuid != uuid
+        copy_xml = await domain_xml(conn, FW_COPY, inactive=True)
+        copy_nvram = NVRAM_DIR / f"{FW_COPY}_VARS.fd"
+        assert str(copy_nvram) in copy_xml, copy_xml
+        assert hashlib.sha256(copy_nvram.read_bytes()).hexdigest() == nvram
+        assert _tree(SWTPM_DIR / copy_uuid) == tpm
+        # Nothing staged is left beside them; the original's state is untouched.
+        assert not [p for p in NVRAM_DIR.iterdir() if ".vbrestore-" in p.name]
+        assert not [p for p in SWTPM_DIR.iterdir() if ".vbrestore-" in p.name]
+        assert hashlib.sha256(fw.nvram.read_bytes()).hexdigest() == nvram
+        assert _tree(SWTPM_DIR / uuid) == tpm
+    finally:
+        await remove_vm(conn, FW_COPY)
+        await remove_vm(conn, FW, delete_directory=directory)
+        for name in os.listdir(restore_dir):
+            os.unlink(restore_dir / name)
