@@ -201,16 +201,29 @@ async def test_a_running_vm_is_not_overwritten_and_a_killed_restore_is_cleaned_u
     xml_path = next(p["xmlPath"] for p in points if p["vmName"] == VM)
     assert (await get_domain(conn, VM)).id is not None  # running
 
-    # Over the running VM itself: its agent refuses, and nothing is written.
+    # Over the running VM itself: a 409 (the agent's heartbeat says it runs), as on the
+    # bus path; no job, nothing written. The precheck says it exists and runs.
     before = sorted(os.listdir(vm.disks[0].parent))
+    jobs = (await api.get("/jobs")).json()
     resp = await api.post(
         "/servers/remote/restore/start",
         json={"xmlPath": xml_path, "decision": "overwrite", "destinationId": "fs"},
     )
-    assert resp.status_code == 200, resp.text
-    job = await wait_job(api, resp.json()["jobId"])
-    assert job["state"] == "failure" and f"vm {VM} is running" in job["message"], job
+    assert resp.status_code == 409, resp.text
+    assert f"vm {VM} is running" in resp.json()["error"], resp.text
+    assert (await api.get("/jobs")).json() == jobs
     assert sorted(os.listdir(vm.disks[0].parent)) == before
+    resp = await api.post(
+        "/servers/remote/restore/precheck", json={"xmlPath": xml_path, "destinationId": "fs"}
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"vmExists": True, "canDefineOnly": False}, resp.text
+    # A new name that exists is replaced only by overwrite.
+    resp = await api.post(
+        "/servers/remote/restore/start",
+        json={"xmlPath": xml_path, "decision": "define", "vmName": VM, "destinationId": "fs"},
+    )
+    assert resp.status_code == 409 and "already exists" in resp.json()["error"], resp.text
 
     # Killed mid-restore: what it created is removed when it starts again.
     resp = await api.post(

@@ -13,10 +13,12 @@ Checked when the restore is asked for (nothing is queued otherwise): the destina
 one of the server's ``agentDestinationIds`` (400 naming ``destinationId``), the point's
 record agrees with its sealed domain XML and manifests (409), ``targetDirectory`` and
 ``storagePool`` are not both given and ``targetDirectory`` is an absolute path inside
-the server's ``restoreDirectories`` when it names some (400 naming ``targetDirectory``).
-The agent checks again on its host, symbolic links resolved, and what only the host
-can tell (a running VM for ``overwrite``, a name that exists, another VM's disks or
-state where the restore would write, the host's pools when ``restoreDirectories`` is
+the server's ``restoreDirectories`` when it names some (400 naming ``targetDirectory``),
+and, by the VMs the agent's last heartbeat reported (``host_domains``, added by the
+gateway), the VM to ``overwrite`` is not running and a ``vmName`` that exists is only
+replaced by ``overwrite`` (409s, as on the bus path). The agent checks all of it again on
+its host, symbolic links resolved, with what only the host can tell (another VM's disks
+or state where the restore would write, the host's pools when ``restoreDirectories`` is
 not set): the job then fails naming why, having changed nothing.
 """
 
@@ -28,9 +30,9 @@ from typing import Any
 from virtbackup.contracts.v1.config import Server
 from virtbackup.contracts.v1.jobs import PrecheckResult
 from virtbackup.job_orchestrator.jobctx import JobContext
-from virtbackup.job_orchestrator.restore import restore_disks
+from virtbackup.job_orchestrator.restore import restore_disks, target_name
 from virtbackup.repository.records import RestorePoint
-from virtbackup.runtime.errors import BadRequest
+from virtbackup.runtime.errors import BadRequest, Conflict
 
 #: What of a restore job's ``params`` its agent gets in the lease.
 LEASED_PARAMS = ("xmlPath", "decision", "vmName", "targetDirectory", "storagePool", "start")
@@ -65,13 +67,51 @@ def check_placement(server: Server, params: dict[str, Any]) -> None:
         )
 
 
+def check_host_domains(
+    server: Server,
+    point: RestorePoint,
+    params: dict[str, Any],
+    host_domains: dict[str, str],
+    *,
+    refuse: bool = True,
+) -> tuple[bool, bool]:
+    """Whether the VM the restore defines exists and runs on the agent's host, as its last
+    heartbeat said (``host_domains``: name -> power state). With ``refuse`` (a restore,
+    not a precheck), ``Conflict`` as on the bus path (``restore.plan_restore``): a
+    ``vmName`` that exists when the decision is not ``overwrite``, a running VM to
+    ``overwrite``."""
+    name = target_name(point, params)
+    state = host_domains.get(name)
+    exists, running = state is not None, state not in (None, "", "shutoff")
+    if not refuse:
+        return exists, running
+    decision = params["decision"]
+    if params.get("vmName") and exists and decision != "overwrite":
+        raise Conflict(
+            f"vm {name} already exists on server {server.id}: restore with decision "
+            "overwrite to replace it (it must be shut off), or choose another vmName"
+        )
+    if decision == "overwrite" and running:
+        raise Conflict(f"vm {name} is running: shut it off before overwriting it")
+    return exists, running
+
+
 async def check_agent_restore(
-    jc: JobContext, server: Server, destination_id: str, point: RestorePoint, params: dict[str, Any]
-) -> None:
+    jc: JobContext,
+    server: Server,
+    destination_id: str,
+    point: RestorePoint,
+    params: dict[str, Any],
+    host_domains: dict[str, str] | None = None,
+    *,
+    precheck: bool = False,
+) -> tuple[bool, bool]:
     """Check a restore onto an agent's host before it is queued (see the module
     docstring): ``BadRequest`` naming ``destinationId``, ``targetDirectory`` or
     ``storagePool``; ``Conflict`` for a record that disagrees with the point's sealed
-    data; the destination's own errors."""
+    data and, given the VMs of the agent's last heartbeat (``host_domains``), as
+    :func:`check_host_domains` (not for a ``precheck``); the destination's own errors.
+    Returns whether the VM exists and runs, as far as that heartbeat tells."""
     if destination_id not in server.agent_destination_ids:
         raise BadRequest(
             f"destinationId: destination {destination_id} is not allowed for agent "
@@ -85,18 +125,19 @@ async def check_agent_restore(
     finally:
         await repo.close()
     restore_disks(point, domain_xml, manifests)
+    return check_host_domains(server, point, params, host_domains or {}, refuse=not precheck)
 
 
-def agent_precheck(server: Server) -> PrecheckResult:
-    """What a precheck can say of an agent's host without reaching it: nothing of its
-    VMs (its agent checks when the restore runs)."""
+def agent_precheck(server: Server, exists: bool, running: bool) -> PrecheckResult:
+    """What a precheck can say of an agent's host without reaching it: whether the VM
+    exists and runs as its last heartbeat said; not whether defining alone would do
+    (the disks on the host are checked by the agent when the restore runs)."""
     return PrecheckResult(
-        vm_exists=False,
+        vm_exists=exists,
         can_define_only=False,
-        vm_running=False,
+        vm_running=running,
         problems=[
-            f"server {server.id} is reached only by remote agent {server.agent_id}: whether "
-            "the VM exists or runs, and the disks on the host, are checked by the agent when "
-            "the restore runs"
+            f"server {server.id} is reached only by remote agent {server.agent_id}: the "
+            "disks on its host are checked by the agent when the restore runs"
         ],
     )

@@ -206,8 +206,10 @@ async def restore_precheck(jc: JobContext, req: PrecheckRequest) -> PrecheckResu
         params["storagePool"] = req.storage_pool
     if server.agent_id:  # a remote agent's host: checked here as far as it can be
         with destination_faults(dest_id):
-            await check_agent_restore(jc, server, dest_id, point, params)
-        return agent_precheck(server)
+            exists, running = await check_agent_restore(
+                jc, server, dest_id, point, params, req.host_domains, precheck=True
+            )
+        return agent_precheck(server, exists, running)
     with destination_faults(dest_id):
         result = await request_plan(jc, req.server_id, dest_id, point, params)
     return PrecheckResult(
@@ -228,7 +230,7 @@ async def restore(jc: JobContext, req: RestoreRequest) -> Job:
     params = restore_params(req)
     with destination_faults(dest_id):
         if server.agent_id:
-            await check_agent_restore(jc, server, dest_id, point, params)
+            await check_agent_restore(jc, server, dest_id, point, params, req.host_domains)
             params["agentId"] = server.agent_id
         else:
             await plan_restore(jc, req.server_id, dest_id, point, params)
