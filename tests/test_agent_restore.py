@@ -36,6 +36,7 @@ from virtbackup.testing.vms import (
     NVRAM_DIR,
     SmallVm,
     create_uefi_vm,
+    guest_write,
     remove_vm,
     vm_directory,
 )
@@ -50,6 +51,7 @@ CANCELLED = f"{VM}-gone"
 FW = f"vbt-agent-fw-{os.getpid()}"
 FW_COPY = f"{FW}-copy"
 SWTPM_DIR = Path("/var/lib/libvirt/swtpm")
+MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +197,15 @@ async def test_a_running_vm_is_not_overwritten_and_a_killed_restore_is_cleaned_u
     vm: SmallVm,  # noqa: F811
     conn: Connection,
     restore_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     await allow(api, restore_dir)
     points = (await api.get("/restore/entries", params={"destinationId": "fs"})).json()
-    xml_path = next(p["xmlPath"] for p in points if p["vmName"] == VM)
+    xml_path = next(p["xmlPath"] for p in points if p["vmName"] == VM)  # the newest
     assert (await get_domain(conn, VM)).id is not None  # running
+    snap = snapshot(vm, tmp_path_factory.mktemp("agent-in-place"))[0]  # as backed up
+    await guest_write(conn, VM, "vda", 8 * MiB, MiB, pattern=0x3D)
+    assert not same(vm.disks[0], snap)
 
     # Over the running VM itself: a 409 (the agent's heartbeat says it runs), as on the
     # bus path; no job, nothing written. The precheck says it exists and runs.
@@ -249,6 +255,30 @@ async def test_a_running_vm_is_not_overwritten_and_a_killed_restore_is_cleaned_u
     assert os.listdir(restore_dir) == []
     with pytest.raises(VirtNotFound):
         await get_domain(conn, CANCELLED)
+
+    # Shut off (and so reported by a heartbeat), the VM is overwritten in place.
+    off = await api.post("/servers/local/actions", json={"action": "forceOff", "vmName": VM})
+    assert off.status_code == 200, off.text
+    deadline = time.monotonic() + 30
+    while True:
+        view = (await api.get(f"/api/v1/agents/{agent['agentId']}")).json()
+        if any(d["name"] == VM and d["state"] == "shutoff" for d in view["discoveredDomains"]):
+            break
+        assert time.monotonic() < deadline, view
+        await asyncio.sleep(0.3)
+    uuid = (await get_domain(conn, VM)).uuid
+    resp = await api.post(
+        "/servers/remote/restore/start",
+        json={"xmlPath": xml_path, "decision": "overwrite", "destinationId": "fs"},
+    )
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, resp.json()["jobId"])
+    assert job["state"] == "success", (job["message"], agent["log"].read_text()[-3000:])
+    assert same(vm.disks[0], snap)
+    assert (await get_domain(conn, VM)).uuid == uuid  # the same domain, redefined
+    assert sorted(os.listdir(vm.disks[0].parent)) == before  # no temporary left
+    on = await api.post("/servers/local/actions", json={"action": "start", "vmName": VM})
+    assert on.status_code == 200, on.text
 
 
 def _tree(root: Path) -> dict[str, str]:

@@ -24,8 +24,9 @@ workers do for a restore onto a server the bus reaches, without NATS.
 
 A cancel (or any failure) before the commit removes everything the restore created and
 changes nothing else. ``define`` writes no disk: it defines the domain over disks that
-are in place, putting back only state that is missing. Block devices are restored only
-into a ``targetDirectory`` or ``storagePool`` (as image files) by an agent.
+are in place (block devices included), putting back only state that is missing. An
+agent writes a block device's data only into a ``targetDirectory`` or ``storagePool``
+(as an image file), never into the device in place.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from virtbackup.cli.agent.backup import Cancelled, Report, debug_hold, send
 from virtbackup.cli.agent.inflight import InFlight
@@ -109,10 +110,13 @@ class Refused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class PlannedDisk:
+    """Where disk ``target`` goes: a file, or (only to define over it) a block device."""
+
     target: str
     path: str
     format: str
     size: int
+    kind: Literal["file", "block"] = "file"
 
 
 @dataclass
@@ -230,6 +234,11 @@ async def plan(
                 "saved domain XML does not: the point is inconsistent; nothing restored"
             )
         if declared.type == "block":
+            if directory is None and decision == "define":  # used as it is
+                disks.append(
+                    PlannedDisk(record.target, record.path, declared.format, manifest.size, "block")
+                )
+                continue
             if directory is None:
                 raise Refused(
                     f"disk {record.target} is the block device {record.path}: a remote agent "
@@ -255,7 +264,9 @@ async def plan(
             except (CommandFailed, VirtError):
                 result.problems.append(f"{disk.target}: {disk.path} does not exist")
                 continue
-            if info.virtual_size != disk.size:
+            # A device may be larger than the disk it holds.
+            larger = disk.kind == "block" and info.virtual_size >= disk.size
+            if info.virtual_size != disk.size and not larger:
                 result.problems.append(
                     f"{disk.target}: {disk.path} is {info.virtual_size} bytes, expected {disk.size}"
                 )
@@ -297,7 +308,7 @@ async def _locations(conn: Connection, host: Host, xml: str) -> list[StateLocati
 
 
 def _final_xml(xml: str, name: str, job_id: str, uuid: str, disks: list[PlannedDisk]) -> str:
-    placements = [DiskPlacement(d.target, d.path, "file", d.format) for d in disks]
+    placements = [DiskPlacement(d.target, d.path, d.kind, d.format) for d in disks]
     return restored_domain(xml, name=name, job_id=job_id, disks=placements, uuid=uuid or None)
 
 
@@ -355,7 +366,16 @@ class Created:
 async def _create_image(host: Host, disk: PlannedDisk, temp: str) -> None:
     parent = posixpath.dirname(disk.path) or "/"
     await host.run(["mkdir", "-p", "--", parent], timeout=30)
-    argv = ["qemu-img", "create", "-q", "-f", disk.format, temp, str(disk.size)]
+    options: list[str] = []
+    if disk.format == "qcow2" and await file_type(host, disk.path) == "file":
+        # As the inventory does: the cluster size and compat level of the image replaced.
+        with contextlib.suppress(CommandFailed, VirtError):
+            old = await image_info(host, disk.path)
+            keep = [f"cluster_size={old.cluster_size}"] if old.cluster_size else []
+            keep += [f"compat={old.compat}"] if old.compat else []
+            if old.format == "qcow2" and keep:
+                options = ["-o", ",".join(keep)]
+    argv = ["qemu-img", "create", "-q", "-f", disk.format, *options, temp, str(disk.size)]
     # Readable by root only while written and once in place (libvirt's dynamic
     # ownership gives QEMU access when the domain starts).
     made = await host.run(["sh", "-c", 'umask 077 && exec "$@"', "sh", *argv], timeout=60)
