@@ -102,7 +102,9 @@ async def agent(
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTBACKUP_")}
     env.update(
         VIRTBACKUP_DEBUG="1",
-        VIRTBACKUP_AGENT_DEBUG_HOLDS=json.dumps({"before:committing": HOLD}),
+        VIRTBACKUP_AGENT_DEBUG_HOLDS=json.dumps(
+            {"before:committing": HOLD, "restore:before:committing": HOLD}
+        ),
     )
     cmd = [
         sys.executable, "-m", "virtbackup.cli", "agent",

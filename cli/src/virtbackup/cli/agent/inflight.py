@@ -1,4 +1,10 @@
-"""What the agent must clean up if it dies mid-backup: one small file beside its key.
+"""What the agent must clean up if it dies mid-job: one small file beside its key.
+
+For a restore (``kind: restore``) it names the images and state trees the restore is
+building (each named before it is made), the ``qemu-nbd`` processes serving them and
+their private directories, and whether it committed: a restart stops those processes
+and removes what was built unless it had committed, and reports the job's end.
+
 
 From just before the agent begins a libvirt backup job until it has ended it,
 ``inflight.json`` (0600) names it: the job id, the VM, the checkpoint the begin makes
@@ -74,6 +80,8 @@ async def recover(inflight: InFlight, report: Report) -> str | None:
     record = await inflight.read()
     if not record:
         return None
+    if record.get("kind") == "restore":
+        return await _recover_restore(inflight, record, report)
     job_id, vm = str(record.get("jobId", "")), str(record.get("vm", ""))
     checkpoint, committed = record.get("checkpoint"), bool(record.get("committed"))
     conn = await open_connection(str(record.get("uri") or "qemu:///system"))
@@ -95,6 +103,43 @@ async def recover(inflight: InFlight, report: Report) -> str | None:
         else {"status": "failed", "errorMessage": line}
     )
     body["output"] = [{"level": "warn", "line": line}]
+    try:
+        await report(job_id, body)
+    except Exception as exc:  # the job may have ended and gone meanwhile
+        log.info("job %s: reporting its end after a restart failed: %s", job_id, exc)
+    await inflight.clear()
+    log.warning("job %s: %s", job_id, line)
+    return job_id
+
+
+async def _recover_restore(inflight: InFlight, record: dict[str, Any], report: Report) -> str:
+    """End a restore a previous run left: stop its ``qemu-nbd`` exports, remove the
+    images and state it built (unless it had committed) and its private directories,
+    and report the job's end."""
+    job_id, committed = str(record.get("jobId", "")), bool(record.get("committed"))
+    host = LocalHost()
+    pids = [p for p in record.get("pids") or [] if isinstance(p, int)]
+    if pids:  # only a process that is a qemu-nbd still (a pid may have been reused)
+        script = (
+            'for p in "$@"; do grep -qa qemu-nbd "/proc/$p/cmdline" 2>/dev/null && '
+            'kill "$p"; done; sleep 0.5'
+        )
+        with contextlib.suppress(Exception):
+            await host.run(["sh", "-c", script, "stop", *map(str, pids)], timeout=30)
+    suffix = f".vbrestore-{job_id}"
+    left = [] if committed else [*(record.get("images") or []), *(record.get("staged") or [])]
+    left = [p for p in left if isinstance(p, str) and p.startswith("/") and suffix in p]
+    dirs = [d for d in record.get("dirs") or [] if isinstance(d, str) and "vbrestore." in d]
+    if left or dirs:
+        with contextlib.suppress(Exception):
+            await host.run(["rm", "-rf", "--", *left, *dirs], timeout=60)
+    line = "the agent stopped during the restore: what it had created was removed when it started"
+    body: dict[str, Any] = (
+        {"status": "completed", "message": "restore committed before the agent stopped"}
+        if committed
+        else {"status": "failed", "errorMessage": line}
+    )
+    body["output"] = [{"level": "warn", "line": line if not committed else body["message"]}]
     try:
         await report(job_id, body)
     except Exception as exc:  # the job may have ended and gone meanwhile

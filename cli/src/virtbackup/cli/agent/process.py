@@ -12,11 +12,12 @@ holds; when the answer says ``configChanged`` it pulls ``GET /api/v1/agent/confi
 (kept in ``config.json`` beside the key file, 0600) and sends each VM's domain
 definition once it differs from what it sent last (``POST /api/v1/agent/schema-snapshot``:
 the gateway compares it with the VM's last backup). A lease every ``--poll-seconds``;
-a leased backup runs here (``agent.backup``), reporting its stages, progress and each
+a leased backup runs here (``agent.backup``), a leased restore onto this host too
+(``agent.restore``), reporting its stages, progress and each
 stage's duration (``POST /api/v1/agent/jobs/{id}/status``) and stopping when an answer
 says ``cancel``. ``--backup VM[@TARGET]`` starts backups itself at start
 (``POST /api/v1/agent/jobs/start``), which it then leases and runs. At start it first
-ends a backup a previous run left behind (``agent.inflight``).
+ends a backup or restore a previous run left behind (``agent.inflight``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import msgspec
 
 from virtbackup.cli.agent.backup import Cancelled, run_backup
 from virtbackup.cli.agent.inflight import InFlight, recover
+from virtbackup.cli.agent.restore import run_restore
 from virtbackup.contracts.v1.config import Destination
 from virtbackup.runtime import __version__
 from virtbackup.runtime.clock import utcnow_iso
@@ -294,15 +296,19 @@ class Agent:
                 stage.update(name=str(body.get("status")), since=now)
             return await self.client.post(f"/api/v1/agent/jobs/{job_id}/status", body)
 
-        log.info("job %s: backup of %s leased", job_id, job.get("vmName"))
+        kind = str(job.get("type") or "backup")
+        log.info("job %s: %s of %s leased", job_id, kind, job.get("vmName"))
         try:
-            message = await run_backup(
-                job,
-                destination,
-                report,
-                scratch_dir=self.args.scratch_dir,
-                inflight=self.inflight,
-            )
+            if kind == "restore":
+                message = await run_restore(job, destination, report, inflight=self.inflight)
+            else:
+                message = await run_backup(
+                    job,
+                    destination,
+                    report,
+                    scratch_dir=self.args.scratch_dir,
+                    inflight=self.inflight,
+                )
         except Cancelled:
             log.info("job %s: stopped (cancelled or ended by the server)", job_id)
             return

@@ -1,7 +1,8 @@
 """The gateway's side of a remote agent's lease and reports (see ``agent_jobs`` in the
 job-orchestrator for the job's side).
 
-A lease answer carries the one destination the job writes to, with its parameters and
+A lease answer carries the one destination the job writes to (or, for a restore, reads
+from; with the restore's choices and the server's ``restoreDirectories``), with its parameters and
 encryption passphrase in clear: the agent writes the repository itself. It is added
 here, from the configuration, only to the authenticated HTTPS answer of the agent the
 job is leased to, and only when the server's ``agentDestinationIds`` allow that
@@ -91,17 +92,23 @@ async def lease_answer(gw: Gateway, agent_id: str, lease: AgentLease) -> dict[st
                 AgentStatusReply,
             )
             return {"assigned": False, "message": f"destination {dest.id}: {refusal}"}
+    job: dict[str, Any] = {
+        "id": lease.job_id,
+        "type": lease.job_type,
+        "serverId": lease.server_id,
+        "vmName": lease.vm_name,
+        "destinationId": lease.destination_id,
+        "fresh": lease.fresh,
+    }
+    if lease.job_type == "restore":
+        # The restore's choices, and where the server lets restores write (the agent
+        # checks its placement against them on its host).
+        job["params"] = lease.params
+        job["restoreDirectories"] = server.restore_directories
     return {
         "assigned": True,
-        "message": f"backup of {lease.vm_name} leased",
-        "job": {
-            "id": lease.job_id,
-            "type": lease.job_type,
-            "serverId": lease.server_id,
-            "vmName": lease.vm_name,
-            "destinationId": lease.destination_id,
-            "fresh": lease.fresh,
-        },
+        "message": f"{lease.job_type or 'backup'} of {lease.vm_name} leased",
+        "job": job,
         "destination": msgspec.to_builtins(dest),
     }
 

@@ -42,7 +42,6 @@ import xml.etree.ElementTree as ET
 
 import msgspec
 
-from virtbackup.contracts.v1.config import DEFAULT_RESTORE_DIRECTORY
 from virtbackup.contracts.v1.inventory import (
     DiskKind,
     RestoreDisk,
@@ -62,15 +61,19 @@ from virtbackup.nbd import NbdUri
 from virtbackup.runtime.errors import BadRequest, Conflict
 from virtbackup.virt import get_domain, parse_disks
 from virtbackup.virt.connection import Connection
-from virtbackup.virt.domains import PowerState, define_domain, domain_xml, undefine_domain
+from virtbackup.virt.domains import PowerState, define_domain, undefine_domain
 from virtbackup.virt.errors import CommandFailed, VirtError
 from virtbackup.virt.errors import NotFound as VirtNotFound
 from virtbackup.virt.host import Host
 from virtbackup.virt.images import image_info
+from virtbackup.virt.placement import allowed_directories, resolve
+from virtbackup.virt.placement import disk_paths as _disk_paths
+from virtbackup.virt.placement import file_type as _file_type
+from virtbackup.virt.placement import inside as _inside
+from virtbackup.virt.placement import realpaths as _realpaths
 from virtbackup.virt.pools import (
     DIRECTORY_POOL_TYPES,
     get_pool,
-    list_pools,
     refresh_pools_holding,
 )
 from virtbackup.virt.rewrite import (
@@ -108,12 +111,6 @@ EXPORT_MALLOC = ("MALLOC_MMAP_THRESHOLD_=33554432", "MALLOC_TRIM_THRESHOLD_=1073
 #: In a local export's private directory: qemu-nbd's pid file and its socket.
 EXPORT_PID = "qemu-nbd.pid"
 EXPORT_SOCKET = "nbd.sock"
-#: What ``stat -L -c %F`` says, as the kinds a plan cares about.
-_FILE_TYPES = {
-    "regular file": "file",
-    "regular empty file": "file",
-    "block special file": "block",
-}
 
 
 def temp_path(path: str, job_id: str) -> str:
@@ -231,7 +228,7 @@ async def _plan(
             elsewhere = await state_files.used_elsewhere(server, conn, host, req.vm_name)
         except StateError as exc:
             raise Conflict(f"server {server.id}: {exc}") from None
-        resolved = await state_files.resolve(host, [d.path for d in plan])
+        resolved = await resolve(host, [d.path for d in plan])
         for disk in plan:
             user = elsewhere.get(resolved[disk.path])
             if user is not None:
@@ -315,32 +312,7 @@ async def _target_directory(
 
 async def _allowed_directories(server: HostServer, conn: Connection) -> list[str]:
     """The server's ``restoreDirectories``, or its file pools plus libvirt's default."""
-    if server.config.restore_directories is not None:
-        return [posixpath.normpath(d) for d in server.config.restore_directories]
-    pools = [posixpath.normpath(p.path) for p in await list_pools(conn) if p.holds_files]
-    return sorted({*pools, DEFAULT_RESTORE_DIRECTORY})
-
-
-def _inside(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(directory.rstrip("/") + "/")
-
-
-async def _realpaths(host: Host, paths: list[str]) -> list[str]:
-    """``paths`` with every symbolic link resolved on the host (``realpath -m``)."""
-    result = await host.run(["realpath", "-m", "--", *paths], timeout=30)
-    lines = result.stdout.splitlines()
-    if result.returncode != 0 or len(lines) != len(paths):
-        return paths
-    return lines
-
-
-async def _file_type(host: Host, path: str) -> str:
-    """``absent``, ``file``, ``block``, ``directory``, or what else ``stat`` says."""
-    result = await host.run(["stat", "-L", "-c", "%F", "--", path], timeout=30)
-    if result.returncode != 0:
-        return "absent"
-    text = result.stdout.strip()
-    return _FILE_TYPES.get(text, text)
+    return await allowed_directories(conn, server.config.restore_directories)
 
 
 async def _device_size(host: Host, path: str) -> int:
@@ -349,12 +321,6 @@ async def _device_size(host: Host, path: str) -> int:
         return int(result.stdout.strip()) if result.returncode == 0 else -1
     except ValueError:
         return -1
-
-
-async def _disk_paths(conn: Connection, vm_name: str) -> set[str]:
-    """The disk paths of the defined domain ``vm_name``."""
-    xml = await domain_xml(conn, vm_name, inactive=True)
-    return {d.source for d in parse_disks(xml) if d.source}
 
 
 async def _check_writable(

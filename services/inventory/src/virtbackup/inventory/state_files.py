@@ -20,7 +20,6 @@ import contextlib
 import logging
 import posixpath
 from collections.abc import Sequence
-from typing import Final
 
 from virtbackup.contracts.v1.state import (
     StagedState,
@@ -37,15 +36,16 @@ from virtbackup.contracts.v1.state import (
 from virtbackup.inventory.beside import beside
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.runtime.errors import BadRequest, Conflict, Unavailable
-from virtbackup.virt import get_domain
+from virtbackup.virt import get_domain, placement
 from virtbackup.virt.connection import Connection
-from virtbackup.virt.domains import PowerState, domain_xml, list_domains
+from virtbackup.virt.domains import domain_xml
 from virtbackup.virt.errors import NotFound as VirtNotFound
 from virtbackup.virt.errors import VirtError
 from virtbackup.virt.host import Host
+from virtbackup.virt.placement import clamp, host_account, resolve
+from virtbackup.virt.placement import entry_kind as _kind
 from virtbackup.virt.rewrite import domain_name, restored_domain
 from virtbackup.virt.state import (
-    SAFE_MODE_BITS,
     StateEntry,
     StateError,
     StateLocation,
@@ -55,7 +55,6 @@ from virtbackup.virt.state import (
     list_entries,
     locate_state,
     read_piece,
-    referenced_paths,
     snapshot,
     stage,
     state_dirs,
@@ -69,12 +68,6 @@ log = logging.getLogger(__name__)
 #: Minutes after which a snapshot's copies are taken as abandoned (a backup reads them
 #: within seconds of making them) and removed by the next snapshot on the host.
 STALE_MINUTES = 24 * 60
-#: The accounts restored state may belong to: root and those libvirt runs QEMU and swtpm
-#: as (Debian's ``libvirt-qemu``/``kvm`` and ``tss``, Fedora's ``qemu`` and ``tss``). A
-#: restore point's record is not authenticated (``backup.json`` is plaintext), so the
-#: owners it names are taken only from these and the account the host's commands run as
-#: (a session connection's user); any other becomes that account (see :func:`clamp`).
-STATE_ACCOUNTS: Final = frozenset({"root", "libvirt-qemu", "qemu", "kvm", "tss", "swtpm"})
 
 
 def snapshot_dir(scratch_dir: str, job_id: str) -> str:
@@ -196,29 +189,6 @@ def _entries(files: Sequence[StateFile], account: tuple[str, str]) -> list[State
     return out
 
 
-def clamp(entry: StateEntry, account: tuple[str, str]) -> StateEntry:
-    """``entry`` with an owner and group among :data:`STATE_ACCOUNTS` and ``account``
-    (the user and group the host's commands run as), else those of ``account``, and
-    without setuid, setgid, sticky or write-by-others bits. The record a restore reads
-    them from is not authenticated: this bounds what a forged one can make."""
-    allowed = STATE_ACCOUNTS | set(account)
-    owner = entry.owner if entry.owner in allowed else account[0]
-    group = entry.group if entry.group in allowed else account[1]
-    return StateEntry(
-        entry.relative, entry.kind, entry.size, entry.mode & SAFE_MODE_BITS, owner, group
-    )
-
-
-async def host_account(host: Host) -> tuple[str, str]:
-    """The user and group commands run as on ``host`` (``root``, ``root`` for a system
-    connection)."""
-    result = await host.run(["sh", "-c", "id -un; id -gn"], timeout=30)
-    lines = result.stdout.split()
-    if result.returncode != 0 or len(lines) != 2:
-        raise StateError(f"cannot tell the account on the host: {result.stderr.strip()}")
-    return lines[0], lines[1]
-
-
 async def target_uuid(conn: Connection, vm_name: str, given: str = "") -> str | None:
     """The UUID a restored domain ``vm_name`` gets: ``given``, else that of the domain of
     this name defined now (a restore keeps the UUID of the domain it replaces), else
@@ -241,57 +211,13 @@ def restored_xml(xml: str, vm_name: str, job_id: str, uuid: str | None) -> str:
         raise BadRequest(f"domain XML: {exc}") from None
 
 
-async def resolve(host: Host, paths: Sequence[str]) -> dict[str, str]:
-    """Each path with every symbolic link resolved on the host (``realpath -m``; a path
-    that cannot be resolved stays as it is)."""
-    unique = list(dict.fromkeys(paths))
-    out = {p: posixpath.normpath(p) for p in unique}
-    if not unique:
-        return out
-    result = await host.run(["realpath", "-m", "-z", "--", *unique], timeout=60)
-    found = result.stdout.split("\0")
-    if result.returncode == 0 and len(found) >= len(unique):
-        out.update(zip(unique, found[: len(unique)], strict=True))
-    return out
-
-
 async def used_elsewhere(
     server: HostServer, conn: Connection, host: Host, vm_name: str
 ) -> dict[str, str]:
     """Every path (symbolic links resolved) that a domain other than ``vm_name`` on this
-    server uses for its data (disks, backing files, CD-ROMs, NVRAM, loaders, TPM state:
-    :func:`virtbackup.virt.state.referenced_paths`), with that domain's name; a running
-    domain's live XML counts too. A restore writes over none of them."""
-    uri = str(await conn.call(conn.raw.getURI))
-    kind = connection_kind(uri)
-    home = await home_directory(host) if kind == "session" else None
-    users: dict[str, str] = {}
-    for dom in await list_domains(conn):
-        if dom.name == vm_name:
-            continue
-        try:
-            xmls = [await domain_xml(conn, dom.name, inactive=True)]
-            if dom.power_state != PowerState.SHUTOFF:
-                xmls.append(await domain_xml(conn, dom.name))
-        except VirtNotFound:
-            continue  # undefined meanwhile
-        for xml in xmls:
-            for path in referenced_paths(xml, kind, home=home):
-                users.setdefault(path, dom.name)
-    resolved = await resolve(host, list(users))
-    return {resolved[path]: name for path, name in users.items()}
-
-
-async def _kind(host: Host, path: str) -> str:
-    """``absent``, ``file``, ``dir``, or what else ``stat`` says (a symbolic link is not
-    followed)."""
-    result = await host.run(["stat", "-c", "%F", "--", path], timeout=30)
-    if result.returncode != 0:
-        return "absent"
-    text = result.stdout.strip()
-    return {"regular file": "file", "regular empty file": "file", "directory": "dir"}.get(
-        text, text
-    )
+    server uses for its data, with that domain's name
+    (:func:`virtbackup.virt.placement.used_elsewhere`). A restore writes over none."""
+    return await placement.used_elsewhere(conn, host, vm_name)
 
 
 async def check_places(

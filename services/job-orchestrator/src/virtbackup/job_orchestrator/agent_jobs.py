@@ -47,6 +47,7 @@ from virtbackup.contracts.v1.agents import (
 )
 from virtbackup.contracts.v1.config import AgentConfig
 from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job
+from virtbackup.job_orchestrator.agent_restore import leased_params
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed
 from virtbackup.job_orchestrator.jobctx import JobContext, job_payload
 from virtbackup.runtime.clock import utcnow_iso
@@ -130,7 +131,7 @@ async def _publish(jc: JobContext, job: Job) -> None:
 
 @agent_commands.handler(JobCmd.AGENT_LEASE, AgentLeaseRequest)
 async def agent_lease(jc: JobContext, req: AgentLeaseRequest) -> AgentLease:
-    """Lease the oldest backup waiting for ``req.agent_id`` (a job is leased once);
+    """Lease the oldest backup or restore waiting for ``req.agent_id`` (a job is leased once);
     ``assigned: false`` when none waits."""
     waiting = sorted(
         (
@@ -176,6 +177,7 @@ async def agent_lease(jc: JobContext, req: AgentLeaseRequest) -> AgentLease:
             vm_name=job.vm_name,
             destination_id=job.destination_id,
             fresh=bool(job.params.get("fresh")),
+            params=leased_params(job.type, job.params),
         )
     return AgentLease(assigned=False, message="no job waits for this agent")
 

@@ -43,6 +43,7 @@ from virtbackup.contracts.v1.jobs import (
     SanityRequest,
 )
 from virtbackup.job_orchestrator.agent_jobs import agent_of
+from virtbackup.job_orchestrator.agent_restore import agent_precheck, check_agent_restore
 from virtbackup.job_orchestrator.fanout import PARAM as ALSO_PARAM
 from virtbackup.job_orchestrator.fanout_submit import also_folders, check_also_destinations
 from virtbackup.job_orchestrator.jobctx import JobContext, job_payload
@@ -194,7 +195,7 @@ async def restore_precheck(jc: JobContext, req: PrecheckRequest) -> PrecheckResu
     placement fields are checked as ``restore`` checks them (400 naming
     ``targetDirectory`` or ``storagePool``; 409 for a record that disagrees with the
     point's sealed data); nothing changes on the server."""
-    find_server(await jc.config(), req.server_id)
+    server = find_server(await jc.config(), req.server_id)
     dest_id, point = await open_point(jc, req.xml_path, req.destination_id)
     params: dict[str, Any] = {"decision": "define"}  # plans placements, writes nothing
     if req.vm_name:
@@ -203,6 +204,12 @@ async def restore_precheck(jc: JobContext, req: PrecheckRequest) -> PrecheckResu
         params["targetDirectory"] = req.target_directory
     if req.storage_pool:
         params["storagePool"] = req.storage_pool
+    if server.agent_id:  # a remote agent's host: checked here as far as it can be
+        with destination_faults(dest_id):
+            exists, running = await check_agent_restore(
+                jc, server, dest_id, point, params, req.host_domains, precheck=True
+            )
+        return agent_precheck(server, exists, running)
     with destination_faults(dest_id):
         result = await request_plan(jc, req.server_id, dest_id, point, params)
     return PrecheckResult(
@@ -216,12 +223,17 @@ async def restore_precheck(jc: JobContext, req: PrecheckRequest) -> PrecheckResu
 @commands.handler(JobCmd.RESTORE, RestoreRequest)
 async def restore(jc: JobContext, req: RestoreRequest) -> Job:
     """Start a restore (``overwrite``: new disks, then define; ``define``: define only),
-    planned and checked by the target server first (see ``restore.plan_restore``)."""
-    find_server(await jc.config(), req.server_id)
+    planned and checked by the target server first (see ``restore.plan_restore``); onto
+    a remote agent's host, checked here and run by that agent (``agent_restore``)."""
+    server = find_server(await jc.config(), req.server_id)
     dest_id, point = await open_point(jc, req.xml_path, req.destination_id)
     params = restore_params(req)
     with destination_faults(dest_id):
-        await plan_restore(jc, req.server_id, dest_id, point, params)
+        if server.agent_id:
+            await check_agent_restore(jc, server, dest_id, point, params, req.host_domains)
+            params["agentId"] = server.agent_id
+        else:
+            await plan_restore(jc, req.server_id, dest_id, point, params)
     return await jc.submit(
         "restore",
         server_id=req.server_id,

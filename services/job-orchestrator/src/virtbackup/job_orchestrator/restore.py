@@ -213,6 +213,11 @@ async def plan_restore(
 
 async def run_restore(jc: JobContext, job: Job) -> str:
     assert job.server_id and job.destination_id and job.vm_name
+    if job.params.get("agentId"):
+        # Onto a remote agent's host: its agent writes and defines (``agent_restore``).
+        from virtbackup.job_orchestrator.agent_jobs import run_agent_backup
+
+        return await run_agent_backup(jc, job)
     xml_path: str = job.params["xmlPath"]
     decision: str = job.params["decision"]
     repo = await jc.repository(job.destination_id, create=False)

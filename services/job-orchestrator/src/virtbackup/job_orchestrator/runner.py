@@ -159,8 +159,10 @@ async def recover(jc: JobContext, job: Job) -> None:
     state: JobState = "canceled" if job.cancel_requested else "failure"
     message = "cancelled by user" if job.cancel_requested else f"{lost} while {job.phase}"
     try:
-        if job.type == "backup" and job.params.get("agentId"):
-            pass  # its agent ends its libvirt job when its next report is answered `cancel`
+        if job.params.get("agentId"):
+            # Its agent ends its libvirt job, or removes the images of its restore, when
+            # its next report is answered `cancel`.
+            pass
         elif job.type == "backup":
             state, message = await _recover_backup(jc, job, state, message)
         elif job.type == "restore":

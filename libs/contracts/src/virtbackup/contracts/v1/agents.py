@@ -9,12 +9,16 @@ HTTPS lease answer itself.
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Any, Final, Literal
+
+import msgspec
 
 from virtbackup.contracts.v1.common import Message
 from virtbackup.contracts.v1.jobs import JobState
 
-#: Stages an agent reports (backupagent-api.md's, for VMs), in the order a backup goes.
+#: Stages an agent reports (backupagent-api.md's, for VMs), in the order a backup goes;
+#: a restore goes ``reading`` (planning, reading the point), ``writing`` (the disks),
+#: ``committing`` (moving them into place, defining the domain).
 AgentStage = Literal[
     "leased",
     "snapshotting",
@@ -23,6 +27,7 @@ AgentStage = Literal[
     "compressing",
     "encrypting",
     "uploading",
+    "writing",
     "committing",
     "completed",
     "failed",
@@ -50,6 +55,9 @@ class AgentLease(Message, frozen=True, kw_only=True):
     destination_id: str | None = None
     #: Debug only: the next backup is a full read.
     fresh: bool = False
+    #: A restore's choices (``xmlPath``, ``decision``, ``vmName``, ``targetDirectory``,
+    #: ``storagePool``, ``start``: the job's ``params``); empty for a backup.
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class AgentStatusRequest(Message, frozen=True, kw_only=True):

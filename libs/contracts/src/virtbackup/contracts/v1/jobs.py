@@ -169,6 +169,10 @@ class RestoreRequest(Message, frozen=True, kw_only=True):
     target_directory: AbsolutePath | None = None
     storage_pool: PoolName | None = None
     start: bool = False
+    #: Set by the gateway (never from a client's body) for a server of a remote agent:
+    #: the VMs of the agent's host as its last heartbeat reported them (name -> power
+    #: state), which the inventory cannot look at; ``None`` otherwise.
+    host_domains: dict[str, str] | None = None
 
 
 class SanityRequest(Message, frozen=True, kw_only=True):
@@ -213,6 +217,8 @@ class PrecheckRequest(Message, frozen=True, kw_only=True):
     vm_name: VmName | None = None
     target_directory: AbsolutePath | None = None
     storage_pool: PoolName | None = None
+    #: As ``RestoreRequest.host_domains``.
+    host_domains: dict[str, str] | None = None
 
 
 class PrecheckResult(Message, frozen=True, kw_only=True):

@@ -68,6 +68,7 @@ ReportStage = Literal[
     "compressing",
     "encrypting",
     "uploading",
+    "writing",
     "committing",
     "completed",
     "failed",

@@ -37,6 +37,7 @@ from virtbackup.contracts.v1.jobs import (
     PrecheckResult,
     RestoreRequest,
 )
+from virtbackup.gateway.agent_host import agent_host_domains
 from virtbackup.gateway.bodies import Body, NoBody
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
@@ -203,6 +204,7 @@ class ServersController(Controller):
             vm_name=data.vm_name,
             target_directory=data.target_directory,
             storage_pool=data.storage_pool,
+            host_domains=await agent_host_domains(gw, server_id),
         )
         result = await gw.bus.request(
             JobCmd.RESTORE_PRECHECK, request, PrecheckResult, timeout=timeouts.JOB_COMMAND
@@ -233,6 +235,7 @@ class ServersController(Controller):
             target_directory=data.target_directory,
             storage_pool=data.storage_pool,
             start=data.start,
+            host_domains=await agent_host_domains(gw, server_id),
         )
         job = await gw.bus.request(JobCmd.RESTORE, request, Job, timeout=timeouts.JOB_COMMAND)
         return {"jobId": job.id}
