@@ -67,6 +67,7 @@ from virtbackup.virt.images import image_info
 from virtbackup.virt.placement import (
     allowed_directories,
     clamp,
+    create_image,
     disk_paths,
     entry_kind,
     file_type,
@@ -86,6 +87,7 @@ from virtbackup.virt.rewrite import (
 )
 from virtbackup.virt.state import (
     StateEntry,
+    StateError,
     StateLocation,
     connection_kind,
     home_directory,
@@ -363,26 +365,6 @@ class Created:
     staged: list[tuple[StateLocation, str, bool]] = field(default_factory=list)
 
 
-async def _create_image(host: Host, disk: PlannedDisk, temp: str) -> None:
-    parent = posixpath.dirname(disk.path) or "/"
-    await host.run(["mkdir", "-p", "--", parent], timeout=30)
-    options: list[str] = []
-    if disk.format == "qcow2" and await file_type(host, disk.path) == "file":
-        # As the inventory does: the cluster size and compat level of the image replaced.
-        with contextlib.suppress(CommandFailed, VirtError):
-            old = await image_info(host, disk.path)
-            keep = [f"cluster_size={old.cluster_size}"] if old.cluster_size else []
-            keep += [f"compat={old.compat}"] if old.compat else []
-            if old.format == "qcow2" and keep:
-                options = ["-o", ",".join(keep)]
-    argv = ["qemu-img", "create", "-q", "-f", disk.format, *options, temp, str(disk.size)]
-    # Readable by root only while written and once in place (libvirt's dynamic
-    # ownership gives QEMU access when the domain starts).
-    made = await host.run(["sh", "-c", 'umask 077 && exec "$@"', "sh", *argv], timeout=60)
-    if made.returncode != 0:
-        raise RuntimeError(f"cannot create {temp}: {made.stderr.strip()}")
-
-
 async def _serve(
     disk: PlannedDisk, image: str, inflight: InFlight | None
 ) -> tuple[asyncio.subprocess.Process, str, str]:
@@ -613,7 +595,10 @@ async def run_restore(
                 created.images.append(temp)
                 if inflight is not None:
                     await inflight.record(images=list(created.images))
-                await _create_image(host, disk, temp)
+                try:
+                    await create_image(host, disk.path, disk.format, disk.size, temp)
+                except StateError as exc:
+                    raise RuntimeError(str(exc)) from None
                 temps[disk.target] = temp
             roles = await _stage_state(
                 conn, host, repo, point, final, job_id, created, inflight, only_missing=False

@@ -14,6 +14,7 @@ State owners come from a restore point's record, which is not authenticated
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 from collections.abc import Sequence
 from typing import Final
@@ -21,8 +22,10 @@ from typing import Final
 from virtbackup.virt.connection import Connection
 from virtbackup.virt.disks import parse_disks
 from virtbackup.virt.domains import PowerState, domain_xml, list_domains
+from virtbackup.virt.errors import CommandFailed, VirtError
 from virtbackup.virt.errors import NotFound as VirtNotFound
 from virtbackup.virt.host import Host
+from virtbackup.virt.images import image_info
 from virtbackup.virt.pools import list_pools
 from virtbackup.virt.state import (
     SAFE_MODE_BITS,
@@ -165,3 +168,24 @@ async def host_account(host: Host) -> tuple[str, str]:
     if result.returncode != 0 or len(lines) != 2:
         raise StateError(f"cannot tell the account on the host: {result.stderr.strip()}")
     return lines[0], lines[1]
+
+
+async def create_image(host: Host, path: str, fmt: str, size: int, temp: str) -> None:
+    """A new thin image of format ``fmt`` and ``size`` bytes at ``temp`` (beside ``path``,
+    the image it will replace or become), readable by its owner (root) only: libvirt's
+    dynamic ownership gives QEMU access when the domain starts. A qcow2 image keeps the
+    cluster size and compat level of a qcow2 image at ``path``. ``StateError`` with
+    ``qemu-img``'s reason when it cannot be made."""
+    await host.run(["mkdir", "-p", "--", posixpath.dirname(path) or "/"], timeout=30)
+    options: list[str] = []
+    if fmt == "qcow2" and await file_type(host, path) == "file":
+        with contextlib.suppress(CommandFailed, VirtError):
+            old = await image_info(host, path)
+            keep = [f"cluster_size={old.cluster_size}"] if old.cluster_size else []
+            keep += [f"compat={old.compat}"] if old.compat else []
+            if old.format == "qcow2" and keep:
+                options = ["-o", ",".join(keep)]
+    argv = ["qemu-img", "create", "-q", "-f", fmt, *options, temp, str(size)]
+    made = await host.run(["sh", "-c", 'umask 077 && exec "$@"', "sh", *argv], timeout=60)
+    if made.returncode != 0:
+        raise StateError(f"cannot create {temp}: {made.stderr.strip()}")

@@ -66,7 +66,7 @@ from virtbackup.virt.errors import CommandFailed, VirtError
 from virtbackup.virt.errors import NotFound as VirtNotFound
 from virtbackup.virt.host import Host
 from virtbackup.virt.images import image_info
-from virtbackup.virt.placement import allowed_directories, resolve
+from virtbackup.virt.placement import allowed_directories, create_image, resolve
 from virtbackup.virt.placement import disk_paths as _disk_paths
 from virtbackup.virt.placement import file_type as _file_type
 from virtbackup.virt.placement import inside as _inside
@@ -392,7 +392,10 @@ async def _export(
     pid = pid or pid_file(disk.path, job_id)
     try:
         if disk.kind == "file":
-            await _create_image(host, disk, image)
+            try:
+                await create_image(host, disk.path, disk.format, disk.size, image)
+            except StateError as exc:
+                raise Conflict(str(exc)) from None
         elif disk.format != "raw":
             # A new image on the device: it reads as zeros, like a new file.
             argv = ["qemu-img", "create", "-q", "-f", disk.format, image, str(disk.size)]
@@ -418,27 +421,6 @@ async def _run_or_conflict(host: Host, argv: list[str], what: str) -> None:
     result = await host.run(argv, timeout=60)
     if result.returncode != 0:
         raise Conflict(f"{what}: {result.stderr.strip()}")
-
-
-async def _create_image(host: Host, disk: RestoreDisk, temp: str) -> None:
-    """A new thin image of the disk's format at ``temp``; a qcow2 image keeps the cluster
-    size and compat level of the image it replaces."""
-    parent = posixpath.dirname(disk.path) or "/"
-    await host.run(["mkdir", "-p", parent], timeout=30)
-    options: list[str] = []
-    if disk.format == "qcow2" and await _file_type(host, disk.path) == "file":
-        with contextlib.suppress(CommandFailed, VirtError):
-            old = await image_info(host, disk.path)
-            keep = [f"cluster_size={old.cluster_size}"] if old.cluster_size else []
-            keep += [f"compat={old.compat}"] if old.compat else []
-            if old.format == "qcow2" and keep:
-                options = ["-o", ",".join(keep)]
-    argv = ["qemu-img", "create", "-q", "-f", disk.format, *options, temp, str(disk.size)]
-    # Readable by its owner (root) only while written, and after it is moved into place
-    # unless it replaces a file (whose owner and mode it takes): libvirt's dynamic
-    # ownership gives QEMU access when the domain starts.
-    private = ["sh", "-c", 'umask 077 && exec "$@"', "sh", *argv]
-    await _run_or_conflict(host, private, f"cannot create {temp}")
 
 
 async def _serve(
