@@ -19,8 +19,7 @@ from virtbackup.contracts.v1.jobs import JobState
 #: Stages an agent reports (backupagent-api.md's, for VMs), in the order a backup goes;
 #: a restore goes ``reading`` (planning, reading the point), ``writing`` (the disks),
 #: ``committing`` (moving them into place, defining the domain).
-AgentStage = Literal[
-    "leased",
+ReportStage = Literal[
     "snapshotting",
     "reading",
     "hashing",
@@ -32,6 +31,8 @@ AgentStage = Literal[
     "completed",
     "failed",
 ]
+#: The stages an agent reports (``ReportStage``) and ``leased``, where each job starts.
+AgentStage = Literal["leased", ReportStage]
 #: Stages that end the agent's work on a job.
 FINAL_STAGES: Final = frozenset({"completed", "failed"})
 

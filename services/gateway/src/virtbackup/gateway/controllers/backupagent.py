@@ -26,6 +26,7 @@ from nats.js.kv import KeyValue
 from virtbackup.contracts import buckets
 from virtbackup.contracts.streams import JOB_LOGS
 from virtbackup.contracts.subjects import JobCmd, JobCtlCmd, ScheduleCmd, job_log
+from virtbackup.contracts.v1.agents import ReportStage
 from virtbackup.contracts.v1.anomalies import (
     Anomaly,
     AnomalyType,
@@ -60,19 +61,6 @@ from virtbackup.runtime.kv import keys, read_value
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Size = Annotated[int, msgspec.Meta(ge=0)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
-#: The stages an agent reports (VirtBackup's, for VMs).
-ReportStage = Literal[
-    "snapshotting",
-    "reading",
-    "hashing",
-    "compressing",
-    "encrypting",
-    "uploading",
-    "writing",
-    "committing",
-    "completed",
-    "failed",
-]
 #: Most log lines of one batch (backupagent-api.md).
 LOGS_MAX = 100
 
