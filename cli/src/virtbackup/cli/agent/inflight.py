@@ -97,12 +97,22 @@ async def recover(inflight: InFlight, report: Report) -> str | None:
     finally:
         await conn.close()
     line = "the agent stopped during the backup: its libvirt job was ended when it started"
+    done = f"backup committed; {line}"
+    return await _report_end(inflight, report, job_id, line, done if committed else None)
+
+
+async def _report_end(
+    inflight: InFlight, report: Report, job_id: str, line: str, committed: str | None
+) -> str:
+    """Report the end of the job a previous run left (``completed`` with the message
+    ``committed`` when it had committed, else ``failed`` with ``line``), then forget
+    the record; returns ``job_id``."""
     body: dict[str, Any] = (
-        {"status": "completed", "message": f"backup committed; {line}"}
-        if committed
+        {"status": "completed", "message": committed}
+        if committed is not None
         else {"status": "failed", "errorMessage": line}
     )
-    body["output"] = [{"level": "warn", "line": line}]
+    body["output"] = [{"level": "warn", "line": line if committed is None else committed}]
     try:
         await report(job_id, body)
     except Exception as exc:  # the job may have ended and gone meanwhile
@@ -134,16 +144,5 @@ async def _recover_restore(inflight: InFlight, record: dict[str, Any], report: R
         with contextlib.suppress(Exception):
             await host.run(["rm", "-rf", "--", *left, *dirs], timeout=60)
     line = "the agent stopped during the restore: what it had created was removed when it started"
-    body: dict[str, Any] = (
-        {"status": "completed", "message": "restore committed before the agent stopped"}
-        if committed
-        else {"status": "failed", "errorMessage": line}
-    )
-    body["output"] = [{"level": "warn", "line": line if not committed else body["message"]}]
-    try:
-        await report(job_id, body)
-    except Exception as exc:  # the job may have ended and gone meanwhile
-        log.info("job %s: reporting its end after a restart failed: %s", job_id, exc)
-    await inflight.clear()
-    log.warning("job %s: %s", job_id, line)
-    return job_id
+    done = "restore committed before the agent stopped"
+    return await _report_end(inflight, report, job_id, line, done if committed else None)
