@@ -287,3 +287,22 @@ async def test_an_agent_completes_only_after_its_commit(setup: dict[str, Any]) -
         assert time.monotonic() < deadline, job
         await asyncio.sleep(0.2)
     assert job["status"] == "succeeded", job
+
+
+async def test_clear_queue_cancels_a_job_its_agent_has_not_leased(setup: dict[str, Any]) -> None:
+    """A remote agent's job that its agent has not leased yet is queued in all but name:
+    ``clear-queue`` cancels it with the documented mutation, and the agent then leases
+    nothing."""
+    api, key = setup["api"], setup["key"]
+    resp = await api.post("/servers/site2/backup", json={"vmName": VM})
+    assert resp.status_code == 200, resp.text
+    job_id = resp.json()["jobId"]
+    cleared = await api.post("/api/v1/jobs/clear-queue")
+    assert cleared.status_code == 200, cleared.text
+    assert job_id in cleared.json()["cancelled"], cleared.json()
+    ended = await wait_job(api, job_id)
+    assert ended["state"] == "canceled", ended
+    view = (await api.get(f"/api/v1/jobs/{job_id}")).json()
+    assert view["status"] == "failed" and view["error"] == "cancelled by user", view
+    lease = (await api.post("/api/v1/agent/lease", json={}, headers=key)).json()
+    assert lease["assigned"] is False, lease

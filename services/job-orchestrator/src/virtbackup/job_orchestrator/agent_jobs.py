@@ -73,6 +73,17 @@ def _agent(job: Job) -> dict[str, Any]:
     return dict(value) if isinstance(value, dict) else {}
 
 
+def waiting_for_lease(job: Job) -> bool:
+    """Whether ``job`` is a remote agent's job that its agent has not leased yet: queued
+    in all but name (its state says ``running``, its phase ``preparing``), so
+    ``clear-queue`` cancels it as it does a queued job."""
+    return (
+        bool(job.params.get("agentId"))
+        and job.state not in TERMINAL_STATES
+        and not _agent(job).get("leasedAt")
+    )
+
+
 async def run_agent_backup(jc: JobContext, job: Job) -> str:
     """Wait for the agent to lease, run and report the backup; returns its success
     message. Raises ``JobFailed`` (a destination the agent may not write to, the

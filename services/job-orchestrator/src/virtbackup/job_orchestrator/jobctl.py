@@ -58,6 +58,7 @@ from virtbackup.contracts.v1.jobs import (
 )
 from virtbackup.contracts.v1.lifecycle_gc import GcRequest, VerifyRequest
 from virtbackup.contracts.v1.points import PruneRequest
+from virtbackup.job_orchestrator.agent_jobs import waiting_for_lease
 from virtbackup.job_orchestrator.jobctx import JobContext, job_payload
 from virtbackup.repository.format import xml_path
 from virtbackup.repository.records import RestorePoint
@@ -187,12 +188,13 @@ async def flush_history(jc: JobContext, req: FlushRequest) -> Flushed:
 
 async def mark_cancelled(jc: JobContext, job_id: str, *, queued_only: bool = False) -> Job | None:
     """Ask a job to stop (``cancelRequested``) and add ``CANCEL_LINE`` to its log; with
-    ``queued_only``, only while it is still queued (``None`` when it was not)."""
+    ``queued_only``, only while it is still queued or waiting for its agent's lease
+    (``None`` when it was not)."""
     newly = False
 
     def cancel(job: Job) -> Job:
         nonlocal newly
-        if queued_only and job.state != "queued":
+        if queued_only and job.state != "queued" and not waiting_for_lease(job):
             raise _NotQueued
         if job.cancel_requested or job.state in TERMINAL_STATES:
             return job
@@ -217,10 +219,11 @@ class _NotQueued(Exception):
 
 @jobctl_commands.handler(JobCtlCmd.CLEAR_QUEUE, ClearQueueRequest)
 async def clear_queue(jc: JobContext, _: ClearQueueRequest) -> ClearedQueue:
-    """Cancel every job still queued; running ones are left alone."""
+    """Cancel every job still queued (a remote agent's job its agent has not leased yet
+    included: ``agent_jobs.waiting_for_lease``); running ones are left alone."""
     cancelled: list[str] = []
     for job in jc.jobs.active():
-        if job.state != "queued":
+        if job.state != "queued" and not waiting_for_lease(job):
             continue
         with contextlib.suppress(NotFound):
             if await mark_cancelled(jc, job.id, queued_only=True) is not None:
