@@ -189,6 +189,7 @@ RULES: Final[tuple[Rule, ...]] = (
     _rule(A, "GET", rf"/api/v1/(pipelines|pipeline-chains)/{_P}/(source-refs|version-resolve)",
           "backups:read"),
     _rule(A, "GET", rf"/api/v1/plan-runs/{_P}", "backups:read"),
+    _rule(A, "GET", r"/api/v1/anomalies", "backups:read"),  # size anomalies, drift
     _rule(A, "GET", rf"/api/v1/agents(/{_P})?", "agents:read"),
     _rule(A, "DELETE", rf"/api/v1/agents/{_P}", "agents:manage"),
     _rule(A, "POST", rf"/api/v1/agents/{_P}/actions", "agents:manage"),
