@@ -538,6 +538,33 @@ async def test_lockout_after_repeated_failures_and_the_login_log(
         assert resp.json()["total"] == MAX_FAILURES
 
 
+async def test_a_burst_of_wrong_passwords_gets_no_more_tries_than_the_limit(
+    ident: System, root: httpx.AsyncClient
+) -> None:
+    """Attempts sent at once are counted before their passwords are checked, so a burst
+    gets at most the limit of tries; the others are 429 (found by the #17 trial: every
+    one of 40 wrong passwords sent at once was tried, the lockout coming only after)."""
+    name = f"burst-{PID}"
+    await make_user(root, name, ["viewer"])
+    async with httpx.AsyncClient(base_url=ident.url, verify=False, timeout=60) as client:
+        answers = await asyncio.gather(
+            *(
+                client.post(
+                    "/api/v1/admin/auth/login",
+                    json={"username": name, "password": f"wrong guess {i}"},
+                )
+                for i in range(12)
+            )
+        )
+    statuses = [a.status_code for a in answers]
+    assert 1 <= statuses.count(401) <= MAX_FAILURES, statuses
+    assert statuses.count(429) == len(statuses) - statuses.count(401), statuses
+    assert all(int(a.headers["retry-after"]) >= 1 for a in answers if a.status_code == 429)
+    # The burst locked the name: the right password is refused too.
+    resp = await login(ident.url, name)
+    assert resp.status_code == 429, resp.text
+
+
 # --- users, roles and tokens ---------------------------------------------------------
 
 
