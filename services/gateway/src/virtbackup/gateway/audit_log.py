@@ -3,7 +3,9 @@
 ``OperationLog`` is an ASGI middleware placed *inside* authentication (``app.create_asgi``
 and ``hypersdk.create_hypersdk_asgi``), so a request it sees has passed it: requests
 refused there (no or a wrong credential) are not operations (failed logins are the login
-log's). For every HTTP request it
+log's). A known identity refused for want of a permission (403) is: ``IdentityAuth``
+answers it through another ``OperationLog`` around ``identity_auth.answer_refusal``
+(its ``route`` is empty: no route was matched). For every HTTP request it
 
 * gives the request an id: the client's ``x-request-id`` when it is usable (1 to 128
   letters, digits, ``.``, ``_``, ``:`` or ``-``), else a new one; it is in the ASGI scope
