@@ -251,6 +251,12 @@ async def test_bad_input_changes_nothing(
         "/api/v1/agent/anomaly", json={"type": "bad", "severity": "info", "title": "t"}
     )
     assert resp.status_code == 400 and "type" in resp.json()["error"], resp.text
+    # An anomaly of a VM on another agent's host (found by the #17 trial: it was stored).
+    resp = await client.post(
+        "/api/v1/agent/anomaly",
+        json={"type": "restore_failure", "severity": "critical", "title": "t", "vmName": VM},
+    )
+    assert resp.status_code == 404 and "vmName" in resp.json()["error"], resp.text
     assert (await api.get("/api/v1/anomalies")).json()["anomalies"] == []
 
     # A revoked key is 401 on every route of the agent.

@@ -495,10 +495,17 @@ class BackupAgentController(Controller):
         self, gw: Gateway, request: Request[Any, Any, Any], data: AnomalyBody
     ) -> dict[str, str]:
         """Record an anomaly the agent detected (stored, ``anomaly.raised`` event);
-        ``{"anomalyId"}``. ``jobId``, when given, must be one of its jobs (404)."""
+        ``{"anomalyId"}``. ``jobId``, when given, must be one of its jobs (404);
+        ``vmName`` that job's VM (400), or without a job a VM its last heartbeat
+        discovered (404): an agent raises anomalies of its own VMs only."""
         agent_id = calling_agent(request)
-        await _agent(gw, agent_id)
+        agent = await _agent(gw, agent_id)
         job = await _job_of(gw, agent_id, data.job_id) if data.job_id else None
+        if data.vm_name is not None:
+            if job is None:
+                _on_host(agent, data.vm_name)
+            elif data.vm_name != job.vm_name:
+                raise _bad("vmName", f"job {job.id} is of VM {shown(job.vm_name)}")
         raised = await anomalies.record(
             gw.bus,
             await _anomalies_kv(gw),
