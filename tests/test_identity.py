@@ -231,6 +231,12 @@ async def test_every_route_answers_as_the_rule_table_says(
             async with client.stream(method, path, headers=agent_key) as resp:
                 own = listener == "agent" and is_agent_route(method, path)
                 assert (resp.status_code == 401) != bool(own), (path, resp.status_code)
+                if resp.status_code == 401:  # in the path's format, as for any wrong token
+                    refused = json.loads(await resp.aread())
+                    if path.startswith(("/api/v1/admin/", "/api/v1/task/")):
+                        assert refused == {"detail": "unauthorized", "code": "UNAUTHORIZED"}
+                    else:
+                        assert refused == {"error": "unauthorized"}, (path, refused)
                 checked += 1
             for who, (headers, perms) in identities.items():
                 if perms is not None and (method, template) in NOT_CALLED:
