@@ -649,6 +649,42 @@ async def test_no_privilege_escalation(
     assert resp.json()["roles"] == ["viewer"] and resp.json()["nickname"] == other["nickname"]
 
 
+async def test_changing_ones_own_password_or_email_takes_the_current_password(
+    ident: System, root: httpx.AsyncClient
+) -> None:
+    """A stolen access token cannot make itself a lasting login: a new password or an
+    e-mail address (OAuth2 login) of one's own takes ``current_password`` (found by the
+    #17 trial: a viewer's access token alone changed its password and e-mail)."""
+    name = f"selfpw-{PID}"
+    user = await make_user(root, name, ["viewer"])
+    me = f"/api/v1/admin/sys/users/{user['id']}"
+    auth = bearer((await login(ident.url, name)).json()["access_token"])
+    async with httpx.AsyncClient(base_url=ident.url, verify=False, timeout=30) as client:
+        for body in ({"password": "taken over!"}, {"email": "thief@example.com"}):
+            resp = await client.put(me, json=body, headers=auth)
+            assert resp.status_code == 400, resp.text
+            assert "current_password" in resp.json()["detail"], resp.text
+        resp = await client.put(
+            me, json={"password": "taken over!", "current_password": "a wrong guess"}, headers=auth
+        )
+        assert resp.status_code == 403 and "current_password" in resp.json()["detail"]
+        # Nothing changed: the old password still logs in, the address is still empty.
+        assert (await login(ident.url, name)).status_code == 200
+        assert (await client.get(me, headers=auth)).json()["email"] == ""
+        # With the current password it works, and ends the sessions.
+        resp = await client.put(
+            me,
+            json={"password": "my new passphrase", "current_password": PASSWORD},
+            headers=auth,
+        )
+        assert resp.status_code == 200, resp.text
+        assert (await client.get(me, headers=auth)).status_code == 401
+        assert (await login(ident.url, name, "my new passphrase")).status_code == 200
+    # An administrator changing someone else needs no password of theirs.
+    resp = await root.put(me, json={"password": PASSWORD, "email": f"{name}@example.com"})
+    assert resp.status_code == 200 and resp.json()["email"] == f"{name}@example.com"
+
+
 async def test_give_a_colleague_a_read_only_role(
     ident: System, root: httpx.AsyncClient, people: dict[str, dict[str, Any]]
 ) -> None:

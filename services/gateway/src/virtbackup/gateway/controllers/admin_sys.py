@@ -9,7 +9,11 @@
   "roles", "enabled"}``: 201 with the user; 409 when the name is taken.
   ``PUT /users/{id}`` (the same fields but ``username``, each optional): with
   ``users:manage`` any of them; oneself without it ``nickname``, ``email`` and
-  ``password`` only. A new password ends the user's sessions. ``DELETE /users/{id}``
+  ``password`` only. Changing one's own ``password`` or ``email`` takes
+  ``current_password`` (400 without it; 403 when wrong, counted as a failed login:
+  429 while the name is locked out), so that a stolen access token cannot make itself
+  a lasting login (a new password, or an address for OAuth2 login). A new password
+  ends the user's sessions. ``DELETE /users/{id}``
   (``users:manage``): 204, its sessions and API tokens go with it.
 * ``GET /roles`` (``users:read``): the built-in roles (``builtin: true``, not
   changeable) and the custom ones; ``POST /roles`` ``{"name", "description",
@@ -51,7 +55,7 @@ from virtbackup.gateway.identity_store import (
 )
 from virtbackup.gateway.login_log import paged
 from virtbackup.gateway.state import Gateway
-from virtbackup.runtime.errors import Conflict, NotFound
+from virtbackup.runtime.errors import BadRequest, Conflict, NotFound
 
 Name = Annotated[str, msgspec.Meta(max_length=128)]
 Short = Annotated[str, msgspec.Meta(max_length=256)]
@@ -63,6 +67,10 @@ RoleRef = Annotated[str, Parameter(description="A role's id or name", max_length
 
 class Forbidden(HTTPException):
     status_code = 403
+
+
+class LockedOut(HTTPException):
+    status_code = 429
 
 
 class UserCreate(SnakeBody, kw_only=True):
@@ -78,6 +86,7 @@ class UserUpdate(SnakeBody, kw_only=True):
     nickname: Short | None = None
     email: Short | None = None
     password: Secret | None = None
+    current_password: Secret | None = None
     roles: Names | None = None
     enabled: bool | None = None
 
@@ -167,6 +176,29 @@ async def _roles_perms(store: IdentityStore, roles: list[str]) -> frozenset[str]
     return out
 
 
+async def _confirm_password(
+    gw: Gateway, store: IdentityStore, user: UserRecord, current: str | None
+) -> None:
+    """400 without ``current``, 403 unless it is ``user``'s password; an attempt counts
+    as a login's would (``claim_attempt``: 429 while the name is locked out)."""
+    if current is None:
+        raise BadRequest(
+            "changing one's own password or email takes current_password - at `$.current_password`"
+        )
+    settings = gw.settings
+    name_key = user.username.lower()
+    stamp, failures = await store.claim_attempt(
+        "user", name_key, settings.login_failure_window, settings.login_max_failures
+    )
+    if stamp is None:
+        raise LockedOut(
+            f"too many failed logins of this user name ({len(failures)}); try again later"
+        )
+    if await store.verify(user.username, current) is None:  # the attempt stays counted
+        raise Forbidden("current_password is wrong - at `$.current_password`")
+    await store.release_attempt("user", name_key, stamp)
+
+
 async def _user(store: IdentityStore, user_id: int) -> UserRecord:
     user = await store.get_user(user_id)
     if user is None:
@@ -243,6 +275,8 @@ class AdminSysController(Controller):
             _within(caller, await store.permissions_of(target), f"changing user {target.username}")
             if data.roles is not None:
                 _within(caller, await _roles_perms(store, data.roles), "these roles")
+        if caller.user_id == user_id and (data.password is not None or data.email is not None):
+            await _confirm_password(gw, store, target, data.current_password)
         new_hash = await store.hash_password(data.password) if data.password is not None else None
 
         def change(user: UserRecord) -> UserRecord:
