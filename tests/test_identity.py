@@ -683,6 +683,21 @@ async def test_changing_ones_own_password_or_email_takes_the_current_password(
     # An administrator changing someone else needs no password of theirs.
     resp = await root.put(me, json={"password": PASSWORD, "email": f"{name}@example.com"})
     assert resp.status_code == 200 and resp.json()["email"] == f"{name}@example.com"
+    # An address is one user's: OAuth2 login finds the user by it.
+    resp = await root.post(
+        "/api/v1/admin/sys/users",
+        json={
+            "username": f"{name}-2",
+            "password": PASSWORD,
+            "email": f"{name.upper()}@example.com",
+        },
+    )
+    assert resp.status_code == 409 and "email" in resp.json()["detail"], resp.text
+    other = await make_user(root, f"{name}-3", ["viewer"])
+    resp = await root.put(
+        f"/api/v1/admin/sys/users/{other['id']}", json={"email": f"{name}@Example.com"}
+    )
+    assert resp.status_code == 409 and "email" in resp.json()["detail"], resp.text
 
 
 async def test_give_a_colleague_a_read_only_role(

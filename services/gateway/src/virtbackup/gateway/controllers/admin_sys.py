@@ -6,7 +6,8 @@
   "roles", "permissions", "enabled", "created_at", "updated_at"}``: never a password or
   its hash.
 * ``POST /users`` (``users:manage``) ``{"username", "password", "nickname", "email",
-  "roles", "enabled"}``: 201 with the user; 409 when the name is taken.
+  "roles", "enabled"}``: 201 with the user; 409 when the name, or the ``email`` (by
+  which OAuth2 login finds a user), is another user's.
   ``PUT /users/{id}`` (the same fields but ``username``, each optional): with
   ``users:manage`` any of them; oneself without it ``nickname``, ``email`` and
   ``password`` only. Changing one's own ``password`` or ``email`` takes
@@ -199,6 +200,16 @@ async def _confirm_password(
     await store.release_attempt("user", name_key, stamp)
 
 
+async def _email_free(store: IdentityStore, email: str, user_id: int | None) -> None:
+    """409 when another user has ``email`` (case-insensitively): OAuth2 login finds its
+    user by that address, so two users with one address would make it pick one."""
+    if not email:
+        return
+    for other in await store.list_users():
+        if other.id != user_id and other.email.lower() == email.lower():
+            raise Conflict(f"e-mail address taken by user {other.username} - at `$.email`")
+
+
 async def _user(store: IdentityStore, user_id: int) -> UserRecord:
     user = await store.get_user(user_id)
     if user is None:
@@ -241,6 +252,7 @@ class AdminSysController(Controller):
         """Make a user (``users:manage``; roles within the caller's permissions)."""
         store, _ = stores(gw)
         _within(identity_of(request.scope), await _roles_perms(store, data.roles), "these roles")
+        await _email_free(store, data.email, None)
         user = await store.create_user(
             data.username,
             data.password,
@@ -277,6 +289,8 @@ class AdminSysController(Controller):
                 _within(caller, await _roles_perms(store, data.roles), "these roles")
         if caller.user_id == user_id and (data.password is not None or data.email is not None):
             await _confirm_password(gw, store, target, data.current_password)
+        if data.email is not None:
+            await _email_free(store, data.email, user_id)
         new_hash = await store.hash_password(data.password) if data.password is not None else None
 
         def change(user: UserRecord) -> UserRecord:
