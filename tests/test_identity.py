@@ -355,6 +355,46 @@ async def test_websocket_takes_a_role_that_reads_jobs(
     assert refused.value.response.status_code == 403
 
 
+async def test_streams_end_once_their_credential_no_longer_allows_them(
+    ident: System, root: httpx.AsyncClient
+) -> None:
+    """An open ``/events`` stream ends once its session is logged out, and an open
+    ``/ws`` is closed with 4401 once its user is disabled (found by the #17 trial: a
+    viewer's stream kept delivering events after both)."""
+    name = f"streamer-{PID}"
+    user = await make_user(root, name, ["viewer"])
+    sse_auth = bearer((await login(ident.url, name)).json()["access_token"])
+    ws_token = (await login(ident.url, name)).json()["access_token"]
+    async with (
+        httpx.AsyncClient(base_url=ident.url, verify=False, timeout=60) as client,
+        client.stream("GET", "/events", headers=sse_auth) as resp,
+    ):
+        assert resp.status_code == 200
+        lines = resp.aiter_lines()
+        assert await anext(lines) == "event: ready"
+        resp2 = await client.post("/api/v1/admin/auth/logout", headers=sse_auth)
+        assert resp2.status_code == 200, resp2.text
+
+        async def drain() -> None:
+            async for _ in lines:
+                pass
+
+        await asyncio.wait_for(drain(), 40)  # ended by the server
+    url = f"ws://127.0.0.1:{ident.hypersdk_port}/ws"
+    async with websockets.connect(url, subprotocols=protocols(ws_token), open_timeout=10) as sock:
+        assert json.loads(await asyncio.wait_for(sock.recv(), 10))["type"] == "jobs"
+        resp = await root.put(f"/api/v1/admin/sys/users/{user['id']}", json={"enabled": False})
+        assert resp.status_code == 200, resp.text
+
+        async def until_closed() -> None:
+            while True:
+                await sock.recv()
+
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            await asyncio.wait_for(until_closed(), 30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+
+
 # --- sessions ----------------------------------------------------------------------------
 
 

@@ -76,6 +76,11 @@ PUBLIC_GET: Final = re.compile(r"^/api/v1/admin/oauth2/[^/]+/(authorize|callback
 #: Where a refusal of a known identity (403) is put for :func:`answer_refusal`:
 #: ``(status, message)``.
 REFUSAL_KEY: Final = "virtbackup.refusal"
+#: An async callable in the scope of an allowed request: whether its credential still
+#: proves an identity allowed the route (:func:`still_allowed`).
+RECHECK_KEY: Final = "virtbackup.recheck"
+#: How often a stream (``/events``, ``/ws``) asks :func:`still_allowed`, in seconds.
+RECHECK_SECONDS: Final = 5.0
 ISSUER: Final = "virtbackup"
 ALGORITHM: Final = "HS256"
 
@@ -269,6 +274,15 @@ class IdentityAuth:
             await self._refuse(scope, send, 403, message)
             return
         self._carry(scope, identity)
+
+        async def recheck() -> bool:
+            try:
+                again = await self.identify(presented)
+            except Exception:  # the bus is away: no new answer, the one at opening holds
+                return True
+            return again is not None and allows(again.permissions, wanted)
+
+        scope[RECHECK_KEY] = recheck
         await self.app(scope, receive, send)
 
     @staticmethod
@@ -289,6 +303,19 @@ class IdentityAuth:
         else:
             body = UNAUTHORIZED if status == 401 else _json({"error": message})
         await _answer(send, status, body, extra)
+
+
+async def still_allowed(scope: Any) -> bool:
+    """Whether the credential that opened this request still proves an identity allowed
+    its route: False once its session is logged out, its user disabled or removed, its
+    API token revoked or expired, or the permission taken away. Streams (``/events``,
+    ``/ws``) ask every :data:`RECHECK_SECONDS` and end on False. True for a request that
+    came without this middleware's check (a remote agent's ``bak_`` key)."""
+    check = scope.get(RECHECK_KEY)
+    if check is None:
+        return True
+    allowed: bool = await check()
+    return allowed
 
 
 async def answer_refusal(scope: Scope, receive: Receive, send: Send) -> None:
