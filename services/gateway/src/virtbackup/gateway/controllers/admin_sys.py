@@ -1,6 +1,6 @@
 """Users, roles and API tokens (agents-backend-api.md, ``/api/v1/admin/sys``).
 
-* ``GET /users`` (``users:read``; ``page`` from 1, ``size`` 1-200, ``username``: part of
+* ``GET /users`` (``users:read``; ``page`` from 1, ``size`` 1-1000, ``username``: part of
   the name): ``{"items", "total", "page", "size", "total_pages"}``; ``GET /users/{id}``
   (oneself, or ``users:read``). A user is ``{"id", "username", "nickname", "email",
   "roles", "permissions", "enabled", "created_at", "updated_at"}``: never a password or
@@ -225,7 +225,7 @@ class AdminSysController(Controller):
         self,
         gw: Gateway,
         page: Annotated[int, Parameter(ge=1, le=100_000)] = 1,
-        size: Annotated[int, Parameter(ge=1, le=200)] = 20,
+        size: Annotated[int, Parameter(ge=1, le=1000)] = 20,
         username: Annotated[str, Parameter(max_length=64)] = "",
     ) -> dict[str, Any]:
         """A page of users (see module)."""
