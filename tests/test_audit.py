@@ -178,6 +178,37 @@ async def test_actors_registration_agents_and_no_credential(
     assert key not in json.dumps(items) and token not in json.dumps(items)
 
 
+async def test_an_agents_empty_lease_poll_is_not_an_entry(
+    audit_system: System, api: httpx.AsyncClient
+) -> None:
+    """A lease answered ``assigned: false`` changed nothing: an agent polls every few
+    seconds, and each poll was an entry kept for a year (the #17 trial's one agent made
+    two thirds of the log's entries). Its heartbeat still is one."""
+    token = (await api.post("/api/v1/agent/registration-tokens", json={})).json()["token"]
+    body = {"registrationToken": token, "hostname": "h", "os": "linux", "arch": "amd64",
+            "agentVersion": "1"}  # fmt: skip
+    async with httpx.AsyncClient(base_url=audit_system.url, verify=False, timeout=30) as bare:
+        resp = await bare.post("/api/v1/agent/register", json=body)
+        assert resp.status_code == 201, resp.text
+        key = resp.json()["apiKey"]
+        polling, beating = rid("lease"), rid("beat-after-lease")
+        resp = await bare.post(
+            "/api/v1/agent/lease",
+            json={},
+            headers={"Authorization": f"Bearer {key}", "x-request-id": polling},
+        )
+        assert resp.status_code == 200 and resp.json()["assigned"] is False, resp.text
+        resp = await bare.post(
+            "/api/v1/agent/heartbeat",
+            json={"status": "online"},
+            headers={"Authorization": f"Bearer {key}", "x-request-id": beating},
+        )
+        assert resp.status_code == 200, resp.text
+    await entry(api, beating)  # records are stored in order: the lease's would be before
+    items = (await api.get(LOGS, params={"size": 1000})).json()["items"]
+    assert all(i["requestId"] != polling for i in items)
+
+
 async def test_a_write_refused_for_want_of_a_permission_is_logged(
     audit_system: System, api: httpx.AsyncClient
 ) -> None:

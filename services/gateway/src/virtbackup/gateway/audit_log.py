@@ -17,6 +17,10 @@ answers it through another ``OperationLog`` around ``identity_auth.answer_refusa
   :class:`AuditTrail`. Bodies, query strings and headers are never recorded: a
   password in a body or a token in a header cannot reach the log.
 
+A handler may mark a request that changed nothing as routine (:data:`UNRECORDED_KEY` in
+the scope: a remote agent's lease poll answered ``assigned: false``, every few seconds
+of every agent); it is not recorded unless it failed.
+
 WebSocket connections are passed through unrecorded: no message a client sends on
 ``/ws`` or ``/events`` changes state (``/ws`` answers ``ping`` only).
 
@@ -87,6 +91,11 @@ LOST = Counter(
 QUEUE_MAX = 10_000
 #: Seconds a listing may read the stream before it gives up (503).
 SCAN_TIMEOUT = 20.0
+
+
+#: Set (True) in the scope by a handler whose request changed nothing and comes often
+#: (an agent's empty lease): the operation log does not record it when it succeeded.
+UNRECORDED_KEY = "virtbackup.audit.unrecorded"
 
 
 def request_id_of(scope: Scope) -> str:
@@ -167,7 +176,7 @@ class OperationLog:
 
     def _record(self, scope: Scope, rid: str, arrived: str, status: int, seconds: float) -> None:
         trail = self.trail()
-        if trail is None:
+        if trail is None or (scope.get(UNRECORDED_KEY) is True and status < 400):
             return
         actor = actor_of(scope, self.default_actor)
         if actor is None:
