@@ -54,7 +54,7 @@ from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import anomalies, joblog, timeouts
 from virtbackup.runtime.clock import utcnow_iso
-from virtbackup.runtime.errors import NotFound
+from virtbackup.runtime.errors import Conflict, NotFound
 from virtbackup.runtime.kv import keys, read_value
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=r"^[^\x00-\x1f\x7f]+$")]
@@ -203,9 +203,14 @@ async def _agent(gw: Gateway, agent_id: str) -> AgentRecord:
 async def _server_of(
     gw: Gateway, agent_id: str, server_id: str | None
 ) -> tuple[AgentConfig, Server]:
-    """The agent's server ``server_id`` (or its only one); 404/400 naming ``serverId``."""
+    """The agent's server ``server_id`` (or its only one); 404/400 naming ``serverId``,
+    409 while no server of the configuration names the agent."""
     cfg, _ = await gw.config.load()
     mine = agent_servers(cfg, agent_id)
+    if not mine:
+        raise Conflict(
+            "this agent backs up no server yet: name it as a server's agentId in the configuration"
+        )
     if server_id is not None:
         server = next((s for s in mine if s.id == server_id), None)
         if server is None:
