@@ -613,6 +613,42 @@ async def test_a_burst_of_wrong_passwords_gets_no_more_tries_than_the_limit(
     assert resp.status_code == 429, resp.text
 
 
+async def test_a_forwarded_for_header_is_not_the_clients_address(
+    ident: System, root: httpx.AsyncClient
+) -> None:
+    """The gateway is behind no proxy: ``X-Forwarded-For`` is the client's word, so it
+    must not become the address the lockout counts and the logs record (found by the
+    #17 trial: uvicorn trusted it from 127.0.0.1, so a local client could name any
+    address, and a fresh one per try escaped the per-address lockout)."""
+    name = f"xff-{PID}"
+    forged = {"X-Forwarded-For": "10.9.8.7", "Forwarded": "for=10.9.8.7"}
+    async with httpx.AsyncClient(base_url=ident.url, verify=False, timeout=30) as client:
+        resp = await client.post(
+            "/api/v1/admin/auth/login",
+            json={"username": name, "password": "no such user"},
+            headers=forged,
+        )
+        assert resp.status_code == 401, resp.text
+    resp = await root.get("/api/v1/admin/log/login-logs", params={"username": name})
+    assert [i["address"] for i in resp.json()["items"]] == ["127.0.0.1"], resp.text
+    async with httpx.AsyncClient(base_url=ident.hypersdk_url, timeout=30) as hs:
+        marker = f"xff-{PID}-{time.monotonic_ns()}"
+        resp = await hs.post(
+            "/schedules/no-such/trigger",
+            headers={**ident.auth(), **forged, "x-request-id": marker},
+        )
+        assert resp.status_code == 404, resp.text
+    deadline = time.monotonic() + 15
+    while True:
+        items = (await root.get("/api/v1/admin/log/opera-logs", params={"size": 200})).json()
+        found = [i for i in items["items"] if i["requestId"] == marker]
+        if found:
+            assert found[0]["clientAddress"] == "127.0.0.1", found
+            break
+        assert time.monotonic() < deadline, "no operation log entry"
+        await asyncio.sleep(0.2)
+
+
 # --- users, roles and tokens ---------------------------------------------------------
 
 
