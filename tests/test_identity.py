@@ -720,6 +720,21 @@ async def test_no_privilege_escalation(
             f"/api/v1/admin/sys/users/{people['admin']['id']}", headers=help_auth
         )
         assert resp.status_code == 403
+        # Nor revoke an administrator's API token (the #17 trial: it could).
+        admin_auth = bearer(people["admin"]["access_token"])
+        resp = await client.post(
+            f"/api/v1/admin/sys/users/{people['admin']['id']}/tokens",
+            json={"name": f"admin-script-{PID}", "permissions": ["jobs:read"]},
+            headers=admin_auth,
+        )
+        assert resp.status_code == 201, resp.text
+        admin_token = resp.json()
+        resp = await client.delete(
+            f"/api/v1/admin/sys/users/{people['admin']['id']}/tokens/{admin_token['id']}",
+            headers=help_auth,
+        )
+        assert resp.status_code == 403, resp.text
+        assert (await client.get("/jobs", headers=bearer(admin_token["token"]))).status_code == 200
     # Nothing changed.
     resp = await root.get(f"/api/v1/admin/sys/users/{other['id']}")
     assert resp.json()["roles"] == ["viewer"] and resp.json()["nickname"] == other["nickname"]

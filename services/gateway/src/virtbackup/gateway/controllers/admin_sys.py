@@ -414,9 +414,14 @@ class AdminSysController(Controller):
         token_id: Annotated[str, Parameter(max_length=64)],
         request: Request[Any, Any, Any],
     ) -> None:
-        """Revoke an API token."""
+        """Revoke an API token: one's own, or with ``users:manage`` one of a user whose
+        permissions the caller holds (403 otherwise, as for changing that user)."""
         store, _ = stores(gw)
-        self._own_or_manage(identity_of(request.scope), user_id)
+        caller = identity_of(request.scope)
+        self._own_or_manage(caller, user_id)
+        if caller.user_id != user_id:
+            target = await _user(store, user_id)
+            _within(caller, await store.permissions_of(target), f"changing user {target.username}")
         await store.delete_token(user_id, token_id)
 
     @staticmethod
