@@ -11,7 +11,7 @@ from virtbackup.testing.vms import build_vm_xml
 name, directory = sys.argv[1], Path(sys.argv[2])
 if len(sys.argv) > 3:
     subprocess.run(["virsh", "destroy", name], check=False)
-    subprocess.run(["virsh", "undefine", name], check=False)
+    subprocess.run(["virsh", "undefine", name, "--checkpoints-metadata"], check=False)
     sys.exit(0)
 directory.mkdir(parents=True, exist_ok=True)
 directory.chmod(0o755)
