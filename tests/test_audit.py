@@ -178,6 +178,73 @@ async def test_actors_registration_agents_and_no_credential(
     assert key not in json.dumps(items) and token not in json.dumps(items)
 
 
+async def test_an_agents_empty_lease_poll_is_not_an_entry(
+    audit_system: System, api: httpx.AsyncClient
+) -> None:
+    """A lease answered ``assigned: false`` changed nothing: an agent polls every few
+    seconds, and each poll was an entry kept for a year (the #17 trial's one agent made
+    two thirds of the log's entries). Its heartbeat still is one."""
+    token = (await api.post("/api/v1/agent/registration-tokens", json={})).json()["token"]
+    body = {"registrationToken": token, "hostname": "h", "os": "linux", "arch": "amd64",
+            "agentVersion": "1"}  # fmt: skip
+    async with httpx.AsyncClient(base_url=audit_system.url, verify=False, timeout=30) as bare:
+        resp = await bare.post("/api/v1/agent/register", json=body)
+        assert resp.status_code == 201, resp.text
+        key = resp.json()["apiKey"]
+        polling, beating = rid("lease"), rid("beat-after-lease")
+        resp = await bare.post(
+            "/api/v1/agent/lease",
+            json={},
+            headers={"Authorization": f"Bearer {key}", "x-request-id": polling},
+        )
+        assert resp.status_code == 200 and resp.json()["assigned"] is False, resp.text
+        resp = await bare.post(
+            "/api/v1/agent/heartbeat",
+            json={"status": "online"},
+            headers={"Authorization": f"Bearer {key}", "x-request-id": beating},
+        )
+        assert resp.status_code == 200, resp.text
+    await entry(api, beating)  # records are stored in order: the lease's would be before
+    items = (await api.get(LOGS, params={"size": 1000})).json()["items"]
+    assert all(i["requestId"] != polling for i in items)
+
+
+async def test_a_write_refused_for_want_of_a_permission_is_logged(
+    audit_system: System, api: httpx.AsyncClient
+) -> None:
+    """A viewer posting the configuration (agent listener) or a schedule (HyperSDK
+    listener) is refused with 403 by the authorisation, and the attempt is an entry with
+    the viewer as actor (found by the #17 trial: such refusals were not recorded, only
+    those of the handlers)."""
+    name = f"audit-viewer-{PID}"
+    resp = await api.post(
+        "/api/v1/admin/sys/users",
+        json={"username": name, "password": "a viewer's passphrase", "roles": ["viewer"]},
+    )
+    assert resp.status_code == 201, resp.text
+    resp = await api.post(
+        "/api/v1/admin/auth/login", json={"username": name, "password": "a viewer's passphrase"}
+    )
+    assert resp.status_code == 200, resp.text
+    viewer = {"Authorization": f"Bearer {resp.json()['access_token']}"}
+    on_api, on_hs = rid("refused-api"), rid("refused-hs")
+    resp = await api.post("/config", json={}, headers={**viewer, "x-request-id": on_api})
+    assert resp.status_code == 403, resp.text
+    assert resp.json() == {"error": "forbidden: POST /config needs permission config:write"}
+    assert resp.headers["x-request-id"] == on_api
+    async with httpx.AsyncClient(base_url=audit_system.hypersdk_url, timeout=30) as hs:
+        resp = await hs.post("/schedules", json={}, headers={**viewer, "x-request-id": on_hs})
+    assert resp.status_code == 403, resp.text
+    for request_id, listener, path in (
+        (on_api, "api", "/config"),
+        (on_hs, "hypersdk", "/schedules"),
+    ):
+        got = await entry(api, request_id)
+        assert got["actor"] == name and got["listener"] == listener, got
+        assert got["method"] == "POST" and got["path"] == path and got["route"] == "", got
+        assert got["status"] == 403 and got["success"] is False, got
+
+
 async def test_a_request_id_is_made_when_the_clients_is_unusable(api: httpx.AsyncClient) -> None:
     for sent in ("has space", "x" * 200, "a;b"):
         resp = await api.post("/servers/local/refresh", headers={"x-request-id": sent})

@@ -251,10 +251,23 @@ async def test_bad_input_changes_nothing(
         "/api/v1/agent/anomaly", json={"type": "bad", "severity": "info", "title": "t"}
     )
     assert resp.status_code == 400 and "type" in resp.json()["error"], resp.text
+    # An anomaly of a VM on another agent's host (found by the #17 trial: it was stored).
+    resp = await client.post(
+        "/api/v1/agent/anomaly",
+        json={"type": "restore_failure", "severity": "critical", "title": "t", "vmName": VM},
+    )
+    assert resp.status_code == 404 and "vmName" in resp.json()["error"], resp.text
     assert (await api.get("/api/v1/anomalies")).json()["anomalies"] == []
 
-    # A revoked key is 401 on every route of the agent.
+    # An agent no server names has nothing to back up: 409 saying so (the #17 trial got
+    # "serverId: required: this agent backs up servers none").
     gone = await _register(sysm, api)
+    async with httpx.AsyncClient(
+        base_url=sysm.url, verify=False, timeout=30, headers=key_headers(gone["apiKey"])
+    ) as idle:
+        resp = await idle.post(start, json={"vmName": MANUAL_VM})
+        assert resp.status_code == 409 and "no server" in resp.json()["error"], resp.text
+    # A revoked key is 401 on every route of the agent.
     assert (await api.delete(f"/api/v1/agents/{gone['agentId']}")).status_code == 200
     async with httpx.AsyncClient(
         base_url=sysm.url, verify=False, timeout=30, headers=key_headers(gone["apiKey"])

@@ -231,6 +231,12 @@ async def test_every_route_answers_as_the_rule_table_says(
             async with client.stream(method, path, headers=agent_key) as resp:
                 own = listener == "agent" and is_agent_route(method, path)
                 assert (resp.status_code == 401) != bool(own), (path, resp.status_code)
+                if resp.status_code == 401:  # in the path's format, as for any wrong token
+                    refused = json.loads(await resp.aread())
+                    if path.startswith(("/api/v1/admin/", "/api/v1/task/")):
+                        assert refused == {"detail": "unauthorized", "code": "UNAUTHORIZED"}
+                    else:
+                        assert refused == {"error": "unauthorized"}, (path, refused)
                 checked += 1
             for who, (headers, perms) in identities.items():
                 if perms is not None and (method, template) in NOT_CALLED:
@@ -273,6 +279,8 @@ def test_the_table_names_what_matters() -> None:
     assert required_permission("agent", "PUT", "/api/v1/task/schedulers/x") == "schedules:write"
     assert required_permission("hypersdk", "GET", "/ws") == "jobs:read"
     assert required_permission("hypersdk", "POST", "/jobs/query") == "jobs:read"
+    # Anomalies are read by every role (the #17 trial found them admin-only).
+    assert required_permission("agent", "GET", "/api/v1/anomalies") == "backups:read"
     # Anything the table does not name is for administrators only.
     assert required_permission("agent", "POST", "/api/v1/some/new/route") == ADMIN
     assert required_permission("agent", "GET", "/api/v1/some/new/route") == ADMIN
@@ -345,6 +353,46 @@ async def test_websocket_takes_a_role_that_reads_jobs(
         ):
             pass
     assert refused.value.response.status_code == 403
+
+
+async def test_streams_end_once_their_credential_no_longer_allows_them(
+    ident: System, root: httpx.AsyncClient
+) -> None:
+    """An open ``/events`` stream ends once its session is logged out, and an open
+    ``/ws`` is closed with 4401 once its user is disabled (found by the #17 trial: a
+    viewer's stream kept delivering events after both)."""
+    name = f"streamer-{PID}"
+    user = await make_user(root, name, ["viewer"])
+    sse_auth = bearer((await login(ident.url, name)).json()["access_token"])
+    ws_token = (await login(ident.url, name)).json()["access_token"]
+    async with (
+        httpx.AsyncClient(base_url=ident.url, verify=False, timeout=60) as client,
+        client.stream("GET", "/events", headers=sse_auth) as resp,
+    ):
+        assert resp.status_code == 200
+        lines = resp.aiter_lines()
+        assert await anext(lines) == "event: ready"
+        resp2 = await client.post("/api/v1/admin/auth/logout", headers=sse_auth)
+        assert resp2.status_code == 200, resp2.text
+
+        async def drain() -> None:
+            async for _ in lines:
+                pass
+
+        await asyncio.wait_for(drain(), 40)  # ended by the server
+    url = f"ws://127.0.0.1:{ident.hypersdk_port}/ws"
+    async with websockets.connect(url, subprotocols=protocols(ws_token), open_timeout=10) as sock:
+        assert json.loads(await asyncio.wait_for(sock.recv(), 10))["type"] == "jobs"
+        resp = await root.put(f"/api/v1/admin/sys/users/{user['id']}", json={"enabled": False})
+        assert resp.status_code == 200, resp.text
+
+        async def until_closed() -> None:
+            while True:
+                await sock.recv()
+
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            await asyncio.wait_for(until_closed(), 30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
 
 
 # --- sessions ----------------------------------------------------------------------------
@@ -538,6 +586,69 @@ async def test_lockout_after_repeated_failures_and_the_login_log(
         assert resp.json()["total"] == MAX_FAILURES
 
 
+async def test_a_burst_of_wrong_passwords_gets_no_more_tries_than_the_limit(
+    ident: System, root: httpx.AsyncClient
+) -> None:
+    """Attempts sent at once are counted before their passwords are checked, so a burst
+    gets at most the limit of tries; the others are 429 (found by the #17 trial: every
+    one of 40 wrong passwords sent at once was tried, the lockout coming only after)."""
+    name = f"burst-{PID}"
+    await make_user(root, name, ["viewer"])
+    async with httpx.AsyncClient(base_url=ident.url, verify=False, timeout=60) as client:
+        answers = await asyncio.gather(
+            *(
+                client.post(
+                    "/api/v1/admin/auth/login",
+                    json={"username": name, "password": f"wrong guess {i}"},
+                )
+                for i in range(12)
+            )
+        )
+    statuses = [a.status_code for a in answers]
+    assert 1 <= statuses.count(401) <= MAX_FAILURES, statuses
+    assert statuses.count(429) == len(statuses) - statuses.count(401), statuses
+    assert all(int(a.headers["retry-after"]) >= 1 for a in answers if a.status_code == 429)
+    # The burst locked the name: the right password is refused too.
+    resp = await login(ident.url, name)
+    assert resp.status_code == 429, resp.text
+
+
+async def test_a_forwarded_for_header_is_not_the_clients_address(
+    ident: System, root: httpx.AsyncClient
+) -> None:
+    """The gateway is behind no proxy: ``X-Forwarded-For`` is the client's word, so it
+    must not become the address the lockout counts and the logs record (found by the
+    #17 trial: uvicorn trusted it from 127.0.0.1, so a local client could name any
+    address, and a fresh one per try escaped the per-address lockout)."""
+    name = f"xff-{PID}"
+    forged = {"X-Forwarded-For": "10.9.8.7", "Forwarded": "for=10.9.8.7"}
+    async with httpx.AsyncClient(base_url=ident.url, verify=False, timeout=30) as client:
+        resp = await client.post(
+            "/api/v1/admin/auth/login",
+            json={"username": name, "password": "no such user"},
+            headers=forged,
+        )
+        assert resp.status_code == 401, resp.text
+    resp = await root.get("/api/v1/admin/log/login-logs", params={"username": name})
+    assert [i["address"] for i in resp.json()["items"]] == ["127.0.0.1"], resp.text
+    async with httpx.AsyncClient(base_url=ident.hypersdk_url, timeout=30) as hs:
+        marker = f"xff-{PID}-{time.monotonic_ns()}"
+        resp = await hs.post(
+            "/schedules/no-such/trigger",
+            headers={**ident.auth(), **forged, "x-request-id": marker},
+        )
+        assert resp.status_code == 404, resp.text
+    deadline = time.monotonic() + 15
+    while True:
+        items = (await root.get("/api/v1/admin/log/opera-logs", params={"size": 200})).json()
+        found = [i for i in items["items"] if i["requestId"] == marker]
+        if found:
+            assert found[0]["clientAddress"] == "127.0.0.1", found
+            break
+        assert time.monotonic() < deadline, "no operation log entry"
+        await asyncio.sleep(0.2)
+
+
 # --- users, roles and tokens ---------------------------------------------------------
 
 
@@ -609,9 +720,75 @@ async def test_no_privilege_escalation(
             f"/api/v1/admin/sys/users/{people['admin']['id']}", headers=help_auth
         )
         assert resp.status_code == 403
+        # Nor revoke an administrator's API token (the #17 trial: it could).
+        admin_auth = bearer(people["admin"]["access_token"])
+        resp = await client.post(
+            f"/api/v1/admin/sys/users/{people['admin']['id']}/tokens",
+            json={"name": f"admin-script-{PID}", "permissions": ["jobs:read"]},
+            headers=admin_auth,
+        )
+        assert resp.status_code == 201, resp.text
+        admin_token = resp.json()
+        resp = await client.delete(
+            f"/api/v1/admin/sys/users/{people['admin']['id']}/tokens/{admin_token['id']}",
+            headers=help_auth,
+        )
+        assert resp.status_code == 403, resp.text
+        assert (await client.get("/jobs", headers=bearer(admin_token["token"]))).status_code == 200
     # Nothing changed.
     resp = await root.get(f"/api/v1/admin/sys/users/{other['id']}")
     assert resp.json()["roles"] == ["viewer"] and resp.json()["nickname"] == other["nickname"]
+
+
+async def test_changing_ones_own_password_or_email_takes_the_current_password(
+    ident: System, root: httpx.AsyncClient
+) -> None:
+    """A stolen access token cannot make itself a lasting login: a new password or an
+    e-mail address (OAuth2 login) of one's own takes ``current_password`` (found by the
+    #17 trial: a viewer's access token alone changed its password and e-mail)."""
+    name = f"selfpw-{PID}"
+    user = await make_user(root, name, ["viewer"])
+    me = f"/api/v1/admin/sys/users/{user['id']}"
+    auth = bearer((await login(ident.url, name)).json()["access_token"])
+    async with httpx.AsyncClient(base_url=ident.url, verify=False, timeout=30) as client:
+        for body in ({"password": "taken over!"}, {"email": "thief@example.com"}):
+            resp = await client.put(me, json=body, headers=auth)
+            assert resp.status_code == 400, resp.text
+            assert "current_password" in resp.json()["detail"], resp.text
+        resp = await client.put(
+            me, json={"password": "taken over!", "current_password": "a wrong guess"}, headers=auth
+        )
+        assert resp.status_code == 403 and "current_password" in resp.json()["detail"]
+        # Nothing changed: the old password still logs in, the address is still empty.
+        assert (await login(ident.url, name)).status_code == 200
+        assert (await client.get(me, headers=auth)).json()["email"] == ""
+        # With the current password it works, and ends the sessions.
+        resp = await client.put(
+            me,
+            json={"password": "my new passphrase", "current_password": PASSWORD},
+            headers=auth,
+        )
+        assert resp.status_code == 200, resp.text
+        assert (await client.get(me, headers=auth)).status_code == 401
+        assert (await login(ident.url, name, "my new passphrase")).status_code == 200
+    # An administrator changing someone else needs no password of theirs.
+    resp = await root.put(me, json={"password": PASSWORD, "email": f"{name}@example.com"})
+    assert resp.status_code == 200 and resp.json()["email"] == f"{name}@example.com"
+    # An address is one user's: OAuth2 login finds the user by it.
+    resp = await root.post(
+        "/api/v1/admin/sys/users",
+        json={
+            "username": f"{name}-2",
+            "password": PASSWORD,
+            "email": f"{name.upper()}@example.com",
+        },
+    )
+    assert resp.status_code == 409 and "email" in resp.json()["detail"], resp.text
+    other = await make_user(root, f"{name}-3", ["viewer"])
+    resp = await root.put(
+        f"/api/v1/admin/sys/users/{other['id']}", json={"email": f"{name}@Example.com"}
+    )
+    assert resp.status_code == 409 and "email" in resp.json()["detail"], resp.text
 
 
 async def test_give_a_colleague_a_read_only_role(
@@ -643,6 +820,12 @@ async def test_give_a_colleague_a_read_only_role(
         )
         assert resp.status_code == 200
         assert [u["username"] for u in resp.json()["items"]] == [name]
+        # Every list of /api/v1/admin pages with size 1-1000 (the #17 trial found 200 here).
+        for path in ("/api/v1/admin/sys/users", "/api/v1/admin/log/login-logs"):
+            resp = await client.get(path, params={"size": 1000}, headers=admin)
+            assert resp.status_code == 200 and resp.json()["size"] == 1000, resp.text
+            resp = await client.get(path, params={"size": 1001}, headers=admin)
+            assert resp.status_code == 400 and "size" in resp.json()["detail"], resp.text
         resp = await client.post(
             "/api/v1/admin/sys/users",
             json={"username": name.upper(), "password": PASSWORD},

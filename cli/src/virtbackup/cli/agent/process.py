@@ -49,6 +49,7 @@ from virtbackup.runtime import __version__
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.virt import list_disks, list_domains, open_connection
 from virtbackup.virt.domains import domain_xml
+from virtbackup.virt.errors import NotFound as VirtNotFound
 
 log = logging.getLogger("virtbackup.agent")
 
@@ -139,12 +140,17 @@ async def register(
 
 
 async def discovered(uri: str) -> list[dict[str, Any]]:
-    """The VMs of this host as a heartbeat reports them."""
+    """The VMs of this host as a heartbeat reports them. A VM undefined between the
+    listing and the reading of its disks is left out (it is gone), not an error of the
+    whole listing (which made the heartbeat report no VM at all)."""
     conn = await open_connection(uri)
     try:
         out = []
         for dom in await list_domains(conn):
-            disks = await list_disks(conn, dom.name)
+            try:
+                disks = await list_disks(conn, dom.name)
+            except VirtNotFound:
+                continue
             out.append(
                 {
                     "name": dom.name,
@@ -172,6 +178,8 @@ class Agent:
         self.config_hash = ""
         #: SHA-256 of each VM's domain XML as last sent to schema-snapshot.
         self.sent_definitions: dict[str, str] = {}
+        #: The host's VMs as last listed (reported again when a listing fails).
+        self.domains: list[dict[str, Any]] = []
 
     async def recover(self) -> None:
         """End what a previous run left mid-backup (``agent.inflight``)."""
@@ -185,9 +193,10 @@ class Agent:
         while not self.stop.is_set():
             try:
                 domains = await discovered(self.args.libvirt_uri)
-            except Exception as exc:
+                self.domains = domains
+            except Exception as exc:  # report what was last seen, not a host without VMs
                 log.warning("listing the host's VMs failed: %s", exc)
-                domains = []
+                domains = self.domains
             try:
                 answer = await self.client.post(
                     "/api/v1/heartbeat",

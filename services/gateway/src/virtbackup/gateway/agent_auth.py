@@ -12,19 +12,22 @@
   and only while the key belongs to a registered agent; the agent's id is put in the
   ASGI scope (:data:`AGENT_SCOPE_KEY`) for the handler, which acts for that agent only
   (``backend_agents.calling_agent``). Anywhere else, or unknown or revoked, it is a 401
-  like any wrong token. A route added here must check the agent itself: a job's
-  artifacts and tests join once their handlers do.
+  like any wrong token (``{"detail", "code"}`` under ``/api/v1/admin`` and
+  ``/api/v1/task``). A route added here must check the agent itself: a job's artifacts
+  and tests join once their handlers do.
 * Every other request goes to ``identity_auth.IdentityAuth`` (the agent token, users'
   access tokens, API tokens; roles).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Final
 
 from virtbackup.gateway.agents_store import KEY_PREFIX, AgentStore
 from virtbackup.gateway.auth import UNAUTHORIZED, ASGIApp, Receive, Scope, Send
+from virtbackup.gateway.errors import detail_code_family, error_body
 
 #: Where the handlers find the id of the agent whose key authenticated the request.
 AGENT_SCOPE_KEY: Final = "virtbackup.agent_id"
@@ -56,19 +59,23 @@ def _bearer(scope: Scope) -> str | None:
     return None
 
 
-async def _unauthorized(send: Send) -> None:
+async def _unauthorized(send: Send, path: str) -> None:
+    """401 in the path's error format (``{"detail", "code"}`` under ``/api/v1/admin``)."""
+    body = UNAUTHORIZED
+    if detail_code_family(path):
+        body = json.dumps(error_body(path, 401, "unauthorized"), separators=(",", ":")).encode()
     await send(
         {
             "type": "http.response.start",
             "status": 401,
             "headers": [
                 (b"content-type", b"application/json"),
-                (b"content-length", str(len(UNAUTHORIZED)).encode()),
+                (b"content-length", str(len(body)).encode()),
                 (b"www-authenticate", b"Bearer"),
             ],
         }
     )
-    await send({"type": "http.response.body", "body": UNAUTHORIZED})
+    await send({"type": "http.response.body", "body": body})
 
 
 class AgentKeyAuth:
@@ -94,7 +101,7 @@ class AgentKeyAuth:
         agent_route = is_agent_route(str(scope.get("method", "")), path)
         agent = await self.store.authenticate(presented) if agent_route else None
         if agent is None:
-            await _unauthorized(send)
+            await _unauthorized(send, path)
             return
         scope[AGENT_SCOPE_KEY] = agent.id
         await self.app(scope, receive, send)

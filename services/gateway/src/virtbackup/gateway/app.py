@@ -44,7 +44,7 @@ from virtbackup.gateway.controllers.system import SystemController
 from virtbackup.gateway.controllers.task_schedulers import TaskSchedulersController
 from virtbackup.gateway.edge import check_request
 from virtbackup.gateway.errors import HANDLERS
-from virtbackup.gateway.identity_auth import IdentityAuth
+from virtbackup.gateway.identity_auth import IdentityAuth, answer_refusal
 from virtbackup.gateway.openapi import finish_document
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__
@@ -147,5 +147,7 @@ def create_asgi(gw: Gateway) -> AgentKeyAuth:
     # with the actor the authentication put in the scope.
     by_user = OperationLog(app, lambda: gw.audit, listener="api", default_actor="token")  # type: ignore[arg-type]
     by_agent = OperationLog(app, lambda: gw.audit, listener="api", default_actor=None)  # type: ignore[arg-type]
-    auth = IdentityAuth(by_user, gw.token, gw.identity, "agent")
+    # A known identity refused a route (403) is recorded too: an attempt to escalate.
+    refused = OperationLog(answer_refusal, lambda: gw.audit, listener="api", default_actor="token")
+    auth = IdentityAuth(by_user, gw.token, gw.identity, "agent", refused=refused)
     return AgentKeyAuth(by_agent, auth, gw.agents)

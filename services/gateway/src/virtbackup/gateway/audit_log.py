@@ -3,7 +3,9 @@
 ``OperationLog`` is an ASGI middleware placed *inside* authentication (``app.create_asgi``
 and ``hypersdk.create_hypersdk_asgi``), so a request it sees has passed it: requests
 refused there (no or a wrong credential) are not operations (failed logins are the login
-log's). For every HTTP request it
+log's). A known identity refused for want of a permission (403) is: ``IdentityAuth``
+answers it through another ``OperationLog`` around ``identity_auth.answer_refusal``
+(its ``route`` is empty: no route was matched). For every HTTP request it
 
 * gives the request an id: the client's ``x-request-id`` when it is usable (1 to 128
   letters, digits, ``.``, ``_``, ``:`` or ``-``), else a new one; it is in the ASGI scope
@@ -14,6 +16,10 @@ log's). For every HTTP request it
   parameters, status, success, request id, client address, duration) to the
   :class:`AuditTrail`. Bodies, query strings and headers are never recorded: a
   password in a body or a token in a header cannot reach the log.
+
+A handler may mark a request that changed nothing as routine (:data:`UNRECORDED_KEY` in
+the scope: a remote agent's lease poll answered ``assigned: false``, every few seconds
+of every agent); it is not recorded unless it failed.
 
 WebSocket connections are passed through unrecorded: no message a client sends on
 ``/ws`` or ``/events`` changes state (``/ws`` answers ``ping`` only).
@@ -85,6 +91,11 @@ LOST = Counter(
 QUEUE_MAX = 10_000
 #: Seconds a listing may read the stream before it gives up (503).
 SCAN_TIMEOUT = 20.0
+
+
+#: Set (True) in the scope by a handler whose request changed nothing and comes often
+#: (an agent's empty lease): the operation log does not record it when it succeeded.
+UNRECORDED_KEY = "virtbackup.audit.unrecorded"
 
 
 def request_id_of(scope: Scope) -> str:
@@ -165,7 +176,7 @@ class OperationLog:
 
     def _record(self, scope: Scope, rid: str, arrived: str, status: int, seconds: float) -> None:
         trail = self.trail()
-        if trail is None:
+        if trail is None or (scope.get(UNRECORDED_KEY) is True and status < 400):
             return
         actor = actor_of(scope, self.default_actor)
         if actor is None:

@@ -37,7 +37,7 @@ from virtbackup.gateway.hypersdk_metrics import (
 )
 from virtbackup.gateway.hypersdk_status import current_status
 from virtbackup.gateway.hypersdk_ws import ws
-from virtbackup.gateway.identity_auth import IdentityAuth
+from virtbackup.gateway.identity_auth import IdentityAuth, answer_refusal
 from virtbackup.gateway.openapi import finish_document
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import __version__, timeouts
@@ -253,7 +253,10 @@ def create_hypersdk_asgi(gw: Gateway) -> RequestMetrics:
     finish_document(app, {})
     # The operation log sits inside authentication: it sees authenticated requests only.
     audited = OperationLog(app, lambda: gw.audit, listener="hypersdk", default_actor="token")  # type: ignore[arg-type]
-    return RequestMetrics(IdentityAuth(audited, gw.token, gw.identity, "hypersdk"))
+    refused = OperationLog(
+        answer_refusal, lambda: gw.audit, listener="hypersdk", default_actor="token"
+    )
+    return RequestMetrics(IdentityAuth(audited, gw.token, gw.identity, "hypersdk", refused=refused))
 
 
 def create_metrics_asgi(gw: Gateway) -> RequestMetrics:

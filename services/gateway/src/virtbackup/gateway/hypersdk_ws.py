@@ -22,7 +22,9 @@ offered together with ``virtbackup.v1`` (``new WebSocket(url, ["virtbackup.v1",
 "virtbackup.bearer." + token])``); the server selects ``virtbackup.v1``, never echoing
 the token. Non-browser clients may send ``Authorization: Bearer`` instead. A token in the
 URL is not accepted (URLs end up in logs). An upgrade without a valid token is refused
-before it is accepted (HTTP 403).
+before it is accepted (HTTP 403). A connection whose credential stops allowing it (logged
+out, user disabled, token revoked, permission taken) is closed with 4401 within
+``identity_auth.RECHECK_SECONDS``.
 
 Each client has a bounded queue (``QUEUE_SIZE`` messages); a client that falls that far
 behind is closed with 1013 ("try again later") and never slows the others. The feeds on
@@ -43,6 +45,7 @@ from litestar.exceptions import WebSocketDisconnect
 from virtbackup.contracts.v1.hypersdk_jobs import job_view
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.gateway.hypersdk_status import all_jobs, current_status
+from virtbackup.gateway.identity_auth import RECHECK_SECONDS, still_allowed
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import ServiceError
@@ -59,6 +62,8 @@ JOB_SUBJECT = "vb.evt.job.>"
 SCHEDULE_SUBJECT = "vb.evt.schedule.>"
 #: Close code for a client that cannot keep up.
 TOO_SLOW = 1013
+#: The close code of a connection whose credential no longer allows it.
+REVOKED = 4401
 
 _encoder = msgspec.json.Encoder()
 
@@ -227,10 +232,18 @@ async def _serve(socket: WebSocket[Any, Any, Any], client: Client) -> None:
                 if msgspec.json.decode(text) == {"type": "ping"}:
                     client.offer(message("pong", {}))
 
+    async def revoked() -> None:
+        while True:
+            await asyncio.sleep(RECHECK_SECONDS)
+            if not await still_allowed(socket.scope):
+                return
+
+    watch = asyncio.create_task(revoked())
     tasks = {
         asyncio.create_task(send()),
         asyncio.create_task(receive()),
         asyncio.create_task(client.too_slow.wait()),
+        watch,
     }
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -240,6 +253,10 @@ async def _serve(socket: WebSocket[Any, Any, Any], client: Client) -> None:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, Exception):
                 await task
+    if watch in done and not watch.cancelled() and watch.exception() is None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(socket.close(code=REVOKED, reason="credential revoked"), 1.0)
+        return
     if client.too_slow.is_set():
         log.warning("/ws client too slow: dropped")
         with contextlib.suppress(Exception):

@@ -73,6 +73,14 @@ PUBLIC: Final = frozenset(
 )
 #: OAuth2 login: the browser comes without a credential (``oauth2_login``).
 PUBLIC_GET: Final = re.compile(r"^/api/v1/admin/oauth2/[^/]+/(authorize|callback)$")
+#: Where a refusal of a known identity (403) is put for :func:`answer_refusal`:
+#: ``(status, message)``.
+REFUSAL_KEY: Final = "virtbackup.refusal"
+#: An async callable in the scope of an allowed request: whether its credential still
+#: proves an identity allowed the route (:func:`still_allowed`).
+RECHECK_KEY: Final = "virtbackup.recheck"
+#: How often a stream (``/events``, ``/ws``) asks :func:`still_allowed`, in seconds.
+RECHECK_SECONDS: Final = 5.0
 ISSUER: Final = "virtbackup"
 ALGORITHM: Final = "HS256"
 
@@ -166,11 +174,17 @@ class IdentityAuth:
         token: str,
         store: IdentityStore | None,
         listener: Listener,
+        *,
+        refused: ASGIApp | None = None,
     ) -> None:
+        """``refused``: the ASGI app that answers an HTTP request of a known identity
+        without the permission (:func:`answer_refusal` by default); the listeners pass
+        it through their operation log, so that such attempts are recorded."""
         self.app = app
         self.token = token.encode()
         self.store = store
         self.listener = listener
+        self.refused: ASGIApp = refused or answer_refusal
 
     async def identify(self, presented: str | None) -> Identity | None:
         """The identity ``presented`` proves, or None."""
@@ -251,9 +265,24 @@ class IdentityAuth:
         wanted = required_permission(self.listener, method, path)
         if not allows(identity.permissions, wanted):
             what = "administrators only" if wanted == "*" else f"permission {wanted}"
-            await self._refuse(scope, send, 403, f"forbidden: {method} {path[:200]} needs {what}")
+            message = f"forbidden: {method} {path[:200]} needs {what}"
+            if scope["type"] == "http":  # an attempt of a known identity: recorded
+                self._carry(scope, identity)
+                scope[REFUSAL_KEY] = (403, message)
+                await self.refused(scope, receive, send)
+                return
+            await self._refuse(scope, send, 403, message)
             return
         self._carry(scope, identity)
+
+        async def recheck() -> bool:
+            try:
+                again = await self.identify(presented)
+            except Exception:  # the bus is away: no new answer, the one at opening holds
+                return True
+            return again is not None and allows(again.permissions, wanted)
+
+        scope[RECHECK_KEY] = recheck
         await self.app(scope, receive, send)
 
     @staticmethod
@@ -274,6 +303,26 @@ class IdentityAuth:
         else:
             body = UNAUTHORIZED if status == 401 else _json({"error": message})
         await _answer(send, status, body, extra)
+
+
+async def still_allowed(scope: Any) -> bool:
+    """Whether the credential that opened this request still proves an identity allowed
+    its route: False once its session is logged out, its user disabled or removed, its
+    API token revoked or expired, or the permission taken away. Streams (``/events``,
+    ``/ws``) ask every :data:`RECHECK_SECONDS` and end on False. True for a request that
+    came without this middleware's check (a remote agent's ``bak_`` key)."""
+    check = scope.get(RECHECK_KEY)
+    if check is None:
+        return True
+    allowed: bool = await check()
+    return allowed
+
+
+async def answer_refusal(scope: Scope, receive: Receive, send: Send) -> None:
+    """ASGI app: the refusal :class:`IdentityAuth` put in the scope (:data:`REFUSAL_KEY`),
+    in the path's error format."""
+    status, message = scope[REFUSAL_KEY]
+    await IdentityAuth._refuse(scope, send, status, message)
 
 
 def identity_of(scope: Any) -> Identity:

@@ -14,7 +14,8 @@ Permissions (a role is a set of them; an API token carries a subset of its user'
 ``restore:run``       restore precheck and start, instant-access exports
 ``jobs:read``         jobs, their logs, artifacts and tests; SSE ``/events``, WS ``/ws``
 ``jobs:control``      cancel, rerun and delete jobs, clear the queue, flush history
-``backups:read``      restore points and entries, destination stats, plans and runs
+``backups:read``      restore points and entries, destination stats, plans and runs,
+                      anomalies
 ``lifecycle:run``     prune, GC, verify, sanity, copy; protect, annotate, delete points
 ``schedules:read``    schedules (HyperSDK ``/schedules``, ``/api/v1/task/schedulers``)
 ``schedules:write``   create, change, enable, disable, run and delete schedules
@@ -51,7 +52,7 @@ PERMISSIONS: Final[dict[str, str]] = {
     "restore:run": "restores and instant-access exports",
     "jobs:read": "jobs, their logs, artifacts and tests; event streams",
     "jobs:control": "cancel, rerun and delete jobs, clear the queue, flush history",
-    "backups:read": "restore points and entries, destination stats, plans and runs",
+    "backups:read": "restore points and entries, destination stats, plans, runs, anomalies",
     "lifecycle:run": "prune, GC, verify, sanity, copy; protect and delete restore points",
     "schedules:read": "schedules",
     "schedules:write": "create, change, run and delete schedules",

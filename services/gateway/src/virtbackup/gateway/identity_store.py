@@ -544,19 +544,26 @@ class IdentityStore:
 
     # --- lockout --------------------------------------------------------------------
 
-    async def recent_failures(self, kind: str, subject: str, window: float) -> list[float]:
-        found = await self._get(f"fail.{kind}.{sha256_hex(subject)}", Failures)
-        if found is None:
-            return []
-        cutoff = time.time() - window
-        return [t for t in found[0].times if t > cutoff]
-
-    async def add_failure(self, kind: str, subject: str, window: float) -> None:
+    async def claim_attempt(
+        self, kind: str, subject: str, window: float, limit: int
+    ) -> tuple[float | None, list[float]]:
+        """Count a login attempt of ``subject`` *before* its password is checked, so that
+        attempts sent at once cannot all pass the check of ``limit``: by compare-and-swap,
+        the time now joins the failures of the last ``window`` seconds unless ``limit``
+        of them are there already. Returns the time added (None when refused) and the
+        recent failures (without it). A key changed by others on each of
+        ``CAS_ATTEMPTS`` tries is refused too (None, fewer than ``limit`` times): a
+        burst of attempts never gets more than ``limit`` through. An attempt that turns
+        out to be no failure (the right password) is taken back with
+        :meth:`release_attempt`."""
         key = f"fail.{kind}.{sha256_hex(subject)}"
+        times: list[float] = []
         for _ in range(CAS_ATTEMPTS):
             now = time.time()
             found = await self._get(key, Failures)
             times = [] if found is None else [t for t in found[0].times if t > now - window]
+            if len(times) >= limit:
+                return None, times
             value = msgspec.json.encode(Failures(times=[*times, now][-200:]))
             try:
                 if found is None:
@@ -564,8 +571,27 @@ class IdentityStore:
                 else:
                     await self.kv.update(key, value, last=found[1])
             except KeyWrongLastSequenceError:
+                await asyncio.sleep(0.005 * (1 + secrets.randbelow(10)))
+                continue
+            return now, times
+        return None, times
+
+    async def release_attempt(self, kind: str, subject: str, stamp: float) -> None:
+        """Take back an attempt :meth:`claim_attempt` counted (``stamp``: the time it
+        returned). If the key keeps changing it stays counted (logged): never fewer."""
+        key = f"fail.{kind}.{sha256_hex(subject)}"
+        for _ in range(CAS_ATTEMPTS):
+            found = await self._get(key, Failures)
+            if found is None or stamp not in found[0].times:
+                return
+            times = [t for t in found[0].times if t != stamp]
+            try:
+                await self.kv.update(key, msgspec.json.encode(Failures(times=times)), last=found[1])
+            except KeyWrongLastSequenceError:
+                await asyncio.sleep(0.005 * (1 + secrets.randbelow(10)))
                 continue
             return
+        log.warning("a login attempt of a %s stays counted: its record kept changing", kind)
 
     async def clear_failures(self, kind: str, subject: str) -> None:
         await self.kv.delete(f"fail.{kind}.{sha256_hex(subject)}")

@@ -189,7 +189,12 @@ async def finish(
     if not emails:
         raise LoginFailed(f"the {provider.name} account has no verified e-mail address")
     wanted = {e.lower() for e in emails}
-    for user in await store.list_users():
-        if user.email and user.email.lower() in wanted and user.enabled:
-            return user, user.email
+    found = [
+        u for u in await store.list_users() if u.email and u.email.lower() in wanted and u.enabled
+    ]
+    if len(found) > 1:  # made before addresses were unique: never pick one
+        names = ", ".join(u.username for u in found)
+        raise LoginFailed(f"the {provider.name} account's addresses are those of users {names}")
+    if found:
+        return found[0], found[0].email
     return None, sorted(wanted)[0]

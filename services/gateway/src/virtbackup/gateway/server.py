@@ -157,6 +157,10 @@ async def serve(settings: Settings | None = None) -> None:
             ssl_keyfile=str(key),
             log_config=None,
             access_log=False,
+            # The gateway terminates TLS itself, behind no proxy: X-Forwarded-For is a
+            # client's word (uvicorn trusts it from 127.0.0.1 by default), and the login
+            # lockout and the logs use the address.
+            proxy_headers=False,
             lifespan="on",
             timeout_graceful_shutdown=5,
         )
@@ -166,6 +170,7 @@ async def serve(settings: Settings | None = None) -> None:
             port=settings.hypersdk_port,
             log_config=None,
             access_log=False,
+            proxy_headers=False,
             lifespan="on",
             timeout_graceful_shutdown=5,
             ws_ping_interval=54.0,  # the document's heartbeat
@@ -192,6 +197,7 @@ async def serve(settings: Settings | None = None) -> None:
                 port=metrics_port,
                 log_config=None,
                 access_log=False,
+                proxy_headers=False,
                 lifespan="on",
                 timeout_graceful_shutdown=5,
             )

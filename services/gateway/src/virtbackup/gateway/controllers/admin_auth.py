@@ -109,25 +109,38 @@ class AdminAuthController(Controller):
             )
             return problem(status, detail, headers=headers or None)
 
+        # Each attempt counts as a failure before its password is checked (and is taken
+        # back if it was right): attempts sent at once cannot all slip under the limit.
+        claimed: list[tuple[str, str, float]] = []
         for kind, subject, limit in (
             ("user", name_key, settings.login_max_failures),
             ("addr", address, settings.login_address_max_failures),
         ):
-            failures = await store.recent_failures(kind, subject, window)
-            if len(failures) >= limit:
-                retry = max(1, int(min(failures) + window - time.time()) + 1)
+            stamp, failures = await store.claim_attempt(kind, subject, window, limit)
+            if stamp is None:
+                for taken in claimed:
+                    await store.release_attempt(*taken)
                 who = "this user name" if kind == "user" else "this address"
+                if len(failures) < limit:  # others changed the record on every try
+                    return await refuse(
+                        429,
+                        f"too many concurrent logins of {who}",
+                        f"too many concurrent logins of {who}; try again in 1 s",
+                        **{"Retry-After": "1"},
+                    )
+                retry = max(1, int(min(failures) + window - time.time()) + 1)
                 return await refuse(
                     429,
                     f"locked out: {len(failures)} failed logins of {who}",
                     f"too many failed logins of {who}; try again in {retry} s",
                     **{"Retry-After": str(retry)},
                 )
+            claimed.append((kind, subject, stamp))
         user = await store.verify(data.username, data.password)
-        if user is None:
-            await store.add_failure("user", name_key, window)
-            await store.add_failure("addr", address, window)
+        if user is None:  # the attempts claimed above stay as the failures
             return await refuse(401, "wrong user name or password", "wrong user name or password")
+        for taken in claimed:
+            await store.release_attempt(*taken)
         if not user.enabled:
             return await refuse(401, "user disabled", "this user is disabled")
         await store.clear_failures("user", name_key)

@@ -2,7 +2,7 @@
 
 * ``GET`` (``logs:read``; filters ``username`` (exact), ``status`` (``success`` or
   ``failure``), ``since`` and ``until`` (ISO-8601 with a zone); ``page`` from 1, ``size``
-  1-200): ``{"items", "total", "page", "size", "total_pages"}``, newest first; an item
+  1-1000): ``{"items", "total", "page", "size", "total_pages"}``, newest first; an item
   is ``{"id", "username", "address", "status", "reason", "time", "user_agent",
   "kind"}`` (``kind``: ``login`` or ``refresh``).
 * ``DELETE /{id}`` (``logs:delete``): 204; 404 when the id is no login record.
@@ -40,7 +40,7 @@ class LoginLogsController(Controller):
         since: Annotated[str, Parameter(max_length=64)] = "",
         until: Annotated[str, Parameter(max_length=64)] = "",
         page: Annotated[int, Parameter(ge=1, le=100_000)] = 1,
-        size: Annotated[int, Parameter(ge=1, le=200)] = 20,
+        size: Annotated[int, Parameter(ge=1, le=1000)] = 20,
     ) -> dict[str, Any]:
         """A page of login attempts, newest first (see module)."""
         return await _log(gw).query(

@@ -1,15 +1,20 @@
 """Users, roles and API tokens (agents-backend-api.md, ``/api/v1/admin/sys``).
 
-* ``GET /users`` (``users:read``; ``page`` from 1, ``size`` 1-200, ``username``: part of
+* ``GET /users`` (``users:read``; ``page`` from 1, ``size`` 1-1000, ``username``: part of
   the name): ``{"items", "total", "page", "size", "total_pages"}``; ``GET /users/{id}``
   (oneself, or ``users:read``). A user is ``{"id", "username", "nickname", "email",
   "roles", "permissions", "enabled", "created_at", "updated_at"}``: never a password or
   its hash.
 * ``POST /users`` (``users:manage``) ``{"username", "password", "nickname", "email",
-  "roles", "enabled"}``: 201 with the user; 409 when the name is taken.
+  "roles", "enabled"}``: 201 with the user; 409 when the name, or the ``email`` (by
+  which OAuth2 login finds a user), is another user's.
   ``PUT /users/{id}`` (the same fields but ``username``, each optional): with
   ``users:manage`` any of them; oneself without it ``nickname``, ``email`` and
-  ``password`` only. A new password ends the user's sessions. ``DELETE /users/{id}``
+  ``password`` only. Changing one's own ``password`` or ``email`` takes
+  ``current_password`` (400 without it; 403 when wrong, counted as a failed login:
+  429 while the name is locked out), so that a stolen access token cannot make itself
+  a lasting login (a new password, or an address for OAuth2 login). A new password
+  ends the user's sessions. ``DELETE /users/{id}``
   (``users:manage``): 204, its sessions and API tokens go with it.
 * ``GET /roles`` (``users:read``): the built-in roles (``builtin: true``, not
   changeable) and the custom ones; ``POST /roles`` ``{"name", "description",
@@ -51,7 +56,7 @@ from virtbackup.gateway.identity_store import (
 )
 from virtbackup.gateway.login_log import paged
 from virtbackup.gateway.state import Gateway
-from virtbackup.runtime.errors import Conflict, NotFound
+from virtbackup.runtime.errors import BadRequest, Conflict, NotFound
 
 Name = Annotated[str, msgspec.Meta(max_length=128)]
 Short = Annotated[str, msgspec.Meta(max_length=256)]
@@ -63,6 +68,10 @@ RoleRef = Annotated[str, Parameter(description="A role's id or name", max_length
 
 class Forbidden(HTTPException):
     status_code = 403
+
+
+class LockedOut(HTTPException):
+    status_code = 429
 
 
 class UserCreate(SnakeBody, kw_only=True):
@@ -78,6 +87,7 @@ class UserUpdate(SnakeBody, kw_only=True):
     nickname: Short | None = None
     email: Short | None = None
     password: Secret | None = None
+    current_password: Secret | None = None
     roles: Names | None = None
     enabled: bool | None = None
 
@@ -167,6 +177,39 @@ async def _roles_perms(store: IdentityStore, roles: list[str]) -> frozenset[str]
     return out
 
 
+async def _confirm_password(
+    gw: Gateway, store: IdentityStore, user: UserRecord, current: str | None
+) -> None:
+    """400 without ``current``, 403 unless it is ``user``'s password; an attempt counts
+    as a login's would (``claim_attempt``: 429 while the name is locked out)."""
+    if current is None:
+        raise BadRequest(
+            "changing one's own password or email takes current_password - at `$.current_password`"
+        )
+    settings = gw.settings
+    name_key = user.username.lower()
+    stamp, failures = await store.claim_attempt(
+        "user", name_key, settings.login_failure_window, settings.login_max_failures
+    )
+    if stamp is None:
+        raise LockedOut(
+            f"too many failed logins of this user name ({len(failures)}); try again later"
+        )
+    if await store.verify(user.username, current) is None:  # the attempt stays counted
+        raise Forbidden("current_password is wrong - at `$.current_password`")
+    await store.release_attempt("user", name_key, stamp)
+
+
+async def _email_free(store: IdentityStore, email: str, user_id: int | None) -> None:
+    """409 when another user has ``email`` (case-insensitively): OAuth2 login finds its
+    user by that address, so two users with one address would make it pick one."""
+    if not email:
+        return
+    for other in await store.list_users():
+        if other.id != user_id and other.email.lower() == email.lower():
+            raise Conflict(f"e-mail address taken by user {other.username} - at `$.email`")
+
+
 async def _user(store: IdentityStore, user_id: int) -> UserRecord:
     user = await store.get_user(user_id)
     if user is None:
@@ -182,7 +225,7 @@ class AdminSysController(Controller):
         self,
         gw: Gateway,
         page: Annotated[int, Parameter(ge=1, le=100_000)] = 1,
-        size: Annotated[int, Parameter(ge=1, le=200)] = 20,
+        size: Annotated[int, Parameter(ge=1, le=1000)] = 20,
         username: Annotated[str, Parameter(max_length=64)] = "",
     ) -> dict[str, Any]:
         """A page of users (see module)."""
@@ -209,6 +252,7 @@ class AdminSysController(Controller):
         """Make a user (``users:manage``; roles within the caller's permissions)."""
         store, _ = stores(gw)
         _within(identity_of(request.scope), await _roles_perms(store, data.roles), "these roles")
+        await _email_free(store, data.email, None)
         user = await store.create_user(
             data.username,
             data.password,
@@ -243,6 +287,10 @@ class AdminSysController(Controller):
             _within(caller, await store.permissions_of(target), f"changing user {target.username}")
             if data.roles is not None:
                 _within(caller, await _roles_perms(store, data.roles), "these roles")
+        if caller.user_id == user_id and (data.password is not None or data.email is not None):
+            await _confirm_password(gw, store, target, data.current_password)
+        if data.email is not None:
+            await _email_free(store, data.email, user_id)
         new_hash = await store.hash_password(data.password) if data.password is not None else None
 
         def change(user: UserRecord) -> UserRecord:
@@ -366,9 +414,14 @@ class AdminSysController(Controller):
         token_id: Annotated[str, Parameter(max_length=64)],
         request: Request[Any, Any, Any],
     ) -> None:
-        """Revoke an API token."""
+        """Revoke an API token: one's own, or with ``users:manage`` one of a user whose
+        permissions the caller holds (403 otherwise, as for changing that user)."""
         store, _ = stores(gw)
-        self._own_or_manage(identity_of(request.scope), user_id)
+        caller = identity_of(request.scope)
+        self._own_or_manage(caller, user_id)
+        if caller.user_id != user_id:
+            target = await _user(store, user_id)
+            _within(caller, await store.permissions_of(target), f"changing user {target.username}")
         await store.delete_token(user_id, token_id)
 
     @staticmethod

@@ -30,6 +30,7 @@ from virtbackup.gateway.agents_store import (
     DiscoveredDomain,
     agent_view,
 )
+from virtbackup.gateway.audit_log import UNRECORDED_KEY
 from virtbackup.gateway.bodies import Body
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
@@ -220,17 +221,23 @@ class BackendAgentsController(Controller):
         self, gw: Gateway, request: Request[Any, Any, Any], data: LeaseBody | None = None
     ) -> dict[str, Any]:
         """``assigned: true`` with one backup's work and its one destination, or
-        ``assigned: false`` with a message (``agent is deactivated`` while it is)."""
+        ``assigned: false`` with a message (``agent is deactivated`` while it is). An
+        ``assigned: false`` changed nothing: not in the operation log (an agent polls
+        every few seconds)."""
         agent_id = calling_agent(request)
         agent = await _store(gw).get(agent_id)
         if agent is None:
             raise HTTPException(status_code=401, detail="unauthorized")
         if agent.state == "deactivated":
+            request.scope[UNRECORDED_KEY] = True  # type: ignore[literal-required]
             return {"assigned": False, "message": "agent is deactivated"}
         lease = await gw.bus.request(
             JobCmd.AGENT_LEASE, AgentLeaseRequest(agent_id=agent_id), AgentLease
         )
-        return await lease_answer(gw, agent_id, lease)
+        answer = await lease_answer(gw, agent_id, lease)
+        if answer.get("assigned") is not True:
+            request.scope[UNRECORDED_KEY] = True  # type: ignore[literal-required]
+        return answer
 
     @post(
         "/jobs/{job_id:str}/status", status_code=200, responses=responses(400, 401, 403, 404, 409)

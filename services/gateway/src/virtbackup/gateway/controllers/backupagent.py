@@ -55,7 +55,7 @@ from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import anomalies, joblog, timeouts
 from virtbackup.runtime.clock import utcnow_iso
-from virtbackup.runtime.errors import NotFound
+from virtbackup.runtime.errors import Conflict, NotFound
 from virtbackup.runtime.kv import keys, read_value
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=r"^[^\x00-\x1f\x7f]+$")]
@@ -191,9 +191,14 @@ async def _agent(gw: Gateway, agent_id: str) -> AgentRecord:
 async def _server_of(
     gw: Gateway, agent_id: str, server_id: str | None
 ) -> tuple[AgentConfig, Server]:
-    """The agent's server ``server_id`` (or its only one); 404/400 naming ``serverId``."""
+    """The agent's server ``server_id`` (or its only one); 404/400 naming ``serverId``,
+    409 while no server of the configuration names the agent."""
     cfg, _ = await gw.config.load()
     mine = agent_servers(cfg, agent_id)
+    if not mine:
+        raise Conflict(
+            "this agent backs up no server yet: name it as a server's agentId in the configuration"
+        )
     if server_id is not None:
         server = next((s for s in mine if s.id == server_id), None)
         if server is None:
@@ -483,10 +488,17 @@ class BackupAgentController(Controller):
         self, gw: Gateway, request: Request[Any, Any, Any], data: AnomalyBody
     ) -> dict[str, str]:
         """Record an anomaly the agent detected (stored, ``anomaly.raised`` event);
-        ``{"anomalyId"}``. ``jobId``, when given, must be one of its jobs (404)."""
+        ``{"anomalyId"}``. ``jobId``, when given, must be one of its jobs (404);
+        ``vmName`` that job's VM (400), or without a job a VM its last heartbeat
+        discovered (404): an agent raises anomalies of its own VMs only."""
         agent_id = calling_agent(request)
-        await _agent(gw, agent_id)
+        agent = await _agent(gw, agent_id)
         job = await _job_of(gw, agent_id, data.job_id) if data.job_id else None
+        if data.vm_name is not None:
+            if job is None:
+                _on_host(agent, data.vm_name)
+            elif data.vm_name != job.vm_name:
+                raise _bad("vmName", f"job {job.id} is of VM {shown(job.vm_name)}")
         raised = await anomalies.record(
             gw.bus,
             await _anomalies_kv(gw),

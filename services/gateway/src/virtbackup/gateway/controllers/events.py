@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import msgspec
-from litestar import Controller, get
+from litestar import Controller, Request, get
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from virtbackup.contracts import subjects
 from virtbackup.contracts.subjects import EventType
 from virtbackup.contracts.v1.jobctl import LogLine
+from virtbackup.gateway.identity_auth import RECHECK_SECONDS, still_allowed
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.events import EventFeed, EventStart, StoredEvent
 from virtbackup.runtime.joblog import LogFeed
@@ -72,6 +75,7 @@ class EventsController(Controller):
     async def events(
         self,
         gw: Gateway,
+        request: Request[Any, Any, Any],
         last_event_id: int | None = Parameter(
             header="Last-Event-ID",
             default=None,
@@ -90,6 +94,10 @@ class EventsController(Controller):
         ``{"type": "job.log", "payload": {"jobId", "ts", "level", "line"}}``, without an
         id (they are not in ``VB_EVENTS``: a resumed stream does not replay them; the
         whole log is the job's ``output.log`` artifact).
+
+        The stream ends once its credential no longer allows it (logged out, user
+        disabled, token revoked, permission taken: ``identity_auth.still_allowed``,
+        asked at most every ``RECHECK_SECONDS`` and at least at each keep-alive).
         """
         start: EventStart = "new" if last_event_id is None else last_event_id + 1
         # Open the feeds before "ready" so that nothing published after "ready" is missed.
@@ -99,7 +107,12 @@ class EventsController(Controller):
         async def stream() -> AsyncGenerator[ServerSentEventMessage, None]:
             try:
                 yield ServerSentEventMessage(event="ready", data="ok")
+                checked = time.monotonic()
                 async for message in merged(feed, logs):
+                    if time.monotonic() - checked >= RECHECK_SECONDS:
+                        checked = time.monotonic()
+                        if not await still_allowed(request.scope):
+                            return
                     yield message
             finally:
                 await feed.close()
