@@ -151,13 +151,20 @@ async def test_actors_registration_agents_and_no_credential(
         )
         assert resp.status_code == 201, resp.text
         agent_id, key = resp.json()["agentId"], resp.json()["apiKey"]
-        beating = rid("beat")
+        # A heartbeat is telemetry, not an entry, unless it is refused (a bad body here).
+        beating, bad_beat = rid("beat"), rid("bad-beat")
         resp = await bare.post(
             "/api/v1/agent/heartbeat",
             json={"status": "online"},
             headers={"Authorization": f"Bearer {key}", "x-request-id": beating},
         )
         assert resp.status_code == 200, resp.text
+        resp = await bare.post(
+            "/api/v1/agent/heartbeat",
+            json={"status": 5},
+            headers={"Authorization": f"Bearer {key}", "x-request-id": bad_beat},
+        )
+        assert resp.status_code == 400, resp.text
         refused = [rid("reused"), rid("wrong-token"), rid("no-token")]
         reused = await bare.post(
             "/api/v1/agent/register", json=body, headers={"x-request-id": refused[0]}
@@ -168,13 +175,14 @@ async def test_actors_registration_agents_and_no_credential(
         none = {"x-request-id": refused[2]}
         assert (await bare.delete(f"{LOGS}/1", headers=none)).status_code == 401
     assert (await entry(api, registering))["actor"] == "registration-token"
-    beat = await entry(api, beating)
+    beat = await entry(api, bad_beat)
     assert beat["actor"] == f"agent:{agent_id}" and beat["route"] == "/api/v1/agent/heartbeat"
+    assert beat["status"] == 400 and beat["success"] is False
     last = rid("after-refused")
     await api.post("/servers/local/refresh", headers={"x-request-id": last})
     await entry(api, last)
     items = (await api.get(LOGS, params={"size": 1000})).json()["items"]
-    assert not {i["requestId"] for i in items} & set(refused)
+    assert not {i["requestId"] for i in items} & {*refused, beating}
     assert key not in json.dumps(items) and token not in json.dumps(items)
 
 
@@ -183,7 +191,7 @@ async def test_an_agents_empty_lease_poll_is_not_an_entry(
 ) -> None:
     """A lease answered ``assigned: false`` changed nothing: an agent polls every few
     seconds, and each poll was an entry kept for a year (the #17 trial's one agent made
-    two thirds of the log's entries). Its heartbeat still is one."""
+    two thirds of the log's entries). A refused heartbeat still is one."""
     token = (await api.post("/api/v1/agent/registration-tokens", json={})).json()["token"]
     body = {"registrationToken": token, "hostname": "h", "os": "linux", "arch": "amd64",
             "agentVersion": "1"}  # fmt: skip
@@ -200,10 +208,10 @@ async def test_an_agents_empty_lease_poll_is_not_an_entry(
         assert resp.status_code == 200 and resp.json()["assigned"] is False, resp.text
         resp = await bare.post(
             "/api/v1/agent/heartbeat",
-            json={"status": "online"},
+            json={"status": 5},
             headers={"Authorization": f"Bearer {key}", "x-request-id": beating},
         )
-        assert resp.status_code == 200, resp.text
+        assert resp.status_code == 400, resp.text
     await entry(api, beating)  # records are stored in order: the lease's would be before
     items = (await api.get(LOGS, params={"size": 1000})).json()["items"]
     assert all(i["requestId"] != polling for i in items)

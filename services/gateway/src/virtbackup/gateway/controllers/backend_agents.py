@@ -206,7 +206,10 @@ class BackendAgentsController(Controller):
     async def heartbeat(
         self, gw: Gateway, request: Request[Any, Any, Any], data: HeartbeatBody | None = None
     ) -> dict[str, Any]:
-        """An agent's heartbeat (backend-api.md); answers ``configChanged`` and ``state``."""
+        """An agent's heartbeat (backend-api.md); answers ``configChanged`` and ``state``.
+        Telemetry every few seconds, not an operation: the operation log records it only
+        when it is refused."""
+        request.scope[UNRECORDED_KEY] = True  # type: ignore[literal-required]
         return await _beat(gw, calling_agent(request), data or HeartbeatBody())
 
     @post("/agent/heartbeat", status_code=200, responses=responses(400, 401, 403))
@@ -214,6 +217,7 @@ class BackendAgentsController(Controller):
         self, gw: Gateway, request: Request[Any, Any, Any], data: HeartbeatBody | None = None
     ) -> dict[str, Any]:
         """The same heartbeat in backupagent-api.md's place."""
+        request.scope[UNRECORDED_KEY] = True  # type: ignore[literal-required]
         return await _beat(gw, calling_agent(request), data or HeartbeatBody())
 
     @post("/agent/lease", status_code=200, responses=responses(400, 401, 403))
