@@ -156,6 +156,13 @@ class SshdServer:
                 "AllowTcpForwarding yes",
                 "AllowStreamLocalForwarding yes",
                 "Subsystem sftp internal-sftp",
+                # bash sources ~/.bashrc for an ssh command only as a top-level shell
+                # (shell level 1): with SHLVL=1 it starts at 2 and does not. Root's
+                # .bashrc on the test machines runs pyenv's init, whose rehash takes a
+                # lock file; a session killed in it (a test stopping this sshd mid-job)
+                # leaves the lock, and every later command then waits 60 s for it. A
+                # remote host's shell setup is not what these tests are about.
+                "SetEnv SHLVL=1",
             ]
         else:
             role = [
