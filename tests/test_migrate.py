@@ -251,3 +251,55 @@ async def test_migrate_a_running_vm_while_it_writes(
     assert compared.returncode == 0, compared.stdout + compared.stderr
     # Thin: about the data written, not the whole disk.
     assert moved.stat().st_blocks * 512 < 128 * MiB
+
+
+async def checkpoints_of(conn: Connection, name: str) -> list[str]:
+    dom = await conn.lookup(name)
+    return [c.getName() for c in await conn.call(dom.listAllCheckpoints)]
+
+
+def target_files(target_dir: Path, name: str) -> list[str]:
+    return [p.name for p in target_dir.iterdir() if name in p.name]
+
+
+async def test_cancel_while_syncing_leaves_the_source_running(
+    hs: httpx.AsyncClient, vm: SmallVm, conn: Connection, target_dir: Path
+) -> None:
+    if await power(conn, VM) != "running":  # the migration above left it shut off
+        await conn.call((await conn.lookup(VM)).create, timeout=60)
+    before = await checkpoints_of(conn, VM)
+    resp = await hs.post("/jobs/submit", json=submission(VM, CANCELED, target_dir))
+    assert resp.status_code == 201, resp.text
+    job_id = resp.json()["job_id"]
+    deadline = time.monotonic() + 60
+    while (await hs.get(f"/jobs/{job_id}")).json()["progress"]["stage"] != "syncing":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    cancel = await hs.post("/jobs/cancel", json={"job_ids": [job_id]})
+    assert cancel.status_code == 200, cancel.text
+    job, _ = await follow(hs, job_id)
+    assert job["status"] == "cancelled", job
+    assert await power(conn, VM) == "running"
+    assert await checkpoints_of(conn, VM) == before
+    with pytest.raises(NotFound):
+        await get_domain(conn, CANCELED)
+    assert target_files(target_dir, CANCELED) == []
+
+
+async def test_a_failure_at_cutover_starts_the_source_again(
+    hs: httpx.AsyncClient, vm: SmallVm, conn: Connection, target_dir: Path
+) -> None:
+    assert await power(conn, VM) == "running"
+    before = await checkpoints_of(conn, VM)
+    body = submission(VM, FAILED, target_dir, debug_fault="cutover")
+    resp = await hs.post("/jobs/submit", json=body)
+    assert resp.status_code == 201, resp.text
+    job, stages = await follow(hs, resp.json()["job_id"])
+    assert job["status"] == "failed", job
+    assert "cutover" in stages, stages
+    assert "started again" in job["error"], job
+    assert await power(conn, VM) == "running"
+    assert await checkpoints_of(conn, VM) == before
+    with pytest.raises(NotFound):
+        await get_domain(conn, FAILED)
+    assert target_files(target_dir, FAILED) == []
