@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
 from harness import System, local_config, running_system
 
 from virtbackup.testing.sshd import SshdServer, sshd_server
@@ -201,7 +202,12 @@ async def test_bad_input_creates_nothing(
 
 
 async def test_migrate_a_running_vm_while_it_writes(
-    hs: httpx.AsyncClient, api: httpx.AsyncClient, vm: SmallVm, conn: Connection, target_dir: Path
+    hs: httpx.AsyncClient,
+    api: httpx.AsyncClient,
+    system: System,
+    vm: SmallVm,
+    conn: Connection,
+    target_dir: Path,
 ) -> None:
     writes = {"n": 0}
 
@@ -217,15 +223,37 @@ async def test_migrate_a_running_vm_while_it_writes(
             offset = (offset + 3 * MiB) % (120 * MiB)
             await asyncio.sleep(0.05)
 
-    task = asyncio.create_task(writer())
-    try:
-        resp = await hs.post("/jobs/submit", json=submission(VM, MOVED, target_dir))
-        assert resp.status_code == 201, resp.text
-        job, stages = await follow(hs, resp.json()["job_id"])
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    ws_stages: list[str] = []
+    protocols: list[Any] = ["virtbackup.v1", f"virtbackup.bearer.{system.token}"]
+    ws_url = f"ws://127.0.0.1:{system.hypersdk_port}/ws"
+
+    async def watch(sock: Any) -> None:
+        # Every job_update of the job, as a /ws client sees it.
+        while True:
+            msg = json.loads(await sock.recv())
+            data = msg["data"]
+            if msg["type"] == "job_update" and data["definition"]["id"] == ids.get("job"):
+                stage = data["progress"]["stage"]
+                if not ws_stages or ws_stages[-1] != stage:
+                    ws_stages.append(stage)
+
+    ids: dict[str, str] = {}
+    async with websockets.connect(ws_url, subprotocols=protocols, open_timeout=10) as sock:
+        watcher = asyncio.create_task(watch(sock))
+        task = asyncio.create_task(writer())
+        try:
+            resp = await hs.post("/jobs/submit", json=submission(VM, MOVED, target_dir))
+            assert resp.status_code == 201, resp.text
+            ids["job"] = resp.json()["job_id"]
+            job, stages = await follow(hs, ids["job"])
+            await asyncio.sleep(1)  # the last job_update
+        finally:
+            for running in (task, watcher):
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
+    for stage in ("copying", "syncing", "cutover", "completed"):
+        assert stage in ws_stages, ws_stages
     assert job["status"] == "completed", job
     assert job["definition"]["destination"] == {"type": "kvm", "server_id": "remote"}
     for stage in ("copying", "syncing", "completed"):
@@ -263,14 +291,18 @@ def target_files(target_dir: Path, name: str) -> list[str]:
 
 
 async def test_cancel_while_syncing_leaves_the_source_running(
-    hs: httpx.AsyncClient, vm: SmallVm, conn: Connection, target_dir: Path
+    hs: httpx.AsyncClient, api: httpx.AsyncClient, vm: SmallVm, conn: Connection, target_dir: Path
 ) -> None:
     if await power(conn, VM) != "running":  # the migration above left it shut off
         await conn.call((await conn.lookup(VM)).create, timeout=60)
     before = await checkpoints_of(conn, VM)
-    resp = await hs.post("/jobs/submit", json=submission(VM, CANCELED, target_dir))
-    assert resp.status_code == 201, resp.text
-    job_id = resp.json()["job_id"]
+    # Through the native API this time.
+    body = {"serverId": "local", "vmName": VM, "targetServerId": "remote",
+            "targetVmName": CANCELED, "targetDirectory": str(target_dir),
+            "shutdownTimeoutSeconds": 1}  # fmt: skip
+    resp = await api.post("/api/v1/migrations", json=body)
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
     deadline = time.monotonic() + 60
     while (await hs.get(f"/jobs/{job_id}")).json()["progress"]["stage"] != "syncing":
         assert time.monotonic() < deadline
