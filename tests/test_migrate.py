@@ -190,6 +190,9 @@ async def test_bad_input_creates_nothing(
     assert resp.status_code == 400 and "arget" in resp.json()["error"], resp.text
     await refused(submission(VM, MOVED, target_dir, max_passes=0), 400, "options.max_passes")
     await refused(submission(VM, MOVED, target_dir, bogus=1), 400, "options.bogus")
+    unknown_net = {"default": f"vbt-no-such-net-{PID}"}
+    body = submission(VM, MOVED, target_dir, network_mapping=unknown_net)
+    await refused(body, 400, "options.network_mapping.default")
     stopped = await create_vm(conn, FAILED + "x", vm.directory, [MiB], start=False)
     try:
         await refused(submission(stopped.name, MOVED, target_dir), 400, "cold copy")

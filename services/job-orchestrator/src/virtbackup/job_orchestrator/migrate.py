@@ -58,6 +58,7 @@ from virtbackup.contracts.v1.inventory import (
     DiskList,
     DomainXml,
     Extent,
+    NetworkList,
     Ok,
     RestoreDisk,
     RestoreFinishRequest,
@@ -66,6 +67,7 @@ from virtbackup.contracts.v1.inventory import (
     RestorePrepared,
     RestorePrepareRequest,
     RestoreTarget,
+    ServerRef,
     VmAction,
     VmActionRequest,
     VmInfo,
@@ -282,12 +284,33 @@ async def submit_migration(jc: JobContext, definition: JobDefinition) -> JobSubm
     disks = await _source_disks(jc, server_id, vm)
     if not disks:
         raise BadRequest(f"vm_path: vm {vm} has no disk to migrate")
+    await _check_networks(jc, params)
     await _precheck(jc, params, vm, xml.xml, disks)
     job = await jc.submit(
         "migration", server_id=server_id, vm_name=vm, params=params, lock_vm=True,
         run=_run_from_submit,
     )  # fmt: skip
     return JobSubmitResult(job_ids=[job.id], targets=[JobTarget(server_id=server_id, vm_name=vm)])
+
+
+async def _check_networks(jc: JobContext, params: dict[str, Any]) -> None:
+    """``BadRequest`` naming the entry of ``networkMapping`` whose target network the
+    target server does not have."""
+    mapping: dict[str, str] = params.get("networkMapping") or {}
+    if not mapping:
+        return
+    target = params["targetServerId"]
+    listed = await jc.bus.request(
+        InventoryCmd.NETWORKS, ServerRef(server_id=target), NetworkList,
+        timeout=timeouts.INVENTORY_QUERY,
+    )  # fmt: skip
+    for source, name in sorted(mapping.items()):
+        if name not in listed.names:
+            have = ", ".join(listed.names) or "none"
+            raise BadRequest(
+                f"options.network_mapping.{source}: server {target} has no network "
+                f"{shown(name)} (it has: {have})"
+            )
 
 
 async def _run_from_submit(jc: JobContext, job: Job) -> None:

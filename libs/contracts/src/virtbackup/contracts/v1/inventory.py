@@ -207,6 +207,13 @@ class BackupBegun(Message, frozen=True, kw_only=True):
     domain_id: int | None = None
 
 
+class NetworkList(Message, frozen=True, kw_only=True):
+    """``vb.cmd.inventory.networks`` (asked with a ``ServerRef``): the names of the
+    server's libvirt networks, sorted."""
+
+    names: list[str]
+
+
 class CheckpointForgetRequest(Message, frozen=True, kw_only=True):
     """Delete checkpoint ``checkpoint`` of the VM (its dirty bitmaps): the restore point
     that it marked was deleted. Answered with ``Ok``: ``success`` false, with the reason
