@@ -38,6 +38,7 @@ VM = f"vbt-mig-{PID}"
 MOVED = f"vbt-migt-{PID}"
 CANCELED = f"vbt-migc-{PID}"
 FAILED = f"vbt-migf-{PID}"
+ORPHANED = f"vbt-migo-{PID}"
 #: Seconds each sync pass waits before it copies (debug hold): a cancel lands there.
 SYNC_HOLD = 3
 
@@ -118,7 +119,7 @@ async def vm(conn: Connection, vm_dir: Path) -> AsyncIterator[SmallVm]:
     try:
         yield made
     finally:
-        for name in (VM, MOVED, CANCELED, FAILED):
+        for name in (VM, MOVED, CANCELED, FAILED, ORPHANED):
             await remove_vm(conn, name)
 
 
@@ -338,3 +339,36 @@ async def test_a_failure_at_cutover_starts_the_source_again(
     with pytest.raises(NotFound):
         await get_domain(conn, FAILED)
     assert target_files(target_dir, FAILED) == []
+
+
+async def test_a_migration_whose_orchestrator_stopped_is_undone(
+    hs: httpx.AsyncClient, system: System, vm: SmallVm, conn: Connection, target_dir: Path
+) -> None:
+    """The orchestrator stops while the job syncs; the one started again takes the job
+    over from its record: the libvirt job ended, the checkpoints dropped, the target
+    clean, the source running."""
+    assert await power(conn, VM) == "running"
+    before = await checkpoints_of(conn, VM)
+    resp = await hs.post("/jobs/submit", json=submission(VM, ORPHANED, target_dir))
+    assert resp.status_code == 201, resp.text
+    job_id = resp.json()["job_id"]
+    deadline = time.monotonic() + 60
+    while (await hs.get(f"/jobs/{job_id}")).json()["progress"]["stage"] != "syncing":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    system.stop("job-orchestrator")  # SIGTERM: it gives up the job's lease
+    system.start("job-orchestrator")
+    deadline = time.monotonic() + 90
+    while True:
+        resp = await hs.get(f"/jobs/{job_id}")
+        if resp.status_code == 200 and resp.json()["status"] in {"failed", "cancelled"}:
+            job = resp.json()
+            break
+        assert time.monotonic() < deadline, resp.text
+        await asyncio.sleep(0.3)
+    assert job["status"] == "failed" and "stopped while" in job["error"], job
+    assert await power(conn, VM) == "running"
+    assert await checkpoints_of(conn, VM) == before
+    with pytest.raises(NotFound):
+        await get_domain(conn, ORPHANED)
+    assert target_files(target_dir, ORPHANED) == []

@@ -583,6 +583,35 @@ async def _undo(jc: JobContext, m: Migration) -> list[str]:
     return notes
 
 
+async def recover_migration(jc: JobContext, job: Job, message: str) -> str:
+    """End a migration whose orchestrator died (this instance holds its lease now), from
+    what its ``result`` recorded: its libvirt job is ended and its checkpoints dropped,
+    the target images are removed unless the VM was defined there, and a source stopped
+    for the cut-over (``sourceStopped``) is started again unless the VM runs on the
+    target. Returns ``message`` with what was done."""
+    m = Migration(job=job)
+    recorded = job.result
+    m.checkpoints = [c for c in recorded.get("checkpoints") or [] if isinstance(c, str)]
+    m.targets = msgspec.convert(recorded.get("targets") or [], list[RestoreTarget])
+    m.defined = bool(recorded.get("defined"))
+    m.source_stopped = bool(recorded.get("sourceStopped"))
+    m.target_running = recorded.get("stage") == "completed"
+    notes: list[str] = []
+    if m.checkpoints:
+        end = BackupEndRequest(
+            server_id=m.source, vm_name=m.vm, checkpoint=m.checkpoints[-1], success=False
+        )
+        try:
+            await end_libvirt_job(jc, end, keep_going=lambda: jc.holds(job.id))
+        except ServiceError as exc:
+            notes.append(f"could not end the libvirt backup job: {exc.message}")
+    if m.source_stopped and not m.target_running and m.defined:
+        notes.append(f"vm {m.target_name} is defined on server {m.target}, not started")
+        m.target_running = True  # the VM is there: the source stays off
+    notes.extend(await _undo(jc, m))
+    return "; ".join([message, *notes])
+
+
 async def _drop_checkpoints(jc: JobContext, m: Migration) -> list[str]:
     notes = []
     for checkpoint in list(m.checkpoints):
@@ -650,6 +679,7 @@ async def _migrate(jc: JobContext, m: Migration) -> str:
     # The point of no return: a cancel is refused from here.
     await jc.enter(job.id, "committing", message=f"cutover: stopping {m.vm} on server {m.source}")
     await _record(jc, m, stage="cutover")
+    await _record(jc, m, sourceStopped=True)  # before: whoever ends the job starts it
     how = await _shut_down_source(jc, m)
     stopped = time.monotonic()
     begun = await _begin(jc, m, last)  # offline: the inventory starts it paused
@@ -679,6 +709,7 @@ async def _migrate(jc: JobContext, m: Migration) -> str:
         InventoryCmd.RESTORE_FINISH, finish, Ok, timeout=timeouts.INVENTORY_JOB_STEP
     )
     m.defined = True
+    await _record(jc, m, defined=True)
     steps["defined"] = round(time.monotonic() - stopped, 3)
     started_note = "defined (not started)"
     if params.get("startOnTarget", True):
