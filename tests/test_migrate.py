@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -27,8 +28,15 @@ import websockets
 from harness import System, local_config, running_system
 
 from virtbackup.testing.sshd import SshdServer, sshd_server
-from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
-from virtbackup.virt import Connection, NotFound, get_domain
+from virtbackup.testing.vms import (
+    SmallVm,
+    create_uefi_vm,
+    create_vm,
+    guest_write,
+    remove_vm,
+    vm_directory,
+)
+from virtbackup.virt import Connection, NotFound, domain_xml, get_domain
 
 pytestmark = pytest.mark.libvirt
 
@@ -39,6 +47,8 @@ MOVED = f"vbt-migt-{PID}"
 CANCELED = f"vbt-migc-{PID}"
 FAILED = f"vbt-migf-{PID}"
 ORPHANED = f"vbt-migo-{PID}"
+UEFI = f"vbt-migu-{PID}"
+UEFI_MOVED = f"vbt-migut-{PID}"
 #: Seconds each sync pass waits before it copies (debug hold): a cancel lands there.
 SYNC_HOLD = 3
 
@@ -99,6 +109,11 @@ async def hs(
     )
     resp = await api.post("/config", json=cfg)
     assert resp.status_code == 200, resp.text
+    # The inventory's first look at the new server (its SSH login, its leftovers) first.
+    deadline = time.monotonic() + 90
+    while (await api.get("/servers/remote/vms")).status_code != 200:
+        assert time.monotonic() < deadline, "server remote never listed its VMs"
+        await asyncio.sleep(0.5)
     async with httpx.AsyncClient(
         base_url=system.hypersdk_url, headers=system.auth(), timeout=60
     ) as client:
@@ -372,3 +387,26 @@ async def test_a_migration_whose_orchestrator_stopped_is_undone(
     with pytest.raises(NotFound):
         await get_domain(conn, ORPHANED)
     assert target_files(target_dir, ORPHANED) == []
+
+
+async def test_a_uefi_vm_takes_its_variable_store_along(
+    hs: httpx.AsyncClient, conn: Connection, vm_dir: Path, target_dir: Path
+) -> None:
+    """The source's NVRAM, final once it is stopped, is the target's, under the name the
+    target's domain gives it."""
+    uefi = await create_uefi_vm(conn, UEFI, vm_dir, [16 * MiB], tpm=False)
+    try:
+        assert uefi.nvram is not None
+        resp = await hs.post("/jobs/submit", json=submission(UEFI, UEFI_MOVED, target_dir))
+        assert resp.status_code == 201, resp.text
+        job, _ = await follow(hs, resp.json()["job_id"])
+        assert job["status"] == "completed", job
+        assert "UEFI variable store" in job["message"], job
+        root = ET.fromstring(await domain_xml(conn, UEFI_MOVED, inactive=True))
+        moved_nvram = Path(root.findtext("./os/nvram") or "")
+        assert moved_nvram != uefi.nvram and moved_nvram.name.startswith(UEFI_MOVED)
+        assert moved_nvram.read_bytes() == uefi.nvram.read_bytes()
+        assert await power(conn, UEFI_MOVED) == "running"
+    finally:
+        for name in (UEFI, UEFI_MOVED):
+            await remove_vm(conn, name)

@@ -16,6 +16,7 @@ Built on the data path of backups and restores; no repository is involved:
 3. ``cutover`` (phase ``committing``: a cancel is refused from here): the source is shut
    down (gracefully for ``shutdownTimeoutSeconds``, then forced if ``forceShutdown``),
    the last delta is copied offline (the inventory starts the VM paused to read it),
+   its state files (NVRAM, TPM state) are staged on the target (``migrate_state``),
    the target images are moved into place and the domain is defined there
    (``RESTORE_FINISH``: new disk paths; ``networkMapping`` applied to its interfaces),
    and started (``starting``) if ``startOnTarget``. The source stays defined, shut off
@@ -75,11 +76,14 @@ from virtbackup.contracts.v1.inventory import (
 )
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.schedules import JobDefinition, JobSubmitResult, JobTarget
+from virtbackup.contracts.v1.state import StagedState
 from virtbackup.contracts.v1.work import TransferUnit
 from virtbackup.job_orchestrator.backup import end_libvirt_job
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.jobctx import JobContext
+from virtbackup.job_orchestrator.migrate_state import move_state
 from virtbackup.job_orchestrator.progress import update_job
+from virtbackup.job_orchestrator.state_files import state_summary
 from virtbackup.runtime import joblog, timeouts
 from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, ServiceError
 
@@ -383,6 +387,8 @@ class Migration:
     source_stopped: bool = False
     defined: bool = False
     target_running: bool = False
+    #: NVRAM, TPM state staged on the target (moved or removed by ``RESTORE_FINISH``).
+    state: list[StagedState] = field(default_factory=list)
     #: The number of the next unit: units are numbered across passes (a unit number is
     #: its message id in the work stream, which drops a repeated one).
     next_unit: int = 0
@@ -565,7 +571,7 @@ async def _undo(jc: JobContext, m: Migration) -> list[str]:
     if m.targets and not m.defined:
         finish = RestoreFinishRequest(
             server_id=m.target, job_id=m.job.id, vm_name=m.target_name, success=False,
-            disks=m.targets,
+            disks=m.targets, state=m.state,
         )  # fmt: skip
         try:
             await jc.bus.request(
@@ -594,6 +600,7 @@ async def recover_migration(jc: JobContext, job: Job, message: str) -> str:
     m.checkpoints = [c for c in recorded.get("checkpoints") or [] if isinstance(c, str)]
     m.targets = msgspec.convert(recorded.get("targets") or [], list[RestoreTarget])
     m.defined = bool(recorded.get("defined"))
+    m.state = msgspec.convert(recorded.get("state") or [], list[StagedState])
     m.source_stopped = bool(recorded.get("sourceStopped"))
     m.target_running = recorded.get("stage") == "completed"
     notes: list[str] = []
@@ -659,7 +666,8 @@ async def _migrate(jc: JobContext, m: Migration) -> str:
     passes: list[dict[str, Any]] = [{"pass": 0, "bytes": copied, "seconds": round(seconds, 3)}]
     await _record(jc, m, passes=passes, copySeconds=round(seconds, 3))
     limit, budget = int(params["maxPasses"]), float(params["maxDowntimeSeconds"])
-    rate = copied / seconds if seconds > 0 else float("inf")
+    # Bytes per second of the last pass that copied anything (none yet: any pass is quick).
+    rate = copied / seconds if seconds > 0 and copied > 0 else float("inf")
     for number in range(1, limit + 1):
         await _end(jc, m, keep=True)
         begun = await _begin(jc, m, begun.checkpoint)
@@ -692,18 +700,24 @@ async def _migrate(jc: JobContext, m: Migration) -> str:
             "offline": True,
         }
     )
-    await _end(jc, m, keep=True)
-    steps = {"delta": round(time.monotonic() - stopped, 3)}
-    if jc.settings.debug and params.get("debugFault") == "cutover":
-        raise JobFailed("debug fault injected at cutover (options.debug_fault)")
     xml = await jc.bus.request(
         InventoryCmd.DOMAIN_XML, VmRef(server_id=m.source, vm_name=m.vm), DomainXml,
         timeout=timeouts.INVENTORY_QUERY,
     )  # fmt: skip
+    defined_xml = map_networks(xml.xml, mapping)
     uuid = "" if m.target_name != m.vm else _uuid_of(xml.xml)
+    # NVRAM, TPM state: final now (the VM is stopped), staged on the target.
+    try:
+        moved = await move_state(jc, job, m.target, defined_xml, m.target_name, uuid, m.state)
+    finally:
+        await _record(jc, m, state=msgspec.to_builtins(m.state))
+    await _end(jc, m, keep=True)
+    steps = {"delta": round(time.monotonic() - stopped, 3)}
+    if jc.settings.debug and params.get("debugFault") == "cutover":
+        raise JobFailed("debug fault injected at cutover (options.debug_fault)")
     finish = RestoreFinishRequest(
         server_id=m.target, job_id=job.id, vm_name=m.target_name, success=True,
-        domain_xml=map_networks(xml.xml, mapping), disks=m.targets, uuid=uuid,
+        domain_xml=defined_xml, disks=m.targets, uuid=uuid, state=m.state,
     )  # fmt: skip
     await jc.bus.request(
         InventoryCmd.RESTORE_FINISH, finish, Ok, timeout=timeouts.INVENTORY_JOB_STEP
@@ -720,6 +734,8 @@ async def _migrate(jc: JobContext, m: Migration) -> str:
     downtime = round(time.monotonic() - stopped, 3)
     steps["running" if m.target_running else "done"] = downtime
     notes = await _drop_checkpoints(jc, m)
+    if summary := state_summary(moved):
+        notes.insert(0, summary)
     total = sum(p["bytes"] for p in passes)
     await _record(
         jc, m, stage="completed", passes=passes, bytesCopied=total, downtimeSeconds=downtime,
