@@ -145,6 +145,13 @@ AGENT_POSTS: dict[str, dict[str, object]] = {
     "/api/v1/destinations/{destination_id}/verify": {"mode": "sample", "samplePercent": 5,
                                                      "outdatedAfterDays": 1, "serverId": "local",
                                                      "vmName": "no-such-vm"},
+    "/api/v1/migrations": {"serverId": "local", "vmName": "no-such-vm",
+                           "targetServerId": "no-such-server", "targetVmName": "x",
+                           "targetDirectory": "/var/tmp/x", "storagePool": "p",
+                           "maxDowntimeSeconds": 5, "maxPasses": 2,
+                           "shutdownTimeoutSeconds": 1, "forceShutdown": True,
+                           "startOnTarget": False, "replace": False,
+                           "networkMapping": {"default": "default"}},
     "/ntfyme/test": {"token": "tk_none"},
     # Remote agents (backend_agents): the agent routes answer the admin's token 403.
     "/api/v1/agent/registration-tokens": {"expiresInSeconds": 60},

@@ -180,8 +180,11 @@ def concrete(template: str) -> str:
 def handler_checked(method: str, template: str, path: str) -> bool:
     """Routes whose handler checks the caller further, so that it may answer 403 to an
     identity the middleware let through: a user's own record and tokens (oneself, or
-    ``users:*``), and the remote agents' routes (a ``bak_`` key only)."""
+    ``users:*``), migrations (``vms:control`` too), and the remote agents' routes (a
+    ``bak_`` key only)."""
     if template.startswith("/api/v1/admin/sys/users/{user_id:int}"):
+        return True
+    if template == "/api/v1/migrations":  # restore:run, and vms:control in the handler
         return True
     return is_agent_route(method, path)
 

@@ -720,6 +720,8 @@ async def test_cleanup_refuses_a_vm_a_job_holds(
         try:
             with pytest.raises(Conflict, match=job_id):
                 await check()
+            # The holding job itself (a migration dropping its own checkpoints) is let by.
+            await check_no_job_holds(server, vm.name, jobs, locks, INSTALLATION, holder=job_id)
             await jobs.put(job_id, _job(job_id, "failure"))
             await check()  # its job ended: a leftover
         finally:
@@ -732,6 +734,7 @@ async def test_cleanup_refuses_a_vm_a_job_holds(
         await jobs.put(restore, _job(restore, "running"))
         with pytest.raises(Conflict, match=f"restore job running \\({restore}\\)"):
             await check()
+        await check_no_job_holds(server, vm.name, jobs, locks, INSTALLATION, holder=restore)
         await jobs.put(restore, _job(restore, "success"))
         await check()
     finally:

@@ -123,7 +123,7 @@ def test_sources_destinations_and_options() -> None:
         check_source({"type": "libvirt", "password": "x"})
     assert check_destination({"type": "backup", "destination_id": "fs"}) == "fs"
     assert check_destination({}) is None
-    with pytest.raises(BadRequest, match="not built"):
+    with pytest.raises(BadRequest, match="not as a schedule"):
         check_destination({"type": "kvm", "libvirt_uri": "qemu+ssh://h/system"})
     assert check_options({}, debug=False) is False
     with pytest.raises(BadRequest, match=r"options\.conversion_method"):

@@ -270,6 +270,8 @@ class InventoryCmd:
     STATE_WRITE: Final = command("inventory", "state-write")
     # A checkpoint's dirty size per disk, without reading data (``v1.plans``).
     CHECKPOINT_SIZE: Final = command("inventory", "checkpoint-size")
+    # The libvirt networks of a server (a migration's ``network_mapping``).
+    NETWORKS: Final = command("inventory", "networks")
 
 
 class PlanCmd:

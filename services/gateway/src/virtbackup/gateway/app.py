@@ -37,6 +37,7 @@ from virtbackup.gateway.controllers.lifecycle_points import (
     POINT_BODIES,
     RestorePointsController,
 )
+from virtbackup.gateway.controllers.migrations import MigrationsController
 from virtbackup.gateway.controllers.notify import NotifyController
 from virtbackup.gateway.controllers.restore import RestoreController
 from virtbackup.gateway.controllers.servers import ServersController
@@ -62,6 +63,7 @@ CONTROLLERS = [
     RestorePointsController,
     LifecycleGcController,
     CopyController,
+    MigrationsController,
     NotifyController,
     *PLAN_CONTROLLERS,
     BackendAgentsController,

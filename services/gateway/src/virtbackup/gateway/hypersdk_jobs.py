@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 import msgspec
-from litestar import Controller, delete, get, post, put
+from litestar import Controller, Request, delete, get, post, put
 
 from virtbackup.contracts.subjects import JobCmd, ScheduleCmd
 from virtbackup.contracts.v1.common import Empty, shown
@@ -42,6 +42,7 @@ from virtbackup.contracts.v1.schedules import (
     ScheduleUpdate,
 )
 from virtbackup.gateway.bodies import NoBody, SnakeBody
+from virtbackup.gateway.controllers.migrations import check_may_migrate
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
@@ -145,10 +146,16 @@ async def _job(gw: Gateway, job_id: str) -> Job:
 
 class HyperSdkJobsController(Controller):
     @post("/jobs/submit", status_code=201, responses=responses(404, 409))
-    async def submit(self, gw: Gateway, data: SubmitBody) -> dict[str, Any]:
-        """Create one backup job per VM ``vm_path`` names (a glob: one per match).
-        ``job_id`` is the first job's id, ``job_ids`` all of them; for a glob, VMs whose
-        job could not be created (e.g. a backup already running) are in ``errors``."""
+    async def submit(
+        self, gw: Gateway, request: Request[Any, Any, Any], data: SubmitBody
+    ) -> dict[str, Any]:
+        """Create one backup job per VM ``vm_path`` names (a glob: one per match), or a
+        migration (``destination.type`` ``kvm``; it also takes ``restore:run`` and
+        ``vms:control``). ``job_id`` is the first job's id, ``job_ids`` all of them; for a
+        glob, VMs whose job could not be created (e.g. a backup already running) are in
+        ``errors``."""
+        if data.destination.get("type") == "kvm":
+            check_may_migrate(request)
         result = await gw.bus.request(
             JobCmd.SUBMIT,
             JobSubmitRequest(definition=data.definition()),

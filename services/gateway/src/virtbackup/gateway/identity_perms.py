@@ -180,6 +180,8 @@ RULES: Final[tuple[Rule, ...]] = (
     _rule(A, "PATCH DELETE", rf"/api/v1/restore-points/{_P}", "lifecycle:run"),
     _rule(A, "GET", rf"/api/v1/destinations/{_P}/stats", "backups:read"),
     _rule(A, "POST", rf"/api/v1/destinations/{_P}/(prune|gc|verify|copy)", "lifecycle:run"),
+    # A migration also takes vms:control (controllers/migrations.check_may_migrate).
+    _rule(A, "POST", r"/api/v1/migrations", "restore:run"),
     _rule(A, "GET", rf"/api/v1/projects(/{_P}(/icon)?)?", "backups:read"),
     _rule(A, "POST", rf"/api/v1/projects/(import|{_P}/reload)", "config:write"),
     _rule(A, "DELETE", rf"/api/v1/projects/{_P}", "config:write"),

@@ -251,8 +251,9 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
                     entry.host, req.vm_name, jobs, inv.installation, scratch
                 )
                 await reconcile.check_no_job_holds(
-                    entry.host, req.vm_name, jobs, ctx.bucket(buckets.LOCKS), inv.installation
-                )
+                    entry.host, req.vm_name, jobs, ctx.bucket(buckets.LOCKS), inv.installation,
+                    holder=req.job_id,
+                )  # fmt: skip
             except Conflict as held:
                 return Ok(success=False, message=held.message)
             try:

@@ -70,16 +70,23 @@ async def check_no_job_holds(
     jobs: KeyValue,
     locks: KeyValue,
     installation: str,
+    holder: str = "",
 ) -> None:
     """Refuse (Conflict naming the job) to clean up a VM that a job of this installation
     holds now: its backup (live or offline: the domain's tag names a job that ``VB_JOBS``
     lists as queued or running) or its restore or backup in any phase (the VM's lock in
     ``VB_LOCKS`` names such a job, or one that is being created). What a backup of
     another installation, or a job that ended, left behind is a leftover: not refused.
-    Raises VirtError when libvirt cannot be asked (NotFound for an unknown VM)."""
+    Raises VirtError when libvirt cannot be asked (NotFound for an unknown VM).
+    ``holder``: the job asking (a migration dropping its own checkpoints) is no hold."""
     conn = await server.connection()
     found = await ownership.read_tag(conn, vm_name)
-    if found is not None and found.job_id and found.installation == installation:
+    if (
+        found is not None
+        and found.job_id
+        and found.installation == installation
+        and found.job_id != (holder or None)
+    ):
         state = await ownership.job_state(jobs, found.job_id)
         if state in ACTIVE_STATES:
             kind = "an offline backup" if found.offline else "a backup"
@@ -96,6 +103,8 @@ async def check_no_job_holds(
         lock = msgspec.json.decode(entry.value, type=_Lock)
     except (msgspec.DecodeError, msgspec.ValidationError):
         log.warning("the lock of vm %s on %s cannot be read", vm_name, server.id)
+        return
+    if holder and lock.job_id == holder:
         return
     state = await ownership.job_state(jobs, lock.job_id)
     if state in ACTIVE_STATES:

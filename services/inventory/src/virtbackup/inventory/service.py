@@ -6,6 +6,7 @@ from virtbackup.contracts import buckets, streams, subjects
 from virtbackup.inventory.checkpoint_size import register_checkpoint_size
 from virtbackup.inventory.handlers import register as register_handlers
 from virtbackup.inventory.inventory import Inventory
+from virtbackup.inventory.networks import register_networks
 from virtbackup.runtime.service import ServiceContext, ServiceSpec
 
 _state: dict[str, Inventory] = {}
@@ -16,6 +17,7 @@ async def register(ctx: ServiceContext) -> None:
     _state[ctx.name] = inv
     register_handlers(ctx, inv)
     register_checkpoint_size(ctx, inv)
+    register_networks(ctx, inv)
 
 
 async def start(ctx: ServiceContext) -> None:

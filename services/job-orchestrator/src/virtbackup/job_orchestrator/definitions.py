@@ -85,8 +85,8 @@ def check_destination(destination: dict[str, Any]) -> str | None:
     kind = destination.get("type", "backup")
     if kind == "kvm":
         raise BadRequest(
-            "destination.type: 'kvm' (a migration to another libvirt server) is not built "
-            'yet; back up with destination {"type": "backup", "destination_id": "<id>"}'
+            "destination.type: 'kvm' (a migration to another libvirt server) is submitted "
+            "as a job (POST /jobs/submit), not as a schedule's job template"
         )
     if kind != "backup":
         raise BadRequest(
@@ -233,7 +233,10 @@ async def submit(jc: JobContext, definition: JobDefinition) -> JobSubmitResult:
     # Imported here: ``handlers`` is in an import cycle (handlers -> runner -> points ->
     # exports -> handlers) that only an import of ``exports`` first resolves.
     from virtbackup.job_orchestrator.handlers import backup
+    from virtbackup.job_orchestrator.migrate import is_migration, submit_migration
 
+    if is_migration(definition):
+        return await submit_migration(jc, definition)
     requests, glob = await expand(jc, definition)
     job_ids: list[str] = []
     errors: list[str] = []

@@ -350,7 +350,7 @@ class JobContext:
         if job.state == "failure":
             failure = JobFailure(job_id=job.id, type=job.type, message=job.message)
             await self.bus.publish_event(EventType.JOB_FAILURE, failure, key=job.id)
-        if job.server_id and job.vm_name and job.type in {"backup", "restore"}:
+        if job.server_id and job.vm_name and job.type in {"backup", "restore", "migration"}:
             await self.locks.release(job.server_id, job.vm_name, job.id)
             folder = point_folder_lock(job.type, job.destination_id, job.vm_name)
             if folder is not None:

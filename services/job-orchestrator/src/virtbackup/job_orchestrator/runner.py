@@ -32,6 +32,7 @@ from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.fanout import also_destinations
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc import admitted, run_gc, run_verify
+from virtbackup.job_orchestrator.migrate import recover_migration, run_migration
 from virtbackup.job_orchestrator.point_copy import run_copy
 from virtbackup.job_orchestrator.points import auto_prune, run_prune
 from virtbackup.job_orchestrator.restore import prepared_targets, run_restore, run_sanity
@@ -53,6 +54,7 @@ RUNNERS: dict[str, Runner] = {
     "gc": run_gc,
     "verify": run_verify,
     "copy": run_copy,
+    "migration": run_migration,
 }
 #: Seconds between two looks for jobs whose holder died.
 SWEEP_SECONDS = 2.0
@@ -167,6 +169,8 @@ async def recover(jc: JobContext, job: Job) -> None:
             state, message = await _recover_backup(jc, job, state, message)
         elif job.type == "restore":
             state, message = await _recover_restore(jc, job, state, message)
+        elif job.type == "migration":
+            message = await recover_migration(jc, job, message)
         else:
             await jc.purge_units(job.id)
     except Exception as exc:

@@ -52,6 +52,7 @@ from virtbackup.runtime.work import WorkConsumer, WorkMessage
 from virtbackup.storage.errors import PermanentError, StorageError, TransientError
 from virtbackup.storage.google_auth import GoogleTokens
 from virtbackup.transfer_worker.metrics import unit_done
+from virtbackup.transfer_worker.migrate_unit import migrate_unit
 from virtbackup.transfer_worker.units import (
     UnitContext,
     backup_unit,
@@ -221,8 +222,9 @@ class Worker:
             last = msg.num_delivered >= self.consumer.spec.max_deliver
             if retryable and not last:
                 log.warning("unit %s/%s will be retried: %s", unit.job_id, unit.unit, exc)
-                if unit.nbd_url:
-                    await self.res.drop_nbd(unit.nbd_url)
+                for url in (unit.nbd_url, unit.target_nbd_url):
+                    if url:
+                        await self.res.drop_nbd(url)
                 await msg.nak(delay=2.0)
                 return
             result = self._failed(unit, f"{type(exc).__name__}: {exc}")
@@ -294,6 +296,18 @@ class Worker:
         return also
 
     async def _process(self, unit: TransferUnit) -> UnitResult:
+        if unit.kind == "migrate":  # export to export: no repository
+            self.active.setdefault(unit.job_id, set()).add(unit.target_nbd_url)
+            # The source export is a new libvirt job's at each pass, at the same
+            # address: its own connection per unit, never a cached one of a job ended.
+            writer = await self.res.nbd_client(unit.target_nbd_url)
+            tls = self.res.tls_context() if NbdUri.parse(unit.nbd_url).tls else None
+            reader = await NbdClient.connect_uri(unit.nbd_url, tls=tls)
+            try:
+                return await migrate_unit(unit, reader, writer, self.uctx)
+            finally:
+                with contextlib.suppress(NbdError, OSError):
+                    await reader.disconnect()
         repo = await self.res.repository(unit.destination_id)
         if unit.kind == "verify":
             return await verify_unit(unit, repo, self.uctx)

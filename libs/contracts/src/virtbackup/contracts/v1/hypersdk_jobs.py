@@ -12,7 +12,9 @@ The view (snake_case, as the document writes it)::
 
 ``status`` is the document's name of the job's state (``queued`` -> ``pending``,
 ``success`` -> ``completed``, ``failure`` -> ``failed``, ``canceled`` -> ``cancelled``);
-``stage`` the job's phase; ``percent_complete`` 0-100 (100 only once it succeeded), from
+``stage`` the job's phase (a migration's: ``copying``, ``syncing``, ``cutover``,
+``starting``, ``completed``; its ``destination`` is ``{"type": "kvm", "server_id"}``);
+``percent_complete`` 0-100 (100 only once it succeeded), from
 bytes when the total is known, else from units; bytes are of the VM's disks read so far
 and in all (``total_bytes`` 0 until known); times are ISO 8601 UTC or ``None``;
 ``error`` is the message of a failed job, else ``None``.
@@ -57,6 +59,11 @@ def job_view(job: Job) -> dict[str, Any]:
     destination: dict[str, Any] = {"destination_id": job.destination_id}
     if job.type == "backup":
         destination = {"type": "backup", **destination}
+    stage: Any = job.phase
+    if job.type == "migration":
+        # A migration's stages: copying, syncing, cutover, starting, completed.
+        destination = {"type": "kvm", "server_id": job.params.get("targetServerId")}
+        stage = "completed" if job.state == "success" else job.result.get("stage", job.phase)
     if job.state == "success":
         percent = 100
     elif job.total_bytes:
@@ -75,7 +82,7 @@ def job_view(job: Job) -> dict[str, Any]:
         },
         "status": STATUS[job.state],
         "progress": {
-            "stage": job.phase,
+            "stage": stage,
             "percent_complete": percent,
             "current_bytes": job.bytes_transferred,
             "total_bytes": job.total_bytes,

@@ -207,15 +207,24 @@ class BackupBegun(Message, frozen=True, kw_only=True):
     domain_id: int | None = None
 
 
+class NetworkList(Message, frozen=True, kw_only=True):
+    """``vb.cmd.inventory.networks`` (asked with a ``ServerRef``): the names of the
+    server's libvirt networks, sorted."""
+
+    names: list[str]
+
+
 class CheckpointForgetRequest(Message, frozen=True, kw_only=True):
     """Delete checkpoint ``checkpoint`` of the VM (its dirty bitmaps): the restore point
     that it marked was deleted. Answered with ``Ok``: ``success`` false, with the reason
     in ``message``, when it was left (a backup job runs on the VM, or the VM is held);
-    a checkpoint or VM that is gone already is success."""
+    a checkpoint or VM that is gone already is success. ``job_id``: the job asking
+    (a migration dropping its own checkpoints): its own hold on the VM is no hold."""
 
     server_id: ServerId
     vm_name: VmName
     checkpoint: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    job_id: str = ""
 
 
 class BackupEndRequest(Message, frozen=True, kw_only=True):

@@ -15,7 +15,7 @@ import msgspec
 
 from virtbackup.contracts.v1.common import Message
 
-UnitKind = Literal["backup", "restore", "verify", "copy"]
+UnitKind = Literal["backup", "restore", "verify", "copy", "migrate"]
 
 
 class ChunkRef(Message, frozen=True, kw_only=True, array_like=True):
@@ -73,6 +73,11 @@ class TransferUnit(Message, frozen=True, kw_only=True):
     fan_out: bool = False
     #: copy: the destination the chunks are copied to.
     target_destination_id: str = ""
+    #: migrate: the export written (``nbd_url`` is the source export read), and the
+    #: byte ranges ``[offset, length]`` of the disk to copy (sorted, within the disk).
+    #: ``destination_id`` is empty: a migration touches no repository.
+    target_nbd_url: str = ""
+    ranges: list[tuple[int, int]] = msgspec.field(default_factory=list)
 
 
 class BadChunk(Message, frozen=True, kw_only=True, array_like=True):

@@ -1,0 +1,108 @@
+"""Native API (``/api/v1/migrations``): warm migration of a running VM to another
+server, and who may start one on either listener.
+
+A migration stops the source VM at its cut-over and defines (and starts) a VM on the
+target server, so besides the route's permission (``restore:run``) it takes
+``vms:control``: ``POST /api/v1/migrations`` and a HyperSDK ``POST /jobs/submit`` whose
+destination is ``{"type": "kvm"}`` are 403 without both. The job itself is the
+job-orchestrator's (``job_orchestrator/migrate.py``): the body here becomes the
+HyperSDK job definition it checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from litestar import Controller, Request, post
+from litestar.exceptions import PermissionDeniedException
+
+from virtbackup.contracts.subjects import JobCmd
+from virtbackup.contracts.v1.common import ServerId, VmName
+from virtbackup.contracts.v1.jobs import Job, JobGetRequest
+from virtbackup.contracts.v1.schedules import JobDefinition, JobSubmitRequest, JobSubmitResult
+from virtbackup.gateway.bodies import Body
+from virtbackup.gateway.controllers.jobs import job_view
+from virtbackup.gateway.errors import responses
+from virtbackup.gateway.identity_auth import PERMISSIONS_KEY
+from virtbackup.gateway.identity_perms import allows
+from virtbackup.gateway.state import Gateway
+from virtbackup.runtime import timeouts
+
+#: What starting a migration takes (besides the route's own permission).
+MIGRATION_PERMISSIONS: Final = ("restore:run", "vms:control")
+
+
+def check_may_migrate(request: Request[Any, Any, Any]) -> None:
+    """``PermissionDeniedException`` (403) unless the caller holds every permission of
+    :data:`MIGRATION_PERMISSIONS`."""
+    held = request.scope.get(PERMISSIONS_KEY)
+    if not isinstance(held, frozenset):
+        held = frozenset()
+    missing = [p for p in MIGRATION_PERMISSIONS if not allows(held, p)]
+    if missing:
+        raise PermissionDeniedException(
+            f"a migration stops and defines VMs: it needs {', '.join(missing)}"
+        )
+
+
+class MigrationBody(Body, kw_only=True):
+    """``serverId``/``vmName``: the running VM; ``targetServerId``: another configured
+    server. Optional: ``targetVmName`` (default: the same name), ``targetDirectory`` or
+    ``storagePool`` (where the disks go on the target; default: beside the same paths),
+    ``maxDowntimeSeconds`` (30), ``maxPasses`` (5), ``shutdownTimeoutSeconds`` (120),
+    ``forceShutdown`` (true), ``startOnTarget`` (true), ``replace`` (false: a VM of the
+    name on the target is a 409), ``networkMapping`` (source network -> target network).
+    """
+
+    server_id: ServerId
+    vm_name: VmName
+    target_server_id: ServerId
+    target_vm_name: VmName | None = None
+    target_directory: str | None = None
+    storage_pool: str | None = None
+    max_downtime_seconds: float | None = None
+    max_passes: int | None = None
+    shutdown_timeout_seconds: float | None = None
+    force_shutdown: bool | None = None
+    start_on_target: bool | None = None
+    replace: bool | None = None
+    network_mapping: dict[str, str] | None = None
+
+    def definition(self) -> JobDefinition:
+        options = {
+            "vm_name": self.target_vm_name,
+            "target_directory": self.target_directory,
+            "storage_pool": self.storage_pool,
+            "max_downtime_seconds": self.max_downtime_seconds,
+            "max_passes": self.max_passes,
+            "shutdown_timeout_seconds": self.shutdown_timeout_seconds,
+            "force_shutdown": self.force_shutdown,
+            "start_on_target": self.start_on_target,
+            "replace": self.replace,
+            "network_mapping": self.network_mapping,
+        }
+        return JobDefinition(
+            vm_path=f"{self.server_id}/{self.vm_name}",
+            source={"type": "libvirt", "server_id": self.server_id},
+            destination={"type": "kvm", "server_id": self.target_server_id},
+            options={k: v for k, v in options.items() if v is not None},
+        )
+
+
+class MigrationsController(Controller):
+    path = "/api/v1/migrations"
+
+    @post("", status_code=202, responses=responses(403, 404, 409))
+    async def start(
+        self, gw: Gateway, request: Request[Any, Any, Any], data: MigrationBody
+    ) -> dict[str, Any]:
+        """Start a warm migration (a ``migration`` job); answers the job."""
+        check_may_migrate(request)
+        result = await gw.bus.request(
+            JobCmd.SUBMIT,
+            JobSubmitRequest(definition=data.definition()),
+            JobSubmitResult,
+            timeout=timeouts.JOB_COMMAND,
+        )
+        job = await gw.bus.request(JobCmd.GET, JobGetRequest(id=result.job_ids[0]), Job)
+        return job_view(job)

@@ -1,0 +1,754 @@
+"""Warm migration of a running VM to another libvirt server (job type ``migration``).
+
+Built on the data path of backups and restores; no repository is involved:
+
+1. ``copying``: a pull-mode backup of the running source VM begins with a new
+   checkpoint (``BACKUP_BEGIN``, as a full backup); the target server prepares thin
+   images of the same sizes and formats (``RESTORE_PRECHECK``/``RESTORE_PREPARE``: the
+   placement checks of restores, in ``targetDirectory`` or ``storagePool``) and exports
+   them over NBD; ``migrate`` units read the allocated extents of the source export and
+   write them to the target export (transfer worker ``migrate_unit``), one disk split
+   across workers.
+2. ``syncing``: the libvirt job ends keeping its checkpoint, an incremental one begins
+   from it, and only the dirty bitmap's extents are copied; again until the last pass's
+   dirty bytes divided by its rate is below ``maxDowntimeSeconds`` or ``maxPasses``
+   passes were made. ``result.pass`` and ``result.dirtyBytes`` say where it is.
+3. ``cutover`` (phase ``committing``: a cancel is refused from here): the source is shut
+   down (gracefully for ``shutdownTimeoutSeconds``, then forced if ``forceShutdown``),
+   the last delta is copied offline (the inventory starts the VM paused to read it),
+   its state files (NVRAM, TPM state) are staged on the target (``migrate_state``),
+   the target images are moved into place and the domain is defined there
+   (``RESTORE_FINISH``: new disk paths; ``networkMapping`` applied to its interfaces),
+   and started (``starting``) if ``startOnTarget``. The source stays defined, shut off
+   (undefined with ``removeSource``), and the migration's checkpoints are dropped.
+
+``result``: ``stage`` (``copying``, ``syncing``, ``cutover``, ``starting``,
+``completed``), ``pass``, ``dirtyBytes``, ``passes`` (bytes and seconds of each),
+``bytesCopied``, ``downtimeSeconds`` (source shut off -> target running, or defined
+when not started), ``cutoverSeconds`` (seconds from the source's stop to: the last
+delta copied, the domain defined, the target running) and ``copySeconds`` (the first
+pass).
+
+A cancel or failure before the cut-over ends the libvirt job, drops the migration's
+checkpoints and removes the target images; the source keeps running. A failure after
+the source stopped starts the source again, and the job's message says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from virtbackup.contracts.subjects import InventoryCmd
+from virtbackup.contracts.v1.common import ServerId, VmName, shown
+from virtbackup.contracts.v1.inventory import (
+    STATE_DIRTY,
+    STATE_ZERO,
+    BackupBeginRequest,
+    BackupBegun,
+    BackupEndRequest,
+    CheckpointForgetRequest,
+    DiskExport,
+    DiskList,
+    DomainXml,
+    Extent,
+    NetworkList,
+    Ok,
+    RestoreDisk,
+    RestoreFinishRequest,
+    RestorePrecheckRequest,
+    RestorePrecheckResult,
+    RestorePrepared,
+    RestorePrepareRequest,
+    RestoreTarget,
+    ServerRef,
+    VmAction,
+    VmActionRequest,
+    VmInfo,
+    VmRef,
+)
+from virtbackup.contracts.v1.jobs import Job
+from virtbackup.contracts.v1.schedules import JobDefinition, JobSubmitResult, JobTarget
+from virtbackup.contracts.v1.state import StagedState
+from virtbackup.contracts.v1.work import TransferUnit
+from virtbackup.job_orchestrator.backup import end_libvirt_job
+from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
+from virtbackup.job_orchestrator.jobctx import JobContext
+from virtbackup.job_orchestrator.migrate_state import move_state
+from virtbackup.job_orchestrator.progress import update_job
+from virtbackup.job_orchestrator.state_files import state_summary
+from virtbackup.runtime import joblog, timeouts
+from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, ServiceError
+
+log = logging.getLogger(__name__)
+
+#: Bytes of ranges one unit copies at most (a disk is split across workers).
+UNIT_BYTES = 16 << 20
+DEFAULTS: dict[str, Any] = {
+    "maxDowntimeSeconds": 30.0,
+    "maxPasses": 5,
+    "shutdownTimeoutSeconds": 120.0,
+    "forceShutdown": True,
+    "startOnTarget": True,
+    "removeSource": False,
+    "replace": False,
+}
+#: HyperSDK option (snake_case) -> the job's parameter (camelCase), and its type.
+OPTIONS: dict[str, tuple[str, type | tuple[type, ...]]] = {
+    "target_directory": ("targetDirectory", str),
+    "storage_pool": ("storagePool", str),
+    "vm_name": ("targetVmName", str),
+    "max_downtime_seconds": ("maxDowntimeSeconds", (int, float)),
+    "max_passes": ("maxPasses", int),
+    "shutdown_timeout_seconds": ("shutdownTimeoutSeconds", (int, float)),
+    "force_shutdown": ("forceShutdown", bool),
+    "start_on_target": ("startOnTarget", bool),
+    "remove_source": ("removeSource", bool),
+    "replace": ("replace", bool),
+    "network_mapping": ("networkMapping", dict),
+    "debug_fault": ("debugFault", str),
+}
+DESTINATION_FIELDS = frozenset({"type", "server_id", "libvirt_uri"})
+#: Seconds between two looks at the source's power state while it shuts down.
+POLL_SECONDS = 0.5
+
+
+def is_migration(definition: JobDefinition) -> bool:
+    return definition.destination.get("type") == "kvm"
+
+
+def migration_params(
+    definition: JobDefinition, *, debug: bool = False
+) -> tuple[str, str, dict[str, Any]]:
+    """``(source server, vm, params)`` of a migration definition; ``BadRequest`` naming
+    the field for anything malformed (globs, a ``libvirt_uri``, unknown options, wrong
+    types, a source that is the target). ``options.debug_fault`` (``cutover``: the job
+    fails once the source is stopped and the last delta copied) is for tests, honoured
+    only in debug mode (``debug``)."""
+    from virtbackup.job_orchestrator.definitions import check_source, is_glob, split_path
+
+    source = check_source(definition.source)
+    server_pat, vm = split_path(definition.vm_path, source)
+    if is_glob(server_pat) or is_glob(vm):
+        raise BadRequest("vm_path: a migration moves one VM: name it without a glob")
+    dest = definition.destination
+    extra = sorted(set(dest) - DESTINATION_FIELDS)
+    if extra:
+        raise BadRequest(f"destination.{extra[0]}: unknown field for a kvm destination")
+    if "libvirt_uri" in dest:
+        raise BadRequest(
+            "destination.libvirt_uri: a migration's target is a configured server: name it "
+            "with destination.server_id (its SSH login and TLS exports are what the "
+            "migration writes through)"
+        )
+    if "server_id" not in dest:
+        raise BadRequest("destination.server_id is required for a kvm destination")
+    try:
+        target = msgspec.convert(dest["server_id"], ServerId)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"destination.server_id: {exc}") from None
+    if target == server_pat:
+        raise BadRequest(
+            f"destination.server_id: {shown(target)} is the source server: a migration "
+            "moves a VM to another server"
+        )
+    params: dict[str, Any] = {**DEFAULTS, "targetServerId": target}
+    for key, value in definition.options.items():
+        if key not in OPTIONS:
+            raise BadRequest(
+                f"options.{key}: unknown option (allowed: {', '.join(sorted(OPTIONS))})"
+            )
+        name, kind = OPTIONS[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise BadRequest(f"options.{key}: expected {_kind_name(kind)}, got {shown(value)}")
+        params[name] = value
+    if params.get("debugFault") not in (None, "cutover") or ("debugFault" in params and not debug):
+        raise BadRequest("options.debug_fault: only 'cutover', and only in debug mode")
+    if params["removeSource"]:
+        raise BadRequest(
+            "options.remove_source: not supported yet: the source is left defined and shut "
+            "off; undefine it once the VM runs on the target"
+        )
+    if params["maxDowntimeSeconds"] <= 0:
+        raise BadRequest("options.max_downtime_seconds: must be more than 0")
+    if not 1 <= params["maxPasses"] <= 100:
+        raise BadRequest("options.max_passes: must be 1 to 100")
+    if params["shutdownTimeoutSeconds"] < 0:
+        raise BadRequest("options.shutdown_timeout_seconds: must not be negative")
+    mapping = params.get("networkMapping") or {}
+    for src, dst in mapping.items():
+        if not isinstance(dst, str) or not dst:
+            raise BadRequest(f"options.network_mapping.{src}: expected a network name")
+    if "targetVmName" in params:
+        try:
+            msgspec.convert(params["targetVmName"], VmName)
+        except msgspec.ValidationError as exc:
+            raise BadRequest(f"options.vm_name: {exc}") from None
+    return server_pat, vm, params
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, "an object") for k in kinds)
+
+
+async def _source_disks(jc: JobContext, server_id: str, vm: str) -> list[RestoreDisk]:
+    listed = await jc.bus.request(
+        InventoryCmd.DISKS, VmRef(server_id=server_id, vm_name=vm), DiskList,
+        timeout=timeouts.INVENTORY_QUERY,
+    )  # fmt: skip
+    return [
+        RestoreDisk(target=d.target, path=d.path, size=d.capacity, format=d.format)
+        for d in listed.disks
+        if d.device == "disk"
+    ]
+
+
+async def _precheck(
+    jc: JobContext,
+    job_params: dict[str, Any],
+    vm: str,
+    domain_xml: str,
+    disks: list[RestoreDisk],
+    job_id: str = "",
+) -> RestorePrecheckResult:
+    """The target's placement of ``disks`` (restore rules); ``Conflict`` when a VM of the
+    target name exists there (unless ``replace``, and then it must be shut off)."""
+    target = job_params["targetServerId"]
+    name = job_params.get("targetVmName") or vm
+    request = RestorePrecheckRequest(
+        server_id=target,
+        vm_name=name,
+        disks=disks,
+        domain_xml=domain_xml,
+        decision="overwrite",
+        target_directory=job_params.get("targetDirectory") or "",
+        storage_pool=job_params.get("storagePool") or "",
+        job_id=job_id,
+    )
+    plan = await jc.bus.request(
+        InventoryCmd.RESTORE_PRECHECK, request, RestorePrecheckResult,
+        timeout=timeouts.INVENTORY_QUERY,
+    )  # fmt: skip
+    if plan.vm_exists and not job_params.get("replace"):
+        raise Conflict(
+            f"options.vm_name: vm {name} already exists on server {target}: set "
+            "options.replace to replace it (it must be shut off), or choose another vm_name"
+        )
+    if plan.vm_exists and plan.vm_running:
+        raise Conflict(f"options.vm_name: vm {name} runs on server {target}: shut it off first")
+    return plan
+
+
+async def submit_migration(jc: JobContext, definition: JobDefinition) -> JobSubmitResult:
+    """Check a migration definition against the configuration, the source VM and the
+    target server, then create its job. Refused before anything is created: a malformed
+    field (400), an unknown server or VM (404), a VM that is not running (400: a cold
+    copy is a backup and a restore), a target directory or pool the target cannot use
+    (400), a VM of that name on the target (409 unless ``options.replace``)."""
+    server_id, vm, params = migration_params(definition, debug=jc.settings.debug)
+    cfg = await jc.config()
+    known = {s.id: s for s in cfg.servers}
+    if server_id not in known:
+        raise NotFound(f"source.server_id: server {shown(server_id)} not found")
+    if params["targetServerId"] not in known:
+        raise NotFound(f"destination.server_id: server {shown(params['targetServerId'])} not found")
+    for sid, where in (
+        (server_id, "source.server_id"),
+        (params["targetServerId"], "destination.server_id"),
+    ):
+        if known[sid].agent_id:
+            raise BadRequest(
+                f"{where}: server {sid} is a remote agent's: the inventory does not reach it"
+            )
+    ref = VmRef(server_id=server_id, vm_name=vm)
+    try:
+        info = await jc.bus.request(
+            InventoryCmd.VM_INFO, ref, VmInfo, timeout=timeouts.INVENTORY_QUERY
+        )
+    except NotFound:
+        raise NotFound(f"vm_path: vm {shown(vm)} not found on server {shown(server_id)}") from None
+    if info.power_state != "running":
+        raise BadRequest(
+            f"vm_path: vm {vm} is {info.power_state}: a warm migration copies a running VM. "
+            "For a cold copy, back it up and restore it on the target server "
+            '(POST /jobs/submit with destination {"type": "backup"}, then a restore there)'
+        )
+    xml = await jc.bus.request(
+        InventoryCmd.DOMAIN_XML, ref, DomainXml, timeout=timeouts.INVENTORY_QUERY
+    )
+    disks = await _source_disks(jc, server_id, vm)
+    if not disks:
+        raise BadRequest(f"vm_path: vm {vm} has no disk to migrate")
+    await _check_networks(jc, params)
+    await _precheck(jc, params, vm, xml.xml, disks)
+    job = await jc.submit(
+        "migration", server_id=server_id, vm_name=vm, params=params, lock_vm=True,
+        run=_run_from_submit,
+    )  # fmt: skip
+    return JobSubmitResult(job_ids=[job.id], targets=[JobTarget(server_id=server_id, vm_name=vm)])
+
+
+async def _check_networks(jc: JobContext, params: dict[str, Any]) -> None:
+    """``BadRequest`` naming the entry of ``networkMapping`` whose target network the
+    target server does not have."""
+    mapping: dict[str, str] = params.get("networkMapping") or {}
+    if not mapping:
+        return
+    target = params["targetServerId"]
+    listed = await jc.bus.request(
+        InventoryCmd.NETWORKS, ServerRef(server_id=target), NetworkList,
+        timeout=timeouts.INVENTORY_QUERY,
+    )  # fmt: skip
+    for source, name in sorted(mapping.items()):
+        if name not in listed.names:
+            have = ", ".join(listed.names) or "none"
+            raise BadRequest(
+                f"options.network_mapping.{source}: server {target} has no network "
+                f"{shown(name)} (it has: {have})"
+            )
+
+
+async def _run_from_submit(jc: JobContext, job: Job) -> None:
+    from virtbackup.job_orchestrator.runner import execute
+
+    await execute(jc, job)
+
+
+def map_networks(domain_xml: str, mapping: dict[str, str]) -> str:
+    """``domain_xml`` with each ``<interface type='network'>``'s source network renamed by
+    ``mapping`` (source name -> target name); unmapped networks stay as they are."""
+    if not mapping:
+        return domain_xml
+    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own XML of the source VM
+    for source in root.findall("./devices/interface[@type='network']/source"):
+        name = source.get("network")
+        if name in mapping:
+            source.set("network", mapping[name])
+    return ET.tostring(root, encoding="unicode")
+
+
+def ranges_of(extents: list[Extent], *, dirty: bool) -> list[tuple[int, int]]:
+    """The byte ranges to copy: the dirty extents (``dirty``) or the allocated, non-zero
+    ones, neighbours merged."""
+    out: list[tuple[int, int]] = []
+    for ext in extents:
+        if ext.length <= 0:
+            continue
+        wanted = bool(ext.flags & STATE_DIRTY) if dirty else not ext.flags & STATE_ZERO
+        if not wanted:
+            continue
+        if out and out[-1][0] + out[-1][1] == ext.offset:
+            out[-1] = (out[-1][0], out[-1][1] + ext.length)
+        else:
+            out.append((ext.offset, ext.length))
+    return out
+
+
+def split_units(
+    ranges: list[tuple[int, int]], limit: int = UNIT_BYTES
+) -> list[list[tuple[int, int]]]:
+    """``ranges`` in groups of at most ``limit`` bytes (a range is cut where needed)."""
+    groups: list[list[tuple[int, int]]] = []
+    current: list[tuple[int, int]] = []
+    used = 0
+    for offset, length in ranges:
+        while length > 0:
+            step = min(length, limit - used)
+            current.append((offset, step))
+            used += step
+            offset += step
+            length -= step
+            if used == limit:
+                groups.append(current)
+                current, used = [], 0
+    if current:
+        groups.append(current)
+    return groups
+
+
+@dataclass
+class Migration:
+    """What a running migration has made, so that whatever ends it can undo it."""
+
+    job: Job
+    targets: list[RestoreTarget] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    begun: BackupBegun | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+    source_stopped: bool = False
+    defined: bool = False
+    target_running: bool = False
+    #: NVRAM, TPM state staged on the target (moved or removed by ``RESTORE_FINISH``).
+    state: list[StagedState] = field(default_factory=list)
+    #: The number of the next unit: units are numbered across passes (a unit number is
+    #: its message id in the work stream, which drops a repeated one).
+    next_unit: int = 0
+
+    @property
+    def source(self) -> str:
+        return self.job.server_id or ""
+
+    @property
+    def vm(self) -> str:
+        return self.job.vm_name or ""
+
+    @property
+    def target(self) -> str:
+        return str(self.job.params["targetServerId"])
+
+    @property
+    def target_name(self) -> str:
+        return str(self.job.params.get("targetVmName") or self.vm)
+
+
+async def _record(jc: JobContext, m: Migration, **changes: Any) -> None:
+    m.result.update(changes)
+    await update_job(jc.store, jc.bus, m.job.id, {"result": dict(m.result)})
+
+
+async def _begin(jc: JobContext, m: Migration, since: str | None) -> BackupBegun:
+    jc.check_canceled(m.job.id)
+    begun = await jc.bus.request(
+        InventoryCmd.BACKUP_BEGIN,
+        BackupBeginRequest(
+            server_id=m.source, vm_name=m.vm, incremental_from=since, job_id=m.job.id
+        ),
+        BackupBegun,
+        timeout=timeouts.INVENTORY_JOB_STEP,
+    )
+    m.begun = begun
+    m.checkpoints.append(begun.checkpoint)
+    await _record(jc, m, checkpoints=list(m.checkpoints))
+    return begun
+
+
+async def _end(jc: JobContext, m: Migration, *, keep: bool) -> None:
+    """End the current libvirt job; ``keep`` false drops its checkpoint too."""
+    begun, m.begun = m.begun, None
+    if begun is None:
+        return
+    end = BackupEndRequest(
+        server_id=m.source, vm_name=m.vm, checkpoint=begun.checkpoint, success=keep,
+        domain_id=begun.domain_id, offline=begun.offline,
+    )  # fmt: skip
+    await end_libvirt_job(jc, end, keep_going=lambda: jc.holds(m.job.id))
+    if not keep and begun.checkpoint in m.checkpoints:
+        m.checkpoints.remove(begun.checkpoint)
+
+
+def _units(m: Migration, begun: BackupBegun, *, first: bool) -> tuple[list[TransferUnit], int]:
+    """The pass's units and the bytes they copy: the allocated extents in the first pass,
+    the dirty ones after (every extent, zeros written as zeros, when a disk has no usable
+    bitmap: it is copied whole again)."""
+    by_target = {t.target: t for t in m.targets}
+    units: list[TransferUnit] = []
+    total = 0
+    for disk in begun.disks:
+        target = by_target.get(disk.target)
+        if target is None:
+            raise JobFailed(f"disk {disk.target} appeared on the source during the migration")
+        ranges = _pass_ranges(disk, first=first, incremental=begun.incremental)
+        total += sum(length for _, length in ranges)
+        for group in split_units(ranges):
+            units.append(
+                TransferUnit(
+                    job_id=m.job.id, unit=m.next_unit + len(units), kind="migrate",
+                    destination_id="", disk=disk.target, disk_size=disk.size, nbd_url=disk.nbd_url,
+                    target_nbd_url=target.nbd_url, ranges=group,
+                )
+            )  # fmt: skip
+    m.next_unit += len(units)
+    return units, total
+
+
+def _pass_ranges(disk: DiskExport, *, first: bool, incremental: bool) -> list[tuple[int, int]]:
+    if first:
+        return ranges_of(disk.allocation, dirty=False)
+    if incremental and disk.dirty is not None:
+        return ranges_of(disk.dirty, dirty=True)
+    return [(0, disk.size)] if disk.size else []
+
+
+async def _copy(
+    jc: JobContext, m: Migration, begun: BackupBegun, *, first: bool
+) -> tuple[int, float]:
+    """One pass: bytes copied and seconds taken."""
+    units, total = _units(m, begun, first=first)
+    started = time.monotonic()
+    if units:
+        await jc.run_units(m.job.id, units, total, lambda _: None)
+    return total, time.monotonic() - started
+
+
+def _dirty_bytes(begun: BackupBegun) -> int:
+    return sum(
+        sum(length for _, length in _pass_ranges(d, first=False, incremental=begun.incremental))
+        for d in begun.disks
+    )
+
+
+async def _power_state(jc: JobContext, server: str, vm: str) -> str:
+    info = await jc.bus.request(
+        InventoryCmd.VM_INFO, VmRef(server_id=server, vm_name=vm), VmInfo,
+        timeout=timeouts.INVENTORY_QUERY,
+    )  # fmt: skip
+    return info.power_state
+
+
+async def _action(jc: JobContext, server: str, vm: str, action: VmAction) -> None:
+    request = VmActionRequest(server_id=server, vm_name=vm, action=action)
+    await jc.bus.request(InventoryCmd.ACTION, request, Ok, timeout=timeouts.INVENTORY_QUERY)
+
+
+async def _wait_off(jc: JobContext, m: Migration, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        if await _power_state(jc, m.source, m.vm) == "shutoff":
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def _shut_down_source(jc: JobContext, m: Migration) -> str:
+    """Shut the source off: gracefully, then forced if allowed; returns how."""
+    params = m.job.params
+    with contextlib.suppress(ServiceError):
+        await _action(jc, m.source, m.vm, "shutdown")
+    if await _wait_off(jc, m, float(params["shutdownTimeoutSeconds"])):
+        m.source_stopped = True
+        return "shut down"
+    if not params.get("forceShutdown", True):
+        raise JobFailed(
+            f"vm {m.vm} did not shut down within {params['shutdownTimeoutSeconds']} s and "
+            "options.force_shutdown is false"
+        )
+    await _action(jc, m.source, m.vm, "forceOff")
+    if not await _wait_off(jc, m, 30.0):
+        raise JobFailed(f"vm {m.vm} did not stop after a forced power-off")
+    m.source_stopped = True
+    return "powered off (forced)"
+
+
+async def run_migration(jc: JobContext, job: Job) -> str:
+    """Run the migration (see the module docstring); returns the success message."""
+    m = Migration(job=job)
+    try:
+        return await _migrate(jc, m)
+    except (JobLost, asyncio.CancelledError):
+        raise
+    except BaseException as exc:
+        if not jc.holds(job.id):
+            raise
+        notes = await _undo(jc, m)
+        if isinstance(exc, JobCanceled):
+            raise
+        detail = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        raise JobFailed("; ".join([f"migration failed: {detail}", *notes])) from exc
+
+
+async def _undo(jc: JobContext, m: Migration) -> list[str]:
+    """Undo what was made (each step runs even if one before failed); what was done or
+    could not be done, for the job's message."""
+    notes: list[str] = []
+    try:
+        await jc.purge_units(m.job.id)
+    except Exception as exc:
+        notes.append(f"could not purge its units: {exc}")
+    try:
+        await _end(jc, m, keep=False)
+    except ServiceError as exc:
+        notes.append(f"could not end the libvirt backup job: {exc.message}")
+    if m.targets and not m.defined:
+        finish = RestoreFinishRequest(
+            server_id=m.target, job_id=m.job.id, vm_name=m.target_name, success=False,
+            disks=m.targets, state=m.state,
+        )  # fmt: skip
+        try:
+            await jc.bus.request(
+                InventoryCmd.RESTORE_FINISH, finish, Ok, timeout=timeouts.INVENTORY_JOB_STEP
+            )
+        except ServiceError as exc:
+            notes.append(f"could not remove the images on server {m.target}: {exc.message}")
+    notes.extend(await _drop_checkpoints(jc, m))
+    if m.source_stopped and not m.target_running:
+        try:
+            await _action(jc, m.source, m.vm, "start")
+            notes.append(f"the source vm {m.vm} was started again on server {m.source}")
+        except ServiceError as exc:
+            notes.append(f"the source vm {m.vm} could NOT be started again: {exc.message}")
+    return notes
+
+
+async def recover_migration(jc: JobContext, job: Job, message: str) -> str:
+    """End a migration whose orchestrator died (this instance holds its lease now), from
+    what its ``result`` recorded: its libvirt job is ended and its checkpoints dropped,
+    the target images are removed unless the VM was defined there, and a source stopped
+    for the cut-over (``sourceStopped``) is started again unless the VM runs on the
+    target. Returns ``message`` with what was done."""
+    m = Migration(job=job)
+    recorded = job.result
+    m.checkpoints = [c for c in recorded.get("checkpoints") or [] if isinstance(c, str)]
+    m.targets = msgspec.convert(recorded.get("targets") or [], list[RestoreTarget])
+    m.defined = bool(recorded.get("defined"))
+    m.state = msgspec.convert(recorded.get("state") or [], list[StagedState])
+    m.source_stopped = bool(recorded.get("sourceStopped"))
+    m.target_running = recorded.get("stage") == "completed"
+    notes: list[str] = []
+    if m.checkpoints:
+        end = BackupEndRequest(
+            server_id=m.source, vm_name=m.vm, checkpoint=m.checkpoints[-1], success=False
+        )
+        try:
+            await end_libvirt_job(jc, end, keep_going=lambda: jc.holds(job.id))
+        except ServiceError as exc:
+            notes.append(f"could not end the libvirt backup job: {exc.message}")
+    if m.source_stopped and not m.target_running and m.defined:
+        notes.append(f"vm {m.target_name} is defined on server {m.target}, not started")
+        m.target_running = True  # the VM is there: the source stays off
+    notes.extend(await _undo(jc, m))
+    return "; ".join([message, *notes])
+
+
+async def _drop_checkpoints(jc: JobContext, m: Migration) -> list[str]:
+    notes = []
+    for checkpoint in list(m.checkpoints):
+        request = CheckpointForgetRequest(
+            server_id=m.source, vm_name=m.vm, checkpoint=checkpoint, job_id=m.job.id
+        )
+        try:
+            answer = await jc.bus.request(
+                InventoryCmd.CHECKPOINT_FORGET, request, Ok, timeout=timeouts.INVENTORY_JOB_STEP
+            )
+        except ServiceError as exc:
+            notes.append(f"checkpoint {checkpoint} left on the source: {exc.message}")
+            continue
+        if answer.success:
+            m.checkpoints.remove(checkpoint)
+        else:
+            notes.append(f"checkpoint {checkpoint} left on the source: {answer.message}")
+    return notes
+
+
+async def _migrate(jc: JobContext, m: Migration) -> str:
+    job, params = m.job, m.job.params
+    mapping: dict[str, str] = params.get("networkMapping") or {}
+    await _record(jc, m, stage="copying", targetServerId=m.target, targetVmName=m.target_name)
+    await jc.message(job.id, f"copying: beginning the pull-mode backup of {m.vm}")
+    begun = await _begin(jc, m, None)
+    disks = [
+        RestoreDisk(target=d.target, path=d.path, size=d.size, format=d.format) for d in begun.disks
+    ]
+    plan = await _precheck(jc, params, m.vm, begun.domain_xml, disks, job_id=job.id)
+    prepared = await jc.bus.request(
+        InventoryCmd.RESTORE_PREPARE,
+        RestorePrepareRequest(server_id=m.target, job_id=job.id, disks=plan.disks),
+        RestorePrepared,
+        timeout=timeouts.INVENTORY_JOB_STEP,
+    )
+    m.targets = list(prepared.disks)
+    await _record(jc, m, targets=msgspec.to_builtins(m.targets))
+    for t in m.targets:
+        await joblog.try_append(
+            jc.bus, job.id, f"disk {t.target}: to {t.path} on server {m.target}"
+        )
+    await jc.enter(job.id, "transferring", message=f"copying {m.vm} to server {m.target}")
+    copied, seconds = await _copy(jc, m, begun, first=True)
+    passes: list[dict[str, Any]] = [{"pass": 0, "bytes": copied, "seconds": round(seconds, 3)}]
+    await _record(jc, m, passes=passes, copySeconds=round(seconds, 3))
+    limit, budget = int(params["maxPasses"]), float(params["maxDowntimeSeconds"])
+    # Bytes per second of the last pass that copied anything (none yet: any pass is quick).
+    rate = copied / seconds if seconds > 0 and copied > 0 else float("inf")
+    for number in range(1, limit + 1):
+        await _end(jc, m, keep=True)
+        begun = await _begin(jc, m, begun.checkpoint)
+        dirty = _dirty_bytes(begun)
+        await _record(jc, m, stage="syncing", **{"pass": number, "dirtyBytes": dirty})
+        await jc.message(job.id, f"syncing: pass {number}, {dirty} dirty bytes")
+        await jc._hold("migrate:syncing")  # tests aim a cancel here
+        copied, seconds = await _copy(jc, m, begun, first=False)
+        passes.append({"pass": number, "bytes": copied, "seconds": round(seconds, 3)})
+        if seconds > 0 and copied:
+            rate = copied / seconds
+        await _record(jc, m, passes=passes, dirtyBytes=0)
+        if copied / rate < budget:
+            break
+    await _end(jc, m, keep=True)
+    last = begun.checkpoint
+    # The point of no return: a cancel is refused from here.
+    await jc.enter(job.id, "committing", message=f"cutover: stopping {m.vm} on server {m.source}")
+    await _record(jc, m, stage="cutover")
+    await _record(jc, m, sourceStopped=True)  # before: whoever ends the job starts it
+    how = await _shut_down_source(jc, m)
+    stopped = time.monotonic()
+    begun = await _begin(jc, m, last)  # offline: the inventory starts it paused
+    delta, _ = await _copy(jc, m, begun, first=False)
+    passes.append(
+        {
+            "pass": len(passes),
+            "bytes": delta,
+            "seconds": round(time.monotonic() - stopped, 3),
+            "offline": True,
+        }
+    )
+    xml = await jc.bus.request(
+        InventoryCmd.DOMAIN_XML, VmRef(server_id=m.source, vm_name=m.vm), DomainXml,
+        timeout=timeouts.INVENTORY_QUERY,
+    )  # fmt: skip
+    defined_xml = map_networks(xml.xml, mapping)
+    uuid = "" if m.target_name != m.vm else _uuid_of(xml.xml)
+    # NVRAM, TPM state: final now (the VM is stopped), staged on the target.
+    try:
+        moved = await move_state(jc, job, m.target, defined_xml, m.target_name, uuid, m.state)
+    finally:
+        await _record(jc, m, state=msgspec.to_builtins(m.state))
+    await _end(jc, m, keep=True)
+    steps = {"delta": round(time.monotonic() - stopped, 3)}
+    if jc.settings.debug and params.get("debugFault") == "cutover":
+        raise JobFailed("debug fault injected at cutover (options.debug_fault)")
+    finish = RestoreFinishRequest(
+        server_id=m.target, job_id=job.id, vm_name=m.target_name, success=True,
+        domain_xml=defined_xml, disks=m.targets, uuid=uuid, state=m.state,
+    )  # fmt: skip
+    await jc.bus.request(
+        InventoryCmd.RESTORE_FINISH, finish, Ok, timeout=timeouts.INVENTORY_JOB_STEP
+    )
+    m.defined = True
+    await _record(jc, m, defined=True)
+    steps["defined"] = round(time.monotonic() - stopped, 3)
+    started_note = "defined (not started)"
+    if params.get("startOnTarget", True):
+        await _record(jc, m, stage="starting")
+        await _action(jc, m.target, m.target_name, "start")
+        m.target_running = True
+        started_note = "running"
+    downtime = round(time.monotonic() - stopped, 3)
+    steps["running" if m.target_running else "done"] = downtime
+    notes = await _drop_checkpoints(jc, m)
+    if summary := state_summary(moved):
+        notes.insert(0, summary)
+    total = sum(p["bytes"] for p in passes)
+    await _record(
+        jc, m, stage="completed", passes=passes, bytesCopied=total, downtimeSeconds=downtime,
+        sourceShutdown=how, cutoverSeconds=steps, checkpoints=list(m.checkpoints),
+    )  # fmt: skip
+    text = (
+        f"migrated {m.vm} from server {m.source} to server {m.target}"
+        f"{f' as {m.target_name}' if m.target_name != m.vm else ''}: {started_note} there; "
+        f"{len(passes)} passes, {total} bytes copied, downtime {downtime} s (source {how})"
+    )
+    return "; ".join([text, *notes])
+
+
+def _uuid_of(domain_xml: str) -> str:
+    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own XML of the source VM
+    return (root.findtext("uuid") or "").strip()

@@ -1,0 +1,412 @@
+"""Warm migration through the HyperSDK API: a running VM is copied to another server
+while its guest writes, synced from its dirty bitmap, stopped, and started there.
+
+The second host is the system libvirt reached over SSH on loopback (a root sshd of its
+own: ``sshd_server(root=True)``), configured as server ``remote``: the target images
+are written through the inventory's TLS ``qemu-nbd`` exports on that "host" into a
+directory of its own, under another VM name (the source's name exists there: it is
+the same libvirt). Real libvirtd/QEMU, sshd and services; the tests build on each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from harness import System, local_config, running_system
+
+from virtbackup.testing.sshd import SshdServer, sshd_server
+from virtbackup.testing.vms import (
+    SmallVm,
+    create_uefi_vm,
+    create_vm,
+    guest_write,
+    remove_vm,
+    vm_directory,
+)
+from virtbackup.virt import Connection, NotFound, domain_xml, get_domain
+
+pytestmark = pytest.mark.libvirt
+
+MiB = 1 << 20
+PID = os.getpid()
+VM = f"vbt-mig-{PID}"
+MOVED = f"vbt-migt-{PID}"
+CANCELED = f"vbt-migc-{PID}"
+FAILED = f"vbt-migf-{PID}"
+ORPHANED = f"vbt-migo-{PID}"
+UEFI = f"vbt-migu-{PID}"
+UEFI_MOVED = f"vbt-migut-{PID}"
+#: Seconds each sync pass waits before it copies (debug hold): a cancel lands there.
+SYNC_HOLD = 3
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    holds = json.dumps({"migrate:syncing": SYNC_HOLD})
+    with running_system(
+        tmp_path_factory.mktemp("migrate"),
+        orchestrators=1,
+        workers=2,
+        VIRTBACKUP_DEBUG="1",
+        VIRTBACKUP_DEBUG_HOLDS=holds,
+    ) as system:
+        yield system
+
+
+@pytest.fixture(scope="module")
+def remote() -> Iterator[SshdServer]:
+    with sshd_server(root=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def target_dir() -> Iterator[Path]:
+    path = vm_directory(prefix="vbtest-migt-")
+    try:
+        yield path
+    finally:
+        subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+@pytest.fixture(scope="module")
+async def api(system: System) -> AsyncIterator[httpx.AsyncClient]:
+    """The agent API (a job's full record, with its ``result``)."""
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=60
+    ) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+async def hs(
+    system: System, api: httpx.AsyncClient, repo_dir: Path, remote: SshdServer, target_dir: Path
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The HyperSDK listener, with servers ``local`` and ``remote`` configured."""
+    cfg = local_config(repo_dir)
+    cfg["servers"].append(
+        {
+            "id": "remote",
+            "name": "Remote",
+            "host": remote.host,
+            "port": remote.port,
+            "username": remote.username,
+            "privateKey": remote.private_key,
+            "restoreDirectories": [str(target_dir)],
+        }
+    )
+    resp = await api.post("/config", json=cfg)
+    assert resp.status_code == 200, resp.text
+    # The inventory's first look at the new server (its SSH login, its leftovers) first.
+    deadline = time.monotonic() + 90
+    while (await api.get("/servers/remote/vms")).status_code != 200:
+        assert time.monotonic() < deadline, "server remote never listed its VMs"
+        await asyncio.sleep(0.5)
+    async with httpx.AsyncClient(
+        base_url=system.hypersdk_url, headers=system.auth(), timeout=60
+    ) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+async def vm(conn: Connection, vm_dir: Path) -> AsyncIterator[SmallVm]:
+    """A running VM with one 128 MiB qcow2 disk, 96 MiB of it written."""
+    made = await create_vm(conn, VM, vm_dir, [128 * MiB], start=False)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 96M", str(made.disks[0])],
+        check=True,
+        capture_output=True,
+    )
+    dom = await conn.lookup(VM)
+    await conn.call(dom.create, timeout=60)
+    try:
+        yield made
+    finally:
+        for name in (VM, MOVED, CANCELED, FAILED, ORPHANED):
+            await remove_vm(conn, name)
+
+
+def submission(vm_name: str, target_vm: str, target_dir: Path, **options: Any) -> dict[str, Any]:
+    return {
+        "vm_path": f"local/{vm_name}",
+        "source": {"type": "libvirt", "server_id": "local"},
+        "destination": {"type": "kvm", "server_id": "remote"},
+        "options": {
+            "vm_name": target_vm,
+            "target_directory": str(target_dir),
+            "shutdown_timeout_seconds": 1,
+            **options,
+        },
+    }
+
+
+async def job_count(hs: httpx.AsyncClient) -> int:
+    return int((await hs.post("/jobs/query", json={"all": True})).json()["total"])
+
+
+async def follow(
+    hs: httpx.AsyncClient, job_id: str, timeout: float = 180
+) -> tuple[dict[str, Any], list[str]]:
+    """Poll the job until it ends; its final view and the stages seen on the way."""
+    deadline = time.monotonic() + timeout
+    stages: list[str] = []
+    while True:
+        job = (await hs.get(f"/jobs/{job_id}")).json()
+        stage = job["progress"]["stage"]
+        if not stages or stages[-1] != stage:
+            stages.append(stage)
+        if job["status"] in {"completed", "failed", "cancelled"}:
+            return job, stages
+        assert time.monotonic() < deadline, job
+        await asyncio.sleep(0.1)
+
+
+def images_same(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["qemu-img", "compare", "-U", str(a), str(b)], capture_output=True, text=True
+    )
+
+
+async def power(conn: Connection, name: str) -> str:
+    return str((await get_domain(conn, name)).power_state)
+
+
+async def test_bad_input_creates_nothing(
+    hs: httpx.AsyncClient, vm: SmallVm, conn: Connection, target_dir: Path
+) -> None:
+    before = await job_count(hs)
+
+    async def refused(body: dict[str, Any], status: int, needle: str) -> None:
+        resp = await hs.post("/jobs/submit", json=body)
+        assert resp.status_code == status, resp.text
+        assert needle in resp.json()["error"], resp.text
+
+    good = submission(VM, MOVED, target_dir)
+    same = {**good, "destination": {"type": "kvm", "server_id": "local"}}
+    await refused(same, 400, "destination.server_id")
+    ghost = {**good, "destination": {"type": "kvm", "server_id": "ghost"}}
+    await refused(ghost, 404, "destination.server_id")
+    await refused({**good, "vm_path": "local/no-such-vm"}, 404, "vm_path")
+    # The VM's own name exists on the target (the same libvirt here): 409 unless replace.
+    await refused(submission(VM, VM, target_dir), 409, "options.vm_name")
+    outside = submission(VM, MOVED, Path("/var/tmp/vbtest-not-allowed"))
+    resp = await hs.post("/jobs/submit", json=outside)
+    assert resp.status_code == 400 and "arget" in resp.json()["error"], resp.text
+    await refused(submission(VM, MOVED, target_dir, max_passes=0), 400, "options.max_passes")
+    await refused(submission(VM, MOVED, target_dir, bogus=1), 400, "options.bogus")
+    unknown_net = {"default": f"vbt-no-such-net-{PID}"}
+    body = submission(VM, MOVED, target_dir, network_mapping=unknown_net)
+    await refused(body, 400, "options.network_mapping.default")
+    stopped = await create_vm(conn, FAILED + "x", vm.directory, [MiB], start=False)
+    try:
+        await refused(submission(stopped.name, MOVED, target_dir), 400, "cold copy")
+    finally:
+        await remove_vm(conn, stopped.name)
+    assert await job_count(hs) == before
+    assert list(target_dir.iterdir()) == []
+    with pytest.raises(NotFound):
+        await get_domain(conn, MOVED)
+
+
+async def test_migrate_a_running_vm_while_it_writes(
+    hs: httpx.AsyncClient,
+    api: httpx.AsyncClient,
+    system: System,
+    vm: SmallVm,
+    conn: Connection,
+    target_dir: Path,
+) -> None:
+    writes = {"n": 0}
+
+    async def writer() -> None:
+        # The guest keeps writing until the source is stopped at the cut-over.
+        offset = 0
+        while True:
+            try:
+                await guest_write(conn, VM, "vda", offset, MiB, pattern=0x11 + writes["n"] % 200)
+            except Exception:
+                return
+            writes["n"] += 1
+            offset = (offset + 3 * MiB) % (120 * MiB)
+            await asyncio.sleep(0.05)
+
+    ws_stages: list[str] = []
+    protocols: list[Any] = ["virtbackup.v1", f"virtbackup.bearer.{system.token}"]
+    ws_url = f"ws://127.0.0.1:{system.hypersdk_port}/ws"
+
+    async def watch(sock: Any) -> None:
+        # Every job_update of the job, as a /ws client sees it.
+        while True:
+            msg = json.loads(await sock.recv())
+            data = msg["data"]
+            if msg["type"] == "job_update" and data["definition"]["id"] == ids.get("job"):
+                stage = data["progress"]["stage"]
+                if not ws_stages or ws_stages[-1] != stage:
+                    ws_stages.append(stage)
+
+    ids: dict[str, str] = {}
+    async with websockets.connect(ws_url, subprotocols=protocols, open_timeout=10) as sock:
+        watcher = asyncio.create_task(watch(sock))
+        task = asyncio.create_task(writer())
+        try:
+            resp = await hs.post("/jobs/submit", json=submission(VM, MOVED, target_dir))
+            assert resp.status_code == 201, resp.text
+            ids["job"] = resp.json()["job_id"]
+            job, stages = await follow(hs, ids["job"])
+            await asyncio.sleep(1)  # the last job_update
+        finally:
+            for running in (task, watcher):
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
+    for stage in ("copying", "syncing", "cutover", "completed"):
+        assert stage in ws_stages, ws_stages
+    assert job["status"] == "completed", job
+    assert job["definition"]["destination"] == {"type": "kvm", "server_id": "remote"}
+    for stage in ("copying", "syncing", "completed"):
+        assert stage in stages, stages
+    assert writes["n"] > 0
+    assert await power(conn, VM) == "shutoff"
+    assert await power(conn, MOVED) == "running"
+    record = (await api.get(f"/jobs/{job['definition']['id']}")).json()
+    result = record["result"]
+    assert result["stage"] == "completed"
+    assert len(result["passes"]) >= 3  # copy, at least one sync pass, the offline delta
+    assert result["passes"][-1]["offline"] is True
+    # The VM is down only for the cut-over: not while the disk is copied and synced.
+    started = datetime.fromisoformat(record["startedAt"].replace("Z", "+00:00"))
+    ended = datetime.fromisoformat(record["finishedAt"].replace("Z", "+00:00"))
+    print("migration", (ended - started).total_seconds(), "s:", result, flush=True)
+    up = sum(p["seconds"] for p in result["passes"] if not p.get("offline"))
+    assert 0 < result["downtimeSeconds"] < (ended - started).total_seconds() - up, result
+    assert result["checkpoints"] == []  # dropped on the source
+    moved = target_dir / f"{MOVED}-vda.qcow2"
+    assert moved.exists(), list(target_dir.iterdir())
+    compared = images_same(vm.disks[0], moved)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    # Thin: about the data written, not the whole disk.
+    assert moved.stat().st_blocks * 512 < 128 * MiB
+
+
+async def checkpoints_of(conn: Connection, name: str) -> list[str]:
+    dom = await conn.lookup(name)
+    return [c.getName() for c in await conn.call(dom.listAllCheckpoints)]
+
+
+def target_files(target_dir: Path, name: str) -> list[str]:
+    return [p.name for p in target_dir.iterdir() if name in p.name]
+
+
+async def test_cancel_while_syncing_leaves_the_source_running(
+    hs: httpx.AsyncClient, api: httpx.AsyncClient, vm: SmallVm, conn: Connection, target_dir: Path
+) -> None:
+    if await power(conn, VM) != "running":  # the migration above left it shut off
+        await conn.call((await conn.lookup(VM)).create, timeout=60)
+    before = await checkpoints_of(conn, VM)
+    # Through the native API this time.
+    body = {"serverId": "local", "vmName": VM, "targetServerId": "remote",
+            "targetVmName": CANCELED, "targetDirectory": str(target_dir),
+            "shutdownTimeoutSeconds": 1}  # fmt: skip
+    resp = await api.post("/api/v1/migrations", json=body)
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    deadline = time.monotonic() + 60
+    while (await hs.get(f"/jobs/{job_id}")).json()["progress"]["stage"] != "syncing":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    cancel = await hs.post("/jobs/cancel", json={"job_ids": [job_id]})
+    assert cancel.status_code == 200, cancel.text
+    job, _ = await follow(hs, job_id)
+    assert job["status"] == "cancelled", job
+    assert await power(conn, VM) == "running"
+    assert await checkpoints_of(conn, VM) == before
+    with pytest.raises(NotFound):
+        await get_domain(conn, CANCELED)
+    assert target_files(target_dir, CANCELED) == []
+
+
+async def test_a_failure_at_cutover_starts_the_source_again(
+    hs: httpx.AsyncClient, vm: SmallVm, conn: Connection, target_dir: Path
+) -> None:
+    assert await power(conn, VM) == "running"
+    before = await checkpoints_of(conn, VM)
+    body = submission(VM, FAILED, target_dir, debug_fault="cutover")
+    resp = await hs.post("/jobs/submit", json=body)
+    assert resp.status_code == 201, resp.text
+    job, stages = await follow(hs, resp.json()["job_id"])
+    assert job["status"] == "failed", job
+    assert "cutover" in stages, stages
+    assert "started again" in job["error"], job
+    assert await power(conn, VM) == "running"
+    assert await checkpoints_of(conn, VM) == before
+    with pytest.raises(NotFound):
+        await get_domain(conn, FAILED)
+    assert target_files(target_dir, FAILED) == []
+
+
+async def test_a_migration_whose_orchestrator_stopped_is_undone(
+    hs: httpx.AsyncClient, system: System, vm: SmallVm, conn: Connection, target_dir: Path
+) -> None:
+    """The orchestrator stops while the job syncs; the one started again takes the job
+    over from its record: the libvirt job ended, the checkpoints dropped, the target
+    clean, the source running."""
+    assert await power(conn, VM) == "running"
+    before = await checkpoints_of(conn, VM)
+    resp = await hs.post("/jobs/submit", json=submission(VM, ORPHANED, target_dir))
+    assert resp.status_code == 201, resp.text
+    job_id = resp.json()["job_id"]
+    deadline = time.monotonic() + 60
+    while (await hs.get(f"/jobs/{job_id}")).json()["progress"]["stage"] != "syncing":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    system.stop("job-orchestrator")  # SIGTERM: it gives up the job's lease
+    system.start("job-orchestrator")
+    deadline = time.monotonic() + 90
+    while True:
+        resp = await hs.get(f"/jobs/{job_id}")
+        if resp.status_code == 200 and resp.json()["status"] in {"failed", "cancelled"}:
+            job = resp.json()
+            break
+        assert time.monotonic() < deadline, resp.text
+        await asyncio.sleep(0.3)
+    assert job["status"] == "failed" and "stopped while" in job["error"], job
+    assert await power(conn, VM) == "running"
+    assert await checkpoints_of(conn, VM) == before
+    with pytest.raises(NotFound):
+        await get_domain(conn, ORPHANED)
+    assert target_files(target_dir, ORPHANED) == []
+
+
+async def test_a_uefi_vm_takes_its_variable_store_along(
+    hs: httpx.AsyncClient, conn: Connection, vm_dir: Path, target_dir: Path
+) -> None:
+    """The source's NVRAM, final once it is stopped, is the target's, under the name the
+    target's domain gives it."""
+    uefi = await create_uefi_vm(conn, UEFI, vm_dir, [16 * MiB], tpm=False)
+    try:
+        assert uefi.nvram is not None
+        resp = await hs.post("/jobs/submit", json=submission(UEFI, UEFI_MOVED, target_dir))
+        assert resp.status_code == 201, resp.text
+        job, _ = await follow(hs, resp.json()["job_id"])
+        assert job["status"] == "completed", job
+        assert "UEFI variable store" in job["message"], job
+        root = ET.fromstring(await domain_xml(conn, UEFI_MOVED, inactive=True))
+        moved_nvram = Path(root.findtext("./os/nvram") or "")
+        assert moved_nvram != uefi.nvram and moved_nvram.name.startswith(UEFI_MOVED)
+        assert moved_nvram.read_bytes() == uefi.nvram.read_bytes()
+        assert await power(conn, UEFI_MOVED) == "running"
+    finally:
+        for name in (UEFI, UEFI_MOVED):
+            await remove_vm(conn, name)
