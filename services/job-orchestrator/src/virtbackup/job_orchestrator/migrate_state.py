@@ -18,15 +18,11 @@ from virtbackup.contracts.v1.state import (
     StagedState,
     StatePrepared,
     StatePrepareRequest,
-    StateReleaseRequest,
-    StateSnapshot,
-    StateSnapshotRequest,
     StateWriteRequest,
 )
 from virtbackup.job_orchestrator.jobctx import JobContext
-from virtbackup.job_orchestrator.state_files import _read
+from virtbackup.job_orchestrator.state_files import read_state_file, source_state
 from virtbackup.runtime import timeouts
-from virtbackup.runtime.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +41,10 @@ async def move_state(
     ``uuid``: see ``StatePrepareRequest``); what was staged is appended to ``into`` as
     soon as it exists (the caller's ``RESTORE_FINISH`` moves or removes it). ``None``
     for a VM without state files. Raises what the inventory answers."""
-    assert job.server_id and job.vm_name
-    snap = await jc.bus.request(
-        InventoryCmd.STATE_SNAPSHOT,
-        StateSnapshotRequest(server_id=job.server_id, vm_name=job.vm_name, job_id=job.id),
-        StateSnapshot,
-        timeout=timeouts.INVENTORY_JOB_STEP,
-    )
-    try:
+    async with source_state(jc, job) as snap:
         if not snap.files:
             return None
-        contents = {(f.role, f.relative): await _read(jc, job, f) for f in snap.files}
+        contents = {(f.role, f.relative): await read_state_file(jc, job, f) for f in snap.files}
         prepared = await jc.bus.request(
             InventoryCmd.STATE_PREPARE,
             StatePrepareRequest(
@@ -81,11 +70,3 @@ async def move_state(
                     InventoryCmd.STATE_WRITE, write, Ok, timeout=timeouts.INVENTORY_QUERY
                 )
         return prepared
-    finally:
-        release = StateReleaseRequest(server_id=job.server_id, job_id=job.id)
-        try:
-            await jc.bus.request(
-                InventoryCmd.STATE_RELEASE, release, Ok, timeout=timeouts.INVENTORY_QUERY
-            )
-        except ServiceError as exc:
-            log.warning("removing the state copies of job %s: %s", job.id, exc)

@@ -15,7 +15,9 @@ backed up) restores as before, and leaves the state on the host as it is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 from virtbackup.contracts.subjects import InventoryCmd
 from virtbackup.contracts.v1.inventory import Ok
@@ -43,10 +45,12 @@ from virtbackup.storage.errors import StorageError
 log = logging.getLogger(__name__)
 
 
-async def capture(jc: JobContext, job: Job, repo: Repository) -> list[StateFileRecord]:
-    """The VM's state files as they are now, stored in ``repo``; empty for a VM without
-    any. Raises what the inventory answers (the backup then fails: a point must not
-    silently lack the state) or the repository's errors."""
+@contextlib.asynccontextmanager
+async def source_state(jc: JobContext, job: Job) -> AsyncIterator[StateSnapshot]:
+    """The state files of the job's VM (``job.server_id``, ``job.vm_name``) copied aside
+    on its host as they are now (the inventory's ``STATE_SNAPSHOT``), for as long as the
+    block runs; the copies are removed after it (a failure to is logged). Raises what
+    the inventory answers."""
     assert job.server_id and job.vm_name
     snap = await jc.bus.request(
         InventoryCmd.STATE_SNAPSHOT,
@@ -55,9 +59,7 @@ async def capture(jc: JobContext, job: Job, repo: Repository) -> list[StateFileR
         timeout=timeouts.INVENTORY_JOB_STEP,
     )
     try:
-        if snap.files:
-            await jc.message(job.id, f"saving {_roles(snap.files)}")
-        return [await _store(jc, job, repo, f) for f in snap.files]
+        yield snap
     finally:
         release = StateReleaseRequest(server_id=job.server_id, job_id=job.id)
         try:
@@ -66,6 +68,16 @@ async def capture(jc: JobContext, job: Job, repo: Repository) -> list[StateFileR
             )
         except ServiceError as exc:
             log.warning("removing the state copies of job %s: %s", job.id, exc)
+
+
+async def capture(jc: JobContext, job: Job, repo: Repository) -> list[StateFileRecord]:
+    """The VM's state files as they are now, stored in ``repo``; empty for a VM without
+    any. Raises what the inventory answers (the backup then fails: a point must not
+    silently lack the state) or the repository's errors."""
+    async with source_state(jc, job) as snap:
+        if snap.files:
+            await jc.message(job.id, f"saving {_roles(snap.files)}")
+        return [await _store(jc, job, repo, f) for f in snap.files]
 
 
 async def capture_into(
@@ -75,20 +87,13 @@ async def capture_into(
     from the host once and stored in each repository. Returns each destination's
     records, and the destinations whose repository failed (destination -> error: they
     commit nothing); raises what the inventory answers."""
-    assert job.server_id and job.vm_name
-    snap = await jc.bus.request(
-        InventoryCmd.STATE_SNAPSHOT,
-        StateSnapshotRequest(server_id=job.server_id, vm_name=job.vm_name, job_id=job.id),
-        StateSnapshot,
-        timeout=timeouts.INVENTORY_JOB_STEP,
-    )
     records: dict[str, list[StateFileRecord]] = {d: [] for d in repos}
     failed: dict[str, str] = {}
-    try:
+    async with source_state(jc, job) as snap:
         if snap.files:
             await jc.message(job.id, f"saving {_roles(snap.files)}")
         for f in snap.files:
-            data = await _read(jc, job, f)
+            data = await read_state_file(jc, job, f)
             for dest, repo in repos.items():
                 if dest in failed:
                     continue
@@ -97,14 +102,6 @@ async def capture_into(
                 except (StorageError, RepositoryError) as exc:
                     failed[dest] = f"storing the VM's state files: {exc}"
         return records, failed
-    finally:
-        release = StateReleaseRequest(server_id=job.server_id, job_id=job.id)
-        try:
-            await jc.bus.request(
-                InventoryCmd.STATE_RELEASE, release, Ok, timeout=timeouts.INVENTORY_QUERY
-            )
-        except ServiceError as exc:
-            log.warning("removing the state copies of job %s: %s", job.id, exc)
 
 
 def _roles(files: list[StateFile]) -> str:
@@ -112,10 +109,10 @@ def _roles(files: list[StateFile]) -> str:
 
 
 async def _store(jc: JobContext, job: Job, repo: Repository, f: StateFile) -> StateFileRecord:
-    return await _record(repo, f, await _read(jc, job, f))
+    return await _record(repo, f, await read_state_file(jc, job, f))
 
 
-async def _read(jc: JobContext, job: Job, f: StateFile) -> bytearray:
+async def read_state_file(jc: JobContext, job: Job, f: StateFile) -> bytearray:
     """The content of state file ``f`` (empty for a directory), read over the bus."""
     assert job.server_id
     data = bytearray()
