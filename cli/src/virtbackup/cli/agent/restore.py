@@ -40,9 +40,19 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
-from virtbackup.cli.agent.backup import Cancelled, Report, debug_hold, send
+# The same pipeline depth, report interval and NBD timeout as a backup: chunks read and
+# written at once (CHUNKS_IN_FLIGHT).
+from virtbackup.cli.agent.backup import (
+    CHUNKS_IN_FLIGHT,
+    NBD_TIMEOUT,
+    REPORT_EVERY,
+    Cancelled,
+    Report,
+    debug_hold,
+    send,
+)
 from virtbackup.cli.agent.inflight import InFlight
 from virtbackup.contracts.v1.config import Destination
 from virtbackup.nbd import NbdClient, NbdUri
@@ -98,11 +108,6 @@ from virtbackup.virt.state import commit as commit_state
 from virtbackup.virt.state import discard as discard_state
 
 log = logging.getLogger(__name__)
-
-#: Chunks read and written at once.
-CHUNKS_IN_FLIGHT: Final = 4
-REPORT_EVERY: Final = 1.0
-NBD_TIMEOUT: Final = 30.0
 
 
 class Refused(Exception):
