@@ -37,6 +37,8 @@ WEB = [f"{PREFIX}-web-1", f"{PREFIX}-web-2"]
 DB = f"{PREFIX}-db"
 #: Longer than a scheduler tick (1 s) on every replica.
 TICK_WAIT = 2.5
+#: Jobs the gateway asks the job-orchestrator for in one request.
+LIST_PAGE = 2
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,9 @@ def hs_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
         VIRTBACKUP_DEBUG_HOLDS=json.dumps({"before:committing": HOLD}),
         # Schedules firing every 5 s run within a test; the default minimum is 5 minutes.
         VIRTBACKUP_SCHEDULE_MIN_INTERVAL="5",
+        # The gateway reads job listings 2 at a time (500 by default): every listing of
+        # this module crosses pages.
+        VIRTBACKUP_JOB_LIST_PAGE=str(LIST_PAGE),
     ) as system:
         yield system
 
@@ -229,6 +234,55 @@ async def test_cancel_by_ids_and_by_status(hs: httpx.AsyncClient) -> None:
         ] == "cancelled"
     again = await hs.post("/jobs/cancel", json={"job_ids": ids})
     assert again.json()["count"] == 0
+
+
+async def stored_job_states(system: System) -> dict[str, str]:
+    """Every job record of ``VB_JOBS`` (id -> state), read from the bucket itself."""
+    nc: Client = await connect(system.nats)
+    try:
+        kv = await nc.jetstream().key_value("VB_JOBS")
+        states: dict[str, str] = {}
+        for key in await kv.keys():
+            entry = await kv.get(key)
+            if entry.value:
+                record = json.loads(entry.value)
+                states[record["id"]] = record["state"]
+        return states
+    finally:
+        await nc.drain()
+
+
+async def test_listings_see_every_job_across_pages(
+    hs: httpx.AsyncClient, hs_system: System
+) -> None:
+    """Query, /status and a cancel by status see every matching job, not only the first
+    page the job-orchestrator answers (``LIST_PAGE`` jobs here)."""
+    ids = (await hs.post("/jobs/submit", json=definition(f"local/{PREFIX}-*"))).json()["job_ids"]
+    assert len(ids) == 3 > LIST_PAGE
+    for job_id in ids:  # all three hold before committing for HOLD seconds
+        await wait_status(hs, job_id, {"running"})
+    by_status = await hs.post("/jobs/cancel", json={"status": "running"})
+    assert by_status.status_code == 200, by_status.text
+    assert sorted(by_status.json()["job_ids"]) == sorted(ids)
+    for job_id in ids:
+        await wait_status(hs, job_id, {"completed", "failed", "cancelled"})
+
+    stored = await stored_job_states(hs_system)
+    assert len(stored) > LIST_PAGE
+    every = (await hs.post("/jobs/query", json={"all": True})).json()
+    assert every["total"] == len(stored)
+    newest_first = [j["definition"]["id"] for j in every["jobs"]]
+    assert newest_first == sorted(stored, reverse=True)
+    cancelled = (await hs.post("/jobs/query", json={"status": "cancelled"})).json()
+    assert {j["definition"]["id"] for j in cancelled["jobs"]} == {
+        i for i, state in stored.items() if state == "canceled"
+    }
+    assert len(cancelled["jobs"]) > LIST_PAGE
+    limited = (await hs.post("/jobs/query", json={"all": True, "limit": LIST_PAGE + 1})).json()
+    assert [j["definition"]["id"] for j in limited["jobs"]] == newest_first[: LIST_PAGE + 1]
+    status = (await hs.get("/status")).json()
+    assert status["total_jobs"] == len(stored)
+    assert status["completed_jobs"] == sum(1 for s in stored.values() if s == "success")
 
 
 async def test_bad_input_creates_nothing(hs: httpx.AsyncClient) -> None:

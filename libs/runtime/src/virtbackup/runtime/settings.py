@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     #: The shortest time between two runs of a schedule, in seconds: a cron expression
     #: that fires more often is refused (400 naming ``schedule``). 0 allows any.
     schedule_min_interval: float = Field(default=300.0, ge=0)
+    #: Jobs the gateway asks the job-orchestrator for in one request when it needs every
+    #: matching job (``/status``, ``/jobs/query``, a cancel by status, ...): it pages
+    #: through them, so this bounds one reply's size, never what is seen.
+    job_list_page: int = Field(default=500, ge=1, le=1000)
     #: A job fails when no unit finishes for this many seconds (no worker, or all stuck).
     job_stall_timeout: float = 600.0
     #: A backup queued for a remote agent fails when the agent has not leased it within

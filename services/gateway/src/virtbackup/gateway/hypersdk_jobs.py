@@ -25,8 +25,6 @@ from virtbackup.contracts.v1.jobs import (
     Job,
     JobCancelRequest,
     JobGetRequest,
-    JobList,
-    JobListRequest,
     JobState,
 )
 from virtbackup.contracts.v1.schedules import (
@@ -44,6 +42,7 @@ from virtbackup.contracts.v1.schedules import (
 from virtbackup.gateway.bodies import NoBody, SnakeBody
 from virtbackup.gateway.controllers.migrations import check_may_migrate
 from virtbackup.gateway.errors import responses
+from virtbackup.gateway.job_listing import matching_jobs
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
 from virtbackup.runtime.clock import utcnow_iso
@@ -182,8 +181,7 @@ class HyperSdkJobsController(Controller):
             jobs = [await _job(gw, i) for i in dict.fromkeys(data.job_ids)]
             jobs = [j for j in jobs if state is None or j.state == state]
         else:
-            listed = await gw.bus.request(JobCmd.LIST, JobListRequest(state=state), JobList)
-            jobs = listed.jobs
+            jobs = await matching_jobs(gw, state=state, limit=data.limit)
         if data.limit:
             jobs = jobs[: data.limit]
         return {"jobs": [job_view(j) for j in jobs], "total": len(jobs)}
@@ -209,7 +207,7 @@ class HyperSdkJobsController(Controller):
             jobs = [await _job(gw, i) for i in dict.fromkeys(data.job_ids)]
             jobs = [j for j in jobs if state is None or j.state == state]
         else:
-            jobs = (await gw.bus.request(JobCmd.LIST, JobListRequest(state=state), JobList)).jobs
+            jobs = await matching_jobs(gw, state=state)
         cancelled: list[str] = []
         refused: list[dict[str, str]] = []
         for job in jobs:

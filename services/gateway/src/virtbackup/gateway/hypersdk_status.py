@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import msgspec
 
 from virtbackup.contracts import buckets
-from virtbackup.contracts.subjects import JobCmd
 from virtbackup.contracts.v1.hypersdk_jobs import STATUS
-from virtbackup.contracts.v1.jobs import Job, JobList, JobListRequest
+from virtbackup.contracts.v1.jobs import Job
+from virtbackup.gateway.job_listing import matching_jobs
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.errors import NotFound
 from virtbackup.runtime.kv import keys, read_value
@@ -57,8 +57,8 @@ async def worker_counts(gw: Gateway) -> WorkerCounts:
 
 
 async def all_jobs(gw: Gateway) -> list[Job]:
-    """The jobs the job store lists (newest first, up to its listing's default limit)."""
-    return (await gw.bus.request(JobCmd.LIST, JobListRequest(), JobList)).jobs
+    """Every job of the job store, newest first (read page by page)."""
+    return await matching_jobs(gw)
 
 
 def job_counts(jobs: list[Job]) -> dict[str, int]:

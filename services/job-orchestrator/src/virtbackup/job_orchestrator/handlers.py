@@ -72,7 +72,11 @@ commands: Commands[JobContext] = Commands()
 @commands.handler(JobCmd.LIST, JobListRequest)
 async def list_jobs(jc: JobContext, req: JobListRequest) -> JobList:
     """Jobs newest first, from the in-memory index (no round trip per job)."""
-    return JobList(jobs=jc.jobs.list(state=req.state, type=req.type, limit=max(req.limit, 0)))
+    return JobList(
+        jobs=jc.jobs.list(
+            state=req.state, type=req.type, limit=max(req.limit, 0), before=req.before
+        )
+    )
 
 
 @commands.handler(JobCmd.GET, JobGetRequest)

@@ -123,13 +123,21 @@ class JobIndex:
                 await watcher.stop()  # type: ignore[attr-defined]
 
     def list(
-        self, *, state: JobState | None = None, type: JobType | None = None, limit: int = 1000
+        self,
+        *,
+        state: JobState | None = None,
+        type: JobType | None = None,
+        limit: int = 1000,
+        before: str | None = None,
     ) -> list[Job]:
-        """Jobs newest first (ids sort by creation time), filtered."""
+        """Jobs newest first (ids sort by creation time), filtered, at most ``limit``;
+        with ``before``, only those whose id sorts before it (the next page)."""
         out: list[Job] = []
         if limit <= 0:
             return out
         for job_id in sorted(self.jobs, reverse=True):
+            if before is not None and job_id >= before:
+                continue
             job = self.jobs[job_id]
             if (state is None or job.state == state) and (type is None or job.type == type):
                 out.append(job)

@@ -64,11 +64,15 @@ class Job(Message, frozen=True, kw_only=True):
 
 
 class JobListRequest(Message, frozen=True, kw_only=True):
-    """List jobs, newest first, optionally filtered."""
+    """List jobs, newest first, optionally filtered: at most ``limit`` (one page; a reply
+    must fit in one bus message), only those older than the job ``before`` names (job
+    ids sort by creation time) when it is set. A caller that wants every matching job
+    asks again with ``before`` = the last id of a full page, until a page is short."""
 
     state: JobState | None = None
     type: JobType | None = None
     limit: int = 1000
+    before: str | None = None
 
 
 class JobList(Message, frozen=True, kw_only=True):

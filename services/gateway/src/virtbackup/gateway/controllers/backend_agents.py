@@ -19,7 +19,7 @@ from virtbackup.contracts import buckets
 from virtbackup.contracts.subjects import JobCmd
 from virtbackup.contracts.v1.agents import AgentLease, AgentLeaseRequest, AgentStage
 from virtbackup.contracts.v1.common import shown
-from virtbackup.contracts.v1.jobs import Job, JobCancelRequest, JobList, JobListRequest
+from virtbackup.contracts.v1.jobs import Job, JobCancelRequest
 from virtbackup.gateway.agent_auth import AGENT_SCOPE_KEY
 from virtbackup.gateway.agent_config_doc import agent_config
 from virtbackup.gateway.agent_refs import refuse_if_named
@@ -33,6 +33,7 @@ from virtbackup.gateway.agents_store import (
 from virtbackup.gateway.audit_log import UNRECORDED_KEY
 from virtbackup.gateway.bodies import Body
 from virtbackup.gateway.errors import responses
+from virtbackup.gateway.job_listing import matching_jobs
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import Conflict, NotFound, ServiceError
@@ -330,10 +331,7 @@ async def _cancel_leased(gw: Gateway, agent_id: str) -> list[str]:
     is left to end."""
     active: list[Job] = []
     for state in ("queued", "running"):
-        listed = await gw.bus.request(
-            JobCmd.LIST, JobListRequest(state=state, type="backup"), JobList
-        )
-        active.extend(listed.jobs)
+        active.extend(await matching_jobs(gw, state=state, type="backup"))
     cancelled = []
     for job in active:
         if job.params.get("agentId") != agent_id:

@@ -12,11 +12,10 @@ from virtbackup.contracts.v1.jobs import (
     Job,
     JobCancelRequest,
     JobGetRequest,
-    JobList,
-    JobListRequest,
 )
 from virtbackup.gateway.bodies import NoBody
 from virtbackup.gateway.errors import responses
+from virtbackup.gateway.job_listing import matching_jobs
 from virtbackup.gateway.state import Gateway
 
 
@@ -32,8 +31,7 @@ class JobsController(Controller):
     @get()
     async def list_jobs(self, gw: Gateway) -> list[dict[str, Any]]:
         """Every job, newest first."""
-        jobs = await gw.bus.request(JobCmd.LIST, JobListRequest(), JobList)
-        return [job_view(j) for j in jobs.jobs]
+        return [job_view(j) for j in await matching_jobs(gw)]
 
     @get("/{job_id:str}", responses=responses(404))
     async def get_job(self, gw: Gateway, job_id: str) -> dict[str, Any]:
