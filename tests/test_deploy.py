@@ -99,3 +99,21 @@ def test_only_the_gateway_gets_the_vault_key() -> None:
     gateway_only = helm.split('{{- if eq $name "gateway" }}')
     assert helm.count("VIRTBACKUP_VAULT_KEY") == 2
     assert "VIRTBACKUP_VAULT_KEY" in gateway_only[1]
+
+
+def test_helm_sets_whether_webhooks_may_target_private_addresses_on_the_notifier() -> None:
+    """``webhooks.allowPrivate`` (default true, as the notifier's own default) reaches the
+    notifier's pods, and only them, as ``VIRTBACKUP_WEBHOOKS_ALLOW_PRIVATE``."""
+    from virtbackup.runtime.settings import Settings
+
+    assert Settings.model_fields["webhooks_allow_private"].default is True
+    values = yaml.safe_load((ROOT / "helm/virtbackup/values.yaml").read_text())
+    assert values["webhooks"]["allowPrivate"] is True
+    text = (ROOT / "helm/virtbackup/templates/deployments.yaml").read_text()
+    line = (
+        "- {name: VIRTBACKUP_WEBHOOKS_ALLOW_PRIVATE,"
+        " value: {{ $.Values.webhooks.allowPrivate | toString | quote }}}"
+    )
+    assert text.count(line) == 1
+    block = text[text.index(line) - 200 : text.index(line)]
+    assert block.rstrip().rsplit("{{- if ", 1)[1].startswith('eq $name "notifier" }}')
