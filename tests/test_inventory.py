@@ -350,6 +350,11 @@ async def test_hypersdk_vm_discovery(
         off = await hs.post("/vms/poweroff", json={"vm_path": f"local/{vm.name}"})
         assert off.json() == {"message": "VM powered off"}
         await _wait_state(api, vm.name, "shutoff")
+        # Nothing to do for a VM that is not running: a 409 naming the VM, never a success.
+        for route in ("/vms/poweroff", "/vms/shutdown"):
+            again = await hs.post(route, json={"vm_path": f"local/{vm.name}"})
+            assert again.status_code == 409, (route, again.text)
+            assert vm.name in again.json()["error"] and "not running" in again.json()["error"]
         status = (await hs.get("/status")).json()
         assert status["worker_count"] >= 1
         assert set(status) == {

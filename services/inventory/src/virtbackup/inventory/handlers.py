@@ -63,13 +63,17 @@ ACTIONS = {
 
 @contextlib.asynccontextmanager
 async def libvirt_errors(server_id: str, vm_name: str | None = None) -> AsyncIterator[None]:
-    """libvirt's errors as the bus's: unknown VM 404, forbidden by state 409, else 503."""
+    """libvirt's errors as the bus's: unknown VM 404, forbidden by state 409 (naming the
+    VM: e.g. a power-off of a VM that is not running is refused, never reported done),
+    else 503."""
     try:
         yield
     except VirtNotFound as exc:
         what = f"vm {vm_name!r}" if vm_name else "object"
         raise NotFound(f"{what} not found on server {server_id}: {exc}") from None
     except VirtConflict as exc:
+        if vm_name and vm_name not in str(exc):
+            raise Conflict(f"vm {vm_name!r} on server {server_id}: {exc}") from None
         raise Conflict(str(exc)) from None
     except VirtError as exc:
         raise Unavailable(f"server {server_id}: {exc}") from None
