@@ -15,16 +15,26 @@ body call ``decode_body`` themselves.
 from __future__ import annotations
 
 import re
-from typing import Any, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
 from litestar import Request
 
+from virtbackup.contracts.v1.readable import described
 from virtbackup.gateway.errors import readable
 from virtbackup.runtime.errors import BadRequest
 
 T = TypeVar("T")
 _AT = re.compile(r" - at `[^`]*`$")
+
+
+#: One line of text, at least one character: declared in words, so that a refusal says
+#: what the field expects instead of quoting the regex (``contracts.v1.readable``).
+ONE_LINE: Final = described(
+    r"^[^\x00-\x1f\x7f]+$", "one line of text (at least one character, no control character)"
+)
+#: A name or label sent by an agent: one line, 1 to 253 characters.
+LineText = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=ONE_LINE)]
 
 
 class Body(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fields=True):

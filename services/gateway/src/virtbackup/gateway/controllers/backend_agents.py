@@ -31,7 +31,7 @@ from virtbackup.gateway.agents_store import (
     agent_view,
 )
 from virtbackup.gateway.audit_log import UNRECORDED_KEY
-from virtbackup.gateway.bodies import Body
+from virtbackup.gateway.bodies import Body, LineText
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.job_listing import matching_jobs
 from virtbackup.gateway.state import Gateway
@@ -39,7 +39,7 @@ from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import Conflict, NotFound, ServiceError
 from virtbackup.runtime.kv import keys, read_value
 
-Text = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Text = LineText
 Short = Annotated[str, msgspec.Meta(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]
 #: How long a registration token lives by default, and at most (seconds).
 TOKEN_TTL_DEFAULT = 3600

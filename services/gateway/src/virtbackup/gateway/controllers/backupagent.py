@@ -43,7 +43,7 @@ from virtbackup.contracts.v1.schedules import ScheduleList
 from virtbackup.gateway.agent_config_doc import agent_config, agent_servers
 from virtbackup.gateway.agent_reports import report_status
 from virtbackup.gateway.agents_store import AgentRecord
-from virtbackup.gateway.bodies import Body
+from virtbackup.gateway.bodies import Body, LineText
 from virtbackup.gateway.controllers.backend_agents import (
     JobStatusBody,
     OutputLine,
@@ -58,7 +58,7 @@ from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import Conflict, NotFound
 from virtbackup.runtime.kv import keys, read_value
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Name = LineText
 Size = Annotated[int, msgspec.Meta(ge=0)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 #: Most log lines of one batch (backupagent-api.md).
