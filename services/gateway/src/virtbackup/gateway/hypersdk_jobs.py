@@ -32,7 +32,6 @@ from virtbackup.contracts.v1.schedules import (
     JobSubmitRequest,
     JobSubmitResult,
     Schedule,
-    ScheduleCreate,
     ScheduleList,
     ScheduleRef,
     ScheduleRun,
@@ -43,6 +42,7 @@ from virtbackup.gateway.bodies import NoBody, SnakeBody
 from virtbackup.gateway.controllers.migrations import check_may_migrate
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.job_listing import matching_jobs
+from virtbackup.gateway.schedule_bodies import ScheduleFieldChanges, ScheduleFields
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
 from virtbackup.runtime.clock import utcnow_iso
@@ -114,22 +114,15 @@ class CancelBody(SnakeBody, kw_only=True):
     status: str | None = None
 
 
-class ScheduleBody(SnakeBody, kw_only=True):
-    id: str = ""
-    name: str = ""
-    description: str = ""
-    schedule: str
-    timezone: str = "UTC"
-    enabled: bool = True
+class ScheduleBody(ScheduleFields, kw_only=True):
+    """``POST /schedules`` (snake_case)."""
+
     job_template: SubmitBody
 
 
-class ScheduleChange(SnakeBody, kw_only=True):
-    name: str | None = None
-    description: str | None = None
-    schedule: str | None = None
-    timezone: str | None = None
-    enabled: bool | None = None
+class ScheduleChange(ScheduleFieldChanges, kw_only=True):
+    """``PUT /schedules/{id}`` (snake_case)."""
+
     job_template: SubmitBody | None = None
 
 
@@ -240,15 +233,7 @@ class HyperSdkJobsController(Controller):
     async def create_schedule(self, gw: Gateway, data: ScheduleBody) -> dict[str, Any]:
         """Create a schedule: cron expression, time zone and job template are checked
         first (400 or 404 naming what is wrong; nothing is created then)."""
-        request = ScheduleCreate(
-            id=data.id,
-            name=data.name,
-            description=data.description,
-            schedule=data.schedule,
-            timezone=data.timezone,
-            enabled=data.enabled,
-            job_template=data.job_template.definition(),
-        )
+        request = data.create_request(data.job_template.definition())
         created = await gw.bus.request(
             ScheduleCmd.CREATE, request, Schedule, timeout=timeouts.JOB_COMMAND
         )
@@ -279,18 +264,7 @@ class HyperSdkJobsController(Controller):
     ) -> dict[str, Any]:
         """Change the fields given (checked as on create)."""
         template = data.job_template.definition() if data.job_template else None
-        updated = await self._update(
-            gw,
-            ScheduleUpdate(
-                id=schedule_id,
-                name=data.name,
-                description=data.description,
-                schedule=data.schedule,
-                timezone=data.timezone,
-                enabled=data.enabled,
-                job_template=template,
-            ),
-        )
+        updated = await self._update(gw, data.update_request(schedule_id, template))
         return {"message": "schedule updated successfully", "schedule": schedule_view(updated)}
 
     @delete("/schedules/{schedule_id:str}", status_code=200, responses=responses(404))

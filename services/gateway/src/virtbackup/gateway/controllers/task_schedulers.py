@@ -34,14 +34,13 @@ from virtbackup.contracts.v1.common import Empty
 from virtbackup.contracts.v1.schedules import (
     JobDefinition,
     Schedule,
-    ScheduleCreate,
     ScheduleList,
     ScheduleRef,
     ScheduleRun,
-    ScheduleUpdate,
 )
 from virtbackup.gateway.bodies import Body, NoBody
 from virtbackup.gateway.errors import responses
+from virtbackup.gateway.schedule_bodies import ScheduleFieldChanges, ScheduleFields
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
 from virtbackup.runtime.errors import BadRequest
@@ -87,22 +86,15 @@ class TaskTemplate(Body, kw_only=True):
         )
 
 
-class TaskBody(Body, kw_only=True):
-    id: str = ""
-    name: str = ""
-    description: str = ""
-    schedule: str
-    timezone: str = "UTC"
-    enabled: bool = True
+class TaskBody(ScheduleFields, kw_only=True, rename="camel"):
+    """``POST`` (camelCase: ``jobTemplate``)."""
+
     job_template: TaskTemplate
 
 
-class TaskChange(Body, kw_only=True):
-    name: str | None = None
-    description: str | None = None
-    schedule: str | None = None
-    timezone: str | None = None
-    enabled: bool | None = None
+class TaskChange(ScheduleFieldChanges, kw_only=True, rename="camel"):
+    """``PUT /{id}`` (camelCase)."""
+
     job_template: TaskTemplate | None = None
 
 
@@ -154,30 +146,14 @@ class TaskSchedulersController(Controller):
     @post(status_code=201, responses=responses(404, 409))
     async def create_task(self, gw: Gateway, data: TaskBody) -> dict[str, Any]:
         """Create a schedule (checked first: nothing is made on a 400 or 404)."""
-        request = ScheduleCreate(
-            id=data.id,
-            name=data.name,
-            description=data.description,
-            schedule=data.schedule,
-            timezone=data.timezone,
-            enabled=data.enabled,
-            job_template=data.job_template.definition(),
-        )
+        request = data.create_request(data.job_template.definition())
         return task_view(await self._send(gw, ScheduleCmd.CREATE, request))
 
     @put("/{schedule_id:str}", responses=responses(404, 409))
     async def update_task(self, gw: Gateway, schedule_id: str, data: TaskChange) -> dict[str, Any]:
         """Change the fields given (checked as on create)."""
         template = data.job_template.definition() if data.job_template else None
-        request = ScheduleUpdate(
-            id=schedule_id,
-            name=data.name,
-            description=data.description,
-            schedule=data.schedule,
-            timezone=data.timezone,
-            enabled=data.enabled,
-            job_template=template,
-        )
+        request = data.update_request(schedule_id, template)
         return task_view(await self._send(gw, ScheduleCmd.UPDATE, request))
 
     @delete("/{schedule_id:str}", status_code=200, responses=responses(404))
