@@ -121,6 +121,8 @@ class JobCmd:
     """Commands answered by the job-orchestrator."""
 
     LIST: Final = command("job", "list")
+    #: How many jobs are in each state (``v1.jobs.JobCounts``), without listing them.
+    COUNTS: Final = command("job", "counts")
     GET: Final = command("job", "get")
     CANCEL: Final = command("job", "cancel")
     BACKUP: Final = command("job", "backup")

@@ -1,6 +1,6 @@
 """``/status`` of the HyperSDK API from real state, shared by ``/ws`` and ``/metrics``.
 
-Job counts come from the job-orchestrator's job store (``vb.cmd.job.list``); the
+Job counts come from the job-orchestrator's job store (``vb.cmd.job.counts``); the
 workers from the transfer workers' heartbeats in ``VB_WORKERS`` (an entry expires 30 s
 after its worker's last beat; a worker rewrites it within a second of a unit starting
 or ending, so ``active_workers`` is at most about a second behind).
@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import msgspec
 
 from virtbackup.contracts import buckets
+from virtbackup.contracts.subjects import JobCmd
+from virtbackup.contracts.v1.common import Empty
 from virtbackup.contracts.v1.hypersdk_jobs import STATUS
-from virtbackup.contracts.v1.jobs import Job
+from virtbackup.contracts.v1.jobs import Job, JobCounts
 from virtbackup.gateway.job_listing import matching_jobs
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.errors import NotFound
@@ -61,13 +63,15 @@ async def all_jobs(gw: Gateway) -> list[Job]:
     return await matching_jobs(gw)
 
 
-def job_counts(jobs: list[Job]) -> dict[str, int]:
-    """The document's four job counts."""
+async def job_counts(gw: Gateway) -> dict[str, int]:
+    """The document's four job counts, over every job (``vb.cmd.job.counts``: counted
+    by the job-orchestrator, no job is sent)."""
+    counts = await gw.bus.request(JobCmd.COUNTS, Empty(), JobCounts)
     return {
-        "total_jobs": len(jobs),
-        "running_jobs": sum(1 for j in jobs if j.state == "running"),
-        "completed_jobs": sum(1 for j in jobs if j.state == "success"),
-        "failed_jobs": sum(1 for j in jobs if j.state == "failure"),
+        "total_jobs": counts.total,
+        "running_jobs": counts.running,
+        "completed_jobs": counts.success,
+        "failed_jobs": counts.failure,
     }
 
 
@@ -75,6 +79,6 @@ async def current_status(gw: Gateway) -> dict[str, int]:
     """``/status``: ``total_jobs``, ``running_jobs``, ``completed_jobs``, ``failed_jobs``,
     ``worker_count`` (live transfer workers) and ``active_workers`` (those busy).
     ``Unavailable`` when the job-orchestrator does not answer."""
-    counts = job_counts(await all_jobs(gw))
+    counts = await job_counts(gw)
     workers = await worker_counts(gw)
     return {**counts, "worker_count": workers.live, "active_workers": workers.busy}

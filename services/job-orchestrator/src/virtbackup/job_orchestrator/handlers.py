@@ -9,6 +9,7 @@ JetStream.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -19,7 +20,7 @@ from xml.etree import ElementTree as ET
 import msgspec
 
 from virtbackup.contracts.subjects import EventType, InventoryCmd, JobCmd
-from virtbackup.contracts.v1.common import shown
+from virtbackup.contracts.v1.common import Empty, shown
 from virtbackup.contracts.v1.inventory import (
     VmInfo,
     VmRef,
@@ -31,6 +32,7 @@ from virtbackup.contracts.v1.jobs import (
     CopyRequest,
     Job,
     JobCancelRequest,
+    JobCounts,
     JobGetRequest,
     JobList,
     JobListRequest,
@@ -67,6 +69,21 @@ from virtbackup.storage.errors import NotFoundError, StorageError
 
 log = logging.getLogger(__name__)
 commands: Commands[JobContext] = Commands()
+
+
+@commands.handler(JobCmd.COUNTS, Empty)
+async def count_jobs(jc: JobContext, req: Empty) -> JobCounts:
+    """Every job counted by state, from the in-memory index (``/status`` and ``/ws`` ask
+    for this every few seconds: no job is sent)."""
+    counts = collections.Counter(job.state for job in list(jc.jobs.jobs.values()))
+    return JobCounts(
+        total=sum(counts.values()),
+        queued=counts["queued"],
+        running=counts["running"],
+        success=counts["success"],
+        failure=counts["failure"],
+        canceled=counts["canceled"],
+    )
 
 
 @commands.handler(JobCmd.LIST, JobListRequest)

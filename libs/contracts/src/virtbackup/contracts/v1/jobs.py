@@ -79,6 +79,18 @@ class JobList(Message, frozen=True, kw_only=True):
     jobs: list[Job]
 
 
+class JobCounts(Message, frozen=True, kw_only=True):
+    """``vb.cmd.job.counts`` (request ``common.Empty``): every job of the job store,
+    counted by state (``total`` is their sum)."""
+
+    total: int = 0
+    queued: int = 0
+    running: int = 0
+    success: int = 0
+    failure: int = 0
+    canceled: int = 0
+
+
 class JobGetRequest(Message, frozen=True, kw_only=True):
     id: str
 
