@@ -59,8 +59,8 @@ from virtbackup.contracts.v1.exports import (
     ExportStopRequest,
     InstantExport,
 )
-from virtbackup.job_orchestrator.handlers import open_point
 from virtbackup.job_orchestrator.jobctx import JobContext
+from virtbackup.job_orchestrator.point_lookup import open_point
 from virtbackup.runtime.bus import new_id
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.commands import Commands

@@ -15,9 +15,9 @@ from virtbackup.contracts.v1.lifecycle_gc import (
     VerifyRequest,
     VmStats,
 )
-from virtbackup.job_orchestrator.handlers import destination_faults
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc import claimed
+from virtbackup.job_orchestrator.point_lookup import destination_faults
 from virtbackup.job_orchestrator.points import check_selection, destination, opened, unusable
 from virtbackup.job_orchestrator.runner import execute
 from virtbackup.repository.lifecycle_gc import dedup_factor, repository_stats

@@ -71,6 +71,7 @@ from virtbackup.job_orchestrator.lifecycle_gc import (
     release_destination,
 )
 from virtbackup.job_orchestrator.locks import Busy, point_folder_lock
+from virtbackup.job_orchestrator.point_lookup import destination_faults
 from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.repository import retention
 from virtbackup.repository.format import parse_vm_segment, record_key, xml_path
@@ -195,9 +196,6 @@ async def opened(
     """The destination's repository (``None`` when it has none), closed on exit; its
     storage faults as 404/503 naming it, and an unreadable repository (``unusable``) as
     503 naming it."""
-    # Imported here: the handlers import the runner, which imports this module.
-    from virtbackup.job_orchestrator.handlers import destination_faults
-
     with destination_faults(destination_id):
         try:
             repo = await jc.repository(destination_id, create=False, locked=locked)
@@ -215,7 +213,7 @@ async def opened(
 def unusable(destination_id: str, exc: RepositoryError) -> Unavailable:
     """503 for a destination whose repository cannot be opened (an unreadable
     ``repository.json``, another format): the same status and form as a destination
-    whose storage cannot be used (``handlers.destination_faults``)."""
+    whose storage cannot be used (``point_lookup.destination_faults``)."""
     return Unavailable(f"destination {shown(destination_id)} cannot be used: {exc}")
 
 
