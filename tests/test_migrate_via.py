@@ -36,6 +36,7 @@ VM = f"vbt-via-{PID}"
 MOVED = f"vbt-viat-{PID}"
 CANCELED = f"vbt-viac-{PID}"
 FAILED = f"vbt-viaf-{PID}"
+ORPHANED = f"vbt-viao-{PID}"
 #: Seconds each sync pass waits before its backup (debug hold): a cancel lands there.
 SYNC_HOLD = 2
 
@@ -69,18 +70,22 @@ def target_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 async def api(
-    system: System, repo_dir: Path, remote: SshdServer, target_dir: Path
+    system: System, repo_dir: Path, vm_dir: Path, remote: SshdServer, target_dir: Path
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """The agent API, with servers ``local`` and ``remote``, destination ``fs`` and a
-    disabled destination ``off`` configured."""
+    """The agent API, with servers ``local`` and ``remote``, destination ``fs``, a
+    disabled destination ``off`` and one that cannot be written (``broken``)."""
     async with httpx.AsyncClient(
         base_url=system.url, headers=system.auth(), verify=False, timeout=60
     ) as client:
         cfg = local_config(repo_dir)
-        cfg["destinations"].append(
+        blocker = vm_dir / "not-a-directory"
+        blocker.write_text("")
+        cfg["destinations"] += [
             {"id": "off", "driverId": "filesystem", "enabled": False,
-             "params": {"path": str(repo_dir)}}
-        )  # fmt: skip
+             "params": {"path": str(repo_dir)}},
+            # No folder can be made under a regular file: not usable.
+            {"id": "broken", "driverId": "filesystem", "params": {"path": str(blocker / "repo")}},
+        ]  # fmt: skip
         cfg["servers"].append(
             {
                 "id": "remote",
@@ -122,7 +127,7 @@ async def vm(conn: Connection, vm_dir: Path) -> AsyncIterator[SmallVm]:
     try:
         yield made
     finally:
-        for name in (VM, MOVED, CANCELED, FAILED):
+        for name in (VM, MOVED, CANCELED, FAILED, ORPHANED):
             await remove_vm(conn, name)
 
 
@@ -188,8 +193,12 @@ async def test_bad_input_creates_nothing(
     await refused(submission(MOVED, target_dir, via="ghost"), 404, field)
     await refused(submission(MOVED, target_dir, via=7), 400, field)
     await refused(submission(MOVED, target_dir, via="off"), 400, "disabled")
+    await refused(submission(MOVED, target_dir, via="broken"), 400, field)
     # The direct migration's refusals hold too.
     await refused(submission(MOVED, target_dir, max_passes=0), 400, "options.max_passes")
+    unknown_net = {"default": f"vbt-no-such-net-{PID}"}
+    body = submission(MOVED, target_dir, network_mapping=unknown_net)
+    await refused(body, 400, "options.network_mapping.default")
     native = {"serverId": "local", "vmName": VM, "targetServerId": "remote",
               "targetVmName": MOVED, "targetDirectory": str(target_dir),
               "viaDestinationId": "ghost"}  # fmt: skip
@@ -306,3 +315,36 @@ async def test_a_failure_at_cutover_starts_the_source_again(
     with pytest.raises(NotFound):
         await get_domain(conn, FAILED)
     assert target_files(target_dir, FAILED) == []
+
+
+async def test_a_migration_whose_orchestrator_stopped_is_undone(
+    hs: httpx.AsyncClient, system: System, vm: SmallVm, conn: Connection, target_dir: Path
+) -> None:
+    """The orchestrator stops while the job syncs; the one started again ends it and its
+    backup job from their records: the source running, the target clean."""
+    await start(conn, VM)
+    resp = await hs.post("/jobs/submit", json=submission(ORPHANED, target_dir))
+    assert resp.status_code == 201, resp.text
+    job_id = resp.json()["job_id"]
+    deadline = time.monotonic() + 60
+    while (await hs.get(f"/jobs/{job_id}")).json()["progress"]["stage"] != "syncing":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    system.stop("job-orchestrator")  # SIGTERM: it gives up the jobs' leases
+    system.start("job-orchestrator")
+    deadline = time.monotonic() + 90
+    while True:
+        resp = await hs.get(f"/jobs/{job_id}")
+        if resp.status_code == 200 and resp.json()["status"] in {"failed", "cancelled"}:
+            job = resp.json()
+            break
+        assert time.monotonic() < deadline, resp.text
+        await asyncio.sleep(0.3)
+    assert job["status"] == "failed" and "stopped while" in job["error"], job
+    assert "stay in destination fs" in job["error"], job
+    listed = (await hs.post("/jobs/query", json={"all": True})).json()["jobs"]
+    assert not [j for j in listed if j["status"] in {"pending", "running"}], listed
+    assert await power(conn, VM) == "running"
+    with pytest.raises(NotFound):
+        await get_domain(conn, ORPHANED)
+    assert target_files(target_dir, ORPHANED) == []

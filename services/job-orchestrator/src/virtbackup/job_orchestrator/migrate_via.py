@@ -63,6 +63,7 @@ from virtbackup.job_orchestrator.migrate import (
     recover_migration,
     run_migration,
 )
+from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.repository.format import xml_path
 from virtbackup.repository.repository import RepositoryError
 from virtbackup.runtime.bus import new_id
@@ -133,7 +134,7 @@ async def _check_writable(jc: JobContext, via: str) -> None:
     opened (made if new) or a probe object cannot be written, read back and deleted."""
     try:
         repo = await jc.repository(via)
-    except (StorageError, RepositoryError) as exc:
+    except (StorageError, RepositoryError, OSError) as exc:
         raise BadRequest(
             f"destination.{VIA_FIELD}: destination {via} cannot be used: {exc}"
         ) from None
@@ -166,6 +167,9 @@ class _Via:
         #: The backup and restore jobs submitted, in order.
         self.children: list[str] = []
         self.points: list[str] = []
+        #: Bytes the ended passes read (the migration's progress adds the running one's).
+        self.bytes_done = 0
+        self.shown: tuple[int, int] = (0, 0)
 
 
 async def run_via(jc: JobContext, job: Job) -> str:
@@ -302,15 +306,29 @@ async def _await(jc: JobContext, v: _Via, child_id: str, *, cancelable: bool) ->
     while True:
         child, _ = await jc.store.get(child_id)
         if child.state in TERMINAL_STATES:
+            if child.type == "backup":
+                v.bytes_done += child.bytes_transferred
             return child
         if not jc.holds(v.m.job.id):
             raise JobLost(v.m.job.id)
+        if child.type == "backup":
+            await _show_progress(jc, v, child)
         if cancelable and cancel.is_set() and not asked:
             asked = True
             # Refused once the backup commits: its point is then made, and kept.
             with contextlib.suppress(Conflict, NotFound):
                 await cancel_job(jc, JobCancelRequest(id=child_id))
         await asyncio.sleep(POLL_SECONDS)
+
+
+async def _show_progress(jc: JobContext, v: _Via, child: Job) -> None:
+    """The migration's ``bytesTransferred`` and ``totalBytes``: the ended passes' bytes
+    plus the running backup's (written only when they change)."""
+    shown = (v.bytes_done + child.bytes_transferred, v.bytes_done + child.total_bytes)
+    if shown != v.shown:
+        v.shown = shown
+        changes: dict[str, object] = {"bytes_transferred": shown[0], "total_bytes": shown[1]}
+        await update_job(jc.store, jc.bus, v.m.job.id, changes)
 
 
 async def _restore(jc: JobContext, v: _Via, timestamp: str) -> str:
@@ -335,7 +353,11 @@ async def _restore(jc: JobContext, v: _Via, timestamp: str) -> str:
     restore = {**restore_params(request), PARENT_PARAM: m.job.id}
     if mapping := params.get("networkMapping"):
         restore["networkMapping"] = mapping
-    await plan_restore(jc, m.target, dest_id, point, restore)
+    plan = await plan_restore(jc, m.target, dest_id, point, restore)
+    if plan.vm_exists and not params.get("replace"):  # defined there since the submit
+        raise JobFailed(
+            f"vm {m.target_name} now exists on server {m.target} (options.replace is false)"
+        )
     job_id = new_id()
     v.children.append(job_id)
     # Recorded first: whoever ends this migration looks at what the restore did.
