@@ -209,6 +209,44 @@ async def test_bad_input_creates_nothing(
     assert target_files(target_dir, MOVED) == []
 
 
+async def test_going_through_a_destination_takes_backup_run(
+    system: System, api: httpx.AsyncClient, hs: httpx.AsyncClient, vm: SmallVm, target_dir: Path
+) -> None:
+    """An API token with what a direct migration takes (``restore:run``,
+    ``vms:control``) but not ``backup:run`` may not migrate through a destination."""
+    name, password = f"vbt-mover-{PID}", "Correct-Horse-Battery-9"
+    resp = await api.post(
+        "/api/v1/admin/sys/users",
+        json={"username": name, "password": password, "roles": ["admin"], "nickname": "Mover"},
+    )
+    assert resp.status_code == 201, resp.text
+    user_id = resp.json()["id"]
+    async with httpx.AsyncClient(base_url=system.url, verify=False, timeout=30) as client:
+        resp = await client.post(
+            "/api/v1/admin/auth/login",
+            json={"username": name, "password": password, "captcha_id": "", "captcha_code": ""},
+        )
+        assert resp.status_code == 200, resp.text
+        session = {"Authorization": f"Bearer {resp.json()['access_token']}"}
+        resp = await client.post(
+            f"/api/v1/admin/sys/users/{user_id}/tokens",
+            json={"name": "mover", "permissions": ["restore:run", "vms:control"]},
+            headers=session,
+        )
+        assert resp.status_code == 201, resp.text
+        scoped = {"Authorization": f"Bearer {resp.json()['token']}"}
+        body = {"serverId": "local", "vmName": VM, "targetServerId": "remote",
+                "targetVmName": VM, "targetDirectory": str(target_dir)}  # fmt: skip
+        via = await client.post("/api/v1/migrations", json={**body, "viaDestinationId": "fs"},
+                                headers=scoped)  # fmt: skip
+        assert via.status_code == 403 and "backup:run" in via.text, via.text
+        # The direct one is let through (and refused for its target name: 409).
+        direct = await client.post("/api/v1/migrations", json=body, headers=scoped)
+        assert direct.status_code == 409, direct.text
+    resp = await hs.post("/jobs/submit", json=submission(MOVED, target_dir), headers=scoped)
+    assert resp.status_code == 403 and "backup:run" in resp.text, resp.text
+
+
 async def test_migrate_through_a_destination_while_it_writes(
     hs: httpx.AsyncClient,
     api: httpx.AsyncClient,
