@@ -55,7 +55,9 @@ class MigrationBody(Body, kw_only=True):
     ``storagePool`` (where the disks go on the target; default: beside the same paths),
     ``maxDowntimeSeconds`` (30), ``maxPasses`` (5), ``shutdownTimeoutSeconds`` (120),
     ``forceShutdown`` (true), ``startOnTarget`` (true), ``replace`` (false: a VM of the
-    name on the target is a 409), ``networkMapping`` (source network -> target network).
+    name on the target is a 409), ``networkMapping`` (source network -> target network),
+    ``viaDestinationId`` (through that backup destination; it also takes ``backup:run``;
+    an unknown one is a 404, a disabled or unwritable one a 400).
     """
 
     server_id: ServerId
