@@ -78,6 +78,8 @@ async def api(
         base_url=system.url, headers=system.auth(), verify=False, timeout=60
     ) as client:
         cfg = local_config(repo_dir)
+        # A policy that would prune the migration's points after each of its backups.
+        cfg["destinations"][0]["retention"] = {"keepLast": 1}
         blocker = vm_dir / "not-a-directory"
         blocker.write_text("")
         cfg["destinations"] += [
@@ -300,6 +302,9 @@ async def test_migrate_through_a_destination_while_it_writes(
     for p in passes:
         backup = (await api.get(f"/jobs/{p['jobId']}")).json()
         assert backup["type"] == "backup" and backup["state"] == "success", backup
+    # Retention is left to the VM's next backup: the migration holds the VM's folder.
+    listed = (await hs.post("/jobs/query", json={"all": True})).json()["jobs"]
+    assert not [j for j in listed if j["definition"]["type"] == "prune"], listed
     restore = (await api.get(f"/jobs/{result['restoreJobId']}")).json()
     assert restore["type"] == "restore" and restore["state"] == "success", restore
     moved = target_dir / f"{MOVED}-vda.qcow2"

@@ -101,8 +101,10 @@ async def execute(jc: JobContext, job: Job) -> None:
     if job.type == "backup" and state == "success":
         await after_backup(jc, ended or job)  # definition drift, size anomaly (never raises)
         # Retention: a prune job of its own once the backup has ended (points.auto_prune),
-        # in each destination it wrote.
-        for dest in [job.destination_id, *also_destinations(job)]:
+        # in each destination it wrote; not for a migration's backups (migrate_via): the
+        # migration holds the VM's folder, and the VM's next backup prunes.
+        written = [job.destination_id, *also_destinations(job)]
+        for dest in [] if job.params.get("migrationJobId") else written:
             try:
                 await auto_prune(jc, msgspec.structs.replace(job, destination_id=dest), execute)
             except Exception:
