@@ -147,7 +147,7 @@ class HyperSdkJobsController(Controller):
         glob, VMs whose job could not be created (e.g. a backup already running) are in
         ``errors``."""
         if data.destination.get("type") == "kvm":
-            check_may_migrate(request)
+            check_may_migrate(request, via="via_destination_id" in data.destination)
         result = await gw.bus.request(
             JobCmd.SUBMIT,
             JobSubmitRequest(definition=data.definition()),

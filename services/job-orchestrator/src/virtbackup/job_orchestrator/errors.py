@@ -9,7 +9,12 @@ class JobStopped(Exception):
 
 
 class JobCanceled(JobStopped):
-    """A cancel was requested before the job's point of no return."""
+    """A cancel was requested before the job's point of no return. ``notes``: what the
+    job's final message adds after ``cancelled by user`` (what the job left behind)."""
+
+    def __init__(self, *args: object, notes: tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        self.notes = notes
 
 
 class JobLost(JobStopped):

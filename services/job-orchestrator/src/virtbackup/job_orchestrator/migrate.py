@@ -249,8 +249,27 @@ async def _precheck(
 
 
 async def submit_migration(jc: JobContext, definition: JobDefinition) -> JobSubmitResult:
-    """Check a migration definition against the configuration, the source VM and the
-    target server, then create its job. Refused before anything is created: a malformed
+    """Check a migration definition (``check_migration``), then create its job; one whose
+    destination names ``via_destination_id`` goes through that backup destination
+    (``migrate_via``)."""
+    if "via_destination_id" in definition.destination:
+        from virtbackup.job_orchestrator.migrate_via import submit_via
+
+        return await submit_via(jc, definition)
+    server_id, vm, params = await check_migration(jc, definition)
+    job = await jc.submit(
+        "migration", server_id=server_id, vm_name=vm, params=params, lock_vm=True,
+        run=_run_from_submit,
+    )  # fmt: skip
+    return JobSubmitResult(job_ids=[job.id], targets=[JobTarget(server_id=server_id, vm_name=vm)])
+
+
+async def check_migration(
+    jc: JobContext, definition: JobDefinition
+) -> tuple[str, str, dict[str, Any]]:
+    """``(source server, vm, params)`` of a migration definition checked against the
+    configuration, the source VM and the target server. Refused before anything is
+    created: a malformed
     field (400), an unknown server or VM (404), a VM that is not running (400: a cold
     copy is a backup and a restore), a target directory or pool the target cannot use
     (400), a VM of that name on the target (409 unless ``options.replace``)."""
@@ -290,11 +309,7 @@ async def submit_migration(jc: JobContext, definition: JobDefinition) -> JobSubm
         raise BadRequest(f"vm_path: vm {vm} has no disk to migrate")
     await _check_networks(jc, params)
     await _precheck(jc, params, vm, xml.xml, disks)
-    job = await jc.submit(
-        "migration", server_id=server_id, vm_name=vm, params=params, lock_vm=True,
-        run=_run_from_submit,
-    )  # fmt: skip
-    return JobSubmitResult(job_ids=[job.id], targets=[JobTarget(server_id=server_id, vm_name=vm)])
+    return server_id, vm, params
 
 
 async def _check_networks(jc: JobContext, params: dict[str, Any]) -> None:

@@ -218,12 +218,17 @@ async def run_restore(jc: JobContext, job: Job) -> str:
         from virtbackup.job_orchestrator.agent_jobs import run_agent_backup
 
         return await run_agent_backup(jc, job)
+    from virtbackup.job_orchestrator.migrate import map_networks  # an import cycle else
+
     xml_path: str = job.params["xmlPath"]
     decision: str = job.params["decision"]
     repo = await jc.repository(job.destination_id, create=False)
     try:
         point = await repo.restore_point(xml_path)
-        domain_xml = await repo.domain_xml(point)
+        # A migration through a destination (``migrate_via``) maps the networks.
+        domain_xml = map_networks(
+            await repo.domain_xml(point), job.params.get("networkMapping") or {}
+        )
         name = target_name(point, job.params)
         manifests = [await repo.manifest(point, d.target) for d in point.disks]
         plan = await plan_restore(

@@ -32,7 +32,7 @@ from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.fanout import also_destinations
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc import admitted, run_gc, run_verify
-from virtbackup.job_orchestrator.migrate import recover_migration, run_migration
+from virtbackup.job_orchestrator.migrate_via import recover_any_migration, run_any_migration
 from virtbackup.job_orchestrator.point_copy import run_copy
 from virtbackup.job_orchestrator.points import auto_prune, run_prune
 from virtbackup.job_orchestrator.restore import prepared_targets, run_restore, run_sanity
@@ -54,7 +54,7 @@ RUNNERS: dict[str, Runner] = {
     "gc": run_gc,
     "verify": run_verify,
     "copy": run_copy,
-    "migration": run_migration,
+    "migration": run_any_migration,
 }
 #: Seconds between two looks for jobs whose holder died.
 SWEEP_SECONDS = 2.0
@@ -84,8 +84,8 @@ async def execute(jc: JobContext, job: Job) -> None:
         if jc.ctx.stopping.is_set() or not jc.holds(job.id):
             raise  # shutting down or taken over: another instance ends the job
         state, message = "failure", "internal error: the job's task was cancelled"
-    except JobCanceled:
-        state, message = "canceled", "cancelled by user"
+    except JobCanceled as exc:
+        state, message = "canceled", "; ".join(["cancelled by user", *exc.notes])
     except Exception as exc:
         if not isinstance(exc, KNOWN_ERRORS):
             log.exception("job %s crashed", job.id)
@@ -101,8 +101,10 @@ async def execute(jc: JobContext, job: Job) -> None:
     if job.type == "backup" and state == "success":
         await after_backup(jc, ended or job)  # definition drift, size anomaly (never raises)
         # Retention: a prune job of its own once the backup has ended (points.auto_prune),
-        # in each destination it wrote.
-        for dest in [job.destination_id, *also_destinations(job)]:
+        # in each destination it wrote; not for a migration's backups (migrate_via): the
+        # migration holds the VM's folder, and the VM's next backup prunes.
+        written = [job.destination_id, *also_destinations(job)]
+        for dest in [] if job.params.get("migrationJobId") else written:
             try:
                 await auto_prune(jc, msgspec.structs.replace(job, destination_id=dest), execute)
             except Exception:
@@ -170,7 +172,7 @@ async def recover(jc: JobContext, job: Job) -> None:
         elif job.type == "restore":
             state, message = await _recover_restore(jc, job, state, message)
         elif job.type == "migration":
-            message = await recover_migration(jc, job, message)
+            message = await recover_any_migration(jc, job, message)
         else:
             await jc.purge_units(job.id)
     except Exception as exc:

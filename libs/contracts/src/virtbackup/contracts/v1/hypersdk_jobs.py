@@ -13,7 +13,8 @@ The view (snake_case, as the document writes it)::
 ``status`` is the document's name of the job's state (``queued`` -> ``pending``,
 ``success`` -> ``completed``, ``failure`` -> ``failed``, ``canceled`` -> ``cancelled``);
 ``stage`` the job's phase (a migration's: ``copying``, ``syncing``, ``cutover``,
-``starting``, ``completed``; its ``destination`` is ``{"type": "kvm", "server_id"}``);
+``starting``, ``completed``; its ``destination`` is ``{"type": "kvm", "server_id"}``,
+with ``via_destination_id`` when it goes through a backup destination);
 ``percent_complete`` 0-100 (100 only once it succeeded), from
 bytes when the total is known, else from units; bytes are of the VM's disks read so far
 and in all (``total_bytes`` 0 until known); times are ISO 8601 UTC or ``None``;
@@ -63,6 +64,8 @@ def job_view(job: Job) -> dict[str, Any]:
     if job.type == "migration":
         # A migration's stages: copying, syncing, cutover, starting, completed.
         destination = {"type": "kvm", "server_id": job.params.get("targetServerId")}
+        if via := job.params.get("viaDestinationId"):  # through a backup destination
+            destination["via_destination_id"] = via
         stage = "completed" if job.state == "success" else job.result.get("stage", job.phase)
     if job.state == "success":
         percent = 100

@@ -30,15 +30,19 @@ from virtbackup.runtime import timeouts
 
 #: What starting a migration takes (besides the route's own permission).
 MIGRATION_PERMISSIONS: Final = ("restore:run", "vms:control")
+#: What a migration through a backup destination takes besides: it makes backups there.
+VIA_PERMISSIONS: Final = ("backup:run",)
 
 
-def check_may_migrate(request: Request[Any, Any, Any]) -> None:
+def check_may_migrate(request: Request[Any, Any, Any], *, via: bool = False) -> None:
     """``PermissionDeniedException`` (403) unless the caller holds every permission of
-    :data:`MIGRATION_PERMISSIONS`."""
+    :data:`MIGRATION_PERMISSIONS` (and, through a backup destination (``via``), of
+    :data:`VIA_PERMISSIONS` too)."""
     held = request.scope.get(PERMISSIONS_KEY)
     if not isinstance(held, frozenset):
         held = frozenset()
-    missing = [p for p in MIGRATION_PERMISSIONS if not allows(held, p)]
+    wanted = MIGRATION_PERMISSIONS + (VIA_PERMISSIONS if via else ())
+    missing = [p for p in wanted if not allows(held, p)]
     if missing:
         raise PermissionDeniedException(
             f"a migration stops and defines VMs: it needs {', '.join(missing)}"
@@ -51,7 +55,9 @@ class MigrationBody(Body, kw_only=True):
     ``storagePool`` (where the disks go on the target; default: beside the same paths),
     ``maxDowntimeSeconds`` (30), ``maxPasses`` (5), ``shutdownTimeoutSeconds`` (120),
     ``forceShutdown`` (true), ``startOnTarget`` (true), ``replace`` (false: a VM of the
-    name on the target is a 409), ``networkMapping`` (source network -> target network).
+    name on the target is a 409), ``networkMapping`` (source network -> target network),
+    ``viaDestinationId`` (through that backup destination; it also takes ``backup:run``;
+    an unknown one is a 404, a disabled or unwritable one a 400).
     """
 
     server_id: ServerId
@@ -67,6 +73,9 @@ class MigrationBody(Body, kw_only=True):
     start_on_target: bool | None = None
     replace: bool | None = None
     network_mapping: dict[str, str] | None = None
+    #: Through this backup destination (back up, restore on the target): for hosts that
+    #: cannot reach each other (job_orchestrator/migrate_via.py).
+    via_destination_id: str | None = None
 
     def definition(self) -> JobDefinition:
         options = {
@@ -81,10 +90,13 @@ class MigrationBody(Body, kw_only=True):
             "replace": self.replace,
             "network_mapping": self.network_mapping,
         }
+        destination = {"type": "kvm", "server_id": self.target_server_id}
+        if self.via_destination_id is not None:
+            destination["via_destination_id"] = self.via_destination_id
         return JobDefinition(
             vm_path=f"{self.server_id}/{self.vm_name}",
             source={"type": "libvirt", "server_id": self.server_id},
-            destination={"type": "kvm", "server_id": self.target_server_id},
+            destination=destination,
             options={k: v for k, v in options.items() if v is not None},
         )
 
@@ -97,7 +109,7 @@ class MigrationsController(Controller):
         self, gw: Gateway, request: Request[Any, Any, Any], data: MigrationBody
     ) -> dict[str, Any]:
         """Start a warm migration (a ``migration`` job); answers the job."""
-        check_may_migrate(request)
+        check_may_migrate(request, via=data.via_destination_id is not None)
         result = await gw.bus.request(
             JobCmd.SUBMIT,
             JobSubmitRequest(definition=data.definition()),
