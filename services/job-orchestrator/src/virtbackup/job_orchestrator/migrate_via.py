@@ -63,6 +63,7 @@ from virtbackup.job_orchestrator.migrate import (
     recover_migration,
     run_migration,
 )
+from virtbackup.job_orchestrator.point_lookup import open_point
 from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.repository.format import xml_path
 from virtbackup.repository.repository import RepositoryError
@@ -334,7 +335,6 @@ async def _show_progress(jc: JobContext, v: _Via, child: Job) -> None:
 async def _restore(jc: JobContext, v: _Via, timestamp: str) -> str:
     """Restore point ``timestamp`` onto the target (a restore job, awaited); its
     message. ``JobFailed`` naming the job when it does not succeed."""
-    from virtbackup.job_orchestrator.handlers import open_point
     from virtbackup.job_orchestrator.restore import plan_restore, restore_params, target_name
     from virtbackup.job_orchestrator.runner import execute
 
