@@ -515,7 +515,8 @@ async def forget_checkpoint(jc: JobContext, point: RestorePoint) -> None:
     (every backup makes its own). Best effort: a checkpoint the server keeps (a job holds
     the VM) or that cannot be asked for (the server is unreachable) is remembered and
     asked for again after the VM's next backup ends (``checkpoints_left``); one of a
-    server that is not configured any more is left, logged. Never fails the deletion:
+    server that is not configured any more, or that a remote agent backs up, is left,
+    logged. Never fails the deletion:
     the point is gone already."""
     if not point.checkpoint or not point.source_server_id:
         return
@@ -533,10 +534,12 @@ async def forget_checkpoint(jc: JobContext, point: RestorePoint) -> None:
         message,
     )
     try:
-        configured = any(s.id == point.source_server_id for s in (await jc.config()).servers)
+        servers = (await jc.config()).servers
+        # The inventory reaches it: configured, and not backed up by a remote agent.
+        reached = any(s.id == point.source_server_id and not s.agent_id for s in servers)
     except Exception:
-        configured = True  # unknown now: remember it, a retry that cannot reach it is moot
-    if configured:
+        reached = True  # unknown now: remember it, a retry that cannot reach it is moot
+    if reached:
         await checkpoints_left.remember(jc, point.source_server_id, point.vm_name, point.checkpoint)
 
 
