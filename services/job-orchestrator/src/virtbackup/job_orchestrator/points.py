@@ -516,8 +516,7 @@ async def forget_checkpoint(jc: JobContext, point: RestorePoint) -> None:
     the VM) or that cannot be asked for (the server is unreachable) is remembered and
     asked for again after the VM's next backup ends (``checkpoints_left``); one of a
     server that is not configured any more, or that a remote agent backs up, is left,
-    logged. Never fails the deletion:
-    the point is gone already."""
+    logged. Never fails the deletion: the point is gone already."""
     if not point.checkpoint or not point.source_server_id:
         return
     ok, message = await checkpoints_left.forget(
@@ -538,7 +537,7 @@ async def forget_checkpoint(jc: JobContext, point: RestorePoint) -> None:
         # The inventory reaches it: configured, and not backed up by a remote agent.
         reached = any(s.id == point.source_server_id and not s.agent_id for s in servers)
     except Exception:
-        reached = True  # unknown now: remember it, a retry that cannot reach it is moot
+        reached = True  # unknown now: remember it (a retry that fails only logs)
     if reached:
         await checkpoints_left.remember(jc, point.source_server_id, point.vm_name, point.checkpoint)
 
