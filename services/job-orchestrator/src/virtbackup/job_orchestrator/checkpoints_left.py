@@ -20,9 +20,11 @@ answers success for it).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
+import random
 from collections.abc import Callable
 from typing import Final
 
@@ -40,8 +42,11 @@ log = logging.getLogger(__name__)
 
 #: How long one forget waits for the inventory (seconds).
 FORGET_TIMEOUT: Final = 30.0
-#: Compare-and-swap attempts before a change of the record is given up (logged).
-ATTEMPTS: Final = 5
+#: Compare-and-swap attempts before a change of the record is given up (logged); after
+#: a lost race an attempt waits up to ``BACKOFF`` seconds (random), so that writers that
+#: collided do not collide again.
+ATTEMPTS: Final = 50
+BACKOFF: Final = 0.05
 #: At most this many checkpoints are remembered per VM (the oldest go first): a VM whose
 #: server is gone for good must not grow a record without end.
 MAX_REMEMBERED: Final = 256
@@ -94,6 +99,7 @@ async def _change(
                 value = msgspec.json.encode(LeftCheckpoints(checkpoints=new))
                 await kv.update(key, value, last=revision)
         except KeyWrongLastSequenceError:
+            await asyncio.sleep(random.uniform(0, BACKOFF))  # noqa: S311 (jitter, no secret)
             continue
         return new
     return None
