@@ -275,6 +275,9 @@ async def test_preview_says_full_then_incremental_within_ten_percent(
     run = await wait_run(api, out["run_id"])
     assert run["state"] == "success", run
     assert [s["type"] for s in run["steps"]] == ["backup", "prune"]
+    # The prune of each VM applies the plan's keep rules (all of them, as KeepRules).
+    prunes = [(await api.get(f"/jobs/{j}")).json() for j in run["steps"][1]["job_ids"]]
+    assert len(prunes) == 2 and all(p["params"].get("keepLast") == 5 for p in prunes), prunes
 
 
 async def test_run_on_a_named_point_and_full(api: httpx.AsyncClient) -> None:

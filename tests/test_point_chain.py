@@ -166,3 +166,36 @@ async def test_deleting_the_newest_point_keeps_the_chain_whole(
     job = await wait_job(api, resp.json()["jobId"])
     assert job["state"] == "success", job
     assert same(vm.disks[0], snap)
+
+
+async def test_a_checkpoint_left_while_a_backup_runs_is_forgotten_when_it_ends(
+    api: httpx.AsyncClient, vm: SmallVm, conn: Connection
+) -> None:
+    """Deleting a point while a backup of its VM runs (built on another point) leaves the
+    point's checkpoint: the inventory does not touch a VM a job holds. It is remembered
+    and forgotten once that backup has ended (``checkpoints_left``)."""
+    first = await backup(api)
+    second = await backup(api)
+    job_id = await start_backup(api)
+    for _ in range(200):
+        job = (await api.get(f"/jobs/{job_id}")).json()
+        if job["phase"] in {"transferring", "committing", "finished"}:
+            break
+        await asyncio.sleep(0.05)
+    assert job["phase"] == "transferring", job
+    old = [p for p in await points(api) if p["timestamp"] == first["result"]["timestamp"]]
+    assert len(old) == 1, old
+    resp = await api.delete(f"/api/v1/restore-points/{old[0]['id']}")
+    assert resp.status_code == 200, resp.text
+    names = {c.name for c in await list_checkpoints(conn, VM)}
+    assert first["result"]["checkpoint"] in names, names  # left: the backup holds the VM
+    third = await backup(api, job_id)
+    assert third["result"]["parentTimestamp"] == second["result"]["timestamp"]
+    # Forgotten just after the backup's final state is written: poll, bounded.
+    for _ in range(100):
+        names = {c.name for c in await list_checkpoints(conn, VM)}
+        if first["result"]["checkpoint"] not in names:
+            break
+        await asyncio.sleep(0.1)
+    assert first["result"]["checkpoint"] not in names, names
+    assert {second["result"]["checkpoint"], third["result"]["checkpoint"]} <= names, names

@@ -391,3 +391,40 @@ async def test_an_sftp_destination_whose_base_path_is_missing_is_unavailable(
     finally:
         assert (await api.post("/config", json=config(destinations))).status_code == 200
     assert not os.path.exists(missing)
+
+
+@pytest.mark.parametrize("kind", ["sftp", "s3"])
+async def test_a_missing_base_path_or_bucket_is_unavailable_on_every_point_route(
+    api: httpx.AsyncClient,
+    destinations: dict[str, tuple[str, dict[str, Any]]],
+    sshd: SshdServer,
+    seaweed: SeaweedServer,
+    kind: str,
+) -> None:
+    """An SFTP ``basePath`` that does not exist, an S3 bucket that does not exist: as an
+    unmounted filesystem destination, 503 naming the destination and what is missing on
+    every restore-point route, never an empty repository (404) or a 500."""
+    if kind == "sftp":
+        missing = str(sshd.data_dir / f"unmounted-{os.getpid()}")
+        params = sshd.params(missing)
+    else:
+        missing = f"vbt-no-bucket-{os.getpid()}"
+        params = seaweed.params(prefix="rp", bucket=missing)
+    with_gone = {**destinations, "gone": (kind, params)}
+    assert (await api.post("/config", json=config(with_gone))).status_code == 200
+    pid = point_id("gone", VM, "2026-01-30T12-00-00")
+    try:
+        for method, url, body in [
+            ("GET", "/api/v1/restore-points?destinationId=gone", None),
+            ("GET", f"/api/v1/restore-points/{pid}", None),
+            ("PATCH", f"/api/v1/restore-points/{pid}", {"notes": "x"}),
+            ("DELETE", f"/api/v1/restore-points/{pid}", None),
+            ("POST", "/api/v1/destinations/gone/prune", {"keepLast": 1, "dryRun": True}),
+            ("GET", "/api/v1/destinations/gone/stats", None),
+        ]:
+            resp = await api.request(method, url, json=body)
+            assert resp.status_code == 503, (method, url, resp.text)
+            error = resp.json()["error"]
+            assert "gone" in error and "does not exist" in error and missing in error, error
+    finally:
+        assert (await api.post("/config", json=config(destinations))).status_code == 200

@@ -22,6 +22,7 @@ from virtbackup.repository.lifecycle import (
 from virtbackup.repository.records import DiskManifest, DiskRecord, RestorePoint
 from virtbackup.repository.repository import Repository
 from virtbackup.storage.filesystem import FilesystemDriver
+from virtbackup.testing.gdrive import FakeGoogleDrive, google_driver
 
 VM = "web 1/ü"  # an encoded folder
 TS = "2026-01-30T12-00-00"
@@ -105,3 +106,21 @@ async def test_sidecars_read_their_defaults_when_absent_or_broken(tmp_path: Path
     with pytest.raises(SidecarError, match=r"point\.json"):
         await read_point_meta(repo, VM, TS, strict=True)
     await repo.close()
+
+
+async def test_delete_point_leaves_no_folder_on_google_drive(google: FakeGoogleDrive) -> None:
+    """Drive keeps folders as objects of their own: a deleted point's folder goes with
+    it (as on the filesystem and SFTP), its VM's folder stays while it holds points."""
+    async with google_driver(google, root_path="/lifecycle") as driver:
+        repo = await Repository.open_or_create(driver)
+        shared = os.urandom(4096)
+        doomed = await _point(repo, TS, shared)
+        kept = await _point(repo, "2026-01-30T12-00-01", shared)
+        await write_point_meta(repo, VM, TS, PointMeta(protected=True, notes="n"))
+        folder = record_key(VM, TS).rsplit("/", 1)[0]
+        assert google.folder_id(f"lifecycle/VirtBackup/{folder}") is not None
+        await repo.delete_point(doomed)
+        assert google.folder_id(f"lifecycle/VirtBackup/{folder}") is None
+        assert [k async for k in driver.list(f"{folder}/")] == []
+        assert [p.timestamp for p in await repo.restore_points(VM)] == [kept.timestamp]
+        await repo.delete_point(doomed)  # again: harmless

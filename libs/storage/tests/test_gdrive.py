@@ -17,6 +17,7 @@ import pytest
 
 from virtbackup.contracts.v1.config import GdriveSettings
 from virtbackup.storage import (
+    InvalidKeyError,
     InvalidParamsError,
     NotFoundError,
     PermanentError,
@@ -563,3 +564,31 @@ def test_tokens_with_control_characters_are_refused(field: str) -> None:
     wire = {"refreshToken": "1//r", field: "a\x00b"}
     with pytest.raises(InvalidParamsError, match=f"{field} must not contain control"):
         GoogleTokens.from_wire(wire)
+
+
+async def test_an_empty_folder_is_removed_on_request_and_only_then(
+    google: FakeGoogleDrive,
+) -> None:
+    """Drive keeps folders as objects: deleting a folder's last file leaves the folder;
+    ``remove_empty_folder`` removes it when it is empty, never a parent or a folder that
+    holds something, and a later put makes it again."""
+    async with drive(google) as driver:
+        root = "/".join(driver.root)
+        await driver.put("vms/a/t1/backup.json", b"1")
+        await driver.put("vms/a/t2/backup.json", b"2")
+        await driver.delete("vms/a/t1/backup.json")
+        assert google.folder_id(f"{root}/vms/a/t1") is not None  # left by the delete
+        assert await driver.remove_empty_folder("vms/a/t1/") is True
+        assert google.folder_id(f"{root}/vms/a/t1") is None
+        assert google.folder_id(f"{root}/vms/a") is not None  # its parent stays
+        assert await driver.remove_empty_folder("vms/a/") is False  # holds t2
+        assert await driver.remove_empty_folder("vms/a/t1/") is True  # gone already
+        assert await driver.remove_empty_folder("vms/none/") is True
+        with pytest.raises(InvalidKeyError):
+            await driver.remove_empty_folder("vms/a/t2")
+        await driver.put("vms/a/t1/backup.json", b"again")  # the cached id was dropped
+        assert await driver.get("vms/a/t1/backup.json") == b"again"
+        assert [k async for k in driver.list("vms/")] == [
+            "vms/a/t1/backup.json",
+            "vms/a/t2/backup.json",
+        ]

@@ -145,3 +145,37 @@ def test_signature_and_masking() -> None:
     assert b'"k"' not in msgspec.json.encode(view) and view.has_secret
     assert delivery_id("h", "job.failed", "j1") == delivery_id("h", "job.failed", "j1")
     assert delivery_id("h", "job.failed", "j1") != delivery_id("h2", "job.failed", "j1")
+
+
+@pytest.mark.parametrize(
+    ("state", "event", "severity", "title", "message", "tags"),
+    [
+        ("success", "job.completed", "info", "backup of web-1 completed", "completed",
+         ["white_check_mark"]),
+        ("failure", "job.failed", "error", "backup of web-1 failed", "the job failed",
+         ["rotating_light"]),
+        ("canceled", "job.canceled", "warning", "backup of web-1 cancelled", "cancelled",
+         ["warning"]),
+    ],
+)  # fmt: skip
+def test_a_jobs_end_is_one_notification_per_state(
+    state: str, event: str, severity: str, title: str, message: str, tags: list[str]
+) -> None:
+    found = derive.notification(
+        job_event("job.finished", state=state, vmName="web-1", serverId="s1", destinationId="d")
+    )
+    assert found is not None
+    assert (found.severity, found.title, found.message, found.tags) == (
+        severity, f"VirtBackup: {title}", message, tags,
+    )  # fmt: skip
+    assert found.fields == {
+        "event": event, "type": "backup", "server_id": "s1", "vm_name": "web-1",
+        "destination_id": "d", "schedule": "",
+    }  # fmt: skip
+    said = derive.notification(job_event("job.finished", state=state, message="why"))
+    assert (
+        said is not None
+        and said.message == "why"
+        and said.title.endswith(" job j1 " + title.split()[-1])
+    )
+    assert derive.notification(job_event("job.finished", state="running")) is None

@@ -56,7 +56,7 @@ from virtbackup.repository.format import (
 )
 from virtbackup.repository.records import DiskManifest, RestorePoint
 from virtbackup.storage.errors import NotFoundError
-from virtbackup.storage.protocol import Driver
+from virtbackup.storage.protocol import Driver, FolderRemover
 
 SCRYPT_N = 1 << 15
 
@@ -465,12 +465,15 @@ class Repository:
         ``backup.json`` goes first, so the point disappears from every listing at once
         (a point exists exactly while its record does); then its manifests, its
         ``domain.xml``, its sidecars (``point.json``, ``verify.json``) and whatever else
-        is left in its folder. Chunks are never deleted here (other points share them;
-        only garbage collection removes chunks). Idempotent: a step cut short is finished
-        by deleting again (the folder's objects are found by listing it); a point whose
-        record is already gone is cleaned up the same way. Checking that nothing needs
-        the point (protected, in use) is the caller's job. ``ValueError`` for a name or
-        timestamp no key can hold; storage errors pass through.
+        is left in its folder, and the folder where the destination keeps folders as
+        objects of their own (``FolderRemover``: Google Drive; the filesystem and SFTP
+        drivers remove emptied folders as they delete). Chunks are never deleted here
+        (other points share them; only garbage collection removes chunks). Idempotent: a
+        step cut short is finished by deleting again (the folder's objects are found by
+        listing it); a point whose record is already gone is cleaned up the same way.
+        Checking that nothing needs the point (protected, in use) is the caller's job.
+        ``ValueError`` for a name or timestamp no key can hold; storage errors pass
+        through.
         """
         vm, ts = point.vm_name, point.timestamp
         record = record_key(vm, ts)
@@ -484,6 +487,8 @@ class Repository:
         rest = [key async for key in self.driver.list(folder) if key not in keys]
         if rest:
             await self.driver.delete_many(rest)
+        if isinstance(self.driver, FolderRemover):  # Drive: the emptied folder is an object
+            await self.driver.remove_empty_folder(folder)
         return [record, *keys, *rest]
 
     async def new_timestamp(self, vm: str) -> str:

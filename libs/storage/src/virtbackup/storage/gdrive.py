@@ -24,7 +24,8 @@ Drive has folders and file ids, not paths, so the driver maps a key onto a folde
 - ``list`` walks the folder tree: one ``files.list`` (``q='<id>' in parents and
   trashed = false``, 1000 per page) per folder below the prefix.
 - ``delete`` lists the key's file(s) and deletes each (``files.delete``, not the trash).
-  There is no batch delete.
+  There is no batch delete. Folders stay; ``remove_empty_folder`` removes one that is
+  empty (``protocol.FolderRemover``: a deleted restore point's folder).
 - Tokens: see ``virtbackup.storage.google_auth``. A 401 refreshes the access token once
   and repeats the request; ``on_refresh`` is called with the new tokens.
 - Errors: 404 ``NotFoundError``; 429, 5xx, 403 ``rateLimitExceeded``/``userRateLimitExceeded``
@@ -616,6 +617,28 @@ class GdriveDriver(DriverBase):
     async def delete(self, key: str) -> None:
         for entry in await self._files(key, what="delete"):
             await self._delete_id(entry.id, key)
+
+    async def remove_empty_folder(self, prefix: str) -> bool:
+        """See ``protocol.FolderRemover``: the folder of ``prefix`` (the oldest of twins)
+        goes when it has no child; its id leaves the cache."""
+        validate_prefix(prefix)
+        if not prefix.endswith("/"):
+            raise InvalidKeyError(f"not a folder prefix (no trailing '/'): {prefix!r}")
+        self._check_open()
+        path = (*self.root, *prefix.rstrip("/").split("/"))
+        folder = await self._folder(path, create=False)
+        if folder is None:
+            return True
+        if await self._children(folder, name=None, what="check folder", key=prefix):
+            return False
+        response = await self._call(
+            "DELETE", f"{self.api.api_base}/files/{folder}", what="delete folder", key=prefix
+        )
+        if response.status_code not in (200, 204, 404):
+            raise self._error(response, "delete folder", prefix)
+        for cached in [p for p in self._folders if p[: len(path)] == path]:
+            del self._folders[cached]
+        return True
 
     async def close(self) -> None:
         if self._closed:

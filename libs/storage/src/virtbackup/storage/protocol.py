@@ -137,3 +137,22 @@ class Driver(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+@runtime_checkable
+class FolderRemover(Protocol):
+    """A driver whose folders are objects of their own, which deleting a folder's last
+    object leaves behind (Google Drive). The filesystem and SFTP drivers remove emptied
+    folders in ``delete`` itself (``rmdir`` refuses a folder that holds anything, so no
+    writer loses a file); S3 has no folders."""
+
+    async def remove_empty_folder(self, prefix: str) -> bool:
+        """Remove the folder of ``prefix`` (a key prefix ending in ``/``) if it holds no
+        object and no folder; ``True`` when it is gone (or was never there), ``False``
+        when it holds something. Only the folder itself, never its parents.
+
+        Removing a folder is not atomic with the check that it is empty (Drive deletes a
+        folder with whatever it holds): the caller must know that nothing writes below
+        ``prefix`` meanwhile (a deleted restore point's folder, under the point's
+        locks). Storage errors as every operation's."""
+        ...

@@ -42,12 +42,13 @@ from virtbackup.contracts import buckets
 from virtbackup.contracts.subjects import EventType
 from virtbackup.contracts.v1.events import JobFailure
 from virtbackup.contracts.v1.jobs import ACTIVE_STATES, Job
-from virtbackup.contracts.v1.work import BadChunk, ChunkRef, TransferUnit, UnitResult
+from virtbackup.contracts.v1.work import BadChunk, UnitResult
 from virtbackup.job_orchestrator.errors import JobFailed
 from virtbackup.job_orchestrator.fanout import written_destinations
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.locks import lookup_in
 from virtbackup.job_orchestrator.progress import update_job
+from virtbackup.job_orchestrator.verify_units import verify_units
 from virtbackup.repository.format import record_key, vm_prefix
 from virtbackup.repository.lifecycle_gc import (
     DEFAULT_GRACE_SECONDS,
@@ -79,8 +80,6 @@ log = logging.getLogger(__name__)
 GATE_POLL_SECONDS = 0.5
 #: The ``VB_LOCKS`` key of this installation's id (names its lock objects).
 INSTALLATION_KEY = "installation"
-#: Chunks per verify unit (as the sanity check's).
-VERIFY_CHUNKS_PER_UNIT = 64
 #: Job types that hold a destination for themselves (one at a time per destination).
 EXCLUSIVE_TYPES = frozenset({"gc", "prune"})
 
@@ -647,19 +646,7 @@ async def run_verify(jc: JobContext, job: Job) -> str:
             ids, problem = await _choose(repo, point, mode, percent)
             chosen[point.xml_path] = (point, ids, problem)
         every = sorted({chunk_id for _, ids, _ in chosen.values() for chunk_id in ids})
-        units = [
-            TransferUnit(
-                job_id=job.id,
-                unit=n,
-                kind="verify",
-                destination_id=job.destination_id,
-                chunk_size=repo.chunk_size,
-                chunks=[
-                    ChunkRef(index=0, id=i) for i in every[start : start + VERIFY_CHUNKS_PER_UNIT]
-                ],
-            )
-            for n, start in enumerate(range(0, len(every), VERIFY_CHUNKS_PER_UNIT))
-        ]
+        units = verify_units(job.id, job.destination_id, repo.chunk_size, every)
         bad: dict[str, BadChunk] = {}
 
         def collect(result: UnitResult) -> None:

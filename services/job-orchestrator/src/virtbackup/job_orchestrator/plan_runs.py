@@ -351,13 +351,7 @@ async def _prune(jc: JobContext, plan: PipelineSpec, dest: str, server: str, vm:
             destination_id=dest,
             vm_name=vm,
             server_id=server,
-            keep_last=keep.keep_last,
-            keep_hourly=keep.keep_hourly,
-            keep_daily=keep.keep_daily,
-            keep_weekly=keep.keep_weekly,
-            keep_monthly=keep.keep_monthly,
-            keep_yearly=keep.keep_yearly,
-            keep_all=keep.keep_all,
+            **msgspec.structs.asdict(keep.rules()),  # every keep rule (KeepRules)
         ),
     )
 

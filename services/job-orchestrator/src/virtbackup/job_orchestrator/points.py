@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import msgspec
 
-from virtbackup.contracts.subjects import EventType, InventoryCmd, JobCmd
+from virtbackup.contracts.subjects import EventType, JobCmd
 from virtbackup.contracts.v1.common import shown
 from virtbackup.contracts.v1.config import (
     AgentConfig,
@@ -42,7 +42,6 @@ from virtbackup.contracts.v1.config import (
     check_retention,
 )
 from virtbackup.contracts.v1.exports import LIVE_EXPORT_STATES
-from virtbackup.contracts.v1.inventory import CheckpointForgetRequest, Ok
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.points import (
     PointDeleted,
@@ -61,7 +60,7 @@ from virtbackup.contracts.v1.points import (
     point_id,
 )
 from virtbackup.contracts.v1.retention import KeepRules
-from virtbackup.job_orchestrator import exports
+from virtbackup.job_orchestrator import checkpoints_left, exports
 from virtbackup.job_orchestrator.errors import JobFailed
 from virtbackup.job_orchestrator.fanout import parent_of, written_destinations
 from virtbackup.job_orchestrator.jobctx import JobContext
@@ -93,7 +92,7 @@ from virtbackup.runtime.agent_config import find_destination
 from virtbackup.runtime.bus import new_id
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.commands import Commands
-from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, ServiceError, Unavailable
+from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, Unavailable
 from virtbackup.storage.errors import NotFoundError
 
 log = logging.getLogger(__name__)
@@ -508,46 +507,37 @@ async def remove_point(
         await forget_checkpoint(jc, point)
 
 
-#: How long a deletion waits for the inventory to drop the point's checkpoint (seconds).
-FORGET_TIMEOUT: Final = 30.0
-
-
 async def forget_checkpoint(jc: JobContext, point: RestorePoint) -> None:
     """Ask the point's server to delete the libvirt checkpoint the point marked: each
     checkpoint is a dirty bitmap QEMU updates on every write, and no other point uses it
-    (every backup makes its own). Best effort: a server that is not configured, cannot
-    be reached or keeps it (a backup runs on the VM) leaves it, logged; the next cleanup
-    of the VM removes it. Never fails the deletion: the point is gone already."""
+    (every backup makes its own). Best effort: a checkpoint the server keeps (a job holds
+    the VM) or that cannot be asked for (the server is unreachable) is remembered and
+    asked for again after the VM's next backup ends (``checkpoints_left``); one of a
+    server that is not configured any more, or that a remote agent backs up, is left,
+    logged. Never fails the deletion: the point is gone already."""
     if not point.checkpoint or not point.source_server_id:
         return
-    request = CheckpointForgetRequest(
-        server_id=point.source_server_id, vm_name=point.vm_name, checkpoint=point.checkpoint
+    ok, message = await checkpoints_left.forget(
+        jc, point.source_server_id, point.vm_name, point.checkpoint
+    )
+    if ok:
+        log.info("restore point %s of %s deleted: %s", point.timestamp, point.vm_name, message)
+        return
+    log.info(
+        "restore point %s of %s deleted; its checkpoint %s is left for now: %s",
+        point.timestamp,
+        point.vm_name,
+        point.checkpoint,
+        message,
     )
     try:
-        answer = await jc.bus.request(
-            InventoryCmd.CHECKPOINT_FORGET, request, Ok, timeout=FORGET_TIMEOUT
-        )
-    except ServiceError as exc:
-        log.warning(
-            "restore point %s of %s deleted; its checkpoint %s is left: %s",
-            point.timestamp,
-            point.vm_name,
-            point.checkpoint,
-            exc.message,
-        )
-        return
-    if answer.success:
-        log.info(
-            "restore point %s of %s deleted: %s", point.timestamp, point.vm_name, answer.message
-        )
-    else:
-        log.info(
-            "restore point %s of %s deleted; its checkpoint %s is left: %s",
-            point.timestamp,
-            point.vm_name,
-            point.checkpoint,
-            answer.message,
-        )
+        servers = (await jc.config()).servers
+        # The inventory reaches it: configured, and not backed up by a remote agent.
+        reached = any(s.id == point.source_server_id and not s.agent_id for s in servers)
+    except Exception:
+        reached = True  # unknown now: remember it (a retry that fails only logs)
+    if reached:
+        await checkpoints_left.remember(jc, point.source_server_id, point.vm_name, point.checkpoint)
 
 
 # -- prune ------------------------------------------------------------------------------

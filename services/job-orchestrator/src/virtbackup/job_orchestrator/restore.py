@@ -38,6 +38,7 @@ from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.planner import UNIT_CHUNKS
 from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.job_orchestrator.state_files import chunk_owners, stage, state_summary
+from virtbackup.job_orchestrator.verify_units import verify_units
 from virtbackup.repository.records import DiskManifest, RestorePoint
 from virtbackup.repository.repository import Repository, RepositoryError
 from virtbackup.runtime import joblog, timeouts
@@ -45,7 +46,6 @@ from virtbackup.runtime.errors import Conflict, ServiceError
 from virtbackup.storage.errors import NotFoundError
 
 log = logging.getLogger(__name__)
-VERIFY_CHUNKS_PER_UNIT = 64
 #: Where a restore job records its NBD targets (so that another instance can clean up).
 PREPARED = "prepared"
 
@@ -436,19 +436,7 @@ async def run_sanity(jc: JobContext, job: Job) -> str:
         with contextlib.suppress(NotFoundError, RepositoryError):
             await repo.domain_xml(point)
         ids = sorted(owners)
-        units = [
-            TransferUnit(
-                job_id=job.id,
-                unit=n,
-                kind="verify",
-                destination_id=job.destination_id,
-                chunk_size=repo.chunk_size,
-                chunks=[
-                    ChunkRef(index=0, id=i) for i in ids[start : start + VERIFY_CHUNKS_PER_UNIT]
-                ],
-            )
-            for n, start in enumerate(range(0, len(ids), VERIFY_CHUNKS_PER_UNIT))
-        ]
+        units = verify_units(job.id, job.destination_id, repo.chunk_size, ids)
         bad: list[BadChunk] = []
 
         def collect(result: UnitResult) -> None:

@@ -26,6 +26,7 @@ from virtbackup.contracts.v1.inventory import (
     RestoreTarget,
 )
 from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job, JobState
+from virtbackup.job_orchestrator import checkpoints_left
 from virtbackup.job_orchestrator.backup import end_libvirt_job, run_backup
 from virtbackup.job_orchestrator.backup_checks import after_backup
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
@@ -109,6 +110,9 @@ async def execute(jc: JobContext, job: Job) -> None:
                 await auto_prune(jc, msgspec.structs.replace(job, destination_id=dest), execute)
             except Exception:
                 log.exception("could not start the prune after backup %s in %s", job.id, dest)
+    if job.type == "backup" and job.server_id and job.vm_name and not job.params.get("agentId"):
+        # Checkpoints that deleted points left while a job held the VM (never raises).
+        await checkpoints_left.retry_left(jc, job.server_id, job.vm_name, job.id)
 
 
 async def sweep(jc: JobContext) -> None:

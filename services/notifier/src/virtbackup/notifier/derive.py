@@ -49,6 +49,36 @@ SCHEDULE_EVENTS: Final = ("schedule.triggered", "schedule.completed", "schedule.
 
 
 @dataclass(frozen=True)
+class JobEnd:
+    """What a job's final state becomes: its event name (the webhook event where
+    ``webhook``, and the notification's ``event`` field), the notification's severity,
+    the verb of its title, its message when the job has none, and its tags."""
+
+    event: str
+    severity: Literal["info", "warning", "error"]
+    verb: str
+    default_message: str
+    tags: tuple[str, ...]
+    #: The HyperSDK document has a webhook event for it (none for a cancel).
+    webhook: bool
+
+
+#: A ``job.finished`` event by the job's ``state``: the one mapping both webhooks and
+#: notifications use.
+JOB_ENDS: Final[dict[str, JobEnd]] = {
+    "success": JobEnd(
+        "job.completed", "info", "completed", "completed", ("white_check_mark",), webhook=True
+    ),
+    "failure": JobEnd(
+        "job.failed", "error", "failed", "the job failed", ("rotating_light",), webhook=True
+    ),
+    "canceled": JobEnd(
+        "job.canceled", "warning", "cancelled", "cancelled", ("warning",), webhook=False
+    ),
+}
+
+
+@dataclass(frozen=True)
 class Derived:
     """One webhook event: its name, the ``data`` of its body, and ``key``: what makes it
     unique (the job id for once-per-job events, the source event id otherwise), from
@@ -102,12 +132,8 @@ class Deriver:
             return [Derived("job.submitted", data, job_id)]
         if event.type == EventType.JOB_FINISHED:
             self.progress_sent.pop(job_id, None)
-            state = payload.get("state")
-            if state == "success":
-                return [Derived("job.completed", data, job_id)]
-            if state == "failure":
-                return [Derived("job.failed", data, job_id)]
-            return []
+            end = JOB_ENDS.get(str(payload.get("state")))
+            return [Derived(end.event, data, job_id)] if end and end.webhook else []
         if event.type != EventType.JOB_UPDATED or payload.get("state") != "running":
             return []
         if payload.get("phase") == "preparing":
@@ -153,43 +179,26 @@ def notification(event: Event) -> Notification | None:
             tags=["warning"],
         )
     if event.type == EventType.JOB_FINISHED:
-        state = payload.get("state")
+        end = JOB_ENDS.get(str(payload.get("state")))
+        if end is None:
+            return None
         job_type = str(payload.get("type", "job"))
         vm = payload.get("vmName") or ""
         what = f"{job_type} of {vm}" if vm else f"{job_type} job {payload.get('id', '')}"
-        fields = {
-            "type": job_type,
-            "server_id": str(payload.get("serverId") or ""),
-            "vm_name": str(vm),
-            "destination_id": str(payload.get("destinationId") or ""),
-            "schedule": "",
-        }
-        message = str(payload.get("message") or "")
-        if state == "failure":
-            return Notification(
-                severity="error",
-                fields={"event": "job.failed", **fields},
-                title=f"VirtBackup: {what} failed",
-                message=message or "the job failed",
-                tags=["rotating_light"],
-            )
-        if state == "canceled":
-            return Notification(
-                severity="warning",
-                fields={"event": "job.canceled", **fields},
-                title=f"VirtBackup: {what} cancelled",
-                message=message or "cancelled",
-                tags=["warning"],
-            )
-        if state == "success":
-            return Notification(
-                severity="info",
-                fields={"event": "job.completed", **fields},
-                title=f"VirtBackup: {what} completed",
-                message=message or "completed",
-                tags=["white_check_mark"],
-            )
-        return None
+        return Notification(
+            severity=end.severity,
+            fields={
+                "event": end.event,
+                "type": job_type,
+                "server_id": str(payload.get("serverId") or ""),
+                "vm_name": str(vm),
+                "destination_id": str(payload.get("destinationId") or ""),
+                "schedule": "",
+            },
+            title=f"VirtBackup: {what} {end.verb}",
+            message=str(payload.get("message") or "") or end.default_message,
+            tags=list(end.tags),
+        )
     if event.type in SCHEDULE_EVENTS:
         name = str(payload.get("name") or payload.get("schedule_id") or "")
         verb = event.type.split(".", 1)[1]
