@@ -6,39 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-
-import pytest
 
 from virtbackup.contracts import buckets
-from virtbackup.contracts.subjects import JOB_ORCHESTRATOR
 from virtbackup.job_orchestrator import checkpoints_left
 from virtbackup.job_orchestrator.jobctx import JobContext
-from virtbackup.job_orchestrator.service import SPEC, job_context
 from virtbackup.runtime.kv import read_value
-from virtbackup.runtime.nats_server import NatsServer, start_nats_server
-from virtbackup.runtime.service import ServiceContext, start_service, stop_service
-from virtbackup.runtime.settings import load_settings
-
-
-@pytest.fixture(scope="module")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsServer]:
-    server = start_nats_server(tmp_path_factory.mktemp("nats"), auth=True)
-    yield server  # type: ignore[misc]
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-async def replicas(nats_server: NatsServer) -> AsyncIterator[tuple[JobContext, JobContext]]:
-    contexts: list[ServiceContext] = []
-    for name in ("left-a", "left-b"):
-        settings = load_settings(**nats_server.client_settings(JOB_ORCHESTRATOR), instance=name)
-        contexts.append(await start_service(SPEC, settings))
-    try:
-        yield job_context(contexts[0]), job_context(contexts[1])
-    finally:
-        for ctx in contexts:
-            await stop_service(SPEC, ctx)
 
 
 async def remembered(jc: JobContext, server: str, vm: str) -> list[str]:

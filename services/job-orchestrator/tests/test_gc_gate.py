@@ -5,11 +5,9 @@ backups wait while it sweeps, a second GC is refused, and a dead GC blocks nothi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
-from virtbackup.contracts.subjects import JOB_ORCHESTRATOR
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.lifecycle_gc import (
@@ -22,31 +20,7 @@ from virtbackup.job_orchestrator.lifecycle_gc import (
     release_destination,
     release_gate,
 )
-from virtbackup.job_orchestrator.service import SPEC, job_context
 from virtbackup.runtime.errors import Conflict
-from virtbackup.runtime.nats_server import NatsServer, start_nats_server
-from virtbackup.runtime.service import ServiceContext, start_service, stop_service
-from virtbackup.runtime.settings import load_settings
-
-
-@pytest.fixture(scope="module")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsServer]:
-    server = start_nats_server(tmp_path_factory.mktemp("nats"), auth=True)
-    yield server  # type: ignore[misc]
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-async def replicas(nats_server: NatsServer) -> AsyncIterator[tuple[JobContext, JobContext]]:
-    contexts: list[ServiceContext] = []
-    for name in ("gate-a", "gate-b"):
-        settings = load_settings(**nats_server.client_settings(JOB_ORCHESTRATOR), instance=name)
-        contexts.append(await start_service(SPEC, settings))
-    try:
-        yield job_context(contexts[0]), job_context(contexts[1])
-    finally:
-        for ctx in contexts:
-            await stop_service(SPEC, ctx)
 
 
 async def job(jc: JobContext, kind: str, dest: str) -> Job:

@@ -7,43 +7,17 @@ handlers and the state machine directly and deterministically: no libvirt, no wo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
 from virtbackup.contracts import buckets
-from virtbackup.contracts.subjects import JOB_ORCHESTRATOR
 from virtbackup.contracts.v1.jobs import JobCancelRequest, JobListRequest
 from virtbackup.job_orchestrator import handlers
 from virtbackup.job_orchestrator.errors import JobCanceled, JobLost
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.locks import lock_key
 from virtbackup.job_orchestrator.runner import sweep_once
-from virtbackup.job_orchestrator.service import SPEC, job_context
 from virtbackup.runtime.errors import Conflict
-from virtbackup.runtime.nats_server import NatsServer, start_nats_server
-from virtbackup.runtime.service import ServiceContext, start_service, stop_service
-from virtbackup.runtime.settings import load_settings
-
-
-@pytest.fixture(scope="module")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsServer]:
-    server = start_nats_server(tmp_path_factory.mktemp("nats"), auth=True)
-    yield server  # type: ignore[misc]
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-async def replicas(nats_server: NatsServer) -> AsyncIterator[tuple[JobContext, JobContext]]:
-    contexts: list[ServiceContext] = []
-    for name in ("orch-a", "orch-b"):
-        settings = load_settings(**nats_server.client_settings(JOB_ORCHESTRATOR), instance=name)
-        contexts.append(await start_service(SPEC, settings))
-    try:
-        yield job_context(contexts[0]), job_context(contexts[1])
-    finally:
-        for ctx in contexts:
-            await stop_service(SPEC, ctx)
 
 
 async def until(predicate: object, timeout: float = 5.0) -> None:
