@@ -262,7 +262,8 @@ async def _check_state_places(
     of the domain being replaced may be there."""
     if not req.state_roles:
         return
-    xml = state_files.restored_xml(req.domain_xml, req.vm_name, req.job_id, uuid or None)
+    nvram = await state_files.nvram_dir(server, conn)
+    xml = state_files.restored_xml(req.domain_xml, req.vm_name, req.job_id, uuid or None, nvram)
     places = [
         loc for loc in await state_files.locations(server, conn, xml) if loc.role in req.state_roles
     ]
@@ -563,7 +564,12 @@ async def finish(server: HostServer, req: RestoreFinishRequest) -> None:
     uuid = await state_files.target_uuid(conn, req.vm_name, req.uuid)
     final = (
         restored_domain(
-            req.domain_xml, name=req.vm_name, job_id=req.job_id, disks=placements, uuid=uuid
+            req.domain_xml,
+            name=req.vm_name,
+            job_id=req.job_id,
+            disks=placements,
+            uuid=uuid,
+            nvram_dir=await state_files.nvram_dir(server, conn),
         )
         if req.domain_xml
         else ""
