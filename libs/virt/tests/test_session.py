@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncssh
 import pytest
@@ -61,5 +62,26 @@ async def test_the_backup_tls_folder_is_the_users(
         for path in (daemon.tls_dir, daemon.scratch_dir):
             st = os.stat(path)
             assert st.st_uid == session_host.user.pw_uid and st.st_mode & 0o077 == 0, path
+    finally:
+        await conn.close()
+
+
+async def test_a_daemon_without_the_tls_setting_is_restarted_with_it(
+    session_host: SessionHost, ssh: asyncssh.SSHClientConnection
+) -> None:
+    daemon = session_host.ensure_daemon()
+    conf = Path(daemon.qemu_conf)
+    kept = conf.read_text()
+    conf.write_text(
+        "".join(line for line in kept.splitlines(True) if "backup_tls_x509_cert_dir" not in line)
+    )
+    pid_file = Path(daemon.socket).parent / "libvirtd.pid"
+    before = pid_file.read_text().strip()
+    conn = await open_ssh_connection(ssh, session=True, open_timeout=30)
+    try:
+        assert conn.session is not None and conn.session.restarted
+        assert pid_file.read_text().strip() != before
+        assert f'backup_tls_x509_cert_dir = "{daemon.tls_dir}"' in conf.read_text()
+        await list_domains(conn)
     finally:
         await conn.close()
