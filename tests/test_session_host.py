@@ -129,6 +129,19 @@ async def follow(hs: httpx.AsyncClient, job_id: str, timeout: float = 180) -> di
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.parametrize("uri", ["qemu+ssh://127.0.0.1/session", "qemu:///embed"])
+async def test_a_server_over_ssh_takes_only_the_system_or_session_uri(
+    api: httpx.AsyncClient, repo_dir: Path, session_host: SessionHost, uri: str
+) -> None:
+    before = (await api.get("/config")).json()
+    cfg = local_config(repo_dir)
+    cfg["servers"].append(session_host.server_config(uri=uri))
+    resp = await api.post("/config", json=cfg)
+    assert resp.status_code == 400, resp.text
+    assert "servers[1].uri" in resp.json()["error"], resp.text
+    assert (await api.get("/config")).json() == before
+
+
 async def test_the_session_host_is_a_server_of_its_own(
     api: httpx.AsyncClient, session_host: SessionHost, session_conn: Connection
 ) -> None:
