@@ -108,6 +108,31 @@ def test_supported_libvirt_uris_are_accepted(uri: str) -> None:
     assert decode_config(_server(uri=uri)).servers[0].uri == uri
 
 
+@pytest.mark.parametrize("uri", ["", "qemu:///system", "qemu:///session"])
+def test_a_server_over_ssh_names_its_system_or_session_daemon(uri: str) -> None:
+    server = decode_config(_server(host="h", privateKey="k", uri=uri)).servers[0]
+    assert (server.host, server.uri) == ("h", uri)
+
+
+@pytest.mark.parametrize(
+    ("uri", "why"),
+    [
+        ("qemu:///embed", "qemu:///system or qemu:///session"),
+        ("qemu+ssh://h/session", "not supported"),
+        ("qemu:///session?socket=/tmp/s", "not accepted ('socket')"),
+    ],
+)
+def test_a_server_over_ssh_takes_no_other_uri(uri: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=r"\$\.servers\[0\]\.uri") as info:
+        decode_config(_server(host="h", privateKey="k", uri=uri))
+    assert why in str(info.value)
+
+
+def test_a_session_server_over_ssh_needs_a_login() -> None:
+    with pytest.raises(ConfigError, match=r"servers\[0\]\.password"):
+        decode_config(_server(host="h", uri="qemu:///session"))
+
+
 def test_check_libvirt_uri_is_usable_alone() -> None:
     assert check_libvirt_uri("qemu:///system") is None
     problem = check_libvirt_uri("qemu+ext:///system?command=/bin/sh")
@@ -138,7 +163,7 @@ BAD_FIELDS: list[tuple[bytes, str, str]] = [
     (_server(host="h\x00"), "servers[0].host", "regex"),
     (_server(host="h", username="r\x07", password="p"), "servers[0].username", "regex"),
     (_server(host="h", username="root"), "servers[0].password", "password or a privateKey"),
-    (_server(host="h", password="p", uri="qemu:///system"), "servers[0].uri", "host"),
+    (_server(host="h", password="p", uri="qemu:///embed"), "servers[0].uri", "qemu:///session"),
     (_server(name="a\x00b"), "servers[0].name", "regex"),
     (
         msgspec.json.encode({"backup": {"gdrive": {"expiresAt": int("9" * 400)}}}),

@@ -161,3 +161,44 @@ def test_a_restore_keeps_the_uuid_of_the_domain_it_replaces() -> None:
     assert new.findtext("uuid") not in (kept, "0b6f6a3e-8f2c-4d55-9c5e-2a1b0c9d8e7f")
     same = _parse(restored_domain(SAVED, name="web1", job_id="j1"))
     assert same.findtext("uuid") == "0b6f6a3e-8f2c-4d55-9c5e-2a1b0c9d8e7f"
+
+
+def _with_nvram(path: str) -> str:
+    return (
+        "<domain type='kvm'><name>web1</name><os><type>hvm</type>"
+        f"<nvram>{path}</nvram></os><devices/></domain>"
+    )
+
+
+@pytest.mark.parametrize(
+    ("saved", "target_dir", "expected"),
+    [
+        # A system VM onto a user's session daemon: into the user's NVRAM directory.
+        (
+            "/var/lib/libvirt/qemu/nvram/web1_VARS.fd",
+            "/home/u/.config/libvirt/qemu/nvram",
+            "/home/u/.config/libvirt/qemu/nvram/web2_VARS.fd",
+        ),
+        # A session VM onto the system daemon.
+        (
+            "/home/u/.config/libvirt/qemu/nvram/web1_VARS.fd",
+            "/var/lib/libvirt/qemu/nvram",
+            "/var/lib/libvirt/qemu/nvram/web2_VARS.fd",
+        ),
+        # The same kind of daemon: the store stays in its directory.
+        (
+            "/var/lib/libvirt/qemu/nvram/web1_VARS.fd",
+            "/var/lib/libvirt/qemu/nvram",
+            "/var/lib/libvirt/qemu/nvram/web2_VARS.fd",
+        ),
+        # A store the user put somewhere of their own stays there.
+        ("/srv/vm/web1_VARS.fd", "/home/u/.config/libvirt/qemu/nvram", "/srv/vm/web2_VARS.fd"),
+    ],
+)
+def test_a_variable_store_moves_to_the_target_daemons_nvram_directory(
+    saved: str, target_dir: str, expected: str
+) -> None:
+    xml = restored_domain(_with_nvram(saved), name="web2", job_id="j1", nvram_dir=target_dir)
+    assert _parse(xml).findtext("./os/nvram") == expected
+    unchanged = restored_domain(_with_nvram(saved), name="web2", job_id="j1")
+    assert _parse(unchanged).findtext("./os/nvram") == saved.replace("web1", "web2")

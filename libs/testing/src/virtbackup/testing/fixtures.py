@@ -2,9 +2,10 @@
 
 Destination servers: ``sshd`` (OpenSSH on loopback, the SFTP role) and ``seaweed``
 (SeaweedFS with its S3 gateway) once per session, ``google`` (the Google Drive stand-in,
-in memory) once per test; :func:`driver_case` opens a fresh driver of a kind with the
-servers it needs. A module that needs a server of its own set-up defines a fixture of
-the same name, which takes precedence.
+in memory) once per test; a second libvirt host, ``session_host`` (another user's
+``qemu:///session`` over SSH), once per session; :func:`driver_case` opens a fresh
+driver of a kind with the servers it needs. A module that needs a server of its own
+set-up defines a fixture of the same name, which takes precedence.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from virtbackup.runtime.nats_server import NatsServer, start_nats_server
 from virtbackup.testing.drivers import DriverCase, open_test_driver
 from virtbackup.testing.gdrive import FakeGoogleDrive
 from virtbackup.testing.seaweedfs import SeaweedServer
+from virtbackup.testing.session_host import SessionHost
 from virtbackup.testing.sshd import SshdServer
 from virtbackup.testing.vms import vm_directory
 
@@ -64,6 +66,19 @@ def sshd() -> Iterator[SshdServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def session_host() -> Iterator[SessionHost]:
+    """A second libvirt host for the session: the session daemon of user ``vbsess``
+    behind an sshd on loopback (``virtbackup.testing.session_host``); its VMs of this
+    process and its image folder are removed at the end."""
+    host = SessionHost()
+    try:
+        host.start()
+        yield host
+    finally:
+        host.close()
 
 
 @pytest.fixture(scope="session")

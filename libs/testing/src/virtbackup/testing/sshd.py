@@ -20,6 +20,8 @@ login test.
 ``SshdServer(root=True)`` logs in root by key only and allows commands and TCP and Unix
 socket forwarding: with this machine's libvirtd behind it, it stands in for a remote
 hypervisor (``qemu+ssh://``, libssh, or asyncssh's forwarded libvirt socket).
+``SshdServer(root=True, login=user)`` does the same for another existing user instead of
+root (a host whose libvirt is that user's session daemon).
 
 Either way sshd runs as root (it must, to log in a user) on a free high port of 127.0.0.1
 chosen at creation and kept across ``stop``/``start``, with its own config, Ed25519 host
@@ -108,7 +110,7 @@ class SshdServer:
     when not root.
     """
 
-    def __init__(self, *, root: bool = False, port: int | None = None) -> None:
+    def __init__(self, *, root: bool = False, port: int | None = None, login: str = "root") -> None:
         if not os.path.exists(SSHD):
             raise ServerError(f"{SSHD} not found: install Debian's openssh-server")
         #: Whether this server logs in root with a shell (else the SFTP-only test user).
@@ -116,7 +118,9 @@ class SshdServer:
         self.host = LOOPBACK
         self.port = port or free_port(LOOPBACK)
         #: The user to log in as, and its password (None: key only, the root role).
-        self.username: str = "root"
+        #: ``login`` names another existing user for the hypervisor role (e.g. one whose
+        #: own ``qemu:///session`` daemon stands for a host, ``virtbackup.testing.session_host``).
+        self.username: str = login if root else "root"
         self.password: str | None = None
         if not root:
             self.username, self.password = ensure_test_user(
@@ -151,7 +155,7 @@ class SshdServer:
         self.config_path = self.dir / "sshd_config"
         if root:
             role = [
-                "PermitRootLogin prohibit-password",
+                "PermitRootLogin " + ("prohibit-password" if login == "root" else "no"),
                 "PasswordAuthentication no",
                 "AllowTcpForwarding yes",
                 "AllowStreamLocalForwarding yes",

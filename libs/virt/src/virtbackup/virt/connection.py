@@ -16,8 +16,11 @@ Three ways in:
 * :func:`open_ssh_connection` forwards a local Unix socket to the remote
   ``/var/run/libvirt/libvirt-sock`` through an already authenticated asyncssh connection
   (password, key, whatever asyncssh accepted) and opens ``qemu+unix:///system?socket=...``
-  on it. The asyncio loop pumps that tunnel, so it must keep running while libvirt calls
-  are in flight; they are, since every call runs in the thread pool.
+  on it; with ``session=True``, to the login user's own ``qemu:///session`` daemon
+  instead (started if needed, see :mod:`virtbackup.virt.session`), opened as
+  ``qemu+unix:///session?socket=...``. The asyncio loop pumps that tunnel, so it must
+  keep running while libvirt calls are in flight; they are, since every call runs in the
+  thread pool.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import libvirt
 from virtbackup.virt.errors import Unreachable, VirtError, VirtTimeout, translate
 from virtbackup.virt.eventloop import ensure_event_loop
 from virtbackup.virt.host import Host, LocalHost, SshHost
+from virtbackup.virt.session import SessionDaemon, ensure_session_daemon
 
 T = TypeVar("T")
 
@@ -89,6 +93,9 @@ class Connection:
         self._closed_reason: str | None = None
         self._closing = False
         self._cleanups: list[Callable[[], Awaitable[None]]] = []
+        #: Where the session daemon is, for a connection to a user's ``qemu:///session``
+        #: over SSH (:func:`open_ssh_connection` with ``session=True``); else ``None``.
+        self.session: SessionDaemon | None = None
 
     @property
     def raw(self) -> Any:
@@ -330,24 +337,26 @@ async def forward_libvirt_socket(
     *,
     remote_socket: str = REMOTE_LIBVIRT_SOCKET,
     local_dir: str | None = None,
+    path: Literal["/system", "/session"] = "/system",
 ) -> ForwardedSocket:
     """Forward a new local Unix socket to ``remote_socket`` on the ssh server.
 
     The socket lives in a fresh private (0700) directory under ``local_dir`` (default: the
     system temp dir). Returns it with the URI to open:
-    ``qemu+unix:///system?socket=<local path>``. The remote user must be allowed to connect
-    to libvirtd's socket (root, or the ``libvirt`` group).
+    ``qemu+unix://<path>?socket=<local path>`` (``/system``, or ``/session`` for a user's
+    session daemon). The remote user must be allowed to connect to libvirtd's socket
+    (root, or the ``libvirt`` group; a session daemon's own user).
     """
     directory = tempfile.mkdtemp(prefix="virtbackup-libvirt-", dir=local_dir)
     os.chmod(directory, 0o700)
-    path = os.path.join(directory, "libvirt-sock")
+    local = os.path.join(directory, "libvirt-sock")
     try:
-        listener = await ssh.forward_local_path(path, remote_socket)
+        listener = await ssh.forward_local_path(local, remote_socket)
     except (OSError, asyncssh.Error) as exc:
         shutil.rmtree(directory, ignore_errors=True)
         raise Unreachable(f"cannot forward {remote_socket} over ssh: {exc}") from exc
-    uri = "qemu+unix:///system?" + urlencode({"socket": path}, safe="/")
-    return ForwardedSocket(path=path, uri=uri, listener=listener, directory=directory)
+    uri = f"qemu+unix://{path}?" + urlencode({"socket": local}, safe="/")
+    return ForwardedSocket(path=local, uri=uri, listener=listener, directory=directory)
 
 
 async def open_ssh_connection(
@@ -358,25 +367,55 @@ async def open_ssh_connection(
     call_timeout: float = DEFAULT_CALL_TIMEOUT,
     keepalive_interval: int = 5,
     keepalive_count: int = 3,
+    session: bool = False,
+    start_timeout: float | None = None,
 ) -> Connection:
     """Open libvirt on the ssh server's host through a forwarded Unix socket.
 
+    With ``session``, libvirt is the login user's own ``qemu:///session`` daemon: its
+    socket is asked of the host and the daemon started when it is not running
+    (:func:`~virtbackup.virt.session.ensure_session_daemon`, within ``start_timeout``,
+    default ``open_timeout``, seconds), and :attr:`Connection.session` says where it is;
+    ``remote_socket`` is ignored then.
+
     The returned connection's :attr:`Connection.host` runs commands over ``ssh``; closing
     the connection stops the forwarding but leaves ``ssh`` open (the caller owns it).
-    Closing ``ssh`` ends the libvirt connection (close reason ``eof``).
+    Closing ``ssh`` ends the libvirt connection (close reason ``eof``). Raises
+    :class:`Unreachable` when libvirt cannot be reached in ``open_timeout`` seconds.
     """
-    forwarded = await forward_libvirt_socket(ssh, remote_socket=remote_socket)
+    host = SshHost(ssh)
+    daemon: SessionDaemon | None = None
+    if session:
+        start = open_timeout if start_timeout is None else start_timeout
+        daemon = await ensure_session_daemon(host, timeout=start)
+        remote_socket = daemon.socket
+    forwarded = await forward_libvirt_socket(
+        ssh, remote_socket=remote_socket, path="/session" if session else "/system"
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + open_timeout
+    if daemon is not None and daemon.started:
+        deadline += start
     try:
-        conn = await open_connection(
-            forwarded.uri,
-            host=SshHost(ssh),
-            open_timeout=open_timeout,
-            call_timeout=call_timeout,
-            keepalive_interval=keepalive_interval,
-            keepalive_count=keepalive_count,
-        )
+        while True:
+            try:
+                conn = await open_connection(
+                    forwarded.uri,
+                    host=host,
+                    open_timeout=max(1.0, deadline - loop.time()),
+                    call_timeout=call_timeout,
+                    keepalive_interval=keepalive_interval,
+                    keepalive_count=keepalive_count,
+                )
+                break
+            except Unreachable:
+                # A daemon started just now may have made its socket before it listens.
+                if daemon is None or not daemon.started or loop.time() > deadline - 0.5:
+                    raise
+                await asyncio.sleep(0.2)
     except BaseException:
         await forwarded.close()
         raise
+    conn.session = daemon
     conn.add_cleanup(forwarded.close)
     return conn

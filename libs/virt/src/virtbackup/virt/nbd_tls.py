@@ -14,10 +14,15 @@ names the workers dial, and its key (readable by root and the user QEMU runs as 
 into that folder, and marks the folder as VirtBackup's (``.virtbackup``). It never
 overwrites certificates it did not write: a folder holding someone else's (e.g. VNC or
 migration TLS in the shared default folder) is refused with what to change.
+
+A user's ``qemu:///session`` daemon reads the user's own qemu.conf
+(:class:`~virtbackup.virt.session.SessionDaemon`), runs QEMU as that user, and gets a
+folder of the user's (0700, the key 0400, no owner change: nothing there needs root).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 import shlex
@@ -90,11 +95,20 @@ def backup_tls_config(conf: dict[str, str], existing_users: Sequence[str]) -> Ba
     return BackupTlsConfig(directory=directory, verify=verify_raw != "0", qemu_user=user)
 
 
-async def read_backup_tls_config(host: Host) -> BackupTlsConfig:
-    """:func:`backup_tls_config` of the host's qemu.conf. Raises VirtError (Unreachable,
-    VirtTimeout) when the host cannot be asked."""
-    result = await host.run(["cat", QEMU_CONF], timeout=30)
+async def read_backup_tls_config(host: Host, session_conf: str | None = None) -> BackupTlsConfig:
+    """:func:`backup_tls_config` of the host's qemu.conf, or of a session daemon's
+    ``session_conf`` (QEMU runs as the user: ``qemu_user`` is ``None``; TlsSetupError when
+    it names no ``backup_tls_x509_cert_dir``, since the default folder is root's). Raises
+    VirtError (Unreachable, VirtTimeout) when the host cannot be asked."""
+    result = await host.run(["cat", session_conf or QEMU_CONF], timeout=30)
     conf = parse_qemu_conf(result.stdout) if result.returncode == 0 else {}
+    if session_conf is not None:
+        if not conf.get("backup_tls_x509_cert_dir", "").startswith("/"):
+            raise TlsSetupError(
+                f"{session_conf} names no backup_tls_x509_cert_dir: set it to a folder of the "
+                "user's and restart the session libvirtd"
+            )
+        return dataclasses.replace(backup_tls_config(conf, []), qemu_user=None)
     users = []
     if "user" not in conf:
         for name in DEFAULT_QEMU_USERS:
@@ -125,7 +139,7 @@ async def _write(host: Host, path: str, data: bytes, mode: str, owner: str | Non
 
 
 async def install_server_credentials(
-    host: Host, authority: Authority, names: Sequence[str]
+    host: Host, authority: Authority, names: Sequence[str], *, session_conf: str | None = None
 ) -> BackupTlsConfig:
     """Make the host's backup TLS folder hold ``authority``'s certificate and a server
     certificate it signed for ``names`` (what the workers dial: an address or host name);
@@ -134,12 +148,14 @@ async def install_server_credentials(
 
     Raises TlsSetupError when libvirt would accept clients without a certificate
     (``backup_tls_x509_verify = 0``) or the folder holds certificates VirtBackup did not
-    write; VirtError when the host cannot be reached."""
-    config = await read_backup_tls_config(host)
+    write; VirtError when the host cannot be reached. ``session_conf``: the qemu.conf of
+    a user's session daemon (see the module docstring) instead of the system's."""
+    config = await read_backup_tls_config(host, session_conf)
+    conf_path = session_conf or QEMU_CONF
     if not config.verify:
         raise TlsSetupError(
             "libvirt on this host accepts backup NBD clients without a certificate "
-            f"(backup_tls_x509_verify = 0 in {QEMU_CONF}): set it to 1 and restart libvirtd"
+            f"(backup_tls_x509_verify = 0 in {conf_path}): set it to 1 and restart libvirtd"
         )
     directory = config.directory.rstrip("/") or "/"
     ca = await _read(host, f"{directory}/{CA_CERT}")
@@ -157,9 +173,10 @@ async def install_server_credentials(
         raise TlsSetupError(
             f"{directory} holds TLS certificates VirtBackup did not write; give backups a "
             f'folder of their own: backup_tls_x509_cert_dir = "/etc/pki/libvirt-backup" '
-            f"in {QEMU_CONF}, then restart libvirtd"
+            f"in {conf_path}, then restart libvirtd"
         )
-    made = await host.run(["mkdir", "-p", "-m", "0755", directory], timeout=30)
+    mode = "0700" if session_conf is not None else "0755"
+    made = await host.run(["mkdir", "-p", "-m", mode, directory], timeout=30)
     if made.returncode != 0:
         raise TlsSetupError(f"cannot create {directory}: {made.stderr.strip()}")
     issued = authority.issue_server(list(names))

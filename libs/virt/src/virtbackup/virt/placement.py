@@ -39,6 +39,8 @@ from virtbackup.virt.state import (
 #: libvirt's default image directory: where restores may write when a server names no
 #: ``restoreDirectories`` (with its file pools).
 DEFAULT_RESTORE_DIRECTORY: Final = "/var/lib/libvirt/images"
+#: libvirt's default image directory of a ``qemu:///session`` daemon, below its user's home.
+SESSION_IMAGES_DIR: Final = ".local/share/libvirt/images"
 #: The accounts restored state may belong to: root and those libvirt runs QEMU and swtpm
 #: as (Debian's ``libvirt-qemu``/``kvm`` and ``tss``, Fedora's ``qemu`` and ``tss``). A
 #: restore point's record is not authenticated (``backup.json`` is plaintext), so the
@@ -111,14 +113,19 @@ async def disk_paths(conn: Connection, vm_name: str) -> set[str]:
     return {d.source for d in parse_disks(xml) if d.source}
 
 
-async def allowed_directories(conn: Connection, restore_directories: list[str] | None) -> list[str]:
+async def allowed_directories(
+    conn: Connection,
+    restore_directories: list[str] | None,
+    default: str = DEFAULT_RESTORE_DIRECTORY,
+) -> list[str]:
     """The directories restores may write into: ``restore_directories`` (the server's
     ``restoreDirectories``) when set, else the host's file pools plus libvirt's default
-    (:data:`DEFAULT_RESTORE_DIRECTORY`); normalised."""
+    image directory ``default`` (:data:`DEFAULT_RESTORE_DIRECTORY` for the system daemon,
+    :data:`SESSION_IMAGES_DIR` below the user's home for a session one); normalised."""
     if restore_directories is not None:
         return [posixpath.normpath(d) for d in restore_directories]
     pools = [posixpath.normpath(p.path) for p in await list_pools(conn) if p.holds_files]
-    return sorted({*pools, DEFAULT_RESTORE_DIRECTORY})
+    return sorted({*pools, posixpath.normpath(default)})
 
 
 async def used_elsewhere(conn: Connection, host: Host, vm_name: str) -> dict[str, str]:
@@ -151,8 +158,10 @@ def clamp(entry: StateEntry, account: tuple[str, str]) -> StateEntry:
     """``entry`` with an owner and group among :data:`STATE_ACCOUNTS` and ``account``
     (the user and group the host's commands run as), else those of ``account``, and
     without setuid, setgid, sticky or write-by-others bits. The record a restore reads
-    them from is not authenticated: this bounds what a forged one can make."""
-    allowed = STATE_ACCOUNTS | set(account)
+    them from is not authenticated: this bounds what a forged one can make. On a host
+    whose commands do not run as root (a session daemon's user), everything belongs to
+    ``account``: nobody else may be given a file there, and QEMU runs as that user."""
+    allowed = STATE_ACCOUNTS | set(account) if account[0] == "root" else set(account)
     owner = entry.owner if entry.owner in allowed else account[0]
     group = entry.group if entry.group in allowed else account[1]
     return StateEntry(

@@ -146,6 +146,7 @@ def restored_domain(
     job_id: str,
     disks: Iterable[DiskPlacement] = (),
     uuid: str | None = None,
+    nvram_dir: str | None = None,
 ) -> str:
     """:func:`rewrite_domain` for restore job ``job_id``: the same XML every time it is
     asked for the same job and ``uuid``, so that the state files staged early in the job
@@ -157,17 +158,53 @@ def restored_domain(
     its TPM state is the one replaced), else the saved one under the saved name, else
     one derived from the job id (a new domain). MAC addresses of a renamed domain are
     derived from the job id. Raises ``ValueError`` for an XML without a name or a
-    malformed ``uuid``."""
+    malformed ``uuid``.
+
+    ``nvram_dir``: libvirt's NVRAM directory on the target (``/var/lib/libvirt/qemu/nvram``
+    for the system daemon, ``<home>/.config/libvirt/qemu/nvram`` for a user's session
+    daemon). A variable store saved in libvirt's NVRAM directory of another kind of
+    daemon (a system VM restored or migrated to a session host, or back) is placed in
+    ``nvram_dir`` under its name: the target's daemon cannot, or should not, write there.
+    A store anywhere else stays where it was."""
     identity = uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"virtbackup:restore:{job_id}")
     rng = random.Random(identity.int)  # noqa: S311 - MAC addresses are no secret
     new_uuid = str(uuidlib.UUID(uuid)) if uuid else str(identity)
     out = rewrite_domain(xml, name=name, disks=disks, rng=rng, uuid=new_uuid)
-    if uuid and domain_uuid(out) != new_uuid:
-        # The saved name, but the domain of that name on the host has another UUID.
+    moved = nvram_dir is not None and _nvram_moved(_xml.parse(out), nvram_dir)
+    if (uuid and domain_uuid(out) != new_uuid) or moved:
         root = _xml.parse(out)
-        _set_uuid(root, new_uuid)
+        if uuid and domain_uuid(out) != new_uuid:
+            # The saved name, but the domain of that name on the host has another UUID.
+            _set_uuid(root, new_uuid)
+        if nvram_dir is not None:
+            _nvram_moved(root, nvram_dir)
         out = _xml.dump(root)
     return out
+
+
+#: libvirt's NVRAM directories: the system daemon's, and a session daemon's below a home.
+_SYSTEM_NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"
+_SESSION_NVRAM_SUFFIX = "/.config/libvirt/qemu/nvram"
+
+
+def _nvram_moved(root: ET.Element, nvram_dir: str) -> bool:
+    """Place the domain's variable store in ``nvram_dir`` when it is in libvirt's NVRAM
+    directory of another daemon (see :func:`restored_domain`); whether it was moved."""
+    nvram = root.find("./os/nvram")
+    if nvram is None:
+        return False
+    source = nvram.find("source")
+    path = source.get("file", "") if source is not None else (nvram.text or "").strip()
+    directory, base = posixpath.split(path)
+    target = posixpath.normpath(nvram_dir)
+    libvirts = directory == _SYSTEM_NVRAM_DIR or directory.endswith(_SESSION_NVRAM_SUFFIX)
+    if not path or not libvirts or directory == target:
+        return False
+    if source is not None:
+        source.set("file", posixpath.join(target, base))
+    else:
+        nvram.text = posixpath.join(target, base)
+    return True
 
 
 def domain_uuid(xml: str) -> str:

@@ -4,8 +4,8 @@ The inventory keeps VirtBackup's CA (made at first start, see
 :mod:`virtbackup.virt.pki`) and the client certificate the transfer workers present
 (``<pki>/nbd-client``, read by the workers from the same place). Before an export is
 started on a server, that server's libvirt TLS folder is given a server certificate for
-the address the workers dial (:mod:`virtbackup.virt.nbd_tls`); exports then refuse any
-client without a certificate the CA signed.
+the address the workers dial (:mod:`virtbackup.virt.nbd_tls`; a session server's in its
+user's own folder); exports then refuse any client without a certificate the CA signed.
 """
 
 from __future__ import annotations
@@ -51,12 +51,15 @@ class ExportCredentials:
         Raises Conflict (with what to change on the host) when its libvirt cannot require
         client certificates, Unavailable or VirtError when it cannot be reached."""
         host = await server.host()
+        session_conf = (await server.session_daemon()).qemu_conf if server.is_session else None
         # One at a time per server: backups that begin together would each issue a new
         # server key and certificate and write them over each other (the key of one with
         # the certificate of another: every TLS handshake then fails).
         async with _installing.setdefault(server.id, asyncio.Lock()):
             try:
-                config = await install_server_credentials(host, self.authority, [server.nbd_host])
+                config = await install_server_credentials(
+                    host, self.authority, [server.nbd_host], session_conf=session_conf
+                )
             except TlsSetupError as exc:
                 raise Conflict(f"server {server.id}: NBD exports cannot use TLS: {exc}") from None
         return config.directory

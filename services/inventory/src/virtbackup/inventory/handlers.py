@@ -115,7 +115,11 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
         async with libvirt_errors(req.server_id, req.vm_name):
             await ownership.check_restore_hold(conn, req.vm_name, jobs)
             await backups.check_offline_hold(
-                entry.host, req.vm_name, jobs, inv.installation, scratch
+                entry.host,
+                req.vm_name,
+                jobs,
+                inv.installation,
+                await entry.host.scratch_dir(scratch),
             )
             await perform_action(conn, req.vm_name, action)
         with contextlib.suppress(Unavailable, VirtError):
@@ -137,13 +141,20 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
             await get_domain(conn, req.vm_name)
             jobs = ctx.bucket(buckets.JOBS)
             await backups.check_offline_hold(
-                entry.host, req.vm_name, jobs, inv.installation, scratch
+                entry.host,
+                req.vm_name,
+                jobs,
+                inv.installation,
+                await entry.host.scratch_dir(scratch),
             )
             await reconcile.check_no_job_holds(
                 entry.host, req.vm_name, jobs, ctx.bucket(buckets.LOCKS), inv.installation
             )
             report = await cleanup_leftovers(
-                conn, req.vm_name, scratch_dir=scratch, host=await entry.host.host()
+                conn,
+                req.vm_name,
+                scratch_dir=await entry.host.scratch_dir(scratch),
+                host=await entry.host.host(),
             )
             await ownership.untag(conn, req.vm_name)
         actions = []
@@ -252,7 +263,11 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
             jobs = ctx.bucket(buckets.JOBS)
             try:
                 await backups.check_offline_hold(
-                    entry.host, req.vm_name, jobs, inv.installation, scratch
+                    entry.host,
+                    req.vm_name,
+                    jobs,
+                    inv.installation,
+                    await entry.host.scratch_dir(scratch),
                 )
                 await reconcile.check_no_job_holds(
                     entry.host, req.vm_name, jobs, ctx.bucket(buckets.LOCKS), inv.installation,
@@ -275,7 +290,9 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
             inv.vm_lock(req.server_id, req.vm_name),
             libvirt_errors(req.server_id, req.vm_name),
         ):
-            return await backups.begin(entry.host, req, scratch, inv.creds, inv.installation)
+            return await backups.begin(
+                entry.host, req, await entry.host.scratch_dir(scratch), inv.creds, inv.installation
+            )
 
     @bus.handle(InventoryCmd.RESTORE_PRECHECK, RestorePrecheckRequest)
     async def restore_precheck(req: RestorePrecheckRequest) -> RestorePrecheckResult:
@@ -307,7 +324,7 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
             inv.vm_lock(req.server_id, req.vm_name),
             libvirt_errors(req.server_id, req.vm_name),
         ):
-            stopped = await backups.end(entry.host, req, scratch)
+            stopped = await backups.end(entry.host, req, await entry.host.scratch_dir(scratch))
         # What the end removed (scratch files of a VM that stopped meanwhile, which
         # libvirt leaves: VirtBackup made them) was seen as leftovers by the refresh
         # the VM's stop caused.
@@ -323,18 +340,21 @@ def register_state(ctx: ServiceContext, inv: Inventory) -> None:
 
     @bus.handle(InventoryCmd.STATE_SNAPSHOT, st.StateSnapshotRequest)
     async def state_snapshot(req: st.StateSnapshotRequest) -> st.StateSnapshot:
+        host = inv.entry(req.server_id).host
         async with libvirt_errors(req.server_id, req.vm_name):
-            return await state_files.take_snapshot(inv.entry(req.server_id).host, req, scratch)
+            return await state_files.take_snapshot(host, req, await host.scratch_dir(scratch))
 
     @bus.handle(InventoryCmd.STATE_READ, st.StateReadRequest)
     async def state_read(req: st.StateReadRequest) -> st.StatePiece:
+        host = inv.entry(req.server_id).host
         async with libvirt_errors(req.server_id):
-            return await state_files.read(inv.entry(req.server_id).host, req, scratch)
+            return await state_files.read(host, req, await host.scratch_dir(scratch))
 
     @bus.handle(InventoryCmd.STATE_RELEASE, st.StateReleaseRequest)
     async def state_release(req: st.StateReleaseRequest) -> Ok:
+        host = inv.entry(req.server_id).host
         async with libvirt_errors(req.server_id):
-            await state_files.release(inv.entry(req.server_id).host, req, scratch)
+            await state_files.release(host, req, await host.scratch_dir(scratch))
         return Ok()
 
     @bus.handle(InventoryCmd.STATE_PREPARE, st.StatePrepareRequest)

@@ -3,9 +3,13 @@
 A server with an empty ``host`` is this machine's libvirt (``uri`` or ``qemu:///system``).
 Any other is reached over SSH with asyncssh (password or private key); libvirt then goes
 through a Unix socket forwarded over that SSH connection, unless ``uri`` is a
-``qemu+tls://`` URI. A ``uri`` that ``check_libvirt_uri`` refuses (a transport or
-parameter that runs a program or names a socket) is never opened, even if it reached the
-stored configuration some other way than ``POST /config``. Every connection attempt is bounded
+``qemu+tls://`` URI: the system daemon's socket (``uri`` empty or ``qemu:///system``), or,
+with ``uri`` ``qemu:///session``, the login user's own session daemon (started when it
+is not running, see :mod:`virtbackup.virt.session`; its backup scratch files then go
+to a 0700 folder of that user's, :meth:`HostServer.scratch_dir`). A ``uri`` that
+``check_libvirt_uri`` refuses (a transport or parameter that runs a program or names a
+socket) is never opened, even if it reached the stored configuration some other way
+than ``POST /config``. Every connection attempt is bounded
 by the server timeout; a failure marks the server unreachable with the reason, and the
 next use tries again. Servers never wait for each other.
 """
@@ -27,6 +31,13 @@ from virtbackup.virt import Connection, open_connection, open_ssh_connection
 from virtbackup.virt.connection import LOCAL_SYSTEM_URI
 from virtbackup.virt.errors import VirtError
 from virtbackup.virt.host import Host, LocalHost, SshHost
+from virtbackup.virt.session import SessionDaemon, ensure_session_daemon
+
+#: The ``uri`` of a server reached over SSH whose libvirt is the login user's own daemon.
+SESSION_URI = "qemu:///session"
+#: Seconds a session daemon that is not running may take to start (its first start
+#: probes QEMU's capabilities): longer than the server timeout, once.
+SESSION_START_TIMEOUT = 20.0
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +157,8 @@ class HostServer:
     #: Fills in the login of a server whose credentials are in the vault
     #: (``runtime.vault.resolve_server``), at each login; None: the config holds them.
     resolve: Callable[[Server], Awaitable[Server]] | None = None
+    #: Where the login user's session daemon is (``is_session``), learnt at each open.
+    session: SessionDaemon | None = None
 
     #: After a failed attempt, calls fail at once with its reason for this many seconds.
     RETRY_AFTER = 5.0
@@ -157,6 +170,40 @@ class HostServer:
     @property
     def is_local(self) -> bool:
         return not self.config.host
+
+    @property
+    def is_session(self) -> bool:
+        """Whether libvirt is the SSH login user's own ``qemu:///session`` daemon."""
+        return bool(self.config.host) and self.config.uri == SESSION_URI
+
+    @property
+    def over_ssh(self) -> bool:
+        """Whether libvirt is reached through a socket forwarded over SSH."""
+        return bool(self.config.host) and not self.config.uri.startswith("qemu+tls")
+
+    async def scratch_dir(self, default: str) -> str:
+        """Where backups of this server keep scratch files and state copies: ``default``
+        (the inventory's ``scratch_dir`` setting), or for a session server a 0700 folder
+        of its user's (``~/.cache/virtbackup/scratch``). Raises ``Unavailable`` when a
+        session server cannot be reached to ask."""
+        if not self.is_session:
+            return default
+        return (await self.session_daemon()).scratch_dir
+
+    async def session_daemon(self) -> SessionDaemon:
+        """The session daemon's places (``is_session`` only; ValueError otherwise); asks
+        the host (starting the daemon if needed) when no connection learnt them yet."""
+        if not self.is_session:
+            raise ValueError(f"server {self.id} is not a session server")
+        if self.session is None:
+            host = await self.host()
+            try:
+                self.session = await ensure_session_daemon(
+                    host, timeout=max(self.timeout, SESSION_START_TIMEOUT)
+                )
+            except VirtError as exc:
+                raise Unavailable(f"server {self.id}: {exc}") from None
+        return self.session
 
     @property
     def uri(self) -> str:
@@ -208,7 +255,7 @@ class HostServer:
         problem = check_libvirt_uri(self.config.uri)
         if problem is not None:
             raise Unavailable(f"server {self.id}: {problem}")
-        if self.is_local or self.config.uri:
+        if not self.over_ssh:
             host: Host | None = LocalHost() if self.is_local else None
             return await open_connection(
                 self.uri, host=host, open_timeout=self.timeout, call_timeout=max(30, self.timeout)
@@ -216,11 +263,17 @@ class HostServer:
         ssh = await ssh_connect(await self.login(), self.timeout)
         try:
             conn = await open_ssh_connection(
-                ssh, open_timeout=self.timeout, call_timeout=max(30, self.timeout)
+                ssh,
+                open_timeout=self.timeout,
+                call_timeout=max(30, self.timeout),
+                session=self.is_session,
+                start_timeout=max(self.timeout, SESSION_START_TIMEOUT),
             )
         except BaseException:
             ssh.close()
             raise
+        if conn.session is not None:
+            self.session = conn.session
 
         async def close_ssh() -> None:
             ssh.close()

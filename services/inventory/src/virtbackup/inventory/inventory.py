@@ -240,7 +240,7 @@ class Inventory:
             leftovers = await find_leftovers(
                 conn,
                 name,
-                scratch_dir=self.ctx.settings.scratch_dir,
+                scratch_dir=await entry.host.scratch_dir(self.ctx.settings.scratch_dir),
                 host=await entry.host.host(),
                 check_bitmaps=False,
             )
@@ -299,12 +299,15 @@ class Inventory:
             if entry.reconciler is None or (
                 entry.reconciler.done() and entry.reconciler.exception() is not None
             ):
+                scratch = self.ctx.settings.scratch_dir
+                with contextlib.suppress(Unavailable):
+                    scratch = await entry.host.scratch_dir(scratch)
                 entry.reconciler = asyncio.create_task(
                     reconcile(
                         entry.host,
                         self.ctx.bucket(buckets.JOBS),
                         self.installation,
-                        self.ctx.settings.scratch_dir,
+                        scratch,
                     ),
                     name=f"reconcile-{entry.host.id}",
                 )

@@ -22,7 +22,9 @@ Who can write into an image being restored: nobody but the workers.
 
 * A remote server's exports listen on TCP and require TLS and a client certificate
   signed by VirtBackup's CA (the server's certificate is the one backups use, see
-  :mod:`.credentials`).
+  :mod:`.credentials`). On a session server (another user's ``qemu:///session`` over
+  SSH) ``qemu-nbd`` runs as that user, the images and their pid files are the user's
+  (0600), and directories made for them are 0700.
 * A local server's exports (the inventory runs on the hypervisor; workers reach it on
   loopback) listen on a Unix socket in a directory that only the inventory's user can
   enter (``mktemp -d``, mode 0700), without TLS: the same principals as before (whoever
@@ -66,7 +68,12 @@ from virtbackup.virt.errors import CommandFailed, VirtError
 from virtbackup.virt.errors import NotFound as VirtNotFound
 from virtbackup.virt.host import Host
 from virtbackup.virt.images import image_info
-from virtbackup.virt.placement import allowed_directories, create_image, resolve
+from virtbackup.virt.placement import (
+    SESSION_IMAGES_DIR,
+    allowed_directories,
+    create_image,
+    resolve,
+)
 from virtbackup.virt.placement import disk_paths as _disk_paths
 from virtbackup.virt.placement import file_type as _file_type
 from virtbackup.virt.placement import inside as _inside
@@ -255,7 +262,8 @@ async def _check_state_places(
     of the domain being replaced may be there."""
     if not req.state_roles:
         return
-    xml = state_files.restored_xml(req.domain_xml, req.vm_name, req.job_id, uuid or None)
+    nvram = await state_files.nvram_dir(server, conn)
+    xml = state_files.restored_xml(req.domain_xml, req.vm_name, req.job_id, uuid or None, nvram)
     places = [
         loc for loc in await state_files.locations(server, conn, xml) if loc.role in req.state_roles
     ]
@@ -311,7 +319,12 @@ async def _target_directory(
 
 
 async def _allowed_directories(server: HostServer, conn: Connection) -> list[str]:
-    """The server's ``restoreDirectories``, or its file pools plus libvirt's default."""
+    """The server's ``restoreDirectories``, or its file pools plus libvirt's default (for a
+    session server, the one below its user's home)."""
+    if server.is_session:
+        home = (await server.session_daemon()).home
+        default = posixpath.join(home, SESSION_IMAGES_DIR)
+        return await allowed_directories(conn, server.config.restore_directories, default)
     return await allowed_directories(conn, server.config.restore_directories)
 
 
@@ -362,6 +375,15 @@ async def prepare(
     is left behind on failure."""
     host = await server.host()
     tls_dir = await creds.install(server)
+    if server.is_session:
+        # The session user's images: directories it makes are its own alone (0700).
+        parents = sorted({posixpath.dirname(d.path) for d in req.disks if d.kind == "file"})
+        if parents:
+            await _run_or_conflict(
+                host,
+                ["sh", "-c", 'umask 077 && mkdir -p -- "$@"', "mkdir", *parents],
+                "cannot make the directories of the restored images",
+            )
     targets: list[RestoreTarget] = []
     try:
         for disk in req.disks:
@@ -542,7 +564,12 @@ async def finish(server: HostServer, req: RestoreFinishRequest) -> None:
     uuid = await state_files.target_uuid(conn, req.vm_name, req.uuid)
     final = (
         restored_domain(
-            req.domain_xml, name=req.vm_name, job_id=req.job_id, disks=placements, uuid=uuid
+            req.domain_xml,
+            name=req.vm_name,
+            job_id=req.job_id,
+            disks=placements,
+            uuid=uuid,
+            nvram_dir=await state_files.nvram_dir(server, conn),
         )
         if req.domain_xml
         else ""

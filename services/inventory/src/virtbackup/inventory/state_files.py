@@ -201,12 +201,25 @@ async def target_uuid(conn: Connection, vm_name: str, given: str = "") -> str | 
         return None
 
 
-def restored_xml(xml: str, vm_name: str, job_id: str, uuid: str | None) -> str:
+async def nvram_dir(server: HostServer, conn: Connection) -> str:
+    """libvirt's NVRAM directory on this server (system, or the session user's)."""
+    kind = connection_kind(str(await conn.call(conn.raw.getURI)))
+    home = await home_directory(await server.host()) if kind == "session" else None
+    return state_dirs(kind, home)[0]
+
+
+def restored_xml(
+    xml: str, vm_name: str, job_id: str, uuid: str | None, nvram: str | None = None
+) -> str:
     """The saved ``xml`` as the restore defines it under ``vm_name`` (``""``: the saved
-    name), without its disk placements (state locations do not depend on them).
+    name), without its disk placements (state locations do not depend on them), its
+    variable store in libvirt's NVRAM directory ``nvram`` of the target when it was in
+    another daemon's (see :func:`virtbackup.virt.rewrite.restored_domain`).
     BadRequest for an XML that cannot be rewritten."""
     try:
-        return restored_domain(xml, name=vm_name or domain_name(xml), job_id=job_id, uuid=uuid)
+        return restored_domain(
+            xml, name=vm_name or domain_name(xml), job_id=job_id, uuid=uuid, nvram_dir=nvram
+        )
     except (ValueError, SyntaxError) as exc:
         raise BadRequest(f"domain XML: {exc}") from None
 
@@ -284,7 +297,7 @@ async def prepare(server: HostServer, req: StatePrepareRequest) -> StatePrepared
     host = await server.host()
     name = req.vm_name or domain_name(req.domain_xml)
     uuid = await target_uuid(conn, name, req.uuid)
-    xml = restored_xml(req.domain_xml, req.vm_name, req.job_id, uuid)
+    xml = restored_xml(req.domain_xml, req.vm_name, req.job_id, uuid, await nvram_dir(server, conn))
     by_role = {loc.role: loc for loc in await locations(server, conn, xml)}
     roles: dict[str, list[StateFile]] = {}
     for f in req.files:

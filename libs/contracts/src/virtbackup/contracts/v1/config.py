@@ -228,7 +228,9 @@ class Server(Strict, kw_only=True):
 
     A server with a ``host`` is reached over SSH (``password`` or ``private_key``), whose
     host key ``host_key`` pins (set on first use by the gateway when empty); libvirt is
-    tunnelled through that connection unless ``uri`` is a ``qemu+tls://`` URI. ``uri``
+    tunnelled through that connection unless ``uri`` is a ``qemu+tls://`` URI: to the
+    system daemon (``uri`` empty or ``qemu:///system``) or, with ``qemu:///session``, to
+    the login user's own session daemon (another user's VMs, no root needed). ``uri``
     may only name the transports ``check_libvirt_uri`` accepts.
 
     ``restore_directories``: the directories (absolute, and their subdirectories) a
@@ -560,16 +562,16 @@ def _check_server(server: Server, where: str) -> None:
     problem = check_libvirt_uri(server.uri)
     if problem is not None:
         raise ConfigError(f"{problem} - at `{where}.uri`")
-    if server.host and server.uri in LOCAL_URIS:
-        raise ConfigError(
-            f"uri {server.uri!r} is this machine's libvirt but host {server.host!r} is set; "
-            f"leave uri empty to reach the host over SSH - at `{where}.uri`"
-        )
+    # With a host, libvirt is reached over SSH: the login user's system daemon (no uri,
+    # or qemu:///system) or that user's own session daemon (qemu:///session); or over
+    # TLS with a qemu+tls:// uri (check_libvirt_uri allows nothing else).
+    over_ssh = bool(server.host) and (not server.uri or server.uri in LOCAL_URIS)
     if server.vault_connection_id is not None:
-        if not server.host or server.uri:
+        if not over_ssh:
             raise ConfigError(
                 "a vault connection is an SSH login: only a server reached over SSH (a "
-                f"host, no uri) takes one - at `{where}.vaultConnectionId`"
+                "host, and no uri or qemu:///system or qemu:///session) takes one - at "
+                f"`{where}.vaultConnectionId`"
             )
         for key, value in (("password", server.password), ("privateKey", server.private_key)):
             if value:
@@ -577,7 +579,7 @@ def _check_server(server: Server, where: str) -> None:
                     f"{key} is held by the vault connection {server.vault_connection_id!r}: "
                     f"leave it empty here - at `{where}.{key}`"
                 )
-    elif server.host and not server.uri and not server.password and not server.private_key:
+    elif over_ssh and not server.password and not server.private_key:
         raise ConfigError(f"give a password or a privateKey - at `{where}.password`")
     _check_host_key(server.host_key, f"{where}.hostKey")
 
