@@ -63,6 +63,8 @@ def job_view(job: Job) -> dict[str, Any]:
     if job.type == "migration":
         # A migration's stages: copying, syncing, cutover, starting, completed.
         destination = {"type": "kvm", "server_id": job.params.get("targetServerId")}
+        if job.params.get("targetLibvirtUri"):
+            destination["libvirt_uri"] = job.params["targetLibvirtUri"]
         stage = "completed" if job.state == "success" else job.result.get("stage", job.phase)
     if job.state == "success":
         percent = 100
