@@ -408,14 +408,11 @@ async def test_a_uefi_vm_takes_its_variable_store_along(
     hs: httpx.AsyncClient, conn: Connection, vm_dir: Path, target_dir: Path
 ) -> None:
     """The source's NVRAM, final once it is stopped, is the target's, under the name the
-    target's domain gives it; ``remove_source`` then undefines the source with its own
-    NVRAM file, and keeps its disk (no ``remove_source_disks``)."""
+    target's domain gives it."""
     uefi = await create_uefi_vm(conn, UEFI, vm_dir, [16 * MiB], tpm=False)
     try:
         assert uefi.nvram is not None
-        source_nvram = uefi.nvram.read_bytes()
-        body = submission(UEFI, UEFI_MOVED, target_dir, remove_source=True)
-        resp = await hs.post("/jobs/submit", json=body)
+        resp = await hs.post("/jobs/submit", json=submission(UEFI, UEFI_MOVED, target_dir))
         assert resp.status_code == 201, resp.text
         job, _ = await follow(hs, resp.json()["job_id"])
         assert job["status"] == "completed", job
@@ -423,13 +420,8 @@ async def test_a_uefi_vm_takes_its_variable_store_along(
         root = ET.fromstring(await domain_xml(conn, UEFI_MOVED, inactive=True))
         moved_nvram = Path(root.findtext("./os/nvram") or "")
         assert moved_nvram != uefi.nvram and moved_nvram.name.startswith(UEFI_MOVED)
-        assert moved_nvram.read_bytes() == source_nvram
+        assert moved_nvram.read_bytes() == uefi.nvram.read_bytes()
         assert await power(conn, UEFI_MOVED) == "running"
-        assert f"the source vm {UEFI} was undefined" in job["message"], job
-        with pytest.raises(NotFound):
-            await get_domain(conn, UEFI)
-        assert not uefi.nvram.exists()
-        assert all(disk.exists() for disk in uefi.disks)
     finally:
         for name in (UEFI, UEFI_MOVED):
             await remove_vm(conn, name)
@@ -441,7 +433,11 @@ def remote_uri(remote: SshdServer, path: str = "/system") -> str:
 
 
 async def test_a_libvirt_uri_must_name_a_configured_server(
-    hs: httpx.AsyncClient, vm: SmallVm, remote: SshdServer, target_dir: Path
+    hs: httpx.AsyncClient,
+    api: httpx.AsyncClient,
+    vm: SmallVm,
+    remote: SshdServer,
+    target_dir: Path,
 ) -> None:
     before = await job_count(hs)
 
@@ -461,6 +457,12 @@ async def test_a_libvirt_uri_must_name_a_configured_server(
     await refused(both, "not destination.server_id 'remote'")
     keyfile = {"type": "kvm", "libvirt_uri": remote_uri(remote) + "?keyfile=/root/.ssh/id"}
     await refused(keyfile, "parameters")
+    # The native API's targetLibvirtUri is the same field.
+    native = {"serverId": "local", "vmName": VM, "targetVmName": URI_MOVED,
+              "targetLibvirtUri": f"qemu+ssh://nobody@{remote.host}:{remote.port}/system",
+              "targetDirectory": str(target_dir)}  # fmt: skip
+    resp = await api.post("/api/v1/migrations", json=native)
+    assert resp.status_code == 400 and "destination.libvirt_uri" in resp.text, resp.text
     assert await job_count(hs) == before
     assert target_files(target_dir, URI_MOVED) == []
 
@@ -469,8 +471,12 @@ async def test_remove_source_and_its_disks_once_the_vm_runs_on_the_target(
     hs: httpx.AsyncClient, conn: Connection, vm_dir: Path, target_dir: Path, remote: SshdServer
 ) -> None:
     """Given by its libvirt URI, the target is server ``remote``; once the VM runs there
-    the source is undefined and its images deleted, except one another VM names."""
-    source = await create_vm(conn, REMOVED, vm_dir, [16 * MiB, 16 * MiB], start=True)
+    the source is undefined with its NVRAM file and TPM state, and its images deleted,
+    except one another VM names."""
+    source = await create_uefi_vm(conn, REMOVED, vm_dir, [16 * MiB, 16 * MiB], tpm=True)
+    assert source.nvram is not None
+    tpm_state = Path("/var/lib/libvirt/swtpm") / (await get_domain(conn, REMOVED)).uuid
+    assert tpm_state.exists()
     # Another (defined, stopped) VM names the second image: it is not the source's alone.
     await define_domain(conn, build_vm_xml(SHARER, [source.disks[1]]))
     try:
@@ -490,6 +496,8 @@ async def test_remove_source_and_its_disks_once_the_vm_runs_on_the_target(
             await get_domain(conn, REMOVED)
         assert not source.disks[0].exists()
         assert source.disks[1].exists()  # SHARER's
+        assert not source.nvram.exists()
+        assert not tpm_state.exists()
         assert f"the source vm {REMOVED} was undefined" in job["message"], job
         assert "1 disk image(s) deleted" in job["message"], job
         assert f"vm {SHARER} uses it too" in job["message"], job
