@@ -152,7 +152,9 @@ AGENT_POSTS: dict[str, dict[str, object]] = {
                            "shutdownTimeoutSeconds": 1, "forceShutdown": True,
                            "startOnTarget": False, "replace": False,
                            "networkMapping": {"default": "default"},
-                           "viaDestinationId": "fs"},
+                           "viaDestinationId": "fs",
+                           "targetLibvirtUri": "qemu+ssh://root@no-such-host/system",
+                           "removeSource": False, "removeSourceDisks": False},
     "/ntfyme/test": {"token": "tk_none"},
     # Remote agents (backend_agents): the agent routes answer the admin's token 403.
     "/api/v1/agent/registration-tokens": {"expiresInSeconds": 60},

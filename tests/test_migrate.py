@@ -30,13 +30,14 @@ from harness import System, local_config, running_system
 from virtbackup.testing.sshd import SshdServer, sshd_server
 from virtbackup.testing.vms import (
     SmallVm,
+    build_vm_xml,
     create_uefi_vm,
     create_vm,
     guest_write,
     remove_vm,
     vm_directory,
 )
-from virtbackup.virt import Connection, NotFound, domain_xml, get_domain
+from virtbackup.virt import Connection, NotFound, define_domain, domain_xml, get_domain
 
 pytestmark = pytest.mark.libvirt
 
@@ -49,6 +50,10 @@ FAILED = f"vbt-migf-{PID}"
 ORPHANED = f"vbt-migo-{PID}"
 UEFI = f"vbt-migu-{PID}"
 UEFI_MOVED = f"vbt-migut-{PID}"
+REMOVED = f"vbt-migr-{PID}"
+REMOVED_MOVED = f"vbt-migrt-{PID}"
+SHARER = f"vbt-migsh-{PID}"
+URI_MOVED = f"vbt-migl-{PID}"
 #: Seconds each sync pass waits before it copies (debug hold): a cancel lands there.
 SYNC_HOLD = 3
 
@@ -261,7 +266,13 @@ async def test_migrate_a_running_vm_while_it_writes(
         watcher = asyncio.create_task(watch(sock))
         task = asyncio.create_task(writer())
         try:
-            resp = await hs.post("/jobs/submit", json=submission(VM, MOVED, target_dir))
+            # The source's removal is asked, and refused by the inventory (debug fault:
+            # another UUID): that does not fail the migration, and keeps the source.
+            body = submission(
+                VM, MOVED, target_dir, remove_source=True, remove_source_disks=True,
+                debug_fault="remove_source",
+            )  # fmt: skip
+            resp = await hs.post("/jobs/submit", json=body)
             assert resp.status_code == 201, resp.text
             ids["job"] = resp.json()["job_id"]
             job, stages = await follow(hs, ids["job"])
@@ -292,6 +303,10 @@ async def test_migrate_a_running_vm_while_it_writes(
     up = sum(p["seconds"] for p in result["passes"] if not p.get("offline"))
     assert 0 < result["downtimeSeconds"] < (ended - started).total_seconds() - up, result
     assert result["checkpoints"] == []  # dropped on the source
+    assert f"the source vm {VM} could NOT be removed" in job["message"], job
+    assert "not the migrated domain" in job["message"], job
+    assert result["sourceRemoval"]["undefined"] is False, result
+    assert vm.disks[0].exists()
     moved = target_dir / f"{MOVED}-vda.qcow2"
     assert moved.exists(), list(target_dir.iterdir())
     compared = images_same(vm.disks[0], moved)
@@ -409,4 +424,84 @@ async def test_a_uefi_vm_takes_its_variable_store_along(
         assert await power(conn, UEFI_MOVED) == "running"
     finally:
         for name in (UEFI, UEFI_MOVED):
+            await remove_vm(conn, name)
+
+
+def remote_uri(remote: SshdServer, path: str = "/system") -> str:
+    """Server ``remote``'s SSH settings as a libvirt URI."""
+    return f"qemu+ssh://{remote.username}@{remote.host}:{remote.port}{path}"
+
+
+async def test_a_libvirt_uri_must_name_a_configured_server(
+    hs: httpx.AsyncClient,
+    api: httpx.AsyncClient,
+    vm: SmallVm,
+    remote: SshdServer,
+    target_dir: Path,
+) -> None:
+    before = await job_count(hs)
+
+    async def refused(destination: dict[str, Any], needle: str) -> None:
+        body = {**submission(VM, URI_MOVED, target_dir), "destination": destination}
+        resp = await hs.post("/jobs/submit", json=body)
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error.startswith("destination.libvirt_uri: ") and needle in error, error
+
+    unknown = f"qemu+ssh://root@{remote.host}:{remote.port + 1}/system"
+    await refused({"type": "kvm", "libvirt_uri": unknown}, "add the server")
+    await refused({"type": "kvm", "libvirt_uri": "qemu+ssh://elsewhere/system"}, "add the server")
+    # qemu:///system is this host: server local, the source.
+    await refused({"type": "kvm", "libvirt_uri": "qemu:///system"}, "the source server")
+    both = {"type": "kvm", "server_id": "remote", "libvirt_uri": "qemu:///system"}
+    await refused(both, "not destination.server_id 'remote'")
+    keyfile = {"type": "kvm", "libvirt_uri": remote_uri(remote) + "?keyfile=/root/.ssh/id"}
+    await refused(keyfile, "parameters")
+    # The native API's targetLibvirtUri is the same field.
+    native = {"serverId": "local", "vmName": VM, "targetVmName": URI_MOVED,
+              "targetLibvirtUri": f"qemu+ssh://nobody@{remote.host}:{remote.port}/system",
+              "targetDirectory": str(target_dir)}  # fmt: skip
+    resp = await api.post("/api/v1/migrations", json=native)
+    assert resp.status_code == 400 and "destination.libvirt_uri" in resp.text, resp.text
+    assert await job_count(hs) == before
+    assert target_files(target_dir, URI_MOVED) == []
+
+
+async def test_remove_source_and_its_disks_once_the_vm_runs_on_the_target(
+    hs: httpx.AsyncClient, conn: Connection, vm_dir: Path, target_dir: Path, remote: SshdServer
+) -> None:
+    """Given by its libvirt URI, the target is server ``remote``; once the VM runs there
+    the source is undefined with its NVRAM file and TPM state, and its images deleted,
+    except one another VM names."""
+    source = await create_uefi_vm(conn, REMOVED, vm_dir, [16 * MiB, 16 * MiB], tpm=True)
+    assert source.nvram is not None
+    tpm_state = Path("/var/lib/libvirt/swtpm") / (await get_domain(conn, REMOVED)).uuid
+    assert tpm_state.exists()
+    # Another (defined, stopped) VM names the second image: it is not the source's alone.
+    await define_domain(conn, build_vm_xml(SHARER, [source.disks[1]]))
+    try:
+        destination = {"type": "kvm", "server_id": "remote", "libvirt_uri": remote_uri(remote)}
+        body = {
+            **submission(REMOVED, REMOVED_MOVED, target_dir, remove_source=True),
+            "destination": destination,
+        }
+        body["options"]["remove_source_disks"] = True
+        resp = await hs.post("/jobs/submit", json=body)
+        assert resp.status_code == 201, resp.text
+        job, _ = await follow(hs, resp.json()["job_id"])
+        assert job["status"] == "completed", job
+        assert job["definition"]["destination"] == destination
+        assert await power(conn, REMOVED_MOVED) == "running"
+        with pytest.raises(NotFound):
+            await get_domain(conn, REMOVED)
+        assert not source.disks[0].exists()
+        assert source.disks[1].exists()  # SHARER's
+        assert not source.nvram.exists()
+        assert not tpm_state.exists()
+        assert f"the source vm {REMOVED} was undefined" in job["message"], job
+        assert "1 disk image(s) deleted" in job["message"], job
+        assert f"vm {SHARER} uses it too" in job["message"], job
+        assert (target_dir / f"{REMOVED_MOVED}-vda.qcow2").exists()
+    finally:
+        for name in (REMOVED, REMOVED_MOVED, SHARER):
             await remove_vm(conn, name)

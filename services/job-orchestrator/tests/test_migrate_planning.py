@@ -71,12 +71,14 @@ def test_a_definition_becomes_the_jobs_params_with_defaults() -> None:
     [
         ({"destination": {"type": "kvm", "server_id": "kvm1"}}, "destination.server_id"),
         ({"destination": {"type": "kvm"}}, "destination.server_id"),
-        ({"destination": {"type": "kvm", "libvirt_uri": "qemu+ssh://h/system"}}, "libvirt_uri"),
+        ({"destination": {"type": "kvm", "libvirt_uri": 3}}, "destination.libvirt_uri"),
+        ({"destination": {"type": "kvm", "uri": "qemu:///system"}}, "destination.uri"),
         ({"vm_path": "kvm1/web*"}, "vm_path"),
         ({"options": {"max_passes": True}}, "options.max_passes"),
         ({"options": {"max_downtime_seconds": 0}}, "options.max_downtime_seconds"),
         ({"options": {"force_shutdown": "yes"}}, "options.force_shutdown"),
-        ({"options": {"remove_source": True}}, "options.remove_source"),
+        ({"options": {"remove_source_disks": True}}, "options.remove_source_disks"),
+        ({"options": {"remove_source": "yes"}}, "options.remove_source"),
         ({"options": {"debug_fault": "cutover"}}, "options.debug_fault"),
         ({"options": {"network_mapping": {"default": 3}}}, "options.network_mapping.default"),
         ({"options": {"vm_name": "a/b"}}, "options.vm_name"),
@@ -85,6 +87,22 @@ def test_a_definition_becomes_the_jobs_params_with_defaults() -> None:
 def test_bad_definitions_name_the_field(changes: dict[str, object], field: str) -> None:
     with pytest.raises(BadRequest, match=field.replace(".", r"\.")):
         migration_params(definition(**changes))
+
+
+def test_a_libvirt_uri_and_source_removal_become_params() -> None:
+    uri = "qemu+ssh://root@kvm2/system"
+    _, _, params = migration_params(
+        definition(
+            destination={"type": "kvm", "libvirt_uri": uri},
+            options={"remove_source": True, "remove_source_disks": True},
+        )
+    )
+    # Resolved against the configuration when the job is submitted.
+    assert params["targetLibvirtUri"] == uri and params["targetServerId"] == ""
+    assert params["removeSource"] is True and params["removeSourceDisks"] is True
+    _, _, params = migration_params(definition())
+    assert params["removeSource"] is False and params["removeSourceDisks"] is False
+    assert "targetLibvirtUri" not in params
 
 
 def test_networks_are_mapped_and_others_kept() -> None:

@@ -274,6 +274,8 @@ class InventoryCmd:
     CHECKPOINT_SIZE: Final = command("inventory", "checkpoint-size")
     # The libvirt networks of a server (a migration's ``network_mapping``).
     NETWORKS: Final = command("inventory", "networks")
+    # Undefine a migrated VM's source (and delete its disk images), for its migration.
+    VM_REMOVE: Final = command("inventory", "vm-remove")
 
 
 class PlanCmd:

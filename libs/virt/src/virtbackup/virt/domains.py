@@ -130,12 +130,19 @@ async def define_domain(conn: Connection, xml: str) -> DomainInfo:
 
 
 async def undefine_domain(
-    conn: Connection, name: str, *, keep_nvram: bool = False, keep_tpm: bool = False
+    conn: Connection,
+    name: str,
+    *,
+    keep_nvram: bool = False,
+    keep_tpm: bool = False,
+    remove_tpm: bool = False,
 ) -> None:
     """Remove the persistent definition with its checkpoint, snapshot and managed-save
     metadata (the disk images stay). A running domain keeps running, as a transient one.
     Its NVRAM file and emulated TPM's state are removed unless ``keep_nvram`` and
-    ``keep_tpm`` (libvirt's own default for the TPM state applies otherwise).
+    ``keep_tpm`` (libvirt's own default for the TPM state applies otherwise: kept when
+    the TPM says ``persistent_state='yes'``); ``remove_tpm`` removes the TPM state
+    whatever the TPM says.
     """
     dom = await conn.lookup(name)
     flags = (
@@ -148,6 +155,7 @@ async def undefine_domain(
             else libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
         )
         | (libvirt.VIR_DOMAIN_UNDEFINE_KEEP_TPM if keep_tpm else 0)
+        | (libvirt.VIR_DOMAIN_UNDEFINE_TPM if remove_tpm and not keep_tpm else 0)
     )
     await conn.call(dom.undefineFlags, flags)
 

@@ -7,6 +7,7 @@ from virtbackup.inventory.checkpoint_size import register_checkpoint_size
 from virtbackup.inventory.handlers import register as register_handlers
 from virtbackup.inventory.inventory import Inventory
 from virtbackup.inventory.networks import register_networks
+from virtbackup.inventory.vm_remove import register_vm_remove
 from virtbackup.runtime.service import ServiceContext, ServiceSpec
 
 _state: dict[str, Inventory] = {}
@@ -18,6 +19,7 @@ async def register(ctx: ServiceContext) -> None:
     register_handlers(ctx, inv)
     register_checkpoint_size(ctx, inv)
     register_networks(ctx, inv)
+    register_vm_remove(ctx, inv)
 
 
 async def start(ctx: ServiceContext) -> None:

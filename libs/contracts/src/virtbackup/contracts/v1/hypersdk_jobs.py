@@ -66,6 +66,8 @@ def job_view(job: Job) -> dict[str, Any]:
         destination = {"type": "kvm", "server_id": job.params.get("targetServerId")}
         if via := job.params.get("viaDestinationId"):  # through a backup destination
             destination["via_destination_id"] = via
+        if job.params.get("targetLibvirtUri"):
+            destination["libvirt_uri"] = job.params["targetLibvirtUri"]
         stage = "completed" if job.state == "success" else job.result.get("stage", job.phase)
     if job.state == "success":
         percent = 100

@@ -214,6 +214,32 @@ class NetworkList(Message, frozen=True, kw_only=True):
     names: list[str]
 
 
+class VmRemoveRequest(Message, frozen=True, kw_only=True):
+    """``vb.cmd.inventory.vm-remove``: undefine the shut-off VM ``vm_name`` of the source
+    server of migration ``job_id`` once it runs on the target (``options.remove_source``),
+    with its checkpoint, snapshot and managed-save metadata, its NVRAM file and its TPM
+    state; and, with ``remove_disks``, delete its disk images. Refused (409) unless the
+    VM is shut off and its lock in ``VB_LOCKS`` names ``job_id`` (only the migration
+    that moved it removes it), and, when ``uuid`` is given, the domain has that UUID.
+    Answered with ``VmRemoved``; 404 for an unknown VM."""
+
+    server_id: ServerId
+    vm_name: VmName
+    job_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    uuid: str = ""
+    remove_disks: bool = False
+
+
+class VmRemoved(Message, frozen=True, kw_only=True):
+    """What ``vm-remove`` did: the domain was undefined; ``removed`` lists the image
+    files deleted, ``kept`` each disk left in place with why (a block device, a network
+    disk, a read-only or shareable one, one another VM of the server uses, one that
+    could not be deleted: ``<path>: <reason>``)."""
+
+    removed: list[str] = msgspec.field(default_factory=list)
+    kept: list[str] = msgspec.field(default_factory=list)
+
+
 class CheckpointForgetRequest(Message, frozen=True, kw_only=True):
     """Delete checkpoint ``checkpoint`` of the VM (its dirty bitmaps): the restore point
     that it marked was deleted. Answered with ``Ok``: ``success`` false, with the reason

@@ -51,18 +51,23 @@ def check_may_migrate(request: Request[Any, Any, Any], *, via: bool = False) -> 
 
 class MigrationBody(Body, kw_only=True):
     """``serverId``/``vmName``: the running VM; ``targetServerId``: another configured
-    server. Optional: ``targetVmName`` (default: the same name), ``targetDirectory`` or
+    server, or ``targetLibvirtUri``: its libvirt URI (``qemu+ssh://user@host/system``,
+    resolved to the configured server it names; both: they must name the same one).
+    Optional: ``targetVmName`` (default: the same name), ``targetDirectory`` or
     ``storagePool`` (where the disks go on the target; default: beside the same paths),
     ``maxDowntimeSeconds`` (30), ``maxPasses`` (5), ``shutdownTimeoutSeconds`` (120),
     ``forceShutdown`` (true), ``startOnTarget`` (true), ``replace`` (false: a VM of the
     name on the target is a 409), ``networkMapping`` (source network -> target network),
     ``viaDestinationId`` (through that backup destination; it also takes ``backup:run``;
     an unknown one is a 404, a disabled or unwritable one a 400).
+    ``removeSource`` (false: undefine the source once the VM runs on the target) and
+    ``removeSourceDisks`` (false: with ``removeSource``, delete its disk images too).
     """
 
     server_id: ServerId
     vm_name: VmName
-    target_server_id: ServerId
+    target_server_id: ServerId | None = None
+    target_libvirt_uri: str | None = None
     target_vm_name: VmName | None = None
     target_directory: str | None = None
     storage_pool: str | None = None
@@ -76,6 +81,8 @@ class MigrationBody(Body, kw_only=True):
     #: Through this backup destination (back up, restore on the target): for hosts that
     #: cannot reach each other (job_orchestrator/migrate_via.py).
     via_destination_id: str | None = None
+    remove_source: bool | None = None
+    remove_source_disks: bool | None = None
 
     def definition(self) -> JobDefinition:
         options = {
@@ -89,8 +96,14 @@ class MigrationBody(Body, kw_only=True):
             "start_on_target": self.start_on_target,
             "replace": self.replace,
             "network_mapping": self.network_mapping,
+            "remove_source": self.remove_source,
+            "remove_source_disks": self.remove_source_disks,
         }
-        destination = {"type": "kvm", "server_id": self.target_server_id}
+        target = {"server_id": self.target_server_id, "libvirt_uri": self.target_libvirt_uri}
+        destination: dict[str, str] = {
+            "type": "kvm",
+            **{k: v for k, v in target.items() if v is not None},
+        }
         if self.via_destination_id is not None:
             destination["via_destination_id"] = self.via_destination_id
         return JobDefinition(
