@@ -198,6 +198,7 @@ async def test_bad_input_creates_nothing(
     await refused(submission(MOVED, target_dir, via="broken"), 400, field)
     # The direct migration's refusals hold too.
     await refused(submission(MOVED, target_dir, max_passes=0), 400, "options.max_passes")
+    await refused(submission(MOVED, target_dir, remove_source=True), 400, "options.remove_source")
     unknown_net = {"default": f"vbt-no-such-net-{PID}"}
     body = submission(MOVED, target_dir, network_mapping=unknown_net)
     await refused(body, 400, "options.network_mapping.default")

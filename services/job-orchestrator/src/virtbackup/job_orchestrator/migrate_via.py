@@ -107,7 +107,8 @@ async def submit_via(jc: JobContext, definition: JobDefinition) -> JobSubmitResu
     """Check a migration through a destination and create its job. Refused before
     anything is created as the direct migration is (``migrate.check_migration``), and:
     ``destination.via_destination_id`` that is not a destination id (400), an unknown
-    destination (404), a disabled one or one that cannot be written (400, with why)."""
+    destination (404), a disabled one or one that cannot be written (400, with why), and
+    ``options.remove_source`` (400: not available this way)."""
     dest = dict(definition.destination)
     via = dest.pop(VIA_FIELD)
     if not isinstance(via, str) or not via:
@@ -115,6 +116,11 @@ async def submit_via(jc: JobContext, definition: JobDefinition) -> JobSubmitResu
     server_id, vm, params = await check_migration(
         jc, msgspec.structs.replace(definition, destination=dest)
     )
+    if params.get("removeSource"):
+        raise BadRequest(
+            "options.remove_source: not available through a backup destination: undefine "
+            "the source yourself once the VM runs on the target (its restore points stay)"
+        )
     cfg = await jc.config()
     found = next((d for d in cfg.destinations if d.id == via), None)
     if found is None:
