@@ -292,13 +292,14 @@ class _Target:
 
 class SharedChunk:
     """One chunk being stored in several repositories: its id per ``id_key`` and its
-    compressed body, each computed once (on the worker's threads) when first needed."""
+    compressed body per compression level, each computed once (on the worker's threads)
+    when first needed."""
 
     def __init__(self, uctx: UnitContext, buf: bytearray) -> None:
         self.uctx = uctx
         self.buf = buf
         self._ids: dict[bytes, asyncio.Future[str | None]] = {}
-        self._body: asyncio.Future[bytes] | None = None
+        self._bodies: dict[int, asyncio.Future[bytes]] = {}
 
     async def chunk_id(self, repo: Repository) -> str | None:
         """The chunk's id in ``repo`` (``None``: all zero)."""
@@ -308,11 +309,13 @@ class SharedChunk:
             self._ids[repo.id_key] = found
         return await asyncio.shield(found)
 
-    async def body(self) -> bytes:
-        """The unsealed blob (``codec.compress_body``)."""
-        if self._body is None:
-            self._body = asyncio.ensure_future(self.uctx.cpu(compress_body, self.buf))
-        return await asyncio.shield(self._body)
+    async def body(self, level: int) -> bytes:
+        """The unsealed blob at zstd ``level`` (``codec.compress_body``)."""
+        found = self._bodies.get(level)
+        if found is None:
+            found = asyncio.ensure_future(self.uctx.cpu(compress_body, self.buf, level))
+            self._bodies[level] = found
+        return await asyncio.shield(found)
 
 
 async def store_in(
@@ -354,7 +357,7 @@ async def store_in(
             BYTES_DEDUPLICATED.inc(len(buf))
         else:
             if shared is not None:
-                body = await shared.body()
+                body = await shared.body(repo.compression_level)
                 blob = await uctx.cpu(repo.seal_chunk, chunk_id, body) if repo.sealer else body
             else:
                 blob = await uctx.cpu(repo.encode_chunk, chunk_id, buf)
