@@ -312,7 +312,7 @@ class Bench:
         vm = self.vm
         repo = self.workdir / f"vb-repo-{cache}-{workers}-{rep}"
         shutil.rmtree(repo, ignore_errors=True)
-        await vb.create_repository(repo, self.args.chunk_size)
+        await vb.create_repository(repo, self.args.chunk_size, self.args.compression_level)
         await peer.remove_checkpoints(self.conn, vm.name)
         qemu = (peer.qemu_pid(vm.name),)
 
@@ -463,7 +463,9 @@ class Bench:
         # VirtBackup: one VM alone into one repository, then all at once into another.
         repos = {"solo": self.workdir / f"vb-par-{cache}-{rep}-solo"}
         try:
-            await vb.create_repository(repos["solo"], self.args.chunk_size)
+            await vb.create_repository(
+                repos["solo"], self.args.chunk_size, self.args.compression_level
+            )
             with vb.VirtBackup(workers, self.workdir) as system:
                 async with system.client() as api:
                     await vb.configure(api, repos)
@@ -482,7 +484,9 @@ class Bench:
                             await peer.remove_checkpoints(self.conn, name)
                         multi = self.workdir / f"vb-par-{cache}-{rep}-multi-{attempt}"
                         repos["multi"] = multi
-                        await vb.create_repository(multi, self.args.chunk_size)
+                        await vb.create_repository(
+                            multi, self.args.chunk_size, self.args.compression_level
+                        )
                         await vb.configure(api, repos)
                         await self.before(cache, tuple(v.image for v in vms))
                         started = time.monotonic()
@@ -628,6 +632,7 @@ async def amain(args: argparse.Namespace) -> int:
         "workers": list(args.workers), "target_workers": bench.target_workers,
         "chunk_size": args.chunk_size or vb.default_chunk_size(),
         "chunk_size_set": args.chunk_size is not None,
+        "compression_level": args.compression_level,
         "disk_cache": args.disk_cache, "seed": args.seed, "writes": args.writes,
         "write_size": args.write_size, "write_align": peer.WRITE_ALIGN,
         "peer_z": args.peer_z, "parallel_vms": args.parallel_vms, "warmup": args.warmup,
@@ -697,6 +702,11 @@ def main(argv: list[str] | None = None) -> int:
         "--chunk-size", type=chunk_size_arg, default=None,
         help="create VirtBackup's repositories with this chunk size (1M, 2M, 4M...; "
         "default: the repository's default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compression-level", type=int, default=None,
+        help="create VirtBackup's repositories with this zstd level (-7 to 19, e.g. -3; "
+        "default: the repository's default, 1)",
     )  # fmt: skip
     parser.add_argument("--vm-name", default=f"vb-bench-{os.getpid()}")
     parser.add_argument("--disk-gib", type=int, default=4)

@@ -12,6 +12,12 @@ Stages (``--only`` takes these group names):
 * ``hash``: BLAKE3 as ``Repository.chunk_id`` (``max_threads=1``), SHA-256 for comparison;
 * ``zstd``: ``codec.encode_blob`` (zstd level 3) on random, text and binary chunks, and
   ``codec.decode_blob``;
+* ``codecs``: the compression a repository may choose (zstd levels 1, -1, -3, -5) and
+  lz4 (block, when the ``lz4`` package is installed) for comparison, one thread, in MB
+  per CPU second (the thread's own CPU time: steady on a loaded machine), compression
+  and decompression, on random, text and binary chunks; then what each would cost on
+  the benchmark VM's content (``bench/run.py``: 2 GiB in ``content.DEFAULT_MIX``):
+  compression CPU seconds and stored MB of a full backup;
 * ``crypto``: ``Sealer.seal`` with AES-256-GCM and ChaCha20-Poly1305;
 * ``encode``: ``Repository.chunk_id`` + ``Repository.encode_chunk`` on a mix of the three
   kinds, plain and encrypted;
@@ -62,7 +68,7 @@ from bench import content
 from virtbackup.nbd import NbdClient, NbdPool
 from virtbackup.repository import crypto
 from virtbackup.repository.codec import decode_blob, encode_blob
-from virtbackup.repository.format import DEFAULT_CHUNK_SIZE, chunk_key
+from virtbackup.repository.format import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, chunk_key
 from virtbackup.repository.repository import Repository
 from virtbackup.runtime.ports import free_port
 from virtbackup.storage.filesystem import FilesystemDriver
@@ -70,7 +76,11 @@ from virtbackup.transfer_worker.units import CHUNKS_IN_FLIGHT, ZeroCheck
 
 T = TypeVar("T")
 
-GROUPS: Final = ("zero", "hash", "zstd", "crypto", "encode", "nbd", "fs")
+GROUPS: Final = ("zero", "hash", "zstd", "codecs", "crypto", "encode", "nbd", "fs")
+#: zstd levels the ``codecs`` group compares (1: the default; negative: zstd's fast ones).
+CODEC_LEVELS: Final = (1, -1, -3, -5)
+#: The benchmark VM's content (``bench/run.py``: ``--content-mib 2048``).
+BENCH_CONTENT: Final = 2 * content.GiB
 MB: Final = 1_000_000
 #: Associated data as long as a chunk id (what ``encode_chunk`` passes).
 AAD: Final = b"0" * 64
@@ -121,6 +131,8 @@ class Report:
     seconds: float = 0.0
     group_seconds: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    #: Lines printed after the table (the ``codecs`` group's estimates).
+    notes: list[str] = field(default_factory=list)
 
 
 def _say(text: str) -> None:
@@ -340,6 +352,105 @@ def bench_zstd(cfg: Config, report: Report) -> None:
             ratio=ratio,
             pool=False,
         )
+
+
+def _per_cpu_second(
+    op: Callable[[T], object], items: Sequence[T], size: int, seconds: float
+) -> float:
+    """MB of input ``op`` goes through per second of this thread's CPU time (at least
+    one call, then until ``seconds`` of CPU time are spent)."""
+    done = 0
+    start = time.thread_time()
+    while True:
+        op(items[(done // size) % len(items)])
+        done += size
+        spent = time.thread_time() - start
+        if spent >= seconds:
+            return done / spent / MB
+
+
+Codec = tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]
+
+
+def _codecs(size: int) -> dict[str, Codec]:
+    """Name -> (compress, decompress) of each codec compared (one thread's objects)."""
+    found: dict[str, Codec] = {}
+    dec = zstandard.ZstdDecompressor()
+    for level in CODEC_LEVELS:
+        comp = zstandard.ZstdCompressor(level=level)
+
+        def unzstd(blob: bytes, dec: zstandard.ZstdDecompressor = dec) -> bytes:
+            return dec.decompress(blob, max_output_size=size)
+
+        found[f"zstd {level}"] = (comp.compress, unzstd)
+    try:
+        import lz4.block  # type: ignore[import-not-found,unused-ignore]  # optional
+    except ImportError:
+        return found
+
+    def lz4_compress(data: bytes) -> bytes:
+        return bytes(lz4.block.compress(data, store_size=False))
+
+    def lz4_decompress(blob: bytes) -> bytes:
+        return bytes(lz4.block.decompress(blob, uncompressed_size=size))
+
+    found["lz4 (block)"] = (lz4_compress, lz4_decompress)
+    return found
+
+
+def bench_codecs(cfg: Config, report: Report) -> None:
+    """Each codec on each kind of chunk; then its cost on the benchmark VM's content."""
+    codecs = _codecs(cfg.chunk_size)
+    if not any(name.startswith("lz4") for name in codecs):
+        report.skipped.append("codecs: lz4 not installed (pip install lz4), not compared")
+        _say(report.skipped[-1])
+    kinds: tuple[content.Kind, ...] = ("random", "text", "binary")
+    chunks = {kind: [bytes(b) for b in _chunks(kind, cfg)] for kind in kinds}
+    share = {k: v / sum(content.DEFAULT_MIX.values()) for k, v in content.DEFAULT_MIX.items()}
+    for name, (compress, decompress) in codecs.items():
+        cpu_s, stored = 0.0, 0.0
+        for kind in kinds:
+            items = chunks[kind]
+            blobs = [compress(b) for b in items]
+            # As ``compress_body``: a blob no smaller than its chunk is kept as it is.
+            ratio = sum(min(len(b), cfg.chunk_size) + 1 for b in blobs) / (
+                len(items) * cfg.chunk_size
+            )
+            packed = [b for b in blobs if len(b) < cfg.chunk_size]
+            rates: dict[str, list[float]] = {"compress": [], "decompress": []}
+            _per_cpu_second(compress, items, cfg.chunk_size, cfg.warmup)
+            for _ in range(cfg.runs):
+                rates["compress"].append(
+                    _per_cpu_second(compress, items, cfg.chunk_size, cfg.seconds)
+                )
+                if packed:
+                    rates["decompress"].append(
+                        _per_cpu_second(decompress, packed, cfg.chunk_size, cfg.seconds)
+                    )
+            for what, speeds in rates.items():
+                if not speeds:
+                    continue
+                result = Result(
+                    group="codecs",
+                    stage=f"{what} {name} (per CPU second)",
+                    data=kind,
+                    threads=1,
+                    mb_per_s=round(statistics.median(speeds), 1),
+                    runs_mb_per_s=[round(x, 1) for x in speeds],
+                    cpu=1.0,
+                    ratio=round(ratio, 4),
+                )
+                report.results.append(result)
+                _say(_row(result))
+            mb = BENCH_CONTENT * share[kind] / MB
+            cpu_s += mb / statistics.median(rates["compress"])
+            stored += mb * ratio
+        default = " (the default)" if name == f"zstd {DEFAULT_COMPRESSION_LEVEL}" else ""
+        report.notes.append(
+            f"{name + default:<22} the benchmark VM's full backup: compression"
+            f" {cpu_s:5.2f} CPU s, stored {stored:6.0f} MB (zeros not stored)"
+        )
+        _say(report.notes[-1])
 
 
 def bench_crypto(cfg: Config, report: Report) -> None:
@@ -630,6 +741,8 @@ def table(report: Report) -> str:
             lines.append("")
         group = r.group
         lines.append(_row(r))
+    if report.notes:
+        lines += ["", *report.notes]
     lines += [f"skipped: {s}" for s in report.skipped]
     return "\n".join(lines)
 
@@ -683,6 +796,7 @@ def run(cfg: Config) -> Report:
             "zero": lambda: bench_zero(cfg, report),
             "hash": lambda: bench_hash(cfg, report),
             "zstd": lambda: bench_zstd(cfg, report),
+            "codecs": lambda: bench_codecs(cfg, report),
             "crypto": lambda: bench_crypto(cfg, report),
             "encode": lambda: bench_encode(cfg, report, scratch),
             "nbd": lambda: bench_nbd(cfg, report, scratch),

@@ -124,14 +124,18 @@ class VirtBackup:
         )
 
 
-async def create_repository(path: Path, chunk_size: int | None) -> None:
+async def create_repository(
+    path: Path, chunk_size: int | None, compression_level: int | None = None
+) -> None:
     """Create the repository of a filesystem destination at ``path`` before its first
-    backup, with ``chunk_size`` bytes per chunk (None: the default). The destination
-    configuration has no chunk size: a repository takes it from ``repository.json``, made
-    here with the library the services use."""
+    backup, with ``chunk_size`` bytes per chunk and zstd at ``compression_level`` (None:
+    the defaults). The destination configuration has neither: a repository takes them
+    from ``repository.json``, made here with the library the services use."""
     path.mkdir(parents=True, exist_ok=True)
     repo = await Repository.open_or_create(
-        FilesystemDriver(path / REPOSITORY_FOLDER), chunk_size=chunk_size
+        FilesystemDriver(path / REPOSITORY_FOLDER),
+        chunk_size=chunk_size,
+        compression_level=compression_level,
     )
     await repo.close()
 

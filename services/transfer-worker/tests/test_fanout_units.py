@@ -18,6 +18,7 @@ import pytest
 
 from virtbackup.contracts.v1.work import ChunkRef, TransferUnit
 from virtbackup.nbd import NbdClient
+from virtbackup.repository.codec import ZSTD, compress_body
 from virtbackup.repository.repository import Repository
 from virtbackup.runtime.ports import free_port
 from virtbackup.storage.errors import StorageError
@@ -219,3 +220,32 @@ async def test_copy_units_translate_ids_and_deduplicate(
         _uctx(),
     )
     assert second.bytes_read == 0 and second.chunks_deduplicated == 4
+
+
+async def test_each_repository_gets_its_own_compression_level(
+    export: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Two plain repositories of different zstd levels: one read, the same ids, and each
+    blob compressed at its own repository's level (the body is shared per level only)."""
+    _, url = export
+    fast = await Repository.open_or_create(
+        FilesystemDriver(tmp_path / "a"), chunk_size=CHUNK, compression_level=-5
+    )
+    dense = await Repository.open_or_create(
+        FilesystemDriver(tmp_path / "b"), chunk_size=CHUNK, compression_level=9
+    )
+    async with await NbdClient.connect_uri(url) as nbd:
+        result = await backup_unit(_unit(url, ["b"]), fast, nbd, _uctx(), [("b", dense)])
+    assert result.bytes_read == SIZE
+    by_dest = {d.destination_id: d for d in result.destinations}
+    assert by_dest["a"].chunks == by_dest["b"].chunks
+    compressed = 0
+    for ref in by_dest["a"].chunks:
+        if ref.id is None:
+            continue
+        data = await fast.load_chunk(ref.id)
+        assert await dense.load_chunk(ref.id) == data
+        assert await fast.read_chunk(ref.id) == compress_body(data, -5)
+        assert await dense.read_chunk(ref.id) == compress_body(data, 9)
+        compressed += (await fast.read_chunk(ref.id))[0] == ZSTD
+    assert compressed == 3  # 0, 1 and 3; the random chunks 5 and 6 are stored as they are

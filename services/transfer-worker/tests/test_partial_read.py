@@ -9,7 +9,7 @@ import random
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,3 +231,41 @@ async def test_ranges_outside_the_chunk_fail_the_unit(served: Served, repo: Repo
             unit = _unit("j1", [1], [PartialChunk(index=1, parent=None, ranges=ranges)])
             with pytest.raises(ValueError, match="bad dirty ranges"):
                 await _backup(nbd, repo, unit)
+
+
+async def test_parent_chunks_are_decoded_into_the_pools_buffers(
+    served: Served, repo: Repository
+) -> None:
+    """A chunk read in part decodes its parent into a buffer of the worker's pool and
+    gives it back: the worker's chunk buffers are all it holds, reused from unit to unit,
+    instead of a fresh plaintext per parent (memory of whichever thread decoded it)."""
+    async with await NbdClient.connect_uri(served.url) as nbd:
+        parent = _ids(await _backup(nbd, repo, _unit("j0", list(range(COUNT)))))
+        await nbd.write(1 * CHUNK + 100, b"\x11" * 200)
+        await nbd.write(4 * CHUNK + 300, b"\x22" * 400)
+        uctx = _uctx()
+        partial = [
+            PartialChunk(index=1, parent=parent[1], ranges=[(100, 200)]),
+            PartialChunk(index=4, parent=parent[4], ranges=[(300, 400)]),
+        ]
+        kept: list[int] = []
+        for round_ in range(3):
+            taken = 0
+            take = uctx.buffers.take
+
+            def counting(size: int, take: Callable[[int], bytearray] = take) -> bytearray:
+                nonlocal taken
+                taken += 1
+                return take(size)
+
+            uctx.buffers.take = counting  # type: ignore[method-assign]
+            result = await backup_unit(_unit(f"j{round_ + 1}", [1, 4], partial), repo, nbd, uctx)
+            uctx.buffers.take = take  # type: ignore[method-assign]
+            assert (result.partial_fallbacks, result.bytes_read) == (0, 600)
+            assert taken == 4  # each chunk's buffer and its parent's
+            kept.append(uctx.buffers.free(CHUNK))
+        # All given back (at most the two chunks' and their parents'), none made anew.
+        assert 2 <= kept[0] <= 4
+        assert kept == [kept[0]] * 3
+        whole = await _backup(nbd, repo, _unit("j9", [1, 4]))
+        assert _ids(result) == _ids(whole)

@@ -19,7 +19,14 @@ from virtbackup.repository.repository import Repository
 from virtbackup.runtime.ports import free_port
 from virtbackup.storage.filesystem import FilesystemDriver
 from virtbackup.transfer_worker.budget import ByteBudget
-from virtbackup.transfer_worker.units import UnitContext, backup_unit, restore_unit, verify_unit
+from virtbackup.transfer_worker.units import (
+    CHUNK_MEMORY_CAP,
+    UnitContext,
+    backup_unit,
+    chunk_budget,
+    restore_unit,
+    verify_unit,
+)
 
 CHUNK = 1 << 20
 SIZE = 16 << 20
@@ -174,3 +181,11 @@ async def test_backup_restore_verify_round_trip(
     )
     checked = await verify_unit(verify, repo, uctx)
     assert {(b.id, b.problem) for b in checked.bad} == {(bad_id, "corrupt"), (gone_id, "missing")}
+
+
+def test_a_workers_chunk_memory_is_capped_whatever_the_configuration_allows() -> None:
+    """``hashblocksLimitBufferMb`` defaults to 1024: the worker holds at most 64 MiB of
+    chunk buffers (16 whole 4 MiB chunks, or 8 read in part with their parents), and a
+    smaller configured limit still applies."""
+    assert chunk_budget(1024 << 20) == CHUNK_MEMORY_CAP == 64 << 20
+    assert chunk_budget(16 << 20) == 16 << 20

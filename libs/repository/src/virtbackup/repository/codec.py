@@ -5,6 +5,10 @@ encrypted repository the whole (codec byte + payload) is sealed with the data ke
 the object's identity (chunk id or key) as associated data. Compression is kept only
 when it saves space. The codec releases the GIL (zstd, AEAD), so blobs are encoded on
 worker threads.
+
+The zstd level is the repository's (``compressionLevel`` in ``repository.json``, 1
+unless chosen otherwise at creation): a zstd frame decodes the same whatever level
+made it, so readers decode every repository's blobs alike.
 """
 
 from __future__ import annotations
@@ -15,20 +19,26 @@ from typing import Final
 import zstandard
 
 from virtbackup.repository.crypto import Sealer
+from virtbackup.repository.format import DEFAULT_COMPRESSION_LEVEL
 
 RAW: Final = 0
 ZSTD: Final = 1
-#: Level 1: about 1.5x the speed of level 3 for 5-10% more bytes (bench/stages.py).
-ZSTD_LEVEL: Final = 1
+#: The default level: about 1.5x the speed of level 3 for 5-10% more bytes, and the
+#: fastest whose bytes stay within the peer's on the benchmark (``bench/stages.py``,
+#: ``--only codecs``).
+ZSTD_LEVEL: Final = DEFAULT_COMPRESSION_LEVEL
 
 _local = threading.local()
 
 
-def _compressor() -> zstandard.ZstdCompressor:
-    comp: zstandard.ZstdCompressor | None = getattr(_local, "comp", None)
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's compressor for ``level`` (a ``ZstdCompressor`` is not thread-safe)."""
+    comps: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "comps", None)
+    if comps is None:
+        comps = _local.comps = {}
+    comp = comps.get(level)
     if comp is None:
-        comp = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-        _local.comp = comp
+        comp = comps[level] = zstandard.ZstdCompressor(level=level)
     return comp
 
 
@@ -44,15 +54,23 @@ class BlobError(Exception):
     """A blob that cannot be decoded: corrupt, truncated, or of an unknown codec."""
 
 
-def compress_body(data: bytes | bytearray | memoryview) -> bytes:
-    """The unsealed blob of ``data``: codec byte + payload (zstd when smaller). The same
-    for every repository, so a chunk stored in several is compressed once."""
-    compressed = _compressor().compress(data)
+def compress_body(data: bytes | bytearray | memoryview, level: int = ZSTD_LEVEL) -> bytes:
+    """The unsealed blob of ``data``: codec byte + payload (zstd at ``level`` when
+    smaller, else the bytes as they are). The same for every repository of that level,
+    so a chunk stored in several is compressed once per level."""
+    compressed = _compressor(level).compress(data)
     return bytes([ZSTD]) + compressed if len(compressed) < len(data) else bytes([RAW]) + data
 
 
-def encode_blob(data: bytes | bytearray | memoryview, sealer: Sealer | None, aad: bytes) -> bytes:
-    body = compress_body(data)
+def encode_blob(
+    data: bytes | bytearray | memoryview,
+    sealer: Sealer | None,
+    aad: bytes,
+    level: int = ZSTD_LEVEL,
+) -> bytes:
+    """The blob of ``data``: :func:`compress_body` at ``level``, sealed with ``aad`` as
+    associated data when ``sealer`` is given."""
+    body = compress_body(data, level)
     return sealer.seal(body, aad) if sealer else body
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 import string
-from typing import Final, Literal
+from typing import Annotated, Final, Literal
 from urllib.parse import unquote_to_bytes
 
 import msgspec
@@ -30,6 +30,15 @@ from virtbackup.storage.keys import MAX_SEGMENT_BYTES
 
 FORMAT_VERSION: Final = 1
 DEFAULT_CHUNK_SIZE: Final = 4 << 20
+#: zstd level of a new repository's chunks (``compressionLevel``). Level 1 is the only
+#: one whose stored bytes stay within the peer's (``virtnbdbackup -z``) on the benchmark's
+#: full + incremental backups; faster (negative) levels save up to a quarter of the
+#: compression CPU for 5-14% more bytes (``bench/README.md``, "Compression").
+DEFAULT_COMPRESSION_LEVEL: Final = 1
+#: The zstd levels a repository may choose: zstd's fast levels (-7 to -1) and 1 to 19
+#: (0 is zstd's default, level 3; above 19 needs far more memory to compress).
+MIN_COMPRESSION_LEVEL: Final = -7
+MAX_COMPRESSION_LEVEL: Final = 19
 CONFIG_KEY: Final = "repository.json"
 CHUNKS_PREFIX: Final = "chunks/"
 POINTS_PREFIX: Final = "vms/"
@@ -75,6 +84,12 @@ class RepositoryConfig(msgspec.Struct, frozen=True, kw_only=True, rename="camel"
     chunk_size: int = DEFAULT_CHUNK_SIZE
     hash: Literal["blake3", "blake3-keyed"] = "blake3"
     compression: Literal["zstd"] = "zstd"
+    #: The zstd level chunks and objects are compressed with (fixed at creation, like
+    #: ``chunk_size``; absent in repositories made before it existed: level 1). Readers
+    #: need not know it: every blob is a zstd frame whatever its level.
+    compression_level: Annotated[
+        int, msgspec.Meta(ge=MIN_COMPRESSION_LEVEL, le=MAX_COMPRESSION_LEVEL)
+    ] = DEFAULT_COMPRESSION_LEVEL
     encryption: Encryption | None = None
 
 

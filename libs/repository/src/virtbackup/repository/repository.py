@@ -37,7 +37,10 @@ from virtbackup.repository.format import (
     CHUNKS_PREFIX,
     CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_COMPRESSION_LEVEL,
     FORMAT_VERSION,
+    MAX_COMPRESSION_LEVEL,
+    MIN_COMPRESSION_LEVEL,
     POINTS_PREFIX,
     Encryption,
     KdfParams,
@@ -144,8 +147,18 @@ class Repository:
         passphrase: str | None = None,
         cipher: str = "aes-256-gcm",
         chunk_size: int | None = None,
+        compression_level: int | None = None,
     ) -> Repository:
-        """Open the repository, creating it on first use (encrypted if a passphrase is given)."""
+        """Open the repository, creating it on first use (encrypted if a passphrase is
+        given) with ``chunk_size`` and the zstd ``compression_level`` (``None``: the
+        defaults; both are fixed at creation and ignored for an existing repository).
+        ``ValueError`` for a level outside ``MIN_COMPRESSION_LEVEL..MAX_COMPRESSION_LEVEL``."""
+        level = DEFAULT_COMPRESSION_LEVEL if compression_level is None else compression_level
+        if not MIN_COMPRESSION_LEVEL <= level <= MAX_COMPRESSION_LEVEL:
+            raise ValueError(
+                f"compression level {level}: from {MIN_COMPRESSION_LEVEL}"
+                f" to {MAX_COMPRESSION_LEVEL}"
+            )
         try:
             return await cls.open(driver, passphrase)
         except NoRepositoryError:
@@ -166,6 +179,7 @@ class Repository:
             hash="blake3-keyed" if encryption else "blake3",
             encryption=encryption,
             chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+            compression_level=level,
         )
         await driver.put(CONFIG_KEY, msgspec.json.encode(config))
         # Another writer may have created one at the same time: the stored one wins.
@@ -186,6 +200,11 @@ class Repository:
         """Bytes of plaintext per chunk (the last chunk of a disk may be shorter)."""
         return self.config.chunk_size
 
+    @property
+    def compression_level(self) -> int:
+        """The zstd level this repository compresses with (``compressionLevel``)."""
+        return self.config.compression_level
+
     # -- chunks -----------------------------------------------------------------------
 
     def chunk_id(self, data: bytes | bytearray | memoryview) -> str:
@@ -199,12 +218,13 @@ class Repository:
 
         CPU-bound and thread-safe: workers call it on a thread pool.
         """
-        return encode_blob(data, self.sealer, chunk_id.encode())
+        return encode_blob(data, self.sealer, chunk_id.encode(), self.compression_level)
 
     def seal_chunk(self, chunk_id: str, body: bytes) -> bytes:
         """The blob to store for a chunk given its unsealed body (``codec.compress_body``
-        of its plaintext): ``encode_chunk`` without the compression, for a chunk stored
-        in several repositories. Thread-safe."""
+        of its plaintext at this repository's ``compression_level``): ``encode_chunk``
+        without the compression, for a chunk stored in several repositories.
+        Thread-safe."""
         return self.sealer.seal(body, chunk_id.encode()) if self.sealer else body
 
     @property
@@ -357,7 +377,7 @@ class Repository:
         await self.driver.put(record_key(vm, ts), msgspec.json.encode(point))
 
     def _encode_object(self, key: str, data: bytes) -> bytes:
-        return encode_blob(data, self.sealer, key.encode())
+        return encode_blob(data, self.sealer, key.encode(), self.compression_level)
 
     async def _load_object(self, key: str) -> bytes:
         blob = await self.driver.get(key)

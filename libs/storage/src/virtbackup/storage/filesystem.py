@@ -93,17 +93,33 @@ DIRECT_ALIGN: Final = 4096
 _O_DIRECT: Final[int] = getattr(os, "O_DIRECT", 0)
 
 
-class _AlignedBuffer(threading.local):
-    """One page-aligned buffer per thread (an anonymous mmap), reused across writes."""
+class _AlignedBuffers:
+    """Page-aligned buffers (anonymous mmaps) for ``O_DIRECT`` reads and writes, shared
+    by the driver's threads and reused: a buffer is taken only for the read or write
+    itself (not for the fsync, the rename or the copy's life), so a few serve all 16
+    threads. One buffer per thread, kept for good, made a worker hold 9-16 of them
+    touched up to a chunk's size: 36-64 MiB of its peak memory on the benchmark."""
 
-    buf: mmap.mmap | None = None
+    #: Free buffers kept; one given back beyond these is unmapped.
+    KEEP = 4
 
-    def get(self, size: int) -> mmap.mmap:
-        if self.buf is None or len(self.buf) < size:
-            if self.buf is not None:
-                self.buf.close()
-            self.buf = mmap.mmap(-1, max(size, 8 << 20))
-        return self.buf
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[mmap.mmap] = []
+
+    def take(self, size: int) -> mmap.mmap:
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if len(buf) >= size:
+                    return self._free.pop(i)
+        return mmap.mmap(-1, max(size, 8 << 20))
+
+    def give(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._free) < self.KEEP:
+                self._free.append(buf)
+                return
+        buf.close()
 
 
 def map_os_error(exc: OSError, what: str) -> StorageError:
@@ -131,7 +147,7 @@ class FilesystemDriver(DriverBase):
         self.fsync = fsync
         #: Cleared for good when the filesystem refuses ``O_DIRECT``.
         self.direct = _O_DIRECT != 0
-        self._aligned = _AlignedBuffer()
+        self._aligned = _AlignedBuffers()
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vb-fs")
         self._root_narrowed = False
 
@@ -212,23 +228,30 @@ class FilesystemDriver(DriverBase):
         self._put_file(key, path, data, direct=False)
 
     def _write_all(self, fd: int, data: bytes, *, direct: bool) -> None:
-        if direct:
-            size = len(data)
-            padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
-            buf = self._aligned.get(padded)
+        if not direct:
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                view.release()
+            return
+        size = len(data)
+        padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+        buf = self._aligned.take(padded)
+        try:
             buf[:size] = data
             if padded != size:
                 buf[size:padded] = bytes(padded - size)
             view = memoryview(buf)[:padded]
-        else:
-            view = memoryview(data)
-        try:
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            try:
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                view.release()
         finally:
-            view.release()
-        if direct and padded != size:
+            self._aligned.give(buf)
+        if padded != size:
             os.ftruncate(fd, size)
 
     def _open_new(self, tmp: Path, flags: int) -> int:
@@ -283,12 +306,12 @@ class FilesystemDriver(DriverBase):
         """The whole file read with ``O_DIRECT`` into the aligned buffer, or ``None``
         when the filesystem refuses it (the caller then reads normally)."""
         padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
-        buf = self._aligned.get(padded)
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
         except OSError:
             return None
+        buf = self._aligned.take(padded)
         view = memoryview(buf)
         try:
             position = 0
@@ -304,6 +327,7 @@ class FilesystemDriver(DriverBase):
             return None
         finally:
             view.release()
+            self._aligned.give(buf)
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
     def _read_sync(self, key: str, path: Path, offset: int, length: int | None) -> bytes:

@@ -25,7 +25,7 @@ from virtbackup.transfer_worker.budget import ByteBudget
 from virtbackup.transfer_worker.consumer import Worker, follow_job_ends
 from virtbackup.transfer_worker.instant import InstantExports
 from virtbackup.transfer_worker.instant import commands as instant_commands
-from virtbackup.transfer_worker.units import UnitContext
+from virtbackup.transfer_worker.units import UnitContext, chunk_budget
 
 #: A worker's entry in ``VB_WORKERS`` outlives two missed heartbeats.
 HEARTBEAT_SECONDS = buckets.WORKERS.ttl_seconds / 3
@@ -104,7 +104,7 @@ async def start(ctx: ServiceContext) -> None:
     uctx = UnitContext(
         worker=ctx.settings.instance,
         executor=ThreadPoolExecutor(threads, thread_name_prefix="chunk"),
-        budget=ByteBudget(cfg.hashblocks_limit_buffer_mb << 20),
+        budget=ByteBudget(chunk_budget(cfg.hashblocks_limit_buffer_mb << 20)),
     )
     worker = Worker(ctx, uctx, consumer, pinned)
     ix = _exports[id(ctx)]

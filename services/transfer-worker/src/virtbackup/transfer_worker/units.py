@@ -63,8 +63,22 @@ CHUNKS_IN_FLIGHT = 8
 #: 8 took a worker to 270-305 MiB, 4 to 190-200 MiB, at the same speed and with less
 #: CPU: the export (qemu-nbd, one thread), not the depth of this pipeline, sets the pace.
 RESTORE_CHUNKS_IN_FLIGHT = 4
+#: The most bytes of chunk buffers a worker holds at once, whatever the configuration's
+#: ``hashblocksLimitBufferMb`` (default 1024) allows: the full backup's 16 chunks in
+#: flight (2 units x 8) of 4 MiB, and half as many chunks read in part (each holds its
+#: parent's plaintext too). On the benchmark (2 workers, 2 GiB of mixed content, 200
+#: scattered 1 MiB writes) the incremental's 16 partial chunks in flight took a worker
+#: from 200-220 MiB after the full backup to 288-298 MiB; see ``chunk_budget``.
+CHUNK_MEMORY_CAP = 64 << 20
 #: Beyond this many remembered ids (about 100 MiB), a worker forgets and asks again.
 KNOWN_CHUNKS_LIMIT = 1_000_000
+
+
+def chunk_budget(configured: int) -> int:
+    """Bytes of chunk buffers a worker may hold at once (its ``ByteBudget``): the
+    configured limit, at most :data:`CHUNK_MEMORY_CAP`. A unit's chunk that needs more
+    than the whole budget still runs, alone (``ByteBudget``)."""
+    return min(configured, CHUNK_MEMORY_CAP)
 
 
 class BufferPool:
@@ -184,7 +198,9 @@ def gaps(ranges: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
     return out
 
 
-def _fill_gaps(view: memoryview, parent: bytes | None, ranges: list[tuple[int, int]]) -> None:
+def _fill_gaps(
+    view: memoryview, parent: bytes | bytearray | None, ranges: list[tuple[int, int]]
+) -> None:
     """Copy the parent's bytes (zeros for ``None``) into ``view`` outside ``ranges``."""
     if parent is None:
         if len(_ZERO.buf) < len(view):
@@ -218,27 +234,31 @@ async def _read_ranges(
             raise result
 
 
-async def parent_chunk(
-    repo: Repository, uctx: UnitContext, chunk_id: str, length: int
-) -> bytes | None:
-    """The plaintext of a parent chunk, checked against its id; ``None`` (logged) when it
-    is missing, damaged or not ``length`` bytes long. Other storage errors (after the
-    retries of transient ones) are raised."""
+async def parent_chunk(repo: Repository, uctx: UnitContext, chunk_id: str, out: bytearray) -> bool:
+    """Decode a parent chunk into ``out`` (a buffer of the worker's pool, as long as the
+    chunk must be), checked against its id; ``False`` (logged) when it is missing,
+    damaged or not ``len(out)`` bytes long. Other storage errors (after the retries of
+    transient ones) are raised.
+
+    Decoded into a pooled buffer rather than a fresh one: a fresh 4 MiB plaintext per
+    chunk read in part was allocated on whichever pool thread decoded it, and freed
+    memory of one thread's heap does not serve another's (the worker's peak memory
+    grew by ~50 MiB in an incremental)."""
     try:
         blob = await retry(lambda: repo.read_chunk(chunk_id))
-        data = await uctx.cpu(repo.decode_chunk, chunk_id, blob)
+        size = await uctx.cpu(repo.decode_chunk_into, chunk_id, blob, out)
     except (NotFoundError, CorruptChunkError, ValueError) as exc:
         log.warning("parent chunk %s cannot be used (%s): reading the chunk whole", chunk_id, exc)
-        return None
-    if len(data) != length:
+        return False
+    if size != len(out):
         log.warning(
             "parent chunk %s is %d bytes, expected %d: reading the chunk whole",
             chunk_id,
-            len(data),
-            length,
+            size,
+            len(out),
         )
-        return None
-    return data
+        return False
+    return True
 
 
 async def read_in_part(
@@ -257,23 +277,25 @@ async def read_in_part(
     ValueError for ranges that are not within the chunk (a bad unit)."""
     check_ranges(part.ranges, len(buf))
     view = memoryview(buf)
-    parent_id = part.parent
-    fetch = (
-        asyncio.ensure_future(parent_chunk(repo, uctx, parent_id, len(buf)))
-        if parent_id is not None
-        else None
-    )
+    if part.parent is None:  # the parent's chunk is all zero
+        await _read_ranges(nbd, offset, view, part.ranges)
+        await uctx.cpu(_fill_gaps, view, None, part.ranges)
+        return sum(n for _, n in part.ranges)
+    # A parent longer than the chunk does not fit: it fails to decode (not usable).
+    parent = uctx.buffers.take(len(buf))
+    fetch = asyncio.ensure_future(parent_chunk(repo, uctx, part.parent, parent))
     try:
         await _read_ranges(nbd, offset, view, part.ranges)
-        parent = await fetch if fetch is not None else None
+        usable = await fetch
     except BaseException:
-        if fetch is not None:
-            fetch.cancel()
-        raise
-    if fetch is not None and parent is None:
+        fetch.cancel()
+        raise  # ``parent`` is not given back: a pool thread may still decode into it
+    if not usable:
+        uctx.buffers.give(parent)
         await nbd.readinto(offset, buf)
         return None
     await uctx.cpu(_fill_gaps, view, parent, part.ranges)
+    uctx.buffers.give(parent)
     return sum(n for _, n in part.ranges)
 
 
@@ -292,13 +314,14 @@ class _Target:
 
 class SharedChunk:
     """One chunk being stored in several repositories: its id per ``id_key`` and its
-    compressed body, each computed once (on the worker's threads) when first needed."""
+    compressed body per compression level, each computed once (on the worker's threads)
+    when first needed."""
 
     def __init__(self, uctx: UnitContext, buf: bytearray) -> None:
         self.uctx = uctx
         self.buf = buf
         self._ids: dict[bytes, asyncio.Future[str | None]] = {}
-        self._body: asyncio.Future[bytes] | None = None
+        self._bodies: dict[int, asyncio.Future[bytes]] = {}
 
     async def chunk_id(self, repo: Repository) -> str | None:
         """The chunk's id in ``repo`` (``None``: all zero)."""
@@ -308,11 +331,13 @@ class SharedChunk:
             self._ids[repo.id_key] = found
         return await asyncio.shield(found)
 
-    async def body(self) -> bytes:
-        """The unsealed blob (``codec.compress_body``)."""
-        if self._body is None:
-            self._body = asyncio.ensure_future(self.uctx.cpu(compress_body, self.buf))
-        return await asyncio.shield(self._body)
+    async def body(self, level: int) -> bytes:
+        """The unsealed blob at zstd ``level`` (``codec.compress_body``)."""
+        found = self._bodies.get(level)
+        if found is None:
+            found = asyncio.ensure_future(self.uctx.cpu(compress_body, self.buf, level))
+            self._bodies[level] = found
+        return await asyncio.shield(found)
 
 
 async def store_in(
@@ -354,7 +379,7 @@ async def store_in(
             BYTES_DEDUPLICATED.inc(len(buf))
         else:
             if shared is not None:
-                body = await shared.body()
+                body = await shared.body(repo.compression_level)
                 blob = await uctx.cpu(repo.seal_chunk, chunk_id, body) if repo.sealer else body
             else:
                 blob = await uctx.cpu(repo.encode_chunk, chunk_id, buf)
