@@ -220,7 +220,13 @@ def unusable(destination_id: str, exc: RepositoryError) -> Unavailable:
 def destination(cfg: AgentConfig, destination_id: str) -> Destination:
     """The configured destination ``destination_id``; ``NotFound`` naming the field as
     every field error does: ``destination 'x' not found - at `destinationId``` (every
-    lifecycle command says it so)."""
+    lifecycle command says it so). An empty id is a ``BadRequest``: ``find_destination``
+    would take it for "the default destination"."""
+    if not destination_id:
+        raise BadRequest(
+            "destinationId is empty: name a destination, or leave it out to mean every"
+            " destination - at `destinationId`"
+        )
     try:
         return find_destination(cfg, destination_id)
     except NotFound as exc:
