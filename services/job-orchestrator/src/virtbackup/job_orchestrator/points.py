@@ -477,8 +477,9 @@ async def remove_point(
     what = f"the folder of vm {vm} in destination {dest_id}"
     async with _meta_lock(jc, dest_id, vm, "delete"):
         # Found before the lock: a deletion that held it meanwhile (another DELETE, a
-        # prune) may have removed it, and that one alone says it did.
-        if not await repo.driver.exists(record_key(vm, point.timestamp)):
+        # prune) may have removed it, and that one alone says it did. (A forced delete
+        # of an unreadable point removes whatever of its folder is left.)
+        if not unreadable and not await repo.driver.exists(record_key(vm, point.timestamp)):
             raise NotFound(f"restore point {point.timestamp} of vm {vm} not found: already deleted")
         try:
             meta = await read_point_meta(repo, vm, point.timestamp, strict=True)
