@@ -157,10 +157,10 @@ class ConfigStore:
             raise BadRequest("request body must be a JSON object (the whole configuration)")
         try:
             posted_cfg = decode_config(body)
+        except (msgspec.ValidationError, ConfigError) as exc:  # before its base class
+            raise BadRequest(readable(str(exc))) from None
         except msgspec.DecodeError as exc:
             raise BadRequest(f"malformed JSON: {exc}") from None
-        except (msgspec.ValidationError, ConfigError) as exc:
-            raise BadRequest(readable(str(exc))) from None
         port = posted_cfg.metrics.port
         if port is not None and port in self.reserved_ports:
             raise BadRequest(

@@ -219,7 +219,13 @@ def unusable(destination_id: str, exc: RepositoryError) -> Unavailable:
 def destination(cfg: AgentConfig, destination_id: str) -> Destination:
     """The configured destination ``destination_id``; ``NotFound`` naming the field as
     every field error does: ``destination 'x' not found - at `destinationId``` (every
-    lifecycle command says it so)."""
+    lifecycle command says it so). An empty id is a ``BadRequest``: ``find_destination``
+    would take it for "the default destination"."""
+    if not destination_id:
+        raise BadRequest(
+            "destinationId is empty: name a destination, or leave it out to mean every"
+            " destination - at `destinationId`"
+        )
     try:
         return find_destination(cfg, destination_id)
     except NotFound as exc:
@@ -459,7 +465,8 @@ async def remove_point(
     *,
     unreadable: bool = False,
 ) -> None:
-    """Delete ``point`` unless it is protected or in use (``Conflict`` saying why); see
+    """Delete ``point`` unless it is protected or in use (``Conflict`` saying why), or
+    already gone (``NotFound``: another deletion removed its record first); see
     the module docstring for the locks that make the checks hold until it is gone.
     ``unreadable``: its record cannot be read (a forced delete), and neither may its
     ``point.json`` be (then nothing says it is protected)."""
@@ -468,6 +475,11 @@ async def remove_point(
     assert folder is not None
     what = f"the folder of vm {vm} in destination {dest_id}"
     async with _meta_lock(jc, dest_id, vm, "delete"):
+        # Found before the lock: a deletion that held it meanwhile (another DELETE, a
+        # prune) may have removed it, and that one alone says it did. (A forced delete
+        # of an unreadable point removes whatever of its folder is left.)
+        if not unreadable and not await repo.driver.exists(record_key(vm, point.timestamp)):
+            raise NotFound(f"restore point {point.timestamp} of vm {vm} not found: already deleted")
         try:
             meta = await read_point_meta(repo, vm, point.timestamp, strict=True)
         except SidecarError as exc:
@@ -771,7 +783,7 @@ async def _prune(jc: JobContext, job: Job, req: PruneRequest, dest: Destination)
             try:
                 await remove_point(jc, repo, dest.id, point)
                 removed.append(entry)
-            except Conflict as exc:
+            except (Conflict, NotFound) as exc:  # NotFound: another prune took it first
                 skipped.append({**entry, "reason": exc.message})
             await update_job(
                 jc.store,
@@ -781,7 +793,7 @@ async def _prune(jc: JobContext, job: Job, req: PruneRequest, dest: Destination)
             )
     summary = f"prune: {len(removed)} restore points removed, {len(plan.keep)} kept"
     if skipped:
-        summary += f", {len(skipped)} skipped (protected or in use)"
+        summary += f", {len(skipped)} skipped (protected, in use or already deleted)"
     return summary
 
 
