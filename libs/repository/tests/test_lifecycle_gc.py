@@ -374,3 +374,35 @@ async def test_verification_sidecar_defaults_and_roundtrip(repo: Repository) -> 
     assert await read_verification(repo, "vm1", "2026-01-01T00-00-00") == done
     raw = await repo.driver.get(verification_key("vm1", "2026-01-01T00-00-00"))
     assert raw.startswith(b'{"state":"damaged","verifiedAt":"2026-01-02T00:00:00Z"')
+
+
+class _Cancel(Exception):
+    pass
+
+
+async def test_a_sweep_cut_short_says_what_it_removed(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep cancelled between batches (``progress`` raises, as a job's cancel does)
+    leaves in ``done`` exactly what it removed, so the job's final record can say it."""
+    import virtbackup.repository.lifecycle_gc as lifecycle_gc
+
+    monkeypatch.setattr(lifecycle_gc, "DELETE_BATCH", 2)
+    orphans = [await store(repo, block(20 + i)) for i in range(5)]
+    await asyncio.sleep(2.2)  # object times are whole seconds on some drivers
+
+    async def cancel_after_first_batch(text: str) -> None:
+        if text.startswith("removed "):
+            raise _Cancel
+
+    gc = collection(repo, 1.0, progress=cancel_after_first_batch)
+    await gc.begin()
+    await gc.mark()
+    with pytest.raises(_Cancel):
+        await gc.sweep()
+    await gc.end()
+    assert gc.done is not None
+    left = await chunk_ids(repo)
+    assert gc.done.chunks_removed == 2 == len(orphans) - len(left & set(orphans))
+    assert gc.done.bytes_removed > 2 * CHUNK  # random data does not compress
+    assert gc.done.as_dict()["graceSeconds"] == 1 and gc.done.duration_seconds > 0

@@ -183,7 +183,10 @@ class GcResult:
             "points": self.points,
             "durationSeconds": round(self.duration_seconds, 3),
             "dryRun": self.dry_run,
-            "graceSeconds": self.grace_seconds,
+            # Whole seconds when whole (the request's unit), as the API documents it.
+            "graceSeconds": int(self.grace_seconds)
+            if float(self.grace_seconds).is_integer()
+            else self.grace_seconds,
             "cutoff": self.cutoff,
         }
 
@@ -201,7 +204,8 @@ class GarbageCollection:
     """One collection of ``repo`` (see the module docstring for the protocol).
 
     ``progress`` is awaited with a message between steps and batches; it may raise to
-    cancel (the caller then awaits ``end``). Nothing is removed before ``sweep``.
+    cancel (the caller then awaits ``end``; ``done`` holds what the sweep removed until
+    then). Nothing is removed before ``sweep``.
     ``ended`` says which locks are leftovers of holders that are known to have ended
     (the caller's own jobs that died): they are removed and do not count.
     """
@@ -220,6 +224,9 @@ class GarbageCollection:
     lock: str | None = None
     marked_points: set[str] = field(default_factory=set)
     referenced: set[str] = field(default_factory=set)
+    #: What ``sweep`` has done so far, kept up to date batch by batch: when it is
+    #: cancelled (``progress`` raised) or fails midway, what it removed is still known.
+    done: GcResult | None = None
     _clock: float = field(default_factory=time.monotonic)
 
     @property
@@ -320,7 +327,7 @@ class GarbageCollection:
         anything is removed."""
         await self.refresh()
         await self._check_locks(during="sweep")
-        result = GcResult(
+        result = self.done = GcResult(
             dry_run=self.dry_run, grace_seconds=self.grace_seconds, cutoff=self.cutoff
         )
         result.points = await self._mark_points()
@@ -365,6 +372,7 @@ class GarbageCollection:
                 await self.repo.driver.delete_many([key for key, _ in batch])
             result.chunks_removed += len(batch)
             result.bytes_removed += sum(size for _, size in batch)
+            result.duration_seconds = time.monotonic() - self._clock
             verb = "would remove" if self.dry_run else "removed"
             await self.progress(f"{verb} {result.chunks_removed} of {len(doomed)} chunks")
         result.duration_seconds = time.monotonic() - self._clock

@@ -54,6 +54,7 @@ from virtbackup.repository.lifecycle_gc import (
     DEFAULT_GRACE_SECONDS,
     LOCK_REFRESH_SECONDS,
     GarbageCollection,
+    GcResult,
     LockRecord,
     point_chunks,
     remove_lock,
@@ -478,6 +479,15 @@ def _grace(job: Job) -> float:
     return float(DEFAULT_GRACE_SECONDS if grace is None else grace)
 
 
+async def _record_partial(jc: JobContext, job: Job, done: GcResult | None) -> None:
+    """Keep what a sweep cut short (cancelled, or failed midway) had removed as the job's
+    ``result`` (with ``"partial": true``): its final record says what happened."""
+    if done is None:
+        return
+    with contextlib.suppress(Exception):
+        await update_job(jc.store, jc.bus, job.id, {"result": {**done.as_dict(), "partial": True}})
+
+
 async def run_gc(jc: JobContext, job: Job) -> str:
     """Collect the garbage of the job's destination (see the module docstring)."""
     assert job.destination_id
@@ -519,7 +529,11 @@ async def run_gc(jc: JobContext, job: Job) -> str:
                 await gc.mark()
                 await close_gate(jc, job)
                 await jc.enter(job.id, "transferring", message="sweeping")
-                result = await gc.sweep()
+                try:
+                    result = await gc.sweep()
+                except BaseException:
+                    await _record_partial(jc, job, gc.done)
+                    raise
             finally:
                 await gc.end()
         finally:
