@@ -571,13 +571,20 @@ async def plan_prune(
     jc: JobContext, repo: Repository | None, dest: Destination, req: PruneRequest
 ) -> tuple[PrunePlan, list[RestorePoint]]:
     """What the prune does, and the points it removes (newest first). ``BadRequest``
-    naming ``vmName`` when a VM it is asked for has no policy and the request gives none."""
+    naming ``vmName`` when a VM it is asked for has no policy and the request gives none,
+    and when the request gives none for a destination that has none at all (a prune of
+    nothing)."""
     given = _request_policy(req)
     if given is None and req.vm_name is not None and dest.retention_for(req.vm_name) is None:
         raise BadRequest(
             f"vm {shown(req.vm_name)} has no retention policy in destination "
             f"{dest.id}: give keep rules (keepLast, keepDaily, ...) or configure one "
             "(retention or vmRetention of the destination) - at `$.vmName`"
+        )
+    if given is None and req.vm_name is None and dest.retention is None and not dest.vm_retention:
+        raise BadRequest(
+            f"destination {dest.id} has no retention policy: give keep rules (keepLast, "
+            "keepDaily, ...) or configure one (retention or vmRetention of the destination)"
         )
     plan = PrunePlan(destination_id=dest.id, dry_run=req.dry_run)
     doomed: list[RestorePoint] = []
