@@ -242,6 +242,8 @@ async def test_bad_input_is_a_4xx_naming_the_field(
     says(await api.get("/api/v1/restore-points/nonsense"), 400, "id")
     says(await api.delete("/api/v1/restore-points/fs~!!~2026-01-30T12-00-00"), 400, "id")
     says(await api.get(f"/api/v1/restore-points/fs~{pid.split('~')[1]}~2026-01-30T12-00-01"), 404)
+    # The shape of a timestamp but no date and time: a bad id, not an unknown point.
+    says(await api.get(f"/api/v1/restore-points/fs~{pid.split('~')[1]}~2026-13-40T12-00-00"), 400)
     says(
         await api.get(f"/api/v1/restore-points/nowhere~{pid.split('~')[1]}~2026-01-30T12-00-00"),
         404,
@@ -271,6 +273,9 @@ async def test_bad_input_is_a_4xx_naming_the_field(
     says(await api.post(prune, json={"keepEvery": 2}), 400, "keepEvery")
     says(await api.post(prune, json={"keepLast": 0, "vmName": vm}), 400, "keepAll")
     says(await api.post(prune, json={"vmName": vm}), 400, "vmName")
+    # No policy given for a destination that has none: nothing to prune by, said so.
+    says(await api.post(prune, json={}), 400, "no retention policy")
+    says(await api.post(prune, json={"dryRun": True}), 400, "no retention policy")
     says(await api.post("/api/v1/destinations/nowhere/prune", json={"keepLast": 1}), 404)
     # Acknowledged: a dry run of a policy that keeps nothing removes every point.
     resp = await api.post(prune, json={"vmName": vm, "keepAll": False, "dryRun": True})

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from datetime import datetime
 from typing import Annotated, Final, Literal
 
 import msgspec
@@ -48,7 +49,7 @@ def point_id(destination_id: str, vm_name: str, timestamp: str) -> str:
 def parse_point_id(value: str) -> tuple[str, str, str]:
     """``(destination_id, vm_name, timestamp)`` of an id; ``ValueError`` saying what is
     wrong with it (not three parts, a bad destination id, a VM part that is not
-    base64url of UTF-8, a malformed timestamp)."""
+    base64url of UTF-8, a malformed timestamp or one that is no date and time)."""
     parts = value.split("~")
     if len(parts) != 3:
         raise ValueError("a restore point id is <destinationId>~<vm>~<timestamp>")
@@ -65,6 +66,10 @@ def parse_point_id(value: str) -> tuple[str, str, str]:
         raise ValueError("its VM part is not in canonical base64url form")
     if not _TS.match(ts):
         raise ValueError("its timestamp part is not a timestamp (2026-01-30T12-00-00)")
+    try:  # the shape is right: is it a time (no month 13, no February 30)?
+        datetime.strptime(ts.split(".", 1)[0], "%Y-%m-%dT%H-%M-%S")
+    except ValueError:
+        raise ValueError(f"its timestamp part {ts} is not a valid date and time") from None
     return dest, name, ts
 
 
