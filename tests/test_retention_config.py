@@ -32,7 +32,11 @@ def with_retention(repo: Path, **fields: Any) -> dict[str, Any]:
         ({"retention": {"keepLast": "3"}}, "$.destinations[0].retention.keepLast"),
         ({"retention": {"keepDaily": 1.5}}, "$.destinations[0].retention.keepDaily"),
         ({"retention": {"keepAll": "false"}}, "$.destinations[0].retention.keepAll"),
-        ({"vmRetention": {"web1": {"keepLast": "3"}}}, "keepLast"),
+        # The VM the policy is for is named (msgspec says only `vmRetention[...]`).
+        (
+            {"vmRetention": {"web1": {"keepLast": 2}, "db ☃": {"keepLast": "3"}}},
+            '$.destinations[0].vmRetention["db ☃"].keepLast',
+        ),
     ],
 )
 async def test_a_mistyped_keep_value_is_not_called_malformed_json(

@@ -76,3 +76,36 @@ def test_an_undeclared_pattern_never_shows() -> None:
     assert readable(message) == f"Expected {UNDECLARED} - at `$.x`"
     quoted = """Expected `str` matching regex "^[']+$" - at `$.y`"""
     assert readable(quoted) == f"Expected {UNDECLARED} - at `$.y`"
+
+
+def test_a_mapping_value_error_names_its_key() -> None:
+    """msgspec says ``[...]`` for a mapping's value; the key is found and named, and a
+    message it cannot place (no ``[...]``, two keys failing alike) is left as it is."""
+    import msgspec
+
+    from virtbackup.contracts.v1.config import AgentConfig
+    from virtbackup.contracts.v1.readable import name_mapping_keys
+
+    def check(doc: object) -> object:
+        return msgspec.convert(doc, type=AgentConfig, strict=True)
+
+    def error(doc: dict[str, object]) -> str:
+        try:
+            check(doc)
+        except msgspec.ValidationError as exc:
+            return str(exc)
+        raise AssertionError("valid")
+
+    def dest(vm_retention: dict[str, object]) -> dict[str, object]:
+        return {"destinations": [{"id": "fs", "driverId": "filesystem",
+                "params": {"path": "/x"}, "vmRetention": vm_retention}]}  # fmt: skip
+
+    doc = dest({"web1": {"keepLast": 2}, "db.1": {"keepDaily": -1}})
+    raw = error(doc)
+    assert "vmRetention[...]" in raw
+    named = name_mapping_keys(raw, doc, check)
+    assert named == raw.replace("[...]", '["db.1"]')
+    twice = dest({"a": {"keepLast": "x"}, "b": {"keepLast": "x"}})
+    assert name_mapping_keys(error(twice), twice, check) == error(twice)
+    plain = {"destinations": [{"id": 7}]}
+    assert name_mapping_keys(error(plain), plain, check) == error(plain)

@@ -32,7 +32,7 @@ from virtbackup.contracts.v1.config import (
     decode_config,
     encode_config,
 )
-from virtbackup.contracts.v1.readable import readable
+from virtbackup.contracts.v1.readable import name_mapping_keys, readable
 from virtbackup.gateway.host_keys import check_masked_secrets, forget_moved_pins, pin_host_keys
 from virtbackup.runtime.agent_config import read_agent_config, update_agent_config
 from virtbackup.runtime.errors import BadRequest, Conflict
@@ -158,7 +158,7 @@ class ConfigStore:
         try:
             posted_cfg = decode_config(body)
         except (msgspec.ValidationError, ConfigError) as exc:  # before its base class
-            raise BadRequest(readable(str(exc))) from None
+            raise BadRequest(readable(_keyed(str(exc), body))) from None
         except msgspec.DecodeError as exc:
             raise BadRequest(f"malformed JSON: {exc}") from None
         port = posted_cfg.metrics.port
@@ -217,3 +217,15 @@ class ConfigStore:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         tmp.replace(self.yaml_path)
+
+
+def _keyed(message: str, body: bytes) -> str:
+    """``message`` with the VM name, network or header a ``[...]`` of its path stands
+    for (``vmRetention["web1"]``): see ``readable.name_mapping_keys``."""
+    try:
+        document = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return message
+    return name_mapping_keys(
+        message, document, lambda doc: msgspec.convert(doc, type=AgentConfig, strict=True)
+    )

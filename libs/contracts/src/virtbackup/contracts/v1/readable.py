@@ -15,8 +15,12 @@ through :func:`readable`.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
 from typing import Final
+
+import msgspec
 
 #: What each declared pattern means, by the pattern.
 PATTERN_MEANINGS: dict[str, str] = {}
@@ -45,3 +49,56 @@ def readable(message: str) -> str:
         return UNDECLARED
 
     return _MATCHING.sub(meaning, message)
+
+
+#: One step of a msgspec error path: ``.field``, ``[index]``, or ``[...]`` (a mapping's
+#: value: msgspec does not say which key).
+_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|(\[\.\.\.\])")
+_AT = re.compile(r" - at `(\$[^`]*)`$")
+
+
+def name_mapping_keys(message: str, document: object, check: Callable[[object], object]) -> str:
+    """``message``, a msgspec validation error of ``document`` (decoded JSON), with the
+    ``[...]`` of its path (a mapping's value) replaced by the key it is about: ``$.
+    destinations[0].vmRetention["web1"].keepLast`` instead of ``vmRetention[...]``. The
+    key is found by checking (``check`` raises ``msgspec.ValidationError``) the document
+    with that mapping cut down to one of its keys at a time. ``message`` unchanged when
+    its path has no ``[...]`` or no single key gives the same error."""
+    found = _AT.search(message)
+    if found is None or "[...]" not in found.group(1):
+        return message
+    path = found.group(1)
+    steps = list(_STEP.finditer(path, 1))
+    if "".join(m.group(0) for m in steps) != path[1:]:
+        return message  # a path this does not understand (a key with dots, say)
+    mapping: object = document
+    trail: list[str | int] = []
+    for step in steps:
+        if step.group(3):
+            break
+        key: str | int = step.group(1) if step.group(1) else int(step.group(2))
+        trail.append(key)
+        try:
+            mapping = mapping[key]  # type: ignore[index]
+        except (KeyError, IndexError, TypeError):
+            return message
+    if not trail or not isinstance(mapping, dict):
+        return message
+    culprits: list[str] = []
+    for key in [k for k in mapping if isinstance(k, str)]:
+        copy = json.loads(json.dumps(document))
+        holder = copy
+        for part in trail[:-1]:
+            holder = holder[part]
+        holder[trail[-1]] = {key: mapping[key]}
+        try:
+            check(copy)
+        except msgspec.ValidationError as exc:
+            if str(exc) == message:
+                culprits.append(key)
+        if len(culprits) > 1:
+            return message
+    if len(culprits) != 1:
+        return message
+    named = path.replace("[...]", f"[{json.dumps(culprits[0], ensure_ascii=False)}]", 1)
+    return message[: found.start(1)] + named + message[found.end(1) :]
