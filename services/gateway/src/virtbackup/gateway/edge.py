@@ -224,8 +224,8 @@ def declared_query(request: Request[Any, Any, Any]) -> set[str] | None:
 
 
 def check_query_names(request: Request[Any, Any, Any]) -> None:
-    """400 naming the first query parameter the route does not declare (see the module
-    docstring for where this applies)."""
+    """400 naming the first query parameter the route does not declare, or one given
+    more than once (see the module docstring for where this applies)."""
     if request.method not in _STRICT_QUERY_METHODS or not request.query_params:
         return
     if not (request.url.path.startswith("/api/v1/") or request.app.state.get(SNAKE_CASE)):
@@ -239,6 +239,10 @@ def check_query_names(request: Request[Any, Any, Any]) -> None:
             raise BadRequest(
                 f"unknown query parameter {shown(name)} (this route takes: {takes}) - at `{name}`"
             )
+        # No route takes a list: a second value would be dropped without a word (as a
+        # duplicate key in a body is refused).
+        if len(request.query_params.getall(name)) > 1:
+            raise BadRequest(f"query parameter {shown(name)} is given more than once - at `{name}`")
 
 
 async def check_request(request: Request[Any, Any, Any]) -> Response[None] | None:
