@@ -21,7 +21,7 @@ from typer.testing import CliRunner, Result
 
 from virtbackup.cli.client.app import app
 from virtbackup.testing.images import create_image, images_equal
-from virtbackup.testing.vms import build_vm_xml, remove_vm
+from virtbackup.testing.vms import build_vm_xml, guest_write, remove_vm
 from virtbackup.virt import Connection
 
 pytestmark = pytest.mark.libvirt
@@ -63,6 +63,8 @@ async def vms(
     try:
         dom = await conn.call(conn.raw.defineXML, build_vm_xml(VM, [disk]))
         await conn.call(dom.create, timeout=60)
+        await guest_write(conn, VM, "vda", 0, 4 * MiB, pattern=0xA5)
+        await guest_write(conn, VM, "vda", 40 * MiB, 1 * MiB, pattern=0x5A)
         await conn.call(conn.raw.defineXML, ET.tostring(root, encoding="unicode"))
         async with httpx.AsyncClient(
             base_url=system.url, headers=system.auth(), verify=False, timeout=60
@@ -82,7 +84,9 @@ async def vms(
 
 def cli(xdg: Path, *args: str, **env: str) -> Result:
     runner = CliRunner()
-    return runner.invoke(app, list(args), env={"XDG_CONFIG_HOME": str(xdg), **env})
+    return runner.invoke(
+        app, list(args), env={"XDG_CONFIG_HOME": str(xdg), "COLUMNS": "200", **env}
+    )
 
 
 def ok(result: Result) -> str:
@@ -128,12 +132,24 @@ def test_login_as_a_user_renews_its_access_token(system: System, xdg: Path, vms:
 
 
 def test_backup_wait_then_the_point_is_listed(xdg: Path, vms: Path) -> None:
-    result = cli(xdg, "backup", VM, "--server", "local", "--dest", "fs", "--wait")
+    # No --server: the one server that has the VM.
+    result = cli(xdg, "backup", VM, "--dest", "fs", "--wait")
     ok(result)
     assert "succeeded" in result.stdout
+    # The bar (on stderr) reached the end, and the job's log lines came from /events.
+    assert "100%" in result.stderr and "MiB" in result.stderr, result.stderr
+    assert "committing" in result.stderr, result.stderr
     points = json.loads(ok(cli(xdg, "points", "ls", "--vm", VM, "--dest", "fs", "-o", "json")))
     assert len(points) == 1 and points[0]["vmName"] == VM and points[0]["serverId"] == "local"
     STATE["point"] = points[0]["id"]
+    table = ok(cli(xdg, "points", "ls", "--vm", VM))
+    assert "64.0 MiB" in table  # logicalBytes, in units
+    protected = json.loads(ok(cli(xdg, "points", "protect", STATE["point"], "-o", "json")))
+    assert protected["protected"] is True
+    refused = cli(xdg, "points", "rm", STATE["point"])
+    assert refused.exit_code == 1 and "protected" in refused.stderr, refused.output
+    unprotected = json.loads(ok(cli(xdg, "points", "unprotect", STATE["point"], "-o", "json")))
+    assert unprotected["protected"] is False
 
 
 def test_restore_wait_makes_a_copy_with_the_same_disk(xdg: Path, vms: Path, vm_dir: Path) -> None:
@@ -141,6 +157,10 @@ def test_restore_wait_makes_a_copy_with_the_same_disk(xdg: Path, vms: Path, vm_d
     copy = vm_dir / f"{COPY}-vda.qcow2"
     assert copy.exists(), sorted(p.name for p in vm_dir.iterdir())
     assert images_equal(copy, vms, second_format="qcow2")
+    ok(cli(xdg, "vm", "start", COPY, "--server", "local"))
+    ok(cli(xdg, "vm", "poweroff", COPY, "--server", "local"))
+    again = cli(xdg, "vm", "poweroff", COPY, "--server", "local")
+    assert again.exit_code == 1 and "409" in again.stderr and COPY in again.stderr, again.output
 
 
 def test_a_failing_job_makes_wait_exit_non_zero_with_its_message(xdg: Path, vms: Path) -> None:
@@ -148,6 +168,8 @@ def test_a_failing_job_makes_wait_exit_non_zero_with_its_message(xdg: Path, vms:
     assert result.exit_code == 1, result.output
     assert "failure" in result.stderr and f"vbt-nonet-{PID}" in result.stderr, result.stderr
     assert "Traceback" not in result.output
+    unknown = cli(xdg, "jobs", "watch", "no-such-job")
+    assert unknown.exit_code == 1 and "no-such-job" in unknown.stderr, unknown.output
 
 
 def test_jobs_ls_yaml_parses(xdg: Path, vms: Path) -> None:

@@ -42,7 +42,9 @@ Start with `virtbackup login https://HOST:33551 --token TOKEN`. The launcher's o
 commands (`up`, `nats-auth`, `new-secrets`, `agent`) are listed by `virtbackup up --help`
 and the like."""
 
-app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help=HELP, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="markdown"
+)
 context_app = typer.Typer(
     help="Named contexts (like kubectl's): list, switch, remove.", no_args_is_help=True
 )
@@ -60,6 +62,15 @@ app.add_typer(jobs_app, name="jobs")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+
+
+@app.callback()
+def consoles() -> None:
+    """Fresh consoles for each invocation (they read ``COLUMNS`` and the streams then)."""
+    global out, err  # one pair per invocation, read by every command
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+
 
 OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table, json or yaml")]
 ContextOpt = Annotated[
@@ -87,7 +98,7 @@ def handled(func: Callable[P, R]) -> Callable[P, R]:
         except httpx.HTTPError as exc:
             raise fail(f"connection failed: {exc}") from None
         except KeyboardInterrupt:
-            raise fail("interrupted", 130) from None
+            raise fail("interrupted (a job that was started goes on: see `jobs ls`)", 130) from None
 
     return wrapper
 
@@ -284,9 +295,17 @@ def vms_ls(
     rows: list[dict[str, Any]] = []
     with connect(context) as api:
         ids = [server] if server else [s["id"] for s in api.get("/config").get("servers", [])]
+        failed = []
         for sid in ids:
-            for entry in api.get(f"/servers/{sid}/vms"):
-                rows.append({"serverId": sid, **entry})
+            try:
+                entries = api.get(f"/servers/{sid}/vms")
+            except ApiError as exc:
+                if server:
+                    raise
+                err.print(f"[yellow]warning:[/yellow] server {sid}: {exc}", soft_wrap=True)
+                failed.append(sid)
+                continue
+            rows.extend({"serverId": sid, **entry} for entry in entries)
     cols = [
         ("SERVER", "serverId"),
         ("NAME", "vm.name"),
@@ -295,6 +314,8 @@ def vms_ls(
         ("ID", "vm.id"),
     ]
     emit(out, rows, output, cols)
+    if failed:
+        raise typer.Exit(1)
 
 
 def _vm_action(action: str, name: str, server: str, context: str | None) -> None:
@@ -349,11 +370,36 @@ def vm_reboot(name: str, server: ServerOpt, context: ContextOpt = None) -> None:
 # -- backup and restore -----------------------------------------------------------------
 
 
+def find_server(api: Api, vm: str) -> str:
+    """The id of the one configured server that has a VM named ``vm``.
+
+    Raises ``ApiError`` when none or several have one (naming them)."""
+    found: list[str] = []
+    unreachable: list[str] = []
+    for sid in [s["id"] for s in api.get("/config").get("servers", [])]:
+        try:
+            names = {entry["vm"]["name"] for entry in api.get(f"/servers/{sid}/vms")}
+        except ApiError:
+            unreachable.append(sid)
+            continue
+        if vm in names:
+            found.append(sid)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ApiError(0, f"VM {vm!r} is on several servers ({', '.join(found)}): give --server")
+    also = f" (not reachable: {', '.join(unreachable)})" if unreachable else ""
+    raise ApiError(0, f"no server has a VM named {vm!r}{also}: give --server")
+
+
 @app.command()
 @handled
 def backup(
     vm: Annotated[str, typer.Argument(help="the VM's name")],
-    server: Annotated[str, typer.Option("--server", "-s", help="the VM's server id")] = "local",
+    server: Annotated[
+        str | None,
+        typer.Option("--server", "-s", help="the VM's server id (default: the one that has it)"),
+    ] = None,
     dest: Annotated[
         str | None,
         typer.Option("--dest", "-d", help="destination id (default: the configured one)"),
@@ -370,7 +416,7 @@ def backup(
     if dest:
         body["destinationId"] = dest
     with connect(context) as api:
-        answer = api.post(f"/servers/{server}/backup", body)
+        answer = api.post(f"/servers/{server or find_server(api, vm)}/backup", body)
         finish_job(api, answer["jobId"], wait, output)
 
 

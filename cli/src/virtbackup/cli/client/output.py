@@ -21,6 +21,20 @@ class Format(StrEnum):
     yaml = "yaml"
 
 
+#: Table columns whose numbers are byte counts, shown as KiB/MiB/GiB.
+BYTE_KEYS = frozenset({"logicalBytes", "storedBytes", "bytesTransferred", "totalBytes", "size"})
+
+
+def human_bytes(value: int) -> str:
+    """``value`` bytes in binary units, e.g. ``64.0 MiB``."""
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -52,11 +66,22 @@ def emit(
         keys = sorted({k for row in rows if isinstance(row, dict) for k in row})
         columns = [(k, k) for k in keys]
     table = Table(title=title, show_lines=False)
-    for heading, _ in columns:
-        table.add_column(heading, overflow="fold")
+    for index, (heading, _) in enumerate(columns):
+        # The first column is the id to copy into the next command: never folded.
+        table.add_column(heading, overflow="fold", no_wrap=index == 0)
     for row in rows:
-        table.add_row(*(_cell(_dig(row, key)) for _, key in columns))
+        table.add_row(*(_shown(_dig(row, key), key) for _, key in columns))
     console.print(table)
+
+
+def _shown(value: Any, key: str) -> str:
+    if (
+        key.rsplit(".", 1)[-1] in BYTE_KEYS
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+    ):
+        return human_bytes(value)
+    return _cell(value)
 
 
 def _dig(row: Any, key: str) -> Any:

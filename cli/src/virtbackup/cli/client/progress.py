@@ -86,8 +86,9 @@ def follow_job(
                     completed=int(job.get("bytesTransferred") or 0),
                 )
                 if job.get("state") in TERMINAL:
-                    if job["state"] == "success" and total:
-                        bar.update(task, completed=total)
+                    done = int(job.get("bytesTransferred") or 0)
+                    if job["state"] == "success" and (total or done):
+                        bar.update(task, total=total or done, completed=total or done)
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"job {job_id} did not end within {timeout:.0f} s")
