@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import yaml
 from harness import System, local_config, running_system
 from typer.testing import CliRunner, Result
 
-from virtbackup.cli.client.app import app
+from virtbackup.cli.client.app import build
 from virtbackup.testing.images import create_image, images_equal
 from virtbackup.testing.vms import build_vm_xml, guest_write, remove_vm
 from virtbackup.virt import Connection
@@ -85,7 +86,7 @@ async def vms(
 def cli(xdg: Path, *args: str, **env: str) -> Result:
     runner = CliRunner()
     return runner.invoke(
-        app, list(args), env={"XDG_CONFIG_HOME": str(xdg), "COLUMNS": "200", **env}
+        build(), list(args), env={"XDG_CONFIG_HOME": str(xdg), "COLUMNS": "200", **env}
     )
 
 
@@ -110,6 +111,25 @@ def test_login_with_the_token_pins_the_certificate(system: System, xdg: Path, vm
     # A wrong token is the API's refusal, one line, no traceback.
     bad = cli(xdg, "login", system.url, "--token", "wrong-token", "--name", "bad")
     assert bad.exit_code == 1 and "unauthorized" in bad.output and "Traceback" not in bad.output
+    # A CA given with --cacert (here the gateway's own self-signed certificate).
+    cafile = system.data_dir / "tls" / "agent.crt"
+    ok(
+        cli(
+            xdg,
+            "login",
+            system.url,
+            "--token",
+            system.token,
+            "--cacert",
+            str(cafile),
+            "--name",
+            "ca",
+        )
+    )
+    assert json.loads(ok(cli(xdg, "servers", "-o", "json")))[0]["id"] == "local"
+    ok(cli(xdg, "context", "use", "tok"))
+    ok(cli(xdg, "context", "rm", "ca"))
+    assert [c["name"] for c in json.loads(ok(cli(xdg, "context", "ls", "-o", "json")))] == ["tok"]
 
 
 def test_login_as_a_user_renews_its_access_token(system: System, xdg: Path, vms: Path) -> None:
@@ -179,6 +199,56 @@ def test_jobs_ls_yaml_parses(xdg: Path, vms: Path) -> None:
     # Bad input: the API's message naming the field, exit 1.
     bad = cli(xdg, "points", "ls", "--dest", "no-such-dest")
     assert bad.exit_code == 1 and "no-such-dest" in bad.stderr, bad.output
+
+
+def test_config_get_and_set_round_trip_and_refuse_bad_input(
+    xdg: Path, vms: Path, tmp_path: Path
+) -> None:
+    text = ok(cli(xdg, "config", "get"))
+    config = yaml.safe_load(text)
+    assert [d["id"] for d in config["destinations"]] == ["fs"]
+    good = tmp_path / "config.yaml"
+    good.write_text(text)
+    assert "configuration saved" in ok(cli(xdg, "config", "set", str(good)))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump({**config, "backupDestinatonId": "fs"}))
+    refused = cli(xdg, "config", "set", str(typo))
+    assert refused.exit_code == 1 and "backupDestinatonId" in refused.stderr, refused.output
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text + "backupDestinationId: fs\n")
+    refused = cli(xdg, "config", "set", str(twice))
+    assert refused.exit_code == 1 and "given twice" in refused.stderr, refused.output
+    assert yaml.safe_load(ok(cli(xdg, "config", "get"))) == config  # nothing changed
+
+
+def test_mount_exports_a_disk_that_nbdinfo_reads(xdg: Path, vms: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "tls"
+    export = json.loads(
+        ok(
+            cli(
+                xdg,
+                "mount",
+                STATE["point"],
+                "vda",
+                "--dir",
+                str(folder),
+                "--ttl",
+                "300",
+                "-o",
+                "json",
+            )
+        )
+    )
+    assert "tls" not in export and export["tlsDirectory"] == str(folder)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((folder / "client-key.pem").stat().st_mode) == 0o600
+    size = subprocess.run(
+        ["nbdinfo", "--size", f"{export['nbdUrl']}?tls-certificates={folder}"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert int(size) == 64 * MiB
+    stopped = json.loads(ok(cli(xdg, "umount", export["id"], "-o", "json")))
+    assert stopped["state"] == "stopped"
 
 
 def test_a_changed_certificate_is_refused(system: System, xdg: Path, vms: Path) -> None:

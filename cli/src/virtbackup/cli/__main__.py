@@ -263,9 +263,9 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in LAUNCHER_COMMANDS:
         launcher_main()
         return
-    from virtbackup.cli.client.app import app  # the launcher does not need it
+    from virtbackup.cli.client import app  # the launcher does not need it
 
-    app(prog_name="virtbackup")
+    app.main()
 
 
 def launcher_main() -> None:

@@ -18,6 +18,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from virtbackup.cli.client.api import (
     LOGIN_PATH,
@@ -60,7 +61,7 @@ app.add_typer(vm_app, name="vm")
 app.add_typer(points_app, name="points")
 app.add_typer(jobs_app, name="jobs")
 
-out = Console(highlight=False)
+out = Console(highlight=False, markup=False)
 err = Console(stderr=True, highlight=False)
 
 
@@ -68,8 +69,8 @@ err = Console(stderr=True, highlight=False)
 def consoles() -> None:
     """Fresh consoles for each invocation (they read ``COLUMNS`` and the streams then)."""
     global out, err  # one pair per invocation, read by every command
-    out = Console(highlight=False)
-    err = Console(stderr=True, highlight=False)
+    out = Console(highlight=False, markup=False)  # what it prints is the API's text
+    err = Console(stderr=True, highlight=False)  # markup: escape what comes from the API
 
 
 OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table, json or yaml")]
@@ -82,7 +83,7 @@ WaitOpt = Annotated[
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -97,6 +98,10 @@ def handled(func: Callable[P, R]) -> Callable[P, R]:
             raise fail(str(exc)) from None
         except httpx.HTTPError as exc:
             raise fail(f"connection failed: {exc}") from None
+        except OSError as exc:
+            raise fail(str(exc)) from None
+        except (KeyError, TypeError, ValueError) as exc:  # an answer of another shape
+            raise fail(f"unexpected answer from the server: {type(exc).__name__}: {exc}") from None
         except KeyboardInterrupt:
             raise fail("interrupted (a job that was started goes on: see `jobs ls`)", 130) from None
 
@@ -159,6 +164,8 @@ def login(
     Example: virtbackup login https://backup.example.com:33551 --user alice --name prod
     """
     url = url.rstrip("/")
+    if user and token:
+        raise ApiError(0, "give --token or --user, not both")
     store = Contexts.load()
     name = name or url.split("://", 1)[-1]
     old = store.contexts.get(name, {})
@@ -302,7 +309,9 @@ def vms_ls(
             except ApiError as exc:
                 if server:
                     raise
-                err.print(f"[yellow]warning:[/yellow] server {sid}: {exc}", soft_wrap=True)
+                err.print(
+                    f"[yellow]warning:[/yellow] server {sid}: {escape(str(exc))}", soft_wrap=True
+                )
                 failed.append(sid)
                 continue
             rows.extend({"serverId": sid, **entry} for entry in entries)
@@ -752,3 +761,15 @@ def verify(
     with connect(context) as api:
         job = api.post(f"/api/v1/destinations/{dest}/verify", body)
         finish_job(api, job["id"], wait, output)
+
+
+def build() -> typer.Typer:
+    """The whole command line: ``app`` with the commands of every module registered."""
+    from virtbackup.cli.client import more  # noqa: F401 - registers its commands
+
+    return app
+
+
+def main() -> None:
+    """Run the operator's command line."""
+    build()(prog_name="virtbackup")

@@ -10,7 +10,9 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 
 class Format(StrEnum):
@@ -65,12 +67,13 @@ def emit(
     if not columns:
         keys = sorted({k for row in rows if isinstance(row, dict) for k in row})
         columns = [(k, k) for k in keys]
-    table = Table(title=title, show_lines=False)
+    table = Table(title=escape(title) if title else None, show_lines=False)
     for index, (heading, _) in enumerate(columns):
         # The first column is the id to copy into the next command: never folded.
         table.add_column(heading, overflow="fold", no_wrap=index == 0)
     for row in rows:
-        table.add_row(*(_shown(_dig(row, key), key) for _, key in columns))
+        # Text, not markup: a name with [brackets] is shown as it is.
+        table.add_row(*(Text(_shown(_dig(row, key), key)) for _, key in columns))
     console.print(table)
 
 

@@ -11,8 +11,8 @@ import threading
 import time
 from typing import Any
 
-import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -23,7 +23,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from virtbackup.cli.client.api import Api, ApiError
+from virtbackup.cli.client.api import Api
 
 TERMINAL = frozenset({"success", "failure", "canceled"})
 #: Seconds without a word on the stream after which the job is asked for directly.
@@ -38,8 +38,9 @@ def _reader(api: Api, out: queue.Queue[tuple[str, dict[str, Any]]], stop: thread
                 out.put((event, data))
                 if stop.is_set():
                     return
-        except (httpx.HTTPError, ApiError, OSError):
-            pass
+        except Exception:  # any end of the stream: reconnect, or stop when closed
+            if stop.is_set():
+                return
         stop.wait(1.0)
 
 
@@ -47,7 +48,8 @@ def _describe(job: dict[str, Any]) -> str:
     what = job.get("type", "job")
     vm = job.get("vmName")
     phase = job.get("phase") or job.get("state", "")
-    return f"{what} {vm} ({phase})" if vm else f"{what} ({phase})"
+    text = f"{what} {vm} ({phase})" if vm else f"{what} ({phase})"
+    return escape(text)  # shown as markup by the bar's column
 
 
 def follow_job(
@@ -62,7 +64,8 @@ def follow_job(
     after ``timeout`` seconds."""
     events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
     stop = threading.Event()
-    reader = threading.Thread(target=_reader, args=(api.clone(), events, stop), daemon=True)
+    stream_api = api.clone()
+    reader = threading.Thread(target=_reader, args=(stream_api, events, stop), daemon=True)
     reader.start()
     deadline = None if timeout is None else time.monotonic() + timeout
     columns = (
@@ -101,7 +104,8 @@ def follow_job(
                 if not isinstance(payload, dict):
                     continue
                 if event == "job.log" and payload.get("jobId") == job_id:
-                    bar.console.print(f"[dim]{payload.get('line', '')}[/dim]", highlight=False)
+                    line = escape(str(payload.get("line", "")))
+                    bar.console.print(f"[dim]{line}[/dim]", highlight=False, soft_wrap=True)
                 elif event.startswith("job.") and payload.get("id") == job_id:
                     if (
                         event in {"job.finished", "job.canceled"}
@@ -114,4 +118,5 @@ def follow_job(
     finally:
         stop.set()
         with contextlib.suppress(Exception):
-            reader.join(0)
+            stream_api.close()  # ends the stream's connection; the reader then returns
+        # The reader, a daemon thread, ends at its next read (closed, or its timeout); no wait.
