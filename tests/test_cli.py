@@ -201,6 +201,37 @@ def test_jobs_ls_yaml_parses(xdg: Path, vms: Path) -> None:
     assert bad.exit_code == 1 and "no-such-dest" in bad.stderr, bad.output
 
 
+def test_schedules_users_and_agents(system: System, xdg: Path, vms: Path) -> None:
+    body = {
+        "id": f"cli-{PID}",
+        "schedule": "0 2 * * *",
+        "jobTemplate": {
+            "vmPath": f"local/{VM}",
+            "source": {"type": "libvirt", "serverId": "local"},
+            "destination": {"type": "backup", "destinationId": "fs"},
+        },
+    }
+    resp = httpx.post(
+        f"{system.url}/api/v1/task/schedulers",
+        json=body,
+        headers=system.auth(),
+        verify=False,
+        timeout=30,
+    )
+    assert resp.status_code == 201, resp.text
+    listed = json.loads(ok(cli(xdg, "schedules", "ls", "-o", "json")))
+    assert [s["id"] for s in listed] == [f"cli-{PID}"]
+    run = cli(xdg, "schedules", "run", f"cli-{PID}", "--wait")
+    assert "succeeded" in ok(run)
+    ok(cli(xdg, "schedules", "rm", f"cli-{PID}"))
+    assert json.loads(ok(cli(xdg, "schedules", "ls", "-o", "json"))) == []
+    users = json.loads(ok(cli(xdg, "users", "ls", "-o", "json")))
+    assert "alice" in {u["username"] for u in users}
+    assert "a long passphrase" not in json.dumps(users)
+    agents = json.loads(ok(cli(xdg, "agents", "ls", "-o", "json")))
+    assert any(a.get("kind") == "worker" for a in agents), agents
+
+
 def test_config_get_and_set_round_trip_and_refuse_bad_input(
     xdg: Path, vms: Path, tmp_path: Path
 ) -> None:

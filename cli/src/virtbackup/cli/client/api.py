@@ -207,6 +207,11 @@ class Api:
                 resp = self.client.request(
                     method, path, json=json_body, params=query, headers=self._headers()
                 )
+            except httpx.TransportError as exc:
+                # A kept-alive connection the server dropped: a read is safe to send again.
+                if method == "GET" and attempt == 1:
+                    continue
+                raise ApiError(0, f"cannot reach {self.url}: {exc}") from exc
             except httpx.HTTPError as exc:
                 raise ApiError(0, f"cannot reach {self.url}: {exc}") from exc
             if resp.status_code == 401 and attempt == 1 and not self.ctx.get("token"):

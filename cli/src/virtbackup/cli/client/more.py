@@ -1,7 +1,8 @@
 """More operator commands: ``config get|set`` (a YAML round trip of ``/config``),
-``plans import FILE`` (``/api/v1/projects/import``) and instant access (``mount POINT
+``plans import FILE`` (``/api/v1/projects/import``), instant access (``mount POINT
 DISK``: an NBD export of one disk of a point, with its TLS files written for qemu-nbd and
-nbdinfo; ``umount EXPORT``)."""
+nbdinfo; ``umount EXPORT``), and listings of schedules (``/api/v1/task/schedulers``),
+users (``/api/v1/admin/sys/users``) and agents (``/api/v1/agents``)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,14 @@ config_app = typer.Typer(
     help="The configuration: get it as YAML, edit, set it.", no_args_is_help=True
 )
 plans_app = typer.Typer(help="Backup plans (projects).", no_args_is_help=True)
+schedules_app = typer.Typer(help="Schedules: list, run one now, delete.", no_args_is_help=True)
+users_app = typer.Typer(help="Users of the identity API (admins).", no_args_is_help=True)
+agents_app = typer.Typer(help="Transfer workers and remote agents.", no_args_is_help=True)
 base.app.add_typer(config_app, name="config")
 base.app.add_typer(plans_app, name="plans")
+base.app.add_typer(schedules_app, name="schedules")
+base.app.add_typer(users_app, name="users")
+base.app.add_typer(agents_app, name="agents")
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -187,3 +194,92 @@ def umount(
     with connect(context) as api:
         answer = api.request("DELETE", f"/restore/exports/{export_id}")
     emit(base.out, answer, output, [("ID", "id"), ("STATE", "state"), ("MESSAGE", "message")])
+
+
+@schedules_app.command("ls")
+@handled
+def schedules_ls(output: OutputOpt = Format.table, context: ContextOpt = None) -> None:
+    """List the schedules (the HyperSDK listener's /schedules, in camelCase).
+
+    Example: virtbackup schedules ls -o yaml
+    """
+    with connect(context) as api:
+        page = api.get("/api/v1/task/schedulers")
+    cols = [
+        ("ID", "id"),
+        ("NAME", "name"),
+        ("CRON", "schedule"),
+        ("ENABLED", "enabled"),
+        ("NEXT RUN", "nextRun"),
+        ("LAST RUN", "lastRun"),
+        ("VMS", "jobTemplate.vmPath"),
+    ]
+    emit(base.out, page.get("items", []), output, cols)
+
+
+@schedules_app.command("run")
+@handled
+def schedules_run(
+    schedule_id: str,
+    wait: base.WaitOpt = False,
+    output: OutputOpt = Format.table,
+    context: ContextOpt = None,
+) -> None:
+    """Run a schedule now (409 while it is disabled); --wait follows its jobs in turn.
+
+    Example: virtbackup schedules run nightly --wait
+    """
+    with connect(context) as api:
+        run = api.post(f"/api/v1/task/schedulers/{schedule_id}/run")
+        if run.get("skipped"):
+            raise ApiError(0, f"schedule {schedule_id} skipped: {run.get('message', '')}")
+        for job_id in run.get("jobIds", []):
+            base.finish_job(api, job_id, wait, output)
+
+
+@schedules_app.command("rm")
+@handled
+def schedules_rm(schedule_id: str, context: ContextOpt = None) -> None:
+    """Delete a schedule (the jobs it started go on).
+
+    Example: virtbackup schedules rm nightly
+    """
+    with connect(context) as api:
+        api.request("DELETE", f"/api/v1/task/schedulers/{schedule_id}")
+    base.out.print(f"schedule {schedule_id} deleted")
+
+
+@users_app.command("ls")
+@handled
+def users_ls(output: OutputOpt = Format.table, context: ContextOpt = None) -> None:
+    """List the users (needs users:read).
+
+    Example: virtbackup users ls
+    """
+    users: list[dict[str, Any]] = []
+    with connect(context) as api:
+        page = 1
+        while True:
+            answer = api.get("/api/v1/admin/sys/users", page=page, size=1000)
+            users.extend(answer.get("items", []))
+            if page >= int(answer.get("total_pages") or 1):
+                break
+            page += 1
+    cols = [("ID", "id"), ("USER", "username"), ("ROLES", "roles"), ("ENABLED", "enabled"),
+            ("EMAIL", "email")]  # fmt: skip
+    emit(base.out, users, output, cols)
+
+
+@agents_app.command("ls")
+@handled
+def agents_ls(output: OutputOpt = Format.table, context: ContextOpt = None) -> None:
+    """List the live transfer workers and the registered remote agents.
+
+    Example: virtbackup agents ls -o json
+    """
+    with connect(context) as api:
+        answer = api.get("/api/v1/agents")
+    rows = answer.get("agents", []) if isinstance(answer, dict) else answer
+    cols = [("ID", "id"), ("KIND", "kind"), ("NAME", "name"), ("STATUS", "status"),
+            ("ELIGIBLE", "eligible"), ("LAST SEEN", "lastSeenAt")]  # fmt: skip
+    emit(base.out, rows, output, cols)
