@@ -292,3 +292,7 @@ def test_a_changed_certificate_is_refused(system: System, xdg: Path, vms: Path) 
     assert result.exit_code == 1
     assert "certificate" in result.stderr and "changed" in result.stderr, result.stderr
     assert "refusing" in result.stderr
+    again = cli(xdg, "login", system.url, "--token", system.token, "--name", "tok")
+    assert again.exit_code == 1 and "changed" in again.stderr, again.output
+    ok(cli(xdg, "login", system.url, "--token", system.token, "--name", "tok", "--trust-new-cert"))
+    assert json.loads(ok(cli(xdg, "servers", "-o", "json")))[0]["id"] == "local"
