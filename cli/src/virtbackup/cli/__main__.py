@@ -253,7 +253,22 @@ def up(workers: int, nats_port: int, orchestrators: int = 2) -> int:
     return 0
 
 
+#: The launcher's own commands, parsed by argparse as always (same options, outputs and
+#: exit codes); everything else is the operator's client (``virtbackup.cli.client.app``).
+LAUNCHER_COMMANDS = frozenset({"up", "nats-auth", "new-secrets", "agent"})
+
+
 def main() -> None:
+    """``virtbackup``: the launcher's commands, else the operator's command line."""
+    if len(sys.argv) > 1 and sys.argv[1] in LAUNCHER_COMMANDS:
+        launcher_main()
+        return
+    from virtbackup.cli.client import app  # the launcher does not need it
+
+    app.main()
+
+
+def launcher_main() -> None:
     parser = argparse.ArgumentParser(prog="virtbackup", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     up_parser = sub.add_parser("up", help="run NATS and every service on this machine")

@@ -1,0 +1,269 @@
+"""An HTTPS client of one context's gateway: certificate pinning, authentication (a
+token, or a user's access token renewed with the refresh token) and the API's errors as
+``ApiError`` (one readable line).
+
+Only public routes are used: the agent and native API (``/servers``, ``/jobs``,
+``/api/v1/...``), ``/events`` (SSE) and the identity API's ``/api/v1/admin/auth/*``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from virtbackup.cli.client.contexts import Contexts
+
+#: Seconds before its expiry at which an access token is renewed.
+RENEW_MARGIN = 60.0
+_REFRESH_LOCK = threading.Lock()
+LOGIN_PATH = "/api/v1/admin/auth/login"
+REFRESH_PATH = "/api/v1/admin/auth/token/refresh"
+
+
+class ApiError(Exception):
+    """A request that failed: ``status`` (0 when no HTTP answer came) and the API's own
+    message (``{"error": ...}``, ``{"detail": ...}`` or the body's text)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.message}" if self.status else self.message
+
+
+def host_port(url: str) -> tuple[str, int]:
+    """The host and port of an ``https://`` URL (443 by default).
+
+    Raises ``ApiError`` for another scheme or no host."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ApiError(0, f"the URL must be https://HOST[:PORT], not {url!r}")
+    return parts.hostname, parts.port or 443
+
+
+def fingerprint_of(pem: str) -> str:
+    """SHA-256 of a PEM certificate's DER bytes, as ``AB:CD:...`` (95 characters)."""
+    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def server_certificate(url: str, timeout: float = 10.0) -> str:
+    """The PEM certificate the server at ``url`` presents (not verified: for pinning).
+
+    Raises ``ApiError`` when nothing answers TLS there."""
+    host, port = host_port(url)
+    try:
+        return ssl.get_server_certificate((host, port), timeout=timeout)
+    except (OSError, ssl.SSLError) as exc:
+        raise ApiError(0, f"cannot connect to {url}: {exc}") from exc
+
+
+def error_message(resp: httpx.Response) -> str:
+    """The API's message of a failed response, in one line."""
+    try:
+        body = resp.json()
+    except ValueError:
+        text = resp.text.strip() or resp.reason_phrase
+        return " ".join(text.split())[:500]
+    if isinstance(body, dict):
+        for key in ("error", "detail", "message"):
+            value = body.get(key)
+            if isinstance(value, dict):
+                value = value.get("message") or value.get("detail") or json.dumps(value)
+            if isinstance(value, str) and value:
+                return " ".join(value.split())
+    return json.dumps(body)[:500]
+
+
+def tls_context(ctx: dict[str, Any]) -> ssl.SSLContext:
+    """The TLS settings of a context: its pinned certificate as the only trust anchor
+    (host name not checked: the certificate itself is pinned), or its ``--cacert`` CA
+    with the host name checked."""
+    pem = ctx.get("cacert")
+    if not isinstance(pem, str) or not pem:
+        raise ApiError(0, "the context has no certificate: run `virtbackup login URL` again")
+    context = ssl.create_default_context(cadata=pem)
+    if ctx.get("fingerprint"):
+        context.check_hostname = False
+        # A self-signed leaf is its own trust anchor; accept it without CA bits.
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
+
+
+def check_pin(url: str, ctx: dict[str, Any], name: str) -> None:
+    """Refuse (``ApiError``) a server whose certificate is not the pinned one, naming
+    both fingerprints."""
+    pinned = ctx.get("fingerprint")
+    if not pinned:
+        return
+    seen = fingerprint_of(server_certificate(url))
+    if seen != pinned:
+        raise ApiError(
+            0,
+            f"the certificate of {url} changed: it is now SHA-256 {seen}, but context "
+            f"{name!r} pinned {pinned}; refusing to connect (if the change is expected, "
+            f"run `virtbackup login {url} --name {name} --trust-new-cert`)",
+        )
+
+
+class Api:
+    """Requests to the gateway of one stored context; renews a user's access token
+    (and saves the new tokens) when it is about to expire or a request gets a 401."""
+
+    def __init__(
+        self,
+        store: Contexts,
+        name: str,
+        ctx: dict[str, Any],
+        timeout: float = 60.0,
+        *,
+        pin_checked: bool = False,
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.ctx = ctx
+        self.url = str(ctx["url"]).rstrip("/")
+        if not pin_checked:
+            check_pin(self.url, ctx, name)
+        self.client = httpx.Client(base_url=self.url, verify=tls_context(ctx), timeout=timeout)
+
+    def clone(self) -> Api:
+        """Another client of the same context (its own connections: for a thread)."""
+        return Api(self.store, self.name, self.ctx, pin_checked=True)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Api:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- authentication ---------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        token = self.ctx.get("token")
+        if isinstance(token, str) and token:
+            return {"Authorization": f"Bearer {token}"}
+        if float(self.ctx.get("expiresAt") or 0) - RENEW_MARGIN < time.time():
+            self.refresh()
+        return {"Authorization": f"Bearer {self.ctx.get('accessToken', '')}"}
+
+    def refresh(self) -> None:
+        """New access and refresh tokens from the stored refresh token (one use each),
+        saved at once. Raises ``ApiError`` when the session ended (log in again)."""
+        used = self.ctx.get("refreshToken")
+        with _REFRESH_LOCK:  # one use per refresh token: one thread renews, the rest reuse
+            if self.ctx.get("refreshToken") == used:
+                self._refresh()
+
+    def _refresh(self) -> None:
+        refresh = self.ctx.get("refreshToken")
+        if not refresh:
+            raise ApiError(401, f"context {self.name!r} has no login: run `virtbackup login`")
+        try:
+            resp = self.client.post(REFRESH_PATH, json={"refresh_token": refresh})
+        except httpx.HTTPError as exc:
+            raise ApiError(0, f"cannot reach {self.url}: {exc}") from exc
+        if resp.status_code != 200:
+            raise ApiError(
+                resp.status_code,
+                f"the session expired ({error_message(resp)}): run `virtbackup login "
+                f"{self.url} --user {self.ctx.get('user', 'NAME')} --name {self.name}`",
+            )
+        store_tokens(self.ctx, resp.json())
+        self.store.contexts[self.name] = self.ctx
+        self.store.save()
+
+    # -- requests ---------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: dict[str, Any] | None = None,
+        raw: bool = False,
+    ) -> Any:
+        """The decoded JSON answer (the text with ``raw``) of a 2xx response.
+
+        Raises ``ApiError`` with the API's message for any other status, and for a
+        server that cannot be reached."""
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        for attempt in (1, 2):
+            try:
+                resp = self.client.request(
+                    method, path, json=json_body, params=query, headers=self._headers()
+                )
+            except httpx.TransportError as exc:
+                # A kept-alive connection the server dropped: a read is safe to send again.
+                if method == "GET" and attempt == 1:
+                    continue
+                raise ApiError(0, f"cannot reach {self.url}: {exc}") from exc
+            except httpx.HTTPError as exc:
+                raise ApiError(0, f"cannot reach {self.url}: {exc}") from exc
+            if resp.status_code == 401 and attempt == 1 and not self.ctx.get("token"):
+                self.refresh()
+                continue
+            break
+        if resp.status_code >= 400:
+            raise ApiError(resp.status_code, error_message(resp))
+        if raw:
+            return resp.text
+        if not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError:
+            return resp.text
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params)
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, json_body=body)
+
+    def events(self, read_timeout: float = 30.0) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(event, data)`` of each message of ``/events`` (SSE) as it arrives; data that
+        is not JSON comes as ``{"text": ...}``. Ends when the server closes the stream;
+        ``httpx.ReadTimeout`` after ``read_timeout`` s without a byte (keep-alives count)."""
+        timeout = httpx.Timeout(10.0, read=read_timeout)
+        with self.client.stream("GET", "/events", headers=self._headers(), timeout=timeout) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                raise ApiError(resp.status_code, error_message(resp))
+            event, data = "message", list[str]()
+            for line in resp.iter_lines():
+                if not line:
+                    if data:
+                        text = "\n".join(data)
+                        try:
+                            decoded = json.loads(text)
+                        except ValueError:
+                            decoded = {"text": text}
+                        yield event, decoded if isinstance(decoded, dict) else {"value": decoded}
+                    event, data = "message", []
+                elif line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].lstrip())
+
+
+def store_tokens(ctx: dict[str, Any], answer: dict[str, Any]) -> None:
+    """Put a login's or refresh's tokens into ``ctx`` (``expiresAt`` from ``expires_in``)."""
+    ctx["accessToken"] = answer["access_token"]
+    ctx["refreshToken"] = answer["refresh_token"]
+    ctx["expiresAt"] = time.time() + float(answer.get("expires_in") or 900)
+    ctx.pop("token", None)

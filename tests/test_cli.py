@@ -1,0 +1,298 @@
+"""The operator's command line (``virtbackup login``, ``backup --wait``, ``restore``,
+``points``, ``jobs``) driven in-process with typer's CliRunner against one real running
+system (real services, libvirtd/QEMU, a filesystem destination) and one small VM. The
+tests build on each other, in order; the last one swaps the gateway's certificate."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from harness import System, local_config, running_system
+from typer.testing import CliRunner, Result
+
+from virtbackup.cli.client.app import build
+from virtbackup.testing.images import create_image, images_equal
+from virtbackup.testing.vms import build_vm_xml, guest_write, remove_vm
+from virtbackup.virt import Connection
+
+pytestmark = pytest.mark.libvirt
+
+MiB = 1 << 20
+PID = os.getpid()
+VM = f"vbt-cli-{PID}"
+COPY = f"vbt-clicopy-{PID}"
+BROKEN = f"vbt-clibad-{PID}"
+STATE: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    with running_system(tmp_path_factory.mktemp("cli"), orchestrators=1) as system:
+        yield system
+
+
+@pytest.fixture(scope="module")
+def xdg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("xdg")
+
+
+@pytest.fixture(scope="module")
+async def vms(
+    system: System, conn: Connection, repo_dir: Path, vm_dir: Path
+) -> AsyncIterator[Path]:
+    """``VM`` running with one 64 MiB qcow2 disk (its path), and ``BROKEN`` defined, shut
+    off, on a network that does not exist (its offline backup cannot start it)."""
+    disk = create_image(vm_dir / f"{VM}-vda.qcow2", 64 * MiB)
+    bad_disk = create_image(vm_dir / f"{BROKEN}-vda.qcow2", 64 * MiB)
+    root = ET.fromstring(build_vm_xml(BROKEN, [bad_disk]))
+    devices = root.find("devices")
+    assert devices is not None
+    iface = ET.SubElement(devices, "interface", type="network")
+    ET.SubElement(iface, "source", network=f"vbt-nonet-{PID}")
+    for name in (VM, COPY, BROKEN):
+        await remove_vm(conn, name)
+    try:
+        dom = await conn.call(conn.raw.defineXML, build_vm_xml(VM, [disk]))
+        await conn.call(dom.create, timeout=60)
+        await guest_write(conn, VM, "vda", 0, 4 * MiB, pattern=0xA5)
+        await guest_write(conn, VM, "vda", 40 * MiB, 1 * MiB, pattern=0x5A)
+        await conn.call(conn.raw.defineXML, ET.tostring(root, encoding="unicode"))
+        async with httpx.AsyncClient(
+            base_url=system.url, headers=system.auth(), verify=False, timeout=60
+        ) as api:
+            assert (await api.post("/config", json=local_config(repo_dir))).status_code == 200
+            assert (await api.post("/servers/local/refresh")).status_code in {200, 202}
+            resp = await api.post(
+                "/api/v1/admin/sys/users",
+                json={"username": "alice", "password": "a long passphrase", "roles": ["admin"]},
+            )
+            assert resp.status_code == 201, resp.text
+        yield disk
+    finally:
+        for name in (VM, COPY, BROKEN):
+            await remove_vm(conn, name)
+
+
+def cli(xdg: Path, *args: str, **env: str) -> Result:
+    runner = CliRunner()
+    return runner.invoke(
+        build(), list(args), env={"XDG_CONFIG_HOME": str(xdg), "COLUMNS": "200", **env}
+    )
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, (result.exit_code, result.output, result.exception)
+    return result.stdout
+
+
+def test_login_with_the_token_pins_the_certificate(system: System, xdg: Path, vms: Path) -> None:
+    result = cli(xdg, "login", system.url, "--token", system.token, "--name", "tok")
+    ok(result)
+    assert "SHA-256 fingerprint" in result.output
+    assert system.token not in result.output
+    folder, file = xdg / "virtbackup", xdg / "virtbackup" / "contexts.yaml"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(file.stat().st_mode) == 0o600
+    listed = json.loads(ok(cli(xdg, "context", "ls", "-o", "json")))
+    assert [c["name"] for c in listed] == ["tok"] and listed[0]["current"] is True
+    assert system.token not in json.dumps(listed)
+    servers = json.loads(ok(cli(xdg, "servers", "-o", "json")))
+    assert [s["id"] for s in servers] == ["local"]
+    # A wrong token is the API's refusal, one line, no traceback.
+    bad = cli(xdg, "login", system.url, "--token", "wrong-token", "--name", "bad")
+    assert bad.exit_code == 1 and "unauthorized" in bad.output and "Traceback" not in bad.output
+    # A CA given with --cacert (here the gateway's own self-signed certificate).
+    cafile = system.data_dir / "tls" / "agent.crt"
+    ok(
+        cli(
+            xdg,
+            "login",
+            system.url,
+            "--token",
+            system.token,
+            "--cacert",
+            str(cafile),
+            "--name",
+            "ca",
+        )
+    )
+    assert json.loads(ok(cli(xdg, "servers", "-o", "json")))[0]["id"] == "local"
+    ok(cli(xdg, "context", "use", "tok"))
+    ok(cli(xdg, "context", "rm", "ca"))
+    assert [c["name"] for c in json.loads(ok(cli(xdg, "context", "ls", "-o", "json")))] == ["tok"]
+
+
+def test_login_as_a_user_renews_its_access_token(system: System, xdg: Path, vms: Path) -> None:
+    ok(cli(xdg, "login", system.url, "--user", "alice", "--name", "alice",
+           VIRTBACKUP_PASSWORD="a long passphrase"))  # fmt: skip
+    path = xdg / "virtbackup" / "contexts.yaml"
+    stored = yaml.safe_load(path.read_text())
+    assert stored["current"] == "alice"
+    first = stored["contexts"]["alice"]["refreshToken"]
+    stored["contexts"]["alice"]["expiresAt"] = 0  # as if the access token had expired
+    path.write_text(yaml.safe_dump(stored))
+    vms_listed = json.loads(ok(cli(xdg, "vms", "ls", "--server", "local", "-o", "json")))
+    assert VM in {v["vm"]["name"] for v in vms_listed}
+    renewed = yaml.safe_load(path.read_text())["contexts"]["alice"]
+    assert renewed["refreshToken"] != first and renewed["expiresAt"] > 0
+    wrong = cli(xdg, "login", system.url, "--user", "alice", "--name", "x",
+                VIRTBACKUP_PASSWORD="not it")  # fmt: skip
+    assert wrong.exit_code == 1 and "Traceback" not in wrong.output
+    ok(cli(xdg, "context", "use", "tok"))
+
+
+def test_backup_wait_then_the_point_is_listed(xdg: Path, vms: Path) -> None:
+    # No --server: the one server that has the VM.
+    result = cli(xdg, "backup", VM, "--dest", "fs", "--wait")
+    ok(result)
+    assert "succeeded" in result.stdout
+    # The bar (on stderr) reached the end, and the job's log lines came from /events.
+    assert "100%" in result.stderr and "MiB" in result.stderr, result.stderr
+    assert "committing" in result.stderr, result.stderr
+    points = json.loads(ok(cli(xdg, "points", "ls", "--vm", VM, "--dest", "fs", "-o", "json")))
+    assert len(points) == 1 and points[0]["vmName"] == VM and points[0]["serverId"] == "local"
+    STATE["point"] = points[0]["id"]
+    table = ok(cli(xdg, "points", "ls", "--vm", VM))
+    assert "64.0 MiB" in table  # logicalBytes, in units
+    protected = json.loads(ok(cli(xdg, "points", "protect", STATE["point"], "-o", "json")))
+    assert protected["protected"] is True
+    refused = cli(xdg, "points", "rm", STATE["point"])
+    assert refused.exit_code == 1 and "protected" in refused.stderr, refused.output
+    unprotected = json.loads(ok(cli(xdg, "points", "unprotect", STATE["point"], "-o", "json")))
+    assert unprotected["protected"] is False
+
+
+def test_restore_wait_makes_a_copy_with_the_same_disk(xdg: Path, vms: Path, vm_dir: Path) -> None:
+    ok(cli(xdg, "restore", STATE["point"], "--as", COPY, "--wait"))
+    copy = vm_dir / f"{COPY}-vda.qcow2"
+    assert copy.exists(), sorted(p.name for p in vm_dir.iterdir())
+    assert images_equal(copy, vms, second_format="qcow2")
+    ok(cli(xdg, "vm", "start", COPY, "--server", "local"))
+    ok(cli(xdg, "vm", "poweroff", COPY, "--server", "local"))
+    again = cli(xdg, "vm", "poweroff", COPY, "--server", "local")
+    assert again.exit_code == 1 and "409" in again.stderr and COPY in again.stderr, again.output
+
+
+def test_a_failing_job_makes_wait_exit_non_zero_with_its_message(xdg: Path, vms: Path) -> None:
+    result = cli(xdg, "backup", BROKEN, "--server", "local", "--wait")
+    assert result.exit_code == 1, result.output
+    assert "failure" in result.stderr and f"vbt-nonet-{PID}" in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+    unknown = cli(xdg, "jobs", "watch", "no-such-job")
+    assert unknown.exit_code == 1 and "no-such-job" in unknown.stderr, unknown.output
+
+
+def test_jobs_ls_yaml_parses(xdg: Path, vms: Path) -> None:
+    jobs = yaml.safe_load(ok(cli(xdg, "jobs", "ls", "--vm", VM, "-o", "yaml")))
+    assert isinstance(jobs, list) and {j["type"] for j in jobs} >= {"backup"}
+    assert all(j["vmName"] == VM for j in jobs)
+    # Bad input: the API's message naming the field, exit 1.
+    bad = cli(xdg, "points", "ls", "--dest", "no-such-dest")
+    assert bad.exit_code == 1 and "no-such-dest" in bad.stderr, bad.output
+
+
+def test_schedules_users_and_agents(system: System, xdg: Path, vms: Path) -> None:
+    body = {
+        "id": f"cli-{PID}",
+        "schedule": "0 2 * * *",
+        "jobTemplate": {
+            "vmPath": f"local/{VM}",
+            "source": {"type": "libvirt", "serverId": "local"},
+            "destination": {"type": "backup", "destinationId": "fs"},
+        },
+    }
+    resp = httpx.post(
+        f"{system.url}/api/v1/task/schedulers",
+        json=body,
+        headers=system.auth(),
+        verify=False,
+        timeout=30,
+    )
+    assert resp.status_code == 201, resp.text
+    listed = json.loads(ok(cli(xdg, "schedules", "ls", "-o", "json")))
+    assert [s["id"] for s in listed] == [f"cli-{PID}"]
+    run = cli(xdg, "schedules", "run", f"cli-{PID}", "--wait")
+    assert "succeeded" in ok(run)
+    ok(cli(xdg, "schedules", "rm", f"cli-{PID}"))
+    assert json.loads(ok(cli(xdg, "schedules", "ls", "-o", "json"))) == []
+    users = json.loads(ok(cli(xdg, "users", "ls", "-o", "json")))
+    assert "alice" in {u["username"] for u in users}
+    assert "a long passphrase" not in json.dumps(users)
+    agents = json.loads(ok(cli(xdg, "agents", "ls", "-o", "json")))
+    assert any(a.get("kind") == "worker" for a in agents), agents
+
+
+def test_config_get_and_set_round_trip_and_refuse_bad_input(
+    xdg: Path, vms: Path, tmp_path: Path
+) -> None:
+    text = ok(cli(xdg, "config", "get"))
+    config = yaml.safe_load(text)
+    assert [d["id"] for d in config["destinations"]] == ["fs"]
+    good = tmp_path / "config.yaml"
+    good.write_text(text)
+    assert "configuration saved" in ok(cli(xdg, "config", "set", str(good)))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump({**config, "backupDestinatonId": "fs"}))
+    refused = cli(xdg, "config", "set", str(typo))
+    assert refused.exit_code == 1 and "backupDestinatonId" in refused.stderr, refused.output
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text + "backupDestinationId: fs\n")
+    refused = cli(xdg, "config", "set", str(twice))
+    assert refused.exit_code == 1 and "given twice" in refused.stderr, refused.output
+    assert yaml.safe_load(ok(cli(xdg, "config", "get"))) == config  # nothing changed
+
+
+def test_mount_exports_a_disk_that_nbdinfo_reads(xdg: Path, vms: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "tls"
+    export = json.loads(
+        ok(
+            cli(
+                xdg,
+                "mount",
+                STATE["point"],
+                "vda",
+                "--dir",
+                str(folder),
+                "--ttl",
+                "300",
+                "-o",
+                "json",
+            )
+        )
+    )
+    assert "tls" not in export and export["tlsDirectory"] == str(folder)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((folder / "client-key.pem").stat().st_mode) == 0o600
+    size = subprocess.run(
+        ["nbdinfo", "--size", f"{export['nbdUrl']}?tls-certificates={folder}"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert int(size) == 64 * MiB
+    stopped = json.loads(ok(cli(xdg, "umount", export["id"], "-o", "json")))
+    assert stopped["state"] == "stopped"
+
+
+def test_a_changed_certificate_is_refused(system: System, xdg: Path, vms: Path) -> None:
+    system.stop("gateway")
+    for name in ("agent.crt", "agent.key"):
+        (system.data_dir / "tls" / name).unlink()
+    system.start("gateway")
+    system.wait_ready()
+    result = cli(xdg, "servers")
+    assert result.exit_code == 1
+    assert "certificate" in result.stderr and "changed" in result.stderr, result.stderr
+    assert "refusing" in result.stderr
+    again = cli(xdg, "login", system.url, "--token", system.token, "--name", "tok")
+    assert again.exit_code == 1 and "changed" in again.stderr, again.output
+    ok(cli(xdg, "login", system.url, "--token", system.token, "--name", "tok", "--trust-new-cert"))
+    assert json.loads(ok(cli(xdg, "servers", "-o", "json")))[0]["id"] == "local"
