@@ -1,0 +1,51 @@
+"""Findings of a fresh trial of issue 15 (the HyperSDK API) as a new user and as an
+attacker, each a test that failed before its fix. One system for the module, no VM."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from harness import System, running_system
+from prometheus_client.parser import text_string_to_metric_families
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    with running_system(tmp_path_factory.mktemp("trial15"), orchestrators=1) as system:
+        yield system
+
+
+@pytest.fixture
+async def api(system: System) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+async def hyper(system: System) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=system.hypersdk_url, headers=system.auth(), timeout=30
+    ) as client:
+        yield client
+
+
+def refused(resp: httpx.Response, status: int, *words: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    body: dict[str, Any] = resp.json()
+    for word in words:
+        assert word in body["error"], (word, body)
+    return body
+
+
+async def test_metrics_name_their_charset_once(hyper: httpx.AsyncClient) -> None:
+    """It was ``text/plain; version=0.0.4; charset=utf-8; charset=utf-8``."""
+    resp = await hyper.get("/metrics")
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    names = {family.name for family in text_string_to_metric_families(resp.text)}
+    assert "hypersdk_build_info" in names
