@@ -49,3 +49,18 @@ async def test_metrics_name_their_charset_once(hyper: httpx.AsyncClient) -> None
     assert resp.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     names = {family.name for family in text_string_to_metric_families(resp.text)}
     assert "hypersdk_build_info" in names
+
+
+@pytest.mark.parametrize(
+    ("headers", "where"),
+    [({"X-Team": "ops\n"}, "headers"), ({"X-Team\n": "ops"}, "headers")],
+)
+async def test_a_webhook_header_ending_in_a_newline_is_refused(
+    hyper: httpx.AsyncClient, headers: dict[str, str], where: str
+) -> None:
+    """A final newline passed the pattern (``$``); the webhook was added and every
+    delivery then failed at the HTTP client ("Illegal header value")."""
+    before = (await hyper.get("/webhooks")).json()["webhooks"]
+    body = {"url": "http://127.0.0.1:9/hook", "events": ["job.failed"], "headers": headers}
+    refused(await hyper.post("/webhooks", json=body), 400, where)
+    assert (await hyper.get("/webhooks")).json()["webhooks"] == before
