@@ -64,3 +64,17 @@ async def test_a_webhook_header_ending_in_a_newline_is_refused(
     body = {"url": "http://127.0.0.1:9/hook", "events": ["job.failed"], "headers": headers}
     refused(await hyper.post("/webhooks", json=body), 400, where)
     assert (await hyper.get("/webhooks")).json()["webhooks"] == before
+
+
+async def test_an_ntfy_token_with_a_control_character_is_refused(
+    api: httpx.AsyncClient,
+) -> None:
+    """``POST /config`` took ``"ntfymeToken": "tk_...\\n"`` (every notification then
+    failed), and ``/ntfyme/test`` answered 200 with the token echoed in its error."""
+    cfg = (await api.get("/config")).json()
+    bad = {**cfg, "ntfymeToken": "tk_abc\n"}
+    refused(await api.post("/config", json=bad), 400, "ntfymeToken")
+    assert (await api.get("/config")).json() == cfg
+    resp = await api.post("/ntfyme/test", json={"token": "tk_a\r\nX-Evil: 1"})
+    body = refused(resp, 400, "token")
+    assert "X-Evil" not in body["error"]
