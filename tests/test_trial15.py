@@ -78,3 +78,20 @@ async def test_an_ntfy_token_with_a_control_character_is_refused(
     resp = await api.post("/ntfyme/test", json={"token": "tk_a\r\nX-Evil: 1"})
     body = refused(resp, 400, "token")
     assert "X-Evil" not in body["error"]
+
+
+@pytest.mark.parametrize(("field", "size"), [("description", 2001), ("name", 201)])
+async def test_schedule_text_fields_are_bounded(
+    hyper: httpx.AsyncClient, field: str, size: int
+) -> None:
+    """Two schedules with a 600 KB description made ``GET /schedules`` a 503 for
+    everyone (the orchestrator's list no longer fits in one NATS message)."""
+    body = {
+        "id": "t15-long",
+        "schedule": "0 2 * * *",
+        "job_template": {"vm_path": "local/web1", "source": {"type": "libvirt"}},
+        field: "x" * size,
+    }
+    refused(await hyper.post("/schedules", json=body), 400, field)
+    refused(await hyper.put("/schedules/t15-long", json={field: "x" * size}), 400, field)
+    assert (await hyper.get("/schedules/t15-long")).status_code == 404
