@@ -95,3 +95,15 @@ async def test_schedule_text_fields_are_bounded(
     refused(await hyper.post("/schedules", json=body), 400, field)
     refused(await hyper.put("/schedules/t15-long", json={field: "x" * size}), 400, field)
     assert (await hyper.get("/schedules/t15-long")).status_code == 404
+
+
+async def test_a_job_without_a_source_says_source_is_required(
+    hyper: httpx.AsyncClient,
+) -> None:
+    """It said ``source.type: 'None' is not a source type``."""
+    body = refused(
+        await hyper.post("/jobs/submit", json={"vm_path": "local/web1"}),
+        400,
+        "source.type is required",
+    )
+    assert "None" not in body["error"]
