@@ -107,3 +107,11 @@ async def test_a_job_without_a_source_says_source_is_required(
         "source.type is required",
     )
     assert "None" not in body["error"]
+
+
+@pytest.mark.parametrize("path", ["/jobs/submit", "/jobs/query", "/webhooks", "/schedules"])
+async def test_a_missing_body_is_said_in_words(hyper: httpx.AsyncClient, path: str) -> None:
+    """It was ``invalid request: 'data' - at `$```."""
+    resp = await hyper.post(path, headers={"content-type": "application/json"})
+    body = refused(resp, 400, "no body", "JSON object")
+    assert "'data'" not in body["error"]
