@@ -115,3 +115,28 @@ async def test_a_missing_body_is_said_in_words(hyper: httpx.AsyncClient, path: s
     resp = await hyper.post(path, headers={"content-type": "application/json"})
     body = refused(resp, 400, "no body", "JSON object")
     assert "'data'" not in body["error"]
+
+
+async def test_webhooks_beyond_one_nats_message_are_a_400(hyper: httpx.AsyncClient) -> None:
+    """Each webhook may carry 32 headers of 2 KiB: the 17th such add failed as a 500
+    (the stored list no longer fit in one NATS message)."""
+    before = len((await hyper.get("/webhooks")).json()["webhooks"])
+    big = {
+        "url": "http://127.0.0.1:9/big",
+        "events": ["job.failed"],
+        "headers": {f"X-Pad-{i}": "v" * 2000 for i in range(32)},
+    }
+    added = 0
+    try:
+        for _ in range(20):
+            resp = await hyper.post("/webhooks", json=big)
+            if resp.status_code != 201:
+                break
+            added += 1
+        refused(resp, 400, "headers", "bytes")
+        assert 0 < added < 20
+        listed = await hyper.get("/webhooks")
+        assert listed.status_code == 200 and listed.json()["total"] == before + added
+    finally:
+        for _ in range(added):
+            assert (await hyper.delete(f"/webhooks/{before}")).status_code == 200
