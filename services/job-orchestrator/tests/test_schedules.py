@@ -119,6 +119,8 @@ def test_sources_destinations_and_options() -> None:
         check_source({"vcenter_url": "vc", "username": "u"})
     with pytest.raises(BadRequest, match=r"source\.type"):
         check_source({"type": "hyperv"})
+    with pytest.raises(BadRequest, match=r"source\.type is required"):
+        check_source({})
     with pytest.raises(BadRequest, match=r"source\.password"):
         check_source({"type": "libvirt", "password": "x"})
     assert check_destination({"type": "backup", "destination_id": "fs"}) == "fs"

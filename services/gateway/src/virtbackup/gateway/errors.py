@@ -192,6 +192,8 @@ def validation_error(
             if isinstance(item, dict):
                 key = item.get("key")
                 msg = item.get("message", "")
+                if key == "data" and msg == repr("data"):  # Litestar's KeyError: no body
+                    msg = "the request has no body: send a JSON object"
                 if key == "data" or (key and item.get("source") == "body"):
                     where = "$" if key == "data" else f"$.{key}"
                     details.append(f"{msg} - at `{where}`")

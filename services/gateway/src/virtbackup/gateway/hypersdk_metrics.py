@@ -47,7 +47,9 @@ from virtbackup.runtime import __version__
 from virtbackup.runtime.errors import Unavailable
 from virtbackup.runtime.metrics import BUILD_INFO as _BUILD_INFO  # noqa: F401 (no _created)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Prometheus' text format 0.0.4; Litestar adds ``; charset=utf-8`` to every ``text/``
+#: media type, so naming the charset here too would send it twice.
+CONTENT_TYPE = "text/plain; version=0.0.4"
 
 #: The listener's own metrics (requests), kept for the life of the process.
 API_REGISTRY = CollectorRegistry(auto_describe=True)

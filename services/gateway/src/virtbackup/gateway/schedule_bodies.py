@@ -9,8 +9,21 @@ for the job-orchestrator, which checks them (cron, time zone, template).
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import msgspec
+
 from virtbackup.contracts.v1.schedules import JobDefinition, ScheduleCreate, ScheduleUpdate
 from virtbackup.gateway.bodies import SnakeBody
+
+#: Bounds of a schedule's text fields (a 400 naming the field beyond them): every
+#: schedule travels in the one reply of the orchestrator's list (NATS: 1 MiB at most),
+#: so a few schedules with a description of a body's size (1 MiB) made ``GET
+#: /schedules`` answer 503 for everyone.
+ScheduleName = Annotated[str, msgspec.Meta(max_length=200)]
+ScheduleDescription = Annotated[str, msgspec.Meta(max_length=2000)]
+CronText = Annotated[str, msgspec.Meta(max_length=200)]
+ZoneName = Annotated[str, msgspec.Meta(max_length=64)]
 
 
 class ScheduleFields(SnakeBody, kw_only=True):
@@ -18,10 +31,10 @@ class ScheduleFields(SnakeBody, kw_only=True):
     ``@daily`` and the like), ``timezone`` an IANA name, ``id`` made when empty."""
 
     id: str = ""
-    name: str = ""
-    description: str = ""
-    schedule: str
-    timezone: str = "UTC"
+    name: ScheduleName = ""
+    description: ScheduleDescription = ""
+    schedule: CronText
+    timezone: ZoneName = "UTC"
     enabled: bool = True
 
     def create_request(self, template: JobDefinition) -> ScheduleCreate:
@@ -40,10 +53,10 @@ class ScheduleFields(SnakeBody, kw_only=True):
 class ScheduleFieldChanges(SnakeBody, kw_only=True):
     """A change of a schedule: only the fields given (not ``None``) replace its own."""
 
-    name: str | None = None
-    description: str | None = None
-    schedule: str | None = None
-    timezone: str | None = None
+    name: ScheduleName | None = None
+    description: ScheduleDescription | None = None
+    schedule: CronText | None = None
+    timezone: ZoneName | None = None
     enabled: bool | None = None
 
     def update_request(self, schedule_id: str, template: JobDefinition | None) -> ScheduleUpdate:

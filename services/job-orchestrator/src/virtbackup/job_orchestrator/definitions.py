@@ -61,13 +61,18 @@ def _text(value: object, field: str) -> str:
 
 
 def check_source(source: dict[str, Any]) -> str | None:
-    """The ``server_id`` a libvirt source names (None when it names none); vSphere and
-    any other type are a 400."""
+    """The ``server_id`` a libvirt source names (None when it names none); no source
+    (``{}``, ``{"type": null}``), vSphere and any other type are a 400."""
     kind = source.get("type", "libvirt" if "server_id" in source else None)
     if kind == "vsphere" or (kind is None and VSPHERE_FIELDS & set(source)):
         raise BadRequest(
             "source.type: 'vsphere': VirtBackup has no vSphere driver; back up libvirt VMs "
             'with source {"type": "libvirt", "server_id": "<server>"}'
+        )
+    if kind is None:
+        raise BadRequest(
+            'source.type is required: give source {"type": "libvirt", "server_id": "<server>"}'
+            " (or the server as the first part of vm_path)"
         )
     if kind != "libvirt":
         raise BadRequest(f"source.type: {shown(kind)} is not a source type (use 'libvirt')")

@@ -68,6 +68,13 @@ def check_add(add: Webhook | WebhookAdd) -> None:
         raise BadRequest("events: an event is named twice")
 
 
+#: The most the stored list of webhooks may take (bytes of JSON): it is one value of
+#: ``VB_WEBHOOKS`` and, as views, one reply of ``webhooks-list``, and a NATS message holds
+#: at most 1 MiB by default. Without the bound an add past it failed as a 500
+#: (``MaxPayloadError``).
+MAX_WEBHOOKS_BYTES = 768 * 1024
+
+
 class WebhookStore:
     """The webhooks, in order, and their last delivery status."""
 
@@ -121,7 +128,14 @@ class WebhookStore:
     async def _change(self, fn: Callable[[list[Webhook]], list[Webhook]]) -> None:
         for _ in range(10):
             hooks, revision = await self._load()
-            new = msgspec.json.encode(fn(hooks))
+            changed = fn(hooks)
+            new = msgspec.json.encode(changed)
+            if len(new) > MAX_WEBHOOKS_BYTES and len(changed) > len(hooks):
+                raise BadRequest(
+                    f"headers: the webhooks would take {len(new)} bytes together, more than"
+                    f" {MAX_WEBHOOKS_BYTES}: give this one fewer or shorter headers, or"
+                    " delete some webhooks"
+                )
             try:
                 if revision:
                     await self.kv.update(WEBHOOKS_KEY, new, last=revision)
@@ -139,7 +153,8 @@ class WebhookStore:
     async def add(self, add: Webhook) -> Webhook:
         """Validate and append a webhook (its ``secret`` and header values sealed or in
         clear) under a new id; returns it (secrets opened). ``BadRequest``
-        naming the field; nothing is stored unless it is valid."""
+        naming the field (also when the list would outgrow :data:`MAX_WEBHOOKS_BYTES`);
+        nothing is stored unless it is valid."""
         check_add(add)
         if not add.events:
             raise BadRequest("events: name at least one event")

@@ -327,6 +327,19 @@ class NtfySettings(Strict, kw_only=True):
     matchers: list[NotificationMatcher] = msgspec.field(default_factory=list)
 
 
+#: ntfy's access token as the configuration and ``POST /ntfyme/test`` take it (sealed
+#: ``vbsec:v1:...`` or masked at rest and on the bus): printable characters without a
+#: space, since it goes into an ``Authorization`` header; a control character (a final
+#: newline) would make every notification fail at the HTTP client.
+NtfyToken = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=4096,
+        pattern=described(r"^[!-~]*(?![\s\S])", "a token (printable characters, no space)"),
+    ),
+]
+
+
 class AgentConfig(Strict, kw_only=True):
     """The whole agent configuration."""
 
@@ -336,7 +349,7 @@ class AgentConfig(Strict, kw_only=True):
     backup: BackupSettings = msgspec.field(default_factory=BackupSettings)
     hashblocks_limit_buffer_mb: Annotated[int, msgspec.Meta(ge=16, le=65536)] = 1024
     dummy_driver_tmp_writes: bool = False
-    ntfyme_token: str = ""
+    ntfyme_token: NtfyToken = ""
     ntfy: NtfySettings = msgspec.field(default_factory=NtfySettings)
     connection_verified: bool = False
     selected_server_id: str | None = None

@@ -7,6 +7,7 @@ from typing import Any
 from litestar import Controller, Response, post
 
 from virtbackup.contracts.subjects import NotifyCmd
+from virtbackup.contracts.v1.config import NtfyToken
 from virtbackup.contracts.v1.webhooks import NtfyTest, TestResult
 from virtbackup.gateway.bodies import Body
 from virtbackup.gateway.errors import responses
@@ -14,9 +15,10 @@ from virtbackup.gateway.state import Gateway
 
 
 class NtfyTestBody(Body, kw_only=True):
-    """``{"token": ...}``, optional: without it the configured ``ntfymeToken`` is used."""
+    """``{"token": ...}``, optional: without it the configured ``ntfymeToken`` is used.
+    A token with a space or a control character is a 400 naming ``token``."""
 
-    token: str | None = None
+    token: NtfyToken | None = None
 
 
 class NotifyController(Controller):
