@@ -1,5 +1,5 @@
-"""Findings of a fresh trial of issue 15 (the HyperSDK API) as a new user and as an
-attacker, each a test that failed before its fix. One system for the module, no VM."""
+"""The HyperSDK listener's limits and refusals found by a fresh trial of issue 15, each a
+test that failed before its fix: sizes, headers, tokens, messages. One system, no VM."""
 
 from __future__ import annotations
 
