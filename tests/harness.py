@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,3 +223,19 @@ def running_system(
         for proc in system.procs.values():
             proc.kill()
         system.nats.stop()
+
+
+@contextlib.asynccontextmanager
+async def api_client(
+    system: System, config: dict[str, Any] | None = None, *, timeout: float = 60
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of ``system``'s HTTPS API (agent API and ``/api/v1``) with its token (the
+    gateway's self-signed certificate is not checked); ``config``, when given, is posted
+    as the configuration first (a 200 asserted)."""
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=timeout
+    ) as client:
+        if config is not None:
+            resp = await client.post("/config", json=config)
+            assert resp.status_code == 200, resp.text
+        yield client

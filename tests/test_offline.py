@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import libvirt
 import pytest
-from harness import System, local_config, running_system, same, snapshot, wait_job
+from harness import System, api_client, local_config, running_system, same, snapshot, wait_job
 
 from virtbackup.testing.images import create_image
 from virtbackup.testing.vms import (
@@ -59,10 +59,7 @@ async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
 
 @pytest.fixture(scope="module")
 async def api(system: System, repo_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=system.url, headers=system.auth(), verify=False, timeout=60
-    ) as client:
-        assert (await client.post("/config", json=local_config(repo_dir))).status_code == 200
+    async with api_client(system, local_config(repo_dir)) as client:
         yield client
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import System, local_config
+from harness import System, api_client, local_config
 
 from virtbackup.testing.points import write_point
 
@@ -18,10 +18,7 @@ VM = f"vbt-filter-{os.getpid()}"
 
 @pytest.fixture(scope="module")
 async def api(system: System, repo_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=system.url, headers=system.auth(), verify=False, timeout=60
-    ) as client:
-        assert (await client.post("/config", json=local_config(repo_dir))).status_code == 200
+    async with api_client(system, local_config(repo_dir)) as client:
         yield client
 
 

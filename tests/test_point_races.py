@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import System, local_config, wait_job
+from harness import System, api_client, local_config, wait_job
 
 from virtbackup.contracts.v1.points import point_id
 from virtbackup.testing.points import write_point
@@ -24,10 +24,7 @@ PRUNED = f"vbt-race2-{os.getpid()}"
 
 @pytest.fixture(scope="module")
 async def api(system: System, repo_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=system.url, headers=system.auth(), verify=False, timeout=60
-    ) as client:
-        assert (await client.post("/config", json=local_config(repo_dir))).status_code == 200
+    async with api_client(system, local_config(repo_dir)) as client:
         yield client
 
 

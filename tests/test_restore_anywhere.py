@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import System, local_config, running_system, wait_job
+from harness import System, api_client, local_config, running_system, wait_job
 
 from virtbackup.testing.images import create_image, images_equal
 from virtbackup.testing.vms import build_vm_xml, guest_write, remove_vm, vm_directory
@@ -78,10 +78,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
 
 @pytest.fixture(scope="module")
 async def api(system: System, repo_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=system.url, headers=system.auth(), verify=False, timeout=60
-    ) as client:
-        assert (await client.post("/config", json=local_config(repo_dir))).status_code == 200
+    async with api_client(system, local_config(repo_dir)) as client:
         yield client
 
 

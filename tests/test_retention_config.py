@@ -9,14 +9,12 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import System, local_config
+from harness import System, api_client, local_config
 
 
 @pytest.fixture(scope="module")
 async def api(system: System) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=system.url, headers=system.auth(), verify=False, timeout=60
-    ) as client:
+    async with api_client(system) as client:
         yield client
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from harness import System, running_system, same, snapshot, wait_job
+from harness import System, api_client, running_system, same, snapshot, wait_job
 
 from virtbackup.contracts.subjects import VaultCmd
 from virtbackup.runtime.sealing import new_key
@@ -67,9 +67,7 @@ async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
 
 @pytest.fixture(scope="module")
 async def api(system: System) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=system.url, headers=system.auth(), verify=False, timeout=60
-    ) as client:
+    async with api_client(system) as client:
         yield client
 
 
