@@ -193,6 +193,14 @@ def _bad_cases() -> list[tuple[bytes | dict[str, Any], str]]:
             _with(["backup", "gdrive", "expiresAt"], int("9" * 400)),
             "at `$.backup.gdrive.expiresAt`",
         ),
+        # A pattern's `$` matches before a final newline: one-line fields ending with
+        # one are refused too (a host, a topic, an SFTP host in a destination's params).
+        (_with(["servers", 1, "host"], "kvm2\n"), "line break - at `$.servers[1].host`"),
+        (_with(["ntfy"], {"topic": "alerts\n"}), "line break - at `$.ntfy.topic`"),
+        (
+            _with(["destinations", 1, "params", "host"], "sftp.example.com\n"),
+            "line break - at `$.destinations[1].params.host`",
+        ),
     ]
 
 

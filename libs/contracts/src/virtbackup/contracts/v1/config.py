@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
+import json
 import posixpath
 import re
 from typing import Annotated, Any, Final, Literal
@@ -393,7 +395,9 @@ def validate_config(cfg: AgentConfig) -> None:
     """Cross-field checks: unique ids, known drivers, valid driver params, references,
     destinations that can only hurt (a system directory, a relative path, an S3 prefix
     with ``..``, an SFTP login without a secret), libvirt URIs that run programs, and
-    host keys that cannot be read. Raises ``ConfigError`` naming the field."""
+    host keys that cannot be read, one-line fields ending with a line break. Raises
+    ``ConfigError`` naming the field."""
+    check_single_lines(cfg)
     seen: set[str] = set()
     for i, dest in enumerate(cfg.destinations):
         where = f"$.destinations[{i}]"
@@ -410,6 +414,9 @@ def validate_config(cfg: AgentConfig) -> None:
             params = msgspec.convert(dest.params, type=schema, strict=True)
         except msgspec.ValidationError as exc:
             raise ConfigError(_rebase(str(exc), f"{where}.params")) from None
+        broken = _line_breaks(params, _type_info(schema), f"{where}.params")
+        if broken is not None:
+            raise ConfigError(f"must be one line: it ends with a line break - at `{broken}`")
         if dest.vault_connection_id is not None:
             _check_vault_params(dest, f"{where}.params")
         else:
@@ -713,3 +720,56 @@ def config_to_builtins(cfg: AgentConfig) -> dict[str, Any]:
     out = msgspec.to_builtins(cfg)
     assert isinstance(out, dict)
     return out
+
+
+@functools.cache
+def _type_info(cls: type) -> msgspec.inspect.Type:
+    return msgspec.inspect.type_info(cls)
+
+
+def _line_breaks(value: object, info: msgspec.inspect.Type, where: str) -> str | None:
+    """The path of the first text in ``value`` that must be one line (its type has a
+    ``pattern``) but ends with a line break, which a pattern's ``$`` lets through
+    (Python's ``re`` matches ``$`` before a final newline); None when there is none.
+    ``info`` is ``value``'s type as ``msgspec.inspect`` describes it."""
+    if isinstance(info, msgspec.inspect.StrType):
+        if info.pattern and isinstance(value, str) and value.endswith(("\n", "\r")):
+            return where
+        return None
+    if isinstance(info, msgspec.inspect.UnionType):
+        for member in info.types:
+            if (found := _line_breaks(value, member, where)) is not None:
+                return found
+        return None
+    if isinstance(info, msgspec.inspect.StructType) and isinstance(value, msgspec.Struct):
+        for field in info.fields:
+            found = _line_breaks(
+                getattr(value, field.name), field.type, f"{where}.{field.encode_name}"
+            )
+            if found is not None:
+                return found
+        return None
+    if isinstance(info, msgspec.inspect.ListType | msgspec.inspect.SetType) and isinstance(
+        value, list | set | frozenset
+    ):
+        for i, item in enumerate(value):
+            if (found := _line_breaks(item, info.item_type, f"{where}[{i}]")) is not None:
+                return found
+        return None
+    if isinstance(info, msgspec.inspect.DictType) and isinstance(value, dict):
+        for key, item in value.items():
+            at = f"{where}[{json.dumps(key, ensure_ascii=False)}]"
+            if (found := _line_breaks(key, info.key_type, at)) is not None:
+                return found
+            if (found := _line_breaks(item, info.value_type, at)) is not None:
+                return found
+    return None
+
+
+def check_single_lines(cfg: AgentConfig) -> None:
+    """``ConfigError`` naming the first one-line field (a host, an id, a URL, a topic...)
+    whose text ends with a line break: it would be refused by the program or server it
+    goes to, at every use, long after the configuration was accepted."""
+    where = _line_breaks(cfg, _type_info(AgentConfig), "$")
+    if where is not None:
+        raise ConfigError(f"must be one line: it ends with a line break - at `{where}`")
