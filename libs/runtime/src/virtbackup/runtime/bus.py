@@ -50,6 +50,10 @@ Handler = Callable[[Req], Awaitable[Res]]
 _encoder = msgspec.json.Encoder()
 
 
+#: Bytes of a reply's message kept for its headers under the server's ``max_payload``.
+REPLY_HEADROOM = 4096
+
+
 class Bus:
     """A service's view of NATS: FastStream for subscribers, nats-py for KV and streams.
 
@@ -133,7 +137,10 @@ class Bus:
                 # The subject is no client's business: a gateway passes this on.
                 raise BadRequest(readable(f"invalid request: {exc}")) from None
             result = await fn(request)
-            return _encoder.encode(Reply[Any](result=result))
+            answer = _encoder.encode(Reply[Any](result=result))
+            return (
+                answer if len(answer) <= self._reply_limit() else self._too_large(subject, answer)
+            )
         except ServiceError as exc:
             return _encoder.encode(Reply[Any](error=exc.to_fault()))
         except (NatsTimeoutError, TimeoutError, NoRespondersError, ConnectionError) as exc:
@@ -146,6 +153,26 @@ class Bus:
             log.exception("command %s failed", subject)
             fault = Fault(code="internal", message=f"{type(exc).__name__}: {exc}")
             return _encoder.encode(Reply[Any](error=fault))
+
+    def _reply_limit(self) -> int:
+        """The largest message the server takes (its ``max_payload``), less room for the
+        reply's headers; no limit when the connection is not up."""
+        try:
+            limit = int(self.nc.max_payload)
+        except Exception:
+            return 1 << 62
+        return limit - REPLY_HEADROOM if limit > REPLY_HEADROOM else limit
+
+    def _too_large(self, subject: str, answer: bytes) -> bytes:
+        """The fault answered instead of a reply the server would refuse to carry: without
+        it the requester would wait out its timeout and say nobody answered."""
+        log.warning("command %s: answer of %d bytes is over the bus's limit", subject, len(answer))
+        fault = Fault(
+            code="unavailable",
+            message=f"{subject}: the answer ({len(answer)} bytes) is larger than the bus "
+            f"carries ({self._reply_limit()} bytes): ask for less (a filter, a page)",
+        )
+        return _encoder.encode(Reply[Any](error=fault))
 
     async def request(
         self,
