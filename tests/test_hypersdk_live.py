@@ -120,6 +120,23 @@ async def test_an_upgrade_without_the_token_is_refused(system: System) -> None:
         {},
         {"subprotocols": ["virtbackup.v1", "virtbackup.bearer.wrong-token"]},
         {"subprotocols": ["virtbackup.v1"]},
+        # Which one is meant? Two tokens, a wrong one first or last, are refused.
+        {
+            "subprotocols": [
+                "virtbackup.v1",
+                "virtbackup.bearer.wrong",
+                f"virtbackup.bearer.{system.token}",
+            ]
+        },
+        {
+            "subprotocols": [
+                "virtbackup.v1",
+                f"virtbackup.bearer.{system.token}",
+                "virtbackup.bearer.wrong",
+            ]
+        },
+        # The token offered without the protocol the server selects.
+        {"subprotocols": [f"virtbackup.bearer.{system.token}"]},
     ]
     for kwargs in attempts:
         with pytest.raises(InvalidStatus) as refused:

@@ -20,6 +20,8 @@ UNAUTHORIZED = b'{"error":"unauthorized"}'
 #: subprotocol ``virtbackup.bearer.<token>`` (the server never selects it, so the token
 #: is not echoed); see ``hypersdk_ws``.
 TOKEN_SUBPROTOCOL = "virtbackup.bearer."  # noqa: S105 (a prefix, not a secret)
+#: The WebSocket subprotocol the server selects (offered with the token's).
+WS_SUBPROTOCOL = "virtbackup.v1"
 
 
 def presented_credential(scope: Scope) -> str | None:
@@ -36,11 +38,20 @@ def presented_credential(scope: Scope) -> str | None:
         elif name == b"x-agent-token":
             agent = value.decode("latin-1").strip()
         elif name == b"sec-websocket-protocol" and scope["type"] == "websocket":
-            for offered in value.decode("latin-1").split(","):
-                offered = offered.strip()
-                if offered.startswith(TOKEN_SUBPROTOCOL):
-                    protocol = offered[len(TOKEN_SUBPROTOCOL) :]
+            protocol = _subprotocol_credential(value.decode("latin-1"))
     return bearer or agent or protocol
+
+
+def _subprotocol_credential(header: str) -> str | None:
+    """The token of ``virtbackup.bearer.<token>`` in a ``Sec-WebSocket-Protocol``
+    header, offered beside ``virtbackup.v1`` (the protocol the server selects: a browser
+    drops a connection whose server selected none of its offers); None for none, for
+    one offered alone, and for two or more (which one would be meant?)."""
+    offered = [p.strip() for p in header.split(",") if p.strip()]
+    tokens = [p[len(TOKEN_SUBPROTOCOL) :] for p in offered if p.startswith(TOKEN_SUBPROTOCOL)]
+    if len(tokens) != 1 or WS_SUBPROTOCOL not in offered:
+        return None
+    return tokens[0]
 
 
 #: Query parameters that carry a credential: a WebSocket URL with one is refused.

@@ -44,6 +44,7 @@ from litestar.exceptions import WebSocketDisconnect
 
 from virtbackup.contracts.v1.hypersdk_jobs import job_view
 from virtbackup.contracts.v1.jobs import Job
+from virtbackup.gateway.auth import WS_SUBPROTOCOL
 from virtbackup.gateway.hypersdk_status import all_jobs, current_status
 from virtbackup.gateway.identity_auth import RECHECK_SECONDS, still_allowed
 from virtbackup.gateway.state import Gateway
@@ -53,7 +54,7 @@ from virtbackup.runtime.events import EventFeed, StoredEvent
 
 log = logging.getLogger(__name__)
 
-SUBPROTOCOL = "virtbackup.v1"
+SUBPROTOCOL = WS_SUBPROTOCOL
 STATUS_SECONDS = 2.0
 QUEUE_SIZE = 256
 #: Job events that become a ``job_update`` (``job.canceled`` follows ``job.finished``).
