@@ -343,6 +343,13 @@ async def test_bad_input_creates_nothing(hs: httpx.AsyncClient) -> None:
         404,
         "destination 'nope' not found",
     )
+    # The template's fields are named within the schedule.
+    await refused(
+        "/schedules",
+        sched(job_template={"vm_path": WEB[0], "source": {"type": "vsphere"}}),
+        400,
+        "job_template.source.type",
+    )
     await refused("/schedules", sched(id="a b"), 400, "id")
     assert await job_count(hs) == jobs_before
     assert (await hs.get("/schedules")).json()["total"] == schedules_before

@@ -304,9 +304,22 @@ async def publish(jc: JobContext, event_type: str, schedule: Schedule, **fields:
 # -- commands -----------------------------------------------------------------------------
 
 
+#: The fields of a job definition, as ``expand``'s messages name them first.
+_TEMPLATE_FIELDS = ("vm_path", "source", "destination", "options", "name", "id")
+
+
 async def check_template(jc: JobContext, template: JobDefinition) -> None:
-    """``BadRequest``/``NotFound`` for a template no run could start (``expand``)."""
-    await expand(jc, template)
+    """``BadRequest``/``NotFound`` for a template no run could start (``expand``), its
+    message naming the field within the schedule (``job_template.source.type``)."""
+    try:
+        await expand(jc, template)
+    except (BadRequest, NotFound) as exc:
+        text = exc.message
+        if text.startswith(_TEMPLATE_FIELDS):
+            text = f"job_template.{text}"
+        else:
+            text = f"job_template: {text}"
+        raise type(exc)(text) from None
 
 
 @schedule_commands.handler(ScheduleCmd.LIST, Empty)
