@@ -296,6 +296,12 @@ async def test_migrate_a_running_vm_while_it_writes(
     assert result["stage"] == "completed"
     assert len(result["passes"]) >= 3  # copy, at least one sync pass, the offline delta
     assert result["passes"][-1]["offline"] is True
+    # The last delta was read from the qcow2 image's bitmap by qemu-nbd, without
+    # starting QEMU again; those exports are gone, and the image is free.
+    assert result["passes"][-1]["fromBitmaps"] is True, result
+    assert result["cutoverSeconds"]["copied"] < result["cutoverSeconds"]["defined"], result
+    assert bitmap_exports_of(vm.disks[0]) == [], "a qemu-nbd of the source was left running"
+    assert list(Path("/tmp").glob(f"vbdelta-{await uuid_of(conn, VM)}.*")) == []
     # The VM is down only for the cut-over: not while the disk is copied and synced.
     started = datetime.fromisoformat(record["startedAt"].replace("Z", "+00:00"))
     ended = datetime.fromisoformat(record["finishedAt"].replace("Z", "+00:00"))
@@ -313,6 +319,23 @@ async def test_migrate_a_running_vm_while_it_writes(
     assert compared.returncode == 0, compared.stdout + compared.stderr
     # Thin: about the data written, not the whole disk.
     assert moved.stat().st_blocks * 512 < 128 * MiB
+
+
+def bitmap_exports_of(image: Path) -> list[int]:
+    """Pids of the ``qemu-nbd`` processes that export ``image`` (the cut-over's)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if argv and argv[0].endswith(b"qemu-nbd") and str(image).encode() in argv:
+                found.append(int(proc.name))
+    return found
+
+
+async def uuid_of(conn: Connection, name: str) -> str:
+    return str((await get_domain(conn, name)).uuid)
 
 
 async def checkpoints_of(conn: Connection, name: str) -> list[str]:
@@ -365,6 +388,9 @@ async def test_a_failure_at_cutover_starts_the_source_again(
     assert "cutover" in stages, stages
     assert "started again" in job["error"], job
     assert await power(conn, VM) == "running"
+    # The last delta's exports (qemu-nbd on the image) were stopped before the start.
+    assert bitmap_exports_of(vm.disks[0]) == []
+    assert list(Path("/tmp").glob(f"vbdelta-{await uuid_of(conn, VM)}.*")) == []
     assert await checkpoints_of(conn, VM) == before
     with pytest.raises(NotFound):
         await get_domain(conn, FAILED)

@@ -472,19 +472,28 @@ async def _record(jc: JobContext, m: Migration, **changes: Any) -> None:
     await update_job(jc.store, jc.bus, m.job.id, {"result": dict(m.result)})
 
 
-async def _begin(jc: JobContext, m: Migration, since: str | None) -> BackupBegun:
+async def _begin(
+    jc: JobContext, m: Migration, since: str | None, *, from_bitmaps: bool = False
+) -> BackupBegun:
+    """Begin a pull-mode backup of the source (incremental from ``since``); with
+    ``from_bitmaps`` (the source is shut off: the cut-over) the inventory exports its
+    qcow2 images from the bitmaps of ``since`` with ``qemu-nbd``, without starting QEMU
+    nor making a checkpoint (``BackupBegun.export_dir``, recorded as ``exportDir`` so that
+    whoever ends the job stops them), and starts the VM paused only when it cannot."""
     jc.check_canceled(m.job.id)
     begun = await jc.bus.request(
         InventoryCmd.BACKUP_BEGIN,
         BackupBeginRequest(
-            server_id=m.source, vm_name=m.vm, incremental_from=since, job_id=m.job.id
+            server_id=m.source, vm_name=m.vm, incremental_from=since, job_id=m.job.id,
+            offline_from_bitmaps=from_bitmaps,
         ),
         BackupBegun,
         timeout=timeouts.INVENTORY_JOB_STEP,
-    )
+    )  # fmt: skip
     m.begun = begun
-    m.checkpoints.append(begun.checkpoint)
-    await _record(jc, m, checkpoints=list(m.checkpoints))
+    if begun.checkpoint not in m.checkpoints:
+        m.checkpoints.append(begun.checkpoint)
+    await _record(jc, m, checkpoints=list(m.checkpoints), exportDir=begun.export_dir)
     return begun
 
 
@@ -495,10 +504,13 @@ async def _end(jc: JobContext, m: Migration, *, keep: bool) -> None:
         return
     end = BackupEndRequest(
         server_id=m.source, vm_name=m.vm, checkpoint=begun.checkpoint, success=keep,
-        domain_id=begun.domain_id, offline=begun.offline,
+        domain_id=begun.domain_id, offline=begun.offline, export_dir=begun.export_dir,
     )  # fmt: skip
     await end_libvirt_job(jc, end, keep_going=lambda: jc.holds(m.job.id))
-    if not keep and begun.checkpoint in m.checkpoints:
+    # The bitmaps' exports made no checkpoint: the one they read from is dropped with
+    # the others (``_drop_checkpoints``). ``exportDir`` stays recorded (an end of
+    # stopped exports is a no-op); this runs beside the define's records.
+    if not keep and not begun.export_dir and begun.checkpoint in m.checkpoints:
         m.checkpoints.remove(begun.checkpoint)
 
 
@@ -663,8 +675,9 @@ async def recover_migration(jc: JobContext, job: Job, message: str) -> str:
     notes: list[str] = []
     if m.checkpoints:
         end = BackupEndRequest(
-            server_id=m.source, vm_name=m.vm, checkpoint=m.checkpoints[-1], success=False
-        )
+            server_id=m.source, vm_name=m.vm, checkpoint=m.checkpoints[-1], success=False,
+            export_dir=str(recorded.get("exportDir") or ""),
+        )  # fmt: skip
         try:
             await end_libvirt_job(jc, end, keep_going=lambda: jc.holds(job.id))
         except ServiceError as exc:
@@ -753,7 +766,9 @@ async def _migrate(jc: JobContext, m: Migration) -> str:
     def step(name: str) -> None:
         steps[name] = round(time.monotonic() - stopped, 3)
 
-    begun = await _begin(jc, m, last)  # offline: the inventory starts it paused
+    # Offline: read from the images' bitmaps of ``last`` (qemu-nbd), or, where that
+    # cannot be (raw disks), with the VM started paused.
+    begun = await _begin(jc, m, last, from_bitmaps=True)
     step("begun")
     delta, _ = await _copy(jc, m, begun, first=False)
     step("copied")
@@ -763,6 +778,8 @@ async def _migrate(jc: JobContext, m: Migration) -> str:
             "bytes": delta,
             "seconds": round(time.monotonic() - stopped, 3),
             "offline": True,
+            # Read from the images' bitmaps by qemu-nbd (else: the VM started paused).
+            "fromBitmaps": bool(begun.export_dir),
         }
     )
     xml = await jc.bus.request(
