@@ -15,7 +15,9 @@ Built on the data path of backups and restores; no repository is involved:
    passes were made. ``result.pass`` and ``result.dirtyBytes`` say where it is.
 3. ``cutover`` (phase ``committing``: a cancel is refused from here): the source is shut
    down (gracefully for ``shutdownTimeoutSeconds``, then forced if ``forceShutdown``),
-   the last delta is copied offline (the inventory starts the VM paused to read it),
+   the last delta is copied offline (read from the images' persistent bitmaps of the
+   last checkpoint by ``qemu-nbd``, without starting QEMU; where that cannot be, a raw
+   disk, the inventory starts the VM paused to read it),
    its state files (NVRAM, TPM state) are staged on the target (``migrate_state``),
    the target images are moved into place and the domain is defined there
    (``RESTORE_FINISH``: new disk paths; ``networkMapping`` applied to its interfaces),
@@ -28,13 +30,15 @@ The target is ``destination.server_id`` or the configured server that
 ``destination.libvirt_uri`` names (``migrate_target``).
 
 ``result``: ``stage`` (``copying``, ``syncing``, ``cutover``, ``starting``,
-``completed``), ``pass``, ``dirtyBytes``, ``passes`` (bytes and seconds of each),
+``completed``), ``pass``, ``dirtyBytes``, ``passes`` (bytes and seconds of each; the
+last one ``offline``, and ``fromBitmaps`` when its delta was read from the bitmaps),
 ``bytesCopied``, ``downtimeSeconds`` (source shut off -> target running, or defined
-when not started), ``cutoverSeconds`` (seconds from the source's stop to: the offline
-backup begun (``begun``), the last delta copied (``copied``), the state files staged
+when not started), ``cutoverSeconds`` (seconds from the source's stop to: the last
+delta's exports begun (``begun``), the last delta copied (``copied``), the state files staged
 (``delta``), the domain ``defined``, the target ``running`` (or ``done``), and the
-source's offline backup job ended (``sourceEnded``: in parallel with the define and
-start, so not in the downtime)),
+source's offline backup job or bitmap exports ended (``sourceEnded``: in parallel with
+the define and start, so not in the downtime)), ``exportDir`` (the bitmap exports'
+directory on the source, stopped by whoever ends the job),
 ``shutdownSeconds`` (from the shutdown request to the source off: not in the downtime)
 and ``copySeconds`` (the first pass); with ``removeSource``, ``sourceRemoval``
 (``migrate_source.remove_source``).
@@ -133,8 +137,11 @@ OPTIONS: dict[str, tuple[str, type | tuple[type, ...]]] = {
 DESTINATION_FIELDS = frozenset({"type", "server_id", "libvirt_uri"})
 #: ``options.debug_fault`` (debug mode only): ``cutover`` fails the job once the source
 #: is stopped and the last delta copied; ``remove_source`` asks the source's removal
-#: with another UUID (the inventory refuses it: the migration completes, saying so).
-DEBUG_FAULTS = ("cutover", "remove_source")
+#: with another UUID (the inventory refuses it: the migration completes, saying so);
+#: ``cutover_stall`` waits :data:`STALL_SECONDS` once the last delta is copied (its
+#: exports still up), so that a test can stop the orchestrator there.
+DEBUG_FAULTS = ("cutover", "remove_source", "cutover_stall")
+STALL_SECONDS = 60.0
 #: A UUID no domain has (``debug_fault: remove_source``).
 NO_UUID = "00000000-0000-0000-0000-000000000000"
 #: Seconds between two looks at the source's power state while it shuts down.
@@ -199,7 +206,8 @@ def migration_params(
         "debugFault" in params and not debug
     ):
         raise BadRequest(
-            "options.debug_fault: only 'cutover' or 'remove_source', and only in debug mode"
+            "options.debug_fault: only 'cutover', 'cutover_stall' or 'remove_source', and "
+            "only in debug mode"
         )
     if params["removeSourceDisks"] and not params["removeSource"]:
         raise BadRequest(
@@ -772,6 +780,9 @@ async def _migrate(jc: JobContext, m: Migration) -> str:
     step("begun")
     delta, _ = await _copy(jc, m, begun, first=False)
     step("copied")
+    if jc.settings.debug and params.get("debugFault") == "cutover_stall":
+        await _record(jc, m, stalled=True)
+        await asyncio.sleep(STALL_SECONDS)
     passes.append(
         {
             "pass": len(passes),

@@ -1,0 +1,224 @@
+"""A shut-off VM's last delta read from its images' persistent bitmaps by ``qemu-nbd``
+(``offline_from_bitmaps``: a migration's cut-over), locally over a private Unix socket
+and on a remote server over TLS; its ends. Real libvirtd, QEMU, qemu-nbd and sshd."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from virtbackup.contracts.v1.config import Server
+from virtbackup.contracts.v1.inventory import (
+    STATE_DIRTY,
+    BackupBeginRequest,
+    BackupBegun,
+    BackupEndRequest,
+)
+from virtbackup.inventory import backups
+from virtbackup.inventory.credentials import ExportCredentials
+from virtbackup.inventory.hosts import HostServer
+from virtbackup.nbd import NbdClient, NbdError
+from virtbackup.runtime.errors import BadRequest
+from virtbackup.testing.libvirtd import ensure_libvirtd
+from virtbackup.testing.pki import shared_pki_dir
+from virtbackup.testing.sshd import sshd_server
+from virtbackup.testing.vms import MiB, SmallVm, create_vm, guest_write, remove_vm
+from virtbackup.virt import Connection, VirtError, get_domain
+from virtbackup.virt.checkpoints import create_checkpoint, list_checkpoints
+from virtbackup.virt.domains import PowerState
+
+pytestmark = pytest.mark.libvirt
+
+INSTALLATION = f"test-{os.getpid()}"
+CHECKPOINT = f"vbt-ck-{os.getpid()}"
+#: Where the guest wrote after the checkpoint: (disk, offset, length, pattern).
+WRITES = [("vda", 4 * MiB + 64 * 1024, MiB, 0x6B), ("vdb", 0, 128 * 1024, 0x7C)]
+
+
+@pytest.fixture(scope="module")
+async def server() -> AsyncIterator[HostServer]:
+    try:
+        ensure_libvirtd()
+    except (RuntimeError, OSError) as exc:
+        pytest.skip(f"no usable libvirtd: {exc}")
+    host = HostServer(config=Server(id="local", name="This host", host=""), timeout=5)
+    try:
+        yield host
+    finally:
+        await host.close()
+
+
+@pytest.fixture(scope="module")
+async def remote(server: HostServer) -> AsyncIterator[HostServer]:
+    """This machine reached over SSH: a remote server to the inventory."""
+    with sshd_server(root=True) as sshd:
+        config = Server(
+            id="remote", host=sshd.host, port=sshd.port, username=sshd.username,
+            private_key=sshd.private_key, host_key=sshd.host_key,
+        )  # fmt: skip
+        host = HostServer(config=config, timeout=10)
+        try:
+            yield host
+        finally:
+            await host.close()
+
+
+@pytest.fixture(scope="module")
+async def conn(server: HostServer) -> Connection:
+    return await server.connection()
+
+
+@pytest.fixture(scope="module")
+async def stopped_vm(conn: Connection, vm_dir: Path) -> AsyncIterator[SmallVm]:
+    """A VM with two qcow2 disks, a checkpoint, guest writes after it (``WRITES``), shut
+    off: QEMU wrote the checkpoint's bitmaps into the images as it stopped."""
+    vm = await create_vm(conn, f"vbt-bmx-{os.getpid()}", vm_dir, [16 * MiB, 8 * MiB])
+    try:
+        await guest_write(conn, vm.name, "vda", 0, MiB, pattern=0x11)  # before: not dirty
+        await create_checkpoint(conn, vm.name, CHECKPOINT)
+        for target, offset, length, pattern in WRITES:
+            await guest_write(conn, vm.name, target, offset, length, pattern=pattern)
+        await conn.call((await conn.lookup(vm.name)).destroy)
+        yield vm
+    finally:
+        await remove_vm(conn, vm.name)
+
+
+@pytest.fixture(scope="module")
+def creds() -> ExportCredentials:
+    return ExportCredentials.load(shared_pki_dir())
+
+
+async def _begin(server: HostServer, vm: SmallVm, vm_dir: Path) -> BackupBegun:
+    req = BackupBeginRequest(
+        server_id=server.id, vm_name=vm.name, incremental_from=CHECKPOINT, quiesce=False,
+        job_id=f"job-{os.getpid()}", offline_from_bitmaps=True,
+    )  # fmt: skip
+    creds = ExportCredentials.load(shared_pki_dir())
+    begun = await backups.begin(server, req, str(vm_dir), creds, INSTALLATION)
+    wire = msgspec.json.encode(begun)
+    assert msgspec.json.decode(wire, type=BackupBegun) == begun
+    return begun
+
+
+async def _end(server: HostServer, vm: SmallVm, vm_dir: Path, begun: BackupBegun) -> None:
+    end = BackupEndRequest(
+        server_id=server.id, vm_name=vm.name, checkpoint=begun.checkpoint, success=False,
+        export_dir=begun.export_dir,
+    )  # fmt: skip
+    assert await backups.end(server, end, str(vm_dir)) is False
+
+
+def _exporters(image: Path) -> list[int]:
+    """Pids of ``qemu-nbd`` processes exporting ``image``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if argv[0].endswith(b"qemu-nbd") and str(image).encode() in argv:
+                    found.append(int(proc.name))
+    return found
+
+
+async def _check_delta(begun: BackupBegun, vm: SmallVm, tls: object = None) -> None:
+    """Each disk's dirty map is exactly what the guest wrote after the checkpoint, and
+    the export reads it."""
+    assert begun.incremental and begun.checkpoint == begun.parent_checkpoint == CHECKPOINT
+    assert not begun.offline and begun.domain_id is None
+    by_target = {d.target: d for d in begun.disks}
+    assert sorted(by_target) == ["vda", "vdb"]
+    for target, offset, length, pattern in WRITES:
+        disk = by_target[target]
+        assert disk.dirty is not None and disk.bitmap_context == f"qemu:dirty-bitmap:{CHECKPOINT}"
+        dirty = [(e.offset, e.length) for e in disk.dirty if e.flags & STATE_DIRTY]
+        assert dirty == [(offset, length)], (target, dirty)
+        async with await NbdClient.connect_uri(disk.nbd_url, tls=tls, timeout=10) as nbd:  # type: ignore[arg-type]
+            assert await nbd.read(offset, 4096) == bytes([pattern]) * 4096
+
+
+async def test_the_last_delta_is_read_without_starting_qemu(
+    server: HostServer, conn: Connection, stopped_vm: SmallVm, vm_dir: Path
+) -> None:
+    vm = stopped_vm
+    begun = await _begin(server, vm, vm_dir)
+    try:
+        assert (await get_domain(conn, vm.name)).power_state == PowerState.SHUTOFF
+        export_dir = Path(begun.export_dir)
+        assert export_dir.parent == Path("/tmp") and export_dir.name.startswith("vbdelta-")
+        mode = export_dir.stat()
+        assert stat.S_IMODE(mode.st_mode) == 0o700 and mode.st_uid == 0
+        for disk in begun.disks:
+            assert disk.nbd_url.startswith("nbd+unix://") and begun.export_dir in disk.nbd_url
+        await _check_delta(begun, vm)
+        # The read-only exports hold the images: the VM cannot start under them.
+        with pytest.raises(VirtError):
+            await conn.call((await conn.lookup(vm.name)).create)
+    finally:
+        await _end(server, vm, vm_dir, begun)
+    assert not Path(begun.export_dir).exists()
+    assert [p for image in vm.disks for p in _exporters(image)] == []
+    # No checkpoint was made, and the one read from stays (the migration drops it).
+    assert [c.name for c in await list_checkpoints(conn, vm.name)] == [CHECKPOINT]
+    # Ended again (a repeated end): nothing to do, no error.
+    await _end(server, vm, vm_dir, begun)
+
+
+async def test_a_remote_servers_delta_is_served_over_tls(
+    remote: HostServer,
+    conn: Connection,
+    stopped_vm: SmallVm,
+    vm_dir: Path,
+    creds: ExportCredentials,
+) -> None:
+    vm = stopped_vm
+    begun = await _begin(remote, vm, vm_dir)
+    try:
+        url = begun.disks[0].nbd_url
+        assert url.startswith(f"nbds://{remote.nbd_host}:"), url
+        with pytest.raises(NbdError, match="TLS"):
+            await NbdClient.connect_uri(url.replace("nbds://", "nbd://", 1), timeout=10)
+        await _check_delta(begun, vm, tls=creds.client)
+    finally:
+        await _end(remote, vm, vm_dir, begun)
+    assert [p for image in vm.disks for p in _exporters(image)] == []
+    assert (await get_domain(conn, vm.name)).power_state == PowerState.SHUTOFF
+
+
+async def test_an_end_stops_only_a_bitmap_exports_directory_of_that_vm(
+    server: HostServer, conn: Connection, stopped_vm: SmallVm, vm_dir: Path, tmp_path: Path
+) -> None:
+    vm = stopped_vm
+    other = "00000000-0000-0000-0000-000000000000"
+    for bad in ("/etc", str(tmp_path), f"/tmp/vbdelta-{other}.abcdEFGH", "/tmp/vbdelta-x/../etc"):
+        end = BackupEndRequest(server_id="local", vm_name=vm.name, export_dir=bad)
+        with pytest.raises(BadRequest, match="export_dir"):
+            await backups.end(server, end, str(vm_dir))
+    assert Path("/etc").is_dir() and tmp_path.is_dir()
+
+
+async def test_a_running_vm_is_read_as_before(
+    server: HostServer, conn: Connection, vm_dir: Path
+) -> None:
+    """``offline_from_bitmaps`` applies to shut-off VMs with qcow2 disks only: a running
+    VM gets its online backup (with a new checkpoint)."""
+    vm = await create_vm(conn, f"vbt-bmr-{os.getpid()}", vm_dir, [8 * MiB])
+    try:
+        await create_checkpoint(conn, vm.name, CHECKPOINT)
+        begun = await _begin(server, vm, vm_dir)
+        try:
+            assert begun.export_dir == "" and begun.checkpoint != CHECKPOINT
+            assert begun.domain_id is not None
+        finally:
+            end = BackupEndRequest(
+                server_id="local", vm_name=vm.name, checkpoint=begun.checkpoint, success=False
+            )
+            await backups.end(server, end, str(vm_dir))
+    finally:
+        await remove_vm(conn, vm.name)
