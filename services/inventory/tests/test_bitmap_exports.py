@@ -7,12 +7,14 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
+from nats.js.kv import KeyValue
 
+from virtbackup.contracts import buckets
 from virtbackup.contracts.v1.config import Server
 from virtbackup.contracts.v1.inventory import (
     STATE_DIRTY,
@@ -20,12 +22,17 @@ from virtbackup.contracts.v1.inventory import (
     BackupBegun,
     BackupEndRequest,
 )
+from virtbackup.contracts.v1.jobs import Job
 from virtbackup.inventory import backups
 from virtbackup.inventory.credentials import ExportCredentials
 from virtbackup.inventory.hosts import HostServer
+from virtbackup.inventory.reconcile import reconcile
 from virtbackup.nbd import NbdClient, NbdError
 from virtbackup.runtime.errors import BadRequest
+from virtbackup.runtime.nats_server import NatsServer, start_nats_server
+from virtbackup.runtime.provision import ensure_bucket
 from virtbackup.testing.libvirtd import ensure_libvirtd
+from virtbackup.testing.nats import connect
 from virtbackup.testing.pki import shared_pki_dir
 from virtbackup.testing.sshd import sshd_server
 from virtbackup.testing.vms import MiB, SmallVm, create_vm, guest_write, remove_vm
@@ -95,13 +102,19 @@ def creds() -> ExportCredentials:
     return ExportCredentials.load(shared_pki_dir())
 
 
-async def _begin(server: HostServer, vm: SmallVm, vm_dir: Path) -> BackupBegun:
+async def _begin(
+    server: HostServer,
+    vm: SmallVm,
+    vm_dir: Path,
+    job_id: str = f"job-{os.getpid()}",
+    installation: str = INSTALLATION,
+) -> BackupBegun:
     req = BackupBeginRequest(
         server_id=server.id, vm_name=vm.name, incremental_from=CHECKPOINT, quiesce=False,
-        job_id=f"job-{os.getpid()}", offline_from_bitmaps=True,
+        job_id=job_id, offline_from_bitmaps=True,
     )  # fmt: skip
     creds = ExportCredentials.load(shared_pki_dir())
-    begun = await backups.begin(server, req, str(vm_dir), creds, INSTALLATION)
+    begun = await backups.begin(server, req, str(vm_dir), creds, installation)
     wire = msgspec.json.encode(begun)
     assert msgspec.json.decode(wire, type=BackupBegun) == begun
     return begun
@@ -201,6 +214,56 @@ async def test_an_end_stops_only_a_bitmap_exports_directory_of_that_vm(
         with pytest.raises(BadRequest, match="export_dir"):
             await backups.end(server, end, str(vm_dir))
     assert Path("/etc").is_dir() and tmp_path.is_dir()
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = start_nats_server(tmp_path_factory.mktemp("nats"), auth=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def jobs(nats_server: NatsServer) -> AsyncIterator[KeyValue]:
+    client = await connect(nats_server)
+    try:
+        yield await ensure_bucket(client.jetstream(), buckets.JOBS)
+    finally:
+        await client.drain()
+
+
+def _job(job_id: str, state: str) -> bytes:
+    now = "2026-01-01T00:00:00Z"
+    job = Job(id=job_id, type="migration", state=state, created_at=now, updated_at=now)  # type: ignore[arg-type]
+    return msgspec.json.encode(job)
+
+
+async def test_exports_nobody_will_stop_are_stopped_when_the_inventory_connects(
+    server: HostServer, stopped_vm: SmallVm, vm_dir: Path, jobs: KeyValue
+) -> None:
+    """The orchestrator that would end them is gone and none ended the job: the
+    inventory's reconcile stops the exports of its installation's jobs that ended, and
+    leaves those of an active job, or of another installation, alone."""
+    vm = stopped_vm
+    job_id = f"job-{os.getpid()}-left"
+    await jobs.put(job_id, _job(job_id, "running"))
+    ours = await _begin(server, vm, vm_dir, job_id=job_id)
+    theirs = await _begin(server, vm, vm_dir, job_id=job_id, installation="another")
+    try:
+        assert await reconcile(server, jobs, INSTALLATION, str(vm_dir), grace=0) == []
+        assert Path(ours.export_dir, "owner").stat().st_mode & 0o077 == 0
+        await jobs.put(job_id, _job(job_id, "failure"))
+        done = await reconcile(server, jobs, INSTALLATION, str(vm_dir), grace=0)
+        assert done == [f"stopped the bitmap exports {ours.export_dir} of job {job_id}"], done
+        assert not Path(ours.export_dir).exists()
+        assert Path(theirs.export_dir).is_dir()
+        assert len(_exporters(vm.disks[0])) == 1  # theirs
+    finally:
+        await _end(server, vm, vm_dir, ours)
+        await _end(server, vm, vm_dir, theirs)
+    assert [p for image in vm.disks for p in _exporters(image)] == []
 
 
 async def test_a_running_vm_is_read_as_before(

@@ -146,7 +146,7 @@ async def begin(
         from virtbackup.inventory import bitmap_exports
 
         try:
-            from_bitmaps = await bitmap_exports.begin(server, conn, host, req, creds)
+            from_bitmaps = await bitmap_exports.begin(server, conn, host, req, creds, installation)
         except VirtNotFound as exc:
             raise NotFound(f"vm {req.vm_name!r} not found on server {server.id}: {exc}") from None
         if from_bitmaps is not None:

@@ -27,7 +27,11 @@ and require the client certificate of VirtBackup's CA (:mod:`.credentials`). The
 read-only exports hold the images' shared locks, so the VM cannot be started while
 they run. They are stopped, and the directory removed, by :func:`end`
 (``BackupEndRequest.export_dir``), which the migration sends at every end (success,
-failure, cancel; a migration whose orchestrator died is ended from its record).
+failure, cancel; a migration whose orchestrator died is ended from its record). The
+directory's ``owner`` file names the installation and the job: an inventory that
+connects to the server stops the exports of its installation's jobs that are no longer
+active (:func:`reconcile`, with the backup jobs nobody will end), should that end never
+have come.
 """
 
 from __future__ import annotations
@@ -38,12 +42,17 @@ import posixpath
 import random
 import re
 
+import msgspec
+from nats.js.kv import KeyValue
+
 from virtbackup.contracts.v1.inventory import (
     BackupBeginRequest,
     BackupBegun,
     BackupEndRequest,
     DiskExport,
 )
+from virtbackup.contracts.v1.jobs import ACTIVE_STATES
+from virtbackup.inventory import ownership
 from virtbackup.inventory.backups import NBD_TIMEOUT, REMOTE_NBD_PORTS
 from virtbackup.inventory.credentials import ExportCredentials
 from virtbackup.inventory.extents import DiskMaps, fit, read_maps
@@ -63,6 +72,8 @@ log = logging.getLogger(__name__)
 #: The directories :func:`begin` makes; :func:`end` stops and removes nothing else.
 #: (In the server's /tmp, made by ``mktemp -d``: a new directory, 0700, the login user's.)
 EXPORT_DIR = re.compile(r"/tmp/vbdelta-(?P<uuid>[0-9a-f-]{36})\.[A-Za-z0-9]{8}")  # noqa: S108
+#: In an export directory: who made it (:class:`_Owner`, JSON).
+OWNER_FILE = "owner"
 #: Connections one export accepts (the workers read in parallel).
 EXPORT_CONNECTIONS = 16
 
@@ -73,6 +84,7 @@ async def begin(
     host: Host,
     req: BackupBeginRequest,
     creds: ExportCredentials,
+    installation: str,
 ) -> BackupBegun | None:
     """Export the disks of the shut-off VM ``req.vm_name`` from the bitmaps of checkpoint
     ``req.incremental_from`` (see the module docstring), or ``None`` when this path does
@@ -105,6 +117,13 @@ async def begin(
         return None
     export_dir = made.stdout.strip()
     try:
+        owner = msgspec.json.encode(_Owner(installation=installation, job_id=req.job_id or ""))
+        wrote = await host.run(
+            ["sh", "-c", 'umask 077 && printf %s "$1" > "$2"', "owner", owner.decode(),
+             posixpath.join(export_dir, OWNER_FILE)],
+            timeout=30,
+        )  # fmt: skip
+        wrote.check()
         tls_dir = "" if server.is_local else await creds.install(server)
         context = f"qemu:dirty-bitmap:{checkpoint}"
         read: list[tuple[Disk, str, DiskMaps]] = []
@@ -149,6 +168,11 @@ async def begin(
         domain_xml=xml,
         export_dir=export_dir,
     )
+
+
+class _Owner(msgspec.Struct, rename="camel"):
+    installation: str
+    job_id: str = ""
 
 
 class _ServeError(Exception):
@@ -224,3 +248,40 @@ async def _stop(host: Host, export_dir: str) -> None:
     if pids:
         await host.run(["sh", "-c", _STOP_EXPORTS, "stop-exports", *pids], timeout=30)
     await host.run(["rm", "-rf", "--", export_dir], timeout=30)
+
+
+#: Prints each export directory's path and its owner file, NUL-separated.
+_LIST_DIRS = r"""
+for d in /tmp/vbdelta-*; do
+  [ -d "$d" ] || continue
+  printf '%s\0' "$d"
+  cat "$d/owner" 2>/dev/null
+  printf '\0'
+done
+"""
+
+
+async def reconcile(server: HostServer, jobs: KeyValue, installation: str) -> list[str]:
+    """Stop the bitmap exports on ``server`` that nobody will stop: those whose owner
+    file names this installation and a job that ``VB_JOBS`` does not list as queued or
+    running (ended, or unknown). Others (another installation's, one being made without
+    its owner file yet) are left alone. Returns what was done, one line per directory."""
+    host = await server.host()
+    listed = await host.run(["sh", "-c", _LIST_DIRS], timeout=30)
+    fields = listed.stdout.split("\0") if listed.returncode == 0 else []
+    done = []
+    for path, raw in zip(fields[0::2], fields[1::2], strict=False):
+        if EXPORT_DIR.fullmatch(path) is None or not raw:
+            continue
+        try:
+            owner = msgspec.json.decode(raw, type=_Owner)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        if owner.installation != installation:
+            continue
+        state = await ownership.job_state(jobs, owner.job_id) if owner.job_id else None
+        if state in ACTIVE_STATES:
+            continue
+        await _stop(host, path)
+        done.append(f"stopped the bitmap exports {path} of job {owner.job_id or 'unknown'}")
+    return done
