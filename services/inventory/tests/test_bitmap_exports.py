@@ -34,6 +34,7 @@ from virtbackup.runtime.provision import ensure_bucket
 from virtbackup.testing.libvirtd import ensure_libvirtd
 from virtbackup.testing.nats import connect
 from virtbackup.testing.pki import shared_pki_dir
+from virtbackup.testing.session_host import SessionHost
 from virtbackup.testing.sshd import sshd_server
 from virtbackup.testing.vms import MiB, SmallVm, create_vm, guest_write, remove_vm
 from virtbackup.virt import Connection, VirtError, get_domain
@@ -264,6 +265,45 @@ async def test_exports_nobody_will_stop_are_stopped_when_the_inventory_connects(
         await _end(server, vm, vm_dir, ours)
         await _end(server, vm, vm_dir, theirs)
     assert [p for image in vm.disks for p in _exporters(image)] == []
+
+
+async def test_a_session_hosts_delta_is_exported_as_its_user(
+    session_host: SessionHost, creds: ExportCredentials
+) -> None:
+    """On a session host (another user's ``qemu:///session`` over SSH) ``qemu-nbd`` runs
+    as that user, who owns the images, over TLS."""
+    conn = await session_host.connect()
+    server = HostServer(config=msgspec.convert(session_host.server_config(), Server), timeout=10)
+    try:
+        vm = await session_host.create_vm(conn, f"vbt-bms-{os.getpid()}", [8 * MiB])
+        await create_checkpoint(conn, vm.name, CHECKPOINT)
+        await guest_write(conn, vm.name, "vda", 2 * MiB, 64 * 1024, pattern=0x3E)
+        await conn.call((await conn.lookup(vm.name)).destroy)
+        begun = await _begin(server, vm, session_host.images)
+        try:
+            assert begun.export_dir and begun.disks[0].nbd_url.startswith("nbds://")
+            pids = _exporters(vm.disks[0])
+            assert pids and all(_uid(pid) == session_host.user.pw_uid for pid in pids)
+            vda = begun.disks[0]
+            assert vda.dirty is not None
+            assert [(e.offset, e.length) for e in vda.dirty if e.flags & STATE_DIRTY] == [
+                (2 * MiB, 64 * 1024)
+            ]
+            async with await NbdClient.connect_uri(vda.nbd_url, tls=creds.client) as nbd:
+                assert await nbd.read(2 * MiB, 512) == b"\x3e" * 512
+        finally:
+            await _end(server, vm, session_host.images, begun)
+        assert _exporters(vm.disks[0]) == []
+    finally:
+        await server.close()
+        await conn.close()
+
+
+def _uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for process {pid}")
 
 
 async def test_a_running_vm_is_read_as_before(
