@@ -17,7 +17,8 @@ submitted through the HyperSDK API (``max_downtime_seconds`` ``--max-downtime``,
 
 Printed: the copy time (the first pass), each pass's bytes and seconds, the downtime
 and its breakdown (``result.cutoverSeconds``: seconds from the source's stop to the
-offline backup begun, the last delta copied, the state files staged, the domain
+last delta's exports begun (read from the images' bitmaps, or the VM started paused),
+the last delta copied, the state files staged, the domain
 defined, the VM running, and the source's backup job ended, which runs alongside the
 define and start), the shutdown time and the whole job; then whether
 the target image equals the source's (``qemu-img compare``). ``--json PATH`` keeps them.

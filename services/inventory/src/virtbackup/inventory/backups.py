@@ -116,6 +116,11 @@ async def begin(
     incremental backup, a disk the checkpoint cannot serve (added since, broken bitmap,
     raw image) is read in full alone, its ``full_reason`` saying why.
 
+    With ``req.offline_from_bitmaps``, a shut-off VM with qcow2 disks is read from the
+    persistent bitmaps of ``incremental_from`` by ``qemu-nbd``, without starting QEMU and
+    without a new checkpoint (:mod:`.bitmap_exports`); otherwise, and for other VMs, as
+    follows.
+
     A shut-off VM is backed up *offline*: the domain is started paused (the guest runs
     no instruction; ``offline`` in the answer), tagged as started by this backup (see
     :mod:`.ownership`), and read by the same pull-mode backup with its checkpoint, so
@@ -137,6 +142,15 @@ async def begin(
     its checkpoint deleted and an offline VM shut off again)."""
     conn = await server.connection()
     host = await server.host()
+    if req.offline_from_bitmaps:
+        from virtbackup.inventory import bitmap_exports
+
+        try:
+            from_bitmaps = await bitmap_exports.begin(server, conn, host, req, creds, installation)
+        except VirtNotFound as exc:
+            raise NotFound(f"vm {req.vm_name!r} not found on server {server.id}: {exc}") from None
+        if from_bitmaps is not None:
+            return from_bitmaps
     await host.run(["mkdir", "-p", scratch_dir], timeout=30)
     checkpoint = new_checkpoint_name()
     offline = await _start_if_shut_off(conn, req, checkpoint, installation, server.id)
@@ -426,7 +440,15 @@ async def end(server: HostServer, req: BackupEndRequest, scratch_dir: str) -> bo
     process) and the backup job being both gone.
 
     A backup job tagged with another checkpoint than ``req.checkpoint`` is another
-    backup's (a late or repeated end): it is left running, and its domain as it is."""
+    backup's (a late or repeated end): it is left running, and its domain as it is.
+
+    A backup read from bitmaps (``req.export_dir``, :mod:`.bitmap_exports`) has no libvirt
+    job: its ``qemu-nbd`` exports are stopped, nothing else (it returns False)."""
+    if req.export_dir:
+        from virtbackup.inventory import bitmap_exports
+
+        await bitmap_exports.end(server, req)
+        return False
     conn = await server.connection()
     host = await server.host()
     stopped = False

@@ -20,6 +20,9 @@ domain tagged as started by an offline backup:
   ``grace`` seconds (a begin in progress tags its job within milliseconds). Other
   untagged jobs were begun by someone else: they show as leftovers (``hasOverlay``) and
   ``cleanup`` removes them on request.
+
+The ``qemu-nbd`` exports of a migration's last delta (:mod:`.bitmap_exports`) are
+stopped by the same rule: those of this installation whose job is not active.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from nats.js.kv import KeyValue
 from virtbackup.contracts.buckets import vm_lock_key
 from virtbackup.contracts.v1.inventory import BackupEndRequest
 from virtbackup.contracts.v1.jobs import ACTIVE_STATES
-from virtbackup.inventory import backups, ownership
+from virtbackup.inventory import backups, bitmap_exports, ownership
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.runtime.errors import Conflict
 from virtbackup.virt import Connection, current_backup, end_backup, job_info, list_domains
@@ -197,6 +200,10 @@ async def reconcile(
                 done.append(f"{name}: ended an untagged backup job of VirtBackup's")
             except Exception:
                 log.exception("ending the untagged backup job of %s on %s failed", name, server.id)
+    try:
+        done += await bitmap_exports.reconcile(server, jobs, installation)
+    except Exception:
+        log.exception("stopping the bitmap exports nobody will stop on %s failed", server.id)
     for line in done:
         log.warning("server %s: %s", server.id, line)
     return done

@@ -15,7 +15,9 @@ Built on the data path of backups and restores; no repository is involved:
    passes were made. ``result.pass`` and ``result.dirtyBytes`` say where it is.
 3. ``cutover`` (phase ``committing``: a cancel is refused from here): the source is shut
    down (gracefully for ``shutdownTimeoutSeconds``, then forced if ``forceShutdown``),
-   the last delta is copied offline (the inventory starts the VM paused to read it),
+   the last delta is copied offline (read from the images' persistent bitmaps of the
+   last checkpoint by ``qemu-nbd``, without starting QEMU; where that cannot be, a raw
+   disk, the inventory starts the VM paused to read it),
    its state files (NVRAM, TPM state) are staged on the target (``migrate_state``),
    the target images are moved into place and the domain is defined there
    (``RESTORE_FINISH``: new disk paths; ``networkMapping`` applied to its interfaces),
@@ -28,13 +30,15 @@ The target is ``destination.server_id`` or the configured server that
 ``destination.libvirt_uri`` names (``migrate_target``).
 
 ``result``: ``stage`` (``copying``, ``syncing``, ``cutover``, ``starting``,
-``completed``), ``pass``, ``dirtyBytes``, ``passes`` (bytes and seconds of each),
+``completed``), ``pass``, ``dirtyBytes``, ``passes`` (bytes and seconds of each; the
+last one ``offline``, and ``fromBitmaps`` when its delta was read from the bitmaps),
 ``bytesCopied``, ``downtimeSeconds`` (source shut off -> target running, or defined
-when not started), ``cutoverSeconds`` (seconds from the source's stop to: the offline
-backup begun (``begun``), the last delta copied (``copied``), the state files staged
+when not started), ``cutoverSeconds`` (seconds from the source's stop to: the last
+delta's exports begun (``begun``), the last delta copied (``copied``), the state files staged
 (``delta``), the domain ``defined``, the target ``running`` (or ``done``), and the
-source's offline backup job ended (``sourceEnded``: in parallel with the define and
-start, so not in the downtime)),
+source's offline backup job or bitmap exports ended (``sourceEnded``: in parallel with
+the define and start, so not in the downtime)), ``exportDir`` (the bitmap exports'
+directory on the source, stopped by whoever ends the job),
 ``shutdownSeconds`` (from the shutdown request to the source off: not in the downtime)
 and ``copySeconds`` (the first pass); with ``removeSource``, ``sourceRemoval``
 (``migrate_source.remove_source``).
@@ -133,8 +137,11 @@ OPTIONS: dict[str, tuple[str, type | tuple[type, ...]]] = {
 DESTINATION_FIELDS = frozenset({"type", "server_id", "libvirt_uri"})
 #: ``options.debug_fault`` (debug mode only): ``cutover`` fails the job once the source
 #: is stopped and the last delta copied; ``remove_source`` asks the source's removal
-#: with another UUID (the inventory refuses it: the migration completes, saying so).
-DEBUG_FAULTS = ("cutover", "remove_source")
+#: with another UUID (the inventory refuses it: the migration completes, saying so);
+#: ``cutover_stall`` waits :data:`STALL_SECONDS` once the last delta is copied (its
+#: exports still up), so that a test can stop the orchestrator there.
+DEBUG_FAULTS = ("cutover", "remove_source", "cutover_stall")
+STALL_SECONDS = 60.0
 #: A UUID no domain has (``debug_fault: remove_source``).
 NO_UUID = "00000000-0000-0000-0000-000000000000"
 #: Seconds between two looks at the source's power state while it shuts down.
@@ -199,7 +206,8 @@ def migration_params(
         "debugFault" in params and not debug
     ):
         raise BadRequest(
-            "options.debug_fault: only 'cutover' or 'remove_source', and only in debug mode"
+            "options.debug_fault: only 'cutover', 'cutover_stall' or 'remove_source', and "
+            "only in debug mode"
         )
     if params["removeSourceDisks"] and not params["removeSource"]:
         raise BadRequest(
@@ -472,19 +480,28 @@ async def _record(jc: JobContext, m: Migration, **changes: Any) -> None:
     await update_job(jc.store, jc.bus, m.job.id, {"result": dict(m.result)})
 
 
-async def _begin(jc: JobContext, m: Migration, since: str | None) -> BackupBegun:
+async def _begin(
+    jc: JobContext, m: Migration, since: str | None, *, from_bitmaps: bool = False
+) -> BackupBegun:
+    """Begin a pull-mode backup of the source (incremental from ``since``); with
+    ``from_bitmaps`` (the source is shut off: the cut-over) the inventory exports its
+    qcow2 images from the bitmaps of ``since`` with ``qemu-nbd``, without starting QEMU
+    nor making a checkpoint (``BackupBegun.export_dir``, recorded as ``exportDir`` so that
+    whoever ends the job stops them), and starts the VM paused only when it cannot."""
     jc.check_canceled(m.job.id)
     begun = await jc.bus.request(
         InventoryCmd.BACKUP_BEGIN,
         BackupBeginRequest(
-            server_id=m.source, vm_name=m.vm, incremental_from=since, job_id=m.job.id
+            server_id=m.source, vm_name=m.vm, incremental_from=since, job_id=m.job.id,
+            offline_from_bitmaps=from_bitmaps,
         ),
         BackupBegun,
         timeout=timeouts.INVENTORY_JOB_STEP,
-    )
+    )  # fmt: skip
     m.begun = begun
-    m.checkpoints.append(begun.checkpoint)
-    await _record(jc, m, checkpoints=list(m.checkpoints))
+    if begun.checkpoint not in m.checkpoints:
+        m.checkpoints.append(begun.checkpoint)
+    await _record(jc, m, checkpoints=list(m.checkpoints), exportDir=begun.export_dir)
     return begun
 
 
@@ -495,10 +512,13 @@ async def _end(jc: JobContext, m: Migration, *, keep: bool) -> None:
         return
     end = BackupEndRequest(
         server_id=m.source, vm_name=m.vm, checkpoint=begun.checkpoint, success=keep,
-        domain_id=begun.domain_id, offline=begun.offline,
+        domain_id=begun.domain_id, offline=begun.offline, export_dir=begun.export_dir,
     )  # fmt: skip
     await end_libvirt_job(jc, end, keep_going=lambda: jc.holds(m.job.id))
-    if not keep and begun.checkpoint in m.checkpoints:
+    # The bitmaps' exports made no checkpoint: the one they read from is dropped with
+    # the others (``_drop_checkpoints``). ``exportDir`` stays recorded (an end of
+    # stopped exports is a no-op); this runs beside the define's records.
+    if not keep and not begun.export_dir and begun.checkpoint in m.checkpoints:
         m.checkpoints.remove(begun.checkpoint)
 
 
@@ -663,8 +683,9 @@ async def recover_migration(jc: JobContext, job: Job, message: str) -> str:
     notes: list[str] = []
     if m.checkpoints:
         end = BackupEndRequest(
-            server_id=m.source, vm_name=m.vm, checkpoint=m.checkpoints[-1], success=False
-        )
+            server_id=m.source, vm_name=m.vm, checkpoint=m.checkpoints[-1], success=False,
+            export_dir=str(recorded.get("exportDir") or ""),
+        )  # fmt: skip
         try:
             await end_libvirt_job(jc, end, keep_going=lambda: jc.holds(job.id))
         except ServiceError as exc:
@@ -753,16 +774,23 @@ async def _migrate(jc: JobContext, m: Migration) -> str:
     def step(name: str) -> None:
         steps[name] = round(time.monotonic() - stopped, 3)
 
-    begun = await _begin(jc, m, last)  # offline: the inventory starts it paused
+    # Offline: read from the images' bitmaps of ``last`` (qemu-nbd), or, where that
+    # cannot be (raw disks), with the VM started paused.
+    begun = await _begin(jc, m, last, from_bitmaps=True)
     step("begun")
     delta, _ = await _copy(jc, m, begun, first=False)
     step("copied")
+    if jc.settings.debug and params.get("debugFault") == "cutover_stall":
+        await _record(jc, m, stalled=True)
+        await asyncio.sleep(STALL_SECONDS)
     passes.append(
         {
             "pass": len(passes),
             "bytes": delta,
             "seconds": round(time.monotonic() - stopped, 3),
             "offline": True,
+            # Read from the images' bitmaps by qemu-nbd (else: the VM started paused).
+            "fromBitmaps": bool(begun.export_dir),
         }
     )
     xml = await jc.bus.request(

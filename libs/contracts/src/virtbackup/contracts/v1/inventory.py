@@ -139,6 +139,13 @@ class BackupBeginRequest(Message, frozen=True, kw_only=True):
     #: so that while this job is active (``VB_JOBS``) its backup job and scratch files are
     #: not reported as leftovers (``hasOverlay``), by any inventory replica.
     job_id: str | None = None
+    #: A shut-off VM whose disks are all qcow2 files holding ``incremental_from``'s
+    #: persistent bitmap is read without starting QEMU: each image is exported read-only
+    #: by ``qemu-nbd --bitmap`` (``BackupBegun.export_dir``), its dirty map is that
+    #: bitmap, and no new checkpoint is made (``BackupBegun.checkpoint`` is
+    #: ``incremental_from``). Any other VM is read as without it (a running one online,
+    #: a shut-off one started paused). A migration's last delta asks for it.
+    offline_from_bitmaps: bool = False
 
 
 #: ``Extent.flags`` bits, as NBD's block status reports them. ``base:allocation``:
@@ -205,6 +212,11 @@ class BackupBegun(Message, frozen=True, kw_only=True):
     #: libvirt's id of the running domain (its QEMU process) the backup reads: a new
     #: process (the VM stopped, and maybe started again) has another.
     domain_id: int | None = None
+    #: Set when the disks are exported by ``qemu-nbd`` from their persistent bitmaps
+    #: (``BackupBeginRequest.offline_from_bitmaps``): the directory on the server holding
+    #: the exports' pid files (and sockets), given back in ``BackupEndRequest.export_dir``
+    #: to stop them. No libvirt backup job runs then, and the VM stays shut off.
+    export_dir: str = ""
 
 
 class NetworkList(Message, frozen=True, kw_only=True):
@@ -267,6 +279,9 @@ class BackupEndRequest(Message, frozen=True, kw_only=True):
     success: bool = True
     domain_id: int | None = None
     offline: bool = False
+    #: ``BackupBegun.export_dir``: the ``qemu-nbd`` exports there are stopped and the
+    #: directory removed (only a directory of the form such a begin makes, for this VM).
+    export_dir: str = ""
 
 
 #: What a restored disk is on the host: an image file, or a block device (an LVM volume,
