@@ -96,7 +96,7 @@ from virtbackup.contracts.v1.work import TransferUnit
 from virtbackup.job_orchestrator.backup import end_libvirt_job
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.jobctx import JobContext
-from virtbackup.job_orchestrator.migrate_source import remove_source
+from virtbackup.job_orchestrator.migrate_source import power_state, remove_source
 from virtbackup.job_orchestrator.migrate_state import move_state
 from virtbackup.job_orchestrator.migrate_target import resolve_libvirt_uri
 from virtbackup.job_orchestrator.progress import update_job
@@ -573,14 +573,6 @@ def _dirty_bytes(begun: BackupBegun) -> int:
     )
 
 
-async def _power_state(jc: JobContext, server: str, vm: str) -> str:
-    info = await jc.bus.request(
-        InventoryCmd.VM_INFO, VmRef(server_id=server, vm_name=vm), VmInfo,
-        timeout=timeouts.INVENTORY_QUERY,
-    )  # fmt: skip
-    return info.power_state
-
-
 async def _action(jc: JobContext, server: str, vm: str, action: VmAction) -> None:
     request = VmActionRequest(server_id=server, vm_name=vm, action=action)
     await jc.bus.request(InventoryCmd.ACTION, request, Ok, timeout=timeouts.INVENTORY_QUERY)
@@ -589,7 +581,7 @@ async def _action(jc: JobContext, server: str, vm: str, action: VmAction) -> Non
 async def _wait_off(jc: JobContext, m: Migration, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while True:
-        if await _power_state(jc, m.source, m.vm) == "shutoff":
+        if await power_state(jc, m.source, m.vm) == "shutoff":
             return True
         if time.monotonic() >= deadline:
             return False

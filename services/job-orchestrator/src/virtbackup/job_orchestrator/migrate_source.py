@@ -22,7 +22,8 @@ from virtbackup.runtime import timeouts
 from virtbackup.runtime.errors import ServiceError
 
 
-async def _power_state(jc: JobContext, server: str, vm: str) -> str:
+async def power_state(jc: JobContext, server: str, vm: str) -> str:
+    """The power state (libvirt's, e.g. ``running``, ``shutoff``) of ``vm`` on ``server``."""
     info = await jc.bus.request(
         InventoryCmd.VM_INFO, VmRef(server_id=server, vm_name=vm), VmInfo,
         timeout=timeouts.INVENTORY_QUERY,
@@ -48,7 +49,7 @@ async def remove_source(
     server, vm, uuid = source
     outcome: dict[str, Any] = {"undefined": False, "removedDisks": [], "keptDisks": []}
     try:
-        state = await _power_state(jc, *target)
+        state = await power_state(jc, *target)
     except ServiceError as exc:
         state = f"unknown ({exc.message})"
     if state != ("running" if started else "shutoff"):
@@ -58,7 +59,7 @@ async def remove_source(
             f"confirmed ({outcome['error']})"
         )
     try:
-        source_state = await _power_state(jc, server, vm)
+        source_state = await power_state(jc, server, vm)
         if source_state != "shutoff":
             raise _Kept(f"it is {source_state}")
         request = VmRemoveRequest(
