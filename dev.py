@@ -42,6 +42,9 @@ DEBIAN_PACKAGES = [
     "ovmf",
     "swtpm",
     "swtpm-tools",
+    # The web console's browser tests: headless Chromium driven by Playwright (never its download).
+    "chromium",
+    "chromium-driver",
 ]
 
 

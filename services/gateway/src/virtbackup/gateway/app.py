@@ -13,6 +13,7 @@ from litestar.plugins import InitPluginProtocol
 from virtbackup.contracts.v1.config import AgentConfig, SftpParams
 from virtbackup.gateway.agent_auth import AgentKeyAuth
 from virtbackup.gateway.audit_log import OperationLog
+from virtbackup.gateway.console import Console
 from virtbackup.gateway.controllers.admin_auth import AdminAuthController
 from virtbackup.gateway.controllers.admin_login_logs import LoginLogsController
 from virtbackup.gateway.controllers.admin_logs import OperaLogsController
@@ -140,10 +141,10 @@ def create_app(gw: Gateway) -> Litestar:
     return app
 
 
-def create_asgi(gw: Gateway) -> AgentKeyAuth:
+def create_asgi(gw: Gateway) -> Console:
     """The application behind authentication and authorisation, which cover every path,
     known or not (``identity_auth``; remote agents' ``bak_`` keys open their own routes
-    only: ``agent_auth``)."""
+    only: ``agent_auth``), behind the web console's pages and cookie session (``console``)."""
     app = create_app(gw)
     # The operation log sits inside authentication: it sees authenticated requests only,
     # with the actor the authentication put in the scope.
@@ -152,4 +153,4 @@ def create_asgi(gw: Gateway) -> AgentKeyAuth:
     # A known identity refused a route (403) is recorded too: an attempt to escalate.
     refused = OperationLog(answer_refusal, lambda: gw.audit, listener="api", default_actor="token")
     auth = IdentityAuth(by_user, gw.token, gw.identity, "agent", refused=refused)
-    return AgentKeyAuth(by_agent, auth, gw.agents)
+    return Console(AgentKeyAuth(by_agent, auth, gw.agents), auth)

@@ -1,0 +1,362 @@
+"""The web console (``/ui``) in headless Chromium (Debian's, driven by Playwright) against
+one real running system (real services, libvirtd/QEMU, a filesystem destination) and one
+64 MiB VM: log in, see the VM, back it up and watch the progress reach 100%, see the
+point, restore it under a new name, run a prune dry run; a viewer sees no action button
+and the API refuses them anyway; a cookie session's change without the CSRF header is
+refused. The tests build on each other, in order. Screenshots of the main pages go to
+the module's temporary directory (``console-shots``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from harness import System, local_config, running_system
+
+from virtbackup.testing.images import create_image
+from virtbackup.testing.vms import build_vm_xml, guest_write, remove_vm
+from virtbackup.virt import Connection
+
+playwright_api = pytest.importorskip("playwright.async_api")
+
+pytestmark = pytest.mark.libvirt
+
+MiB = 1 << 20
+PID = os.getpid()
+VM = f"vbt-ui-{PID}"
+COPY = f"vbt-uicopy-{PID}"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ADMIN = ("alice", "a long passphrase")
+VIEWER = ("victor", "another long passphrase")
+WAIT_MS = 90_000
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    with running_system(tmp_path_factory.mktemp("console"), orchestrators=1) as system:
+        yield system
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("console-shots")
+
+
+@pytest.fixture(scope="module")
+async def vm(system: System, conn: Connection, repo_dir: Path, vm_dir: Path) -> AsyncIterator[str]:
+    """``VM`` running with one 64 MiB qcow2 disk; users alice (admin), victor (viewer)."""
+    disk = create_image(vm_dir / f"{VM}-vda.qcow2", 64 * MiB)
+    for name in (VM, COPY):
+        await remove_vm(conn, name)
+    try:
+        dom = await conn.call(conn.raw.defineXML, build_vm_xml(VM, [disk]))
+        await conn.call(dom.create, timeout=60)
+        await guest_write(conn, VM, "vda", 0, 4 * MiB, pattern=0xA5)
+        async with httpx.AsyncClient(
+            base_url=system.url, headers=system.auth(), verify=False, timeout=60
+        ) as api:
+            assert (await api.post("/config", json=local_config(repo_dir))).status_code == 200
+            assert (await api.post("/servers/local/refresh")).status_code in {200, 202}
+            for (username, password), role in ((ADMIN, "admin"), (VIEWER, "viewer")):
+                resp = await api.post(
+                    "/api/v1/admin/sys/users",
+                    json={"username": username, "password": password, "roles": [role]},
+                )
+                assert resp.status_code == 201, resp.text
+        yield VM
+    finally:
+        for name in (VM, COPY):
+            await remove_vm(conn, name)
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (python3 dev.py install)")
+    async with playwright_api.async_playwright() as pw:
+        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+async def new_page(browser: Any, width: int = 1280, height: int = 800) -> Any:
+    context = await browser.new_context(
+        ignore_https_errors=True, viewport={"width": width, "height": height}
+    )
+    page = await context.new_page()
+    page.set_default_timeout(30_000)
+    return page
+
+
+async def log_in(page: Any, system: System, username: str, password: str) -> None:
+    await page.goto(f"{system.url}/ui/login")
+    form = page.locator("#user-login")
+    await form.locator("input[name=username]").fill(username)
+    await form.locator("input[name=password]").fill(password)
+    await form.locator("button[type=submit]").click()
+    await page.wait_for_url(f"{system.url}/ui/")
+
+
+@pytest.fixture(scope="module")
+async def admin(browser: Any, system: System, vm: str) -> AsyncIterator[Any]:
+    page = await new_page(browser)
+    try:
+        yield page
+    finally:
+        await page.context.close()
+
+
+async def test_pages_need_a_session_and_a_wrong_password_is_shown_at_its_field(
+    admin: Any, system: System
+) -> None:
+    await admin.goto(f"{system.url}/ui/jobs")
+    assert admin.url == f"{system.url}/ui/login"  # redirected: no session
+    form = admin.locator("#user-login")
+    await form.locator("input[name=username]").fill(ADMIN[0])
+    await form.locator("input[name=password]").fill("not the password")
+    await form.locator("button[type=submit]").click()
+    error = form.locator('[data-error-for="password"]')
+    await error.filter(has_text="wrong user name or password").wait_for()
+    assert await admin.context.cookies() == []  # a refusal sets nothing
+    token_form = admin.locator("#token-login")
+    await token_form.locator("input[name=token]").fill("wrong-token")
+    await token_form.locator("button[type=submit]").click()
+    await token_form.locator('[data-error-for="token"]').filter(has_text="unauthorized").wait_for()
+
+
+async def test_login_sets_a_strict_httponly_session_and_shows_the_vm(
+    admin: Any, system: System, vm: str, shots: Path
+) -> None:
+    await log_in(admin, system, *ADMIN)
+    cookies = {c["name"]: c for c in await admin.context.cookies()}
+    session = cookies["vb_session"]
+    assert session["httpOnly"] and session["secure"] and session["sameSite"] == "Strict"
+    assert cookies["vb_refresh"]["httpOnly"] and cookies["vb_refresh"]["path"] == "/ui/session"
+    assert not cookies["vb_csrf"]["httpOnly"] and cookies["vb_csrf"]["sameSite"] == "Strict"
+    # The page's scripts cannot read the credential.
+    assert "vb_session" not in await admin.evaluate("document.cookie")
+    row = admin.locator(f'tr[data-vm="{vm}"]')
+    await row.wait_for()
+    assert "never" in await row.locator("td.age").inner_text()
+    assert "old" in (await row.locator("td.age").get_attribute("class") or "")
+    assert await admin.locator("#who").inner_text() == ADMIN[0]
+
+
+async def test_a_change_without_the_csrf_header_is_refused(admin: Any, system: System) -> None:
+    status, text = await admin.evaluate(
+        """async () => {
+            const r = await fetch('/servers/local/backup', {method: 'POST',
+                headers: {'content-type': 'application/json'}, body: '{"vmName": "x"}'});
+            return [r.status, await r.text()];
+        }"""
+    )
+    assert status == 403 and "x-csrf-token" in text
+    # The cookie alone opens reads for the page (same authentication as a header).
+    status = await admin.evaluate("async () => (await fetch('/jobs')).status")
+    assert status == 200
+
+
+async def test_back_up_now_reaches_100_percent_and_the_point_is_listed(
+    admin: Any, system: System, vm: str, shots: Path
+) -> None:
+    await admin.goto(f"{system.url}/ui/vm?server=local&vm={vm}")
+    await admin.get_by_role("button", name="Back up now").click()
+    status = admin.locator("#backup-status")
+    await status.locator(".state", has_text="success").wait_for(timeout=WAIT_MS)
+    assert await status.locator(".pct").inner_text() == "100%"
+    assert await status.locator("progress").get_attribute("value") == "100"
+    points = admin.locator("#points li")
+    await points.first.wait_for()
+    assert await points.count() == 1
+    assert "full" in await points.first.inner_text()
+    await admin.screenshot(path=str(shots / "vm.png"), full_page=True)
+    await admin.goto(f"{system.url}/ui/")
+    await admin.locator(f'tr[data-vm="{vm}"] td.age.ok').wait_for()
+    await admin.screenshot(path=str(shots / "dashboard.png"), full_page=True)
+
+
+async def test_restore_under_a_new_name(
+    admin: Any, system: System, vm: str, conn: Connection, shots: Path
+) -> None:
+    await admin.goto(f"{system.url}/ui/vm?server=local&vm={vm}")
+    form = admin.locator("#restore")
+    # Refused before sending: the field says why.
+    await form.locator("input[name=targetDirectory]").fill("relative/dir")
+    await form.get_by_role("button", name="Restore").click()
+    await form.locator('[data-error-for="targetDirectory"]').filter(has_text="absolute").wait_for()
+    await form.locator("input[name=targetDirectory]").fill("")
+    await form.locator("input[name=vmName]").fill(COPY)
+    await form.get_by_role("button", name="Restore").click()
+    status = admin.locator("#restore-status")
+    await status.locator(".state", has_text="success").wait_for(timeout=WAIT_MS)
+    assert await status.locator(".pct").inner_text() == "100%"
+    names = await conn.call(conn.raw.listDefinedDomains)
+    running = [d.name() for d in await conn.call(conn.raw.listAllDomains)]
+    assert COPY in names or COPY in running
+    await admin.goto(f"{system.url}/ui/jobs")
+    await admin.locator("#jobs tbody tr").nth(1).wait_for()
+    assert await admin.locator("#jobs tbody tr").count() >= 2
+    await admin.locator("#jobs tbody tr a").first.click()
+    await admin.locator("#job-log").filter(has_text="restore").wait_for()
+    await admin.screenshot(path=str(shots / "jobs.png"), full_page=True)
+
+
+async def test_prune_dry_run_is_shown_and_deletes_nothing(
+    admin: Any, system: System, vm: str, shots: Path
+) -> None:
+    await admin.goto(f"{system.url}/ui/destinations")
+    card = admin.locator('article[data-destination="fs"]')
+    # Rules that would keep nothing (the API refuses them): said at the field, not sent.
+    await card.locator("input[name=keepLast]").fill("0")
+    await card.get_by_role("button", name="Prune dry run").click()
+    await card.locator('[data-error-for="keepLast"]').filter(has_text="keeps nothing").wait_for()
+    assert await card.locator(".prune-result").inner_text() == ""
+    # Another VM's name: the API's refusal is shown in the form.
+    await card.locator("input[name=vmName]").fill("bad/name")
+    await card.locator("input[name=keepLast]").fill("1")
+    await card.get_by_role("button", name="Prune dry run").click()
+    await card.locator('[data-error-for="vmName"]').filter(has_text="vmName").wait_for()
+    await card.locator("input[name=vmName]").fill("")
+    await card.locator("input[name=keepLast]").fill("1")
+    await card.get_by_role("button", name="Prune dry run").click()
+    result = card.locator(".prune-result")
+    await result.get_by_text("Dry run: nothing was deleted").wait_for()
+    rows = result.locator("tbody tr")
+    assert await rows.count() == 1
+    assert vm in await rows.first.inner_text()
+    await admin.screenshot(path=str(shots / "destinations.png"), full_page=True)
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        points = (await api.get("/api/v1/restore-points", params={"vmName": vm})).json()
+    assert len(points) == 1
+
+
+async def test_a_viewer_sees_no_action_and_the_api_refuses_them(
+    browser: Any, system: System, vm: str, shots: Path
+) -> None:
+    page = await new_page(browser, 390, 844)  # a phone-sized screen
+    try:
+        await log_in(page, system, *VIEWER)
+        await page.locator(f'tr[data-vm="{vm}"] td.age.ok').wait_for()
+        await page.screenshot(path=str(shots / "dashboard-phone.png"), full_page=True)
+        await page.goto(f"{system.url}/ui/vm?server=local&vm={vm}")
+        await page.locator("#points li").first.wait_for()
+        assert await page.locator("#backup").count() == 0
+        assert await page.locator("#restore").count() == 0
+        assert await page.get_by_role("button", name="Back up now").count() == 0
+        await page.goto(f"{system.url}/ui/destinations")
+        await page.locator('article[data-destination="fs"]').wait_for()
+        assert await page.get_by_role("button", name="Prune dry run").count() == 0
+        await page.goto(f"{system.url}/ui/jobs")
+        await page.locator("#jobs tbody tr").first.wait_for()
+        assert await page.locator("button.cancel").count() == 0
+        status = await page.evaluate(
+            """async (vm) => {
+                const csrf = /vb_csrf=([^;]*)/.exec(document.cookie)[1];
+                const r = await fetch('/servers/local/backup', {method: 'POST',
+                    headers: {'content-type': 'application/json', 'x-csrf-token': csrf},
+                    body: JSON.stringify({vmName: vm})});
+                return r.status;
+            }""",
+            vm,
+        )
+        assert status == 403
+        # Logging out ends the session: the pages send the browser to the login again.
+        await page.get_by_role("button", name="Log out").click()
+        await page.wait_for_url(f"{system.url}/ui/login")
+        await page.goto(f"{system.url}/ui/")
+        assert page.url == f"{system.url}/ui/login"
+    finally:
+        await page.context.close()
+
+
+async def test_the_agent_token_logs_in(browser: Any, system: System, vm: str) -> None:
+    page = await new_page(browser)
+    try:
+        await page.goto(f"{system.url}/ui/login")
+        form = page.locator("#token-login")
+        await form.locator("input[name=token]").fill(system.token)
+        await form.locator("button[type=submit]").click()
+        await page.wait_for_url(f"{system.url}/ui/")
+        await page.locator(f'tr[data-vm="{vm}"]').wait_for()
+        assert await page.locator("#who").inner_text() == "token"
+    finally:
+        await page.context.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        (b"not json", 400, "body"),
+        (b'["alice"]', 400, "body"),
+        (b'{"username": "alice", "password": "x", "extra": 1}', 400, "body"),
+        (b'{"username": 7, "password": "x"}', 400, "username"),
+        (b'{"username": "alice"}', 400, "password"),
+        (b'{"token": ""}', 400, "token"),
+        (b'{"token": "t", "username": "alice"}', 400, "token"),
+        (b'{"token": "wrong"}', 401, "token"),
+        (b'{"username": "nobody", "password": "wrong"}', 401, "password"),
+    ],
+)
+async def test_bad_logins_are_4xx_naming_the_field(
+    system: System, vm: str, body: bytes, status: int, field: str
+) -> None:
+    async with httpx.AsyncClient(base_url=system.url, verify=False, timeout=30) as client:
+        resp = await client.post("/ui/session", content=body)
+    assert resp.status_code == status, resp.text
+    assert resp.json()["field"] == field
+    assert "set-cookie" not in resp.headers
+
+
+async def test_the_console_routes_keep_the_apis_authentication(system: System, vm: str) -> None:
+    async with httpx.AsyncClient(base_url=system.url, verify=False, timeout=30) as client:
+        # An unknown path under /ui is the API's: 401 without a credential, 404 with one.
+        assert (await client.get("/ui/nothing-here")).status_code == 401
+        assert (await client.get("/ui/nothing-here", headers=system.auth())).status_code == 404
+        assert (await client.get("/ui/static/../app.py")).status_code in {401, 404}
+        assert (await client.get("/ui/session")).status_code == 401
+        page = await client.get("/ui/")
+        assert page.status_code == 303 and page.headers["location"] == "/ui/login"
+        login = await client.get("/ui/login")
+        assert (
+            login.status_code == 200
+            and "frame-ancestors 'none'" in login.headers["content-security-policy"]
+        )
+        assert (await client.get("/ui/static/console.js")).status_code == 200
+        resp = await client.post("/ui/session", json={"token": system.token})
+        assert resp.status_code == 200 and resp.json()["actor"] == "token"
+        assert system.token not in resp.text
+        # Refresh and logout are changes too: the CSRF header is needed.
+        assert (await client.post("/ui/session/refresh")).status_code == 403
+        assert (await client.delete("/ui/session")).status_code == 403
+        csrf = client.cookies["vb_csrf"]
+        out = await client.delete("/ui/session", headers={"x-csrf-token": csrf})
+        assert out.status_code == 200
+        assert all("Max-Age=0" in c for c in out.headers.get_list("set-cookie"))
+    async with httpx.AsyncClient(base_url=system.url, verify=False, timeout=30) as client:
+        resp = await client.post("/ui/session", json={"username": ADMIN[0], "password": ADMIN[1]})
+        assert resp.status_code == 200 and resp.json()["actor"] == ADMIN[0]
+        first = client.cookies["vb_session"]
+        again = await client.post(
+            "/ui/session/refresh", headers={"x-csrf-token": client.cookies["vb_csrf"]}
+        )
+        assert again.status_code == 200, again.text
+        assert client.cookies["vb_session"] != first
+        assert (await client.get("/jobs")).status_code == 200  # the new cookie works
