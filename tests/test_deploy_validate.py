@@ -5,9 +5,14 @@ and what a cluster operator expects of them is asserted (non-root pods, read-onl
 file systems, readiness on the bus, resources, NetworkPolicies, PodDisruptionBudgets).
 
 The chart is rendered by ``helm template`` (the real engine) when ``helm`` is on PATH or
-``VIRTBACKUP_HELM`` names it. Helm cannot be installed from the package registries this
-project's machines reach (no PyPI, Debian or npm package ships its binary), so where it is
-missing those tests are skipped, saying so: the chart is never rendered by a stand-in.
+``VIRTBACKUP_HELM`` names it, and its rendered documents are validated like deploy/k8s.
+Helm's binary cannot be installed from the package registries this project's machines
+reach (no PyPI, Debian or npm package ships it), so where it is missing those tests are
+skipped, saying so: the chart is never rendered by a stand-in. What runs everywhere is
+Helm's own lint through helm-sdkpy (Helm's Go library in a PyPI wheel; ``dev.py
+install`` puts it in ``.tools/helm-sdkpy``): every template rendered by Helm's engine
+with each value set below, each document parsed as YAML. helm-sdkpy has no ``template``
+action, so its output cannot be schema-checked here.
 """
 
 from __future__ import annotations
@@ -243,3 +248,43 @@ def test_the_rendered_chart_is_valid(rendered: tuple[str, list[dict[str, Any]]])
         assert config["data"]["VIRTBACKUP_STREAM_REPLICAS"] == "3"
     if name == "everything-on":
         assert {"ServiceMonitor", "ScaledObject"} <= kinds
+
+
+HELM_LINT_PYTHON = ROOT / ".tools/helm-sdkpy/bin/python"
+needs_helm_lint = pytest.mark.skipif(
+    not HELM_LINT_PYTHON.exists(),
+    reason="helm-sdkpy is not installed (dev.py install puts it in .tools/helm-sdkpy; "
+    "it needs a Python 3.12 or newer)",
+)
+
+
+def _helm_lint(chart: Path, values: list[str]) -> subprocess.CompletedProcess[str]:
+    settings = [v for v in values if v != "--set"]
+    return subprocess.run(
+        [str(HELM_LINT_PYTHON), str(ROOT / "tools/helm_lint.py"), str(chart), *settings],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@needs_helm_lint
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_helm_renders_every_template_of_the_chart(name: str) -> None:
+    values = [v.replace("{", "[").replace("}", "]") for v in VALUE_SETS[name]]
+    done = _helm_lint(CHART, values)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@needs_helm_lint
+def test_helm_lint_reports_a_template_that_does_not_parse(tmp_path: Path) -> None:
+    """The lint bites: an unquoted ``?`` in a flow mapping (a real slip of this chart's
+    making) fails it."""
+    chart = tmp_path / "virtbackup"
+    shutil.copytree(CHART, chart)
+    (chart / "templates/broken.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x, labels: {a: /healthz?x=y}}\n"
+    )
+    done = _helm_lint(chart, ["token=t0ken"])
+    assert done.returncode == 1
+    assert "templates/broken.yaml" in done.stdout
