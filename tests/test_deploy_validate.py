@@ -189,6 +189,16 @@ needs_helm = pytest.mark.skipif(
 #: Value sets the chart is rendered with: defaults (bundled 3-node NATS), an existing
 #: NATS, and every optional part on.
 VALUE_SETS: dict[str, list[str]] = {
+    "nothing-optional": [
+        "--set",
+        "token=t0ken",
+        "--set",
+        "metrics.enabled=false",
+        "--set",
+        "podDisruptionBudgets.enabled=false",
+        "--set",
+        "networkPolicy.enabled=false",
+    ],
     "defaults": ["--set", "token=t0ken"],
     "existing-nats": [
         "--set",
@@ -236,9 +246,12 @@ def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]
 def test_the_rendered_chart_is_valid(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     name, docs = rendered
     _validate_all(docs)
-    _pod_expectations(docs, {s: f"vb-{s}" for s in SERVICES})
     kinds = {d["kind"] for d in docs}
-    assert {"NetworkPolicy", "PodDisruptionBudget"} <= kinds
+    if name == "nothing-optional":
+        assert not {"NetworkPolicy", "PodDisruptionBudget"} & kinds
+    else:
+        _pod_expectations(docs, {s: f"vb-{s}" for s in SERVICES})
+        assert {"NetworkPolicy", "PodDisruptionBudget"} <= kinds
     nats = [d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "vb-nats"]
     if name == "existing-nats":
         assert not nats
@@ -288,3 +301,13 @@ def test_helm_lint_reports_a_template_that_does_not_parse(tmp_path: Path) -> Non
     done = _helm_lint(chart, ["token=t0ken"])
     assert done.returncode == 1
     assert "templates/broken.yaml" in done.stdout
+
+
+def test_the_keda_scaler_watches_the_work_streams_consumer() -> None:
+    """The ScaledObject names the stream and consumer the workers pull from."""
+    from virtbackup.contracts.streams import TRANSFER_CONSUMER
+
+    template = (CHART / "templates/keda.yaml").read_text()
+    assert f"stream: {TRANSFER_CONSUMER.stream}\n" in template
+    assert f"consumer: {TRANSFER_CONSUMER.durable}\n" in template
+    assert "type: nats-jetstream" in template
