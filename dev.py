@@ -106,6 +106,43 @@ def ensure_python_env() -> None:
     )
 
 
+HELM_LINT_ENV = TOOLS / "helm-sdkpy"
+
+
+def python_312() -> str | None:
+    """A Python 3.12 or newer that runs (pyenv's shims may name one that is not active)."""
+    found = [shutil.which(f"python3.{minor}") for minor in (13, 12)]
+    found += sorted(str(p) for p in Path.home().glob(".pyenv/versions/3.1[2-9]*/bin/python3"))
+    for candidate in found:
+        if candidate and subprocess.run([candidate, "-c", ""], capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+def ensure_helm_lint() -> None:
+    """Helm's engine for tests/test_deploy_validate.py (tools/helm_lint.py): helm-sdkpy,
+    pinned, in a Python 3.12 environment of its own (it needs 3.12; no registry we reach
+    ships a helm binary). Best effort: without it those tests are skipped, saying why."""
+    marker = HELM_LINT_ENV / ".installed-0.1.32"
+    if marker.exists():
+        return
+    say("installing helm-sdkpy 0.1.32 (Helm's engine) into .tools/helm-sdkpy")
+    env = dict(os.environ, UV_PYTHON_DOWNLOADS="never")
+    python = HELM_LINT_ENV / "bin" / "python"
+    base = python_312()
+    if base is None:
+        say("no Python 3.12 or newer here: the chart's lint tests will be skipped")
+        return
+    try:
+        run([uv_binary(), "venv", "-q", "--python", base, str(HELM_LINT_ENV)], env=env)
+        packages = ["helm-sdkpy==0.1.32", "PyYAML>=6"]
+        run([uv_binary(), "pip", "install", "-q", "--python", str(python), *packages], env=env)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        say(f"helm-sdkpy not installed ({exc}): the chart's lint tests will be skipped")
+        return
+    marker.touch()
+
+
 def ensure_libvirtd() -> None:
     """Start virtlogd and libvirtd when root and they are not running (no systemd here)."""
     if os.geteuid() != 0 or not shutil.which("libvirtd"):
@@ -141,6 +178,7 @@ def cmd_up(args: list[str]) -> int:
 def cmd_test(args: list[str]) -> int:
     ensure_debian_packages()
     ensure_python_env()
+    ensure_helm_lint()
     steps = [
         ("ruff check", [bin_("ruff"), "check", "."]),
         ("ruff format --check", [bin_("ruff"), "format", "--check", "."]),
@@ -175,6 +213,7 @@ def main() -> int:
     if command == "install":
         ensure_debian_packages()
         ensure_python_env()
+        ensure_helm_lint()
         return 0
     if command == "bench":
         return cmd_bench(rest)

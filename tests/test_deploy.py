@@ -64,7 +64,11 @@ def test_the_inventory_and_the_workers_share_the_exports_pki() -> None:
     by_name = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs}
     for name, read_only in (("inventory", False), ("transfer-worker", True)):
         pod = by_name[name]
-        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in pod["volumes"]
+            if "persistentVolumeClaim" in v
+        }
         container = pod["containers"][0]
         mount = next(m for m in container["volumeMounts"] if m["name"] == "pki")
         env = {e["name"]: e.get("value") for e in container["env"]}

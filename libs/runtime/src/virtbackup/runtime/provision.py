@@ -31,7 +31,9 @@ _RETENTION = {
 }
 
 
-def stream_config(spec: StreamSpec) -> StreamConfig:
+def stream_config(spec: StreamSpec, *, replicas: int = 1) -> StreamConfig:
+    """The JetStream configuration of ``spec``, stored on ``replicas`` servers (1 on a
+    single server; 3 on a 3-node JetStream cluster: ``VIRTBACKUP_STREAM_REPLICAS``)."""
     return StreamConfig(
         name=spec.name,
         subjects=list(spec.subjects),
@@ -43,12 +45,13 @@ def stream_config(spec: StreamSpec) -> StreamConfig:
         description=spec.description or None,
         deny_delete=spec.deny_delete,
         deny_purge=spec.deny_purge,
+        num_replicas=replicas,
     )
 
 
-async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
-    """Create the stream, or bring an existing one to ``spec``."""
-    config = stream_config(spec)
+async def ensure_stream(js: JetStreamContext, spec: StreamSpec, *, replicas: int = 1) -> None:
+    """Create the stream, or bring an existing one to ``spec`` (and to ``replicas``)."""
+    config = stream_config(spec, replicas=replicas)
     try:
         await js.stream_info(spec.name)
     except NotFoundError:
@@ -95,8 +98,8 @@ async def delete_consumer(js: JetStreamContext, stream: str, durable: str) -> No
         await js.delete_consumer(stream, durable)
 
 
-async def ensure_bucket(js: JetStreamContext, spec: BucketSpec) -> KeyValue:
-    """Create the bucket if it does not exist, and return it."""
+async def ensure_bucket(js: JetStreamContext, spec: BucketSpec, *, replicas: int = 1) -> KeyValue:
+    """Create the bucket if it does not exist (on ``replicas`` servers), and return it."""
     try:
         return await js.key_value(spec.name)
     except (NotFoundError, Exception) as exc:  # nats-py raises BucketNotFoundError
@@ -108,6 +111,7 @@ async def ensure_bucket(js: JetStreamContext, spec: BucketSpec) -> KeyValue:
         ttl=spec.ttl_seconds or None,
         description=spec.description or None,
         storage=StorageType.FILE,
+        replicas=replicas,
     )
     try:
         return await js.create_key_value(config)
@@ -121,10 +125,13 @@ async def provision(
     streams: Iterable[StreamSpec] = (),
     consumers: Iterable[ConsumerSpec] = (),
     buckets: Iterable[BucketSpec] = (),
+    replicas: int = 1,
 ) -> dict[str, KeyValue]:
-    """Provision everything a service owns; returns its buckets by name."""
+    """Provision everything a service owns; returns its buckets by name. Streams and
+    buckets are created with ``replicas`` copies (JetStream refuses more replicas than
+    it has servers: ``BadRequestError``)."""
     for stream in streams:
-        await ensure_stream(js, stream)
+        await ensure_stream(js, stream, replicas=replicas)
     for consumer in consumers:
         await ensure_consumer(js, consumer)
-    return {bucket.name: await ensure_bucket(js, bucket) for bucket in buckets}
+    return {bucket.name: await ensure_bucket(js, bucket, replicas=replicas) for bucket in buckets}

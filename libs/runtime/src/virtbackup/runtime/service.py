@@ -119,14 +119,20 @@ async def start_service(spec: ServiceSpec, settings: Settings) -> ServiceContext
         await spec.register(ctx)
     await broker.connect()
     ctx.buckets = await provision(
-        ctx.bus.js, streams=spec.streams, consumers=spec.consumers, buckets=spec.buckets
+        ctx.bus.js,
+        streams=spec.streams,
+        consumers=spec.consumers,
+        buckets=spec.buckets,
+        replicas=settings.stream_replicas,
     )
     if CONFIG.name in ctx.buckets:  # its secrets are sealed at rest (runtime.sealing)
         box = SecretBox.from_settings(settings)
         ctx.buckets[CONFIG.name] = SealedConfigBucket(ctx.buckets[CONFIG.name], box)
     await broker.start()
     try:
-        ctx.metrics = start_metrics_listener(settings.metrics_host, settings.metrics_port)
+        ctx.metrics = start_metrics_listener(
+            settings.metrics_host, settings.metrics_port, ready=lambda: ctx.bus.connected
+        )
     except OSError as exc:  # a metrics endpoint that cannot bind never stops the service
         log.error(
             "metrics endpoint not started: %s:%s cannot be bound (%s);"

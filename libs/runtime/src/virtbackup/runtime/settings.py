@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     #: Kubernetes). Each process of a host needs a port of its own.
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=0, ge=0, le=65535)
+    #: How many JetStream servers keep a copy of each stream and bucket this process
+    #: creates: 1 on a single nats-server, 3 on a 3-node JetStream cluster (the chart's
+    #: bundled one). More than the cluster has servers makes the service fail at start.
+    stream_replicas: int = Field(default=1, ge=1, le=5)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     otel_exporter: Literal["none", "console", "otlp"] = "none"
