@@ -76,6 +76,10 @@ def test_a_definition_becomes_the_jobs_params_with_defaults() -> None:
         ({"vm_path": "kvm1/web*"}, "vm_path"),
         ({"options": {"max_passes": True}}, "options.max_passes"),
         ({"options": {"max_downtime_seconds": 0}}, "options.max_downtime_seconds"),
+        # Waited for in the cut-over, where a cancel is refused: bounded.
+        ({"options": {"shutdown_timeout_seconds": 1e15}}, "options.shutdown_timeout_seconds"),
+        ({"options": {"shutdown_timeout_seconds": 3601}}, "options.shutdown_timeout_seconds"),
+        ({"options": {"shutdown_timeout_seconds": -1}}, "options.shutdown_timeout_seconds"),
         ({"options": {"force_shutdown": "yes"}}, "options.force_shutdown"),
         ({"options": {"remove_source_disks": True}}, "options.remove_source_disks"),
         ({"options": {"remove_source": "yes"}}, "options.remove_source"),

@@ -144,6 +144,9 @@ DEBUG_FAULTS = ("cutover", "remove_source", "cutover_stall")
 STALL_SECONDS = 60.0
 #: A UUID no domain has (``debug_fault: remove_source``).
 NO_UUID = "00000000-0000-0000-0000-000000000000"
+#: The longest ``shutdown_timeout_seconds`` accepted: the graceful shutdown is waited for
+#: in the cut-over, where a cancel is refused.
+MAX_SHUTDOWN_SECONDS = 3600.0
 #: Seconds between two looks at the source's power state while it shuts down.
 POLL_SECONDS = 0.5
 
@@ -218,8 +221,13 @@ def migration_params(
         raise BadRequest("options.max_downtime_seconds: must be more than 0")
     if not 1 <= params["maxPasses"] <= 100:
         raise BadRequest("options.max_passes: must be 1 to 100")
-    if params["shutdownTimeoutSeconds"] < 0:
-        raise BadRequest("options.shutdown_timeout_seconds: must not be negative")
+    if not 0 <= params["shutdownTimeoutSeconds"] <= MAX_SHUTDOWN_SECONDS:
+        # The wait is in the cut-over, where a cancel is refused: unbounded, a guest that
+        # ignores the ACPI request would hold the job (and the VM's lock) for good.
+        raise BadRequest(
+            f"options.shutdown_timeout_seconds: must be 0 to {MAX_SHUTDOWN_SECONDS:g} "
+            "(the cut-over cannot be cancelled while it waits)"
+        )
     mapping = params.get("networkMapping") or {}
     for src, dst in mapping.items():
         if not isinstance(dst, str) or not dst:
