@@ -365,29 +365,47 @@ async def check_migration(
     disks = await _source_disks(jc, server_id, vm)
     if not disks:
         raise BadRequest(f"vm_path: vm {vm} has no disk to migrate")
-    await _check_networks(jc, params)
+    await _check_networks(jc, params, xml.xml)
     await _precheck(jc, params, vm, xml.xml, disks)
     return server_id, vm, params
 
 
-async def _check_networks(jc: JobContext, params: dict[str, Any]) -> None:
+async def _check_networks(jc: JobContext, params: dict[str, Any], domain_xml: str) -> None:
     """``BadRequest`` naming the entry of ``networkMapping`` whose target network the
-    target server does not have."""
+    target server does not have, or the source VM's network (``domain_xml``) that no
+    entry maps and the target does not have: the VM could be defined there, but not
+    started, and that would be found only once the source was stopped."""
     mapping: dict[str, str] = params.get("networkMapping") or {}
-    if not mapping:
+    unmapped = sorted(set(vm_networks(domain_xml)) - set(mapping))
+    if not mapping and not unmapped:
         return
     target = params["targetServerId"]
     listed = await jc.bus.request(
         InventoryCmd.NETWORKS, ServerRef(server_id=target), NetworkList,
         timeout=timeouts.INVENTORY_QUERY,
     )  # fmt: skip
+    have = ", ".join(listed.names) or "none"
     for source, name in sorted(mapping.items()):
         if name not in listed.names:
-            have = ", ".join(listed.names) or "none"
             raise BadRequest(
                 f"options.network_mapping.{source}: server {target} has no network "
                 f"{shown(name)} (it has: {have})"
             )
+    for name in unmapped:
+        if name not in listed.names:
+            raise BadRequest(
+                f"options.network_mapping.{name}: the vm's interface on network "
+                f"{shown(name)} needs a network of server {target}, which has no "
+                f"{shown(name)} (it has: {have}): map it in options.network_mapping"
+            )
+
+
+def vm_networks(domain_xml: str) -> list[str]:
+    """The libvirt networks the ``<interface type='network'>`` elements of
+    ``domain_xml`` name, each once, in order."""
+    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own XML of the source VM
+    names = (s.get("network") for s in root.findall("./devices/interface[@type='network']/source"))
+    return list(dict.fromkeys(n for n in names if n))
 
 
 async def _run_from_submit(jc: JobContext, job: Job) -> None:
