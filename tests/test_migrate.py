@@ -57,6 +57,7 @@ REMOVED = f"vbt-migr-{PID}"
 REMOVED_MOVED = f"vbt-migrt-{PID}"
 SHARER = f"vbt-migsh-{PID}"
 URI_MOVED = f"vbt-migl-{PID}"
+START_FAILED = f"vbt-migsf-{PID}"
 #: Seconds each sync pass waits before it copies (debug hold): a cancel lands there.
 SYNC_HOLD = 3
 
@@ -144,7 +145,7 @@ async def vm(conn: Connection, vm_dir: Path) -> AsyncIterator[SmallVm]:
     try:
         yield made
     finally:
-        for name in (VM, MOVED, CANCELED, FAILED, ORPHANED, STALLED):
+        for name in (VM, MOVED, CANCELED, FAILED, ORPHANED, STALLED, START_FAILED):
             await remove_vm(conn, name)
 
 
@@ -403,6 +404,26 @@ async def test_a_failure_at_cutover_starts_the_source_again(
     with pytest.raises(NotFound):
         await get_domain(conn, FAILED)
     assert target_files(target_dir, FAILED) == []
+
+
+async def test_a_failed_start_on_the_target_says_the_vm_stays_defined_there(
+    hs: httpx.AsyncClient, vm: SmallVm, conn: Connection, target_dir: Path
+) -> None:
+    """The VM is defined on the target, and its start there fails: the source is started
+    again, and the message says the VM stays defined on the target (a retry's 409)."""
+    assert await power(conn, VM) == "running"
+    body = submission(VM, START_FAILED, target_dir, debug_fault="start")
+    resp = await hs.post("/jobs/submit", json=body)
+    assert resp.status_code == 201, resp.text
+    job, _ = await follow(hs, resp.json()["job_id"])
+    assert job["status"] == "failed", job
+    assert "started again" in job["error"], job
+    assert f"vm {START_FAILED} stays defined (not started) on server remote" in job["error"]
+    assert await power(conn, VM) == "running"
+    assert await power(conn, START_FAILED) == "shutoff"
+    retry = await hs.post("/jobs/submit", json=submission(VM, START_FAILED, target_dir))
+    assert retry.status_code == 409, retry.text
+    await remove_vm(conn, START_FAILED)
 
 
 async def test_a_migration_whose_orchestrator_stopped_is_undone(

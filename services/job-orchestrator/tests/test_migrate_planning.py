@@ -84,6 +84,7 @@ def test_a_definition_becomes_the_jobs_params_with_defaults() -> None:
         ({"options": {"remove_source_disks": True}}, "options.remove_source_disks"),
         ({"options": {"remove_source": "yes"}}, "options.remove_source"),
         ({"options": {"debug_fault": "cutover"}}, "options.debug_fault"),
+        ({"options": {"debug_fault": "start"}}, "options.debug_fault"),
         ({"options": {"network_mapping": {"default": 3}}}, "options.network_mapping.default"),
         ({"options": {"vm_name": "a/b"}}, "options.vm_name"),
     ],

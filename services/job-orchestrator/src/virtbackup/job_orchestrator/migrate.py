@@ -139,8 +139,9 @@ DESTINATION_FIELDS = frozenset({"type", "server_id", "libvirt_uri"})
 #: is stopped and the last delta copied; ``remove_source`` asks the source's removal
 #: with another UUID (the inventory refuses it: the migration completes, saying so);
 #: ``cutover_stall`` waits :data:`STALL_SECONDS` once the last delta is copied (its
-#: exports still up), so that a test can stop the orchestrator there.
-DEBUG_FAULTS = ("cutover", "remove_source", "cutover_stall")
+#: exports still up), so that a test can stop the orchestrator there; ``start`` fails the
+#: start on the target once the VM is defined there.
+DEBUG_FAULTS = ("cutover", "remove_source", "cutover_stall", "start")
 STALL_SECONDS = 60.0
 #: A UUID no domain has (``debug_fault: remove_source``).
 NO_UUID = "00000000-0000-0000-0000-000000000000"
@@ -209,8 +210,8 @@ def migration_params(
         "debugFault" in params and not debug
     ):
         raise BadRequest(
-            "options.debug_fault: only 'cutover', 'cutover_stall' or 'remove_source', and "
-            "only in debug mode"
+            "options.debug_fault: only 'cutover', 'cutover_stall', 'remove_source' or "
+            "'start', and only in debug mode"
         )
     if params["removeSourceDisks"] and not params["removeSource"]:
         raise BadRequest(
@@ -675,6 +676,13 @@ async def _undo(jc: JobContext, m: Migration) -> list[str]:
         except ServiceError as exc:
             notes.append(f"could not remove the images on server {m.target}: {exc.message}")
     notes.extend(await _drop_checkpoints(jc, m))
+    if m.defined and not m.target_running:
+        # Defined there, its images in place, but not started: said, so that a retry's
+        # 409 (the name exists on the target) is no surprise.
+        notes.append(
+            f"vm {m.target_name} stays defined (not started) on server {m.target} with its "
+            "images: undefine it there before migrating again"
+        )
     if m.source_stopped and not m.target_running:
         try:
             await _action(jc, m.source, m.vm, "start")
@@ -892,6 +900,8 @@ async def _define_and_start(
     if not m.job.params.get("startOnTarget", True):
         return "defined (not started)"
     await _record(jc, m, stage="starting")
+    if jc.settings.debug and m.job.params.get("debugFault") == "start":
+        raise JobFailed("debug fault injected at the start on the target (options.debug_fault)")
     await _action(jc, m.target, m.target_name, "start")
     m.target_running = True
     return "running"
