@@ -58,6 +58,8 @@ REMOVED_MOVED = f"vbt-migrt-{PID}"
 SHARER = f"vbt-migsh-{PID}"
 URI_MOVED = f"vbt-migl-{PID}"
 START_FAILED = f"vbt-migsf-{PID}"
+OTHER = f"vbt-migot-{PID}"
+TWIN = f"vbt-migtw-{PID}"
 #: Seconds each sync pass waits before it copies (debug hold): a cancel lands there.
 SYNC_HOLD = 3
 
@@ -145,7 +147,7 @@ async def vm(conn: Connection, vm_dir: Path) -> AsyncIterator[SmallVm]:
     try:
         yield made
     finally:
-        for name in (VM, MOVED, CANCELED, FAILED, ORPHANED, STALLED, START_FAILED):
+        for name in (VM, MOVED, CANCELED, FAILED, ORPHANED, STALLED, START_FAILED, OTHER, TWIN):
             await remove_vm(conn, name)
 
 
@@ -424,6 +426,37 @@ async def test_a_failed_start_on_the_target_says_the_vm_stays_defined_there(
     retry = await hs.post("/jobs/submit", json=submission(VM, START_FAILED, target_dir))
     assert retry.status_code == 409, retry.text
     await remove_vm(conn, START_FAILED)
+
+
+async def test_two_migrations_cannot_go_to_one_target_name(
+    hs: httpx.AsyncClient, vm: SmallVm, conn: Connection, target_dir: Path
+) -> None:
+    """Both passed the target's checks (no VM of the name there yet): the second one's
+    cut-over then moved its images over the first one's running VM's and redefined it.
+    The target name is held while a migration goes there; released when it ends."""
+    if await power(conn, VM) != "running":
+        await conn.call((await conn.lookup(VM)).create, timeout=60)
+    await create_vm(conn, OTHER, vm.directory, [MiB])
+    first = await hs.post("/jobs/submit", json=submission(VM, TWIN, target_dir))
+    assert first.status_code == 201, first.text
+    second = await hs.post("/jobs/submit", json=submission(OTHER, TWIN, target_dir))
+    assert second.status_code == 409, second.text
+    error = second.json()["error"]
+    assert error.startswith(f"options.vm_name: vm {TWIN} on server remote"), error
+    assert first.json()["job_id"] in error, error
+    await hs.post("/jobs/cancel", json={"job_ids": [first.json()["job_id"]]})
+    job, _ = await follow(hs, first.json()["job_id"])
+    assert job["status"] == "cancelled", job
+    # Released with the job's end: the name can be migrated to again.
+    again = await hs.post("/jobs/submit", json=submission(OTHER, TWIN, target_dir))
+    assert again.status_code == 201, again.text
+    await hs.post("/jobs/cancel", json={"job_ids": [again.json()["job_id"]]})
+    job, _ = await follow(hs, again.json()["job_id"])
+    assert job["status"] == "cancelled", job
+    assert await power(conn, VM) == "running"
+    with pytest.raises(NotFound):
+        await get_domain(conn, TWIN)
+    await remove_vm(conn, OTHER)
 
 
 async def test_a_migration_whose_orchestrator_stopped_is_undone(

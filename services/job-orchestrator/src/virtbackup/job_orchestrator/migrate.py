@@ -102,6 +102,7 @@ from virtbackup.job_orchestrator.migrate_target import resolve_libvirt_uri
 from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.job_orchestrator.state_files import state_summary
 from virtbackup.runtime import joblog, timeouts
+from virtbackup.runtime.bus import new_id
 from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, ServiceError
 
 log = logging.getLogger(__name__)
@@ -304,10 +305,22 @@ async def submit_migration(jc: JobContext, definition: JobDefinition) -> JobSubm
 
         return await submit_via(jc, definition)
     server_id, vm, params = await check_migration(jc, definition)
-    job = await jc.submit(
-        "migration", server_id=server_id, vm_name=vm, params=params, lock_vm=True,
-        run=_run_from_submit,
-    )  # fmt: skip
+    # The target's name is held too (the lock a restore there takes), so that two
+    # migrations (or a restore) onto one name cannot both pass the check above: the
+    # second one's images and definition would replace the first one's at its cut-over.
+    # Released when the job ends (``JobContext.finish``).
+    job_id = new_id()
+    target, name = params["targetServerId"], params.get("targetVmName") or vm
+    what = f"options.vm_name: vm {name} on server {target}"
+    await jc.locks.acquire(target, name, job_id, "migration", what=what)
+    try:
+        job = await jc.submit(
+            "migration", server_id=server_id, vm_name=vm, params=params, lock_vm=True,
+            run=_run_from_submit, job_id=job_id,
+        )  # fmt: skip
+    except BaseException:
+        await jc.locks.release(target, name, job_id)
+        raise
     return JobSubmitResult(job_ids=[job.id], targets=[JobTarget(server_id=server_id, vm_name=vm)])
 
 
