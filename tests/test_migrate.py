@@ -56,6 +56,7 @@ UEFI_MOVED = f"vbt-migut-{PID}"
 REMOVED = f"vbt-migr-{PID}"
 REMOVED_MOVED = f"vbt-migrt-{PID}"
 SHARER = f"vbt-migsh-{PID}"
+OVERLAID = f"vbt-migov-{PID}"
 URI_MOVED = f"vbt-migl-{PID}"
 START_FAILED = f"vbt-migsf-{PID}"
 OTHER = f"vbt-migot-{PID}"
@@ -604,13 +605,22 @@ async def test_remove_source_and_its_disks_once_the_vm_runs_on_the_target(
 ) -> None:
     """Given by its libvirt URI, the target is server ``remote``; once the VM runs there
     the source is undefined with its NVRAM file and TPM state, and its images deleted,
-    except one another VM names."""
-    source = await create_uefi_vm(conn, REMOVED, vm_dir, [16 * MiB, 16 * MiB], tpm=True)
+    except one another VM names and one another VM's image is built on."""
+    source = await create_uefi_vm(conn, REMOVED, vm_dir, [16 * MiB] * 3, tpm=True)
     assert source.nvram is not None
     tpm_state = Path("/var/lib/libvirt/swtpm") / (await get_domain(conn, REMOVED)).uuid
     assert tpm_state.exists()
     # Another (defined, stopped) VM names the second image: it is not the source's alone.
     await define_domain(conn, build_vm_xml(SHARER, [source.disks[1]]))
+    # And another's image is an overlay on the third: the XML of a stopped VM does not
+    # show backing files, the image does.
+    overlay = vm_dir / f"{OVERLAID}-vda.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", str(source.disks[2]),
+         str(overlay)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    await define_domain(conn, build_vm_xml(OVERLAID, [overlay]))
     try:
         destination = {"type": "kvm", "server_id": "remote", "libvirt_uri": remote_uri(remote)}
         body = {
@@ -628,6 +638,8 @@ async def test_remove_source_and_its_disks_once_the_vm_runs_on_the_target(
             await get_domain(conn, REMOVED)
         assert not source.disks[0].exists()
         assert source.disks[1].exists()  # SHARER's
+        assert source.disks[2].exists()  # below OVERLAID's image
+        assert f"{source.disks[2]}: vm {OVERLAID} uses it too" in job["message"], job
         assert not source.nvram.exists()
         assert not tpm_state.exists()
         assert f"the source vm {REMOVED} was undefined" in job["message"], job
@@ -635,5 +647,5 @@ async def test_remove_source_and_its_disks_once_the_vm_runs_on_the_target(
         assert f"vm {SHARER} uses it too" in job["message"], job
         assert (target_dir / f"{REMOVED_MOVED}-vda.qcow2").exists()
     finally:
-        for name in (REMOVED, REMOVED_MOVED, SHARER):
+        for name in (REMOVED, REMOVED_MOVED, SHARER, OVERLAID):
             await remove_vm(conn, name)
