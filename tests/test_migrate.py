@@ -56,7 +56,11 @@ UEFI_MOVED = f"vbt-migut-{PID}"
 REMOVED = f"vbt-migr-{PID}"
 REMOVED_MOVED = f"vbt-migrt-{PID}"
 SHARER = f"vbt-migsh-{PID}"
+OVERLAID = f"vbt-migov-{PID}"
 URI_MOVED = f"vbt-migl-{PID}"
+START_FAILED = f"vbt-migsf-{PID}"
+OTHER = f"vbt-migot-{PID}"
+TWIN = f"vbt-migtw-{PID}"
 #: Seconds each sync pass waits before it copies (debug hold): a cancel lands there.
 SYNC_HOLD = 3
 
@@ -144,7 +148,7 @@ async def vm(conn: Connection, vm_dir: Path) -> AsyncIterator[SmallVm]:
     try:
         yield made
     finally:
-        for name in (VM, MOVED, CANCELED, FAILED, ORPHANED, STALLED):
+        for name in (VM, MOVED, CANCELED, FAILED, ORPHANED, STALLED, START_FAILED, OTHER, TWIN):
             await remove_vm(conn, name)
 
 
@@ -405,6 +409,57 @@ async def test_a_failure_at_cutover_starts_the_source_again(
     assert target_files(target_dir, FAILED) == []
 
 
+async def test_a_failed_start_on_the_target_says_the_vm_stays_defined_there(
+    hs: httpx.AsyncClient, vm: SmallVm, conn: Connection, target_dir: Path
+) -> None:
+    """The VM is defined on the target, and its start there fails: the source is started
+    again, and the message says the VM stays defined on the target (a retry's 409)."""
+    assert await power(conn, VM) == "running"
+    body = submission(VM, START_FAILED, target_dir, debug_fault="start")
+    resp = await hs.post("/jobs/submit", json=body)
+    assert resp.status_code == 201, resp.text
+    job, _ = await follow(hs, resp.json()["job_id"])
+    assert job["status"] == "failed", job
+    assert "started again" in job["error"], job
+    assert f"vm {START_FAILED} stays defined (not started) on server remote" in job["error"]
+    assert await power(conn, VM) == "running"
+    assert await power(conn, START_FAILED) == "shutoff"
+    retry = await hs.post("/jobs/submit", json=submission(VM, START_FAILED, target_dir))
+    assert retry.status_code == 409, retry.text
+    await remove_vm(conn, START_FAILED)
+
+
+async def test_two_migrations_cannot_go_to_one_target_name(
+    hs: httpx.AsyncClient, vm: SmallVm, conn: Connection, target_dir: Path
+) -> None:
+    """Both passed the target's checks (no VM of the name there yet): the second one's
+    cut-over then moved its images over the first one's running VM's and redefined it.
+    The target name is held while a migration goes there; released when it ends."""
+    if await power(conn, VM) != "running":
+        await conn.call((await conn.lookup(VM)).create, timeout=60)
+    await create_vm(conn, OTHER, vm.directory, [MiB])
+    first = await hs.post("/jobs/submit", json=submission(VM, TWIN, target_dir))
+    assert first.status_code == 201, first.text
+    second = await hs.post("/jobs/submit", json=submission(OTHER, TWIN, target_dir))
+    assert second.status_code == 409, second.text
+    error = second.json()["error"]
+    assert error.startswith(f"options.vm_name: vm {TWIN} on server remote"), error
+    assert first.json()["job_id"] in error, error
+    await hs.post("/jobs/cancel", json={"job_ids": [first.json()["job_id"]]})
+    job, _ = await follow(hs, first.json()["job_id"])
+    assert job["status"] == "cancelled", job
+    # Released with the job's end: the name can be migrated to again.
+    again = await hs.post("/jobs/submit", json=submission(OTHER, TWIN, target_dir))
+    assert again.status_code == 201, again.text
+    await hs.post("/jobs/cancel", json={"job_ids": [again.json()["job_id"]]})
+    job, _ = await follow(hs, again.json()["job_id"])
+    assert job["status"] == "cancelled", job
+    assert await power(conn, VM) == "running"
+    with pytest.raises(NotFound):
+        await get_domain(conn, TWIN)
+    await remove_vm(conn, OTHER)
+
+
 async def test_a_migration_whose_orchestrator_stopped_is_undone(
     hs: httpx.AsyncClient, system: System, vm: SmallVm, conn: Connection, target_dir: Path
 ) -> None:
@@ -550,13 +605,22 @@ async def test_remove_source_and_its_disks_once_the_vm_runs_on_the_target(
 ) -> None:
     """Given by its libvirt URI, the target is server ``remote``; once the VM runs there
     the source is undefined with its NVRAM file and TPM state, and its images deleted,
-    except one another VM names."""
-    source = await create_uefi_vm(conn, REMOVED, vm_dir, [16 * MiB, 16 * MiB], tpm=True)
+    except one another VM names and one another VM's image is built on."""
+    source = await create_uefi_vm(conn, REMOVED, vm_dir, [16 * MiB] * 3, tpm=True)
     assert source.nvram is not None
     tpm_state = Path("/var/lib/libvirt/swtpm") / (await get_domain(conn, REMOVED)).uuid
     assert tpm_state.exists()
     # Another (defined, stopped) VM names the second image: it is not the source's alone.
     await define_domain(conn, build_vm_xml(SHARER, [source.disks[1]]))
+    # And another's image is an overlay on the third: the XML of a stopped VM does not
+    # show backing files, the image does.
+    overlay = vm_dir / f"{OVERLAID}-vda.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", str(source.disks[2]),
+         str(overlay)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    await define_domain(conn, build_vm_xml(OVERLAID, [overlay]))
     try:
         destination = {"type": "kvm", "server_id": "remote", "libvirt_uri": remote_uri(remote)}
         body = {
@@ -574,6 +638,8 @@ async def test_remove_source_and_its_disks_once_the_vm_runs_on_the_target(
             await get_domain(conn, REMOVED)
         assert not source.disks[0].exists()
         assert source.disks[1].exists()  # SHARER's
+        assert source.disks[2].exists()  # below OVERLAID's image
+        assert f"{source.disks[2]}: vm {OVERLAID} uses it too" in job["message"], job
         assert not source.nvram.exists()
         assert not tpm_state.exists()
         assert f"the source vm {REMOVED} was undefined" in job["message"], job
@@ -581,5 +647,5 @@ async def test_remove_source_and_its_disks_once_the_vm_runs_on_the_target(
         assert f"vm {SHARER} uses it too" in job["message"], job
         assert (target_dir / f"{REMOVED_MOVED}-vda.qcow2").exists()
     finally:
-        for name in (REMOVED, REMOVED_MOVED, SHARER):
+        for name in (REMOVED, REMOVED_MOVED, SHARER, OVERLAID):
             await remove_vm(conn, name)

@@ -25,7 +25,7 @@ from harness import System, local_config, running_system, wait_job
 
 from virtbackup.testing.session_host import SESSION_USER, SessionHost
 from virtbackup.testing.vms import SmallVm, create_uefi_vm, create_vm, guest_write, remove_vm
-from virtbackup.virt import Connection, NotFound, domain_xml, get_domain
+from virtbackup.virt import Connection, NotFound, define_domain, domain_xml, get_domain
 
 pytestmark = pytest.mark.libvirt
 
@@ -37,6 +37,10 @@ UEFI = f"vbt-suefi-{PID}"
 UEFI_MOVED = f"vbt-suefit-{PID}"
 LOCAL_VM = f"vbt-sloc-{PID}"
 RESTORED = f"vbt-sres-{PID}"
+NIC_VM = f"vbt-snic-{PID}"
+NIC_MOVED = f"vbt-snict-{PID}"
+#: A transient isolated network of the system libvirt (the session host has none).
+NETWORK = f"vbt-snet-{PID}"
 
 
 @pytest.fixture(scope="module")
@@ -289,3 +293,55 @@ async def test_backup_and_restore_on_the_session_host(
     original = session_host.images / f"{LOCAL_VM}-vda.qcow2"
     compared = images_same(original, restored)
     assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
+@pytest.fixture
+def network() -> Iterator[str]:
+    """:data:`NETWORK`, started on the system libvirt (isolated: no forward, no address)."""
+    xml = f"<network><name>{NETWORK}</name><bridge name='vbts{PID % 100000}'/></network>"
+    subprocess.run(["virsh", "net-create", "/dev/stdin"], input=xml.encode(), check=True,
+                   capture_output=True)  # fmt: skip
+    try:
+        yield NETWORK
+    finally:
+        subprocess.run(["virsh", "net-destroy", NETWORK], capture_output=True, check=False)
+
+
+async def test_a_network_the_target_lacks_is_refused_before_the_cutover(
+    hs: httpx.AsyncClient,
+    conn: Connection,
+    session_conn: Connection,
+    session_host: SessionHost,
+    vm_dir: Path,
+    network: str,
+) -> None:
+    """A running VM on a network the session host does not have, and no
+    ``network_mapping`` for it: a 400 naming it, before anything is made (it used to be
+    found only when the VM failed to start there, after the source's downtime, the VM
+    left defined on the target)."""
+    made = await create_vm(conn, NIC_VM, vm_dir, [64 * MiB], start=False)
+    try:
+        root = ET.fromstring(await domain_xml(conn, NIC_VM, inactive=True))
+        devices = root.find("devices")
+        assert devices is not None
+        nic = ET.SubElement(devices, "interface", type="network")
+        ET.SubElement(nic, "source", network=network)
+        await define_domain(conn, ET.tostring(root, encoding="unicode"))
+        await conn.call((await conn.lookup(NIC_VM)).create, timeout=60)
+        before = sorted(session_host.images.iterdir())
+        body = {
+            "vm_path": f"local/{NIC_VM}",
+            "source": {"type": "libvirt", "server_id": "local"},
+            "destination": {"type": "kvm", "server_id": "session"},
+            "options": {"vm_name": NIC_MOVED, "target_directory": str(session_host.images)},
+        }
+        resp = await hs.post("/jobs/submit", json=body)
+        assert resp.status_code == 400, resp.text
+        assert f"options.network_mapping.{network}" in resp.json()["error"], resp.text
+        assert str((await get_domain(conn, NIC_VM)).power_state) == "running"
+        with pytest.raises(NotFound):
+            await get_domain(session_conn, NIC_MOVED)
+        assert sorted(session_host.images.iterdir()) == before
+        assert made.disks[0].exists()
+    finally:
+        await remove_vm(conn, NIC_VM)

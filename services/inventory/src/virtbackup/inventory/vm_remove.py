@@ -5,7 +5,8 @@ the shut-off source domain is undefined with its checkpoint, snapshot and manage
 metadata, its NVRAM file and its TPM state; with ``remove_disks``, its disk images are
 deleted after that. Only what is the VM's alone is deleted: a disk of ``type='block'``
 (an LVM volume, a partition), a network disk, a read-only or shareable one, or an image
-another domain of the server names (as a disk or in its backing chain) is kept and
+another domain of the server names (as a disk or in its backing chain, read from its
+images with ``qemu-img info --backing-chain``: a shut-off domain's XML shows none) is kept and
 said so; backing files below an image are never touched. An image that is a volume of
 a libvirt storage pool is deleted through the pool (the pool then knows), any other
 with ``rm`` on the server's host.
@@ -32,6 +33,7 @@ from virtbackup.virt import Connection, list_domains
 from virtbackup.virt.domains import PowerState, domain_xml, get_domain, undefine_domain
 from virtbackup.virt.errors import NotFound as VirtNotFound
 from virtbackup.virt.errors import VirtError
+from virtbackup.virt.host import Host
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,40 @@ async def _used_elsewhere(conn: Connection, vm_name: str) -> dict[str, str]:
     return used
 
 
+#: Prints the backing chain of image ``$1`` as JSON (nothing when it does not exist: a
+#: domain's image removed meanwhile backs nothing).
+_CHAIN_SCRIPT = (
+    'test -e "$1" || exit 0; exec qemu-img info -U --backing-chain --output=json -- "$1"'
+)
+
+
+async def _backing_chains(host: Host, used: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """``(path -> domain, unreadable)``: the backing files below the images of ``used``
+    (path -> the domain naming it), read from the images: the XML of a shut-off domain
+    does not show its images' backing chains. ``unreadable``: images whose chain could
+    not be read (their backing files are unknown)."""
+    below: dict[str, str] = {}
+    unreadable: list[str] = []
+    for path, owner in sorted(used.items()):
+        if not path.startswith("/"):
+            continue
+        done = await host.run(["sh", "-c", _CHAIN_SCRIPT, "sh", path], timeout=60)
+        if done.returncode != 0:
+            unreadable.append(f"{path} (vm {owner})")
+            continue
+        try:
+            chain = msgspec.json.decode(done.stdout or "[]", type=list[dict[str, object]])
+        except msgspec.DecodeError:
+            unreadable.append(f"{path} (vm {owner})")
+            continue
+        for image in chain:
+            for key in ("full-backing-filename", "backing-filename"):
+                backing = image.get(key)
+                if isinstance(backing, str) and backing.startswith("/"):
+                    below.setdefault(backing, owner)
+    return below, unreadable
+
+
 async def _volume(conn: Connection, disk: ET.Element, path: str | None) -> object | None:
     """The storage volume of a disk (``type='volume'``, or an image a pool holds)."""
     source = disk.find("source")
@@ -82,10 +118,13 @@ async def _volume(conn: Connection, disk: ET.Element, path: str | None) -> objec
 
 
 async def _plan(
-    conn: Connection, vm_name: str, xml: str
+    conn: Connection, host: Host, vm_name: str, xml: str
 ) -> tuple[list[tuple[str, object | None]], list[str]]:
     """``(images to delete with their volume if any, disks kept with why)``."""
     used = await _used_elsewhere(conn, vm_name)
+    below, unreadable = await _backing_chains(host, used)
+    for backing, owner in below.items():
+        used.setdefault(backing, owner)
     delete: list[tuple[str, object | None]] = []
     kept: list[str] = []
     for disk in _parse(xml).findall("./devices/disk"):
@@ -115,6 +154,12 @@ async def _plan(
         if path in used:
             kept.append(f"{path}: vm {used[path]} uses it too")
             continue
+        if unreadable:
+            kept.append(
+                f"{path}: the backing chain of {', '.join(unreadable)} could not be read: "
+                "it may be built on this image"
+            )
+            continue
         delete.append((path, volume))
     return delete, kept
 
@@ -138,11 +183,14 @@ def register_vm_remove(ctx: ServiceContext, inv: Inventory) -> None:
                 raise Conflict(f"vm {req.vm_name} is {dom.power_state}: only a shut-off VM")
             await _check_held(ctx, req)
             xml = await domain_xml(conn, req.vm_name, inactive=True)
-            delete, kept = await _plan(conn, req.vm_name, xml) if req.remove_disks else ([], [])
+            host = await entry.host.host() if req.remove_disks else None
+            delete: list[tuple[str, object | None]] = []
+            kept: list[str] = []
+            if host is not None:
+                delete, kept = await _plan(conn, host, req.vm_name, xml)
             await undefine_domain(conn, req.vm_name, remove_tpm=True)
         log.info("undefined vm %s on server %s (job %s)", req.vm_name, req.server_id, req.job_id)
         removed: list[str] = []
-        host = await entry.host.host() if delete else None
         for path, volume in delete:
             try:
                 if volume is not None:

@@ -355,6 +355,11 @@ class JobContext:
             folder = point_folder_lock(job.type, job.destination_id, job.vm_name)
             if folder is not None:
                 await self.locks.release(*folder, job.id)
+        if job.type == "migration":  # the target's name, held by a direct migration
+            target = job.params.get("targetServerId")
+            name = job.params.get("targetVmName") or job.vm_name
+            if isinstance(target, str) and target and isinstance(name, str) and name:
+                await self.locks.release(target, name, job.id)
         await self._release_written_folders(job)
         await self.leases.release(job_id)
         return job

@@ -102,6 +102,7 @@ from virtbackup.job_orchestrator.migrate_target import resolve_libvirt_uri
 from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.job_orchestrator.state_files import state_summary
 from virtbackup.runtime import joblog, timeouts
+from virtbackup.runtime.bus import new_id
 from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, ServiceError
 
 log = logging.getLogger(__name__)
@@ -139,11 +140,15 @@ DESTINATION_FIELDS = frozenset({"type", "server_id", "libvirt_uri"})
 #: is stopped and the last delta copied; ``remove_source`` asks the source's removal
 #: with another UUID (the inventory refuses it: the migration completes, saying so);
 #: ``cutover_stall`` waits :data:`STALL_SECONDS` once the last delta is copied (its
-#: exports still up), so that a test can stop the orchestrator there.
-DEBUG_FAULTS = ("cutover", "remove_source", "cutover_stall")
+#: exports still up), so that a test can stop the orchestrator there; ``start`` fails the
+#: start on the target once the VM is defined there.
+DEBUG_FAULTS = ("cutover", "remove_source", "cutover_stall", "start")
 STALL_SECONDS = 60.0
 #: A UUID no domain has (``debug_fault: remove_source``).
 NO_UUID = "00000000-0000-0000-0000-000000000000"
+#: The longest ``shutdown_timeout_seconds`` accepted: the graceful shutdown is waited for
+#: in the cut-over, where a cancel is refused.
+MAX_SHUTDOWN_SECONDS = 3600.0
 #: Seconds between two looks at the source's power state while it shuts down.
 POLL_SECONDS = 0.5
 
@@ -206,8 +211,8 @@ def migration_params(
         "debugFault" in params and not debug
     ):
         raise BadRequest(
-            "options.debug_fault: only 'cutover', 'cutover_stall' or 'remove_source', and "
-            "only in debug mode"
+            "options.debug_fault: only 'cutover', 'cutover_stall', 'remove_source' or "
+            "'start', and only in debug mode"
         )
     if params["removeSourceDisks"] and not params["removeSource"]:
         raise BadRequest(
@@ -218,8 +223,13 @@ def migration_params(
         raise BadRequest("options.max_downtime_seconds: must be more than 0")
     if not 1 <= params["maxPasses"] <= 100:
         raise BadRequest("options.max_passes: must be 1 to 100")
-    if params["shutdownTimeoutSeconds"] < 0:
-        raise BadRequest("options.shutdown_timeout_seconds: must not be negative")
+    if not 0 <= params["shutdownTimeoutSeconds"] <= MAX_SHUTDOWN_SECONDS:
+        # The wait is in the cut-over, where a cancel is refused: unbounded, a guest that
+        # ignores the ACPI request would hold the job (and the VM's lock) for good.
+        raise BadRequest(
+            f"options.shutdown_timeout_seconds: must be 0 to {MAX_SHUTDOWN_SECONDS:g} "
+            "(the cut-over cannot be cancelled while it waits)"
+        )
     mapping = params.get("networkMapping") or {}
     for src, dst in mapping.items():
         if not isinstance(dst, str) or not dst:
@@ -295,10 +305,22 @@ async def submit_migration(jc: JobContext, definition: JobDefinition) -> JobSubm
 
         return await submit_via(jc, definition)
     server_id, vm, params = await check_migration(jc, definition)
-    job = await jc.submit(
-        "migration", server_id=server_id, vm_name=vm, params=params, lock_vm=True,
-        run=_run_from_submit,
-    )  # fmt: skip
+    # The target's name is held too (the lock a restore there takes), so that two
+    # migrations (or a restore) onto one name cannot both pass the check above: the
+    # second one's images and definition would replace the first one's at its cut-over.
+    # Released when the job ends (``JobContext.finish``).
+    job_id = new_id()
+    target, name = params["targetServerId"], params.get("targetVmName") or vm
+    what = f"options.vm_name: vm {name} on server {target}"
+    await jc.locks.acquire(target, name, job_id, "migration", what=what)
+    try:
+        job = await jc.submit(
+            "migration", server_id=server_id, vm_name=vm, params=params, lock_vm=True,
+            run=_run_from_submit, job_id=job_id,
+        )  # fmt: skip
+    except BaseException:
+        await jc.locks.release(target, name, job_id)
+        raise
     return JobSubmitResult(job_ids=[job.id], targets=[JobTarget(server_id=server_id, vm_name=vm)])
 
 
@@ -357,29 +379,47 @@ async def check_migration(
     disks = await _source_disks(jc, server_id, vm)
     if not disks:
         raise BadRequest(f"vm_path: vm {vm} has no disk to migrate")
-    await _check_networks(jc, params)
+    await _check_networks(jc, params, xml.xml)
     await _precheck(jc, params, vm, xml.xml, disks)
     return server_id, vm, params
 
 
-async def _check_networks(jc: JobContext, params: dict[str, Any]) -> None:
+async def _check_networks(jc: JobContext, params: dict[str, Any], domain_xml: str) -> None:
     """``BadRequest`` naming the entry of ``networkMapping`` whose target network the
-    target server does not have."""
+    target server does not have, or the source VM's network (``domain_xml``) that no
+    entry maps and the target does not have: the VM could be defined there, but not
+    started, and that would be found only once the source was stopped."""
     mapping: dict[str, str] = params.get("networkMapping") or {}
-    if not mapping:
+    unmapped = sorted(set(vm_networks(domain_xml)) - set(mapping))
+    if not mapping and not unmapped:
         return
     target = params["targetServerId"]
     listed = await jc.bus.request(
         InventoryCmd.NETWORKS, ServerRef(server_id=target), NetworkList,
         timeout=timeouts.INVENTORY_QUERY,
     )  # fmt: skip
+    have = ", ".join(listed.names) or "none"
     for source, name in sorted(mapping.items()):
         if name not in listed.names:
-            have = ", ".join(listed.names) or "none"
             raise BadRequest(
                 f"options.network_mapping.{source}: server {target} has no network "
                 f"{shown(name)} (it has: {have})"
             )
+    for name in unmapped:
+        if name not in listed.names:
+            raise BadRequest(
+                f"options.network_mapping.{name}: the vm's interface on network "
+                f"{shown(name)} needs a network of server {target}, which has no "
+                f"{shown(name)} (it has: {have}): map it in options.network_mapping"
+            )
+
+
+def vm_networks(domain_xml: str) -> list[str]:
+    """The libvirt networks the ``<interface type='network'>`` elements of
+    ``domain_xml`` name, each once, in order."""
+    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own XML of the source VM
+    names = (s.get("network") for s in root.findall("./devices/interface[@type='network']/source"))
+    return list(dict.fromkeys(n for n in names if n))
 
 
 async def _run_from_submit(jc: JobContext, job: Job) -> None:
@@ -649,6 +689,13 @@ async def _undo(jc: JobContext, m: Migration) -> list[str]:
         except ServiceError as exc:
             notes.append(f"could not remove the images on server {m.target}: {exc.message}")
     notes.extend(await _drop_checkpoints(jc, m))
+    if m.defined and not m.target_running:
+        # Defined there, its images in place, but not started: said, so that a retry's
+        # 409 (the name exists on the target) is no surprise.
+        notes.append(
+            f"vm {m.target_name} stays defined (not started) on server {m.target} with its "
+            "images: undefine it there before migrating again"
+        )
     if m.source_stopped and not m.target_running:
         try:
             await _action(jc, m.source, m.vm, "start")
@@ -866,6 +913,8 @@ async def _define_and_start(
     if not m.job.params.get("startOnTarget", True):
         return "defined (not started)"
     await _record(jc, m, stage="starting")
+    if jc.settings.debug and m.job.params.get("debugFault") == "start":
+        raise JobFailed("debug fault injected at the start on the target (options.debug_fault)")
     await _action(jc, m.target, m.target_name, "start")
     m.target_running = True
     return "running"

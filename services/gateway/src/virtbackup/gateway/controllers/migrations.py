@@ -55,7 +55,7 @@ class MigrationBody(Body, kw_only=True):
     resolved to the configured server it names; both: they must name the same one).
     Optional: ``targetVmName`` (default: the same name), ``targetDirectory`` or
     ``storagePool`` (where the disks go on the target; default: beside the same paths),
-    ``maxDowntimeSeconds`` (30), ``maxPasses`` (5), ``shutdownTimeoutSeconds`` (120),
+    ``maxDowntimeSeconds`` (30), ``maxPasses`` (5), ``shutdownTimeoutSeconds`` (120, at most 3600),
     ``forceShutdown`` (true), ``startOnTarget`` (true), ``replace`` (false: a VM of the
     name on the target is a 409), ``networkMapping`` (source network -> target network),
     ``viaDestinationId`` (through that backup destination; it also takes ``backup:run``;
