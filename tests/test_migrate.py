@@ -218,6 +218,8 @@ async def test_bad_input_creates_nothing(
     outside = submission(VM, MOVED, Path("/var/tmp/vbtest-not-allowed"))
     resp = await hs.post("/jobs/submit", json=outside)
     assert resp.status_code == 400 and "arget" in resp.json()["error"], resp.text
+    # Inside the allowed directories, but missing: nothing is made before the migration.
+    await refused(submission(VM, MOVED, target_dir / "missing"), 400, "does not exist")
     await refused(submission(VM, MOVED, target_dir, max_passes=0), 400, "options.max_passes")
     await refused(submission(VM, MOVED, target_dir, bogus=1), 400, "options.bogus")
     unknown_net = {"default": f"vbt-no-such-net-{PID}"}

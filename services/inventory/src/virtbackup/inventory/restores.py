@@ -315,6 +315,17 @@ async def _target_directory(
     kind = await _file_type(host, wanted)
     if kind not in ("absent", "directory"):
         raise BadRequest(f"targetDirectory {wanted!r} is a {kind}, not a directory")
+    if req.directory_must_exist:
+        if kind == "absent":
+            raise BadRequest(
+                f"targetDirectory {wanted!r} does not exist on server {server.id}: make it "
+                "first (a migration creates nothing on the target before it starts)"
+            )
+        if (await host.run(["test", "-w", wanted], timeout=30)).returncode != 0:
+            raise BadRequest(
+                f"targetDirectory {wanted!r} is not writable on server {server.id} by the "
+                "user the server is reached as"
+            )
     return wanted
 
 

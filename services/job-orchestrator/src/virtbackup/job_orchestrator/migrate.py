@@ -281,6 +281,7 @@ async def _precheck(
         target_directory=job_params.get("targetDirectory") or "",
         storage_pool=job_params.get("storagePool") or "",
         job_id=job_id,
+        directory_must_exist=True,
     )
     plan = await jc.bus.request(
         InventoryCmd.RESTORE_PRECHECK, request, RestorePrecheckResult,
@@ -385,12 +386,21 @@ async def check_migration(
 
 
 async def _check_networks(jc: JobContext, params: dict[str, Any], domain_xml: str) -> None:
-    """``BadRequest`` naming the entry of ``networkMapping`` whose target network the
+    """``BadRequest`` naming the entry of ``networkMapping`` that names a network the VM
+    does not use, or whose target network the
     target server does not have, or the source VM's network (``domain_xml``) that no
     entry maps and the target does not have: the VM could be defined there, but not
     started, and that would be found only once the source was stopped."""
     mapping: dict[str, str] = params.get("networkMapping") or {}
-    unmapped = sorted(set(vm_networks(domain_xml)) - set(mapping))
+    used = vm_networks(domain_xml)
+    for source in sorted(set(mapping) - set(used)):
+        # A key the VM does not use is a typo more often than not: its real network
+        # would go unmapped, and land on the target's network of the same name.
+        raise BadRequest(
+            f"options.network_mapping.{source}: the vm has no interface on network "
+            f"{shown(source)} (its networks: {', '.join(used) or 'none'})"
+        )
+    unmapped = sorted(set(used) - set(mapping))
     if not mapping and not unmapped:
         return
     target = params["targetServerId"]

@@ -342,6 +342,9 @@ class RestorePrecheckRequest(Message, frozen=True, kw_only=True):
     #: ``vm_name`` is held for the job: VM actions on it answer 409 naming the job until
     #: the restore defines it or ends.
     job_id: str = ""
+    #: ``target_directory`` must exist and be writable (a migration, whose checks come
+    #: before anything is made on the target); a restore makes it when it is missing.
+    directory_must_exist: bool = False
 
 
 class RestorePrecheckResult(Message, frozen=True, kw_only=True):
