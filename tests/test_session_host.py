@@ -338,6 +338,20 @@ async def test_a_network_the_target_lacks_is_refused_before_the_cutover(
         resp = await hs.post("/jobs/submit", json=body)
         assert resp.status_code == 400, resp.text
         assert f"options.network_mapping.{network}" in resp.json()["error"], resp.text
+        # A mapping key the VM does not use (a typo of its network) is named too: the
+        # real network would go unmapped.
+        typo = {
+            **body,
+            "options": {
+                "vm_name": NIC_MOVED,
+                "target_directory": str(session_host.images),
+                "network_mapping": {"defualt": "x"},
+            },
+        }
+        resp = await hs.post("/jobs/submit", json=typo)
+        assert resp.status_code == 400, resp.text
+        assert "options.network_mapping.defualt" in resp.json()["error"], resp.text
+        assert "no interface on network" in resp.json()["error"], resp.text
         assert str((await get_domain(conn, NIC_VM)).power_state) == "running"
         with pytest.raises(NotFound):
             await get_domain(session_conn, NIC_MOVED)
