@@ -239,3 +239,26 @@ async def api_client(
             resp = await client.post("/config", json=config)
             assert resp.status_code == 200, resp.text
         yield client
+
+
+def ssh_server(
+    server_id: str, host: str, port: int, username: str, private_key: str, *dirs: Path
+) -> dict[str, Any]:
+    """A configuration's entry for a libvirt server reached over SSH with a key (the test
+    sshd's), with ``dirs`` as its ``restoreDirectories`` when given."""
+    entry: dict[str, Any] = {
+        "id": server_id, "name": server_id.capitalize(), "host": host, "port": port,
+        "username": username, "privateKey": private_key,
+    }  # fmt: skip
+    if dirs:
+        entry["restoreDirectories"] = [str(d) for d in dirs]
+    return entry
+
+
+async def wait_listed(api: httpx.AsyncClient, server_id: str, timeout: float = 90) -> None:
+    """Wait (bounded) until the inventory lists ``server_id``'s VMs: its first look at a
+    new server (the SSH login, its leftovers) comes first."""
+    deadline = time.monotonic() + timeout
+    while (await api.get(f"/servers/{server_id}/vms")).status_code != 200:
+        assert time.monotonic() < deadline, f"server {server_id} never listed its VMs"
+        await asyncio.sleep(0.5)

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import websockets
-from harness import System, local_config, running_system
+from harness import System, local_config, running_system, ssh_server, wait_listed
 
 from virtbackup.testing.sshd import SshdServer, sshd_server
 from virtbackup.testing.vms import (
@@ -109,23 +109,12 @@ async def hs(
     """The HyperSDK listener, with servers ``local`` and ``remote`` configured."""
     cfg = local_config(repo_dir)
     cfg["servers"].append(
-        {
-            "id": "remote",
-            "name": "Remote",
-            "host": remote.host,
-            "port": remote.port,
-            "username": remote.username,
-            "privateKey": remote.private_key,
-            "restoreDirectories": [str(target_dir)],
-        }
-    )
+        ssh_server("remote", remote.host, remote.port, remote.username, remote.private_key,
+                   target_dir)
+    )  # fmt: skip
     resp = await api.post("/config", json=cfg)
     assert resp.status_code == 200, resp.text
-    # The inventory's first look at the new server (its SSH login, its leftovers) first.
-    deadline = time.monotonic() + 90
-    while (await api.get("/servers/remote/vms")).status_code != 200:
-        assert time.monotonic() < deadline, "server remote never listed its VMs"
-        await asyncio.sleep(0.5)
+    await wait_listed(api, "remote")
     async with httpx.AsyncClient(
         base_url=system.hypersdk_url, headers=system.auth(), timeout=60
     ) as client:

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import System, local_config, running_system
+from harness import System, local_config, running_system, ssh_server, wait_listed
 
 from virtbackup.testing.sshd import SshdServer, sshd_server
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
@@ -89,22 +89,12 @@ async def api(
             {"id": "broken", "driverId": "filesystem", "params": {"path": str(blocker / "repo")}},
         ]  # fmt: skip
         cfg["servers"].append(
-            {
-                "id": "remote",
-                "name": "Remote",
-                "host": remote.host,
-                "port": remote.port,
-                "username": remote.username,
-                "privateKey": remote.private_key,
-                "restoreDirectories": [str(target_dir)],
-            }
-        )
+            ssh_server("remote", remote.host, remote.port, remote.username,
+                       remote.private_key, target_dir)
+        )  # fmt: skip
         resp = await client.post("/config", json=cfg)
         assert resp.status_code == 200, resp.text
-        deadline = time.monotonic() + 90
-        while (await client.get("/servers/remote/vms")).status_code != 200:
-            assert time.monotonic() < deadline, "server remote never listed its VMs"
-            await asyncio.sleep(0.5)
+        await wait_listed(client, "remote")
         yield client
 
 
