@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import subprocess
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -159,6 +160,10 @@ def test_backup_wait_then_the_point_is_listed(xdg: Path, vms: Path) -> None:
     # The bar (on stderr) reached the end, and the job's log lines came from /events.
     assert "100%" in result.stderr and "MiB" in result.stderr, result.stderr
     assert "committing" in result.stderr, result.stderr
+    # The event reader ended with the command and closed its own connection: a socket
+    # closed under a reading thread lets that thread read the next connection's bytes
+    # (seen as "bad record mac" on a later request of the same process).
+    assert not [t for t in threading.enumerate() if t.name == "virtbackup-events"]
     points = json.loads(ok(cli(xdg, "points", "ls", "--vm", VM, "--dest", "fs", "-o", "json")))
     assert len(points) == 1 and points[0]["vmName"] == VM and points[0]["serverId"] == "local"
     STATE["point"] = points[0]["id"]

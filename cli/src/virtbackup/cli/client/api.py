@@ -8,8 +8,10 @@ Only public routes are used: the agent and native API (``/servers``, ``/jobs``,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import socket
 import ssl
 import threading
 import time
@@ -136,6 +138,8 @@ class Api:
         if not pin_checked:
             check_pin(self.url, ctx, name)
         self.client = httpx.Client(base_url=self.url, verify=tls_context(ctx), timeout=timeout)
+        #: The socket of the open ``events()`` stream, for ``interrupt()``.
+        self._stream_socket: socket.socket | None = None
 
     def clone(self) -> Api:
         """Another client of the same context (its own connections: for a thread)."""
@@ -143,6 +147,16 @@ class Api:
 
     def close(self) -> None:
         self.client.close()
+
+    def interrupt(self) -> None:
+        """End the open ``events()`` stream from another thread: its socket is shut down
+        (the reading thread then gets an end of stream), never closed here. Closing frees
+        the descriptor, which the next connection of this process may get while the
+        reader still reads it: its bytes would be taken from that other TLS connection."""
+        sock = self._stream_socket
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's, not TLS's
 
     def __enter__(self) -> Api:
         return self
@@ -244,6 +258,9 @@ class Api:
             if resp.status_code != 200:
                 resp.read()
                 raise ApiError(resp.status_code, error_message(resp))
+            stream = resp.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            self._stream_socket = sock if isinstance(sock, socket.socket) else None
             event, data = "message", list[str]()
             for line in resp.iter_lines():
                 if not line:

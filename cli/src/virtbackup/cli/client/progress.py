@@ -31,17 +31,22 @@ POLL_EVERY = 2.0
 
 
 def _reader(api: Api, out: queue.Queue[tuple[str, dict[str, Any]]], stop: threading.Event) -> None:
-    """Put every event of ``/events`` into ``out`` until ``stop``; reconnect on errors."""
-    while not stop.is_set():
-        try:
-            for event, data in api.events():
-                out.put((event, data))
+    """Put every event of ``/events`` into ``out`` until ``stop``; reconnect on errors.
+    Owns ``api``: closes it on the way out (only this thread may close its sockets)."""
+    try:
+        while not stop.is_set():
+            try:
+                for event, data in api.events():
+                    out.put((event, data))
+                    if stop.is_set():
+                        return
+            except Exception:  # any end of the stream: reconnect, or stop when interrupted
                 if stop.is_set():
                     return
-        except Exception:  # any end of the stream: reconnect, or stop when closed
-            if stop.is_set():
-                return
-        stop.wait(1.0)
+            stop.wait(1.0)
+    finally:
+        with contextlib.suppress(Exception):
+            api.close()
 
 
 def _describe(job: dict[str, Any]) -> str:
@@ -65,7 +70,9 @@ def follow_job(
     events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
     stop = threading.Event()
     stream_api = api.clone()
-    reader = threading.Thread(target=_reader, args=(stream_api, events, stop), daemon=True)
+    reader = threading.Thread(
+        target=_reader, args=(stream_api, events, stop), name="virtbackup-events", daemon=True
+    )
     reader.start()
     deadline = None if timeout is None else time.monotonic() + timeout
     columns = (
@@ -117,6 +124,5 @@ def follow_job(
         return job
     finally:
         stop.set()
-        with contextlib.suppress(Exception):
-            stream_api.close()  # ends the stream's connection; the reader then returns
-        # The reader, a daemon thread, ends at its next read (closed, or its timeout); no wait.
+        stream_api.interrupt()  # ends the stream's read; the reader closes its client
+        reader.join(timeout=5.0)  # a daemon: a reader stuck elsewhere does not hold the exit
