@@ -37,8 +37,10 @@ WEB = [f"{PREFIX}-web-1", f"{PREFIX}-web-2"]
 DB = f"{PREFIX}-db"
 #: Longer than a scheduler tick (1 s) on every replica.
 TICK_WAIT = 2.5
-#: Jobs the gateway asks the job-orchestrator for in one request.
+#: Jobs (and schedules) the gateway asks the job-orchestrator for in one request.
 LIST_PAGE = 2
+#: The most schedules the module's system keeps.
+MAX_SCHEDULES = 12
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,7 @@ def hs_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
         # The gateway reads job listings 2 at a time (500 by default): every listing of
         # this module crosses pages.
         VIRTBACKUP_JOB_LIST_PAGE=str(LIST_PAGE),
+        VIRTBACKUP_MAX_SCHEDULES=str(MAX_SCHEDULES),
     ) as system:
         yield system
 
@@ -624,3 +627,39 @@ async def test_a_scheduled_backup_that_fails_fails_the_run_and_notifies(
         finally:
             await hs.delete(f"/schedules/{schedule_id}")
             assert (await api.post("/config", json=original)).status_code == 200
+
+
+async def test_schedules_are_listed_across_pages_up_to_their_cap(hs: httpx.AsyncClient) -> None:
+    """Every schedule came back in one bus reply: past about 1 MiB of them (a few hundred
+    with long descriptions) ``GET /schedules`` was a 503 for everyone, and nothing capped
+    how many could be made. Now the listing pages (here 2 a request) and one more than
+    ``VIRTBACKUP_MAX_SCHEDULES`` is a 409 saying so."""
+    before = (await hs.get("/schedules")).json()["schedules"]
+    made = [f"cap-{os.getpid()}-{i:02d}" for i in range(MAX_SCHEDULES - len(before))]
+    try:
+        for schedule_id in made:
+            body = {
+                "id": schedule_id,
+                "schedule": "0 4 * * *",
+                "enabled": False,
+                "description": "d" * 2000,
+                "job_template": definition(f"local/{DB}"),
+            }
+            resp = await hs.post("/schedules", json=body)
+            assert resp.status_code == 201, resp.text
+        listed = (await hs.get("/schedules")).json()
+        ids = [s["id"] for s in listed["schedules"]]
+        assert ids == sorted(ids) and len(ids) == len(set(ids)) == MAX_SCHEDULES
+        assert set(made) <= set(ids) and listed["total"] == MAX_SCHEDULES
+        one_more = {
+            "id": f"cap-{os.getpid()}-over",
+            "schedule": "0 4 * * *",
+            "job_template": definition(f"local/{DB}"),
+        }
+        resp = await hs.post("/schedules", json=one_more)
+        assert resp.status_code == 409, resp.text
+        assert "VIRTBACKUP_MAX_SCHEDULES" in resp.json()["error"]
+        assert (await hs.get(f"/schedules/cap-{os.getpid()}-over")).status_code == 404
+    finally:
+        for schedule_id in made:
+            await hs.delete(f"/schedules/{schedule_id}")

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     #: The shortest time between two runs of a schedule, in seconds: a cron expression
     #: that fires more often is refused (400 naming ``schedule``). 0 allows any.
     schedule_min_interval: float = Field(default=300.0, ge=0)
+    #: The most schedules kept: one more is refused (409). Every schedule is read at
+    #: each scheduler tick; a glob in ``vm_path`` lets one schedule cover many VMs.
+    max_schedules: int = Field(default=10000, ge=1)
     #: Jobs the gateway asks the job-orchestrator for in one request when it needs every
     #: matching job (``/status``, ``/jobs/query``, a cancel by status, ...): it pages
     #: through them, so this bounds one reply's size, never what is seen.

@@ -15,11 +15,11 @@ import hashlib
 import json
 from typing import Any
 
-from virtbackup.contracts.subjects import NotifyCmd, ScheduleCmd
+from virtbackup.contracts.subjects import NotifyCmd
 from virtbackup.contracts.v1.common import Empty
 from virtbackup.contracts.v1.config import AgentConfig, Server
-from virtbackup.contracts.v1.schedules import ScheduleList
 from virtbackup.contracts.v1.webhooks import WebhookList
+from virtbackup.gateway.job_listing import all_schedules
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.errors import ServiceError
 
@@ -57,8 +57,7 @@ async def agent_config(gw: Gateway, agent_id: str) -> dict[str, Any]:
     server_ids = {s.id for s in mine}
     allowed = sorted({d for s in mine for d in s.agent_destination_ids})
     schedules = []
-    listed = await gw.bus.request(ScheduleCmd.LIST, Empty(), ScheduleList)
-    for sch in listed.schedules:
+    for sch in await all_schedules(gw):
         tpl = sch.job_template
         server_glob, vm = _schedule_server(tpl.vm_path, tpl.source)
         matched = sorted(s for s in server_ids if fnmatch.fnmatchcase(s, server_glob))

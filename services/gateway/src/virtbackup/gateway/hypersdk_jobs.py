@@ -32,7 +32,6 @@ from virtbackup.contracts.v1.schedules import (
     JobSubmitRequest,
     JobSubmitResult,
     Schedule,
-    ScheduleList,
     ScheduleRef,
     ScheduleRun,
     ScheduleStats,
@@ -41,7 +40,7 @@ from virtbackup.contracts.v1.schedules import (
 from virtbackup.gateway.bodies import NoBody, SnakeBody
 from virtbackup.gateway.controllers.migrations import check_may_migrate
 from virtbackup.gateway.errors import responses
-from virtbackup.gateway.job_listing import matching_jobs
+from virtbackup.gateway.job_listing import all_schedules, matching_jobs
 from virtbackup.gateway.schedule_bodies import ScheduleFieldChanges, ScheduleFields
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
@@ -222,10 +221,10 @@ class HyperSdkJobsController(Controller):
     @get("/schedules")
     async def list_schedules(self, gw: Gateway) -> dict[str, Any]:
         """Every schedule."""
-        listed = await gw.bus.request(ScheduleCmd.LIST, Empty(), ScheduleList)
+        listed = await all_schedules(gw)
         return {
-            "schedules": [schedule_view(s) for s in listed.schedules],
-            "total": len(listed.schedules),
+            "schedules": [schedule_view(s) for s in listed],
+            "total": len(listed),
             "timestamp": utcnow_iso(),
         }
 

@@ -2,13 +2,19 @@
 at a time (``JobListRequest.limit``, so that a reply fits in one bus message), and the
 routes that act on or count every matching job (``/status``, ``/metrics``, ``/ws``,
 HyperSDK ``/jobs/query`` and ``/jobs/cancel`` by status, the agent API's ``/jobs``, an
-agent's deactivation) read page after page here.
+agent's deactivation) read page after page here; so do the schedule listings.
 """
 
 from __future__ import annotations
 
-from virtbackup.contracts.subjects import JobCmd
+from virtbackup.contracts.subjects import JobCmd, ScheduleCmd
 from virtbackup.contracts.v1.jobs import Job, JobList, JobListRequest, JobState, JobType
+from virtbackup.contracts.v1.schedules import (
+    SCHEDULE_LIST_PAGE,
+    Schedule,
+    ScheduleList,
+    ScheduleListRequest,
+)
 from virtbackup.gateway.state import Gateway
 
 
@@ -36,3 +42,19 @@ async def matching_jobs(
         if len(got) < want or (limit and len(out) >= limit):
             return out
         before = got[-1].id
+
+
+async def all_schedules(gw: Gateway) -> list[Schedule]:
+    """Every schedule, by id, read ``SCHEDULE_LIST_PAGE`` at a time (fewer when
+    ``Settings.job_list_page`` is smaller) so that no reply outgrows a bus message however
+    many there are. ``Unavailable`` when the job-orchestrator does not answer."""
+    out: list[Schedule] = []
+    after = ""
+    page = min(SCHEDULE_LIST_PAGE, gw.settings.job_list_page)
+    while True:
+        request = ScheduleListRequest(after=after, limit=page)
+        listed = await gw.bus.request(ScheduleCmd.LIST, request, ScheduleList)
+        out.extend(s for s in listed.schedules if s.id > after)
+        if not listed.more or not listed.schedules:
+            return out
+        after = listed.schedules[-1].id

@@ -51,6 +51,7 @@ from virtbackup.contracts.v1.schedules import (
     ScheduleCreate,
     ScheduleEvent,
     ScheduleList,
+    ScheduleListRequest,
     ScheduleRef,
     ScheduleRun,
     ScheduleStats,
@@ -254,6 +255,24 @@ class ScheduleStore:
                 out.append(await self.get(key))
         return out
 
+    async def page(self, after: str, limit: int) -> tuple[list[Schedule], bool]:
+        """Schedules with ids after ``after`` in id order, at most ``limit`` (0: all);
+        and whether more follow."""
+        from virtbackup.runtime.kv import keys
+
+        ids = sorted(k for k in await keys(self.kv) if k > after)
+        more = bool(limit) and len(ids) > limit
+        out = []
+        for key in ids[:limit] if limit else ids:
+            with contextlib.suppress(NotFound):  # deleted in between
+                out.append((await self.get(key))[0])
+        return out, more
+
+    async def count(self) -> int:
+        from virtbackup.runtime.kv import keys
+
+        return len(await keys(self.kv))
+
     async def create(self, schedule: Schedule) -> None:
         """``Conflict`` when the id is taken."""
         try:
@@ -322,10 +341,13 @@ async def check_template(jc: JobContext, template: JobDefinition) -> None:
         raise type(exc)(text) from None
 
 
-@schedule_commands.handler(ScheduleCmd.LIST, Empty)
-async def list_schedules(jc: JobContext, _: Empty) -> ScheduleList:
-    """Every schedule, by id."""
-    return ScheduleList(schedules=[s for s, _ in await store_of(jc).all()])
+@schedule_commands.handler(ScheduleCmd.LIST, ScheduleListRequest)
+async def list_schedules(jc: JobContext, req: ScheduleListRequest) -> ScheduleList:
+    """Schedules by id after ``req.after``, at most ``req.limit`` (0: all)."""
+    if req.limit < 0:
+        raise BadRequest(f"limit: {req.limit} is negative (0 means no limit)")
+    page, more = await store_of(jc).page(req.after, req.limit)
+    return ScheduleList(schedules=page, more=more)
 
 
 @schedule_commands.handler(ScheduleCmd.GET, ScheduleRef)
@@ -345,6 +367,12 @@ async def create_schedule(jc: JobContext, req: ScheduleCreate) -> Schedule:
     zone(req.timezone)
     check_interval(req.schedule, req.timezone, jc.settings.schedule_min_interval)
     await check_template(jc, req.job_template)
+    if await store_of(jc).count() >= jc.settings.max_schedules:
+        raise Conflict(
+            f"there are already {jc.settings.max_schedules} schedules, the most this "
+            "installation keeps (VIRTBACKUP_MAX_SCHEDULES): delete one, or let one "
+            "schedule cover many VMs with a glob in vm_path"
+        )
     now = now_utc()
     schedule = Schedule(
         id=schedule_id,

@@ -129,8 +129,26 @@ class ScheduleRef(Snake, frozen=True, kw_only=True):
     id: str
 
 
+class ScheduleListRequest(Snake, frozen=True, kw_only=True):
+    """``vb.cmd.schedule.list``: schedules by id, those after ``after`` (``""``: from the
+    first), at most ``limit`` of them (0: every one; a reply larger than the bus carries
+    is refused, so callers page: see ``SCHEDULE_LIST_PAGE``)."""
+
+    after: str = ""
+    limit: int = msgspec.field(default=0)
+
+
+#: Schedules the gateway asks for in one request: the largest schedule the APIs take
+#: (2 KB description, a job template) times this stays well under the bus's 1 MiB.
+SCHEDULE_LIST_PAGE: Final = 100
+
+
 class ScheduleList(Snake, frozen=True, kw_only=True):
+    """Schedules by id; ``more`` when a ``limit`` cut the list (ask again ``after`` the
+    last one)."""
+
     schedules: list[Schedule]
+    more: bool = False
 
 
 class ScheduleStats(Snake, frozen=True, kw_only=True):

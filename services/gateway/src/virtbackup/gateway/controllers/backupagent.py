@@ -35,11 +35,11 @@ from virtbackup.contracts.v1.anomalies import (
     DomainDefinition,
     Severity,
 )
-from virtbackup.contracts.v1.common import Empty, shown
+from virtbackup.contracts.v1.common import shown
 from virtbackup.contracts.v1.config import AgentConfig, Server
 from virtbackup.contracts.v1.jobctl import CheckList, CheckOutcome, ChecksPutRequest, LogLine
 from virtbackup.contracts.v1.jobs import BackupRequest, Job, JobGetRequest
-from virtbackup.contracts.v1.schedules import ScheduleList
+from virtbackup.contracts.v1.schedules import Schedule, ScheduleRef
 from virtbackup.gateway.agent_config_doc import agent_config, agent_servers
 from virtbackup.gateway.agent_reports import report_status
 from virtbackup.gateway.agents_store import AgentRecord
@@ -270,9 +270,10 @@ class BackupAgentController(Controller):
         if target not in server.agent_destination_ids:
             raise _bad("targetId", f"destination {shown(target)} is not allowed for this agent")
         if data.schedule_id is not None:
-            listed = await gw.bus.request(ScheduleCmd.LIST, Empty(), ScheduleList)
-            if not any(s.id == data.schedule_id for s in listed.schedules):
-                raise NotFound(f"scheduleId: no schedule {shown(data.schedule_id)}")
+            try:
+                await gw.bus.request(ScheduleCmd.GET, ScheduleRef(id=data.schedule_id), Schedule)
+            except NotFound:
+                raise NotFound(f"scheduleId: no schedule {shown(data.schedule_id)}") from None
         job = await gw.bus.request(
             JobCmd.BACKUP,
             BackupRequest(server_id=server.id, vm_name=data.vm_name, destination_id=target),

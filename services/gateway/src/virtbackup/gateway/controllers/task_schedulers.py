@@ -34,12 +34,12 @@ from virtbackup.contracts.v1.common import Empty
 from virtbackup.contracts.v1.schedules import (
     JobDefinition,
     Schedule,
-    ScheduleList,
     ScheduleRef,
     ScheduleRun,
 )
 from virtbackup.gateway.bodies import Body, NoBody
 from virtbackup.gateway.errors import responses
+from virtbackup.gateway.job_listing import all_schedules
 from virtbackup.gateway.schedule_bodies import ScheduleFieldChanges, ScheduleFields
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
@@ -140,8 +140,8 @@ class TaskSchedulersController(Controller):
     @get()
     async def list_tasks(self, gw: Gateway) -> dict[str, Any]:
         """Every schedule: ``{"items", "total"}``."""
-        listed = await gw.bus.request(ScheduleCmd.LIST, Empty(), ScheduleList)
-        return {"items": [task_view(s) for s in listed.schedules], "total": len(listed.schedules)}
+        listed = await all_schedules(gw)
+        return {"items": [task_view(s) for s in listed], "total": len(listed)}
 
     @post(status_code=201, responses=responses(404, 409))
     async def create_task(self, gw: Gateway, data: TaskBody) -> dict[str, Any]:
