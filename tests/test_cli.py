@@ -5,6 +5,9 @@ tests build on each other, in order; the last one swaps the gateway's certificat
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
 import json
 import os
 import stat
@@ -17,12 +20,15 @@ from typing import Any
 
 import httpx
 import pytest
+import typer
 import yaml
 from harness import System, local_config, running_system
 from typer.testing import CliRunner, Result
 
 from virtbackup.cli.client.app import build
+from virtbackup.cli.client.output import short_point_id
 from virtbackup.testing.images import create_image, images_equal
+from virtbackup.testing.receiver import Receiver
 from virtbackup.testing.vms import build_vm_xml, guest_write, remove_vm
 from virtbackup.virt import Connection
 
@@ -285,6 +291,243 @@ def test_mount_exports_a_disk_that_nbdinfo_reads(xdg: Path, vms: Path, tmp_path:
     assert int(size) == 64 * MiB
     stopped = json.loads(ok(cli(xdg, "umount", export["id"], "-o", "json")))
     assert stopped["state"] == "stopped"
+
+
+def one_line_rows(result: Result, rows: int) -> list[str]:
+    """The table's lines at COLUMNS=80: a heading and ``rows`` rows, each on one line."""
+    lines = ok(result).rstrip("\n").split("\n")
+    assert len(lines) == 1 + rows, lines
+    assert all(len(line.rstrip()) <= 80 for line in lines), lines
+    return lines
+
+
+def test_tables_fit_80_columns_one_line_a_row(xdg: Path, vms: Path) -> None:
+    narrow = {"COLUMNS": "80"}
+    points = json.loads(ok(cli(xdg, "points", "ls", "-o", "json")))
+    lines = one_line_rows(cli(xdg, "points", "ls", **narrow), len(points))
+    assert lines[0].split()[:3] == ["ID", "VM", "DEST"], lines[0]
+    # The short id (first column) is taken wherever a point is: the full one shows wide.
+    short = short_point_id(STATE["point"])
+    assert [line for line in lines[1:] if line.startswith(f"{short}  vbt-cli-")], lines
+    assert STATE["point"] not in "".join(lines) and len(short) == 8
+    assert STATE["point"] in ok(cli(xdg, "points", "ls", "--vm", VM, "-o", "wide", **narrow))
+    protected = json.loads(ok(cli(xdg, "points", "protect", short, "-o", "json")))
+    assert protected["id"] == STATE["point"] and protected["protected"] is True
+    ok(cli(xdg, "points", "unprotect", short))
+    unknown = cli(xdg, "points", "protect", "ffffffff")
+    assert unknown.exit_code == 1 and "ffffffff" in unknown.stderr, unknown.output
+    jobs = json.loads(ok(cli(xdg, "jobs", "ls", "-o", "json")))
+    lines = one_line_rows(cli(xdg, "jobs", "ls", **narrow), len(jobs))
+    assert lines[0].split()[:3] == ["ID", "TYPE", "STATUS"], lines[0]
+    tail = lines[1].split()[0]
+    assert len(tail) == 8 and jobs[0]["id"].endswith(tail)
+    assert jobs[0]["id"] in ok(cli(xdg, "jobs", "ls", "-o", "wide", **narrow))
+    assert "queued" in ok(cli(xdg, "jobs", "logs", tail))  # the short id is taken
+    for args in (("vms", "ls"), ("servers",), ("users", "ls"), ("agents", "ls"),
+                 ("roles", "ls"), ("context", "ls"), ("audit", "ls", "--limit", "30")):  # fmt: skip
+        rows = json.loads(ok(cli(xdg, *args, "-o", "json")))
+        one_line_rows(cli(xdg, *args, **narrow), len(rows))
+
+
+async def test_webhooks_add_test_rm_against_a_receiver(
+    system: System, xdg: Path, vms: Path, tmp_path: Path
+) -> None:
+    # Plain http to another host would carry the token in clear: refused at login.
+    refused = await asyncio.to_thread(
+        cli, xdg, "login", system.url, "--token", system.token, "--name", "x",
+        "--hypersdk-url", "http://192.0.2.1:8080",
+    )  # fmt: skip
+    assert refused.exit_code == 1 and "in clear" in refused.stderr, refused.output
+    # This context has none yet, and the default (port 8080) is not this system's.
+    ok(await asyncio.to_thread(cli, xdg, "login", system.url, "--token", system.token,
+                               "--name", "tok", "--hypersdk-url", system.hypersdk_url))  # fmt: skip
+    stored = yaml.safe_load((xdg / "virtbackup" / "contexts.yaml").read_text())
+    assert stored["contexts"]["tok"]["hypersdkUrl"] == system.hypersdk_url
+    secret = tmp_path / "secret"
+    secret.write_text("a webhook secret\n")
+    async with Receiver() as rx:
+        url = f"{rx.url}/hook-{PID}"
+        added = json.loads(
+            ok(
+                await asyncio.to_thread(
+                    cli,
+                    xdg,
+                    "webhooks",
+                    "add",
+                    url,
+                    "-e",
+                    "job.failed",
+                    "--header",
+                    "Authorization: Bearer hdr-secret",
+                    "--secret-file",
+                    str(secret),
+                    "-o",
+                    "json",
+                )
+            )
+        )
+        assert added["url"] == url and added["has_secret"] is True
+        assert added["headers"] == {"Authorization": "********"}
+        assert "a webhook secret" not in json.dumps(added)
+        listed = await asyncio.to_thread(cli, xdg, "webhooks", "ls", COLUMNS="80")
+        assert url[:20] in ok(listed) and "hdr-secret" not in listed.output
+        sent = ok(await asyncio.to_thread(cli, xdg, "webhooks", "test", added["id"][:8]))
+        assert "delivered" in sent
+        (delivery,) = await rx.wait_for(f"/hook-{PID}", 1, timeout=20)
+        assert delivery.headers["x-virtbackup-event"] == "test"
+        assert delivery.headers["authorization"] == "Bearer hdr-secret"
+        expected = hmac.new(b"a webhook secret", delivery.body, hashlib.sha256).hexdigest()
+        assert delivery.headers["x-virtbackup-signature"] == f"sha256={expected}"
+        # A receiver that answers 500: exit 1 naming its answer.
+        rx.script(f"/hook-{PID}", 500)
+        failed = await asyncio.to_thread(cli, xdg, "webhooks", "test", url)
+        assert failed.exit_code == 1 and "500" in failed.stderr, failed.output
+        bad = await asyncio.to_thread(cli, xdg, "webhooks", "add", url, "-e", "job.nope")
+        assert bad.exit_code == 1 and "events" in bad.stderr, bad.output
+        ok(await asyncio.to_thread(cli, xdg, "webhooks", "rm", url))
+        left = json.loads(ok(await asyncio.to_thread(cli, xdg, "webhooks", "ls", "-o", "json")))
+        assert url not in {h["url"] for h in left}
+
+
+def test_schedules_add_update_disable(xdg: Path, vms: Path, tmp_path: Path) -> None:
+    sid = f"cli2-{PID}"
+    added = json.loads(
+        ok(
+            cli(
+                xdg,
+                "schedules",
+                "add",
+                "--id",
+                sid,
+                "--cron",
+                "0 3 * * *",
+                "--vm",
+                f"local/{VM}",
+                "--dest",
+                "fs",
+                "--name",
+                "nightly",
+                "-o",
+                "json",
+            )
+        )
+    )
+    assert added["schedule"] == "0 3 * * *" and added["enabled"] is True
+    assert added["jobTemplate"]["vmPath"] == f"local/{VM}"
+    assert added["jobTemplate"]["destination"]["destinationId"] == "fs"
+    change = tmp_path / "change.yaml"
+    change.write_text("schedule: '30 1 * * *'\ntimezone: Europe/Berlin\n")
+    updated = json.loads(ok(cli(xdg, "schedules", "update", sid, "-f", str(change), "-o", "json")))
+    assert updated["schedule"] == "30 1 * * *" and updated["timezone"] == "Europe/Berlin"
+    assert updated["jobTemplate"]["vmPath"] == f"local/{VM}"  # kept
+    disabled = json.loads(ok(cli(xdg, "schedules", "disable", sid, "-o", "json")))
+    assert disabled["enabled"] is False
+    refused = cli(xdg, "schedules", "run", sid)
+    assert refused.exit_code == 1 and "409" in refused.stderr, refused.output
+    assert json.loads(ok(cli(xdg, "schedules", "enable", sid, "-o", "json")))["enabled"] is True
+    bad = cli(xdg, "schedules", "update", sid, "--cron", "61 * * * *")
+    assert bad.exit_code == 1 and "schedule" in bad.stderr, bad.output
+    assert json.loads(ok(cli(xdg, "schedules", "ls", "-o", "json")))[0]["schedule"] == "30 1 * * *"
+    ok(cli(xdg, "schedules", "rm", sid))
+
+
+def test_users_add_login_passwd_rm_and_agents_token(system: System, xdg: Path, vms: Path) -> None:
+    user = f"bob{PID}"
+    added = json.loads(ok(cli(xdg, "users", "add", user, "--role", "viewer", "-o", "json",
+                              VIRTBACKUP_NEW_PASSWORD="bob's first passphrase")))  # fmt: skip
+    assert added["username"] == user and added["roles"] == ["viewer"]
+    ok(cli(xdg, "login", system.url, "--user", user, "--name", "bob",
+           VIRTBACKUP_PASSWORD="bob's first passphrase"))  # fmt: skip
+    assert VM in {v["vm"]["name"] for v in json.loads(ok(cli(xdg, "vms", "ls", "-o", "json")))}
+    # A viewer may not add users: the API's 403, one line.
+    refused = cli(xdg, "users", "add", "eve", VIRTBACKUP_NEW_PASSWORD="x" * 20)
+    assert refused.exit_code == 1 and "403" in refused.stderr, refused.output
+    # One's own password: the current one too, then the context logs in again.
+    ok(cli(xdg, "users", "passwd", VIRTBACKUP_PASSWORD="bob's first passphrase",
+           VIRTBACKUP_NEW_PASSWORD="bob's second passphrase"))  # fmt: skip
+    assert json.loads(ok(cli(xdg, "servers", "-o", "json")))[0]["id"] == "local"
+    ok(cli(xdg, "context", "use", "tok"))
+    wrong = cli(xdg, "login", system.url, "--user", user, "--name", "bob",
+                VIRTBACKUP_PASSWORD="bob's first passphrase")  # fmt: skip
+    assert wrong.exit_code == 1, wrong.output
+    changed = json.loads(ok(cli(xdg, "users", "update", user, "--role", "operator",
+                                "--disable", "-o", "json")))  # fmt: skip
+    assert changed["roles"] == ["operator"] and changed["enabled"] is False
+    ok(cli(xdg, "users", "rm", user))
+    assert user not in {
+        u["username"] for u in json.loads(ok(cli(xdg, "users", "ls", "-o", "json")))
+    }
+    gone = cli(xdg, "users", "rm", user)
+    assert gone.exit_code == 1 and user in gone.stderr, gone.output
+    # A registration token: shown once, stored nowhere, and it registers an agent.
+    shown = ok(cli(xdg, "agents", "add", "--expires-in", "300"))
+    token = shown.split("\n")[1].strip()
+    assert token and "shown once" in shown
+    assert token not in (xdg / "virtbackup" / "contexts.yaml").read_text()
+    resp = httpx.post(
+        f"{system.url}/api/v1/agent/register",
+        json={
+            "registrationToken": token,
+            "hostname": f"h{PID}",
+            "os": "linux",
+            "arch": "x86_64",
+            "agentVersion": "1",
+        },
+        verify=False,
+        timeout=30,
+    )
+    assert resp.status_code == 201, resp.text
+    agent_id = resp.json()["agentId"]
+    assert token not in ok(cli(xdg, "agents", "ls", "-o", "json"))
+    ok(cli(xdg, "agents", "rm", agent_id[:8]))
+    assert agent_id not in ok(cli(xdg, "agents", "ls", "-o", "json"))
+    # Each change above is in the audit trail, with who made it.
+    trail = json.loads(ok(cli(xdg, "audit", "ls", "--route", "/api/v1/admin/sys/users",
+                              "--limit", "100", "-o", "json")))  # fmt: skip
+    assert {("POST", "token"), ("DELETE", "token")} <= {(e["method"], e["actor"]) for e in trail}
+    assert any(e["actor"] == user and e["status"] == 403 for e in trail), trail
+
+
+def test_every_command_has_an_example_in_its_help() -> None:
+    def walk(command: Any, path: list[str]) -> Iterator[tuple[list[str], Any]]:
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+        if not hasattr(command, "commands"):
+            yield path, command
+
+    commands = list(walk(typer.main.get_command(build()), []))
+    paths = [path for path, _ in commands]
+    assert len(paths) > 50 and ["webhooks", "add"] in paths and ["audit", "ls"] in paths
+    assert not [path for path, command in commands if "Example: " not in (command.help or "")]
+    # As --help shows it (markdown: a glob's * stays).
+    shown = CliRunner().invoke(build(), ["schedules", "add", "--help"], env={"COLUMNS": "120"})
+    assert "Example: virtbackup schedules add --id nightly --cron '0 2 * * *'" in shown.output
+
+
+def test_shell_completion(tmp_path: Path) -> None:
+    runner = CliRunner()
+    env = {"HOME": str(tmp_path), "SHELL": "/bin/bash"}
+    script = runner.invoke(build(), ["--show-completion", "bash"], prog_name="virtbackup", env=env)
+    assert script.exit_code == 0, script.output
+    assert "_virtbackup_completion" in script.output and "complete " in script.output
+    words = runner.invoke(
+        build(),
+        [],
+        prog_name="virtbackup",
+        env={
+            **env,
+            "_VIRTBACKUP_COMPLETE": "complete_bash",
+            "COMP_WORDS": "virtbackup webh",
+            "COMP_CWORD": "1",
+        },
+    )
+    assert words.output.split() == ["webhooks"], words.output
+    installed = runner.invoke(build(), ["--install-completion", "bash"], prog_name="virtbackup",
+                              env=env)  # fmt: skip
+    assert installed.exit_code == 0, installed.output
+    assert (
+        "_virtbackup_completion" in (tmp_path / ".bash_completions" / "virtbackup.sh").read_text()
+    )
 
 
 def test_a_changed_certificate_is_refused(system: System, xdg: Path, vms: Path) -> None:

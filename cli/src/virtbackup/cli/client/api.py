@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import socket
 import ssl
@@ -118,6 +119,65 @@ def check_pin(url: str, ctx: dict[str, Any], name: str) -> None:
         )
 
 
+#: The HyperSDK listener's port by default (``VIRTBACKUP_HYPERSDK_PORT``).
+HYPERSDK_PORT = 8080
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (``localhost``, ``127.0.0.0/8``, ``::1``)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_hypersdk_url(url: str) -> str:
+    """``url`` (without a final ``/``) if it can carry a credential: ``https://``, or
+    ``http://`` to this machine only (the listener speaks plain HTTP and binds to
+    loopback by default; a token sent in clear over a network could be read there).
+
+    Raises ``ApiError`` naming ``--hypersdk-url`` otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ApiError(0, f"--hypersdk-url must be http(s)://HOST[:PORT], not {url!r}")
+    if parts.path.strip("/") or parts.query or parts.fragment or parts.username:
+        raise ApiError(0, f"--hypersdk-url is the listener's base URL only, not {url!r}")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ApiError(
+            0,
+            f"--hypersdk-url {url}: plain http to another host would send the token in "
+            "clear; use https:// (a TLS proxy in front of the listener) or a tunnel "
+            f"(ssh -L {HYPERSDK_PORT}:127.0.0.1:{HYPERSDK_PORT} HOST, then "
+            f"http://127.0.0.1:{HYPERSDK_PORT})",
+        )
+    return url.rstrip("/")
+
+
+def hypersdk_endpoint(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Where a context's HyperSDK listener is, as ``Api(endpoint=...)`` takes it: the
+    ``hypersdkUrl`` given at login (its certificate pinned in ``hypersdkFingerprint``,
+    or the ``--cacert`` CA), else, for a gateway on this machine, ``http://HOST:8080``.
+
+    Raises ``ApiError`` when there is none to use."""
+    url = ctx.get("hypersdkUrl")
+    if not url:
+        host = urlsplit(str(ctx.get("url", ""))).hostname or ""
+        if not is_loopback(host):
+            raise ApiError(
+                0,
+                "this context has no HyperSDK URL (webhooks are on that listener): run "
+                "`virtbackup login ... --hypersdk-url URL` again",
+            )
+        url = f"http://{host if ':' not in host else f'[{host}]'}:{HYPERSDK_PORT}"
+    out: dict[str, Any] = {"url": check_hypersdk_url(str(url))}
+    for key, field in (("fingerprint", "hypersdkFingerprint"), ("cacert", "hypersdkCacert")):
+        if ctx.get(field):
+            out[key] = ctx[field]
+    return out
+
+
 class Api:
     """Requests to the gateway of one stored context; renews a user's access token
     (and saves the new tokens) when it is about to expire or a request gets a 401."""
@@ -130,20 +190,38 @@ class Api:
         timeout: float = 60.0,
         *,
         pin_checked: bool = False,
+        endpoint: dict[str, Any] | None = None,
+        via: Api | None = None,
     ) -> None:
         self.store = store
         self.name = name
         self.ctx = ctx
-        self.url = str(ctx["url"]).rstrip("/")
+        #: Where requests go, and the certificate trusted there (``url``, ``cacert``,
+        #: ``fingerprint``): the context's own, or another listener's (``hypersdk``).
+        where = endpoint if endpoint is not None else ctx
+        self.url = str(where["url"]).rstrip("/")
+        #: The client of the main listener, which renews this one's access token.
+        self._via = via
         if not pin_checked:
-            check_pin(self.url, ctx, name)
-        self.client = httpx.Client(base_url=self.url, verify=tls_context(ctx), timeout=timeout)
+            check_pin(self.url, where, name)
+        verify: ssl.SSLContext | bool = True
+        if self.url.startswith("https://"):
+            verify = tls_context(where)
+        self.client = httpx.Client(base_url=self.url, verify=verify, timeout=timeout)
         #: The socket of the open ``events()`` stream, for ``interrupt()``.
         self._stream_socket: socket.socket | None = None
 
     def clone(self) -> Api:
         """Another client of the same context (its own connections: for a thread)."""
         return Api(self.store, self.name, self.ctx, pin_checked=True)
+
+    def hypersdk(self) -> Api:
+        """A client of the context's HyperSDK listener (``hypersdk_endpoint``), with the
+        same credentials; its access token is renewed through this client.
+
+        Raises ``ApiError`` when the context has no HyperSDK URL, or its certificate
+        is not the pinned one."""
+        return Api(self.store, self.name, self.ctx, endpoint=hypersdk_endpoint(self.ctx), via=self)
 
     def close(self) -> None:
         self.client.close()
@@ -177,6 +255,9 @@ class Api:
     def refresh(self) -> None:
         """New access and refresh tokens from the stored refresh token (one use each),
         saved at once. Raises ``ApiError`` when the session ended (log in again)."""
+        if self._via is not None:  # the refresh route is the main listener's
+            self._via.refresh()
+            return
         used = self.ctx.get("refreshToken")
         with _REFRESH_LOCK:  # one use per refresh token: one thread renews, the rest reuse
             if self.ctx.get("refreshToken") == used:

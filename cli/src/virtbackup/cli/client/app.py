@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import getpass
 import os
+import ssl
 from collections.abc import Callable
 from typing import Annotated, Any, ParamSpec, TypeVar
 
@@ -24,15 +25,27 @@ from virtbackup.cli.client.api import (
     LOGIN_PATH,
     Api,
     ApiError,
+    check_hypersdk_url,
     error_message,
     fingerprint_of,
+    hypersdk_endpoint,
     server_certificate,
     store_tokens,
     tls_context,
 )
 from virtbackup.cli.client.contexts import ContextError, Contexts
-from virtbackup.cli.client.output import Format, emit
+from virtbackup.cli.client.output import (
+    Column,
+    Format,
+    emit,
+    short_fingerprint,
+    short_job_id,
+    short_point_id,
+    short_time,
+)
 from virtbackup.cli.client.progress import follow_job
+from virtbackup.cli.client.refs import job_id as job_ref
+from virtbackup.cli.client.refs import point_id as point_ref
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -73,7 +86,12 @@ def consoles() -> None:
     err = Console(stderr=True, highlight=False)  # markup: escape what comes from the API
 
 
-OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table, json or yaml")]
+OutputOpt = Annotated[
+    Format,
+    typer.Option(
+        "--output", "-o", help="table (80 columns), wide (full ids, more columns), json or yaml"
+    ),
+]
 ContextOpt = Annotated[
     str | None, typer.Option("--context", help="a named context instead of the current one")
 ]
@@ -117,17 +135,17 @@ def connect(context: str | None) -> Api:
 def finish_job(api: Api, job_id: str, wait: bool, fmt: Format) -> None:
     """Print the started job's id, or follow it (``wait``) and exit by its outcome."""
     if not wait:
-        if fmt is Format.table:
+        if fmt in (Format.table, Format.wide):
             out.print(f"job {job_id} started (follow it: virtbackup jobs watch {job_id})")
         else:
             emit(out, {"jobId": job_id}, fmt)
         return
     job = follow_job(api, job_id, err)
-    if fmt is not Format.table:
+    if fmt in (Format.json, Format.yaml):
         emit(out, job, fmt)
     if job.get("state") != "success":
         raise fail(f"job {job_id} {job.get('state')}: {job.get('message', '')}")
-    if fmt is Format.table:
+    if fmt in (Format.table, Format.wide):
         out.print(f"job {job_id} succeeded: {job.get('message', '')}", soft_wrap=True)
 
 
@@ -153,6 +171,13 @@ def login(
     trust_new_cert: Annotated[
         bool, typer.Option(help="replace the certificate pinned for this context")
     ] = False,
+    hypersdk_url: Annotated[
+        str | None,
+        typer.Option(
+            help="the HyperSDK listener (webhooks): https:// (pinned like URL), or http:// "
+            "on this machine; default http://HOST:8080 when URL is this machine's"
+        ),
+    ] = None,
 ) -> None:
     """Log in to a gateway and make it the current context.
 
@@ -160,6 +185,10 @@ def login(
     fingerprint is shown and stored); a later change is refused. With --user the
     password is asked (or read from $VIRTBACKUP_PASSWORD) and the session's refresh
     token is stored, so access tokens are renewed as needed.
+
+    The HyperSDK listener (webhooks) is reached at --hypersdk-url, with the same
+    credentials; its certificate, for https://, is pinned (or checked with --cacert) as
+    the gateway's. A plain http:// URL is taken for this machine only.
 
     Example: virtbackup login https://backup.example.com:33551 --user alice --name prod
     """
@@ -173,17 +202,21 @@ def login(
     if cacert is not None:
         ctx["cacert"] = cacert.read()
     else:
-        pem = server_certificate(url)
-        seen = fingerprint_of(pem)
         pinned = old.get("fingerprint") if old.get("url") == url else None
-        if pinned and pinned != seen and not trust_new_cert:
-            raise ApiError(
-                0,
-                f"the certificate of {url} changed: it is now SHA-256 {seen}, but context "
-                f"{name!r} pinned {pinned}; refusing (add --trust-new-cert if expected)",
-            )
-        ctx["cacert"], ctx["fingerprint"] = pem, seen
-        err.print(f"server certificate SHA-256 fingerprint: {seen}")
+        ctx["cacert"], ctx["fingerprint"] = _pin(url, pinned, name, trust_new_cert)
+    if hypersdk_url is None and old.get("url") == url and old.get("hypersdkUrl"):
+        hypersdk_url = old["hypersdkUrl"]  # logging in again keeps it
+    if hypersdk_url is not None:
+        hurl = check_hypersdk_url(hypersdk_url)
+        ctx["hypersdkUrl"] = hurl
+        if hurl.startswith("https://"):
+            if cacert is not None:
+                ctx["hypersdkCacert"] = ctx["cacert"]
+            else:
+                was = old.get("hypersdkFingerprint") if old.get("hypersdkUrl") == hurl else None
+                ctx["hypersdkCacert"], ctx["hypersdkFingerprint"] = _pin(
+                    hurl, was, name, trust_new_cert
+                )
     with httpx.Client(base_url=url, verify=tls_context(ctx), timeout=30) as client:
         if user:
             password = os.environ.get("VIRTBACKUP_PASSWORD") or getpass.getpass(
@@ -202,11 +235,44 @@ def login(
             if resp.status_code != 200:
                 raise ApiError(resp.status_code, error_message(resp))
             ctx["token"] = token
+    if hypersdk_url is not None:
+        _check_hypersdk(ctx)
     store.contexts[name] = ctx
     store.current = name
     store.save()
     who = f"as {user}" if user else "with a token"
     out.print(f"logged in to {url} {who}; context {name!r} is current")
+
+
+def _pin(url: str, pinned: str | None, name: str, trust_new_cert: bool) -> tuple[str, str]:
+    """The certificate ``url`` presents and its fingerprint (printed), to be pinned.
+
+    Raises ``ApiError`` when it is not ``pinned`` (unless ``trust_new_cert``)."""
+    pem = server_certificate(url)
+    seen = fingerprint_of(pem)
+    if pinned and pinned != seen and not trust_new_cert:
+        raise ApiError(
+            0,
+            f"the certificate of {url} changed: it is now SHA-256 {seen}, but context "
+            f"{name!r} pinned {pinned}; refusing (add --trust-new-cert if expected)",
+        )
+    err.print(f"server certificate SHA-256 fingerprint: {seen}", soft_wrap=True)
+    return pem, seen
+
+
+def _check_hypersdk(ctx: dict[str, Any]) -> None:
+    """Refuse (``ApiError``) a HyperSDK URL that does not answer ``/health`` with these
+    credentials: a typo is said at login, not at the first webhook command."""
+    where = hypersdk_endpoint(ctx)
+    verify: ssl.SSLContext | bool = tls_context(where) if where["url"].startswith("https") else True
+    bearer = ctx.get("token") or ctx.get("accessToken")
+    with httpx.Client(base_url=where["url"], verify=verify, timeout=30) as client:
+        try:
+            resp = client.get("/health", headers={"Authorization": f"Bearer {bearer}"})
+        except httpx.HTTPError as exc:
+            raise ApiError(0, f"--hypersdk-url {where['url']}: {exc}") from None
+    if resp.status_code != 200:
+        raise ApiError(resp.status_code, f"--hypersdk-url {where['url']}: {error_message(resp)}")
 
 
 @context_app.command("ls")
@@ -224,18 +290,22 @@ def context_ls(output: OutputOpt = Format.table) -> None:
             "url": ctx.get("url"),
             "auth": f"user {ctx['user']}" if ctx.get("user") else "token",
             "certificate": ctx.get("fingerprint") or "CA (--cacert)",
+            "hypersdkUrl": ctx.get("hypersdkUrl"),
         }
         for name, ctx in sorted(store.contexts.items())
     ]
-    if output is Format.table:
+    if output in (Format.table, Format.wide):
         for row in rows:
-            row["current"] = "*" if row["current"] else ""
+            row["current"] = "*" if row["current"] else " "
+    if output in (Format.table, Format.wide):
+        for row in rows:
+            row["name"] = f"{row.pop('current')}{row['name']}"
     cols = [
-        ("", "current"),
-        ("NAME", "name"),
-        ("URL", "url"),
-        ("AUTH", "auth"),
-        ("CERTIFICATE", "certificate"),
+        Column("NAME", "name"),
+        Column("URL", "url", flex=True),
+        Column("AUTH", "auth", flex=True),
+        Column("CERTIFICATE", "certificate", short_fingerprint),
+        Column("HYPERSDK", "hypersdkUrl", wide_only=True),
     ]
     emit(out, rows, output, cols)
 
@@ -284,7 +354,14 @@ def servers(output: OutputOpt = Format.table, context: ContextOpt = None) -> Non
     with connect(context) as api:
         config = api.get("/config")
     rows = config.get("servers", []) if isinstance(config, dict) else []
-    cols = [("ID", "id"), ("NAME", "name"), ("HOST", "host"), ("USER", "username"), ("URI", "uri")]
+    cols = [
+        Column("ID", "id"),
+        Column("NAME", "name", flex=True),
+        Column("HOST", "host", flex=True),
+        Column("USER", "username"),
+        Column("URI", "uri", flex=True),
+        Column("AGENT", "agentId", wide_only=True),
+    ]
     emit(out, rows, output, cols)
 
 
@@ -316,11 +393,11 @@ def vms_ls(
                 continue
             rows.extend({"serverId": sid, **entry} for entry in entries)
     cols = [
-        ("SERVER", "serverId"),
-        ("NAME", "vm.name"),
-        ("STATE", "vm.powerState"),
-        ("OVERLAY", "hasOverlay"),
-        ("ID", "vm.id"),
+        Column("NAME", "vm.name"),
+        Column("SERVER", "serverId", flex=True),
+        Column("STATE", "vm.powerState"),
+        Column("OVERLAY", "hasOverlay"),
+        Column("UUID", "vm.id", wide_only=True),
     ]
     emit(out, rows, output, cols)
     if failed:
@@ -432,7 +509,9 @@ def backup(
 @app.command()
 @handled
 def restore(
-    point: Annotated[str, typer.Argument(help="a restore point id (see `points ls`)")],
+    point: Annotated[
+        str, typer.Argument(help="a restore point: its id or short id (see `points ls`)")
+    ],
     as_name: Annotated[
         str | None, typer.Option("--as", help="restore as a VM of this name")
     ] = None,
@@ -450,10 +529,10 @@ def restore(
     """Restore a point: the VM's disks and definition, overwriting a shut-off VM of the
     same name, or beside it with --as.
 
-    Example: virtbackup restore 'local-disk~d2ViMQ~2026-11-23T20-41-56' --as web1-test --wait
+    Example: virtbackup restore 3fa9c2d1 --as web1-test --wait
     """
     with connect(context) as api:
-        rp = api.get(f"/api/v1/restore-points/{point}")
+        rp = api.get(f"/api/v1/restore-points/{point_ref(api, point)}")
         target = to or rp.get("serverId")
         if not target:
             raise ApiError(0, "the point names no server: give --to SERVER")
@@ -474,16 +553,26 @@ def restore(
 
 # -- restore points ---------------------------------------------------------------------
 
+
+def _kind(value: object) -> str:
+    return "incr" if value == "incremental" else str(value)
+
+
+def _mark(value: object) -> str:
+    return "yes" if value is True else ""
+
+
 POINT_COLS = [
-    ("ID", "id"),
-    ("VM", "vmName"),
-    ("SERVER", "serverId"),
-    ("TIME", "timestamp"),
-    ("KIND", "kind"),
-    ("LOGICAL", "logicalBytes"),
-    ("STORED", "storedBytes"),
-    ("PROTECTED", "protected"),
-    ("VERIFIED", "verification.state"),
+    Column("ID", "id", short_point_id),
+    Column("VM", "vmName", flex=True),
+    Column("DEST", "destinationId", flex=True),
+    Column("TIME", "timestamp", short_time),
+    Column("KIND", "kind", _kind),
+    Column("SIZE", "logicalBytes"),
+    Column("STORED", "storedBytes"),
+    Column("PROT", "protected", _mark),
+    Column("SERVER", "serverId", wide_only=True),
+    Column("VERIFIED", "verification.state", wide_only=True),
 ]
 
 
@@ -498,7 +587,8 @@ def points_ls(
     output: OutputOpt = Format.table,
     context: ContextOpt = None,
 ) -> None:
-    """List restore points, newest first.
+    """List restore points, newest first. The table shows short ids (any command that
+    takes a point takes them too); -o wide and -o json show the full ones.
 
     Example: virtbackup points ls --vm web1 -o json
     """
@@ -517,11 +607,13 @@ def points_rm(
 ) -> None:
     """Delete a restore point (its chunks go at the next garbage collection).
 
-    Example: virtbackup points rm 'local-disk~d2ViMQ~2026-11-22T20-40-12'
+    Example: virtbackup points rm 'local-disk~d2ViMQ~2026-11-22T20-40-12' (or its short id)
     """
     with connect(context) as api:
         answer = api.request(
-            "DELETE", f"/api/v1/restore-points/{point}", params={"force": "true" if force else None}
+            "DELETE",
+            f"/api/v1/restore-points/{point_ref(api, point)}",
+            params={"force": "true" if force else None},
         )
     emit(
         out, answer.get("point", answer) if isinstance(answer, dict) else answer, output, POINT_COLS
@@ -535,7 +627,9 @@ def _protect(
     if notes is not None:
         body["notes"] = notes
     with connect(context) as api:
-        answer = api.request("PATCH", f"/api/v1/restore-points/{point}", json_body=body)
+        answer = api.request(
+            "PATCH", f"/api/v1/restore-points/{point_ref(api, point)}", json_body=body
+        )
     emit(
         out, answer.get("point", answer) if isinstance(answer, dict) else answer, output, POINT_COLS
     )
@@ -551,7 +645,7 @@ def points_protect(
 ) -> None:
     """Protect a point: prunes keep it and deletes are refused.
 
-    Example: virtbackup points protect 'local-disk~d2ViMQ~2026-11-23T20-41-56' --notes 'before 2.0'
+    Example: virtbackup points protect 3fa9c2d1 --notes 'before 2.0'
     """
     _protect(point, True, notes, output, context)
 
@@ -563,7 +657,7 @@ def points_unprotect(
 ) -> None:
     """Remove a point's protection.
 
-    Example: virtbackup points unprotect 'local-disk~d2ViMQ~2026-11-23T20-41-56'
+    Example: virtbackup points unprotect 3fa9c2d1
     """
     _protect(point, False, notes, output, context)
 
@@ -576,10 +670,10 @@ def points_verify(
     """Re-read every manifest and chunk of one point and check every hash (a sanity
     job); with --wait, exit 1 naming damaged chunks.
 
-    Example: virtbackup points verify 'local-disk~d2ViMQ~2026-11-23T20-41-56' --wait
+    Example: virtbackup points verify 3fa9c2d1 --wait
     """
     with connect(context) as api:
-        rp = api.get(f"/api/v1/restore-points/{point}")
+        rp = api.get(f"/api/v1/restore-points/{point_ref(api, point)}")
         answer = api.post(
             "/restore/sanity", {"xmlPath": rp["xmlPath"], "destinationId": rp["destinationId"]}
         )
@@ -588,16 +682,21 @@ def points_verify(
 
 # -- jobs -------------------------------------------------------------------------------
 
+
+def _percent(value: object) -> str:
+    return f"{value:.0f}%" if isinstance(value, (int, float)) else str(value)
+
+
 JOB_COLS = [
-    ("ID", "id"),
-    ("TYPE", "type"),
-    ("STATUS", "status"),
-    ("VM", "vmName"),
-    ("SERVER", "serverId"),
-    ("DEST", "destinationId"),
-    ("PROGRESS", "progress"),
-    ("CREATED", "createdAt"),
-    ("ERROR", "error"),
+    Column("ID", "id", short_job_id),
+    Column("TYPE", "type"),
+    Column("STATUS", "status"),
+    Column("VM", "vmName", flex=True),
+    Column("PROG", "progress", _percent),
+    Column("CREATED", "createdAt", short_time),
+    Column("ERROR", "error", flex=True),
+    Column("SERVER", "serverId", wide_only=True),
+    Column("DEST", "destinationId", wide_only=True),
 ]
 
 
@@ -613,7 +712,8 @@ def jobs_ls(
     output: OutputOpt = Format.table,
     context: ContextOpt = None,
 ) -> None:
-    """List jobs, newest first (GET /api/v1/jobs).
+    """List jobs, newest first (GET /api/v1/jobs). The table shows each id's last 8
+    characters (the jobs commands take them); -o wide and -o json the whole.
 
     Example: virtbackup jobs ls --status failed -o yaml
     """
@@ -627,10 +727,10 @@ def jobs_ls(
 def jobs_watch(job_id: str, output: OutputOpt = Format.table, context: ContextOpt = None) -> None:
     """Follow a job with a progress bar until it ends; exit 1 if it fails.
 
-    Example: virtbackup jobs watch 019ab3c4-...
+    Example: virtbackup jobs watch 9e1f07c2 (the end of its id, as `jobs ls` shows it)
     """
     with connect(context) as api:
-        finish_job(api, job_id, True, output)
+        finish_job(api, job_ref(api, job_id), True, output)
 
 
 @jobs_app.command("cancel")
@@ -638,10 +738,10 @@ def jobs_watch(job_id: str, output: OutputOpt = Format.table, context: ContextOp
 def jobs_cancel(job_id: str, output: OutputOpt = Format.table, context: ContextOpt = None) -> None:
     """Cancel a job (waits up to 20 s for it to stop).
 
-    Example: virtbackup jobs cancel 019ab3c4-...
+    Example: virtbackup jobs cancel 9e1f07c2
     """
     with connect(context) as api:
-        job = api.post(f"/api/v1/jobs/{job_id}/cancel")
+        job = api.post(f"/api/v1/jobs/{job_ref(api, job_id)}/cancel")
     emit(out, job, output, JOB_COLS)
 
 
@@ -650,10 +750,11 @@ def jobs_cancel(job_id: str, output: OutputOpt = Format.table, context: ContextO
 def jobs_logs(job_id: str, context: ContextOpt = None) -> None:
     """Print a job's output log.
 
-    Example: virtbackup jobs logs 019ab3c4-...
+    Example: virtbackup jobs logs 019ad2f3a4b5c6d79e1f07c2
     """
     with connect(context) as api:
-        text = api.request("GET", f"/api/v1/jobs/{job_id}/artifacts/output.log", raw=True)
+        ref = job_ref(api, job_id)
+        text = api.request("GET", f"/api/v1/jobs/{ref}/artifacts/output.log", raw=True)
     out.print(text, end="", markup=False, highlight=False, soft_wrap=True)
 
 
@@ -691,7 +792,7 @@ def prune(
     with connect(context) as api:
         answer = api.post(f"/api/v1/destinations/{dest}/prune", body)
         if dry_run:
-            if output is Format.table:
+            if output in (Format.table, Format.wide):
                 rows = [{**p, "action": "keep"} for p in answer.get("keep", [])]
                 rows += [{**p, "action": "remove"} for p in answer.get("remove", [])]
                 rows += [{**p, "action": "skip"} for p in answer.get("skipped", [])]
@@ -700,11 +801,11 @@ def prune(
                     rows,
                     output,
                     [
-                        ("ACTION", "action"),
-                        ("ID", "id"),
-                        ("VM", "vmName"),
-                        ("TIME", "timestamp"),
-                        ("REASON", "reason"),
+                        Column("ID", "id", short_point_id),
+                        Column("ACTION", "action"),
+                        Column("VM", "vmName", flex=True),
+                        Column("TIME", "timestamp", short_time),
+                        Column("REASON", "reason", flex=True),
                     ],
                 )
             else:
@@ -765,7 +866,12 @@ def verify(
 
 def build() -> typer.Typer:
     """The whole command line: ``app`` with the commands of every module registered."""
-    from virtbackup.cli.client import more  # noqa: F401 - registers its commands
+    from virtbackup.cli.client import (  # noqa: F401 - they register their commands
+        admin,
+        more,
+        schedule_cmds,
+        webhooks,
+    )
 
     return app
 

@@ -19,6 +19,9 @@ Shape::
         accessToken: "eyJ..."
         refreshToken: "eyJ..."
         expiresAt: 1764530000.0    # when the access token expires (epoch seconds)
+        hypersdkUrl: http://127.0.0.1:8080  # the HyperSDK listener (webhooks), optional;
+        hypersdkFingerprint: "..."  # with https://: its certificate, pinned as above,
+        hypersdkCacert: "..."       # or the --cacert CA
 """
 
 from __future__ import annotations
@@ -33,7 +36,19 @@ import yaml
 
 #: The keys of one context in the file (anything else is refused when loading).
 CONTEXT_KEYS = frozenset(
-    {"url", "fingerprint", "cacert", "token", "user", "accessToken", "refreshToken", "expiresAt"}
+    {
+        "url",
+        "fingerprint",
+        "cacert",
+        "token",
+        "user",
+        "accessToken",
+        "refreshToken",
+        "expiresAt",
+        "hypersdkUrl",
+        "hypersdkFingerprint",
+        "hypersdkCacert",
+    }
 )
 
 

@@ -16,15 +16,23 @@ import yaml
 from virtbackup.cli.client import app as base
 from virtbackup.cli.client.api import ApiError
 from virtbackup.cli.client.app import ContextOpt, OutputOpt, connect, handled
-from virtbackup.cli.client.output import Format, emit
+from virtbackup.cli.client.output import Column, Format, emit, short_hex, short_time
+from virtbackup.cli.client.refs import point_id as point_ref
 
 config_app = typer.Typer(
     help="The configuration: get it as YAML, edit, set it.", no_args_is_help=True
 )
 plans_app = typer.Typer(help="Backup plans (projects).", no_args_is_help=True)
-schedules_app = typer.Typer(help="Schedules: list, run one now, delete.", no_args_is_help=True)
-users_app = typer.Typer(help="Users of the identity API (admins).", no_args_is_help=True)
-agents_app = typer.Typer(help="Transfer workers and remote agents.", no_args_is_help=True)
+schedules_app = typer.Typer(
+    help="Schedules: list, add, change, enable, disable, run one now, delete.", no_args_is_help=True
+)
+users_app = typer.Typer(
+    help="Users of the identity API: list, add, change, remove, set a password.",
+    no_args_is_help=True,
+)
+agents_app = typer.Typer(
+    help="Transfer workers and remote agents: list, register, remove.", no_args_is_help=True
+)
 base.app.add_typer(config_app, name="config")
 base.app.add_typer(plans_app, name="plans")
 base.app.add_typer(schedules_app, name="schedules")
@@ -76,7 +84,7 @@ def config_get(
     """
     with connect(context) as api:
         config = api.get("/config")
-    emit(base.out, config, Format.yaml if output is Format.table else output)
+    emit(base.out, config, output if output in (Format.json, Format.yaml) else Format.yaml)
 
 
 @config_app.command("set")
@@ -115,7 +123,12 @@ def plans_import(
     """
     with connect(context) as api:
         plan = api.post("/api/v1/projects/import", {"yaml": file.read_text()})
-    emit(base.out, plan, output, [("ID", "id"), ("NAME", "name"), ("SCHEDULES", "schedule_ids")])
+    cols = [
+        Column("ID", "id"),
+        Column("NAME", "name", flex=True),
+        Column("SCHEDULES", "schedule_ids", flex=True),
+    ]
+    emit(base.out, plan, output, cols)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -128,7 +141,9 @@ def _write_private(path: Path, text: str) -> None:
 @base.app.command()
 @handled
 def mount(
-    point: Annotated[str, typer.Argument(help="a restore point id (see `points ls`)")],
+    point: Annotated[
+        str, typer.Argument(help="a restore point: its id or short id (see `points ls`)")
+    ],
     disk: Annotated[str, typer.Argument(help="the disk's target, e.g. vda")],
     directory: Annotated[
         Path | None,
@@ -142,10 +157,10 @@ def mount(
     the client's certificate folder (the key 0600; it is shown nowhere else) and print
     how to attach it. Stop it with `virtbackup umount EXPORT_ID`.
 
-    Example: virtbackup mount 'local-disk~d2ViMQ~2026-11-23T20-41-56' vda --ttl 600
+    Example: virtbackup mount 3fa9c2d1 vda --ttl 600
     """
     with connect(context) as api:
-        rp = api.get(f"/api/v1/restore-points/{point}")
+        rp = api.get(f"/api/v1/restore-points/{point_ref(api, point)}")
         folder = directory or Path(f"{rp['vmName']}-{disk}").resolve()
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(folder, 0o700)
@@ -159,7 +174,7 @@ def mount(
     _write_private(folder / "client-cert.pem", tls.get("clientCert", ""))
     _write_private(folder / "client-key.pem", tls.get("clientKey", ""))
     export["tlsDirectory"] = str(folder)
-    if output is not Format.table:
+    if output in (Format.json, Format.yaml):
         emit(base.out, export, output)
         return
     url = export["nbdUrl"]
@@ -193,7 +208,22 @@ def umount(
     """
     with connect(context) as api:
         answer = api.request("DELETE", f"/restore/exports/{export_id}")
-    emit(base.out, answer, output, [("ID", "id"), ("STATE", "state"), ("MESSAGE", "message")])
+    cols = [Column("ID", "id"), Column("STATE", "state"), Column("MESSAGE", "message", flex=True)]
+    emit(base.out, answer, output, cols)
+
+
+SCHEDULE_COLS = [
+    Column("ID", "id"),
+    Column("NAME", "name", flex=True),
+    Column("CRON", "schedule", flex=True),
+    Column("ON", "enabled"),
+    Column("NEXT RUN", "nextRun", short_time),
+    Column("VMS", "jobTemplate.vmPath", flex=True),
+    Column("TZ", "timezone", wide_only=True),
+    Column("LAST RUN", "lastRun", wide_only=True),
+    Column("LAST", "lastStatus", wide_only=True),
+    Column("DEST", "jobTemplate.destination.destinationId", wide_only=True),
+]
 
 
 @schedules_app.command("ls")
@@ -205,16 +235,7 @@ def schedules_ls(output: OutputOpt = Format.table, context: ContextOpt = None) -
     """
     with connect(context) as api:
         page = api.get("/api/v1/task/schedulers")
-    cols = [
-        ("ID", "id"),
-        ("NAME", "name"),
-        ("CRON", "schedule"),
-        ("ENABLED", "enabled"),
-        ("NEXT RUN", "nextRun"),
-        ("LAST RUN", "lastRun"),
-        ("VMS", "jobTemplate.vmPath"),
-    ]
-    emit(base.out, page.get("items", []), output, cols)
+    emit(base.out, page.get("items", []), output, SCHEDULE_COLS)
 
 
 @schedules_app.command("run")
@@ -265,9 +286,33 @@ def users_ls(output: OutputOpt = Format.table, context: ContextOpt = None) -> No
             if page >= int(answer.get("total_pages") or 1):
                 break
             page += 1
-    cols = [("ID", "id"), ("USER", "username"), ("ROLES", "roles"), ("ENABLED", "enabled"),
-            ("EMAIL", "email")]  # fmt: skip
+    cols = [
+        Column("ID", "id"),
+        Column("USER", "username", flex=True),
+        Column("ROLES", "roles", flex=True),
+        Column("ENABLED", "enabled"),
+        Column("EMAIL", "email", flex=True),
+        Column("CREATED", "created_at", wide_only=True),
+    ]
     emit(base.out, users, output, cols)
+
+
+def short_agent_id(value: Any) -> str:
+    """A remote agent's id (a UUID) cut to its first 8 characters; a transfer worker's
+    (``worker:<name>``) as it is."""
+    text = str(value or "")
+    return text if text.startswith("worker:") else short_hex(text)
+
+
+AGENT_COLS = [
+    Column("ID", "id", short_agent_id),
+    Column("KIND", "kind"),
+    Column("HOST", "hostname", flex=True),
+    Column("STATE", "state"),
+    Column("LAST SEEN", "lastHeartbeat", short_time),
+    Column("STATUS", "status", wide_only=True),
+    Column("VERSION", "version", wide_only=True),
+]
 
 
 @agents_app.command("ls")
@@ -280,6 +325,4 @@ def agents_ls(output: OutputOpt = Format.table, context: ContextOpt = None) -> N
     with connect(context) as api:
         answer = api.get("/api/v1/agents")
     rows = answer.get("agents", []) if isinstance(answer, dict) else answer
-    cols = [("ID", "id"), ("KIND", "kind"), ("NAME", "name"), ("STATUS", "status"),
-            ("ELIGIBLE", "eligible"), ("LAST SEEN", "lastSeenAt")]  # fmt: skip
-    emit(base.out, rows, output, cols)
+    emit(base.out, rows, output, AGENT_COLS)
