@@ -71,8 +71,8 @@ def check_source(source: dict[str, Any]) -> str | None:
         )
     if kind is None:
         raise BadRequest(
-            'source.type is required: give source {"type": "libvirt", "server_id": "<server>"}'
-            " (or the server as the first part of vm_path)"
+            'source.type is required: give source {"type": "libvirt"} (its "server_id" may be'
+            " left out when vm_path starts with the server: '<server>/<vm>')"
         )
     if kind != "libvirt":
         raise BadRequest(f"source.type: {shown(kind)} is not a source type (use 'libvirt')")
