@@ -23,7 +23,15 @@ Stages (``--only`` takes these group names):
   kinds, plain and encrypted;
 * ``nbd``: reading a 1 GiB qcow2 image of mixed content served by ``qemu-nbd`` on loopback
   with ``NbdClient.readinto`` / ``NbdPool.readinto`` in chunk-sized reads, and ``nbdcopy``;
-* ``fs``: ``FilesystemDriver.put`` of chunk-sized blobs (with fsync).
+* ``fs``: ``FilesystemDriver.put`` of chunk-sized blobs (with fsync);
+* ``partial``: the worker's CPU for the chunks an incremental reads in part, replayed in
+  memory on the benchmark's workload (``bench/run.py``: the 4 GiB disk's layout, its 200
+  scattered 1 MiB writes, 64 KiB granules, chunks of ``--chunk-size``): per chunk,
+  decode and check the parent, fill the gaps, hash, then compress the whole chunk (one
+  zstd frame, as stored now) or, for a blob of one zstd frame per MiB (measured, not
+  adopted: ``bench/README.md``), only its dirty MiB, copying the parent's frames for
+  the others; CPU seconds of one thread, and the bytes each stores, for the
+  incremental and for the full backup before it.
 
 CPU stages run each measurement ``--runs`` times for ``--seconds`` after a warm-up of
 ``--warmup`` seconds, on one thread and on a pool of ``--threads`` threads (default
@@ -67,7 +75,7 @@ if __package__ in (None, ""):
 from bench import content
 from virtbackup.nbd import NbdClient, NbdPool
 from virtbackup.repository import crypto
-from virtbackup.repository.codec import decode_blob, encode_blob
+from virtbackup.repository.codec import compress_body, decode_blob, decode_blob_into, encode_blob
 from virtbackup.repository.format import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, chunk_key
 from virtbackup.repository.repository import Repository
 from virtbackup.runtime.ports import free_port
@@ -76,7 +84,7 @@ from virtbackup.transfer_worker.units import CHUNKS_IN_FLIGHT, ZeroCheck
 
 T = TypeVar("T")
 
-GROUPS: Final = ("zero", "hash", "zstd", "codecs", "crypto", "encode", "nbd", "fs")
+GROUPS: Final = ("zero", "hash", "zstd", "codecs", "crypto", "encode", "nbd", "fs", "partial")
 #: zstd levels the ``codecs`` group compares (1: the default; negative: zstd's fast ones).
 CODEC_LEVELS: Final = (1, -1, -3, -5)
 #: The benchmark VM's content (``bench/run.py``: ``--content-mib 2048``).
@@ -719,6 +727,202 @@ HEADER: Final = (
 )
 
 
+#: The benchmark VM (``bench/run.py`` defaults): disk, content, scattered writes.
+BENCH_DISK: Final = 4 * content.GiB
+BENCH_WRITES: Final = 200 * content.MiB
+GRANULE: Final = 64 * 1024
+
+
+@dataclass
+class _PartChunk:
+    parent: bytes | None
+    child: bytes
+    ranges: list[tuple[int, int]]
+
+
+def _bench_chunks(chunk: int) -> tuple[list[bytes], list[_PartChunk]]:
+    """The benchmark VM's non-zero chunks (the full backup's) and the chunks its scattered
+    writes touch (parent, child, dirty ranges rounded to the bitmap's granules): the
+    layout and writes of ``bench/run.py`` (seed 0; content seed 1 for the writes)."""
+    from bench import peer  # libvirt's module: imported for this group only
+
+    offsets = peer.write_offsets(BENCH_DISK, BENCH_WRITES, peer.WRITE_SIZE, seed=0)
+    dirty: dict[int, list[tuple[int, int]]] = {}
+    for offset in offsets:
+        start = offset // GRANULE * GRANULE
+        end = -(-(offset + peer.WRITE_SIZE) // GRANULE) * GRANULE
+        for index in range(start // chunk, (end - 1) // chunk + 1):
+            lo, hi = max(start, index * chunk), min(end, (index + 1) * chunk)
+            dirty.setdefault(index, []).append((lo - index * chunk, hi - lo))
+    chunks: dict[int, bytes] = {}
+    by_kind: dict[content.Kind, list[content.Segment]] = {}
+    for seg in content.mixed_layout(BENCH_DISK, BENCH_CONTENT, seed=0):
+        by_kind.setdefault(seg.kind, []).append(seg)
+    for kind, segs in by_kind.items():
+        segs.sort(key=lambda s: s.skip)
+        total = sum(seg.length for seg in segs)
+        reader = content.Reader(content.stream(kind, total, seed=0, skip=segs[0].skip))
+        for seg in segs:
+            disk = bytearray(b"".join(reader.take(seg.length)))
+            for pos in range(0, seg.length, chunk):
+                piece = bytes(disk[pos : pos + chunk])
+                if kind != "zero":
+                    chunks[(seg.offset + pos) // chunk] = piece
+    kinds: tuple[content.Kind, ...] = ("text", "binary", "random")
+    per_kind = (len(offsets) // len(kinds) + 1) * peer.WRITE_SIZE
+    readers = {k: content.Reader(content.stream(k, per_kind, seed=1, skip=per_kind)) for k in kinds}
+    written: dict[int, bytearray] = {}
+    for number, offset in enumerate(offsets):
+        data = b"".join(readers[kinds[number % len(kinds)]].take(peer.WRITE_SIZE))
+        for index in range(offset // chunk, (offset + len(data) - 1) // chunk + 1):
+            buf = written.get(index)
+            if buf is None:
+                buf = written[index] = bytearray(chunks.get(index, bytes(chunk)))
+            lo, hi = max(offset, index * chunk), min(offset + len(data), (index + 1) * chunk)
+            buf[lo - index * chunk : hi - index * chunk] = data[lo - offset : hi - offset]
+    parts = [
+        _PartChunk(chunks.get(index), bytes(written[index]), _merged(dirty[index]))
+        for index in sorted(written)
+    ]
+    return [chunks[i] for i in sorted(chunks)], parts
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, n in sorted(ranges):
+        if out and start <= out[-1][0] + out[-1][1]:
+            prev = out[-1]
+            out[-1] = (prev[0], max(prev[0] + prev[1], start + n) - prev[0])
+        else:
+            out.append((start, n))
+    return out
+
+
+#: Plaintext bytes per frame of the framed blob the ``partial`` group measures.
+FRAME: Final = 1 << 20
+#: A framed blob's header (codec, frame size, count) and table: 6 bytes + 4 per frame.
+FRAMED_HEAD: Final = 6
+
+
+def _keep(ranges: list[tuple[int, int]], length: int) -> frozenset[int]:
+    """The frames of a chunk of ``length`` bytes that no range touches."""
+    dirty = {f for s, n in ranges for f in range(s // FRAME, (s + n - 1) // FRAME + 1)}
+    return frozenset(range(-(-length // FRAME))) - dirty
+
+
+def _framed(
+    data: bytes | memoryview, parent: list[bytes] | None = None, keep: frozenset[int] = frozenset()
+) -> list[bytes]:
+    """The frames of a framed blob: one record per MiB (codec byte + zstd 1, or the bytes
+    as they are when zstd does not shrink them), ``parent``'s for the frames in ``keep``."""
+    view = memoryview(data)
+    return [
+        parent[i] if parent is not None and i in keep else compress_body(view[o : o + FRAME], 1)
+        for i, o in enumerate(range(0, len(view), FRAME))
+    ]
+
+
+def _unframe(records: list[bytes], out: bytearray) -> None:
+    dec = zstandard.ZstdDecompressor()
+    for index, record in enumerate(records):
+        place = memoryview(out)[index * FRAME : (index + 1) * FRAME]
+        if record[0] == 0:
+            place[: len(record) - 1] = memoryview(record)[1:]
+        else:
+            with dec.stream_reader(memoryview(record)[1:]) as reader:
+                got = 0
+                while got < len(place) and (n := reader.readinto(place[got:])):
+                    got += n
+
+
+@dataclass
+class _Cost:
+    steps: dict[str, float]
+    stored: int
+
+
+_STEPS: Final = ("decode parent", "verify parent", "fill gaps", "hash", "compress")
+
+
+def _partial_cpu(parts: list[_PartChunk], framed: bool) -> list[_Cost]:
+    """One thread's CPU seconds per step for each of ``parts`` as the worker does it, and
+    the bytes its blob takes."""
+    blobs: list[bytes | list[bytes]] = [
+        b"" if p.parent is None else _framed(p.parent) if framed else compress_body(p.parent, 1)
+        for p in parts
+    ]
+    out = bytearray(max(len(p.child) for p in parts))
+    parent = bytearray(len(out))
+    costs = []
+    for part, blob in zip(parts, blobs, strict=True):
+        length = len(part.child)
+        view = memoryview(out)[:length]
+        t0 = time.thread_time()
+        if part.parent is not None:
+            if isinstance(blob, list):
+                _unframe(blob, parent)
+            else:
+                decode_blob_into(blob, None, b"", parent)
+            t1 = time.thread_time()
+            blake3.blake3(memoryview(parent)[:length], max_threads=1).digest()
+            t2 = time.thread_time()
+        else:
+            t1 = t2 = t0
+        view[:] = part.child  # the gaps from the parent, the ranges from the export
+        t3 = time.thread_time()
+        blake3.blake3(view, max_threads=1).digest()
+        t4 = time.thread_time()
+        if framed:
+            old = blob if isinstance(blob, list) else None
+            records = _framed(view, old, _keep(part.ranges, length))
+            stored = FRAMED_HEAD + sum(4 + len(r) for r in records)
+        else:
+            stored = len(compress_body(view, 1))
+        t5 = time.thread_time()
+        spent = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
+        costs.append(_Cost(dict(zip(_STEPS, spent, strict=True)), stored))
+    return costs
+
+
+def bench_partial(cfg: Config, report: Report) -> None:
+    """The incremental's chunks read in part, one frame against framed, interleaved runs."""
+    full, parts = _bench_chunks(cfg.chunk_size)
+    with_parent = [i for i, p in enumerate(parts) if p.parent is not None]
+    frames = sum(len(_keep(parts[i].ranges, len(parts[i].child))) for i in with_parent)
+    total = sum(-(-len(parts[i].child) // FRAME) for i in with_parent)
+    _say(
+        f"partial: {len(parts)} chunks touched, {len(with_parent)} with a parent that is not"
+        f" all zero; framed, {frames} of their {total} MiB would be copied from the parent"
+    )
+    runs: dict[bool, list[list[_Cost]]] = {False: [], True: []}
+    for _ in range(cfg.runs):
+        for framed in (False, True):
+            runs[framed].append(_partial_cpu(parts, framed))
+    for subset, chosen in (("all", range(len(parts))), ("with a parent", with_parent)):
+        for framed in (False, True):
+            name = "framed (1 MiB frames)" if framed else "one frame (now)"
+            med = {
+                step: statistics.median(
+                    sum(run[i].steps[step] for i in chosen) for run in runs[framed]
+                )
+                for step in _STEPS
+            }
+            stored = sum(runs[framed][0][i].stored for i in chosen)
+            report.notes.append(
+                f"{name:<22} {len(chosen):3d} chunks ({subset}): {sum(med.values()):5.2f} CPU s ("
+                + ", ".join(f"{k} {v:.3f}" for k, v in med.items())
+                + f"); stored {stored / MB:6.1f} MB"
+            )
+            _say(report.notes[-1])
+    one = sum(len(compress_body(c, 1)) for c in full)
+    framed_size = sum(FRAMED_HEAD + sum(4 + len(r) for r in _framed(c)) for c in full)
+    report.notes.append(
+        f"full backup before it ({len(full)} chunks): stored {one / MB:.1f} MB in one frame,"
+        f" {framed_size / MB:.1f} MB framed"
+    )
+    _say(report.notes[-1])
+
+
 def _speed(value: float) -> str:
     return f"{value:.0f}" if value < 1e6 else f"{value:.0e}"
 
@@ -801,6 +1005,7 @@ def run(cfg: Config) -> Report:
             "encode": lambda: bench_encode(cfg, report, scratch),
             "nbd": lambda: bench_nbd(cfg, report, scratch),
             "fs": lambda: bench_fs(cfg, report, scratch),
+            "partial": lambda: bench_partial(cfg, report),
         }
         for group in GROUPS:
             if group in cfg.groups:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from virtbackup.repository.format import chunk_key, manifest_key, parse_xml_key, xml_path
+from virtbackup.repository.format import (
+    CONFIG_KEY,
+    chunk_key,
+    manifest_key,
+    parse_xml_key,
+    xml_path,
+)
 from virtbackup.repository.records import (
     DiskManifest,
     DiskRecord,
@@ -258,3 +265,22 @@ def test_a_state_file_mode_is_four_octal_digits() -> None:
     assert msgspec.json.decode(good, type=StateFileRecord).kind == "file"
     with pytest.raises(msgspec.ValidationError, match="mode"):
         msgspec.json.decode(good.replace(b"0711", b"0o711"), type=StateFileRecord)
+
+
+@pytest.mark.parametrize("version", [2, 99])
+async def test_a_repository_of_a_newer_format_is_refused_and_left_alone(
+    tmp_path: Path, version: int
+) -> None:
+    """A newer format may store chunks this version would misread (one zstd frame per MiB
+    would decode as its first MiB only): opening it fails by name, before any chunk is
+    read, and ``open_or_create`` does not replace its ``repository.json``."""
+    await Repository.open_or_create(FilesystemDriver(tmp_path))
+    config = json.loads((tmp_path / CONFIG_KEY).read_bytes())
+    assert config["format"] == 1
+    config["format"] = version
+    (tmp_path / CONFIG_KEY).write_text(json.dumps(config))
+    with pytest.raises(RepositoryError, match=f"unsupported repository format {version}"):
+        await Repository.open(FilesystemDriver(tmp_path))
+    with pytest.raises(RepositoryError, match=f"unsupported repository format {version}"):
+        await Repository.open_or_create(FilesystemDriver(tmp_path))
+    assert json.loads((tmp_path / CONFIG_KEY).read_bytes())["format"] == version
