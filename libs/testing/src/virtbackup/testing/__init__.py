@@ -8,6 +8,9 @@ module you need; there are no re-exports here:
 - :mod:`.seaweedfs`: a real SeaweedFS S3 server (``SeaweedServer``, ``seaweedfs_server``);
 - :mod:`.gdrive`: ``FakeGoogleDrive``, an in-memory stand-in for Drive v3 and Google's
   OAuth token endpoint, and ``google_driver`` signed in to it;
+- :mod:`.kube_stand_in`: ``KubeStandIn``, a stand-in Kubernetes API server that the Helm
+  chart is installed into by Helm's engine (no Kubernetes runs here), recording what
+  Helm creates; :mod:`.kube_protobuf` reads the protobuf bodies client-go sends it;
 - :mod:`.drivers`: a fresh destination driver of every kind (``open_test_driver``);
 - :mod:`.servers`: what the server harnesses share (``ServerError``, ``port_open``);
 - :mod:`.pagecache`: ``resident_pages`` (is a file's data in the page cache?);
