@@ -314,6 +314,12 @@ async def test_migrate_a_running_vm_while_it_writes(
     # copy time"): the cut-over's costs are fixed, the copy grows with the data.
     assert result["downtimeSeconds"] < result["copySeconds"], result
     assert result["checkpoints"] == []  # dropped on the source
+    # The progress of a completed migration: every byte it copied, of as many (100 %).
+    copied = result["bytesCopied"]
+    assert copied == sum(p["bytes"] for p in result["passes"]) > 0, result
+    assert job["progress"]["percent_complete"] == 100, job
+    assert (job["progress"]["current_bytes"], job["progress"]["total_bytes"]) == (copied, copied)
+    assert (record["bytesTransferred"], record["totalBytes"]) == (copied, copied), record
     assert f"the source vm {VM} could NOT be removed" in job["message"], job
     assert "not the migrated domain" in job["message"], job
     assert result["sourceRemoval"]["undefined"] is False, result
@@ -598,8 +604,16 @@ async def test_remove_source_and_its_disks_once_the_vm_runs_on_the_target(
 ) -> None:
     """Given by its libvirt URI, the target is server ``remote``; once the VM runs there
     the source is undefined with its NVRAM file and TPM state, and its images deleted,
-    except one another VM names and one another VM's image is built on."""
-    source = await create_uefi_vm(conn, REMOVED, vm_dir, [16 * MiB] * 3, tpm=True)
+    except one another VM names and one another VM's image is built on; the backing
+    file below its first image is kept, and listed as kept."""
+    source = await create_uefi_vm(conn, REMOVED, vm_dir, [16 * MiB] * 3, tpm=True, start=False)
+    base = vm_dir / f"{REMOVED}-base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    subprocess.run(
+        ["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", str(base), str(source.disks[0])],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    await conn.call((await conn.lookup(REMOVED)).create, timeout=60)
     assert source.nvram is not None
     tpm_state = Path("/var/lib/libvirt/swtpm") / (await get_domain(conn, REMOVED)).uuid
     assert tpm_state.exists()
@@ -630,6 +644,10 @@ async def test_remove_source_and_its_disks_once_the_vm_runs_on_the_target(
         with pytest.raises(NotFound):
             await get_domain(conn, REMOVED)
         assert not source.disks[0].exists()
+        assert base.exists()  # below it: never deleted, and said so
+        kept = f"{base}: the backing file of {source.disks[0]}: backing files are never deleted"
+        assert kept in job["message"], job
+        assert "3 kept" in job["message"], job
         assert source.disks[1].exists()  # SHARER's
         assert source.disks[2].exists()  # below OVERLAID's image
         assert f"{source.disks[2]}: vm {OVERLAID} uses it too" in job["message"], job

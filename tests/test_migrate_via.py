@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import System, local_config, running_system, ssh_server, wait_listed
+from harness import MODULES, System, local_config, running_system, ssh_server, wait_listed
 
 from virtbackup.testing.sshd import SshdServer, sshd_server
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
@@ -37,8 +37,13 @@ MOVED = f"vbt-viat-{PID}"
 CANCELED = f"vbt-viac-{PID}"
 FAILED = f"vbt-viaf-{PID}"
 ORPHANED = f"vbt-viao-{PID}"
+OTHER = f"vbt-viaot-{PID}"
+STOPPED = f"vbt-vias-{PID}"
+TWIN = f"vbt-viatw-{PID}"
 #: Seconds each sync pass waits before its backup (debug hold): a cancel lands there.
 SYNC_HOLD = 2
+#: Seconds a restore waits once its exports are up (debug hold): the system stops there.
+PREPARED_HOLD = 4
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +53,9 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
         orchestrators=1,
         workers=2,
         VIRTBACKUP_DEBUG="1",
-        VIRTBACKUP_DEBUG_HOLDS=json.dumps({"migrate-via:syncing": SYNC_HOLD}),
+        VIRTBACKUP_DEBUG_HOLDS=json.dumps(
+            {"migrate-via:syncing": SYNC_HOLD, "restore:prepared": PREPARED_HOLD}
+        ),
     ) as system:
         yield system
 
@@ -119,7 +126,7 @@ async def vm(conn: Connection, vm_dir: Path) -> AsyncIterator[SmallVm]:
     try:
         yield made
     finally:
-        for name in (VM, MOVED, CANCELED, FAILED, ORPHANED):
+        for name in (VM, MOVED, CANCELED, FAILED, ORPHANED, OTHER, TWIN, STOPPED):
             await remove_vm(conn, name)
 
 
@@ -286,6 +293,13 @@ async def test_migrate_through_a_destination_while_it_writes(
     assert len(passes) >= 3 and passes[-1]["offline"] is True  # full, sync(s), offline
     assert passes[0]["kind"] == "full" and passes[1]["kind"] == "incremental", passes
     assert result["downtimeSeconds"] > 0, result
+    # The progress of a completed migration: every byte its backups read, of as many.
+    copied = result["bytesCopied"]
+    assert copied == sum(p["bytes"] for p in passes) > 0, result
+    assert job["progress"]["percent_complete"] == 100, job
+    assert (job["progress"]["current_bytes"], job["progress"]["total_bytes"]) == (copied, copied)
+    record = (await api.get(f"/jobs/{job_id}")).json()
+    assert (record["bytesTransferred"], record["totalBytes"]) == (copied, copied), record
     # Each pass is a backup job of its own, and each point stays an ordinary one.
     made = [p["timestamp"] for p in passes]
     assert result["points"] == made
@@ -332,6 +346,46 @@ async def test_cancel_while_syncing_leaves_the_source_running(
     with pytest.raises(NotFound):
         await get_domain(conn, CANCELED)
     assert target_files(target_dir, CANCELED) == []
+
+
+async def test_two_migrations_cannot_go_to_one_target_name(
+    hs: httpx.AsyncClient, vm: SmallVm, conn: Connection, target_dir: Path
+) -> None:
+    """Through a destination, the target's name was held only by the restore at the
+    cut-over: a second migration to it got 201 and failed after its downtime. It is
+    held from the submit to the end, as a direct migration's is (that one's restore
+    runs under it: the migration above completed)."""
+    await start(conn, VM)
+    await create_vm(conn, OTHER, vm.directory, [MiB])
+    try:
+        first = await hs.post("/jobs/submit", json=submission(TWIN, target_dir))
+        assert first.status_code == 201, first.text
+        first_id = first.json()["job_id"]
+        other = {**submission(TWIN, target_dir), "vm_path": f"local/{OTHER}"}
+        second = await hs.post("/jobs/submit", json=other)
+        assert second.status_code == 409, second.text
+        error = second.json()["error"]
+        assert error.startswith(f"options.vm_name: vm {TWIN} on server remote"), error
+        assert first_id in error, error
+        # A direct migration to that name is refused as well.
+        direct = {**other, "destination": {"type": "kvm", "server_id": "remote"}}
+        refused = await hs.post("/jobs/submit", json=direct)
+        assert refused.status_code == 409 and first_id in refused.text, refused.text
+        await hs.post("/jobs/cancel", json={"job_ids": [first_id]})
+        job, _ = await follow(hs, first_id)
+        assert job["status"] == "cancelled", job
+        # Released with the job's end: the name can be migrated to again.
+        again = await hs.post("/jobs/submit", json=other)
+        assert again.status_code == 201, again.text
+        await hs.post("/jobs/cancel", json={"job_ids": [again.json()["job_id"]]})
+        job, _ = await follow(hs, again.json()["job_id"])
+        assert job["status"] == "cancelled", job
+    finally:
+        await remove_vm(conn, OTHER)
+    assert await power(conn, VM) == "running"
+    with pytest.raises(NotFound):
+        await get_domain(conn, TWIN)
+    assert target_files(target_dir, TWIN) == []
 
 
 async def test_a_failure_at_cutover_starts_the_source_again(
@@ -382,3 +436,90 @@ async def test_a_migration_whose_orchestrator_stopped_is_undone(
     with pytest.raises(NotFound):
         await get_domain(conn, ORPHANED)
     assert target_files(target_dir, ORPHANED) == []
+
+
+def restore_exports_of(job_id: str) -> list[str]:
+    """What restore job ``job_id`` has on this host (the target's): its ``qemu-nbd``
+    processes, its export directories and its temporary images."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if (
+                proc.name.isdigit()
+                and f".vbrestore-{job_id}".encode() in (proc / "cmdline").read_bytes()
+            ):
+                found.append(f"qemu-nbd {proc.name}")
+    for private in Path("/tmp").glob("vbrestore.*"):
+        with contextlib.suppress(OSError):
+            if job_id in (private / "owner").read_text():
+                found.append(str(private))
+    return found
+
+
+async def wait_ended(hs: httpx.AsyncClient, job_id: str, timeout: float = 90) -> dict[str, Any]:
+    """The job's view once it has failed or been cancelled (the gateway may be starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            resp = await hs.get(f"/jobs/{job_id}")
+            if resp.status_code == 200 and resp.json()["status"] in {"failed", "cancelled"}:
+                return dict(resp.json())
+        assert time.monotonic() < deadline, f"job {job_id} did not end"
+        await asyncio.sleep(0.3)
+
+
+async def test_restore_exports_of_a_stopped_system_are_stopped_when_it_starts(
+    hs: httpx.AsyncClient,
+    api: httpx.AsyncClient,
+    system: System,
+    vm: SmallVm,
+    conn: Connection,
+    target_dir: Path,
+) -> None:
+    """The whole system stops while the migration's restore writes the target (its
+    qemu-nbd exports up), and starts again with the inventory last: the orchestrator
+    ends the jobs but cannot reach the inventory to stop the exports. The inventory,
+    once it connects to the target, stops them and removes their images: nothing of
+    that restore is left."""
+    await start(conn, VM)
+    resp = await hs.post("/jobs/submit", json=submission(STOPPED, target_dir, max_passes=1))
+    assert resp.status_code == 201, resp.text
+    job_id = resp.json()["job_id"]
+    deadline = time.monotonic() + 90
+    restore_id = ""
+    while True:  # until the restore's exports are up (it then waits: PREPARED_HOLD)
+        result = (await api.get(f"/jobs/{job_id}")).json()["result"]
+        restore_id = result.get("restoreJobId") or ""
+        if restore_id and (await api.get(f"/jobs/{restore_id}")).json()["params"].get("prepared"):
+            break
+        assert time.monotonic() < deadline, result
+        await asyncio.sleep(0.1)
+    assert restore_exports_of(restore_id), "the restore's exports are not up"
+    assert target_files(target_dir, f".vbrestore-{restore_id}")
+    system.stop_all()
+    # The orchestrator ends the jobs (the gateway shows them) while no inventory runs;
+    # not wait_ready: the gateway's health waits for every service's answer.
+    system.start("job-orchestrator")
+    system.start("gateway")
+    try:
+        restore = await wait_ended(hs, restore_id)
+        assert restore["status"] == "failed", restore
+        migration = await wait_ended(hs, job_id)
+        assert migration["status"] == "failed", migration
+        assert restore_exports_of(restore_id), "ended by the orchestrator after all"
+    finally:
+        for name in [*MODULES, "transfer-worker-2"]:
+            if name not in system.procs:
+                system.start(name)
+        system.wait_ready()
+    deadline = time.monotonic() + 90
+    while restore_exports_of(restore_id) or target_files(target_dir, STOPPED):
+        assert time.monotonic() < deadline, (
+            restore_exports_of(restore_id), target_files(target_dir, STOPPED)
+        )  # fmt: skip
+        await asyncio.sleep(0.5)
+    with pytest.raises(NotFound):
+        await get_domain(conn, STOPPED)
+    # The inventory was not there to start the source again: the message says so.
+    assert f"the source vm {VM} could NOT be started again" in migration["error"], migration
+    await start(conn, VM)

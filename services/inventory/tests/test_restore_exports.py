@@ -12,11 +12,14 @@ import secrets
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
+from nats.js.kv import KeyValue
 
+from virtbackup.contracts import buckets
 from virtbackup.contracts.v1.config import Server
 from virtbackup.contracts.v1.inventory import (
     RestoreDisk,
@@ -24,11 +27,15 @@ from virtbackup.contracts.v1.inventory import (
     RestorePrepareRequest,
     RestoreTarget,
 )
-from virtbackup.inventory import restores
+from virtbackup.contracts.v1.jobs import Job
+from virtbackup.inventory import restore_leftovers, restores
 from virtbackup.inventory.credentials import ExportCredentials
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.nbd import NbdClient, NbdError
 from virtbackup.nbd.tls import client_context_from_dir
+from virtbackup.runtime.nats_server import NatsServer, start_nats_server
+from virtbackup.runtime.provision import ensure_bucket
+from virtbackup.testing.nats import connect
 from virtbackup.testing.pagecache import resident_pages
 from virtbackup.testing.pki import shared_pki_dir
 from virtbackup.testing.sshd import SshdServer, sshd_server
@@ -82,10 +89,13 @@ def _remote_config(sshd: SshdServer) -> Server:
     )
 
 
-async def _prepare(server: HostServer, tmp_path: Path, job_id: str) -> RestoreTarget:
+async def _prepare(
+    server: HostServer, tmp_path: Path, job_id: str, installation: str = ""
+) -> RestoreTarget:
     disk = RestoreDisk(target="vda", path=str(tmp_path / "vm" / "disk.qcow2"), size=64 * MIB)
     req = RestorePrepareRequest(server_id="local", job_id=job_id, disks=[disk])
-    prepared = await restores.prepare(server, req, ExportCredentials.load(shared_pki_dir()))
+    creds = ExportCredentials.load(shared_pki_dir())
+    prepared = await restores.prepare(server, req, creds, installation)
     return prepared.disks[0]
 
 
@@ -280,3 +290,85 @@ async def test_a_committed_image_replaces_the_old_one_which_is_then_removed(
         # The old image is gone for good (its last name removed in the background).
         assert await asyncio.to_thread(_links_after, old.fileno(), 10) == 0
     assert os.listdir(disk.parent) == ["disk.qcow2"]
+
+
+INSTALLATION = f"test-restore-{os.getpid()}"
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = start_nats_server(tmp_path_factory.mktemp("nats"), auth=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def jobs(nats_server: NatsServer) -> AsyncIterator[KeyValue]:
+    client = await connect(nats_server)
+    try:
+        yield await ensure_bucket(client.jetstream(), buckets.JOBS)
+    finally:
+        await client.drain()
+
+
+def _job(job_id: str, state: str) -> bytes:
+    now = "2026-01-01T00:00:00Z"
+    job = Job(id=job_id, type="restore", state=state, created_at=now, updated_at=now)  # type: ignore[arg-type]
+    return msgspec.json.encode(job)
+
+
+def _running(target: RestoreTarget) -> bool:
+    pid = int(Path(target.pid_file).read_text())
+    with contextlib.suppress(OSError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    return False
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+async def test_exports_of_ended_jobs_are_stopped_when_the_inventory_connects(
+    server: HostServer, remote: HostServer, tmp_path: Path, jobs: KeyValue, where: str
+) -> None:
+    """The whole system stopped mid-restore, and the job was ended without its exports
+    (the inventory could not be asked): an inventory that connects stops the exports of
+    its installation's jobs that are not active, removing their images, and leaves
+    those of an active job, of another installation or of another server alone."""
+    host = server if where == "local" else remote
+    ended, active = f"job-{os.getpid()}-ended", f"job-{os.getpid()}-active"
+    await jobs.put(ended, _job(ended, "running"))
+    await jobs.put(active, _job(active, "running"))
+    ours = await _prepare(host, tmp_path / "a", ended, INSTALLATION)
+    busy = await _prepare(host, tmp_path / "b", active, INSTALLATION)
+    theirs = await _prepare(host, tmp_path / "c", ended, "another")
+    try:
+        owner = Path(ours.pid_file).parent / "owner"
+        assert stat.S_IMODE(owner.stat().st_mode) == 0o600
+        assert msgspec.json.decode(owner.read_bytes())["image"] == ours.temp_path
+        done, pending = await restore_leftovers.reconcile(host, jobs, INSTALLATION)
+        assert (done, pending) == ([], {ended, active})
+        await jobs.put(ended, _job(ended, "failure"))
+        done, pending = await restore_leftovers.reconcile(host, jobs, INSTALLATION)
+        private = Path(ours.pid_file).parent
+        assert done == [
+            f"stopped the restore export {private} of job {ended} (failure), "
+            f"removed {ours.temp_path}"
+        ], done
+        assert pending == {active}
+        assert not private.exists() and not Path(ours.temp_path).exists()
+        assert os.listdir(tmp_path / "a" / "vm") == []
+        for left in (busy, theirs):
+            assert _running(left) and Path(left.temp_path).exists()
+        # Another server's inventory (the same host here) leaves them alone too.
+        other = server if where == "remote" else remote
+        assert await restore_leftovers.reconcile(other, jobs, INSTALLATION) == ([], set())
+        # ``follow`` ends the active job's once that job has ended.
+        await jobs.put(active, _job(active, "success"))
+        lines = await restore_leftovers.follow(host, jobs, INSTALLATION, {active}, every=0.1)
+        assert len(lines) == 1 and active in lines[0], lines
+        assert not Path(busy.pid_file).parent.exists() and not Path(busy.temp_path).exists()
+    finally:
+        for target, job_id in ((busy, active), (theirs, ended)):
+            if Path(target.pid_file).parent.exists():
+                await _discard(host, target, job_id)

@@ -9,12 +9,14 @@ import pytest
 
 from virtbackup.contracts.v1.inventory import STATE_DIRTY, STATE_ZERO, Extent
 from virtbackup.contracts.v1.schedules import JobDefinition
+from virtbackup.contracts.v1.work import UnitResult
 from virtbackup.job_orchestrator.migrate import (
     map_networks,
     migration_params,
     ranges_of,
     split_units,
 )
+from virtbackup.job_orchestrator.progress import Progress
 from virtbackup.runtime.errors import BadRequest
 
 MiB = 1 << 20
@@ -32,6 +34,22 @@ def test_the_first_pass_copies_allocated_extents_and_later_ones_dirty_extents() 
     dirty = [Extent(0, 64 << 10, STATE_DIRTY), Extent(64 << 10, MiB, 0)]
     dirty.append(Extent(MiB + (64 << 10), 128 << 10, STATE_DIRTY))
     assert ranges_of(dirty, dirty=True) == [(0, 64 << 10), (MiB + (64 << 10), 128 << 10)]
+
+
+def test_a_migrations_progress_counts_the_bytes_copied_in_every_pass() -> None:
+    """A pass's units count what they copied (``bytes_read``: zeros too), on top of the
+    bytes of the passes before it, of a total that adds theirs as well."""
+    progress = Progress(
+        None, None, "j", total_units=2, total_bytes=6 * MiB, bytes_before=10 * MiB,  # type: ignore[arg-type]
+    )  # fmt: skip
+    for unit, (read, written) in enumerate([(4 * MiB, 3 * MiB), (2 * MiB, 0)]):
+        progress.add(
+            UnitResult(job_id="j", unit=unit, kind="migrate", disk="vda", worker="w", ok=True,
+                       bytes_read=read, bytes_written=written)
+        )  # fmt: skip
+    fields = progress.fields(published=2)
+    assert (fields["bytes_transferred"], fields["total_bytes"]) == (16 * MiB, 16 * MiB)
+    assert fields["completed_units"] == 2 and fields["eta_seconds"] is None
 
 
 def test_units_hold_at_most_their_bytes_and_cut_long_ranges() -> None:

@@ -304,7 +304,7 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
     async def restore_prepare(req: RestorePrepareRequest) -> RestorePrepared:
         entry = inv.entry(req.server_id)
         async with libvirt_errors(req.server_id):
-            return await restores.prepare(entry.host, req, inv.creds)
+            return await restores.prepare(entry.host, req, inv.creds, inv.installation)
 
     @bus.handle(InventoryCmd.RESTORE_FINISH, RestoreFinishRequest)
     async def restore_finish(req: RestoreFinishRequest) -> Ok:

@@ -21,8 +21,10 @@ domain tagged as started by an offline backup:
   untagged jobs were begun by someone else: they show as leftovers (``hasOverlay``) and
   ``cleanup`` removes them on request.
 
-The ``qemu-nbd`` exports of a migration's last delta (:mod:`.bitmap_exports`) are
-stopped by the same rule: those of this installation whose job is not active.
+The ``qemu-nbd`` exports of a migration's last delta (:mod:`.bitmap_exports`) and
+those restores write to (:mod:`.restore_leftovers`, with their temporary images) are
+stopped by the same rule: those of this installation whose job is not active. Restore
+exports of jobs still active are looked at again until their jobs have ended.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from nats.js.kv import KeyValue
 from virtbackup.contracts.buckets import vm_lock_key
 from virtbackup.contracts.v1.inventory import BackupEndRequest
 from virtbackup.contracts.v1.jobs import ACTIVE_STATES
-from virtbackup.inventory import backups, bitmap_exports, ownership
+from virtbackup.inventory import backups, bitmap_exports, ownership, restore_leftovers
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.runtime.errors import Conflict
 from virtbackup.virt import Connection, current_backup, end_backup, job_info, list_domains
@@ -204,6 +206,14 @@ async def reconcile(
         done += await bitmap_exports.reconcile(server, jobs, installation)
     except Exception:
         log.exception("stopping the bitmap exports nobody will stop on %s failed", server.id)
+    pending: set[str] = set()
+    try:
+        lines, pending = await restore_leftovers.reconcile(server, jobs, installation)
+        done += lines
+    except Exception:
+        log.exception("stopping the restore exports nobody will stop on %s failed", server.id)
     for line in done:
         log.warning("server %s: %s", server.id, line)
+    if pending:  # their jobs' own ends may still miss them: looked at until they end
+        done += await restore_leftovers.follow(server, jobs, installation, pending)
     return done

@@ -115,9 +115,14 @@ IO_MODES: tuple[tuple[str, ...], ...] = (
 #: benchmark machine, and its throughput doubled. The heap then holds what the requests
 #: in flight held at most (16 per connection), until the export stops.
 EXPORT_MALLOC = ("MALLOC_MMAP_THRESHOLD_=33554432", "MALLOC_TRIM_THRESHOLD_=1073741824")
-#: In a local export's private directory: qemu-nbd's pid file and its socket.
+#: In an export's private directory: qemu-nbd's pid file, its socket (a local
+#: server's), and who made it (:class:`ExportOwner`, JSON).
 EXPORT_PID = "qemu-nbd.pid"
 EXPORT_SOCKET = "nbd.sock"
+EXPORT_OWNER = "owner"
+#: The private directories of exports (``mktemp -d``; the server's /tmp, so that an
+#: inventory finds them again whatever its environment: :mod:`.restore_leftovers`).
+EXPORT_DIR_TEMPLATE = "/tmp/vbrestore.XXXXXXXX"  # noqa: S108 - mktemp -d: a new 0700 dir
 
 
 def temp_path(path: str, job_id: str) -> str:
@@ -377,13 +382,22 @@ async def _check_writable(
 
 
 async def prepare(
-    server: HostServer, req: RestorePrepareRequest, creds: ExportCredentials
+    server: HostServer,
+    req: RestorePrepareRequest,
+    creds: ExportCredentials,
+    installation: str = "",
 ) -> RestorePrepared:
     """Create each file disk's temporary image, open each block disk in place, and
     export each (``nbds://``, see the module docstring). Raises BadRequest (a path that
     is not absolute), Conflict (an image or export that cannot be made, a device that is
     missing or too small, or a server that cannot require client certificates); nothing
-    is left behind on failure."""
+    is left behind on failure.
+
+    Each export's private directory (``/tmp/vbrestore.XXXXXXXX``, 0700) holds an
+    ``owner`` file naming ``installation``, the server, the job and the temporary image,
+    written before the image is made: an inventory that connects to the server stops
+    the exports of jobs that are no longer active and removes their images
+    (:mod:`.restore_leftovers`), should the job's end never have come."""
     host = await server.host()
     tls_dir = await creds.install(server)
     if server.is_session:
@@ -399,7 +413,7 @@ async def prepare(
     try:
         for disk in req.disks:
             _check_path(disk)
-            targets.append(await _export(server, host, req.job_id, disk, tls_dir))
+            targets.append(await _export(server, host, req.job_id, disk, tls_dir, installation))
     except BaseException:
         await _teardown(host, req.job_id, targets, remove=True)
         raise
@@ -407,22 +421,25 @@ async def prepare(
 
 
 async def _export(
-    server: HostServer, host: Host, job_id: str, disk: RestoreDisk, tls_dir: str
+    server: HostServer, host: Host, job_id: str, disk: RestoreDisk, tls_dir: str, installation: str
 ) -> RestoreTarget:
     if disk.kind == "block":
         await _check_writable(server, host, disk, "", None)
         image, fresh = disk.path, False
     else:
         image, fresh = temp_path(disk.path, job_id), True
-    # A block device has nothing beside it to hold the pid file; a local export's
-    # socket goes into a private directory (see the module docstring).
-    private = disk.kind == "block" or server.is_local
-    pid = await _private_dir(host, disk) + "/" + EXPORT_PID if private else ""
+    # Every export has a private directory: its pid file, its owner file (who to ask
+    # whether it is still wanted) and, on a local server, its socket (see the module
+    # docstring); a block device has nothing beside it to hold them anyway.
+    owner = ExportOwner(
+        installation=installation, server_id=server.id, job_id=job_id,
+        image=image if disk.kind == "file" else "",
+    )  # fmt: skip
+    pid = await _private_dir(host, disk, owner) + "/" + EXPORT_PID
     target = RestoreTarget(
         target=disk.target, path=disk.path, temp_path=image, nbd_url="",
         format=disk.format, kind=disk.kind, fresh=fresh, pid_file=pid,
     )  # fmt: skip
-    pid = pid or pid_file(disk.path, job_id)
     try:
         if disk.kind == "file":
             try:
@@ -442,9 +459,31 @@ async def _export(
     return msgspec.structs.replace(target, nbd_url=url)
 
 
-async def _private_dir(host: Host, disk: RestoreDisk) -> str:
-    """A new directory only the inventory's user can enter (``mktemp -d``: mode 0700)."""
-    made = await host.run(["mktemp", "-d", "-t", "vbrestore.XXXXXXXX"], timeout=30)
+class ExportOwner(msgspec.Struct, rename="camel", omit_defaults=True):
+    """An export directory's ``owner`` file: who made it, for which job, and the
+    temporary image it serves (empty for a block device written in place)."""
+
+    installation: str
+    server_id: str = ""
+    job_id: str = ""
+    image: str = ""
+
+
+#: Makes a new directory only the login user can enter (``mktemp -d``: mode 0700) with
+#: the owner file ``$1`` in it (0600), and prints its path; nothing is left on failure.
+_MAKE_PRIVATE_DIR = (
+    'd=$(mktemp -d "$2") || exit 1; umask 077; '
+    'printf %s "$1" > "$d/owner" || { rm -rf -- "$d"; exit 1; }; printf %s "$d"'
+)
+
+
+async def _private_dir(host: Host, disk: RestoreDisk, owner: ExportOwner) -> str:
+    """A new private directory (:data:`EXPORT_DIR_TEMPLATE`) holding ``owner``."""
+    made = await host.run(
+        ["sh", "-c", _MAKE_PRIVATE_DIR, "private-dir", msgspec.json.encode(owner).decode(),
+         EXPORT_DIR_TEMPLATE],
+        timeout=30,
+    )  # fmt: skip
     if made.returncode != 0:
         raise Conflict(f"cannot make a directory for the export of {disk.path}: {made.stderr}")
     return made.stdout.strip()
@@ -508,9 +547,10 @@ async def _drop_pid_dir(host: Host, target: RestoreTarget) -> None:
     if target.pid_file:
         with contextlib.suppress(CommandFailed, VirtError, OSError):
             pid = target.pid_file
-            socket = posixpath.join(posixpath.dirname(pid), EXPORT_SOCKET)
-            await host.run(["rm", "-f", "--", pid, socket], timeout=30)
-            await host.run(["rmdir", "--", posixpath.dirname(pid)], timeout=30)
+            private = posixpath.dirname(pid)
+            files = [pid, *(posixpath.join(private, n) for n in (EXPORT_SOCKET, EXPORT_OWNER))]
+            await host.run(["rm", "-f", "--", *files], timeout=30)
+            await host.run(["rmdir", "--", private], timeout=30)
 
 
 #: Stops the exports whose pid files are the arguments and waits (up to 10 s) until each
@@ -548,11 +588,13 @@ async def _teardown(host: Host, job_id: str, targets: list[RestoreTarget], *, re
             await host.run(["sh", "-c", _STOP_EXPORTS, "stop-exports", *pids], timeout=30)
         with contextlib.suppress(CommandFailed, VirtError, OSError):
             await host.run(["rm", "-f", "--", *pids], timeout=30)
-    for target in exported:
-        await _drop_pid_dir(host, target)
     if remove:
+        # Before the directories: their owner files name the images, should this stop
+        # half way (an inventory that connects later removes what they name).
         for target in targets:
             await _remove_temp(host, target)
+    for target in exported:
+        await _drop_pid_dir(host, target)
 
 
 async def finish(server: HostServer, req: RestoreFinishRequest) -> None:

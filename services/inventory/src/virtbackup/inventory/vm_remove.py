@@ -7,9 +7,10 @@ deleted after that. Only what is the VM's alone is deleted: a disk of ``type='bl
 (an LVM volume, a partition), a network disk, a read-only or shareable one, or an image
 another domain of the server names (as a disk or in its backing chain, read from its
 images with ``qemu-img info --backing-chain``: a shut-off domain's XML shows none) is kept and
-said so; backing files below an image are never touched. An image that is a volume of
-a libvirt storage pool is deleted through the pool (the pool then knows), any other
-with ``rm`` on the server's host.
+said so; backing files below an image are never touched, and each one below the VM's
+own images (read from them the same way) is listed as kept, with why. An image that is
+a volume of a libvirt storage pool is deleted through the pool (the pool then knows),
+any other with ``rm`` on the server's host.
 """
 
 from __future__ import annotations
@@ -76,6 +77,25 @@ _CHAIN_SCRIPT = (
 )
 
 
+async def _backing_files(host: Host, image: str) -> list[str] | None:
+    """The backing files below ``image`` (absolute paths, nearest first), read from the
+    image; ``None`` when its chain cannot be read."""
+    done = await host.run(["sh", "-c", _CHAIN_SCRIPT, "sh", image], timeout=60)
+    if done.returncode != 0:
+        return None
+    try:
+        chain = msgspec.json.decode(done.stdout or "[]", type=list[dict[str, object]])
+    except msgspec.DecodeError:
+        return None
+    found: list[str] = []
+    for layer in chain:
+        for key in ("full-backing-filename", "backing-filename"):
+            backing = layer.get(key)
+            if isinstance(backing, str) and backing.startswith("/") and backing not in found:
+                found.append(backing)
+    return found
+
+
 async def _backing_chains(host: Host, used: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     """``(path -> domain, unreadable)``: the backing files below the images of ``used``
     (path -> the domain naming it), read from the images: the XML of a shut-off domain
@@ -86,20 +106,12 @@ async def _backing_chains(host: Host, used: dict[str, str]) -> tuple[dict[str, s
     for path, owner in sorted(used.items()):
         if not path.startswith("/"):
             continue
-        done = await host.run(["sh", "-c", _CHAIN_SCRIPT, "sh", path], timeout=60)
-        if done.returncode != 0:
+        chain = await _backing_files(host, path)
+        if chain is None:
             unreadable.append(f"{path} (vm {owner})")
             continue
-        try:
-            chain = msgspec.json.decode(done.stdout or "[]", type=list[dict[str, object]])
-        except msgspec.DecodeError:
-            unreadable.append(f"{path} (vm {owner})")
-            continue
-        for image in chain:
-            for key in ("full-backing-filename", "backing-filename"):
-                backing = image.get(key)
-                if isinstance(backing, str) and backing.startswith("/"):
-                    below.setdefault(backing, owner)
+        for backing in chain:
+            below.setdefault(backing, owner)
     return below, unreadable
 
 
@@ -127,6 +139,7 @@ async def _plan(
         used.setdefault(backing, owner)
     delete: list[tuple[str, object | None]] = []
     kept: list[str] = []
+    backing_kept: dict[str, str] = {}  # a backing file of the VM's images -> the image
     for disk in _parse(xml).findall("./devices/disk"):
         if disk.get("device", "disk") != "disk":
             continue  # CD-ROMs, floppies, LUNs: media and devices, not the VM's images
@@ -151,6 +164,8 @@ async def _plan(
         if not path:
             kept.append(f"{name}: its path cannot be found")
             continue
+        for backing in await _backing_files(host, path) or []:
+            backing_kept.setdefault(backing, path)
         if path in used:
             kept.append(f"{path}: vm {used[path]} uses it too")
             continue
@@ -161,6 +176,12 @@ async def _plan(
             )
             continue
         delete.append((path, volume))
+    # Below the VM's images: never deleted, even when it is another disk of the VM.
+    delete = [(path, volume) for path, volume in delete if path not in backing_kept]
+    listed = {entry.split(": ", 1)[0] for entry in kept}
+    for backing, image in backing_kept.items():
+        if backing not in listed:
+            kept.append(f"{backing}: the backing file of {image}: backing files are never deleted")
     return delete, kept
 
 

@@ -191,21 +191,28 @@ class JobContext:
         lock_vm: bool = False,
         run: Callable[[JobContext, Job], Any] | None = None,
         job_id: str | None = None,
+        under: str | None = None,
     ) -> Job:
         """Create a job and start running it here; ``Conflict`` when ``lock_vm`` and the
         VM has an active backup or restore (the message names that job). ``job_id``: an
         id from ``new_id`` the caller made beforehand (to claim something in its name),
-        else a new one."""
+        else a new one. ``under``: the job (a migration) this one is part of; when the
+        VM's lock names it, this job runs under that lock (it neither takes nor releases
+        it), else it takes the lock as any job does."""
         self.jobs  # noqa: B018 - Unavailable until the index is loaded, and while stopping
         job_id = job_id or new_id()
         # Claimed here before the record exists, so that this instance's sweep never
         # takes the new job for one whose run died.
         self.runs[job_id] = LocalRun()
         folder = point_folder_lock(job_type, destination_id, vm_name) if lock_vm else None
+        holder = job_id
         try:
             if lock_vm:
                 assert server_id and vm_name
-                await self.locks.acquire(server_id, vm_name, job_id, job_type)
+                if under and await self.locks.holds(server_id, vm_name, under):
+                    holder = under  # part of the job that holds the VM: under its lock
+                else:
+                    await self.locks.acquire(server_id, vm_name, job_id, job_type)
             if folder is not None:
                 try:
                     what = f"the folder of vm {vm_name} in destination {destination_id}"
@@ -247,7 +254,7 @@ class JobContext:
             lock_vm
             and server_id
             and vm_name
-            and not await self.locks.holds(server_id, vm_name, job_id)
+            and not await self.locks.holds(server_id, vm_name, holder)
         ):
             # Stalled past the lock's grace between the lock and the record: another
             # job may have the VM now. Never run two.
@@ -400,9 +407,12 @@ class JobContext:
         on_result: Callable[[UnitResult], None],
         *,
         pinned_worker: str | None = None,
+        bytes_before: int = 0,
     ) -> Progress:
         """Publish ``units`` and wait for all of them, updating the job's progress;
-        ``pinned_worker``: the only transfer worker (its ``VB_WORKERS`` key) to read them.
+        ``pinned_worker``: the only transfer worker (its ``VB_WORKERS`` key) to read them;
+        ``bytes_before``: bytes earlier steps of the job transferred (shown in its
+        ``bytes_transferred`` and ``total_bytes`` with this step's).
 
         Raises ``JobCanceled`` or ``UnitFailed``; the job's queued units are purged then.
         """
@@ -414,8 +424,9 @@ class JobContext:
             pinned_worker=pinned_worker,
         )
         progress = Progress(
-            self.store, self.bus, job_id, total_units=len(units), total_bytes=total_bytes
-        )
+            self.store, self.bus, job_id, total_units=len(units), total_bytes=total_bytes,
+            bytes_before=bytes_before,
+        )  # fmt: skip
         await tracker.open()
         try:
             await progress.write(0, force=True)

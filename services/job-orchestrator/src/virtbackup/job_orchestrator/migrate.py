@@ -306,10 +306,23 @@ async def submit_migration(jc: JobContext, definition: JobDefinition) -> JobSubm
 
         return await submit_via(jc, definition)
     server_id, vm, params = await check_migration(jc, definition)
-    # The target's name is held too (the lock a restore there takes), so that two
-    # migrations (or a restore) onto one name cannot both pass the check above: the
-    # second one's images and definition would replace the first one's at its cut-over.
-    # Released when the job ends (``JobContext.finish``).
+    return await submit_holding_target(jc, server_id, vm, params)
+
+
+async def submit_holding_target(
+    jc: JobContext, server_id: str, vm: str, params: dict[str, Any]
+) -> JobSubmitResult:
+    """Create the migration job of checked ``params`` (``check_migration``) holding the
+    source VM and the target's name (``Conflict`` naming ``options.vm_name`` and the job
+    that holds it, or naming the source VM's job).
+
+    The target's name is held too (the lock a restore there takes), so that two
+    migrations (direct or through a destination), or a restore, onto one name cannot
+    both pass the checks: the second one's images and definition would replace the
+    first one's at its cut-over, or (through a destination) its restore would fail once
+    its source had stopped. Held from the submit until the job ends
+    (``JobContext.finish`` releases it); a migration's own restore job runs under it
+    (``JobContext.submit``'s ``under``)."""
     job_id = new_id()
     target, name = params["targetServerId"], params.get("targetVmName") or vm
     what = f"options.vm_name: vm {name} on server {target}"
@@ -507,6 +520,8 @@ class Migration:
     #: The number of the next unit: units are numbered across passes (a unit number is
     #: its message id in the work stream, which drops a repeated one).
     next_unit: int = 0
+    #: Bytes the passes so far copied (the job's progress).
+    copied: int = 0
 
     @property
     def source(self) -> str:
@@ -528,6 +543,15 @@ class Migration:
 async def _record(jc: JobContext, m: Migration, **changes: Any) -> None:
     m.result.update(changes)
     await update_job(jc.store, jc.bus, m.job.id, {"result": dict(m.result)})
+
+
+async def record_completed(jc: JobContext, m: Migration, copied: int, **changes: Any) -> None:
+    """Record the result of a migration that succeeded (``stage: completed``, ``bytesCopied``
+    and ``changes``), its progress showing every byte it ``copied`` of as many
+    (``bytes_transferred`` = ``total_bytes``: 100 %)."""
+    m.result.update(stage="completed", bytesCopied=copied, **changes)
+    progress = {"result": dict(m.result), "bytes_transferred": copied, "total_bytes": copied}
+    await update_job(jc.store, jc.bus, m.job.id, progress)
 
 
 async def _begin(
@@ -608,11 +632,13 @@ def _pass_ranges(disk: DiskExport, *, first: bool, incremental: bool) -> list[tu
 async def _copy(
     jc: JobContext, m: Migration, begun: BackupBegun, *, first: bool
 ) -> tuple[int, float]:
-    """One pass: bytes copied and seconds taken."""
+    """One pass: bytes copied and seconds taken. The job's progress counts the bytes of
+    every pass so far (``bytes_transferred`` of ``total_bytes``)."""
     units, total = _units(m, begun, first=first)
     started = time.monotonic()
     if units:
-        await jc.run_units(m.job.id, units, total, lambda _: None)
+        await jc.run_units(m.job.id, units, total, lambda _: None, bytes_before=m.copied)
+    m.copied += total
     return total, time.monotonic() - started
 
 
@@ -892,9 +918,9 @@ async def _migrate(jc: JobContext, m: Migration) -> str:
         await _record(jc, m, sourceRemoval=removal)
         notes.append(line)
     total = sum(p["bytes"] for p in passes)
-    await _record(
-        jc, m, stage="completed", passes=passes, bytesCopied=total, downtimeSeconds=downtime,
-        sourceShutdown=how, cutoverSeconds=steps, checkpoints=list(m.checkpoints),
+    await record_completed(
+        jc, m, total, passes=passes, downtimeSeconds=downtime, sourceShutdown=how,
+        cutoverSeconds=steps, checkpoints=list(m.checkpoints),
         shutdownSeconds=round(stopped - asked, 3),
     )  # fmt: skip
     text = (

@@ -25,7 +25,9 @@ it):
 The points stay in D as ordinary restore points (``result.points``); their checkpoints
 stay on the source, which stays defined and shut off. While the migration runs it holds
 the source VM's lock and its folder in D (``locks.point_folder_lock``), so no other
-backup of the VM, or into that folder, runs in between.
+backup of the VM, or into that folder, runs in between; and, from its submit, the
+target's name (as a direct migration does: ``migrate.submit_holding_target``), under
+which its restore job runs.
 
 ``result``: ``stage``, ``pass``, ``dirtyBytes``, ``passes`` (per pass: ``bytes``,
 ``seconds``, ``jobId``, ``timestamp``, ``kind``; the offline one ``offline: true``),
@@ -50,7 +52,7 @@ import msgspec
 
 from virtbackup.contracts.v1.common import shown
 from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job, JobCancelRequest, RestoreRequest
-from virtbackup.contracts.v1.schedules import JobDefinition, JobSubmitResult, JobTarget
+from virtbackup.contracts.v1.schedules import JobDefinition, JobSubmitResult
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.locks import point_folder_lock
@@ -60,8 +62,10 @@ from virtbackup.job_orchestrator.migrate import (
     _shut_down_source,
     _undo,
     check_migration,
+    record_completed,
     recover_migration,
     run_migration,
+    submit_holding_target,
 )
 from virtbackup.job_orchestrator.point_lookup import open_point
 from virtbackup.job_orchestrator.progress import update_job
@@ -129,11 +133,9 @@ async def submit_via(jc: JobContext, definition: JobDefinition) -> JobSubmitResu
         raise BadRequest(f"destination.{VIA_FIELD}: destination {via} is disabled")
     await _check_writable(jc, via)
     params[VIA_PARAM] = via
-    job = await jc.submit(
-        "migration", server_id=server_id, vm_name=vm, params=params, lock_vm=True,
-        run=_run_from_submit,
-    )  # fmt: skip
-    return JobSubmitResult(job_ids=[job.id], targets=[JobTarget(server_id=server_id, vm_name=vm)])
+    # The target's name is held from here to the job's end, as a direct migration's
+    # is: its restore job (at the cut-over) runs under that hold.
+    return await submit_holding_target(jc, server_id, vm, params)
 
 
 async def _check_writable(jc: JobContext, via: str) -> None:
@@ -157,12 +159,6 @@ async def _check_writable(jc: JobContext, via: str) -> None:
         ) from None
     finally:
         await repo.close()
-
-
-async def _run_from_submit(jc: JobContext, job: Job) -> None:
-    from virtbackup.job_orchestrator.runner import execute
-
-    await execute(jc, job)
 
 
 class _Via:
@@ -252,9 +248,9 @@ async def _migrate_via(jc: JobContext, v: _Via) -> str:
     started = bool(params.get("startOnTarget", True))
     steps["running" if started else "restored"] = downtime
     total = sum(p["bytes"] for p in passes)
-    await _record(
-        jc, m, stage="completed", passes=passes, bytesCopied=total, downtimeSeconds=downtime,
-        sourceShutdown=how, cutoverSeconds=steps,
+    await record_completed(
+        jc, m, total, passes=passes, downtimeSeconds=downtime, sourceShutdown=how,
+        cutoverSeconds=steps,
     )  # fmt: skip
     as_name = f" as {m.target_name}" if m.target_name != m.vm else ""
     return (
@@ -369,9 +365,12 @@ async def _restore(jc: JobContext, v: _Via, timestamp: str) -> str:
     # Recorded first: whoever ends this migration looks at what the restore did.
     await _record(jc, m, childJobIds=list(v.children), restoreJobId=job_id)
     await jc.message(m.job.id, f"cutover: restoring {timestamp} onto server {m.target}")
+    # Under the migration's hold of the target's name (taken at its submit): a lock of
+    # its own would collide with it.
     await jc.submit(
         "restore", server_id=m.target, vm_name=target_name(point, restore),
         destination_id=dest_id, params=restore, lock_vm=True, run=execute, job_id=job_id,
+        under=m.job.id,
     )  # fmt: skip
     ended = await _await(jc, v, job_id, cancelable=False)
     if ended.state != "success":

@@ -20,7 +20,10 @@ UPDATE_EVERY = 0.5
 @dataclass
 class Progress:
     """Counts what the units did: ``bytes_transferred`` is bytes read from or written to
-    the VM's disks, ``physical_bytes`` bytes written to or read from the destination."""
+    the VM's disks (a migration's: bytes copied from the source's disks to the
+    target's), ``physical_bytes`` bytes written to or read from the destination.
+    ``bytes_before``: bytes an earlier step of the job transferred (a migration's earlier
+    passes), added to the job's ``bytes_transferred`` and ``total_bytes``."""
 
     store: JobStore
     bus: Bus
@@ -30,6 +33,7 @@ class Progress:
     completed_units: int = 0
     bytes_transferred: int = 0
     physical_bytes: int = 0
+    bytes_before: int = 0
     started: float = field(default_factory=time.monotonic)
     last_write: float = 0.0
 
@@ -41,6 +45,9 @@ class Progress:
         elif result.kind == "restore":
             self.bytes_transferred += result.bytes_written
             self.physical_bytes += result.bytes_read
+        elif result.kind == "migrate":  # read from one VM disk, written to another
+            self.bytes_transferred += result.bytes_read
+            self.physical_bytes += result.bytes_read
         else:
             self.physical_bytes += result.bytes_read
 
@@ -51,8 +58,8 @@ class Progress:
         return {
             "total_units": self.total_units,
             "completed_units": self.completed_units,
-            "bytes_transferred": self.bytes_transferred,
-            "total_bytes": self.total_bytes,
+            "bytes_transferred": self.bytes_before + self.bytes_transferred,
+            "total_bytes": self.bytes_before + self.total_bytes,
             "speed_bytes_per_sec": round(speed, 1),
             "physical_bytes": self.physical_bytes,
             "physical_speed_bytes_per_sec": round(self.physical_bytes / elapsed, 1),

@@ -249,6 +249,7 @@ async def run_restore(jc: JobContext, job: Job) -> str:
         )
         # Recorded at once, so that whoever ends this job can remove the images.
         await _record_targets(jc, job, prepared.disks)
+        await jc._hold("restore:prepared")  # tests stop the system here
         success = False
         state: list[StagedState] = []  # NVRAM, TPM state: staged, moved at the finish
         try:
