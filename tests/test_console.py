@@ -9,6 +9,7 @@ the module's temporary directory (``console-shots``)."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from harness import System, local_config, running_system
 
 from virtbackup.testing.images import create_image
+from virtbackup.testing.receiver import Receiver
 from virtbackup.testing.vms import build_vm_xml, guest_write, remove_vm
 from virtbackup.virt import Connection
 
@@ -248,6 +250,173 @@ async def test_prune_dry_run_is_shown_and_deletes_nothing(
     assert len(points) == 1
 
 
+# ---- the rest of the pages: servers, destinations, schedules, webhooks, users, audit ----
+
+
+async def test_servers_show_state_and_vm_actions_and_a_server_is_added_and_removed(
+    admin: Any, system: System, vm: str, shots: Path
+) -> None:
+    await admin.goto(f"{system.url}/ui/servers")
+    card = admin.locator('article[data-server="local"]')
+    row = card.locator(f'tr[data-vm="{vm}"]')
+    await row.locator("td.power", has_text="running").wait_for()
+    assert await card.locator(".state-success", has_text="reachable").count() == 1
+    await admin.locator("section", has_text="Definition drift").wait_for()
+    await admin.screenshot(path=str(shots / "servers.png"), full_page=True)
+    # Power off, then start: each is the API's action, and the state follows.
+    await row.get_by_role("button", name="Power off").click()
+    await row.locator("td.power", has_text="shutoff").wait_for(timeout=WAIT_MS)
+    await row.get_by_role("button", name="Start").click()
+    await row.locator("td.power", has_text="running").wait_for(timeout=WAIT_MS)
+    # Add a server (this host's libvirt again, under another id), then remove it.
+    form = admin.locator("#add-server")
+    await form.locator("input[name=id]").fill("local")
+    await form.get_by_role("button", name="Add server").click()
+    await form.locator('[data-error-for="id"]').filter(has_text="exists").wait_for()
+    await form.locator("input[name=id]").fill("spare")
+    await form.get_by_role("button", name="Add server").click()
+    spare = admin.locator('article[data-server="spare"]')
+    await spare.locator(f'tr[data-vm="{vm}"]').wait_for()
+    admin.once("dialog", lambda dialog: dialog.accept())
+    await spare.get_by_role("button", name="Remove server").click()
+    await spare.wait_for(state="detached")
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        config = (await api.get("/config")).json()
+    assert [s["id"] for s in config["servers"]] == ["local"]
+
+
+async def test_a_destination_is_added_and_tested_from_its_form(
+    admin: Any, system: System, vm: str, shots: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    base = tmp_path_factory.mktemp("console-second")
+    await admin.goto(f"{system.url}/ui/destinations")
+    form = admin.locator("#add-destination")
+    path_error = form.locator('[data-error-for="path"]')
+    await form.locator("input[name=id]").fill("second")
+    # A system directory: the API's refusal (400 naming the destination's path) is
+    # shown at the path field.
+    await form.locator("input[name=path]").fill("/etc/virtbackup")
+    await form.get_by_role("button", name="Add and test").click()
+    await path_error.filter(has_text="system directory").wait_for()
+    # A directory that is not there: the API's test fails, said at the field, and the
+    # destination is not kept.
+    await form.locator("input[name=path]").fill(str(base / "missing"))
+    await form.get_by_role("button", name="Add and test").click()
+    await path_error.filter(has_text="does not exist").wait_for()
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        for _ in range(50):
+            ids = [d["id"] for d in (await api.get("/config")).json()["destinations"]]
+            if ids == ["fs"]:
+                break
+            await admin.wait_for_timeout(100)
+        assert ids == ["fs"]
+    await form.locator("input[name=path]").fill(str(base))
+    await form.get_by_role("button", name="Add and test").click()
+    await admin.locator("#add-destination-test", has_text="reachable").wait_for()
+    second = admin.locator('article[data-destination="second"]')  # the page reloads
+    await second.locator("dd.dedup").wait_for()
+    # Statistics of the destination that holds the VM's point: figures and the plot.
+    fs = admin.locator('article[data-destination="fs"]')
+    plot = fs.locator("svg.plot")
+    await plot.wait_for()
+    label = await plot.get_attribute("aria-label") or ""
+    assert re.fullmatch(r"logical [1-9][\d.]* \S+, stored [1-9][\d.]* \S+ over 1 points", label), (
+        label
+    )
+    assert await plot.locator("path.logical").count() == 1
+    assert await plot.locator("path.stored").count() == 1
+    assert (await fs.locator("dd.dedup").inner_text()).endswith("x")
+    await admin.screenshot(path=str(shots / "destinations-stats.png"), full_page=True)
+    # GC starts a job, followed to its end.
+    await fs.get_by_role("button", name="GC").click()
+    await fs.locator(".job-status .state", has_text="success").wait_for(timeout=WAIT_MS)
+
+
+async def test_a_schedule_is_added_and_run_now(
+    admin: Any, system: System, vm: str, shots: Path
+) -> None:
+    await admin.goto(f"{system.url}/ui/schedules")
+    form = admin.locator("#add-schedule")
+    await form.locator("input[name=name]").fill("nightly")
+    await form.locator("input[name=vmPath]").fill(vm)
+    # Every minute is more often than the minimum interval: the API's refusal, at the field.
+    await form.locator("input[name=schedule]").fill("* * * * *")
+    await form.get_by_role("button", name="Add schedule").click()
+    await form.locator('[data-error-for="schedule"]').filter(has_text="apart").wait_for()
+    await form.locator("input[name=schedule]").fill("0 3 * * *")
+    await form.get_by_role("button", name="Add schedule").click()
+    row = admin.locator('tr[data-schedule="nightly"]')  # the page reloads
+    await row.locator("td.enabled", has_text="yes").wait_for()
+    await row.get_by_role("button", name="Run now").click()
+    status = admin.locator("#schedule-status")
+    await status.locator(".state", has_text="success").wait_for(timeout=WAIT_MS)
+    await admin.screenshot(path=str(shots / "schedules.png"), full_page=True)
+    await row.get_by_role("button", name="Disable").click()
+    await admin.locator('tr[data-schedule="nightly"] td.enabled', has_text="no").wait_for()
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        items = (await api.get("/api/v1/task/schedulers")).json()["items"]
+        points = (await api.get("/api/v1/restore-points", params={"vmName": vm})).json()
+    (nightly,) = [s for s in items if s["name"] == "nightly"]
+    assert nightly["enabled"] is False and nightly["runCount"] == 1
+    assert nightly["jobTemplate"]["vmPath"] == f"local/{vm}"
+    assert len(points) == 2  # the run's backup
+
+
+async def test_a_webhook_is_added_and_tested_against_a_local_receiver(
+    admin: Any, system: System, vm: str, shots: Path
+) -> None:
+    async with Receiver() as rx:
+        await admin.goto(f"{system.url}/ui/webhooks")
+        form = admin.locator("#add-webhook")
+        await form.locator("input[name=url]").fill("ftp://127.0.0.1/hook")
+        await form.get_by_role("button", name="Add webhook").click()
+        await form.locator('[data-error-for="url"]').filter(has_text="url").wait_for()
+        await form.locator("input[name=url]").fill(f"{rx.url}/hook")
+        await form.get_by_role("button", name="Add webhook").click()
+        row = admin.locator(f'tr[data-webhook="{rx.url}/hook"]')  # the page reloads
+        await row.get_by_role("button", name="Test").click()
+        await row.locator(".test-result.ok", has_text="test webhook sent").wait_for()
+        (received,) = await rx.wait_for("/hook", 1, timeout=15)
+        assert received.headers["x-virtbackup-event"] == "test"
+        await admin.screenshot(path=str(shots / "webhooks.png"), full_page=True)
+
+
+async def test_a_user_is_added_and_the_audit_log_shows_the_changes(
+    admin: Any, system: System, vm: str, shots: Path
+) -> None:
+    await admin.goto(f"{system.url}/ui/users")
+    form = admin.locator("#add-user")
+    await form.locator("input[name=username]").fill("olga")
+    await form.locator("input[name=password]").fill("short")
+    await form.locator("select[name=roles]").select_option("operator")
+    await form.get_by_role("button", name="Add user").click()
+    await form.locator('[data-error-for="password"]').filter(has_text="password").wait_for()
+    await form.locator("input[name=password]").fill("a third long passphrase")
+    await form.get_by_role("button", name="Add user").click()
+    await admin.locator('tr[data-user="olga"]', has_text="operator").wait_for()
+    await admin.goto(f"{system.url}/ui/audit")
+    log = admin.locator("main table")
+    await log.wait_for()
+    for path in (
+        "/api/v1/admin/sys/users",
+        "/config",
+        "/api/v1/task/schedulers",
+        "/api/v1/webhooks",
+        "/api/v1/webhooks/test",
+        "/servers/local/actions",
+    ):
+        row = log.locator(f'tr[data-method="POST"][data-path="{path}"]')
+        assert await row.count() >= 1, path
+        assert ADMIN[0] in await row.first.inner_text()
+    await admin.screenshot(path=str(shots / "audit.png"), full_page=True)
+
+
 async def test_a_viewer_sees_no_action_and_the_api_refuses_them(
     browser: Any, system: System, vm: str, shots: Path
 ) -> None:
@@ -297,6 +466,36 @@ async def test_the_agent_token_logs_in(browser: Any, system: System, vm: str) ->
         await page.wait_for_url(f"{system.url}/ui/")
         await page.locator(f'tr[data-vm="{vm}"]').wait_for()
         assert await page.locator("#who").inner_text() == "token"
+    finally:
+        await page.context.close()
+
+
+async def test_the_new_pages_fit_a_phone_and_a_viewer_sees_no_action_there(
+    browser: Any, system: System, vm: str, shots: Path
+) -> None:
+    page = await new_page(browser, 390, 844)
+    try:
+        await log_in(page, system, *VIEWER)
+        # The users and audit pages are not offered to a viewer (the API refuses them too).
+        assert await page.locator('nav a[href="/ui/audit"]').count() == 0
+        assert await page.locator('nav a[href="/ui/users"]').count() == 0
+        for path, ready in (
+            ("/ui/servers", f'article[data-server="local"] tr[data-vm="{vm}"]'),
+            ("/ui/destinations", 'article[data-destination="fs"] svg.plot'),
+            ("/ui/schedules", 'tr[data-schedule="nightly"]'),
+            ("/ui/webhooks", "tr[data-webhook]"),
+            ("/ui/agents", "tr[data-agent]"),
+            (f"/ui/vm?server=local&vm={vm}", "#drift p"),
+        ):
+            await page.goto(f"{system.url}{path}")
+            await page.locator(ready).first.wait_for()
+            assert await page.locator("main button").count() == 0, path
+            assert await page.locator("main form").count() == 0, path
+            fits = "document.documentElement.scrollWidth <= window.innerWidth"
+            assert await page.evaluate(fits), path  # no horizontal scroll
+        await page.screenshot(path=str(shots / "vm-phone.png"), full_page=True)
+        await page.goto(f"{system.url}/ui/audit")
+        await page.locator("main .error", has_text="forbidden").wait_for()
     finally:
         await page.context.close()
 
