@@ -1,10 +1,15 @@
 """The web console (``/ui``) in headless Chromium (Debian's, driven by Playwright) against
 one real running system (real services, libvirtd/QEMU, a filesystem destination) and one
 64 MiB VM: log in, see the VM, back it up and watch the progress reach 100%, see the
-point, restore it under a new name, run a prune dry run; a viewer sees no action button
-and the API refuses them anyway; a cookie session's change without the CSRF header is
-refused. The tests build on each other, in order. Screenshots of the main pages go to
-the module's temporary directory (``console-shots``)."""
+point, restore it under a new name, run a prune dry run; power the VM off and on, add
+and remove a server; add a destination from its form (a bad path shown at the field),
+see its statistics and plot, run a GC; add a schedule and run it now; mount a disk of a
+point (instant access) and unmount it; rerun a job; add a webhook and test it against a
+local receiver; add a user and find these changes in the audit log; a viewer sees no
+action button (also on a phone-sized screen, without horizontal scrolling) and the API
+refuses them anyway; a cookie session's change without the CSRF header is refused. The
+tests build on each other, in order. Screenshots of the main pages go to the module's
+temporary directory (``console-shots``)."""
 
 from __future__ import annotations
 
@@ -262,7 +267,7 @@ async def test_servers_show_state_and_vm_actions_and_a_server_is_added_and_remov
     await row.locator("td.power", has_text="running").wait_for()
     assert await card.locator(".state-success", has_text="reachable").count() == 1
     await admin.locator("section", has_text="Definition drift").wait_for()
-    await admin.screenshot(path=str(shots / "servers.png"), full_page=True)
+    await admin.screenshot(path=str(shots / "servers.png"))
     # Power off, then start: each is the API's action, and the state follows.
     await row.get_by_role("button", name="Power off").click()
     await row.locator("td.power", has_text="shutoff").wait_for(timeout=WAIT_MS)
@@ -330,7 +335,7 @@ async def test_a_destination_is_added_and_tested_from_its_form(
     assert await plot.locator("path.logical").count() == 1
     assert await plot.locator("path.stored").count() == 1
     assert (await fs.locator("dd.dedup").inner_text()).endswith("x")
-    await admin.screenshot(path=str(shots / "destinations-stats.png"), full_page=True)
+    await fs.screenshot(path=str(shots / "destination-stats.png"))
     # GC starts a job, followed to its end.
     await fs.get_by_role("button", name="GC").click()
     await fs.locator(".job-status .state", has_text="success").wait_for(timeout=WAIT_MS)
@@ -354,7 +359,7 @@ async def test_a_schedule_is_added_and_run_now(
     await row.get_by_role("button", name="Run now").click()
     status = admin.locator("#schedule-status")
     await status.locator(".state", has_text="success").wait_for(timeout=WAIT_MS)
-    await admin.screenshot(path=str(shots / "schedules.png"), full_page=True)
+    await admin.screenshot(path=str(shots / "schedules.png"))
     await row.get_by_role("button", name="Disable").click()
     await admin.locator('tr[data-schedule="nightly"] td.enabled', has_text="no").wait_for()
     async with httpx.AsyncClient(
@@ -366,6 +371,54 @@ async def test_a_schedule_is_added_and_run_now(
     assert nightly["enabled"] is False and nightly["runCount"] == 1
     assert nightly["jobTemplate"]["vmPath"] == f"local/{vm}"
     assert len(points) == 2  # the run's backup
+
+
+async def test_instant_access_mounts_a_disk_shows_how_to_attach_it_and_unmounts(
+    admin: Any, system: System, vm: str, shots: Path
+) -> None:
+    await admin.goto(f"{system.url}/ui/vm?server=local&vm={vm}")
+    form = admin.locator("#mount")
+    await form.locator("select[name=disk]").wait_for()
+    assert await form.locator("select[name=disk] option").all_inner_texts() == ["vda (64.0 MiB)"]
+    await form.locator("input[name=ttlSeconds]").fill("90000")
+    await form.get_by_role("button", name="Mount").click()
+    await form.locator('[data-error-for="ttlSeconds"]').filter(has_text="86400").wait_for()
+    await form.locator("input[name=ttlSeconds]").fill("600")
+    await form.get_by_role("button", name="Mount").click()
+    url = await admin.locator("#export-result code.nbd-url").inner_text()
+    assert re.fullmatch(r"nbds://[\w.]+:\d+/vda", url), url
+    how = await admin.locator("#export-result pre.attach").inner_text()
+    assert "qemu-nbd -r -c /dev/nbd0" in how and "PRIVATE KEY" in how and "umask 077" in how
+    row = admin.locator("#exports tr[data-export]", has_text=url)
+    await row.locator(".export-state", has_text="active").wait_for()
+    await admin.locator("section", has=form).screenshot(path=str(shots / "instant-access.png"))
+    await row.get_by_role("button", name="Unmount").click()
+    await row.locator(".export-state", has_text="stopped").wait_for()
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        exports = (await api.get("/restore/exports")).json()
+    assert [e["state"] for e in exports if e["nbdUrl"] == url] == ["stopped"]
+
+
+async def test_a_finished_job_is_rerun_from_the_jobs_page(
+    admin: Any, system: System, vm: str
+) -> None:
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        jobs = (await api.get("/jobs")).json()
+        done = [j for j in jobs if j["type"] == "backup" and j["state"] == "success"]
+        await admin.goto(f"{system.url}/ui/jobs")
+        row = admin.locator(f'tr[data-row="{done[0]["id"]}"]')
+        await row.get_by_role("button", name="Rerun").click()
+        link = row.locator("a.rerun-of")
+        await link.wait_for()
+        new_id = (await link.get_attribute("href") or "#")[1:]
+        new_row = admin.locator(f'tr[data-row="{new_id}"]')
+        await new_row.locator(".state", has_text="success").wait_for(timeout=WAIT_MS)
+        job = (await api.get(f"/jobs/{new_id}")).json()
+    assert job["type"] == "backup" and job["vmName"] == vm
 
 
 async def test_a_webhook_is_added_and_tested_against_a_local_receiver(
@@ -384,7 +437,7 @@ async def test_a_webhook_is_added_and_tested_against_a_local_receiver(
         await row.locator(".test-result.ok", has_text="test webhook sent").wait_for()
         (received,) = await rx.wait_for("/hook", 1, timeout=15)
         assert received.headers["x-virtbackup-event"] == "test"
-        await admin.screenshot(path=str(shots / "webhooks.png"), full_page=True)
+        await admin.screenshot(path=str(shots / "webhooks.png"))
 
 
 async def test_a_user_is_added_and_the_audit_log_shows_the_changes(
@@ -414,7 +467,7 @@ async def test_a_user_is_added_and_the_audit_log_shows_the_changes(
         row = log.locator(f'tr[data-method="POST"][data-path="{path}"]')
         assert await row.count() >= 1, path
         assert ADMIN[0] in await row.first.inner_text()
-    await admin.screenshot(path=str(shots / "audit.png"), full_page=True)
+    await admin.screenshot(path=str(shots / "audit.png"))
 
 
 async def test_a_viewer_sees_no_action_and_the_api_refuses_them(
@@ -493,7 +546,8 @@ async def test_the_new_pages_fit_a_phone_and_a_viewer_sees_no_action_there(
             assert await page.locator("main form").count() == 0, path
             fits = "document.documentElement.scrollWidth <= window.innerWidth"
             assert await page.evaluate(fits), path  # no horizontal scroll
-        await page.screenshot(path=str(shots / "vm-phone.png"), full_page=True)
+            if path == "/ui/destinations":
+                await page.screenshot(path=str(shots / "destinations-phone.png"), full_page=True)
         await page.goto(f"{system.url}/ui/audit")
         await page.locator("main .error", has_text="forbidden").wait_for()
     finally:

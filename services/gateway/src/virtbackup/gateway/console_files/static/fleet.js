@@ -88,7 +88,8 @@ async function drawVms(server, slot) {
       h("td", {}, h("a", { href }, vm.name)),
       h("td", { class: "power" }, vm.powerState || ""),
       h("td", {}, hasOverlay ? h("span", { class: "tag" }, "leftovers") : ""),
-      h("td", { class: "actions" }, can("vms:control") ? ACTIONS.map(([action, label]) =>
+      h("td", { class: "actions" }, can("vms:control") ? ACTIONS.filter(([action]) =>
+        (action === "start") !== (vm.powerState === "running" || vm.powerState === "paused")).map(([action, label]) =>
         h("button", { type: "button", class: "small", dataset: { action }, onclick: async () => {
           note.textContent = "";
           try {
@@ -150,8 +151,9 @@ function s(tag, attrs = {}, ...children) {
   return node;
 }
 
-/** An inline SVG: the destination's logical and stored bytes, summed over its restore
- * points by time (each point's own figures: what it holds and what it added). */
+/** An inline SVG: the bytes the destination's restore points hold (logical: their disks)
+ * and the bytes their backups stored, each summed over the points by time, on a log
+ * scale (stored is often thousands of times smaller). */
 export function usagePlot(points) {
   const sorted = points.filter((p) => p.state !== "unreadable" && Number.isFinite(pointTime(p.timestamp)))
     .sort((a, b) => pointTime(a.timestamp) - pointTime(b.timestamp));
@@ -163,22 +165,26 @@ export function usagePlot(points) {
     stored += Number(p.storedBytes) || 0;
     return { t: pointTime(p.timestamp), logical, stored };
   });
-  const W = 360; const H = 140; const L = 8; const B = 18;
+  const W = 360; const H = 150; const L = 8; const T = 22; const B = 18;
   const t0 = series[0].t; const t1 = Math.max(series[series.length - 1].t, t0 + 1);
-  const top = Math.max(logical, stored, 1);
-  const x = (t) => L + ((W - 2 * L) * (t - t0)) / (t1 - t0 || 1);
-  const y = (v) => H - B - ((H - B - 8) * v) / top;
+  const top = Math.log10(Math.max(logical, stored, 10));
+  const x = (t) => L + ((W - 2 * L) * (t - t0)) / (t1 - t0);
+  const y = (v) => H - B - ((H - B - T) * Math.log10(Math.max(v, 1))) / top;
   const path = (key) => series.map((p, i) => `${i ? "L" : "M"}${x(p.t).toFixed(1)},${y(p[key]).toFixed(1)}`).join(" ")
     + (series.length === 1 ? ` L${W - L},${y(series[0][key]).toFixed(1)}` : "");
-  return s("svg", { viewBox: `0 0 ${W} ${H}`, class: "plot", role: "img",
-    "aria-label": `logical ${bytes(logical)}, stored ${bytes(stored)} over ${series.length} points` },
-  s("line", { x1: L, y1: H - B, x2: W - L, y2: H - B, class: "axis" }),
-  s("path", { d: path("logical"), class: "logical" }),
-  s("path", { d: path("stored"), class: "stored" }),
-  s("text", { x: L, y: H - 4, class: "label" }, new Date(t0).toISOString().slice(0, 10)),
-  s("text", { x: W - L, y: H - 4, class: "label", "text-anchor": "end" }, new Date(t1).toISOString().slice(0, 10)),
-  s("text", { x: L, y: 12, class: "label logical" }, `logical ${bytes(logical)}`),
-  s("text", { x: W - L, y: 12, class: "label stored", "text-anchor": "end" }, `stored ${bytes(stored)}`));
+  return h("figure", { class: "usage-plot" },
+    s("svg", { viewBox: `0 0 ${W} ${H}`, class: "plot", role: "img",
+      "aria-label": `logical ${bytes(logical)}, stored ${bytes(stored)} over ${series.length} points` },
+    s("line", { x1: L, y1: H - B, x2: W - L, y2: H - B, class: "axis" }),
+    s("line", { x1: L, y1: T, x2: W - L, y2: T, class: "axis" }),
+    s("path", { d: path("logical"), class: "logical" }),
+    s("path", { d: path("stored"), class: "stored" }),
+    s("text", { x: L, y: H - 4, class: "label" }, new Date(t0).toISOString().slice(0, 10)),
+    s("text", { x: W - L, y: H - 4, class: "label", "text-anchor": "end" }, new Date(t1).toISOString().slice(0, 10)),
+    s("text", { x: L, y: 14, class: "label logical" }, `logical ${bytes(logical)}`),
+    s("text", { x: W - L, y: 14, class: "label stored", "text-anchor": "end" }, `stored ${bytes(stored)}`)),
+    h("figcaption", { class: "muted" }, `${series.length} restore points summed by time, log scale: `,
+      "logical, the disk bytes they hold; stored, the bytes their backups wrote."));
 }
 
 async function destinationsPage(main, original) {
@@ -370,7 +376,7 @@ function instantAccess(vmName, points) {
   const form = h("form", { id: "mount", class: "stack" },
     field("Restore point", "point", pointSelect),
     field("Disk", "disk", diskSelect),
-    field("Time to live (s)", "ttlSeconds", h("input", { type: "number", min: 60, max: 86400, value: 3600 })),
+    field("Time to live (s)", "ttlSeconds", h("input", { type: "number", value: 3600 }), "1 to 86400"),
     h("button", { type: "submit", disabled: !good.length }, "Mount"), errorSlot());
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
