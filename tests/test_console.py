@@ -440,24 +440,31 @@ async def test_a_webhook_is_added_and_tested_against_a_local_receiver(
         await admin.screenshot(path=str(shots / "webhooks.png"))
 
 
-async def test_a_user_is_added_and_the_audit_log_shows_the_changes(
+async def test_a_role_and_a_user_are_added_and_the_audit_log_shows_the_changes(
     admin: Any, system: System, vm: str, shots: Path
 ) -> None:
     await admin.goto(f"{system.url}/ui/users")
+    roles = admin.locator("#add-role")
+    await roles.locator("input[name=name]").fill("night-ops")
+    for permission in ("jobs:read", "backups:read"):
+        await roles.locator(f'input[name=permissions][value="{permission}"]').check()
+    await roles.get_by_role("button", name="Add role").click()
+    await admin.locator('tr[data-role="night-ops"]', has_text="backups:read").wait_for()
     form = admin.locator("#add-user")
     await form.locator("input[name=username]").fill("olga")
     await form.locator("input[name=password]").fill("short")
-    await form.locator("select[name=roles]").select_option("operator")
+    await form.locator("select[name=roles]").select_option("night-ops")
     await form.get_by_role("button", name="Add user").click()
     await form.locator('[data-error-for="password"]').filter(has_text="password").wait_for()
     await form.locator("input[name=password]").fill("a third long passphrase")
     await form.get_by_role("button", name="Add user").click()
-    await admin.locator('tr[data-user="olga"]', has_text="operator").wait_for()
+    await admin.locator('tr[data-user="olga"]', has_text="night-ops").wait_for()
     await admin.goto(f"{system.url}/ui/audit")
     log = admin.locator("main table")
     await log.wait_for()
     for path in (
         "/api/v1/admin/sys/users",
+        "/api/v1/admin/sys/roles",
         "/config",
         "/api/v1/task/schedulers",
         "/api/v1/webhooks",

@@ -201,11 +201,38 @@ async function usersPage(main) {
     } }, "Delete") : null)));
   const parts = [h("h1", {}, "Users and roles"),
     section("Users", table(["User", "Name", "Roles", "Enabled", "Created", ""], rows, "No users.")),
-    section("Roles", table(["Role", "Description", "Permissions"], roles.map((r) => h("tr", { dataset: { role: r.name } },
+    section("Roles", table(["Role", "Description", "Permissions", ""], roles.map((r) => h("tr", { dataset: { role: r.name } },
       h("td", {}, r.name, r.builtin ? h("span", { class: "tag" }, "built-in") : null), h("td", {}, r.description || ""),
-      h("td", { class: "perms" }, r.permissions.join(" ")))), "No roles."))];
-  if (can("users:manage")) parts.push(section("Add a user", userForm(roles)));
+      h("td", { class: "perms" }, r.permissions.join(" ")),
+      h("td", { class: "actions" }, can("users:manage") && !r.builtin ? h("button", { type: "button", class: "small danger", onclick: async (e) => {
+        if (!confirm(`Delete role ${r.name}?`)) return;
+        try { await api("DELETE", `/api/v1/admin/sys/roles/${enc(r.id)}`); e.target.closest("tr").remove(); } catch (err) { note(e.target, err); }
+      } }, "Delete") : null))), "No roles."))];
+  if (can("users:manage")) {
+    const catalogue = await api("GET", "/api/v1/admin/sys/permissions");
+    parts.push(section("Add a user", userForm(roles)), section("Add a role", roleForm(catalogue.permissions || {})));
+  }
   main.replaceChildren(...parts);
+}
+
+function roleForm(permissions) {
+  const form = h("form", { id: "add-role", class: "stack" },
+    field("Role name", "name", h("input", { required: true, maxlength: 64 })),
+    field("Description", "description", h("input", {})),
+    h("fieldset", { class: "events" }, h("legend", {}, "Permissions"), Object.entries(permissions).map(([name, what]) =>
+      h("label", { class: "check", title: what }, h("input", { type: "checkbox", name: "permissions", value: name }), name)),
+    errorSlot("permissions")),
+    h("button", { type: "submit" }, "Add role"), errorSlot());
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    clearErrors(form);
+    const data = new FormData(form);
+    const body = { name: String(data.get("name")).trim(), description: String(data.get("description")).trim(),
+      permissions: data.getAll("permissions").map(String) };
+    if (!body.permissions.length) { showErrors(form, "permissions", "choose at least one permission"); return; }
+    try { await api("POST", "/api/v1/admin/sys/roles", body); location.reload(); } catch (err) { fail(form, err); }
+  });
+  return form;
 }
 
 function userForm(roles) {
