@@ -5,11 +5,12 @@ point, restore it under a new name, run a prune dry run; power the VM off and on
 and remove a server; add a destination from its form (a bad path shown at the field),
 see its statistics and plot, run a GC; add a schedule and run it now; mount a disk of a
 point (instant access) and unmount it; rerun a job; add a webhook and test it against a
-local receiver; add a user and find these changes in the audit log; a viewer sees no
-action button (also on a phone-sized screen, without horizontal scrolling) and the API
-refuses them anyway; a cookie session's change without the CSRF header is refused. The
-tests build on each other, in order. Screenshots of the main pages go to the module's
-temporary directory (``console-shots``)."""
+local receiver; add a role and a user and find these changes in the audit log; see a
+disk resize as definition drift; a viewer sees no action button (also on a phone-sized
+screen, without horizontal scrolling) and the API refuses them anyway; a cookie
+session's change without the CSRF header is refused. The tests build on each other, in
+order. Screenshots of the main pages go to the module's temporary directory
+(``console-shots``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import libvirt
 import pytest
 from harness import System, local_config, running_system
 
@@ -477,6 +479,30 @@ async def test_a_role_and_a_user_are_added_and_the_audit_log_shows_the_changes(
     await admin.screenshot(path=str(shots / "audit.png"))
 
 
+async def test_definition_drift_is_shown_on_the_vm_and_servers_pages(
+    admin: Any, system: System, vm: str, conn: Connection
+) -> None:
+    dom = await conn.lookup(vm)
+    await conn.call(dom.blockResize, "vda", 80 * MiB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+    await admin.goto(f"{system.url}/ui/vm?server=local&vm={vm}")
+    await admin.locator("#drift p", has_text="matches").wait_for()
+    await admin.get_by_role("button", name="Back up now").click()
+    await admin.locator("#backup-status .state", has_text="success").wait_for(timeout=WAIT_MS)
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        for _ in range(100):  # the check runs after the backup's success
+            found = await api.get("/api/v1/anomalies", params={"type": "schema_drift"})
+            if found.json()["anomalies"]:
+                break
+            await admin.wait_for_timeout(100)
+    change = "disk vda resized from 64.0 MiB to 80.0 MiB"
+    await admin.reload()
+    await admin.locator("#drift li", has_text=change).wait_for()
+    await admin.goto(f"{system.url}/ui/servers")
+    await admin.locator(f'tr[data-drift="{vm}"]', has_text=change).wait_for()
+
+
 async def test_a_viewer_sees_no_action_and_the_api_refuses_them(
     browser: Any, system: System, vm: str, shots: Path
 ) -> None:
@@ -545,7 +571,7 @@ async def test_the_new_pages_fit_a_phone_and_a_viewer_sees_no_action_there(
             ("/ui/schedules", 'tr[data-schedule="nightly"]'),
             ("/ui/webhooks", "tr[data-webhook]"),
             ("/ui/agents", "tr[data-agent]"),
-            (f"/ui/vm?server=local&vm={vm}", "#drift p"),
+            (f"/ui/vm?server=local&vm={vm}", "#drift li"),
         ):
             await page.goto(f"{system.url}{path}")
             await page.locator(ready).first.wait_for()

@@ -118,7 +118,9 @@ async function webhooksPage(main) {
     return h("tr", { dataset: { webhook: hook.url } },
       h("td", {}, h("code", {}, hook.url)), h("td", {}, hook.events.join(", ")),
       h("td", {}, hook.enabled ? "yes" : "no"),
-      h("td", {}, last ? `${last.ok ? "ok" : "failed"} ${last.status_code ?? ""} ${last.error || ""}` : "-"),
+      h("td", { class: last && last.state === "failed" ? "error" : "" }, last
+        ? `${last.at} ${last.event}: ${last.state}${last.http_status ? ` (HTTP ${last.http_status})` : ""}${last.error ? `, ${last.error}` : ""}`
+        : "-"),
       h("td", { class: "actions" }, can("config:write") ? [
         h("button", { type: "button", class: "small test", onclick: async () => {
           out.className = "test-result muted"; out.textContent = " sending...";
