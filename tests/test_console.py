@@ -3,13 +3,13 @@ one real running system (real services, libvirtd/QEMU, a filesystem destination)
 64 MiB VM: log in, see the VM, back it up and watch the progress reach 100%, see the
 point, restore it under a new name, run a prune dry run; power the VM off and on, add
 and remove a server; add a destination from its form (a bad path shown at the field),
-see its statistics and plot, run a GC; add a schedule and run it now; mount a disk of a
-point (instant access) and unmount it; rerun a job; add a webhook and test it against a
-local receiver; add a role and a user and find these changes in the audit log; see a
-disk resize as definition drift; a viewer sees no action button (also on a phone-sized
-screen, without horizontal scrolling) and the API refuses them anyway; a cookie
-session's change without the CSRF header is refused. The tests build on each other, in
-order. Screenshots of the main pages go to the module's temporary directory
+see its statistics and plot, run a GC; add a schedule and run it now, import a plan;
+mount a disk of a point (instant access) and unmount it; rerun a job; add a webhook and
+test it against a local receiver; add a role and a user and find these changes in the
+audit log; see a disk resize as definition drift; a viewer sees no action button (also
+on a phone-sized screen, without horizontal scrolling) and the API refuses them anyway;
+a cookie session's change without the CSRF header is refused. The tests build on each
+other, in order. Screenshots of the main pages go to the module's temporary directory
 (``console-shots``)."""
 
 from __future__ import annotations
@@ -373,6 +373,21 @@ async def test_a_schedule_is_added_and_run_now(
     assert nightly["enabled"] is False and nightly["runCount"] == 1
     assert nightly["jobTemplate"]["vmPath"] == f"local/{vm}"
     assert len(points) == 2  # the run's backup
+    # A backup plan imported from its YAML: a refusal names its line.
+    plan = (
+        "id: ui-plan\nname: UI plan\npipelines:\n  - id: yearly\n    vms:\n"
+        f'      - server: local\n        vm: "{vm}"\n    destination: DEST\n'
+        '    schedule:\n      cron: "0 3 1 1 *"\n      timezone: UTC\n'
+    )
+    form = admin.locator("#import-plan")
+    await form.locator("textarea[name=yaml]").fill(plan.replace("DEST", "nowhere"))
+    await form.get_by_role("button", name="Import").click()
+    error = form.locator('[data-error-for="yaml"]')
+    await error.filter(has_text="nowhere").wait_for()
+    assert "line 8" in await error.inner_text()
+    await form.locator("textarea[name=yaml]").fill(plan.replace("DEST", "fs"))
+    await form.get_by_role("button", name="Import").click()
+    await admin.locator('tr[data-project="ui-plan"]', has_text="yearly").wait_for()
 
 
 async def test_instant_access_mounts_a_disk_shows_how_to_attach_it_and_unmounts(
