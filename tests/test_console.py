@@ -635,6 +635,9 @@ async def test_the_console_routes_keep_the_apis_authentication(system: System, v
         assert (await client.get("/ui/session")).status_code == 401
         page = await client.get("/ui/")
         assert page.status_code == 303 and page.headers["location"] == "/ui/login"
+        for name in ("servers", "schedules", "webhooks", "agents", "users", "audit"):
+            page = await client.get(f"/ui/{name}")
+            assert page.status_code == 303 and page.headers["location"] == "/ui/login", name
         login = await client.get("/ui/login")
         assert (
             login.status_code == 200
