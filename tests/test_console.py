@@ -500,7 +500,7 @@ async def test_definition_drift_is_shown_on_the_vm_and_servers_pages(
     dom = await conn.lookup(vm)
     await conn.call(dom.blockResize, "vda", 80 * MiB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
     await admin.goto(f"{system.url}/ui/vm?server=local&vm={vm}")
-    await admin.locator("#drift p", has_text="matches").wait_for()
+    await admin.locator("#drift p", has_text="No definition drift").wait_for()
     await admin.get_by_role("button", name="Back up now").click()
     await admin.locator("#backup-status .state", has_text="success").wait_for(timeout=WAIT_MS)
     async with httpx.AsyncClient(

@@ -39,18 +39,18 @@ async function serversPage(main) {
   const drift = can("backups:read")
     ? await api("GET", "/api/v1/anomalies?type=schema_drift&limit=50").catch(() => ({ anomalies: [] }))
     : { anomalies: [] };
-  const cards = (config.servers || []).map((server) => serverCard(config, server));
+  const cards = (config.servers || []).map(serverCard);
   const parts = [h("h1", {}, "Servers"), h("div", { class: "stack-cards" }, cards)];
   const drifts = drift.anomalies || [];
   parts.push(section("Definition drift", table(["When", "Server", "VM", "What changed"], drifts.map((a) =>
     h("tr", { dataset: { drift: a.vmName || "" } }, h("td", {}, a.createdAt || ""), h("td", {}, a.serverId || ""),
       h("td", {}, a.vmName || ""), h("td", {}, (a.changes && a.changes.length ? a.changes : [a.title]).join("; ")))),
-  "No VM's definition changed since its last backup.")));
-  if (can("config:write")) parts.push(section("Add a server", addServerForm(config)));
+  "No definition drift recorded: no backup found a VM's disks, memory, vCPUs, firmware or network interfaces changed.")));
+  if (can("config:write")) parts.push(section("Add a server", addServerForm()));
   main.replaceChildren(...parts);
 }
 
-function serverCard(config, server) {
+function serverCard(server) {
   const slot = h("div", {}, h("p", { class: "muted" }, "Reading VMs..."));
   const card = h("article", { class: "card", dataset: { server: server.id } },
     h("h2", {}, server.name || server.id),
@@ -62,9 +62,12 @@ function serverCard(config, server) {
     card.append(h("p", {}, h("button", {
       type: "button", class: "danger", onclick: async () => {
         if (!confirm(`Remove server ${server.id} from the configuration?`)) return;
-        const fresh = await api("GET", "/config");
-        fresh.servers = (fresh.servers || []).filter((s) => s.id !== server.id);
-        try { await api("POST", "/config", fresh); card.remove(); } catch (err) { out.textContent = ` ${err.message}`; }
+        try {
+          const fresh = await api("GET", "/config");
+          fresh.servers = (fresh.servers || []).filter((s) => s.id !== server.id);
+          await api("POST", "/config", fresh);
+          card.remove();
+        } catch (err) { out.textContent = ` ${err.message}`; }
       },
     }, "Remove server"), out));
   }
@@ -109,10 +112,11 @@ function addServerForm() {
     field("Id", "id", h("input", { required: true, maxlength: 64, placeholder: "kvm2" })),
     field("Name", "name", h("input", { maxlength: 200 })),
     field("Host", "host", h("input", { placeholder: "empty: this host's libvirt" })),
-    field("SSH port", "port", h("input", { type: "number", min: 1, max: 65535, value: 22 })),
+    field("SSH port", "port", h("input", { type: "number", value: 22 })),
     field("SSH user", "username", h("input", { value: "root" })),
-    field("SSH password", "password", h("input", { type: "password", autocomplete: "new-password" }),
-      "or a vault connection, set in the configuration"),
+    field("SSH password", "password", h("input", { type: "password", autocomplete: "new-password" })),
+    field("SSH private key", "privateKey", h("textarea", { rows: 3, spellcheck: "false", placeholder: "-----BEGIN OPENSSH PRIVATE KEY-----" }),
+      "a password or a key (or a vault connection, set in the configuration); never shown again"),
     field("libvirt URI", "uri", h("select", {}, ["", "qemu:///system", "qemu:///session"].map((u) =>
       h("option", { value: u }, u || "default")))),
     h("button", { type: "submit" }, "Add server"), errorSlot());
@@ -128,6 +132,7 @@ function addServerForm() {
       server.port = port;
       server.username = String(data.get("username")).trim();
       if (data.get("password")) server.password = String(data.get("password"));
+      if (String(data.get("privateKey")).trim()) server.privateKey = `${String(data.get("privateKey")).trim()}\n`;
     }
     if (data.get("uri")) server.uri = String(data.get("uri"));
     try {
@@ -352,7 +357,7 @@ export function vmSections(serverId, vmName, points) {
       const mine = (answer.anomalies || []).filter((a) => !a.serverId || a.serverId === serverId);
       slot.replaceChildren(mine.length ? h("ul", {}, mine.map((a) => h("li", {}, `${a.createdAt || ""}: `,
         (a.changes && a.changes.length ? a.changes : [a.title]).join("; "))))
-        : h("p", { class: "muted" }, "The definition matches the last backup's."));
+        : h("p", { class: "muted" }, "No definition drift recorded for this VM."));
     }).catch((err) => slot.replaceChildren(h("p", { class: "error" }, err.message)));
     out.push(section("Definition drift", slot));
   }
