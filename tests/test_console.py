@@ -341,6 +341,24 @@ async def test_a_destination_is_added_and_tested_from_its_form(
     # GC starts a job, followed to its end.
     await fs.get_by_role("button", name="GC").click()
     await fs.locator(".job-status .state", has_text="success").wait_for(timeout=WAIT_MS)
+    # The Google account of gdrive destinations: tokens stored (never shown), then forgotten.
+    google = admin.locator("#google-tokens")
+    await google.locator("input[name=accessToken]").fill("ya29.access")
+    await google.get_by_role("button", name="Store tokens").click()
+    await google.locator('[data-error-for="refreshToken"]').filter(has_text="required").wait_for()
+    await google.locator("input[name=refreshToken]").fill("1//refresh")
+    await google.locator("input[name=accountEmail]").fill("ops@example.com")
+    await google.locator("input[name=expiresAt]").fill("2030-01-01T00:00:00Z")
+    await google.get_by_role("button", name="Store tokens").click()
+    await google.locator("#google-status", has_text="stored for ops@example.com").wait_for()
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        stored = (await api.get("/config")).json()["backup"]["gdrive"]
+        assert stored["refreshToken"] == "********" and stored["accountEmail"] == "ops@example.com"
+        await google.get_by_role("button", name="Forget tokens").click()
+        await google.locator("#google-status", has_text="no account stored").wait_for()
+        assert (await api.get("/config")).json()["backup"]["gdrive"]["refreshToken"] == ""
 
 
 async def test_a_schedule_is_added_and_run_now(

@@ -204,7 +204,47 @@ async function destinationsPage(main, original) {
     if (dest) destinationExtras(card, config, dest, points.filter((p) => p.destinationId === dest.id));
   }
   main.replaceChildren(...prune.childNodes);
-  if (can("config:write")) main.append(section("Add a destination", addDestinationForm()));
+  if (can("config:write")) {
+    main.append(section("Add a destination", addDestinationForm()),
+      section("Google Drive account", googleForm(config)));
+  }
+}
+
+/** The Google account's tokens for gdrive destinations (`POST /oauth/google`, `.../clear`). */
+function googleForm(config) {
+  const gdrive = (config.backup && config.backup.gdrive) || {};
+  const status = h("p", { class: "test-result", id: "google-status" },
+    gdrive.refreshToken ? `stored${gdrive.accountEmail ? ` for ${gdrive.accountEmail}` : ""}` : "no account stored");
+  const form = h("form", { id: "google-tokens", class: "stack" },
+    field("Refresh token", "refreshToken", h("input", { type: "password", autocomplete: "off" })),
+    field("Access token", "accessToken", h("input", { type: "password", autocomplete: "off" }), "optional"),
+    field("Account e-mail", "accountEmail", h("input", { type: "email" }), "optional"),
+    field("Access token expires", "expiresAt", h("input", { placeholder: "2026-12-01T10:00:00Z" }),
+      "optional: ISO-8601, or seconds since 1970"),
+    h("p", { class: "buttons" }, h("button", { type: "submit" }, "Store tokens"), " ",
+      h("button", { type: "button", class: "danger", onclick: async () => {
+        clearErrors(form);
+        try { await api("POST", "/oauth/google/clear", {}); status.textContent = "no account stored"; }
+        catch (err) { fail(form, err); }
+      } }, "Forget tokens")),
+    errorSlot(), status);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    clearErrors(form);
+    const data = new FormData(form);
+    const body = {};
+    for (const name of ["refreshToken", "accessToken", "accountEmail", "expiresAt"]) {
+      const value = String(data.get(name) || "").trim();
+      if (value) body[name] = name === "expiresAt" && /^\d+$/.test(value) ? Number(value) : value;
+    }
+    if (!body.refreshToken) { showErrors(form, "refreshToken", "refreshToken is required (the access token alone expires)"); return; }
+    try {
+      await api("POST", "/oauth/google", body);
+      form.reset();
+      status.textContent = `stored${body.accountEmail ? ` for ${body.accountEmail}` : ""}`;
+    } catch (err) { fail(form, err); }
+  });
+  return form;
 }
 
 function destinationExtras(card, config, dest, points) {
@@ -278,6 +318,7 @@ const DRIVER_FIELDS = {
   s3: [["endpoint", "Endpoint", { placeholder: "s3.example.com:9000" }], ["bucket", "Bucket", {}],
     ["accessKey", "Access key", {}], ["secretKey", "Secret key", { type: "password", autocomplete: "new-password" }],
     ["prefix", "Prefix", {}]],
+  gdrive: [["rootPath", "Folder in Google Drive", { value: "/VM backups" }, "the account's tokens are stored below"]],
   dummy: [],
 };
 
