@@ -618,6 +618,25 @@ async def test_the_new_pages_fit_a_phone_and_a_viewer_sees_no_action_there(
         await page.locator("main .error", has_text="forbidden").wait_for()
     finally:
         await page.context.close()
+    # An administrator's pages, with their forms and action buttons, fit a phone too.
+    page = await new_page(browser, 390, 844)
+    try:
+        await log_in(page, system, *ADMIN)
+        for path, ready in (
+            ("/ui/servers", "#add-server"),
+            ("/ui/destinations", "#google-tokens"),
+            ("/ui/schedules", "#import-plan"),
+            ("/ui/webhooks", "#add-webhook"),
+            ("/ui/users", "#add-role"),
+            ("/ui/audit", "main table"),
+            (f"/ui/vm?server=local&vm={vm}", "#mount"),
+        ):
+            await page.goto(f"{system.url}{path}")
+            await page.locator(ready).wait_for()
+            fits = "document.documentElement.scrollWidth <= window.innerWidth"
+            assert await page.evaluate(fits), path
+    finally:
+        await page.context.close()
 
 
 @pytest.mark.parametrize(
