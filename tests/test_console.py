@@ -1,23 +1,32 @@
 """The web console (``/ui``) in headless Chromium (Debian's, driven by Playwright) against
 one real running system (real services, libvirtd/QEMU, a filesystem destination) and one
 64 MiB VM: log in, see the VM, back it up and watch the progress reach 100%, see the
-point, restore it under a new name, run a prune dry run; a viewer sees no action button
-and the API refuses them anyway; a cookie session's change without the CSRF header is
-refused. The tests build on each other, in order. Screenshots of the main pages go to
-the module's temporary directory (``console-shots``)."""
+point, restore it under a new name, run a prune dry run; power the VM off and on, add
+and remove a server; add a destination from its form (a bad path shown at the field),
+see its statistics and plot, run a GC; add a schedule and run it now, import a plan;
+mount a disk of a point (instant access) and unmount it; rerun a job; add a webhook and
+test it against a local receiver; add a role and a user and find these changes in the
+audit log; see a disk resize as definition drift; a viewer sees no action button (also
+on a phone-sized screen, without horizontal scrolling) and the API refuses them anyway;
+a cookie session's change without the CSRF header is refused. The tests build on each
+other, in order. Screenshots of the main pages go to the module's temporary directory
+(``console-shots``)."""
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import libvirt
 import pytest
 from harness import System, local_config, running_system
 
 from virtbackup.testing.images import create_image
+from virtbackup.testing.receiver import Receiver
 from virtbackup.testing.vms import build_vm_xml, guest_write, remove_vm
 from virtbackup.virt import Connection
 
@@ -248,6 +257,285 @@ async def test_prune_dry_run_is_shown_and_deletes_nothing(
     assert len(points) == 1
 
 
+# ---- the rest of the pages: servers, destinations, schedules, webhooks, users, audit ----
+
+
+async def test_servers_show_state_and_vm_actions_and_a_server_is_added_and_removed(
+    admin: Any, system: System, vm: str, shots: Path
+) -> None:
+    await admin.goto(f"{system.url}/ui/servers")
+    card = admin.locator('article[data-server="local"]')
+    row = card.locator(f'tr[data-vm="{vm}"]')
+    await row.locator("td.power", has_text="running").wait_for()
+    assert await card.locator(".state-success", has_text="reachable").count() == 1
+    await admin.locator("section", has_text="Definition drift").wait_for()
+    await admin.screenshot(path=str(shots / "servers.png"))
+    # Power off, then start: each is the API's action, and the state follows.
+    await row.get_by_role("button", name="Power off").click()
+    await row.locator("td.power", has_text="shutoff").wait_for(timeout=WAIT_MS)
+    await row.get_by_role("button", name="Start").click()
+    await row.locator("td.power", has_text="running").wait_for(timeout=WAIT_MS)
+    # Add a server (this host's libvirt again, under another id), then remove it.
+    form = admin.locator("#add-server")
+    await form.locator("input[name=id]").fill("local")
+    await form.get_by_role("button", name="Add server").click()
+    await form.locator('[data-error-for="id"]').filter(has_text="exists").wait_for()
+    await form.locator("input[name=id]").fill("spare")
+    await form.get_by_role("button", name="Add server").click()
+    spare = admin.locator('article[data-server="spare"]')
+    await spare.locator(f'tr[data-vm="{vm}"]').wait_for()
+    admin.once("dialog", lambda dialog: dialog.accept())
+    await spare.get_by_role("button", name="Remove server").click()
+    await spare.wait_for(state="detached")
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        config = (await api.get("/config")).json()
+    assert [s["id"] for s in config["servers"]] == ["local"]
+
+
+async def test_a_destination_is_added_and_tested_from_its_form(
+    admin: Any, system: System, vm: str, shots: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    base = tmp_path_factory.mktemp("console-second")
+    await admin.goto(f"{system.url}/ui/destinations")
+    form = admin.locator("#add-destination")
+    path_error = form.locator('[data-error-for="path"]')
+    await form.locator("input[name=id]").fill("second")
+    # A system directory: the API's refusal (400 naming the destination's path) is
+    # shown at the path field.
+    await form.locator("input[name=path]").fill("/etc/virtbackup")
+    await form.get_by_role("button", name="Add and test").click()
+    await path_error.filter(has_text="system directory").wait_for()
+    # A directory that is not there: the API's test fails, said at the field, and the
+    # destination is not kept.
+    await form.locator("input[name=path]").fill(str(base / "missing"))
+    await form.get_by_role("button", name="Add and test").click()
+    await path_error.filter(has_text="does not exist").wait_for()
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        for _ in range(50):
+            ids = [d["id"] for d in (await api.get("/config")).json()["destinations"]]
+            if ids == ["fs"]:
+                break
+            await admin.wait_for_timeout(100)
+        assert ids == ["fs"]
+    await form.locator("input[name=path]").fill(str(base))
+    await form.get_by_role("button", name="Add and test").click()
+    await admin.locator("#add-destination-test", has_text="reachable").wait_for()
+    second = admin.locator('article[data-destination="second"]')  # the page reloads
+    await second.locator("dd.dedup").wait_for()
+    # Statistics of the destination that holds the VM's point: figures and the plot.
+    fs = admin.locator('article[data-destination="fs"]')
+    plot = fs.locator("svg.plot")
+    await plot.wait_for()
+    label = await plot.get_attribute("aria-label") or ""
+    assert re.fullmatch(r"logical [1-9][\d.]* \S+, stored [1-9][\d.]* \S+ over 1 points", label), (
+        label
+    )
+    assert await plot.locator("path.logical").count() == 1
+    assert await plot.locator("path.stored").count() == 1
+    assert (await fs.locator("dd.dedup").inner_text()).endswith("x")
+    await fs.screenshot(path=str(shots / "destination-stats.png"))
+    # GC starts a job, followed to its end.
+    await fs.get_by_role("button", name="GC").click()
+    await fs.locator(".job-status .state", has_text="success").wait_for(timeout=WAIT_MS)
+    # The Google account of gdrive destinations: tokens stored (never shown), then forgotten.
+    google = admin.locator("#google-tokens")
+    await google.locator("input[name=accessToken]").fill("ya29.access")
+    await google.get_by_role("button", name="Store tokens").click()
+    await google.locator('[data-error-for="refreshToken"]').filter(has_text="required").wait_for()
+    await google.locator("input[name=refreshToken]").fill("1//refresh")
+    await google.locator("input[name=accountEmail]").fill("ops@example.com")
+    await google.locator("input[name=expiresAt]").fill("2030-01-01T00:00:00Z")
+    await google.get_by_role("button", name="Store tokens").click()
+    await google.locator("#google-status", has_text="stored for ops@example.com").wait_for()
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        stored = (await api.get("/config")).json()["backup"]["gdrive"]
+        assert stored["refreshToken"] == "********" and stored["accountEmail"] == "ops@example.com"
+        await google.get_by_role("button", name="Forget tokens").click()
+        await google.locator("#google-status", has_text="no account stored").wait_for()
+        assert (await api.get("/config")).json()["backup"]["gdrive"]["refreshToken"] == ""
+
+
+async def test_a_schedule_is_added_and_run_now(
+    admin: Any, system: System, vm: str, shots: Path
+) -> None:
+    await admin.goto(f"{system.url}/ui/schedules")
+    form = admin.locator("#add-schedule")
+    await form.locator("input[name=name]").fill("nightly")
+    await form.locator("input[name=vmPath]").fill(vm)
+    # Every minute is more often than the minimum interval: the API's refusal, at the field.
+    await form.locator("input[name=schedule]").fill("* * * * *")
+    await form.get_by_role("button", name="Add schedule").click()
+    await form.locator('[data-error-for="schedule"]').filter(has_text="apart").wait_for()
+    await form.locator("input[name=schedule]").fill("0 3 * * *")
+    await form.get_by_role("button", name="Add schedule").click()
+    row = admin.locator('tr[data-schedule="nightly"]')  # the page reloads
+    await row.locator("td.enabled", has_text="yes").wait_for()
+    await row.get_by_role("button", name="Run now").click()
+    status = admin.locator("#schedule-status")
+    await status.locator(".state", has_text="success").wait_for(timeout=WAIT_MS)
+    await admin.screenshot(path=str(shots / "schedules.png"))
+    await row.get_by_role("button", name="Disable").click()
+    await admin.locator('tr[data-schedule="nightly"] td.enabled', has_text="no").wait_for()
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        items = (await api.get("/api/v1/task/schedulers")).json()["items"]
+        points = (await api.get("/api/v1/restore-points", params={"vmName": vm})).json()
+    (nightly,) = [s for s in items if s["name"] == "nightly"]
+    assert nightly["enabled"] is False and nightly["runCount"] == 1
+    assert nightly["jobTemplate"]["vmPath"] == f"local/{vm}"
+    assert len(points) == 2  # the run's backup
+    # A backup plan imported from its YAML: a refusal names its line.
+    plan = (
+        "id: ui-plan\nname: UI plan\npipelines:\n  - id: yearly\n    vms:\n"
+        f'      - server: local\n        vm: "{vm}"\n    destination: DEST\n'
+        '    schedule:\n      cron: "0 3 1 1 *"\n      timezone: UTC\n'
+    )
+    form = admin.locator("#import-plan")
+    await form.locator("textarea[name=yaml]").fill(plan.replace("DEST", "nowhere"))
+    await form.get_by_role("button", name="Import").click()
+    error = form.locator('[data-error-for="yaml"]')
+    await error.filter(has_text="nowhere").wait_for()
+    assert "line 8" in await error.inner_text()
+    await form.locator("textarea[name=yaml]").fill(plan.replace("DEST", "fs"))
+    await form.get_by_role("button", name="Import").click()
+    await admin.locator('tr[data-project="ui-plan"]', has_text="yearly").wait_for()
+
+
+async def test_instant_access_mounts_a_disk_shows_how_to_attach_it_and_unmounts(
+    admin: Any, system: System, vm: str, shots: Path
+) -> None:
+    await admin.goto(f"{system.url}/ui/vm?server=local&vm={vm}")
+    form = admin.locator("#mount")
+    await form.locator("select[name=disk]").wait_for()
+    assert await form.locator("select[name=disk] option").all_inner_texts() == ["vda (64.0 MiB)"]
+    await form.locator("input[name=ttlSeconds]").fill("90000")
+    await form.get_by_role("button", name="Mount").click()
+    await form.locator('[data-error-for="ttlSeconds"]').filter(has_text="86400").wait_for()
+    await form.locator("input[name=ttlSeconds]").fill("600")
+    await form.get_by_role("button", name="Mount").click()
+    url = await admin.locator("#export-result code.nbd-url").inner_text()
+    assert re.fullmatch(r"nbds://[\w.]+:\d+/vda", url), url
+    how = await admin.locator("#export-result pre.attach").inner_text()
+    assert "qemu-nbd -r -c /dev/nbd0" in how and "PRIVATE KEY" in how and "umask 077" in how
+    row = admin.locator("#exports tr[data-export]", has_text=url)
+    await row.locator(".export-state", has_text="active").wait_for()
+    await admin.locator("section", has=form).screenshot(path=str(shots / "instant-access.png"))
+    await row.get_by_role("button", name="Unmount").click()
+    await row.locator(".export-state", has_text="stopped").wait_for()
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        exports = (await api.get("/restore/exports")).json()
+    assert [e["state"] for e in exports if e["nbdUrl"] == url] == ["stopped"]
+
+
+async def test_a_finished_job_is_rerun_from_the_jobs_page(
+    admin: Any, system: System, vm: str
+) -> None:
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        jobs = (await api.get("/jobs")).json()
+        done = [j for j in jobs if j["type"] == "backup" and j["state"] == "success"]
+        await admin.goto(f"{system.url}/ui/jobs")
+        row = admin.locator(f'tr[data-row="{done[0]["id"]}"]')
+        await row.get_by_role("button", name="Rerun").click()
+        link = row.locator("a.rerun-of")
+        await link.wait_for()
+        new_id = (await link.get_attribute("href") or "#")[1:]
+        new_row = admin.locator(f'tr[data-row="{new_id}"]')
+        await new_row.locator(".state", has_text="success").wait_for(timeout=WAIT_MS)
+        job = (await api.get(f"/jobs/{new_id}")).json()
+    assert job["type"] == "backup" and job["vmName"] == vm
+
+
+async def test_a_webhook_is_added_and_tested_against_a_local_receiver(
+    admin: Any, system: System, vm: str, shots: Path
+) -> None:
+    async with Receiver() as rx:
+        await admin.goto(f"{system.url}/ui/webhooks")
+        form = admin.locator("#add-webhook")
+        await form.locator("input[name=url]").fill("ftp://127.0.0.1/hook")
+        await form.get_by_role("button", name="Add webhook").click()
+        await form.locator('[data-error-for="url"]').filter(has_text="url").wait_for()
+        await form.locator("input[name=url]").fill(f"{rx.url}/hook")
+        await form.get_by_role("button", name="Add webhook").click()
+        row = admin.locator(f'tr[data-webhook="{rx.url}/hook"]')  # the page reloads
+        await row.get_by_role("button", name="Test").click()
+        await row.locator(".test-result.ok", has_text="test webhook sent").wait_for()
+        (received,) = await rx.wait_for("/hook", 1, timeout=15)
+        assert received.headers["x-virtbackup-event"] == "test"
+        await admin.screenshot(path=str(shots / "webhooks.png"))
+
+
+async def test_a_role_and_a_user_are_added_and_the_audit_log_shows_the_changes(
+    admin: Any, system: System, vm: str, shots: Path
+) -> None:
+    await admin.goto(f"{system.url}/ui/users")
+    roles = admin.locator("#add-role")
+    await roles.locator("input[name=name]").fill("night-ops")
+    for permission in ("jobs:read", "backups:read"):
+        await roles.locator(f'input[name=permissions][value="{permission}"]').check()
+    await roles.get_by_role("button", name="Add role").click()
+    await admin.locator('tr[data-role="night-ops"]', has_text="backups:read").wait_for()
+    form = admin.locator("#add-user")
+    await form.locator("input[name=username]").fill("olga")
+    await form.locator("input[name=password]").fill("short")
+    await form.locator("select[name=roles]").select_option("night-ops")
+    await form.get_by_role("button", name="Add user").click()
+    await form.locator('[data-error-for="password"]').filter(has_text="password").wait_for()
+    await form.locator("input[name=password]").fill("a third long passphrase")
+    await form.get_by_role("button", name="Add user").click()
+    await admin.locator('tr[data-user="olga"]', has_text="night-ops").wait_for()
+    await admin.goto(f"{system.url}/ui/audit")
+    log = admin.locator("main table")
+    await log.wait_for()
+    for path in (
+        "/api/v1/admin/sys/users",
+        "/api/v1/admin/sys/roles",
+        "/config",
+        "/api/v1/task/schedulers",
+        "/api/v1/webhooks",
+        "/api/v1/webhooks/test",
+        "/servers/local/actions",
+    ):
+        row = log.locator(f'tr[data-method="POST"][data-path="{path}"]')
+        assert await row.count() >= 1, path
+        assert ADMIN[0] in await row.first.inner_text()
+    await admin.screenshot(path=str(shots / "audit.png"))
+
+
+async def test_definition_drift_is_shown_on_the_vm_and_servers_pages(
+    admin: Any, system: System, vm: str, conn: Connection
+) -> None:
+    dom = await conn.lookup(vm)
+    await conn.call(dom.blockResize, "vda", 80 * MiB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+    await admin.goto(f"{system.url}/ui/vm?server=local&vm={vm}")
+    await admin.locator("#drift p", has_text="No definition drift").wait_for()
+    await admin.get_by_role("button", name="Back up now").click()
+    await admin.locator("#backup-status .state", has_text="success").wait_for(timeout=WAIT_MS)
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        for _ in range(100):  # the check runs after the backup's success
+            found = await api.get("/api/v1/anomalies", params={"type": "schema_drift"})
+            if found.json()["anomalies"]:
+                break
+            await admin.wait_for_timeout(100)
+    change = "disk vda resized from 64.0 MiB to 80.0 MiB"
+    await admin.reload()
+    await admin.locator("#drift li", has_text=change).wait_for()
+    await admin.goto(f"{system.url}/ui/servers")
+    await admin.locator(f'tr[data-drift="{vm}"]', has_text=change).wait_for()
+
+
 async def test_a_viewer_sees_no_action_and_the_api_refuses_them(
     browser: Any, system: System, vm: str, shots: Path
 ) -> None:
@@ -301,6 +589,56 @@ async def test_the_agent_token_logs_in(browser: Any, system: System, vm: str) ->
         await page.context.close()
 
 
+async def test_the_new_pages_fit_a_phone_and_a_viewer_sees_no_action_there(
+    browser: Any, system: System, vm: str, shots: Path
+) -> None:
+    page = await new_page(browser, 390, 844)
+    try:
+        await log_in(page, system, *VIEWER)
+        # The users and audit pages are not offered to a viewer (the API refuses them too).
+        assert await page.locator('nav a[href="/ui/audit"]').count() == 0
+        assert await page.locator('nav a[href="/ui/users"]').count() == 0
+        for path, ready in (
+            ("/ui/servers", f'article[data-server="local"] tr[data-vm="{vm}"]'),
+            ("/ui/destinations", 'article[data-destination="fs"] svg.plot'),
+            ("/ui/schedules", 'tr[data-schedule="nightly"]'),
+            ("/ui/webhooks", "tr[data-webhook]"),
+            ("/ui/agents", "tr[data-agent]"),
+            (f"/ui/vm?server=local&vm={vm}", "#drift li"),
+        ):
+            await page.goto(f"{system.url}{path}")
+            await page.locator(ready).first.wait_for()
+            assert await page.locator("main button").count() == 0, path
+            assert await page.locator("main form").count() == 0, path
+            fits = "document.documentElement.scrollWidth <= window.innerWidth"
+            assert await page.evaluate(fits), path  # no horizontal scroll
+            if path == "/ui/destinations":
+                await page.screenshot(path=str(shots / "destinations-phone.png"), full_page=True)
+        await page.goto(f"{system.url}/ui/audit")
+        await page.locator("main .error", has_text="forbidden").wait_for()
+    finally:
+        await page.context.close()
+    # An administrator's pages, with their forms and action buttons, fit a phone too.
+    page = await new_page(browser, 390, 844)
+    try:
+        await log_in(page, system, *ADMIN)
+        for path, ready in (
+            ("/ui/servers", "#add-server"),
+            ("/ui/destinations", "#google-tokens"),
+            ("/ui/schedules", "#import-plan"),
+            ("/ui/webhooks", "#add-webhook"),
+            ("/ui/users", "#add-role"),
+            ("/ui/audit", "main table"),
+            (f"/ui/vm?server=local&vm={vm}", "#mount"),
+        ):
+            await page.goto(f"{system.url}{path}")
+            await page.locator(ready).wait_for()
+            fits = "document.documentElement.scrollWidth <= window.innerWidth"
+            assert await page.evaluate(fits), path
+    finally:
+        await page.context.close()
+
+
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [
@@ -334,6 +672,9 @@ async def test_the_console_routes_keep_the_apis_authentication(system: System, v
         assert (await client.get("/ui/session")).status_code == 401
         page = await client.get("/ui/")
         assert page.status_code == 303 and page.headers["location"] == "/ui/login"
+        for name in ("servers", "schedules", "webhooks", "agents", "users", "audit"):
+            page = await client.get(f"/ui/{name}")
+            assert page.status_code == 303 and page.headers["location"] == "/ui/login", name
         login = await client.get("/ui/login")
         assert (
             login.status_code == 200

@@ -284,6 +284,9 @@ def test_the_table_names_what_matters() -> None:
     assert required_permission("hypersdk", "POST", "/jobs/query") == "jobs:read"
     # Anomalies are read by every role (the #17 trial found them admin-only).
     assert required_permission("agent", "GET", "/api/v1/anomalies") == "backups:read"
+    assert required_permission("agent", "GET", "/api/v1/webhooks") == "config:read"
+    assert required_permission("agent", "POST", "/api/v1/webhooks/test") == "config:write"
+    assert required_permission("agent", "DELETE", "/api/v1/webhooks/0") == "config:write"
     # Anything the table does not name is for administrators only.
     assert required_permission("agent", "POST", "/api/v1/some/new/route") == ADMIN
     assert required_permission("agent", "GET", "/api/v1/some/new/route") == ADMIN

@@ -93,6 +93,12 @@ def _schema(system: System, base: str) -> schemathesis.schemas.BaseSchema:
     return schemathesis.openapi.from_dict(doc)
 
 
+#: The webhook routes of both listeners (the HTTPS one serves them under /api/v1).
+WEBHOOK_POSTS = {
+    f"POST {prefix}/webhooks{suffix}" for prefix in ("", "/api/v1") for suffix in ("", "/test")
+}
+
+
 def _aim(closed_port: int) -> Callable[[Case[Any], int], None]:
     """Point generated requests where the answer does not depend on the network: half
     of the server routes at the configured ``local`` server (else nearly every id is
@@ -120,9 +126,7 @@ def _aim(closed_port: int) -> Callable[[Case[Any], int], None]:
             port = body.get("port")
             if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
                 body["port"] = closed_port
-        if case.operation.label in {"POST /webhooks", "POST /webhooks/test"} and isinstance(
-            body, dict
-        ):
+        if case.operation.label in WEBHOOK_POSTS and isinstance(body, dict):
             url = body.get("url")
             if isinstance(url, str) and url.lower().startswith(("http://", "https://")):
                 body["url"] = f"http://127.0.0.1:{closed_port}/hook"

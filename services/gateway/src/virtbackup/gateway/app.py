@@ -44,6 +44,7 @@ from virtbackup.gateway.controllers.restore import RestoreController
 from virtbackup.gateway.controllers.servers import ServersController
 from virtbackup.gateway.controllers.system import SystemController
 from virtbackup.gateway.controllers.task_schedulers import TaskSchedulersController
+from virtbackup.gateway.controllers.webhooks_api import ApiWebhooksController
 from virtbackup.gateway.edge import check_request
 from virtbackup.gateway.errors import HANDLERS
 from virtbackup.gateway.identity_auth import IdentityAuth, answer_refusal
@@ -75,6 +76,7 @@ CONTROLLERS = [
     OperaLogsController,
     AdminMonitorController,
     TaskSchedulersController,
+    ApiWebhooksController,
     # agents-backend-api.md: sessions, users, roles, API tokens, login log
     AdminAuthController,
     AdminSysController,

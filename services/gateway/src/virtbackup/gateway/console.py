@@ -26,8 +26,9 @@ module adds only what a browser needs to do that safely:
   cookie (double submit), else 403 ``{"error"}``: a form of another site can neither
   read that cookie nor, with ``SameSite=Strict``, send ours.
 * ``GET /ui/login`` and ``/ui/static/<file>`` are served to anyone (code, no data);
-  the pages (``/ui/``, ``/ui/vm``, ``/ui/jobs``, ``/ui/destinations``) only with a valid
-  session, else a redirect (303) to ``/ui/login``.
+  the pages (``/ui/``, ``/ui/vm``, ``/ui/jobs``, ``/ui/destinations``, ``/ui/servers``,
+  ``/ui/schedules``, ``/ui/webhooks``, ``/ui/agents``, ``/ui/users``, ``/ui/audit``) only
+  with a valid session, else a redirect (303) to ``/ui/login``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ CSRF_COOKIE: Final = "vb_csrf"
 CSRF_HEADER: Final = b"x-csrf-token"
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 #: The pages (path below ``/ui``) that need a session; each is the same shell.
-PAGES: Final = frozenset({"/ui/", "/ui/vm", "/ui/jobs", "/ui/destinations"})
+PAGES: Final = frozenset(
+    {"/ui/", "/ui/vm", "/ui/jobs", "/ui/destinations"}
+    | {f"/ui/{name}" for name in ("servers", "schedules", "webhooks", "agents", "users", "audit")}
+)
 MAX_BODY: Final = 16 * 1024
 _TYPES: Final = {
     ".html": b"text/html; charset=utf-8",

@@ -220,6 +220,9 @@ RULES: Final[tuple[Rule, ...]] = (
     _rule(A, "GET", r"/api/v1/admin/monitor/.+", "system:read"),
     _rule(A, "GET", r"/api/v1/task/schedulers(/.*)?", "schedules:read"),
     _rule(A, "POST PUT DELETE", r"/api/v1/task/schedulers(/.*)?", "schedules:write"),
+    _rule(A, "GET", r"/api/v1/webhooks", "config:read"),
+    _rule(A, "POST", r"/api/v1/webhooks(/test)?", "config:write"),
+    _rule(A, "DELETE", rf"/api/v1/webhooks/{_P}", "config:write"),
     # HyperSDK API (hypersdk-api.md)
     _rule(H, "GET", r"/(status|metrics)", "system:read"),
     _rule(H, "GET", r"/vms/(list|info)", "inventory:read"),

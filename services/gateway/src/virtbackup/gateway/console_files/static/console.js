@@ -2,6 +2,8 @@
 // browser; changes carry the x-csrf-token header) and draws with DOM nodes, never HTML
 // strings, so nothing the API returns is run as markup. Live progress comes from /events.
 import { showErrors, clearErrors } from "/ui/static/forms.js";
+import { serversPage, destinationsPage as destinationsMore, vmSections, rerunButton } from "/ui/static/fleet.js";
+import { ADMIN_PAGES } from "/ui/static/admin.js";
 
 const DAY = 24 * 3600 * 1000;
 const TERMINAL = new Set(["success", "failure", "canceled"]);
@@ -295,6 +297,7 @@ async function vmPage(main) {
     restoreSlot.append(restoreForm(config, good, serverId));
     parts.push(section("Restore", restoreSlot));
   }
+  parts.push(...vmSections(serverId, vmName, points));
   main.replaceChildren(...parts);
 
   async function reloadPoints() {
@@ -361,7 +364,7 @@ async function jobsPage(main) {
     h("td", {}, job.message || ""),
     h("td", {}, can("jobs:control") && !TERMINAL.has(job.state)
       ? h("button", { type: "button", class: "cancel", onclick: (e) => cancel(job.id, e.target) }, "Cancel")
-      : null));
+      : can("jobs:control") && TERMINAL.has(job.state) ? rerunButton(job) : null));
   body.append(...list.map(row));
   async function showLog(jobId) {
     logTitle.textContent = `Output log of ${jobId}`;
@@ -432,7 +435,11 @@ async function destinationsPage(main) {
   main.replaceChildren(h("h1", {}, "Destinations"), cards.length ? h("div", { class: "cards" }, cards) : h("p", {}, "No destinations."));
 }
 
-const PAGES = { "/ui/": dashboard, "/ui/vm": vmPage, "/ui/jobs": jobsPage, "/ui/destinations": destinationsPage };
+const PAGES = {
+  "/ui/": dashboard, "/ui/vm": vmPage, "/ui/jobs": jobsPage,
+  "/ui/destinations": (main) => destinationsMore(main, destinationsPage),
+  "/ui/servers": serversPage, ...ADMIN_PAGES,
+};
 
 async function main() {
   const root = document.getElementById("main");
@@ -446,6 +453,7 @@ async function main() {
   });
   for (const a of document.querySelectorAll("nav a")) {
     if (a.getAttribute("href") === location.pathname) a.classList.add("current");
+    if (a.dataset.needs && !can(a.dataset.needs)) a.remove();  // e.g. the audit log: admins only
   }
   if (can("jobs:read")) follow();
   try {
@@ -454,5 +462,8 @@ async function main() {
     root.replaceChildren(h("p", { class: "error" }, err.message));
   }
 }
+
+// For the other pages' modules (fleet.js, admin.js).
+export { api, can, h, table, section, field, bytes, age, pointTime, progress, watchJob };
 
 main();
