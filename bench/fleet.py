@@ -21,6 +21,11 @@ as a process, one orchestrator, one worker), never ``virtbackup up``, then:
   /servers/{id}/vms`` (one server's VMs, ``--reps`` servers drawn at random), the whole
   fleet's VMs read server by server (``--parallel`` at a time), the HyperSDK
   ``GET /vms/list?server_id=`` (one server's VMs with CPUs, memory and disks);
+* the plan of a nightly backup of all of them: a project with one plan whose VMs are
+  ``vm: "*"`` on every server, imported (every glob resolved, one schedule per selector),
+  and its dry-run preview from the inventory's cache and online, with their seconds (the
+  plan is not run: there is no concurrency limit per host or destination to honour yet,
+  and no simulated transfer; see bench/README.md);
 * the fleet's history: ``--jobs`` finished backup jobs of the fleet's VMs written into
   ``VB_JOBS`` (as ``bench/jobs.py`` does), then ``GET /jobs`` (the newest 1,000) and a
   submit (``POST /servers/{id}/backup`` of a simulated VM: 200, then the job fails with
@@ -246,6 +251,55 @@ async def write_history(system: System, servers: int, vms: int, count: int) -> f
         await nc.drain()
 
 
+def fleet_project(servers: int) -> str:
+    """A project whose one plan selects every VM of every server (``vm: "*"``, a glob per
+    server), nightly at 01:00 UTC, into ``fs``."""
+    selectors = "\n".join(f'      - {{server: {server_id(n)}, vm: "*"}}' for n in range(servers))
+    return (
+        "id: fleet\nname: The whole fleet\npipelines:\n  - id: all\n    vms:\n"
+        f"{selectors}\n    destination: fs\n"
+        '    schedule: {cron: "0 1 * * *", timezone: UTC}\n'
+        "    options: {cacheMaxAgeSeconds: 3600}\n"
+    )
+
+
+async def plan_fleet(
+    api: httpx.AsyncClient, servers: int, vms: int, timeout: float
+) -> dict[str, Any]:
+    """Plan a nightly backup of every VM: the project's import (every glob resolved, one
+    schedule per selector) and the plan's dry-run preview, from the inventory's cache
+    (``offline_cached``) and online (each VM's disks asked): per step its seconds and
+    HTTP status, and the error when it failed (a step that takes longer than
+    ``timeout`` seconds is recorded as ``timed out``, and the previews are skipped when
+    the import failed)."""
+    out: dict[str, Any] = {"vms": servers * vms, "selectors": servers}
+
+    async def step(name: str, path: str, body: dict[str, Any]) -> httpx.Response | None:
+        started = time.monotonic()
+        try:
+            resp = await api.post(path, json=body, timeout=timeout)
+        except httpx.TimeoutException:
+            out[name] = {"s": round(time.monotonic() - started, 2), "status": "timed out"}
+            return None
+        out[name] = {"s": round(time.monotonic() - started, 2), "status": resp.status_code}
+        if resp.status_code >= 300:
+            out[name]["error"] = resp.text[:300]
+        return resp
+
+    resp = await step("import", "/api/v1/projects/import", {"yaml": fleet_project(servers)})
+    if resp is None or resp.status_code != 201:
+        return out
+    out["import"]["schedules"] = len(resp.json()["schedule_ids"])
+    preview = "/api/v1/pipelines/fleet.all/dry-run-preview"
+    for mode in ("offline_cached", "online"):
+        body = {"execution_mode": mode} if mode != "online" else {}
+        resp = await step(f"preview_{mode}", preview, body)
+        if resp is not None and resp.status_code == 200:
+            assert len(resp.json()["vms"]) == servers * vms, resp.text[:300]
+            out[f"preview_{mode}"]["bytes"] = len(resp.content)
+    return out
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="vbbench-fleet-", dir="/var/tmp"))
     work.chmod(0o700)
@@ -361,6 +415,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     await wait_job(api, job_id, timeout=60)
                 result["latency"] = latency
                 result["memory"]["after_history"] = process_memory(system)
+                result["plan"] = await plan_fleet(api, args.servers, args.vms, args.plan_timeout)
+                result["memory"]["after_plan"] = process_memory(system)
+                print(f"plan: {result['plan']}", flush=True)
                 result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -378,6 +435,11 @@ def report(result: dict[str, Any]) -> None:
     print(f"forced full refresh (POST /servers/{{id}}/refresh of every server): "
           f"{result['forced_refresh_s']} s")  # fmt: skip
     print(f"every server's VMs read through GET /servers/{{id}}/vms: {result['list_all_vms_s']} s")
+    plan = result["plan"]
+    print(f"plan of every VM ({plan['vms']} VMs, {plan['selectors']} selectors):")
+    for name in ("import", "preview_offline_cached", "preview_online"):
+        if name in plan:
+            print(f"  {name}: {plan[name]}")
     print(f"history: {result['history']['jobs']} finished jobs written into VB_JOBS")
     print(f"machine load average at the end: {result['load_average_end']}")
     print("\n| request | n | median | p95 | p99 | max |\n|---|---|---|---|---|---|")
@@ -400,6 +462,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=50, help="requests timed per route")
     parser.add_argument("--parallel", type=int, default=32, help="requests in flight")
     parser.add_argument("--timeout", type=float, default=300, help="first refresh bound (s)")
+    parser.add_argument("--plan-timeout", type=float, default=240, help="per plan step (s)")
     parser.add_argument(
         "--json", type=Path, default=Path(__file__).parent / "results" / "fleet.json"
     )

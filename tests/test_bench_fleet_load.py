@@ -57,6 +57,9 @@ def test_the_fleet_and_load_benchmarks_run_with_small_numbers(tmp_path: Path) ->
         result["latency"]
     )
     assert result["memory"]["fleet_listed"]["inventory"]["rss_mib"] > 0
+    plan = result["plan"]  # every VM of the fleet planned, previewed both ways
+    assert (plan["import"]["status"], plan["import"]["schedules"]) == (201, 4), plan
+    assert plan["preview_offline_cached"]["status"] == plan["preview_online"]["status"] == 200
     assert "| GET /jobs (newest 1000) | 3 |" in fleet_out
 
     result = json.loads(load_json.read_text())
