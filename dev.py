@@ -5,6 +5,10 @@
     python3 dev.py test   # install what is needed, then lint, type-check and run every test
     python3 dev.py bench  # install what is needed, then the benchmark against virtnbdbackup
                           # (options: --reps 1 --steps full,incremental --warm ...; bench/README.md)
+    python3 dev.py fleet  # 1,000 simulated servers x 10 VMs: refresh, memory, listings, history
+                          # (bench/fleet.py; options: --servers 1000 --vms 10 --jobs 10000 ...)
+    python3 dev.py load   # 100 SSE + 100 WebSocket clients while jobs run, /health p50/p99
+                          # (bench/load.py; options: --sse 100 --ws 100 --seconds 60 ...)
 
 Both install what they need: as root, the Debian packages (libvirt, QEMU, OpenSSH, ...);
 then uv (from PyPI, into .tools/ if it is not on PATH) and every Python package into
@@ -205,8 +209,20 @@ def cmd_bench(args: list[str]) -> int:
     return subprocess.call([bin_("python"), "bench/run.py", *args], cwd=ROOT)
 
 
+def cmd_script(script: str, args: list[str]) -> int:
+    """Run one of the bench/ scripts that start a system of their own (never ``virtbackup
+    up``): the fleet simulation or the load benchmark."""
+    ensure_debian_packages()
+    ensure_python_env()
+    ensure_libvirtd()
+    return subprocess.call([bin_("python"), script, *args], cwd=ROOT)
+
+
+SCRIPTS = {"fleet": "bench/fleet.py", "load": "bench/load.py"}
+
+
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in {"up", "test", "install", "bench"}:
+    if len(sys.argv) < 2 or sys.argv[1] not in {"up", "test", "install", "bench", *SCRIPTS}:
         print(__doc__)
         return 2
     command, rest = sys.argv[1], sys.argv[2:]
@@ -217,6 +233,8 @@ def main() -> int:
         return 0
     if command == "bench":
         return cmd_bench(rest)
+    if command in SCRIPTS:
+        return cmd_script(SCRIPTS[command], rest)
     return cmd_up(rest) if command == "up" else cmd_test(rest)
 
 

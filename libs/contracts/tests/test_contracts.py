@@ -12,6 +12,7 @@ from virtbackup.contracts.v1.config import (
     check_libvirt_uri,
     decode_config,
     host_key_fingerprint,
+    is_simulated_uri,
 )
 from virtbackup.contracts.v1.jobs import Job
 
@@ -86,7 +87,11 @@ def _destination(driver: str, **params: object) -> bytes:
         ("qemu+unix:///system", "transport 'qemu+unix' is not supported"),
         ("qemu+ssh://root@h/system", "transport 'qemu+ssh' is not supported"),
         ("qemu+tcp://h/system", "transport 'qemu+tcp' is not supported"),
-        ("test:///default", "transport 'test' is not supported"),
+        ("test+tls://h/default", "transport 'test+tls' is not supported"),
+        ("test://h/default", "a simulated server is local"),
+        ("test:///etc/passwd", "test driver XML file"),
+        ("test:///srv/../etc/x.xml", "no '..'"),
+        ("test:///default?x=1", "not accepted ('x')"),
         ("qemu://h/system", "qemu:///system or qemu:///session"),
         ("qemu+tls:///system", "needs a host"),
         ("qemu+tls://h/other", "/system or /session"),
@@ -102,7 +107,15 @@ def test_a_libvirt_uri_that_could_run_a_program_is_refused(uri: str, why: str) -
 
 
 @pytest.mark.parametrize(
-    "uri", ["", "qemu:///system", "qemu:///session", "qemu+tls://h:16514/system"]
+    "uri",
+    [
+        "",
+        "qemu:///system",
+        "qemu:///session",
+        "qemu+tls://h:16514/system",
+        "test:///default",
+        "test:///var/tmp/fleet/server-1.xml",
+    ],
 )
 def test_supported_libvirt_uris_are_accepted(uri: str) -> None:
     assert decode_config(_server(uri=uri)).servers[0].uri == uri
@@ -126,6 +139,13 @@ def test_a_server_over_ssh_takes_no_other_uri(uri: str, why: str) -> None:
     with pytest.raises(ConfigError, match=r"\$\.servers\[0\]\.uri") as info:
         decode_config(_server(host="h", privateKey="k", uri=uri))
     assert why in str(info.value)
+
+
+def test_a_simulated_server_has_no_host() -> None:
+    with pytest.raises(ConfigError, match=r"\$\.servers\[0\]\.host") as info:
+        decode_config(_server(host="h", privateKey="k", uri="test:///default"))
+    assert "simulated server" in str(info.value)
+    assert is_simulated_uri("test:///default") and not is_simulated_uri("qemu:///system")
 
 
 def test_a_session_server_over_ssh_needs_a_login() -> None:

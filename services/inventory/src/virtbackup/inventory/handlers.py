@@ -177,7 +177,9 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
         entry = inv.entry(req.server_id)
         conn = await entry.host.connection()
         async with libvirt_errors(req.server_id, req.vm_name):
-            disks = await list_disks(conn, req.vm_name, host=await entry.host.host())
+            # A simulated server's disks have no files: libvirt's sizes or none, no qemu-img.
+            host = None if entry.host.is_simulated else await entry.host.host()
+            disks = await list_disks(conn, req.vm_name, host=host)
         return [
             DiskInfo(
                 target=d.target,

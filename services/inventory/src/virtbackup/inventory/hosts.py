@@ -9,7 +9,10 @@ is not running, see :mod:`virtbackup.virt.session`; its backup scratch files the
 to a 0700 folder of that user's, :meth:`HostServer.scratch_dir`). A ``uri`` that
 ``check_libvirt_uri`` refuses (a transport or parameter that runs a program or names a
 socket) is never opened, even if it reached the stored configuration some other way
-than ``POST /config``. Every connection attempt is bounded
+than ``POST /config``. A *simulated* server (``uri`` ``test:///...``: libvirt's test
+driver, in this process; fleet simulations) lists, starts and stops its VMs, but has no
+QEMU and no disks: :meth:`HostServer.host`, which everything that reads or writes a disk
+goes through, refuses it with a ``BadRequest`` saying so. Every connection attempt is bounded
 by the server timeout; a failure marks the server unreachable with the reason, and the
 next use tries again. Servers never wait for each other.
 """
@@ -25,8 +28,13 @@ from dataclasses import dataclass, field
 
 import asyncssh
 
-from virtbackup.contracts.v1.config import Server, check_libvirt_uri, host_key_fingerprint
-from virtbackup.runtime.errors import Unavailable
+from virtbackup.contracts.v1.config import (
+    Server,
+    check_libvirt_uri,
+    host_key_fingerprint,
+    is_simulated_uri,
+)
+from virtbackup.runtime.errors import BadRequest, Unavailable
 from virtbackup.virt import Connection, open_connection, open_ssh_connection
 from virtbackup.virt.connection import LOCAL_SYSTEM_URI
 from virtbackup.virt.errors import VirtError
@@ -172,6 +180,11 @@ class HostServer:
         return not self.config.host
 
     @property
+    def is_simulated(self) -> bool:
+        """Whether this is a simulated server (libvirt's ``test:///`` driver, no QEMU)."""
+        return is_simulated_uri(self.config.uri)
+
+    @property
     def is_session(self) -> bool:
         """Whether libvirt is the SSH login user's own ``qemu:///session`` daemon."""
         return bool(self.config.host) and self.config.uri == SESSION_URI
@@ -256,7 +269,7 @@ class HostServer:
         if problem is not None:
             raise Unavailable(f"server {self.id}: {problem}")
         if not self.over_ssh:
-            host: Host | None = LocalHost() if self.is_local else None
+            host: Host | None = LocalHost() if self.is_local and not self.is_simulated else None
             return await open_connection(
                 self.uri, host=host, open_timeout=self.timeout, call_timeout=max(30, self.timeout)
             )
@@ -282,7 +295,14 @@ class HostServer:
         return conn
 
     async def host(self) -> Host:
-        """Where ``qemu-img`` and friends run for this server."""
+        """Where ``qemu-img`` and friends run for this server. Raises ``BadRequest`` for a
+        simulated server: it has no QEMU and no disks to back up, restore or clean."""
+        if self.is_simulated:
+            raise BadRequest(
+                f"server {self.id} is simulated (libvirt's test driver, {self.config.uri}): "
+                "it has no QEMU and no disks, so backups, restores, migrations and cleanups "
+                "cannot run on it"
+            )
         if self.is_local:
             return LocalHost()
         async with self.lock:

@@ -231,6 +231,8 @@ class Inventory:
             return self._snapshot(entry)
 
     async def _status(self, entry: ServerEntry, name: str, uuid: str, power: str) -> VmStatus:
+        if entry.host.is_simulated:  # no QEMU, no scratch files: nothing left over
+            return VmStatus(vm=Vm(id=uuid, name=name, power_state=_power(power)))
         conn = await entry.host.connection()
         try:
             # No stale-checkpoint check here: this runs on every lifecycle event and
@@ -296,8 +298,9 @@ class Inventory:
                 delay = min(delay * 2, 60.0)
                 continue
             delay = 1.0
-            if entry.reconciler is None or (
-                entry.reconciler.done() and entry.reconciler.exception() is not None
+            if not entry.host.is_simulated and (  # a simulated server has no backup jobs
+                entry.reconciler is None
+                or (entry.reconciler.done() and entry.reconciler.exception() is not None)
             ):
                 scratch = self.ctx.settings.scratch_dir
                 with contextlib.suppress(Unavailable):

@@ -582,6 +582,11 @@ def _check_server(server: Server, where: str) -> None:
     problem = check_libvirt_uri(server.uri)
     if problem is not None:
         raise ConfigError(f"{problem} - at `{where}.uri`")
+    if is_simulated_uri(server.uri) and server.host:
+        raise ConfigError(
+            "a simulated server (test:/// uri) runs in the inventory's own process: leave "
+            f"host empty - at `{where}.host`"
+        )
     # With a host, libvirt is reached over SSH: the login user's system daemon (no uri,
     # or qemu:///system) or that user's own session daemon (qemu:///session); or over
     # TLS with a qemu+tls:// uri (check_libvirt_uri allows nothing else).
@@ -607,12 +612,40 @@ def _check_server(server: Server, where: str) -> None:
 #: The local libvirt URIs a server may name.
 LOCAL_URIS: Final = frozenset({"qemu:///system", "qemu:///session"})
 
+#: The scheme of a simulated server: libvirt's test driver, in the inventory's process.
+SIMULATED_SCHEME: Final = "test"
+
+
+def is_simulated_uri(uri: str) -> bool:
+    """Whether ``uri`` names a simulated server (libvirt's ``test:///`` driver): VMs that
+    can be listed, started and stopped, but with no QEMU behind them, so nothing that
+    reads or writes a disk (backups, restores, migrations, cleanups) can run on it."""
+    return uri.lower().startswith(f"{SIMULATED_SCHEME}:")
+
+
+def _check_simulated_uri(uri: str) -> str | None:
+    parts = urlsplit(uri)
+    if parts.netloc:
+        return f"uri {uri!r}: a simulated server is local (test:///default or test:///path.xml)"
+    path = parts.path
+    if path == "/default":
+        return None
+    if not path.endswith(".xml") or ".." in path.split("/") or len(path) < 6:
+        return (
+            f"uri {uri!r}: a simulated server is test:///default or test:/// followed by the "
+            "absolute path of a libvirt test driver XML file (…/name.xml, no '..')"
+        )
+    return None
+
 
 def check_libvirt_uri(uri: str) -> str | None:
     """Why ``uri`` may not be a server's libvirt URI, or None if it may (or is empty).
 
-    Accepted: this machine's ``qemu:///system`` or ``qemu:///session``, and
-    ``qemu+tls://host[:port]/system`` (or ``/session``) without parameters. Everything
+    Accepted: this machine's ``qemu:///system`` or ``qemu:///session``,
+    ``qemu+tls://host[:port]/system`` (or ``/session``) without parameters, and a
+    simulated server: libvirt's test driver, ``test:///default`` or ``test:///`` and the
+    absolute path of a test driver XML file ending in ``.xml`` (:func:`is_simulated_uri`;
+    fleet simulations, no QEMU behind it). Everything
     else is refused: other transports (``qemu+ext`` runs a program, ``qemu+ssh`` runs
     ``ssh``, ``qemu+tcp`` is unauthenticated, ``qemu+unix`` names a socket; a remote host
     is reached over VirtBackup's own SSH tunnel: leave ``uri`` empty and set ``host``) and
@@ -637,6 +670,8 @@ def check_libvirt_uri(uri: str) -> str | None:
             "name programs, sockets or files"
         )
     scheme = parts.scheme.lower()
+    if scheme == SIMULATED_SCHEME:
+        return _check_simulated_uri(uri)
     if scheme == "qemu":
         if uri in LOCAL_URIS:
             return None
@@ -649,7 +684,8 @@ def check_libvirt_uri(uri: str) -> str | None:
         return None
     return (
         f"uri {uri!r}: transport {parts.scheme!r} is not supported; use qemu:///system, "
-        "qemu+tls://host/system, or leave uri empty and set host to reach libvirt over SSH"
+        "qemu+tls://host/system, or leave uri empty and set host to reach libvirt over SSH "
+        "(test:///default or test:///path.xml for a simulated server)"
     )
 
 
