@@ -225,9 +225,14 @@ async def _plan(
                 f"disks {seen[disk.path]} and {disk.target} would both be restored to {disk.path}"
             )
         seen[disk.path] = disk.target
+    if req.directory_must_exist and directory is None:
+        await _check_own_directories(server, host, plan)
     if req.decision == "overwrite":
-        # Disks that go somewhere new may only replace files of the VM they replace.
-        careful = renamed or directory is not None
+        # Disks that go somewhere new may only replace files of the VM they replace. A
+        # migration's always do, whatever the paths say: a file at the source's path on
+        # the target is not the source's disk (unless the hosts share that storage, and
+        # then it is the source's own image, which must not be replaced either).
+        careful = renamed or directory is not None or req.directory_must_exist
         ours = await _disk_paths(conn, req.vm_name) if careful and exists else set()
         for disk in plan:
             await _check_writable(server, host, disk, req.vm_name, ours if careful else None)
@@ -327,6 +332,26 @@ async def _target_directory(
                 "user the server is reached as"
             )
     return wanted
+
+
+async def _check_own_directories(server: HostServer, host: Host, plan: list[RestoreDisk]) -> None:
+    """``BadRequest`` unless the directory of each file disk of ``plan`` (no target
+    directory given: the source's paths) exists and is writable on the server, as a given
+    ``targetDirectory`` must be for a migration (nothing is made before it starts)."""
+    for folder in sorted({posixpath.dirname(d.path) for d in plan if d.kind == "file"}):
+        where = (
+            f"targetDirectory: not given, so the disks go to {folder!r} on server "
+            f"{server.id} (their path on the source)"
+        )
+        kind = await _file_type(host, folder)
+        if kind != "directory":
+            state = "does not exist" if kind == "absent" else f"is a {kind}"
+            raise BadRequest(f"{where}, which {state} there: give targetDirectory")
+        if (await host.run(["test", "-w", folder], timeout=30)).returncode != 0:
+            raise BadRequest(
+                f"{where}, which the user the server is reached as cannot write: give "
+                "targetDirectory"
+            )
 
 
 async def _allowed_directories(server: HostServer, conn: Connection) -> list[str]:
