@@ -10,6 +10,7 @@ daemons see the same file there. Real libvirtd/QEMU (two daemons), sshd and serv
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pwd
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import libvirt
 import pytest
 from harness import System, local_config, running_system
 
@@ -37,11 +39,22 @@ REMOVED = f"vbt-t18r-{PID}"
 REMOVED_MOVED = f"vbt-t18rt-{PID}"
 LINKED = f"vbt-t18l-{PID}"
 OVERLAID = f"vbt-t18o-{PID}"
+HELD = f"vbt-t18h-{PID}"
+WITH_CDROM = f"vbt-t18cd-{PID}"
+HELD_MOVED = f"vbt-t18ht-{PID}"
+#: Seconds the first pass waits between the backup job's begin and its record (debug
+#: hold ``migrate:begun``): the orchestrator is stopped there.
+BEGUN_HOLD = 3
 
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    with running_system(tmp_path_factory.mktemp("trial18"), orchestrators=1) as system:
+    with running_system(
+        tmp_path_factory.mktemp("trial18"),
+        orchestrators=1,
+        VIRTBACKUP_DEBUG="1",
+        VIRTBACKUP_DEBUG_HOLDS=json.dumps({"migrate:begun": BEGUN_HOLD}),
+    ) as system:
         yield system
 
 
@@ -207,3 +220,84 @@ async def test_remove_source_disks_keeps_images_other_vms_name_through_links(
     finally:
         for name in (REMOVED, LINKED, OVERLAID):
             await remove_vm(conn, name)
+
+
+async def checkpoints_of(conn: Connection, name: str) -> list[str]:
+    dom = await conn.lookup(name)
+    return [c.getName() for c in await conn.call(dom.listAllCheckpoints)]
+
+
+async def test_an_orchestrator_stopped_before_it_recorded_the_checkpoint_ends_the_backup_job(
+    hs: httpx.AsyncClient,
+    api: httpx.AsyncClient,
+    system: System,
+    conn: Connection,
+    vm_dir: Path,
+    session_host: SessionHost,
+) -> None:
+    """The orchestrator stops between the first pass's begin (a libvirt backup job and a
+    new checkpoint on the source) and its record of the checkpoint. The one started again
+    ends the job from its record: the backup job is ended and its checkpoint dropped too
+    (they were left: the job's scratch image kept growing, and every later backup or
+    migration of the VM failed with "already has a backup job")."""
+    await create_vm(conn, HELD, vm_dir, [16 * MiB])
+    try:
+        await api.post("/servers/local/refresh")
+        body = submission(HELD, vm_name=HELD_MOVED, target_directory=str(session_host.images))
+        resp = await hs.post("/jobs/submit", json=body)
+        assert resp.status_code == 201, resp.text
+        job_id = resp.json()["job_id"]
+        deadline = time.monotonic() + 60
+        while not await checkpoints_of(conn, HELD):
+            assert time.monotonic() < deadline, "the migration never began on the source"
+            await asyncio.sleep(0.1)
+        result = (await api.get(f"/jobs/{job_id}")).json()["result"]
+        assert "checkpoints" not in result, result  # in the hold: not recorded yet
+        system.stop("job-orchestrator")
+        system.start("job-orchestrator")
+        deadline = time.monotonic() + 90
+        while True:
+            resp = await hs.get(f"/jobs/{job_id}")
+            if resp.status_code == 200 and resp.json()["status"] in {"failed", "cancelled"}:
+                job = resp.json()
+                break
+            assert time.monotonic() < deadline, resp.text
+            await asyncio.sleep(0.3)
+        assert job["status"] == "failed" and "stopped while" in job["error"], job
+        assert await power(conn, HELD) == "running"
+        dom = await conn.lookup(HELD)
+        with pytest.raises(libvirt.libvirtError, match="no domain backup job"):
+            dom.backupGetXMLDesc(0)
+        assert await checkpoints_of(conn, HELD) == []
+        assert [p for p in session_host.images.iterdir() if HELD_MOVED in p.name] == []
+    finally:
+        await remove_vm(conn, HELD)
+
+
+async def test_a_medium_the_target_cannot_read_is_refused_before_anything(
+    hs: httpx.AsyncClient, api: httpx.AsyncClient, conn: Connection, session_host: SessionHost
+) -> None:
+    """A CD-ROM medium is not copied: the VM keeps its path. One the target's user cannot
+    read is a 400 naming the drive (the migration ran, stopped the source, and failed to
+    start the VM on the target, leaving it defined there)."""
+    private = vm_directory(prefix="vbtest-t18cd-")
+    private.chmod(0o711)
+    try:
+        made = await create_vm(conn, WITH_CDROM, private, [16 * MiB], with_cdrom=True, start=False)
+        assert made.cdrom is not None
+        made.cdrom.chmod(0o600)  # root's: the system QEMU gets it, the session user cannot
+        await conn.call((await conn.lookup(WITH_CDROM)).create, timeout=60)
+        await api.post("/servers/local/refresh")
+        before = await job_count(hs)
+        body = submission(WITH_CDROM, target_directory=str(session_host.images))
+        resp = await hs.post("/jobs/submit", json=body)
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error.startswith(f"disk sda: the cdrom '{made.cdrom}'"), error
+        assert "remove-cdrom" in error, error
+        assert await job_count(hs) == before
+        assert await power(conn, WITH_CDROM) == "running"
+        assert [p for p in session_host.images.iterdir() if WITH_CDROM in p.name] == []
+    finally:
+        await remove_vm(conn, WITH_CDROM)
+        shutil.rmtree(private, ignore_errors=True)

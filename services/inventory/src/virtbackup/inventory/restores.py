@@ -225,8 +225,10 @@ async def _plan(
                 f"disks {seen[disk.path]} and {disk.target} would both be restored to {disk.path}"
             )
         seen[disk.path] = disk.target
-    if req.directory_must_exist and directory is None:
-        await _check_own_directories(server, host, plan)
+    if req.directory_must_exist:
+        if directory is None:
+            await _check_own_directories(server, host, plan)
+        await _check_media(server, host, req.domain_xml, plan)
     if req.decision == "overwrite":
         # Disks that go somewhere new may only replace files of the VM they replace. A
         # migration's always do, whatever the paths say: a file at the source's path on
@@ -352,6 +354,32 @@ async def _check_own_directories(server: HostServer, host: Host, plan: list[Rest
                 f"{where}, which the user the server is reached as cannot write: give "
                 "targetDirectory"
             )
+
+
+async def _check_media(
+    server: HostServer, host: Host, domain_xml: str, plan: list[RestoreDisk]
+) -> None:
+    """``BadRequest`` naming a disk of ``domain_xml`` that is not copied (a CD-ROM or
+    floppy medium, a read-only disk: the domain keeps its path) whose file the server's
+    user cannot read there: the domain would be defined on the server and fail to start,
+    found only once the source was stopped (a migration)."""
+    copied = {d.target for d in plan}
+    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own XML of the source VM
+    for disk in root.findall("./devices/disk"):
+        target, source = disk.find("target"), disk.find("source")
+        dev = target.get("dev", "") if target is not None else ""
+        if dev in copied or source is None or disk.get("type", "file") not in ("file", "block"):
+            continue
+        path = source.get("file") or source.get("dev")
+        if not path or (await host.run(["test", "-r", path], timeout=30)).returncode == 0:
+            continue
+        what = disk.get("device", "disk")
+        raise BadRequest(
+            f"disk {dev}: the {what} {path!r} (not copied: the vm keeps its path) cannot be "
+            f"read on server {server.id} by the user it is reached as, so the vm could not "
+            "start there: eject the medium on the source (POST /vms/remove-cdrom) or make "
+            "the file available there first"
+        )
 
 
 async def _allowed_directories(server: HostServer, conn: Connection) -> list[str]:
