@@ -41,6 +41,8 @@ LINKED = f"vbt-t18l-{PID}"
 OVERLAID = f"vbt-t18o-{PID}"
 HELD = f"vbt-t18h-{PID}"
 WITH_CDROM = f"vbt-t18cd-{PID}"
+STUCK = f"vbt-t18st-{PID}"
+STUCK_MOVED = f"vbt-t18stt-{PID}"
 HELD_MOVED = f"vbt-t18ht-{PID}"
 #: Seconds the first pass waits between the backup job's begin and its record (debug
 #: hold ``migrate:begun``): the orchestrator is stopped there.
@@ -301,3 +303,41 @@ async def test_a_medium_the_target_cannot_read_is_refused_before_anything(
     finally:
         await remove_vm(conn, WITH_CDROM)
         shutil.rmtree(private, ignore_errors=True)
+
+
+async def test_images_a_failed_cutover_cannot_remove_are_said(
+    hs: httpx.AsyncClient, api: httpx.AsyncClient, conn: Connection, vm_dir: Path,
+    session_host: SessionHost,
+) -> None:  # fmt: skip
+    """The target directory cannot be written once the cut-over has begun (a full or
+    remounted filesystem, changed permissions), and the cut-over fails (debug fault
+    ``cutover``): the source is started again, and the images left on the target are
+    named in the message (they were left silently)."""
+    await create_vm(conn, STUCK, vm_dir, [16 * MiB])
+    images = session_host.images
+    try:
+        await api.post("/servers/local/refresh")
+        body = submission(
+            STUCK, vm_name=STUCK_MOVED, target_directory=str(images), debug_fault="cutover"
+        )
+        resp = await hs.post("/jobs/submit", json=body)
+        assert resp.status_code == 201, resp.text
+        job_id = resp.json()["job_id"]
+        deadline = time.monotonic() + 90
+        while (await hs.get(f"/jobs/{job_id}")).json()["progress"]["stage"] != "cutover":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        images.chmod(0o500)  # the source shuts down for a second (shutdown_timeout 1)
+        job = await follow(hs, job_id)
+        images.chmod(0o700)
+        assert job["status"] == "failed", job
+        assert f"the source vm {STUCK} was started again" in job["error"], job
+        left = images / f"{STUCK_MOVED}-vda.qcow2.vbrestore-{job_id}"
+        assert left.exists()
+        assert f"on server session: could not remove {left}: remove them there" in job["error"]
+        assert await power(conn, STUCK) == "running"
+    finally:
+        images.chmod(0o700)
+        for path in images.glob(f"{STUCK_MOVED}-*"):
+            path.unlink()
+        await remove_vm(conn, STUCK)

@@ -608,22 +608,25 @@ async def _teardown(host: Host, job_id: str, targets: list[RestoreTarget], *, re
             await _remove_temp(host, target)
 
 
-async def finish(server: HostServer, req: RestoreFinishRequest) -> None:
+async def finish(server: HostServer, req: RestoreFinishRequest) -> list[str]:
     """Stop the exports; on success move the images into place and define the domain
     (the saved XML rewritten for ``vm_name`` and where the disks are, see
     :mod:`virtbackup.virt.rewrite`), then refresh the storage pools holding them.
+    Returns the temporary images a failed restore's removal left (their directory
+    could not be written, say): empty on success.
 
     Idempotent: an image already moved into place (its temporary file gone, its final
     path present) is left as it is, so a commit cut short can simply be repeated."""
     host = await server.host()
     # The exports stop and failed images go first, whatever the libvirt connection does.
     await _teardown(host, req.job_id, req.disks, remove=not req.success)
+    kept = [] if req.success else await _left_behind(host, req.disks)
     conn = await server.connection()
     if not req.success:
         left = await state_files.staged_for(server, req.job_id, "", req.state)
         await state_files.discard(host, left, req.job_id)
         await ownership.release_restore_hold(conn, req.vm_name, req.job_id)
-        return
+        return kept
     placements = [DiskPlacement(t.target, t.path, t.kind, t.format) for t in req.disks]
     uuid = await state_files.target_uuid(conn, req.vm_name, req.uuid)
     final = (
@@ -657,6 +660,18 @@ async def finish(server: HostServer, req: RestoreFinishRequest) -> None:
     directories = {posixpath.dirname(t.path) for t in req.disks if t.kind == "file"}
     with contextlib.suppress(VirtError):
         await refresh_pools_holding(conn, directories)
+    return []
+
+
+async def _left_behind(host: Host, targets: list[RestoreTarget]) -> list[str]:
+    """The temporary images of ``targets`` that are still there after their removal."""
+    left = []
+    for t in targets:
+        if t.kind == "file" and t.temp_path not in ("", t.path):
+            with contextlib.suppress(CommandFailed, VirtError, OSError):
+                if (await host.run(["test", "-e", t.temp_path], timeout=30)).returncode == 0:
+                    left.append(t.temp_path)
+    return left
 
 
 def retired_path(path: str, job_id: str) -> str:

@@ -695,11 +695,14 @@ async def _undo(jc: JobContext, m: Migration) -> list[str]:
             disks=m.targets, state=m.state,
         )  # fmt: skip
         try:
-            await jc.bus.request(
+            removed = await jc.bus.request(
                 InventoryCmd.RESTORE_FINISH, finish, Ok, timeout=timeouts.INVENTORY_JOB_STEP
             )
         except ServiceError as exc:
             notes.append(f"could not remove the images on server {m.target}: {exc.message}")
+        else:
+            if removed.message:
+                notes.append(f"on server {m.target}: {removed.message}: remove them there")
     notes.extend(await _drop_checkpoints(jc, m))
     if m.defined and not m.target_running:
         # Defined there, its images in place, but not started: said, so that a retry's
