@@ -341,3 +341,20 @@ async def test_images_a_failed_cutover_cannot_remove_are_said(
         for path in images.glob(f"{STUCK_MOVED}-*"):
             path.unlink()
         await remove_vm(conn, STUCK)
+
+
+async def test_the_native_api_names_its_own_fields(
+    api: httpx.AsyncClient, hs: httpx.AsyncClient
+) -> None:
+    """``POST /api/v1/migrations`` is refused naming the field as its body does (it named
+    the HyperSDK definition's ``options.max_passes``, a field the client never sent)."""
+    before = await job_count(hs)
+    body = {"serverId": "local", "vmName": VM, "targetServerId": "session", "maxPasses": 0}
+    resp = await api.post("/api/v1/migrations", json=body)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"].startswith("maxPasses (options.max_passes): "), resp.text
+    body = {"serverId": "local", "vmName": VM, "targetServerId": "no-such-server"}
+    resp = await api.post("/api/v1/migrations", json=body)
+    assert resp.status_code == 404, resp.text
+    assert resp.json()["error"].startswith("targetServerId (destination.server_id): "), resp.text
+    assert await job_count(hs) == before
