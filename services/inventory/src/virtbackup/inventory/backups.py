@@ -441,6 +441,9 @@ async def end(server: HostServer, req: BackupEndRequest, scratch_dir: str) -> bo
 
     A backup job tagged with another checkpoint than ``req.checkpoint`` is another
     backup's (a late or repeated end): it is left running, and its domain as it is.
+    Without ``req.checkpoint`` (a job ended by whoever took over from an orchestrator that
+    died before it recorded the checkpoint), the tagged job is ended, and when it failed
+    the checkpoint its tag names is dropped.
 
     A backup read from bitmaps (``req.export_dir``, :mod:`.bitmap_exports`) has no libvirt
     job: its ``qemu-nbd`` exports are stopped, nothing else (it returns False)."""
@@ -480,9 +483,12 @@ async def end(server: HostServer, req: BackupEndRequest, scratch_dir: str) -> bo
                     await ownership.untag(conn, req.vm_name)
         if not theirs and not job_left:
             stopped = await _stopped(conn, req, found)
-        if not req.success and req.checkpoint:
+        # Without ``req.checkpoint`` (its caller died before it learnt the name), the
+        # checkpoint of the job this ended is the one its tag names.
+        made = req.checkpoint or (found.checkpoint if found is not None and not theirs else None)
+        if not req.success and made:
             with contextlib.suppress(VirtNotFound):
-                await discard_checkpoint(conn, req.vm_name, req.checkpoint, host=host)
+                await discard_checkpoint(conn, req.vm_name, made, host=host)
     finally:
         if offline:
             await _shut_off_again(conn, req, found)

@@ -312,10 +312,11 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
     async def restore_finish(req: RestoreFinishRequest) -> Ok:
         entry = inv.entry(req.server_id)
         async with libvirt_errors(req.server_id, req.vm_name):
-            await restores.finish(entry.host, req)
+            left = await restores.finish(entry.host, req)
         with contextlib.suppress(Unavailable, VirtError):
             await inv.refresh_vm(req.server_id, req.vm_name)
-        return Ok()
+        # A failed restore's images that could not be removed: said, not an error.
+        return Ok(message=f"could not remove {', '.join(left)}" if left else "")
 
     register_state(ctx, inv)
 

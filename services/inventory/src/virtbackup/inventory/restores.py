@@ -230,9 +230,16 @@ async def _plan(
                 f"disks {seen[disk.path]} and {disk.target} would both be restored to {disk.path}"
             )
         seen[disk.path] = disk.target
+    if req.directory_must_exist:
+        if directory is None:
+            await _check_own_directories(server, host, plan)
+        await _check_media(server, host, req.domain_xml, plan)
     if req.decision == "overwrite":
-        # Disks that go somewhere new may only replace files of the VM they replace.
-        careful = renamed or directory is not None
+        # Disks that go somewhere new may only replace files of the VM they replace. A
+        # migration's always do, whatever the paths say: a file at the source's path on
+        # the target is not the source's disk (unless the hosts share that storage, and
+        # then it is the source's own image, which must not be replaced either).
+        careful = renamed or directory is not None or req.directory_must_exist
         ours = await _disk_paths(conn, req.vm_name) if careful and exists else set()
         for disk in plan:
             await _check_writable(server, host, disk, req.vm_name, ours if careful else None)
@@ -332,6 +339,52 @@ async def _target_directory(
                 "user the server is reached as"
             )
     return wanted
+
+
+async def _check_own_directories(server: HostServer, host: Host, plan: list[RestoreDisk]) -> None:
+    """``BadRequest`` unless the directory of each file disk of ``plan`` (no target
+    directory given: the source's paths) exists and is writable on the server, as a given
+    ``targetDirectory`` must be for a migration (nothing is made before it starts)."""
+    for folder in sorted({posixpath.dirname(d.path) for d in plan if d.kind == "file"}):
+        where = (
+            f"targetDirectory: not given, so the disks go to {folder!r} on server "
+            f"{server.id} (their path on the source)"
+        )
+        kind = await _file_type(host, folder)
+        if kind != "directory":
+            state = "does not exist" if kind == "absent" else f"is a {kind}"
+            raise BadRequest(f"{where}, which {state} there: give targetDirectory")
+        if (await host.run(["test", "-w", folder], timeout=30)).returncode != 0:
+            raise BadRequest(
+                f"{where}, which the user the server is reached as cannot write: give "
+                "targetDirectory"
+            )
+
+
+async def _check_media(
+    server: HostServer, host: Host, domain_xml: str, plan: list[RestoreDisk]
+) -> None:
+    """``BadRequest`` naming a disk of ``domain_xml`` that is not copied (a CD-ROM or
+    floppy medium, a read-only disk: the domain keeps its path) whose file the server's
+    user cannot read there: the domain would be defined on the server and fail to start,
+    found only once the source was stopped (a migration)."""
+    copied = {d.target for d in plan}
+    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own XML of the source VM
+    for disk in root.findall("./devices/disk"):
+        target, source = disk.find("target"), disk.find("source")
+        dev = target.get("dev", "") if target is not None else ""
+        if dev in copied or source is None or disk.get("type", "file") not in ("file", "block"):
+            continue
+        path = source.get("file") or source.get("dev")
+        if not path or (await host.run(["test", "-r", path], timeout=30)).returncode == 0:
+            continue
+        what = disk.get("device", "disk")
+        raise BadRequest(
+            f"disk {dev}: the {what} {path!r} (not copied: the vm keeps its path) cannot be "
+            f"read on server {server.id} by the user it is reached as, so the vm could not "
+            "start there: eject the medium on the source (POST /vms/remove-cdrom) or make "
+            "the file available there first"
+        )
 
 
 async def _allowed_directories(server: HostServer, conn: Connection) -> list[str]:
@@ -597,22 +650,25 @@ async def _teardown(host: Host, job_id: str, targets: list[RestoreTarget], *, re
         await _drop_pid_dir(host, target)
 
 
-async def finish(server: HostServer, req: RestoreFinishRequest) -> None:
+async def finish(server: HostServer, req: RestoreFinishRequest) -> list[str]:
     """Stop the exports; on success move the images into place and define the domain
     (the saved XML rewritten for ``vm_name`` and where the disks are, see
     :mod:`virtbackup.virt.rewrite`), then refresh the storage pools holding them.
+    Returns the temporary images a failed restore's removal left (their directory
+    could not be written, say): empty on success.
 
     Idempotent: an image already moved into place (its temporary file gone, its final
     path present) is left as it is, so a commit cut short can simply be repeated."""
     host = await server.host()
     # The exports stop and failed images go first, whatever the libvirt connection does.
     await _teardown(host, req.job_id, req.disks, remove=not req.success)
+    kept = [] if req.success else await _left_behind(host, req.disks)
     conn = await server.connection()
     if not req.success:
         left = await state_files.staged_for(server, req.job_id, "", req.state)
         await state_files.discard(host, left, req.job_id)
         await ownership.release_restore_hold(conn, req.vm_name, req.job_id)
-        return
+        return kept
     placements = [DiskPlacement(t.target, t.path, t.kind, t.format) for t in req.disks]
     uuid = await state_files.target_uuid(conn, req.vm_name, req.uuid)
     final = (
@@ -646,6 +702,18 @@ async def finish(server: HostServer, req: RestoreFinishRequest) -> None:
     directories = {posixpath.dirname(t.path) for t in req.disks if t.kind == "file"}
     with contextlib.suppress(VirtError):
         await refresh_pools_holding(conn, directories)
+    return []
+
+
+async def _left_behind(host: Host, targets: list[RestoreTarget]) -> list[str]:
+    """The temporary images of ``targets`` that are still there after their removal."""
+    left = []
+    for t in targets:
+        if t.kind == "file" and t.temp_path not in ("", t.path):
+            with contextlib.suppress(CommandFailed, VirtError, OSError):
+                if (await host.run(["test", "-e", t.temp_path], timeout=30)).returncode == 0:
+                    left.append(t.temp_path)
+    return left
 
 
 def retired_path(path: str, job_id: str) -> str:

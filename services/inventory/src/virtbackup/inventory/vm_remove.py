@@ -6,11 +6,12 @@ metadata, its NVRAM file and its TPM state; with ``remove_disks``, its disk imag
 deleted after that. Only what is the VM's alone is deleted: a disk of ``type='block'``
 (an LVM volume, a partition), a network disk, a read-only or shareable one, or an image
 another domain of the server names (as a disk or in its backing chain, read from its
-images with ``qemu-img info --backing-chain``: a shut-off domain's XML shows none) is kept and
-said so; backing files below an image are never touched, and each one below the VM's
-own images (read from them the same way) is listed as kept, with why. An image that is
-a volume of a libvirt storage pool is deleted through the pool (the pool then knows),
-any other with ``rm`` on the server's host.
+images with ``qemu-img info --backing-chain``: a shut-off domain's XML shows none), also
+through a symbolic link (paths are compared resolved on the host), is kept and said so;
+backing files below an image are never touched, and each one below the VM's own images
+(read from them the same way) is listed as kept, with why. An image that is a volume of
+a libvirt storage pool is deleted through the pool (the pool then knows), any other with
+``rm`` on the server's host.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from virtbackup.virt.domains import PowerState, domain_xml, get_domain, undefine
 from virtbackup.virt.errors import NotFound as VirtNotFound
 from virtbackup.virt.errors import VirtError
 from virtbackup.virt.host import Host
+from virtbackup.virt.placement import resolve
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,11 @@ async def _plan(
     below, unreadable = await _backing_chains(host, used)
     for backing, owner in below.items():
         used.setdefault(backing, owner)
+    # Compared as the files they are: another domain may name this VM's image through a
+    # symbolic link (as its disk, or as the backing file of its image).
+    real = await resolve(host, [p for p in used if p.startswith("/")])
+    for named, named_real in real.items():
+        used.setdefault(named_real, used[named])
     delete: list[tuple[str, object | None]] = []
     kept: list[str] = []
     backing_kept: dict[str, str] = {}  # a backing file of the VM's images -> the image
@@ -166,8 +173,9 @@ async def _plan(
             continue
         for backing in await _backing_files(host, path) or []:
             backing_kept.setdefault(backing, path)
-        if path in used:
-            kept.append(f"{path}: vm {used[path]} uses it too")
+        real_path = (await resolve(host, [path]))[path]
+        if path in used or real_path in used:
+            kept.append(f"{path}: vm {used.get(path) or used[real_path]} uses it too")
             continue
         if unreadable:
             kept.append(

@@ -575,6 +575,8 @@ async def _begin(
     m.begun = begun
     if begun.checkpoint not in m.checkpoints:
         m.checkpoints.append(begun.checkpoint)
+    if since is None:
+        await jc._hold("migrate:begun")  # tests stop the orchestrator before the record
     await _record(jc, m, checkpoints=list(m.checkpoints), exportDir=begun.export_dir)
     return begun
 
@@ -719,11 +721,14 @@ async def _undo(jc: JobContext, m: Migration) -> list[str]:
             disks=m.targets, state=m.state,
         )  # fmt: skip
         try:
-            await jc.bus.request(
+            removed = await jc.bus.request(
                 InventoryCmd.RESTORE_FINISH, finish, Ok, timeout=timeouts.INVENTORY_JOB_STEP
             )
         except ServiceError as exc:
             notes.append(f"could not remove the images on server {m.target}: {exc.message}")
+        else:
+            if removed.message:
+                notes.append(f"on server {m.target}: {removed.message}: remove them there")
     notes.extend(await _drop_checkpoints(jc, m))
     if m.defined and not m.target_running:
         # Defined there, its images in place, but not started: said, so that a retry's
@@ -756,15 +761,19 @@ async def recover_migration(jc: JobContext, job: Job, message: str) -> str:
     m.source_stopped = bool(recorded.get("sourceStopped"))
     m.target_running = recorded.get("stage") == "completed" or bool(recorded.get("targetRunning"))
     notes: list[str] = []
-    if m.checkpoints:
-        end = BackupEndRequest(
-            server_id=m.source, vm_name=m.vm, checkpoint=m.checkpoints[-1], success=False,
-            export_dir=str(recorded.get("exportDir") or ""),
-        )  # fmt: skip
-        try:
-            await end_libvirt_job(jc, end, keep_going=lambda: jc.holds(job.id))
-        except ServiceError as exc:
-            notes.append(f"could not end the libvirt backup job: {exc.message}")
+    export_dir = str(recorded.get("exportDir") or "")
+    # Without the bitmaps' exports, whatever backup job the source has is this job's (it
+    # holds the VM): ended, with the checkpoint it made, even one that the orchestrator
+    # died before recording (between a pass's begin and its record), which the last
+    # checkpoint recorded would not name.
+    end = BackupEndRequest(
+        server_id=m.source, vm_name=m.vm, success=False, export_dir=export_dir,
+        checkpoint=m.checkpoints[-1] if export_dir and m.checkpoints else None,
+    )  # fmt: skip
+    try:
+        await end_libvirt_job(jc, end, keep_going=lambda: jc.holds(job.id))
+    except ServiceError as exc:
+        notes.append(f"could not end the libvirt backup job: {exc.message}")
     if m.source_stopped and not m.target_running and m.defined:
         notes.append(f"vm {m.target_name} is defined on server {m.target}, not started")
         m.target_running = True  # the VM is there: the source stays off

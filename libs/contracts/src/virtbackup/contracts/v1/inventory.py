@@ -344,6 +344,9 @@ class RestorePrecheckRequest(Message, frozen=True, kw_only=True):
     job_id: str = ""
     #: ``target_directory`` must exist and be writable (a migration, whose checks come
     #: before anything is made on the target); a restore makes it when it is missing.
+    #: Without ``target_directory`` or ``storage_pool``, the disks' own directories must;
+    #: and (as for disks that go somewhere new) an existing file at a disk's path must be
+    #: a disk of the domain ``vm_name`` being replaced.
     directory_must_exist: bool = False
 
 

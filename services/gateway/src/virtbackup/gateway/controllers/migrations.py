@@ -11,6 +11,7 @@ HyperSDK job definition it checks.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 from litestar import Controller, Request, post
@@ -27,11 +28,51 @@ from virtbackup.gateway.identity_auth import PERMISSIONS_KEY
 from virtbackup.gateway.identity_perms import allows
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
+from virtbackup.runtime.errors import ServiceError
 
 #: What starting a migration takes (besides the route's own permission).
 MIGRATION_PERMISSIONS: Final = ("restore:run", "vms:control")
 #: What a migration through a backup destination takes besides: it makes backups there.
 VIA_PERMISSIONS: Final = ("backup:run",)
+
+
+#: The fields of a migration as the orchestrator's checks name them (the HyperSDK
+#: definition's) -> as ``POST /api/v1/migrations`` takes them.
+NATIVE_FIELDS: Final = {
+    "vm_path": "vmName",
+    "source.server_id": "serverId",
+    "destination.server_id": "targetServerId",
+    "destination.libvirt_uri": "targetLibvirtUri",
+    "destination.via_destination_id": "viaDestinationId",
+    "options.vm_name": "targetVmName",
+    "options.target_directory": "targetDirectory",
+    "options.storage_pool": "storagePool",
+    "options.max_downtime_seconds": "maxDowntimeSeconds",
+    "options.max_passes": "maxPasses",
+    "options.shutdown_timeout_seconds": "shutdownTimeoutSeconds",
+    "options.force_shutdown": "forceShutdown",
+    "options.start_on_target": "startOnTarget",
+    "options.replace": "replace",
+    "options.network_mapping": "networkMapping",
+    "options.remove_source": "removeSource",
+    "options.remove_source_disks": "removeSourceDisks",
+}
+_LEADING_FIELD: Final = re.compile(
+    "^(" + "|".join(re.escape(f) for f in sorted(NATIVE_FIELDS, key=len, reverse=True)) + ")"
+    r"((?:\.[^\s:]+)?)(?=[:\s]|$)"
+)
+
+
+def native_error(exc: ServiceError) -> ServiceError:
+    """``exc`` (same class: same status) with the field its message starts with named as
+    the native body names it, the orchestrator's name after it in parentheses:
+    ``maxPasses (options.max_passes): must be 1 to 100``."""
+    found = _LEADING_FIELD.match(exc.message)
+    if found is None:
+        return exc
+    wire, below = found.group(1), found.group(2)
+    rest = exc.message[found.end() :]
+    return type(exc)(f"{NATIVE_FIELDS[wire]}{below} ({wire}{below}){rest}")
 
 
 def check_may_migrate(request: Request[Any, Any, Any], *, via: bool = False) -> None:
@@ -121,13 +162,17 @@ class MigrationsController(Controller):
     async def start(
         self, gw: Gateway, request: Request[Any, Any, Any], data: MigrationBody
     ) -> dict[str, Any]:
-        """Start a warm migration (a ``migration`` job); answers the job."""
+        """Start a warm migration (a ``migration`` job); answers the job. A 4xx names the
+        field as this body does (``maxPasses (options.max_passes): ...``)."""
         check_may_migrate(request, via=data.via_destination_id is not None)
-        result = await gw.bus.request(
-            JobCmd.SUBMIT,
-            JobSubmitRequest(definition=data.definition()),
-            JobSubmitResult,
-            timeout=timeouts.JOB_COMMAND,
-        )
+        try:
+            result = await gw.bus.request(
+                JobCmd.SUBMIT,
+                JobSubmitRequest(definition=data.definition()),
+                JobSubmitResult,
+                timeout=timeouts.JOB_COMMAND,
+            )
+        except ServiceError as exc:
+            raise native_error(exc) from None
         job = await gw.bus.request(JobCmd.GET, JobGetRequest(id=result.job_ids[0]), Job)
         return job_view(job)
