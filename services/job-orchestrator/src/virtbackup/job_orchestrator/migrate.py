@@ -746,12 +746,16 @@ async def _undo(jc: JobContext, m: Migration) -> list[str]:
     return notes
 
 
-async def recover_migration(jc: JobContext, job: Job, message: str) -> str:
+async def recover_migration(
+    jc: JobContext, job: Job, message: str, *, own_backup_job: bool = True
+) -> str:
     """End a migration whose orchestrator died (this instance holds its lease now), from
     what its ``result`` recorded: its libvirt job is ended and its checkpoints dropped,
     the target images are removed unless the VM was defined there, and a source stopped
     for the cut-over (``sourceStopped``) is started again unless the VM runs on the
-    target. Returns ``message`` with what was done."""
+    target. ``own_backup_job`` False: the migration began no libvirt backup job of its
+    own (through a destination, its backup jobs end themselves), none is ended here.
+    Returns ``message`` with what was done."""
     m = Migration(job=job)
     recorded = job.result
     m.checkpoints = [c for c in recorded.get("checkpoints") or [] if isinstance(c, str)]
@@ -771,7 +775,8 @@ async def recover_migration(jc: JobContext, job: Job, message: str) -> str:
         checkpoint=m.checkpoints[-1] if export_dir and m.checkpoints else None,
     )  # fmt: skip
     try:
-        await end_libvirt_job(jc, end, keep_going=lambda: jc.holds(job.id))
+        if own_backup_job or m.checkpoints:
+            await end_libvirt_job(jc, end, keep_going=lambda: jc.holds(job.id))
     except ServiceError as exc:
         notes.append(f"could not end the libvirt backup job: {exc.message}")
     if m.source_stopped and not m.target_running and m.defined:

@@ -427,7 +427,7 @@ async def recover_via(jc: JobContext, job: Job, message: str) -> str:
             if restored.state == "success":
                 result["defined"] = True
     recorded = msgspec.structs.replace(job, result=result)
-    text = await recover_migration(jc, recorded, message)
+    text = await recover_migration(jc, recorded, message, own_backup_job=False)
     if v.points:
         notes.append(f"the restore points made stay in destination {v.via}: {', '.join(v.points)}")
     return "; ".join([text, *notes])
