@@ -26,7 +26,7 @@ from virtbackup.contracts.v1.inventory import (
     RestoreTarget,
 )
 from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job, JobState
-from virtbackup.job_orchestrator import checkpoints_left
+from virtbackup.job_orchestrator import checkpoints_left, slots
 from virtbackup.job_orchestrator.backup import end_libvirt_job, run_backup
 from virtbackup.job_orchestrator.backup_checks import after_backup
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
@@ -76,8 +76,11 @@ async def execute(jc: JobContext, job: Job) -> None:
     """Run ``job`` (held by this instance) to its final state."""
     state: JobState = "success"
     try:
+        # Queued while its server or destination has no free slot (slots.py).
+        waited = await slots.acquire(jc, job)
         async with admitted(jc, job):  # a backup waits here while a GC sweeps
-            job = await jc.enter(job.id, "preparing", started_at=utcnow_iso())
+            changes = {} if waited is None else {"message": slots.started_after(waited)}
+            job = await jc.enter(job.id, "preparing", started_at=utcnow_iso(), **changes)
             message = await RUNNERS[job.type](jc, job)
     except JobLost:
         return
@@ -99,6 +102,7 @@ async def execute(jc: JobContext, job: Job) -> None:
         jc.leases.forget(job.id)
         log.exception("could not write the final state of job %s (%s)", job.id, state)
         return
+    await slots.release(jc, job)  # after the final state: its successor never runs beside it
     if job.type == "backup" and state == "success":
         await after_backup(jc, ended or job)  # definition drift, size anomaly (never raises)
         # Retention: a prune job of its own once the backup has ended (points.auto_prune),
@@ -187,6 +191,8 @@ async def recover(jc: JobContext, job: Job) -> None:
     except Exception:
         jc.leases.forget(job.id)
         log.exception("could not write the final state of job %s (%s)", job.id, state)
+        return
+    await slots.release(jc, job)
 
 
 async def _recover_backup(
