@@ -42,10 +42,12 @@ def test_one_at_a_time_on_a_server_in_submit_order() -> None:
     line = compute_line(jobs, limits(1, 0), set())
     assert line.admitted == {"01"}
     assert set(line.blocked) == {"02", "03"}
-    # 01 is admitted but not running yet: it is before the others in line.
-    assert line.blocked["02"].ahead == 1 and line.blocked["03"].ahead == 2
+    # 01 is admitted (starting: shown as running); 02 is before 03 in line.
+    assert line.blocked["02"].message() == (
+        "waiting for a slot on server s1: 1 job running (VIRTBACKUP_MAX_JOBS_PER_SERVER=1)"
+    )
     assert line.blocked["03"].message() == (
-        "waiting for a slot on server s1: 0 jobs running, 2 waiting before this one "
+        "waiting for a slot on server s1: 1 job running, 1 waiting before this one "
         "(VIRTBACKUP_MAX_JOBS_PER_SERVER=1)"
     )
 
@@ -55,14 +57,11 @@ def test_running_and_taking_jobs_hold_their_slots() -> None:
     line = compute_line([running, job("02"), job("03")], limits(2, 0), set())
     assert line.admitted == {"02"}
     blocked = line.blocked["03"]
-    assert (blocked.slot, blocked.running, blocked.ahead) == (Slot("server", "s1"), 1, 1)
-    assert blocked.message() == (
-        "waiting for a slot on server s1: 1 job running, 1 waiting before this one "
-        "(VIRTBACKUP_MAX_JOBS_PER_SERVER=2)"
-    )
+    assert (blocked.slot, blocked.running, blocked.ahead) == (Slot("server", "s1"), 2, 0)
     # A queued job of this replica that took its slots counts as running.
     line = compute_line([running, job("02"), job("03")], limits(2, 0), {"02"})
     assert line.admitted == set()
+    assert line.blocked["03"].running == 2
     assert line.blocked["03"].message() == (
         "waiting for a slot on server s1: 2 jobs running (VIRTBACKUP_MAX_JOBS_PER_SERVER=2)"
     )
@@ -80,7 +79,7 @@ def test_a_job_waiting_for_its_server_does_not_hold_back_a_shared_destination() 
     assert line.admitted == {"03"}
     assert line.blocked["01"].slot == line.blocked["02"].slot == Slot("server", "s1")
     blocked = line.blocked["04"]
-    assert (blocked.slot, blocked.running, blocked.ahead) == (Slot("destination", "d1"), 1, 2)
+    assert (blocked.slot, blocked.running, blocked.ahead) == (Slot("destination", "d1"), 2, 1)
 
 
 def test_the_first_in_line_is_not_overtaken_on_its_server() -> None:

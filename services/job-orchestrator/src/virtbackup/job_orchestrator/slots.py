@@ -57,8 +57,11 @@ from virtbackup.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two looks of a waiting job at the line.
+#: Seconds between two looks of a waiting job at the line; a job far back in line looks
+#: less often (a limit's worth of jobs ahead adds ``POLL_SECONDS``), at most
+#: ``POLL_MAX_SECONDS``: thousands of queued jobs cost little. A cancel is seen at once.
 POLL_SECONDS = 0.25
+POLL_MAX_SECONDS = 5.0
 #: Seconds a computed line is reused by the jobs that look at it.
 LINE_SECONDS = 0.2
 #: Seconds a holder whose job record is missing still counts (a read that lags).
@@ -159,15 +162,29 @@ class Line:
     blocked: dict[str, Blocked] = field(default_factory=dict)
 
 
-def compute_line(jobs: Iterable[Job], settings: Settings, taking: set[str]) -> Line:
+def compute_line(
+    jobs: Iterable[Job],
+    settings: Settings,
+    taking: set[str],
+    known: dict[str, tuple[Slot, ...]] | None = None,
+) -> Line:
     """The line from a job index (see the module docstring). ``taking``: queued jobs of
-    this replica that hold their slots already (between the take and their start)."""
+    this replica that hold their slots already (between the take and their start).
+    ``known``: each active job's slots from the previous call (a job's slots never
+    change), replaced by this call's."""
     running: dict[Slot, int] = {}
     queued: list[tuple[str, tuple[Slot, ...]]] = []
+    before = dict(known or {})
+    if known is not None:
+        known.clear()
     for job in jobs:
         if job.state not in ACTIVE_STATES:
             continue
-        slots = job_slots(job, settings)
+        slots = before.get(job.id)
+        if slots is None:
+            slots = job_slots(job, settings)
+        if known is not None:
+            known[job.id] = slots
         if not slots:
             continue
         if job.state == "running" or job.id in taking:
@@ -182,6 +199,8 @@ def compute_line(jobs: Iterable[Job], settings: Settings, taking: set[str]) -> L
         full = [s for s in slots if count.get(s, 0) >= limit_of(settings, s)]
         if not full:
             line.admitted.add(job_id)
+            for slot in slots:  # starting now: shown as running to those behind it
+                running[slot] = running.get(slot, 0) + 1
         else:
             first = full[0]
             line.blocked[job_id] = Blocked(
@@ -202,6 +221,8 @@ class _Replica:
     line: Line | None = None
     #: Jobs of this replica that took their slots and have not started yet.
     taking: set[str] = field(default_factory=set)
+    #: Each active job's slots (``compute_line``'s ``known``).
+    known: dict[str, tuple[Slot, ...]] = field(default_factory=dict)
 
 
 _replicas: dict[int, _Replica] = {}
@@ -214,7 +235,8 @@ def _replica(jc: JobContext) -> _Replica:
 def _current_line(jc: JobContext) -> Line:
     state = _replica(jc)
     if state.line is None or time.monotonic() - state.line.at > LINE_SECONDS:
-        state.line = compute_line(list(jc.jobs.jobs.values()), jc.settings, state.taking)
+        jobs = list(jc.jobs.jobs.values())
+        state.line = compute_line(jobs, jc.settings, state.taking, state.known)
     return state.line
 
 
@@ -248,8 +270,11 @@ async def acquire(jc: JobContext, job: Job) -> float | None:
             text = blocked.message()
             await jc.message(job.id, text)
             await joblog.try_append(jc.bus, job.id, text)
+        pause = POLL_SECONDS
+        if blocked is not None:
+            pause = min(POLL_MAX_SECONDS, POLL_SECONDS * (1 + blocked.ahead // blocked.limit))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(cancel.wait(), POLL_SECONDS)
+            await asyncio.wait_for(cancel.wait(), pause)
 
 
 async def release(jc: JobContext, job: Job) -> None:
