@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -206,3 +207,36 @@ async def test_two_jobs_at_a_time_on_a_destination_across_replicas(
     assert [j["id"] for j in sorted(on_fs, key=lambda j: j["startedAt"])] == sorted(fs_ids)
     # fs2 has a slot of its own: its verify never waited for fs.
     assert not any("waiting for a slot" in m for m in messages[other["id"]]), messages
+
+
+async def test_a_waiting_job_outlives_its_orchestrator(
+    system: System, api: httpx.AsyncClient, vms: list[SmallVm]
+) -> None:
+    """Last: it stops a replica. A job still waiting for a slot when its replica stops
+    (a rolling update during a nightly run) is run by the other one, in its turn."""
+    ids = [await backup(api, vm) for vm in VMS]
+    deadline = time.monotonic() + 30
+    while True:
+        jobs = [await get(api, j) for j in ids]
+        waiting = [j for j in jobs if SERVER_WAIT in j["message"] and j["state"] == "queued"]
+        if len(waiting) == 2:
+            break
+        assert time.monotonic() < deadline, jobs
+        await asyncio.sleep(0.05)
+    job = waiting[-1]
+    host = socket.gethostname()
+    owner = next(
+        name
+        for name, proc in system.procs.items()
+        if name.startswith("job-orchestrator") and job["owner"].startswith(f"{host}-{proc.pid}/")
+    )
+    system.stop(owner)
+    final, most, _ = await watch(api, ids, timeout=120)
+    assert most == 1, final
+    last = final[-1]
+    assert last["state"] == "success", last
+    assert last["owner"] != job["owner"], last
+    assert last["message"].startswith(("full backup", "incremental backup")), last
+    # Those its replica ran end as what happened to them; the others ran in their turn.
+    for ended in final[:-1]:
+        assert ended["state"] == "success" or "stopped while" in ended["message"], ended

@@ -149,7 +149,8 @@ async def sweep_once(jc: JobContext) -> list[str]:
 
 
 async def recover(jc: JobContext, job: Job) -> None:
-    """End a job whose holder died (this instance holds its lease now)."""
+    """End a job whose holder died (this instance holds its lease now); one still queued
+    that waits for a slot (``slots.job_slots``) is run here instead."""
     previous = job.owner or "unknown"
 
     def adopt(current: Job) -> Job:
@@ -165,6 +166,14 @@ async def recover(jc: JobContext, job: Job) -> None:
         return
     if job.state in TERMINAL_STATES:
         await jc.leases.release(job.id)
+        return
+    waiting = job.state == "queued" and not job.cancel_requested
+    if waiting and previous != jc.holder and slots.job_slots(job, jc.settings):
+        # It never started (it waited for a slot: perhaps for hours, in a nightly run):
+        # nothing to clean up, so it is run here, keeping its place in line. (Not a job
+        # whose own run here died: that would only die again.)
+        log.warning("taking over queued job %s of %s: running it here", job.id, previous)
+        await execute(jc, job)
         return
     log.warning("taking over job %s of %s (phase %s)", job.id, previous, job.phase)
     lost = f"the job-orchestrator instance running it ({previous}) stopped"
