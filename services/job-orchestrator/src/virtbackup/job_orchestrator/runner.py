@@ -6,7 +6,8 @@ from NATS for longer than ``LEASE_SECONDS``); the first instance to take the lea
 the job cleanly with ``recover``: queued units are purged, the libvirt backup job is
 ended (its new checkpoint dropped), restore images are removed, and the final state
 says what happened. A job that died while committing ends in what its commit did: a
-backup whose restore point is in the repository is a success.
+backup whose restore point is in the repository is a success. A job that was still
+queued waiting for a slot (``slots``) has done nothing yet: it is run instead.
 """
 
 from __future__ import annotations

@@ -235,8 +235,14 @@ def _replica(jc: JobContext) -> _Replica:
 def _current_line(jc: JobContext) -> Line:
     state = _replica(jc)
     if state.line is None or time.monotonic() - state.line.at > LINE_SECONDS:
-        jobs = list(jc.jobs.jobs.values())
-        state.line = compute_line(jobs, jc.settings, state.taking, state.known)
+        index = jc.jobs.jobs
+        # A job that started (or was taken over by another replica) is no longer taking.
+        state.taking = {
+            j
+            for j in state.taking
+            if j not in index or (index[j].state == "queued" and index[j].owner == jc.holder)
+        }
+        state.line = compute_line(list(index.values()), jc.settings, state.taking, state.known)
     return state.line
 
 
