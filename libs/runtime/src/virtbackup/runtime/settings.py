@@ -97,6 +97,13 @@ class Settings(BaseSettings):
     #: matching job (``/status``, ``/jobs/query``, a cancel by status, ...): it pages
     #: through them, so this bounds one reply's size, never what is seen.
     job_list_page: int = Field(default=500, ge=1, le=1000)
+    #: Admission control (``job_orchestrator/slots.py``): at most this many jobs hold one
+    #: server (backups, restores onto it, migrations from or to it) and one destination
+    #: (backups and copies writing it, restores, sanity checks, verifies and copies reading
+    #: it) at once, across every orchestrator replica; more wait ``queued``, in submit
+    #: order. 0: no limit.
+    max_jobs_per_server: int = Field(default=4, ge=0)
+    max_jobs_per_destination: int = Field(default=8, ge=0)
     #: A job fails when no unit finishes for this many seconds (no worker, or all stuck).
     job_stall_timeout: float = 600.0
     #: A backup queued for a remote agent fails when the agent has not leased it within

@@ -6,7 +6,8 @@ from NATS for longer than ``LEASE_SECONDS``); the first instance to take the lea
 the job cleanly with ``recover``: queued units are purged, the libvirt backup job is
 ended (its new checkpoint dropped), restore images are removed, and the final state
 says what happened. A job that died while committing ends in what its commit did: a
-backup whose restore point is in the repository is a success.
+backup whose restore point is in the repository is a success. A job that was still
+queued waiting for a slot (``slots``) has done nothing yet: it is run instead.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from virtbackup.contracts.v1.inventory import (
     RestoreTarget,
 )
 from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job, JobState
-from virtbackup.job_orchestrator import checkpoints_left
+from virtbackup.job_orchestrator import checkpoints_left, slots
 from virtbackup.job_orchestrator.backup import end_libvirt_job, run_backup
 from virtbackup.job_orchestrator.backup_checks import after_backup
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
@@ -76,8 +77,11 @@ async def execute(jc: JobContext, job: Job) -> None:
     """Run ``job`` (held by this instance) to its final state."""
     state: JobState = "success"
     try:
+        # Queued while its server or destination has no free slot (slots.py).
+        waited = await slots.acquire(jc, job)
         async with admitted(jc, job):  # a backup waits here while a GC sweeps
-            job = await jc.enter(job.id, "preparing", started_at=utcnow_iso())
+            changes = {} if waited is None else {"message": slots.started_after(waited)}
+            job = await jc.enter(job.id, "preparing", started_at=utcnow_iso(), **changes)
             message = await RUNNERS[job.type](jc, job)
     except JobLost:
         return
@@ -99,6 +103,7 @@ async def execute(jc: JobContext, job: Job) -> None:
         jc.leases.forget(job.id)
         log.exception("could not write the final state of job %s (%s)", job.id, state)
         return
+    await slots.release(jc, job)  # after the final state: its successor never runs beside it
     if job.type == "backup" and state == "success":
         await after_backup(jc, ended or job)  # definition drift, size anomaly (never raises)
         # Retention: a prune job of its own once the backup has ended (points.auto_prune),
@@ -145,7 +150,8 @@ async def sweep_once(jc: JobContext) -> list[str]:
 
 
 async def recover(jc: JobContext, job: Job) -> None:
-    """End a job whose holder died (this instance holds its lease now)."""
+    """End a job whose holder died (this instance holds its lease now); one still queued
+    that waits for a slot (``slots.job_slots``) is run here instead."""
     previous = job.owner or "unknown"
 
     def adopt(current: Job) -> Job:
@@ -161,6 +167,14 @@ async def recover(jc: JobContext, job: Job) -> None:
         return
     if job.state in TERMINAL_STATES:
         await jc.leases.release(job.id)
+        return
+    waiting = job.state == "queued" and not job.cancel_requested
+    if waiting and previous != jc.holder and slots.job_slots(job, jc.settings):
+        # It never started (it waited for a slot: perhaps for hours, in a nightly run):
+        # nothing to clean up, so it is run here, keeping its place in line. (Not a job
+        # whose own run here died: that would only die again.)
+        log.warning("taking over queued job %s of %s: running it here", job.id, previous)
+        await execute(jc, job)
         return
     log.warning("taking over job %s of %s (phase %s)", job.id, previous, job.phase)
     lost = f"the job-orchestrator instance running it ({previous}) stopped"
@@ -187,6 +201,8 @@ async def recover(jc: JobContext, job: Job) -> None:
     except Exception:
         jc.leases.forget(job.id)
         log.exception("could not write the final state of job %s (%s)", job.id, state)
+        return
+    await slots.release(jc, job)
 
 
 async def _recover_backup(
