@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -31,12 +32,15 @@ from virtbackup.contracts.v1.inventory import (
     ServerRef,
     ServerVms,
     VmActionRequest,
+    VmDisks,
     VmInfo,
     VmRef,
+    VmsDisks,
+    VmsDisksRequest,
 )
 from virtbackup.inventory import backups, ownership, reconcile, restores, state_files
 from virtbackup.inventory.inventory import Inventory, _power
-from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, Unavailable
+from virtbackup.runtime.errors import BadRequest, Conflict, NotFound, ServiceError, Unavailable
 from virtbackup.runtime.service import ServiceContext
 from virtbackup.virt import (
     backup_running,
@@ -194,6 +198,20 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
     @bus.handle(InventoryCmd.DISKS, VmRef)
     async def disks(req: VmRef) -> DiskList:
         return DiskList(disks=[d for d in await disk_infos(req) if d.device == "disk"])
+
+    @bus.handle(InventoryCmd.DISKS_MANY, VmsDisksRequest)
+    async def disks_many(req: VmsDisksRequest) -> VmsDisks:
+        """Each VM's disks as ``disks`` answers them; a VM that cannot be read has its
+        fault instead (the others are still answered)."""
+
+        async def one(name: str) -> VmDisks:
+            try:
+                found = await disk_infos(VmRef(server_id=req.server_id, vm_name=name))
+            except ServiceError as exc:
+                return VmDisks(vm_name=name, fault=exc.to_fault())
+            return VmDisks(vm_name=name, disks=[d for d in found if d.device == "disk"])
+
+        return VmsDisks(vms=list(await asyncio.gather(*(one(n) for n in req.vm_names))))
 
     @bus.handle(InventoryCmd.VM_INFO, VmRef)
     async def vm_info(req: VmRef) -> VmInfo:
