@@ -12,8 +12,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 from harness import System, api_client
+
+from virtbackup.contracts.subjects import InventoryCmd
+from virtbackup.contracts.v1.common import Reply
+from virtbackup.contracts.v1.inventory import DISKS_MANY_MAX, VmsDisks, VmsDisksRequest
+from virtbackup.testing.nats import connect
 
 SERVERS = 300
 VMS = 10
@@ -128,7 +134,8 @@ async def test_a_project_of_hundreds_of_servers_is_imported_and_previewed(
 
 async def test_a_preview_narrowed_to_some_vms_and_its_dry_run(api: httpx.AsyncClient) -> None:
     """``vms`` narrows the preview (and a VM the plan does not have is a 400 naming
-    ``$.vms[i]``); a dry-run run-selection answers the paged preview too."""
+    ``$.vms[i]``); a dry-run run-selection answers the paged preview too, and the
+    source refs are read page by page as well."""
     wanted = [f"{server_id(7)}/{vm_name(7, 3)}", f"{server_id(250)}/{vm_name(250, 0)}"]
     resp = await api.post(
         f"/api/v1/pipelines/fleet{PID}.all/dry-run-preview",
@@ -151,3 +158,41 @@ async def test_a_preview_narrowed_to_some_vms_and_its_dry_run(api: httpx.AsyncCl
     assert resp.status_code == 200, resp.text[:500]
     assert resp.json()["dry_run"] is True and resp.json()["run_id"] is None
     assert len(resp.json()["preview"]["vms"]) == SERVERS * VMS
+
+    resp = await api.get(
+        f"/api/v1/pipelines/fleet{PID}.all/source-refs",
+        params={"execution_mode": "offline_cached"},
+    )
+    assert resp.status_code == 200, resp.text[:500]
+    refs = resp.json()["vms"]
+    assert len(refs) == SERVERS * VMS and all(r["points"] == [] for r in refs)
+
+
+async def test_disks_many_answers_each_vm_or_its_fault(
+    api: httpx.AsyncClient, system: System
+) -> None:
+    """``vb.cmd.inventory.disks-many``: each VM's disks in the order asked, a VM the
+    server does not have as its own ``not_found`` fault (the others still answered), and
+    a request naming more VMs than ``DISKS_MANY_MAX`` refused as bad."""
+    nc = await connect(system.nats)
+    try:
+        ask = VmsDisksRequest(
+            server_id=server_id(3), vm_names=[vm_name(3, 1), "nope", vm_name(3, 0)]
+        )
+        msg = await nc.request(InventoryCmd.DISKS_MANY, msgspec.json.encode(ask), timeout=30)
+        reply = msgspec.json.decode(msg.data, type=Reply[VmsDisks])
+        assert reply.result is not None, reply
+        got = reply.result.vms
+        assert [v.vm_name for v in got] == [vm_name(3, 1), "nope", vm_name(3, 0)]
+        assert [d.target for d in got[0].disks] == ["vda", "vdb"] and got[0].fault is None
+        assert got[1].fault is not None and got[1].fault.code == "not_found", got[1]
+        too_many = {
+            "serverId": server_id(3),
+            "vmNames": [f"vm{i}" for i in range(DISKS_MANY_MAX + 1)],
+        }
+        msg = await nc.request(InventoryCmd.DISKS_MANY, msgspec.json.encode(too_many), timeout=30)
+        refused = msgspec.json.decode(msg.data, type=Reply[VmsDisks])
+        assert refused.error is not None and refused.error.code == "bad_request", refused
+        assert "vmNames" in refused.error.message
+    finally:
+        await nc.drain()

@@ -202,11 +202,15 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
     @bus.handle(InventoryCmd.DISKS_MANY, VmsDisksRequest)
     async def disks_many(req: VmsDisksRequest) -> VmsDisks:
         """Each VM's disks as ``disks`` answers them; a VM that cannot be read has its
-        fault instead (the others are still answered)."""
+        fault instead (the others are still answered). Four VMs at a time: the calls go
+        to one libvirt connection, whose thread pool would grow by one thread for each
+        call in flight."""
+        gate = asyncio.Semaphore(4)
 
         async def one(name: str) -> VmDisks:
             try:
-                found = await disk_infos(VmRef(server_id=req.server_id, vm_name=name))
+                async with gate:
+                    found = await disk_infos(VmRef(server_id=req.server_id, vm_name=name))
             except ServiceError as exc:
                 return VmDisks(vm_name=name, fault=exc.to_fault())
             return VmDisks(vm_name=name, disks=[d for d in found if d.device == "disk"])

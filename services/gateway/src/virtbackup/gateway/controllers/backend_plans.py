@@ -38,12 +38,11 @@ from virtbackup.contracts.v1.plans import (
     ProjectRef,
     ProjectSource,
     RunOptions,
-    SourceRefs,
 )
 from virtbackup.gateway.bodies import NoBody, SnakeBody
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.plan_agents import eligible_view, refuse_deactivated
-from virtbackup.gateway.plan_preview_pages import paged_preview
+from virtbackup.gateway.plan_preview_pages import paged_preview, paged_source_refs
 from virtbackup.gateway.plans_yaml import MAX_PROJECT_BYTES, MAX_YAML_CHARS, parse_project
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.errors import BadRequest, ServiceError
@@ -351,9 +350,7 @@ class PipelinesController(Controller):
         req = PlanRunRequest(
             pipeline_db_id=pipeline_db_id, options=RunOptions(execution_mode=execution_mode)
         )
-        return _out(
-            await gw.bus.request(PlanCmd.SOURCE_REFS, req, SourceRefs, timeout=PLAN_TIMEOUT)
-        )
+        return _out(await paged_source_refs(gw, req))
 
     @post("/{pipeline_db_id:str}/eligible-agents", status_code=200, responses=responses(404))
     async def eligible_agents(
@@ -408,9 +405,7 @@ class PipelineChainsController(Controller):
         req = PlanRunRequest(
             chain_db_id=chain_db_id, options=RunOptions(execution_mode=execution_mode)
         )
-        return _out(
-            await gw.bus.request(PlanCmd.SOURCE_REFS, req, SourceRefs, timeout=PLAN_TIMEOUT)
-        )
+        return _out(await paged_source_refs(gw, req))
 
     @post("/{chain_db_id:str}/eligible-agents", status_code=200, responses=responses(404))
     async def eligible_agents(
