@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -202,20 +201,24 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
     @bus.handle(InventoryCmd.DISKS_MANY, VmsDisksRequest)
     async def disks_many(req: VmsDisksRequest) -> VmsDisks:
         """Each VM's disks as ``disks`` answers them; a VM that cannot be read has its
-        fault instead (the others are still answered). Four VMs at a time: the calls go
-        to one libvirt connection, whose thread pool would grow by one thread for each
-        call in flight."""
-        gate = asyncio.Semaphore(4)
-
-        async def one(name: str) -> VmDisks:
+        fault instead (the others are still answered). One VM after the other: the calls
+        go to one libvirt connection, whose pool of up to 4 threads each call in flight
+        would fill (a preview of 1,000 servers asks many servers at once instead). A
+        server that cannot be reached (``unavailable``) is tried once: the VMs after
+        that one get its fault."""
+        out: list[VmDisks] = []
+        for index, name in enumerate(req.vm_names):
             try:
-                async with gate:
-                    found = await disk_infos(VmRef(server_id=req.server_id, vm_name=name))
+                found = await disk_infos(VmRef(server_id=req.server_id, vm_name=name))
+            except Unavailable as exc:
+                fault = exc.to_fault()
+                out += [VmDisks(vm_name=n, fault=fault) for n in req.vm_names[index:]]
+                break
             except ServiceError as exc:
-                return VmDisks(vm_name=name, fault=exc.to_fault())
-            return VmDisks(vm_name=name, disks=[d for d in found if d.device == "disk"])
-
-        return VmsDisks(vms=list(await asyncio.gather(*(one(n) for n in req.vm_names))))
+                out.append(VmDisks(vm_name=name, fault=exc.to_fault()))
+                continue
+            out.append(VmDisks(vm_name=name, disks=[d for d in found if d.device == "disk"]))
+        return VmsDisks(vms=out)
 
     @bus.handle(InventoryCmd.VM_INFO, VmRef)
     async def vm_info(req: VmRef) -> VmInfo:
