@@ -257,6 +257,8 @@ class InventoryCmd:
     REMOVE_CDROM: Final = command("inventory", "remove-cdrom")
     DOMAIN_XML: Final = command("inventory", "domain-xml")
     DISKS: Final = command("inventory", "disks")
+    # The disks of several VMs of one server (``VmsDisksRequest``): a plan's preview.
+    DISKS_MANY: Final = command("inventory", "disks-many")
     CHECKPOINTS: Final = command("inventory", "checkpoints")
     CHECKPOINT_FORGET: Final = command("inventory", "checkpoint-forget")
     BACKUP_BEGIN: Final = command("inventory", "backup-begin")

@@ -1,7 +1,13 @@
 """What a run of a plan would do (``vb.cmd.plan.preview|targets|source-refs|
 eligible-agents``): the VMs its selectors match, per VM and disk full or incremental,
 the parent point and checkpoint, the bytes it would read (libvirt's dirty sizes, no data
-read), and the agents that could run it."""
+read), and the agents that could run it.
+
+A preview's reply must fit in one bus message, so the gateway asks for the plan's targets
+first and then previews them a page at a time (``options.vms``); a request naming VMs
+resolves only the selectors of those VMs' servers, and one request opens each
+destination's repository once (``PointReader``), not once per VM.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +21,18 @@ from nats.js.errors import KeyNotFoundError
 
 from virtbackup.contracts import buckets
 from virtbackup.contracts.subjects import InventoryCmd, PlanCmd
-from virtbackup.contracts.v1.common import shown
+from virtbackup.contracts.v1.common import Fault, shown
+from virtbackup.contracts.v1.config import AgentConfig
 from virtbackup.contracts.v1.inventory import (
+    DISKS_MANY_MAX,
     CheckpointList,
+    DiskInfo,
+    DiskList,
     ServerRef,
     ServerVms,
-    VmInfo,
     VmRef,
+    VmsDisks,
+    VmsDisksRequest,
 )
 from virtbackup.contracts.v1.plans import (
     BackupStep,
@@ -43,7 +54,7 @@ from virtbackup.contracts.v1.plans import (
 )
 from virtbackup.job_orchestrator.agent_jobs import agent_of
 from virtbackup.job_orchestrator.jobctx import JobContext
-from virtbackup.job_orchestrator.plan_projects import matching_vms
+from virtbackup.job_orchestrator.plan_projects import bounded_gather, matching_many
 from virtbackup.job_orchestrator.plan_store import (
     FULL_REF,
     find_chain,
@@ -51,7 +62,7 @@ from virtbackup.job_orchestrator.plan_store import (
     plan_commands,
 )
 from virtbackup.repository.records import RestorePoint
-from virtbackup.repository.repository import NoRepositoryError, RepositoryError
+from virtbackup.repository.repository import NoRepositoryError, Repository, RepositoryError
 from virtbackup.runtime import timeouts
 from virtbackup.runtime.errors import (
     BadRequest,
@@ -79,48 +90,138 @@ async def resolve_targets(
     jc: JobContext, plan: PipelineSpec, options: RunOptions
 ) -> list[tuple[str, str]]:
     """``(server, vm)`` of every VM the plan's selectors match now (sorted), narrowed to
-    ``options.vms``. ``offline_cached``: from the inventory's cache, refused (400) when a
-    server's cache is older than the plan's ``cacheMaxAgeSeconds``."""
+    ``options.vms`` (then only the selectors of those VMs' servers are resolved: a page of
+    a preview costs the inventory its own servers only). ``offline_cached``: from the
+    inventory's cache, refused (400) when a server's cache is older than the plan's
+    ``cacheMaxAgeSeconds``. The inventory is asked once per server, at most
+    ``INVENTORY_PARALLEL`` requests at a time."""
     targets: set[tuple[str, str]] = set()
+    selectors = plan.vms
+    if options.vms is not None:
+        servers = {name.partition("/")[0] for name in options.vms}
+        selectors = [sel for sel in plan.vms if sel.server in servers]
     if options.execution_mode == "offline_cached":
         limit = plan.options.cache_max_age_seconds
-        caches: dict[str, ServerVms] = {}
-        for sel in plan.vms:
-            if sel.server not in caches:
-                cache = await jc.bus.request(
-                    InventoryCmd.VMS,
-                    ServerRef(server_id=sel.server),
-                    ServerVms,
-                    timeout=timeouts.INVENTORY_QUERY,
+        wanted = sorted({sel.server for sel in selectors})
+        listed = await bounded_gather(
+            jc.bus.request(
+                InventoryCmd.VMS,
+                ServerRef(server_id=server),
+                ServerVms,
+                timeout=timeouts.INVENTORY_QUERY,
+            )
+            for server in wanted
+        )
+        caches = dict(zip(wanted, listed, strict=True))
+        for server in wanted:
+            cache = caches[server]
+            age = age_seconds(cache.refreshed_at) if cache.refreshed_at else None
+            if age is None or age > limit:
+                shown_age = "unknown" if age is None else f"{age:.0f} s"
+                raise BadRequest(
+                    f"execution_mode: offline_cached refused: the inventory cache of "
+                    f"server {shown(server)} is {shown_age} old (limit {limit} s, the "
+                    "plan's options.cacheMaxAgeSeconds); refresh the server or run online"
                 )
-                age = age_seconds(cache.refreshed_at) if cache.refreshed_at else None
-                if age is None or age > limit:
-                    shown_age = "unknown" if age is None else f"{age:.0f} s"
-                    raise BadRequest(
-                        f"execution_mode: offline_cached refused: the inventory cache of "
-                        f"server {shown(sel.server)} is {shown_age} old (limit {limit} s, the "
-                        "plan's options.cacheMaxAgeSeconds); refresh the server or run online"
-                    )
-                caches[sel.server] = cache
+        for sel in selectors:
             names = [v.vm.name for v in caches[sel.server].vms]
             targets.update((sel.server, n) for n in names if fnmatch.fnmatchcase(n, sel.vm))
     else:
-        found = await asyncio.gather(*(matching_vms(jc, s.server, s.vm) for s in plan.vms))
-        for sel, names in zip(plan.vms, found, strict=True):
+        found = await matching_many(jc, [(s.server, s.vm) for s in selectors])
+        for sel, names in zip(selectors, found, strict=True):
             targets.update((sel.server, n) for n in names)
     ordered = sorted(targets)
     if options.vms is not None:
         known = {f"{s}/{v}" for s, v in ordered}
-        for i, wanted in enumerate(options.vms):
-            if wanted not in known:
+        for i, wanted_vm in enumerate(options.vms):
+            if wanted_vm not in known:
+                listed_known = sorted(known)
+                more = len(listed_known) - 20
+                some = ", ".join(listed_known[:20]) + (f" and {more} more" if more > 0 else "")
                 raise BadRequest(
-                    f"{shown(wanted)} is not a VM of the plan (write <server>/<vm>; the plan "
-                    f"has {', '.join(sorted(known)) or 'none'}) - at `$.vms[{i}]`"
+                    f"{shown(wanted_vm)} is not a VM of the plan (write <server>/<vm>; the "
+                    f"plan has {some or 'none on that server'}) - at `$.vms[{i}]`"
                 )
-        ordered = [t for t in ordered if f"{t[0]}/{t[1]}" in set(options.vms)]
+        chosen = set(options.vms)
+        ordered = [t for t in ordered if f"{t[0]}/{t[1]}" in chosen]
     if not ordered:
         raise BadRequest("the plan matches no VM now - at `$.vms`")
     return ordered
+
+
+class PointReader:
+    """What one request reads for every VM it looks at, read once: the configuration
+    (``config``) and each destination's repository (opened on first use; ``close``
+    closes them), whose restore points ``points`` lists. ``Unavailable`` when a
+    destination cannot be read."""
+
+    def __init__(self, jc: JobContext) -> None:
+        self.jc = jc
+        self._repos: dict[str, Repository | None] = {}
+        self._opening = asyncio.Lock()
+        self._config: AgentConfig | None = None
+
+        #: ``(server, vm)``: its disks, or why they could not be read (``read_disks``).
+        self.disks: dict[tuple[str, str], list[DiskInfo] | Fault] = {}
+
+    async def config(self) -> AgentConfig:
+        """The configuration as the first call read it."""
+        if self._config is None:
+            self._config = await self.jc.config()
+        return self._config
+
+    async def read_disks(self, targets: list[tuple[str, str]]) -> None:
+        """Ask the inventory for the disks of every ``(server, vm)`` of a server it reads
+        (not a remote agent's), one ``disks-many`` request per server and up to
+        ``DISKS_MANY_MAX`` VMs, ``INVENTORY_PARALLEL`` at a time, into ``disks``: a
+        preview then costs a round trip per server, not one per VM."""
+        cfg = await self.config()
+        by_server: dict[str, list[str]] = {}
+        for server, vm in targets:
+            if agent_of(cfg, server) is None:
+                by_server.setdefault(server, []).append(vm)
+        asks = [
+            VmsDisksRequest(server_id=server, vm_names=vms[i : i + DISKS_MANY_MAX])
+            for server, vms in by_server.items()
+            for i in range(0, len(vms), DISKS_MANY_MAX)
+        ]
+        answers = await bounded_gather(
+            self.jc.bus.request(
+                InventoryCmd.DISKS_MANY, ask, VmsDisks, timeout=timeouts.INVENTORY_QUERY
+            )
+            for ask in asks
+        )
+        for ask, answer in zip(asks, answers, strict=True):
+            for entry in answer.vms:
+                found = entry.fault if entry.fault is not None else entry.disks
+                self.disks[(ask.server_id, entry.vm_name)] = found
+
+    async def _repo(self, destination_id: str) -> Repository | None:
+        async with self._opening:
+            if destination_id not in self._repos:
+                try:
+                    self._repos[destination_id] = await self.jc.repository(
+                        destination_id, create=False, locked=True
+                    )
+                except NoRepositoryError:
+                    self._repos[destination_id] = None
+                except RepositoryError as exc:
+                    raise Unavailable(f"destination {shown(destination_id)}: {exc}") from None
+            return self._repos[destination_id]
+
+    async def points(self, destination_id: str, vm: str, server: str) -> list[RestorePoint]:
+        """The VM's points from ``server`` in the destination, oldest first (none when
+        the destination has no repository yet)."""
+        repo = await self._repo(destination_id)
+        if repo is None:
+            return []
+        return [p for p in await repo.restore_points(vm) if p.source_server_id == server]
+
+    async def close(self) -> None:
+        repos = [r for r in self._repos.values() if r is not None]
+        self._repos.clear()
+        for repo in repos:
+            await repo.close()
 
 
 async def points_of(
@@ -128,16 +229,11 @@ async def points_of(
 ) -> list[RestorePoint]:
     """The VM's points from ``server`` in the destination, oldest first (none when the
     destination has no repository yet)."""
+    reader = PointReader(jc)
     try:
-        repo = await jc.repository(destination_id, create=False, locked=True)
-    except NoRepositoryError:
-        return []
-    except RepositoryError as exc:
-        raise Unavailable(f"destination {shown(destination_id)}: {exc}") from None
-    try:
-        return [p for p in await repo.restore_points(vm) if p.source_server_id == server]
+        return await reader.points(destination_id, vm, server)
     finally:
-        await repo.close()
+        await reader.close()
 
 
 def parent_for(
@@ -159,17 +255,27 @@ def parent_for(
 
 
 async def preview_vm(
-    jc: JobContext, server: str, vm: str, destination_id: str, options: RunOptions
+    jc: JobContext,
+    server: str,
+    vm: str,
+    destination_id: str,
+    options: RunOptions,
+    reader: PointReader | None = None,
 ) -> PreviewVm:
     """What a backup of the VM would read, from the dirty sizes libvirt reports (no data is
     read); offline, or for a server backed up by a remote agent (the inventory does not
     reach its host): from its points and known checkpoints only (sizes unknown; such a
     VM has ``cached`` false and a ``problems`` line naming the agent)."""
-    points = await points_of(jc, destination_id, vm, server)
+    if reader is None:
+        points = await points_of(jc, destination_id, vm, server)
+    else:
+        points = await reader.points(destination_id, vm, server)
     parent = parent_for(points, options.source_ref, server, vm)
     base: dict[str, Any] = {"server_id": server, "vm_name": vm, "destination_id": destination_id}
     offline = options.execution_mode == "offline_cached"
-    remote = None if offline else agent_of(await jc.config(), server)
+    remote = None
+    if not offline:
+        remote = agent_of(await (reader.config() if reader else jc.config()), server)
     if offline or remote is not None:
         notes = (
             [f"server {server} is backed up by remote agent {remote}: sizes are unknown here"]
@@ -201,7 +307,18 @@ async def preview_vm(
             problems=notes,
         )
     ref = VmRef(server_id=server, vm_name=vm)
-    info = await jc.bus.request(InventoryCmd.VM_INFO, ref, VmInfo, timeout=timeouts.INVENTORY_QUERY)
+    # The disks alone (not VM_INFO's state, CPUs and memory, which a preview shows not),
+    # read with the other VMs of the request where the reader has them.
+    prefetched = reader.disks.get((server, vm)) if reader is not None else None
+    if isinstance(prefetched, Fault):
+        raise ServiceError.from_fault(prefetched)
+    if prefetched is None:
+        prefetched = (
+            await jc.bus.request(
+                InventoryCmd.DISKS, ref, DiskList, timeout=timeouts.INVENTORY_QUERY
+            )
+        ).disks
+    vm_disks: list[DiskInfo] = prefetched
     full_reason = ""
     sizes: dict[str, int | None] = {}
     problems: list[str] = []
@@ -235,7 +352,7 @@ async def preview_vm(
                 )
     previous = {d.target: d.size for d in parent.disks} if parent else {}
     disks: list[PreviewDisk] = []
-    for disk in info.disks:
+    for disk in vm_disks:
         if full_reason:
             disks.append(
                 PreviewDisk(
@@ -288,7 +405,9 @@ async def preview_vm(
     )
 
 
-async def with_destinations(jc: JobContext, vm: PreviewVm, extra: list[str]) -> PreviewVm:
+async def with_destinations(
+    jc: JobContext, vm: PreviewVm, extra: list[str], reader: PointReader | None = None
+) -> PreviewVm:
     """``vm`` (its first destination's preview) with every destination of a fan-out
     backup (``fanout``): the read is incremental from the first one's parent checkpoint;
     another destination builds on its newest point only when that point has the very
@@ -306,7 +425,10 @@ async def with_destinations(jc: JobContext, vm: PreviewVm, extra: list[str]) -> 
         )
     ]
     for dest in extra:
-        points = await points_of(jc, dest, vm.vm_name, vm.server_id)
+        if reader is None:
+            points = await points_of(jc, dest, vm.vm_name, vm.server_id)
+        else:
+            points = await reader.points(dest, vm.vm_name, vm.server_id)
         newest = points[-1] if points else None
         if (
             vm.mode == "incremental"
@@ -370,9 +492,17 @@ async def preview(jc: JobContext, req: PlanRunRequest) -> Preview:
     run would read. ``offline_cached_only`` keeps the VMs resolvable from the cache."""
     plan, dest, extra = await plan_of(jc, req)
     targets = await resolve_targets(jc, plan, req.options)
-    vms = list(await asyncio.gather(*(preview_vm(jc, s, v, dest, req.options) for s, v in targets)))
-    if extra:
-        vms = list(await asyncio.gather(*(with_destinations(jc, v, extra) for v in vms)))
+    reader = PointReader(jc)
+    try:
+        if req.options.execution_mode != "offline_cached":
+            await reader.read_disks(targets)
+        vms = await bounded_gather(
+            preview_vm(jc, s, v, dest, req.options, reader) for s, v in targets
+        )
+        if extra:
+            vms = await bounded_gather(with_destinations(jc, v, extra, reader) for v in vms)
+    finally:
+        await reader.close()
     if req.options.offline_cached_only:
         vms = [v for v in vms if v.cached and v.mode == "incremental"]
     return Preview(
@@ -393,11 +523,15 @@ async def targets(jc: JobContext, req: PlanRunRequest) -> PlanTargets:
     found = await resolve_targets(jc, plan, req.options)
     source_ref = req.options.source_ref
     if source_ref is not None:
+        reader = PointReader(jc)
 
         async def check(server: str, vm: str) -> None:
-            parent_for(await points_of(jc, dest, vm, server), source_ref, server, vm)
+            parent_for(await reader.points(dest, vm, server), source_ref, server, vm)
 
-        await asyncio.gather(*(check(s, v) for s, v in found))
+        try:
+            await bounded_gather(check(s, v) for s, v in found)
+        finally:
+            await reader.close()
     return PlanTargets(vms=[f"{s}/{v}" for s, v in found])
 
 
@@ -408,8 +542,10 @@ async def source_refs(jc: JobContext, req: PlanRunRequest) -> SourceRefs:
     plan, dest, _ = await plan_of(jc, req)
     targets = await resolve_targets(jc, plan, req.options)
 
+    reader = PointReader(jc)
+
     async def one(server: str, vm: str) -> VmSourceRefs:
-        points = await points_of(jc, dest, vm, server)
+        points = await reader.points(dest, vm, server)
         names: list[str] = []
         intact = False
         problems: list[str] = []
@@ -438,7 +574,10 @@ async def source_refs(jc: JobContext, req: PlanRunRequest) -> SourceRefs:
             problems=problems,
         )
 
-    return SourceRefs(vms=list(await asyncio.gather(*(one(s, v) for s, v in targets))))
+    try:
+        return SourceRefs(vms=await bounded_gather(one(s, v) for s, v in targets))
+    finally:
+        await reader.close()
 
 
 # -- agents -------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from virtbackup.contracts.v1.common import Message, ServerId, VmName
+from virtbackup.contracts.v1.common import Fault, Message, ServerId, VmName
 from virtbackup.contracts.v1.state import StagedState
 
 PowerState = Literal["running", "shutoff", "paused", "shutdown", "crashed", "suspended", "unknown"]
@@ -94,6 +94,33 @@ class DiskInfo(Message, frozen=True, kw_only=True):
 
 class DiskList(Message, frozen=True, kw_only=True):
     disks: list[DiskInfo]
+
+
+#: VMs one ``inventory.disks-many`` request may name: a reply of that many VMs' disks
+#: (a few hundred bytes each) stays far below a bus message.
+DISKS_MANY_MAX: Final = 500
+
+
+class VmsDisksRequest(Message, frozen=True, kw_only=True):
+    """``inventory.disks-many``: the disks of several VMs of one server in one request."""
+
+    server_id: ServerId
+    vm_names: Annotated[list[VmName], msgspec.Meta(min_length=1, max_length=DISKS_MANY_MAX)]
+
+
+class VmDisks(Message, frozen=True, kw_only=True):
+    """One VM's disks (devices ``disk`` only, as ``inventory.disks``), or ``fault``: why
+    they could not be read (``not_found`` for a VM the server does not have, ...)."""
+
+    vm_name: str
+    disks: list[DiskInfo] = msgspec.field(default_factory=list)
+    fault: Fault | None = None
+
+
+class VmsDisks(Message, frozen=True, kw_only=True):
+    """The answer to ``inventory.disks-many``: one entry per VM asked, in its order."""
+
+    vms: list[VmDisks]
 
 
 class VmInfo(Message, frozen=True, kw_only=True):

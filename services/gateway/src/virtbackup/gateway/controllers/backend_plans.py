@@ -38,11 +38,11 @@ from virtbackup.contracts.v1.plans import (
     ProjectRef,
     ProjectSource,
     RunOptions,
-    SourceRefs,
 )
 from virtbackup.gateway.bodies import NoBody, SnakeBody
 from virtbackup.gateway.errors import responses
 from virtbackup.gateway.plan_agents import eligible_view, refuse_deactivated
+from virtbackup.gateway.plan_preview_pages import paged_preview, paged_source_refs
 from virtbackup.gateway.plans_yaml import MAX_PROJECT_BYTES, MAX_YAML_CHARS, parse_project
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.errors import BadRequest, ServiceError
@@ -251,6 +251,14 @@ class ProjectsController(Controller):
         return project_view(await _import(gw, source, replace=True))
 
 
+async def _run(gw: Gateway, req: PlanRunRequest) -> dict[str, Any]:
+    """A run (``vb.cmd.plan.run``), or with ``dry_run`` its preview read page by page
+    (``paged_preview``: a plan's whole preview may not fit in one bus message)."""
+    if req.options.dry_run:
+        return _out(PlanRunResult(dry_run=True, preview=await paged_preview(gw, req)))
+    return _out(await gw.bus.request(PlanCmd.RUN, req, PlanRunResult, timeout=PLAN_TIMEOUT))
+
+
 async def _preview_sse(gw: Gateway, db_id: str, options: RunOptions) -> ServerSentEvent:
     # The targets first (404 / 400 before the stream starts), then one preview per VM.
     found_targets = await gw.bus.request(
@@ -319,7 +327,7 @@ class PipelinesController(Controller):
         """Run the plan for ``vms`` (default: all of them): ``run_id`` and ``job_ids``
         (``dry_run``: the preview instead, nothing created)."""
         req = PlanRunRequest(pipeline_db_id=pipeline_db_id, options=await _checked(gw, data))
-        return _out(await gw.bus.request(PlanCmd.RUN, req, PlanRunResult, timeout=PLAN_TIMEOUT))
+        return await _run(gw, req)
 
     @post("/{pipeline_db_id:str}/dry-run-preview", status_code=200, responses=responses(400, 404))
     async def dry_run_preview(
@@ -328,7 +336,7 @@ class PipelinesController(Controller):
         """Per VM and disk: full or incremental, the parent point and checkpoint, the bytes
         the run would read (libvirt's dirty sizes; nothing is read)."""
         req = PlanRunRequest(pipeline_db_id=pipeline_db_id, options=await _checked(gw, data))
-        return _out(await gw.bus.request(PlanCmd.PREVIEW, req, Preview, timeout=PLAN_TIMEOUT))
+        return _out(await paged_preview(gw, req))
 
     @get("/{pipeline_db_id:str}/source-refs", responses=responses(400, 404))
     async def source_refs(
@@ -342,9 +350,7 @@ class PipelinesController(Controller):
         req = PlanRunRequest(
             pipeline_db_id=pipeline_db_id, options=RunOptions(execution_mode=execution_mode)
         )
-        return _out(
-            await gw.bus.request(PlanCmd.SOURCE_REFS, req, SourceRefs, timeout=PLAN_TIMEOUT)
-        )
+        return _out(await paged_source_refs(gw, req))
 
     @post("/{pipeline_db_id:str}/eligible-agents", status_code=200, responses=responses(404))
     async def eligible_agents(
@@ -381,7 +387,7 @@ class PipelineChainsController(Controller):
         """Run the chain: its backup step's jobs now, the next steps as each one succeeds
         (``GET /api/v1/plan-runs/{run_id}`` shows the steps and their jobs)."""
         req = PlanRunRequest(chain_db_id=chain_db_id, options=await _checked(gw, data))
-        return _out(await gw.bus.request(PlanCmd.RUN, req, PlanRunResult, timeout=PLAN_TIMEOUT))
+        return await _run(gw, req)
 
     @post("/{chain_db_id:str}/dry-run-preview", status_code=200, responses=responses(400, 404))
     async def dry_run_preview(
@@ -389,7 +395,7 @@ class PipelineChainsController(Controller):
     ) -> dict[str, Any]:
         """The preview of the chain's backup step (as a plan's)."""
         req = PlanRunRequest(chain_db_id=chain_db_id, options=await _checked(gw, data))
-        return _out(await gw.bus.request(PlanCmd.PREVIEW, req, Preview, timeout=PLAN_TIMEOUT))
+        return _out(await paged_preview(gw, req))
 
     @get("/{chain_db_id:str}/source-refs", responses=responses(400, 404))
     async def source_refs(
@@ -399,9 +405,7 @@ class PipelineChainsController(Controller):
         req = PlanRunRequest(
             chain_db_id=chain_db_id, options=RunOptions(execution_mode=execution_mode)
         )
-        return _out(
-            await gw.bus.request(PlanCmd.SOURCE_REFS, req, SourceRefs, timeout=PLAN_TIMEOUT)
-        )
+        return _out(await paged_source_refs(gw, req))
 
     @post("/{chain_db_id:str}/eligible-agents", status_code=200, responses=responses(404))
     async def eligible_agents(
