@@ -263,6 +263,33 @@ def test_config_get_and_set_round_trip_and_refuse_bad_input(
     assert yaml.safe_load(ok(cli(xdg, "config", "get"))) == config  # nothing changed
 
 
+def test_a_new_system_without_servers_says_how_to_add_one(
+    xdg: Path, vms: Path, tmp_path: Path
+) -> None:
+    """A new user's first steps: with no server configured, ``vms ls`` and ``backup``
+    say how to add one with the CLI (not "give --server", which cannot help); with one,
+    a VM no server has points to ``vms ls``."""
+    missing = cli(xdg, "backup", f"vbt-nosuch-{PID}")
+    assert missing.exit_code == 1 and "give --server" not in missing.stderr, missing.output
+    assert "(servers: local)" in missing.stderr and "virtbackup vms ls" in missing.stderr
+    text = ok(cli(xdg, "config", "get"))
+    empty = tmp_path / "no-servers.yaml"
+    empty.write_text(yaml.safe_dump({**yaml.safe_load(text), "servers": []}))
+    saved = tmp_path / "config.yaml"
+    saved.write_text(text)
+    ok(cli(xdg, "config", "set", str(empty)))
+    try:
+        listed = cli(xdg, "vms", "ls")
+        assert listed.exit_code == 0 and "no server is configured" in listed.stderr
+        assert "virtbackup config set" in listed.stderr, listed.output
+        refused = cli(xdg, "backup", VM, "--wait")
+        assert refused.exit_code == 1 and "give --server" not in refused.stderr
+        assert refused.stderr.count("\n") == 1 and "no server is configured" in refused.stderr
+    finally:
+        ok(cli(xdg, "config", "set", str(saved)))
+    assert [s["id"] for s in json.loads(ok(cli(xdg, "servers", "-o", "json")))] == ["local"]
+
+
 def test_mount_exports_a_disk_that_nbdinfo_reads(xdg: Path, vms: Path, tmp_path: Path) -> None:
     folder = tmp_path / "tls"
     export = json.loads(

@@ -379,6 +379,8 @@ def vms_ls(
     rows: list[dict[str, Any]] = []
     with connect(context) as api:
         ids = [server] if server else [s["id"] for s in api.get("/config").get("servers", [])]
+        if not ids:
+            err.print(f"[yellow]warning:[/yellow] {escape(NO_SERVERS)}", soft_wrap=True)
         failed = []
         for sid in ids:
             try:
@@ -456,13 +458,24 @@ def vm_reboot(name: str, server: ServerOpt, context: ContextOpt = None) -> None:
 # -- backup and restore -----------------------------------------------------------------
 
 
+#: What a command that needs a server says when the configuration has none (a new system).
+NO_SERVERS = (
+    "no server is configured: add one with virtbackup config get > config.yaml, an entry"
+    " under servers (this host: {id: local, name: This host, host: ''}), then"
+    " virtbackup config set config.yaml"
+)
+
+
 def find_server(api: Api, vm: str) -> str:
     """The id of the one configured server that has a VM named ``vm``.
 
     Raises ``ApiError`` when none or several have one (naming them)."""
     found: list[str] = []
     unreachable: list[str] = []
-    for sid in [s["id"] for s in api.get("/config").get("servers", [])]:
+    servers = [s["id"] for s in api.get("/config").get("servers", [])]
+    if not servers:
+        raise ApiError(0, NO_SERVERS)
+    for sid in servers:
         try:
             names = {entry["vm"]["name"] for entry in api.get(f"/servers/{sid}/vms")}
         except ApiError:
@@ -475,7 +488,11 @@ def find_server(api: Api, vm: str) -> str:
     if found:
         raise ApiError(0, f"VM {vm!r} is on several servers ({', '.join(found)}): give --server")
     also = f" (not reachable: {', '.join(unreachable)})" if unreachable else ""
-    raise ApiError(0, f"no server has a VM named {vm!r}{also}: give --server")
+    raise ApiError(
+        0,
+        f"no server has a VM named {vm!r}{also} (servers: {', '.join(servers)});"
+        " see the VMs' names with: virtbackup vms ls",
+    )
 
 
 @app.command()
