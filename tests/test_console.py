@@ -167,6 +167,32 @@ async def test_login_sets_a_strict_httponly_session_and_shows_the_vm(
     assert await admin.locator("#who").inner_text() == ADMIN[0]
 
 
+async def test_a_new_system_shows_where_to_add_a_server_and_a_destination(
+    admin: Any, system: System, vm: str, repo_dir: Path
+) -> None:
+    """With no server and no destination (a new system), the dashboard says where to add
+    them, not just "No VMs."; once configured, it says nothing of it."""
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=60
+    ) as api:
+        empty = {**local_config(repo_dir), "servers": [], "destinations": []}
+        empty["backupDestinationId"] = None
+        assert (await api.post("/config", json=empty)).status_code == 200, "empty config"
+        try:
+            await admin.goto(f"{system.url}/ui/")
+            steps = admin.locator("#first-steps")
+            await steps.locator('li[data-step="server"]', has_text="Servers").wait_for()
+            await steps.locator('li[data-step="destination"]', has_text="Destinations").wait_for()
+            await steps.get_by_role("link", name="Servers").click()
+            await admin.wait_for_url(f"{system.url}/ui/servers")
+            await admin.locator("#add-server").wait_for()
+        finally:
+            assert (await api.post("/config", json=local_config(repo_dir))).status_code == 200
+    await admin.goto(f"{system.url}/ui/")
+    await admin.locator(f'tr[data-vm="{vm}"]').wait_for()
+    assert await admin.locator("#first-steps").count() == 0
+
+
 async def test_a_change_without_the_csrf_header_is_refused(admin: Any, system: System) -> None:
     status, text = await admin.evaluate(
         """async () => {

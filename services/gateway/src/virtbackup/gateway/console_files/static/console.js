@@ -232,7 +232,18 @@ async function dashboard(main) {
     h("td", {}, j.vmName || ""), h("td", {}, progress(j)));
   const none = h("tr", { class: "none" }, h("td", { colspan: 3, class: "muted" }, "None."));
   const runningBody = h("tbody", {}, running.length ? running.map(jobRow) : none);
+  // A new system has no server and no destination: say where to add them (a new user's first steps).
+  const firstSteps = [];
+  if (!(config.servers || []).length) {
+    firstSteps.push(h("li", { dataset: { step: "server" } }, "No server yet: add one on the ",
+      h("a", { href: "/ui/servers" }, "Servers"), " page (an empty Host is this machine's libvirt)."));
+  }
+  if (!(config.destinations || []).length) {
+    firstSteps.push(h("li", { dataset: { step: "destination" } }, "No destination yet: add one on the ",
+      h("a", { href: "/ui/destinations" }, "Destinations"), " page (Back up here by default) before a backup."));
+  }
   main.replaceChildren(
+    ...(firstSteps.length ? [section("First steps", h("ul", { id: "first-steps" }, firstSteps))] : []),
     section("Virtual machines", table(["Server", "VM", "State", "Last good backup"], vmRows, "No VMs.")),
     section("Running jobs", h("div", { class: "scroll" }, h("table", { id: "running" },
       h("thead", {}, h("tr", {}, ["Job", "VM", "Progress"].map((t) => h("th", {}, t)))), runningBody))),
