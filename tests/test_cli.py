@@ -212,6 +212,20 @@ def test_jobs_ls_yaml_parses(xdg: Path, vms: Path) -> None:
     assert bad.exit_code == 1 and "no-such-dest" in bad.stderr, bad.output
 
 
+def test_destinations_are_listed_and_errors_name_the_options_typed(xdg: Path, vms: Path) -> None:
+    """A new user found no way to list destinations but `config get`, and errors named
+    the API's fields (keepLast, $.targetDirectory), not the options they had typed."""
+    listed = json.loads(ok(cli(xdg, "destinations", "-o", "json")))
+    assert [(d["id"], d["driverId"], d["default"]) for d in listed] == [("fs", "filesystem", "yes")]
+    table = ok(cli(xdg, "destinations"))
+    assert "fs" in table and "filesystem" in table
+    no_rules = cli(xdg, "prune", "fs", "--dry-run")
+    assert no_rules.exit_code == 1 and "--keep-last (keepLast)" in no_rules.stderr, no_rules.output
+    relative = cli(xdg, "restore", STATE["point"], "--as", f"vbt-rel-{PID}", "--dir", "rel/dir")
+    assert relative.exit_code == 1, relative.output
+    assert "--dir (targetDirectory)" in relative.stderr, relative.stderr
+
+
 def test_schedules_users_and_agents(system: System, xdg: Path, vms: Path) -> None:
     body = {
         "id": f"cli-{PID}",
@@ -451,6 +465,7 @@ def test_schedules_add_update_disable(xdg: Path, vms: Path, tmp_path: Path) -> N
     assert disabled["enabled"] is False
     refused = cli(xdg, "schedules", "run", sid)
     assert refused.exit_code == 1 and "409" in refused.stderr, refused.output
+    assert f"virtbackup schedules enable {sid}" in refused.stderr, refused.stderr
     assert json.loads(ok(cli(xdg, "schedules", "enable", sid, "-o", "json")))["enabled"] is True
     bad = cli(xdg, "schedules", "update", sid, "--cron", "61 * * * *")
     assert bad.exit_code == 1 and "schedule" in bad.stderr, bad.output

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import getpass
+import inspect
 import os
+import re
 import ssl
 from collections.abc import Callable
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -105,6 +107,28 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+#: API fields some commands' errors name, and the option of the command that sets each
+#: (only translated for a command that has that option).
+API_FLAGS: dict[str, tuple[str, str]] = {
+    "keepLast": ("keep_last", "--keep-last"),
+    "keepDaily": ("keep_daily", "--keep-daily"),
+    "keepWeekly": ("keep_weekly", "--keep-weekly"),
+    "keepMonthly": ("keep_monthly", "--keep-monthly"),
+    "targetDirectory": ("directory", "--dir"),
+    "destinationId": ("dest", "--dest"),
+}
+
+
+def in_flags(message: str, func: Callable[..., Any]) -> str:
+    """``message`` with the API fields that one of ``func``'s options sets named by that
+    option first (``--keep-last (keepLast)``): the user typed the option, not the field."""
+    options = set(inspect.signature(func).parameters)
+    for field, (param, flag) in API_FLAGS.items():
+        if param in options:
+            message = re.sub(rf"(?<![\w-])(?:\$\.)?{field}\b", f"{flag} ({field})", message)
+    return message
+
+
 def handled(func: Callable[P, R]) -> Callable[P, R]:
     """Turn every expected failure into one line on stderr and exit code 1."""
 
@@ -113,7 +137,7 @@ def handled(func: Callable[P, R]) -> Callable[P, R]:
         try:
             return func(*args, **kwargs)
         except (ApiError, ContextError, TimeoutError) as exc:
-            raise fail(str(exc)) from None
+            raise fail(in_flags(str(exc), func)) from None
         except httpx.HTTPError as exc:
             raise fail(f"connection failed: {exc}") from None
         except OSError as exc:
@@ -361,6 +385,53 @@ def servers(output: OutputOpt = Format.table, context: ContextOpt = None) -> Non
         Column("USER", "username"),
         Column("URI", "uri", flex=True),
         Column("AGENT", "agentId", wide_only=True),
+    ]
+    emit(out, rows, output, cols)
+
+
+def _where(destination: dict[str, Any]) -> str:
+    """Where a destination keeps its data, in one short string (no secret)."""
+    params = destination.get("params") or {}
+    if not isinstance(params, dict):
+        return ""
+    for keys in (("path",), ("host", "basePath"), ("endpoint", "bucket"), ("rootPath",)):
+        found = [str(params[k]) for k in keys if params.get(k)]
+        if found:
+            return ":".join(found)
+    return ""
+
+
+@app.command()
+@handled
+def destinations(output: OutputOpt = Format.table, context: ContextOpt = None) -> None:
+    """List the configured backup destinations (GET /config's; secrets masked), the
+    default one marked. Add or change them with `config get` / `config set`.
+
+    Example: virtbackup destinations -o json
+    """
+    with connect(context) as api:
+        config = api.get("/config")
+    if not isinstance(config, dict):
+        config = {}
+    default = config.get("backupDestinationId")
+    rows = [
+        {**d, "default": "yes" if d.get("id") == default else "", "where": _where(d)}
+        for d in config.get("destinations", [])
+        if isinstance(d, dict)
+    ]
+    if not rows and output in (Format.table, Format.wide):
+        err.print(
+            "no destination is configured: add one with `virtbackup config get > vb.yaml`, "
+            "a `destinations` entry in vb.yaml, then `virtbackup config set vb.yaml`"
+        )
+        return
+    cols = [
+        Column("ID", "id"),
+        Column("DRIVER", "driverId"),
+        Column("WHERE", "where", flex=True),
+        Column("DEFAULT", "default"),
+        Column("ENABLED", "enabled", wide_only=True),
+        Column("NAME", "name", flex=True, wide_only=True),
     ]
     emit(out, rows, output, cols)
 

@@ -251,7 +251,15 @@ def schedules_run(
     Example: virtbackup schedules run nightly --wait
     """
     with connect(context) as api:
-        run = api.post(f"/api/v1/task/schedulers/{schedule_id}/run")
+        try:
+            run = api.post(f"/api/v1/task/schedulers/{schedule_id}/run")
+        except ApiError as exc:
+            if exc.status == 409 and "disabled" in str(exc):
+                raise ApiError(
+                    exc.status,
+                    f"{exc.message}; with this CLI: virtbackup schedules enable {schedule_id}",
+                ) from None
+            raise
         if run.get("skipped"):
             raise ApiError(0, f"schedule {schedule_id} skipped: {run.get('message', '')}")
         for job_id in run.get("jobIds", []):
