@@ -12,7 +12,7 @@ import re
 from typing import Final, TypeVar
 
 import msgspec
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 T = TypeVar("T")
@@ -69,3 +69,16 @@ async def keys(kv: KeyValue, under: str = "") -> list[str]:
 
     alive = await asyncio.gather(*(live(k) for k in names))
     return sorted(k for k, ok in zip(names, alive, strict=True) if ok)
+
+
+async def write_if(kv: KeyValue, key: str, value: bytes, revision: int | None) -> bool:
+    """Compare-and-swap: create ``key`` (``revision`` None) or update it from
+    ``revision``; False when another writer came first (the caller reads again)."""
+    try:
+        if revision is None:
+            await kv.create(key, value)
+        else:
+            await kv.update(key, value, last=revision)
+    except KeyWrongLastSequenceError:
+        return False
+    return True

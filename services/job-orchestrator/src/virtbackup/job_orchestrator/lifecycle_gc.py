@@ -72,6 +72,7 @@ from virtbackup.repository.verification import (
 from virtbackup.runtime.bus import new_id
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import Conflict
+from virtbackup.runtime.kv import write_if
 from virtbackup.storage.errors import NotFoundError
 from virtbackup.storage.retry import RetryingDriver
 
@@ -368,15 +369,7 @@ async def claim_destination(
 
 
 async def _write_claim(kv: KeyValue, key: str, record: ClaimRecord, revision: int | None) -> bool:
-    value = msgspec.json.encode(record)
-    try:
-        if revision is None:
-            await kv.create(key, value)
-        else:
-            await kv.update(key, value, last=revision)
-    except KeyWrongLastSequenceError:
-        return False
-    return True
+    return await write_if(kv, key, msgspec.json.encode(record), revision)
 
 
 async def release_destination(jc: JobContext, destination_id: str, job_id: str) -> None:

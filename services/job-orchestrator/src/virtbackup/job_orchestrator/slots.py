@@ -43,7 +43,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from virtbackup.contracts import buckets
@@ -53,6 +53,7 @@ from virtbackup.job_orchestrator.fanout import written_destinations
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.locks import lookup_in
 from virtbackup.runtime import joblog
+from virtbackup.runtime.kv import write_if
 from virtbackup.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -312,15 +313,7 @@ async def _read(kv: KeyValue, key: str) -> tuple[SlotRecord, int | None]:
 
 async def _write(kv: KeyValue, key: str, record: SlotRecord, revision: int | None) -> bool:
     """Compare-and-swap; False when someone wrote in between."""
-    value = msgspec.json.encode(record)
-    try:
-        if revision is None:
-            await kv.create(key, value)
-        else:
-            await kv.update(key, value, last=revision)
-    except KeyWrongLastSequenceError:
-        return False
-    return True
+    return await write_if(kv, key, msgspec.json.encode(record), revision)
 
 
 async def _alive(jc: JobContext, job_id: str, taken_at: float) -> bool:
