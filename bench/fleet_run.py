@@ -8,14 +8,15 @@ state) but waits that many seconds instead of reading a disk, and ends ``success
 marked ``result.simulated``; no restore point is made, nothing is written. What is
 measured is the control plane's scheduling of the night, not a data path.
 
-The run: one schedule per destination (``jobTemplate.vmPath`` a glob over the servers
-whose number ends in that destination's digits, ``*`` VMs), all triggered now (``POST
-/api/v1/task/schedulers/{id}/run``); then, from the job records (``VB_JOBS``, read
-directly, not through the gateway): the seconds until every job ended, jobs/s, the most
-jobs that held one server and one destination at once (from their ``startedAt`` and
-``finishedAt``, which lie inside the time the job held its slots) against the limits,
-the queue wait (``startedAt - createdAt``), and every job's final state; and the
-orchestrator's and gateway's RSS and CPU seconds over the run.
+The run: one schedule per last two digits of the server numbers (``jobTemplate.vmPath``
+``sim-*07/*``: up to 100 schedules, each a hundredth of the fleet; the servers ending in
+digit ``d`` back up to destination ``d % --destinations``), all triggered now, one
+after the other (``POST /api/v1/task/schedulers/{id}/run``); then, from the job records
+(``VB_JOBS``, read directly, not through the gateway): the seconds until every job
+ended, jobs/s, the most jobs that held one server and one destination at once (from
+their ``startedAt`` and ``finishedAt``, which lie inside the time the job held its
+slots) against the limits, the queue wait (``startedAt - createdAt``), and every job's
+final state; and the orchestrator's and gateway's RSS and CPU seconds over the run.
 """
 
 from __future__ import annotations
@@ -58,11 +59,14 @@ def destinations(count: int, base: Path) -> list[dict[str, Any]]:
     return out
 
 
-def server_glob(index: int, count: int) -> str:
-    """The servers of destination ``index`` of ``count`` (at most 10): those whose number
-    ends in a digit ``d`` with ``d % count == index`` (``sim-*[05]`` for 0 of 5)."""
-    digits = "".join(str(d) for d in range(10) if d % count == index)
-    return f"sim-*[{digits}]/*"
+def schedule_globs(servers: int, count: int) -> list[tuple[str, str]]:
+    """The run's schedules: ``(vmPath, destination)`` pairs, one per last two digits of
+    the server numbers in use (``sim-*07/*``: at most 100 schedules, each about a
+    hundredth of the fleet, so that no trigger creates thousands of jobs in one bus
+    request), the servers ending in digit ``d`` going to destination ``d % count``."""
+    ids = destination_ids(count)
+    endings = sorted({n % 100 for n in range(servers)})
+    return [(f"sim-*{e:02d}/*", ids[(e % 10) % count]) for e in endings]
 
 
 def env(args: Any) -> dict[str, str]:
@@ -154,13 +158,13 @@ async def nightly_run(api: httpx.AsyncClient, system: System, args: Any) -> dict
     count = args.destinations
     pids = {n: system.procs[n].pid for n in ("job-orchestrator", "gateway")}
     schedules: list[tuple[str, str]] = []
-    for index, dest in enumerate(destination_ids(count)):
+    for glob, dest in schedule_globs(args.servers, count):
         body = {
-            "name": f"nightly {dest}",
+            "name": f"nightly {glob} to {dest}",
             "schedule": "0 2 * * *",
             "timezone": "UTC",
             "jobTemplate": {
-                "vmPath": server_glob(index, count),
+                "vmPath": glob,
                 "source": {"type": "libvirt"},
                 "destination": {"type": "backup", "destinationId": dest},
             },
@@ -172,7 +176,8 @@ async def nightly_run(api: httpx.AsyncClient, system: System, args: Any) -> dict
     began = time.time()
     ids: list[str] = []
     trigger_s: list[float] = []
-    for schedule_id, dest in schedules:
+    print(f"triggering {len(schedules)} schedules", flush=True)
+    for schedule_id, _dest in schedules:
         started = time.monotonic()
         resp = await api.post(f"/api/v1/task/schedulers/{schedule_id}/run", json={}, timeout=600)
         trigger_s.append(round(time.monotonic() - started, 2))
@@ -180,7 +185,6 @@ async def nightly_run(api: httpx.AsyncClient, system: System, args: Any) -> dict
         run = resp.json()
         assert not run["skipped"], run
         ids.extend(run["jobIds"])
-        print(f"schedule for {dest}: {len(run['jobIds'])} jobs", flush=True)
     expected = args.servers * args.vms
     assert len(ids) == expected, (len(ids), expected)
     await wait_all_ended(system, ids, args.run_timeout)
@@ -225,7 +229,12 @@ async def nightly_run(api: httpx.AsyncClient, system: System, args: Any) -> dict
             "per_destination": args.max_per_destination,
             "at_once_at_most": limit_concurrency,
         },
-        "trigger_s": trigger_s,
+        "schedules": len(schedules),
+        "trigger_s": {
+            "total": round(sum(trigger_s), 2),
+            "max": max(trigger_s),
+            "median": sorted(trigger_s)[len(trigger_s) // 2],
+        },
         "submitted_s": round(max(parse(j.created_at) for j in jobs.values()) - began, 2),
         "all_ended_s": round(wall, 2),
         "first_submit_to_last_end_s": round(last_finished - first_created, 2),
@@ -261,7 +270,10 @@ async def nightly_run(api: httpx.AsyncClient, system: System, args: Any) -> dict
 def report(run: dict[str, Any]) -> None:
     print(f"\nnightly run of {run['jobs']} backups ({run['simulated_transfer']})")
     print(f"limits: {run['limits']}, {run['destinations']} destinations")
-    print(f"triggers (s): {run['trigger_s']}; every job submitted after {run['submitted_s']} s")
+    print(
+        f"{run['schedules']} schedules triggered, s: {run['trigger_s']}; "
+        f"every job submitted after {run['submitted_s']} s"
+    )
     print(
         f"every job ended after {run['all_ended_s']} s ({run['jobs_per_s']} jobs/s; "
         f"{run['ideal_s_at_limits']} s if only the limits held them back)"
