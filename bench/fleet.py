@@ -41,7 +41,7 @@ as a process, one orchestrator, one worker), never ``virtbackup up``, then:
   ``VmHWM``) and threads after each stage.
 
     .venv/bin/python bench/fleet.py [--servers 1000] [--vms 10] [--jobs 10000] [--json PATH]
-        [--no-run] [--simulate-seconds 2] [--max-per-server 4] [--max-per-destination 16]
+        [--no-run] [--simulate-seconds 5] [--max-per-server 4] [--max-per-destination 64]
         [--destinations 5] [--assume-backup-minutes 10]
 
 Prints a table and writes ``bench/results/fleet.json`` (not kept in git). About 2-4 min
@@ -493,9 +493,9 @@ def main() -> int:
         default=True,
         help="back up every VM once, with the simulated transfer (--no-run: plan only)",
     )
-    parser.add_argument("--simulate-seconds", type=float, default=2.0, help="per backup")
+    parser.add_argument("--simulate-seconds", type=float, default=5.0, help="per backup")
     parser.add_argument("--max-per-server", type=int, default=4)
-    parser.add_argument("--max-per-destination", type=int, default=16)
+    parser.add_argument("--max-per-destination", type=int, default=64)
     parser.add_argument("--destinations", type=int, default=5, choices=range(1, 11))
     parser.add_argument(
         "--assume-backup-minutes",
