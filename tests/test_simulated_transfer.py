@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from harness import System, api_client, running_system, wait_job
 from test_simulated_servers import driver_xml
 
 VMS = [f"simx-{os.getpid()}-{i}" for i in range(3)]
-SECONDS = 1.0
+SECONDS = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +77,17 @@ async def test_simulated_backups_succeed_one_at_a_time_writing_nothing(
     # No restore point, no chunk: the destination holds only its repository's header.
     files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
     assert files == ["VirtBackup/repository.json"], files
+
+
+async def test_a_simulated_transfer_is_cancelled_at_once(api: httpx.AsyncClient) -> None:
+    job_id = await backup(api, VMS[0])
+    deadline = time.monotonic() + 30
+    while (job := (await api.get(f"/jobs/{job_id}")).json())["phase"] != "transferring":
+        assert job["state"] in {"queued", "running"} and time.monotonic() < deadline, job
+        await asyncio.sleep(0.05)
+    asked = time.monotonic()
+    resp = await api.post(f"/jobs/{job_id}/cancel")
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, job_id, timeout=30)
+    assert job["state"] == "canceled" and job["message"] == "cancelled by user", job
+    assert time.monotonic() - asked < SECONDS, job  # the wait ends at the cancel
