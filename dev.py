@@ -5,7 +5,8 @@
     python3 dev.py test   # install what is needed, then lint, type-check and run every test
     python3 dev.py bench  # install what is needed, then the benchmark against virtnbdbackup
                           # (options: --reps 1 --steps full,incremental --warm ...; bench/README.md)
-    python3 dev.py fleet  # 1,000 simulated servers x 10 VMs: refresh, memory, listings, history
+    python3 dev.py fleet  # 1,000 simulated servers x 10 VMs: refresh, memory, listings, history,
+                          # the nightly run of every VM (simulated transfer; --no-run: without)
                           # (bench/fleet.py; options: --servers 1000 --vms 10 --jobs 10000 ...)
     python3 dev.py load   # 100 SSE + 100 WebSocket clients while jobs run, /health p50/p99
                           # (bench/load.py; options: --sse 100 --ws 100 --seconds 60 ...)

@@ -5,8 +5,12 @@ libvirt's test driver, run inside the inventory's own process from a driver XML 
 written here (one per server, ``--vms`` domains each). Its VMs can be listed, started
 and stopped, but there is no QEMU and no disk behind them: the inventory refuses every
 operation that would read or write one (a backup of such a VM fails at once, saying so;
-this benchmark checks that it does). What is measured is the control plane: the
-inventory, the gateway, the bus and the job store, never a data path.
+``--no-run`` checks that it does). What is measured is the control plane: the
+inventory, the gateway, the bus, the job store and the orchestrator's scheduling, never a
+data path. With ``--run`` (the default) the system runs with the *simulated transfer*
+(``VIRTBACKUP_SIMULATE_TRANSFER_SECONDS``, for benchmarks only): a backup of a simulated
+VM waits that many seconds instead of reading a disk and ends ``success`` marked
+``simulated``, and the whole fleet is backed up once (``bench/fleet_run.py``).
 
 Runs its own system (``tests/harness.running_system``: a NATS server and every service
 as a process, one orchestrator, one worker), never ``virtbackup up``, then:
@@ -23,17 +27,22 @@ as a process, one orchestrator, one worker), never ``virtbackup up``, then:
   ``GET /vms/list?server_id=`` (one server's VMs with CPUs, memory and disks);
 * the plan of a nightly backup of all of them: a project with one plan whose VMs are
   ``vm: "*"`` on every server, imported (every glob resolved, one schedule per selector),
-  and its dry-run preview from the inventory's cache and online, with their seconds (the
-  plan is not run: there is no concurrency limit per host or destination to honour yet,
-  and no simulated transfer; see bench/README.md);
+  and its dry-run preview from the inventory's cache and online, with their seconds;
 * the fleet's history: ``--jobs`` finished backup jobs of the fleet's VMs written into
   ``VB_JOBS`` (as ``bench/jobs.py`` does), then ``GET /jobs`` (the newest 1,000) and a
   submit (``POST /servers/{id}/backup`` of a simulated VM: 200, then the job fails with
-  the simulated server's refusal) timed ``--reps`` times each;
+  the simulated server's refusal, or with ``--run`` succeeds simulated) timed ``--reps``
+  times each;
+* with ``--run``: the nightly run of every VM under ``--max-per-server`` and
+  ``--max-per-destination`` over ``--destinations`` destinations (``bench/fleet_run.py``:
+  time until every job ended, jobs/s, the most jobs at once per server and destination,
+  queue wait, the orchestrator's and gateway's RSS and CPU);
 * the inventory's, gateway's and orchestrator's resident memory (``VmRSS`` and its peak
   ``VmHWM``) and threads after each stage.
 
     .venv/bin/python bench/fleet.py [--servers 1000] [--vms 10] [--jobs 10000] [--json PATH]
+        [--no-run] [--simulate-seconds 5] [--max-per-server 4] [--max-per-destination 64]
+        [--destinations 5] [--assume-backup-minutes 10]
 
 Prints a table and writes ``bench/results/fleet.json`` (not kept in git). About 2-4 min
 at the defaults on the 2-core machine of the README's figures.
@@ -67,6 +76,7 @@ if __package__ in (None, ""):  # run as a script: bench/ and tests/ as run.py do
 
 from harness import System, api_client, running_system, wait_job
 
+from bench import fleet_run
 from bench.measure import memory, read_stat
 from bench.run import machine
 from virtbackup.contracts.v1.jobs import Job
@@ -317,7 +327,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for d in (drivers, repo, data):
             d.mkdir(mode=0o700)
         config = fleet_config(drivers, args.servers, args.vms, repo)
-        with running_system(data, workers=1, orchestrators=1) as system:
+        settings: dict[str, str] = {}
+        if args.run:  # the simulated transfer and the limits of the nightly run
+            config["destinations"] = fleet_run.destinations(args.destinations, repo)
+            settings = fleet_run.env(args)
+            result["settings"] = settings
+        with running_system(data, workers=1, orchestrators=1, **settings) as system:
             result["memory"]["idle"] = process_memory(system)
             async with api_client(system, timeout=120) as api:
                 inventory_pid = system.procs["inventory"].pid
@@ -409,8 +424,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     await timed(min(args.reps, 20), submit)
                 )
                 job = await wait_job(api, job_ids[0], timeout=60)
-                assert job["state"] == "failure" and "simulated" in job["message"], job
-                result["simulated_backup_refused"] = job["message"]
+                if args.run:  # the simulated transfer: success, saying so
+                    assert job["state"] == "success" and job["result"]["simulated"], job
+                    result["simulated_backup"] = job["message"]
+                else:
+                    assert job["state"] == "failure" and "simulated" in job["message"], job
+                    result["simulated_backup_refused"] = job["message"]
                 for job_id in job_ids[1:]:
                     await wait_job(api, job_id, timeout=60)
                 result["latency"] = latency
@@ -418,6 +437,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["plan"] = await plan_fleet(api, args.servers, args.vms, args.plan_timeout)
                 result["memory"]["after_plan"] = process_memory(system)
                 print(f"plan: {result['plan']}", flush=True)
+                if args.run:
+                    result["run"] = await fleet_run.nightly_run(api, system, args)
+                    result["memory"]["after_run"] = process_memory(system)
                 result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -442,6 +464,8 @@ def report(result: dict[str, Any]) -> None:
             print(f"  {name}: {plan[name]}")
     print(f"history: {result['history']['jobs']} finished jobs written into VB_JOBS")
     print(f"machine load average at the end: {result['load_average_end']}")
+    if "run" in result:
+        fleet_run.report(result["run"])
     print("\n| request | n | median | p95 | p99 | max |\n|---|---|---|---|---|---|")
     for name, s in result["latency"].items():
         print(
@@ -463,6 +487,23 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=32, help="requests in flight")
     parser.add_argument("--timeout", type=float, default=300, help="first refresh bound (s)")
     parser.add_argument("--plan-timeout", type=float, default=240, help="per plan step (s)")
+    parser.add_argument(
+        "--run",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="back up every VM once, with the simulated transfer (--no-run: plan only)",
+    )
+    parser.add_argument("--simulate-seconds", type=float, default=5.0, help="per backup")
+    parser.add_argument("--max-per-server", type=int, default=4)
+    parser.add_argument("--max-per-destination", type=int, default=64)
+    parser.add_argument("--destinations", type=int, default=5, choices=range(1, 11))
+    parser.add_argument(
+        "--assume-backup-minutes",
+        type=float,
+        default=10.0,
+        help="a real backup's minutes, for the extrapolated nightly window",
+    )
+    parser.add_argument("--run-timeout", type=float, default=1800, help="run bound (s)")
     parser.add_argument(
         "--json", type=Path, default=Path(__file__).parent / "results" / "fleet.json"
     )

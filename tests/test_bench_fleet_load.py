@@ -38,7 +38,8 @@ def test_the_fleet_and_load_benchmarks_run_with_small_numbers(tmp_path: Path) ->
     fleet_json, load_json = tmp_path / "fleet.json", tmp_path / "load.json"
     fleet = start_script(
         "fleet.py", "--servers", "4", "--vms", "3", "--jobs", "60", "--reps", "3",
-        "--json", str(fleet_json),
+        "--simulate-seconds", "0.5", "--max-per-server", "1", "--max-per-destination", "2",
+        "--destinations", "2", "--json", str(fleet_json),
     )  # fmt: skip
     load = start_script(
         "load.py", "--sse", "2", "--ws", "2", "--seconds", "3", "--job-interval", "0.5",
@@ -50,8 +51,8 @@ def test_the_fleet_and_load_benchmarks_run_with_small_numbers(tmp_path: Path) ->
     assert (result["servers"], result["vms_per_server"]) == (4, 3)
     assert "no QEMU" in result["simulation"]
     assert 0 < result["first_refresh_s"] < 120 and result["forced_refresh_s"] > 0
-    # A backup of a simulated VM is refused by the inventory, saying why.
-    assert "is simulated" in result["simulated_backup_refused"]
+    # With the simulated transfer on (--run), a backup of a simulated VM succeeds, saying so.
+    assert "simulated backup" in result["simulated_backup"]
     assert result["history"]["jobs"] == 60 and result["history"]["get_jobs_bytes"] > 0
     assert {"GET /config", "GET /servers/{id}/vms", "GET /jobs (newest 1000)"} <= set(
         result["latency"]
@@ -61,6 +62,12 @@ def test_the_fleet_and_load_benchmarks_run_with_small_numbers(tmp_path: Path) ->
     assert (plan["import"]["status"], plan["import"]["schedules"]) == (201, 4), plan
     assert plan["preview_offline_cached"]["status"] == plan["preview_online"]["status"] == 200
     assert "| GET /jobs (newest 1000) | 3 |" in fleet_out
+    run = result["run"]  # every VM backed up once, simulated, within the limits
+    assert run["jobs"] == 12 and run["states"] == {"success": 12} and run["simulated"] == 12
+    assert run["max_per_server_seen"] == 1 and 1 <= run["max_per_destination_seen"] <= 2, run
+    assert 0 <= run["queue_wait_s"]["p50"] <= run["queue_wait_s"]["p99"]
+    assert run["all_ended_s"] >= 1.5 and run["cpu_s"]["job-orchestrator"] > 0, run
+    assert "SIMULATED" in run["simulated_transfer"] and "nightly window" in fleet_out
 
     result = json.loads(load_json.read_text())
     assert result["dropped"] == []

@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     #: order. 0: no limit.
     max_jobs_per_server: int = Field(default=4, ge=0)
     max_jobs_per_destination: int = Field(default=8, ge=0)
+    #: For benchmarks only (``bench/fleet.py --run``): a backup of a VM on a *simulated*
+    #: server (``test:///``) waits this many seconds and ends ``success`` marked
+    #: ``simulated`` (no restore point, nothing written) instead of being refused.
+    #: ``None`` (unset): off. Never affects a VM on a real server.
+    simulate_transfer_seconds: float | None = Field(default=None, ge=0, le=86400)
     #: A job fails when no unit finishes for this many seconds (no worker, or all stuck).
     job_stall_timeout: float = 600.0
     #: A backup queued for a remote agent fails when the agent has not leased it within

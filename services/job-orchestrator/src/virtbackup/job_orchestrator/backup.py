@@ -39,6 +39,7 @@ from virtbackup.contracts.v1.inventory import (
 )
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.work import TransferUnit, UnitResult
+from virtbackup.job_orchestrator import simulated
 from virtbackup.job_orchestrator.agent_jobs import run_agent_backup
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
 from virtbackup.job_orchestrator.fanout import FanOut, also_destinations, outcome, summary
@@ -280,6 +281,8 @@ async def run_backup(jc: JobContext, job: Job) -> str:
     server = next(s for s in cfg.servers if s.id == job.server_id)
     if job.params.get("agentId"):
         return await run_agent_backup(jc, job)  # its agent reads and writes (agent_jobs)
+    if (simulate := simulated.seconds_for(jc, server)) is not None:
+        return await simulated.run_simulated_backup(jc, job, simulate)  # benchmarks only
     await pinned_worker(jc, job)  # checked before the begin: nothing to undo if gone
     fraction = partial_max_fraction(find_destination(cfg, job.destination_id).driver_id)
     order = [job.destination_id, *also_destinations(job)]

@@ -27,7 +27,7 @@ from virtbackup.contracts.v1.inventory import (
     RestoreTarget,
 )
 from virtbackup.contracts.v1.jobs import TERMINAL_STATES, Job, JobState
-from virtbackup.job_orchestrator import checkpoints_left, slots
+from virtbackup.job_orchestrator import checkpoints_left, simulated, slots
 from virtbackup.job_orchestrator.backup import end_libvirt_job, run_backup
 from virtbackup.job_orchestrator.backup_checks import after_backup
 from virtbackup.job_orchestrator.errors import JobCanceled, JobFailed, JobLost
@@ -104,7 +104,7 @@ async def execute(jc: JobContext, job: Job) -> None:
         log.exception("could not write the final state of job %s (%s)", job.id, state)
         return
     await slots.release(jc, job)  # after the final state: its successor never runs beside it
-    if job.type == "backup" and state == "success":
+    if job.type == "backup" and state == "success" and not simulated.is_simulated(ended or job):
         await after_backup(jc, ended or job)  # definition drift, size anomaly (never raises)
         # Retention: a prune job of its own once the backup has ended (points.auto_prune),
         # in each destination it wrote; not for a migration's backups (migrate_via): the
@@ -185,6 +185,8 @@ async def recover(jc: JobContext, job: Job) -> None:
             # Its agent ends its libvirt job, or removes the images of its restore, when
             # its next report is answered `cancel`.
             pass
+        elif simulated.is_simulated(job):
+            pass  # a simulated transfer (benchmarks): no libvirt job, no unit, nothing written
         elif job.type == "backup":
             state, message = await _recover_backup(jc, job, state, message)
         elif job.type == "restore":
