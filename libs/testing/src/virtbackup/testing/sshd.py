@@ -57,11 +57,13 @@ from virtbackup.testing.servers import (
     stop_process,
 )
 
-__all__ = ["SSHD", "TEST_USER", "SshdServer", "ensure_test_user", "sshd_server"]
+__all__ = ["PASSWORD_FILE", "SSHD", "TEST_USER", "SshdServer", "ensure_test_user", "sshd_server"]
 
 SSHD: Final = "/usr/sbin/sshd"
 #: The unprivileged user an SFTP-role server logs in.
 TEST_USER: Final = "vbtest"
+#: Where that user's password is kept (made once per machine, 0600).
+PASSWORD_FILE: Final = Path(tempfile.gettempdir()) / "virtbackup-test-sshd" / "password"
 
 
 def ensure_test_user(password_file: Path) -> tuple[str, str]:
@@ -91,11 +93,13 @@ def ensure_test_user(password_file: Path) -> tuple[str, str]:
     try:
         pwd.getpwnam(TEST_USER)
     except KeyError:
-        subprocess.run(
+        made = subprocess.run(
             ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
              "--shell", "/usr/sbin/nologin", TEST_USER],
-            check=True, capture_output=True,
+            check=False, capture_output=True, text=True,
         )  # fmt: skip
+        if made.returncode not in (0, 9):  # 9: made by another process meanwhile
+            raise ServerError(f"useradd {TEST_USER}: {made.stderr.strip()}") from None
     subprocess.run(
         ["chpasswd"], input=f"{TEST_USER}:{password}\n".encode(), check=True, capture_output=True
     )
@@ -123,9 +127,7 @@ class SshdServer:
         self.username: str = login if root else "root"
         self.password: str | None = None
         if not root:
-            self.username, self.password = ensure_test_user(
-                Path(tempfile.gettempdir()) / "virtbackup-test-sshd" / "password"
-            )
+            self.username, self.password = ensure_test_user(PASSWORD_FILE)
         self.dir = Path(tempfile.mkdtemp(prefix="virtbackup-sshd-"))
         self.dir.chmod(0o711)
         user = pwd.getpwnam(self.username)
