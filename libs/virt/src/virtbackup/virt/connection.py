@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -46,6 +46,7 @@ from virtbackup.virt.errors import Unreachable, VirtError, VirtTimeout, translat
 from virtbackup.virt.eventloop import ensure_event_loop
 from virtbackup.virt.host import Host, LocalHost, SshHost
 from virtbackup.virt.session import SessionDaemon, ensure_session_daemon
+from virtbackup.virt.threads import ReapingExecutor
 
 T = TypeVar("T")
 
@@ -79,7 +80,7 @@ class Connection:
         raw: Any,
         uri: str,
         *,
-        executor: ThreadPoolExecutor,
+        executor: Executor,
         host: Host | None,
         call_timeout: float,
     ) -> None:
@@ -228,6 +229,7 @@ async def open_connection(
     keepalive_interval: int = 5,
     keepalive_count: int = 3,
     max_threads: int = 4,
+    idle_thread_seconds: float = 30,
 ) -> Connection:
     """Open ``uri`` with keepalive and a close callback.
 
@@ -235,9 +237,15 @@ async def open_connection(
     :class:`LocalHost` for a local URI (``qemu:///system``) and to ``None`` otherwise.
     Raises :class:`Unreachable` when the connection cannot be opened within
     ``open_timeout`` seconds (a connection that completes later is closed at once).
+    Calls run in up to ``max_threads`` threads of the connection's own, each ending after
+    ``idle_thread_seconds`` without a call.
     """
     ensure_event_loop()
-    executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="libvirt-call")
+    # A pool per connection (a hung host holds only its own threads), whose idle threads
+    # end: a fleet's connections are idle nearly all the time (virt.threads).
+    executor = ReapingExecutor(
+        max_threads, idle_seconds=idle_thread_seconds, thread_name_prefix="libvirt-call"
+    )
     loop = asyncio.get_running_loop()
     opener = libvirt.openReadOnly if readonly else libvirt.open
     future = loop.run_in_executor(executor, opener, uri)
