@@ -149,7 +149,7 @@ def refused(resp: httpx.Response, status: int, *words: str) -> None:
 STATE: dict[str, Any] = {}
 
 
-@pytest.mark.parametrize("name", [SPACE, UMLAUT, LONG, CJK])
+@pytest.mark.parametrize("name", [SPACE, UMLAUT, LONG, CJK], ids=["space", "umlaut", "long", "cjk"])
 async def test_a_name_with_a_space_or_utf8_is_backed_up_listed_and_restored(
     api: httpx.AsyncClient,
     ns: System,
