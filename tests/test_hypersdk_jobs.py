@@ -199,8 +199,14 @@ async def test_submit_and_query_a_backup_and_a_glob(
         assert (await wait_status(hs, one, {"completed", "failed"}))["status"] == "completed"
     completed = (await hs.post("/jobs/query", json={"status": "completed", "limit": 50})).json()
     assert {job_id, *ids} <= {j["definition"]["id"] for j in completed["jobs"]}
+    # total is how many match, limit aside: the jobs listed are at most limit.
+    every = (await hs.post("/jobs/query", json={"all": True})).json()
     limited = (await hs.post("/jobs/query", json={"all": True, "limit": 2})).json()
-    assert limited["total"] == 2
+    assert len(limited["jobs"]) == 2 and limited["total"] == every["total"] >= 4
+    done = (await hs.post("/jobs/query", json={"status": "completed", "limit": 1})).json()
+    assert len(done["jobs"]) == 1 and done["total"] == completed["total"] >= 4
+    some = (await hs.post("/jobs/query", json={"job_ids": ids, "limit": 1})).json()
+    assert len(some["jobs"]) == 1 and some["total"] == 3
     assert (await hs.post("/jobs/query", json={"status": "bogus"})).status_code == 400
     assert (await hs.get("/jobs/nope")).status_code == 404
 

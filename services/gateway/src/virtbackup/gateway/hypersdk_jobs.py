@@ -24,6 +24,7 @@ from virtbackup.contracts.v1.jobs import (
     ACTIVE_STATES,
     Job,
     JobCancelRequest,
+    JobCounts,
     JobGetRequest,
     JobState,
 )
@@ -165,18 +166,25 @@ class HyperSdkJobsController(Controller):
 
     @post("/jobs/query", status_code=200)
     async def query(self, gw: Gateway, data: QueryBody) -> dict[str, Any]:
-        """Jobs newest first, filtered by ``job_ids`` and ``status``."""
+        """Jobs newest first, filtered by ``job_ids`` and ``status``, at most ``limit``
+        of them; ``total`` is how many match, ``limit`` aside (counted by the
+        job-orchestrator when no ids are given: no job is read for it)."""
         if data.limit < 0:
             raise BadRequest(f"limit: {data.limit} is negative (0 means no limit)")
         state = state_of(data.status) if data.status is not None else None
         if data.job_ids:
             jobs = [await _job(gw, i) for i in dict.fromkeys(data.job_ids)]
             jobs = [j for j in jobs if state is None or j.state == state]
+            total = len(jobs)
         else:
             jobs = await matching_jobs(gw, state=state, limit=data.limit)
+            total = len(jobs)
+            if data.limit and total >= data.limit:
+                counts = await gw.bus.request(JobCmd.COUNTS, Empty(), JobCounts)
+                total = max(total, counts.total if state is None else getattr(counts, state))
         if data.limit:
             jobs = jobs[: data.limit]
-        return {"jobs": [job_view(j) for j in jobs], "total": len(jobs)}
+        return {"jobs": [job_view(j) for j in jobs], "total": total}
 
     @get("/jobs/{job_id:str}", responses=responses(404))
     async def get_job(self, gw: Gateway, job_id: str) -> dict[str, Any]:
