@@ -219,6 +219,10 @@ def test_destinations_are_listed_and_errors_name_the_options_typed(xdg: Path, vm
     assert [(d["id"], d["driverId"], d["default"]) for d in listed] == [("fs", "filesystem", "yes")]
     table = ok(cli(xdg, "destinations"))
     assert "fs" in table and "filesystem" in table
+    # A job that moves no bytes (GC) ends with a whole bar, not "0/? bytes".
+    gc = cli(xdg, "gc", "fs", "--grace-seconds", "0", "--wait")
+    bar = next(line for line in gc.output.splitlines() if "100%" in line)
+    assert gc.exit_code == 0 and "?" not in bar and "bytes" not in bar, gc.output
     no_rules = cli(xdg, "prune", "fs", "--dry-run")
     assert no_rules.exit_code == 1 and "--keep-last (keepLast)" in no_rules.stderr, no_rules.output
     relative = cli(xdg, "restore", STATE["point"], "--as", f"vbt-rel-{PID}", "--dir", "rel/dir")

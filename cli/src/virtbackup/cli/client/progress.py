@@ -17,11 +17,13 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    Task,
     TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 from virtbackup.cli.client.api import Api
 
@@ -47,6 +49,21 @@ def _reader(api: Api, out: queue.Queue[tuple[str, dict[str, Any]]], stop: thread
     finally:
         with contextlib.suppress(Exception):
             api.close()
+
+
+class _BytesColumn(DownloadColumn):
+    """Bytes done of the total, left blank for a job that moves no bytes (prune, GC,
+    verify: their ``totalBytes`` stays 0), which showed "0/? bytes" to the end."""
+
+    def render(self, task: Task) -> Text:
+        return super().render(task) if task.fields.get("bytes", True) else Text("")
+
+
+class _SpeedColumn(TransferSpeedColumn):
+    """Bytes a second, left blank where no bytes move (it showed "?")."""
+
+    def render(self, task: Task) -> Text:
+        return super().render(task) if task.fields.get("bytes", True) else Text("")
 
 
 def _describe(job: dict[str, Any]) -> str:
@@ -79,26 +96,27 @@ def follow_job(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TaskProgressColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
+        _BytesColumn(binary_units=True),
+        _SpeedColumn(),
         TimeRemainingColumn(),
     )
     try:
         job: dict[str, Any] = api.get(f"/jobs/{job_id}")
         with Progress(*columns, console=console, transient=False) as bar:
-            task = bar.add_task(_describe(job), total=None)
+            task = bar.add_task(_describe(job), total=None, bytes=False)
             while True:
                 total = int(job.get("totalBytes") or 0) or None
+                done = int(job.get("bytesTransferred") or 0)
                 bar.update(
                     task,
                     description=_describe(job),
                     total=total,
-                    completed=int(job.get("bytesTransferred") or 0),
+                    completed=done,
+                    bytes=bool(total or done),
                 )
                 if job.get("state") in TERMINAL:
-                    done = int(job.get("bytesTransferred") or 0)
-                    if job["state"] == "success" and (total or done):
-                        bar.update(task, total=total or done, completed=total or done)
+                    if job["state"] == "success":  # a whole bar; 1 of 1 where no bytes
+                        bar.update(task, total=total or done or 1, completed=total or done or 1)
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"job {job_id} did not end within {timeout:.0f} s")
