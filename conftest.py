@@ -1,15 +1,21 @@
 """Fixtures every test package shares (a real nats-server per test, ...), and how the suite
 is split between pytest-xdist workers.
 
-``python3 dev.py test`` runs the suite in two workers (``-n 2 --dist loadgroup``). Every
-test module is one unit of work, so a module's fixtures (a system, VMs) are made once, in
-one worker; modules that share something of the machine that is not theirs alone run in
-one unit, one after the other (:data:`SHARED_GROUPS`). Units start heaviest first
-(:data:`HEAVY_FIRST`), so that the two workers end at about the same time. Run alone
-(no ``-n``), none of this applies.
+``python3 dev.py test`` runs the suite in two workers (``-n 2 --dist loadfile``). Every
+test module is one unit of work, run whole by one worker in its own order, so a module's
+fixtures (a system, VMs) are made once and its tests may build on each other; modules
+that share something of the machine that is not theirs alone are one unit, run one after
+the other (:data:`SHARED_GROUPS`, by :func:`pytest_xdist_make_scheduler`). Units start
+heaviest first (:data:`HEAVY_FIRST`), so that the two workers end at about the same
+time. Run alone (no ``-n``), none of this applies.
+
+pytest-xdist's own ``xdist_group`` marker is not used: it renames node ids through an
+attribute pytest 9.2 no longer reads, so its groups are silently ignored there.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 
@@ -63,10 +69,11 @@ HEAVY_FIRST: tuple[str, ...] = (
 )
 
 
-def _unit(item: pytest.Item, root: str) -> str:
-    path = item.path.as_posix()
-    relative = path[len(root) + 1 :] if path.startswith(root + "/") else path
-    return SHARED_GROUPS.get(relative, relative)
+def unit_of(nodeid: str) -> str:
+    """The unit of work a test belongs to: its module's path (as in its node id), or the
+    name of the shared group that module is in."""
+    module = nodeid.split("::", 1)[0]
+    return SHARED_GROUPS.get(module, module)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -79,15 +86,23 @@ def pytest_configure(config: pytest.Config) -> None:
             print(f"test machine: {problem}")
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Units of work by :func:`unit_of`, handed out in the workers' collection order
+    (heaviest first, see :func:`pytest_collection_modifyitems`)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleUnits(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    return ModuleUnits(config, log)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With ``--dist loadgroup``: one unit per module (or shared group), heaviest first.
-    Runs before pytest-xdist reads the groups (``tryfirst``)."""
-    if getattr(config.option, "dist", "no") != "loadgroup":
+    """In a pytest-xdist worker: the heaviest units first, each module's tests in their
+    own order (a stable sort)."""
+    if not hasattr(config, "workerinput"):
         return
-    root = config.rootpath.as_posix()
     rank = {unit: i for i, unit in enumerate(HEAVY_FIRST)}
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(_unit(item, root)))
-    items.sort(key=lambda item: rank.get(_unit(item, root), len(rank)))
+    items.sort(key=lambda item: rank.get(unit_of(item.nodeid), len(rank)))

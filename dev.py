@@ -210,7 +210,7 @@ def whole_suite_args() -> list[str]:
     workers = int(os.environ.get("VIRTBACKUP_TEST_WORKERS", "2"))
     if workers <= 1:
         return []
-    return ["-n", str(workers), "--dist", "loadgroup", "--no-loadscope-reorder"]
+    return ["-n", str(workers), "--dist", "loadfile", "--no-loadscope-reorder"]
 
 
 def cmd_bench(args: list[str]) -> int:
