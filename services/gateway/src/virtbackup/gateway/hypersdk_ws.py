@@ -45,6 +45,7 @@ from litestar.exceptions import WebSocketDisconnect
 from virtbackup.contracts.v1.hypersdk_jobs import job_view
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.gateway.auth import WS_SUBPROTOCOL
+from virtbackup.gateway.fanout import offer_in_batches
 from virtbackup.gateway.hypersdk_status import all_jobs, current_status
 from virtbackup.gateway.identity_auth import RECHECK_SECONDS, still_allowed
 from virtbackup.gateway.state import Gateway
@@ -150,6 +151,11 @@ class Hub:
         for client in list(self.clients):
             client.offer(data)
 
+    async def fan_out(self, data: bytes) -> None:
+        """``broadcast``, letting the event loop run between batches of clients (see
+        ``fanout``)."""
+        await offer_in_batches(list(self.clients), data)
+
     async def _pump(self, feed: EventFeed) -> None:
         try:
             while True:
@@ -162,7 +168,7 @@ class Hub:
                     log.warning("event %s not sent on /ws: %s", stored.event.type, exc)
                     continue
                 if data is not None:
-                    self.broadcast(data)
+                    await self.fan_out(data)
         finally:
             await feed.close()
 
@@ -184,7 +190,7 @@ class Hub:
             except ServiceError as exc:  # e.g. no orchestrator answers: skip this tick
                 log.warning("/ws status: %s", exc)
                 continue
-            self.broadcast(message("status", status))
+            await self.fan_out(message("status", status))
 
 
 _hubs: dict[int, Hub] = {}

@@ -1,0 +1,164 @@
+"""The gateway's live streams under many clients (issue 20, ``bench/load.py``): every
+``/events`` stream that starts now shares one feed, each message is encoded once for all
+of them, a stream that falls behind ends without slowing the others, a fan-out lets the
+event loop run between batches of clients, and the start-up heap is frozen out of the
+cyclic garbage collector. Against a real nats-server (the hub in this process) and the
+session's running system (the gateway's log); no timing is asserted."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pytest
+from harness import System
+from litestar.response import ServerSentEventMessage
+from opentelemetry.sdk.trace import TracerProvider
+
+from virtbackup.contracts import subjects
+from virtbackup.contracts.streams import EVENTS, JOB_LOGS
+from virtbackup.contracts.v1.jobctl import LogLine
+from virtbackup.gateway.fanout import BATCH, offer_in_batches
+from virtbackup.gateway.heap import freeze_when_started
+from virtbackup.gateway.sse_hub import Listener, SseHub
+from virtbackup.runtime.broker import make_broker
+from virtbackup.runtime.bus import Bus
+from virtbackup.runtime.nats_server import NatsServer
+from virtbackup.runtime.provision import ensure_stream
+from virtbackup.runtime.settings import load_settings
+
+STREAMS = 20
+
+
+@pytest.fixture
+async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
+    settings = load_settings(**nats_server.client_settings(), request_timeout=5.0)
+    broker = make_broker(settings, "test", TracerProvider())
+    the_bus = Bus(broker, "test", request_timeout=5.0)
+    await broker.connect()
+    try:
+        await ensure_stream(the_bus.js, EVENTS)
+        await ensure_stream(the_bus.js, JOB_LOGS)
+        yield the_bus
+    finally:
+        await broker.stop()
+
+
+async def take(listener: Listener, count: int) -> list[ServerSentEventMessage]:
+    """``count`` messages of ``listener``, waiting at most 10 s for each."""
+    return [await asyncio.wait_for(listener.queue.get(), 10) for _ in range(count)]
+
+
+def sse_fields(message: ServerSentEventMessage) -> dict[str, Any]:
+    """The fields of one encoded server-sent event (``id``, ``event``, ``data`` decoded)."""
+    fields: dict[str, Any] = {}
+    for line in message.encode().decode().splitlines():
+        if line:
+            name, _, value = line.partition(": ")
+            fields[name] = json.loads(value) if name == "data" else value
+    return fields
+
+
+async def test_every_stream_gets_each_message_encoded_once_in_order(bus: Bus) -> None:
+    hub = SseHub(bus)
+    listeners = [Listener() for _ in range(STREAMS)]
+    for listener in listeners:
+        await hub.join(listener)
+    assert len(hub.tasks) == 2  # one event feed and one log feed, whatever the streams
+    for n in range(5):
+        await bus.publish_event("job.progress", {"id": "j1", "n": n}, key="j1")
+    line = LogLine(ts="2026-12-01T00:00:00Z", line="reading disk vda")
+    await bus.publish_core(subjects.job_log("j1"), msgspec.json.encode(line))
+    got = [await take(listener, 6) for listener in listeners]
+    assert hub.encoded == 6  # once per message, not once per stream (120 before)
+    for messages in got:
+        # The very objects the hub encoded: no stream encodes a message again.
+        assert all(a is b for a, b in zip(messages, got[0], strict=True))
+    events = [sse_fields(m) for m in got[0] if m.event == "job.progress"]
+    assert [e["data"]["payload"]["n"] for e in events] == [0, 1, 2, 3, 4]
+    assert [int(e["id"]) for e in events] == sorted(int(e["id"]) for e in events)
+    assert events[0]["data"]["type"] == "job.progress"
+    (log_line,) = [sse_fields(m) for m in got[0] if m.event == "job.log"]
+    assert "id" not in log_line
+    assert log_line["data"] == {
+        "type": "job.log",
+        "payload": {"jobId": "j1", "ts": line.ts, "level": "info", "line": line.line},
+    }
+    for listener in listeners:
+        await hub.leave(listener)
+    assert hub.tasks == []  # the last stream gone: the feeds are closed
+
+
+async def test_a_stream_that_falls_behind_ends_and_the_others_get_everything(
+    bus: Bus,
+) -> None:
+    hub = SseHub(bus)
+    slow, fast = Listener(size=2), Listener()
+    await hub.join(slow)
+    await hub.join(fast)
+    for n in range(4):
+        await bus.publish_event("job.progress", {"id": "j2", "n": n}, key="j2")
+    got = await take(fast, 4)
+    assert [sse_fields(m)["data"]["payload"]["n"] for m in got] == [0, 1, 2, 3]
+    assert slow.ended.is_set() and slow.queue.qsize() == 2
+    await hub.leave(slow)
+    await hub.leave(fast)
+
+
+async def test_a_fan_out_lets_the_loop_run_between_batches() -> None:
+    """Another task runs before the last client is offered the message: one event loop
+    turn never carries the sends of every client."""
+    offered: list[int] = []
+
+    class Probe:
+        def offer(self, item: int, /) -> None:
+            offered.append(item)
+
+    clients = [Probe() for _ in range(5 * BATCH)]
+    seen_when_other_task_ran: list[int] = []
+
+    async def other() -> None:
+        seen_when_other_task_ran.append(len(offered))
+
+    task = asyncio.create_task(other())
+    await offer_in_batches(clients, 7)
+    await task
+    assert offered == [7] * len(clients)
+    assert seen_when_other_task_ran and 0 < seen_when_other_task_ran[0] <= BATCH
+
+
+async def test_the_heap_is_frozen_once_the_servers_have_started() -> None:
+    class Server:
+        started = False
+
+    server = Server()
+    frozen = asyncio.create_task(freeze_when_started([server], poll=0.01))
+    try:
+        await asyncio.sleep(0.1)
+        assert not frozen.done() and gc.get_freeze_count() == 0
+        server.started = True
+        await asyncio.wait_for(frozen, 10)
+        assert gc.get_freeze_count() > 1000  # this process's modules, at least
+    finally:
+        gc.unfreeze()
+
+
+def test_the_running_gateway_froze_its_start_up_heap(system: System) -> None:
+    log_path = system.data_dir / "gateway.log"
+    deadline = time.monotonic() + 60
+    records: list[dict[str, Any]] = []
+    while not records:
+        records = [
+            json.loads(line)
+            for line in log_path.read_text(errors="replace").splitlines()
+            if "start-up heap frozen" in line
+        ]
+        if not records:
+            assert time.monotonic() < deadline, "the gateway never froze its heap"
+            time.sleep(0.2)
+    assert records[-1]["objects"] > 50_000, records[-1]
