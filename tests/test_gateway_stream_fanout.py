@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from virtbackup.contracts import subjects
 from virtbackup.contracts.streams import EVENTS, JOB_LOGS
 from virtbackup.contracts.v1.jobctl import LogLine
+from virtbackup.gateway.controllers.events import from_hub
 from virtbackup.gateway.fanout import BATCH, offer_in_batches
 from virtbackup.gateway.heap import freeze_when_started
 from virtbackup.gateway.sse_hub import Listener, SseHub
@@ -106,8 +107,12 @@ async def test_a_stream_that_falls_behind_ends_and_the_others_get_everything(
     got = await take(fast, 4)
     assert [sse_fields(m)["data"]["payload"]["n"] for m in got] == [0, 1, 2, 3]
     assert slow.ended.is_set() and slow.queue.qsize() == 2
+    assert hub.clients == {fast}  # let go of at once, whether or not it leaves
     await hub.leave(slow)
     await hub.leave(fast)
+    assert hub.tasks == []
+    # Its stream ends without sending what it had queued: the client resumes by id.
+    assert [m async for m in from_hub(slow)] == []
 
 
 async def test_a_fan_out_lets_the_loop_run_between_batches() -> None:

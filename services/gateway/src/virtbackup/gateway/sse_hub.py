@@ -143,7 +143,11 @@ class SseHub:
         (``fanout.offer_in_batches``: the event loop runs between batches)."""
         message.encode()
         self.encoded += 1
-        await offer_in_batches(list(self.clients), message)
+        clients = list(self.clients)
+        await offer_in_batches(clients, message)
+        # An ended stream gets nothing more: let go of it now, even if its response never
+        # ran far enough to leave (a client gone before the stream started).
+        self.clients.difference_update([c for c in clients if c.ended.is_set()])
 
     async def _pump_events(self, feed: EventFeed) -> None:
         await self._pump(feed.close, lambda: feed.next(timeout=FEED_WAIT_SECONDS), event_message)
