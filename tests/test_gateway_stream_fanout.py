@@ -115,6 +115,21 @@ async def test_a_stream_that_falls_behind_ends_and_the_others_get_everything(
     assert [m async for m in from_hub(slow)] == []
 
 
+async def test_a_stream_waiting_for_messages_ends_at_once_when_ended() -> None:
+    listener = Listener()
+    got: list[ServerSentEventMessage] = []
+
+    async def read() -> None:
+        got.extend([m async for m in from_hub(listener)])
+
+    reader = asyncio.create_task(read())
+    await asyncio.sleep(0.05)  # waiting on the empty queue
+    assert not reader.done()
+    listener.end()  # as when the hub's feeds fail
+    await asyncio.wait_for(reader, 5)  # not after the 15 s keep-alive
+    assert got == []
+
+
 async def test_a_fan_out_lets_the_loop_run_between_batches() -> None:
     """Another task runs before the last client is offered the message: one event loop
     turn never carries the sends of every client."""

@@ -91,6 +91,13 @@ class Listener:
         except asyncio.QueueFull:
             self.ended.set()
 
+    def end(self) -> None:
+        """Set ``ended`` and wake a reader waiting on the empty queue (it sees ``ended``
+        and sends nothing more)."""
+        self.ended.set()
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(ServerSentEventMessage(comment="end"))
+
 
 class SseHub:
     """Fans events and log lines out to the ``/events`` streams that started now.
@@ -176,7 +183,7 @@ class SseHub:
                 ended, self.clients = self.clients, set()
                 others, self.tasks = self.tasks, []
             for client in ended:
-                client.ended.set()
+                client.end()
             for task in others:
                 if task is not asyncio.current_task():
                     task.cancel()
