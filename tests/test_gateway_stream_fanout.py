@@ -2,7 +2,8 @@
 ``/events`` stream that starts now shares one feed, each message is encoded once for all
 of them, a stream that falls behind ends without slowing the others, a fan-out lets the
 event loop run between batches of clients, and the start-up heap is frozen out of the
-cyclic garbage collector. Against a real nats-server (the hub in this process) and the
+cyclic garbage collector; ``/ws`` clients that connect together share one listing of the
+jobs, made in slices. Against a real nats-server (the hub in this process) and the
 session's running system (the gateway's log); no timing is asserted."""
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from virtbackup.contracts import subjects
 from virtbackup.contracts.streams import EVENTS, JOB_LOGS
+from virtbackup.contracts.v1.hypersdk_jobs import job_view
 from virtbackup.contracts.v1.jobctl import LogLine
+from virtbackup.contracts.v1.jobs import Job
 from virtbackup.gateway.controllers.events import from_hub
 from virtbackup.gateway.fanout import BATCH, offer_in_batches
 from virtbackup.gateway.heap import freeze_when_started
+from virtbackup.gateway.hypersdk_ws import message
 from virtbackup.gateway.sse_hub import Listener, SseHub
+from virtbackup.gateway.ws_snapshot import VIEW_SLICE, Snapshots, jobs_message
 from virtbackup.runtime.broker import make_broker
 from virtbackup.runtime.bus import Bus
 from virtbackup.runtime.nats_server import NatsServer
@@ -182,3 +187,73 @@ def test_the_running_gateway_froze_its_start_up_heap(system: System) -> None:
             assert time.monotonic() < deadline, "the gateway never froze its heap"
             time.sleep(0.2)
     assert records[-1]["objects"] > 50_000, records[-1]
+
+
+# --- /ws's first message -------------------------------------------------------------
+
+
+async def test_ws_clients_that_connect_together_share_one_listing_begun_after_they_asked() -> None:
+    started: list[int] = []
+    gate = asyncio.Event()
+
+    async def build() -> bytes:
+        started.append(len(started) + 1)
+        number = len(started)
+        await gate.wait()
+        gate.clear()
+        return f"listing {number}".encode()
+
+    snapshots = Snapshots(build)
+    first = asyncio.create_task(snapshots.get())
+    await asyncio.sleep(0.01)
+    assert started == [1]
+    # Twenty clients ask while listing 1 runs: it began before them, so they share 2.
+    others = [asyncio.create_task(snapshots.get()) for _ in range(20)]
+    await asyncio.sleep(0.01)
+    gate.set()
+    assert await asyncio.wait_for(first, 5) == b"listing 1"
+    await asyncio.sleep(0.01)
+    assert started == [1, 2]
+    gate.set()
+    assert set(await asyncio.wait_for(asyncio.gather(*others), 5)) == {b"listing 2"}
+    assert snapshots.builds == 2  # 21 before: one listing per client
+
+
+async def test_a_failed_listing_fails_its_clients_and_the_next_one_lists_again() -> None:
+    calls = 0
+
+    async def build() -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("no orchestrator answers")
+        return b"ok"
+
+    snapshots = Snapshots(build)
+    with pytest.raises(RuntimeError, match="no orchestrator"):
+        await asyncio.wait_for(snapshots.get(), 5)
+    assert await asyncio.wait_for(snapshots.get(), 5) == b"ok"
+
+
+async def test_the_jobs_message_is_made_in_slices_that_let_the_loop_run() -> None:
+    jobs = [
+        Job(id=f"job-{n:05d}", type="backup", state="success", vm_name="web1",
+            created_at="2026-12-01T00:00:00Z", updated_at="2026-12-01T00:01:00Z")
+        for n in range(3 * VIEW_SLICE)
+    ]  # fmt: skip
+    ran_at: list[int] = []
+    made: list[int] = []
+
+    def encode(kind: str, data: dict[str, Any]) -> bytes:
+        made.append(len(data["jobs"]))
+        return message(kind, data)
+
+    async def other() -> None:
+        ran_at.append(len(made))
+
+    task = asyncio.create_task(other())
+    data = json.loads(await jobs_message(jobs, encode))
+    await task
+    assert ran_at == [0]  # ran before the message was made: the loop was not held
+    assert data["type"] == "jobs"
+    assert data["data"]["jobs"] == [json.loads(msgspec.json.encode(job_view(j))) for j in jobs]

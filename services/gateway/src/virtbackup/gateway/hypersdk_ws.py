@@ -49,6 +49,7 @@ from virtbackup.gateway.fanout import offer_in_batches
 from virtbackup.gateway.hypersdk_status import all_jobs, current_status
 from virtbackup.gateway.identity_auth import RECHECK_SECONDS, still_allowed
 from virtbackup.gateway.state import Gateway
+from virtbackup.gateway.ws_snapshot import Snapshots, jobs_message
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import ServiceError
 from virtbackup.runtime.events import EventFeed, StoredEvent
@@ -112,6 +113,11 @@ class Hub:
         self.clients: set[Client] = set()
         self.tasks: list[asyncio.Task[None]] = []
         self.lock = asyncio.Lock()
+        #: The first message, ``jobs``, shared by the clients that connect together.
+        self.snapshots = Snapshots(self._jobs_message)
+
+    async def _jobs_message(self) -> bytes:
+        return await jobs_message(await all_jobs(self.gw), message)
 
     async def join(self, client: Client) -> None:
         """Add ``client``; the first one starts the feeds (open when this returns, so no
@@ -217,8 +223,8 @@ async def ws(socket: WebSocket[Any, Any, Any], gw: Gateway) -> None:
     client = Client()
     try:
         await hub.join(client)
-        jobs = await all_jobs(gw)
-        await socket.send_text(message("jobs", {"jobs": [job_view(j) for j in jobs]}).decode())
+        # Listed after joining: no job event is missing from both (``ws_snapshot``).
+        await socket.send_text((await hub.snapshots.get()).decode())
         await _serve(socket, client)
     except (WebSocketDisconnect, ServiceError) as exc:
         log.debug("/ws client gone: %r", exc)
