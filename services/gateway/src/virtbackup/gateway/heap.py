@@ -9,7 +9,9 @@ once and moves every object then alive to the permanent generation (``gc.freeze`
 collections walk only what was made after, and a full one takes milliseconds.
 
 Objects frozen are never collected, so only what exists at start-up is frozen, once;
-everything made later (requests, streams, caches) is collected as before.
+everything made later (requests, streams, caches) is collected as before. The one full
+collection before freezing holds the loop once, at start-up (80-560 ms measured on the
+2-core machine, idle to busy).
 """
 
 from __future__ import annotations
