@@ -13,12 +13,18 @@ as a process, one orchestrator, one transfer worker), never ``virtbackup up``; t
   seconds for ``--seconds`` seconds (p50, p99, max; the target: p99 < 50 ms), from a
   process of its own (the clients' streams keep this one's event loop busy);
 * samples the gateway's resident memory (``VmRSS``) every second, and its peak
-  (``VmHWM``) at the end, against the same gateway before any client connected.
+  (``VmHWM``) at the end, against the same gateway before any client connected;
+* has the gateway watch its own event loop (``VIRTBACKUP_LOOP_WATCH_MS``, see
+  ``virtbackup.gateway.loop_watch``) and reports, over the timed window, its longest
+  late wake-up (``lag_max_ms``, wall clock), the most CPU its loop spent without yielding
+  (``stall_cpu_max_ms``: what the gateway itself caused, whatever else runs on the
+  machine) and its longest garbage collection.
 
 Every client must have received something, every job must succeed and no client may
 have been dropped, or the run fails.
 
     .venv/bin/python bench/load.py [--sse 100] [--ws 100] [--seconds 60] [--json PATH]
+        [--gateway-log PATH]   # keep the gateway's log (its loop records, slow callbacks)
 
 Prints a table and writes ``bench/results/load.json`` (not kept in git). About 1.5 min.
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import calendar
 import contextlib
 import json
 import os
@@ -49,9 +56,12 @@ from harness import System, api_client, running_system, wait_job
 
 from bench.measure import memory, read_stat
 from bench.run import machine
+from virtbackup.gateway.loop_watch import REPORT_SECONDS
 from virtbackup.testing.points import write_point
 
 MiB = 1 << 20
+#: The gateway's loop watch threshold (ms): its samples later than this are counted.
+LOOP_WATCH_MS = "10"
 
 
 class Counts:
@@ -107,6 +117,39 @@ def rss_mib(system: System) -> tuple[float, float]:
     return round(rss / MiB, 1), round(hwm / MiB, 1)
 
 
+def loop_records(log_path: Path, since: float) -> dict[str, Any]:
+    """The gateway's ``event loop`` records (``loop_watch``) whose whole period came after
+    ``since`` (a ``time.time()``), summed up: the worst of each figure and the count."""
+    lag = cpu = 0.0
+    gc_max = [0.0, 0.0, 0.0]
+    gc_cpu = [0.0, 0.0, 0.0]
+    gc_runs = [0, 0, 0]
+    stalls = records = 0
+    for line in log_path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            rec = json.loads(line)
+            if rec.get("msg") != "event loop":
+                continue
+            logged = calendar.timegm(time.strptime(rec["ts"][:19], "%Y-%m-%dT%H:%M:%S"))
+            if logged - REPORT_SECONDS < since - 1:  # its period began before ``since``
+                continue
+            records += 1
+            lag, cpu = max(lag, rec["lag_max_ms"]), max(cpu, rec["stall_cpu_max_ms"])
+            stalls += rec["stalls"]
+            gc_max = [max(a, b) for a, b in zip(gc_max, rec["gc_max_ms"], strict=True)]
+            gc_cpu = [max(a, b) for a, b in zip(gc_cpu, rec["gc_cpu_max_ms"], strict=True)]
+            gc_runs = [a + b for a, b in zip(gc_runs, rec["gc_runs"], strict=True)]
+    return {
+        "records": records,
+        "lag_max_ms": lag,
+        "stall_cpu_max_ms": cpu,
+        f"stalls_over_{LOOP_WATCH_MS}_ms": stalls,
+        "gc_max_ms_by_generation": gc_max,
+        "gc_cpu_max_ms_by_generation": gc_cpu,
+        "gc_runs_by_generation": gc_runs,
+    }
+
+
 def percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
@@ -134,7 +177,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "backupDestinationId": "fs",
         }  # fmt: skip
         xml_path = await write_point(repo, "load-vm", chunks=1)
-        with running_system(data, workers=1, orchestrators=1) as system:
+        with running_system(
+            data, workers=1, orchestrators=1, VIRTBACKUP_LOOP_WATCH_MS=LOOP_WATCH_MS
+        ) as system:
+            gateway_log = data / "gateway.log"
+            print(f"gateway pid {system.procs['gateway'].pid}", flush=True)
             async with api_client(system, config, timeout=60) as api:
                 result["gateway_rss_before_mib"] = rss_mib(system)[0]
                 counts = Counts(args.sse, args.ws)
@@ -177,6 +224,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 background = [asyncio.create_task(jobs()), asyncio.create_task(sample_rss())]
                 gateway_pid = system.procs["gateway"].pid
                 cpu_before, wall_before = read_stat(gateway_pid), time.monotonic()
+                timed_from = time.time()
                 # Timed from a process of its own: this one's event loop is busy with the
                 # clients' streams, and its delays are no part of the gateway's answer.
                 sampler = await asyncio.create_subprocess_exec(
@@ -191,6 +239,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 latencies: list[float] = sampled["latencies"]
                 statuses: dict[str, int] = sampled["statuses"]
                 cpu_after, wall = read_stat(gateway_pid), time.monotonic() - wall_before
+                result["gateway_loop"] = loop_records(gateway_log, timed_from)
                 stop.set()
                 await asyncio.gather(*background)
                 ticks = os.sysconf("SC_CLK_TCK")
@@ -205,6 +254,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     task.cancel()
                 await asyncio.gather(*clients, return_exceptions=True)
                 rss, hwm = rss_mib(system)
+                if args.gateway_log:
+                    shutil.copyfile(gateway_log, args.gateway_log)
                 ordered = sorted(latencies)
                 result |= {
                     "health": {
@@ -269,6 +320,11 @@ def report(result: dict[str, Any]) -> None:
           f"peak {m['peak_vmhwm']} MiB |")  # fmt: skip
     c = result["gateway_cpu"]
     print(f"| gateway CPU while timed | {c['seconds']} s ({c['of_one_core']} of one core) |")
+    g = result["gateway_loop"]
+    print(f"| gateway event loop ({g['records']} periods of {REPORT_SECONDS:g} s) | latest wake-up "
+          f"{g['lag_max_ms']} ms late, most CPU without yielding {g['stall_cpu_max_ms']} ms, "
+          f"longest GC {max(g['gc_max_ms_by_generation'])} ms "
+          f"({max(g['gc_cpu_max_ms_by_generation'])} ms CPU) |")  # fmt: skip
     print(f"| clients dropped | {len(result['dropped'])} |")
     print(f"| machine load average at the end | {result['load_average_end']} |")
 
@@ -302,6 +358,7 @@ def main() -> int:
     parser.add_argument(
         "--json", type=Path, default=Path(__file__).parent / "results" / "load.json"
     )
+    parser.add_argument("--gateway-log", type=Path, help="copy the gateway's log here")
     args = parser.parse_args()
     if args.sample_health:
         return sample_health(args.sample_health, args.seconds, args.health_interval)

@@ -122,7 +122,10 @@ def create_app(gw: Gateway) -> Litestar:
     """
     from litestar.contrib.opentelemetry import OpenTelemetryConfig
 
-    otel = OpenTelemetryConfig(tracer_provider=None)
+    # No span per ASGI ``send``: a stream (``/events``) sends a message per event, and a
+    # span each cost its event loop more than the send (``sse_hub``); the request's own
+    # span still gets the status.
+    otel = OpenTelemetryConfig(tracer_provider=None, exclude_spans=["send"])
     app = Litestar(
         plugins=[GatewayPlugin(gw)],
         middleware=[otel.middleware],

@@ -45,9 +45,11 @@ from litestar.exceptions import WebSocketDisconnect
 from virtbackup.contracts.v1.hypersdk_jobs import job_view
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.gateway.auth import WS_SUBPROTOCOL
+from virtbackup.gateway.fanout import offer_in_batches
 from virtbackup.gateway.hypersdk_status import all_jobs, current_status
 from virtbackup.gateway.identity_auth import RECHECK_SECONDS, still_allowed
 from virtbackup.gateway.state import Gateway
+from virtbackup.gateway.ws_snapshot import Snapshots, jobs_message
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.errors import ServiceError
 from virtbackup.runtime.events import EventFeed, StoredEvent
@@ -111,6 +113,11 @@ class Hub:
         self.clients: set[Client] = set()
         self.tasks: list[asyncio.Task[None]] = []
         self.lock = asyncio.Lock()
+        #: The first message, ``jobs``, shared by the clients that connect together.
+        self.snapshots = Snapshots(self._jobs_message)
+
+    async def _jobs_message(self) -> bytes:
+        return await jobs_message(await all_jobs(self.gw), message)
 
     async def join(self, client: Client) -> None:
         """Add ``client``; the first one starts the feeds (open when this returns, so no
@@ -150,6 +157,11 @@ class Hub:
         for client in list(self.clients):
             client.offer(data)
 
+    async def fan_out(self, data: bytes) -> None:
+        """``broadcast``, letting the event loop run between batches of clients (see
+        ``fanout``)."""
+        await offer_in_batches(list(self.clients), data)
+
     async def _pump(self, feed: EventFeed) -> None:
         try:
             while True:
@@ -162,7 +174,7 @@ class Hub:
                     log.warning("event %s not sent on /ws: %s", stored.event.type, exc)
                     continue
                 if data is not None:
-                    self.broadcast(data)
+                    await self.fan_out(data)
         finally:
             await feed.close()
 
@@ -184,7 +196,7 @@ class Hub:
             except ServiceError as exc:  # e.g. no orchestrator answers: skip this tick
                 log.warning("/ws status: %s", exc)
                 continue
-            self.broadcast(message("status", status))
+            await self.fan_out(message("status", status))
 
 
 _hubs: dict[int, Hub] = {}
@@ -211,8 +223,8 @@ async def ws(socket: WebSocket[Any, Any, Any], gw: Gateway) -> None:
     client = Client()
     try:
         await hub.join(client)
-        jobs = await all_jobs(gw)
-        await socket.send_text(message("jobs", {"jobs": [job_view(j) for j in jobs]}).decode())
+        # Listed after joining: no job event is missing from both (``ws_snapshot``).
+        await socket.send_text((await hub.snapshots.get()).decode())
         await _serve(socket, client)
     except (WebSocketDisconnect, ServiceError) as exc:
         log.debug("/ws client gone: %r", exc)

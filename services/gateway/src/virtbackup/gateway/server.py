@@ -18,10 +18,12 @@ from virtbackup.gateway.audit_log import AuditTrail
 from virtbackup.gateway.config_store import ConfigStore
 from virtbackup.gateway.controllers.backend_vault import register_vault_commands
 from virtbackup.gateway.credentials import ensure_certificate, ensure_token
+from virtbackup.gateway.heap import freeze_when_started
 from virtbackup.gateway.hypersdk import create_hypersdk_asgi, create_metrics_asgi
 from virtbackup.gateway.hypersdk_metrics import dedicated_port
 from virtbackup.gateway.identity_store import IdentityStore, tidy_forever
 from virtbackup.gateway.login_log import LoginLog
+from virtbackup.gateway.loop_watch import threshold_ms, watch
 from virtbackup.gateway.ntfy_mirror import NtfyMirror
 from virtbackup.gateway.state import Gateway
 from virtbackup.gateway.vault_store import VaultStore
@@ -115,6 +117,8 @@ async def serve(settings: Settings | None = None) -> None:
     cert, key = ensure_certificate(settings)
     ctx = await start_service(SPEC, settings)
     try:
+        if (loop_watch_ms := threshold_ms()) is not None:  # diagnostics (loop_watch)
+            ctx.spawn(watch(loop_watch_ms), "loop-watch")
         store = ConfigStore(ctx.bucket(buckets.CONFIG), settings.agent_yaml)
         await store.initialize()
         ctx.spawn(store.follow(), "export-agent-yaml")
@@ -203,6 +207,7 @@ async def serve(settings: Settings | None = None) -> None:
             )
             optional = _Server(metrics)
         tasks = {asyncio.create_task(s.serve()) for s in servers}
+        ctx.spawn(freeze_when_started(list(servers)), "freeze-start-up-heap")  # heap.py
         if optional is not None and metrics_port is not None:
             ctx.spawn(_serve_metrics(gw, optional, metrics_port), "metrics-listener")
             servers.append(optional)

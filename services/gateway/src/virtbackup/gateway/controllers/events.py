@@ -17,6 +17,7 @@ from virtbackup.contracts import subjects
 from virtbackup.contracts.subjects import EventType
 from virtbackup.contracts.v1.jobctl import LogLine
 from virtbackup.gateway.identity_auth import RECHECK_SECONDS, still_allowed
+from virtbackup.gateway.sse_hub import Listener, sse_hub_of
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime.events import EventFeed, EventStart, StoredEvent
 from virtbackup.runtime.joblog import LogFeed
@@ -70,6 +71,25 @@ async def merged(feed: EventFeed, logs: LogFeed) -> AsyncGenerator[ServerSentEve
                     await task
 
 
+async def from_hub(listener: Listener) -> AsyncGenerator[ServerSentEventMessage, None]:
+    """What the hub gives ``listener``, in order, and a keep-alive comment after
+    ``KEEPALIVE_SECONDS`` of silence; ends as soon as ``listener.ended`` is set (its queue
+    overflowed, or the hub's feeds failed), dropping what it had queued."""
+    keep_alive = ServerSentEventMessage(comment="keep-alive")
+    while not listener.ended.is_set():
+        try:
+            message = listener.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            try:
+                async with asyncio.timeout(KEEPALIVE_SECONDS):
+                    message = await listener.queue.get()
+            except TimeoutError:
+                message = keep_alive
+        if listener.ended.is_set():
+            return
+        yield message
+
+
 class EventsController(Controller):
     @get("/events")
     async def events(
@@ -98,24 +118,44 @@ class EventsController(Controller):
         The stream ends once its credential no longer allows it (logged out, user
         disabled, token revoked, permission taken: ``identity_auth.still_allowed``,
         asked at most every ``RECHECK_SECONDS`` and at least at each keep-alive).
+
+        A stream without ``Last-Event-ID`` reads the feeds shared by every such stream
+        (``sse_hub``); one that falls ``sse_hub.QUEUE_SIZE`` messages behind ends at once,
+        and its client resumes with ``Last-Event-ID`` (as ``EventSource`` does).
         """
-        start: EventStart = "new" if last_event_id is None else last_event_id + 1
-        # Open the feeds before "ready" so that nothing published after "ready" is missed.
-        feed = await EventFeed(gw.bus, subjects.EVENTS_ALL, start=start).open()
-        logs = await LogFeed(gw.bus).open()
+        # Open the feeds before "ready" so that nothing published after "ready" is missed:
+        # a stream that starts now joins the shared feeds (``sse_hub``), one that resumes
+        # reads from its sequence on with feeds of its own.
+        source: AsyncGenerator[ServerSentEventMessage, None]
+        if last_event_id is None:
+            hub, listener = sse_hub_of(gw.bus), Listener()
+            await hub.join(listener)
+            source = from_hub(listener)
+
+            async def close() -> None:
+                await hub.leave(listener)
+        else:
+            start: EventStart = last_event_id + 1
+            feed = await EventFeed(gw.bus, subjects.EVENTS_ALL, start=start).open()
+            logs = await LogFeed(gw.bus).open()
+            source = merged(feed, logs)
+
+            async def close() -> None:
+                await feed.close()
+                await logs.close()
 
         async def stream() -> AsyncGenerator[ServerSentEventMessage, None]:
             try:
                 yield ServerSentEventMessage(event="ready", data="ok")
                 checked = time.monotonic()
-                async for message in merged(feed, logs):
+                async for message in source:
                     if time.monotonic() - checked >= RECHECK_SECONDS:
                         checked = time.monotonic()
                         if not await still_allowed(request.scope):
                             return
                     yield message
             finally:
-                await feed.close()
-                await logs.close()
+                await source.aclose()
+                await close()
 
         return ServerSentEvent(stream())
