@@ -158,19 +158,19 @@ def check_hypersdk_url(url: str) -> str:
 def hypersdk_endpoint(ctx: dict[str, Any]) -> dict[str, Any]:
     """Where a context's HyperSDK listener is, as ``Api(endpoint=...)`` takes it: the
     ``hypersdkUrl`` given at login (its certificate pinned in ``hypersdkFingerprint``,
-    or the ``--cacert`` CA), else, for a gateway on this machine, ``http://HOST:8080``.
+    or the ``--cacert`` CA).
 
-    Raises ``ApiError`` when there is none to use."""
+    There is no default: a guessed ``http://HOST:8080`` is not authenticated, and on
+    this machine any process may listen there (another system's listener, or anyone's
+    program), so the context's token would be sent in clear to whoever that is.
+
+    Raises ``ApiError`` when the context has none."""
     url = ctx.get("hypersdkUrl")
     if not url:
-        host = urlsplit(str(ctx.get("url", ""))).hostname or ""
-        if not is_loopback(host):
-            raise ApiError(
-                0,
-                "this context has no HyperSDK URL (webhooks are on that listener): run "
-                "`virtbackup login ... --hypersdk-url URL` again",
-            )
-        url = f"http://{host if ':' not in host else f'[{host}]'}:{HYPERSDK_PORT}"
+        raise ApiError(
+            0,
+            "this context has no HyperSDK URL: run `virtbackup login ... --hypersdk-url URL` again",
+        )
     out: dict[str, Any] = {"url": check_hypersdk_url(str(url))}
     for key, field in (("fingerprint", "hypersdkFingerprint"), ("cacert", "hypersdkCacert")):
         if ctx.get(field):

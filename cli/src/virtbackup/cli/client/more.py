@@ -6,7 +6,9 @@ users (``/api/v1/admin/sys/users``) and agents (``/api/v1/agents``)."""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,6 +51,10 @@ def _mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, Hashable):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be a string, not a list or a mapping", key_node.start_mark
+            )
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"key {key!r} given twice", key_node.start_mark
@@ -61,13 +67,41 @@ StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _ma
 
 
 def load_strict(text: str, source: str) -> Any:
-    """``text`` as YAML (JSON is YAML too), duplicate keys refused.
+    """``text`` as YAML (JSON is YAML too), duplicate keys refused, and only what JSON
+    can carry: mappings with string keys, lists, strings, finite numbers, booleans and
+    null (an unquoted ``2026-01-01`` is a date in YAML, ``!!binary`` bytes, ``.nan`` no
+    JSON number).
 
-    Raises ``ApiError`` naming ``source`` and the line."""
+    Raises ``ApiError`` naming ``source`` and the line, or the place (``$.a.b[0]``) of a
+    value JSON cannot carry."""
     try:
-        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+        document = yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ApiError(0, f"{source}: {' '.join(str(exc).split())}") from exc
+    _check_json(document, "$", source)
+    return document
+
+
+def _check_json(value: Any, where: str, source: str) -> None:
+    """Raise ``ApiError`` at the first value under ``value`` that JSON cannot carry."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ApiError(
+                    0, f"{source}: the key {key!r} at {where} must be a string (quote it)"
+                )
+            _check_json(item, f"{where}.{key}", source)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json(item, f"{where}[{index}]", source)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ApiError(0, f"{source}: {value!r} at {where} is not a JSON number")
+    elif value is not None and not isinstance(value, (str, int, bool)):
+        kind = type(value).__name__
+        raise ApiError(
+            0, f"{source}: the value at {where} is a YAML {kind}, not JSON (quote it: a string)"
+        )
 
 
 @config_app.command("get")
