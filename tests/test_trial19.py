@@ -9,6 +9,10 @@ headless Debian Chromium through Playwright.
   ``http://127.0.0.1:8080``, whoever listens there.
 - Tables wrote control characters set by another user (a schedule's name) to the
   reader's terminal: an operator's ``ESC [2J`` cleared an admin's screen.
+- A role with ``jobs:control`` but not ``backup:run``, ``restore:run`` or
+  ``lifecycle:run`` could start a backup, restore (overwriting a VM) or prune (deleting
+  points) by rerunning a finished one (``POST /api/v1/jobs/{id}/rerun``), and the
+  console offered it the button.
 - ``config set`` of YAML values JSON cannot carry (an unquoted date, ``.nan``) said
   "unexpected answer from the server" instead of naming the place in the file.
 """
@@ -28,7 +32,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import System, local_config, running_system
+from harness import System, local_config, running_system, wait_job
 from typer.testing import CliRunner, Result
 
 from virtbackup.cli.client.app import build
@@ -41,6 +45,8 @@ OPERATOR = ("otto", "an operator's passphrase")
 #: An attacker's own account: a password ending in "=" is what a text/plain form can
 #: send as JSON (the form's name holds the JSON up to the "=", its value the rest).
 ATTACKER = ("eve", "eve long passphrase=")
+#: A custom role's user who may cancel and rerun jobs, and start none.
+JOBCTL = ("carl", "carl's long passphrase")
 CHROMIUM = "/usr/bin/chromium"
 VM = f"vbt-t19-{PID}"
 
@@ -56,7 +62,14 @@ def system(tmp_path_factory: pytest.TempPathFactory, repo_dir: Path) -> Iterator
                 (ADMIN, "admin"),
                 (OPERATOR, "operator"),
                 (ATTACKER, "viewer"),
+                (JOBCTL, "jobctl"),
             ):
+                if role == "jobctl":
+                    resp = api.post(
+                        "/api/v1/admin/sys/roles",
+                        json={"name": role, "permissions": ["jobs:read", "jobs:control"]},
+                    )
+                    assert resp.status_code == 201, resp.text
                 resp = api.post(
                     "/api/v1/admin/sys/users",
                     json={"username": username, "password": password, "roles": [role]},
@@ -173,6 +186,44 @@ async def test_another_sites_form_cannot_swap_the_console_session(
         who = page.locator("#who")
         await who.filter(has_text=ADMIN[0]).wait_for()
         assert await who.inner_text() == ADMIN[0]
+    finally:
+        await context.close()
+
+
+async def test_a_rerun_takes_what_starting_the_job_takes(system: System, browser: Any) -> None:
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=60
+    ) as api:
+        resp = await api.post("/api/v1/destinations/fs/gc", json={})
+        assert resp.status_code in {200, 202}, resp.text
+        gc_id = resp.json()["id"]
+        await wait_job(api, gc_id)  # it fails (no repository yet): a rerun is of any end
+        login = await api.post(
+            "/api/v1/admin/auth/login", json={"username": JOBCTL[0], "password": JOBCTL[1]}
+        )
+        carl = {"Authorization": f"Bearer {login.json()['access_token']}"}
+        before = (await api.get("/api/v1/jobs", params={"limit": 1000})).json()["total"]
+        refused = await api.post(f"/api/v1/jobs/{gc_id}/rerun", headers=carl)
+        assert refused.status_code == 403, refused.text
+        assert "lifecycle:run" in refused.text
+        assert (await api.get("/api/v1/jobs", params={"limit": 1000})).json()["total"] == before
+        rerun = await api.post(f"/api/v1/jobs/{gc_id}/rerun")  # the agent token: admin
+        assert rerun.status_code == 202, rerun.text
+        await wait_job(api, rerun.json()["jobId"])
+    # The console offers carl no Rerun (he still sees the job).
+    context = await browser.new_context(ignore_https_errors=True)
+    try:
+        page = await context.new_page()
+        page.set_default_timeout(30_000)
+        await page.goto(f"{system.url}/ui/login")
+        form = page.locator("#user-login")
+        await form.locator("input[name=username]").fill(JOBCTL[0])
+        await form.locator("input[name=password]").fill(JOBCTL[1])
+        await form.locator("button[type=submit]").click()
+        await page.wait_for_url(f"{system.url}/ui/")
+        await page.goto(f"{system.url}/ui/jobs")
+        await page.locator(f'tr[data-row="{gc_id}"]').wait_for()
+        assert await page.locator("button.rerun").count() == 0
     finally:
         await context.close()
 
