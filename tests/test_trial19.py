@@ -364,3 +364,18 @@ def test_config_set_names_yaml_values_json_cannot_carry(
     assert result.exit_code == 1, result.output
     assert said in result.stderr and str(file) in result.stderr, result.stderr
     assert "unexpected answer" not in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("https://[::1", "--token", "t"),
+        ("https://127.0.0.1:99999", "--token", "t"),
+    ],
+)
+def test_a_malformed_url_is_said_to_be_one(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """Before: "unexpected answer from the server: ValueError: ..." (no server was asked)."""
+    result = cli(tmp_path, "login", *args)
+    assert result.exit_code == 1, result.output
+    assert "the URL must be https://HOST[:PORT]" in result.stderr, result.stderr
+    assert "unexpected answer" not in result.stderr and "Traceback" not in result.output

@@ -48,10 +48,14 @@ def host_port(url: str) -> tuple[str, int]:
     """The host and port of an ``https://`` URL (443 by default).
 
     Raises ``ApiError`` for another scheme or no host."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when it is no number in 0-65535
+    except ValueError as exc:
+        raise ApiError(0, f"the URL must be https://HOST[:PORT], not {url!r}: {exc}") from None
     if parts.scheme != "https" or not parts.hostname:
         raise ApiError(0, f"the URL must be https://HOST[:PORT], not {url!r}")
-    return parts.hostname, parts.port or 443
+    return parts.hostname, port or 443
 
 
 def fingerprint_of(pem: str) -> str:
@@ -139,7 +143,12 @@ def check_hypersdk_url(url: str) -> str:
     loopback by default; a token sent in clear over a network could be read there).
 
     Raises ``ApiError`` naming ``--hypersdk-url`` otherwise."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - ValueError when it is no number in 0-65535
+    except ValueError as exc:
+        where = f"--hypersdk-url must be http(s)://HOST[:PORT], not {url!r}"
+        raise ApiError(0, f"{where}: {exc}") from None
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ApiError(0, f"--hypersdk-url must be http(s)://HOST[:PORT], not {url!r}")
     if parts.path.strip("/") or parts.query or parts.fragment or parts.username:
