@@ -13,6 +13,10 @@ headless Debian Chromium through Playwright.
   ``lifecycle:run`` could start a backup, restore (overwriting a VM) or prune (deleting
   points) by rerunning a finished one (``POST /api/v1/jobs/{id}/rerun``), and the
   console offered it the button.
+- ``mount`` printed the commands to attach an export with the VM's name in them as it
+  is: a VM named ``web $(touch pwned)`` (a valid name; an operator may restore one under
+  it, a session host's user may define one) ran that command in the shell of whoever
+  pasted ``nbdinfo "..."``.
 - ``config set`` of YAML values JSON cannot carry (an unquoted date, ``.nan``) said
   "unexpected answer from the server" instead of naming the place in the file.
 """
@@ -24,7 +28,9 @@ import contextlib
 import http.server
 import json
 import os
+import re
 import socket
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -49,6 +55,8 @@ ATTACKER = ("eve", "eve long passphrase=")
 JOBCTL = ("carl", "carl's long passphrase")
 CHROMIUM = "/usr/bin/chromium"
 VM = f"vbt-t19-{PID}"
+#: A valid VM name that is a command in a shell.
+HOSTILE_VM = f"vbt-t19 $(touch t19-pwned)-{PID}"
 
 
 @pytest.fixture(scope="module")
@@ -379,3 +387,48 @@ def test_a_malformed_url_is_said_to_be_one(tmp_path: Path, args: tuple[str, ...]
     assert result.exit_code == 1, result.output
     assert "the URL must be https://HOST[:PORT]" in result.stderr, result.stderr
     assert "unexpected answer" not in result.stderr and "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+async def hostile_point(system: System, conn: Connection, vm_dir: Path) -> AsyncIterator[str]:
+    """A restore point of ``HOSTILE_VM`` (running, one 4 MiB disk): its id."""
+    await create_vm(conn, HOSTILE_VM, vm_dir, [4 << 20])
+    try:
+        async with httpx.AsyncClient(
+            base_url=system.url, headers=system.auth(), verify=False, timeout=60
+        ) as api:
+            assert (await api.post("/servers/local/refresh")).status_code in {200, 202}
+            resp = await api.post("/servers/local/backup", json={"vmName": HOSTILE_VM})
+            assert resp.status_code in {200, 202}, resp.text
+            job = await wait_job(api, resp.json()["jobId"])
+            assert job["state"] == "success", job
+            points = (await api.get("/api/v1/restore-points", params={"vmName": HOSTILE_VM})).json()
+            yield points[0]["id"]
+    finally:
+        await remove_vm(conn, HOSTILE_VM)
+
+
+@pytest.mark.libvirt
+def test_mount_prints_commands_that_stay_commands(
+    system: System,
+    xdg: Path,
+    hostile_point: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    ok(cli(xdg, "login", system.url, "--token", system.token))
+    shown = ok(cli(xdg, "mount", hostile_point, "vda", "--ttl", "120"))
+    export_id = re.search(r"virtbackup umount (\S+)", shown)
+    assert export_id, shown
+    try:
+        (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+        assert re.fullmatch(r"[\w.-]+", folder.name), folder.name
+        (line,) = [x.strip() for x in shown.splitlines() if x.strip().startswith("nbdinfo ")]
+        run = subprocess.run(
+            ["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert run.returncode == 0, (line, run.stderr)
+        assert not (tmp_path / "t19-pwned").exists(), line
+    finally:
+        ok(cli(xdg, "umount", export_id[1]))

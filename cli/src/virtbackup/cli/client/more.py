@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import shlex
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,7 +20,7 @@ import yaml
 from virtbackup.cli.client import app as base
 from virtbackup.cli.client.api import ApiError
 from virtbackup.cli.client.app import ContextOpt, OutputOpt, connect, handled
-from virtbackup.cli.client.output import Column, Format, emit, short_hex, short_time
+from virtbackup.cli.client.output import Column, Format, emit, printable, short_hex, short_time
 from virtbackup.cli.client.refs import point_id as point_ref
 
 config_app = typer.Typer(
@@ -181,7 +183,11 @@ def mount(
     disk: Annotated[str, typer.Argument(help="the disk's target, e.g. vda")],
     directory: Annotated[
         Path | None,
-        typer.Option("--dir", help="where to write its TLS files (default ./VM-DISK, made 0700)"),
+        typer.Option(
+            "--dir",
+            help="where to write its TLS files (default ./VM-DISK, where any character but "
+            "letters, digits, dots and dashes becomes an underscore; made 0700)",
+        ),
     ] = None,
     ttl: Annotated[int, typer.Option(min=1, max=86400, help="seconds the export lives")] = 3600,
     output: OutputOpt = Format.table,
@@ -195,7 +201,9 @@ def mount(
     """
     with connect(context) as api:
         rp = api.get(f"/api/v1/restore-points/{point_ref(api, point)}")
-        folder = directory or Path(f"{rp['vmName']}-{disk}").resolve()
+        # A VM's name may hold anything but '/' and control characters (spaces, "$(",
+        # quotes): the default folder takes only letters, digits, '.', '_' and '-' of it.
+        folder = directory or Path(re.sub(r"[^\w.-]", "_", f"{rp['vmName']}-{disk}")).resolve()
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(folder, 0o700)
         export = api.post(
@@ -215,14 +223,17 @@ def mount(
     host_port = url.split("://", 1)[1].split("/", 1)[0]
     host, _, port = host_port.rpartition(":")
     name = export.get("exportName", disk)
+    # Commands to paste into a shell: every value in them is quoted for it.
+    nbdinfo = shlex.quote(f"{url}?tls-certificates={folder}")
+    creds = shlex.quote(f"tls-creds-x509,id=tls0,endpoint=client,dir={folder}")
+    image = shlex.quote(f"driver=nbd,host={host},port={port},export={name},tls-creds=tls0")
     base.out.print(
-        f"export {export['id']} of {rp['vmName']} {disk} ({export.get('size', 0)} bytes) "
-        f"until {export.get('expiresAt')}\n"
-        f"  {url}  (TLS files in {folder})\n\n"
-        f'  nbdinfo "{url}?tls-certificates={folder}"\n'
-        f"  qemu-nbd -r -c /dev/nbd0 --object tls-creds-x509,id=tls0,endpoint=client,"
-        f"dir={folder} \\\n"
-        f"      --image-opts driver=nbd,host={host},port={port},export={name},tls-creds=tls0\n"
+        f"export {export['id']} of {printable(rp['vmName'])} {disk} "
+        f"({export.get('size', 0)} bytes) until {export.get('expiresAt')}\n"
+        f"  {url}  (TLS files in {printable(str(folder))})\n\n"
+        f"  nbdinfo {nbdinfo}\n"
+        f"  qemu-nbd -r -c /dev/nbd0 --object {creds} \\\n"
+        f"      --image-opts {image}\n"
         f"  mount -o ro /dev/nbd0p1 /mnt   # then: umount /mnt; qemu-nbd -d /dev/nbd0\n\n"
         f"  stop it: virtbackup umount {export['id']}",
         soft_wrap=True,
