@@ -183,7 +183,8 @@ def finish_job(api: Api, job_id: str, wait: bool, fmt: Format) -> None:
 def login(
     url: Annotated[str, typer.Argument(help="the gateway, https://HOST:PORT")],
     token: Annotated[
-        str | None, typer.Option(help="an agent or API token (else $VIRTBACKUP_TOKEN)")
+        str | None,
+        typer.Option(help="an agent or API token (better: $VIRTBACKUP_TOKEN, not shown by ps)"),
     ] = None,
     user: Annotated[
         str | None, typer.Option(help="log in as this user (password prompted)")
@@ -846,7 +847,9 @@ def jobs_logs(job_id: str, context: ContextOpt = None) -> None:
     with connect(context) as api:
         ref = job_ref(api, job_id)
         text = api.request("GET", f"/api/v1/jobs/{ref}/artifacts/output.log", raw=True)
-    out.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+    # Lines may hold what other users named (VMs, schedules): no escape reaches the terminal.
+    shown = "\n".join(printable(line) for line in str(text).split("\n"))
+    out.print(shown, end="", markup=False, highlight=False, soft_wrap=True)
 
 
 # -- destination maintenance ------------------------------------------------------------
