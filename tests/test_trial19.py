@@ -17,6 +17,9 @@ headless Debian Chromium through Playwright.
   is: a VM named ``web $(touch pwned)`` (a valid name; an operator may restore one under
   it, a session host's user may define one) ran that command in the shell of whoever
   pasted ``nbdinfo "..."``.
+- A webhook's header values were shown to every reader of webhooks (``config:read``: a
+  viewer) unless the header's name looked like a credential's: ``X-Honeycomb-Team``'s
+  API key was not masked.
 - ``config set`` of YAML values JSON cannot carry (an unquoted date, ``.nan``) said
   "unexpected answer from the server" instead of naming the place in the file.
 """
@@ -234,6 +237,34 @@ async def test_a_rerun_takes_what_starting_the_job_takes(system: System, browser
         assert await page.locator("button.rerun").count() == 0
     finally:
         await context.close()
+
+
+async def test_no_header_value_of_a_webhook_is_shown(system: System) -> None:
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        url = f"https://hooks.example.com/headers-{PID}"
+        headers = {"X-Honeycomb-Team": "hc-api-key", "X-Pass": "pw", "Authorization": "Bearer t"}
+        added = await api.post(
+            "/api/v1/webhooks", json={"url": url, "events": ["job.failed"], "headers": headers}
+        )
+        assert added.status_code == 201, added.text
+        try:
+            login = await api.post(
+                "/api/v1/admin/auth/login",
+                json={"username": ATTACKER[0], "password": ATTACKER[1]},
+            )
+            viewer = {"Authorization": f"Bearer {login.json()['access_token']}"}
+            for path, who in (("/api/v1/webhooks", viewer), ("/api/v1/webhooks", None)):
+                listed = await api.get(path, headers=who)
+                assert listed.status_code == 200, listed.text
+                (hook,) = [h for h in listed.json()["webhooks"] if h["url"] == url]
+                assert hook["headers"] == dict.fromkeys(headers, "********")
+                assert "hc-api-key" not in listed.text and '"pw"' not in listed.text
+        finally:
+            hooks = (await api.get("/api/v1/webhooks")).json()["webhooks"]
+            index = [h["url"] for h in hooks].index(url)
+            assert (await api.delete(f"/api/v1/webhooks/{index}")).status_code in {200, 204}
 
 
 # -- the CLI -----------------------------------------------------------------------------

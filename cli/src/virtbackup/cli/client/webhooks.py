@@ -134,8 +134,8 @@ def webhooks_add(
     context: ContextOpt = None,
 ) -> None:
     """Add a webhook. Each delivery is a POST of {"event", "delivery_id", "timestamp",
-    "data"}, signed (X-VirtBackup-Signature) when it has a secret; header values that
-    look like credentials are masked when listed.
+    "data"}, signed (X-VirtBackup-Signature) when it has a secret; header values are
+    masked when listed.
 
     Example: virtbackup webhooks add https://hooks.example.com/vb -e job.failed --secret-file s.txt
     """
