@@ -21,7 +21,8 @@ headless Debian Chromium through Playwright.
   viewer) unless the header's name looked like a credential's: ``X-Honeycomb-Team``'s
   API key was not masked.
 - ``config set`` of YAML values JSON cannot carry (an unquoted date, ``.nan``) said
-  "unexpected answer from the server" instead of naming the place in the file.
+  "unexpected answer from the server" instead of naming the place in the file, and a
+  document of nested aliases (a "billion laughs") was expanded without bound.
 """
 
 from __future__ import annotations
@@ -391,6 +392,8 @@ def test_tables_do_not_send_another_users_control_characters(
         ("servers: [{id: a, port: .nan}]\n", "$.servers[0].port is not a JSON number"),
         ("? [a]\n: 1\n", "a key must be a string"),
         ("1: x\n", "the key 1 at $ must be a string"),
+        # Ten nested aliases of ten expand to 10^10 values once sent as JSON.
+        ("servers: &s []\nbackup: *s\n", "aliases (*name) are not allowed"),
     ],
 )
 def test_config_set_names_yaml_values_json_cannot_carry(

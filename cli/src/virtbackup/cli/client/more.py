@@ -46,7 +46,17 @@ base.app.add_typer(agents_app, name="agents")
 
 class StrictLoader(yaml.SafeLoader):
     """YAML's safe loader that refuses a key given twice in one mapping (as the API
-    refuses it in JSON), instead of keeping the last one silently."""
+    refuses it in JSON), instead of keeping the last one silently, and aliases
+    (``*name``, as the gateway's plan parser does): ten nested aliases of ten make a
+    document of 10^10 values once sent as JSON."""
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed: write the value out", mark
+            )
+        return super().compose_node(parent, index)
 
 
 def _mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
