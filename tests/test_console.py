@@ -683,7 +683,9 @@ async def test_bad_logins_are_4xx_naming_the_field(
     system: System, vm: str, body: bytes, status: int, field: str
 ) -> None:
     async with httpx.AsyncClient(base_url=system.url, verify=False, timeout=30) as client:
-        resp = await client.post("/ui/session", content=body)
+        resp = await client.post(
+            "/ui/session", content=body, headers={"content-type": "application/json"}
+        )
     assert resp.status_code == status, resp.text
     assert resp.json()["field"] == field
     assert "set-cookie" not in resp.headers

@@ -144,7 +144,7 @@ async def test_job_completed_reaches_the_webhook_signed(
         retry_count=2,
         timeout=10,
     )
-    assert hook["headers"] == {"Authorization": "********", "X-Team": "ops"}
+    assert hook["headers"] == {"Authorization": "********", "X-Team": "********"}
     await spy.drain()
     assert seen and all(SECRET.encode() not in m and b"hook-token" not in m for m in seen)
     assert b"vbsec:v1:" in seen[0]

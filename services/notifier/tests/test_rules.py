@@ -141,7 +141,11 @@ def test_signature_and_masking() -> None:
     assert headers["X-VirtBackup-Signature"] == signature("k", body) == f"sha256={expected}"
     assert headers["X-VirtBackup-Delivery"] == "d1" and headers["Authorization"] == "Bearer t"
     view = webhook_view(hook, None)
-    assert view.headers == {"Authorization": "********", "X-Api-Key": "********", "X-Team": "ops"}
+    assert view.headers == {
+        "Authorization": "********",
+        "X-Api-Key": "********",
+        "X-Team": "********",
+    }
     assert b'"k"' not in msgspec.json.encode(view) and view.has_secret
     assert delivery_id("h", "job.failed", "j1") == delivery_id("h", "job.failed", "j1")
     assert delivery_id("h", "job.failed", "j1") != delivery_id("h2", "job.failed", "j1")

@@ -48,10 +48,14 @@ def host_port(url: str) -> tuple[str, int]:
     """The host and port of an ``https://`` URL (443 by default).
 
     Raises ``ApiError`` for another scheme or no host."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when it is no number in 0-65535
+    except ValueError as exc:
+        raise ApiError(0, f"the URL must be https://HOST[:PORT], not {url!r}: {exc}") from None
     if parts.scheme != "https" or not parts.hostname:
         raise ApiError(0, f"the URL must be https://HOST[:PORT], not {url!r}")
-    return parts.hostname, parts.port or 443
+    return parts.hostname, port or 443
 
 
 def fingerprint_of(pem: str) -> str:
@@ -139,7 +143,12 @@ def check_hypersdk_url(url: str) -> str:
     loopback by default; a token sent in clear over a network could be read there).
 
     Raises ``ApiError`` naming ``--hypersdk-url`` otherwise."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - ValueError when it is no number in 0-65535
+    except ValueError as exc:
+        where = f"--hypersdk-url must be http(s)://HOST[:PORT], not {url!r}"
+        raise ApiError(0, f"{where}: {exc}") from None
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ApiError(0, f"--hypersdk-url must be http(s)://HOST[:PORT], not {url!r}")
     if parts.path.strip("/") or parts.query or parts.fragment or parts.username:
@@ -158,19 +167,19 @@ def check_hypersdk_url(url: str) -> str:
 def hypersdk_endpoint(ctx: dict[str, Any]) -> dict[str, Any]:
     """Where a context's HyperSDK listener is, as ``Api(endpoint=...)`` takes it: the
     ``hypersdkUrl`` given at login (its certificate pinned in ``hypersdkFingerprint``,
-    or the ``--cacert`` CA), else, for a gateway on this machine, ``http://HOST:8080``.
+    or the ``--cacert`` CA).
 
-    Raises ``ApiError`` when there is none to use."""
+    There is no default: a guessed ``http://HOST:8080`` is not authenticated, and on
+    this machine any process may listen there (another system's listener, or anyone's
+    program), so the context's token would be sent in clear to whoever that is.
+
+    Raises ``ApiError`` when the context has none."""
     url = ctx.get("hypersdkUrl")
     if not url:
-        host = urlsplit(str(ctx.get("url", ""))).hostname or ""
-        if not is_loopback(host):
-            raise ApiError(
-                0,
-                "this context has no HyperSDK URL (webhooks are on that listener): run "
-                "`virtbackup login ... --hypersdk-url URL` again",
-            )
-        url = f"http://{host if ':' not in host else f'[{host}]'}:{HYPERSDK_PORT}"
+        raise ApiError(
+            0,
+            "this context has no HyperSDK URL: run `virtbackup login ... --hypersdk-url URL` again",
+        )
     out: dict[str, Any] = {"url": check_hypersdk_url(str(url))}
     for key, field in (("fingerprint", "hypersdkFingerprint"), ("cacert", "hypersdkCacert")):
         if ctx.get(field):

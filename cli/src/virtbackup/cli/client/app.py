@@ -40,6 +40,7 @@ from virtbackup.cli.client.output import (
     Column,
     Format,
     emit,
+    printable,
     short_fingerprint,
     short_job_id,
     short_point_id,
@@ -103,7 +104,7 @@ WaitOpt = Annotated[
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(printable(message))}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -170,7 +171,8 @@ def finish_job(api: Api, job_id: str, wait: bool, fmt: Format) -> None:
     if job.get("state") != "success":
         raise fail(f"job {job_id} {job.get('state')}: {job.get('message', '')}")
     if fmt in (Format.table, Format.wide):
-        out.print(f"job {job_id} succeeded: {job.get('message', '')}", soft_wrap=True)
+        message = printable(str(job.get("message", "")))
+        out.print(f"job {job_id} succeeded: {message}", soft_wrap=True)
 
 
 # -- contexts ---------------------------------------------------------------------------
@@ -181,7 +183,8 @@ def finish_job(api: Api, job_id: str, wait: bool, fmt: Format) -> None:
 def login(
     url: Annotated[str, typer.Argument(help="the gateway, https://HOST:PORT")],
     token: Annotated[
-        str | None, typer.Option(help="an agent or API token (else $VIRTBACKUP_TOKEN)")
+        str | None,
+        typer.Option(help="an agent or API token (better: $VIRTBACKUP_TOKEN, not shown by ps)"),
     ] = None,
     user: Annotated[
         str | None, typer.Option(help="log in as this user (password prompted)")
@@ -198,8 +201,8 @@ def login(
     hypersdk_url: Annotated[
         str | None,
         typer.Option(
-            help="the HyperSDK listener (webhooks): https:// (pinned like URL), or http:// "
-            "on this machine; default http://HOST:8080 when URL is this machine's"
+            help="the HyperSDK listener, for webhooks: https:// (pinned like URL), or http:// "
+            "on this machine; default: none (webhooks go through URL's /api/v1/webhooks)"
         ),
     ] = None,
 ) -> None:
@@ -210,9 +213,10 @@ def login(
     password is asked (or read from $VIRTBACKUP_PASSWORD) and the session's refresh
     token is stored, so access tokens are renewed as needed.
 
-    The HyperSDK listener (webhooks) is reached at --hypersdk-url, with the same
-    credentials; its certificate, for https://, is pinned (or checked with --cacert) as
-    the gateway's. A plain http:// URL is taken for this machine only.
+    Webhooks are managed through URL (/api/v1/webhooks); with --hypersdk-url, through
+    that HyperSDK listener instead, with the same credentials; its certificate, for
+    https://, is pinned (or checked with --cacert) as the gateway's. A plain http://
+    URL is taken for this machine only.
 
     Example: virtbackup login https://backup.example.com:33551 --user alice --name prod
     """
@@ -843,7 +847,9 @@ def jobs_logs(job_id: str, context: ContextOpt = None) -> None:
     with connect(context) as api:
         ref = job_ref(api, job_id)
         text = api.request("GET", f"/api/v1/jobs/{ref}/artifacts/output.log", raw=True)
-    out.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+    # Lines may hold what other users named (VMs, schedules): no escape reaches the terminal.
+    shown = "\n".join(printable(line) for line in str(text).split("\n"))
+    out.print(shown, end="", markup=False, highlight=False, soft_wrap=True)
 
 
 # -- destination maintenance ------------------------------------------------------------

@@ -6,7 +6,11 @@ users (``/api/v1/admin/sys/users``) and agents (``/api/v1/agents``)."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import shlex
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +20,7 @@ import yaml
 from virtbackup.cli.client import app as base
 from virtbackup.cli.client.api import ApiError
 from virtbackup.cli.client.app import ContextOpt, OutputOpt, connect, handled
-from virtbackup.cli.client.output import Column, Format, emit, short_hex, short_time
+from virtbackup.cli.client.output import Column, Format, emit, printable, short_hex, short_time
 from virtbackup.cli.client.refs import point_id as point_ref
 
 config_app = typer.Typer(
@@ -42,13 +46,27 @@ base.app.add_typer(agents_app, name="agents")
 
 class StrictLoader(yaml.SafeLoader):
     """YAML's safe loader that refuses a key given twice in one mapping (as the API
-    refuses it in JSON), instead of keeping the last one silently."""
+    refuses it in JSON), instead of keeping the last one silently, and aliases
+    (``*name``, as the gateway's plan parser does): ten nested aliases of ten make a
+    document of 10^10 values once sent as JSON."""
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed: write the value out", mark
+            )
+        return super().compose_node(parent, index)
 
 
 def _mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, Hashable):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be a string, not a list or a mapping", key_node.start_mark
+            )
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"key {key!r} given twice", key_node.start_mark
@@ -61,13 +79,41 @@ StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _ma
 
 
 def load_strict(text: str, source: str) -> Any:
-    """``text`` as YAML (JSON is YAML too), duplicate keys refused.
+    """``text`` as YAML (JSON is YAML too), duplicate keys refused, and only what JSON
+    can carry: mappings with string keys, lists, strings, finite numbers, booleans and
+    null (an unquoted ``2026-01-01`` is a date in YAML, ``!!binary`` bytes, ``.nan`` no
+    JSON number).
 
-    Raises ``ApiError`` naming ``source`` and the line."""
+    Raises ``ApiError`` naming ``source`` and the line, or the place (``$.a.b[0]``) of a
+    value JSON cannot carry."""
     try:
-        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+        document = yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ApiError(0, f"{source}: {' '.join(str(exc).split())}") from exc
+    _check_json(document, "$", source)
+    return document
+
+
+def _check_json(value: Any, where: str, source: str) -> None:
+    """Raise ``ApiError`` at the first value under ``value`` that JSON cannot carry."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ApiError(
+                    0, f"{source}: the key {key!r} at {where} must be a string (quote it)"
+                )
+            _check_json(item, f"{where}.{key}", source)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json(item, f"{where}[{index}]", source)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ApiError(0, f"{source}: {value!r} at {where} is not a JSON number")
+    elif value is not None and not isinstance(value, (str, int, bool)):
+        kind = type(value).__name__
+        raise ApiError(
+            0, f"{source}: the value at {where} is a YAML {kind}, not JSON (quote it: a string)"
+        )
 
 
 @config_app.command("get")
@@ -147,7 +193,11 @@ def mount(
     disk: Annotated[str, typer.Argument(help="the disk's target, e.g. vda")],
     directory: Annotated[
         Path | None,
-        typer.Option("--dir", help="where to write its TLS files (default ./VM-DISK, made 0700)"),
+        typer.Option(
+            "--dir",
+            help="where to write its TLS files (default ./VM-DISK, where any character but "
+            "letters, digits, dots and dashes becomes an underscore; made 0700)",
+        ),
     ] = None,
     ttl: Annotated[int, typer.Option(min=1, max=86400, help="seconds the export lives")] = 3600,
     output: OutputOpt = Format.table,
@@ -161,7 +211,9 @@ def mount(
     """
     with connect(context) as api:
         rp = api.get(f"/api/v1/restore-points/{point_ref(api, point)}")
-        folder = directory or Path(f"{rp['vmName']}-{disk}").resolve()
+        # A VM's name may hold anything but '/' and control characters (spaces, "$(",
+        # quotes): the default folder takes only letters, digits, '.', '_' and '-' of it.
+        folder = directory or Path(re.sub(r"[^\w.-]", "_", f"{rp['vmName']}-{disk}")).resolve()
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(folder, 0o700)
         export = api.post(
@@ -181,14 +233,17 @@ def mount(
     host_port = url.split("://", 1)[1].split("/", 1)[0]
     host, _, port = host_port.rpartition(":")
     name = export.get("exportName", disk)
+    # Commands to paste into a shell: every value in them is quoted for it.
+    nbdinfo = shlex.quote(f"{url}?tls-certificates={folder}")
+    creds = shlex.quote(f"tls-creds-x509,id=tls0,endpoint=client,dir={folder}")
+    image = shlex.quote(f"driver=nbd,host={host},port={port},export={name},tls-creds=tls0")
     base.out.print(
-        f"export {export['id']} of {rp['vmName']} {disk} ({export.get('size', 0)} bytes) "
-        f"until {export.get('expiresAt')}\n"
-        f"  {url}  (TLS files in {folder})\n\n"
-        f'  nbdinfo "{url}?tls-certificates={folder}"\n'
-        f"  qemu-nbd -r -c /dev/nbd0 --object tls-creds-x509,id=tls0,endpoint=client,"
-        f"dir={folder} \\\n"
-        f"      --image-opts driver=nbd,host={host},port={port},export={name},tls-creds=tls0\n"
+        f"export {export['id']} of {printable(rp['vmName'])} {disk} "
+        f"({export.get('size', 0)} bytes) until {export.get('expiresAt')}\n"
+        f"  {url}  (TLS files in {printable(str(folder))})\n\n"
+        f"  nbdinfo {nbdinfo}\n"
+        f"  qemu-nbd -r -c /dev/nbd0 --object {creds} \\\n"
+        f"      --image-opts {image}\n"
         f"  mount -o ro /dev/nbd0p1 /mnt   # then: umount /mnt; qemu-nbd -d /dev/nbd0\n\n"
         f"  stop it: virtbackup umount {export['id']}",
         soft_wrap=True,

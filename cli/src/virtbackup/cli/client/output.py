@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -101,6 +102,21 @@ class Column:
 ColumnSpec = Column | tuple[str, str]
 
 
+#: Characters a terminal would act on rather than show: C0 and C1 controls (ESC starts
+#: sequences that clear the screen, set the title, remap keys...), DEL, and the bidi
+#: overrides and isolates that reorder what is shown (U+202A-U+202E, U+2066-U+2069).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on (see ``_CONTROL``) written
+    as a visible escape (``\\x1b``, ``\\u202e``): what the API returns may have been set
+    by another user, and must not drive the reader's terminal."""
+    return _CONTROL.sub(
+        lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text
+    )
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -108,9 +124,10 @@ def _cell(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, (dict, list)):
         if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
-            return ",".join(str(v) for v in value)
+            return printable(",".join(str(v) for v in value))
         return json.dumps(value, separators=(",", ":"))[:200]
-    return " ".join(str(value).split())  # one line: no newline of a message breaks a row
+    # One line: no newline of a message breaks a row; no control character is sent.
+    return printable(" ".join(str(value).split()))
 
 
 def emit(
@@ -204,7 +221,7 @@ def _shown(value: Any, col: Column, wide: bool) -> str:
     ):
         return human_bytes(value)
     if col.short is not None and not wide and value is not None:
-        return col.short(value)
+        return printable(col.short(value))
     return _cell(value)
 
 

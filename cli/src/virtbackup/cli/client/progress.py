@@ -26,6 +26,7 @@ from rich.progress import (
 from rich.text import Text
 
 from virtbackup.cli.client.api import Api
+from virtbackup.cli.client.output import printable
 
 TERMINAL = frozenset({"success", "failure", "canceled"})
 #: Seconds without a word on the stream after which the job is asked for directly.
@@ -129,7 +130,7 @@ def follow_job(
                 if not isinstance(payload, dict):
                     continue
                 if event == "job.log" and payload.get("jobId") == job_id:
-                    line = escape(str(payload.get("line", "")))
+                    line = escape(printable(str(payload.get("line", ""))))
                     bar.console.print(f"[dim]{line}[/dim]", highlight=False, soft_wrap=True)
                 elif event.startswith("job.") and payload.get("id") == job_id:
                     if (

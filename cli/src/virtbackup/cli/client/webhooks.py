@@ -1,6 +1,9 @@
-"""``webhooks ls|add|rm|test``: the HyperSDK listener's ``/webhooks`` (delivered by the
-notifier), reached at the context's HyperSDK URL (``api.hypersdk_endpoint``) with the
-context's credentials.
+"""``webhooks ls|add|rm|test``: the webhooks (delivered by the notifier), through the
+gateway's own HTTPS listener (``/api/v1/webhooks``, the same routes as the HyperSDK
+listener's ``/webhooks``, on the context's pinned certificate), or, for a context
+logged in with ``--hypersdk-url``, through that listener (``api.hypersdk_endpoint``),
+with the context's credentials. No other address is ever guessed: the token goes only
+where the context says.
 
 The API deletes a webhook by its position in the list; ``rm`` takes the position, the
 webhook's id (or its start) or its URL, and looks the position up just before it
@@ -10,6 +13,8 @@ the process list), sent once and never shown again.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +26,7 @@ from virtbackup.cli.client.app import ContextOpt, OutputOpt, connect, handled
 from virtbackup.cli.client.output import Column, Format, emit, short_hex
 
 webhooks_app = typer.Typer(
-    help="Webhooks (the HyperSDK listener's): list, add, remove, send a test.",
+    help="Webhooks: list, add, remove, send a test.",
     no_args_is_help=True,
 )
 base.app.add_typer(webhooks_app, name="webhooks")
@@ -43,8 +48,21 @@ WEBHOOK_COLS = [
 ]
 
 
-def _listed(hs: Api) -> list[dict[str, Any]]:
-    hooks = hs.get("/webhooks").get("webhooks", [])
+@contextlib.contextmanager
+def webhooks_api(context: str | None) -> Iterator[tuple[Api, str]]:
+    """A client that reaches the webhooks and their path there: the context's HyperSDK
+    listener (``/webhooks``) when it was given one at login, else the gateway's own
+    listener (``/api/v1/webhooks``)."""
+    with connect(context) as api:
+        if api.ctx.get("hypersdkUrl"):
+            with api.hypersdk() as hs:
+                yield hs, "/webhooks"
+        else:
+            yield api, "/api/v1/webhooks"
+
+
+def _listed(hs: Api, path: str) -> list[dict[str, Any]]:
+    hooks = hs.get(path).get("webhooks", [])
     return [{"index": i, **hook} for i, hook in enumerate(hooks)]
 
 
@@ -77,8 +95,8 @@ def webhooks_ls(output: OutputOpt = Format.table, context: ContextOpt = None) ->
 
     Example: virtbackup webhooks ls -o wide
     """
-    with connect(context) as api, api.hypersdk() as hs:
-        hooks = _listed(hs)
+    with webhooks_api(context) as (hs, path):
+        hooks = _listed(hs, path)
     emit(base.out, hooks, output, WEBHOOK_COLS)
 
 
@@ -116,8 +134,8 @@ def webhooks_add(
     context: ContextOpt = None,
 ) -> None:
     """Add a webhook. Each delivery is a POST of {"event", "delivery_id", "timestamp",
-    "data"}, signed (X-VirtBackup-Signature) when it has a secret; header values that
-    look like credentials are masked when listed.
+    "data"}, signed (X-VirtBackup-Signature) when it has a secret; header values are
+    masked when listed.
 
     Example: virtbackup webhooks add https://hooks.example.com/vb -e job.failed --secret-file s.txt
     """
@@ -143,9 +161,9 @@ def webhooks_add(
         body["secret"] = text.strip()
         if not body["secret"]:
             raise ApiError(0, f"--secret-file {secret_file}: it is empty")
-    with connect(context) as api, api.hypersdk() as hs:
-        added = hs.post("/webhooks", body)
-        hooks = _listed(hs)
+    with webhooks_api(context) as (hs, path):
+        added = hs.post(path, body)
+        hooks = _listed(hs, path)
     hook = added.get("webhook", added)
     shown = next((h for h in hooks if h.get("id") == hook.get("id")), hook)
     emit(base.out, shown, output, WEBHOOK_COLS)
@@ -161,9 +179,9 @@ def webhooks_rm(
 
     Example: virtbackup webhooks rm https://hooks.example.com/vb
     """
-    with connect(context) as api, api.hypersdk() as hs:
-        hook = find_webhook(_listed(hs), webhook)
-        hs.request("DELETE", f"/webhooks/{hook['index']}")
+    with webhooks_api(context) as (hs, path):
+        hook = find_webhook(_listed(hs, path), webhook)
+        hs.request("DELETE", f"{path}/{hook['index']}")
     base.out.print(f"webhook {hook['url']} removed")
 
 
@@ -184,11 +202,11 @@ def webhooks_test(
 
     Example: virtbackup webhooks test 0 --event job.failed
     """
-    with connect(context) as api, api.hypersdk() as hs:
+    with webhooks_api(context) as (hs, path):
         url = webhook
         if "://" not in webhook:
-            url = find_webhook(_listed(hs), webhook)["url"]
-        answer = hs.post("/webhooks/test", {"url": url, "event": event})
+            url = find_webhook(_listed(hs, path), webhook)["url"]
+        answer = hs.post(f"{path}/test", {"url": url, "event": event})
     if output in (Format.json, Format.yaml):
         emit(base.out, answer, output)
         return

@@ -12,7 +12,9 @@ module adds only what a browser needs to do that safely:
   refresh token, ``HttpOnly``, path ``/ui/session``) and ``vb_csrf`` (random, readable by
   the page). 400 ``{"error", "field"}`` for a body that is not one of those shapes, 401
   ``{"error", "field"}`` for a wrong credential, 429 (with ``Retry-After``) while locked
-  out. Nothing is set on a refusal.
+  out. Nothing is set on a refusal. The body must be declared ``application/json``
+  (else 415): a form of another site can post ``text/plain`` without a CORS preflight,
+  and would log the victim's browser in as the sender's own account (login CSRF).
 * ``GET /ui/session``: who the cookie is, 401 without a valid one.
 * ``POST /ui/session/refresh``: a new pair from ``vb_refresh`` (the identity API's
   ``/token/refresh``), 401 when it is refused.
@@ -89,6 +91,16 @@ def cookies_of(scope: Scope) -> dict[str, str]:
             except CookieError:
                 return {}
     return {key: morsel.value for key, morsel in jar.items()}
+
+
+def declared_json(scope: Scope) -> bool:
+    """Whether the request's ``Content-Type`` is JSON (``application/json``, parameters
+    such as ``; charset=utf-8`` allowed): a type a cross-site form cannot send."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            kind: str = value.decode("latin-1").split(";", 1)[0].strip().lower()
+            return kind == "application/json"
+    return False
 
 
 def set_cookie(name: str, value: str, *, path: str = "/", http_only: bool = True) -> bytes:
@@ -315,6 +327,10 @@ class Console:
         }
 
     async def login(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not declared_json(scope):
+            refusal = "the body must be sent as content-type application/json"
+            await respond(send, 415, _json({"error": refusal, "field": "body"}))
+            return
         raw = await read_body(receive)
         if raw is None:
             await respond(send, 413, _json({"error": f"body over {MAX_BODY} bytes"}))

@@ -2,8 +2,9 @@
 
 The routes are the document's; a webhook is shown with the document's fields and three
 of VirtBackup's (``id``, ``has_secret``, ``last_status``: the outcome of its last
-delivery). ``secret`` is write-only; header values that look like credentials
-(``Authorization``, ``*token*``, ``*key*`` ...) read as ``********``.
+delivery). ``secret`` is write-only; header values read as ``********`` (those that
+look like credentials, ``Authorization``, ``*token*``, ``*key*`` ..., are also sealed
+at rest).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ Permissions (a role is a set of them; an API token carries a subset of its user'
 ``restore:run``       restore precheck and start, instant-access exports
 ``jobs:read``         jobs, their logs, artifacts and tests; SSE ``/events``, WS ``/ws``
 ``jobs:control``      cancel, rerun and delete jobs, clear the queue, flush history
+                      (a rerun also takes what starting the job takes:
+                      ``backend_jobs.RERUN_PERMISSIONS``)
 ``backups:read``      restore points and entries, destination stats, plans and runs,
                       anomalies
 ``lifecycle:run``     prune, GC, verify, sanity, copy; protect, annotate, delete points

@@ -6,7 +6,7 @@ fields are snake_case on the bus as on the wire. The notifier keeps them in
 ``DELETE /webhooks/{index}`` is a position in it), each webhook's last delivery under
 ``status.<webhook id>``. A webhook's ``secret`` and the values of its credential-like
 headers (:func:`is_credential_header`) are sealed at rest and never leave the notifier
-in clear: replies carry :data:`SECRET_MASK` instead.
+in clear; replies carry :data:`SECRET_MASK` instead of every header's value.
 """
 
 from __future__ import annotations
@@ -151,16 +151,16 @@ class WebhookView(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def webhook_view(hook: Webhook, status: DeliveryStatus | None) -> WebhookView:
-    """``hook`` with its secret left out and credential header values masked."""
+    """``hook`` with its secret left out and every header value masked: a header's name
+    does not tell whether its value is a credential (``X-Honeycomb-Team``, ``X-Pass``
+    are), and whoever may list webhooks (``config:read``) may not read secrets."""
     return WebhookView(
         url=hook.url,
         events=list(hook.events),
         enabled=hook.enabled,
         timeout=hook.timeout,
         retry_count=hook.retry_count,
-        headers={
-            k: SECRET_MASK if is_credential_header(k) and v else v for k, v in hook.headers.items()
-        },
+        headers={k: SECRET_MASK if v else v for k, v in hook.headers.items()},
         id=hook.id,
         has_secret=bool(hook.secret),
         last_status=status,

@@ -24,10 +24,11 @@ import binascii
 import time
 from collections.abc import AsyncGenerator
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
+from litestar.exceptions import PermissionDeniedException
 from litestar.params import Parameter
 from litestar.response import Stream
 
@@ -69,6 +70,8 @@ from virtbackup.gateway.agent_auth import AGENT_SCOPE_KEY
 from virtbackup.gateway.bodies import Body, NoBody
 from virtbackup.gateway.controllers.jobs import job_view
 from virtbackup.gateway.errors import responses
+from virtbackup.gateway.identity_auth import PERMISSIONS_KEY
+from virtbackup.gateway.identity_perms import ADMIN, allows
 from virtbackup.gateway.state import Gateway
 from virtbackup.runtime import timeouts
 from virtbackup.runtime.errors import BadRequest, NotFound
@@ -133,6 +136,32 @@ def parsed_when(value: str | None, name: str) -> str | None:
     except ValueError:
         raise BadRequest(f"not an ISO-8601 date or time: {shown(value)} - at `{name}`") from None
     return value
+
+
+#: What starting a job of each type takes (the rule table's permission of the route that
+#: submits it); a rerun takes it too. A type not named here takes ``*`` (admins).
+RERUN_PERMISSIONS: Final = {
+    "backup": "backup:run",
+    "restore": "restore:run",
+    "sanity": "lifecycle:run",
+    "copy": "lifecycle:run",
+    "gc": "lifecycle:run",
+    "verify": "lifecycle:run",
+    "prune": "lifecycle:run",
+}
+
+
+def check_may_start(request: Request[Any, Any, Any], job_type: str) -> None:
+    """``PermissionDeniedException`` (403) unless the caller may start a ``job_type`` job
+    (``RERUN_PERMISSIONS``)."""
+    held = request.scope.get(PERMISSIONS_KEY)
+    if not isinstance(held, frozenset):
+        held = frozenset()
+    wanted = RERUN_PERMISSIONS.get(job_type, ADMIN)
+    if not allows(held, wanted):
+        raise PermissionDeniedException(
+            f"forbidden: rerunning a {job_type} job starts one: it needs permission {wanted}"
+        )
 
 
 class FlushBody(Body, kw_only=True):
@@ -265,10 +294,18 @@ class BackendJobsController(Controller):
 
     @post("/{job_id:str}/rerun", status_code=202, responses=responses(404, 409))
     async def rerun_job(
-        self, gw: Gateway, job_id: JobIdParam, data: NoBody | None = None
+        self,
+        request: Request[Any, Any, Any],
+        gw: Gateway,
+        job_id: JobIdParam,
+        data: NoBody | None = None,
     ) -> dict[str, Any]:
         """Start a new job from this job's definition (checked as a new request would be):
-        ``{"jobId", "rerunOf", "job"}``."""
+        ``{"jobId", "rerunOf", "job"}``. Besides ``jobs:control`` (the rule table), the
+        caller must hold what starting such a job takes (``RERUN_PERMISSIONS``), else 403:
+        a rerun must not let a role run a restore or a prune it could not ask for."""
+        job = await gw.bus.request(JobCmd.GET, JobGetRequest(id=job_id), Job)
+        check_may_start(request, job.type)
         rerun = await gw.bus.request(
             JobCtlCmd.RERUN, JobRef(id=job_id), Rerun, timeout=timeouts.JOB_COMMAND
         )

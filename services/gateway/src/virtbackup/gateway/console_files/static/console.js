@@ -55,6 +55,12 @@ async function api(method, path, body, retried = false) {
   return data;
 }
 
+// What a rerun of each job type also takes (the gateway refuses it otherwise, 403).
+const RERUN_NEEDS = {
+  backup: "backup:run", restore: "restore:run", sanity: "lifecycle:run", copy: "lifecycle:run",
+  gc: "lifecycle:run", verify: "lifecycle:run", prune: "lifecycle:run",
+};
+
 const can = (permission) =>
   session.permissions.includes("*") || session.permissions.includes(permission);
 
@@ -375,7 +381,8 @@ async function jobsPage(main) {
     h("td", {}, job.message || ""),
     h("td", {}, can("jobs:control") && !TERMINAL.has(job.state)
       ? h("button", { type: "button", class: "cancel", onclick: (e) => cancel(job.id, e.target) }, "Cancel")
-      : can("jobs:control") && TERMINAL.has(job.state) ? rerunButton(job) : null));
+      : can("jobs:control") && TERMINAL.has(job.state) && can(RERUN_NEEDS[job.type] || "*")
+        ? rerunButton(job) : null));
   body.append(...list.map(row));
   async function showLog(jobId) {
     logTitle.textContent = `Output log of ${jobId}`;
