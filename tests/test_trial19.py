@@ -466,3 +466,80 @@ def test_mount_prints_commands_that_stay_commands(
         assert not (tmp_path / "t19-pwned").exists(), line
     finally:
         ok(cli(xdg, "umount", export_id[1]))
+
+
+# -- read-modify-write of the configuration (the console's server and destination forms) --
+
+
+async def test_a_config_change_with_if_match_is_stored_only_at_that_revision(
+    system: System,
+) -> None:
+    """``GET /config`` gives its revision as an ETag; a POST with ``If-Match`` of an older
+    one is a 412 and stores nothing; a bad ``If-Match`` is a 400 naming it."""
+    async with httpx.AsyncClient(
+        base_url=system.url, headers=system.auth(), verify=False, timeout=30
+    ) as api:
+        read = await api.get("/config")
+        etag = read.headers["etag"]
+        assert re.fullmatch(r'"[0-9]+"', etag), etag
+        config = read.json()
+        # Somebody else changes it in between (no If-Match: as agent-api.md's POST).
+        other = {**config, "servers": [*config["servers"], {"id": "t19-bystander", "host": ""}]}
+        assert (await api.post("/config", json=other)).status_code == 200
+        mine = {**config, "backupDestinationId": config["backupDestinationId"]}
+        stale = await api.post("/config", json=mine, headers={"if-match": etag})
+        assert stale.status_code == 412, stale.text
+        assert "changed since it was read" in stale.json()["error"]
+        now = await api.get("/config")
+        assert "t19-bystander" in [s["id"] for s in now.json()["servers"]]  # not overwritten
+        assert now.headers["etag"] != etag
+        for bad in ("*", "12", '"1", "2"', '"x"'):
+            refused = await api.post("/config", json=mine, headers={"if-match": bad})
+            assert refused.status_code == 400 and "If-Match" in refused.text, (bad, refused.text)
+        current = now.json()
+        current["servers"] = [s for s in current["servers"] if s["id"] != "t19-bystander"]
+        stored = await api.post("/config", json=current, headers={"if-match": now.headers["etag"]})
+        assert stored.status_code == 200, stored.text
+
+
+async def test_the_consoles_server_form_keeps_a_change_made_meanwhile(
+    system: System, browser: Any
+) -> None:
+    """The form reads the configuration, adds the server and posts it back: a change made
+    by someone else between the read and the post must survive (before: the post
+    replaced the whole configuration with the one read, and the change was lost)."""
+    context = await browser.new_context(ignore_https_errors=True)
+    api = httpx.AsyncClient(base_url=system.url, headers=system.auth(), verify=False, timeout=30)
+    try:
+        page = await context.new_page()
+        page.set_default_timeout(30_000)
+        await page.goto(f"{system.url}/ui/login")
+        form = page.locator("#user-login")
+        await form.locator("input[name=username]").fill(ADMIN[0])
+        await form.locator("input[name=password]").fill(ADMIN[1])
+        await form.locator("button[type=submit]").click()
+        await page.wait_for_url(f"{system.url}/ui/")
+        await page.goto(f"{system.url}/ui/servers")
+        meddled: list[str] = []
+
+        async def meddle(route: Any) -> None:
+            if route.request.method == "POST" and not meddled:
+                config = (await api.get("/config")).json()
+                config["servers"].append({"id": "t19-meanwhile", "host": ""})
+                assert (await api.post("/config", json=config)).status_code == 200
+                meddled.append("t19-meanwhile")
+            await route.continue_()
+
+        await page.route(f"{system.url}/config", meddle)
+        add = page.locator("#add-server")
+        await add.locator("input[name=id]").fill("t19-added")
+        await add.get_by_role("button", name="Add server").click()
+        await page.locator('article[data-server="t19-added"]').wait_for()
+        servers = [s["id"] for s in (await api.get("/config")).json()["servers"]]
+        assert meddled and "t19-meanwhile" in servers and "t19-added" in servers, servers
+        config = (await api.get("/config")).json()
+        config["servers"] = [s for s in config["servers"] if not s["id"].startswith("t19-")]
+        assert (await api.post("/config", json=config)).status_code == 200
+    finally:
+        await api.aclose()
+        await context.close()

@@ -105,6 +105,19 @@ def unmask_secrets(new: Any, old: Any, path: str = "$") -> Any:
     return new
 
 
+class StaleRevision(Exception):
+    """The configuration changed after the client read it (``If-Match`` names another
+    revision): the client must read it again and re-apply its change."""
+
+    def __init__(self, expected: int, current: int) -> None:
+        super().__init__(
+            f"the configuration changed since it was read (If-Match: revision {expected},"
+            f" now {current}): read it again (GET /config) and re-apply the change"
+        )
+        self.expected = expected
+        self.current = current
+
+
 class ConfigStore:
     def __init__(self, kv: KeyValue, yaml_path: Path) -> None:
         self.kv = kv
@@ -145,12 +158,14 @@ class ConfigStore:
         self.export_yaml(cfg)
         return cfg
 
-    async def replace(self, body: bytes) -> int:
+    async def replace(self, body: bytes, *, expected_revision: int | None = None) -> int:
         """Validate ``body`` (a whole configuration), keep masked secrets, pin new host
         keys, and store it.
 
         Nothing is stored unless the whole document is valid; ``BadRequest`` names the
         field (also for a masked secret whose host, port, user or endpoint changed).
+        With ``expected_revision`` (the revision the client read, ``If-Match``), nothing
+        is stored if the configuration has changed since: ``StaleRevision``.
         Returns the new revision.
         """
         if not body.strip():
@@ -171,6 +186,8 @@ class ConfigStore:
         posted = msgspec.json.decode(body)
         for _ in range(5):
             current, revision = await self.load()
+            if expected_revision is not None and revision != expected_revision:
+                raise StaleRevision(expected_revision, revision)
             check_masked_secrets(posted_cfg, current)
             merged = unmask_secrets(posted, config_to_builtins(current))
             cfg = forget_moved_pins(decode_config(msgspec.json.encode(merged)), current)

@@ -61,6 +61,7 @@ DESCRIPTIONS = {
     404: "Not found: the message names what",
     409: "Conflict with the current state",
     413: "Request body too large",
+    412: "Precondition failed: the resource changed since it was read (If-Match)",
     415: "The body is not declared as application/json",
     429: "Too many failed logins: try again after the seconds ``Retry-After`` gives",
     500: "Internal error (logged with the request id the message gives)",

@@ -32,8 +32,8 @@ async function refreshSession() {
   return refreshing;
 }
 
-async function api(method, path, body, retried = false) {
-  const headers = {};
+async function api(method, path, body, retried = false, extra = {}) {
+  const headers = { ...extra };
   if (body !== undefined) headers["content-type"] = "application/json";
   if (method !== "GET") headers["x-csrf-token"] = csrf();
   const resp = await fetch(path, {
@@ -41,7 +41,7 @@ async function api(method, path, body, retried = false) {
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   if (resp.status === 401 && !retried) {
-    if (await refreshSession()) return api(method, path, body, true);
+    if (await refreshSession()) return api(method, path, body, true, extra);
     location.assign("/ui/login");
     throw new ApiError(401, "logged out");
   }
@@ -52,7 +52,29 @@ async function api(method, path, body, retried = false) {
     const message = (data && (data.error || data.detail || data.msg)) || `HTTP ${resp.status}`;
     throw new ApiError(resp.status, String(message), data && data.field);
   }
+  const etag = resp.headers.get("etag");
+  if (etag && data && typeof data === "object") {
+    // Kept beside the answer, never sent back with it (not enumerable: JSON skips it).
+    Object.defineProperty(data, "etag", { value: etag, enumerable: false });
+  }
   return data;
+}
+
+/** Change the configuration: `change(config)` edits the latest one in place (or returns
+ * false to change nothing); it is stored only if nobody changed it since it was read
+ * (If-Match with GET /config's ETag), else read again and changed again, three times at
+ * most, so that no one else's change is overwritten. True once stored. */
+async function changeConfig(change) {
+  for (let attempt = 1; ; attempt += 1) {
+    const config = await api("GET", "/config");
+    if ((await change(config)) === false) return false;
+    try {
+      await api("POST", "/config", config, false, config.etag ? { "if-match": config.etag } : {});
+      return true;
+    } catch (err) {
+      if (!(err instanceof ApiError) || err.status !== 412 || attempt >= 3) throw err;
+    }
+  }
 }
 
 // What a rerun of each job type also takes (the gateway refuses it otherwise, 403).
@@ -482,6 +504,6 @@ async function main() {
 }
 
 // For the other pages' modules (fleet.js, admin.js).
-export { api, can, h, table, section, field, bytes, age, pointTime, progress, watchJob };
+export { api, changeConfig, can, h, table, section, field, bytes, age, pointTime, progress, watchJob };
 
 main();

@@ -1,7 +1,7 @@
 // Servers, destinations (usage, add, test, statistics plot, GC, verify), a VM's instant
 // access and definition drift, and a job's rerun: public API calls only, drawn with DOM
 // nodes (never HTML strings). The helpers come from console.js.
-import { api, can, h, table, section, field, bytes, pointTime, watchJob } from "/ui/static/console.js";
+import { api, changeConfig, can, h, table, section, field, bytes, pointTime, watchJob } from "/ui/static/console.js";
 import { showErrors, clearErrors } from "/ui/static/forms.js";
 
 /** The field an API error names, as the form calls it: the last name of its
@@ -63,9 +63,9 @@ function serverCard(server) {
       type: "button", class: "danger", onclick: async () => {
         if (!confirm(`Remove server ${server.id} from the configuration?`)) return;
         try {
-          const fresh = await api("GET", "/config");
-          fresh.servers = (fresh.servers || []).filter((s) => s.id !== server.id);
-          await api("POST", "/config", fresh);
+          await changeConfig((fresh) => {
+            fresh.servers = (fresh.servers || []).filter((s) => s.id !== server.id);
+          });
           card.remove();
         } catch (err) { out.textContent = ` ${err.message}`; }
       },
@@ -136,11 +136,12 @@ function addServerForm() {
     }
     if (data.get("uri")) server.uri = String(data.get("uri"));
     try {
-      const config = await api("GET", "/config");
-      if ((config.servers || []).some((s) => s.id === id)) { showErrors(form, "id", `a server ${id} exists`); return; }
-      config.servers = [...(config.servers || []), server];
-      await api("POST", "/config", config);
-      location.reload();
+      const added = await changeConfig((config) => {
+        if ((config.servers || []).some((s) => s.id === id)) { showErrors(form, "id", `a server ${id} exists`); return false; }
+        config.servers = [...(config.servers || []), server];
+        return true;
+      });
+      if (added) location.reload();
     } catch (err) { fail(form, err); }
   });
   return form;
@@ -363,12 +364,14 @@ function addDestinationForm() {
         const probe = await api("POST", "/sftp/test", params);
         if (!probe.success) { showErrors(form, where, probe.message); return; }
       }
-      const config = await api("GET", "/config");
-      if ((config.destinations || []).some((d) => d.id === id)) { showErrors(form, "id", `a destination ${id} exists`); return; }
-      previousDefault = config.backupDestinationId || "";
-      config.destinations = [...(config.destinations || []), dest];
-      if (data.get("default")) config.backupDestinationId = id;
-      await api("POST", "/config", config);
+      const added = await changeConfig((config) => {
+        if ((config.destinations || []).some((d) => d.id === id)) { showErrors(form, "id", `a destination ${id} exists`); return false; }
+        previousDefault = config.backupDestinationId || "";
+        config.destinations = [...(config.destinations || []), dest];
+        if (data.get("default")) config.backupDestinationId = id;
+        return true;
+      });
+      if (!added) return;
     } catch (err) { fail(form, err); return; }
     if (await testDestination(dest, tested)) {
       setTimeout(() => location.reload(), 1500);
@@ -378,10 +381,10 @@ function addDestinationForm() {
     showErrors(form, where, tested.textContent);
     tested.textContent = "";
     try {
-      const config = await api("GET", "/config");
-      config.destinations = (config.destinations || []).filter((d) => d.id !== id);
-      if (config.backupDestinationId === id) config.backupDestinationId = previousDefault;
-      await api("POST", "/config", config);
+      await changeConfig((config) => {
+        config.destinations = (config.destinations || []).filter((d) => d.id !== id);
+        if (config.backupDestinationId === id) config.backupDestinationId = previousDefault;
+      });
     } catch (err) { showErrors(form, "form", `the destination could not be removed again: ${err.message}`); }
   });
   return form;
