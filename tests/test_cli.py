@@ -473,6 +473,15 @@ def test_schedules_add_update_disable(xdg: Path, vms: Path, tmp_path: Path) -> N
     assert json.loads(ok(cli(xdg, "schedules", "enable", sid, "-o", "json")))["enabled"] is True
     bad = cli(xdg, "schedules", "update", sid, "--cron", "61 * * * *")
     assert bad.exit_code == 1 and "schedule" in bad.stderr, bad.output
+    # A file's id is the schedule's or refused (ids never change), never silently dropped.
+    other_id = tmp_path / "other-id.yaml"
+    other_id.write_text("id: another\nschedule: '0 4 * * *'\n")
+    moved = cli(xdg, "schedules", "update", sid, "-f", str(other_id))
+    assert moved.exit_code == 1 and "cannot change" in moved.stderr, moved.output
+    only_id = tmp_path / "only-id.yaml"
+    only_id.write_text(f"id: {sid}\n")
+    empty = cli(xdg, "schedules", "update", sid, "-f", str(only_id))
+    assert empty.exit_code == 1 and "no field but id" in empty.stderr, empty.output
     assert json.loads(ok(cli(xdg, "schedules", "ls", "-o", "json")))[0]["schedule"] == "30 1 * * *"
     ok(cli(xdg, "schedules", "rm", sid))
 

@@ -164,14 +164,23 @@ def schedules_update(
     Example: `virtbackup schedules update nightly --cron '30 1 * * *' --timezone UTC`
     """
     body = _document(file)
-    body.pop("id", None)
+    given_id = body.pop("id", schedule_id)
+    if given_id != schedule_id:  # a schedule's id never changes: not silently ignored
+        raise ApiError(
+            0, f"--file: its id {given_id!r} is not {schedule_id!r}: a schedule's id cannot change"
+        )
     _fields(body, cron, timezone, name, description)
     with connect(context) as api:
         if vm is not None or dest is not None or fresh is not None:
             template = body.get("jobTemplate") or _current(api, schedule_id).get("jobTemplate")
             body["jobTemplate"] = _template(dict(template or {}), vm, dest, fresh)
         if not body:
-            raise ApiError(0, "nothing to change: give a flag or --file")
+            raise ApiError(
+                0,
+                "nothing to change: the file gives no field but id"
+                if file is not None
+                else "nothing to change: give a flag or --file",
+            )
         changed = api.request("PUT", f"{TASKS}/{schedule_id}", json_body=body)
     emit(base.out, changed, output, more.SCHEDULE_COLS)
 
