@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 #: Streams offered a message between two yields to the event loop.
 BATCH = 16
 
 T = TypeVar("T", contravariant=True)
+M = TypeVar("M")
 
 
 class Offerable(Protocol[T]):
@@ -34,3 +35,22 @@ async def offer_in_batches(clients: Sequence[Offerable[T]], item: T, batch: int 
             await asyncio.sleep(0)
         for client in clients[start : start + batch]:
             client.offer(item)
+
+
+class Outbox(Generic[M]):
+    """One stream's bounded queue of outgoing messages (``size`` at most). ``full`` is
+    set when an offer found it full; nothing is queued after that: the stream is too
+    slow, and its owner ends it (``/events``, ``/ws``)."""
+
+    def __init__(self, size: int) -> None:
+        self.queue: asyncio.Queue[M] = asyncio.Queue(size)
+        self.full = asyncio.Event()
+
+    def offer(self, item: M) -> None:
+        """Queue ``item`` without ever waiting; a full queue sets ``full``."""
+        if self.full.is_set():
+            return
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.full.set()

@@ -45,7 +45,7 @@ from litestar.exceptions import WebSocketDisconnect
 from virtbackup.contracts.v1.hypersdk_jobs import job_view
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.gateway.auth import WS_SUBPROTOCOL
-from virtbackup.gateway.fanout import offer_in_batches
+from virtbackup.gateway.fanout import Outbox, offer_in_batches
 from virtbackup.gateway.hypersdk_status import all_jobs, current_status
 from virtbackup.gateway.identity_auth import RECHECK_SECONDS, still_allowed
 from virtbackup.gateway.state import Gateway
@@ -88,21 +88,16 @@ def schedule_data(stored: StoredEvent) -> dict[str, Any]:
     }
 
 
-class Client:
+class Client(Outbox[bytes]):
     """One connection's outgoing queue; ``too_slow`` is set when it overflowed."""
 
     def __init__(self, size: int = QUEUE_SIZE) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(size)
-        self.too_slow = asyncio.Event()
+        super().__init__(size)
 
-    def offer(self, data: bytes) -> None:
-        """Queue ``data`` without ever waiting; a full queue marks the client too slow."""
-        if self.too_slow.is_set():
-            return
-        try:
-            self.queue.put_nowait(data)
-        except asyncio.QueueFull:
-            self.too_slow.set()
+    @property
+    def too_slow(self) -> asyncio.Event:
+        """Set once the client fell ``QUEUE_SIZE`` messages behind (it is closed)."""
+        return self.full
 
 
 class Hub:

@@ -31,7 +31,7 @@ from litestar.response import ServerSentEventMessage
 from virtbackup.contracts import subjects
 from virtbackup.contracts.subjects import EventType
 from virtbackup.contracts.v1.jobctl import LogLine
-from virtbackup.gateway.fanout import offer_in_batches
+from virtbackup.gateway.fanout import Outbox, offer_in_batches
 from virtbackup.runtime.bus import Bus
 from virtbackup.runtime.events import EventFeed, StoredEvent
 from virtbackup.runtime.joblog import LogFeed
@@ -74,22 +74,17 @@ def log_message(job_id: str, entry: LogLine) -> ServerSentEventMessage:
     return SharedMessage(event=EventType.JOB_LOG, data=data.decode())
 
 
-class Listener:
+class Listener(Outbox[ServerSentEventMessage]):
     """One stream's bounded queue of messages; ``ended`` is set when it overflowed or
     the hub's feeds failed (the stream then ends)."""
 
     def __init__(self, size: int = QUEUE_SIZE) -> None:
-        self.queue: asyncio.Queue[ServerSentEventMessage] = asyncio.Queue(size)
-        self.ended = asyncio.Event()
+        super().__init__(size)
 
-    def offer(self, message: ServerSentEventMessage) -> None:
-        """Queue ``message`` without ever waiting; a full queue ends the stream."""
-        if self.ended.is_set():
-            return
-        try:
-            self.queue.put_nowait(message)
-        except asyncio.QueueFull:
-            self.ended.set()
+    @property
+    def ended(self) -> asyncio.Event:
+        """Set once the stream must end (it fell behind, or the hub's feeds failed)."""
+        return self.full
 
     def end(self) -> None:
         """Set ``ended`` and wake a reader waiting on the empty queue (it sees ``ended``
