@@ -167,6 +167,19 @@ async def browser() -> AsyncIterator[Any]:
             await chromium.close()
 
 
+async def console_login(context: Any, system: System, user: tuple[str, str]) -> Any:
+    """A page of ``context`` logged in to the console as ``user`` (name, password)."""
+    page = await context.new_page()
+    page.set_default_timeout(30_000)
+    await page.goto(f"{system.url}/ui/login")
+    form = page.locator("#user-login")
+    await form.locator("input[name=username]").fill(user[0])
+    await form.locator("input[name=password]").fill(user[1])
+    await form.locator("button[type=submit]").click()
+    await page.wait_for_url(f"{system.url}/ui/")
+    return page
+
+
 async def test_another_sites_form_cannot_swap_the_console_session(
     system: System, browser: Any
 ) -> None:
@@ -182,14 +195,7 @@ async def test_another_sites_form_cannot_swap_the_console_session(
     )
     context = await browser.new_context(ignore_https_errors=True)
     try:
-        page = await context.new_page()
-        page.set_default_timeout(30_000)
-        await page.goto(f"{system.url}/ui/login")
-        form = page.locator("#user-login")
-        await form.locator("input[name=username]").fill(ADMIN[0])
-        await form.locator("input[name=password]").fill(ADMIN[1])
-        await form.locator("button[type=submit]").click()
-        await page.wait_for_url(f"{system.url}/ui/")
+        page = await console_login(context, system, ADMIN)
         with attacker_site(page_html) as evil:
             async with page.expect_navigation(url=f"{system.url}/ui/session"):
                 await page.goto(evil)
@@ -225,14 +231,7 @@ async def test_a_rerun_takes_what_starting_the_job_takes(system: System, browser
     # The console offers carl no Rerun (he still sees the job).
     context = await browser.new_context(ignore_https_errors=True)
     try:
-        page = await context.new_page()
-        page.set_default_timeout(30_000)
-        await page.goto(f"{system.url}/ui/login")
-        form = page.locator("#user-login")
-        await form.locator("input[name=username]").fill(JOBCTL[0])
-        await form.locator("input[name=password]").fill(JOBCTL[1])
-        await form.locator("button[type=submit]").click()
-        await page.wait_for_url(f"{system.url}/ui/")
+        page = await console_login(context, system, JOBCTL)
         await page.goto(f"{system.url}/ui/jobs")
         await page.locator(f'tr[data-row="{gc_id}"]').wait_for()
         assert await page.locator("button.rerun").count() == 0
@@ -511,14 +510,7 @@ async def test_the_consoles_server_form_keeps_a_change_made_meanwhile(
     context = await browser.new_context(ignore_https_errors=True)
     api = httpx.AsyncClient(base_url=system.url, headers=system.auth(), verify=False, timeout=30)
     try:
-        page = await context.new_page()
-        page.set_default_timeout(30_000)
-        await page.goto(f"{system.url}/ui/login")
-        form = page.locator("#user-login")
-        await form.locator("input[name=username]").fill(ADMIN[0])
-        await form.locator("input[name=password]").fill(ADMIN[1])
-        await form.locator("button[type=submit]").click()
-        await page.wait_for_url(f"{system.url}/ui/")
+        page = await console_login(context, system, ADMIN)
         await page.goto(f"{system.url}/ui/servers")
         meddled: list[str] = []
 
