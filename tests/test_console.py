@@ -120,6 +120,9 @@ async def log_in(page: Any, system: System, username: str, password: str) -> Non
     await form.locator("input[name=password]").fill(password)
     await form.locator("button[type=submit]").click()
     await page.wait_for_url(f"{system.url}/ui/")
+    # The page has read its session (and removed what the user may not use) once it
+    # shows who is logged in: before that, every link is still there.
+    await page.locator("#who").filter(has_text=username).wait_for()
 
 
 @pytest.fixture(scope="module")

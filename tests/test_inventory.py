@@ -140,7 +140,11 @@ async def _sse_lines(api: httpx.AsyncClient, out: asyncio.Queue[dict[str, Any]])
                 event = {}
 
 
-async def test_lifecycle_event_on_sse_within_a_second(api: httpx.AsyncClient, vm: SmallVm) -> None:
+async def test_lifecycle_event_on_sse_promptly(api: httpx.AsyncClient, vm: SmallVm) -> None:
+    """A VM started outside VirtBackup shows as ``vm.lifecycle`` on ``/events`` from
+    libvirt's own event, not a refresh: well under a second on a quiet machine; the bound
+    here is 5 s (a refresh is every 300 s), so that a test machine busy with the other test
+    worker does not fail it."""
     await _configure(api, [LOCAL])
     await _vms(api)
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -157,7 +161,7 @@ async def test_lifecycle_event_on_sse_within_a_second(api: httpx.AsyncClient, vm
             data = json.loads(event["data"])
             if data["payload"]["vmName"] == vm.name and data["payload"]["event"] == "started":
                 break
-        assert event["at"] - started < 1.0
+        assert event["at"] - started < 5.0
         assert data["type"] == "vm.lifecycle"
         assert data["payload"]["serverId"] == "local"
         assert data["payload"]["powerState"] == "running"
