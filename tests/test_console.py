@@ -694,6 +694,19 @@ async def test_bad_logins_are_4xx_naming_the_field(
     assert "set-cookie" not in resp.headers
 
 
+async def test_the_pages_name_their_icon_so_browsers_ask_no_refused_favicon(
+    system: System, vm: str
+) -> None:
+    """Without a declared icon, every browser asked ``/favicon.ico`` of each page before
+    login and got a 401 (noise in its console and in the gateway's log)."""
+    async with httpx.AsyncClient(base_url=system.url, verify=False, timeout=30) as client:
+        login = (await client.get("/ui/login")).text
+        assert '<link rel="icon" type="image/svg+xml" href="/ui/static/icon.svg">' in login
+        icon = await client.get("/ui/static/icon.svg")
+        assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+        assert icon.text.startswith("<svg")
+
+
 async def test_the_console_routes_keep_the_apis_authentication(system: System, vm: str) -> None:
     async with httpx.AsyncClient(base_url=system.url, verify=False, timeout=30) as client:
         # An unknown path under /ui is the API's: 401 without a credential, 404 with one.
