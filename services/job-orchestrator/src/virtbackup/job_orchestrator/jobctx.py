@@ -96,6 +96,8 @@ class JobContext:
     runs: dict[str, LocalRun] = field(default_factory=dict)
     index: JobIndex | None = None
     leases: JobLeases = field(init=False)
+    #: The configuration last decoded, with the config bucket's last sequence then.
+    _config: tuple[int, AgentConfig] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.holder:
@@ -162,7 +164,20 @@ class JobContext:
     # -- configuration and repositories ---------------------------------------------------
 
     async def config(self) -> AgentConfig:
-        return (await read_agent_config(self.ctx.bucket(buckets.CONFIG)))[0]
+        """The stored configuration, current as of the call (as a read of the bucket), but
+        read and decoded again only when the bucket has changed since the last call: a
+        fleet's configuration of 1,000 servers is hundreds of kilobytes, tens of
+        milliseconds to decode and check, and every job asks for it several times. The
+        change is seen in the bucket's last sequence (a small request). Shared between
+        callers: never change it."""
+        kv = self.ctx.bucket(buckets.CONFIG)
+        last = (await kv.status()).stream_info.state.last_seq
+        cached = self._config
+        if cached is not None and cached[0] == last:
+            return cached[1]
+        cfg, _revision = await read_agent_config(kv)
+        self._config = (last, cfg)  # a write since ``last`` changes it: read again then
+        return cfg
 
     async def repository(
         self, destination_id: str, *, create: bool = True, locked: bool = False
@@ -287,6 +302,7 @@ class JobContext:
         Raises ``JobCanceled`` if a cancel came first, ``JobLost`` if this instance no
         longer holds the job."""
         await self._hold(f"before:{phase}")
+        await self.leases.confirm(job_id)  # a late renewal is no reason to give up
 
         def step(job: Job) -> Job:
             if job.owner != self.holder or not self.leases.valid(job_id):

@@ -6,7 +6,10 @@ leases vanish, and another instance ``take``s the job (a create, so exactly one 
 and ends it cleanly. A holder whose renewal finds the lease gone or taken has lost the
 job and must stop working on it; so has one that could not renew for half the lease
 (cut off from NATS, or stalled): ``valid`` is false then, before anyone else can take
-the job, and the holder must not commit.
+the job, and the holder must not commit. A lease that lapsed while nobody took it (the
+holder's renewals lagged: a busy instance holding thousands of queued jobs' leases) is
+taken again by its holder at its next renewal, as any other instance would have taken
+it; every change of the job record checks its owner, so nothing is done twice.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from nats.js.kv import KeyValue
 from virtbackup.contracts.buckets import LEASE_SECONDS
 
 log = logging.getLogger(__name__)
+
+#: Leases renewed at once (each a compare-and-swap in ``VB_LEASES``).
+RENEW_IN_FLIGHT = 64
 
 
 class JobLeases:
@@ -76,29 +82,70 @@ class JobLeases:
             await self.kv.delete(job_id, last=revision)
 
     async def renew_all(self) -> list[str]:
-        """Renew every held lease; returns the jobs whose lease was lost."""
+        """Renew every held lease, ``RENEW_IN_FLIGHT`` at a time (a nightly run holds
+        thousands: one after the other, a round outlasted the lease); returns the jobs
+        whose lease was lost."""
         lost: list[str] = []
-        for job_id, revision in list(self.held.items()):
-            try:
-                written = await self.kv.update(job_id, self.holder.encode(), last=revision)
-            except (KeyWrongLastSequenceError, KeyNotFoundError):
-                # Expired (we stalled past the TTL) and perhaps taken by another.
-                self.forget(job_id)
-                lost.append(job_id)
-                continue
-            if job_id in self.held:  # not released while we waited
-                self.held[job_id] = written
-                self.renewed[job_id] = time.monotonic()
+        pending = iter(list(self.held))
+
+        async def renewer() -> None:
+            for job_id in pending:
+                if not await self._renew(job_id):
+                    lost.append(job_id)
+
+        await asyncio.gather(*(renewer() for _ in range(RENEW_IN_FLIGHT)))
         return lost
 
+    async def confirm(self, job_id: str) -> bool:
+        """Whether this instance surely still holds the job (``valid``), renewing its
+        lease first when it is held but its last renewal is getting old (the renewals
+        lag on a busy instance: that is no reason to give a job up)."""
+        if job_id in self.held and not self.valid(job_id):
+            await self._renew(job_id)
+        return self.valid(job_id)
+
+    async def _renew(self, job_id: str) -> bool:
+        """Renew one lease; ``False`` when it was lost (then it is forgotten)."""
+        revision = self.held.get(job_id)
+        if revision is None:
+            return True  # released meanwhile
+        sent = time.monotonic()  # the lease lives from about now: counted from the send
+        try:
+            written = await self.kv.update(job_id, self.holder.encode(), last=revision)
+        except (KeyWrongLastSequenceError, KeyNotFoundError):
+            if self.held.get(job_id) != revision:
+                return True  # renewed (or released) by another call meanwhile
+            # Expired: this instance stalled (or its renewals lagged) past the TTL. Taken
+            # again when nobody took it meanwhile (a create: exactly one wins), else lost.
+            try:
+                written = await self.kv.create(job_id, self.holder.encode())
+            except KeyWrongLastSequenceError:
+                self.forget(job_id)
+                return False
+            if self.held.get(job_id) != revision:  # released while we waited
+                with contextlib.suppress(KeyWrongLastSequenceError, KeyNotFoundError, APIError):
+                    await self.kv.delete(job_id, last=written)
+                return True
+            log.warning("the lease of job %s lapsed (renewals lagged): taken again", job_id)
+        if self.held.get(job_id) == revision:  # not released while we waited
+            self.held[job_id] = written
+            self.renewed[job_id] = sent
+        return True
+
     async def keep_alive(self, stopping: asyncio.Event, on_lost: Callable[[str], None]) -> None:
-        """Renew every ``LEASE_SECONDS / 3`` until ``stopping`` is set."""
+        """Renew every ``LEASE_SECONDS / 3`` (from the start of one round to the start of
+        the next) until ``stopping`` is set."""
         while not stopping.is_set():
+            began = time.monotonic()
+            count = len(self.held)
             try:
                 for job_id in await self.renew_all():
                     log.error("lost the lease of job %s: another instance took it", job_id)
                     on_lost(job_id)
             except Exception:
                 log.exception("renewing job leases failed")
+            took = time.monotonic() - began
+            if took > LEASE_SECONDS / 3:
+                log.warning("renewing %d job leases took %.1f s", count, took)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), LEASE_SECONDS / 3)
+                await asyncio.wait_for(stopping.wait(), max(0.1, LEASE_SECONDS / 3 - took))
