@@ -39,6 +39,8 @@ class JobLeases:
         self.held: dict[str, int] = {}
         #: job id -> when (monotonic) the lease was last written.
         self.renewed: dict[str, float] = {}
+        #: job id -> the renewal of its lease under way (``_renew``).
+        self._renewing: dict[str, asyncio.Future[bool]] = {}
 
     async def take(self, job_id: str) -> bool:
         """Take the job's lease; ``False`` if a live holder has it."""
@@ -86,14 +88,20 @@ class JobLeases:
         thousands: one after the other, a round outlasted the lease); returns the jobs
         whose lease was lost."""
         lost: list[str] = []
+        failed: list[BaseException] = []
         pending = iter(list(self.held))
 
         async def renewer() -> None:
             for job_id in pending:
-                if not await self._renew(job_id):
-                    lost.append(job_id)
+                try:
+                    if not await self._renew(job_id):
+                        lost.append(job_id)
+                except Exception as exc:  # NATS slow or away: the next round tries again
+                    failed.append(exc)
 
         await asyncio.gather(*(renewer() for _ in range(RENEW_IN_FLIGHT)))
+        if failed:
+            log.warning("%d job leases could not be renewed: %s", len(failed), failed[-1])
         return lost
 
     async def confirm(self, job_id: str) -> bool:
@@ -105,7 +113,30 @@ class JobLeases:
         return self.valid(job_id)
 
     async def _renew(self, job_id: str) -> bool:
-        """Renew one lease; ``False`` when it was lost (then it is forgotten)."""
+        """Renew one lease; ``False`` when it was lost (then it is forgotten). One renewal
+        of a lease at a time: a second caller (a round and ``confirm``) shares the
+        first's (two at once would each see the other's write as a loss)."""
+        running = self._renewing.get(job_id)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._renewing[job_id] = future
+        try:
+            kept = await self._renew_once(job_id)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning without sharers
+            raise
+        else:
+            future.set_result(kept)
+            return kept
+        finally:
+            del self._renewing[job_id]
+
+    async def _renew_once(self, job_id: str) -> bool:
         revision = self.held.get(job_id)
         if revision is None:
             return True  # released meanwhile
@@ -119,7 +150,7 @@ class JobLeases:
             # again when nobody took it meanwhile (a create: exactly one wins), else lost.
             try:
                 written = await self.kv.create(job_id, self.holder.encode())
-            except KeyWrongLastSequenceError:
+            except (KeyWrongLastSequenceError, KeyNotFoundError):
                 self.forget(job_id)
                 return False
             if self.held.get(job_id) != revision:  # released while we waited

@@ -272,25 +272,32 @@ class _Replica:
     soon: bool = False
     #: The task computing the line while jobs wait (``_keep_looking``).
     looker: asyncio.Task[None] | None = None
+    #: The index's changes are followed (``_listen``).
+    listening: bool = False
 
 
 _replicas: dict[int, _Replica] = {}
 
 
 def _replica(jc: JobContext) -> _Replica:
-    state = _replicas.get(id(jc))
-    if state is None:
-        state = _replicas[id(jc)] = _Replica()
-        wakers = state.wakers
+    return _replicas.setdefault(id(jc), _Replica())
 
-        def on_change(job: Job) -> None:
-            if job.cancel_requested and job.id in wakers:
-                wakers[job.id].set()  # a cancel wakes its waiting job at once
-            if job.state == "queued" and (state.line is None or not state.line.has(job.id)):
-                state.arrived[job.id] = job  # placed in line at the next look
 
-        jc.jobs.listeners.append(on_change)
-    return state
+def _listen(jc: JobContext, state: _Replica) -> None:
+    """Follow the job index (once): a cancel wakes its waiting job at once, and a job
+    queued since the line was computed is placed in it at the next look."""
+    if state.listening:
+        return
+    wakers = state.wakers
+
+    def on_change(job: Job) -> None:
+        if job.cancel_requested and job.id in wakers:
+            wakers[job.id].set()
+        if job.state == "queued" and (state.line is None or not state.line.has(job.id)):
+            state.arrived[job.id] = job
+
+    jc.jobs.listeners.append(on_change)
+    state.listening = True
 
 
 def _current_line(jc: JobContext) -> Line:
@@ -376,6 +383,7 @@ async def acquire(jc: JobContext, job: Job) -> float | None:
     if not slots:
         return None
     state = _replica(jc)
+    _listen(jc, state)
     cancel = jc.cancel_event(job.id)
     waker = state.wakers[job.id] = asyncio.Event()
     if state.line is None or not state.line.has(job.id):
