@@ -79,6 +79,14 @@ def queued_line(job: Job) -> str:
     return " ".join(parts)
 
 
+#: Times ``enter`` renews a lease found stale and tries again before giving the job up.
+STALE_TRIES = 5
+
+
+class _LeaseStale(Exception):
+    """The lease is held but was renewed too long ago to be sure of it (``enter``)."""
+
+
 @dataclass
 class LocalRun:
     """A job this instance runs: its task and a cache of its cancel flag."""
@@ -302,18 +310,28 @@ class JobContext:
         Raises ``JobCanceled`` if a cancel came first, ``JobLost`` if this instance no
         longer holds the job."""
         await self._hold(f"before:{phase}")
-        await self.leases.confirm(job_id)  # a late renewal is no reason to give up
 
         def step(job: Job) -> Job:
-            if job.owner != self.holder or not self.leases.valid(job_id):
+            if job.owner != self.holder or job_id not in self.leases.held:
                 raise JobLost(job_id)
+            if not self.leases.valid(job_id):
+                raise _LeaseStale(job_id)
             if job.state in TERMINAL_STATES or job.cancel_requested:
                 raise JobCanceled(job_id)
             return msgspec.structs.replace(
                 job, phase=phase, state="running", updated_at=utcnow_iso(), **changes
             )
 
-        job = await self.store.update(job_id, step)
+        # A late renewal is no reason to give the job up (a busy instance: thousands of
+        # leases, round trips of seconds): renewed here and tried again, a few times.
+        for attempt in range(STALE_TRIES):
+            await self.leases.confirm(job_id)
+            try:
+                job = await self.store.update(job_id, step)
+                break
+            except _LeaseStale:
+                if attempt == STALE_TRIES - 1:
+                    raise JobLost(job_id) from None
         await joblog.try_append(
             self.bus, job_id, f"{phase}: {job.message}" if "message" in changes else phase
         )
