@@ -351,6 +351,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         (cpu_after.own - cpu_before.own) / ticks, 1
                     )
                 print(f"first full refresh: {took:.1f} s", flush=True)
+                if args.only_run:  # straight to the nightly run (measuring the run alone)
+                    result["run"] = await fleet_run.nightly_run(api, system, args)
+                    result["memory"]["after_run"] = process_memory(system)
+                    result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+                    return result
 
                 def refresh(n: int) -> Callable[[], Awaitable[None]]:
                     async def call() -> None:
@@ -442,6 +447,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     result["memory"]["after_run"] = process_memory(system)
                 result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     finally:
+        if args.keep_logs is not None:  # the services' logs, for a look after the run
+            args.keep_logs.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for log in (work / "system").glob("*.log"):
+                shutil.copy(log, args.keep_logs / log.name)
         shutil.rmtree(work, ignore_errors=True)
     return result
 
@@ -454,6 +463,10 @@ def report(result: dict[str, Any]) -> None:
     print(f"first full refresh (POST /config until every server lists its VMs): "
           f"{result['first_refresh_s']} s")  # fmt: skip
     print(f"inventory CPU during it: {result.get('first_refresh_inventory_cpu_s')} s")
+    if "latency" not in result:  # --only-run
+        print(f"machine load average at the end: {result['load_average_end']}")
+        fleet_run.report(result["run"])
+        return
     print(f"forced full refresh (POST /servers/{{id}}/refresh of every server): "
           f"{result['forced_refresh_s']} s")  # fmt: skip
     print(f"every server's VMs read through GET /servers/{{id}}/vms: {result['list_all_vms_s']} s")
@@ -492,6 +505,14 @@ def main() -> int:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="back up every VM once, with the simulated transfer (--no-run: plan only)",
+    )
+    parser.add_argument(
+        "--only-run",
+        action="store_true",
+        help="after the first refresh, only the nightly run (no listings, history or plan)",
+    )
+    parser.add_argument(
+        "--keep-logs", type=Path, default=None, help="copy the services' logs here at the end"
     )
     parser.add_argument("--simulate-seconds", type=float, default=5.0, help="per backup")
     parser.add_argument("--max-per-server", type=int, default=4)

@@ -134,7 +134,15 @@ async def wait_all_ended(system: System, ids: list[str], timeout: float) -> floa
     try:
         kv = await nc.jetstream().key_value("VB_JOBS")
         pending = list(ids)
+        said = started
         while pending:
+            if time.monotonic() - said >= 10:  # a sign of life, every 10 s
+                said = time.monotonic()
+                print(
+                    f"  {len(ids) - len(pending)} of {len(ids)} jobs ended after "
+                    f"{said - started:.0f} s",
+                    flush=True,
+                )
             assert time.monotonic() - started < timeout, f"{len(pending)} jobs still going"
             head = pending[:200]
             entries = await asyncio.gather(*(kv.get(i) for i in head), return_exceptions=True)
@@ -185,6 +193,12 @@ async def nightly_run(api: httpx.AsyncClient, system: System, args: Any) -> dict
         run = resp.json()
         assert not run["skipped"], run
         ids.extend(run["jobIds"])
+        if len(trigger_s) % 10 == 0:
+            print(
+                f"  {len(trigger_s)} triggered, {len(ids)} jobs, {time.time() - began:.1f} s "
+                f"(last trigger {trigger_s[-1]} s)",
+                flush=True,
+            )
     expected = args.servers * args.vms
     assert len(ids) == expected, (len(ids), expected)
     await wait_all_ended(system, ids, args.run_timeout)

@@ -79,6 +79,14 @@ def queued_line(job: Job) -> str:
     return " ".join(parts)
 
 
+#: Times ``enter`` renews a lease found stale and tries again before giving the job up.
+STALE_TRIES = 5
+
+
+class _LeaseStale(Exception):
+    """The lease is held but was renewed too long ago to be sure of it (``enter``)."""
+
+
 @dataclass
 class LocalRun:
     """A job this instance runs: its task and a cache of its cancel flag."""
@@ -96,6 +104,8 @@ class JobContext:
     runs: dict[str, LocalRun] = field(default_factory=dict)
     index: JobIndex | None = None
     leases: JobLeases = field(init=False)
+    #: The configuration last decoded, with the config bucket's last sequence then.
+    _config: tuple[int, AgentConfig] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.holder:
@@ -162,7 +172,20 @@ class JobContext:
     # -- configuration and repositories ---------------------------------------------------
 
     async def config(self) -> AgentConfig:
-        return (await read_agent_config(self.ctx.bucket(buckets.CONFIG)))[0]
+        """The stored configuration, current as of the call (as a read of the bucket), but
+        read and decoded again only when the bucket has changed since the last call: a
+        fleet's configuration of 1,000 servers is hundreds of kilobytes, tens of
+        milliseconds to decode and check, and every job asks for it several times. The
+        change is seen in the bucket's last sequence (a small request). Shared between
+        callers: never change it."""
+        kv = self.ctx.bucket(buckets.CONFIG)
+        last = (await kv.status()).stream_info.state.last_seq
+        cached = self._config
+        if cached is not None and cached[0] == last:
+            return cached[1]
+        cfg, _revision = await read_agent_config(kv)
+        self._config = (last, cfg)  # a write since ``last`` changes it: read again then
+        return cfg
 
     async def repository(
         self, destination_id: str, *, create: bool = True, locked: bool = False
@@ -289,15 +312,26 @@ class JobContext:
         await self._hold(f"before:{phase}")
 
         def step(job: Job) -> Job:
-            if job.owner != self.holder or not self.leases.valid(job_id):
+            if job.owner != self.holder or job_id not in self.leases.held:
                 raise JobLost(job_id)
+            if not self.leases.valid(job_id):
+                raise _LeaseStale(job_id)
             if job.state in TERMINAL_STATES or job.cancel_requested:
                 raise JobCanceled(job_id)
             return msgspec.structs.replace(
                 job, phase=phase, state="running", updated_at=utcnow_iso(), **changes
             )
 
-        job = await self.store.update(job_id, step)
+        # A late renewal is no reason to give the job up (a busy instance: thousands of
+        # leases, round trips of seconds): renewed here and tried again, a few times.
+        for attempt in range(STALE_TRIES):
+            await self.leases.confirm(job_id)
+            try:
+                job = await self.store.update(job_id, step)
+                break
+            except _LeaseStale:
+                if attempt == STALE_TRIES - 1:
+                    raise JobLost(job_id) from None
         await joblog.try_append(
             self.bus, job_id, f"{phase}: {job.message}" if "message" in changes else phase
         )

@@ -43,6 +43,7 @@ from virtbackup.contracts.subjects import EventType
 from virtbackup.contracts.v1.events import JobFailure
 from virtbackup.contracts.v1.jobs import ACTIVE_STATES, Job
 from virtbackup.contracts.v1.work import BadChunk, UnitResult
+from virtbackup.job_orchestrator import simulated
 from virtbackup.job_orchestrator.errors import JobFailed
 from virtbackup.job_orchestrator.fanout import written_destinations
 from virtbackup.job_orchestrator.jobctx import JobContext
@@ -172,10 +173,26 @@ async def backup_gate(
     repository) until it ends. A copy job is a writer of its target the same way."""
     await enter_gate(jc, job, destination_id)
     try:
+        if await _simulated(jc, job):  # benchmarks only: it opens no repository
+            yield
+            return
         async with _repository_lock(jc, job, "backup", destination_id):
             yield
     finally:
         await leave_gate(jc, job, destination_id)
+
+
+async def _simulated(jc: JobContext, job: Job) -> bool:
+    """Whether ``job`` is a simulated backup (``simulated.py``, benchmarks only): it
+    reads and writes nothing, so it neither opens its destination's repository nor
+    writes a lock object there (it is still one of the gate's writers)."""
+    if job.type != "backup" or not job.server_id:
+        return False
+    if jc.settings.simulate_transfer_seconds is None:
+        return False
+    cfg = await jc.config()
+    server = next((s for s in cfg.servers if s.id == job.server_id), None)
+    return server is not None and simulated.seconds_for(jc, server) is not None
 
 
 async def enter_gate(jc: JobContext, job: Job, destination_id: str | None = None) -> None:

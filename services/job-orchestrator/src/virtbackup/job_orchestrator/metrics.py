@@ -24,6 +24,13 @@ JOBS_FINISHED = Counter(
     "virtbackup_jobs_finished_total", "Jobs finished, by type and final state", ["type", "state"]
 )
 
+#: The admission line (``slots``): how often it was computed, and the jobs walked doing
+#: so (the queued and running ones only, never the finished history).
+SLOT_LINES = Counter("virtbackup_slot_lines_total", "Computations of the job slots' line")
+SLOT_LINE_JOBS = Counter(
+    "virtbackup_slot_line_jobs_total", "Jobs walked by the computations of the slots' line"
+)
+
 
 def _seconds(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()

@@ -30,6 +30,12 @@ job waiting for a busy destination is not overtaken for ever by later jobs of it
 server (no starvation), while a job waiting for its busy server does not hold back
 other servers' jobs on a shared destination. Only a job its line admits tries the
 compare-and-swap; the records decide.
+
+Cost (a nightly run queues thousands of jobs at once): the line walks the queued and
+running jobs only (the index keeps them apart from the finished history), and is
+computed at most every ``LINE_SECONDS`` by one task per replica while jobs wait, which
+wakes the jobs it admits (and those whose reason to wait changed); a waiting job does
+not poll, and a job that took its slots does not make the others compute it again.
 """
 
 from __future__ import annotations
@@ -48,23 +54,26 @@ from nats.js.kv import KeyValue
 
 from virtbackup.contracts import buckets
 from virtbackup.contracts.v1.jobs import ACTIVE_STATES, Job
+from virtbackup.job_orchestrator import metrics
 from virtbackup.job_orchestrator.errors import JobCanceled
 from virtbackup.job_orchestrator.fanout import written_destinations
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.locks import lookup_in
 from virtbackup.runtime import joblog
+from virtbackup.runtime.errors import Unavailable
 from virtbackup.runtime.kv import write_if
 from virtbackup.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two looks of a waiting job at the line; a job far back in line looks
-#: less often (a limit's worth of jobs ahead adds ``POLL_SECONDS``), at most
-#: ``POLL_MAX_SECONDS``: thousands of queued jobs cost little. A cancel is seen at once.
-POLL_SECONDS = 0.25
-POLL_MAX_SECONDS = 5.0
-#: Seconds a computed line is reused by the jobs that look at it.
+#: Seconds between two computations of the line while jobs of this replica wait (one
+#: task computes it and wakes the jobs it admits, or whose reason to wait changed: a
+#: waiting job does not poll, so thousands of queued jobs cost little).
 LINE_SECONDS = 0.2
+#: Seconds a waiting job sleeps at most without being woken (a safety net), and a job
+#: the line does not know yet (submitted after it was computed).
+WAIT_MAX_SECONDS = 30.0
+POLL_SECONDS = 0.25
 #: Seconds a holder whose job record is missing still counts (a read that lags).
 ORPHAN_GRACE = 30.0
 #: Params that name the migration a job runs under (``migrate_via.PARENT_PARAM``) and a
@@ -156,11 +165,42 @@ class Blocked:
 
 @dataclass
 class Line:
-    """One look at the line: which queued jobs may start now, and why the others wait."""
+    """One look at the line: which queued jobs may start now, and why the others wait.
+    ``running``: the jobs holding (or admitted to) each slot; ``count``: those and the
+    places taken in line on it; ``placed``: the queued jobs placed so far."""
 
     at: float
     admitted: set[str] = field(default_factory=set)
     blocked: dict[str, Blocked] = field(default_factory=dict)
+    running: dict[Slot, int] = field(default_factory=dict)
+    count: dict[Slot, int] = field(default_factory=dict)
+    placed: int = 0
+
+    def has(self, job_id: str) -> bool:
+        return job_id in self.admitted or job_id in self.blocked
+
+
+def _place(line: Line, job_id: str, slots: tuple[Slot, ...], settings: Settings) -> None:
+    """Put a queued job at the end of ``line``: admitted, or blocked on a full slot."""
+    running, count = line.running, line.count
+    full = [s for s in slots if count.get(s, 0) >= limit_of(settings, s)]
+    if not full:
+        line.admitted.add(job_id)
+        for slot in slots:  # starting now: shown as running to those behind it
+            running[slot] = running.get(slot, 0) + 1
+    else:
+        first = full[0]
+        line.blocked[job_id] = Blocked(
+            slot=first,
+            running=running.get(first, 0),
+            ahead=max(0, count.get(first, 0) - running.get(first, 0)),
+            limit=limit_of(settings, first),
+        )
+    # Its place in line: where it is blocked, or everywhere when it is admitted or
+    # first in line.
+    for slot in slots if not full or line.placed == 0 else full:
+        count[slot] = count.get(slot, 0) + 1
+    line.placed += 1
 
 
 def compute_line(
@@ -194,27 +234,24 @@ def compute_line(
         else:
             queued.append((job.id, slots))
     queued.sort()
-    count = dict(running)
-    line = Line(at=time.monotonic())
-    for index, (job_id, slots) in enumerate(queued):
-        full = [s for s in slots if count.get(s, 0) >= limit_of(settings, s)]
-        if not full:
-            line.admitted.add(job_id)
-            for slot in slots:  # starting now: shown as running to those behind it
-                running[slot] = running.get(slot, 0) + 1
-        else:
-            first = full[0]
-            line.blocked[job_id] = Blocked(
-                slot=first,
-                running=running.get(first, 0),
-                ahead=max(0, count.get(first, 0) - running.get(first, 0)),
-                limit=limit_of(settings, first),
-            )
-        # Its place in line: where it is blocked, or everywhere when it is admitted or
-        # first in line.
-        for slot in slots if not full or index == 0 else full:
-            count[slot] = count.get(slot, 0) + 1
+    line = Line(at=time.monotonic(), running=running, count=dict(running))
+    for job_id, slots in queued:
+        _place(line, job_id, slots, settings)
     return line
+
+
+def extend_line(line: Line, jobs: Iterable[Job], settings: Settings) -> list[str]:
+    """Put the queued ``jobs`` that ``line`` lacks (submitted since it was computed) at
+    its end, in id order, without walking the rest again; their ids."""
+    added: list[str] = []
+    for job in sorted(jobs, key=lambda j: j.id):
+        if job.state != "queued" or line.has(job.id):
+            continue
+        slots = job_slots(job, settings)
+        if slots:
+            _place(line, job.id, slots, settings)
+            added.append(job.id)
+    return added
 
 
 @dataclass
@@ -224,6 +261,19 @@ class _Replica:
     taking: set[str] = field(default_factory=set)
     #: Each active job's slots (``compute_line``'s ``known``).
     known: dict[str, tuple[Slot, ...]] = field(default_factory=dict)
+    #: The waiting jobs of this replica, each woken when a line admits it (or it is
+    #: cancelled) instead of only at its next look.
+    wakers: dict[str, asyncio.Event] = field(default_factory=dict)
+    #: Queued jobs seen since the line was computed (``extend_line``).
+    arrived: dict[str, Job] = field(default_factory=dict)
+    #: What each waiting job's message says it waits for.
+    said: dict[str, Slot] = field(default_factory=dict)
+    #: A look at the line is scheduled (``_soon``).
+    soon: bool = False
+    #: The task computing the line while jobs wait (``_keep_looking``).
+    looker: asyncio.Task[None] | None = None
+    #: The index's changes are followed (``_listen``).
+    listening: bool = False
 
 
 _replicas: dict[int, _Replica] = {}
@@ -233,7 +283,28 @@ def _replica(jc: JobContext) -> _Replica:
     return _replicas.setdefault(id(jc), _Replica())
 
 
+def _listen(jc: JobContext, state: _Replica) -> None:
+    """Follow the job index (once): a cancel wakes its waiting job at once, and a job
+    queued since the line was computed is placed in it at the next look."""
+    if state.listening:
+        return
+    wakers = state.wakers
+
+    def on_change(job: Job) -> None:
+        if job.cancel_requested and job.id in wakers:
+            wakers[job.id].set()
+        if job.state == "queued" and (state.line is None or not state.line.has(job.id)):
+            state.arrived[job.id] = job
+
+    jc.jobs.listeners.append(on_change)
+    state.listening = True
+
+
 def _current_line(jc: JobContext) -> Line:
+    """The line, computed again when it is older than ``LINE_SECONDS`` (at most that
+    often however many jobs wait and however fast slots free: a computation walks
+    every active job), else extended by the jobs submitted since (``extend_line``); the
+    jobs it admits are woken, and those whose reason to wait changed."""
     state = _replica(jc)
     if state.line is None or time.monotonic() - state.line.at > LINE_SECONDS:
         index = jc.jobs.jobs
@@ -243,8 +314,65 @@ def _current_line(jc: JobContext) -> Line:
             for j in state.taking
             if j not in index or (index[j].state == "queued" and index[j].owner == jc.holder)
         }
-        state.line = compute_line(list(index.values()), jc.settings, state.taking, state.known)
-    return state.line
+        active = jc.jobs.active()
+        state.arrived.clear()
+        line = state.line = compute_line(active, jc.settings, state.taking, state.known)
+        metrics.SLOT_LINES.inc()
+        metrics.SLOT_LINE_JOBS.inc(len(active))
+        looked: Iterable[str] = list(state.wakers)
+    elif state.arrived:  # jobs submitted since: at the end of the line, in id order
+        arrived = list(state.arrived.values())
+        state.arrived.clear()
+        line = state.line
+        looked = extend_line(line, arrived, jc.settings)
+        metrics.SLOT_LINE_JOBS.inc(len(arrived))
+    else:
+        return state.line
+    for job_id in looked:
+        waker = state.wakers.get(job_id)
+        if waker is None:
+            continue
+        blocked = line.blocked.get(job_id)
+        if job_id in line.admitted or (blocked and blocked.slot != state.said.get(job_id)):
+            waker.set()  # to start, or to say what it waits for now
+    return line
+
+
+async def _keep_looking(jc: JobContext, state: _Replica) -> None:
+    """Compute the line every ``LINE_SECONDS`` while jobs of this replica wait (slots
+    freed by other replicas are seen so)."""
+    try:
+        while state.wakers:
+            try:
+                _current_line(jc)
+            except Unavailable:
+                return  # stopping
+            except Exception:
+                log.exception("computing the job slots' line failed")
+            await asyncio.sleep(LINE_SECONDS)
+    finally:
+        state.looker = None
+
+
+def _soon(jc: JobContext) -> None:
+    """Look at the line again as soon as ``LINE_SECONDS`` allows (after a slot was given
+    back or found full), so that the jobs it admits start without waiting for their
+    next look."""
+    state = _replica(jc)
+    if state.soon:
+        return
+    state.soon = True
+    age = time.monotonic() - state.line.at if state.line is not None else LINE_SECONDS
+    delay = max(0.0, LINE_SECONDS - age) + 0.001
+
+    def look() -> None:
+        state.soon = False
+        if state.line is not None and time.monotonic() - state.line.at <= LINE_SECONDS:
+            return  # looked at meanwhile
+        with contextlib.suppress(Exception):  # stopping: nothing waits any more
+            _current_line(jc)
+
+    asyncio.get_running_loop().call_later(delay, look)
 
 
 async def acquire(jc: JobContext, job: Job) -> float | None:
@@ -255,45 +383,71 @@ async def acquire(jc: JobContext, job: Job) -> float | None:
     if not slots:
         return None
     state = _replica(jc)
+    _listen(jc, state)
     cancel = jc.cancel_event(job.id)
+    waker = state.wakers[job.id] = asyncio.Event()
+    if state.line is None or not state.line.has(job.id):
+        state.arrived[job.id] = job  # the index may not have it yet
+    if state.looker is None:
+        state.looker = asyncio.create_task(_keep_looking(jc, state), name="slots-line")
+    try:
+        return await _wait_and_take(jc, job, slots, cancel, waker)
+    finally:
+        state.wakers.pop(job.id, None)
+        state.said.pop(job.id, None)
+
+
+async def _wait_and_take(
+    jc: JobContext,
+    job: Job,
+    slots: tuple[Slot, ...],
+    cancel: asyncio.Event,
+    waker: asyncio.Event,
+) -> float | None:
+    state = _replica(jc)
     started = time.monotonic()
-    said: Slot | None = None
     waited = False
     while True:
         if cancel.is_set():
             raise JobCanceled(job.id)
+        waker.clear()
         line = _current_line(jc)
         if job.id in line.admitted:
+            # The line counts it as running already: the jobs behind it keep using it.
             state.taking.add(job.id)
             full = await _take_all(jc, job.id, slots)
             if full is None:
-                state.line = None  # the next job looks again
                 return time.monotonic() - started if waited else None
             state.taking.discard(job.id)
-            state.line = None
+            state.line = None  # it was wrong about this job: the next look computes it
+            _soon(jc)
+        elif job.id not in line.blocked:
+            _soon(jc)  # submitted after the line was computed
         blocked = line.blocked.get(job.id)
-        if blocked is not None and blocked.slot != said:
-            said, waited = blocked.slot, True
+        if blocked is not None and blocked.slot != state.said.get(job.id):
+            state.said[job.id], waited = blocked.slot, True
             text = blocked.message()
             await jc.message(job.id, text)
             await joblog.try_append(jc.bus, job.id, text)
-        pause = POLL_SECONDS
-        if blocked is not None:
-            pause = min(POLL_MAX_SECONDS, POLL_SECONDS * (1 + blocked.ahead // blocked.limit))
+        pause = POLL_SECONDS if blocked is None else WAIT_MAX_SECONDS
+        if cancel.is_set():
+            raise JobCanceled(job.id)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(cancel.wait(), pause)
+            await asyncio.wait_for(waker.wait(), pause)
 
 
 async def release(jc: JobContext, job: Job) -> None:
     """Give the job's slots back (after its final state is written). Never raises: a
     slot not given back lapses once its job has ended."""
     _replica(jc).taking.discard(job.id)
-    _replica(jc).line = None
-    for slot in job_slots(job, jc.settings):
+    slots = job_slots(job, jc.settings)
+    for slot in slots:
         try:
             await _drop(jc, slot, job.id)
         except Exception as exc:
             log.warning("giving back slot %s of job %s failed: %s", slot.key, job.id, exc)
+    if slots:
+        _soon(jc)  # the next in line starts now, not at its next look
 
 
 def _kv(jc: JobContext) -> KeyValue:

@@ -21,7 +21,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from virtbackup.contracts.v1.common import shown
-from virtbackup.contracts.v1.jobs import Job, JobState, JobType
+from virtbackup.contracts.v1.jobs import ACTIVE_STATES, Job, JobState, JobType
 from virtbackup.runtime.errors import NotFound
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,9 @@ class JobIndex:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
         self.jobs: dict[str, Job] = {}
+        #: The queued and running jobs of ``jobs`` (kept with it: a nightly run's queue
+        #: is looked at many times a second, the finished history need not be walked).
+        self.active_jobs: dict[str, Job] = {}
         self.listeners: list[Listener] = []
         self._task: asyncio.Task[None] | None = None
         self._loaded = asyncio.Event()
@@ -109,6 +112,7 @@ class JobIndex:
                     continue
                 if entry.operation in {"DEL", "PURGE"} or entry.value is None:
                     self.jobs.pop(entry.key, None)
+                    self.active_jobs.pop(entry.key, None)
                     continue
                 try:
                     job = _decoder.decode(entry.value)
@@ -116,6 +120,10 @@ class JobIndex:
                     log.warning("undecodable job record %s", entry.key)
                     continue
                 self.jobs[job.id] = job
+                if job.state in ACTIVE_STATES:
+                    self.active_jobs[job.id] = job
+                else:
+                    self.active_jobs.pop(job.id, None)
                 for listener in self.listeners:
                     listener(job)
         finally:
@@ -146,4 +154,5 @@ class JobIndex:
         return out
 
     def active(self) -> builtins.list[Job]:
-        return [j for j in self.jobs.values() if j.state in {"queued", "running"}]
+        """The queued and running jobs."""
+        return builtins.list(self.active_jobs.values())
