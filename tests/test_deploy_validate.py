@@ -455,3 +455,68 @@ def test_the_keda_scaler_watches_the_work_streams_consumer() -> None:
     assert f"stream: {TRANSFER_CONSUMER.stream}\n" in template
     assert f"consumer: {TRANSFER_CONSUMER.durable}\n" in template
     assert "type: nats-jetstream" in template
+
+
+#: Mistaken or hostile values and what the refusal must name: Helm refuses them (the
+#: chart's values.schema.json, or a ``fail`` in virtbackup.checks) before anything is
+#: created, instead of rendering a release that does not run or leaks a secret.
+REFUSED: dict[str, tuple[list[str], str]] = {
+    "credentials in the NATS URL (a ConfigMap, the logs)": (
+        ["nats.bundled.enabled=false", "nats.url=nats://admin:s3cret@nats.messaging:4222"],
+        "/nats/url",
+    ),
+    "a token of white space": (["token=' '"], "/token"),
+    "a bundled NATS of 0 nodes": (["nats.bundled.replicas=0"], "/nats/bundled/replicas"),
+    "stream replicas over JetStream's 5": (["nats.streamReplicas=7"], "/nats/streamReplicas"),
+    "stream replicas over the bundled cluster": (
+        ["nats.bundled.replicas=3", "nats.streamReplicas=5"],
+        "nats.streamReplicas (5) is more than",
+    ),
+    "negative replicas": (["replicas.gateway=-3"], "/replicas/gateway"),
+    "a huge replica count": (["replicas.transferWorker=100000000000"], "/replicas/transferWorker"),
+    "a secret key that is not base64 of 32 bytes": (["secretKey=notbase64!"], "/secretKey"),
+    "a host network that is no CIDR": (
+        ["networkPolicy.hostCIDRs=[notacidr]"],
+        "/networkPolicy/hostCIDRs/0",
+    ),
+    "a misspelt key": (["replica.gateway=3"], "'replica' not allowed"),
+    "KEDA on an existing NATS without its monitoring endpoint": (
+        ["nats.bundled.enabled=false", "autoscaling.keda.enabled=true"],
+        "autoscaling.keda.monitoringEndpoint",
+    ),
+}
+
+
+@needs_helm_sdk
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_the_chart_refuses_mistaken_values_naming_them(kube: KubeStandIn, case: str) -> None:
+    values, named = REFUSED[case]
+    if not any(v.startswith("token=") for v in values):
+        values = ["token=t0ken", *values]
+    done = _helm_install(kube, CHART, values)
+    assert done.returncode == 1, done.stdout
+    assert named in done.stderr, done.stderr
+    assert kube.created(NAMESPACE) == []
+
+
+@needs_helm_sdk
+def test_ipv6_host_networks_are_cut_out_of_the_ipv6_egress(kube: KubeStandIn) -> None:
+    """Each except lies inside its own ipBlock (the API server refuses an IPv6 network
+    cut out of 0.0.0.0/0), and an IPv6 host's NBD ports are closed like an IPv4 one's."""
+    import ipaddress
+
+    docs = _render_with_helm_sdk(
+        kube, ["token=t0ken", "networkPolicy.hostCIDRs=[10.20.0.0/16,fd00:10::/64]"]
+    )
+    _validate_all(docs)
+    (policy,) = [d for d in docs if d["metadata"]["name"] == "vb-disk-exports-workers-only"]
+    blocks = [p["ipBlock"] for p in policy["spec"]["egress"][0]["to"] if "ipBlock" in p]
+    excepted = set()
+    for block in blocks:
+        outer = ipaddress.ip_network(block["cidr"])
+        for inner in block.get("except", []):
+            network = ipaddress.ip_network(inner)
+            assert network.version == outer.version, (inner, block["cidr"])
+            assert network.subnet_of(outer), (inner, block["cidr"])  # type: ignore[arg-type]
+            excepted.add(inner)
+    assert excepted == {"10.20.0.0/16", "fd00:10::/64"}
