@@ -520,3 +520,27 @@ def test_ipv6_host_networks_are_cut_out_of_the_ipv6_egress(kube: KubeStandIn) ->
             assert network.subnet_of(outer), (inner, block["cidr"])  # type: ignore[arg-type]
             excepted.add(inner)
     assert excepted == {"10.20.0.0/16", "fd00:10::/64"}
+
+
+@needs_helm_sdk
+def test_a_single_replica_does_not_block_a_node_drain(kube: KubeStandIn) -> None:
+    """No PodDisruptionBudget asks for as many available pods as its Deployment has
+    (minAvailable 1 over one gateway would refuse every eviction, for good)."""
+    docs = _render_with_helm_sdk(
+        kube, ["token=t0ken", "replicas.gateway=1", "replicas.jobOrchestrator=1"]
+    )
+    replicas = {
+        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]: d["spec"]["replicas"]
+        for d in docs
+        if d["kind"] == "Deployment"
+    }
+    budgets = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    assert len(budgets) == 4
+    for budget in budgets:
+        labels = budget["spec"]["selector"]["matchLabels"]
+        component = labels.get("app.kubernetes.io/component")
+        if component is None:  # NATS' own: 3 nodes, one may go
+            assert budget["spec"]["maxUnavailable"] == 1
+            continue
+        assert budget["spec"].get("minAvailable", 0) < replicas[component], budget
+        assert budget["spec"].get("maxUnavailable", 1) >= 1, budget
