@@ -544,3 +544,24 @@ def test_a_single_replica_does_not_block_a_node_drain(kube: KubeStandIn) -> None
             continue
         assert budget["spec"].get("minAvailable", 0) < replicas[component], budget
         assert budget["spec"].get("maxUnavailable", 1) >= 1, budget
+
+
+@needs_helm_sdk
+def test_nats_monitoring_port_is_not_open_to_every_namespace(kube: KubeStandIn) -> None:
+    """8222 (/connz: clients' addresses and users; /jsz: streams) to this release's pods
+    and KEDA's namespace only, never an empty namespaceSelector (every pod anywhere)."""
+    docs = _render_with_helm_sdk(kube, VALUE_SETS["everything-on"])
+    _validate_all(docs)
+    (nats,) = [
+        d["spec"]
+        for d in docs
+        if d["metadata"]["name"] == "vb-nats" and d["kind"] == "NetworkPolicy"
+    ]
+    (rule,) = [r for r in nats["ingress"] if {"port": 8222, "protocol": "TCP"} in r["ports"]]
+    peers = rule["from"]
+    assert {"namespaceSelector": {}} not in peers
+    namespaces = [p["namespaceSelector"] for p in peers if "namespaceSelector" in p]
+    assert namespaces == [{"matchLabels": {"kubernetes.io/metadata.name": "keda"}}]
+    for peer in peers:
+        if "podSelector" in peer:
+            assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
