@@ -565,3 +565,90 @@ def test_nats_monitoring_port_is_not_open_to_every_namespace(kube: KubeStandIn) 
     for peer in peers:
         if "podSelector" in peer:
             assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
+
+
+def _routez(port: int) -> set[str]:
+    """The names of the servers a NATS node has routes to (its monitoring port)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/routez", timeout=5) as answer:
+        return {str(r.get("remote_name")) for r in json.load(answer)["routes"]}
+
+
+@needs_helm_sdk
+def test_the_bundled_nats_cluster_refuses_a_route_without_its_login(
+    kube: KubeStandIn, tmp_path: Path
+) -> None:
+    """The rendered NATS configuration, run by a real nats-server (three nodes on
+    loopback addresses; only ports, paths and the nodes' host names changed): the nodes
+    form their cluster, and a server that dials the route port without the routes'
+    login is refused rather than joining (and receiving every message)."""
+    import time
+
+    from virtbackup.runtime.nats_server import nats_server_binary
+    from virtbackup.runtime.ports import free_port
+
+    docs = {
+        (d["kind"], d["metadata"]["name"]): d for d in _render_with_helm_sdk(kube, ["token=t0ken"])
+    }
+    nats_conf = docs["ConfigMap", "vb-nats-config"]["data"]["nats.conf"]
+    auth_conf = docs["ConfigMap", "vb-nats-auth"]["data"]["auth.conf"]
+    cluster_auth = docs["Secret", "vb-nats-routes"]["stringData"]["cluster-auth.conf"]
+    env = {**os.environ, **docs["Secret", "vb-nats"]["stringData"]}
+    route_port = free_port()
+    monitors = [free_port(exclude={route_port}) for _ in range(4)]
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, conf: str, routes: str, monitor: int) -> None:
+        home = tmp_path / name
+        home.mkdir()
+        (home / "nats.conf").write_text(
+            conf.replace("port: 4222", f"port: {free_port(exclude={route_port, *monitors})}")
+            .replace("http_port: 8222", f"http_port: {monitor}")
+            .replace("store_dir: /data", f"store_dir: {home / 'js'}")
+        )
+        (home / "auth.conf").write_text(auth_conf)
+        (home / "cluster-auth.conf").write_text(routes)
+        with (tmp_path / f"{name}.log").open("wb") as log:
+            processes.append(
+                subprocess.Popen(
+                    [nats_server_binary(), "-c", str(home / "nats.conf")],
+                    env={**env, "POD_NAME": name},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+
+    def wait_for(check: Any, what: str) -> None:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if check():
+                    return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+
+    routes = cluster_auth
+    for j in range(3):
+        routes = routes.replace(
+            f"@vb-nats-{j}.vb-nats-headless:6222", f"@127.0.0.{11 + j}:{route_port}"
+        )
+    assert routes.count(f":{route_port}") == 3
+    try:
+        for i in range(3):
+            conf = nats_conf.replace("  port: 6222", f'  listen: "127.0.0.{11 + i}:{route_port}"')
+            start(f"vb-nats-{i}", conf, routes, monitors[i])
+        wait_for(lambda: _routez(monitors[0]) == {"vb-nats-1", "vb-nats-2"}, "no cluster")
+        # A server of the same cluster name, routes to node 0, no login.
+        rogue = nats_conf.replace("  port: 6222", f'  listen: "127.0.0.14:{route_port}"')
+        rogue_routes = f"routes: [nats://127.0.0.11:{route_port}]\n"
+        start("rogue", rogue, rogue_routes, monitors[3])
+        log = tmp_path / "rogue.log"
+        wait_for(lambda: "Authorization Violation" in log.read_text(), "rogue not refused")
+        assert _routez(monitors[0]) == {"vb-nats-1", "vb-nats-2"}
+        assert _routez(monitors[3]) == set()
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=10)
