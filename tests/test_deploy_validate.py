@@ -652,3 +652,15 @@ def test_the_bundled_nats_cluster_refuses_a_route_without_its_login(
             process.terminate()
         for process in processes:
             process.wait(timeout=10)
+
+
+@needs_helm_sdk
+def test_with_keda_the_workers_count_is_left_to_the_scaled_object(kube: KubeStandIn) -> None:
+    """No replicas in the workers' Deployment when KEDA scales it (a helm upgrade would
+    otherwise reset the scaled count); the other services keep theirs."""
+    docs = _render_with_helm_sdk(kube, ["token=t0ken", "autoscaling.keda.enabled=true"])
+    deployments = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Deployment"}
+    assert "replicas" not in deployments["vb-transfer-worker"]
+    assert deployments["vb-gateway"]["replicas"] == 2
+    (scaled,) = [d for d in docs if d["kind"] == "ScaledObject"]
+    assert scaled["spec"]["scaleTargetRef"] == {"name": "vb-transfer-worker"}
