@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from virtbackup.contracts import streams
@@ -55,6 +55,19 @@ class Settings(BaseSettings):
     #: seals every connection again under the current key when it starts).
     vault_key_previous: SecretStr | None = None
     token: SecretStr | None = None
+
+    @field_validator("token", "nats_password", "secret_key", "vault_key")
+    @classmethod
+    def _not_a_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
+        """A secret still set to the ``change-me...`` placeholder of
+        ``deploy/k8s/config.yaml`` is refused at start: a token or NATS password anyone
+        can read in this repository would be let in."""
+        if value is not None and value.get_secret_value().strip().lower().startswith("change-me"):
+            raise ValueError(
+                "still the change-me placeholder of deploy/k8s/config.yaml: set a random value"
+            )
+        return value
+
     agent_host: str | None = None
     agent_port: int = 33551
     hypersdk_host: str = "127.0.0.1"
