@@ -567,6 +567,33 @@ def test_nats_monitoring_port_is_not_open_to_every_namespace(kube: KubeStandIn) 
             assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
 
 
+def test_the_metrics_port_is_open_to_the_namespace_and_named_peers_only(
+    kube: KubeStandIn,
+) -> None:
+    """/metrics has no login: its port took connections from anywhere (an ingress rule
+    without ``from``); now from the release's namespace and ``networkPolicy.metricsFrom``."""
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}
+    for extra, peers in ((False, [{"podSelector": {}}]), (True, [{"podSelector": {}}, monitoring])):
+        values = [*VALUE_SETS["everything-on"]]
+        if extra:
+            # helm-sdkpy's --set takes YAML (block style: the flow style's braces are
+            # Helm's list syntax to _settings).
+            values += [
+                "--set",
+                "networkPolicy.metricsFrom=- namespaceSelector:\n"
+                "    matchLabels: \n      kubernetes.io/metadata.name: mon",
+            ]
+        docs = _render_with_helm_sdk(kube, values)
+        _validate_all(docs)
+        (policy,) = [
+            d["spec"]
+            for d in docs
+            if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "vb-virtbackup-ingress"
+        ]
+        (rule,) = policy["ingress"]
+        assert rule["from"] == peers, rule
+
+
 def _routez(port: int) -> set[str]:
     """The names of the servers a NATS node has routes to (its monitoring port)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/routez", timeout=5) as answer:
