@@ -594,6 +594,40 @@ def test_the_metrics_port_is_open_to_the_namespace_and_named_peers_only(
         assert rule["from"] == peers, rule
 
 
+def test_every_gateway_replica_serves_one_certificate(kube: KubeStandIn) -> None:
+    """Each gateway replica made its own self-signed certificate at start (an emptyDir):
+    two replicas behind one Service showed two, and a pinned CLI was refused by one of
+    them. The chart makes one (or takes the operator's Secret) and mounts it in all."""
+    from cryptography import x509
+
+    for extra, secret in (([], "vb-gateway-tls"), (["gateway.tls.existingSecret=mine"], "mine")):
+        values = [*VALUE_SETS["defaults"]]
+        for one in extra:
+            values += ["--set", one]
+        docs = _render_with_helm_sdk(kube, values)
+        _validate_all(docs)
+        (gateway,) = [
+            d["spec"]["template"]["spec"]
+            for d in docs
+            if d["kind"] == "Deployment" and d["metadata"]["name"] == "vb-gateway"
+        ]
+        (volume,) = [v for v in gateway["volumes"] if v["name"] == "gateway-tls"]
+        assert volume["secret"]["secretName"] == secret
+        env = {e["name"]: e.get("value") for e in gateway["containers"][0]["env"]}
+        assert env["VIRTBACKUP_TLS_CERT_FILE"] == "/etc/virtbackup/gateway-tls/tls.crt"
+        assert env["VIRTBACKUP_TLS_KEY_FILE"] == "/etc/virtbackup/gateway-tls/tls.key"
+        made = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == secret]
+        if secret == "mine":
+            assert made == []  # the operator's own: not made, not overwritten
+            continue
+        (tls,) = made
+        assert tls["type"] == "kubernetes.io/tls"
+        cert = x509.load_pem_x509_certificate(base64.b64decode(tls["data"]["tls.crt"]))
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert f"vb-gateway.{NAMESPACE}.svc" in names.get_values_for_type(x509.DNSName)
+        assert base64.b64decode(tls["data"]["tls.key"]).startswith(b"-----BEGIN")
+
+
 def _routez(port: int) -> set[str]:
     """The names of the servers a NATS node has routes to (its monitoring port)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/routez", timeout=5) as answer:

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
             )
         return value
 
+    #: The agent listener's TLS certificate and key (PEM files), e.g. a Kubernetes TLS
+    #: Secret shared by every gateway replica. Unset: a self-signed pair made at first
+    #: start under ``<data_dir>/tls`` (one per data directory).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     agent_host: str | None = None
     agent_port: int = 33551
     hypersdk_host: str = "127.0.0.1"

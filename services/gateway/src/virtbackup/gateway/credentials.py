@@ -62,7 +62,19 @@ def ensure_token(settings: Settings) -> str:
 
 
 def ensure_certificate(settings: Settings) -> tuple[Path, Path]:
-    """A self-signed certificate for the agent listener: (certificate, key) paths."""
+    """The agent listener's (certificate, key) paths: ``VIRTBACKUP_TLS_CERT_FILE`` and
+    ``VIRTBACKUP_TLS_KEY_FILE`` when given (both, readable: ``SystemExit`` naming the
+    variable otherwise), else a self-signed pair made once in the data directory."""
+    given = {"VIRTBACKUP_TLS_CERT_FILE": settings.tls_cert_file}
+    given["VIRTBACKUP_TLS_KEY_FILE"] = settings.tls_key_file
+    if any(path is not None for path in given.values()):
+        for variable, path in given.items():
+            if path is None:
+                raise SystemExit(f"{variable} is not set: give both the certificate and its key")
+            if not os.access(path, os.R_OK):
+                raise SystemExit(f"{variable}: {path} cannot be read")
+        assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+        return settings.tls_cert_file, settings.tls_key_file
     tls = settings.data_dir / TLS_DIR
     cert_path, key_path = tls / "agent.crt", tls / "agent.key"
     tls.mkdir(mode=0o700, parents=True, exist_ok=True)
