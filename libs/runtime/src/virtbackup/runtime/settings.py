@@ -182,6 +182,11 @@ class Settings(BaseSettings):
     #: The certificate authority of the NBD exports and the workers' client certificate
     #: (``ca/``, ``nbd-client/``; see ``virtbackup.virt.pki``); default ``<data_dir>/pki``.
     pki_dir: Path | None = None
+    #: The user id (and group id, ``uid:gid``; default the same number) that is given the
+    #: workers' ``nbd-client/`` folder (still 0700, its key 0600) when the inventory runs
+    #: as another user than the workers (compose: the inventory is root for the local
+    #: libvirt socket, the workers 10001). Unset: left to the inventory's own user.
+    pki_client_owner: str | None = Field(default=None, pattern=r"^[0-9]{1,9}(:[0-9]{1,9})?$")
     #: Instant access to restore points (a transfer worker's read-only NBD server): the
     #: address it listens on, the host name or address clients are told to dial (its
     #: certificate names it; default: the bind address, or this host's name when binding

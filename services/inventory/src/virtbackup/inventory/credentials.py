@@ -11,6 +11,7 @@ user's own folder); exports then refuse any client without a certificate the CA 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,17 @@ class ExportCredentials:
     client_dir: Path
 
     @classmethod
-    def load(cls, pki_dir: Path) -> ExportCredentials:
-        """The CA and client certificate in ``pki_dir``, made there on first use. Raises
-        OSError or ValueError when the folder cannot be written or read."""
+    def load(cls, pki_dir: Path, client_owner: str | None = None) -> ExportCredentials:
+        """The CA and client certificate in ``pki_dir``, made there on first use; with
+        ``client_owner`` (``uid[:gid]``, ``Settings.pki_client_owner``) the client folder
+        and its files are given to that user, modes unchanged (the workers run as it).
+        Raises OSError or ValueError when the folder cannot be written or read."""
         authority = load_or_create_authority(pki_dir)
         client_dir = ensure_client_credentials(pki_dir, authority)
+        if client_owner is not None:
+            uid, _, gid = client_owner.partition(":")
+            for path in (client_dir, *client_dir.iterdir()):
+                os.chown(path, int(uid), int(gid or uid), follow_symlinks=False)
         return cls(
             authority=authority, client=client_context_from_dir(client_dir), client_dir=client_dir
         )

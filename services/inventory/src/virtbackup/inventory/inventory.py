@@ -65,7 +65,7 @@ class Inventory:
         self.agent_servers: dict[str, str] = {}
         self.timeout = ctx.settings.server_timeout
         #: The CA and client certificate of the NBD exports (made at first start).
-        self.creds = ExportCredentials.load(ctx.settings.nbd_pki_dir)
+        self.creds = ExportCredentials.load(ctx.settings.nbd_pki_dir, ctx.settings.pki_client_owner)
         #: This installation's id, set by :meth:`load_installation`.
         self.installation = ""
         self._vm_locks: dict[tuple[str, str], asyncio.Lock] = {}
