@@ -12,8 +12,9 @@ caller awaits one message's fan-out before it offers the next).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 #: Streams offered a message between two yields to the event loop.
 BATCH = 16
@@ -54,3 +55,13 @@ class Outbox(Generic[M]):
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
             self.full.set()
+
+
+async def stop_tasks(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until each has ended (a hub's feeds, once its last
+    client has left)."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -45,7 +45,7 @@ from litestar.exceptions import WebSocketDisconnect
 from virtbackup.contracts.v1.hypersdk_jobs import job_view
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.gateway.auth import WS_SUBPROTOCOL
-from virtbackup.gateway.fanout import Outbox, offer_in_batches
+from virtbackup.gateway.fanout import Outbox, offer_in_batches, stop_tasks
 from virtbackup.gateway.hypersdk_status import all_jobs, current_status
 from virtbackup.gateway.identity_auth import RECHECK_SECONDS, still_allowed
 from virtbackup.gateway.state import Gateway
@@ -142,11 +142,7 @@ class Hub:
             if self.clients or not self.tasks:
                 return
             tasks, self.tasks = self.tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(tasks)
 
     def broadcast(self, data: bytes) -> None:
         for client in list(self.clients):

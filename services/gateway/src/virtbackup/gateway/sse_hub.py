@@ -31,7 +31,7 @@ from litestar.response import ServerSentEventMessage
 from virtbackup.contracts import subjects
 from virtbackup.contracts.subjects import EventType
 from virtbackup.contracts.v1.jobctl import LogLine
-from virtbackup.gateway.fanout import Outbox, offer_in_batches
+from virtbackup.gateway.fanout import Outbox, offer_in_batches, stop_tasks
 from virtbackup.runtime.bus import Bus
 from virtbackup.runtime.events import EventFeed, StoredEvent
 from virtbackup.runtime.joblog import LogFeed
@@ -134,11 +134,7 @@ class SseHub:
             if self.clients or not self.tasks:
                 return
             tasks, self.tasks = self.tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(tasks)
 
     async def broadcast(self, message: ServerSentEventMessage) -> None:
         """Encode ``message`` once and offer it to every stream, never waiting for one
