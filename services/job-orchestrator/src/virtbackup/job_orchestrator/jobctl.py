@@ -67,7 +67,7 @@ from virtbackup.runtime import joblog
 from virtbackup.runtime.clock import utcnow_iso
 from virtbackup.runtime.commands import Commands
 from virtbackup.runtime.errors import BadRequest, Conflict, NotFound
-from virtbackup.runtime.kv import keys, read_value
+from virtbackup.runtime.kv import keys, read_value, write_if
 from virtbackup.storage.errors import StorageError
 
 jobctl_commands: Commands[JobContext] = Commands()
@@ -539,13 +539,7 @@ async def checks_put(jc: JobContext, req: ChecksPutRequest) -> CheckList:
         merged = current.tests + added
         if len(merged) > 1000:
             raise BadRequest("a job keeps at most 1000 test results - at `$.tests`")
-        body = _encoder.encode(_Checks(tests=merged))
-        try:
-            if revision is None:
-                await files.create(key, body)
-            else:
-                await files.update(key, body, last=revision)
-        except KeyWrongLastSequenceError:
+        if not await write_if(files, key, _encoder.encode(_Checks(tests=merged)), revision):
             continue
         return CheckList(tests=merged)
     raise Conflict(f"job {req.id}'s test results kept changing; try again")

@@ -130,15 +130,7 @@ async def _read_gate(kv: KeyValue, key: str) -> tuple[GateRecord, int | None]:
 
 async def _write_gate(kv: KeyValue, key: str, record: GateRecord, revision: int | None) -> bool:
     """Compare-and-swap; False when someone wrote in between."""
-    value = msgspec.json.encode(record)
-    try:
-        if revision is None:
-            await kv.create(key, value)
-        else:
-            await kv.update(key, value, last=revision)
-    except KeyWrongLastSequenceError:
-        return False
-    return True
+    return await write_if(kv, key, msgspec.json.encode(record), revision)
 
 
 async def _active(jc: JobContext, job_id: str | None, *, missing: bool = False) -> bool:
