@@ -2,6 +2,8 @@
 offsets and sizes aligned to nothing (neither the bitmap's 64 KiB nor the chunk), an
 incremental after each, and every restore point restored bit-identical; then a parent
 chunk missing or damaged in the repository, which the next incremental reads whole.
+The repository is format 2: chunks are framed (one record per MiB), and a chunk read in
+part keeps its parent's records for the MiB its writes did not touch.
 
 A real VM (libvirtd/QEMU) through the agent API, two transfer workers, a filesystem
 destination. The tests in this module build on each other, in order.
@@ -19,6 +21,7 @@ import httpx
 import pytest
 from harness import System, local_config, running_system, same, snapshot, wait_job
 
+from virtbackup.repository.codec import FRAMED, framed_records
 from virtbackup.repository.format import chunk_key
 from virtbackup.repository.repository import Repository
 from virtbackup.storage.filesystem import FilesystemDriver
@@ -115,8 +118,37 @@ async def scattered_writes(conn: Connection, rng: random.Random) -> list[tuple[i
 STATE: dict[str, Any] = {}
 
 
+async def shared_records(repo_dir: Path) -> int:
+    """Every chunk of every point is framed; returns how many records the chunks of each
+    incremental that changed share, byte for byte, with its parent's chunk there."""
+    repo = await Repository.open(FilesystemDriver(repo_dir / "VirtBackup"))
+    try:
+        assert repo.config.format == 2 and repo.framed
+        shared, before = 0, None
+        for point in await repo.restore_points(VM):
+            chunks = (await repo.manifest(point, "vda")).chunks
+            for index, chunk_id in enumerate(chunks):
+                if chunk_id is None:
+                    continue
+                blob = await repo.read_chunk(chunk_id)
+                assert blob[0] == FRAMED, (point.timestamp, index)
+                parent = before[index] if before else None
+                if parent is not None and parent != chunk_id:
+                    old = framed_records(await repo.read_chunk(parent))[1]
+                    new = framed_records(blob)[1]
+                    shared += sum(bytes(a) == bytes(b) for a, b in zip(old, new, strict=True))
+            before = chunks
+        return shared
+    finally:
+        await repo.close()
+
+
 async def test_rounds_of_unaligned_writes_restore_bit_identical(
-    api: httpx.AsyncClient, vm: SmallVm, conn: Connection, tmp_path_factory: pytest.TempPathFactory
+    api: httpx.AsyncClient,
+    vm: SmallVm,
+    conn: Connection,
+    repo_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     rng = random.Random(13)
     for index in range(16):  # content in every chunk: parents that are not zero
@@ -136,6 +168,7 @@ async def test_rounds_of_unaligned_writes_restore_bit_identical(
         snaps.append(snapshot(vm, tmp_path_factory.mktemp(f"round{round_}"))[0])
     listed = await points(api)
     assert len(listed) == ROUNDS + 1
+    assert await shared_records(repo_dir) > 0
     for point, snap in zip(listed, snaps, strict=True):
         await restore(api, point["xmlPath"])
         assert same(vm.disks[0], snap), f"point {point['timestamp']} differs"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from virtbackup.repository.codec import RAW, ZSTD, compress_body, decode_blob
+from virtbackup.repository.codec import FRAMED, RAW, compress_body, compress_framed, decode_blob
 from virtbackup.repository.format import CONFIG_KEY, chunk_key
 from virtbackup.repository.repository import Repository, RepositoryError
 from virtbackup.storage.filesystem import FilesystemDriver
@@ -25,8 +25,8 @@ async def test_the_level_is_recorded_at_creation_and_used_for_every_blob(tmp_pat
     chunk_id = repo.chunk_id(TEXT)
     await repo.store_chunk(chunk_id, repo.encode_chunk(chunk_id, TEXT))
     blob = (tmp_path / chunk_key(chunk_id)).read_bytes()
-    assert blob == compress_body(TEXT, -3) != compress_body(TEXT, 1)
-    assert blob[0] == ZSTD
+    assert blob == compress_framed(TEXT, -3) != compress_framed(TEXT, 1)
+    assert blob[0] == FRAMED
     # Opened again (another process), with another level asked for: the recorded one.
     again = await Repository.open_or_create(FilesystemDriver(tmp_path), compression_level=5)
     assert again.compression_level == -3
@@ -37,7 +37,7 @@ async def test_a_new_repository_compresses_at_level_1_by_default(tmp_path: Path)
     repo = await Repository.open_or_create(FilesystemDriver(tmp_path))
     assert repo.compression_level == 1
     assert json.loads((tmp_path / CONFIG_KEY).read_bytes())["compressionLevel"] == 1
-    assert repo.encode_chunk("0" * 64, TEXT) == compress_body(TEXT, 1)
+    assert repo.encode_chunk("0" * 64, TEXT) == compress_framed(TEXT, 1)
 
 
 async def test_blobs_of_every_level_decode_in_any_repository(tmp_path: Path) -> None:

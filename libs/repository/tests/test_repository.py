@@ -64,11 +64,12 @@ async def test_chunks_are_content_addressed_compressed_and_verified(tmp_path: Pa
     assert stored < len(data) // 10  # zstd
     assert await repo.load_chunk(chunk_id) == data
 
-    # Incompressible data is stored as is (plus one codec byte).
+    # Incompressible data is stored as is: one framed record (the blob's 10 bytes of
+    # header and record table, and the record's codec byte).
     noise = os.urandom(1 << 20)
     noise_id = repo.chunk_id(noise)
     await repo.store_chunk(noise_id, repo.encode_chunk(noise_id, noise))
-    assert (tmp_path / chunk_key(noise_id)).stat().st_size == len(noise) + 1
+    assert (tmp_path / chunk_key(noise_id)).stat().st_size == len(noise) + 11
 
     # A flipped byte on disk is found.
     path = tmp_path / chunk_key(noise_id)

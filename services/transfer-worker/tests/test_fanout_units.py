@@ -18,7 +18,8 @@ import pytest
 
 from virtbackup.contracts.v1.work import ChunkRef, TransferUnit
 from virtbackup.nbd import NbdClient
-from virtbackup.repository.codec import ZSTD, compress_body
+from virtbackup.repository.codec import ZSTD, compress_body, compress_framed
+from virtbackup.repository.format import CONFIG_KEY
 from virtbackup.repository.repository import Repository
 from virtbackup.runtime.ports import free_port
 from virtbackup.storage.errors import StorageError
@@ -245,7 +246,31 @@ async def test_each_repository_gets_its_own_compression_level(
             continue
         data = await fast.load_chunk(ref.id)
         assert await dense.load_chunk(ref.id) == data
-        assert await fast.read_chunk(ref.id) == compress_body(data, -5)
-        assert await dense.read_chunk(ref.id) == compress_body(data, 9)
-        compressed += (await fast.read_chunk(ref.id))[0] == ZSTD
+        assert await fast.read_chunk(ref.id) == compress_framed(data, -5)
+        assert await dense.read_chunk(ref.id) == compress_framed(data, 9)
+        compressed += (await fast.read_chunk(ref.id))[10] == ZSTD  # its one record's codec
     assert compressed == 3  # 0, 1 and 3; the random chunks 5 and 6 are stored as they are
+
+
+async def test_a_format_1_and_a_format_2_repository_each_get_their_encoding(
+    export: tuple[Path, str], tmp_path: Path
+) -> None:
+    """One read into a repository of format 1 (one zstd frame per chunk, as it always
+    was) and one of format 2 (framed): the same ids, each blob as its repository writes."""
+    _, url = export
+    framed = await Repository.open_or_create(FilesystemDriver(tmp_path / "a"), chunk_size=CHUNK)
+    await Repository.open_or_create(FilesystemDriver(tmp_path / "b"), chunk_size=CHUNK)
+    config = msgspec.json.decode((tmp_path / "b" / CONFIG_KEY).read_bytes())
+    (tmp_path / "b" / CONFIG_KEY).write_bytes(msgspec.json.encode({**config, "format": 1}))
+    single = await Repository.open(FilesystemDriver(tmp_path / "b"))
+    assert framed.framed and not single.framed
+    async with await NbdClient.connect_uri(url) as nbd:
+        result = await backup_unit(_unit(url, ["b"]), framed, nbd, _uctx(), [("b", single)])
+    by_dest = {d.destination_id: d for d in result.destinations}
+    assert by_dest["a"].chunks == by_dest["b"].chunks
+    stored = [ref.id for ref in by_dest["a"].chunks if ref.id is not None]
+    assert stored
+    for chunk_id in stored:
+        data = await framed.load_chunk(chunk_id)
+        assert await framed.read_chunk(chunk_id) == compress_framed(data, 1)
+        assert await single.read_chunk(chunk_id) == compress_body(data, 1)

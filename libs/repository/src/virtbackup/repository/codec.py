@@ -1,6 +1,8 @@
 """Blobs: how a chunk, a manifest or the domain XML is stored.
 
-A blob is one codec byte then the payload: ``0`` stored as is, ``1`` zstd. In an
+A blob is one codec byte then the payload: ``0`` stored as is, ``1`` zstd, ``2`` framed
+(a chunk as one record per MiB of its plaintext, each stored as is or as one zstd frame:
+:func:`compress_framed`; repositories of format 2). In an
 encrypted repository the whole (codec byte + payload) is sealed with the data key,
 the object's identity (chunk id or key) as associated data. Compression is kept only
 when it saves space. The codec releases the GIL (zstd, AEAD), so blobs are encoded on
@@ -13,7 +15,9 @@ made it, so readers decode every repository's blobs alike.
 
 from __future__ import annotations
 
+import struct
 import threading
+from collections.abc import Container, Sequence
 from typing import Final
 
 import zstandard
@@ -23,6 +27,16 @@ from virtbackup.repository.format import DEFAULT_COMPRESSION_LEVEL
 
 RAW: Final = 0
 ZSTD: Final = 1
+#: A chunk as records of ``FRAME_SIZE`` bytes of plaintext each (the last may be
+#: shorter): ``2 || log2(frame size) (u8) || n (u32 LE) || n x record length (u32 LE)
+#: || records``, each record one codec byte (``RAW`` or ``ZSTD``) then its payload.
+FRAMED: Final = 2
+#: Plaintext bytes per record of a framed blob (1 MiB): a chunk read in part keeps its
+#: parent's records for the MiB it did not read and compresses only the others.
+FRAME_SIZE: Final = 1 << 20
+_FRAMED_HEAD: Final = struct.Struct("<BBI")
+#: Records per blob at most (a 64 MiB chunk of 1 MiB frames has 64).
+_MAX_FRAMES: Final = 1 << 16
 #: The default level: about 1.5x the speed of level 3 for 5-10% more bytes, and the
 #: fastest whose bytes stay within the peer's on the benchmark (``bench/stages.py``,
 #: ``--only codecs``).
@@ -74,11 +88,120 @@ def encode_blob(
     return sealer.seal(body, aad) if sealer else body
 
 
+def compress_record(data: bytes | bytearray | memoryview, level: int) -> bytes:
+    """One record of a framed blob: codec byte + payload, zstd at ``level`` when smaller."""
+    compressed = _compressor(level).compress(data)
+    if len(compressed) < len(data):
+        return bytes([ZSTD]) + compressed
+    return bytes([RAW]) + data
+
+
+def compress_framed(
+    data: bytes | bytearray | memoryview,
+    level: int = ZSTD_LEVEL,
+    parent: Sequence[bytes | memoryview] = (),
+    keep: Container[int] = (),
+) -> bytes:
+    """The unsealed framed blob of ``data`` (codec ``FRAMED``): one record per
+    ``FRAME_SIZE`` bytes, each zstd at ``level`` when smaller, else as is.
+
+    ``parent`` and ``keep``: the records of a chunk of the same length whose plaintext
+    equals ``data`` in the frames whose indices are in ``keep`` (:func:`framed_records`
+    of a blob checked against its id): those records are copied as they are, not
+    compressed again. The caller vouches for that equality; the result is a blob of
+    ``data`` only if it holds. ``ValueError`` when ``parent`` has not one record per
+    frame of ``data``.
+    """
+    view = memoryview(data)
+    count = -(-len(view) // FRAME_SIZE)
+    if keep and len(parent) != count:
+        raise ValueError(f"parent has {len(parent)} records, the chunk {count} frames")
+    records = [
+        parent[i]
+        if i in keep
+        else compress_record(view[i * FRAME_SIZE : (i + 1) * FRAME_SIZE], level)
+        for i in range(count)
+    ]
+    head = _FRAMED_HEAD.pack(FRAMED, FRAME_SIZE.bit_length() - 1, count)
+    lengths = struct.pack(f"<{count}I", *(len(r) for r in records))
+    return b"".join([head, lengths, *records])
+
+
+def framed_records(body: bytes | memoryview) -> tuple[int, list[memoryview]]:
+    """``(frame size, records)`` of an unsealed framed body (codec ``FRAMED``), each
+    record a view of ``body`` (codec byte + payload). ``BlobError`` when the header is
+    malformed or the record lengths do not add up to the body's length."""
+    view = memoryview(body)
+    if len(view) < _FRAMED_HEAD.size or view[0] != FRAMED:
+        raise BlobError("not a framed blob")
+    _, shift, count = _FRAMED_HEAD.unpack_from(view)
+    if not 12 <= shift <= 26 or count > _MAX_FRAMES:
+        raise BlobError(f"framed blob: bad header (frame 2^{shift} bytes, {count} records)")
+    start = _FRAMED_HEAD.size + 4 * count
+    if len(view) < start:
+        raise BlobError("framed blob: truncated record table")
+    lengths = struct.unpack_from(f"<{count}I", view, _FRAMED_HEAD.size)
+    if start + sum(lengths) != len(view) or 0 in lengths:
+        raise BlobError("framed blob: record lengths do not add up to the blob")
+    records = []
+    for length in lengths:
+        records.append(view[start : start + length])
+        start += length
+    return 1 << shift, records
+
+
+def _decode_record(record: memoryview, out: memoryview, last: bool) -> int:
+    """Decode one record into ``out`` (its frame's place, ``frame size`` bytes or less for
+    the last): the bytes written; ``BlobError`` unless it fills ``out`` (any length from 1
+    for the last record)."""
+    codec, payload = record[0], record[1:]
+    if codec == RAW:
+        size = len(payload)
+        if size > len(out):
+            raise BlobError(f"record of {size} bytes, more than a frame ({len(out)})")
+        out[:size] = payload
+    elif codec == ZSTD:
+        size = 0
+        try:
+            with _decompressor().stream_reader(payload, read_across_frames=False) as reader:
+                while size < len(out):
+                    got = reader.readinto(out[size:])
+                    if not got:
+                        break
+                    size += got
+                if size == len(out) and reader.read(1):
+                    raise BlobError(f"record longer than a frame ({len(out)} bytes)")
+        except zstandard.ZstdError as exc:
+            raise BlobError(f"corrupt zstd record: {exc}") from None
+    else:
+        raise BlobError(f"unknown record codec {codec}")
+    if size == 0 or (size < len(out) and not last):
+        raise BlobError(f"record of {size} bytes in a frame of {len(out)}")
+    return size
+
+
+def _decode_framed_into(body: bytes | memoryview, out: memoryview) -> int:
+    frame, records = framed_records(body)
+    size = 0
+    for index, record in enumerate(records):
+        slot = out[size : size + frame]
+        if not slot:
+            raise BlobError(f"plaintext longer than {len(out)} bytes")
+        size += _decode_record(record, slot, last=index == len(records) - 1)
+    return size
+
+
 def decode_blob(blob: bytes, sealer: Sealer | None, aad: bytes, size_hint: int = 0) -> bytes:
     body = sealer.open(blob, aad) if sealer else blob
     if not body:
         raise BlobError("empty blob")
     codec, payload = body[0], memoryview(body)[1:]
+    if codec == FRAMED:
+        frame, records = framed_records(body)
+        out = bytearray(frame * len(records))
+        size = _decode_framed_into(body, memoryview(out))
+        del out[size:]
+        return bytes(out)
     if codec == RAW:
         return bytes(payload)
     if codec == ZSTD:
@@ -99,6 +222,8 @@ def decode_blob_into(blob: bytes, sealer: Sealer | None, aad: bytes, out: bytear
         raise BlobError("empty blob")
     codec, payload = body[0], memoryview(body)[1:]
     view = memoryview(out)
+    if codec == FRAMED:
+        return _decode_framed_into(body, view)
     if codec == RAW:
         if len(payload) > len(view):
             raise BlobError(f"plaintext of {len(payload)} bytes, more than {len(view)}")

@@ -28,7 +28,15 @@ import msgspec
 
 from virtbackup.storage.keys import MAX_SEGMENT_BYTES
 
-FORMAT_VERSION: Final = 1
+#: The newest repository format this code reads and writes, and that of new
+#: repositories. Format 1 stores a chunk as one zstd frame (or as it is); format 2 as one
+#: record per MiB (``codec.FRAMED``), which format-1 readers would take for damaged. A
+#: reader refuses a format above this one (``Repository.open``).
+FORMAT_VERSION: Final = 2
+#: The oldest format this code still reads and writes (as it is: chunks in one frame).
+MIN_FORMAT_VERSION: Final = 1
+#: The first format whose chunks are framed (``codec.compress_framed``).
+FRAMED_FORMAT: Final = 2
 DEFAULT_CHUNK_SIZE: Final = 4 << 20
 #: zstd level of a new repository's chunks (``compressionLevel``). Level 1 is the only
 #: one whose stored bytes stay within the peer's (``virtnbdbackup -z``) on the benchmark's

@@ -32,15 +32,27 @@ import blake3
 import msgspec
 
 from virtbackup.repository import crypto
-from virtbackup.repository.codec import BlobError, decode_blob, decode_blob_into, encode_blob
+from virtbackup.repository.codec import (
+    FRAME_SIZE,
+    FRAMED,
+    BlobError,
+    compress_body,
+    compress_framed,
+    decode_blob,
+    decode_blob_into,
+    encode_blob,
+    framed_records,
+)
 from virtbackup.repository.format import (
     CHUNKS_PREFIX,
     CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_COMPRESSION_LEVEL,
     FORMAT_VERSION,
+    FRAMED_FORMAT,
     MAX_COMPRESSION_LEVEL,
     MIN_COMPRESSION_LEVEL,
+    MIN_FORMAT_VERSION,
     POINTS_PREFIX,
     Encryption,
     KdfParams,
@@ -121,7 +133,9 @@ class Repository:
         cls, driver: Driver, passphrase: str | None = None, *, locked: bool = False
     ) -> Repository:
         """Open the repository on ``driver``. ``NoRepositoryError`` if there is none,
-        ``RepositoryError`` if its ``repository.json`` is unreadable or of another format.
+        ``RepositoryError`` if its ``repository.json`` is unreadable or of a format this
+        code does not know (one newer than ``FORMAT_VERSION``: written by a newer
+        VirtBackup, whose chunks this one could misread).
 
         ``locked`` opens an encrypted repository without its key: restore points can be
         listed (``backup.json`` is plaintext), nothing encrypted can be read.
@@ -134,7 +148,13 @@ class Repository:
             config = msgspec.json.decode(raw, type=RepositoryConfig)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise RepositoryError(f"its {CONFIG_KEY} is unreadable ({exc})") from None
-        if config.format != FORMAT_VERSION:
+        if config.format > FORMAT_VERSION:
+            raise RepositoryError(
+                f"repository format {config.format} is newer than this version of"
+                f" VirtBackup reads (formats {MIN_FORMAT_VERSION}-{FORMAT_VERSION}):"
+                " upgrade VirtBackup to use this repository"
+            )
+        if config.format < MIN_FORMAT_VERSION:
             raise RepositoryError(f"unsupported repository format {config.format}")
         if locked:
             return cls(driver, config, None)
@@ -205,6 +225,25 @@ class Repository:
         """The zstd level this repository compresses with (``compressionLevel``)."""
         return self.config.compression_level
 
+    @property
+    def framed(self) -> bool:
+        """Whether chunks written here are framed (one record per MiB: format 2 and
+        later) rather than one zstd frame (format 1). Readers decode both."""
+        return self.config.format >= FRAMED_FORMAT
+
+    async def upgrade_format(self) -> bool:
+        """Raise this repository's format to ``FORMAT_VERSION`` (rewrites
+        ``repository.json``; every other field stays): from then on chunks are written
+        framed, and VirtBackup versions that read only format 1 refuse to open it.
+        Chunks already stored stay as they are (readers decode both encodings). Returns
+        whether it changed anything. Idempotent; storage errors propagate."""
+        if self.config.format >= FORMAT_VERSION:
+            return False
+        config = msgspec.structs.replace(self.config, format=FORMAT_VERSION)
+        await self.driver.put(CONFIG_KEY, msgspec.json.encode(config))
+        self.config = config
+        return True
+
     # -- chunks -----------------------------------------------------------------------
 
     def chunk_id(self, data: bytes | bytearray | memoryview) -> str:
@@ -214,17 +253,35 @@ class Repository:
         return blake3.blake3(data, max_threads=1).hexdigest()
 
     def encode_chunk(self, chunk_id: str, data: bytes | bytearray | memoryview) -> bytes:
-        """The blob to store for a plaintext chunk (compressed, sealed when encrypted).
+        """The blob to store for a plaintext chunk (:meth:`chunk_body`, sealed when
+        encrypted).
 
         CPU-bound and thread-safe: workers call it on a thread pool.
         """
-        return encode_blob(data, self.sealer, chunk_id.encode(), self.compression_level)
+        return self.seal_chunk(chunk_id, self.chunk_body(data))
+
+    def chunk_body(
+        self,
+        data: bytes | bytearray | memoryview,
+        parent: list[memoryview] | None = None,
+        keep: frozenset[int] = frozenset(),
+    ) -> bytes:
+        """The unsealed blob of a plaintext chunk as this repository writes it: framed
+        (``codec.compress_framed``, format 2) or one zstd frame (``codec.compress_body``,
+        format 1), at its ``compression_level``. ``parent`` and ``keep`` (framed only):
+        the records of a parent chunk (:meth:`decode_chunk_records_into`) to copy for
+        the frames in ``keep``, whose plaintext the caller knows equal to ``data``'s.
+        Thread-safe."""
+        if not self.framed:
+            return compress_body(data, self.compression_level)
+        if parent is None:
+            return compress_framed(data, self.compression_level)
+        return compress_framed(data, self.compression_level, parent, keep)
 
     def seal_chunk(self, chunk_id: str, body: bytes) -> bytes:
-        """The blob to store for a chunk given its unsealed body (``codec.compress_body``
-        of its plaintext at this repository's ``compression_level``): ``encode_chunk``
-        without the compression, for a chunk stored in several repositories.
-        Thread-safe."""
+        """The blob to store for a chunk given its unsealed body (:meth:`chunk_body`, or
+        any codec's body of its plaintext): ``encode_chunk`` without the compression,
+        for a chunk stored in several repositories. Thread-safe."""
         return self.sealer.seal(body, chunk_id.encode()) if self.sealer else body
 
     @property
@@ -283,6 +340,28 @@ class Repository:
         if verify and self.chunk_id(memoryview(out)[:size]) != chunk_id:
             raise CorruptChunkError(chunk_id, "content does not match its hash")
         return size
+
+    def decode_chunk_records_into(
+        self, chunk_id: str, blob: bytes, out: bytearray
+    ) -> tuple[int, list[memoryview] | None]:
+        """:meth:`decode_chunk_into` (always verified), also returning the blob's records
+        when it is framed with ``codec.FRAME_SIZE`` frames (else ``None``): each record
+        then provably decodes to its MiB of the checked plaintext, so a chunk that
+        shares that MiB may copy the record (:meth:`chunk_body`) instead of compressing
+        it again. ``CorruptChunkError`` as :meth:`decode_chunk_into`. Thread-safe."""
+        aad = chunk_id.encode()
+        try:
+            body = self.sealer.open(blob, aad) if self.sealer else blob
+            size = decode_blob_into(body, None, aad, out)
+            records = None
+            if body[:1] == bytes([FRAMED]):
+                frame, found = framed_records(body)
+                records = found if frame == FRAME_SIZE else None
+        except (BlobError, crypto.CryptoError) as exc:
+            raise CorruptChunkError(chunk_id, str(exc)) from None
+        if self.chunk_id(memoryview(out)[:size]) != chunk_id:
+            raise CorruptChunkError(chunk_id, "content does not match its hash")
+        return size, records
 
     async def quarantine_chunk(self, chunk_id: str) -> bool:
         """Move a chunk that is proven damaged out of the way, to ``quarantine_key``

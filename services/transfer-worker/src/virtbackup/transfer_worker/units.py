@@ -5,7 +5,9 @@ A chunk of an incremental backup may come read in part (``TransferUnit.partial``
 dirty ranges are read from the export while its parent chunk is read from the
 repository and checked against its id, and the chunk is the parent with the ranges laid
 over it. A missing or damaged parent makes it a whole read instead: the chunk stored is
-the one a whole read gives, whatever the repository holds.
+the one a whole read gives, whatever the repository holds. When the parent's blob is
+framed (one record per MiB, repository format 2), the chunk's blob copies the parent's
+records of the MiB no dirty range touches and compresses only the others.
 
 CPU work (zero detection, hashing, compression, encryption, decompression) runs on a
 thread pool: BLAKE3, zstd and the AEADs release the GIL, so one worker uses every core
@@ -31,7 +33,7 @@ from virtbackup.contracts.v1.work import (
     UnitResult,
 )
 from virtbackup.nbd import NbdClient
-from virtbackup.repository.codec import compress_body
+from virtbackup.repository.codec import FRAME_SIZE
 from virtbackup.repository.repository import CorruptChunkError, Repository, RepositoryError
 from virtbackup.storage.errors import NotFoundError, StorageError
 from virtbackup.storage.retry import retry
@@ -234,11 +236,43 @@ async def _read_ranges(
             raise result
 
 
-async def parent_chunk(repo: Repository, uctx: UnitContext, chunk_id: str, out: bytearray) -> bool:
+@dataclass(frozen=True)
+class ParentFrames:
+    """A parent chunk's framed records (``Repository.decode_chunk_records_into``) and the
+    frames (indices, of ``codec.FRAME_SIZE`` bytes) that no dirty range of the chunk read
+    in part touches: their records decode to the chunk's bytes there."""
+
+    records: list[memoryview]
+    keep: frozenset[int]
+
+
+@dataclass(frozen=True)
+class InPart:
+    """What :func:`read_in_part` did: ``read`` bytes from the export (``None``: the
+    parent could not be used and the chunk was read whole), and the parent's records the
+    chunk may copy (``None``: the parent is not framed, is all zero, or was not used)."""
+
+    read: int | None
+    frames: ParentFrames | None = None
+
+
+def clean_frames(ranges: list[tuple[int, int]], length: int) -> frozenset[int]:
+    """The indices of the ``FRAME_SIZE`` frames of a chunk of ``length`` bytes that no
+    range of ``ranges`` (``(start, length)``) overlaps."""
+    count = -(-length // FRAME_SIZE)
+    dirty: set[int] = set()
+    for start, n in ranges:
+        dirty.update(range(start // FRAME_SIZE, (start + n - 1) // FRAME_SIZE + 1))
+    return frozenset(range(count)) - dirty
+
+
+async def parent_chunk(
+    repo: Repository, uctx: UnitContext, chunk_id: str, out: bytearray
+) -> tuple[bool, list[memoryview] | None]:
     """Decode a parent chunk into ``out`` (a buffer of the worker's pool, as long as the
-    chunk must be), checked against its id; ``False`` (logged) when it is missing,
-    damaged or not ``len(out)`` bytes long. Other storage errors (after the retries of
-    transient ones) are raised.
+    chunk must be), checked against its id: ``(True, its framed records or None)``;
+    ``(False, None)`` (logged) when it is missing, damaged or not ``len(out)`` bytes
+    long. Other storage errors (after the retries of transient ones) are raised.
 
     Decoded into a pooled buffer rather than a fresh one: a fresh 4 MiB plaintext per
     chunk read in part was allocated on whichever pool thread decoded it, and freed
@@ -246,10 +280,10 @@ async def parent_chunk(repo: Repository, uctx: UnitContext, chunk_id: str, out: 
     grew by ~50 MiB in an incremental)."""
     try:
         blob = await retry(lambda: repo.read_chunk(chunk_id))
-        size = await uctx.cpu(repo.decode_chunk_into, chunk_id, blob, out)
+        size, records = await uctx.cpu(repo.decode_chunk_records_into, chunk_id, blob, out)
     except (NotFoundError, CorruptChunkError, ValueError) as exc:
         log.warning("parent chunk %s cannot be used (%s): reading the chunk whole", chunk_id, exc)
-        return False
+        return False, None
     if size != len(out):
         log.warning(
             "parent chunk %s is %d bytes, expected %d: reading the chunk whole",
@@ -257,8 +291,8 @@ async def parent_chunk(repo: Repository, uctx: UnitContext, chunk_id: str, out: 
             size,
             len(out),
         )
-        return False
-    return True
+        return False, None
+    return True, records
 
 
 async def read_in_part(
@@ -268,11 +302,12 @@ async def read_in_part(
     repo: Repository,
     nbd: NbdClient,
     uctx: UnitContext,
-) -> int | None:
+) -> InPart:
     """Fill ``buf`` with the chunk at ``offset`` as the export holds it now: the dirty
     ranges of ``part`` from the export, the rest from the parent chunk, both read at once.
     Returns the bytes read from the export, or ``None`` when the parent chunk could not
-    be used and the chunk was read whole instead (``len(buf)`` bytes).
+    be used and the chunk was read whole instead (``len(buf)`` bytes), and the parent's
+    framed records with the frames the chunk shares with it (:class:`InPart`).
 
     ValueError for ranges that are not within the chunk (a bad unit)."""
     check_ranges(part.ranges, len(buf))
@@ -280,23 +315,27 @@ async def read_in_part(
     if part.parent is None:  # the parent's chunk is all zero
         await _read_ranges(nbd, offset, view, part.ranges)
         await uctx.cpu(_fill_gaps, view, None, part.ranges)
-        return sum(n for _, n in part.ranges)
+        return InPart(sum(n for _, n in part.ranges))
     # A parent longer than the chunk does not fit: it fails to decode (not usable).
     parent = uctx.buffers.take(len(buf))
     fetch = asyncio.ensure_future(parent_chunk(repo, uctx, part.parent, parent))
     try:
         await _read_ranges(nbd, offset, view, part.ranges)
-        usable = await fetch
+        usable, records = await fetch
     except BaseException:
         fetch.cancel()
         raise  # ``parent`` is not given back: a pool thread may still decode into it
     if not usable:
         uctx.buffers.give(parent)
         await nbd.readinto(offset, buf)
-        return None
+        return InPart(None)
     await uctx.cpu(_fill_gaps, view, parent, part.ranges)
     uctx.buffers.give(parent)
-    return sum(n for _, n in part.ranges)
+    frames = None
+    if records is not None:
+        keep = clean_frames(part.ranges, len(buf))
+        frames = ParentFrames(records, keep) if keep else None
+    return InPart(sum(n for _, n in part.ranges), frames)
 
 
 @dataclass
@@ -313,15 +352,19 @@ class _Target:
 
 
 class SharedChunk:
-    """One chunk being stored in several repositories: its id per ``id_key`` and its
-    compressed body per compression level, each computed once (on the worker's threads)
-    when first needed."""
+    """One chunk being stored in several repositories (or read in part from a framed
+    parent): its id per ``id_key`` and its compressed body per encoding and compression
+    level, each computed once (on the worker's threads) when first needed. ``frames``:
+    the parent's records a framed body copies instead of compressing those MiB again."""
 
-    def __init__(self, uctx: UnitContext, buf: bytearray) -> None:
+    def __init__(
+        self, uctx: UnitContext, buf: bytearray, frames: ParentFrames | None = None
+    ) -> None:
         self.uctx = uctx
         self.buf = buf
+        self.frames = frames
         self._ids: dict[bytes, asyncio.Future[str | None]] = {}
-        self._bodies: dict[int, asyncio.Future[bytes]] = {}
+        self._bodies: dict[tuple[bool, int], asyncio.Future[bytes]] = {}
 
     async def chunk_id(self, repo: Repository) -> str | None:
         """The chunk's id in ``repo`` (``None``: all zero)."""
@@ -331,12 +374,20 @@ class SharedChunk:
             self._ids[repo.id_key] = found
         return await asyncio.shield(found)
 
-    async def body(self, level: int) -> bytes:
-        """The unsealed blob at zstd ``level`` (``codec.compress_body``)."""
-        found = self._bodies.get(level)
+    async def body(self, repo: Repository) -> bytes:
+        """The unsealed blob as ``repo`` writes it (``Repository.chunk_body``: framed or
+        not, at its level), shared with every repository that writes alike."""
+        key = (repo.framed, repo.compression_level)
+        found = self._bodies.get(key)
         if found is None:
-            found = asyncio.ensure_future(self.uctx.cpu(compress_body, self.buf, level))
-            self._bodies[level] = found
+            if repo.framed and self.frames is not None:
+                work = self.uctx.cpu(
+                    repo.chunk_body, self.buf, self.frames.records, self.frames.keep
+                )
+            else:
+                work = self.uctx.cpu(repo.chunk_body, self.buf)
+            found = asyncio.ensure_future(work)
+            self._bodies[key] = found
         return await asyncio.shield(found)
 
 
@@ -379,7 +430,7 @@ async def store_in(
             BYTES_DEDUPLICATED.inc(len(buf))
         else:
             if shared is not None:
-                body = await shared.body(repo.compression_level)
+                body = await shared.body(repo)
                 blob = await uctx.cpu(repo.seal_chunk, chunk_id, body) if repo.sealer else body
             else:
                 blob = await uctx.cpu(repo.encode_chunk, chunk_id, buf)
@@ -428,27 +479,29 @@ async def backup_unit(
         async with uctx.budget.hold(held):
             buf = uctx.buffers.take(length)
             try:
-                await read(offset, buf, part)
+                frames = await read(offset, buf, part)
                 live = [t for t in targets if not t.error]
-                if len(live) == 1:
+                if len(live) == 1 and frames is None:
                     await store(live[0], index, buf, None)
                 else:  # hashed once per id key, compressed once, stored at once
-                    shared = SharedChunk(uctx, buf)
+                    shared = SharedChunk(uctx, buf, frames)
                     await asyncio.gather(*(store(t, index, buf, shared) for t in live))
             finally:
                 uctx.buffers.give(buf)
 
-    async def read(offset: int, buf: bytearray, part: PartialChunk | None) -> None:
+    async def read(offset: int, buf: bytearray, part: PartialChunk | None) -> ParentFrames | None:
         if part is None:
             await nbd.readinto(offset, buf)
             counters["read"] += len(buf)
-            return
-        read = await read_in_part(part, offset, buf, repo, nbd, uctx)
+            return None
+        done = await read_in_part(part, offset, buf, repo, nbd, uctx)
         counters["partial"] += 1
+        read = done.read
         if read is None:
             counters["fallback"] += 1
             read = len(buf)
         counters["read"] += read
+        return done.frames
 
     async def store(
         target: _Target, index: int, buf: bytearray, shared: SharedChunk | None
