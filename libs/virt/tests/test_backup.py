@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import pwd
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -209,6 +210,43 @@ async def test_a_socket_directory_of_its_own_is_qemus_and_goes_with_the_job(
     # A scratch directory too long a path for a socket in it is told apart.
     assert socket_path_fits("/var/lib/libvirt/images/virtbackup-scratch", uuid)
     assert not socket_path_fits("/var/lib/libvirt/images/" + "s" * 30, uuid)
+
+
+async def test_ending_a_job_polls_for_its_end_quickly_then_backs_off(
+    conn: Connection, vm: SmallVm, vm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An aborted backup job is gone a few ms after ``abortJob``: the end waits for it in
+    pauses that start at 2 ms and double up to 100 ms (a fixed 100 ms pause was a third
+    of a 0-byte incremental's time). The job is made to look alive for three more polls
+    than libvirt says, so that the pauses are always seen."""
+    from virtbackup.virt import backup as backup_module
+
+    pauses: list[float] = []
+    real_sleep, real_running = asyncio.sleep, backup_module.backup_running
+    polls = 0
+
+    async def recording_sleep(delay: float) -> None:
+        if sys._getframe(1).f_code.co_name == "wait_job_gone":
+            pauses.append(delay)
+        await real_sleep(delay)
+
+    async def running_longer(conn: Connection, name: str) -> bool:
+        nonlocal polls
+        polls += 1
+        return polls <= 4 or await real_running(conn, name)
+
+    job = await begin_backup(conn, vm.name, server=tcp(), scratch_dir=str(vm_dir), checkpoint=None)
+    monkeypatch.setattr(asyncio, "sleep", recording_sleep)
+    monkeypatch.setattr(backup_module, "backup_running", running_longer)
+    try:
+        await end_backup(conn, job)
+    finally:
+        monkeypatch.undo()
+    assert await current_backup(conn, vm.name) is None
+    first, most = backup_module.JOB_GONE_POLL_FIRST, backup_module.JOB_GONE_POLL_MAX
+    assert len(pauses) >= 3
+    assert pauses == [min(first * 2**i, most) for i in range(len(pauses))]
+    assert first <= 0.005 and most <= 0.1
 
 
 async def test_deleted_checkpoint_is_a_broken_chain(conn: Connection, vm: SmallVm) -> None:
