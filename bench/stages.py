@@ -28,10 +28,10 @@ Stages (``--only`` takes these group names):
   memory on the benchmark's workload (``bench/run.py``: the 4 GiB disk's layout, its 200
   scattered 1 MiB writes, 64 KiB granules, chunks of ``--chunk-size``): per chunk,
   decode and check the parent, fill the gaps, hash, then compress the whole chunk (one
-  zstd frame, as stored now) or, for a blob of one zstd frame per MiB (measured, not
-  adopted: ``bench/README.md``), only its dirty MiB, copying the parent's frames for
-  the others; CPU seconds of one thread, and the bytes each stores, for the
-  incremental and for the full backup before it.
+  zstd frame, format 1) or, framed (format 2: one record per 256 KiB), only its dirty
+  frames, copying the parent's records for the others; CPU seconds of one thread, and
+  the bytes each stores, for the incremental and for the full backup before it. The
+  peer's two rounds of writes come first, as in ``bench/run.py``.
 
 CPU stages run each measurement ``--runs`` times for ``--seconds`` after a warm-up of
 ``--warmup`` seconds, on one thread and on a pool of ``--threads`` threads (default
@@ -75,12 +75,20 @@ if __package__ in (None, ""):
 from bench import content
 from virtbackup.nbd import NbdClient, NbdPool
 from virtbackup.repository import crypto
-from virtbackup.repository.codec import compress_body, decode_blob, decode_blob_into, encode_blob
+from virtbackup.repository.codec import (
+    FRAME_SIZE,
+    compress_body,
+    compress_framed,
+    decode_blob,
+    decode_blob_into,
+    encode_blob,
+    framed_records,
+)
 from virtbackup.repository.format import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, chunk_key
 from virtbackup.repository.repository import Repository
 from virtbackup.runtime.ports import free_port
 from virtbackup.storage.filesystem import FilesystemDriver
-from virtbackup.transfer_worker.units import CHUNKS_IN_FLIGHT, ZeroCheck
+from virtbackup.transfer_worker.units import CHUNKS_IN_FLIGHT, ZeroCheck, clean_frames
 
 T = TypeVar("T")
 
@@ -740,10 +748,44 @@ class _PartChunk:
     ranges: list[tuple[int, int]]
 
 
+#: The guest writes' content seeds before VirtBackup's full backup in one repetition of
+#: ``bench/run.py`` (virtnbdbackup's incremental, then virtnbdbackup ``-z``'s, at the same
+#: offsets), and of the writes before VirtBackup's incremental (2 workers, repetition 0).
+PEER_WRITE_SEEDS: Final = (1, 2)
+VB_WRITE_SEED: Final = 12
+
+
+def _write_into(
+    state: dict[int, bytearray], offsets: Sequence[int], chunk: int, content_seed: int
+) -> None:
+    """``peer.guest_writes`` replayed on the disk's chunks (absent: all zero)."""
+    from bench import peer
+
+    kinds: tuple[content.Kind, ...] = ("text", "binary", "random")
+    per_kind = (len(offsets) // len(kinds) + 1) * peer.WRITE_SIZE
+    readers = {
+        k: content.Reader(
+            content.stream(k, per_kind, seed=content_seed, skip=content_seed * per_kind)
+        )
+        for k in kinds
+    }
+    for number, offset in enumerate(offsets):
+        data = b"".join(readers[kinds[number % len(kinds)]].take(peer.WRITE_SIZE))
+        for index in range(offset // chunk, (offset + len(data) - 1) // chunk + 1):
+            buf = state.get(index)
+            if buf is None:
+                buf = state[index] = bytearray(chunk)
+            lo, hi = max(offset, index * chunk), min(offset + len(data), (index + 1) * chunk)
+            buf[lo - index * chunk : hi - index * chunk] = data[lo - offset : hi - offset]
+
+
 def _bench_chunks(chunk: int) -> tuple[list[bytes], list[_PartChunk]]:
-    """The benchmark VM's non-zero chunks (the full backup's) and the chunks its scattered
-    writes touch (parent, child, dirty ranges rounded to the bitmap's granules): the
-    layout and writes of ``bench/run.py`` (seed 0; content seed 1 for the writes)."""
+    """The benchmark VM's non-zero chunks at VirtBackup's full backup and the chunks its
+    scattered writes then touch (parent, child, dirty ranges rounded to the bitmap's
+    granules), as one repetition of ``bench/run.py`` makes them (seed 0): the layout, the
+    peer's two rounds of writes (:data:`PEER_WRITE_SEEDS`), then VirtBackup's
+    (:data:`VB_WRITE_SEED`), all at the same offsets. Every chunk the writes touch has
+    data by VirtBackup's incremental: the peer's rounds wrote there first."""
     from bench import peer  # libvirt's module: imported for this group only
 
     offsets = peer.write_offsets(BENCH_DISK, BENCH_WRITES, peer.WRITE_SIZE, seed=0)
@@ -754,7 +796,7 @@ def _bench_chunks(chunk: int) -> tuple[list[bytes], list[_PartChunk]]:
         for index in range(start // chunk, (end - 1) // chunk + 1):
             lo, hi = max(start, index * chunk), min(end, (index + 1) * chunk)
             dirty.setdefault(index, []).append((lo - index * chunk, hi - lo))
-    chunks: dict[int, bytes] = {}
+    state: dict[int, bytearray] = {}
     by_kind: dict[content.Kind, list[content.Segment]] = {}
     for seg in content.mixed_layout(BENCH_DISK, BENCH_CONTENT, seed=0):
         by_kind.setdefault(seg.kind, []).append(seg)
@@ -765,26 +807,18 @@ def _bench_chunks(chunk: int) -> tuple[list[bytes], list[_PartChunk]]:
         for seg in segs:
             disk = bytearray(b"".join(reader.take(seg.length)))
             for pos in range(0, seg.length, chunk):
-                piece = bytes(disk[pos : pos + chunk])
                 if kind != "zero":
-                    chunks[(seg.offset + pos) // chunk] = piece
-    kinds: tuple[content.Kind, ...] = ("text", "binary", "random")
-    per_kind = (len(offsets) // len(kinds) + 1) * peer.WRITE_SIZE
-    readers = {k: content.Reader(content.stream(k, per_kind, seed=1, skip=per_kind)) for k in kinds}
-    written: dict[int, bytearray] = {}
-    for number, offset in enumerate(offsets):
-        data = b"".join(readers[kinds[number % len(kinds)]].take(peer.WRITE_SIZE))
-        for index in range(offset // chunk, (offset + len(data) - 1) // chunk + 1):
-            buf = written.get(index)
-            if buf is None:
-                buf = written[index] = bytearray(chunks.get(index, bytes(chunk)))
-            lo, hi = max(offset, index * chunk), min(offset + len(data), (index + 1) * chunk)
-            buf[lo - index * chunk : hi - index * chunk] = data[lo - offset : hi - offset]
+                    state[(seg.offset + pos) // chunk] = disk[pos : pos + chunk]
+    for seed in PEER_WRITE_SEEDS:
+        _write_into(state, offsets, chunk, seed)
+    full = [bytes(state[i]) for i in sorted(state)]
+    parents = {i: bytes(state[i]) if i in state else None for i in dirty}
+    _write_into(state, offsets, chunk, VB_WRITE_SEED)
     parts = [
-        _PartChunk(chunks.get(index), bytes(written[index]), _merged(dirty[index]))
-        for index in sorted(written)
+        _PartChunk(parents[index], bytes(state[index]), _merged(dirty[index]))
+        for index in sorted(dirty)
     ]
-    return [chunks[i] for i in sorted(chunks)], parts
+    return [c for c in full if c != bytes(len(c))], parts
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -798,43 +832,6 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-#: Plaintext bytes per frame of the framed blob the ``partial`` group measures.
-FRAME: Final = 1 << 20
-#: A framed blob's header (codec, frame size, count) and table: 6 bytes + 4 per frame.
-FRAMED_HEAD: Final = 6
-
-
-def _keep(ranges: list[tuple[int, int]], length: int) -> frozenset[int]:
-    """The frames of a chunk of ``length`` bytes that no range touches."""
-    dirty = {f for s, n in ranges for f in range(s // FRAME, (s + n - 1) // FRAME + 1)}
-    return frozenset(range(-(-length // FRAME))) - dirty
-
-
-def _framed(
-    data: bytes | memoryview, parent: list[bytes] | None = None, keep: frozenset[int] = frozenset()
-) -> list[bytes]:
-    """The frames of a framed blob: one record per MiB (codec byte + zstd 1, or the bytes
-    as they are when zstd does not shrink them), ``parent``'s for the frames in ``keep``."""
-    view = memoryview(data)
-    return [
-        parent[i] if parent is not None and i in keep else compress_body(view[o : o + FRAME], 1)
-        for i, o in enumerate(range(0, len(view), FRAME))
-    ]
-
-
-def _unframe(records: list[bytes], out: bytearray) -> None:
-    dec = zstandard.ZstdDecompressor()
-    for index, record in enumerate(records):
-        place = memoryview(out)[index * FRAME : (index + 1) * FRAME]
-        if record[0] == 0:
-            place[: len(record) - 1] = memoryview(record)[1:]
-        else:
-            with dec.stream_reader(memoryview(record)[1:]) as reader:
-                got = 0
-                while got < len(place) and (n := reader.readinto(place[got:])):
-                    got += n
-
-
 @dataclass
 class _Cost:
     steps: dict[str, float]
@@ -845,10 +842,16 @@ _STEPS: Final = ("decode parent", "verify parent", "fill gaps", "hash", "compres
 
 
 def _partial_cpu(parts: list[_PartChunk], framed: bool) -> list[_Cost]:
-    """One thread's CPU seconds per step for each of ``parts`` as the worker does it, and
-    the bytes its blob takes."""
-    blobs: list[bytes | list[bytes]] = [
-        b"" if p.parent is None else _framed(p.parent) if framed else compress_body(p.parent, 1)
+    """One thread's CPU seconds per step for each of ``parts`` as the worker does it
+    (``codec.compress_framed`` with the parent's records for the frames no dirty range
+    touches, as ``units.read_in_part`` gives them, or ``codec.compress_body`` of the
+    whole chunk, as a format-1 repository does), and the bytes its blob takes."""
+    blobs = [
+        b""
+        if p.parent is None
+        else compress_framed(p.parent, 1)
+        if framed
+        else compress_body(p.parent, 1)
         for p in parts
     ]
     out = bytearray(max(len(p.child) for p in parts))
@@ -859,10 +862,7 @@ def _partial_cpu(parts: list[_PartChunk], framed: bool) -> list[_Cost]:
         view = memoryview(out)[:length]
         t0 = time.thread_time()
         if part.parent is not None:
-            if isinstance(blob, list):
-                _unframe(blob, parent)
-            else:
-                decode_blob_into(blob, None, b"", parent)
+            decode_blob_into(blob, None, b"", parent)
             t1 = time.thread_time()
             blake3.blake3(memoryview(parent)[:length], max_threads=1).digest()
             t2 = time.thread_time()
@@ -873,9 +873,11 @@ def _partial_cpu(parts: list[_PartChunk], framed: bool) -> list[_Cost]:
         blake3.blake3(view, max_threads=1).digest()
         t4 = time.thread_time()
         if framed:
-            old = blob if isinstance(blob, list) else None
-            records = _framed(view, old, _keep(part.ranges, length))
-            stored = FRAMED_HEAD + sum(4 + len(r) for r in records)
+            if part.parent is not None:
+                _, records = framed_records(blob)
+                stored = len(compress_framed(view, 1, records, clean_frames(part.ranges, length)))
+            else:
+                stored = len(compress_framed(view, 1))
         else:
             stored = len(compress_body(view, 1))
         t5 = time.thread_time()
@@ -885,22 +887,27 @@ def _partial_cpu(parts: list[_PartChunk], framed: bool) -> list[_Cost]:
 
 
 def bench_partial(cfg: Config, report: Report) -> None:
-    """The incremental's chunks read in part, one frame against framed, interleaved runs."""
+    """The incremental's chunks read in part, one frame (format 1) against framed
+    (format 2, ``codec.FRAME_SIZE`` frames), interleaved runs."""
     full, parts = _bench_chunks(cfg.chunk_size)
     with_parent = [i for i, p in enumerate(parts) if p.parent is not None]
-    frames = sum(len(_keep(parts[i].ranges, len(parts[i].child))) for i in with_parent)
-    total = sum(-(-len(parts[i].child) // FRAME) for i in with_parent)
+    frames = sum(len(clean_frames(parts[i].ranges, len(parts[i].child))) for i in with_parent)
+    total = sum(-(-len(parts[i].child) // FRAME_SIZE) for i in with_parent)
+    kib = FRAME_SIZE >> 10
     _say(
         f"partial: {len(parts)} chunks touched, {len(with_parent)} with a parent that is not"
-        f" all zero; framed, {frames} of their {total} MiB would be copied from the parent"
+        f" all zero; framed, {frames} of their {total} frames of {kib} KiB are copied from"
+        " the parent"
     )
     runs: dict[bool, list[list[_Cost]]] = {False: [], True: []}
     for _ in range(cfg.runs):
         for framed in (False, True):
             runs[framed].append(_partial_cpu(parts, framed))
     for subset, chosen in (("all", range(len(parts))), ("with a parent", with_parent)):
+        if not chosen:
+            continue
         for framed in (False, True):
-            name = "framed (1 MiB frames)" if framed else "one frame (now)"
+            name = f"framed ({kib} KiB)" if framed else "one frame (format 1)"
             med = {
                 step: statistics.median(
                     sum(run[i].steps[step] for i in chosen) for run in runs[framed]
@@ -915,7 +922,7 @@ def bench_partial(cfg: Config, report: Report) -> None:
             )
             _say(report.notes[-1])
     one = sum(len(compress_body(c, 1)) for c in full)
-    framed_size = sum(FRAMED_HEAD + sum(4 + len(r) for r in _framed(c)) for c in full)
+    framed_size = sum(len(compress_framed(c, 1)) for c in full)
     report.notes.append(
         f"full backup before it ({len(full)} chunks): stored {one / MB:.1f} MB in one frame,"
         f" {framed_size / MB:.1f} MB framed"

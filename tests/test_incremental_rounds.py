@@ -2,8 +2,8 @@
 offsets and sizes aligned to nothing (neither the bitmap's 64 KiB nor the chunk), an
 incremental after each, and every restore point restored bit-identical; then a parent
 chunk missing or damaged in the repository, which the next incremental reads whole.
-The repository is format 2: chunks are framed (one record per MiB), and a chunk read in
-part keeps its parent's records for the MiB its writes did not touch.
+The repository is format 2: chunks are framed (one record per 256 KiB), and a chunk read
+in part keeps its parent's records for the frames its writes did not touch.
 
 A real VM (libvirtd/QEMU) through the agent API, two transfer workers, a filesystem
 destination. The tests in this module build on each other, in order.

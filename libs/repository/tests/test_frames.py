@@ -1,7 +1,7 @@
-"""Framed chunk blobs (repository format 2): one record per MiB of the chunk, so that a
-chunk read in part can copy its parent's records for the MiB it did not change. The
-chunk id stays the hash of the plaintext, format-1 repositories keep writing one zstd
-frame, and a repository of a newer format is refused by name."""
+"""Framed chunk blobs (repository format 2): one record per ``FRAME_SIZE`` (256 KiB) of
+the chunk, so that a chunk read in part can copy its parent's records for the frames it
+did not change. The chunk id stays the hash of the plaintext, format-1 repositories
+keep writing one zstd frame, and a repository of a newer format is refused by name."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from virtbackup.repository.format import CONFIG_KEY, FORMAT_VERSION, chunk_key
 from virtbackup.repository.repository import CorruptChunkError, Repository, RepositoryError
 from virtbackup.storage.filesystem import FilesystemDriver
 
-MiB = FRAME_SIZE
-CHUNK = 4 * MiB
+FRAME = FRAME_SIZE
+CHUNK = 4 * FRAME
 
 
 def _mixed(size: int, seed: int = 0) -> bytes:
@@ -55,20 +55,30 @@ def _mixed(size: int, seed: int = 0) -> bytes:
     return b"".join(parts)
 
 
-#: Every MiB boundary of a 4 MiB chunk, a byte either side, and the last chunk of a disk
-#: that is not a multiple of 1 MiB (2 MiB + 12345 bytes), down to one byte.
-SIZES = [1, 4096, MiB - 1, MiB, MiB + 1, 2 * MiB - 1, 2 * MiB, 2 * MiB + 12345, 3 * MiB]
-SIZES += [3 * MiB + 1, CHUNK - 1, CHUNK]
+#: Every frame boundary of a chunk of 4 frames, a byte either side, and the last chunk of
+#: a disk that is not a multiple of a frame (2 frames + 12345 bytes), down to one byte.
+SIZES = [
+    1,
+    4096,
+    FRAME - 1,
+    FRAME,
+    FRAME + 1,
+    2 * FRAME - 1,
+    2 * FRAME,
+    2 * FRAME + 12345,
+    3 * FRAME,
+]
+SIZES += [3 * FRAME + 1, CHUNK - 1, CHUNK]
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_framed_blobs_round_trip_at_every_mib_boundary(size: int) -> None:
+def test_framed_blobs_round_trip_at_every_frame_boundary(size: int) -> None:
     data = _mixed(size, seed=size)
     body = compress_framed(data, 1)
     assert body[0] == FRAMED
     frame, records = framed_records(body)
-    assert frame == MiB
-    assert len(records) == -(-size // MiB)
+    assert frame == FRAME
+    assert len(records) == -(-size // FRAME)
     assert decode_blob(body, None, b"") == data
     out = bytearray(CHUNK)
     assert decode_blob_into(body, None, b"", out) == size
@@ -82,8 +92,8 @@ def test_framed_blobs_round_trip_at_every_mib_boundary(size: int) -> None:
 
 
 def test_each_mib_is_compressed_alone_or_stored_as_is() -> None:
-    text = b"".join(b"text %d\n" % i for i in range(200_000))[:MiB]
-    noise = os.urandom(MiB)
+    text = b"".join(b"text %d\n" % i for i in range(200_000))[:FRAME]
+    noise = os.urandom(FRAME)
     records = framed_records(compress_framed(text + noise + text[:1000], 1))[1]
     assert [r[0] for r in records] == [ZSTD, RAW, ZSTD]
     assert bytes(records[1][1:]) == noise
@@ -95,8 +105,8 @@ def test_a_chunk_copies_its_parents_records_for_the_mib_it_shares(dirty: list[in
     parent = _mixed(CHUNK, seed=1)
     _, records = framed_records(compress_framed(parent, 1))
     child = bytearray(parent)
-    for index in dirty:  # a write that straddles nothing: inside its MiB
-        child[index * MiB + 10 : index * MiB + 5000] = os.urandom(4990)
+    for index in dirty:  # a write that straddles nothing: inside its frame
+        child[index * FRAME + 10 : index * FRAME + 5000] = os.urandom(4990)
     keep = frozenset(range(4)) - set(dirty)
     body = compress_framed(child, 1, records, keep)
     assert decode_blob(body, None, b"") == child
@@ -107,9 +117,9 @@ def test_a_chunk_copies_its_parents_records_for_the_mib_it_shares(dirty: list[in
 
 
 def test_a_parent_of_another_length_is_refused() -> None:
-    _, records = framed_records(compress_framed(_mixed(2 * MiB), 1))
+    _, records = framed_records(compress_framed(_mixed(2 * FRAME), 1))
     with pytest.raises(ValueError, match="records"):
-        compress_framed(_mixed(3 * MiB), 1, records, frozenset({0}))
+        compress_framed(_mixed(3 * FRAME), 1, records, frozenset({0}))
 
 
 @pytest.mark.parametrize(
@@ -120,7 +130,7 @@ async def test_a_damaged_frame_is_found_and_quarantined(tmp_path: Path, damage: 
     repo = await Repository.open_or_create(FilesystemDriver(tmp_path), chunk_size=CHUNK)
     assert repo.framed
     data = bytearray(_mixed(CHUNK, seed=3))
-    data[MiB : 2 * MiB] = os.urandom(MiB)  # frame 1 stored as is
+    data[FRAME : 2 * FRAME] = os.urandom(FRAME)  # frame 1 stored as is
     chunk_id = repo.chunk_id(data)
     await repo.store_chunk(chunk_id, repo.encode_chunk(chunk_id, data))
     path = tmp_path / chunk_key(chunk_id)
@@ -193,7 +203,7 @@ async def test_a_new_repository_is_format_2_and_an_old_one_keeps_format_1(tmp_pa
     (old_root / CONFIG_KEY).write_text(json.dumps(config))
     old = await Repository.open(FilesystemDriver(old_root))
     assert not old.framed
-    data = _mixed(3 * MiB + 7, seed=5)
+    data = _mixed(3 * FRAME + 7, seed=5)
     chunk_id = old.chunk_id(data)
     assert chunk_id == new.chunk_id(data)  # the id is the plaintext's, whatever the encoding
     await old.store_chunk(chunk_id, old.encode_chunk(chunk_id, data))
@@ -209,7 +219,7 @@ async def test_a_new_repository_is_format_2_and_an_old_one_keeps_format_1(tmp_pa
     again = await Repository.open(FilesystemDriver(old_root))
     assert again.framed and again.compression_level == old.compression_level
     assert await again.load_chunk(chunk_id) == data
-    other = _mixed(MiB, seed=6)
+    other = _mixed(FRAME, seed=6)
     other_id = again.chunk_id(other)
     await again.store_chunk(other_id, again.encode_chunk(other_id, other))
     assert (old_root / chunk_key(other_id)).read_bytes()[0] == FRAMED

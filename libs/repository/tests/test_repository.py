@@ -9,8 +9,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from virtbackup.repository.codec import FRAME_SIZE
 from virtbackup.repository.format import (
     CONFIG_KEY,
+    FORMAT_VERSION,
     chunk_key,
     manifest_key,
     parse_xml_key,
@@ -64,12 +66,13 @@ async def test_chunks_are_content_addressed_compressed_and_verified(tmp_path: Pa
     assert stored < len(data) // 10  # zstd
     assert await repo.load_chunk(chunk_id) == data
 
-    # Incompressible data is stored as is: one framed record (the blob's 10 bytes of
-    # header and record table, and the record's codec byte).
+    # Incompressible data is stored as is, one framed record per frame: the blob's 6
+    # bytes of header, then per record 4 bytes of record table and a codec byte.
     noise = os.urandom(1 << 20)
     noise_id = repo.chunk_id(noise)
     await repo.store_chunk(noise_id, repo.encode_chunk(noise_id, noise))
-    assert (tmp_path / chunk_key(noise_id)).stat().st_size == len(noise) + 11
+    records = -(-len(noise) // FRAME_SIZE)
+    assert (tmp_path / chunk_key(noise_id)).stat().st_size == len(noise) + 6 + 5 * records
 
     # A flipped byte on disk is found.
     path = tmp_path / chunk_key(noise_id)
@@ -268,20 +271,20 @@ def test_a_state_file_mode_is_four_octal_digits() -> None:
         msgspec.json.decode(good.replace(b"0711", b"0o711"), type=StateFileRecord)
 
 
-@pytest.mark.parametrize("version", [2, 99])
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 99])
 async def test_a_repository_of_a_newer_format_is_refused_and_left_alone(
     tmp_path: Path, version: int
 ) -> None:
-    """A newer format may store chunks this version would misread (one zstd frame per MiB
-    would decode as its first MiB only): opening it fails by name, before any chunk is
-    read, and ``open_or_create`` does not replace its ``repository.json``."""
+    """A newer format may store chunks this version would misread (format 1 readers took
+    a framed chunk for damaged): opening it fails by name, before any chunk is read, and
+    ``open_or_create`` does not replace its ``repository.json``."""
     await Repository.open_or_create(FilesystemDriver(tmp_path))
     config = json.loads((tmp_path / CONFIG_KEY).read_bytes())
-    assert config["format"] == 1
+    assert config["format"] == FORMAT_VERSION
     config["format"] = version
     (tmp_path / CONFIG_KEY).write_text(json.dumps(config))
-    with pytest.raises(RepositoryError, match=f"unsupported repository format {version}"):
+    with pytest.raises(RepositoryError, match=f"repository format {version} is newer"):
         await Repository.open(FilesystemDriver(tmp_path))
-    with pytest.raises(RepositoryError, match=f"unsupported repository format {version}"):
+    with pytest.raises(RepositoryError, match=f"repository format {version} is newer"):
         await Repository.open_or_create(FilesystemDriver(tmp_path))
     assert json.loads((tmp_path / CONFIG_KEY).read_bytes())["format"] == version

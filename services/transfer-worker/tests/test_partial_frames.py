@@ -1,5 +1,5 @@
 """A chunk read in part from a framed parent (repository format 2) copies the parent's
-records for the MiB no dirty range touches and compresses only the others; a parent in
+records for the frames (256 KiB) no dirty range touches and compresses only the others; a parent in
 one zstd frame (format 1, or a repository upgraded since) is compressed whole as before.
 Against a real qemu-nbd and a filesystem repository."""
 
@@ -24,16 +24,16 @@ from virtbackup.storage.filesystem import FilesystemDriver
 from virtbackup.transfer_worker.budget import ByteBudget
 from virtbackup.transfer_worker.units import UnitContext, backup_unit, clean_frames
 
-MiB = FRAME_SIZE
-CHUNK = 4 * MiB
-#: Two whole chunks and a last one of 2 MiB + 12345 bytes (three frames, the last short).
-SIZE = 2 * CHUNK + 2 * MiB + 12345
+FRAME = FRAME_SIZE
+CHUNK = 4 * FRAME
+#: Two whole chunks and a last one of 2 frames + 12345 bytes (three frames, the last short).
+SIZE = 2 * CHUNK + 2 * FRAME + 12345
 COUNT = 3
 
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[str]:
-    """A writable raw export: text in every MiB (compressible, so records differ by level)."""
+    """A writable raw export: text in every frame (compressible, so records differ by level)."""
     image = tmp_path / "disk.raw"
     rng = random.Random(5)
     lines = b"".join(
@@ -81,10 +81,10 @@ async def _backup(nbd: NbdClient, repo: Repository, unit: TransferUnit) -> UnitR
 
 def test_clean_frames_are_those_no_range_touches() -> None:
     assert clean_frames([(0, 1)], CHUNK) == {1, 2, 3}
-    assert clean_frames([(MiB - 1, 2)], CHUNK) == {2, 3}  # straddles a boundary
-    assert clean_frames([(MiB, MiB)], CHUNK) == {0, 2, 3}  # exactly frame 1
-    assert clean_frames([(10, 5), (3 * MiB, 1)], CHUNK) == {1, 2}
-    assert clean_frames([(2 * MiB + 12344, 1)], 2 * MiB + 12345) == {0, 1}
+    assert clean_frames([(FRAME - 1, 2)], CHUNK) == {2, 3}  # straddles a boundary
+    assert clean_frames([(FRAME, FRAME)], CHUNK) == {0, 2, 3}  # exactly frame 1
+    assert clean_frames([(10, 5), (3 * FRAME, 1)], CHUNK) == {1, 2}
+    assert clean_frames([(2 * FRAME + 12344, 1)], 2 * FRAME + 12345) == {0, 1}
     assert clean_frames([(0, CHUNK)], CHUNK) == frozenset()
 
 
@@ -108,7 +108,11 @@ async def test_a_chunk_read_in_part_copies_its_parents_clean_records(
                     chunk_id, repo.seal_chunk(chunk_id, compress_framed(data, 19))
                 )
                 parents.append(chunk_id)
-            writes = {0: [(MiB - 100, 200)], 1: [(3 * MiB + 5, 10)], 2: [(2 * MiB + 12000, 345)]}
+            writes = {
+                0: [(FRAME - 100, 200)],
+                1: [(3 * FRAME + 5, 10)],
+                2: [(2 * FRAME + 12000, 345)],
+            }
             for index, ranges in writes.items():
                 for start, n in ranges:
                     await nbd.write(index * CHUNK + start, b"\xee" * n)
@@ -133,7 +137,7 @@ async def test_a_chunk_read_in_part_copies_its_parents_clean_records(
                 assert records is not None and before is not None
                 keep = clean_frames(writes[ref.index], length)
                 for frame, record in enumerate(records):
-                    piece = now[frame * MiB : (frame + 1) * MiB]
+                    piece = now[frame * FRAME : (frame + 1) * FRAME]
                     if frame in keep:  # copied: the parent's level-19 record
                         assert bytes(record) == bytes(before[frame])
                     else:  # compressed again, at the repository's level

@@ -1,7 +1,7 @@
 """Blobs: how a chunk, a manifest or the domain XML is stored.
 
 A blob is one codec byte then the payload: ``0`` stored as is, ``1`` zstd, ``2`` framed
-(a chunk as one record per MiB of its plaintext, each stored as is or as one zstd frame:
+(a chunk as one record per 256 KiB of its plaintext, each stored as is or as one zstd frame:
 :func:`compress_framed`; repositories of format 2). In an
 encrypted repository the whole (codec byte + payload) is sealed with the data key,
 the object's identity (chunk id or key) as associated data. Compression is kept only
@@ -32,10 +32,14 @@ ZSTD: Final = 1
 #: || records``, each record one codec byte (``RAW`` or ``ZSTD``) then its payload.
 FRAMED: Final = 2
 #: Plaintext bytes per record of a framed blob (1 MiB): a chunk read in part keeps its
-#: parent's records for the MiB it did not read and compresses only the others.
-FRAME_SIZE: Final = 1 << 20
+#: parent's records for the frames it did not read and compresses only the others. A
+#: 1 MiB write at an offset aligned to nothing touches 5 frames of 256 KiB (1.25 MiB
+#: compressed again) against 2 of 1 MiB (2 MiB) or the whole 4 MiB chunk; on the
+#: benchmark's text and binaries zstd 1 stores within +-2% of one frame per 4 MiB, at
+#: the same CPU per byte (``bench/README.md``, "Framed chunks").
+FRAME_SIZE: Final = 1 << 18
 _FRAMED_HEAD: Final = struct.Struct("<BBI")
-#: Records per blob at most (a 64 MiB chunk of 1 MiB frames has 64).
+#: Records per blob at most (a 64 MiB chunk of 256 KiB frames has 256).
 _MAX_FRAMES: Final = 1 << 16
 #: The default level: about 1.5x the speed of level 3 for 5-10% more bytes, and the
 #: fastest whose bytes stay within the peer's on the benchmark (``bench/stages.py``,
@@ -158,7 +162,7 @@ def _decode_record(record: memoryview, out: memoryview, last: bool) -> int:
     if codec == RAW:
         size = len(payload)
         if size > len(out):
-            raise BlobError(f"record of {size} bytes, more than a frame ({len(out)})")
+            raise BlobError(f"record of {size} bytes, longer than its frame ({len(out)})")
         out[:size] = payload
     elif codec == ZSTD:
         size = 0

@@ -30,7 +30,7 @@ from virtbackup.storage.keys import MAX_SEGMENT_BYTES
 
 #: The newest repository format this code reads and writes, and that of new
 #: repositories. Format 1 stores a chunk as one zstd frame (or as it is); format 2 as one
-#: record per MiB (``codec.FRAMED``), which format-1 readers would take for damaged. A
+#: record per 256 KiB (``codec.FRAMED``), which format-1 readers would take for damaged. A
 #: reader refuses a format above this one (``Repository.open``).
 FORMAT_VERSION: Final = 2
 #: The oldest format this code still reads and writes (as it is: chunks in one frame).

@@ -227,7 +227,7 @@ class Repository:
 
     @property
     def framed(self) -> bool:
-        """Whether chunks written here are framed (one record per MiB: format 2 and
+        """Whether chunks written here are framed (one record per ``codec.FRAME_SIZE``: format 2 and
         later) rather than one zstd frame (format 1). Readers decode both."""
         return self.config.format >= FRAMED_FORMAT
 
@@ -346,8 +346,8 @@ class Repository:
     ) -> tuple[int, list[memoryview] | None]:
         """:meth:`decode_chunk_into` (always verified), also returning the blob's records
         when it is framed with ``codec.FRAME_SIZE`` frames (else ``None``): each record
-        then provably decodes to its MiB of the checked plaintext, so a chunk that
-        shares that MiB may copy the record (:meth:`chunk_body`) instead of compressing
+        then provably decodes to its frame of the checked plaintext, so a chunk that
+        shares that frame may copy the record (:meth:`chunk_body`) instead of compressing
         it again. ``CorruptChunkError`` as :meth:`decode_chunk_into`. Thread-safe."""
         aad = chunk_id.encode()
         try:

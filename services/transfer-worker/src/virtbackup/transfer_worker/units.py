@@ -6,8 +6,8 @@ dirty ranges are read from the export while its parent chunk is read from the
 repository and checked against its id, and the chunk is the parent with the ranges laid
 over it. A missing or damaged parent makes it a whole read instead: the chunk stored is
 the one a whole read gives, whatever the repository holds. When the parent's blob is
-framed (one record per MiB, repository format 2), the chunk's blob copies the parent's
-records of the MiB no dirty range touches and compresses only the others.
+framed (one record per 256 KiB, repository format 2), the chunk's blob copies the
+parent's records of the frames no dirty range touches and compresses only the others.
 
 CPU work (zero detection, hashing, compression, encryption, decompression) runs on a
 thread pool: BLAKE3, zstd and the AEADs release the GIL, so one worker uses every core
