@@ -239,3 +239,19 @@ async def test_a_repository_of_a_newer_format_is_refused_by_name(tmp_path: Path)
     (tmp_path / CONFIG_KEY).write_text(json.dumps(config))
     with pytest.raises(RepositoryError, match="unsupported repository format 0"):
         await Repository.open(FilesystemDriver(tmp_path))
+
+
+async def test_a_framed_blob_claiming_more_than_a_chunk_is_damaged_not_allocated(
+    tmp_path: Path,
+) -> None:
+    """4,096 records of 64 MiB (256 GiB of plaintext) in a blob of 20 KiB: the chunk is
+    damaged, said so before its plaintext is allocated (it was a MemoryError, or 256 GiB
+    of zeros written, before ``decode_blob`` was bounded by the chunk size)."""
+    repo = await Repository.open_or_create(FilesystemDriver(tmp_path))
+    count = 4096
+    head = struct.pack("<BBI", FRAMED, 26, count)
+    blob = head + struct.pack(f"<{count}I", *([1] * count)) + bytes(count)  # RAW, empty
+    with pytest.raises(CorruptChunkError, match="longer than 4194304 bytes"):
+        repo.decode_chunk("0" * 64, blob)
+    with pytest.raises(BlobError, match="longer than 67108864 bytes"):
+        decode_blob(blob, None, b"")

@@ -41,6 +41,10 @@ FRAME_SIZE: Final = 1 << 18
 _FRAMED_HEAD: Final = struct.Struct("<BBI")
 #: Records per blob at most (a 64 MiB chunk of 256 KiB frames has 256).
 _MAX_FRAMES: Final = 1 << 16
+#: The longest plaintext :func:`decode_blob` makes of a framed blob when its caller gives
+#: no ``size_hint`` (a chunk's is its repository's chunk size): a blob of a few hundred
+#: KiB can claim 65,536 records of 64 MiB, and the output is allocated before decoding.
+_MAX_FRAMED_PLAINTEXT: Final = 64 << 20
 #: The default level: about 1.5x the speed of level 3 for 5-10% more bytes, and the
 #: fastest whose bytes stay within the peer's on the benchmark (``bench/stages.py``,
 #: ``--only codecs``).
@@ -196,13 +200,24 @@ def _decode_framed_into(body: bytes | memoryview, out: memoryview) -> int:
 
 
 def decode_blob(blob: bytes, sealer: Sealer | None, aad: bytes, size_hint: int = 0) -> bytes:
+    """The plaintext of ``blob`` (opened with ``sealer`` and ``aad`` when given).
+    ``size_hint``: the most bytes the plaintext may have (a chunk's: its repository's
+    chunk size; 0: unknown). ``BlobError`` for a blob that does not decode, or a framed
+    one whose records claim more than ``size_hint`` (64 MiB without it) before anything
+    is allocated for them."""
     body = sealer.open(blob, aad) if sealer else blob
     if not body:
         raise BlobError("empty blob")
     codec, payload = body[0], memoryview(body)[1:]
     if codec == FRAMED:
         frame, records = framed_records(body)
-        out = bytearray(frame * len(records))
+        limit = size_hint or _MAX_FRAMED_PLAINTEXT
+        if frame * (len(records) - 1) >= limit:
+            raise BlobError(
+                f"framed blob of {len(records)} records of {frame} bytes is longer than"
+                f" {limit} bytes"
+            )
+        out = bytearray(min(frame * len(records), limit))
         size = _decode_framed_into(body, memoryview(out))
         del out[size:]
         return bytes(out)

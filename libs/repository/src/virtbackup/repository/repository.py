@@ -320,7 +320,7 @@ class Repository:
         false. ``CorruptChunkError`` for a blob that does not decode (truncated, altered,
         wrong key) or whose content does not hash to ``chunk_id``. Thread-safe."""
         try:
-            data = decode_blob(blob, self.sealer, chunk_id.encode())
+            data = decode_blob(blob, self.sealer, chunk_id.encode(), self.chunk_size)
         except (BlobError, crypto.CryptoError) as exc:
             raise CorruptChunkError(chunk_id, str(exc)) from None
         if verify and self.chunk_id(data) != chunk_id:
