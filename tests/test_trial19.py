@@ -263,8 +263,8 @@ async def test_no_header_value_of_a_webhook_is_shown(system: System) -> None:
                 assert "hc-api-key" not in listed.text and '"pw"' not in listed.text
         finally:
             hooks = (await api.get("/api/v1/webhooks")).json()["webhooks"]
-            index = [h["url"] for h in hooks].index(url)
-            assert (await api.delete(f"/api/v1/webhooks/{index}")).status_code in {200, 204}
+            (gone,) = [h["id"] for h in hooks if h["url"] == url]
+            assert (await api.delete(f"/api/v1/webhooks/{gone}")).status_code in {200, 204}
 
 
 # -- the CLI -----------------------------------------------------------------------------

@@ -214,7 +214,8 @@ def login(
     token is stored, so access tokens are renewed as needed.
 
     Webhooks are managed through URL (/api/v1/webhooks); with --hypersdk-url, through
-    that HyperSDK listener instead, with the same credentials; its certificate, for
+    that HyperSDK listener instead (but `webhooks rm`, by id through URL), with the
+    same credentials; its certificate, for
     https://, is pinned (or checked with --cacert) as the gateway's. A plain http://
     URL is taken for this machine only.
 

@@ -5,9 +5,11 @@ logged in with ``--hypersdk-url``, through that listener (``api.hypersdk_endpoin
 with the context's credentials. No other address is ever guessed: the token goes only
 where the context says.
 
-The API deletes a webhook by its position in the list; ``rm`` takes the position, the
-webhook's id (or its start) or its URL, and looks the position up just before it
-deletes. A webhook's ``secret`` is read from a file or stdin (an argument would show in
+``rm`` takes the webhook's position, its id (or its start) or its URL, looks it up and
+deletes it by its id through the gateway's own listener (``DELETE
+/api/v1/webhooks/{id}``), whatever the context: the HyperSDK listener deletes by
+position, which another admin's delete in between would shift onto another webhook. A
+webhook's ``secret`` is read from a file or stdin (an argument would show in
 the process list), sent once and never shown again.
 """
 
@@ -175,13 +177,14 @@ def webhooks_rm(
     webhook: Annotated[str, typer.Argument(help="its # (position), id (or its start) or URL")],
     context: ContextOpt = None,
 ) -> None:
-    """Remove a webhook; deliveries it still owed are dropped.
+    """Remove a webhook (by its id: another admin's delete meanwhile cannot make this
+    one remove a different webhook); deliveries it still owed are dropped.
 
     Example: virtbackup webhooks rm https://hooks.example.com/vb
     """
-    with webhooks_api(context) as (hs, path):
-        hook = find_webhook(_listed(hs, path), webhook)
-        hs.request("DELETE", f"{path}/{hook['index']}")
+    with connect(context) as api:
+        hook = find_webhook(_listed(api, "/api/v1/webhooks"), webhook)
+        api.request("DELETE", f"/api/v1/webhooks/{hook['id']}")
     base.out.print(f"webhook {hook['url']} removed")
 
 

@@ -48,7 +48,8 @@ class WebhooksController(Controller):
 
     @get()
     async def list_webhooks(self, gw: Gateway) -> dict[str, Any]:
-        """Every webhook, in order (the index of ``DELETE /webhooks/{index}``)."""
+        """Every webhook, in order (the index of ``DELETE /webhooks/{index}``), each with
+        its ``id``."""
         found = await gw.bus.request(NotifyCmd.WEBHOOKS_LIST, Empty(), WebhookList)
         return {
             "webhooks": [_view(h) for h in found.webhooks],

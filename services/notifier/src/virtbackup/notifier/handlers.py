@@ -66,7 +66,7 @@ def register_commands(pipeline: Pipeline) -> None:
 
     @bus.handle(NotifyCmd.WEBHOOKS_DELETE, WebhookIndex)
     async def delete_webhook(req: WebhookIndex) -> WebhookView:
-        hook = await store.delete(req.index)
+        hook = await store.delete(req.index, webhook_id=req.id)
         await pipeline.reconcile()
         return webhook_view(hook, None)
 

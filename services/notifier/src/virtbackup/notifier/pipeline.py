@@ -95,6 +95,9 @@ class Pipeline:
     client: httpx.AsyncClient
     deriver: Deriver = field(default_factory=Deriver)
     serving: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = field(default_factory=dict)
+    #: One reconcile at a time: two (webhooks deleted at once) would each stop and
+    #: forget the same consumer, the second finding it gone (a 500 to its delete).
+    reconciling: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: Seconds before the first retry of a webhook (doubling each time).
     backoff_initial: float = hooks.BACKOFF_INITIAL
 
@@ -265,7 +268,12 @@ class Pipeline:
         return stop
 
     async def reconcile(self) -> None:
-        """Serve a consumer for every webhook; drop those of deleted webhooks."""
+        """Serve a consumer for every webhook; drop those of deleted webhooks (one call
+        at a time: each sees what the one before it left)."""
+        async with self.reconciling:
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
         hooks_now = {h.id: h for h in await self.store.all()}
         for webhook_id in hooks_now:
             spec = streams.webhook_consumer(webhook_id, self.ack_wait)

@@ -170,16 +170,25 @@ class WebhookStore:
         await self._change(append)
         return hook
 
-    async def delete(self, index: int) -> Webhook:
-        """Remove the webhook at ``index`` (0-based); ``NotFound`` when there is none."""
+    async def delete(self, index: int = -1, *, webhook_id: str = "") -> Webhook:
+        """Remove the webhook whose id is ``webhook_id`` when that is given, else the one
+        at ``index`` (0-based), in one change of the list (a concurrent change makes it
+        look again); returns it (secrets opened). ``NotFound`` naming the id or index
+        when there is none."""
         removed: list[Webhook] = []
 
         def drop(hooks: list[Webhook]) -> list[Webhook]:
             removed.clear()
-            if not 0 <= index < len(hooks):
+            if webhook_id:
+                at = next((i for i, h in enumerate(hooks) if h.id == webhook_id), -1)
+                if at < 0:
+                    raise NotFound(f"there is no webhook with the id {webhook_id}")
+            elif 0 <= index < len(hooks):
+                at = index
+            else:
                 raise NotFound(f"webhook index {index} out of range (there are {len(hooks)})")
-            removed.append(hooks[index])
-            return hooks[:index] + hooks[index + 1 :]
+            removed.append(hooks[at])
+            return hooks[:at] + hooks[at + 1 :]
 
         await self._change(drop)
         await self.kv.delete(f"status.{removed[0].id}")

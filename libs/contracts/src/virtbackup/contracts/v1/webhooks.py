@@ -2,11 +2,13 @@
 
 Webhooks are those of the HyperSDK API (``hypersdk-api.md``, "Webhooks API"); their
 fields are snake_case on the bus as on the wire. The notifier keeps them in
-``VB_WEBHOOKS`` (key :data:`WEBHOOKS_KEY`, the whole list, in order: an index of
-``DELETE /webhooks/{index}`` is a position in it), each webhook's last delivery under
-``status.<webhook id>``. A webhook's ``secret`` and the values of its credential-like
-headers (:func:`is_credential_header`) are sealed at rest and never leave the notifier
-in clear; replies carry :data:`SECRET_MASK` instead of every header's value.
+``VB_WEBHOOKS`` (key :data:`WEBHOOKS_KEY`, the whole list, in order: an index of the
+HyperSDK listener's ``DELETE /webhooks/{index}`` is a position in it; the HTTPS
+listener's ``DELETE /api/v1/webhooks/{id}`` names a webhook's ``id``), each webhook's
+last delivery under ``status.<webhook id>``. A webhook's ``secret`` and the values of
+its credential-like headers (:func:`is_credential_header`) are sealed at rest and never
+leave the notifier in clear; replies carry :data:`SECRET_MASK` instead of every header's
+value.
 """
 
 from __future__ import annotations
@@ -189,7 +191,13 @@ class WebhookAdded(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class WebhookIndex(msgspec.Struct, frozen=True, kw_only=True):
-    index: int
+    """The request of ``vb.cmd.notify.webhooks-delete``: the webhook to remove, by its
+    ``id`` when that is given (``DELETE /api/v1/webhooks/{id}``: it names one webhook,
+    whatever others are deleted meanwhile), else by its position ``index`` (0-based:
+    the HyperSDK document's ``DELETE /webhooks/{index}``)."""
+
+    index: int = -1
+    id: str = ""
 
 
 class WebhookTest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -112,7 +112,7 @@ const EVENTS = ["job.submitted", "job.started", "job.completed", "job.failed", "
 
 async function webhooksPage(main) {
   const answer = await api("GET", "/api/v1/webhooks");
-  const rows = (answer.webhooks || []).map((hook, index) => {
+  const rows = (answer.webhooks || []).map((hook) => {
     const out = h("span", { class: "test-result" });
     const last = hook.last_status;
     return h("tr", { dataset: { webhook: hook.url } },
@@ -131,7 +131,8 @@ async function webhooksPage(main) {
         } }, "Test"), " ",
         h("button", { type: "button", class: "small danger", onclick: async (e) => {
           if (!confirm(`Delete the webhook to ${hook.url}?`)) return;
-          try { await api("DELETE", `/api/v1/webhooks/${index}`); location.reload(); } catch (err) { note(e.target, err); }
+          // by id: a position may have moved if another admin deleted one meanwhile
+          try { await api("DELETE", `/api/v1/webhooks/${encodeURIComponent(hook.id)}`); location.reload(); } catch (err) { note(e.target, err); }
         } }, "Delete"), out] : null));
   });
   const parts = [h("h1", {}, "Webhooks"), section("Webhooks",
