@@ -158,4 +158,4 @@ def create_asgi(gw: Gateway) -> Console:
     # A known identity refused a route (403) is recorded too: an attempt to escalate.
     refused = OperationLog(answer_refusal, lambda: gw.audit, listener="api", default_actor="token")
     auth = IdentityAuth(by_user, gw.token, gw.identity, "agent", refused=refused)
-    return Console(AgentKeyAuth(by_agent, auth, gw.agents), auth)
+    return Console(AgentKeyAuth(by_agent, auth, gw.agents), auth, lambda: gw.login_log)

@@ -12,9 +12,12 @@ module adds only what a browser needs to do that safely:
   refresh token, ``HttpOnly``, path ``/ui/session``) and ``vb_csrf`` (random, readable by
   the page). 400 ``{"error", "field"}`` for a body that is not one of those shapes, 401
   ``{"error", "field"}`` for a wrong credential, 429 (with ``Retry-After``) while locked
-  out. Nothing is set on a refusal. The body must be declared ``application/json``
-  (else 415): a form of another site can post ``text/plain`` without a CORS preflight,
-  and would log the victim's browser in as the sender's own account (login CSRF).
+  out. Nothing is set on a refusal. A wrong token is in the login log like a wrong
+  password (user name empty, reason ``wrong token``, the client's address and user
+  agent; never the token), stored before the 401 (503 when it cannot be). The body
+  must be declared ``application/json`` (else 415): a form of another site can post
+  ``text/plain`` without a CORS preflight, and would log the victim's browser in as the
+  sender's own account (login CSRF).
 * ``GET /ui/session``: who the cookie is, 401 without a valid one.
 * ``POST /ui/session/refresh``: a new pair from ``vb_refresh`` (the identity API's
   ``/token/refresh``), 401 when it is refused.
@@ -38,12 +41,15 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
+from collections.abc import Callable
 from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import Any, Final
 
 from virtbackup.gateway.auth import ASGIApp, Message, Receive, Scope, Send, presented_credential
 from virtbackup.gateway.identity_auth import IdentityAuth
+from virtbackup.gateway.login_log import LoginLog
+from virtbackup.runtime.errors import Unavailable
 
 FILES: Final = Path(__file__).with_name("console_files")
 SESSION_COOKIE: Final = "vb_session"
@@ -223,11 +229,18 @@ def _message(answer: Any) -> str:
 class Console:
     """ASGI: the console's pages and session in front of ``app`` (see module)."""
 
-    def __init__(self, app: ASGIApp, auth: IdentityAuth) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        auth: IdentityAuth,
+        login_log: Callable[[], LoginLog | None] = lambda: None,
+    ) -> None:
         """``app``: the whole API (authentication included); ``auth``: who a credential
-        is, for the pages and ``GET /ui/session``."""
+        is, for the pages and ``GET /ui/session``; ``login_log``: the login log once the
+        gateway has one (None before: a wrong token is then refused unrecorded)."""
         self.app = app
         self.auth = auth
+        self.login_log = login_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -355,6 +368,8 @@ class Console:
                 return
             found = await self.auth.identify(body["token"])
             if found is None:
+                if not await self.record_failure(scope, send, "wrong token"):
+                    return
                 await respond(send, 401, _json({"error": "unauthorized", "field": "token"}))
                 return
             await self.start(send, found, body["token"], "")
@@ -381,6 +396,28 @@ class Console:
             await respond(send, 503, _json({"error": "the new session could not be read"}))
             return
         await self.start(send, found, answer["access_token"], answer["refresh_token"])
+
+    async def record_failure(self, scope: Scope, send: Send, reason: str) -> bool:
+        """Store a refused login of no known actor in the login log (``reason``, the
+        client's address and user agent: never the credential); False, with a 503 sent,
+        when it cannot be stored."""
+        book = self.login_log()
+        if book is None:
+            return True
+        client = scope.get("client")
+        agent = next((v for k, v in scope.get("headers", ()) if k == b"user-agent"), b"")
+        try:
+            await book.record(
+                username="",
+                address=str(client[0]) if client else "",
+                status="failure",
+                reason=reason,
+                user_agent=agent.decode("latin-1"),
+            )
+        except Unavailable as exc:
+            await respond(send, 503, _json({"error": str(exc)}))
+            return False
+        return True
 
     @staticmethod
     async def bad(send: Send, message: str, field: str) -> None:
