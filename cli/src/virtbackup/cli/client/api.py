@@ -300,8 +300,23 @@ class Api:
         json_body: Any = None,
         params: dict[str, Any] | None = None,
         raw: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         """The decoded JSON answer (the text with ``raw``) of a 2xx response.
+
+        Raises ``ApiError`` with the API's message for any other status, and for a
+        server that cannot be reached."""
+        return self._decoded(self.send(method, path, json_body, params, headers), raw)
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        json_body: Any = None,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        """The 2xx response to a request (``headers`` sent besides the credential).
 
         Raises ``ApiError`` with the API's message for any other status, and for a
         server that cannot be reached."""
@@ -309,7 +324,11 @@ class Api:
         for attempt in (1, 2):
             try:
                 resp = self.client.request(
-                    method, path, json=json_body, params=query, headers=self._headers()
+                    method,
+                    path,
+                    json=json_body,
+                    params=query,
+                    headers={**(headers or {}), **self._headers()},
                 )
             except httpx.TransportError as exc:
                 # A kept-alive connection the server dropped: a read is safe to send again.
@@ -324,6 +343,10 @@ class Api:
             break
         if resp.status_code >= 400:
             raise ApiError(resp.status_code, error_message(resp))
+        return resp
+
+    @staticmethod
+    def _decoded(resp: httpx.Response, raw: bool = False) -> Any:
         if raw:
             return resp.text
         if not resp.content:

@@ -143,7 +143,9 @@ def config_set(
 ) -> None:
     """Replace the configuration with FILE (POST /config): the shape `config get` prints;
     a ******** secret keeps the stored one. Anything unknown or mistyped is refused with
-    the API's message naming the field, and nothing changes.
+    the API's message naming the field, and nothing changes. The POST names the
+    revision read just before it (If-Match): if the configuration changes in between
+    (another admin, the console), nothing is stored and the command exits 1 saying so.
 
     Example: virtbackup config get > c.yaml && $EDITOR c.yaml && virtbackup config set c.yaml
     """
@@ -152,7 +154,20 @@ def config_set(
     if not isinstance(document, dict):
         raise ApiError(0, f"{file}: the configuration is a mapping (servers, destinations, ...)")
     with connect(context) as api:
-        api.post("/config", document)
+        etag = api.send("GET", "/config").headers.get("etag", "")
+        try:
+            api.request(
+                "POST", "/config", json_body=document, headers={"If-Match": etag} if etag else None
+            )
+        except ApiError as exc:
+            if exc.status != 412:
+                raise
+            raise ApiError(
+                412,
+                "the configuration changed since it was read (another admin or program saved "
+                "it meanwhile); nothing was stored: run the command again (see `virtbackup "
+                "config get` first: this file replaces the whole configuration)",
+            ) from None
     base.out.print("configuration saved")
 
 
