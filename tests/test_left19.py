@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from typer.testing import CliRunner, Result
 from virtbackup.cli.client.app import build
 
 PID = os.getpid()
+CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,15 @@ def add_hooks(api: httpx.Client, tag: str, count: int) -> list[dict[str, Any]]:
     return [next(h for h in listed if h["url"] == url) for url in urls]
 
 
+def other_admin_deletes(system: System, url: str) -> None:
+    """Another admin deletes the webhook of ``url`` (by its index on the HyperSDK
+    listener, a route the same before and after ids)."""
+    with httpx.Client(base_url=system.hypersdk_url, headers=system.auth(), timeout=30) as hs:
+        listed = [h["url"] for h in hs.get("/webhooks").json()["webhooks"]]
+        resp = hs.delete(f"/webhooks/{listed.index(url)}")
+        assert resp.status_code == 200, resp.text
+
+
 def urls_left(api: httpx.Client, tag: str) -> set[str]:
     return {
         h["url"] for h in api.get("/api/v1/webhooks").json()["webhooks"] if f"-{tag}-" in h["url"]
@@ -177,12 +187,58 @@ def test_cli_rm_removes_the_webhook_it_named(
         a, b, c = add_hooks(api, "cli", 3)
 
         def other_admin() -> None:
-            assert api.delete(f"/api/v1/webhooks/{a['id']}").status_code == 200
+            other_admin_deletes(system, a["url"])
 
         with change_after(monkeypatch, "GET", "/api/v1/webhooks", other_admin) as ran:
             said = ok(cli(xdg, "webhooks", "rm", b["url"]))
         assert ran and f"webhook {b['url']} removed" in said
         assert urls_left(api, "cli") == {c["url"]}
+        assert api.delete(f"/api/v1/webhooks/{c['id']}").status_code == 200
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Any]:
+    playwright_api = pytest.importorskip("playwright.async_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (python3 dev.py install)")
+    async with playwright_api.async_playwright() as pw:
+        chromium = await pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"],
+        )
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+async def test_the_consoles_delete_removes_the_webhook_of_its_row(
+    system: System, browser: Any
+) -> None:
+    """The webhooks page shows A, B, C; another admin deletes A; Delete on B's row
+    removes B (by position, #1 was C by then)."""
+    with admin(system) as api:
+        a, b, c = add_hooks(api, "ui", 3)
+    context = await browser.new_context(ignore_https_errors=True)
+    try:
+        page = await context.new_page()
+        page.set_default_timeout(30_000)
+        await page.goto(f"{system.url}/ui/login")
+        form = page.locator("#token-login")
+        await form.locator("input[name=token]").fill(system.token)
+        await form.locator("button[type=submit]").click()
+        await page.wait_for_url(f"{system.url}/ui/")
+        await page.goto(f"{system.url}/ui/webhooks")
+        row = page.locator(f'tr[data-webhook="{b["url"]}"]')
+        await row.wait_for()
+        other_admin_deletes(system, a["url"])
+        page.once("dialog", lambda dialog: dialog.accept())
+        async with page.expect_navigation():  # the page reloads once deleted
+            await row.get_by_role("button", name="Delete").click()
+    finally:
+        await context.close()
+    with admin(system) as api:
+        assert urls_left(api, "ui") == {c["url"]}
         assert api.delete(f"/api/v1/webhooks/{c['id']}").status_code == 200
 
 
