@@ -21,7 +21,7 @@ def register_checkpoint_size(ctx: ServiceContext, inv: Inventory) -> None:
     @ctx.bus.handle(InventoryCmd.CHECKPOINT_SIZE, CheckpointSizeRequest)
     async def checkpoint_size(req: CheckpointSizeRequest) -> CheckpointSize:
         """404 for an unknown VM or checkpoint, 409 when the domain is not running."""
-        conn = await inv.entry(req.server_id).host.connection()
+        conn = await (await inv.entry_fresh(req.server_id)).host.connection()
         async with (
             inv.vm_lock(req.server_id, req.vm_name),
             libvirt_errors(req.server_id, req.vm_name),

@@ -101,7 +101,7 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
 
     @bus.handle(InventoryCmd.TEST_SSH, ServerRef)
     async def test_ssh(req: ServerRef) -> Ok:
-        entry = inv.entry(req.server_id)
+        entry = await inv.entry_fresh(req.server_id)
         try:
             return Ok(message=await entry.host.test_ssh())
         except Unavailable as exc:
@@ -112,7 +112,7 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
         action = ACTIONS.get(req.action)
         if action is None:
             raise BadRequest(f"unknown action {req.action!r} (known: {', '.join(ACTIONS)})")
-        entry = inv.entry(req.server_id)
+        entry = await inv.entry_fresh(req.server_id)
         conn = await entry.host.connection()
         jobs = ctx.bucket(buckets.JOBS)
         async with libvirt_errors(req.server_id, req.vm_name):
@@ -135,7 +135,7 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
         overlays). Conflict naming the job while a job of this installation holds the VM
         (a live or offline backup, a restore): cleanup is for leftovers. A VM an offline
         backup whose job has ended left paused is shut off again first."""
-        entry = inv.entry(req.server_id)
+        entry = await inv.entry_fresh(req.server_id)
         conn = await entry.host.connection()
         async with (
             inv.vm_lock(req.server_id, req.vm_name),
@@ -172,12 +172,12 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
 
     @bus.handle(InventoryCmd.DOMAIN_XML, VmRef)
     async def get_xml(req: VmRef) -> DomainXml:
-        conn = await inv.entry(req.server_id).host.connection()
+        conn = await (await inv.entry_fresh(req.server_id)).host.connection()
         async with libvirt_errors(req.server_id, req.vm_name):
             return DomainXml(xml=await domain_xml(conn, req.vm_name, inactive=True, secure=True))
 
     async def disk_infos(req: VmRef) -> list[DiskInfo]:
-        entry = inv.entry(req.server_id)
+        entry = await inv.entry_fresh(req.server_id)
         conn = await entry.host.connection()
         async with libvirt_errors(req.server_id, req.vm_name):
             # A simulated server's disks have no files: libvirt's sizes or none, no qemu-img.
@@ -222,7 +222,7 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
 
     @bus.handle(InventoryCmd.VM_INFO, VmRef)
     async def vm_info(req: VmRef) -> VmInfo:
-        conn = await inv.entry(req.server_id).host.connection()
+        conn = await (await inv.entry_fresh(req.server_id)).host.connection()
         async with libvirt_errors(req.server_id, req.vm_name):
             dom = await get_domain(conn, req.vm_name)
             raw = await conn.lookup(req.vm_name)
@@ -240,7 +240,7 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
 
     @bus.handle(InventoryCmd.REMOVE_CDROM, VmRef)
     async def remove_cdrom(req: VmRef) -> CdromRemoved:
-        conn = await inv.entry(req.server_id).host.connection()
+        conn = await (await inv.entry_fresh(req.server_id)).host.connection()
         async with libvirt_errors(req.server_id, req.vm_name):
             ejected = await eject_cdrom(conn, req.vm_name)
         message = f"ejected {', '.join(ejected)}" if ejected else "no CD-ROM medium"
@@ -248,7 +248,7 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
 
     @bus.handle(InventoryCmd.CHECKPOINTS, VmRef)
     async def checkpoints(req: VmRef) -> CheckpointList:
-        entry = inv.entry(req.server_id)
+        entry = await inv.entry_fresh(req.server_id)
         conn = await entry.host.connection()
         async with libvirt_errors(req.server_id, req.vm_name):
             found = await list_checkpoints(conn, req.vm_name)
@@ -275,7 +275,7 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
         every write since their checkpoint and are removed (``discard_checkpoint``). Left,
         with the reason, while a backup job runs on the VM or a job of this installation
         holds it; a VM or checkpoint that is gone already is success."""
-        entry = inv.entry(req.server_id)
+        entry = await inv.entry_fresh(req.server_id)
         conn = await entry.host.connection()
         async with (
             inv.vm_lock(req.server_id, req.vm_name),
@@ -312,7 +312,7 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
 
     @bus.handle(InventoryCmd.BACKUP_BEGIN, BackupBeginRequest)
     async def backup_begin(req: BackupBeginRequest) -> BackupBegun:
-        entry = inv.entry(req.server_id)
+        entry = await inv.entry_fresh(req.server_id)
         async with (
             inv.vm_lock(req.server_id, req.vm_name),
             libvirt_errors(req.server_id, req.vm_name),
@@ -323,19 +323,19 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
 
     @bus.handle(InventoryCmd.RESTORE_PRECHECK, RestorePrecheckRequest)
     async def restore_precheck(req: RestorePrecheckRequest) -> RestorePrecheckResult:
-        entry = inv.entry(req.server_id)
+        entry = await inv.entry_fresh(req.server_id)
         async with libvirt_errors(req.server_id, req.vm_name):
             return await restores.precheck(entry.host, req)
 
     @bus.handle(InventoryCmd.RESTORE_PREPARE, RestorePrepareRequest)
     async def restore_prepare(req: RestorePrepareRequest) -> RestorePrepared:
-        entry = inv.entry(req.server_id)
+        entry = await inv.entry_fresh(req.server_id)
         async with libvirt_errors(req.server_id):
             return await restores.prepare(entry.host, req, inv.creds, inv.installation)
 
     @bus.handle(InventoryCmd.RESTORE_FINISH, RestoreFinishRequest)
     async def restore_finish(req: RestoreFinishRequest) -> Ok:
-        entry = inv.entry(req.server_id)
+        entry = await inv.entry_fresh(req.server_id)
         async with libvirt_errors(req.server_id, req.vm_name):
             left = await restores.finish(entry.host, req)
         with contextlib.suppress(Unavailable, VirtError):
@@ -347,7 +347,7 @@ def register(ctx: ServiceContext, inv: Inventory) -> None:
 
     @bus.handle(InventoryCmd.BACKUP_END, BackupEndRequest)
     async def backup_end(req: BackupEndRequest) -> BackupEnded:
-        entry = inv.entry(req.server_id)
+        entry = await inv.entry_fresh(req.server_id)
         async with (
             inv.vm_lock(req.server_id, req.vm_name),
             libvirt_errors(req.server_id, req.vm_name),
@@ -368,19 +368,19 @@ def register_state(ctx: ServiceContext, inv: Inventory) -> None:
 
     @bus.handle(InventoryCmd.STATE_SNAPSHOT, st.StateSnapshotRequest)
     async def state_snapshot(req: st.StateSnapshotRequest) -> st.StateSnapshot:
-        host = inv.entry(req.server_id).host
+        host = (await inv.entry_fresh(req.server_id)).host
         async with libvirt_errors(req.server_id, req.vm_name):
             return await state_files.take_snapshot(host, req, await host.scratch_dir(scratch))
 
     @bus.handle(InventoryCmd.STATE_READ, st.StateReadRequest)
     async def state_read(req: st.StateReadRequest) -> st.StatePiece:
-        host = inv.entry(req.server_id).host
+        host = (await inv.entry_fresh(req.server_id)).host
         async with libvirt_errors(req.server_id):
             return await state_files.read(host, req, await host.scratch_dir(scratch))
 
     @bus.handle(InventoryCmd.STATE_RELEASE, st.StateReleaseRequest)
     async def state_release(req: st.StateReleaseRequest) -> Ok:
-        host = inv.entry(req.server_id).host
+        host = (await inv.entry_fresh(req.server_id)).host
         async with libvirt_errors(req.server_id):
             await state_files.release(host, req, await host.scratch_dir(scratch))
         return Ok()
@@ -388,10 +388,10 @@ def register_state(ctx: ServiceContext, inv: Inventory) -> None:
     @bus.handle(InventoryCmd.STATE_PREPARE, st.StatePrepareRequest)
     async def state_prepare(req: st.StatePrepareRequest) -> st.StatePrepared:
         async with libvirt_errors(req.server_id):
-            return await state_files.prepare(inv.entry(req.server_id).host, req)
+            return await state_files.prepare((await inv.entry_fresh(req.server_id)).host, req)
 
     @bus.handle(InventoryCmd.STATE_WRITE, st.StateWriteRequest)
     async def state_write(req: st.StateWriteRequest) -> Ok:
         async with libvirt_errors(req.server_id):
-            await state_files.write(inv.entry(req.server_id).host, req)
+            await state_files.write((await inv.entry_fresh(req.server_id)).host, req)
         return Ok()

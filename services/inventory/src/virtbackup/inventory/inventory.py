@@ -69,6 +69,9 @@ class Inventory:
         #: This installation's id, set by :meth:`load_installation`.
         self.installation = ""
         self._vm_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        #: One application of the configuration at a time (its watch, a request for a
+        #: server not known yet).
+        self._syncing = asyncio.Lock()
 
     def vm_lock(self, server_id: str, vm_name: str) -> asyncio.Lock:
         """The lock that serialises, per VM, what creates, deletes or sizes its
@@ -111,8 +114,23 @@ class Inventory:
             raise NotFound(f"server {server_id!r} not found")
         return entry
 
+    async def entry_fresh(self, server_id: str) -> ServerEntry:
+        """:meth:`entry`, after applying the configuration once more when ``server_id`` is
+        not known yet: a server added a moment ago (``POST /config`` has answered, the
+        configuration's watch has not reached this process yet) is found, not a 404.
+        ``NotFound`` (or ``Conflict`` for an agent's server) as :meth:`entry` after that."""
+        if server_id not in self.entries and server_id not in self.agent_servers:
+            async with self._syncing:
+                if server_id not in self.entries:
+                    await self._sync_config()
+        return self.entry(server_id)
+
     async def sync_config(self) -> None:
         """Bring the servers in line with the configuration (added, changed, removed)."""
+        async with self._syncing:
+            await self._sync_config()
+
+    async def _sync_config(self) -> None:
         cfg, _ = await read_agent_config(self.ctx.bucket(buckets.CONFIG))
         # A server a remote agent backs up is that agent's to reach (``virtbackup agent``).
         self.agent_servers = {s.id: s.agent_id for s in cfg.servers if s.agent_id}
@@ -192,7 +210,7 @@ class Inventory:
     # -- VM cache --------------------------------------------------------------------
 
     async def vms(self, server_id: str) -> ServerVms:
-        entry = self.entry(server_id)
+        entry = await self.entry_fresh(server_id)
         if not entry.refreshed:
             await self.refresh(server_id)
         return self._snapshot(entry)
@@ -208,7 +226,7 @@ class Inventory:
 
     async def refresh(self, server_id: str) -> ServerVms:
         """Re-read every VM of the server (``Unavailable`` with the reason if unreachable)."""
-        entry = self.entry(server_id)
+        entry = await self.entry_fresh(server_id)
         async with entry.refresh_lock:
             conn = await entry.host.connection()
             try:
@@ -264,7 +282,7 @@ class Inventory:
 
     async def refresh_vm(self, server_id: str, name: str) -> VmStatus | None:
         """Re-read one VM (after an action or event); ``None`` once it is gone."""
-        entry = self.entry(server_id)
+        entry = await self.entry_fresh(server_id)
         conn = await entry.host.connection()
         try:
             dom = await get_domain(conn, name)

@@ -16,7 +16,7 @@ def register_networks(ctx: ServiceContext, inv: Inventory) -> None:
     async def networks(req: ServerRef) -> NetworkList:
         """The names of every network defined on the server (active or not), sorted;
         404 for an unknown server, 503 when it cannot be reached."""
-        conn = await inv.entry(req.server_id).host.connection()
+        conn = await (await inv.entry_fresh(req.server_id)).host.connection()
         try:
             found = await conn.call(conn.raw.listAllNetworks)
         except VirtError as exc:

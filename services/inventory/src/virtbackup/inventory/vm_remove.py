@@ -199,7 +199,7 @@ def register_vm_remove(ctx: ServiceContext, inv: Inventory) -> None:
         """See ``VmRemoveRequest``: 404 for an unknown VM, 409 when it is not shut off,
         not held by the job or not the domain of ``uuid``, 503 when the server cannot be
         reached. Nothing is deleted unless the undefine succeeded."""
-        entry = inv.entry(req.server_id)
+        entry = await inv.entry_fresh(req.server_id)
         conn = await entry.host.connection()
         async with (
             inv.vm_lock(req.server_id, req.vm_name),
