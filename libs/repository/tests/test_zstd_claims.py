@@ -1,0 +1,58 @@
+"""A zstd blob (codec 1, readable in every format) whose frame header claims more than a
+chunk: damaged, said before anything is allocated. ``ZstdDecompressor.decompress``
+allocates the content size a frame's header claims whatever ``max_output_size`` says, so
+16 KiB of RLE blocks made 512 MiB, and a claim of 1 TiB a ``MemoryError`` that failed a
+verify job's unit without naming or quarantining the chunk."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from virtbackup.repository.codec import ZSTD, BlobError, decode_blob
+from virtbackup.repository.format import chunk_key, quarantine_key
+from virtbackup.repository.repository import CorruptChunkError, Repository
+from virtbackup.storage.filesystem import FilesystemDriver
+
+MiB = 1 << 20
+
+
+def rle_frame(content: int, claimed: int) -> bytes:
+    """A zstd frame of ``content`` bytes of ``a`` in RLE blocks of 128 KiB whose header
+    claims ``claimed`` bytes (a few bytes per block: 16 KiB for 512 MiB)."""
+    head = struct.pack("<I", 0xFD2FB528) + bytes([0b11100000]) + struct.pack("<Q", claimed)
+    blocks, left = [], content
+    while left:
+        size = min(128 * 1024, left)
+        left -= size
+        blocks.append(struct.pack("<I", (size << 3) | (1 << 1) | (left == 0))[:3] + b"a")
+    return head + b"".join(blocks)
+
+
+@pytest.mark.parametrize(
+    ("content", "claimed"), [(512 * MiB, 512 * MiB), (1024, 1 << 40), (1024, 4 * MiB + 1)]
+)
+async def test_a_zstd_blob_claiming_more_than_a_chunk_is_damaged_not_allocated(
+    tmp_path: Path, content: int, claimed: int
+) -> None:
+    repo = await Repository.open_or_create(FilesystemDriver(tmp_path))
+    blob = bytes([ZSTD]) + rle_frame(content, claimed)
+    assert len(blob) < 20_000
+    chunk_id = "ab" * 32
+    with pytest.raises(CorruptChunkError, match=f"zstd frame of {claimed} bytes, longer than"):
+        repo.decode_chunk(chunk_id, blob)
+    with pytest.raises(BlobError, match="longer than 4194304 bytes"):
+        decode_blob(blob, None, b"", 4 * MiB)
+    # Verify's proof reads it again the same way: it is moved aside, not a crash.
+    await repo.driver.put(chunk_key(chunk_id), blob)
+    assert await repo.quarantine_chunk(chunk_id)
+    assert await repo.driver.exists(quarantine_key(chunk_id))
+
+
+async def test_a_zstd_blob_of_a_whole_chunk_still_decodes(tmp_path: Path) -> None:
+    repo = await Repository.open_or_create(FilesystemDriver(tmp_path))
+    data = b"a" * (4 * MiB)
+    blob = bytes([ZSTD]) + rle_frame(len(data), len(data))
+    assert repo.decode_chunk(repo.chunk_id(data), blob) == data
