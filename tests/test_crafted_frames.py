@@ -1,7 +1,8 @@
 """Crafted chunk blobs in a format-2 repository (the attacker controls the destination's
 files), through the real paths: an incremental whose parent chunks are crafted reads
 them whole and stores the right chunks, a restore of the crafted point fails naming a
-chunk and leaves the disk as it was, and a full verify names and quarantines every
+chunk and leaves the disk as it was, so does a copy of it to another destination, and a
+full verify names and quarantines every
 damaged chunk without crashing its worker, while two odd but valid blobs (4 KiB frames;
 a record of two zstd frames) stay good.
 
@@ -12,6 +13,7 @@ worker, a filesystem destination. The tests in this module build on each other, 
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -68,11 +70,20 @@ async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
 
 @pytest.fixture(scope="module")
 async def api(sysm: System, repo_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=sysm.url, headers=sysm.auth(), verify=False, timeout=60
-    ) as client:
-        assert (await client.post("/config", json=local_config(repo_dir))).status_code == 200
-        yield client
+    other = vm_directory(prefix="vbtest-repo2-")
+    STATE["other"] = other
+    config = local_config(repo_dir)
+    config["destinations"].append(
+        {"id": "fs2", "name": "Other", "driverId": "filesystem", "params": {"path": str(other)}}
+    )
+    try:
+        async with httpx.AsyncClient(
+            base_url=sysm.url, headers=sysm.auth(), verify=False, timeout=60
+        ) as client:
+            assert (await client.post("/config", json=config)).status_code == 200
+            yield client
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
 
 
 async def backup(api: httpx.AsyncClient) -> dict[str, Any]:
@@ -190,6 +201,19 @@ async def test_a_restore_of_the_crafted_point_fails_naming_a_chunk(
     assert job["state"] == "failure", job
     assert any(ids[index] in job["message"] for index in DAMAGED), job["message"]
     assert same(vm.disks[0], STATE["snap"])  # as it was
+
+
+async def test_a_copy_of_the_crafted_point_fails_naming_a_chunk(api: httpx.AsyncClient) -> None:
+    assert "ids" in STATE, "needs the tests before"
+    ids = STATE["ids"]
+    body = {"vmName": VM, "targetDestinationId": "fs2", "timestamp": STATE["full"]}
+    resp = await api.post("/api/v1/destinations/fs/copy", json=body)
+    assert resp.status_code == 202, resp.text
+    job = await wait_job(api, resp.json()["id"])
+    assert job["state"] == "failure", job
+    assert any(ids[index] in job["message"] for index in DAMAGED), job["message"]
+    listed = await api.get("/restore/entries", params={"destinationId": "fs2"})
+    assert listed.status_code == 200 and listed.json() == [], listed.text
 
 
 async def test_verify_names_and_quarantines_every_crafted_chunk(
