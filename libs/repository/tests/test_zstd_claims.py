@@ -13,8 +13,9 @@ import pytest
 
 from virtbackup.repository.codec import ZSTD, BlobError, decode_blob
 from virtbackup.repository.format import chunk_key, quarantine_key
-from virtbackup.repository.repository import CorruptChunkError, Repository
+from virtbackup.repository.repository import CorruptChunkError, Repository, RepositoryError
 from virtbackup.storage.filesystem import FilesystemDriver
+from virtbackup.testing.points import write_point
 
 MiB = 1 << 20
 
@@ -56,3 +57,27 @@ async def test_a_zstd_blob_of_a_whole_chunk_still_decodes(tmp_path: Path) -> Non
     data = b"a" * (4 * MiB)
     blob = bytes([ZSTD]) + rle_frame(len(data), len(data))
     assert repo.decode_chunk(repo.chunk_id(data), blob) == data
+
+
+async def test_a_manifest_or_domain_xml_claiming_too_much_is_a_repository_error(
+    tmp_path: Path,
+) -> None:
+    """A point's manifest and domain XML are bounded too (its disk's chunk count, 16 MiB):
+    a 1 KiB frame claiming 1 TiB was a ``MemoryError`` out of every listing, restore,
+    verify and GC that read them (``GET /restore/entries`` reads the XML)."""
+    xml_path = await write_point(tmp_path)
+    repo = await Repository.open(FilesystemDriver(tmp_path / "VirtBackup"))
+    point = await repo.restore_point(xml_path)
+    assert len((await repo.manifest(point, "vda")).chunks) == 3  # a real one reads
+    assert "<name>vm1</name>" in await repo.domain_xml(point)
+    bomb = bytes([ZSTD]) + rle_frame(1024, 1 << 40)
+    await repo.driver.put(point.xml_path, bomb)
+    with pytest.raises(RepositoryError, match="zstd frame of 1099511627776 bytes"):
+        await repo.domain_xml(point)
+    await repo.driver.put(point.disks[0].manifest, bomb)
+    with pytest.raises(RepositoryError, match="zstd frame of 1099511627776 bytes"):
+        await repo.manifest(point, "vda")
+    # Real content beyond the bound (a 3-chunk disk's manifest is far below 1 MiB).
+    await repo.driver.put(point.disks[0].manifest, bytes([ZSTD]) + rle_frame(MiB, MiB))
+    with pytest.raises(RepositoryError, match="longer than"):
+        await repo.manifest(point, "vda")
