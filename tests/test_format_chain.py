@@ -295,6 +295,8 @@ async def test_a_format_3_repository_is_refused_by_name_on_every_route(
             await api.post("/servers/local/restore/start", json={**restore, "destinationId": "v3"}),
         )
     )
+    sanity = {"xmlPath": restore["xmlPath"], "destinationId": "v3"}
+    wrong.append(await refused(api, await api.post("/restore/sanity", json=sanity)))
     assert not [w for w in wrong if w], wrong
     config = json.loads((STATE["newer"] / "VirtBackup" / CONFIG_KEY).read_bytes())
     assert config["format"] == 3  # never replaced by a repository this version makes
