@@ -2,9 +2,9 @@
 files), through the real paths: an incremental whose parent chunks are crafted reads
 them whole and stores the right chunks, a restore of the crafted point fails naming a
 chunk and leaves the disk as it was, so does a copy of it to another destination, and a
-full verify names and quarantines every
-damaged chunk without crashing its worker, while two odd but valid blobs (4 KiB frames;
-a record of two zstd frames) stay good.
+full verify names and quarantines every damaged chunk without crashing its worker (a
+zstd chunk followed by a second frame too, which restores fail on), while two odd but
+valid blobs (4 KiB frames; a record of two zstd frames) stay good.
 
 A real VM (libvirtd/QEMU) whose disk is no multiple of the chunk size, one transfer
 worker, a filesystem destination. The tests in this module build on each other, in order.
@@ -37,7 +37,8 @@ KiB = 1 << 10
 MiB = 1 << 20
 CHUNK = 4 * MiB  # the repository's default
 FRAME = 256 * KiB
-SIZE = 30 * MiB + 300 * KiB  # 8 chunks, the last of 2 MiB + 300 KiB
+SIZE = 34 * MiB + 300 * KiB  # 9 chunks, the last of 2 MiB + 300 KiB
+LAST = 8
 VM = f"vbt-craft-{os.getpid()}"
 #: Chunks made damaged, and chunks made odd but still good (index: how).
 DAMAGED = {
@@ -46,7 +47,8 @@ DAMAGED = {
     2: "framed, a RAW record longer than its frame",
     3: "framed, a record that fills half its frame",
     6: "framed, a record whose zstd frame claims 1 TiB",
-    7: "framed, a last record longer than the chunk",
+    7: "zstd (codec 1), the chunk's frame then another",
+    8: "framed, a last record longer than the chunk",
 }
 ODD = {4: "framed with 4 KiB frames", 5: "framed, a record of two zstd frames"}
 STATE: dict[str, Any] = {}
@@ -136,7 +138,10 @@ def crafted(index: int, data: bytes, records: list[bytes]) -> bytes:
         return framed(18, [bytes([ZSTD]) + two, *records[1:]])
     if index == 6:
         return framed(18, [records[0], bytes([ZSTD]) + huge_zstd_frame(), *records[2:]])
-    assert index == 7
+    if index == 7:
+        comp = zstandard.ZstdCompressor()
+        return bytes([ZSTD]) + comp.compress(data) + comp.compress(b"more")
+    assert index == LAST
     return framed(18, [*records[:-1], bytes([RAW]) + bytes(FRAME)])
 
 
@@ -147,8 +152,8 @@ async def test_crafted_parent_chunks_are_read_whole(
     repo_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    for index in range(8):  # content of its own in every chunk
-        length = 3 * MiB if index < 7 else 2 * MiB
+    for index in range(LAST + 1):  # content of its own in every chunk
+        length = 3 * MiB if index < LAST else 2 * MiB
         await guest_write(conn, VM, "vda", index * CHUNK + 777, length, pattern=index + 1)
     assert (await backup(api))["message"].startswith("full backup")
     repo = await Repository.open(FilesystemDriver(repo_dir / "VirtBackup"))
@@ -156,7 +161,7 @@ async def test_crafted_parent_chunks_are_read_whole(
         assert repo.framed
         full = (await repo.restore_points(VM))[-1]
         chunks = (await repo.manifest(full, "vda")).chunks
-        assert len(chunks) == 8 and None not in chunks and len(set(chunks)) == 8
+        assert len(chunks) == LAST + 1 and None not in chunks and len(set(chunks)) == LAST + 1
         ids = [c or "" for c in chunks]
         for index in (*DAMAGED, *ODD):
             blob = await repo.read_chunk(ids[index])
@@ -168,13 +173,13 @@ async def test_crafted_parent_chunks_are_read_whole(
     finally:
         await repo.close()
     # A write in the second frame of every chunk, and in the short last one's last frame.
-    for index in range(8):
+    for index in range(LAST + 1):
         await guest_write(conn, VM, "vda", index * CHUNK + FRAME + 5, 5000, pattern=0xE0 + index)
     await guest_write(conn, VM, "vda", SIZE - 1000, 999, pattern=0xEF)
     job = await backup(api)
     message = job["message"]
     assert message.startswith("incremental backup"), message
-    assert "(8 in part)" in message, message
+    assert "(9 in part)" in message, message
     assert f"{len(DAMAGED)} chunks of the previous restore point were missing or damaged" in (
         message
     ), message

@@ -6,10 +6,12 @@ verify job's unit without naming or quarantining the chunk."""
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from virtbackup.repository.codec import ZSTD, BlobError, decode_blob
 from virtbackup.repository.format import chunk_key, quarantine_key
@@ -81,3 +83,29 @@ async def test_a_manifest_or_domain_xml_claiming_too_much_is_a_repository_error(
     await repo.driver.put(point.disks[0].manifest, bytes([ZSTD]) + rle_frame(MiB, MiB))
     with pytest.raises(RepositoryError, match="longer than"):
         await repo.manifest(point, "vda")
+
+
+async def test_verify_and_restore_read_a_zstd_blob_of_several_frames_alike(tmp_path: Path) -> None:
+    """``decode_chunk`` (verify, copy, instant access) read the first zstd frame only and
+    ``decode_chunk_into`` (restore, an incremental's parent) every frame: a chunk's frame
+    followed by another passed verify and failed every restore, and a chunk stored as two
+    frames was quarantined by verify though a restore read it right."""
+    repo = await Repository.open_or_create(FilesystemDriver(tmp_path))
+    data = os.urandom(3000) * 700  # 2 MiB, one chunk
+    chunk_id = repo.chunk_id(data)
+    comp = zstandard.ZstdCompressor()
+    halves = (
+        bytes([ZSTD])
+        + comp.compress(data[: len(data) // 2])
+        + comp.compress(data[len(data) // 2 :])
+    )
+    trailing = bytes([ZSTD]) + comp.compress(data) + comp.compress(b"more")
+    out = bytearray(repo.chunk_size)
+    assert repo.decode_chunk(chunk_id, halves) == data
+    assert repo.decode_chunk_into(chunk_id, halves, out) == len(data)
+    for decode in (
+        lambda: repo.decode_chunk(chunk_id, trailing),
+        lambda: repo.decode_chunk_into(chunk_id, trailing, out),
+    ):
+        with pytest.raises(CorruptChunkError, match="does not match its hash"):
+            decode()

@@ -232,9 +232,17 @@ def decode_blob(blob: bytes, sealer: Sealer | None, aad: bytes, size_hint: int =
             claimed = zstandard.frame_content_size(payload)
             if size_hint and claimed > size_hint:
                 raise BlobError(f"zstd frame of {claimed} bytes, longer than {size_hint} bytes")
-            return _decompressor().decompress(payload, max_output_size=size_hint)
+            if not size_hint:
+                return _decompressor().decompress(payload)
         except zstandard.ZstdError as exc:
             raise BlobError(f"corrupt zstd payload: {exc}") from None
+        # As decode_blob_into reads it (every frame): ``decompress`` reads the first
+        # frame only, so a chunk's frame followed by another passed verify and failed
+        # the restore, and a chunk in two frames was quarantined though it restored.
+        out = bytearray(size_hint)
+        size = _zstd_into(payload, memoryview(out))
+        del out[size:]
+        return bytes(out)
     raise BlobError(f"unknown codec {codec}")
 
 
@@ -257,6 +265,14 @@ def decode_blob_into(blob: bytes, sealer: Sealer | None, aad: bytes, out: bytear
         return len(payload)
     if codec != ZSTD:
         raise BlobError(f"unknown codec {codec}")
+    return _zstd_into(payload, view)
+
+
+def _zstd_into(payload: memoryview, view: memoryview) -> int:
+    """Decode a zstd payload (one frame, or several read one after the other) into
+    ``view``: its length; ``BlobError`` when it does not decode or is longer than
+    ``view``. The one reading of a zstd blob, so that every reader (restore, verify,
+    copy) agrees on what a blob holds."""
     size = 0
     try:
         with _decompressor().stream_reader(payload, read_across_frames=True) as reader:
