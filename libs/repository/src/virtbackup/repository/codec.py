@@ -202,8 +202,9 @@ def _decode_framed_into(body: bytes | memoryview, out: memoryview) -> int:
 def decode_blob(blob: bytes, sealer: Sealer | None, aad: bytes, size_hint: int = 0) -> bytes:
     """The plaintext of ``blob`` (opened with ``sealer`` and ``aad`` when given).
     ``size_hint``: the most bytes the plaintext may have (a chunk's: its repository's
-    chunk size; 0: unknown). ``BlobError`` for a blob that does not decode, or a framed
-    one whose records claim more than ``size_hint`` (64 MiB without it) before anything
+    chunk size; 0: unknown). ``BlobError`` for a blob that does not decode, a framed
+    one whose records claim more than ``size_hint`` (64 MiB without it), or a zstd one
+    whose frame header claims more than ``size_hint`` (when given), said before anything
     is allocated for them."""
     body = sealer.open(blob, aad) if sealer else blob
     if not body:
@@ -225,9 +226,23 @@ def decode_blob(blob: bytes, sealer: Sealer | None, aad: bytes, size_hint: int =
         return bytes(payload)
     if codec == ZSTD:
         try:
-            return _decompressor().decompress(payload, max_output_size=size_hint)
+            # ``decompress`` allocates the size a frame's header claims, whatever
+            # ``max_output_size`` says: 16 KiB of RLE blocks claiming 512 MiB made 512
+            # MiB, and a claim of 1 TiB a MemoryError (not a damaged chunk).
+            claimed = zstandard.frame_content_size(payload)
+            if size_hint and claimed > size_hint:
+                raise BlobError(f"zstd frame of {claimed} bytes, longer than {size_hint} bytes")
+            if not size_hint:
+                return _decompressor().decompress(payload)
         except zstandard.ZstdError as exc:
             raise BlobError(f"corrupt zstd payload: {exc}") from None
+        # As decode_blob_into reads it (every frame): ``decompress`` reads the first
+        # frame only, so a chunk's frame followed by another passed verify and failed
+        # the restore, and a chunk in two frames was quarantined though it restored.
+        out = bytearray(size_hint)
+        size = _zstd_into(payload, memoryview(out))
+        del out[size:]
+        return bytes(out)
     raise BlobError(f"unknown codec {codec}")
 
 
@@ -250,6 +265,14 @@ def decode_blob_into(blob: bytes, sealer: Sealer | None, aad: bytes, out: bytear
         return len(payload)
     if codec != ZSTD:
         raise BlobError(f"unknown codec {codec}")
+    return _zstd_into(payload, view)
+
+
+def _zstd_into(payload: memoryview, view: memoryview) -> int:
+    """Decode a zstd payload (one frame, or several read one after the other) into
+    ``view``: its length; ``BlobError`` when it does not decode or is longer than
+    ``view``. The one reading of a zstd blob, so that every reader (restore, verify,
+    copy) agrees on what a blob holds."""
     size = 0
     try:
         with _decompressor().stream_reader(payload, read_across_frames=True) as reader:

@@ -69,11 +69,18 @@ from virtbackup.repository.format import (
     vm_segment,
     xml_path,
 )
-from virtbackup.repository.records import DiskManifest, RestorePoint
+from virtbackup.repository.records import DiskManifest, RestorePoint, chunk_count
 from virtbackup.storage.errors import NotFoundError
 from virtbackup.storage.protocol import Driver, FolderRemover
 
 SCRYPT_N = 1 << 15
+#: The longest a manifest's JSON may be: this, plus ``MANIFEST_CHUNK_BYTES`` per chunk of
+#: its disk's size in the point's record (a chunk id and its quotes and comma are 67
+#: bytes; the rest, a target and a source path, fits in 64 KiB).
+MANIFEST_BASE_BYTES = 64 << 10
+MANIFEST_CHUNK_BYTES = 80
+#: The longest a point's domain XML may be (libvirt's are a few KiB).
+DOMAIN_XML_MAX_BYTES = 16 << 20
 
 
 class RepositoryError(Exception):
@@ -458,10 +465,13 @@ class Repository:
     def _encode_object(self, key: str, data: bytes) -> bytes:
         return encode_blob(data, self.sealer, key.encode(), self.compression_level)
 
-    async def _load_object(self, key: str) -> bytes:
+    async def _load_object(self, key: str, limit: int) -> bytes:
+        """The plaintext of object ``key``, at most ``limit`` bytes: a blob that claims
+        more (a 1 KiB zstd frame can claim 1 TiB, allocated before decoding) is a
+        ``RepositoryError``, not a ``MemoryError`` or gigabytes of memory."""
         blob = await self.driver.get(key)
         try:
-            return decode_blob(blob, self.sealer, key.encode())
+            return decode_blob(blob, self.sealer, key.encode(), limit)
         except (BlobError, crypto.CryptoError) as exc:
             raise RepositoryError(f"{key}: {exc}") from None
 
@@ -549,14 +559,20 @@ class Repository:
         """The manifest of the point's disk ``target``. ``NotFoundError`` if missing,
         ``RepositoryError`` if it does not decode (or is not a manifest)."""
         key = manifest_key(point.vm_name, point.timestamp, target)
-        raw = await self._load_object(key)
+        sizes = [d.size for d in point.disks if d.target == target]
+        limit = (
+            MANIFEST_BASE_BYTES + MANIFEST_CHUNK_BYTES * chunk_count(max(sizes), self.chunk_size)
+            if sizes
+            else 0
+        )
+        raw = await self._load_object(key, limit)
         try:
             return msgspec.json.decode(raw, type=DiskManifest)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise RepositoryError(f"{key}: {exc}") from None
 
     async def domain_xml(self, point: RestorePoint) -> str:
-        return (await self._load_object(point.xml_path)).decode()
+        return (await self._load_object(point.xml_path, DOMAIN_XML_MAX_BYTES)).decode()
 
     async def delete_point(self, point: RestorePoint) -> list[str]:
         """Delete a restore point; returns the keys removed, in the order they were.

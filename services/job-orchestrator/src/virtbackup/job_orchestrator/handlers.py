@@ -50,6 +50,7 @@ from virtbackup.job_orchestrator.fanout_submit import also_folders, check_also_d
 from virtbackup.job_orchestrator.jobctx import JobContext, job_payload
 from virtbackup.job_orchestrator.point_copy import submit_copy
 from virtbackup.job_orchestrator.point_lookup import destination_faults, open_point
+from virtbackup.job_orchestrator.points import unusable
 from virtbackup.job_orchestrator.restore import (
     plan_restore,
     request_plan,
@@ -59,7 +60,7 @@ from virtbackup.job_orchestrator.restore import (
 from virtbackup.job_orchestrator.runner import execute
 from virtbackup.repository.format import vm_segment
 from virtbackup.repository.records import RestorePoint
-from virtbackup.repository.repository import Repository, RepositoryError
+from virtbackup.repository.repository import NoRepositoryError, Repository, RepositoryError
 from virtbackup.runtime import joblog, timeouts
 from virtbackup.runtime.agent_config import find_destination, find_server
 from virtbackup.runtime.clock import utcnow_iso
@@ -286,7 +287,9 @@ async def sanity(jc: JobContext, req: SanityRequest) -> Job:
 
 @commands.handler(JobCmd.RESTORE_ENTRIES, RestoreEntriesRequest)
 async def restore_entries(jc: JobContext, req: RestoreEntriesRequest) -> RestoreEntries:
-    """Every restore point of a destination, newest first per VM."""
+    """Every restore point of a destination, newest first per VM; none when it has no
+    repository yet, 503 naming the destination and the reason when its repository cannot
+    be opened (a newer format, an unreadable ``repository.json``)."""
     cfg = await jc.config()
     if req.destination_id:
         dest = find_destination(cfg, req.destination_id)
@@ -301,8 +304,10 @@ async def restore_entries(jc: JobContext, req: RestoreEntriesRequest) -> Restore
         try:
             # Listing needs no key: backup.json is plaintext.
             repo = await jc.repository(dest.id, create=False, locked=True)
-        except RepositoryError:
+        except NoRepositoryError:
             return RestoreEntries(entries=[])
+        except RepositoryError as exc:  # another format, an unreadable repository.json
+            raise unusable(dest.id, exc) from None
         try:
             points = await repo.restore_points()
             entries = [await _entry(repo, point, dest.id) for point in points]
