@@ -28,7 +28,7 @@ from virtbackup.repository.codec import FRAMED, RAW, ZSTD, compress_record, fram
 from virtbackup.repository.format import chunk_key, quarantine_key
 from virtbackup.repository.repository import Repository
 from virtbackup.storage.filesystem import FilesystemDriver
-from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
+from virtbackup.testing.vms import SmallVm, guest_write, made_vm, vm_directory
 from virtbackup.virt import Connection
 
 pytestmark = pytest.mark.libvirt
@@ -62,12 +62,8 @@ def sysm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
 
 @pytest.fixture(scope="module")
 async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
-    directory = vm_directory()
-    small = await create_vm(conn, VM, directory, [SIZE])
-    try:
+    async with made_vm(conn, VM, [SIZE]) as small:
         yield small
-    finally:
-        await remove_vm(conn, VM, delete_directory=directory)
 
 
 @pytest.fixture(scope="module")

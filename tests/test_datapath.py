@@ -25,7 +25,7 @@ from virtbackup.repository.format import chunk_key
 from virtbackup.repository.repository import Repository
 from virtbackup.storage.filesystem import FilesystemDriver
 from virtbackup.testing.nats import connect
-from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
+from virtbackup.testing.vms import SmallVm, guest_write, made_vm
 from virtbackup.virt import Connection, VirtError
 from virtbackup.virt.backup import UnixServer, parse_backup_xml
 
@@ -50,12 +50,8 @@ def dp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
 
 @pytest.fixture(scope="module")
 async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
-    directory = vm_directory()
-    small = await create_vm(conn, VM, directory, [512 * MiB, 64 * MiB])
-    try:
+    async with made_vm(conn, VM, [512 * MiB, 64 * MiB]) as small:
         yield small
-    finally:
-        await remove_vm(conn, VM, delete_directory=directory)
 
 
 @pytest.fixture(scope="module")

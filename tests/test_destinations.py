@@ -22,7 +22,7 @@ from harness import System, running_system, same, snapshot, wait_job
 from virtbackup.testing.gdrive import FakeGoogleDrive
 from virtbackup.testing.seaweedfs import SeaweedServer
 from virtbackup.testing.sshd import SshdServer
-from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
+from virtbackup.testing.vms import SmallVm, guest_write, made_vm, vm_directory
 from virtbackup.virt import Connection
 
 pytestmark = pytest.mark.libvirt
@@ -76,12 +76,8 @@ def ds(tmp_path_factory: pytest.TempPathFactory, drive: FakeGoogleDrive) -> Iter
 
 @pytest.fixture(scope="module")
 async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
-    directory = vm_directory()
-    small = await create_vm(conn, VM, directory, [128 * MiB])
-    try:
+    async with made_vm(conn, VM, [128 * MiB]) as small:
         yield small
-    finally:
-        await remove_vm(conn, VM, delete_directory=directory)
 
 
 @pytest.fixture(scope="module")

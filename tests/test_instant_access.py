@@ -24,7 +24,7 @@ from harness import System, local_config, running_system, snapshot, wait_job
 
 from virtbackup.nbd import NbdClient, NbdConnectionError
 from virtbackup.nbd.tls import client_context_from_dir
-from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
+from virtbackup.testing.vms import SmallVm, guest_write, made_vm
 from virtbackup.virt import Connection
 
 pytestmark = pytest.mark.libvirt
@@ -43,12 +43,8 @@ def ia(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
 
 @pytest.fixture(scope="module")
 async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
-    directory = vm_directory()
-    small = await create_vm(conn, VM, directory, [64 * MiB, 64 * MiB])
-    try:
+    async with made_vm(conn, VM, [64 * MiB, 64 * MiB]) as small:
         yield small
-    finally:
-        await remove_vm(conn, VM, delete_directory=directory)
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,9 @@ from virtbackup.testing.images import create_image
 from virtbackup.testing.vms import (
     SmallVm,
     build_vm_xml,
-    create_vm,
     guest_write,
+    made_vm,
     remove_vm,
-    vm_directory,
 )
 from virtbackup.virt import Connection, LocalHost, get_domain, list_checkpoints
 from virtbackup.virt.domains import PowerState
@@ -49,12 +48,8 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
 
 @pytest.fixture(scope="module")
 async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
-    directory = vm_directory()
-    small = await create_vm(conn, VM, directory, [64 * MiB, 64 * MiB])
-    try:
+    async with made_vm(conn, VM, [64 * MiB, 64 * MiB]) as small:
         yield small
-    finally:
-        await remove_vm(conn, VM, delete_directory=directory)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import pytest
 from harness import System, local_config, running_system, same, snapshot, wait_job
 
 from virtbackup.testing.nats import connect
-from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
+from virtbackup.testing.vms import SmallVm, guest_write, made_vm, vm_directory
 from virtbackup.virt import Connection
 
 pytestmark = pytest.mark.libvirt
@@ -49,12 +49,8 @@ def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
 
 @pytest.fixture(scope="module")
 async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
-    directory = vm_directory()
-    small = await create_vm(conn, VM, directory, [64 * MiB])
-    try:
+    async with made_vm(conn, VM, [64 * MiB]) as small:
         yield small
-    finally:
-        await remove_vm(conn, VM, delete_directory=directory)
 
 
 @pytest.fixture(scope="module")

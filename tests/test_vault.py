@@ -24,7 +24,7 @@ from virtbackup.testing.gdrive import FakeGoogleDrive
 from virtbackup.testing.nats import connect
 from virtbackup.testing.seaweedfs import SeaweedServer
 from virtbackup.testing.sshd import SshdServer, sshd_server
-from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
+from virtbackup.testing.vms import SmallVm, guest_write, made_vm
 from virtbackup.virt import Connection
 
 pytestmark = pytest.mark.libvirt
@@ -57,12 +57,8 @@ def system(tmp_path_factory: pytest.TempPathFactory, drive: FakeGoogleDrive) -> 
 
 @pytest.fixture(scope="module")
 async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
-    directory = vm_directory()
-    small = await create_vm(conn, VM, directory, [64 * MiB])
-    try:
+    async with made_vm(conn, VM, [64 * MiB]) as small:
         yield small
-    finally:
-        await remove_vm(conn, VM, delete_directory=directory)
 
 
 @pytest.fixture(scope="module")

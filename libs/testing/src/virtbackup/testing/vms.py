@@ -26,7 +26,7 @@ import json
 import shutil
 import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -176,6 +176,28 @@ async def create_vm(
         cdrom=cdrom,
         targets=tuple(disk_target(i) for i in range(len(paths))),
     )
+
+
+@contextlib.asynccontextmanager
+async def made_vm(
+    conn: Connection,
+    name: str,
+    disk_sizes: Sequence[int],
+    *,
+    memory_mib: int = 64,
+    with_cdrom: bool = False,
+) -> AsyncIterator[SmallVm]:
+    """A running VM made by :func:`create_vm` in a new :func:`vm_directory`, removed
+    with that directory on exit (a module's VM fixture: ``async with made_vm(...) as vm:
+    yield vm``)."""
+    directory = vm_directory()
+    vm = await create_vm(
+        conn, name, directory, disk_sizes, memory_mib=memory_mib, with_cdrom=with_cdrom
+    )
+    try:
+        yield vm
+    finally:
+        await remove_vm(conn, name, delete_directory=directory)
 
 
 async def remove_vm(conn: Connection, name: str, *, delete_directory: Path | None = None) -> None:
