@@ -177,6 +177,16 @@ async def wait_job(api: httpx.AsyncClient, job_id: str, timeout: float = 120) ->
         await asyncio.sleep(0.2)
 
 
+async def backup_ok(api: httpx.AsyncClient, vm_name: str) -> dict[str, Any]:
+    """Back up ``vm_name`` on the server ``local`` into the default destination (full or
+    incremental, as VirtBackup decides) and wait for it; the job, asserted to succeed."""
+    resp = await api.post("/servers/local/backup", json={"vmName": vm_name})
+    assert resp.status_code == 200, resp.text
+    job = await wait_job(api, resp.json()["jobId"])
+    assert job["state"] == "success", job
+    return job
+
+
 def snapshot(vm: SmallVm, dest: Path) -> list[Path]:
     """Raw copies of the VM's disks as they are now (the guest is idle)."""
     out = []

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import libvirt
 import pytest
+from browser import chromium
 from harness import System, local_config, running_system
 
 from virtbackup.testing.images import create_image
@@ -38,7 +39,6 @@ MiB = 1 << 20
 PID = os.getpid()
 VM = f"vbt-ui-{PID}"
 COPY = f"vbt-uicopy-{PID}"
-CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -94,14 +94,8 @@ async def vm(system: System, conn: Connection, repo_dir: Path, vm_dir: Path) -> 
 
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Any]:
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (python3 dev.py install)")
-    async with playwright_api.async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
+    async with chromium(CHROMIUM_ARGS) as launched:
+        yield launched
 
 
 async def new_page(browser: Any, width: int = 1280, height: int = 800) -> Any:

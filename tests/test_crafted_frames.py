@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import zstandard
-from harness import System, local_config, running_system, same, snapshot, wait_job
+from harness import System, backup_ok, local_config, running_system, same, snapshot, wait_job
 
 from virtbackup.repository.codec import FRAMED, RAW, ZSTD, compress_record, framed_records
 from virtbackup.repository.format import chunk_key, quarantine_key
@@ -85,11 +85,7 @@ async def api(sysm: System, repo_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def backup(api: httpx.AsyncClient) -> dict[str, Any]:
-    resp = await api.post("/servers/local/backup", json={"vmName": VM})
-    assert resp.status_code == 200, resp.text
-    job = await wait_job(api, resp.json()["jobId"])
-    assert job["state"] == "success", job
-    return job
+    return await backup_ok(api, VM)
 
 
 async def restore(api: httpx.AsyncClient, xml_path: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import System, local_config, running_system, same, snapshot, wait_job
+from harness import System, backup_ok, local_config, running_system, same, snapshot, wait_job
 
 from virtbackup.repository.codec import FRAMED, RAW, ZSTD, framed_records
 from virtbackup.repository.format import CONFIG_KEY
@@ -88,11 +88,7 @@ async def api(
 
 
 async def backup(api: httpx.AsyncClient) -> dict[str, Any]:
-    resp = await api.post("/servers/local/backup", json={"vmName": VM})
-    assert resp.status_code == 200, resp.text
-    job = await wait_job(api, resp.json()["jobId"])
-    assert job["state"] == "success", job
-    return job
+    return await backup_ok(api, VM)
 
 
 async def open_repo(repo_dir: Path) -> Repository:

@@ -27,13 +27,13 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from browser import chromium
 from harness import System, running_system
 from typer.testing import CliRunner, Result
 
 from virtbackup.cli.client.app import build
 
 PID = os.getpid()
-CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -198,18 +198,8 @@ def test_cli_rm_removes_the_webhook_it_named(
 
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Any]:
-    playwright_api = pytest.importorskip("playwright.async_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (python3 dev.py install)")
-    async with playwright_api.async_playwright() as pw:
-        chromium = await pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"],
-        )
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
+    async with chromium() as launched:
+        yield launched
 
 
 async def test_the_consoles_delete_removes_the_webhook_of_its_row(

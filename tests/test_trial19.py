@@ -42,6 +42,7 @@ from typing import Any
 
 import httpx
 import pytest
+from browser import chromium
 from harness import System, local_config, running_system, wait_job
 from typer.testing import CliRunner, Result
 
@@ -57,7 +58,6 @@ OPERATOR = ("otto", "an operator's passphrase")
 ATTACKER = ("eve", "eve long passphrase=")
 #: A custom role's user who may cancel and rerun jobs, and start none.
 JOBCTL = ("carl", "carl's long passphrase")
-CHROMIUM = "/usr/bin/chromium"
 VM = f"vbt-t19-{PID}"
 #: A valid VM name that is a command in a shell.
 HOSTILE_VM = f"vbt-t19 $(touch t19-pwned)-{PID}"
@@ -153,18 +153,8 @@ def attacker_site(page: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Any]:
-    playwright_api = pytest.importorskip("playwright.async_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (python3 dev.py install)")
-    async with playwright_api.async_playwright() as pw:
-        chromium = await pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"],
-        )
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
+    async with chromium() as launched:
+        yield launched
 
 
 async def console_login(context: Any, system: System, user: tuple[str, str]) -> Any:
