@@ -169,18 +169,7 @@ def _decode_record(record: memoryview, out: memoryview, last: bool) -> int:
             raise BlobError(f"record of {size} bytes, longer than its frame ({len(out)})")
         out[:size] = payload
     elif codec == ZSTD:
-        size = 0
-        try:
-            with _decompressor().stream_reader(payload, read_across_frames=False) as reader:
-                while size < len(out):
-                    got = reader.readinto(out[size:])
-                    if not got:
-                        break
-                    size += got
-                if size == len(out) and reader.read(1):
-                    raise BlobError(f"record longer than a frame ({len(out)} bytes)")
-        except zstandard.ZstdError as exc:
-            raise BlobError(f"corrupt zstd record: {exc}") from None
+        size = _zstd_into(payload, out, record=True)
     else:
         raise BlobError(f"unknown record codec {codec}")
     if size == 0 or (size < len(out) and not last):
@@ -268,21 +257,27 @@ def decode_blob_into(blob: bytes, sealer: Sealer | None, aad: bytes, out: bytear
     return _zstd_into(payload, view)
 
 
-def _zstd_into(payload: memoryview, view: memoryview) -> int:
+def _zstd_into(payload: memoryview, view: memoryview, *, record: bool = False) -> int:
     """Decode a zstd payload (one frame, or several read one after the other) into
     ``view``: its length; ``BlobError`` when it does not decode or is longer than
     ``view``. The one reading of a zstd blob, so that every reader (restore, verify,
-    copy) agrees on what a blob holds."""
+    copy) agrees on what a blob holds. ``record``: a framed blob's record, one zstd
+    frame only (what follows it makes the record longer than its frame)."""
+    what = "record" if record else "payload"
     size = 0
     try:
-        with _decompressor().stream_reader(payload, read_across_frames=True) as reader:
+        with _decompressor().stream_reader(payload, read_across_frames=not record) as reader:
             while size < len(view):
                 got = reader.readinto(view[size:])
                 if not got:
                     return size
                 size += got
             if reader.read(1):
-                raise BlobError(f"plaintext longer than {len(view)} bytes")
+                raise BlobError(
+                    f"record longer than a frame ({len(view)} bytes)"
+                    if record
+                    else f"plaintext longer than {len(view)} bytes"
+                )
     except zstandard.ZstdError as exc:
-        raise BlobError(f"corrupt zstd payload: {exc}") from None
+        raise BlobError(f"corrupt zstd {what}: {exc}") from None
     return size
