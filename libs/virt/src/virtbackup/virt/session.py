@@ -78,23 +78,35 @@ running() {
 started=0
 restarted=0
 if [ "$changed" = 1 ] && running; then
-  kill "$(cat "$pidf")"
+  # Wait for the old daemon's process to be gone, not only its socket: a new daemon
+  # started while the old one still holds the pid file's lock exits at once.
+  old=$(cat "$pidf")
+  kill "$old"
   i=0
-  while running && [ "$i" -lt "$limit" ]; do sleep 0.1; i=$((i + 1)); done
+  while kill -0 "$old" 2>/dev/null && [ "$i" -lt "$limit" ]; do sleep 0.1; i=$((i + 1)); done
   restarted=1
 fi
 if ! running; then
   daemon=$(command -v libvirtd || echo /usr/sbin/libvirtd)
   [ -x "$daemon" ] || { echo "libvirtd is not installed" >&2; exit 2; }
+  log="$cache/virtbackup/libvirtd-start.log"
+  launch() {
+    (cd / && "$daemon" --timeout="$idle" --daemon) </dev/null >"$log" 2>&1
+  }
   rm -f "$sock"
-  (cd / && "$daemon" --timeout="$idle" --daemon) </dev/null >/dev/null 2>&1
+  launch
   started=1
   i=0
   while ! running; do
     i=$((i + 1))
     if [ "$i" -gt "$limit" ]; then
-      echo "the session libvirtd did not create $sock in time" >&2
+      echo "the session libvirtd did not create $sock in time: $(tail -c 400 "$log" 2>/dev/null)" >&2
       exit 3
+    fi
+    # A daemon that exited (another one's lock not yet released, a transient failure) is
+    # started again, once a second, within the same limit.
+    if [ $((i % 10)) = 0 ] && ! pgrep -u "$(id -u)" -x libvirtd >/dev/null 2>&1; then
+      launch
     fi
     sleep 0.1
   done
