@@ -158,7 +158,8 @@ def ensure_libvirtd() -> None:
         subprocess.run(["chgrp", "kvm", str(kvm)], check=False)
         kvm.chmod(0o660)
     for daemon in ("virtlogd", "libvirtd"):
-        if subprocess.run(["pgrep", "-x", daemon], capture_output=True).returncode != 0:
+        # root's own: another user's session libvirtd (a test's second host) is not it
+        if subprocess.run(["pgrep", "-u", "0", "-x", daemon], capture_output=True).returncode != 0:
             say(f"starting {daemon}")
             run([daemon, "-d"])
     sock = Path("/var/run/libvirt/libvirt-sock")
