@@ -35,7 +35,7 @@ pytestmark = pytest.mark.libvirt
 
 KiB = 1 << 10
 MiB = 1 << 20
-CHUNK = 4 * MiB  # the repository's default
+CHUNK = 4 * MiB  # the repository is made with it: the geometry below is in its chunks
 FRAME = 256 * KiB
 SIZE = 34 * MiB + 300 * KiB  # 9 chunks, the last of 2 MiB + 300 KiB
 LAST = 8
@@ -70,6 +70,10 @@ async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
 async def api(sysm: System, repo_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
     other = vm_directory(prefix="vbtest-repo2-")
     STATE["other"] = other
+    made = await Repository.open_or_create(
+        FilesystemDriver(repo_dir / "VirtBackup"), chunk_size=CHUNK
+    )
+    await made.close()
     config = local_config(repo_dir)
     config["destinations"].append(
         {"id": "fs2", "name": "Other", "driverId": "filesystem", "params": {"path": str(other)}}

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.libvirt
 
 KiB = 1 << 10
 MiB = 1 << 20
-CHUNK = 4 * MiB  # the repository's default
+CHUNK = 4 * MiB  # the repository is made with it: the geometry below is in its chunks
 FRAME = 256 * KiB
 SIZE = 20 * MiB + 300 * KiB  # 6 chunks, the last of 300 KiB
 LAST = 5
@@ -56,7 +56,7 @@ async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
 
 async def made_with_format(root: Path, version: int) -> None:
     """A repository at ``root`` whose ``repository.json`` says ``version``."""
-    repo = await Repository.open_or_create(FilesystemDriver(root))
+    repo = await Repository.open_or_create(FilesystemDriver(root), chunk_size=CHUNK)
     await repo.close()
     config = json.loads((root / CONFIG_KEY).read_bytes())
     config["format"] = version

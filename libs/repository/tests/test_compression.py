@@ -16,7 +16,8 @@ from virtbackup.repository.repository import Repository, RepositoryError
 from virtbackup.storage.filesystem import FilesystemDriver
 
 LEGACY = Path(__file__).parent / "data" / "legacy-v1" / "plain"
-TEXT = b"".join(b"line %d of a text that compresses well\n" % i for i in range(60_000))
+#: 1.6 MB: within a chunk of any size a repository may have
+TEXT = b"".join(b"line %d of a text that compresses well\n" % i for i in range(40_000))
 
 
 async def test_the_level_is_recorded_at_creation_and_used_for_every_blob(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from virtbackup.repository.codec import (
     decode_blob_into,
     framed_records,
 )
-from virtbackup.repository.format import CONFIG_KEY, FORMAT_VERSION, chunk_key
+from virtbackup.repository.format import CONFIG_KEY, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, chunk_key
 from virtbackup.repository.repository import CorruptChunkError, Repository, RepositoryError
 from virtbackup.storage.filesystem import FilesystemDriver
 
@@ -251,7 +251,7 @@ async def test_a_framed_blob_claiming_more_than_a_chunk_is_damaged_not_allocated
     count = 4096
     head = struct.pack("<BBI", FRAMED, 26, count)
     blob = head + struct.pack(f"<{count}I", *([1] * count)) + bytes(count)  # RAW, empty
-    with pytest.raises(CorruptChunkError, match="longer than 4194304 bytes"):
+    with pytest.raises(CorruptChunkError, match=f"longer than {DEFAULT_CHUNK_SIZE} bytes"):
         repo.decode_chunk("0" * 64, blob)
     with pytest.raises(BlobError, match="longer than 67108864 bytes"):
         decode_blob(blob, None, b"")

@@ -14,12 +14,13 @@ import pytest
 import zstandard
 
 from virtbackup.repository.codec import ZSTD, BlobError, decode_blob
-from virtbackup.repository.format import chunk_key, quarantine_key
+from virtbackup.repository.format import DEFAULT_CHUNK_SIZE, chunk_key, quarantine_key
 from virtbackup.repository.repository import CorruptChunkError, Repository, RepositoryError
 from virtbackup.storage.filesystem import FilesystemDriver
 from virtbackup.testing.points import write_point
 
 MiB = 1 << 20
+CHUNK = DEFAULT_CHUNK_SIZE  # a new repository's
 
 
 def rle_frame(content: int, claimed: int) -> bytes:
@@ -35,7 +36,7 @@ def rle_frame(content: int, claimed: int) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("content", "claimed"), [(512 * MiB, 512 * MiB), (1024, 1 << 40), (1024, 4 * MiB + 1)]
+    ("content", "claimed"), [(512 * MiB, 512 * MiB), (1024, 1 << 40), (1024, CHUNK + 1)]
 )
 async def test_a_zstd_blob_claiming_more_than_a_chunk_is_damaged_not_allocated(
     tmp_path: Path, content: int, claimed: int
@@ -46,8 +47,8 @@ async def test_a_zstd_blob_claiming_more_than_a_chunk_is_damaged_not_allocated(
     chunk_id = "ab" * 32
     with pytest.raises(CorruptChunkError, match=f"zstd frame of {claimed} bytes, longer than"):
         repo.decode_chunk(chunk_id, blob)
-    with pytest.raises(BlobError, match="longer than 4194304 bytes"):
-        decode_blob(blob, None, b"", 4 * MiB)
+    with pytest.raises(BlobError, match=f"longer than {CHUNK} bytes"):
+        decode_blob(blob, None, b"", CHUNK)
     # Verify's proof reads it again the same way: it is moved aside, not a crash.
     await repo.driver.put(chunk_key(chunk_id), blob)
     assert await repo.quarantine_chunk(chunk_id)
@@ -56,7 +57,7 @@ async def test_a_zstd_blob_claiming_more_than_a_chunk_is_damaged_not_allocated(
 
 async def test_a_zstd_blob_of_a_whole_chunk_still_decodes(tmp_path: Path) -> None:
     repo = await Repository.open_or_create(FilesystemDriver(tmp_path))
-    data = b"a" * (4 * MiB)
+    data = b"a" * CHUNK
     blob = bytes([ZSTD]) + rle_frame(len(data), len(data))
     assert repo.decode_chunk(repo.chunk_id(data), blob) == data
 
@@ -91,7 +92,7 @@ async def test_verify_and_restore_read_a_zstd_blob_of_several_frames_alike(tmp_p
     followed by another passed verify and failed every restore, and a chunk stored as two
     frames was quarantined by verify though a restore read it right."""
     repo = await Repository.open_or_create(FilesystemDriver(tmp_path))
-    data = os.urandom(3000) * 700  # 2 MiB, one chunk
+    data = os.urandom(3000) * (CHUNK // 3000)  # one chunk
     chunk_id = repo.chunk_id(data)
     comp = zstandard.ZstdCompressor()
     halves = (

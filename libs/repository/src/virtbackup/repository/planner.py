@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from virtbackup.contracts.v1.inventory import STATE_DIRTY, STATE_ZERO
-from virtbackup.contracts.v1.work import ChunkRef, PartialChunk
+from virtbackup.contracts.v1.work import PartialChunk
 from virtbackup.repository.records import DiskManifest, chunk_count
 
 
@@ -26,9 +26,16 @@ class Extent(Protocol):
     def flags(self) -> int: ...
 
 
-#: Chunks per transfer unit (64 MiB at the default 4 MiB chunk size): big enough to keep
-#: a worker's pipeline full, small enough to spread a disk over many workers.
-UNIT_CHUNKS = 16
+#: Bytes of a disk per transfer unit (16 chunks of 4 MiB, 32 of 2 MiB): big enough to keep
+#: a worker's pipeline full, small enough to spread a disk over many workers. In bytes,
+#: not chunks, so that a repository's chunk size does not change how much one unit holds,
+#: nor how many units (bus messages, an export flush each for a restore) a disk takes.
+UNIT_BYTES: Final = 64 << 20
+
+
+def unit_chunks(chunk_size: int) -> int:
+    """Chunks of ``chunk_size`` bytes per transfer unit: ``UNIT_BYTES`` of them, at least 1."""
+    return max(1, UNIT_BYTES // chunk_size)
 
 
 def chunks_touched(extents: Iterable[Extent], chunk_size: int, wanted: int, mask: int) -> set[int]:
@@ -97,8 +104,8 @@ def dirty_ranges(
     return out
 
 
-def group_units(indices: Iterable[int], per_unit: int = UNIT_CHUNKS) -> list[list[int]]:
-    """Sorted chunk indices cut into units of at most ``per_unit``.
+def group_units(indices: Iterable[int], per_unit: int) -> list[list[int]]:
+    """Sorted chunk indices cut into units of at most ``per_unit`` (:func:`unit_chunks`).
 
     A unit need not be contiguous: after scattered guest writes, runs broken at every
     gap made units of one or two chunks, and a worker's few units in flight then held
@@ -106,12 +113,6 @@ def group_units(indices: Iterable[int], per_unit: int = UNIT_CHUNKS) -> list[lis
     scattered chunks took 146 units and 1.8 s; packed, it takes 12 units)."""
     ordered = sorted(indices)
     return [ordered[i : i + per_unit] for i in range(0, len(ordered), per_unit)]
-
-
-def group_refs(refs: Sequence[ChunkRef], per_unit: int = UNIT_CHUNKS) -> list[list[ChunkRef]]:
-    """Non-zero chunk refs cut into units of at most ``per_unit``."""
-    stored = [r for r in refs if r.id is not None]
-    return [list(stored[i : i + per_unit]) for i in range(0, len(stored), per_unit)]
 
 
 @dataclass

@@ -100,7 +100,8 @@ if ! running; then
   while ! running; do
     i=$((i + 1))
     if [ "$i" -gt "$limit" ]; then
-      echo "the session libvirtd did not create $sock in time: $(tail -c 400 "$log" 2>/dev/null)" >&2
+      why=$(tail -c 400 "$log" 2>/dev/null)
+      echo "the session libvirtd did not create $sock in time: $why" >&2
       exit 3
     fi
     # A daemon that exited (another one's lock not yet released, a transient failure) is

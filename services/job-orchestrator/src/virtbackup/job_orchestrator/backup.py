@@ -51,6 +51,7 @@ from virtbackup.job_orchestrator.planner import (
     group_units,
     partial_max_fraction,
     plan_disk,
+    unit_chunks,
 )
 from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.job_orchestrator.state_files import capture, capture_into
@@ -170,7 +171,7 @@ def backup_units(job_id: str, destination_id: str, plans: list[DiskPlan]) -> lis
     read, :func:`group_units` at a time, with those that may be read in part."""
     units: list[TransferUnit] = []
     for disk in plans:
-        for indices in group_units(disk.read):
+        for indices in group_units(disk.read, unit_chunks(disk.chunk_size)):
             units.append(
                 TransferUnit(
                     job_id=job_id,

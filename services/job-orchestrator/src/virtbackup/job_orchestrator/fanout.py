@@ -31,7 +31,7 @@ from typing import Any
 
 from virtbackup.contracts.v1.jobs import Job
 from virtbackup.contracts.v1.work import PartialChunk, TransferUnit, UnitResult
-from virtbackup.job_orchestrator.planner import DiskPlan, group_units
+from virtbackup.job_orchestrator.planner import DiskPlan, group_units, unit_chunks
 
 #: ``Job.params`` key of the extra destinations, in request order.
 PARAM: str = "alsoDestinationIds"
@@ -108,7 +108,7 @@ class FanOut:
             for index in sorted(needed):
                 groups.setdefault(tuple(needed[index]), []).append(index)
             for dests, indices in groups.items():
-                for chunk_group in group_units(indices):
+                for chunk_group in group_units(indices, unit_chunks(disk.chunk_size)):
                     partial = disk.partial_of(chunk_group) if dests[0] == own else []
                     self._add(disk, list(dests), chunk_group, partial)
 

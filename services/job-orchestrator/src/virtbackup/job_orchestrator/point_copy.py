@@ -11,7 +11,7 @@
    be swept before the point naming it is committed. The source point is in use while
    the job runs (a delete of it is a 409 naming the job), so its chunks stay.
 3. Transfer workers copy the chunks the point names (disks and state files), units of
-   ``UNIT_CHUNKS`` distinct chunks: each is read and decoded from the source (checked
+   ``unit_chunks`` (64 MiB of) distinct chunks: each is read and decoded from the source (checked
    against its id), takes its id in the target (another one when either repository is
    encrypted: ids are keyed there), and is stored compressed and sealed as the target
    does, unless the target has it. When both repositories are unencrypted (same ids), a
@@ -38,7 +38,7 @@ from virtbackup.contracts.v1.work import ChunkRef, TransferUnit, UnitResult
 from virtbackup.job_orchestrator.errors import JobFailed
 from virtbackup.job_orchestrator.jobctx import JobContext
 from virtbackup.job_orchestrator.locks import point_folder_lock
-from virtbackup.job_orchestrator.planner import UNIT_CHUNKS
+from virtbackup.job_orchestrator.planner import unit_chunks
 from virtbackup.repository.format import vm_segment, xml_path
 from virtbackup.repository.records import DiskManifest, RestorePoint
 from virtbackup.repository.repository import NoRepositoryError, Repository, RepositoryError
@@ -134,9 +134,10 @@ def chunk_list(point: RestorePoint, manifests: list[DiskManifest]) -> list[str]:
 def copy_units(
     job_id: str, source: str, target: str, chunk_size: int, ids: list[str]
 ) -> list[TransferUnit]:
-    """``ids`` cut into copy units of ``UNIT_CHUNKS``; ``ChunkRef.index`` is the id's
-    position in ``ids``."""
+    """``ids`` cut into copy units of :func:`unit_chunks` of ``chunk_size``;
+    ``ChunkRef.index`` is the id's position in ``ids``."""
     refs = [ChunkRef(index=i, id=c) for i, c in enumerate(ids)]
+    per_unit = unit_chunks(chunk_size)
     return [
         TransferUnit(
             job_id=job_id,
@@ -145,9 +146,9 @@ def copy_units(
             destination_id=source,
             target_destination_id=target,
             chunk_size=chunk_size,
-            chunks=refs[start : start + UNIT_CHUNKS],
+            chunks=refs[start : start + per_unit],
         )
-        for n, start in enumerate(range(0, len(refs), UNIT_CHUNKS))
+        for n, start in enumerate(range(0, len(refs), per_unit))
     ]
 
 

@@ -35,7 +35,7 @@ from virtbackup.contracts.v1.state import StagedState
 from virtbackup.contracts.v1.work import BadChunk, ChunkRef, TransferUnit, UnitResult
 from virtbackup.job_orchestrator.errors import JobFailed, SanityFailed
 from virtbackup.job_orchestrator.jobctx import JobContext
-from virtbackup.job_orchestrator.planner import UNIT_CHUNKS
+from virtbackup.job_orchestrator.planner import unit_chunks
 from virtbackup.job_orchestrator.progress import update_job
 from virtbackup.job_orchestrator.state_files import chunk_owners, stage, state_summary
 from virtbackup.job_orchestrator.verify_units import verify_units
@@ -388,7 +388,7 @@ def _refs(manifest: DiskManifest) -> list[ChunkRef]:
 def _restore_units(
     job: Job, manifests: list[DiskManifest], targets: list[RestoreTarget]
 ) -> list[TransferUnit]:
-    """Units of up to ``UNIT_CHUNKS`` chunks per disk. Zero chunks are left out for a
+    """Units of up to :func:`unit_chunks` chunks per disk. Zero chunks are left out for a
     fresh image (they read as zeros already) and sent, to be written as zeros, for a
     target that is not (a block device written in place: it holds old data)."""
     assert job.destination_id
@@ -397,7 +397,8 @@ def _restore_units(
     for manifest in manifests:
         target = by_target[manifest.target]
         refs = [r for r in _refs(manifest) if r.id is not None or not target.fresh]
-        for start in range(0, len(refs), UNIT_CHUNKS):
+        per_unit = unit_chunks(manifest.chunk_size)
+        for start in range(0, len(refs), per_unit):
             units.append(
                 TransferUnit(
                     job_id=job.id,
@@ -408,7 +409,7 @@ def _restore_units(
                     disk_size=manifest.size,
                     chunk_size=manifest.chunk_size,
                     nbd_url=target.nbd_url,
-                    chunks=refs[start : start + UNIT_CHUNKS],
+                    chunks=refs[start : start + per_unit],
                 )
             )
     return units

@@ -58,12 +58,19 @@ log = logging.getLogger(__name__)
 #: compressing (2.7-2.9 CPU s), not on the disk. 4 would hold half the buffers (a full
 #: backup's worker peaked at 170-182 MiB against 212-249 MiB with 8) but was slower end
 #: to end: whole full backups through the services, two workers, nine interleaved
-#: pairs, median 6.6 s against 5.7 s, slower in six.
-CHUNKS_IN_FLIGHT = 8
+#: pairs, median 6.6 s against 5.7 s, slower in six. Counted in bytes
+#: (:func:`in_flight`): 8 chunks of 4 MiB, 16 of 2 MiB, so that a smaller chunk size
+#: keeps the same bytes in flight (at 2 MiB, 8 chunks halved the pipeline's depth).
+IN_FLIGHT_BYTES = 32 << 20
+#: :data:`IN_FLIGHT_BYTES` in chunks of 4 MiB (the stage benchmark's depth).
+CHUNKS_IN_FLIGHT = IN_FLIGHT_BYTES // (4 << 20)
 #: Chunks of one restore unit in flight at once. Each holds its blob and its plaintext
 #: until the export has written it. On the benchmark restore (2 workers, 2 units each)
 #: 8 took a worker to 270-305 MiB, 4 to 190-200 MiB, at the same speed and with less
 #: CPU: the export (qemu-nbd, one thread), not the depth of this pipeline, sets the pace.
+#: In bytes too (:func:`in_flight`): 4 chunks of 4 MiB, 8 of 2 MiB.
+RESTORE_IN_FLIGHT_BYTES = 16 << 20
+#: Pieces of a migration unit in flight at once (see ``migrate_unit``).
 RESTORE_CHUNKS_IN_FLIGHT = 4
 #: The most bytes of chunk buffers a worker holds at once, whatever the configuration's
 #: ``hashblocksLimitBufferMb`` (default 1024) allows: the full backup's 16 chunks in
@@ -74,6 +81,11 @@ RESTORE_CHUNKS_IN_FLIGHT = 4
 CHUNK_MEMORY_CAP = 64 << 20
 #: Beyond this many remembered ids (about 100 MiB), a worker forgets and asks again.
 KNOWN_CHUNKS_LIMIT = 1_000_000
+
+
+def in_flight(chunk_size: int, nbytes: int = IN_FLIGHT_BYTES) -> int:
+    """Chunks of ``chunk_size`` bytes a unit keeps in flight: ``nbytes`` of them, at least 1."""
+    return max(1, nbytes // chunk_size) if chunk_size > 0 else 1
 
 
 def chunk_budget(configured: int) -> int:
@@ -163,9 +175,7 @@ def _analyze(repo: Repository, data: bytearray) -> str | None:
     return repo.chunk_id(data)
 
 
-async def _bounded(
-    items: list[T], fn: Callable[[T], Awaitable[None]], in_flight: int = CHUNKS_IN_FLIGHT
-) -> None:
+async def _bounded(items: list[T], fn: Callable[[T], Awaitable[None]], in_flight: int) -> None:
     """``fn`` on every item, in order, ``in_flight`` at a time."""
     queue: asyncio.Queue[T] = asyncio.Queue()
     for item in items:
@@ -521,7 +531,7 @@ async def backup_unit(
             )
             target.error = f"{type(exc).__name__}: {exc}"
 
-    await _bounded(unit.indices, one)
+    await _bounded(unit.indices, one, in_flight(unit.chunk_size))
     own = targets[0]
     return UnitResult(
         job_id=unit.job_id,
@@ -598,7 +608,7 @@ async def copy_unit(
             counters["stored"] += into.stored
             counters["dedup"] += into.dedup
 
-    await _bounded(unit.chunks, one)
+    await _bounded(unit.chunks, one, in_flight(unit.chunk_size or source.chunk_size))
     return UnitResult(
         job_id=unit.job_id,
         unit=unit.unit,
@@ -650,7 +660,7 @@ async def restore_unit(
                 uctx.buffers.give(buf)
             counters["written"] += length
 
-    await _bounded(unit.chunks, one, RESTORE_CHUNKS_IN_FLIGHT)
+    await _bounded(unit.chunks, one, in_flight(unit.chunk_size, RESTORE_IN_FLIGHT_BYTES))
     await nbd.flush()
     return UnitResult(
         job_id=unit.job_id,
@@ -697,7 +707,7 @@ async def verify_unit(unit: TransferUnit, repo: Repository, uctx: UnitContext) -
             except CorruptChunkError as exc:
                 bad.append(BadChunk(id=chunk_id, problem="corrupt", detail=exc.reason))
 
-    await _bounded(unit.chunks, one)
+    await _bounded(unit.chunks, one, in_flight(unit.chunk_size or repo.chunk_size))
     return UnitResult(
         job_id=unit.job_id,
         unit=unit.unit,
