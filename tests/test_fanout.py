@@ -27,6 +27,7 @@ import httpx
 import pytest
 from harness import System, running_system, same, snapshot, wait_job
 
+from virtbackup.repository.format import DEFAULT_CHUNK_SIZE
 from virtbackup.repository.repository import Repository
 from virtbackup.storage.filesystem import FilesystemDriver
 from virtbackup.testing.seaweedfs import SeaweedServer
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.libvirt
 
 MiB = 1 << 20
 SIZE = 64 * MiB
-CHUNK = 4 * MiB
+CHUNK = DEFAULT_CHUNK_SIZE  # the repository's (the geometry below is in its chunks)
 VM = f"vbt-fan-{os.getpid()}"
 #: Every job holds this long before it commits (so a GC can be aimed at a copy).
 HOLD = 1.5
@@ -55,7 +56,7 @@ def second_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 async def odd_dir() -> AsyncIterator[Path]:
-    """A filesystem destination whose repository has 1 MiB chunks (the others 4 MiB)."""
+    """A filesystem destination whose repository has 1 MiB chunks (the others the default)."""
     path = vm_directory(prefix="vbtest-repo3-")
     repo = await Repository.open_or_create(
         FilesystemDriver(path / "VirtBackup"), chunk_size=1 * MiB
@@ -187,7 +188,7 @@ async def test_a_full_backup_to_two_destinations_reads_once(
 ) -> None:
     for index, pattern in ((0, 0x11), (3, 0x22), (9, 0x33)):
         await guest_write(conn, VM, "vda", index * CHUNK, CHUNK, pattern=pattern)
-    await guest_write(conn, VM, "vda", 12 * CHUNK + 4096, 3 * MiB, pattern=0x44)
+    await guest_write(conn, VM, "vda", 12 * CHUNK + 4096, CHUNK * 3 // 4, pattern=0x44)
     STATE["snaps"][1] = snapshot(vm, tmp_path_factory.mktemp("snap1"))[0]
     job = await backup(api, ["s3"])
     assert job["state"] == "success", job

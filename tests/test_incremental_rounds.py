@@ -22,7 +22,7 @@ import pytest
 from harness import System, backup_ok, local_config, running_system, same, snapshot, wait_job
 
 from virtbackup.repository.codec import FRAMED, framed_records
-from virtbackup.repository.format import chunk_key
+from virtbackup.repository.format import DEFAULT_CHUNK_SIZE, chunk_key
 from virtbackup.repository.repository import Repository
 from virtbackup.storage.filesystem import FilesystemDriver
 from virtbackup.testing.vms import SmallVm, guest_write, made_vm
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.libvirt
 KiB = 1 << 10
 MiB = 1 << 20
 SIZE = 64 * MiB
-CHUNK = 4 * MiB  # the repository's default
+CHUNK = DEFAULT_CHUNK_SIZE  # the repository's (the geometry below is in its chunks)
 GRANULE = 64 * KiB  # the dirty bitmap's (the qcow2 cluster size)
 VM = f"vbt-incr-{os.getpid()}"
 ROUNDS = 6
@@ -143,8 +143,8 @@ async def test_rounds_of_unaligned_writes_restore_bit_identical(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     rng = random.Random(13)
-    for index in range(16):  # content in every chunk: parents that are not zero
-        await guest_write(conn, VM, "vda", index * CHUNK + 777, 3 * MiB, pattern=index + 1)
+    for index in range(SIZE // CHUNK):  # content in every chunk: parents that are not zero
+        await guest_write(conn, VM, "vda", index * CHUNK + 777, CHUNK * 3 // 4, pattern=index + 1)
     full = await backup(api)
     assert full["message"].startswith("full backup"), full["message"]
     snaps = [snapshot(vm, tmp_path_factory.mktemp("round0"))[0]]

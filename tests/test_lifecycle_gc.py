@@ -26,7 +26,12 @@ import pytest
 from harness import System, local_config, running_system, same, snapshot, wait_job
 
 from virtbackup.contracts.v1.points import point_id
-from virtbackup.repository.format import chunk_key, quarantine_key, record_key
+from virtbackup.repository.format import (
+    DEFAULT_CHUNK_SIZE,
+    chunk_key,
+    quarantine_key,
+    record_key,
+)
 from virtbackup.repository.repository import Repository
 from virtbackup.repository.verification import read_verification
 from virtbackup.storage.filesystem import FilesystemDriver
@@ -37,7 +42,7 @@ pytestmark = pytest.mark.libvirt
 
 MiB = 1 << 20
 SIZE = 64 * MiB
-CHUNK = 4 * MiB  # the repository's default
+CHUNK = DEFAULT_CHUNK_SIZE  # the repository's (the geometry below is in its chunks)
 VM = f"vbt-gc-{os.getpid()}"
 OTHER = f"vbt-gc2-{os.getpid()}"
 #: Every backup holds this long with its chunks stored, before it commits.
@@ -160,7 +165,7 @@ async def test_backups_deduplicating_against_old_chunks_run_during_gc(
 ) -> None:
     vm, other = vms
     for index in range(SIZE // CHUNK):  # content in every chunk
-        await guest_write(conn, VM, "vda", index * CHUNK + 99, 2 * MiB, pattern=index + 1)
+        await guest_write(conn, VM, "vda", index * CHUNK + 99, CHUNK // 2, pattern=index + 1)
     await succeeded(api, await start_backup(api, VM))
     STATE["snaps"][0] = snapshot(vm, tmp_path_factory.mktemp("p0"))[0]
 

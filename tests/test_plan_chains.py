@@ -24,6 +24,7 @@ import httpx
 import pytest
 from harness import System, running_system, same, snapshot, wait_job
 
+from virtbackup.repository.format import DEFAULT_CHUNK_SIZE
 from virtbackup.testing.seaweedfs import SeaweedServer
 from virtbackup.testing.vms import SmallVm, create_vm, guest_write, remove_vm, vm_directory
 from virtbackup.virt import Connection
@@ -31,7 +32,7 @@ from virtbackup.virt import Connection
 pytestmark = pytest.mark.libvirt
 
 MiB = 1 << 20
-CHUNK = 4 * MiB
+CHUNK = DEFAULT_CHUNK_SIZE  # the repository's (the geometry below is in its chunks)
 PID = os.getpid()
 VM_A = f"vbt-chain-a-{PID}"
 VM_B = f"vbt-chain-b-{PID}"

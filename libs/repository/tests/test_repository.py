@@ -12,7 +12,9 @@ import pytest
 from virtbackup.repository.codec import FRAME_SIZE
 from virtbackup.repository.format import (
     CONFIG_KEY,
+    DEFAULT_CHUNK_SIZE,
     FORMAT_VERSION,
+    LEGACY_CHUNK_SIZE,
     chunk_key,
     manifest_key,
     parse_xml_key,
@@ -288,3 +290,25 @@ async def test_a_repository_of_a_newer_format_is_refused_and_left_alone(
     with pytest.raises(RepositoryError, match=f"repository format {version} is newer"):
         await Repository.open_or_create(FilesystemDriver(tmp_path))
     assert json.loads((tmp_path / CONFIG_KEY).read_bytes())["format"] == version
+
+
+async def test_the_chunk_size_is_the_repositorys_own_whatever_the_default(tmp_path: Path) -> None:
+    """A new repository records the default chunk size; one made with another keeps it;
+    a ``repository.json`` without ``chunkSize`` (none was written so, but a hand-made or
+    foreign one may be) is read as 4 MiB, what every repository had before the default
+    became 2 MiB, never as today's default: the wrong size would misplace every chunk."""
+    new = await Repository.open_or_create(FilesystemDriver(tmp_path / "new"))
+    assert new.chunk_size == DEFAULT_CHUNK_SIZE == 2 << 20
+    await new.close()
+    recorded = json.loads((tmp_path / "new" / CONFIG_KEY).read_bytes())
+    assert recorded["chunkSize"] == DEFAULT_CHUNK_SIZE
+    old = await Repository.open_or_create(FilesystemDriver(tmp_path / "old"), chunk_size=4 << 20)
+    await old.close()
+    reopened = await Repository.open(FilesystemDriver(tmp_path / "old"))
+    assert reopened.chunk_size == 4 << 20
+    await reopened.close()
+    del recorded["chunkSize"]
+    (tmp_path / "new" / CONFIG_KEY).write_text(json.dumps(recorded))
+    bare = await Repository.open(FilesystemDriver(tmp_path / "new"))
+    assert bare.chunk_size == LEGACY_CHUNK_SIZE == 4 << 20
+    await bare.close()
