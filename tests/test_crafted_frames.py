@@ -70,10 +70,11 @@ async def vm(conn: Connection) -> AsyncIterator[SmallVm]:
 async def api(sysm: System, repo_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
     other = vm_directory(prefix="vbtest-repo2-")
     STATE["other"] = other
-    made = await Repository.open_or_create(
-        FilesystemDriver(repo_dir / "VirtBackup"), chunk_size=CHUNK
-    )
-    await made.close()
+    for root in (repo_dir, other):  # a copy needs equal chunk sizes
+        made = await Repository.open_or_create(
+            FilesystemDriver(root / "VirtBackup"), chunk_size=CHUNK
+        )
+        await made.close()
     config = local_config(repo_dir)
     config["destinations"].append(
         {"id": "fs2", "name": "Other", "driverId": "filesystem", "params": {"path": str(other)}}
