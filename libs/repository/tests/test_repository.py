@@ -312,3 +312,23 @@ async def test_the_chunk_size_is_the_repositorys_own_whatever_the_default(tmp_pa
     bare = await Repository.open(FilesystemDriver(tmp_path / "new"))
     assert bare.chunk_size == LEGACY_CHUNK_SIZE == 4 << 20
     await bare.close()
+
+
+@pytest.mark.parametrize("size", [0, -1, 1, 3, 3 << 20, 32 << 10, 128 << 20, 1 << 40])
+async def test_a_chunk_size_out_of_bounds_is_refused_on_read_and_on_create(
+    tmp_path: Path, size: int
+) -> None:
+    """A ``chunkSize`` that is not a power of two from 64 KiB to 64 MiB: ``open`` refuses
+    the repository naming the field (a hostile or hand-edited ``repository.json``; a
+    negative one made ``store_bytes`` return no chunks without an error), and
+    ``open_or_create`` makes none (0 was taken as "the default")."""
+    repo = await Repository.open_or_create(FilesystemDriver(tmp_path / "r"))
+    await repo.close()
+    config = json.loads((tmp_path / "r" / CONFIG_KEY).read_bytes())
+    config["chunkSize"] = size
+    (tmp_path / "r" / CONFIG_KEY).write_text(json.dumps(config))
+    with pytest.raises(RepositoryError, match="chunkSize"):
+        await Repository.open(FilesystemDriver(tmp_path / "r"))
+    with pytest.raises(ValueError, match="chunkSize"):
+        await Repository.open_or_create(FilesystemDriver(tmp_path / "new"), chunk_size=size)
+    assert not (tmp_path / "new" / CONFIG_KEY).exists()

@@ -47,6 +47,24 @@ DEFAULT_CHUNK_SIZE: Final = 2 << 20
 #: made with 4 MiB before the default changed, so one without the field is read as that,
 #: never as whatever the default is now.
 LEGACY_CHUNK_SIZE: Final = 4 << 20
+#: The chunk sizes a repository may have: a power of two from 64 KiB to 64 MiB. The
+#: chunk size is also the decoder's output bound, and the planner and the inventory's
+#: extent maps divide by it: 0, a negative or an odd size would fail later or store
+#: nothing (a negative one made ``store_bytes`` return no chunks, "successfully").
+MIN_CHUNK_SIZE: Final = 64 << 10
+MAX_CHUNK_SIZE: Final = 64 << 20
+
+
+def check_chunk_size(size: int) -> int:
+    """``size`` if it is a power of two from MIN_CHUNK_SIZE to MAX_CHUNK_SIZE, else
+    ``ValueError`` naming ``chunkSize``."""
+    if not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE or size & (size - 1):
+        raise ValueError(
+            f"chunkSize {size}: a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE} bytes"
+        )
+    return size
+
+
 #: zstd level of a new repository's chunks (``compressionLevel``). Level 1 is the only
 #: one whose stored bytes stay within the peer's (``virtnbdbackup -z``) on the benchmark's
 #: full + incremental backups; faster (negative) levels save up to a quarter of the
@@ -108,6 +126,10 @@ class RepositoryConfig(msgspec.Struct, frozen=True, kw_only=True, rename="camel"
         int, msgspec.Meta(ge=MIN_COMPRESSION_LEVEL, le=MAX_COMPRESSION_LEVEL)
     ] = DEFAULT_COMPRESSION_LEVEL
     encryption: Encryption | None = None
+
+    def __post_init__(self) -> None:
+        # msgspec turns this ValueError into a ValidationError when decoding.
+        check_chunk_size(self.chunk_size)
 
 
 def check_id(chunk_id: str) -> str:

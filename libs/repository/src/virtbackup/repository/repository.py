@@ -57,6 +57,7 @@ from virtbackup.repository.format import (
     Encryption,
     KdfParams,
     RepositoryConfig,
+    check_chunk_size,
     check_id,
     chunk_key,
     manifest_key,
@@ -179,7 +180,10 @@ class Repository:
         """Open the repository, creating it on first use (encrypted if a passphrase is
         given) with ``chunk_size`` and the zstd ``compression_level`` (``None``: the
         defaults; both are fixed at creation and ignored for an existing repository).
-        ``ValueError`` for a level outside ``MIN_COMPRESSION_LEVEL..MAX_COMPRESSION_LEVEL``."""
+        ``ValueError`` for a level outside ``MIN_COMPRESSION_LEVEL..MAX_COMPRESSION_LEVEL``
+        or a chunk size :func:`check_chunk_size` refuses (0 included)."""
+        if chunk_size is not None:
+            check_chunk_size(chunk_size)
         level = DEFAULT_COMPRESSION_LEVEL if compression_level is None else compression_level
         if not MIN_COMPRESSION_LEVEL <= level <= MAX_COMPRESSION_LEVEL:
             raise ValueError(
@@ -205,7 +209,7 @@ class Repository:
             created_at=_now(),
             hash="blake3-keyed" if encryption else "blake3",
             encryption=encryption,
-            chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+            chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
             compression_level=level,
         )
         await driver.put(CONFIG_KEY, msgspec.json.encode(config))
