@@ -50,6 +50,7 @@ if __package__ in (None, ""):
 
 from bench import measure, peer, report, vb
 from bench.measure import Monitor, Usage
+from virtbackup.repository.format import check_chunk_size
 from virtbackup.virt import Connection, open_connection
 
 MiB: Final = 1 << 20
@@ -99,10 +100,11 @@ def parse_size(text: str) -> int:
 
 
 def chunk_size_arg(text: str) -> int:
-    size = parse_size(text)
-    if size < 64 * 1024 or size > 64 * MiB or size & (size - 1):
-        raise argparse.ArgumentTypeError("--chunk-size: a power of two from 64K to 64M")
-    return size
+    """A ``--chunk-size`` the repository accepts (``format.check_chunk_size``)."""
+    try:
+        return check_chunk_size(parse_size(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def steps_arg(text: str) -> tuple[str, ...]:
