@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import secrets
+import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -250,6 +253,93 @@ async def test_a_stopped_export_counts_as_gone_once_it_has_exited(
     assert bystander.poll() is None
     assert not (tmp_path / "export.pid").exists()
     assert not (tmp_path / "stale.pid").exists()
+
+
+#: A stand-in for a qemu-nbd stopped during a flush (its argv names qemu-nbd, as the
+#: stop script checks): a thread takes the image's lock and keeps it for ``argv[2]``
+#: seconds (a slow ``fdatasync``). On SIGTERM the main thread ends (``pthread_exit``), so
+#: the process shows as a zombie while that thread still has the image, as qemu-nbd's
+#: main thread leaves while a thread of its pool is still in the kernel. ``argv[3]``
+#: ``ignore`` ignores SIGTERM instead (a flush that never ends: only SIGKILL stops it).
+#: Real qemu-nbd cannot be made to stall in the kernel on demand here.
+_HELD_BY_A_THREAD = """
+import ctypes, fcntl, signal, sys, threading, time
+image, seconds, mode = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+def leave(signum, frame):
+    ctypes.CDLL(None).pthread_exit(None)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "ignore" else leave)
+locked = threading.Event()
+def flush():
+    with open(image, "r+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        locked.set()
+        time.sleep(seconds)
+threading.Thread(target=flush).start()
+locked.wait()
+print("locked", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _locked(path: Path) -> bool:
+    with path.open("r+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def _start_holder(tmp_path: Path, seconds: float, mode: str) -> subprocess.Popen[bytes]:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * 4096)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HELD_BY_A_THREAD, str(image), str(seconds), mode, "qemu-nbd"],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"locked\n"
+    assert _locked(image)
+    (tmp_path / "export.pid").write_text(f"{proc.pid}\n")
+    return proc
+
+
+async def test_a_stopped_export_has_gone_only_once_no_thread_holds_the_image(
+    server: HostServer, tmp_path: Path
+) -> None:
+    """A qemu-nbd whose main thread has exited while a thread of its pool still flushes
+    the image shows as a zombie but still holds the image's lock: the stop waits for the
+    last thread (a VM started right after a restore failed with "Failed to get write
+    lock" on a loaded machine)."""
+    proc = _start_holder(tmp_path, 3, "default")
+    target = RestoreTarget(
+        target="vda", path=str(tmp_path / "disk.img"), temp_path="",
+        nbd_url="nbd+unix:///x?socket=/nowhere", pid_file=str(tmp_path / "export.pid"),
+    )  # fmt: skip
+    try:
+        await restores._teardown(await server.host(), "job-held", [target], remove=False)
+        assert not _locked(tmp_path / "disk.img")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_an_export_that_ignores_sigterm_is_killed_and_then_gone(
+    server: HostServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export still there ``STOP_TERM_SECONDS`` after SIGTERM gets SIGKILL, and the
+    stop returns once the image is free."""
+    monkeypatch.setattr(restores, "STOP_TERM_SECONDS", 1)
+    proc = _start_holder(tmp_path, 600, "ignore")
+    try:
+        await restores.stop_exports(await server.host(), [str(tmp_path / "export.pid")])
+        assert not _locked(tmp_path / "disk.img")
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def _links_after(fd: int, seconds: float) -> int:

@@ -57,7 +57,7 @@ from virtbackup.inventory.backups import NBD_TIMEOUT, REMOTE_NBD_PORTS
 from virtbackup.inventory.credentials import ExportCredentials
 from virtbackup.inventory.extents import DiskMaps, fit, read_maps
 from virtbackup.inventory.hosts import HostServer
-from virtbackup.inventory.restores import _STOP_EXPORTS, EXPORT_MALLOC, IO_MODES
+from virtbackup.inventory.restores import EXPORT_MALLOC, IO_MODES, stop_exports
 from virtbackup.nbd import NbdError, NbdUri
 from virtbackup.runtime.errors import BadRequest
 from virtbackup.virt import check_chain, get_domain
@@ -246,7 +246,7 @@ async def _stop(host: Host, export_dir: str) -> None:
     )
     pids = [p for p in listed.stdout.split("\0") if p] if listed.returncode == 0 else []
     if pids:
-        await host.run(["sh", "-c", _STOP_EXPORTS, "stop-exports", *pids], timeout=30)
+        await stop_exports(host, pids)
     await host.run(["rm", "-rf", "--", export_dir], timeout=30)
 
 

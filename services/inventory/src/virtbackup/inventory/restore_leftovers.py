@@ -38,10 +38,11 @@ from virtbackup.contracts.v1.jobs import ACTIVE_STATES
 from virtbackup.inventory import ownership, state_files
 from virtbackup.inventory.hosts import HostServer
 from virtbackup.inventory.restores import (
-    _STOP_EXPORTS,
     EXPORT_OWNER,
     EXPORT_PID,
     ExportOwner,
+    ExportsDidNotStop,
+    stop_exports,
 )
 from virtbackup.runtime.errors import ServiceError
 from virtbackup.virt.errors import VirtError
@@ -109,7 +110,8 @@ async def reconcile(
             pending.add(owner.job_id)
             continue
         pid = posixpath.join(path, EXPORT_PID)
-        await host.run(["sh", "-c", _STOP_EXPORTS, "stop-exports", pid], timeout=30)
+        with contextlib.suppress(ExportsDidNotStop):
+            await stop_exports(host, [pid])
         line = f"stopped the restore export {path} of job {owner.job_id} ({state or 'unknown'})"
         if image := _image_of(owner):
             removed = await host.run(["rm", "-f", "--", image], timeout=60)

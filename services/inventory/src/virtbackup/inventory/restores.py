@@ -41,6 +41,7 @@ import contextlib
 import posixpath
 import random
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 
 import msgspec
 
@@ -606,29 +607,88 @@ async def _drop_pid_dir(host: Host, target: RestoreTarget) -> None:
             await host.run(["rmdir", "--", private], timeout=30)
 
 
-#: Stops the exports whose pid files are the arguments and waits (up to 10 s) until each
-#: process has exited: a zombie counts as gone (it has closed the image and released
-#: its locks; when its parent is an init that reaps late, ``kill -0`` would keep
-#: seeing it: 1.2 s per restore on the benchmark machine). A pid whose process is not
-#: a qemu-nbd (reused after the export died) is left alone.
+#: Stops the exports whose pid files are the arguments and waits until each process has
+#: gone: no process, or a zombie with no thread left. A zombie counts (it has closed the
+#: image and released its locks; when its parent is an init that reaps late, ``kill -0``
+#: would keep seeing it: 1.2 s per restore on the benchmark machine), but only once its
+#: last thread has gone too: the main thread of a qemu-nbd turns zombie while a thread of
+#: its pool can still be in an ``fdatasync`` of the image, holding the file and its lock
+#: (a VM started then failed with "Failed to get write lock" on a loaded CI machine). A
+#: process still there after ``STOP_TERM_SECONDS`` gets SIGKILL (its writes were flushed
+#: by the workers' NBD flush before the job finished), and the pids still there after
+#: ``STOP_KILL_SECONDS`` more are printed and the script exits 1. A pid whose process is
+#: not a qemu-nbd (reused after the export died) is left alone.
 _STOP_EXPORTS = r"""
 pids=""
 for f in "$@"; do
   test -f "$f" || continue
   p=$(cat "$f")
   case "$p" in ''|*[!0-9]*) continue;; esac
-  if grep -qa qemu-nbd "/proc/$p/cmdline" 2>/dev/null; then kill "$p" && pids="$pids $p"; fi
+  # A zombie main thread has no command line left: its threads' have it.
+  if cat "/proc/$p/cmdline" "/proc/$p/task"/*/cmdline 2>/dev/null | grep -qa qemu-nbd; then
+    kill "$p" && pids="$pids $p"
+  fi
 done
-for i in $(seq 500); do
-  alive=""
+alive() {
+  left=""
   for p in $pids; do
-    s=$(cut -d' ' -f3 "/proc/$p/stat" 2>/dev/null)
-    if [ -n "$s" ] && [ "$s" != Z ]; then alive="$alive $p"; fi
+    s=$(cut -d' ' -f3 "/proc/$p/stat" 2>/dev/null) || continue
+    [ -n "$s" ] || continue
+    if [ "$s" = Z ]; then
+      set -- "/proc/$p/task"/*
+      [ "$#" -le 1 ] && continue
+    fi
+    left="$left $p"
   done
-  [ -z "$alive" ] && break
-  sleep 0.02
-done
+  pids=$left
+}
+wait_gone() {
+  i=0
+  while [ "$i" -lt "$1" ]; do
+    alive
+    [ -z "$pids" ] && return 0
+    sleep 0.05
+    i=$((i + 1))
+  done
+  alive
+  [ -z "$pids" ]
+}
+wait_gone $((STOP_TERM_SECONDS * 20)) && exit 0
+for p in $pids; do kill -9 "$p" 2>/dev/null; done
+wait_gone $((STOP_KILL_SECONDS * 20)) && exit 0
+echo "still running:$pids"
+exit 1
 """
+
+#: Seconds an export has to exit on SIGTERM (it flushes the image), then after SIGKILL.
+STOP_TERM_SECONDS = 40
+STOP_KILL_SECONDS = 15
+
+
+class ExportsDidNotStop(Conflict):
+    """A ``qemu-nbd`` export survived SIGTERM and SIGKILL (a process stuck in the kernel,
+    say): its image may still be locked."""
+
+
+async def stop_exports(host: Host, pid_files: Sequence[str]) -> None:
+    """Stop the ``qemu-nbd`` exports whose pid files are ``pid_files`` (see
+    ``_STOP_EXPORTS``) and return once none of them holds its image any more.
+
+    Raises :class:`ExportsDidNotStop` naming the pids still running after
+    ``STOP_TERM_SECONDS + STOP_KILL_SECONDS``; ``CommandFailed``/``VirtError``/``OSError``
+    when the host cannot run the script."""
+    if not pid_files:
+        return
+    env = f"STOP_TERM_SECONDS={STOP_TERM_SECONDS} STOP_KILL_SECONDS={STOP_KILL_SECONDS}"
+    result = await host.run(
+        ["sh", "-c", f"{env}\n{_STOP_EXPORTS}", "stop-exports", *pid_files],
+        timeout=STOP_TERM_SECONDS + STOP_KILL_SECONDS + 30,
+    )
+    if result.returncode != 0:
+        raise ExportsDidNotStop(
+            f"the NBD exports {' '.join(pid_files)} did not stop: "
+            f"{(result.stdout + result.stderr).strip()}"
+        )
 
 
 async def _teardown(host: Host, job_id: str, targets: list[RestoreTarget], *, remove: bool) -> None:
@@ -637,8 +697,13 @@ async def _teardown(host: Host, job_id: str, targets: list[RestoreTarget], *, re
     exported = [t for t in targets if t.nbd_url]
     if exported:
         pids = [t.pid_file or pid_file(t.path, job_id) for t in exported]
-        with contextlib.suppress(CommandFailed, VirtError, OSError):
-            await host.run(["sh", "-c", _STOP_EXPORTS, "stop-exports", *pids], timeout=30)
+        try:
+            await stop_exports(host, pids)
+        except (CommandFailed, VirtError, OSError):
+            pass
+        except ExportsDidNotStop:
+            if not remove:
+                raise  # a committed image still held would keep its VM from starting
         with contextlib.suppress(CommandFailed, VirtError, OSError):
             await host.run(["rm", "-f", "--", *pids], timeout=30)
     if remove:
