@@ -27,6 +27,7 @@ from virtbackup.runtime import __version__
 from virtbackup.runtime.broker import make_broker
 from virtbackup.runtime.bus import Bus
 from virtbackup.runtime.clock import utcnow_iso
+from virtbackup.runtime.heap import freeze_heap
 from virtbackup.runtime.hoststats import host_stats
 from virtbackup.runtime.logging import setup_logging
 from virtbackup.runtime.metrics import MetricsListener, start_metrics_listener
@@ -172,6 +173,9 @@ async def serve(spec: ServiceSpec, settings: Settings | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     ctx = await start_service(spec, settings)
+    # Once per process, here and not in start_service (tests start many systems in one
+    # process): what start-up made lives as long as the process (runtime.heap).
+    freeze_heap()
     try:
         await stop.wait()
     finally:

@@ -17,13 +17,10 @@ collection before freezing holds the loop once, at start-up (80-560 ms measured 
 from __future__ import annotations
 
 import asyncio
-import gc
-import logging
-import time
 from collections.abc import Sequence
 from typing import Protocol
 
-log = logging.getLogger(__name__)
+from virtbackup.runtime.heap import freeze_heap
 
 #: The longest wait for the listeners to start before freezing anyway, in seconds.
 START_TIMEOUT = 120.0
@@ -37,17 +34,9 @@ async def freeze_when_started(
     servers: Sequence[_Started], *, timeout: float = START_TIMEOUT, poll: float = 0.05
 ) -> None:
     """Wait until every server of ``servers`` has ``started`` (at most ``timeout``
-    seconds: then freeze what there is), then ``gc.collect()`` and ``gc.freeze()``
-    (the count frozen is ``gc.get_freeze_count()``, logged)."""
+    seconds: then freeze what there is), then :func:`virtbackup.runtime.heap.freeze_heap`."""
     for _ in range(max(1, round(timeout / poll))):  # a bounded wait
         if all(s.started for s in servers):
             break
         await asyncio.sleep(poll)
-    t0 = time.perf_counter()
-    gc.collect()
-    gc.freeze()
-    frozen = gc.get_freeze_count()
-    log.info(
-        "start-up heap frozen out of the garbage collector",
-        extra={"objects": frozen, "ms": round((time.perf_counter() - t0) * 1000, 1)},
-    )
+    freeze_heap()
