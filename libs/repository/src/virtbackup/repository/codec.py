@@ -96,12 +96,20 @@ def encode_blob(
     return sealer.seal(body, aad) if sealer else body
 
 
-def compress_record(data: bytes | bytearray | memoryview, level: int) -> bytes:
-    """One record of a framed blob: codec byte + payload, zstd at ``level`` when smaller."""
+_ZSTD_BYTE = bytes([ZSTD])
+_RAW_BYTE = bytes([RAW])
+
+
+def compress_record(
+    data: bytes | bytearray | memoryview, level: int
+) -> tuple[bytes, bytes | bytearray | memoryview]:
+    """One record of a framed blob as ``(codec byte, payload)``: zstd at ``level`` when
+    smaller, else ``data`` itself. Two pieces, not one: the blob joins them once
+    (concatenating them here copied every record a second time, holding the GIL)."""
     compressed = _compressor(level).compress(data)
     if len(compressed) < len(data):
-        return bytes([ZSTD]) + compressed
-    return bytes([RAW]) + data
+        return _ZSTD_BYTE, compressed
+    return _RAW_BYTE, data
 
 
 def compress_framed(
@@ -124,15 +132,18 @@ def compress_framed(
     count = -(-len(view) // FRAME_SIZE)
     if keep and len(parent) != count:
         raise ValueError(f"parent has {len(parent)} records, the chunk {count} frames")
-    records = [
-        parent[i]
-        if i in keep
-        else compress_record(view[i * FRAME_SIZE : (i + 1) * FRAME_SIZE], level)
-        for i in range(count)
-    ]
+    pieces: list[bytes | bytearray | memoryview] = []
+    lengths: list[int] = []
+    for i in range(count):
+        if i in keep:
+            pieces.append(parent[i])
+            lengths.append(len(parent[i]))
+        else:
+            codec, payload = compress_record(view[i * FRAME_SIZE : (i + 1) * FRAME_SIZE], level)
+            pieces += (codec, payload)
+            lengths.append(1 + len(payload))
     head = _FRAMED_HEAD.pack(FRAMED, FRAME_SIZE.bit_length() - 1, count)
-    lengths = struct.pack(f"<{count}I", *(len(r) for r in records))
-    return b"".join([head, lengths, *records])
+    return b"".join([head, struct.pack(f"<{count}I", *lengths), *pieces])
 
 
 def framed_records(body: bytes | memoryview) -> tuple[int, list[memoryview]]:
