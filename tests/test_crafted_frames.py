@@ -124,10 +124,13 @@ def crafted(index: int, data: bytes, records: list[bytes]) -> bytes:
     if index == 2:
         return framed(18, [*records[:2], bytes([RAW]) + data[: FRAME + 1], *records[3:]])
     if index == 3:
-        half = compress_record(data[FRAME : FRAME + FRAME // 2], 1)
+        half = b"".join(compress_record(data[FRAME : FRAME + FRAME // 2], 1))
         return framed(18, [records[0], half, *records[2:]])
     if index == 4:
-        small = [compress_record(data[i : i + 4 * KiB], 1) for i in range(0, len(data), 4 * KiB)]
+        small = [
+            b"".join(compress_record(data[i : i + 4 * KiB], 1))
+            for i in range(0, len(data), 4 * KiB)
+        ]
         return framed(12, small)
     if index == 5:
         comp = zstandard.ZstdCompressor()
