@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from virtbackup.virt import (
     perform_action,
 )
 from virtbackup.virt.backup import SOCKET_NAME, make_socket_dir, qemu_owner
+from virtbackup.virt.errors import VirtError
 from virtbackup.virt.host import LocalHost, path_exists
-from virtbackup.virt.leftovers import Overlay
+from virtbackup.virt.leftovers import Overlay, pivot_when_ready
 
 pytestmark = pytest.mark.libvirt
 
@@ -164,3 +166,49 @@ async def test_overlay_of_a_stopped_vm_is_committed_offline(
     assert not (await find_leftovers(conn, vm.name, scratch_dir=str(vm_dir))).has_overlay
     # The domain still starts on its committed image.
     assert (await perform_action(conn, vm.name, "start")).power_state == "running"
+
+
+async def test_a_pivot_asked_before_the_commit_is_ready_waits_for_it(
+    conn: Connection, vm_dir: Path, vm_name: Callable[[str], str]
+) -> None:
+    """libvirt refuses a pivot until QEMU has said the job is ready ("not ready for pivot
+    yet"), which can come after ``blockJobInfo`` shows ``cur == end``: a CI run failed
+    that way. The commit is throttled here so that the pivot is always asked too early;
+    it must wait, then pivot, and the data written into the overlay is in the base."""
+    small = await create_vm(conn, vm_name("pivot"), vm_dir, [16 * MiB])
+    try:
+        overlay_path = vm_dir / f"{small.name}-vda.overlay-p.qcow2"
+        snapshot_xml = (
+            "<domainsnapshot><name>pv-snap</name><disks>"
+            f"<disk name='vda' snapshot='external'><source file='{overlay_path}'/></disk>"
+            "</disks></domainsnapshot>"
+        )
+        dom = await conn.lookup(small.name)
+        flags = (
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+        )
+        await conn.call(dom.snapshotCreateXML, snapshot_xml, flags)
+        await guest_write(conn, small.name, "vda", 4 * MiB, 4 * MiB, pattern=0x6B)
+        commit = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
+        await conn.call(dom.blockCommit, "vda", None, None, 1, commit)  # 1 MiB/s
+        with pytest.raises(VirtError, match="not ready for pivot"):
+            await conn.call(dom.blockJobAbort, "vda", libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+
+        async def unthrottle() -> None:
+            await asyncio.sleep(1)
+            await conn.call(dom.blockJobSetSpeed, "vda", 0, 0)
+
+        loop = asyncio.get_running_loop()
+        lift = asyncio.create_task(unthrottle())
+        await pivot_when_ready(conn, dom, "vda", deadline=loop.time() + 60)
+        await lift
+        assert not await conn.call(dom.blockJobInfo, "vda", 0)
+        [disk] = await list_disks(conn, small.name)
+        assert disk.source == str(small.disks[0])  # back on the base image
+        await perform_action(conn, small.name, "forceOff")
+        assert await pattern_at(small.disks[0], 0x6B, 4 * MiB, 4 * MiB)
+    finally:
+        await remove_vm(conn, small.name)
+        Path(vm_dir / f"{small.name}-vda.overlay-p.qcow2").unlink(missing_ok=True)

@@ -253,10 +253,33 @@ async def _active_commit(conn: Connection, dom: Any, overlay: Overlay, *, timeou
             await conn.call(dom.blockJobAbort, overlay.target, 0)
             raise VirtTimeout(f"block commit of {overlay.path} not ready after {timeout} s")
         await asyncio.sleep(0.1)
-    await conn.call(dom.blockJobAbort, overlay.target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
-    while await conn.call(dom.blockJobInfo, overlay.target, 0):
+    await pivot_when_ready(conn, dom, overlay.target, deadline=deadline)
+
+
+async def pivot_when_ready(conn: Connection, dom: Any, target: str, *, deadline: float) -> None:
+    """Pivot the active block commit (or copy) of disk ``target`` once it is ready, and
+    return when the job has gone. ``deadline``: the event loop's ``time()`` by which both
+    must have happened, else :class:`VirtTimeout`.
+
+    ``cur == end`` in ``blockJobInfo`` does not mean ready: libvirt allows the pivot only
+    once QEMU's ``BLOCK_JOB_READY`` event has arrived, which can come later, and refuses
+    it before with ``VIR_ERR_BLOCK_COPY_ACTIVE`` ("not ready for pivot yet"; seen in CI
+    on a loaded machine). That refusal is retried until the deadline."""
+    loop = asyncio.get_running_loop()
+    pivot = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
+    while True:
+        try:
+            await conn.call(dom.blockJobAbort, target, pivot)
+            break
+        except VirtError as exc:
+            if exc.code != libvirt.VIR_ERR_BLOCK_COPY_ACTIVE:
+                raise
+            if loop.time() >= deadline:
+                raise VirtTimeout(f"block job on {target} not ready for pivot: {exc}") from exc
+        await asyncio.sleep(0.1)
+    while await conn.call(dom.blockJobInfo, target, 0):
         if loop.time() >= deadline:
-            raise VirtTimeout(f"pivot of {overlay.target} not finished after {timeout} s")
+            raise VirtTimeout(f"pivot of {target} not finished")
         await asyncio.sleep(0.1)
 
 
