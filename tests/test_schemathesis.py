@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+import requests
 import schemathesis
 from harness import System, running_system
 from hypothesis import HealthCheck, Phase, given, settings
@@ -140,8 +141,12 @@ def _run(
     checks: list[Any],
     aim: Callable[[Case[Any], int], None],
     failures: list[str],
+    session: requests.Session,
 ) -> int:
-    """Call one operation with ``MAX_EXAMPLES`` generated cases; returns the calls made."""
+    """Call one operation with ``MAX_EXAMPLES`` generated cases over ``session``'s
+    kept-alive connections; returns the calls made. (Without a session each call made
+    a new TLS connection whose context loaded the system's CA bundle: half of this
+    module's time.)"""
     calls = 0
 
     @settings(
@@ -157,7 +162,12 @@ def _run(
         nonlocal calls
         aim(case, calls)
         calls += 1
-        response = case.call(base_url=base, headers=system.auth(), verify=False, timeout=20)
+        try:
+            response = case.call(
+                base_url=base, session=session, headers=system.auth(), verify=False, timeout=20
+            )
+        finally:
+            session.cookies.clear()  # every case on its own, as with a fresh session
         try:
             case.validate_response(response, checks=checks)
         except (Failure, FailureGroup) as exc:  # every failure is reported, not only the first
@@ -178,6 +188,7 @@ def _fuzz(system: System, base: str, labels: Callable[[str], bool]) -> tuple[int
     aim = _aim(free_port())
     calls = 0
     failures: list[str] = []
+    session = requests.Session()
     for result in schema.get_all_operations():
         assert isinstance(result, Ok), result
         operation = result.ok()
@@ -189,9 +200,10 @@ def _fuzz(system: System, base: str, labels: Callable[[str], bool]) -> tuple[int
         ):
             strategy = operation.as_strategy(generation_mode=mode)
             try:
-                calls += _run(system, base, strategy, checks, aim, failures)
+                calls += _run(system, base, strategy, checks, aim, failures, session)
             except Unsatisfiable:  # nothing to make invalid: no parameter, no body
                 assert mode == GenerationMode.NEGATIVE, operation.label
+    session.close()
     return calls, failures
 
 
